@@ -1,0 +1,164 @@
+"""Agent configuration: one TOML file with validated, embedded defaults.
+
+Lookup order for the file: ``--config`` flag, then ``$NODEAGENT_CONFIG``, then
+``/etc/nodeagent/agent.toml``. A missing default file means "embedded defaults";
+a missing file that was named explicitly is an error. ``$NODEAGENT_STATE_DIR`` and
+``$NODEAGENT_LISTEN`` override those two keys after the file is read.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.errors import InvalidInput
+
+DEFAULT_PATH = "/etc/nodeagent/agent.toml"
+DEFAULT_STATE_DIR = "/var/lib/nodeagent"
+DEFAULT_PORT = 8470  # unassigned by IANA; the agent's well-known port
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ApiConfig(_Strict):
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    threads: int = Field(16, ge=1, le=256)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    client_ca: str | None = None  # when set, clients must present a cert signed by it
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)  # 1 MiB: API bodies are small JSON
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"listen must be HOST:PORT, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
+
+
+class PoolConfig(BaseModel):
+    """A storage pool. ``kind`` picks the backend; other keys are the backend's options."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str = "local"
+
+    def options(self) -> dict:
+        return dict(self.model_extra or {})
+
+
+class ImagesConfig(_Strict):
+    max_layer_bytes: int = Field(8 * 1024**3, ge=1024)  # unpacked size cap per layer (bomb guard)
+    max_layer_ratio: int = Field(200, ge=1)  # unpacked/compressed cap per layer
+
+
+class HypervisorConfig(_Strict):
+    driver: str = "libvirt"
+    uri: str = "qemu:///system"
+    virt_type: str = "auto"  # auto | kvm | qemu (TCG)
+
+    @field_validator("virt_type")
+    @classmethod
+    def _virt(cls, v: str) -> str:
+        if v not in ("auto", "kvm", "qemu"):
+            raise ValueError("virt_type must be auto, kvm or qemu")
+        return v
+
+
+class ContainersConfig(_Strict):
+    runtime: str = "runc"
+
+
+class NetworkConfig(_Strict):
+    bridge: str = "nabr0"
+    subnet: str = "10.88.0.0/24"
+    nat: bool = True
+
+
+class PeerConfig(_Strict):
+    url: str
+    token: str | None = None
+
+
+class Config(_Strict):
+    state_dir: str = DEFAULT_STATE_DIR
+    log_level: str = "info"
+    log_format: str = "json"  # json | text
+    workers: int = Field(8, ge=1, le=128)  # operation worker pool size
+    default_pool: str | None = None  # None: "default" if defined, else the first pool
+    api: ApiConfig = ApiConfig()
+    pools: dict[str, PoolConfig] = Field(default_factory=lambda: {"default": PoolConfig(kind="local")})
+    images: ImagesConfig = ImagesConfig()
+    hypervisor: HypervisorConfig = HypervisorConfig()
+    containers: ContainersConfig = ContainersConfig()
+    network: NetworkConfig = NetworkConfig()
+    peers: dict[str, PeerConfig] = Field(default_factory=dict)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("log_level must be debug, info, warning or error")
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _default_pool_exists(self):
+        if not self.pools:
+            raise ValueError("at least one pool must be configured")
+        if self.default_pool is None:
+            self.default_pool = "default" if "default" in self.pools else next(iter(self.pools))
+        if self.default_pool not in self.pools:
+            raise ValueError(f"default_pool {self.default_pool!r} is not one of the pools "
+                             f"{sorted(self.pools)}")
+        return self
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_path / "state.db"
+
+    def pool_dir(self, name: str) -> Path:
+        """Where a local pool keeps its files unless its config names a ``path``."""
+        return self.state_path / "pools" / name
+
+
+def load(path: str | None = None, env: dict | None = None) -> Config:
+    """Read, validate and return the configuration; raise InvalidInput naming the bad key."""
+    env = os.environ if env is None else env
+    explicit = path or env.get("NODEAGENT_CONFIG")
+    file = Path(explicit or DEFAULT_PATH)
+    data: dict = {}
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidInput(f"{file}: not valid TOML: {e}") from None
+    elif explicit:
+        raise InvalidInput(f"config file {file} does not exist")
+    if env.get("NODEAGENT_STATE_DIR"):
+        data["state_dir"] = env["NODEAGENT_STATE_DIR"]
+    if env.get("NODEAGENT_LISTEN"):
+        data.setdefault("api", {})["listen"] = env["NODEAGENT_LISTEN"]
+    return parse(data, source=str(file))
+
+
+def parse(data: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in e.errors())
+        raise InvalidInput(f"{source}: {problems}") from None

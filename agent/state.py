@@ -1,0 +1,108 @@
+"""The agent's state: one SQLite database, schema kept by per-component migrations.
+
+Each component (storage, containers, agent, ...) owns its tables and passes its own
+ordered list of SQL steps to ``Database.migrate``; the version reached is kept per
+component in ``schema_versions``, so components evolve independently. Steps only
+ever get appended.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+BUSY_TIMEOUT_MS = 30_000  # writers wait for each other instead of failing
+
+
+class Database:
+    """A thread-safe handle: one connection per thread, WAL mode, foreign keys on."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._lock = threading.Lock()  # serialises migrations only
+        with self.tx() as c:
+            c.execute("CREATE TABLE IF NOT EXISTS schema_versions ("
+                      "component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE): committed on success, rolled back on error."""
+        conn = self._conn()
+        if conn.in_transaction:  # nested: join the outer transaction
+            yield conn
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def query(self, sql: str, params=()) -> list[sqlite3.Row]:
+        return self._conn().execute(sql, params).fetchall()
+
+    def one(self, sql: str, params=()) -> sqlite3.Row | None:
+        return self._conn().execute(sql, params).fetchone()
+
+    def execute(self, sql: str, params=()) -> sqlite3.Cursor:
+        """One statement in its own transaction."""
+        with self.tx() as c:
+            return c.execute(sql, params)
+
+    def migrate(self, component: str, steps: list[str]) -> int:
+        """Apply the steps of ``component`` not applied yet; return the version reached."""
+        with self._lock, self.tx() as c:
+            row = c.execute("SELECT version FROM schema_versions WHERE component=?",
+                            (component,)).fetchone()
+            done = row["version"] if row else 0
+            if done > len(steps):
+                raise RuntimeError(f"state {self.path}: {component} schema v{done} is newer "
+                                   f"than this agent (v{len(steps)}): upgrade the agent")
+            for sql in steps[done:]:
+                for stmt in _statements(sql):
+                    c.execute(stmt)
+            c.execute("INSERT INTO schema_versions(component, version) VALUES(?, ?) "
+                      "ON CONFLICT(component) DO UPDATE SET version=excluded.version",
+                      (component, len(steps)))
+        return len(steps)
+
+    def version(self, component: str) -> int:
+        row = self.one("SELECT version FROM schema_versions WHERE component=?", (component,))
+        return row["version"] if row else 0
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration step into statements (sqlite3 executes one at a time in a tx)."""
+    out, buf = [], ""
+    for piece in script.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            if buf.strip(" \n\t;"):
+                out.append(buf.strip())
+            buf = ""
+    return out

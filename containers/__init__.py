@@ -1,0 +1,6 @@
+"""Container runtimes: runc + conmon, and a stateful fake."""
+from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits, NetworkSpec,
+                                PortMap, Rootfs, Runtime)
+
+__all__ = ["ContainerInfo", "ContainerSpec", "ExecResult", "Limits", "NetworkSpec", "PortMap",
+           "Rootfs", "Runtime"]

@@ -1,0 +1,105 @@
+"""The container seam: ``Runtime`` runs isolated, limited processes from a rootfs.
+
+Terms: a *container* is ours by name; its rootfs is prepared by the storage layer
+(overlayfs lower dirs + an upper dir) and mounted by the runtime. Lifecycle:
+absent -> create() -> created -> start() -> running -> (exit | stop() | kill())
+-> stopped -> start() again or delete() -> absent. delete() releases everything
+the container had: mounts, cgroups, network devices, IP lease, ports.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+STATES = ("created", "running", "paused", "stopped", "unknown")
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpus: float | None = None  # CFS quota = cpus * period
+    memory_mib: int | None = None  # swap off: memory+swap = memory
+    pids_max: int | None = None
+    io_weight: int | None = None  # 10..1000
+
+
+@dataclass(frozen=True)
+class PortMap:
+    host_port: int
+    container_port: int
+    protocol: str = "tcp"
+    host_ip: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    mode: str = "bridge"  # bridge | none | host
+    ports: tuple[PortMap, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rootfs:
+    lowerdirs: tuple[str, ...]  # image layers, top first (overlayfs order)
+    upperdir: str
+    workdir: str
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    rootfs: Rootfs
+    command: tuple[str, ...]
+    env: dict = field(default_factory=dict)
+    workdir: str = "/"
+    user: str = "0:0"
+    hostname: str | None = None
+    limits: Limits = Limits()
+    network: NetworkSpec = NetworkSpec()
+    userns: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    name: str
+    state: str  # one of STATES
+    pid: int | None = None
+    exit_code: int | None = None
+    ip: str | None = None
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    def create(self, spec: ContainerSpec) -> ContainerInfo:
+        """Conflict on a name clash; on failure nothing (mount, cgroup, veth, lease) is left."""
+
+    def start(self, name: str) -> ContainerInfo: ...
+
+    def stop(self, name: str, *, timeout: float = 10) -> ContainerInfo:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+
+    def kill(self, name: str, signal: int = 9) -> ContainerInfo: ...
+
+    def delete(self, name: str) -> bool:
+        """Stop if running and release everything; False if it was already gone."""
+
+    def exec(self, name: str, command: list[str], *, timeout: float = 60) -> ExecResult: ...
+
+    def logs(self, name: str, tail: int | None = None) -> str: ...
+
+    def stats(self, name: str) -> dict:
+        """{cpu_ns, memory_bytes, pids, io: {read_bytes, write_bytes}, net: {rx_bytes, tx_bytes}}"""
+
+    def update_limits(self, name: str, limits: Limits) -> None: ...
+
+    def get(self, name: str) -> ContainerInfo:
+        """Raises NotFound."""
+
+    def find(self, name: str) -> ContainerInfo | None: ...
+
+    def list(self) -> list[ContainerInfo]: ...

@@ -1,0 +1,14 @@
+"""Shared fixtures. Real components are started by session fixtures in the suites that
+need them; a missing component fails the test with what the machine lacks."""
+from __future__ import annotations
+
+import pytest
+
+from agent.state import Database
+
+
+@pytest.fixture
+def db(tmp_path):
+    d = Database(tmp_path / "state.db")
+    yield d
+    d.close()

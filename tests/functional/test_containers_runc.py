@@ -1,0 +1,250 @@
+"""Real runc + conmon: isolation, limits, networking, re-adoption and clean failure."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from agent.errors import CommandFailed, Conflict, InvalidInput
+from agent.state import Database
+from containers import cgroups
+from containers import Limits, NetworkSpec, PortMap
+from containers.runc import RuncRuntime
+from storage import mounts
+from tests.containers_support import find_free_port, make_runc, make_spec
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture
+def rt(tmp_path):
+    runtime, cleanup = make_runc(tmp_path)
+    yield runtime
+    cleanup()
+    assert_nothing_left(runtime)
+
+
+def assert_nothing_left(rt: RuncRuntime, names=None):
+    """No mount, cgroup, veth, netns, lease, port rule or dir of any container of ``rt``
+    (or just of ``names``)."""
+    known = set(names) if names is not None else None
+
+    def mine(n):
+        return known is None or n in known
+
+    assert [m for m in mounts.mounts_under(rt.state_dir)
+            if mine(os.path.basename(os.path.dirname(m)))] == []
+    assert [n for n in cgroups.list_names(rt.cgroup_parent) if mine(n)] == []
+    assert [n for n in rt.net.leftover_names() if mine(n)] == []
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    for n in (known or []):
+        assert rt.net.veth_name(n) not in links
+    if known is None:
+        assert f"nv{rt.rtag}" not in links
+    ns = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    assert [x for x in ns if x.startswith(f"nact-{rt.rtag}-") and mine(x.split("-", 2)[2])] == []
+    rules = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True,
+                           text=True).stdout
+    assert [line for line in rules.splitlines()
+            if f"nodeagent:{rt.rtag}:" in line and ":net:" not in line
+            and (known is None or any(f"{rt.rtag}:{n}" in line for n in known))] == []
+    assert [d for d in os.listdir(os.path.join(rt.state_dir, "containers")) if mine(d)] == []
+
+
+def run_spec(rt, tmp_path, name, command, **kw):
+    rt.create(make_spec(rt, tmp_path, name, command, **kw))
+    return rt.start(name)
+
+
+def wait_for(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    return pred()
+
+
+def test_pid_mount_and_uts_isolation(rt, tmp_path):
+    run_spec(rt, tmp_path, "iso", ("sleep", "1000"), hostname="isolated1")
+    ps = rt.exec("iso", ["ps", "-o", "pid,comm"])
+    assert ps.exit_code == 0
+    pids = [line.split()[0] for line in ps.stdout.splitlines()[1:]]
+    assert "1" in pids and len(pids) <= 3, ps.stdout  # sleep, ps (and nothing of the host)
+    assert "pytest" not in ps.stdout and "conmon" not in ps.stdout
+    assert rt.exec("iso", ["hostname"]).stdout.strip() == "isolated1"
+    assert socket.gethostname() != "isolated1"
+    mnt = rt.exec("iso", ["cat", "/proc/self/mountinfo"]).stdout
+    points = {line.split()[4] for line in mnt.splitlines()}
+    allowed = {"/", "/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys",
+               "/sys/fs/cgroup", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf"}
+    # only the container's own mounts (+ masked/read-only /proc and /sys paths, cgroups)
+    assert {p for p in points if not p.startswith(("/proc/", "/sys/"))} <= allowed, points
+    assert rt.exec("iso", ["ls", "/work"]).exit_code != 0
+    # the seccomp profile and the capability set hold
+    assert rt.exec("iso", ["mount", "-t", "tmpfs", "x", "/tmp"]).exit_code != 0
+    assert rt.exec("iso", ["sh", "-c", "echo 1 > /proc/sys/kernel/panic"]).exit_code != 0
+
+
+def test_memory_hog_is_oom_killed_inside_its_limit(rt, tmp_path):
+    # the shell (pid 1) itself holds 100 MB in a variable inside a 32 MiB container
+    run_spec(rt, tmp_path, "hog", ("sh", "-c", "x=$(yes | head -c 100000000); echo survived"),
+             limits=Limits(memory_mib=32))
+    info = wait_for(lambda: (i := rt.get("hog")).state == "stopped" and i, 30)
+    assert info.exit_code == 137  # SIGKILL by the OOM killer
+    assert "survived" not in rt.logs("hog")
+    assert rt.stats("hog")["oom_kills"] >= 1
+    assert os.getpid() and rt.list()  # the agent lives on
+
+
+def test_fork_bomb_stops_at_pids_max(rt, tmp_path):
+    run_spec(rt, tmp_path, "bomb", ("sleep", "1000"), limits=Limits(pids_max=20))
+    res = rt.exec("bomb", ["sh", "-c", "for i in $(seq 1 60); do sleep 30 & done; "
+                                       "sleep 0.5; ps -o pid | wc -l"], timeout=30)
+    assert "can't fork" in res.stderr or "Resource temporarily unavailable" in res.stderr or \
+        res.exit_code != 0
+    assert rt.stats("bomb")["pids"] <= 20
+    rt.update_limits("bomb", Limits(pids_max=100))
+    assert rt.stats("bomb")["limits"]["pids_max"] == 100
+
+
+def test_cpu_and_memory_limits_reach_the_cgroup(rt, tmp_path):
+    run_spec(rt, tmp_path, "lim", ("sleep", "1000"),
+             limits=Limits(cpus=0.5, memory_mib=64, pids_max=30))
+    base = "/sys/fs/cgroup"
+    rel = f"{rt.cgroup_parent}/lim"
+    if cgroups.is_v2():
+        assert open(f"{base}/{rel}/cpu.max").read().split()[0] == "50000"
+    else:
+        assert open(f"{base}/cpu/{rel}/cpu.cfs_quota_us").read().strip() == "50000"
+        assert int(open(f"{base}/memory/{rel}/memory.limit_in_bytes").read()) == 64 << 20
+        if cgroups.has_memsw():
+            assert int(open(f"{base}/memory/{rel}/memory.memsw.limit_in_bytes").read()) \
+                == 64 << 20
+    rt.update_limits("lim", Limits(cpus=1.5, memory_mib=128, pids_max=30))
+    if not cgroups.is_v2():
+        assert open(f"{base}/cpu/{rel}/cpu.cfs_quota_us").read().strip() == "150000"
+        assert int(open(f"{base}/memory/{rel}/memory.limit_in_bytes").read()) == 128 << 20
+    st = rt.stats("lim")
+    assert st["memory_bytes"] > 0 and st["pids"] >= 1
+
+
+def test_two_containers_reach_each_other_over_the_bridge(rt, tmp_path):
+    a = run_spec(rt, tmp_path, "a", ("sleep", "1000"), network=NetworkSpec())
+    b = run_spec(rt, tmp_path, "b", ("sleep", "1000"), network=NetworkSpec())
+    rt.delete("b")
+    b = run_spec(rt, tmp_path, "b", ("httpd", "-f", "-p", "80", "-h", "/www"),
+                 network=NetworkSpec())
+    # busybox nc, not wget: static busybox's wget crashes without NSS libraries
+    get = f"printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {b.ip} 80"
+    res = wait_for(lambda: (r := rt.exec("a", ["sh", "-c", get])).exit_code == 0
+                   and "hello from busybox" in r.stdout and r)
+    assert res, rt.exec("a", ["sh", "-c", get])
+    assert rt.stats("a")["net"]["tx_bytes"] > 0
+    gw = rt.exec("b", ["ip", "route"]).stdout
+    assert f"default via {rt.net.gateway}" in gw
+    assert a.ip in rt.exec("a", ["ip", "addr"]).stdout
+
+
+def test_published_port_answers_from_the_host(rt, tmp_path):
+    port = find_free_port()
+    run_spec(rt, tmp_path, "web", ("httpd", "-f", "-p", "80", "-h", "/www"),
+             network=NetworkSpec(ports=(PortMap(host_port=port, container_port=80),)))
+
+    def fetch():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=2) as r:
+                return r.read().decode()
+        except OSError:
+            return None
+    assert wait_for(fetch, 10) == "hello from busybox\n"
+    rt.delete("web")
+    assert fetch() is None
+
+
+def test_port_already_taken_on_the_host_is_conflict(rt, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(Conflict, match="in use"):
+            rt.create(make_spec(rt, tmp_path, "taken", ("sleep", "1"), network=NetworkSpec(
+                ports=(PortMap(host_port=port, container_port=80),))))
+    assert rt.find("taken") is None
+    assert_nothing_left(rt, ["taken"])
+
+
+def test_network_none_and_host(rt, tmp_path):
+    run_spec(rt, tmp_path, "nonet", ("sleep", "1000"), network=NetworkSpec(mode="none"))
+    links = rt.exec("nonet", ["ip", "-o", "link"]).stdout
+    assert "eth0" not in links and "lo" in links
+    run_spec(rt, tmp_path, "hostnet", ("sleep", "1000"), network=NetworkSpec(mode="host"))
+    assert "eth0" in rt.exec("hostnet", ["ip", "-o", "link"]).stdout
+
+
+def test_bad_command_gives_clear_error_and_leaves_nothing(rt, tmp_path):
+    with pytest.raises(InvalidInput, match="not in the image"):
+        rt.create(make_spec(rt, tmp_path, "nocmd", ("/no/such/prog",), network=NetworkSpec()))
+    assert rt.find("nocmd") is None
+    assert_nothing_left(rt, ["nocmd"])
+    # a command that exists but fails: the exit code says so
+    run_spec(rt, tmp_path, "fails", ("sh", "-c", "echo oops >&2; exit 42"))
+    info = wait_for(lambda: (i := rt.get("fails")).state == "stopped" and i)
+    assert info.exit_code == 42 and rt.logs("fails") == "oops\n"
+
+
+def test_unknown_image_and_bad_limits_leave_nothing(rt, tmp_path):
+    spec = make_spec(rt, tmp_path, "noimg", ("sh",), network=NetworkSpec())
+    bad = spec.__class__(**{**spec.__dict__, "rootfs": spec.rootfs.__class__(
+        ("/nonexistent/layer",), spec.rootfs.upperdir, spec.rootfs.workdir)})
+    with pytest.raises(InvalidInput, match="import the image"):
+        rt.create(bad)
+    with pytest.raises(InvalidInput):
+        rt.create(make_spec(rt, tmp_path, "badlim", ("sh",), limits=Limits(memory_mib=-5),
+                            network=NetworkSpec()))
+    assert rt.list() == []
+    assert_nothing_left(rt, ["noimg", "badlim"])
+
+
+def test_failure_mid_create_rolls_back(rt, tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise CommandFailed("injected bundle failure")
+    monkeypatch.setattr("containers.bundle.write_bundle", broken)
+    with pytest.raises(CommandFailed):
+        rt.create(make_spec(rt, tmp_path, "half", ("sleep", "1"), network=NetworkSpec(
+            ports=(PortMap(host_port=find_free_port(), container_port=80),))))
+    assert rt.find("half") is None
+    assert_nothing_left(rt, ["half"])
+
+
+def test_readoption_after_agent_restart_and_reconcile(rt, tmp_path):
+    run_spec(rt, tmp_path, "keep", ("sleep", "1000"), network=NetworkSpec())
+    run_spec(rt, tmp_path, "done", ("sh", "-c", "exit 5"))
+    wait_for(lambda: rt.get("done").state == "stopped")
+    # a new runtime over the same state dir and DB (the agent restarted)
+    again = RuncRuntime(rt.state_dir, Database(rt.db.path), bridge=rt.net.bridge,
+                        subnet=str(rt.net.subnet), cgroup_parent=rt.cgroup_parent)
+    keep = again.get("keep")
+    assert keep.state == "running" and keep.pid == rt.get("keep").pid
+    assert again.get("done").state == "stopped" and again.get("done").exit_code == 5
+    assert again.exec("keep", ["echo", "back"]).stdout == "back\n"
+    # a container whose record vanished (crash mid-delete) is released by reconcile
+    again.db.execute("DELETE FROM containers WHERE name='keep'")
+    out = again.reconcile()
+    assert "keep" in out["released"]
+    assert_nothing_left(again, ["keep"])
+    assert again.stop("done").state == "stopped"
+
+
+def test_stop_timeout_then_kill_and_restart_keeps_network(rt, tmp_path):
+    info = run_spec(rt, tmp_path, "st", ("sleep", "1000"), network=NetworkSpec())
+    # busybox sleep as pid 1 ignores SIGTERM: stop must fall back to SIGKILL
+    assert rt.stop("st", timeout=0.5).exit_code == 137
+    again = rt.start("st")
+    assert again.state == "running" and again.ip == info.ip
+    assert rt.exec("st", ["ip", "addr"]).exit_code == 0

@@ -12,3 +12,19 @@ def db(tmp_path):
     d = Database(tmp_path / "state.db")
     yield d
     d.close()
+
+
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory):
+    """A docker-registry on 127.0.0.1:<free port> (tests/registry_server.py); stopped by PID."""
+    from tests.registry_server import RegistryServer
+    server = RegistryServer(str(tmp_path_factory.mktemp("registry"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def busybox_ref(oci_registry, tmp_path_factory):
+    """Reference of a busybox image built by the tests and pushed to ``oci_registry``."""
+    from tests.registry_server import push_busybox
+    return push_busybox(oci_registry, str(tmp_path_factory.mktemp("busybox-image")))

@@ -16,18 +16,10 @@ import threading
 from typing import BinaryIO
 
 from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
-from storage.backend import (DISK_FORMATS, VOLUME_FORMATS, BlobInfo, Progress, Usage, Volume,
-                             VolumeSpec, iter_chunks)
+from storage.backend import DISK_FORMATS, BlobInfo, Progress, Usage, Volume, VolumeSpec, iter_chunks
+from storage.validate import check_volume_spec, parse_digest
 
 FAKE_CAPACITY = 1 << 40  # 1 TiB: a nominal size so usage() has something to report
-
-
-def parse_digest(digest: str) -> str:
-    """Return the hex of ``sha256:<64 hex>``; InvalidInput otherwise."""
-    algo, _, hexpart = (digest or "").partition(":")
-    if algo != "sha256" or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
-        raise InvalidInput(f"digest {digest!r} is not of the form sha256:<64 lowercase hex>")
-    return hexpart
 
 
 class FakeBackend:
@@ -98,7 +90,7 @@ class FakeBackend:
 
     # -- volumes --
     def create_volume(self, spec: VolumeSpec, source: str | None = None) -> Volume:
-        _check_spec(spec)
+        check_volume_spec(spec)
         if source is not None and not os.path.isfile(source):
             raise InvalidInput(f"volume source {source!r} is not a file")
         with self._lock:
@@ -167,12 +159,3 @@ class FakeBackend:
     def close(self) -> None:
         for name in list(self._dirs):
             shutil.rmtree(self._dirs.pop(name), ignore_errors=True)
-
-
-def _check_spec(spec: VolumeSpec) -> None:
-    if spec.format not in VOLUME_FORMATS:
-        raise InvalidInput(f"volume format {spec.format!r} is not one of {', '.join(VOLUME_FORMATS)}")
-    if not spec.name or "/" in spec.name or spec.name.startswith(".") or len(spec.name) > 200:
-        raise InvalidInput(f"volume name {spec.name!r} must be 1-200 chars, no '/', not starting with '.'")
-    if spec.size < 0:
-        raise InvalidInput("volume size must be >= 0")

@@ -21,6 +21,7 @@ def _local(tmp_path):
 
 
 BACKEND_FACTORIES = {
+    "local": _local,
     "fake": _fake,
 }
 

@@ -15,6 +15,19 @@ def db(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def libvirtd():
+    """libvirtd + virtlogd serving qemu:///system; the URI. Started here (and stopped by
+    PID at session end) only if none is running."""
+    from tests import libvirt_daemon
+    try:
+        daemons = libvirt_daemon.ensure()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield daemons.uri
+    daemons.stop()
+
+
+@pytest.fixture(scope="session")
 def oci_registry(tmp_path_factory):
     """A docker-registry on 127.0.0.1:<free port> (tests/registry_server.py); stopped by PID."""
     from tests.registry_server import RegistryServer

@@ -121,6 +121,7 @@ class Network:
         self.db, self.bridge, self.nat, self.rtag = db, bridge, nat, rtag
         self.subnet = ipaddress.ip_network(subnet)
         self.gateway = str(next(self.subnet.hosts()))
+        self._bridge_ready = False  # ensure_bridge() ran in this process
         db.migrate("containers_net", MIGRATIONS)
 
     # -- names ------------------------------------------------------------------------
@@ -164,10 +165,12 @@ class Network:
             write_sysctl("net.ipv4.ip_forward", "1")
             ensure_rule("nat", NAT_CHAIN, "-s", str(self.subnet), "!", "-o", self.bridge,
                         "-m", "comment", "--comment", net_comment, "-j", "MASQUERADE")
+        self._bridge_ready = True
 
     def delete_bridge(self) -> bool:
         """Remove the bridge and this network's rules (only when no container is left)."""
         from pyroute2 import IPRoute
+        self._bridge_ready = False
         delete_rules("nat", NAT_CHAIN, f"nodeagent:{self.rtag}:net:{self.bridge}", exact=True)
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=self.bridge)
@@ -229,7 +232,8 @@ class Network:
         """Lease an address, make the netns + veth, publish ports. Returns (netns path, ip).
         On failure everything made here is undone."""
         from pyroute2 import IPRoute, NetNS, netns
-        self.ensure_bridge()
+        if not self._bridge_ready:
+            self.ensure_bridge()
         try:
             self.claim_ports(name, ports)
             ip = self.lease(name)
@@ -240,7 +244,11 @@ class Network:
                 ipr.link("add", ifname=host_if, kind="veth",
                          peer={"ifname": peer, "net_ns_fd": nsname})
                 hidx = ipr.link_lookup(ifname=host_if)[0]
-                bidx = ipr.link_lookup(ifname=self.bridge)[0]
+                bidx = ipr.link_lookup(ifname=self.bridge)
+                if not bidx:  # removed behind our back: make it (and its rules) again
+                    self.ensure_bridge()
+                    bidx = ipr.link_lookup(ifname=self.bridge)
+                bidx = bidx[0]
                 ipr.link("set", index=hidx, master=bidx, state="up")
             with NetNS(nsname) as ns:
                 i = ns.link_lookup(ifname=peer)[0]

@@ -39,6 +39,7 @@ MIGRATIONS = [
          name TEXT PRIMARY KEY, spec TEXT NOT NULL, limits TEXT NOT NULL,
          ip TEXT, created_at REAL NOT NULL);""",
 ]
+LOG_SIZE_MAX = 64 * 1024 * 1024  # 64 MiB of stdout/stderr per container; beyond it conmon truncates the file
 SYNC_TIMEOUT = 30.0  # seconds to wait for conmon to report `runc create` done
 EXIT_GRACE = 5.0  # seconds to wait for the exit file after SIGKILL
 POLL = 0.01
@@ -290,7 +291,7 @@ class RuncRuntime:
                 "-r", self.runc, "-b", self._bundle(name),
                 "-p", os.path.join(self._dir(name), "container.pid"),
                 "-P", os.path.join(self._dir(name), "conmon.pid"),
-                "-l", f"k8s-file:{self._log(name)}",
+                "-l", f"k8s-file:{self._log(name)}", "--log-size-max", str(LOG_SIZE_MAX),
                 "--exit-dir", os.path.dirname(self._exit_file(name)),
                 "--socket-dir-path", os.path.join(self.state_dir, "sock"),
                 "--runtime-arg", "--root", "--runtime-arg", self.runc_root,
@@ -423,8 +424,7 @@ class RuncRuntime:
                              if os.path.isdir(os.path.join(self.runc_root, e)))
             except FileNotFoundError:
                 pass
-            found.update(cgroups.list_names(self.cgroup_parent) &
-                         (found | self.net.leftover_names()))
+            found.update(cgroups.list_names(self.cgroup_parent))  # the parent is ours alone
             found.update(self.net.leftover_names())
             gone = sorted(found - known)
             for name in gone:

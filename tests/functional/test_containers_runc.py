@@ -247,3 +247,86 @@ def test_stop_timeout_then_kill_and_restart_keeps_network(rt, tmp_path):
     again = rt.start("st")
     assert again.state == "running" and again.ip == info.ip
     assert rt.exec("st", ["ip", "addr"]).exit_code == 0
+
+
+AGENT_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from agent.state import Database
+from containers import ContainerSpec, NetworkSpec, Rootfs
+from containers.runc import RuncRuntime
+rt = RuncRuntime({state!r}, Database({db!r}), bridge={bridge!r}, subnet={subnet!r},
+                 cgroup_parent={parent!r})
+rt.create(ContainerSpec(name="survivor", rootfs=Rootfs(({lower!r},), {up!r}, {work!r}),
+                        command=("sleep", "1000"), network=NetworkSpec()))
+print(rt.start("survivor").pid)
+"""
+
+
+def test_containers_outlive_the_agent_process(rt, tmp_path):
+    """An agent process starts a container and exits; a new one re-adopts it."""
+    import sys
+    from tests.containers_support import busybox_lower
+    script = AGENT_SCRIPT.format(
+        root=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        state=rt.state_dir, db=rt.db.path, bridge=rt.net.bridge, subnet=str(rt.net.subnet),
+        parent=rt.cgroup_parent, lower=busybox_lower(), up=str(tmp_path / "sup"),
+        work=str(tmp_path / "swork"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.strip())
+    info = rt.get("survivor")
+    assert info.state == "running" and info.pid == pid and info.ip
+    assert rt.exec("survivor", ["echo", "adopted"]).stdout == "adopted\n"
+    assert rt.stop("survivor", timeout=0.5).state == "stopped"
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    """A network namespace standing for 'the outside': veth to the host, 198.18.<k>.0/30,
+    a TCP server on 198.18.<k>.2:9000 that answers with the peer's address."""
+    import random
+    import secrets
+    from pyroute2 import IPRoute, NetNS, netns
+    k = random.randrange(200, 250)
+    ns, hif, pif = f"natest-up-{secrets.token_hex(3)}", f"nvup{secrets.token_hex(3)}", "nvpeer"
+    host_ip, up_ip = f"198.18.{k}.1", f"198.18.{k}.2"
+    netns.create(ns)
+    server = None
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=hif, kind="veth", peer={"ifname": pif, "net_ns_fd": ns})
+            i = ipr.link_lookup(ifname=hif)[0]
+            ipr.addr("add", index=i, address=host_ip, prefixlen=30)
+            ipr.link("set", index=i, state="up")
+        with NetNS(ns) as n:
+            i = n.link_lookup(ifname=pif)[0]
+            n.addr("add", index=i, address=up_ip, prefixlen=30)
+            n.link("set", index=i, state="up")
+            n.link("set", index=n.link_lookup(ifname="lo")[0], state="up")
+        code = ("import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,"
+                "socket.SO_REUSEADDR,1)\n"
+                f"s.bind(('{up_ip}',9000));s.listen()\n"
+                "while True:\n c,a=s.accept();c.sendall(a[0].encode()+b'\\n');c.close()\n")
+        import sys
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code])
+        yield {"ip": up_ip, "host_ip": host_ip}
+    finally:
+        if server:
+            server.kill()
+            server.wait()
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=hif)
+            if idx:
+                ipr.link("del", index=idx[0])
+        netns.remove(ns)
+
+
+def test_egress_is_masqueraded(rt, tmp_path, upstream):
+    info = run_spec(rt, tmp_path, "out", ("sleep", "1000"), network=NetworkSpec())
+    res = wait_for(lambda: (r := rt.exec("out", ["nc", "-w", "2", upstream["ip"], "9000"]))
+                   .exit_code == 0 and r.stdout.strip() and r)
+    assert res, "container could not reach the upstream namespace"
+    # the outside saw the host's address, not the container's: NAT did its job
+    assert res.stdout.strip() == upstream["host_ip"] != info.ip

@@ -133,7 +133,9 @@ def build_config(spec: ContainerSpec, *, rootfs: str, uid: int, gid: int,
         {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
          "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
     ]
-    if mode == "host":  # share the host's sysfs read-only (same netns)
+    # sysfs can only be mounted by the owner of the netns: with the host's netns, or a
+    # prepared netns joined from a new user namespace, bind the host's read-only instead
+    if mode == "host" or (spec.userns and netns):
         mounts[5] = {"destination": "/sys", "type": "bind", "source": "/sys",
                      "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
     for dest, src in sorted((etc_files or {}).items()):

@@ -99,6 +99,21 @@ def write_sysctl(key: str, value: str) -> None:
         f.write(value)
 
 
+def bind_netns(source: str, target: str) -> None:
+    """Bind-mount a netns file (``/proc/PID/ns/net``) at ``target`` (like `ip netns attach`)."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_RDONLY, 0o444)
+    os.close(fd)
+    MS_BIND = 4096
+    if libc.mount(source.encode(), target.encode(), None, MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        os.unlink(target)
+        raise CommandFailed(f"bind {source} at {target}: {os.strerror(err)}",
+                            argv=["mount", "--bind", source, target], returncode=err)
+
+
 def check_bindable(host_ip: str, port: int, protocol: str) -> bool:
     """True if nothing on the host holds ``host_ip:port`` (the bind test)."""
     kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
@@ -217,6 +232,8 @@ class Network:
                     "SELECT name FROM containers_ports WHERE host_port=? AND protocol=? AND "
                     "(host_ip=? OR host_ip='0.0.0.0' OR ?='0.0.0.0')",
                     (p.host_port, p.protocol, p.host_ip, p.host_ip)).fetchone()
+                if row and row["name"] == name:
+                    continue  # already ours (attach again after a restart)
                 if row:
                     raise Conflict(f"port {p.host_ip}:{p.host_port}/{p.protocol} is already "
                                    f"published by container {row['name']!r}: choose another "
@@ -228,18 +245,36 @@ class Network:
                           (p.host_ip, p.host_port, p.protocol, name, p.container_port))
 
     # -- attach / detach ------------------------------------------------------------------
-    def attach(self, name: str, ports: tuple[PortMap, ...] = ()) -> tuple[str, str]:
+    def reserve(self, name: str, ports: tuple[PortMap, ...] = ()) -> str:
+        """Claim the ports and lease an address without any device (for a container whose
+        netns only exists once it runs: attach(pid=...) then). Returns the ip."""
+        try:
+            self.claim_ports(name, ports)
+            return self.lease(name)
+        except BaseException:
+            self.release(name)
+            raise
+
+    def attach(self, name: str, ports: tuple[PortMap, ...] = (), *,
+               pid: int | None = None) -> tuple[str, str]:
         """Lease an address, make the netns + veth, publish ports. Returns (netns path, ip).
+        With ``pid``, the netns is that process's (bind-mounted to the usual name), e.g. one
+        runc made inside a user namespace; devices and rules of an earlier run are replaced.
         On failure everything made here is undone."""
         from pyroute2 import IPRoute, NetNS, netns
         if not self._bridge_ready:
             self.ensure_bridge()
+        if pid is not None:
+            self.detach(name, keep_lease=True)
         try:
             self.claim_ports(name, ports)
             ip = self.lease(name)
             nsname, host_if = self.netns_name(name), self.veth_name(name)
             peer = "nq" + host_if[2:]
-            netns.create(nsname)
+            if pid is None:
+                netns.create(nsname)
+            else:
+                bind_netns(f"/proc/{pid}/ns/net", self.netns_path(name))
             with IPRoute() as ipr:
                 ipr.link("add", ifname=host_if, kind="veth",
                          peer={"ifname": peer, "net_ns_fd": nsname})
@@ -270,8 +305,9 @@ class Network:
                  "--dport", str(p.host_port), "-m", "comment", "--comment", self.comment(name),
                  "-j", "DNAT", "--to-destination", f"{ip}:{p.container_port}")
 
-    def detach(self, name: str) -> bool:
-        """Remove port rules, veth, netns and lease of ``name``; False if none existed."""
+    def detach(self, name: str, *, keep_lease: bool = False) -> bool:
+        """Remove port rules, veth, netns and (unless ``keep_lease``) the lease and port
+        claims of ``name``; False if none existed."""
         from pyroute2 import IPRoute, netns
         found = delete_rules("nat", DNAT_CHAIN, self.comment(name), exact=True) > 0
         with IPRoute() as ipr:
@@ -282,6 +318,8 @@ class Network:
         if os.path.exists(self.netns_path(name)):
             netns.remove(self.netns_name(name))
             found = True
+        if keep_lease:
+            return found
         return self.release(name) or found
 
     def counters(self, name: str) -> dict:

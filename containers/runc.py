@@ -26,7 +26,8 @@ import subprocess
 import threading
 import time
 
-from agent.errors import CommandFailed, Conflict, InvalidInput, NotFound, Unavailable
+from agent.errors import (CommandFailed, Conflict, InvalidInput, NotFound, Unavailable,
+                          Unsupported)
 from agent.state import Database
 from containers import bundle, cgroups, validate
 from containers.network import Network, short_hash
@@ -222,15 +223,34 @@ class RuncRuntime:
         r = spec.rootfs
         for d in (r.upperdir, r.workdir):
             os.makedirs(d, exist_ok=True)
+        if spec.userns:
+            self._prepare_userns(spec)
         mounts.mount_overlay(list(r.lowerdirs), r.upperdir, r.workdir, rootfs)
         proc = bundle.resolve_process(spec)
         uid, gid = bundle.resolve_user(proc["user"], rootfs)
         _check_command(proc["args"][0], proc["env"].get("PATH", ""), proc["cwd"], rootfs)
         netns = ip = None
-        if spec.network.mode == "bridge":
+        if spec.network.mode == "bridge" and spec.userns:
+            # joining a netns the host's user namespace owns fails from inside a new one:
+            # runc makes the netns, start() wires it up (attach(pid=...))
+            ip = self.net.reserve(name, spec.network.ports)
+        elif spec.network.mode == "bridge":
             netns, ip = self.net.attach(name, spec.network.ports)
         self._write_config(spec, spec.limits, netns=netns, ip=ip, uid=uid, gid=gid)
         return ip
+
+    def _prepare_userns(self, spec: ContainerSpec) -> None:
+        """Container root is host uid USERNS_BASE_ID: it must reach the rootfs and bundle
+        and own the top of the upper dir (so it can write to /)."""
+        for d in (self._dir(spec.name), self._rootfs(spec.name)):
+            os.chmod(d, 0o711)
+        for d in (*spec.rootfs.lowerdirs, self._rootfs(spec.name), self._bundle(spec.name)):
+            blocked = _untraversable(d)
+            if blocked:
+                raise Unsupported(f"user namespaces need {blocked} to be traversable by "
+                                  f"uid {bundle.USERNS_BASE_ID}: chmod o+x {blocked} (or put "
+                                  "state_dir and the image cache under such a dir)")
+        os.chown(spec.rootfs.upperdir, bundle.USERNS_BASE_ID, bundle.USERNS_BASE_ID)
 
     def _write_config(self, spec: ContainerSpec, limits: Limits, *, netns, ip, uid, gid):
         name = spec.name
@@ -238,6 +258,7 @@ class RuncRuntime:
         etc = bundle.etc_files_for(self._bundle(name), hostname=hostname, ip=ip,
                                    nameservers=bundle.host_nameservers()) \
             if spec.network.mode != "host" else {}
+        _make_mountpoints(self._rootfs(name), etc)
         cfg = bundle.build_config(
             spec, rootfs=self._rootfs(name), uid=uid, gid=gid, netns=netns,
             cgroups_path=cgroups.cgroups_path(self.cgroup_parent, name),
@@ -260,10 +281,13 @@ class RuncRuntime:
             for path in (self._exit_file(name),):
                 if os.path.exists(path):
                     os.unlink(path)
-            self._spawn_conmon(name)
+            pid = self._spawn_conmon(name)
             try:
+                spec = spec_from_json(row["spec"])
+                if spec.userns and spec.network.mode == "bridge":
+                    self.net.attach(name, spec.network.ports, pid=pid)
                 self._runc("start", name)
-            except CommandFailed:
+            except BaseException:
                 self._runc("delete", "--force", name, check=False)
                 raise
             return self._info(row)
@@ -275,7 +299,8 @@ class RuncRuntime:
             r = spec.rootfs
             mounts.mount_overlay(list(r.lowerdirs), r.upperdir, r.workdir,
                                  self._rootfs(spec.name))
-        if spec.network.mode == "bridge" and not os.path.exists(self.net.netns_path(spec.name)):
+        if spec.network.mode == "bridge" and not spec.userns and \
+                not os.path.exists(self.net.netns_path(spec.name)):
             netns, ip = self.net.attach(spec.name, spec.network.ports)
             proc = bundle.resolve_process(spec)
             uid, gid = bundle.resolve_user(proc["user"], self._rootfs(spec.name))
@@ -283,7 +308,7 @@ class RuncRuntime:
                                uid=uid, gid=gid)
             self.db.execute("UPDATE containers SET ip=? WHERE name=?", (ip, spec.name))
 
-    def _spawn_conmon(self, name: str) -> None:
+    def _spawn_conmon(self, name: str) -> int:
         """conmon runs `runc create` and stays as the container's monitor; we wait on its
         sync pipe for the container's pid (or runc's error)."""
         rfd, wfd = os.pipe()
@@ -331,6 +356,7 @@ class RuncRuntime:
             self._runc("delete", "--force", name, check=False)
             raise CommandFailed(f"container {name!r} failed to start: "
                                 f"{_runc_message(detail)}", argv=argv, stderr=detail)
+        return msg["data"]
 
     def _wait_exit(self, name: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -509,6 +535,36 @@ class RuncRuntime:
         """Remove the bridge and its rules if no container of ours is left."""
         if not self.db.query("SELECT name FROM containers"):
             self.net.delete_bridge()
+
+
+def _make_mountpoints(rootfs: str, files: dict[str, str]) -> None:
+    """Create empty files for bind mounts (as host root: a user-namespaced runc could not),
+    never following a symlink out of the rootfs."""
+    root = os.path.realpath(rootfs)
+    for dest in files:
+        target = os.path.join(root, dest.lstrip("/"))
+        parent = os.path.realpath(os.path.dirname(target))
+        if parent != root and not parent.startswith(root + os.sep):
+            continue  # a symlinked /etc pointing outside: let runc refuse it
+        os.makedirs(parent, exist_ok=True)
+        final = os.path.join(parent, os.path.basename(target))
+        if not os.path.lexists(final):
+            fd = os.open(final, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+            os.close(fd)
+
+
+def _untraversable(path: str) -> str | None:
+    """The first ancestor of ``path`` (or itself) others cannot enter, or None."""
+    path = os.path.abspath(path)
+    parts = path.split(os.sep)
+    for i in range(2, len(parts) + 1):
+        d = os.sep.join(parts[:i]) or os.sep
+        try:
+            if not os.stat(d).st_mode & 0o001:
+                return d
+        except FileNotFoundError:
+            return None
+    return None
 
 
 def _check_command(prog: str, path: str, cwd: str, rootfs: str) -> None:

@@ -45,6 +45,7 @@ def busybox_lower() -> str:
     """One shared read-only busybox layer per test process."""
     if "dir" not in _LOWER:
         d = tempfile.mkdtemp(prefix="nodeagent-busybox-")
+        os.chmod(d, 0o755)  # user-namespaced containers must traverse it
         _LOWER["dir"] = build_busybox_rootfs(d)
     return _LOWER["dir"]
 

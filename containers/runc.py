@@ -426,6 +426,8 @@ class RuncRuntime:
 
     def _release(self, name: str) -> None:
         if self._runc_state(name) is not None:
+            if self._frozen(name):
+                self._runc("resume", name, check=False)  # a frozen process cannot die
             self._runc("kill", name, "KILL", check=False)
             self._wait_exit(name, EXIT_GRACE)
             self._runc("delete", "--force", name, check=False)

@@ -175,3 +175,26 @@ def test_port_clash_is_conflict(rt, spec, free_port):
     with pytest.raises(Conflict):
         rt.create(spec("p2", network=NetworkSpec(mode="bridge", ports=ports)))
     assert rt.find("p2") is None
+
+
+def test_pause_and_resume(rt, spec):
+    rt.create(spec("pz", network=NetworkSpec(mode="none")))
+    with pytest.raises(Conflict):
+        rt.pause("pz")
+    rt.start("pz")
+    assert rt.pause("pz").state == "paused"
+    with pytest.raises(Conflict):
+        rt.start("pz")
+    assert rt.resume("pz").state == "running"
+    with pytest.raises(Conflict):
+        rt.resume("pz")
+    rt.pause("pz")
+    assert rt.delete("pz") is True and rt.find("pz") is None
+
+
+def test_limits_updated_while_stopped_apply_on_next_start(rt, spec):
+    rt.create(spec("ls", network=NetworkSpec(mode="none")))
+    rt.update_limits("ls", Limits(memory_mib=48, pids_max=40))
+    rt.start("ls")
+    assert rt.stats("ls")["limits"] == {"cpus": None, "memory_mib": 48, "pids_max": 40,
+                                        "io_weight": None}

@@ -311,7 +311,7 @@ def upstream(tmp_path):
                 "while True:\n c,a=s.accept();c.sendall(a[0].encode()+b'\\n');c.close()\n")
         import sys
         server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", code])
-        yield {"ip": up_ip, "host_ip": host_ip}
+        yield {"ip": up_ip, "host_ip": host_ip, "netns": ns}
     finally:
         if server:
             server.kill()
@@ -369,3 +369,18 @@ def test_user_namespace_on_a_closed_dir_is_a_clear_error(rt, tmp_path):
                             network=NetworkSpec()))
     assert rt.find("closed") is None
     assert_nothing_left(rt, ["closed"])
+
+
+def test_port_published_on_a_chosen_address_answers_from_outside(rt, tmp_path, upstream):
+    """host_ip = one of the host's addresses; a client in another netns (PREROUTING path)."""
+    port = find_free_port()
+    run_spec(rt, tmp_path, "pub", ("httpd", "-f", "-p", "80", "-h", "/www"),
+             network=NetworkSpec(ports=(PortMap(host_port=port, container_port=80,
+                                                host_ip=upstream["host_ip"]),)))
+    ns = upstream["netns"]
+    get = ["ip", "netns", "exec", ns, "busybox", "sh", "-c",
+           f"printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 2 "
+           f"{upstream['host_ip']} {port}"]
+    out = wait_for(lambda: "hello from busybox" in (r := subprocess.run(
+        get, capture_output=True, text=True)).stdout and r)
+    assert out, "published port did not answer on the chosen address"

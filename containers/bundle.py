@@ -84,13 +84,45 @@ def resolve_user(user: str, rootfs: str) -> tuple[int, int]:
     return uid, gid
 
 
-def _inside(rootfs: str, path: str) -> str | None:
-    """``path`` resolved inside ``rootfs`` if it exists there and does not escape it."""
+MAX_SYMLINKS = 40  # the kernel's own limit for one path walk
+
+
+def resolve_in_root(rootfs: str, path: str) -> str | None:
+    """Host path of ``path`` as the container sees it: symlinks (absolute ones too) are
+    followed as if ``rootfs`` were ``/``, so nothing resolves outside it. None if a
+    component is missing or the links loop."""
     root = os.path.realpath(rootfs)
-    real = os.path.realpath(os.path.join(root, path.lstrip("/")))
-    if not real.startswith(root + os.sep) or not os.path.isfile(real):
-        return None
-    return real
+    todo = [p for p in path.split("/") if p]
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        cur = os.path.join(root, *done, part)
+        if os.path.islink(cur):
+            hops += 1
+            if hops > MAX_SYMLINKS:
+                return None
+            target = os.readlink(cur)
+            if target.startswith("/"):
+                done = []
+            todo = [p for p in target.split("/") if p] + todo
+            continue
+        if not os.path.lexists(cur):
+            return None
+        done.append(part)
+    return os.path.join(root, *done)
+
+
+def _inside(rootfs: str, path: str) -> str | None:
+    """``path`` resolved inside ``rootfs`` if it is a regular file there."""
+    real = resolve_in_root(rootfs, path)
+    return real if real and os.path.isfile(real) else None
 
 
 def agent_rlimits() -> list[dict]:

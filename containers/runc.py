@@ -541,15 +541,20 @@ class RuncRuntime:
 
 def _make_mountpoints(rootfs: str, files: dict[str, str]) -> None:
     """Create empty files for bind mounts (as host root: a user-namespaced runc could not),
-    never following a symlink out of the rootfs."""
+    resolving symlinks inside the rootfs only."""
     root = os.path.realpath(rootfs)
     for dest in files:
-        target = os.path.join(root, dest.lstrip("/"))
-        parent = os.path.realpath(os.path.dirname(target))
-        if parent != root and not parent.startswith(root + os.sep):
-            continue  # a symlinked /etc pointing outside: let runc refuse it
-        os.makedirs(parent, exist_ok=True)
-        final = os.path.join(parent, os.path.basename(target))
+        dirname = os.path.dirname(dest)
+        parent = bundle.resolve_in_root(root, dirname)
+        if parent is None:
+            plain = os.path.join(root, dirname.lstrip("/"))
+            if os.path.lexists(plain):
+                continue  # a dangling or looping link: let runc refuse it
+            os.makedirs(plain)
+            parent = plain
+        if not os.path.isdir(parent):
+            continue
+        final = os.path.join(parent, os.path.basename(dest))
         if not os.path.lexists(final):
             fd = os.open(final, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
             os.close(fd)
@@ -576,7 +581,7 @@ def _check_command(prog: str, path: str, cwd: str, rootfs: str) -> None:
     else:
         cands = [os.path.join(d, prog) for d in path.split(":") if d.startswith("/")]
     for c in cands:
-        if os.path.lexists(os.path.join(rootfs, c.lstrip("/"))):
+        if bundle.resolve_in_root(rootfs, c):
             return
     raise InvalidInput(f"command {prog!r} is not in the image (searched "
                        f"{', '.join(cands) or 'nothing'}): fix the command or the image")

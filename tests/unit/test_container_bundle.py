@@ -131,3 +131,16 @@ def test_resources_v1_and_v2(tmp_path):
 def test_default_seccomp_profile_is_data():
     p = seccomp.default_profile()
     assert len(set(p["syscalls"][0]["names"])) == len(seccomp.DENIED_SYSCALLS)
+
+
+def test_resolve_in_root_never_leaves_the_rootfs(tmp_path):
+    (tmp_path / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "usr" / "bin" / "sh").write_text("")
+    (tmp_path / "bin").symlink_to("/usr/bin")  # absolute: means the image's /usr/bin
+    (tmp_path / "evil").symlink_to("../../../../../../etc")
+    (tmp_path / "loop").symlink_to("loop")
+    assert bundle.resolve_in_root(str(tmp_path), "/bin/sh") == str(tmp_path / "usr/bin/sh")
+    assert bundle.resolve_in_root(str(tmp_path), "/evil/passwd") is None  # no /etc in image
+    assert bundle.resolve_in_root(str(tmp_path), "/loop") is None
+    assert bundle.resolve_in_root(str(tmp_path), "/../../usr/bin/sh") == \
+        str(tmp_path / "usr/bin/sh")

@@ -88,6 +88,15 @@ class Runtime(Protocol):
 
     def kill(self, name: str, signal: int = 9) -> ContainerInfo: ...
 
+    def restart(self, name: str, *, timeout: float = 10) -> ContainerInfo:
+        """stop(timeout) then start(); the IP lease and ports are kept."""
+
+    def pause(self, name: str) -> ContainerInfo:
+        """Freeze a running container (Conflict otherwise)."""
+
+    def resume(self, name: str) -> ContainerInfo:
+        """Thaw a paused container (Conflict otherwise)."""
+
     def delete(self, name: str) -> bool:
         """Stop if running and release everything; False if it was already gone."""
 

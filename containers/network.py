@@ -19,6 +19,7 @@ import os
 import shlex
 import socket
 import subprocess
+import threading
 
 from agent.errors import CommandFailed, Conflict, InsufficientResources, Unavailable
 from agent.state import Database
@@ -137,6 +138,7 @@ class Network:
         self.subnet = ipaddress.ip_network(subnet)
         self.gateway = str(next(self.subnet.hosts()))
         self._bridge_ready = False  # ensure_bridge() ran in this process
+        self._bridge_lock = threading.Lock()
         db.migrate("containers_net", MIGRATIONS)
 
     # -- names ------------------------------------------------------------------------
@@ -155,6 +157,10 @@ class Network:
     # -- the bridge -------------------------------------------------------------------
     def ensure_bridge(self) -> None:
         """Create and address the bridge and the NAT rules if missing (idempotent)."""
+        with self._bridge_lock:
+            self._ensure_bridge()
+
+    def _ensure_bridge(self) -> None:
         from pyroute2 import IPRoute
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=self.bridge)

@@ -22,6 +22,7 @@ import os
 import select
 import shutil
 import signal as signals
+import sqlite3
 import subprocess
 import threading
 import time
@@ -75,7 +76,7 @@ def _proc_start_time(pid: int) -> int | None:
 
 
 class RuncRuntime:
-    """Containers run by runc under conmon. Thread-safe (one lock per runtime)."""
+    """Containers run by runc under conmon. Thread-safe (one lock per container name)."""
 
     def __init__(self, state_dir: str, db: Database, *, bridge: str = "nabr0",
                  subnet: str = "10.88.0.0/24", nat: bool = True,
@@ -97,7 +98,14 @@ class RuncRuntime:
         os.makedirs(os.path.join(self.state_dir, "sock"), exist_ok=True)  # conmon needs it
         db.migrate("containers", MIGRATIONS)
         self.net = Network(db, bridge=bridge, subnet=subnet, nat=nat, rtag=self.rtag)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # guards _locks only
+        self._locks: dict[str, threading.RLock] = {}  # one per container name
+
+    def _name_lock(self, name: str) -> threading.RLock:
+        """Operations on one container are serialised; different containers run in parallel
+        (a 10 s stop of one never blocks another)."""
+        with self._lock:
+            return self._locks.setdefault(name, threading.RLock())
 
     # -- paths ----------------------------------------------------------------------------
     def _dir(self, name: str) -> str:
@@ -198,15 +206,18 @@ class RuncRuntime:
             if not os.path.isdir(d):
                 raise InvalidInput(f"image layer {d} does not exist: import the image "
                                    "first (unknown image?)")
-        with self._lock:
+        with self._name_lock(spec.name):
             if self.db.one("SELECT 1 FROM containers WHERE name=?", (spec.name,)) or \
                     os.path.exists(self._dir(spec.name)):
                 raise Conflict(f"container {spec.name!r} already exists: pick another name "
                                "or delete it first")
-            self.db.execute("INSERT INTO containers(name, spec, limits, created_at) "
-                            "VALUES(?,?,?,?)", (spec.name, spec_to_json(spec),
-                                                json.dumps(dataclasses.asdict(spec.limits)),
-                                                time.time()))
+            try:
+                self.db.execute("INSERT INTO containers(name, spec, limits, created_at) "
+                                "VALUES(?,?,?,?)", (spec.name, spec_to_json(spec),
+                                                    json.dumps(dataclasses.asdict(spec.limits)),
+                                                    time.time()))
+            except sqlite3.IntegrityError:  # another agent process won the race
+                raise Conflict(f"container {spec.name!r} already exists") from None
             try:
                 ip = self._prepare(spec)
             except BaseException:
@@ -268,7 +279,7 @@ class RuncRuntime:
     # -- start / stop -----------------------------------------------------------------------
     def start(self, name: str) -> ContainerInfo:
         """Run the container (again). Idempotent on a running one; Conflict if paused."""
-        with self._lock:
+        with self._name_lock(name):
             row = self._row(name)
             state, _, _ = self._status(name)
             if state == "running":
@@ -368,7 +379,7 @@ class RuncRuntime:
 
     def stop(self, name: str, *, timeout: float = 10) -> ContainerInfo:
         """SIGTERM, then SIGKILL after ``timeout`` seconds. Idempotent."""
-        with self._lock:
+        with self._name_lock(name):
             row = self._row(name)
             state, _, _ = self._status(name)
             if state in ("running", "paused", "created") and self._runc_state(name):
@@ -381,7 +392,7 @@ class RuncRuntime:
             return self._info(row)
 
     def kill(self, name: str, signal: int = 9) -> ContainerInfo:
-        with self._lock:
+        with self._name_lock(name):
             row = self._row(name)
             if not isinstance(signal, int) or not 1 <= signal <= 64:
                 raise InvalidInput(f"signal {signal!r} is invalid: give 1..64 (9 = SIGKILL)")
@@ -398,7 +409,7 @@ class RuncRuntime:
         return self.start(name)
 
     def pause(self, name: str) -> ContainerInfo:
-        with self._lock:
+        with self._name_lock(name):
             row = self._row(name)
             state, _, _ = self._status(name)
             if state != "running":
@@ -407,7 +418,7 @@ class RuncRuntime:
             return self._info(row)
 
     def resume(self, name: str) -> ContainerInfo:
-        with self._lock:
+        with self._name_lock(name):
             row = self._row(name)
             if self._status(name)[0] != "paused":
                 raise Conflict(f"container {name!r} is not paused")
@@ -417,7 +428,7 @@ class RuncRuntime:
     # -- delete / reconcile -------------------------------------------------------------------
     def delete(self, name: str) -> bool:
         """Kill if running and release mounts, cgroups, network, lease, ports, files."""
-        with self._lock:
+        with self._name_lock(name):
             known = self.db.one("SELECT 1 FROM containers WHERE name=?", (name,)) is not None
             if not known and not os.path.exists(self._dir(name)):
                 return False
@@ -442,25 +453,30 @@ class RuncRuntime:
     def reconcile(self) -> dict:
         """Release the leftovers of containers that have no record (crash mid-create or
         mid-delete): runc state, mounts, cgroups, veths, netns, leases, port rules, dirs.
-        Containers with a record are kept as they are (running or stopped)."""
-        with self._lock:
-            known = {r["name"] for r in self.db.query("SELECT name FROM containers")}
-            found = set()
-            try:
-                found.update(os.listdir(os.path.join(self.state_dir, "containers")))
-                found.update(e for e in os.listdir(self.runc_root)
-                             if os.path.isdir(os.path.join(self.runc_root, e)))
-            except FileNotFoundError:
-                pass
-            found.update(cgroups.list_names(self.cgroup_parent))  # the parent is ours alone
-            found.update(self.net.leftover_names())
-            gone = sorted(found - known)
-            for name in gone:
+        Containers with a record are kept as they are (running or stopped). Meant for agent
+        start-up, before serving requests."""
+        known = {r["name"] for r in self.db.query("SELECT name FROM containers")}
+        found = set()
+        try:
+            found.update(os.listdir(os.path.join(self.state_dir, "containers")))
+            found.update(e for e in os.listdir(self.runc_root)
+                         if os.path.isdir(os.path.join(self.runc_root, e)))
+        except FileNotFoundError:
+            pass
+        found.update(cgroups.list_names(self.cgroup_parent))  # the parent is ours alone
+        found.update(self.net.leftover_names())
+        gone = []
+        for name in sorted(found - known):
+            with self._name_lock(name):  # a create in flight holds it and has a row
+                if self.db.one("SELECT 1 FROM containers WHERE name=?", (name,)):
+                    continue
                 self._release(name)
-            veths = self.net.leftover_veths(known)
-            for v in veths:
-                self.net.delete_veth(v)
-            return {"released": gone, "veths_removed": veths}
+                gone.append(name)
+        live = {r["name"] for r in self.db.query("SELECT name FROM containers")}
+        veths = self.net.leftover_veths(live)
+        for v in veths:
+            self.net.delete_veth(v)
+        return {"released": gone, "veths_removed": veths}
 
     # -- exec / logs / stats / limits ---------------------------------------------------------
     def exec(self, name: str, command: list[str], *, timeout: float = 60) -> ExecResult:
@@ -506,7 +522,7 @@ class RuncRuntime:
     def update_limits(self, name: str, limits: Limits) -> None:
         """Apply to the running container (runc update) and keep for later starts."""
         validate.check_limits(limits)
-        with self._lock:
+        with self._name_lock(name):
             row = self._row(name)
             if self._status(name)[0] in ("running", "paused", "created") and \
                     self._runc_state(name):

@@ -38,16 +38,21 @@ def build_busybox_rootfs(root: str) -> str:
     return root
 
 
-_LOWER: dict[str, str] = {}
-
-
 def busybox_lower() -> str:
-    """One shared read-only busybox layer per test process."""
-    if "dir" not in _LOWER:
-        d = tempfile.mkdtemp(prefix="nodeagent-busybox-")
-        os.chmod(d, 0o755)  # user-namespaced containers must traverse it
-        _LOWER["dir"] = build_busybox_rootfs(d)
-    return _LOWER["dir"]
+    """One shared read-only busybox layer, kept at a fixed path per busybox build (so test
+    runs reuse it instead of leaving a copy each): /tmp/nodeagent-test-busybox-<hash>."""
+    st = os.stat(BUSYBOX)
+    key = f"{st.st_size}-{int(st.st_mtime)}-{len(APPLETS)}"
+    final = os.path.join(tempfile.gettempdir(), f"nodeagent-test-busybox-{key}")
+    if not os.path.isdir(final):
+        tmp = tempfile.mkdtemp(prefix="nodeagent-test-busybox-build-")
+        build_busybox_rootfs(tmp)
+        os.chmod(tmp, 0o755)  # user-namespaced containers must traverse it
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def make_runtime(kind: str, tmp_path):

@@ -201,7 +201,8 @@ class FakeRuntime:
         with self._lock:
             box = self._box(name)
             running = box.state in ("running", "paused")
-            return {"cpu_ns": 0, "memory_bytes": 0, "pids": 1 if running else 0,
+            return {"cpu_ns": 0, "memory_bytes": 0, "pids": 1 if running else 0, "oom_kills": 0,
+                    "unsupported": [],
                     "io": {"read_bytes": 0, "write_bytes": 0},
                     "net": {"rx_bytes": 0, "tx_bytes": 0},
                     "limits": dataclasses.asdict(box.limits)}

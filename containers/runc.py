@@ -301,7 +301,7 @@ class RuncRuntime:
             except BaseException:
                 self._runc("delete", "--force", name, check=False)
                 raise
-            return self._info(row)
+            return self._info(self._row(name))  # re-read: _ensure_prepared may set the ip
 
     def _ensure_prepared(self, row) -> None:
         """After a host reboot the mount and netns are gone: make them again."""

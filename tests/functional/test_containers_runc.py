@@ -384,3 +384,14 @@ def test_port_published_on_a_chosen_address_answers_from_outside(rt, tmp_path, u
     out = wait_for(lambda: "hello from busybox" in (r := subprocess.run(
         get, capture_output=True, text=True)).stdout and r)
     assert out, "published port did not answer on the chosen address"
+
+
+def test_start_after_a_host_reboot_remakes_mount_and_network(rt, tmp_path):
+    """A reboot loses mounts and netns but keeps the state dir and DB."""
+    info = run_spec(rt, tmp_path, "boot", ("sleep", "1000"), network=NetworkSpec())
+    rt.stop("boot", timeout=0.2)
+    mounts.unmount(os.path.join(rt.state_dir, "containers", "boot", "rootfs"))
+    rt.net.detach("boot", keep_lease=True)
+    again = rt.start("boot")
+    assert again.state == "running" and again.ip == info.ip
+    assert info.ip in rt.exec("boot", ["ip", "addr"]).stdout

@@ -41,9 +41,21 @@ def has_io_weight(root: str = CGROUP_ROOT) -> bool:
     if is_v2(root):
         try:
             with open(os.path.join(root, "cgroup.controllers")) as f:
-                return "io" in f.read().split()
+                if "io" not in f.read().split():
+                    return False
         except OSError:
             return False
+        # the weight files appear in children only, and only with iocost or bfq: look at
+        # children that have the io controller (io.stat) and see whether they have one
+        try:
+            kids = [e.path for e in os.scandir(root) if e.is_dir()][:50]
+        except OSError:
+            kids = []
+        with_io = [k for k in kids if os.path.exists(os.path.join(k, "io.stat"))]
+        if not with_io:
+            return True  # nothing to judge by: let runc try
+        return any(os.path.exists(os.path.join(k, f)) for k in with_io
+                   for f in ("io.weight", "io.bfq.weight"))
     blkio = os.path.join(root, "blkio")
     return any(os.path.exists(os.path.join(blkio, f)) for f in ("blkio.weight",
                                                                   "blkio.bfq.weight"))

@@ -115,6 +115,10 @@ def test_resources_v1_and_v2(tmp_path):
     v2.mkdir()
     (v2 / "cgroup.controllers").write_text("cpu io memory pids\n")
     assert cgroups.is_v2(str(v2)) and cgroups.has_io_weight(str(v2))
+    (v2 / "other").mkdir()
+    (v2 / "other" / "io.stat").write_text("")
+    assert not cgroups.has_io_weight(str(v2))  # io controller but no weight (no iocost/bfq)
+    (v2 / "other" / "io.weight").write_text("default 100\n")
     assert cgroups.oci_resources(lim, root=str(v2))["blockIO"] == {"weight": 300}
     (v2 / "nodeagent" / "c1").mkdir(parents=True)
     d = v2 / "nodeagent" / "c1"

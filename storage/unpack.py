@@ -113,6 +113,8 @@ def unpack_layer(src: str, dest: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
             raise InvalidInput(f"layer {src}: not a valid tar stream ({e})") from None
         except EOFError:
             raise InvalidInput(f"layer {src}: truncated tar stream") from None
+        finally:
+            x.close()
         if proc is not None:
             while stream.read(READ_BUFFER):  # drain the trailer so the decompressor finishes
                 pass
@@ -156,6 +158,16 @@ class _Extractor:
     def __init__(self, root: int, cap: int, src: str):
         self.root, self.cap, self.src = root, cap, src
         self.total = self.files = self.stripped = 0
+        self._last: tuple[tuple, int] | None = None  # (parent parts, fd): members come grouped
+
+    def close(self) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop the cached parent fd (whenever a directory is removed or replaced)."""
+        if self._last is not None:
+            os.close(self._last[1])
+            self._last = None
 
     def _bad(self, msg: str) -> InvalidInput:
         return InvalidInput(f"layer {self.src}: {msg}")
@@ -168,7 +180,13 @@ class _Extractor:
                             "or images.max_layer_ratio if the image is legitimate")
 
     def _parent(self, parts: list[str], name: str) -> int:
-        """An fd of the directory holding ``parts[-1]``, made if missing, never via a symlink."""
+        """An fd of the directory holding ``parts[-1]``, made if missing, never via a symlink.
+
+        The caller closes it. The last parent is cached (as its own fd), and forgotten
+        whenever any directory is removed, so a cached fd never outlives its path."""
+        key = tuple(parts[:-1])
+        if self._last is not None and self._last[0] == key:
+            return os.dup(self._last[1])
         fd = os.dup(self.root)
         try:
             for comp in parts[:-1]:
@@ -184,6 +202,8 @@ class _Extractor:
                     raise
                 os.close(fd)
                 fd = nfd
+            self._forget()
+            self._last = (key, os.dup(fd))
             return fd
         except BaseException:
             os.close(fd)
@@ -196,6 +216,7 @@ class _Extractor:
             return
         if stat.S_ISDIR(st.st_mode):
             if not keep_dir:
+                self._forget()
                 shutil.rmtree(leaf, dir_fd=pfd)
         else:
             os.unlink(leaf, dir_fd=pfd)

@@ -105,8 +105,9 @@ class ImageStore:
         self.max_layer_bytes, self.max_layer_ratio = max_layer_bytes, max_layer_ratio
         self.tmp_dir = os.path.join(cache_dir, "tmp")
         os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
-        os.makedirs(os.path.join(cache_dir, "layers", "sha256"), mode=0o700, exist_ok=True)
-        os.chmod(cache_dir, 0o700)  # host users never reach unpacked layers
+        layers = os.path.join(cache_dir, "layers")
+        os.makedirs(os.path.join(layers, "sha256"), mode=0o700, exist_ok=True)
+        os.chmod(layers, 0o700)  # host users never reach unpacked image files
         db.migrate("storage", MIGRATIONS)
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], int] = {}  # (pool, digest) -> imports using it
@@ -163,6 +164,7 @@ class ImageStore:
             stored = backend.blob_path(blob.digest)
             if stored and info["format"] == "qcow2":  # the file may have changed under us
                 info = _check_disk(qemu_img.info(stored, format="qcow2"), path, "qcow2")
+                qemu_img.check(stored, format="qcow2")
             img = Image(blob.digest[7:], name, "vm", info["format"], blob.digest, blob.size,
                         info["virtual-size"], pool, time.time(), {}, ())
             return self._record(img, [blob.digest])
@@ -565,6 +567,8 @@ def _check_disk(info: dict, path: str, format: str | None) -> dict:
     if fmt not in DISK_FORMATS:
         raise InvalidInput(f"{path}: format {fmt!r} is not supported; convert it to qcow2 or "
                            "raw (qemu-img convert -O qcow2 ...)")
+    if not info.get("virtual-size"):
+        raise InvalidInput(f"{path}: the image is empty (virtual size 0)")
     if format is not None and format != fmt:
         raise InvalidInput(f"{path}: declared format {format!r} but the file is {fmt!r}")
     if info.get("backing-filename") or info.get("full-backing-filename"):

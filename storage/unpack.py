@@ -159,6 +159,7 @@ class _Extractor:
         self.root, self.cap, self.src = root, cap, src
         self.total = self.files = self.stripped = 0
         self._last: tuple[tuple, int] | None = None  # (parent parts, fd): members come grouped
+        self.owners = os.geteuid() == 0  # only root can give files their image owners
 
     def close(self) -> None:
         self._forget()
@@ -247,14 +248,16 @@ class _Extractor:
                 except FileExistsError:
                     pass
                 os.chmod(leaf, mode, dir_fd=pfd, follow_symlinks=False)
-                os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+                if self.owners:
+                    os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
                 return
             self._remove(pfd, leaf)
             if m.isreg():
                 self._write(tar, m, pfd, leaf, mode)
             elif m.issym():
                 os.symlink(m.linkname, leaf, dir_fd=pfd)
-                os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+                if self.owners:
+                    os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
             else:
                 self._hardlink(pfd, leaf, m)
                 return
@@ -276,7 +279,8 @@ class _Extractor:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-            os.fchown(fd, m.uid, m.gid)
+            if self.owners:
+                os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, mode)
         finally:
             os.close(fd)

@@ -287,3 +287,39 @@ def test_store_survives_restart(db, store, tmp_path):
     assert [i.name for i in again.list()] == ["a"]
     with pytest.raises(InvalidInput):
         ImageStore(db, store.pools, default_pool="missing", cache_dir=store.cache_dir)
+
+
+def test_corrupt_and_empty_disk_images(store, tmp_path):
+    q = str(tmp_path / "c.qcow2")
+    qemu_img.create(q, format="qcow2", size=64 * MIB)
+    subprocess.run(["qemu-io", "-c", "write -P 0x11 0 1M", q], check=True, capture_output=True)
+    with open(q, "r+b") as f:  # point the L1 table past the end of the file
+        f.seek(40)
+        f.write((1 << 40).to_bytes(8, "big"))
+    with pytest.raises(InvalidInput):
+        store.import_file(q, name="corrupt")
+    empty = tmp_path / "empty.raw"
+    empty.write_bytes(b"")
+    with pytest.raises(InvalidInput, match="empty"):
+        store.import_file(str(empty), name="empty")
+    assert store.list() == [] and leftovers(store) == EMPTY
+
+
+def test_store_over_remote_style_pools(store, tmp_path):
+    """Pools without host paths for blobs (fake here; rbd/s3 later) take the same imports."""
+    raw = raw_image(tmp_path / "a.raw")
+    vm = store.import_file(raw, name="a", pool="fake")
+    assert vm.pool == "fake" and store.pools["fake"].find_blob(vm.digest)
+    assert store.clone_disk("a", "d").base == vm.digest
+    layout = ocibuild.write_layout(str(tmp_path / "l"), {"latest": ocibuild.busybox_layers()})
+    img = store.import_oci(layout, name="bb", pool="fake")
+    rootfs = store.prepare_rootfs("bb", "c")
+    assert os.path.isdir(rootfs.upperdir) and os.path.isfile(
+        os.path.join(rootfs.lowerdirs[-1], "bin", "busybox"))
+    assert os.listdir(store.tmp_dir) == []
+    store.release("fake", "c")
+    store.release("fake", "d")
+    store.export("bb", str(tmp_path / "bb.tar"))
+    assert store.delete(img.id) and store.delete(vm.id)
+    store.gc()
+    assert leftovers(store) == EMPTY

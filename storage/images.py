@@ -223,20 +223,14 @@ class ImageStore:
             if existing is not None:
                 return self._alias(existing, name)
             with self._import() as added:
-                done = [0]
-
-                def step(n, base=None):
-                    if progress:
-                        progress(base + n)
-
-                blobs = []
+                blobs, done = [], 0
                 for d in (oci.Descriptor(r.manifest_digest, len(r.manifest), ""), r.config,
                           *r.layers):
-                    base = done[0]
+                    step = None if progress is None else (lambda n, base=done: progress(base + n))
                     with src.open_blob(d) as f:
                         b = self._put(pool, backend, f, added, digest=d.digest, size=d.size,
-                                      progress=lambda n, base=base: step(n, base))
-                    done[0] = base + b.size
+                                      progress=step)
+                    done += b.size
                     blobs.append(b)
                 for l in r.layers:
                     self._unpack(pool, backend, l.digest, added)
@@ -246,39 +240,30 @@ class ImageStore:
                 return self._record(img, [b.digest for b in blobs])
 
     # ---------------------------------------------------------- import plumbing
-    def _import(self):
-        store = self
+    def _import(self) -> "_Import":
+        return _Import(self)
 
-        class Ctx:
-            def __enter__(self):
-                self.added = []  # (pool, digest, kind) this import created: blob | layer
-                self.pins = []
-                return self
-
-            def __exit__(self, et, e, tb):
-                try:
-                    if et is not None:
-                        store._undo(self.added)
-                finally:
-                    with store._lock:
-                        for key in self.pins:
-                            store._inflight[key] -= 1
-                            if not store._inflight[key]:
-                                del store._inflight[key]
-                return False
-
-        return Ctx()
-
-    def _pin(self, added, pool: str, digest: str) -> None:
+    def _pin(self, added: "_Import", pool: str, digest: str) -> None:
+        """Keep gc() off a blob an import is about to record."""
         with self._lock:
             self._inflight[(pool, digest)] = self._inflight.get((pool, digest), 0) + 1
         added.pins.append((pool, digest))
 
+    def _unpin(self, pins: list) -> None:
+        with self._lock:
+            for key in pins:
+                self._inflight[key] -= 1
+                if not self._inflight[key]:
+                    del self._inflight[key]
+
     def _put(self, pool, backend, f, added, **kw):
         if kw.get("digest"):
             self._pin(added, pool, kw["digest"])
-            if backend.find_blob(kw["digest"]) is not None:
-                return backend.stat_blob(kw["digest"])
+            found = backend.find_blob(kw["digest"])
+            if found is not None:  # already stored (another image shares it): nothing to copy
+                if kw.get("progress"):
+                    kw["progress"](found.size)
+                return found
         blob = backend.put_blob(f, **kw)
         if not kw.get("digest"):
             self._pin(added, pool, blob.digest)
@@ -548,6 +533,27 @@ class ImageStore:
 
 
 # ---------------------------------------------------------------------- helpers
+
+class _Import:
+    """One import (or cross-pool copy): what it added, undone if it fails, and the blobs
+    it pins against a concurrent gc()."""
+
+    def __init__(self, store: ImageStore):
+        self.store = store
+        self.added: list[tuple[str, str, str]] = []  # (blob|layer, pool, digest)
+        self.pins: list[tuple[str, str]] = []
+
+    def __enter__(self) -> "_Import":
+        return self
+
+    def __exit__(self, et, e, tb) -> bool:
+        try:
+            if et is not None:
+                self.store._undo(self.added)
+        finally:
+            self.store._unpin(self.pins)
+        return False
+
 
 def _image(row) -> Image:
     return Image(row["id"], row["name"], row["kind"], row["format"], "sha256:" + row["id"],

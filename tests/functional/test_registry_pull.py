@@ -80,8 +80,8 @@ def test_unreachable_registry_and_bad_reference(tmp_path):
 
 
 def unpack_layout(layout: str, tag: str, dest: str) -> tuple[list[str], dict]:
-    """Stand-in for ImageStore.import_oci + prepare_rootfs until storage-local lands:
-    each layer unpacked into its own dir; (lowerdirs top first,
+    """Layers unpacked by hand (the store's path is in test_image_to_container.py), so a
+    pull problem and a store problem fail different tests; (lowerdirs top first,
     image config)."""
     import tarfile
     m = layout_manifest(layout, tag)

@@ -132,11 +132,6 @@ def main():
             rt.delete(c.name)
         rt.reconcile()
         rt.close()
-        for ctrl in os.listdir("/sys/fs/cgroup"):
-            try:
-                os.rmdir(os.path.join("/sys/fs/cgroup", ctrl, "nodeagent-bench"))
-            except OSError:
-                pass
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -200,3 +200,14 @@ def list_names(parent: str, root: str = CGROUP_ROOT) -> set[str]:
         except OSError:
             pass
     return names
+
+
+def remove_parent(parent: str, root: str = CGROUP_ROOT) -> None:
+    """Remove the (empty) parent cgroup dirs of our containers; busy ones stay."""
+    bases = [os.path.join(root, parent)] if is_v2(root) else \
+        [os.path.join(root, c, parent) for c in (*V1_CONTROLLERS, "unified", "systemd")]
+    for b in bases:
+        try:
+            os.rmdir(b)
+        except OSError:
+            pass

@@ -550,9 +550,10 @@ class RuncRuntime:
         return [self._info(r) for r in self.db.query("SELECT * FROM containers ORDER BY name")]
 
     def close(self) -> None:
-        """Remove the bridge and its rules if no container of ours is left."""
+        """Remove the bridge, its rules and the parent cgroups if no container is left."""
         if not self.db.query("SELECT name FROM containers"):
             self.net.delete_bridge()
+            cgroups.remove_parent(self.cgroup_parent)
 
 
 def _make_mountpoints(rootfs: str, files: dict[str, str]) -> None:

@@ -88,12 +88,6 @@ def make_runc(tmp_path, **kw):
             rt.delete(info.name)
         rt.reconcile()
         rt.close()
-        for c in ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer",
-                  "unified", "systemd"):
-            try:
-                os.rmdir(os.path.join("/sys/fs/cgroup", c, rt.cgroup_parent))
-            except OSError:
-                pass
         db.close()
     return rt, cleanup
 

@@ -26,6 +26,9 @@ def rt(tmp_path):
     yield runtime
     cleanup()
     assert_nothing_left(runtime)
+    assert cgroups.list_names(runtime.cgroup_parent) == set()
+    assert not any(os.path.exists(f"/sys/fs/cgroup/{c}/{runtime.cgroup_parent}")
+                   for c in os.listdir("/sys/fs/cgroup"))
 
 
 def assert_nothing_left(rt: RuncRuntime, names=None):

@@ -64,6 +64,13 @@ def qemu_img_check(disk: DiskSpec) -> None:
                             f"{r.stderr.strip()}", path=disk.source)
 
 
+def check_bridge(bridge: str) -> None:
+    """The host bridge a NIC plugs into exists (libvirt would only fail at start)."""
+    if not os.path.isdir(f"/sys/class/net/{bridge}/bridge"):
+        raise NotFound(f"bridge {bridge} does not exist on this host: create it "
+                       f"(`ip link add {bridge} type bridge`) or run scripts/setup-host", bridge=bridge)
+
+
 def qemu_img_snapshots(path: str) -> list[str]:
     r = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], capture_output=True,
                        text=True, timeout=QEMU_IMG_TIMEOUT_S)
@@ -231,6 +238,8 @@ class LibvirtDriver:
             raise Conflict(f"VM {spec.name!r} already exists: pick another name or delete it", vm=spec.name)
         for disk in spec.disks:
             qemu_img_check(disk)
+        for nic in spec.nics:
+            check_bridge(nic.bridge)
         if spec.console_log is None:
             from dataclasses import replace
             spec = replace(spec, console_log=self.default_console_log(spec.name))

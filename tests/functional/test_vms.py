@@ -266,6 +266,25 @@ def test_bad_input_leaves_nothing(case, lv, pool, seed_dir, guest_images, vm_dir
     assert _leftovers(lv, pool, seed_dir, name) == NOTHING
 
 
+def test_overlay_whose_base_is_gone_and_missing_bridge_define_nothing(lv, vm_dir, guest_images):
+    overlay = f"{vm_dir}/orphan.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", f"{vm_dir}/gone.qcow2",
+                    "-F", "qcow2", overlay, "64M"], check=True)
+    from hypervisor.driver import DiskSpec, VmSpec
+    base = VmSpec(name=f"fn-bad-{uuid.uuid4().hex[:6]}", uuid=str(uuid.uuid4()), cpus=1, memory_mib=128,
+                  disks=(DiskSpec("vda", overlay),))
+    with pytest.raises(Unprocessable, match="QEMU cannot open"):
+        lv.define(base)
+    assert lv.find(base.name) is None
+    ok_disk = f"{vm_dir}/ok.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", ok_disk, "64M"], check=True)
+    from dataclasses import replace
+    with pytest.raises(NotFound, match="ip link add nabr-nope type bridge"):
+        lv.define(replace(base, disks=(DiskSpec("vda", ok_disk),),
+                          nics=(NicSpec(bridge="nabr-nope", mac="52:54:00:00:00:09"),)))
+    assert base.name not in libvirt_names(lv.uri)
+
+
 def test_name_clash_keeps_the_first_and_adds_nothing(lv, vms, pool, seed_dir):
     first = vms()
     before = (pool.list_volumes(), sorted(os.listdir(seed_dir)))

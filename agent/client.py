@@ -43,8 +43,7 @@ class Client:
         self.s = requests.Session()
         if token:
             self.s.headers["Authorization"] = f"Bearer {token}"
-        if ca:
-            self.s.verify = ca
+        self.verify = ca or True  # passed per request: a session default loses to $REQUESTS_CA_BUNDLE
         if cert:
             self.s.cert = (cert, key) if key else cert
         self.timeout = timeout
@@ -57,7 +56,10 @@ class Client:
     def request(self, method: str, path: str, *, json=None, params=None, timeout=None):
         try:
             r = self.s.request(method, self.url + path, json=json, params=params,
-                               timeout=timeout or self.timeout)
+                               timeout=timeout or self.timeout, verify=self.verify)
+        except requests.exceptions.SSLError as e:
+            raise ApiError(0, "tls", f"TLS with the agent at {self.url} failed: {e}; set `ca` (and `cert`/`key` "
+                           "if the agent requires client certificates) in the client config") from None
         except requests.ConnectionError as e:
             raise ApiError(0, "unreachable", f"cannot reach the agent at {self.url}: {e.__class__.__name__}; "
                            "is `nodeagent serve` running? set NODEAGENT_URL") from None

@@ -55,6 +55,9 @@ class ContainerSpec:
     limits: Limits = Limits()
     network: NetworkSpec = NetworkSpec()
     userns: bool = False
+    # the image's OCI config (Cmd, Entrypoint, Env, WorkingDir, User); the spec's own
+    # command/env/workdir/user win over it, Docker-style (Entrypoint + command)
+    image_config: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

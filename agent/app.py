@@ -70,7 +70,10 @@ def create_app(config: Config, services=None) -> Flask:
         message = {404: f"no such endpoint: {request.method} {request.path[:200]} (see /v1/openapi.json)",
                    405: f"method {request.method} is not allowed on {request.path[:200]}",
                    413: f"request body too large: at most {config.api.max_body_bytes} bytes"}.get(e.code, e.description)
-        return render({"error": {"code": code, "message": message}}, e.code)
+        resp = render({"error": {"code": code, "message": message}}, e.code)
+        if e.code == 405 and getattr(e, "valid_methods", None):
+            resp.headers["Allow"] = ", ".join(e.valid_methods)
+        return resp
 
     @app.errorhandler(Exception)
     def _internal(e: Exception):

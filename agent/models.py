@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: instance names
 IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -15,8 +15,20 @@ MAX_MEMORY_MIB = 1024 * 1024  # 1 TiB
 MAX_CPUS = 256
 
 
+def _integral(v):
+    """JSON Schema calls 92.0 an integer: accept it (strict mode refuses floats for ints)."""
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
+def IntRange(lo: int, hi: int):  # noqa: N802 - a type
+    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_integral)]
+
+
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "1" -> 1 or 0 -> False coercion
 
 
 # -- common --
@@ -101,7 +113,8 @@ class Host(Model):
 
 class FileSource(Model):
     type: Literal["file"]
-    path: str = Field(min_length=1, max_length=4096, description="absolute path on the agent's host")
+    path: str = Field(min_length=2, max_length=4096, pattern=r"^/",
+                      description="absolute path on the agent's host")
 
 
 class UrlSource(Model):
@@ -116,13 +129,8 @@ class RegistrySource(Model):
     tls_verify: bool = True
 
 
-class S3Source(Model):
-    type: Literal["s3"]
-    pool: str = Field(min_length=1, max_length=64)
-    key: str = Field(min_length=1, max_length=1024)
-
-
-ImageSource = Annotated[Union[FileSource, UrlSource, RegistrySource, S3Source], Field(discriminator="type")]
+ImageSource = Annotated[Union[FileSource, UrlSource, RegistrySource], Field(discriminator="type")]
+# type "s3" (import from an object pool) is not offered yet: the object pool helper owns it
 
 
 class ImageImport(Model):
@@ -153,8 +161,8 @@ class ImageList(Model):
 # -- instances --
 
 class PortSpec(Model):
-    host_port: int = Field(ge=1, le=65535)
-    container_port: int = Field(ge=1, le=65535)
+    host_port: Int = Field(ge=1, le=65535)
+    container_port: Int = Field(ge=1, le=65535)
     protocol: Literal["tcp", "udp"] = "tcp"
     host_ip: str = Field("127.0.0.1", pattern=r"^[0-9.]{7,15}$")
 
@@ -164,9 +172,9 @@ class InstanceCreate(Model):
     kind: Literal["vm", "container"]
     image: str = Field(min_length=1, max_length=128)
     cpus: float = Field(1, gt=0, le=MAX_CPUS)
-    memory_mib: int = Field(256, ge=16, le=MAX_MEMORY_MIB)
-    disk_gib: int | None = Field(None, ge=1, le=65536)
-    pids_max: int | None = Field(None, ge=1, le=4_194_304)
+    memory_mib: Int = Field(256, ge=16, le=MAX_MEMORY_MIB)
+    disk_gib: IntRange(1, 65536) | None = None
+    pids_max: IntRange(1, 4_194_304) | None = None
     pool: str | None = Field(None, min_length=1, max_length=64)
     network: Literal["bridge", "none", "host"] = "bridge"
     ports: list[PortSpec] = Field(default_factory=list, max_length=64)

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 FINAL = ("succeeded", "failed", "cancelled")
 PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes to SQLite per operation
 MAX_WAIT = 3600  # seconds a client may block in /wait
-# Test hook to inject a slow phase: NODEAGENT_SLOW_PHASE="instance.create:clone=5,image.import:import=5"
+# Test hook to inject a slow phase: NODEAGENT_SLOW_PHASE="instance.create:clone=5,image.import:bytes=5"
+# (phase "bytes": sleep once at the first byte progress report, i.e. mid-copy)
 SLOW_PHASE_ENV = "NODEAGENT_SLOW_PHASE"
 
 
@@ -66,6 +67,12 @@ class OperationContext:
     def bytes(self, done: int, total: int | None = None) -> None:
         """Byte progress inside a phase; also a cancel point (storage cleans up on the raise)."""
         self.check_cancel()
+        delay = self._m._slow.get((self.kind, "bytes"))
+        if delay and not self.progress.get("bytes_done"):
+            self.progress["bytes_done"] = done
+            self._m._write_progress(self, force=True)
+            time.sleep(delay)
+            self.check_cancel()
         self.progress["bytes_done"] = done
         if total is not None:
             self.progress["bytes_total"] = total

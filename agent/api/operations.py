@@ -15,7 +15,7 @@ STATUSES = ["pending", "running", "succeeded", "failed", "cancelled"]
        query=[{"name": "status", "schema": {"type": "string", "enum": STATUSES}, "description": "filter"}])
 def list_operations():
     status = request.args.get("status")
-    if status and status not in STATUSES:
+    if status is not None and status not in STATUSES:
         raise InvalidInput(f"status must be one of {', '.join(STATUSES)}")
     return render({"operations": services().operations.list(status)})
 

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 
-from agent.errors import NotFound, Unprocessable, Unsupported
+from agent.errors import NotFound, Unprocessable
 from agent import models
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,6 @@ class ImageService:
             if not os.path.exists(src.path):
                 raise NotFound(f"source.path {src.path} does not exist on the agent's host")
             total = os.path.getsize(src.path) if os.path.isfile(src.path) else None
-        elif src.type == "s3":
-            raise Unsupported("image import from s3 is not yet supported by this agent: "
-                              "use type url with a presigned URL")
         store = self.root.store
 
         def work(op):

@@ -320,6 +320,9 @@ class InstanceService:
             if not mine:
                 continue
             try:
+                rt_reconcile = getattr(self.root.runtime, "reconcile", None) if kind == "container" else None
+                if rt_reconcile:
+                    rt_reconcile()  # the runtime drops leftovers of containers it has no record of
                 seen = {x.name: x for x in lister()}
             except Exception as e:
                 log.warning("cannot reconcile instances", extra={"kind": kind, "error": str(e)})

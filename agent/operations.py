@@ -61,7 +61,7 @@ class OperationContext:
         self._m._write_progress(self, force=True)
         delay = self._m._slow.get((self.kind, name))
         if delay:
-            time.sleep(delay)
+            self.cancelled.wait(delay)  # a cancel ends the injected pause at once
             self.check_cancel()
 
     def bytes(self, done: int, total: int | None = None) -> None:
@@ -71,7 +71,7 @@ class OperationContext:
         if delay and not self.progress.get("bytes_done"):
             self.progress["bytes_done"] = done
             self._m._write_progress(self, force=True)
-            time.sleep(delay)
+            self.cancelled.wait(delay)
             self.check_cancel()
         self.progress["bytes_done"] = done
         if total is not None:

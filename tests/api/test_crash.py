@@ -63,6 +63,17 @@ def test_kill9_during_image_import_and_instance_create(tmp_path):
         _wait_phase(api, cr["id"], "create")
         volume = f"i-{cr['target'][:12]}-rootfs"
         assert list(agent.state_dir.rglob(f"*{volume}*")), "the rootfs volume exists before the crash"
+        # cancel: cooperative, the create cleans up after itself
+        cx = api.post("/v1/instances", json={"name": "cancelme", "kind": "container", "image": "busybox"}).json()
+        _wait_phase(api, cx["id"], "create")
+        assert api.get(f"/v1/operations/{cx['id']}/wait", params={"timeout": 0.2}).json()["status"] == "running"
+        r = api.delete(f"/v1/operations/{cx['id']}")
+        assert r.status_code == 200, r.text
+        done = api.wait(r.json(), timeout=30)
+        assert done["status"] == "cancelled" and done["error"]["code"] == "cancelled", done
+        assert api.get("/v1/instances/cancelme").status_code == 404
+        assert not list(agent.state_dir.rglob(f"*i-{cx['target'][:12]}-rootfs*"))
+        assert api.delete(f"/v1/operations/{cx['id']}").status_code == 409  # already final
 
         api = _restart(agent)
 
@@ -123,6 +134,11 @@ def test_kill9_during_real_runc_container_start(tmp_path):
         assert api.get("/v1/instances/starter").json()["state"] in ("created", "stopped")
         done = api.wait(api.post("/v1/instances/starter/actions", json={"action": "start"}).json(), timeout=60)
         assert done["status"] == "succeeded" and done["result"]["instance"]["state"] == "running", done
+        # a graceful stop (SIGTERM) leaves containers running; the next agent re-adopts them
+        assert agent.stop() == 0
+        agent.start()
+        assert {i["name"]: i["state"] for i in api.get("/v1/instances").json()["instances"]} == \
+            {"keeper": "running", "starter": "running"}
         for name in ("keeper", "starter"):
             assert api.delete(f"/v1/instances/{name}").status_code == 200
     finally:

@@ -1,5 +1,5 @@
 """/v1/instances: create (202), list, get, delete, actions (202), exec, logs, stats."""
-from flask import Blueprint
+from flask import Blueprint, Response
 
 from agent import models
 from agent.api import parse, path_id, query_number, render, route, services
@@ -18,7 +18,7 @@ def create_instance():
 
 @route(bp, "GET", "/v1/instances", summary="List instances", responses={200: models.InstanceList})
 def list_instances():
-    return render({"instances": services().instances.list()})
+    return Response(services().instances.list_json(), mimetype="application/json")
 
 
 @route(bp, "GET", "/v1/instances/{id}", summary="One instance (by id or name)",

@@ -7,6 +7,7 @@ removes everything it made: domain or container, volumes, seed, and the row itse
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -51,6 +52,9 @@ class InstanceService:
         self.root = root
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()  # guards the dict only, never held during work
+        self._generations = itertools.count(1)  # next() is atomic: no lost bumps between threads
+        self._generation = 0  # bumped after every instance write; keys the rendered-list cache
+        self._list_cache: tuple[int, bytes] | None = None
 
     @property
     def db(self):
@@ -63,6 +67,19 @@ class InstanceService:
     # -- reads --
     def list(self) -> list[dict]:
         return [_row(r) for r in self.db.query("SELECT * FROM instances ORDER BY created_at")]
+
+    def list_json(self) -> bytes:
+        """``{"instances": [...]}`` rendered once per change: the control plane polls this a lot."""
+        gen = self._generation
+        cached = self._list_cache
+        if cached is not None and cached[0] == gen:
+            return cached[1]
+        body = json.dumps({"instances": self.list()}, separators=(",", ":")).encode()
+        self._list_cache = (gen, body)
+        return body
+
+    def _changed(self) -> None:
+        self._generation = next(self._generations)
 
     def get(self, ref: str) -> dict:
         r = self.db.one("SELECT * FROM instances WHERE id=? OR name=?", (ref, ref))
@@ -81,6 +98,7 @@ class InstanceService:
         cols["updated_at"] = time.time()
         sets = ", ".join(f"{k}=?" for k in cols)
         self.db.execute(f"UPDATE instances SET {sets} WHERE id=?", (*cols.values(), inst_id))
+        self._changed()
         inst = self.get(inst_id)
         self.root.events.publish("lifecycle", {"instance": inst["id"], "name": inst["name"],
                                                "state": inst["state"]})
@@ -115,6 +133,7 @@ class InstanceService:
                  self.root.host.hostname(), now, now))
         except sqlite3.IntegrityError:
             raise Conflict(f"an instance named {req.name!r} exists: pick another name or delete it") from None
+        self._changed()
         self.root.events.publish("lifecycle", {"instance": inst_id, "name": req.name, "state": "creating"})
 
         def work(op):
@@ -133,6 +152,7 @@ class InstanceService:
             return self.root.operations.submit("instance.create", inst_id, work)
         except BaseException:
             self.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
+            self._changed()
             raise
 
     def _instance_dir(self, inst_id: str):
@@ -208,6 +228,7 @@ class InstanceService:
             self.root.store.release(inst["pool"], vol)
         shutil.rmtree(self.root.config.state_path / "instances" / inst_id, ignore_errors=True)
         self.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
+        self._changed()
         self.root.events.publish("lifecycle", {"instance": inst_id, "name": inst["name"], "state": "deleted"})
         return True
 

@@ -4,6 +4,7 @@ A slow phase is injected with NODEAGENT_SLOW_PHASE (agent/operations.py) so the 
 inside the operation; half-done operations must be failed ("agent restarted"), their
 leftovers removed, finished work kept, and running containers re-adopted.
 """
+import secrets
 import shutil
 import subprocess
 import time
@@ -108,41 +109,43 @@ def test_kill9_during_real_runc_container_start(tmp_path):
     agent.admin_token = agent.token("admin", "admin")
     agent.start()
     api = Api(agent.url, agent.admin_token)
+    suffix = secrets.token_hex(3)  # runc cgroups are host-wide: names unique per run
+    keeper, starter = f"keeper-{suffix}", f"starter-{suffix}"
     try:
         _import_busybox(api, tmp_path)
         body = {"kind": "container", "image": "busybox", "network": "none", "memory_mib": 64,
                 "command": ["/bin/sh", "-c", "sleep 600"]}
         # "keeper" runs before the crash and must be re-adopted; "starter" is mid-start when killed
-        for name, start in (("keeper", True), ("starter", False)):
+        for name, start in ((keeper, True), (starter, False)):
             r = api.post("/v1/instances", json={**body, "name": name, "start": start})
             assert r.status_code == 202, r.text
             op = api.wait(r.json(), timeout=120)
             assert op["status"] == "succeeded", op
-        assert api.get("/v1/instances/keeper").json()["state"] == "running"
-        pid_before = api.post("/v1/instances/keeper/exec", json={"command": ["cat", "/proc/1/stat"]}).json()
-        st = api.post("/v1/instances/starter/actions", json={"action": "start"}).json()
+        assert api.get(f"/v1/instances/{keeper}").json()["state"] == "running"
+        pid_before = api.post(f"/v1/instances/{keeper}/exec", json={"command": ["cat", "/proc/1/stat"]}).json()
+        st = api.post(f"/v1/instances/{starter}/actions", json={"action": "start"}).json()
         _wait_phase(api, st["id"], "start")
 
         api = _restart(agent)
 
         op = api.get(f"/v1/operations/{st['id']}").json()
         assert op["status"] == "failed" and op["error"]["code"] == "agent_restarted"
-        keeper = api.get("/v1/instances/keeper").json()
-        assert keeper["state"] == "running", keeper  # re-adopted, not restarted
-        same = api.post("/v1/instances/keeper/exec", json={"command": ["cat", "/proc/1/stat"]}).json()
+        kept = api.get(f"/v1/instances/{keeper}").json()
+        assert kept["state"] == "running", kept  # re-adopted, not restarted
+        same = api.post(f"/v1/instances/{keeper}/exec", json={"command": ["cat", "/proc/1/stat"]}).json()
         assert same["stdout"] == pid_before["stdout"] or same["stdout"].split()[0] == pid_before["stdout"].split()[0]
-        assert api.get("/v1/instances/starter").json()["state"] in ("created", "stopped")
-        done = api.wait(api.post("/v1/instances/starter/actions", json={"action": "start"}).json(), timeout=60)
+        assert api.get(f"/v1/instances/{starter}").json()["state"] in ("created", "stopped")
+        done = api.wait(api.post(f"/v1/instances/{starter}/actions", json={"action": "start"}).json(), timeout=60)
         assert done["status"] == "succeeded" and done["result"]["instance"]["state"] == "running", done
         # a graceful stop (SIGTERM) leaves containers running; the next agent re-adopts them
         assert agent.stop() == 0
         agent.start()
         assert {i["name"]: i["state"] for i in api.get("/v1/instances").json()["instances"]} == \
-            {"keeper": "running", "starter": "running"}
-        for name in ("keeper", "starter"):
+            {keeper: "running", starter: "running"}
+        for name in (keeper, starter):
             assert api.delete(f"/v1/instances/{name}").status_code == 200
     finally:
-        for name in ("keeper", "starter"):
+        for name in (keeper, starter):
             try:
                 Api(agent.url, agent.admin_token).delete(f"/v1/instances/{name}")
             except Exception:

@@ -164,3 +164,30 @@ def test_metrics_count_operations_and_instances(admin, reader, images):
     assert 'nodeagent_instances{kind="container",state="running"}' in text
     assert 'nodeagent_instance_memory_bytes{instance="m1",kind="container"}' in text
     admin.delete("/v1/instances/m1")
+
+
+def test_image_import_from_url_reports_progress(admin, tmp_path):
+    """A URL import from a local HTTP server (127.0.0.1) on this test's own port."""
+    import functools
+    import http.server
+    import subprocess
+
+    disk = tmp_path / "web.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "32M"], check=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/web.qcow2"
+        op = admin.wait(admin.post("/v1/images", json={"name": "from-web", "source": {"type": "url", "url": url}}).json())
+        assert op["status"] == "succeeded", op
+        assert op["progress"]["phase"] == "download" and op["progress"]["bytes_done"] == disk.stat().st_size
+        assert op["result"]["image"]["format"] == "qcow2"
+        missing = admin.wait(admin.post("/v1/images", json={"name": "nope", "source": {
+            "type": "url", "url": url.replace("web.qcow2", "absent.qcow2")}}).json())
+        assert missing["status"] == "failed" and missing["error"]["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert admin.delete("/v1/images/from-web").json() == {"deleted": True}

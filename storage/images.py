@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from agent.errors import (AgentError, Conflict, InvalidInput, NotFound, Unavailable,
+from agent.errors import (Conflict, InvalidInput, NotFound, Unavailable,
                           Unprocessable, Unsupported)
 from agent.state import Database
 from storage import oci, qemu_img
@@ -105,8 +105,9 @@ class ImageStore:
         self.max_layer_bytes, self.max_layer_ratio = max_layer_bytes, max_layer_ratio
         self.tmp_dir = os.path.join(cache_dir, "tmp")
         os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
-        os.makedirs(os.path.join(cache_dir, "layers", "sha256"), mode=0o700, exist_ok=True)
-        os.chmod(cache_dir, 0o700)  # host users never reach unpacked layers
+        layers = os.path.join(cache_dir, "layers")
+        os.makedirs(os.path.join(layers, "sha256"), mode=0o700, exist_ok=True)
+        os.chmod(layers, 0o700)  # host users never reach unpacked image files
         db.migrate("storage", MIGRATIONS)
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], int] = {}  # (pool, digest) -> imports using it
@@ -163,6 +164,7 @@ class ImageStore:
             stored = backend.blob_path(blob.digest)
             if stored and info["format"] == "qcow2":  # the file may have changed under us
                 info = _check_disk(qemu_img.info(stored, format="qcow2"), path, "qcow2")
+                qemu_img.check(stored, format="qcow2")
             img = Image(blob.digest[7:], name, "vm", info["format"], blob.digest, blob.size,
                         info["virtual-size"], pool, time.time(), {}, ())
             return self._record(img, [blob.digest])
@@ -221,20 +223,14 @@ class ImageStore:
             if existing is not None:
                 return self._alias(existing, name)
             with self._import() as added:
-                done = [0]
-
-                def step(n, base=None):
-                    if progress:
-                        progress(base + n)
-
-                blobs = []
+                blobs, done = [], 0
                 for d in (oci.Descriptor(r.manifest_digest, len(r.manifest), ""), r.config,
                           *r.layers):
-                    base = done[0]
+                    step = None if progress is None else (lambda n, base=done: progress(base + n))
                     with src.open_blob(d) as f:
                         b = self._put(pool, backend, f, added, digest=d.digest, size=d.size,
-                                      progress=lambda n, base=base: step(n, base))
-                    done[0] = base + b.size
+                                      progress=step)
+                    done += b.size
                     blobs.append(b)
                 for l in r.layers:
                     self._unpack(pool, backend, l.digest, added)
@@ -244,39 +240,30 @@ class ImageStore:
                 return self._record(img, [b.digest for b in blobs])
 
     # ---------------------------------------------------------- import plumbing
-    def _import(self):
-        store = self
+    def _import(self) -> "_Import":
+        return _Import(self)
 
-        class Ctx:
-            def __enter__(self):
-                self.added = []  # (pool, digest, kind) this import created: blob | layer
-                self.pins = []
-                return self
-
-            def __exit__(self, et, e, tb):
-                try:
-                    if et is not None:
-                        store._undo(self.added)
-                finally:
-                    with store._lock:
-                        for key in self.pins:
-                            store._inflight[key] -= 1
-                            if not store._inflight[key]:
-                                del store._inflight[key]
-                return False
-
-        return Ctx()
-
-    def _pin(self, added, pool: str, digest: str) -> None:
+    def _pin(self, added: "_Import", pool: str, digest: str) -> None:
+        """Keep gc() off a blob an import is about to record."""
         with self._lock:
             self._inflight[(pool, digest)] = self._inflight.get((pool, digest), 0) + 1
         added.pins.append((pool, digest))
 
+    def _unpin(self, pins: list) -> None:
+        with self._lock:
+            for key in pins:
+                self._inflight[key] -= 1
+                if not self._inflight[key]:
+                    del self._inflight[key]
+
     def _put(self, pool, backend, f, added, **kw):
         if kw.get("digest"):
             self._pin(added, pool, kw["digest"])
-            if backend.find_blob(kw["digest"]) is not None:
-                return backend.stat_blob(kw["digest"])
+            found = backend.find_blob(kw["digest"])
+            if found is not None:  # already stored (another image shares it): nothing to copy
+                if kw.get("progress"):
+                    kw["progress"](found.size)
+                return found
         blob = backend.put_blob(f, **kw)
         if not kw.get("digest"):
             self._pin(added, pool, blob.digest)
@@ -320,6 +307,10 @@ class ImageStore:
     def _undo(self, added) -> None:
         """Remove what a failed import added and nothing else uses."""
         for kind, pool, digest in reversed(added):
+            with self._lock:
+                shared = self._inflight.get((pool, digest), 0) > 1  # another import wants it
+            if shared:
+                continue
             if kind == "blob" and not self._blob_used(pool, digest):
                 self.pools[pool].delete_blob(digest)
                 self.db.execute("DELETE FROM storage_blobs WHERE pool = ? AND digest = ?",
@@ -547,6 +538,27 @@ class ImageStore:
 
 # ---------------------------------------------------------------------- helpers
 
+class _Import:
+    """One import (or cross-pool copy): what it added, undone if it fails, and the blobs
+    it pins against a concurrent gc()."""
+
+    def __init__(self, store: ImageStore):
+        self.store = store
+        self.added: list[tuple[str, str, str]] = []  # (blob|layer, pool, digest)
+        self.pins: list[tuple[str, str]] = []
+
+    def __enter__(self) -> "_Import":
+        return self
+
+    def __exit__(self, et, e, tb) -> bool:
+        try:
+            if et is not None:
+                self.store._undo(self.added)
+        finally:
+            self.store._unpin(self.pins)
+        return False
+
+
 def _image(row) -> Image:
     return Image(row["id"], row["name"], row["kind"], row["format"], "sha256:" + row["id"],
                  row["size"], row["virtual_size"], row["pool"], row["created_at"],
@@ -565,6 +577,8 @@ def _check_disk(info: dict, path: str, format: str | None) -> dict:
     if fmt not in DISK_FORMATS:
         raise InvalidInput(f"{path}: format {fmt!r} is not supported; convert it to qcow2 or "
                            "raw (qemu-img convert -O qcow2 ...)")
+    if not info.get("virtual-size"):
+        raise InvalidInput(f"{path}: the image is empty (virtual size 0)")
     if format is not None and format != fmt:
         raise InvalidInput(f"{path}: declared format {format!r} but the file is {fmt!r}")
     if info.get("backing-filename") or info.get("full-backing-filename"):

@@ -1,6 +1,6 @@
 """Safe unpacking of OCI image layers: THE security boundary between images and the host.
 
-A layer (tar, gzip or zstd) is unpacked once per digest into
+A layer (tar, gzip (decompressed in-process) or zstd (by the zstd tool)) is unpacked once per digest into
 ``<cache_dir>/layers/sha256/<hex>/``: first into a fresh temp dir beside it, then renamed
 into place, so a layer dir either is complete or does not exist. Whiteouts become
 overlayfs whiteouts: ``.wh.NAME`` -> a 0/0 character device NAME, ``.wh..wh..opq`` ->
@@ -32,12 +32,14 @@ must never follow symlinks inside it.
 from __future__ import annotations
 
 import errno
+import gzip
 import os
 import shutil
 import stat
 import subprocess
 import tarfile
 import tempfile
+import zlib
 
 from agent.errors import InvalidInput, Unavailable
 from storage.validate import parse_digest
@@ -45,7 +47,9 @@ from storage.validate import parse_digest
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 TAR_HEADER = 512  # bytes every tar member costs at least (counted against the bomb caps)
-READ_BUFFER = 1024 * 1024  # 1 MiB reads from the decompressor
+READ_BUFFER = 1024 * 1024  # 1 MiB: file data is copied in chunks of this size
+TAR_BUFFER = 64 * 1024  # tarfile's stream buffer: it re-slices the buffer on every header
+                        # read, so 1 MiB made unpacking ~1.6x slower than 64 KiB (measured)
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
@@ -97,25 +101,32 @@ def unpack_layer(src: str, dest: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
     with open(src, "rb") as f:
         magic = f.read(4)
     proc = None
-    if magic.startswith(GZIP_MAGIC):
-        proc = _decompressor(["gzip", "-dc"], src)
+    if magic.startswith(GZIP_MAGIC):  # in-process zlib: ~4x faster than a `gzip -d` child
+        stream = gzip.GzipFile(src, "rb")
     elif magic.startswith(ZSTD_MAGIC):
         proc = _decompressor(["zstd", "-dcq"], src)
-    stream = proc.stdout if proc else open(src, "rb")
+        stream = proc.stdout
+    else:
+        stream = open(src, "rb")
     root = os.open(dest, _OPEN_DIR)
     try:
         x = _Extractor(root, cap, src)
         try:
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=READ_BUFFER) as tar:
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BUFFER) as tar:
                 for member in tar:
                     x.add(tar, member)
         except tarfile.TarError as e:
             raise InvalidInput(f"layer {src}: not a valid tar stream ({e})") from None
-        except EOFError:
-            raise InvalidInput(f"layer {src}: truncated tar stream") from None
-        if proc is not None:
-            while stream.read(READ_BUFFER):  # drain the trailer so the decompressor finishes
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise InvalidInput(f"layer {src}: truncated or corrupt stream ({e})") from None
+        finally:
+            x.close()
+        try:  # read to the end: a gzip CRC error or trailing garbage shows up only there
+            while stream.read(READ_BUFFER):
                 pass
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise InvalidInput(f"layer {src}: corrupt compressed stream ({e})") from None
+        if proc is not None:
             rc = proc.wait()
             if rc != 0:
                 err = proc.stderr.read().decode(errors="replace").strip()
@@ -156,6 +167,17 @@ class _Extractor:
     def __init__(self, root: int, cap: int, src: str):
         self.root, self.cap, self.src = root, cap, src
         self.total = self.files = self.stripped = 0
+        self._last: tuple[tuple, int] | None = None  # (parent parts, fd): members come grouped
+        self.owners = os.geteuid() == 0  # only root can give files their image owners
+
+    def close(self) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop the cached parent fd (whenever a directory is removed or replaced)."""
+        if self._last is not None:
+            os.close(self._last[1])
+            self._last = None
 
     def _bad(self, msg: str) -> InvalidInput:
         return InvalidInput(f"layer {self.src}: {msg}")
@@ -168,7 +190,13 @@ class _Extractor:
                             "or images.max_layer_ratio if the image is legitimate")
 
     def _parent(self, parts: list[str], name: str) -> int:
-        """An fd of the directory holding ``parts[-1]``, made if missing, never via a symlink."""
+        """An fd of the directory holding ``parts[-1]``, made if missing, never via a symlink.
+
+        The caller closes it. The last parent is cached (as its own fd), and forgotten
+        whenever any directory is removed, so a cached fd never outlives its path."""
+        key = tuple(parts[:-1])
+        if self._last is not None and self._last[0] == key:
+            return os.dup(self._last[1])
         fd = os.dup(self.root)
         try:
             for comp in parts[:-1]:
@@ -184,6 +212,8 @@ class _Extractor:
                     raise
                 os.close(fd)
                 fd = nfd
+            self._forget()
+            self._last = (key, os.dup(fd))
             return fd
         except BaseException:
             os.close(fd)
@@ -196,6 +226,7 @@ class _Extractor:
             return
         if stat.S_ISDIR(st.st_mode):
             if not keep_dir:
+                self._forget()
                 shutil.rmtree(leaf, dir_fd=pfd)
         else:
             os.unlink(leaf, dir_fd=pfd)
@@ -226,14 +257,16 @@ class _Extractor:
                 except FileExistsError:
                     pass
                 os.chmod(leaf, mode, dir_fd=pfd, follow_symlinks=False)
-                os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+                if self.owners:
+                    os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
                 return
             self._remove(pfd, leaf)
             if m.isreg():
                 self._write(tar, m, pfd, leaf, mode)
             elif m.issym():
                 os.symlink(m.linkname, leaf, dir_fd=pfd)
-                os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+                if self.owners:
+                    os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
             else:
                 self._hardlink(pfd, leaf, m)
                 return
@@ -255,7 +288,8 @@ class _Extractor:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-            os.fchown(fd, m.uid, m.gid)
+            if self.owners:
+                os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, mode)
         finally:
             os.close(fd)

@@ -200,3 +200,20 @@ def test_not_a_tar_and_truncated(env):
     with pytest.raises(InvalidInput):
         unpack_layer_once(str(cut), DIGEST, str(cache))
     assert os.listdir(os.path.dirname(layer_dir(str(cache), DIGEST))) == []
+
+
+def test_replacing_a_cached_parent_dir_with_a_symlink(env):
+    """The extractor caches the last parent dir fd; replacing that dir must not leave a
+    stale fd through which later members land outside the new tree."""
+    _, host, _ = env
+    (host / "b").mkdir()
+    refuse(env, [("a/b/f1", "file"), ("a", "sym", str(host)), ("a/b/f2", "file")],
+           "through the symlink")
+    assert os.listdir(host / "b") == []
+
+
+def test_replacing_a_dir_with_a_file(env):
+    tmp, _, cache = env
+    src = make_tar(tmp / "l.tar", [("a/b/f1", "file"), ("a", "file", b"now a file")])
+    d = unpack_layer_once(src, DIGEST, str(cache))
+    assert open(f"{d}/a").read() == "now a file"

@@ -56,3 +56,21 @@ def test_cli_errors_are_clear(agent):
     assert r.returncode == 1 and "bearer token" in r.stderr
     r = agent.cli("host", env={"NODEAGENT_URL": "http://127.0.0.1:9", "NODEAGENT_TOKEN": "x"}, check=False)
     assert r.returncode == 1 and "cannot reach the agent" in r.stderr
+
+
+def test_image_import_shows_a_progress_bar_on_a_terminal(agent, tmp_path, images):
+    """Under a pseudo-terminal (util-linux `script`) the import draws a rich bar fed by the operation."""
+    import os
+    import shutil
+    import subprocess
+    assert shutil.which("script"), "util-linux `script` is missing"
+    disk = tmp_path / "bar.raw"
+    with open(disk, "wb") as f:
+        f.truncate(8 << 20)
+    env = {**agent.env, "NODEAGENT_URL": agent.url, "NODEAGENT_TOKEN": agent.admin_token, "COLUMNS": "100"}
+    cmd = f"{os.sys.executable} -m agent image import {disk} --name bar --format raw"
+    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], cwd=str(agent.config.parent), env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:]
+    assert "importing bar" in r.stdout and "/8.4 MB" in r.stdout and "imported bar" in r.stdout
+    agent.cli("image", "rm", "bar", env={"NODEAGENT_URL": agent.url, "NODEAGENT_TOKEN": agent.admin_token})

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from agent import schema
-from agent.errors import AgentError, Cancelled, Conflict, NotFound
+from agent.errors import AgentError, Cancelled, Conflict, NotFound, Unavailable
 from agent.events import EventBus
 from agent.state import Database
 
@@ -125,7 +125,7 @@ class Operations:
     def submit(self, kind: str, target: str | None, fn: Callable[[OperationContext], dict | None],
                *, on_final: Callable[[dict], None] | None = None) -> dict:
         if self._pool is None:
-            raise AgentError("the operation worker pool is not running")
+            raise Unavailable("the agent is shutting down (or not started): retry against the restarted agent")
         op_id = uuid.uuid4().hex
         now = time.time()
         self.db.execute("INSERT INTO operations(id, kind, target, status, progress, created_at) "

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import platform
 import socket
-import sys
 
 from importlib import metadata
 

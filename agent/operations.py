@@ -48,7 +48,9 @@ class OperationContext:
         self._m, self.id, self.kind = manager, op_id, kind
         self.cancelled = threading.Event()
         self.progress = {"phase": None, "bytes_done": None, "bytes_total": None}
-        self._last_write = 0.0
+        self.status = "pending"  # live status; SQLite gets it at the end (a crash fails it anyway)
+        self.started_at: float | None = None
+        self._last_write = time.monotonic()
 
     def check_cancel(self) -> None:
         if self.cancelled.is_set():
@@ -58,7 +60,7 @@ class OperationContext:
         """Enter phase ``name``: a cancel point; progress is written through at once."""
         self.check_cancel()
         self.progress.update(phase=name, bytes_done=0 if bytes_total else None, bytes_total=bytes_total)
-        self._m._write_progress(self, force=True)
+        self._m._write_progress(self)
         delay = self._m._slow.get((self.kind, name))
         if delay:
             self.cancelled.wait(delay)  # a cancel ends the injected pause at once
@@ -142,7 +144,8 @@ class Operations:
         try:
             if ctx.cancelled.is_set():
                 raise Cancelled("operation cancelled before it started")
-            self._set(ctx.id, status="running", started_at=time.time())
+            ctx.started_at, ctx.status = time.time(), "running"
+            self._publish(ctx.id)
             result = fn(ctx) or {}
             status = "succeeded"
         except Cancelled as e:
@@ -152,9 +155,9 @@ class Operations:
         except Exception:  # an agent bug: log it, do not leak the trace
             log.exception("operation failed", extra={"operation": ctx.id, "kind": ctx.kind})
             error = {"code": "internal", "message": f"internal error in {ctx.kind}; see the agent log"}
-        self._write_progress(ctx, force=True)
         self._set(ctx.id, status=status, result=json.dumps(result) if result is not None else None,
-                  error=json.dumps(error) if error else None, finished_at=time.time())
+                  error=json.dumps(error) if error else None, progress=json.dumps(ctx.progress),
+                  started_at=ctx.started_at, finished_at=time.time())
         with self._cond:
             self._active.pop(ctx.id, None)
             self._cond.notify_all()
@@ -185,23 +188,36 @@ class Operations:
         r = self.db.one("SELECT * FROM operations WHERE id=?", (op_id,))
         if r is None:
             raise NotFound(f"operation {op_id} not found")
-        op = _row(r)
-        ctx = self._active.get(op_id)
+        return self._live(_row(r))
+
+    def _live(self, op: dict) -> dict:
+        """Overlay what only memory knows about a running operation (status, progress)."""
+        ctx = self._active.get(op["id"])
         if ctx is not None and op["status"] not in FINAL:
             op["progress"] = dict(ctx.progress)  # fresher than the throttled DB copy
+            op["status"], op["started_at"] = ctx.status, ctx.started_at
         return op
 
     def list(self, status: str | None = None, limit: int = 100) -> list[dict]:
-        if status:
+        if status in ("pending", "running"):  # running ones are 'pending' in SQLite until they end
+            rows = self.db.query("SELECT * FROM operations WHERE status IN ('pending', 'running') "
+                                 "ORDER BY created_at DESC LIMIT ?", (limit,))
+        elif status:
             rows = self.db.query("SELECT * FROM operations WHERE status=? ORDER BY created_at DESC LIMIT ?",
                                  (status, limit))
         else:
             rows = self.db.query("SELECT * FROM operations ORDER BY created_at DESC LIMIT ?", (limit,))
-        return [_row(r) for r in rows]
+        ops = [self._live(_row(r)) for r in rows]
+        return [o for o in ops if status is None or o["status"] == status]
 
     def counts(self) -> list[tuple[str, str, int]]:
-        return [(r["kind"], r["status"], r["n"]) for r in self.db.query(
-            "SELECT kind, status, count(*) AS n FROM operations GROUP BY kind, status")]
+        n = {(r["kind"], r["status"]): r["n"] for r in self.db.query(
+            "SELECT kind, status, count(*) AS n FROM operations GROUP BY kind, status")}
+        for ctx in list(self._active.values()):
+            if ctx.status == "running" and n.get((ctx.kind, "pending")):
+                n[(ctx.kind, "pending")] -= 1
+                n[(ctx.kind, "running")] = n.get((ctx.kind, "running"), 0) + 1
+        return [(k, s, c) for (k, s), c in n.items()]
 
     def wait(self, op_id: str, timeout: float) -> dict:
         """Block until the operation is final or ``timeout`` seconds passed; return it."""

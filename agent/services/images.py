@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 
-from agent.errors import NotFound, Unprocessable, Unsupported
+from agent.errors import NotFound, Unprocessable
 from agent import models
+from storage.registry import pull_to_layout
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,6 @@ class ImageService:
                 image = store.import_url(src.url, name=req.name, pool=pool, format=req.format,
                                          sha256=src.sha256, progress=progress)
             else:  # registry
-                if importlib.util.find_spec("storage.registry") is None:
-                    raise Unsupported("registry pulls are not available in this build (storage.registry is "
-                                      "missing): pull with `skopeo copy docker://REF oci:DIR:TAG` and import "
-                                      "DIR as a file source")
-                from storage.registry import pull_to_layout
                 op.phase("pull")
                 tmp = tempfile.mkdtemp(prefix="pull-", dir=self._tmp_dir())
                 try:

@@ -191,3 +191,34 @@ def test_image_import_from_url_reports_progress(admin, tmp_path):
         srv.shutdown()
         srv.server_close()
     assert admin.delete("/v1/images/from-web").json() == {"deleted": True}
+
+
+def test_registry_import_then_run(admin, busybox_ref):
+    """The operator's path: pull an image from a registry through the API, run it, remove both."""
+    r = admin.post("/v1/images", json={"name": "pulled-busybox",
+                                      "source": {"type": "registry", "reference": busybox_ref,
+                                                 "tls_verify": False}})
+    assert r.status_code == 202, r.text
+    op = admin.wait(r.json())
+    assert op["status"] == "succeeded", op
+    image = op["result"]["image"]
+    assert image["kind"] == "container" and image["layers"]
+    op = _create(admin, name="pulled", kind="container", image="pulled-busybox",
+                 command=["/bin/sh", "-c", "sleep 1000"])
+    assert op["status"] == "succeeded", op["error"]
+    res = admin.post("/v1/instances/pulled/exec", json={"command": ["hostname"]}).json()
+    assert res["exit_code"] == 0 and res["stdout"].strip()
+    assert admin.delete("/v1/instances/pulled").json() == {"deleted": True}
+    assert admin.delete(f"/v1/images/{image['id']}").json() == {"deleted": True}
+    assert_error(admin.get(f"/v1/images/{image['id']}"), 404)
+
+
+def test_registry_import_of_unknown_image_fails_cleanly(admin, oci_registry):
+    before = admin.get("/v1/images").json()
+    r = admin.post("/v1/images", json={"name": "nope", "source": {
+        "type": "registry", "reference": f"{oci_registry.address}/does-not-exist:1",
+        "tls_verify": False}})
+    assert r.status_code == 202, r.text
+    op = admin.wait(r.json())
+    assert op["status"] == "failed" and op["error"]["message"], op
+    assert admin.get("/v1/images").json() == before

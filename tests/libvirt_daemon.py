@@ -28,7 +28,7 @@ class Daemons:
 
     def stop(self) -> None:
         for pid in self.started:
-            _terminate(pid)
+            terminate(pid)
         self.started.clear()
 
 
@@ -65,7 +65,10 @@ def _wait(cond, what: str) -> None:
         time.sleep(0.05)
 
 
-def _terminate(pid: int) -> None:
+def terminate(pid: int | None) -> None:
+    """End process ``pid`` (one we started): SIGTERM, then SIGKILL after 10 s."""
+    if not pid:
+        return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -12,3 +12,23 @@ def db(tmp_path):
     d = Database(tmp_path / "state.db")
     yield d
     d.close()
+
+
+@pytest.fixture(scope="session")
+def ceph():
+    """A live single-node Ceph (scripts/ceph-dev-cluster) for the session: a CephEnv.
+    NODEAGENT_CEPH_DIR=<dir of a running cluster> reuses one (and leaves it running)."""
+    from tests import ceph_cluster
+
+    reused = ceph_cluster.existing()
+    if reused is not None:
+        yield reused
+        return
+    try:
+        env = ceph_cluster.start()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield env
+    finally:
+        ceph_cluster.stop(env)

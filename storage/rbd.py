@@ -10,6 +10,8 @@ make carries a prefix and we never touch anything else):
   protected snapshot ``base``: RBD clones need raw parents.
 - ``navol.<name>``  a volume: an RBD clone of a blob's ``base`` snapshot (O(1)) or a
   standalone image. Volumes are always raw; ``Volume.format`` says so.
+  A volume asked for as qcow2 holds a qcow2 inside the RBD image (QEMU opens it as
+  driver qcow2 over protocol rbd; QEMU's rbd driver grows the image as the qcow2 grows).
 - ``natmp.<uuid>``  work in progress: renamed into place only when complete, removed on
   failure, so no half-made blob or volume is ever visible.
 
@@ -30,6 +32,7 @@ import os
 import re
 import subprocess
 import uuid
+import weakref
 from contextlib import contextmanager
 from typing import BinaryIO, Iterator
 
@@ -43,6 +46,8 @@ VOLUME_PREFIX = "navol."
 TMP_PREFIX = "natmp."
 BASE_SNAP = "base"
 META_BASE = "nodeagent.base"  # image metadata: the blob digest a volume was cloned from
+META_FORMAT = "nodeagent.format"  # "qcow2" when the image holds a qcow2 (QEMU layers it on rbd)
+META_SIZE = "nodeagent.size"  # a qcow2 volume's virtual size (the RBD image is a bit larger)
 WRITE_CHUNK = 4 << 20  # 4 MiB = the default RBD object size: one object per write
 GROW_STEP = 1 << 30  # a stream of unknown size grows the temp image 1 GiB at a time
 CONNECT_TIMEOUT = 15  # seconds to reach the monitors
@@ -83,6 +88,7 @@ class RbdBackend:
         self.op_timeout = int(op_timeout)
         self._cluster = None
         self._ioctx = None
+        self._readers = weakref.WeakSet()  # open blob streams: closed before the cluster is
 
     # -- connection and error mapping --
     def _io(self):
@@ -303,7 +309,9 @@ class RbdBackend:
             img.close()
             raise InvalidInput(f"offset {offset} is outside blob {digest} ({size} bytes)")
         end = size if length is None else min(size, offset + max(0, length))
-        return io.BufferedReader(_ImageReader(img, offset, end), buffer_size=WRITE_CHUNK)
+        reader = _ImageReader(img, offset, end)
+        self._readers.add(reader)
+        return io.BufferedReader(reader, buffer_size=WRITE_CHUNK)
 
     def stat_blob(self, digest: str) -> BlobInfo:
         info = self.find_blob(digest)
@@ -365,12 +373,13 @@ class RbdBackend:
         import rbd
 
         with rbd.Image(self._io(), VOLUME_PREFIX + name, read_only=True) as img:
-            try:
-                base = img.metadata_get(META_BASE)
-            except KeyError:
-                base = None
+            meta = dict(img.metadata_list())
             size = img.size()
-        return Volume(name=name, pool=self.name, format="raw", size=size, base=base,
+        base = meta.get(META_BASE)
+        fmt = meta.get(META_FORMAT, "raw")
+        if fmt == "qcow2":
+            size = int(meta.get(META_SIZE, size))
+        return Volume(name=name, pool=self.name, format=fmt, size=size, base=base,
                       path=None, uri=f"rbd:{self.pool}/{VOLUME_PREFIX}{name}",
                       attach=self._attach_info(VOLUME_PREFIX + name))
 
@@ -411,9 +420,13 @@ class RbdBackend:
         import rbd
 
         _check_volume_name(spec.name)
+        if spec.format == "dir":
+            raise Unsupported(f"pool {self.name}: a block pool cannot hold a directory volume "
+                              "(container upper dirs): use a local pool")
         if spec.format not in ("raw", "qcow2"):
-            raise Unsupported(f"pool {self.name}: RBD volumes are block devices; format "
-                              f"{spec.format!r} is not supported (use raw or qcow2)")
+            raise InvalidInput(f"bad volume format {spec.format!r}: use raw or qcow2")
+        if spec.size < 0:
+            raise InvalidInput(f"bad volume size {spec.size}")
         ioctx = self._io()
         if self.find_volume(spec.name) is not None:
             raise Conflict(f"pool {self.name}: volume {spec.name} already exists")
@@ -421,16 +434,29 @@ class RbdBackend:
         tmp = TMP_PREFIX + uuid.uuid4().hex
         try:
             with self._errors(f"create volume {spec.name}"):
-                if source is None:
-                    rbd.RBD().create(ioctx, tmp, spec.size)
-                else:
-                    vsize = _virtual_size(source)
+                vsize = spec.size
+                if source is not None:
+                    vsize = max(spec.size, _virtual_size(source))
                     self._check_room(f"create volume {spec.name}", vsize)
-                    _qemu_img(["convert", "-O", "raw", source,
-                               self._rbd_spec(tmp)], self.name)
+                if spec.format == "raw":
+                    if source is None:
+                        rbd.RBD().create(ioctx, tmp, vsize)
+                    else:
+                        _qemu_img(["convert", "-O", "raw", source, self._rbd_spec(tmp)],
+                                  self.name)
+                        with rbd.Image(ioctx, tmp) as img:
+                            if vsize > img.size():
+                                img.resize(vsize)
+                else:
+                    # qemu-img makes the RBD image; QEMU's rbd driver grows it as the qcow2 grows
+                    _qemu_img(["create", "-f", "qcow2", self._rbd_spec(tmp), str(vsize)],
+                              self.name)
+                    if source is not None:
+                        _qemu_img(["convert", "-n", "-O", "qcow2", source,
+                                   self._rbd_spec(tmp)], self.name)
                     with rbd.Image(ioctx, tmp) as img:
-                        if spec.size > img.size():
-                            img.resize(spec.size)
+                        img.metadata_set(META_FORMAT, "qcow2")
+                        img.metadata_set(META_SIZE, str(vsize))
                 try:
                     rbd.RBD().rename(ioctx, tmp, VOLUME_PREFIX + spec.name)
                 except rbd.ImageExists:
@@ -544,9 +570,15 @@ class RbdBackend:
         if size == vol.size:
             return vol
         self._check_room(f"resize volume {name}", None)
+        image = VOLUME_PREFIX + name
         with self._errors(f"resize volume {name}"):
-            with rbd.Image(self._io(), VOLUME_PREFIX + name) as img:
-                img.resize(size)
+            if vol.format == "raw":
+                with rbd.Image(self._io(), image) as img:
+                    img.resize(size)
+            else:
+                _qemu_img(["resize", "-f", "qcow2", self._rbd_spec(image), str(size)], self.name)
+                with rbd.Image(self._io(), image) as img:
+                    img.metadata_set(META_SIZE, str(size))
         return self.get_volume(name)
 
     def get_volume(self, name: str) -> Volume:
@@ -594,6 +626,10 @@ class RbdBackend:
         return Usage(capacity=cluster_cap, used=used, available=cluster_avail)
 
     def close(self) -> None:
+        """Close open blob streams, then the connection (an rbd.Image outliving its
+        cluster handle would crash the process)."""
+        for reader in list(self._readers):
+            reader.close()
         if self._ioctx is not None:
             self._ioctx.close()
             self._ioctx = None

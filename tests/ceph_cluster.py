@@ -77,3 +77,67 @@ def existing() -> CephEnv | None:
     """A running cluster named by NODEAGENT_CEPH_DIR (reused, never stopped): for development."""
     d = os.environ.get("NODEAGENT_CEPH_DIR")
     return env(d) if d else None
+
+
+_session: CephEnv | None = None  # set by the `ceph` session fixture
+
+
+def current() -> CephEnv:
+    if _session is None:
+        raise RuntimeError("no Ceph cluster in this session: request the `ceph` fixture")
+    return _session
+
+
+def block_backend(tmp_path, *, quota: int | None = None):
+    """An RbdBackend on a Ceph pool of its own, removed again by close()."""
+    from storage.rbd import RbdBackend
+
+    e = current()
+    pool = "t" + os.urandom(5).hex()
+    e.run("ceph", "osd", "pool", "create", pool, "8", "8")
+    e.run("ceph", "osd", "pool", "application", "enable", pool, "rbd")
+    if quota:
+        e.run("ceph", "osd", "pool", "set-quota", pool, "max_bytes", str(quota))
+
+    class OwnPool(RbdBackend):
+        def close(self):
+            super().close()
+            e.run("ceph", "osd", "pool", "delete", pool, pool,
+                  "--yes-i-really-really-mean-it", check=False)
+
+    return OwnPool("block0", pool=pool, conf=e.conf, user=e.user, keyring=e.keyring)
+
+
+def s3_client(e: CephEnv | None = None):
+    import boto3
+    from botocore.config import Config
+
+    e = e or current()
+    return boto3.client("s3", endpoint_url=e.s3_endpoint, region_name=e.s3_region,
+                        aws_access_key_id=e.s3_access_key, aws_secret_access_key=e.s3_secret_key,
+                        config=Config(request_checksum_calculation="when_required",
+                                      response_checksum_validation="when_required"))
+
+
+def object_backend(tmp_path, **options):
+    """An S3Backend on a bucket of its own, emptied and removed by close()."""
+    from storage.s3 import S3Backend
+
+    e = current()
+    bucket = "t" + os.urandom(6).hex()
+    client = s3_client(e)
+    client.create_bucket(Bucket=bucket)
+
+    class OwnBucket(S3Backend):
+        def close(self):
+            super().close()
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+                for o in page.get("Contents", []):
+                    client.delete_object(Bucket=bucket, Key=o["Key"])
+            for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+                client.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+            client.delete_bucket(Bucket=bucket)
+
+    return OwnBucket("object0", endpoint=e.s3_endpoint, bucket=bucket,
+                     access_key=e.s3_access_key, secret_key=e.s3_secret_key,
+                     region=e.s3_region, **options)

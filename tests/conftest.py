@@ -22,13 +22,28 @@ def ceph():
 
     reused = ceph_cluster.existing()
     if reused is not None:
+        ceph_cluster._session = reused
         yield reused
         return
     try:
         env = ceph_cluster.start()
     except RuntimeError as e:
         pytest.fail(str(e), pytrace=False)
+    ceph_cluster._session = env
     try:
         yield env
     finally:
         ceph_cluster.stop(env)
+
+
+@pytest.fixture(scope="session")
+def libvirtd():
+    """libvirtd + virtlogd serving qemu:///system; the URI. Started here (and stopped by
+    PID at session end) only if none is running."""
+    from tests import libvirt_daemon
+    try:
+        daemons = libvirt_daemon.ensure()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield daemons.uri
+    daemons.stop()

@@ -79,15 +79,18 @@ class RbdBackend:
 
     def __init__(self, name: str, pool: str, conf: str = "/etc/ceph/ceph.conf",
                  user: str = "admin", keyring: str | None = None,
-                 op_timeout: int = OP_TIMEOUT, **_ignored):
+                 op_timeout: int = OP_TIMEOUT, connect_timeout: int = CONNECT_TIMEOUT,
+                 **_ignored):
         self.name = name
         self.pool = pool
         self.conf = conf
         self.user = user
         self.keyring = keyring
         self.op_timeout = int(op_timeout)
+        self.connect_timeout = int(connect_timeout)
         self._cluster = None
         self._ioctx = None
+        self._del_ioctx = None
         self._readers = weakref.WeakSet()  # open blob streams: closed before the cluster is
 
     # -- connection and error mapping --
@@ -98,7 +101,7 @@ class RbdBackend:
 
         opts = {"rados_osd_op_timeout": str(self.op_timeout),
                 "rados_mon_op_timeout": str(self.op_timeout),
-                "client_mount_timeout": str(CONNECT_TIMEOUT)}
+                "client_mount_timeout": str(self.connect_timeout)}
         if self.keyring:
             opts["keyring"] = self.keyring
         if not os.path.exists(self.conf):
@@ -106,7 +109,7 @@ class RbdBackend:
                               "'conf' in the pool's config to the cluster's ceph.conf")
         cluster = rados.Rados(conffile=self.conf, rados_id=self.user, conf=opts)
         try:
-            cluster.connect(timeout=CONNECT_TIMEOUT)
+            cluster.connect(timeout=self.connect_timeout)
         except rados.Error as e:
             cluster.shutdown()
             raise Unavailable(
@@ -177,9 +180,9 @@ class RbdBackend:
 
     def _full_error(self, what: str) -> InsufficientResources:
         return InsufficientResources(
-            f"pool {self.name}: {what}: Ceph pool {self.pool!r} is full: free space by "
-            "deleting volumes or images, or raise its quota with "
-            f"`ceph osd pool set-quota {self.pool} max_bytes <bytes>`", pool=self.name)
+            f"pool {self.name}: {what}: Ceph pool {self.pool!r} is full: raise its quota with "
+            f"`ceph osd pool set-quota {self.pool} max_bytes <bytes>` (Ceph cannot even delete "
+            "from a pool at its quota), then delete volumes or images", pool=self.name)
 
     def _check_room(self, what: str, size: int | None) -> None:
         """Refuse before writing: Ceph would block writes to a full pool."""
@@ -197,11 +200,7 @@ class RbdBackend:
         """Cleanup path: remove an image we made, even from a full pool."""
         import rbd
 
-        ioctx = self._io()
-        try:
-            ioctx.set_osdmap_full_try()
-        except Exception:  # noqa: BLE001
-            pass
+        ioctx = self._delete_io()
         try:
             with rbd.Image(ioctx, image) as img:
                 for s in list(img.list_snaps()):
@@ -211,11 +210,6 @@ class RbdBackend:
             rbd.RBD().remove(ioctx, image)
         except rbd.ImageNotFound:
             pass
-        finally:
-            try:
-                ioctx.unset_osdmap_full_try()
-            except Exception:  # noqa: BLE001
-                pass
 
     def _rbd_spec(self, image: str, snap: str | None = None) -> str:
         """A QEMU rbd: filename (qemu-img / qemu-storage-daemon)."""
@@ -528,37 +522,52 @@ class RbdBackend:
         return self.get_volume(name)
 
     def delete_volume(self, name: str) -> bool:
+        """Remove the volume and its own snapshots. Conflict while a client (VM, NBD export)
+        has it open; InsufficientResources in a pool at its quota (librbd cannot remove
+        there: raise the quota first)."""
         import rbd
 
         _check_volume_name(name)
-        ioctx = self._io()
+        ioctx = self._delete_io()
         image = VOLUME_PREFIX + name
         with self._errors(f"delete volume {name}"):
             try:
-                with rbd.Image(ioctx, image) as img:
-                    for s in list(img.list_snaps()):
-                        if img.is_protected_snap(s["name"]):
-                            img.set_snap(s["name"])
-                            kids = list(img.list_children())
-                            img.set_snap(None)
-                            if kids:
-                                raise Conflict(f"pool {self.name}: volume {name} has clones "
-                                               f"{kids}: delete them first")
-                            img.unprotect_snap(s["name"])
-                        img.remove_snap(s["name"])
-            except rbd.ImageNotFound:
-                return False
-            try:
-                ioctx.set_osdmap_full_try()  # deleting is how a full pool gets space back
-                rbd.RBD().remove(ioctx, image)
+                with rbd.Image(ioctx, image, read_only=True) as img:
+                    snaps = list(img.list_snaps())
+                if snaps:
+                    with rbd.Image(ioctx, image) as img:
+                        for s in snaps:
+                            if img.is_protected_snap(s["name"]):
+                                img.set_snap(s["name"])
+                                kids = list(img.list_children())
+                                img.set_snap(None)
+                                if kids:
+                                    raise Conflict(f"pool {self.name}: volume {name} has "
+                                                   f"clones {kids}: delete them first")
+                                img.unprotect_snap(s["name"])
+                            img.remove_snap(s["name"])
+                try:
+                    rbd.RBD().remove(ioctx, image)
+                except rbd.ImageNotFound:
+                    if image in rbd.RBD().list(ioctx):  # librbd says ENOENT in a full pool
+                        raise self._full_error(f"delete volume {name}") if self._pool_full() \
+                            else CommandFailed(f"pool {self.name}: delete volume {name} failed")
+                    return False
             except rbd.ImageNotFound:
                 return False
             except rbd.ImageBusy:
                 raise Conflict(f"pool {self.name}: volume {name} is open by a client (a running "
                                "VM or an NBD export): stop it first") from None
-            finally:
-                ioctx.unset_osdmap_full_try()
             return True
+
+    def _delete_io(self):
+        """An ioctx whose ops go through even when the pool is full (FULL_TRY)."""
+        if self._del_ioctx is None:
+            self._io()
+            ioctx = self._cluster.open_ioctx(self.pool)
+            ioctx.set_osdmap_full_try()
+            self._del_ioctx = ioctx
+        return self._del_ioctx
 
     def resize_volume(self, name: str, size: int) -> Volume:
         import rbd
@@ -630,6 +639,9 @@ class RbdBackend:
         cluster handle would crash the process)."""
         for reader in list(self._readers):
             reader.close()
+        if self._del_ioctx is not None:
+            self._del_ioctx.close()
+            self._del_ioctx = None
         if self._ioctx is not None:
             self._ioctx.close()
             self._ioctx = None

@@ -130,6 +130,16 @@ class S3Backend:
     def put_blob(self, src: BinaryIO, *, digest: str | None = None, size: int | None = None,
                  progress: Progress | None = None) -> BlobInfo:
         want = _hex(digest) if digest else None
+        if want is None and _seekable(src):
+            # hash a file first (one local read) rather than upload under a temporary key
+            # and copy it server-side (S3 copies the whole object again)
+            start = src.tell()
+            h = hashlib.sha256()
+            while chunk := src.read(READ_CHUNK * 8):
+                h.update(chunk)
+            src.seek(start)
+            want = h.hexdigest()
+            digest = "sha256:" + want
         if want:
             found = self.find_blob(digest)
             if found is not None:
@@ -140,7 +150,7 @@ class S3Backend:
         except Exception as e:
             raise self._error(e, "upload a blob") from None
         final = f"sha256:{got}"
-        if want:
+        if key.startswith(BLOB_PREFIX):
             return BlobInfo(digest=final, size=done)
         try:  # unknown content: now that it has a name, copy it into place
             if self.find_blob(final) is None:
@@ -324,15 +334,34 @@ class S3Backend:
                 self._client = None
 
 
-def _read_full(src: BinaryIO, n: int) -> bytes:
-    """Read exactly n bytes unless the stream ends first (streams may return short reads)."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = src.read(n - len(buf))
-        if not chunk:
+def _read_full(src: BinaryIO, n: int) -> bytearray:
+    """Read exactly n bytes unless the stream ends first (streams may return short reads),
+    into one buffer (no intermediate copies: parts are large)."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    readinto = getattr(src, "readinto", None)
+    while got < n:
+        if readinto is not None:
+            k = readinto(view[got:])
+        else:
+            chunk = src.read(n - got)
+            k = len(chunk) if chunk else 0
+            view[got:got + k] = chunk or b""
+        if not k:
             break
-        buf += chunk
-    return bytes(buf)
+        got += k
+    view.release()
+    if got < n:
+        del buf[got:]
+    return buf
+
+
+def _seekable(src: BinaryIO) -> bool:
+    try:
+        return src.seekable() and src.tell() >= 0
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 class _BodyReader(io.RawIOBase):

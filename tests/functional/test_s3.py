@@ -45,8 +45,17 @@ def test_multipart_roundtrip_ranges_and_layout(s3):
     assert s3.open_blob(d).read() == data
     with s3.open_blob(d, 6 * MiB - 3, 10) as f:
         assert f.read() == data[6 * MiB - 3:6 * MiB + 7]
-    # unknown digest: lands under a temp key first, then only under its digest
-    info2 = s3.put_blob(io.BytesIO(data[:7 * MiB]))
+    # a pipe-like stream of unknown digest: lands under a temp key first, then only
+    # under its digest
+    class Pipe:
+        def __init__(self, b):
+            self._b = io.BytesIO(b)
+
+        def read(self, n=-1):
+            return self._b.read(n)
+
+    info2 = s3.put_blob(Pipe(data[:7 * MiB]))
+    assert info2.digest == "sha256:" + hashlib.sha256(data[:7 * MiB]).hexdigest()
     objs, ups = leftovers(s3)
     assert sorted(objs) == sorted(["sha256/" + d.split(":")[1], "sha256/" + info2.digest[7:]])
     assert ups == []

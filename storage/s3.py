@@ -33,6 +33,7 @@ NOMINAL_CAPACITY = 1 << 50  # 1 PiB: S3 has no capacity to ask for; object store
 CONNECT_TIMEOUT = 10  # seconds
 READ_TIMEOUT = 120
 READ_CHUNK = 1 << 20
+FETCH_RANGE = 8 << 20  # ranged GET size for fetch_blob: measured fastest here (vs 16, 64 MiB)
 DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 
 
@@ -270,6 +271,59 @@ class S3Backend:
         if not whole:
             return io.BufferedReader(_BodyReader(body, None, digest), buffer_size=READ_CHUNK)
         return io.BufferedReader(_BodyReader(body, _hex(digest), digest), buffer_size=READ_CHUNK)
+
+    def fetch_blob(self, digest: str, dest: str, *, progress: Progress | None = None) -> BlobInfo:
+        """Download the whole blob to the host file ``dest`` (an addition to the Backend
+        seam for caching images on a host): ranged GETs of ``part_size`` by ``concurrency``
+        threads, hashed in order as they arrive; ``dest`` appears only complete and
+        verified (written to a temp file beside it, then renamed)."""
+        import os
+
+        info = self.stat_blob(digest)
+        want = _hex(digest)
+        tmp = f"{dest}.part-{uuid.uuid4().hex[:8]}"
+        h = hashlib.sha256()
+        ranges = [(o, min(FETCH_RANGE, info.size - o)) for o in range(0, info.size, FETCH_RANGE)]
+
+        def get(offset: int, n: int) -> bytes:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._key(digest),
+                                       Range=f"bytes={offset}-{offset + n - 1}")
+            with r["Body"] as body:
+                return body.read()
+
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                with ThreadPoolExecutor(max_workers=self.concurrency,
+                                        thread_name_prefix=f"s3-{self.name}") as pool:
+                    window = self.concurrency * 2  # parts in memory at most
+                    futures = [pool.submit(get, o, n) for o, n in ranges[:window]]
+                    for i, (offset, n) in enumerate(ranges):
+                        data = futures[i].result()
+                        futures[i] = None
+                        if i + window < len(ranges):
+                            futures.append(pool.submit(get, *ranges[i + window]))
+                        if len(data) != n:
+                            raise InvalidInput(f"blob {digest}: short read at {offset}")
+                        h.update(data)
+                        os.pwrite(fd, data, offset)
+                        if progress:
+                            progress(offset + n)
+            finally:
+                os.close(fd)
+            if h.hexdigest() != want:
+                raise InvalidInput(f"blob {digest} is corrupt in S3: its content is "
+                                   f"sha256:{h.hexdigest()}: delete it and import it again")
+            os.replace(tmp, dest)
+        except BaseException as e:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            if isinstance(e, Exception):
+                raise self._error(e, f"fetch blob {digest}") from None
+            raise
+        return info
 
     def stat_blob(self, digest: str) -> BlobInfo:
         try:

@@ -87,11 +87,22 @@ def test_failed_part_aborts_the_upload(s3):
     assert leftovers(s3) == ([], [])
 
 
-def test_corrupt_object_is_detected_on_download(s3):
+def test_fetch_blob_parallel_ranges_to_a_file(s3, tmp_path):
+    data = os.urandom(13 * MiB + 1)
+    info = s3.put_blob(io.BytesIO(data))
+    seen = []
+    assert s3.fetch_blob(info.digest, str(tmp_path / "img"), progress=seen.append) == info
+    assert (tmp_path / "img").read_bytes() == data and seen[-1] == len(data)
+
+
+def test_corrupt_object_is_detected_on_download(s3, tmp_path):
     d = s3.put_blob(io.BytesIO(b"good content")).digest
     s3.client.put_object(Bucket=s3.bucket, Key="sha256/" + d[7:], Body=b"evil content")
     with pytest.raises(InvalidInput, match="corrupt"):
         s3.open_blob(d).read()
+    with pytest.raises(InvalidInput, match="corrupt"):
+        s3.fetch_blob(d, str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []  # no partial file
 
 
 def test_volumes_are_unsupported(s3):

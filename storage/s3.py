@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from agent.errors import (AgentError, CommandFailed, InsufficientResources, InvalidInput,
                           NotFound, Unavailable, Unsupported)
-from storage.backend import BlobInfo, Progress, Usage, Volume, VolumeSpec
+from storage.backend import BlobInfo, Progress, Usage
 
 BLOB_PREFIX = "sha256/"
 TMP_PREFIX = "tmp/"
@@ -369,10 +369,7 @@ class S3Backend:
                           "put volumes on a local or block pool")
 
     create_volume = clone_volume = delete_volume = resize_volume = _no_volumes
-    get_volume = find_volume = _no_volumes
-
-    def list_volumes(self) -> list[Volume]:
-        return []
+    get_volume = find_volume = list_volumes = _no_volumes
 
     def usage(self) -> Usage:
         """S3 reports no capacity: capacity is nominal (NOMINAL_CAPACITY), used is the sum of

@@ -25,7 +25,21 @@ def _local(tmp_path):
     return LocalBackend("local0", path=str(tmp_path / "pool"))
 
 
+def _block(tmp_path):
+    """An RBD pool of its own on the session's live Ceph (fresh and empty per test)."""
+    from tests.ceph_cluster import block_backend
+    return block_backend(tmp_path)
+
+
+def _object(tmp_path):
+    """A bucket of its own on the session's live radosgw (fresh and empty per test)."""
+    from tests.ceph_cluster import object_backend
+    return object_backend(tmp_path)
+
+
 BACKEND_FACTORIES = {
+    "block": _block,
+    "object": _object,
     "local": _local,
     "fake": _fake,
     "fake-blobs": _fake_blobs,
@@ -34,6 +48,8 @@ BACKEND_FACTORIES = {
 
 @pytest.fixture(params=sorted(BACKEND_FACTORIES))
 def backend(request, tmp_path):
+    if request.param in ("block", "object"):
+        request.getfixturevalue("ceph")  # the live cluster the factory uses
     b = BACKEND_FACTORIES[request.param](tmp_path)
     yield b
     b.close()

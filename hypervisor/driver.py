@@ -41,6 +41,7 @@ class VmSpec:
     kernel: str | None = None  # direct kernel boot (test guests)
     initrd: str | None = None
     cmdline: str | None = None
+    machine: str = "q35"  # q35 | pc
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,91 @@
+"""Checks shared by every runtime, so the fake and runc reject the same bad input the same way.
+
+Each check raises ``agent.errors.InvalidInput`` with a message that says how to fix it.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from agent.errors import InvalidInput
+from containers.runtime import ContainerSpec, Limits, NetworkSpec
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")  # usable as a cgroup/dir/veth seed
+USER_RE = re.compile(r"^[a-zA-Z0-9_.-]+(:[a-zA-Z0-9_.-]+)?$")  # uid[:gid] or user[:group]
+MIN_MEMORY_MIB = 6  # below this runc cannot even start its init process
+MAX_CPUS = 1024
+IO_WEIGHT_RANGE = (10, 1000)  # cgroup v1 blkio.weight and v2 io.weight (bfq) overlap here
+NETWORK_MODES = ("bridge", "none", "host")
+PROTOCOLS = ("tcp", "udp")
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidInput(f"container name {name!r} is invalid: use 1-63 letters, digits, "
+                           "'_', '.', '-', starting with a letter or digit")
+
+
+def check_limits(limits: Limits) -> None:
+    if limits.cpus is not None and not (0 < limits.cpus <= MAX_CPUS):
+        raise InvalidInput(f"cpus={limits.cpus} is invalid: give a number > 0 and <= {MAX_CPUS}"
+                           " (e.g. 0.5 for half a core)")
+    if limits.memory_mib is not None and (not isinstance(limits.memory_mib, int)
+                                          or limits.memory_mib < MIN_MEMORY_MIB):
+        raise InvalidInput(f"memory_mib={limits.memory_mib} is invalid: give an integer "
+                           f">= {MIN_MEMORY_MIB}")
+    if limits.pids_max is not None and (not isinstance(limits.pids_max, int)
+                                        or limits.pids_max < 1):
+        raise InvalidInput(f"pids_max={limits.pids_max} is invalid: give an integer >= 1")
+    lo, hi = IO_WEIGHT_RANGE
+    if limits.io_weight is not None and (not isinstance(limits.io_weight, int)
+                                         or not lo <= limits.io_weight <= hi):
+        raise InvalidInput(f"io_weight={limits.io_weight} is invalid: give an integer "
+                           f"in {lo}..{hi}")
+
+
+def check_network(net: NetworkSpec) -> None:
+    if net.mode not in NETWORK_MODES:
+        raise InvalidInput(f"network mode {net.mode!r} is invalid: use one of "
+                           f"{', '.join(NETWORK_MODES)}")
+    if net.ports and net.mode != "bridge":
+        raise InvalidInput(f"published ports need network mode 'bridge', not {net.mode!r}")
+    seen = set()
+    for p in net.ports:
+        for what, port in (("host_port", p.host_port), ("container_port", p.container_port)):
+            if not isinstance(port, int) or not 1 <= port <= 65535:
+                raise InvalidInput(f"{what}={port!r} is invalid: give a port in 1..65535")
+        if p.protocol not in PROTOCOLS:
+            raise InvalidInput(f"port protocol {p.protocol!r} is invalid: use tcp or udp")
+        try:
+            ip = ipaddress.ip_address(p.host_ip)
+        except ValueError:
+            raise InvalidInput(f"host_ip {p.host_ip!r} is not an IP address") from None
+        if ip.version != 4:
+            raise InvalidInput(f"host_ip {p.host_ip}: only IPv4 ports are supported")
+        key = (p.host_ip, p.host_port, p.protocol)
+        if key in seen:
+            raise InvalidInput(f"port {p.host_ip}:{p.host_port}/{p.protocol} is published twice")
+        seen.add(key)
+
+
+def check_spec(spec: ContainerSpec) -> None:
+    """Everything about a spec that can be judged without touching the host."""
+    check_name(spec.name)
+    if not spec.command or not all(isinstance(a, str) for a in spec.command) or \
+            not spec.command[0]:
+        raise InvalidInput("command is empty: give the program and its arguments, "
+                           "e.g. ['sleep', '60'] (or set the image's Cmd/Entrypoint)")
+    if not isinstance(spec.env, dict) or not all(
+            isinstance(k, str) and k and "=" not in k and isinstance(v, str)
+            for k, v in spec.env.items()):
+        raise InvalidInput("env must map non-empty names without '=' to string values")
+    if not spec.workdir.startswith("/"):
+        raise InvalidInput(f"workdir {spec.workdir!r} must be an absolute path")
+    if not USER_RE.match(spec.user or ""):
+        raise InvalidInput(f"user {spec.user!r} is invalid: use uid[:gid] (e.g. '1000:1000')")
+    if spec.hostname is not None and not re.match(r"^[a-zA-Z0-9][a-zA-Z0-9.-]{0,62}$",
+                                                  spec.hostname):
+        raise InvalidInput(f"hostname {spec.hostname!r} is invalid: use letters, digits, "
+                           "'.', '-' (at most 63)")
+    check_limits(spec.limits)
+    check_network(spec.network)

@@ -1,0 +1,129 @@
+"""Libvirt domain XML from a ``VmSpec``: the one place that knows libvirt's schema.
+
+Choices: virtio disks and NICs; the serial console is a pty whose output virtlogd also
+writes to ``console_log``; the agent's own QMP monitor is a second, unix-socket monitor
+added with ``qemu:commandline`` (libvirt's monitor cannot be shared); the domain carries
+a ``nodeagent`` metadata tag so the driver only lists domains it made.
+"""
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from urllib.parse import urlsplit
+
+from hypervisor.driver import DiskSpec, NicSpec, VmSpec
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+NODEAGENT_NS = "urn:nodeagent:vm:1"
+QMP_CHARDEV_ID = "nodeagent-qmp"
+MACHINES = ("q35", "pc")
+SPARE_ROOT_PORTS = 4  # q35 hot-plugs one virtio disk per free pcie-root-port
+RBD_DEFAULT_PORT = "6789"
+
+ET.register_namespace("qemu", QEMU_NS)
+ET.register_namespace("nodeagent", NODEAGENT_NS)
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs) -> ET.Element:
+    el = ET.SubElement(parent, tag, {k.rstrip("_"): str(v) for k, v in attrs.items() if v is not None})
+    if text is not None:
+        el.text = text
+    return el
+
+
+def disk_element(disk: DiskSpec, *, machine: str = "q35") -> ET.Element:
+    """One <disk>: a file (qcow2/raw), an RBD image through librbd, or an NBD export."""
+    kind = "file" if disk.type == "file" else "network"
+    el = ET.Element("disk", {"type": kind, "device": disk.device})
+    _sub(el, "driver", name="qemu", type=disk.format,
+         discard="unmap" if disk.device == "disk" else None)
+    if disk.type == "file":
+        _sub(el, "source", file=disk.source)
+    elif disk.type == "rbd":
+        src = _sub(el, "source", protocol="rbd", name=disk.source)
+        for mon in disk.attach.get("monitors", ()):
+            host, _, port = str(mon).rpartition(":") if ":" in str(mon) else (str(mon), "", "")
+            _sub(src, "host", name=host, port=port or RBD_DEFAULT_PORT)
+        if disk.attach.get("user"):
+            auth = _sub(el, "auth", username=disk.attach["user"])
+            _sub(auth, "secret", type="ceph", uuid=disk.attach["secret_uuid"])
+    elif disk.type == "nbd":
+        url = urlsplit(disk.source)
+        src = _sub(el, "source", protocol="nbd", name=url.path.lstrip("/"))
+        _sub(src, "host", name=url.hostname, port=url.port)
+    else:
+        raise ValueError(f"unknown disk type {disk.type!r}")
+    if disk.device == "cdrom":
+        bus = "sata" if machine == "q35" else "ide"
+    else:
+        bus = "virtio"
+    _sub(el, "target", dev=disk.target, bus=bus)
+    if disk.readonly or disk.device == "cdrom":
+        _sub(el, "readonly")
+    return el
+
+
+def disk_xml(disk: DiskSpec, *, machine: str = "q35") -> str:
+    return ET.tostring(disk_element(disk, machine=machine), encoding="unicode")
+
+
+def nic_element(nic: NicSpec) -> ET.Element:
+    el = ET.Element("interface", {"type": "bridge"})
+    _sub(el, "mac", address=nic.mac)
+    _sub(el, "source", bridge=nic.bridge)
+    _sub(el, "model", type="virtio")
+    return el
+
+
+def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None = None) -> str:
+    """The full <domain> document. ``virt_type`` is "kvm" or "qemu" (TCG)."""
+    if spec.machine not in MACHINES:
+        raise ValueError(f"machine must be one of {MACHINES}")
+    dom = ET.Element("domain", {"type": virt_type})
+    _sub(dom, "name", spec.name)
+    _sub(dom, "uuid", spec.uuid)
+    meta = _sub(dom, "metadata")
+    _sub(meta, f"{{{NODEAGENT_NS}}}vm", version="1")
+    _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
+    _sub(dom, "vcpu", str(spec.cpus))
+    os_ = _sub(dom, "os")
+    _sub(os_, "type", "hvm", arch="x86_64", machine=spec.machine)
+    if spec.kernel:
+        _sub(os_, "kernel", spec.kernel)
+        if spec.initrd:
+            _sub(os_, "initrd", spec.initrd)
+        if spec.cmdline:
+            _sub(os_, "cmdline", spec.cmdline)
+    else:
+        _sub(os_, "boot", dev="hd")
+    features = _sub(dom, "features")
+    _sub(features, "acpi")  # always: QEMU 7.2 rejects libvirt 9's -no-acpi
+    _sub(features, "apic")
+    if virt_type == "kvm":
+        _sub(dom, "cpu", mode="host-passthrough")
+    _sub(dom, "clock", offset="utc")
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "restart")
+    _sub(dom, "on_crash", "destroy")
+    dev = _sub(dom, "devices")
+    for disk in spec.disks:
+        dev.append(disk_element(disk, machine=spec.machine))
+    for nic in spec.nics:
+        dev.append(nic_element(nic))
+    serial = _sub(dev, "serial", type="pty")
+    if spec.console_log:
+        _sub(serial, "log", file=spec.console_log, append="on")
+    _sub(serial, "target", port="0")
+    console = _sub(dev, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+    _sub(dev, "controller", type="usb", model="none")
+    if spec.machine == "q35":
+        for _ in range(SPARE_ROOT_PORTS):
+            _sub(dev, "controller", type="pci", model="pcie-root-port")
+    _sub(dev, "memballoon", model="none")
+    if qmp_socket:
+        cmd = _sub(dom, f"{{{QEMU_NS}}}commandline")
+        for arg in ("-chardev", f"socket,id={QMP_CHARDEV_ID},path={qmp_socket},server=on,wait=off",
+                    "-mon", f"chardev={QMP_CHARDEV_ID},mode=control"):
+            _sub(cmd, f"{{{QEMU_NS}}}arg", value=arg)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode") + "\n"

@@ -1,0 +1,204 @@
+"""``FakeDriver``: a real, stateful, in-memory hypervisor for tests and the API's dev mode.
+
+It follows the same state machine and raises the same errors as ``LibvirtDriver``
+(both pass tests/contract/test_driver.py): stopped -> start() -> running <-> paused;
+stop() -> stopped; delete() -> absent. Verbs whose target state is already reached
+are no-ops; impossible transitions (pause a stopped VM) raise Conflict. Nothing runs:
+a "boot" appends deterministic lines to the console log and cpu time advances by a
+fixed step per stats() call while running.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from agent.errors import Conflict, InvalidInput, NotFound
+from hypervisor.driver import DiskSpec, VmInfo, VmSpec
+from hypervisor.validate import check_disk_file, check_spec
+
+FAKE_HOST_MEMORY_MIB = 64 * 1024  # what the fake pretends the host has
+FAKE_CPU_STEP_NS = 10_000_000  # cpu time a running fake VM "uses" between two stats() calls
+MIB = 1024 * 1024
+
+
+@dataclass
+class _Vm:
+    spec: VmSpec
+    state: str = "stopped"
+    disks: dict[str, DiskSpec] = field(default_factory=dict)  # target -> disk
+    console: list[str] = field(default_factory=list)
+    snapshots: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> disk targets
+    boots: int = 0
+    cpu_time_ns: int = 0
+
+    def info(self) -> VmInfo:
+        return VmInfo(name=self.spec.name, uuid=self.spec.uuid, state=self.state,
+                      cpus=self.spec.cpus, memory_mib=self.spec.memory_mib)
+
+
+class FakeDriver:
+    """In-memory ``hypervisor.Driver``. Thread-safe; state lives as long as the object."""
+
+    def __init__(self, *, host_memory_mib: int = FAKE_HOST_MEMORY_MIB, **_ignored):
+        self.host_memory_mib = host_memory_mib
+        self._vms: dict[str, _Vm] = {}
+        self._lock = threading.Lock()
+
+    # -- helpers --
+    def _get(self, name: str) -> _Vm:
+        vm = self._vms.get(name)
+        if vm is None:
+            raise NotFound(f"VM {name!r} not found", vm=name)
+        return vm
+
+    def _boot(self, vm: _Vm) -> None:
+        vm.boots += 1
+        vm.state = "running"
+        vm.console.append(f"fake-bios: booting {vm.spec.name} ({vm.boots})")
+        for target in sorted(vm.disks):
+            vm.console.append(f"fake-guest: disk {target}")
+        vm.console.append("NODEAGENT-GUEST-BOOTED")
+
+    # -- lifecycle --
+    def define(self, spec: VmSpec) -> VmInfo:
+        """Conflict if the name or uuid exists; on failure nothing is recorded."""
+        check_spec(spec, host_memory_mib=self.host_memory_mib)
+        for disk in spec.disks:
+            check_disk_file(disk)
+        with self._lock:
+            if spec.name in self._vms:
+                raise Conflict(f"VM {spec.name!r} already exists: pick another name or delete it",
+                               vm=spec.name)
+            if any(v.spec.uuid == spec.uuid for v in self._vms.values()):
+                raise Conflict(f"a VM with uuid {spec.uuid} already exists", uuid=spec.uuid)
+            vm = _Vm(spec=spec, disks={d.target: d for d in spec.disks})
+            self._vms[spec.name] = vm
+            return vm.info()
+
+    def start(self, name: str) -> VmInfo:
+        with self._lock:
+            vm = self._get(name)
+            if vm.state == "paused":
+                raise Conflict(f"VM {name!r} is paused: resume it instead", vm=name)
+            if vm.state != "running":
+                self._boot(vm)
+            return vm.info()
+
+    def stop(self, name: str, *, force: bool = False, timeout: float = 60) -> VmInfo:
+        with self._lock:
+            vm = self._get(name)
+            if vm.state != "stopped":
+                vm.console.append("fake-guest: power off" if not force else "fake-bios: destroyed")
+                vm.state = "stopped"
+            return vm.info()
+
+    def reboot(self, name: str) -> VmInfo:
+        with self._lock:
+            vm = self._get(name)
+            if vm.state != "running":
+                raise Conflict(f"VM {name!r} is {vm.state}: only a running VM can reboot", vm=name)
+            vm.console.append("fake-guest: reboot")
+            self._boot(vm)
+            return vm.info()
+
+    def pause(self, name: str) -> VmInfo:
+        with self._lock:
+            vm = self._get(name)
+            if vm.state == "stopped":
+                raise Conflict(f"VM {name!r} is stopped: start it first", vm=name)
+            vm.state = "paused"
+            return vm.info()
+
+    def resume(self, name: str) -> VmInfo:
+        with self._lock:
+            vm = self._get(name)
+            if vm.state == "stopped":
+                raise Conflict(f"VM {name!r} is stopped: start it instead", vm=name)
+            vm.state = "running"
+            return vm.info()
+
+    def delete(self, name: str) -> bool:
+        """Forget the VM (its disks' files are the caller's); False if it was already gone."""
+        with self._lock:
+            return self._vms.pop(name, None) is not None
+
+    # -- queries --
+    def get(self, name: str) -> VmInfo:
+        with self._lock:
+            return self._get(name).info()
+
+    def find(self, name: str) -> VmInfo | None:
+        with self._lock:
+            vm = self._vms.get(name)
+            return vm.info() if vm else None
+
+    def list(self) -> list[VmInfo]:
+        with self._lock:
+            return [self._vms[n].info() for n in sorted(self._vms)]
+
+    def disks(self, name: str) -> list[DiskSpec]:
+        """The VM's current disks, by target."""
+        with self._lock:
+            vm = self._get(name)
+            return [vm.disks[t] for t in sorted(vm.disks)]
+
+    def stats(self, name: str) -> dict:
+        with self._lock:
+            vm = self._get(name)
+            if vm.state == "running":
+                vm.cpu_time_ns += FAKE_CPU_STEP_NS
+            up = vm.state != "stopped"
+            return {
+                "state": vm.state,
+                "cpu_time_ns": vm.cpu_time_ns,
+                "memory_bytes": vm.spec.memory_mib * MIB if up else 0,
+                "disk": {"rd_bytes": 0, "wr_bytes": 0},
+                "net": {"rx_bytes": 0, "tx_bytes": 0},
+            }
+
+    def console_log(self, name: str, tail: int | None = None) -> str:
+        with self._lock:
+            lines = self._get(name).console
+            if tail is not None:
+                lines = lines[-tail:] if tail > 0 else []
+            return "".join(line + "\n" for line in lines)
+
+    # -- disks --
+    def attach_disk(self, name: str, disk: DiskSpec) -> None:
+        """Attach now (if running) and in the persistent definition."""
+        check_disk_file(disk)
+        with self._lock:
+            vm = self._get(name)
+            if disk.target in vm.disks:
+                raise Conflict(f"VM {name!r} already has a disk {disk.target}: pick another target",
+                               vm=name, target=disk.target)
+            vm.disks[disk.target] = disk
+            if vm.state != "stopped":
+                vm.console.append(f"fake-guest: disk {disk.target} attached")
+
+    def detach_disk(self, name: str, target: str) -> None:
+        with self._lock:
+            vm = self._get(name)
+            if target not in vm.disks:
+                raise NotFound(f"VM {name!r} has no disk {target}", vm=name, target=target)
+            del vm.disks[target]
+            if vm.state != "stopped":
+                vm.console.append(f"fake-guest: disk {target} detached")
+
+    def snapshot(self, name: str, snapshot: str) -> None:
+        """Only valid while stopped: records a snapshot of every writable disk."""
+        if not snapshot or "/" in snapshot or snapshot.startswith("-"):
+            raise InvalidInput(f"bad snapshot name {snapshot!r}: use letters, digits, '-', '_'")
+        with self._lock:
+            vm = self._get(name)
+            if vm.state != "stopped":
+                raise Conflict(f"VM {name!r} is {vm.state}: stop it before taking a snapshot",
+                               vm=name)
+            if snapshot in vm.snapshots:
+                raise Conflict(f"VM {name!r} already has a snapshot {snapshot!r}", vm=name)
+            vm.snapshots[snapshot] = [t for t, d in sorted(vm.disks.items()) if not d.readonly]
+
+    def list_snapshots(self, name: str) -> list[str]:
+        with self._lock:
+            return sorted(self._get(name).snapshots)
+

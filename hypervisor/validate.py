@@ -1,0 +1,107 @@
+"""Checks every driver makes before it defines anything, so fake and libvirt refuse the
+same input with the same error (InvalidInput for malformed specs, Unprocessable for
+well-formed ones the host cannot honour, NotFound for a disk file that is not there).
+"""
+from __future__ import annotations
+
+import os
+import re
+import uuid as uuidlib
+
+from agent.errors import InvalidInput, NotFound, Unprocessable
+from hypervisor.driver import DiskSpec, VmSpec
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # fits libvirt, file names and hostnames
+TARGET_RE = re.compile(r"^(vd|sd|hd)[a-z]{1,2}$")
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1
+NBD_RE = re.compile(r"^nbd://[^/:]+:\d{1,5}/[^/]+$")
+RBD_RE = re.compile(r"^[^/@\s]+/[^/@\s]+$")
+MAX_VCPUS = 255  # q35 without an IOMMU
+MIN_MEMORY_MIB = 16
+QCOW2_MAGIC = b"QFI\xfb"
+DISK_TYPES = ("file", "rbd", "nbd")
+DISK_FORMATS = ("qcow2", "raw")
+DISK_DEVICES = ("disk", "cdrom")
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidInput(f"bad VM name {name!r}: use 1-63 letters, digits, '.', '-', '_' "
+                           "starting with a letter or digit")
+
+
+def check_spec(spec: VmSpec, *, host_memory_mib: int) -> None:
+    """Raise InvalidInput/Unprocessable for a spec no driver should define."""
+    check_name(spec.name)
+    try:
+        uuidlib.UUID(str(spec.uuid))
+    except ValueError:
+        raise InvalidInput(f"bad uuid {spec.uuid!r} for VM {spec.name!r}: give an RFC 4122 UUID") from None
+    if not isinstance(spec.cpus, int) or not 1 <= spec.cpus <= MAX_VCPUS:
+        raise InvalidInput(f"cpus must be 1..{MAX_VCPUS}, got {spec.cpus!r}")
+    if not isinstance(spec.memory_mib, int) or spec.memory_mib < MIN_MEMORY_MIB:
+        raise InvalidInput(f"memory_mib must be at least {MIN_MEMORY_MIB}, got {spec.memory_mib!r}")
+    if spec.memory_mib > host_memory_mib:
+        raise Unprocessable(f"VM {spec.name!r} asks for {spec.memory_mib} MiB but this host has "
+                            f"{host_memory_mib} MiB: ask for less memory", memory_mib=spec.memory_mib,
+                            host_memory_mib=host_memory_mib)
+    targets = [d.target for d in spec.disks]
+    if len(set(targets)) != len(targets):
+        raise InvalidInput(f"disk targets must be unique, got {targets}")
+    for disk in spec.disks:
+        check_disk(disk)
+    for nic in spec.nics:
+        if not MAC_RE.match(nic.mac or "") or int(nic.mac[:2], 16) & 1:
+            raise InvalidInput(f"bad MAC {nic.mac!r}: give a unicast lower-case aa:bb:cc:dd:ee:ff")
+        if not BRIDGE_RE.match(nic.bridge or ""):
+            raise InvalidInput(f"bad bridge name {nic.bridge!r}")
+    for label, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
+        if path is not None and not os.path.isfile(path):
+            raise NotFound(f"{label} {path} does not exist: run scripts/build-test-images", path=path)
+    if spec.initrd and not spec.kernel:
+        raise InvalidInput("an initrd needs a kernel")
+    if spec.console_log is not None and not os.path.isabs(spec.console_log):
+        raise InvalidInput(f"console_log must be an absolute path, got {spec.console_log!r}")
+
+
+def check_disk(disk: DiskSpec) -> None:
+    """Shape checks of one disk (no I/O)."""
+    if not TARGET_RE.match(disk.target or ""):
+        raise InvalidInput(f"bad disk target {disk.target!r}: use vda, vdb, ... (sda for a cdrom)")
+    if disk.type not in DISK_TYPES:
+        raise InvalidInput(f"disk {disk.target}: type must be one of {DISK_TYPES}, got {disk.type!r}")
+    if disk.format not in DISK_FORMATS:
+        raise InvalidInput(f"disk {disk.target}: format must be one of {DISK_FORMATS}, got {disk.format!r}")
+    if disk.device not in DISK_DEVICES:
+        raise InvalidInput(f"disk {disk.target}: device must be one of {DISK_DEVICES}, got {disk.device!r}")
+    if disk.type == "file" and not os.path.isabs(disk.source or ""):
+        raise InvalidInput(f"disk {disk.target}: a file disk needs an absolute path, got {disk.source!r}")
+    if disk.type == "rbd" and not RBD_RE.match(disk.source or ""):
+        raise InvalidInput(f"disk {disk.target}: an rbd disk source is '<pool>/<image>', got {disk.source!r}")
+    if disk.type == "nbd" and not NBD_RE.match(disk.source or ""):
+        raise InvalidInput(f"disk {disk.target}: an nbd disk source is 'nbd://host:port/export', "
+                           f"got {disk.source!r}")
+
+
+def check_disk_file(disk: DiskSpec) -> None:
+    """For a file disk: it exists and its header matches the declared format (QEMU would
+    otherwise fail at start, or worse, probe the format of a guest-written raw disk)."""
+    check_disk(disk)
+    if disk.type != "file":
+        return
+    try:
+        with open(disk.source, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise NotFound(f"disk {disk.target}: {disk.source} does not exist: create the volume first",
+                       path=disk.source) from None
+    except IsADirectoryError:
+        raise Unprocessable(f"disk {disk.target}: {disk.source} is a directory, not a disk image") from None
+    if disk.format == "qcow2" and head != QCOW2_MAGIC:
+        raise Unprocessable(f"disk {disk.target}: {disk.source} is not a qcow2 image, QEMU cannot open "
+                            "it as qcow2: convert it with `qemu-img convert -O qcow2` or declare its "
+                            "real format", path=disk.source)
+    if disk.format == "raw" and head == QCOW2_MAGIC and not disk.readonly:
+        raise Unprocessable(f"disk {disk.target}: {disk.source} is a qcow2 image declared raw: "
+                            "declare format qcow2", path=disk.source)

@@ -1,0 +1,177 @@
+"""The containers.Runtime contract, run against the fake and against runc + conmon.
+
+Commands used here behave the same on both (see containers/fake.py for the fake's
+interpreter): ``true``, ``false``, ``echo``, ``sh -c "exit N"``, ``hostname``, and a
+long-running ``sleep``.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agent.errors import Conflict, InvalidInput, NotFound
+from containers import ContainerSpec, Limits, NetworkSpec, PortMap, Runtime
+from tests.containers_support import RUNTIMES, free_port, make_runtime, make_spec  # noqa: F401
+
+LONG = ("sleep", "1000")
+
+
+def wait_state(rt, name, state, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        info = rt.get(name)
+        if info.state == state or time.monotonic() > deadline:
+            return info
+        time.sleep(0.02)
+
+
+@pytest.fixture(params=RUNTIMES)
+def rt(request, tmp_path):
+    runtime, cleanup = make_runtime(request.param, tmp_path)
+    yield runtime
+    cleanup()
+
+
+@pytest.fixture
+def spec(rt, tmp_path):
+    def build(name, command=LONG, **kw) -> ContainerSpec:
+        return make_spec(rt, tmp_path, name, command, **kw)
+    return build
+
+
+def test_is_a_runtime(rt):
+    assert isinstance(rt, Runtime)
+
+
+def test_lifecycle_create_start_stop_delete(rt, spec):
+    info = rt.create(spec("c1", network=NetworkSpec(mode="none")))
+    assert (info.name, info.state, info.pid) == ("c1", "created", None)
+    assert [i.name for i in rt.list()] == ["c1"]
+    info = rt.start("c1")
+    assert info.state == "running" and info.pid
+    assert rt.start("c1").state == "running"  # idempotent
+    info = rt.stop("c1", timeout=1)
+    assert info.state == "stopped" and info.exit_code in (143, 137) and info.pid is None
+    assert rt.get("c1").state == "stopped"
+    assert rt.delete("c1") is True
+    assert rt.delete("c1") is False
+    assert rt.find("c1") is None
+    with pytest.raises(NotFound):
+        rt.get("c1")
+
+
+def test_exit_codes_are_kept(rt, spec):
+    rt.create(spec("ok", ("true",), network=NetworkSpec(mode="none")))
+    rt.create(spec("bad", ("sh", "-c", "exit 7"), network=NetworkSpec(mode="none")))
+    rt.start("ok")
+    rt.start("bad")
+    assert wait_state(rt, "ok", "stopped").exit_code == 0
+    assert wait_state(rt, "bad", "stopped").exit_code == 7
+    # a stopped container starts again
+    rt.start("bad")
+    assert wait_state(rt, "bad", "stopped").exit_code == 7
+
+
+def test_kill_sets_signal_exit_code(rt, spec):
+    rt.create(spec("k", network=NetworkSpec(mode="none")))
+    rt.start("k")
+    assert wait_state(rt, "k", "running").state == "running"
+    rt.kill("k", 9)
+    info = wait_state(rt, "k", "stopped")
+    assert info.state == "stopped" and info.exit_code == 137
+    with pytest.raises(Conflict):
+        rt.kill("k", 9)
+
+
+def test_restart(rt, spec):
+    rt.create(spec("r", network=NetworkSpec(mode="none")))
+    first = rt.start("r").pid
+    info = rt.restart("r", timeout=1)
+    assert info.state == "running" and info.pid and info.pid != first
+
+
+def test_logs_capture_stdout(rt, spec):
+    rt.create(spec("l", ("echo", "hello", "world"), network=NetworkSpec(mode="none")))
+    rt.start("l")
+    wait_state(rt, "l", "stopped")
+    assert rt.logs("l") == "hello world\n"
+    assert rt.logs("l", tail=1) == "hello world\n"
+    assert rt.logs("l", tail=0) == ""
+
+
+def test_exec_in_running_container(rt, spec):
+    rt.create(spec("e", hostname="box1", network=NetworkSpec(mode="none")))
+    with pytest.raises(Conflict):
+        rt.exec("e", ["true"])
+    rt.start("e")
+    res = rt.exec("e", ["echo", "hi"])
+    assert (res.exit_code, res.stdout) == (0, "hi\n")
+    assert rt.exec("e", ["hostname"]).stdout == "box1\n"
+    assert rt.exec("e", ["sh", "-c", "exit 3"]).exit_code == 3
+
+
+def test_name_clash_is_conflict(rt, spec):
+    rt.create(spec("dup", network=NetworkSpec(mode="none")))
+    with pytest.raises(Conflict):
+        rt.create(spec("dup", network=NetworkSpec(mode="none")))
+    assert len(rt.list()) == 1
+
+
+def test_unknown_names_are_not_found(rt):
+    for call in (rt.start, rt.stop, rt.kill, rt.logs, rt.stats, rt.get):
+        with pytest.raises(NotFound):
+            call("nope")
+    with pytest.raises(NotFound):
+        rt.exec("nope", ["true"])
+    with pytest.raises(NotFound):
+        rt.update_limits("nope", Limits(cpus=1))
+
+
+@pytest.mark.parametrize("limits", [Limits(cpus=0), Limits(cpus=-1), Limits(memory_mib=1),
+                                    Limits(pids_max=0), Limits(io_weight=5000)])
+def test_bad_limits_are_invalid(rt, spec, limits):
+    with pytest.raises(InvalidInput):
+        rt.create(spec("bl", limits=limits, network=NetworkSpec(mode="none")))
+    assert rt.find("bl") is None
+
+
+def test_bad_specs_are_invalid(rt, spec):
+    for bad in (dict(name="bad/name"), dict(command=()),
+                dict(network=NetworkSpec(mode="weird"))):
+        name = bad.pop("name", "bs")
+        with pytest.raises(InvalidInput):
+            rt.create(spec(name, **bad))
+    assert rt.list() == []
+
+
+def test_limits_kept_and_updated(rt, spec):
+    lim = Limits(cpus=0.5, memory_mib=64, pids_max=50, io_weight=200)
+    rt.create(spec("lim", limits=lim, network=NetworkSpec(mode="none")))
+    rt.start("lim")
+    st = rt.stats("lim")
+    assert st["limits"] == {"cpus": 0.5, "memory_mib": 64, "pids_max": 50, "io_weight": 200}
+    assert st["pids"] >= 1
+    assert set(st) >= {"cpu_ns", "memory_bytes", "pids", "io", "net"}
+    rt.update_limits("lim", Limits(cpus=1.0, memory_mib=96, pids_max=60, io_weight=200))
+    st = rt.stats("lim")
+    assert st["limits"]["memory_mib"] == 96 and st["limits"]["pids_max"] == 60
+    with pytest.raises(InvalidInput):
+        rt.update_limits("lim", Limits(memory_mib=0))
+
+
+def test_bridge_network_gets_distinct_ips(rt, spec):
+    a = rt.create(spec("n1", network=NetworkSpec(mode="bridge")))
+    b = rt.create(spec("n2", network=NetworkSpec(mode="bridge")))
+    assert a.ip and b.ip and a.ip != b.ip
+    rt.delete("n1")
+    c = rt.create(spec("n3", network=NetworkSpec(mode="bridge")))
+    assert c.ip and c.ip != b.ip
+
+
+def test_port_clash_is_conflict(rt, spec, free_port):
+    ports = (PortMap(host_port=free_port, container_port=80),)
+    rt.create(spec("p1", network=NetworkSpec(mode="bridge", ports=ports)))
+    with pytest.raises(Conflict):
+        rt.create(spec("p2", network=NetworkSpec(mode="bridge", ports=ports)))
+    assert rt.find("p2") is None

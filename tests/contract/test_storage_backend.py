@@ -1,0 +1,186 @@
+"""The storage Backend contract, run on every kind in conftest.BACKEND_FACTORIES."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import pytest
+
+from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
+from storage.backend import Backend, BlobInfo, Volume, VolumeSpec
+
+MIB = 1024 * 1024
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _needs_volumes(backend):
+    if not backend.supports_volumes:
+        with pytest.raises(Unsupported):
+            backend.create_volume(VolumeSpec("v", MIB, "raw"))
+        with pytest.raises(Unsupported):
+            backend.clone_volume(_digest(b"x"), "v", format="raw")
+        pytest.skip(f"{backend.kind} pools are blob-only (Unsupported checked)")
+
+
+# ---------------------------------------------------------------- blobs
+
+def test_is_a_backend(backend):
+    assert isinstance(backend, Backend)
+    assert backend.name and backend.kind
+
+
+def test_put_then_read_back(backend):
+    data = os.urandom(3 * MIB + 17)
+    seen = []
+    info = backend.put_blob(io.BytesIO(data), progress=seen.append)
+    assert info == BlobInfo(_digest(data), len(data))
+    assert seen and seen[-1] == len(data)
+    assert backend.stat_blob(info.digest) == info
+    assert backend.find_blob(info.digest) == info
+    with backend.open_blob(info.digest) as f:
+        assert f.read() == data
+    assert info in backend.list_blobs()
+
+
+def test_ranged_read(backend):
+    data = bytes(range(256)) * 100
+    d = backend.put_blob(io.BytesIO(data)).digest
+    with backend.open_blob(d, 1000, 300) as f:
+        assert f.read() == data[1000:1300]
+    with backend.open_blob(d, len(data) - 10) as f:
+        assert f.read() == data[-10:]
+    with backend.open_blob(d, 100, 10**9) as f:
+        assert f.read() == data[100:]
+
+
+def test_put_with_right_digest_and_twice_stores_once(backend):
+    data = b"hello blob"
+    a = backend.put_blob(io.BytesIO(data), digest=_digest(data), size=len(data))
+    b = backend.put_blob(io.BytesIO(data))
+    assert a == b
+    assert [x.digest for x in backend.list_blobs()].count(a.digest) == 1
+
+
+def test_digest_mismatch_keeps_nothing(backend):
+    wrong = _digest(b"other")
+    with pytest.raises(InvalidInput):
+        backend.put_blob(io.BytesIO(b"content"), digest=wrong)
+    assert backend.find_blob(wrong) is None
+    assert backend.find_blob(_digest(b"content")) is None
+    assert backend.list_blobs() == []
+
+
+def test_malformed_digest_is_invalid(backend):
+    with pytest.raises(InvalidInput):
+        backend.find_blob("md5:abc")
+    with pytest.raises(InvalidInput):
+        backend.put_blob(io.BytesIO(b"x"), digest="sha256:../../etc")
+
+
+def test_missing_blob(backend):
+    d = _digest(b"never stored")
+    with pytest.raises(NotFound):
+        backend.stat_blob(d)
+    with pytest.raises(NotFound):
+        backend.open_blob(d)
+    assert backend.find_blob(d) is None
+    assert backend.delete_blob(d) is False
+
+
+def test_delete_blob_is_idempotent(backend):
+    d = backend.put_blob(io.BytesIO(b"gone soon")).digest
+    assert backend.delete_blob(d) is True
+    assert backend.delete_blob(d) is False
+    assert backend.find_blob(d) is None
+
+
+def test_usage(backend):
+    u = backend.usage()
+    assert u.capacity > 0 and 0 <= u.used <= u.capacity and u.available >= 0
+
+
+# ---------------------------------------------------------------- volumes
+
+def _raw_image_blob(backend, size=MIB):
+    return backend.put_blob(io.BytesIO(b"\0" * size)).digest
+
+
+def test_create_get_list_delete_volume(backend):
+    _needs_volumes(backend)
+    v = backend.create_volume(VolumeSpec("disk0", 4 * MIB, "qcow2"))
+    assert isinstance(v, Volume)
+    assert (v.name, v.pool, v.format, v.size) == ("disk0", backend.name, "qcow2", 4 * MIB)
+    assert v.uri
+    assert backend.get_volume("disk0") == v
+    assert backend.find_volume("disk0") == v
+    assert [x.name for x in backend.list_volumes()] == ["disk0"]
+    assert backend.delete_volume("disk0") is True
+    assert backend.delete_volume("disk0") is False
+    assert backend.find_volume("disk0") is None
+    with pytest.raises(NotFound):
+        backend.get_volume("disk0")
+
+
+def test_volume_name_clash_is_conflict(backend):
+    _needs_volumes(backend)
+    backend.create_volume(VolumeSpec("twice", MIB, "raw"))
+    with pytest.raises(Conflict):
+        backend.create_volume(VolumeSpec("twice", MIB, "raw"))
+    d = _raw_image_blob(backend)
+    with pytest.raises(Conflict):
+        backend.clone_volume(d, "twice", format="raw")
+
+
+def test_bad_volume_spec_is_invalid_and_leaves_nothing(backend):
+    _needs_volumes(backend)
+    for spec in (VolumeSpec("x", MIB, "vmdk"), VolumeSpec("../escape", MIB, "raw"),
+                 VolumeSpec("", MIB, "raw")):
+        with pytest.raises(InvalidInput):
+            backend.create_volume(spec)
+    assert backend.list_volumes() == []
+
+
+def test_dir_volume_is_a_real_directory(backend):
+    _needs_volumes(backend)
+    v = backend.create_volume(VolumeSpec("ctr0", 0, "dir"))
+    assert v.format == "dir"
+    if v.path is not None:
+        assert os.path.isdir(os.path.join(v.path, "upper"))
+        assert os.path.isdir(os.path.join(v.path, "work"))
+        with open(os.path.join(v.path, "upper", "f"), "w") as f:
+            f.write("x")
+    assert backend.delete_volume("ctr0")
+    if v.path is not None:
+        assert not os.path.exists(v.path)
+
+
+def test_clone_records_base_and_grows(backend):
+    _needs_volumes(backend)
+    d = _raw_image_blob(backend)
+    v = backend.clone_volume(d, "vm0", format="raw", size=8 * MIB)
+    assert v.base == d and v.size == 8 * MIB
+    assert backend.get_volume("vm0").base == d
+    w = backend.clone_volume(d, "vm1", format="raw")
+    assert w.size == MIB
+
+
+def test_clone_of_missing_blob_is_not_found(backend):
+    _needs_volumes(backend)
+    with pytest.raises(NotFound):
+        backend.clone_volume(_digest(b"nope"), "vm0", format="qcow2")
+    assert backend.find_volume("vm0") is None
+
+
+def test_resize_grows_only(backend):
+    _needs_volumes(backend)
+    backend.create_volume(VolumeSpec("grow", 2 * MIB, "qcow2"))
+    assert backend.resize_volume("grow", 6 * MIB).size == 6 * MIB
+    assert backend.get_volume("grow").size == 6 * MIB
+    with pytest.raises(Unprocessable):
+        backend.resize_volume("grow", MIB)
+    with pytest.raises(NotFound):
+        backend.resize_volume("missing", MIB)

@@ -1,0 +1,248 @@
+"""Several simulated hosts on one machine (DESIGN section 6).
+
+A *host* is a network namespace with its own address on a shared test bridge plus a
+persistent mount namespace with private /run, /var/lib/libvirt, /etc/libvirt,
+/var/log/libvirt, /var/cache/libvirt and state dir; it runs its own virtlogd and
+libvirtd (TCP, listening on its own address, its own host_uuid and migration_host).
+Live migration between two hosts therefore crosses a real TCP connection between two
+libvirtds. Everything is named with PREFIX so a crashed run's leftovers can be found
+and removed by name; daemons are stopped by the PIDs we recorded.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from storage import mounts
+
+PREFIX = "nasim"  # every netns, link, bridge and mount this harness makes starts with it
+NS_DIR = Path("/run/nodeagent-sim")  # holds the persistent mount-namespace files
+TEST_NET = ipaddress.ip_network("198.18.0.0/24")  # benchmark range: no route off the machine
+LIBVIRT_DIRS = ("/var/lib/libvirt", "/etc/libvirt", "/var/log/libvirt", "/var/cache/libvirt")
+
+
+def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=check, capture_output=True, text=True, **kw)
+
+
+class TestNetwork:
+    """The shared bridge the hosts' uplinks hang on; the test process gets .1 on it."""
+
+    def __init__(self, name: str = f"{PREFIX}br0", net=TEST_NET):
+        self.name = name
+        self.net = ipaddress.ip_network(net)
+        self.gateway = str(self.net.network_address + 1)
+
+    def address(self, index: int) -> str:
+        return str(self.net.network_address + 10 + index)
+
+    def up(self) -> None:
+        if sh("ip", "link", "show", self.name, check=False).returncode != 0:
+            sh("ip", "link", "add", self.name, "type", "bridge")
+            sh("ip", "addr", "add", f"{self.gateway}/{self.net.prefixlen}", "dev", self.name)
+        sh("ip", "link", "set", self.name, "up")
+
+    def down(self) -> None:
+        sh("ip", "link", "del", self.name, check=False)
+
+
+class SimHost:
+    def __init__(self, name: str, address: str, workdir: Path, network: TestNetwork):
+        self.name = name
+        self.address = address
+        self.root = Path(workdir) / name
+        self.network = network
+        self.netns = f"{PREFIX}-{name}"
+        self.mntns = NS_DIR / f"{PREFIX}-{name}.mnt"
+        self.uplink = f"{PREFIX}-{name}"[:15]
+        self.pids: dict[str, int] = {}
+
+    # -- running things inside the host --
+    def argv(self, *argv: str) -> list[str]:
+        return ["nsenter", f"--mount={self.mntns}", f"--net=/run/netns/{self.netns}", "--", *argv]
+
+    def run(self, *argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return sh(*self.argv(*argv), check=check, **kw)
+
+    def popen(self, *argv: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(*argv), **kw)
+
+    @property
+    def libvirt_uri(self) -> str:
+        """How another host (or the test) reaches this host's libvirtd."""
+        return f"qemu+tcp://{self.address}/system"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    # -- lifecycle --
+    def start(self) -> "SimHost":
+        _private_ns_dir()
+        self._net_up()
+        self._mounts_up()
+        self._libvirt_up()
+        return self
+
+    def stop(self) -> None:
+        """Destroy this host's domains, stop its daemons by PID, remove its namespaces."""
+        if self.pids.get("libvirtd"):
+            out = self.run("virsh", "-c", "qemu:///system", "list", "--all", "--name",
+                           check=False, timeout=30).stdout
+            for dom in filter(None, (line.strip() for line in out.splitlines())):
+                self.run("virsh", "-c", "qemu:///system", "destroy", dom, check=False, timeout=30)
+                self.run("virsh", "-c", "qemu:///system", "undefine", dom, "--nvram",
+                         check=False, timeout=30)
+        for name in ("libvirtd", "virtlogd"):
+            _stop_pid(self.pids.pop(name, None))
+        _remove_ns(self.netns, self.mntns, self.uplink)
+
+    def _net_up(self) -> None:
+        sh("ip", "netns", "add", self.netns)
+        sh("ip", "link", "add", self.uplink, "type", "veth", "peer", "name", "eth0",
+           "netns", self.netns)
+        sh("ip", "link", "set", self.uplink, "master", self.network.name, "up")
+        ns = ("ip", "-n", self.netns)
+        sh(*ns, "addr", "add", f"{self.address}/{self.network.net.prefixlen}", "dev", "eth0")
+        sh(*ns, "link", "set", "eth0", "up")
+        sh(*ns, "link", "set", "lo", "up")
+        sh(*ns, "route", "add", "default", "via", self.network.gateway)
+
+    def _mounts_up(self) -> None:
+        for d in ("run", "etc-libvirt", "var-lib-libvirt", "var-log-libvirt",
+                  "var-cache-libvirt", "state"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        etc = self.root / "etc-libvirt"
+        shutil.copytree("/etc/libvirt", etc, dirs_exist_ok=True)
+        with open(etc / "libvirtd.conf", "a") as f:
+            f.write(f'\nlisten_tls = 0\nlisten_tcp = 1\nlisten_addr = "{self.address}"\n'
+                    f'auth_tcp = "none"\nhost_uuid = "{uuid.uuid4()}"\n')
+        with open(etc / "qemu.conf", "a") as f:
+            f.write(f'\nmigration_host = "{self.address}"\n')
+        self.mntns.touch()
+        sh("unshare", f"--mount={self.mntns}", "--propagation", "private", "true")
+        binds = "".join(
+            f" && mount --bind {self.root / d.strip('/').replace('/', '-')} {d}"
+            for d in LIBVIRT_DIRS)
+        sh("nsenter", f"--mount={self.mntns}", "sh", "-c",
+           f"mount -t tmpfs -o mode=0755 {PREFIX}-run /run && mkdir -p /run/libvirt /run/lock"
+           + binds)
+
+    def _libvirt_up(self) -> None:
+        piddir = self.root / "run"
+        self.run("virtlogd", "-d", "-p", str(piddir / "virtlogd.pid"))
+        self.pids["virtlogd"] = _read_pid(piddir / "virtlogd.pid")
+        self.run("libvirtd", "-d", "--listen", "-p", str(piddir / "libvirtd.pid"))
+        self.pids["libvirtd"] = _read_pid(piddir / "libvirtd.pid")
+        deadline = time.monotonic() + 30
+        while self.run("virsh", "-c", self.libvirt_uri, "hostname", check=False,
+                       timeout=10).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"libvirtd of simulated host {self.name} did not answer on "
+                                   f"{self.libvirt_uri}; see {self.root}/var-log-libvirt")
+            time.sleep(0.2)
+
+
+def _private_ns_dir() -> None:
+    NS_DIR.mkdir(parents=True, exist_ok=True)
+    if not mounts.is_mounted(str(NS_DIR)):  # ns files can only be bound on a private mount
+        sh("mount", "--bind", str(NS_DIR), str(NS_DIR))
+        sh("mount", "--make-private", str(NS_DIR))
+
+
+def _read_pid(path: Path, timeout: float = 10) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return int(path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.05)
+    raise RuntimeError(f"no pid file {path}")
+
+
+def _stop_pid(pid: int | None, timeout: float = 10) -> None:
+    if not pid:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _remove_ns(netns: str, mntns: Path, uplink: str) -> None:
+    if mntns.exists():
+        sh("umount", str(mntns), check=False)
+        mntns.unlink(missing_ok=True)
+    sh("ip", "netns", "del", netns, check=False)
+    sh("ip", "link", "del", uplink, check=False)
+
+
+def leftovers() -> list[str]:
+    """Names of namespaces and links a previous (crashed) run left behind."""
+    out = sh("ip", "-o", "link", "show", check=False).stdout
+    links = [l.split(":")[1].strip().split("@")[0] for l in out.splitlines()
+             if l.split(":")[1].strip().startswith(PREFIX)]
+    nss = [l.split()[0] for l in sh("ip", "netns", "list", check=False).stdout.splitlines()
+           if l.startswith(PREFIX)]
+    mnts = [str(p) for p in NS_DIR.glob(f"{PREFIX}-*.mnt")] if NS_DIR.exists() else []
+    return links + nss + mnts
+
+
+def clean_leftovers() -> None:
+    """Remove what a crashed run left, by name (its daemons died with their namespaces'
+    users; only processes whose pid files we find under our workdirs are ours to end)."""
+    if NS_DIR.exists():
+        for mnt in NS_DIR.glob(f"{PREFIX}-*.mnt"):
+            name = mnt.name[len(PREFIX) + 1:-4]
+            _remove_ns(f"{PREFIX}-{name}", mnt, f"{PREFIX}-{name}"[:15])
+    for name in leftovers():
+        if name.startswith(PREFIX):
+            sh("ip", "netns", "del", name, check=False)
+            sh("ip", "link", "del", name, check=False)
+
+
+class Cluster:
+    """N simulated hosts on one test bridge; a context manager that removes all of it."""
+
+    def __init__(self, workdir: Path, names=("h1", "h2")):
+        self.network = TestNetwork()
+        self.hosts = [SimHost(n, self.network.address(i + 1), Path(workdir), self.network)
+                      for i, n in enumerate(names)]
+
+    def __enter__(self) -> "Cluster":
+        clean_leftovers()
+        self.network.up()
+        try:
+            for h in self.hosts:
+                h.start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        errors = []
+        for h in self.hosts:
+            try:
+                h.stop()
+            except Exception as e:  # keep stopping the others; report at the end
+                errors.append(f"{h.name}: {e}")
+        self.network.down()
+        if NS_DIR.exists() and not any(NS_DIR.glob("*.mnt")):
+            mounts.unmount(str(NS_DIR))
+        if errors:
+            raise RuntimeError("simulated hosts not fully removed: " + "; ".join(errors))

@@ -50,7 +50,8 @@ def _free_port() -> int:
 
 def _env(home: Path) -> dict:
     return dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"), ANSIBLE_HOME=str(home),
-                ANSIBLE_LOCAL_TEMP=str(home / "tmp"), ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+                ANSIBLE_LOCAL_TEMP=str(home / "tmp"), ANSIBLE_REMOTE_TEMP=str(home / "remote-tmp"),
+                ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
                 PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
 
 
@@ -284,3 +285,59 @@ def test_images_imported_and_removed_through_the_module(host, tmp_path):
     run = _playbook(host.env, {**host.extra, "nodeagent_images": [bad]})
     assert run.returncode != 0 and "absent.qcow2" in run.stdout, _explain(run)
     assert "ansible-tiny" not in names()
+
+
+def test_check_mode_on_a_fresh_host_writes_nothing(tmp_path):
+    extra = {"nodeagent_listen": f"127.0.0.1:{_free_port()}", "nodeagent_prefix": str(tmp_path / "opt"),
+             "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
+             "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log"),
+             "nodeagent_tls": "self_signed", "nodeagent_service_mode": "daemon",
+             "nodeagent_images": [{"name": "x", "source": {"type": "file", "path": "/x.qcow2"}}]}
+    run = _playbook(_env(tmp_path / "ansible-home"), extra, "--check")
+    assert run.returncode == 0, _explain(run)
+    assert {"Create the agent's venv", "Render agent.toml", "Make a self-signed certificate and key",
+            "Install the daemon control script"} <= set(_changed_tasks(run))
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "ansible-home")
+    assert left == [], left
+
+
+def test_config_template_renders_every_pool_kind_tls_and_peers(tmp_path):
+    """agent.toml.j2 with local, block (RBD), object (S3) pools, TLS with a client CA and
+    peers: what the agent's own parser reads back is what the variables said."""
+    role = ANSIBLE_DIR / "roles" / "nodeagent"
+    playbook = tmp_path / "render.yml"
+    dest = tmp_path / "agent.toml"
+    playbook.write_text(json.dumps([{
+        "name": "Render agent.toml", "hosts": "localhost", "gather_facts": False,
+        "vars_files": [str(role / "defaults" / "main.yml"), str(role / "vars" / "main.yml")],
+        "tasks": [{"name": "Render", "ansible.builtin.template": {
+            "src": str(role / "templates" / "agent.toml.j2"), "dest": str(dest), "mode": "0600"}}],
+    }]))
+    extra = {
+        "nodeagent_listen": "[::1]:9443", "nodeagent_state_dir": "/srv/na", "nodeagent_config_dir": "/etc/na",
+        "nodeagent_tls": "provided", "nodeagent_tls_client_ca_src": "/ca.pem", "nodeagent_default_pool": "ceph",
+        "nodeagent_pools": {
+            "default": {"kind": "local", "path": "/srv/pool"},
+            "ceph": {"kind": "block", "pool": "rbd", "conf": "/etc/ceph/ceph.conf", "user": "admin"},
+            "s3 images": {"kind": "object", "endpoint": "https://s3.example.net", "bucket": "b",
+                          "access_key": "AK", "secret_key": 'se"cr\\et', "part_size": 8388608}},
+        "nodeagent_network": {"bridge": "br9", "subnet": "10.99.0.0/24", "nat": False},
+        "nodeagent_peers": {"node2": {"url": "https://10.0.0.12:8470", "token": "na_x_y"}},
+        "ansible_facts": {"service_mgr": "sysvinit"},
+    }
+    run = subprocess.run([_tool("ansible-playbook"), "-i", "localhost,", "-c", "local", str(playbook),
+                          "-e", json.dumps(extra)], cwd=ROOT, env=_env(tmp_path / "home"),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, _explain(run)
+    from agent import config
+    cfg = config.load(str(dest), env={})
+    assert cfg.api.listen == "[::1]:9443" and cfg.state_dir == "/srv/na"
+    assert (cfg.api.tls_cert, cfg.api.tls_key, cfg.api.client_ca) == (
+        "/etc/na/tls/agent.crt", "/etc/na/tls/agent.key", "/etc/na/tls/client-ca.crt")
+    assert cfg.default_pool == "ceph"
+    assert cfg.pools["default"].kind == "local" and cfg.pools["default"].options() == {"path": "/srv/pool"}
+    assert cfg.pools["ceph"].kind == "block" and cfg.pools["ceph"].options()["pool"] == "rbd"
+    s3 = cfg.pools["s3 images"]
+    assert s3.kind == "object" and s3.options()["secret_key"] == 'se"cr\\et' and s3.options()["part_size"] == 8388608
+    assert (cfg.network.bridge, cfg.network.subnet, cfg.network.nat) == ("br9", "10.99.0.0/24", False)
+    assert cfg.peers["node2"].url == "https://10.0.0.12:8470" and cfg.peers["node2"].token == "na_x_y"

@@ -225,6 +225,20 @@ def test_config_change_restarts_the_agent(host):
     assert _get(f"{host.url}/v1/health", host.cert)[0] == 200
 
 
+def test_a_lost_admin_token_is_replaced(host):
+    assert host.first.returncode == 0, _explain(host.first)
+    _interim_skip_without_api(host)
+    old = host.token_file.read_text().strip()
+    host.token_file.unlink()
+    run = _playbook(host.env, host.extra)
+    assert run.returncode == 0, _explain(run)
+    assert {"Revoke an admin token whose secret is lost", "Create the admin token"} <= set(_changed_tasks(run))
+    new = host.token_file.read_text().strip()
+    assert new != old and new not in run.stdout
+    assert _get(f"{host.url}/v1/pools", host.cert, new)[0] == 200
+    assert _get(f"{host.url}/v1/pools", host.cert, old)[0] == 401
+
+
 def test_ansible_lint_passes(tmp_path):
     run = subprocess.run([_tool("ansible-lint")], cwd=ANSIBLE_DIR, env=_env(tmp_path),
                          capture_output=True, text=True, timeout=300)

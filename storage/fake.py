@@ -4,6 +4,8 @@ Blobs live in a dict, verified by sha256 like the real backends; volumes are rec
 except format "dir" volumes, which get a real temp directory (with ``upper/`` and
 ``work/`` inside) so a container runtime can use them. ``close()`` removes the temp
 directories. Passes the same contract suite as ``storage.local.LocalBackend``.
+``FakeBackend(name, supports_volumes=False)`` behaves like a blob-only (object) pool:
+every volume call raises Unsupported.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import tempfile
 import threading
 from typing import BinaryIO
 
-from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
+from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
 from storage.backend import DISK_FORMATS, BlobInfo, Progress, Usage, Volume, VolumeSpec, iter_chunks
 from storage.validate import check_volume_spec, parse_digest
 
@@ -26,8 +28,9 @@ class FakeBackend:
     kind = "fake"
     supports_volumes = True
 
-    def __init__(self, name: str, **ignored):
+    def __init__(self, name: str, *, supports_volumes: bool = True, **ignored):
         self.name = name
+        self.supports_volumes = bool(supports_volumes)
         self._blobs: dict[str, bytes] = {}
         self._volumes: dict[str, Volume] = {}
         self._dirs: dict[str, str] = {}
@@ -89,7 +92,12 @@ class FakeBackend:
             raise NotFound(f"blob {digest} not found in pool {self.name}") from None
 
     # -- volumes --
+    def _volumes_only(self) -> None:
+        if not self.supports_volumes:
+            raise Unsupported(f"pool {self.name} holds blobs only; put volumes on a local or "
+                              "block pool")
     def create_volume(self, spec: VolumeSpec, source: str | None = None) -> Volume:
+        self._volumes_only()
         check_volume_spec(spec)
         if source is not None and not os.path.isfile(source):
             raise InvalidInput(f"volume source {source!r} is not a file")
@@ -109,6 +117,7 @@ class FakeBackend:
 
     def clone_volume(self, digest: str, name: str, *, format: str,
                      size: int | None = None) -> Volume:
+        self._volumes_only()
         data = self._get(digest)
         if format not in DISK_FORMATS:
             raise InvalidInput(f"cannot clone an image of format {format!r}; use qcow2 or raw")
@@ -122,6 +131,7 @@ class FakeBackend:
             return vol
 
     def delete_volume(self, name: str) -> bool:
+        self._volumes_only()
         with self._lock:
             vol = self._volumes.pop(name, None)
             path = self._dirs.pop(name, None)
@@ -130,6 +140,7 @@ class FakeBackend:
         return vol is not None
 
     def resize_volume(self, name: str, size: int) -> Volume:
+        self._volumes_only()
         with self._lock:
             vol = self.get_volume(name)
             if size < vol.size:
@@ -141,15 +152,18 @@ class FakeBackend:
             return vol
 
     def get_volume(self, name: str) -> Volume:
+        self._volumes_only()
         vol = self._volumes.get(name)
         if vol is None:
             raise NotFound(f"volume {name!r} not found in pool {self.name}")
         return vol
 
     def find_volume(self, name: str) -> Volume | None:
+        self._volumes_only()
         return self._volumes.get(name)
 
     def list_volumes(self) -> list[Volume]:
+        self._volumes_only()
         return [self._volumes[n] for n in sorted(self._volumes)]
 
     def usage(self) -> Usage:

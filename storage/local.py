@@ -213,9 +213,13 @@ class LocalBackend:
 
     def delete_volume(self, name: str) -> bool:
         vol = self.find_volume(name)
-        if vol is None:
+        if vol is not None:
+            self._abort(name, vol.format)
+            return True
+        if not name or "/" in name or name.startswith(".") or not os.path.exists(self._record(name)):
             return False
-        self._abort(name, vol.format)
+        for fmt in ("qcow2", "raw", "dir"):  # an unreadable record: a crash mid-create
+            self._abort(name, fmt)
         return True
 
     def resize_volume(self, name: str, size: int) -> Volume:

@@ -15,6 +15,11 @@ def _fake(tmp_path):
     return FakeBackend("fake0")
 
 
+def _fake_blobs(tmp_path):  # stands in for blob-only (object) pools until they land
+    from storage.fake import FakeBackend
+    return FakeBackend("fakeblobs", supports_volumes=False)
+
+
 def _local(tmp_path):
     from storage.local import LocalBackend
     return LocalBackend("local0", path=str(tmp_path / "pool"))
@@ -23,6 +28,7 @@ def _local(tmp_path):
 BACKEND_FACTORIES = {
     "local": _local,
     "fake": _fake,
+    "fake-blobs": _fake_blobs,
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,8 +23,8 @@ from pathlib import Path
 from storage import mounts
 
 PREFIX = "nasim"  # every netns, link, bridge and mount this harness makes starts with it
-NS_DIR = Path("/run/nodeagent-sim")  # holds the persistent mount-namespace files
-TEST_NET = ipaddress.ip_network("198.18.0.0/24")  # benchmark range: no route off the machine
+NS_DIR = Path("/run/nodeagent-sim")  # holds the persistent mount-namespace files + run owners
+TEST_SUPERNET = ipaddress.ip_network("198.18.0.0/16")  # benchmark range: no route off the machine
 LIBVIRT_DIRS = ("/var/lib/libvirt", "/etc/libvirt", "/var/log/libvirt", "/var/cache/libvirt")
 
 
@@ -34,9 +35,9 @@ def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 class TestNetwork:
     """The shared bridge the hosts' uplinks hang on; the test process gets .1 on it."""
 
-    def __init__(self, name: str = f"{PREFIX}br0", net=TEST_NET):
-        self.name = name
-        self.net = ipaddress.ip_network(net)
+    def __init__(self, tag: str):
+        self.name = f"{PREFIX}{tag}br"
+        self.net = list(TEST_SUPERNET.subnets(new_prefix=24))[int(tag, 16) % 250 + 1]
         self.gateway = str(self.net.network_address + 1)
 
     def address(self, index: int) -> str:
@@ -53,14 +54,14 @@ class TestNetwork:
 
 
 class SimHost:
-    def __init__(self, name: str, address: str, workdir: Path, network: TestNetwork):
+    def __init__(self, name: str, address: str, workdir: Path, network: TestNetwork, tag: str):
         self.name = name
         self.address = address
         self.root = Path(workdir) / name
         self.network = network
-        self.netns = f"{PREFIX}-{name}"
-        self.mntns = NS_DIR / f"{PREFIX}-{name}.mnt"
-        self.uplink = f"{PREFIX}-{name}"[:15]
+        self.netns = f"{PREFIX}{tag}-{name}"[:15]
+        self.mntns = NS_DIR / f"{self.netns}.mnt"
+        self.uplink = self.netns
         self.pids: dict[str, int] = {}
 
     # -- running things inside the host --
@@ -131,7 +132,7 @@ class SimHost:
             f" && mount --bind {self.root / d.strip('/').replace('/', '-')} {d}"
             for d in LIBVIRT_DIRS)
         sh("nsenter", f"--mount={self.mntns}", "sh", "-c",
-           f"mount -t tmpfs -o mode=0755 {PREFIX}-run /run && mkdir -p /run/libvirt /run/lock"
+           f"mount -t tmpfs -o mode=0755 {self.netns}-run /run && mkdir -p /run/libvirt /run/lock"
            + binds)
 
     def _libvirt_up(self) -> None:
@@ -191,40 +192,75 @@ def _remove_ns(netns: str, mntns: Path, uplink: str) -> None:
     sh("ip", "link", "del", uplink, check=False)
 
 
-def leftovers() -> list[str]:
-    """Names of namespaces and links a previous (crashed) run left behind."""
+def _run_names(tag: str) -> list[str]:
     out = sh("ip", "-o", "link", "show", check=False).stdout
-    links = [l.split(":")[1].strip().split("@")[0] for l in out.splitlines()
-             if l.split(":")[1].strip().startswith(PREFIX)]
-    nss = [l.split()[0] for l in sh("ip", "netns", "list", check=False).stdout.splitlines()
-           if l.startswith(PREFIX)]
-    mnts = [str(p) for p in NS_DIR.glob(f"{PREFIX}-*.mnt")] if NS_DIR.exists() else []
-    return links + nss + mnts
+    links = [l.split(":")[1].strip().split("@")[0] for l in out.splitlines()]
+    nss = [l.split()[0] for l in sh("ip", "netns", "list", check=False).stdout.splitlines()]
+    mnts = [str(p) for p in NS_DIR.glob(f"{PREFIX}{tag}-*.mnt")] if NS_DIR.exists() else []
+    return sorted({n for n in links + nss if n.startswith(PREFIX + tag)}) + mnts
+
+
+def leftovers(tag: str) -> list[str]:
+    """Names of namespaces, links and mount-namespace files of run ``tag`` still present."""
+    return _run_names(tag)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def clean_leftovers() -> None:
-    """Remove what a crashed run left, by name (its daemons died with their namespaces'
-    users; only processes whose pid files we find under our workdirs are ours to end)."""
-    if NS_DIR.exists():
-        for mnt in NS_DIR.glob(f"{PREFIX}-*.mnt"):
-            name = mnt.name[len(PREFIX) + 1:-4]
-            _remove_ns(f"{PREFIX}-{name}", mnt, f"{PREFIX}-{name}"[:15])
-    for name in leftovers():
-        if name.startswith(PREFIX):
+    """Remove, by name, what runs whose owner process has died left behind (their daemons
+    died with them or are ended by the PIDs in their pid files). Live runs are left alone."""
+    if not NS_DIR.exists():
+        return
+    for owner in NS_DIR.glob(f"{PREFIX}*.owner"):
+        tag = owner.stem[len(PREFIX):]
+        try:
+            pid, workdir = owner.read_text().split("\n", 1)
+            if _alive(int(pid)):
+                continue
+        except ValueError:
+            pass
+        else:
+            for pidfile in Path(workdir.strip()).glob("*/run/*.pid"):
+                try:
+                    _stop_pid(int(pidfile.read_text().strip()))
+                except (ValueError, OSError):
+                    pass
+        for mnt in NS_DIR.glob(f"{PREFIX}{tag}-*.mnt"):
+            _remove_ns(mnt.stem, mnt, mnt.stem)
+        for name in _run_names(tag):
             sh("ip", "netns", "del", name, check=False)
             sh("ip", "link", "del", name, check=False)
+        owner.unlink(missing_ok=True)
 
 
 class Cluster:
-    """N simulated hosts on one test bridge; a context manager that removes all of it."""
+    """N simulated hosts on one test bridge; a context manager that removes all of it.
+    Each run has its own tag (in every name) and /24, so concurrent runs do not collide."""
 
     def __init__(self, workdir: Path, names=("h1", "h2")):
-        self.network = TestNetwork()
-        self.hosts = [SimHost(n, self.network.address(i + 1), Path(workdir), self.network)
-                      for i, n in enumerate(names)]
+        _private_ns_dir()
+        clean_leftovers()
+        while True:
+            self.tag = f"{secrets.randbelow(0xfff):03x}"
+            self.owner = NS_DIR / f"{PREFIX}{self.tag}.owner"
+            try:
+                with open(self.owner, "x") as f:
+                    f.write(f"{os.getpid()}\n{workdir}")
+                break
+            except FileExistsError:
+                continue
+        self.network = TestNetwork(self.tag)
+        self.hosts = [SimHost(n, self.network.address(i + 1), Path(workdir), self.network,
+                              self.tag) for i, n in enumerate(names)]
 
     def __enter__(self) -> "Cluster":
-        clean_leftovers()
         self.network.up()
         try:
             for h in self.hosts:
@@ -242,7 +278,6 @@ class Cluster:
             except Exception as e:  # keep stopping the others; report at the end
                 errors.append(f"{h.name}: {e}")
         self.network.down()
-        if NS_DIR.exists() and not any(NS_DIR.glob("*.mnt")):
-            mounts.unmount(str(NS_DIR))
+        self.owner.unlink(missing_ok=True)
         if errors:
             raise RuntimeError("simulated hosts not fully removed: " + "; ".join(errors))

@@ -19,14 +19,15 @@ BARE_GUEST = """<domain type='qemu'>
 </domain>"""
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
     for tool in ("libvirtd", "virtlogd", "nsenter", "unshare", "ip"):
         if not shutil.which(tool):
             pytest.fail(f"{tool} is missing: run scripts/setup-host")
-    with harness.Cluster(tmp_path) as c:
+    cluster = harness.Cluster(tmp_path_factory.mktemp("sim"))
+    with cluster as c:
         yield c
-    assert harness.leftovers() == []
+    assert harness.leftovers(cluster.tag) == []
 
 
 def test_hosts_have_own_addresses_and_private_libvirt(cluster):

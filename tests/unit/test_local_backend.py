@@ -83,3 +83,12 @@ def test_state_survives_a_new_instance(pool):
     pool.create_volume(VolumeSpec("keep", MIB, "raw"))
     again = LocalBackend("p", path=pool.path)
     assert again.get_volume("keep").size == MIB
+
+
+def test_a_crash_mid_create_can_be_deleted(pool):
+    open(os.path.join(pool.volume_dir, ".half.json"), "w").close()  # reserved, never committed
+    open(os.path.join(pool.volume_dir, "half.qcow2"), "w").close()
+    assert pool.find_volume("half") is None
+    assert pool.delete_volume("half") is True
+    assert os.listdir(pool.volume_dir) == []
+    assert pool.create_volume(VolumeSpec("half", MIB, "raw")).size == MIB

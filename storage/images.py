@@ -1,0 +1,614 @@
+"""``ImageStore``: content-addressed VM and container images over the storage pools.
+
+Terms: an *image* is named by its id, the sha256 of its disk blob (VM images) or of
+its OCI manifest (container images); it lives in one pool. A *reference* says a volume
+(``pool``/``volume``) was made from an image; an image with references cannot be
+deleted (Conflict). Lifecycle: import_* -> present -> delete() -> (blobs stay until)
+gc().
+
+Decisions:
+- Dedupe: importing content that is already present returns the existing image and
+  stores nothing new, whatever pool is asked for. A second *name* for the same content
+  is kept as an alias: get/find by either name works, the returned Image carries the
+  name asked for (imports return the name given); list() shows each image once under
+  its first name. A name already used by *other* content is a Conflict.
+- delete() removes the catalog entry and all its names; blobs and unpacked layers are
+  freed by gc(), which only ever removes blobs this store put (the catalog records
+  them), never foreign blobs in a shared pool.
+- Container layers are unpacked at import time (a malicious layer refuses the whole
+  image at import, not at first run); prepare_rootfs re-unpacks a layer if the cache
+  was wiped.
+- A failed import leaves nothing: blobs it added that no image uses are deleted, and so
+  are layer dirs it unpacked.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from agent.errors import (Conflict, InvalidInput, NotFound, Unavailable,
+                          Unprocessable, Unsupported)
+from agent.state import Database
+from storage import oci, qemu_img
+from storage.backend import DISK_FORMATS, Backend, Volume, VolumeSpec
+from storage.unpack import layer_dir, unpack_layer_once
+
+GIB = 1024**3
+URL_CHUNK = 1024 * 1024  # 1 MiB reads from an HTTP response
+URL_TIMEOUT = (10, 60)  # seconds: connect, and between bytes
+STALE_TMP_SECONDS = 3600  # gc leaves younger temp dirs alone: an import may be using them
+ID_PREFIX_MIN = 12
+
+MIGRATIONS = [
+    """
+    CREATE TABLE storage_images (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL, format TEXT NOT NULL,
+        size INTEGER NOT NULL, virtual_size INTEGER, pool TEXT NOT NULL,
+        created_at REAL NOT NULL, config TEXT NOT NULL, layers TEXT NOT NULL,
+        blobs TEXT NOT NULL);
+    CREATE TABLE storage_image_names (
+        name TEXT PRIMARY KEY,
+        image_id TEXT NOT NULL REFERENCES storage_images(id) ON DELETE CASCADE);
+    CREATE TABLE storage_references (
+        pool TEXT NOT NULL, volume TEXT NOT NULL,
+        image_id TEXT NOT NULL REFERENCES storage_images(id),
+        created_at REAL NOT NULL, PRIMARY KEY (pool, volume));
+    CREATE TABLE storage_blobs (
+        pool TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (pool, digest));
+    """,
+]
+
+
+@dataclass(frozen=True)
+class Image:
+    id: str
+    name: str
+    kind: str  # vm | container
+    format: str  # qcow2 | raw | oci
+    digest: str
+    size: int
+    virtual_size: int | None
+    pool: str
+    created_at: float
+    config: dict
+    layers: tuple = ()
+
+
+@dataclass(frozen=True)
+class RootfsLayers:
+    lowerdirs: tuple  # top first (overlayfs order)
+    upperdir: str
+    workdir: str
+    volume: Volume
+
+
+Progress = Callable[[int], None]
+
+
+class ImageStore:
+    def __init__(self, db: Database, pools: dict[str, Backend], *, default_pool: str,
+                 cache_dir: str, max_layer_bytes: int = 8 * GIB, max_layer_ratio: int = 200):
+        if default_pool not in pools:
+            raise InvalidInput(f"default pool {default_pool!r} is not configured; pools: "
+                               f"{', '.join(sorted(pools)) or 'none'}")
+        self.db, self.pools, self.default_pool = db, pools, default_pool
+        self.cache_dir = cache_dir
+        self.max_layer_bytes, self.max_layer_ratio = max_layer_bytes, max_layer_ratio
+        self.tmp_dir = os.path.join(cache_dir, "tmp")
+        os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
+        layers = os.path.join(cache_dir, "layers")
+        os.makedirs(os.path.join(layers, "sha256"), mode=0o700, exist_ok=True)
+        os.chmod(layers, 0o700)  # host users never reach unpacked image files
+        db.migrate("storage", MIGRATIONS)
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, str], int] = {}  # (pool, digest) -> imports using it
+
+    # ------------------------------------------------------------------ lookup
+    def get(self, ref: str) -> Image:
+        img = self.find(ref)
+        if img is None:
+            raise NotFound(f"image {ref!r} not found; `GET /v1/images` lists them")
+        return img
+
+    def find(self, ref: str) -> Image | None:
+        ref = (ref or "").strip()
+        if not ref:
+            return None
+        row = self.db.one("SELECT i.* FROM storage_image_names n JOIN storage_images i "
+                          "ON i.id = n.image_id WHERE n.name = ?", (ref,))
+        if row is not None:
+            return dataclasses.replace(_image(row), name=ref)
+        hexpart = ref[7:] if ref.startswith("sha256:") else ref
+        if len(hexpart) >= ID_PREFIX_MIN and all(c in "0123456789abcdef" for c in hexpart):
+            rows = self.db.query("SELECT * FROM storage_images WHERE id LIKE ? LIMIT 2",
+                                 (hexpart + "%",))
+            if len(rows) > 1:
+                raise InvalidInput(f"image id prefix {ref!r} is ambiguous; give more characters")
+            if rows:
+                return _image(rows[0])
+        return None
+
+    def list(self) -> list[Image]:
+        return [_image(r) for r in
+                self.db.query("SELECT * FROM storage_images ORDER BY created_at, id")]
+
+    def _backend(self, pool: str | None) -> tuple[str, Backend]:
+        pool = pool or self.default_pool
+        try:
+            return pool, self.pools[pool]
+        except KeyError:
+            raise NotFound(f"pool {pool!r} not found; pools: {', '.join(sorted(self.pools))}") from None
+
+    # ------------------------------------------------------------------ imports
+    def import_file(self, path: str, *, name: str, pool: str | None = None,
+                    format: str | None = None, progress: Progress | None = None) -> Image:
+        """Import a qcow2 or raw disk image from a host file. A qcow2 with a backing file
+        or an external data file, or any other format, is refused (InvalidInput)."""
+        _check_name(name)
+        pool, backend = self._backend(pool)
+        if not os.path.isfile(path):
+            raise InvalidInput(f"{path}: no such file; give the path of a qcow2 or raw image")
+        info = _check_disk(qemu_img.info(path), path, format)
+        with self._import() as added:
+            with open(path, "rb") as f:
+                blob = self._put(pool, backend, f, added, progress=progress)
+            stored = backend.blob_path(blob.digest)
+            if stored and info["format"] == "qcow2":  # the file may have changed under us
+                info = _check_disk(qemu_img.info(stored, format="qcow2"), path, "qcow2")
+                qemu_img.check(stored, format="qcow2")
+            img = Image(blob.digest[7:], name, "vm", info["format"], blob.digest, blob.size,
+                        info["virtual-size"], pool, time.time(), {}, ())
+            return self._record(img, [blob.digest])
+
+    def import_url(self, url: str, *, name: str, pool: str | None = None,
+                   format: str | None = None, sha256: str | None = None,
+                   progress: Progress | None = None) -> Image:
+        """Download an http(s) disk image (streamed to a temp file, hashed on the way) and
+        import it; ``sha256`` (hex) is checked before anything is stored."""
+        import requests
+
+        _check_name(name)
+        self._backend(pool)
+        if not url.startswith(("http://", "https://")):
+            raise InvalidInput(f"URL {url!r} must be http:// or https://")
+        if sha256 is not None:
+            sha256 = sha256.lower().removeprefix("sha256:")
+            if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+                raise InvalidInput(f"sha256 {sha256!r} must be 64 hex digits")
+        fd, tmp = tempfile.mkstemp(prefix="url-", dir=self.tmp_dir)
+        try:
+            h, done = hashlib.sha256(), 0
+            try:
+                with requests.get(url, stream=True, timeout=URL_TIMEOUT) as r, \
+                        os.fdopen(fd, "wb") as out:
+                    if r.status_code != 200:
+                        raise InvalidInput(f"GET {url} returned HTTP {r.status_code}; check the URL")
+                    for chunk in r.iter_content(URL_CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done)
+            except requests.RequestException as e:
+                raise Unavailable(f"GET {url} failed: {e}; check the URL and the network") from None
+            if sha256 is not None and h.hexdigest() != sha256:
+                raise InvalidInput(f"{url}: content sha256 {h.hexdigest()} does not match the "
+                                   f"expected {sha256}; nothing was stored")
+            return self.import_file(tmp, name=name, pool=pool, format=format)
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def import_oci(self, path: str, *, name: str, ref: str | None = None,
+                   pool: str | None = None, progress: Progress | None = None) -> Image:
+        """Import a container image from an OCI layout dir/archive or a `docker save`
+        archive; every blob is verified and every layer unpacked (safely) once."""
+        _check_name(name)
+        pool, backend = self._backend(pool)
+        with oci.open_source(path) as src:
+            r = src.resolve(ref)
+            image_id = r.manifest_digest[7:]
+            existing = self.find(image_id)
+            if existing is not None:
+                return self._alias(existing, name)
+            with self._import() as added:
+                blobs, done = [], 0
+                for d in (oci.Descriptor(r.manifest_digest, len(r.manifest), ""), r.config,
+                          *r.layers):
+                    step = None if progress is None else (lambda n, base=done: progress(base + n))
+                    with src.open_blob(d) as f:
+                        b = self._put(pool, backend, f, added, digest=d.digest, size=d.size,
+                                      progress=step)
+                    done += b.size
+                    blobs.append(b)
+                for l in r.layers:
+                    self._unpack(pool, backend, l.digest, added)
+                img = Image(image_id, name, "container", "oci", r.manifest_digest,
+                            sum(b.size for b in blobs), None, pool, time.time(),
+                            r.runtime_config, tuple(l.digest for l in r.layers))
+                return self._record(img, [b.digest for b in blobs])
+
+    # ---------------------------------------------------------- import plumbing
+    def _import(self) -> "_Import":
+        return _Import(self)
+
+    def _pin(self, added: "_Import", pool: str, digest: str) -> None:
+        """Keep gc() off a blob an import is about to record."""
+        with self._lock:
+            self._inflight[(pool, digest)] = self._inflight.get((pool, digest), 0) + 1
+        added.pins.append((pool, digest))
+
+    def _unpin(self, pins: list) -> None:
+        with self._lock:
+            for key in pins:
+                self._inflight[key] -= 1
+                if not self._inflight[key]:
+                    del self._inflight[key]
+
+    def _put(self, pool, backend, f, added, **kw):
+        if kw.get("digest"):
+            self._pin(added, pool, kw["digest"])
+            found = backend.find_blob(kw["digest"])
+            if found is not None:  # already stored (another image shares it): nothing to copy
+                if kw.get("progress"):
+                    kw["progress"](found.size)
+                return found
+        blob = backend.put_blob(f, **kw)
+        if not kw.get("digest"):
+            self._pin(added, pool, blob.digest)
+        with self.db.tx() as c:
+            new = c.execute("INSERT OR IGNORE INTO storage_blobs(pool, digest) VALUES (?, ?)",
+                            (pool, blob.digest)).rowcount
+        if new and not self._blob_used(pool, blob.digest):
+            added.added.append(("blob", pool, blob.digest))
+        return blob
+
+    def _unpack(self, pool, backend, digest, added=None) -> str:
+        d = layer_dir(self.cache_dir, digest)
+        if os.path.isdir(d):
+            return d
+        path = backend.blob_path(digest)
+        tmp = None
+        try:
+            if path is None:  # a remote pool: fetch the layer to a local temp file first
+                fd, tmp = tempfile.mkstemp(prefix="layer-", dir=self.tmp_dir)
+                with os.fdopen(fd, "wb") as out, backend.open_blob(digest) as f:
+                    shutil.copyfileobj(f, out, URL_CHUNK)
+                path = tmp
+            d = unpack_layer_once(path, digest, self.cache_dir, max_bytes=self.max_layer_bytes,
+                                  max_ratio=self.max_layer_ratio)
+        finally:
+            if tmp:
+                os.unlink(tmp)
+        if added is not None:
+            added.added.append(("layer", pool, digest))
+        return d
+
+    def _blob_used(self, pool: str, digest: str) -> bool:
+        needle = f'%"{digest}"%'
+        return self.db.one("SELECT 1 FROM storage_images WHERE pool = ? AND blobs LIKE ?",
+                           (pool, needle)) is not None
+
+    def _layer_used(self, digest: str) -> bool:
+        return self.db.one("SELECT 1 FROM storage_images WHERE layers LIKE ?",
+                           (f'%"{digest}"%',)) is not None
+
+    def _undo(self, added) -> None:
+        """Remove what a failed import added and nothing else uses."""
+        for kind, pool, digest in reversed(added):
+            with self._lock:
+                shared = self._inflight.get((pool, digest), 0) > 1  # another import wants it
+            if shared:
+                continue
+            if kind == "blob" and not self._blob_used(pool, digest):
+                self.pools[pool].delete_blob(digest)
+                self.db.execute("DELETE FROM storage_blobs WHERE pool = ? AND digest = ?",
+                                (pool, digest))
+            elif kind == "layer" and not self._layer_used(digest):
+                shutil.rmtree(layer_dir(self.cache_dir, digest), ignore_errors=True)
+
+    def _record(self, img: Image, blobs: list[str]) -> Image:
+        with self.db.tx() as c:
+            row = c.execute("SELECT * FROM storage_images WHERE id = ?", (img.id,)).fetchone()
+            if row is None:
+                owner = c.execute("SELECT image_id FROM storage_image_names WHERE name = ?",
+                                  (img.name,)).fetchone()
+                if owner is not None:
+                    raise Conflict(f"image name {img.name!r} is taken by image "
+                                   f"{owner['image_id'][:12]}; pick another name or delete it")
+                c.execute("INSERT INTO storage_images VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                          (img.id, img.name, img.kind, img.format, img.size, img.virtual_size,
+                           img.pool, img.created_at, json.dumps(img.config),
+                           json.dumps(list(img.layers)), json.dumps(sorted(set(blobs)))))
+                c.execute("INSERT INTO storage_image_names(name, image_id) VALUES (?, ?)",
+                          (img.name, img.id))
+                return img
+        return self._alias(_image(row), img.name)
+
+    def _alias(self, img: Image, name: str) -> Image:
+        with self.db.tx() as c:
+            owner = c.execute("SELECT image_id FROM storage_image_names WHERE name = ?",
+                              (name,)).fetchone()
+            if owner is not None and owner["image_id"] != img.id:
+                raise Conflict(f"image name {name!r} is taken by image "
+                               f"{owner['image_id'][:12]}; pick another name or delete it")
+            c.execute("INSERT OR IGNORE INTO storage_image_names(name, image_id) VALUES (?, ?)",
+                      (name, img.id))
+        return dataclasses.replace(img, name=name)
+
+    # ------------------------------------------------------------------ delete/export
+    def delete(self, ref: str) -> bool:
+        """Forget an image and all its names; Conflict while a volume references it.
+        Return False if it was already gone. Space comes back at the next gc()."""
+        img = self.find(ref)
+        if img is None:
+            return False
+        with self.db.tx() as c:
+            refs = c.execute("SELECT pool, volume FROM storage_references WHERE image_id = ?",
+                             (img.id,)).fetchall()
+            if refs:
+                used = ", ".join(f"{r['pool']}/{r['volume']}" for r in refs[:5])
+                raise Conflict(f"image {img.id[:12]} is in use by {len(refs)} volume(s) "
+                               f"({used}); delete the instances using it first")
+            c.execute("DELETE FROM storage_image_names WHERE image_id = ?", (img.id,))
+            c.execute("DELETE FROM storage_images WHERE id = ?", (img.id,))
+        return True
+
+    def export(self, ref: str, dest_path: str) -> None:
+        """Write a VM image as its disk file (qcow2/raw), a container image as an OCI
+        layout tar archive. Written to a temp file beside ``dest_path``, then renamed."""
+        img = self.get(ref)
+        backend = self.pools[img.pool]
+        dest_dir = os.path.dirname(os.path.abspath(dest_path))
+        if not os.path.isdir(dest_dir):
+            raise InvalidInput(f"{dest_dir}: no such directory to export into")
+        fd, tmp = tempfile.mkstemp(prefix=".export-", dir=dest_dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                if img.kind == "vm":
+                    with backend.open_blob(img.digest) as f:
+                        shutil.copyfileobj(f, out, URL_CHUNK)
+                else:
+                    self._export_oci(img, backend, out)
+                os.fsync(out.fileno())
+            os.rename(tmp, dest_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def _export_oci(self, img: Image, backend, out) -> None:
+        row = self.db.one("SELECT blobs FROM storage_images WHERE id = ?", (img.id,))
+        index = {"schemaVersion": 2, "mediaType": oci.MT_INDEX[0], "manifests": [{
+            "mediaType": oci.MT_MANIFEST[0], "digest": img.digest,
+            "size": backend.stat_blob(img.digest).size,
+            "annotations": {oci.REF_ANNOTATION: img.name}}]}
+        with tarfile.open(fileobj=out, mode="w|") as tar:
+            for name, data in (("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+                               ("index.json", json.dumps(index).encode())):
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mtime = len(data), int(img.created_at)
+                tar.addfile(ti, _BytesReader(data))
+            for digest in json.loads(row["blobs"]):
+                ti = tarfile.TarInfo(f"blobs/sha256/{digest[7:]}")
+                ti.size, ti.mtime = backend.stat_blob(digest).size, int(img.created_at)
+                with backend.open_blob(digest) as f:
+                    tar.addfile(ti, f)
+
+    # ------------------------------------------------------------------ use
+    def clone_disk(self, ref: str, volume_name: str, *, pool: str | None = None,
+                   size: int | None = None) -> Volume:
+        """A copy-on-write disk for an instance; records a reference. On failure nothing
+        is left (neither volume nor reference)."""
+        img = self.get(ref)
+        if img.kind != "vm":
+            raise Unprocessable(f"image {img.id[:12]} is a container image; use prepare_rootfs")
+        pool, backend = self._backend(pool or img.pool)
+        if not backend.supports_volumes:
+            raise Unsupported(f"pool {pool!r} ({backend.kind}) holds blobs only; put instance "
+                              "disks on a local or block pool")
+        with self._import() as added:
+            if backend.find_blob(img.digest) is None:  # cross-pool: copy the base blob over
+                with self.pools[img.pool].open_blob(img.digest) as f:
+                    self._put(pool, backend, f, added, digest=img.digest, size=img.size)
+                self._add_blob(img.id, img.digest)
+            self._reserve(pool, volume_name, img.id)
+            try:
+                return backend.clone_volume(img.digest, volume_name, format=img.format,
+                                            size=size)
+            except BaseException:
+                self._unreserve(pool, volume_name)
+                raise
+
+    def prepare_rootfs(self, ref: str, name: str, *, pool: str | None = None) -> RootfsLayers:
+        """The layers (unpacked, top first) and a fresh "dir" volume holding upper+work for
+        a container's overlayfs rootfs; records a reference. Mount with
+        storage.mounts.mount_overlay. On failure nothing is left."""
+        img = self.get(ref)
+        if img.kind != "container":
+            raise Unprocessable(f"image {img.id[:12]} is a VM image; use clone_disk")
+        if not img.layers:
+            raise Unprocessable(f"image {img.id[:12]} has no layers to make a rootfs from")
+        pool, backend = self._backend(pool or img.pool)
+        if not backend.supports_volumes:
+            raise Unsupported(f"pool {pool!r} ({backend.kind}) holds blobs only; put container "
+                              "rootfs volumes on a local pool")
+        lowers = tuple(self._unpack(img.pool, self.pools[img.pool], d)
+                       for d in reversed(img.layers))
+        self._reserve(pool, name, img.id)
+        try:
+            vol = backend.create_volume(VolumeSpec(name, 0, "dir"))
+            if vol.path is None:
+                backend.delete_volume(name)
+                raise Unsupported(f"pool {pool!r} ({backend.kind}) cannot give a host "
+                                  "directory for a container rootfs; use a local pool")
+        except BaseException:
+            self._unreserve(pool, name)
+            raise
+        return RootfsLayers(lowers, os.path.join(vol.path, "upper"),
+                            os.path.join(vol.path, "work"), vol)
+
+    def release(self, pool: str, volume_name: str) -> bool:
+        """Delete the volume and its reference; False if neither existed."""
+        _, backend = self._backend(pool)
+        gone = backend.delete_volume(volume_name)
+        n = self.db.execute("DELETE FROM storage_references WHERE pool = ? AND volume = ?",
+                            (pool, volume_name)).rowcount
+        return bool(gone or n)
+
+    def references(self, ref: str) -> list[tuple[str, str]]:
+        """(pool, volume) pairs made from the image."""
+        img = self.get(ref)
+        return [(r["pool"], r["volume"]) for r in self.db.query(
+            "SELECT pool, volume FROM storage_references WHERE image_id = ? ORDER BY 1, 2",
+            (img.id,))]
+
+    def _reserve(self, pool: str, volume: str, image_id: str) -> None:
+        try:
+            self.db.execute("INSERT INTO storage_references(pool, volume, image_id, created_at) "
+                            "VALUES (?, ?, ?, ?)", (pool, volume, image_id, time.time()))
+        except Exception as e:  # sqlite3.IntegrityError: the name is taken
+            if "UNIQUE" in str(e) or "PRIMARY" in str(e):
+                raise Conflict(f"volume {volume!r} already exists in pool {pool}") from None
+            raise
+
+    def _unreserve(self, pool: str, volume: str) -> None:
+        self.db.execute("DELETE FROM storage_references WHERE pool = ? AND volume = ?",
+                        (pool, volume))
+
+    def _add_blob(self, image_id: str, digest: str) -> None:
+        with self.db.tx() as c:
+            row = c.execute("SELECT blobs FROM storage_images WHERE id = ?", (image_id,)).fetchone()
+            blobs = sorted(set(json.loads(row["blobs"])) | {digest})
+            c.execute("UPDATE storage_images SET blobs = ? WHERE id = ?",
+                      (json.dumps(blobs), image_id))
+
+    # ------------------------------------------------------------------ gc
+    def gc(self) -> dict:
+        """Remove blobs this store put that no image uses, unpacked layers no image uses,
+        and stale temp files. Safe to run while imports are under way."""
+        out = {"blobs_removed": 0, "layers_removed": 0, "bytes_freed": 0}
+        used_blobs, used_layers = set(), set()
+        for r in self.db.query("SELECT pool, blobs, layers FROM storage_images"):
+            used_blobs.update((r["pool"], d) for d in json.loads(r["blobs"]))
+            used_layers.update(d[7:] for d in json.loads(r["layers"]))
+        # a cross-pool clone copies the base blob: it is used in the volume's pool too
+        for r in self.db.query("SELECT DISTINCT r.pool, i.id FROM storage_references r "
+                               "JOIN storage_images i ON i.id = r.image_id"):
+            if r["id"] and len(r["id"]) == 64:
+                used_blobs.add((r["pool"], "sha256:" + r["id"]))
+        for r in self.db.query("SELECT pool, digest FROM storage_blobs"):
+            key = (r["pool"], r["digest"])
+            with self._lock:
+                if key in used_blobs or key in self._inflight or r["pool"] not in self.pools:
+                    continue
+            backend = self.pools[r["pool"]]
+            info = backend.find_blob(r["digest"])
+            if info is not None and backend.delete_blob(r["digest"]):
+                out["blobs_removed"] += 1
+                out["bytes_freed"] += info.size
+            self.db.execute("DELETE FROM storage_blobs WHERE pool = ? AND digest = ?", key)
+        layers = os.path.join(self.cache_dir, "layers", "sha256")
+        now = time.time()
+        inflight = {d[7:] for _, d in list(self._inflight)}
+        for e in os.scandir(layers):
+            stale = e.name.startswith(".") and now - e.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS
+            if (not e.name.startswith(".") and e.name not in used_layers
+                    and e.name not in inflight) or stale:
+                out["bytes_freed"] += _tree_bytes(e.path)
+                shutil.rmtree(e.path, ignore_errors=True)
+                out["layers_removed"] += 0 if stale else 1
+        for e in os.scandir(self.tmp_dir):
+            if now - e.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS:
+                out["bytes_freed"] += e.stat(follow_symlinks=False).st_size
+                os.unlink(e.path)
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+
+class _Import:
+    """One import (or cross-pool copy): what it added, undone if it fails, and the blobs
+    it pins against a concurrent gc()."""
+
+    def __init__(self, store: ImageStore):
+        self.store = store
+        self.added: list[tuple[str, str, str]] = []  # (blob|layer, pool, digest)
+        self.pins: list[tuple[str, str]] = []
+
+    def __enter__(self) -> "_Import":
+        return self
+
+    def __exit__(self, et, e, tb) -> bool:
+        try:
+            if et is not None:
+                self.store._undo(self.added)
+        finally:
+            self.store._unpin(self.pins)
+        return False
+
+
+def _image(row) -> Image:
+    return Image(row["id"], row["name"], row["kind"], row["format"], "sha256:" + row["id"],
+                 row["size"], row["virtual_size"], row["pool"], row["created_at"],
+                 json.loads(row["config"]), tuple(json.loads(row["layers"])))
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name) > 255 or any(c.isspace() or ord(c) < 32 for c in name):
+        raise InvalidInput(f"image name {name!r} must be 1-255 printable characters, no spaces")
+    if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+        raise InvalidInput("an image name cannot look like an image id (64 hex digits)")
+
+
+def _check_disk(info: dict, path: str, format: str | None) -> dict:
+    fmt = info.get("format")
+    if fmt not in DISK_FORMATS:
+        raise InvalidInput(f"{path}: format {fmt!r} is not supported; convert it to qcow2 or "
+                           "raw (qemu-img convert -O qcow2 ...)")
+    if not info.get("virtual-size"):
+        raise InvalidInput(f"{path}: the image is empty (virtual size 0)")
+    if format is not None and format != fmt:
+        raise InvalidInput(f"{path}: declared format {format!r} but the file is {fmt!r}")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise InvalidInput(f"{path}: the image has a backing file "
+                           f"({info.get('backing-filename')!r}); refusing it (it could read host "
+                           "files): flatten it first with qemu-img convert")
+    data = ((info.get("format-specific") or {}).get("data") or {})
+    if data.get("data-file"):
+        raise InvalidInput(f"{path}: the image uses an external data file "
+                           f"({data['data-file']!r}); refusing it: flatten it with qemu-img convert")
+    return info
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for n in files:
+            try:
+                total += os.lstat(os.path.join(root, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class _BytesReader:
+    def __init__(self, data: bytes):
+        self._data, self._pos = data, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._pos + n
+        chunk = self._data[self._pos:end]
+        self._pos += len(chunk)
+        return chunk

@@ -1,0 +1,125 @@
+"""Build OCI image layouts, archives and `docker save` tars for tests (no network)."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+
+BUSYBOX = "/bin/busybox"  # Debian busybox-static
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def layer(members, compress=True) -> bytes:
+    """members: (name, kind, data_or_target, mode) with kind file|dir|sym."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, kind, val, *mode in members:
+            ti = tarfile.TarInfo(name)
+            ti.mode = mode[0] if mode else (0o755 if kind == "dir" else 0o644)
+            if kind == "file":
+                ti.size = len(val)
+                t.addfile(ti, io.BytesIO(val))
+            elif kind == "dir":
+                ti.type = tarfile.DIRTYPE
+                t.addfile(ti)
+            else:
+                ti.type, ti.linkname = tarfile.SYMTYPE, val
+                t.addfile(ti)
+    raw = buf.getvalue()
+    return gzip.compress(raw, 1, mtime=0) if compress else raw
+
+
+def busybox_layers() -> list[bytes]:
+    """Two layers: busybox + /etc/hello + /etc/keep, then a whiteout of /etc/hello."""
+    with open(BUSYBOX, "rb") as f:
+        bb = f.read()
+    base = layer([("bin/", "dir", None), ("bin/busybox", "file", bb, 0o755),
+                  ("bin/sh", "sym", "/bin/busybox"), ("etc/", "dir", None),
+                  ("etc/hello", "file", b"hello\n"), ("etc/keep", "file", b"keep\n"),
+                  ("var/", "dir", None), ("var/old", "file", b"old\n")])
+    top = layer([("etc/.wh.hello", "file", b""), ("etc/new", "file", b"new\n"),
+                 ("var/.wh..wh..opq", "file", b""), ("var/fresh", "file", b"fresh\n")])
+    return [base, top]
+
+
+def image_blobs(layers, *, arch="amd64", cmd=("/bin/sh",)):
+    """Return (manifest_bytes, {digest: bytes}) for an image made of ``layers``."""
+    config = json.dumps({"architecture": arch, "os": "linux",
+                         "config": {"Cmd": list(cmd), "Env": ["PATH=/bin"], "WorkingDir": "/"},
+                         "rootfs": {"type": "layers", "diff_ids": [
+                             sha(gzip.decompress(l)) for l in layers]}}).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": sha(config), "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": sha(l), "size": len(l)} for l in layers]}).encode()
+    blobs = {sha(config): config, sha(manifest): manifest}
+    blobs.update({sha(l): l for l in layers})
+    return manifest, blobs
+
+
+def write_layout(dest, images: dict, *, multiarch=False) -> str:
+    """images: tag -> list of layers. With ``multiarch`` one untagged-by-platform index per
+    tag holding an arm64 manifest (whose blobs are absent) and the amd64 one."""
+    os.makedirs(os.path.join(dest, "blobs", "sha256"), exist_ok=True)
+    entries = []
+    for tag, layers in images.items():
+        manifest, blobs = image_blobs(layers)
+        for d, data in blobs.items():
+            with open(os.path.join(dest, "blobs", "sha256", d[7:]), "wb") as f:
+                f.write(data)
+        desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": sha(manifest), "size": len(manifest)}
+        if multiarch:
+            arm = {"mediaType": desc["mediaType"], "digest": sha(b"arm64 manifest not here"),
+                   "size": 23, "platform": {"os": "linux", "architecture": "arm64"}}
+            index = json.dumps({"schemaVersion": 2,
+                                "mediaType": "application/vnd.oci.image.index.v1+json",
+                                "manifests": [arm, dict(desc, platform={
+                                    "os": "linux", "architecture": "amd64"})]}).encode()
+            with open(os.path.join(dest, "blobs", "sha256", sha(index)[7:]), "wb") as f:
+                f.write(index)
+            desc = {"mediaType": "application/vnd.oci.image.index.v1+json",
+                    "digest": sha(index), "size": len(index)}
+        entries.append(dict(desc, annotations={"org.opencontainers.image.ref.name": tag}))
+    with open(os.path.join(dest, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": entries}, f)
+    with open(os.path.join(dest, "oci-layout"), "w") as f:
+        f.write('{"imageLayoutVersion": "1.0.0"}')
+    return dest
+
+
+def tar_dir(src_dir, dest_tar) -> str:
+    with tarfile.open(dest_tar, "w") as t:
+        for name in sorted(os.listdir(src_dir)):
+            t.add(os.path.join(src_dir, name), arcname=name)
+    return dest_tar
+
+
+def write_docker_save(dest_tar, layers, tag="busybox:latest") -> str:
+    """A `docker save` archive: <id>/layer.tar (uncompressed), <config>.json, manifest.json."""
+    plain = [gzip.decompress(l) for l in layers]
+    _, blobs = image_blobs(layers)
+    config = next(b for b in blobs.values() if b"rootfs" in b)
+    cfg_name = sha(config)[7:] + ".json"
+    files = {cfg_name: config}
+    names = []
+    for i, l in enumerate(plain):
+        n = f"{hashlib.sha256(l).hexdigest()}/layer.tar"
+        files[n] = l
+        names.append(n)
+    files["manifest.json"] = json.dumps([{"Config": cfg_name, "RepoTags": [tag],
+                                          "Layers": names}]).encode()
+    with tarfile.open(dest_tar, "w") as t:
+        for n, data in files.items():
+            ti = tarfile.TarInfo(n)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    return dest_tar

@@ -355,3 +355,25 @@ def test_config_template_renders_every_pool_kind_tls_and_peers(tmp_path):
     assert s3.kind == "object" and s3.options()["secret_key"] == 'se"cr\\et' and s3.options()["part_size"] == 8388608
     assert (cfg.network.bridge, cfg.network.subnet, cfg.network.nat) == ("br9", "10.99.0.0/24", False)
     assert cfg.peers["node2"].url == "https://10.0.0.12:8470" and cfg.peers["node2"].token == "na_x_y"
+
+
+def test_source_copied_from_the_controller(tmp_path):
+    """nodeagent_source_copy: the controller packs the source, the host unpacks and installs
+    it; a second run copies and installs nothing."""
+    extra = {"nodeagent_listen": f"127.0.0.1:{_free_port()}", "nodeagent_prefix": str(tmp_path / "opt"),
+             "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
+             "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log"),
+             "nodeagent_source_copy": True}
+    env = _env(tmp_path / "ansible-home")
+    run = _playbook(env, extra, "--tags", "nodeagent_install")
+    assert run.returncode == 0, _explain(run)
+    assert {"Copy the agent's source to the host", "Unpack the agent's source",
+            "Install the agent into its venv"} <= set(_changed_tasks(run))
+    src = tmp_path / "opt" / "src"
+    assert (src / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()
+    assert not list(src.rglob("__pycache__"))
+    assert subprocess.run([str(tmp_path / "opt" / "venv" / "bin" / "nodeagent"), "--help"],
+                          capture_output=True).returncode == 0
+    run = _playbook(env, extra, "--tags", "nodeagent_install")
+    assert run.returncode == 0, _explain(run)
+    assert _recap(run)["changed"] == 0, f"changed: {_changed_tasks(run)}"

@@ -1,23 +1,85 @@
-"""Flask app factory: the REST control API (blueprints are registered here)."""
+"""Flask app factory: the REST control API, one blueprint per resource.
+
+``create_app(config)`` builds the app and its Services but starts nothing: the server
+calls ``app.config["SERVICES"].start()`` in its worker after fork (tests may too).
+"""
 from __future__ import annotations
 
-from flask import Flask, jsonify
+import logging
+import time
+import uuid
 
+from flask import Flask, g, request
+from werkzeug.exceptions import HTTPException
+
+from agent import auth
+from agent.api import ROUTES, render
 from agent.config import Config
 from agent.errors import AgentError
 
+log = logging.getLogger(__name__)
+HTTP_CODES = {400: "invalid", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+              415: "unsupported_media_type"}
 
-def create_app(config: Config) -> Flask:
+
+def _blueprints():
+    from agent.api import docs, events, host, images, instances, metrics, migrations, operations
+    # pools are served by the host blueprint: host facts and pools are one resource module
+    return [host.bp, images.bp, instances.bp, operations.bp, migrations.bp, events.bp, metrics.bp, docs.bp]
+
+
+def create_app(config: Config, services=None) -> Flask:
+    from agent import openapi
+    from agent.metrics import Metrics
+    from agent.services import Services
+
     app = Flask("nodeagent")
     app.config["NODEAGENT"] = config
     app.config["MAX_CONTENT_LENGTH"] = config.api.max_body_bytes
+    root = services or Services(config)
+    root.metrics = getattr(root, "metrics", None) or Metrics(root)
+    app.config["SERVICES"] = root
+    for bp in _blueprints():
+        app.register_blueprint(bp)
+    app.config["OPENAPI"] = openapi.build()
+    public = {r.endpoint for r in ROUTES if r.auth == "none"}
 
-    @app.get("/v1/health")
-    def health():
-        return jsonify({"status": "ok"})
+    @app.before_request
+    def _authenticate():
+        g.t0 = time.perf_counter()
+        if request.endpoint in public or request.endpoint is None:
+            return None  # unknown URLs fall through to a 404
+        g.caller = auth.authorize(root.tokens, request.headers.get("Authorization"), request.method)
+        return None
+
+    @app.after_request
+    def _observe(resp):
+        rule = request.url_rule.rule if request.url_rule else "unmatched"
+        root.metrics.observe(rule, request.method, resp.status_code, time.perf_counter() - g.get("t0", time.perf_counter()))
+        return resp
 
     @app.errorhandler(AgentError)
-    def agent_error(e: AgentError):
-        return jsonify({"error": e.to_dict()}), e.http_status
+    def _agent_error(e: AgentError):
+        if e.http_status >= 500:
+            log.warning("request failed", extra={"path": request.path, "code": e.code, "error": e.message})
+        return render({"error": e.to_dict()}, e.http_status)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        code = HTTP_CODES.get(e.code, "invalid" if e.code < 500 else "internal")
+        message = {404: f"no such endpoint: {request.method} {request.path[:200]} (see /v1/openapi.json)",
+                   405: f"method {request.method} is not allowed on {request.path[:200]}",
+                   413: f"request body too large: at most {config.api.max_body_bytes} bytes"}.get(e.code, e.description)
+        resp = render({"error": {"code": code, "message": message}}, e.code)
+        if e.code == 405 and getattr(e, "valid_methods", None):
+            resp.headers["Allow"] = ", ".join(e.valid_methods)
+        return resp
+
+    @app.errorhandler(Exception)
+    def _internal(e: Exception):
+        ref = uuid.uuid4().hex[:12]
+        log.exception("unhandled error", extra={"path": request.path, "ref": ref})
+        return render({"error": {"code": "internal",
+                                 "message": f"internal error (ref {ref}); the agent log has the details"}}, 500)
 
     return app

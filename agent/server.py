@@ -1,9 +1,28 @@
-"""Serve the API with gunicorn (gthread, one worker): never Flask's dev server."""
+"""Serve the API with gunicorn (gthread, one worker): never Flask's dev server.
+
+The app and its services are built in the worker (gunicorn loads the WSGI app after
+fork), where the operation pool starts and crash recovery runs. SIGTERM stops taking
+work and ends event streams; VMs and containers keep running (they are not children
+of the agent), and the next start re-adopts them.
+"""
 from __future__ import annotations
 
+import logging
+
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import ThreadWorker
 
 from agent.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class AgentWorker(ThreadWorker):
+    def handle_exit(self, sig, frame):
+        services = getattr(self.wsgi, "config", {}).get("SERVICES") if self.wsgi else None
+        if services is not None:
+            services.stop()  # cancels queued work; running work stops at its next phase boundary
+        super().handle_exit(sig, frame)
 
 
 class AgentServer(BaseApplication):
@@ -17,7 +36,7 @@ class AgentServer(BaseApplication):
         settings = {
             "bind": api.listen,
             "workers": 1,  # one worker: the agent owns host state in one process
-            "worker_class": "gthread",
+            "worker_class": "agent.server.AgentWorker",
             "threads": api.threads,
             "timeout": 0,  # long SSE streams and waits must not be killed
             "graceful_timeout": 10,
@@ -25,6 +44,7 @@ class AgentServer(BaseApplication):
             "certfile": api.tls_cert,
             "keyfile": api.tls_key,
             "ca_certs": api.client_ca,
+            "limit_request_line": 8190,
         }
         if api.client_ca:
             import ssl
@@ -34,4 +54,8 @@ class AgentServer(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
-        return self._factory(self._config)
+        app = self._factory(self._config)
+        app.config["SERVICES"].start()  # in the worker, after fork
+        log.info("nodeagent serving", extra={"listen": self._config.api.listen,
+                                             "tls": bool(self._config.api.tls_cert)})
+        return app

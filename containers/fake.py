@@ -30,6 +30,7 @@ import threading
 
 from agent.errors import Conflict, InvalidInput, NotFound
 from containers import validate
+from containers.bundle import resolve_process
 from containers.runtime import ContainerInfo, ContainerSpec, ExecResult, Limits
 
 SIGTERM_EXIT = 128 + 15
@@ -128,7 +129,7 @@ class FakeRuntime:
                 raise Conflict(f"container {name!r} is paused: resume it instead")
             box.exit_code = None
             box.state, box.pid = "running", next(self._pids)
-            code, out = _interpret(box.spec.command, box.spec.hostname or name)
+            code, out = _interpret(resolve_process(box.spec)["args"], box.spec.hostname or name)
             if out:
                 box.log.append(out)
             if code is not None:
@@ -200,7 +201,8 @@ class FakeRuntime:
         with self._lock:
             box = self._box(name)
             running = box.state in ("running", "paused")
-            return {"cpu_ns": 0, "memory_bytes": 0, "pids": 1 if running else 0,
+            return {"cpu_ns": 0, "memory_bytes": 0, "pids": 1 if running else 0, "oom_kills": 0,
+                    "unsupported": [],
                     "io": {"read_bytes": 0, "write_bytes": 0},
                     "net": {"rx_bytes": 0, "tx_bytes": 0},
                     "limits": dataclasses.asdict(box.limits)}

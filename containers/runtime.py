@@ -55,6 +55,9 @@ class ContainerSpec:
     limits: Limits = Limits()
     network: NetworkSpec = NetworkSpec()
     userns: bool = False
+    # the image's OCI config (Cmd, Entrypoint, Env, WorkingDir, User); the spec's own
+    # command/env/workdir/user win over it, Docker-style (Entrypoint + command)
+    image_config: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,15 @@ class Runtime(Protocol):
         """SIGTERM, then SIGKILL after ``timeout`` seconds."""
 
     def kill(self, name: str, signal: int = 9) -> ContainerInfo: ...
+
+    def restart(self, name: str, *, timeout: float = 10) -> ContainerInfo:
+        """stop(timeout) then start(); the IP lease and ports are kept."""
+
+    def pause(self, name: str) -> ContainerInfo:
+        """Freeze a running container (Conflict otherwise)."""
+
+    def resume(self, name: str) -> ContainerInfo:
+        """Thaw a paused container (Conflict otherwise)."""
 
     def delete(self, name: str) -> bool:
         """Stop if running and release everything; False if it was already gone."""

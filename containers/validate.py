@@ -8,6 +8,7 @@ import ipaddress
 import re
 
 from agent.errors import InvalidInput
+from containers.bundle import resolve_process
 from containers.runtime import ContainerSpec, Limits, NetworkSpec
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")  # usable as a cgroup/dir/veth seed
@@ -71,8 +72,8 @@ def check_network(net: NetworkSpec) -> None:
 def check_spec(spec: ContainerSpec) -> None:
     """Everything about a spec that can be judged without touching the host."""
     check_name(spec.name)
-    if not spec.command or not all(isinstance(a, str) for a in spec.command) or \
-            not spec.command[0]:
+    args = resolve_process(spec)["args"]
+    if not args or not all(isinstance(a, str) for a in args) or not args[0]:
         raise InvalidInput("command is empty: give the program and its arguments, "
                            "e.g. ['sleep', '60'] (or set the image's Cmd/Entrypoint)")
     if not isinstance(spec.env, dict) or not all(

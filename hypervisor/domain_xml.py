@@ -117,6 +117,7 @@ def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None 
     _sub(console, "target", type="serial", port="0")
     _sub(dev, "controller", type="usb", model="none")
     if spec.machine == "q35":
+        _sub(dev, "controller", type="pci", index="0", model="pcie-root")
         for _ in range(SPARE_ROOT_PORTS):
             _sub(dev, "controller", type="pci", model="pcie-root-port")
     _sub(dev, "memballoon", model="none")

@@ -90,3 +90,9 @@ class Driver(Protocol):
 
     def snapshot(self, name: str, snapshot: str) -> None:
         """Only valid while stopped: a disk snapshot of every writable disk."""
+
+    def disks(self, name: str) -> list[DiskSpec]:
+        """The VM's disks (persistent definition), sorted by target."""
+
+    def list_snapshots(self, name: str) -> list[str]:
+        """Snapshot names present on every writable disk."""

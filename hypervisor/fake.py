@@ -58,6 +58,7 @@ class FakeDriver:
         for target in sorted(vm.disks):
             vm.console.append(f"fake-guest: disk {target}")
         vm.console.append("NODEAGENT-GUEST-BOOTED")
+        vm.console.append("NODEAGENT-READY")
 
     # -- lifecycle --
     def define(self, spec: VmSpec) -> VmInfo:

@@ -25,3 +25,58 @@ def libvirtd():
         pytest.fail(str(e))
     yield daemons.uri
     daemons.stop()
+
+
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory):
+    """A docker-registry on 127.0.0.1:<free port> (tests/registry_server.py); stopped by PID."""
+    from tests.registry_server import RegistryServer
+    server = RegistryServer(str(tmp_path_factory.mktemp("registry"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def busybox_ref(oci_registry, tmp_path_factory):
+    """Reference of a busybox image built by the tests and pushed to ``oci_registry``."""
+    from tests.registry_server import push_busybox
+    return push_busybox(oci_registry, str(tmp_path_factory.mktemp("busybox-image")))
+
+
+@pytest.fixture(scope="session")
+def guest_images():
+    """The test guest from scripts/build-test-images (cached, idempotent): a dict of paths
+    vmlinuz, initrd, rootfs (qcow2) and the kernel cmdline."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
+    r = subprocess.run([os.path.join(root, "scripts", "build-test-images"), out],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"scripts/build-test-images failed: {r.stderr.strip()}")
+    return {"vmlinuz": f"{out}/vmlinuz", "initrd": f"{out}/initrd.img", "rootfs": f"{out}/rootfs.qcow2",
+            "cmdline": open(f"{out}/cmdline").read().strip()}
+
+
+@pytest.fixture(scope="session")
+def vm_root():
+    """A session directory QEMU (user libvirt-qemu) can reach: pytest's tmp_path lives under
+    a 0700 directory, so VM disks, seeds and console logs go here instead."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="nodeagent-vmtest-", dir="/var/tmp")
+    import os
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def vm_dir(vm_root, request):
+    """A per-test directory under vm_root."""
+    import os
+    import re
+    d = os.path.join(vm_root, re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:60])
+    os.makedirs(d, mode=0o755, exist_ok=True)
+    return d

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import random
+import secrets
 import shutil
 import socket
 import tempfile
@@ -10,7 +12,7 @@ import pytest
 
 from containers import ContainerSpec, NetworkSpec, Rootfs
 
-RUNTIMES = ["fake"]
+RUNTIMES = ["fake", "runc"]
 BUSYBOX = "/bin/busybox"
 # applets linked into test rootfs dirs and the test OCI image
 APPLETS = ("sh", "ls", "sleep", "cat", "echo", "hostname", "ps", "wget", "nc", "ip", "true",
@@ -36,15 +38,21 @@ def build_busybox_rootfs(root: str) -> str:
     return root
 
 
-_LOWER: dict[str, str] = {}
-
-
 def busybox_lower() -> str:
-    """One shared read-only busybox layer per test process."""
-    if "dir" not in _LOWER:
-        d = tempfile.mkdtemp(prefix="nodeagent-busybox-")
-        _LOWER["dir"] = build_busybox_rootfs(d)
-    return _LOWER["dir"]
+    """One shared read-only busybox layer, kept at a fixed path per busybox build (so test
+    runs reuse it instead of leaving a copy each): /tmp/nodeagent-test-busybox-<hash>."""
+    st = os.stat(BUSYBOX)
+    key = f"{st.st_size}-{int(st.st_mtime)}-{len(APPLETS)}"
+    final = os.path.join(tempfile.gettempdir(), f"nodeagent-test-busybox-{key}")
+    if not os.path.isdir(final):
+        tmp = tempfile.mkdtemp(prefix="nodeagent-test-busybox-build-")
+        build_busybox_rootfs(tmp)
+        os.chmod(tmp, 0o755)  # user-namespaced containers must traverse it
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def make_runtime(kind: str, tmp_path):
@@ -52,7 +60,36 @@ def make_runtime(kind: str, tmp_path):
     if kind == "fake":
         from containers.fake import FakeRuntime
         return FakeRuntime(), lambda: None
+    if kind == "runc":
+        return make_runc(tmp_path)
     raise AssertionError(f"unknown runtime kind {kind}")
+
+
+def test_network() -> tuple[str, str]:
+    """A bridge name and a /24 of 198.19.0.0/16 (test-only range) unique to this call."""
+    n = random.randrange(100, 200)
+    return f"natst{secrets.token_hex(3)}", f"198.19.{n}.0/24"
+
+
+def make_runc(tmp_path, **kw):
+    """A RuncRuntime on a private state dir, bridge, subnet and cgroup parent; cleanup
+    deletes its containers, bridge and rules."""
+    from agent.state import Database
+    from containers.runc import RuncRuntime
+    bridge, subnet = test_network()
+    db = Database(str(tmp_path / "rt-state.db"))
+    kw.setdefault("bridge", bridge)
+    kw.setdefault("subnet", subnet)
+    kw.setdefault("cgroup_parent", f"nodeagent-test-{secrets.token_hex(3)}")
+    rt = RuncRuntime(str(tmp_path / "rt-state"), db, **kw)
+
+    def cleanup():
+        for info in rt.list():
+            rt.delete(info.name)
+        rt.reconcile()
+        rt.close()
+        db.close()
+    return rt, cleanup
 
 
 def make_spec(rt, tmp_path, name, command, **kw) -> ContainerSpec:

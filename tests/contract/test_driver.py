@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -9,18 +10,36 @@ import pytest
 from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
 from hypervisor.driver import STATES, DiskSpec, Driver, VmInfo, VmSpec
 
-DRIVERS = ["fake"]
+DRIVERS = ["fake", "libvirt"]
+CONSOLE_TIMEOUT_S = 60  # TCG boot takes ~3 s; generous for a loaded CI host
 
 
 @pytest.fixture(params=DRIVERS)
-def driver(request, tmp_path):
+def driver(request):
     if request.param == "fake":
         from hypervisor.fake import FakeDriver
         d = FakeDriver()
+    else:
+        uri = request.getfixturevalue("libvirtd")
+        root = request.getfixturevalue("vm_root")
+        from hypervisor.libvirt_driver import LibvirtDriver
+        d = LibvirtDriver(uri=uri, virt_type="qemu", state_dir=f"{root}/state")
+    mine = set()
+    d._contract_mine = mine
     yield d
-    for info in d.list():
-        if info.name.startswith("ct-"):
-            d.delete(info.name)
+    for name in mine:
+        d.delete(name)
+
+
+def wait_console(driver, name, text, timeout=CONSOLE_TIMEOUT_S) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        log = driver.console_log(name)
+        if text in log:
+            return log
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not on {name}'s console after {timeout}s:\n{log[-2000:]}")
+        time.sleep(0.1)
 
 
 def make_disk(path, size="64M") -> str:
@@ -29,12 +48,16 @@ def make_disk(path, size="64M") -> str:
 
 
 @pytest.fixture
-def spec(tmp_path):
+def spec(driver, vm_dir, guest_images):
+    """A VmSpec of the test guest (direct kernel boot, a fresh qcow2 disk); every name it
+    hands out is deleted after the test."""
     def make(name=None, **over) -> VmSpec:
         name = name or f"ct-{uuid.uuid4().hex[:8]}"
+        driver._contract_mine.add(name)
         fields = dict(name=name, uuid=str(uuid.uuid4()), cpus=1, memory_mib=128,
-                      disks=(DiskSpec(target="vda", source=make_disk(tmp_path / f"{name}.qcow2")),),
-                      console_log=str(tmp_path / f"{name}.log"))
+                      disks=(DiskSpec(target="vda", source=make_disk(f"{vm_dir}/{name}.qcow2")),),
+                      console_log=f"{vm_dir}/{name}.log", kernel=guest_images["vmlinuz"],
+                      initrd=guest_images["initrd"], cmdline=guest_images["cmdline"])
         fields.update(over)
         return VmSpec(**fields)
     return make
@@ -82,17 +105,18 @@ def test_bad_spec_defines_nothing(driver, spec, over, error):
     assert driver.list() == before
 
 
-def test_missing_disk_file_defines_nothing(driver, spec, tmp_path):
-    s = spec(disks=(DiskSpec(target="vda", source=str(tmp_path / "missing.qcow2")),))
+def test_missing_disk_file_defines_nothing(driver, spec, vm_dir):
+    s = spec(disks=(DiskSpec(target="vda", source=f"{vm_dir}/missing.qcow2"),))
     with pytest.raises(NotFound, match="does not exist"):
         driver.define(s)
     assert driver.find(s.name) is None
 
 
-def test_disk_qemu_cannot_open_defines_nothing(driver, spec, tmp_path):
-    junk = tmp_path / "junk.qcow2"
-    junk.write_bytes(b"this is not a qcow2 image" * 100)
-    s = spec(disks=(DiskSpec(target="vda", source=str(junk)),))
+def test_disk_qemu_cannot_open_defines_nothing(driver, spec, vm_dir):
+    junk = f"{vm_dir}/junk.qcow2"
+    with open(junk, "wb") as f:
+        f.write(b"this is not a qcow2 image" * 100)
+    s = spec(disks=(DiskSpec(target="vda", source=junk),))
     with pytest.raises(Unprocessable, match="not a qcow2 image"):
         driver.define(s)
     assert driver.find(s.name) is None
@@ -145,15 +169,18 @@ def test_console_log(driver, spec):
     driver.define(s)
     assert isinstance(driver.console_log(s.name), str)
     driver.start(s.name)
-    assert isinstance(driver.console_log(s.name, tail=5), str)
+    log = wait_console(driver, s.name, "NODEAGENT-GUEST-BOOTED")
+    assert log.startswith(driver.console_log(s.name)[:len(log)])  # a log only grows
+    assert len(driver.console_log(s.name, tail=2).splitlines()) <= 2
     assert driver.console_log(s.name, tail=0) == ""
 
 
-def test_attach_detach(driver, spec, tmp_path):
+def test_attach_detach(driver, spec, vm_dir):
     s = spec()
     driver.define(s)
     driver.start(s.name)
-    data = DiskSpec(target="vdb", source=make_disk(tmp_path / "data.qcow2"))
+    wait_console(driver, s.name, "NODEAGENT-READY")
+    data = DiskSpec(target="vdb", source=make_disk(f"{vm_dir}/data.qcow2"))
     driver.attach_disk(s.name, data)
     assert [d.target for d in driver.disks(s.name)] == ["vda", "vdb"]
     with pytest.raises(Conflict, match="vdb"):

@@ -98,6 +98,10 @@ def test_logs_capture_stdout(rt, spec):
     assert rt.logs("l") == "hello world\n"
     assert rt.logs("l", tail=1) == "hello world\n"
     assert rt.logs("l", tail=0) == ""
+    rt.start("l")  # a second run appends
+    wait_state(rt, "l", "stopped")
+    assert rt.logs("l") == "hello world\nhello world\n"
+    assert rt.logs("l", tail=1) == "hello world\n"
 
 
 def test_exec_in_running_container(rt, spec):
@@ -152,7 +156,7 @@ def test_limits_kept_and_updated(rt, spec):
     st = rt.stats("lim")
     assert st["limits"] == {"cpus": 0.5, "memory_mib": 64, "pids_max": 50, "io_weight": 200}
     assert st["pids"] >= 1
-    assert set(st) >= {"cpu_ns", "memory_bytes", "pids", "io", "net"}
+    assert set(st) >= {"cpu_ns", "memory_bytes", "pids", "io", "net", "oom_kills", "unsupported"}
     rt.update_limits("lim", Limits(cpus=1.0, memory_mib=96, pids_max=60, io_weight=200))
     st = rt.stats("lim")
     assert st["limits"]["memory_mib"] == 96 and st["limits"]["pids_max"] == 60
@@ -175,3 +179,26 @@ def test_port_clash_is_conflict(rt, spec, free_port):
     with pytest.raises(Conflict):
         rt.create(spec("p2", network=NetworkSpec(mode="bridge", ports=ports)))
     assert rt.find("p2") is None
+
+
+def test_pause_and_resume(rt, spec):
+    rt.create(spec("pz", network=NetworkSpec(mode="none")))
+    with pytest.raises(Conflict):
+        rt.pause("pz")
+    rt.start("pz")
+    assert rt.pause("pz").state == "paused"
+    with pytest.raises(Conflict):
+        rt.start("pz")
+    assert rt.resume("pz").state == "running"
+    with pytest.raises(Conflict):
+        rt.resume("pz")
+    rt.pause("pz")
+    assert rt.delete("pz") is True and rt.find("pz") is None
+
+
+def test_limits_updated_while_stopped_apply_on_next_start(rt, spec):
+    rt.create(spec("ls", network=NetworkSpec(mode="none")))
+    rt.update_limits("ls", Limits(memory_mib=48, pids_max=40))
+    rt.start("ls")
+    assert rt.stats("ls")["limits"] == {"cpus": None, "memory_mib": 48, "pids_max": 40,
+                                        "io_weight": None}

@@ -1,0 +1,47 @@
+"""GET /v1/events: server-sent events (lifecycle, operation, migration) with a type filter."""
+import json
+import time
+
+from flask import Blueprint, Response, request, stream_with_context
+
+from agent.api import query_number, route, services
+from agent.errors import InvalidInput
+from agent.events import TYPES
+
+bp = Blueprint("events", __name__)
+HEARTBEAT_SECONDS = 15  # a comment line this often keeps proxies open and detects gone clients
+
+
+@route(bp, "GET", "/v1/events", summary="Server-sent events; ?type=lifecycle,operation,migration",
+       responses={200: "text/event-stream", 400: None},
+       query=[{"name": "type", "schema": {"type": "string"}, "description": "comma-separated event types"},
+              {"name": "heartbeat", "schema": {"type": "number", "minimum": 0.1, "maximum": 300},
+               "description": "seconds between heartbeats (default 15)"},
+              {"name": "timeout", "schema": {"type": "number", "minimum": 0, "maximum": 86400},
+               "description": "close the stream after this many seconds (default: never)"}])
+def stream_events():
+    types = [t for t in (request.args.get("type") or "").split(",") if t]
+    bad = [t for t in types if t not in TYPES]
+    if bad:
+        raise InvalidInput(f"unknown event type {bad[0]!r}: use {', '.join(TYPES)}")
+    heartbeat = query_number("heartbeat", HEARTBEAT_SECONDS, lo=0.1, hi=300)
+    timeout = query_number("timeout", 0, lo=0, hi=86400)
+    root = services()
+    sub = root.events.subscribe(types or None)
+
+    def gen():
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            yield ": connected\n\n"
+            while root.started and (deadline is None or time.monotonic() < deadline):
+                wait = heartbeat if deadline is None else max(0.01, min(heartbeat, deadline - time.monotonic()))
+                ev = sub.get(wait)
+                if ev is None:
+                    yield ": heartbeat\n\n"
+                else:
+                    yield f"id: {ev['id']}\nevent: {ev['type']}\ndata: {json.dumps(ev, separators=(',', ':'))}\n\n"
+        finally:
+            sub.close()
+
+    return Response(stream_with_context(gen()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,60 @@
+"""/v1/instances: create (202), list, get, delete, actions (202), exec, logs, stats."""
+from flask import Blueprint, Response
+
+from agent import models
+from agent.api import parse, path_id, query_number, render, route, services
+
+bp = Blueprint("instances", __name__)
+
+TAIL = {"name": "tail", "schema": {"type": "integer", "minimum": 1, "maximum": 100000},
+        "description": "only the last N lines"}
+
+
+@route(bp, "POST", "/v1/instances", summary="Create a VM or container (202 + operation)",
+       body=models.InstanceCreate, responses={202: models.Operation, 404: None, 409: None, 422: None})
+def create_instance():
+    return render(services().instances.create(parse(models.InstanceCreate)), 202)
+
+
+@route(bp, "GET", "/v1/instances", summary="List instances", responses={200: models.InstanceList})
+def list_instances():
+    return Response(services().instances.list_json(), mimetype="application/json")
+
+
+@route(bp, "GET", "/v1/instances/{id}", summary="One instance (by id or name)",
+       responses={200: models.Instance, 404: None})
+def get_instance(id):
+    return render(services().instances.get(path_id(id)))
+
+
+@route(bp, "DELETE", "/v1/instances/{id}", summary="Delete an instance and release its volumes",
+       responses={200: models.Deleted, 404: None, 409: None})
+def delete_instance(id):
+    return render({"deleted": services().instances.delete(path_id(id))})
+
+
+@route(bp, "POST", "/v1/instances/{id}/actions", summary="start|stop|restart|pause|resume|kill (202)",
+       body=models.InstanceAction, responses={202: models.Operation, 404: None, 409: None, 422: None})
+def instance_action(id):
+    iid = path_id(id)
+    return render(services().instances.action(iid, parse(models.InstanceAction)), 202)
+
+
+@route(bp, "POST", "/v1/instances/{id}/exec", summary="Run a command in a container",
+       body=models.ExecRequest, responses={200: models.ExecResult, 404: None, 409: None, 422: None})
+def instance_exec(id):
+    iid = path_id(id)
+    return render(services().instances.exec(iid, parse(models.ExecRequest)))
+
+
+@route(bp, "GET", "/v1/instances/{id}/logs", summary="Container stdout/stderr or VM serial console",
+       responses={200: models.Logs, 404: None}, query=[TAIL])
+def instance_logs(id):
+    tail = query_number("tail", None, lo=1, hi=100000, cast=int)
+    return render({"logs": services().instances.logs(path_id(id), tail)})
+
+
+@route(bp, "GET", "/v1/instances/{id}/stats", summary="cpu, memory, pids, io, net",
+       responses={200: models.Stats, 404: None, 409: None})
+def instance_stats(id):
+    return render(services().instances.stats(path_id(id)))

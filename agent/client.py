@@ -1,0 +1,93 @@
+"""A small HTTP client for the agent's API (used by the CLI and the tests).
+
+URL and token come from arguments, else ``$NODEAGENT_URL``/``$NODEAGENT_TOKEN``, else
+the client config file (``$NODEAGENT_CLIENT_CONFIG`` or ``~/.config/nodeagent/client.toml``
+with keys ``url``, ``token``, ``ca`` (a CA bundle to verify the agent's cert),
+``cert``/``key`` (a client cert when the agent requires one)).
+"""
+from __future__ import annotations
+
+import os
+import time
+import tomllib
+from pathlib import Path
+
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:8470"
+DEFAULT_CLIENT_CONFIG = "~/.config/nodeagent/client.toml"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(f"{message} (HTTP {status}, {code})")
+        self.status, self.code, self.message = status, code, message
+
+
+def client_settings(env=None) -> dict:
+    env = os.environ if env is None else env
+    path = Path(os.path.expanduser(env.get("NODEAGENT_CLIENT_CONFIG") or DEFAULT_CLIENT_CONFIG))
+    data = tomllib.loads(path.read_text()) if path.is_file() else {}
+    if env.get("NODEAGENT_URL"):
+        data["url"] = env["NODEAGENT_URL"]
+    if env.get("NODEAGENT_TOKEN"):
+        data["token"] = env["NODEAGENT_TOKEN"]
+    data.setdefault("url", DEFAULT_URL)
+    return data
+
+
+class Client:
+    def __init__(self, url: str, token: str | None = None, *, ca: str | None = None,
+                 cert: str | None = None, key: str | None = None, timeout: float = 60):
+        self.url = url.rstrip("/")
+        self.s = requests.Session()
+        if token:
+            self.s.headers["Authorization"] = f"Bearer {token}"
+        self.verify = ca or True  # passed per request: a session default loses to $REQUESTS_CA_BUNDLE
+        if cert:
+            self.s.cert = (cert, key) if key else cert
+        self.timeout = timeout
+
+    @classmethod
+    def from_env(cls, env=None) -> "Client":
+        st = client_settings(env)
+        return cls(st["url"], st.get("token"), ca=st.get("ca"), cert=st.get("cert"), key=st.get("key"))
+
+    def request(self, method: str, path: str, *, json=None, params=None, timeout=None):
+        try:
+            r = self.s.request(method, self.url + path, json=json, params=params,
+                               timeout=timeout or self.timeout, verify=self.verify)
+        except requests.exceptions.SSLError as e:
+            raise ApiError(0, "tls", f"TLS with the agent at {self.url} failed: {e}; set `ca` (and `cert`/`key` "
+                           "if the agent requires client certificates) in the client config") from None
+        except requests.ConnectionError as e:
+            raise ApiError(0, "unreachable", f"cannot reach the agent at {self.url}: {e.__class__.__name__}; "
+                           "is `nodeagent serve` running? set NODEAGENT_URL") from None
+        if r.status_code >= 400:
+            try:
+                err = r.json()["error"]
+                raise ApiError(r.status_code, err["code"], err["message"])
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(r.status_code, "http", r.text[:500]) from None
+        ctype = r.headers.get("Content-Type", "")
+        return r.json() if ctype.startswith("application/json") else r.text
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, body, **kw):
+        return self.request("POST", path, json=body, **kw)
+
+    def delete(self, path, **kw):
+        return self.request("DELETE", path, **kw)
+
+    def wait(self, op_id: str, timeout: float = 600, on_progress=None) -> dict:
+        """Poll the operation until it ends (1 s long-polls, so progress can be shown)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            op = self.get(f"/v1/operations/{op_id}/wait", params={"timeout": 1 if on_progress else 30},
+                          timeout=60)
+            if on_progress:
+                on_progress(op)
+            if op["status"] in ("succeeded", "failed", "cancelled") or time.monotonic() > deadline:
+                return op

@@ -1,0 +1,253 @@
+"""Request and response models of the v1 API (pydantic v2). Unknown fields are refused.
+
+The OpenAPI spec (agent/openapi.py) is generated from these models, so a field's
+``description`` here is its documentation.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: instance names
+IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+MAX_MEMORY_MIB = 1024 * 1024  # 1 TiB
+MAX_CPUS = 256
+
+
+def _integral(v):
+    """JSON Schema calls 92.0 an integer: accept it (strict mode refuses floats for ints)."""
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
+def IntRange(lo: int, hi: int):  # noqa: N802 - a type
+    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_integral)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # no "1" -> 1 or 0 -> False coercion
+
+
+# -- common --
+
+class ErrorDetail(Model):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class Error(Model):
+    error: ErrorDetail
+
+
+class Health(Model):
+    status: Literal["ok"]
+
+
+class Deleted(Model):
+    deleted: bool
+
+
+# -- operations --
+
+class Progress(Model):
+    phase: str | None = None
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+
+
+class Operation(Model):
+    id: str
+    kind: str
+    target: str | None = None
+    status: Literal["pending", "running", "succeeded", "failed", "cancelled"]
+    progress: Progress
+    result: dict[str, Any] | None = None
+    error: ErrorDetail | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class OperationList(Model):
+    operations: list[Operation]
+
+
+# -- host and pools --
+
+class PoolUsage(Model):
+    capacity: int
+    used: int
+    available: int
+
+
+class Pool(Model):
+    name: str
+    kind: str
+    default: bool
+    supports_volumes: bool
+    usage: PoolUsage | None = None
+    error: str | None = None
+
+
+class PoolList(Model):
+    pools: list[Pool]
+
+
+class Host(Model):
+    hostname: str
+    hypervisor: Literal["kvm", "qemu", "none"]
+    hypervisor_driver: str
+    container_runtime: str
+    cpus: int
+    memory_bytes: int
+    pools: list[Pool]
+    capacity: dict[str, int]
+    versions: dict[str, str]
+
+
+# -- images --
+
+class FileSource(Model):
+    type: Literal["file"]
+    path: str = Field(min_length=2, max_length=4096, pattern=r"^/",
+                      description="absolute path on the agent's host")
+
+
+class UrlSource(Model):
+    type: Literal["url"]
+    url: str = Field(pattern=r"^https?://", max_length=4096)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
+class RegistrySource(Model):
+    type: Literal["registry"]
+    reference: str = Field(min_length=1, max_length=512, description="e.g. registry.example:5000/alpine:3.19")
+    tls_verify: bool = True
+
+
+ImageSource = Annotated[Union[FileSource, UrlSource, RegistrySource], Field(discriminator="type")]
+# type "s3" (import from an object pool) is not offered yet: the object pool helper owns it
+
+
+class ImageImport(Model):
+    name: str = Field(pattern=IMAGE_NAME_PATTERN)
+    source: ImageSource
+    format: Literal["qcow2", "raw", "oci"] | None = None
+    pool: str | None = Field(None, min_length=1, max_length=64)
+
+
+class Image(Model):
+    id: str
+    name: str
+    kind: Literal["vm", "container"]
+    format: str
+    digest: str
+    size: int
+    virtual_size: int | None = None
+    pool: str
+    created_at: float
+    config: dict[str, Any]
+    layers: list[str]
+
+
+class ImageList(Model):
+    images: list[Image]
+
+
+# -- instances --
+
+class PortSpec(Model):
+    host_port: Int = Field(ge=1, le=65535)
+    container_port: Int = Field(ge=1, le=65535)
+    protocol: Literal["tcp", "udp"] = "tcp"
+    host_ip: str = Field("127.0.0.1", pattern=r"^[0-9.]{7,15}$")
+
+
+class InstanceCreate(Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    kind: Literal["vm", "container"]
+    image: str = Field(min_length=1, max_length=128)
+    cpus: float = Field(1, gt=0, le=MAX_CPUS)
+    memory_mib: Int = Field(256, ge=16, le=MAX_MEMORY_MIB)
+    disk_gib: IntRange(1, 65536) | None = None
+    pids_max: IntRange(1, 4_194_304) | None = None
+    pool: str | None = Field(None, min_length=1, max_length=64)
+    network: Literal["bridge", "none", "host"] = "bridge"
+    ports: list[PortSpec] = Field(default_factory=list, max_length=64)
+    env: dict[str, str] = Field(default_factory=dict, max_length=256)
+    command: list[str] | None = Field(None, max_length=256)
+    user_data: str | None = Field(None, max_length=64 * 1024)
+    start: bool = True
+
+
+class Instance(Model):
+    id: str
+    name: str
+    kind: Literal["vm", "container"]
+    image: str
+    state: str
+    pool: str
+    cpus: float
+    memory_mib: int
+    volumes: list[str]
+    ip: str | None = None
+    mac: str | None = None
+    node: str | None = None
+    error: str | None = None
+    created_at: float
+    updated_at: float
+
+
+class InstanceList(Model):
+    instances: list[Instance]
+
+
+class InstanceAction(Model):
+    action: Literal["start", "stop", "restart", "pause", "resume", "kill"]
+    force: bool = False
+    timeout: float = Field(60, gt=0, le=3600)
+
+
+class ExecRequest(Model):
+    command: list[str] = Field(min_length=1, max_length=256)
+    timeout: float = Field(60, gt=0, le=3600)
+
+
+class ExecResult(Model):
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+class Logs(Model):
+    logs: str
+
+
+class Stats(Model):
+    cpu_ns: int | None = None
+    memory_bytes: int | None = None
+    pids: int | None = None
+    io: dict[str, int] = Field(default_factory=dict)
+    net: dict[str, int] = Field(default_factory=dict)
+
+
+# -- migrations --
+
+class MigrationCreate(Model):
+    instance: str = Field(min_length=1, max_length=128)
+    destination: str = Field(min_length=1, max_length=256)
+    mode: Literal["live", "cold"] = "live"
+
+
+# -- tokens (CLI only, listed for completeness) --
+
+class TokenInfo(Model):
+    name: str
+    role: Literal["admin", "reader"]
+    id: str
+    created_at: float
+    last_used_at: float | None = None

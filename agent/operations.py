@@ -1,0 +1,241 @@
+"""Asynchronous operations: long work runs in a bounded worker pool and is persisted.
+
+An operation moves pending -> running -> succeeded | failed | cancelled. Its work is a
+callable ``fn(op: OperationContext) -> dict`` that reports progress with
+``op.phase(...)``/``op.bytes(...)``; ``op.phase()`` is also the cancel point: a cancelled
+operation raises ``Cancelled`` there and the work cleans up its partial artefacts.
+On agent start, ``recover()`` marks operations left pending/running by a crash as failed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from agent import schema
+from agent.errors import AgentError, Cancelled, Conflict, NotFound, Unavailable
+from agent.events import EventBus
+from agent.state import Database
+
+log = logging.getLogger(__name__)
+
+FINAL = ("succeeded", "failed", "cancelled")
+PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes to SQLite per operation
+MAX_WAIT = 3600  # seconds a client may block in /wait
+# Test hook to inject a slow phase: NODEAGENT_SLOW_PHASE="instance.create:clone=5,image.import:bytes=5"
+# (phase "bytes": sleep once at the first byte progress report, i.e. mid-copy)
+SLOW_PHASE_ENV = "NODEAGENT_SLOW_PHASE"
+
+
+def _slow_phases() -> dict[tuple[str, str], float]:
+    out = {}
+    for item in filter(None, os.environ.get(SLOW_PHASE_ENV, "").split(",")):
+        key, _, secs = item.partition("=")
+        kind, _, phase = key.partition(":")
+        out[(kind, phase)] = float(secs or 0)
+    return out
+
+
+class OperationContext:
+    """What the work sees: progress reporting and the cancel flag."""
+
+    def __init__(self, manager: "Operations", op_id: str, kind: str):
+        self._m, self.id, self.kind = manager, op_id, kind
+        self.cancelled = threading.Event()
+        self.progress = {"phase": None, "bytes_done": None, "bytes_total": None}
+        self.status = "pending"  # live status; SQLite gets it at the end (a crash fails it anyway)
+        self.started_at: float | None = None
+        self._last_write = time.monotonic()
+
+    def check_cancel(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled("operation cancelled by request")
+
+    def phase(self, name: str, *, bytes_total: int | None = None) -> None:
+        """Enter phase ``name``: a cancel point; progress is written through at once."""
+        self.check_cancel()
+        self.progress.update(phase=name, bytes_done=0 if bytes_total else None, bytes_total=bytes_total)
+        self._m._write_progress(self)
+        delay = self._m._slow.get((self.kind, name))
+        if delay:
+            self.cancelled.wait(delay)  # a cancel ends the injected pause at once
+            self.check_cancel()
+
+    def bytes(self, done: int, total: int | None = None) -> None:
+        """Byte progress inside a phase; also a cancel point (storage cleans up on the raise)."""
+        self.check_cancel()
+        delay = self._m._slow.get((self.kind, "bytes"))
+        if delay and not self.progress.get("bytes_done"):
+            self.progress["bytes_done"] = done
+            self._m._write_progress(self, force=True)
+            self.cancelled.wait(delay)
+            self.check_cancel()
+        self.progress["bytes_done"] = done
+        if total is not None:
+            self.progress["bytes_total"] = total
+        self._m._write_progress(self)
+
+
+def _row(r) -> dict:
+    return {
+        "id": r["id"], "kind": r["kind"], "target": r["target"], "status": r["status"],
+        "progress": json.loads(r["progress"] or "{}"),
+        "result": json.loads(r["result"]) if r["result"] else None,
+        "error": json.loads(r["error"]) if r["error"] else None,
+        "created_at": r["created_at"], "started_at": r["started_at"], "finished_at": r["finished_at"],
+    }
+
+
+class Operations:
+    def __init__(self, db: Database, events: EventBus, workers: int = 8):
+        self.db, self.events, self.workers = db, events, workers
+        schema.migrate(db)
+        self._pool: ThreadPoolExecutor | None = None
+        self._active: dict[str, OperationContext] = {}
+        self._cond = threading.Condition()
+        self._slow = _slow_phases()
+
+    # -- lifecycle --
+    def start(self) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="op")
+
+    def shutdown(self, wait: bool = False) -> None:
+        if self._pool is not None:
+            for ctx in list(self._active.values()):
+                ctx.cancelled.set()
+            self._pool.shutdown(wait=wait, cancel_futures=True)
+            self._pool = None
+
+    def recover(self) -> list[dict]:
+        """Mark operations a crash left pending/running as failed; return them for cleanup."""
+        rows = [_row(r) for r in self.db.query(
+            "SELECT * FROM operations WHERE status IN ('pending', 'running')")]
+        err = json.dumps({"code": "agent_restarted",
+                          "message": "the agent restarted while this operation ran; its partial work was cleaned up"})
+        for op in rows:
+            self.db.execute("UPDATE operations SET status='failed', error=?, finished_at=? WHERE id=?",
+                            (err, time.time(), op["id"]))
+        return rows
+
+    # -- submit and run --
+    def submit(self, kind: str, target: str | None, fn: Callable[[OperationContext], dict | None],
+               *, on_final: Callable[[dict], None] | None = None) -> dict:
+        if self._pool is None:
+            raise Unavailable("the agent is shutting down (or not started): retry against the restarted agent")
+        op_id = uuid.uuid4().hex
+        now = time.time()
+        self.db.execute("INSERT INTO operations(id, kind, target, status, progress, created_at) "
+                        "VALUES(?,?,?,?,?,?)", (op_id, kind, target, "pending", "{}", now))
+        ctx = OperationContext(self, op_id, kind)
+        with self._cond:
+            self._active[op_id] = ctx
+        self._publish(op_id)
+        self._pool.submit(self._run, ctx, fn, on_final)
+        return self.get(op_id)
+
+    def _run(self, ctx: OperationContext, fn, on_final) -> None:
+        status, result, error = "failed", None, None
+        try:
+            if ctx.cancelled.is_set():
+                raise Cancelled("operation cancelled before it started")
+            ctx.started_at, ctx.status = time.time(), "running"
+            self._publish(ctx.id)
+            result = fn(ctx) or {}
+            status = "succeeded"
+        except Cancelled as e:
+            status, error = "cancelled", e.to_dict()
+        except AgentError as e:
+            error = e.to_dict()
+        except Exception:  # an agent bug: log it, do not leak the trace
+            log.exception("operation failed", extra={"operation": ctx.id, "kind": ctx.kind})
+            error = {"code": "internal", "message": f"internal error in {ctx.kind}; see the agent log"}
+        self._set(ctx.id, status=status, result=json.dumps(result) if result is not None else None,
+                  error=json.dumps(error) if error else None, progress=json.dumps(ctx.progress),
+                  started_at=ctx.started_at, finished_at=time.time())
+        with self._cond:
+            self._active.pop(ctx.id, None)
+            self._cond.notify_all()
+        op = self._publish(ctx.id)
+        if on_final:
+            try:
+                on_final(op)
+            except Exception:
+                log.exception("operation final hook failed", extra={"operation": ctx.id})
+
+    def _set(self, op_id: str, **cols) -> None:
+        sets = ", ".join(f"{k}=?" for k in cols)
+        self.db.execute(f"UPDATE operations SET {sets} WHERE id=?", (*cols.values(), op_id))
+
+    def _write_progress(self, ctx: OperationContext, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - ctx._last_write >= PROGRESS_WRITE_INTERVAL:
+            ctx._last_write = now
+            self._set(ctx.id, progress=json.dumps(ctx.progress))
+
+    def _publish(self, op_id: str) -> dict:
+        op = self.get(op_id)
+        self.events.publish("operation", op)
+        return op
+
+    # -- queries --
+    def get(self, op_id: str) -> dict:
+        r = self.db.one("SELECT * FROM operations WHERE id=?", (op_id,))
+        if r is None:
+            raise NotFound(f"operation {op_id} not found")
+        return self._live(_row(r))
+
+    def _live(self, op: dict) -> dict:
+        """Overlay what only memory knows about a running operation (status, progress)."""
+        ctx = self._active.get(op["id"])
+        if ctx is not None and op["status"] not in FINAL:
+            op["progress"] = dict(ctx.progress)  # fresher than the throttled DB copy
+            op["status"], op["started_at"] = ctx.status, ctx.started_at
+        return op
+
+    def list(self, status: str | None = None, limit: int = 100) -> list[dict]:
+        if status in ("pending", "running"):  # running ones are 'pending' in SQLite until they end
+            rows = self.db.query("SELECT * FROM operations WHERE status IN ('pending', 'running') "
+                                 "ORDER BY created_at DESC LIMIT ?", (limit,))
+        elif status:
+            rows = self.db.query("SELECT * FROM operations WHERE status=? ORDER BY created_at DESC LIMIT ?",
+                                 (status, limit))
+        else:
+            rows = self.db.query("SELECT * FROM operations ORDER BY created_at DESC LIMIT ?", (limit,))
+        ops = [self._live(_row(r)) for r in rows]
+        return [o for o in ops if status is None or o["status"] == status]
+
+    def counts(self) -> list[tuple[str, str, int]]:
+        n = {(r["kind"], r["status"]): r["n"] for r in self.db.query(
+            "SELECT kind, status, count(*) AS n FROM operations GROUP BY kind, status")}
+        for ctx in list(self._active.values()):
+            if ctx.status == "running" and n.get((ctx.kind, "pending")):
+                n[(ctx.kind, "pending")] -= 1
+                n[(ctx.kind, "running")] = n.get((ctx.kind, "running"), 0) + 1
+        return [(k, s, c) for (k, s), c in n.items()]
+
+    def wait(self, op_id: str, timeout: float) -> dict:
+        """Block until the operation is final or ``timeout`` seconds passed; return it."""
+        deadline = time.monotonic() + min(max(timeout, 0), MAX_WAIT)
+        op = self.get(op_id)
+        with self._cond:
+            while op_id in self._active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
+        return self.get(op_id)
+
+    def cancel(self, op_id: str) -> dict:
+        """Ask a pending or running operation to stop; Conflict once it is final."""
+        op = self.get(op_id)
+        ctx = self._active.get(op_id)
+        if op["status"] in FINAL or ctx is None:
+            raise Conflict(f"operation {op_id} is already {op['status']}: nothing to cancel")
+        ctx.cancelled.set()
+        return self.get(op_id)

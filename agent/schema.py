@@ -1,0 +1,50 @@
+"""The agent's own tables (component "agent" in the state DB); steps are only ever appended."""
+from __future__ import annotations
+
+from agent.state import Database
+
+STEPS = [
+    """
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,            -- public half of the token, used for lookup
+        name TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'reader')),
+        secret_hash TEXT NOT NULL,      -- sha256 hex of the secret half
+        created_at REAL NOT NULL,
+        last_used_at REAL
+    );
+    CREATE TABLE operations (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        target TEXT,
+        status TEXT NOT NULL,
+        progress TEXT NOT NULL DEFAULT '{}',
+        result TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE INDEX operations_status ON operations(status);
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        image TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pool TEXT NOT NULL,
+        volumes TEXT NOT NULL DEFAULT '[]',
+        ip TEXT,
+        mac TEXT,
+        node TEXT,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
+]
+
+
+def migrate(db: Database) -> int:
+    return db.migrate("agent", STEPS)

@@ -1,0 +1,128 @@
+"""The composition root: builds the image store, pools, driver and runtime from config.
+
+Nothing here starts threads at import; ``Services.start()`` (called in the server's
+worker after fork, or by tests) starts the operation pool and runs crash recovery.
+The VM driver and container runtime are built on first use, so an agent on a host
+without libvirtd still serves containers (and says how to fix the VM side).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from agent import registry
+from agent.auth import Tokens
+from agent.config import Config
+from agent.errors import AgentError, Unavailable
+from agent.events import EventBus
+from agent.operations import Operations
+from agent.state import Database
+
+log = logging.getLogger(__name__)
+
+
+class Services:
+    def __init__(self, config: Config, db: Database | None = None):
+        from agent.services.host import HostService
+        from agent.services.images import ImageService
+        from agent.services.instances import InstanceService
+
+        self.config = config
+        config.state_path.mkdir(parents=True, exist_ok=True)
+        self.db = db or Database(config.db_path)
+        self.events = EventBus()
+        self.tokens = Tokens(self.db)
+        self.operations = Operations(self.db, self.events, workers=config.workers)
+        self._lock = threading.Lock()
+        self._pools = None
+        self._store = None
+        self._driver = None
+        self._runtime = None
+        self.images = ImageService(self)
+        self.instances = InstanceService(self)
+        self.host = HostService(self)
+        self.started = False
+
+    # -- components, built lazily --
+    @property
+    def pools(self) -> dict:
+        with self._lock:
+            if self._pools is None:
+                pools = {}
+                for name, pc in self.config.pools.items():
+                    opts = pc.options()
+                    if pc.kind == "local":
+                        opts.setdefault("path", str(self.config.pool_dir(name)))
+                    pools[name] = registry.load("backend", pc.kind)(name, **opts)
+                self._pools = pools
+            return self._pools
+
+    @property
+    def store(self):
+        pools = self.pools
+        with self._lock:
+            if self._store is None:
+                from storage import ImageStore
+                self._store = ImageStore(
+                    self.db, pools, default_pool=self.config.default_pool,
+                    cache_dir=str(self.config.state_path / "cache"),
+                    max_layer_bytes=self.config.images.max_layer_bytes,
+                    max_layer_ratio=self.config.images.max_layer_ratio)
+            return self._store
+
+    @property
+    def driver(self):
+        with self._lock:
+            if self._driver is None:
+                hc = self.config.hypervisor
+                cls = registry.load("driver", hc.driver)
+                try:
+                    if hc.driver == "fake":
+                        self._driver = cls()
+                    else:
+                        self._driver = cls(uri=hc.uri, virt_type=hc.virt_type,
+                                           state_dir=str(self.config.state_path / "vms"))
+                except AgentError:
+                    raise
+                except Exception as e:
+                    raise Unavailable(f"VM driver {hc.driver!r} could not start: {e}; "
+                                      "start libvirtd (`libvirtd -d`) or run scripts/setup-host") from None
+            return self._driver
+
+    @property
+    def runtime(self):
+        with self._lock:
+            if self._runtime is None:
+                cc, net = self.config.containers, self.config.network
+                cls = registry.load("runtime", cc.runtime)
+                try:
+                    if cc.runtime == "fake":
+                        self._runtime = cls()
+                    else:
+                        self._runtime = cls(str(self.config.state_path / "containers"), self.db,
+                                            bridge=net.bridge, subnet=net.subnet, nat=net.nat)
+                except AgentError:
+                    raise
+                except Exception as e:
+                    raise Unavailable(f"container runtime {cc.runtime!r} could not start: {e}; "
+                                      "install runc and conmon (scripts/setup-host)") from None
+            return self._runtime
+
+    # -- lifecycle --
+    def start(self) -> None:
+        """Start the worker pool, clean up after a crash, re-adopt running workloads."""
+        if self.started:
+            return
+        failed = self.operations.recover()
+        self.instances.recover()
+        if any(op["kind"] == "image.import" for op in failed):
+            self.images.recover()
+        self.instances.reconcile()
+        self.operations.start()
+        self.started = True
+        log.info("agent services started", extra={"recovered_operations": len(failed)})
+
+    def stop(self) -> None:
+        """Stop taking work; VMs and containers keep running."""
+        self.operations.shutdown(wait=False)
+        self.started = False

@@ -1,0 +1,99 @@
+"""Host facts: hostname, hypervisor kind, cpus, memory, pools and their usage, versions."""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+
+from importlib import metadata
+
+
+def _meminfo_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class HostService:
+    def __init__(self, root):
+        self.root = root
+
+    def hostname(self) -> str:
+        return socket.gethostname()
+
+    def hypervisor(self) -> str:
+        hc = self.root.config.hypervisor
+        try:
+            vt = getattr(self.root.driver, "virt_type", None)
+        except Exception:
+            return "none"
+        if vt in ("kvm", "qemu"):
+            return vt
+        if hc.virt_type != "auto":
+            return hc.virt_type
+        return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
+
+    def pools(self) -> list[dict]:
+        out = []
+        default = self.root.config.default_pool
+        for name, pc in self.root.config.pools.items():
+            out.append(self._pool(name, pc.kind, default))
+        return out
+
+    def get_pool(self, name: str) -> dict:
+        from agent.errors import NotFound
+        pc = self.root.config.pools.get(name)
+        if pc is None:
+            raise NotFound(f"pool {name!r} not found; configured pools: "
+                           f"{', '.join(sorted(self.root.config.pools))}")
+        return self._pool(name, pc.kind, self.root.config.default_pool)
+
+    def _pool(self, name, kind, default) -> dict:
+        d = {"name": name, "kind": kind, "default": name == default, "supports_volumes": False,
+             "usage": None, "error": None}
+        try:
+            b = self.root.pools[name]
+            d["supports_volumes"] = bool(getattr(b, "supports_volumes", False))
+            u = b.usage()
+            d["usage"] = {"capacity": u.capacity, "used": u.used, "available": u.available}
+        except Exception as e:  # a pool that is down is reported, not fatal
+            d["error"] = str(e) or type(e).__name__
+        return d
+
+    def info(self) -> dict:
+        pools = self.pools()
+        cpus = os.cpu_count() or 1
+        mem = _meminfo_bytes()
+        versions = {"nodeagent": _version("nodeagent") or "0.1.0", "python": platform.python_version(),
+                    "flask": _version("flask") or "", "kernel": platform.release()}
+        for key, getter in (("hypervisor", lambda: self.root.driver), ("runtime", lambda: self.root.runtime)):
+            try:
+                v = getattr(getter(), "version", None)
+                if callable(v):
+                    v = v()
+                if v:
+                    versions[key] = str(v)
+            except Exception:
+                pass
+        return {
+            "hostname": self.hostname(), "hypervisor": self.hypervisor(),
+            "hypervisor_driver": self.root.config.hypervisor.driver,
+            "container_runtime": self.root.config.containers.runtime,
+            "cpus": cpus, "memory_bytes": mem, "pools": pools,
+            "capacity": {"cpus": cpus, "memory_bytes": mem,
+                         "instances": len(self.root.db.query("SELECT id FROM instances")),
+                         "storage_available_bytes": sum((p["usage"] or {}).get("available", 0) for p in pools)},
+            "versions": {k: v for k, v in versions.items() if v},
+        }

@@ -1,0 +1,359 @@
+"""Instances (VMs and containers): create, actions, exec/logs/stats, delete, recovery.
+
+Every change to one instance happens under that instance's lock; there is no global
+lock around slow work, so creates of different instances run in parallel up to the
+operation pool size. A create that fails (or is cancelled, or is cut by a crash)
+removes everything it made: domain or container, volumes, seed, and the row itself.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+
+from agent import models
+from agent.errors import Conflict, NotFound, Unprocessable, Unsupported
+
+log = logging.getLogger(__name__)
+
+GiB = 1024**3
+DEFAULT_COMMAND = ("/bin/sh",)
+
+
+def _row(r) -> dict:
+    spec = json.loads(r["spec"])
+    return {"id": r["id"], "name": r["name"], "kind": r["kind"], "image": r["image"], "state": r["state"],
+            "pool": r["pool"], "cpus": spec.get("cpus", 1), "memory_mib": spec.get("memory_mib", 0),
+            "volumes": json.loads(r["volumes"]), "ip": r["ip"], "mac": r["mac"], "node": r["node"],
+            "error": r["error"], "created_at": r["created_at"], "updated_at": r["updated_at"]}
+
+
+def _mac(inst_id: str) -> str:
+    h = inst_id[:6]
+    return "52:54:00:" + ":".join(h[i:i + 2] for i in range(0, 6, 2))
+
+
+def _env_list(env) -> dict:
+    out = {}
+    for item in env or []:
+        k, _, v = item.partition("=")
+        out[k] = v
+    return out
+
+
+class InstanceService:
+    def __init__(self, root):
+        self.root = root
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()  # guards the dict only, never held during work
+        self._generations = itertools.count(1)  # next() is atomic: no lost bumps between threads
+        self._generation = 0  # bumped after every instance write; keys the rendered-list cache
+        self._list_cache: tuple[int, bytes] | None = None
+
+    @property
+    def db(self):
+        return self.root.db
+
+    def lock(self, inst_id: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(inst_id, threading.Lock())
+
+    # -- reads --
+    def list(self) -> list[dict]:
+        return [_row(r) for r in self.db.query("SELECT * FROM instances ORDER BY created_at")]
+
+    def list_json(self) -> bytes:
+        """``{"instances": [...]}`` rendered once per change: the control plane polls this a lot."""
+        gen = self._generation
+        cached = self._list_cache
+        if cached is not None and cached[0] == gen:
+            return cached[1]
+        body = json.dumps({"instances": self.list()}, separators=(",", ":")).encode()
+        self._list_cache = (gen, body)
+        return body
+
+    def _changed(self) -> None:
+        self._generation = next(self._generations)
+
+    def get(self, ref: str) -> dict:
+        r = self.db.one("SELECT * FROM instances WHERE id=? OR name=?", (ref, ref))
+        if r is None:
+            raise NotFound(f"instance {ref!r} not found")
+        return _row(r)
+
+    def _spec(self, inst_id: str) -> dict:
+        return json.loads(self.db.one("SELECT spec FROM instances WHERE id=?", (inst_id,))["spec"])
+
+    def counts(self) -> list[tuple[str, str, int]]:
+        return [(r["kind"], r["state"], r["n"]) for r in self.db.query(
+            "SELECT kind, state, count(*) AS n FROM instances GROUP BY kind, state")]
+
+    def _update(self, inst_id: str, **cols) -> dict:
+        cols["updated_at"] = time.time()
+        sets = ", ".join(f"{k}=?" for k in cols)
+        self.db.execute(f"UPDATE instances SET {sets} WHERE id=?", (*cols.values(), inst_id))
+        self._changed()
+        inst = self.get(inst_id)
+        self.root.events.publish("lifecycle", {"instance": inst["id"], "name": inst["name"],
+                                               "state": inst["state"]})
+        return inst
+
+    # -- create --
+    def create(self, req: models.InstanceCreate) -> dict:
+        """Validate and reserve the name now (409 at once), build in an operation (202)."""
+        cfg = self.root.config
+        pool = req.pool or cfg.default_pool
+        if pool not in cfg.pools:
+            raise NotFound(f"pool {pool!r} not found; configured pools: {', '.join(sorted(cfg.pools))}")
+        image = self.root.store.get(req.image)
+        if image.kind != req.kind:
+            raise Unprocessable(f"image {req.image!r} is a {image.kind} image: it cannot make a {req.kind}")
+        if req.kind == "container" and req.user_data:
+            raise Unprocessable("user_data is for VMs: containers take env and command")
+        if req.kind == "vm" and (req.ports or req.command):
+            raise Unprocessable("ports and command are for containers: VMs take user_data")
+        inst_id = uuid.uuid4().hex
+        short = inst_id[:12]
+        volumes = [f"i-{short}-disk"] if req.kind == "vm" else [f"i-{short}-rootfs"]
+        spec = req.model_dump()
+        spec["image_id"] = image.id
+        now = time.time()
+        try:
+            self.db.execute(
+                "INSERT INTO instances(id, name, kind, image, spec, state, pool, volumes, mac, node, "
+                "created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                (inst_id, req.name, req.kind, image.id, json.dumps(spec), "creating", pool,
+                 json.dumps(volumes), _mac(inst_id) if req.kind == "vm" else None,
+                 self.root.host.hostname(), now, now))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"an instance named {req.name!r} exists: pick another name or delete it") from None
+        self._changed()
+        self.root.events.publish("lifecycle", {"instance": inst_id, "name": req.name, "state": "creating"})
+
+        def work(op):
+            with self.lock(inst_id):
+                try:
+                    if req.kind == "vm":
+                        state, ip = self._create_vm(op, inst_id, req, image, pool, volumes[0]), None
+                    else:
+                        state, ip = self._create_container(op, inst_id, req, image, pool, volumes[0])
+                except BaseException:
+                    self._destroy(inst_id)
+                    raise
+                return {"instance": self._update(inst_id, state=state, ip=ip)}
+
+        try:
+            return self.root.operations.submit("instance.create", inst_id, work)
+        except BaseException:
+            self.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
+            self._changed()
+            raise
+
+    def _instance_dir(self, inst_id: str):
+        d = self.root.config.state_path / "instances" / inst_id
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _create_vm(self, op, inst_id, req, image, pool, volume) -> str:
+        from hypervisor.disks import disk_for_volume
+        from hypervisor.driver import DiskSpec, NicSpec, VmSpec
+        from hypervisor.seed import make_seed
+
+        op.phase("clone")
+        vol = self.root.store.clone_disk(image.id, volume, pool=pool,
+                                         size=req.disk_gib * GiB if req.disk_gib else None)
+        op.phase("seed")
+        d = self._instance_dir(inst_id)
+        seed = make_seed(str(d / "seed.iso"), instance_id=inst_id, hostname=req.name, user_data=req.user_data)
+        op.phase("define")
+        nics = (NicSpec(bridge=self.root.config.network.bridge, mac=_mac(inst_id)),) \
+            if req.network == "bridge" else ()
+        spec = VmSpec(name=req.name, uuid=str(uuid.UUID(inst_id)), cpus=max(1, math.ceil(req.cpus)),
+                      memory_mib=req.memory_mib,
+                      disks=(disk_for_volume(vol, "vda"),
+                             DiskSpec(target="sda", source=seed, type="file", format="raw",
+                                      device="cdrom", readonly=True)),
+                      nics=nics, console_log=str(d / "console.log"))
+        info = self.root.driver.define(spec)
+        if req.start:
+            op.phase("start")
+            info = self.root.driver.start(req.name)
+        return info.state
+
+    def _create_container(self, op, inst_id, req, image, pool, volume):
+        from containers.runtime import ContainerSpec, Limits, NetworkSpec, PortMap, Rootfs
+
+        op.phase("rootfs")
+        layers = self.root.store.prepare_rootfs(image.id, volume, pool=pool)
+        op.phase("create")
+        cfg = image.config or {}
+        command = tuple(req.command or (list(cfg.get("Entrypoint") or []) + list(cfg.get("Cmd") or []))
+                        or DEFAULT_COMMAND)
+        env = {**_env_list(cfg.get("Env")), **req.env}
+        user = cfg.get("User") or "0:0"
+        if not all(p.isdigit() for p in user.split(":")):
+            user = "0:0"  # named users need the image's passwd: run as root inside the namespaces
+        elif ":" not in user:
+            user = f"{user}:{user}"
+        spec = ContainerSpec(
+            name=req.name,
+            rootfs=Rootfs(lowerdirs=tuple(layers.lowerdirs), upperdir=layers.upperdir, workdir=layers.workdir),
+            command=command, env=env, workdir=cfg.get("WorkingDir") or "/", user=user, hostname=req.name,
+            limits=Limits(cpus=req.cpus, memory_mib=req.memory_mib, pids_max=req.pids_max),
+            network=NetworkSpec(mode=req.network, ports=tuple(
+                PortMap(p.host_port, p.container_port, p.protocol, p.host_ip) for p in req.ports)))
+        info = self.root.runtime.create(spec)
+        if req.start:
+            op.phase("start")
+            info = self.root.runtime.start(req.name)
+        return info.state, info.ip
+
+    def _destroy(self, inst_id: str) -> bool:
+        """Remove the workload, its volumes, its files and its row; each step tolerates absence."""
+        r = self.db.one("SELECT * FROM instances WHERE id=?", (inst_id,))
+        if r is None:
+            return False
+        inst = _row(r)
+        if inst["kind"] == "vm":
+            self.root.driver.delete(inst["name"])
+        else:
+            self.root.runtime.delete(inst["name"])
+        for vol in inst["volumes"]:
+            self.root.store.release(inst["pool"], vol)
+        shutil.rmtree(self.root.config.state_path / "instances" / inst_id, ignore_errors=True)
+        self.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
+        self._changed()
+        self.root.events.publish("lifecycle", {"instance": inst_id, "name": inst["name"], "state": "deleted"})
+        return True
+
+    def delete(self, ref: str) -> bool:
+        inst = self.get(ref)
+        if inst["state"] == "creating":
+            raise Conflict(f"instance {inst['name']!r} is being created: cancel or wait for its operation")
+        with self.lock(inst["id"]):
+            return self._destroy(inst["id"])
+
+    # -- actions --
+    def action(self, ref: str, req: models.InstanceAction) -> dict:
+        inst = self.get(ref)
+        if inst["state"] == "creating":
+            raise Conflict(f"instance {inst['name']!r} is being created: wait for its operation")
+        if inst["kind"] == "container" and req.action in ("pause", "resume") \
+                and not hasattr(self.root.runtime, req.action):
+            raise Unsupported(f"the {self.root.config.containers.runtime} runtime cannot {req.action} containers")
+        inst_id, name = inst["id"], inst["name"]
+
+        def work(op):
+            with self.lock(inst_id):
+                op.phase(req.action)
+                if inst["kind"] == "vm":
+                    info = self._vm_action(name, req)
+                else:
+                    info = self._container_action(name, req)
+                return {"instance": self._update(inst_id, state=info.state,
+                                                 **({"ip": info.ip} if getattr(info, "ip", None) else {}))}
+
+        return self.root.operations.submit(f"instance.{req.action}", inst_id, work)
+
+    def _vm_action(self, name, req):
+        d = self.root.driver
+        if req.action == "start":
+            return d.start(name)
+        if req.action == "stop":
+            return d.stop(name, force=req.force, timeout=req.timeout)
+        if req.action == "kill":
+            return d.stop(name, force=True, timeout=req.timeout)
+        if req.action == "restart":
+            return d.reboot(name)
+        return getattr(d, req.action)(name)  # pause | resume
+
+    def _container_action(self, name, req):
+        rt = self.root.runtime
+        if req.action == "start":
+            return rt.start(name)
+        if req.action == "stop":
+            return rt.kill(name, 9) if req.force else rt.stop(name, timeout=req.timeout)
+        if req.action == "kill":
+            return rt.kill(name, 9)
+        if req.action == "restart":
+            if rt.get(name).state == "running":
+                rt.stop(name, timeout=req.timeout)
+            return rt.start(name)
+        return getattr(rt, req.action)(name)
+
+    # -- exec, logs, stats --
+    def exec(self, ref: str, req: models.ExecRequest) -> dict:
+        inst = self.get(ref)
+        if inst["kind"] != "container":
+            raise Unprocessable("exec works on containers only: use the VM's console or ssh")
+        res = self.root.runtime.exec(inst["name"], list(req.command), timeout=req.timeout)
+        return {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr}
+
+    def logs(self, ref: str, tail: int | None) -> str:
+        inst = self.get(ref)
+        if inst["state"] == "creating":
+            return ""
+        if inst["kind"] == "vm":
+            return self.root.driver.console_log(inst["name"], tail=tail)
+        return self.root.runtime.logs(inst["name"], tail=tail)
+
+    def stats(self, ref: str) -> dict:
+        inst = self.get(ref)
+        if inst["state"] == "creating":
+            raise Conflict(f"instance {inst['name']!r} is being created: no stats yet")
+        if inst["kind"] == "vm":
+            s = self.root.driver.stats(inst["name"])
+            out = {"cpu_ns": s.get("cpu_time_ns"), "memory_bytes": s.get("memory_bytes"),
+                   "io": s.get("disk") or {}, "net": s.get("net") or {}}
+        else:
+            s = self.root.runtime.stats(inst["name"])
+            out = {"cpu_ns": s.get("cpu_ns"), "memory_bytes": s.get("memory_bytes"), "pids": s.get("pids"),
+                   "io": s.get("io") or {}, "net": s.get("net") or {}}
+        out["io"] = {k: int(v) for k, v in out["io"].items() if isinstance(v, (int, float))}
+        out["net"] = {k: int(v) for k, v in out["net"].items() if isinstance(v, (int, float))}
+        return out
+
+    # -- recovery --
+    def recover(self) -> int:
+        """Remove instances a crash left half-made (state 'creating'): row, workload, volumes."""
+        n = 0
+        for r in self.db.query("SELECT id, name FROM instances WHERE state='creating'"):
+            try:
+                self._destroy(r["id"])
+                n += 1
+                log.info("removed half-created instance after restart", extra={"instance": r["name"]})
+            except Exception as e:
+                self._update(r["id"], state="error", error=f"cleanup after restart failed: {e}")
+        return n
+
+    def reconcile(self) -> None:
+        """Re-adopt running workloads: align each record's state with what the driver/runtime reports."""
+        rows = self.list()
+        for kind, lister in (("vm", lambda: self.root.driver.list()),
+                             ("container", lambda: self.root.runtime.list())):
+            mine = [i for i in rows if i["kind"] == kind]
+            if not mine:
+                continue
+            try:
+                rt_reconcile = getattr(self.root.runtime, "reconcile", None) if kind == "container" else None
+                if rt_reconcile:
+                    rt_reconcile()  # the runtime drops leftovers of containers it has no record of
+                seen = {x.name: x for x in lister()}
+            except Exception as e:
+                log.warning("cannot reconcile instances", extra={"kind": kind, "error": str(e)})
+                continue
+            for inst in mine:
+                info = seen.get(inst["name"])
+                if info is None:
+                    if inst["state"] != "lost":
+                        self._update(inst["id"], state="lost",
+                                     error=f"the {kind} was not found on this host after the agent restarted")
+                elif info.state != inst["state"] or inst["state"] == "lost":
+                    self._update(inst["id"], state=info.state, error=None,
+                                 **({"ip": info.ip} if getattr(info, "ip", None) else {}))

@@ -1,0 +1,169 @@
+"""API benchmarks (JSON lines, see COMMON.md):
+
+(a) GET /v1/instances with 500 instances (fake driver/runtime kinds): p50/p99 latency and
+    requests/s, measured by a separate load process (4 keep-alive connections); the peer
+    is GET /v1/health on the same server (a trivial JSON endpoint: the server's floor).
+(b) container create+start through the API (POST /v1/instances, until the operation
+    succeeds) vs through the runtime layer directly (RuncRuntime.create + start), both
+    with real runc when runc and conmon are installed (else the fake runtime; the line says which).
+
+Run: /work/main/.venv/bin/python bench/api.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.api.agentproc import AgentProcess, Api  # noqa: E402
+
+INSTANCES = 500
+LOAD_SECONDS = 8
+CONNECTIONS = 4
+CREATES = 30
+
+LOAD = r'''
+import http.client, json, sys, threading, time
+host, port, path, token, seconds, conns = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5]), int(sys.argv[6])
+lat = []
+def run():
+    c = http.client.HTTPConnection(host, port)
+    h = {"Authorization": "Bearer " + token}
+    mine = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        c.request("GET", path, headers=h)
+        r = c.getresponse(); r.read()
+        assert r.status == 200, r.status
+        mine.append(time.perf_counter() - t0)
+    lat.extend(mine)
+t0 = time.perf_counter()
+ts = [threading.Thread(target=run) for _ in range(conns)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps({"n": len(lat), "elapsed": time.perf_counter() - t0, "lat": sorted(lat)}))
+'''
+
+
+def line(bench, metric, unit, value, peer=None, peer_value=None):
+    ratio = round(value / peer_value, 2) if peer_value else None
+    print(json.dumps({"bench": bench, "metric": metric, "unit": unit, "value": round(value, 2), "peer": peer,
+                      "peer_value": None if peer_value is None else round(peer_value, 2), "ratio": ratio}),
+          flush=True)
+
+
+def load(agent, token, path):
+    out = subprocess.run([sys.executable, "-c", LOAD, "127.0.0.1", str(agent.port), path, token,
+                          str(LOAD_SECONDS), str(CONNECTIONS)], capture_output=True, text=True, check=True)
+    d = json.loads(out.stdout)
+    lat = d["lat"]
+    return {"p50": lat[len(lat) // 2] * 1000, "p99": lat[int(len(lat) * 0.99)] * 1000, "rps": d["n"] / d["elapsed"]}
+
+
+def import_busybox(api, tmp):
+    from tests.functional.ocibuild import busybox_layers, write_layout
+    layout = write_layout(str(Path(tmp) / "layout"), {"latest": busybox_layers()})
+    op = api.wait(api.post("/v1/images", json={"name": "busybox", "format": "oci",
+                                               "source": {"type": "file", "path": layout}}).json())
+    assert op["status"] == "succeeded", op
+
+
+def bench_list(tmp):
+    agent = AgentProcess(Path(tmp) / "list", pool_kind="fake")
+    token = agent.token("bench", "admin")
+    agent.start()
+    try:
+        api = Api(agent.url, token)
+        import_busybox(api, tmp)
+        ops = [api.post("/v1/instances", json={"name": f"b{i}", "kind": "container", "image": "busybox",
+                                               "memory_mib": 32, "network": "none"}).json()
+               for i in range(INSTANCES)]  # network none: a /24 has fewer leases than 500
+        for op in ops:
+            done = api.wait(op, timeout=300)
+            assert done["status"] == "succeeded", done
+        assert len(api.get("/v1/instances").json()["instances"]) == INSTANCES
+        ours = load(agent, token, "/v1/instances")
+        floor = load(agent, token, "/v1/health")
+    finally:
+        agent.stop()
+    peer = "GET /v1/health, same server"
+    line("api", "list_500_instances_p50", "ms", ours["p50"], peer, floor["p50"])
+    line("api", "list_500_instances_p99", "ms", ours["p99"], peer, floor["p99"])
+    line("api", "list_500_instances_rps", "req/s", ours["rps"], peer, floor["rps"])
+
+
+def bench_create(tmp):
+    """API and runtime-layer creates are interleaved, so machine noise hits both sides alike."""
+    from containers.runtime import ContainerSpec, Limits, NetworkSpec, Rootfs
+    from tests.containers_support import busybox_lower, make_runtime
+
+    real = bool(shutil.which("runc") and shutil.which("conmon")) and os.geteuid() == 0
+    kind = "runc" if real else "fake"
+    bridge, subnet = f"nabench{secrets.token_hex(2)}", "198.19.250.0/24"
+    agent = AgentProcess(Path(tmp) / "create", pool_kind="local")
+    if real:
+        agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"')
+                                + f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\nnat = false\n')
+    token = agent.token("bench", "admin")
+    agent.start()
+    rt, cleanup = make_runtime(kind, Path(tmp) / "rt")
+    api_ms, rt_ms, op_ms = [], [], []
+    try:
+        api = Api(agent.url, token)
+        import_busybox(api, tmp)
+        body = {"kind": "container", "image": "busybox", "network": "none", "memory_mib": 64,
+                "command": ["/bin/busybox", "sleep", "600"]}
+        for i in range(CREATES):
+            t0 = time.perf_counter()
+            op = api.wait(api.post("/v1/instances", json={**body, "name": f"c{i}"}).json())
+            api_ms.append((time.perf_counter() - t0) * 1000)
+            assert op["status"] == "succeeded", op
+            op_ms.append((op["finished_at"] - op["started_at"]) * 1000)
+            base = Path(tmp) / "rt-rootfs" / f"r{i}"
+            (base / "upper").mkdir(parents=True)
+            (base / "work").mkdir(parents=True)
+            spec = ContainerSpec(name=f"r{i}", rootfs=Rootfs((busybox_lower(),), str(base / "upper"),
+                                                             str(base / "work")),
+                                 command=("/bin/busybox", "sleep", "600"), limits=Limits(memory_mib=64),
+                                 network=NetworkSpec(mode="none"))
+            t0 = time.perf_counter()
+            rt.create(spec)
+            rt.start(spec.name)
+            rt_ms.append((time.perf_counter() - t0) * 1000)
+        for i in range(CREATES):
+            api.delete(f"/v1/instances/c{i}")
+            rt.delete(f"r{i}")
+    finally:
+        cleanup()
+        agent.stop()
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    if os.environ.get("BENCH_DEBUG"):
+        print(f"server-side operation run p50 {statistics.median(op_ms):.1f} ms", file=sys.stderr)
+    line("api", f"container_create_start_p50_{kind}", "ms", statistics.median(api_ms),
+         f"{kind} runtime create+start (no API)", statistics.median(rt_ms))
+
+
+def main():
+    if os.environ.get("BENCH_ONLY") == "create":
+        tmp = tempfile.mkdtemp(prefix="bench-api-")
+        return bench_create(tmp)
+    tmp = tempfile.mkdtemp(prefix="bench-api-")
+    try:
+        bench_list(tmp)
+        bench_create(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

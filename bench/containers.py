@@ -1,0 +1,139 @@
+"""Container benchmarks: JSON lines as described in DESIGN.md section 7.
+
+(a) create+start to running of a busybox container with bridge networking (p50, p95 over
+    RUNS), against raw `runc run -d` of a prepared bundle without networking;
+(b) N_MANY containers running: the agent's (this process's) RSS growth and the host's
+    per-container overhead (conmon RSS, container cgroup memory).
+Run as root: /work/main/.venv/bin/python bench/containers.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from agent.state import Database  # noqa: E402
+from containers import ContainerSpec, NetworkSpec, Rootfs  # noqa: E402
+from containers.runc import RuncRuntime  # noqa: E402
+from tests.containers_support import build_busybox_rootfs  # noqa: E402
+
+RUNS = 50
+N_MANY = 100
+BRIDGE, SUBNET = "nabench0", "198.19.250.0/24"  # test-only range, never routed off-host
+MIB = 1024 * 1024
+
+
+def line(metric, unit, value, peer=None, peer_value=None):
+    ratio = round(value / peer_value, 2) if peer_value else None
+    print(json.dumps({"bench": "containers", "metric": metric, "unit": unit,
+                      "value": round(value, 2), "peer": peer,
+                      "peer_value": round(peer_value, 2) if peer_value is not None else None,
+                      "ratio": ratio}), flush=True)
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def rss_kib(pid="self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for ln in f:
+            if ln.startswith("VmRSS:"):
+                return int(ln.split()[1])
+    return 0
+
+
+def spec(work, lower, name):
+    up, wk = os.path.join(work, "up", name), os.path.join(work, "wk", name)
+    os.makedirs(up)
+    os.makedirs(wk)
+    return ContainerSpec(name=name, rootfs=Rootfs((lower,), up, wk), command=("sleep", "1000"),
+                         network=NetworkSpec())
+
+
+def bench_runc_raw(work, lower, runs):
+    root = os.path.join(work, "rawroot")
+    b = os.path.join(work, "rawbundle")
+    os.makedirs(b)
+    shutil.copytree(lower, os.path.join(b, "rootfs"), symlinks=True)
+    subprocess.run(["runc", "spec"], cwd=b, check=True)
+    with open(os.path.join(b, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["process"]["terminal"] = False
+    cfg["process"]["args"] = ["sleep", "1000"]
+    with open(os.path.join(b, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    times = []
+    for i in range(runs):
+        cid = f"raw{i}"
+        t = time.perf_counter()
+        subprocess.run(["runc", "--root", root, "run", "-d", "--bundle", b, cid], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        times.append((time.perf_counter() - t) * 1000)
+        subprocess.run(["runc", "--root", root, "delete", "--force", cid], check=True)
+    return times
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="nodeagent-bench-")
+    lower = build_busybox_rootfs(os.path.join(work, "lower"))
+    db = Database(os.path.join(work, "state.db"))
+    rt = RuncRuntime(os.path.join(work, "state"), db, bridge=BRIDGE, subnet=SUBNET,
+                     cgroup_parent="nodeagent-bench")
+    try:
+        # warm-up: imports, bridge and chains exist
+        rt.create(spec(work, lower, "warm"))
+        rt.start("warm")
+        rt.delete("warm")
+        ours = []
+        for i in range(RUNS):
+            s = spec(work, lower, f"b{i}")
+            t = time.perf_counter()
+            rt.create(s)
+            info = rt.start(s.name)
+            ours.append((time.perf_counter() - t) * 1000)
+            assert info.state == "running", info
+            rt.delete(s.name)
+        raw = bench_runc_raw(work, lower, RUNS)
+        line("create_start_p50", "ms", statistics.median(ours), "runc run -d",
+             statistics.median(raw))
+        line("create_start_p95", "ms", pct(ours, 95), "runc run -d", pct(raw, 95))
+
+        before = rss_kib()
+        for i in range(N_MANY):
+            s = spec(work, lower, f"m{i}")
+            rt.create(s)
+            rt.start(s.name)
+        running = [c for c in rt.list() if c.state == "running"]
+        after = rss_kib()
+        conmons = []
+        for c in running:
+            try:
+                with open(os.path.join(rt._dir(c.name), "conmon.pid")) as f:
+                    conmons.append(rss_kib(int(f.read().strip())))
+            except (OSError, ValueError):
+                pass
+        mem = [rt.stats(c.name)["memory_bytes"] for c in running]
+        line(f"agent_rss_growth_{N_MANY}_running", "MB", (after - before) / 1024)
+        line("conmon_rss_per_container", "MB", statistics.median(conmons) / 1024)
+        line("container_cgroup_memory_per_container", "MB", statistics.median(mem) / MIB)
+        line(f"running_containers", "count", len(running))
+    finally:
+        for c in rt.list():
+            rt.delete(c.name)
+        rt.reconcile()
+        rt.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""VM benchmarks: JSON lines as described in DESIGN.md section 7.
+
+(a) create (clone + NoCloud seed + define) + start to QEMU running, p50 over RUNS, against
+    `virsh create` of the same domain XML with a pre-made disk and seed;
+(b) start to the test guest's marker on its serial console (TCG here), against a bare
+    `qemu-system-x86_64` run of the same kernel + initrd.
+Needs root, libvirtd (started here if none runs; stopped by PID after) and the test guest
+(scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/vms.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from hypervisor.domain_xml import domain_xml  # noqa: E402
+from hypervisor.libvirt_driver import LibvirtDriver  # noqa: E402
+from hypervisor.provision import VmRequest, create_vm, delete_vm  # noqa: E402
+from hypervisor.seed import make_seed  # noqa: E402
+from storage.local import LocalBackend  # noqa: E402
+from tests import libvirt_daemon  # noqa: E402
+
+RUNS = 20
+BOOT_RUNS = 5
+MARKER = "NODEAGENT-GUEST-BOOTED"
+BOOT_TIMEOUT_S = 120
+IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
+
+
+def line(metric, value, peer, peer_value):
+    print(json.dumps({"bench": "vms", "metric": metric, "unit": "ms", "value": round(value, 1),
+                      "peer": peer, "peer_value": None if peer_value is None else round(peer_value, 1),
+                      "ratio": None if not peer_value else round(value / peer_value, 2)}), flush=True)
+
+
+def wait_file(path, text, t0, timeout=BOOT_TIMEOUT_S) -> float:
+    while True:
+        try:
+            if text in open(path, errors="replace").read():
+                return time.monotonic() - t0
+        except FileNotFoundError:
+            pass
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{text} not in {path} after {timeout}s")
+        time.sleep(0.01)
+
+
+def main() -> None:
+    subprocess.run([os.path.join(ROOT, "scripts", "build-test-images"), IMAGES], check=True,
+                   stdout=subprocess.DEVNULL)
+    kernel, initrd = f"{IMAGES}/vmlinuz", f"{IMAGES}/initrd.img"
+    cmdline = open(f"{IMAGES}/cmdline").read().strip()
+    daemons = libvirt_daemon.ensure()
+    work = tempfile.mkdtemp(prefix="nodeagent-bench-vms-", dir="/var/tmp")
+    os.chmod(work, 0o755)
+    drv = LibvirtDriver(uri=daemons.uri, virt_type="auto", state_dir=f"{work}/state")
+    pool = LocalBackend("bench", f"{work}/pool")
+    seeds = f"{work}/seeds"
+    with open(f"{IMAGES}/rootfs.qcow2", "rb") as f:
+        digest = pool.put_blob(f).digest
+    names: list[str] = []
+
+    def request(name):
+        return VmRequest(name=name, uuid=str(uuid.uuid4()), cpus=1, memory_mib=128, image_digest=digest,
+                         kernel=kernel, initrd=initrd, cmdline=cmdline)
+
+    try:
+        drv.virt_type  # the one-off accelerator probe is not part of a create
+        # (a) create + start to running
+        ours, peers = [], []
+        base = pool.blob_path(digest)
+        for i in range(RUNS + 1):  # the first run warms caches and is dropped
+            name = f"bench-vm-{i}"
+            names.append(name)
+            t0 = time.monotonic()
+            create_vm(drv, pool, request(name), seed_dir=seeds)
+            info = drv.start(name)
+            dt = time.monotonic() - t0
+            assert info.state == "running"
+            delete_vm(drv, pool, name, seed_dir=seeds)
+            # peer: the same XML, disk and seed made beforehand, `virsh create`
+            peer = f"bench-virsh-{i}"
+            disk = f"{work}/{peer}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", disk],
+                           check=True)
+            seed = make_seed(f"{work}/{peer}-seed.iso", instance_id=peer, hostname=peer)
+            from hypervisor.driver import DiskSpec, VmSpec
+            spec = VmSpec(name=peer, uuid=str(uuid.uuid4()), cpus=1, memory_mib=128,
+                          disks=(DiskSpec("vda", disk), DiskSpec("vdz", seed, format="raw", readonly=True)),
+                          console_log=f"{work}/{peer}.log", kernel=kernel, initrd=initrd, cmdline=cmdline)
+            xml = f"{work}/{peer}.xml"
+            with open(xml, "w") as f:
+                f.write(domain_xml(spec, virt_type=drv.virt_type, qmp_socket=drv.qmp_socket(peer)))
+            t0 = time.monotonic()
+            subprocess.run(["virsh", "-q", "-c", daemons.uri, "create", xml], check=True,
+                           stdout=subprocess.DEVNULL)
+            pt = time.monotonic() - t0
+            subprocess.run(["virsh", "-q", "-c", daemons.uri, "destroy", peer], check=True,
+                           stdout=subprocess.DEVNULL)
+            if i:
+                ours.append(dt * 1000)
+                peers.append(pt * 1000)
+        line("create_start_to_running_p50", statistics.median(ours), "virsh create (pre-made disk)",
+             statistics.median(peers))
+
+        # (b) start to the guest's marker on the serial console
+        name = "bench-boot"
+        names.append(name)
+        spec = create_vm(drv, pool, request(name), seed_dir=seeds)
+        log = drv.default_console_log(name)
+        boots, bare = [], []
+        for i in range(BOOT_RUNS):
+            if os.path.exists(log):
+                os.unlink(log)
+            t0 = time.monotonic()
+            drv.start(name)
+            boots.append(wait_file(log, MARKER, t0) * 1000)
+            drv.stop(name, force=True)
+            serial = f"{work}/bare-{i}.log"
+            t0 = time.monotonic()
+            accel = "kvm" if drv.virt_type == "kvm" else "tcg"
+            proc = subprocess.Popen(["qemu-system-x86_64", "-accel", accel, "-m", "128", "-nodefaults",
+                                     "-display", "none", "-serial", f"file:{serial}", "-kernel", kernel,
+                                     "-initrd", initrd, "-append", cmdline],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                bare.append(wait_file(serial, MARKER, t0) * 1000)
+            finally:
+                proc.kill()
+                proc.wait()
+        line("start_to_guest_marker_p50", statistics.median(boots), "qemu-system-x86_64 -kernel (bare)",
+             statistics.median(bare))
+        del spec
+    finally:
+        for name in names:
+            delete_vm(drv, pool, name, seed_dir=seeds)
+        for out in subprocess.run(["virsh", "-q", "-c", daemons.uri, "list", "--name"], capture_output=True,
+                                  text=True).stdout.split():
+            if out.startswith("bench-virsh-"):
+                subprocess.run(["virsh", "-q", "-c", daemons.uri, "destroy", out], capture_output=True)
+        drv.close()
+        shutil.rmtree(work, ignore_errors=True)
+        daemons.stop()
+
+
+if __name__ == "__main__":
+    main()

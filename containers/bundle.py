@@ -1,0 +1,249 @@
+"""OCI runtime bundles: the ``config.json`` runc runs, made from a ContainerSpec and the
+image's config.
+
+Isolation by default: namespaces pid, mnt, uts, ipc, net (+ user with an id map when
+``spec.userns``); runc's default capability set; the default seccomp profile
+(containers/seccomp.py); read-only and masked /proc and /sys paths; no new privileges;
+rlimits no higher than the agent's own (an OCI spec above the hard limit fails to start).
+Pure functions, except ``write_bundle`` which writes files into the bundle dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+
+from agent.errors import InvalidInput
+from containers import seccomp
+from containers.runtime import ContainerSpec
+
+OCI_VERSION = "1.0.2"
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# runc's own default (`runc spec`): enough to signal own processes and bind low ports
+DEFAULT_CAPABILITIES = ("CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE")
+MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap")
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+USERNS_BASE_ID = 100000  # host uid/gid that container root maps to under a user namespace
+USERNS_SIZE = 65536
+SHM_SIZE = "size=65536k"  # 64 MiB /dev/shm, runc's and Docker's default
+CGROUP_PARENT = "nodeagent"  # containers' cgroups live under <controller>/nodeagent/<name>
+
+
+def resolve_process(spec: ContainerSpec) -> dict:
+    """args, env, cwd and user string of the container's process (Docker's rules: the
+    image's Entrypoint + (spec.command or image Cmd); spec env over image Env)."""
+    img = spec.image_config or {}
+    entry = list(img.get("Entrypoint") or [])
+    cmd = list(spec.command) if spec.command else list(img.get("Cmd") or [])
+    args = entry + cmd
+    env: dict[str, str] = {}
+    for item in img.get("Env") or []:
+        k, _, v = item.partition("=")
+        env[k] = v
+    env.update(spec.env)
+    env.setdefault("PATH", DEFAULT_PATH.split("=", 1)[1])
+    cwd = spec.workdir if spec.workdir != "/" else (img.get("WorkingDir") or "/")
+    user = spec.user if spec.user != "0:0" else (img.get("User") or "0:0")
+    return {"args": args, "env": env, "cwd": cwd, "user": user}
+
+
+def resolve_user(user: str, rootfs: str) -> tuple[int, int]:
+    """uid, gid for ``user`` (uid[:gid] or names looked up in the rootfs's /etc files)."""
+    name, _, group = user.partition(":")
+
+    def lookup(fname: str, key: str, field: int) -> int | None:
+        path = _inside(rootfs, f"/etc/{fname}")
+        if path is None:
+            return None
+        with open(path, errors="replace") as f:
+            for line in f:
+                parts = line.rstrip("\n").split(":")
+                if len(parts) > field and parts[0] == key and parts[field].isdigit():
+                    return int(parts[field])
+        return None
+
+    if name.isdigit():
+        uid, default_gid = int(name), None
+    else:
+        uid = lookup("passwd", name, 2)
+        if uid is None:
+            raise InvalidInput(f"user {name!r} is not in the image's /etc/passwd: "
+                               "give a numeric uid[:gid]")
+        default_gid = lookup("passwd", name, 3)
+    if not group:
+        gid = default_gid if default_gid is not None else 0
+    elif group.isdigit():
+        gid = int(group)
+    else:
+        gid = lookup("group", group, 2)
+        if gid is None:
+            raise InvalidInput(f"group {group!r} is not in the image's /etc/group: "
+                               "give a numeric gid")
+    return uid, gid
+
+
+MAX_SYMLINKS = 40  # the kernel's own limit for one path walk
+
+
+def resolve_in_root(rootfs: str, path: str) -> str | None:
+    """Host path of ``path`` as the container sees it: symlinks (absolute ones too) are
+    followed as if ``rootfs`` were ``/``, so nothing resolves outside it. None if a
+    component is missing or the links loop."""
+    root = os.path.realpath(rootfs)
+    todo = [p for p in path.split("/") if p]
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        cur = os.path.join(root, *done, part)
+        if os.path.islink(cur):
+            hops += 1
+            if hops > MAX_SYMLINKS:
+                return None
+            target = os.readlink(cur)
+            if target.startswith("/"):
+                done = []
+            todo = [p for p in target.split("/") if p] + todo
+            continue
+        if not os.path.lexists(cur):
+            return None
+        done.append(part)
+    return os.path.join(root, *done)
+
+
+def _inside(rootfs: str, path: str) -> str | None:
+    """``path`` resolved inside ``rootfs`` if it is a regular file there."""
+    real = resolve_in_root(rootfs, path)
+    return real if real and os.path.isfile(real) else None
+
+
+def agent_rlimits() -> list[dict]:
+    """Container rlimits no higher than this process's hard limits (raising fails here)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nofile = hard if hard != resource.RLIM_INFINITY else 1048576
+    return [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}]
+
+
+def build_config(spec: ContainerSpec, *, rootfs: str, uid: int, gid: int,
+                 netns: str | None, cgroups_path: str, resources: dict,
+                 hostname: str, etc_files: dict[str, str] | None = None) -> dict:
+    """The OCI config for ``spec``. ``netns``: path of a prepared network namespace to join,
+    None for a fresh one (mode none) — host mode shares the host's. ``resources``: the OCI
+    linux.resources from containers.cgroups.oci_resources. ``etc_files``: container path ->
+    host file bind-mounted read-only (e.g. /etc/hosts)."""
+    proc = resolve_process(spec)
+    if not proc["args"]:
+        raise InvalidInput("no command: give one or use an image with a Cmd or Entrypoint")
+    caps = list(DEFAULT_CAPABILITIES)
+    namespaces = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
+    mode = spec.network.mode
+    if mode == "bridge":
+        namespaces.append({"type": "network", "path": netns} if netns else {"type": "network"})
+    elif mode == "none":
+        namespaces.append({"type": "network"})
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", SHM_SIZE]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+    ]
+    # sysfs can only be mounted by the owner of the netns: with the host's netns, or a
+    # prepared netns joined from a new user namespace, bind the host's read-only instead
+    if mode == "host" or (spec.userns and netns):
+        mounts[5] = {"destination": "/sys", "type": "bind", "source": "/sys",
+                     "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
+    for dest, src in sorted((etc_files or {}).items()):
+        mounts.append({"destination": dest, "type": "bind", "source": src,
+                       "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})
+    linux: dict = {
+        "namespaces": namespaces,
+        "cgroupsPath": cgroups_path,
+        "resources": resources,
+        "maskedPaths": list(MASKED_PATHS),
+        "readonlyPaths": list(READONLY_PATHS),
+        "seccomp": seccomp.default_profile(),
+    }
+    if spec.userns:
+        namespaces.append({"type": "user"})
+        idmap = [{"containerID": 0, "hostID": USERNS_BASE_ID, "size": USERNS_SIZE}]
+        linux["uidMappings"] = idmap
+        linux["gidMappings"] = [dict(m) for m in idmap]
+        # cgroupfs is not mountable from a user namespace without cgroupns on v1
+        mounts = [m for m in mounts if m["destination"] != "/sys/fs/cgroup"]
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": False,
+            "user": {"uid": uid, "gid": gid},
+            "args": proc["args"],
+            "env": [f"{k}={v}" for k, v in proc["env"].items()],
+            "cwd": proc["cwd"],
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": agent_rlimits(),
+            "noNewPrivileges": True,
+        },
+        "root": {"path": rootfs, "readonly": False},
+        "hostname": hostname,
+        "mounts": mounts,
+        "linux": linux,
+    }
+
+
+def etc_files_for(bundle_dir: str, *, hostname: str, ip: str | None,
+                  nameservers: list[str]) -> dict[str, str]:
+    """Write hosts, hostname and resolv.conf into ``bundle_dir``; return the bind map."""
+    files = {
+        "hostname": hostname + "\n",
+        "hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+                 + (f"{ip}\t{hostname}\n" if ip else f"127.0.1.1\t{hostname}\n"),
+        "resolv.conf": "".join(f"nameserver {n}\n" for n in nameservers),
+    }
+    out = {}
+    for name, text in files.items():
+        path = os.path.join(bundle_dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        out[f"/etc/{name}"] = path
+    return out
+
+
+def host_nameservers(path: str = "/etc/resolv.conf") -> list[str]:
+    """The host's nameservers minus loopback ones (unreachable from a netns)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver" and not parts[1].startswith("127."):
+            out.append(parts[1])
+    return out
+
+
+def write_bundle(bundle_dir: str, config: dict) -> str:
+    path = os.path.join(bundle_dir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=1)
+    os.replace(tmp, path)
+    return path

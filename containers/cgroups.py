@@ -1,0 +1,213 @@
+"""Container cgroups on v1 (per-controller hierarchies) and v2 (unified): limits as OCI
+resources for runc, live reads of usage, and removal of leftovers.
+
+runc creates a container's cgroups from ``linux.resources`` at create time and updates them
+with ``runc update``; this module computes those resources, reads stats straight from the
+cgroup files, and removes the dirs runc leaves after a crash. Knobs the kernel lacks are
+skipped (``unsupported()`` says which), never half-applied.
+"""
+from __future__ import annotations
+
+import os
+
+from containers.runtime import Limits
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CFS_PERIOD_US = 100_000  # 100 ms, the kernel's default CFS period
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer")
+MIB = 1024 * 1024
+
+
+def is_v2(root: str = CGROUP_ROOT) -> bool:
+    """True when ``root`` is the cgroup2 unified hierarchy (not hybrid v1)."""
+    return os.path.exists(os.path.join(root, "cgroup.controllers"))
+
+
+def cgroups_path(parent: str, name: str) -> str:
+    """runc's cgroupsPath (cgroupfs driver) for a container."""
+    return f"/{parent}/{name}"
+
+
+def has_memsw(root: str = CGROUP_ROOT) -> bool:
+    """Whether swap can be limited (v1: memory.memsw.* exists, needs swapaccount=1)."""
+    if is_v2(root):
+        return True  # memory.swap.max exists wherever swap exists; runc handles no-swap
+    return os.path.exists(os.path.join(root, "memory", "memory.memsw.limit_in_bytes"))
+
+
+def has_io_weight(root: str = CGROUP_ROOT) -> bool:
+    """Whether a proportional io weight exists (v1 blkio.weight or blkio.bfq.weight; v2
+    io.weight or io.bfq.weight under a parent with the io controller)."""
+    if is_v2(root):
+        try:
+            with open(os.path.join(root, "cgroup.controllers")) as f:
+                if "io" not in f.read().split():
+                    return False
+        except OSError:
+            return False
+        # the weight files appear in children only, and only with iocost or bfq: look at
+        # children that have the io controller (io.stat) and see whether they have one
+        try:
+            kids = [e.path for e in os.scandir(root) if e.is_dir()][:50]
+        except OSError:
+            kids = []
+        with_io = [k for k in kids if os.path.exists(os.path.join(k, "io.stat"))]
+        if not with_io:
+            return True  # nothing to judge by: let runc try
+        return any(os.path.exists(os.path.join(k, f)) for k in with_io
+                   for f in ("io.weight", "io.bfq.weight"))
+    blkio = os.path.join(root, "blkio")
+    return any(os.path.exists(os.path.join(blkio, f)) for f in ("blkio.weight",
+                                                                  "blkio.bfq.weight"))
+
+
+def unsupported(limits: Limits, root: str = CGROUP_ROOT) -> list[str]:
+    """Names of requested limits this kernel cannot enforce (they are skipped)."""
+    out = []
+    if limits.io_weight is not None and not has_io_weight(root):
+        out.append("io_weight")
+    return out
+
+
+def oci_resources(limits: Limits, root: str = CGROUP_ROOT) -> dict:
+    """The OCI ``linux.resources`` for ``limits`` (swap off: memory+swap = memory)."""
+    res: dict = {"devices": [{"allow": False, "access": "rwm"}] + _default_devices()}
+    if limits.cpus is not None:
+        res["cpu"] = {"quota": int(limits.cpus * CFS_PERIOD_US), "period": CFS_PERIOD_US}
+    if limits.memory_mib is not None:
+        mem = limits.memory_mib * MIB
+        res["memory"] = {"limit": mem}
+        if has_memsw(root):
+            res["memory"]["swap"] = mem  # OCI swap = memory + swap, on v1 and v2 alike
+    if limits.pids_max is not None:
+        res["pids"] = {"limit": limits.pids_max}
+    if limits.io_weight is not None and has_io_weight(root):
+        res["blockIO"] = {"weight": limits.io_weight}
+    return res
+
+
+def update_resources(limits: Limits, root: str = CGROUP_ROOT) -> dict:
+    """The JSON ``runc update --resources -`` takes (no device rules)."""
+    res = oci_resources(limits, root)
+    res.pop("devices")
+    if limits.cpus is None:
+        res["cpu"] = {"quota": -1, "period": CFS_PERIOD_US}
+    if limits.memory_mib is None:
+        res["memory"] = {"limit": -1, **({"swap": -1} if has_memsw(root) else {})}
+    if limits.pids_max is None:
+        res["pids"] = {"limit": -1}
+    return res
+
+
+def _default_devices() -> list[dict]:
+    """The device nodes every container may use (runc's and Docker's default allow list)."""
+    nodes = [(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 2), (136, None)]
+    return [{"allow": True, "type": "c", "major": ma, **({"minor": mi} if mi is not None
+                                                          else {}), "access": "rwm"}
+            for ma, mi in nodes]
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _int(path: str) -> int:
+    text = _read(path)
+    try:
+        return int(text.split()[0]) if text else 0
+    except ValueError:
+        return 0
+
+
+def read_stats(parent: str, name: str, root: str = CGROUP_ROOT) -> dict:
+    """{cpu_ns, memory_bytes, pids, oom_kills, io: {read_bytes, write_bytes}} from the
+    container's cgroups (zeros when the cgroup is gone)."""
+    rel = os.path.join(parent, name)
+    if is_v2(root):
+        d = os.path.join(root, rel)
+        cpu_us = _kv(_read(os.path.join(d, "cpu.stat"))).get("usage_usec", 0)
+        rd = wr = 0
+        for line in (_read(os.path.join(d, "io.stat")) or "").splitlines():
+            kv = dict(p.split("=", 1) for p in line.split()[1:] if "=" in p)
+            rd += int(kv.get("rbytes", 0))
+            wr += int(kv.get("wbytes", 0))
+        return {"cpu_ns": cpu_us * 1000, "memory_bytes": _int(os.path.join(d, "memory.current")),
+                "pids": _int(os.path.join(d, "pids.current")),
+                "oom_kills": _kv(_read(os.path.join(d, "memory.events"))).get("oom_kill", 0),
+                "io": {"read_bytes": rd, "write_bytes": wr}}
+    rd = wr = 0
+    blk = os.path.join(root, "blkio", rel, "blkio.throttle.io_service_bytes_recursive")
+    for line in (_read(blk) or "").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "Read":
+            rd += int(parts[2])
+        elif len(parts) == 3 and parts[1] == "Write":
+            wr += int(parts[2])
+    mem = os.path.join(root, "memory", rel)
+    return {"cpu_ns": _int(os.path.join(root, "cpuacct", rel, "cpuacct.usage")),
+            "memory_bytes": _int(os.path.join(mem, "memory.usage_in_bytes")),
+            "pids": _int(os.path.join(root, "pids", rel, "pids.current")),
+            "oom_kills": _kv(_read(os.path.join(mem, "memory.oom_control"))).get("oom_kill", 0),
+            "io": {"read_bytes": rd, "write_bytes": wr}}
+
+
+def _kv(text: str | None) -> dict:
+    out = {}
+    for line in (text or "").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def cgroup_dirs(parent: str, name: str, root: str = CGROUP_ROOT) -> list[str]:
+    """Every existing cgroup dir of the container (for leak checks and removal)."""
+    rel = os.path.join(parent, name)
+    if is_v2(root):
+        cands = [os.path.join(root, rel)]
+    else:
+        cands = [os.path.join(root, c, rel) for c in V1_CONTROLLERS]
+        cands.append(os.path.join(root, "unified", rel))
+        cands.append(os.path.join(root, "systemd", rel))
+    return [c for c in cands if os.path.isdir(c)]
+
+
+def remove(parent: str, name: str, root: str = CGROUP_ROOT) -> bool:
+    """Remove the container's (empty) cgroup dirs, children first; True if any existed."""
+    found = False
+    for d in cgroup_dirs(parent, name, root):
+        found = True
+        for sub, dirs, _ in sorted(os.walk(d, topdown=False), key=lambda t: -len(t[0])):
+            try:
+                os.rmdir(sub)
+            except FileNotFoundError:
+                pass
+    return found
+
+
+def list_names(parent: str, root: str = CGROUP_ROOT) -> set[str]:
+    """Names of containers with a cgroup dir under ``parent`` (any controller)."""
+    bases = [os.path.join(root, parent)] if is_v2(root) else \
+        [os.path.join(root, c, parent) for c in V1_CONTROLLERS]
+    names = set()
+    for b in bases:
+        try:
+            names.update(e.name for e in os.scandir(b) if e.is_dir())
+        except OSError:
+            pass
+    return names
+
+
+def remove_parent(parent: str, root: str = CGROUP_ROOT) -> None:
+    """Remove the (empty) parent cgroup dirs of our containers; busy ones stay."""
+    bases = [os.path.join(root, parent)] if is_v2(root) else \
+        [os.path.join(root, c, parent) for c in (*V1_CONTROLLERS, "unified", "systemd")]
+    for b in bases:
+        try:
+            os.rmdir(b)
+        except OSError:
+            pass

@@ -1,0 +1,371 @@
+"""Container networking with pyroute2 and iptables: one host bridge per network, a veth
+pair per container into its own network namespace, IPv4 addresses leased from the
+network's subnet (kept in the state DB), a default route via the bridge, NAT for egress
+and published ports (DNAT), all in chains of our own.
+
+Names (all derived, so leftovers can be found after a crash):
+  netns      nact-<rtag>-<container>         (/run/netns)
+  host veth  nv<rtag><8 hex of the name>      (<= 15 chars, the kernel's limit)
+  iptables   nat chains NODEAGENT-NAT (from POSTROUTING) and NODEAGENT-DNAT (from
+             PREROUTING and OUTPUT); every rule carries ``-m comment nodeagent:<rtag>:<x>``
+<rtag> is 4 hex of the runtime's state dir, so two runtimes on one host never collide.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import os
+import shlex
+import socket
+import subprocess
+import threading
+
+from agent.errors import CommandFailed, Conflict, InsufficientResources, Unavailable
+from agent.state import Database
+from containers.runtime import PortMap
+
+NETNS_DIR = "/run/netns"
+NAT_CHAIN = "NODEAGENT-NAT"
+DNAT_CHAIN = "NODEAGENT-DNAT"
+CONTAINER_IFNAME = "eth0"
+
+MIGRATIONS = [
+    """CREATE TABLE containers_leases (
+         network TEXT NOT NULL, ip TEXT NOT NULL, name TEXT NOT NULL,
+         PRIMARY KEY (network, ip), UNIQUE (network, name));
+       CREATE TABLE containers_ports (
+         host_ip TEXT NOT NULL, host_port INTEGER NOT NULL, protocol TEXT NOT NULL,
+         name TEXT NOT NULL, container_port INTEGER NOT NULL,
+         PRIMARY KEY (host_ip, host_port, protocol));""",
+]
+
+
+def short_hash(text: str, n: int) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:n]
+
+
+# -- privileged helpers (iptables, sysctl) -------------------------------------------
+def iptables(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    argv = ["iptables", "-w", "5", *args]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise Unavailable("iptables is not installed: run scripts/setup-host") from None
+    if check and proc.returncode != 0:
+        raise CommandFailed(f"iptables {' '.join(args)}: {proc.stderr.strip()}", argv=argv,
+                            returncode=proc.returncode, stderr=proc.stderr)
+    return proc
+
+
+def ensure_rule(table: str, chain: str, *rule: str) -> None:
+    if iptables("-t", table, "-C", chain, *rule, check=False).returncode != 0:
+        iptables("-t", table, "-A", chain, *rule)
+
+
+def ensure_chain(table: str, chain: str, *parents: tuple[str, ...]) -> None:
+    """Create ``chain`` and jump to it from each (parent, extra-match...) tuple."""
+    if iptables("-t", table, "-nL", chain, check=False).returncode != 0:
+        iptables("-t", table, "-N", chain)
+    for parent, *match in parents:
+        ensure_rule(table, parent, *match, "-j", chain)
+
+
+def rules_with_comment(table: str, chain: str, prefix: str, *,
+                       exact: bool = False) -> list[list[str]]:
+    """The rules of ``chain`` whose comment starts with (or, exact, equals) ``prefix``,
+    as argv lists after ``-A CHAIN``."""
+    out = iptables("-t", table, "-S", chain, check=False).stdout
+    rules = []
+    for line in out.splitlines():
+        argv = shlex.split(line)
+        if argv[:1] != ["-A"] or "--comment" not in argv:
+            continue
+        c = argv[argv.index("--comment") + 1]
+        if (c == prefix) if exact else c.startswith(prefix):
+            rules.append(argv[2:])
+    return rules
+
+
+def delete_rules(table: str, chain: str, prefix: str, *, exact: bool = False) -> int:
+    n = 0
+    for rule in rules_with_comment(table, chain, prefix, exact=exact):
+        iptables("-t", table, "-D", chain, *rule, check=False)
+        n += 1
+    return n
+
+
+def write_sysctl(key: str, value: str) -> None:
+    with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+        f.write(value)
+
+
+def bind_netns(source: str, target: str) -> None:
+    """Bind-mount a netns file (``/proc/PID/ns/net``) at ``target`` (like `ip netns attach`)."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_RDONLY, 0o444)
+    os.close(fd)
+    MS_BIND = 4096
+    if libc.mount(source.encode(), target.encode(), None, MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        os.unlink(target)
+        raise CommandFailed(f"bind {source} at {target}: {os.strerror(err)}",
+                            argv=["mount", "--bind", source, target], returncode=err)
+
+
+def check_bindable(host_ip: str, port: int, protocol: str) -> bool:
+    """True if nothing on the host holds ``host_ip:port`` (the bind test)."""
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((host_ip, port))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise Conflict(f"host_ip {host_ip} is not an address of this host: publish on "
+                               "127.0.0.1 or one of the host's addresses") from None
+            return False
+    return True
+
+
+class Network:
+    """A bridge network and its containers' attachments. Not thread-safe on its own:
+    the runtime serialises calls."""
+
+    def __init__(self, db: Database, *, bridge: str, subnet: str, nat: bool, rtag: str):
+        self.db, self.bridge, self.nat, self.rtag = db, bridge, nat, rtag
+        self.subnet = ipaddress.ip_network(subnet)
+        self.gateway = str(next(self.subnet.hosts()))
+        self._bridge_ready = False  # ensure_bridge() ran in this process
+        self._bridge_lock = threading.Lock()
+        db.migrate("containers_net", MIGRATIONS)
+
+    # -- names ------------------------------------------------------------------------
+    def netns_name(self, name: str) -> str:
+        return f"nact-{self.rtag}-{name}"
+
+    def netns_path(self, name: str) -> str:
+        return os.path.join(NETNS_DIR, self.netns_name(name))
+
+    def veth_name(self, name: str) -> str:
+        return f"nv{self.rtag}{short_hash(name, 8)}"
+
+    def comment(self, name: str) -> str:
+        return f"nodeagent:{self.rtag}:{name}"
+
+    # -- the bridge -------------------------------------------------------------------
+    def ensure_bridge(self) -> None:
+        """Create and address the bridge and the NAT rules if missing (idempotent)."""
+        with self._bridge_lock:
+            self._ensure_bridge()
+
+    def _ensure_bridge(self) -> None:
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.bridge)
+            if not idx:
+                ipr.link("add", ifname=self.bridge, kind="bridge")
+                idx = ipr.link_lookup(ifname=self.bridge)
+            idx = idx[0]
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx, family=2)}
+            if self.gateway not in have:
+                ipr.addr("add", index=idx, address=self.gateway,
+                         prefixlen=self.subnet.prefixlen)
+            ipr.link("set", index=idx, state="up")
+        # published ports on 127.0.0.1: let DNATed loopback packets route to the bridge
+        write_sysctl(f"net.ipv4.conf.{self.bridge}.route_localnet", "1")
+        ensure_chain("nat", NAT_CHAIN, ("POSTROUTING",))
+        ensure_chain("nat", DNAT_CHAIN, ("PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL"),
+                     ("OUTPUT", "-m", "addrtype", "--dst-type", "LOCAL"))
+        net_comment = f"nodeagent:{self.rtag}:net:{self.bridge}"
+        # host -> 127.0.0.1:port -> container: the reply must come back to the host
+        ensure_rule("nat", NAT_CHAIN, "-s", "127.0.0.0/8", "-o", self.bridge,
+                    "-m", "comment", "--comment", net_comment, "-j", "MASQUERADE")
+        if self.nat:
+            write_sysctl("net.ipv4.ip_forward", "1")
+            ensure_rule("nat", NAT_CHAIN, "-s", str(self.subnet), "!", "-o", self.bridge,
+                        "-m", "comment", "--comment", net_comment, "-j", "MASQUERADE")
+        self._bridge_ready = True
+
+    def delete_bridge(self) -> bool:
+        """Remove the bridge and this network's rules (only when no container is left)."""
+        from pyroute2 import IPRoute
+        self._bridge_ready = False
+        delete_rules("nat", NAT_CHAIN, f"nodeagent:{self.rtag}:net:{self.bridge}", exact=True)
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.bridge)
+            if idx:
+                ipr.link("del", index=idx[0])
+                return True
+        return False
+
+    # -- leases and ports ----------------------------------------------------------------
+    def lease(self, name: str) -> str:
+        with self.db.tx() as c:
+            row = c.execute("SELECT ip FROM containers_leases WHERE network=? AND name=?",
+                            (self.bridge, name)).fetchone()
+            if row:
+                return row["ip"]
+            taken = {r["ip"] for r in c.execute(
+                "SELECT ip FROM containers_leases WHERE network=?", (self.bridge,))}
+            for ip in self.subnet.hosts():
+                s = str(ip)
+                if s != self.gateway and s not in taken:
+                    c.execute("INSERT INTO containers_leases(network, ip, name) VALUES(?,?,?)",
+                              (self.bridge, s, name))
+                    return s
+        raise InsufficientResources(f"network {self.bridge} ({self.subnet}) has no free "
+                                    "address: delete a container or use a larger subnet")
+
+    def find_lease(self, name: str) -> str | None:
+        row = self.db.one("SELECT ip FROM containers_leases WHERE network=? AND name=?",
+                          (self.bridge, name))
+        return row["ip"] if row else None
+
+    def release(self, name: str) -> bool:
+        with self.db.tx() as c:
+            n = c.execute("DELETE FROM containers_leases WHERE network=? AND name=?",
+                          (self.bridge, name)).rowcount
+            n += c.execute("DELETE FROM containers_ports WHERE name=?", (name,)).rowcount
+        return n > 0
+
+    def claim_ports(self, name: str, ports: tuple[PortMap, ...]) -> None:
+        """Record the ports for ``name``; Conflict if ours or anybody's already."""
+        with self.db.tx() as c:
+            for p in ports:
+                row = c.execute(
+                    "SELECT name FROM containers_ports WHERE host_port=? AND protocol=? AND "
+                    "(host_ip=? OR host_ip='0.0.0.0' OR ?='0.0.0.0')",
+                    (p.host_port, p.protocol, p.host_ip, p.host_ip)).fetchone()
+                if row and row["name"] == name:
+                    continue  # already ours (attach again after a restart)
+                if row:
+                    raise Conflict(f"port {p.host_ip}:{p.host_port}/{p.protocol} is already "
+                                   f"published by container {row['name']!r}: choose another "
+                                   "host_port")
+                if not check_bindable(p.host_ip, p.host_port, p.protocol):
+                    raise Conflict(f"port {p.host_ip}:{p.host_port}/{p.protocol} is in use on "
+                                   "this host: choose another host_port")
+                c.execute("INSERT INTO containers_ports VALUES(?,?,?,?,?)",
+                          (p.host_ip, p.host_port, p.protocol, name, p.container_port))
+
+    # -- attach / detach ------------------------------------------------------------------
+    def reserve(self, name: str, ports: tuple[PortMap, ...] = ()) -> str:
+        """Claim the ports and lease an address without any device (for a container whose
+        netns only exists once it runs: attach(pid=...) then). Returns the ip."""
+        try:
+            self.claim_ports(name, ports)
+            return self.lease(name)
+        except BaseException:
+            self.release(name)
+            raise
+
+    def attach(self, name: str, ports: tuple[PortMap, ...] = (), *,
+               pid: int | None = None) -> tuple[str, str]:
+        """Lease an address, make the netns + veth, publish ports. Returns (netns path, ip).
+        With ``pid``, the netns is that process's (bind-mounted to the usual name), e.g. one
+        runc made inside a user namespace; devices and rules of an earlier run are replaced.
+        On failure everything made here is undone."""
+        from pyroute2 import IPRoute, NetNS, netns
+        if not self._bridge_ready:
+            self.ensure_bridge()
+        if pid is not None:
+            self.detach(name, keep_lease=True)
+        try:
+            self.claim_ports(name, ports)
+            ip = self.lease(name)
+            nsname, host_if = self.netns_name(name), self.veth_name(name)
+            peer = "nq" + host_if[2:]
+            if pid is None:
+                netns.create(nsname)
+            else:
+                bind_netns(f"/proc/{pid}/ns/net", self.netns_path(name))
+            with IPRoute() as ipr:
+                ipr.link("add", ifname=host_if, kind="veth",
+                         peer={"ifname": peer, "net_ns_fd": nsname})
+                hidx = ipr.link_lookup(ifname=host_if)[0]
+                bidx = ipr.link_lookup(ifname=self.bridge)
+                if not bidx:  # removed behind our back: make it (and its rules) again
+                    self.ensure_bridge()
+                    bidx = ipr.link_lookup(ifname=self.bridge)
+                bidx = bidx[0]
+                ipr.link("set", index=hidx, master=bidx, state="up")
+            with NetNS(nsname) as ns:
+                i = ns.link_lookup(ifname=peer)[0]
+                ns.link("set", index=i, ifname=CONTAINER_IFNAME)
+                ns.addr("add", index=i, address=ip, prefixlen=self.subnet.prefixlen)
+                ns.link("set", index=i, state="up")
+                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+                ns.route("add", dst="default", gateway=self.gateway)
+            for p in ports:
+                self._publish(name, ip, p)
+            return self.netns_path(name), ip
+        except BaseException:
+            self.detach(name)
+            raise
+
+    def _publish(self, name: str, ip: str, p: PortMap) -> None:
+        dst = [] if p.host_ip == "0.0.0.0" else ["-d", p.host_ip]
+        iptables("-t", "nat", "-A", DNAT_CHAIN, *dst, "-p", p.protocol,
+                 "--dport", str(p.host_port), "-m", "comment", "--comment", self.comment(name),
+                 "-j", "DNAT", "--to-destination", f"{ip}:{p.container_port}")
+
+    def detach(self, name: str, *, keep_lease: bool = False) -> bool:
+        """Remove port rules, veth, netns and (unless ``keep_lease``) the lease and port
+        claims of ``name``; False if none existed."""
+        from pyroute2 import IPRoute, netns
+        found = delete_rules("nat", DNAT_CHAIN, self.comment(name), exact=True) > 0
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.veth_name(name))
+            if idx:
+                ipr.link("del", index=idx[0])
+                found = True
+        if os.path.exists(self.netns_path(name)):
+            netns.remove(self.netns_name(name))
+            found = True
+        if keep_lease:
+            return found
+        return self.release(name) or found
+
+    def counters(self, name: str) -> dict:
+        """rx/tx bytes as the container sees them (the host veth's reversed)."""
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.veth_name(name))
+            if not idx:
+                return {"rx_bytes": 0, "tx_bytes": 0}
+            st = ipr.get_links(idx[0])[0].get_attr("IFLA_STATS64") or {}
+        return {"rx_bytes": st.get("tx_bytes", 0), "tx_bytes": st.get("rx_bytes", 0)}
+
+    # -- leftovers --------------------------------------------------------------------------
+    def leftover_names(self) -> set[str]:
+        """Container names with a netns, lease or port rule of ours (for reconcile)."""
+        names = set()
+        prefix = f"nact-{self.rtag}-"
+        try:
+            names.update(n[len(prefix):] for n in os.listdir(NETNS_DIR) if n.startswith(prefix))
+        except FileNotFoundError:
+            pass
+        names.update(r["name"] for r in self.db.query(
+            "SELECT name FROM containers_leases WHERE network=?", (self.bridge,)))
+        names.update(r["name"] for r in self.db.query("SELECT name FROM containers_ports"))
+        for rule in rules_with_comment("nat", DNAT_CHAIN, f"nodeagent:{self.rtag}:"):
+            c = rule[rule.index("--comment") + 1].split(":", 2)[2]
+            if not c.startswith("net:"):
+                names.add(c)
+        return names
+
+    def leftover_veths(self, live: set[str]) -> list[str]:
+        from pyroute2 import IPRoute
+        want = {self.veth_name(n) for n in live}
+        with IPRoute() as ipr:
+            names = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
+        return [n for n in names if n.startswith(f"nv{self.rtag}") and n not in want]
+
+    def delete_veth(self, ifname: str) -> None:
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)
+            if idx:
+                ipr.link("del", index=idx[0])

@@ -1,0 +1,625 @@
+"""``containers.Runtime`` on runc, with conmon as the per-container monitor.
+
+Layout under ``state_dir``::
+
+    containers/<name>/rootfs/       overlayfs mount of the spec's layers + upper dir
+    containers/<name>/bundle/       config.json, hosts, hostname, resolv.conf
+    containers/<name>/ctr.log       stdout/stderr (conmon's k8s-file format)
+    containers/<name>/exit/<name>   exit code, written by conmon when the process ends
+    runc/                           runc --root (its own, so ids never clash with others')
+
+The agent keeps no process per container: conmon (detached, own session) runs
+``runc create``, holds the container's stdio, writes the log and the exit file; the agent
+then calls ``runc start``. All state is read back from the DB, runc's state.json and the
+exit file, so a new RuncRuntime over the same state_dir and DB re-adopts everything.
+create() prepares (mount, network, bundle); start() creates the runc container.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import select
+import shutil
+import signal as signals
+import sqlite3
+import subprocess
+import threading
+import time
+
+from agent.errors import (CommandFailed, Conflict, InvalidInput, NotFound, Unavailable,
+                          Unsupported)
+from agent.state import Database
+from containers import bundle, cgroups, validate
+from containers.network import Network, short_hash
+from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits, NetworkSpec,
+                                PortMap, Rootfs)
+from storage import mounts
+
+MIGRATIONS = [
+    """CREATE TABLE containers (
+         name TEXT PRIMARY KEY, spec TEXT NOT NULL, limits TEXT NOT NULL,
+         ip TEXT, created_at REAL NOT NULL);""",
+]
+LOG_SIZE_MAX = 64 * 1024 * 1024  # 64 MiB of stdout/stderr per container; beyond it conmon truncates the file
+SYNC_TIMEOUT = 30.0  # seconds to wait for conmon to report `runc create` done
+EXIT_GRACE = 5.0  # seconds to wait for the exit file after SIGKILL
+POLL = 0.01
+
+
+def spec_to_json(spec: ContainerSpec) -> str:
+    return json.dumps(dataclasses.asdict(spec))
+
+
+def spec_from_json(text: str) -> ContainerSpec:
+    d = json.loads(text)
+    net = d["network"]
+    return ContainerSpec(
+        name=d["name"], rootfs=Rootfs(tuple(d["rootfs"]["lowerdirs"]), d["rootfs"]["upperdir"],
+                                      d["rootfs"]["workdir"]),
+        command=tuple(d["command"]), env=d["env"], workdir=d["workdir"], user=d["user"],
+        hostname=d["hostname"], limits=Limits(**d["limits"]),
+        network=NetworkSpec(net["mode"], tuple(PortMap(**p) for p in net["ports"])),
+        userns=d["userns"], image_config=d.get("image_config") or {})
+
+
+def _proc_start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])  # field 22 of stat: starttime in clock ticks
+
+
+class RuncRuntime:
+    """Containers run by runc under conmon. Thread-safe (one lock per container name)."""
+
+    def __init__(self, state_dir: str, db: Database, *, bridge: str = "nabr0",
+                 subnet: str = "10.88.0.0/24", nat: bool = True,
+                 cgroup_parent: str = bundle.CGROUP_PARENT, runc: str = "runc",
+                 conmon: str = "conmon"):
+        self.runc = shutil.which(runc)
+        self.conmon = shutil.which(conmon)
+        for tool, path in (("runc", self.runc), ("conmon", self.conmon)):
+            if path is None:
+                raise Unavailable(f"{tool} is not installed: apt-get install {tool} "
+                                  "(or run scripts/setup-host)")
+        self.state_dir = os.path.abspath(state_dir)
+        self.db = db
+        self.rtag = short_hash(self.state_dir, 4)
+        self.cgroup_parent = cgroup_parent
+        self.runc_root = os.path.join(self.state_dir, "runc")
+        os.makedirs(os.path.join(self.state_dir, "containers"), exist_ok=True)
+        os.makedirs(self.runc_root, exist_ok=True)
+        os.makedirs(os.path.join(self.state_dir, "sock"), exist_ok=True)  # conmon needs it
+        db.migrate("containers", MIGRATIONS)
+        self.net = Network(db, bridge=bridge, subnet=subnet, nat=nat, rtag=self.rtag)
+        self._lock = threading.Lock()  # guards _locks only
+        self._locks: dict[str, threading.RLock] = {}  # one per container name
+
+    def _name_lock(self, name: str) -> threading.RLock:
+        """Operations on one container are serialised; different containers run in parallel
+        (a 10 s stop of one never blocks another)."""
+        with self._lock:
+            return self._locks.setdefault(name, threading.RLock())
+
+    # -- paths ----------------------------------------------------------------------------
+    def _dir(self, name: str) -> str:
+        return os.path.join(self.state_dir, "containers", name)
+
+    def _rootfs(self, name: str) -> str:
+        return os.path.join(self._dir(name), "rootfs")
+
+    def _bundle(self, name: str) -> str:
+        return os.path.join(self._dir(name), "bundle")
+
+    def _log(self, name: str) -> str:
+        return os.path.join(self._dir(name), "ctr.log")
+
+    def _exit_file(self, name: str) -> str:
+        return os.path.join(self._dir(name), "exit", name)
+
+    # -- runc -----------------------------------------------------------------------------
+    def _runc(self, *args: str, check: bool = True, input: str | None = None,
+              timeout: float | None = 60) -> subprocess.CompletedProcess:
+        argv = [self.runc, "--root", self.runc_root, *args]
+        proc = subprocess.run(argv, capture_output=True, text=True, input=input,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise CommandFailed(f"runc {args[0]} failed: {_runc_message(proc.stderr)}",
+                                argv=argv, returncode=proc.returncode, stderr=proc.stderr)
+        return proc
+
+    def _runc_state(self, name: str) -> dict | None:
+        try:
+            with open(os.path.join(self.runc_root, name, "state.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def _row(self, name: str):
+        row = self.db.one("SELECT * FROM containers WHERE name=?", (name,))
+        if row is None:
+            raise NotFound(f"container {name!r} does not exist")
+        return row
+
+    def _read_exit(self, name: str) -> int | None:
+        try:
+            with open(self._exit_file(name)) as f:
+                text = f.read().strip()
+        except OSError:
+            return None
+        return int(text) if text.lstrip("-").isdigit() else None
+
+    def _status(self, name: str) -> tuple[str, int | None, int | None]:
+        """(state, pid, exit_code) from the exit file and runc's state.json."""
+        code = self._read_exit(name)
+        if code is not None:
+            return "stopped", None, code
+        st = self._runc_state(name)
+        if st is None:
+            return "created", None, None
+        pid = st.get("init_process_pid")
+        if pid and _proc_start_time(pid) == st.get("init_process_start"):
+            if os.path.exists(os.path.join(self.runc_root, name, "exec.fifo")):
+                return "created", pid, None
+            if self._frozen(name):
+                return "paused", pid, None
+            return "running", pid, None
+        # the process is gone; conmon writes the exit file a moment later
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            code = self._read_exit(name)
+            if code is not None:
+                return "stopped", None, code
+            time.sleep(POLL)
+        return "stopped", None, None
+
+    def _frozen(self, name: str) -> bool:
+        rel = os.path.join(self.cgroup_parent, name)
+        if cgroups.is_v2():
+            path = os.path.join(cgroups.CGROUP_ROOT, rel, "cgroup.freeze")
+            want = "1"
+        else:
+            path = os.path.join(cgroups.CGROUP_ROOT, "freezer", rel, "freezer.state")
+            want = "FROZEN"
+        try:
+            with open(path) as f:
+                return f.read().strip() == want
+        except OSError:
+            return False
+
+    def _info(self, row) -> ContainerInfo:
+        state, pid, code = self._status(row["name"])
+        return ContainerInfo(row["name"], state, pid, code, row["ip"])
+
+    # -- create ---------------------------------------------------------------------------
+    def create(self, spec: ContainerSpec) -> ContainerInfo:
+        """Mount the rootfs, set up networking and write the bundle. Conflict on a name
+        clash or a taken port; on any failure everything made here is removed."""
+        validate.check_spec(spec)
+        for d in spec.rootfs.lowerdirs:
+            if not os.path.isdir(d):
+                raise InvalidInput(f"image layer {d} does not exist: import the image "
+                                   "first (unknown image?)")
+        with self._name_lock(spec.name):
+            if self.db.one("SELECT 1 FROM containers WHERE name=?", (spec.name,)) or \
+                    os.path.exists(self._dir(spec.name)):
+                raise Conflict(f"container {spec.name!r} already exists: pick another name "
+                               "or delete it first")
+            try:
+                self.db.execute("INSERT INTO containers(name, spec, limits, created_at) "
+                                "VALUES(?,?,?,?)", (spec.name, spec_to_json(spec),
+                                                    json.dumps(dataclasses.asdict(spec.limits)),
+                                                    time.time()))
+            except sqlite3.IntegrityError:  # another agent process won the race
+                raise Conflict(f"container {spec.name!r} already exists") from None
+            try:
+                ip = self._prepare(spec)
+            except BaseException:
+                self._release(spec.name)
+                raise
+            self.db.execute("UPDATE containers SET ip=? WHERE name=?", (ip, spec.name))
+            return self._info(self._row(spec.name))
+
+    def _prepare(self, spec: ContainerSpec) -> str | None:
+        name = spec.name
+        rootfs, bdir = self._rootfs(name), self._bundle(name)
+        for d in (rootfs, bdir, os.path.dirname(self._exit_file(name))):
+            os.makedirs(d, exist_ok=True)
+        r = spec.rootfs
+        for d in (r.upperdir, r.workdir):
+            os.makedirs(d, exist_ok=True)
+        if spec.userns:
+            self._prepare_userns(spec)
+        mounts.mount_overlay(list(r.lowerdirs), r.upperdir, r.workdir, rootfs)
+        proc = bundle.resolve_process(spec)
+        uid, gid = bundle.resolve_user(proc["user"], rootfs)
+        _check_command(proc["args"][0], proc["env"].get("PATH", ""), proc["cwd"], rootfs)
+        netns = ip = None
+        if spec.network.mode == "bridge" and spec.userns:
+            # joining a netns the host's user namespace owns fails from inside a new one:
+            # runc makes the netns, start() wires it up (attach(pid=...))
+            ip = self.net.reserve(name, spec.network.ports)
+        elif spec.network.mode == "bridge":
+            netns, ip = self.net.attach(name, spec.network.ports)
+        self._write_config(spec, spec.limits, netns=netns, ip=ip, uid=uid, gid=gid)
+        return ip
+
+    def _prepare_userns(self, spec: ContainerSpec) -> None:
+        """Container root is host uid USERNS_BASE_ID: it must reach the rootfs and bundle
+        and own the top of the upper dir (so it can write to /)."""
+        for d in (self._dir(spec.name), self._rootfs(spec.name)):
+            os.chmod(d, 0o711)
+        for d in (*spec.rootfs.lowerdirs, self._rootfs(spec.name), self._bundle(spec.name)):
+            blocked = _untraversable(d)
+            if blocked:
+                raise Unsupported(f"user namespaces need {blocked} to be traversable by "
+                                  f"uid {bundle.USERNS_BASE_ID}: chmod o+x {blocked} (or put "
+                                  "state_dir and the image cache under such a dir)")
+        os.chown(spec.rootfs.upperdir, bundle.USERNS_BASE_ID, bundle.USERNS_BASE_ID)
+
+    def _write_config(self, spec: ContainerSpec, limits: Limits, *, netns, ip, uid, gid):
+        name = spec.name
+        hostname = spec.hostname or name
+        etc = bundle.etc_files_for(self._bundle(name), hostname=hostname, ip=ip,
+                                   nameservers=bundle.host_nameservers()) \
+            if spec.network.mode != "host" else {}
+        _make_mountpoints(self._rootfs(name), etc)
+        cfg = bundle.build_config(
+            spec, rootfs=self._rootfs(name), uid=uid, gid=gid, netns=netns,
+            cgroups_path=cgroups.cgroups_path(self.cgroup_parent, name),
+            resources=cgroups.oci_resources(limits), hostname=hostname, etc_files=etc)
+        bundle.write_bundle(self._bundle(name), cfg)
+
+    # -- start / stop -----------------------------------------------------------------------
+    def start(self, name: str) -> ContainerInfo:
+        """Run the container (again). Idempotent on a running one; Conflict if paused."""
+        with self._name_lock(name):
+            row = self._row(name)
+            state, _, _ = self._status(name)
+            if state == "running":
+                return self._info(row)
+            if state == "paused":
+                raise Conflict(f"container {name!r} is paused: resume it instead")
+            self._ensure_prepared(row)
+            if self._runc_state(name) is not None:
+                self._runc("delete", "--force", name, check=False)
+            for path in (self._exit_file(name),):
+                if os.path.exists(path):
+                    os.unlink(path)
+            pid = self._spawn_conmon(name)
+            try:
+                spec = spec_from_json(row["spec"])
+                if spec.userns and spec.network.mode == "bridge":
+                    self.net.attach(name, spec.network.ports, pid=pid)
+                self._runc("start", name)
+            except BaseException:
+                self._runc("delete", "--force", name, check=False)
+                raise
+            return self._info(self._row(name))  # re-read: _ensure_prepared may set the ip
+
+    def _ensure_prepared(self, row) -> None:
+        """After a host reboot the mount and netns are gone: make them again."""
+        spec = spec_from_json(row["spec"])
+        if not mounts.is_mounted(self._rootfs(spec.name)):
+            r = spec.rootfs
+            mounts.mount_overlay(list(r.lowerdirs), r.upperdir, r.workdir,
+                                 self._rootfs(spec.name))
+        if spec.network.mode == "bridge" and not spec.userns and \
+                not os.path.exists(self.net.netns_path(spec.name)):
+            netns, ip = self.net.attach(spec.name, spec.network.ports)
+            proc = bundle.resolve_process(spec)
+            uid, gid = bundle.resolve_user(proc["user"], self._rootfs(spec.name))
+            self._write_config(spec, Limits(**json.loads(row["limits"])), netns=netns, ip=ip,
+                               uid=uid, gid=gid)
+            self.db.execute("UPDATE containers SET ip=? WHERE name=?", (ip, spec.name))
+
+    def _spawn_conmon(self, name: str) -> int:
+        """conmon runs `runc create` and stays as the container's monitor; we wait on its
+        sync pipe for the container's pid (or runc's error)."""
+        rfd, wfd = os.pipe()
+        argv = [self.conmon, "--api-version", "1", "-c", name, "-u", name, "-n", name,
+                "-r", self.runc, "-b", self._bundle(name),
+                "-p", os.path.join(self._dir(name), "container.pid"),
+                "-P", os.path.join(self._dir(name), "conmon.pid"),
+                "-l", f"k8s-file:{self._log(name)}", "--log-size-max", str(LOG_SIZE_MAX),
+                "--exit-dir", os.path.dirname(self._exit_file(name)),
+                "--socket-dir-path", os.path.join(self.state_dir, "sock"),
+                "--runtime-arg", "--root", "--runtime-arg", self.runc_root,
+                "--log-level", "error", "--syslog"]
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+               "_OCI_SYNCPIPE": str(wfd)}
+        try:
+            proc = subprocess.Popen(argv, pass_fds=(wfd,), env=env, start_new_session=True,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+        finally:
+            os.close(wfd)
+        data = b""
+        try:
+            deadline = time.monotonic() + SYNC_TIMEOUT
+            while b"\n" not in data and time.monotonic() < deadline:
+                ready, _, _ = select.select([rfd], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    break
+                chunk = os.read(rfd, 4096)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            os.close(rfd)
+            _, err = proc.communicate(timeout=SYNC_TIMEOUT)
+        msg = {}
+        for line in data.decode(errors="replace").splitlines():
+            try:
+                msg = json.loads(line)
+                break
+            except ValueError:
+                continue
+        if not isinstance(msg.get("data"), int) or msg["data"] <= 0:
+            detail = msg.get("message") or err.decode(errors="replace").strip() or \
+                "conmon gave no pid"
+            self._runc("delete", "--force", name, check=False)
+            raise CommandFailed(f"container {name!r} failed to start: "
+                                f"{_runc_message(detail)}", argv=argv, stderr=detail)
+        return msg["data"]
+
+    def _wait_exit(self, name: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._status(name)[0] == "stopped":
+                return True
+            time.sleep(POLL)
+        return False
+
+    def stop(self, name: str, *, timeout: float = 10) -> ContainerInfo:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds. Idempotent."""
+        with self._name_lock(name):
+            row = self._row(name)
+            state, _, _ = self._status(name)
+            if state in ("running", "paused", "created") and self._runc_state(name):
+                if state == "paused":
+                    self._runc("resume", name, check=False)
+                self._runc("kill", name, "TERM", check=False)
+                if not self._wait_exit(name, timeout):
+                    self._runc("kill", name, "KILL", check=False)
+                    self._wait_exit(name, EXIT_GRACE)
+            return self._info(row)
+
+    def kill(self, name: str, signal: int = 9) -> ContainerInfo:
+        with self._name_lock(name):
+            row = self._row(name)
+            if not isinstance(signal, int) or not 1 <= signal <= 64:
+                raise InvalidInput(f"signal {signal!r} is invalid: give 1..64 (9 = SIGKILL)")
+            state, _, _ = self._status(name)
+            if state not in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {state}, not running: nothing to signal")
+            self._runc("kill", name, str(signal))
+            if signal == signals.SIGKILL:
+                self._wait_exit(name, EXIT_GRACE)
+            return self._info(row)
+
+    def restart(self, name: str, *, timeout: float = 10) -> ContainerInfo:
+        self.stop(name, timeout=timeout)
+        return self.start(name)
+
+    def pause(self, name: str) -> ContainerInfo:
+        with self._name_lock(name):
+            row = self._row(name)
+            state, _, _ = self._status(name)
+            if state != "running":
+                raise Conflict(f"container {name!r} is {state}: only a running one pauses")
+            self._runc("pause", name)
+            return self._info(row)
+
+    def resume(self, name: str) -> ContainerInfo:
+        with self._name_lock(name):
+            row = self._row(name)
+            if self._status(name)[0] != "paused":
+                raise Conflict(f"container {name!r} is not paused")
+            self._runc("resume", name)
+            return self._info(row)
+
+    # -- delete / reconcile -------------------------------------------------------------------
+    def delete(self, name: str) -> bool:
+        """Kill if running and release mounts, cgroups, network, lease, ports, files."""
+        with self._name_lock(name):
+            known = self.db.one("SELECT 1 FROM containers WHERE name=?", (name,)) is not None
+            if not known and not os.path.exists(self._dir(name)):
+                return False
+            self._release(name)
+            return True
+
+    def _release(self, name: str) -> None:
+        if self._runc_state(name) is not None:
+            if self._frozen(name):
+                self._runc("resume", name, check=False)  # a frozen process cannot die
+            self._runc("kill", name, "KILL", check=False)
+            self._wait_exit(name, EXIT_GRACE)
+            self._runc("delete", "--force", name, check=False)
+        rootfs = self._rootfs(name)
+        if mounts.is_mounted(rootfs):
+            mounts.unmount(rootfs, lazy=True)
+        cgroups.remove(self.cgroup_parent, name)
+        self.net.detach(name)
+        shutil.rmtree(self._dir(name), ignore_errors=True)
+        self.db.execute("DELETE FROM containers WHERE name=?", (name,))
+
+    def reconcile(self) -> dict:
+        """Release the leftovers of containers that have no record (crash mid-create or
+        mid-delete): runc state, mounts, cgroups, veths, netns, leases, port rules, dirs.
+        Containers with a record are kept as they are (running or stopped). Meant for agent
+        start-up, before serving requests."""
+        known = {r["name"] for r in self.db.query("SELECT name FROM containers")}
+        found = set()
+        try:
+            found.update(os.listdir(os.path.join(self.state_dir, "containers")))
+            found.update(e for e in os.listdir(self.runc_root)
+                         if os.path.isdir(os.path.join(self.runc_root, e)))
+        except FileNotFoundError:
+            pass
+        found.update(cgroups.list_names(self.cgroup_parent))  # the parent is ours alone
+        found.update(self.net.leftover_names())
+        gone = []
+        for name in sorted(found - known):
+            with self._name_lock(name):  # a create in flight holds it and has a row
+                if self.db.one("SELECT 1 FROM containers WHERE name=?", (name,)):
+                    continue
+                self._release(name)
+                gone.append(name)
+        live = {r["name"] for r in self.db.query("SELECT name FROM containers")}
+        veths = self.net.leftover_veths(live)
+        for v in veths:
+            self.net.delete_veth(v)
+        return {"released": gone, "veths_removed": veths}
+
+    # -- exec / logs / stats / limits ---------------------------------------------------------
+    def exec(self, name: str, command: list[str], *, timeout: float = 60) -> ExecResult:
+        if not command or not all(isinstance(a, str) for a in command):
+            raise InvalidInput("exec needs a command: a non-empty list of strings")
+        self._row(name)
+        state = self._status(name)[0]
+        if state != "running":
+            raise Conflict(f"container {name!r} is {state}: exec needs it running")
+        argv = [self.runc, "--root", self.runc_root, "exec", name, *command]
+        try:
+            proc = subprocess.run(argv, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            return ExecResult(124, (e.stdout or b"").decode(errors="replace"),
+                              f"timed out after {timeout} s")
+        return ExecResult(proc.returncode, proc.stdout.decode(errors="replace"),
+                          proc.stderr.decode(errors="replace"))
+
+    def logs(self, name: str, tail: int | None = None) -> str:
+        self._row(name)
+        try:
+            with open(self._log(name), errors="replace") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return ""
+        text = _parse_k8s_log(raw)
+        if tail is not None:
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[-tail:]) if tail > 0 else ""
+        return text
+
+    def stats(self, name: str) -> dict:
+        row = self._row(name)
+        limits = Limits(**json.loads(row["limits"]))
+        st = cgroups.read_stats(self.cgroup_parent, name)
+        spec = spec_from_json(row["spec"])
+        st["net"] = self.net.counters(name) if spec.network.mode == "bridge" else \
+            {"rx_bytes": 0, "tx_bytes": 0}
+        st["limits"] = dataclasses.asdict(limits)
+        st["unsupported"] = cgroups.unsupported(limits)
+        return st
+
+    def update_limits(self, name: str, limits: Limits) -> None:
+        """Apply to the running container (runc update) and keep for later starts."""
+        validate.check_limits(limits)
+        with self._name_lock(name):
+            row = self._row(name)
+            if self._status(name)[0] in ("running", "paused", "created") and \
+                    self._runc_state(name):
+                self._runc("update", "--resources", "-",
+                           name, input=json.dumps(cgroups.update_resources(limits)))
+            self.db.execute("UPDATE containers SET limits=? WHERE name=?",
+                            (json.dumps(dataclasses.asdict(limits)), name))
+            cfg_path = os.path.join(self._bundle(name), "config.json")
+            try:
+                with open(cfg_path) as f:
+                    cfg = json.load(f)
+                cfg["linux"]["resources"] = cgroups.oci_resources(limits)
+                bundle.write_bundle(self._bundle(name), cfg)
+            except OSError:
+                pass
+
+    def get(self, name: str) -> ContainerInfo:
+        return self._info(self._row(name))
+
+    def find(self, name: str) -> ContainerInfo | None:
+        row = self.db.one("SELECT * FROM containers WHERE name=?", (name,))
+        return self._info(row) if row else None
+
+    def list(self) -> list[ContainerInfo]:
+        return [self._info(r) for r in self.db.query("SELECT * FROM containers ORDER BY name")]
+
+    def close(self) -> None:
+        """Remove the bridge, its rules and the parent cgroups if no container is left."""
+        if not self.db.query("SELECT name FROM containers"):
+            self.net.delete_bridge()
+            cgroups.remove_parent(self.cgroup_parent)
+
+
+def _make_mountpoints(rootfs: str, files: dict[str, str]) -> None:
+    """Create empty files for bind mounts (as host root: a user-namespaced runc could not),
+    resolving symlinks inside the rootfs only."""
+    root = os.path.realpath(rootfs)
+    for dest in files:
+        dirname = os.path.dirname(dest)
+        parent = bundle.resolve_in_root(root, dirname)
+        if parent is None:
+            plain = os.path.join(root, dirname.lstrip("/"))
+            if os.path.lexists(plain):
+                continue  # a dangling or looping link: let runc refuse it
+            os.makedirs(plain)
+            parent = plain
+        if not os.path.isdir(parent):
+            continue
+        final = os.path.join(parent, os.path.basename(dest))
+        if not os.path.lexists(final):
+            fd = os.open(final, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+            os.close(fd)
+
+
+def _untraversable(path: str) -> str | None:
+    """The first ancestor of ``path`` (or itself) others cannot enter, or None."""
+    path = os.path.abspath(path)
+    parts = path.split(os.sep)
+    for i in range(2, len(parts) + 1):
+        d = os.sep.join(parts[:i]) or os.sep
+        try:
+            if not os.stat(d).st_mode & 0o001:
+                return d
+        except FileNotFoundError:
+            return None
+    return None
+
+
+def _check_command(prog: str, path: str, cwd: str, rootfs: str) -> None:
+    """InvalidInput unless ``prog`` exists in the rootfs (absolute, relative or on PATH)."""
+    if "/" in prog:
+        cands = [prog if prog.startswith("/") else os.path.join(cwd, prog)]
+    else:
+        cands = [os.path.join(d, prog) for d in path.split(":") if d.startswith("/")]
+    for c in cands:
+        if bundle.resolve_in_root(rootfs, c):
+            return
+    raise InvalidInput(f"command {prog!r} is not in the image (searched "
+                       f"{', '.join(cands) or 'nothing'}): fix the command or the image")
+
+
+def _runc_message(stderr: str) -> str:
+    """The useful part of runc's logrus output (msg="...")."""
+    text = stderr.strip()
+    for line in reversed(text.splitlines()):
+        if 'msg="' in line:
+            return line.split('msg="', 1)[1].rsplit('"', 1)[0].replace('\\"', '"')
+    return text[-500:] or "no output"
+
+
+def _parse_k8s_log(raw: str) -> str:
+    """conmon's k8s-file lines ``TIME STREAM P|F TEXT`` -> the text; P = partial line."""
+    out = []
+    for line in raw.splitlines():
+        parts = line.split(" ", 3)
+        if len(parts) < 3:
+            continue
+        text = parts[3] if len(parts) == 4 else ""
+        out.append(text if parts[2] == "P" else text + "\n")
+    return "".join(out)

@@ -1,0 +1,563 @@
+"""``LibvirtDriver``: VMs as libvirt domains (libvirt-python), QEMU under KVM or TCG.
+
+libvirt is the source of truth: nothing about a domain is cached here, so a new driver
+(after an agent restart) sees every domain an earlier one defined. Only domains tagged
+with nodeagent's metadata element are ours; get/find/list ignore the rest.
+
+States: libvirt's shutoff -> "stopped", running/blocked/shutting down -> "running",
+paused/pmsuspended -> "paused", crashed -> "crashed". The driver never deletes volumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+
+import libvirt
+
+from agent.errors import (AgentError, CommandFailed, Conflict, InsufficientResources, InvalidInput,
+                          NotFound, Unavailable, Unprocessable)
+from hypervisor import qmp
+from hypervisor.domain_xml import NODEAGENT_NS, disk_xml, domain_xml
+from hypervisor.driver import DiskSpec, VmInfo, VmSpec
+from hypervisor.host import VIRT_TYPES, detect_virt_type
+from hypervisor.validate import check_disk_file, check_name, check_spec
+
+DEFAULT_STATE_DIR = "/var/lib/nodeagent/hypervisor"
+DEFAULT_QMP_DIR = "/var/lib/libvirt/qemu"  # writable by the user QEMU runs as (libvirt-qemu)
+STOP_POLL_S = 0.1
+DETACH_TIMEOUT_S = 15  # the guest must release a hot-unplugged virtio disk
+QEMU_IMG_TIMEOUT_S = 30
+UNAVAILABLE_HINT = "start it with `libvirtd -d` or run scripts/setup-host"
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "unknown",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running",  # shutting down
+    libvirt.VIR_DOMAIN_SHUTOFF: "stopped",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+}
+
+
+def _ignore_libvirt_errors(_ctx, _err) -> None:
+    """libvirt prints every error to stderr by default; we raise them instead."""
+
+
+def qemu_img_check(disk: DiskSpec) -> None:
+    """A file disk opens in its declared format with its whole backing chain
+    (Unprocessable naming the problem otherwise)."""
+    check_disk_file(disk)
+    if disk.type != "file":
+        return
+    argv = ["qemu-img", "info", "-U", "--backing-chain", "--output=json", "-f", disk.format, disk.source]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S)
+    except FileNotFoundError:
+        raise Unavailable("qemu-img is missing: apt-get install qemu-utils (or run scripts/setup-host)") from None
+    if r.returncode != 0:
+        raise Unprocessable(f"disk {disk.target}: QEMU cannot open {disk.source} as {disk.format}: "
+                            f"{r.stderr.strip()}", path=disk.source)
+
+
+def check_bridge(bridge: str) -> None:
+    """The host bridge a NIC plugs into exists (libvirt would only fail at start)."""
+    if not os.path.isdir(f"/sys/class/net/{bridge}/bridge"):
+        raise NotFound(f"bridge {bridge} does not exist on this host: create it "
+                       f"(`ip link add {bridge} type bridge`) or run scripts/setup-host", bridge=bridge)
+
+
+def qemu_img_snapshots(path: str) -> list[str]:
+    r = subprocess.run(["qemu-img", "info", "-U", "--output=json", path], capture_output=True,
+                       text=True, timeout=QEMU_IMG_TIMEOUT_S)
+    if r.returncode != 0:
+        raise CommandFailed(f"qemu-img info {path} failed: {r.stderr.strip()}",
+                            argv=["qemu-img", "info", path], returncode=r.returncode, stderr=r.stderr)
+    return [s["name"] for s in json.loads(r.stdout).get("snapshots", [])]
+
+
+def qemu_img_snapshot_create(path: str, snapshot: str) -> None:
+    argv = ["qemu-img", "snapshot", "-c", snapshot, path]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S)
+    if r.returncode != 0:
+        raise CommandFailed(f"qemu-img snapshot of {path} failed: {r.stderr.strip()}",
+                            argv=argv, returncode=r.returncode, stderr=r.stderr)
+
+
+def qemu_img_snapshot_delete(path: str, snapshot: str) -> None:
+    subprocess.run(["qemu-img", "snapshot", "-d", snapshot, path], capture_output=True,
+                   timeout=QEMU_IMG_TIMEOUT_S)
+
+
+def disks_from_xml(root: ET.Element) -> list[DiskSpec]:
+    """The DiskSpecs of a domain's <disk> elements (file, rbd, nbd)."""
+    out = []
+    for el in root.findall("devices/disk"):
+        target = el.find("target").get("dev")
+        src = el.find("source")
+        fmt = (el.find("driver").get("type") if el.find("driver") is not None else "raw") or "raw"
+        ro = el.find("readonly") is not None
+        device = el.get("device", "disk")
+        if el.get("type") == "file":
+            out.append(DiskSpec(target=target, source=src.get("file") if src is not None else "",
+                                format=fmt, device=device, readonly=ro))
+        elif el.get("type") == "network" and src is not None:
+            proto = src.get("protocol")
+            hosts = src.findall("host")
+            if proto == "rbd":
+                attach = {"monitors": [f"{h.get('name')}:{h.get('port')}" for h in hosts]}
+                auth = el.find("auth")
+                if auth is not None:
+                    attach["user"] = auth.get("username")
+                    attach["secret_uuid"] = auth.find("secret").get("uuid")
+                out.append(DiskSpec(target=target, source=src.get("name"), type="rbd", format=fmt,
+                                    device=device, readonly=ro, attach=attach))
+            elif proto == "nbd" and hosts:
+                h = hosts[0]
+                out.append(DiskSpec(target=target, type="nbd", format=fmt, device=device, readonly=ro,
+                                    source=f"nbd://{h.get('name')}:{h.get('port')}/{src.get('name')}"))
+    return sorted(out, key=lambda d: d.target)
+
+
+class LibvirtDriver:
+    """``hypervisor.Driver`` on libvirt. ``virt_type``: "auto" (probe, see hypervisor.host),
+    "kvm" or "qemu". The connection opens lazily; if libvirtd is down every call raises
+    Unavailable saying how to start it."""
+
+    def __init__(self, uri: str = "qemu:///system", virt_type: str = "auto",
+                 state_dir: str = DEFAULT_STATE_DIR, *, qmp_dir: str = DEFAULT_QMP_DIR):
+        if virt_type not in ("auto", *VIRT_TYPES):
+            raise InvalidInput(f"virt_type must be auto, kvm or qemu, got {virt_type!r}")
+        self.uri = uri
+        self.state_dir = state_dir
+        self.qmp_dir = qmp_dir
+        self._virt_type = None if virt_type == "auto" else virt_type
+        self._conn: libvirt.virConnect | None = None
+        libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+
+    # -- connection and lookups --
+    @property
+    def virt_type(self) -> str:
+        if self._virt_type is None:
+            self._virt_type = detect_virt_type(self.state_dir)
+        return self._virt_type
+
+    def conn(self) -> libvirt.virConnect:
+        if self._conn is not None:
+            try:
+                if self._conn.isAlive():
+                    return self._conn
+            except libvirt.libvirtError:
+                pass
+            self._conn = None
+        try:
+            self._conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            raise Unavailable(f"libvirtd is not running: {UNAVAILABLE_HINT} "
+                              f"(connecting to {self.uri}: {e.get_error_message()})", uri=self.uri) from None
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except libvirt.libvirtError:
+                pass
+            self._conn = None
+
+    def host_memory_mib(self) -> int:
+        return self.conn().getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"] // 1024
+
+    def _find_dom(self, name: str) -> libvirt.virDomain | None:
+        try:
+            dom = self.conn().lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise self._error(e, name) from None
+        return dom if self._ours(dom) else None
+
+    def _dom(self, name: str) -> libvirt.virDomain:
+        dom = self._find_dom(name)
+        if dom is None:
+            raise NotFound(f"VM {name!r} not found", vm=name)
+        return dom
+
+    @staticmethod
+    def _ours(dom: libvirt.virDomain) -> bool:
+        try:
+            dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NODEAGENT_NS)
+            return True
+        except libvirt.libvirtError:
+            return False
+
+    def _error(self, e: libvirt.libvirtError, name: str) -> AgentError:
+        """Map a libvirt error to the agent's hierarchy with a message that says what to do."""
+        code, msg = e.get_error_code(), e.get_error_message() or str(e)
+        if code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_NO_CONNECT,
+                    libvirt.VIR_ERR_INTERNAL_ERROR) and "connection" in msg.lower():
+            self._conn = None
+            return Unavailable(f"libvirtd is not running: {UNAVAILABLE_HINT} ({msg})", uri=self.uri)
+        if code == libvirt.VIR_ERR_NO_DOMAIN:
+            return NotFound(f"VM {name!r} not found", vm=name)
+        if code == libvirt.VIR_ERR_OPERATION_INVALID:
+            return Conflict(f"VM {name!r}: {msg}", vm=name)
+        if "Cannot allocate memory" in msg or "cannot set up guest memory" in msg:
+            return InsufficientResources(f"VM {name!r}: not enough host memory: {msg}", vm=name)
+        if "Could not open" in msg or "Image is not in" in msg or "cannot open" in msg.lower():
+            return Unprocessable(f"VM {name!r}: QEMU cannot open a disk: {msg}", vm=name)
+        return CommandFailed(f"VM {name!r}: libvirt failed: {msg}", stderr=msg)
+
+    def _info(self, dom: libvirt.virDomain) -> VmInfo:
+        state, max_kib, _mem, vcpus, _cpu = dom.info()
+        return VmInfo(name=dom.name(), uuid=dom.UUIDString(), state=_STATE_NAMES.get(state, "unknown"),
+                      cpus=vcpus, memory_mib=max_kib // 1024)
+
+    def _state(self, dom: libvirt.virDomain) -> str:
+        return _STATE_NAMES.get(dom.state()[0], "unknown")
+
+    def _xml(self, dom: libvirt.virDomain, *, inactive: bool = False) -> ET.Element:
+        return ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0))
+
+    def qmp_socket(self, name: str) -> str:
+        return os.path.join(self.qmp_dir, f"nodeagent-{name}.qmp")
+
+    def default_console_log(self, name: str) -> str:
+        return os.path.join(self.state_dir, "console", f"{name}.log")
+
+    # -- lifecycle --
+    def define(self, spec: VmSpec) -> VmInfo:
+        """Conflict if the name exists; every file disk must open in its format (Unprocessable
+        otherwise). On failure no domain is left defined."""
+        check_spec(spec, host_memory_mib=self.host_memory_mib())
+        if self._exists(spec.name):
+            raise Conflict(f"VM {spec.name!r} already exists: pick another name or delete it", vm=spec.name)
+        for disk in spec.disks:
+            qemu_img_check(disk)
+        for nic in spec.nics:
+            check_bridge(nic.bridge)
+        if spec.console_log is None:
+            from dataclasses import replace
+            spec = replace(spec, console_log=self.default_console_log(spec.name))
+        os.makedirs(os.path.dirname(spec.console_log), exist_ok=True)
+        xml = domain_xml(spec, virt_type=self.virt_type, qmp_socket=self.qmp_socket(spec.name))
+        try:
+            dom = self.conn().defineXML(xml)
+        except libvirt.libvirtError as e:
+            if self._exists(spec.name):  # lost a race, or the uuid is taken: report, leave theirs
+                raise Conflict(f"VM {spec.name!r} already exists: pick another name or delete it",
+                               vm=spec.name) from None
+            if "uuid" in (e.get_error_message() or "") and "already" in (e.get_error_message() or ""):
+                raise Conflict(f"a VM with uuid {spec.uuid} already exists", uuid=spec.uuid) from None
+            raise self._error(e, spec.name) from None
+        return self._info(dom)
+
+    def _exists(self, name: str) -> bool:
+        try:
+            self.conn().lookupByName(name)
+            return True
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise self._error(e, name) from None
+
+    def start(self, name: str) -> VmInfo:
+        """Boot a stopped VM; no-op if running; Conflict if paused (resume it)."""
+        dom = self._dom(name)
+        state = self._state(dom)
+        if state == "paused":
+            raise Conflict(f"VM {name!r} is paused: resume it instead", vm=name)
+        if state not in ("running",):
+            try:
+                dom.create()
+            except libvirt.libvirtError as e:
+                raise self._error(e, name) from None
+        return self._info(dom)
+
+    def stop(self, name: str, *, force: bool = False, timeout: float = 60) -> VmInfo:
+        """ACPI power button unless ``force``; destroy if still up after ``timeout`` seconds."""
+        dom = self._dom(name)
+        state = self._state(dom)
+        if state == "stopped":
+            return self._info(dom)
+        if not force and state == "paused":
+            self._call(dom.resume, name)
+        if not force and state != "crashed":
+            try:
+                dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            except libvirt.libvirtError:
+                pass  # fall through to destroy
+            deadline = time.monotonic() + timeout
+            while self._state(dom) != "stopped" and time.monotonic() < deadline:
+                time.sleep(STOP_POLL_S)
+        if self._state(dom) != "stopped":
+            self._destroy(dom, name)
+        return self._info(dom)
+
+    def _destroy(self, dom: libvirt.virDomain, name: str) -> None:
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # already off
+                raise self._error(e, name) from None
+
+    def _call(self, fn, name: str, *args):
+        try:
+            return fn(*args)
+        except libvirt.libvirtError as e:
+            raise self._error(e, name) from None
+
+    def reboot(self, name: str, *, force: bool = True) -> VmInfo:
+        """Restart a running VM. ``force`` (default): a reset, like the reset button;
+        otherwise an ACPI reboot request the guest may ignore."""
+        dom = self._dom(name)
+        state = self._state(dom)
+        if state != "running":
+            raise Conflict(f"VM {name!r} is {state}: only a running VM can reboot", vm=name)
+        if force:
+            self._call(dom.reset, name, 0)
+        else:
+            self._call(dom.reboot, name, libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+        return self._info(dom)
+
+    def pause(self, name: str) -> VmInfo:
+        dom = self._dom(name)
+        state = self._state(dom)
+        if state == "stopped":
+            raise Conflict(f"VM {name!r} is stopped: start it first", vm=name)
+        if state != "paused":
+            self._call(dom.suspend, name)
+        return self._info(dom)
+
+    def resume(self, name: str) -> VmInfo:
+        dom = self._dom(name)
+        state = self._state(dom)
+        if state == "stopped":
+            raise Conflict(f"VM {name!r} is stopped: start it instead", vm=name)
+        if state == "paused":
+            self._call(dom.resume, name)
+        return self._info(dom)
+
+    def delete(self, name: str) -> bool:
+        """Destroy if running and undefine; never touches volumes. The console log is removed
+        when it is the driver's default one. False if the VM was already gone."""
+        dom = self._find_dom(name)
+        if dom is None:
+            return False
+        log = self._console_path(dom)
+        if dom.isActive():
+            self._destroy(dom, name)
+        try:
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                              | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise self._error(e, name) from None
+        for path in (self.qmp_socket(name), log if log == self.default_console_log(name) else None):
+            if path:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        return True
+
+    # -- queries --
+    def get(self, name: str) -> VmInfo:
+        return self._info(self._dom(name))
+
+    def find(self, name: str) -> VmInfo | None:
+        try:
+            check_name(name)
+        except InvalidInput:
+            return None
+        dom = self._find_dom(name)
+        return self._info(dom) if dom else None
+
+    def list(self) -> list[VmInfo]:
+        try:
+            doms = self.conn().listAllDomains(0)
+        except libvirt.libvirtError as e:
+            raise self._error(e, "*") from None
+        out = []
+        for dom in doms:
+            try:
+                if self._ours(dom):
+                    out.append(self._info(dom))
+            except libvirt.libvirtError:
+                continue  # undefined while we looked
+        return sorted(out, key=lambda i: i.name)
+
+    def disks(self, name: str) -> list[DiskSpec]:
+        """The VM's disks from its persistent definition, by target."""
+        return disks_from_xml(self._xml(self._dom(name), inactive=True))
+
+    def spec(self, name: str) -> VmSpec:
+        """A VmSpec read back from libvirt (re-adoption after a restart)."""
+        dom = self._dom(name)
+        root = self._xml(dom, inactive=True)
+        info = self._info(dom)
+        nics = []
+        from hypervisor.driver import NicSpec
+        for el in root.findall("devices/interface"):
+            src, mac = el.find("source"), el.find("mac")
+            if src is not None and src.get("bridge") and mac is not None:
+                nics.append(NicSpec(bridge=src.get("bridge"), mac=mac.get("address")))
+        os_ = root.find("os")
+        text = lambda tag: os_.findtext(tag) if os_ is not None else None  # noqa: E731
+        machine = os_.find("type").get("machine", "q35") if os_ is not None else "q35"
+        return VmSpec(name=info.name, uuid=info.uuid, cpus=info.cpus, memory_mib=info.memory_mib,
+                      disks=tuple(disks_from_xml(root)), nics=tuple(nics),
+                      console_log=self._console_path(dom), kernel=text("kernel"), initrd=text("initrd"),
+                      cmdline=text("cmdline"), machine="pc" if "i440fx" in machine or machine == "pc" else "q35")
+
+    def stats(self, name: str) -> dict:
+        """{state, cpu_time_ns, memory_bytes (QEMU's RSS), disk: {rd_bytes, wr_bytes},
+        net: {rx_bytes, tx_bytes}} from libvirt; zeros while stopped."""
+        dom = self._dom(name)
+        state, _max, _mem, _vcpus, cpu_ns = self._call(dom.info, name)
+        out = {"state": _STATE_NAMES.get(state, "unknown"), "cpu_time_ns": int(cpu_ns),
+               "memory_bytes": 0, "disk": {"rd_bytes": 0, "wr_bytes": 0},
+               "net": {"rx_bytes": 0, "tx_bytes": 0}}
+        if not dom.isActive():
+            return out
+        try:
+            mem = dom.memoryStats()
+            out["memory_bytes"] = int(mem.get("rss", mem.get("actual", 0))) * 1024
+        except libvirt.libvirtError:
+            pass
+        root = self._xml(dom)
+        for el in root.findall("devices/disk/target"):
+            try:
+                _rr, rd, _wr, wr, _err = dom.blockStats(el.get("dev"))
+            except libvirt.libvirtError:
+                continue
+            out["disk"]["rd_bytes"] += rd
+            out["disk"]["wr_bytes"] += wr
+        for el in root.findall("devices/interface/target"):
+            try:
+                st = dom.interfaceStats(el.get("dev"))
+            except libvirt.libvirtError:
+                continue
+            out["net"]["rx_bytes"] += st[0]
+            out["net"]["tx_bytes"] += st[4]
+        return out
+
+    def _console_path(self, dom: libvirt.virDomain) -> str | None:
+        log = self._xml(dom, inactive=True).find("devices/serial/log")
+        return log.get("file") if log is not None else None
+
+    def console_log(self, name: str, tail: int | None = None) -> str:
+        """What the guest wrote on its serial console (all boots), or its last ``tail`` lines."""
+        path = self._console_path(self._dom(name))
+        if not path:
+            return ""
+        try:
+            with open(path, "rb") as f:
+                text = f.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        if tail is None:
+            return text
+        if tail <= 0:
+            return ""
+        lines = text.splitlines(keepends=True)
+        return "".join(lines[-tail:])
+
+    def qmp_status(self, name: str) -> dict:
+        """QEMU's own run state through the agent's QMP socket (Unavailable when stopped)."""
+        self._dom(name)
+        return qmp.query_status(self.qmp_socket(name))
+
+    def block_jobs(self, name: str) -> list[dict]:
+        self._dom(name)
+        return qmp.query_block_jobs(self.qmp_socket(name))
+
+    # -- disks --
+    def attach_disk(self, name: str, disk: DiskSpec) -> None:
+        """Attach to the running VM (hot-plug) and to its persistent definition; config only
+        while stopped. Conflict if the target is taken."""
+        qemu_img_check(disk)
+        dom = self._dom(name)
+        if any(d.target == disk.target for d in disks_from_xml(self._xml(dom, inactive=True))):
+            raise Conflict(f"VM {name!r} already has a disk {disk.target}: pick another target",
+                           vm=name, target=disk.target)
+        machine = self._xml(dom, inactive=True).find("os/type").get("machine", "q35")
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        if dom.isActive():
+            flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
+        xml = disk_xml(disk, machine="pc" if "i440fx" in machine or machine == "pc" else "q35")
+        self._call(dom.attachDeviceFlags, name, xml, flags)
+
+    def detach_disk(self, name: str, target: str) -> None:
+        """Detach from the persistent definition and, while running, from the guest (waits up
+        to DETACH_TIMEOUT_S for the guest to release it). NotFound if there is no such disk."""
+        dom = self._dom(name)
+        root = self._xml(dom, inactive=True)
+        el = next((d for d in root.findall("devices/disk") if d.find("target").get("dev") == target), None)
+        if el is None:
+            raise NotFound(f"VM {name!r} has no disk {target}", vm=name, target=target)
+        xml = ET.tostring(el, encoding="unicode")
+        if dom.isActive() and self._live_has(dom, target):
+            self._call(dom.detachDeviceFlags, name, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            deadline = time.monotonic() + DETACH_TIMEOUT_S
+            while self._live_has(dom, target):
+                if time.monotonic() > deadline:
+                    raise Conflict(f"VM {name!r}: the guest did not release disk {target} within "
+                                   f"{DETACH_TIMEOUT_S}s; retry, or stop the VM and detach", vm=name)
+                time.sleep(STOP_POLL_S)
+        self._call(dom.detachDeviceFlags, name, xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+
+    def _live_has(self, dom: libvirt.virDomain, target: str) -> bool:
+        return any(t.get("dev") == target for t in self._xml(dom).findall("devices/disk/target"))
+
+    # -- snapshots --
+    def _snapshot_paths(self, name: str) -> list[str]:
+        paths = []
+        for d in self.disks(name):
+            if d.readonly or d.device == "cdrom":
+                continue
+            if d.type != "file" or d.format != "qcow2":
+                raise Unprocessable(f"VM {name!r}: disk {d.target} is {d.type}/{d.format}; only qcow2 "
+                                    "file disks take snapshots here", vm=name)
+            paths.append(d.source)
+        return paths
+
+    def snapshot(self, name: str, snapshot: str) -> None:
+        """Only valid while stopped: an internal qcow2 snapshot of every writable disk. On
+        failure the snapshots already taken are removed."""
+        if not snapshot or "/" in snapshot or snapshot.startswith("-") or "," in snapshot:
+            raise InvalidInput(f"bad snapshot name {snapshot!r}: use letters, digits, '-', '_'")
+        dom = self._dom(name)
+        state = self._state(dom)
+        if state != "stopped":
+            raise Conflict(f"VM {name!r} is {state}: stop it before taking a snapshot", vm=name)
+        paths = self._snapshot_paths(name)
+        for p in paths:
+            if snapshot in qemu_img_snapshots(p):
+                raise Conflict(f"VM {name!r} already has a snapshot {snapshot!r}", vm=name)
+        done = []
+        try:
+            for p in paths:
+                qemu_img_snapshot_create(p, snapshot)
+                done.append(p)
+        except AgentError:
+            for p in done:
+                qemu_img_snapshot_delete(p, snapshot)
+            raise
+
+    def list_snapshots(self, name: str) -> list[str]:
+        """Snapshots present on every writable disk."""
+        paths = self._snapshot_paths(name)
+        if not paths:
+            return []
+        common = set(qemu_img_snapshots(paths[0]))
+        for p in paths[1:]:
+            common &= set(qemu_img_snapshots(p))
+        return sorted(common)
+

@@ -1,0 +1,118 @@
+"""Start a real ``python -m agent serve`` on 127.0.0.1:<free port> for API tests; stop it by PID."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT = 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(state_dir: Path, port: int, *, pool_kind="fake", extra: str = "") -> Path:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cfg = state_dir / "agent.toml"
+    pool = f'[pools.default]\nkind = "{pool_kind}"\n'
+    if pool_kind == "local":
+        pool += f'path = "{state_dir / "pool"}"\n'
+    cfg.write_text(f'state_dir = "{state_dir}"\nlog_format = "text"\nworkers = 8\n{extra}\n'
+                   f'[api]\nlisten = "127.0.0.1:{port}"\n'
+                   '[hypervisor]\ndriver = "fake"\n[containers]\nruntime = "fake"\n' + pool)
+    return cfg
+
+
+class AgentProcess:
+    def __init__(self, state_dir: Path, *, pool_kind="fake", extra_config: str = "", env: dict | None = None,
+                 scheme="http", tls_extra: str = ""):
+        self.state_dir = Path(state_dir)
+        self.port = free_port()
+        self.config = write_config(self.state_dir, self.port, pool_kind=pool_kind, extra=extra_config)
+        if tls_extra:
+            self.config.write_text(self.config.read_text().replace("[api]\n", "[api]\n" + tls_extra))
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log = self.state_dir / "agent.log"
+
+    def cli(self, *args, env=None, check=True) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "agent", "--config", str(self.config), *args],
+                              cwd=REPO, env={**self.env, **(env or {})}, capture_output=True, text=True,
+                              timeout=120, check=check)
+
+    def token(self, name: str, role: str) -> str:
+        return self.cli("token", "create", name, "--role", role).stdout.strip()
+
+    def start(self, verify=None, cert=None) -> "AgentProcess":
+        self._log = open(self.log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(self.config), "serve"],
+                                     cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+            try:
+                r = requests.get(self.url + "/v1/health", timeout=1, verify=verify if verify is not None else True,
+                                 cert=cert)
+                if r.ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"agent did not answer within {STARTUP_TIMEOUT}s: {self.log.read_text()[-3000:]}")
+
+    def kill9(self) -> None:
+        """Crash the agent: SIGKILL the master and its worker (both are ours)."""
+        for pid in self.worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+        return self.proc.returncode
+
+
+class Api:
+    """requests with the base URL and a token; returns the Response (tests assert on it)."""
+
+    def __init__(self, url: str, token: str | None = None, **kw):
+        self.url, self.s = url, requests.Session()
+        if token:
+            self.s.headers["Authorization"] = f"Bearer {token}"
+        self.kw = kw
+
+    def __getattr__(self, method):
+        def call(path, **kw):
+            return self.s.request(method.upper(), self.url + path, timeout=kw.pop("timeout", 60), **self.kw, **kw)
+        return call
+
+    def wait(self, op: dict, timeout: float = 60) -> dict:
+        r = self.get(f"/v1/operations/{op['id']}/wait", params={"timeout": timeout}, timeout=timeout + 10)
+        assert r.status_code == 200, r.text
+        return r.json()

@@ -1,0 +1,88 @@
+"""agent.operations: the worker pool, persistence, wait, cancel and crash recovery."""
+import threading
+
+import pytest
+
+from agent.errors import Conflict, NotFound
+from agent.events import EventBus
+from agent.operations import Operations
+
+
+@pytest.fixture
+def ops(db):
+    o = Operations(db, EventBus(), workers=2)
+    o.start()
+    yield o
+    o.shutdown(wait=True)
+
+
+def test_success_with_progress_and_result(ops):
+    def work(op):
+        op.phase("copy", bytes_total=10)
+        op.bytes(10)
+        return {"answer": 42}
+    op = ops.wait(ops.submit("demo", "t1", work)["id"], 10)
+    assert op["status"] == "succeeded" and op["result"] == {"answer": 42}
+    assert op["progress"] == {"phase": "copy", "bytes_done": 10, "bytes_total": 10}
+    assert op["started_at"] and op["finished_at"] >= op["started_at"]
+
+
+def test_failure_keeps_the_agent_error_and_hides_bugs(ops):
+    def agent_error(op):
+        raise NotFound("image x not found")
+
+    def bug(op):
+        raise ZeroDivisionError("secret internals")
+    a = ops.wait(ops.submit("demo", None, agent_error)["id"], 10)
+    assert a["status"] == "failed" and a["error"]["code"] == "not_found"
+    b = ops.wait(ops.submit("demo", None, bug)["id"], 10)
+    assert b["status"] == "failed" and b["error"]["code"] == "internal"
+    assert "secret" not in str(b)
+
+
+def test_cancel_running_is_cooperative_and_cleans_up(ops):
+    entered, cleaned = threading.Event(), threading.Event()
+
+    def work(op):
+        op.phase("one")
+        entered.set()
+        try:
+            while True:
+                op.phase("loop")
+                op.cancelled.wait(0.05)
+        finally:
+            cleaned.set()
+    op = ops.submit("demo", None, work)
+    assert entered.wait(10)
+    assert ops.cancel(op["id"])["id"] == op["id"]
+    done = ops.wait(op["id"], 10)
+    assert done["status"] == "cancelled" and cleaned.is_set()
+    with pytest.raises(Conflict):
+        ops.cancel(op["id"])
+
+
+def test_wait_times_out_and_returns_current_state(ops):
+    gate = threading.Event()
+    op = ops.submit("demo", None, lambda o: gate.wait(10) and {})
+    assert ops.wait(op["id"], 0.2)["status"] in ("pending", "running")
+    gate.set()
+    assert ops.wait(op["id"], 10)["status"] == "succeeded"
+
+
+def test_pool_is_bounded_and_pending_ops_can_be_cancelled(ops):
+    gate = threading.Event()
+    busy = [ops.submit("demo", None, lambda o: gate.wait(10) and {}) for _ in range(2)]
+    queued = ops.submit("demo", None, lambda o: {"ran": True})
+    assert ops.get(queued["id"])["status"] == "pending"
+    ops.cancel(queued["id"])
+    gate.set()
+    assert ops.wait(queued["id"], 10)["status"] == "cancelled"
+    assert all(ops.wait(b["id"], 10)["status"] == "succeeded" for b in busy)
+
+
+def test_recover_marks_leftovers_failed(db):
+    ops = Operations(db, EventBus())
+    db.execute("INSERT INTO operations(id, kind, status, created_at) VALUES('x', 'demo', 'running', 0)")
+    assert [o["id"] for o in ops.recover()] == ["x"]
+    op = ops.get("x")
+    assert op["status"] == "failed" and op["error"]["code"] == "agent_restarted"

@@ -122,12 +122,6 @@ def _stop_agent(pidfile: Path, config: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _interim_skip_without_api(host):  # INTERIM: removed once the API is on main
-    if "No such command 'token'" in subprocess.run([str(host.venv / "bin" / "nodeagent"), "token", "--help"],
-                                                   capture_output=True, text=True).stderr:
-        pytest.skip("INTERIM: `nodeagent token` and the API are not on this branch yet")
-
-
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     """One provisioned agent for the module: the first playbook run and its paths."""
@@ -174,7 +168,6 @@ def test_first_run_brings_up_the_agent(host):
 
 def test_authenticated_call_with_the_admin_token(host):
     assert host.first.returncode == 0, _explain(host.first)
-    _interim_skip_without_api(host)
     assert stat.S_IMODE(host.token_file.stat().st_mode) == 0o600
     token = host.token_file.read_text().strip()
     assert token and token not in host.first.stdout + host.first.stderr  # no_log kept it out
@@ -227,7 +220,6 @@ def test_config_change_restarts_the_agent(host):
 
 def test_a_lost_admin_token_is_replaced(host):
     assert host.first.returncode == 0, _explain(host.first)
-    _interim_skip_without_api(host)
     old = host.token_file.read_text().strip()
     host.token_file.unlink()
     run = _playbook(host.env, host.extra)
@@ -270,7 +262,6 @@ def test_bad_variables_fail_early_and_change_nothing(tmp_path, drop, bad, expect
 
 def test_images_imported_and_removed_through_the_module(host, tmp_path):
     assert host.first.returncode == 0, _explain(host.first)
-    _interim_skip_without_api(host)
     disk = tmp_path / "tiny.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
     token = host.token_file.read_text().strip()

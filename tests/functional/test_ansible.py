@@ -1,0 +1,370 @@
+"""The Ansible role end to end on this host.
+
+``ansible-playbook -i localhost, -c local ansible/site.yml`` with every path in a temp dir
+and a free 127.0.0.1 port brings up a working agent (a plain daemon: no systemd here) that
+answers an authenticated call; a second run changes nothing; ansible-lint passes; bad
+variables fail before anything on the host changes. The agent is stopped by the PID in its
+pidfile and everything the playbook made is removed at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = ROOT / "ansible"
+BIN = Path(sys.executable).parent
+PLAYBOOK_TIMEOUT = 600  # seconds: a first run installs the agent into a fresh venv
+STOP_TIMEOUT = 30  # seconds for the agent to exit after SIGTERM
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"{name} is missing from {BIN}: pip install -e '.[test]' (pinned in pyproject.toml)")
+    return str(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path) -> dict:
+    return dict(os.environ, ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"), ANSIBLE_HOME=str(home),
+                ANSIBLE_LOCAL_TEMP=str(home / "tmp"), ANSIBLE_REMOTE_TEMP=str(home / "remote-tmp"),
+                ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0",
+                PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+
+
+def _playbook(env: dict, extra_vars: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [_tool("ansible-playbook"), "-i", "localhost,", "-c", "local", "ansible/site.yml",
+         "-e", json.dumps(extra_vars), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=PLAYBOOK_TIMEOUT)
+
+
+def _recap(run: subprocess.CompletedProcess) -> dict[str, int]:
+    """The PLAY RECAP line of localhost as {"ok": n, "changed": n, "failed": n, ...}."""
+    m = re.search(r"^localhost\s*:\s*(.+)$", run.stdout, re.M)
+    assert m, f"no PLAY RECAP in the output:\n{run.stdout[-3000:]}\n{run.stderr[-2000:]}"
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
+
+
+def _explain(run: subprocess.CompletedProcess) -> str:
+    return f"rc={run.returncode}\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+
+
+def _changed_tasks(run: subprocess.CompletedProcess) -> list[str]:
+    """Names of the tasks that reported changed (to say what broke idempotence)."""
+    names, current = [], None
+    for line in run.stdout.splitlines():
+        m = re.match(r"^(?:TASK|RUNNING HANDLER) \[(?:\w+ : )?(.+?)\]", line)
+        if m:
+            current = m.group(1)
+        elif line.startswith("changed:") and current:
+            names.append(current)
+    return names
+
+
+def _get(url: str, ca: Path, token: str | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    ctx = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def _stop_agent(pidfile: Path, config: Path) -> None:
+    """Stop the agent the playbook started, by the PID in its pidfile (if it still is ours)."""
+    if not pidfile.exists():
+        return
+    pid = int(pidfile.read_text().strip())
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return
+    if str(config) not in cmdline:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    """One provisioned agent for the module: the first playbook run and its paths."""
+    base = tmp_path_factory.mktemp("ansible")
+    port = _free_port()
+    extra = {
+        "nodeagent_listen": f"127.0.0.1:{port}",
+        "nodeagent_prefix": str(base / "opt"),
+        "nodeagent_config_dir": str(base / "etc"),
+        "nodeagent_state_dir": str(base / "state"),
+        "nodeagent_run_dir": str(base / "run"),
+        "nodeagent_log_dir": str(base / "log"),
+        "nodeagent_service_mode": "daemon",  # what auto picks here (no systemd); said explicitly
+        "nodeagent_tls": "self_signed",
+        "nodeagent_admin_token_name": "ansible-test",
+    }
+    env = _env(base / "ansible-home")
+    h = SimpleNamespace(
+        base=base, extra=extra, env=env, url=f"https://127.0.0.1:{port}",
+        config=base / "etc" / "agent.toml", pidfile=base / "run" / "nodeagent.pid",
+        token_file=base / "etc" / "admin.token", cert=base / "etc" / "tls" / "agent.crt",
+        venv=base / "opt" / "venv")
+    try:
+        h.first = _playbook(env, extra)
+        yield h
+    finally:
+        _stop_agent(h.pidfile, h.config)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_first_run_brings_up_the_agent(host):
+    assert host.first.returncode == 0, _explain(host.first)
+    recap = _recap(host.first)
+    assert recap["failed"] == 0 and recap["changed"] > 0
+    pid = int(host.pidfile.read_text())
+    assert _pid_alive(pid)
+    assert str(host.venv / "bin" / "nodeagent") in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    assert _get(f"{host.url}/v1/health", host.cert) == (200, {"status": "ok"})
+    # the config (S3 keys, peer tokens) and the TLS key are root-only
+    assert stat.S_IMODE(host.config.stat().st_mode) == 0o600
+    assert stat.S_IMODE((host.cert.parent / "agent.key").stat().st_mode) == 0o600
+    assert f'listen = "127.0.0.1:{host.url.rsplit(":", 1)[1]}"' in host.config.read_text()
+
+
+def test_authenticated_call_with_the_admin_token(host):
+    assert host.first.returncode == 0, _explain(host.first)
+    assert stat.S_IMODE(host.token_file.stat().st_mode) == 0o600
+    token = host.token_file.read_text().strip()
+    assert token and token not in host.first.stdout + host.first.stderr  # no_log kept it out
+    status, body = _get(f"{host.url}/v1/pools", host.cert, token)
+    assert status == 200, body
+    assert "default" in json.dumps(body)
+    status, body = _get(f"{host.url}/v1/pools", host.cert)
+    assert status == 401, body
+    listed = subprocess.run([str(host.venv / "bin" / "nodeagent"), "--config", str(host.config),
+                             "token", "list", "--json"], capture_output=True, text=True, check=True)
+    assert "ansible-test" in listed.stdout
+
+
+def test_second_run_changes_nothing(host):
+    assert host.first.returncode == 0, _explain(host.first)
+    pid = host.pidfile.read_text()
+    run = _playbook(host.env, host.extra)
+    assert run.returncode == 0, _explain(run)
+    recap = _recap(run)
+    assert recap["changed"] == 0, f"changed: {_changed_tasks(run)}"
+    assert recap["failed"] == 0
+    assert host.pidfile.read_text() == pid  # not restarted
+
+
+def test_check_mode_changes_nothing(host):
+    assert host.first.returncode == 0, _explain(host.first)
+    before = host.config.read_text()
+    run = _playbook(host.env, host.extra, "--check")
+    assert run.returncode == 0, _explain(run)
+    assert _recap(run)["changed"] == 0, f"changed: {_changed_tasks(run)}"
+    run = _playbook(host.env, {**host.extra, "nodeagent_log_level": "debug"}, "--check")
+    assert run.returncode == 0, _explain(run)
+    assert "Render agent.toml" in _changed_tasks(run)
+    assert host.config.read_text() == before  # --check wrote nothing
+
+
+def test_config_change_restarts_the_agent(host):
+    assert host.first.returncode == 0, _explain(host.first)
+    old_pid = int(host.pidfile.read_text())
+    run = _playbook(host.env, {**host.extra, "nodeagent_log_level": "debug"})
+    assert run.returncode == 0, _explain(run)
+    changed = _changed_tasks(run)
+    assert "Render agent.toml" in changed and any("Restart nodeagent" in t for t in changed), changed
+    new_pid = int(host.pidfile.read_text())
+    assert new_pid != old_pid and not _pid_alive(old_pid) and _pid_alive(new_pid)
+    assert 'log_level = "debug"' in host.config.read_text()
+    host.extra["nodeagent_log_level"] = "debug"  # the host's state for the tests after this one
+    assert _get(f"{host.url}/v1/health", host.cert)[0] == 200
+
+
+def test_a_lost_admin_token_is_replaced(host):
+    assert host.first.returncode == 0, _explain(host.first)
+    old = host.token_file.read_text().strip()
+    host.token_file.unlink()
+    run = _playbook(host.env, host.extra)
+    assert run.returncode == 0, _explain(run)
+    assert {"Revoke an admin token whose secret is lost", "Create the admin token"} <= set(_changed_tasks(run))
+    new = host.token_file.read_text().strip()
+    assert new != old and new not in run.stdout
+    assert _get(f"{host.url}/v1/pools", host.cert, new)[0] == 200
+    assert _get(f"{host.url}/v1/pools", host.cert, old)[0] == 401
+
+
+def test_ansible_lint_passes(tmp_path):
+    run = subprocess.run([_tool("ansible-lint")], cwd=ANSIBLE_DIR, env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("drop, bad, expected", [
+    ("nodeagent_listen", {}, "missing required arguments: nodeagent_listen"),
+    (None, {"nodeagent_listen": "nowhere"}, "nodeagent_listen must be HOST:PORT"),
+    (None, {"nodeagent_pools": {"images": {"kind": "object", "bucket": "b"}}},
+     "nodeagent_pools.images (kind object) lacks endpoint, access_key, secret_key"),
+    (None, {"nodeagent_tls": "provided", "nodeagent_tls_cert_src": "/x.crt"},
+     "nodeagent_tls_cert_src and nodeagent_tls_key_src must be set together"),
+    (None, {"nodeagent_tls": "sometimes"}, "nodeagent_tls"),
+])
+def test_bad_variables_fail_early_and_change_nothing(tmp_path, drop, bad, expected):
+    extra = {"nodeagent_listen": f"127.0.0.1:{_free_port()}", "nodeagent_prefix": str(tmp_path / "opt"),
+             "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
+             "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log")}
+    extra.pop(drop, None)
+    extra.update(bad)
+    run = _playbook(_env(tmp_path / "ansible-home"), extra)
+    assert run.returncode != 0
+    assert expected in run.stdout, _explain(run)
+    assert _recap(run)["changed"] == 0
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "ansible-home")
+    assert left == [], left
+
+
+def test_images_imported_and_removed_through_the_module(host, tmp_path):
+    assert host.first.returncode == 0, _explain(host.first)
+    disk = tmp_path / "tiny.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    token = host.token_file.read_text().strip()
+    image = {"name": "ansible-tiny", "source": {"type": "file", "path": str(disk)}, "format": "qcow2"}
+
+    def names():
+        status, body = _get(f"{host.url}/v1/images", host.cert, token)
+        assert status == 200, body
+        return [i["name"] for i in body["images"]]
+
+    run = _playbook(host.env, {**host.extra, "nodeagent_images": [image]}, "--check")
+    assert run.returncode == 0, _explain(run)
+    assert _changed_tasks(run) == ["Manage images through the API"] and "ansible-tiny" not in names()
+    run = _playbook(host.env, {**host.extra, "nodeagent_images": [image]})
+    assert run.returncode == 0, _explain(run)
+    assert _changed_tasks(run) == ["Manage images through the API"]
+    assert "ansible-tiny" in names()
+    run = _playbook(host.env, {**host.extra, "nodeagent_images": [image]})
+    assert run.returncode == 0 and _recap(run)["changed"] == 0, _explain(run)
+    gone = {"name": "ansible-tiny", "state": "absent"}
+    run = _playbook(host.env, {**host.extra, "nodeagent_images": [gone]})
+    assert run.returncode == 0 and _changed_tasks(run) == ["Manage images through the API"], _explain(run)
+    assert "ansible-tiny" not in names()
+    # a source the agent cannot read fails with the agent's message, leaving no image
+    bad = {**image, "source": {"type": "file", "path": str(tmp_path / "absent.qcow2")}}
+    run = _playbook(host.env, {**host.extra, "nodeagent_images": [bad]})
+    assert run.returncode != 0 and "absent.qcow2" in run.stdout, _explain(run)
+    assert "ansible-tiny" not in names()
+
+
+def test_check_mode_on_a_fresh_host_writes_nothing(tmp_path):
+    extra = {"nodeagent_listen": f"127.0.0.1:{_free_port()}", "nodeagent_prefix": str(tmp_path / "opt"),
+             "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
+             "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log"),
+             "nodeagent_tls": "self_signed", "nodeagent_service_mode": "daemon",
+             "nodeagent_images": [{"name": "x", "source": {"type": "file", "path": "/x.qcow2"}}]}
+    run = _playbook(_env(tmp_path / "ansible-home"), extra, "--check")
+    assert run.returncode == 0, _explain(run)
+    assert {"Create the agent's venv", "Render agent.toml", "Make a self-signed certificate and key",
+            "Install the daemon control script"} <= set(_changed_tasks(run))
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "ansible-home")
+    assert left == [], left
+
+
+def test_config_template_renders_every_pool_kind_tls_and_peers(tmp_path):
+    """agent.toml.j2 with local, block (RBD), object (S3) pools, TLS with a client CA and
+    peers: what the agent's own parser reads back is what the variables said."""
+    role = ANSIBLE_DIR / "roles" / "nodeagent"
+    playbook = tmp_path / "render.yml"
+    dest = tmp_path / "agent.toml"
+    playbook.write_text(json.dumps([{
+        "name": "Render agent.toml", "hosts": "localhost", "gather_facts": False,
+        "vars_files": [str(role / "defaults" / "main.yml"), str(role / "vars" / "main.yml")],
+        "tasks": [{"name": "Render", "ansible.builtin.template": {
+            "src": str(role / "templates" / "agent.toml.j2"), "dest": str(dest), "mode": "0600"}}],
+    }]))
+    extra = {
+        "nodeagent_listen": "[::1]:9443", "nodeagent_state_dir": "/srv/na", "nodeagent_config_dir": "/etc/na",
+        "nodeagent_tls": "provided", "nodeagent_tls_client_ca_src": "/ca.pem", "nodeagent_default_pool": "ceph",
+        "nodeagent_pools": {
+            "default": {"kind": "local", "path": "/srv/pool"},
+            "ceph": {"kind": "block", "pool": "rbd", "conf": "/etc/ceph/ceph.conf", "user": "admin"},
+            "s3 images": {"kind": "object", "endpoint": "https://s3.example.net", "bucket": "b",
+                          "access_key": "AK", "secret_key": 'se"cr\\et', "part_size": 8388608}},
+        "nodeagent_network": {"bridge": "br9", "subnet": "10.99.0.0/24", "nat": False},
+        "nodeagent_peers": {"node2": {"url": "https://10.0.0.12:8470", "token": "na_x_y"}},
+        "ansible_facts": {"service_mgr": "sysvinit"},
+    }
+    run = subprocess.run([_tool("ansible-playbook"), "-i", "localhost,", "-c", "local", str(playbook),
+                          "-e", json.dumps(extra)], cwd=ROOT, env=_env(tmp_path / "home"),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, _explain(run)
+    from agent import config
+    cfg = config.load(str(dest), env={})
+    assert cfg.api.listen == "[::1]:9443" and cfg.state_dir == "/srv/na"
+    assert (cfg.api.tls_cert, cfg.api.tls_key, cfg.api.client_ca) == (
+        "/etc/na/tls/agent.crt", "/etc/na/tls/agent.key", "/etc/na/tls/client-ca.crt")
+    assert cfg.default_pool == "ceph"
+    assert cfg.pools["default"].kind == "local" and cfg.pools["default"].options() == {"path": "/srv/pool"}
+    assert cfg.pools["ceph"].kind == "block" and cfg.pools["ceph"].options()["pool"] == "rbd"
+    s3 = cfg.pools["s3 images"]
+    assert s3.kind == "object" and s3.options()["secret_key"] == 'se"cr\\et' and s3.options()["part_size"] == 8388608
+    assert (cfg.network.bridge, cfg.network.subnet, cfg.network.nat) == ("br9", "10.99.0.0/24", False)
+    assert cfg.peers["node2"].url == "https://10.0.0.12:8470" and cfg.peers["node2"].token == "na_x_y"
+
+
+def test_source_copied_from_the_controller(tmp_path):
+    """nodeagent_source_copy: the controller packs the source, the host unpacks and installs
+    it; a second run copies and installs nothing."""
+    extra = {"nodeagent_listen": f"127.0.0.1:{_free_port()}", "nodeagent_prefix": str(tmp_path / "opt"),
+             "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
+             "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log"),
+             "nodeagent_source_copy": True}
+    env = _env(tmp_path / "ansible-home")
+    run = _playbook(env, extra, "--tags", "nodeagent_install")
+    assert run.returncode == 0, _explain(run)
+    assert {"Copy the agent's source to the host", "Unpack the agent's source",
+            "Install the agent into its venv"} <= set(_changed_tasks(run))
+    src = tmp_path / "opt" / "src"
+    assert (src / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()
+    assert not list(src.rglob("__pycache__"))
+    assert subprocess.run([str(tmp_path / "opt" / "venv" / "bin" / "nodeagent"), "--help"],
+                          capture_output=True).returncode == 0
+    run = _playbook(env, extra, "--tags", "nodeagent_install")
+    assert run.returncode == 0, _explain(run)
+    assert _recap(run)["changed"] == 0, f"changed: {_changed_tasks(run)}"

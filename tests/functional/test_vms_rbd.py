@@ -11,12 +11,13 @@ from dataclasses import replace
 import libvirt
 import pytest
 
-from agent.errors import Unavailable
+from agent.errors import Conflict, InvalidInput, Unavailable
 from agent.state import Database
 from hypervisor import secrets
 from hypervisor.disks import disk_for_volume
 from hypervisor.driver import DiskSpec, VmSpec
 from hypervisor.seed import make_seed
+from storage.backend import VolumeSpec
 from storage.images import ImageStore
 from tests import ceph_cluster
 from tests.functional.test_vms import libvirt_names, lv, seed_dir, wait_console  # noqa: F401 (fixtures)
@@ -24,6 +25,7 @@ from tests.functional.test_vms import libvirt_names, lv, seed_dir, wait_console 
 pytestmark = pytest.mark.real
 POOL = "blk"
 ROOTFS_MARKER = "NODEAGENT-ROOTFS vda nodeagent test rootfs v1"
+MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +93,13 @@ def rbd_vms(lv, store, seed_dir, guest_images):  # noqa: F811
         remove(name)
 
 
-def rbd_disk_xml(uri: str, name: str) -> ET.Element:
+def rbd_disk_xml(uri: str, name: str, target: str = "vda") -> ET.Element:
     conn = libvirt.open(uri)
     try:
         root = ET.fromstring(conn.lookupByName(name).XMLDesc(0))
     finally:
         conn.close()
-    return next(d for d in root.findall("devices/disk") if d.find("target").get("dev") == "vda")
+    return next(d for d in root.findall("devices/disk") if d.find("target").get("dev") == target)
 
 
 def test_boot_from_an_rbd_clone_and_delete_everything(lv, store, rbd_vms):  # noqa: F811
@@ -117,6 +119,17 @@ def test_boot_from_an_rbd_clone_and_delete_everything(lv, store, rbd_vms):  # no
     parent = ceph_cluster.current().run("rbd", "info", f"{store.pools[POOL].pool}/navol.{vol.name}").stdout
     assert "parent:" in parent, "the root disk is an RBD clone, not a copy"
     assert lv.disks(spec.name)[0].attach["secret_uuid"] == sid
+
+    data = store.pools[POOL].create_volume(VolumeSpec(f"{spec.name}-data", 16 * MIB))
+    try:  # hot-plug an RBD data volume: same key, same secret
+        lv.attach_disk(spec.name, disk_for_volume(data, "vdb"))
+        added = wait_console(lv, spec.name, "NODEAGENT-DISK-ADDED").split("NODEAGENT-DISK-ADDED ")[1].split()[0]
+        assert rbd_disk_xml(lv.uri, spec.name, "vdb").find("auth/secret").get("uuid") == sid
+        lv.detach_disk(spec.name, "vdb")
+        wait_console(lv, spec.name, f"NODEAGENT-DISK-REMOVED {added}")
+        assert sid in secret_uuids(lv.uri), "vda still uses it"
+    finally:
+        store.pools[POOL].delete_volume(data.name)
 
     rbd_vms.remove(spec.name)
     assert spec.name not in libvirt_names(lv.uri)
@@ -142,8 +155,7 @@ def test_two_vms_from_one_rbd_image_share_the_parent_and_the_secret(lv, store, r
 
 
 def test_a_wrong_cephx_key_fails_the_start_clearly_and_leaves_nothing(lv, store, rbd_vms):  # noqa: F811
-    wrong = subprocess.run(["ceph-authtool", "--gen-print-key"], check=True, capture_output=True,
-                           text=True).stdout.strip()
+    wrong = new_key()
     before = secret_uuids(lv.uri)
     with pytest.raises(Unavailable, match=r"QEMU cannot connect to the Ceph cluster .* key"):
         rbd_vms(key=wrong)
@@ -156,8 +168,28 @@ def test_a_wrong_cephx_key_fails_the_start_clearly_and_leaves_nothing(lv, store,
 
 
 def test_a_malformed_key_defines_nothing(lv, store, rbd_vms):  # noqa: F811
-    from agent.errors import InvalidInput
     before = (libvirt_names(lv.uri), secret_uuids(lv.uri))
     with pytest.raises(InvalidInput, match="not a cephx key"):
         rbd_vms(key="not-a-key", start=False)
     assert (libvirt_names(lv.uri), secret_uuids(lv.uri)) == before
+
+
+def new_key() -> str:
+    return subprocess.run(["ceph-authtool", "--gen-print-key"], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def test_a_define_that_fails_removes_the_secret_it_made(lv, store, rbd_vms):  # noqa: F811
+    first, _ = rbd_vms(start=False)
+    before = secret_uuids(lv.uri)
+    vol = store.clone_disk("guest", "rbd-clash-root")
+    try:
+        disk = disk_for_volume(vol, "vda")
+        clash = VmSpec(name=f"rbd-{uuid.uuid4().hex[:8]}", uuid=first.uuid, cpus=1, memory_mib=128,
+                       disks=(replace(disk, attach={**disk.attach, "key": new_key()}),))
+        with pytest.raises(Conflict, match=f"uuid {first.uuid} already exists"):
+            lv.define(clash)
+        assert clash.name not in libvirt_names(lv.uri)
+        assert secret_uuids(lv.uri) == before, "the new key's secret went with the failed define"
+    finally:
+        store.release(POOL, vol.name)

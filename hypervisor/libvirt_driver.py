@@ -423,6 +423,7 @@ class LibvirtDriver:
         if dom is None:
             return False
         console = self._console_path(dom)
+        used_secrets = any(el.get("uuid") for el in self._xml(dom, inactive=True).iter("secret"))
         if dom.isActive():
             self._destroy(dom, name)
         try:
@@ -433,7 +434,8 @@ class LibvirtDriver:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return False
             raise self._error(e, name) from None
-        self._delete_unused_secrets()
+        if used_secrets:
+            self._delete_unused_secrets()
         for path in (self.qmp_socket(name), console if console == self.default_console_log(name) else None):
             if path:
                 try:

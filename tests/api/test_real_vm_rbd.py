@@ -7,6 +7,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from tests.api.agentproc import AgentProcess, Api
 
 pytestmark = pytest.mark.real
+READS_TIMEOUT_S = 60  # SeaBIOS reads the boot disk within a second or two; generous for CI
 
 
 def virsh(uri: str, *args: str) -> str:
@@ -65,6 +67,16 @@ def agent(ceph, libvirtd):
         ceph.run("ceph", "osd", "pool", "delete", pool, pool, "--yes-i-really-really-mean-it", check=False)
 
 
+def wait_for_reads(api, name: str, timeout: float = READS_TIMEOUT_S) -> int:
+    """The VM's disk read bytes, once the guest (here its BIOS) has read something."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rd = api.get(f"/v1/instances/{name}/stats").json()["io"].get("rd_bytes", 0)
+        if rd > 0 or time.monotonic() > deadline:
+            return rd
+        time.sleep(0.2)
+
+
 def rbd_ls(ceph, pool: str) -> list[str]:
     return ceph.run("rbd", "ls", pool).stdout.split()
 
@@ -89,7 +101,7 @@ def test_vm_on_a_block_pool_runs_from_an_rbd_clone(agent, ceph, libvirtd):
         assert vda.find("source").get("name") == f"{agent.ceph_pool}/{image}"
         sid = vda.find("auth/secret").get("uuid")
         assert sid in nodeagent_secrets(libvirtd)
-        assert api.get(f"/v1/instances/{name}/stats").json()["io"]["rd_bytes"] > 0, "QEMU reads the RBD disk"
+        assert wait_for_reads(api, name) > 0, "the BIOS reads the RBD disk through QEMU's librbd"
 
         assert api.delete(f"/v1/instances/{name}").json() == {"deleted": True}
         assert name not in virsh(libvirtd, "list", "--all", "--name").split()

@@ -10,7 +10,8 @@ from storage.backend import Volume
 
 def disk_for_volume(volume: Volume, target: str, *, readonly: bool = False) -> DiskSpec:
     """The disk for ``volume`` at ``target`` (vda, vdb, ...). Volume.uri decides the type:
-    file:///path, rbd:<pool>/<image> (attach facts from Volume.attach), nbd://host:port/export."""
+    file:///path, rbd:<pool>/<image> (attach facts from Volume.attach: monitors, user and the
+    cephx key, which the driver turns into a libvirt secret), nbd://host:port/export."""
     if volume.format not in ("qcow2", "raw"):
         raise InvalidInput(f"volume {volume.name} is a {volume.format} volume, not a disk")
     uri = volume.uri or (f"file://{volume.path}" if volume.path else "")
@@ -18,7 +19,7 @@ def disk_for_volume(volume: Volume, target: str, *, readonly: bool = False) -> D
         path = urlsplit(uri).path
         return DiskSpec(target=target, source=path, type="file", format=volume.format, readonly=readonly)
     if uri.startswith("rbd:"):
-        attach = {k: v for k, v in volume.attach.items() if k in ("monitors", "user", "secret_uuid")}
+        attach = {k: v for k, v in volume.attach.items() if k in ("monitors", "user", "key", "secret_uuid")}
         return DiskSpec(target=target, source=uri[len("rbd:"):], type="rbd", format=volume.format,
                         readonly=readonly, attach=attach)
     if uri.startswith("nbd://"):

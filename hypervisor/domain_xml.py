@@ -43,7 +43,9 @@ def disk_element(disk: DiskSpec, *, machine: str = "q35") -> ET.Element:
         for mon in disk.attach.get("monitors", ()):
             host, _, port = str(mon).rpartition(":") if ":" in str(mon) else (str(mon), "", "")
             _sub(src, "host", name=host, port=port or RBD_DEFAULT_PORT)
-        if disk.attach.get("user"):
+        if disk.attach.get("config"):  # a ceph.conf QEMU's librbd reads (see LibvirtDriver)
+            _sub(src, "config", file=disk.attach["config"])
+        if disk.attach.get("user") and disk.attach.get("secret_uuid"):  # the key itself never goes here
             auth = _sub(el, "auth", username=disk.attach["user"])
             _sub(auth, "secret", type="ceph", uuid=disk.attach["secret_uuid"])
     elif disk.type == "nbd":

@@ -20,7 +20,7 @@ class DiskSpec:
     format: str = "qcow2"  # qcow2 | raw
     device: str = "disk"  # disk | cdrom
     readonly: bool = False
-    attach: dict = field(default_factory=dict)  # rbd: monitors, user, secret_uuid
+    attach: dict = field(default_factory=dict)  # rbd: monitors, user, key or secret_uuid, config
 
 
 @dataclass(frozen=True)

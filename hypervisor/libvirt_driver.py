@@ -10,16 +10,19 @@ paused/pmsuspended -> "paused", crashed -> "crashed". The driver never deletes v
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
+import threading
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 
 import libvirt
 
 from agent.errors import (AgentError, CommandFailed, Conflict, InsufficientResources, InvalidInput,
                           NotFound, Unavailable, Unprocessable)
-from hypervisor import qmp
+from hypervisor import qmp, secrets
 from hypervisor.domain_xml import NODEAGENT_NS, disk_xml, domain_xml
 from hypervisor.driver import DiskSpec, VmInfo, VmSpec
 from hypervisor.host import VIRT_TYPES, detect_virt_type
@@ -31,6 +34,16 @@ STOP_POLL_S = 0.1
 DETACH_TIMEOUT_S = 15  # the guest must release a hot-unplugged virtio disk
 QEMU_IMG_TIMEOUT_S = 30
 UNAVAILABLE_HINT = "start it with `libvirtd -d` or run scripts/setup-host"
+CEPH_CLIENT_CONF = "nodeagent-ceph-client.conf"  # in qmp_dir: QEMU (libvirt-qemu) must read it
+CEPH_MOUNT_TIMEOUT_S = 20  # QEMU gives up on unreachable monitors or a refused key after this
+# (librados' default is 300 s, so a start with a wrong key would hang for five minutes)
+CEPH_CLIENT_CONF_TEXT = f"""# written by nodeagent for QEMU's librbd: monitors and the cephx key come
+# from the domain XML (<host>, <auth>); this file only bounds how long a connect may take.
+[global]
+client_mount_timeout = {CEPH_MOUNT_TIMEOUT_S}
+"""
+
+log = logging.getLogger(__name__)
 
 _STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "unknown",
@@ -110,6 +123,8 @@ def disks_from_xml(root: ET.Element) -> list[DiskSpec]:
             hosts = src.findall("host")
             if proto == "rbd":
                 attach = {"monitors": [f"{h.get('name')}:{h.get('port')}" for h in hosts]}
+                if src.find("config") is not None:
+                    attach["config"] = src.find("config").get("file")
                 auth = el.find("auth")
                 if auth is not None:
                     attach["user"] = auth.get("username")
@@ -137,6 +152,7 @@ class LibvirtDriver:
         self.qmp_dir = qmp_dir
         self._virt_type = None if virt_type == "auto" else virt_type
         self._conn: libvirt.virConnect | None = None
+        self._secrets_lock = threading.Lock()  # a define must not lose its secret to a delete's cleanup
         libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
 
     # -- connection and lookups --
@@ -198,6 +214,10 @@ class LibvirtDriver:
     def _error(self, e: libvirt.libvirtError, name: str) -> AgentError:
         """Map a libvirt error to the agent's hierarchy with a message that says what to do."""
         code, msg = e.get_error_code(), e.get_error_message() or str(e)
+        if '"driver":"rbd"' in msg.replace(" ", "") and "error connecting" in msg:
+            return Unavailable(f"VM {name!r}: QEMU cannot connect to the Ceph cluster of its RBD disk: "
+                               "check that its monitors run and answer from this host and that the "
+                               f"Ceph user's key (in the pool's keyring) is right ({msg})", vm=name)
         if code in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_NO_CONNECT,
                     libvirt.VIR_ERR_INTERNAL_ERROR) and "connection" in msg.lower():
             self._conn = None
@@ -241,20 +261,74 @@ class LibvirtDriver:
         for nic in spec.nics:
             check_bridge(nic.bridge)
         if spec.console_log is None:
-            from dataclasses import replace
             spec = replace(spec, console_log=self.default_console_log(spec.name))
         os.makedirs(os.path.dirname(spec.console_log), exist_ok=True)
-        xml = domain_xml(spec, virt_type=self.virt_type, qmp_socket=self.qmp_socket(spec.name))
-        try:
-            dom = self.conn().defineXML(xml)
-        except libvirt.libvirtError as e:
-            if self._exists(spec.name):  # lost a race, or the uuid is taken: report, leave theirs
-                raise Conflict(f"VM {spec.name!r} already exists: pick another name or delete it",
-                               vm=spec.name) from None
-            if "uuid" in (e.get_error_message() or "") and "already" in (e.get_error_message() or ""):
-                raise Conflict(f"a VM with uuid {spec.uuid} already exists", uuid=spec.uuid) from None
-            raise self._error(e, spec.name) from None
+        with self._secrets_lock:
+            disks, made = self._with_ceph_secrets(spec.disks)
+            xml = domain_xml(replace(spec, disks=disks), virt_type=self.virt_type,
+                             qmp_socket=self.qmp_socket(spec.name))
+            try:
+                dom = self.conn().defineXML(xml)
+            except libvirt.libvirtError as e:
+                for sid in made:
+                    secrets.delete_ceph_secret(self.conn(), sid)
+                if self._exists(spec.name):  # lost a race, or the uuid is taken: report, leave theirs
+                    raise Conflict(f"VM {spec.name!r} already exists: pick another name or delete it",
+                                   vm=spec.name) from None
+                if "uuid" in (e.get_error_message() or "") and "already" in (e.get_error_message() or ""):
+                    raise Conflict(f"a VM with uuid {spec.uuid} already exists", uuid=spec.uuid) from None
+                raise self._error(e, spec.name) from None
         return self._info(dom)
+
+    def _with_ceph_secrets(self, disks) -> tuple[tuple[DiskSpec, ...], list[str]]:
+        """RBD disks that carry a cephx ``key`` get a libvirt secret (hypervisor.secrets) and
+        reference it by ``secret_uuid`` instead; returns the disks and the secrets newly made
+        (for the caller to remove on failure). Call with ``_secrets_lock`` held."""
+        out, made = [], []
+        try:
+            for d in disks:
+                if d.type == "rbd" and "config" not in d.attach:
+                    d = replace(d, attach={**d.attach, "config": self._ceph_client_conf()})
+                if d.type == "rbd" and d.attach.get("key") and not d.attach.get("secret_uuid"):
+                    attach = dict(d.attach)
+                    sid, created = secrets.ensure_ceph_secret(
+                        self.conn(), monitors=attach.get("monitors", ()),
+                        user=attach.get("user") or "admin", key=attach.pop("key"))
+                    if created:
+                        made.append(sid)
+                    attach.setdefault("user", "admin")
+                    d = replace(d, attach={**attach, "secret_uuid": sid})
+                out.append(d)
+        except BaseException:
+            for sid in made:
+                secrets.delete_ceph_secret(self.conn(), sid)
+            raise
+        return tuple(out), made
+
+    def _ceph_client_conf(self) -> str:
+        """The ceph.conf QEMU's librbd reads for RBD disks that name none (written once)."""
+        path = os.path.join(self.qmp_dir, CEPH_CLIENT_CONF)
+        try:
+            with open(path) as f:
+                if f.read() == CEPH_CLIENT_CONF_TEXT:
+                    return path
+        except FileNotFoundError:
+            pass
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(CEPH_CLIENT_CONF_TEXT)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        return path
+
+    def _delete_unused_secrets(self) -> None:
+        """After a domain or disk went away: drop the ceph secrets nothing refers to any more.
+        A failure here is logged, not raised: the VM is already gone."""
+        with self._secrets_lock:
+            try:
+                secrets.delete_unused_ceph_secrets(self.conn())
+            except (AgentError, libvirt.libvirtError) as e:
+                log.warning("cannot remove unused Ceph secrets", extra={"error": str(e)})
 
     def _exists(self, name: str) -> bool:
         try:
@@ -348,7 +422,8 @@ class LibvirtDriver:
         dom = self._find_dom(name)
         if dom is None:
             return False
-        log = self._console_path(dom)
+        console = self._console_path(dom)
+        used_secrets = any(el.get("uuid") for el in self._xml(dom, inactive=True).iter("secret"))
         if dom.isActive():
             self._destroy(dom, name)
         try:
@@ -359,7 +434,9 @@ class LibvirtDriver:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return False
             raise self._error(e, name) from None
-        for path in (self.qmp_socket(name), log if log == self.default_console_log(name) else None):
+        if used_secrets:
+            self._delete_unused_secrets()
+        for path in (self.qmp_socket(name), console if console == self.default_console_log(name) else None):
             if path:
                 try:
                     os.unlink(path)
@@ -491,8 +568,15 @@ class LibvirtDriver:
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
         if dom.isActive():
             flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
-        xml = disk_xml(disk, machine="pc" if "i440fx" in machine or machine == "pc" else "q35")
-        self._call(dom.attachDeviceFlags, name, xml, flags)
+        machine = "pc" if "i440fx" in machine or machine == "pc" else "q35"
+        with self._secrets_lock:
+            (disk,), made = self._with_ceph_secrets((disk,))
+            try:
+                self._call(dom.attachDeviceFlags, name, disk_xml(disk, machine=machine), flags)
+            except BaseException:
+                for sid in made:
+                    secrets.delete_ceph_secret(self.conn(), sid)
+                raise
 
     def detach_disk(self, name: str, target: str) -> None:
         """Detach from the persistent definition and, while running, from the guest (waits up
@@ -512,6 +596,8 @@ class LibvirtDriver:
                                    f"{DETACH_TIMEOUT_S}s; retry, or stop the VM and detach", vm=name)
                 time.sleep(STOP_POLL_S)
         self._call(dom.detachDeviceFlags, name, xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        if el.get("type") == "network":
+            self._delete_unused_secrets()
 
     def _live_has(self, dom: libvirt.virDomain, target: str) -> bool:
         return any(t.get("dev") == target for t in self._xml(dom).findall("devices/disk/target"))

@@ -4,6 +4,8 @@ well-formed ones the host cannot honour, NotFound for a disk file that is not th
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 import uuid as uuidlib
@@ -23,6 +25,7 @@ QCOW2_MAGIC = b"QFI\xfb"
 DISK_TYPES = ("file", "rbd", "nbd")
 DISK_FORMATS = ("qcow2", "raw")
 DISK_DEVICES = ("disk", "cdrom")
+CEPHX_KEY_BYTES = (16, 28)  # a cephx key decodes to its 16 secret bytes (28 with its header)
 
 
 def check_name(name: str) -> None:
@@ -79,9 +82,24 @@ def check_disk(disk: DiskSpec) -> None:
         raise InvalidInput(f"disk {disk.target}: a file disk needs an absolute path, got {disk.source!r}")
     if disk.type == "rbd" and not RBD_RE.match(disk.source or ""):
         raise InvalidInput(f"disk {disk.target}: an rbd disk source is '<pool>/<image>', got {disk.source!r}")
+    if disk.type == "rbd" and disk.attach.get("key") is not None:
+        ceph_key_bytes(disk.attach["key"])
     if disk.type == "nbd" and not NBD_RE.match(disk.source or ""):
         raise InvalidInput(f"disk {disk.target}: an nbd disk source is 'nbd://host:port/export', "
                            f"got {disk.source!r}")
+
+
+def ceph_key_bytes(key: str) -> bytes:
+    """The decoded cephx key; InvalidInput if it is not one (libvirt would store any bytes
+    and QEMU would only fail at start)."""
+    try:
+        raw = base64.b64decode(key if isinstance(key, str) else "", validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) not in CEPHX_KEY_BYTES:
+        raise InvalidInput("the Ceph key is not a cephx key (the base64 text of a keyring's "
+                           "'key = ...' line): check the pool's keyring")
+    return raw
 
 
 def check_disk_file(disk: DiskSpec) -> None:

@@ -18,7 +18,7 @@ import time
 import uuid
 
 from agent import models
-from agent.errors import Conflict, NotFound, Unprocessable, Unsupported
+from agent.errors import Conflict, NotFound, Unavailable, Unprocessable, Unsupported
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +225,25 @@ class InstanceService:
         else:
             self.root.runtime.delete(inst["name"])
         for vol in inst["volumes"]:
-            self.root.store.release(inst["pool"], vol)
+            try:
+                self.root.store.release(inst["pool"], vol)
+            except Unavailable:
+                if self._volume_recorded(inst, vol):
+                    raise
+                # never made (a create that failed to reach the pool, e.g. a wrong Ceph key):
+                # the store holds no reference, so there is nothing to remove there
         shutil.rmtree(self.root.config.state_path / "instances" / inst_id, ignore_errors=True)
         self.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
         self._changed()
         self.root.events.publish("lifecycle", {"instance": inst_id, "name": inst["name"], "state": "deleted"})
         return True
+
+    def _volume_recorded(self, inst: dict, volume: str) -> bool:
+        """True if the image store recorded ``volume`` (made, or being made) for ``inst``."""
+        try:
+            return (inst["pool"], volume) in self.root.store.references(inst["image"])
+        except NotFound:
+            return False
 
     def delete(self, ref: str) -> bool:
         inst = self.get(ref)

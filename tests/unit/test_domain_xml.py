@@ -30,6 +30,13 @@ SPECS = {
                DiskSpec(target="vdb", source="nbd://198.18.0.9:10809/data", type="nbd", format="raw"),
                DiskSpec(target="hdc", source="/seeds/db-1.iso", format="raw", device="cdrom"))),
         dict(virt_type="qemu")),
+    "rbd_secret_config_q35_tcg": (VmSpec(
+        name="vm-rbd", uuid=UUID, cpus=1, memory_mib=128,
+        disks=(DiskSpec(target="vda", source="rbd/navol.vm-rbd-root", type="rbd", format="raw",
+                        attach={"monitors": ["127.0.0.1:3300"], "user": "admin",
+                                "secret_uuid": "5b7c3a52-1f0e-5d7a-9c1b-2e4f6a8b0c1d",
+                                "config": "/var/lib/libvirt/qemu/nodeagent-ceph-client.conf"}),)),
+        dict(virt_type="qemu")),
     "kernel_boot_tcg": (VmSpec(
         name="guest", uuid=UUID, cpus=1, memory_mib=128,
         disks=(DiskSpec(target="vda", source="/tmp/guest.qcow2"),
@@ -64,3 +71,13 @@ def test_unknown_machine_is_refused():
     from dataclasses import replace
     with pytest.raises(ValueError, match="machine"):
         domain_xml(replace(spec, machine="virt"))
+
+
+def test_a_cephx_key_never_reaches_the_xml():
+    """The driver swaps a key for a libvirt secret; a key left in attach is not written."""
+    spec = VmSpec(name="k", uuid=UUID, cpus=1, memory_mib=128,
+                  disks=(DiskSpec(target="vda", source="rbd/img", type="rbd", format="raw",
+                                  attach={"monitors": ["127.0.0.1:3300"], "user": "admin",
+                                          "key": "AQDKTgVr/8wAMhAA8B4PL9b8eQp+cXB6qksXMg=="}),))
+    xml = domain_xml(spec)
+    assert "AQDKTgVr" not in xml and "<auth" not in xml

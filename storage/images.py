@@ -408,10 +408,10 @@ class ImageStore:
         path = backend.blob_path(digest)
         tmp = None
         try:
-            if path is None:  # a remote pool: fetch the layer to a local temp file first
+            if path is None:  # a remote pool: fetch the layer (verified) to a temp file first
                 fd, tmp = tempfile.mkstemp(prefix="layer-", dir=self.tmp_dir)
-                with os.fdopen(fd, "wb") as out, backend.open_blob(digest) as f:
-                    shutil.copyfileobj(f, out, URL_CHUNK)
+                os.close(fd)
+                self._fetch(pool, backend, digest, tmp)
                 path = tmp
             d = unpack_layer_once(path, digest, self.cache_dir, max_bytes=self.max_layer_bytes,
                                   max_ratio=self.max_layer_ratio)

@@ -49,7 +49,7 @@ from agent.errors import (AgentError, Conflict, InvalidInput, NotFound, Unavaila
                           Unprocessable, Unsupported)
 from agent.state import Database
 from storage import oci, qemu_img
-from storage.backend import DISK_FORMATS, Backend, Volume, VolumeSpec
+from storage.backend import DISK_FORMATS, Backend, BlobInfo, Volume, VolumeSpec
 from storage.unpack import layer_dir, unpack_layer_once
 
 GIB = 1024**3
@@ -284,13 +284,17 @@ class ImageStore:
         if format == "oci" or (format is None and _looks_like_manifest(backend, digest, info.size)):
             with _PoolSource(pool, backend, digest) as src:
                 return self._import_oci(src, name, None, pool, backend, progress)
-        with self._import(), self._tmp_file("digest-") as tmp:
+        with self._import() as added, self._tmp_file("digest-") as tmp:
             self._fetch(pool, backend, digest, tmp, progress)
             fmt = _check_disk(qemu_img.info(tmp), f"pool {pool} blob {digest}", format)
             if fmt["format"] == "qcow2":
                 qemu_img.check(tmp, format="qcow2")
             img = Image(digest[7:], name, "vm", fmt["format"], digest, info.size,
                         fmt["virtual-size"], pool, time.time(), {}, ())
+            cache = self.pools[self.default_pool]
+            if self.default_pool != pool and getattr(cache, "adopt_blob", None):
+                # fetched anyway: keep it as the first clone's cached base (gc may drop it)
+                self._put_file(self.default_pool, cache, tmp, added, digest, info.size)
             return self._record(img, [digest])
 
     def copy_to_pool(self, ref: str, pool: str, *, progress: Progress | None = None) -> Image:
@@ -394,12 +398,27 @@ class ImageStore:
         blob = backend.put_blob(f, **kw)
         if not kw.get("digest"):
             self._pin(added, pool, blob.digest)
+        self._note_put(pool, blob, added)
+        return blob
+
+    def _put_file(self, pool, backend, path: str, added, digest: str, size: int) -> BlobInfo:
+        """Put a host file already verified to hold ``digest`` into the pool: moved in where
+        the backend can (LocalBackend.adopt_blob), else copied with put_blob."""
+        adopt = getattr(backend, "adopt_blob", None)
+        blob = adopt(path, digest) if adopt is not None else None
+        if blob is None:
+            with open(path, "rb") as f:
+                return self._put(pool, backend, f, added, digest=digest, size=size)
+        self._pin(added, pool, digest)
+        self._note_put(pool, blob, added)
+        return blob
+
+    def _note_put(self, pool, blob, added) -> None:
         with self.db.tx() as c:
             new = c.execute("INSERT OR IGNORE INTO storage_blobs(pool, digest) VALUES (?, ?)",
                             (pool, blob.digest)).rowcount
         if new and not self._blob_used(pool, blob.digest):
             added.added.append(("blob", pool, blob.digest))
-        return blob
 
     def _unpack(self, pool, backend, digest, added=None) -> str:
         d = layer_dir(self.cache_dir, digest)
@@ -584,9 +603,7 @@ class ImageStore:
                 else:
                     with self._tmp_file("cache-") as tmp:
                         self._fetch(src_pool, src, img.digest, tmp)
-                        with open(tmp, "rb") as f:
-                            self._put(pool, backend, f, added, digest=img.digest,
-                                      size=img.size)
+                        self._put_file(pool, backend, tmp, added, img.digest, img.size)
             except AgentError as e:
                 raise type(e)(f"cannot copy image {img.id[:12]} from pool {src_pool} into "
                               f"pool {pool}: {e.message}", **e.details) from None

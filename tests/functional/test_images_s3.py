@@ -114,8 +114,11 @@ def test_two_hosts_share_images_through_one_bucket(bucket, tmp_path):
     shared = b.import_digest("s3", vm.digest, name="shared")
     assert (shared.id, shared.kind, shared.format, shared.pool, shared.virtual_size) == \
         (vm.id, "vm", "qcow2", "s3", vm.virtual_size)
+    assert local_blobs(b) == [vm.digest]  # fetched to inspect it: kept as the cached base
+    gets = s3_gets(bucket)
     vol = b.clone_disk("shared", "disk0")
-    assert vol.pool == "local" and vol.base == vm.digest and local_blobs(b) == [vm.digest]
+    assert vol.pool == "local" and vol.base == vm.digest and gets == []
+    assert os.stat(b.pools["local"].blob_path(vm.digest)).st_mode & 0o777 == 0o444
     bb = b.import_digest("s3", ct.digest, name="bb")
     assert (bb.kind, bb.layers, bb.config) == ("container", ct.layers, ct.config)
     rootfs = b.prepare_rootfs("bb", "c0")

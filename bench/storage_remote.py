@@ -2,7 +2,9 @@
 
 (a) 1 GiB image upload/download through S3Backend (radosgw) vs plain boto3
     upload_file/download_file with default settings;
-(b) RBD clone of a 1 GiB and an 8 GiB image through RbdBackend.clone_volume vs `rbd clone`.
+(b) RBD clone of a 1 GiB and an 8 GiB image through RbdBackend.clone_volume vs `rbd clone`;
+(c) the first clone of a 1 GiB image living in S3 into a local pool (ImageStore.clone_disk:
+    fetch, verify, cache, qcow2 overlay) vs boto3 download_file of the same object.
 
 Run: /work/main/.venv/bin/python bench/storage_remote.py   (medians of ROUNDS runs)
 """
@@ -139,12 +141,49 @@ def bench_rbd_clone(env, work: str) -> None:
     del rados
 
 
+def bench_image_cache(env, work: str) -> None:
+    from agent.state import Database
+    from storage import ImageStore
+    from storage.local import LocalBackend
+    from storage.s3 import S3Backend
+
+    src = os.path.join(work, "image.raw")
+    make_image(src, GiB)
+    client = ceph_cluster.s3_client(env)
+    obj = S3Backend("obj", endpoint=env.s3_endpoint, bucket=env.s3_bucket,
+                    access_key=env.s3_access_key, secret_key=env.s3_secret_key,
+                    region=env.s3_region)
+    root = os.path.join(work, "host")
+    store = ImageStore(Database(os.path.join(work, "state.db")),
+                       {"local": LocalBackend("local", path=os.path.join(root, "pool")),
+                        "obj": obj}, default_pool="local", cache_dir=os.path.join(root, "cache"))
+    img = store.import_file(src, name="big", pool="obj")
+    client.upload_file(src, env.s3_bucket, "peer/image.raw")
+    os.unlink(src)
+    ours, peer = [], []
+    dst = os.path.join(work, "down.raw")
+    for i in range(S3_ROUNDS):
+        ours.append(timed(lambda: store.clone_disk("big", f"d{i}")))
+        store.release("local", f"d{i}")
+        store.gc()  # drop the cached copy: every round is a cold cache
+        peer.append(timed(lambda: client.download_file(env.s3_bucket, "peer/image.raw", dst)))
+        os.unlink(dst)
+    emit("s3_image_first_clone_1GiB", statistics.median(ours),
+         "boto3 download_file (defaults)", statistics.median(peer))
+    store.delete("big")
+    store.gc()
+    client.delete_object(Bucket=env.s3_bucket, Key="peer/image.raw")
+    env.run("radosgw-admin", "gc", "process", "--include-all")
+    obj.close()
+
+
 def main() -> int:
     env = ceph_cluster.existing() or ceph_cluster.start()
     work = tempfile.mkdtemp(prefix="bench-storage-remote-", dir="/var/tmp")
     try:
         bench_rbd_clone(env, work)
         bench_s3(env, work)
+        bench_image_cache(env, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if ceph_cluster.existing() is None:

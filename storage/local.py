@@ -104,6 +104,11 @@ class LocalBackend:
         existing = self.find_blob(digest)
         if existing is not None:
             return existing
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # durable before it gets its content-addressed name
+        finally:
+            os.close(fd)
         try:
             os.chmod(path, 0o444)
             os.rename(path, final)

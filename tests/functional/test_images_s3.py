@@ -166,3 +166,26 @@ def test_fetch_failures_are_clear_and_leave_nothing(bucket, tmp_path, ceph):
     assert local_blobs(a) == [] and a.references("a") == []
     assert a.cached_in("a") == ["s3"]  # no catalog row for the target pool
     assert os.listdir(a.tmp_dir) == [] and os.listdir(a.pools["local"].blob_dir) == []
+
+
+def test_concurrent_first_clones_fetch_once(bucket, tmp_path):
+    import threading
+
+    a = host(tmp_path, "a", bucket)
+    img = a.import_file(disk(tmp_path / "a.raw", 3 * MIB), name="a", pool="s3")
+    gets, errors = s3_gets(bucket), []
+
+    def clone(n):
+        try:
+            a.clone_disk("a", f"d{n}")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=clone, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(gets) == 1  # one 3 MiB range: one GET for all three
+    assert sorted(v for _, v in a.references("a")) == ["d0", "d1", "d2"]
+    assert local_blobs(a) == [img.digest]

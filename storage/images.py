@@ -793,7 +793,7 @@ def _hex_digest(digest: str) -> str:
 
 
 def _looks_like_manifest(backend: Backend, digest: str, size: int) -> bool:
-    """True if the blob is a small JSON OCI/Docker image manifest (not a disk image)."""
+    """True if the blob is a small JSON OCI/Docker image manifest or index (not a disk)."""
     if size > oci.MAX_DOCUMENT or size < 2:
         return False
     with backend.open_blob(digest, 0, 1) as f:
@@ -805,7 +805,8 @@ def _looks_like_manifest(backend: Backend, digest: str, size: int) -> bool:
         m = json.loads(data)
     except ValueError:
         return False
-    return isinstance(m, dict) and m.get("schemaVersion") == 2 and "layers" in m
+    return isinstance(m, dict) and m.get("schemaVersion") == 2 and \
+        ("layers" in m or "manifests" in m)
 
 
 class _PoolSource(oci.Source):

@@ -68,7 +68,7 @@ def bench_s3(env, work: str) -> None:
                         access_key=env.s3_access_key, secret_key=env.s3_secret_key,
                         region=env.s3_region)
     up, up_known, up_peer, down, down_peer = [], [], [], [], []
-    for _ in range(S3_ROUNDS):
+    for r in range(S3_ROUNDS):
         with open(src, "rb") as f:  # digest unknown: hashed first, then uploaded
             info = None
 
@@ -82,11 +82,14 @@ def bench_s3(env, work: str) -> None:
         up_peer.append(timed(lambda: client.upload_file(src, env.s3_bucket, "peer/image.raw")))
         dst = os.path.join(work, "down.raw")
 
-        down.append(timed(lambda: backend.fetch_blob(info.digest, dst)))
-        os.unlink(dst)
-        down_peer.append(timed(lambda: client.download_file(env.s3_bucket, "peer/image.raw",
-                                                            dst)))
-        os.unlink(dst)
+        # the first upload's object (deleted above) is reclaimed now, not during a download
+        env.run("radosgw-admin", "gc", "process", "--include-all")
+        sides = [(down, lambda: backend.fetch_blob(info.digest, dst)),
+                 (down_peer, lambda: client.download_file(env.s3_bucket, "peer/image.raw", dst))]
+        for times, fn in sides[::1 if r % 2 == 0 else -1]:  # alternate who goes first
+            os.sync()  # neither side pays for the uploads' writeback
+            times.append(timed(fn))
+            os.unlink(dst)
         backend.delete_blob(info.digest)
         client.delete_object(Bucket=env.s3_bucket, Key="peer/image.raw")
         env.run("radosgw-admin", "gc", "process", "--include-all")  # free the OSD now
@@ -162,12 +165,19 @@ def bench_image_cache(env, work: str) -> None:
     os.unlink(src)
     ours, peer = [], []
     dst = os.path.join(work, "down.raw")
-    for i in range(S3_ROUNDS):
+    def first_clone(i):
         ours.append(timed(lambda: store.clone_disk("big", f"d{i}")))
         store.release("local", f"d{i}")
         store.gc()  # drop the cached copy: every round is a cold cache
+
+    def download(i):
         peer.append(timed(lambda: client.download_file(env.s3_bucket, "peer/image.raw", dst)))
         os.unlink(dst)
+
+    for i in range(S3_ROUNDS):
+        for fn in (first_clone, download)[::1 if i % 2 == 0 else -1]:  # alternate the order
+            os.sync()  # neither side pays for earlier writeback
+            fn(i)
     emit("s3_image_first_clone_1GiB", statistics.median(ours),
          "boto3 download_file (defaults)", statistics.median(peer))
     store.delete("big")

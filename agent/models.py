@@ -129,15 +129,26 @@ class RegistrySource(Model):
     tls_verify: bool = True
 
 
-ImageSource = Annotated[Union[FileSource, UrlSource, RegistrySource], Field(discriminator="type")]
-# type "s3" (import from an object pool) is not offered yet: the object pool helper owns it
+class S3Source(Model):
+    type: Literal["s3"]
+    pool: str = Field(min_length=1, max_length=64,
+                      description="an object pool of this agent (S3 bucket) holding the image")
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
+                        description="the image's digest (of its disk blob or OCI manifest), as "
+                                    "another host that put it into the pool reports it")
+
+
+ImageSource = Annotated[Union[FileSource, UrlSource, RegistrySource, S3Source],
+                        Field(discriminator="type")]
 
 
 class ImageImport(Model):
     name: str = Field(pattern=IMAGE_NAME_PATTERN)
     source: ImageSource
     format: Literal["qcow2", "raw", "oci"] | None = None
-    pool: str | None = Field(None, min_length=1, max_length=64)
+    pool: str | None = Field(None, min_length=1, max_length=64,
+                             description="where to store the image (default: the default pool; "
+                                         "for an s3 source: source.pool, nothing is copied)")
 
 
 class Image(Model):

@@ -2,7 +2,9 @@
 
 (a) 1 GiB image upload/download through S3Backend (radosgw) vs plain boto3
     upload_file/download_file with default settings;
-(b) RBD clone of a 1 GiB and an 8 GiB image through RbdBackend.clone_volume vs `rbd clone`.
+(b) RBD clone of a 1 GiB and an 8 GiB image through RbdBackend.clone_volume vs `rbd clone`;
+(c) the first clone of a 1 GiB image living in S3 into a local pool (ImageStore.clone_disk:
+    fetch, verify, cache, qcow2 overlay) vs boto3 download_file of the same object.
 
 Run: /work/main/.venv/bin/python bench/storage_remote.py   (medians of ROUNDS runs)
 """
@@ -66,7 +68,7 @@ def bench_s3(env, work: str) -> None:
                         access_key=env.s3_access_key, secret_key=env.s3_secret_key,
                         region=env.s3_region)
     up, up_known, up_peer, down, down_peer = [], [], [], [], []
-    for _ in range(S3_ROUNDS):
+    for r in range(S3_ROUNDS):
         with open(src, "rb") as f:  # digest unknown: hashed first, then uploaded
             info = None
 
@@ -80,11 +82,14 @@ def bench_s3(env, work: str) -> None:
         up_peer.append(timed(lambda: client.upload_file(src, env.s3_bucket, "peer/image.raw")))
         dst = os.path.join(work, "down.raw")
 
-        down.append(timed(lambda: backend.fetch_blob(info.digest, dst)))
-        os.unlink(dst)
-        down_peer.append(timed(lambda: client.download_file(env.s3_bucket, "peer/image.raw",
-                                                            dst)))
-        os.unlink(dst)
+        # the first upload's object (deleted above) is reclaimed now, not during a download
+        env.run("radosgw-admin", "gc", "process", "--include-all")
+        sides = [(down, lambda: backend.fetch_blob(info.digest, dst)),
+                 (down_peer, lambda: client.download_file(env.s3_bucket, "peer/image.raw", dst))]
+        for times, fn in sides[::1 if r % 2 == 0 else -1]:  # alternate who goes first
+            os.sync()  # neither side pays for the uploads' writeback
+            times.append(timed(fn))
+            os.unlink(dst)
         backend.delete_blob(info.digest)
         client.delete_object(Bucket=env.s3_bucket, Key="peer/image.raw")
         env.run("radosgw-admin", "gc", "process", "--include-all")  # free the OSD now
@@ -139,12 +144,56 @@ def bench_rbd_clone(env, work: str) -> None:
     del rados
 
 
+def bench_image_cache(env, work: str) -> None:
+    from agent.state import Database
+    from storage import ImageStore
+    from storage.local import LocalBackend
+    from storage.s3 import S3Backend
+
+    src = os.path.join(work, "image.raw")
+    make_image(src, GiB)
+    client = ceph_cluster.s3_client(env)
+    obj = S3Backend("obj", endpoint=env.s3_endpoint, bucket=env.s3_bucket,
+                    access_key=env.s3_access_key, secret_key=env.s3_secret_key,
+                    region=env.s3_region)
+    root = os.path.join(work, "host")
+    store = ImageStore(Database(os.path.join(work, "state.db")),
+                       {"local": LocalBackend("local", path=os.path.join(root, "pool")),
+                        "obj": obj}, default_pool="local", cache_dir=os.path.join(root, "cache"))
+    img = store.import_file(src, name="big", pool="obj")
+    client.upload_file(src, env.s3_bucket, "peer/image.raw")
+    os.unlink(src)
+    ours, peer = [], []
+    dst = os.path.join(work, "down.raw")
+    def first_clone(i):
+        ours.append(timed(lambda: store.clone_disk("big", f"d{i}")))
+        store.release("local", f"d{i}")
+        store.gc()  # drop the cached copy: every round is a cold cache
+
+    def download(i):
+        peer.append(timed(lambda: client.download_file(env.s3_bucket, "peer/image.raw", dst)))
+        os.unlink(dst)
+
+    for i in range(S3_ROUNDS):
+        for fn in (first_clone, download)[::1 if i % 2 == 0 else -1]:  # alternate the order
+            os.sync()  # neither side pays for earlier writeback
+            fn(i)
+    emit("s3_image_first_clone_1GiB", statistics.median(ours),
+         "boto3 download_file (defaults)", statistics.median(peer))
+    store.delete("big")
+    store.gc()
+    client.delete_object(Bucket=env.s3_bucket, Key="peer/image.raw")
+    env.run("radosgw-admin", "gc", "process", "--include-all")
+    obj.close()
+
+
 def main() -> int:
     env = ceph_cluster.existing() or ceph_cluster.start()
     work = tempfile.mkdtemp(prefix="bench-storage-remote-", dir="/var/tmp")
     try:
         bench_rbd_clone(env, work)
         bench_s3(env, work)
+        bench_image_cache(env, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if ceph_cluster.existing() is None:

@@ -1,4 +1,4 @@
-"""Image import (file | url | registry), list, get, delete: thin wrapper over storage.ImageStore."""
+"""Image import (file | url | registry | s3), list, get, delete: thin wrapper over storage.ImageStore."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,10 +37,17 @@ class ImageService:
 
     def create(self, req: models.ImageImport) -> dict:
         """Validate what can be checked now (pool, source path), then import in an operation."""
-        pool = req.pool or self.root.config.default_pool
-        if pool not in self.root.config.pools:
-            raise NotFound(f"pool {pool!r} not found; configured pools: {', '.join(sorted(self.root.config.pools))}")
         src = req.source
+        pools = self.root.config.pools
+        if src.type == "s3":
+            if src.pool not in pools:
+                raise NotFound(f"source.pool {src.pool!r} not found; configured pools: {', '.join(sorted(pools))}")
+            if pools[src.pool].kind != "object":
+                raise Unprocessable(f"source.pool {src.pool!r} is a {pools[src.pool].kind} pool; "
+                                    "an s3 source names an object pool")
+        pool = req.pool or (src.pool if src.type == "s3" else self.root.config.default_pool)
+        if pool not in pools:
+            raise NotFound(f"pool {pool!r} not found; configured pools: {', '.join(sorted(pools))}")
         total = None
         if src.type == "file":
             if not os.path.isabs(src.path):
@@ -63,6 +70,13 @@ class ImageService:
                 op.phase("download")
                 image = store.import_url(src.url, name=req.name, pool=pool, format=req.format,
                                          sha256=src.sha256, progress=progress)
+            elif src.type == "s3":
+                op.phase("import")
+                image = store.import_digest(src.pool, src.digest, name=req.name, format=req.format,
+                                            progress=progress)
+                if pool != src.pool:
+                    op.phase("copy")
+                    image = store.copy_to_pool(image.id, pool)
             else:  # registry
                 op.phase("pull")
                 tmp = tempfile.mkdtemp(prefix="pull-", dir=self._tmp_dir())

@@ -179,7 +179,7 @@ def _completed_stats(dest_uri: str, name: str) -> tuple[float | None, int | None
         return None, None
     try:
         st = conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        dt = st.get("downtime_net", st.get("downtime"))
+        dt = st.get("downtime")  # total, network included (what the guest saw)
         return (float(dt) if dt is not None else None), st.get("data_processed")
     except libvirt.libvirtError:
         return None, None

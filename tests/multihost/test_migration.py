@@ -44,7 +44,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def apis(cluster):
-    return {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
+    out = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
+    for api in out.values():  # no idle keep-alive connection delays an agent's restart
+        api.s.headers["Connection"] = "close"
+    return out
 
 
 @pytest.fixture(scope="module")

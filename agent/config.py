@@ -79,6 +79,7 @@ class HypervisorConfig(_Strict):
 
 class ContainersConfig(_Strict):
     runtime: str = "runc"
+    cgroup_parent: str | None = None  # None: the runtime's default ("nodeagent"); one per agent on a shared cgroupfs
 
 
 class NetworkConfig(_Strict):

@@ -96,6 +96,36 @@ class PeerClient:
     def abort(self, inst_id: str) -> bool:
         return self._call("DELETE", f"/v1/peer/migrations/{inst_id}")["deleted"]
 
+    def push_rootfs(self, inst_id: str, upper: str, newer: float | None = None) -> int:
+        """Stream ``upper`` (or what changed in it since ``newer``) as a tar; bytes sent."""
+        import requests
+        argv = ["tar", "-c", "--xattrs", "--xattrs-include=trusted.*", "--numeric-owner", "-f", "-", "-C", upper]
+        if newer is not None:
+            argv.insert(1, f"--newer=@{newer:.0f}")
+        proc = subprocess.Popen([*argv, "."], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        counted = {"n": 0}
+
+        def body():
+            while chunk := proc.stdout.read(IMAGE_CHUNK):
+                counted["n"] += len(chunk)
+                yield chunk
+        try:
+            r = self.client.s.put(f"{self.url}/v1/peer/migrations/{inst_id}/rootfs", data=body(),
+                                  timeout=PREPARE_TIMEOUT_S, verify=self.client.verify,
+                                  headers={"Content-Type": "application/x-tar"})
+        except requests.RequestException as e:
+            proc.kill()
+            raise Unavailable(f"peer {self.name!r} ({self.url}) is unreachable while receiving the rootfs: "
+                              f"{e.__class__.__name__}") from None
+        finally:
+            err = proc.stderr.read().decode(errors="replace")
+            proc.wait()
+        if proc.returncode not in (0, 1):  # 1: a file changed while read (refresh pre-sync)
+            raise CommandFailed(f"tar of {upper} failed: {err[-500:]}", stderr=err)
+        if r.status_code != 200:
+            raise CommandFailed(f"peer {self.name!r} did not take the rootfs: HTTP {r.status_code} {r.text[:300]}")
+        return counted["n"]
+
     def download_image(self, image_id: str, dest: str) -> None:
         import requests
         try:
@@ -124,6 +154,58 @@ def criu_works() -> tuple[bool, str]:
         lines = (r.stderr or r.stdout).strip().splitlines()
         return False, f"`criu check` fails: {lines[-1] if lines else 'exit ' + str(r.returncode)}"
     return True, ""
+
+
+LAYERS_FILE = "rootfs-layers.json"  # destination: where a prepared container's layers are
+
+
+def untar_into(dest: str, stream) -> int:
+    """Unpack a tar stream into ``dest`` (owners, modes, whiteout devices and trusted.*
+    xattrs kept: the upper dir of an overlay); bytes read. Only peers send these."""
+    proc = subprocess.Popen(["tar", "-x", "-p", "--xattrs", "--xattrs-include=trusted.*", "--numeric-owner",
+                             "--no-overwrite-dir", "-f", "-", "-C", dest],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    n = 0
+    try:
+        while chunk := stream.read(IMAGE_CHUNK):
+            n += len(chunk)
+            proc.stdin.write(chunk)
+    finally:
+        proc.stdin.close()
+        err = proc.stderr.read().decode(errors="replace")
+        proc.wait()
+    if proc.returncode != 0:
+        raise CommandFailed(f"unpacking the rootfs into {dest} failed: {err[-500:]}", stderr=err)
+    return n
+
+
+def rootfs_paths(upper: str) -> list[str]:
+    """Every path under ``upper``, relative ("./a/b"), as tar names them."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(upper):
+        rel = os.path.relpath(dirpath, upper)
+        for n in dirnames + filenames:
+            out.append(os.path.normpath(os.path.join(rel, n)))
+    return out
+
+
+def prune_rootfs(upper: str, keep: set[str]) -> int:
+    """Remove what is under ``upper`` but not in ``keep`` (deleted on the source after the
+    first sync); the number removed."""
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(upper, topdown=True):
+        rel = os.path.relpath(dirpath, upper)
+        for name in list(dirnames):
+            p = os.path.normpath(os.path.join(rel, name))
+            if p not in keep:
+                shutil.rmtree(os.path.join(dirpath, name), ignore_errors=True)
+                dirnames.remove(name)
+                n += 1
+        for name in filenames:
+            if os.path.normpath(os.path.join(rel, name)) not in keep:
+                os.unlink(os.path.join(dirpath, name))
+                n += 1
+    return n
 
 
 # -- the service ----------------------------------------------------------------------------
@@ -172,11 +254,11 @@ class MigrationService:
         else:
             if req.mode == "live":
                 ok, why = criu_works()
-                if not ok:
-                    raise Unsupported(f"live migration of containers needs CRIU and {why} on this host: "
-                                      "use mode=cold (stop, copy, start on the destination)")
-            raise Unsupported("container migration is not supported by this agent build yet: "
-                              "stop the container and re-create it on the destination")
+                raise Unsupported(f"live migration of containers needs CRIU and {why or 'CRIU restore is not wired up'} "
+                                  "on this host: use mode=refresh (sync while running, stop, final sync, start "
+                                  "there; about a second of downtime) or mode=cold")
+        if inst["kind"] == "vm" and req.mode == "refresh":
+            raise Unprocessable("mode=refresh is for containers: migrate VMs with mode=live or mode=cold")
         with self._lock:
             if inst["id"] in self._busy:
                 raise Conflict(f"instance {inst['name']!r} is already being migrated")
@@ -185,7 +267,9 @@ class MigrationService:
         def work(op):
             try:
                 with self.root.instances.lock(inst["id"]):
-                    return self._migrate_vm(op, inst["id"], peer, req.mode)
+                    if inst["kind"] == "vm":
+                        return self._migrate_vm(op, inst["id"], peer, req.mode)
+                    return self._migrate_container(op, inst["id"], peer, req.mode)
             finally:
                 with self._lock:
                     self._busy.discard(inst["id"])
@@ -283,6 +367,53 @@ class MigrationService:
                 "downtime_ms": result.downtime_ms, "total_ms": round(result.total_ms, 1),
                 "bytes": result.data_bytes}
 
+    def _migrate_container(self, op, inst_id: str, peer: PeerClient, mode: str) -> dict:
+        """cold: stop, copy the upper dir, start there. refresh: copy the upper dir while it
+        runs, stop, copy what changed since (and prune what went), start there. On failure
+        the container runs here again and the destination removes what it made."""
+        inst = self.root.instances.get(inst_id)
+        name = inst["name"]
+        image = self.root.store.get(inst["image"])
+        vol = self.root.pools[inst["pool"]].get_volume(inst["volumes"][0])
+        upper = os.path.join(vol.path, "upper")
+        op.phase("prepare")
+        if not peer.alive():
+            raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
+        body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
+                "spec": self.root.instances._spec(inst_id),
+                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
+        peer.prepare(body)
+        was_running = self.root.runtime.get(name).state == "running"
+        stopped_at = None
+        sent = 0
+        try:
+            since = None
+            if mode == "refresh" and was_running:
+                op.phase("presync")
+                since = time.time() - 1  # mtime/ctime granularity: resend the last second
+                sent += peer.push_rootfs(inst_id, upper)
+            op.phase("stop")
+            if was_running:
+                stopped_at = time.monotonic()
+                self.root.runtime.stop(name, timeout=10)
+            op.phase("sync")
+            sent += peer.push_rootfs(inst_id, upper, newer=since)
+            keep = rootfs_paths(upper) if since is not None else None
+            op.phase("confirm")
+            moved = peer.finish(inst_id, {"start": was_running, "keep": keep})["instance"]
+        except BaseException as e:
+            self._abort_remote(peer, inst_id, e)
+            if stopped_at is not None:
+                self.root.runtime.start(name)
+            raise
+        downtime = (time.monotonic() - stopped_at) * 1000 if stopped_at is not None else None
+        op.phase("cleanup")
+        self.root.runtime.delete(name)
+        self._forget_local(inst_id)
+        return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
+                "downtime_ms": round(downtime, 1) if downtime is not None else None,
+                "total_ms": None, "bytes": sent}
+
     def _abort_remote(self, peer: PeerClient, inst_id: str, cause: BaseException) -> None:
         try:
             peer.abort(inst_id)
@@ -308,7 +439,7 @@ class MigrationService:
     def _forget_local(self, inst_id: str) -> None:
         """The instance left: its record, volumes and files go (the domain already went)."""
         inst = self.root.instances.get(inst_id)
-        if self.root.driver.find(inst["name"]) is not None:
+        if inst["kind"] == "vm" and self.root.driver.find(inst["name"]) is not None:
             raise CommandFailed(f"VM {inst['name']!r} is still defined here after its migration")
         for vol in inst["volumes"]:
             self.root.store.release(inst["pool"], vol)
@@ -323,8 +454,6 @@ class MigrationService:
         On failure nothing is left."""
         source = self.require_peer(caller)
         inst = req.instance
-        if inst.kind != "vm":
-            raise Unsupported("only VMs migrate in this agent build")
         self._clear_stale(inst.id, inst.name)
         cfg = self.config
         pool = inst.pool if inst.pool in cfg.pools else cfg.default_pool
@@ -343,6 +472,8 @@ class MigrationService:
                            "migrating") from None
         self.root.instances._changed()
         try:
+            if inst.kind == "container":
+                return self._prepare_container(inst, image, pool)
             return self._prepare_vm(inst, spec, image, pool, req.disk_size)
         except BaseException:
             self.root.instances._destroy(inst.id)
@@ -362,8 +493,44 @@ class MigrationService:
         return {"disk_sources": {"vda": vol.path, "sda": seed}, "console_log": str(d / "console.log"),
                 "migration_uri": self.migration_uri()}
 
+    def _prepare_container(self, inst, image, pool) -> dict:
+        layers = self.root.store.prepare_rootfs(image.id, inst.volumes[0], pool=pool)
+        d = self.root.instances._instance_dir(inst.id)
+        (d / LAYERS_FILE).write_text(json.dumps({"lowerdirs": list(layers.lowerdirs),
+                                                 "upperdir": layers.upperdir, "workdir": layers.workdir}))
+        return {"disk_sources": {}, "console_log": None, "migration_uri": ""}
+
+    def receive_rootfs(self, caller: dict, inst_id: str, stream) -> dict:
+        """Unpack a tar stream of the container's upper dir (overlay whiteouts and xattrs
+        kept) over what earlier syncs sent."""
+        self.require_peer(caller)
+        inst = self._incoming(inst_id)
+        if inst["kind"] != "container":
+            raise Unprocessable("only containers take a rootfs stream")
+        layers = json.loads((self.config.state_path / "instances" / inst_id / LAYERS_FILE).read_text())
+        return {"bytes": untar_into(layers["upperdir"], stream)}
+
+    def _finish_container(self, inst: dict, start: bool, keep) -> dict:
+        from storage.images import RootfsLayers
+        layers = json.loads((self.config.state_path / "instances" / inst["id"] / LAYERS_FILE).read_text())
+        if keep is not None:
+            prune_rootfs(layers["upperdir"], set(keep))
+        spec = {k: v for k, v in self.root.instances._spec(inst["id"]).items() if k != "image_id"}
+        req = models.InstanceCreate.model_validate(spec)
+        image = self.root.store.get(inst["image"])
+        rl = RootfsLayers(tuple(layers["lowerdirs"]), layers["upperdir"], layers["workdir"], None)
+        rt = self.root.runtime
+        try:
+            info = rt.create(self.root.instances.container_spec(req, image, rl))
+            if start:
+                info = rt.start(inst["name"])
+        except BaseException:
+            rt.delete(inst["name"])
+            raise
+        return {"instance": self.root.instances._update(inst["id"], state=info.state, ip=info.ip, error=None)}
+
     def _ensure_bridge(self) -> None:
-        net = getattr(self.root.runtime, "network", None)
+        net = getattr(self.root.runtime, "net", None)
         if net is not None and hasattr(net, "ensure_bridge"):
             net.ensure_bridge()
 
@@ -412,11 +579,15 @@ class MigrationService:
             raise Conflict(f"instance {inst['name']!r} is {inst['state']}, not an incoming migration")
         return inst
 
-    def finish_incoming(self, caller: dict, inst_id: str, resume: bool = True) -> dict:
-        """The guest runs here: the record becomes the instance's record."""
+    def finish_incoming(self, caller: dict, inst_id: str, resume: bool = True, start: bool = True,
+                        keep=None) -> dict:
+        """VM: the guest runs here; container: create (and start) it on the synced rootfs.
+        The record becomes the instance's record."""
         self.require_peer(caller)
         inst = self._incoming(inst_id)
         with self.root.instances.lock(inst_id):
+            if inst["kind"] == "container":
+                return self._finish_container(inst, start, keep)
             info = self.root.driver.get(inst["name"])
             if info.state == "paused" and resume:
                 info = self.root.driver.resume(inst["name"])

@@ -240,7 +240,7 @@ class Stats(Model):
 class MigrationCreate(Model):
     instance: str = Field(min_length=1, max_length=128)
     destination: str = Field(min_length=1, max_length=256)
-    mode: Literal["live", "cold"] = "live"
+    mode: Literal["live", "cold", "refresh"] = "live"  # refresh: containers, sync while running, then stop
 
 
 class MigrationBytes(Model):
@@ -297,7 +297,9 @@ class IncomingPrepared(Model):
 
 
 class IncomingFinish(Model):
-    resume: bool = True
+    resume: bool = True  # VMs: resume a guest the completion timeout paused
+    start: bool = True  # containers: start it here (it ran on the source)
+    keep: list[str] | None = Field(None, max_length=1_000_000)  # containers: upper-dir paths to keep
 
 
 class InstanceResult(Model):

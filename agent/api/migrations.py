@@ -1,11 +1,12 @@
 """/v1/migrations: move an instance to a configured peer (202 + operation), follow it; and
 the destination half peers call (prepare, finish, abort, image transfer; peers only)."""
-from flask import Blueprint, Response, g
+from flask import Blueprint, Response, g, request
 
 from agent import models
 from agent.api import parse, path_id, render, route, services
 
 bp = Blueprint("migrations", __name__)
+ROOTFS_STREAM_LIMIT = 1024**4  # 1 TiB: a container upper dir streamed by a peer
 
 
 @route(bp, "POST", "/v1/migrations", summary="Move an instance to a configured peer (202 + operation)",
@@ -30,7 +31,15 @@ def prepare_incoming():
        body=models.IncomingFinish, responses={200: models.InstanceResult, 403: None, 404: None, 409: None})
 def finish_incoming(id):
     req = parse(models.IncomingFinish)
-    return render(services().migrations.finish_incoming(g.caller, path_id(id), resume=req.resume))
+    return render(services().migrations.finish_incoming(g.caller, path_id(id), resume=req.resume,
+                                                        start=req.start, keep=req.keep))
+
+
+@route(bp, "PUT", "/v1/peer/migrations/{id}/rootfs", summary="Peers only: a tar stream of a container's upper dir",
+       responses={200: dict, 403: None, 404: None, 409: None, 422: None})
+def receive_rootfs(id):
+    request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
+    return render(services().migrations.receive_rootfs(g.caller, path_id(id), request.stream))
 
 
 @route(bp, "DELETE", "/v1/peer/migrations/{id}", summary="Peers only: remove a prepared incoming instance",

@@ -101,8 +101,9 @@ class Services:
                     if cc.runtime == "fake":
                         self._runtime = cls()
                     else:
+                        extra = {"cgroup_parent": cc.cgroup_parent} if cc.cgroup_parent else {}
                         self._runtime = cls(str(self.config.state_path / "containers"), self.db,
-                                            bridge=net.bridge, subnet=net.subnet, nat=net.nat)
+                                            bridge=net.bridge, subnet=net.subnet, nat=net.nat, **extra)
                 except AgentError:
                     raise
                 except Exception as e:

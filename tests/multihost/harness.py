@@ -116,6 +116,7 @@ class SimHost:
                  "[pools.default]", 'kind = "local"', f'path = "{self.state_dir / "pool"}"',
                  "[hypervisor]", 'uri = "qemu:///system"', 'virt_type = "qemu"',
                  f'migration_uri = "{self.libvirt_uri}"',
+                 "[containers]", f'cgroup_parent = "{self.netns}"',  # the hosts share one cgroupfs
                  "[network]", 'bridge = "nabr0"', f'subnet = "{subnet}"']
         for name, (url, token) in sorted(peers.items()):
             lines += [f"[peers.{name}]", f'url = "{url}"', f'token = "{token}"']

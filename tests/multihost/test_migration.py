@@ -39,6 +39,8 @@ def cluster():
             yield c
         assert harness.leftovers(c.tag) == []
     finally:
+        for log in work.glob("*/agent.log"):  # kept for a look after a failure
+            shutil.copyfile(log, Path(tempfile.gettempdir()) / f"nodeagent-mh-{log.parent.name}-agent.log")
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -215,3 +217,51 @@ def test_link_cut_then_retry(cluster, apis, image):
     assert [i["name"] for i in apis["h2"].get("/v1/instances").json()["instances"]].count(name) == 1
     assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
     assert not [v for v in volumes(h2) if "disk" in v]
+
+
+@pytest.fixture(scope="module")
+def busybox(apis, cluster):
+    from tests.functional.ocibuild import busybox_layers, write_layout
+    layout = write_layout(str(cluster.hosts[0].root / "busybox-layout"), {"latest": busybox_layers()})
+    op = apis["h1"].wait(apis["h1"].post("/v1/images", json={
+        "name": "busybox", "format": "oci", "source": {"type": "file", "path": layout}}).json(),
+        timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    return "busybox"
+
+
+def create_container(api, image) -> str:
+    name = f"ctr-{uuid.uuid4().hex[:6]}"
+    op = api.wait(api.post("/v1/instances", json={
+        "name": name, "kind": "container", "image": image, "cpus": 0.5, "memory_mib": 64,
+        "network": "none", "command": ["/bin/sh", "-c", "echo started >> /log; exec sleep 3600"]}).json(),
+        timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    return name
+
+
+def sh_in(api, name, script) -> str:
+    r = api.post(f"/v1/instances/{name}/exec", json={"command": ["/bin/sh", "-c", script]}).json()
+    assert r["exit_code"] == 0, r
+    return r["stdout"]
+
+
+@pytest.mark.parametrize("mode", ["cold", "refresh"])
+def test_container_migration_keeps_its_files(cluster, apis, busybox, mode):
+    h1, h2 = cluster.hosts
+    name = create_container(apis["h1"], busybox)
+    sh_in(apis["h1"], name, "echo data > /made; rm /etc/keep; mkdir -p /d; echo x > /d/f")
+    r = apis["h1"].post("/v1/migrations", json={"instance": name, "destination": "h2", "mode": "live"})
+    assert r.status_code == 422 and "mode=refresh" in r.json()["error"]["message"]  # criu check fails here
+    op = migrate(apis["h1"], name, "h2", mode=mode)
+    assert op["status"] == "succeeded", op["error"]
+    assert op["result"]["downtime_ms"] is not None
+    inst = apis["h2"].get(f"/v1/instances/{name}").json()
+    assert inst["state"] == "running"
+    assert sh_in(apis["h2"], name, "cat /made /d/f").split() == ["data", "x"]
+    etc = sh_in(apis["h2"], name, "ls /etc").split()
+    assert "new" in etc and "keep" not in etc  # the deletion (an overlay whiteout) moved too
+    assert sh_in(apis["h2"], name, "cat /log").split() == ["started", "started"]  # started again there
+    assert apis["h1"].get(f"/v1/instances/{name}").status_code == 404
+    assert not [v for v in volumes(h1) if inst["id"][:12] in v]
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}

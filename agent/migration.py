@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 PEER_TIMEOUT_S = 30  # one control call to a peer agent
 PREPARE_TIMEOUT_S = 900  # the destination may first pull the image from us
+ABORT_TIMEOUT_S = 10  # cleanup on the destination is best effort: it also cleans up on restart or retry
 HEALTH_TIMEOUT_S = 2  # a destination agent that does not answer /v1/health this fast is "down"
 HEALTH_INTERVAL_S = 1.0  # how often the source checks the destination agent during the copy
 HEALTH_FAILURES = 3  # consecutive failed checks before the source aborts the migration
@@ -94,7 +95,7 @@ class PeerClient:
         return self._call("POST", f"/v1/peer/migrations/{inst_id}/finish", json=body)
 
     def abort(self, inst_id: str) -> bool:
-        return self._call("DELETE", f"/v1/peer/migrations/{inst_id}")["deleted"]
+        return self._call("DELETE", f"/v1/peer/migrations/{inst_id}", timeout=ABORT_TIMEOUT_S)["deleted"]
 
     def push_rootfs(self, inst_id: str, upper: str, newer: float | None = None) -> int:
         """Stream ``upper`` (or what changed in it since ``newer``) as a tar; bytes sent."""

@@ -163,11 +163,18 @@ class SimHost:
         return [int(p) for p in out.split()]
 
     def stop_agent(self) -> None:
-        _stop_pid(self.pids.pop("agent", None), timeout=30)
-        (self.root / "run" / "agent.pid").unlink(missing_ok=True)
+        pid = self.pids.pop("agent", None)
         proc = getattr(self, "_agent_proc", None)
-        if proc is not None:
-            proc.poll()  # reap
+        if proc is not None and proc.pid == pid:  # our child: wait() reaps it (no zombie to poll)
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        else:
+            _stop_pid(pid, timeout=30)
+        (self.root / "run" / "agent.pid").unlink(missing_ok=True)
 
     def kill_agent(self) -> None:
         """Crash the agent: SIGKILL its worker and master (both ours, by PID)."""

@@ -6,7 +6,9 @@ each): total time (POST /v1/migrations until the operation succeeded, as a clien
 it) and downtime (QEMU's, from the destination's completed job stats), medians over
 ROUNDS migrations each way; peer = bare `virsh migrate --live --p2p --copy-storage-inc`
 of a guest of the same shape (same base image, memory and devices) between the same two
-libvirtds, in the same run. Needs root, libvirtd and the test guest
+libvirtds, in the same run. Then the downtime of a refresh migration of a container with
+500 MiB in its rootfs; peer = a cold migration of the same container (no bare tool moves
+a container between hosts). Needs root, libvirtd and the test guest
 (scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/migration.py
 """
 from __future__ import annotations
@@ -123,6 +125,39 @@ def peer_rounds(cluster, work: Path) -> tuple[list[float], list[float]]:
     return totals, downs
 
 
+CONTAINER_ROOTFS_MIB = 500
+
+
+def container_rounds(cluster, work: Path) -> tuple[float, float]:
+    """Downtime of a refresh migration of a container whose upper dir holds 500 MiB, and of
+    a cold one (stop, full copy, start) of the same container back, in the same run."""
+    from tests.functional.ocibuild import busybox_layers, write_layout
+    apis = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
+    for a in apis.values():
+        a.s.headers["Connection"] = "close"
+    layout = write_layout(str(work / "busybox"), {"latest": busybox_layers()})
+    op = apis["h1"].wait(apis["h1"].post("/v1/images", json={
+        "name": "busybox", "format": "oci", "source": {"type": "file", "path": layout}}).json(), OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    name = f"bench-ctr-{uuid.uuid4().hex[:6]}"
+    op = apis["h1"].wait(apis["h1"].post("/v1/instances", json={
+        "name": name, "kind": "container", "image": "busybox", "cpus": 1, "memory_mib": 128,
+        "network": "none", "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]}).json(), OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    r = apis["h1"].post(f"/v1/instances/{name}/exec", json={"command": [
+        "/bin/sh", "-c", f"dd if=/dev/urandom of=/data bs=1M count={CONTAINER_ROOTFS_MIB} 2>/dev/null"],
+        "timeout": 300}, timeout=320).json()
+    assert r["exit_code"] == 0, r
+    downs = {}
+    for mode, here, there in (("refresh", "h1", "h2"), ("cold", "h2", "h1")):
+        op = apis[here].post("/v1/migrations", json={"instance": name, "destination": there, "mode": mode}).json()
+        op = apis[here].wait(op, OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op
+        downs[mode] = op["result"]["downtime_ms"]
+    apis["h1"].delete(f"/v1/instances/{name}")
+    return downs["refresh"], downs["cold"]
+
+
 def main() -> None:
     if not os.path.exists(f"{IMAGES}/rootfs.qcow2"):
         subprocess.run([os.path.join(ROOT, "scripts", "build-test-images"), IMAGES], check=True)
@@ -136,11 +171,14 @@ def main() -> None:
             peer_dir.mkdir()
             os.chmod(peer_dir, 0o755)
             p_total, p_down = peer_rounds(cluster, peer_dir)
+            c_refresh, c_cold = container_rounds(cluster, peer_dir)
         med = statistics.median
         line("vm_live_local_disk_total_p50", med(a_total), "virsh migrate --live --p2p --copy-storage-inc",
              med(p_total))
         line("vm_live_local_disk_downtime_p50", med(a_down) if a_down else float("nan"),
              "virsh migrate --live --p2p --copy-storage-inc", med(p_down) if p_down else None)
+        line("container_refresh_500mib_downtime", c_refresh,
+             "nodeagent cold container migration (stop, full copy, start)", c_cold)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -234,7 +234,7 @@ def create_container(api, image) -> str:
     name = f"ctr-{uuid.uuid4().hex[:6]}"
     op = api.wait(api.post("/v1/instances", json={
         "name": name, "kind": "container", "image": image, "cpus": 0.5, "memory_mib": 64,
-        "network": "none", "command": ["/bin/sh", "-c", "echo started >> /log; exec sleep 3600"]}).json(),
+        "network": "none", "command": ["/bin/sh", "-c", "echo started >> /log; trap 'exit 0' TERM; sleep 3600 & wait"]}).json(),
         timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
     return name

@@ -202,6 +202,7 @@ class SimHost:
         for name in ("libvirtd", "virtlogd"):
             _stop_pid(self.pids.pop(name, None))
         _remove_ns(self.netns, self.mntns, self.uplink)
+        _remove_cgroups(self.netns)
 
     def _net_up(self) -> None:
         sh("ip", "netns", "add", self.netns)
@@ -291,6 +292,39 @@ def _remove_ns(netns: str, mntns: Path, uplink: str) -> None:
     sh("ip", "link", "del", uplink, check=False)
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _remove_cgroups(parent: str) -> None:
+    """The agent's container cgroup parent (named after the host's netns) in every
+    hierarchy. Containers a failed test left there are killed by the PIDs their cgroups
+    list (their conmon exits with them), then the cgroups go, children first."""
+    for procs in CGROUP_ROOT.glob(f"pids/{parent}/*/cgroup.procs"):
+        for pid in procs.read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+    deadline = time.monotonic() + 10
+    dirs = sorted(list(CGROUP_ROOT.glob(f"*/{parent}/*")) + list(CGROUP_ROOT.glob(f"*/{parent}")),
+                  key=lambda p: -len(p.parts))
+    for d in dirs:
+        while True:
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+
+
+def _cgroup_names(tag: str) -> list[str]:
+    return sorted({str(p) for p in CGROUP_ROOT.glob(f"*/{PREFIX}{tag}-*")})
+
+
 def _run_names(tag: str) -> list[str]:
     out = sh("ip", "-o", "link", "show", check=False).stdout
     links = [l.split(":")[1].strip().split("@")[0] for l in out.splitlines()]
@@ -300,8 +334,8 @@ def _run_names(tag: str) -> list[str]:
 
 
 def leftovers(tag: str) -> list[str]:
-    """Names of namespaces, links and mount-namespace files of run ``tag`` still present."""
-    return _run_names(tag)
+    """Names of namespaces, links, mount-namespace files and cgroups of run ``tag`` still present."""
+    return _run_names(tag) + _cgroup_names(tag)
 
 
 def _alive(pid: int) -> bool:
@@ -336,6 +370,8 @@ def clean_leftovers() -> None:
         for name in _run_names(tag):
             sh("ip", "netns", "del", name, check=False)
             sh("ip", "link", "del", name, check=False)
+        for cg in _cgroup_names(tag):
+            _remove_cgroups(Path(cg).name)
         owner.unlink(missing_ok=True)
 
 

@@ -322,11 +322,19 @@ def instance_logs(ref, tail, as_json):
 
 @main.command()
 @click.argument("ref")
-@click.argument("destination")
+@click.argument("destination", required=False)
+@click.option("--to", "to", help="the destination: a peer name from the agent's [peers] config")
 @click.option("--mode", type=click.Choice(["live", "cold"]), default="live")
 @click.option("--json", "as_json", is_flag=True)
-def migrate(ref, destination, mode, as_json):
-    """Move instance REF to DESTINATION (a peer name or agent URL)."""
+def migrate(ref, destination, to, mode, as_json):
+    """Move instance REF to a configured peer: `nodeagent migrate REF --to PEER`."""
+    destination = to or destination
+    if not destination:
+        raise click.UsageError("name the destination peer with --to PEER")
     c = _client()
     op = _call(c.post, "/v1/migrations", {"instance": ref, "destination": destination, "mode": mode})
-    _finish(_call(c.wait, op["id"]), as_json)
+    op = _finish(_wait_with_progress(c, op, f"migrating {ref} to {destination}", as_json), as_json)
+    if not as_json:
+        res = op.get("result") or {}
+        click.echo(f"{ref} now runs on {destination} (total {res.get('total_ms')} ms, "
+                   f"downtime {res.get('downtime_ms')} ms)")

@@ -66,6 +66,8 @@ class HypervisorConfig(_Strict):
     driver: str = "libvirt"
     uri: str = "qemu:///system"
     virt_type: str = "auto"  # auto | kvm | qemu (TCG)
+    # how peers' libvirtds reach this host's for incoming migrations; None: qemu+tcp://<api.listen host>/system
+    migration_uri: str | None = None
 
     @field_validator("virt_type")
     @classmethod
@@ -77,6 +79,7 @@ class HypervisorConfig(_Strict):
 
 class ContainersConfig(_Strict):
     runtime: str = "runc"
+    cgroup_parent: str | None = None  # None: the runtime's default ("nodeagent"); one per agent on a shared cgroupfs
 
 
 class NetworkConfig(_Strict):

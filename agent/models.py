@@ -251,7 +251,70 @@ class Stats(Model):
 class MigrationCreate(Model):
     instance: str = Field(min_length=1, max_length=128)
     destination: str = Field(min_length=1, max_length=256)
-    mode: Literal["live", "cold"] = "live"
+    mode: Literal["live", "cold", "refresh"] = "live"  # refresh: containers, sync while running, then stop
+
+
+class MigrationBytes(Model):
+    processed: int | None = None
+    total: int | None = None
+    remaining: int | None = None
+
+
+class Migration(Model):
+    id: str
+    operation: str
+    instance: str | None = None
+    name: str | None = None
+    destination: str | None = None
+    mode: str | None = None
+    status: str
+    phase: str | None = None
+    bytes: MigrationBytes
+    dirty_rate: int | None = None  # pages/s the guest dirtied at the last sample
+    downtime_ms: float | None = None
+    total_ms: float | None = None
+    error: ErrorDetail | None = None
+
+
+# peer-to-peer (destination side of a migration; only configured peers may call these)
+
+class IncomingInstance(Model):
+    id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    name: str = Field(min_length=1, max_length=128)
+    kind: Literal["vm", "container"]
+    pool: str = Field(min_length=1, max_length=128)
+    volumes: list[str] = Field(min_length=1, max_length=8)
+    mac: str | None = None
+
+
+class IncomingImage(Model):
+    id: str = Field(pattern=r"^[0-9a-f]{64}$")
+    name: str = Field(min_length=1, max_length=256)
+    format: str
+    kind: Literal["vm", "container"]
+
+
+class IncomingMigration(Model):
+    instance: IncomingInstance
+    spec: dict[str, Any]
+    image: IncomingImage
+    disk_size: IntRange(0, 2**53) | None = None  # bytes
+
+
+class IncomingPrepared(Model):
+    disk_sources: dict[str, str]
+    console_log: str | None = None
+    migration_uri: str
+
+
+class IncomingFinish(Model):
+    resume: bool = True  # VMs: resume a guest the completion timeout paused
+    start: bool = True  # containers: start it here (it ran on the source)
+    keep: list[str] | None = Field(None, max_length=1_000_000)  # containers: upper-dir paths to keep
+
+
+class InstanceResult(Model):
+    instance: Instance
 
 
 # -- tokens (CLI only, listed for completeness) --

@@ -96,3 +96,65 @@ class Driver(Protocol):
 
     def list_snapshots(self, name: str) -> list[str]:
         """Snapshot names present on every writable disk."""
+
+
+# -- live migration (optional capability) --
+
+TIMEOUT_ACTIONS = ("abort", "pause")  # what to do when a migration has not converged in time
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    """How to move one running VM. ``disk_sources`` maps a disk target to its path on the
+    destination (the destination prepared it: same size and format; for a qcow2 overlay,
+    with the same base image under it); ``console_log`` is the destination's log path.
+    ``copy_storage``: "none" (shared storage: memory only), "incremental" (copy the top
+    overlay only: the destination has the base) or "full" (copy whole disks)."""
+
+    live: bool = True
+    copy_storage: str = "none"  # none | incremental | full
+    disk_sources: dict = field(default_factory=dict)  # target -> destination path
+    console_log: str | None = None
+    max_downtime_ms: int | None = 300  # the issue's target; libvirt's default is 300 ms too
+    auto_converge: bool = True  # throttle the vCPUs when the guest dirties memory faster than we copy
+    bandwidth_mib_s: int | None = None  # None: unlimited
+    completion_timeout_s: float | None = None  # None: wait for convergence forever (cancel still works)
+    timeout_action: str = "abort"  # abort | pause (suspend the guest so the copy converges)
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """One sample of a running migration (libvirt jobStats)."""
+
+    elapsed_ms: int
+    data_total: int
+    data_processed: int
+    data_remaining: int
+    dirty_rate: int  # pages per second the guest dirties
+    memory_iteration: int
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    total_ms: float  # wall time of the migration job
+    downtime_ms: float | None  # guest paused time at the switchover, as QEMU measured it
+    data_bytes: int  # bytes sent (memory + disks)
+    paused_by_timeout: bool = False  # the completion timeout suspended the guest to converge
+
+
+@runtime_checkable
+class SupportsMigration(Protocol):
+    """Drivers that move running VMs to another host of the same kind. Peer-to-peer: the
+    source's hypervisor talks to the destination's (``dest_uri``); the destination needs no
+    separate "incoming" call because it adopts the domain itself. On any failure the VM keeps
+    running here and nothing is left on the destination's hypervisor (the disks the caller
+    prepared there are the caller's to remove)."""
+
+    def migrate(self, name: str, dest_uri: str, options: MigrationOptions, *,
+                progress=None, cancelled=None) -> MigrationResult:
+        """Move running VM ``name``; ``progress(MigrationProgress)`` is called while it runs;
+        ``cancelled()`` returning True aborts the job (raises Cancelled). On success the VM is
+        defined and running (or paused if it was) on the destination and undefined here."""
+
+    def abort_migration(self, name: str) -> bool:
+        """Abort the running migration job of ``name``; False if none ran."""

@@ -10,15 +10,23 @@ fixed step per stats() call while running.
 from __future__ import annotations
 
 import threading
+import weakref
+from dataclasses import replace
 from dataclasses import dataclass, field
 
-from agent.errors import Conflict, InvalidInput, NotFound
-from hypervisor.driver import DiskSpec, VmInfo, VmSpec
+from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFound
+from hypervisor.driver import (TIMEOUT_ACTIONS, DiskSpec, MigrationOptions, MigrationProgress,
+                               MigrationResult, VmInfo, VmSpec)
 from hypervisor.validate import check_disk_file, check_spec
 
 FAKE_HOST_MEMORY_MIB = 64 * 1024  # what the fake pretends the host has
 FAKE_CPU_STEP_NS = 10_000_000  # cpu time a running fake VM "uses" between two stats() calls
 MIB = 1024 * 1024
+FAKE_MIGRATION_BYTES_PER_MIB = MIB  # a fake migration "sends" the guest's memory once
+
+# uri -> FakeDriver: the fakes of one process that migrate() can reach (filled only by
+# FakeDriver(uri=...), never at import time)
+_FAKE_HOSTS: "weakref.WeakValueDictionary[str, FakeDriver]" = weakref.WeakValueDictionary()
 
 
 @dataclass
@@ -39,10 +47,14 @@ class _Vm:
 class FakeDriver:
     """In-memory ``hypervisor.Driver``. Thread-safe; state lives as long as the object."""
 
-    def __init__(self, *, host_memory_mib: int = FAKE_HOST_MEMORY_MIB, **_ignored):
+    def __init__(self, *, host_memory_mib: int = FAKE_HOST_MEMORY_MIB, uri: str | None = None,
+                 **_ignored):
         self.host_memory_mib = host_memory_mib
         self._vms: dict[str, _Vm] = {}
         self._lock = threading.Lock()
+        self.uri = uri
+        if uri:  # reachable by migrate() of other fakes in this process
+            _FAKE_HOSTS[uri] = self
 
     # -- helpers --
     def _get(self, name: str) -> _Vm:
@@ -203,3 +215,56 @@ class FakeDriver:
         with self._lock:
             return sorted(self._get(name).snapshots)
 
+
+    # -- migration (SupportsMigration) --
+    def migrate(self, name: str, dest_uri: str, options: MigrationOptions, *, progress=None,
+                cancelled=None) -> MigrationResult:
+        """Move a running or paused VM to the FakeDriver registered as ``dest_uri``. The
+        destination's disks must exist (check_disk_file) when storage is copied. On failure
+        the VM stays here, untouched."""
+        if options.copy_storage not in ("none", "incremental", "full") \
+                or options.timeout_action not in TIMEOUT_ACTIONS:
+            raise InvalidInput("copy_storage must be none|incremental|full and timeout_action abort|pause")
+        dest = _FAKE_HOSTS.get(dest_uri)
+        if dest is None or dest is self:
+            raise CommandFailed(f"migration of VM {name!r} to {dest_uri} failed: no such fake host; "
+                                "it keeps running here")
+        with self._lock:
+            vm = self._get(name)
+            if vm.state not in ("running", "paused"):
+                raise InvalidInput(f"VM {name!r} is not running: live migration needs a running VM "
+                                   "(start it, or migrate it cold)")
+            disks = {t: replace(d, source=options.disk_sources.get(t, d.source))
+                     for t, d in vm.disks.items()}
+        sent = vm.spec.memory_mib * FAKE_MIGRATION_BYTES_PER_MIB
+        if progress:
+            progress(MigrationProgress(elapsed_ms=0, data_total=sent, data_processed=sent // 2,
+                                       data_remaining=sent - sent // 2, dirty_rate=0, memory_iteration=1))
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"migration of VM {name!r} cancelled; it keeps running here")
+        try:
+            for d in disks.values():
+                if options.copy_storage != "none" or d.readonly:
+                    check_disk_file(d)
+        except (NotFound, InvalidInput) as e:
+            raise CommandFailed(f"migration of VM {name!r} to {dest_uri} failed: {e.message}; "
+                                "it keeps running here") from None
+        spec = replace(vm.spec, disks=tuple(disks[t] for t in sorted(disks)),
+                       console_log=options.console_log or vm.spec.console_log)
+        with dest._lock:
+            if name in dest._vms or any(v.spec.uuid == spec.uuid for v in dest._vms.values()):
+                raise CommandFailed(f"migration of VM {name!r} to {dest_uri} failed: the destination "
+                                    "already has a domain of that name or uuid; it keeps running here")
+            moved = _Vm(spec=spec, state=vm.state, disks=disks, console=list(vm.console),
+                        snapshots=dict(vm.snapshots), boots=vm.boots, cpu_time_ns=vm.cpu_time_ns)
+            moved.console.append(f"fake-hypervisor: migrated in from {self.uri}")
+            dest._vms[name] = moved
+        with self._lock:
+            self._vms.pop(name, None)
+        return MigrationResult(total_ms=1.0, downtime_ms=0.0, data_bytes=sent)
+
+    def abort_migration(self, name: str) -> bool:
+        """A fake migration is instantaneous: there is never a job to abort."""
+        with self._lock:
+            self._get(name)
+        return False

@@ -647,3 +647,15 @@ class LibvirtDriver:
             common &= set(qemu_img_snapshots(p))
         return sorted(common)
 
+
+    # -- migration (hypervisor.driver.SupportsMigration; the work is in libvirt_migration) --
+    def migrate(self, name: str, dest_uri: str, options, *, progress=None, cancelled=None):
+        """Peer-to-peer live migration to the libvirtd at ``dest_uri``; see
+        hypervisor.libvirt_migration. On failure the VM keeps running here."""
+        from hypervisor import libvirt_migration
+        return libvirt_migration.migrate(self, name, dest_uri, options, progress=progress,
+                                         cancelled=cancelled)
+
+    def abort_migration(self, name: str) -> bool:
+        from hypervisor import libvirt_migration
+        return libvirt_migration.abort(self, name)

@@ -1,22 +1,55 @@
-"""/v1/migrations: declared per the contract; this agent build does not migrate yet (422)."""
-from flask import Blueprint
+"""/v1/migrations: move an instance to a configured peer (202 + operation), follow it; and
+the destination half peers call (prepare, finish, abort, image transfer; peers only)."""
+from flask import Blueprint, Response, g, request
 
 from agent import models
-from agent.api import parse, path_id, route, services
-from agent.errors import NotFound, Unsupported
+from agent.api import parse, path_id, render, route, services
 
 bp = Blueprint("migrations", __name__)
+ROOTFS_STREAM_LIMIT = 1024**4  # 1 TiB: a container upper dir streamed by a peer
 
 
-@route(bp, "POST", "/v1/migrations", summary="Move an instance to another host (not yet supported: 422)",
-       body=models.MigrationCreate, responses={202: models.Operation, 404: None, 422: None})
+@route(bp, "POST", "/v1/migrations", summary="Move an instance to a configured peer (202 + operation)",
+       body=models.MigrationCreate, responses={202: models.Operation, 404: None, 409: None, 422: None})
 def create_migration():
-    req = parse(models.MigrationCreate)
-    services().instances.get(req.instance)  # an unknown instance is a 404 first
-    raise Unsupported("migration is not yet supported by this agent build: "
-                      "stop the instance and re-create it on the destination")
+    return render(services().migrations.create(parse(models.MigrationCreate)), 202)
 
 
-@route(bp, "GET", "/v1/migrations/{id}", summary="One migration", responses={404: None})
+@route(bp, "GET", "/v1/migrations/{id}", summary="One migration: phase, bytes, downtime_ms, error",
+       responses={200: models.Migration, 404: None})
 def get_migration(id):
-    raise NotFound(f"migration {path_id(id)} not found")
+    return render(services().migrations.get(path_id(id)))
+
+
+@route(bp, "POST", "/v1/peer/migrations", summary="Peers only: prepare to receive an instance",
+       body=models.IncomingMigration, responses={200: models.IncomingPrepared, 403: None, 409: None, 422: None})
+def prepare_incoming():
+    return render(services().migrations.prepare_incoming(g.caller, parse(models.IncomingMigration)))
+
+
+@route(bp, "POST", "/v1/peer/migrations/{id}/finish", summary="Peers only: the guest runs here; adopt it",
+       body=models.IncomingFinish, responses={200: models.InstanceResult, 403: None, 404: None, 409: None})
+def finish_incoming(id):
+    req = parse(models.IncomingFinish)
+    return render(services().migrations.finish_incoming(g.caller, path_id(id), resume=req.resume,
+                                                        start=req.start, keep=req.keep))
+
+
+@route(bp, "PUT", "/v1/peer/migrations/{id}/rootfs", summary="Peers only: a tar stream of a container's upper dir",
+       responses={200: dict, 403: None, 404: None, 409: None, 422: None})
+def receive_rootfs(id):
+    request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
+    return render(services().migrations.receive_rootfs(g.caller, path_id(id), request.stream))
+
+
+@route(bp, "DELETE", "/v1/peer/migrations/{id}", summary="Peers only: remove a prepared incoming instance",
+       responses={200: models.Deleted, 403: None, 409: None})
+def abort_incoming(id):
+    return render({"deleted": services().migrations.abort_incoming(g.caller, path_id(id))})
+
+
+@route(bp, "GET", "/v1/peer/images/{id}", summary="Peers only: an image's bytes (disk file or OCI tar)",
+       responses={200: "application/octet-stream", 403: None, 404: None}, auth="admin")
+def export_image(id):
+    chunks, size = services().migrations.export_image(g.caller, path_id(id))
+    return Response(chunks, mimetype="application/octet-stream", headers={"Content-Length": str(size)})

@@ -26,6 +26,7 @@ class Services:
         from agent.services.host import HostService
         from agent.services.images import ImageService
         from agent.services.instances import InstanceService
+        from agent.migration import MigrationService
 
         self.config = config
         config.state_path.mkdir(parents=True, exist_ok=True)
@@ -41,6 +42,7 @@ class Services:
         self.images = ImageService(self)
         self.instances = InstanceService(self)
         self.host = HostService(self)
+        self.migrations = MigrationService(self)
         self.started = False
 
     # -- components, built lazily --
@@ -99,8 +101,9 @@ class Services:
                     if cc.runtime == "fake":
                         self._runtime = cls()
                     else:
+                        extra = {"cgroup_parent": cc.cgroup_parent} if cc.cgroup_parent else {}
                         self._runtime = cls(str(self.config.state_path / "containers"), self.db,
-                                            bridge=net.bridge, subnet=net.subnet, nat=net.nat)
+                                            bridge=net.bridge, subnet=net.subnet, nat=net.nat, **extra)
                 except AgentError:
                     raise
                 except Exception as e:
@@ -115,6 +118,7 @@ class Services:
             return
         failed = self.operations.recover()
         self.instances.recover()
+        self.migrations.recover()
         if any(op["kind"] == "image.import" for op in failed):
             self.images.recover()
         self.instances.reconcile()

@@ -187,11 +187,19 @@ class InstanceService:
         return info.state
 
     def _create_container(self, op, inst_id, req, image, pool, volume):
-        from containers.runtime import ContainerSpec, Limits, NetworkSpec, PortMap, Rootfs
-
         op.phase("rootfs")
         layers = self.root.store.prepare_rootfs(image.id, volume, pool=pool)
         op.phase("create")
+        info = self.root.runtime.create(self.container_spec(req, image, layers))
+        if req.start:
+            op.phase("start")
+            info = self.root.runtime.start(req.name)
+        return info.state, info.ip
+
+    def container_spec(self, req, image, layers):
+        """The runtime's ContainerSpec for ``req`` on ``image``'s prepared rootfs ``layers``."""
+        from containers.runtime import ContainerSpec, Limits, NetworkSpec, PortMap, Rootfs
+
         cfg = image.config or {}
         command = tuple(req.command or (list(cfg.get("Entrypoint") or []) + list(cfg.get("Cmd") or []))
                         or DEFAULT_COMMAND)
@@ -208,11 +216,7 @@ class InstanceService:
             limits=Limits(cpus=req.cpus, memory_mib=req.memory_mib, pids_max=req.pids_max),
             network=NetworkSpec(mode=req.network, ports=tuple(
                 PortMap(p.host_port, p.container_port, p.protocol, p.host_ip) for p in req.ports)))
-        info = self.root.runtime.create(spec)
-        if req.start:
-            op.phase("start")
-            info = self.root.runtime.start(req.name)
-        return info.state, info.ip
+        return spec
 
     def _destroy(self, inst_id: str) -> bool:
         """Remove the workload, its volumes, its files and its row; each step tolerates absence."""

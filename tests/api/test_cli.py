@@ -45,8 +45,8 @@ def test_instance_verbs(cli, images):
     assert "logs" in json.loads(cli("instance", "logs", "clibox", "--json").stdout)
     assert "stopped" in cli("instance", "stop", "clibox", "--timeout", "5").stdout
     assert "running" in cli("instance", "start", "clibox").stdout
-    r = cli("migrate", "clibox", "elsewhere", check=False)
-    assert r.returncode == 1 and "not yet supported" in r.stderr
+    r = cli("migrate", "clibox", "--to", "elsewhere", check=False)
+    assert r.returncode == 1 and "not a configured peer" in r.stderr
     cli("instance", "rm", "clibox")
     assert json.loads(cli("instance", "list", "--json").stdout)["instances"] == []
 

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +27,11 @@ PREFIX = "nasim"  # every netns, link, bridge and mount this harness makes start
 NS_DIR = Path("/run/nodeagent-sim")  # holds the persistent mount-namespace files + run owners
 TEST_SUPERNET = ipaddress.ip_network("198.18.0.0/16")  # benchmark range: no route off the machine
 LIBVIRT_DIRS = ("/var/lib/libvirt", "/etc/libvirt", "/var/log/libvirt", "/var/cache/libvirt")
+CONTAINER_SUPERNET = ipaddress.ip_network("198.19.0.0/16")  # container bridges: a /27 per host
+AGENT_PORT = 8470  # every host has its own netns, so all agents use the well-known port
+AGENT_START_TIMEOUT_S = 60
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable  # the venv the tests run in runs the agents too
 
 
 def sh(*argv: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -63,6 +69,7 @@ class SimHost:
         self.mntns = NS_DIR / f"{self.netns}.mnt"
         self.uplink = self.netns
         self.pids: dict[str, int] = {}
+        self.admin_token: str | None = None
 
     # -- running things inside the host --
     def argv(self, *argv: str) -> list[str]:
@@ -91,8 +98,100 @@ class SimHost:
         self._libvirt_up()
         return self
 
+    # -- the agent --
+    @property
+    def agent_config(self) -> Path:
+        return self.root / "agent.toml"
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://{self.address}:{AGENT_PORT}"
+
+    def write_agent_config(self, subnet: str, peers: dict[str, tuple[str, str]]) -> Path:
+        """The agent's config: API on this host's address, a local pool and state under
+        the host's dir, this host's libvirtd, a container subnet of its own, ``peers``
+        {name: (url, token)}."""
+        lines = [f'state_dir = "{self.state_dir}"', 'log_format = "text"', "workers = 4",
+                 "[api]", f'listen = "{self.address}:{AGENT_PORT}"',
+                 "[pools.default]", 'kind = "local"', f'path = "{self.state_dir / "pool"}"',
+                 "[hypervisor]", 'uri = "qemu:///system"', 'virt_type = "qemu"',
+                 f'migration_uri = "{self.libvirt_uri}"',
+                 "[containers]", f'cgroup_parent = "{self.netns}"',  # the hosts share one cgroupfs
+                 "[network]", 'bridge = "nabr0"', f'subnet = "{subnet}"']
+        for name, (url, token) in sorted(peers.items()):
+            lines += [f"[peers.{name}]", f'url = "{url}"', f'token = "{token}"']
+        self.agent_config.write_text("\n".join(lines) + "\n")
+        return self.agent_config
+
+    def agent_cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """``nodeagent --config <host's> ARGS`` inside this host (this worktree's code)."""
+        return self.run(PYTHON, "-m", "agent", "--config", str(self.agent_config), *args,
+                        check=check, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)},
+                        timeout=120)
+
+    def start_agent(self, env: dict | None = None) -> None:
+        import requests
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "agent.log", "ab")
+        proc = self.popen(PYTHON, "-m", "agent", "--config", str(self.agent_config), "serve",
+                          cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                          stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.pids["agent"] = proc.pid  # nsenter execs the agent: this is its PID
+        (self.root / "run" / "agent.pid").write_text(str(proc.pid))
+        deadline = time.monotonic() + AGENT_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent of {self.name} exited with {proc.returncode}: "
+                                   f"{(self.root / 'agent.log').read_text()[-3000:]}")
+            try:
+                if requests.get(self.agent_url + "/v1/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                self.stop_agent()
+                raise RuntimeError(f"agent of {self.name} did not answer on {self.agent_url}")
+            time.sleep(0.1)
+        self._agent_proc = proc
+
+    def agent_worker_pids(self) -> list[int]:
+        pid = self.pids.get("agent")
+        if not pid:
+            return []
+        out = sh("ps", "-o", "pid=", "--ppid", str(pid), check=False).stdout
+        return [int(p) for p in out.split()]
+
+    def stop_agent(self) -> None:
+        pid = self.pids.pop("agent", None)
+        proc = getattr(self, "_agent_proc", None)
+        if proc is not None and proc.pid == pid:  # our child: wait() reaps it (no zombie to poll)
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        else:
+            _stop_pid(pid, timeout=30)
+        (self.root / "run" / "agent.pid").unlink(missing_ok=True)
+
+    def kill_agent(self) -> None:
+        """Crash the agent: SIGKILL its worker and master (both ours, by PID)."""
+        for pid in self.agent_worker_pids():
+            os.kill(pid, signal.SIGKILL)
+        pid = self.pids.pop("agent", None)
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            proc = getattr(self, "_agent_proc", None)
+            if proc is not None:
+                proc.wait(10)
+        (self.root / "run" / "agent.pid").unlink(missing_ok=True)
+
     def stop(self) -> None:
         """Destroy this host's domains, stop its daemons by PID, remove its namespaces."""
+        if self.pids.get("agent"):
+            self.stop_agent()
         if self.pids.get("libvirtd"):
             out = self.run("virsh", "-c", "qemu:///system", "list", "--all", "--name",
                            check=False, timeout=30).stdout
@@ -103,6 +202,7 @@ class SimHost:
         for name in ("libvirtd", "virtlogd"):
             _stop_pid(self.pids.pop(name, None))
         _remove_ns(self.netns, self.mntns, self.uplink)
+        _remove_cgroups(self.netns)
 
     def _net_up(self) -> None:
         sh("ip", "netns", "add", self.netns)
@@ -192,6 +292,39 @@ def _remove_ns(netns: str, mntns: Path, uplink: str) -> None:
     sh("ip", "link", "del", uplink, check=False)
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _remove_cgroups(parent: str) -> None:
+    """The agent's container cgroup parent (named after the host's netns) in every
+    hierarchy. Containers a failed test left there are killed by the PIDs their cgroups
+    list (their conmon exits with them), then the cgroups go, children first."""
+    for procs in CGROUP_ROOT.glob(f"pids/{parent}/*/cgroup.procs"):
+        for pid in procs.read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+    deadline = time.monotonic() + 10
+    dirs = sorted(list(CGROUP_ROOT.glob(f"*/{parent}/*")) + list(CGROUP_ROOT.glob(f"*/{parent}")),
+                  key=lambda p: -len(p.parts))
+    for d in dirs:
+        while True:
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+
+
+def _cgroup_names(tag: str) -> list[str]:
+    return sorted({str(p) for p in CGROUP_ROOT.glob(f"*/{PREFIX}{tag}-*")})
+
+
 def _run_names(tag: str) -> list[str]:
     out = sh("ip", "-o", "link", "show", check=False).stdout
     links = [l.split(":")[1].strip().split("@")[0] for l in out.splitlines()]
@@ -201,8 +334,8 @@ def _run_names(tag: str) -> list[str]:
 
 
 def leftovers(tag: str) -> list[str]:
-    """Names of namespaces, links and mount-namespace files of run ``tag`` still present."""
-    return _run_names(tag)
+    """Names of namespaces, links, mount-namespace files and cgroups of run ``tag`` still present."""
+    return _run_names(tag) + _cgroup_names(tag)
 
 
 def _alive(pid: int) -> bool:
@@ -237,6 +370,8 @@ def clean_leftovers() -> None:
         for name in _run_names(tag):
             sh("ip", "netns", "del", name, check=False)
             sh("ip", "link", "del", name, check=False)
+        for cg in _cgroup_names(tag):
+            _remove_cgroups(Path(cg).name)
         owner.unlink(missing_ok=True)
 
 
@@ -269,6 +404,28 @@ class Cluster:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def container_subnet(self, index: int) -> str:
+        """A /27 of 198.19.0.0/16 for host ``index``, distinct per run and host."""
+        base = self.network.net.network_address.packed[2]  # this run's /24 index
+        net = ipaddress.ip_network(f"198.19.{base}.0/24")
+        return str(list(net.subnets(new_prefix=27))[index % 8])
+
+    def start_agents(self) -> None:
+        """A real agent in every host: an admin token per host, and on every host an admin
+        token named after each other host, which that host's ``[peers]`` entry carries."""
+        for i, h in enumerate(self.hosts):
+            h.write_agent_config(self.container_subnet(i), {})
+            h.admin_token = h.agent_cli("token", "create", "admin", "--role", "admin").stdout.strip()
+        peers = {h.name: {} for h in self.hosts}
+        for h in self.hosts:
+            for other in self.hosts:
+                if other is not h:
+                    tok = other.agent_cli("token", "create", h.name, "--role", "admin").stdout.strip()
+                    peers[h.name][other.name] = (other.agent_url, tok)
+        for i, h in enumerate(self.hosts):
+            h.write_agent_config(self.container_subnet(i), peers[h.name])
+            h.start_agent()
 
     def __exit__(self, *exc) -> None:
         errors = []

@@ -1,0 +1,643 @@
+"""The control domain: moving instances to another host, agent to agent.
+
+Terms: the *source* agent owns the instance and orchestrates; the *destination* agent
+is a configured peer (``[peers.NAME] url, token`` in the source's config). Protocol:
+
+1. source -> destination ``POST /v1/peer/migrations``: the destination checks the
+   caller is one of *its* configured peers, pulls the image from the source if it lacks
+   it (``GET /v1/peer/images/{id}`` on the source), creates the instance's volume
+   (same size; a qcow2 overlay on the same base image), seed and row (state ``incoming``)
+   and answers with its disk paths and its libvirt migration URI;
+2. the source runs the hypervisor's peer-to-peer live migration to that URI, with the
+   writable disks copied (local pools) and progress sampled into the operation; it
+   aborts the job if the destination agent stops answering;
+3. source -> destination ``POST /v1/peer/migrations/{id}/finish``: the destination
+   confirms the guest runs there and its record becomes the instance's record;
+4. the source deletes its record and releases its volumes.
+
+On any failure before 3 the guest keeps running on the source, the source calls
+``DELETE /v1/peer/migrations/{id}`` so the destination removes what it prepared
+(a destination that was down cleans up on restart, or when the migration is retried),
+and the operation fails with what went wrong.
+
+Trust: a destination accepts these calls only from a token whose *name* is one of its
+configured peers and whose role is admin: create it on the destination with
+``nodeagent token create <source-peer-name> --role admin`` and put the secret in the
+source's ``[peers.<destination>] token``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+
+from agent import models
+from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, Forbidden, NotFound,
+                          Unavailable, Unprocessable, Unsupported)
+
+log = logging.getLogger(__name__)
+
+PEER_TIMEOUT_S = 30  # one control call to a peer agent
+PREPARE_TIMEOUT_S = 900  # the destination may first pull the image from us
+ABORT_TIMEOUT_S = 10  # cleanup on the destination is best effort: it also cleans up on restart or retry
+HEALTH_TIMEOUT_S = 2  # a destination agent that does not answer /v1/health this fast is "down"
+HEALTH_INTERVAL_S = 1.0  # how often the source checks the destination agent during the copy
+HEALTH_FAILURES = 3  # consecutive failed checks before the source aborts the migration
+FINISH_ATTEMPTS = 5  # confirming is retried: the guest already runs there
+FINISH_RETRY_S = 2
+IMAGE_CHUNK = 1024 * 1024
+CRIU_CHECK_TIMEOUT_S = 30
+INCOMING = "incoming"  # instance state on the destination until the source confirms
+
+
+# -- talking to a peer agent --------------------------------------------------------------
+
+class PeerClient:
+    """The API of one peer agent, with the token its config gives us."""
+
+    def __init__(self, name: str, url: str, token: str | None):
+        from agent.client import Client
+        self.name, self.url = name, url.rstrip("/")
+        self.client = Client(self.url, token, timeout=PEER_TIMEOUT_S)
+
+    def _call(self, method: str, path: str, **kw):
+        from agent.client import ApiError
+        try:
+            return self.client.request(method, path, **kw)
+        except ApiError as e:
+            if e.status in (0, 502, 503, 504):
+                raise Unavailable(f"peer {self.name!r} ({self.url}) is unreachable: {e.message}") from None
+            if e.status in (401, 403):
+                raise Forbidden(f"peer {self.name!r} refused us: {e.message}; on {self.name}, create an admin "
+                                "token named after this host and put it in this agent's "
+                                f"[peers.{self.name}] token") from None
+            err = {404: NotFound, 409: Conflict, 422: Unprocessable}.get(e.status, CommandFailed)
+            raise err(f"peer {self.name!r}: {e.message}") from None
+
+    def alive(self) -> bool:
+        import requests
+        try:
+            return self.client.s.get(self.url + "/v1/health", timeout=HEALTH_TIMEOUT_S,
+                                     verify=self.client.verify).ok
+        except requests.RequestException:
+            return False
+
+    def prepare(self, body: dict) -> dict:
+        return self._call("POST", "/v1/peer/migrations", json=body, timeout=PREPARE_TIMEOUT_S)
+
+    def finish(self, inst_id: str, body: dict) -> dict:
+        return self._call("POST", f"/v1/peer/migrations/{inst_id}/finish", json=body)
+
+    def abort(self, inst_id: str) -> bool:
+        return self._call("DELETE", f"/v1/peer/migrations/{inst_id}", timeout=ABORT_TIMEOUT_S)["deleted"]
+
+    def push_rootfs(self, inst_id: str, upper: str, newer: float | None = None) -> int:
+        """Stream ``upper`` (or what changed in it since ``newer``) as a tar; bytes sent."""
+        import requests
+        argv = ["tar", "-c", "--xattrs", "--xattrs-include=trusted.*", "--numeric-owner", "-f", "-", "-C", upper]
+        if newer is not None:
+            argv.insert(1, f"--newer=@{newer:.0f}")
+        proc = subprocess.Popen([*argv, "."], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        counted = {"n": 0}
+
+        def body():
+            while chunk := proc.stdout.read(IMAGE_CHUNK):
+                counted["n"] += len(chunk)
+                yield chunk
+        try:
+            r = self.client.s.put(f"{self.url}/v1/peer/migrations/{inst_id}/rootfs", data=body(),
+                                  timeout=PREPARE_TIMEOUT_S, verify=self.client.verify,
+                                  headers={"Content-Type": "application/x-tar"})
+        except requests.RequestException as e:
+            proc.kill()
+            raise Unavailable(f"peer {self.name!r} ({self.url}) is unreachable while receiving the rootfs: "
+                              f"{e.__class__.__name__}") from None
+        finally:
+            err = proc.stderr.read().decode(errors="replace")
+            proc.wait()
+        if proc.returncode not in (0, 1):  # 1: a file changed while read (refresh pre-sync)
+            raise CommandFailed(f"tar of {upper} failed: {err[-500:]}", stderr=err)
+        if r.status_code != 200:
+            raise CommandFailed(f"peer {self.name!r} did not take the rootfs: HTTP {r.status_code} {r.text[:300]}")
+        return counted["n"]
+
+    def download_image(self, image_id: str, dest: str) -> None:
+        import requests
+        try:
+            with self.client.s.get(f"{self.url}/v1/peer/images/{image_id}", stream=True,
+                                   timeout=PEER_TIMEOUT_S, verify=self.client.verify) as r:
+                if r.status_code != 200:
+                    raise CommandFailed(f"peer {self.name!r} did not send image {image_id[:12]}: "
+                                        f"HTTP {r.status_code} {r.text[:300]}")
+                with open(dest, "wb") as f:
+                    for chunk in r.iter_content(IMAGE_CHUNK):
+                        f.write(chunk)
+        except requests.RequestException as e:
+            raise Unavailable(f"peer {self.name!r} ({self.url}) is unreachable while sending image "
+                              f"{image_id[:12]}: {e.__class__.__name__}") from None
+
+
+def criu_works() -> tuple[bool, str]:
+    """Whether ``criu check`` passes here (container live migration needs it), and why not."""
+    if not shutil.which("criu"):
+        return False, "criu is not installed"
+    try:
+        r = subprocess.run(["criu", "check"], capture_output=True, text=True, timeout=CRIU_CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return False, "`criu check` timed out"
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        return False, f"`criu check` fails: {lines[-1] if lines else 'exit ' + str(r.returncode)}"
+    return True, ""
+
+
+LAYERS_FILE = "rootfs-layers.json"  # destination: where a prepared container's layers are
+
+
+def untar_into(dest: str, stream) -> int:
+    """Unpack a tar stream into ``dest`` (owners, modes, whiteout devices and trusted.*
+    xattrs kept: the upper dir of an overlay); bytes read. Only peers send these."""
+    proc = subprocess.Popen(["tar", "-x", "-p", "--xattrs", "--xattrs-include=trusted.*", "--numeric-owner",
+                             "--no-overwrite-dir", "-f", "-", "-C", dest],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    n = 0
+    try:
+        while chunk := stream.read(IMAGE_CHUNK):
+            n += len(chunk)
+            proc.stdin.write(chunk)
+    finally:
+        proc.stdin.close()
+        err = proc.stderr.read().decode(errors="replace")
+        proc.wait()
+    if proc.returncode != 0:
+        raise CommandFailed(f"unpacking the rootfs into {dest} failed: {err[-500:]}", stderr=err)
+    return n
+
+
+def rootfs_paths(upper: str) -> list[str]:
+    """Every path under ``upper``, relative ("./a/b"), as tar names them."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(upper):
+        rel = os.path.relpath(dirpath, upper)
+        for n in dirnames + filenames:
+            out.append(os.path.normpath(os.path.join(rel, n)))
+    return out
+
+
+def prune_rootfs(upper: str, keep: set[str]) -> int:
+    """Remove what is under ``upper`` but not in ``keep`` (deleted on the source after the
+    first sync); the number removed."""
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(upper, topdown=True):
+        rel = os.path.relpath(dirpath, upper)
+        for name in list(dirnames):
+            p = os.path.normpath(os.path.join(rel, name))
+            if p not in keep:
+                shutil.rmtree(os.path.join(dirpath, name), ignore_errors=True)
+                dirnames.remove(name)
+                n += 1
+        for name in filenames:
+            if os.path.normpath(os.path.join(rel, name)) not in keep:
+                os.unlink(os.path.join(dirpath, name))
+                n += 1
+    return n
+
+
+# -- the service ----------------------------------------------------------------------------
+
+class MigrationService:
+    def __init__(self, root):
+        self.root = root
+        self._live: dict[str, dict] = {}  # migration (= operation) id -> live figures
+        self._busy: set[str] = set()  # instance ids being migrated away
+        self._lock = threading.Lock()
+
+    @property
+    def config(self):
+        return self.root.config
+
+    def peer(self, name: str) -> PeerClient:
+        pc = self.config.peers.get(name)
+        if pc is None:
+            known = ", ".join(sorted(self.config.peers)) or "none"
+            raise Unprocessable(f"destination {name!r} is not a configured peer (configured: {known}): "
+                                f"add [peers.{name}] with its url and token to this agent's config")
+        return PeerClient(name, pc.url, pc.token)
+
+    def require_peer(self, caller: dict | None) -> str:
+        """The calling peer's name; Forbidden unless the caller's token is named after a
+        configured peer (migrations are accepted only from configured peers)."""
+        name = (caller or {}).get("name")
+        if name not in self.config.peers or (caller or {}).get("role") != "admin":
+            raise Forbidden(f"token {name!r} is not a peer's: this host accepts migrations only from "
+                            "configured peers, with an admin token named after the peer "
+                            f"(configured peers: {', '.join(sorted(self.config.peers)) or 'none'})")
+        return name
+
+    # -- source side --
+    def create(self, req: models.MigrationCreate) -> dict:
+        inst = self.root.instances.get(req.instance)
+        peer = self.peer(req.destination)
+        if inst["state"] in ("creating", INCOMING):
+            raise Conflict(f"instance {inst['name']!r} is {inst['state']}: wait for its operation")
+        if inst["kind"] == "vm":
+            if not hasattr(self.root.driver, "migrate"):
+                raise Unsupported(f"the {self.config.hypervisor.driver} driver cannot migrate VMs")
+            if inst["state"] not in ("running", "paused"):
+                raise Unprocessable(f"VM {inst['name']!r} is {inst['state']}: migration moves running VMs; "
+                                    "start it first")
+        else:
+            if req.mode == "live":
+                ok, why = criu_works()
+                raise Unsupported(f"live migration of containers needs CRIU and {why or 'CRIU restore is not wired up'} "
+                                  "on this host: use mode=refresh (sync while running, stop, final sync, start "
+                                  "there; about a second of downtime) or mode=cold")
+        if inst["kind"] == "vm" and req.mode == "refresh":
+            raise Unprocessable("mode=refresh is for containers: migrate VMs with mode=live or mode=cold")
+        with self._lock:
+            if inst["id"] in self._busy:
+                raise Conflict(f"instance {inst['name']!r} is already being migrated")
+            self._busy.add(inst["id"])
+
+        def work(op):
+            try:
+                with self.root.instances.lock(inst["id"]):
+                    if inst["kind"] == "vm":
+                        return self._migrate_vm(op, inst["id"], peer, req.mode)
+                    return self._migrate_container(op, inst["id"], peer, req.mode)
+            finally:
+                with self._lock:
+                    self._busy.discard(inst["id"])
+
+        try:
+            op = self.root.operations.submit("migration", inst["id"], work)
+        except BaseException:
+            with self._lock:
+                self._busy.discard(inst["id"])
+            raise
+        self._live[op["id"]] = {"instance": inst["id"], "name": inst["name"], "destination": peer.name,
+                                "mode": req.mode}
+        return op
+
+    def get(self, mig_id: str) -> dict:
+        try:
+            op = self.root.operations.get(mig_id)
+        except NotFound:
+            op = None
+        if op is None or op["kind"] != "migration":
+            raise NotFound(f"migration {mig_id} not found")
+        live = self._live.get(mig_id, {})
+        res = op["result"] or {}
+        prog = op["progress"] or {}
+        return {"id": op["id"], "operation": op["id"], "instance": op["target"],
+                "name": live.get("name") or res.get("name"),
+                "destination": live.get("destination") or res.get("destination"),
+                "mode": live.get("mode") or res.get("mode"), "status": op["status"],
+                "phase": prog.get("phase"),
+                "bytes": {"processed": res.get("bytes", live.get("processed")),
+                          "total": live.get("total"), "remaining": live.get("remaining")},
+                "dirty_rate": live.get("dirty_rate"),
+                "downtime_ms": res.get("downtime_ms"), "total_ms": res.get("total_ms"),
+                "error": op["error"]}
+
+    def _migrate_vm(self, op, inst_id: str, peer: PeerClient, mode: str) -> dict:
+        from hypervisor.driver import MigrationOptions
+        inst = self.root.instances.get(inst_id)
+        name = inst["name"]
+        spec = self.root.instances._spec(inst_id)
+        image = self.root.store.get(inst["image"])
+        pool = self.root.pools[inst["pool"]]
+        vol = pool.get_volume(inst["volumes"][0])
+        op.phase("prepare")
+        if not peer.alive():
+            raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
+        body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
+                "spec": spec, "disk_size": vol.size,
+                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
+        prepared = peer.prepare(body)
+        live = self._live.setdefault(op.id, {})
+        down = {"failures": 0, "last": time.monotonic()}
+
+        def progress(p):
+            live.update(processed=p.data_processed, total=p.data_total, remaining=p.data_remaining,
+                        dirty_rate=p.dirty_rate)
+            op.bytes(p.data_processed, p.data_total or None)
+
+        def cancelled() -> bool:
+            if op.cancelled.is_set():
+                return True
+            if time.monotonic() - down["last"] >= HEALTH_INTERVAL_S:
+                down["last"] = time.monotonic()
+                down["failures"] = 0 if peer.alive() else down["failures"] + 1
+            return down["failures"] >= HEALTH_FAILURES
+
+        shared = pool.kind not in ("local", "fake")
+        options = MigrationOptions(
+            live=(mode == "live"), copy_storage="none" if shared else "incremental",
+            disk_sources=prepared["disk_sources"], console_log=prepared.get("console_log"))
+        try:
+            op.phase("migrate")
+            if not peer.alive():
+                raise Unavailable(f"peer {peer.name!r} ({peer.url}) stopped answering before the copy: "
+                                  f"{name!r} keeps running here; retry when it is back")
+            try:
+                result = self.root.driver.migrate(name, prepared["migration_uri"], options,
+                                                  progress=progress, cancelled=cancelled)
+            except Cancelled:
+                if op.cancelled.is_set():
+                    raise
+                raise Unavailable(f"peer {peer.name!r} stopped answering during the migration: it was "
+                                  f"aborted and {name!r} keeps running here") from None
+        except BaseException as e:
+            self._abort_remote(peer, inst_id, e)
+            raise
+        # the guest runs there now; only the records are left to move
+        op.phase("confirm")
+        moved = self._finish_remote(peer, inst_id, name)
+        op.phase("cleanup")
+        self._forget_local(inst_id)
+        log.info("instance migrated", extra={"instance": name, "destination": peer.name,
+                                             "downtime_ms": result.downtime_ms, "total_ms": result.total_ms})
+        return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
+                "downtime_ms": result.downtime_ms, "total_ms": round(result.total_ms, 1),
+                "bytes": result.data_bytes}
+
+    def _migrate_container(self, op, inst_id: str, peer: PeerClient, mode: str) -> dict:
+        """cold: stop, copy the upper dir, start there. refresh: copy the upper dir while it
+        runs, stop, copy what changed since (and prune what went), start there. On failure
+        the container runs here again and the destination removes what it made."""
+        inst = self.root.instances.get(inst_id)
+        name = inst["name"]
+        image = self.root.store.get(inst["image"])
+        vol = self.root.pools[inst["pool"]].get_volume(inst["volumes"][0])
+        upper = os.path.join(vol.path, "upper")
+        op.phase("prepare")
+        if not peer.alive():
+            raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
+        body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
+                "spec": self.root.instances._spec(inst_id),
+                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
+        peer.prepare(body)
+        was_running = self.root.runtime.get(name).state == "running"
+        stopped_at = None
+        sent = 0
+        try:
+            since = None
+            if mode == "refresh" and was_running:
+                op.phase("presync")
+                since = time.time() - 1  # mtime/ctime granularity: resend the last second
+                sent += peer.push_rootfs(inst_id, upper)
+            op.phase("stop")
+            if was_running:
+                stopped_at = time.monotonic()
+                self.root.runtime.stop(name, timeout=10)
+            op.phase("sync")
+            sent += peer.push_rootfs(inst_id, upper, newer=since)
+            keep = rootfs_paths(upper) if since is not None else None
+            op.phase("confirm")
+            moved = peer.finish(inst_id, {"start": was_running, "keep": keep})["instance"]
+        except BaseException as e:
+            self._abort_remote(peer, inst_id, e)
+            if stopped_at is not None:
+                self.root.runtime.start(name)
+            raise
+        downtime = (time.monotonic() - stopped_at) * 1000 if stopped_at is not None else None
+        op.phase("cleanup")
+        self.root.runtime.delete(name)
+        self._forget_local(inst_id)
+        return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
+                "downtime_ms": round(downtime, 1) if downtime is not None else None,
+                "total_ms": None, "bytes": sent}
+
+    def _abort_remote(self, peer: PeerClient, inst_id: str, cause: BaseException) -> None:
+        try:
+            peer.abort(inst_id)
+        except AgentError as e:
+            log.warning("destination could not clean up after a failed migration; it will on restart "
+                        "or when the migration is retried",
+                        extra={"peer": peer.name, "instance": inst_id, "error": e.message,
+                               "cause": str(cause)})
+
+    def _finish_remote(self, peer: PeerClient, inst_id: str, name: str) -> dict:
+        last = None
+        for _ in range(FINISH_ATTEMPTS):
+            try:
+                return peer.finish(inst_id, {"resume": True})["instance"]
+            except (Unavailable, CommandFailed) as e:
+                last = e
+                time.sleep(FINISH_RETRY_S)
+        self.root.instances._update(inst_id, state="error",
+                                    error=f"migrated to {peer.name} but its agent did not confirm: {last}")
+        raise CommandFailed(f"VM {name!r} now runs on {peer.name} but its agent did not confirm "
+                            f"({last}); check it there, then delete this record")
+
+    def _forget_local(self, inst_id: str) -> None:
+        """The instance left: its record, volumes and files go (the domain already went)."""
+        inst = self.root.instances.get(inst_id)
+        if inst["kind"] == "vm" and self.root.driver.find(inst["name"]) is not None:
+            raise CommandFailed(f"VM {inst['name']!r} is still defined here after its migration")
+        for vol in inst["volumes"]:
+            self.root.store.release(inst["pool"], vol)
+        shutil.rmtree(self.config.state_path / "instances" / inst_id, ignore_errors=True)
+        self.root.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
+        self.root.instances._changed()
+        self.root.events.publish("lifecycle", {"instance": inst_id, "name": inst["name"], "state": "migrated"})
+
+    # -- destination side --
+    def prepare_incoming(self, caller: dict, req: models.IncomingMigration) -> dict:
+        """Make what the VM needs here (image, volume, seed, row in state ``incoming``).
+        On failure nothing is left."""
+        source = self.require_peer(caller)
+        inst = req.instance
+        self._clear_stale(inst.id, inst.name)
+        cfg = self.config
+        pool = inst.pool if inst.pool in cfg.pools else cfg.default_pool
+        image = self._ensure_image(source, req.image)
+        now = time.time()
+        spec = dict(req.spec, image_id=image.id)
+        import sqlite3
+        try:
+            self.root.db.execute(
+                "INSERT INTO instances(id, name, kind, image, spec, state, pool, volumes, mac, node, "
+                "created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                (inst.id, inst.name, inst.kind, image.id, json.dumps(spec), INCOMING, pool,
+                 json.dumps(list(inst.volumes)), inst.mac, self.root.host.hostname(), now, now))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"an instance named {inst.name!r} exists here: delete it or rename before "
+                           "migrating") from None
+        self.root.instances._changed()
+        try:
+            if inst.kind == "container":
+                return self._prepare_container(inst, image, pool)
+            return self._prepare_vm(inst, spec, image, pool, req.disk_size)
+        except BaseException:
+            self.root.instances._destroy(inst.id)
+            raise
+
+    def _prepare_vm(self, inst, spec, image, pool, disk_size) -> dict:
+        from hypervisor.seed import make_seed
+        vol = self.root.store.clone_disk(image.id, inst.volumes[0], pool=pool, size=disk_size)
+        if not vol.path:
+            raise Unsupported(f"pool {pool!r} gives no file path for disks; live migration with copied "
+                              "storage needs a local pool")
+        d = self.root.instances._instance_dir(inst.id)
+        seed = make_seed(str(d / "seed.iso"), instance_id=inst.id, hostname=inst.name,
+                         user_data=spec.get("user_data"))
+        if spec.get("network") == "bridge":
+            self._ensure_bridge()
+        return {"disk_sources": {"vda": vol.path, "sda": seed}, "console_log": str(d / "console.log"),
+                "migration_uri": self.migration_uri()}
+
+    def _prepare_container(self, inst, image, pool) -> dict:
+        layers = self.root.store.prepare_rootfs(image.id, inst.volumes[0], pool=pool)
+        d = self.root.instances._instance_dir(inst.id)
+        (d / LAYERS_FILE).write_text(json.dumps({"lowerdirs": list(layers.lowerdirs),
+                                                 "upperdir": layers.upperdir, "workdir": layers.workdir}))
+        return {"disk_sources": {}, "console_log": None, "migration_uri": ""}
+
+    def receive_rootfs(self, caller: dict, inst_id: str, stream) -> dict:
+        """Unpack a tar stream of the container's upper dir (overlay whiteouts and xattrs
+        kept) over what earlier syncs sent."""
+        self.require_peer(caller)
+        inst = self._incoming(inst_id)
+        if inst["kind"] != "container":
+            raise Unprocessable("only containers take a rootfs stream")
+        layers = json.loads((self.config.state_path / "instances" / inst_id / LAYERS_FILE).read_text())
+        return {"bytes": untar_into(layers["upperdir"], stream)}
+
+    def _finish_container(self, inst: dict, start: bool, keep) -> dict:
+        from storage.images import RootfsLayers
+        layers = json.loads((self.config.state_path / "instances" / inst["id"] / LAYERS_FILE).read_text())
+        if keep is not None:
+            prune_rootfs(layers["upperdir"], set(keep))
+        spec = {k: v for k, v in self.root.instances._spec(inst["id"]).items() if k != "image_id"}
+        req = models.InstanceCreate.model_validate(spec)
+        image = self.root.store.get(inst["image"])
+        rl = RootfsLayers(tuple(layers["lowerdirs"]), layers["upperdir"], layers["workdir"], None)
+        rt = self.root.runtime
+        try:
+            info = rt.create(self.root.instances.container_spec(req, image, rl))
+            if start:
+                info = rt.start(inst["name"])
+        except BaseException:
+            rt.delete(inst["name"])
+            raise
+        return {"instance": self.root.instances._update(inst["id"], state=info.state, ip=info.ip, error=None)}
+
+    def _ensure_bridge(self) -> None:
+        net = getattr(self.root.runtime, "net", None)
+        if net is not None and hasattr(net, "ensure_bridge"):
+            net.ensure_bridge()
+
+    def migration_uri(self) -> str:
+        hc = self.config.hypervisor
+        if getattr(hc, "migration_uri", None):
+            return hc.migration_uri
+        host = self.config.api.listen.rpartition(":")[0].strip("[]")
+        return f"qemu+tcp://{host}/system"
+
+    def _ensure_image(self, source: str, want: models.IncomingImage):
+        store = self.root.store
+        img = store.find(want.id)
+        if img is not None:
+            return img
+        peer = self.peer(source)
+        cache = self.config.state_path / "cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".migration-image-", dir=cache)
+        os.close(fd)
+        try:
+            peer.download_image(want.id, tmp)
+            name = want.name if store.find(want.name) is None else f"{want.name}-{want.id[:12]}"
+            if want.kind == "vm":
+                img = store.import_file(tmp, name=name, format=want.format)
+            else:
+                img = store.import_oci(tmp, name=name)
+        finally:
+            os.unlink(tmp)
+        if img.id != want.id:
+            store.delete(img.id)
+            raise CommandFailed(f"image {want.id[:12]} from {source} arrived as {img.id[:12]}: "
+                                "the transfer was corrupted; retry the migration")
+        return img
+
+    def _clear_stale(self, inst_id: str, name: str) -> None:
+        """A failed earlier attempt may have left an ``incoming`` row: remove it."""
+        for r in self.root.db.query("SELECT id, state FROM instances WHERE id=? OR name=?", (inst_id, name)):
+            if r["state"] == INCOMING:
+                with self.root.instances.lock(r["id"]):
+                    self.root.instances._destroy(r["id"])
+
+    def _incoming(self, inst_id: str) -> dict:
+        inst = self.root.instances.get(inst_id)
+        if inst["state"] != INCOMING:
+            raise Conflict(f"instance {inst['name']!r} is {inst['state']}, not an incoming migration")
+        return inst
+
+    def finish_incoming(self, caller: dict, inst_id: str, resume: bool = True, start: bool = True,
+                        keep=None) -> dict:
+        """VM: the guest runs here; container: create (and start) it on the synced rootfs.
+        The record becomes the instance's record."""
+        self.require_peer(caller)
+        inst = self._incoming(inst_id)
+        with self.root.instances.lock(inst_id):
+            if inst["kind"] == "container":
+                return self._finish_container(inst, start, keep)
+            info = self.root.driver.get(inst["name"])
+            if info.state == "paused" and resume:
+                info = self.root.driver.resume(inst["name"])
+            if info.state not in ("running", "paused"):
+                raise Conflict(f"VM {inst['name']!r} is {info.state} here: the migration did not complete")
+            return {"instance": self.root.instances._update(inst_id, state=info.state, error=None)}
+
+    def abort_incoming(self, caller: dict, inst_id: str) -> bool:
+        """Remove what ``prepare_incoming`` made; False if there was nothing."""
+        self.require_peer(caller)
+        r = self.root.db.one("SELECT state FROM instances WHERE id=?", (inst_id,))
+        if r is None:
+            return False
+        if r["state"] != INCOMING:
+            raise Conflict(f"instance {inst_id} is {r['state']} here: only an incoming migration is aborted")
+        with self.root.instances.lock(inst_id):
+            return self.root.instances._destroy(inst_id)
+
+    def export_image(self, caller: dict, image_id: str):
+        """(a generator of the image's bytes, size) for a peer that lacks it."""
+        self.require_peer(caller)
+        img = self.root.store.get(image_id)
+        cache = self.config.state_path / "cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = str(cache / f".migration-export-{uuid.uuid4().hex}")
+        self.root.store.export(img.id, tmp)
+        size = os.path.getsize(tmp)
+        f = open(tmp, "rb")
+        os.unlink(tmp)  # the open file keeps the data until the stream ends
+
+        def chunks():
+            with f:
+                while chunk := f.read(IMAGE_CHUNK):
+                    yield chunk
+        return chunks(), size
+
+    def recover(self) -> int:
+        """After a restart: an incoming VM that runs here is adopted (the source saw its
+        migration succeed); any other incoming leftover is removed."""
+        n = 0
+        for r in self.root.db.query("SELECT id, name FROM instances WHERE state=?", (INCOMING,)):
+            try:
+                info = self.root.driver.find(r["name"])
+                if info is not None and info.state == "running":
+                    self.root.instances._update(r["id"], state="running", error=None)
+                else:
+                    self.root.instances._destroy(r["id"])
+                n += 1
+            except Exception as e:  # keep the row: an operator must look
+                log.warning("cannot clean up an incoming migration", extra={"instance": r["name"],
+                                                                           "error": str(e)})
+        return n

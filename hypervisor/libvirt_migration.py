@@ -1,0 +1,201 @@
+"""Live migration on libvirt, peer to peer: the source libvirtd connects to the destination's
+(``qemu+tcp://<host>/system`` or ``qemu+tls://``) and QEMU streams memory (and, for local
+disks, the disks over libvirt's NBD-based copy) on the destination's ``migration_host``.
+
+The job runs in a helper thread (``migrateToURI3`` blocks); the calling thread samples
+``jobStats`` for progress, and aborts the job on cancel or on the completion timeout
+(or, with ``timeout_action="pause"``, suspends the guest so the copy converges and the
+destination resumes it). libvirt guarantees the source domain keeps running when the job
+fails; the destination's half-made domain is removed by libvirt itself.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import xml.etree.ElementTree as ET
+
+import libvirt
+
+from agent.errors import Cancelled, CommandFailed, InvalidInput, NotFound
+from hypervisor.domain_xml import NODEAGENT_NS, QEMU_NS
+from hypervisor.driver import TIMEOUT_ACTIONS, MigrationOptions, MigrationProgress, MigrationResult
+
+POLL_S = 0.2  # jobStats sampling interval
+COPY_FLAGS = {"none": 0, "incremental": libvirt.VIR_MIGRATE_NON_SHARED_INC,
+              "full": libvirt.VIR_MIGRATE_NON_SHARED_DISK}
+BASE_FLAGS = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+              | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_ABORT_ON_ERROR)
+
+
+def check_options(o: MigrationOptions) -> None:
+    if o.copy_storage not in COPY_FLAGS:
+        raise InvalidInput(f"copy_storage must be one of {sorted(COPY_FLAGS)}, got {o.copy_storage!r}")
+    if o.timeout_action not in TIMEOUT_ACTIONS:
+        raise InvalidInput(f"timeout_action must be abort or pause, got {o.timeout_action!r}")
+
+
+def rewrite_xml(xml: str, o: MigrationOptions) -> str:
+    """The domain XML as the destination must see it: disk sources and the console log
+    moved to the destination's paths (everything else, including the uuid, stays)."""
+    ET.register_namespace("nodeagent", NODEAGENT_NS)
+    ET.register_namespace("qemu", QEMU_NS)
+    root = ET.fromstring(xml)
+    for disk in root.findall("devices/disk"):
+        target = disk.find("target")
+        src = disk.find("source")
+        if target is None or src is None or target.get("dev") not in o.disk_sources:
+            continue
+        if src.get("file") is not None:
+            src.set("file", o.disk_sources[target.get("dev")])
+            backing = disk.find("backingStore")  # the destination's chain is probed there
+            if backing is not None:
+                disk.remove(backing)
+    if o.console_log:
+        for log in root.findall("devices/serial/log"):
+            log.set("file", o.console_log)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _sample(stats: dict, t0: float) -> MigrationProgress:
+    return MigrationProgress(
+        elapsed_ms=int(stats.get("time_elapsed", (time.monotonic() - t0) * 1000)),
+        data_total=int(stats.get("data_total", 0)), data_processed=int(stats.get("data_processed", 0)),
+        data_remaining=int(stats.get("data_remaining", 0)),
+        dirty_rate=int(stats.get("memory_dirty_rate", 0)),
+        memory_iteration=int(stats.get("memory_iteration", 0)))
+
+
+def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=None,
+            cancelled=None) -> MigrationResult:
+    check_options(o)
+    dom = driver._dom(name)
+    if driver._state(dom) not in ("running", "paused"):
+        raise InvalidInput(f"VM {name!r} is not running: live migration needs a running VM "
+                           "(start it, or migrate it cold)")
+    live = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+    writable = [d.find("target").get("dev") for d in live.findall("devices/disk")
+                if d.find("readonly") is None and d.get("device", "disk") == "disk"
+                and d.find("target") is not None]
+    params = {
+        libvirt.VIR_MIGRATE_PARAM_DEST_XML: rewrite_xml(ET.tostring(live, encoding="unicode"), o),
+        libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: rewrite_xml(
+            dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_INACTIVE), o),
+    }
+    if o.copy_storage != "none":
+        params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = writable
+    if o.bandwidth_mib_s:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(o.bandwidth_mib_s)
+    flags = BASE_FLAGS | COPY_FLAGS[o.copy_storage]
+    if o.live:
+        flags |= libvirt.VIR_MIGRATE_LIVE
+    if o.auto_converge:
+        flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+    if o.max_downtime_ms:
+        try:
+            dom.migrateSetMaxDowntime(int(o.max_downtime_ms), 0)
+        except libvirt.libvirtError:
+            pass  # older QEMU: libvirt's default (300 ms) applies
+
+    outcome: dict = {}
+
+    def job():
+        try:
+            dom.migrateToURI3(dest_uri, params, flags)
+        except libvirt.libvirtError as e:
+            outcome["error"] = e.get_error_message() or str(e)
+        except Exception as e:  # noqa: BLE001 - reported to the caller below
+            outcome["error"] = str(e)
+
+    t0 = time.monotonic()
+    worker = threading.Thread(target=job, name=f"migrate-{name}", daemon=True)
+    worker.start()
+    last: MigrationProgress | None = None
+    reason = paused = None
+    while worker.is_alive():
+        worker.join(POLL_S)
+        if not worker.is_alive():
+            break
+        try:
+            stats = dom.jobStats()
+        except libvirt.libvirtError:
+            stats = {}
+        if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE:
+            last = _sample(stats, t0)
+            if progress:
+                progress(last)
+        if reason is None and cancelled is not None and cancelled():
+            reason = "cancelled"
+            _abort(dom)
+        elif (reason is None and not paused and o.completion_timeout_s is not None
+              and time.monotonic() - t0 > o.completion_timeout_s):
+            if o.timeout_action == "pause":
+                paused = True
+                try:
+                    dom.suspend()
+                except libvirt.libvirtError:
+                    pass
+            else:
+                reason = "timeout"
+                _abort(dom)
+    total_ms = (time.monotonic() - t0) * 1000
+    if "error" in outcome:
+        if paused:
+            _resume_quietly(dom)
+        if reason == "cancelled":
+            raise Cancelled(f"migration of VM {name!r} cancelled; it keeps running here")
+        if reason == "timeout":
+            raise CommandFailed(f"migration of VM {name!r} did not converge within "
+                                f"{o.completion_timeout_s}s and was aborted; it keeps running here "
+                                "(raise the timeout, allow more downtime, or use timeout_action=pause)")
+        raise CommandFailed(f"migration of VM {name!r} to {dest_uri} failed: {outcome['error']}; "
+                            "it keeps running here", stderr=outcome["error"])
+    downtime, data = _completed_stats(dest_uri, name)
+    if data is None:
+        data = last.data_processed if last else 0
+    return MigrationResult(total_ms=total_ms, downtime_ms=downtime, data_bytes=int(data),
+                           paused_by_timeout=bool(paused))
+
+
+def _abort(dom) -> None:
+    try:
+        dom.abortJob()
+    except libvirt.libvirtError:
+        pass  # finished or failed meanwhile
+
+
+def _resume_quietly(dom) -> None:
+    try:
+        if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+            dom.resume()
+    except libvirt.libvirtError:
+        pass
+
+
+def _completed_stats(dest_uri: str, name: str) -> tuple[float | None, int | None]:
+    """Downtime and bytes of the finished job, as the destination recorded them."""
+    try:
+        conn = libvirt.open(dest_uri)
+    except libvirt.libvirtError:
+        return None, None
+    try:
+        st = conn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        dt = st.get("downtime")  # total, network included (what the guest saw)
+        return (float(dt) if dt is not None else None), st.get("data_processed")
+    except libvirt.libvirtError:
+        return None, None
+    finally:
+        conn.close()
+
+
+def abort(driver, name: str) -> bool:
+    try:
+        dom = driver._dom(name)
+    except NotFound:
+        return False
+    try:
+        if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+            return False
+        dom.abortJob()
+        return True
+    except libvirt.libvirtError:
+        return False

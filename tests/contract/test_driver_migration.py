@@ -1,0 +1,147 @@
+"""hypervisor.SupportsMigration contract: FakeDriver (two in-process fakes) and LibvirtDriver
+(two simulated hosts of tests/multihost/harness.py, a real TCP libvirtd-to-libvirtd link)
+move a running test guest with its local disk copied, keep it on the source when the
+destination cannot take it, and honour cancel."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from agent.errors import Cancelled, CommandFailed, InvalidInput
+from hypervisor.driver import DiskSpec, MigrationOptions, SupportsMigration, VmSpec
+
+BOOT_TIMEOUT_S = 90
+
+
+@pytest.fixture(scope="module")
+def cluster(request, tmp_path_factory):
+    from tests.multihost import harness
+    for tool in ("libvirtd", "virtlogd", "nsenter", "unshare", "ip"):
+        if not shutil.which(tool):
+            pytest.fail(f"{tool} is missing: run scripts/setup-host")
+    c = harness.Cluster(tmp_path_factory.mktemp("sim"))
+    with c:
+        yield c
+    assert harness.leftovers(c.tag) == []
+
+
+@pytest.fixture(params=["fake", "libvirt"])
+def pair(request):
+    """(source driver, destination driver, destination uri)."""
+    if request.param == "fake":
+        from hypervisor.fake import FakeDriver
+        tag = uuid.uuid4().hex[:6]
+        src, dst = FakeDriver(uri=f"fake://{tag}-a"), FakeDriver(uri=f"fake://{tag}-b")
+        yield src, dst, dst.uri
+        return
+    c = request.getfixturevalue("cluster")
+    from hypervisor.libvirt_driver import LibvirtDriver
+    h1, h2 = c.hosts
+    root = request.getfixturevalue("vm_root")
+    src = LibvirtDriver(uri=h1.libvirt_uri, virt_type="qemu", state_dir=f"{root}/h1")
+    dst = LibvirtDriver(uri=h2.libvirt_uri, virt_type="qemu", state_dir=f"{root}/h2")
+    yield src, dst, h2.libvirt_uri
+    for d in (src, dst):
+        for info in d.list():
+            d.delete(info.name)
+        d.close()
+
+
+def make_disk(path, size="64M") -> str:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
+    return str(path)
+
+
+def guest(vm_dir, guest_images) -> tuple[VmSpec, dict]:
+    name = f"mig-{uuid.uuid4().hex[:8]}"
+    spec = VmSpec(name=name, uuid=str(uuid.uuid4()), cpus=1, memory_mib=128,
+                  disks=(DiskSpec(target="vda", source=make_disk(f"{vm_dir}/{name}-src.qcow2")),),
+                  console_log=f"{vm_dir}/{name}-src.log", kernel=guest_images["vmlinuz"],
+                  initrd=guest_images["initrd"], cmdline=guest_images["cmdline"], machine="pc")
+    dest = {"vda": make_disk(f"{vm_dir}/{name}-dst.qcow2")}
+    return spec, dest
+
+
+def wait_booted(driver, name):
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    while "NODEAGENT-READY" not in driver.console_log(name):
+        assert time.monotonic() < deadline, driver.console_log(name)[-2000:]
+        time.sleep(0.2)
+
+
+def test_implements_protocol(pair):
+    src, dst, _ = pair
+    assert isinstance(src, SupportsMigration) and isinstance(dst, SupportsMigration)
+
+
+def test_live_migration_with_copied_disk(pair, vm_dir, guest_images):
+    src, dst, uri = pair
+    spec, dest_disks = guest(vm_dir, guest_images)
+    src.define(spec)
+    src.start(spec.name)
+    wait_booted(src, spec.name)
+    seen = []
+    res = src.migrate(spec.name, uri, MigrationOptions(copy_storage="full", disk_sources=dest_disks,
+                                                        console_log=f"{vm_dir}/{spec.name}-dst.log"),
+                      progress=seen.append)
+    assert src.find(spec.name) is None
+    moved = dst.get(spec.name)
+    assert moved.state == "running" and moved.uuid == spec.uuid
+    assert [d.source for d in dst.disks(spec.name) if d.target == "vda"] == [dest_disks["vda"]]
+    assert res.data_bytes > 0 and res.total_ms > 0
+    t0 = dst.stats(spec.name)["cpu_time_ns"]
+    deadline = time.monotonic() + 30
+    while dst.stats(spec.name)["cpu_time_ns"] <= t0:  # the guest keeps running there
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_unreachable_destination_keeps_the_vm(pair, vm_dir, guest_images):
+    src, _dst, uri = pair
+    spec, dest_disks = guest(vm_dir, guest_images)
+    src.define(spec)
+    src.start(spec.name)
+    # fake: an unknown host; libvirt: the destination's address, a port nothing listens on
+    bad = uri.replace("fake://", "fake://gone-") if uri.startswith("fake") else \
+        uri.replace("/system", ":9/system")
+    with pytest.raises(CommandFailed, match="keeps running here"):
+        src.migrate(spec.name, bad, MigrationOptions(copy_storage="full", disk_sources=dest_disks))
+    assert src.get(spec.name).state == "running"
+
+
+def test_missing_destination_disk_keeps_the_vm(pair, vm_dir, guest_images):
+    src, dst, uri = pair
+    spec, _ = guest(vm_dir, guest_images)
+    src.define(spec)
+    src.start(spec.name)
+    with pytest.raises((CommandFailed, InvalidInput)):
+        src.migrate(spec.name, uri, MigrationOptions(copy_storage="full",
+                                                     disk_sources={"vda": f"{vm_dir}/nope.qcow2"}))
+    assert src.get(spec.name).state == "running"
+    assert dst.find(spec.name) is None
+
+
+def test_cancel_keeps_the_vm(pair, vm_dir, guest_images):
+    src, dst, uri = pair
+    spec, dest_disks = guest(vm_dir, guest_images)
+    src.define(spec)
+    src.start(spec.name)
+    with pytest.raises(Cancelled):
+        src.migrate(spec.name, uri, MigrationOptions(copy_storage="full", disk_sources=dest_disks,
+                                                     bandwidth_mib_s=1),
+                    cancelled=lambda: True)
+    assert src.get(spec.name).state == "running"
+    assert dst.find(spec.name) is None
+
+
+def test_stopped_vm_is_not_live_migrated(pair, vm_dir, guest_images):
+    src, _dst, uri = pair
+    spec, dest_disks = guest(vm_dir, guest_images)
+    src.define(spec)
+    with pytest.raises(InvalidInput, match="not running"):
+        src.migrate(spec.name, uri, MigrationOptions(disk_sources=dest_disks))
+    assert src.get(spec.name).state == "stopped"

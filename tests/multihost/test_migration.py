@@ -1,0 +1,267 @@
+"""Migration through the agents: two simulated hosts, each with its own libvirtd and a
+real agent (tests/multihost/harness.py); POST /v1/migrations on the source moves a
+running VM with its local disk copied; the destination adopts it; the source is clean.
+Faults: the destination agent down, the link to the destination cut."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.api.agentproc import Api
+from tests.multihost import harness
+
+pytestmark = pytest.mark.real
+
+OP_TIMEOUT_S = 300
+SLOW_MIGRATE_S = 4  # a pause the source takes before the copy, so a fault can be injected there
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    for tool in ("libvirtd", "virtlogd", "nsenter", "unshare", "ip", "qemu-img"):
+        if not shutil.which(tool):
+            pytest.fail(f"{tool} is missing: run scripts/setup-host")
+    # QEMU runs as libvirt-qemu: the hosts' dirs must be reachable (pytest's tmp is 0700)
+    work = Path(tempfile.mkdtemp(prefix="nodeagent-mh-", dir="/var/tmp"))
+    os.chmod(work, 0o755)
+    c = harness.Cluster(work)
+    try:
+        with c:
+            c.start_agents()
+            yield c
+        assert harness.leftovers(c.tag) == []
+    finally:
+        for log in work.glob("*/agent.log"):  # kept for a look after a failure
+            shutil.copyfile(log, Path(tempfile.gettempdir()) / f"nodeagent-mh-{log.parent.name}-agent.log")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def apis(cluster):
+    out = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
+    for api in out.values():  # no idle keep-alive connection delays an agent's restart
+        api.s.headers["Connection"] = "close"
+    return out
+
+
+@pytest.fixture(scope="module")
+def image(apis, guest_images):
+    op = apis["h1"].post("/v1/images", json={"name": "guest", "source": {"type": "file",
+                                                                          "path": guest_images["rootfs"]}}).json()
+    op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    return op["result"]["image"]["id"] if "image" in (op["result"] or {}) else "guest"
+
+
+def create_vm(api, image) -> str:
+    name = f"mig-{uuid.uuid4().hex[:6]}"
+    op = api.wait(api.post("/v1/instances", json={"name": name, "kind": "vm", "image": image, "cpus": 1,
+                                                  "memory_mib": 128, "network": "none"}).json(),
+                  timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    return name
+
+
+def migrate(api, name, dest, mode="live") -> dict:
+    r = api.post("/v1/migrations", json={"instance": name, "destination": dest, "mode": mode})
+    assert r.status_code == 202, r.text
+    return api.wait(r.json(), timeout=OP_TIMEOUT_S)
+
+
+def domains(host) -> list[str]:
+    out = host.run("virsh", "-c", "qemu:///system", "list", "--all", "--name", timeout=30).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def volumes(host) -> list[str]:
+    pool = host.state_dir / "pool"
+    return sorted(p.name for p in pool.rglob("i-*")) if pool.exists() else []
+
+
+def assert_runs(api, name):
+    first = api.get(f"/v1/instances/{name}/stats").json()["cpu_ns"]
+    deadline = time.monotonic() + 30
+    while api.get(f"/v1/instances/{name}/stats").json()["cpu_ns"] <= first:
+        assert time.monotonic() < deadline, "the guest does not run"
+        time.sleep(0.3)
+    assert api.get(f"/v1/instances/{name}").json()["state"] == "running"
+
+
+def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, image):
+    h1, h2 = cluster.hosts
+    name = create_vm(apis["h1"], image)
+    inst_id = apis["h1"].get(f"/v1/instances/{name}").json()["id"]
+    op = migrate(apis["h1"], name, "h2")
+    assert op["status"] == "succeeded", op["error"]
+    mig = apis["h1"].get(f"/v1/migrations/{op['id']}").json()
+    assert mig["status"] == "succeeded" and mig["destination"] == "h2" and mig["instance"] == inst_id
+    assert mig["bytes"]["processed"] > 0 and mig["total_ms"] > 0
+    # the destination owns it now and the guest keeps running there
+    moved = apis["h2"].get(f"/v1/instances/{name}").json()
+    assert moved["id"] == inst_id and moved["state"] == "running"
+    assert_runs(apis["h2"], name)
+    assert name in domains(h2)
+    # the source is clean: no record, no domain, no volume, no instance dir
+    assert apis["h1"].get(f"/v1/instances/{name}").status_code == 404
+    assert name not in domains(h1)
+    assert not [v for v in volumes(h1) if inst_id[:12] in v]
+    assert not (h1.state_dir / "instances" / inst_id).exists()
+    # and back, with the CLI on h2
+    env = {**os.environ, "NODEAGENT_URL": h2.agent_url, "NODEAGENT_TOKEN": h2.admin_token,
+           "PYTHONPATH": str(harness.REPO)}
+    r = subprocess.run([sys.executable, "-m", "agent", "migrate", name, "--to", "h1"], cwd=harness.REPO,
+                       env=env, capture_output=True, text=True, timeout=OP_TIMEOUT_S)
+    assert r.returncode == 0, r.stderr
+    assert "now runs on h1" in r.stdout
+    assert_runs(apis["h1"], name)
+    assert apis["h2"].get(f"/v1/instances/{name}").status_code == 404
+    assert name not in domains(h2)
+    assert apis["h1"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+
+
+def test_only_configured_peers_may_send_work(cluster, apis):
+    # h2's admin token is not named after a peer: the destination endpoints refuse it
+    body = {"instance": {"id": uuid.uuid4().hex, "name": "intruder", "kind": "vm", "pool": "default",
+                         "volumes": ["i-x-disk"]}, "spec": {},
+            "image": {"id": "0" * 64, "name": "x", "format": "qcow2", "kind": "vm"}}
+    r = apis["h2"].post("/v1/peer/migrations", json=body)
+    assert r.status_code == 403 and "configured peers" in r.json()["error"]["message"]
+    assert apis["h2"].get("/v1/instances/intruder").status_code == 404
+    r = apis["h1"].post("/v1/migrations", json={"instance": "nosuch", "destination": "h2"})
+    assert r.status_code == 404
+    r = apis["h1"].get(f"/v1/peer/images/{'0' * 64}")
+    assert r.status_code == 403
+
+
+def test_unknown_destination_and_container_live_are_clear(apis, image):
+    name = create_vm(apis["h1"], image)
+    try:
+        r = apis["h1"].post("/v1/migrations", json={"instance": name, "destination": "h9"})
+        assert r.status_code == 422 and "not a configured peer" in r.json()["error"]["message"]
+    finally:
+        apis["h1"].delete(f"/v1/instances/{name}")
+
+
+def _restart_source_slow(cluster):
+    h1 = cluster.hosts[0]
+    h1.stop_agent()
+    h1.start_agent(env={"NODEAGENT_SLOW_PHASE": f"migration:migrate={SLOW_MIGRATE_S}"})
+
+
+def _restart_source_normal(cluster):
+    h1 = cluster.hosts[0]
+    h1.stop_agent()
+    h1.start_agent()
+
+
+def _start_migration(api, name) -> dict:
+    r = api.post("/v1/migrations", json={"instance": name, "destination": "h2", "mode": "live"})
+    assert r.status_code == 202, r.text
+    op = r.json()
+    deadline = time.monotonic() + 60
+    while api.get(f"/v1/operations/{op['id']}").json()["progress"].get("phase") != "migrate":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return op
+
+
+def test_destination_agent_killed_then_retry(cluster, apis, image):
+    h1, h2 = cluster.hosts
+    name = create_vm(apis["h1"], image)
+    _restart_source_slow(cluster)
+    try:
+        op = _start_migration(apis["h1"], name)
+        h2.kill_agent()
+        op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+        assert op["status"] == "failed" and "keeps running here" in op["error"]["message"], op
+        assert_runs(apis["h1"], name)
+        h2.start_agent()  # its restart removes what it had prepared
+        assert apis["h2"].get(f"/v1/instances/{name}").status_code == 404
+        assert name not in domains(h2)
+        assert not [v for v in volumes(h2) if name in v or "i-" in v and "disk" in v]
+    finally:
+        _restart_source_normal(cluster)
+    op = migrate(apis["h1"], name, "h2")
+    assert op["status"] == "succeeded", op["error"]
+    assert_runs(apis["h2"], name)
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+
+
+def test_link_cut_then_retry(cluster, apis, image):
+    h1, h2 = cluster.hosts
+    name = create_vm(apis["h1"], image)
+    _restart_source_slow(cluster)
+    try:
+        op = _start_migration(apis["h1"], name)
+        harness.sh("ip", "-n", h2.netns, "link", "set", "eth0", "down")
+        try:
+            op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+        finally:
+            harness.sh("ip", "-n", h2.netns, "link", "set", "eth0", "up")
+        assert op["status"] == "failed" and "keeps running here" in op["error"]["message"], op
+        assert_runs(apis["h1"], name)
+        assert name not in domains(h2)
+    finally:
+        _restart_source_normal(cluster)
+    op = migrate(apis["h1"], name, "h2")  # the retry clears what the cut attempt left there
+    assert op["status"] == "succeeded", op["error"]
+    assert_runs(apis["h2"], name)
+    assert [i["name"] for i in apis["h2"].get("/v1/instances").json()["instances"]].count(name) == 1
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+    assert not [v for v in volumes(h2) if "disk" in v]
+
+
+@pytest.fixture(scope="module")
+def busybox(apis, cluster):
+    from tests.functional.ocibuild import busybox_layers, write_layout
+    layout = write_layout(str(cluster.hosts[0].root / "busybox-layout"), {"latest": busybox_layers()})
+    op = apis["h1"].wait(apis["h1"].post("/v1/images", json={
+        "name": "busybox", "format": "oci", "source": {"type": "file", "path": layout}}).json(),
+        timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    return "busybox"
+
+
+def create_container(api, image) -> str:
+    name = f"ctr-{uuid.uuid4().hex[:6]}"
+    op = api.wait(api.post("/v1/instances", json={
+        "name": name, "kind": "container", "image": image, "cpus": 0.5, "memory_mib": 64,
+        "network": "none", "command": ["/bin/sh", "-c", "echo started >> /log; trap 'exit 0' TERM; sleep 3600 & wait"]}).json(),
+        timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    return name
+
+
+def sh_in(api, name, script) -> str:
+    r = api.post(f"/v1/instances/{name}/exec", json={"command": ["/bin/sh", "-c", script]}).json()
+    assert r["exit_code"] == 0, r
+    return r["stdout"]
+
+
+@pytest.mark.parametrize("mode", ["cold", "refresh"])
+def test_container_migration_keeps_its_files(cluster, apis, busybox, mode):
+    h1, h2 = cluster.hosts
+    name = create_container(apis["h1"], busybox)
+    sh_in(apis["h1"], name, "echo data > /made; rm /etc/keep; mkdir -p /d; echo x > /d/f")
+    r = apis["h1"].post("/v1/migrations", json={"instance": name, "destination": "h2", "mode": "live"})
+    assert r.status_code == 422 and "mode=refresh" in r.json()["error"]["message"]  # criu check fails here
+    op = migrate(apis["h1"], name, "h2", mode=mode)
+    assert op["status"] == "succeeded", op["error"]
+    assert op["result"]["downtime_ms"] is not None
+    inst = apis["h2"].get(f"/v1/instances/{name}").json()
+    assert inst["state"] == "running"
+    assert sh_in(apis["h2"], name, "cat /made /d/f").split() == ["data", "x"]
+    etc = sh_in(apis["h2"], name, "ls /etc").split()
+    assert "new" in etc and "keep" not in etc  # the deletion (an overlay whiteout) moved too
+    assert sh_in(apis["h2"], name, "cat /log").split() == ["started", "started"]  # started again there
+    assert apis["h1"].get(f"/v1/instances/{name}").status_code == 404
+    assert not [v for v in volumes(h1) if inst["id"][:12] in v]
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}

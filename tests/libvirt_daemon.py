@@ -65,15 +65,15 @@ def _wait(cond, what: str) -> None:
         time.sleep(0.05)
 
 
-def terminate(pid: int | None) -> None:
-    """End process ``pid`` (one we started): SIGTERM, then SIGKILL after 10 s."""
+def terminate(pid: int | None, timeout: float = 10) -> None:
+    """End process ``pid`` (one we started): SIGTERM, then SIGKILL after ``timeout`` s."""
     if not pid:
         return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)

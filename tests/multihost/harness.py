@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from storage import mounts
+from tests.libvirt_daemon import terminate
 
 PREFIX = "nasim"  # every netns, link, bridge and mount this harness makes starts with it
 NS_DIR = Path("/run/nodeagent-sim")  # holds the persistent mount-namespace files + run owners
@@ -173,7 +174,7 @@ class SimHost:
                 proc.kill()
                 proc.wait(10)
         else:
-            _stop_pid(pid, timeout=30)
+            terminate(pid, timeout=30)
         (self.root / "run" / "agent.pid").unlink(missing_ok=True)
 
     def kill_agent(self) -> None:
@@ -200,7 +201,7 @@ class SimHost:
                 self.run("virsh", "-c", "qemu:///system", "undefine", dom, "--nvram",
                          check=False, timeout=30)
         for name in ("libvirtd", "virtlogd"):
-            _stop_pid(self.pids.pop(name, None))
+            terminate(self.pids.pop(name, None))
         _remove_ns(self.netns, self.mntns, self.uplink)
         _remove_cgroups(self.netns)
 
@@ -265,23 +266,6 @@ def _read_pid(path: Path, timeout: float = 10) -> int:
         except (FileNotFoundError, ValueError):
             time.sleep(0.05)
     raise RuntimeError(f"no pid file {path}")
-
-
-def _stop_pid(pid: int | None, timeout: float = 10) -> None:
-    if not pid:
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
 
 
 def _remove_ns(netns: str, mntns: Path, uplink: str) -> None:
@@ -362,7 +346,7 @@ def clean_leftovers() -> None:
         else:
             for pidfile in Path(workdir.strip()).glob("*/run/*.pid"):
                 try:
-                    _stop_pid(int(pidfile.read_text().strip()))
+                    terminate(int(pidfile.read_text().strip()))
                 except (ValueError, OSError):
                     pass
         for mnt in NS_DIR.glob(f"{PREFIX}{tag}-*.mnt"):

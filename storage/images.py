@@ -51,6 +51,7 @@ from agent.state import Database
 from storage import oci, qemu_img
 from storage.backend import DISK_FORMATS, Backend, BlobInfo, Volume, VolumeSpec
 from storage.unpack import layer_dir, unpack_layer_once
+from storage.validate import parse_digest
 
 GIB = 1024**3
 URL_CHUNK = 1024 * 1024  # 1 MiB reads from an HTTP response
@@ -269,7 +270,7 @@ class ImageStore:
         """
         _check_name(name)
         pool, backend = self._backend(pool)
-        _hex_digest(digest)
+        parse_digest(digest)
         existing = self.find(digest)
         if existing is not None:
             return self._alias(existing, name)
@@ -783,13 +784,6 @@ def _tree_bytes(path: str) -> int:
                 pass
     return total
 
-
-def _hex_digest(digest: str) -> str:
-    hexpart = (digest or "").removeprefix("sha256:")
-    if not digest.startswith("sha256:") or len(hexpart) != 64 or \
-            any(c not in "0123456789abcdef" for c in hexpart):
-        raise InvalidInput(f"digest {digest!r} must be sha256:<64 lowercase hex digits>")
-    return hexpart
 
 
 def _looks_like_manifest(backend: Backend, digest: str, size: int) -> bool:

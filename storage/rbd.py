@@ -39,6 +39,7 @@ from typing import BinaryIO, Iterator
 from agent.errors import (AgentError, CommandFailed, Conflict, InsufficientResources,
                           InvalidInput, NotFound, Unavailable, Unprocessable, Unsupported)
 from storage.backend import BlobInfo, Progress, Usage, Volume, VolumeSpec
+from storage.validate import parse_digest
 
 BLOB_PREFIX = "nablob."
 RAW_PREFIX = "naraw."
@@ -54,14 +55,7 @@ CONNECT_TIMEOUT = 15  # seconds to reach the monitors
 OP_TIMEOUT = 60  # seconds any single RADOS/mon op may take before we call Ceph unavailable
 QEMU_IMG_TIMEOUT = 3600
 VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
 
-
-def _hex(digest: str) -> str:
-    m = DIGEST.match(digest or "")
-    if not m:
-        raise InvalidInput(f"bad digest {digest!r}: expected sha256:<64 lowercase hex>")
-    return m.group(1)
 
 
 def _check_volume_name(name: str) -> None:
@@ -230,7 +224,7 @@ class RbdBackend:
                  progress: Progress | None = None) -> BlobInfo:
         import rbd
 
-        want = _hex(digest) if digest else None
+        want = parse_digest(digest) if digest else None
         if want and self.find_blob(digest) is not None:
             found = self.stat_blob(digest)
             return found
@@ -295,7 +289,7 @@ class RbdBackend:
     def open_blob(self, digest: str, offset: int = 0, length: int | None = None) -> BinaryIO:
         import rbd
 
-        image = BLOB_PREFIX + _hex(digest)
+        image = BLOB_PREFIX + parse_digest(digest)
         with self._errors(f"blob {digest}"):
             img = rbd.Image(self._io(), image, snapshot=BASE_SNAP, read_only=True)
         size = img.size()
@@ -316,7 +310,7 @@ class RbdBackend:
     def find_blob(self, digest: str) -> BlobInfo | None:
         import rbd
 
-        image = BLOB_PREFIX + _hex(digest)
+        image = BLOB_PREFIX + parse_digest(digest)
         try:
             with self._errors(f"blob {digest}"):
                 with rbd.Image(self._io(), image, snapshot=BASE_SNAP, read_only=True) as img:
@@ -327,7 +321,7 @@ class RbdBackend:
     def delete_blob(self, digest: str) -> bool:
         import rbd
 
-        hexd = _hex(digest)
+        hexd = parse_digest(digest)
         ioctx = self._io()
         images = [RAW_PREFIX + hexd, BLOB_PREFIX + hexd]
         with self._errors(f"delete blob {digest}"):
@@ -465,7 +459,7 @@ class RbdBackend:
         """The image whose ``base`` snapshot volumes of this blob are cloned from."""
         import rbd
 
-        hexd = _hex(digest)
+        hexd = parse_digest(digest)
         blob = BLOB_PREFIX + hexd
         if format == "raw":
             return blob

@@ -481,17 +481,16 @@ class MigrationService:
             raise
 
     def _prepare_vm(self, inst, spec, image, pool, disk_size) -> dict:
-        from hypervisor.seed import make_seed
-        vol = self.root.store.clone_disk(image.id, inst.volumes[0], pool=pool, size=disk_size)
+        from hypervisor.provision import ROOT_TARGET, SEED_TARGET
+        vol, seed = self.root.instances.vm_disks(inst.id, inst.name, image.id, pool, inst.volumes[0],
+                                                 size=disk_size, user_data=spec.get("user_data"))
         if not vol.path:
             raise Unsupported(f"pool {pool!r} gives no file path for disks; live migration with copied "
                               "storage needs a local pool")
         d = self.root.instances._instance_dir(inst.id)
-        seed = make_seed(str(d / "seed.iso"), instance_id=inst.id, hostname=inst.name,
-                         user_data=spec.get("user_data"))
         if spec.get("network") == "bridge":
             self._ensure_bridge()
-        return {"disk_sources": {"vda": vol.path, "sda": seed}, "console_log": str(d / "console.log"),
+        return {"disk_sources": {ROOT_TARGET: vol.path, SEED_TARGET: seed}, "console_log": str(d / "console.log"),
                 "migration_uri": self.migration_uri()}
 
     def _prepare_container(self, inst, image, pool) -> dict:

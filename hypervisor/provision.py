@@ -38,6 +38,11 @@ class VmRequest:
     machine: str = "q35"
 
 
+def seed_disk(path: str) -> DiskSpec:
+    """The NoCloud seed as the guest sees it: a read-only virtio disk at SEED_TARGET."""
+    return DiskSpec(target=SEED_TARGET, source=path, format="raw", readonly=True)
+
+
 def root_volume_name(name: str) -> str:
     return f"{name}-root"
 
@@ -65,7 +70,7 @@ def create_vm(driver: Driver, backend: Backend, req: VmRequest, *, seed_dir: str
         made_seed = True
         spec = VmSpec(name=req.name, uuid=req.uuid, cpus=req.cpus, memory_mib=req.memory_mib,
                       disks=(disk_for_volume(vol, ROOT_TARGET),
-                             DiskSpec(target=SEED_TARGET, source=seed, format="raw", readonly=True)),
+                             seed_disk(seed)),
                       nics=req.nics, console_log=console_log, kernel=req.kernel, initrd=req.initrd,
                       cmdline=req.cmdline, machine=req.machine)
         driver.define(spec)

@@ -160,25 +160,31 @@ class InstanceService:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def vm_disks(self, inst_id, name, image_id, pool, volume, *, size=None, user_data=None):
+        """Clone the root disk and write the NoCloud seed of a VM (at create, and on a
+        migration's destination); returns (root volume, seed path)."""
+        from hypervisor.seed import make_seed
+        vol = self.root.store.clone_disk(image_id, volume, pool=pool, size=size)
+        seed = make_seed(str(self._instance_dir(inst_id) / "seed.iso"), instance_id=inst_id,
+                         hostname=name, user_data=user_data)
+        return vol, seed
+
     def _create_vm(self, op, inst_id, req, image, pool, volume) -> str:
         from hypervisor.disks import disk_for_volume
-        from hypervisor.driver import DiskSpec, NicSpec, VmSpec
-        from hypervisor.seed import make_seed
+        from hypervisor.driver import NicSpec, VmSpec
+        from hypervisor.provision import ROOT_TARGET, seed_disk
 
         op.phase("clone")
-        vol = self.root.store.clone_disk(image.id, volume, pool=pool,
-                                         size=req.disk_gib * GiB if req.disk_gib else None)
-        op.phase("seed")
+        vol, seed = self.vm_disks(inst_id, req.name, image.id, pool, volume,
+                                  size=req.disk_gib * GiB if req.disk_gib else None,
+                                  user_data=req.user_data)
         d = self._instance_dir(inst_id)
-        seed = make_seed(str(d / "seed.iso"), instance_id=inst_id, hostname=req.name, user_data=req.user_data)
         op.phase("define")
         nics = (NicSpec(bridge=self.root.config.network.bridge, mac=_mac(inst_id)),) \
             if req.network == "bridge" else ()
         spec = VmSpec(name=req.name, uuid=str(uuid.UUID(inst_id)), cpus=max(1, math.ceil(req.cpus)),
                       memory_mib=req.memory_mib,
-                      disks=(disk_for_volume(vol, "vda"),
-                             DiskSpec(target="sda", source=seed, type="file", format="raw",
-                                      device="cdrom", readonly=True)),
+                      disks=(disk_for_volume(vol, ROOT_TARGET), seed_disk(seed)),
                       nics=nics, console_log=str(d / "console.log"))
         info = self.root.driver.define(spec)
         if req.start:

@@ -38,8 +38,8 @@ import time
 import uuid
 
 from agent import models
-from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, Forbidden, NotFound,
-                          Unavailable, Unprocessable, Unsupported)
+from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, Forbidden, InsufficientResources,
+                          NotFound, Unavailable, Unprocessable, Unsupported)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ FINISH_RETRY_S = 2
 IMAGE_CHUNK = 1024 * 1024
 CRIU_CHECK_TIMEOUT_S = 30
 INCOMING = "incoming"  # instance state on the destination until the source confirms
+SPACE_HEADROOM = 64 * 1024 * 1024  # 64 MiB a local pool keeps free after taking an instance (qcow2
+# metadata, what the guest writes during the copy): a destination below it refuses at prepare
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), as tar, QEMU and libvirt report it
+MiB = 1024 * 1024
 
 
 # -- talking to a peer agent --------------------------------------------------------------
@@ -77,8 +81,7 @@ class PeerClient:
                 raise Forbidden(f"peer {self.name!r} refused us: {e.message}; on {self.name}, create an admin "
                                 "token named after this host and put it in this agent's "
                                 f"[peers.{self.name}] token") from None
-            err = {404: NotFound, 409: Conflict, 422: Unprocessable}.get(e.status, CommandFailed)
-            raise err(f"peer {self.name!r}: {e.message}") from None
+            raise peer_error(self.name, e.status, e.message) from None
 
     def alive(self) -> bool:
         import requests
@@ -124,7 +127,11 @@ class PeerClient:
         if proc.returncode not in (0, 1):  # 1: a file changed while read (refresh pre-sync)
             raise CommandFailed(f"tar of {upper} failed: {err[-500:]}", stderr=err)
         if r.status_code != 200:
-            raise CommandFailed(f"peer {self.name!r} did not take the rootfs: HTTP {r.status_code} {r.text[:300]}")
+            try:
+                msg = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = f"HTTP {r.status_code} {r.text[:300]}"
+            raise peer_error(self.name, r.status_code, f"did not take the rootfs: {msg}")
         return counted["n"]
 
     def download_image(self, image_id: str, dest: str) -> None:
@@ -141,6 +148,30 @@ class PeerClient:
         except requests.RequestException as e:
             raise Unavailable(f"peer {self.name!r} ({self.url}) is unreachable while sending image "
                               f"{image_id[:12]}: {e.__class__.__name__}") from None
+
+
+def peer_error(peer: str, status: int, message: str) -> AgentError:
+    """The error a peer's HTTP error answer means here."""
+    if status == InsufficientResources.http_status:
+        return InsufficientResources(f"destination {peer!r} is out of space: {message}")
+    err = {404: NotFound, 409: Conflict, 422: Unprocessable}.get(status, CommandFailed)
+    return err(f"peer {peer!r}: {message}")
+
+
+def allocated_bytes(path: str | None) -> int:
+    """Bytes a file, or a directory tree, really occupies: what copying it writes."""
+    if not path or not os.path.exists(path):
+        return 0
+    if not os.path.isdir(path):
+        return os.stat(path).st_blocks * 512
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                n += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass  # removed while we walk (a running container)
+    return n
 
 
 def criu_works() -> tuple[bool, str]:
@@ -170,12 +201,21 @@ def untar_into(dest: str, stream) -> int:
     try:
         while chunk := stream.read(IMAGE_CHUNK):
             n += len(chunk)
-            proc.stdin.write(chunk)
+            if proc.poll() is None:  # a tar that died (disk full) leaves the rest to drain
+                try:
+                    proc.stdin.write(chunk)
+                except BrokenPipeError:
+                    pass
     finally:
-        proc.stdin.close()
+        try:
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
         err = proc.stderr.read().decode(errors="replace")
         proc.wait()
     if proc.returncode != 0:
+        if NO_SPACE in err:
+            raise InsufficientResources(f"{dest}: {NO_SPACE.lower()} after {n // MiB} MiB of the rootfs")
         raise CommandFailed(f"unpacking the rootfs into {dest} failed: {err[-500:]}", stderr=err)
     return n
 
@@ -317,10 +357,12 @@ class MigrationService:
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
+        shared = pool.kind not in ("local", "fake")
         body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
-                "spec": spec, "disk_size": vol.size,
-                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
-        prepared = peer.prepare(body)
+                "spec": spec, "disk_size": vol.size, "data_bytes": 0 if shared else allocated_bytes(vol.path),
+                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind,
+                          "size": image.size}}
+        prepared = self._prepare_remote(peer, body, name)
         live = self._live.setdefault(op.id, {})
         down = {"failures": 0, "last": time.monotonic()}
 
@@ -337,7 +379,6 @@ class MigrationService:
                 down["failures"] = 0 if peer.alive() else down["failures"] + 1
             return down["failures"] >= HEALTH_FAILURES
 
-        shared = pool.kind not in ("local", "fake")
         options = MigrationOptions(
             live=(mode == "live"), copy_storage="none" if shared else "incremental",
             disk_sources=prepared["disk_sources"], console_log=prepared.get("console_log"))
@@ -354,6 +395,13 @@ class MigrationService:
                     raise
                 raise Unavailable(f"peer {peer.name!r} stopped answering during the migration: it was "
                                   f"aborted and {name!r} keeps running here") from None
+            except CommandFailed as e:
+                if NO_SPACE not in e.message:
+                    raise
+                raise InsufficientResources(
+                    f"destination {peer.name!r} is out of space: its pool {inst['pool']!r} filled up during "
+                    f"the disk copy ({NO_SPACE}); {name!r} keeps running here: free space on {peer.name} "
+                    "or migrate it to another host") from None
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             raise
@@ -381,9 +429,10 @@ class MigrationService:
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
         body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
-                "spec": self.root.instances._spec(inst_id),
-                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
-        peer.prepare(body)
+                "spec": self.root.instances._spec(inst_id), "data_bytes": allocated_bytes(upper),
+                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind,
+                          "size": image.size}}
+        self._prepare_remote(peer, body, name)
         was_running = self.root.runtime.get(name).state == "running"
         stopped_at = None
         sent = 0
@@ -406,6 +455,9 @@ class MigrationService:
             self._abort_remote(peer, inst_id, e)
             if stopped_at is not None:
                 self.root.runtime.start(name)
+            if isinstance(e, InsufficientResources):
+                raise InsufficientResources(f"{e.message}; container {name!r} keeps running here: free space "
+                                            f"on {peer.name} or migrate it to another host") from None
             raise
         downtime = (time.monotonic() - stopped_at) * 1000 if stopped_at is not None else None
         op.phase("cleanup")
@@ -414,6 +466,12 @@ class MigrationService:
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
                 "downtime_ms": round(downtime, 1) if downtime is not None else None,
                 "total_ms": None, "bytes": sent}
+
+    def _prepare_remote(self, peer: PeerClient, body: dict, name: str) -> dict:
+        try:
+            return peer.prepare(body)
+        except InsufficientResources as e:
+            raise InsufficientResources(f"{e.message}; {name!r} stays here, unchanged") from None
 
     def _abort_remote(self, peer: PeerClient, inst_id: str, cause: BaseException) -> None:
         try:
@@ -458,6 +516,7 @@ class MigrationService:
         self._clear_stale(inst.id, inst.name)
         cfg = self.config
         pool = inst.pool if inst.pool in cfg.pools else cfg.default_pool
+        self._check_space(pool, req)
         image = self._ensure_image(source, req.image)
         now = time.time()
         spec = dict(req.spec, image_id=image.id)
@@ -479,6 +538,24 @@ class MigrationService:
         except BaseException:
             self.root.instances._destroy(inst.id)
             raise
+
+    def _check_space(self, pool: str, req: models.IncomingMigration) -> None:
+        """InsufficientResources unless local pool ``pool`` can take the instance's data (its
+        written disk or rootfs, and its image if missing here) and keep SPACE_HEADROOM free.
+        Shared pools (block, object) take no copy and report their own full errors."""
+        backend = self.root.pools[pool]
+        if backend.kind != "local":
+            return
+        need = req.data_bytes or 0
+        if req.image.size and self.root.store.find(req.image.id) is None:
+            need += req.image.size * (2 if req.image.kind == "container" else 1)  # layers: blobs + unpacked
+        free = backend.usage().available
+        if free < need + SPACE_HEADROOM:
+            raise InsufficientResources(
+                f"pool {pool!r} on {self.root.host.hostname()} ({self.config.api.listen}) has "
+                f"{free / MiB:.1f} MiB free; {req.instance.kind} {req.instance.name!r} needs {need / MiB:.1f} MiB "
+                f"plus {SPACE_HEADROOM // MiB} MiB headroom: free space in that pool (or grow it), or migrate "
+                "to another host")
 
     def _prepare_vm(self, inst, spec, image, pool, disk_size) -> dict:
         from hypervisor.provision import ROOT_TARGET, SEED_TARGET
@@ -508,7 +585,11 @@ class MigrationService:
         if inst["kind"] != "container":
             raise Unprocessable("only containers take a rootfs stream")
         layers = json.loads((self.config.state_path / "instances" / inst_id / LAYERS_FILE).read_text())
-        return {"bytes": untar_into(layers["upperdir"], stream)}
+        try:
+            return {"bytes": untar_into(layers["upperdir"], stream)}
+        except InsufficientResources as e:
+            raise InsufficientResources(f"pool {inst['pool']!r} on {self.root.host.hostname()} "
+                                        f"({self.config.api.listen}) is full: {e.message}") from None
 
     def _finish_container(self, inst: dict, start: bool, keep) -> dict:
         from storage.images import RootfsLayers

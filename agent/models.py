@@ -292,6 +292,7 @@ class IncomingImage(Model):
     name: str = Field(min_length=1, max_length=256)
     format: str
     kind: Literal["vm", "container"]
+    size: IntRange(0, 2**53) | None = None  # bytes: what a destination lacking it must store
 
 
 class IncomingMigration(Model):
@@ -299,6 +300,7 @@ class IncomingMigration(Model):
     spec: dict[str, Any]
     image: IncomingImage
     disk_size: IntRange(0, 2**53) | None = None  # bytes
+    data_bytes: IntRange(0, 2**53) | None = None  # bytes the copy writes there (written disk data, upper dir)
 
 
 class IncomingPrepared(Model):

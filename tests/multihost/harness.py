@@ -61,8 +61,10 @@ class TestNetwork:
 
 
 class SimHost:
-    def __init__(self, name: str, address: str, workdir: Path, network: TestNetwork, tag: str):
+    def __init__(self, name: str, address: str, workdir: Path, network: TestNetwork, tag: str,
+                 pool_size: str | None = None):
         self.name = name
+        self.pool_size = pool_size  # e.g. "256M": the default pool is a tmpfs this big (a disk that fills up)
         self.address = address
         self.root = Path(workdir) / name
         self.network = network
@@ -90,6 +92,15 @@ class SimHost:
     @property
     def state_dir(self) -> Path:
         return self.root / "state"
+
+    @property
+    def pool_dir(self) -> Path:
+        return self.state_dir / "pool"
+
+    def path(self, p: Path | str) -> Path:
+        """``p`` as this host sees it (through its libvirtd's root: the host's mount
+        namespace, where its pool may be a tmpfs), for the test process to read or write."""
+        return Path(f"/proc/{self.pids['libvirtd']}/root") / Path(p).relative_to("/")
 
     # -- lifecycle --
     def start(self) -> "SimHost":
@@ -232,6 +243,9 @@ class SimHost:
         binds = "".join(
             f" && mount --bind {self.root / d.strip('/').replace('/', '-')} {d}"
             for d in LIBVIRT_DIRS)
+        if self.pool_size:
+            self.pool_dir.mkdir(parents=True, exist_ok=True)
+            binds += f" && mount -t tmpfs -o size={self.pool_size},mode=0755 {self.netns}-pool {self.pool_dir}"
         sh("nsenter", f"--mount={self.mntns}", "sh", "-c",
            f"mount -t tmpfs -o mode=0755 {self.netns}-run /run && mkdir -p /run/libvirt /run/lock"
            + binds)
@@ -363,7 +377,7 @@ class Cluster:
     """N simulated hosts on one test bridge; a context manager that removes all of it.
     Each run has its own tag (in every name) and /24, so concurrent runs do not collide."""
 
-    def __init__(self, workdir: Path, names=("h1", "h2")):
+    def __init__(self, workdir: Path, names=("h1", "h2"), pool_sizes: dict[str, str] | None = None):
         _private_ns_dir()
         clean_leftovers()
         while True:
@@ -377,7 +391,7 @@ class Cluster:
                 continue
         self.network = TestNetwork(self.tag)
         self.hosts = [SimHost(n, self.network.address(i + 1), Path(workdir), self.network,
-                              self.tag) for i, n in enumerate(names)]
+                              self.tag, pool_size=(pool_sizes or {}).get(n)) for i, n in enumerate(names)]
 
     def __enter__(self) -> "Cluster":
         self.network.up()

@@ -1,7 +1,9 @@
 """Migration through the agents: two simulated hosts, each with its own libvirtd and a
 real agent (tests/multihost/harness.py); POST /v1/migrations on the source moves a
 running VM with its local disk copied; the destination adopts it; the source is clean.
-Faults: the destination agent down, the link to the destination cut."""
+Faults: the destination agent down, the link to the destination cut, the destination's
+pool full (h2's pool is a small tmpfs in its mount namespace), cancel; and a stopped VM
+moved offline."""
 from __future__ import annotations
 
 import os
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.real
 
 OP_TIMEOUT_S = 300
 SLOW_MIGRATE_S = 4  # a pause the source takes before the copy, so a fault can be injected there
+DEST_POOL_SIZE = "256M"  # h2's pool is a tmpfs this big: a disk the tests can really fill
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def cluster():
     # QEMU runs as libvirt-qemu: the hosts' dirs must be reachable (pytest's tmp is 0700)
     work = Path(tempfile.mkdtemp(prefix="nodeagent-mh-", dir="/var/tmp"))
     os.chmod(work, 0o755)
-    c = harness.Cluster(work)
+    c = harness.Cluster(work, pool_sizes={"h2": DEST_POOL_SIZE})
     try:
         with c:
             c.start_agents()
@@ -82,8 +85,19 @@ def domains(host) -> list[str]:
 
 
 def volumes(host) -> list[str]:
-    pool = host.state_dir / "pool"
+    pool = host.path(host.pool_dir)  # as the host sees it: h2's is a tmpfs in its mount namespace
     return sorted(p.name for p in pool.rglob("i-*")) if pool.exists() else []
+
+
+def fill_pool(host) -> Path:
+    """Fill the host's pool filesystem (a tmpfs) to the last byte; the filler file to remove."""
+    pool = host.path(host.pool_dir)
+    st = os.statvfs(pool)
+    filler = pool / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, st.f_bavail * st.f_frsize)
+    assert os.statvfs(pool).f_bavail == 0
+    return filler
 
 
 def assert_runs(api, name):
@@ -153,7 +167,8 @@ def test_unknown_destination_and_container_live_are_clear(apis, image):
 def _restart_source_slow(cluster):
     h1 = cluster.hosts[0]
     h1.stop_agent()
-    h1.start_agent(env={"NODEAGENT_SLOW_PHASE": f"migration:migrate={SLOW_MIGRATE_S}"})
+    h1.start_agent(env={"NODEAGENT_SLOW_PHASE": f"migration:migrate={SLOW_MIGRATE_S},"
+                                                f"migration:sync={SLOW_MIGRATE_S}"})
 
 
 def _restart_source_normal(cluster):
@@ -162,12 +177,13 @@ def _restart_source_normal(cluster):
     h1.start_agent()
 
 
-def _start_migration(api, name) -> dict:
-    r = api.post("/v1/migrations", json={"instance": name, "destination": "h2", "mode": "live"})
+def _start_migration(api, name, mode="live", phase="migrate") -> dict:
+    """Start a migration and return its operation once it reached ``phase`` (a slow one)."""
+    r = api.post("/v1/migrations", json={"instance": name, "destination": "h2", "mode": mode})
     assert r.status_code == 202, r.text
     op = r.json()
     deadline = time.monotonic() + 60
-    while api.get(f"/v1/operations/{op['id']}").json()["progress"].get("phase") != "migrate":
+    while api.get(f"/v1/operations/{op['id']}").json()["progress"].get("phase") != phase:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     return op
@@ -265,3 +281,82 @@ def test_container_migration_keeps_its_files(cluster, apis, busybox, mode):
     assert apis["h1"].get(f"/v1/instances/{name}").status_code == 404
     assert not [v for v in volumes(h1) if inst["id"][:12] in v]
     assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+
+
+def assert_clean(api, host, name):
+    """Nothing of instance ``name`` on ``host``: no record, domain, container or volume."""
+    assert api.get(f"/v1/instances/{name}").status_code == 404
+    assert name not in domains(host)
+    assert not [v for v in volumes(host) if v.endswith(("-disk.qcow2", "-rootfs"))], volumes(host)
+    assert not [i for i in api.get("/v1/instances").json()["instances"] if i["state"] == "incoming"]
+
+
+def test_destination_out_of_disk_then_retry(cluster, apis, image):
+    h1, h2 = cluster.hosts
+    name = create_vm(apis["h1"], image)
+    filler = fill_pool(h2)
+    try:
+        op = migrate(apis["h1"], name, "h2")
+        assert op["status"] == "failed", op
+        err = op["error"]
+        assert err["code"] == "insufficient_resources", err
+        for words in ("destination 'h2' is out of space", "pool 'default'", "free space", "another host",
+                      f"'{name}' stays here"):
+            assert words in err["message"], err["message"]
+        assert_runs(apis["h1"], name)
+        assert_clean(apis["h2"], h2, name)
+    finally:
+        filler.unlink()
+    op = migrate(apis["h1"], name, "h2")  # space freed: the retry goes through
+    assert op["status"] == "succeeded", op["error"]
+    assert_runs(apis["h2"], name)
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+
+
+def test_container_faults_while_stopped_for_the_final_sync(cluster, apis, busybox, image):
+    """While the source holds the container stopped for its final sync (a slow phase there):
+    the destination's pool fills up, then (second attempt) the operation is cancelled, and a
+    VM migration is cancelled mid-way. Each time the instance runs here again and the
+    destination is clean; then the container moves."""
+    h1, h2 = cluster.hosts
+    name = create_container(apis["h1"], busybox)
+    sh_in(apis["h1"], name, "dd if=/dev/zero of=/big bs=1M count=8 2>/dev/null")  # 8 MiB to copy
+    vm = create_vm(apis["h1"], image)
+    _restart_source_slow(cluster)
+    try:
+        op = _start_migration(apis["h1"], name, mode="cold", phase="sync")
+        filler = fill_pool(h2)
+        try:
+            op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+        finally:
+            filler.unlink()
+        assert op["status"] == "failed" and op["error"]["code"] == "insufficient_resources", op
+        for words in ("destination 'h2' is out of space", "pool 'default'", "is full", "no space left",
+                      f"container '{name}' keeps running here", "another host"):
+            assert words in op["error"]["message"], op["error"]["message"]
+        assert apis["h1"].get(f"/v1/instances/{name}").json()["state"] == "running"
+        assert sh_in(apis["h1"], name, "wc -c < /big").strip() == str(8 * 1024 * 1024)
+        assert_clean(apis["h2"], h2, name)
+
+        op = _start_migration(apis["h1"], name, mode="refresh", phase="sync")
+        assert apis["h1"].delete(f"/v1/operations/{op['id']}").status_code == 200
+        op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+        assert op["status"] == "cancelled", op
+        assert apis["h1"].get(f"/v1/instances/{name}").json()["state"] == "running"
+        assert sh_in(apis["h1"], name, "cat /log").split() == ["started"] * 3  # started again here, twice
+        assert_clean(apis["h2"], h2, name)
+
+        op = _start_migration(apis["h1"], vm)
+        assert apis["h1"].delete(f"/v1/operations/{op['id']}").status_code == 200
+        op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+        assert op["status"] == "cancelled", op
+        assert_runs(apis["h1"], vm)
+        assert_clean(apis["h2"], h2, vm)
+        assert apis["h1"].delete(f"/v1/instances/{vm}").json() == {"deleted": True}
+    finally:
+        _restart_source_normal(cluster)
+    op = migrate(apis["h1"], name, "h2", mode="cold")
+    assert op["status"] == "succeeded", op["error"]
+    assert sh_in(apis["h2"], name, "wc -c < /big").strip() == str(8 * 1024 * 1024)
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+    assert_clean(apis["h2"], h2, name)

@@ -336,5 +336,8 @@ def migrate(ref, destination, to, mode, as_json):
     op = _finish(_wait_with_progress(c, op, f"migrating {ref} to {destination}", as_json), as_json)
     if not as_json:
         res = op.get("result") or {}
-        click.echo(f"{ref} now runs on {destination} (total {res.get('total_ms')} ms, "
-                   f"downtime {res.get('downtime_ms')} ms)")
+        if (res.get("instance") or {}).get("state") == "stopped":
+            click.echo(f"{ref} now lives on {destination}, stopped (moved offline in {res.get('total_ms')} ms)")
+        else:
+            click.echo(f"{ref} now runs on {destination} (total {res.get('total_ms')} ms, "
+                       f"downtime {res.get('downtime_ms')} ms)")

@@ -27,6 +27,7 @@ source's ``[peers.<destination>] token``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ import uuid
 
 from agent import models
 from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, Forbidden, InsufficientResources,
-                          NotFound, Unavailable, Unprocessable, Unsupported)
+                          InvalidInput, NotFound, Unavailable, Unprocessable, Unsupported)
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,34 @@ class PeerClient:
             except (ValueError, KeyError, TypeError):
                 msg = f"HTTP {r.status_code} {r.text[:300]}"
             raise peer_error(self.name, r.status_code, f"did not take the rootfs: {msg}")
+        return counted["n"]
+
+    def push_disk(self, inst_id: str, path: str, progress=None) -> int:
+        """Stream a stopped VM's disk file (its own qcow2 layer); bytes sent. ``progress(done)``
+        after each chunk (a cancel point: it may raise)."""
+        import requests
+        counted = {"n": 0}
+
+        def body():
+            with open(path, "rb") as f:
+                while chunk := f.read(IMAGE_CHUNK):
+                    counted["n"] += len(chunk)
+                    if progress:
+                        progress(counted["n"])
+                    yield chunk
+        try:
+            r = self.client.s.put(f"{self.url}/v1/peer/migrations/{inst_id}/disk", data=body(),
+                                  timeout=PREPARE_TIMEOUT_S, verify=self.client.verify,
+                                  headers={"Content-Type": "application/octet-stream"})
+        except requests.RequestException as e:
+            raise Unavailable(f"peer {self.name!r} ({self.url}) is unreachable while receiving the disk: "
+                              f"{e.__class__.__name__}") from None
+        if r.status_code != 200:
+            try:
+                msg = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = f"HTTP {r.status_code} {r.text[:300]}"
+            raise peer_error(self.name, r.status_code, f"did not take the disk: {msg}")
         return counted["n"]
 
     def download_image(self, image_id: str, dest: str) -> None:
@@ -286,12 +315,18 @@ class MigrationService:
         peer = self.peer(req.destination)
         if inst["state"] in ("creating", INCOMING):
             raise Conflict(f"instance {inst['name']!r} is {inst['state']}: wait for its operation")
-        if inst["kind"] == "vm":
+        if inst["kind"] == "vm" and inst["state"] == "stopped":
+            kind = self.root.pools[inst["pool"]].kind
+            if kind not in ("local", "fake"):
+                raise Unsupported(f"VM {inst['name']!r} is stopped and its disk is on pool {inst['pool']!r} "
+                                  f"({kind}): an offline move copies local disks only; start it and migrate "
+                                  "it live")
+        elif inst["kind"] == "vm":
             if not hasattr(self.root.driver, "migrate"):
                 raise Unsupported(f"the {self.config.hypervisor.driver} driver cannot migrate VMs")
             if inst["state"] not in ("running", "paused"):
-                raise Unprocessable(f"VM {inst['name']!r} is {inst['state']}: migration moves running VMs; "
-                                    "start it first")
+                raise Unprocessable(f"VM {inst['name']!r} is {inst['state']}: migration moves running, paused "
+                                    "and stopped VMs; start or stop it first")
         else:
             if req.mode == "live":
                 ok, why = criu_works()
@@ -308,6 +343,8 @@ class MigrationService:
         def work(op):
             try:
                 with self.root.instances.lock(inst["id"]):
+                    if inst["kind"] == "vm" and self.root.driver.get(inst["name"]).state == "stopped":
+                        return self._move_stopped_vm(op, inst["id"], peer)
                     if inst["kind"] == "vm":
                         return self._migrate_vm(op, inst["id"], peer, req.mode)
                     return self._migrate_container(op, inst["id"], peer, req.mode)
@@ -405,16 +442,52 @@ class MigrationService:
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             raise
-        # the guest runs there now; only the records are left to move
-        op.phase("confirm")
+        # the guest runs there now: no cancel from here on, only the records are left to move
+        op.phase("confirm", cancel_point=False)
         moved = self._finish_remote(peer, inst_id, name)
-        op.phase("cleanup")
+        op.phase("cleanup", cancel_point=False)
         self._forget_local(inst_id)
         log.info("instance migrated", extra={"instance": name, "destination": peer.name,
                                              "downtime_ms": result.downtime_ms, "total_ms": result.total_ms})
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
                 "downtime_ms": result.downtime_ms, "total_ms": round(result.total_ms, 1),
                 "bytes": result.data_bytes}
+
+    def _move_stopped_vm(self, op, inst_id: str, peer: PeerClient) -> dict:
+        """Offline: the destination prepares (overlay on the same base, seed, row), takes the
+        disk's own layer as a file, and defines the domain stopped; then it goes from here.
+        On failure the VM stays here (stopped, untouched) and the destination removes what it made."""
+        inst = self.root.instances.get(inst_id)
+        name = inst["name"]
+        image = self.root.store.get(inst["image"])
+        vol = self.root.pools[inst["pool"]].get_volume(inst["volumes"][0])
+        t0 = time.monotonic()
+        op.phase("prepare")
+        if not peer.alive():
+            raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
+        body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
+                "spec": self.root.instances._spec(inst_id), "disk_size": vol.size,
+                "data_bytes": allocated_bytes(vol.path),
+                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind,
+                          "size": image.size}}
+        self._prepare_remote(peer, body, name)
+        try:
+            op.phase("copy", bytes_total=os.path.getsize(vol.path))
+            sent = peer.push_disk(inst_id, vol.path, progress=op.bytes)
+            op.phase("define")
+            moved = peer.finish(inst_id, {"define": True})["instance"]
+        except BaseException as e:
+            self._abort_remote(peer, inst_id, e)
+            if isinstance(e, InsufficientResources):
+                raise InsufficientResources(f"{e.message}; VM {name!r} stays here, stopped: free space on "
+                                            f"{peer.name} or migrate it to another host") from None
+            raise
+        op.phase("cleanup", cancel_point=False)
+        self.root.driver.delete(name)
+        self._forget_local(inst_id)
+        log.info("stopped VM moved", extra={"instance": name, "destination": peer.name, "bytes": sent})
+        return {"instance": moved, "name": name, "destination": peer.name, "mode": "cold",
+                "downtime_ms": None, "total_ms": round((time.monotonic() - t0) * 1000, 1), "bytes": sent}
 
     def _migrate_container(self, op, inst_id: str, peer: PeerClient, mode: str) -> dict:
         """cold: stop, copy the upper dir, start there. refresh: copy the upper dir while it
@@ -460,7 +533,7 @@ class MigrationService:
                                             f"on {peer.name} or migrate it to another host") from None
             raise
         downtime = (time.monotonic() - stopped_at) * 1000 if stopped_at is not None else None
-        op.phase("cleanup")
+        op.phase("cleanup", cancel_point=False)  # it runs there now: too late to cancel
         self.root.runtime.delete(name)
         self._forget_local(inst_id)
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
@@ -591,6 +664,57 @@ class MigrationService:
             raise InsufficientResources(f"pool {inst['pool']!r} on {self.root.host.hostname()} "
                                         f"({self.config.api.listen}) is full: {e.message}") from None
 
+    def receive_disk(self, caller: dict, inst_id: str, stream) -> dict:
+        """A stopped VM's root disk (its qcow2 layer, as the source holds it) replaces the
+        prepared overlay, pointed at this pool's copy of the same base image."""
+        from storage import qemu_img
+        self.require_peer(caller)
+        inst = self._incoming(inst_id)
+        if inst["kind"] != "vm":
+            raise Unprocessable("only VMs take a disk stream")
+        vol = self.root.pools[inst["pool"]].get_volume(inst["volumes"][0])
+        image = self.root.store.get(inst["image"])
+        base = self.root.pools[inst["pool"]].blob_path(vol.base) if vol.base else None
+        if not vol.path or (vol.base and not base):
+            raise Unsupported(f"pool {inst['pool']!r} gives no file path for disks: an offline move needs a "
+                              "local pool")
+        tmp = os.path.join(os.path.dirname(vol.path), f".incoming-{inst_id}")
+        n = 0
+        try:
+            with open(tmp, "wb") as f:
+                while chunk := stream.read(IMAGE_CHUNK):
+                    n += len(chunk)
+                    f.write(chunk)
+                os.fsync(f.fileno())
+            if qemu_img.info(tmp, format="qcow2")["format"] != "qcow2":
+                raise InvalidInput("the disk sent is not a qcow2 layer")
+            if base:
+                qemu_img.rebase(tmp, base, backing_format=image.format, unsafe=True)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, vol.path)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise InsufficientResources(f"pool {inst['pool']!r} on {self.root.host.hostname()} "
+                                            f"({self.config.api.listen}) is full: {NO_SPACE.lower()} after "
+                                            f"{n // MiB} MiB of the disk") from None
+            raise
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return {"bytes": n}
+
+    def _define_stopped_vm(self, inst: dict) -> dict:
+        spec = {k: v for k, v in self.root.instances._spec(inst["id"]).items() if k != "image_id"}
+        req = models.InstanceCreate.model_validate(spec)
+        vol = self.root.pools[inst["pool"]].get_volume(inst["volumes"][0])
+        seed = str(self.root.instances._instance_dir(inst["id"]) / "seed.iso")
+        try:
+            info = self.root.driver.define(self.root.instances.vm_spec(inst["id"], req, vol, seed))
+        except BaseException:
+            self.root.driver.delete(inst["name"])
+            raise
+        return {"instance": self.root.instances._update(inst["id"], state=info.state, error=None)}
+
     def _finish_container(self, inst: dict, start: bool, keep) -> dict:
         from storage.images import RootfsLayers
         layers = json.loads((self.config.state_path / "instances" / inst["id"] / LAYERS_FILE).read_text())
@@ -661,14 +785,17 @@ class MigrationService:
         return inst
 
     def finish_incoming(self, caller: dict, inst_id: str, resume: bool = True, start: bool = True,
-                        keep=None) -> dict:
-        """VM: the guest runs here; container: create (and start) it on the synced rootfs.
-        The record becomes the instance's record."""
+                        keep=None, define: bool = False) -> dict:
+        """VM: the guest runs here (``define``: a stopped VM, its disk sent: define it here,
+        stopped); container: create (and start) it on the synced rootfs. The record becomes
+        the instance's record."""
         self.require_peer(caller)
         inst = self._incoming(inst_id)
         with self.root.instances.lock(inst_id):
             if inst["kind"] == "container":
                 return self._finish_container(inst, start, keep)
+            if define:
+                return self._define_stopped_vm(inst)
             info = self.root.driver.get(inst["name"])
             if info.state == "paused" and resume:
                 info = self.root.driver.resume(inst["name"])

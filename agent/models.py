@@ -313,6 +313,7 @@ class IncomingFinish(Model):
     resume: bool = True  # VMs: resume a guest the completion timeout paused
     start: bool = True  # containers: start it here (it ran on the source)
     keep: list[str] | None = Field(None, max_length=1_000_000)  # containers: upper-dir paths to keep
+    define: bool = False  # VMs moved offline (stopped, disk sent): define the domain here, stopped
 
 
 class InstanceResult(Model):

@@ -56,15 +56,20 @@ class OperationContext:
         if self.cancelled.is_set():
             raise Cancelled("operation cancelled by request")
 
-    def phase(self, name: str, *, bytes_total: int | None = None) -> None:
-        """Enter phase ``name``: a cancel point; progress is written through at once."""
-        self.check_cancel()
+    def phase(self, name: str, *, bytes_total: int | None = None, cancel_point: bool = True) -> None:
+        """Enter phase ``name``: a cancel point (unless ``cancel_point=False``: work past its
+        point of no return); progress is written through at once."""
+        if cancel_point:
+            self.check_cancel()
         self.progress.update(phase=name, bytes_done=0 if bytes_total else None, bytes_total=bytes_total)
         self._m._write_progress(self)
         delay = self._m._slow.get((self.kind, name))
         if delay:
-            self.cancelled.wait(delay)  # a cancel ends the injected pause at once
-            self.check_cancel()
+            if cancel_point:
+                self.cancelled.wait(delay)  # a cancel ends the injected pause at once
+                self.check_cancel()
+            else:
+                time.sleep(delay)
 
     def bytes(self, done: int, total: int | None = None) -> None:
         """Byte progress inside a phase; also a cancel point (storage cleans up on the raise)."""

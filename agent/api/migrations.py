@@ -32,7 +32,7 @@ def prepare_incoming():
 def finish_incoming(id):
     req = parse(models.IncomingFinish)
     return render(services().migrations.finish_incoming(g.caller, path_id(id), resume=req.resume,
-                                                        start=req.start, keep=req.keep))
+                                                        start=req.start, keep=req.keep, define=req.define))
 
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/rootfs", summary="Peers only: a tar stream of a container's upper dir",
@@ -40,6 +40,13 @@ def finish_incoming(id):
 def receive_rootfs(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
     return render(services().migrations.receive_rootfs(g.caller, path_id(id), request.stream))
+
+
+@route(bp, "PUT", "/v1/peer/migrations/{id}/disk", summary="Peers only: a stopped VM's disk layer (qcow2)",
+       responses={200: dict, 403: None, 404: None, 409: None, 422: None, 507: None})
+def receive_disk(id):
+    request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
+    return render(services().migrations.receive_disk(g.caller, path_id(id), request.stream))
 
 
 @route(bp, "DELETE", "/v1/peer/migrations/{id}", summary="Peers only: remove a prepared incoming instance",

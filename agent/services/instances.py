@@ -170,27 +170,29 @@ class InstanceService:
         return vol, seed
 
     def _create_vm(self, op, inst_id, req, image, pool, volume) -> str:
-        from hypervisor.disks import disk_for_volume
-        from hypervisor.driver import NicSpec, VmSpec
-        from hypervisor.provision import ROOT_TARGET, seed_disk
-
         op.phase("clone")
         vol, seed = self.vm_disks(inst_id, req.name, image.id, pool, volume,
                                   size=req.disk_gib * GiB if req.disk_gib else None,
                                   user_data=req.user_data)
-        d = self._instance_dir(inst_id)
         op.phase("define")
-        nics = (NicSpec(bridge=self.root.config.network.bridge, mac=_mac(inst_id)),) \
-            if req.network == "bridge" else ()
-        spec = VmSpec(name=req.name, uuid=str(uuid.UUID(inst_id)), cpus=max(1, math.ceil(req.cpus)),
-                      memory_mib=req.memory_mib,
-                      disks=(disk_for_volume(vol, ROOT_TARGET), seed_disk(seed)),
-                      nics=nics, console_log=str(d / "console.log"))
-        info = self.root.driver.define(spec)
+        info = self.root.driver.define(self.vm_spec(inst_id, req, vol, seed))
         if req.start:
             op.phase("start")
             info = self.root.driver.start(req.name)
         return info.state
+
+    def vm_spec(self, inst_id, req, vol, seed):
+        """The driver's VmSpec of a VM (at create, and on a migration's destination)."""
+        from hypervisor.disks import disk_for_volume
+        from hypervisor.driver import NicSpec, VmSpec
+        from hypervisor.provision import ROOT_TARGET, seed_disk
+
+        nics = (NicSpec(bridge=self.root.config.network.bridge, mac=_mac(inst_id)),) \
+            if req.network == "bridge" else ()
+        return VmSpec(name=req.name, uuid=str(uuid.UUID(inst_id)), cpus=max(1, math.ceil(req.cpus)),
+                      memory_mib=req.memory_mib,
+                      disks=(disk_for_volume(vol, ROOT_TARGET), seed_disk(seed)),
+                      nics=nics, console_log=str(self._instance_dir(inst_id) / "console.log"))
 
     def _create_container(self, op, inst_id, req, image, pool, volume):
         op.phase("rootfs")

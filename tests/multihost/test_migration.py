@@ -360,3 +360,31 @@ def test_container_faults_while_stopped_for_the_final_sync(cluster, apis, busybo
     assert sh_in(apis["h2"], name, "wc -c < /big").strip() == str(8 * 1024 * 1024)
     assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
     assert_clean(apis["h2"], h2, name)
+
+
+def test_stopped_vm_moves_offline_and_stays_stopped(cluster, apis, image):
+    h1, h2 = cluster.hosts
+    name = create_vm(apis["h1"], image)
+    inst_id = apis["h1"].get(f"/v1/instances/{name}").json()["id"]
+    op = apis["h1"].wait(apis["h1"].post(f"/v1/instances/{name}/actions",
+                                         json={"action": "stop", "force": True}).json(), timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    disk = f"volumes/i-{inst_id[:12]}-disk.qcow2"
+    # data of its own on its disk (above the image's), as a guest leaves it: it must arrive
+    h1.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 30M 1M", str(h1.pool_dir / disk))
+    op = migrate(apis["h1"], name, "h2")
+    assert op["status"] == "succeeded", op["error"]
+    assert op["result"]["mode"] == "cold" and op["result"]["bytes"] > 1024 * 1024
+    moved = apis["h2"].get(f"/v1/instances/{name}").json()
+    assert moved["id"] == inst_id and moved["state"] == "stopped"
+    assert name in domains(h2)
+    h2.run("qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 30M 1M", str(h2.pool_dir / disk))
+    assert h2.run("qemu-img", "check", str(h2.pool_dir / disk), check=False).returncode == 0
+    assert apis["h1"].get(f"/v1/instances/{name}").status_code == 404
+    assert name not in domains(h1)
+    assert not [v for v in volumes(h1) if inst_id[:12] in v]
+    op = apis["h2"].wait(apis["h2"].post(f"/v1/instances/{name}/actions", json={"action": "start"}).json(),
+                         timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    assert_runs(apis["h2"], name)
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}

@@ -438,7 +438,7 @@ class MigrationService:
                 raise InsufficientResources(
                     f"destination {peer.name!r} is out of space: its pool {inst['pool']!r} filled up during "
                     f"the disk copy ({NO_SPACE}); {name!r} keeps running here: free space on {peer.name} "
-                    "or migrate it to another host") from None
+                    "or migrate it to another host", stderr=e.message[-2000:]) from None
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             raise
@@ -564,9 +564,12 @@ class MigrationService:
                 last = e
                 time.sleep(FINISH_RETRY_S)
         self.root.instances._update(inst_id, state="error",
-                                    error=f"migrated to {peer.name} but its agent did not confirm: {last}")
-        raise CommandFailed(f"VM {name!r} now runs on {peer.name} but its agent did not confirm "
-                            f"({last}); check it there, then delete this record")
+                                    error=f"migrated to {peer.name}, which did not confirm: it runs there; "
+                                          "delete this record")
+        raise CommandFailed(f"VM {name!r} now runs on {peer.name}, but its agent did not confirm ({last}): "
+                            f"{peer.name} adopts the VM when its agent is back (it does at start); this host's "
+                            f"record is in state error: check {name!r} on {peer.name}, then delete the record "
+                            "here (that removes only this host's record and disk)")
 
     def _forget_local(self, inst_id: str) -> None:
         """The instance left: its record, volumes and files go (the domain already went)."""
@@ -788,8 +791,12 @@ class MigrationService:
                         keep=None, define: bool = False) -> dict:
         """VM: the guest runs here (``define``: a stopped VM, its disk sent: define it here,
         stopped); container: create (and start) it on the synced rootfs. The record becomes
-        the instance's record."""
+        the instance's record. Idempotent for a live-migrated VM: one this agent adopted
+        already (an earlier finish whose answer was lost, or a restart) is answered as is."""
         self.require_peer(caller)
+        inst = self.root.instances.get(inst_id)
+        if inst["kind"] == "vm" and not define and inst["state"] in ("running", "paused"):
+            return {"instance": inst}
         inst = self._incoming(inst_id)
         with self.root.instances.lock(inst_id):
             if inst["kind"] == "container":

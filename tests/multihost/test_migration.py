@@ -64,10 +64,10 @@ def image(apis, guest_images):
     return op["result"]["image"]["id"] if "image" in (op["result"] or {}) else "guest"
 
 
-def create_vm(api, image) -> str:
+def create_vm(api, image, start=True) -> str:
     name = f"mig-{uuid.uuid4().hex[:6]}"
     op = api.wait(api.post("/v1/instances", json={"name": name, "kind": "vm", "image": image, "cpus": 1,
-                                                  "memory_mib": 128, "network": "none"}).json(),
+                                                  "memory_mib": 128, "network": "none", "start": start}).json(),
                   timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
     return name
@@ -168,7 +168,8 @@ def _restart_source_slow(cluster):
     h1 = cluster.hosts[0]
     h1.stop_agent()
     h1.start_agent(env={"NODEAGENT_SLOW_PHASE": f"migration:migrate={SLOW_MIGRATE_S},"
-                                                f"migration:sync={SLOW_MIGRATE_S}"})
+                                                f"migration:sync={SLOW_MIGRATE_S},"
+                                                f"migration:confirm={SLOW_MIGRATE_S}"})
 
 
 def _restart_source_normal(cluster):
@@ -313,15 +314,21 @@ def test_destination_out_of_disk_then_retry(cluster, apis, image):
     assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
 
 
-def test_container_faults_while_stopped_for_the_final_sync(cluster, apis, busybox, image):
-    """While the source holds the container stopped for its final sync (a slow phase there):
-    the destination's pool fills up, then (second attempt) the operation is cancelled, and a
-    VM migration is cancelled mid-way. Each time the instance runs here again and the
-    destination is clean; then the container moves."""
+def test_faults_in_the_copy_then_retry(cluster, apis, busybox, image):
+    """In slow windows the source takes (container: stopped for its final sync; VM: just
+    before the live copy): the destination's pool fills up, or the operation is cancelled.
+    Each time the instance runs here again and the destination is clean; then both move."""
     h1, h2 = cluster.hosts
     name = create_container(apis["h1"], busybox)
     sh_in(apis["h1"], name, "dd if=/dev/zero of=/big bs=1M count=8 2>/dev/null")  # 8 MiB to copy
-    vm = create_vm(apis["h1"], image)
+    vm = create_vm(apis["h1"], image, start=False)
+    vm_id = apis["h1"].get(f"/v1/instances/{vm}").json()["id"]
+    # 8 MiB of its own on its disk (above the image's), as a guest leaves it: the live copy sends it
+    h1.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 24M 8M",
+           str(h1.pool_dir / f"volumes/i-{vm_id[:12]}-disk.qcow2"))
+    op = apis["h1"].wait(apis["h1"].post(f"/v1/instances/{vm}/actions", json={"action": "start"}).json(),
+                         timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
     _restart_source_slow(cluster)
     try:
         op = _start_migration(apis["h1"], name, mode="cold", phase="sync")
@@ -352,7 +359,19 @@ def test_container_faults_while_stopped_for_the_final_sync(cluster, apis, busybo
         assert op["status"] == "cancelled", op
         assert_runs(apis["h1"], vm)
         assert_clean(apis["h2"], h2, vm)
-        assert apis["h1"].delete(f"/v1/instances/{vm}").json() == {"deleted": True}
+
+        op = _start_migration(apis["h1"], vm)  # prepared; the pool fills up before the disk copy
+        filler = fill_pool(h2)
+        try:
+            op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+        finally:
+            filler.unlink()
+        assert op["status"] == "failed" and op["error"]["code"] == "insufficient_resources", op
+        for words in ("destination 'h2' is out of space", "during the disk copy", f"'{vm}' keeps running here",
+                      "another host"):
+            assert words in op["error"]["message"], op["error"]["message"]
+        assert_runs(apis["h1"], vm)
+        assert_clean(apis["h2"], h2, vm)
     finally:
         _restart_source_normal(cluster)
     op = migrate(apis["h1"], name, "h2", mode="cold")
@@ -360,6 +379,10 @@ def test_container_faults_while_stopped_for_the_final_sync(cluster, apis, busybo
     assert sh_in(apis["h2"], name, "wc -c < /big").strip() == str(8 * 1024 * 1024)
     assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
     assert_clean(apis["h2"], h2, name)
+    op = migrate(apis["h1"], vm, "h2")
+    assert op["status"] == "succeeded", op["error"]
+    assert_runs(apis["h2"], vm)
+    assert apis["h2"].delete(f"/v1/instances/{vm}").json() == {"deleted": True}
 
 
 def test_stopped_vm_moves_offline_and_stays_stopped(cluster, apis, image):
@@ -388,3 +411,43 @@ def test_stopped_vm_moves_offline_and_stays_stopped(cluster, apis, image):
     assert op["status"] == "succeeded", op
     assert_runs(apis["h2"], name)
     assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+
+
+def test_destination_down_when_asked_to_confirm_the_vm_is_not_lost(cluster, apis, image):
+    """The guest runs on the destination, whose agent is down when the source confirms
+    (a slow phase there): (a) it is back within the source's retries: the migration
+    succeeds; (b) it stays down: the operation fails saying where the VM runs, the
+    destination adopts the VM when its agent starts, and the source's record can go."""
+    h1, h2 = cluster.hosts
+    a, b = create_vm(apis["h1"], image), create_vm(apis["h1"], image)
+    _restart_source_slow(cluster)
+    try:
+        op = _start_migration(apis["h1"], a, phase="confirm")
+        h2.kill_agent()
+        h2.start_agent()  # adopts the guest it had prepared for; the source's retry is answered
+        op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op["error"]
+        assert_runs(apis["h2"], a)
+        assert apis["h1"].get(f"/v1/instances/{a}").status_code == 404
+
+        b_id = apis["h1"].get(f"/v1/instances/{b}").json()["id"]
+        op = _start_migration(apis["h1"], b, phase="confirm")
+        h2.kill_agent()
+        try:
+            op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+        finally:
+            h2.start_agent()
+        assert op["status"] == "failed", op
+        for words in (f"VM '{b}' now runs on h2", "did not confirm", "adopts the VM", "delete the record here"):
+            assert words in op["error"]["message"], op["error"]["message"]
+        rec = apis["h1"].get(f"/v1/instances/{b}").json()
+        assert rec["state"] == "error" and "runs there" in rec["error"]
+        assert_runs(apis["h2"], b)  # adopted at start
+        assert b not in domains(h1)
+        assert apis["h1"].delete(f"/v1/instances/{b}").json() == {"deleted": True}
+        assert not [v for v in volumes(h1) if b_id[:12] in v]
+        assert_runs(apis["h2"], b)
+    finally:
+        _restart_source_normal(cluster)
+    for name in (a, b):
+        assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}

@@ -685,10 +685,15 @@ class MigrationService:
         n = 0
         try:
             with open(tmp, "wb") as f:
-                while chunk := stream.read(IMAGE_CHUNK):
-                    n += len(chunk)
-                    f.write(chunk)
-                os.fsync(f.fileno())
+                try:
+                    while chunk := stream.read(IMAGE_CHUNK):
+                        n += len(chunk)
+                        f.write(chunk)
+                    os.fsync(f.fileno())
+                except OSError:
+                    while stream.read(IMAGE_CHUNK):  # the sender gets our answer, not a reset
+                        pass
+                    raise
             if qemu_img.info(tmp, format="qcow2")["format"] != "qcow2":
                 raise InvalidInput("the disk sent is not a qcow2 layer")
             if base:

@@ -304,7 +304,8 @@ def _remove_cgroups(parent: str) -> None:
             except (ProcessLookupError, ValueError):
                 pass
     deadline = time.monotonic() + 10
-    dirs = sorted(list(CGROUP_ROOT.glob(f"*/{parent}/*")) + list(CGROUP_ROOT.glob(f"*/{parent}")),
+    dirs = sorted((p for p in list(CGROUP_ROOT.glob(f"*/{parent}/*")) + list(CGROUP_ROOT.glob(f"*/{parent}"))
+                   if p.is_dir()),  # not the control files in them: rmdir fails on those until the deadline
                   key=lambda p: -len(p.parts))
     for d in dirs:
         while True:

@@ -169,7 +169,8 @@ def _restart_source_slow(cluster):
     h1.stop_agent()
     h1.start_agent(env={"NODEAGENT_SLOW_PHASE": f"migration:migrate={SLOW_MIGRATE_S},"
                                                 f"migration:sync={SLOW_MIGRATE_S},"
-                                                f"migration:confirm={SLOW_MIGRATE_S}"})
+                                                f"migration:confirm={SLOW_MIGRATE_S},"
+                                                f"migration:copy={SLOW_MIGRATE_S}"})
 
 
 def _restart_source_normal(cluster):
@@ -292,11 +293,18 @@ def assert_clean(api, host, name):
     assert not [i for i in api.get("/v1/instances").json()["instances"] if i["state"] == "incoming"]
 
 
-def test_destination_out_of_disk_then_retry(cluster, apis, image):
+def test_destination_out_of_disk_then_retry(cluster, apis, image, busybox):
     h1, h2 = cluster.hosts
     name = create_vm(apis["h1"], image)
+    ctr = create_container(apis["h1"], busybox)
     filler = fill_pool(h2)
     try:
+        op = migrate(apis["h1"], ctr, "h2", mode="refresh")
+        assert op["status"] == "failed" and op["error"]["code"] == "insufficient_resources", op
+        for words in ("destination 'h2' is out of space", "pool 'default'", "MiB free", "another host"):
+            assert words in op["error"]["message"], op["error"]["message"]
+        assert apis["h1"].get(f"/v1/instances/{ctr}").json()["state"] == "running"
+        assert_clean(apis["h2"], h2, ctr)
         op = migrate(apis["h1"], name, "h2")
         assert op["status"] == "failed", op
         err = op["error"]
@@ -308,24 +316,28 @@ def test_destination_out_of_disk_then_retry(cluster, apis, image):
         assert_clean(apis["h2"], h2, name)
     finally:
         filler.unlink()
-    op = migrate(apis["h1"], name, "h2")  # space freed: the retry goes through
+    op = migrate(apis["h1"], name, "h2")  # space freed: the retries go through
     assert op["status"] == "succeeded", op["error"]
     assert_runs(apis["h2"], name)
     assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+    op = migrate(apis["h1"], ctr, "h2", mode="refresh")
+    assert op["status"] == "succeeded", op["error"]
+    assert apis["h2"].get(f"/v1/instances/{ctr}").json()["state"] == "running"
+    assert apis["h2"].delete(f"/v1/instances/{ctr}").json() == {"deleted": True}
 
 
 def test_faults_in_the_copy_then_retry(cluster, apis, busybox, image):
     """In slow windows the source takes (container: stopped for its final sync; VM: just
-    before the live copy): the destination's pool fills up, or the operation is cancelled.
-    Each time the instance runs here again and the destination is clean; then both move."""
+    before the live copy; stopped VM: before its disk is sent): the destination's pool fills
+    up, or the operation is cancelled. Each time the instance is here as it was and the
+    destination is clean; then they all move."""
     h1, h2 = cluster.hosts
     name = create_container(apis["h1"], busybox)
     sh_in(apis["h1"], name, "dd if=/dev/zero of=/big bs=1M count=8 2>/dev/null")  # 8 MiB to copy
-    vm = create_vm(apis["h1"], image, start=False)
-    vm_id = apis["h1"].get(f"/v1/instances/{vm}").json()["id"]
-    # 8 MiB of its own on its disk (above the image's), as a guest leaves it: the live copy sends it
-    h1.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 24M 8M",
-           str(h1.pool_dir / f"volumes/i-{vm_id[:12]}-disk.qcow2"))
+    vm, off = create_vm(apis["h1"], image, start=False), create_vm(apis["h1"], image, start=False)
+    for n in (vm, off):  # 8 MiB of their own on their disks (above the image's), as a guest leaves it
+        i = apis["h1"].get(f"/v1/instances/{n}").json()["id"]
+        h1.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 24M 8M", str(h1.pool_dir / f"volumes/i-{i[:12]}-disk.qcow2"))
     op = apis["h1"].wait(apis["h1"].post(f"/v1/instances/{vm}/actions", json={"action": "start"}).json(),
                          timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
@@ -372,6 +384,19 @@ def test_faults_in_the_copy_then_retry(cluster, apis, busybox, image):
             assert words in op["error"]["message"], op["error"]["message"]
         assert_runs(apis["h1"], vm)
         assert_clean(apis["h2"], h2, vm)
+
+        op = _start_migration(apis["h1"], off, phase="copy")  # a stopped VM: its disk file is sent
+        filler = fill_pool(h2)
+        try:
+            op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+        finally:
+            filler.unlink()
+        assert op["status"] == "failed" and op["error"]["code"] == "insufficient_resources", op
+        for words in ("destination 'h2' is out of space", "is full", f"VM '{off}' stays here, stopped"):
+            assert words in op["error"]["message"], op["error"]["message"]
+        assert apis["h1"].get(f"/v1/instances/{off}").json()["state"] == "stopped"
+        assert off in domains(h1)
+        assert_clean(apis["h2"], h2, off)
     finally:
         _restart_source_normal(cluster)
     op = migrate(apis["h1"], name, "h2", mode="cold")
@@ -382,7 +407,11 @@ def test_faults_in_the_copy_then_retry(cluster, apis, busybox, image):
     op = migrate(apis["h1"], vm, "h2")
     assert op["status"] == "succeeded", op["error"]
     assert_runs(apis["h2"], vm)
-    assert apis["h2"].delete(f"/v1/instances/{vm}").json() == {"deleted": True}
+    op = migrate(apis["h1"], off, "h2", mode="cold")
+    assert op["status"] == "succeeded", op["error"]
+    assert apis["h2"].get(f"/v1/instances/{off}").json()["state"] == "stopped"
+    for n in (vm, off):
+        assert apis["h2"].delete(f"/v1/instances/{n}").json() == {"deleted": True}
 
 
 def test_stopped_vm_moves_offline_and_stays_stopped(cluster, apis, image):

@@ -50,3 +50,28 @@ def test_only_configured_peers_with_admin_tokens_are_accepted(tmp_path):
             svc.require_peer(caller)
     with pytest.raises(Unprocessable, match=r"\[peers.h9\]"):
         svc.peer("h9")
+
+
+def test_a_full_peer_is_insufficient_resources_and_others_keep_their_codes():
+    from agent.errors import CommandFailed, Conflict, InsufficientResources, NotFound
+    from agent.migration import peer_error
+    e = peer_error("h2", 507, "pool 'default' on x has 0.0 MiB free")
+    assert isinstance(e, InsufficientResources) and e.http_status == 507
+    assert e.message == "destination 'h2' is out of space: pool 'default' on x has 0.0 MiB free"
+    assert isinstance(peer_error("h2", 404, "m"), NotFound)
+    assert isinstance(peer_error("h2", 409, "m"), Conflict)
+    assert isinstance(peer_error("h2", 500, "m"), CommandFailed)
+
+
+def test_allocated_bytes_counts_what_a_copy_writes_not_holes(tmp_path):
+    from agent.migration import allocated_bytes
+    sparse = tmp_path / "sparse"
+    with open(sparse, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+        f.write(b"x" * 4096)
+    assert 4096 <= allocated_bytes(str(sparse)) < 1024 * 1024
+    d = tmp_path / "tree"
+    (d / "sub").mkdir(parents=True)
+    (d / "sub" / "f").write_bytes(b"y" * 100_000)
+    assert allocated_bytes(str(d)) >= 100_000
+    assert allocated_bytes(str(tmp_path / "absent")) == 0 and allocated_bytes(None) == 0

@@ -324,7 +324,9 @@ def instance_logs(ref, tail, as_json):
 @click.argument("ref")
 @click.argument("destination", required=False)
 @click.option("--to", "to", help="the destination: a peer name from the agent's [peers] config")
-@click.option("--mode", type=click.Choice(["live", "cold"]), default="live")
+@click.option("--mode", type=click.Choice(["live", "cold", "refresh"]), default="live",
+              help="live: VMs (running); cold: stop, copy, start there; refresh: containers, copy while "
+                   "running, then a short stop (a stopped VM always moves offline)")
 @click.option("--json", "as_json", is_flag=True)
 def migrate(ref, destination, to, mode, as_json):
     """Move instance REF to a configured peer: `nodeagent migrate REF --to PEER`."""

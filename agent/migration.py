@@ -18,7 +18,23 @@ is a configured peer (``[peers.NAME] url, token`` in the source's config). Proto
 On any failure before 3 the guest keeps running on the source, the source calls
 ``DELETE /v1/peer/migrations/{id}`` so the destination removes what it prepared
 (a destination that was down cleans up on restart, or when the migration is retried),
-and the operation fails with what went wrong.
+and the operation fails with what went wrong. A cancel (``DELETE /v1/operations/{id}``)
+is such a failure; once the guest runs on the destination it is too late to cancel.
+
+Space: the source sends how much the copy writes (its disk's own allocated bytes, or the
+container's upper dir) and the image's size; a destination whose local pool cannot take
+that plus SPACE_HEADROOM refuses at 1 (507 ``insufficient_resources``), and a pool that
+fills up during the copy fails it the same way, naming the pool and saying to free space
+or pick another host.
+
+Stopped VMs move offline: after 1, the source streams the disk's own qcow2 layer
+(``PUT /v1/peer/migrations/{id}/disk``; the destination rebases it onto its copy of the
+same base image) and 3 (``define: true``) defines the domain there, stopped.
+
+Finish is idempotent for a live-migrated VM: if the destination's agent was down when
+asked (it adopts a running incoming VM when it starts), a retry gets the adopted record;
+if it stays down through the retries, the source's record goes to state ``error`` and the
+operation says the VM runs on the destination: nothing is lost, delete the stale record.
 
 Trust: a destination accepts these calls only from a token whose *name* is one of its
 configured peers and whose role is admin: create it on the destination with

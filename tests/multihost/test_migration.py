@@ -397,6 +397,14 @@ def test_faults_in_the_copy_then_retry(cluster, apis, busybox, image):
         assert apis["h1"].get(f"/v1/instances/{off}").json()["state"] == "stopped"
         assert off in domains(h1)
         assert_clean(apis["h2"], h2, off)
+
+        op = _start_migration(apis["h1"], off, phase="copy")
+        assert apis["h1"].delete(f"/v1/operations/{op['id']}").status_code == 200
+        op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+        assert op["status"] == "cancelled", op
+        assert apis["h1"].get(f"/v1/instances/{off}").json()["state"] == "stopped"
+        assert off in domains(h1)
+        assert_clean(apis["h2"], h2, off)
     finally:
         _restart_source_normal(cluster)
     op = migrate(apis["h1"], name, "h2", mode="cold")
@@ -424,9 +432,12 @@ def test_stopped_vm_moves_offline_and_stays_stopped(cluster, apis, image):
     disk = f"volumes/i-{inst_id[:12]}-disk.qcow2"
     # data of its own on its disk (above the image's), as a guest leaves it: it must arrive
     h1.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 30M 1M", str(h1.pool_dir / disk))
-    op = migrate(apis["h1"], name, "h2")
-    assert op["status"] == "succeeded", op["error"]
-    assert op["result"]["mode"] == "cold" and op["result"]["bytes"] > 1024 * 1024
+    env = {**os.environ, "NODEAGENT_URL": h1.agent_url, "NODEAGENT_TOKEN": h1.admin_token,
+           "PYTHONPATH": str(harness.REPO)}
+    r = subprocess.run([sys.executable, "-m", "agent", "migrate", name, "--to", "h2"], cwd=harness.REPO,
+                       env=env, capture_output=True, text=True, timeout=OP_TIMEOUT_S)
+    assert r.returncode == 0, r.stderr
+    assert f"{name} now lives on h2, stopped" in r.stdout
     moved = apis["h2"].get(f"/v1/instances/{name}").json()
     assert moved["id"] == inst_id and moved["state"] == "stopped"
     assert name in domains(h2)

@@ -290,7 +290,10 @@ def assert_clean(api, host, name):
     assert api.get(f"/v1/instances/{name}").status_code == 404
     assert name not in domains(host)
     assert not [v for v in volumes(host) if v.endswith(("-disk.qcow2", "-rootfs"))], volumes(host)
-    assert not [i for i in api.get("/v1/instances").json()["instances"] if i["state"] == "incoming"]
+    rows = api.get("/v1/instances").json()["instances"]
+    assert not [i for i in rows if i["state"] == "incoming"]
+    dirs = host.state_dir / "instances"  # no instance dir (seed, console log) without its record
+    assert not {d.name for d in dirs.iterdir()} - {i["id"] for i in rows} if dirs.exists() else True
 
 
 def test_destination_out_of_disk_then_retry(cluster, apis, image, busybox):

@@ -333,7 +333,7 @@ class MigrationService:
             raise Conflict(f"instance {inst['name']!r} is {inst['state']}: wait for its operation")
         if inst["kind"] == "vm" and inst["state"] == "stopped":
             kind = self.root.pools[inst["pool"]].kind
-            if kind not in ("local", "fake"):
+            if kind != "local":
                 raise Unsupported(f"VM {inst['name']!r} is stopped and its disk is on pool {inst['pool']!r} "
                                   f"({kind}): an offline move copies local disks only; start it and migrate "
                                   "it live")

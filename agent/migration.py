@@ -71,6 +71,7 @@ FINISH_RETRY_S = 2
 IMAGE_CHUNK = 1024 * 1024
 CRIU_CHECK_TIMEOUT_S = 30
 INCOMING = "incoming"  # instance state on the destination until the source confirms
+ADOPTED_STATES = ("running", "paused", "stopped")  # what finish leaves: a repeated finish gets the record
 SPACE_HEADROOM = 64 * 1024 * 1024  # 64 MiB a local pool keeps free after taking an instance (qcow2
 # metadata, what the guest writes during the copy): a destination below it refuses at prepare
 NO_SPACE = "No space left on device"  # strerror(ENOSPC), as tar, QEMU and libvirt report it
@@ -491,7 +492,7 @@ class MigrationService:
             op.phase("copy", bytes_total=os.path.getsize(vol.path))
             sent = peer.push_disk(inst_id, vol.path, progress=op.bytes)
             op.phase("define")
-            moved = peer.finish(inst_id, {"define": True})["instance"]
+            moved = self._confirm(peer, inst_id, {"define": True})
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             if isinstance(e, InsufficientResources):
@@ -539,7 +540,7 @@ class MigrationService:
             sent += peer.push_rootfs(inst_id, upper, newer=since)
             keep = rootfs_paths(upper) if since is not None else None
             op.phase("confirm")
-            moved = peer.finish(inst_id, {"start": was_running, "keep": keep})["instance"]
+            moved = self._confirm(peer, inst_id, {"start": was_running, "keep": keep})
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             if stopped_at is not None:
@@ -570,6 +571,17 @@ class MigrationService:
                         "or when the migration is retried",
                         extra={"peer": peer.name, "instance": inst_id, "error": e.message,
                                "cause": str(cause)})
+
+    def _confirm(self, peer: PeerClient, inst_id: str, body: dict) -> dict:
+        """Finish on the destination, retried while it is unreachable (finish is idempotent
+        there: an answer lost on the way is asked for again); the last error if it stays so."""
+        for attempt in range(FINISH_ATTEMPTS):
+            try:
+                return peer.finish(inst_id, body)["instance"]
+            except Unavailable:
+                if attempt == FINISH_ATTEMPTS - 1:
+                    raise
+                time.sleep(FINISH_RETRY_S)
 
     def _finish_remote(self, peer: PeerClient, inst_id: str, name: str) -> dict:
         last = None
@@ -812,11 +824,11 @@ class MigrationService:
                         keep=None, define: bool = False) -> dict:
         """VM: the guest runs here (``define``: a stopped VM, its disk sent: define it here,
         stopped); container: create (and start) it on the synced rootfs. The record becomes
-        the instance's record. Idempotent for a live-migrated VM: one this agent adopted
-        already (an earlier finish whose answer was lost, or a restart) is answered as is."""
+        the instance's record. Idempotent: an instance this agent adopted already (an earlier
+        finish whose answer was lost, or, for a running VM, a restart) is answered as is."""
         self.require_peer(caller)
         inst = self.root.instances.get(inst_id)
-        if inst["kind"] == "vm" and not define and inst["state"] in ("running", "paused"):
+        if inst["state"] in ADOPTED_STATES:
             return {"instance": inst}
         inst = self._incoming(inst_id)
         with self.root.instances.lock(inst_id):

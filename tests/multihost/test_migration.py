@@ -285,6 +285,13 @@ def test_container_migration_keeps_its_files(cluster, apis, busybox, mode):
     assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
 
 
+def as_peer(source, dest) -> Api:
+    """``dest``'s API with the token ``source`` uses as its peer (from its config)."""
+    import tomllib
+    token = tomllib.loads(source.agent_config.read_text())["peers"][dest.name]["token"]
+    return Api(dest.agent_url, token)
+
+
 def assert_clean(api, host, name):
     """Nothing of instance ``name`` on ``host``: no record, domain, container or volume."""
     assert api.get(f"/v1/instances/{name}").status_code == 404
@@ -413,6 +420,10 @@ def test_faults_in_the_copy_then_retry(cluster, apis, busybox, image):
     op = migrate(apis["h1"], name, "h2", mode="cold")
     assert op["status"] == "succeeded", op["error"]
     assert sh_in(apis["h2"], name, "wc -c < /big").strip() == str(8 * 1024 * 1024)
+    ctr_id = apis["h2"].get(f"/v1/instances/{name}").json()["id"]
+    again = as_peer(h1, h2).post(f"/v1/peer/migrations/{ctr_id}/finish", json={"start": True})
+    assert again.status_code == 200 and again.json()["instance"]["state"] == "running", again.text
+    assert sh_in(apis["h2"], name, "cat /log").split() == ["started"] * 4  # not started twice there
     assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
     assert_clean(apis["h2"], h2, name)
     op = migrate(apis["h1"], vm, "h2")
@@ -449,6 +460,10 @@ def test_stopped_vm_moves_offline_and_stays_stopped(cluster, apis, image):
     assert apis["h1"].get(f"/v1/instances/{name}").status_code == 404
     assert name not in domains(h1)
     assert not [v for v in volumes(h1) if inst_id[:12] in v]
+    # finish is idempotent: a source whose answer got lost asks again and gets the record
+    again = as_peer(h1, h2).post(f"/v1/peer/migrations/{inst_id}/finish", json={"define": True})
+    assert again.status_code == 200 and again.json()["instance"]["state"] == "stopped", again.text
+    assert domains(h2).count(name) == 1
     op = apis["h2"].wait(apis["h2"].post(f"/v1/instances/{name}/actions", json={"action": "start"}).json(),
                          timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op

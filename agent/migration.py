@@ -18,8 +18,15 @@ is a configured peer (``[peers.NAME] url, token`` in the source's config). Proto
 On any failure before 3 the guest keeps running on the source, the source calls
 ``DELETE /v1/peer/migrations/{id}`` so the destination removes what it prepared
 (a destination that was down cleans up on restart, or when the migration is retried),
-and the operation fails with what went wrong. A cancel (``DELETE /v1/operations/{id}``)
-is such a failure; once the guest runs on the destination it is too late to cancel.
+and the operation fails with what went wrong.
+
+Trust: a destination accepts these calls only from a token whose *name* is one of its
+configured peers and whose role is admin: create it on the destination with
+``nodeagent token create <source-peer-name> --role admin`` and put the secret in the
+source's ``[peers.<destination>] token``.
+
+Cancel (``DELETE /v1/operations/{id}``) fails a migration the same way until the guest
+runs on the destination: that is the operation's point of no return (a later cancel gets 409).
 
 Space: the source sends how much the copy writes (its disk's own allocated bytes, or the
 container's upper dir) and the image's size; a destination whose local pool cannot take
@@ -31,15 +38,11 @@ Stopped VMs move offline: after 1, the source streams the disk's own qcow2 layer
 (``PUT /v1/peer/migrations/{id}/disk``; the destination rebases it onto its copy of the
 same base image) and 3 (``define: true``) defines the domain there, stopped.
 
-Finish is idempotent for a live-migrated VM: if the destination's agent was down when
-asked (it adopts a running incoming VM when it starts), a retry gets the adopted record;
-if it stays down through the retries, the source's record goes to state ``error`` and the
-operation says the VM runs on the destination: nothing is lost, delete the stale record.
-
-Trust: a destination accepts these calls only from a token whose *name* is one of its
-configured peers and whose role is admin: create it on the destination with
-``nodeagent token create <source-peer-name> --role admin`` and put the secret in the
-source's ``[peers.<destination>] token``.
+Finish is idempotent and retried while the destination is unreachable: a retry gets the
+record adopted by an earlier finish (whose answer was lost) or, for a running VM, by the
+destination agent's restart. If a live-migrated VM's destination stays down through the
+retries, the source's record goes to state ``error`` and the operation says the VM runs
+on the destination: nothing is lost; delete the stale record.
 """
 from __future__ import annotations
 
@@ -110,7 +113,10 @@ class PeerClient:
             return False
 
     def prepare(self, body: dict) -> dict:
-        return self._call("POST", "/v1/peer/migrations", json=body, timeout=PREPARE_TIMEOUT_S)
+        try:
+            return self._call("POST", "/v1/peer/migrations", json=body, timeout=PREPARE_TIMEOUT_S)
+        except InsufficientResources as e:
+            raise InsufficientResources(f"{e.message}; {body['instance']['name']!r} stays here, unchanged") from None
 
     def finish(self, inst_id: str, body: dict) -> dict:
         return self._call("POST", f"/v1/peer/migrations/{inst_id}/finish", json=body)
@@ -411,12 +417,11 @@ class MigrationService:
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        shared = pool.kind not in ("local", "fake")
         body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
-                "spec": spec, "disk_size": vol.size, "data_bytes": 0 if shared else allocated_bytes(vol.path),
-                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind,
-                          "size": image.size}}
-        prepared = self._prepare_remote(peer, body, name)
+                "spec": spec, "disk_size": vol.size, "image_bytes": image.size,
+                "data_bytes": allocated_bytes(vol.path) if pool.kind == "local" else 0,
+                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
+        prepared = peer.prepare(body)
         live = self._live.setdefault(op.id, {})
         down = {"failures": 0, "last": time.monotonic()}
 
@@ -433,6 +438,7 @@ class MigrationService:
                 down["failures"] = 0 if peer.alive() else down["failures"] + 1
             return down["failures"] >= HEALTH_FAILURES
 
+        shared = pool.kind not in ("local", "fake")
         options = MigrationOptions(
             live=(mode == "live"), copy_storage="none" if shared else "incremental",
             disk_sources=prepared["disk_sources"], console_log=prepared.get("console_log"))
@@ -459,10 +465,11 @@ class MigrationService:
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             raise
-        # the guest runs there now: no cancel from here on, only the records are left to move
-        op.phase("confirm", cancel_point=False)
+        op.point_of_no_return()
+        # the guest runs there now; only the records are left to move
+        op.phase("confirm")
         moved = self._finish_remote(peer, inst_id, name)
-        op.phase("cleanup", cancel_point=False)
+        op.phase("cleanup")
         self._forget_local(inst_id)
         log.info("instance migrated", extra={"instance": name, "destination": peer.name,
                                              "downtime_ms": result.downtime_ms, "total_ms": result.total_ms})
@@ -484,10 +491,9 @@ class MigrationService:
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
         body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
                 "spec": self.root.instances._spec(inst_id), "disk_size": vol.size,
-                "data_bytes": allocated_bytes(vol.path),
-                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind,
-                          "size": image.size}}
-        self._prepare_remote(peer, body, name)
+                "data_bytes": allocated_bytes(vol.path), "image_bytes": image.size,
+                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
+        peer.prepare(body)
         try:
             op.phase("copy", bytes_total=os.path.getsize(vol.path))
             sent = peer.push_disk(inst_id, vol.path, progress=op.bytes)
@@ -499,7 +505,8 @@ class MigrationService:
                 raise InsufficientResources(f"{e.message}; VM {name!r} stays here, stopped: free space on "
                                             f"{peer.name} or migrate it to another host") from None
             raise
-        op.phase("cleanup", cancel_point=False)
+        op.point_of_no_return()
+        op.phase("cleanup")
         self.root.driver.delete(name)
         self._forget_local(inst_id)
         log.info("stopped VM moved", extra={"instance": name, "destination": peer.name, "bytes": sent})
@@ -519,10 +526,10 @@ class MigrationService:
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
         body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
-                "spec": self.root.instances._spec(inst_id), "data_bytes": allocated_bytes(upper),
-                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind,
-                          "size": image.size}}
-        self._prepare_remote(peer, body, name)
+                "spec": self.root.instances._spec(inst_id),
+                "data_bytes": allocated_bytes(upper), "image_bytes": image.size,
+                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
+        peer.prepare(body)
         was_running = self.root.runtime.get(name).state == "running"
         stopped_at = None
         sent = 0
@@ -549,19 +556,14 @@ class MigrationService:
                 raise InsufficientResources(f"{e.message}; container {name!r} keeps running here: free space "
                                             f"on {peer.name} or migrate it to another host") from None
             raise
+        op.point_of_no_return()  # it runs there now
         downtime = (time.monotonic() - stopped_at) * 1000 if stopped_at is not None else None
-        op.phase("cleanup", cancel_point=False)  # it runs there now: too late to cancel
+        op.phase("cleanup")
         self.root.runtime.delete(name)
         self._forget_local(inst_id)
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
                 "downtime_ms": round(downtime, 1) if downtime is not None else None,
                 "total_ms": None, "bytes": sent}
-
-    def _prepare_remote(self, peer: PeerClient, body: dict, name: str) -> dict:
-        try:
-            return peer.prepare(body)
-        except InsufficientResources as e:
-            raise InsufficientResources(f"{e.message}; {name!r} stays here, unchanged") from None
 
     def _abort_remote(self, peer: PeerClient, inst_id: str, cause: BaseException) -> None:
         try:
@@ -651,8 +653,8 @@ class MigrationService:
         if backend.kind != "local":
             return
         need = req.data_bytes or 0
-        if req.image.size and self.root.store.find(req.image.id) is None:
-            need += req.image.size * (2 if req.image.kind == "container" else 1)  # layers: blobs + unpacked
+        if req.image_bytes and self.root.store.find(req.image.id) is None:
+            need += req.image_bytes * (2 if req.image.kind == "container" else 1)  # layers: blobs + unpacked
         free = backend.usage().available
         if free < need + SPACE_HEADROOM:
             raise InsufficientResources(

@@ -292,15 +292,15 @@ class IncomingImage(Model):
     name: str = Field(min_length=1, max_length=256)
     format: str
     kind: Literal["vm", "container"]
-    size: IntRange(0, 2**53) | None = None  # bytes: what a destination lacking it must store
 
 
 class IncomingMigration(Model):
     instance: IncomingInstance
     spec: dict[str, Any]
     image: IncomingImage
-    disk_size: IntRange(0, 2**53) | None = None  # bytes
     data_bytes: IntRange(0, 2**53) | None = None  # bytes the copy writes there (written disk data, upper dir)
+    image_bytes: IntRange(0, 2**53) | None = None  # the image's size: what a destination lacking it stores
+    disk_size: IntRange(0, 2**53) | None = None  # bytes
 
 
 class IncomingPrepared(Model):

@@ -47,29 +47,33 @@ class OperationContext:
     def __init__(self, manager: "Operations", op_id: str, kind: str):
         self._m, self.id, self.kind = manager, op_id, kind
         self.cancelled = threading.Event()
+        self.committed = False  # past its point of no return: not cancellable
         self.progress = {"phase": None, "bytes_done": None, "bytes_total": None}
         self.status = "pending"  # live status; SQLite gets it at the end (a crash fails it anyway)
         self.started_at: float | None = None
         self._last_write = time.monotonic()
 
     def check_cancel(self) -> None:
-        if self.cancelled.is_set():
+        if self.cancelled.is_set() and not self.committed:
             raise Cancelled("operation cancelled by request")
 
-    def phase(self, name: str, *, bytes_total: int | None = None, cancel_point: bool = True) -> None:
-        """Enter phase ``name``: a cancel point (unless ``cancel_point=False``: work past its
-        point of no return); progress is written through at once."""
-        if cancel_point:
-            self.check_cancel()
+    def point_of_no_return(self) -> None:
+        """From here the work can no longer be undone (a migrated guest runs elsewhere): it is
+        no longer cancelled, and a cancel request gets a Conflict."""
+        self.committed = True
+
+    def phase(self, name: str, *, bytes_total: int | None = None) -> None:
+        """Enter phase ``name``: a cancel point; progress is written through at once."""
+        self.check_cancel()
         self.progress.update(phase=name, bytes_done=0 if bytes_total else None, bytes_total=bytes_total)
         self._m._write_progress(self)
         delay = self._m._slow.get((self.kind, name))
         if delay:
-            if cancel_point:
+            if self.committed:
+                time.sleep(delay)
+            else:
                 self.cancelled.wait(delay)  # a cancel ends the injected pause at once
                 self.check_cancel()
-            else:
-                time.sleep(delay)
 
     def bytes(self, done: int, total: int | None = None) -> None:
         """Byte progress inside a phase; also a cancel point (storage cleans up on the raise)."""
@@ -242,5 +246,8 @@ class Operations:
         ctx = self._active.get(op_id)
         if op["status"] in FINAL or ctx is None:
             raise Conflict(f"operation {op_id} is already {op['status']}: nothing to cancel")
+        if ctx.committed:
+            raise Conflict(f"operation {op_id} is past its point of no return (phase "
+                           f"{ctx.progress.get('phase')}): it can no longer be cancelled; wait for it")
         ctx.cancelled.set()
         return self.get(op_id)

@@ -378,7 +378,7 @@ class Cluster:
     """N simulated hosts on one test bridge; a context manager that removes all of it.
     Each run has its own tag (in every name) and /24, so concurrent runs do not collide."""
 
-    def __init__(self, workdir: Path, names=("h1", "h2"), pool_sizes: dict[str, str] | None = None):
+    def __init__(self, workdir: Path, names=("h1", "h2")):
         _private_ns_dir()
         clean_leftovers()
         while True:
@@ -392,7 +392,7 @@ class Cluster:
                 continue
         self.network = TestNetwork(self.tag)
         self.hosts = [SimHost(n, self.network.address(i + 1), Path(workdir), self.network,
-                              self.tag, pool_size=(pool_sizes or {}).get(n)) for i, n in enumerate(names)]
+                              self.tag) for i, n in enumerate(names)]
 
     def __enter__(self) -> "Cluster":
         self.network.up()

@@ -35,7 +35,8 @@ def cluster():
     # QEMU runs as libvirt-qemu: the hosts' dirs must be reachable (pytest's tmp is 0700)
     work = Path(tempfile.mkdtemp(prefix="nodeagent-mh-", dir="/var/tmp"))
     os.chmod(work, 0o755)
-    c = harness.Cluster(work, pool_sizes={"h2": DEST_POOL_SIZE})
+    c = harness.Cluster(work)
+    c.hosts[1].pool_size = DEST_POOL_SIZE  # before the hosts start
     try:
         with c:
             c.start_agents()

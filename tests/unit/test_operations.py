@@ -61,6 +61,25 @@ def test_cancel_running_is_cooperative_and_cleans_up(ops):
         ops.cancel(op["id"])
 
 
+def test_past_its_point_of_no_return_an_operation_is_not_cancelled(ops):
+    committed, go = threading.Event(), threading.Event()
+
+    def work(op):
+        op.phase("undoable")
+        op.point_of_no_return()  # e.g. a migrated guest runs on the destination now
+        committed.set()
+        go.wait(10)
+        op.phase("cleanup")  # no longer a cancel point
+        return {"done": True}
+    op = ops.submit("demo", None, work)
+    assert committed.wait(10)
+    with pytest.raises(Conflict, match="point of no return"):
+        ops.cancel(op["id"])
+    go.set()
+    done = ops.wait(op["id"], 10)
+    assert done["status"] == "succeeded" and done["result"] == {"done": True}
+
+
 def test_wait_times_out_and_returns_current_state(ops):
     gate = threading.Event()
     op = ops.submit("demo", None, lambda o: gate.wait(10) and {})

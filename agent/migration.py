@@ -74,7 +74,7 @@ FINISH_RETRY_S = 2
 IMAGE_CHUNK = 1024 * 1024
 CRIU_CHECK_TIMEOUT_S = 30
 INCOMING = "incoming"  # instance state on the destination until the source confirms
-ADOPTED_STATES = ("running", "paused", "stopped", "created")  # what finish leaves: a repeated finish gets the record
+ADOPTED_STATES = ("running", "paused", "stopped", "created")  # after finish: a repeated one gets the record
 SPACE_HEADROOM = 64 * 1024 * 1024  # 64 MiB a local pool keeps free after taking an instance (qcow2
 # metadata, what the guest writes during the copy): a destination below it refuses at prepare
 NO_SPACE = "No space left on device"  # strerror(ENOSPC), as tar, QEMU and libvirt report it

@@ -348,7 +348,8 @@ def test_faults_in_the_copy_then_retry(cluster, apis, busybox, image):
     vm, off = create_vm(apis["h1"], image, start=False), create_vm(apis["h1"], image, start=False)
     for n in (vm, off):  # 8 MiB of their own on their disks (above the image's), as a guest leaves it
         i = apis["h1"].get(f"/v1/instances/{n}").json()["id"]
-        h1.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 24M 8M", str(h1.pool_dir / f"volumes/i-{i[:12]}-disk.qcow2"))
+        h1.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 24M 8M",
+               str(h1.pool_dir / f"volumes/i-{i[:12]}-disk.qcow2"))
     op = apis["h1"].wait(apis["h1"].post(f"/v1/instances/{vm}/actions", json={"action": "start"}).json(),
                          timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op

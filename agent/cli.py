@@ -176,9 +176,13 @@ def image():
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-wait", is_flag=True, help="print the operation and return")
 def image_import(source, name, fmt, pool, as_json, no_wait):
-    """Import SOURCE: a path on the agent's host, an http(s) URL, or docker://REF (registry)."""
+    """Import SOURCE: a path on the agent's host, an http(s) URL, docker://REF (registry), or
+    s3://POOL/KEY (an object of an object pool; s3://POOL/sha256:HEX names an image by digest)."""
     if source.startswith(("http://", "https://")):
         src = {"type": "url", "url": source}
+    elif source.startswith("s3://"):
+        s3pool, _, key = source[len("s3://"):].partition("/")
+        src = {"type": "s3", "pool": s3pool, **({"digest": key} if key.startswith("sha256:") else {"key": key})}
     elif source.startswith("docker://"):
         src = {"type": "registry", "reference": source[len("docker://"):]}
     else:

@@ -273,20 +273,29 @@ class S3Backend:
 
     def fetch_blob(self, digest: str, dest: str, *, progress: Progress | None = None) -> BlobInfo:
         """Download the whole blob to the host file ``dest`` (an addition to the Backend
-        seam for caching images on a host): ranged GETs of ``part_size`` by ``concurrency``
-        threads, hashed in order as they arrive; ``dest`` appears only complete and
-        verified (written to a temp file beside it, then renamed)."""
+        seam for caching images on a host), verified against its digest."""
+        size = self.fetch_object(self._key(digest), dest, sha256=parse_digest(digest), progress=progress)
+        return BlobInfo(digest=digest, size=size)
+
+    def fetch_object(self, key: str, dest: str, *, sha256: str | None = None,
+                     progress: Progress | None = None) -> int:
+        """Download the object ``key`` (any object of the bucket: an image another tool put
+        there) to the host file ``dest``; returns its size. Ranged GETs of FETCH_RANGE by
+        ``concurrency`` threads, hashed in order as they arrive; ``dest`` appears only
+        complete and, when ``sha256`` (hex) is given, verified (written to a temp file
+        beside it, then renamed)."""
         import os
 
-        info = self.stat_blob(digest)
-        want = parse_digest(digest)
+        try:
+            size = int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except Exception as e:
+            raise self._error(e, f"object {key!r}") from None
         tmp = f"{dest}.part-{uuid.uuid4().hex[:8]}"
         h = hashlib.sha256()
-        ranges = [(o, min(FETCH_RANGE, info.size - o)) for o in range(0, info.size, FETCH_RANGE)]
+        ranges = [(o, min(FETCH_RANGE, size - o)) for o in range(0, size, FETCH_RANGE)]
 
         def get(offset: int, n: int) -> bytes:
-            r = self.client.get_object(Bucket=self.bucket, Key=self._key(digest),
-                                       Range=f"bytes={offset}-{offset + n - 1}")
+            r = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}")
             with r["Body"] as body:
                 return body.read()
 
@@ -303,16 +312,20 @@ class S3Backend:
                         if i + window < len(ranges):
                             futures.append(pool.submit(get, *ranges[i + window]))
                         if len(data) != n:
-                            raise InvalidInput(f"blob {digest}: short read at {offset}")
-                        h.update(data)
+                            raise InvalidInput(f"object {key!r}: short read at {offset}")
+                        if sha256:
+                            h.update(data)
                         os.pwrite(fd, data, offset)
                         if progress:
                             progress(offset + n)
             finally:
                 os.close(fd)
-            if h.hexdigest() != want:
-                raise InvalidInput(f"blob {digest} is corrupt in S3: its content is "
-                                   f"sha256:{h.hexdigest()}: delete it and import it again")
+            if sha256 and h.hexdigest() != sha256:
+                if key == BLOB_PREFIX + sha256:
+                    raise InvalidInput(f"blob sha256:{sha256} is corrupt in S3: its content is "
+                                       f"sha256:{h.hexdigest()}: delete it and import it again")
+                raise InvalidInput(f"object {key!r} in pool {self.name} has sha256:{h.hexdigest()}, "
+                                   f"not the expected sha256:{sha256}: check the key and the digest")
             os.replace(tmp, dest)
         except BaseException as e:
             try:
@@ -320,9 +333,9 @@ class S3Backend:
             except FileNotFoundError:
                 pass
             if isinstance(e, Exception):
-                raise self._error(e, f"fetch blob {digest}") from None
+                raise self._error(e, f"fetch object {key!r}") from None
             raise
-        return info
+        return size
 
     def stat_blob(self, digest: str) -> BlobInfo:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -284,8 +285,6 @@ class S3Backend:
         ``concurrency`` threads, hashed in order as they arrive; ``dest`` appears only
         complete and, when ``sha256`` (hex) is given, verified (written to a temp file
         beside it, then renamed)."""
-        import os
-
         try:
             size = int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
         except Exception as e:
@@ -295,9 +294,13 @@ class S3Backend:
         ranges = [(o, min(FETCH_RANGE, size - o)) for o in range(0, size, FETCH_RANGE)]
 
         def get(offset: int, n: int) -> bytes:
+            """GET one range and write it in place (threads write in parallel; the caller
+            hashes the ranges in order)."""
             r = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}")
             with r["Body"] as body:
-                return body.read()
+                data = body.read()
+            os.pwrite(fd, data, offset)
+            return data
 
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -315,7 +318,6 @@ class S3Backend:
                             raise InvalidInput(f"object {key!r}: short read at {offset}")
                         if sha256:
                             h.update(data)
-                        os.pwrite(fd, data, offset)
                         if progress:
                             progress(offset + n)
             finally:

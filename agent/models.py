@@ -130,18 +130,22 @@ class RegistrySource(Model):
 
 
 class S3Source(Model):
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["digest"]}, {"required": ["key"]}],
+        "dependentRequired": {"sha256": ["key"]}})
+
     type: Literal["s3"]
     pool: str = Field(min_length=1, max_length=64,
                       description="an object pool of this agent (S3 bucket) holding the image")
-    digest: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$",
-                               description="the image's digest (of its disk blob or OCI manifest), as "
-                                           "another host that put it into the pool reports it")
-    key: str | None = Field(None, min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f]+$",
-                            description="or: the key of an object some other tool put in the bucket "
-                                        "(a qcow2/raw disk, or with format oci an OCI archive)")
-    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
-                               description="with key: the object's expected sha256, checked before "
-                                           "anything is stored")
+    digest: str = Field(None, pattern=r"^sha256:[0-9a-f]{64}$",
+                        description="the image's digest (of its disk blob or OCI manifest), as "
+                                    "another host that put it into the pool reports it")
+    key: str = Field(None, min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f]+$",
+                     description="or: the key of an object some other tool put in the bucket "
+                                 "(a qcow2/raw disk, or with format oci an OCI archive)")
+    sha256: str = Field(None, pattern=r"^[0-9a-f]{64}$",
+                        description="with key: the object's expected sha256, checked before "
+                                    "anything is stored")
 
     @model_validator(mode="after")
     def _one_name(self):

@@ -28,6 +28,7 @@ from containers.runtime import PortMap
 NETNS_DIR = "/run/netns"
 NAT_CHAIN = "NODEAGENT-NAT"
 DNAT_CHAIN = "NODEAGENT-DNAT"
+VM_LEASE_PREFIX = "vm:"  # leases of VMs on the same bridge: "vm:<instance id>" (not containers)
 CONTAINER_IFNAME = "eth0"
 
 MIGRATIONS = [
@@ -348,7 +349,8 @@ class Network:
         except FileNotFoundError:
             pass
         names.update(r["name"] for r in self.db.query(
-            "SELECT name FROM containers_leases WHERE network=?", (self.bridge,)))
+            "SELECT name FROM containers_leases WHERE network=?", (self.bridge,))
+            if not r["name"].startswith(VM_LEASE_PREFIX))  # the agent's VMs lease here too
         names.update(r["name"] for r in self.db.query("SELECT name FROM containers_ports"))
         for rule in rules_with_comment("nat", DNAT_CHAIN, f"nodeagent:{self.rtag}:"):
             c = rule[rule.index("--comment") + 1].split(":", 2)[2]

@@ -10,6 +10,7 @@ filesystem on the image's second partition. Stop (ACPI), start and restart boot 
 DELETE leaves no domain, volume, seed or tap.
 """
 import hashlib
+import ipaddress
 import os
 import re
 import secrets
@@ -48,23 +49,32 @@ def vmtmp():
 
 @pytest.fixture(scope="module")
 def bridge():
-    """A bridge with no address and no route: where the VM's tap goes (no traffic leaves it)."""
+    """A test bridge name and subnet: the agent makes the bridge, gives it the subnet's first
+    address and leases the VMs theirs (no NAT: no traffic leaves the host)."""
     name = f"naboot{secrets.token_hex(3)}"
-    subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
-    subprocess.run(["ip", "link", "set", name, "up"], check=True)
-    yield name
-    subprocess.run(["ip", "link", "del", name], check=False)
+    yield name, f"198.19.{secrets.randbelow(50) + 200}.0/24"
+    subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
 
 
-def start_agent(state_dir: Path, libvirtd: str, bridge: str, extra: str = "") -> AgentProcess:
+def start_agent(state_dir: Path, libvirtd: str, bridge: tuple[str, str], extra: str = "") -> AgentProcess:
     """A real agent on the real LibvirtDriver (TCG) with a local default pool, VM NICs on
     ``bridge``, and ``extra`` config (more pools)."""
-    a = AgentProcess(state_dir, pool_kind="local", extra_config=f'{extra}[network]\nbridge = "{bridge}"\n')
+    name, subnet = bridge
+    a = AgentProcess(state_dir, pool_kind="local",
+                     extra_config=f'{extra}[network]\nbridge = "{name}"\nsubnet = "{subnet}"\nnat = false\n')
     a.config.write_text(a.config.read_text().replace(
         '[hypervisor]\ndriver = "fake"\n',
         f'[hypervisor]\ndriver = "libvirt"\nuri = "{libvirtd}"\nvirt_type = "qemu"\n'))
     a.token_value = a.token("admin", "admin")
     return a.start()
+
+
+def stop_agent(agent: AgentProcess, bridge: tuple[str, str]) -> None:
+    """Stop the agent and drop the NAT rule its bridge got (comment names this agent's network)."""
+    from containers.network import NAT_CHAIN, delete_rules, short_hash
+    agent.stop()
+    rtag = short_hash(str(agent.state_dir / "containers"), 4)
+    delete_rules("nat", NAT_CHAIN, f"nodeagent:{rtag}:net:{bridge[0]}", exact=True)
 
 
 def import_boot_image(api: Api, path: str) -> dict:
@@ -105,7 +115,7 @@ def act(api: Api, name: str, action: str, **kw) -> dict:
     return op["result"]["instance"]
 
 
-def boot_and_check(api: Api, libvirtd: str, bridge: str, image: dict, pool: str | None, name: str) -> dict:
+def boot_and_check(api: Api, libvirtd: str, bridge: tuple[str, str], image: dict, pool: str | None, name: str) -> dict:
     """Create a VM from ``image`` with unique user_data, and check its first boot on the console."""
     user_data = f"#cloud-config\n# nodeagent boot test {secrets.token_hex(8)}\nhostname: {name}\n"
     body = {"name": name, "kind": "vm", "image": image["id"], "cpus": 1, "memory_mib": 192,
@@ -126,10 +136,12 @@ def boot_and_check(api: Api, libvirtd: str, bridge: str, image: dict, pool: str 
     digest = hashlib.sha256(user_data.encode()).hexdigest()[:16]
     assert line(text, "NODEAGENT-USERDATA ") == f"NODEAGENT-USERDATA #cloud-config sha256={digest}", \
         "the guest read exactly this VM's user_data"
-    # no DHCP on the bridge and the API writes no network-config: the NIC is up without an address
-    assert line(text, "NODEAGENT-NET ") == f"NODEAGENT-NET eth0 mac={inst['mac']} ip=none"
+    # the seed's network-config gave the NIC the address the agent leased: reachable from the host
+    assert ipaddress.ip_address(inst["ip"]) in ipaddress.ip_network(bridge[1])
+    assert line(text, "NODEAGENT-NET ") == f"NODEAGENT-NET eth0 mac={inst['mac']} ip={inst['ip']}/24"
+    assert subprocess.run(["busybox", "ping", "-c", "1", "-W", "5", inst["ip"]], capture_output=True).returncode == 0
     assert line(text, "NODEAGENT-ROOTFS ") == f"NODEAGENT-ROOTFS vda2 {ROOTFS_MARK}"
-    assert os.listdir(f"/sys/class/net/{bridge}/brif"), "the VM's tap is on the bridge"
+    assert os.listdir(f"/sys/class/net/{bridge[0]}/brif"), "the VM's tap is on the bridge"
     return inst
 
 
@@ -141,13 +153,13 @@ def stop_start(api: Api, name: str) -> None:
     assert line(wait_console(api, name, boots=2), "NODEAGENT-SEED ").endswith(f"hostname={name}")
 
 
-def delete_and_check(api: Api, agent: AgentProcess, libvirtd: str, bridge: str, inst: dict) -> None:
+def delete_and_check(api: Api, agent: AgentProcess, libvirtd: str, bridge: tuple[str, str], inst: dict) -> None:
     assert api.delete(f"/v1/instances/{inst['name']}").json() == {"deleted": True}
     assert api.get(f"/v1/instances/{inst['name']}").status_code == 404
     assert inst["name"] not in virsh(libvirtd, "list", "--all", "--name").split()
     assert not (agent.state_dir / "instances" / inst["id"]).exists(), "seed and console log removed"
     assert not list(agent.state_dir.rglob(f"*{inst['volumes'][0]}*")), "no overlay left"
-    assert not os.listdir(f"/sys/class/net/{bridge}/brif"), "no tap left"
+    assert not os.listdir(f"/sys/class/net/{bridge[0]}/brif"), "no tap left"
 
 
 def test_vm_boots_from_a_bootable_image_on_a_local_pool(libvirtd, guest_images, vmtmp, bridge):
@@ -163,7 +175,7 @@ def test_vm_boots_from_a_bootable_image_on_a_local_pool(libvirtd, guest_images, 
         delete_and_check(api, agent, libvirtd, bridge, inst)
     finally:
         api.delete(f"/v1/instances/{name}")
-        agent.stop()
+        stop_agent(agent, bridge)
 
 
 def test_vm_boots_from_a_bootable_image_on_an_rbd_pool(ceph, libvirtd, guest_images, vmtmp, bridge):
@@ -189,5 +201,5 @@ def test_vm_boots_from_a_bootable_image_on_an_rbd_pool(ceph, libvirtd, guest_ima
         assert rbd_image not in ceph.run("rbd", "ls", pool).stdout.split()
     finally:
         api.delete(f"/v1/instances/{name}")
-        agent.stop()
+        stop_agent(agent, bridge)
         ceph.run("ceph", "osd", "pool", "delete", pool, pool, "--yes-i-really-really-mean-it", check=False)

@@ -202,7 +202,9 @@ class Network:
         return False
 
     # -- leases and ports ----------------------------------------------------------------
-    def lease(self, name: str) -> str:
+    def lease(self, name: str, want: str | None = None) -> str:
+        """``name``'s address (kept across calls): ``want`` if it is in the subnet and free
+        (a VM arriving from another host keeps its address), else the first free one."""
         with self.db.tx() as c:
             row = c.execute("SELECT ip FROM containers_leases WHERE network=? AND name=?",
                             (self.bridge, name)).fetchone()
@@ -210,7 +212,8 @@ class Network:
                 return row["ip"]
             taken = {r["ip"] for r in c.execute(
                 "SELECT ip FROM containers_leases WHERE network=?", (self.bridge,))}
-            for ip in self.subnet.hosts():
+            wanted = [ipaddress.ip_address(want)] if want and ipaddress.ip_address(want) in self.subnet else []
+            for ip in (*wanted, *self.subnet.hosts()):
                 s = str(ip)
                 if s != self.gateway and s not in taken:
                     c.execute("INSERT INTO containers_leases(network, ip, name) VALUES(?,?,?)",

@@ -173,14 +173,15 @@ class InstanceService:
                          hostname=name, user_data=user_data, network_config=netcfg)
         return vol, seed
 
-    def vm_address(self, inst_id: str) -> str | None:
-        """Lease the VM's address on the host bridge (made if missing); None without a host network."""
+    def vm_address(self, inst_id: str, want: str | None = None) -> str | None:
+        """Lease the VM's address on the host bridge (made if missing), ``want`` if free;
+        None without a host network."""
         from containers.network import VM_LEASE_PREFIX
         net = self.root.vm_network
         if net is None:
             return None
         net.ensure_bridge()
-        return net.lease(VM_LEASE_PREFIX + inst_id)
+        return net.lease(VM_LEASE_PREFIX + inst_id, want)
 
     def _release_address(self, inst_id: str) -> bool:
         from containers.network import VM_LEASE_PREFIX

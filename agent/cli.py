@@ -168,6 +168,19 @@ def image():
     """Images: import, list, rm."""
 
 
+def image_source(source: str) -> dict:
+    """The API's image source for the CLI's SOURCE argument."""
+    if source.startswith(("http://", "https://")):
+        return {"type": "url", "url": source}
+    if source.startswith("s3://"):
+        pool, _, key = source[len("s3://"):].partition("/")
+        return {"type": "s3", "pool": pool, **({"digest": key} if key.startswith("sha256:") else {"key": key})}
+    if source.startswith("docker://"):
+        return {"type": "registry", "reference": source[len("docker://"):]}
+    import os
+    return {"type": "file", "path": os.path.abspath(source)}
+
+
 @image.command("import")
 @click.argument("source")
 @click.option("--name", required=True)
@@ -176,15 +189,9 @@ def image():
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-wait", is_flag=True, help="print the operation and return")
 def image_import(source, name, fmt, pool, as_json, no_wait):
-    """Import SOURCE: a path on the agent's host, an http(s) URL, or docker://REF (registry)."""
-    if source.startswith(("http://", "https://")):
-        src = {"type": "url", "url": source}
-    elif source.startswith("docker://"):
-        src = {"type": "registry", "reference": source[len("docker://"):]}
-    else:
-        import os
-        src = {"type": "file", "path": os.path.abspath(source)}
-    body = {"name": name, "source": src, **({"format": fmt} if fmt else {}), **({"pool": pool} if pool else {})}
+    """Import SOURCE: a path on the agent's host, an http(s) URL, docker://REF (registry), or
+    s3://POOL/KEY (an object of an object pool; s3://POOL/sha256:HEX names an image by digest)."""
+    body = {"name": name, "source": image_source(source), **({"format": fmt} if fmt else {}), **({"pool": pool} if pool else {})}
     c = _client()
     op = _call(c.post, "/v1/images", body)
     if no_wait:

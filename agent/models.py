@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: instance names
 IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -130,12 +130,31 @@ class RegistrySource(Model):
 
 
 class S3Source(Model):
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["digest"]}, {"required": ["key"]}],
+        "dependentRequired": {"sha256": ["key"]}})
+
     type: Literal["s3"]
     pool: str = Field(min_length=1, max_length=64,
                       description="an object pool of this agent (S3 bucket) holding the image")
-    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
+    digest: str = Field(None, pattern=r"^sha256:[0-9a-f]{64}$",
                         description="the image's digest (of its disk blob or OCI manifest), as "
                                     "another host that put it into the pool reports it")
+    key: str = Field(None, min_length=1, max_length=1024, pattern=r"^[^\x00-\x1f]+$",
+                     description="or: the key of an object some other tool put in the bucket "
+                                 "(a qcow2/raw disk, or with format oci an OCI archive)")
+    sha256: str = Field(None, pattern=r"^[0-9a-f]{64}$",
+                        description="with key: the object's expected sha256, checked before "
+                                    "anything is stored")
+
+    @model_validator(mode="after")
+    def _one_name(self):
+        if (self.digest is None) == (self.key is None):
+            raise ValueError("give exactly one of digest (an image in the pool's layout) or key "
+                             "(any object of the bucket)")
+        if self.sha256 is not None and self.key is None:
+            raise ValueError("sha256 goes with key: a digest names its content already")
+        return self
 
 
 ImageSource = Annotated[Union[FileSource, UrlSource, RegistrySource, S3Source],
@@ -148,7 +167,7 @@ class ImageImport(Model):
     format: Literal["qcow2", "raw", "oci"] | None = None
     pool: str | None = Field(None, min_length=1, max_length=64,
                              description="where to store the image (default: the default pool; "
-                                         "for an s3 source: source.pool, nothing is copied)")
+                                         "for an s3 source by digest: source.pool, nothing is copied)")
 
 
 class Image(Model):

@@ -30,7 +30,7 @@ from tests.api.agentproc import AgentProcess, Api  # noqa: E402
 INSTANCES = 500
 LOAD_SECONDS = 8
 CONNECTIONS = 4
-CREATES = 30
+CREATES = 40
 
 LOAD = r'''
 import http.client, json, sys, threading, time
@@ -105,7 +105,8 @@ def bench_list(tmp):
 def bench_create(tmp):
     """API and runtime-layer creates are interleaved, so machine noise hits both sides alike."""
     from containers.runtime import ContainerSpec, Limits, NetworkSpec, Rootfs
-    from tests.containers_support import busybox_lower, make_runtime
+    from storage.unpack import layer_dir
+    from tests.containers_support import make_runtime
 
     real = bool(shutil.which("runc") and shutil.which("conmon")) and os.geteuid() == 0
     kind = "runc" if real else "fake"
@@ -121,28 +122,42 @@ def bench_create(tmp):
     try:
         api = Api(agent.url, token)
         import_busybox(api, tmp)
-        body = {"kind": "container", "image": "busybox", "network": "none", "memory_mib": 64,
+        # both sides run the same container: the spec the API makes for this body
+        body = {"kind": "container", "image": "busybox", "network": "none", "memory_mib": 64, "cpus": 1,
                 "command": ["/bin/busybox", "sleep", "600"]}
-        for i in range(CREATES):
+
+        def via_api(i):
             t0 = time.perf_counter()
             op = api.wait(api.post("/v1/instances", json={**body, "name": f"c{i}"}).json())
             api_ms.append((time.perf_counter() - t0) * 1000)
             assert op["status"] == "succeeded", op
             op_ms.append((op["finished_at"] - op["started_at"]) * 1000)
+
+        def via_runtime(i):
             base = Path(tmp) / "rt-rootfs" / f"r{i}"
             (base / "upper").mkdir(parents=True)
             (base / "work").mkdir(parents=True)
-            spec = ContainerSpec(name=f"r{i}", rootfs=Rootfs((busybox_lower(),), str(base / "upper"),
+            spec = ContainerSpec(name=f"r{i}", rootfs=Rootfs(lowerdirs, str(base / "upper"),
                                                              str(base / "work")),
-                                 command=("/bin/busybox", "sleep", "600"), limits=Limits(memory_mib=64),
+                                 command=("/bin/busybox", "sleep", "600"), env={"PATH": "/bin"},
+                                 hostname=f"r{i}", limits=Limits(cpus=1, memory_mib=64),
                                  network=NetworkSpec(mode="none"))
             t0 = time.perf_counter()
             rt.create(spec)
             rt.start(spec.name)
             rt_ms.append((time.perf_counter() - t0) * 1000)
+
+        via_api(CREATES)  # warm-up: the agent unpacks the layers on first use
+        del api_ms[:], op_ms[:]
+        layers = api.get("/v1/images/busybox").json()["layers"]  # the same rootfs layers, as unpacked
+        lowerdirs = tuple(layer_dir(str(agent.state_dir / "cache"), d) for d in reversed(layers))
+        for i in range(CREATES):  # alternate which side goes first: no side always gets a warm cache
+            for step in ((via_api, via_runtime) if i % 2 == 0 else (via_runtime, via_api)):
+                step(i)
         for i in range(CREATES):
             api.delete(f"/v1/instances/c{i}")
             rt.delete(f"r{i}")
+        api.delete(f"/v1/instances/c{CREATES}")
     finally:
         cleanup()
         agent.stop()

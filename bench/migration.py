@@ -5,8 +5,8 @@ between two simulated hosts (tests/multihost/harness.py: own netns, libvirtd and
 each): total time (POST /v1/migrations until the operation succeeded, as a client sees
 it) and downtime (QEMU's, from the destination's completed job stats), medians over
 ROUNDS migrations each way; peer = bare `virsh migrate --live --p2p --copy-storage-inc`
-of a guest of the same shape (same base image, memory and devices) between the same two
-libvirtds, in the same run. Then the downtime of a refresh migration of a container with
+of the same guest (the agent's own domain XML, renamed onto copies of its disks) between the
+same two libvirtds, in the same run. Then the downtime of a refresh migration of a container with
 500 MiB in its rootfs; peer = a cold migration of the same container (no bare tool moves
 a container between hosts). Needs root, libvirtd and the test guest
 (scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/migration.py
@@ -23,11 +23,14 @@ import sys
 import tempfile
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from hypervisor.domain_xml import NODEAGENT_NS, QEMU_NS  # noqa: E402
+from hypervisor.seed import make_seed  # noqa: E402
 from tests.api.agentproc import Api  # noqa: E402
 from tests.multihost import harness  # noqa: E402
 
@@ -36,19 +39,6 @@ MEMORY_MIB = 256
 IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
 OP_TIMEOUT_S = 300
 
-PEER_XML = """<domain type='qemu'>
-  <name>{name}</name><uuid>{uuid}</uuid>
-  <memory unit='MiB'>{mem}</memory><vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <features><acpi/></features>
-  <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
-    <serial type='pty'/>
-  </devices>
-</domain>"""
-
-
 def line(metric, value, peer, peer_value):
     ratio = round(value / peer_value, 2) if peer_value else None
     print(json.dumps({"bench": "migration", "metric": metric, "unit": "ms", "value": round(value, 1),
@@ -56,73 +46,117 @@ def line(metric, value, peer, peer_value):
                       "ratio": ratio}), flush=True)
 
 
-def agent_rounds(cluster) -> tuple[list[float], list[float]]:
-    h1, h2 = cluster.hosts
-    apis = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
-    for a in apis.values():
-        a.s.headers["Connection"] = "close"
-    op = apis["h1"].wait(apis["h1"].post("/v1/images", json={
-        "name": "guest", "source": {"type": "file", "path": f"{IMAGES}/rootfs.qcow2"}}).json(), OP_TIMEOUT_S)
-    assert op["status"] == "succeeded", op
-    name = f"bench-{uuid.uuid4().hex[:6]}"
-    op = apis["h1"].wait(apis["h1"].post("/v1/instances", json={
-        "name": name, "kind": "vm", "image": "guest", "cpus": 1, "memory_mib": MEMORY_MIB,
-        "network": "none"}).json(), OP_TIMEOUT_S)
-    assert op["status"] == "succeeded", op
-    totals, downs = [], []
-    here, there = "h1", "h2"
-    for _ in range(2 * ROUNDS):
-        t0 = time.perf_counter()
-        op = apis[here].post("/v1/migrations", json={"instance": name, "destination": there}).json()
-        op = apis[here].wait(op, OP_TIMEOUT_S)
-        totals.append((time.perf_counter() - t0) * 1000)
+class AgentVm:
+    """The benchmarked guest, created and moved through the agents' API."""
+
+    def __init__(self, cluster):
+        self.hosts = {h.name: h for h in cluster.hosts}
+        self.apis = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
+        for a in self.apis.values():
+            a.s.headers["Connection"] = "close"
+        op = self.apis["h1"].wait(self.apis["h1"].post("/v1/images", json={
+            "name": "guest", "source": {"type": "file", "path": f"{IMAGES}/rootfs.qcow2"}}).json(), OP_TIMEOUT_S)
         assert op["status"] == "succeeded", op
-        if op["result"]["downtime_ms"] is not None:
-            downs.append(op["result"]["downtime_ms"])
-        here, there = there, here
-    apis[here].delete(f"/v1/instances/{name}")
-    return totals, downs
+        self.name = f"bench-{uuid.uuid4().hex[:6]}"
+        op = self.apis["h1"].wait(self.apis["h1"].post("/v1/instances", json={
+            "name": self.name, "kind": "vm", "image": "guest", "cpus": 1, "memory_mib": MEMORY_MIB,
+            "network": "none"}).json(), OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op
+        self.here = "h1"
+
+    def domain_xml(self) -> str:
+        return self.hosts[self.here].run("virsh", "-c", "qemu:///system", "dumpxml", "--migratable",
+                                         self.name, timeout=60).stdout
+
+    def migrate(self) -> tuple[float, float | None]:
+        """Move it to the other host: (total ms as a client sees it, downtime ms)."""
+        there = "h2" if self.here == "h1" else "h1"
+        t0 = time.perf_counter()
+        op = self.apis[self.here].post("/v1/migrations", json={"instance": self.name, "destination": there}).json()
+        op = self.apis[self.here].wait(op, OP_TIMEOUT_S)
+        total = (time.perf_counter() - t0) * 1000
+        assert op["status"] == "succeeded", op
+        self.here = there
+        return total, op["result"]["downtime_ms"]
+
+    def delete(self) -> None:
+        self.apis[self.here].delete(f"/v1/instances/{self.name}")
 
 
-def peer_rounds(cluster, work: Path) -> tuple[list[float], list[float]]:
-    hosts = cluster.hosts
-    name = f"bench-peer-{uuid.uuid4().hex[:6]}"
-    disks = []
-    for h in hosts:  # one overlay per host, on its own copy of the base (as the agent's pools have)
-        base = work / f"{h.name}-base.qcow2"
-        shutil.copyfile(f"{IMAGES}/rootfs.qcow2", base)
-        disk = work / f"{h.name}-{name}.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(disk)],
-                       check=True)
-        disks.append(str(disk))
-    for p in work.iterdir():
-        os.chmod(p, 0o666)
-    uid = str(uuid.uuid4())
-    xmls = []
-    for d in disks:
-        x = work / f"{Path(d).stem}.xml"
-        x.write_text(PEER_XML.format(name=name, uuid=uid, mem=MEMORY_MIB, disk=d))
-        xmls.append(str(x))
-    hosts[0].run("virsh", "-c", "qemu:///system", "create", xmls[0], timeout=120)
-    totals, downs = [], []
-    here = 0
+def peer_xml(agent_xml: str, name: str, uid: str, disk: str, seed: str, work: Path) -> str:
+    """The agent's own domain of the benchmarked guest, renamed onto the peer's files: both
+    sides migrate the very same devices (seed disk, serial log, QMP socket included)."""
+    for prefix, uri in (("qemu", QEMU_NS), ("nodeagent", NODEAGENT_NS)):
+        ET.register_namespace(prefix, uri)
+    dom = ET.fromstring(agent_xml)
+    dom.find("name").text, dom.find("uuid").text = name, uid
+    for d in dom.findall("devices/disk"):
+        d.find("source").set("file", seed if d.find("readonly") is not None else disk)
+    for log in dom.iter("log"):
+        log.set("file", str(work / f"{name}.log"))
+    for arg in dom.iter(f"{{{QEMU_NS}}}arg"):
+        arg.set("value", re.sub(r"[^=/,]+\.qmp,", f"{name}.qmp,", arg.get("value")))
+    return ET.tostring(dom, encoding="unicode")
+
+
+class PeerVm:
+    """The same guest run by bare libvirt: `virsh create`, `virsh migrate --live --p2p
+    --copy-storage-inc` between the same two libvirtds."""
+
+    def __init__(self, cluster, work: Path, agent_xml: str):
+        self.hosts = cluster.hosts
+        self.name = f"bench-peer-{uuid.uuid4().hex[:6]}"
+        uid = str(uuid.uuid4())
+        seed = make_seed(str(work / "seed.iso"), instance_id=uid, hostname=self.name)
+        self.xmls = []
+        for h in self.hosts:  # one overlay per host, on its own copy of the base (as the agent's pools have)
+            base = work / f"{h.name}-base.qcow2"
+            shutil.copyfile(f"{IMAGES}/rootfs.qcow2", base)
+            disk = work / f"{h.name}-{self.name}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(disk)],
+                           check=True)
+            x = work / f"{h.name}-{self.name}.xml"
+            x.write_text(peer_xml(agent_xml, self.name, uid, str(disk), seed, work))
+            self.xmls.append(str(x))
+        for p in work.iterdir():
+            os.chmod(p, 0o666)
+        self.hosts[0].run("virsh", "-c", "qemu:///system", "create", self.xmls[0], timeout=120)
+        self.here = 0
+
+    def migrate(self) -> tuple[float, float | None]:
+        there = 1 - self.here
+        t0 = time.perf_counter()
+        self.hosts[self.here].run("virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p",
+                                  "--copy-storage-inc", "--xml", self.xmls[there], self.name,
+                                  self.hosts[there].libvirt_uri, timeout=OP_TIMEOUT_S)
+        total = (time.perf_counter() - t0) * 1000
+        self.here = there
+        info = self.hosts[there].run("virsh", "-c", "qemu:///system", "domjobinfo", self.name, "--completed",
+                                     timeout=60).stdout
+        m = re.search(r"Total downtime:\s+([0-9.]+)\s+ms", info)
+        return total, float(m.group(1)) if m else None
+
+    def delete(self) -> None:
+        self.hosts[self.here].run("virsh", "-c", "qemu:///system", "destroy", self.name, check=False, timeout=60)
+
+
+def vm_rounds(cluster, work: Path) -> dict:
+    """ROUNDS migrations each way of the agent's guest and of the peer's, interleaved (which
+    side goes first alternates), so a slow moment of the machine hits both."""
+    ours = AgentVm(cluster)
+    peer = PeerVm(cluster, work, ours.domain_xml())
+    times = {"ours": ([], []), "peer": ([], [])}
     try:
-        for _ in range(2 * ROUNDS):
-            there = 1 - here
-            t0 = time.perf_counter()
-            hosts[here].run("virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p",
-                            "--copy-storage-inc", "--xml", xmls[there], name, hosts[there].libvirt_uri,
-                            timeout=OP_TIMEOUT_S)
-            totals.append((time.perf_counter() - t0) * 1000)
-            info = hosts[there].run("virsh", "-c", "qemu:///system", "domjobinfo", name, "--completed",
-                                    timeout=60).stdout
-            m = re.search(r"Total downtime:\s+([0-9.]+)\s+ms", info)
-            if m:
-                downs.append(float(m.group(1)))
-            here = there
+        for r in range(2 * ROUNDS):
+            for side, vm in (("ours", ours), ("peer", peer))[::1 if r % 2 == 0 else -1]:
+                total, down = vm.migrate()
+                times[side][0].append(total)
+                if down is not None:
+                    times[side][1].append(down)
     finally:
-        hosts[here].run("virsh", "-c", "qemu:///system", "destroy", name, check=False, timeout=60)
-    return totals, downs
+        peer.delete()
+        ours.delete()
+    return times
 
 
 CONTAINER_ROOTFS_MIB = 500
@@ -166,12 +200,12 @@ def main() -> None:
     try:
         with harness.Cluster(work / "sim") as cluster:
             cluster.start_agents()
-            a_total, a_down = agent_rounds(cluster)
             peer_dir = work / "peer"
             peer_dir.mkdir()
             os.chmod(peer_dir, 0o755)
-            p_total, p_down = peer_rounds(cluster, peer_dir)
+            vm = vm_rounds(cluster, peer_dir)
             c_refresh, c_cold = container_rounds(cluster, peer_dir)
+        (a_total, a_down), (p_total, p_down) = vm["ours"], vm["peer"]
         med = statistics.median
         line("vm_live_local_disk_total_p50", med(a_total), "virsh migrate --live --p2p --copy-storage-inc",
              med(p_total))

@@ -69,7 +69,7 @@ def bench_s3(env, work: str) -> None:
                         region=env.s3_region)
     up, up_known, up_peer, down, down_peer = [], [], [], [], []
     for r in range(S3_ROUNDS):
-        with open(src, "rb") as f:  # digest unknown: hashed first, then uploaded
+        with open(src, "rb") as f:  # digest unknown: hashed on the way up, then copied into place
             info = None
 
             def put():

@@ -3,7 +3,10 @@
 (a) create (clone + NoCloud seed + define) + start to QEMU running, p50 over RUNS, against
     `virsh create` of the same domain XML with a pre-made disk and seed;
 (b) start to the test guest's marker on its serial console (TCG here), against a bare
-    `qemu-system-x86_64` run of the same kernel + initrd.
+    `qemu-system-x86_64` run of the same kernel + initrd;
+(c) through the agent's API, POST /v1/instances of the bootable image (boot.qcow2: SeaBIOS,
+    syslinux, no direct kernel boot) to the marker in GET /v1/instances/{id}/logs, against
+    `virsh create` of the same disk boot with a pre-made overlay and seed to the marker.
 Needs root, libvirtd (started here if none runs; stopped by PID after) and the test guest
 (scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/vms.py
 """
@@ -33,6 +36,7 @@ RUNS = 20
 BOOT_RUNS = 5
 MARKER = "NODEAGENT-GUEST-BOOTED"
 BOOT_TIMEOUT_S = 120
+API_BOOT_RUNS = 3  # each run boots two guests to their marker (~8 s with the deletes)
 IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
 
 
@@ -52,6 +56,62 @@ def wait_file(path, text, t0, timeout=BOOT_TIMEOUT_S) -> float:
         if time.monotonic() - t0 > timeout:
             raise RuntimeError(f"{text} not in {path} after {timeout}s")
         time.sleep(0.01)
+
+
+def api_boot(uri: str, work: str, virt_type: str) -> None:
+    """(c): API create of the bootable image to the guest's marker, against `virsh create`."""
+    from hypervisor.driver import DiskSpec, VmSpec
+    from tests.api.agentproc import AgentProcess, Api
+
+    agent = AgentProcess(f"{work}/agent", pool_kind="local")
+    agent.config.write_text(agent.config.read_text().replace(
+        '[hypervisor]\ndriver = "fake"\n', f'[hypervisor]\ndriver = "libvirt"\nuri = "{uri}"\n'))
+    token = agent.token("bench", "admin")
+    agent.start()
+    api = Api(agent.url, token)
+    ours, peers = [], []
+    try:
+        op = api.wait(api.post("/v1/images", json={"name": "boot", "source": {
+            "type": "file", "path": f"{IMAGES}/boot.qcow2"}}).json())
+        assert op["status"] == "succeeded", op
+        for i in range(API_BOOT_RUNS + 1):  # the first run warms caches and is dropped
+            name = f"bench-apiboot-{i}"
+            t0 = time.monotonic()
+            r = api.post("/v1/instances", json={"name": name, "kind": "vm", "image": "boot", "cpus": 1,
+                                                "memory_mib": 128, "network": "none"})
+            assert r.status_code == 202, r.text
+            while MARKER not in api.get(f"/v1/instances/{name}/logs").json().get("logs", ""):
+                if time.monotonic() - t0 > BOOT_TIMEOUT_S:
+                    raise RuntimeError(f"{MARKER} not on {name}'s console after {BOOT_TIMEOUT_S}s")
+                time.sleep(0.01)
+            dt = time.monotonic() - t0
+            api.delete(f"/v1/instances/{name}")
+            peer = f"bench-virshboot-{i}"
+            disk = f"{work}/{peer}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{IMAGES}/boot.qcow2",
+                            "-F", "qcow2", disk], check=True)
+            seed = make_seed(f"{work}/{peer}-seed.iso", instance_id=peer, hostname=peer)
+            spec = VmSpec(name=peer, uuid=str(uuid.uuid4()), cpus=1, memory_mib=128,
+                          disks=(DiskSpec("vda", disk), DiskSpec("vdz", seed, format="raw", readonly=True)),
+                          console_log=f"{work}/{peer}.log")
+            xml = f"{work}/{peer}.xml"
+            with open(xml, "w") as f:
+                f.write(domain_xml(spec, virt_type=virt_type))
+            t0 = time.monotonic()
+            subprocess.run(["virsh", "-q", "-c", uri, "create", xml], check=True, stdout=subprocess.DEVNULL)
+            try:
+                pt = wait_file(spec.console_log, MARKER, t0)
+            finally:
+                subprocess.run(["virsh", "-q", "-c", uri, "destroy", peer], capture_output=True)
+            if i:
+                ours.append(dt * 1000)
+                peers.append(pt * 1000)
+    finally:
+        for i in range(API_BOOT_RUNS + 1):
+            api.delete(f"/v1/instances/bench-apiboot-{i}")
+        agent.stop()
+    line("api_create_disk_boot_to_guest_marker_p50", statistics.median(ours),
+         "virsh create (pre-made overlay + seed), disk boot", statistics.median(peers))
 
 
 def main() -> None:
@@ -140,6 +200,7 @@ def main() -> None:
         line("start_to_guest_marker_p50", statistics.median(boots), "qemu-system-x86_64 -kernel (bare)",
              statistics.median(bare))
         del spec
+        api_boot(daemons.uri, work, drv.virt_type)
     finally:
         for name in names:
             delete_vm(drv, pool, name, seed_dir=seeds)

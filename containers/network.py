@@ -28,6 +28,7 @@ from containers.runtime import PortMap
 NETNS_DIR = "/run/netns"
 NAT_CHAIN = "NODEAGENT-NAT"
 DNAT_CHAIN = "NODEAGENT-DNAT"
+VM_LEASE_PREFIX = "vm:"  # leases of VMs on the same bridge: "vm:<instance id>" (not containers)
 CONTAINER_IFNAME = "eth0"
 
 MIGRATIONS = [
@@ -201,7 +202,9 @@ class Network:
         return False
 
     # -- leases and ports ----------------------------------------------------------------
-    def lease(self, name: str) -> str:
+    def lease(self, name: str, want: str | None = None) -> str:
+        """``name``'s address (kept across calls): ``want`` if it is in the subnet and free
+        (a VM arriving from another host keeps its address), else the first free one."""
         with self.db.tx() as c:
             row = c.execute("SELECT ip FROM containers_leases WHERE network=? AND name=?",
                             (self.bridge, name)).fetchone()
@@ -209,7 +212,8 @@ class Network:
                 return row["ip"]
             taken = {r["ip"] for r in c.execute(
                 "SELECT ip FROM containers_leases WHERE network=?", (self.bridge,))}
-            for ip in self.subnet.hosts():
+            wanted = [ipaddress.ip_address(want)] if want and ipaddress.ip_address(want) in self.subnet else []
+            for ip in (*wanted, *self.subnet.hosts()):
                 s = str(ip)
                 if s != self.gateway and s not in taken:
                     c.execute("INSERT INTO containers_leases(network, ip, name) VALUES(?,?,?)",
@@ -348,7 +352,8 @@ class Network:
         except FileNotFoundError:
             pass
         names.update(r["name"] for r in self.db.query(
-            "SELECT name FROM containers_leases WHERE network=?", (self.bridge,)))
+            "SELECT name FROM containers_leases WHERE network=?", (self.bridge,))
+            if not r["name"].startswith(VM_LEASE_PREFIX))  # the agent's VMs lease here too
         names.update(r["name"] for r in self.db.query("SELECT name FROM containers_ports"))
         for rule in rules_with_comment("nat", DNAT_CHAIN, f"nodeagent:{self.rtag}:"):
             c = rule[rule.index("--comment") + 1].split(":", 2)[2]

@@ -20,6 +20,14 @@ def _meta_data(instance_id: str, hostname: str) -> str:
     return f"instance-id: {instance_id}\nlocal-hostname: {hostname}\n"
 
 
+def network_config(mac: str, address: str, gateway: str | None = None) -> str:
+    """Netplan v2 network-config for the NIC with ``mac``: a static ``address`` ("ip/prefix")
+    and a default route via ``gateway``."""
+    routes = f"    routes:\n      - to: default\n        via: {gateway}\n" if gateway else ""
+    return (f"version: 2\nethernets:\n  nic0:\n    match:\n      macaddress: \"{mac}\"\n"
+            f"    set-name: eth0\n    addresses:\n      - {address}\n{routes}")
+
+
 def make_seed(path: str, *, instance_id: str, hostname: str, user_data: str | None = None,
               network_config: str | None = None) -> str:
     """Write a NoCloud seed ISO at ``path`` (replaced atomically) and return ``path``.

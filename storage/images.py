@@ -227,6 +227,28 @@ class ImageStore:
             except FileNotFoundError:
                 pass
 
+    def import_object(self, source_pool: str, key: str, *, name: str, pool: str | None = None,
+                      format: str | None = None, sha256: str | None = None,
+                      progress: Progress | None = None) -> Image:
+        """Import the object ``key`` of an object pool (an image some other tool uploaded
+        to the bucket): fetched to a temp file (``sha256`` hex, if given, checked before
+        anything is stored), then imported into ``pool`` as a disk image, or as a container
+        image when ``format`` is "oci" (an OCI or `docker save` archive)."""
+        _check_name(name)
+        self._backend(pool)
+        _, src = self._backend(source_pool)
+        fetch = getattr(src, "fetch_object", None)
+        if fetch is None:
+            raise InvalidInput(f"pool {source_pool!r} is a {src.kind} pool: an object key names "
+                               "an object of an object (S3) pool")
+        if sha256 is not None:
+            sha256 = parse_digest("sha256:" + sha256.lower().removeprefix("sha256:"))
+        with self._tmp_file("object-") as tmp:
+            fetch(key, tmp, sha256=sha256, progress=progress)
+            if format == "oci":
+                return self.import_oci(tmp, name=name, pool=pool)
+            return self.import_file(tmp, name=name, pool=pool, format=format)
+
     def import_oci(self, path: str, *, name: str, ref: str | None = None,
                    pool: str | None = None, progress: Progress | None = None) -> Image:
         """Import a container image from an OCI layout dir/archive or a `docker save`

@@ -3,8 +3,9 @@ S3 elsewhere) through boto3. Blob-only: volume calls raise Unsupported (instance
 fetched into a local or block pool, which caches them).
 
 Layout: ``sha256/<hex>`` holds a blob, with user metadata ``sha256=<hex>``. Uploads of a
-known digest go straight to their key; uploads of unknown content go to ``tmp/<uuid>`` and
-are copied into place (server side) once the digest is known. An object appears only when
+known digest go straight to their key; uploads of unknown content are hashed on the way up
+to ``tmp/<uuid>`` and copied into place (server side) once the digest is known (a file
+over 5 GiB, too big for one CopyObject, is hashed before its upload instead). An object appears only when
 complete: a multipart upload is completed only after every part succeeded and the sha256
 of the stream matched; on any failure it is aborted (no object, no dangling upload).
 Downloads of a whole blob are hashed as they stream and raise InvalidInput on mismatch.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -33,6 +35,7 @@ NOMINAL_CAPACITY = 1 << 50  # 1 PiB: S3 has no capacity to ask for; object store
 CONNECT_TIMEOUT = 10  # seconds
 READ_TIMEOUT = 120
 READ_CHUNK = 1 << 20
+COPY_OBJECT_MAX = 5 << 30  # S3's limit for a single CopyObject
 FETCH_RANGE = 8 << 20  # ranged GET size for fetch_blob: measured fastest here (vs 16, 64 MiB)
 
 
@@ -124,15 +127,10 @@ class S3Backend:
     def put_blob(self, src: BinaryIO, *, digest: str | None = None, size: int | None = None,
                  progress: Progress | None = None) -> BlobInfo:
         want = parse_digest(digest) if digest else None
-        if want is None and _seekable(src):
-            # hash a file first (one local read) rather than upload under a temporary key
-            # and copy it server-side (S3 copies the whole object again)
-            start = src.tell()
-            h = hashlib.sha256()
-            while chunk := src.read(READ_CHUNK * 8):
-                h.update(chunk)
-            src.seek(start)
-            want = h.hexdigest()
+        if want is None and _seekable(src) and _remaining(src) > COPY_OBJECT_MAX:
+            # too big for one server-side copy: hash the file first (one local read)
+            # rather than upload it under a temporary key and copy it part by part
+            want = _hash_rest(src)
             digest = "sha256:" + want
         if want:
             found = self.find_blob(digest)
@@ -146,11 +144,9 @@ class S3Backend:
         final = f"sha256:{got}"
         if key.startswith(BLOB_PREFIX):
             return BlobInfo(digest=final, size=done)
-        try:  # unknown content: now that it has a name, copy it into place
+        try:  # unknown content, hashed on the way up: now that it has a name, copy it into place
             if self.find_blob(final) is None:
-                self.client.copy({"Bucket": self.bucket, "Key": key}, self.bucket,
-                                 BLOB_PREFIX + got, ExtraArgs={"Metadata": {"sha256": got},
-                                                               "MetadataDirective": "REPLACE"})
+                self._copy(key, BLOB_PREFIX + got, done, {"sha256": got})
         except Exception as e:
             raise self._error(e, "store a blob") from None
         finally:
@@ -159,6 +155,17 @@ class S3Backend:
             except Exception:  # noqa: BLE001 - the error above (if any) is the one to report
                 pass
         return BlobInfo(digest=final, size=done)
+
+    def _copy(self, src_key: str, key: str, size: int, metadata: dict) -> None:
+        """Server-side copy: one CopyObject up to 5 GiB (radosgw shares the data instead of
+        copying it), else boto3's part-by-part managed copy."""
+        source = {"Bucket": self.bucket, "Key": src_key}
+        if size <= COPY_OBJECT_MAX:
+            self.client.copy_object(CopySource=source, Bucket=self.bucket, Key=key,
+                                    Metadata=metadata, MetadataDirective="REPLACE")
+        else:
+            self.client.copy(source, self.bucket, key,
+                             ExtraArgs={"Metadata": metadata, "MetadataDirective": "REPLACE"})
 
     def _upload(self, src: BinaryIO, key: str, want: str | None, size: int | None,
                 progress: Progress | None) -> tuple[str, int]:
@@ -267,22 +274,33 @@ class S3Backend:
 
     def fetch_blob(self, digest: str, dest: str, *, progress: Progress | None = None) -> BlobInfo:
         """Download the whole blob to the host file ``dest`` (an addition to the Backend
-        seam for caching images on a host): ranged GETs of ``part_size`` by ``concurrency``
-        threads, hashed in order as they arrive; ``dest`` appears only complete and
-        verified (written to a temp file beside it, then renamed)."""
-        import os
+        seam for caching images on a host), verified against its digest."""
+        size = self.fetch_object(self._key(digest), dest, sha256=parse_digest(digest), progress=progress)
+        return BlobInfo(digest=digest, size=size)
 
-        info = self.stat_blob(digest)
-        want = parse_digest(digest)
+    def fetch_object(self, key: str, dest: str, *, sha256: str | None = None,
+                     progress: Progress | None = None) -> int:
+        """Download the object ``key`` (any object of the bucket: an image another tool put
+        there) to the host file ``dest``; returns its size. Ranged GETs of FETCH_RANGE by
+        ``concurrency`` threads, hashed in order as they arrive; ``dest`` appears only
+        complete and, when ``sha256`` (hex) is given, verified (written to a temp file
+        beside it, then renamed)."""
+        try:
+            size = int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except Exception as e:
+            raise self._error(e, f"object {key!r}") from None
         tmp = f"{dest}.part-{uuid.uuid4().hex[:8]}"
         h = hashlib.sha256()
-        ranges = [(o, min(FETCH_RANGE, info.size - o)) for o in range(0, info.size, FETCH_RANGE)]
+        ranges = [(o, min(FETCH_RANGE, size - o)) for o in range(0, size, FETCH_RANGE)]
 
         def get(offset: int, n: int) -> bytes:
-            r = self.client.get_object(Bucket=self.bucket, Key=self._key(digest),
-                                       Range=f"bytes={offset}-{offset + n - 1}")
+            """GET one range and write it in place (threads write in parallel; the caller
+            hashes the ranges in order)."""
+            r = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}")
             with r["Body"] as body:
-                return body.read()
+                data = body.read()
+            os.pwrite(fd, data, offset)
+            return data
 
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -297,16 +315,19 @@ class S3Backend:
                         if i + window < len(ranges):
                             futures.append(pool.submit(get, *ranges[i + window]))
                         if len(data) != n:
-                            raise InvalidInput(f"blob {digest}: short read at {offset}")
-                        h.update(data)
-                        os.pwrite(fd, data, offset)
+                            raise InvalidInput(f"object {key!r}: short read at {offset}")
+                        if sha256:
+                            h.update(data)
                         if progress:
                             progress(offset + n)
             finally:
                 os.close(fd)
-            if h.hexdigest() != want:
-                raise InvalidInput(f"blob {digest} is corrupt in S3: its content is "
-                                   f"sha256:{h.hexdigest()}: delete it and import it again")
+            if sha256 and h.hexdigest() != sha256:
+                if key == BLOB_PREFIX + sha256:
+                    raise InvalidInput(f"blob sha256:{sha256} is corrupt in S3: its content is "
+                                       f"sha256:{h.hexdigest()}: delete it and import it again")
+                raise InvalidInput(f"object {key!r} in pool {self.name} has sha256:{h.hexdigest()}, "
+                                   f"not the expected sha256:{sha256}: check the key and the digest")
             os.replace(tmp, dest)
         except BaseException as e:
             try:
@@ -314,9 +335,9 @@ class S3Backend:
             except FileNotFoundError:
                 pass
             if isinstance(e, Exception):
-                raise self._error(e, f"fetch blob {digest}") from None
+                raise self._error(e, f"fetch object {key!r}") from None
             raise
-        return info
+        return size
 
     def stat_blob(self, digest: str) -> BlobInfo:
         try:
@@ -406,6 +427,24 @@ def _seekable(src: BinaryIO) -> bool:
         return src.seekable() and src.tell() >= 0
     except (AttributeError, OSError, ValueError):
         return False
+
+
+def _remaining(src: BinaryIO) -> int:
+    """Bytes left to read in a seekable file."""
+    here = src.tell()
+    end = src.seek(0, io.SEEK_END)
+    src.seek(here)
+    return end - here
+
+
+def _hash_rest(src: BinaryIO) -> str:
+    """sha256 hex of the rest of a seekable file; the position is kept."""
+    start = src.tell()
+    h = hashlib.sha256()
+    while chunk := src.read(READ_CHUNK * 8):
+        h.update(chunk)
+    src.seek(start)
+    return h.hexdigest()
 
 
 class _BodyReader(io.RawIOBase):

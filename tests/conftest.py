@@ -68,7 +68,8 @@ def busybox_ref(oci_registry, tmp_path_factory):
 @pytest.fixture(scope="session")
 def guest_images():
     """The test guest from scripts/build-test-images (cached, idempotent): a dict of paths
-    vmlinuz, initrd, rootfs (qcow2) and the kernel cmdline."""
+    vmlinuz, initrd, rootfs (qcow2), the kernel cmdline, and boot (a BIOS-bootable qcow2:
+    MBR + syslinux + the same kernel and initrd, booted from disk as the API boots VMs)."""
     import os
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,7 @@ def guest_images():
     if r.returncode != 0:
         pytest.fail(f"scripts/build-test-images failed: {r.stderr.strip()}")
     return {"vmlinuz": f"{out}/vmlinuz", "initrd": f"{out}/initrd.img", "rootfs": f"{out}/rootfs.qcow2",
-            "cmdline": open(f"{out}/cmdline").read().strip()}
+            "cmdline": open(f"{out}/cmdline").read().strip(), "boot": f"{out}/boot.qcow2"}
 
 
 @pytest.fixture(scope="session")

@@ -2,19 +2,17 @@
 image built in Python and pushed to it with skopeo."""
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
-import json
 import os
 import shutil
 import signal
 import subprocess
-import tarfile
 import time
 import urllib.request
 
 from tests.containers_support import APPLETS, BUSYBOX, find_free_port
+from tests.functional import ocibuild
+
+IMAGE_CONFIG = {"cmd": ("sh",), "env": ("PATH=/bin", "IMAGE=busybox-test")}
 
 CONFIG = """version: 0.1
 log:
@@ -75,82 +73,28 @@ class RegistryServer:
         self.proc = None
 
 
-def _blob(layout: str, data: bytes) -> tuple[str, int]:
-    digest = hashlib.sha256(data).hexdigest()
-    d = os.path.join(layout, "blobs", "sha256")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, digest), "wb") as f:
-        f.write(data)
-    return "sha256:" + digest, len(data)
-
-
 def busybox_layer() -> bytes:
     """A gzip tar layer: bin/busybox + applet symlinks + etc/passwd, group + www/."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tar:
-        def add_dir(name):
-            ti = tarfile.TarInfo(name)
-            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, 0
-            tar.addfile(ti)
-
-        def add_file(name, data: bytes, mode=0o644):
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mode, ti.mtime = len(data), mode, 0
-            tar.addfile(ti, io.BytesIO(data))
-        for d in ("bin", "etc", "tmp", "root", "www", "proc", "sys", "dev"):
-            add_dir(d)
-        with open(BUSYBOX, "rb") as f:
-            add_file("bin/busybox", f.read(), 0o755)
-        for a in APPLETS:
-            ti = tarfile.TarInfo(f"bin/{a}")
-            ti.type, ti.linkname, ti.mode, ti.mtime = tarfile.SYMTYPE, "busybox", 0o777, 0
-            tar.addfile(ti)
-        add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"
-                               b"nobody:x:65534:65534:nobody:/:/bin/false\n")
-        add_file("etc/group", b"root:x:0:\nnogroup:x:65534:\n")
-        add_file("www/index.html", b"hello from busybox\n")
-    tar_bytes = raw.getvalue()
-    return gzip.compress(tar_bytes, mtime=0), "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
+    with open(BUSYBOX, "rb") as f:
+        bb = f.read()
+    return ocibuild.layer(
+        [(f"{d}/", "dir", None) for d in ("bin", "etc", "tmp", "root", "www", "proc", "sys", "dev")]
+        + [("bin/busybox", "file", bb, 0o755)]
+        + [(f"bin/{a}", "sym", "busybox", 0o777) for a in APPLETS]
+        + [("etc/passwd", "file", b"root:x:0:0:root:/root:/bin/sh\n"
+                                  b"nobody:x:65534:65534:nobody:/:/bin/false\n"),
+           ("etc/group", "file", b"root:x:0:\nnogroup:x:65534:\n"),
+           ("www/index.html", "file", b"hello from busybox\n")])
 
 
 def build_busybox_layout(layout: str, *, tag: str = "test", multiarch: bool = False) -> str:
     """An OCI image layout at ``layout`` with one busybox image (Cmd ["sh"]) under ``tag``;
     with ``multiarch`` the tag points at an index of linux/amd64 + linux/arm64 (the arm64
     entry shares the layer but its config says arm64). Returns the amd64 manifest digest."""
-    os.makedirs(layout, exist_ok=True)
-    with open(os.path.join(layout, "oci-layout"), "w") as f:
-        json.dump({"imageLayoutVersion": "1.0.0"}, f)
-    layer, diff_id = busybox_layer()
-    layer_digest, layer_size = _blob(layout, layer)
-    manifests = []
-    for arch in (("amd64", "arm64") if multiarch else ("amd64",)):
-        config = {"architecture": arch, "os": "linux",
-                  "config": {"Cmd": ["sh"], "Env": ["PATH=/bin", "IMAGE=busybox-test"],
-                             "WorkingDir": "/"},
-                  "rootfs": {"type": "layers", "diff_ids": [diff_id]}}
-        cdig, csize = _blob(layout, json.dumps(config, sort_keys=True).encode())
-        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                               "digest": cdig, "size": csize},
-                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                                "digest": layer_digest, "size": layer_size}]}
-        mdig, msize = _blob(layout, json.dumps(manifest, sort_keys=True).encode())
-        manifests.append({"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                          "digest": mdig, "size": msize,
-                          "platform": {"architecture": arch, "os": "linux"}})
-    if multiarch:
-        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                 "manifests": [{k: v for k, v in m.items() if k != "platform"} |
-                               {"platform": m["platform"]} for m in manifests]}
-        idig, isize = _blob(layout, json.dumps(index, sort_keys=True).encode())
-        top = [{"mediaType": "application/vnd.oci.image.index.v1+json", "digest": idig,
-                "size": isize, "annotations": {"org.opencontainers.image.ref.name": tag}}]
-    else:
-        top = [{**{k: v for k, v in manifests[0].items() if k != "platform"},
-                "annotations": {"org.opencontainers.image.ref.name": tag}}]
-    with open(os.path.join(layout, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": top}, f)
-    return manifests[0]["digest"]
+    layers = [busybox_layer()]
+    ocibuild.write_layout(layout, {tag: layers}, multiarch=multiarch, arm64_blobs=True, **IMAGE_CONFIG)
+    manifest, _ = ocibuild.image_blobs(layers, **IMAGE_CONFIG)
+    return ocibuild.sha(manifest)
 
 
 def push_layout(layout: str, tag: str, dest: str, *, all_images: bool = False) -> None:

@@ -39,6 +39,7 @@ class Services:
         self._store = None
         self._driver = None
         self._runtime = None
+        self._vm_network = None
         self.images = ImageService(self)
         self.instances = InstanceService(self)
         self.host = HostService(self)
@@ -90,6 +91,18 @@ class Services:
                     raise Unavailable(f"VM driver {hc.driver!r} could not start: {e}; "
                                       "start libvirtd (`libvirtd -d`) or run scripts/setup-host") from None
             return self._driver
+
+    @property
+    def vm_network(self):
+        """Addresses for VMs on the host bridge, leased from the same pool as containers'
+        (``[network]``); None with the fake driver (its VMs touch no host network)."""
+        with self._lock:
+            if self._vm_network is None and self.config.hypervisor.driver != "fake":
+                from containers.network import Network, short_hash
+                net = self.config.network
+                self._vm_network = Network(self.db, bridge=net.bridge, subnet=net.subnet, nat=net.nat,
+                                           rtag=short_hash(str(self.config.state_path / "containers"), 4))
+            return self._vm_network
 
     @property
     def runtime(self):

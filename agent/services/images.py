@@ -45,7 +45,8 @@ class ImageService:
             if pools[src.pool].kind != "object":
                 raise Unprocessable(f"source.pool {src.pool!r} is a {pools[src.pool].kind} pool; "
                                     "an s3 source names an object pool")
-        pool = req.pool or (src.pool if src.type == "s3" else self.root.config.default_pool)
+        by_digest = src.type == "s3" and src.digest is not None
+        pool = req.pool or (src.pool if by_digest else self.root.config.default_pool)
         if pool not in pools:
             raise NotFound(f"pool {pool!r} not found; configured pools: {', '.join(sorted(pools))}")
         total = None
@@ -70,6 +71,10 @@ class ImageService:
                 op.phase("download")
                 image = store.import_url(src.url, name=req.name, pool=pool, format=req.format,
                                          sha256=src.sha256, progress=progress)
+            elif src.type == "s3" and src.key is not None:
+                op.phase("download")
+                image = store.import_object(src.pool, src.key, name=req.name, pool=pool, format=req.format,
+                                            sha256=src.sha256, progress=progress)
             elif src.type == "s3":
                 op.phase("import")
                 image = store.import_digest(src.pool, src.digest, name=req.name, format=req.format,

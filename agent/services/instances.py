@@ -140,7 +140,7 @@ class InstanceService:
             with self.lock(inst_id):
                 try:
                     if req.kind == "vm":
-                        state, ip = self._create_vm(op, inst_id, req, image, pool, volumes[0]), None
+                        state, ip = self._create_vm(op, inst_id, req, image, pool, volumes[0])
                     else:
                         state, ip = self._create_container(op, inst_id, req, image, pool, volumes[0])
                 except BaseException:
@@ -160,26 +160,46 @@ class InstanceService:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def vm_disks(self, inst_id, name, image_id, pool, volume, *, size=None, user_data=None):
+    def vm_disks(self, inst_id, name, image_id, pool, volume, *, size=None, user_data=None, ip=None):
         """Clone the root disk and write the NoCloud seed of a VM (at create, and on a
-        migration's destination); returns (root volume, seed path)."""
-        from hypervisor.seed import make_seed
+        migration's destination); returns (root volume, seed path). With ``ip`` the seed
+        configures the NIC with it (and the bridge's gateway)."""
+        from hypervisor.seed import make_seed, network_config
         vol = self.root.store.clone_disk(image_id, volume, pool=pool, size=size)
+        net = self.root.vm_network
+        netcfg = network_config(_mac(inst_id), f"{ip}/{net.subnet.prefixlen}", net.gateway) \
+            if ip and net is not None else None
         seed = make_seed(str(self._instance_dir(inst_id) / "seed.iso"), instance_id=inst_id,
-                         hostname=name, user_data=user_data)
+                         hostname=name, user_data=user_data, network_config=netcfg)
         return vol, seed
 
-    def _create_vm(self, op, inst_id, req, image, pool, volume) -> str:
+    def vm_address(self, inst_id: str, want: str | None = None) -> str | None:
+        """Lease the VM's address on the host bridge (made if missing), ``want`` if free;
+        None without a host network."""
+        from containers.network import VM_LEASE_PREFIX
+        net = self.root.vm_network
+        if net is None:
+            return None
+        net.ensure_bridge()
+        return net.lease(VM_LEASE_PREFIX + inst_id, want)
+
+    def _release_address(self, inst_id: str) -> bool:
+        from containers.network import VM_LEASE_PREFIX
+        net = self.root.vm_network
+        return net.release(VM_LEASE_PREFIX + inst_id) if net is not None else False
+
+    def _create_vm(self, op, inst_id, req, image, pool, volume) -> tuple[str, str | None]:
         op.phase("clone")
+        ip = self.vm_address(inst_id) if req.network == "bridge" else None
         vol, seed = self.vm_disks(inst_id, req.name, image.id, pool, volume,
                                   size=req.disk_gib * GiB if req.disk_gib else None,
-                                  user_data=req.user_data)
+                                  user_data=req.user_data, ip=ip)
         op.phase("define")
         info = self.root.driver.define(self.vm_spec(inst_id, req, vol, seed))
         if req.start:
             op.phase("start")
             info = self.root.driver.start(req.name)
-        return info.state
+        return info.state, ip
 
     def vm_spec(self, inst_id, req, vol, seed):
         """The driver's VmSpec of a VM (at create, and on a migration's destination)."""
@@ -234,6 +254,7 @@ class InstanceService:
         inst = _row(r)
         if inst["kind"] == "vm":
             self.root.driver.delete(inst["name"])
+            self._release_address(inst_id)
         else:
             self.root.runtime.delete(inst["name"])
         for vol in inst["volumes"]:

@@ -84,3 +84,44 @@ def test_s3_source_shares_an_image_between_hosts(hosts, tmp_path):
                                                    "digest": "sha256:" + "5" * 64}})
     assert op["status"] == "failed" and "put the image there first" in op["error"]["message"]
     assert {i["name"] for i in b.get("/v1/images").json()["images"]} == {"shared"}
+
+
+def test_s3_source_by_key_imports_any_object_of_the_bucket(hosts, bucket, ceph, tmp_path):
+    """A control plane uploads images under its own keys; an agent imports one by key (its
+    sha256 checked when given) into its local pool, a disk image or an OCI archive."""
+    import hashlib
+
+    from tests.ceph_cluster import s3_client
+    from tests.functional import ocibuild
+
+    a, _ = hosts
+    client = s3_client(ceph)
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
+    client.upload_file(str(disk), bucket, "images/base/disk.qcow2")
+    want = hashlib.sha256(disk.read_bytes()).hexdigest()
+    layout = ocibuild.write_layout(str(tmp_path / "layout"), {"latest": ocibuild.busybox_layers()})
+    client.upload_file(ocibuild.tar_dir(layout, str(tmp_path / "bb.tar")), bucket, "images/busybox.tar")
+
+    op = _import(a, {"name": "by-key", "source": {"type": "s3", "pool": "images",
+                                                  "key": "images/base/disk.qcow2", "sha256": want}})
+    assert op["status"] == "succeeded", op
+    img = op["result"]["image"]
+    assert (img["id"], img["pool"], img["format"]) == (want, "default", "qcow2")
+    op = _import(a, {"name": "bb", "format": "oci", "source": {"type": "s3", "pool": "images",
+                                                             "key": "images/busybox.tar"}})
+    assert op["status"] == "succeeded", op
+    assert op["result"]["image"]["kind"] == "container"
+
+    # bad keys and digests: clear errors, nothing recorded, no temp file left
+    op = _import(a, {"name": "wrong", "source": {"type": "s3", "pool": "images",
+                                                 "key": "images/base/disk.qcow2", "sha256": "6" * 64}})
+    assert op["status"] == "failed" and "not the expected sha256" in op["error"]["message"], op
+    op = _import(a, {"name": "gone", "source": {"type": "s3", "pool": "images", "key": "images/nope"}})
+    assert op["status"] == "failed" and "not found" in op["error"]["message"], op
+    for source in ({"type": "s3", "pool": "images"},
+                   {"type": "s3", "pool": "images", "key": "k", "digest": "sha256:" + want},
+                   {"type": "s3", "pool": "images", "digest": "sha256:" + want, "sha256": want}):
+        assert_error(a.post("/v1/images", json={"name": "x", "source": source}), 422)
+    assert {i["name"] for i in a.get("/v1/images").json()["images"]} == {"by-key", "bb"}
+    assert not [p for p in (tmp_path / "a").rglob("object-*")]

@@ -26,7 +26,7 @@ def test_images_list_get_and_import_errors(admin, images):
                  404)
     assert_error(admin.post("/v1/images", json={"name": "x", "source": {"type": "file", "path": "rel/path"}}), 422)
     assert_error(admin.post("/v1/images", json={"name": "x", "source": {"type": "ftp", "path": "/x"}}), 422)
-    assert_error(admin.post("/v1/images", json={"name": "x", "source": {"type": "s3", "pool": "p", "key": "k"}}),
+    assert_error(admin.post("/v1/images", json={"name": "x", "source": {"type": "s3", "pool": "p", "bucket": "k"}}),
                  422, "unprocessable")
     assert_error(admin.post("/v1/images", json={"name": "x", "pool": "nope",
                                                 "source": {"type": "file", "path": "/etc/hostname"}}), 404)

@@ -48,10 +48,10 @@ def busybox_layers() -> list[bytes]:
     return [base, top]
 
 
-def image_blobs(layers, *, arch="amd64", cmd=("/bin/sh",)):
+def image_blobs(layers, *, arch="amd64", cmd=("/bin/sh",), env=("PATH=/bin",)):
     """Return (manifest_bytes, {digest: bytes}) for an image made of ``layers``."""
     config = json.dumps({"architecture": arch, "os": "linux",
-                         "config": {"Cmd": list(cmd), "Env": ["PATH=/bin"], "WorkingDir": "/"},
+                         "config": {"Cmd": list(cmd), "Env": list(env), "WorkingDir": "/"},
                          "rootfs": {"type": "layers", "diff_ids": [
                              sha(gzip.decompress(l)) for l in layers]}}).encode()
     manifest = json.dumps({
@@ -65,27 +65,34 @@ def image_blobs(layers, *, arch="amd64", cmd=("/bin/sh",)):
     return manifest, blobs
 
 
-def write_layout(dest, images: dict, *, multiarch=False) -> str:
-    """images: tag -> list of layers. With ``multiarch`` one untagged-by-platform index per
-    tag holding an arm64 manifest (whose blobs are absent) and the amd64 one."""
+def write_layout(dest, images: dict, *, multiarch=False, arm64_blobs=False, **config) -> str:
+    """images: tag -> list of layers; ``config``: image_blobs' cmd/env. With ``multiarch``
+    each tag names an index of an arm64 manifest and the amd64 one; the arm64 image's
+    blobs are written only with ``arm64_blobs`` (a registry push of --all needs them)."""
     os.makedirs(os.path.join(dest, "blobs", "sha256"), exist_ok=True)
-    entries = []
-    for tag, layers in images.items():
-        manifest, blobs = image_blobs(layers)
+
+    def put(blobs):
         for d, data in blobs.items():
             with open(os.path.join(dest, "blobs", "sha256", d[7:]), "wb") as f:
                 f.write(data)
+
+    entries = []
+    for tag, layers in images.items():
+        manifest, blobs = image_blobs(layers, **config)
+        put(blobs)
         desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "digest": sha(manifest), "size": len(manifest)}
         if multiarch:
-            arm = {"mediaType": desc["mediaType"], "digest": sha(b"arm64 manifest not here"),
-                   "size": 23, "platform": {"os": "linux", "architecture": "arm64"}}
+            arm_manifest, arm_blobs = image_blobs(layers, arch="arm64", **config)
+            if arm64_blobs:
+                put(arm_blobs)
+            arm = {"mediaType": desc["mediaType"], "digest": sha(arm_manifest),
+                   "size": len(arm_manifest), "platform": {"os": "linux", "architecture": "arm64"}}
             index = json.dumps({"schemaVersion": 2,
                                 "mediaType": "application/vnd.oci.image.index.v1+json",
                                 "manifests": [arm, dict(desc, platform={
                                     "os": "linux", "architecture": "amd64"})]}).encode()
-            with open(os.path.join(dest, "blobs", "sha256", sha(index)[7:]), "wb") as f:
-                f.write(index)
+            put({sha(index): index})
             desc = {"mediaType": "application/vnd.oci.image.index.v1+json",
                     "digest": sha(index), "size": len(index)}
         entries.append(dict(desc, annotations={"org.opencontainers.image.ref.name": tag}))

@@ -61,6 +61,25 @@ def test_multipart_roundtrip_ranges_and_layout(s3):
     assert ups == []
 
 
+@pytest.mark.parametrize("seekable", [True, False])
+def test_unknown_content_beyond_one_copy_object(s3, monkeypatch, seekable):
+    """Past S3's single-CopyObject limit (lowered here to 6 MiB), a file is hashed before its
+    upload and a stream is copied into place part by part: either way only the blob stays."""
+    import storage.s3
+
+    monkeypatch.setattr(storage.s3, "COPY_OBJECT_MAX", 6 * MiB)
+    data = os.urandom(11 * MiB)
+    src = io.BytesIO(data)
+    if not seekable:
+        src.seekable = lambda: False
+    info = s3.put_blob(src)
+    assert info.digest == "sha256:" + hashlib.sha256(data).hexdigest() and info.size == len(data)
+    assert leftovers(s3) == (["sha256/" + info.digest[7:]], [])
+    head = s3.client.head_object(Bucket=s3.bucket, Key="sha256/" + info.digest[7:])
+    assert head["Metadata"]["sha256"] == info.digest[7:]
+    assert s3.open_blob(info.digest).read() == data
+
+
 def test_mismatch_aborts_multipart_and_leaves_nothing(s3):
     data = os.urandom(11 * MiB)
     with pytest.raises(InvalidInput, match="digest mismatch"):

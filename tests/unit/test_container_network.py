@@ -27,6 +27,16 @@ def test_leases_are_stable_reused_and_bounded(db):
     assert n.find_lease("c5") == "198.19.77.4" and n.find_lease("c2") is None
 
 
+def test_a_wanted_address_is_kept_when_free_and_in_the_subnet(db):
+    """A VM arriving from another host asks for the address it had there."""
+    n = net(db)
+    assert n.lease("vm:a", want="198.19.77.5") == "198.19.77.5"
+    assert n.lease("vm:b", want="198.19.77.5") == "198.19.77.2"  # taken: the first free one
+    assert n.lease("vm:c", want="198.19.77.1") == "198.19.77.3"  # the gateway is never leased
+    assert n.lease("vm:d", want="10.0.0.9") == "198.19.77.4"  # another subnet's address
+    assert n.leftover_names() == set(), "VM leases are not container leftovers"
+
+
 def test_port_claims_conflict_on_ours_and_on_the_hosts(db):
     n = net(db)
     with socket.socket() as s:

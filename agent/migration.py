@@ -73,7 +73,8 @@ FINISH_ATTEMPTS = 5  # confirming is retried: the guest already runs there
 FINISH_RETRY_S = 2
 IMAGE_CHUNK = 1024 * 1024
 CRIU_CHECK_TIMEOUT_S = 30
-INCOMING = "incoming"  # instance state on the destination until the source confirms
+INCOMING = "incoming"
+INSTANCE_FIELDS = ("id", "name", "kind", "pool", "volumes", "mac", "ip")  # what the destination's record keeps  # instance state on the destination until the source confirms
 ADOPTED_STATES = ("running", "paused", "stopped", "created")  # after finish: a repeated one gets the record
 SPACE_HEADROOM = 64 * 1024 * 1024  # 64 MiB a local pool keeps free after taking an instance (qcow2
 # metadata, what the guest writes during the copy): a destination below it refuses at prepare
@@ -417,7 +418,7 @@ class MigrationService:
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
+        body = {"instance": {k: inst[k] for k in INSTANCE_FIELDS},
                 "spec": spec, "disk_size": vol.size, "image_bytes": image.size,
                 "data_bytes": allocated_bytes(vol.path) if pool.kind == "local" else 0,
                 "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
@@ -489,7 +490,7 @@ class MigrationService:
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
+        body = {"instance": {k: inst[k] for k in INSTANCE_FIELDS},
                 "spec": self.root.instances._spec(inst_id), "disk_size": vol.size,
                 "data_bytes": allocated_bytes(vol.path), "image_bytes": image.size,
                 "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
@@ -525,7 +526,7 @@ class MigrationService:
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        body = {"instance": {k: inst[k] for k in ("id", "name", "kind", "pool", "volumes", "mac")},
+        body = {"instance": {k: inst[k] for k in INSTANCE_FIELDS},
                 "spec": self.root.instances._spec(inst_id),
                 "data_bytes": allocated_bytes(upper), "image_bytes": image.size,
                 "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
@@ -608,6 +609,8 @@ class MigrationService:
             raise CommandFailed(f"VM {inst['name']!r} is still defined here after its migration")
         for vol in inst["volumes"]:
             self.root.store.release(inst["pool"], vol)
+        if inst["kind"] == "vm":
+            self.root.instances._release_address(inst_id)
         shutil.rmtree(self.config.state_path / "instances" / inst_id, ignore_errors=True)
         self.root.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
         self.root.instances._changed()
@@ -665,14 +668,16 @@ class MigrationService:
 
     def _prepare_vm(self, inst, spec, image, pool, disk_size) -> dict:
         from hypervisor.provision import ROOT_TARGET, SEED_TARGET
+        # the address it had there if this host's network has it free (its seed says so for its next boot)
+        ip = self.root.instances.vm_address(inst.id, inst.ip) if spec.get("network") == "bridge" else None
         vol, seed = self.root.instances.vm_disks(inst.id, inst.name, image.id, pool, inst.volumes[0],
-                                                 size=disk_size, user_data=spec.get("user_data"))
+                                                 size=disk_size, user_data=spec.get("user_data"), ip=ip)
         if not vol.path:
             raise Unsupported(f"pool {pool!r} gives no file path for disks; live migration with copied "
                               "storage needs a local pool")
+        if ip:
+            self.root.instances._update(inst.id, ip=ip)
         d = self.root.instances._instance_dir(inst.id)
-        if spec.get("network") == "bridge":
-            self._ensure_bridge()
         return {"disk_sources": {ROOT_TARGET: vol.path, SEED_TARGET: seed}, "console_log": str(d / "console.log"),
                 "migration_uri": self.migration_uri()}
 
@@ -771,11 +776,6 @@ class MigrationService:
             rt.delete(inst["name"])
             raise
         return {"instance": self.root.instances._update(inst["id"], state=info.state, ip=info.ip, error=None)}
-
-    def _ensure_bridge(self) -> None:
-        net = getattr(self.root.runtime, "net", None)
-        if net is not None and hasattr(net, "ensure_bridge"):
-            net.ensure_bridge()
 
     def migration_uri(self) -> str:
         hc = self.config.hypervisor

@@ -304,6 +304,7 @@ class IncomingInstance(Model):
     pool: str = Field(min_length=1, max_length=128)
     volumes: list[str] = Field(min_length=1, max_length=8)
     mac: str | None = None
+    ip: str | None = Field(None, pattern=r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
 
 
 class IncomingImage(Model):

@@ -78,8 +78,13 @@ def qemu_img_check(disk: DiskSpec) -> None:
 
 
 def check_bridge(bridge: str) -> None:
-    """The host bridge a NIC plugs into exists (libvirt would only fail at start)."""
-    if not os.path.isdir(f"/sys/class/net/{bridge}/bridge"):
+    """The host bridge a NIC plugs into exists (libvirt would only fail at start). Asked over
+    netlink: /sys/class/net shows the namespace sysfs was mounted in, not necessarily ours."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        links = ipr.get_links(ifname=bridge) if ipr.link_lookup(ifname=bridge) else []
+    info = links[0].get_attr("IFLA_LINKINFO") if links else None
+    if info is None or info.get_attr("IFLA_INFO_KIND") != "bridge":
         raise NotFound(f"bridge {bridge} does not exist on this host: create it "
                        f"(`ip link add {bridge} type bridge`) or run scripts/setup-host", bridge=bridge)
 

@@ -6,6 +6,7 @@ pool full (h2's pool is a small tmpfs in its mount namespace), cancel; and a sto
 moved offline."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -65,12 +66,12 @@ def image(apis, guest_images):
     return op["result"]["image"]["id"] if "image" in (op["result"] or {}) else "guest"
 
 
-def create_vm(api, image, start=True) -> str:
+def create_vm(api, image, start=True, network="none") -> str:
     name = f"mig-{uuid.uuid4().hex[:6]}"
     op = api.wait(api.post("/v1/instances", json={"name": name, "kind": "vm", "image": image, "cpus": 1,
-                                                  "memory_mib": 128, "network": "none", "start": start}).json(),
+                                                  "memory_mib": 128, "network": network, "start": start}).json(),
                   timeout=OP_TIMEOUT_S)
-    assert op["status"] == "succeeded", op
+    assert op["status"] == "succeeded", op["error"]
     return name
 
 
@@ -112,8 +113,10 @@ def assert_runs(api, name):
 
 def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, image):
     h1, h2 = cluster.hosts
-    name = create_vm(apis["h1"], image)
-    inst_id = apis["h1"].get(f"/v1/instances/{name}").json()["id"]
+    name = create_vm(apis["h1"], image, network="bridge")
+    first = apis["h1"].get(f"/v1/instances/{name}").json()
+    inst_id = first["id"]
+    assert ipaddress.ip_address(first["ip"]) in ipaddress.ip_network(cluster.container_subnet(0))
     op = migrate(apis["h1"], name, "h2")
     assert op["status"] == "succeeded", op["error"]
     mig = apis["h1"].get(f"/v1/migrations/{op['id']}").json()
@@ -122,6 +125,8 @@ def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, 
     # the destination owns it now and the guest keeps running there
     moved = apis["h2"].get(f"/v1/instances/{name}").json()
     assert moved["id"] == inst_id and moved["state"] == "running"
+    # h2's network has another subnet: the VM holds an address of h2's (its seed's, for its next boot)
+    assert ipaddress.ip_address(moved["ip"]) in ipaddress.ip_network(cluster.container_subnet(1))
     assert_runs(apis["h2"], name)
     assert name in domains(h2)
     # the source is clean: no record, no domain, no volume, no instance dir
@@ -137,6 +142,7 @@ def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, 
     assert r.returncode == 0, r.stderr
     assert "now runs on h1" in r.stdout
     assert_runs(apis["h1"], name)
+    assert apis["h1"].get(f"/v1/instances/{name}").json()["ip"] == first["ip"], "h1 released it, then leased it again"
     assert apis["h2"].get(f"/v1/instances/{name}").status_code == 404
     assert name not in domains(h2)
     assert apis["h1"].delete(f"/v1/instances/{name}").json() == {"deleted": True}

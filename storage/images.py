@@ -374,8 +374,8 @@ class ImageStore:
         digest. Errors name the pool and the fix."""
         try:
             fetch = getattr(backend, "fetch_blob", None)
-            if fetch is not None:
-                fetch(digest, dest, progress=progress)
+            if fetch is not None:  # the blob is stored (fsynced) next: its writeback starts early
+                fetch(digest, dest, progress=progress, writeback=True)
                 return
             h, done = hashlib.sha256(), 0
             with backend.open_blob(digest) as f, open(dest, "wb") as out:

@@ -272,19 +272,22 @@ class S3Backend:
             return io.BufferedReader(_BodyReader(body, None, digest), buffer_size=READ_CHUNK)
         return io.BufferedReader(_BodyReader(body, parse_digest(digest), digest), buffer_size=READ_CHUNK)
 
-    def fetch_blob(self, digest: str, dest: str, *, progress: Progress | None = None) -> BlobInfo:
+    def fetch_blob(self, digest: str, dest: str, *, progress: Progress | None = None,
+                   writeback: bool = False) -> BlobInfo:
         """Download the whole blob to the host file ``dest`` (an addition to the Backend
         seam for caching images on a host), verified against its digest."""
-        size = self.fetch_object(self._key(digest), dest, sha256=parse_digest(digest), progress=progress)
+        size = self.fetch_object(self._key(digest), dest, sha256=parse_digest(digest), progress=progress,
+                                 writeback=writeback)
         return BlobInfo(digest=digest, size=size)
 
     def fetch_object(self, key: str, dest: str, *, sha256: str | None = None,
-                     progress: Progress | None = None) -> int:
+                     progress: Progress | None = None, writeback: bool = False) -> int:
         """Download the object ``key`` (any object of the bucket: an image another tool put
         there) to the host file ``dest``; returns its size. Ranged GETs of FETCH_RANGE by
         ``concurrency`` threads, hashed in order as they arrive; ``dest`` appears only
         complete and, when ``sha256`` (hex) is given, verified (written to a temp file
-        beside it, then renamed)."""
+        beside it, then renamed). ``writeback``: the caller will make ``dest`` durable
+        (fsync), so its ranges start going to disk as they arrive."""
         try:
             size = int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
         except Exception as e:
@@ -318,6 +321,8 @@ class S3Backend:
                             raise InvalidInput(f"object {key!r}: short read at {offset}")
                         if sha256:
                             h.update(data)
+                        if writeback:  # start writing it to disk now: the caller's fsync waits less
+                            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
                         if progress:
                             progress(offset + n)
             finally:

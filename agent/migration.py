@@ -125,9 +125,27 @@ class PeerClient:
     def abort(self, inst_id: str) -> bool:
         return self._call("DELETE", f"/v1/peer/migrations/{inst_id}", timeout=ABORT_TIMEOUT_S)["deleted"]
 
+    def _send(self, inst_id: str, what: str, body, content_type: str):
+        """PUT a stream to /v1/peer/migrations/{id}/{what}; the response (see _taken)."""
+        import requests
+        try:
+            return self.client.s.put(f"{self.url}/v1/peer/migrations/{inst_id}/{what}", data=body,
+                                     timeout=PREPARE_TIMEOUT_S, verify=self.client.verify,
+                                     headers={"Content-Type": content_type})
+        except requests.RequestException as e:
+            raise Unavailable(f"peer {self.name!r} ({self.url}) is unreachable while receiving the {what}: "
+                              f"{e.__class__.__name__}") from None
+
+    def _taken(self, r, what: str) -> None:
+        if r.status_code != 200:
+            try:
+                msg = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = f"HTTP {r.status_code} {r.text[:300]}"
+            raise peer_error(self.name, r.status_code, f"did not take the {what}: {msg}")
+
     def push_rootfs(self, inst_id: str, upper: str, newer: float | None = None) -> int:
         """Stream ``upper`` (or what changed in it since ``newer``) as a tar; bytes sent."""
-        import requests
         argv = ["tar", "-c", "--xattrs", "--xattrs-include=trusted.*", "--numeric-owner", "-f", "-", "-C", upper]
         if newer is not None:
             argv.insert(1, f"--newer=@{newer:.0f}")
@@ -139,30 +157,21 @@ class PeerClient:
                 counted["n"] += len(chunk)
                 yield chunk
         try:
-            r = self.client.s.put(f"{self.url}/v1/peer/migrations/{inst_id}/rootfs", data=body(),
-                                  timeout=PREPARE_TIMEOUT_S, verify=self.client.verify,
-                                  headers={"Content-Type": "application/x-tar"})
-        except requests.RequestException as e:
+            r = self._send(inst_id, "rootfs", body(), "application/x-tar")
+        except Unavailable:
             proc.kill()
-            raise Unavailable(f"peer {self.name!r} ({self.url}) is unreachable while receiving the rootfs: "
-                              f"{e.__class__.__name__}") from None
+            raise
         finally:
             err = proc.stderr.read().decode(errors="replace")
             proc.wait()
         if proc.returncode not in (0, 1):  # 1: a file changed while read (refresh pre-sync)
             raise CommandFailed(f"tar of {upper} failed: {err[-500:]}", stderr=err)
-        if r.status_code != 200:
-            try:
-                msg = r.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                msg = f"HTTP {r.status_code} {r.text[:300]}"
-            raise peer_error(self.name, r.status_code, f"did not take the rootfs: {msg}")
+        self._taken(r, "rootfs")
         return counted["n"]
 
     def push_disk(self, inst_id: str, path: str, progress=None) -> int:
         """Stream a stopped VM's disk file (its own qcow2 layer); bytes sent. ``progress(done)``
         after each chunk (a cancel point: it may raise)."""
-        import requests
         counted = {"n": 0}
 
         def body():
@@ -172,19 +181,7 @@ class PeerClient:
                     if progress:
                         progress(counted["n"])
                     yield chunk
-        try:
-            r = self.client.s.put(f"{self.url}/v1/peer/migrations/{inst_id}/disk", data=body(),
-                                  timeout=PREPARE_TIMEOUT_S, verify=self.client.verify,
-                                  headers={"Content-Type": "application/octet-stream"})
-        except requests.RequestException as e:
-            raise Unavailable(f"peer {self.name!r} ({self.url}) is unreachable while receiving the disk: "
-                              f"{e.__class__.__name__}") from None
-        if r.status_code != 200:
-            try:
-                msg = r.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                msg = f"HTTP {r.status_code} {r.text[:300]}"
-            raise peer_error(self.name, r.status_code, f"did not take the disk: {msg}")
+        self._taken(self._send(inst_id, "disk", body(), "application/octet-stream"), "disk")
         return counted["n"]
 
     def download_image(self, image_id: str, dest: str) -> None:

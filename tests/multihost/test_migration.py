@@ -102,6 +102,25 @@ def fill_pool(host) -> Path:
     return filler
 
 
+def fails_out_of_space(api, op, host, *words) -> None:
+    """Fill ``host``'s pool while migration ``op`` runs: it fails saying so, in these words."""
+    filler = fill_pool(host)
+    try:
+        op = api.wait(op, timeout=OP_TIMEOUT_S)
+    finally:
+        filler.unlink()
+    assert op["status"] == "failed" and op["error"]["code"] == "insufficient_resources", op
+    for w in (f"destination '{host.name}' is out of space", *words):
+        assert w in op["error"]["message"], op["error"]["message"]
+
+
+def cancels(api, op) -> None:
+    """Cancel migration ``op`` while it runs: it ends cancelled."""
+    assert api.delete(f"/v1/operations/{op['id']}").status_code == 200
+    op = api.wait(op, timeout=OP_TIMEOUT_S)
+    assert op["status"] == "cancelled", op
+
+
 def assert_runs(api, name):
     first = api.get(f"/v1/instances/{name}/stats").json()["cpu_ns"]
     deadline = time.monotonic() + 30
@@ -362,64 +381,37 @@ def test_faults_in_the_copy_then_retry(cluster, apis, busybox, image):
     _restart_source_slow(cluster)
     try:
         op = _start_migration(apis["h1"], name, mode="cold", phase="sync")
-        filler = fill_pool(h2)
-        try:
-            op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
-        finally:
-            filler.unlink()
-        assert op["status"] == "failed" and op["error"]["code"] == "insufficient_resources", op
-        for words in ("destination 'h2' is out of space", "pool 'default'", "is full", "no space left",
-                      f"container '{name}' keeps running here", "another host"):
-            assert words in op["error"]["message"], op["error"]["message"]
+        fails_out_of_space(apis["h1"], op, h2, "pool 'default'", "is full", "no space left",
+                           f"container '{name}' keeps running here", "another host")
         assert apis["h1"].get(f"/v1/instances/{name}").json()["state"] == "running"
         assert sh_in(apis["h1"], name, "wc -c < /big").strip() == str(8 * 1024 * 1024)
         assert_clean(apis["h2"], h2, name)
 
         op = _start_migration(apis["h1"], name, mode="refresh", phase="sync")
-        assert apis["h1"].delete(f"/v1/operations/{op['id']}").status_code == 200
-        op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
-        assert op["status"] == "cancelled", op
+        cancels(apis["h1"], op)
         assert apis["h1"].get(f"/v1/instances/{name}").json()["state"] == "running"
         assert sh_in(apis["h1"], name, "cat /log").split() == ["started"] * 3  # started again here, twice
         assert_clean(apis["h2"], h2, name)
 
         op = _start_migration(apis["h1"], vm)
-        assert apis["h1"].delete(f"/v1/operations/{op['id']}").status_code == 200
-        op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
-        assert op["status"] == "cancelled", op
+        cancels(apis["h1"], op)
         assert_runs(apis["h1"], vm)
         assert_clean(apis["h2"], h2, vm)
 
         op = _start_migration(apis["h1"], vm)  # prepared; the pool fills up before the disk copy
-        filler = fill_pool(h2)
-        try:
-            op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
-        finally:
-            filler.unlink()
-        assert op["status"] == "failed" and op["error"]["code"] == "insufficient_resources", op
-        for words in ("destination 'h2' is out of space", "during the disk copy", f"'{vm}' keeps running here",
-                      "another host"):
-            assert words in op["error"]["message"], op["error"]["message"]
+        fails_out_of_space(apis["h1"], op, h2, "during the disk copy", f"'{vm}' keeps running here",
+                           "another host")
         assert_runs(apis["h1"], vm)
         assert_clean(apis["h2"], h2, vm)
 
         op = _start_migration(apis["h1"], off, phase="copy")  # a stopped VM: its disk file is sent
-        filler = fill_pool(h2)
-        try:
-            op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
-        finally:
-            filler.unlink()
-        assert op["status"] == "failed" and op["error"]["code"] == "insufficient_resources", op
-        for words in ("destination 'h2' is out of space", "is full", f"VM '{off}' stays here, stopped"):
-            assert words in op["error"]["message"], op["error"]["message"]
+        fails_out_of_space(apis["h1"], op, h2, "is full", f"VM '{off}' stays here, stopped")
         assert apis["h1"].get(f"/v1/instances/{off}").json()["state"] == "stopped"
         assert off in domains(h1)
         assert_clean(apis["h2"], h2, off)
 
         op = _start_migration(apis["h1"], off, phase="copy")
-        assert apis["h1"].delete(f"/v1/operations/{op['id']}").status_code == 200
-        op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
-        assert op["status"] == "cancelled", op
+        cancels(apis["h1"], op)
         assert apis["h1"].get(f"/v1/instances/{off}").json()["state"] == "stopped"
         assert off in domains(h1)
         assert_clean(apis["h2"], h2, off)

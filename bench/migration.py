@@ -6,7 +6,10 @@ each): total time (POST /v1/migrations until the operation succeeded, as a clien
 it) and downtime (QEMU's, from the destination's completed job stats), medians over
 ROUNDS migrations each way; peer = bare `virsh migrate --live --p2p --copy-storage-inc`
 of a guest of the same shape (same base image, memory and devices) between the same two
-libvirtds, in the same run. Then the downtime of a refresh migration of a container with
+libvirtds, in the same run. The same for a guest on shared storage (the agents' block pool
+on a Ceph the harness runs on a storage host, harness.Cluster(ceph=True)): memory only;
+peer = bare `virsh migrate --live --p2p` of a guest of the same shape on an RBD image of
+the same content (cephx secret defined on both libvirtds). Then the downtime of a refresh migration of a container with
 500 MiB in its rootfs; peer = a cold migration of the same container (no bare tool moves
 a container between hosts). Needs root, libvirtd and the test guest
 (scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/migration.py
@@ -56,18 +59,20 @@ def line(metric, value, peer, peer_value):
                       "ratio": ratio}), flush=True)
 
 
-def agent_rounds(cluster) -> tuple[list[float], list[float]]:
+def agent_rounds(cluster, pool: str | None = None) -> tuple[list[float], list[float]]:
+    """ROUNDS migrations each way of one guest (its disk on ``pool``, default: local)."""
     h1, h2 = cluster.hosts
     apis = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
     for a in apis.values():
         a.s.headers["Connection"] = "close"
-    op = apis["h1"].wait(apis["h1"].post("/v1/images", json={
-        "name": "guest", "source": {"type": "file", "path": f"{IMAGES}/rootfs.qcow2"}}).json(), OP_TIMEOUT_S)
-    assert op["status"] == "succeeded", op
+    if apis["h1"].get("/v1/images/guest").status_code == 404:
+        op = apis["h1"].wait(apis["h1"].post("/v1/images", json={
+            "name": "guest", "source": {"type": "file", "path": f"{IMAGES}/rootfs.qcow2"}}).json(), OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op
     name = f"bench-{uuid.uuid4().hex[:6]}"
     op = apis["h1"].wait(apis["h1"].post("/v1/instances", json={
         "name": name, "kind": "vm", "image": "guest", "cpus": 1, "memory_mib": MEMORY_MIB,
-        "network": "none"}).json(), OP_TIMEOUT_S)
+        "network": "none", **({"pool": pool} if pool else {})}).json(), OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
     totals, downs = [], []
     here, there = "h1", "h2"
@@ -82,6 +87,77 @@ def agent_rounds(cluster) -> tuple[list[float], list[float]]:
         here, there = there, here
     apis[here].delete(f"/v1/instances/{name}")
     return totals, downs
+
+
+def bare_migrations(hosts, name: str, xmls: list[str], copy_flags: tuple[str, ...]):
+    """`virsh migrate --live --p2p` of running ``name`` back and forth, ROUNDS each way
+    (``xmls[i]``: the domain as host i sees it); (totals, downtimes) in ms."""
+    hosts[0].run("virsh", "-c", "qemu:///system", "create", xmls[0], timeout=120)
+    totals, downs = [], []
+    here = 0
+    try:
+        for _ in range(2 * ROUNDS):
+            there = 1 - here
+            t0 = time.perf_counter()
+            hosts[here].run("virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p", *copy_flags,
+                            "--xml", xmls[there], name, hosts[there].libvirt_uri, timeout=OP_TIMEOUT_S)
+            totals.append((time.perf_counter() - t0) * 1000)
+            info = hosts[there].run("virsh", "-c", "qemu:///system", "domjobinfo", name, "--completed",
+                                    timeout=60).stdout
+            m = re.search(r"Total downtime:\s+([0-9.]+)\s+ms", info)
+            if m:
+                downs.append(float(m.group(1)))
+            here = there
+    finally:
+        hosts[here].run("virsh", "-c", "qemu:///system", "destroy", name, check=False, timeout=60)
+    return totals, downs
+
+
+PEER_RBD_XML = """<domain type='qemu'>
+  <name>{name}</name><uuid>{uuid}</uuid>
+  <memory unit='MiB'>{mem}</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <features><acpi/></features>
+  <devices>
+    <disk type='network' device='disk'><driver name='qemu' type='raw'/>
+      <source protocol='rbd' name='{image}'><host name='{mon_host}' port='{mon_port}'/></source>
+      <auth username='{user}'><secret type='ceph' uuid='{secret}'/></auth>
+      <target dev='vda' bus='virtio'/></disk>
+    <serial type='pty'/>
+  </devices>
+</domain>"""
+SECRET_XML = """<secret ephemeral='no' private='yes'><uuid>{uuid}</uuid>
+  <usage type='ceph'><name>bench-peer {uuid}</name></usage></secret>"""
+
+
+def peer_shared_rounds(cluster, work: Path) -> tuple[list[float], list[float]]:
+    """Bare `virsh migrate --live --p2p` (memory only) of a guest on an RBD image of the
+    same content as the agent's, with a cephx secret defined on both libvirtds."""
+    ceph, hosts = cluster.ceph, cluster.hosts
+    name = f"bench-rbd-{uuid.uuid4().hex[:6]}"
+    image = f"{ceph.rbd_pool}/{name}"
+    raw = work / f"{name}.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", f"{IMAGES}/rootfs.qcow2", str(raw)], check=True)
+    ceph.run("rbd", "import", str(raw), image)
+    raw.unlink()
+    key = ceph.run("ceph", "auth", "get-key", f"client.{ceph.user}").stdout.strip()
+    sid = str(uuid.uuid4())
+    (work / "secret.xml").write_text(SECRET_XML.format(uuid=sid))
+    mon_host, _, mon_port = ceph.mon.rpartition(":")
+    x = work / f"{name}.xml"
+    x.write_text(PEER_RBD_XML.format(name=name, uuid=str(uuid.uuid4()), mem=MEMORY_MIB, image=image,
+                                     mon_host=mon_host, mon_port=mon_port, user=ceph.user, secret=sid))
+    for p in work.iterdir():
+        os.chmod(p, 0o644)
+    try:
+        for h in hosts:
+            h.run("virsh", "-c", "qemu:///system", "secret-define", str(work / "secret.xml"), timeout=30)
+            h.run("virsh", "-c", "qemu:///system", "secret-set-value", sid, key, timeout=30)
+        return bare_migrations(hosts, name, [str(x), str(x)], ())
+    finally:
+        for h in hosts:
+            h.run("virsh", "-c", "qemu:///system", "secret-undefine", sid, check=False, timeout=30)
+        ceph.run("rbd", "rm", image, check=False)
 
 
 def peer_rounds(cluster, work: Path) -> tuple[list[float], list[float]]:
@@ -103,26 +179,7 @@ def peer_rounds(cluster, work: Path) -> tuple[list[float], list[float]]:
         x = work / f"{Path(d).stem}.xml"
         x.write_text(PEER_XML.format(name=name, uuid=uid, mem=MEMORY_MIB, disk=d))
         xmls.append(str(x))
-    hosts[0].run("virsh", "-c", "qemu:///system", "create", xmls[0], timeout=120)
-    totals, downs = [], []
-    here = 0
-    try:
-        for _ in range(2 * ROUNDS):
-            there = 1 - here
-            t0 = time.perf_counter()
-            hosts[here].run("virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p",
-                            "--copy-storage-inc", "--xml", xmls[there], name, hosts[there].libvirt_uri,
-                            timeout=OP_TIMEOUT_S)
-            totals.append((time.perf_counter() - t0) * 1000)
-            info = hosts[there].run("virsh", "-c", "qemu:///system", "domjobinfo", name, "--completed",
-                                    timeout=60).stdout
-            m = re.search(r"Total downtime:\s+([0-9.]+)\s+ms", info)
-            if m:
-                downs.append(float(m.group(1)))
-            here = there
-    finally:
-        hosts[here].run("virsh", "-c", "qemu:///system", "destroy", name, check=False, timeout=60)
-    return totals, downs
+    return bare_migrations(hosts, name, xmls, ("--copy-storage-inc",))
 
 
 CONTAINER_ROOTFS_MIB = 500
@@ -164,19 +221,24 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nodeagent-benchmig-", dir="/var/tmp"))
     os.chmod(work, 0o755)
     try:
-        with harness.Cluster(work / "sim") as cluster:
+        with harness.Cluster(work / "sim", ceph=True) as cluster:
             cluster.start_agents()
             a_total, a_down = agent_rounds(cluster)
             peer_dir = work / "peer"
             peer_dir.mkdir()
             os.chmod(peer_dir, 0o755)
             p_total, p_down = peer_rounds(cluster, peer_dir)
+            s_total, s_down = agent_rounds(cluster, pool=harness.SHARED_POOL)
+            ps_total, ps_down = peer_shared_rounds(cluster, peer_dir)
             c_refresh, c_cold = container_rounds(cluster, peer_dir)
         med = statistics.median
         line("vm_live_local_disk_total_p50", med(a_total), "virsh migrate --live --p2p --copy-storage-inc",
              med(p_total))
         line("vm_live_local_disk_downtime_p50", med(a_down) if a_down else float("nan"),
              "virsh migrate --live --p2p --copy-storage-inc", med(p_down) if p_down else None)
+        line("vm_live_shared_rbd_total_p50", med(s_total), "virsh migrate --live --p2p", med(ps_total))
+        line("vm_live_shared_rbd_downtime_p50", med(s_down) if s_down else float("nan"),
+             "virsh migrate --live --p2p", med(ps_down) if ps_down else None)
         line("container_refresh_500mib_downtime", c_refresh,
              "nodeagent cold container migration (stop, full copy, start)", c_cold)
     finally:

@@ -6,7 +6,7 @@ POST /v1/migrations moves the running guest: its RBD image is neither copied nor
 (same RBD image id before and after), the destination adopts it and defines the cephx
 secret, the source forgets it. A migration that fails after the destination prepared
 leaves the guest running on the source, the image intact and the destination clean; a
-destination that does not see the volume refuses and keeps nothing."""
+destination whose pool does not see the image refuses and keeps nothing."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 import time
-import tomllib
 import uuid
 from pathlib import Path
 
@@ -194,18 +193,31 @@ def test_failure_after_prepare_keeps_the_guest_and_the_image_then_retry(cluster,
     assert rbd_id(ceph, vol) is None
 
 
-def test_destination_that_does_not_see_the_volume_refuses_and_keeps_nothing(cluster, apis, image):
+def test_destination_on_another_ceph_pool_refuses_and_keeps_nothing(cluster, apis, image):
+    """h2's pool `shared` names another Ceph pool: it does not see the guest's image, so its
+    prepare refuses after it had started (row, instance dir); it removes that and nothing else."""
     h1, h2 = cluster.hosts
-    img = apis["h1"].get(f"/v1/images/{image}").json()
-    peer = tomllib.loads(h1.agent_config.read_text())["peers"]["h2"]  # h1's token at h2, as h1 calls it
-    inst_id = uuid.uuid4().hex
-    body = {"instance": {"id": inst_id, "name": "elsewhere", "kind": "vm", "pool": POOL,
-                         "volumes": [f"i-{inst_id[:12]}-disk"]},
-            "spec": {"name": "elsewhere", "kind": "vm", "image": image, "cpus": 1, "memory_mib": 128,
-                     "network": "none"},
-            "image": {"id": img["id"], "name": img["name"], "format": img["format"], "kind": "vm"},
-            "shared_volumes": {f"i-{inst_id[:12]}-disk": f"rbd:{cluster.ceph.rbd_pool}/navol.i-{inst_id[:12]}-disk"}}
-    r = Api(peer["url"], peer["token"]).post("/v1/peer/migrations", json=body)
-    assert r.status_code == 404, r.text
-    assert "must name the same Ceph pool" in r.json()["error"]["message"]
-    assert_clean(h2, apis["h2"], {"id": inst_id, "name": "elsewhere"})
+    ceph = cluster.ceph
+    inst = create_vm(apis["h1"], image)
+    name, vol = inst["name"], inst["volumes"][0]
+    before_id = rbd_id(ceph, vol)
+    other = "other" + uuid.uuid4().hex[:6]
+    ceph.run("ceph", "osd", "pool", "create", other, "8", "8")
+    ceph.run("ceph", "osd", "pool", "application", "enable", other, "rbd")
+    config = h2.agent_config.read_text()
+    h2.agent_config.write_text(config.replace(f'pool = "{ceph.rbd_pool}"', f'pool = "{other}"'))
+    _restart_agent(h2)
+    try:
+        op = migrate(apis["h1"], name, "h2")
+        assert op["status"] == "failed", op
+        assert "must name the same Ceph pool" in op["error"]["message"]
+        assert_runs(apis["h1"], name)
+        assert rbd_id(ceph, vol) == before_id
+        assert_clean(h2, apis["h2"], inst)
+        assert json.loads(ceph.run("rbd", "ls", other, "--format", "json").stdout) == []  # nothing made there
+    finally:
+        h2.agent_config.write_text(config)
+        _restart_agent(h2)
+        ceph.run("ceph", "osd", "pool", "delete", other, other, "--yes-i-really-really-mean-it", check=False)
+    assert apis["h1"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+    assert rbd_id(ceph, vol) is None

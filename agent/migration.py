@@ -458,8 +458,8 @@ class MigrationService:
                 self.root.store.forget_volume(inst["pool"], vol)
             else:
                 self.root.store.release(inst["pool"], vol)
-        if shared and hasattr(self.root.driver, "delete_unused_secrets"):
-            self.root.driver.delete_unused_secrets()  # libvirt undefined the domain, not its secret
+        if shared:
+            self._drop_unused_secrets(inst_id)  # libvirt undefined the domain, not its secret
         shutil.rmtree(self.config.state_path / "instances" / inst_id, ignore_errors=True)
         self.root.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
         self.root.instances._changed()
@@ -557,9 +557,17 @@ class MigrationService:
                     self.root.store.forget_volume(r["pool"], vol)
             self.root.db.execute("UPDATE instances SET volumes=? WHERE id=?", ("[]", inst_id))
         gone = self.root.instances._destroy(inst_id)
-        if shared is not None and hasattr(self.root.driver, "delete_unused_secrets"):
-            self.root.driver.delete_unused_secrets()
+        if shared is not None:
+            self._drop_unused_secrets(inst_id)
         return gone
+
+    def _drop_unused_secrets(self, leaving: str) -> None:
+        """The Ceph secrets no domain uses go, unless another incoming migration is under
+        way here: its secret is unused until its domain arrives at the switchover."""
+        drop = getattr(self.root.driver, "delete_unused_secrets", None)
+        if drop is not None and self.root.db.one("SELECT id FROM instances WHERE state=? AND id!=?",
+                                                 (INCOMING, leaving)) is None:
+            drop()
 
     def _prepare_container(self, inst, image, pool) -> dict:
         layers = self.root.store.prepare_rootfs(image.id, inst.volumes[0], pool=pool)

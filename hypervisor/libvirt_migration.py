@@ -77,7 +77,9 @@ def _rewrite_rbd(disk: ET.Element, src: ET.Element, dest: str, attach: dict) -> 
         if conf is None:
             conf = ET.SubElement(src, "config")
         conf.set("file", attach["config"])
-    auth = disk.find("auth") if disk.find("auth") is not None else src.find("auth")  # libvirt keeps either place
+    auth = disk.find("auth")
+    if auth is None:
+        auth = src.find("auth")  # libvirt keeps <auth> where the defining XML put it
     if auth is not None and auth.find("secret") is not None and attach.get("secret_uuid"):
         auth.find("secret").set("uuid", attach["secret_uuid"])
         if attach.get("user"):

@@ -8,8 +8,9 @@ Live migration between two hosts therefore crosses a real TCP connection between
 libvirtds. With ``Cluster(..., ceph=True)`` a *storage host* (a network namespace on the
 same bridge, no libvirt, no agent) runs a throw-away Ceph (scripts/ceph-dev-cluster
 --addr) that every host and the test process reach; each agent gets a ``block`` pool
-``shared`` on it (shared storage for memory-only live migration). Everything is named with PREFIX so a crashed run's leftovers can be found
-and removed by name; daemons are stopped by the PIDs we recorded.
+``shared`` on it (shared storage for memory-only live migration). Everything is named
+with PREFIX so a crashed run's leftovers can be found and removed by name; daemons are
+stopped by the PIDs we recorded.
 """
 from __future__ import annotations
 

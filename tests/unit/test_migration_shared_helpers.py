@@ -1,6 +1,6 @@
-"""Shared-storage migration helpers: the destination's XML for an RBD disk, and the image
+"""Shared-storage migration helpers: the destination's XML for an RBD disk, the image
 store taking over (adopt_volume) and letting go of (forget_volume) a volume without
-copying or deleting it."""
+copying or deleting it, and scripts/ceph-dev-cluster refusing a bad --addr."""
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -62,3 +62,15 @@ def test_adopt_and_forget_a_volume_move_only_the_reference(store, tmp_path):
         store.adopt_volume("a", "local", "nosuch-disk")
     assert store.release("local", "vm0-disk") is True  # its owner deletes it for real
     assert store.pools["local"].find_volume("vm0-disk") is None
+
+
+def test_ceph_dev_cluster_refuses_a_bad_addr_and_makes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.ceph_cluster import SCRIPT
+    d = tmp_path / "c"
+    r = subprocess.run([sys.executable, str(SCRIPT), "start", "--addr", "not-an-address", "--dir", str(d)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "is not an IPv4 address" in r.stderr
+    assert not d.exists()

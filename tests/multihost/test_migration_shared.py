@@ -25,7 +25,9 @@ from tests.multihost import harness
 pytestmark = pytest.mark.real
 
 OP_TIMEOUT_S = 300
-SLOW_MIGRATE_S = 30  # the source pauses before the copy; the test cancels during the pause
+# the source pauses before the copy, so the fault lands after the destination prepared:
+SLOW_MIGRATE_S = {"cancel": 30,  # the cancel ends the pause at once
+                  "kill": 4}  # the source finds the destination agent dead after it
 POOL = harness.SHARED_POOL
 
 
@@ -158,13 +160,16 @@ def _restart_agent(host, env=None):
     host.start_agent(env=env)
 
 
-def test_failure_after_prepare_keeps_the_guest_and_the_image_then_retry(cluster, apis, image):
+@pytest.mark.parametrize("fault", ["cancel", "kill"])
+def test_failure_after_prepare_keeps_the_guest_and_the_image_then_retry(cluster, apis, image, fault):
+    """cancel: the source aborts and asks the destination to clean up. kill: the destination
+    agent dies; the source gives up, and the destination cleans up when it starts again."""
     h1, h2 = cluster.hosts
     ceph = cluster.ceph
     inst = create_vm(apis["h1"], image)
     name, vol = inst["name"], inst["volumes"][0]
     before_id = rbd_id(ceph, vol)
-    _restart_agent(h1, {"NODEAGENT_SLOW_PHASE": f"migration:migrate={SLOW_MIGRATE_S}"})
+    _restart_agent(h1, {"NODEAGENT_SLOW_PHASE": f"migration:migrate={SLOW_MIGRATE_S[fault]}"})
     try:
         r = apis["h1"].post("/v1/migrations", json={"instance": name, "destination": "h2", "mode": "live"})
         assert r.status_code == 202, r.text
@@ -176,11 +181,19 @@ def test_failure_after_prepare_keeps_the_guest_and_the_image_then_retry(cluster,
         # h2 prepared: it adopted the volume, wrote the seed and defined the secret
         assert apis["h2"].get(f"/v1/instances/{name}").json()["state"] == "incoming"
         assert ceph_secrets(h2)
-        apis["h1"].delete(f"/v1/operations/{op['id']}")  # the migration fails here: cancelled
-        op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
-        assert op["status"] == "cancelled", op
+        if fault == "cancel":
+            apis["h1"].delete(f"/v1/operations/{op['id']}")
+            op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+            assert op["status"] == "cancelled", op
+        else:
+            h2.kill_agent()
+            op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+            assert op["status"] == "failed" and "keeps running here" in op["error"]["message"], op
+            h2.start_agent()  # its restart removes what it had prepared, but not the shared image
     finally:
         _restart_agent(h1)
+        if not h2.pids.get("agent"):  # the test failed before starting it again
+            h2.start_agent()
     assert_runs(apis["h1"], name)
     assert rbd_id(ceph, vol) == before_id  # the destination's cleanup did not delete the shared image
     assert_clean(h2, apis["h2"], inst)

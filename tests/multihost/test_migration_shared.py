@@ -27,7 +27,7 @@ pytestmark = pytest.mark.real
 OP_TIMEOUT_S = 300
 # the source pauses before the copy, so the fault lands after the destination prepared:
 SLOW_MIGRATE_S = {"cancel": 30,  # the cancel ends the pause at once
-                  "kill": 4}  # the source finds the destination agent dead after it
+                  "kill": 8}  # the source finds the destination agent dead after it
 POOL = harness.SHARED_POOL
 
 

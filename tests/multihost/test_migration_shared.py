@@ -123,6 +123,18 @@ def assert_clean(host, api, inst):
     assert ceph_secrets(host) == []
 
 
+def test_ceph_on_the_storage_host_is_reached_from_every_host_and_the_test(cluster):
+    ceph = cluster.ceph
+    addr = cluster.storage.address
+    assert ceph.mon.startswith(f"{addr}:")
+    osds = json.loads(ceph.run("ceph", "osd", "dump", "--format", "json").stdout)["osds"]
+    assert osds and all(f"{addr}:" in o["public_addr"] for o in osds)  # reachable over the bridge
+    for h in cluster.hosts:  # the same conf and keyring paths work inside each host's namespaces
+        r = h.run("rbd", "-c", ceph.conf, "--id", ceph.user, "--keyring", ceph.keyring, "ls", ceph.rbd_pool,
+                  check=False, timeout=60)
+        assert r.returncode == 0, r.stderr
+
+
 def test_shared_storage_live_migration_moves_memory_only_and_back(cluster, apis, image):
     h1, h2 = cluster.hosts
     ceph = cluster.ceph

@@ -6,11 +6,11 @@ each): total time (POST /v1/migrations until the operation succeeded, as a clien
 it) and downtime (QEMU's, from the destination's completed job stats), medians over
 ROUNDS migrations each way; peer = bare `virsh migrate --live --p2p --copy-storage-inc`
 of a guest of the same shape (same base image, memory and devices) between the same two
-libvirtds, in the same run. The same for a guest on shared storage (the agents' block pool
-on a Ceph the harness runs on a storage host, harness.Cluster(ceph=True)): memory only;
-peer = bare `virsh migrate --live --p2p` of a guest of the same shape on an RBD image of
-the same content (cephx secret defined on both libvirtds). Then the downtime of a refresh migration of a container with
-500 MiB in its rootfs; peer = a cold migration of the same container (no bare tool moves
+libvirtds, in the same run. The same for a guest on shared storage (the agents' block
+pool on a Ceph the harness runs on a storage host, harness.Cluster(ceph=True)): memory
+only; peer = bare `virsh migrate --live --p2p` of a guest of the same shape on an RBD
+image of the same content (cephx secret defined on both libvirtds). Then the downtime of
+a refresh migration of a container with 500 MiB in its rootfs; peer = a cold migration of the same container (no bare tool moves
 a container between hosts). Needs root, libvirtd and the test guest
 (scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/migration.py
 """

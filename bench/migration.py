@@ -10,9 +10,10 @@ libvirtds, in the same run. The same for a guest on shared storage (the agents' 
 pool on a Ceph the harness runs on a storage host, harness.Cluster(ceph=True)): memory
 only; peer = bare `virsh migrate --live --p2p` of a guest of the same shape on an RBD
 image of the same content (cephx secret defined on both libvirtds). Then the downtime of
-a refresh migration of a container with 500 MiB in its rootfs; peer = a cold migration of the same container (no bare tool moves
-a container between hosts). Needs root, libvirtd and the test guest
-(scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/migration.py
+a refresh migration of a container with 500 MiB in its rootfs; peer = a cold migration of
+the same container (no bare tool moves a container between hosts). Needs root, libvirtd,
+Ceph and the test guest (scripts/build-test-images). Run as:
+/work/main/.venv/bin/python bench/migration.py
 """
 from __future__ import annotations
 

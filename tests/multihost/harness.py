@@ -285,7 +285,7 @@ class SimHost:
                   "var-cache-libvirt", "state"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         etc = self.root / "etc-libvirt"
-        shutil.copytree("/etc/libvirt", etc, dirs_exist_ok=True)
+        shutil.copytree("/etc/libvirt", etc, dirs_exist_ok=True, ignore=_libvirt_state)
         with open(etc / "libvirtd.conf", "a") as f:
             f.write(f'\nlisten_tls = 0\nlisten_tcp = 1\nlisten_addr = "{self.address}"\n'
                     f'auth_tcp = "none"\nhost_uuid = "{uuid.uuid4()}"\n')
@@ -313,6 +313,16 @@ class SimHost:
                 raise RuntimeError(f"libvirtd of simulated host {self.name} did not answer on "
                                    f"{self.libvirt_uri}; see {self.root}/var-log-libvirt")
             time.sleep(0.2)
+
+
+def _libvirt_state(d: str, names: list[str]) -> set[str]:
+    """What a simulated host must not inherit from this machine's /etc/libvirt: its
+    persistent domains and secrets (a fresh host starts with neither), only the config."""
+    if d == "/etc/libvirt":
+        return {"secrets"} & set(names)
+    if d == "/etc/libvirt/qemu":
+        return {n for n in names if n.endswith(".xml") or n == "autostart"}
+    return set()
 
 
 def _net_up(netns: str, uplink: str, address: str, network: TestNetwork) -> None:

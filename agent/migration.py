@@ -7,18 +7,23 @@ is a configured peer (``[peers.NAME] url, token`` in the source's config). Proto
    caller is one of *its* configured peers, pulls the image from the source if it lacks
    it (``GET /v1/peer/images/{id}`` on the source), creates the instance's volume
    (same size; a qcow2 overlay on the same base image), seed and row (state ``incoming``)
-   and answers with its disk paths and its libvirt migration URI;
+   and answers with its disk paths and its libvirt migration URI. Shared storage (a VM on
+   a ``block`` pool): the destination makes no volume; it checks its pool of the same name
+   holds the very image, adopts it (records a reference), writes the seed, defines the
+   cephx libvirt secret and answers the same ``rbd:pool/image``;
 2. the source runs the hypervisor's peer-to-peer live migration to that URI, with the
-   writable disks copied (local pools) and progress sampled into the operation; it
+   writable disks copied (local pools; memory only for shared storage) and progress
+   sampled into the operation; it
    aborts the job if the destination agent stops answering;
 3. source -> destination ``POST /v1/peer/migrations/{id}/finish``: the destination
    confirms the guest runs there and its record becomes the instance's record;
-4. the source deletes its record and releases its volumes.
+4. the source deletes its record and releases its volumes (shared volumes are only
+   forgotten: the destination owns them now).
 
 On any failure before 3 the guest keeps running on the source, the source calls
 ``DELETE /v1/peer/migrations/{id}`` so the destination removes what it prepared
-(a destination that was down cleans up on restart, or when the migration is retried),
-and the operation fails with what went wrong.
+(a destination that was down cleans up on restart, or when the migration is retried;
+it never deletes an adopted shared volume), and the operation fails with what went wrong.
 
 Trust: a destination accepts these calls only from a token whose *name* is one of its
 configured peers and whose role is admin: create it on the destination with
@@ -239,6 +244,8 @@ def criu_works() -> tuple[bool, str]:
 
 
 LAYERS_FILE = "rootfs-layers.json"  # destination: where a prepared container's layers are
+SHARED_FILE = "shared-volumes.json"  # destination: the adopted shared volumes (never deleted on abort)
+LOCAL_POOL_KINDS = ("local", "fake")  # pools whose volumes are host-local: migration copies them
 
 
 def untar_into(dest: str, stream) -> int:
@@ -415,10 +422,13 @@ class MigrationService:
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
+        shared = pool.kind not in LOCAL_POOL_KINDS
         body = {"instance": {k: inst[k] for k in INSTANCE_FIELDS},
                 "spec": spec, "disk_size": vol.size, "image_bytes": image.size,
                 "data_bytes": allocated_bytes(vol.path) if pool.kind == "local" else 0,
                 "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
+        if shared:
+            body["shared_volumes"] = {v: pool.get_volume(v).uri for v in inst["volumes"]}
         prepared = peer.prepare(body)
         live = self._live.setdefault(op.id, {})
         down = {"failures": 0, "last": time.monotonic()}
@@ -436,10 +446,10 @@ class MigrationService:
                 down["failures"] = 0 if peer.alive() else down["failures"] + 1
             return down["failures"] >= HEALTH_FAILURES
 
-        shared = pool.kind not in ("local", "fake")
         options = MigrationOptions(
             live=(mode == "live"), copy_storage="none" if shared else "incremental",
-            disk_sources=prepared["disk_sources"], console_log=prepared.get("console_log"))
+            disk_sources=prepared["disk_sources"], disk_attach=prepared.get("disk_attach") or {},
+            console_log=prepared.get("console_log"))
         try:
             op.phase("migrate")
             if not peer.alive():
@@ -468,7 +478,7 @@ class MigrationService:
         op.phase("confirm")
         moved = self._finish_remote(peer, inst_id, name)
         op.phase("cleanup")
-        self._forget_local(inst_id)
+        self._forget_local(inst_id, shared=shared)
         log.info("instance migrated", extra={"instance": name, "destination": peer.name,
                                              "downtime_ms": result.downtime_ms, "total_ms": result.total_ms})
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
@@ -599,13 +609,19 @@ class MigrationService:
                             f"record is in state error: check {name!r} on {peer.name}, then delete the record "
                             "here (that removes only this host's record and disk)")
 
-    def _forget_local(self, inst_id: str) -> None:
-        """The instance left: its record, volumes and files go (the domain already went)."""
+    def _forget_local(self, inst_id: str, shared: bool = False) -> None:
+        """The instance left: its record, volumes and files go (the domain already went).
+        ``shared``: its volumes stay (the destination owns them); only our references go."""
         inst = self.root.instances.get(inst_id)
         if inst["kind"] == "vm" and self.root.driver.find(inst["name"]) is not None:
             raise CommandFailed(f"VM {inst['name']!r} is still defined here after its migration")
         for vol in inst["volumes"]:
-            self.root.store.release(inst["pool"], vol)
+            if shared:
+                self.root.store.forget_volume(inst["pool"], vol)
+            else:
+                self.root.store.release(inst["pool"], vol)
+        if shared:
+            self._drop_unused_secrets(inst_id)  # libvirt undefined the domain, not its secret
         if inst["kind"] == "vm":
             self.root.instances._release_address(inst_id)
         shutil.rmtree(self.config.state_path / "instances" / inst_id, ignore_errors=True)
@@ -621,6 +637,9 @@ class MigrationService:
         inst = req.instance
         self._clear_stale(inst.id, inst.name)
         cfg = self.config
+        if req.shared_volumes and inst.pool not in cfg.pools:
+            raise Unprocessable(f"pool {inst.pool!r} is not configured here: shared storage needs "
+                                f"[pools.{inst.pool}] naming the same Ceph pool on both hosts")
         pool = inst.pool if inst.pool in cfg.pools else cfg.default_pool
         self._check_space(pool, req)
         image = self._ensure_image(source, req.image)
@@ -640,9 +659,11 @@ class MigrationService:
         try:
             if inst.kind == "container":
                 return self._prepare_container(inst, image, pool)
+            if req.shared_volumes:
+                return self._prepare_shared_vm(inst, spec, image, pool, req.shared_volumes)
             return self._prepare_vm(inst, spec, image, pool, req.disk_size)
         except BaseException:
-            self.root.instances._destroy(inst.id)
+            self._destroy_incoming(inst.id)
             raise
 
     def _check_space(self, pool: str, req: models.IncomingMigration) -> None:
@@ -665,18 +686,77 @@ class MigrationService:
 
     def _prepare_vm(self, inst, spec, image, pool, disk_size) -> dict:
         from hypervisor.provision import ROOT_TARGET, SEED_TARGET
-        # the address it had there if this host's network has it free (its seed says so for its next boot)
-        ip = self.root.instances.vm_address(inst.id, inst.ip) if spec.get("network") == "bridge" else None
         vol, seed = self.root.instances.vm_disks(inst.id, inst.name, image.id, pool, inst.volumes[0],
-                                                 size=disk_size, user_data=spec.get("user_data"), ip=ip)
+                                                 size=disk_size, user_data=spec.get("user_data"),
+                                                 ip=self._incoming_address(inst, spec))
         if not vol.path:
             raise Unsupported(f"pool {pool!r} gives no file path for disks; live migration with copied "
                               "storage needs a local pool")
-        if ip:
-            self.root.instances._update(inst.id, ip=ip)
         d = self.root.instances._instance_dir(inst.id)
         return {"disk_sources": {ROOT_TARGET: vol.path, SEED_TARGET: seed}, "console_log": str(d / "console.log"),
                 "migration_uri": self.migration_uri()}
+
+    def _incoming_address(self, inst, spec) -> str | None:
+        """A bridged VM's address here: the one it had there if this host's network has it
+        free, else a new one (its seed says so, for its next boot); recorded on its row."""
+        if spec.get("network") != "bridge":
+            return None
+        ip = self.root.instances.vm_address(inst.id, inst.ip)
+        if ip:
+            self.root.instances._update(inst.id, ip=ip)
+        return ip
+
+    def _prepare_shared_vm(self, inst, spec, image, pool, shared: dict) -> dict:
+        """Shared storage: adopt the volumes the source uses (the same RBD images: nothing is
+        copied or cloned), write the seed, define the cephx secret; answer the same images."""
+        from hypervisor.disks import disk_for_volume
+        from hypervisor.provision import ROOT_TARGET, SEED_TARGET
+        d = self.root.instances._instance_dir(inst.id)
+        (d / SHARED_FILE).write_text(json.dumps(list(inst.volumes)))  # first: cleanup never deletes them
+        backend = self.root.pools[pool]
+        if backend.kind in LOCAL_POOL_KINDS or set(shared) != set(inst.volumes):
+            raise Unprocessable(f"pool {pool!r} here is a {backend.kind} pool, not shared storage: "
+                                f"[pools.{pool}] must name the same Ceph pool on both hosts")
+        vol = self.root.store.adopt_volume(image.id, pool, inst.volumes[0])
+        if vol.uri != shared[inst.volumes[0]]:
+            raise Unprocessable(f"volume {vol.name} is {vol.uri} here but {shared[inst.volumes[0]]} on the "
+                                f"source: [pools.{pool}] must name the same Ceph pool on both hosts")
+        seed = self.root.instances.vm_seed(inst.id, inst.name, user_data=spec.get("user_data"),
+                                           ip=self._incoming_address(inst, spec))
+        root = disk_for_volume(vol, ROOT_TARGET)
+        prepare = getattr(self.root.driver, "prepare_incoming_disks", None)
+        if prepare is not None:
+            (root,) = prepare((root,))
+        attach = {k: v for k, v in root.attach.items() if k in ("monitors", "config", "user", "secret_uuid")}
+        return {"disk_sources": {ROOT_TARGET: vol.uri, SEED_TARGET: seed}, "disk_attach": {ROOT_TARGET: attach},
+                "console_log": str(d / "console.log"), "migration_uri": self.migration_uri()}
+
+    def _destroy_incoming(self, inst_id: str) -> bool:
+        """Remove a prepared incoming instance; adopted shared volumes are only forgotten
+        (the source's guest still uses them), never deleted."""
+        shared_file = self.config.state_path / "instances" / inst_id / SHARED_FILE
+        try:
+            shared = json.loads(shared_file.read_text())
+        except (FileNotFoundError, ValueError):
+            shared = None
+        if shared is not None:
+            r = self.root.db.one("SELECT pool FROM instances WHERE id=?", (inst_id,))
+            for vol in shared:
+                if r is not None:
+                    self.root.store.forget_volume(r["pool"], vol)
+            self.root.db.execute("UPDATE instances SET volumes=? WHERE id=?", ("[]", inst_id))
+        gone = self.root.instances._destroy(inst_id)
+        if shared is not None:
+            self._drop_unused_secrets(inst_id)
+        return gone
+
+    def _drop_unused_secrets(self, leaving: str) -> None:
+        """The Ceph secrets no domain uses go, unless another incoming migration is under
+        way here: its secret is unused until its domain arrives at the switchover."""
+        drop = getattr(self.root.driver, "delete_unused_secrets", None)
+        if drop is not None and self.root.db.one("SELECT id FROM instances WHERE state=? AND id!=?",
+                                                 (INCOMING, leaving)) is None:
+            drop()
 
     def _prepare_container(self, inst, image, pool) -> dict:
         layers = self.root.store.prepare_rootfs(image.id, inst.volumes[0], pool=pool)
@@ -811,7 +891,7 @@ class MigrationService:
         for r in self.root.db.query("SELECT id, state FROM instances WHERE id=? OR name=?", (inst_id, name)):
             if r["state"] == INCOMING:
                 with self.root.instances.lock(r["id"]):
-                    self.root.instances._destroy(r["id"])
+                    self._destroy_incoming(r["id"])
 
     def _incoming(self, inst_id: str) -> dict:
         inst = self.root.instances.get(inst_id)
@@ -840,7 +920,12 @@ class MigrationService:
                 info = self.root.driver.resume(inst["name"])
             if info.state not in ("running", "paused"):
                 raise Conflict(f"VM {inst['name']!r} is {info.state} here: the migration did not complete")
+            self._own_shared(inst_id)
             return {"instance": self.root.instances._update(inst_id, state=info.state, error=None)}
+
+    def _own_shared(self, inst_id: str) -> None:
+        """The guest runs here: adopted shared volumes are ours like any other now."""
+        (self.config.state_path / "instances" / inst_id / SHARED_FILE).unlink(missing_ok=True)
 
     def abort_incoming(self, caller: dict, inst_id: str) -> bool:
         """Remove what ``prepare_incoming`` made; False if there was nothing."""
@@ -851,7 +936,7 @@ class MigrationService:
         if r["state"] != INCOMING:
             raise Conflict(f"instance {inst_id} is {r['state']} here: only an incoming migration is aborted")
         with self.root.instances.lock(inst_id):
-            return self.root.instances._destroy(inst_id)
+            return self._destroy_incoming(inst_id)
 
     def export_image(self, caller: dict, image_id: str):
         """(a generator of the image's bytes, size) for a peer that lacks it."""
@@ -879,9 +964,10 @@ class MigrationService:
             try:
                 info = self.root.driver.find(r["name"])
                 if info is not None and info.state == "running":
+                    self._own_shared(r["id"])
                     self.root.instances._update(r["id"], state="running", error=None)
                 else:
-                    self.root.instances._destroy(r["id"])
+                    self._destroy_incoming(r["id"])
                 n += 1
             except Exception as e:  # keep the row: an operator must look
                 log.warning("cannot clean up an incoming migration", extra={"instance": r["name"],

@@ -321,10 +321,14 @@ class IncomingMigration(Model):
     data_bytes: IntRange(0, 2**53) | None = None  # bytes the copy writes there (written disk data, upper dir)
     image_bytes: IntRange(0, 2**53) | None = None  # the image's size: what a destination lacking it stores
     disk_size: IntRange(0, 2**53) | None = None  # bytes
+    # shared storage (block pools): volume name -> its uri on the source; the destination
+    # adopts these volumes (the same images) instead of making new ones
+    shared_volumes: dict[str, str] | None = Field(None, max_length=8)
 
 
 class IncomingPrepared(Model):
     disk_sources: dict[str, str]
+    disk_attach: dict[str, dict[str, Any]] | None = None  # shared RBD disks: monitors, config, user, secret_uuid
     console_log: str | None = None
     migration_uri: str
 

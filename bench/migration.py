@@ -1,14 +1,17 @@
 """Migration benchmark: JSON lines as described in DESIGN.md section 7.
 
-Live migration of a running 256 MiB TCG guest (local qcow2 overlay disk, copied live)
-between two simulated hosts (tests/multihost/harness.py: own netns, libvirtd and agent
-each): total time (POST /v1/migrations until the operation succeeded, as a client sees
-it) and downtime (QEMU's, from the destination's completed job stats), medians over
-ROUNDS migrations each way; peer = bare `virsh migrate --live --p2p --copy-storage-inc`
-of the same guest (the agent's own domain XML, renamed onto copies of its disks) between the
-same two libvirtds, in the same run. Then the downtime of a refresh migration of a container with
-500 MiB in its rootfs; peer = a cold migration of the same container (no bare tool moves
-a container between hosts). Needs root, libvirtd and the test guest
+Live migration of a running 256 MiB TCG guest between two simulated hosts
+(tests/multihost/harness.py: own netns, libvirtd and agent each, and a Ceph on a storage
+namespace, Cluster(ceph=True)): total time (POST /v1/migrations until the operation
+succeeded, as a client sees it) and downtime (QEMU's, from the destination's completed job
+stats), medians over ROUNDS migrations each way, for a guest on a local pool (its qcow2
+overlay copied live; peer = bare `virsh migrate --live --p2p --copy-storage-inc`) and on the
+shared block pool (memory only; peer = bare `virsh migrate --live --p2p`). The peer migrates
+the same guest (the agent's own domain XML, renamed onto copies of its disks or an RBD image
+of the same content with its own cephx secret on both libvirtds) between the same two
+libvirtds, interleaved with ours. Then the downtime of a refresh migration of a container
+with 500 MiB in its rootfs; peer = a cold migration of the same container (no bare tool
+moves a container between hosts). Needs root, libvirtd, Ceph and the test guest
 (scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/migration.py
 """
 from __future__ import annotations
@@ -49,18 +52,20 @@ def line(metric, value, peer, peer_value):
 class AgentVm:
     """The benchmarked guest, created and moved through the agents' API."""
 
-    def __init__(self, cluster):
+    def __init__(self, cluster, pool: str | None = None):
         self.hosts = {h.name: h for h in cluster.hosts}
         self.apis = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
         for a in self.apis.values():
             a.s.headers["Connection"] = "close"
-        op = self.apis["h1"].wait(self.apis["h1"].post("/v1/images", json={
-            "name": "guest", "source": {"type": "file", "path": f"{IMAGES}/rootfs.qcow2"}}).json(), OP_TIMEOUT_S)
-        assert op["status"] == "succeeded", op
+        if self.apis["h1"].get("/v1/images/guest").status_code == 404:
+            op = self.apis["h1"].wait(self.apis["h1"].post("/v1/images", json={
+                "name": "guest", "source": {"type": "file", "path": f"{IMAGES}/rootfs.qcow2"}}).json(),
+                OP_TIMEOUT_S)
+            assert op["status"] == "succeeded", op
         self.name = f"bench-{uuid.uuid4().hex[:6]}"
         op = self.apis["h1"].wait(self.apis["h1"].post("/v1/instances", json={
             "name": self.name, "kind": "vm", "image": "guest", "cpus": 1, "memory_mib": MEMORY_MIB,
-            "network": "none"}).json(), OP_TIMEOUT_S)
+            "network": "none", **({"pool": pool} if pool else {})}).json(), OP_TIMEOUT_S)
         assert op["status"] == "succeeded", op
         self.here = "h1"
 
@@ -83,15 +88,23 @@ class AgentVm:
         self.apis[self.here].delete(f"/v1/instances/{self.name}")
 
 
-def peer_xml(agent_xml: str, name: str, uid: str, disk: str, seed: str, work: Path) -> str:
-    """The agent's own domain of the benchmarked guest, renamed onto the peer's files: both
-    sides migrate the very same devices (seed disk, serial log, QMP socket included)."""
+def peer_xml(agent_xml: str, name: str, uid: str, disk: str, seed: str, work: Path,
+             secret: str | None = None) -> str:
+    """The agent's own domain of the benchmarked guest, renamed onto the peer's files (``disk``:
+    a file, or for an RBD disk ``pool/image`` with the peer's cephx ``secret``): both sides
+    migrate the very same devices (seed disk, serial log, QMP socket included)."""
     for prefix, uri in (("qemu", QEMU_NS), ("nodeagent", NODEAGENT_NS)):
         ET.register_namespace(prefix, uri)
     dom = ET.fromstring(agent_xml)
     dom.find("name").text, dom.find("uuid").text = name, uid
     for d in dom.findall("devices/disk"):
-        d.find("source").set("file", seed if d.find("readonly") is not None else disk)
+        if d.find("readonly") is not None:
+            d.find("source").set("file", seed)
+        elif d.get("type") == "network":
+            d.find("source").set("name", disk)
+            d.find("auth/secret").set("uuid", secret)
+        else:
+            d.find("source").set("file", disk)
     for log in dom.iter("log"):
         log.set("file", str(work / f"{name}.log"))
     for arg in dom.iter(f"{{{QEMU_NS}}}arg"):
@@ -100,35 +113,21 @@ def peer_xml(agent_xml: str, name: str, uid: str, disk: str, seed: str, work: Pa
 
 
 class PeerVm:
-    """The same guest run by bare libvirt: `virsh create`, `virsh migrate --live --p2p
-    --copy-storage-inc` between the same two libvirtds."""
+    """The same guest run by bare libvirt: `virsh create` on h1, then `virsh migrate --live
+    --p2p [copy_flags]` between the same two libvirtds (``xmls[i]``: the domain as host i
+    sees it); ``cleanup`` undoes what was made for it."""
 
-    def __init__(self, cluster, work: Path, agent_xml: str):
-        self.hosts = cluster.hosts
-        self.name = f"bench-peer-{uuid.uuid4().hex[:6]}"
-        uid = str(uuid.uuid4())
-        seed = make_seed(str(work / "seed.iso"), instance_id=uid, hostname=self.name)
-        self.xmls = []
-        for h in self.hosts:  # one overlay per host, on its own copy of the base (as the agent's pools have)
-            base = work / f"{h.name}-base.qcow2"
-            shutil.copyfile(f"{IMAGES}/rootfs.qcow2", base)
-            disk = work / f"{h.name}-{self.name}.qcow2"
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(disk)],
-                           check=True)
-            x = work / f"{h.name}-{self.name}.xml"
-            x.write_text(peer_xml(agent_xml, self.name, uid, str(disk), seed, work))
-            self.xmls.append(str(x))
-        for p in work.iterdir():
-            os.chmod(p, 0o666)
+    def __init__(self, hosts, name: str, xmls: list[str], copy_flags: tuple[str, ...], cleanup=None):
+        self.hosts, self.name, self.xmls, self.copy_flags, self.cleanup = hosts, name, xmls, copy_flags, cleanup
         self.hosts[0].run("virsh", "-c", "qemu:///system", "create", self.xmls[0], timeout=120)
         self.here = 0
 
     def migrate(self) -> tuple[float, float | None]:
         there = 1 - self.here
         t0 = time.perf_counter()
-        self.hosts[self.here].run("virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p",
-                                  "--copy-storage-inc", "--xml", self.xmls[there], self.name,
-                                  self.hosts[there].libvirt_uri, timeout=OP_TIMEOUT_S)
+        self.hosts[self.here].run("virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p", *self.copy_flags,
+                                  "--xml", self.xmls[there], self.name, self.hosts[there].libvirt_uri,
+                                  timeout=OP_TIMEOUT_S)
         total = (time.perf_counter() - t0) * 1000
         self.here = there
         info = self.hosts[there].run("virsh", "-c", "qemu:///system", "domjobinfo", self.name, "--completed",
@@ -138,13 +137,71 @@ class PeerVm:
 
     def delete(self) -> None:
         self.hosts[self.here].run("virsh", "-c", "qemu:///system", "destroy", self.name, check=False, timeout=60)
+        if self.cleanup:
+            self.cleanup()
 
 
-def vm_rounds(cluster, work: Path) -> dict:
-    """ROUNDS migrations each way of the agent's guest and of the peer's, interleaved (which
-    side goes first alternates), so a slow moment of the machine hits both."""
-    ours = AgentVm(cluster)
-    peer = PeerVm(cluster, work, ours.domain_xml())
+def local_peer(cluster, work: Path, agent_xml: str) -> PeerVm:
+    """On each host a qcow2 overlay on its own copy of the base (as the agents' pools have)."""
+    name, uid = f"bench-peer-{uuid.uuid4().hex[:6]}", str(uuid.uuid4())
+    seed = make_seed(str(work / "seed.iso"), instance_id=uid, hostname=name)
+    xmls = []
+    for h in cluster.hosts:
+        base = work / f"{h.name}-base.qcow2"
+        shutil.copyfile(f"{IMAGES}/rootfs.qcow2", base)
+        disk = work / f"{h.name}-{name}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(disk)],
+                       check=True)
+        x = work / f"{h.name}-{name}.xml"
+        x.write_text(peer_xml(agent_xml, name, uid, str(disk), seed, work))
+        xmls.append(str(x))
+    for p in work.iterdir():
+        os.chmod(p, 0o666)
+    return PeerVm(cluster.hosts, name, xmls, ("--copy-storage-inc",))
+
+
+SECRET_XML = """<secret ephemeral='no' private='yes'><uuid>{uuid}</uuid>
+  <usage type='ceph'><name>bench-peer {uuid}</name></usage></secret>"""
+
+
+def shared_peer(cluster, work: Path, agent_xml: str) -> PeerVm:
+    """One RBD image of the same content as the agent's, its cephx key in a secret of the
+    peer's own on both libvirtds."""
+    ceph, hosts = cluster.ceph, cluster.hosts
+    name, uid, sid = f"bench-rbd-{uuid.uuid4().hex[:6]}", str(uuid.uuid4()), str(uuid.uuid4())
+    image = f"{ceph.rbd_pool}/{name}"
+    raw = work / f"{name}.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", f"{IMAGES}/rootfs.qcow2", str(raw)], check=True)
+    ceph.run("rbd", "import", str(raw), image)
+    raw.unlink()
+    key = ceph.run("ceph", "auth", "get-key", f"client.{ceph.user}").stdout.strip()
+    (work / "secret.xml").write_text(SECRET_XML.format(uuid=sid))
+    seed = make_seed(str(work / "seed.iso"), instance_id=uid, hostname=name)
+    x = work / f"{name}.xml"
+    x.write_text(peer_xml(agent_xml, name, uid, image, seed, work, secret=sid))
+    for p in work.iterdir():
+        os.chmod(p, 0o644)
+
+    def cleanup():
+        for h in hosts:
+            h.run("virsh", "-c", "qemu:///system", "secret-undefine", sid, check=False, timeout=30)
+        ceph.run("rbd", "rm", image, check=False)
+    try:
+        for h in hosts:
+            h.run("virsh", "-c", "qemu:///system", "secret-define", str(work / "secret.xml"), timeout=30)
+            h.run("virsh", "-c", "qemu:///system", "secret-set-value", sid, key, timeout=30)
+        return PeerVm(hosts, name, [str(x), str(x)], (), cleanup)
+    except BaseException:
+        cleanup()
+        raise
+
+
+def vm_rounds(cluster, work: Path, pool: str | None = None) -> dict:
+    """ROUNDS migrations each way of the agent's guest (its disk on ``pool``, default local)
+    and of the peer's, interleaved (which side goes first alternates), so a slow moment of
+    the machine hits both."""
+    ours = AgentVm(cluster, pool)
+    peer = (shared_peer if pool else local_peer)(cluster, work, ours.domain_xml())
     times = {"ours": ([], []), "peer": ([], [])}
     try:
         for r in range(2 * ROUNDS):
@@ -198,19 +255,23 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nodeagent-benchmig-", dir="/var/tmp"))
     os.chmod(work, 0o755)
     try:
-        with harness.Cluster(work / "sim") as cluster:
+        with harness.Cluster(work / "sim", ceph=True) as cluster:
             cluster.start_agents()
-            peer_dir = work / "peer"
-            peer_dir.mkdir()
-            os.chmod(peer_dir, 0o755)
-            vm = vm_rounds(cluster, peer_dir)
-            c_refresh, c_cold = container_rounds(cluster, peer_dir)
-        (a_total, a_down), (p_total, p_down) = vm["ours"], vm["peer"]
+            dirs = {}
+            for d in ("local", "shared", "containers"):
+                dirs[d] = work / d
+                dirs[d].mkdir()
+                os.chmod(dirs[d], 0o755)
+            local = vm_rounds(cluster, dirs["local"])
+            shared = vm_rounds(cluster, dirs["shared"], pool=harness.SHARED_POOL)
+            c_refresh, c_cold = container_rounds(cluster, dirs["containers"])
         med = statistics.median
-        line("vm_live_local_disk_total_p50", med(a_total), "virsh migrate --live --p2p --copy-storage-inc",
-             med(p_total))
-        line("vm_live_local_disk_downtime_p50", med(a_down) if a_down else float("nan"),
-             "virsh migrate --live --p2p --copy-storage-inc", med(p_down) if p_down else None)
+        for label, times, peer in (("local_disk", local, "virsh migrate --live --p2p --copy-storage-inc"),
+                                   ("shared_rbd", shared, "virsh migrate --live --p2p")):
+            (o_total, o_down), (p_total, p_down) = times["ours"], times["peer"]
+            line(f"vm_live_{label}_total_p50", med(o_total), peer, med(p_total))
+            line(f"vm_live_{label}_downtime_p50", med(o_down) if o_down else float("nan"), peer,
+                 med(p_down) if p_down else None)
         line("container_refresh_500mib_downtime", c_refresh,
              "nodeagent cold container migration (stop, full copy, start)", c_cold)
     finally:

@@ -113,7 +113,9 @@ class MigrationOptions:
 
     live: bool = True
     copy_storage: str = "none"  # none | incremental | full
-    disk_sources: dict = field(default_factory=dict)  # target -> destination path
+    disk_sources: dict = field(default_factory=dict)  # target -> destination path (rbd: "rbd:pool/image")
+    disk_attach: dict = field(default_factory=dict)  # target -> the destination's RBD attach facts
+    # (monitors, config, user, secret_uuid: a secret the destination defined for the same key)
     console_log: str | None = None
     max_downtime_ms: int | None = 300  # the target; libvirt's default is 300 ms too
     auto_converge: bool = True  # throttle the vCPUs when the guest dirties memory faster than we copy

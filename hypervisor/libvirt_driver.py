@@ -661,6 +661,19 @@ class LibvirtDriver:
         return libvirt_migration.migrate(self, name, dest_uri, options, progress=progress,
                                          cancelled=cancelled)
 
+    def prepare_incoming_disks(self, disks) -> tuple[DiskSpec, ...]:
+        """Destination of a migration: what an incoming domain's RBD disks need on this host
+        (the cephx key as a libvirt secret, the client ceph.conf); returns the disks as this
+        host attaches them (``attach`` with secret_uuid and config, never the key). Undone by
+        delete_unused_secrets() if the domain does not arrive."""
+        with self._secrets_lock:
+            out, _ = self._with_ceph_secrets(tuple(disks))
+        return out
+
+    def delete_unused_secrets(self) -> None:
+        """Drop the Ceph secrets no domain refers to (after a domain left this host)."""
+        self._delete_unused_secrets()
+
     def abort_migration(self, name: str) -> bool:
         from hypervisor import libvirt_migration
         return libvirt_migration.abort(self, name)

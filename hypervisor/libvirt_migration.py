@@ -17,7 +17,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from agent.errors import Cancelled, CommandFailed, InvalidInput, NotFound
-from hypervisor.domain_xml import NODEAGENT_NS, QEMU_NS
+from hypervisor.domain_xml import NODEAGENT_NS, QEMU_NS, RBD_DEFAULT_PORT
 from hypervisor.driver import TIMEOUT_ACTIONS, MigrationOptions, MigrationProgress, MigrationResult
 
 POLL_S = 0.2  # jobStats sampling interval
@@ -36,7 +36,8 @@ def check_options(o: MigrationOptions) -> None:
 
 def rewrite_xml(xml: str, o: MigrationOptions) -> str:
     """The domain XML as the destination must see it: disk sources and the console log
-    moved to the destination's paths (everything else, including the uuid, stays)."""
+    moved to the destination's paths; an RBD disk (shared: the same image) gets the
+    destination's monitors, ceph.conf and secret (everything else, including the uuid, stays)."""
     ET.register_namespace("nodeagent", NODEAGENT_NS)
     ET.register_namespace("qemu", QEMU_NS)
     root = ET.fromstring(xml)
@@ -50,10 +51,39 @@ def rewrite_xml(xml: str, o: MigrationOptions) -> str:
             backing = disk.find("backingStore")  # the destination's chain is probed there
             if backing is not None:
                 disk.remove(backing)
+        elif src.get("protocol") == "rbd":
+            _rewrite_rbd(disk, src, o.disk_sources[target.get("dev")],
+                         o.disk_attach.get(target.get("dev")) or {})
     if o.console_log:
         for log in root.findall("devices/serial/log"):
             log.set("file", o.console_log)
     return ET.tostring(root, encoding="unicode")
+
+
+def _rewrite_rbd(disk: ET.Element, src: ET.Element, dest: str, attach: dict) -> None:
+    """Shared storage: the destination must name the very image the guest uses here."""
+    name = dest[len("rbd:"):] if dest.startswith("rbd:") else dest
+    if name != src.get("name"):
+        raise InvalidInput(f"disk {disk.find('target').get('dev')} is RBD image {src.get('name')} here "
+                           f"but the destination prepared {name}: shared storage must be the same image")
+    if attach.get("monitors"):
+        for host in src.findall("host"):
+            src.remove(host)
+        for i, mon in enumerate(attach["monitors"]):
+            host, _, port = str(mon).rpartition(":") if ":" in str(mon) else (str(mon), "", "")
+            src.insert(i, ET.Element("host", {"name": host, "port": port or RBD_DEFAULT_PORT}))
+    if attach.get("config"):
+        conf = src.find("config")
+        if conf is None:
+            conf = ET.SubElement(src, "config")
+        conf.set("file", attach["config"])
+    auth = disk.find("auth")
+    if auth is None:
+        auth = src.find("auth")  # libvirt keeps <auth> where the defining XML put it
+    if auth is not None and auth.find("secret") is not None and attach.get("secret_uuid"):
+        auth.find("secret").set("uuid", attach["secret_uuid"])
+        if attach.get("user"):
+            auth.set("username", attach["user"])
 
 
 def _sample(stats: dict, t0: float) -> MigrationProgress:

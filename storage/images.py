@@ -668,6 +668,30 @@ class ImageStore:
                             (pool, volume_name)).rowcount
         return bool(gone or n)
 
+    def adopt_volume(self, ref: str, pool: str, volume_name: str) -> Volume:
+        """Record a reference to an existing volume made from image ``ref`` by another host
+        on shared storage (a block pool several hosts use): a migration's destination takes
+        it over, and release() later deletes it. NotFound if this pool does not hold it;
+        Conflict if it is referenced here already or was cloned from another image."""
+        img = self.get(ref)
+        _, backend = self._backend(pool)
+        vol = backend.find_volume(volume_name)
+        if vol is None:
+            raise NotFound(f"pool {pool!r} holds no volume {volume_name!r}: for shared storage, "
+                           f"[pools.{pool}] must name the same Ceph pool on both hosts")
+        if vol.base not in (None, img.digest):
+            raise Conflict(f"volume {volume_name!r} in pool {pool!r} was cloned from {vol.base}, "
+                           f"not from image {img.id[:12]}")
+        self._reserve(pool, volume_name, img.id)
+        return vol
+
+    def forget_volume(self, pool: str, volume_name: str) -> bool:
+        """Drop the reference to a volume another host owns now (shared storage), keeping
+        the volume itself; False if there was none."""
+        self._backend(pool)
+        return bool(self.db.execute("DELETE FROM storage_references WHERE pool = ? AND volume = ?",
+                                    (pool, volume_name)).rowcount)
+
     def references(self, ref: str) -> list[tuple[str, str]]:
         """(pool, volume) pairs made from the image."""
         img = self.get(ref)

@@ -5,12 +5,17 @@ persistent mount namespace with private /run, /var/lib/libvirt, /etc/libvirt,
 /var/log/libvirt, /var/cache/libvirt and state dir; it runs its own virtlogd and
 libvirtd (TCP, listening on its own address, its own host_uuid and migration_host).
 Live migration between two hosts therefore crosses a real TCP connection between two
-libvirtds. Everything is named with PREFIX so a crashed run's leftovers can be found
-and removed by name; daemons are stopped by the PIDs we recorded.
+libvirtds. With ``Cluster(..., ceph=True)`` a *storage host* (a network namespace on the
+same bridge, no libvirt, no agent) runs a throw-away Ceph (scripts/ceph-dev-cluster
+--addr) that every host and the test process reach; each agent gets a ``block`` pool
+``shared`` on it (shared storage for memory-only live migration). Everything is named
+with PREFIX so a crashed run's leftovers can be found and removed by name; daemons are
+stopped by the PIDs we recorded.
 """
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -60,6 +65,70 @@ class TestNetwork:
         sh("ip", "link", "del", self.name, check=False)
 
 
+CEPH_START_TIMEOUT_S = 180  # a start takes about 18 s here
+CEPH_DIR = "ceph-cluster"  # under the cluster's workdir: conf, keyring, daemons' data and PIDs
+SHARED_POOL = "shared"  # the agents' block pool on the storage host's Ceph
+
+
+class StorageHost:
+    """A network namespace on the test bridge running a single-node Ceph bound to its own
+    address (mon, mgr, OSD, radosgw), so the OSD addresses in the osdmap are reachable from
+    every simulated host and from the test process. Daemons are stopped by their PIDs."""
+
+    def __init__(self, address: str, workdir: Path, network: TestNetwork, tag: str):
+        self.name = "ceph"
+        self.address = address
+        self.dir = Path(workdir) / CEPH_DIR
+        self.network = network
+        self.netns = f"{PREFIX}{tag}-ceph"[:15]
+        self.uplink = self.netns
+        self.env = None  # tests.ceph_cluster.CephEnv once started
+        self._starter: subprocess.Popen | None = None
+
+    def begin_start(self) -> None:
+        """Make the namespace and start the cluster in the background (see wait_started)."""
+        from tests import ceph_cluster
+        missing = ceph_cluster.missing_packages()
+        if missing:
+            raise RuntimeError("Ceph is not installed: apt-get install -y " + " ".join(missing))
+        _net_up(self.netns, self.uplink, self.address, self.network)
+        self._starter = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.netns}", "--", PYTHON, str(ceph_cluster.SCRIPT),
+             "start", "--dir", str(self.dir), "--addr", self.address],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_started(self):
+        from tests import ceph_cluster
+        try:
+            out, err = self._starter.communicate(timeout=CEPH_START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._starter.kill()
+            out, err = self._starter.communicate()
+        if self._starter.returncode != 0:
+            raise RuntimeError(f"Ceph on the storage host {self.address} did not start: {err.strip()[-2000:]}")
+        self.env = ceph_cluster.env(str(self.dir))
+        return self.env
+
+    def pool_options(self) -> dict:
+        """The agents' [pools.shared] (conf and keyring are outside the hosts' private mounts)."""
+        return {"kind": "block", "pool": self.env.rbd_pool, "conf": self.env.conf,
+                "user": self.env.user, "keyring": self.env.keyring}
+
+    def stop(self) -> None:
+        if self._starter is not None and self._starter.poll() is None:
+            self._starter.kill()  # a start still under way; its daemons' PIDs are in the dir
+            self._starter.communicate()
+        if self.dir.exists():
+            stop_ceph(self.dir)
+        _remove_ns(self.netns, None, self.uplink)
+
+
+def stop_ceph(d: Path) -> None:
+    """scripts/ceph-dev-cluster stop: the daemons recorded in ``d`` by PID, then ``d``."""
+    from tests import ceph_cluster
+    sh(PYTHON, str(ceph_cluster.SCRIPT), "stop", "--dir", str(d), check=False, timeout=60)
+
+
 class SimHost:
     def __init__(self, name: str, address: str, workdir: Path, network: TestNetwork, tag: str,
                  pool_size: str | None = None):
@@ -73,6 +142,7 @@ class SimHost:
         self.uplink = self.netns
         self.pids: dict[str, int] = {}
         self.admin_token: str | None = None
+        self.extra_pools: dict[str, dict] = {}  # name -> options, added to the agent's config
 
     # -- running things inside the host --
     def argv(self, *argv: str) -> list[str]:
@@ -126,6 +196,8 @@ class SimHost:
         lines = [f'state_dir = "{self.state_dir}"', 'log_format = "text"', "workers = 4",
                  "[api]", f'listen = "{self.address}:{AGENT_PORT}"',
                  "[pools.default]", 'kind = "local"', f'path = "{self.state_dir / "pool"}"',
+                 *(line for name, opts in sorted(self.extra_pools.items())
+                   for line in [f"[pools.{name}]", *(f"{k} = {json.dumps(v)}" for k, v in opts.items())]),
                  "[hypervisor]", 'uri = "qemu:///system"', 'virt_type = "qemu"',
                  f'migration_uri = "{self.libvirt_uri}"',
                  "[containers]", f'cgroup_parent = "{self.netns}"',  # the hosts share one cgroupfs
@@ -217,22 +289,14 @@ class SimHost:
         _remove_cgroups(self.netns)
 
     def _net_up(self) -> None:
-        sh("ip", "netns", "add", self.netns)
-        sh("ip", "link", "add", self.uplink, "type", "veth", "peer", "name", "eth0",
-           "netns", self.netns)
-        sh("ip", "link", "set", self.uplink, "master", self.network.name, "up")
-        ns = ("ip", "-n", self.netns)
-        sh(*ns, "addr", "add", f"{self.address}/{self.network.net.prefixlen}", "dev", "eth0")
-        sh(*ns, "link", "set", "eth0", "up")
-        sh(*ns, "link", "set", "lo", "up")
-        sh(*ns, "route", "add", "default", "via", self.network.gateway)
+        _net_up(self.netns, self.uplink, self.address, self.network)
 
     def _mounts_up(self) -> None:
         for d in ("run", "etc-libvirt", "var-lib-libvirt", "var-log-libvirt",
                   "var-cache-libvirt", "state"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         etc = self.root / "etc-libvirt"
-        shutil.copytree("/etc/libvirt", etc, dirs_exist_ok=True)
+        shutil.copytree("/etc/libvirt", etc, dirs_exist_ok=True, ignore=_libvirt_state)
         with open(etc / "libvirtd.conf", "a") as f:
             f.write(f'\nlisten_tls = 0\nlisten_tcp = 1\nlisten_addr = "{self.address}"\n'
                     f'auth_tcp = "none"\nhost_uuid = "{uuid.uuid4()}"\n')
@@ -265,6 +329,28 @@ class SimHost:
             time.sleep(0.2)
 
 
+def _libvirt_state(d: str, names: list[str]) -> set[str]:
+    """What a simulated host must not inherit from this machine's /etc/libvirt: its
+    persistent domains and secrets (a fresh host starts with neither), only the config."""
+    if d == "/etc/libvirt":
+        return {"secrets"} & set(names)
+    if d == "/etc/libvirt/qemu":
+        return {n for n in names if n.endswith(".xml") or n == "autostart"}
+    return set()
+
+
+def _net_up(netns: str, uplink: str, address: str, network: TestNetwork) -> None:
+    """A network namespace whose eth0 (``address``) hangs on the test bridge by ``uplink``."""
+    sh("ip", "netns", "add", netns)
+    sh("ip", "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", netns)
+    sh("ip", "link", "set", uplink, "master", network.name, "up")
+    ns = ("ip", "-n", netns)
+    sh(*ns, "addr", "add", f"{address}/{network.net.prefixlen}", "dev", "eth0")
+    sh(*ns, "link", "set", "eth0", "up")
+    sh(*ns, "link", "set", "lo", "up")
+    sh(*ns, "route", "add", "default", "via", network.gateway)
+
+
 def _private_ns_dir() -> None:
     NS_DIR.mkdir(parents=True, exist_ok=True)
     if not mounts.is_mounted(str(NS_DIR)):  # ns files can only be bound on a private mount
@@ -282,8 +368,8 @@ def _read_pid(path: Path, timeout: float = 10) -> int:
     raise RuntimeError(f"no pid file {path}")
 
 
-def _remove_ns(netns: str, mntns: Path, uplink: str) -> None:
-    if mntns.exists():
+def _remove_ns(netns: str, mntns: Path | None, uplink: str) -> None:
+    if mntns is not None and mntns.exists():
         sh("umount", str(mntns), check=False)
         mntns.unlink(missing_ok=True)
     sh("ip", "netns", "del", netns, check=False)
@@ -364,6 +450,8 @@ def clean_leftovers() -> None:
                     terminate(int(pidfile.read_text().strip()))
                 except (ValueError, OSError):
                     pass
+            if (Path(workdir.strip()) / CEPH_DIR / "pids").exists():
+                stop_ceph(Path(workdir.strip()) / CEPH_DIR)
         for mnt in NS_DIR.glob(f"{PREFIX}{tag}-*.mnt"):
             _remove_ns(mnt.stem, mnt, mnt.stem)
         for name in _run_names(tag):
@@ -378,7 +466,7 @@ class Cluster:
     """N simulated hosts on one test bridge; a context manager that removes all of it.
     Each run has its own tag (in every name) and /24, so concurrent runs do not collide."""
 
-    def __init__(self, workdir: Path, names=("h1", "h2")):
+    def __init__(self, workdir: Path, names=("h1", "h2"), *, ceph: bool = False):
         _private_ns_dir()
         clean_leftovers()
         while True:
@@ -393,12 +481,25 @@ class Cluster:
         self.network = TestNetwork(self.tag)
         self.hosts = [SimHost(n, self.network.address(i + 1), Path(workdir), self.network,
                               self.tag) for i, n in enumerate(names)]
+        self.storage = StorageHost(self.network.address(0), Path(workdir), self.network,
+                                   self.tag) if ceph else None
+
+    @property
+    def ceph(self):
+        """The storage host's Ceph (tests.ceph_cluster.CephEnv), or None without ceph=True."""
+        return self.storage.env if self.storage else None
 
     def __enter__(self) -> "Cluster":
         self.network.up()
         try:
+            if self.storage:
+                self.storage.begin_start()  # about 18 s: the hosts start meanwhile
             for h in self.hosts:
                 h.start()
+            if self.storage:
+                self.storage.wait_started()
+                for h in self.hosts:
+                    h.extra_pools[SHARED_POOL] = self.storage.pool_options()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -433,6 +534,11 @@ class Cluster:
                 h.stop()
             except Exception as e:  # keep stopping the others; report at the end
                 errors.append(f"{h.name}: {e}")
+        if self.storage:
+            try:
+                self.storage.stop()
+            except Exception as e:
+                errors.append(f"storage host: {e}")
         self.network.down()
         self.owner.unlink(missing_ok=True)
         if errors:

@@ -164,14 +164,17 @@ class InstanceService:
         """Clone the root disk and write the NoCloud seed of a VM (at create, and on a
         migration's destination); returns (root volume, seed path). With ``ip`` the seed
         configures the NIC with it (and the bridge's gateway)."""
-        from hypervisor.seed import make_seed, network_config
         vol = self.root.store.clone_disk(image_id, volume, pool=pool, size=size)
+        return vol, self.vm_seed(inst_id, name, user_data=user_data, ip=ip)
+
+    def vm_seed(self, inst_id, name, *, user_data=None, ip=None) -> str:
+        """Write the VM's NoCloud seed (with ``ip``: a network-config for its NIC); its path."""
+        from hypervisor.seed import make_seed, network_config
         net = self.root.vm_network
         netcfg = network_config(_mac(inst_id), f"{ip}/{net.subnet.prefixlen}", net.gateway) \
             if ip and net is not None else None
-        seed = make_seed(str(self._instance_dir(inst_id) / "seed.iso"), instance_id=inst_id,
+        return make_seed(str(self._instance_dir(inst_id) / "seed.iso"), instance_id=inst_id,
                          hostname=name, user_data=user_data, network_config=netcfg)
-        return vol, seed
 
     def vm_address(self, inst_id: str, want: str | None = None) -> str | None:
         """Lease the VM's address on the host bridge (made if missing), ``want`` if free;

@@ -45,6 +45,7 @@ class AgentServer(BaseApplication):
             "keyfile": api.tls_key,
             "ca_certs": api.client_ca,
             "limit_request_line": 8190,
+            "control_socket_disable": True,  # gunicorn's ~/.gunicorn/gunicorn.ctl: shared by every agent on a host
         }
         if api.client_ca:
             import ssl

@@ -14,6 +14,7 @@ stopped by the PIDs we recorded.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -22,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -543,3 +545,28 @@ class Cluster:
         self.owner.unlink(missing_ok=True)
         if errors:
             raise RuntimeError("simulated hosts not fully removed: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def running_cluster(prefix: str, *, pool_sizes: dict | None = None, ceph: bool = False):
+    """A started Cluster (agents up) in a fresh work dir under /var/tmp; on exit everything it
+    made is checked gone, the agents' logs are kept in the temp dir (``prefix``-HOST-agent.log)
+    and the work dir removed. Fails (not skips) when a tool is missing."""
+    for tool in ("libvirtd", "virtlogd", "nsenter", "unshare", "ip", "qemu-img"):
+        if not shutil.which(tool):
+            raise RuntimeError(f"{tool} is missing: run scripts/setup-host")
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/var/tmp"))
+    os.chmod(work, 0o755)  # QEMU runs as libvirt-qemu: the hosts' dirs must be reachable
+    try:
+        c = Cluster(work, ceph=ceph)
+        for h in c.hosts:
+            h.pool_size = (pool_sizes or {}).get(h.name, h.pool_size)  # before the hosts start
+        with c:
+            c.start_agents()
+            yield c
+        assert leftovers(c.tag) == []
+        assert not (work / CEPH_DIR).exists()  # Ceph's daemons were stopped, their dir removed
+    finally:
+        for log in work.glob("*/agent.log"):  # kept for a look after a failure
+            shutil.copyfile(log, Path(tempfile.gettempdir()) / f"{prefix}-{log.parent.name}-agent.log")
+        shutil.rmtree(work, ignore_errors=True)

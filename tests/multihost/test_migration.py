@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -20,50 +18,18 @@ import pytest
 
 from tests.api.agentproc import Api
 from tests.multihost import harness
+from tests.multihost.checks import OP_TIMEOUT_S, assert_runs, domains, migrate
 
 pytestmark = pytest.mark.real
 
-OP_TIMEOUT_S = 300
 SLOW_MIGRATE_S = 4  # a pause the source takes before the copy, so a fault can be injected there
 DEST_POOL_SIZE = "256M"  # h2's pool is a tmpfs this big: a disk the tests can really fill
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    for tool in ("libvirtd", "virtlogd", "nsenter", "unshare", "ip", "qemu-img"):
-        if not shutil.which(tool):
-            pytest.fail(f"{tool} is missing: run scripts/setup-host")
-    # QEMU runs as libvirt-qemu: the hosts' dirs must be reachable (pytest's tmp is 0700)
-    work = Path(tempfile.mkdtemp(prefix="nodeagent-mh-", dir="/var/tmp"))
-    os.chmod(work, 0o755)
-    c = harness.Cluster(work)
-    c.hosts[1].pool_size = DEST_POOL_SIZE  # before the hosts start
-    try:
-        with c:
-            c.start_agents()
-            yield c
-        assert harness.leftovers(c.tag) == []
-    finally:
-        for log in work.glob("*/agent.log"):  # kept for a look after a failure
-            shutil.copyfile(log, Path(tempfile.gettempdir()) / f"nodeagent-mh-{log.parent.name}-agent.log")
-        shutil.rmtree(work, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def apis(cluster):
-    out = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
-    for api in out.values():  # no idle keep-alive connection delays an agent's restart
-        api.s.headers["Connection"] = "close"
-    return out
-
-
-@pytest.fixture(scope="module")
-def image(apis, guest_images):
-    op = apis["h1"].post("/v1/images", json={"name": "guest", "source": {"type": "file",
-                                                                          "path": guest_images["rootfs"]}}).json()
-    op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
-    assert op["status"] == "succeeded", op
-    return op["result"]["image"]["id"] if "image" in (op["result"] or {}) else "guest"
+    with harness.running_cluster("nodeagent-mh", pool_sizes={"h2": DEST_POOL_SIZE}) as c:
+        yield c
 
 
 def create_vm(api, image, start=True, network="none") -> str:
@@ -73,17 +39,6 @@ def create_vm(api, image, start=True, network="none") -> str:
                   timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op["error"]
     return name
-
-
-def migrate(api, name, dest, mode="live") -> dict:
-    r = api.post("/v1/migrations", json={"instance": name, "destination": dest, "mode": mode})
-    assert r.status_code == 202, r.text
-    return api.wait(r.json(), timeout=OP_TIMEOUT_S)
-
-
-def domains(host) -> list[str]:
-    out = host.run("virsh", "-c", "qemu:///system", "list", "--all", "--name", timeout=30).stdout
-    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def volumes(host) -> list[str]:
@@ -119,15 +74,6 @@ def cancels(api, op) -> None:
     assert api.delete(f"/v1/operations/{op['id']}").status_code == 200
     op = api.wait(op, timeout=OP_TIMEOUT_S)
     assert op["status"] == "cancelled", op
-
-
-def assert_runs(api, name):
-    first = api.get(f"/v1/instances/{name}/stats").json()["cpu_ns"]
-    deadline = time.monotonic() + 30
-    while api.get(f"/v1/instances/{name}/stats").json()["cpu_ns"] <= first:
-        assert time.monotonic() < deadline, "the guest does not run"
-        time.sleep(0.3)
-    assert api.get(f"/v1/instances/{name}").json()["state"] == "running"
 
 
 def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, image):

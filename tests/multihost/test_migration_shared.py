@@ -10,21 +10,16 @@ destination whose pool does not see the image refuses and keeps nothing."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
-from tests.api.agentproc import Api
 from tests.multihost import harness
+from tests.multihost.checks import OP_TIMEOUT_S, assert_runs, domains, migrate
 
 pytestmark = pytest.mark.real
 
-OP_TIMEOUT_S = 300
 # the source pauses before the copy, so the fault lands after the destination prepared:
 SLOW_MIGRATE_S = {"cancel": 30,  # the cancel ends the pause at once
                   "kill": 8}  # the source finds the destination agent dead after it
@@ -33,42 +28,8 @@ POOL = harness.SHARED_POOL
 
 @pytest.fixture(scope="module")
 def cluster():
-    for tool in ("libvirtd", "virtlogd", "nsenter", "unshare", "ip", "qemu-img"):
-        if not shutil.which(tool):
-            pytest.fail(f"{tool} is missing: run scripts/setup-host")
-    work = Path(tempfile.mkdtemp(prefix="nodeagent-mhs-", dir="/var/tmp"))
-    os.chmod(work, 0o755)  # QEMU runs as libvirt-qemu: the hosts' dirs must be reachable
-    try:
-        c = harness.Cluster(work, ceph=True)
-        with c:
-            c.start_agents()
-            yield c
-        assert harness.leftovers(c.tag) == []
-        assert not (work / harness.CEPH_DIR).exists()  # the Ceph daemons were stopped, their dir removed
-    except RuntimeError as e:
-        if "Ceph is not installed" in str(e):
-            pytest.fail(str(e), pytrace=False)
-        raise
-    finally:
-        for log in work.glob("*/agent.log"):  # kept for a look after a failure
-            shutil.copyfile(log, Path(tempfile.gettempdir()) / f"nodeagent-mhs-{log.parent.name}-agent.log")
-        shutil.rmtree(work, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def apis(cluster):
-    out = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
-    for api in out.values():  # no idle keep-alive connection delays an agent's restart
-        api.s.headers["Connection"] = "close"
-    return out
-
-
-@pytest.fixture(scope="module")
-def image(apis, guest_images):
-    op = apis["h1"].wait(apis["h1"].post("/v1/images", json={
-        "name": "guest", "source": {"type": "file", "path": guest_images["rootfs"]}}).json(), timeout=OP_TIMEOUT_S)
-    assert op["status"] == "succeeded", op
-    return "guest"
+    with harness.running_cluster("nodeagent-mhs", ceph=True) as c:
+        yield c
 
 
 def create_vm(api, image) -> dict:
@@ -90,29 +51,9 @@ def rbd_images(ceph) -> list[str]:
     return sorted(json.loads(ceph.run("rbd", "ls", ceph.rbd_pool, "--format", "json").stdout))
 
 
-def domains(host) -> list[str]:
-    out = host.run("virsh", "-c", "qemu:///system", "list", "--all", "--name", timeout=30).stdout
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
 def ceph_secrets(host) -> list[str]:
     out = host.run("virsh", "-c", "qemu:///system", "secret-list", timeout=30).stdout
     return [line.split()[0] for line in out.splitlines() if "nodeagent:" in line]
-
-
-def migrate(api, name, dest) -> dict:
-    r = api.post("/v1/migrations", json={"instance": name, "destination": dest, "mode": "live"})
-    assert r.status_code == 202, r.text
-    return api.wait(r.json(), timeout=OP_TIMEOUT_S)
-
-
-def assert_runs(api, name):
-    first = api.get(f"/v1/instances/{name}/stats").json()["cpu_ns"]
-    deadline = time.monotonic() + 30
-    while api.get(f"/v1/instances/{name}/stats").json()["cpu_ns"] <= first:
-        assert time.monotonic() < deadline, "the guest does not run"
-        time.sleep(0.3)
-    assert api.get(f"/v1/instances/{name}").json()["state"] == "running"
 
 
 def assert_clean(host, api, inst):

@@ -161,6 +161,16 @@ class Network:
         with self._bridge_lock:
             self._ensure_bridge()
 
+    def ready_bridge(self) -> None:
+        """ensure_bridge once per process, and again if the bridge went missing since: a
+        netlink lookup otherwise (not the iptables checks of ensure_bridge)."""
+        from pyroute2 import IPRoute
+        if self._bridge_ready:
+            with IPRoute() as ipr:
+                if ipr.link_lookup(ifname=self.bridge):
+                    return
+        self.ensure_bridge()
+
     def _ensure_bridge(self) -> None:
         from pyroute2 import IPRoute
         with IPRoute() as ipr:

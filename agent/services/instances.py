@@ -183,7 +183,7 @@ class InstanceService:
         net = self.root.vm_network
         if net is None:
             return None
-        net.ensure_bridge()
+        net.ready_bridge()  # once per process (iptables checks), not per VM
         return net.lease(VM_LEASE_PREFIX + inst_id, want)
 
     def _release_address(self, inst_id: str) -> bool:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
 import threading
 import uuid
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import BinaryIO
 
 from agent.errors import (AgentError, CommandFailed, InsufficientResources, InvalidInput,
@@ -36,7 +37,11 @@ CONNECT_TIMEOUT = 10  # seconds
 READ_TIMEOUT = 120
 READ_CHUNK = 1 << 20
 COPY_OBJECT_MAX = 5 << 30  # S3's limit for a single CopyObject
-FETCH_RANGE = 8 << 20  # ranged GET size for fetch_blob: measured fastest here (vs 16, 64 MiB)
+FETCH_RANGE = 8 << 20  # smallest download segment; writeback is started per this many bytes
+FETCH_CHUNK = 1 << 20  # one read of a download stream: hashed while cache-hot
+WRITE_AHEAD = 4  # chunks of a download stream between its reader and its writer
+DEFAULT_FETCH_STREAMS = 1  # one GET stream: fastest here (radosgw on the host, 2 cores); raise
+# it for stores where one connection is slow (AWS S3: 4-8)
 
 
 
@@ -49,18 +54,20 @@ class S3Backend:
 
     def __init__(self, name: str, endpoint: str, bucket: str, access_key: str, secret_key: str,
                  region: str = "us-east-1", part_size: int = DEFAULT_PART_SIZE,
-                 concurrency: int = DEFAULT_CONCURRENCY, verify: bool = True, **_ignored):
+                 concurrency: int = DEFAULT_CONCURRENCY, fetch_streams: int = DEFAULT_FETCH_STREAMS,
+                 verify: bool = True, **_ignored):
         if int(part_size) < MIN_PART_SIZE:
             raise InvalidInput(f"pool {name}: part_size {part_size} is below S3's minimum "
                                f"{MIN_PART_SIZE} (5 MiB)")
-        if int(concurrency) < 1:
-            raise InvalidInput(f"pool {name}: concurrency must be at least 1")
+        if int(concurrency) < 1 or int(fetch_streams) < 1:
+            raise InvalidInput(f"pool {name}: concurrency and fetch_streams must be at least 1")
         self.name = name
         self.endpoint = endpoint
         self.bucket = bucket
         self.region = region
         self.part_size = int(part_size)
         self.concurrency = int(concurrency)
+        self.fetch_streams = int(fetch_streams)
         self._access_key, self._secret_key = access_key, secret_key
         self.verify = verify
         self._client = None
@@ -80,7 +87,7 @@ class S3Backend:
                     verify=self.verify,
                     config=Config(connect_timeout=CONNECT_TIMEOUT, read_timeout=READ_TIMEOUT,
                                   retries={"max_attempts": 3, "mode": "standard"},
-                                  max_pool_connections=self.concurrency + 2,
+                                  max_pool_connections=max(self.concurrency, self.fetch_streams) + 2,
                                   s3={"addressing_style": "path"},
                                   # whole-stream sha256 is ours; older S3s (radosgw 16)
                                   # reject the newer flexible checksums
@@ -283,55 +290,55 @@ class S3Backend:
     def fetch_object(self, key: str, dest: str, *, sha256: str | None = None,
                      progress: Progress | None = None, writeback: bool = False) -> int:
         """Download the object ``key`` (any object of the bucket: an image another tool put
-        there) to the host file ``dest``; returns its size. Ranged GETs of FETCH_RANGE by
-        ``concurrency`` threads, hashed in order as they arrive; ``dest`` appears only
-        complete and, when ``sha256`` (hex) is given, verified (written to a temp file
-        beside it, then renamed). ``writeback``: the caller will make ``dest`` durable
-        (fsync), so its ranges start going to disk as they arrive."""
+        there) to the host file ``dest``; returns its size. ``fetch_streams`` ranged GETs
+        (contiguous segments, one stream each) read into a reused buffer and write in place;
+        the sha256 is taken in order, while each chunk is still in the CPU cache where it
+        can be (the stream at the hash position), else read back from the page cache.
+        ``dest`` appears only complete and, when ``sha256`` (hex) is given, verified
+        (written to a temp file beside it, then renamed). ``writeback``: the caller will
+        make ``dest`` durable (fsync), so its chunks start going to disk as they arrive."""
         try:
             size = int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
         except Exception as e:
             raise self._error(e, f"object {key!r}") from None
         tmp = f"{dest}.part-{uuid.uuid4().hex[:8]}"
-        h = hashlib.sha256()
-        ranges = [(o, min(FETCH_RANGE, size - o)) for o in range(0, size, FETCH_RANGE)]
-
-        def get(offset: int, n: int) -> bytes:
-            """GET one range and write it in place (threads write in parallel; the caller
-            hashes the ranges in order)."""
-            r = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}")
-            with r["Body"] as body:
-                data = body.read()
-            os.pwrite(fd, data, offset)
-            return data
-
+        streams = max(1, min(self.fetch_streams, size // FETCH_RANGE))
+        step = max(1, -(-size // streams))
+        segments = [(o, min(step, size - o)) for o in range(0, size, step)]  # none if empty
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                with ThreadPoolExecutor(max_workers=self.concurrency,
-                                        thread_name_prefix=f"s3-{self.name}") as pool:
-                    window = self.concurrency * 2  # parts in memory at most
-                    futures = [pool.submit(get, o, n) for o, n in ranges[:window]]
-                    for i, (offset, n) in enumerate(ranges):
-                        data = futures[i].result()
-                        futures[i] = None
-                        if i + window < len(ranges):
-                            futures.append(pool.submit(get, *ranges[i + window]))
-                        if len(data) != n:
-                            raise InvalidInput(f"object {key!r}: short read at {offset}")
-                        if sha256:
-                            h.update(data)
-                        if writeback:  # start writing it to disk now: the caller's fsync waits less
-                            os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
-                        if progress:
-                            progress(offset + n)
+                hasher = _OrderedHash(fd, progress, hashing=bool(sha256))
+
+                def segment(offset: int, n: int) -> None:
+                    try:
+                        got = self._stream_range(key, fd, offset, n, size, hasher, writeback)
+                        if got != n:
+                            raise InvalidInput(f"object {key!r}: short read at {offset + got}")
+                    except BaseException:
+                        hasher.stopped = True  # the other streams stop at their next chunk
+                        raise
+
+                if len(segments) <= 1:
+                    for o, n in segments:
+                        segment(o, n)
+                else:
+                    with ThreadPoolExecutor(max_workers=len(segments),
+                                            thread_name_prefix=f"s3-{self.name}") as pool:
+                        futures = [pool.submit(segment, o, n) for o, n in segments]
+                        wait(futures, return_when=FIRST_EXCEPTION)
+                    errors = [f.exception() for f in futures if f.exception() is not None]
+                    if errors:  # the one that stopped the others
+                        raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
+                hasher.catch_up(size)
             finally:
                 os.close(fd)
-            if sha256 and h.hexdigest() != sha256:
+            if sha256 and hasher.hexdigest() != sha256:
+                got = hasher.hexdigest()
                 if key == BLOB_PREFIX + sha256:
                     raise InvalidInput(f"blob sha256:{sha256} is corrupt in S3: its content is "
-                                       f"sha256:{h.hexdigest()}: delete it and import it again")
-                raise InvalidInput(f"object {key!r} in pool {self.name} has sha256:{h.hexdigest()}, "
+                                       f"sha256:{got}: delete it and import it again")
+                raise InvalidInput(f"object {key!r} in pool {self.name} has sha256:{got}, "
                                    f"not the expected sha256:{sha256}: check the key and the digest")
             os.replace(tmp, dest)
         except BaseException as e:
@@ -343,6 +350,58 @@ class S3Backend:
                 raise self._error(e, f"fetch object {key!r}") from None
             raise
         return size
+
+    def _stream_range(self, key: str, fd: int, offset: int, n: int, size: int,
+                      hasher: "_OrderedHash", writeback: bool) -> int:
+        """GET bytes [offset, offset+n) of ``key`` as one stream: each chunk is read into a
+        buffer of a small ring, offered to ``hasher`` and written in place by a writer
+        thread (the next chunk arrives while the last one goes to the page cache). Returns
+        the bytes got."""
+        extra = {"Range": f"bytes={offset}-{offset + n - 1}"} if n != size else {}
+        body = self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
+        chunk_size = min(FETCH_CHUNK, n)
+        free: queue.Queue = queue.Queue()
+        for _ in range(WRITE_AHEAD):
+            free.put(memoryview(bytearray(chunk_size)))
+        full: queue.Queue = queue.Queue()
+        failed: list[BaseException] = []
+
+        def write() -> None:
+            while (item := full.get()) is not None:
+                buf, at, k = item
+                try:
+                    if not failed:
+                        _pwrite_all(fd, buf[:k], at)
+                        end = at + k - offset
+                        if writeback and end % FETCH_RANGE < k:  # start the disk write of what is done
+                            os.posix_fadvise(fd, at + k - end % FETCH_RANGE - FETCH_RANGE, FETCH_RANGE,
+                                             os.POSIX_FADV_DONTNEED)
+                except BaseException as e:
+                    failed.append(e)
+                free.put(buf)
+                full.task_done()
+
+        writer = threading.Thread(target=write, name=f"s3-{self.name}-write", daemon=True)
+        writer.start()
+        readinto, done = _readinto(body), 0
+        try:
+            with body:
+                while done < n and not failed:
+                    buf = free.get()
+                    k = readinto(buf[:min(chunk_size, n - done)])
+                    if not k:
+                        free.put(buf)
+                        break
+                    hasher.offer(buf[:k], offset + done, offset, flush=full.join)
+                    full.put((buf, offset + done, k))
+                    done += k
+                _drain(body)
+        finally:
+            full.put(None)
+            writer.join()
+        if failed:
+            raise failed[0]
+        return done
 
     def stat_blob(self, digest: str) -> BlobInfo:
         try:
@@ -450,6 +509,101 @@ def _hash_rest(src: BinaryIO) -> str:
         h.update(chunk)
     src.seek(start)
     return h.hexdigest()
+
+
+class _Stopped(Exception):
+    """A download stream stopped because another one failed."""
+
+
+class _OrderedHash:
+    """The sha256 of a file whose segments are written by several streams at once: a chunk
+    offered at the hash position is hashed at once (still in the CPU cache); a stream that
+    reaches the hash position first reads its own earlier chunks back from the file; what
+    no stream could take is read back by catch_up at the end. Reports progress (the
+    hashed prefix); with ``hashing`` off it only counts."""
+
+    def __init__(self, fd: int, progress: Progress | None, *, hashing: bool = True):
+        self.fd, self.progress, self.hashing = fd, progress, hashing
+        self.pos = self._counted = 0
+        self.stopped = False  # another stream failed
+        self._h = hashlib.sha256()
+        self._lock = threading.Lock()
+
+    def offer(self, chunk: memoryview, at: int, segment_start: int, flush=lambda: None) -> None:
+        """``chunk`` is about to be written at ``at`` by the stream of the segment starting
+        at ``segment_start``, which has handed [segment_start, at) to be written (``flush``
+        waits until it is)."""
+        if self.stopped:
+            raise _Stopped()
+        if not self.hashing:
+            with self._lock:
+                self._counted += len(chunk)
+                if self.progress:
+                    self.progress(self._counted)
+            return
+        if not segment_start <= self.pos <= at or not self._lock.acquire(blocking=False):
+            return  # an earlier segment is still being hashed: catch up later
+        try:
+            if segment_start <= self.pos <= at:
+                if self.pos < at:
+                    flush()
+                    self._read_back(at)
+                self._h.update(chunk)
+                self.pos = at + len(chunk)
+                if self.progress:
+                    self.progress(self.pos)
+        finally:
+            self._lock.release()
+
+    def catch_up(self, end: int) -> None:
+        if not self.hashing:
+            return
+        with self._lock:
+            self._read_back(end)
+            if self.progress:
+                self.progress(self.pos)
+
+    def _read_back(self, end: int) -> None:
+        buf = None
+        while self.pos < end:
+            buf = buf or memoryview(bytearray(min(FETCH_CHUNK, end - self.pos)))
+            k = os.preadv(self.fd, [buf[:min(len(buf), end - self.pos)]], self.pos)
+            if not k:
+                raise InvalidInput(f"downloaded file ends at {self.pos}, before {end}")
+            self._h.update(buf[:k])
+            self.pos += k
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def _pwrite_all(fd: int, view: memoryview, at: int) -> None:
+    while view:  # pwrite may write less than asked
+        w = os.pwrite(fd, view, at)
+        view, at = view[w:], at + w
+
+
+def _readinto(body):
+    """readinto(view) -> bytes read, for a botocore StreamingBody: straight from the HTTP
+    response into the caller's buffer (no bytes object per read) where the body is the
+    usual urllib3/http.client response, else through read()."""
+    fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
+    if callable(getattr(fp, "readinto", None)):
+        return fp.readinto
+
+    def copy(view: memoryview) -> int:
+        data = body.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+    return copy
+
+
+def _drain(body) -> None:
+    """Let the body see its end (so its connection goes back to the pool)."""
+    try:
+        body.read()
+    except Exception:
+        pass  # closing the body closes the connection instead
 
 
 class _BodyReader(io.RawIOBase):

@@ -106,12 +106,49 @@ def test_failed_part_aborts_the_upload(s3):
     assert leftovers(s3) == ([], [])
 
 
-def test_fetch_blob_parallel_ranges_to_a_file(s3, tmp_path):
+def test_fetch_blob_one_stream_to_a_file(s3, tmp_path):
     data = os.urandom(13 * MiB + 1)
     info = s3.put_blob(io.BytesIO(data))
     seen = []
     assert s3.fetch_blob(info.digest, str(tmp_path / "img"), progress=seen.append) == info
-    assert (tmp_path / "img").read_bytes() == data and seen[-1] == len(data)
+    assert (tmp_path / "img").read_bytes() == data
+    assert seen == sorted(seen) and seen[-1] == len(data)
+
+
+@pytest.fixture
+def small_segments(monkeypatch):
+    """Segments of 2 MiB read 256 KiB at a time: several streams on a test-sized object."""
+    import storage.s3
+    monkeypatch.setattr(storage.s3, "FETCH_RANGE", 2 * MiB)
+    monkeypatch.setattr(storage.s3, "FETCH_CHUNK", 256 << 10)
+
+
+@pytest.mark.parametrize("streams", [2, 5])
+def test_fetch_blob_several_streams_verified_in_order(s3, tmp_path, small_segments, streams):
+    s3.fetch_streams = streams
+    data = os.urandom(11 * MiB + 3)
+    info = s3.put_blob(io.BytesIO(data))
+    seen = []
+    dest = tmp_path / "img"
+    assert s3.fetch_blob(info.digest, str(dest), progress=seen.append, writeback=True) == info
+    assert dest.read_bytes() == data
+    assert seen == sorted(seen) and seen[-1] == len(data)  # progress is the hashed prefix
+    assert s3.fetch_object("sha256/" + info.digest[7:], str(tmp_path / "plain")) == len(data)
+    assert (tmp_path / "plain").read_bytes() == data
+
+
+def test_failed_stream_stops_the_others_and_leaves_nothing(s3, tmp_path, small_segments):
+    from agent.errors import Cancelled
+    s3.fetch_streams = 4
+    info = s3.put_blob(io.BytesIO(os.urandom(9 * MiB)))
+
+    def cancel_midway(done):
+        if done > 3 * MiB:
+            raise Cancelled("cancelled by the test")
+    with pytest.raises(Cancelled):
+        s3.fetch_blob(info.digest, str(tmp_path / "img"), progress=cancel_midway)
+    assert list(tmp_path.iterdir()) == []
+    assert s3.fetch_streams == 4 and s3.fetch_blob(info.digest, str(tmp_path / "img")) == info
 
 
 def test_corrupt_object_is_detected_on_download(s3, tmp_path):
@@ -122,6 +159,18 @@ def test_corrupt_object_is_detected_on_download(s3, tmp_path):
     with pytest.raises(InvalidInput, match="corrupt"):
         s3.fetch_blob(d, str(tmp_path / "out"))
     assert list(tmp_path.iterdir()) == []  # no partial file
+
+
+def test_corrupt_object_is_detected_across_streams(s3, tmp_path, small_segments):
+    s3.fetch_streams = 3
+    good = os.urandom(7 * MiB)
+    d = s3.put_blob(io.BytesIO(good)).digest
+    bad = bytearray(good)
+    bad[6 * MiB] ^= 1  # one bit in the last segment
+    s3.client.put_object(Bucket=s3.bucket, Key="sha256/" + d[7:], Body=bytes(bad))
+    with pytest.raises(InvalidInput, match="corrupt"):
+        s3.fetch_blob(d, str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_volumes_are_unsupported(s3):

@@ -291,9 +291,10 @@ class S3Backend:
                      progress: Progress | None = None, writeback: bool = False) -> int:
         """Download the object ``key`` (any object of the bucket: an image another tool put
         there) to the host file ``dest``; returns its size. ``fetch_streams`` ranged GETs
-        (contiguous segments, one stream each) read into a reused buffer and write in place;
-        the sha256 is taken in order, while each chunk is still in the CPU cache where it
-        can be (the stream at the hash position), else read back from the page cache.
+        (contiguous segments, one stream each) read into a ring of reused buffers that a
+        writer thread writes in place; the sha256 is taken in order, while each chunk is
+        still in the CPU cache where it can be (the stream at the hash position), else read
+        back from the page cache.
         ``dest`` appears only complete and, when ``sha256`` (hex) is given, verified
         (written to a temp file beside it, then renamed). ``writeback``: the caller will
         make ``dest`` durable (fsync), so its chunks start going to disk as they arrive."""

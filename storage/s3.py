@@ -396,7 +396,8 @@ class S3Backend:
                     hasher.offer(buf[:k], offset + done, offset, flush=full.join)
                     full.put((buf, offset + done, k))
                     done += k
-                _drain(body)
+                if done == n:  # else closing the body drops its connection: no draining the rest
+                    _drain(body)
         finally:
             full.put(None)
             writer.join()

@@ -208,3 +208,21 @@ def test_wrong_keys_missing_bucket_and_unreachable(ceph):
     with pytest.raises(InvalidInput, match="part_size"):
         S3Backend("o", endpoint="http://x", bucket="b", access_key="a", secret_key="b",
                   part_size=1024)
+
+
+def test_failed_write_stops_the_download_and_leaves_nothing(s3, tmp_path, small_segments):
+    import errno
+
+    import storage.s3
+    info = s3.put_blob(io.BytesIO(os.urandom(5 * MiB)))
+    writes = []
+
+    def full_disk(fd, view, at):
+        writes.append(at)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with mock.patch.object(storage.s3, "_pwrite_all", full_disk):
+        with pytest.raises(Exception, match="No space left"):
+            s3.fetch_blob(info.digest, str(tmp_path / "img"))
+    assert writes == [0]  # the first failed write ended the stream
+    assert list(tmp_path.iterdir()) == []
+    assert s3.fetch_blob(info.digest, str(tmp_path / "img")) == info

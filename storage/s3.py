@@ -182,8 +182,8 @@ class S3Backend:
     def _upload(self, src: BinaryIO, key: str, want: str | None, size: int | None,
                 progress: Progress | None) -> tuple[str, int]:
         """Upload ``src`` to ``key``; return (sha256 hex, bytes). Parts are read in order
-        (hashing as we go) and sent by ``concurrency`` threads, at most that many parts in
-        memory. The object becomes visible only when the digest matched."""
+        (hashing as we go) into reused buffers (at most ``concurrency`` + 1) and sent by
+        ``concurrency`` threads. The object becomes visible only when the digest matched."""
         part_size = self.part_size
         if size is not None and size > part_size * MAX_PARTS:
             part_size = -(-size // MAX_PARTS)

@@ -21,6 +21,7 @@ from hypervisor.domain_xml import NODEAGENT_NS, QEMU_NS, RBD_DEFAULT_PORT
 from hypervisor.driver import TIMEOUT_ACTIONS, MigrationOptions, MigrationProgress, MigrationResult
 
 POLL_S = 0.2  # jobStats sampling interval
+ABANDON_WAIT_S = 30  # how long a caller that goes away waits for its aborted job
 COPY_FLAGS = {"none": 0, "incremental": libvirt.VIR_MIGRATE_NON_SHARED_INC,
               "full": libvirt.VIR_MIGRATE_NON_SHARED_DISK}
 BASE_FLAGS = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
@@ -139,34 +140,14 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
     t0 = time.monotonic()
     worker = threading.Thread(target=job, name=f"migrate-{name}", daemon=True)
     worker.start()
-    last: MigrationProgress | None = None
-    reason = paused = None
-    while worker.is_alive():
-        worker.join(POLL_S)
-        if not worker.is_alive():
-            break
-        try:
-            stats = dom.jobStats()
-        except libvirt.libvirtError:
-            stats = {}
-        if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE:
-            last = _sample(stats, t0)
-            if progress:
-                progress(last)
-        if reason is None and cancelled is not None and cancelled():
-            reason = "cancelled"
-            _abort(dom)
-        elif (reason is None and not paused and o.completion_timeout_s is not None
-              and time.monotonic() - t0 > o.completion_timeout_s):
-            if o.timeout_action == "pause":
-                paused = True
-                try:
-                    dom.suspend()
-                except libvirt.libvirtError:
-                    pass
-            else:
-                reason = "timeout"
-                _abort(dom)
+    try:
+        last, reason, paused = _watch(dom, worker, o, t0, progress, cancelled)
+    except BaseException:
+        # the caller is going away (a progress callback raised, the agent is stopping):
+        # the job must not outlive it unwatched
+        _abort(dom)
+        worker.join(ABANDON_WAIT_S)
+        raise
     total_ms = (time.monotonic() - t0) * 1000
     if "error" in outcome:
         if paused:
@@ -184,6 +165,43 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
         data = last.data_processed if last else 0
     return MigrationResult(total_ms=total_ms, downtime_ms=downtime, data_bytes=int(data),
                            paused_by_timeout=bool(paused))
+
+
+def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled):
+    """Sample progress until the job thread ends; abort on cancel or on the completion
+    timeout (or suspend the guest, timeout_action="pause"). Returns (last sample, reason
+    for an abort or None, whether the guest was paused)."""
+    last: MigrationProgress | None = None
+    reason = paused = None
+    while worker.is_alive():
+        worker.join(POLL_S)
+        if not worker.is_alive():
+            break
+        try:
+            stats = dom.jobStats()
+        except libvirt.libvirtError:
+            stats = {}
+        if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE:
+            last = _sample(stats, t0)
+            if progress:
+                progress(last)
+        if reason is None and cancelled is not None and cancelled():
+            reason = "cancelled"
+        elif (reason is None and not paused and o.completion_timeout_s is not None
+              and time.monotonic() - t0 > o.completion_timeout_s):
+            if o.timeout_action == "pause":
+                paused = True
+                try:
+                    dom.suspend()
+                except libvirt.libvirtError:
+                    pass
+            else:
+                reason = "timeout"
+        if reason is not None:
+            # every poll until the job ends: an abort that lands before libvirt has begun
+            # the job (or between its phases) is refused or lost, and the copy would go on
+            _abort(dom)
+    return last, reason, paused
 
 
 def _abort(dom) -> None:

@@ -38,6 +38,15 @@ def pair(request):
         src, dst = FakeDriver(uri=f"fake://{tag}-a"), FakeDriver(uri=f"fake://{tag}-b")
         yield src, dst, dst.uri
         return
+    yield from _libvirt_pair(request)
+
+
+@pytest.fixture
+def libvirt_pair(request):
+    yield from _libvirt_pair(request)
+
+
+def _libvirt_pair(request):
     c = request.getfixturevalue("cluster")
     from hypervisor.libvirt_driver import LibvirtDriver
     h1, h2 = c.hosts
@@ -130,10 +139,34 @@ def test_cancel_keeps_the_vm(pair, vm_dir, guest_images):
     spec, dest_disks = guest(vm_dir, guest_images)
     src.define(spec)
     src.start(spec.name)
+    with pytest.raises(Cancelled):  # (the completion timeout only bounds a lost cancel)
+        src.migrate(spec.name, uri, MigrationOptions(copy_storage="full", disk_sources=dest_disks,
+                                                     bandwidth_mib_s=1, completion_timeout_s=120),
+                    cancelled=lambda: True)
+    assert src.get(spec.name).state == "running"
+    assert dst.find(spec.name) is None
+
+
+def test_lost_abort_is_repeated(libvirt_pair, vm_dir, guest_images, monkeypatch):
+    """libvirt refuses an abort that lands before its migration job has begun (or loses it
+    between phases): the cancel is repeated until the job ends. Here the first abort is dropped."""
+    from hypervisor import libvirt_migration
+    real, calls = libvirt_migration._abort, []
+
+    def first_lost(dom):
+        calls.append(dom)
+        if len(calls) > 1:
+            real(dom)
+    monkeypatch.setattr(libvirt_migration, "_abort", first_lost)
+    src, dst, uri = libvirt_pair
+    spec, dest_disks = guest(vm_dir, guest_images)
+    src.define(spec)
+    src.start(spec.name)
     with pytest.raises(Cancelled):
         src.migrate(spec.name, uri, MigrationOptions(copy_storage="full", disk_sources=dest_disks,
-                                                     bandwidth_mib_s=1),
+                                                     bandwidth_mib_s=1, completion_timeout_s=120),
                     cancelled=lambda: True)
+    assert len(calls) > 1
     assert src.get(spec.name).state == "running"
     assert dst.find(spec.name) is None
 

@@ -370,6 +370,13 @@ def _read_pid(path: Path, timeout: float = 10) -> int:
     raise RuntimeError(f"no pid file {path}")
 
 
+def _guest_pids(mntns: Path) -> list[int]:
+    """PIDs of the guests whose pid files a simulated host's libvirtd keeps in its private /run."""
+    r = subprocess.run(["nsenter", f"--mount={mntns}", "sh", "-c", "cat /run/libvirt/qemu/*.pid"],
+                       capture_output=True, text=True)
+    return [int(x) for x in r.stdout.split() if x.isdigit()]
+
+
 def _remove_ns(netns: str, mntns: Path | None, uplink: str) -> None:
     if mntns is not None and mntns.exists():
         sh("umount", str(mntns), check=False)
@@ -455,6 +462,8 @@ def clean_leftovers() -> None:
             if (Path(workdir.strip()) / CEPH_DIR / "pids").exists():
                 stop_ceph(Path(workdir.strip()) / CEPH_DIR)
         for mnt in NS_DIR.glob(f"{PREFIX}{tag}-*.mnt"):
+            for pid in _guest_pids(mnt):  # the QEMUs its libvirtd started outlive it
+                terminate(pid)
             _remove_ns(mnt.stem, mnt, mnt.stem)
         for name in _run_names(tag):
             sh("ip", "netns", "del", name, check=False)

@@ -169,12 +169,10 @@ def bench_create(tmp):
 
 
 def main():
-    if os.environ.get("BENCH_ONLY") == "create":
-        tmp = tempfile.mkdtemp(prefix="bench-api-")
-        return bench_create(tmp)
     tmp = tempfile.mkdtemp(prefix="bench-api-")
     try:
-        bench_list(tmp)
+        if os.environ.get("BENCH_ONLY") != "create":
+            bench_list(tmp)
         bench_create(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,6 +29,7 @@ GiB = 1 << 30
 MiB = 1 << 20
 S3_ROUNDS = 3
 DOWNLOAD_ROUNDS = 6
+CLONE_ROUNDS = 7
 SETTLE_S = 5  # free page reporting gives freed guest memory back to the host within seconds
 
 
@@ -39,7 +40,6 @@ def settle() -> None:
     which would favour whichever side runs second."""
     os.sync()
     time.sleep(SETTLE_S)
-CLONE_ROUNDS = 7
 
 
 def emit(metric, value, peer, peer_value, unit="ms"):

@@ -630,14 +630,18 @@ class _BodyReader(io.RawIOBase):
 
     def __init__(self, body, want: str | None, digest: str):
         self._body, self._want, self._digest = body, want, digest
+        self._read = _readinto(body)
         self._h = hashlib.sha256() if want else None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        data = self._body.read(len(b))
-        if not data:
+        with memoryview(b).cast("B") as view:
+            k = self._read(view)
+            if k and self._h is not None:
+                self._h.update(view[:k])
+        if not k:
             if self._h is not None and self._h.hexdigest() != self._want:
                 got = self._h.hexdigest()
                 self._h = None
@@ -645,10 +649,7 @@ class _BodyReader(io.RawIOBase):
                                    f"sha256:{got}: delete it and import the image again")
             self._h = None
             return 0
-        if self._h is not None:
-            self._h.update(data)
-        b[:len(data)] = data
-        return len(data)
+        return k
 
     def close(self) -> None:
         if not self.closed:

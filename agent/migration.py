@@ -47,7 +47,10 @@ Finish is idempotent and retried while the destination is unreachable: a retry g
 record adopted by an earlier finish (whose answer was lost) or, for a running VM, by the
 destination agent's restart. If a live-migrated VM's destination stays down through the
 retries, the source's record goes to state ``error`` and the operation says the VM runs
-on the destination: nothing is lost; delete the stale record.
+on the destination: nothing is lost; delete the stale record. A container is started
+here again instead (it may never have started there); if the destination had started it
+and died before answering, that copy runs on until the destination agent restarts, whose
+``recover()`` removes every incoming instance it finds that is not a running VM.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""API benchmarks (JSON lines, see COMMON.md):
+"""API benchmarks: JSON lines as described in DESIGN.md section 7.
 
 (a) GET /v1/instances with 500 instances (fake driver/runtime kinds): p50/p99 latency and
     requests/s, measured by a separate load process (4 keep-alive connections); the peer

@@ -260,7 +260,7 @@ class ImageStore:
 
     def _import_oci(self, src: oci.Source, name: str, ref: str | None, pool: str,
                     backend: Backend, progress: Progress | None) -> Image:
-        r = src.resolve(ref)
+        r = src.resolve(ref, progress)
         image_id = r.manifest_digest[7:]
         existing = self.find(image_id)
         if existing is not None:
@@ -858,24 +858,19 @@ class _PoolSource(oci.Source):
         self._backend, self._manifest = backend, manifest_digest
         self._synthetic, self._blob_files = {}, {}
 
-    def has_file(self, name: str) -> bool:
-        if name in ("index.json", "oci-layout"):
-            return True
-        if not name.startswith("blobs/sha256/"):
-            return False
-        return self._backend.find_blob("sha256:" + name.rsplit("/", 1)[1]) is not None
-
-    def open_file(self, name: str):
+    def _open(self, name: str):
         if name == "index.json":
-            return io.BytesIO(self._index())
-        return self._backend.open_blob("sha256:" + name.rsplit("/", 1)[1])
-
-    def read_file(self, name: str, limit: int = oci.MAX_DOCUMENT) -> bytes:
-        with self.open_file(name) as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise InvalidInput(f"{self.path}: {name} is over {limit} bytes")
-        return data
+            data = self._index()
+            return io.BytesIO(data), len(data)
+        if name == "oci-layout":
+            return io.BytesIO(b"{}"), 2
+        if not name.startswith("blobs/sha256/"):
+            return None
+        digest = "sha256:" + name.rsplit("/", 1)[1]
+        info = self._backend.find_blob(digest)
+        if info is None:
+            return None
+        return self._backend.open_blob(digest), info.size
 
     def _index(self) -> bytes:
         with self._backend.open_blob(self._manifest) as f:

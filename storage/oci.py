@@ -6,13 +6,27 @@ index -> (multi-arch index -> linux/amd64) -> manifest -> config and layers. Sma
 JSON documents are read into memory and verified against their digests here; layer
 blobs are streamed by ``open_blob`` and verified by the backend's ``put_blob``.
 Nothing is ever extracted from an archive to the host by this module.
+
+Every file of every form (layout dir, layout tar, `docker save` dir or tar) is opened
+by ``Source._open`` alone, and the rule is the same for all: a name is a relative path
+without ``..``; it must be a *regular file* reached without following any symlink (in a
+dir: each component opened with ``O_NOFOLLOW`` from the root, the file itself with
+``O_PATH|O_NOFOLLOW`` and checked with fstat before it is reopened for reading, so a
+fifo or device is never even opened; in a tar: the member itself, never a symlink,
+hardlink or special member). Symlinks, hardlinks, fifos, devices and directories are
+refused with InvalidInput. Every read is bounded: a document by ``MAX_DOCUMENT`` and
+its descriptor's size, a blob by its descriptor's size (a file longer or shorter than
+its descriptor is refused before anything is read; its digest is checked by the
+backend's ``put_blob``), a `docker save` layer by the size the file had when opened.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -21,6 +35,13 @@ from agent.errors import InvalidInput, NotFound
 from storage.validate import parse_digest
 
 MAX_DOCUMENT = 4 * 1024 * 1024  # 4 MiB: indexes, manifests and configs are small JSON
+MAX_ARCHIVE_MEMBERS = 100_000  # a layout or `docker save` tar holds a few files per blob
+MAX_ARCHIVE_RATIO = 200  # a compressed archive's members may add up to this x its size
+HASH_CHUNK = 1024 * 1024  # 1 MiB reads when hashing a `docker save` layer
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 PLATFORM = ("linux", "amd64")  # what this agent runs
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 MT_INDEX = ("application/vnd.oci.image.index.v1+json",
@@ -63,29 +84,92 @@ def digest_of(data: bytes) -> str:
 
 
 def open_source(path: str) -> "Source":
-    """An OCI layout dir, an OCI layout tar, or a ``docker save`` tar; InvalidInput otherwise."""
-    if os.path.isdir(path):
-        return LayoutDir(path)
-    if not os.path.isfile(path):
-        raise InvalidInput(f"{path}: no such OCI layout dir or image archive")
+    """An OCI layout dir or `docker save` dir, an OCI layout tar or `docker save` tar
+    (plain, gzip, bzip2 or xz); InvalidInput otherwise. ``path`` itself may be a symlink
+    (where it may point is the caller's allow-list to decide); nothing under it may."""
     try:
-        tar = tarfile.open(path, "r:*")
-    except (tarfile.TarError, OSError) as e:
+        fd = os.open(path, _OPEN_PATH & ~os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise InvalidInput(f"{path}: no such OCI layout dir or image archive") from None
+    except OSError as e:
+        raise InvalidInput(f"{path}: cannot open it ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            root = os.open(".", _OPEN_DIR, dir_fd=fd)
+            return LayoutDir(path, root)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"{path}: is a {_file_kind(st.st_mode)}; give an OCI layout dir "
+                               "or an image archive (a regular file)")
+        f = os.fdopen(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC), "rb")
+    finally:
+        os.close(fd)
+    try:
+        magic = f.read(4)
+        if magic.startswith(ZSTD_MAGIC):
+            raise InvalidInput(f"{path}: a zstd-compressed archive; decompress it first "
+                               "(zstd -d) or give it uncompressed or gzip-compressed")
+        f.seek(0)
+        tar = tarfile.open(fileobj=f, mode="r:*")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        f.close()
         raise InvalidInput(f"{path}: not an OCI layout or `docker save` archive ({e})") from None
-    return Archive(path, tar)
+    except BaseException:
+        f.close()
+        raise
+    limit = None
+    if tar.fileobj is not f:  # compressed: bound what the members may expand to
+        limit = max(st.st_size, 1) * MAX_ARCHIVE_RATIO
+    try:
+        return Archive(path, tar, f, limit)
+    except BaseException:
+        tar.close()
+        f.close()
+        raise
 
 
 class Source:
+    """An OCI image as files: ``_open`` is the one way in; the rest reads through it."""
+
     path: str
 
-    def read_file(self, name: str, limit: int = MAX_DOCUMENT) -> bytes:
+    def _open(self, name: str) -> tuple[BinaryIO, int] | None:
+        """The regular file ``name`` (relative to the source's root) and its size, or
+        None if there is none. Links, directories and special files: InvalidInput."""
         raise NotImplementedError
 
     def has_file(self, name: str) -> bool:
-        raise NotImplementedError
+        got = self._open(name)
+        if got is None:
+            return False
+        got[0].close()
+        return True
 
-    def open_file(self, name: str) -> BinaryIO:
-        raise NotImplementedError
+    def open_file(self, name: str, size: int | None = None, what: str | None = None) -> BinaryIO:
+        """A reader of exactly the file's size (of ``size``, which the file must have)."""
+        f, n = self._need(name, what)
+        if size is not None and n != size:
+            f.close()
+            raise InvalidInput(f"{self.path}: {what or name} is {n} bytes but its descriptor "
+                               f"says {size}; the image is corrupt")
+        return io.BufferedReader(_Bounded(f, n, f"{self.path}: {name}"), HASH_CHUNK)
+
+    def read_file(self, name: str, limit: int = MAX_DOCUMENT, what: str | None = None) -> bytes:
+        f, n = self._need(name, what)
+        with f:
+            if n > limit:
+                raise InvalidInput(f"{self.path}: {what or name} is {n} bytes, over the "
+                                   f"{limit} byte limit for JSON documents")
+            data = f.read(n + 1)
+        if len(data) != n:
+            raise InvalidInput(f"{self.path}: {what or name} changed while it was read")
+        return data
+
+    def _need(self, name: str, what: str | None) -> tuple[BinaryIO, int]:
+        got = self._open(name)
+        if got is None:
+            raise InvalidInput(f"{self.path}: {what or name} is missing from the image")
+        return got
 
     def close(self) -> None:
         pass
@@ -101,23 +185,24 @@ class Source:
         return f"blobs/sha256/{parse_digest(digest)}"
 
     def open_blob(self, d: Descriptor) -> BinaryIO:
+        """A reader of exactly ``d.size`` bytes; the caller's put_blob checks the digest."""
         if d.digest in self._synthetic:
             return io.BytesIO(self._synthetic[d.digest])
         name = self._blob_files.get(d.digest) or self.blob_name(d.digest)
-        if not self.has_file(name):
-            raise InvalidInput(f"{self.path}: blob {d.digest} is missing from the image")
-        return self.open_file(name)
+        return self.open_file(name, d.size, what=f"blob {d.digest}")
 
     def read_blob(self, d: Descriptor) -> bytes:
         if d.digest in self._synthetic:
             return self._synthetic[d.digest]
+        what = f"{d.media_type or 'document'} {d.digest}"
         if d.size > MAX_DOCUMENT:
-            raise InvalidInput(f"{self.path}: {d.media_type} {d.digest} is {d.size} bytes, "
-                               f"over the {MAX_DOCUMENT} byte limit for JSON documents")
+            raise InvalidInput(f"{self.path}: {what} is {d.size} bytes, over the "
+                               f"{MAX_DOCUMENT} byte limit for JSON documents")
         name = self._blob_files.get(d.digest) or self.blob_name(d.digest)
-        if not self.has_file(name):
-            raise InvalidInput(f"{self.path}: blob {d.digest} is missing from the image")
-        data = self.read_file(name)
+        data = self.read_file(name, what=f"blob {d.digest}")
+        if len(data) != d.size:
+            raise InvalidInput(f"{self.path}: blob {d.digest} is {len(data)} bytes but its "
+                               f"descriptor says {d.size}; the image is corrupt")
         if digest_of(data) != d.digest:
             raise InvalidInput(f"{self.path}: blob {d.digest} does not match its digest "
                                "(the image is corrupt)")
@@ -127,12 +212,14 @@ class Source:
     _synthetic: dict
     _blob_files: dict
 
-    def resolve(self, ref: str | None = None) -> ResolvedImage:
+    def resolve(self, ref: str | None = None, progress=None) -> ResolvedImage:
+        """The image ``ref`` names (or the only one). ``progress(bytes)`` is called while
+        `docker save` layers are hashed (it may raise to cancel)."""
         self._synthetic, self._blob_files = {}, {}
         if self.has_file("index.json"):
             top = self._pick(_load(self.read_file("index.json"), self.path, "index.json"), ref)
         elif self.has_file("manifest.json"):
-            top = self._from_docker_save(ref)
+            top = self._from_docker_save(ref, progress)
         else:
             raise InvalidInput(f"{self.path}: neither index.json (OCI layout) nor manifest.json "
                                "(`docker save`) found; give an OCI image layout or archive")
@@ -158,6 +245,8 @@ class Source:
 
     def _pick(self, index: dict, ref: str | None) -> Descriptor:
         entries = index.get("manifests") or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise InvalidInput(f"{self.path}: index.json: manifests is not a list of descriptors")
         if not entries:
             raise InvalidInput(f"{self.path}: index.json lists no manifests")
         names = [(e.get("annotations") or {}).get(REF_ANNOTATION) for e in entries]
@@ -186,9 +275,13 @@ class Source:
         raise InvalidInput(f"{self.path}: {where} has no {'/'.join(PLATFORM)} image "
                            f"(it has {', '.join(found) or 'none'})")
 
-    def _from_docker_save(self, ref: str | None) -> Descriptor:
-        entries = json.loads(self.read_file("manifest.json"))
-        if not isinstance(entries, list) or not entries:
+    def _from_docker_save(self, ref: str | None, progress) -> Descriptor:
+        try:
+            entries = json.loads(self.read_file("manifest.json"))
+        except ValueError:
+            entries = None
+        if (not isinstance(entries, list) or not entries
+                or not all(isinstance(e, dict) for e in entries)):
             raise InvalidInput(f"{self.path}: manifest.json is not a `docker save` manifest")
         if ref is not None:
             hits = [e for e in entries for t in e.get("RepoTags") or ()
@@ -207,21 +300,25 @@ class Source:
         cfg_bytes = self.read_file(cfg_name)
         cfg = Descriptor(digest_of(cfg_bytes), len(cfg_bytes), MT_CONFIG)
         self._synthetic[cfg.digest] = cfg_bytes
-        layers = []
+        layers, done = [], 0
         for name in entry.get("Layers") or ():
             name = _member_name(name, self.path)
             h, size = hashlib.sha256(), 0
-            with self.open_file(name) as f:
+            with self.open_file(name) as f:  # bounded by the size the file had when opened
                 head = f.read(4)
                 h.update(head)
                 size += len(head)
-                for chunk in iter(lambda: f.read(1 << 20), b""):
+                for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
                     h.update(chunk)
                     size += len(chunk)
+                    if progress is not None:  # a cancel point in the operation
+                        progress(done + size)
+            done += size
             d = "sha256:" + h.hexdigest()
             self._blob_files[d] = name
-            layers.append({"mediaType": MT_LAYER_GZIP if head[:2] == b"\x1f\x8b" else MT_LAYER_TAR,
-                           "digest": d, "size": size})
+            mt = (MT_LAYER_GZIP if head.startswith(GZIP_MAGIC) else
+                  MT_LAYER_TAR + "+zstd" if head.startswith(ZSTD_MAGIC) else MT_LAYER_TAR)
+            layers.append({"mediaType": mt, "digest": d, "size": size})
         manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST[0],
                     "config": {"mediaType": MT_CONFIG, "digest": cfg.digest, "size": cfg.size},
                     "layers": layers}
@@ -232,53 +329,138 @@ class Source:
 
 
 class LayoutDir(Source):
-    def __init__(self, path: str):
-        self.path = path
+    """A dir: an OCI image layout or an unpacked `docker save`. Holds an fd of its root;
+    every file is reached from it component by component, never through a symlink."""
+
+    def __init__(self, path: str, root: int):
+        self.path, self.root = path, root
         self._synthetic, self._blob_files = {}, {}
 
-    def _full(self, name: str) -> str:
-        return os.path.join(self.path, name)
+    def _open(self, name: str) -> tuple[BinaryIO, int] | None:
+        parts = _parts(name, self.path)
+        fd = os.dup(self.root)
+        try:
+            for comp in parts[:-1]:
+                try:
+                    nfd = os.open(comp, _OPEN_DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    return None
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise InvalidInput(f"{self.path}: {name}: {comp!r} is a symlink or not "
+                                           "a directory; links are never followed in images"
+                                           ) from None
+                    raise
+                os.close(fd)
+                fd = nfd
+            try:
+                pfd = os.open(parts[-1], _OPEN_PATH, dir_fd=fd)
+            except FileNotFoundError:
+                return None
+        finally:
+            os.close(fd)
+        try:
+            st = os.fstat(pfd)
+            if not stat.S_ISREG(st.st_mode):
+                raise InvalidInput(f"{self.path}: {name} is a {_file_kind(st.st_mode)}; image "
+                                   "files must be regular files (no links, fifos or devices)")
+            rfd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(pfd)
+        return os.fdopen(rfd, "rb", buffering=0), st.st_size
 
-    def has_file(self, name: str) -> bool:
-        p = self._full(name)
-        return os.path.isfile(p) and not os.path.islink(p)
-
-    def open_file(self, name: str) -> BinaryIO:
-        return open(self._full(name), "rb")
-
-    def read_file(self, name: str, limit: int = MAX_DOCUMENT) -> bytes:
-        with self.open_file(name) as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise InvalidInput(f"{self.path}: {name} is over {limit} bytes")
-        return data
+    def close(self) -> None:
+        if self.root >= 0:
+            os.close(self.root)
+            self.root = -1
 
 
 class Archive(Source):
-    def __init__(self, path: str, tar: tarfile.TarFile):
-        self.path, self.tar = path, tar
+    """A tar (plain or compressed) holding an OCI layout or a `docker save`. Only its
+    regular members are read, by their exact (normalised) names."""
+
+    def __init__(self, path: str, tar: tarfile.TarFile, file: BinaryIO, limit: int | None):
+        self.path, self.tar, self._file = path, tar, file
         self._synthetic, self._blob_files = {}, {}
-        self.members = {}
-        for m in tar.getmembers():
-            if m.isreg():
+        self.members: dict[str, tarfile.TarInfo] = {}
+        total = 0
+        try:
+            while (m := tar.next()) is not None:
+                total += max(m.size, 0)
+                if limit is not None and total > limit:
+                    raise InvalidInput(f"{path}: the archive's members add up to more than "
+                                       f"{MAX_ARCHIVE_RATIO}x its compressed size (a "
+                                       "decompression bomb?); decompress it and import that")
+                if len(self.members) >= MAX_ARCHIVE_MEMBERS:
+                    raise InvalidInput(f"{path}: more than {MAX_ARCHIVE_MEMBERS} members; not "
+                                       "an OCI layout or `docker save` archive")
                 self.members[os.path.normpath(m.name).lstrip("/")] = m
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise InvalidInput(f"{path}: not a valid tar archive ({e})") from None
 
-    def has_file(self, name: str) -> bool:
-        return os.path.normpath(name) in self.members
-
-    def open_file(self, name: str) -> BinaryIO:
-        return self.tar.extractfile(self.members[os.path.normpath(name)])
-
-    def read_file(self, name: str, limit: int = MAX_DOCUMENT) -> bytes:
-        m = self.members.get(os.path.normpath(name))
+    def _open(self, name: str) -> tuple[BinaryIO, int] | None:
+        m = self.members.get("/".join(_parts(name, self.path)))
         if m is None:
-            raise InvalidInput(f"{self.path}: {name} is missing from the archive")
-        if m.size > limit:
-            raise InvalidInput(f"{self.path}: {name} is over {limit} bytes")
-        return self.tar.extractfile(m).read()
+            return None
+        if not m.isreg():
+            kind = ("symlink" if m.issym() else "hardlink" if m.islnk() else
+                    "directory" if m.isdir() else "special file")
+            raise InvalidInput(f"{self.path}: {name} is a {kind} in the archive; image files "
+                               "must be regular files (no links, fifos or devices)")
+        return self.tar.extractfile(m), m.size
 
     def close(self) -> None:
         self.tar.close()
+        self._file.close()
+
+
+class _Bounded(io.RawIOBase):
+    """Exactly ``size`` bytes of ``f``: no more is read; fewer (the file shrank) is an error."""
+
+    def __init__(self, f: BinaryIO, size: int, what: str):
+        self._f, self._left, self._what = f, size, what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        want = min(len(b), self._left)
+        if want <= 0:
+            return 0
+        view = memoryview(b)[:want]
+        readinto = getattr(self._f, "readinto", None)
+        if readinto is not None:
+            n = readinto(view)
+        else:
+            data = self._f.read(want)
+            n = len(data)
+            view[:n] = data
+        if not n:
+            raise InvalidInput(f"{self._what}: ended {self._left} bytes early (it changed while "
+                               "it was read, or the archive is truncated)")
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._f.close()
+        super().close()
+
+
+def _parts(name: str, path: str) -> list[str]:
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or name.startswith("/") or ".." in parts:
+        raise InvalidInput(f"{path}: bad file name {name!r} (absolute, empty or with '..')")
+    return parts
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISLNK, "symlink"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def _load(data: bytes, path: str, what: str) -> dict:

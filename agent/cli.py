@@ -184,7 +184,9 @@ def image_source(source: str) -> dict:
 @image.command("import")
 @click.argument("source")
 @click.option("--name", required=True)
-@click.option("--format", "fmt", type=click.Choice(["qcow2", "raw", "oci"]))
+@click.option("--format", "fmt", type=click.Choice(["qcow2", "raw", "oci"]),
+              help="default: from the content (a dir or tar archive is a container image, "
+                   "anything else a disk); an archive is never accepted as a disk")
 @click.option("--pool")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-wait", is_flag=True, help="print the operation and return")

@@ -164,7 +164,14 @@ ImageSource = Annotated[Union[FileSource, UrlSource, RegistrySource, S3Source],
 class ImageImport(Model):
     name: str = Field(pattern=IMAGE_NAME_PATTERN)
     source: ImageSource
-    format: Literal["qcow2", "raw", "oci"] | None = None
+    format: Literal["qcow2", "raw", "oci"] | None = Field(
+        None, description="what the source holds; by default detected from its content: a "
+                          "directory or a tar archive (plain, gzip, bzip2, xz; zstd is refused: "
+                          "decompress it) is a container image (an OCI layout or a `docker "
+                          "save`), anything else a disk image whose format qemu-img reads "
+                          "(qcow2 or raw). An archive is never a VM disk: qcow2/raw given for a "
+                          "tar or compressed file is refused, and so is oci for a file that is "
+                          "not a tar. Given, it must match the content")
     pool: str | None = Field(None, min_length=1, max_length=64,
                              description="where to store the image (default: the default pool; "
                                          "for an s3 source by digest: source.pool, nothing is copied)")

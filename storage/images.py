@@ -38,6 +38,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import threading
@@ -168,20 +169,40 @@ class ImageStore:
     # ------------------------------------------------------------------ imports
     def import_file(self, path: str, *, name: str, pool: str | None = None,
                     format: str | None = None, progress: Progress | None = None) -> Image:
-        """Import a qcow2 or raw disk image from a host file. A qcow2 with a backing file
-        or an external data file, or any other format, is refused (InvalidInput)."""
+        """Import a host file: a qcow2 or raw disk image, or a container image archive (an
+        OCI layout tar or a `docker save` tar, plain or compressed).
+
+        The kind comes from the content (``sniff_file``), never from ``format`` alone: a
+        tar archive (or compressed data) is never a VM disk, so it is imported with
+        import_oci when ``format`` is None or "oci" and refused when ``format`` says
+        qcow2/raw; anything else is a disk, whose format qemu-img reads and ``format``, if
+        given, must match. A qcow2 with a backing file or an external data file, or any
+        other format, is refused (InvalidInput)."""
         _check_name(name)
         pool, backend = self._backend(pool)
-        if not os.path.isfile(path):
-            raise InvalidInput(f"{path}: no such file; give the path of a qcow2 or raw image")
+        kind = sniff_file(path)
+        if kind is not None:
+            if format in DISK_FORMATS:
+                raise InvalidInput(f"{path}: declared format {format!r} but the file is a {kind}, "
+                                   "not a disk image; import it with format oci if it is a "
+                                   "container image (a VM disk is never an archive)")
+            if "tar" not in kind:
+                raise InvalidInput(f"{path}: {kind}, not a tar archive nor a disk image; "
+                                   "decompress it first (disk images are imported uncompressed)")
+            return self.import_oci(path, name=name, pool=pool, progress=progress)
+        if format == "oci":
+            raise InvalidInput(f"{path}: declared format 'oci' but the file is not a tar "
+                               "archive; give an OCI layout (dir or tar) or a `docker save` tar")
         info = _check_disk(qemu_img.info(path), path, format)
         with self._import() as added:
-            with open(path, "rb") as f:
+            with _open_regular(path) as f:
                 blob = self._put(pool, backend, f, added, progress=progress)
             stored = backend.blob_path(blob.digest)
             if stored and info["format"] == "qcow2":  # the file may have changed under us
                 info = _check_disk(qemu_img.info(stored, format="qcow2"), path, "qcow2")
                 qemu_img.check(stored, format="qcow2")
+            if stored and sniff_file(stored) is not None:  # it became an archive meanwhile
+                raise InvalidInput(f"{path}: the file changed while it was imported")
             img = Image(blob.digest[7:], name, "vm", info["format"], blob.digest, blob.size,
                         info["virtual-size"], pool, time.time(), {}, ())
             return self._record(img, [blob.digest])
@@ -309,6 +330,10 @@ class ImageStore:
                 return self._import_oci(src, name, None, pool, backend, progress)
         with self._import() as added, self._tmp_file("digest-") as tmp:
             self._fetch(pool, backend, digest, tmp, progress)
+            kind = sniff_file(tmp)
+            if kind is not None:  # never a disk; a container image is named by its manifest
+                raise InvalidInput(f"pool {pool} blob {digest} is a {kind}, not a disk image; "
+                                   "import a container image by its manifest digest")
             fmt = _check_disk(qemu_img.info(tmp), f"pool {pool} blob {digest}", format)
             if fmt["format"] == "qcow2":
                 qemu_img.check(tmp, format="qcow2")
@@ -798,6 +823,78 @@ def _check_name(name: str) -> None:
         raise InvalidInput(f"image name {name!r} must be 1-255 printable characters, no spaces")
     if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
         raise InvalidInput("an image name cannot look like an image id (64 hex digits)")
+
+
+SNIFF_BYTES = 64 * 1024  # compressed bytes read to find out what a file holds
+_COMPRESSIONS = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"),
+                 (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+def sniff_file(path: str) -> str | None:
+    """What the regular file ``path`` holds when it is not a disk image: "tar archive",
+    "gzip-compressed tar archive" (bzip2, xz, zstd alike), or "gzip-compressed data"
+    (not a tar); None when it is neither (a disk image, or garbage qemu-img judges).
+    A file that is not regular (fifo, device, directory): InvalidInput, never opened
+    for reading."""
+    with _open_regular(path) as f:
+        head = f.read(SNIFF_BYTES)
+    for magic, comp in _COMPRESSIONS:
+        if head.startswith(magic):
+            block = _decompress_head(comp, head, path)
+            return f"{comp}-compressed " + ("tar archive" if _is_tar(block) else "data")
+    return "tar archive" if _is_tar(head[:tarfile.BLOCKSIZE]) else None
+
+
+def _is_tar(block: bytes) -> bool:
+    """Whether ``block`` is a valid tar header (checksum included)."""
+    if len(block) < tarfile.BLOCKSIZE:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(block[:tarfile.BLOCKSIZE], "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def _decompress_head(comp: str, head: bytes, path: str) -> bytes:
+    """The first tar block's worth of the decompressed ``head`` (b"" if unreadable)."""
+    import bz2
+    import lzma
+    import subprocess
+    import zlib
+
+    n = tarfile.BLOCKSIZE
+    try:
+        if comp == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, n)
+        if comp == "bzip2":
+            return bz2.BZ2Decompressor().decompress(head, n)
+        if comp == "xz":
+            return lzma.LZMADecompressor().decompress(head, n)
+        r = subprocess.run(["zstd", "-dcq"], input=head, capture_output=True, timeout=30)
+        return r.stdout[:n]  # a cut-off frame still yields its first blocks
+    except (zlib.error, OSError, EOFError, lzma.LZMAError, subprocess.SubprocessError):
+        return b""
+
+
+def _open_regular(path: str):
+    """``path`` opened for reading if it is a regular file (a fifo or device is refused
+    without blocking or reading: opened O_PATH, checked, then reopened)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidInput(f"{path}: no such file; give the path of a disk image or an "
+                           "image archive") from None
+    except OSError as e:
+        raise InvalidInput(f"{path}: cannot open it ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"{path}: not a regular file (a directory, fifo or device); "
+                               "give a disk image or an image archive")
+        return os.fdopen(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC), "rb")
+    finally:
+        os.close(fd)
 
 
 def _check_disk(info: dict, path: str, format: str | None) -> dict:

@@ -60,6 +60,7 @@ class PoolConfig(BaseModel):
 class ImagesConfig(_Strict):
     max_layer_bytes: int = Field(8 * 1024**3, ge=1024)  # unpacked size cap per layer (bomb guard)
     max_layer_ratio: int = Field(200, ge=1)  # unpacked/compressed cap per layer
+    max_layer_entries: int = Field(1_000_000, ge=1)  # members per layer (inode bomb guard)
 
 
 class HypervisorConfig(_Strict):

@@ -51,7 +51,7 @@ from agent.errors import (AgentError, Conflict, InvalidInput, NotFound, Unavaila
 from agent.state import Database
 from storage import oci, qemu_img
 from storage.backend import DISK_FORMATS, Backend, BlobInfo, Volume, VolumeSpec
-from storage.unpack import layer_dir, unpack_layer_once
+from storage.unpack import DEFAULT_MAX_ENTRIES, layer_dir, unpack_layer_once
 from storage.validate import parse_digest
 
 GIB = 1024**3
@@ -113,13 +113,15 @@ Progress = Callable[[int], None]
 
 class ImageStore:
     def __init__(self, db: Database, pools: dict[str, Backend], *, default_pool: str,
-                 cache_dir: str, max_layer_bytes: int = 8 * GIB, max_layer_ratio: int = 200):
+                 cache_dir: str, max_layer_bytes: int = 8 * GIB, max_layer_ratio: int = 200,
+                 max_layer_entries: int = DEFAULT_MAX_ENTRIES):
         if default_pool not in pools:
             raise InvalidInput(f"default pool {default_pool!r} is not configured; pools: "
                                f"{', '.join(sorted(pools)) or 'none'}")
         self.db, self.pools, self.default_pool = db, pools, default_pool
         self.cache_dir = cache_dir
         self.max_layer_bytes, self.max_layer_ratio = max_layer_bytes, max_layer_ratio
+        self.max_layer_entries = max_layer_entries
         self.tmp_dir = os.path.join(cache_dir, "tmp")
         os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
         layers = os.path.join(cache_dir, "layers")
@@ -481,7 +483,8 @@ class ImageStore:
                 self._fetch(pool, backend, digest, tmp)
                 path = tmp
             d = unpack_layer_once(path, digest, self.cache_dir, max_bytes=self.max_layer_bytes,
-                                  max_ratio=self.max_layer_ratio)
+                                  max_ratio=self.max_layer_ratio,
+                                  max_entries=self.max_layer_entries)
         finally:
             if tmp:
                 os.unlink(tmp)

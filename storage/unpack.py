@@ -9,25 +9,44 @@ overlayfs whiteouts: ``.wh.NAME`` -> a 0/0 character device NAME, ``.wh..wh..opq
 Policy (each case refused with InvalidInput, the temp dir removed, nothing written
 anywhere else; tests/unit/test_unpack.py crafts a tar for each):
 
-- member names that are absolute or contain ``..`` components;
+- member names that are absolute or contain ``..`` components (after PAX ``path`` and
+  GNU long-name headers are applied: the name checked is the one written);
+- names longer than PATH_MAX (4096 bytes), components longer than NAME_MAX (255), or
+  deeper than ``MAX_DEPTH`` directories (no container path is that long, and a deeper
+  tree could not even be removed again by shutil.rmtree's recursion);
 - symlinks whose target, resolved lexically from the link's directory, climbs above the
   layer root. Absolute targets are kept: they are *rooted at the layer* (what the
   container sees in its own root), never resolved on the host; ``/../..``-style
   absolute targets that would climb are refused as well;
-- hardlinks whose target is absolute, climbs out, is missing, or is a directory;
-- device nodes, fifos and unknown member types;
+- hardlinks whose target is absolute, climbs out, is missing, or is not a regular file
+  or a symlink (a hardlink to a symlink links the symlink itself, never its target);
+- device nodes, fifos, sparse members (GNU or PAX: no OCI tool writes them, and their
+  maps are unbounded reads) and unknown member types;
 - any write whose parent path goes through a symlink (extraction walks every path
   component with ``openat(O_NOFOLLOW|O_DIRECTORY)`` from the layer root, so no host
-  symlink is ever followed);
+  symlink is ever followed). This also covers a member that replaces a directory by a
+  symlink and later members writing "through" it in the same layer. Layers are unpacked
+  each into its own tree, so a later layer writing under a path an earlier layer made a
+  symlink writes a real directory in its own tree; overlayfs shows the upper directory
+  over the lower symlink and never follows a lower symlink on the host;
 - decompression bombs: more than ``max_bytes`` unpacked, or more than
   ``max_ratio`` x the compressed size (each member counts at least one 512-byte
-  header, so millions of empty files hit the cap too).
+  header, and the decompressed stream itself is capped, PAX and long-name headers
+  included); inode bombs: more than ``max_entries`` members; any one PAX or long-name
+  header over ``MAX_META`` bytes, or global PAX headers adding up to more than
+  ``MAX_GLOBAL_PAX`` keys (they are held in memory);
+- ownership, modes or times the host cannot represent (e.g. a PAX uid of 2**40).
 
-Decided, not refused: setuid and setgid bits are STRIPPED from non-directories (and
-file-capability xattrs are not restored: no PAX xattrs are applied), so no image file
-can grant privilege; sticky bits and directory setgid are kept. Ownership and modes
-are applied with ``follow_symlinks=False``. Code reading an unpacked layer on the host
-must never follow symlinks inside it.
+Decided, not refused: setuid and setgid bits are STRIPPED from every non-directory,
+so no image file can grant privilege (no setuid-root binary exists on the host's disk
+whatever the image holds; inside containers, ``su``/``sudo``/``ping`` lose their setuid
+bit: run the process as the user it needs). File-capability and other xattrs are not
+restored (no PAX xattrs are applied). Directories keep ALL their mode bits, as Docker
+and containerd do: the sticky bit (``/tmp`` is 1777) and setgid (a shared group dir)
+grant no privilege by themselves (a directory's setgid only sets the group of new
+files to the directory's group). Ownership and modes are applied with
+``follow_symlinks=False``. Code reading an unpacked layer on the host must never follow
+symlinks inside it.
 """
 from __future__ import annotations
 
@@ -55,6 +74,12 @@ OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
 DEFAULT_MAX_BYTES = 8 * 1024**3
 DEFAULT_MAX_RATIO = 200
+DEFAULT_MAX_ENTRIES = 1_000_000  # members per layer (inode bomb); a big distro layer has ~50k
+PATH_MAX = 4096  # Linux: longer paths are unusable inside the container anyway
+NAME_MAX = 255  # Linux: longest path component
+MAX_DEPTH = 256  # directory levels; shutil.rmtree recurses once per level (limit ~1000)
+MAX_META = 1024 * 1024  # 1 MiB: one PAX / GNU long-name header (read into memory)
+MAX_GLOBAL_PAX = 1000  # keys all global PAX headers of a layer may set (kept in memory)
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -65,7 +90,8 @@ def layer_dir(cache_dir: str, digest: str) -> str:
 
 def unpack_layer_once(src: str, digest: str, cache_dir: str, *,
                       max_bytes: int = DEFAULT_MAX_BYTES,
-                      max_ratio: int = DEFAULT_MAX_RATIO) -> str:
+                      max_ratio: int = DEFAULT_MAX_RATIO,
+                      max_entries: int = DEFAULT_MAX_ENTRIES) -> str:
     """Return the unpacked dir of layer ``digest`` (whose verified blob is the file ``src``),
     unpacking it first if needed. On failure nothing is left."""
     final = layer_dir(cache_dir, digest)
@@ -75,7 +101,8 @@ def unpack_layer_once(src: str, digest: str, cache_dir: str, *,
     os.makedirs(parent, mode=0o700, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{parse_digest(digest)[:12]}-", dir=parent)
     try:
-        unpack_layer(src, tmp, max_bytes=max_bytes, max_ratio=max_ratio)
+        unpack_layer(src, tmp, max_bytes=max_bytes, max_ratio=max_ratio,
+                     max_entries=max_entries)
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, final)
@@ -90,7 +117,8 @@ def unpack_layer_once(src: str, digest: str, cache_dir: str, *,
 
 
 def unpack_layer(src: str, dest: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_ratio: int = DEFAULT_MAX_RATIO) -> dict:
+                 max_ratio: int = DEFAULT_MAX_RATIO,
+                 max_entries: int = DEFAULT_MAX_ENTRIES) -> dict:
     """Unpack the layer file ``src`` into the existing empty dir ``dest``.
 
     Returns {"files", "bytes", "stripped_setid"}. On InvalidInput ``dest`` holds a partial
@@ -110,11 +138,16 @@ def unpack_layer(src: str, dest: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
         stream = open(src, "rb")
     root = os.open(dest, _OPEN_DIR)
     try:
-        x = _Extractor(root, cap, src)
+        x = _Extractor(root, cap, src, max_entries)
+        # every decompressed byte counts, headers included: twice the member cap leaves
+        # room for tar's padding and PAX headers, and bounds floods of them
+        capped = _CappedReader(stream, 2 * cap + 64 * TAR_HEADER, src)
         try:
-            with tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BUFFER) as tar:
-                for member in tar:
+            with tarfile.open(fileobj=capped, mode="r|", bufsize=TAR_BUFFER,
+                              tarinfo=_LayerTarInfo) as tar:
+                while (member := tar.next()) is not None:
                     x.add(tar, member)
+                    tar.members.clear()  # stream mode keeps every member otherwise
         except tarfile.TarError as e:
             raise InvalidInput(f"layer {src}: not a valid tar stream ({e})") from None
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
@@ -139,7 +172,8 @@ def unpack_layer(src: str, dest: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
                 proc.kill()
             proc.wait()
             proc.stderr.close()
-    return {"files": x.files, "bytes": x.total, "stripped_setid": x.stripped}
+    return {"files": x.files, "bytes": x.total, "stripped_setid": x.stripped,
+            "entries": x.entries}
 
 
 def _decompressor(argv: list[str], src: str) -> subprocess.Popen:
@@ -151,8 +185,53 @@ def _decompressor(argv: list[str], src: str) -> subprocess.Popen:
                           "(or run scripts/setup-host)") from None
 
 
+class _CappedReader:
+    """The decompressed layer stream, refusing to yield more than ``cap`` bytes."""
+
+    def __init__(self, stream, cap: int, src: str):
+        self._stream, self._left, self._src = stream, cap, src
+        self.name = src  # tarfile names its TarFile after it: _LayerTarInfo's errors say it
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n if n >= 0 else READ_BUFFER)
+        self._left -= len(data)
+        if self._left < 0:
+            raise InvalidInput(f"layer {self._src}: the decompressed stream is over its cap "
+                               "(a decompression bomb?); raise images.max_layer_bytes or "
+                               "images.max_layer_ratio if the image is legitimate")
+        return data
+
+
+class _LayerTarInfo(tarfile.TarInfo):
+    """tarfile's header parsing with the memory it may use bounded: PAX and GNU long-name
+    headers are read whole into memory, and sparse maps entry by entry."""
+
+    def _proc_member(self, tar):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,
+                         tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) \
+                and self.size > MAX_META:
+            raise InvalidInput(f"layer {tar.name}: a tar metadata header of {self.size} "
+                               f"bytes (over {MAX_META}); refusing it")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _sparse(tar.name, self.name)
+        m = super()._proc_member(tar)
+        if len(tar.pax_headers) > MAX_GLOBAL_PAX:
+            raise InvalidInput(f"layer {tar.name}: global PAX headers set over "
+                               f"{MAX_GLOBAL_PAX} keys; refusing them")
+        return m
+
+    def _proc_gnusparse_10(self, next, pax_headers, tar):  # reads an unbounded map
+        raise _sparse(tar.name, next.name)
+
+
+def _sparse(src: str, name: str) -> InvalidInput:
+    return InvalidInput(f"layer {src}: {name!r} is a sparse member; sparse files are not "
+                        "allowed in image layers (no OCI tool writes them)")
+
+
 def _clean_name(name: str, what: str, src: str) -> list[str]:
-    """Split a member path into safe components; refuse absolute paths and '..'."""
+    """Split a member path into safe components; refuse absolute paths, '..' and names
+    longer or deeper than a container could use."""
     if name.startswith("/"):
         raise InvalidInput(f"layer {src}: {what} {name!r} is an absolute path; layers hold "
                            "relative paths only")
@@ -160,13 +239,18 @@ def _clean_name(name: str, what: str, src: str) -> list[str]:
     if ".." in parts:
         raise InvalidInput(f"layer {src}: {what} {name!r} contains '..'; refusing a path that "
                            "could leave the layer")
+    if "\0" in name or len(os.fsencode(name)) > PATH_MAX or len(parts) > MAX_DEPTH or \
+            any(len(os.fsencode(p)) > NAME_MAX for p in parts):
+        raise InvalidInput(f"layer {src}: {what} {name[:80]!r}... is longer than {PATH_MAX} "
+                           f"bytes, deeper than {MAX_DEPTH} levels, has a component over "
+                           f"{NAME_MAX} bytes, or a NUL; refusing it")
     return parts
 
 
 class _Extractor:
-    def __init__(self, root: int, cap: int, src: str):
-        self.root, self.cap, self.src = root, cap, src
-        self.total = self.files = self.stripped = 0
+    def __init__(self, root: int, cap: int, src: str, max_entries: int = DEFAULT_MAX_ENTRIES):
+        self.root, self.cap, self.src, self.max_entries = root, cap, src, max_entries
+        self.total = self.files = self.stripped = self.entries = 0
         self._last: tuple[tuple, int] | None = None  # (parent parts, fd): members come grouped
         self.owners = os.geteuid() == 0  # only root can give files their image owners
 
@@ -232,8 +316,26 @@ class _Extractor:
             os.unlink(leaf, dir_fd=pfd)
 
     def add(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        """Unpack one member (policy: the module's docstring)."""
+        self.entries += 1
+        if self.entries > self.max_entries:
+            raise self._bad(f"more than {self.max_entries} members (an inode bomb?); raise "
+                            "images.max_layer_entries if the image is legitimate")
         parts = _clean_name(m.name, "member", self.src)
         self._count(max(m.size, 0) + TAR_HEADER, m.name)
+        if m.sparse is not None:
+            raise _sparse(self.src, m.name)
+        try:
+            self._add(tar, m, parts)
+        except (OverflowError, ValueError) as e:
+            raise self._bad(f"{m.name!r}: owner, mode or time out of range ({e})") from None
+        except OSError as e:
+            if e.errno not in (errno.ENAMETOOLONG, errno.EINVAL, errno.ERANGE,
+                               errno.EOVERFLOW):
+                raise
+            raise self._bad(f"{m.name!r}: {e.strerror}") from None
+
+    def _add(self, tar: tarfile.TarFile, m: tarfile.TarInfo, parts: list[str]) -> None:
         if not parts:
             return  # the layer root itself ("./"): its dir already exists
         leaf = parts[-1]
@@ -305,8 +407,10 @@ class _Extractor:
             except FileNotFoundError:
                 raise self._bad(f"hardlink {m.name!r} -> {m.linkname!r}: the target is not "
                                 "in the layer (hardlinks must point at earlier members)") from None
-            if stat.S_ISDIR(st.st_mode):
-                raise self._bad(f"hardlink {m.name!r} -> {m.linkname!r} points at a directory")
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                raise self._bad(f"hardlink {m.name!r} -> {m.linkname!r} points at a "
+                                f"{'directory' if stat.S_ISDIR(st.st_mode) else 'special file'};"
+                                " hardlinks must point at regular files or symlinks")
             os.link(tparts[-1], leaf, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         finally:
             os.close(tfd)
@@ -314,6 +418,9 @@ class _Extractor:
     def _check_symlink(self, parts: list[str], target: str, name: str) -> None:
         if not target:
             raise self._bad(f"symlink {name!r} has an empty target")
+        if "\0" in target or len(os.fsencode(target)) >= PATH_MAX:
+            raise self._bad(f"symlink {name!r}: its target is over {PATH_MAX - 1} bytes "
+                            "or holds a NUL")
         depth = 0 if target.startswith("/") else len(parts) - 1
         for comp in target.split("/"):
             if comp in ("", "."):

@@ -70,7 +70,8 @@ class Services:
                     self.db, pools, default_pool=self.config.default_pool,
                     cache_dir=str(self.config.state_path / "cache"),
                     max_layer_bytes=self.config.images.max_layer_bytes,
-                    max_layer_ratio=self.config.images.max_layer_ratio)
+                    max_layer_ratio=self.config.images.max_layer_ratio,
+                    max_layer_entries=self.config.images.max_layer_entries)
             return self._store
 
     @property

@@ -217,3 +217,160 @@ def test_replacing_a_dir_with_a_file(env):
     src = make_tar(tmp / "l.tar", [("a/b/f1", "file"), ("a", "file", b"now a file")])
     d = unpack_layer_once(src, DIGEST, str(cache))
     assert open(f"{d}/a").read() == "now a file"
+
+
+# ------------------------------------------------------------ mode bits (decided)
+
+def test_directories_keep_setgid_and_sticky_files_lose_setuid_and_setgid(env):
+    tmp, host, cache = env
+    src = make_tar(tmp / "l.tar", [("tmp/", "dir"), ("shared/", "dir"),
+                                   ("bin/ping", "file", b"x", 0o4755)])
+    with tarfile.open(src) as t:  # give the dirs their bits (make_tar writes 0755)
+        members = t.getmembers()
+    raw = io.BytesIO()
+    with tarfile.open(src) as t, tarfile.open(fileobj=raw, mode="w") as out:
+        for m in members:
+            m.mode = {"tmp": 0o1777, "shared": 0o2775}.get(m.name, m.mode)
+            out.addfile(m, t.extractfile(m) if m.isreg() else None)
+    (tmp / "modes.tar").write_bytes(raw.getvalue())
+    d = unpack_layer_once(str(tmp / "modes.tar"), DIGEST, str(cache))
+    assert stat.S_IMODE(os.stat(f"{d}/tmp").st_mode) == 0o1777
+    assert stat.S_IMODE(os.stat(f"{d}/shared").st_mode) == 0o2775
+    assert stat.S_IMODE(os.stat(f"{d}/bin/ping").st_mode) == 0o755
+
+
+# ------------------------------------------------------------ audit: more refusals
+
+def test_too_many_entries_is_an_inode_bomb(env):
+    refuse(env, [(f"f{i}", "file", b"") for i in range(101)], "inode bomb", max_entries=100)
+
+
+def test_entry_cap_allows_up_to_the_limit(env):
+    tmp, _, cache = env
+    src = make_tar(tmp / "l.tar", [(f"f{i}", "file", b"") for i in range(100)])
+    d = unpack_layer_once(src, DIGEST, str(cache), max_entries=100)
+    assert len(os.listdir(d)) == 100
+
+
+def test_hardlink_to_a_symlink_links_the_symlink_not_its_target(env):
+    tmp, host, cache = env
+    src = make_tar(tmp / "l.tar", [("s", "sym", str(host / "secret")), ("h", "link", "s")])
+    d = unpack_layer_once(src, DIGEST, str(cache))
+    assert os.path.islink(f"{d}/h") and os.readlink(f"{d}/h") == str(host / "secret")
+    assert os.lstat(f"{d}/h").st_ino == os.lstat(f"{d}/s").st_ino
+    assert os.stat(host / "secret").st_nlink == 1
+
+
+def test_hardlink_to_a_whiteout_device_is_refused(env):
+    refuse(env, [(".wh.gone", "file", b""), ("again", "link", "gone")], "special file")
+
+
+@pytest.mark.parametrize("name, why", [
+    ("a" * 256, "component"), ("d/" * 300 + "f", "deeper"),
+    (("x" * 200 + "/") * 21 + "f", "longer"),
+])
+def test_very_long_or_deep_names_are_refused(env, name, why):
+    refuse(env, [(name, "file")], "longer than 4096 bytes, deeper than 256 levels")
+
+
+def test_very_long_symlink_target_is_refused(env):
+    refuse(env, [("s", "sym", "a/" * 2100)], "target is over")
+
+
+def gnu_tar(env, *args) -> str:
+    tmp = env[0]
+    src = tmp / "src"
+    src.mkdir()
+    with open(src / "huge", "wb") as f:
+        f.truncate(64 * 1024**3)  # 64 GiB of holes: a tiny tar claiming a huge file
+        f.write(b"end")
+    out = str(tmp / "holes.tar")
+    subprocess.run(["tar", "-C", str(src), "--sparse", *args, "-cf", out, "huge"], check=True)
+    os.unlink(src / "huge")
+    os.rmdir(src)
+    assert os.path.getsize(out) < 1024 * 1024
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])  # old GNU sparse; PAX sparse 1.0
+def test_sparse_members_claiming_huge_sizes_are_refused(env, fmt):
+    tmp, host, cache = env
+    src = gnu_tar(env, f"--format={fmt}")
+    with pytest.raises(InvalidInput, match="is a sparse member"):
+        unpack_layer_once(src, DIGEST, str(cache))
+    assert os.listdir(os.path.dirname(layer_dir(str(cache), DIGEST))) == []
+
+
+def pax_tar(path, members) -> str:
+    """members: (name, pax_headers dict, data)."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+        for name, pax, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.pax_headers = pax
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    return str(path)
+
+
+def refuse_file(env, src, match, **kw):
+    tmp, host, cache = env
+    with pytest.raises(InvalidInput, match=match):
+        unpack_layer_once(src, DIGEST, str(cache), **kw)
+    assert os.listdir(os.path.dirname(layer_dir(str(cache), DIGEST))) == []
+    assert (host / "secret").read_text() == "host secret"
+
+
+def test_pax_path_with_dotdot_is_refused(env):
+    refuse_file(env, pax_tar(env[0] / "l.tar", [("ok", {"path": "../../escape"}, b"x")]),
+                "contains '..'")
+    assert not (env[0] / "escape").exists()
+
+
+def test_pax_header_over_the_metadata_cap_is_refused(env):
+    src = pax_tar(env[0] / "l.tar", [("f", {"comment": "x" * (2 * 1024 * 1024)}, b"")])
+    refuse_file(env, src, "metadata header")
+
+
+def test_global_pax_key_flood_is_refused(env):
+    tmp = env[0]
+    with tarfile.open(tmp / "l.tar", "w", format=tarfile.PAX_FORMAT,
+                      pax_headers={f"k{i}": "v" for i in range(2000)}) as t:
+        t.addfile(tarfile.TarInfo("f"), io.BytesIO(b""))
+    refuse_file(env, str(tmp / "l.tar"), "global PAX headers")
+
+
+def test_pax_header_flood_hits_the_stream_cap(env):
+    members = [(f"f{i}", {"comment": "x" * 500_000}, b"") for i in range(4)]
+    refuse_file(env, pax_tar(env[0] / "l.tar", members), "decompressed stream",
+                max_bytes=200_000)
+
+
+@pytest.mark.parametrize("pax", [{"uid": str(2**40)}, {"mtime": "1e300"}])
+def test_pax_owner_or_time_out_of_range_is_a_clear_refusal(env, pax):
+    refuse_file(env, pax_tar(env[0] / "l.tar", [("f", pax, b"x")]), "out of range")
+
+
+def test_directory_replaced_by_a_symlink_then_written_in_a_later_layer(env):
+    """Layers unpack separately; stacked by overlayfs, the later layer's directory hides
+    the earlier symlink and nothing is ever written through it on the host."""
+    from storage import mounts
+    tmp, host, cache = env
+    a = unpack_layer_once(make_tar(tmp / "a.tar", [("d/", "dir"), ("d/old", "file")]),
+                          "sha256:" + "a1" * 32, str(cache))
+    b = unpack_layer_once(make_tar(tmp / "b.tar", [("d", "sym", str(host))]),
+                          "sha256:" + "b2" * 32, str(cache))
+    c = unpack_layer_once(make_tar(tmp / "c.tar", [("d/x", "file", b"layer c")]),
+                          "sha256:" + "c3" * 32, str(cache))
+    assert os.path.islink(f"{b}/d") and os.path.isdir(f"{c}/d") and not os.path.islink(f"{c}/d")
+    for p in ("upper", "work", "root"):
+        (tmp / p).mkdir()
+    root = str(tmp / "root")
+    mounts.mount_overlay([c, b, a], str(tmp / "upper"), str(tmp / "work"), root)
+    try:
+        assert not os.path.islink(f"{root}/d") and os.listdir(f"{root}/d") == ["x"]
+        with open(f"{root}/d/y", "w") as f:  # a write in the container lands in the upper dir
+            f.write("new")
+    finally:
+        mounts.unmount(root)
+    assert sorted(os.listdir(host)) == ["secret"]
+    assert os.listdir(tmp / "upper" / "d") == ["y"]

@@ -118,3 +118,31 @@ def test_fifo_and_device_paths_are_refused_without_blocking(store, tmp_path):
         with pytest.raises(InvalidInput, match="not a regular file"):
             store.import_file(p, name="f")
     assert nothing_stored(store)
+
+
+def test_import_digest_reads_pool_images_through_the_same_source(db, tmp_path):
+    """A shared (remote-style) pool: another store records an OCI image by its manifest
+    digest (read through _PoolSource); a tar blob named as a disk is refused."""
+    from agent.state import Database
+    from storage.fake import FakeBackend
+
+    shared = FakeBackend("shared")
+    try:
+        a = ImageStore(db, {"local": LocalBackend("local", path=str(tmp_path / "pa")),
+                            "shared": shared}, default_pool="local",
+                       cache_dir=str(tmp_path / "ca"))
+        layout = ocibuild.write_layout(str(tmp_path / "layout"),
+                                       {"latest": ocibuild.busybox_layers()})
+        ct = a.import_oci(layout, name="bb", pool="shared")
+        db_b = Database(tmp_path / "b.db")
+        b = ImageStore(db_b, {"local": LocalBackend("local", path=str(tmp_path / "pb")),
+                              "shared": shared}, default_pool="local",
+                       cache_dir=str(tmp_path / "cb"))
+        got = b.import_digest("shared", ct.digest, name="bb")
+        assert (got.kind, got.layers) == ("container", ct.layers)
+        tar = shared.put_blob(io.BytesIO(open(layer_tar(tmp_path), "rb").read()))
+        with pytest.raises(InvalidInput, match="tar archive, not a disk image"):
+            b.import_digest("shared", tar.digest, name="t")
+        db_b.close()
+    finally:
+        shared.close()

@@ -843,7 +843,7 @@ def sniff_file(path: str) -> str | None:
         head = f.read(SNIFF_BYTES)
     for magic, comp in _COMPRESSIONS:
         if head.startswith(magic):
-            block = _decompress_head(comp, head, path)
+            block = _decompress_head(comp, head)
             return f"{comp}-compressed " + ("tar archive" if _is_tar(block) else "data")
     return "tar archive" if _is_tar(head[:tarfile.BLOCKSIZE]) else None
 
@@ -859,7 +859,7 @@ def _is_tar(block: bytes) -> bool:
     return True
 
 
-def _decompress_head(comp: str, head: bytes, path: str) -> bytes:
+def _decompress_head(comp: str, head: bytes) -> bytes:
     """The first tar block's worth of the decompressed ``head`` (b"" if unreadable)."""
     import bz2
     import lzma

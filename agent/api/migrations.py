@@ -9,6 +9,11 @@ bp = Blueprint("migrations", __name__)
 ROOTFS_STREAM_LIMIT = 1024**4  # 1 TiB: a container upper dir streamed by a peer
 
 
+def incoming_id(value: str) -> str:
+    """A peer names an instance by the id its source gave it: 32 hex digits, nothing else."""
+    return models.check(models.InstanceId, value, "instance id")
+
+
 @route(bp, "POST", "/v1/migrations", summary="Move an instance to a configured peer (202 + operation)",
        body=models.MigrationCreate, responses={202: models.Operation, 404: None, 409: None, 422: None})
 def create_migration():
@@ -31,32 +36,32 @@ def prepare_incoming():
        body=models.IncomingFinish, responses={200: models.InstanceResult, 403: None, 404: None, 409: None})
 def finish_incoming(id):
     req = parse(models.IncomingFinish)
-    return render(services().migrations.finish_incoming(g.caller, path_id(id), resume=req.resume,
+    return render(services().migrations.finish_incoming(g.caller, incoming_id(id), resume=req.resume,
                                                         start=req.start, keep=req.keep, define=req.define))
 
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/rootfs", summary="Peers only: a tar stream of a container's upper dir",
-       responses={200: dict, 403: None, 404: None, 409: None, 422: None})
+       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None})
 def receive_rootfs(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
-    return render(services().migrations.receive_rootfs(g.caller, path_id(id), request.stream))
+    return render(services().migrations.receive_rootfs(g.caller, incoming_id(id), request.stream))
 
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/disk", summary="Peers only: a stopped VM's disk layer (qcow2)",
-       responses={200: dict, 403: None, 404: None, 409: None, 422: None, 507: None})
+       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None})
 def receive_disk(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
-    return render(services().migrations.receive_disk(g.caller, path_id(id), request.stream))
+    return render(services().migrations.receive_disk(g.caller, incoming_id(id), request.stream))
 
 
 @route(bp, "DELETE", "/v1/peer/migrations/{id}", summary="Peers only: remove a prepared incoming instance",
-       responses={200: models.Deleted, 403: None, 409: None})
+       responses={200: models.Deleted, 400: None, 403: None, 409: None})
 def abort_incoming(id):
-    return render({"deleted": services().migrations.abort_incoming(g.caller, path_id(id))})
+    return render({"deleted": services().migrations.abort_incoming(g.caller, incoming_id(id))})
 
 
 @route(bp, "GET", "/v1/peer/images/{id}", summary="Peers only: an image's bytes (disk file or OCI tar)",
-       responses={200: "application/octet-stream", 403: None, 404: None}, auth="admin")
+       responses={200: "application/octet-stream", 400: None, 403: None, 404: None}, auth="admin")
 def export_image(id):
-    chunks, size = services().migrations.export_image(g.caller, path_id(id))
+    chunks, size = services().migrations.export_image(g.caller, models.check(models.ImageId, id, "image id"))
     return Response(chunks, mimetype="application/octet-stream", headers={"Content-Length": str(size)})

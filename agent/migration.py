@@ -28,7 +28,12 @@ it never deletes an adopted shared volume), and the operation fails with what we
 Trust: a destination accepts these calls only from a token whose *name* is one of its
 configured peers and whose role is admin: create it on the destination with
 ``nodeagent token create <source-peer-name> --role admin`` and put the secret in the
-source's ``[peers.<destination>] token``.
+source's ``[peers.<destination>] token``. A peer is still not a friend: every field it sends
+has the public API's constrained type (agent/models.py), the rootfs stream is unpacked by the
+hardened extractor (storage/upper.py), a disk layer may reference no file but the image's base,
+an image it sends must have the digest asked for, and it touches only the incoming instances it
+prepared (SOURCE_FILE); the source parses the destination's answers as strictly (its migration
+URI reaches libvirt), and exports only the image of an instance it is sending to that peer.
 
 Cancel (``DELETE /v1/operations/{id}``) fails a migration the same way until the guest
 runs on the destination: that is the operation's point of no return (a later cancel gets 409).

@@ -29,12 +29,14 @@ def get_migration(id):
 @route(bp, "POST", "/v1/peer/migrations", summary="Peers only: prepare to receive an instance",
        body=models.IncomingMigration, responses={200: models.IncomingPrepared, 403: None, 409: None, 422: None})
 def prepare_incoming():
+    services().migrations.require_peer(g.caller)  # first: a stranger learns nothing from validation
     return render(services().migrations.prepare_incoming(g.caller, parse(models.IncomingMigration)))
 
 
 @route(bp, "POST", "/v1/peer/migrations/{id}/finish", summary="Peers only: the guest runs here; adopt it",
        body=models.IncomingFinish, responses={200: models.InstanceResult, 403: None, 404: None, 409: None})
 def finish_incoming(id):
+    services().migrations.require_peer(g.caller)
     req = parse(models.IncomingFinish)
     return render(services().migrations.finish_incoming(g.caller, incoming_id(id), resume=req.resume,
                                                         start=req.start, keep=req.keep, define=req.define))

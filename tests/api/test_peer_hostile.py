@@ -401,3 +401,8 @@ def test_a_destinations_migration_uri_that_would_run_a_command_is_refused(admin,
     assert ("DELETE", f"/v1/peer/migrations/{inst['id']}") in evil_peer.calls  # told to clean up
     assert admin.get("/v1/instances/srcvm").json()["state"] == "running"
     assert admin.delete("/v1/instances/srcvm").status_code == 200
+
+
+def test_a_non_peer_is_refused_before_its_body_is_looked_at(admin):
+    assert_error(admin.post("/v1/peer/migrations", json={"spec": {}}), 403)
+    assert_error(admin.post(f"/v1/peer/migrations/{uuid.uuid4().hex}/finish", json={"keep": 1}), 403)

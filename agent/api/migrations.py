@@ -7,10 +7,10 @@ from agent.api import parse, path_id, render, route, services
 
 bp = Blueprint("migrations", __name__)
 ROOTFS_STREAM_LIMIT = 1024**4  # 1 TiB: a container upper dir streamed by a peer
+INCOMING_ID = {"id": models.InstanceId}  # a peer names an instance by the id its source gave it
 
 
 def incoming_id(value: str) -> str:
-    """A peer names an instance by the id its source gave it: 32 hex digits, nothing else."""
     return models.check(models.InstanceId, value, "instance id")
 
 
@@ -34,7 +34,8 @@ def prepare_incoming():
 
 
 @route(bp, "POST", "/v1/peer/migrations/{id}/finish", summary="Peers only: the guest runs here; adopt it",
-       body=models.IncomingFinish, responses={200: models.InstanceResult, 403: None, 404: None, 409: None})
+       body=models.IncomingFinish, path_types=INCOMING_ID,
+       responses={200: models.InstanceResult, 403: None, 404: None, 409: None})
 def finish_incoming(id):
     services().migrations.require_peer(g.caller)
     req = parse(models.IncomingFinish)
@@ -43,6 +44,7 @@ def finish_incoming(id):
 
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/rootfs", summary="Peers only: a tar stream of a container's upper dir",
+       path_types=INCOMING_ID,
        responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None})
 def receive_rootfs(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
@@ -50,6 +52,7 @@ def receive_rootfs(id):
 
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/disk", summary="Peers only: a stopped VM's disk layer (qcow2)",
+       path_types=INCOMING_ID,
        responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None})
 def receive_disk(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
@@ -57,13 +60,15 @@ def receive_disk(id):
 
 
 @route(bp, "DELETE", "/v1/peer/migrations/{id}", summary="Peers only: remove a prepared incoming instance",
-       responses={200: models.Deleted, 400: None, 403: None, 409: None})
+       path_types=INCOMING_ID, responses={200: models.Deleted, 400: None, 403: None, 409: None})
 def abort_incoming(id):
     return render({"deleted": services().migrations.abort_incoming(g.caller, incoming_id(id))})
 
 
 @route(bp, "GET", "/v1/peer/images/{id}", summary="Peers only: an image's bytes (disk file or OCI tar)",
+       path_types={"id": models.ImageId},
        responses={200: "application/octet-stream", 400: None, 403: None, 404: None}, auth="admin")
 def export_image(id):
-    chunks, size = services().migrations.export_image(g.caller, models.check(models.ImageId, id, "image id"))
+    image_id = models.check(models.ImageId, id, "image id")
+    chunks, size = services().migrations.export_image(g.caller, image_id)
     return Response(chunks, mimetype="application/octet-stream", headers={"Content-Length": str(size)})

@@ -28,7 +28,12 @@ it never deletes an adopted shared volume), and the operation fails with what we
 Trust: a destination accepts these calls only from a token whose *name* is one of its
 configured peers and whose role is admin: create it on the destination with
 ``nodeagent token create <source-peer-name> --role admin`` and put the secret in the
-source's ``[peers.<destination>] token``.
+source's ``[peers.<destination>] token``. A peer is still not a friend: every field it sends
+has the public API's constrained type (agent/models.py), the rootfs stream is unpacked by the
+hardened extractor (storage/upper.py), a disk layer may reference no file but the image's base,
+an image it sends must have the digest asked for, and it touches only the incoming instances it
+prepared (SOURCE_FILE); the source parses the destination's answers as strictly (its migration
+URI reaches libvirt), and exports only the image of an instance it is sending to that peer.
 
 Cancel (``DELETE /v1/operations/{id}``) fails a migration the same way until the guest
 runs on the destination: that is the operation's point of no return (a later cancel gets 409).
@@ -88,6 +93,9 @@ SPACE_HEADROOM = 64 * 1024 * 1024  # 64 MiB a local pool keeps free after taking
 # metadata, what the guest writes during the copy): a destination below it refuses at prepare
 NO_SPACE = "No space left on device"  # strerror(ENOSPC), as tar, QEMU and libvirt report it
 MiB = 1024 * 1024
+ROOTFS_MAX_BYTES = 1024**4  # 1 TiB: what one rootfs stream may unpack to (the API caps the stream the same)
+IMAGE_DOWNLOAD_SLACK = 16 * MiB  # an OCI archive's tar headers and index over the image's declared size
+IMAGE_DOWNLOAD_MAX = 1024**4  # what a source that declares no image size may send
 
 
 # -- talking to a peer agent --------------------------------------------------------------
@@ -122,16 +130,37 @@ class PeerClient:
             return False
 
     def prepare(self, body: dict) -> dict:
+        """The destination's answer (models.IncomingPrepared, as a dict), parsed as strictly as
+        a request: its paths and migration URI reach our hypervisor."""
         try:
-            return self._call("POST", "/v1/peer/migrations", json=body, timeout=PREPARE_TIMEOUT_S)
+            answer = self._call("POST", "/v1/peer/migrations", json=body, timeout=PREPARE_TIMEOUT_S)
         except InsufficientResources as e:
             raise InsufficientResources(f"{e.message}; {body['instance']['name']!r} stays here, unchanged") from None
+        try:
+            return self.parse_answer(models.IncomingPrepared, answer, "prepare")
+        except CommandFailed:
+            try:  # it prepared something: it removes it (or does on restart, or on a retry)
+                self.abort(body["instance"]["id"])
+            except AgentError:
+                pass
+            raise
+
+    def parse_answer(self, model, answer, what: str) -> dict:
+        from pydantic import ValidationError
+        try:
+            return model.model_validate(answer).model_dump(exclude_none=True)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                 for err in e.errors(include_url=False, include_input=False)[:5])
+            raise CommandFailed(f"peer {self.name!r} gave a malformed answer to {what}: {problems}; "
+                                "nothing was done with it") from None
 
     def finish(self, inst_id: str, body: dict) -> dict:
         return self._call("POST", f"/v1/peer/migrations/{inst_id}/finish", json=body)
 
     def abort(self, inst_id: str) -> bool:
-        return self._call("DELETE", f"/v1/peer/migrations/{inst_id}", timeout=ABORT_TIMEOUT_S)["deleted"]
+        return self.parse_answer(models.Deleted, self._call("DELETE", f"/v1/peer/migrations/{inst_id}",
+                                                            timeout=ABORT_TIMEOUT_S), "abort")["deleted"]
 
     def _send(self, inst_id: str, what: str, body, content_type: str):
         """PUT a stream to /v1/peer/migrations/{id}/{what}; the response (see _taken)."""
@@ -192,8 +221,12 @@ class PeerClient:
         self._taken(self._send(inst_id, "disk", body(), "application/octet-stream"), "disk")
         return counted["n"]
 
-    def download_image(self, image_id: str, dest: str) -> None:
+    def download_image(self, image_id: str, dest: str, limit: int) -> str:
+        """Write the image's bytes (at most ``limit``) to ``dest``; their sha256 (hex)."""
+        import hashlib
+
         import requests
+        h, n = hashlib.sha256(), 0
         try:
             with self.client.s.get(f"{self.url}/v1/peer/images/{image_id}", stream=True,
                                    timeout=PEER_TIMEOUT_S, verify=self.client.verify) as r:
@@ -202,10 +235,16 @@ class PeerClient:
                                         f"HTTP {r.status_code} {r.text[:300]}")
                 with open(dest, "wb") as f:
                     for chunk in r.iter_content(IMAGE_CHUNK):
+                        n += len(chunk)
+                        if n > limit:
+                            raise Unprocessable(f"peer {self.name!r} sent more than {limit} bytes for image "
+                                                f"{image_id[:12]}, more than it declared: refused")
+                        h.update(chunk)
                         f.write(chunk)
         except requests.RequestException as e:
             raise Unavailable(f"peer {self.name!r} ({self.url}) is unreachable while sending image "
                               f"{image_id[:12]}: {e.__class__.__name__}") from None
+        return h.hexdigest()
 
 
 def peer_error(peer: str, status: int, message: str) -> AgentError:
@@ -247,37 +286,70 @@ def criu_works() -> tuple[bool, str]:
 
 
 LAYERS_FILE = "rootfs-layers.json"  # destination: where a prepared container's layers are
+SOURCE_FILE = "migration-source"  # destination: the peer that prepared the instance (only it may go on)
 SHARED_FILE = "shared-volumes.json"  # destination: the adopted shared volumes (never deleted on abort)
 LOCAL_POOL_KINDS = ("local", "fake")  # pools whose volumes are host-local: migration copies them
 
 
-def untar_into(dest: str, stream) -> int:
-    """Unpack a tar stream into ``dest`` (owners, modes, whiteout devices and trusted.*
-    xattrs kept: the upper dir of an overlay); bytes read. Only peers send these."""
-    proc = subprocess.Popen(["tar", "-x", "-p", "--xattrs", "--xattrs-include=trusted.*", "--numeric-owner",
-                             "--no-overwrite-dir", "-f", "-", "-C", dest],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-    n = 0
-    try:
-        while chunk := stream.read(IMAGE_CHUNK):
-            n += len(chunk)
-            if proc.poll() is None:  # a tar that died (disk full) leaves the rest to drain
-                try:
-                    proc.stdin.write(chunk)
-                except BrokenPipeError:
-                    pass
-    finally:
-        try:
-            proc.stdin.close()
-        except BrokenPipeError:
+class _Counted:
+    """A read()-able stream that counts what was read from it."""
+
+    def __init__(self, stream):
+        self.stream, self.n = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.n += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read to the end: the sender gets our answer, not a reset."""
+        while self.read(IMAGE_CHUNK):
             pass
-        err = proc.stderr.read().decode(errors="replace")
-        proc.wait()
-    if proc.returncode != 0:
-        if NO_SPACE in err:
-            raise InsufficientResources(f"{dest}: {NO_SPACE.lower()} after {n // MiB} MiB of the rootfs")
-        raise CommandFailed(f"unpacking the rootfs into {dest} failed: {err[-500:]}", stderr=err)
-    return n
+
+
+def untar_into(dest: str, stream) -> int:
+    """Unpack a peer's tar stream of a container's upper dir into ``dest`` with the hardened
+    extractor (storage/upper.py: nothing an earlier stream left there is followed; owners,
+    modes, whiteouts and overlay xattrs kept); bytes read. A refused or failed stream is
+    drained, then raised: InvalidInput, or InsufficientResources when the pool fills up."""
+    from storage.upper import unpack_upper
+    counted = _Counted(stream)
+    try:
+        unpack_upper(counted, dest, max_bytes=ROOTFS_MAX_BYTES, label="the rootfs stream")
+    except OSError as e:
+        counted.drain()
+        if e.errno == errno.ENOSPC:
+            raise InsufficientResources(f"{dest}: {NO_SPACE.lower()} after {counted.n // MiB} MiB of the "
+                                        "rootfs") from None
+        raise
+    except BaseException:
+        counted.drain()
+        raise
+    counted.drain()  # the tar's end-of-archive padding
+    return counted.n
+
+
+def check_disk_layer(info: dict, image, base: str | None) -> None:
+    """InvalidInput unless ``info`` (qemu-img info of a peer's disk file, which opens neither a
+    backing nor a data file) is a plain qcow2 layer: no external data file, no encryption, and
+    no backing reference but the source's copy of ``image`` (``.../<image id>``), which the
+    caller replaces with this pool's ``base``."""
+    if info.get("format") != "qcow2":
+        raise InvalidInput(f"the disk sent is {info.get('format')!r}, not a qcow2 layer")
+    data = (info.get("format-specific") or {}).get("data") or {}
+    if data.get("data-file") or data.get("data-file-raw"):
+        raise InvalidInput(f"the disk sent uses an external data file ({data.get('data-file')!r}): refused "
+                           "(it would write to a file of this host)")
+    if data.get("encrypt") or info.get("encrypted"):
+        raise InvalidInput("the disk sent is encrypted: refused")
+    backing = info.get("backing-filename")
+    if backing is not None:
+        fmt = info.get("backing-filename-format")
+        if base is None or not backing.startswith("/") or os.path.basename(backing) != image.id \
+                or fmt not in (None, image.format):
+            raise InvalidInput(f"the disk sent has the backing file {backing[:200]!r} ({fmt}): only the "
+                               f"source's copy of image {image.id[:12]} ({image.format}) may be its base")
 
 
 def rootfs_paths(upper: str) -> list[str]:
@@ -316,6 +388,7 @@ class MigrationService:
         self.root = root
         self._live: dict[str, dict] = {}  # migration (= operation) id -> live figures
         self._busy: set[str] = set()  # instance ids being migrated away
+        self._sending: dict[str, str] = {}  # instance id being migrated away -> destination peer
         self._lock = threading.Lock()
 
     @property
@@ -370,6 +443,7 @@ class MigrationService:
             if inst["id"] in self._busy:
                 raise Conflict(f"instance {inst['name']!r} is already being migrated")
             self._busy.add(inst["id"])
+            self._sending[inst["id"]] = peer.name
 
         def work(op):
             try:
@@ -382,12 +456,14 @@ class MigrationService:
             finally:
                 with self._lock:
                     self._busy.discard(inst["id"])
+                    self._sending.pop(inst["id"], None)
 
         try:
             op = self.root.operations.submit("migration", inst["id"], work)
         except BaseException:
             with self._lock:
                 self._busy.discard(inst["id"])
+                self._sending.pop(inst["id"], None)
             raise
         self._live[op["id"]] = {"instance": inst["id"], "name": inst["name"], "destination": peer.name,
                                 "mode": req.mode}
@@ -638,16 +714,17 @@ class MigrationService:
         On failure nothing is left."""
         source = self.require_peer(caller)
         inst = req.instance
-        self._clear_stale(inst.id, inst.name)
+        self._clear_stale(source, inst.id, inst.name)
         cfg = self.config
         if req.shared_volumes and inst.pool not in cfg.pools:
             raise Unprocessable(f"pool {inst.pool!r} is not configured here: shared storage needs "
                                 f"[pools.{inst.pool}] naming the same Ceph pool on both hosts")
         pool = inst.pool if inst.pool in cfg.pools else cfg.default_pool
+        self._check_volumes_free(pool, inst.volumes, shared=bool(req.shared_volumes))
         self._check_space(pool, req)
-        image = self._ensure_image(source, req.image)
+        image = self._ensure_image(source, req.image, req.image_bytes)
         now = time.time()
-        spec = dict(req.spec, image_id=image.id)
+        spec = dict(req.spec.model_dump(), image_id=image.id)
         import sqlite3
         try:
             self.root.db.execute(
@@ -660,6 +737,7 @@ class MigrationService:
                            "migrating") from None
         self.root.instances._changed()
         try:
+            (self.root.instances._instance_dir(inst.id) / SOURCE_FILE).write_text(source)
             if inst.kind == "container":
                 return self._prepare_container(inst, image, pool)
             if req.shared_volumes:
@@ -668,6 +746,20 @@ class MigrationService:
         except BaseException:
             self._destroy_incoming(inst.id)
             raise
+
+    def _check_volumes_free(self, pool: str, volumes, shared: bool) -> None:
+        """Conflict if an instance here has a volume of these names (a peer names the volumes it
+        sends; a failed prepare removes them), or, unless shared, the pool holds one already."""
+        backend = self.root.pools[pool]
+        for r in self.root.db.query("SELECT name, volumes FROM instances"):
+            taken = set(json.loads(r["volumes"])) & set(volumes)
+            if taken:
+                raise Conflict(f"volume {sorted(taken)[0]!r} belongs to instance {r['name']!r} here: "
+                               "an incoming instance brings volumes of its own")
+        for vol in volumes if not shared else ():
+            if backend.find_volume(vol) is not None:
+                raise Conflict(f"pool {pool!r} holds a volume {vol!r} already: an incoming instance "
+                               "brings volumes of its own")
 
     def _check_space(self, pool: str, req: models.IncomingMigration) -> None:
         """InsufficientResources unless local pool ``pool`` can take the instance's data (its
@@ -771,8 +863,7 @@ class MigrationService:
     def receive_rootfs(self, caller: dict, inst_id: str, stream) -> dict:
         """Unpack a tar stream of the container's upper dir (overlay whiteouts and xattrs
         kept) over what earlier syncs sent."""
-        self.require_peer(caller)
-        inst = self._incoming(inst_id)
+        inst = self._incoming(inst_id, self.require_peer(caller))
         if inst["kind"] != "container":
             raise Unprocessable("only containers take a rootfs stream")
         layers = json.loads((self.config.state_path / "instances" / inst_id / LAYERS_FILE).read_text())
@@ -786,8 +877,7 @@ class MigrationService:
         """A stopped VM's root disk (its qcow2 layer, as the source holds it) replaces the
         prepared overlay, pointed at this pool's copy of the same base image."""
         from storage import qemu_img
-        self.require_peer(caller)
-        inst = self._incoming(inst_id)
+        inst = self._incoming(inst_id, self.require_peer(caller))
         if inst["kind"] != "vm":
             raise Unprocessable("only VMs take a disk stream")
         vol = self.root.pools[inst["pool"]].get_volume(inst["volumes"][0])
@@ -809,10 +899,10 @@ class MigrationService:
                     while stream.read(IMAGE_CHUNK):  # the sender gets our answer, not a reset
                         pass
                     raise
-            if qemu_img.info(tmp, format="qcow2")["format"] != "qcow2":
-                raise InvalidInput("the disk sent is not a qcow2 layer")
-            if base:
+            check_disk_layer(qemu_img.info(tmp, format="qcow2"), image, base)
+            if base:  # unsafe: the peer's backing name is replaced, never opened
                 qemu_img.rebase(tmp, base, backing_format=image.format, unsafe=True)
+            qemu_img.check(tmp, format="qcow2")  # only now: check opens the backing file
             os.chmod(tmp, 0o644)
             os.replace(tmp, vol.path)
         except OSError as e:
@@ -864,7 +954,12 @@ class MigrationService:
         host = self.config.api.listen.rpartition(":")[0].strip("[]")
         return f"qemu+tcp://{host}/system"
 
-    def _ensure_image(self, source: str, want: models.IncomingImage):
+    def _ensure_image(self, source: str, want: models.IncomingImage, declared: int | None):
+        """This host's copy of image ``want``, pulled from ``source`` if missing: at most the
+        size it declared, checked to BE that image (its digest) before anything is imported,
+        then imported like any other image (backing and data files refused, layers unpacked
+        safely)."""
+        from storage import oci
         store = self.root.store
         img = store.find(want.id)
         if img is not None:
@@ -874,8 +969,15 @@ class MigrationService:
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".migration-image-", dir=cache)
         os.close(fd)
+        limit = declared + max(declared // 100, IMAGE_DOWNLOAD_SLACK) if declared else IMAGE_DOWNLOAD_MAX
         try:
-            peer.download_image(want.id, tmp)
+            got = peer.download_image(want.id, tmp, limit)
+            if want.kind == "container":
+                with oci.open_source(tmp) as src:
+                    got = src.resolve(None).manifest_digest.removeprefix("sha256:")
+            if got != want.id:
+                raise Unprocessable(f"image {want.id[:12]} from {source} arrived as {got[:12]}: not the "
+                                    "image asked for (corrupted in transfer?); nothing was imported")
             name = want.name if store.find(want.name) is None else f"{want.name}-{want.id[:12]}"
             if want.kind == "vm":
                 img = store.import_file(tmp, name=name, format=want.format)
@@ -883,21 +985,34 @@ class MigrationService:
                 img = store.import_oci(tmp, name=name)
         finally:
             os.unlink(tmp)
-        if img.id != want.id:
-            store.delete(img.id)
-            raise CommandFailed(f"image {want.id[:12]} from {source} arrived as {img.id[:12]}: "
-                                "the transfer was corrupted; retry the migration")
         return img
 
-    def _clear_stale(self, inst_id: str, name: str) -> None:
-        """A failed earlier attempt may have left an ``incoming`` row: remove it."""
+    def _clear_stale(self, source: str, inst_id: str, name: str) -> None:
+        """A failed earlier attempt from ``source`` may have left an ``incoming`` row: remove it
+        (never another peer's)."""
         for r in self.root.db.query("SELECT id, state FROM instances WHERE id=? OR name=?", (inst_id, name)):
-            if r["state"] == INCOMING:
+            if r["state"] == INCOMING and self._source_of(r["id"]) == source:
                 with self.root.instances.lock(r["id"]):
                     self._destroy_incoming(r["id"])
 
-    def _incoming(self, inst_id: str) -> dict:
-        inst = self.root.instances.get(inst_id)
+    def _source_of(self, inst_id: str) -> str | None:
+        """The peer that prepared instance ``inst_id`` here; None for one made here."""
+        try:
+            return (self.config.state_path / "instances" / inst_id / SOURCE_FILE).read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def _from(self, inst_id: str, source: str) -> dict:
+        """The instance record ``inst_id`` (by id only) if ``source`` prepared it here; else
+        NotFound: a peer sees and touches only what it sent."""
+        r = self.root.db.one("SELECT id FROM instances WHERE id=?", (inst_id,))
+        inst = self.root.instances.get(inst_id) if r is not None else None  # by id OR name: check which
+        if inst is None or inst["id"] != inst_id or self._source_of(inst_id) != source:
+            raise NotFound(f"no instance {inst_id} came from {source!r} here")
+        return inst
+
+    def _incoming(self, inst_id: str, source: str) -> dict:
+        inst = self._from(inst_id, source)
         if inst["state"] != INCOMING:
             raise Conflict(f"instance {inst['name']!r} is {inst['state']}, not an incoming migration")
         return inst
@@ -908,11 +1023,11 @@ class MigrationService:
         stopped); container: create (and start) it on the synced rootfs. The record becomes
         the instance's record. Idempotent: an instance this agent adopted already (an earlier
         finish whose answer was lost, or, for a running VM, a restart) is answered as is."""
-        self.require_peer(caller)
-        inst = self.root.instances.get(inst_id)
+        source = self.require_peer(caller)
+        inst = self._from(inst_id, source)
         if inst["state"] in ADOPTED_STATES:
             return {"instance": inst}
-        inst = self._incoming(inst_id)
+        inst = self._incoming(inst_id, source)
         with self.root.instances.lock(inst_id):
             if inst["kind"] == "container":
                 return self._finish_container(inst, start, keep)
@@ -932,18 +1047,27 @@ class MigrationService:
 
     def abort_incoming(self, caller: dict, inst_id: str) -> bool:
         """Remove what ``prepare_incoming`` made; False if there was nothing."""
-        self.require_peer(caller)
+        source = self.require_peer(caller)
         r = self.root.db.one("SELECT state FROM instances WHERE id=?", (inst_id,))
         if r is None:
             return False
+        if self._source_of(inst_id) != source:
+            raise Conflict(f"instance {inst_id} here did not come from {source!r}: only an incoming migration "
+                           "is aborted, by the peer that sent it")
         if r["state"] != INCOMING:
             raise Conflict(f"instance {inst_id} is {r['state']} here: only an incoming migration is aborted")
         with self.root.instances.lock(inst_id):
             return self._destroy_incoming(inst_id)
 
     def export_image(self, caller: dict, image_id: str):
-        """(a generator of the image's bytes, size) for a peer that lacks it."""
-        self.require_peer(caller)
+        """(a generator of the image's bytes, size) for a peer that lacks it: only the image of
+        an instance this host is migrating to that peer right now."""
+        peer = self.require_peer(caller)
+        with self._lock:
+            sending = [i for i, dest in self._sending.items() if dest == peer]
+        if not any(self.root.instances.get(i)["image"] == image_id for i in sending):
+            raise NotFound(f"image {image_id[:12]} is not the image of an instance this host is migrating "
+                           f"to {peer!r}")
         img = self.root.store.get(image_id)
         cache = self.config.state_path / "cache"
         cache.mkdir(parents=True, exist_ok=True)

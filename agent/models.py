@@ -5,12 +5,25 @@ The OpenAPI spec (agent/openapi.py) is generated from these models, so a field's
 """
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, \
+    model_validator
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: instance names
 IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+INSTANCE_ID_PATTERN = r"^[0-9a-f]{32}$"  # uuid4().hex, as this agent makes them
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+# pools and volumes: words joined by single '-', '_' or '.' (so never '..', '/', a leading '.' or '-')
+POOL_NAME_PATTERN = r"^[A-Za-z0-9]+([_.-][A-Za-z0-9]+)*$"
+VOLUME_NAME_PATTERN = POOL_NAME_PATTERN
+MAC_PATTERN = r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$"
+IPV4_PATTERN = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$"
+HOST_PATH_PATTERN = r"^/[^\x00-\x1f]{0,4095}$"  # absolute, no control characters
+REL_PATH_PATTERN = r"^[^/\x00][^\x00]{0,4095}$"  # relative, no NUL
+DISK_TARGET_PATTERN = r"^[svh]d[a-z]{1,2}$"  # vda, sda, ...
 MAX_MEMORY_MIB = 1024 * 1024  # 1 TiB
 MAX_CPUS = 256
 
@@ -25,6 +38,40 @@ Int = Annotated[int, BeforeValidator(_integral)]
 
 def IntRange(lo: int, hi: int):  # noqa: N802 - a type
     return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_integral)]
+
+
+def _ipv4(v: str) -> str:
+    ipaddress.IPv4Address(v)  # ValueError: 999.1.1.1, 01.2.3.4
+    return v
+
+
+# Every string that may reach a path, a cgroup, a libvirt name, a URI or a command is one of
+# these types, in the public models and in the peer models alike: a field cannot be added
+# without its pattern (tests/unit/test_peer_models.py checks every peer-facing string).
+Name = Annotated[str, Field(pattern=NAME_PATTERN, description="an instance name: a hostname label")]
+InstanceId = Annotated[str, Field(pattern=INSTANCE_ID_PATTERN)]
+ImageId = Annotated[str, Field(pattern=SHA256_PATTERN, description="an image id: its sha256 digest, hex")]
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
+Digest = Annotated[str, Field(pattern=DIGEST_PATTERN)]
+ImageName = Annotated[str, Field(pattern=IMAGE_NAME_PATTERN)]
+PoolName = Annotated[str, Field(min_length=1, max_length=64, pattern=POOL_NAME_PATTERN)]
+VolumeName = Annotated[str, Field(min_length=1, max_length=128, pattern=VOLUME_NAME_PATTERN)]
+Mac = Annotated[str, Field(pattern=MAC_PATTERN)]
+IPv4 = Annotated[str, Field(pattern=IPV4_PATTERN), AfterValidator(_ipv4)]
+HostPath = Annotated[str, Field(pattern=HOST_PATH_PATTERN)]
+RelPath = Annotated[str, Field(pattern=REL_PATH_PATTERN)]
+DiskTarget = Annotated[str, Field(pattern=DISK_TARGET_PATTERN)]
+
+
+def check(type_, value, what: str):
+    """``value`` as ``type_`` (one of the types above), or InvalidInput naming ``what``: for
+    values that arrive outside a model (a path segment)."""
+    from agent.errors import InvalidInput
+    try:
+        return TypeAdapter(type_).validate_python(value, strict=True)
+    except ValidationError as e:
+        raise InvalidInput(f"{what} {str(value)[:80]!r} is malformed: "
+                           f"{e.errors(include_url=False)[0]['msg']}") from None
 
 
 class Model(BaseModel):
@@ -120,7 +167,7 @@ class FileSource(Model):
 class UrlSource(Model):
     type: Literal["url"]
     url: str = Field(pattern=r"^https?://", max_length=4096)
-    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    sha256: Sha256 | None = None
 
 
 class RegistrySource(Model):
@@ -162,7 +209,7 @@ ImageSource = Annotated[Union[FileSource, UrlSource, RegistrySource, S3Source],
 
 
 class ImageImport(Model):
-    name: str = Field(pattern=IMAGE_NAME_PATTERN)
+    name: ImageName
     source: ImageSource
     format: Literal["qcow2", "raw", "oci"] | None = Field(
         None, description="what the source holds; by default detected from its content: a "
@@ -172,9 +219,8 @@ class ImageImport(Model):
                           "(qcow2 or raw). An archive is never a VM disk: qcow2/raw given for a "
                           "tar or compressed file is refused, and so is oci for a file that is "
                           "not a tar. Given, it must match the content")
-    pool: str | None = Field(None, min_length=1, max_length=64,
-                             description="where to store the image (default: the default pool; "
-                                         "for an s3 source by digest: source.pool, nothing is copied)")
+    pool: PoolName | None = Field(None, description="where to store the image (default: the default pool; "
+                                                  "for an s3 source by digest: source.pool, nothing is copied)")
 
 
 class Image(Model):
@@ -201,18 +247,18 @@ class PortSpec(Model):
     host_port: Int = Field(ge=1, le=65535)
     container_port: Int = Field(ge=1, le=65535)
     protocol: Literal["tcp", "udp"] = "tcp"
-    host_ip: str = Field("127.0.0.1", pattern=r"^[0-9.]{7,15}$")
+    host_ip: IPv4 = "127.0.0.1"
 
 
 class InstanceCreate(Model):
-    name: str = Field(pattern=NAME_PATTERN)
+    name: Name
     kind: Literal["vm", "container"]
     image: str = Field(min_length=1, max_length=128)
     cpus: float = Field(1, gt=0, le=MAX_CPUS)
     memory_mib: Int = Field(256, ge=16, le=MAX_MEMORY_MIB)
     disk_gib: IntRange(1, 65536) | None = None
     pids_max: IntRange(1, 4_194_304) | None = None
-    pool: str | None = Field(None, min_length=1, max_length=64)
+    pool: PoolName | None = None
     network: Literal["bridge", "none", "host"] = "bridge"
     ports: list[PortSpec] = Field(default_factory=list, max_length=64)
     env: dict[str, str] = Field(default_factory=dict, max_length=256)
@@ -302,49 +348,102 @@ class Migration(Model):
     error: ErrorDetail | None = None
 
 
-# peer-to-peer (destination side of a migration; only configured peers may call these)
+# peer-to-peer (destination side of a migration; only configured peers may call these).
+# A peer is another host, not a friend: every field is typed with the same constrained types
+# as the public API, and the answers a destination gives are parsed as strictly by the source.
+
+URI_PATTERN = r"^[a-z][a-z0-9+.-]*:[^\x00-\x20]{1,1024}$"
+DISK_SOURCE_PATTERN = r"^(/|rbd:)[^\x00-\x1f]{1,4095}$"  # a host path, or an RBD image
+# libvirt's remote transports over the network only: no ext (runs a command), ssh (runs ssh
+# with the host as an argument), unix or local URIs, no query (?command=, ?socket=, ?no_verify=)
+MIGRATION_URI_PATTERN = (r"^(|qemu\+(tcp|tls)://([A-Za-z0-9]([A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])"
+                         r"(:[0-9]{1,5})?/system|fake://[A-Za-z0-9]+([_.-][A-Za-z0-9]+)*)$")
+Uri = Annotated[str, Field(pattern=URI_PATTERN)]
+DiskSource = Annotated[str, Field(pattern=DISK_SOURCE_PATTERN)]
+MigrationUri = Annotated[str, Field(pattern=MIGRATION_URI_PATTERN)]
+HostPort = Annotated[str, Field(pattern=r"^([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$")]
+CephUser = Annotated[str, Field(pattern=r"^[A-Za-z0-9]+([_.-][A-Za-z0-9]+)*$", max_length=64)]
+Uuid = Annotated[str, Field(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
+
 
 class IncomingInstance(Model):
-    id: str = Field(pattern=r"^[0-9a-f]{32}$")
-    name: str = Field(min_length=1, max_length=128)
+    id: InstanceId
+    name: Name
     kind: Literal["vm", "container"]
-    pool: str = Field(min_length=1, max_length=128)
-    volumes: list[str] = Field(min_length=1, max_length=8)
-    mac: str | None = None
-    ip: str | None = Field(None, pattern=r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
+    pool: PoolName
+    volumes: list[VolumeName] = Field(min_length=1, max_length=8)
+    mac: Mac | None = None
+    ip: IPv4 | None = None
 
 
 class IncomingImage(Model):
-    id: str = Field(pattern=r"^[0-9a-f]{64}$")
-    name: str = Field(min_length=1, max_length=256)
-    format: str
+    id: ImageId
+    name: ImageName
+    format: Literal["qcow2", "raw", "oci"]
     kind: Literal["vm", "container"]
+
+    @model_validator(mode="after")
+    def _format_of_kind(self):
+        if (self.kind == "container") != (self.format == "oci"):
+            raise ValueError(f"a {self.kind} image cannot be of format {self.format}")
+        return self
+
+
+class InstanceSpec(InstanceCreate):
+    """What the source asked for when it created the instance (its record's spec)."""
+    image_id: ImageId | None = None
 
 
 class IncomingMigration(Model):
     instance: IncomingInstance
-    spec: dict[str, Any]
+    spec: InstanceSpec
     image: IncomingImage
     data_bytes: IntRange(0, 2**53) | None = None  # bytes the copy writes there (written disk data, upper dir)
     image_bytes: IntRange(0, 2**53) | None = None  # the image's size: what a destination lacking it stores
     disk_size: IntRange(0, 2**53) | None = None  # bytes
     # shared storage (block pools): volume name -> its uri on the source; the destination
     # adopts these volumes (the same images) instead of making new ones
-    shared_volumes: dict[str, str] | None = Field(None, max_length=8)
+    shared_volumes: dict[VolumeName, Uri] | None = Field(None, max_length=8)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        inst = self.instance
+        if (self.spec.name, self.spec.kind) != (inst.name, inst.kind):
+            raise ValueError("spec.name and spec.kind must be the instance's")
+        if self.image.kind != inst.kind:
+            raise ValueError(f"a {inst.kind} cannot be made from a {self.image.kind} image")
+        if self.spec.image_id not in (None, self.image.id):
+            raise ValueError("spec.image_id must be the image sent")
+        if self.shared_volumes is not None and set(self.shared_volumes) != set(inst.volumes):
+            raise ValueError("shared_volumes must name exactly the instance's volumes")
+        return self
+
+
+class RbdAttach(Model):
+    monitors: list[HostPort] | None = Field(None, max_length=16)
+    config: HostPath | None = None
+    user: CephUser | None = None
+    secret_uuid: Uuid | None = None
 
 
 class IncomingPrepared(Model):
-    disk_sources: dict[str, str]
-    disk_attach: dict[str, dict[str, Any]] | None = None  # shared RBD disks: monitors, config, user, secret_uuid
-    console_log: str | None = None
-    migration_uri: str
+    """The destination's answer: where its disks are and how its hypervisor is reached. The
+    source parses it as strictly as any request (a destination is untrusted too)."""
+    disk_sources: dict[DiskTarget, DiskSource] = Field(max_length=8)
+    disk_attach: dict[DiskTarget, RbdAttach] | None = Field(None, max_length=8)  # shared RBD disks
+    console_log: HostPath | None = None
+    migration_uri: MigrationUri
 
 
 class IncomingFinish(Model):
     resume: bool = True  # VMs: resume a guest the completion timeout paused
     start: bool = True  # containers: start it here (it ran on the source)
-    keep: list[str] | None = Field(None, max_length=1_000_000)  # containers: upper-dir paths to keep
+    keep: list[RelPath] | None = Field(None, max_length=1_000_000)  # containers: upper-dir paths to keep
     define: bool = False  # VMs moved offline (stopped, disk sent): define the domain here, stopped
+
+
+class Received(Model):
+    bytes: int
 
 
 class InstanceResult(Model):

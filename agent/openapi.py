@@ -1,6 +1,8 @@
 """Generate the OpenAPI 3.1 spec from the route table (agent/api) and the pydantic models."""
 from __future__ import annotations
 
+from pydantic import TypeAdapter
+
 from agent import models
 from agent.api import PATH_ID_RE, ROUTES
 
@@ -24,7 +26,8 @@ def build(version: str = "0.1.0") -> dict:
         op: dict = {"summary": r.summary, "operationId": r.endpoint.replace(".", "_"), "tags": [r.tag],
                     "responses": {}}
         params = [{"name": p, "in": "path", "required": True,
-                   "schema": {"type": "string", "pattern": PATH_ID_RE.pattern, "maxLength": 128}}
+                   "schema": TypeAdapter(r.path_types[p]).json_schema() if p in r.path_types else
+                   {"type": "string", "pattern": PATH_ID_RE.pattern, "maxLength": 128}}
                   for p in _path_params(r.path)]
         params += [{"name": q["name"], "in": "query", "required": False, "schema": q["schema"],
                     "description": q.get("description", "")} for q in r.query]

@@ -32,18 +32,22 @@ class Route:
     query: list[dict] = field(default_factory=list)  # {name, schema, description}
     auth: str = "reader"  # none | reader | admin (admin: every non-GET route)
     endpoint: str = ""
+    path_types: dict[str, Any] = field(default_factory=dict)  # a path parameter's constrained type (models)
 
 
 ROUTES: list[Route] = []
 
 
 def route(bp: Blueprint, method: str, path: str, *, summary: str, responses: dict,
-          body: type[BaseModel] | None = None, query: list[dict] | None = None, auth: str | None = None):
-    """Declare a view: its Flask rule and its OpenAPI operation in one place."""
+          body: type[BaseModel] | None = None, query: list[dict] | None = None, auth: str | None = None,
+          path_types: dict[str, Any] | None = None):
+    """Declare a view: its Flask rule and its OpenAPI operation in one place. ``path_types``:
+    a path parameter's type from agent.models when it is narrower than PATH_ID_RE (the view
+    checks it with models.check)."""
     def deco(fn):
         endpoint = f"{bp.name}.{fn.__name__}"
         ROUTES.append(Route(method, path, summary, bp.name, body, responses, query or [],
-                            auth or ("reader" if method == "GET" else "admin"), endpoint))
+                            auth or ("reader" if method == "GET" else "admin"), endpoint, path_types or {}))
         rule = re.sub(r"\{(\w+)\}", r"<\1>", path)
         bp.add_url_rule(rule, endpoint=fn.__name__, view_func=fn, methods=[method])
         return fn

@@ -7,6 +7,11 @@ from agent.api import parse, path_id, render, route, services
 
 bp = Blueprint("migrations", __name__)
 ROOTFS_STREAM_LIMIT = 1024**4  # 1 TiB: a container upper dir streamed by a peer
+INCOMING_ID = {"id": models.InstanceId}  # a peer names an instance by the id its source gave it
+
+
+def incoming_id(value: str) -> str:
+    return models.check(models.InstanceId, value, "instance id")
 
 
 @route(bp, "POST", "/v1/migrations", summary="Move an instance to a configured peer (202 + operation)",
@@ -24,39 +29,46 @@ def get_migration(id):
 @route(bp, "POST", "/v1/peer/migrations", summary="Peers only: prepare to receive an instance",
        body=models.IncomingMigration, responses={200: models.IncomingPrepared, 403: None, 409: None, 422: None})
 def prepare_incoming():
+    services().migrations.require_peer(g.caller)  # first: a stranger learns nothing from validation
     return render(services().migrations.prepare_incoming(g.caller, parse(models.IncomingMigration)))
 
 
 @route(bp, "POST", "/v1/peer/migrations/{id}/finish", summary="Peers only: the guest runs here; adopt it",
-       body=models.IncomingFinish, responses={200: models.InstanceResult, 403: None, 404: None, 409: None})
+       body=models.IncomingFinish, path_types=INCOMING_ID,
+       responses={200: models.InstanceResult, 403: None, 404: None, 409: None})
 def finish_incoming(id):
+    services().migrations.require_peer(g.caller)
     req = parse(models.IncomingFinish)
-    return render(services().migrations.finish_incoming(g.caller, path_id(id), resume=req.resume,
+    return render(services().migrations.finish_incoming(g.caller, incoming_id(id), resume=req.resume,
                                                         start=req.start, keep=req.keep, define=req.define))
 
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/rootfs", summary="Peers only: a tar stream of a container's upper dir",
-       responses={200: dict, 403: None, 404: None, 409: None, 422: None})
+       path_types=INCOMING_ID,
+       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None})
 def receive_rootfs(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
-    return render(services().migrations.receive_rootfs(g.caller, path_id(id), request.stream))
+    return render(services().migrations.receive_rootfs(g.caller, incoming_id(id), request.stream))
 
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/disk", summary="Peers only: a stopped VM's disk layer (qcow2)",
-       responses={200: dict, 403: None, 404: None, 409: None, 422: None, 507: None})
+       path_types=INCOMING_ID,
+       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None})
 def receive_disk(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
-    return render(services().migrations.receive_disk(g.caller, path_id(id), request.stream))
+    return render(services().migrations.receive_disk(g.caller, incoming_id(id), request.stream))
 
 
 @route(bp, "DELETE", "/v1/peer/migrations/{id}", summary="Peers only: remove a prepared incoming instance",
-       responses={200: models.Deleted, 403: None, 409: None})
+       path_types=INCOMING_ID, responses={200: models.Deleted, 400: None, 403: None, 409: None})
 def abort_incoming(id):
-    return render({"deleted": services().migrations.abort_incoming(g.caller, path_id(id))})
+    return render({"deleted": services().migrations.abort_incoming(g.caller, incoming_id(id))})
 
 
 @route(bp, "GET", "/v1/peer/images/{id}", summary="Peers only: an image's bytes (disk file or OCI tar)",
-       responses={200: "application/octet-stream", 403: None, 404: None}, auth="admin")
+       path_types={"id": models.ImageId},
+       responses={200: "application/octet-stream", 400: None, 403: None, 404: None}, auth="admin")
 def export_image(id):
-    chunks, size = services().migrations.export_image(g.caller, path_id(id))
+    image_id = models.check(models.ImageId, id, "image id")
+    chunks, size = services().migrations.export_image(g.caller, image_id)
     return Response(chunks, mimetype="application/octet-stream", headers={"Content-Length": str(size)})

@@ -202,6 +202,18 @@ def image_import(source, name, fmt, pool, as_json, no_wait):
         click.echo(f"imported {img['name']} {img['id'][:12]} ({img['kind']}, {img['format']}, {img['size']} bytes)")
 
 
+@image.command("gc")
+@click.option("--json", "as_json", is_flag=True)
+def image_gc(as_json):
+    """Free blobs, unpacked layers and temp files that no image or running import uses."""
+    c = _client()
+    op = _finish(_call(c.wait, _call(c.post, "/v1/images/gc", {})["id"]), as_json)
+    if not as_json:
+        r = op["result"]
+        click.echo(f"freed {r['bytes_freed']} bytes: {r['blobs_removed']} blob(s), "
+                   f"{r['layers_removed']} layer(s), {r.get('temp_files_removed', 0)} temp file(s)")
+
+
 @image.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def image_list(as_json):

@@ -28,3 +28,10 @@ def get_image(id):
        responses={200: models.Deleted, 404: None, 409: None})
 def delete_image(id):
     return render({"deleted": services().images.delete(path_id(id))})
+
+
+@route(bp, "POST", "/v1/images/gc", summary="Garbage-collect images: free blobs, layers and temp "
+       "files no image or running import uses (-> 202 operation; its result says what was freed)",
+       responses={202: models.Operation})
+def gc_images():
+    return render(services().images.start_gc(), 202)

@@ -70,8 +70,17 @@ class Services:
                     self.db, pools, default_pool=self.config.default_pool,
                     cache_dir=str(self.config.state_path / "cache"),
                     max_layer_bytes=self.config.images.max_layer_bytes,
-                    max_layer_ratio=self.config.images.max_layer_ratio)
+                    max_layer_ratio=self.config.images.max_layer_ratio,
+                    address_policy=self.address_policy,
+                    max_image_bytes=self.config.images.max_image_bytes,
+                    stall_timeout=self.config.images.stall_timeout)
             return self._store
+
+    @property
+    def address_policy(self):
+        """What image sources (URLs, registries) may reach: [images] allow_url_hosts."""
+        from storage.sources import AddressPolicy
+        return AddressPolicy(self.config.images.allow_url_hosts)
 
     @property
     def driver(self):
@@ -132,14 +141,14 @@ class Services:
         failed = self.operations.recover()
         self.instances.recover()
         self.migrations.recover()
-        if any(op["kind"] == "image.import" for op in failed):
-            self.images.recover()
         self.instances.reconcile()
         self.operations.start()
+        self.images.start_periodic_gc()  # its first run sweeps what a killed agent left
         self.started = True
         log.info("agent services started", extra={"recovered_operations": len(failed)})
 
     def stop(self) -> None:
         """Stop taking work; VMs and containers keep running."""
+        self.images.stop_periodic_gc()
         self.operations.shutdown(wait=False)
         self.started = False

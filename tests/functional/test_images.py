@@ -12,10 +12,11 @@ import threading
 
 import pytest
 
-from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
+from agent.errors import Conflict, Forbidden, InvalidInput, NotFound, Unprocessable
 from storage import Image, ImageStore, RootfsLayers, mounts, qemu_img
 from storage.fake import FakeBackend
 from storage.local import LocalBackend
+from storage.sources import AddressPolicy
 from tests.functional import ocibuild
 
 MIB = 1024 * 1024
@@ -159,6 +160,9 @@ def test_import_url(store, http_dir):
     root, base = http_dir
     raw = raw_image(root / "disk.raw", b"U", 3 * MIB)
     good = hashlib.sha256(open(raw, "rb").read()).hexdigest()
+    with pytest.raises(Forbidden, match="loopback.*allow_url_hosts"):  # the SSRF guard's default
+        store.import_url(f"{base}/disk.raw", name="u")
+    store.address_policy = AddressPolicy(["127.0.0.1/32"])  # this test's own server
     seen = []
     img = store.import_url(f"{base}/disk.raw", name="u", sha256=good, progress=seen.append)
     assert img.id == good and img.format == "raw" and seen[-1] == 3 * MIB

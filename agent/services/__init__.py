@@ -30,6 +30,8 @@ class Services:
 
         self.config = config
         config.state_path.mkdir(parents=True, exist_ok=True)
+        if config.images.import_dirs is None:  # the default import dir: root-only, like the state dir
+            (config.state_path / "import").mkdir(mode=0o700, exist_ok=True)
         self.db = db or Database(config.db_path)
         self.events = EventBus()
         self.tokens = Tokens(self.db)

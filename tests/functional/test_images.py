@@ -114,12 +114,14 @@ def test_clone_refcount_delete_gc(store, tmp_path):
     assert e.value.http_status == 409 and "vm0-disk" in e.value.message
     with pytest.raises(Conflict):
         store.clone_disk("a", "vm0-disk")
-    assert store.gc() == {"blobs_removed": 0, "layers_removed": 0, "bytes_freed": 0}
+    assert store.gc() == {"blobs_removed": 0, "layers_removed": 0, "bytes_freed": 0,
+                          "temp_files_removed": 0}
     assert store.release("local", "vm0-disk") is True
     assert store.release("local", "vm0-disk") is False
     assert store.delete("a") is True and store.delete("a") is False
     assert store.pools["local"].find_blob(img.digest) is not None  # freed by gc, not delete
-    assert store.gc() == {"blobs_removed": 1, "layers_removed": 0, "bytes_freed": 2 * MIB}
+    assert store.gc() == {"blobs_removed": 1, "layers_removed": 0, "bytes_freed": 2 * MIB,
+                          "temp_files_removed": 0}
     assert leftovers(store) == EMPTY
 
 

@@ -189,8 +189,10 @@ def image_source(source: str) -> dict:
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-wait", is_flag=True, help="print the operation and return")
 def image_import(source, name, fmt, pool, as_json, no_wait):
-    """Import SOURCE: a path on the agent's host, an http(s) URL, docker://REF (registry), or
-    s3://POOL/KEY (an object of an object pool; s3://POOL/sha256:HEX names an image by digest)."""
+    """Import SOURCE: a path on the agent's host inside one of its import dirs ([images]
+    import_dirs, default <state_dir>/import: copy the file there first), an http(s) URL,
+    docker://REF (registry), or s3://POOL/KEY (an object of an object pool;
+    s3://POOL/sha256:HEX names an image by digest)."""
     body = {"name": name, "source": image_source(source), **({"format": fmt} if fmt else {}), **({"pool": pool} if pool else {})}
     c = _client()
     op = _call(c.post, "/v1/images", body)

@@ -191,8 +191,10 @@ def image_source(source: str) -> dict:
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--no-wait", is_flag=True, help="print the operation and return")
 def image_import(source, name, fmt, pool, as_json, no_wait):
-    """Import SOURCE: a path on the agent's host, an http(s) URL, docker://REF (registry), or
-    s3://POOL/KEY (an object of an object pool; s3://POOL/sha256:HEX names an image by digest)."""
+    """Import SOURCE: a path on the agent's host inside one of its import dirs ([images]
+    import_dirs, default <state_dir>/import: copy the file there first), an http(s) URL,
+    docker://REF (registry), or s3://POOL/KEY (an object of an object pool;
+    s3://POOL/sha256:HEX names an image by digest)."""
     body = {"name": name, "source": image_source(source), **({"format": fmt} if fmt else {}), **({"pool": pool} if pool else {})}
     c = _client()
     op = _call(c.post, "/v1/images", body)
@@ -202,6 +204,18 @@ def image_import(source, name, fmt, pool, as_json, no_wait):
     if not as_json:
         img = op["result"]["image"]
         click.echo(f"imported {img['name']} {img['id'][:12]} ({img['kind']}, {img['format']}, {img['size']} bytes)")
+
+
+@image.command("gc")
+@click.option("--json", "as_json", is_flag=True)
+def image_gc(as_json):
+    """Free blobs, unpacked layers and temp files that no image or running import uses."""
+    c = _client()
+    op = _finish(_call(c.wait, _call(c.post, "/v1/images/gc", {})["id"]), as_json)
+    if not as_json:
+        r = op["result"]
+        click.echo(f"freed {r['bytes_freed']} bytes: {r['blobs_removed']} blob(s), "
+                   f"{r['layers_removed']} layer(s), {r.get('temp_files_removed', 0)} temp file(s)")
 
 
 @image.command("list")

@@ -58,9 +58,39 @@ class PoolConfig(BaseModel):
 
 
 class ImagesConfig(_Strict):
+    """Image imports. Sources are untrusted: ``source.path`` must lie (after resolving
+    symlinks) under one of ``import_dirs`` (default ``<state_dir>/import``); URLs and
+    registries may not reach loopback, link-local, unspecified, multicast or this host's
+    own addresses unless a network in ``allow_url_hosts`` (CIDRs) holds the address."""
+
     max_layer_bytes: int = Field(8 * 1024**3, ge=1024)  # unpacked size cap per layer (bomb guard)
     max_layer_ratio: int = Field(200, ge=1)  # unpacked/compressed cap per layer
     max_layer_entries: int = Field(1_000_000, ge=1)  # members per layer (inode bomb guard)
+    import_dirs: list[str] | None = None  # None: [<state_dir>/import]
+    allow_url_hosts: list[str] = Field(default_factory=list)  # CIDRs URLs/registries may reach anyway
+    max_image_bytes: int = Field(256 * 1024**3, ge=1024)  # 256 GiB: a URL download's cap
+    stall_timeout: float = Field(60, gt=0, le=3600)  # seconds without progress that fail a download
+    gc_interval: float = Field(3600, ge=0)  # seconds between image gc runs; 0: only on demand
+
+    @field_validator("import_dirs")
+    @classmethod
+    def _abs_dirs(cls, v):
+        for d in v or ():
+            if not os.path.isabs(d):
+                raise ValueError(f"import_dirs entries must be absolute paths, got {d!r}")
+        return v
+
+    @field_validator("allow_url_hosts")
+    @classmethod
+    def _cidrs(cls, v):
+        import ipaddress
+        for c in v:
+            try:
+                ipaddress.ip_network(c, strict=False)
+            except ValueError:
+                raise ValueError(f"allow_url_hosts entries must be CIDRs like 10.1.0.0/16 or "
+                                 f"addresses, got {c!r}") from None
+        return v
 
 
 class HypervisorConfig(_Strict):
@@ -133,6 +163,13 @@ class Config(_Strict):
     @property
     def db_path(self) -> Path:
         return self.state_path / "state.db"
+
+    @property
+    def import_dirs(self) -> list[str]:
+        """Host directories ``source.path`` imports may read from."""
+        if self.images.import_dirs is not None:
+            return list(self.images.import_dirs)
+        return [str(self.state_path / "import")]
 
     def pool_dir(self, name: str) -> Path:
         """Where a local pool keeps its files unless its config names a ``path``."""

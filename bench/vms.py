@@ -63,7 +63,7 @@ def api_boot(uri: str, work: str, virt_type: str) -> None:
     from hypervisor.driver import DiskSpec, VmSpec
     from tests.api.agentproc import AgentProcess, Api
 
-    agent = AgentProcess(f"{work}/agent", pool_kind="local")
+    agent = AgentProcess(f"{work}/agent", pool_kind="local", import_dirs=[IMAGES])
     agent.config.write_text(agent.config.read_text().replace(
         '[hypervisor]\ndriver = "fake"\n', f'[hypervisor]\ndriver = "libvirt"\nuri = "{uri}"\n'))
     token = agent.token("bench", "admin")

@@ -113,6 +113,16 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class SweepsTemp(Protocol):
+    """A backend whose in-flight writes leave temp files behind when the agent is killed
+    mid-write; ``sweep_temp`` removes those that no write of this process is using and
+    that are older than ``before`` (a time.time() value: the agent's start), returning
+    (files removed, bytes freed)."""
+
+    def sweep_temp(self, before: float) -> tuple[int, int]: ...
+
+
 def iter_chunks(stream: BinaryIO, chunk: int = 1024 * 1024) -> Iterator[bytes]:
     while True:
         data = stream.read(chunk)

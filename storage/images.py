@@ -49,14 +49,13 @@ from typing import Callable
 from agent.errors import (AgentError, Conflict, InvalidInput, NotFound, Unavailable,
                           Unprocessable, Unsupported)
 from agent.state import Database
-from storage import oci, qemu_img
-from storage.backend import DISK_FORMATS, Backend, BlobInfo, Volume, VolumeSpec
+from storage import oci, qemu_img, sources
+from storage.backend import DISK_FORMATS, Backend, BlobInfo, SweepsTemp, Volume, VolumeSpec
 from storage.unpack import DEFAULT_MAX_ENTRIES, layer_dir, unpack_layer_once
 from storage.validate import parse_digest
 
 GIB = 1024**3
 URL_CHUNK = 1024 * 1024  # 1 MiB reads from an HTTP response
-URL_TIMEOUT = (10, 60)  # seconds: connect, and between bytes
 STALE_TMP_SECONDS = 3600  # gc leaves younger temp dirs alone: an import may be using them
 ID_PREFIX_MIN = 12
 
@@ -114,7 +113,9 @@ Progress = Callable[[int], None]
 class ImageStore:
     def __init__(self, db: Database, pools: dict[str, Backend], *, default_pool: str,
                  cache_dir: str, max_layer_bytes: int = 8 * GIB, max_layer_ratio: int = 200,
-                 max_layer_entries: int = DEFAULT_MAX_ENTRIES):
+                 max_layer_entries: int = DEFAULT_MAX_ENTRIES,
+                 address_policy: sources.AddressPolicy | None = None,
+                 max_image_bytes: int = 256 * GIB, stall_timeout: float = 60):
         if default_pool not in pools:
             raise InvalidInput(f"default pool {default_pool!r} is not configured; pools: "
                                f"{', '.join(sorted(pools)) or 'none'}")
@@ -122,6 +123,9 @@ class ImageStore:
         self.cache_dir = cache_dir
         self.max_layer_bytes, self.max_layer_ratio = max_layer_bytes, max_layer_ratio
         self.max_layer_entries = max_layer_entries
+        # image sources (storage.sources): strict unless the caller allows networks
+        self.address_policy = address_policy or sources.AddressPolicy()
+        self.max_image_bytes, self.stall_timeout = max_image_bytes, stall_timeout
         self.tmp_dir = os.path.join(cache_dir, "tmp")
         os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
         layers = os.path.join(cache_dir, "layers")
@@ -131,6 +135,8 @@ class ImageStore:
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], int] = {}  # (pool, digest) -> imports using it
         self._fetching: dict[tuple[str, str], threading.Lock] = {}  # one fetch per blob+pool
+        self._tmp_live: set[str] = set()  # names in tmp_dir that imports are using now
+        self.started_at = time.time()  # temp files older than this are a killed agent's
 
     # ------------------------------------------------------------------ lookup
     def get(self, ref: str) -> Image:
@@ -211,44 +217,33 @@ class ImageStore:
 
     def import_url(self, url: str, *, name: str, pool: str | None = None,
                    format: str | None = None, sha256: str | None = None,
-                   progress: Progress | None = None) -> Image:
+                   progress: Progress | None = None,
+                   cancel: threading.Event | None = None) -> Image:
         """Download an http(s) disk image (streamed to a temp file, hashed on the way) and
-        import it; ``sha256`` (hex) is checked before anything is stored."""
-        import requests
-
+        import it; ``sha256`` (hex) is checked before anything is stored. The download
+        obeys the store's source policy (storage.sources): addresses checked on every hop,
+        at most max_image_bytes and the free space of the pool and of the temp dir, aborted
+        on ``cancel`` (Cancelled) or after stall_timeout seconds without progress."""
         _check_name(name)
-        self._backend(pool)
+        pool, backend = self._backend(pool)
         if not url.startswith(("http://", "https://")):
             raise InvalidInput(f"URL {url!r} must be http:// or https://")
         if sha256 is not None:
             sha256 = sha256.lower().removeprefix("sha256:")
             if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
                 raise InvalidInput(f"sha256 {sha256!r} must be 64 hex digits")
-        fd, tmp = tempfile.mkstemp(prefix="url-", dir=self.tmp_dir)
-        try:
-            h, done = hashlib.sha256(), 0
-            try:
-                with requests.get(url, stream=True, timeout=URL_TIMEOUT) as r, \
-                        os.fdopen(fd, "wb") as out:
-                    if r.status_code != 200:
-                        raise InvalidInput(f"GET {url} returned HTTP {r.status_code}; check the URL")
-                    for chunk in r.iter_content(URL_CHUNK):
-                        h.update(chunk)
-                        out.write(chunk)
-                        done += len(chunk)
-                        if progress:
-                            progress(done)
-            except requests.RequestException as e:
-                raise Unavailable(f"GET {url} failed: {e}; check the URL and the network") from None
-            if sha256 is not None and h.hexdigest() != sha256:
-                raise InvalidInput(f"{url}: content sha256 {h.hexdigest()} does not match the "
+        cap = sources.Cap(self.max_image_bytes, [
+            (_available(backend), f"pool {pool}"),
+            (_fs_available(self.tmp_dir), f"the agent's temp dir {self.tmp_dir}")])
+        with self._tmp_file("url-") as tmp:
+            with open(tmp, "wb") as out:
+                digest, _ = sources.download(url, out, policy=self.address_policy, cap=cap,
+                                             stall_timeout=self.stall_timeout, cancel=cancel,
+                                             progress=progress)
+            if sha256 is not None and digest != sha256:
+                raise InvalidInput(f"{url}: content sha256 {digest} does not match the "
                                    f"expected {sha256}; nothing was stored")
             return self.import_file(tmp, name=name, pool=pool, format=format)
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
 
     def import_object(self, source_pool: str, key: str, *, name: str, pool: str | None = None,
                       format: str | None = None, sha256: str | None = None,
@@ -392,7 +387,7 @@ class ImageStore:
         raise NotFound(f"image {img.id[:12]}: no configured pool holds blob {digest}")
 
     def _tmp_file(self, prefix: str) -> "_TmpFile":
-        return _TmpFile(self.tmp_dir, prefix)
+        return _TmpFile(self.tmp_dir, prefix, self._tmp_live)
 
     def _fetch(self, pool: str, backend: Backend, digest: str, dest: str,
                progress: Progress | None = None) -> None:
@@ -475,19 +470,16 @@ class ImageStore:
         if os.path.isdir(d):
             return d
         path = backend.blob_path(digest)
-        tmp = None
-        try:
-            if path is None:  # a remote pool: fetch the layer (verified) to a temp file first
-                fd, tmp = tempfile.mkstemp(prefix="layer-", dir=self.tmp_dir)
-                os.close(fd)
+        if path is None:  # a remote pool: fetch the layer (verified) to a temp file first
+            with self._tmp_file("layer-") as tmp:
                 self._fetch(pool, backend, digest, tmp)
-                path = tmp
+                d = unpack_layer_once(tmp, digest, self.cache_dir,
+                                      max_bytes=self.max_layer_bytes,
+                                      max_ratio=self.max_layer_ratio)
+        else:
             d = unpack_layer_once(path, digest, self.cache_dir, max_bytes=self.max_layer_bytes,
                                   max_ratio=self.max_layer_ratio,
                                   max_entries=self.max_layer_entries)
-        finally:
-            if tmp:
-                os.unlink(tmp)
         if added is not None:
             added.added.append(("layer", pool, digest))
         return d
@@ -750,7 +742,9 @@ class ImageStore:
     # ------------------------------------------------------------------ gc
     def gc(self) -> dict:
         """Remove blobs this store put that no image uses, unpacked layers no image uses,
-        and stale temp files. Safe to run while imports are under way."""
+        and temp files no import of this store is using that are older than the store
+        (a killed agent's) or than STALE_TMP_SECONDS: in the tmp dir, the layer cache
+        and every pool that SweepsTemp. Safe to run while imports are under way."""
         out = {"blobs_removed": 0, "layers_removed": 0, "bytes_freed": 0}
         used_blobs, used_layers = set(), set()
         for r in self.db.query("SELECT pool, blobs, layers FROM storage_images"):
@@ -778,17 +772,41 @@ class ImageStore:
         layers = os.path.join(self.cache_dir, "layers", "sha256")
         now = time.time()
         inflight = {d[7:] for _, d in list(self._inflight)}
+
+        def stale(e: os.DirEntry) -> bool:  # a temp a killed agent (or a lost import) left
+            try:
+                mtime = e.stat(follow_symlinks=False).st_mtime
+            except FileNotFoundError:  # its import just finished
+                return False
+            return mtime < self.started_at or now - mtime > STALE_TMP_SECONDS
+
         for e in os.scandir(layers):
-            stale = e.name.startswith(".") and now - e.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS
+            tmp = e.name.startswith(".") and stale(e)
             if (not e.name.startswith(".") and e.name not in used_layers
-                    and e.name not in inflight) or stale:
+                    and e.name not in inflight) or tmp:
                 out["bytes_freed"] += _tree_bytes(e.path)
                 shutil.rmtree(e.path, ignore_errors=True)
-                out["layers_removed"] += 0 if stale else 1
+                out["layers_removed"] += 0 if tmp else 1
+        out["temp_files_removed"] = 0
         for e in os.scandir(self.tmp_dir):
-            if now - e.stat(follow_symlinks=False).st_mtime > STALE_TMP_SECONDS:
-                out["bytes_freed"] += e.stat(follow_symlinks=False).st_size
-                os.unlink(e.path)
+            if e.name not in self._tmp_live and stale(e):
+                size = _tree_bytes(e.path) if e.is_dir(follow_symlinks=False) else \
+                    e.stat(follow_symlinks=False).st_size
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)
+                else:
+                    os.unlink(e.path)
+                out["bytes_freed"] += size
+                out["temp_files_removed"] += 1
+        for name, backend in self.pools.items():
+            if isinstance(backend, SweepsTemp):
+                try:
+                    n, freed = backend.sweep_temp(self.started_at)
+                except AgentError as e:  # an unreachable pool: the next gc tries again
+                    out.setdefault("errors", []).append(f"pool {name}: {e.message}")
+                    continue
+                out["temp_files_removed"] += n
+                out["bytes_freed"] += freed
         return out
 
 
@@ -920,6 +938,19 @@ def _check_disk(info: dict, path: str, format: str | None) -> dict:
     return info
 
 
+def _available(backend: Backend) -> int | None:
+    """Free bytes of a pool, None where it cannot say."""
+    try:
+        return backend.usage().available
+    except Exception:
+        return None
+
+
+def _fs_available(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def _tree_bytes(path: str) -> int:
     total = 0
     for root, dirs, files in os.walk(path):
@@ -985,11 +1016,14 @@ class _PoolSource(oci.Source):
 
 
 class _TmpFile:
-    """A temp file path under the store's tmp dir, removed on exit."""
+    """A temp file path under the store's tmp dir, removed on exit; listed in ``live``
+    meanwhile (gc leaves it alone)."""
 
-    def __init__(self, tmp_dir: str, prefix: str):
+    def __init__(self, tmp_dir: str, prefix: str, live: set):
         fd, self.path = tempfile.mkstemp(prefix=prefix, dir=tmp_dir)
         os.close(fd)
+        self._live = live
+        live.add(os.path.basename(self.path))
 
     def __enter__(self) -> str:
         return self.path
@@ -999,6 +1033,7 @@ class _TmpFile:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        self._live.discard(os.path.basename(self.path))
         return False
 
 

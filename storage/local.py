@@ -25,13 +25,16 @@ import tempfile
 import threading
 from typing import BinaryIO
 
-from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
+from agent.errors import (AgentError, CommandFailed, Conflict, InsufficientResources,
+                          InvalidInput, NotFound, Unprocessable)
 from storage import qemu_img
 from storage.backend import DISK_FORMATS, BlobInfo, Progress, Usage, Volume, VolumeSpec
 from storage.validate import check_volume_spec, parse_digest
 
 COPY_CHUNK = 8 * 1024 * 1024  # 8 MiB: big enough that syscalls and hashing calls amortise
 TMP_PREFIX = ".tmp-"
+RECORD_TMP_SUFFIX = ".json.tmp"  # a volume record being written
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 QCOW2_MAGIC = b"QFI\xfb"
 
 
@@ -49,6 +52,7 @@ class LocalBackend:
         os.makedirs(self.blob_dir, exist_ok=True)
         os.makedirs(self.volume_dir, exist_ok=True)
         self._lock = threading.Lock()
+        self._writing: set[str] = set()  # temp files our writes are using (sweep_temp skips them)
 
     # ------------------------------------------------------------------ blobs
     def _blob_file(self, digest: str) -> str:
@@ -60,7 +64,11 @@ class LocalBackend:
             existing = self.find_blob(digest)
             if existing is not None and (size is None or size == existing.size):
                 return existing  # content-addressed: already stored and verified once
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.blob_dir)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.blob_dir)
+        except OSError as e:
+            raise self._os_error(e, "store a blob") from None
+        self._writing.add(tmp)
         try:
             with os.fdopen(fd, "wb", buffering=0) as out:
                 actual, done = copy_and_hash(src, out, progress)
@@ -78,9 +86,14 @@ class LocalBackend:
                 os.rename(tmp, final)
                 _fsync_dir(self.blob_dir)
             return BlobInfo(actual, done)
+        except OSError as e:
+            _unlink(tmp)
+            raise self._os_error(e, "store a blob") from None
         except BaseException:
             _unlink(tmp)
             raise
+        finally:
+            self._writing.discard(tmp)
 
     def open_blob(self, digest: str, offset: int = 0, length: int | None = None) -> BinaryIO:
         if offset < 0 or (length is not None and length < 0):
@@ -168,14 +181,62 @@ class LocalBackend:
         except FileExistsError:
             raise Conflict(f"volume {name!r} already exists in pool {self.name}; "
                            "delete it or pick another name") from None
+        except OSError as e:
+            raise self._os_error(e, f"create volume {name!r}") from None
 
     def _commit(self, vol: Volume) -> Volume:
         rec = {"format": vol.format, "size": vol.size, "base": vol.base}
         tmp = self._record(vol.name) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rec, f)
-        os.rename(tmp, self._record(vol.name))
+        try:
+            with open(tmp, "w") as f:
+                json.dump(rec, f)
+            os.rename(tmp, self._record(vol.name))
+        except BaseException:
+            _unlink(tmp)
+            raise
         return vol
+
+    def _os_error(self, e: OSError, what: str) -> AgentError | OSError:
+        """InsufficientResources for a full filesystem, naming the pool and the fix."""
+        if e.errno in NO_SPACE:
+            return self._full(what)
+        return e
+
+    def _full(self, what: str) -> InsufficientResources:
+        st = os.statvfs(self.path)
+        return InsufficientResources(
+            f"pool {self.name} is full ({st.f_bavail * st.f_frsize} bytes free in {self.path}): "
+            f"cannot {what}; free space (delete unused images and instances, then "
+            "`nodeagent image gc`) or use another pool", pool=self.name)
+
+    def _space_errors(self, e: BaseException, what: str) -> BaseException:
+        """Map a full filesystem, seen as OSError or as qemu-img's stderr, to _full."""
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return self._full(what)
+        if isinstance(e, CommandFailed) and "No space left on device" in (
+                e.details.get("stderr") or e.message):
+            return self._full(what)
+        return e
+
+    def sweep_temp(self, before: float) -> tuple[int, int]:
+        """Remove blob temp files and volume record temps a killed agent left (see
+        storage.backend.SweepsTemp)."""
+        n = freed = 0
+        for d, match in ((self.blob_dir, lambda x: x.startswith(TMP_PREFIX)),
+                         (self.volume_dir, lambda x: x.startswith(".") and x.endswith(RECORD_TMP_SUFFIX))):
+            with os.scandir(d) as it:
+                for e in it:
+                    if not match(e.name) or e.path in self._writing:
+                        continue
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                        if st.st_mtime >= before:
+                            continue
+                        os.unlink(e.path)
+                    except FileNotFoundError:
+                        continue
+                    n, freed = n + 1, freed + st.st_size
+        return n, freed
 
     def _abort(self, name: str, fmt: str) -> None:
         p = self._data(name, fmt)
@@ -213,8 +274,11 @@ class LocalBackend:
             else:
                 qemu_img.create(p, format=spec.format, size=spec.size)
             return self._commit(self._volume(spec.name, spec.format, size, None))
-        except BaseException:
+        except BaseException as e:
             self._abort(spec.name, spec.format)
+            mapped = self._space_errors(e, f"create volume {spec.name!r}")
+            if mapped is not e:
+                raise mapped from None
             raise
 
     def clone_volume(self, digest: str, name: str, *, format: str,
@@ -232,8 +296,11 @@ class LocalBackend:
             qemu_img.create(self._data(name, "qcow2"), format="qcow2", backing=base,
                             backing_format=format, size=size)
             return self._commit(self._volume(name, "qcow2", size, digest))
-        except BaseException:
+        except BaseException as e:
             self._abort(name, "qcow2")
+            mapped = self._space_errors(e, f"create volume {name!r}")
+            if mapped is not e:
+                raise mapped from None
             raise
 
     def delete_volume(self, name: str) -> bool:
@@ -255,9 +322,15 @@ class LocalBackend:
                                     "is not supported (grow only)")
             if size == vol.size:
                 return vol
-            if vol.format != "dir":
-                qemu_img.resize(vol.path, size, format=vol.format)
-            return self._commit(self._volume(name, vol.format, size, vol.base))
+            try:
+                if vol.format != "dir":
+                    qemu_img.resize(vol.path, size, format=vol.format)
+                return self._commit(self._volume(name, vol.format, size, vol.base))
+            except BaseException as e:
+                mapped = self._space_errors(e, f"resize volume {name!r}")
+                if mapped is not e:
+                    raise mapped from None
+                raise
 
     def get_volume(self, name: str) -> Volume:
         vol = self.find_volume(name)

@@ -1,5 +1,5 @@
-"""/v1/images: import (202 + operation), list, get, delete."""
-from flask import Blueprint
+"""/v1/images: import (202 + operation), list, get, delete, gc."""
+from flask import Blueprint, Response
 
 from agent import models
 from agent.api import parse, path_id, render, route, services
@@ -28,3 +28,20 @@ def get_image(id):
        responses={200: models.Deleted, 404: None, 409: None})
 def delete_image(id):
     return render({"deleted": services().images.delete(path_id(id))})
+
+
+def _gc_options():
+    """OPTIONS /v1/images/gc: the path also matches /v1/images/{id} (GET, DELETE of an
+    image named "gc"), but as a resource of its own it takes POST only."""
+    return Response(status=200, headers={"Allow": "OPTIONS, POST"})
+
+
+# registered before the POST rule, whose automatic OPTIONS would list GET and DELETE too
+bp.add_url_rule("/v1/images/gc", endpoint="gc_options", view_func=_gc_options, methods=["OPTIONS"])
+
+
+@route(bp, "POST", "/v1/images/gc", summary="Garbage-collect images: free blobs, layers and temp "
+       "files no image or running import uses (-> 202 operation; its result says what was freed)",
+       responses={202: models.Operation})
+def gc_images():
+    return render(services().images.start_gc(), 202)

@@ -30,6 +30,8 @@ class Services:
 
         self.config = config
         config.state_path.mkdir(parents=True, exist_ok=True)
+        if config.images.import_dirs is None:  # the default import dir: root-only, like the state dir
+            (config.state_path / "import").mkdir(mode=0o700, exist_ok=True)
         self.db = db or Database(config.db_path)
         self.events = EventBus()
         self.tokens = Tokens(self.db)
@@ -71,8 +73,17 @@ class Services:
                     cache_dir=str(self.config.state_path / "cache"),
                     max_layer_bytes=self.config.images.max_layer_bytes,
                     max_layer_ratio=self.config.images.max_layer_ratio,
-                    max_layer_entries=self.config.images.max_layer_entries)
+                    max_layer_entries=self.config.images.max_layer_entries,
+                    address_policy=self.address_policy,
+                    max_image_bytes=self.config.images.max_image_bytes,
+                    stall_timeout=self.config.images.stall_timeout)
             return self._store
+
+    @property
+    def address_policy(self):
+        """What image sources (URLs, registries) may reach: [images] allow_url_hosts."""
+        from storage.sources import AddressPolicy
+        return AddressPolicy(self.config.images.allow_url_hosts)
 
     @property
     def driver(self):
@@ -133,14 +144,14 @@ class Services:
         failed = self.operations.recover()
         self.instances.recover()
         self.migrations.recover()
-        if any(op["kind"] == "image.import" for op in failed):
-            self.images.recover()
         self.instances.reconcile()
         self.operations.start()
+        self.images.start_periodic_gc()  # its first run sweeps what a killed agent left
         self.started = True
         log.info("agent services started", extra={"recovered_operations": len(failed)})
 
     def stop(self) -> None:
         """Stop taking work; VMs and containers keep running."""
+        self.images.stop_periodic_gc()
         self.operations.shutdown(wait=False)
         self.started = False

@@ -6,10 +6,13 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+import time
 
 from agent.errors import NotFound, Unprocessable
 from agent import models
 from storage.registry import pull_to_layout
+from storage.sources import check_import_path
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,11 @@ def image_dict(image) -> dict:
 class ImageService:
     def __init__(self, root):
         self.root = root
+        self._pulls_live: set[str] = set()  # pull dirs imports are using now
+        self._gc_lock = threading.Lock()  # one gc at a time (periodic or asked for)
+        self._gc_stop = threading.Event()
+        self._gc_thread: threading.Thread | None = None
+        self.started_at = time.time()
 
     def list(self) -> list[dict]:
         return [image_dict(i) for i in self.root.store.list()]
@@ -50,27 +58,31 @@ class ImageService:
         if pool not in pools:
             raise NotFound(f"pool {pool!r} not found; configured pools: {', '.join(sorted(pools))}")
         total = None
+        path = None
         if src.type == "file":
             if not os.path.isabs(src.path):
                 raise Unprocessable(f"source.path {src.path!r} must be an absolute path on the agent's host")
-            if not os.path.exists(src.path):
+            # the real path (symlinks resolved) is what gets imported: it was checked
+            path = check_import_path(src.path, self.root.config.import_dirs)
+            if not os.path.exists(path):
                 raise NotFound(f"source.path {src.path} does not exist on the agent's host")
-            total = os.path.getsize(src.path) if os.path.isfile(src.path) else None
+            total = os.path.getsize(path) if os.path.isfile(path) else None
         store = self.root.store
+        cfg = self.root.config.images
 
         def work(op):
             progress = lambda done: op.bytes(done, total)  # noqa: E731
             if src.type == "file":
                 op.phase("import", bytes_total=total)
-                if os.path.isdir(src.path) or (req.format == "oci"):
-                    image = store.import_oci(src.path, name=req.name, pool=pool, progress=progress)
+                if os.path.isdir(path) or (req.format == "oci"):
+                    image = store.import_oci(path, name=req.name, pool=pool, progress=progress)
                 else:
-                    image = store.import_file(src.path, name=req.name, pool=pool, format=req.format,
+                    image = store.import_file(path, name=req.name, pool=pool, format=req.format,
                                               progress=progress)
             elif src.type == "url":
                 op.phase("download")
                 image = store.import_url(src.url, name=req.name, pool=pool, format=req.format,
-                                         sha256=src.sha256, progress=progress)
+                                         sha256=src.sha256, progress=progress, cancel=op.cancelled)
             elif src.type == "s3" and src.key is not None:
                 op.phase("download")
                 image = store.import_object(src.pool, src.key, name=req.name, pool=pool, format=req.format,
@@ -85,13 +97,17 @@ class ImageService:
             else:  # registry
                 op.phase("pull")
                 tmp = tempfile.mkdtemp(prefix="pull-", dir=self._tmp_dir())
+                self._pulls_live.add(os.path.basename(tmp))
                 try:
-                    pull_to_layout(src.reference, os.path.join(tmp, "layout"), tls_verify=src.tls_verify)
+                    pull_to_layout(src.reference, os.path.join(tmp, "layout"), tls_verify=src.tls_verify,
+                                   policy=self.root.address_policy, cancel=op.cancelled,
+                                   stall_timeout=cfg.stall_timeout)
                     op.phase("import")
                     image = store.import_oci(os.path.join(tmp, "layout"), name=req.name, pool=pool,
                                              progress=progress)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
+                    self._pulls_live.discard(os.path.basename(tmp))
             return {"image": image_dict(image)}
 
         return self.root.operations.submit("image.import", req.name, work)
@@ -101,11 +117,69 @@ class ImageService:
         d.mkdir(parents=True, exist_ok=True)
         return str(d)
 
-    def recover(self) -> None:
-        """After a crash during an import: drop unreferenced blobs and pull leftovers."""
-        shutil.rmtree(self.root.config.state_path / "cache" / "pulls", ignore_errors=True)
-        try:
-            freed = self.root.store.gc()
-            log.info("image store garbage-collected after restart", extra=freed)
-        except Exception as e:  # a broken pool must not keep the agent down
-            log.warning("image gc after restart failed", extra={"error": str(e)})
+    # -- garbage collection --
+    def gc(self) -> dict:
+        """Free what no image uses (store.gc) and every temp area's leftovers: the pulls
+        cache (pull dirs no import is using that predate this agent or are over an hour
+        old), the store's temp files, each pool's temp files. Returns what was freed."""
+        with self._gc_lock:
+            out = self.root.store.gc()
+            now, pulls = time.time(), self.root.config.state_path / "cache" / "pulls"
+            removed = 0
+            if pulls.is_dir():
+                for e in os.scandir(pulls):
+                    if e.name in self._pulls_live:
+                        continue
+                    try:
+                        mtime = e.stat(follow_symlinks=False).st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if mtime < self.started_at or now - mtime > STALE_PULL_SECONDS:
+                        out["bytes_freed"] += _tree_bytes(e.path)
+                        shutil.rmtree(e.path, ignore_errors=True)
+                        removed += 1
+            out["temp_files_removed"] = out.get("temp_files_removed", 0) + removed
+            return out
+
+    def start_gc(self) -> dict:
+        """POST /v1/images/gc: gc in an operation; its result says what was freed."""
+        return self.root.operations.submit("image.gc", None, lambda op: (op.phase("gc"), self.gc())[1])
+
+    def start_periodic_gc(self) -> None:
+        """Run gc now (a killed agent's temp files go at once) and every [images] gc_interval
+        seconds (0: only this first run), in a thread, until stop_periodic_gc()."""
+        if self._gc_thread is not None:
+            return
+        self._gc_stop.clear()
+        self._gc_thread = threading.Thread(target=self._gc_loop, name="image-gc", daemon=True)
+        self._gc_thread.start()
+
+    def stop_periodic_gc(self) -> None:
+        self._gc_stop.set()
+        self._gc_thread = None
+
+    def _gc_loop(self) -> None:
+        interval = self.root.config.images.gc_interval
+        while True:
+            try:
+                freed = self.gc()
+                log.info("image store garbage-collected", extra=freed)
+            except Exception as e:  # a broken pool must not end the loop
+                log.warning("image gc failed", extra={"error": str(e)})
+            if not interval or self._gc_stop.wait(interval):
+                return
+
+
+
+STALE_PULL_SECONDS = 3600  # a pull dir no import of this agent uses and older than this is lost
+
+
+def _tree_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for n in files:
+            try:
+                total += os.lstat(os.path.join(root, n)).st_size
+            except OSError:
+                pass
+    return total

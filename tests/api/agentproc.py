@@ -1,6 +1,7 @@
 """Start a real ``python -m agent serve`` on 127.0.0.1:<free port> for API tests; stop it by PID."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -21,24 +22,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(state_dir: Path, port: int, *, pool_kind="fake", extra: str = "") -> Path:
+def write_config(state_dir: Path, port: int, *, pool_kind="fake", extra: str = "",
+                 import_dirs=None, allow_url_hosts=("127.0.0.1/32",)) -> Path:
+    """The agent's config. Image sources: host files under ``import_dirs`` (default: the
+    state dir's parent, where tests keep their images) and URLs/registries on
+    ``allow_url_hosts`` (default: loopback 127.0.0.1, where tests run their servers)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     cfg = state_dir / "agent.toml"
     pool = f'[pools.default]\nkind = "{pool_kind}"\n'
     if pool_kind == "local":
         pool += f'path = "{state_dir / "pool"}"\n'
+    dirs = [str(d) for d in (import_dirs if import_dirs is not None else [state_dir.parent])]
+    images = (f'[images]\nimport_dirs = {json.dumps(dirs)}\n'
+              f'allow_url_hosts = {json.dumps(list(allow_url_hosts))}\n')
     cfg.write_text(f'state_dir = "{state_dir}"\nlog_format = "text"\nworkers = 8\n{extra}\n'
                    f'[api]\nlisten = "127.0.0.1:{port}"\n'
-                   '[hypervisor]\ndriver = "fake"\n[containers]\nruntime = "fake"\n' + pool)
+                   '[hypervisor]\ndriver = "fake"\n[containers]\nruntime = "fake"\n' + images + pool)
     return cfg
 
 
 class AgentProcess:
     def __init__(self, state_dir: Path, *, pool_kind="fake", extra_config: str = "", env: dict | None = None,
-                 scheme="http", tls_extra: str = ""):
+                 scheme="http", tls_extra: str = "", import_dirs=None, allow_url_hosts=("127.0.0.1/32",),
+                 images_extra: str = ""):
         self.state_dir = Path(state_dir)
         self.port = free_port()
-        self.config = write_config(self.state_dir, self.port, pool_kind=pool_kind, extra=extra_config)
+        self.config = write_config(self.state_dir, self.port, pool_kind=pool_kind, extra=extra_config,
+                                   import_dirs=import_dirs, allow_url_hosts=allow_url_hosts)
+        if images_extra:  # more [images] keys
+            self.config.write_text(self.config.read_text().replace("[images]\n", "[images]\n" + images_extra))
         if tls_extra:
             self.config.write_text(self.config.read_text().replace("[api]\n", "[api]\n" + tls_extra))
         self.url = f"{scheme}://127.0.0.1:{self.port}"

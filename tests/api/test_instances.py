@@ -15,23 +15,29 @@ def _create(api, **body):
     return api.wait(op)
 
 
-def test_images_list_get_and_import_errors(admin, images):
+def test_images_list_get_and_import_errors(admin, images, tmp_path):
     listed = {i["name"]: i for i in admin.get("/v1/images").json()["images"]}
     assert listed["busybox"]["kind"] == "container" and listed["tiny-vm"]["kind"] == "vm"
     img = images["container"]
     assert admin.get(f"/v1/images/{img['id']}").json()["name"] == "busybox"
     assert admin.get(f"/v1/images/{img['id'][:12]}").json()["id"] == img["id"]
     assert_error(admin.get("/v1/images/nosuch"), 404)
-    assert_error(admin.post("/v1/images", json={"name": "x", "source": {"type": "file", "path": "/nonexistent"}}),
+    # tmp_path is under the agent's import dir (tests/api/agentproc.py); /etc is not
+    assert_error(admin.post("/v1/images", json={"name": "x", "source": {"type": "file",
+                                                                        "path": str(tmp_path / "nonexistent")}}),
                  404)
+    assert_error(admin.post("/v1/images", json={"name": "x", "source": {"type": "file", "path": "/nonexistent"}}),
+                 403, "forbidden")
     assert_error(admin.post("/v1/images", json={"name": "x", "source": {"type": "file", "path": "rel/path"}}), 422)
     assert_error(admin.post("/v1/images", json={"name": "x", "source": {"type": "ftp", "path": "/x"}}), 422)
     assert_error(admin.post("/v1/images", json={"name": "x", "source": {"type": "s3", "pool": "p", "bucket": "k"}}),
                  422, "unprocessable")
+    junk = tmp_path / "hostname"
+    junk.write_text("not a disk image\n")
     assert_error(admin.post("/v1/images", json={"name": "x", "pool": "nope",
-                                                "source": {"type": "file", "path": "/etc/hostname"}}), 404)
+                                                "source": {"type": "file", "path": str(junk)}}), 404)
     # a file that is not a disk image: the operation fails, nothing is stored
-    r = admin.post("/v1/images", json={"name": "junk", "source": {"type": "file", "path": "/etc/hostname"},
+    r = admin.post("/v1/images", json={"name": "junk", "source": {"type": "file", "path": str(junk)},
                                        "format": "qcow2"})
     op = admin.wait(r.json())
     assert op["status"] == "failed" and op["error"]["message"]

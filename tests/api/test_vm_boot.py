@@ -61,6 +61,8 @@ def start_agent(state_dir: Path, libvirtd: str, bridge: tuple[str, str], extra: 
     ``bridge``, and ``extra`` config (more pools)."""
     name, subnet = bridge
     a = AgentProcess(state_dir, pool_kind="local",
+                     import_dirs=[state_dir.parent, os.environ.get("NODEAGENT_TEST_IMAGES",
+                                                                   "/var/cache/nodeagent-test-images")],
                      extra_config=f'{extra}[network]\nbridge = "{name}"\nsubnet = "{subnet}"\nnat = false\n')
     a.config.write_text(a.config.read_text().replace(
         '[hypervisor]\ndriver = "fake"\n',

@@ -9,6 +9,7 @@ from containers import ContainerSpec, NetworkSpec, Rootfs
 from storage import ImageStore
 from storage.local import LocalBackend
 from storage.registry import pull_to_layout
+from storage.sources import AddressPolicy
 from tests.containers_support import make_runc
 
 pytestmark = pytest.mark.real
@@ -16,7 +17,8 @@ pytestmark = pytest.mark.real
 
 def test_pull_import_prepare_run_delete(busybox_ref, tmp_path, db):
     layout = str(tmp_path / "layout")
-    tag = pull_to_layout(busybox_ref, layout, tls_verify=False)
+    tag = pull_to_layout(busybox_ref, layout, tls_verify=False,
+                         policy=AddressPolicy(["127.0.0.1/32"]))  # the test registry is on loopback
     store = ImageStore(db, {"local": LocalBackend("local", path=str(tmp_path / "pool"))},
                        default_pool="local", cache_dir=str(tmp_path / "cache"))
     image = store.import_oci(layout, name="busybox", ref=tag)

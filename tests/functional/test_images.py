@@ -12,10 +12,11 @@ import threading
 
 import pytest
 
-from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
+from agent.errors import Conflict, Forbidden, InvalidInput, NotFound, Unprocessable
 from storage import Image, ImageStore, RootfsLayers, mounts, qemu_img
 from storage.fake import FakeBackend
 from storage.local import LocalBackend
+from storage.sources import AddressPolicy
 from tests.functional import ocibuild
 
 MIB = 1024 * 1024
@@ -113,12 +114,14 @@ def test_clone_refcount_delete_gc(store, tmp_path):
     assert e.value.http_status == 409 and "vm0-disk" in e.value.message
     with pytest.raises(Conflict):
         store.clone_disk("a", "vm0-disk")
-    assert store.gc() == {"blobs_removed": 0, "layers_removed": 0, "bytes_freed": 0}
+    assert store.gc() == {"blobs_removed": 0, "layers_removed": 0, "bytes_freed": 0,
+                          "temp_files_removed": 0}
     assert store.release("local", "vm0-disk") is True
     assert store.release("local", "vm0-disk") is False
     assert store.delete("a") is True and store.delete("a") is False
     assert store.pools["local"].find_blob(img.digest) is not None  # freed by gc, not delete
-    assert store.gc() == {"blobs_removed": 1, "layers_removed": 0, "bytes_freed": 2 * MIB}
+    assert store.gc() == {"blobs_removed": 1, "layers_removed": 0, "bytes_freed": 2 * MIB,
+                          "temp_files_removed": 0}
     assert leftovers(store) == EMPTY
 
 
@@ -159,6 +162,9 @@ def test_import_url(store, http_dir):
     root, base = http_dir
     raw = raw_image(root / "disk.raw", b"U", 3 * MIB)
     good = hashlib.sha256(open(raw, "rb").read()).hexdigest()
+    with pytest.raises(Forbidden, match="loopback.*allow_url_hosts"):  # the SSRF guard's default
+        store.import_url(f"{base}/disk.raw", name="u")
+    store.address_policy = AddressPolicy(["127.0.0.1/32"])  # this test's own server
     seen = []
     img = store.import_url(f"{base}/disk.raw", name="u", sha256=good, progress=seen.append)
     assert img.id == good and img.format == "raw" and seen[-1] == 3 * MIB

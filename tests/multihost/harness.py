@@ -31,6 +31,7 @@ from pathlib import Path
 from storage import mounts
 from tests.libvirt_daemon import terminate
 
+TEST_IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
 PREFIX = "nasim"  # every netns, link, bridge and mount this harness makes starts with it
 NS_DIR = Path("/run/nodeagent-sim")  # holds the persistent mount-namespace files + run owners
 TEST_SUPERNET = ipaddress.ip_network("198.18.0.0/16")  # benchmark range: no route off the machine
@@ -200,6 +201,8 @@ class SimHost:
                  "[pools.default]", 'kind = "local"', f'path = "{self.state_dir / "pool"}"',
                  *(line for name, opts in sorted(self.extra_pools.items())
                    for line in [f"[pools.{name}]", *(f"{k} = {json.dumps(v)}" for k, v in opts.items())]),
+                 # image files the tests import: the host's dir and the built test guest
+                 "[images]", f"import_dirs = {json.dumps([str(self.root), TEST_IMAGES])}",
                  "[hypervisor]", 'uri = "qemu:///system"', 'virt_type = "qemu"',
                  f'migration_uri = "{self.libvirt_uri}"',
                  "[containers]", f'cgroup_parent = "{self.netns}"',  # the hosts share one cgroupfs

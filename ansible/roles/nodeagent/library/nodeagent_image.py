@@ -49,6 +49,13 @@ options:
     description: Seconds to wait for the import to finish.
     type: int
     default: 1800
+  stage_dir:
+    description:
+      - One of the agent's import directories ([images] import_dirs). A file source outside
+        it is copied there for the import and removed afterwards (the agent imports host
+        files only from its import directories). Without it, such a source fails with the
+        agent's 403 saying where to put the file.
+    type: path
 author: nodeagent maintainers
 """
 
@@ -75,6 +82,9 @@ operation:
 """
 
 import json
+import os
+import shutil
+import tempfile
 import time
 
 from ansible.module_utils.basic import AnsibleModule
@@ -142,6 +152,27 @@ def wait(api, op, timeout):
     return op
 
 
+def stage(module, source, stage_dir):
+    """(source, staged dir or None): a file source outside ``stage_dir`` copied into a
+    fresh directory under it (an OCI layout directory is copied whole)."""
+    if not stage_dir or source.get("type") != "file" or not source.get("path"):
+        return source, None
+    real, where = os.path.realpath(source["path"]), os.path.realpath(stage_dir)
+    if real.startswith(where.rstrip("/") + "/") or not os.path.exists(real):
+        return source, None  # inside already, or absent: the agent says so
+    staged = tempfile.mkdtemp(prefix=".ansible-", dir=stage_dir)
+    dest = os.path.join(staged, os.path.basename(real))
+    try:
+        if os.path.isdir(real):
+            shutil.copytree(real, dest, symlinks=True)
+        else:
+            shutil.copyfile(real, dest)
+    except OSError as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        module.fail_json(msg=f"cannot stage {real} into {stage_dir}: {e}")
+    return dict(source, path=dest), staged
+
+
 def read_token(module):
     if module.params["token"]:
         return module.params["token"].strip()
@@ -166,6 +197,7 @@ def main():
             pool=dict(type="str"),
             state=dict(type="str", choices=["present", "absent"], default="present"),
             timeout=dict(type="int", default=1800),
+            stage_dir=dict(type="path"),
         ),
         required_one_of=[("token", "token_file")],
         mutually_exclusive=[("token", "token_file")],
@@ -186,11 +218,16 @@ def main():
             module.exit_json(changed=False, image=image)
         if module.check_mode:
             module.exit_json(changed=True)
-        body = {"name": p["name"], "source": p["source"]}
-        body.update({k: p[k] for k in ("format", "pool") if p[k]})
-        op = api.call("POST", "/v1/images", body)
-        op = op.get("operation", op)
-        op = wait(api, op, p["timeout"])
+        source, staged = stage(module, p["source"], p["stage_dir"])
+        try:
+            body = {"name": p["name"], "source": source}
+            body.update({k: p[k] for k in ("format", "pool") if p[k]})
+            op = api.call("POST", "/v1/images", body)
+            op = op.get("operation", op)
+            op = wait(api, op, p["timeout"])
+        finally:
+            if staged:
+                shutil.rmtree(staged, ignore_errors=True)
         if op["status"] != "succeeded":
             error = op.get("error") or {}
             module.fail_json(msg=f"importing image {p['name']} {op['status']}: "

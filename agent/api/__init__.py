@@ -32,18 +32,22 @@ class Route:
     query: list[dict] = field(default_factory=list)  # {name, schema, description}
     auth: str = "reader"  # none | reader | admin (admin: every non-GET route)
     endpoint: str = ""
+    long: bool = False  # may last minutes (event stream, long poll, peer transfer): off the request pool
 
 
 ROUTES: list[Route] = []
 
 
 def route(bp: Blueprint, method: str, path: str, *, summary: str, responses: dict,
-          body: type[BaseModel] | None = None, query: list[dict] | None = None, auth: str | None = None):
-    """Declare a view: its Flask rule and its OpenAPI operation in one place."""
+          body: type[BaseModel] | None = None, query: list[dict] | None = None, auth: str | None = None,
+          long: bool = False):
+    """Declare a view: its Flask rule and its OpenAPI operation in one place. A ``long`` view
+    runs on a thread of its own and may stream its request body and its response (see
+    agent/httpserver.py); the others share the request pool and get their body whole."""
     def deco(fn):
         endpoint = f"{bp.name}.{fn.__name__}"
         ROUTES.append(Route(method, path, summary, bp.name, body, responses, query or [],
-                            auth or ("reader" if method == "GET" else "admin"), endpoint))
+                            auth or ("reader" if method == "GET" else "admin"), endpoint, long))
         rule = re.sub(r"\{(\w+)\}", r"<\1>", path)
         bp.add_url_rule(rule, endpoint=fn.__name__, view_func=fn, methods=[method])
         return fn

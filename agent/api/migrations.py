@@ -36,14 +36,14 @@ def finish_incoming(id):
 
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/rootfs", summary="Peers only: a tar stream of a container's upper dir",
-       responses={200: dict, 403: None, 404: None, 409: None, 422: None})
+       responses={200: dict, 403: None, 404: None, 409: None, 422: None}, long=True)
 def receive_rootfs(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
     return render(services().migrations.receive_rootfs(g.caller, path_id(id), request.stream))
 
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/disk", summary="Peers only: a stopped VM's disk layer (qcow2)",
-       responses={200: dict, 403: None, 404: None, 409: None, 422: None, 507: None})
+       responses={200: dict, 403: None, 404: None, 409: None, 422: None, 507: None}, long=True)
 def receive_disk(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
     return render(services().migrations.receive_disk(g.caller, path_id(id), request.stream))
@@ -56,7 +56,7 @@ def abort_incoming(id):
 
 
 @route(bp, "GET", "/v1/peer/images/{id}", summary="Peers only: an image's bytes (disk file or OCI tar)",
-       responses={200: "application/octet-stream", 403: None, 404: None}, auth="admin")
+       responses={200: "application/octet-stream", 403: None, 404: None}, auth="admin", long=True)
 def export_image(id):
     chunks, size = services().migrations.export_image(g.caller, path_id(id))
     return Response(chunks, mimetype="application/octet-stream", headers={"Content-Length": str(size)})

@@ -468,6 +468,8 @@ class _Connection:
                 env["CONTENT_TYPE"] = value.decode("latin-1")
             elif name == b"content-length":
                 env["CONTENT_LENGTH"] = value.decode("latin-1")
+            elif name == b"transfer-encoding":
+                continue  # the server decodes the chunks: the app reads a plain body
             elif b"_" not in name:  # X_Token would pose as X-Token: dropped, as gunicorn does
                 key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
                 env[key] = env[key] + "," + value.decode("latin-1") if key in env else value.decode("latin-1")
@@ -479,6 +481,8 @@ class _Connection:
         if body is None:
             return
         environ["wsgi.input"] = io.BytesIO(body)
+        if body:
+            environ["CONTENT_LENGTH"] = str(len(body))  # a chunked body's length, now known
         try:
             status, headers, data = await self.loop.run_in_executor(self.server.pool, self.server.call_short,
                                                                     environ)
@@ -495,8 +499,8 @@ class _Connection:
         await self._drain()
 
     async def _body(self, conn: h11.Connection, environ: dict) -> bytes | None:
-        """The whole body, read by the loop within body_timeout; past max_body_bytes it stops
-        at one byte too many (the app answers 413). None: the client was too slow (408 sent)."""
+        """The whole body, read by the loop within body_timeout; past max_body_bytes reading
+        stops (the app answers 413). None: the client was too slow (408 sent)."""
         limit = self.api.max_body_bytes
         declared = environ.get("CONTENT_LENGTH")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -516,8 +520,9 @@ class _Connection:
             if isinstance(ev, h11.Data):
                 parts.append(ev.data)
                 n += len(ev.data)
-                if n > limit:
-                    return b"".join(parts)[:limit + 1]
+                if n > limit:  # the app refuses it (413) from the length; the rest stays unread
+                    environ["CONTENT_LENGTH"] = str(n)
+                    return b""
             elif isinstance(ev, h11.EndOfMessage):
                 return b"".join(parts)
             else:
@@ -539,7 +544,7 @@ class _Connection:
             return
         has_body = any(n == b"transfer-encoding" or (n == b"content-length" and v != b"0") for n, v in req.headers)
         if not has_body:
-            assert isinstance(conn.next_event(), h11.EndOfMessage)
+            conn.next_event()  # the EndOfMessage of an empty body
         self._conn = conn
         environ["wsgi.input"] = _BodyReader(self) if has_body else io.BytesIO(b"")
         environ["nodeagent.gone"] = self.gone
@@ -563,8 +568,9 @@ class _Connection:
                 else:
                     raise _Gone()  # the app failed mid-response: cut it, the client sees a short stream
         finally:
-            if watch is not None:
+            if watch is not None:  # stopped and gone before the next read: one reader at a time
                 watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
             out.close()
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE or self.server.stopping:
                 self.gone.set()
@@ -599,6 +605,8 @@ class _Connection:
         if self.closed:
             raise _Gone()
         conn = self._conn
+        if conn.their_state is h11.DONE:  # the whole body is in (h11 says NEED_DATA, not the end, again)
+            return b""
         if conn.they_are_waiting_for_100_continue:
             self._write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         parts, n = [], 0

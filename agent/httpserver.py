@@ -153,7 +153,7 @@ class _BodyReader(io.RawIOBase):
                                      "(api.body_timeout)") from None
             except h11.RemoteProtocolError as e:
                 raise ClientDisconnected(f"malformed request body: {e}") from None
-            except (_Gone, ConnectionError, Exception):
+            except Exception:  # _Gone, a reset, the loop stopped
                 raise ClientDisconnected("the client closed the connection during the request body") from None
             self._eof = not self._buf
         n = min(len(b), len(self._buf))
@@ -221,7 +221,8 @@ class HttpServer:
         if self.ssl is None:
             try:
                 sock.setblocking(False)
-                sock.send(_error_bytes(503, "unavailable", "too many connections: close some and retry"))
+                sock.send(_error_bytes(503, "unavailable", "too many connections open (api.max_connections, "
+                                                           "api.max_connections_per_client): close some and retry"))
             except OSError:
                 pass
         sock.close()

@@ -33,14 +33,17 @@ def _load(ctx):
 @main.command()
 @click.pass_context
 def serve(ctx):
-    """Run the agent in the foreground (gunicorn gthread, one worker)."""
+    """Run the agent in the foreground (one process; asyncio HTTP/1.1 in front of the app)."""
     from agent.app import create_app
     from agent.server import AgentServer
 
     cfg = _load(ctx)
     log.setup(cfg.log_level, cfg.log_format)
     cfg.state_path.mkdir(parents=True, exist_ok=True)
-    AgentServer(cfg, create_app).run()
+    try:
+        AgentServer(cfg, create_app).run()
+    except AgentError as e:
+        raise click.ClickException(e.message) from None
 
 
 @main.command("config")

@@ -31,6 +31,15 @@ class ApiConfig(_Strict):
     tls_key: str | None = None
     client_ca: str | None = None  # when set, clients must present a cert signed by it
     max_body_bytes: int = Field(1024 * 1024, ge=1024)  # 1 MiB: API bodies are small JSON
+    # what one client may hold (see agent/httpserver.py): nothing it holds is a request thread
+    header_timeout: float = Field(10.0, gt=0, le=300)  # seconds for a request's head (and a TLS handshake)
+    body_timeout: float = Field(30.0, gt=0, le=3600)  # seconds for a JSON body; a streamed body's longest stall
+    keepalive_timeout: float = Field(30.0, gt=0, le=3600)  # seconds an open connection may idle between requests
+    write_timeout: float = Field(30.0, gt=0, le=3600)  # seconds a client may leave its response unread
+    max_connections: int = Field(4096, ge=1, le=16384)  # open connections in all; more are closed at once
+    max_connections_per_client: int = Field(256, ge=1, le=16384)  # from one address
+    max_streams: int = Field(1024, ge=1, le=4096)  # long requests (event streams, waits, peer transfers) in all
+    max_streams_per_client: int = Field(128, ge=1, le=4096)  # from one address; more get 503
 
     @field_validator("listen")
     @classmethod

@@ -228,14 +228,15 @@ class Operations:
                 n[(ctx.kind, "running")] = n.get((ctx.kind, "running"), 0) + 1
         return [(k, s, c) for (k, s), c in n.items()]
 
-    def wait(self, op_id: str, timeout: float) -> dict:
-        """Block until the operation is final or ``timeout`` seconds passed; return it."""
+    def wait(self, op_id: str, timeout: float, gone: threading.Event | None = None) -> dict:
+        """Block until the operation is final, ``timeout`` seconds passed or ``gone`` is set
+        (the waiting client left); return it."""
         deadline = time.monotonic() + min(max(timeout, 0), MAX_WAIT)
         op = self.get(op_id)
         with self._cond:
             while op_id in self._active:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or (gone is not None and gone.is_set()):
                     break
                 self._cond.wait(min(left, 1.0))
         return self.get(op_id)

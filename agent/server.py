@@ -1,62 +1,94 @@
-"""Serve the API with gunicorn (gthread, one worker): never Flask's dev server.
+"""Serve the API: one process, an asyncio HTTP/1.1 server (agent/httpserver.py) in front of
+the Flask app; never Flask's dev server.
 
-The app and its services are built in the worker (gunicorn loads the WSGI app after
-fork), where the operation pool starts and crash recovery runs. SIGTERM stops taking
-work and ends event streams; VMs and containers keep running (they are not children
-of the agent), and the next start re-adopts them.
+The app and its services are built here, where the operation pool starts and crash
+recovery runs. SIGTERM (or SIGINT) stops taking work (``services.stop()``), takes no new
+connection, ends event streams and lets requests in flight finish for up to
+httpserver.GRACE_SECONDS; VMs and containers keep running (they are not children of the
+agent), and the next start re-adopts them.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-
-from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
+import signal
+import socket
+import ssl
 
 from agent.config import Config
+from agent.errors import InvalidInput, Unavailable
 
 log = logging.getLogger(__name__)
+LISTEN_BACKLOG = 1024  # connections the kernel queues before the loop accepts them
 
 
-class AgentWorker(ThreadWorker):
-    def handle_exit(self, sig, frame):
-        services = getattr(self.wsgi, "config", {}).get("SERVICES") if self.wsgi else None
-        if services is not None:
-            services.stop()  # cancels queued work; running work stops at its next phase boundary
-        super().handle_exit(sig, frame)
+def listen(address: str) -> socket.socket:
+    """A listening socket on HOST:PORT (an IPv6 host may be bracketed)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise InvalidInput(f"api.listen {address!r}: cannot resolve {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise Unavailable(f"cannot listen on {address}: {e.strerror}: stop what uses it or change api.listen") from None
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
 
 
-class AgentServer(BaseApplication):
+def ssl_context(api) -> ssl.SSLContext | None:
+    """TLS from api.tls_cert/tls_key; with api.client_ca, clients must present a cert signed by it."""
+    if not api.tls_cert:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(api.tls_cert, api.tls_key)
+        if api.client_ca:
+            ctx.load_verify_locations(api.client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidInput(f"api TLS files (tls_cert {api.tls_cert}, tls_key {api.tls_key}, client_ca "
+                           f"{api.client_ca}) cannot be loaded: {e}") from None
+    return ctx
+
+
+class AgentServer:
     def __init__(self, config: Config, app_factory):
         self._config = config
         self._factory = app_factory
-        super().__init__()
 
-    def load_config(self):
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT."""
+        from agent.api import ROUTES
+        from agent.httpserver import HttpServer
+
         api = self._config.api
-        settings = {
-            "bind": api.listen,
-            "workers": 1,  # one worker: the agent owns host state in one process
-            "worker_class": "agent.server.AgentWorker",
-            "threads": api.threads,
-            "timeout": 0,  # long SSE streams and waits must not be killed
-            "graceful_timeout": 10,
-            "accesslog": None,
-            "certfile": api.tls_cert,
-            "keyfile": api.tls_key,
-            "ca_certs": api.client_ca,
-            "limit_request_line": 8190,
-            "control_socket_disable": True,  # gunicorn's ~/.gunicorn/gunicorn.ctl: shared by every agent on a host
-        }
-        if api.client_ca:
-            import ssl
-            settings["cert_reqs"] = ssl.CERT_REQUIRED
-        for key, value in settings.items():
-            if value is not None:
-                self.cfg.set(key, value)
-
-    def load(self):
+        tls = ssl_context(api)
+        sock = listen(api.listen)
         app = self._factory(self._config)
-        app.config["SERVICES"].start()  # in the worker, after fork
-        log.info("nodeagent serving", extra={"listen": self._config.api.listen,
-                                             "tls": bool(self._config.api.tls_cert)})
-        return app
+        services = app.config["SERVICES"]
+        services.start()
+        server = HttpServer(app, api, frozenset(r.endpoint for r in ROUTES if r.long), tls)
+
+        async def main():
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            log.info("nodeagent serving", extra={"listen": api.listen, "tls": bool(api.tls_cert)})
+            task = loop.create_task(server.serve(sock, stop))
+            await stop.wait()
+            log.info("nodeagent stopping: workloads keep running")
+            services.stop()  # cancels queued work; running work stops at its next phase boundary
+            await task
+
+        asyncio.run(main())
+        log.info("nodeagent stopped")

@@ -33,6 +33,7 @@ class Route:
     auth: str = "reader"  # none | reader | admin (admin: every non-GET route)
     endpoint: str = ""
     path_types: dict[str, Any] = field(default_factory=dict)  # a path parameter's constrained type (models)
+    long: bool = False  # may last minutes (event stream, long poll, peer transfer): off the request pool
 
 
 ROUTES: list[Route] = []
@@ -40,14 +41,17 @@ ROUTES: list[Route] = []
 
 def route(bp: Blueprint, method: str, path: str, *, summary: str, responses: dict,
           body: type[BaseModel] | None = None, query: list[dict] | None = None, auth: str | None = None,
-          path_types: dict[str, Any] | None = None):
+          path_types: dict[str, Any] | None = None, long: bool = False):
     """Declare a view: its Flask rule and its OpenAPI operation in one place. ``path_types``:
     a path parameter's type from agent.models when it is narrower than PATH_ID_RE (the view
-    checks it with models.check)."""
+    checks it with models.check). A ``long`` view runs on a thread of its own and may stream
+    its request body and its response (see agent/httpserver.py); the others share the
+    request pool and get their body whole."""
     def deco(fn):
         endpoint = f"{bp.name}.{fn.__name__}"
         ROUTES.append(Route(method, path, summary, bp.name, body, responses, query or [],
-                            auth or ("reader" if method == "GET" else "admin"), endpoint, path_types or {}))
+                            auth or ("reader" if method == "GET" else "admin"), endpoint,
+                            path_types or {}, long))
         rule = re.sub(r"\{(\w+)\}", r"<\1>", path)
         bp.add_url_rule(rule, endpoint=fn.__name__, view_func=fn, methods=[method])
         return fn

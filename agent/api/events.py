@@ -10,6 +10,7 @@ from agent.events import TYPES
 
 bp = Blueprint("events", __name__)
 HEARTBEAT_SECONDS = 15  # a comment line this often keeps proxies open and detects gone clients
+GONE_POLL_SECONDS = 1.0  # how soon a stream ends after its client left or the agent stops
 
 
 @route(bp, "GET", "/v1/events", summary="Server-sent events; ?type=lifecycle,operation,migration",
@@ -18,7 +19,7 @@ HEARTBEAT_SECONDS = 15  # a comment line this often keeps proxies open and detec
               {"name": "heartbeat", "schema": {"type": "number", "minimum": 0.1, "maximum": 300},
                "description": "seconds between heartbeats (default 15)"},
               {"name": "timeout", "schema": {"type": "number", "minimum": 0, "maximum": 86400},
-               "description": "close the stream after this many seconds (default: never)"}])
+               "description": "close the stream after this many seconds (default: never)"}], long=True)
 def stream_events():
     types = [t for t in (request.args.get("type") or "").split(",") if t]
     bad = [t for t in types if t not in TYPES]
@@ -27,19 +28,23 @@ def stream_events():
     heartbeat = query_number("heartbeat", HEARTBEAT_SECONDS, lo=0.1, hi=300)
     timeout = query_number("timeout", 0, lo=0, hi=86400)
     root = services()
+    gone = request.environ.get("nodeagent.gone")  # set by the server when the client leaves or it stops
     sub = root.events.subscribe(types or None)
 
     def gen():
-        deadline = time.monotonic() + timeout if timeout else None
+        now = time.monotonic()
+        deadline = now + timeout if timeout else None
+        beat = now + heartbeat
         try:
             yield ": connected\n\n"
-            while root.started and (deadline is None or time.monotonic() < deadline):
-                wait = heartbeat if deadline is None else max(0.01, min(heartbeat, deadline - time.monotonic()))
-                ev = sub.get(wait)
-                if ev is None:
-                    yield ": heartbeat\n\n"
-                else:
+            while root.started and not (gone and gone.is_set()) and (deadline is None or now < deadline):
+                ev = sub.get(max(0.01, min(beat, deadline or beat, now + GONE_POLL_SECONDS) - now))
+                now = time.monotonic()
+                if ev is not None:
                     yield f"id: {ev['id']}\nevent: {ev['type']}\ndata: {json.dumps(ev, separators=(',', ':'))}\n\n"
+                elif now >= beat:
+                    beat = now + heartbeat
+                    yield ": heartbeat\n\n"
         finally:
             sub.close()
 

@@ -45,7 +45,7 @@ def finish_incoming(id):
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/rootfs", summary="Peers only: a tar stream of a container's upper dir",
        path_types=INCOMING_ID,
-       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None})
+       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None}, long=True)
 def receive_rootfs(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
     return render(services().migrations.receive_rootfs(g.caller, incoming_id(id), request.stream))
@@ -53,7 +53,7 @@ def receive_rootfs(id):
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/disk", summary="Peers only: a stopped VM's disk layer (qcow2)",
        path_types=INCOMING_ID,
-       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None})
+       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None}, long=True)
 def receive_disk(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
     return render(services().migrations.receive_disk(g.caller, incoming_id(id), request.stream))
@@ -67,7 +67,7 @@ def abort_incoming(id):
 
 @route(bp, "GET", "/v1/peer/images/{id}", summary="Peers only: an image's bytes (disk file or OCI tar)",
        path_types={"id": models.ImageId},
-       responses={200: "application/octet-stream", 400: None, 403: None, 404: None}, auth="admin")
+       responses={200: "application/octet-stream", 400: None, 403: None, 404: None}, auth="admin", long=True)
 def export_image(id):
     image_id = models.check(models.ImageId, id, "image id")
     chunks, size = services().migrations.export_image(g.caller, image_id)

@@ -28,10 +28,11 @@ def get_operation(id):
 @route(bp, "GET", "/v1/operations/{id}/wait", summary="Block until the operation ends or timeout seconds pass",
        responses={200: models.Operation, 400: None, 404: None},
        query=[{"name": "timeout", "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT},
-               "description": "seconds (default 30)"}])
+               "description": "seconds (default 30)"}], long=True)
 def wait_operation(id):
     timeout = query_number("timeout", 30.0, lo=0, hi=MAX_WAIT)
-    return render(services().operations.wait(path_id(id), timeout))
+    # the server sets "nodeagent.gone" when the client leaves: the wait ends then, not at its timeout
+    return render(services().operations.wait(path_id(id), timeout, gone=request.environ.get("nodeagent.gone")))
 
 
 @route(bp, "DELETE", "/v1/operations/{id}", summary="Cancel a pending or running operation",

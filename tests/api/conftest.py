@@ -1,4 +1,4 @@
-"""API tests run against a real ``nodeagent serve`` (gunicorn) with fake driver kinds."""
+"""API tests run against a real ``nodeagent serve`` with fake driver kinds."""
 from __future__ import annotations
 
 import pytest

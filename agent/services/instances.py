@@ -342,7 +342,8 @@ class InstanceService:
         if inst["kind"] != "container":
             raise Unprocessable("exec works on containers only: use the VM's console or ssh")
         res = self.root.runtime.exec(inst["name"], list(req.command), timeout=req.timeout)
-        return {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr}
+        return {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr,
+                "truncated": res.truncated, "timed_out": res.timed_out}
 
     def logs(self, ref: str, tail: int | None) -> str:
         inst = self.get(ref)

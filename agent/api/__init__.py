@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from pydantic import BaseModel, ValidationError
 
 from agent import models
@@ -69,6 +69,12 @@ def route(bp: Blueprint, method: str, path: str, *, summary: str, responses: dic
 
 def services():
     return current_app.config["SERVICES"]
+
+
+def caller_is_admin() -> bool:
+    """Admins see errors in full; readers see them without host paths, argv or stderr
+    (agent.errors.public_error)."""
+    return (g.get("caller") or {}).get("role") == "admin"
 
 
 def path_id(value: str, what: str = "id") -> str:

@@ -24,12 +24,14 @@ import time
 import uuid
 
 from agent import models
+from agent.errors import redact as redact_text
 from agent.errors import AgentError, Conflict, NotFound, Unavailable, Unprocessable, Unsupported
 
 log = logging.getLogger(__name__)
 
 GiB = 1024**3
 DEFAULT_COMMAND = ("/bin/sh",)
+INSTANCE_DIR_MODE = 0o711  # QEMU (another user) may reach its seed and log inside; nobody lists them
 CLEANUP_KEY = "cleanup_pending"  # in a record's spec: its removal failed part-way; retried at start
 
 
@@ -85,14 +87,18 @@ class InstanceService:
     def list(self) -> list[dict]:
         return [_row(r) for r in self.db.query("SELECT * FROM instances ORDER BY created_at")]
 
-    def list_json(self) -> bytes:
-        """``{"instances": [...]}`` rendered once per change: the control plane polls this a lot."""
+    def list_json(self, *, redact: bool = False) -> bytes:
+        """``{"instances": [...]}`` rendered once per change: the control plane polls this a lot.
+        With ``redact`` (a reader token) errors carry no host paths."""
         gen = self._generation
         cached = self._list_cache
-        if cached is not None and cached[0] == gen:
+        if cached is not None and cached[0] == (gen, redact):
             return cached[1]
-        body = json.dumps({"instances": self.list()}, separators=(",", ":")).encode()
-        self._list_cache = (gen, body)
+        rows = self.list()
+        if redact:
+            rows = [{**i, "error": redact_text(i["error"])} for i in rows]
+        body = json.dumps({"instances": rows}, separators=(",", ":")).encode()
+        self._list_cache = ((gen, redact), body)
         return body
 
     def _changed(self) -> None:
@@ -180,8 +186,13 @@ class InstanceService:
             raise
 
     def _instance_dir(self, inst_id: str):
+        """The instance's own dir: its seed (0600: user_data), console log. Traversable by QEMU
+        (which runs as another user), listable and readable by root only."""
         d = self.root.config.state_path / "instances" / inst_id
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=INSTANCE_DIR_MODE, parents=True, exist_ok=True)
+        for path in (d.parent, d):
+            if path.stat().st_mode & 0o777 != INSTANCE_DIR_MODE:
+                path.chmod(INSTANCE_DIR_MODE)
         return d
 
     def vm_disks(self, inst_id, name, image_id, pool, volume, *, size=None, user_data=None, ip=None):

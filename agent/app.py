@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 from agent import auth
 from agent.api import ROUTES, render
 from agent.config import Config
-from agent.errors import AgentError
+from agent.errors import AgentError, public_error
 
 log = logging.getLogger(__name__)
 HTTP_CODES = {400: "invalid", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
@@ -62,7 +62,10 @@ def create_app(config: Config, services=None) -> Flask:
     def _agent_error(e: AgentError):
         if e.http_status >= 500:
             log.warning("request failed", extra={"path": request.path, "code": e.code, "error": e.message})
-        return render({"error": e.to_dict()}, e.http_status)
+        body = e.to_dict()
+        if (g.get("caller") or {}).get("role") != "admin" and g.get("caller"):
+            body = public_error(body)  # a reader: no host paths, argv or stderr
+        return render({"error": body}, e.http_status)
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):

@@ -120,6 +120,8 @@ class HypervisorConfig(_Strict):
 class ContainersConfig(_Strict):
     runtime: str = "runc"
     cgroup_parent: str | None = None  # None: the runtime's default ("nodeagent"); one per agent on a shared cgroupfs
+    # bytes of stdout and of stderr an exec answer carries (the rest is read and dropped: truncated)
+    exec_output_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
 
 
 class NetworkConfig(_Strict):

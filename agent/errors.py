@@ -6,6 +6,11 @@ and, where there is one, how to fix it.
 """
 from __future__ import annotations
 
+import re
+
+# an absolute host path (not the "///" of a URI): what a reader token must not learn
+_HOST_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\"(),;:]*")
+
 
 class AgentError(Exception):
     """Root of every error nodeagent raises on purpose."""
@@ -104,3 +109,20 @@ class Cancelled(AgentError):
 
     code = "cancelled"
     http_status = 409
+
+
+def redact(text: str | None) -> str | None:
+    """``text`` with host paths replaced by ``<path>``."""
+    return _HOST_PATH.sub("<path>", text) if text else text
+
+
+def public_error(error: dict | None, ref: str | None = None) -> dict | None:
+    """An error body as a reader token sees it: its code and message without host paths,
+    and no details (argv, stderr, paths). Admin tokens see the full error; the agent's log
+    has it too, under ``ref`` (the operation id)."""
+    if not error:
+        return error
+    message = redact(error.get("message") or "")
+    if ref:
+        message += f" (details for admins: ref {ref})"
+    return {"code": error.get("code", "internal"), "message": message}

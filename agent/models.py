@@ -6,13 +6,16 @@ The OpenAPI spec (agent/openapi.py) is generated from these models, so a field's
 from __future__ import annotations
 
 import ipaddress
+import math
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, \
     model_validator
 
+from containers import validate as container_limits
+from hypervisor import validate as vm_limits
+
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: instance names
-IMAGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 INSTANCE_ID_PATTERN = r"^[0-9a-f]{32}$"  # uuid4().hex, as this agent makes them
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
@@ -20,12 +23,39 @@ DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 POOL_NAME_PATTERN = r"^[A-Za-z0-9]+([_.-][A-Za-z0-9]+)*$"
 VOLUME_NAME_PATTERN = POOL_NAME_PATTERN
 MAC_PATTERN = r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$"
-IPV4_PATTERN = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$"
 HOST_PATH_PATTERN = r"^/[^\x00-\x1f]{0,4095}$"  # absolute, no control characters
 REL_PATH_PATTERN = r"^[^/\x00][^\x00]{0,4095}$"  # relative, no NUL
 DISK_TARGET_PATTERN = r"^[svh]d[a-z]{1,2}$"  # vda, sda, ...
+# names and ids that later appear in URL paths (agent.api.path_id takes the same ones): at
+# most MAX_REF characters, no '/' and no '..' (written without look-ahead: the spec and
+# pydantic's regex engine share it)
+REF_PATTERN = r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_:-])*\.?$"
+MAX_REF = 128
+IPV4_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+IPV4_PATTERN = rf"^({IPV4_OCTET}\.){{3}}{IPV4_OCTET}$"  # dotted quad, no leading zeros
+IMAGE_NAME_PATTERN = REF_PATTERN
 MAX_MEMORY_MIB = 1024 * 1024  # 1 TiB
-MAX_CPUS = 256
+# the limits are the drivers' own (one source of truth); a model validator applies the kind's
+MAX_CPUS = max(container_limits.MAX_CPUS, vm_limits.MAX_VCPUS)
+# Strings that reach argv, env, file names or logs. NUL ends a C string (execve, open): the
+# rest would be cut silently or refused late; other control characters forge log lines and
+# break one-line files (seed meta-data, /etc/hosts). Multi-line text (a `sh -c` script, an
+# env value, user_data) may hold tab/CR/LF, never NUL.
+NO_NUL = r"^[^\x00]*$"
+ONE_LINE = r"^[^\x00-\x1f\x7f]*$"
+ENV_KEY_PATTERN = r"^[^=\x00-\x1f\x7f]+$"  # execve's "KEY=VALUE": the key holds no '='
+MAX_ARG_CHARS = 32 * 1024  # one argv/env string (the kernel's MAX_ARG_STRLEN is 128 KiB of bytes)
+MAX_USER_DATA = 64 * 1024  # characters; cloud-init reads it from a small seed ISO
+
+
+Ref = Annotated[str, Field(max_length=MAX_REF, pattern=REF_PATTERN)]
+Arg = Annotated[str, Field(max_length=MAX_ARG_CHARS, pattern=NO_NUL)]
+EnvKey = Annotated[str, Field(min_length=1, max_length=256, pattern=ENV_KEY_PATTERN)]
+
+
+def Line(max_length: int, min_length: int = 1):  # noqa: N802 - a type
+    """A one-line string: no NUL or other control characters."""
+    return Annotated[str, Field(min_length=min_length, max_length=max_length, pattern=ONE_LINE)]
 
 
 def _integral(v):
@@ -53,7 +83,7 @@ InstanceId = Annotated[str, Field(pattern=INSTANCE_ID_PATTERN)]
 ImageId = Annotated[str, Field(pattern=SHA256_PATTERN, description="an image id: its sha256 digest, hex")]
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 Digest = Annotated[str, Field(pattern=DIGEST_PATTERN)]
-ImageName = Annotated[str, Field(pattern=IMAGE_NAME_PATTERN)]
+ImageName = Ref  # reachable by URL afterwards: no "/", no ".."
 PoolName = Annotated[str, Field(min_length=1, max_length=64, pattern=POOL_NAME_PATTERN)]
 VolumeName = Annotated[str, Field(min_length=1, max_length=128, pattern=VOLUME_NAME_PATTERN)]
 Mac = Annotated[str, Field(pattern=MAC_PATTERN)]
@@ -251,20 +281,90 @@ class PortSpec(Model):
 
 
 class InstanceCreate(Model):
+    """Fields a kind does not use are refused, never ignored; cpus and memory_mib are checked
+    against the kind's driver limits here, so a create is refused at once (422) instead of
+    failing (or being silently rounded) in its operation."""
+
     name: Name
     kind: Literal["vm", "container"]
-    image: str = Field(min_length=1, max_length=128)
-    cpus: float = Field(1, gt=0, le=MAX_CPUS)
-    memory_mib: Int = Field(256, ge=16, le=MAX_MEMORY_MIB)
-    disk_gib: IntRange(1, 65536) | None = None
-    pids_max: IntRange(1, 4_194_304) | None = None
+    image: Ref = Field(description="image name or id")
+    cpus: float = Field(1, gt=0, le=MAX_CPUS,
+                        description=f"VMs: whole vCPUs 1..{vm_limits.MAX_VCPUS}; containers: "
+                                    f"{container_limits.MIN_CPUS}..{container_limits.MAX_CPUS} "
+                                    "(a CFS quota, e.g. 0.5 for half a core)")
+    memory_mib: Int = Field(256, ge=min(vm_limits.MIN_MEMORY_MIB, container_limits.MIN_MEMORY_MIB),
+                            le=MAX_MEMORY_MIB)
+    disk_gib: IntRange(1, 65536) | None = Field(None, description="VMs: grow the root disk to this")
+    pids_max: IntRange(1, container_limits.MAX_PIDS) | None = Field(None, description="containers")
     pool: PoolName | None = None
-    network: Literal["bridge", "none", "host"] = "bridge"
-    ports: list[PortSpec] = Field(default_factory=list, max_length=64)
-    env: dict[str, str] = Field(default_factory=dict, max_length=256)
-    command: list[str] | None = Field(None, max_length=256)
-    user_data: str | None = Field(None, max_length=64 * 1024)
+    network: Literal["bridge", "none", "host"] = Field("bridge", description="host: containers only")
+    ports: list[PortSpec] = Field(default_factory=list, max_length=64, description="containers",
+                                  json_schema_extra={"uniqueItems": True})
+    env: dict[EnvKey, Arg] = Field(default_factory=dict, max_length=256, description="containers")
+    command: list[Arg] | None = Field(None, min_length=1, max_length=256, description="containers",
+                                      json_schema_extra={"prefixItems": [{"type": "string", "minLength": 1}]})
+    user_data: Annotated[str, Field(max_length=MAX_USER_DATA, pattern=NO_NUL)] | None = Field(
+        None, description="VMs: cloud-init user-data")
     start: bool = True
+
+    # the kind-dependent rules of _fits_kind, for the spec (a schema-valid body is accepted)
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"kind": {"const": "vm"}}, "required": ["kind"]},
+         "then": {"properties": {
+             "cpus": {"multipleOf": 1, "minimum": 1, "maximum": vm_limits.MAX_VCPUS},
+             "memory_mib": {"minimum": vm_limits.MIN_MEMORY_MIB},
+             "network": {"enum": ["bridge", "none"]}, "ports": {"maxItems": 0},
+             "env": {"maxProperties": 0}, "command": {"type": "null"}, "pids_max": {"type": "null"}}}},
+        {"if": {"properties": {"kind": {"const": "container"}}, "required": ["kind"]},
+         "then": {"properties": {
+             "cpus": {"minimum": container_limits.MIN_CPUS, "maximum": container_limits.MAX_CPUS},
+             "memory_mib": {"minimum": container_limits.MIN_MEMORY_MIB},
+             "user_data": {"type": "null"}, "disk_gib": {"type": "null"}}}},
+        {"if": {"properties": {"network": {"enum": ["none", "host"]}}, "required": ["network"]},
+         "then": {"properties": {"ports": {"maxItems": 0}}}},
+    ]})
+
+    @model_validator(mode="after")
+    def _fits_kind(self):
+        if not math.isfinite(self.cpus):
+            raise ValueError("cpus must be a finite number")
+        if self.kind == "vm":
+            self._vm_checks()
+        else:
+            self._container_checks()
+        return self
+
+    def _vm_checks(self) -> None:
+        unused = [f for f in ("ports", "env", "command", "pids_max") if getattr(self, f)]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} are for containers: a VM takes user_data")
+        if self.network == "host":
+            raise ValueError("network 'host' is for containers: a VM takes 'bridge' or 'none'")
+        if self.cpus != int(self.cpus) or not 1 <= self.cpus <= vm_limits.MAX_VCPUS:
+            raise ValueError(f"cpus of a VM are whole vCPUs 1..{vm_limits.MAX_VCPUS}, got {self.cpus}")
+        if self.memory_mib < vm_limits.MIN_MEMORY_MIB:
+            raise ValueError(f"memory_mib of a VM must be at least {vm_limits.MIN_MEMORY_MIB}")
+
+    def _container_checks(self) -> None:
+        unused = [f for f in ("user_data", "disk_gib") if getattr(self, f) is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} are for VMs: a container takes env and command")
+        lo, hi = container_limits.MIN_CPUS, container_limits.MAX_CPUS
+        if not lo <= self.cpus <= hi:
+            raise ValueError(f"cpus of a container must be {lo}..{hi} (the kernel's smallest CFS "
+                             f"quota is {lo} of a core), got {self.cpus}")
+        if self.memory_mib < container_limits.MIN_MEMORY_MIB:
+            raise ValueError(f"memory_mib of a container must be at least {container_limits.MIN_MEMORY_MIB}")
+        if self.command is not None and not self.command[0]:
+            raise ValueError("command[0] is empty: give the program to run")
+        if self.ports and self.network != "bridge":
+            raise ValueError(f"ports are published on the bridge: network {self.network!r} has none")
+        seen = set()
+        for p in self.ports:
+            key = (p.host_ip, p.host_port, p.protocol)
+            if key in seen:
+                raise ValueError(f"port {p.host_ip}:{p.host_port}/{p.protocol} is published twice")
+            seen.add(key)
 
 
 class Instance(Model):
@@ -296,14 +396,25 @@ class InstanceAction(Model):
 
 
 class ExecRequest(Model):
-    command: list[str] = Field(min_length=1, max_length=256)
+    command: list[Arg] = Field(min_length=1, max_length=256,
+                               json_schema_extra={"prefixItems": [{"type": "string", "minLength": 1}]})
     timeout: float = Field(60, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _program(self):
+        if not self.command[0]:
+            raise ValueError("command[0] is empty: give the program to run")
+        return self
 
 
 class ExecResult(Model):
     exit_code: int
     stdout: str
     stderr: str
+    truncated: bool = Field(False, description="stdout or stderr was longer than the agent keeps "
+                                               "([containers] exec_output_bytes each); the rest was dropped")
+    timed_out: bool = Field(False, description="the command ran past timeout and was killed "
+                                               "(with every process it started)")
 
 
 class Logs(Model):

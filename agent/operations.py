@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from agent import schema
-from agent.errors import AgentError, Cancelled, Conflict, NotFound, Unavailable
+from agent.errors import AgentError, Cancelled, Conflict, NotFound, Unavailable, public_error
 from agent.events import EventBus
 from agent.state import Database
 
@@ -161,6 +161,9 @@ class Operations:
             status, error = "cancelled", e.to_dict()
         except AgentError as e:
             error = e.to_dict()
+            # the full error (host paths, argv, stderr) for admins and this log; readers get it redacted
+            log.warning("operation failed", extra={"operation": ctx.id, "kind": ctx.kind, "code": e.code,
+                                                   "error": e.message, "details": e.details or None})
         except Exception:  # an agent bug: log it, do not leak the trace
             log.exception("operation failed", extra={"operation": ctx.id, "kind": ctx.kind})
             error = {"code": "internal", "message": f"internal error in {ctx.kind}; see the agent log"}
@@ -188,8 +191,10 @@ class Operations:
             self._set(ctx.id, progress=json.dumps(ctx.progress))
 
     def _publish(self, op_id: str) -> dict:
+        """Publish the operation to /v1/events (readers subscribe too: its error is redacted)."""
         op = self.get(op_id)
-        self.events.publish("operation", op)
+        self.events.publish("operation", {**op, "error": public_error(op["error"], op["id"])}
+                            if op.get("error") else op)
         return op
 
     # -- queries --

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import select
+import selectors
 import shutil
 import signal as signals
 import sqlite3
@@ -44,6 +45,8 @@ MIGRATIONS = [
 LOG_SIZE_MAX = 64 * 1024 * 1024  # 64 MiB of stdout/stderr per container; beyond it conmon truncates the file
 SYNC_TIMEOUT = 30.0  # seconds to wait for conmon to report `runc create` done
 EXIT_GRACE = 5.0  # seconds to wait for the exit file after SIGKILL
+EXEC_OUTPUT_BYTES = 1024 * 1024  # 1 MiB of stdout and of stderr kept per exec; the rest is read and dropped
+EXEC_TIMEOUT_EXIT = 124  # the exit code of an exec killed at its timeout (as coreutils' timeout(1))
 POLL = 0.01
 
 
@@ -81,7 +84,7 @@ class RuncRuntime:
     def __init__(self, state_dir: str, db: Database, *, bridge: str = "nabr0",
                  subnet: str = "10.88.0.0/24", nat: bool = True,
                  cgroup_parent: str = bundle.CGROUP_PARENT, runc: str = "runc",
-                 conmon: str = "conmon"):
+                 conmon: str = "conmon", exec_output_bytes: int = EXEC_OUTPUT_BYTES):
         self.runc = shutil.which(runc)
         self.conmon = shutil.which(conmon)
         for tool, path in (("runc", self.runc), ("conmon", self.conmon)):
@@ -90,12 +93,13 @@ class RuncRuntime:
                                   "(or run scripts/setup-host)")
         self.state_dir = os.path.abspath(state_dir)
         self.db = db
+        self.exec_output_bytes = exec_output_bytes
         self.rtag = short_hash(self.state_dir, 4)
         self.cgroup_parent = cgroup_parent
         self.runc_root = os.path.join(self.state_dir, "runc")
         os.makedirs(os.path.join(self.state_dir, "containers"), exist_ok=True)
         os.makedirs(self.runc_root, exist_ok=True)
-        os.makedirs(os.path.join(self.state_dir, "sock"), exist_ok=True)  # conmon needs it
+        os.makedirs(self._sock_dir(), exist_ok=True)  # conmon needs it
         db.migrate("containers", MIGRATIONS)
         self.net = Network(db, bridge=bridge, subnet=subnet, nat=nat, rtag=self.rtag)
         self._lock = threading.Lock()  # guards _locks only
@@ -122,6 +126,11 @@ class RuncRuntime:
 
     def _exit_file(self, name: str) -> str:
         return os.path.join(self._dir(name), "exit", name)
+
+    def _sock_dir(self) -> str:
+        """conmon's --socket-dir-path: it links ``<dir>/<name>`` to the bundle (whose
+        ``attach`` socket would be too long a path for a socket address)."""
+        return os.path.join(self.state_dir, "sock")
 
     # -- runc -----------------------------------------------------------------------------
     def _runc(self, *args: str, check: bool = True, input: str | None = None,
@@ -329,7 +338,7 @@ class RuncRuntime:
                 "-P", os.path.join(self._dir(name), "conmon.pid"),
                 "-l", f"k8s-file:{self._log(name)}", "--log-size-max", str(LOG_SIZE_MAX),
                 "--exit-dir", os.path.dirname(self._exit_file(name)),
-                "--socket-dir-path", os.path.join(self.state_dir, "sock"),
+                "--socket-dir-path", self._sock_dir(),
                 "--runtime-arg", "--root", "--runtime-arg", self.runc_root,
                 "--log-level", "error", "--syslog"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
@@ -447,6 +456,10 @@ class RuncRuntime:
             mounts.unmount(rootfs, lazy=True)
         cgroups.remove(self.cgroup_parent, name)
         self.net.detach(name)
+        try:
+            os.unlink(os.path.join(self._sock_dir(), name))  # conmon's attach link, never its target
+        except FileNotFoundError:
+            pass
         shutil.rmtree(self._dir(name), ignore_errors=True)
         self.db.execute("DELETE FROM containers WHERE name=?", (name,))
 
@@ -461,6 +474,7 @@ class RuncRuntime:
             found.update(os.listdir(os.path.join(self.state_dir, "containers")))
             found.update(e for e in os.listdir(self.runc_root)
                          if os.path.isdir(os.path.join(self.runc_root, e)))
+            found.update(os.listdir(self._sock_dir()))
         except FileNotFoundError:
             pass
         found.update(cgroups.list_names(self.cgroup_parent))  # the parent is ours alone
@@ -480,20 +494,44 @@ class RuncRuntime:
 
     # -- exec / logs / stats / limits ---------------------------------------------------------
     def exec(self, name: str, command: list[str], *, timeout: float = 60) -> ExecResult:
-        if not command or not all(isinstance(a, str) for a in command):
-            raise InvalidInput("exec needs a command: a non-empty list of strings")
+        """Run ``command`` in the running container (``runc exec``). At most
+        ``exec_output_bytes`` of stdout and of stderr are kept (``truncated`` says so); the
+        rest is read and dropped, so a chatty command neither blocks nor fills our memory.
+        At ``timeout`` the exec'd process, its process group and every process it started in
+        the container are killed (``timed_out``, exit code 124)."""
+        if not command or not all(isinstance(a, str) and "\0" not in a for a in command):
+            raise InvalidInput("exec needs a command: a non-empty list of strings without NUL")
         self._row(name)
-        state = self._status(name)[0]
+        state, init_pid, _ = self._status(name)
         if state != "running":
             raise Conflict(f"container {name!r} is {state}: exec needs it running")
-        argv = [self.runc, "--root", self.runc_root, "exec", name, *command]
+        pid_file = os.path.join(self._dir(name), f"exec-{os.getpid()}-{threading.get_ident()}.pid")
+        argv = [self.runc, "--root", self.runc_root, "exec", "--pid-file", pid_file, name, *command]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
         try:
-            proc = subprocess.run(argv, capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            return ExecResult(124, (e.stdout or b"").decode(errors="replace"),
-                              f"timed out after {timeout} s")
-        return ExecResult(proc.returncode, proc.stdout.decode(errors="replace"),
-                          proc.stderr.decode(errors="replace"))
+            (out, err), truncated, timed_out = _capture(proc, self.exec_output_bytes, timeout)
+            if timed_out:
+                _kill_exec(_read_pid(pid_file), init_pid)
+                os.killpg(proc.pid, signals.SIGKILL)  # runc exec itself (its own session)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+            proc.stderr.close()
+            try:
+                os.unlink(pid_file)
+            except FileNotFoundError:
+                pass
+        stderr = err.decode(errors="replace")
+        if timed_out:
+            code = EXEC_TIMEOUT_EXIT
+            sep = "\n" if stderr and not stderr.endswith("\n") else ""
+            stderr += f"{sep}timed out after {timeout} s: killed with every process it started"
+        return ExecResult(code, out.decode(errors="replace"), stderr, truncated=truncated,
+                          timed_out=timed_out)
 
     def logs(self, name: str, tail: int | None = None) -> str:
         self._row(name)
@@ -602,6 +640,91 @@ def _check_command(prog: str, path: str, cwd: str, rootfs: str) -> None:
             return
     raise InvalidInput(f"command {prog!r} is not in the image (searched "
                        f"{', '.join(cands) or 'nothing'}): fix the command or the image")
+
+
+def _capture(proc: subprocess.Popen, limit: int, timeout: float) -> tuple[tuple[bytes, bytes], bool, bool]:
+    """Read ``proc``'s stdout and stderr until both close or ``timeout`` seconds pass:
+    ((stdout, stderr) with at most ``limit`` bytes each, truncated, timed_out)."""
+    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    truncated = False
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for fd in bufs:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return (bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()])), truncated, True
+            for key, _ in sel.select(left):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                buf = bufs[key.fd]
+                room = limit - len(buf)
+                if len(chunk) > room:
+                    truncated = True
+                    chunk = chunk[:max(room, 0)]
+                buf += chunk
+    return (bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()])), truncated, False
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat_ids(pid: int) -> tuple[int, int, int] | None:
+    """(ppid, pgrp, session) of ``pid``, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2:].split()
+    return int(fields[1]), int(fields[2]), int(fields[3])
+
+
+def _pid_ns(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _kill_exec(exec_pid: int | None, init_pid: int | None) -> list[int]:
+    """SIGKILL an exec'd process and everything it started: its session (runc exec makes the
+    exec'd process a session and group leader) and its descendants, in the container's pid
+    namespace only (a reused pid elsewhere is never touched). Returns the pids signalled."""
+    if not exec_pid or not init_pid:
+        return []
+    ns = _pid_ns(init_pid)
+    if ns is None:
+        return []
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (ids := _stat_ids(int(entry))) is not None:
+            procs[int(entry)] = ids
+    doomed = {pid for pid, (_, pgrp, sid) in procs.items() if exec_pid in (pid, pgrp, sid)}
+    grew = True
+    while grew:  # descendants that made their own session
+        more = {pid for pid, (ppid, _, _) in procs.items() if ppid in doomed} - doomed
+        doomed |= more
+        grew = bool(more)
+    killed = []
+    for pid in sorted(doomed):
+        if pid == init_pid or _pid_ns(pid) != ns:
+            continue
+        try:
+            os.kill(pid, signals.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass
+    return killed
 
 
 def _runc_message(stderr: str) -> str:

@@ -74,6 +74,8 @@ class ExecResult:
     exit_code: int
     stdout: str
     stderr: str
+    truncated: bool = False  # stdout or stderr had more than the runtime keeps; the rest was read and dropped
+    timed_out: bool = False  # killed at the timeout, with every process it started (exit_code 124)
 
 
 @runtime_checkable
@@ -100,7 +102,10 @@ class Runtime(Protocol):
     def delete(self, name: str) -> bool:
         """Stop if running and release everything; False if it was already gone."""
 
-    def exec(self, name: str, command: list[str], *, timeout: float = 60) -> ExecResult: ...
+    def exec(self, name: str, command: list[str], *, timeout: float = 60) -> ExecResult:
+        """Run ``command`` in the running container; at most the runtime's output limit of each
+        stream is kept. At ``timeout`` the command and every process it started are killed."""
+        ...
 
     def logs(self, name: str, tail: int | None = None) -> str: ...
 

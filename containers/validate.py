@@ -15,28 +15,30 @@ NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")  # usable as a cgroup
 USER_RE = re.compile(r"^[a-zA-Z0-9_.-]+(:[a-zA-Z0-9_.-]+)?$")  # uid[:gid] or user[:group]
 MIN_MEMORY_MIB = 6  # below this runc cannot even start its init process
 MAX_CPUS = 1024
+MIN_CPUS = 0.01  # the kernel's smallest CFS quota (1 ms) over cgroups.CFS_PERIOD_US (100 ms)
+MAX_PIDS = 4_194_304  # the kernel's PID_MAX_LIMIT on 64-bit
 IO_WEIGHT_RANGE = (10, 1000)  # cgroup v1 blkio.weight and v2 io.weight (bfq) overlap here
 NETWORK_MODES = ("bridge", "none", "host")
 PROTOCOLS = ("tcp", "udp")
 
 
 def check_name(name: str) -> None:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidInput(f"container name {name!r} is invalid: use 1-63 letters, digits, "
                            "'_', '.', '-', starting with a letter or digit")
 
 
 def check_limits(limits: Limits) -> None:
-    if limits.cpus is not None and not (0 < limits.cpus <= MAX_CPUS):
-        raise InvalidInput(f"cpus={limits.cpus} is invalid: give a number > 0 and <= {MAX_CPUS}"
+    if limits.cpus is not None and not (MIN_CPUS <= limits.cpus <= MAX_CPUS):
+        raise InvalidInput(f"cpus={limits.cpus} is invalid: give a number in {MIN_CPUS}..{MAX_CPUS}"
                            " (e.g. 0.5 for half a core)")
     if limits.memory_mib is not None and (not isinstance(limits.memory_mib, int)
                                           or limits.memory_mib < MIN_MEMORY_MIB):
         raise InvalidInput(f"memory_mib={limits.memory_mib} is invalid: give an integer "
                            f">= {MIN_MEMORY_MIB}")
     if limits.pids_max is not None and (not isinstance(limits.pids_max, int)
-                                        or limits.pids_max < 1):
-        raise InvalidInput(f"pids_max={limits.pids_max} is invalid: give an integer >= 1")
+                                        or not 1 <= limits.pids_max <= MAX_PIDS):
+        raise InvalidInput(f"pids_max={limits.pids_max} is invalid: give an integer in 1..{MAX_PIDS}")
     lo, hi = IO_WEIGHT_RANGE
     if limits.io_weight is not None and (not isinstance(limits.io_weight, int)
                                          or not lo <= limits.io_weight <= hi):
@@ -73,16 +75,18 @@ def check_spec(spec: ContainerSpec) -> None:
     """Everything about a spec that can be judged without touching the host."""
     check_name(spec.name)
     args = resolve_process(spec)["args"]
-    if not args or not all(isinstance(a, str) for a in args) or not args[0]:
+    if not args or not all(isinstance(a, str) and "\0" not in a for a in args) or not args[0]:
         raise InvalidInput("command is empty: give the program and its arguments, "
                            "e.g. ['sleep', '60'] (or set the image's Cmd/Entrypoint)")
     if not isinstance(spec.env, dict) or not all(
-            isinstance(k, str) and k and "=" not in k and isinstance(v, str)
+            isinstance(k, str) and k and "=" not in k and "\0" not in k
+            and isinstance(v, str) and "\0" not in v
             for k, v in spec.env.items()):
-        raise InvalidInput("env must map non-empty names without '=' to string values")
+        raise InvalidInput("env must map non-empty names without '=' or NUL to string values "
+                           "without NUL")
     if not spec.workdir.startswith("/"):
         raise InvalidInput(f"workdir {spec.workdir!r} must be an absolute path")
-    if not USER_RE.match(spec.user or ""):
+    if not USER_RE.fullmatch(spec.user or ""):
         raise InvalidInput(f"user {spec.user!r} is invalid: use uid[:gid] (e.g. '1000:1000')")
     if spec.hostname is not None and not re.match(r"^[a-zA-Z0-9][a-zA-Z0-9.-]{0,62}$",
                                                   spec.hostname):

@@ -10,6 +10,10 @@ from agent.errors import InvalidInput
 from hypervisor.iso9660 import write_iso
 
 SEED_LABEL = "cidata"  # what cloud-init's NoCloud datasource looks for
+# user_data holds tenants' secrets: only root reads the seed. libvirt's DAC driver
+# (qemu.conf dynamic_ownership = 1, the default) hands it to the QEMU user at start and back
+# to root at stop; the directories above it must only be traversable (0711), not readable.
+SEED_MODE = 0o600
 DEFAULT_USER_DATA = "#cloud-config\n{}\n"
 
 
@@ -42,7 +46,7 @@ def make_seed(path: str, *, instance_id: str, hostname: str, user_data: str | No
     os.close(fd)
     try:
         write_iso(tmp, files, volume_id=SEED_LABEL)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, SEED_MODE)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -29,7 +29,7 @@ CEPHX_KEY_BYTES = (16, 28)  # a cephx key decodes to its 16 secret bytes (28 wit
 
 
 def check_name(name: str) -> None:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidInput(f"bad VM name {name!r}: use 1-63 letters, digits, '.', '-', '_' "
                            "starting with a letter or digit")
 

@@ -12,13 +12,30 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from pydantic import BaseModel, ValidationError
 
+from agent import models
 from agent.errors import InvalidInput, Unprocessable
 
-# ids and names in paths: no '/', no '..', no control or shell characters
-PATH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+# ids and names in paths: no '/', no '..', no control or shell characters (the pattern the
+# models use for names that must be reachable by URL: models.REF_PATTERN)
+PATH_ID_RE = re.compile(models.REF_PATTERN)
+# Bodies are parsed by recursive code (the json decoder, pydantic): a body nested 100k deep
+# would end in RecursionError (a 500 and a log flood). No API body nests deeper than ~6.
+MAX_JSON_DEPTH = 32
+# a whole string (possessive: no backtracking), a bracket, or the quote of an unterminated string
+_JSON_TOKEN = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"|[\[\]{}]|"', re.S)
+# what a failed pattern means, for the 422 message (pydantic would quote the regex)
+PATTERN_PROBLEMS = {
+    models.NO_NUL: "must not contain NUL characters",
+    models.ONE_LINE: "must be one line without control characters",
+    models.ENV_KEY_PATTERN: "an env name must be non-empty, without '=', NUL or control characters",
+    models.REF_PATTERN: "use 1-128 letters, digits, '_', '.', ':', '-', starting with a letter or "
+                        "digit, no '..'",
+    models.IPV4_PATTERN: "not an IPv4 address (e.g. 127.0.0.1)",
+    models.NAME_PATTERN: "use 1-63 lower-case letters, digits and '-' (a hostname label)",
+}
 
 
 @dataclass
@@ -62,19 +79,49 @@ def services():
     return current_app.config["SERVICES"]
 
 
+def caller_is_admin() -> bool:
+    """Admins see errors in full; readers see them without host paths, argv or stderr
+    (agent.errors.public_error)."""
+    return (g.get("caller") or {}).get("role") == "admin"
+
+
 def path_id(value: str, what: str = "id") -> str:
-    if not PATH_ID_RE.match(value) or ".." in value:
+    if len(value) > models.MAX_REF or not PATH_ID_RE.fullmatch(value) or ".." in value:
         raise InvalidInput(f"{what} {value[:80]!r} is malformed: use letters, digits, '-', '_', '.', ':' "
                            "(at most 128, no '..')")
     return value
 
 
+def json_too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True if arrays and objects nest deeper than ``limit`` in ``raw`` (brackets inside
+    strings do not count). One linear pass, no recursion; malformed JSON is the decoder's
+    to refuse."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth = 0
+    for m in _JSON_TOKEN.finditer(raw):
+        tok = m.group()
+        if tok in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif tok in (b"]", b"}"):
+            depth -= 1
+        elif tok == b'"':
+            return False  # an unterminated string: not JSON, the decoder says so
+    return False
+
+
 def parse(model: type[BaseModel]) -> BaseModel:
-    """The JSON body as ``model``: 400 if it is not JSON, 422 naming each bad field otherwise."""
+    """The JSON body as ``model``: 400 if it is not JSON (or nests deeper than
+    MAX_JSON_DEPTH), 422 naming each bad field otherwise."""
     raw = request.get_data(cache=False)
+    if json_too_deep(raw):
+        raise InvalidInput(f"request body nests deeper than {MAX_JSON_DEPTH} levels: "
+                           "no API body needs that")
     try:
         data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidInput("request body is not valid JSON: send a JSON object "
                            "with Content-Type: application/json") from None
     if not isinstance(data, dict):
@@ -82,10 +129,25 @@ def parse(model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        problems = [{"field": ".".join(str(p) for p in err["loc"]) or "(body)", "problem": err["msg"]}
+        problems = [{"field": ".".join(_printable(str(p)) for p in err["loc"]) or "(body)",
+                     "problem": _problem(err)}
                     for err in e.errors(include_url=False, include_input=False)]
         msg = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:10])
         raise Unprocessable(f"invalid request: {msg}", fields=problems) from None
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped (a field name may be a client's dict key)."""
+    return text if text.isprintable() else ascii(text)[1:-1]
+
+
+def _problem(err: dict) -> str:
+    if err["type"] == "string_pattern_mismatch":
+        hint = PATTERN_PROBLEMS.get((err.get("ctx") or {}).get("pattern"))
+        if hint:
+            return hint
+    msg = err["msg"]
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
 
 
 def query_number(name: str, default, *, lo, hi, cast=float):

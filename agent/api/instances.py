@@ -2,7 +2,8 @@
 from flask import Blueprint, Response
 
 from agent import models
-from agent.api import parse, path_id, query_number, render, route, services
+from agent.errors import redact
+from agent.api import caller_is_admin, parse, path_id, query_number, render, route, services
 
 bp = Blueprint("instances", __name__)
 
@@ -18,13 +19,14 @@ def create_instance():
 
 @route(bp, "GET", "/v1/instances", summary="List instances", responses={200: models.InstanceList})
 def list_instances():
-    return Response(services().instances.list_json(), mimetype="application/json")
+    return Response(services().instances.list_json(redact=not caller_is_admin()), mimetype="application/json")
 
 
 @route(bp, "GET", "/v1/instances/{id}", summary="One instance (by id or name)",
        responses={200: models.Instance, 404: None})
 def get_instance(id):
-    return render(services().instances.get(path_id(id)))
+    inst = services().instances.get(path_id(id))
+    return render(inst if caller_is_admin() else {**inst, "error": redact(inst["error"])})
 
 
 @route(bp, "DELETE", "/v1/instances/{id}", summary="Delete an instance and release its volumes",

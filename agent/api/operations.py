@@ -2,8 +2,8 @@
 from flask import Blueprint, request
 
 from agent import models
-from agent.api import path_id, query_number, render, route, services
-from agent.errors import InvalidInput
+from agent.api import caller_is_admin, path_id, query_number, render, route, services
+from agent.errors import InvalidInput, public_error
 from agent.operations import MAX_WAIT
 
 bp = Blueprint("operations", __name__)
@@ -17,12 +17,19 @@ def list_operations():
     status = request.args.get("status")
     if status is not None and status not in STATUSES:
         raise InvalidInput(f"status must be one of {', '.join(STATUSES)}")
-    return render({"operations": services().operations.list(status)})
+    return render({"operations": [_shown(op) for op in services().operations.list(status)]})
 
 
 @route(bp, "GET", "/v1/operations/{id}", summary="One operation", responses={200: models.Operation, 404: None})
 def get_operation(id):
-    return render(services().operations.get(path_id(id)))
+    return render(_shown(services().operations.get(path_id(id))))
+
+
+def _shown(op: dict) -> dict:
+    """The operation as the caller may see it: a reader's error is redacted."""
+    if op.get("error") and not caller_is_admin():
+        op = {**op, "error": public_error(op["error"], op["id"])}
+    return op
 
 
 @route(bp, "GET", "/v1/operations/{id}/wait", summary="Block until the operation ends or timeout seconds pass",
@@ -32,10 +39,11 @@ def get_operation(id):
 def wait_operation(id):
     timeout = query_number("timeout", 30.0, lo=0, hi=MAX_WAIT)
     # the server sets "nodeagent.gone" when the client leaves: the wait ends then, not at its timeout
-    return render(services().operations.wait(path_id(id), timeout, gone=request.environ.get("nodeagent.gone")))
+    return render(_shown(services().operations.wait(path_id(id), timeout,
+                                                    gone=request.environ.get("nodeagent.gone"))))
 
 
 @route(bp, "DELETE", "/v1/operations/{id}", summary="Cancel a pending or running operation",
        responses={200: models.Operation, 404: None, 409: None})
 def cancel_operation(id):
-    return render(services().operations.cancel(path_id(id)))
+    return render(_shown(services().operations.cancel(path_id(id))))

@@ -128,7 +128,8 @@ class Services:
                     else:
                         extra = {"cgroup_parent": cc.cgroup_parent} if cc.cgroup_parent else {}
                         self._runtime = cls(str(self.config.state_path / "containers"), self.db,
-                                            bridge=net.bridge, subnet=net.subnet, nat=net.nat, **extra)
+                                            bridge=net.bridge, subnet=net.subnet, nat=net.nat,
+                                            exec_output_bytes=cc.exec_output_bytes, **extra)
                 except AgentError:
                     raise
                 except Exception as e:

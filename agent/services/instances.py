@@ -4,6 +4,12 @@ Every change to one instance happens under that instance's lock; there is no glo
 lock around slow work, so creates of different instances run in parallel up to the
 operation pool size. A create that fails (or is cancelled, or is cut by a crash)
 removes everything it made: domain or container, volumes, seed, and the row itself.
+
+Removal is best-effort per step and never leaves a record stuck: a step that fails (a
+component is down) turns the instance into state ``error`` with what is left named in its
+``error``; DELETE retries it, and so does the agent at start. A delete first marks the
+record ``deleting``, so a crash in the middle is finished at the next start; so is a
+create a crash cut (state ``creating``).
 """
 from __future__ import annotations
 
@@ -18,12 +24,25 @@ import time
 import uuid
 
 from agent import models
-from agent.errors import Conflict, NotFound, Unavailable, Unprocessable, Unsupported
+from agent.errors import redact as redact_text
+from agent.errors import AgentError, Conflict, NotFound, Unavailable, Unprocessable, Unsupported
 
 log = logging.getLogger(__name__)
 
 GiB = 1024**3
 DEFAULT_COMMAND = ("/bin/sh",)
+INSTANCE_DIR_MODE = 0o711  # QEMU (another user) may reach its seed and log inside; nobody lists them
+CLEANUP_KEY = "cleanup_pending"  # in a record's spec: its removal failed part-way; retried at start
+
+
+def _msg(e: Exception) -> str:
+    return e.message if isinstance(e, AgentError) else (str(e) or type(e).__name__)
+
+
+def _missing_ok(fn, path, exc_info) -> None:
+    """shutil.rmtree onerror: a file already gone is fine, anything else is a failure."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 def _row(r) -> dict:
@@ -68,14 +87,18 @@ class InstanceService:
     def list(self) -> list[dict]:
         return [_row(r) for r in self.db.query("SELECT * FROM instances ORDER BY created_at")]
 
-    def list_json(self) -> bytes:
-        """``{"instances": [...]}`` rendered once per change: the control plane polls this a lot."""
+    def list_json(self, *, redact: bool = False) -> bytes:
+        """``{"instances": [...]}`` rendered once per change: the control plane polls this a lot.
+        With ``redact`` (a reader token) errors carry no host paths."""
         gen = self._generation
         cached = self._list_cache
-        if cached is not None and cached[0] == gen:
+        if cached is not None and cached[0] == (gen, redact):
             return cached[1]
-        body = json.dumps({"instances": self.list()}, separators=(",", ":")).encode()
-        self._list_cache = (gen, body)
+        rows = self.list()
+        if redact:
+            rows = [{**i, "error": redact_text(i["error"])} for i in rows]
+        body = json.dumps({"instances": rows}, separators=(",", ":")).encode()
+        self._list_cache = ((gen, redact), body)
         return body
 
     def _changed(self) -> None:
@@ -143,8 +166,15 @@ class InstanceService:
                         state, ip = self._create_vm(op, inst_id, req, image, pool, volumes[0])
                     else:
                         state, ip = self._create_container(op, inst_id, req, image, pool, volumes[0])
-                except BaseException:
-                    self._destroy(inst_id)
+                except BaseException as e:
+                    try:
+                        self._destroy(inst_id)
+                    except Exception as cleanup:  # the record is in state error now; report the cause
+                        log.warning("a failed create could not remove everything it made",
+                                    extra={"instance": req.name, "error": str(cleanup)})
+                        if isinstance(e, AgentError):
+                            e.message += f" (cleanup incomplete, instance left in state error: {_msg(cleanup)})"
+                            e.args = (e.message,)
                     raise
                 return {"instance": self._update(inst_id, state=state, ip=ip)}
 
@@ -156,8 +186,13 @@ class InstanceService:
             raise
 
     def _instance_dir(self, inst_id: str):
+        """The instance's own dir: its seed (0600: user_data), console log. Traversable by QEMU
+        (which runs as another user), listable and readable by root only."""
         d = self.root.config.state_path / "instances" / inst_id
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(mode=INSTANCE_DIR_MODE, parents=True, exist_ok=True)
+        for path in (d.parent, d):
+            if path.stat().st_mode & 0o777 != INSTANCE_DIR_MODE:
+                path.chmod(INSTANCE_DIR_MODE)
         return d
 
     def vm_disks(self, inst_id, name, image_id, pool, volume, *, size=None, user_data=None, ip=None):
@@ -250,29 +285,71 @@ class InstanceService:
         return spec
 
     def _destroy(self, inst_id: str) -> bool:
-        """Remove the workload, its volumes, its files and its row; each step tolerates absence."""
+        """Remove the workload, its volumes, its files and its row; each step tolerates absence.
+        Best-effort: if a step fails, the ones that do not depend on it still run, the record
+        stays in state ``error`` naming what is left (marked for the retry at start) and the
+        first failure is raised. Volumes and files are kept while the workload may still use
+        them (it could not be removed). False if the record was already gone."""
         r = self.db.one("SELECT * FROM instances WHERE id=?", (inst_id,))
         if r is None:
             return False
         inst = _row(r)
-        if inst["kind"] == "vm":
-            self.root.driver.delete(inst["name"])
-            self._release_address(inst_id)
-        else:
-            self.root.runtime.delete(inst["name"])
-        for vol in inst["volumes"]:
+        failures: list[tuple[str, Exception]] = []
+
+        def step(what: str, fn) -> bool:
             try:
-                self.root.store.release(inst["pool"], vol)
-            except Unavailable:
-                if self._volume_recorded(inst, vol):
-                    raise
-                # never made (a create that failed to reach the pool, e.g. a wrong Ceph key):
-                # the store holds no reference, so there is nothing to remove there
-        shutil.rmtree(self.root.config.state_path / "instances" / inst_id, ignore_errors=True)
+                fn()
+                return True
+            except Exception as e:  # noqa: BLE001 - collected, reported below
+                failures.append((what, e))
+                return False
+
+        if inst["kind"] == "vm":
+            gone = step(f"VM {inst['name']!r}", lambda: self.root.driver.delete(inst["name"]))
+            if gone:
+                step("its address lease", lambda: self._release_address(inst_id))
+        else:
+            gone = step(f"container {inst['name']!r}", lambda: self.root.runtime.delete(inst["name"]))
+        if gone:
+            for vol in inst["volumes"]:
+                step(f"volume {vol!r} in pool {inst['pool']!r}", lambda vol=vol: self._release_volume(inst, vol))
+            step("its files", lambda: shutil.rmtree(self.root.config.state_path / "instances" / inst_id,
+                                                    onerror=_missing_ok))
+        if failures:
+            left = "; ".join(f"{what}: {_msg(e)}" for what, e in failures)
+            self._mark_cleanup(inst_id)
+            self._update(inst_id, state="error",
+                         error=f"not fully removed ({left}); fix that, then DELETE it again "
+                               "(the agent also retries at start)")
+            first = failures[0][1]
+            if isinstance(first, AgentError):
+                raise first
+            raise Unavailable(f"instance {inst['name']!r} could not be fully removed: {left}") from first
         self.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
         self._changed()
         self.root.events.publish("lifecycle", {"instance": inst_id, "name": inst["name"], "state": "deleted"})
         return True
+
+    def _release_volume(self, inst: dict, vol: str) -> None:
+        try:
+            self.root.store.release(inst["pool"], vol)
+        except Unavailable:
+            if self._volume_recorded(inst, vol):
+                raise
+            # never made (a create that failed to reach the pool, e.g. a wrong Ceph key):
+            # the store holds no reference, so there is nothing to remove there
+
+    def _being_removed(self, inst: dict) -> bool:
+        """Deleting, or in state error with its removal pending: no longer a workload to adopt."""
+        return inst["state"] == "deleting" or \
+            inst["state"] == "error" and bool(self._spec(inst["id"]).get(CLEANUP_KEY))
+
+    def _mark_cleanup(self, inst_id: str) -> None:
+        """Note in the record's spec that its removal is pending (retried at start)."""
+        spec = self._spec(inst_id)
+        if not spec.get(CLEANUP_KEY):
+            spec[CLEANUP_KEY] = True
+            self.db.execute("UPDATE instances SET spec=? WHERE id=?", (json.dumps(spec), inst_id))
 
     def _volume_recorded(self, inst: dict, volume: str) -> bool:
         """True if the image store recorded ``volume`` (made, or being made) for ``inst``."""
@@ -282,10 +359,18 @@ class InstanceService:
             return False
 
     def delete(self, ref: str) -> bool:
+        """Mark the record ``deleting`` (a crash from here on is finished at the next start),
+        then remove everything; a step that fails leaves it in state ``error`` (retry)."""
         inst = self.get(ref)
         if inst["state"] == "creating":
             raise Conflict(f"instance {inst['name']!r} is being created: cancel or wait for its operation")
         with self.lock(inst["id"]):
+            r = self.db.one("SELECT state FROM instances WHERE id=?", (inst["id"],))
+            if r is None:
+                return False
+            if r["state"] == "creating":  # a create took the lock first
+                raise Conflict(f"instance {inst['name']!r} is being created: cancel or wait for its operation")
+            self._update(inst["id"], state="deleting")
             return self._destroy(inst["id"])
 
     # -- actions --
@@ -293,6 +378,9 @@ class InstanceService:
         inst = self.get(ref)
         if inst["state"] == "creating":
             raise Conflict(f"instance {inst['name']!r} is being created: wait for its operation")
+        if self._being_removed(inst):
+            raise Conflict(f"instance {inst['name']!r} is being removed ({inst['state']}): DELETE it "
+                           "(again) to finish")
         if inst["kind"] == "container" and req.action in ("pause", "resume") \
                 and not hasattr(self.root.runtime, req.action):
             raise Unsupported(f"the {self.root.config.containers.runtime} runtime cannot {req.action} containers")
@@ -342,7 +430,8 @@ class InstanceService:
         if inst["kind"] != "container":
             raise Unprocessable("exec works on containers only: use the VM's console or ssh")
         res = self.root.runtime.exec(inst["name"], list(req.command), timeout=req.timeout)
-        return {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr}
+        return {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr,
+                "truncated": res.truncated, "timed_out": res.timed_out}
 
     def logs(self, ref: str, tail: int | None) -> str:
         inst = self.get(ref)
@@ -370,15 +459,22 @@ class InstanceService:
 
     # -- recovery --
     def recover(self) -> int:
-        """Remove instances a crash left half-made (state 'creating'): row, workload, volumes."""
+        """Finish what a crash cut: remove instances left half-made (state 'creating') or
+        half-deleted ('deleting'), and retry removals that failed before (state 'error',
+        marked). One that still cannot be removed stays in state 'error'."""
         n = 0
-        for r in self.db.query("SELECT id, name FROM instances WHERE state='creating'"):
+        for r in self.db.query("SELECT id, name, state, spec FROM instances "
+                               "WHERE state IN ('creating', 'deleting', 'error')"):
+            if r["state"] == "error" and not json.loads(r["spec"]).get(CLEANUP_KEY):
+                continue  # an error of another kind (e.g. a migration's): the operator decides
             try:
                 self._destroy(r["id"])
                 n += 1
-                log.info("removed half-created instance after restart", extra={"instance": r["name"]})
-            except Exception as e:
-                self._update(r["id"], state="error", error=f"cleanup after restart failed: {e}")
+                log.info("removed an instance a crash or a failure left behind",
+                         extra={"instance": r["name"], "state": r["state"]})
+            except Exception as e:  # noqa: BLE001 - _destroy marked it error, with what is left
+                log.warning("cannot remove an instance left behind yet", extra={"instance": r["name"],
+                                                                                  "error": str(e)})
         return n
 
     def reconcile(self) -> None:
@@ -386,7 +482,7 @@ class InstanceService:
         rows = self.list()
         for kind, lister in (("vm", lambda: self.root.driver.list()),
                              ("container", lambda: self.root.runtime.list())):
-            mine = [i for i in rows if i["kind"] == kind]
+            mine = [i for i in rows if i["kind"] == kind and not self._being_removed(i)]
             if not mine:
                 continue
             try:

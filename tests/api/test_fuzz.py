@@ -15,9 +15,13 @@ def test_schemathesis_finds_no_500s_and_no_spec_violations(tmp_path):
     agent = AgentProcess(tmp_path / "fuzz", pool_kind="local")
     token = agent.token("fuzz", "admin")
     agent.start()
+    config = tmp_path / "schemathesis.toml"  # a body over the size limit is refused with 413 too
+    config.write_text("[checks.negative_data_rejection]\nexpected-statuses = "
+                      '[400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429, "5xx"]\n')
     try:
         r = subprocess.run(
-            [st, "run", agent.url + "/v1/openapi.json", "-H", f"Authorization: Bearer {token}",
+            [st, "--config-file", str(config), "run", agent.url + "/v1/openapi.json",
+             "-H", f"Authorization: Bearer {token}",
              "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--phases", "examples,coverage,fuzzing",
              "--exclude-path", "/v1/events",  # an endless stream by design; covered in test_instances
              "--seed", "1", "--no-color"],

@@ -56,6 +56,7 @@ def assert_nothing_left(rt: RuncRuntime, names=None):
             if f"nodeagent:{rt.rtag}:" in line and ":net:" not in line
             and (known is None or any(f"{rt.rtag}:{n}" in line for n in known))] == []
     assert [d for d in os.listdir(os.path.join(rt.state_dir, "containers")) if mine(d)] == []
+    assert [d for d in os.listdir(os.path.join(rt.state_dir, "sock")) if mine(d)] == []  # conmon's links
 
 
 def run_spec(rt, tmp_path, name, command, **kw):

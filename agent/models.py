@@ -280,6 +280,14 @@ class PortSpec(Model):
     host_ip: IPv4 = "127.0.0.1"
 
 
+def _keys_by_pattern(schema: dict) -> None:
+    """pydantic writes a dict's key pattern as patternProperties, which lets keys that do not
+    match through with any value: say it as propertyNames, so the spec is what is accepted."""
+    for pattern, value in schema.pop("patternProperties", {}).items():
+        schema["propertyNames"] = {**schema.get("propertyNames", {}), "pattern": pattern}
+        schema["additionalProperties"] = value
+
+
 class InstanceCreate(Model):
     """Fields a kind does not use are refused, never ignored; cpus and memory_mib are checked
     against the kind's driver limits here, so a create is refused at once (422) instead of
@@ -300,7 +308,8 @@ class InstanceCreate(Model):
     network: Literal["bridge", "none", "host"] = Field("bridge", description="host: containers only")
     ports: list[PortSpec] = Field(default_factory=list, max_length=64, description="containers",
                                   json_schema_extra={"uniqueItems": True})
-    env: dict[EnvKey, Arg] = Field(default_factory=dict, max_length=256, description="containers")
+    env: dict[EnvKey, Arg] = Field(default_factory=dict, max_length=256, description="containers",
+                                   json_schema_extra=_keys_by_pattern)
     command: list[Arg] | None = Field(None, min_length=1, max_length=256, description="containers",
                                       json_schema_extra={"prefixItems": [{"type": "string", "minLength": 1}]})
     user_data: Annotated[str, Field(max_length=MAX_USER_DATA, pattern=NO_NUL)] | None = Field(

@@ -35,6 +35,11 @@ PATTERN_PROBLEMS = {
                         "digit, no '..'",
     models.IPV4_PATTERN: "not an IPv4 address (e.g. 127.0.0.1)",
     models.NAME_PATTERN: "use 1-63 lower-case letters, digits and '-' (a hostname label)",
+    models.POOL_NAME_PATTERN: "use letters and digits, joined by single '_', '.' or '-'",
+    models.INSTANCE_ID_PATTERN: "an instance id: 32 lower-case hex digits",
+    models.SHA256_PATTERN: "a sha256: 64 lower-case hex digits",
+    models.DIGEST_PATTERN: "a digest: 'sha256:' and 64 lower-case hex digits",
+    models.MAC_PATTERN: "a MAC address: six lower-case hex pairs joined by ':'",
 }
 
 

@@ -20,6 +20,7 @@ DOWN = Unavailable("libvirtd is not running: start it with `libvirtd -d`")
 def app(tmp_path):
     cfg = agent_config.parse({"state_dir": str(tmp_path / "state"), "workers": 2,
                               "hypervisor": {"driver": "fake"}, "containers": {"runtime": "fake"},
+                              "images": {"import_dirs": [str(tmp_path)]},
                               "pools": {"default": {"kind": "local", "path": str(tmp_path / "pool")}}})
     app = create_app(cfg)
     root = app.config["SERVICES"]

@@ -152,19 +152,22 @@ def test_a_slow_body_is_cut_with_408(tmp_path):
         agent.stop()
 
 
+INCOMING_ID = "0" * 32  # well-formed: the refusal is about the caller, not the id
+
+
 def test_peer_put_routes_take_chunked_bodies_and_answer_strangers_without_reading_them(tmp_path):
     agent = _agent(tmp_path, env=None)
     try:
         for token, status in ((None, 401), (agent.admin_token, 403)):  # an admin, but not a peer's token
             s = connect(agent.port)
-            s.sendall(request("PUT", "/v1/peer/migrations/i-1/rootfs", token,
+            s.sendall(request("PUT", f"/v1/peer/migrations/{INCOMING_ID}/rootfs", token,
                               headers={"Transfer-Encoding": "chunked"}) + chunk(b"x" * 1000))
             t = time.monotonic()  # the body never ends: the answer must not wait for it
             got, headers, body = responses(s, ["PUT"])[0]
             assert got == status and json.loads(body)["error"]["message"], body
             assert headers.get("connection") == "close" and time.monotonic() - t < 2
         # a whole chunked body, as a peer's requests session sends it, is read and answered
-        r = requests.put(agent.url + "/v1/peer/migrations/i-1/disk", data=(b"y" * 65536 for _ in range(16)),
+        r = requests.put(agent.url + f"/v1/peer/migrations/{INCOMING_ID}/disk", data=(b"y" * 65536 for _ in range(16)),
                          headers={"Authorization": f"Bearer {agent.admin_token}"}, timeout=10)
         assert r.status_code == 403 and "peer" in r.json()["error"]["message"]
     finally:
@@ -178,7 +181,7 @@ def test_event_streams_deliver_and_end_on_sigterm(tmp_path):
                       headers={"Authorization": f"Bearer {agent.reader_token}"}, stream=True, timeout=30) as r:
         lines = r.iter_lines()
         assert next(lines) == b": connected"
-        op = admin.post("/v1/images", json={"name": "x", "source": {"type": "file", "path": "/nonexistent"}})
+        op = admin.post("/v1/images", json={"name": "x", "source": {"type": "file", "path": str(tmp_path / "nonexistent")}})
         assert op.status_code in (202, 404), op.text
         admin.get("/v1/health")
         src = tmp_path / "d.raw"

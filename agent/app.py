@@ -43,13 +43,15 @@ def create_app(config: Config, services=None) -> Flask:
         app.register_blueprint(bp)
     app.config["OPENAPI"] = openapi.build()
     public = {r.endpoint for r in ROUTES if r.auth == "none"}
+    route_auth = {r.endpoint: r.auth for r in ROUTES}
 
     @app.before_request
     def _authenticate():
         g.t0 = time.perf_counter()
         if request.endpoint in public or request.endpoint is None:
             return None  # unknown URLs fall through to a 404
-        g.caller = auth.authorize(root.tokens, request.headers.get("Authorization"), request.method)
+        g.caller = auth.authorize(root.tokens, request.headers.get("Authorization"), request.method,
+                                  route_auth.get(request.endpoint, "reader"))
         return None
 
     @app.after_request

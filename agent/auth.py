@@ -3,7 +3,9 @@
 A token is ``na_<id>_<secret>``: the id is public (it names the row), the secret is
 32 random bytes kept only as its sha256 (a high-entropy secret needs no slow hash)
 and compared with ``hmac.compare_digest``. Roles: ``admin`` may do everything,
-``reader`` may only read (GET/HEAD); ``/metrics`` accepts either role.
+``reader`` may only read (GET/HEAD); ``/metrics`` accepts either role. ``peer`` is
+another host's: it reaches the peer routes (``/v1/peer/...``, auth "peer") and nothing
+else, so a host that is taken over gets no more of its peers than migrations give.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from agent import schema
 from agent.errors import Conflict, Forbidden, InvalidInput, Unauthorized
 from agent.state import Database
 
-ROLES = ("admin", "reader")
+ROLES = ("admin", "reader", "peer")
 TOKEN_PREFIX = "na_"
 TOKEN_ID_BYTES = 6  # 12 hex chars: enough to name a row, not a secret
 TOKEN_SECRET_BYTES = 32  # 256 bits: brute force is out of reach, so sha256 suffices
@@ -41,7 +43,7 @@ class Tokens:
         if not NAME_RE.match(name or ""):
             raise InvalidInput(f"token name {name!r} is invalid: use 1-64 letters, digits, '_', '.', '-'")
         if role not in ROLES:
-            raise InvalidInput(f"role {role!r} is invalid: use admin or reader")
+            raise InvalidInput(f"role {role!r} is invalid: use admin, reader or peer")
         token_id = secrets.token_hex(TOKEN_ID_BYTES)
         secret = secrets.token_urlsafe(TOKEN_SECRET_BYTES)
         with self.db.tx() as c:
@@ -73,12 +75,19 @@ class Tokens:
         return {"name": row["name"], "role": row["role"]}
 
 
-def authorize(tokens: Tokens, header: str | None, method: str) -> dict:
-    """Check an Authorization header for a request of ``method``; return the caller."""
+def authorize(tokens: Tokens, header: str | None, method: str, route_auth: str = "reader") -> dict:
+    """Check an Authorization header for a request of ``method`` on a route whose auth is
+    ``route_auth`` (reader | admin | peer); return the caller."""
     scheme, _, value = (header or "").partition(" ")
     if scheme.lower() != "bearer":
         tokens.verify("")  # same work and same error as a bad token
     caller = tokens.verify(value.strip())
+    if caller["role"] == "peer" or route_auth == "peer":
+        if caller["role"] not in ("peer", "admin") or (caller["role"] == "peer" and route_auth != "peer"):
+            raise Forbidden(f"token {caller['name']!r} has role {caller['role']}: "
+                            + ("a peer token reaches only the peer routes (/v1/peer/...)"
+                               if caller["role"] == "peer" else "this route is for peer hosts"))
+        return caller
     if caller["role"] != "admin" and method not in READ_METHODS:
         raise Forbidden(f"token {caller['name']!r} has role {caller['role']}: this request needs an admin token")
     return caller

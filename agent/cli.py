@@ -68,7 +68,8 @@ def token():
 
 @token.command("create")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["admin", "reader"]), required=True)
+@click.option("--role", type=click.Choice(["admin", "reader", "peer"]), required=True,
+              help="admin: everything; reader: GET only; peer: another host's, the peer routes only")
 @click.pass_context
 def token_create(ctx, name, role):
     """Create a token and print ONLY the secret (shown once)."""

@@ -26,8 +26,8 @@ On any failure before 3 the guest keeps running on the source, the source calls
 it never deletes an adopted shared volume), and the operation fails with what went wrong.
 
 Trust: a destination accepts these calls only from a token whose *name* is one of its
-configured peers and whose role is admin: create it on the destination with
-``nodeagent token create <source-peer-name> --role admin`` and put the secret in the
+configured peers and whose role is peer (or admin): create it on the destination with
+``nodeagent token create <source-peer-name> --role peer`` and put the secret in the
 source's ``[peers.<destination>] token``. A peer is still not a friend: every field it sends
 has the public API's constrained type (agent/models.py), the rootfs stream is unpacked by the
 hardened extractor (storage/upper.py), a disk layer may reference no file but the image's base,
@@ -407,9 +407,9 @@ class MigrationService:
         """The calling peer's name; Forbidden unless the caller's token is named after a
         configured peer (migrations are accepted only from configured peers)."""
         name = (caller or {}).get("name")
-        if name not in self.config.peers or (caller or {}).get("role") != "admin":
+        if name not in self.config.peers or (caller or {}).get("role") not in ("peer", "admin"):
             raise Forbidden(f"token {name!r} is not a peer's: this host accepts migrations only from "
-                            "configured peers, with an admin token named after the peer "
+                            "configured peers, with a peer token named after the peer "
                             f"(configured peers: {', '.join(sorted(self.config.peers)) or 'none'})")
         return name
 

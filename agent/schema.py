@@ -43,6 +43,22 @@ STEPS = [
         updated_at REAL NOT NULL
     );
     """,
+    # tokens may have role peer (another host's: the peer routes only); SQLite cannot change
+    # a CHECK in place, so the table is copied
+    """
+    CREATE TABLE tokens_new (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'reader', 'peer')),
+        secret_hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        last_used_at REAL
+    );
+    INSERT INTO tokens_new(id, name, role, secret_hash, created_at, last_used_at)
+        SELECT id, name, role, secret_hash, created_at, last_used_at FROM tokens;
+    DROP TABLE tokens;
+    ALTER TABLE tokens_new RENAME TO tokens;
+    """,
 ]
 
 

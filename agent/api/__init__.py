@@ -52,7 +52,7 @@ class Route:
     body: type[BaseModel] | None
     responses: dict[int, Any]  # status -> model | None | "text/event-stream" | "text/plain"
     query: list[dict] = field(default_factory=list)  # {name, schema, description}
-    auth: str = "reader"  # none | reader | admin (admin: every non-GET route)
+    auth: str = "reader"  # none | reader | admin (every non-GET route) | peer (peer hosts and admins)
     endpoint: str = ""
     path_types: dict[str, Any] = field(default_factory=dict)  # a path parameter's constrained type (models)
     long: bool = False  # may last minutes (event stream, long poll, peer transfer): off the request pool

@@ -29,9 +29,9 @@ def stream_events():
     timeout = query_number("timeout", 0, lo=0, hi=86400)
     root = services()
     gone = request.environ.get("nodeagent.gone")  # set by the server when the client leaves or it stops
-    sub = root.events.subscribe(types or None)
 
-    def gen():
+    def gen():  # subscribes when the stream starts: a HEAD (never iterated) leaves nothing behind
+        sub = root.events.subscribe(types or None)
         now = time.monotonic()
         deadline = now + timeout if timeout else None
         beat = now + heartbeat

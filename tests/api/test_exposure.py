@@ -69,3 +69,26 @@ def test_a_reader_sees_instance_errors_and_request_errors_without_paths(app):  #
             assert SECRET_PATH in client.get("/v1/instances/leaky2/logs").json["error"]["message"]
     assert inst is not None
     assert client.delete("/v1/instances/leaky2").status_code == 200
+
+
+def test_a_reader_sees_migration_errors_without_paths(app):  # noqa: F811
+    from agent.migration import MigrationService
+    _, client, root = app
+    reader = _reader(app)
+    assert _wait(client, _create_vm(client, "mover"))["status"] == "succeeded"
+    with mock.patch.object(MigrationService, "_migrate_vm", side_effect=FAILURE):
+        r = client.post("/v1/migrations", json={"instance": "mover", "destination": "far", "mode": "live"})
+        assert r.status_code == 202, r.json
+        assert _wait(client, r.json)["status"] == "failed"
+    mig = r.json["id"]
+    assert SECRET_PATH in client.get(f"/v1/migrations/{mig}").json["error"]["message"]
+    err = reader.get(f"/v1/migrations/{mig}").json["error"]
+    assert set(err) == {"code", "message"} and "/var/lib" not in err["message"], err
+
+
+def test_a_head_of_the_event_stream_leaves_no_subscription(app):  # noqa: F811
+    _, _, root = app
+    reader = _reader(app)
+    for _ in range(3):
+        assert reader.head("/v1/events").status_code == 200
+    assert not root.events._subs

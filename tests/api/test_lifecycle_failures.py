@@ -21,6 +21,7 @@ def app(tmp_path):
     cfg = agent_config.parse({"state_dir": str(tmp_path / "state"), "workers": 2,
                               "hypervisor": {"driver": "fake"}, "containers": {"runtime": "fake"},
                               "images": {"import_dirs": [str(tmp_path)]},
+                              "peers": {"far": {"url": "http://127.0.0.1:9"}},
                               "pools": {"default": {"kind": "local", "path": str(tmp_path / "pool")}}})
     app = create_app(cfg)
     root = app.config["SERVICES"]

@@ -75,8 +75,8 @@ def host(tmp_path_factory, evil_peer):
     extra = f'[peers.evil]\nurl = "{evil_peer.url}"\n[peers.other]\nurl = "http://127.0.0.1:9"\n'
     proc = AgentProcess(tmp_path_factory.mktemp("victim-host"), pool_kind="local", extra_config=extra)
     proc.admin_token = proc.token("admin", "admin")
-    proc.evil_token = proc.token("evil", "admin")
-    proc.other_token = proc.token("other", "admin")
+    proc.evil_token = proc.token("evil", "peer")
+    proc.other_token = proc.token("other", "admin")  # an admin token named after a peer works too
     proc.start()
     yield proc
     proc.stop()
@@ -406,3 +406,22 @@ def test_a_destinations_migration_uri_that_would_run_a_command_is_refused(admin,
 def test_a_non_peer_is_refused_before_its_body_is_looked_at(admin):
     assert_error(admin.post("/v1/peer/migrations", json={"spec": {}}), 403)
     assert_error(admin.post(f"/v1/peer/migrations/{uuid.uuid4().hex}/finish", json={"keep": 1}), 403)
+
+
+def test_a_peer_token_reaches_the_peer_routes_and_nothing_else(host, evil):
+    """A peer host that is taken over gets no more of this host than migrations give."""
+    for method, path, body in (("GET", "/v1/instances", None), ("GET", "/v1/host", None),
+                               ("GET", "/v1/operations", None), ("GET", "/v1/events?timeout=1", None),
+                               ("POST", "/v1/instances", {"name": "x", "kind": "container", "image": "busybox"}),
+                               ("POST", "/v1/images", {"name": "x", "source": {"type": "url",
+                                                                               "url": "http://127.0.0.1:9/x"}}),
+                               ("DELETE", "/v1/images/busybox", None), ("GET", "/metrics", None)):
+        r = getattr(evil, method.lower())(path, json=body)
+        assert_error(r, 403)
+        assert "peer routes" in r.json()["error"]["message"]
+    # the peer routes themselves answer it (a bad body is a 422, not a 403)
+    assert evil.post("/v1/peer/migrations", json={"spec": {}}).status_code == 422
+    # a peer role named after no configured peer is refused there too
+    stranger = Api(host.url, host.token("stranger", "peer"))
+    assert_error(stranger.post("/v1/peer/migrations", json={"spec": {}}), 403)
+    assert_error(stranger.get("/v1/instances"), 403)

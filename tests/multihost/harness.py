@@ -535,7 +535,7 @@ class Cluster:
         for h in self.hosts:
             for other in self.hosts:
                 if other is not h:
-                    tok = other.agent_cli("token", "create", h.name, "--role", "admin").stdout.strip()
+                    tok = other.agent_cli("token", "create", h.name, "--role", "peer").stdout.strip()
                     peers[h.name][other.name] = (other.agent_url, tok)
         for i, h in enumerate(self.hosts):
             h.write_agent_config(self.container_subnet(i), peers[h.name])

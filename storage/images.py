@@ -247,11 +247,12 @@ class ImageStore:
 
     def import_object(self, source_pool: str, key: str, *, name: str, pool: str | None = None,
                       format: str | None = None, sha256: str | None = None,
-                      progress: Progress | None = None) -> Image:
+                      progress: Progress | None = None, cancel: threading.Event | None = None) -> Image:
         """Import the object ``key`` of an object pool (an image some other tool uploaded
         to the bucket): fetched to a temp file (``sha256`` hex, if given, checked before
         anything is stored), then imported into ``pool`` as a disk image, or as a container
-        image when ``format`` is "oci" (an OCI or `docker save` archive)."""
+        image when ``format`` is "oci" (an OCI or `docker save` archive). The fetch ends
+        on ``cancel`` or after stall_timeout seconds without progress, like a URL's."""
         _check_name(name)
         self._backend(pool)
         _, src = self._backend(source_pool)
@@ -262,7 +263,10 @@ class ImageStore:
         if sha256 is not None:
             sha256 = parse_digest("sha256:" + sha256.lower().removeprefix("sha256:"))
         with self._tmp_file("object-") as tmp:
-            fetch(key, tmp, sha256=sha256, progress=progress)
+            sources.watched(f"object {key!r} of pool {source_pool}",
+                            lambda: fetch(key, tmp, sha256=sha256, progress=progress),
+                            cancel=cancel, stall_timeout=self.stall_timeout,
+                            probe=lambda: _size_or_zero(tmp))
             if format == "oci":
                 return self.import_oci(tmp, name=name, pool=pool)
             return self.import_file(tmp, name=name, pool=pool, format=format)
@@ -837,6 +841,13 @@ def _image(row) -> Image:
     return Image(row["id"], row["name"], row["kind"], row["format"], "sha256:" + row["id"],
                  row["size"], row["virtual_size"], row["pool"], row["created_at"],
                  json.loads(row["config"]), tuple(json.loads(row["layers"])))
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512  # what is written so far (ranges land in place)
+    except FileNotFoundError:
+        return 0
 
 
 def _check_name(name: str) -> None:

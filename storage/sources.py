@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import urljoin, urlsplit
 
 from agent.errors import (AgentError, Cancelled, Forbidden, InsufficientResources, InvalidInput,
@@ -256,6 +256,34 @@ class Watchdog:
         if err is not None and not isinstance(e, Cancelled):
             raise err from None
         return False
+
+
+def watched(what: str, fn: Callable[[], Any], *, cancel: threading.Event | None, stall_timeout: float,
+            probe: Callable[[], int]) -> Any:
+    """Run a blocking transfer ``fn`` that cannot be unblocked from outside (a client
+    library's read) on a thread of its own, under a Watchdog polling ``probe`` for bytes:
+    on cancel or a stall the caller gets Cancelled/Unavailable at once, and the abandoned
+    transfer ends at its own client's read timeout (its partial file is a temp file, swept
+    by gc)."""
+    done = threading.Event()
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+        finally:
+            done.set()
+
+    with Watchdog(what, cancel=cancel, stall_timeout=stall_timeout, probe=probe) as wd:
+        wd.abort_with(done.set)
+        threading.Thread(target=run, name="source-transfer", daemon=True).start()
+        done.wait()
+        wd.check()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 # ---------------------------------------------------------------------- downloads

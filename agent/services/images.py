@@ -86,7 +86,7 @@ class ImageService:
             elif src.type == "s3" and src.key is not None:
                 op.phase("download")
                 image = store.import_object(src.pool, src.key, name=req.name, pool=pool, format=req.format,
-                                            sha256=src.sha256, progress=progress)
+                                            sha256=src.sha256, progress=progress, cancel=op.cancelled)
             elif src.type == "s3":
                 op.phase("import")
                 image = store.import_digest(src.pool, src.digest, name=req.name, format=req.format,

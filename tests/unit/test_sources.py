@@ -150,3 +150,26 @@ def test_local_pool_sweeps_only_old_unused_temp_files(tmp_path):
     os.utime(rec, (start - 100, start - 100))
     assert pool.sweep_temp(start - 50) == (2, 20)
     assert not os.path.exists(old) and not os.path.exists(rec) and os.path.exists(young)
+
+
+def test_a_transfer_that_cannot_be_unblocked_still_ends_on_cancel_and_on_stall(tmp_path):
+    """An S3 GET that hangs inside the client library: the import ends at once anyway."""
+    from storage import sources
+
+    hang = threading.Event()
+    try:
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        t = time.monotonic()
+        with pytest.raises(Cancelled):
+            sources.watched("object x", hang.wait, cancel=cancel, stall_timeout=60, probe=lambda: 0)
+        assert time.monotonic() - t < 1.5
+        t = time.monotonic()
+        with pytest.raises(Unavailable, match="stalled"):
+            sources.watched("object x", hang.wait, cancel=None, stall_timeout=0.5, probe=lambda: 0)
+        assert time.monotonic() - t < 2
+    finally:
+        hang.set()
+    assert sources.watched("object x", lambda: 42, cancel=None, stall_timeout=5, probe=lambda: 0) == 42
+    with pytest.raises(ValueError):
+        sources.watched("object x", lambda: int("x"), cancel=None, stall_timeout=5, probe=lambda: 0)

@@ -190,19 +190,20 @@ class Host(Model):
 
 class FileSource(Model):
     type: Literal["file"]
-    path: str = Field(min_length=2, max_length=4096, pattern=r"^/",
-                      description="absolute path on the agent's host")
+    path: HostPath = Field(min_length=2, max_length=4096,
+                           description="absolute path on the agent's host, under one of its [images] import_dirs")
 
 
 class UrlSource(Model):
     type: Literal["url"]
-    url: str = Field(pattern=r"^https?://", max_length=4096)
+    url: str = Field(pattern=r"^https?://[^\x00-\x20\x7f]+$", max_length=4096)
     sha256: Sha256 | None = None
 
 
 class RegistrySource(Model):
     type: Literal["registry"]
-    reference: str = Field(min_length=1, max_length=512, description="e.g. registry.example:5000/alpine:3.19")
+    reference: str = Field(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$",
+                           description="e.g. registry.example:5000/alpine:3.19")
     tls_verify: bool = True
 
 
@@ -212,8 +213,7 @@ class S3Source(Model):
         "dependentRequired": {"sha256": ["key"]}})
 
     type: Literal["s3"]
-    pool: str = Field(min_length=1, max_length=64,
-                      description="an object pool of this agent (S3 bucket) holding the image")
+    pool: PoolName = Field(description="an object pool of this agent (S3 bucket) holding the image")
     digest: str = Field(None, pattern=r"^sha256:[0-9a-f]{64}$",
                         description="the image's digest (of its disk blob or OCI manifest), as "
                                     "another host that put it into the pool reports it")
@@ -441,8 +441,8 @@ class Stats(Model):
 # -- migrations --
 
 class MigrationCreate(Model):
-    instance: str = Field(min_length=1, max_length=128)
-    destination: str = Field(min_length=1, max_length=256)
+    instance: Ref = Field(description="instance name or id")
+    destination: Ref = Field(description="a configured peer's name ([peers.NAME])")
     mode: Literal["live", "cold", "refresh"] = "live"  # refresh: containers, sync while running, then stop
 
 

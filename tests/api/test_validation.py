@@ -116,3 +116,28 @@ def test_image_names_must_stay_reachable_by_url(admin, tmp_path, name):
                                   "/v1/instances/%D0%B0bc"])
 def test_path_ids_with_a_trailing_newline_or_unicode_are_400(admin, images, path):
     assert_error(admin.get(path), 400, "invalid")
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"name": "x", "source": {"type": "file", "path": "/srv/a\nb.qcow2"}}, "source.file.path"),
+    ({"name": "x", "source": {"type": "url", "url": "http://h/a b"}}, "source.url.url"),
+    ({"name": "x", "source": {"type": "url", "url": "http://h/a\r\nHost: evil"}}, "source.url.url"),
+    ({"name": "x", "source": {"type": "registry", "reference": "reg/a\nb"}}, "source.registry.reference"),
+    ({"name": "x", "source": {"type": "registry", "reference": "-reg/a"}}, "source.registry.reference"),
+    ({"name": "x", "source": {"type": "s3", "pool": "../b", "digest": "sha256:" + "0" * 64}}, "source.s3.pool"),
+])
+def test_image_sources_with_control_characters_or_odd_names_are_422(admin, body, field):
+    before = _unchanged(admin)
+    err = assert_error(admin.post("/v1/images", json=body), 422, "unprocessable")
+    assert field in [f["field"] for f in err["details"]["fields"]], err
+    assert _unchanged(admin) == before
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"instance": "../x", "destination": "peer"}, "instance"),
+    ({"instance": "x", "destination": "a/b"}, "destination"),
+    ({"instance": "x", "destination": "p\n"}, "destination"),
+])
+def test_migration_names_are_refs(admin, body, field):
+    err = assert_error(admin.post("/v1/migrations", json=body), 422, "unprocessable")
+    assert field in [f["field"] for f in err["details"]["fields"]], err

@@ -561,7 +561,7 @@ class RuncRuntime:
         """Apply to the running container (runc update) and keep for later starts."""
         validate.check_limits(limits)
         with self._name_lock(name):
-            row = self._row(name)
+            self._row(name)  # NotFound for an unknown container
             if self._status(name)[0] in ("running", "paused", "created") and \
                     self._runc_state(name):
                 self._runc("update", "--resources", "-",

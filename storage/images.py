@@ -46,8 +46,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from agent.errors import (AgentError, Conflict, InvalidInput, NotFound, Unavailable,
-                          Unprocessable, Unsupported)
+from agent.errors import AgentError, Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
 from agent.state import Database
 from storage import oci, qemu_img, sources
 from storage.backend import DISK_FORMATS, Backend, BlobInfo, SweepsTemp, Volume, VolumeSpec

@@ -27,13 +27,13 @@ def _local(tmp_path):
 
 def _block(tmp_path):
     """An RBD pool of its own on the session's live Ceph (fresh and empty per test)."""
-    from tests.ceph_cluster import block_backend
+    from testbed.ceph_cluster import block_backend
     return block_backend(tmp_path)
 
 
 def _object(tmp_path):
     """A bucket of its own on the session's live radosgw (fresh and empty per test)."""
-    from tests.ceph_cluster import object_backend
+    from testbed.ceph_cluster import object_backend
     return object_backend(tmp_path)
 
 

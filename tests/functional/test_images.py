@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import threading
-import threading
 
 import pytest
 
@@ -17,7 +16,7 @@ from storage import Image, ImageStore, RootfsLayers, mounts, qemu_img
 from storage.fake import FakeBackend
 from storage.local import LocalBackend
 from storage.sources import AddressPolicy
-from tests.functional import ocibuild
+from testbed import ocibuild
 
 MIB = 1024 * 1024
 

@@ -14,7 +14,7 @@ from agent.state import Database
 from storage import ImageStore
 from storage.local import LocalBackend
 from storage.s3 import S3Backend
-from tests.functional import ocibuild
+from testbed import ocibuild
 
 pytestmark = pytest.mark.real
 
@@ -23,7 +23,7 @@ MIB = 1 << 20
 
 @pytest.fixture
 def bucket(ceph, tmp_path):
-    from tests.ceph_cluster import object_backend
+    from testbed.ceph_cluster import object_backend
 
     b = object_backend(tmp_path, part_size=5 * MIB, concurrency=3)
     b.name = "s3"  # the pool's name in these hosts' configs
@@ -66,7 +66,7 @@ def local_blobs(store, pool="local"):
 
 
 def test_clone_fetches_once_into_the_host_pool_and_reuses_it(bucket, tmp_path):
-    from tests.ceph_cluster import block_backend
+    from testbed.ceph_cluster import block_backend
 
     block = block_backend(tmp_path)
     a = host(tmp_path, "a", bucket, block)

@@ -9,7 +9,8 @@ from unittest import mock
 
 import pytest
 
-from agent.errors import CommandFailed, Conflict, InsufficientResources, InvalidInput, NotFound, Unprocessable, Unsupported
+from agent.errors import (CommandFailed, Conflict, InsufficientResources, InvalidInput, NotFound, Unprocessable,
+                          Unsupported)
 import storage.rbd
 from storage.backend import VolumeSpec
 

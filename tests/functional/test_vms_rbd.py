@@ -19,7 +19,7 @@ from hypervisor.driver import DiskSpec, VmSpec
 from hypervisor.seed import make_seed
 from storage.backend import VolumeSpec
 from storage.images import ImageStore
-from tests import ceph_cluster
+from testbed import ceph_cluster
 from tests.functional.test_vms import libvirt_names, lv, seed_dir, wait_console  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.real

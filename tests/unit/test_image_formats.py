@@ -8,7 +8,6 @@ import io
 import lzma
 import os
 import subprocess
-import tarfile
 
 import pytest
 
@@ -16,7 +15,7 @@ from agent.errors import InvalidInput
 from storage import ImageStore, qemu_img
 from storage.images import sniff_file
 from storage.local import LocalBackend
-from tests.functional import ocibuild
+from testbed import ocibuild
 
 MIB = 1024 * 1024
 

@@ -73,6 +73,7 @@ import uuid
 from agent import models
 from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, Forbidden, InsufficientResources,
                           InvalidInput, NotFound, Unavailable, Unprocessable, Unsupported)
+from storage.units import MiB
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,6 @@ ADOPTED_STATES = ("running", "paused", "stopped", "created")  # after finish: a 
 SPACE_HEADROOM = 64 * 1024 * 1024  # 64 MiB a local pool keeps free after taking an instance (qcow2
 # metadata, what the guest writes during the copy): a destination below it refuses at prepare
 NO_SPACE = "No space left on device"  # strerror(ENOSPC), as tar, QEMU and libvirt report it
-MiB = 1024 * 1024
 ROOTFS_MAX_BYTES = 1024**4  # 1 TiB: what one rootfs stream may unpack to (the API caps the stream the same)
 IMAGE_DOWNLOAD_SLACK = 16 * MiB  # an OCI archive's tar headers and index over the image's declared size
 IMAGE_DOWNLOAD_MAX = 1024**4  # what a source that declares no image size may send

@@ -103,7 +103,7 @@ def _row(r) -> dict:
 class Operations:
     def __init__(self, db: Database, events: EventBus, workers: int = 8):
         self.db, self.events, self.workers = db, events, workers
-        schema.migrate(db)
+        schema.apply(db)
         self._pool: ThreadPoolExecutor | None = None
         self._active: dict[str, OperationContext] = {}
         self._cond = threading.Condition()

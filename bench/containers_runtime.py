@@ -21,11 +21,11 @@ from containers import ContainerSpec, NetworkSpec, Rootfs
 from containers.runc import RuncRuntime
 from jsonline import emitter
 from testbed.runtimes import build_busybox_rootfs
+from storage.units import MiB
 
 RUNS = 50
 N_MANY = 100
 BRIDGE, SUBNET = "nabench0", "198.19.250.0/24"  # test-only range, never routed off-host
-MIB = 1024 * 1024
 
 
 line = emitter("containers")
@@ -118,7 +118,7 @@ def main():
         mem = [rt.stats(c.name)["memory_bytes"] for c in running]
         line(f"agent_rss_growth_{N_MANY}_running", (after - before) / 1024, unit="MB")
         line("conmon_rss_per_container", statistics.median(conmons) / 1024, unit="MB")
-        line("container_cgroup_memory_per_container", statistics.median(mem) / MIB, unit="MB")
+        line("container_cgroup_memory_per_container", statistics.median(mem) / MiB, unit="MB")
         line("running_containers", len(running), unit="count")
     finally:
         for c in rt.list():

@@ -24,8 +24,8 @@ from jsonline import emitter
 from storage import ImageStore, qemu_img
 from storage.local import LocalBackend
 from storage.unpack import unpack_layer
+from storage.units import GiB
 
-GIB = 1024**3
 CLONE_RUNS = 21
 IMPORT_RUNS = 3
 UNPACK_RUNS = 3
@@ -52,7 +52,7 @@ def bench_clone(store, work):
         raw = os.path.join(work, f"base{gib}.raw")
         with open(raw, "wb") as f:  # sparse, with a little real data at both ends
             f.write(os.urandom(4 * 1024 * 1024))
-            f.seek(gib * GIB - 4 * 1024 * 1024)
+            f.seek(gib * GiB - 4 * 1024 * 1024)
             f.write(os.urandom(4 * 1024 * 1024))
         q = os.path.join(work, f"base{gib}.qcow2")
         qemu_img.convert(raw, q, src_format="raw", dst_format="qcow2")
@@ -78,7 +78,7 @@ def bench_import(store, work):
     src = os.path.join(work, "import.bin")
     with open(src, "wb") as f:
         block = os.urandom(16 * 1024 * 1024)
-        for _ in range(GIB // len(block)):
+        for _ in range(GiB // len(block)):
             f.write(block[::-1] if f.tell() % 3 else block)
     ours, peer = [], []
     for i in range(IMPORT_RUNS):

@@ -21,9 +21,8 @@ import time
 
 from jsonline import emitter
 from testbed import ceph_cluster
+from storage.units import GiB, MiB
 
-GiB = 1 << 30
-MiB = 1 << 20
 S3_ROUNDS = 3
 DOWNLOAD_ROUNDS = 6
 CLONE_ROUNDS = 7

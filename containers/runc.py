@@ -37,7 +37,7 @@ from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits
                                 PortMap, Rootfs)
 from storage import mounts
 
-MIGRATIONS = [
+SCHEMA_STEPS = [
     """CREATE TABLE containers (
          name TEXT PRIMARY KEY, spec TEXT NOT NULL, limits TEXT NOT NULL,
          ip TEXT, created_at REAL NOT NULL);""",
@@ -100,7 +100,7 @@ class RuncRuntime:
         os.makedirs(os.path.join(self.state_dir, "containers"), exist_ok=True)
         os.makedirs(self.runc_root, exist_ok=True)
         os.makedirs(self._sock_dir(), exist_ok=True)  # conmon needs it
-        db.migrate("containers", MIGRATIONS)
+        db.apply_schema("containers", SCHEMA_STEPS)
         self.net = Network(db, bridge=bridge, subnet=subnet, nat=nat, rtag=self.rtag)
         self._lock = threading.Lock()  # guards _locks only
         self._locks: dict[str, threading.RLock] = {}  # one per container name

@@ -13,10 +13,10 @@ import pytest
 
 from agent.errors import InsufficientResources, Unavailable
 from storage.backend import VolumeSpec
+from storage.units import MiB
 
 pytestmark = pytest.mark.real
 
-MiB = 1 << 20
 
 
 def _conf_with_mon(ceph, tmp_path, port):

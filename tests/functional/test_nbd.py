@@ -11,10 +11,10 @@ import pytest
 from agent.errors import Conflict, InvalidInput, NotFound
 from storage.backend import VolumeSpec
 from storage.nbd import NbdExports
+from storage.units import MiB
 
 pytestmark = pytest.mark.real
 
-MiB = 1 << 20
 
 
 def qemu_io(uri, *cmds, readonly=False):

@@ -13,10 +13,10 @@ from agent.errors import (CommandFailed, Conflict, InsufficientResources, Invali
                           Unsupported)
 import storage.rbd
 from storage.backend import VolumeSpec
+from storage.units import MiB
 
 pytestmark = pytest.mark.real
 
-MiB = 1 << 20
 
 
 @pytest.fixture

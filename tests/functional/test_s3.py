@@ -10,10 +10,10 @@ import pytest
 
 from agent.errors import InvalidInput, NotFound, Unavailable, Unsupported
 from storage.backend import VolumeSpec
+from storage.units import MiB
 
 pytestmark = pytest.mark.real
 
-MiB = 1 << 20
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@
     sooner skipped that wait more often (perf sched: 24 of 40 runtime-layer creates paid it
     against 33 of 41 API creates). With the pause every create pays it, as a lone create does.
 
-Run: /work/main/.venv/bin/python bench/api.py
+Run: .venv/bin/python bench/api.py
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@
     RUNS), against raw `runc run -d` of a prepared bundle without networking;
 (b) N_MANY containers running: the agent's (this process's) RSS growth and the host's
     per-container overhead (conmon RSS, container cgroup memory).
-Run as root: /work/main/.venv/bin/python bench/containers.py
+Run as root: .venv/bin/python bench/containers_runtime.py (a script named containers.py would
+shadow the containers package: its directory is first on sys.path)
 """
 from __future__ import annotations
 

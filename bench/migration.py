@@ -12,7 +12,7 @@ of the same content with its own cephx secret on both libvirtds) between the sam
 libvirtds, interleaved with ours. Then the downtime of a refresh migration of a container
 with 500 MiB in its rootfs; peer = a cold migration of the same container (no bare tool
 moves a container between hosts). Needs root, libvirtd, Ceph and the test guest
-(scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/migration.py
+(scripts/build-test-images). Run as: .venv/bin/python bench/migration.py
 """
 from __future__ import annotations
 

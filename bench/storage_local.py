@@ -4,7 +4,7 @@
 (b) import of a 1 GiB file                       peer: `sha256sum` + `cp`
 (c) unpack of a ~200 MB gzip layer               peer: GNU `tar -xzf`
 
-Run: /work/main/.venv/bin/python bench/storage_local.py [--workdir DIR]
+Run: .venv/bin/python bench/storage_local.py [--workdir DIR]
 """
 from __future__ import annotations
 

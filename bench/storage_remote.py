@@ -6,7 +6,7 @@
 (c) the first clone of a 1 GiB image living in S3 into a local pool (ImageStore.clone_disk:
     fetch, verify, cache, qcow2 overlay) vs boto3 download_file of the same object.
 
-Run: /work/main/.venv/bin/python bench/storage_remote.py   (medians of ROUNDS runs)
+Run: .venv/bin/python bench/storage_remote.py   (medians of ROUNDS runs)
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@
     syslinux, no direct kernel boot) to the marker in GET /v1/instances/{id}/logs, against
     `virsh create` of the same disk boot with a pre-made overlay and seed to the marker.
 Needs root, libvirtd (started here if none runs; stopped by PID after) and the test guest
-(scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/vms.py
+(scripts/build-test-images). Run as: .venv/bin/python bench/vms.py
 """
 from __future__ import annotations
 

@@ -344,9 +344,11 @@ class RuncRuntime:
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "_OCI_SYNCPIPE": str(wfd)}
         try:
+            # cwd: conmon writes an `oom` marker into its working directory when the kernel
+            # OOM-kills the container; it belongs in the container's dir, not the agent's cwd
             proc = subprocess.Popen(argv, pass_fds=(wfd,), env=env, start_new_session=True,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE)
+                                    stderr=subprocess.PIPE, cwd=self._dir(name))
         finally:
             os.close(wfd)
         data = b""

@@ -97,6 +97,8 @@ def test_pid_mount_and_uts_isolation(rt, tmp_path):
 
 def test_memory_hog_is_oom_killed_inside_its_limit(rt, tmp_path):
     # the shell (pid 1) itself holds 100 MB in a variable inside a 32 MiB container
+    cwd_oom = os.path.join(os.getcwd(), "oom")  # conmon's OOM marker, written into its cwd
+    had_oom = os.path.exists(cwd_oom)
     run_spec(rt, tmp_path, "hog", ("sh", "-c", "x=$(yes | head -c 100000000); echo survived"),
              limits=Limits(memory_mib=32))
     info = wait_for(lambda: (i := rt.get("hog")).state == "stopped" and i, 30)
@@ -104,6 +106,7 @@ def test_memory_hog_is_oom_killed_inside_its_limit(rt, tmp_path):
     assert "survived" not in rt.logs("hog")
     assert rt.stats("hog")["oom_kills"] >= 1
     assert os.getpid() and rt.list()  # the agent lives on
+    assert os.path.exists(cwd_oom) == had_oom  # the marker went to the container's dir
 
 
 def test_fork_bomb_stops_at_pids_max(rt, tmp_path):

@@ -57,7 +57,8 @@ def create_app(config: Config, services=None) -> Flask:
     @app.after_request
     def _observe(resp):
         rule = request.url_rule.rule if request.url_rule else "unmatched"
-        root.metrics.observe(rule, request.method, resp.status_code, time.perf_counter() - g.get("t0", time.perf_counter()))
+        root.metrics.observe(rule, request.method, resp.status_code,
+                             time.perf_counter() - g.get("t0", time.perf_counter()))
         return resp
 
     @app.errorhandler(AgentError)

@@ -37,7 +37,7 @@ class Tokens:
 
     def __init__(self, db: Database):
         self.db = db
-        schema.migrate(db)
+        schema.apply(db)
 
     def create(self, name: str, role: str) -> str:
         if not NAME_RE.match(name or ""):

@@ -199,7 +199,8 @@ def image_import(source, name, fmt, pool, as_json, no_wait):
     import_dirs, default <state_dir>/import: copy the file there first), an http(s) URL,
     docker://REF (registry), or s3://POOL/KEY (an object of an object pool;
     s3://POOL/sha256:HEX names an image by digest)."""
-    body = {"name": name, "source": image_source(source), **({"format": fmt} if fmt else {}), **({"pool": pool} if pool else {})}
+    body = {"name": name, "source": image_source(source), **({"format": fmt} if fmt else {}),
+            **({"pool": pool} if pool else {})}
     c = _client()
     op = _call(c.post, "/v1/images", body)
     if no_wait:

@@ -73,6 +73,7 @@ import uuid
 from agent import models
 from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, Forbidden, InsufficientResources,
                           InvalidInput, NotFound, Unavailable, Unprocessable, Unsupported)
+from storage.units import MiB
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,12 @@ FINISH_ATTEMPTS = 5  # confirming is retried: the guest already runs there
 FINISH_RETRY_S = 2
 IMAGE_CHUNK = 1024 * 1024
 CRIU_CHECK_TIMEOUT_S = 30
-INCOMING = "incoming"
-INSTANCE_FIELDS = ("id", "name", "kind", "pool", "volumes", "mac", "ip")  # what the destination's record keeps  # instance state on the destination until the source confirms
+INCOMING = "incoming"  # instance state on the destination until the source confirms
+INSTANCE_FIELDS = ("id", "name", "kind", "pool", "volumes", "mac", "ip")  # what the destination's record keeps
 ADOPTED_STATES = ("running", "paused", "stopped", "created")  # after finish: a repeated one gets the record
 SPACE_HEADROOM = 64 * 1024 * 1024  # 64 MiB a local pool keeps free after taking an instance (qcow2
 # metadata, what the guest writes during the copy): a destination below it refuses at prepare
 NO_SPACE = "No space left on device"  # strerror(ENOSPC), as tar, QEMU and libvirt report it
-MiB = 1024 * 1024
 ROOTFS_MAX_BYTES = 1024**4  # 1 TiB: what one rootfs stream may unpack to (the API caps the stream the same)
 IMAGE_DOWNLOAD_SLACK = 16 * MiB  # an OCI archive's tar headers and index over the image's declared size
 IMAGE_DOWNLOAD_MAX = 1024**4  # what a source that declares no image size may send
@@ -434,7 +434,8 @@ class MigrationService:
         else:
             if req.mode == "live":
                 ok, why = criu_works()
-                raise Unsupported(f"live migration of containers needs CRIU and {why or 'CRIU restore is not wired up'} "
+                raise Unsupported("live migration of containers needs CRIU and "
+                                  f"{why or 'CRIU restore is not wired up'} "
                                   "on this host: use mode=refresh (sync while running, stop, final sync, start "
                                   "there; about a second of downtime) or mode=cold")
         if inst["kind"] == "vm" and req.mode == "refresh":

@@ -103,7 +103,7 @@ def _row(r) -> dict:
 class Operations:
     def __init__(self, db: Database, events: EventBus, workers: int = 8):
         self.db, self.events, self.workers = db, events, workers
-        schema.migrate(db)
+        schema.apply(db)
         self._pool: ThreadPoolExecutor | None = None
         self._active: dict[str, OperationContext] = {}
         self._cond = threading.Condition()
@@ -237,7 +237,7 @@ class Operations:
         """Block until the operation is final, ``timeout`` seconds passed or ``gone`` is set
         (the waiting client left); return it."""
         deadline = time.monotonic() + min(max(timeout, 0), MAX_WAIT)
-        op = self.get(op_id)
+        self.get(op_id)  # NotFound for an unknown id, before waiting
         with self._cond:
             while op_id in self._active:
                 left = deadline - time.monotonic()

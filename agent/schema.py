@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from agent.state import Database
 
-STEPS = [
+SCHEMA_STEPS = [
     """
     CREATE TABLE tokens (
         id TEXT PRIMARY KEY,            -- public half of the token, used for lookup
@@ -62,5 +62,6 @@ STEPS = [
 ]
 
 
-def migrate(db: Database) -> int:
-    return db.migrate("agent", STEPS)
+def apply(db: Database) -> int:
+    """Create or bring up to date the agent's own tables; the version reached."""
+    return db.apply_schema("agent", SCHEMA_STEPS)

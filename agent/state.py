@@ -1,7 +1,7 @@
-"""The agent's state: one SQLite database, schema kept by per-component migrations.
+"""The agent's state: one SQLite database, its schema built by per-component schema steps.
 
 Each component (storage, containers, agent, ...) owns its tables and passes its own
-ordered list of SQL steps to ``Database.migrate``; the version reached is kept per
+ordered list of SQL steps to ``Database.apply_schema``; the version reached is kept per
 component in ``schema_versions``, so components evolve independently. Steps only
 ever get appended.
 """
@@ -24,7 +24,7 @@ class Database:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._lock = threading.Lock()  # serialises migrations only
+        self._lock = threading.Lock()  # serialises apply_schema only
         with self.tx() as c:
             c.execute("CREATE TABLE IF NOT EXISTS schema_versions ("
                       "component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
@@ -68,8 +68,9 @@ class Database:
         with self.tx() as c:
             return c.execute(sql, params)
 
-    def migrate(self, component: str, steps: list[str]) -> int:
-        """Apply the steps of ``component`` not applied yet; return the version reached."""
+    def apply_schema(self, component: str, steps: list[str]) -> int:
+        """Apply the schema steps of ``component`` not applied yet; return the version reached
+        (the number of steps, kept in ``schema_versions``)."""
         with self._lock, self.tx() as c:
             row = c.execute("SELECT version FROM schema_versions WHERE component=?",
                             (component,)).fetchone()
@@ -97,7 +98,7 @@ class Database:
 
 
 def _statements(script: str) -> list[str]:
-    """Split a migration step into statements (sqlite3 executes one at a time in a tx)."""
+    """Split a schema step into statements (sqlite3 executes one at a time in a tx)."""
     out, buf = [], ""
     for piece in script.split(";"):
         buf += piece + ";"

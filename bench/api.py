@@ -12,7 +12,7 @@
     sooner skipped that wait more often (perf sched: 24 of 40 runtime-layer creates paid it
     against 33 of 41 API creates). With the pause every create pays it, as a lone create does.
 
-Run: /work/main/.venv/bin/python bench/api.py
+Run: .venv/bin/python bench/api.py
 """
 from __future__ import annotations
 
@@ -27,10 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.api.agentproc import AgentProcess, Api  # noqa: E402
+from jsonline import emitter
+from testbed.agentproc import AgentProcess, Api
 
 INSTANCES = 500
 LOAD_SECONDS = 8
@@ -40,7 +38,8 @@ SETTLE_S = 0.1
 
 LOAD = r'''
 import http.client, json, sys, threading, time
-host, port, path, token, seconds, conns = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5]), int(sys.argv[6])
+host, port, path, token = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+seconds, conns = float(sys.argv[5]), int(sys.argv[6])
 lat = []
 def run():
     c = http.client.HTTPConnection(host, port)
@@ -61,11 +60,7 @@ print(json.dumps({"n": len(lat), "elapsed": time.perf_counter() - t0, "lat": sor
 '''
 
 
-def line(bench, metric, unit, value, peer=None, peer_value=None):
-    ratio = round(value / peer_value, 2) if peer_value else None
-    print(json.dumps({"bench": bench, "metric": metric, "unit": unit, "value": round(value, 2), "peer": peer,
-                      "peer_value": None if peer_value is None else round(peer_value, 2), "ratio": ratio}),
-          flush=True)
+line = emitter("api")
 
 
 def load(agent, token, path):
@@ -77,7 +72,7 @@ def load(agent, token, path):
 
 
 def import_busybox(api, tmp):
-    from tests.functional.ocibuild import busybox_layers, write_layout
+    from testbed.ocibuild import busybox_layers, write_layout
     layout = write_layout(str(Path(tmp) / "layout"), {"latest": busybox_layers()})
     op = api.wait(api.post("/v1/images", json={"name": "busybox", "format": "oci",
                                                "source": {"type": "file", "path": layout}}).json())
@@ -103,16 +98,16 @@ def bench_list(tmp):
     finally:
         agent.stop()
     peer = "GET /v1/health, same server"
-    line("api", "list_500_instances_p50", "ms", ours["p50"], peer, floor["p50"])
-    line("api", "list_500_instances_p99", "ms", ours["p99"], peer, floor["p99"])
-    line("api", "list_500_instances_rps", "req/s", ours["rps"], peer, floor["rps"])
+    line("list_500_instances_p50", ours["p50"], peer, floor["p50"])
+    line("list_500_instances_p99", ours["p99"], peer, floor["p99"])
+    line("list_500_instances_rps", ours["rps"], peer, floor["rps"], unit="req/s")
 
 
 def bench_create(tmp):
     """API and runtime-layer creates are interleaved, so machine noise hits both sides alike."""
     from containers.runtime import ContainerSpec, Limits, NetworkSpec, Rootfs
     from storage.unpack import layer_dir
-    from tests.containers_support import make_runtime
+    from testbed.runtimes import make_runtime
 
     real = bool(shutil.which("runc") and shutil.which("conmon")) and os.geteuid() == 0
     kind = "runc" if real else "fake"
@@ -172,7 +167,7 @@ def bench_create(tmp):
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
     if os.environ.get("BENCH_DEBUG"):
         print(f"server-side operation run p50 {statistics.median(op_ms):.1f} ms", file=sys.stderr)
-    line("api", f"container_create_start_p50_{kind}", "ms", statistics.median(api_ms),
+    line(f"container_create_start_p50_{kind}", statistics.median(api_ms),
          f"{kind} runtime create+start (no API)", statistics.median(rt_ms))
 
 

@@ -1,7 +1,7 @@
 """Migration benchmark: JSON lines as described in DESIGN.md section 7.
 
 Live migration of a running 256 MiB TCG guest between two simulated hosts
-(tests/multihost/harness.py: own netns, libvirtd and agent each, and a Ceph on a storage
+(testbed/harness.py: own netns, libvirtd and agent each, and a Ceph on a storage
 namespace, Cluster(ceph=True)): total time (POST /v1/migrations until the operation
 succeeded, as a client sees it) and downtime (QEMU's, from the destination's completed job
 stats), medians over ROUNDS migrations each way, for a guest on a local pool (its qcow2
@@ -12,41 +12,35 @@ of the same content with its own cephx secret on both libvirtds) between the sam
 libvirtds, interleaved with ours. Then the downtime of a refresh migration of a container
 with 500 MiB in its rootfs; peer = a cold migration of the same container (no bare tool
 moves a container between hosts). Needs root, libvirtd, Ceph and the test guest
-(scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/migration.py
+(scripts/build-test-images). Run as: .venv/bin/python bench/migration.py
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from hypervisor.domain_xml import NODEAGENT_NS, QEMU_NS
+from hypervisor.seed import make_seed
+from jsonline import emitter
+from testbed import harness
+from testbed.agentproc import Api
 
-from hypervisor.domain_xml import NODEAGENT_NS, QEMU_NS  # noqa: E402
-from hypervisor.seed import make_seed  # noqa: E402
-from tests.api.agentproc import Api  # noqa: E402
-from tests.multihost import harness  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROUNDS = 3  # migrations per direction
 MEMORY_MIB = 256
 IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
 OP_TIMEOUT_S = 300
 
-def line(metric, value, peer, peer_value):
-    ratio = round(value / peer_value, 2) if peer_value else None
-    print(json.dumps({"bench": "migration", "metric": metric, "unit": "ms", "value": round(value, 1),
-                      "peer": peer, "peer_value": round(peer_value, 1) if peer_value is not None else None,
-                      "ratio": ratio}), flush=True)
+line = emitter("migration", digits=1)
 
 
 class AgentVm:
@@ -222,7 +216,7 @@ CONTAINER_ROOTFS_MIB = 500
 def container_rounds(cluster, work: Path) -> tuple[float, float]:
     """Downtime of a refresh migration of a container whose upper dir holds 500 MiB, and of
     a cold one (stop, full copy, start) of the same container back, in the same run."""
-    from tests.functional.ocibuild import busybox_layers, write_layout
+    from testbed.ocibuild import busybox_layers, write_layout
     apis = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
     for a in apis.values():
         a.s.headers["Connection"] = "close"

@@ -4,31 +4,28 @@
 (b) import of a 1 GiB file                       peer: `sha256sum` + `cp`
 (c) unpack of a ~200 MB gzip layer               peer: GNU `tar -xzf`
 
-Run: /work/main/.venv/bin/python bench/storage_local.py [--workdir DIR]
+Run: .venv/bin/python bench/storage_local.py [--workdir DIR]
 """
 from __future__ import annotations
 
 import argparse
 import gzip
 import io
-import json
 import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from agent.state import Database
+from jsonline import emitter
+from storage import ImageStore, qemu_img
+from storage.local import LocalBackend
+from storage.unpack import unpack_layer
+from storage.units import GiB
 
-from agent.state import Database  # noqa: E402
-from storage import ImageStore, qemu_img  # noqa: E402
-from storage.local import LocalBackend  # noqa: E402
-from storage.unpack import unpack_layer  # noqa: E402
-
-GIB = 1024**3
 CLONE_RUNS = 21
 IMPORT_RUNS = 3
 UNPACK_RUNS = 3
@@ -40,10 +37,7 @@ def ms(f) -> float:
     return (time.perf_counter() - t) * 1000
 
 
-def line(bench, metric, value, peer, peer_value):
-    print(json.dumps({"bench": bench, "metric": metric, "unit": "ms", "value": round(value, 2),
-                      "peer": peer, "peer_value": round(peer_value, 2),
-                      "ratio": round(value / peer_value, 2)}), flush=True)
+line = emitter("storage_local")
 
 
 def drop_file(path):
@@ -58,7 +52,7 @@ def bench_clone(store, work):
         raw = os.path.join(work, f"base{gib}.raw")
         with open(raw, "wb") as f:  # sparse, with a little real data at both ends
             f.write(os.urandom(4 * 1024 * 1024))
-            f.seek(gib * GIB - 4 * 1024 * 1024)
+            f.seek(gib * GiB - 4 * 1024 * 1024)
             f.write(os.urandom(4 * 1024 * 1024))
         q = os.path.join(work, f"base{gib}.qcow2")
         qemu_img.convert(raw, q, src_format="raw", dst_format="qcow2")
@@ -76,7 +70,7 @@ def bench_clone(store, work):
             drop_file(os.path.join(work, f"peer{gib}-{i}.qcow2"))
         drop_file(raw)
         drop_file(q)
-        line("storage_local", f"clone_{gib}gib_p50", statistics.median(ours),
+        line(f"clone_{gib}gib_p50", statistics.median(ours),
              "qemu-img create -b", statistics.median(peer))
 
 
@@ -84,7 +78,7 @@ def bench_import(store, work):
     src = os.path.join(work, "import.bin")
     with open(src, "wb") as f:
         block = os.urandom(16 * 1024 * 1024)
-        for _ in range(GIB // len(block)):
+        for _ in range(GiB // len(block)):
             f.write(block[::-1] if f.tell() % 3 else block)
     ours, peer = [], []
     for i in range(IMPORT_RUNS):
@@ -98,7 +92,7 @@ def bench_import(store, work):
         store.delete(img.id)
         store.gc()
     drop_file(src)
-    line("storage_local", "import_1gib", statistics.median(ours), "sha256sum + cp",
+    line("import_1gib", statistics.median(ours), "sha256sum + cp",
          statistics.median(peer))
 
 
@@ -135,7 +129,7 @@ def bench_unpack(work):
         shutil.rmtree(d1)
         shutil.rmtree(d2)
     drop_file(layer)
-    line("storage_local", "unpack_200mb_layer", statistics.median(ours), "tar -xzf",
+    line("unpack_200mb_layer", statistics.median(ours), "tar -xzf",
          statistics.median(peer))
 
 

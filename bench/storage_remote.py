@@ -6,13 +6,11 @@
 (c) the first clone of a 1 GiB image living in S3 into a local pool (ImageStore.clone_disk:
     fetch, verify, cache, qcow2 overlay) vs boto3 download_file of the same object.
 
-Run: /work/main/.venv/bin/python bench/storage_remote.py   (medians of ROUNDS runs)
+Run: .venv/bin/python bench/storage_remote.py   (medians of ROUNDS runs)
 """
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
 import shutil
 import statistics
@@ -21,12 +19,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jsonline import emitter
+from testbed import ceph_cluster
+from storage.units import GiB, MiB
 
-from tests import ceph_cluster  # noqa: E402
-
-GiB = 1 << 30
-MiB = 1 << 20
 S3_ROUNDS = 3
 DOWNLOAD_ROUNDS = 6
 CLONE_ROUNDS = 7
@@ -42,12 +38,7 @@ def settle() -> None:
     time.sleep(SETTLE_S)
 
 
-def emit(metric, value, peer, peer_value, unit="ms"):
-    print(json.dumps({"bench": "storage_remote", "metric": metric, "unit": unit,
-                      "value": round(value, 1), "peer": peer,
-                      "peer_value": None if peer_value is None else round(peer_value, 1),
-                      "ratio": None if not peer_value else round(value / peer_value, 3)}),
-          flush=True)
+emit = emitter("storage_remote", digits=1)
 
 
 def timed(fn) -> float:
@@ -181,7 +172,7 @@ def bench_image_cache(env, work: str) -> None:
     store = ImageStore(Database(os.path.join(work, "state.db")),
                        {"local": LocalBackend("local", path=os.path.join(root, "pool")),
                         "obj": obj}, default_pool="local", cache_dir=os.path.join(root, "cache"))
-    img = store.import_file(src, name="big", pool="obj")
+    store.import_file(src, name="big", pool="obj")
     client.upload_file(src, env.s3_bucket, "peer/image.raw")
     os.unlink(src)
     ours, peer = [], []

@@ -8,29 +8,27 @@
     syslinux, no direct kernel boot) to the marker in GET /v1/instances/{id}/logs, against
     `virsh create` of the same disk boot with a pre-made overlay and seed to the marker.
 Needs root, libvirtd (started here if none runs; stopped by PID after) and the test guest
-(scripts/build-test-images). Run as: /work/main/.venv/bin/python bench/vms.py
+(scripts/build-test-images). Run as: .venv/bin/python bench/vms.py
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from hypervisor.domain_xml import domain_xml
+from hypervisor.libvirt_driver import LibvirtDriver
+from hypervisor.provision import VmRequest, create_vm, delete_vm
+from hypervisor.seed import make_seed
+from jsonline import emitter
+from storage.local import LocalBackend
+from testbed import libvirt_daemon
 
-from hypervisor.domain_xml import domain_xml  # noqa: E402
-from hypervisor.libvirt_driver import LibvirtDriver  # noqa: E402
-from hypervisor.provision import VmRequest, create_vm, delete_vm  # noqa: E402
-from hypervisor.seed import make_seed  # noqa: E402
-from storage.local import LocalBackend  # noqa: E402
-from tests import libvirt_daemon  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RUNS = 20
 BOOT_RUNS = 5
@@ -40,10 +38,7 @@ API_BOOT_RUNS = 3  # each run boots two guests to their marker (~8 s with the de
 IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
 
 
-def line(metric, value, peer, peer_value):
-    print(json.dumps({"bench": "vms", "metric": metric, "unit": "ms", "value": round(value, 1),
-                      "peer": peer, "peer_value": None if peer_value is None else round(peer_value, 1),
-                      "ratio": None if not peer_value else round(value / peer_value, 2)}), flush=True)
+line = emitter("vms", digits=1)
 
 
 def wait_file(path, text, t0, timeout=BOOT_TIMEOUT_S) -> float:
@@ -61,7 +56,7 @@ def wait_file(path, text, t0, timeout=BOOT_TIMEOUT_S) -> float:
 def api_boot(uri: str, work: str, virt_type: str) -> None:
     """(c): API create of the bootable image to the guest's marker, against `virsh create`."""
     from hypervisor.driver import DiskSpec, VmSpec
-    from tests.api.agentproc import AgentProcess, Api
+    from testbed.agentproc import AgentProcess, Api
 
     agent = AgentProcess(f"{work}/agent", pool_kind="local", import_dirs=[IMAGES])
     agent.config.write_text(agent.config.read_text().replace(

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 
 from containers.runtime import Limits
+from storage.units import MiB
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 CFS_PERIOD_US = 100_000  # 100 ms, the kernel's default CFS period
 V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices", "freezer")
-MIB = 1024 * 1024
 
 
 def is_v2(root: str = CGROUP_ROOT) -> bool:
@@ -75,7 +75,7 @@ def oci_resources(limits: Limits, root: str = CGROUP_ROOT) -> dict:
     if limits.cpus is not None:
         res["cpu"] = {"quota": int(limits.cpus * CFS_PERIOD_US), "period": CFS_PERIOD_US}
     if limits.memory_mib is not None:
-        mem = limits.memory_mib * MIB
+        mem = limits.memory_mib * MiB
         res["memory"] = {"limit": mem}
         if has_memsw(root):
             res["memory"]["swap"] = mem  # OCI swap = memory + swap, on v1 and v2 alike

@@ -31,7 +31,7 @@ DNAT_CHAIN = "NODEAGENT-DNAT"
 VM_LEASE_PREFIX = "vm:"  # leases of VMs on the same bridge: "vm:<instance id>" (not containers)
 CONTAINER_IFNAME = "eth0"
 
-MIGRATIONS = [
+SCHEMA_STEPS = [
     """CREATE TABLE containers_leases (
          network TEXT NOT NULL, ip TEXT NOT NULL, name TEXT NOT NULL,
          PRIMARY KEY (network, ip), UNIQUE (network, name));
@@ -140,7 +140,7 @@ class Network:
         self.gateway = str(next(self.subnet.hosts()))
         self._bridge_ready = False  # ensure_bridge() ran in this process
         self._bridge_lock = threading.Lock()
-        db.migrate("containers_net", MIGRATIONS)
+        db.apply_schema("containers_net", SCHEMA_STEPS)
 
     # -- names ------------------------------------------------------------------------
     def netns_name(self, name: str) -> str:

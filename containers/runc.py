@@ -37,7 +37,7 @@ from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits
                                 PortMap, Rootfs)
 from storage import mounts
 
-MIGRATIONS = [
+SCHEMA_STEPS = [
     """CREATE TABLE containers (
          name TEXT PRIMARY KEY, spec TEXT NOT NULL, limits TEXT NOT NULL,
          ip TEXT, created_at REAL NOT NULL);""",
@@ -100,7 +100,7 @@ class RuncRuntime:
         os.makedirs(os.path.join(self.state_dir, "containers"), exist_ok=True)
         os.makedirs(self.runc_root, exist_ok=True)
         os.makedirs(self._sock_dir(), exist_ok=True)  # conmon needs it
-        db.migrate("containers", MIGRATIONS)
+        db.apply_schema("containers", SCHEMA_STEPS)
         self.net = Network(db, bridge=bridge, subnet=subnet, nat=nat, rtag=self.rtag)
         self._lock = threading.Lock()  # guards _locks only
         self._locks: dict[str, threading.RLock] = {}  # one per container name
@@ -344,9 +344,11 @@ class RuncRuntime:
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "_OCI_SYNCPIPE": str(wfd)}
         try:
+            # cwd: conmon writes an `oom` marker into its working directory when the kernel
+            # OOM-kills the container; it belongs in the container's dir, not the agent's cwd
             proc = subprocess.Popen(argv, pass_fds=(wfd,), env=env, start_new_session=True,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE)
+                                    stderr=subprocess.PIPE, cwd=self._dir(name))
         finally:
             os.close(wfd)
         data = b""
@@ -561,7 +563,7 @@ class RuncRuntime:
         """Apply to the running container (runc update) and keep for later starts."""
         validate.check_limits(limits)
         with self._name_lock(name):
-            row = self._row(name)
+            self._row(name)  # NotFound for an unknown container
             if self._status(name)[0] in ("running", "paused", "created") and \
                     self._runc_state(name):
                 self._runc("update", "--resources", "-",

@@ -18,11 +18,11 @@ from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFo
 from hypervisor.driver import (TIMEOUT_ACTIONS, DiskSpec, MigrationOptions, MigrationProgress,
                                MigrationResult, VmInfo, VmSpec)
 from hypervisor.validate import check_disk_file, check_spec
+from storage.units import MiB
 
 FAKE_HOST_MEMORY_MIB = 64 * 1024  # what the fake pretends the host has
 FAKE_CPU_STEP_NS = 10_000_000  # cpu time a running fake VM "uses" between two stats() calls
-MIB = 1024 * 1024
-FAKE_MIGRATION_BYTES_PER_MIB = MIB  # a fake migration "sends" the guest's memory once
+FAKE_MIGRATION_BYTES_PER_MIB = MiB  # a fake migration "sends" the guest's memory once
 
 # uri -> FakeDriver: the fakes of one process that migrate() can reach (filled only by
 # FakeDriver(uri=...), never at import time)
@@ -164,7 +164,7 @@ class FakeDriver:
             return {
                 "state": vm.state,
                 "cpu_time_ns": vm.cpu_time_ns,
-                "memory_bytes": vm.spec.memory_mib * MIB if up else 0,
+                "memory_bytes": vm.spec.memory_mib * MiB if up else 0,
                 "disk": {"rd_bytes": 0, "wr_bytes": 0},
                 "net": {"rx_bytes": 0, "tx_bytes": 0},
             }

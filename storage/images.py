@@ -46,20 +46,19 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from agent.errors import (AgentError, Conflict, InvalidInput, NotFound, Unavailable,
-                          Unprocessable, Unsupported)
+from agent.errors import AgentError, Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
 from agent.state import Database
 from storage import oci, qemu_img, sources
 from storage.backend import DISK_FORMATS, Backend, BlobInfo, SweepsTemp, Volume, VolumeSpec
 from storage.unpack import DEFAULT_MAX_ENTRIES, layer_dir, unpack_layer_once
 from storage.validate import parse_digest
+from storage.units import GiB
 
-GIB = 1024**3
 URL_CHUNK = 1024 * 1024  # 1 MiB reads from an HTTP response
 STALE_TMP_SECONDS = 3600  # gc leaves younger temp dirs alone: an import may be using them
 ID_PREFIX_MIN = 12
 
-MIGRATIONS = [
+SCHEMA_STEPS = [
     """
     CREATE TABLE storage_images (
         id TEXT PRIMARY KEY, name TEXT NOT NULL, kind TEXT NOT NULL, format TEXT NOT NULL,
@@ -112,10 +111,10 @@ Progress = Callable[[int], None]
 
 class ImageStore:
     def __init__(self, db: Database, pools: dict[str, Backend], *, default_pool: str,
-                 cache_dir: str, max_layer_bytes: int = 8 * GIB, max_layer_ratio: int = 200,
+                 cache_dir: str, max_layer_bytes: int = 8 * GiB, max_layer_ratio: int = 200,
                  max_layer_entries: int = DEFAULT_MAX_ENTRIES,
                  address_policy: sources.AddressPolicy | None = None,
-                 max_image_bytes: int = 256 * GIB, stall_timeout: float = 60):
+                 max_image_bytes: int = 256 * GiB, stall_timeout: float = 60):
         if default_pool not in pools:
             raise InvalidInput(f"default pool {default_pool!r} is not configured; pools: "
                                f"{', '.join(sorted(pools)) or 'none'}")
@@ -131,7 +130,7 @@ class ImageStore:
         layers = os.path.join(cache_dir, "layers")
         os.makedirs(os.path.join(layers, "sha256"), mode=0o700, exist_ok=True)
         os.chmod(layers, 0o700)  # host users never reach unpacked image files
-        db.migrate("storage", MIGRATIONS)
+        db.apply_schema("storage", SCHEMA_STEPS)
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], int] = {}  # (pool, digest) -> imports using it
         self._fetching: dict[tuple[str, str], threading.Lock] = {}  # one fetch per blob+pool

@@ -29,7 +29,7 @@ READY_TIMEOUT = 15  # seconds for the daemon to listen
 STOP_TIMEOUT = 5  # seconds between SIGTERM and SIGKILL
 EXPORT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
-MIGRATIONS = [
+SCHEMA_STEPS = [
     """CREATE TABLE nbd_exports (
         name TEXT PRIMARY KEY,
         pool TEXT NOT NULL,
@@ -62,7 +62,7 @@ class NbdExports:
         self.db = db
         self.run_dir = Path(run_dir)
         self.host = host
-        db.migrate("nbd", MIGRATIONS)
+        db.apply_schema("nbd", SCHEMA_STEPS)
 
     def create(self, name: str, volume: Volume, *, readonly: bool = False,
                port: int | None = None) -> Export:

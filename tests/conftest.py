@@ -8,6 +8,13 @@ from agent.state import Database
 
 
 @pytest.fixture
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 when asked."""
+    from testbed.runtimes import find_free_port
+    return find_free_port()
+
+
+@pytest.fixture
 def db(tmp_path):
     d = Database(tmp_path / "state.db")
     yield d
@@ -18,7 +25,7 @@ def db(tmp_path):
 def ceph():
     """A live single-node Ceph (scripts/ceph-dev-cluster) for the session: a CephEnv.
     NODEAGENT_CEPH_DIR=<dir of a running cluster> reuses one (and leaves it running)."""
-    from tests import ceph_cluster
+    from testbed import ceph_cluster
 
     reused = ceph_cluster.existing()
     if reused is not None:
@@ -40,7 +47,7 @@ def ceph():
 def libvirtd():
     """libvirtd + virtlogd serving qemu:///system; the URI. Started here (and stopped by
     PID at session end) only if none is running."""
-    from tests import libvirt_daemon
+    from testbed import libvirt_daemon
     try:
         daemons = libvirt_daemon.ensure()
     except RuntimeError as e:
@@ -51,8 +58,8 @@ def libvirtd():
 
 @pytest.fixture(scope="session")
 def oci_registry(tmp_path_factory):
-    """A docker-registry on 127.0.0.1:<free port> (tests/registry_server.py); stopped by PID."""
-    from tests.registry_server import RegistryServer
+    """A docker-registry on 127.0.0.1:<free port> (testbed/registry_server.py); stopped by PID."""
+    from testbed.registry_server import RegistryServer
     server = RegistryServer(str(tmp_path_factory.mktemp("registry"))).start()
     yield server
     server.stop()
@@ -61,7 +68,7 @@ def oci_registry(tmp_path_factory):
 @pytest.fixture(scope="session")
 def busybox_ref(oci_registry, tmp_path_factory):
     """Reference of a busybox image built by the tests and pushed to ``oci_registry``."""
-    from tests.registry_server import push_busybox
+    from testbed.registry_server import push_busybox
     return push_busybox(oci_registry, str(tmp_path_factory.mktemp("busybox-image")))
 
 

@@ -26,10 +26,10 @@ import uuid
 from agent import models
 from agent.errors import redact as redact_text
 from agent.errors import AgentError, Conflict, NotFound, Unavailable, Unprocessable, Unsupported
+from storage.units import GiB
 
 log = logging.getLogger(__name__)
 
-GiB = 1024**3
 DEFAULT_COMMAND = ("/bin/sh",)
 INSTANCE_DIR_MODE = 0o711  # QEMU (another user) may reach its seed and log inside; nobody lists them
 CLEANUP_KEY = "cleanup_pending"  # in a record's spec: its removal failed part-way; retried at start

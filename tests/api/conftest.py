@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.agentproc import AgentProcess, Api
+from testbed.agentproc import AgentProcess, Api
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +46,7 @@ def images(agent, tmp_path_factory):
     """A container image (busybox OCI layout) and a VM image (small qcow2), imported once."""
     import subprocess
 
-    from tests.functional.ocibuild import busybox_layers, write_layout
+    from testbed.ocibuild import busybox_layers, write_layout
 
     d = tmp_path_factory.mktemp("images")
     layout = write_layout(str(d / "busybox"), {"latest": busybox_layers()})

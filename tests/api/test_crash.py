@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tests.api.agentproc import AgentProcess, Api
-from tests.functional.ocibuild import busybox_layers, write_layout
+from testbed.agentproc import AgentProcess, Api
+from testbed.ocibuild import busybox_layers, write_layout
 
 SLOW = "image.import:bytes=60,instance.create:create=60,instance.start:start=60"
 
@@ -101,7 +101,7 @@ def test_kill9_during_image_import_and_instance_create(tmp_path):
 def test_kill9_during_real_runc_container_start(tmp_path):
     for tool in ("runc", "conmon"):
         assert shutil.which(tool), f"{tool} is not installed: run scripts/setup-host"
-    from tests.containers_support import test_network
+    from testbed.runtimes import test_network
     bridge, subnet = test_network()
     net = f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\nnat = false\n'
     agent = AgentProcess(tmp_path / "r", pool_kind="local", env={"NODEAGENT_SLOW_PHASE": "instance.start:start=60"})

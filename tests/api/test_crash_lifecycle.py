@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tests import libvirt_daemon
-from tests.api.agentproc import AgentProcess, Api
+from testbed import libvirt_daemon
+from testbed.agentproc import AgentProcess, Api
 from tests.api.test_crash import _import_busybox
 
 pytestmark = pytest.mark.real
@@ -42,7 +42,8 @@ def test_vm_create_with_libvirtd_down_is_error_then_cleaned_when_it_is_back(tmp_
     try:
         disk = tmp_path / "disk.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-        op = api.wait(api.post("/v1/images", json={"name": "tiny", "source": {"type": "file", "path": str(disk)}}).json())
+        op = api.wait(api.post("/v1/images",
+                               json={"name": "tiny", "source": {"type": "file", "path": str(disk)}}).json())
         assert op["status"] == "succeeded", op
         name = f"down-{secrets.token_hex(3)}"
         op = api.wait(api.post("/v1/instances", json={"name": name, "kind": "vm", "image": "tiny", "memory_mib": 64,
@@ -83,7 +84,7 @@ exec {runc} "$@"
 def test_kill9_during_a_container_delete_is_finished_at_start(tmp_path):
     for tool in ("runc", "conmon"):
         assert shutil.which(tool), f"{tool} is not installed: run scripts/setup-host"
-    from tests.containers_support import test_network
+    from testbed.runtimes import test_network
     bridge, subnet = test_network()
     wrap = tmp_path / "bin"
     wrap.mkdir()
@@ -99,15 +100,16 @@ def test_kill9_during_a_container_delete_is_finished_at_start(tmp_path):
     try:
         _import_busybox(api, tmp_path)
         op = api.wait(api.post("/v1/instances", json={"name": name, "kind": "container", "image": "busybox",
-                                                      "memory_mib": 64, "command": ["/bin/sh", "-c", "sleep 600"]}).json(),
+                                                      "memory_mib": 64,
+                                                      "command": ["/bin/sh", "-c", "sleep 600"]}).json(),
                       timeout=120)
         assert op["status"] == "succeeded", op["error"]
         rtag_netns = [n for n in os.listdir("/run/netns") if n.endswith(f"-{name}")]
         assert rtag_netns, "the container has its netns"
         deleting = subprocess.Popen(["curl", "-s", "-X", "DELETE", "-H", f"Authorization: Bearer {agent.admin_token}",
                                      f"{agent.url}/v1/instances/{name}"], stdout=subprocess.DEVNULL)
-        pid = int(_wait_for(lambda: (tmp_path / "delete.pid").exists() and (tmp_path / "delete.pid").read_text().strip(),
-                            what="runc delete"))
+        pid_file = tmp_path / "delete.pid"
+        pid = int(_wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), what="runc delete"))
         agent.kill9()  # mid-delete: the container is killed, runc delete has not run
         os.kill(pid, signal.SIGKILL)  # the gated runc the dead agent started (ours)
         deleting.wait(30)

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.api.agentproc import AgentProcess
+from testbed.agentproc import AgentProcess
 
 MAX_EXAMPLES = 15  # per operation: bounded to keep CI time low (about 10 s here)
 

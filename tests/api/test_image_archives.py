@@ -7,9 +7,9 @@ import json
 import os
 import tarfile
 
-from tests.functional import ocibuild
+from testbed import ocibuild
 
-WORKERS = 8  # tests/api/agentproc.py's worker pool: hangs that many and every create stalls
+WORKERS = 8  # testbed/agentproc.py's worker pool: hangs that many and every create stalls
 
 
 def save_dir(d) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -19,7 +18,7 @@ import time
 
 import pytest
 
-from tests.api.agentproc import AgentProcess, Api
+from testbed.agentproc import AgentProcess, Api
 from tests.api.conftest import assert_error
 
 HOSTILE = "127.0.0.2"  # the one address the agent may fetch from

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.api.agentproc import AgentProcess, Api
+from testbed.agentproc import AgentProcess, Api
 from tests.api.conftest import assert_error
 
 pytestmark = pytest.mark.real
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture
 def bucket(ceph):
-    from tests.ceph_cluster import s3_client
+    from testbed.ceph_cluster import s3_client
 
     name = "t" + os.urandom(6).hex()
     client = s3_client(ceph)
@@ -91,8 +91,8 @@ def test_s3_source_by_key_imports_any_object_of_the_bucket(hosts, bucket, ceph, 
     sha256 checked when given) into its local pool, a disk image or an OCI archive."""
     import hashlib
 
-    from tests.ceph_cluster import s3_client
-    from tests.functional import ocibuild
+    from testbed.ceph_cluster import s3_client
+    from testbed import ocibuild
 
     a, _ = hosts
     client = s3_client(ceph)

@@ -22,7 +22,7 @@ def test_images_list_get_and_import_errors(admin, images, tmp_path):
     assert admin.get(f"/v1/images/{img['id']}").json()["name"] == "busybox"
     assert admin.get(f"/v1/images/{img['id'][:12]}").json()["id"] == img["id"]
     assert_error(admin.get("/v1/images/nosuch"), 404)
-    # tmp_path is under the agent's import dir (tests/api/agentproc.py); /etc is not
+    # tmp_path is under the agent's import dir (testbed/agentproc.py); /etc is not
     assert_error(admin.post("/v1/images", json={"name": "x", "source": {"type": "file",
                                                                         "path": str(tmp_path / "nonexistent")}}),
                  404)
@@ -186,7 +186,8 @@ def test_image_import_from_url_reports_progress(admin, tmp_path):
     t.start()
     try:
         url = f"http://127.0.0.1:{srv.server_address[1]}/web.qcow2"
-        op = admin.wait(admin.post("/v1/images", json={"name": "from-web", "source": {"type": "url", "url": url}}).json())
+        op = admin.wait(admin.post("/v1/images",
+                                   json={"name": "from-web", "source": {"type": "url", "url": url}}).json())
         assert op["status"] == "succeeded", op
         assert op["progress"]["phase"] == "download" and op["progress"]["bytes_done"] == disk.stat().st_size
         assert op["result"]["image"]["format"] == "qcow2"

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.api.agentproc import AgentProcess, Api
+from testbed.agentproc import AgentProcess, Api
 from tests.api.conftest import assert_error
 
 
@@ -99,7 +99,7 @@ def other(host):
 
 @pytest.fixture(scope="module")
 def images(admin, tmp_path_factory):
-    from tests.functional.ocibuild import busybox_layers, write_layout
+    from testbed.ocibuild import busybox_layers, write_layout
     d = tmp_path_factory.mktemp("peer-images")
     layout = write_layout(str(d / "busybox"), {"latest": busybox_layers()})
     disk = d / "disk.qcow2"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.agentproc import AgentProcess, Api
+from testbed.agentproc import AgentProcess, Api
 
 
 @pytest.mark.real
@@ -18,7 +18,8 @@ def test_vm_on_real_libvirt(libvirtd):
     os.chmod(tmp_path, 0o755)
     agent = AgentProcess(tmp_path / "v", pool_kind="local")
     agent.config.write_text(agent.config.read_text().replace(
-        '[hypervisor]\ndriver = "fake"\n', f'[hypervisor]\ndriver = "libvirt"\nuri = "{libvirtd}"\nvirt_type = "qemu"\n'))
+        '[hypervisor]\ndriver = "fake"\n',
+        f'[hypervisor]\ndriver = "libvirt"\nuri = "{libvirtd}"\nvirt_type = "qemu"\n'))
     token = agent.token("admin", "admin")
     disk = tmp_path / "blank.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "64M"], check=True)
@@ -27,7 +28,8 @@ def test_vm_on_real_libvirt(libvirtd):
     api = Api(agent.url, token)
     try:
         assert api.get("/v1/host").json()["hypervisor"] in ("kvm", "qemu")
-        op = api.wait(api.post("/v1/images", json={"name": "blank", "source": {"type": "file", "path": str(disk)}}).json())
+        op = api.wait(api.post("/v1/images",
+                               json={"name": "blank", "source": {"type": "file", "path": str(disk)}}).json())
         assert op["status"] == "succeeded", op
         op = api.wait(api.post("/v1/instances", json={"name": name, "kind": "vm", "image": "blank", "cpus": 1,
                                                       "memory_mib": 128, "network": "none"}).json(), timeout=120)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.agentproc import AgentProcess, Api
+from testbed.agentproc import AgentProcess, Api
 
 pytestmark = pytest.mark.real
 READS_TIMEOUT_S = 60  # SeaBIOS reads the boot disk within a second or two; generous for CI

@@ -4,7 +4,7 @@ import subprocess
 import pytest
 import requests
 
-from tests.api.agentproc import AgentProcess
+from testbed.agentproc import AgentProcess
 
 EC = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.agentproc import AgentProcess, Api
+from testbed.agentproc import AgentProcess, Api
 
 pytestmark = pytest.mark.real
 # Under TCG here SeaBIOS + syslinux + kernel reach the marker in about 3 s (as fast as a

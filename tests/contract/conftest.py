@@ -1,9 +1,12 @@
-"""Backend factories for the storage contract suite: ONE dict, kind -> factory.
+"""Backend factories for the storage contract suite (test_storage_backend.py): ONE dict,
+kind -> factory, covering every registered backend kind (local, block = Ceph RBD,
+object = S3 on radosgw) and the fake.
 
-A factory takes pytest's ``tmp_path`` and returns a fresh, empty Backend. Other
-helpers add their kinds here ("block", "object"); a factory that needs a real
-component must fail (not skip) with what the machine lacks. Blob-only backends
-(``supports_volumes`` False) run the blob half; the volume half checks Unsupported.
+A factory takes pytest's ``tmp_path`` and returns a fresh, empty Backend; a factory that
+needs a real component fails (not skips) with what the machine lacks. Blob-only backends
+(``supports_volumes`` False: object pools, and "fake-blobs", the fast fake of one) run
+the blob half; the volume half checks Unsupported. The driver and runtime suites
+parametrize their own fixtures (test_driver.py, test_driver_migration.py, test_runtime.py).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ def _fake(tmp_path):
     return FakeBackend("fake0")
 
 
-def _fake_blobs(tmp_path):  # stands in for blob-only (object) pools until they land
+def _fake_blobs(tmp_path):  # a blob-only pool without Ceph: the object kind's half of the contract, fast
     from storage.fake import FakeBackend
     return FakeBackend("fakeblobs", supports_volumes=False)
 
@@ -27,13 +30,13 @@ def _local(tmp_path):
 
 def _block(tmp_path):
     """An RBD pool of its own on the session's live Ceph (fresh and empty per test)."""
-    from tests.ceph_cluster import block_backend
+    from testbed.ceph_cluster import block_backend
     return block_backend(tmp_path)
 
 
 def _object(tmp_path):
     """A bucket of its own on the session's live radosgw (fresh and empty per test)."""
-    from tests.ceph_cluster import object_backend
+    from testbed.ceph_cluster import object_backend
     return object_backend(tmp_path)
 
 

@@ -1,5 +1,5 @@
 """hypervisor.SupportsMigration contract: FakeDriver (two in-process fakes) and LibvirtDriver
-(two simulated hosts of tests/multihost/harness.py, a real TCP libvirtd-to-libvirtd link)
+(two simulated hosts of testbed/harness.py, a real TCP libvirtd-to-libvirtd link)
 move a running test guest with its local disk copied, keep it on the source when the
 destination cannot take it, and honour cancel."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ BOOT_TIMEOUT_S = 90
 
 @pytest.fixture(scope="module")
 def cluster(request, tmp_path_factory):
-    from tests.multihost import harness
+    from testbed import harness
     for tool in ("libvirtd", "virtlogd", "nsenter", "unshare", "ip"):
         if not shutil.which(tool):
             pytest.fail(f"{tool} is missing: run scripts/setup-host")

@@ -12,7 +12,7 @@ import pytest
 
 from agent.errors import Conflict, InvalidInput, NotFound
 from containers import ContainerSpec, Limits, NetworkSpec, PortMap, Runtime
-from tests.containers_support import RUNTIMES, free_port, make_runtime, make_spec  # noqa: F401
+from testbed.runtimes import RUNTIMES, make_runtime, make_spec
 
 LONG = ("sleep", "1000")
 

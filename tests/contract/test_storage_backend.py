@@ -10,8 +10,8 @@ import pytest
 
 from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
 from storage.backend import Backend, BlobInfo, Volume, VolumeSpec
+from storage.units import MiB
 
-MIB = 1024 * 1024
 
 
 def _digest(data: bytes) -> str:
@@ -23,10 +23,10 @@ def _has_volumes(backend) -> bool:
     Unsupported (the whole volume contract of such a pool) and return False."""
     if backend.supports_volumes:
         return True
-    d = backend.put_blob(io.BytesIO(b"\0" * MIB)).digest
-    for call in (lambda: backend.create_volume(VolumeSpec("v", MIB, "raw")),
+    d = backend.put_blob(io.BytesIO(b"\0" * MiB)).digest
+    for call in (lambda: backend.create_volume(VolumeSpec("v", MiB, "raw")),
                  lambda: backend.clone_volume(d, "v", format="raw"),
-                 lambda: backend.resize_volume("v", 2 * MIB),
+                 lambda: backend.resize_volume("v", 2 * MiB),
                  lambda: backend.get_volume("v"),
                  lambda: backend.list_volumes()):
         with pytest.raises(Unsupported):
@@ -42,7 +42,7 @@ def test_is_a_backend(backend):
 
 
 def test_put_then_read_back(backend):
-    data = os.urandom(3 * MIB + 17)
+    data = os.urandom(3 * MiB + 17)
     seen = []
     info = backend.put_blob(io.BytesIO(data), progress=seen.append)
     assert info == BlobInfo(_digest(data), len(data))
@@ -107,7 +107,7 @@ def test_delete_blob_is_idempotent(backend):
 
 
 def test_concurrent_puts_of_the_same_content(backend):
-    data = os.urandom(2 * MIB)
+    data = os.urandom(2 * MiB)
     results, errors = [], []
 
     def put():
@@ -129,14 +129,14 @@ def test_concurrent_puts_of_the_same_content(backend):
 
 def test_put_from_a_non_seekable_stream(backend):
     r, w = os.pipe()
-    data = os.urandom(MIB)
+    data = os.urandom(MiB)
     with os.fdopen(w, "wb") as wf:
         t = threading.Thread(target=lambda: (wf.write(data), wf.close()))
         t.start()
         with os.fdopen(r, "rb") as rf:
             info = backend.put_blob(rf, digest=_digest(data))
         t.join()
-    assert info.size == MIB
+    assert info.size == MiB
 
 
 def test_usage(backend):
@@ -146,16 +146,16 @@ def test_usage(backend):
 
 # ---------------------------------------------------------------- volumes
 
-def _raw_image_blob(backend, size=MIB):
+def _raw_image_blob(backend, size=MiB):
     return backend.put_blob(io.BytesIO(b"\0" * size)).digest
 
 
 def test_create_get_list_delete_volume(backend):
     if not _has_volumes(backend):
         return
-    v = backend.create_volume(VolumeSpec("disk0", 4 * MIB, "qcow2"))
+    v = backend.create_volume(VolumeSpec("disk0", 4 * MiB, "qcow2"))
     assert isinstance(v, Volume)
-    assert (v.name, v.pool, v.format, v.size) == ("disk0", backend.name, "qcow2", 4 * MIB)
+    assert (v.name, v.pool, v.format, v.size) == ("disk0", backend.name, "qcow2", 4 * MiB)
     assert v.uri
     assert backend.get_volume("disk0") == v
     assert backend.find_volume("disk0") == v
@@ -170,9 +170,9 @@ def test_create_get_list_delete_volume(backend):
 def test_volume_name_clash_is_conflict(backend):
     if not _has_volumes(backend):
         return
-    backend.create_volume(VolumeSpec("twice", MIB, "raw"))
+    backend.create_volume(VolumeSpec("twice", MiB, "raw"))
     with pytest.raises(Conflict):
-        backend.create_volume(VolumeSpec("twice", MIB, "raw"))
+        backend.create_volume(VolumeSpec("twice", MiB, "raw"))
     d = _raw_image_blob(backend)
     with pytest.raises(Conflict):
         backend.clone_volume(d, "twice", format="raw")
@@ -181,8 +181,8 @@ def test_volume_name_clash_is_conflict(backend):
 def test_bad_volume_spec_is_invalid_and_leaves_nothing(backend):
     if not _has_volumes(backend):
         return
-    for spec in (VolumeSpec("x", MIB, "vmdk"), VolumeSpec("../escape", MIB, "raw"),
-                 VolumeSpec("", MIB, "raw")):
+    for spec in (VolumeSpec("x", MiB, "vmdk"), VolumeSpec("../escape", MiB, "raw"),
+                 VolumeSpec("", MiB, "raw")):
         with pytest.raises(InvalidInput):
             backend.create_volume(spec)
     assert backend.list_volumes() == []
@@ -212,11 +212,11 @@ def test_clone_records_base_and_grows(backend):
     if not _has_volumes(backend):
         return
     d = _raw_image_blob(backend)
-    v = backend.clone_volume(d, "vm0", format="raw", size=8 * MIB)
-    assert v.base == d and v.size == 8 * MIB
+    v = backend.clone_volume(d, "vm0", format="raw", size=8 * MiB)
+    assert v.base == d and v.size == 8 * MiB
     assert backend.get_volume("vm0").base == d
     w = backend.clone_volume(d, "vm1", format="raw")
-    assert w.size == MIB
+    assert w.size == MiB
 
 
 def test_clone_of_missing_blob_is_not_found(backend):
@@ -230,10 +230,10 @@ def test_clone_of_missing_blob_is_not_found(backend):
 def test_resize_grows_only(backend):
     if not _has_volumes(backend):
         return
-    backend.create_volume(VolumeSpec("grow", 2 * MIB, "qcow2"))
-    assert backend.resize_volume("grow", 6 * MIB).size == 6 * MIB
-    assert backend.get_volume("grow").size == 6 * MIB
+    backend.create_volume(VolumeSpec("grow", 2 * MiB, "qcow2"))
+    assert backend.resize_volume("grow", 6 * MiB).size == 6 * MiB
+    assert backend.get_volume("grow").size == 6 * MiB
     with pytest.raises(Unprocessable):
-        backend.resize_volume("grow", MIB)
+        backend.resize_volume("grow", MiB)
     with pytest.raises(NotFound):
-        backend.resize_volume("missing", MIB)
+        backend.resize_volume("missing", MiB)

@@ -13,10 +13,10 @@ import pytest
 
 from agent.errors import InsufficientResources, Unavailable
 from storage.backend import VolumeSpec
+from storage.units import MiB
 
 pytestmark = pytest.mark.real
 
-MiB = 1 << 20
 
 
 def _conf_with_mon(ceph, tmp_path, port):
@@ -69,7 +69,7 @@ def _wait_full(ceph, pool, full=True, timeout=60):
 
 
 def test_pool_full_is_insufficient_resources_and_leaves_nothing(ceph, tmp_path):
-    from tests.ceph_cluster import block_backend
+    from testbed.ceph_cluster import block_backend
 
     b = block_backend(tmp_path, quota=8 * MiB)
     try:

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from containers import NetworkSpec
-from tests.containers_support import make_runc, make_spec
+from testbed.runtimes import make_runc, make_spec
 
 pytestmark = pytest.mark.real
 

@@ -15,7 +15,7 @@ from containers import cgroups
 from containers import Limits, NetworkSpec, PortMap
 from containers.runc import RuncRuntime
 from storage import mounts
-from tests.containers_support import find_free_port, make_runc, make_spec
+from testbed.runtimes import find_free_port, make_runc, make_spec
 
 pytestmark = pytest.mark.real
 
@@ -97,6 +97,8 @@ def test_pid_mount_and_uts_isolation(rt, tmp_path):
 
 def test_memory_hog_is_oom_killed_inside_its_limit(rt, tmp_path):
     # the shell (pid 1) itself holds 100 MB in a variable inside a 32 MiB container
+    cwd_oom = os.path.join(os.getcwd(), "oom")  # conmon's OOM marker, written into its cwd
+    had_oom = os.path.exists(cwd_oom)
     run_spec(rt, tmp_path, "hog", ("sh", "-c", "x=$(yes | head -c 100000000); echo survived"),
              limits=Limits(memory_mib=32))
     info = wait_for(lambda: (i := rt.get("hog")).state == "stopped" and i, 30)
@@ -104,6 +106,7 @@ def test_memory_hog_is_oom_killed_inside_its_limit(rt, tmp_path):
     assert "survived" not in rt.logs("hog")
     assert rt.stats("hog")["oom_kills"] >= 1
     assert os.getpid() and rt.list()  # the agent lives on
+    assert os.path.exists(cwd_oom) == had_oom  # the marker went to the container's dir
 
 
 def test_fork_bomb_stops_at_pids_max(rt, tmp_path):
@@ -254,8 +257,6 @@ def test_stop_timeout_then_kill_and_restart_keeps_network(rt, tmp_path):
 
 
 AGENT_SCRIPT = """
-import sys
-sys.path.insert(0, {root!r})
 from agent.state import Database
 from containers import ContainerSpec, NetworkSpec, Rootfs
 from containers.runc import RuncRuntime
@@ -270,14 +271,14 @@ print(rt.start("survivor").pid)
 def test_containers_outlive_the_agent_process(rt, tmp_path):
     """An agent process starts a container and exits; a new one re-adopts it."""
     import sys
-    from tests.containers_support import busybox_lower
+    from testbed.runtimes import busybox_lower
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = AGENT_SCRIPT.format(
-        root=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
         state=rt.state_dir, db=rt.db.path, bridge=rt.net.bridge, subnet=str(rt.net.subnet),
         parent=rt.cgroup_parent, lower=busybox_lower(), up=str(tmp_path / "sup"),
         work=str(tmp_path / "swork"))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, cwd=root)  # `-c` imports from the cwd: this checkout
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.strip())
     info = rt.get("survivor")

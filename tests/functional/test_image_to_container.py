@@ -10,7 +10,7 @@ from storage import ImageStore
 from storage.local import LocalBackend
 from storage.registry import pull_to_layout
 from storage.sources import AddressPolicy
-from tests.containers_support import make_runc
+from testbed.runtimes import make_runc
 
 pytestmark = pytest.mark.real
 

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import threading
-import threading
 
 import pytest
 
@@ -17,9 +16,9 @@ from storage import Image, ImageStore, RootfsLayers, mounts, qemu_img
 from storage.fake import FakeBackend
 from storage.local import LocalBackend
 from storage.sources import AddressPolicy
-from tests.functional import ocibuild
+from storage.units import MiB
+from testbed import ocibuild
 
-MIB = 1024 * 1024
 
 
 @pytest.fixture
@@ -32,7 +31,7 @@ def store(db, tmp_path):
     pools["fake"].close()
 
 
-def raw_image(path, fill=b"R", size=2 * MIB):
+def raw_image(path, fill=b"R", size=2 * MiB):
     with open(path, "wb") as f:
         f.write(fill * size)
     return str(path)
@@ -56,14 +55,14 @@ def test_import_raw_and_qcow2(store, tmp_path):
     img = store.import_file(raw, name="a", progress=seen.append)
     assert isinstance(img, Image)
     assert (img.kind, img.format, img.size, img.virtual_size, img.pool) == \
-           ("vm", "raw", 2 * MIB, 2 * MIB, "local")
+           ("vm", "raw", 2 * MiB, 2 * MiB, "local")
     assert img.id == hashlib.sha256(open(raw, "rb").read()).hexdigest()
     assert img.digest == "sha256:" + img.id and img.config == {} and img.layers == ()
-    assert seen[-1] == 2 * MIB
+    assert seen[-1] == 2 * MiB
     q = str(tmp_path / "b.qcow2")
-    qemu_img.create(q, format="qcow2", size=64 * MIB)
+    qemu_img.create(q, format="qcow2", size=64 * MiB)
     qi = store.import_file(q, name="b", format="qcow2")
-    assert (qi.format, qi.virtual_size) == ("qcow2", 64 * MIB)
+    assert (qi.format, qi.virtual_size) == ("qcow2", 64 * MiB)
     assert [i.name for i in store.list()] == ["a", "b"]
     assert store.get("a") == img and store.get(img.id) == img and store.get(img.id[:12]) == img
     assert store.find("nope") is None
@@ -91,7 +90,7 @@ def test_refused_disk_images_leave_nothing(store, tmp_path):
     with pytest.raises(InvalidInput, match="backing file"):
         store.import_file(overlay, name="o")
     vmdk = str(tmp_path / "d.vmdk")
-    qemu_img.create(vmdk, format="vmdk", size=MIB)
+    qemu_img.create(vmdk, format="vmdk", size=MiB)
     with pytest.raises(InvalidInput, match="not supported"):
         store.import_file(vmdk, name="v")
     with pytest.raises(InvalidInput, match="declared format"):
@@ -105,8 +104,8 @@ def test_refused_disk_images_leave_nothing(store, tmp_path):
 
 def test_clone_refcount_delete_gc(store, tmp_path):
     img = store.import_file(raw_image(tmp_path / "a.raw"), name="a")
-    vol = store.clone_disk("a", "vm0-disk", size=8 * MIB)
-    assert vol.base == img.digest and vol.size == 8 * MIB and vol.format == "qcow2"
+    vol = store.clone_disk("a", "vm0-disk", size=8 * MiB)
+    assert vol.base == img.digest and vol.size == 8 * MiB and vol.format == "qcow2"
     assert qemu_img.info(vol.path)["backing-filename"] == store.pools["local"].blob_path(img.digest)
     assert store.references("a") == [("local", "vm0-disk")]
     with pytest.raises(Conflict) as e:
@@ -120,7 +119,7 @@ def test_clone_refcount_delete_gc(store, tmp_path):
     assert store.release("local", "vm0-disk") is False
     assert store.delete("a") is True and store.delete("a") is False
     assert store.pools["local"].find_blob(img.digest) is not None  # freed by gc, not delete
-    assert store.gc() == {"blobs_removed": 1, "layers_removed": 0, "bytes_freed": 2 * MIB,
+    assert store.gc() == {"blobs_removed": 1, "layers_removed": 0, "bytes_freed": 2 * MiB,
                           "temp_files_removed": 0}
     assert leftovers(store) == EMPTY
 
@@ -160,14 +159,14 @@ def http_dir(tmp_path):
 
 def test_import_url(store, http_dir):
     root, base = http_dir
-    raw = raw_image(root / "disk.raw", b"U", 3 * MIB)
+    raw = raw_image(root / "disk.raw", b"U", 3 * MiB)
     good = hashlib.sha256(open(raw, "rb").read()).hexdigest()
     with pytest.raises(Forbidden, match="loopback.*allow_url_hosts"):  # the SSRF guard's default
         store.import_url(f"{base}/disk.raw", name="u")
     store.address_policy = AddressPolicy(["127.0.0.1/32"])  # this test's own server
     seen = []
     img = store.import_url(f"{base}/disk.raw", name="u", sha256=good, progress=seen.append)
-    assert img.id == good and img.format == "raw" and seen[-1] == 3 * MIB
+    assert img.id == good and img.format == "raw" and seen[-1] == 3 * MiB
     with pytest.raises(InvalidInput, match="does not match"):
         store.import_url(f"{base}/disk.raw", name="u2", sha256="0" * 64)
     with pytest.raises(InvalidInput, match="404"):
@@ -300,7 +299,7 @@ def test_store_survives_restart(db, store, tmp_path):
 
 def test_corrupt_and_empty_disk_images(store, tmp_path):
     q = str(tmp_path / "c.qcow2")
-    qemu_img.create(q, format="qcow2", size=64 * MIB)
+    qemu_img.create(q, format="qcow2", size=64 * MiB)
     subprocess.run(["qemu-io", "-c", "write -P 0x11 0 1M", q], check=True, capture_output=True)
     with open(q, "r+b") as f:  # point the L1 table past the end of the file
         f.seek(40)

@@ -14,18 +14,18 @@ from agent.state import Database
 from storage import ImageStore
 from storage.local import LocalBackend
 from storage.s3 import S3Backend
-from tests.functional import ocibuild
+from storage.units import MiB
+from testbed import ocibuild
 
 pytestmark = pytest.mark.real
 
-MIB = 1 << 20
 
 
 @pytest.fixture
 def bucket(ceph, tmp_path):
-    from tests.ceph_cluster import object_backend
+    from testbed.ceph_cluster import object_backend
 
-    b = object_backend(tmp_path, part_size=5 * MIB, concurrency=3)
+    b = object_backend(tmp_path, part_size=5 * MiB, concurrency=3)
     b.name = "s3"  # the pool's name in these hosts' configs
     yield b
     b.close()
@@ -48,14 +48,14 @@ def s3_gets(obj) -> list:
     return seen
 
 
-def disk(path, size=6 * MIB) -> str:
+def disk(path, size=6 * MiB) -> str:
     with open(path, "wb") as f:
         f.write(os.urandom(size))
     return str(path)
 
 
 def qcow2(path) -> str:
-    raw = disk(str(path) + ".raw", 2 * MIB)
+    raw = disk(str(path) + ".raw", 2 * MiB)
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, str(path)],
                    check=True)
     return str(path)
@@ -66,13 +66,13 @@ def local_blobs(store, pool="local"):
 
 
 def test_clone_fetches_once_into_the_host_pool_and_reuses_it(bucket, tmp_path):
-    from tests.ceph_cluster import block_backend
+    from testbed.ceph_cluster import block_backend
 
     block = block_backend(tmp_path)
     a = host(tmp_path, "a", bucket, block)
     try:
         img = a.import_file(disk(tmp_path / "a.raw"), name="a", pool="s3")
-        assert img.pool == "s3" and bucket.find_blob(img.digest).size == 6 * MIB
+        assert img.pool == "s3" and bucket.find_blob(img.digest).size == 6 * MiB
         assert local_blobs(a) == []
         gets = s3_gets(bucket)
         v1 = a.clone_disk("a", "d1")  # an object pool holds no volumes: the default pool
@@ -140,7 +140,7 @@ def test_two_hosts_share_images_through_one_bucket(bucket, tmp_path):
 
 def test_fetch_failures_are_clear_and_leave_nothing(bucket, tmp_path, ceph):
     a = host(tmp_path, "a", bucket)
-    img = a.import_file(disk(tmp_path / "a.raw", 2 * MIB), name="a", pool="s3")
+    img = a.import_file(disk(tmp_path / "a.raw", 2 * MiB), name="a", pool="s3")
     with pytest.raises(NotFound, match="pool s3 holds no blob.*put the image there first"):
         a.import_digest("s3", "sha256:" + "4" * 64, name="nothing")
 
@@ -172,7 +172,7 @@ def test_concurrent_first_clones_fetch_once(bucket, tmp_path):
     import threading
 
     a = host(tmp_path, "a", bucket)
-    img = a.import_file(disk(tmp_path / "a.raw", 3 * MIB), name="a", pool="s3")
+    img = a.import_file(disk(tmp_path / "a.raw", 3 * MiB), name="a", pool="s3")
     gets, errors = s3_gets(bucket), []
 
     def clone(n):

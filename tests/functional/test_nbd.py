@@ -11,10 +11,10 @@ import pytest
 from agent.errors import Conflict, InvalidInput, NotFound
 from storage.backend import VolumeSpec
 from storage.nbd import NbdExports
+from storage.units import MiB
 
 pytestmark = pytest.mark.real
 
-MiB = 1 << 20
 
 
 def qemu_io(uri, *cmds, readonly=False):
@@ -66,7 +66,7 @@ def test_local_qcow2_export_read_write_and_read_only(exports, local_volume):
 
 
 def test_rbd_volume_export(exports, ceph, tmp_path):
-    from tests.ceph_cluster import block_backend
+    from testbed.ceph_cluster import block_backend
 
     b = block_backend(tmp_path)
     try:

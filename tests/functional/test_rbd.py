@@ -9,13 +9,14 @@ from unittest import mock
 
 import pytest
 
-from agent.errors import CommandFailed, Conflict, InsufficientResources, InvalidInput, NotFound, Unprocessable, Unsupported
+from agent.errors import (CommandFailed, Conflict, InsufficientResources, InvalidInput, NotFound, Unprocessable,
+                          Unsupported)
 import storage.rbd
 from storage.backend import VolumeSpec
+from storage.units import MiB
 
 pytestmark = pytest.mark.real
 
-MiB = 1 << 20
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from agent.errors import Cancelled, Forbidden, InvalidInput, NotFound, Unavailable
 from storage.registry import parse_reference, pull_to_layout
 from storage.sources import AddressPolicy
-from tests.registry_server import push_busybox
+from testbed.registry_server import push_busybox
 
 pytestmark = pytest.mark.real
 LOCAL = AddressPolicy(["127.0.0.1/32"])  # the test registry listens on loopback
@@ -70,7 +70,7 @@ def test_unknown_image_is_not_found_and_leaves_nothing(oci_registry, tmp_path):
 
 
 def test_unreachable_registry_and_bad_reference(tmp_path):
-    from tests.containers_support import find_free_port
+    from testbed.runtimes import find_free_port
     with pytest.raises(Unavailable):
         pull_to_layout(f"127.0.0.1:{find_free_port()}/x:y", str(tmp_path / "l"),
                        tls_verify=False, policy=LOCAL)
@@ -92,14 +92,14 @@ def unpack_layout(layout: str, tag: str, dest: str) -> tuple[list[str], dict]:
         d = os.path.join(dest, f"layer{i}")
         os.makedirs(d)
         with tarfile.open(os.path.join(layout, "blobs", *layer["digest"].split(":"))) as t:
-            t.extractall(d)  # our own test image (tests/registry_server.py)
+            t.extractall(d)  # our own test image (testbed/registry_server.py)
         dirs.append(d)
     return dirs[::-1], config_of(layout, m)["config"]
 
 
 def test_pull_then_run_a_container(busybox_ref, tmp_path):
     from containers import ContainerSpec, NetworkSpec, Rootfs
-    from tests.containers_support import make_runc
+    from testbed.runtimes import make_runc
     layout = str(tmp_path / "layout")
     tag = pull_to_layout(busybox_ref, layout, tls_verify=False, policy=LOCAL)
     lowers, image_config = unpack_layout(layout, tag, str(tmp_path / "layers"))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.containers_support import make_runc, make_spec
+from testbed.runtimes import make_runc, make_spec
 from tests.functional.test_containers_runc import assert_nothing_left
 
 pytestmark = pytest.mark.real

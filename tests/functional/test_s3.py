@@ -10,15 +10,15 @@ import pytest
 
 from agent.errors import InvalidInput, NotFound, Unavailable, Unsupported
 from storage.backend import VolumeSpec
+from storage.units import MiB
 
 pytestmark = pytest.mark.real
 
-MiB = 1 << 20
 
 
 @pytest.fixture
 def s3(ceph, tmp_path):
-    from tests.ceph_cluster import object_backend
+    from testbed.ceph_cluster import object_backend
 
     b = object_backend(tmp_path, part_size=5 * MiB, concurrency=3)
     yield b
@@ -229,7 +229,7 @@ def test_failed_write_stops_the_download_and_leaves_nothing(s3, tmp_path, small_
 
 
 def test_signed_payload_roundtrip(ceph, tmp_path):
-    from tests.ceph_cluster import object_backend
+    from testbed.ceph_cluster import object_backend
     b = object_backend(tmp_path, part_size=5 * MiB, concurrency=2, sign_payload=True)
     try:
         data = os.urandom(11 * MiB)  # 3 parts, each body SigV4-signed

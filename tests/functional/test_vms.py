@@ -20,10 +20,10 @@ from hypervisor.libvirt_driver import LibvirtDriver
 from hypervisor.provision import VmRequest, create_vm, delete_vm, root_volume_name, seed_path
 from storage.backend import VolumeSpec
 from storage.local import LocalBackend
+from storage.units import MiB
 
 pytestmark = pytest.mark.real
 BOOT_TIMEOUT_S = 90  # a TCG boot takes ~3 s; generous for a loaded CI host
-MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_attach_volume_and_see_it_in_the_guest(lv, vms, pool):
     req = vms()
     lv.start(req.name)
     wait_console(lv, req.name, "NODEAGENT-READY")
-    vol = pool.create_volume(VolumeSpec(f"{req.name}-data", 16 * MIB))
+    vol = pool.create_volume(VolumeSpec(f"{req.name}-data", 16 * MiB))
     try:
         lv.attach_disk(req.name, disk_for_volume(vol, "vdb"))
         log = wait_console(lv, req.name, "NODEAGENT-DISK-ADDED")
@@ -177,7 +177,7 @@ def test_two_vms_from_one_image_share_the_base(lv, vms, pool):
     base = pool.blob_path(pool.image_digest)
     assert va.path != vb.path
     assert backing_file(va.path) == backing_file(vb.path) == base
-    assert os.path.getsize(va.path) < 1 * MIB  # an overlay, not a copy
+    assert os.path.getsize(va.path) < 1 * MiB  # an overlay, not a copy
     for req in (a, b):
         lv.start(req.name)
     for req in (a, b):

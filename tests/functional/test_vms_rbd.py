@@ -19,13 +19,13 @@ from hypervisor.driver import DiskSpec, VmSpec
 from hypervisor.seed import make_seed
 from storage.backend import VolumeSpec
 from storage.images import ImageStore
-from tests import ceph_cluster
+from storage.units import MiB
+from testbed import ceph_cluster
 from tests.functional.test_vms import libvirt_names, lv, seed_dir, wait_console  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.real
 POOL = "blk"
 ROOTFS_MARKER = "NODEAGENT-ROOTFS vda nodeagent test rootfs v1"
-MIB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_boot_from_an_rbd_clone_and_delete_everything(lv, store, rbd_vms):  # no
     assert "parent:" in parent, "the root disk is an RBD clone, not a copy"
     assert lv.disks(spec.name)[0].attach["secret_uuid"] == sid
 
-    data = store.pools[POOL].create_volume(VolumeSpec(f"{spec.name}-data", 16 * MIB))
+    data = store.pools[POOL].create_volume(VolumeSpec(f"{spec.name}-data", 16 * MiB))
     try:  # hot-plug an RBD data volume: same key, same secret
         lv.attach_disk(spec.name, disk_for_volume(data, "vdb"))
         added = wait_console(lv, spec.name, "NODEAGENT-DISK-ADDED").split("NODEAGENT-DISK-ADDED ")[1].split()[0]

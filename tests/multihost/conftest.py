@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.agentproc import Api
+from testbed.agentproc import Api
 from tests.multihost.checks import OP_TIMEOUT_S
 
 

@@ -6,7 +6,7 @@ import uuid
 import libvirt
 import pytest
 
-from tests.multihost import harness
+from testbed import harness
 
 pytestmark = pytest.mark.real
 

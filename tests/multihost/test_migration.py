@@ -1,5 +1,5 @@
 """Migration through the agents: two simulated hosts, each with its own libvirtd and a
-real agent (tests/multihost/harness.py); POST /v1/migrations on the source moves a
+real agent (testbed/harness.py); POST /v1/migrations on the source moves a
 running VM with its local disk copied; the destination adopts it; the source is clean.
 Faults: the destination agent down, the link to the destination cut, the destination's
 pool full (h2's pool is a small tmpfs in its mount namespace), cancel; and a stopped VM
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.agentproc import Api
-from tests.multihost import harness
+from testbed.agentproc import Api
+from testbed import harness
 from tests.multihost.checks import OP_TIMEOUT_S, assert_runs, domains, migrate
 
 pytestmark = pytest.mark.real
@@ -211,7 +211,7 @@ def test_link_cut_then_retry(cluster, apis, image):
 
 @pytest.fixture(scope="module")
 def busybox(apis, cluster):
-    from tests.functional.ocibuild import busybox_layers, write_layout
+    from testbed.ocibuild import busybox_layers, write_layout
     layout = write_layout(str(cluster.hosts[0].root / "busybox-layout"), {"latest": busybox_layers()})
     op = apis["h1"].wait(apis["h1"].post("/v1/images", json={
         "name": "busybox", "format": "oci", "source": {"type": "file", "path": layout}}).json(),
@@ -224,7 +224,8 @@ def create_container(api, image) -> str:
     name = f"ctr-{uuid.uuid4().hex[:6]}"
     op = api.wait(api.post("/v1/instances", json={
         "name": name, "kind": "container", "image": image, "cpus": 0.5, "memory_mib": 64,
-        "network": "none", "command": ["/bin/sh", "-c", "echo started >> /log; trap 'exit 0' TERM; sleep 3600 & wait"]}).json(),
+        "network": "none",
+        "command": ["/bin/sh", "-c", "echo started >> /log; trap 'exit 0' TERM; sleep 3600 & wait"]}).json(),
         timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
     return name

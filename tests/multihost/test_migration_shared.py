@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from tests.multihost import harness
+from testbed import harness
 from tests.multihost.checks import OP_TIMEOUT_S, assert_runs, domains, migrate
 
 pytestmark = pytest.mark.real

@@ -8,7 +8,6 @@ import io
 import lzma
 import os
 import subprocess
-import tarfile
 
 import pytest
 
@@ -16,9 +15,9 @@ from agent.errors import InvalidInput
 from storage import ImageStore, qemu_img
 from storage.images import sniff_file
 from storage.local import LocalBackend
-from tests.functional import ocibuild
+from storage.units import MiB
+from testbed import ocibuild
 
-MIB = 1024 * 1024
 
 
 @pytest.fixture
@@ -57,13 +56,13 @@ def layer_tar(tmp_path, how=None) -> str:
 def test_sniff_tells_tars_from_disks(tmp_path, how):
     assert "tar archive" in sniff_file(layer_tar(tmp_path, how))
     raw = tmp_path / "disk.raw"
-    raw.write_bytes(b"\0" * MIB)
+    raw.write_bytes(b"\0" * MiB)
     assert sniff_file(str(raw)) is None
     q = str(tmp_path / "disk.qcow2")
-    qemu_img.create(q, size=MIB)
+    qemu_img.create(q, size=MiB)
     assert sniff_file(q) is None
     gz = tmp_path / "disk.raw.gz"
-    gz.write_bytes(gzip.compress(b"R" * MIB))
+    gz.write_bytes(gzip.compress(b"R" * MiB))
     assert sniff_file(str(gz)) == "gzip-compressed data"
 
 
@@ -86,7 +85,7 @@ def test_a_compressed_bomb_is_not_a_raw_disk(store, tmp_path):
     bomb = tmp_path / "bomb.gz"
     with gzip.open(bomb, "wb", 9) as g:
         for _ in range(64):
-            g.write(bytes(MIB))
+            g.write(bytes(MiB))
     with pytest.raises(InvalidInput, match="gzip-compressed data, not a tar archive"):
         store.import_file(str(bomb), name="bomb")
     assert nothing_stored(store)
@@ -106,7 +105,7 @@ def test_image_archives_without_format_import_as_containers(store, tmp_path):
 
 def test_disks_still_import_and_oci_format_on_a_disk_is_refused(store, tmp_path):
     raw = tmp_path / "disk.raw"
-    raw.write_bytes(b"R" * MIB)
+    raw.write_bytes(b"R" * MiB)
     assert store.import_file(str(raw), name="r").format == "raw"
     with pytest.raises(InvalidInput, match="not a tar archive"):
         store.import_file(str(raw), name="o", format="oci")

@@ -68,7 +68,7 @@ def test_ceph_dev_cluster_refuses_a_bad_addr_and_makes_nothing(tmp_path):
     import subprocess
     import sys
 
-    from tests.ceph_cluster import SCRIPT
+    from testbed.ceph_cluster import SCRIPT
     d = tmp_path / "c"
     r = subprocess.run([sys.executable, str(SCRIPT), "start", "--addr", "not-an-address", "--dir", str(d)],
                        capture_output=True, text=True, timeout=60)

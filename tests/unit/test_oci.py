@@ -13,7 +13,7 @@ import pytest
 
 from agent.errors import InvalidInput
 from storage import oci
-from tests.functional import ocibuild
+from testbed import ocibuild
 
 FORMS = ["layout-dir", "layout-tar", "save-dir", "save-tar"]
 

@@ -10,28 +10,28 @@ STEPS = [
 ]
 
 
-def test_migrations_apply_once_and_resume(tmp_path):
+def test_schema_steps_apply_once_and_resume(tmp_path):
     path = tmp_path / "s.db"
     db = Database(path)
-    assert db.migrate("demo", STEPS[:1]) == 1
+    assert db.apply_schema("demo", STEPS[:1]) == 1
     db.execute("INSERT INTO things(id, n) VALUES('a', 1)")
     db.close()
     db = Database(path)
-    assert db.migrate("demo", STEPS) == 2
-    assert db.migrate("demo", STEPS) == 2  # idempotent
+    assert db.apply_schema("demo", STEPS) == 2
+    assert db.apply_schema("demo", STEPS) == 2  # idempotent
     db.execute("UPDATE things SET note='x' WHERE id='a'")
     assert dict(db.one("SELECT * FROM things")) == {"id": "a", "n": 1, "note": "x"}
     assert db.version("demo") == 2 and db.version("other") == 0
 
 
 def test_newer_schema_refuses(db):
-    db.migrate("demo", STEPS)
+    db.apply_schema("demo", STEPS)
     with pytest.raises(RuntimeError, match="upgrade the agent"):
-        db.migrate("demo", STEPS[:1])
+        db.apply_schema("demo", STEPS[:1])
 
 
 def test_failed_transaction_rolls_back(db):
-    db.migrate("demo", STEPS)
+    db.apply_schema("demo", STEPS)
     with pytest.raises(ZeroDivisionError):
         with db.tx() as c:
             c.execute("INSERT INTO things(id, n) VALUES('b', 2)")
@@ -40,7 +40,7 @@ def test_failed_transaction_rolls_back(db):
 
 
 def test_concurrent_writers_all_land(db):
-    db.migrate("demo", STEPS)
+    db.apply_schema("demo", STEPS)
 
     def write(i):
         for j in range(20):

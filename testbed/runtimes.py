@@ -1,4 +1,4 @@
-"""Helpers for container tests: runtimes by kind, specs on a busybox rootfs, free ports."""
+"""Container test beds: runtimes by kind, specs on a busybox rootfs, free ports."""
 from __future__ import annotations
 
 import os
@@ -7,8 +7,6 @@ import secrets
 import shutil
 import socket
 import tempfile
-
-import pytest
 
 from containers import ContainerSpec, NetworkSpec, Rootfs
 
@@ -106,8 +104,3 @@ def find_free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def free_port() -> int:
-    return find_free_port()

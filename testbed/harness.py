@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 from storage import mounts
-from tests.libvirt_daemon import terminate
+from testbed.libvirt_daemon import terminate
 
 TEST_IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
 PREFIX = "nasim"  # every netns, link, bridge and mount this harness makes starts with it
@@ -39,7 +39,7 @@ LIBVIRT_DIRS = ("/var/lib/libvirt", "/etc/libvirt", "/var/log/libvirt", "/var/ca
 CONTAINER_SUPERNET = ipaddress.ip_network("198.19.0.0/16")  # container bridges: a /27 per host
 AGENT_PORT = 8470  # every host has its own netns, so all agents use the well-known port
 AGENT_START_TIMEOUT_S = 60
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable  # the venv the tests run in runs the agents too
 
 
@@ -85,12 +85,12 @@ class StorageHost:
         self.network = network
         self.netns = f"{PREFIX}{tag}-ceph"[:15]
         self.uplink = self.netns
-        self.env = None  # tests.ceph_cluster.CephEnv once started
+        self.env = None  # testbed.ceph_cluster.CephEnv once started
         self._starter: subprocess.Popen | None = None
 
     def begin_start(self) -> None:
         """Make the namespace and start the cluster in the background (see wait_started)."""
-        from tests import ceph_cluster
+        from testbed import ceph_cluster
         missing = ceph_cluster.missing_packages()
         if missing:
             raise RuntimeError("Ceph is not installed: apt-get install -y " + " ".join(missing))
@@ -101,7 +101,7 @@ class StorageHost:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_started(self):
-        from tests import ceph_cluster
+        from testbed import ceph_cluster
         try:
             out, err = self._starter.communicate(timeout=CEPH_START_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -128,7 +128,7 @@ class StorageHost:
 
 def stop_ceph(d: Path) -> None:
     """scripts/ceph-dev-cluster stop: the daemons recorded in ``d`` by PID, then ``d``."""
-    from tests import ceph_cluster
+    from testbed import ceph_cluster
     sh(PYTHON, str(ceph_cluster.SCRIPT), "stop", "--dir", str(d), check=False, timeout=60)
 
 
@@ -500,7 +500,7 @@ class Cluster:
 
     @property
     def ceph(self):
-        """The storage host's Ceph (tests.ceph_cluster.CephEnv), or None without ceph=True."""
+        """The storage host's Ceph (testbed.ceph_cluster.CephEnv), or None without ceph=True."""
         return self.storage.env if self.storage else None
 
     def __enter__(self) -> "Cluster":

@@ -4,7 +4,8 @@
     RUNS), against raw `runc run -d` of a prepared bundle without networking;
 (b) N_MANY containers running: the agent's (this process's) RSS growth and the host's
     per-container overhead (conmon RSS, container cgroup memory).
-Run as root: /work/main/.venv/bin/python bench/containers.py
+Run as root: .venv/bin/python bench/containers_runtime.py (a script named containers.py would
+shadow the containers package: its directory is first on sys.path)
 """
 from __future__ import annotations
 
@@ -13,29 +14,22 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from agent.state import Database  # noqa: E402
-from containers import ContainerSpec, NetworkSpec, Rootfs  # noqa: E402
-from containers.runc import RuncRuntime  # noqa: E402
-from tests.containers_support import build_busybox_rootfs  # noqa: E402
+from agent.state import Database
+from containers import ContainerSpec, NetworkSpec, Rootfs
+from containers.runc import RuncRuntime
+from jsonline import emitter
+from testbed.runtimes import build_busybox_rootfs
+from storage.units import MiB
 
 RUNS = 50
 N_MANY = 100
 BRIDGE, SUBNET = "nabench0", "198.19.250.0/24"  # test-only range, never routed off-host
-MIB = 1024 * 1024
 
 
-def line(metric, unit, value, peer=None, peer_value=None):
-    ratio = round(value / peer_value, 2) if peer_value else None
-    print(json.dumps({"bench": "containers", "metric": metric, "unit": unit,
-                      "value": round(value, 2), "peer": peer,
-                      "peer_value": round(peer_value, 2) if peer_value is not None else None,
-                      "ratio": ratio}), flush=True)
+line = emitter("containers")
 
 
 def pct(values, p):
@@ -104,9 +98,9 @@ def main():
             assert info.state == "running", info
             rt.delete(s.name)
         raw = bench_runc_raw(work, lower, RUNS)
-        line("create_start_p50", "ms", statistics.median(ours), "runc run -d",
+        line("create_start_p50", statistics.median(ours), "runc run -d",
              statistics.median(raw))
-        line("create_start_p95", "ms", pct(ours, 95), "runc run -d", pct(raw, 95))
+        line("create_start_p95", pct(ours, 95), "runc run -d", pct(raw, 95))
 
         before = rss_kib()
         for i in range(N_MANY):
@@ -123,10 +117,10 @@ def main():
             except (OSError, ValueError):
                 pass
         mem = [rt.stats(c.name)["memory_bytes"] for c in running]
-        line(f"agent_rss_growth_{N_MANY}_running", "MB", (after - before) / 1024)
-        line("conmon_rss_per_container", "MB", statistics.median(conmons) / 1024)
-        line("container_cgroup_memory_per_container", "MB", statistics.median(mem) / MIB)
-        line(f"running_containers", "count", len(running))
+        line(f"agent_rss_growth_{N_MANY}_running", (after - before) / 1024, unit="MB")
+        line("conmon_rss_per_container", statistics.median(conmons) / 1024, unit="MB")
+        line("container_cgroup_memory_per_container", statistics.median(mem) / MiB, unit="MB")
+        line("running_containers", len(running), unit="count")
     finally:
         for c in rt.list():
             rt.delete(c.name)

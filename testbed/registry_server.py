@@ -9,8 +9,8 @@ import subprocess
 import time
 import urllib.request
 
-from tests.containers_support import APPLETS, BUSYBOX, find_free_port
-from tests.functional import ocibuild
+from testbed.runtimes import APPLETS, BUSYBOX, find_free_port
+from testbed import ocibuild
 
 IMAGE_CONFIG = {"cmd": ("sh",), "env": ("PATH=/bin", "IMAGE=busybox-test")}
 

@@ -31,7 +31,8 @@ def get_migration(id):
 
 
 @route(bp, "POST", "/v1/peer/migrations", summary="Peers only: prepare to receive an instance",
-       body=models.IncomingMigration, responses={200: models.IncomingPrepared, 403: None, 409: None, 422: None}, auth="peer")
+       body=models.IncomingMigration, responses={200: models.IncomingPrepared, 403: None, 409: None, 422: None},
+       auth="peer")
 def prepare_incoming():
     services().migrations.require_peer(g.caller)  # first: a stranger learns nothing from validation
     return render(services().migrations.prepare_incoming(g.caller, parse(models.IncomingMigration)))
@@ -49,7 +50,8 @@ def finish_incoming(id):
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/rootfs", summary="Peers only: a tar stream of a container's upper dir",
        path_types=INCOMING_ID,
-       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None}, long=True, auth="peer")
+       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None},
+       long=True, auth="peer")
 def receive_rootfs(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
     return render(services().migrations.receive_rootfs(g.caller, incoming_id(id), request.stream))
@@ -57,7 +59,8 @@ def receive_rootfs(id):
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/disk", summary="Peers only: a stopped VM's disk layer (qcow2)",
        path_types=INCOMING_ID,
-       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None}, long=True, auth="peer")
+       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None},
+       long=True, auth="peer")
 def receive_disk(id):
     request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
     return render(services().migrations.receive_disk(g.caller, incoming_id(id), request.stream))

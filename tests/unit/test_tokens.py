@@ -9,7 +9,7 @@ from agent.state import Database
 
 def test_a_db_from_before_the_peer_role_keeps_its_tokens(tmp_path):
     db = Database(tmp_path / "state.db")
-    db.migrate("agent", schema.STEPS[:1])  # the table as the first agents made it
+    db.apply_schema("agent", schema.SCHEMA_STEPS[:1])  # the table as the first agents made it
     old = Tokens.__new__(Tokens)
     old.db = db
     secret = old.create("ops", "admin")

@@ -149,6 +149,11 @@ class Assembly:
         """Remove what create_vm made, each step tolerating absence, for callers that keep no
         record (bench/vms.py, tests); the instance service removes the same by its record."""
         driver.delete(name)
+        self.remove_vm_parts(inst_id, pool)
+
+    def remove_vm_parts(self, inst_id: str, pool: str) -> None:
+        """Remove a VM's address, root volume and files, but not its domain (a define that
+        failed made none; a domain of the same name may be another instance's)."""
         self.release_address(inst_id)
         self.store.release(pool, root_volume("vm", inst_id))
         shutil.rmtree(self.instances_dir / inst_id, ignore_errors=True)

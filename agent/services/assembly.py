@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from agent.errors import InvalidInput, Unprocessable
 

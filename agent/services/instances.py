@@ -23,9 +23,9 @@ import time
 import uuid
 
 from agent import models
-from agent.services.assembly import mac_for, root_volume
 from agent.errors import redact as redact_text
 from agent.errors import AgentError, Conflict, NotFound, Unavailable, Unprocessable, Unsupported
+from agent.services.assembly import mac_for, root_volume
 
 log = logging.getLogger(__name__)
 

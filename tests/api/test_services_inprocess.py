@@ -76,7 +76,7 @@ def _exec(client, name, command):
 
 
 def test_an_image_user_runs_as_its_uid(app):
-    _, client, root = app
+    _, client, _ = app
     op = _create(client, name="web", kind="container", image="as-nginx", command=["sleep", "1000"])
     assert op["status"] == "succeeded", op
     assert _exec(client, "web", ["id", "-u"])["stdout"] == "101\n"

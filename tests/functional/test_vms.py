@@ -281,7 +281,7 @@ NOTHING = {"domain": False, "volume": False, "seed": False}
 def test_bad_input_leaves_nothing(case, lv, store, pool, seed_dir, guest_images, vm_dir, libvirtd):
     name = f"fn-bad-{uuid.uuid4().hex[:6]}"
     before = ({v.name for v in pool.list_volumes()}, set(os.listdir(seed_dir)))
-    fields = dict(name=name)
+    fields: dict = {"name": name}
     driver, error, match = lv, AgentError, None
     if case == "unknown_image":
         fields["image"] = "sha256:" + "0" * 64

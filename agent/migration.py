@@ -781,10 +781,10 @@ class MigrationService:
                 "to another host")
 
     def _prepare_vm(self, inst, spec, image, pool, disk_size) -> dict:
-        from hypervisor.provision import ROOT_TARGET, SEED_TARGET
-        vol, seed = self.root.instances.vm_disks(inst.id, inst.name, image.id, pool, inst.volumes[0],
-                                                 size=disk_size, user_data=spec.get("user_data"),
-                                                 ip=self._incoming_address(inst, spec))
+        from agent.services.assembly import ROOT_TARGET, SEED_TARGET
+        vol, seed = self.root.assembly.vm_disks(inst.id, inst.name, image.id, pool, inst.volumes[0],
+                                                size=disk_size, user_data=spec.get("user_data"),
+                                                ip=self._incoming_address(inst, spec))
         if not vol.path:
             raise Unsupported(f"pool {pool!r} gives no file path for disks; live migration with copied "
                               "storage needs a local pool")
@@ -797,7 +797,7 @@ class MigrationService:
         free, else a new one (its seed says so, for its next boot); recorded on its row."""
         if spec.get("network") != "bridge":
             return None
-        ip = self.root.instances.vm_address(inst.id, inst.ip)
+        ip = self.root.assembly.vm_address(inst.id, inst.ip)
         if ip:
             self.root.instances._update(inst.id, ip=ip)
         return ip
@@ -806,7 +806,7 @@ class MigrationService:
         """Shared storage: adopt the volumes the source uses (the same RBD images: nothing is
         copied or cloned), write the seed, define the cephx secret; answer the same images."""
         from hypervisor.disks import disk_for_volume
-        from hypervisor.provision import ROOT_TARGET, SEED_TARGET
+        from agent.services.assembly import ROOT_TARGET, SEED_TARGET
         d = self.root.instances._instance_dir(inst.id)
         (d / SHARED_FILE).write_text(json.dumps(list(inst.volumes)))  # first: cleanup never deletes them
         backend = self.root.pools[pool]
@@ -817,8 +817,8 @@ class MigrationService:
         if vol.uri != shared[inst.volumes[0]]:
             raise Unprocessable(f"volume {vol.name} is {vol.uri} here but {shared[inst.volumes[0]]} on the "
                                 f"source: [pools.{pool}] must name the same Ceph pool on both hosts")
-        seed = self.root.instances.vm_seed(inst.id, inst.name, user_data=spec.get("user_data"),
-                                           ip=self._incoming_address(inst, spec))
+        seed = self.root.assembly.vm_seed(inst.id, inst.name, user_data=spec.get("user_data"),
+                                          ip=self._incoming_address(inst, spec))
         root = disk_for_volume(vol, ROOT_TARGET)
         prepare = getattr(self.root.driver, "prepare_incoming_disks", None)
         if prepare is not None:
@@ -923,7 +923,7 @@ class MigrationService:
         vol = self.root.pools[inst["pool"]].get_volume(inst["volumes"][0])
         seed = str(self.root.instances._instance_dir(inst["id"]) / "seed.iso")
         try:
-            info = self.root.driver.define(self.root.instances.vm_spec(inst["id"], req, vol, seed))
+            info = self.root.driver.define(self.root.assembly.vm_spec(inst["id"], req, vol, seed))
         except BaseException:
             self.root.driver.delete(inst["name"])
             raise
@@ -940,7 +940,7 @@ class MigrationService:
         rl = RootfsLayers(tuple(layers["lowerdirs"]), layers["upperdir"], layers["workdir"], None)
         rt = self.root.runtime
         try:
-            info = rt.create(self.root.instances.container_spec(req, image, rl))
+            info = rt.create(self.root.assembly.container_spec(req, image, rl))
             if start:
                 info = rt.start(inst["name"])
         except BaseException:

@@ -1,6 +1,7 @@
 """VM benchmarks: JSON lines as described in DESIGN.md section 7.
 
-(a) create (clone + NoCloud seed + define) + start to QEMU running, p50 over RUNS, against
+(a) create through the agent's assembly (agent.services.assembly: image store clone + NoCloud
+    seed + define, as POST /v1/instances makes it) + start to QEMU running, p50 over RUNS, against
     `virsh create` of the same domain XML with a pre-made disk and seed;
 (b) start to the test guest's marker on its serial console (TCG here), against a bare
     `qemu-system-x86_64` run of the same kernel + initrd;
@@ -22,9 +23,12 @@ import uuid
 
 from hypervisor.domain_xml import domain_xml
 from hypervisor.libvirt_driver import LibvirtDriver
-from hypervisor.provision import VmRequest, create_vm, delete_vm
+from agent import models
+from agent.services.assembly import Assembly, DirectBoot
+from agent.state import Database
 from hypervisor.seed import make_seed
 from jsonline import emitter
+from storage import ImageStore
 from storage.local import LocalBackend
 from testbed import libvirt_daemon
 
@@ -119,14 +123,25 @@ def main() -> None:
     os.chmod(work, 0o755)
     drv = LibvirtDriver(uri=daemons.uri, virt_type="auto", state_dir=f"{work}/state")
     pool = LocalBackend("bench", f"{work}/pool")
-    seeds = f"{work}/seeds"
-    with open(f"{IMAGES}/rootfs.qcow2", "rb") as f:
-        digest = pool.put_blob(f).digest
-    names: list[str] = []
+    db = Database(f"{work}/state.db")
+    store = ImageStore(db, {"bench": pool}, default_pool="bench", cache_dir=f"{work}/cache")
+    image = store.import_file(f"{IMAGES}/rootfs.qcow2", name="rootfs")
+    digest = image.digest
+    # the agent's assembly (what POST /v1/instances makes), the test guest's kernel booted directly
+    asm = Assembly(store, None, bridge="none", instances_dir=f"{work}/instances")
+    boot = DirectBoot(kernel, initrd, cmdline)
+    names: dict[str, str] = {}  # name -> instance id
 
-    def request(name):
-        return VmRequest(name=name, uuid=str(uuid.uuid4()), cpus=1, memory_mib=128, image_digest=digest,
-                         kernel=kernel, initrd=initrd, cmdline=cmdline)
+    def create_vm(name):
+        inst_id = uuid.uuid4().hex
+        names[name] = inst_id
+        req = models.InstanceCreate(name=name, kind="vm", image="rootfs", cpus=1, memory_mib=128,
+                                    network="none", start=False)
+        asm.create_vm(drv, inst_id, req, image.id, "bench", boot=boot)
+        return inst_id
+
+    def delete_vm(name):
+        asm.remove_vm(drv, names[name], name, "bench")
 
     try:
         drv.virt_type  # the one-off accelerator probe is not part of a create
@@ -135,13 +150,12 @@ def main() -> None:
         base = pool.blob_path(digest)
         for i in range(RUNS + 1):  # the first run warms caches and is dropped
             name = f"bench-vm-{i}"
-            names.append(name)
             t0 = time.monotonic()
-            create_vm(drv, pool, request(name), seed_dir=seeds)
+            create_vm(name)
             info = drv.start(name)
             dt = time.monotonic() - t0
             assert info.state == "running"
-            delete_vm(drv, pool, name, seed_dir=seeds)
+            delete_vm(name)
             # peer: the same XML, disk and seed made beforehand, `virsh create`
             peer = f"bench-virsh-{i}"
             disk = f"{work}/{peer}.qcow2"
@@ -169,9 +183,8 @@ def main() -> None:
 
         # (b) start to the guest's marker on the serial console
         name = "bench-boot"
-        names.append(name)
-        spec = create_vm(drv, pool, request(name), seed_dir=seeds)
-        log = drv.default_console_log(name)
+        inst_id = create_vm(name)
+        log = f"{asm.instance_dir(inst_id)}/console.log"
         boots, bare = [], []
         for i in range(BOOT_RUNS):
             if os.path.exists(log):
@@ -194,11 +207,10 @@ def main() -> None:
                 proc.wait()
         line("start_to_guest_marker_p50", statistics.median(boots), "qemu-system-x86_64 -kernel (bare)",
              statistics.median(bare))
-        del spec
         api_boot(daemons.uri, work, drv.virt_type)
     finally:
         for name in names:
-            delete_vm(drv, pool, name, seed_dir=seeds)
+            delete_vm(name)
         for out in subprocess.run(["virsh", "-q", "-c", daemons.uri, "list", "--name"], capture_output=True,
                                   text=True).stdout.split():
             if out.startswith("bench-virsh-"):

@@ -9,6 +9,7 @@ Pure functions, except ``write_bundle`` which writes files into the bundle dir.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -49,12 +50,29 @@ def resolve_process(spec: ContainerSpec) -> dict:
     return {"args": args, "env": env, "cwd": cwd, "user": user}
 
 
-def resolve_user(user: str, rootfs: str) -> tuple[int, int]:
-    """uid, gid for ``user`` (uid[:gid] or names looked up in the rootfs's /etc files)."""
+def apply_image_config(spec: ContainerSpec, *roots: str) -> ContainerSpec:
+    """``spec`` with its image's config applied by ``resolve_process``'s rules and the user
+    resolved against ``roots`` (see ``resolve_user``): the command is the whole argv, env
+    the merged one, workdir and user (numeric uid:gid) final, image_config empty. So the
+    spec a runtime is handed says what runs. InvalidInput if there is no command or the
+    image does not know the user."""
+    proc = resolve_process(spec)
+    if not proc["args"]:
+        raise InvalidInput("no command: give one or use an image with a Cmd or Entrypoint")
+    uid, gid = resolve_user(proc["user"], *roots)
+    return dataclasses.replace(spec, command=tuple(proc["args"]), env=proc["env"], workdir=proc["cwd"],
+                               user=f"{uid}:{gid}", image_config={})
+
+
+def resolve_user(user: str, *roots: str) -> tuple[int, int]:
+    """uid, gid for ``user`` (uid[:gid], or names looked up in the image's /etc/passwd and
+    /etc/group). ``roots``: the mounted rootfs, or the image's layer dirs top first (the
+    overlayfs order: the topmost layer holding the file wins, a whiteout hides it).
+    InvalidInput for a name the image does not know."""
     name, _, group = user.partition(":")
 
     def lookup(fname: str, key: str, field: int) -> int | None:
-        path = _inside(rootfs, f"/etc/{fname}")
+        path = _inside_layers(roots, f"/etc/{fname}")
         if path is None:
             return None
         with open(path, errors="replace") as f:
@@ -119,10 +137,15 @@ def resolve_in_root(rootfs: str, path: str) -> str | None:
     return os.path.join(root, *done)
 
 
-def _inside(rootfs: str, path: str) -> str | None:
-    """``path`` resolved inside ``rootfs`` if it is a regular file there."""
-    real = resolve_in_root(rootfs, path)
-    return real if real and os.path.isfile(real) else None
+def _inside_layers(roots: tuple[str, ...], path: str) -> str | None:
+    """``path`` in the topmost of ``roots`` that has it, if a regular file there; None if a
+    layer whites it out (or holds something else there)."""
+    for root in roots:
+        real = resolve_in_root(root, path)
+        if real is None:
+            continue
+        return real if os.path.isfile(real) else None
+    return None
 
 
 def agent_rlimits() -> list[dict]:

@@ -12,6 +12,7 @@ command                    behaviour on start() (and on exec())
 ``false``                  exits 1 at once
 ``echo ARGS...``           writes ``ARGS\\n`` (space-joined) to stdout, exits 0
 ``hostname``               writes the container's hostname, exits 0
+``id -u`` / ``id -g``      writes the uid / gid the process runs as (its spec's user)
 ``sh -c "exit N"``         exits N at once
 ``sh -c "echo ARGS"``      same as ``echo ARGS``
 anything else              runs until stop()/kill() (exec: exits 0, no output)
@@ -37,8 +38,10 @@ SIGTERM_EXIT = 128 + 15
 DEFAULT_SUBNET = "10.88.0.0/24"
 
 
-def _interpret(command: list[str] | tuple[str, ...], hostname: str) -> tuple[int | None, str]:
-    """(exit code or None if it keeps running, stdout) of the fake interpreter above."""
+def _interpret(command: list[str] | tuple[str, ...], hostname: str,
+               user: str = "0:0") -> tuple[int | None, str]:
+    """(exit code or None if it keeps running, stdout) of the fake interpreter above;
+    ``user``: the process's uid[:gid]."""
     argv = list(command)
     if argv[:2] == ["sh", "-c"] and len(argv) >= 3:
         inner = shlex.split(argv[2])
@@ -54,6 +57,9 @@ def _interpret(command: list[str] | tuple[str, ...], hostname: str) -> tuple[int
         return 0, " ".join(argv[1:]) + "\n"
     if prog == "hostname":
         return 0, hostname + "\n"
+    if prog == "id" and argv[1:] in (["-u"], ["-g"]):
+        uid, _, gid = user.partition(":")
+        return 0, (uid if argv[1] == "-u" else gid or "0") + "\n"
     return None, ""
 
 
@@ -129,7 +135,8 @@ class FakeRuntime:
                 raise Conflict(f"container {name!r} is paused: resume it instead")
             box.exit_code = None
             box.state, box.pid = "running", next(self._pids)
-            code, out = _interpret(resolve_process(box.spec)["args"], box.spec.hostname or name)
+            proc = resolve_process(box.spec)
+            code, out = _interpret(proc["args"], box.spec.hostname or name, proc["user"])
             if out:
                 box.log.append(out)
             if code is not None:
@@ -186,7 +193,7 @@ class FakeRuntime:
             box = self._box(name)
             if box.state != "running":
                 raise Conflict(f"container {name!r} is {box.state}: exec needs it running")
-            code, out = _interpret(command, box.spec.hostname or name)
+            code, out = _interpret(command, box.spec.hostname or name, resolve_process(box.spec)["user"])
             return ExecResult(0 if code is None else code, out, "")
 
     def logs(self, name: str, tail: int | None = None) -> str:

@@ -48,10 +48,22 @@ def busybox_layers() -> list[bytes]:
     return [base, top]
 
 
-def image_blobs(layers, *, arch="amd64", cmd=("/bin/sh",), env=("PATH=/bin",)):
-    """Return (manifest_bytes, {digest: bytes}) for an image made of ``layers``."""
-    config = json.dumps({"architecture": arch, "os": "linux",
-                         "config": {"Cmd": list(cmd), "Env": list(env), "WorkingDir": "/"},
+def users_layer(passwd: str, group: str) -> bytes:
+    """A layer over busybox_layers(): /etc/passwd, /etc/group and an ``id`` applet."""
+    return layer([("bin/", "dir", None), ("bin/id", "sym", "busybox"), ("etc/", "dir", None),
+                  ("etc/passwd", "file", passwd.encode()), ("etc/group", "file", group.encode())])
+
+
+def image_blobs(layers, *, arch="amd64", cmd=("/bin/sh",), env=("PATH=/bin",), entrypoint=None,
+                user=None):
+    """Return (manifest_bytes, {digest: bytes}) for an image made of ``layers``; the image
+    config has Entrypoint and User only when given."""
+    process = {"Cmd": list(cmd), "Env": list(env), "WorkingDir": "/"}
+    if entrypoint is not None:
+        process["Entrypoint"] = list(entrypoint)
+    if user is not None:
+        process["User"] = user
+    config = json.dumps({"architecture": arch, "os": "linux", "config": process,
                          "rootfs": {"type": "layers", "diff_ids": [
                              sha(gzip.decompress(l)) for l in layers]}}).encode()
     manifest = json.dumps({
@@ -66,7 +78,7 @@ def image_blobs(layers, *, arch="amd64", cmd=("/bin/sh",), env=("PATH=/bin",)):
 
 
 def write_layout(dest, images: dict, *, multiarch=False, arm64_blobs=False, **config) -> str:
-    """images: tag -> list of layers; ``config``: image_blobs' cmd/env. With ``multiarch``
+    """images: tag -> list of layers; ``config``: image_blobs' cmd/env/entrypoint/user. With ``multiarch``
     each tag names an index of an arm64 manifest and the amd64 one; the arm64 image's
     blobs are written only with ``arm64_blobs`` (a registry push of --all needs them)."""
     os.makedirs(os.path.join(dest, "blobs", "sha256"), exist_ok=True)

@@ -42,6 +42,7 @@ class Services:
         self._driver = None
         self._runtime = None
         self._vm_network = None
+        self._assembly = None
         self.images = ImageService(self)
         self.instances = InstanceService(self)
         self.host = HostService(self)
@@ -115,6 +116,15 @@ class Services:
                 self._vm_network = Network(self.db, bridge=net.bridge, subnet=net.subnet, nat=net.nat,
                                            rtag=short_hash(str(self.config.state_path / "containers"), 4))
             return self._vm_network
+
+    @property
+    def assembly(self):
+        """What instances are made of (agent.services.assembly) on this host's store and network."""
+        if self._assembly is None:  # built outside self._lock: store and vm_network take it
+            from agent.services.assembly import Assembly
+            self._assembly = Assembly(self.store, self.vm_network, bridge=self.config.network.bridge,
+                                      instances_dir=self.config.state_path / "instances")
+        return self._assembly
 
     @property
     def runtime(self):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import shutil
 import sqlite3
 import threading
@@ -26,12 +25,10 @@ import uuid
 from agent import models
 from agent.errors import redact as redact_text
 from agent.errors import AgentError, Conflict, NotFound, Unavailable, Unprocessable, Unsupported
-from storage.units import GiB
+from agent.services.assembly import mac_for, root_volume
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COMMAND = ("/bin/sh",)
-INSTANCE_DIR_MODE = 0o711  # QEMU (another user) may reach its seed and log inside; nobody lists them
 CLEANUP_KEY = "cleanup_pending"  # in a record's spec: its removal failed part-way; retried at start
 
 
@@ -51,19 +48,6 @@ def _row(r) -> dict:
             "pool": r["pool"], "cpus": spec.get("cpus", 1), "memory_mib": spec.get("memory_mib", 0),
             "volumes": json.loads(r["volumes"]), "ip": r["ip"], "mac": r["mac"], "node": r["node"],
             "error": r["error"], "created_at": r["created_at"], "updated_at": r["updated_at"]}
-
-
-def _mac(inst_id: str) -> str:
-    h = inst_id[:6]
-    return "52:54:00:" + ":".join(h[i:i + 2] for i in range(0, 6, 2))
-
-
-def _env_list(env) -> dict:
-    out = {}
-    for item in env or []:
-        k, _, v = item.partition("=")
-        out[k] = v
-    return out
 
 
 class InstanceService:
@@ -142,8 +126,7 @@ class InstanceService:
         if req.kind == "vm" and (req.ports or req.command):
             raise Unprocessable("ports and command are for containers: VMs take user_data")
         inst_id = uuid.uuid4().hex
-        short = inst_id[:12]
-        volumes = [f"i-{short}-disk"] if req.kind == "vm" else [f"i-{short}-rootfs"]
+        volumes = [root_volume(req.kind, inst_id)]
         spec = req.model_dump()
         spec["image_id"] = image.id
         now = time.time()
@@ -152,7 +135,7 @@ class InstanceService:
                 "INSERT INTO instances(id, name, kind, image, spec, state, pool, volumes, mac, node, "
                 "created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
                 (inst_id, req.name, req.kind, image.id, json.dumps(spec), "creating", pool,
-                 json.dumps(volumes), _mac(inst_id) if req.kind == "vm" else None,
+                 json.dumps(volumes), mac_for(inst_id) if req.kind == "vm" else None,
                  self.root.host.hostname(), now, now))
         except sqlite3.IntegrityError:
             raise Conflict(f"an instance named {req.name!r} exists: pick another name or delete it") from None
@@ -163,9 +146,13 @@ class InstanceService:
             with self.lock(inst_id):
                 try:
                     if req.kind == "vm":
-                        state, ip = self._create_vm(op, inst_id, req, image, pool, volumes[0])
+                        info, ip = self.root.assembly.create_vm(self.root.driver, inst_id, req, image.id, pool,
+                                                                phase=op.phase)
+                        state = info.state
                     else:
-                        state, ip = self._create_container(op, inst_id, req, image, pool, volumes[0])
+                        info = self.root.assembly.create_container(self.root.runtime, req, image, pool, inst_id,
+                                                                   phase=op.phase)
+                        state, ip = info.state, info.ip
                 except BaseException as e:
                     try:
                         self._destroy(inst_id)
@@ -186,103 +173,11 @@ class InstanceService:
             raise
 
     def _instance_dir(self, inst_id: str):
-        """The instance's own dir: its seed (0600: user_data), console log. Traversable by QEMU
-        (which runs as another user), listable and readable by root only."""
-        d = self.root.config.state_path / "instances" / inst_id
-        d.mkdir(mode=INSTANCE_DIR_MODE, parents=True, exist_ok=True)
-        for path in (d.parent, d):
-            if path.stat().st_mode & 0o777 != INSTANCE_DIR_MODE:
-                path.chmod(INSTANCE_DIR_MODE)
-        return d
-
-    def vm_disks(self, inst_id, name, image_id, pool, volume, *, size=None, user_data=None, ip=None):
-        """Clone the root disk and write the NoCloud seed of a VM (at create, and on a
-        migration's destination); returns (root volume, seed path). With ``ip`` the seed
-        configures the NIC with it (and the bridge's gateway)."""
-        vol = self.root.store.clone_disk(image_id, volume, pool=pool, size=size)
-        return vol, self.vm_seed(inst_id, name, user_data=user_data, ip=ip)
-
-    def vm_seed(self, inst_id, name, *, user_data=None, ip=None) -> str:
-        """Write the VM's NoCloud seed (with ``ip``: a network-config for its NIC); its path."""
-        from hypervisor.seed import make_seed, network_config
-        net = self.root.vm_network
-        netcfg = network_config(_mac(inst_id), f"{ip}/{net.subnet.prefixlen}", net.gateway) \
-            if ip and net is not None else None
-        return make_seed(str(self._instance_dir(inst_id) / "seed.iso"), instance_id=inst_id,
-                         hostname=name, user_data=user_data, network_config=netcfg)
-
-    def vm_address(self, inst_id: str, want: str | None = None) -> str | None:
-        """Lease the VM's address on the host bridge (made if missing), ``want`` if free;
-        None without a host network."""
-        from containers.network import VM_LEASE_PREFIX
-        net = self.root.vm_network
-        if net is None:
-            return None
-        net.ready_bridge()  # once per process (iptables checks), not per VM
-        return net.lease(VM_LEASE_PREFIX + inst_id, want)
+        """The instance's own dir (agent.services.assembly)."""
+        return self.root.assembly.instance_dir(inst_id)
 
     def _release_address(self, inst_id: str) -> bool:
-        from containers.network import VM_LEASE_PREFIX
-        net = self.root.vm_network
-        return net.release(VM_LEASE_PREFIX + inst_id) if net is not None else False
-
-    def _create_vm(self, op, inst_id, req, image, pool, volume) -> tuple[str, str | None]:
-        op.phase("clone")
-        ip = self.vm_address(inst_id) if req.network == "bridge" else None
-        vol, seed = self.vm_disks(inst_id, req.name, image.id, pool, volume,
-                                  size=req.disk_gib * GiB if req.disk_gib else None,
-                                  user_data=req.user_data, ip=ip)
-        op.phase("define")
-        info = self.root.driver.define(self.vm_spec(inst_id, req, vol, seed))
-        if req.start:
-            op.phase("start")
-            info = self.root.driver.start(req.name)
-        return info.state, ip
-
-    def vm_spec(self, inst_id, req, vol, seed):
-        """The driver's VmSpec of a VM (at create, and on a migration's destination)."""
-        from hypervisor.disks import disk_for_volume
-        from hypervisor.driver import NicSpec, VmSpec
-        from hypervisor.provision import ROOT_TARGET, seed_disk
-
-        nics = (NicSpec(bridge=self.root.config.network.bridge, mac=_mac(inst_id)),) \
-            if req.network == "bridge" else ()
-        return VmSpec(name=req.name, uuid=str(uuid.UUID(inst_id)), cpus=max(1, math.ceil(req.cpus)),
-                      memory_mib=req.memory_mib,
-                      disks=(disk_for_volume(vol, ROOT_TARGET), seed_disk(seed)),
-                      nics=nics, console_log=str(self._instance_dir(inst_id) / "console.log"))
-
-    def _create_container(self, op, inst_id, req, image, pool, volume):
-        op.phase("rootfs")
-        layers = self.root.store.prepare_rootfs(image.id, volume, pool=pool)
-        op.phase("create")
-        info = self.root.runtime.create(self.container_spec(req, image, layers))
-        if req.start:
-            op.phase("start")
-            info = self.root.runtime.start(req.name)
-        return info.state, info.ip
-
-    def container_spec(self, req, image, layers):
-        """The runtime's ContainerSpec for ``req`` on ``image``'s prepared rootfs ``layers``."""
-        from containers.runtime import ContainerSpec, Limits, NetworkSpec, PortMap, Rootfs
-
-        cfg = image.config or {}
-        command = tuple(req.command or (list(cfg.get("Entrypoint") or []) + list(cfg.get("Cmd") or []))
-                        or DEFAULT_COMMAND)
-        env = {**_env_list(cfg.get("Env")), **req.env}
-        user = cfg.get("User") or "0:0"
-        if not all(p.isdigit() for p in user.split(":")):
-            user = "0:0"  # named users need the image's passwd: run as root inside the namespaces
-        elif ":" not in user:
-            user = f"{user}:{user}"
-        spec = ContainerSpec(
-            name=req.name,
-            rootfs=Rootfs(lowerdirs=tuple(layers.lowerdirs), upperdir=layers.upperdir, workdir=layers.workdir),
-            command=command, env=env, workdir=cfg.get("WorkingDir") or "/", user=user, hostname=req.name,
-            limits=Limits(cpus=req.cpus, memory_mib=req.memory_mib, pids_max=req.pids_max),
-            network=NetworkSpec(mode=req.network, ports=tuple(
-                PortMap(p.host_port, p.container_port, p.protocol, p.host_ip) for p in req.ports)))
-        return spec
+        return self.root.assembly.release_address(inst_id)
 
     def _destroy(self, inst_id: str) -> bool:
         """Remove the workload, its volumes, its files and its row; each step tolerates absence.

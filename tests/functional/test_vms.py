@@ -1,5 +1,6 @@
 """VMs on real libvirtd + QEMU (TCG here): the test guest from scripts/build-test-images,
-booted from a local pool through hypervisor.provision, LibvirtDriver and QMP."""
+booted from a local pool through the agent's assembly (agent.services.assembly: the
+clone, seed, address and spec the API's create makes), LibvirtDriver and QMP."""
 from __future__ import annotations
 
 import json
@@ -8,16 +9,21 @@ import subprocess
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 
 import libvirt
 import pytest
 
+from agent import models
 from agent.errors import AgentError, Conflict, NotFound, Unavailable, Unprocessable
+from agent.services.assembly import Assembly, DirectBoot, mac_for, root_volume
+from agent.state import Database
+from containers.network import Network
 from hypervisor import qmp
 from hypervisor.disks import disk_for_volume
 from hypervisor.driver import NicSpec
 from hypervisor.libvirt_driver import LibvirtDriver
-from hypervisor.provision import VmRequest, create_vm, delete_vm, root_volume_name, seed_path
+from storage import ImageStore
 from storage.backend import VolumeSpec
 from storage.local import LocalBackend
 from storage.units import MiB
@@ -35,17 +41,27 @@ def lv(libvirtd, vm_root):
 
 
 @pytest.fixture(scope="module")
-def pool(vm_root, guest_images):
-    p = LocalBackend("local", f"{vm_root}/pool")
-    with open(guest_images["rootfs"], "rb") as f:
-        blob = p.put_blob(f)
-    p.image_digest = blob.digest
+def store(vm_root, guest_images):
+    """The agent's image store on a local pool holding the test guest's disk as image "guest"."""
+    db = Database(f"{vm_root}/assembly.db")
+    s = ImageStore(db, {"local": LocalBackend("local", f"{vm_root}/pool")}, default_pool="local",
+                   cache_dir=f"{vm_root}/cache")
+    s.import_file(guest_images["rootfs"], name="guest")
+    yield s
+    db.close()
+
+
+@pytest.fixture(scope="module")
+def pool(store):
+    p = store.pools["local"]
+    p.image_digest = store.get("guest").digest
     return p
 
 
 @pytest.fixture(scope="module")
 def seed_dir(vm_root):
-    d = f"{vm_root}/seeds"
+    """Where instance dirs (seed.iso, console.log) go."""
+    d = f"{vm_root}/instances"
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -60,24 +76,46 @@ def bridge():
     subprocess.run(["ip", "link", "del", name], check=False)
 
 
+@dataclass(frozen=True)
+class Vm:
+    """An instance the assembly made: its name, id, the domain's uuid and the address it leased."""
+    name: str
+    id: str
+    uuid: str
+    ip: str | None = None
+
+
+def assemble(driver, store, seed_dir, guest_images, *, name=None, network=None, image="guest",
+             memory_mib=128, user_data=None) -> Vm:
+    """Make a VM (not started) as the API's create does, with the test guest's kernel booted
+    directly; on failure remove what was made (what the agent does by its record)."""
+    inst_id = uuid.uuid4().hex
+    name = name or f"fn-{inst_id[:8]}"
+    asm = Assembly(store, network, bridge=network.bridge if network else "none", instances_dir=seed_dir)
+    req = models.InstanceCreate.model_construct(  # unvalidated: the driver's own checks are under test
+        name=name, kind="vm", image=image, cpus=1, memory_mib=memory_mib, disk_gib=None,
+        network="bridge" if network else "none", user_data=user_data, start=False)
+    boot = DirectBoot(guest_images["vmlinuz"], guest_images["initrd"], guest_images["cmdline"])
+    try:
+        _, ip = asm.create_vm(driver, inst_id, req, store.get(image).id, "local", boot=boot)
+    except BaseException:
+        asm.remove_vm_parts(inst_id, "local")
+        raise
+    return Vm(name, inst_id, str(uuid.UUID(inst_id)), ip)
+
+
 @pytest.fixture
-def vms(lv, pool, seed_dir, guest_images):
-    """make(**over) -> VmRequest created (defined, not started); all deleted afterwards."""
+def vms(lv, store, seed_dir, guest_images):
+    """make(**over) -> Vm created (defined, not started); all deleted afterwards."""
     made = []
 
-    def make(**over) -> VmRequest:
-        name = over.pop("name", f"fn-{uuid.uuid4().hex[:8]}")
-        fields = dict(name=name, uuid=str(uuid.uuid4()), cpus=1, memory_mib=128,
-                      image_digest=pool.image_digest, kernel=guest_images["vmlinuz"],
-                      initrd=guest_images["initrd"], cmdline=guest_images["cmdline"])
-        fields.update(over)
-        req = VmRequest(**fields)
-        made.append(req.name)
-        create_vm(lv, pool, req, seed_dir=seed_dir)
-        return req
+    def make(**over) -> Vm:
+        vm = assemble(lv, store, seed_dir, guest_images, **over)
+        made.append(vm)
+        return vm
     yield make
-    for name in made:
-        delete_vm(lv, pool, name, seed_dir=seed_dir)
+    for vm in made:
+        Assembly(store, None, bridge="none", instances_dir=seed_dir).remove_vm(lv, vm.id, vm.name, "local")
 
 
 def wait_console(driver, name, text, count=1, timeout=BOOT_TIMEOUT_S) -> str:
@@ -111,20 +149,21 @@ def test_virt_type_is_detected_by_behaviour_and_cached(lv, vm_root):
     assert cached["virt_type"] == lv.virt_type and cached["reason"]
 
 
-def test_boot_from_local_pool_with_cloud_init(lv, vms, pool, bridge):
-    mac = "52:54:00:c0:ff:01"
-    req = vms(nics=(NicSpec(bridge=bridge, mac=mac),), hostname="guest-one",
-              user_data="#cloud-config\nruncmd: [echo hi]\n",
-              network_config="version: 2\nethernets:\n  eth0:\n    addresses:\n      - 198.18.77.2/24\n")
+def test_boot_from_local_pool_with_cloud_init(lv, vms, pool, bridge, db, request):
+    net = Network(db, bridge=bridge, subnet="198.18.77.0/24", nat=False, rtag="fvm")
+    request.addfinalizer(net.delete_bridge)
+    req = vms(name="guest-one", network=net, user_data="#cloud-config\nruncmd: [echo hi]\n")
+    mac = mac_for(req.id)
+    assert req.ip == "198.18.77.2"  # the first address after the bridge's gateway
     dom = libvirt.open(lv.uri).lookupByName(req.name)
     assert ET.fromstring(dom.XMLDesc(0)).get("type") == lv.virt_type
     assert lv.start(req.name).state == "running"
     log = wait_console(lv, req.name, "NODEAGENT-READY")
     assert "NODEAGENT-GUEST-BOOTED" in log
-    assert f"instance-id={req.uuid} hostname=guest-one" in log
+    assert f"instance-id={req.id} hostname=guest-one" in log
     assert "NODEAGENT-USERDATA #cloud-config" in log
     assert "NODEAGENT-ROOTFS vda nodeagent test rootfs v1" in log
-    assert f"mac={mac} ip=198.18.77.2/24" in log
+    assert f"mac={mac} ip={req.ip}/24" in log
     assert os.listdir(f"/sys/class/net/{bridge}/brif"), "the guest's tap is on the bridge"
     st = lv.stats(req.name)
     assert st["cpu_time_ns"] > 0 and st["memory_bytes"] > 0 and st["disk"]["rd_bytes"] > 0
@@ -173,7 +212,7 @@ def test_attach_volume_and_see_it_in_the_guest(lv, vms, pool):
 
 def test_two_vms_from_one_image_share_the_base(lv, vms, pool):
     a, b = vms(), vms()
-    va, vb = pool.get_volume(root_volume_name(a.name)), pool.get_volume(root_volume_name(b.name))
+    va, vb = pool.get_volume(root_volume("vm", a.id)), pool.get_volume(root_volume("vm", b.id))
     base = pool.blob_path(pool.image_digest)
     assert va.path != vb.path
     assert backing_file(va.path) == backing_file(vb.path) == base
@@ -181,7 +220,7 @@ def test_two_vms_from_one_image_share_the_base(lv, vms, pool):
     for req in (a, b):
         lv.start(req.name)
     for req in (a, b):
-        assert f"instance-id={req.uuid}" in wait_console(lv, req.name, "NODEAGENT-READY")
+        assert f"instance-id={req.id}" in wait_console(lv, req.name, "NODEAGENT-READY")
 
 
 def test_snapshot_of_a_stopped_vm(lv, vms, pool):
@@ -192,7 +231,7 @@ def test_snapshot_of_a_stopped_vm(lv, vms, pool):
     lv.stop(req.name, force=True)
     lv.snapshot(req.name, "before")
     assert lv.list_snapshots(req.name) == ["before"]
-    out = subprocess.run(["qemu-img", "snapshot", "-l", pool.get_volume(root_volume_name(req.name)).path],
+    out = subprocess.run(["qemu-img", "snapshot", "-l", pool.get_volume(root_volume("vm", req.id)).path],
                          check=True, capture_output=True, text=True).stdout
     assert "before" in out
 
@@ -213,24 +252,25 @@ def test_qmp_reports_block_job_progress(lv, vms, vm_dir):
         dom.blockJobAbort("vda", 0)
 
 
-def test_a_new_driver_readopts_defined_domains(lv, vms, vm_root):
+def test_a_new_driver_readopts_defined_domains(lv, vms, vm_root, guest_images):
     req = vms()
     lv.start(req.name)
     again = LibvirtDriver(uri=lv.uri, virt_type="auto", state_dir=f"{vm_root}/functional-state")
     assert again.get(req.name) == lv.get(req.name)
     assert req.name in [i.name for i in again.list()]
     spec = again.spec(req.name)
-    assert (spec.uuid, spec.cpus, spec.memory_mib, spec.kernel) == (req.uuid, 1, 128, req.kernel)
+    assert (spec.uuid, spec.cpus, spec.memory_mib, spec.kernel) == (req.uuid, 1, 128, guest_images["vmlinuz"])
     assert [d.target for d in spec.disks] == ["vda", "vdz"]
     assert again.stop(req.name, force=True).state == "stopped"
     assert lv.get(req.name).state == "stopped"
     again.close()
 
 
-def _leftovers(lv, pool, seed_dir, name):
+def _leftovers(lv, pool, seed_dir, name, before):
+    """What making VM ``name`` left: its domain, a root volume, an instance dir (its seed)."""
     return {"domain": name in libvirt_names("qemu:///system"),
-            "volume": pool.find_volume(root_volume_name(name)) is not None,
-            "seed": os.path.exists(seed_path(seed_dir, name))}
+            "volume": {v.name for v in pool.list_volumes()} != before[0],
+            "seed": set(os.listdir(seed_dir)) != before[1]}
 
 
 NOTHING = {"domain": False, "volume": False, "seed": False}
@@ -238,14 +278,13 @@ NOTHING = {"domain": False, "volume": False, "seed": False}
 
 @pytest.mark.parametrize("case", ["unknown_image", "too_much_memory", "disk_qemu_cannot_open",
                                   "libvirtd_down"])
-def test_bad_input_leaves_nothing(case, lv, pool, seed_dir, guest_images, vm_dir, libvirtd):
+def test_bad_input_leaves_nothing(case, lv, store, pool, seed_dir, guest_images, vm_dir, libvirtd):
     name = f"fn-bad-{uuid.uuid4().hex[:6]}"
-    fields = dict(name=name, uuid=str(uuid.uuid4()), cpus=1, memory_mib=128,
-                  image_digest=pool.image_digest, kernel=guest_images["vmlinuz"],
-                  initrd=guest_images["initrd"], cmdline=guest_images["cmdline"])
+    before = ({v.name for v in pool.list_volumes()}, set(os.listdir(seed_dir)))
+    fields: dict = {"name": name}
     driver, error, match = lv, AgentError, None
     if case == "unknown_image":
-        fields["image_digest"] = "sha256:" + "0" * 64
+        fields["image"] = "sha256:" + "0" * 64
         error, match = NotFound, "not found"
     elif case == "too_much_memory":
         fields["memory_mib"] = 64 * 1024 * 1024
@@ -254,16 +293,17 @@ def test_bad_input_leaves_nothing(case, lv, pool, seed_dir, guest_images, vm_dir
         junk = f"{vm_dir}/junk.img"
         with open(junk, "wb") as f:
             f.write(b"QFI\xfb" + b"\xff" * 4096)  # qcow2 magic, nonsense header
-        with open(junk, "rb") as f:
-            fields["image_digest"] = pool.put_blob(f).digest
-        error, match = AgentError, None  # refused by the pool's clone (storage words the message)
+        fields["image"] = "junk"
+        error, match = AgentError, None  # refused by storage (it words the message)
     elif case == "libvirtd_down":
         driver = LibvirtDriver(uri="qemu+unix:///system?socket=/nonexistent/libvirt-sock",
                                virt_type="qemu", state_dir=f"{vm_dir}/state")
         error, match = Unavailable, r"libvirtd is not running: start it with `libvirtd -d`"
     with pytest.raises(error, match=match):
-        create_vm(driver, pool, VmRequest(**fields), seed_dir=seed_dir)
-    assert _leftovers(lv, pool, seed_dir, name) == NOTHING
+        if case == "disk_qemu_cannot_open":
+            store.import_file(junk, name="junk")
+        assemble(driver, store, seed_dir, guest_images, **fields)
+    assert _leftovers(lv, pool, seed_dir, name, before) == NOTHING
 
 
 def test_overlay_whose_base_is_gone_and_missing_bridge_define_nothing(lv, vm_dir, guest_images):
@@ -285,11 +325,10 @@ def test_overlay_whose_base_is_gone_and_missing_bridge_define_nothing(lv, vm_dir
     assert base.name not in libvirt_names(lv.uri)
 
 
-def test_name_clash_keeps_the_first_and_adds_nothing(lv, vms, pool, seed_dir):
+def test_name_clash_keeps_the_first_and_adds_nothing(lv, vms, store, pool, seed_dir, guest_images):
     first = vms()
     before = (pool.list_volumes(), sorted(os.listdir(seed_dir)))
     with pytest.raises(Conflict, match="already exists"):
-        create_vm(lv, pool, VmRequest(name=first.name, uuid=str(uuid.uuid4()), cpus=1, memory_mib=128,
-                                      image_digest=pool.image_digest), seed_dir=seed_dir)
+        assemble(lv, store, seed_dir, guest_images, name=first.name)
     assert (pool.list_volumes(), sorted(os.listdir(seed_dir))) == before
     assert lv.get(first.name).uuid == first.uuid

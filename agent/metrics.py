@@ -39,17 +39,17 @@ class _StateCollector:
         mem = GaugeMetricFamily("nodeagent_instance_memory_bytes", "Memory used by each running instance",
                                 labels=["instance", "kind"])
         for i in self.root.instances.list():
-            if i["state"] != "running":
+            if i.state != "running":
                 continue
             try:
-                s = self.root.instances.stats(i["id"])
+                s = self.root.instances.stats(i.id)
             except Exception as e:
-                log.debug("no stats for instance", extra={"instance": i["name"], "error": str(e)})
+                log.debug("no stats for instance", extra={"instance": i.name, "error": str(e)})
                 continue
             if s.get("cpu_ns") is not None:
-                cpu.add_metric([i["name"], i["kind"]], s["cpu_ns"] / 1e9)
+                cpu.add_metric([i.name, i.kind], s["cpu_ns"] / 1e9)
             if s.get("memory_bytes") is not None:
-                mem.add_metric([i["name"], i["kind"]], s["memory_bytes"])
+                mem.add_metric([i.name, i.kind], s["memory_bytes"])
         yield cpu
         yield mem
 

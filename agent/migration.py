@@ -71,6 +71,7 @@ import time
 import uuid
 
 from agent import models
+from agent.services.records import Instance
 from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, Forbidden, InsufficientResources,
                           InvalidInput, NotFound, Unavailable, Unprocessable, Unsupported)
 from storage.units import MiB
@@ -417,19 +418,19 @@ class MigrationService:
     def create(self, req: models.MigrationCreate) -> dict:
         inst = self.root.instances.get(req.instance)
         peer = self.peer(req.destination)
-        if inst["state"] in ("creating", INCOMING):
-            raise Conflict(f"instance {inst['name']!r} is {inst['state']}: wait for its operation")
-        if inst["kind"] == "vm" and inst["state"] == "stopped":
-            kind = self.root.pools[inst["pool"]].kind
+        if inst.state in ("creating", INCOMING):
+            raise Conflict(f"instance {inst.name!r} is {inst.state}: wait for its operation")
+        if inst.kind == "vm" and inst.state == "stopped":
+            kind = self.root.pools[inst.pool].kind
             if kind != "local":
-                raise Unsupported(f"VM {inst['name']!r} is stopped and its disk is on pool {inst['pool']!r} "
+                raise Unsupported(f"VM {inst.name!r} is stopped and its disk is on pool {inst.pool!r} "
                                   f"({kind}): an offline move copies local disks only; start it and migrate "
                                   "it live")
-        elif inst["kind"] == "vm":
+        elif inst.kind == "vm":
             if not hasattr(self.root.driver, "migrate"):
                 raise Unsupported(f"the {self.config.hypervisor.driver} driver cannot migrate VMs")
-            if inst["state"] not in ("running", "paused"):
-                raise Unprocessable(f"VM {inst['name']!r} is {inst['state']}: migration moves running, paused "
+            if inst.state not in ("running", "paused"):
+                raise Unprocessable(f"VM {inst.name!r} is {inst.state}: migration moves running, paused "
                                     "and stopped VMs; start or stop it first")
         else:
             if req.mode == "live":
@@ -438,35 +439,35 @@ class MigrationService:
                                   f"{why or 'CRIU restore is not wired up'} "
                                   "on this host: use mode=refresh (sync while running, stop, final sync, start "
                                   "there; about a second of downtime) or mode=cold")
-        if inst["kind"] == "vm" and req.mode == "refresh":
+        if inst.kind == "vm" and req.mode == "refresh":
             raise Unprocessable("mode=refresh is for containers: migrate VMs with mode=live or mode=cold")
         with self._lock:
-            if inst["id"] in self._busy:
-                raise Conflict(f"instance {inst['name']!r} is already being migrated")
-            self._busy.add(inst["id"])
-            self._sending[inst["id"]] = peer.name
+            if inst.id in self._busy:
+                raise Conflict(f"instance {inst.name!r} is already being migrated")
+            self._busy.add(inst.id)
+            self._sending[inst.id] = peer.name
 
         def work(op):
             try:
-                with self.root.instances.lock(inst["id"]):
-                    if inst["kind"] == "vm" and self.root.driver.get(inst["name"]).state == "stopped":
-                        return self._move_stopped_vm(op, inst["id"], peer)
-                    if inst["kind"] == "vm":
-                        return self._migrate_vm(op, inst["id"], peer, req.mode)
-                    return self._migrate_container(op, inst["id"], peer, req.mode)
+                with self.root.instances.lock(inst.id):
+                    if inst.kind == "vm" and self.root.driver.get(inst.name).state == "stopped":
+                        return self._move_stopped_vm(op, inst.id, peer)
+                    if inst.kind == "vm":
+                        return self._migrate_vm(op, inst.id, peer, req.mode)
+                    return self._migrate_container(op, inst.id, peer, req.mode)
             finally:
                 with self._lock:
-                    self._busy.discard(inst["id"])
-                    self._sending.pop(inst["id"], None)
+                    self._busy.discard(inst.id)
+                    self._sending.pop(inst.id, None)
 
         try:
-            op = self.root.operations.submit("migration", inst["id"], work)
+            op = self.root.operations.submit("migration", inst.id, work)
         except BaseException:
             with self._lock:
-                self._busy.discard(inst["id"])
-                self._sending.pop(inst["id"], None)
+                self._busy.discard(inst.id)
+                self._sending.pop(inst.id, None)
             raise
-        self._live[op["id"]] = {"instance": inst["id"], "name": inst["name"], "destination": peer.name,
+        self._live[op["id"]] = {"instance": inst.id, "name": inst.name, "destination": peer.name,
                                 "mode": req.mode}
         return op
 
@@ -494,21 +495,21 @@ class MigrationService:
     def _migrate_vm(self, op, inst_id: str, peer: PeerClient, mode: str) -> dict:
         from hypervisor.driver import MigrationOptions
         inst = self.root.instances.get(inst_id)
-        name = inst["name"]
-        spec = self.root.instances._spec(inst_id)
-        image = self.root.store.get(inst["image"])
-        pool = self.root.pools[inst["pool"]]
-        vol = pool.get_volume(inst["volumes"][0])
+        name = inst.name
+        spec = inst.spec_dict()
+        image = self.root.store.get(inst.image)
+        pool = self.root.pools[inst.pool]
+        vol = pool.get_volume(inst.volumes[0])
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
         shared = pool.kind not in LOCAL_POOL_KINDS
-        body = {"instance": {k: inst[k] for k in INSTANCE_FIELDS},
+        body = {"instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
                 "spec": spec, "disk_size": vol.size, "image_bytes": image.size,
                 "data_bytes": allocated_bytes(vol.path) if pool.kind == "local" else 0,
                 "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
         if shared:
-            body["shared_volumes"] = {v: pool.get_volume(v).uri for v in inst["volumes"]}
+            body["shared_volumes"] = {v: pool.get_volume(v).uri for v in inst.volumes}
         prepared = peer.prepare(body)
         live = self._live.setdefault(op.id, {})
         down = {"failures": 0, "last": time.monotonic()}
@@ -547,7 +548,7 @@ class MigrationService:
                 if NO_SPACE not in e.message:
                     raise
                 raise InsufficientResources(
-                    f"destination {peer.name!r} is out of space: its pool {inst['pool']!r} filled up during "
+                    f"destination {peer.name!r} is out of space: its pool {inst.pool!r} filled up during "
                     f"the disk copy ({NO_SPACE}); {name!r} keeps running here: free space on {peer.name} "
                     "or migrate it to another host", stderr=e.message[-2000:]) from None
         except BaseException as e:
@@ -570,15 +571,15 @@ class MigrationService:
         disk's own layer as a file, and defines the domain stopped; then it goes from here.
         On failure the VM stays here (stopped, untouched) and the destination removes what it made."""
         inst = self.root.instances.get(inst_id)
-        name = inst["name"]
-        image = self.root.store.get(inst["image"])
-        vol = self.root.pools[inst["pool"]].get_volume(inst["volumes"][0])
+        name = inst.name
+        image = self.root.store.get(inst.image)
+        vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
         t0 = time.monotonic()
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        body = {"instance": {k: inst[k] for k in INSTANCE_FIELDS},
-                "spec": self.root.instances._spec(inst_id), "disk_size": vol.size,
+        body = {"instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
+                "spec": inst.spec_dict(), "disk_size": vol.size,
                 "data_bytes": allocated_bytes(vol.path), "image_bytes": image.size,
                 "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
         peer.prepare(body)
@@ -606,15 +607,15 @@ class MigrationService:
         runs, stop, copy what changed since (and prune what went), start there. On failure
         the container runs here again and the destination removes what it made."""
         inst = self.root.instances.get(inst_id)
-        name = inst["name"]
-        image = self.root.store.get(inst["image"])
-        vol = self.root.pools[inst["pool"]].get_volume(inst["volumes"][0])
+        name = inst.name
+        image = self.root.store.get(inst.image)
+        vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
         upper = os.path.join(vol.path, "upper")
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        body = {"instance": {k: inst[k] for k in INSTANCE_FIELDS},
-                "spec": self.root.instances._spec(inst_id),
+        body = {"instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
+                "spec": inst.spec_dict(),
                 "data_bytes": allocated_bytes(upper), "image_bytes": image.size,
                 "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
         peer.prepare(body)
@@ -681,9 +682,9 @@ class MigrationService:
             except (Unavailable, CommandFailed) as e:
                 last = e
                 time.sleep(FINISH_RETRY_S)
-        self.root.instances._update(inst_id, state="error",
-                                    error=f"migrated to {peer.name}, which did not confirm: it runs there; "
-                                          "delete this record")
+        self.root.records.update(inst_id, state="error",
+                                 error=f"migrated to {peer.name}, which did not confirm: it runs there; "
+                                       "delete this record")
         raise CommandFailed(f"VM {name!r} now runs on {peer.name}, but its agent did not confirm ({last}): "
                             f"{peer.name} adopts the VM when its agent is back (it does at start); this host's "
                             f"record is in state error: check {name!r} on {peer.name}, then delete the record "
@@ -693,21 +694,19 @@ class MigrationService:
         """The instance left: its record, volumes and files go (the domain already went).
         ``shared``: its volumes stay (the destination owns them); only our references go."""
         inst = self.root.instances.get(inst_id)
-        if inst["kind"] == "vm" and self.root.driver.find(inst["name"]) is not None:
-            raise CommandFailed(f"VM {inst['name']!r} is still defined here after its migration")
-        for vol in inst["volumes"]:
+        if inst.kind == "vm" and self.root.driver.find(inst.name) is not None:
+            raise CommandFailed(f"VM {inst.name!r} is still defined here after its migration")
+        for vol in inst.volumes:
             if shared:
-                self.root.store.forget_volume(inst["pool"], vol)
+                self.root.store.forget_volume(inst.pool, vol)
             else:
-                self.root.store.release(inst["pool"], vol)
+                self.root.store.release(inst.pool, vol)
         if shared:
             self._drop_unused_secrets(inst_id)  # libvirt undefined the domain, not its secret
-        if inst["kind"] == "vm":
-            self.root.instances._release_address(inst_id)
+        if inst.kind == "vm":
+            self.root.instances.release_address(inst_id)
         shutil.rmtree(self.config.state_path / "instances" / inst_id, ignore_errors=True)
-        self.root.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
-        self.root.instances._changed()
-        self.root.events.publish("lifecycle", {"instance": inst_id, "name": inst["name"], "state": "migrated"})
+        self.root.records.delete(inst_id, state="migrated")
 
     # -- destination side --
     def prepare_incoming(self, caller: dict, req: models.IncomingMigration) -> dict:
@@ -726,19 +725,14 @@ class MigrationService:
         image = self._ensure_image(source, req.image, req.image_bytes)
         now = time.time()
         spec = dict(req.spec.model_dump(), image_id=image.id)
-        import sqlite3
-        try:
-            self.root.db.execute(
-                "INSERT INTO instances(id, name, kind, image, spec, state, pool, volumes, mac, node, "
-                "created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                (inst.id, inst.name, inst.kind, image.id, json.dumps(spec), INCOMING, pool,
-                 json.dumps(list(inst.volumes)), inst.mac, self.root.host.hostname(), now, now))
-        except sqlite3.IntegrityError:
+        if not self.root.records.insert(Instance(
+                id=inst.id, name=inst.name, kind=inst.kind, image=image.id, state=INCOMING, pool=pool, spec=spec,
+                volumes=tuple(inst.volumes), mac=inst.mac, node=self.root.host.hostname(),
+                created_at=now, updated_at=now)):
             raise Conflict(f"an instance named {inst.name!r} exists here: delete it or rename before "
-                           "migrating") from None
-        self.root.instances._changed()
+                           "migrating")
         try:
-            (self.root.instances._instance_dir(inst.id) / SOURCE_FILE).write_text(source)
+            (self.root.instances.instance_dir(inst.id) / SOURCE_FILE).write_text(source)
             if inst.kind == "container":
                 return self._prepare_container(inst, image, pool)
             if req.shared_volumes:
@@ -752,10 +746,10 @@ class MigrationService:
         """Conflict if an instance here has a volume of these names (a peer names the volumes it
         sends; a failed prepare removes them), or, unless shared, the pool holds one already."""
         backend = self.root.pools[pool]
-        for r in self.root.db.query("SELECT name, volumes FROM instances"):
-            taken = set(json.loads(r["volumes"])) & set(volumes)
+        for other in self.root.records.list():
+            taken = set(other.volumes) & set(volumes)
             if taken:
-                raise Conflict(f"volume {sorted(taken)[0]!r} belongs to instance {r['name']!r} here: "
+                raise Conflict(f"volume {sorted(taken)[0]!r} belongs to instance {other.name!r} here: "
                                "an incoming instance brings volumes of its own")
         for vol in volumes if not shared else ():
             if backend.find_volume(vol) is not None:
@@ -788,7 +782,7 @@ class MigrationService:
         if not vol.path:
             raise Unsupported(f"pool {pool!r} gives no file path for disks; live migration with copied "
                               "storage needs a local pool")
-        d = self.root.instances._instance_dir(inst.id)
+        d = self.root.instances.instance_dir(inst.id)
         return {"disk_sources": {ROOT_TARGET: vol.path, SEED_TARGET: seed}, "console_log": str(d / "console.log"),
                 "migration_uri": self.migration_uri()}
 
@@ -799,7 +793,7 @@ class MigrationService:
             return None
         ip = self.root.assembly.vm_address(inst.id, inst.ip)
         if ip:
-            self.root.instances._update(inst.id, ip=ip)
+            self.root.records.update(inst.id, ip=ip)
         return ip
 
     def _prepare_shared_vm(self, inst, spec, image, pool, shared: dict) -> dict:
@@ -807,7 +801,7 @@ class MigrationService:
         copied or cloned), write the seed, define the cephx secret; answer the same images."""
         from hypervisor.disks import disk_for_volume
         from agent.services.assembly import ROOT_TARGET, SEED_TARGET
-        d = self.root.instances._instance_dir(inst.id)
+        d = self.root.instances.instance_dir(inst.id)
         (d / SHARED_FILE).write_text(json.dumps(list(inst.volumes)))  # first: cleanup never deletes them
         backend = self.root.pools[pool]
         if backend.kind in LOCAL_POOL_KINDS or set(shared) != set(inst.volumes):
@@ -836,12 +830,12 @@ class MigrationService:
         except (FileNotFoundError, ValueError):
             shared = None
         if shared is not None:
-            r = self.root.db.one("SELECT pool FROM instances WHERE id=?", (inst_id,))
-            for vol in shared:
-                if r is not None:
-                    self.root.store.forget_volume(r["pool"], vol)
-            self.root.db.execute("UPDATE instances SET volumes=? WHERE id=?", ("[]", inst_id))
-        gone = self.root.instances._destroy(inst_id)
+            inst = self.root.records.find_id(inst_id)
+            if inst is not None:
+                for vol in shared:
+                    self.root.store.forget_volume(inst.pool, vol)
+                self.root.records.update(inst_id, volumes=())
+        gone = self.root.instances.destroy(inst_id)
         if shared is not None:
             self._drop_unused_secrets(inst_id)
         return gone
@@ -850,13 +844,12 @@ class MigrationService:
         """The Ceph secrets no domain uses go, unless another incoming migration is under
         way here: its secret is unused until its domain arrives at the switchover."""
         drop = getattr(self.root.driver, "delete_unused_secrets", None)
-        if drop is not None and self.root.db.one("SELECT id FROM instances WHERE state=? AND id!=?",
-                                                 (INCOMING, leaving)) is None:
+        if drop is not None and not any(i.id != leaving for i in self.root.records.list(states=(INCOMING,))):
             drop()
 
     def _prepare_container(self, inst, image, pool) -> dict:
         layers = self.root.store.prepare_rootfs(image.id, inst.volumes[0], pool=pool)
-        d = self.root.instances._instance_dir(inst.id)
+        d = self.root.instances.instance_dir(inst.id)
         (d / LAYERS_FILE).write_text(json.dumps({"lowerdirs": list(layers.lowerdirs),
                                                  "upperdir": layers.upperdir, "workdir": layers.workdir}))
         return {"disk_sources": {}, "console_log": None, "migration_uri": ""}
@@ -865,13 +858,13 @@ class MigrationService:
         """Unpack a tar stream of the container's upper dir (overlay whiteouts and xattrs
         kept) over what earlier syncs sent."""
         inst = self._incoming(inst_id, self.require_peer(caller))
-        if inst["kind"] != "container":
+        if inst.kind != "container":
             raise Unprocessable("only containers take a rootfs stream")
         layers = json.loads((self.config.state_path / "instances" / inst_id / LAYERS_FILE).read_text())
         try:
             return {"bytes": untar_into(layers["upperdir"], stream)}
         except InsufficientResources as e:
-            raise InsufficientResources(f"pool {inst['pool']!r} on {self.root.host.hostname()} "
+            raise InsufficientResources(f"pool {inst.pool!r} on {self.root.host.hostname()} "
                                         f"({self.config.api.listen}) is full: {e.message}") from None
 
     def receive_disk(self, caller: dict, inst_id: str, stream) -> dict:
@@ -879,13 +872,13 @@ class MigrationService:
         prepared overlay, pointed at this pool's copy of the same base image."""
         from storage import qemu_img
         inst = self._incoming(inst_id, self.require_peer(caller))
-        if inst["kind"] != "vm":
+        if inst.kind != "vm":
             raise Unprocessable("only VMs take a disk stream")
-        vol = self.root.pools[inst["pool"]].get_volume(inst["volumes"][0])
-        image = self.root.store.get(inst["image"])
-        base = self.root.pools[inst["pool"]].blob_path(vol.base) if vol.base else None
+        vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
+        image = self.root.store.get(inst.image)
+        base = self.root.pools[inst.pool].blob_path(vol.base) if vol.base else None
         if not vol.path or (vol.base and not base):
-            raise Unsupported(f"pool {inst['pool']!r} gives no file path for disks: an offline move needs a "
+            raise Unsupported(f"pool {inst.pool!r} gives no file path for disks: an offline move needs a "
                               "local pool")
         tmp = os.path.join(os.path.dirname(vol.path), f".incoming-{inst_id}")
         n = 0
@@ -908,7 +901,7 @@ class MigrationService:
             os.replace(tmp, vol.path)
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise InsufficientResources(f"pool {inst['pool']!r} on {self.root.host.hostname()} "
+                raise InsufficientResources(f"pool {inst.pool!r} on {self.root.host.hostname()} "
                                             f"({self.config.api.listen}) is full: {NO_SPACE.lower()} after "
                                             f"{n // MiB} MiB of the disk") from None
             raise
@@ -917,36 +910,36 @@ class MigrationService:
                 os.unlink(tmp)
         return {"bytes": n}
 
-    def _define_stopped_vm(self, inst: dict) -> dict:
-        spec = {k: v for k, v in self.root.instances._spec(inst["id"]).items() if k != "image_id"}
+    def _define_stopped_vm(self, inst: Instance) -> dict:
+        spec = {k: v for k, v in inst.spec_dict().items() if k != "image_id"}
         req = models.InstanceCreate.model_validate(spec)
-        vol = self.root.pools[inst["pool"]].get_volume(inst["volumes"][0])
-        seed = str(self.root.instances._instance_dir(inst["id"]) / "seed.iso")
+        vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
+        seed = str(self.root.instances.instance_dir(inst.id) / "seed.iso")
         try:
-            info = self.root.driver.define(self.root.assembly.vm_spec(inst["id"], req, vol, seed))
+            info = self.root.driver.define(self.root.assembly.vm_spec(inst.id, req, vol, seed))
         except BaseException:
-            self.root.driver.delete(inst["name"])
+            self.root.driver.delete(inst.name)
             raise
-        return {"instance": self.root.instances._update(inst["id"], state=info.state, error=None)}
+        return {"instance": self.root.records.update(inst.id, state=info.state, error=None).to_dict()}
 
-    def _finish_container(self, inst: dict, start: bool, keep) -> dict:
+    def _finish_container(self, inst: Instance, start: bool, keep) -> dict:
         from storage.images import RootfsLayers
-        layers = json.loads((self.config.state_path / "instances" / inst["id"] / LAYERS_FILE).read_text())
+        layers = json.loads((self.config.state_path / "instances" / inst.id / LAYERS_FILE).read_text())
         if keep is not None:
             prune_rootfs(layers["upperdir"], set(keep))
-        spec = {k: v for k, v in self.root.instances._spec(inst["id"]).items() if k != "image_id"}
+        spec = {k: v for k, v in inst.spec_dict().items() if k != "image_id"}
         req = models.InstanceCreate.model_validate(spec)
-        image = self.root.store.get(inst["image"])
+        image = self.root.store.get(inst.image)
         rl = RootfsLayers(tuple(layers["lowerdirs"]), layers["upperdir"], layers["workdir"], None)
         rt = self.root.runtime
         try:
             info = rt.create(self.root.assembly.container_spec(req, image, rl))
             if start:
-                info = rt.start(inst["name"])
+                info = rt.start(inst.name)
         except BaseException:
-            rt.delete(inst["name"])
+            rt.delete(inst.name)
             raise
-        return {"instance": self.root.instances._update(inst["id"], state=info.state, ip=info.ip, error=None)}
+        return {"instance": self.root.records.update(inst.id, state=info.state, ip=info.ip, error=None).to_dict()}
 
     def migration_uri(self) -> str:
         hc = self.config.hypervisor
@@ -991,10 +984,11 @@ class MigrationService:
     def _clear_stale(self, source: str, inst_id: str, name: str) -> None:
         """A failed earlier attempt from ``source`` may have left an ``incoming`` row: remove it
         (never another peer's)."""
-        for r in self.root.db.query("SELECT id, state FROM instances WHERE id=? OR name=?", (inst_id, name)):
-            if r["state"] == INCOMING and self._source_of(r["id"]) == source:
-                with self.root.instances.lock(r["id"]):
-                    self._destroy_incoming(r["id"])
+        found = (self.root.records.find_id(inst_id), self.root.records.find_name(name))
+        for r in {i.id: i for i in found if i is not None}.values():
+            if r.state == INCOMING and self._source_of(r.id) == source:
+                with self.root.instances.lock(r.id):
+                    self._destroy_incoming(r.id)
 
     def _source_of(self, inst_id: str) -> str | None:
         """The peer that prepared instance ``inst_id`` here; None for one made here."""
@@ -1003,19 +997,18 @@ class MigrationService:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def _from(self, inst_id: str, source: str) -> dict:
+    def _from(self, inst_id: str, source: str) -> Instance:
         """The instance record ``inst_id`` (by id only) if ``source`` prepared it here; else
         NotFound: a peer sees and touches only what it sent."""
-        r = self.root.db.one("SELECT id FROM instances WHERE id=?", (inst_id,))
-        inst = self.root.instances.get(inst_id) if r is not None else None  # by id OR name: check which
-        if inst is None or inst["id"] != inst_id or self._source_of(inst_id) != source:
+        inst = self.root.records.find_id(inst_id)
+        if inst is None or inst.id != inst_id or self._source_of(inst_id) != source:
             raise NotFound(f"no instance {inst_id} came from {source!r} here")
         return inst
 
-    def _incoming(self, inst_id: str, source: str) -> dict:
+    def _incoming(self, inst_id: str, source: str) -> Instance:
         inst = self._from(inst_id, source)
-        if inst["state"] != INCOMING:
-            raise Conflict(f"instance {inst['name']!r} is {inst['state']}, not an incoming migration")
+        if inst.state != INCOMING:
+            raise Conflict(f"instance {inst.name!r} is {inst.state}, not an incoming migration")
         return inst
 
     def finish_incoming(self, caller: dict, inst_id: str, resume: bool = True, start: bool = True,
@@ -1026,21 +1019,21 @@ class MigrationService:
         finish whose answer was lost, or, for a running VM, a restart) is answered as is."""
         source = self.require_peer(caller)
         inst = self._from(inst_id, source)
-        if inst["state"] in ADOPTED_STATES:
-            return {"instance": inst}
+        if inst.state in ADOPTED_STATES:
+            return {"instance": inst.to_dict()}
         inst = self._incoming(inst_id, source)
         with self.root.instances.lock(inst_id):
-            if inst["kind"] == "container":
+            if inst.kind == "container":
                 return self._finish_container(inst, start, keep)
             if define:
                 return self._define_stopped_vm(inst)
-            info = self.root.driver.get(inst["name"])
+            info = self.root.driver.get(inst.name)
             if info.state == "paused" and resume:
-                info = self.root.driver.resume(inst["name"])
+                info = self.root.driver.resume(inst.name)
             if info.state not in ("running", "paused"):
-                raise Conflict(f"VM {inst['name']!r} is {info.state} here: the migration did not complete")
+                raise Conflict(f"VM {inst.name!r} is {info.state} here: the migration did not complete")
             self._own_shared(inst_id)
-            return {"instance": self.root.instances._update(inst_id, state=info.state, error=None)}
+            return {"instance": self.root.records.update(inst_id, state=info.state, error=None).to_dict()}
 
     def _own_shared(self, inst_id: str) -> None:
         """The guest runs here: adopted shared volumes are ours like any other now."""
@@ -1049,14 +1042,14 @@ class MigrationService:
     def abort_incoming(self, caller: dict, inst_id: str) -> bool:
         """Remove what ``prepare_incoming`` made; False if there was nothing."""
         source = self.require_peer(caller)
-        r = self.root.db.one("SELECT state FROM instances WHERE id=?", (inst_id,))
+        r = self.root.records.find_id(inst_id)
         if r is None:
             return False
         if self._source_of(inst_id) != source:
             raise Conflict(f"instance {inst_id} here did not come from {source!r}: only an incoming migration "
                            "is aborted, by the peer that sent it")
-        if r["state"] != INCOMING:
-            raise Conflict(f"instance {inst_id} is {r['state']} here: only an incoming migration is aborted")
+        if r.state != INCOMING:
+            raise Conflict(f"instance {inst_id} is {r.state} here: only an incoming migration is aborted")
         with self.root.instances.lock(inst_id):
             return self._destroy_incoming(inst_id)
 
@@ -1066,7 +1059,7 @@ class MigrationService:
         peer = self.require_peer(caller)
         with self._lock:
             sending = [i for i, dest in self._sending.items() if dest == peer]
-        if not any(self.root.instances.get(i)["image"] == image_id for i in sending):
+        if not any(self.root.instances.get(i).image == image_id for i in sending):
             raise NotFound(f"image {image_id[:12]} is not the image of an instance this host is migrating "
                            f"to {peer!r}")
         img = self.root.store.get(image_id)
@@ -1088,16 +1081,16 @@ class MigrationService:
         """After a restart: an incoming VM that runs here is adopted (the source saw its
         migration succeed); any other incoming leftover is removed."""
         n = 0
-        for r in self.root.db.query("SELECT id, name FROM instances WHERE state=?", (INCOMING,)):
+        for r in self.root.records.list(states=(INCOMING,)):
             try:
-                info = self.root.driver.find(r["name"])
+                info = self.root.driver.find(r.name)
                 if info is not None and info.state == "running":
-                    self._own_shared(r["id"])
-                    self.root.instances._update(r["id"], state="running", error=None)
+                    self._own_shared(r.id)
+                    self.root.records.update(r.id, state="running", error=None)
                 else:
-                    self._destroy_incoming(r["id"])
+                    self._destroy_incoming(r.id)
                 n += 1
-            except Exception as e:  # keep the row: an operator must look
-                log.warning("cannot clean up an incoming migration", extra={"instance": r["name"],
+            except Exception as e:  # keep the record: an operator must look
+                log.warning("cannot clean up an incoming migration", extra={"instance": r.name,
                                                                            "error": str(e)})
         return n

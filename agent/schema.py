@@ -1,4 +1,7 @@
-"""The agent's own tables (component "agent" in the state DB); steps are only ever appended."""
+"""The agent's own tables (component "agent" in the state DB); steps are only ever appended.
+
+The ``instances`` table was made here by step 1 until agent/services/records.py took it
+over (component "instances", CREATE TABLE IF NOT EXISTS): state dirs made before keep theirs."""
 from __future__ import annotations
 
 from agent.state import Database
@@ -26,22 +29,6 @@ SCHEMA_STEPS = [
         finished_at REAL
     );
     CREATE INDEX operations_status ON operations(status);
-    CREATE TABLE instances (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        kind TEXT NOT NULL,
-        image TEXT NOT NULL,
-        spec TEXT NOT NULL,
-        state TEXT NOT NULL,
-        pool TEXT NOT NULL,
-        volumes TEXT NOT NULL DEFAULT '[]',
-        ip TEXT,
-        mac TEXT,
-        node TEXT,
-        error TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
     """,
     # tokens may have role peer (another host's: the peer routes only); SQLite cannot change
     # a CHECK in place, so the table is copied

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -60,6 +61,19 @@ def ssl_context(api) -> ssl.SSLContext | None:
     return ctx
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _child_forgets_stop_handlers() -> None:
+    """In a child forked from the agent without exec (pyroute2 forks to enter a netns, then
+    stops it with SIGTERM): the stop signals get their defaults back and stop writing to the
+    event loop's wakeup fd, which the child shares with the agent; else a SIGTERM sent to the
+    child reaches the agent's loop as if the agent had got it, and the agent stops."""
+    signal.set_wakeup_fd(-1)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 class AgentServer:
     def __init__(self, config: Config, app_factory):
         self._config = config
@@ -81,7 +95,8 @@ class AgentServer:
         async def main():
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            os.register_at_fork(after_in_child=_child_forgets_stop_handlers)
+            for sig in STOP_SIGNALS:
                 loop.add_signal_handler(sig, stop.set)
             log.info("nodeagent serving", extra={"listen": api.listen, "tls": bool(api.tls_cert)})
             task = loop.create_task(server.serve(sock, stop))

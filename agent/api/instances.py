@@ -25,7 +25,7 @@ def list_instances():
 @route(bp, "GET", "/v1/instances/{id}", summary="One instance (by id or name)",
        responses={200: models.Instance, 404: None})
 def get_instance(id):
-    inst = services().instances.get(path_id(id))
+    inst = services().instances.get(path_id(id)).to_dict()
     return render(inst if caller_is_admin() else {**inst, "error": redact(inst["error"])})
 
 

@@ -26,6 +26,7 @@ class Services:
         from agent.services.host import HostService
         from agent.services.images import ImageService
         from agent.services.instances import InstanceService
+        from agent.services.records import InstanceRecords
         from agent.migration import MigrationService
 
         self.config = config
@@ -36,6 +37,7 @@ class Services:
         self.events = EventBus()
         self.tokens = Tokens(self.db)
         self.operations = Operations(self.db, self.events, workers=config.workers)
+        self.records = InstanceRecords(self.db, self.events)  # the only reader/writer of `instances`
         self._lock = threading.Lock()
         self._pools = None
         self._store = None

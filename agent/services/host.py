@@ -93,7 +93,7 @@ class HostService:
             "container_runtime": self.root.config.containers.runtime,
             "cpus": cpus, "memory_bytes": mem, "pools": pools,
             "capacity": {"cpus": cpus, "memory_bytes": mem,
-                         "instances": len(self.root.db.query("SELECT id FROM instances")),
+                         "instances": self.root.records.count(),
                          "storage_available_bytes": sum((p["usage"] or {}).get("available", 0) for p in pools)},
             "versions": {k: v for k, v in versions.items() if v},
         }

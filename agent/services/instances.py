@@ -3,7 +3,9 @@
 Every change to one instance happens under that instance's lock; there is no global
 lock around slow work, so creates of different instances run in parallel up to the
 operation pool size. A create that fails (or is cancelled, or is cut by a crash)
-removes everything it made: domain or container, volumes, seed, and the row itself.
+removes everything it made: domain or container, volumes, seed, and the record itself.
+The records are read and written through ``root.records`` (agent/services/records.py),
+which announces every change as a lifecycle event.
 
 Removal is best-effort per step and never leaves a record stuck: a step that fails (a
 component is down) turns the instance into state ``error`` with what is left named in its
@@ -13,11 +15,9 @@ create a crash cut (state ``creating``).
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import shutil
-import sqlite3
 import threading
 import time
 import uuid
@@ -26,10 +26,9 @@ from agent import models
 from agent.errors import redact as redact_text
 from agent.errors import AgentError, Conflict, NotFound, Unavailable, Unprocessable, Unsupported
 from agent.services.assembly import mac_for, root_volume
+from agent.services.records import Instance
 
 log = logging.getLogger(__name__)
-
-CLEANUP_KEY = "cleanup_pending"  # in a record's spec: its removal failed part-way; retried at start
 
 
 def _msg(e: Exception) -> str:
@@ -42,12 +41,6 @@ def _missing_ok(fn, path, exc_info) -> None:
         raise exc_info[1]
 
 
-def _row(r) -> dict:
-    spec = json.loads(r["spec"])
-    return {"id": r["id"], "name": r["name"], "kind": r["kind"], "image": r["image"], "state": r["state"],
-            "pool": r["pool"], "cpus": spec.get("cpus", 1), "memory_mib": spec.get("memory_mib", 0),
-            "volumes": json.loads(r["volumes"]), "ip": r["ip"], "mac": r["mac"], "node": r["node"],
-            "error": r["error"], "created_at": r["created_at"], "updated_at": r["updated_at"]}
 
 
 class InstanceService:
@@ -55,61 +48,44 @@ class InstanceService:
         self.root = root
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()  # guards the dict only, never held during work
-        self._generations = itertools.count(1)  # next() is atomic: no lost bumps between threads
-        self._generation = 0  # bumped after every instance write; keys the rendered-list cache
-        self._list_cache: tuple[int, bytes] | None = None
+        self._list_cache: tuple[tuple[int, bool], bytes] | None = None
 
     @property
-    def db(self):
-        return self.root.db
+    def records(self):
+        """The instance records (agent/services/records.py): the only way to the table."""
+        return self.root.records
 
     def lock(self, inst_id: str) -> threading.Lock:
         with self._locks_lock:
             return self._locks.setdefault(inst_id, threading.Lock())
 
     # -- reads --
-    def list(self) -> list[dict]:
-        return [_row(r) for r in self.db.query("SELECT * FROM instances ORDER BY created_at")]
+    def list(self) -> list[Instance]:
+        return self.records.list()
 
     def list_json(self, *, redact: bool = False) -> bytes:
         """``{"instances": [...]}`` rendered once per change: the control plane polls this a lot.
         With ``redact`` (a reader token) errors carry no host paths."""
-        gen = self._generation
+        gen = self.records.generation
         cached = self._list_cache
         if cached is not None and cached[0] == (gen, redact):
             return cached[1]
-        rows = self.list()
+        rows = [i.to_dict() for i in self.list()]
         if redact:
             rows = [{**i, "error": redact_text(i["error"])} for i in rows]
         body = json.dumps({"instances": rows}, separators=(",", ":")).encode()
         self._list_cache = ((gen, redact), body)
         return body
 
-    def _changed(self) -> None:
-        self._generation = next(self._generations)
-
-    def get(self, ref: str) -> dict:
-        r = self.db.one("SELECT * FROM instances WHERE id=? OR name=?", (ref, ref))
-        if r is None:
+    def get(self, ref: str) -> Instance:
+        """The record of the instance whose id or name is ``ref``; NotFound if none."""
+        inst = self.records.find(ref)
+        if inst is None:
             raise NotFound(f"instance {ref!r} not found")
-        return _row(r)
-
-    def _spec(self, inst_id: str) -> dict:
-        return json.loads(self.db.one("SELECT spec FROM instances WHERE id=?", (inst_id,))["spec"])
+        return inst
 
     def counts(self) -> list[tuple[str, str, int]]:
-        return [(r["kind"], r["state"], r["n"]) for r in self.db.query(
-            "SELECT kind, state, count(*) AS n FROM instances GROUP BY kind, state")]
-
-    def _update(self, inst_id: str, **cols) -> dict:
-        cols["updated_at"] = time.time()
-        sets = ", ".join(f"{k}=?" for k in cols)
-        self.db.execute(f"UPDATE instances SET {sets} WHERE id=?", (*cols.values(), inst_id))
-        self._changed()
-        inst = self.get(inst_id)
-        self.root.events.publish("lifecycle", {"instance": inst["id"], "name": inst["name"],
-                                               "state": inst["state"]})
-        return inst
+        return self.records.counts()
 
     # -- create --
     def create(self, req: models.InstanceCreate) -> dict:
@@ -130,17 +106,11 @@ class InstanceService:
         spec = req.model_dump()
         spec["image_id"] = image.id
         now = time.time()
-        try:
-            self.db.execute(
-                "INSERT INTO instances(id, name, kind, image, spec, state, pool, volumes, mac, node, "
-                "created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                (inst_id, req.name, req.kind, image.id, json.dumps(spec), "creating", pool,
-                 json.dumps(volumes), mac_for(inst_id) if req.kind == "vm" else None,
-                 self.root.host.hostname(), now, now))
-        except sqlite3.IntegrityError:
-            raise Conflict(f"an instance named {req.name!r} exists: pick another name or delete it") from None
-        self._changed()
-        self.root.events.publish("lifecycle", {"instance": inst_id, "name": req.name, "state": "creating"})
+        if not self.records.insert(Instance(
+                id=inst_id, name=req.name, kind=req.kind, image=image.id, state="creating", pool=pool, spec=spec,
+                volumes=tuple(volumes), mac=mac_for(inst_id) if req.kind == "vm" else None,
+                node=self.root.host.hostname(), created_at=now, updated_at=now)):
+            raise Conflict(f"an instance named {req.name!r} exists: pick another name or delete it")
 
         def work(op):
             with self.lock(inst_id):
@@ -155,7 +125,7 @@ class InstanceService:
                         state, ip = info.state, info.ip
                 except BaseException as e:
                     try:
-                        self._destroy(inst_id)
+                        self.destroy(inst_id)
                     except Exception as cleanup:  # the record is in state error now; report the cause
                         log.warning("a failed create could not remove everything it made",
                                     extra={"instance": req.name, "error": str(cleanup)})
@@ -163,32 +133,32 @@ class InstanceService:
                             e.message += f" (cleanup incomplete, instance left in state error: {_msg(cleanup)})"
                             e.args = (e.message,)
                     raise
-                return {"instance": self._update(inst_id, state=state, ip=ip)}
+                return {"instance": self.records.update(inst_id, state=state, ip=ip).to_dict()}
 
         try:
             return self.root.operations.submit("instance.create", inst_id, work)
         except BaseException:
-            self.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
-            self._changed()
+            self.records.delete(inst_id)
             raise
 
-    def _instance_dir(self, inst_id: str):
+    def instance_dir(self, inst_id: str):
         """The instance's own dir (agent.services.assembly)."""
         return self.root.assembly.instance_dir(inst_id)
 
-    def _release_address(self, inst_id: str) -> bool:
+    def release_address(self, inst_id: str) -> bool:
+        """Give the VM's address lease back; False if it held none (or there is no host network)."""
         return self.root.assembly.release_address(inst_id)
 
-    def _destroy(self, inst_id: str) -> bool:
-        """Remove the workload, its volumes, its files and its row; each step tolerates absence.
+    def destroy(self, inst_id: str) -> bool:
+        """Remove the workload, its volumes, its files and its record; each step tolerates absence.
         Best-effort: if a step fails, the ones that do not depend on it still run, the record
         stays in state ``error`` naming what is left (marked for the retry at start) and the
         first failure is raised. Volumes and files are kept while the workload may still use
-        them (it could not be removed). False if the record was already gone."""
-        r = self.db.one("SELECT * FROM instances WHERE id=?", (inst_id,))
-        if r is None:
+        them (it could not be removed). False if the record was already gone. The caller
+        holds the instance's lock (or owns the record, as a create or a recovery does)."""
+        inst = self.records.find_id(inst_id)
+        if inst is None:
             return False
-        inst = _row(r)
         failures: list[tuple[str, Exception]] = []
 
         def step(what: str, fn) -> bool:
@@ -199,57 +169,48 @@ class InstanceService:
                 failures.append((what, e))
                 return False
 
-        if inst["kind"] == "vm":
-            gone = step(f"VM {inst['name']!r}", lambda: self.root.driver.delete(inst["name"]))
+        if inst.kind == "vm":
+            gone = step(f"VM {inst.name!r}", lambda: self.root.driver.delete(inst.name))
             if gone:
-                step("its address lease", lambda: self._release_address(inst_id))
+                step("its address lease", lambda: self.release_address(inst_id))
         else:
-            gone = step(f"container {inst['name']!r}", lambda: self.root.runtime.delete(inst["name"]))
+            gone = step(f"container {inst.name!r}", lambda: self.root.runtime.delete(inst.name))
         if gone:
-            for vol in inst["volumes"]:
-                step(f"volume {vol!r} in pool {inst['pool']!r}", lambda vol=vol: self._release_volume(inst, vol))
+            for vol in inst.volumes:
+                step(f"volume {vol!r} in pool {inst.pool!r}", lambda vol=vol: self._release_volume(inst, vol))
             step("its files", lambda: shutil.rmtree(self.root.config.state_path / "instances" / inst_id,
                                                     onerror=_missing_ok))
         if failures:
             left = "; ".join(f"{what}: {_msg(e)}" for what, e in failures)
-            self._mark_cleanup(inst_id)
-            self._update(inst_id, state="error",
+            self.records.mark_cleanup(inst_id)
+            self.records.update(inst_id, state="error",
                          error=f"not fully removed ({left}); fix that, then DELETE it again "
                                "(the agent also retries at start)")
             first = failures[0][1]
             if isinstance(first, AgentError):
                 raise first
-            raise Unavailable(f"instance {inst['name']!r} could not be fully removed: {left}") from first
-        self.db.execute("DELETE FROM instances WHERE id=?", (inst_id,))
-        self._changed()
-        self.root.events.publish("lifecycle", {"instance": inst_id, "name": inst["name"], "state": "deleted"})
+            raise Unavailable(f"instance {inst.name!r} could not be fully removed: {left}") from first
+        self.records.delete(inst_id)
         return True
 
-    def _release_volume(self, inst: dict, vol: str) -> None:
+    def _release_volume(self, inst: Instance, vol: str) -> None:
         try:
-            self.root.store.release(inst["pool"], vol)
+            self.root.store.release(inst.pool, vol)
         except Unavailable:
             if self._volume_recorded(inst, vol):
                 raise
             # never made (a create that failed to reach the pool, e.g. a wrong Ceph key):
             # the store holds no reference, so there is nothing to remove there
 
-    def _being_removed(self, inst: dict) -> bool:
+    @staticmethod
+    def _being_removed(inst: Instance) -> bool:
         """Deleting, or in state error with its removal pending: no longer a workload to adopt."""
-        return inst["state"] == "deleting" or \
-            inst["state"] == "error" and bool(self._spec(inst["id"]).get(CLEANUP_KEY))
+        return inst.state == "deleting" or inst.state == "error" and inst.cleanup_pending
 
-    def _mark_cleanup(self, inst_id: str) -> None:
-        """Note in the record's spec that its removal is pending (retried at start)."""
-        spec = self._spec(inst_id)
-        if not spec.get(CLEANUP_KEY):
-            spec[CLEANUP_KEY] = True
-            self.db.execute("UPDATE instances SET spec=? WHERE id=?", (json.dumps(spec), inst_id))
-
-    def _volume_recorded(self, inst: dict, volume: str) -> bool:
+    def _volume_recorded(self, inst: Instance, volume: str) -> bool:
         """True if the image store recorded ``volume`` (made, or being made) for ``inst``."""
         try:
-            return (inst["pool"], volume) in self.root.store.references(inst["image"])
+            return (inst.pool, volume) in self.root.store.references(inst.image)
         except NotFound:
             return False
 
@@ -257,39 +218,39 @@ class InstanceService:
         """Mark the record ``deleting`` (a crash from here on is finished at the next start),
         then remove everything; a step that fails leaves it in state ``error`` (retry)."""
         inst = self.get(ref)
-        if inst["state"] == "creating":
-            raise Conflict(f"instance {inst['name']!r} is being created: cancel or wait for its operation")
-        with self.lock(inst["id"]):
-            r = self.db.one("SELECT state FROM instances WHERE id=?", (inst["id"],))
-            if r is None:
+        if inst.state == "creating":
+            raise Conflict(f"instance {inst.name!r} is being created: cancel or wait for its operation")
+        with self.lock(inst.id):
+            now = self.records.find_id(inst.id)
+            if now is None:
                 return False
-            if r["state"] == "creating":  # a create took the lock first
-                raise Conflict(f"instance {inst['name']!r} is being created: cancel or wait for its operation")
-            self._update(inst["id"], state="deleting")
-            return self._destroy(inst["id"])
+            if now.state == "creating":  # a create took the lock first
+                raise Conflict(f"instance {inst.name!r} is being created: cancel or wait for its operation")
+            self.records.update(inst.id, state="deleting")
+            return self.destroy(inst.id)
 
     # -- actions --
     def action(self, ref: str, req: models.InstanceAction) -> dict:
         inst = self.get(ref)
-        if inst["state"] == "creating":
-            raise Conflict(f"instance {inst['name']!r} is being created: wait for its operation")
+        if inst.state == "creating":
+            raise Conflict(f"instance {inst.name!r} is being created: wait for its operation")
         if self._being_removed(inst):
-            raise Conflict(f"instance {inst['name']!r} is being removed ({inst['state']}): DELETE it "
+            raise Conflict(f"instance {inst.name!r} is being removed ({inst.state}): DELETE it "
                            "(again) to finish")
-        if inst["kind"] == "container" and req.action in ("pause", "resume") \
+        if inst.kind == "container" and req.action in ("pause", "resume") \
                 and not hasattr(self.root.runtime, req.action):
             raise Unsupported(f"the {self.root.config.containers.runtime} runtime cannot {req.action} containers")
-        inst_id, name = inst["id"], inst["name"]
+        inst_id, name = inst.id, inst.name
 
         def work(op):
             with self.lock(inst_id):
                 op.phase(req.action)
-                if inst["kind"] == "vm":
+                if inst.kind == "vm":
                     info = self._vm_action(name, req)
                 else:
                     info = self._container_action(name, req)
-                return {"instance": self._update(inst_id, state=info.state,
-                                                 **({"ip": info.ip} if getattr(info, "ip", None) else {}))}
+                return {"instance": self.records.update(
+                    inst_id, state=info.state, **({"ip": info.ip} if getattr(info, "ip", None) else {})).to_dict()}
 
         return self.root.operations.submit(f"instance.{req.action}", inst_id, work)
 
@@ -322,30 +283,30 @@ class InstanceService:
     # -- exec, logs, stats --
     def exec(self, ref: str, req: models.ExecRequest) -> dict:
         inst = self.get(ref)
-        if inst["kind"] != "container":
+        if inst.kind != "container":
             raise Unprocessable("exec works on containers only: use the VM's console or ssh")
-        res = self.root.runtime.exec(inst["name"], list(req.command), timeout=req.timeout)
+        res = self.root.runtime.exec(inst.name, list(req.command), timeout=req.timeout)
         return {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr,
                 "truncated": res.truncated, "timed_out": res.timed_out}
 
     def logs(self, ref: str, tail: int | None) -> str:
         inst = self.get(ref)
-        if inst["state"] == "creating":
+        if inst.state == "creating":
             return ""
-        if inst["kind"] == "vm":
-            return self.root.driver.console_log(inst["name"], tail=tail)
-        return self.root.runtime.logs(inst["name"], tail=tail)
+        if inst.kind == "vm":
+            return self.root.driver.console_log(inst.name, tail=tail)
+        return self.root.runtime.logs(inst.name, tail=tail)
 
     def stats(self, ref: str) -> dict:
         inst = self.get(ref)
-        if inst["state"] == "creating":
-            raise Conflict(f"instance {inst['name']!r} is being created: no stats yet")
-        if inst["kind"] == "vm":
-            s = self.root.driver.stats(inst["name"])
+        if inst.state == "creating":
+            raise Conflict(f"instance {inst.name!r} is being created: no stats yet")
+        if inst.kind == "vm":
+            s = self.root.driver.stats(inst.name)
             out = {"cpu_ns": s.get("cpu_time_ns"), "memory_bytes": s.get("memory_bytes"),
                    "io": s.get("disk") or {}, "net": s.get("net") or {}}
         else:
-            s = self.root.runtime.stats(inst["name"])
+            s = self.root.runtime.stats(inst.name)
             out = {"cpu_ns": s.get("cpu_ns"), "memory_bytes": s.get("memory_bytes"), "pids": s.get("pids"),
                    "io": s.get("io") or {}, "net": s.get("net") or {}}
         out["io"] = {k: int(v) for k, v in out["io"].items() if isinstance(v, (int, float))}
@@ -358,17 +319,16 @@ class InstanceService:
         half-deleted ('deleting'), and retry removals that failed before (state 'error',
         marked). One that still cannot be removed stays in state 'error'."""
         n = 0
-        for r in self.db.query("SELECT id, name, state, spec FROM instances "
-                               "WHERE state IN ('creating', 'deleting', 'error')"):
-            if r["state"] == "error" and not json.loads(r["spec"]).get(CLEANUP_KEY):
+        for inst in self.records.list(states=("creating", "deleting", "error")):
+            if inst.state == "error" and not inst.cleanup_pending:
                 continue  # an error of another kind (e.g. a migration's): the operator decides
             try:
-                self._destroy(r["id"])
+                self.destroy(inst.id)
                 n += 1
                 log.info("removed an instance a crash or a failure left behind",
-                         extra={"instance": r["name"], "state": r["state"]})
-            except Exception as e:  # noqa: BLE001 - _destroy marked it error, with what is left
-                log.warning("cannot remove an instance left behind yet", extra={"instance": r["name"],
+                         extra={"instance": inst.name, "state": inst.state})
+            except Exception as e:  # noqa: BLE001 - destroy marked it error, with what is left
+                log.warning("cannot remove an instance left behind yet", extra={"instance": inst.name,
                                                                                   "error": str(e)})
         return n
 
@@ -377,7 +337,7 @@ class InstanceService:
         rows = self.list()
         for kind, lister in (("vm", lambda: self.root.driver.list()),
                              ("container", lambda: self.root.runtime.list())):
-            mine = [i for i in rows if i["kind"] == kind and not self._being_removed(i)]
+            mine = [i for i in rows if i.kind == kind and not self._being_removed(i)]
             if not mine:
                 continue
             try:
@@ -389,11 +349,11 @@ class InstanceService:
                 log.warning("cannot reconcile instances", extra={"kind": kind, "error": str(e)})
                 continue
             for inst in mine:
-                info = seen.get(inst["name"])
+                info = seen.get(inst.name)
                 if info is None:
-                    if inst["state"] != "lost":
-                        self._update(inst["id"], state="lost",
-                                     error=f"the {kind} was not found on this host after the agent restarted")
-                elif info.state != inst["state"] or inst["state"] == "lost":
-                    self._update(inst["id"], state=info.state, error=None,
-                                 **({"ip": info.ip} if getattr(info, "ip", None) else {}))
+                    if inst.state != "lost":
+                        self.records.update(inst.id, state="lost",
+                                            error=f"the {kind} was not found on this host after the agent restarted")
+                elif info.state != inst.state or inst.state == "lost":
+                    self.records.update(inst.id, state=info.state, error=None,
+                                        **({"ip": info.ip} if getattr(info, "ip", None) else {}))

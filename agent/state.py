@@ -7,6 +7,7 @@ ever get appended.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 BUSY_TIMEOUT_MS = 30_000  # writers wait for each other instead of failing
+DB_MODE = 0o600  # instance specs hold env and user_data: root's only (SQLite gives -wal/-shm the same)
 
 
 class Database:
@@ -23,6 +25,10 @@ class Database:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, DB_MODE))
+            for suffix in ("", "-wal", "-shm"):  # state dirs made before: tightened too
+                if os.path.exists(self.path + suffix):
+                    os.chmod(self.path + suffix, DB_MODE)
         self._local = threading.local()
         self._lock = threading.Lock()  # serialises apply_schema only
         with self.tx() as c:

@@ -37,6 +37,7 @@ from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits
                                 PortMap, Rootfs)
 from storage import mounts
 
+BUNDLES_MODE = 0o700  # config.json holds the container's env: root's only
 SCHEMA_STEPS = [
     """CREATE TABLE containers (
          name TEXT PRIMARY KEY, spec TEXT NOT NULL, limits TEXT NOT NULL,
@@ -97,7 +98,9 @@ class RuncRuntime:
         self.rtag = short_hash(self.state_dir, 4)
         self.cgroup_parent = cgroup_parent
         self.runc_root = os.path.join(self.state_dir, "runc")
-        os.makedirs(os.path.join(self.state_dir, "containers"), exist_ok=True)
+        bundles = os.path.join(self.state_dir, "containers")
+        os.makedirs(bundles, mode=BUNDLES_MODE, exist_ok=True)
+        os.chmod(bundles, BUNDLES_MODE)
         os.makedirs(self.runc_root, exist_ok=True)
         os.makedirs(self._sock_dir(), exist_ok=True)  # conmon needs it
         db.apply_schema("containers", SCHEMA_STEPS)

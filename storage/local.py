@@ -31,6 +31,7 @@ from storage import qemu_img
 from storage.backend import DISK_FORMATS, BlobInfo, Progress, Usage, Volume, VolumeSpec
 from storage.validate import check_volume_spec, parse_digest
 
+POOL_DIR_MODE = 0o711  # traversable, not listable
 COPY_CHUNK = 8 * 1024 * 1024  # 8 MiB: big enough that syscalls and hashing calls amortise
 TMP_PREFIX = ".tmp-"
 RECORD_TMP_SUFFIX = ".json.tmp"  # a volume record being written
@@ -51,6 +52,8 @@ class LocalBackend:
         self.volume_dir = os.path.join(path, "volumes")
         os.makedirs(self.blob_dir, exist_ok=True)
         os.makedirs(self.volume_dir, exist_ok=True)
+        for d in (self.volume_dir, os.path.dirname(self.blob_dir)):  # tenants' disks: not listed by other users;
+            os.chmod(d, POOL_DIR_MODE)  # QEMU (another user) opens them by path
         self._lock = threading.Lock()
         self._writing: set[str] = set()  # temp files our writes are using (sweep_temp skips them)
 

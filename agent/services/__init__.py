@@ -19,6 +19,7 @@ from agent.operations import Operations
 from agent.state import Database
 
 log = logging.getLogger(__name__)
+STATE_DIR_MODE = 0o711  # nobody else lists it; QEMU (another user) reaches its disks and seeds by path
 
 
 class Services:
@@ -31,6 +32,7 @@ class Services:
 
         self.config = config
         config.state_path.mkdir(parents=True, exist_ok=True)
+        config.state_path.chmod(STATE_DIR_MODE)
         if config.images.import_dirs is None:  # the default import dir: root-only, like the state dir
             (config.state_path / "import").mkdir(mode=0o700, exist_ok=True)
         self.db = db or Database(config.db_path)

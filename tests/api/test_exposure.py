@@ -23,8 +23,14 @@ def test_the_seed_and_the_instance_dirs_are_root_only(app):  # noqa: F811
     assert op["status"] == "succeeded", op
     d = root.config.state_path / "instances" / op["target"]
     assert stat.S_IMODE((d / "seed.iso").stat().st_mode) == 0o600
-    for path in (d, d.parent):  # QEMU (another user) traverses them; nobody else lists them
+    for path in (d, d.parent, root.config.state_path,  # QEMU (another user) traverses them; nobody else lists them
+                 root.config.state_path.parent / "pool" / "volumes", root.config.state_path.parent / "pool" / "blobs"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o711, path
+    # the records hold env and user_data
+    assert stat.S_IMODE(root.config.db_path.stat().st_mode) == 0o600
+    for suffix in ("-wal", "-shm"):
+        p = root.config.db_path.with_name(root.config.db_path.name + suffix)
+        assert not p.exists() or stat.S_IMODE(p.stat().st_mode) == 0o600, p
 
 
 def _reader(app):  # noqa: F811

@@ -264,9 +264,10 @@ def host_nameservers(path: str = "/etc/resolv.conf") -> list[str]:
 
 
 def write_bundle(bundle_dir: str, config: dict) -> str:
+    """Write config.json, root's only (0600): it holds the container's env. runc reads it as root."""
     path = os.path.join(bundle_dir, "config.json")
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
         json.dump(config, f, indent=1)
     os.replace(tmp, path)
     return path

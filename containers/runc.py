@@ -37,7 +37,7 @@ from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits
                                 PortMap, Rootfs)
 from storage import mounts
 
-BUNDLES_MODE = 0o700  # config.json holds the container's env: root's only
+BUNDLES_MODE = 0o711  # not listable; traversable by a user namespace's root (config.json itself is 0600)
 SCHEMA_STEPS = [
     """CREATE TABLE containers (
          name TEXT PRIMARY KEY, spec TEXT NOT NULL, limits TEXT NOT NULL,

@@ -64,8 +64,12 @@ def make_runtime(kind: str, tmp_path):
 
 
 def test_network() -> tuple[str, str]:
-    """A bridge name and a /24 of 198.19.0.0/16 (test-only range) unique to this call."""
-    n = random.randrange(100, 200)
+    """A bridge name and a /24 of 198.19.0.0/16 (test-only range) that no interface of this
+    host uses now (a parallel run or a killed one's leftover bridge would make two routes)."""
+    import subprocess
+    used = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    free = [n for n in range(100, 250) if f" 198.19.{n}." not in used]
+    n = random.choice(free or [random.randrange(100, 250)])
     return f"natst{secrets.token_hex(3)}", f"198.19.{n}.0/24"
 
 

@@ -92,3 +92,17 @@ def test_exec_timeout_kills_the_command_and_what_it_started(rt, tmp_path):
     assert alive == [], ps
     assert "sleep 1000" in ps  # the container's own process is untouched
     assert rt.get("slow").state == "running"
+
+
+def test_a_containers_env_is_root_only_on_the_host(rt, tmp_path):
+    """config.json holds the env (secrets): other host users can neither list bundles nor read it."""
+    import stat
+    spec = make_spec(rt, tmp_path, "secretive", ("sleep", "1000"))
+    rt.create(spec)
+    try:
+        bundles = os.path.join(rt.state_dir, "containers")
+        assert stat.S_IMODE(os.stat(bundles).st_mode) == 0o711
+        configs = [os.path.join(d, "config.json") for d, _, files in os.walk(bundles) if "config.json" in files]
+        assert configs and all(stat.S_IMODE(os.stat(c).st_mode) == 0o600 for c in configs), configs
+    finally:
+        rt.delete("secretive")

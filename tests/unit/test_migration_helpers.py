@@ -26,7 +26,7 @@ def test_rewrite_xml_moves_disks_and_console_to_destination_paths():
 
 
 def test_prune_removes_what_the_source_deleted(tmp_path):
-    from agent.migration import prune_rootfs, rootfs_paths
+    from agent.migration.transfer import prune_rootfs, rootfs_paths
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "a").write_text("a")
     (tmp_path / "gone").mkdir()
@@ -54,7 +54,7 @@ def test_only_configured_peers_with_admin_tokens_are_accepted(tmp_path):
 
 def test_a_full_peer_is_insufficient_resources_and_others_keep_their_codes():
     from agent.errors import CommandFailed, Conflict, InsufficientResources, NotFound
-    from agent.migration import peer_error
+    from agent.migration.peer import peer_error
     e = peer_error("h2", 507, "pool 'default' on x has 0.0 MiB free")
     assert isinstance(e, InsufficientResources) and e.http_status == 507
     assert e.message == "destination 'h2' is out of space: pool 'default' on x has 0.0 MiB free"
@@ -64,7 +64,7 @@ def test_a_full_peer_is_insufficient_resources_and_others_keep_their_codes():
 
 
 def test_allocated_bytes_counts_what_a_copy_writes_not_holes(tmp_path):
-    from agent.migration import allocated_bytes
+    from agent.migration.transfer import allocated_bytes
     sparse = tmp_path / "sparse"
     with open(sparse, "wb") as f:
         f.truncate(64 * 1024 * 1024)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections import OrderedDict
 
 from agent import models
 from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, InsufficientResources, NotFound,
@@ -24,6 +25,7 @@ FINISH_ATTEMPTS = 5  # confirming is retried: the guest already runs there
 FINISH_RETRY_S = 2
 CRIU_CHECK_TIMEOUT_S = 30
 INSTANCE_FIELDS = ("id", "name", "kind", "pool", "volumes", "mac", "ip")  # what the destination's record keeps
+RECENT_MIGRATIONS = 256  # ended migrations whose last figures GET still shows (until a restart)
 
 
 def criu_works() -> tuple[bool, str]:
@@ -45,7 +47,8 @@ class MigrationSource:
 
     def __init__(self, root, peers: Peers):
         self.root, self.peers = root, peers
-        self._live: dict[str, dict] = {}  # migration (= operation) id -> live figures
+        self._live: dict[str, dict] = {}  # running migration (= operation) id -> what it is, live figures
+        self._recent: OrderedDict[str, dict] = OrderedDict()  # the last figures of ended ones, newest last
         self._busy: set[str] = set()  # instance ids being migrated away
         self._sending: dict[str, str] = {}  # instance id being migrated away -> destination peer
         self._lock = threading.Lock()
@@ -91,7 +94,10 @@ class MigrationSource:
             self._busy.add(inst.id)
             self._sending[inst.id] = peer.name
 
+        about = {"instance": inst.id, "name": inst.name, "destination": peer.name, "mode": req.mode}
+
         def work(op):
+            self._track(op.id, about)
             try:
                 with self.root.instances.lock(inst.id):
                     if inst.kind == "vm" and self.root.driver.get(inst.name).state == "stopped":
@@ -105,15 +111,31 @@ class MigrationSource:
                     self._sending.pop(inst.id, None)
 
         try:
-            op = self.root.operations.submit("migration", inst.id, work)
+            op = self.root.operations.submit("migration", inst.id, work,
+                                             on_final=lambda final: self._ended(final["id"], about))
         except BaseException:
             with self._lock:
                 self._busy.discard(inst.id)
                 self._sending.pop(inst.id, None)
             raise
-        self._live[op["id"]] = {"instance": inst.id, "name": inst.name, "destination": peer.name,
-                                "mode": req.mode}
+        with self._lock:  # GET shows what it is while it waits for a worker, unless it ended already
+            if op["id"] not in self._recent:
+                self._live.setdefault(op["id"], dict(about))
         return op
+
+    def _track(self, op_id: str, about: dict) -> dict:
+        """The live entry of migration ``op_id``: made with ``about`` by whichever comes first,
+        its worker or ``create`` after submitting it; both fill the same dict."""
+        with self._lock:
+            return self._live.setdefault(op_id, dict(about))
+
+    def _ended(self, op_id: str, about: dict) -> None:
+        """The operation ended (its on_final hook): its entry leaves ``_live``; its last figures
+        are kept among the RECENT_MIGRATIONS most recent for GET."""
+        with self._lock:
+            self._recent[op_id] = self._live.pop(op_id, None) or dict(about)
+            while len(self._recent) > RECENT_MIGRATIONS:
+                self._recent.popitem(last=False)
 
     def get(self, mig_id: str) -> dict:
         try:
@@ -122,7 +144,8 @@ class MigrationSource:
             op = None
         if op is None or op["kind"] != "migration":
             raise NotFound(f"migration {mig_id} not found")
-        live = self._live.get(mig_id, {})
+        with self._lock:
+            live = dict(self._live.get(mig_id) or self._recent.get(mig_id) or {})
         res = op["result"] or {}
         prog = op["progress"] or {}
         return {"id": op["id"], "operation": op["id"], "instance": op["target"],
@@ -155,7 +178,7 @@ class MigrationSource:
         if shared:
             body["shared_volumes"] = {v: pool.get_volume(v).uri for v in inst.volumes}
         prepared = peer.prepare(body)
-        live = self._live.setdefault(op.id, {})
+        live = self._track(op.id, {})
         down = {"failures": 0, "last": time.monotonic()}
 
         def progress(p):

@@ -74,38 +74,43 @@ class PeerClient:
         except requests.RequestException:
             return False
 
-    def prepare(self, body: dict) -> dict:
-        """The destination's answer (models.IncomingPrepared, as a dict), parsed as strictly as
-        a request: its paths and migration URI reach our hypervisor."""
+    def prepare(self, req: models.IncomingMigration) -> models.IncomingPrepared:
+        """The destination's answer, parsed as strictly as a request: its paths and migration URI
+        reach our hypervisor."""
+        body = req.model_dump(mode="json", exclude_unset=True)
         try:
             answer = self._call("POST", "/v1/peer/migrations", json=body, timeout=PREPARE_TIMEOUT_S)
         except InsufficientResources as e:
-            raise InsufficientResources(f"{e.message}; {body['instance']['name']!r} stays here, unchanged") from None
+            raise InsufficientResources(f"{e.message}; {req.instance.name!r} stays here, unchanged") from None
         try:
             return self.parse_answer(models.IncomingPrepared, answer, "prepare")
         except CommandFailed:
             try:  # it prepared something: it removes it (or does on restart, or on a retry)
-                self.abort(body["instance"]["id"])
+                self.abort(req.instance.id)
             except AgentError:
                 pass
             raise
 
-    def parse_answer(self, model, answer, what: str) -> dict:
+    def parse_answer(self, model, answer, what: str):
+        """``answer`` as a ``model``; CommandFailed (naming the problems) if it is not one."""
         from pydantic import ValidationError
         try:
-            return model.model_validate(answer).model_dump(exclude_none=True)
+            return model.model_validate(answer)
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
                                  for err in e.errors(include_url=False, include_input=False)[:5])
             raise CommandFailed(f"peer {self.name!r} gave a malformed answer to {what}: {problems}; "
                                 "nothing was done with it") from None
 
-    def finish(self, inst_id: str, body: dict) -> dict:
-        return self._call("POST", f"/v1/peer/migrations/{inst_id}/finish", json=body)
+    def finish(self, inst_id: str, req: models.IncomingFinish) -> dict:
+        """The instance's record there (models.Instance, as a dict)."""
+        answer = self._call("POST", f"/v1/peer/migrations/{inst_id}/finish",
+                            json=req.model_dump(mode="json", exclude_unset=True))
+        return self.parse_answer(models.InstanceResult, answer, "finish").instance.model_dump(mode="json")
 
     def abort(self, inst_id: str) -> bool:
         return self.parse_answer(models.Deleted, self._call("DELETE", f"/v1/peer/migrations/{inst_id}",
-                                                            timeout=ABORT_TIMEOUT_S), "abort")["deleted"]
+                                                            timeout=ABORT_TIMEOUT_S), "abort").deleted
 
     def _send(self, inst_id: str, what: str, body, content_type: str):
         """PUT a stream to /v1/peer/migrations/{id}/{what}; the response (see _taken)."""

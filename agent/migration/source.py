@@ -16,6 +16,7 @@ from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, Insuff
 from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets
 from agent.migration.peer import PeerClient, Peers
 from agent.migration.transfer import NO_SPACE, allocated_bytes, rootfs_paths
+from agent.services.records import Instance
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,37 @@ def criu_works() -> tuple[bool, str]:
         lines = (r.stderr or r.stdout).strip().splitlines()
         return False, f"`criu check` fails: {lines[-1] if lines else 'exit ' + str(r.returncode)}"
     return True, ""
+
+
+def incoming_request(inst: Instance, image, *, data_bytes: int, disk_size: int | None = None,
+                     shared_volumes: dict[str, str] | None = None) -> models.IncomingMigration:
+    """What the destination is asked to prepare (``POST /v1/peer/migrations``) for ``inst``:
+    checked here with the model the destination parses it with."""
+    fields = {"disk_size": disk_size, "shared_volumes": shared_volumes}
+    return _request(models.IncomingMigration, {
+        "instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
+        "spec": inst.spec_dict(), "data_bytes": data_bytes, "image_bytes": image.size,
+        "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind},
+        **{k: v for k, v in fields.items() if v is not None}}, f"instance {inst.name!r}")
+
+
+def finish_request(**fields) -> models.IncomingFinish:
+    """What the destination is asked to finish with (``POST /v1/peer/migrations/{id}/finish``)."""
+    return _request(models.IncomingFinish, fields, "the finish request")
+
+
+def _request(model, fields: dict, what: str):
+    """``fields`` as a ``model`` (parsed as the peer parses the JSON it gets); Unprocessable if
+    they are not one (the destination would refuse them the same way)."""
+    import json
+
+    from pydantic import ValidationError
+    try:
+        return model.model_validate_json(json.dumps(fields))
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                             for err in e.errors(include_url=False, include_input=False)[:5])
+        raise Unprocessable(f"{what} cannot be sent to a peer: {problems}") from None
 
 
 class MigrationSource:
@@ -163,7 +195,6 @@ class MigrationSource:
         from hypervisor.driver import MigrationOptions
         inst = self.root.instances.get(inst_id)
         name = inst.name
-        spec = inst.spec_dict()
         image = self.root.store.get(inst.image)
         pool = self.root.pools[inst.pool]
         vol = pool.get_volume(inst.volumes[0])
@@ -171,13 +202,9 @@ class MigrationSource:
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
         shared = pool.kind not in LOCAL_POOL_KINDS
-        body = {"instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
-                "spec": spec, "disk_size": vol.size, "image_bytes": image.size,
-                "data_bytes": allocated_bytes(vol.path) if pool.kind == "local" else 0,
-                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
-        if shared:
-            body["shared_volumes"] = {v: pool.get_volume(v).uri for v in inst.volumes}
-        prepared = peer.prepare(body)
+        prepared = peer.prepare(incoming_request(
+            inst, image, data_bytes=allocated_bytes(vol.path) if pool.kind == "local" else 0, disk_size=vol.size,
+            shared_volumes={v: pool.get_volume(v).uri for v in inst.volumes} if shared else None))
         live = self._track(op.id, {})
         down = {"failures": 0, "last": time.monotonic()}
 
@@ -196,15 +223,16 @@ class MigrationSource:
 
         options = MigrationOptions(
             live=(mode == "live"), copy_storage="none" if shared else "incremental",
-            disk_sources=prepared["disk_sources"], disk_attach=prepared.get("disk_attach") or {},
-            console_log=prepared.get("console_log"))
+            disk_sources=dict(prepared.disk_sources),
+            disk_attach={k: v.model_dump(exclude_none=True) for k, v in (prepared.disk_attach or {}).items()},
+            console_log=prepared.console_log)
         try:
             op.phase("migrate")
             if not peer.alive():
                 raise Unavailable(f"peer {peer.name!r} ({peer.url}) stopped answering before the copy: "
                                   f"{name!r} keeps running here; retry when it is back")
             try:
-                result = self.root.driver.migrate(name, prepared["migration_uri"], options,
+                result = self.root.driver.migrate(name, prepared.migration_uri, options,
                                                   progress=progress, cancelled=cancelled)
             except Cancelled:
                 if op.cancelled.is_set():
@@ -245,16 +273,12 @@ class MigrationSource:
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        body = {"instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
-                "spec": inst.spec_dict(), "disk_size": vol.size,
-                "data_bytes": allocated_bytes(vol.path), "image_bytes": image.size,
-                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
-        peer.prepare(body)
+        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(vol.path), disk_size=vol.size))
         try:
             op.phase("copy", bytes_total=os.path.getsize(vol.path))
             sent = peer.push_disk(inst_id, vol.path, progress=op.bytes)
             op.phase("define")
-            moved = self._confirm(peer, inst_id, {"define": True})
+            moved = self._confirm(peer, inst_id, finish_request(define=True))
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             if isinstance(e, InsufficientResources):
@@ -281,11 +305,7 @@ class MigrationSource:
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        body = {"instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
-                "spec": inst.spec_dict(),
-                "data_bytes": allocated_bytes(upper), "image_bytes": image.size,
-                "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind}}
-        peer.prepare(body)
+        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(upper)))
         was_running = self.root.runtime.get(name).state == "running"
         stopped_at = None
         sent = 0
@@ -303,7 +323,7 @@ class MigrationSource:
             sent += peer.push_rootfs(inst_id, upper, newer=since)
             keep = rootfs_paths(upper) if since is not None else None
             op.phase("confirm")
-            moved = self._confirm(peer, inst_id, {"start": was_running, "keep": keep})
+            moved = self._confirm(peer, inst_id, finish_request(start=was_running, keep=keep))
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             if stopped_at is not None:
@@ -330,12 +350,12 @@ class MigrationSource:
                         extra={"peer": peer.name, "instance": inst_id, "error": e.message,
                                "cause": str(cause)})
 
-    def _confirm(self, peer: PeerClient, inst_id: str, body: dict) -> dict:
+    def _confirm(self, peer: PeerClient, inst_id: str, req: models.IncomingFinish) -> dict:
         """Finish on the destination, retried while it is unreachable (finish is idempotent
         there: an answer lost on the way is asked for again); the last error if it stays so."""
         for attempt in range(FINISH_ATTEMPTS):
             try:
-                return peer.finish(inst_id, body)["instance"]
+                return peer.finish(inst_id, req)
             except Unavailable:
                 if attempt == FINISH_ATTEMPTS - 1:
                     raise
@@ -345,7 +365,7 @@ class MigrationSource:
         last = None
         for _ in range(FINISH_ATTEMPTS):
             try:
-                return peer.finish(inst_id, {"resume": True})["instance"]
+                return peer.finish(inst_id, finish_request(resume=True))
             except (Unavailable, CommandFailed) as e:
                 last = e
                 time.sleep(FINISH_RETRY_S)

@@ -4,10 +4,19 @@ operation ends (in process, fake drivers)."""
 from __future__ import annotations
 
 import threading
+import time
 from unittest import mock
 
 from agent.migration.source import RECENT_MIGRATIONS, MigrationSource
 from tests.api.test_lifecycle_failures import _create_vm, _wait, app  # noqa: F401 - the fixture
+
+
+def _pruned(src, timeout: float = 10) -> bool:
+    """Whether the live entries empty (on_final runs just after a waiter sees the end)."""
+    deadline = time.monotonic() + timeout
+    while src._live and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return src._live == {}
 
 
 def test_figures_the_worker_writes_before_create_returns_are_kept_and_pruned_at_the_end(app):  # noqa: F811
@@ -40,7 +49,7 @@ def test_figures_the_worker_writes_before_create_returns_are_kept_and_pruned_at_
         assert list(src._live) == [mig]
         go_on.set()
         assert _wait(client, r.json)["status"] == "succeeded"
-    assert src._live == {}, "an ended migration leaves the live entries"
+    assert _pruned(src), "an ended migration leaves the live entries"
     done = client.get(f"/v1/migrations/{mig}").json
     assert done["status"] == "succeeded" and done["destination"] == "far" and done["bytes"]["total"] == 1000
 
@@ -52,7 +61,7 @@ def test_a_failed_migration_is_pruned_and_ended_ones_are_bounded(app):  # noqa: 
     with mock.patch.object(MigrationSource, "_migrate_vm", side_effect=RuntimeError("boom")):
         r = client.post("/v1/migrations", json={"instance": "mover", "destination": "far", "mode": "live"})
         assert _wait(client, r.json)["status"] == "failed"
-    assert src._live == {}
+    assert _pruned(src)
     failed = client.get(f"/v1/migrations/{r.json['id']}").json
     assert failed["status"] == "failed" and failed["destination"] == "far" and failed["name"] == "mover"
     for i in range(RECENT_MIGRATIONS + 5):

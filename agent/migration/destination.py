@@ -2,7 +2,6 @@
 rootfs or a disk, finish, abort, fetch an image), and the cleanup after a restart."""
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ from agent import models
 from agent.errors import Conflict, InsufficientResources, NotFound, Unprocessable, Unsupported
 from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets
 from agent.migration.peer import Peers
-from agent.migration.transfer import IMAGE_CHUNK, NO_SPACE, check_disk_layer, prune_rootfs, untar_into
+from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, untar_into
 from agent.services.records import Instance
 from storage.units import MiB
 
@@ -195,46 +194,17 @@ class MigrationDestination:
 
     def receive_disk(self, caller: dict, inst_id: str, stream) -> dict:
         """A stopped VM's root disk (its qcow2 layer, as the source holds it) replaces the
-        prepared overlay, pointed at this pool's copy of the same base image."""
-        from storage import qemu_img
+        prepared overlay, pointed at this pool's copy of the same base image (the store checks
+        and writes it: ImageStore.receive_disk_layer)."""
         inst = self._incoming(inst_id, self.peers.require(caller))
         if inst.kind != "vm":
             raise Unprocessable("only VMs take a disk stream")
-        vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
-        image = self.root.store.get(inst.image)
-        base = self.root.pools[inst.pool].blob_path(vol.base) if vol.base else None
-        if not vol.path or (vol.base and not base):
-            raise Unsupported(f"pool {inst.pool!r} gives no file path for disks: an offline move needs a "
-                              "local pool")
-        tmp = os.path.join(os.path.dirname(vol.path), f".incoming-{inst_id}")
-        n = 0
         try:
-            with open(tmp, "wb") as f:
-                try:
-                    while chunk := stream.read(IMAGE_CHUNK):
-                        n += len(chunk)
-                        f.write(chunk)
-                    os.fsync(f.fileno())
-                except OSError:
-                    while stream.read(IMAGE_CHUNK):  # the sender gets our answer, not a reset
-                        pass
-                    raise
-            check_disk_layer(qemu_img.info(tmp, format="qcow2"), image, base)
-            if base:  # unsafe: the peer's backing name is replaced, never opened
-                qemu_img.rebase(tmp, base, backing_format=image.format, unsafe=True)
-            qemu_img.check(tmp, format="qcow2")  # only now: check opens the backing file
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, vol.path)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise InsufficientResources(f"pool {inst.pool!r} on {self.root.host.hostname()} "
-                                            f"({self.config.api.listen}) is full: {NO_SPACE.lower()} after "
-                                            f"{n // MiB} MiB of the disk") from None
-            raise
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return {"bytes": n}
+            return {"bytes": self.root.store.receive_disk_layer(inst.pool, inst.volumes[0], stream,
+                                                                image_ref=inst.image)}
+        except InsufficientResources as e:
+            raise InsufficientResources(f"pool {inst.pool!r} on {self.root.host.hostname()} "
+                                        f"({self.config.api.listen}) is full: {e.message}") from None
 
     def _define_stopped_vm(self, inst: Instance) -> dict:
         spec = {k: v for k, v in inst.spec_dict().items() if k != "image_id"}

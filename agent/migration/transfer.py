@@ -6,7 +6,7 @@ import errno
 import os
 import shutil
 
-from agent.errors import InsufficientResources, InvalidInput
+from agent.errors import InsufficientResources
 from storage.units import MiB
 
 IMAGE_CHUNK = 1024 * 1024
@@ -67,28 +67,6 @@ def untar_into(dest: str, stream) -> int:
         raise
     counted.drain()  # the tar's end-of-archive padding
     return counted.n
-
-
-def check_disk_layer(info: dict, image, base: str | None) -> None:
-    """InvalidInput unless ``info`` (qemu-img info of a peer's disk file, which opens neither a
-    backing nor a data file) is a plain qcow2 layer: no external data file, no encryption, and
-    no backing reference but the source's copy of ``image`` (``.../<image id>``), which the
-    caller replaces with this pool's ``base``."""
-    if info.get("format") != "qcow2":
-        raise InvalidInput(f"the disk sent is {info.get('format')!r}, not a qcow2 layer")
-    data = (info.get("format-specific") or {}).get("data") or {}
-    if data.get("data-file") or data.get("data-file-raw"):
-        raise InvalidInput(f"the disk sent uses an external data file ({data.get('data-file')!r}): refused "
-                           "(it would write to a file of this host)")
-    if data.get("encrypt") or info.get("encrypted"):
-        raise InvalidInput("the disk sent is encrypted: refused")
-    backing = info.get("backing-filename")
-    if backing is not None:
-        fmt = info.get("backing-filename-format")
-        if base is None or not backing.startswith("/") or os.path.basename(backing) != image.id \
-                or fmt not in (None, image.format):
-            raise InvalidInput(f"the disk sent has the backing file {backing[:200]!r} ({fmt}): only the "
-                               f"source's copy of image {image.id[:12]} ({image.format}) may be its base")
 
 
 def rootfs_paths(upper: str) -> list[str]:

@@ -11,3 +11,9 @@ def drop_unused_secrets(root, leaving: str) -> None:
     drop = getattr(root.driver, "delete_unused_secrets", None)
     if drop is not None and not any(i.id != leaving for i in root.records.list(states=(INCOMING,))):
         drop()
+
+
+def problems(e) -> str:
+    """The first problems of a pydantic ValidationError, in one line (no input echoed)."""
+    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                     for err in e.errors(include_url=False, include_input=False)[:5])

@@ -7,6 +7,7 @@ import subprocess
 from agent import models
 from agent.errors import (AgentError, CommandFailed, Conflict, Forbidden, InsufficientResources, NotFound,
                           Unavailable, Unprocessable)
+from agent.migration.common import problems
 from agent.migration.transfer import IMAGE_CHUNK
 
 PEER_TIMEOUT_S = 30  # one control call to a peer agent
@@ -97,9 +98,7 @@ class PeerClient:
         try:
             return model.model_validate(answer)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                                 for err in e.errors(include_url=False, include_input=False)[:5])
-            raise CommandFailed(f"peer {self.name!r} gave a malformed answer to {what}: {problems}; "
+            raise CommandFailed(f"peer {self.name!r} gave a malformed answer to {what}: {problems(e)}; "
                                 "nothing was done with it") from None
 
     def finish(self, inst_id: str, req: models.IncomingFinish) -> dict:

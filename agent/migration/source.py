@@ -2,6 +2,7 @@
 prepare there, copy (live VM, stopped VM's disk, container rootfs), finish there (retried), forget here."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,7 +14,7 @@ from collections import OrderedDict
 from agent import models
 from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, InsufficientResources, NotFound,
                           Unavailable, Unprocessable, Unsupported)
-from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets
+from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets, problems
 from agent.migration.peer import PeerClient, Peers
 from agent.migration.transfer import NO_SPACE, allocated_bytes, rootfs_paths
 from agent.services.records import Instance
@@ -63,15 +64,11 @@ def finish_request(**fields) -> models.IncomingFinish:
 def _request(model, fields: dict, what: str):
     """``fields`` as a ``model`` (parsed as the peer parses the JSON it gets); Unprocessable if
     they are not one (the destination would refuse them the same way)."""
-    import json
-
     from pydantic import ValidationError
     try:
         return model.model_validate_json(json.dumps(fields))
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                             for err in e.errors(include_url=False, include_input=False)[:5])
-        raise Unprocessable(f"{what} cannot be sent to a peer: {problems}") from None
+        raise Unprocessable(f"{what} cannot be sent to a peer: {problems(e)}") from None
 
 
 class MigrationSource:

@@ -33,6 +33,7 @@ Decisions:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -46,13 +47,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from agent.errors import AgentError, Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
+from agent.errors import (AgentError, Conflict, InsufficientResources, InvalidInput, NotFound, Unprocessable,
+                          Unsupported)
 from agent.state import Database
 from storage import oci, qemu_img, sources
 from storage.backend import DISK_FORMATS, Backend, BlobInfo, SweepsTemp, Volume, VolumeSpec
 from storage.unpack import DEFAULT_MAX_ENTRIES, layer_dir, unpack_layer_once
 from storage.validate import parse_digest
-from storage.units import GiB
+from storage.units import GiB, MiB
 
 URL_CHUNK = 1024 * 1024  # 1 MiB reads from an HTTP response
 STALE_TMP_SECONDS = 3600  # gc leaves younger temp dirs alone: an import may be using them
@@ -691,6 +693,49 @@ class ImageStore:
                             (pool, volume_name)).rowcount
         return bool(gone or n)
 
+    def receive_disk_layer(self, pool: str, volume_name: str, stream, *, image_ref: str) -> int:
+        """Replace volume ``volume_name`` (a qcow2 overlay on image ``image_ref``, in a pool that
+        gives file paths) with the qcow2 layer read from ``stream`` (another host's copy of that
+        disk), pointed at this pool's copy of the image; the bytes read. The layer is checked
+        before anything opens it (check_disk_layer): no data file, no encryption, no backing
+        file but the sender's copy of the image. InsufficientResources (pool=...) when the pool
+        fills up; the volume is untouched on any failure, and a failed stream is read to its end."""
+        img = self.get(image_ref)
+        _, backend = self._backend(pool)
+        vol = backend.get_volume(volume_name)
+        base = backend.blob_path(vol.base) if vol.base else None
+        if not vol.path or (vol.base and not base):
+            raise Unsupported(f"pool {pool!r} gives no file path for disks: an offline move needs a "
+                              "local pool")
+        tmp = os.path.join(os.path.dirname(vol.path), f".incoming-{volume_name}")
+        n = 0
+        try:
+            with open(tmp, "wb") as f:
+                try:
+                    while chunk := stream.read(URL_CHUNK):
+                        n += len(chunk)
+                        f.write(chunk)
+                    os.fsync(f.fileno())
+                except OSError:
+                    while stream.read(URL_CHUNK):  # the sender gets our answer, not a reset
+                        pass
+                    raise
+            check_disk_layer(qemu_img.info(tmp, format="qcow2"), img, base)
+            if base:  # unsafe: the sender's backing name is replaced, never opened
+                qemu_img.rebase(tmp, base, backing_format=img.format, unsafe=True)
+            qemu_img.check(tmp, format="qcow2")  # only now: check opens the backing file
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, vol.path)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientResources(f"{os.strerror(errno.ENOSPC).lower()} after {n // MiB} MiB of "
+                                            "the disk", pool=pool) from None
+            raise
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return n
+
     def adopt_volume(self, ref: str, pool: str, volume_name: str) -> Volume:
         """Record a reference to an existing volume made from image ``ref`` by another host
         on shared storage (a block pool several hosts use): a migration's destination takes
@@ -1056,3 +1101,25 @@ class _BytesReader:
         chunk = self._data[self._pos:end]
         self._pos += len(chunk)
         return chunk
+
+
+def check_disk_layer(info: dict, image: Image, base: str | None) -> None:
+    """InvalidInput unless ``info`` (qemu-img info of another host's disk file, which opens neither
+    a backing nor a data file) is a plain qcow2 layer: no external data file, no encryption, and
+    no backing reference but the sender's copy of ``image`` (``.../<image id>``), which the
+    caller replaces with this pool's ``base``."""
+    if info.get("format") != "qcow2":
+        raise InvalidInput(f"the disk sent is {info.get('format')!r}, not a qcow2 layer")
+    data = (info.get("format-specific") or {}).get("data") or {}
+    if data.get("data-file") or data.get("data-file-raw"):
+        raise InvalidInput(f"the disk sent uses an external data file ({data.get('data-file')!r}): refused "
+                           "(it would write to a file of this host)")
+    if data.get("encrypt") or info.get("encrypted"):
+        raise InvalidInput("the disk sent is encrypted: refused")
+    backing = info.get("backing-filename")
+    if backing is not None:
+        fmt = info.get("backing-filename-format")
+        if base is None or not backing.startswith("/") or os.path.basename(backing) != image.id \
+                or fmt not in (None, image.format):
+            raise InvalidInput(f"the disk sent has the backing file {backing[:200]!r} ({fmt}): only the "
+                               f"source's copy of image {image.id[:12]} ({image.format}) may be its base")

@@ -78,11 +78,11 @@ def test_a_reader_sees_instance_errors_and_request_errors_without_paths(app):  #
 
 
 def test_a_reader_sees_migration_errors_without_paths(app):  # noqa: F811
-    from agent.migration import MigrationService
+    from agent.migration.source import MigrationSource
     _, client, root = app
     reader = _reader(app)
     assert _wait(client, _create_vm(client, "mover"))["status"] == "succeeded"
-    with mock.patch.object(MigrationService, "_migrate_vm", side_effect=FAILURE):
+    with mock.patch.object(MigrationSource, "_migrate_vm", side_effect=FAILURE):
         r = client.post("/v1/migrations", json={"instance": "mover", "destination": "far", "mode": "live"})
         assert r.status_code == 202, r.json
         assert _wait(client, r.json)["status"] == "failed"

@@ -26,7 +26,7 @@ def test_rewrite_xml_moves_disks_and_console_to_destination_paths():
 
 
 def test_prune_removes_what_the_source_deleted(tmp_path):
-    from agent.migration import prune_rootfs, rootfs_paths
+    from agent.migration.transfer import prune_rootfs, rootfs_paths
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "a").write_text("a")
     (tmp_path / "gone").mkdir()
@@ -54,7 +54,7 @@ def test_only_configured_peers_with_admin_tokens_are_accepted(tmp_path):
 
 def test_a_full_peer_is_insufficient_resources_and_others_keep_their_codes():
     from agent.errors import CommandFailed, Conflict, InsufficientResources, NotFound
-    from agent.migration import peer_error
+    from agent.migration.peer import peer_error
     e = peer_error("h2", 507, "pool 'default' on x has 0.0 MiB free")
     assert isinstance(e, InsufficientResources) and e.http_status == 507
     assert e.message == "destination 'h2' is out of space: pool 'default' on x has 0.0 MiB free"
@@ -64,7 +64,7 @@ def test_a_full_peer_is_insufficient_resources_and_others_keep_their_codes():
 
 
 def test_allocated_bytes_counts_what_a_copy_writes_not_holes(tmp_path):
-    from agent.migration import allocated_bytes
+    from agent.migration.transfer import allocated_bytes
     sparse = tmp_path / "sparse"
     with open(sparse, "wb") as f:
         f.truncate(64 * 1024 * 1024)
@@ -75,3 +75,25 @@ def test_allocated_bytes_counts_what_a_copy_writes_not_holes(tmp_path):
     (d / "sub" / "f").write_bytes(b"y" * 100_000)
     assert allocated_bytes(str(d)) >= 100_000
     assert allocated_bytes(str(tmp_path / "absent")) == 0 and allocated_bytes(None) == 0
+
+
+def test_the_prepare_body_is_built_once_from_the_model_the_destination_parses():
+    from types import SimpleNamespace
+
+    from agent import models
+    from agent.migration.source import finish_request, incoming_request
+    from agent.services.records import Instance
+    inst = Instance(id="a" * 32, name="web", kind="vm", image="b" * 64, state="running", pool="default",
+                    spec={"name": "web", "kind": "vm", "image": "tiny", "memory_mib": 64, "image_id": "b" * 64},
+                    volumes=("i-aaaa-disk",), mac="52:54:00:00:00:01")
+    image = SimpleNamespace(id="b" * 64, name="tiny", format="qcow2", kind="vm", size=1000)
+    req = incoming_request(inst, image, data_bytes=5, disk_size=1 << 20)
+    assert isinstance(req, models.IncomingMigration) and req.spec.memory_mib == 64
+    body = req.model_dump(mode="json", exclude_unset=True)
+    assert body == {"instance": {"id": "a" * 32, "name": "web", "kind": "vm", "pool": "default",
+                                 "volumes": ["i-aaaa-disk"], "mac": "52:54:00:00:00:01", "ip": None},
+                    "spec": dict(inst.spec), "data_bytes": 5, "image_bytes": 1000, "disk_size": 1 << 20,
+                    "image": {"id": "b" * 64, "name": "tiny", "format": "qcow2", "kind": "vm"}}
+    assert finish_request(define=True).model_dump(exclude_unset=True) == {"define": True}
+    with pytest.raises(Unprocessable, match="keep"):
+        finish_request(keep=["/absolute"])

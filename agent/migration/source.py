@@ -1,0 +1,393 @@
+"""The source's side of a migration: it owns the instance and orchestrates (see agent.migration):
+prepare there, copy (live VM, stopped VM's disk, container rootfs), finish there (retried), forget here."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections import OrderedDict
+
+from agent import models
+from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, InsufficientResources, NotFound,
+                          Unavailable, Unprocessable, Unsupported)
+from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets, problems
+from agent.migration.peer import PeerClient, Peers
+from agent.migration.transfer import NO_SPACE, allocated_bytes, rootfs_paths
+from agent.services.records import Instance
+
+log = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 1.0  # how often the source checks the destination agent during the copy
+HEALTH_FAILURES = 3  # consecutive failed checks before the source aborts the migration
+FINISH_ATTEMPTS = 5  # confirming is retried: the guest already runs there
+FINISH_RETRY_S = 2
+CRIU_CHECK_TIMEOUT_S = 30
+INSTANCE_FIELDS = ("id", "name", "kind", "pool", "volumes", "mac", "ip")  # what the destination's record keeps
+RECENT_MIGRATIONS = 256  # ended migrations whose last figures GET still shows (until a restart)
+
+
+def criu_works() -> tuple[bool, str]:
+    """Whether ``criu check`` passes here (container live migration needs it), and why not."""
+    if not shutil.which("criu"):
+        return False, "criu is not installed"
+    try:
+        r = subprocess.run(["criu", "check"], capture_output=True, text=True, timeout=CRIU_CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return False, "`criu check` timed out"
+    if r.returncode != 0:
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        return False, f"`criu check` fails: {lines[-1] if lines else 'exit ' + str(r.returncode)}"
+    return True, ""
+
+
+def incoming_request(inst: Instance, image, *, data_bytes: int, disk_size: int | None = None,
+                     shared_volumes: dict[str, str] | None = None) -> models.IncomingMigration:
+    """What the destination is asked to prepare (``POST /v1/peer/migrations``) for ``inst``:
+    checked here with the model the destination parses it with."""
+    fields = {"disk_size": disk_size, "shared_volumes": shared_volumes}
+    return _request(models.IncomingMigration, {
+        "instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
+        "spec": inst.spec_dict(), "data_bytes": data_bytes, "image_bytes": image.size,
+        "image": {"id": image.id, "name": image.name, "format": image.format, "kind": image.kind},
+        **{k: v for k, v in fields.items() if v is not None}}, f"instance {inst.name!r}")
+
+
+def finish_request(**fields) -> models.IncomingFinish:
+    """What the destination is asked to finish with (``POST /v1/peer/migrations/{id}/finish``)."""
+    return _request(models.IncomingFinish, fields, "the finish request")
+
+
+def _request(model, fields: dict, what: str):
+    """``fields`` as a ``model`` (parsed as the peer parses the JSON it gets); Unprocessable if
+    they are not one (the destination would refuse them the same way)."""
+    from pydantic import ValidationError
+    try:
+        return model.model_validate_json(json.dumps(fields))
+    except ValidationError as e:
+        raise Unprocessable(f"{what} cannot be sent to a peer: {problems(e)}") from None
+
+
+class MigrationSource:
+    """Sending instances to peers: the migrations this host runs, and their live figures."""
+
+    def __init__(self, root, peers: Peers):
+        self.root, self.peers = root, peers
+        self._live: dict[str, dict] = {}  # running migration (= operation) id -> what it is, live figures
+        self._recent: OrderedDict[str, dict] = OrderedDict()  # the last figures of ended ones, newest last
+        self._busy: set[str] = set()  # instance ids being migrated away
+        self._sending: dict[str, str] = {}  # instance id being migrated away -> destination peer
+        self._lock = threading.Lock()
+
+    @property
+    def config(self):
+        return self.root.config
+
+    def sending_to(self, peer: str) -> list[str]:
+        """The ids of the instances this host is migrating to ``peer`` right now."""
+        with self._lock:
+            return [i for i, dest in self._sending.items() if dest == peer]
+
+    def create(self, req: models.MigrationCreate) -> dict:
+        inst = self.root.instances.get(req.instance)
+        peer = self.peers.get(req.destination)
+        if inst.state in ("creating", INCOMING):
+            raise Conflict(f"instance {inst.name!r} is {inst.state}: wait for its operation")
+        if inst.kind == "vm" and inst.state == "stopped":
+            kind = self.root.pools[inst.pool].kind
+            if kind != "local":
+                raise Unsupported(f"VM {inst.name!r} is stopped and its disk is on pool {inst.pool!r} "
+                                  f"({kind}): an offline move copies local disks only; start it and migrate "
+                                  "it live")
+        elif inst.kind == "vm":
+            if not hasattr(self.root.driver, "migrate"):
+                raise Unsupported(f"the {self.config.hypervisor.driver} driver cannot migrate VMs")
+            if inst.state not in ("running", "paused"):
+                raise Unprocessable(f"VM {inst.name!r} is {inst.state}: migration moves running, paused "
+                                    "and stopped VMs; start or stop it first")
+        else:
+            if req.mode == "live":
+                ok, why = criu_works()
+                raise Unsupported("live migration of containers needs CRIU and "
+                                  f"{why or 'CRIU restore is not wired up'} "
+                                  "on this host: use mode=refresh (sync while running, stop, final sync, start "
+                                  "there; about a second of downtime) or mode=cold")
+        if inst.kind == "vm" and req.mode == "refresh":
+            raise Unprocessable("mode=refresh is for containers: migrate VMs with mode=live or mode=cold")
+        with self._lock:
+            if inst.id in self._busy:
+                raise Conflict(f"instance {inst.name!r} is already being migrated")
+            self._busy.add(inst.id)
+            self._sending[inst.id] = peer.name
+
+        about = {"instance": inst.id, "name": inst.name, "destination": peer.name, "mode": req.mode}
+
+        def work(op):
+            self._track(op.id, about)
+            try:
+                with self.root.instances.lock(inst.id):
+                    if inst.kind == "vm" and self.root.driver.get(inst.name).state == "stopped":
+                        return self._move_stopped_vm(op, inst.id, peer)
+                    if inst.kind == "vm":
+                        return self._migrate_vm(op, inst.id, peer, req.mode)
+                    return self._migrate_container(op, inst.id, peer, req.mode)
+            finally:
+                with self._lock:
+                    self._busy.discard(inst.id)
+                    self._sending.pop(inst.id, None)
+
+        try:
+            op = self.root.operations.submit("migration", inst.id, work,
+                                             on_final=lambda final: self._ended(final["id"], about))
+        except BaseException:
+            with self._lock:
+                self._busy.discard(inst.id)
+                self._sending.pop(inst.id, None)
+            raise
+        with self._lock:  # GET shows what it is while it waits for a worker, unless it ended already
+            if op["id"] not in self._recent:
+                self._live.setdefault(op["id"], dict(about))
+        return op
+
+    def _track(self, op_id: str, about: dict) -> dict:
+        """The live entry of migration ``op_id``: made with ``about`` by whichever comes first,
+        its worker or ``create`` after submitting it; both fill the same dict."""
+        with self._lock:
+            return self._live.setdefault(op_id, dict(about))
+
+    def _ended(self, op_id: str, about: dict) -> None:
+        """The operation ended (its on_final hook): its entry leaves ``_live``; its last figures
+        are kept among the RECENT_MIGRATIONS most recent for GET."""
+        with self._lock:
+            self._recent[op_id] = self._live.pop(op_id, None) or dict(about)
+            while len(self._recent) > RECENT_MIGRATIONS:
+                self._recent.popitem(last=False)
+
+    def get(self, mig_id: str) -> dict:
+        try:
+            op = self.root.operations.get(mig_id)
+        except NotFound:
+            op = None
+        if op is None or op["kind"] != "migration":
+            raise NotFound(f"migration {mig_id} not found")
+        with self._lock:
+            live = dict(self._live.get(mig_id) or self._recent.get(mig_id) or {})
+        res = op["result"] or {}
+        prog = op["progress"] or {}
+        return {"id": op["id"], "operation": op["id"], "instance": op["target"],
+                "name": live.get("name") or res.get("name"),
+                "destination": live.get("destination") or res.get("destination"),
+                "mode": live.get("mode") or res.get("mode"), "status": op["status"],
+                "phase": prog.get("phase"),
+                "bytes": {"processed": res.get("bytes", live.get("processed")),
+                          "total": live.get("total"), "remaining": live.get("remaining")},
+                "dirty_rate": live.get("dirty_rate"),
+                "downtime_ms": res.get("downtime_ms"), "total_ms": res.get("total_ms"),
+                "error": op["error"]}
+
+    def _migrate_vm(self, op, inst_id: str, peer: PeerClient, mode: str) -> dict:
+        from hypervisor.driver import MigrationOptions
+        inst = self.root.instances.get(inst_id)
+        name = inst.name
+        image = self.root.store.get(inst.image)
+        pool = self.root.pools[inst.pool]
+        vol = pool.get_volume(inst.volumes[0])
+        op.phase("prepare")
+        if not peer.alive():
+            raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
+        shared = pool.kind not in LOCAL_POOL_KINDS
+        prepared = peer.prepare(incoming_request(
+            inst, image, data_bytes=allocated_bytes(vol.path) if pool.kind == "local" else 0, disk_size=vol.size,
+            shared_volumes={v: pool.get_volume(v).uri for v in inst.volumes} if shared else None))
+        live = self._track(op.id, {})
+        down = {"failures": 0, "last": time.monotonic()}
+
+        def progress(p):
+            live.update(processed=p.data_processed, total=p.data_total, remaining=p.data_remaining,
+                        dirty_rate=p.dirty_rate)
+            op.bytes(p.data_processed, p.data_total or None)
+
+        def cancelled() -> bool:
+            if op.cancelled.is_set():
+                return True
+            if time.monotonic() - down["last"] >= HEALTH_INTERVAL_S:
+                down["last"] = time.monotonic()
+                down["failures"] = 0 if peer.alive() else down["failures"] + 1
+            return down["failures"] >= HEALTH_FAILURES
+
+        options = MigrationOptions(
+            live=(mode == "live"), copy_storage="none" if shared else "incremental",
+            disk_sources=dict(prepared.disk_sources),
+            disk_attach={k: v.model_dump(exclude_none=True) for k, v in (prepared.disk_attach or {}).items()},
+            console_log=prepared.console_log)
+        try:
+            op.phase("migrate")
+            if not peer.alive():
+                raise Unavailable(f"peer {peer.name!r} ({peer.url}) stopped answering before the copy: "
+                                  f"{name!r} keeps running here; retry when it is back")
+            try:
+                result = self.root.driver.migrate(name, prepared.migration_uri, options,
+                                                  progress=progress, cancelled=cancelled)
+            except Cancelled:
+                if op.cancelled.is_set():
+                    raise
+                raise Unavailable(f"peer {peer.name!r} stopped answering during the migration: it was "
+                                  f"aborted and {name!r} keeps running here") from None
+            except CommandFailed as e:
+                if NO_SPACE not in e.message:
+                    raise
+                raise InsufficientResources(
+                    f"destination {peer.name!r} is out of space: its pool {inst.pool!r} filled up during "
+                    f"the disk copy ({NO_SPACE}); {name!r} keeps running here: free space on {peer.name} "
+                    "or migrate it to another host", stderr=e.message[-2000:]) from None
+        except BaseException as e:
+            self._abort_remote(peer, inst_id, e)
+            raise
+        op.point_of_no_return()
+        # the guest runs there now; only the records are left to move
+        op.phase("confirm")
+        moved = self._finish_remote(peer, inst_id, name)
+        op.phase("cleanup")
+        self._forget_local(inst_id, shared=shared)
+        log.info("instance migrated", extra={"instance": name, "destination": peer.name,
+                                             "downtime_ms": result.downtime_ms, "total_ms": result.total_ms})
+        return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
+                "downtime_ms": result.downtime_ms, "total_ms": round(result.total_ms, 1),
+                "bytes": result.data_bytes}
+
+    def _move_stopped_vm(self, op, inst_id: str, peer: PeerClient) -> dict:
+        """Offline: the destination prepares (overlay on the same base, seed, row), takes the
+        disk's own layer as a file, and defines the domain stopped; then it goes from here.
+        On failure the VM stays here (stopped, untouched) and the destination removes what it made."""
+        inst = self.root.instances.get(inst_id)
+        name = inst.name
+        image = self.root.store.get(inst.image)
+        vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
+        t0 = time.monotonic()
+        op.phase("prepare")
+        if not peer.alive():
+            raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
+        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(vol.path), disk_size=vol.size))
+        try:
+            op.phase("copy", bytes_total=os.path.getsize(vol.path))
+            sent = peer.push_disk(inst_id, vol.path, progress=op.bytes)
+            op.phase("define")
+            moved = self._confirm(peer, inst_id, finish_request(define=True))
+        except BaseException as e:
+            self._abort_remote(peer, inst_id, e)
+            if isinstance(e, InsufficientResources):
+                raise InsufficientResources(f"{e.message}; VM {name!r} stays here, stopped: free space on "
+                                            f"{peer.name} or migrate it to another host") from None
+            raise
+        op.point_of_no_return()
+        op.phase("cleanup")
+        self.root.driver.delete(name)
+        self._forget_local(inst_id)
+        log.info("stopped VM moved", extra={"instance": name, "destination": peer.name, "bytes": sent})
+        return {"instance": moved, "name": name, "destination": peer.name, "mode": "cold",
+                "downtime_ms": None, "total_ms": round((time.monotonic() - t0) * 1000, 1), "bytes": sent}
+
+    def _migrate_container(self, op, inst_id: str, peer: PeerClient, mode: str) -> dict:
+        """cold: stop, copy the upper dir, start there. refresh: copy the upper dir while it
+        runs, stop, copy what changed since (and prune what went), start there. On failure
+        the container runs here again and the destination removes what it made."""
+        inst = self.root.instances.get(inst_id)
+        name = inst.name
+        image = self.root.store.get(inst.image)
+        vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
+        upper = os.path.join(vol.path, "upper")
+        op.phase("prepare")
+        if not peer.alive():
+            raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
+        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(upper)))
+        was_running = self.root.runtime.get(name).state == "running"
+        stopped_at = None
+        sent = 0
+        try:
+            since = None
+            if mode == "refresh" and was_running:
+                op.phase("presync")
+                since = time.time() - 1  # mtime/ctime granularity: resend the last second
+                sent += peer.push_rootfs(inst_id, upper)
+            op.phase("stop")
+            if was_running:
+                stopped_at = time.monotonic()
+                self.root.runtime.stop(name, timeout=10)
+            op.phase("sync")
+            sent += peer.push_rootfs(inst_id, upper, newer=since)
+            keep = rootfs_paths(upper) if since is not None else None
+            op.phase("confirm")
+            moved = self._confirm(peer, inst_id, finish_request(start=was_running, keep=keep))
+        except BaseException as e:
+            self._abort_remote(peer, inst_id, e)
+            if stopped_at is not None:
+                self.root.runtime.start(name)
+            if isinstance(e, InsufficientResources):
+                raise InsufficientResources(f"{e.message}; container {name!r} keeps running here: free space "
+                                            f"on {peer.name} or migrate it to another host") from None
+            raise
+        op.point_of_no_return()  # it runs there now
+        downtime = (time.monotonic() - stopped_at) * 1000 if stopped_at is not None else None
+        op.phase("cleanup")
+        self.root.runtime.delete(name)
+        self._forget_local(inst_id)
+        return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
+                "downtime_ms": round(downtime, 1) if downtime is not None else None,
+                "total_ms": None, "bytes": sent}
+
+    def _abort_remote(self, peer: PeerClient, inst_id: str, cause: BaseException) -> None:
+        try:
+            peer.abort(inst_id)
+        except AgentError as e:
+            log.warning("destination could not clean up after a failed migration; it will on restart "
+                        "or when the migration is retried",
+                        extra={"peer": peer.name, "instance": inst_id, "error": e.message,
+                               "cause": str(cause)})
+
+    def _confirm(self, peer: PeerClient, inst_id: str, req: models.IncomingFinish) -> dict:
+        """Finish on the destination, retried while it is unreachable (finish is idempotent
+        there: an answer lost on the way is asked for again); the last error if it stays so."""
+        for attempt in range(FINISH_ATTEMPTS):
+            try:
+                return peer.finish(inst_id, req)
+            except Unavailable:
+                if attempt == FINISH_ATTEMPTS - 1:
+                    raise
+                time.sleep(FINISH_RETRY_S)
+
+    def _finish_remote(self, peer: PeerClient, inst_id: str, name: str) -> dict:
+        last = None
+        for _ in range(FINISH_ATTEMPTS):
+            try:
+                return peer.finish(inst_id, finish_request(resume=True))
+            except (Unavailable, CommandFailed) as e:
+                last = e
+                time.sleep(FINISH_RETRY_S)
+        self.root.records.update(inst_id, state="error",
+                                 error=f"migrated to {peer.name}, which did not confirm: it runs there; "
+                                       "delete this record")
+        raise CommandFailed(f"VM {name!r} now runs on {peer.name}, but its agent did not confirm ({last}): "
+                            f"{peer.name} adopts the VM when its agent is back (it does at start); this host's "
+                            f"record is in state error: check {name!r} on {peer.name}, then delete the record "
+                            "here (that removes only this host's record and disk)")
+
+    def _forget_local(self, inst_id: str, shared: bool = False) -> None:
+        """The instance left: its record, volumes and files go (the domain already went).
+        ``shared``: its volumes stay (the destination owns them); only our references go."""
+        inst = self.root.instances.get(inst_id)
+        if inst.kind == "vm" and self.root.driver.find(inst.name) is not None:
+            raise CommandFailed(f"VM {inst.name!r} is still defined here after its migration")
+        for vol in inst.volumes:
+            if shared:
+                self.root.store.forget_volume(inst.pool, vol)
+            else:
+                self.root.store.release(inst.pool, vol)
+        if shared:
+            drop_unused_secrets(self.root, inst_id)  # libvirt undefined the domain, not its secret
+        if inst.kind == "vm":
+            self.root.instances.release_address(inst_id)
+        shutil.rmtree(self.config.state_path / "instances" / inst_id, ignore_errors=True)
+        self.root.records.delete(inst_id, state="migrated")

@@ -1,0 +1,98 @@
+"""Moving bytes between hosts: the filesystem and stream helpers both sides use (what a copy
+writes, a peer's rootfs tar unpacked safely, a disk layer checked, an upper dir pruned)."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+
+from agent.errors import InsufficientResources
+from storage.units import MiB
+
+IMAGE_CHUNK = 1024 * 1024
+NO_SPACE = "No space left on device"  # strerror(ENOSPC), as tar, QEMU and libvirt report it
+ROOTFS_MAX_BYTES = 1024**4  # 1 TiB: what one rootfs stream may unpack to (the API caps the stream the same)
+
+
+def allocated_bytes(path: str | None) -> int:
+    """Bytes a file, or a directory tree, really occupies: what copying it writes."""
+    if not path or not os.path.exists(path):
+        return 0
+    if not os.path.isdir(path):
+        return os.stat(path).st_blocks * 512
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                n += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass  # removed while we walk (a running container)
+    return n
+
+
+class _Counted:
+    """A read()-able stream that counts what was read from it."""
+
+    def __init__(self, stream):
+        self.stream, self.n = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.n += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read to the end: the sender gets our answer, not a reset."""
+        while self.read(IMAGE_CHUNK):
+            pass
+
+
+def untar_into(dest: str, stream) -> int:
+    """Unpack a peer's tar stream of a container's upper dir into ``dest`` with the hardened
+    extractor (storage/upper.py: nothing an earlier stream left there is followed; owners,
+    modes, whiteouts and overlay xattrs kept); bytes read. A refused or failed stream is
+    drained, then raised: InvalidInput, or InsufficientResources when the pool fills up."""
+    from storage.upper import unpack_upper
+    counted = _Counted(stream)
+    try:
+        unpack_upper(counted, dest, max_bytes=ROOTFS_MAX_BYTES, label="the rootfs stream")
+    except OSError as e:
+        counted.drain()
+        if e.errno == errno.ENOSPC:
+            raise InsufficientResources(f"{dest}: {NO_SPACE.lower()} after {counted.n // MiB} MiB of the "
+                                        "rootfs") from None
+        raise
+    except BaseException:
+        counted.drain()
+        raise
+    counted.drain()  # the tar's end-of-archive padding
+    return counted.n
+
+
+def rootfs_paths(upper: str) -> list[str]:
+    """Every path under ``upper``, relative ("./a/b"), as tar names them."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(upper):
+        rel = os.path.relpath(dirpath, upper)
+        for n in dirnames + filenames:
+            out.append(os.path.normpath(os.path.join(rel, n)))
+    return out
+
+
+def prune_rootfs(upper: str, keep: set[str]) -> int:
+    """Remove what is under ``upper`` but not in ``keep`` (deleted on the source after the
+    first sync); the number removed."""
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(upper, topdown=True):
+        rel = os.path.relpath(dirpath, upper)
+        for name in list(dirnames):
+            p = os.path.normpath(os.path.join(rel, name))
+            if p not in keep:
+                shutil.rmtree(os.path.join(dirpath, name), ignore_errors=True)
+                dirnames.remove(name)
+                n += 1
+        for name in filenames:
+            if os.path.normpath(os.path.join(rel, name)) not in keep:
+                os.unlink(os.path.join(dirpath, name))
+                n += 1
+    return n

@@ -74,6 +74,7 @@ from agent import models
 from agent.services.records import Instance
 from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, Forbidden, InsufficientResources,
                           InvalidInput, NotFound, Unavailable, Unprocessable, Unsupported)
+from hypervisor.driver import SupportsIncomingDisks, SupportsMigration
 from storage.units import MiB
 
 log = logging.getLogger(__name__)
@@ -427,7 +428,7 @@ class MigrationService:
                                   f"({kind}): an offline move copies local disks only; start it and migrate "
                                   "it live")
         elif inst.kind == "vm":
-            if not hasattr(self.root.driver, "migrate"):
+            if not isinstance(self.root.driver, SupportsMigration):
                 raise Unsupported(f"the {self.config.hypervisor.driver} driver cannot migrate VMs")
             if inst.state not in ("running", "paused"):
                 raise Unprocessable(f"VM {inst.name!r} is {inst.state}: migration moves running, paused "
@@ -814,9 +815,8 @@ class MigrationService:
         seed = self.root.assembly.vm_seed(inst.id, inst.name, user_data=spec.get("user_data"),
                                           ip=self._incoming_address(inst, spec))
         root = disk_for_volume(vol, ROOT_TARGET)
-        prepare = getattr(self.root.driver, "prepare_incoming_disks", None)
-        if prepare is not None:
-            (root,) = prepare((root,))
+        if isinstance(self.root.driver, SupportsIncomingDisks):
+            (root,) = self.root.driver.prepare_incoming_disks((root,))
         attach = {k: v for k, v in root.attach.items() if k in ("monitors", "config", "user", "secret_uuid")}
         return {"disk_sources": {ROOT_TARGET: vol.uri, SEED_TARGET: seed}, "disk_attach": {ROOT_TARGET: attach},
                 "console_log": str(d / "console.log"), "migration_uri": self.migration_uri()}
@@ -843,9 +843,9 @@ class MigrationService:
     def _drop_unused_secrets(self, leaving: str) -> None:
         """The Ceph secrets no domain uses go, unless another incoming migration is under
         way here: its secret is unused until its domain arrives at the switchover."""
-        drop = getattr(self.root.driver, "delete_unused_secrets", None)
-        if drop is not None and not any(i.id != leaving for i in self.root.records.list(states=(INCOMING,))):
-            drop()
+        if isinstance(self.root.driver, SupportsIncomingDisks) and not any(
+                i.id != leaving for i in self.root.records.list(states=(INCOMING,))):
+            self.root.driver.delete_unused_secrets()
 
     def _prepare_container(self, inst, image, pool) -> dict:
         layers = self.root.store.prepare_rootfs(image.id, inst.volumes[0], pool=pool)
@@ -943,7 +943,7 @@ class MigrationService:
 
     def migration_uri(self) -> str:
         hc = self.config.hypervisor
-        if getattr(hc, "migration_uri", None):
+        if hc.migration_uri:
             return hc.migration_uri
         host = self.config.api.listen.rpartition(":")[0].strip("[]")
         return f"qemu+tcp://{host}/system"

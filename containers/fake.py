@@ -186,6 +186,11 @@ class FakeRuntime:
         with self._lock:
             return self._boxes.pop(name, None) is not None
 
+    def reconcile(self) -> dict:
+        """containers.runtime.SupportsReconcile: the fake keeps nothing outside its records
+        (no mounts, cgroups or devices), so nothing is ever left to release."""
+        return {"released": [], "veths_removed": []}
+
     def exec(self, name: str, command: list[str], *, timeout: float = 60) -> ExecResult:
         if not command or not all(isinstance(a, str) for a in command):
             raise InvalidInput("exec needs a command: a non-empty list of strings")

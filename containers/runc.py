@@ -466,8 +466,8 @@ class RuncRuntime:
         self.db.execute("DELETE FROM containers WHERE name=?", (name,))
 
     def reconcile(self) -> dict:
-        """Release the leftovers of containers that have no record (crash mid-create or
-        mid-delete): runc state, mounts, cgroups, veths, netns, leases, port rules, dirs.
+        """containers.runtime.SupportsReconcile. Release the leftovers of containers that have
+        no record (crash mid-create or mid-delete): runc state, mounts, cgroups, veths, netns, leases, port rules, dirs.
         Containers with a record are kept as they are (running or stopped). Meant for agent
         start-up, before serving requests."""
         known = {r["name"] for r in self.db.query("SELECT name FROM containers")}

@@ -55,6 +55,10 @@ class VmInfo:
 
 @runtime_checkable
 class Driver(Protocol):
+    # True when the VMs' NICs sit on the host bridge: the agent then leases their addresses
+    # from the host's network (the one the containers use); the fake's VMs touch no network
+    uses_host_network: bool
+
     def define(self, spec: VmSpec) -> VmInfo:
         """Conflict if the name exists; on failure no domain is left defined."""
 

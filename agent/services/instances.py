@@ -265,7 +265,7 @@ class InstanceService:
             return d.stop(name, force=True, timeout=req.timeout)
         if req.action == "restart":
             return d.reboot(name)
-        return getattr(d, req.action)(name)  # pause | resume
+        return d.pause(name) if req.action == "pause" else d.resume(name)
 
     def _container_action(self, name, req):
         rt = self.root.runtime

@@ -30,14 +30,12 @@ def _blueprints():
 
 def create_app(config: Config, services=None) -> Flask:
     from agent import openapi
-    from agent.metrics import Metrics
     from agent.services import Services
 
     app = Flask("nodeagent")
     app.config["NODEAGENT"] = config
     app.config["MAX_CONTENT_LENGTH"] = config.api.max_body_bytes
     root = services or Services(config)
-    root.metrics = getattr(root, "metrics", None) or Metrics(root)
     app.config["SERVICES"] = root
     for bp in _blueprints():
         app.register_blueprint(bp)

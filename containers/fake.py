@@ -28,11 +28,17 @@ import ipaddress
 import itertools
 import shlex
 import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import Conflict, InvalidInput, NotFound
 from containers import validate
 from containers.bundle import resolve_process
 from containers.runtime import ContainerInfo, ContainerSpec, ExecResult, Limits
+
+if TYPE_CHECKING:
+    from agent.state import Database
+    from containers.network import Network
 
 SIGTERM_EXIT = 128 + 15
 DEFAULT_SUBNET = "10.88.0.0/24"
@@ -85,6 +91,14 @@ class FakeRuntime:
         self._lock = threading.RLock()
         self._net = ipaddress.ip_network(subnet)
         self._pids = itertools.count(1000)
+
+    @classmethod
+    def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
+                    network: Network | None) -> FakeRuntime:
+        """agent.registry's uniform construction. The fake keeps everything in memory and
+        leases from its own default subnet: it ignores the settings, state dir, database
+        and network."""
+        return cls()
 
     # -- helpers ----------------------------------------------------------------------
     def _box(self, name: str) -> _Box:
@@ -185,6 +199,11 @@ class FakeRuntime:
     def delete(self, name: str) -> bool:
         with self._lock:
             return self._boxes.pop(name, None) is not None
+
+    def reconcile(self) -> dict:
+        """containers.runtime.SupportsReconcile: the fake keeps nothing outside its records
+        (no mounts, cgroups or devices), so nothing is ever left to release."""
+        return {"released": [], "veths_removed": []}
 
     def exec(self, name: str, command: list[str], *, timeout: float = 60) -> ExecResult:
         if not command or not all(isinstance(a, str) for a in command):

@@ -27,6 +27,8 @@ import sqlite3
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from agent.errors import (CommandFailed, Conflict, InvalidInput, NotFound, Unavailable,
                           Unsupported)
@@ -85,7 +87,11 @@ class RuncRuntime:
     def __init__(self, state_dir: str, db: Database, *, bridge: str = "nabr0",
                  subnet: str = "10.88.0.0/24", nat: bool = True,
                  cgroup_parent: str = bundle.CGROUP_PARENT, runc: str = "runc",
-                 conmon: str = "conmon", exec_output_bytes: int = EXEC_OUTPUT_BYTES):
+                 conmon: str = "conmon", exec_output_bytes: int = EXEC_OUTPUT_BYTES,
+                 network: Network | None = None):
+        """``network``: the host's bridge network, shared with the agent's VM addresses (one
+        lease table, one bridge); without it the runtime makes its own from ``bridge``,
+        ``subnet`` and ``nat`` (tests, benches)."""
         self.runc = shutil.which(runc)
         self.conmon = shutil.which(conmon)
         for tool, path in (("runc", self.runc), ("conmon", self.conmon)):
@@ -95,7 +101,7 @@ class RuncRuntime:
         self.state_dir = os.path.abspath(state_dir)
         self.db = db
         self.exec_output_bytes = exec_output_bytes
-        self.rtag = short_hash(self.state_dir, 4)
+        self.rtag = network.rtag if network is not None else short_hash(self.state_dir, 4)
         self.cgroup_parent = cgroup_parent
         self.runc_root = os.path.join(self.state_dir, "runc")
         bundles = os.path.join(self.state_dir, "containers")
@@ -104,9 +110,18 @@ class RuncRuntime:
         os.makedirs(self.runc_root, exist_ok=True)
         os.makedirs(self._sock_dir(), exist_ok=True)  # conmon needs it
         db.apply_schema("containers", SCHEMA_STEPS)
-        self.net = Network(db, bridge=bridge, subnet=subnet, nat=nat, rtag=self.rtag)
+        self.net = network or Network(db, bridge=bridge, subnet=subnet, nat=nat, rtag=self.rtag)
         self._lock = threading.Lock()  # guards _locks only
         self._locks: dict[str, threading.RLock] = {}  # one per container name
+
+    @classmethod
+    def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
+                    network: Network | None) -> RuncRuntime:
+        """agent.registry's uniform construction from ``[containers]`` (``cgroup_parent``,
+        ``exec_output_bytes``): containers' state under ``state_dir``, records in ``db``,
+        addresses from the host's ``network`` (None: one of the defaults, see __init__)."""
+        extra = {"cgroup_parent": settings["cgroup_parent"]} if settings.get("cgroup_parent") else {}
+        return cls(state_dir, db, network=network, exec_output_bytes=settings["exec_output_bytes"], **extra)
 
     def _name_lock(self, name: str) -> threading.RLock:
         """Operations on one container are serialised; different containers run in parallel
@@ -469,8 +484,8 @@ class RuncRuntime:
         self.db.execute("DELETE FROM containers WHERE name=?", (name,))
 
     def reconcile(self) -> dict:
-        """Release the leftovers of containers that have no record (crash mid-create or
-        mid-delete): runc state, mounts, cgroups, veths, netns, leases, port rules, dirs.
+        """containers.runtime.SupportsReconcile. Release the leftovers of containers that have
+        no record (crash mid-create or mid-delete): runc state, mounts, cgroups, veths, netns, leases, port rules, dirs.
         Containers with a record are kept as they are (running or stopped). Meant for agent
         start-up, before serving requests."""
         known = {r["name"] for r in self.db.query("SELECT name FROM containers")}

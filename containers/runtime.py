@@ -93,12 +93,6 @@ class Runtime(Protocol):
     def restart(self, name: str, *, timeout: float = 10) -> ContainerInfo:
         """stop(timeout) then start(); the IP lease and ports are kept."""
 
-    def pause(self, name: str) -> ContainerInfo:
-        """Freeze a running container (Conflict otherwise)."""
-
-    def resume(self, name: str) -> ContainerInfo:
-        """Thaw a paused container (Conflict otherwise)."""
-
     def delete(self, name: str) -> bool:
         """Stop if running and release everything; False if it was already gone."""
 
@@ -120,3 +114,25 @@ class Runtime(Protocol):
     def find(self, name: str) -> ContainerInfo | None: ...
 
     def list(self) -> list[ContainerInfo]: ...
+
+
+@runtime_checkable
+class SupportsPause(Protocol):
+    """Runtimes that can freeze a container's processes (the cgroup freezer) and thaw them."""
+
+    def pause(self, name: str) -> ContainerInfo:
+        """Freeze a running container (Conflict otherwise)."""
+
+    def resume(self, name: str) -> ContainerInfo:
+        """Thaw a paused container (Conflict otherwise)."""
+
+
+@runtime_checkable
+class SupportsReconcile(Protocol):
+    """Runtimes whose host-side state (mounts, cgroups, veths, leases, dirs) can outlive a
+    container when the agent is killed mid-create or mid-delete. ``reconcile`` releases the
+    leftovers of containers that have no record and keeps recorded ones as they are; meant
+    for agent start-up, before serving requests. Returns ``{"released": [names],
+    "veths_removed": [names]}``."""
+
+    def reconcile(self) -> dict: ...

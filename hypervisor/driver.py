@@ -55,6 +55,10 @@ class VmInfo:
 
 @runtime_checkable
 class Driver(Protocol):
+    # True when the VMs' NICs sit on the host bridge: the agent then leases their addresses
+    # from the host's network (the one the containers use); the fake's VMs touch no network
+    uses_host_network: bool
+
     def define(self, spec: VmSpec) -> VmInfo:
         """Conflict if the name exists; on failure no domain is left defined."""
 
@@ -160,3 +164,27 @@ class SupportsMigration(Protocol):
 
     def abort_migration(self, name: str) -> bool:
         """Abort the running migration job of ``name``; False if none ran."""
+
+
+@runtime_checkable
+class SupportsIncomingDisks(Protocol):
+    """Drivers whose VMs attach disks that need host-side setup before a migrating domain
+    arrives (RBD: the cephx key as a libvirt secret, the client ceph.conf). The destination
+    calls ``prepare_incoming_disks`` before the source migrates, and ``delete_unused_secrets``
+    when an incoming domain did not arrive (or left again)."""
+
+    def prepare_incoming_disks(self, disks: tuple[DiskSpec, ...]) -> tuple[DiskSpec, ...]:
+        """The disks as this host attaches them (``attach`` with secret_uuid and config,
+        never the key); what is already attachable is returned unchanged."""
+
+    def delete_unused_secrets(self) -> None:
+        """Drop the secrets no domain refers to; a failure is logged, not raised."""
+
+
+@runtime_checkable
+class ReportsVirtType(Protocol):
+    """Drivers that know how their VMs are accelerated: ``virt_type`` is "kvm" or "qemu"
+    (TCG), probed on first read where configured "auto"."""
+
+    @property
+    def virt_type(self) -> str: ...

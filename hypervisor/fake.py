@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Mapping
 from dataclasses import replace
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFound
 from hypervisor.driver import (TIMEOUT_ACTIONS, DiskSpec, MigrationOptions, MigrationProgress,
                                MigrationResult, VmInfo, VmSpec)
 from hypervisor.validate import check_disk_file, check_spec
 from storage.units import MiB
+
+if TYPE_CHECKING:
+    from agent.state import Database
+    from containers.network import Network
 
 FAKE_HOST_MEMORY_MIB = 64 * 1024  # what the fake pretends the host has
 FAKE_CPU_STEP_NS = 10_000_000  # cpu time a running fake VM "uses" between two stats() calls
@@ -47,6 +53,8 @@ class _Vm:
 class FakeDriver:
     """In-memory ``hypervisor.Driver``. Thread-safe; state lives as long as the object."""
 
+    uses_host_network = False  # its VMs have no NICs anywhere: the agent leases them no address
+
     def __init__(self, *, host_memory_mib: int = FAKE_HOST_MEMORY_MIB, uri: str | None = None,
                  **_ignored):
         self.host_memory_mib = host_memory_mib
@@ -55,6 +63,13 @@ class FakeDriver:
         self.uri = uri
         if uri:  # reachable by migrate() of other fakes in this process
             _FAKE_HOSTS[uri] = self
+
+    @classmethod
+    def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
+                    network: Network | None) -> FakeDriver:
+        """agent.registry's uniform construction. The fake keeps everything in memory: it
+        ignores the settings, state dir, database and network."""
+        return cls()
 
     # -- helpers --
     def _get(self, name: str) -> _Vm:

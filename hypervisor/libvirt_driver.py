@@ -16,7 +16,9 @@ import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 
@@ -27,6 +29,10 @@ from hypervisor.domain_xml import NODEAGENT_NS, disk_xml, domain_xml
 from hypervisor.driver import DiskSpec, VmInfo, VmSpec
 from hypervisor.host import VIRT_TYPES, detect_virt_type
 from hypervisor.validate import check_disk_file, check_name, check_spec
+
+if TYPE_CHECKING:
+    from agent.state import Database
+    from containers.network import Network
 
 DEFAULT_STATE_DIR = "/var/lib/nodeagent/hypervisor"
 DEFAULT_QMP_DIR = "/var/lib/libvirt/qemu"  # writable by the user QEMU runs as (libvirt-qemu)
@@ -148,6 +154,8 @@ class LibvirtDriver:
     "kvm" or "qemu". The connection opens lazily; if libvirtd is down every call raises
     Unavailable saying how to start it."""
 
+    uses_host_network = True  # NICs on the host bridge: the agent leases the VMs' addresses
+
     def __init__(self, uri: str = "qemu:///system", virt_type: str = "auto",
                  state_dir: str = DEFAULT_STATE_DIR, *, qmp_dir: str = DEFAULT_QMP_DIR):
         if virt_type not in ("auto", *VIRT_TYPES):
@@ -159,6 +167,14 @@ class LibvirtDriver:
         self._conn: libvirt.virConnect | None = None
         self._secrets_lock = threading.Lock()  # a define must not lose its secret to a delete's cleanup
         libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+
+    @classmethod
+    def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
+                    network: Network | None) -> LibvirtDriver:
+        """agent.registry's uniform construction from ``[hypervisor]`` (``uri``, ``virt_type``);
+        VM state (QMP sockets aside) under ``state_dir``. The database and the network are
+        the agent's: VMs' addresses are leased by the agent, not by the driver."""
+        return cls(uri=settings["uri"], virt_type=settings["virt_type"], state_dir=state_dir)
 
     # -- connection and lookups --
     @property

@@ -123,6 +123,37 @@ class SweepsTemp(Protocol):
     def sweep_temp(self, before: float) -> tuple[int, int]: ...
 
 
+@runtime_checkable
+class FetchesBlobs(Protocol):
+    """A backend that downloads a whole blob to a host file faster than a stream copy
+    (S3: parallel ranged GETs); the image store caches blobs of remote pools with it."""
+
+    def fetch_blob(self, digest: str, dest: str, *, progress: Progress | None = None,
+                   writeback: bool = False) -> BlobInfo:
+        """Write the blob to ``dest``, verified against its digest (``dest`` appears only
+        complete); raises NotFound. ``writeback``: start flushing it to disk early."""
+
+
+@runtime_checkable
+class FetchesObjects(Protocol):
+    """An object pool whose other objects (ones some other tool uploaded, named by key)
+    can be imported as images."""
+
+    def fetch_object(self, key: str, dest: str, *, sha256: str | None = None,
+                     progress: Progress | None = None, writeback: bool = False) -> int:
+        """Write object ``key`` to ``dest`` (only complete and, with ``sha256`` hex, verified);
+        return its size; raises NotFound."""
+
+
+@runtime_checkable
+class AdoptsBlobs(Protocol):
+    """A backend that can take a host file in by a rename: no copy, no second hash."""
+
+    def adopt_blob(self, path: str, digest: str) -> BlobInfo | None:
+        """Move ``path``, which the caller verified holds ``digest``, into the pool; None (and
+        ``path`` left alone) when it cannot be moved (another filesystem): put_blob it then."""
+
+
 def iter_chunks(stream: BinaryIO, chunk: int = 1024 * 1024) -> Iterator[bytes]:
     while True:
         data = stream.read(chunk)

@@ -15,11 +15,16 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import BinaryIO
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
 from storage.backend import DISK_FORMATS, BlobInfo, Progress, Usage, Volume, VolumeSpec, iter_chunks
 from storage.validate import check_volume_spec, parse_digest
+
+if TYPE_CHECKING:
+    from agent.state import Database
+    from containers.network import Network
 
 FAKE_CAPACITY = 1 << 40  # 1 TiB: a nominal size so usage() has something to report
 
@@ -27,6 +32,14 @@ FAKE_CAPACITY = 1 << 40  # 1 TiB: a nominal size so usage() has something to rep
 class FakeBackend:
     kind = "fake"
     supports_volumes = True
+
+    @classmethod
+    def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
+                    network: Network | None) -> FakeBackend:
+        """agent.registry's uniform construction from ``[pools.<name>]``: ``name`` and the pool's
+        options (``supports_volumes``); in memory: ``state_dir`` is ignored too. Pools keep no rows
+        and touch no host network: ``db`` and ``network`` are ignored."""
+        return cls(**settings)
 
     def __init__(self, name: str, *, supports_volumes: bool = True, **ignored):
         self.name = name

@@ -51,7 +51,8 @@ from agent.errors import (AgentError, Conflict, InsufficientResources, InvalidIn
                           Unsupported)
 from agent.state import Database
 from storage import oci, qemu_img, sources
-from storage.backend import DISK_FORMATS, Backend, BlobInfo, SweepsTemp, Volume, VolumeSpec
+from storage.backend import (DISK_FORMATS, AdoptsBlobs, Backend, BlobInfo, FetchesBlobs, FetchesObjects, SweepsTemp,
+                             Volume, VolumeSpec)
 from storage.unpack import DEFAULT_MAX_ENTRIES, layer_dir, unpack_layer_once
 from storage.validate import parse_digest
 from storage.units import GiB, MiB
@@ -257,15 +258,14 @@ class ImageStore:
         _check_name(name)
         self._backend(pool)
         _, src = self._backend(source_pool)
-        fetch = getattr(src, "fetch_object", None)
-        if fetch is None:
+        if not isinstance(src, FetchesObjects):
             raise InvalidInput(f"pool {source_pool!r} is a {src.kind} pool: an object key names "
                                "an object of an object (S3) pool")
         if sha256 is not None:
             sha256 = parse_digest("sha256:" + sha256.lower().removeprefix("sha256:"))
         with self._tmp_file("object-") as tmp:
             sources.watched(f"object {key!r} of pool {source_pool}",
-                            lambda: fetch(key, tmp, sha256=sha256, progress=progress),
+                            lambda: src.fetch_object(key, tmp, sha256=sha256, progress=progress),
                             cancel=cancel, stall_timeout=self.stall_timeout,
                             probe=lambda: _size_or_zero(tmp))
             if format == "oci":
@@ -342,7 +342,7 @@ class ImageStore:
             img = Image(digest[7:], name, "vm", fmt["format"], digest, info.size,
                         fmt["virtual-size"], pool, time.time(), {}, ())
             cache = self.pools[self.default_pool]
-            if self.default_pool != pool and getattr(cache, "adopt_blob", None):
+            if self.default_pool != pool and isinstance(cache, AdoptsBlobs):
                 # fetched anyway: keep it as the first clone's cached base (gc may drop it)
                 self._put_file(self.default_pool, cache, tmp, added, digest, info.size)
             return self._record(img, [digest])
@@ -385,7 +385,7 @@ class ImageStore:
         names = [img.pool] + [r["pool"] for r in self.db.query(
             "SELECT pool FROM storage_image_copies WHERE image_id = ? ORDER BY pool", (img.id,))]
         names = [n for n in names if n in self.pools]
-        names.sort(key=lambda n: getattr(self.pools[n], "kind", "") == "object")
+        names.sort(key=lambda n: self.pools[n].kind == "object")
         for n in names:
             if n == img.pool or self.pools[n].find_blob(digest) is not None:
                 return n, self.pools[n]
@@ -400,9 +400,8 @@ class ImageStore:
         ranged GETs) where the backend has it, else a stream copy checked against the
         digest. Errors name the pool and the fix."""
         try:
-            fetch = getattr(backend, "fetch_blob", None)
-            if fetch is not None:  # the blob is stored (fsynced) next: its writeback starts early
-                fetch(digest, dest, progress=progress, writeback=True)
+            if isinstance(backend, FetchesBlobs):  # the blob is stored (fsynced) next: its writeback starts early
+                backend.fetch_blob(digest, dest, progress=progress, writeback=True)
                 return
             h, done = hashlib.sha256(), 0
             with backend.open_blob(digest) as f, open(dest, "wb") as out:
@@ -454,8 +453,7 @@ class ImageStore:
     def _put_file(self, pool, backend, path: str, added, digest: str, size: int) -> BlobInfo:
         """Put a host file already verified to hold ``digest`` into the pool: moved in where
         the backend can (LocalBackend.adopt_blob), else copied with put_blob."""
-        adopt = getattr(backend, "adopt_blob", None)
-        blob = adopt(path, digest) if adopt is not None else None
+        blob = backend.adopt_blob(path, digest) if isinstance(backend, AdoptsBlobs) else None
         if blob is None:
             with open(path, "rb") as f:
                 return self._put(pool, backend, f, added, digest=digest, size=size)
@@ -645,7 +643,7 @@ class ImageStore:
                 return
             src_pool, src = self._holder(img, img.digest)
             try:
-                if src.blob_path(img.digest) is not None or not hasattr(src, "fetch_blob"):
+                if src.blob_path(img.digest) is not None or not isinstance(src, FetchesBlobs):
                     with src.open_blob(img.digest) as f:
                         self._put(pool, backend, f, added, digest=img.digest, size=img.size)
                 else:

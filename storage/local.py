@@ -23,13 +23,18 @@ import shutil
 import struct
 import tempfile
 import threading
-from typing import BinaryIO
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.errors import (AgentError, CommandFailed, Conflict, InsufficientResources,
                           InvalidInput, NotFound, Unprocessable)
 from storage import qemu_img
 from storage.backend import DISK_FORMATS, BlobInfo, Progress, Usage, Volume, VolumeSpec
 from storage.validate import check_volume_spec, parse_digest
+
+if TYPE_CHECKING:
+    from agent.state import Database
+    from containers.network import Network
 
 POOL_DIR_MODE = 0o711  # traversable, not listable
 COPY_CHUNK = 8 * 1024 * 1024  # 8 MiB: big enough that syscalls and hashing calls amortise
@@ -42,6 +47,14 @@ QCOW2_MAGIC = b"QFI\xfb"
 class LocalBackend:
     kind = "local"
     supports_volumes = True
+
+    @classmethod
+    def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
+                    network: Network | None) -> LocalBackend:
+        """agent.registry's uniform construction from ``[pools.<name>]``: ``name`` and the pool's
+        options; the files go under the ``path`` option, else under ``state_dir``. Pools keep no
+        rows and touch no host network: ``db`` and ``network`` are ignored."""
+        return cls(**{**settings, "path": settings.get("path", state_dir)})
 
     def __init__(self, name: str, path: str, **ignored):
         if not path or not os.path.isabs(path):

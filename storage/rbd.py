@@ -33,13 +33,18 @@ import re
 import subprocess
 import uuid
 import weakref
+from collections.abc import Mapping
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 from agent.errors import (AgentError, CommandFailed, Conflict, InsufficientResources,
                           InvalidInput, NotFound, Unavailable, Unprocessable, Unsupported)
 from storage.backend import BlobInfo, Progress, Usage, Volume, VolumeSpec
 from storage.validate import parse_digest
+
+if TYPE_CHECKING:
+    from agent.state import Database
+    from containers.network import Network
 
 BLOB_PREFIX = "nablob."
 RAW_PREFIX = "naraw."
@@ -70,6 +75,14 @@ class RbdBackend:
 
     kind = "block"
     supports_volumes = True
+
+    @classmethod
+    def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
+                    network: Network | None) -> RbdBackend:
+        """agent.registry's uniform construction from ``[pools.<name>]``: ``name`` and the pool's
+        options (``pool``, ``conf``, ``user``, ``keyring``, timeouts). Pools keep no rows and touch
+        no host network: ``db`` and ``network`` are ignored."""
+        return cls(**settings)
 
     def __init__(self, name: str, pool: str, conf: str = "/etc/ceph/ceph.conf",
                  user: str = "admin", keyring: str | None = None,

@@ -19,12 +19,17 @@ import queue
 import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from typing import BinaryIO
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.errors import (AgentError, CommandFailed, InsufficientResources, InvalidInput,
                           NotFound, Unavailable, Unsupported)
 from storage.backend import BlobInfo, Progress, Usage
 from storage.validate import HEX, parse_digest
+
+if TYPE_CHECKING:
+    from agent.state import Database
+    from containers.network import Network
 
 BLOB_PREFIX = "sha256/"
 TMP_PREFIX = "tmp/"
@@ -51,6 +56,14 @@ class S3Backend:
 
     kind = "object"
     supports_volumes = False
+
+    @classmethod
+    def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
+                    network: Network | None) -> S3Backend:
+        """agent.registry's uniform construction from ``[pools.<name>]``: ``name`` and the pool's
+        options (``endpoint``, ``bucket``, keys, tuning); blobs live in the bucket. Pools keep no
+        rows and touch no host network: ``db`` and ``network`` are ignored."""
+        return cls(**settings)
 
     def __init__(self, name: str, endpoint: str, bucket: str, access_key: str, secret_key: str,
                  region: str = "us-east-1", part_size: int = DEFAULT_PART_SIZE,

@@ -16,6 +16,7 @@ from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secre
 from agent.migration.peer import Peers
 from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, untar_into
 from agent.services.records import Instance
+from hypervisor.driver import SupportsIncomingDisks
 from storage.units import MiB
 
 log = logging.getLogger(__name__)
@@ -146,9 +147,8 @@ class MigrationDestination:
         seed = self.root.assembly.vm_seed(inst.id, inst.name, user_data=spec.get("user_data"),
                                           ip=self._incoming_address(inst, spec))
         root = disk_for_volume(vol, ROOT_TARGET)
-        prepare = getattr(self.root.driver, "prepare_incoming_disks", None)
-        if prepare is not None:
-            (root,) = prepare((root,))
+        if isinstance(self.root.driver, SupportsIncomingDisks):
+            (root,) = self.root.driver.prepare_incoming_disks((root,))
         attach = {k: v for k, v in root.attach.items() if k in ("monitors", "config", "user", "secret_uuid")}
         return {"disk_sources": {ROOT_TARGET: vol.uri, SEED_TARGET: seed}, "disk_attach": {ROOT_TARGET: attach},
                 "console_log": str(d / "console.log"), "migration_uri": self.migration_uri()}
@@ -239,7 +239,7 @@ class MigrationDestination:
 
     def migration_uri(self) -> str:
         hc = self.config.hypervisor
-        if getattr(hc, "migration_uri", None):
+        if hc.migration_uri:
             return hc.migration_uri
         host = self.config.api.listen.rpartition(":")[0].strip("[]")
         return f"qemu+tcp://{host}/system"

@@ -18,6 +18,7 @@ from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secre
 from agent.migration.peer import PeerClient, Peers
 from agent.migration.transfer import NO_SPACE, allocated_bytes, rootfs_paths
 from agent.services.records import Instance
+from hypervisor.driver import SupportsMigration
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class MigrationSource:
                                   f"({kind}): an offline move copies local disks only; start it and migrate "
                                   "it live")
         elif inst.kind == "vm":
-            if not hasattr(self.root.driver, "migrate"):
+            if not isinstance(self.root.driver, SupportsMigration):
                 raise Unsupported(f"the {self.config.hypervisor.driver} driver cannot migrate VMs")
             if inst.state not in ("running", "paused"):
                 raise Unprocessable(f"VM {inst.name!r} is {inst.state}: migration moves running, paused "

@@ -1,34 +1,67 @@
-"""The composition root: builds the image store, pools, driver and runtime from config.
+"""The composition root: builds the image store, pools, driver, runtime, the host network
+and the metrics from config.
 
 Nothing here starts threads at import; ``Services.start()`` (called in the server's
 worker after fork, or by tests) starts the operation pool and runs crash recovery.
 The VM driver and container runtime are built on first use, so an agent on a host
-without libvirtd still serves containers (and says how to fix the VM side).
+without libvirtd still serves containers (and says how to fix the VM side). Every
+driver, runtime and pool is built by the same call, agent.registry.build; the host's
+bridge network is built once and shared by the container runtime and VMs' addresses.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from typing import TYPE_CHECKING
 
 from agent import registry
 from agent.auth import Tokens
 from agent.config import Config
-from agent.errors import AgentError, Unavailable
+from agent.errors import AgentError, InvalidInput, Unavailable
 from agent.events import EventBus
+from agent.metrics import Metrics
 from agent.operations import Operations
 from agent.state import Database
+
+if TYPE_CHECKING:
+    from agent.migration import MigrationService
+    from agent.services.assembly import Assembly
+    from agent.services.host import HostService
+    from agent.services.images import ImageService
+    from agent.services.instances import InstanceService
+    from agent.services.records import InstanceRecords
+    from containers.network import Network
+    from containers.runtime import Runtime
+    from hypervisor.driver import Driver
+    from storage import ImageStore
+    from storage.backend import Backend
+    from storage.sources import AddressPolicy
 
 log = logging.getLogger(__name__)
 STATE_DIR_MODE = 0o711  # nobody else lists it; QEMU (another user) reaches its disks and seeds by path
 
 
 class Services:
+    config: Config
+    db: Database
+    events: EventBus
+    tokens: Tokens
+    operations: Operations
+    records: InstanceRecords
+    images: ImageService
+    instances: InstanceService
+    host: HostService
+    migrations: MigrationService
+    metrics: Metrics
+    started: bool
+
     def __init__(self, config: Config, db: Database | None = None):
+        from agent.migration import MigrationService
         from agent.services.host import HostService
         from agent.services.images import ImageService
         from agent.services.instances import InstanceService
         from agent.services.records import InstanceRecords
-        from agent.migration import MigrationService
 
         self.config = config
         config.state_path.mkdir(parents=True, exist_ok=True)
@@ -40,35 +73,33 @@ class Services:
         self.tokens = Tokens(self.db)
         self.operations = Operations(self.db, self.events, workers=config.workers)
         self.records = InstanceRecords(self.db, self.events)  # the only reader/writer of `instances`
-        self._lock = threading.Lock()
-        self._pools = None
-        self._store = None
-        self._driver = None
-        self._runtime = None
-        self._vm_network = None
-        self._assembly = None
+        self._lock = threading.RLock()  # reentrant: the runtime is built with the network
+        self._pools: dict[str, Backend] | None = None
+        self._store: ImageStore | None = None
+        self._driver: Driver | None = None
+        self._runtime: Runtime | None = None
+        self._network: Network | None = None
+        self._assembly: Assembly | None = None
         self.images = ImageService(self)
         self.instances = InstanceService(self)
         self.host = HostService(self)
         self.migrations = MigrationService(self)
+        self.metrics = Metrics(self)
         self.started = False
 
     # -- components, built lazily --
     @property
-    def pools(self) -> dict:
+    def pools(self) -> dict[str, Backend]:
         with self._lock:
             if self._pools is None:
-                pools = {}
-                for name, pc in self.config.pools.items():
-                    opts = pc.options()
-                    if pc.kind == "local":
-                        opts.setdefault("path", str(self.config.pool_dir(name)))
-                    pools[name] = registry.load("backend", pc.kind)(name, **opts)
-                self._pools = pools
+                self._pools = {
+                    name: registry.build("backend", pc.kind, {**pc.options(), "name": name},
+                                         state_dir=str(self.config.pool_dir(name)), db=self.db, network=None)
+                    for name, pc in self.config.pools.items()}
             return self._pools
 
     @property
-    def store(self):
+    def store(self) -> ImageStore:
         pools = self.pools
         with self._lock:
             if self._store is None:
@@ -85,23 +116,34 @@ class Services:
             return self._store
 
     @property
-    def address_policy(self):
+    def address_policy(self) -> AddressPolicy:
         """What image sources (URLs, registries) may reach: [images] allow_url_hosts."""
         from storage.sources import AddressPolicy
         return AddressPolicy(self.config.images.allow_url_hosts)
 
     @property
-    def driver(self):
+    def network(self) -> Network:
+        """The host's bridge network (``[network]``): ONE lease table and bridge for the
+        containers' and the VMs' addresses. Built without touching the host (the bridge is
+        made on first use)."""
+        with self._lock:
+            if self._network is None:
+                from containers.network import Network, short_hash
+                net = self.config.network
+                # the tag the runtime's names carry (veths, netns, rule comments): one per state dir
+                rtag = short_hash(os.path.abspath(self.config.state_path / "containers"), 4)
+                self._network = Network(self.db, bridge=net.bridge, subnet=net.subnet, nat=net.nat, rtag=rtag)
+            return self._network
+
+    @property
+    def driver(self) -> Driver:
         with self._lock:
             if self._driver is None:
                 hc = self.config.hypervisor
-                cls = registry.load("driver", hc.driver)
                 try:
-                    if hc.driver == "fake":
-                        self._driver = cls()
-                    else:
-                        self._driver = cls(uri=hc.uri, virt_type=hc.virt_type,
-                                           state_dir=str(self.config.state_path / "vms"))
+                    self._driver = registry.build("driver", hc.driver, hc.model_dump(),
+                                                  state_dir=str(self.config.state_path / "vms"),
+                                                  db=self.db, network=self.network)
                 except AgentError:
                     raise
                 except Exception as e:
@@ -110,19 +152,18 @@ class Services:
             return self._driver
 
     @property
-    def vm_network(self):
-        """Addresses for VMs on the host bridge, leased from the same pool as containers'
-        (``[network]``); None with the fake driver (its VMs touch no host network)."""
-        with self._lock:
-            if self._vm_network is None and self.config.hypervisor.driver != "fake":
-                from containers.network import Network, short_hash
-                net = self.config.network
-                self._vm_network = Network(self.db, bridge=net.bridge, subnet=net.subnet, nat=net.nat,
-                                           rtag=short_hash(str(self.config.state_path / "containers"), 4))
-            return self._vm_network
+    def vm_network(self) -> Network | None:
+        """Where VMs' addresses are leased: the host network when the driver puts VMs' NICs
+        on the host bridge (``Driver.uses_host_network``), else None (the fake's VMs touch
+        no host network). Read from the driver's class: no hypervisor is needed for it."""
+        try:
+            bridged = registry.load("driver", self.config.hypervisor.driver).uses_host_network
+        except (InvalidInput, ImportError):  # the driver property says what is wrong where VMs are used
+            bridged = True
+        return self.network if bridged else None
 
     @property
-    def assembly(self):
+    def assembly(self) -> Assembly:
         """What instances are made of (agent.services.assembly) on this host's store and network."""
         if self._assembly is None:  # built outside self._lock: store and vm_network take it
             from agent.services.assembly import Assembly
@@ -131,19 +172,14 @@ class Services:
         return self._assembly
 
     @property
-    def runtime(self):
+    def runtime(self) -> Runtime:
         with self._lock:
             if self._runtime is None:
-                cc, net = self.config.containers, self.config.network
-                cls = registry.load("runtime", cc.runtime)
+                cc = self.config.containers
                 try:
-                    if cc.runtime == "fake":
-                        self._runtime = cls()
-                    else:
-                        extra = {"cgroup_parent": cc.cgroup_parent} if cc.cgroup_parent else {}
-                        self._runtime = cls(str(self.config.state_path / "containers"), self.db,
-                                            bridge=net.bridge, subnet=net.subnet, nat=net.nat,
-                                            exec_output_bytes=cc.exec_output_bytes, **extra)
+                    self._runtime = registry.build("runtime", cc.runtime, cc.model_dump(),
+                                                   state_dir=str(self.config.state_path / "containers"),
+                                                   db=self.db, network=self.network)
                 except AgentError:
                     raise
                 except Exception as e:

@@ -7,6 +7,8 @@ import socket
 
 from importlib import metadata
 
+from hypervisor.driver import ReportsVirtType
+
 
 def _meminfo_bytes() -> int:
     try:
@@ -36,7 +38,8 @@ class HostService:
     def hypervisor(self) -> str:
         hc = self.root.config.hypervisor
         try:
-            vt = getattr(self.root.driver, "virt_type", None)
+            driver = self.root.driver
+            vt = driver.virt_type if isinstance(driver, ReportsVirtType) else None
         except Exception:
             return "none"
         if vt in ("kvm", "qemu"):
@@ -65,7 +68,7 @@ class HostService:
              "usage": None, "error": None}
         try:
             b = self.root.pools[name]
-            d["supports_volumes"] = bool(getattr(b, "supports_volumes", False))
+            d["supports_volumes"] = bool(b.supports_volumes)
             u = b.usage()
             d["usage"] = {"capacity": u.capacity, "used": u.used, "available": u.available}
         except Exception as e:  # a pool that is down is reported, not fatal
@@ -78,15 +81,6 @@ class HostService:
         mem = _meminfo_bytes()
         versions = {"nodeagent": _version("nodeagent") or "0.1.0", "python": platform.python_version(),
                     "flask": _version("flask") or "", "kernel": platform.release()}
-        for key, getter in (("hypervisor", lambda: self.root.driver), ("runtime", lambda: self.root.runtime)):
-            try:
-                v = getattr(getter(), "version", None)
-                if callable(v):
-                    v = v()
-                if v:
-                    versions[key] = str(v)
-            except Exception:
-                pass
         return {
             "hostname": self.hostname(), "hypervisor": self.hypervisor(),
             "hypervisor_driver": self.root.config.hypervisor.driver,

@@ -27,6 +27,7 @@ from agent.errors import redact as redact_text
 from agent.errors import AgentError, Conflict, NotFound, Unavailable, Unprocessable, Unsupported
 from agent.services.assembly import mac_for, root_volume
 from agent.services.records import Instance
+from containers.runtime import ContainerInfo, SupportsPause, SupportsReconcile
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class InstanceService:
             raise Conflict(f"instance {inst.name!r} is being removed ({inst.state}): DELETE it "
                            "(again) to finish")
         if inst.kind == "container" and req.action in ("pause", "resume") \
-                and not hasattr(self.root.runtime, req.action):
+                and not isinstance(self.root.runtime, SupportsPause):
             raise Unsupported(f"the {self.root.config.containers.runtime} runtime cannot {req.action} containers")
         inst_id, name = inst.id, inst.name
 
@@ -250,7 +251,7 @@ class InstanceService:
                 else:
                     info = self._container_action(name, req)
                 return {"instance": self.records.update(
-                    inst_id, state=info.state, **({"ip": info.ip} if getattr(info, "ip", None) else {})).to_dict()}
+                    inst_id, state=info.state, **_ip(info)).to_dict()}
 
         return self.root.operations.submit(f"instance.{req.action}", inst_id, work)
 
@@ -264,7 +265,7 @@ class InstanceService:
             return d.stop(name, force=True, timeout=req.timeout)
         if req.action == "restart":
             return d.reboot(name)
-        return getattr(d, req.action)(name)  # pause | resume
+        return d.pause(name) if req.action == "pause" else d.resume(name)
 
     def _container_action(self, name, req):
         rt = self.root.runtime
@@ -278,7 +279,7 @@ class InstanceService:
             if rt.get(name).state == "running":
                 rt.stop(name, timeout=req.timeout)
             return rt.start(name)
-        return getattr(rt, req.action)(name)
+        return rt.pause(name) if req.action == "pause" else rt.resume(name)  # checked: SupportsPause
 
     # -- exec, logs, stats --
     def exec(self, ref: str, req: models.ExecRequest) -> dict:
@@ -341,9 +342,8 @@ class InstanceService:
             if not mine:
                 continue
             try:
-                rt_reconcile = getattr(self.root.runtime, "reconcile", None) if kind == "container" else None
-                if rt_reconcile:
-                    rt_reconcile()  # the runtime drops leftovers of containers it has no record of
+                if kind == "container" and isinstance(self.root.runtime, SupportsReconcile):
+                    self.root.runtime.reconcile()  # the runtime drops leftovers of containers it has no record of
                 seen = {x.name: x for x in lister()}
             except Exception as e:
                 log.warning("cannot reconcile instances", extra={"kind": kind, "error": str(e)})
@@ -356,4 +356,10 @@ class InstanceService:
                                             error=f"the {kind} was not found on this host after the agent restarted")
                 elif info.state != inst.state or inst.state == "lost":
                     self.records.update(inst.id, state=info.state, error=None,
-                                        **({"ip": info.ip} if getattr(info, "ip", None) else {}))
+                                        **_ip(info))
+
+
+def _ip(info) -> dict:
+    """The record's ``ip`` update for what a driver reported: a container's leased address;
+    VMs' addresses are the agent's own (assembly), never reported back."""
+    return {"ip": info.ip} if isinstance(info, ContainerInfo) and info.ip else {}

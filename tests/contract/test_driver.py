@@ -1,6 +1,7 @@
 """hypervisor.Driver contract: the same behaviour from FakeDriver and LibvirtDriver."""
 from __future__ import annotations
 
+import base64
 import subprocess
 import time
 import uuid
@@ -8,7 +9,8 @@ import uuid
 import pytest
 
 from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
-from hypervisor.driver import STATES, DiskSpec, Driver, VmInfo, VmSpec
+from hypervisor.driver import (STATES, DiskSpec, Driver, ReportsVirtType, SupportsIncomingDisks, SupportsMigration,
+                               VmInfo, VmSpec)
 
 DRIVERS = ["fake", "libvirt"]
 CONSOLE_TIMEOUT_S = 60  # TCG boot takes ~3 s; generous for a loaded CI host
@@ -202,3 +204,37 @@ def test_snapshot_only_when_stopped(driver, spec):
     assert driver.list_snapshots(s.name) == ["s1"]
     with pytest.raises(Conflict, match="s1"):
         driver.snapshot(s.name, "s1")
+
+
+# -- optional capabilities (hypervisor.driver) --
+
+CAPABILITIES = {"fake": {SupportsMigration}, "libvirt": {SupportsMigration, SupportsIncomingDisks, ReportsVirtType}}
+
+
+def test_claims_its_optional_capabilities(driver):
+    claimed = {p for p in (SupportsMigration, SupportsIncomingDisks, ReportsVirtType) if isinstance(driver, p)}
+    kind = "fake" if type(driver).__name__ == "FakeDriver" else "libvirt"
+    assert claimed == CAPABILITIES[kind]
+
+
+def test_reports_virt_type(driver):
+    if not isinstance(driver, ReportsVirtType):
+        pytest.skip(f"{type(driver).__name__} does not claim ReportsVirtType")
+    assert driver.virt_type in ("kvm", "qemu")
+
+
+def test_incoming_disks_get_a_secret_that_goes_when_unused(driver, vm_dir):
+    if not isinstance(driver, SupportsIncomingDisks):
+        pytest.skip(f"{type(driver).__name__} does not claim SupportsIncomingDisks")
+    from hypervisor import secrets
+    key = base64.b64encode(uuid.uuid4().bytes).decode()
+    file_disk = DiskSpec(target="vda", source=f"{vm_dir}/incoming.qcow2")
+    rbd_disk = DiskSpec(target="vdb", source="rbdpool/incoming", type="rbd", format="raw",
+                        attach={"monitors": ["127.0.0.1:6789"], "user": "contract", "key": key})
+    file_out, rbd_out = driver.prepare_incoming_disks((file_disk, rbd_disk))
+    assert file_out == file_disk
+    assert "key" not in rbd_out.attach and rbd_out.attach["user"] == "contract" and rbd_out.attach["config"]
+    sid = rbd_out.attach["secret_uuid"]
+    assert sid in secrets.list_ceph_secrets(driver.conn())
+    driver.delete_unused_secrets()  # no domain refers to it
+    assert sid not in secrets.list_ceph_secrets(driver.conn())

@@ -6,12 +6,14 @@ long-running ``sleep``.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 
 from agent.errors import Conflict, InvalidInput, NotFound
 from containers import ContainerSpec, Limits, NetworkSpec, PortMap, Runtime
+from containers.runtime import SupportsPause, SupportsReconcile
 from testbed.runtimes import RUNTIMES, make_runtime, make_spec
 
 LONG = ("sleep", "1000")
@@ -202,3 +204,25 @@ def test_limits_updated_while_stopped_apply_on_next_start(rt, spec):
     rt.start("ls")
     assert rt.stats("ls")["limits"] == {"cpus": None, "memory_mib": 48, "pids_max": 40,
                                         "io_weight": None}
+
+
+# -- optional capabilities (containers.runtime): the fake claims what runc claims --
+
+def test_claims_its_optional_capabilities(rt):
+    assert isinstance(rt, SupportsPause) and isinstance(rt, SupportsReconcile)
+
+
+def test_reconcile_keeps_recorded_containers_and_releases_leftovers(rt, spec):
+    rt.create(spec("rk", network=NetworkSpec(mode="none")))
+    rt.start("rk")
+    leftover = None
+    if hasattr(rt, "state_dir"):  # runc: a crash mid-create left a container dir with no record
+        leftover = os.path.join(rt.state_dir, "containers", "ghost")
+        os.makedirs(leftover)
+    out = rt.reconcile()
+    assert set(out) == {"released", "veths_removed"}
+    assert "rk" not in out["released"] and rt.get("rk").state == "running"
+    if leftover is not None:
+        assert out["released"] == ["ghost"] and not os.path.exists(leftover)
+    assert rt.reconcile()["released"] == []
+    assert rt.delete("rk") is True

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
-from storage.backend import Backend, BlobInfo, Volume, VolumeSpec
+from storage.backend import (AdoptsBlobs, Backend, BlobInfo, FetchesBlobs, FetchesObjects, SweepsTemp, Volume,
+                             VolumeSpec)
 from storage.units import MiB
 
 
@@ -237,3 +238,65 @@ def test_resize_grows_only(backend):
         backend.resize_volume("grow", MiB)
     with pytest.raises(NotFound):
         backend.resize_volume("missing", MiB)
+
+
+# ---------------------------------------------------------------- optional capabilities
+# storage.backend's optional Protocols: which kinds claim which (a fake claims what its
+# real kind claims only where the image store's behaviour would differ; it does not here),
+# and that a backend claiming one really does it.
+
+CAPABILITIES = {"local": {AdoptsBlobs, SweepsTemp}, "object": {FetchesBlobs, FetchesObjects},
+                "block": set(), "fake": set()}
+
+
+def test_claims_its_optional_capabilities(backend):
+    claimed = {p for p in (AdoptsBlobs, FetchesBlobs, FetchesObjects, SweepsTemp) if isinstance(backend, p)}
+    assert claimed == CAPABILITIES[backend.kind]
+
+
+def test_fetch_blob(backend, tmp_path):
+    if not isinstance(backend, FetchesBlobs):
+        pytest.skip(f"a {backend.kind} pool does not claim FetchesBlobs")
+    data = os.urandom(5 * MiB + 3)
+    info = backend.put_blob(io.BytesIO(data))
+    seen = []
+    dest = tmp_path / "fetched"
+    assert backend.fetch_blob(info.digest, str(dest), progress=seen.append) == info
+    assert dest.read_bytes() == data and seen[-1] == len(data)
+    with pytest.raises(NotFound):
+        backend.fetch_blob(_digest(b"missing"), str(tmp_path / "missing"))
+    assert not (tmp_path / "missing").exists()
+
+
+def test_fetch_object(backend, tmp_path):
+    if not isinstance(backend, FetchesObjects):
+        pytest.skip(f"a {backend.kind} pool does not claim FetchesObjects")
+    data = os.urandom(2 * MiB + 5)
+    backend.client.put_object(Bucket=backend.bucket, Key="uploaded/by-another-tool", Body=data)  # S3 only
+    dest = tmp_path / "obj"
+    assert backend.fetch_object("uploaded/by-another-tool", str(dest),
+                                sha256=hashlib.sha256(data).hexdigest()) == len(data)
+    assert dest.read_bytes() == data
+    with pytest.raises(InvalidInput):
+        backend.fetch_object("uploaded/by-another-tool", str(tmp_path / "bad"), sha256="0" * 64)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(NotFound):
+        backend.fetch_object("no/such/key", str(tmp_path / "none"))
+
+
+def test_adopt_blob(backend, tmp_path):
+    if not isinstance(backend, AdoptsBlobs):
+        pytest.skip(f"a {backend.kind} pool does not claim AdoptsBlobs")
+    data = os.urandom(MiB + 9)
+    src = tmp_path / "verified"
+    src.write_bytes(data)
+    info = backend.adopt_blob(str(src), _digest(data))
+    if info is None:  # another filesystem: left alone for the caller to put_blob
+        assert src.read_bytes() == data
+        return
+    assert info == BlobInfo(_digest(data), len(data))
+    with backend.open_blob(info.digest) as f:
+        assert f.read() == data
+    again = tmp_path / "again"
+    again.write_bytes(data)
+    assert backend.adopt_blob(str(again), info.digest) == info  # already present: stored once

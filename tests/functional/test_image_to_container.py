@@ -57,7 +57,7 @@ def test_the_agent_runs_an_image_as_its_user_with_its_entrypoint(tmp_path):
 
     from agent import config as agent_config
     from agent.app import create_app
-    from tests.containers_support import test_network
+    from testbed.runtimes import test_network
     from testbed.ocibuild import busybox_layers, users_layer, write_layout
 
     bridge, subnet = test_network()

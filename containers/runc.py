@@ -69,14 +69,19 @@ def spec_from_json(text: str) -> ContainerSpec:
         userns=d["userns"], image_config=d.get("image_config") or {})
 
 
-def _proc_start_time(pid: int) -> int | None:
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (fields[0] is the state), None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(")") + 2:].split()
-    if fields[0] == "Z":
+    return data[data.rindex(")") + 2:].split()
+
+
+def _proc_start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] == "Z":
         return None
     return int(fields[19])  # field 22 of stat: starttime in clock ticks
 
@@ -700,13 +705,8 @@ def _read_pid(path: str) -> int | None:
 
 def _stat_ids(pid: int) -> tuple[int, int, int] | None:
     """(ppid, pgrp, session) of ``pid``, None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(")") + 2:].split()
-    return int(fields[1]), int(fields[2]), int(fields[3])
+    fields = _stat_fields(pid)
+    return (int(fields[1]), int(fields[2]), int(fields[3])) if fields else None
 
 
 def _pid_ns(pid: int) -> int | None:

@@ -830,13 +830,13 @@ class ImageStore:
             tmp = e.name.startswith(".") and stale(e)
             if (not e.name.startswith(".") and e.name not in used_layers
                     and e.name not in inflight) or tmp:
-                out["bytes_freed"] += _tree_bytes(e.path)
+                out["bytes_freed"] += sources.tree_bytes(e.path)
                 shutil.rmtree(e.path, ignore_errors=True)
                 out["layers_removed"] += 0 if tmp else 1
         out["temp_files_removed"] = 0
         for e in os.scandir(self.tmp_dir):
             if e.name not in self._tmp_live and stale(e):
-                size = _tree_bytes(e.path) if e.is_dir(follow_symlinks=False) else \
+                size = sources.tree_bytes(e.path) if e.is_dir(follow_symlinks=False) else \
                     e.stat(follow_symlinks=False).st_size
                 if e.is_dir(follow_symlinks=False):
                     shutil.rmtree(e.path, ignore_errors=True)
@@ -1003,16 +1003,6 @@ def _fs_available(path: str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
 
-
-def _tree_bytes(path: str) -> int:
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for n in files:
-            try:
-                total += os.lstat(os.path.join(root, n)).st_size
-            except OSError:
-                pass
-    return total
 
 
 

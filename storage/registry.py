@@ -14,7 +14,7 @@ import subprocess
 import threading
 
 from agent.errors import CommandFailed, InvalidInput, NotFound, Unavailable
-from storage.sources import AddressPolicy, Watchdog
+from storage.sources import AddressPolicy, Watchdog, tree_bytes
 
 PULL_TIMEOUT = 1800  # seconds; a large image over a slow link (a stalled one ends sooner)
 DEFAULT_REGISTRY = "registry-1.docker.io"  # where a reference without a registry host goes
@@ -75,7 +75,7 @@ def pull_to_layout(reference: str, dest_dir: str, *, tls_verify: bool = True,
     proc = None
     try:
         with Watchdog(f"pull of {reference}", cancel=cancel, stall_timeout=stall_timeout,
-                      probe=lambda: _tree_bytes(dest_dir)) as wd:
+                      probe=lambda: tree_bytes(dest_dir)) as wd:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, env={**os.environ, "TMPDIR": dest_dir})
             wd.abort_with(lambda: os.kill(proc.pid, signal.SIGKILL))
@@ -110,14 +110,3 @@ def pull_to_layout(reference: str, dest_dir: str, *, tls_verify: bool = True,
                             returncode=proc.returncode, stderr=err)
     return layout_tag
 
-
-def _tree_bytes(path: str) -> int:
-    """Bytes under ``path`` (what skopeo has written so far: the watchdog's progress)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for n in files:
-            try:
-                total += os.lstat(os.path.join(root, n)).st_size
-            except OSError:
-                pass
-    return total

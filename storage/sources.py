@@ -286,6 +286,19 @@ def watched(what: str, fn: Callable[[], Any], *, cancel: threading.Event | None,
     return box.get("value")
 
 
+def tree_bytes(path: str) -> int:
+    """Bytes under ``path`` (files only, links not followed; vanishing files skipped): what a
+    pull has written so far, or what removing a dir frees."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for n in files:
+            try:
+                total += os.lstat(os.path.join(root, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
 # ---------------------------------------------------------------------- downloads
 
 class Cap:

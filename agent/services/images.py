@@ -12,7 +12,7 @@ import time
 from agent.errors import NotFound, Unprocessable
 from agent import models
 from storage.registry import pull_to_layout
-from storage.sources import check_import_path
+from storage.sources import check_import_path, tree_bytes
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class ImageService:
                     except FileNotFoundError:
                         continue
                     if mtime < self.started_at or now - mtime > STALE_PULL_SECONDS:
-                        out["bytes_freed"] += _tree_bytes(e.path)
+                        out["bytes_freed"] += tree_bytes(e.path)
                         shutil.rmtree(e.path, ignore_errors=True)
                         removed += 1
             out["temp_files_removed"] = out.get("temp_files_removed", 0) + removed
@@ -173,13 +173,3 @@ class ImageService:
 
 STALE_PULL_SECONDS = 3600  # a pull dir no import of this agent uses and older than this is lost
 
-
-def _tree_bytes(path: str) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for n in files:
-            try:
-                total += os.lstat(os.path.join(root, n)).st_size
-            except OSError:
-                pass
-    return total

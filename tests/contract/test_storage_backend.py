@@ -249,14 +249,19 @@ CAPABILITIES = {"local": {AdoptsBlobs, SweepsTemp}, "object": {FetchesBlobs, Fet
                 "block": set(), "fake": set()}
 
 
+def _claiming(capability) -> list[str]:
+    """The backend kinds that claim ``capability``: its contract runs on each of them."""
+    return sorted(kind for kind, caps in CAPABILITIES.items() if capability in caps)
+
+
 def test_claims_its_optional_capabilities(backend):
     claimed = {p for p in (AdoptsBlobs, FetchesBlobs, FetchesObjects, SweepsTemp) if isinstance(backend, p)}
     assert claimed == CAPABILITIES[backend.kind]
 
 
+@pytest.mark.parametrize("backend", _claiming(FetchesBlobs), indirect=True)
 def test_fetch_blob(backend, tmp_path):
-    if not isinstance(backend, FetchesBlobs):
-        pytest.skip(f"a {backend.kind} pool does not claim FetchesBlobs")
+    assert isinstance(backend, FetchesBlobs)
     data = os.urandom(5 * MiB + 3)
     info = backend.put_blob(io.BytesIO(data))
     seen = []
@@ -268,9 +273,9 @@ def test_fetch_blob(backend, tmp_path):
     assert not (tmp_path / "missing").exists()
 
 
+@pytest.mark.parametrize("backend", _claiming(FetchesObjects), indirect=True)
 def test_fetch_object(backend, tmp_path):
-    if not isinstance(backend, FetchesObjects):
-        pytest.skip(f"a {backend.kind} pool does not claim FetchesObjects")
+    assert isinstance(backend, FetchesObjects)
     data = os.urandom(2 * MiB + 5)
     backend.client.put_object(Bucket=backend.bucket, Key="uploaded/by-another-tool", Body=data)  # S3 only
     dest = tmp_path / "obj"
@@ -284,9 +289,9 @@ def test_fetch_object(backend, tmp_path):
         backend.fetch_object("no/such/key", str(tmp_path / "none"))
 
 
+@pytest.mark.parametrize("backend", _claiming(AdoptsBlobs), indirect=True)
 def test_adopt_blob(backend, tmp_path):
-    if not isinstance(backend, AdoptsBlobs):
-        pytest.skip(f"a {backend.kind} pool does not claim AdoptsBlobs")
+    assert isinstance(backend, AdoptsBlobs)
     data = os.urandom(MiB + 9)
     src = tmp_path / "verified"
     src.write_bytes(data)

@@ -63,3 +63,28 @@ def images(agent, tmp_path_factory):
         assert op["status"] == "succeeded", op
         out[key] = op["result"]["image"]
     return out
+
+
+def inprocess_app(tmp_path, **config):
+    """The agent in-process (Flask test client, no server) on the fake driver and runtime and
+    a real local pool, started, with the 16 MiB qcow2 image "tiny-vm" imported; (app, admin
+    client, root). ``config`` adds top-level keys. The caller stops ``root``."""
+    import subprocess
+
+    from agent import config as agent_config
+    from agent.app import create_app
+    cfg = agent_config.parse({"state_dir": str(tmp_path / "state"), "workers": 2,
+                              "hypervisor": {"driver": "fake"}, "containers": {"runtime": "fake"},
+                              "images": {"import_dirs": [str(tmp_path)]},
+                              "pools": {"default": {"kind": "local", "path": str(tmp_path / "pool")}}, **config})
+    app = create_app(cfg)
+    root = app.config["SERVICES"]
+    root.start()
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {root.tokens.create('admin', 'admin')}"
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    op = client.post("/v1/images", json={"name": "tiny-vm", "source": {"type": "file", "path": str(disk)}}).json
+    op = client.get(f"/v1/operations/{op['id']}/wait?timeout=30").json
+    assert op["status"] == "succeeded", op
+    return app, client, root

@@ -8,32 +8,16 @@ from unittest import mock
 
 import pytest
 
-from agent import config as agent_config
-from agent.app import create_app
 from agent.errors import Unavailable
 from hypervisor.fake import FakeDriver
+from tests.api.conftest import inprocess_app
 
 DOWN = Unavailable("libvirtd is not running: start it with `libvirtd -d`")
 
 
 @pytest.fixture
 def app(tmp_path):
-    cfg = agent_config.parse({"state_dir": str(tmp_path / "state"), "workers": 2,
-                              "hypervisor": {"driver": "fake"}, "containers": {"runtime": "fake"},
-                              "images": {"import_dirs": [str(tmp_path)]},
-                              "peers": {"far": {"url": "http://127.0.0.1:9"}},
-                              "pools": {"default": {"kind": "local", "path": str(tmp_path / "pool")}}})
-    app = create_app(cfg)
-    root = app.config["SERVICES"]
-    root.start()
-    token = root.tokens.create("admin", "admin")
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
-    disk = tmp_path / "disk.qcow2"
-    import subprocess
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-    op = client.post("/v1/images", json={"name": "tiny-vm", "source": {"type": "file", "path": str(disk)}}).json
-    assert _wait(client, op)["status"] == "succeeded"
+    app, client, root = inprocess_app(tmp_path, peers={"far": {"url": "http://127.0.0.1:9"}})
     yield app, client, root
     root.stop()
 

@@ -5,17 +5,15 @@ address and spec (agent.services.assembly) and handed to the driver."""
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from unittest import mock
 
 import pytest
 
-from agent import config as agent_config
-from agent.app import create_app
 from agent.services.assembly import ROOT_TARGET, SEED_TARGET, mac_for
 from hypervisor.fake import FakeDriver
 from testbed.ocibuild import busybox_layers, users_layer, write_layout
+from tests.api.conftest import inprocess_app
 
 PASSWD = "root:x:0:0:root:/root:/bin/sh\nnginx:x:101:102:nginx:/var/cache/nginx:/bin/sh\n"
 GROUP = "root:x:0:\nnginx:x:102:\n"
@@ -45,20 +43,8 @@ def import_user_images(client, dest):
 
 @pytest.fixture
 def app(tmp_path):
-    cfg = agent_config.parse({"state_dir": str(tmp_path / "state"), "workers": 2,
-                              "hypervisor": {"driver": "fake"}, "containers": {"runtime": "fake"},
-                              "images": {"import_dirs": [str(tmp_path)]},
-                              "pools": {"default": {"kind": "local", "path": str(tmp_path / "pool")}}})
-    app = create_app(cfg)
-    root = app.config["SERVICES"]
-    root.start()
-    token = root.tokens.create("admin", "admin")
-    client = app.test_client()
-    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    app, client, root = inprocess_app(tmp_path)
     import_user_images(client, str(tmp_path))
-    disk = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-    _import(client, {"name": "tiny-vm", "source": {"type": "file", "path": str(disk)}})
     yield app, client, root
     root.stop()
 

@@ -333,6 +333,26 @@ def _error_bytes(status: int, code: str, message: str) -> bytes:
             f"Connection: close\r\n\r\n").encode() + body
 
 
+def _send_now(sock: socket.socket, chunks: list) -> list:
+    """Send what the non-blocking ``sock`` takes now (one sendmsg per try, no copies); the
+    chunks, or parts of them, left unsent."""
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        try:
+            sent = sock.sendmsg(views)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break  # the loop's write meets the same error and ends the connection
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][sent:]
+            break  # a short send: the socket is full, the loop waits for room
+    return views
+
+
 class _Connection:
     """One client connection, served by one task on the loop."""
 
@@ -484,20 +504,30 @@ class _Connection:
         environ["wsgi.input"] = io.BytesIO(body)
         if body:
             environ["CONTENT_LENGTH"] = str(len(body))  # a chunked body's length, now known
+        direct = self.tls is None and not self.writer.transport.get_write_buffer_size()
+        rest = await self.loop.run_in_executor(self.server.pool, self._answer, conn, req, environ, direct)
+        for chunk in rest:
+            self._write(chunk)
+        await self._drain()
+
+    def _answer(self, conn: h11.Connection, req: h11.Request, environ: dict, direct: bool) -> list:
+        """On a pool thread (the connection's task waits for it, so ``conn`` is ours): the app's
+        answer as the bytes to send. With ``direct`` (plain TCP, nothing queued on the transport)
+        as much as the socket takes now is sent from here, so the kernel's copy of a large answer
+        runs beside the loop instead of on it; the rest is returned for the loop to write."""
         try:
-            status, headers, data = await self.loop.run_in_executor(self.server.pool, self.server.call_short,
-                                                                    environ)
+            status, headers, data = self.server.call_short(environ)
         except Exception:
             log.exception("request failed", extra={"path": environ["PATH_INFO"]})
             status, headers = "500 Internal Server Error", [("Content-Type", "application/json")]
             data = _error_body(500, "internal", "internal error: the agent log has the details")
         if not any(k.lower() == "content-length" for k, _ in headers):
             headers = [*headers, ("Content-Length", str(len(data)))]
-        out = self._head(conn, status, headers)
+        chunks = [self._head(conn, status, headers)]
         if data and req.method != b"HEAD":
-            out += conn.send(h11.Data(data=data))
-        self._write(out + conn.send(h11.EndOfMessage()))
-        await self._drain()
+            chunks += conn.send_with_data_passthrough(h11.Data(data=data))
+        chunks.append(conn.send(h11.EndOfMessage()))
+        return _send_now(self.sock, chunks) if direct else chunks
 
     async def _body(self, conn: h11.Connection, environ: dict) -> bytes | None:
         """The whole body, read by the loop within body_timeout; past max_body_bytes reading

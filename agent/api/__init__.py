@@ -169,4 +169,7 @@ def query_number(name: str, default, *, lo, hi, cast=float):
 
 
 def render(data: Any, status: int = 200) -> Response:
+    """``data`` (plain JSON values, or an answer model) as a JSON response."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
     return Response(json.dumps(data, separators=(",", ":")), status=status, mimetype="application/json")

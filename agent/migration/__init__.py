@@ -96,7 +96,7 @@ class MigrationService:
         return self.source.get(mig_id)
 
     # -- destination side --
-    def prepare_incoming(self, caller: dict, req: models.IncomingMigration) -> dict:
+    def prepare_incoming(self, caller: dict, req: models.IncomingMigration) -> models.IncomingPrepared:
         return self.destination.prepare_incoming(caller, req)
 
     def finish_incoming(self, caller: dict, inst_id: str, resume: bool = True, start: bool = True,
@@ -104,10 +104,10 @@ class MigrationService:
         return self.destination.finish_incoming(caller, inst_id, resume=resume, start=start, keep=keep,
                                                 define=define)
 
-    def receive_rootfs(self, caller: dict, inst_id: str, stream) -> dict:
+    def receive_rootfs(self, caller: dict, inst_id: str, stream) -> models.Received:
         return self.destination.receive_rootfs(caller, inst_id, stream)
 
-    def receive_disk(self, caller: dict, inst_id: str, stream) -> dict:
+    def receive_disk(self, caller: dict, inst_id: str, stream) -> models.Received:
         return self.destination.receive_disk(caller, inst_id, stream)
 
     def abort_incoming(self, caller: dict, inst_id: str) -> bool:

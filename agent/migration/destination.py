@@ -42,7 +42,7 @@ class MigrationDestination:
     def config(self):
         return self.root.config
 
-    def prepare_incoming(self, caller: dict, req: models.IncomingMigration) -> dict:
+    def prepare_incoming(self, caller: dict, req: models.IncomingMigration) -> models.IncomingPrepared:
         """Make what the VM needs here (image, volume, seed, row in state ``incoming``).
         On failure nothing is left."""
         source = self.peers.require(caller)
@@ -107,7 +107,7 @@ class MigrationDestination:
                 f"plus {SPACE_HEADROOM // MiB} MiB headroom: free space in that pool (or grow it), or migrate "
                 "to another host")
 
-    def _prepare_vm(self, inst, spec, image, pool, disk_size) -> dict:
+    def _prepare_vm(self, inst, spec, image, pool, disk_size) -> models.IncomingPrepared:
         from agent.services.assembly import ROOT_TARGET, SEED_TARGET
         vol, seed = self.root.assembly.vm_disks(inst.id, inst.name, image.id, pool, inst.volumes[0],
                                                 size=disk_size, user_data=spec.get("user_data"),
@@ -116,8 +116,8 @@ class MigrationDestination:
             raise Unsupported(f"pool {pool!r} gives no file path for disks; live migration with copied "
                               "storage needs a local pool")
         d = self.root.instances.instance_dir(inst.id)
-        return {"disk_sources": {ROOT_TARGET: vol.path, SEED_TARGET: seed}, "console_log": str(d / "console.log"),
-                "migration_uri": self.migration_uri()}
+        return models.IncomingPrepared(disk_sources={ROOT_TARGET: vol.path, SEED_TARGET: seed},
+                                       console_log=str(d / "console.log"), migration_uri=self.migration_uri())
 
     def _incoming_address(self, inst, spec) -> str | None:
         """A bridged VM's address here: the one it had there if this host's network has it
@@ -129,7 +129,7 @@ class MigrationDestination:
             self.root.records.update(inst.id, ip=ip)
         return ip
 
-    def _prepare_shared_vm(self, inst, spec, image, pool, shared: dict) -> dict:
+    def _prepare_shared_vm(self, inst, spec, image, pool, shared: dict) -> models.IncomingPrepared:
         """Shared storage: adopt the volumes the source uses (the same RBD images: nothing is
         copied or cloned), write the seed, define the cephx secret; answer the same images."""
         from hypervisor.disks import disk_for_volume
@@ -150,8 +150,9 @@ class MigrationDestination:
         if isinstance(self.root.driver, SupportsIncomingDisks):
             (root,) = self.root.driver.prepare_incoming_disks((root,))
         attach = {k: v for k, v in root.attach.items() if k in ("monitors", "config", "user", "secret_uuid")}
-        return {"disk_sources": {ROOT_TARGET: vol.uri, SEED_TARGET: seed}, "disk_attach": {ROOT_TARGET: attach},
-                "console_log": str(d / "console.log"), "migration_uri": self.migration_uri()}
+        return models.IncomingPrepared(disk_sources={ROOT_TARGET: vol.uri, SEED_TARGET: seed},
+                                       disk_attach={ROOT_TARGET: models.RbdAttach.model_validate(attach, strict=False)},
+                                       console_log=str(d / "console.log"), migration_uri=self.migration_uri())
 
     def _destroy_incoming(self, inst_id: str) -> bool:
         """Remove a prepared incoming instance; adopted shared volumes are only forgotten
@@ -172,14 +173,14 @@ class MigrationDestination:
             drop_unused_secrets(self.root, inst_id)
         return gone
 
-    def _prepare_container(self, inst, image, pool) -> dict:
+    def _prepare_container(self, inst, image, pool) -> models.IncomingPrepared:
         layers = self.root.store.prepare_rootfs(image.id, inst.volumes[0], pool=pool)
         d = self.root.instances.instance_dir(inst.id)
         (d / LAYERS_FILE).write_text(json.dumps({"lowerdirs": list(layers.lowerdirs),
                                                  "upperdir": layers.upperdir, "workdir": layers.workdir}))
-        return {"disk_sources": {}, "console_log": None, "migration_uri": ""}
+        return models.IncomingPrepared(disk_sources={}, migration_uri="")
 
-    def receive_rootfs(self, caller: dict, inst_id: str, stream) -> dict:
+    def receive_rootfs(self, caller: dict, inst_id: str, stream) -> models.Received:
         """Unpack a tar stream of the container's upper dir (overlay whiteouts and xattrs
         kept) over what earlier syncs sent."""
         inst = self._incoming(inst_id, self.peers.require(caller))
@@ -187,12 +188,12 @@ class MigrationDestination:
             raise Unprocessable("only containers take a rootfs stream")
         layers = json.loads((self.config.state_path / "instances" / inst_id / LAYERS_FILE).read_text())
         try:
-            return {"bytes": untar_into(layers["upperdir"], stream)}
+            return models.Received(bytes=untar_into(layers["upperdir"], stream))
         except InsufficientResources as e:
             raise InsufficientResources(f"pool {inst.pool!r} on {self.root.host.hostname()} "
                                         f"({self.config.api.listen}) is full: {e.message}") from None
 
-    def receive_disk(self, caller: dict, inst_id: str, stream) -> dict:
+    def receive_disk(self, caller: dict, inst_id: str, stream) -> models.Received:
         """A stopped VM's root disk (its qcow2 layer, as the source holds it) replaces the
         prepared overlay, pointed at this pool's copy of the same base image (the store checks
         and writes it: ImageStore.receive_disk_layer)."""
@@ -200,8 +201,8 @@ class MigrationDestination:
         if inst.kind != "vm":
             raise Unprocessable("only VMs take a disk stream")
         try:
-            return {"bytes": self.root.store.receive_disk_layer(inst.pool, inst.volumes[0], stream,
-                                                                image_ref=inst.image)}
+            return models.Received(bytes=self.root.store.receive_disk_layer(inst.pool, inst.volumes[0], stream,
+                                                                            image_ref=inst.image))
         except InsufficientResources as e:
             raise InsufficientResources(f"pool {inst.pool!r} on {self.root.host.hostname()} "
                                         f"({self.config.api.listen}) is full: {e.message}") from None

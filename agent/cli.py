@@ -349,6 +349,32 @@ def instance_logs(ref, tail, as_json):
 
 
 @main.command()
+@click.option("--type", "types", help="comma-separated: lifecycle, operation, migration (default: all)")
+@click.option("--last-event-id", type=int, help="first replay what came after this event id")
+@click.option("--timeout", type=float, help="stop after this many seconds (default: never)")
+def events(types, last_event_id, timeout):
+    """Print the agent's events as JSON lines; after a dropped connection, resume from the
+    last one printed (the agent replays what was missed, or says what is lost: a "gap" event)."""
+    import time
+
+    from agent.client import ApiError
+    c = _client()
+    last, deadline = last_event_id, time.monotonic() + timeout if timeout else None
+    while deadline is None or time.monotonic() < deadline:
+        left = max(0.1, deadline - time.monotonic()) if deadline else None
+        try:
+            for ev in c.events(types, last, left):
+                click.echo(jsonlib.dumps(ev, separators=(",", ":")))
+                last = ev["id"] if ev["id"] is not None else last
+            if deadline is None:
+                return  # the agent ended the stream (it stops)
+        except ApiError as e:
+            if e.status:
+                raise click.ClickException(str(e)) from None
+            time.sleep(1)  # unreachable: retry, resuming from ``last``
+
+
+@main.command()
 @click.argument("ref")
 @click.argument("destination", required=False)
 @click.option("--to", "to", help="the destination: a peer name from the agent's [peers] config")

@@ -7,6 +7,7 @@ with keys ``url``, ``token``, ``ca`` (a CA bundle to verify the agent's cert),
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import tomllib
@@ -80,6 +81,25 @@ class Client:
 
     def delete(self, path, **kw):
         return self.request("DELETE", path, **kw)
+
+    def events(self, types: str | None = None, last_id: int | None = None, timeout: float | None = None):
+        """Events as dicts, in order, from one stream (``GET /v1/events``): those after
+        ``last_id`` first (or a ``gap`` event), then live ones until ``timeout`` seconds
+        (None: until the stream ends)."""
+        params = {k: v for k, v in (("type", types), ("timeout", timeout)) if v}
+        headers = {"Last-Event-ID": str(last_id)} if last_id is not None else {}
+        try:
+            with self.s.get(self.url + "/v1/events", params=params, headers=headers, stream=True,
+                            timeout=(self.timeout, 60), verify=self.verify) as r:
+                if r.status_code >= 400:
+                    err = r.json().get("error", {})
+                    raise ApiError(r.status_code, err.get("code", "http"), err.get("message", r.text[:500]))
+                for line in r.iter_lines():
+                    if line.startswith(b"data: "):
+                        yield json.loads(line[6:])
+        except requests.ConnectionError as e:
+            raise ApiError(0, "unreachable", f"the event stream from {self.url} ended: {e.__class__.__name__}") \
+                from None
 
     def wait(self, op_id: str, timeout: float = 600, on_progress=None) -> dict:
         """Poll the operation until it ends (1 s long-polls, so progress can be shown)."""

@@ -69,7 +69,7 @@ class Services:
         if config.images.import_dirs is None:  # the default import dir: root-only, like the state dir
             (config.state_path / "import").mkdir(mode=0o700, exist_ok=True)
         self.db = db or Database(config.db_path)
-        self.events = EventBus()
+        self.events = EventBus(self.db, replay=config.api.event_replay)
         self.tokens = Tokens(self.db)
         self.operations = Operations(self.db, self.events, workers=config.workers)
         self.records = InstanceRecords(self.db, self.events)  # the only reader/writer of `instances`

@@ -74,3 +74,18 @@ def test_image_import_shows_a_progress_bar_on_a_terminal(agent, tmp_path, images
     assert r.returncode == 0, r.stdout[-2000:]
     assert "importing bar" in r.stdout and "/8.4 MB" in r.stdout and "imported bar" in r.stdout
     agent.cli("image", "rm", "bar", env={"NODEAGENT_URL": agent.url, "NODEAGENT_TOKEN": agent.admin_token})
+
+
+def test_events_replay_what_came_after_an_id(cli, images):
+    cli("instance", "create", "evbox", "--kind", "container", "--image", "busybox", "--memory", "64",
+        "--", "/bin/sh", "-c", "sleep 100")
+    first = [json.loads(x) for x in cli("events", "--type", "lifecycle", "--last-event-id", "0",
+                                        "--timeout", "1").stdout.splitlines()]
+    assert any(e["data"].get("name") == "evbox" for e in first), first
+    cli("instance", "rm", "evbox")
+    later = [json.loads(x) for x in cli("events", "--type", "lifecycle", "--last-event-id", str(first[-1]["id"]),
+                                        "--timeout", "1").stdout.splitlines()]
+    assert later and all(e["id"] > first[-1]["id"] for e in later)
+    assert any(e["data"].get("name") == "evbox" and e["data"].get("state") == "deleted" for e in later), later
+    r = cli("events", "--last-event-id", "x", check=False)
+    assert r.returncode == 2

@@ -21,6 +21,26 @@ from agent.errors import InvalidInput, Unavailable
 
 log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 1024  # connections the kernel queues before the loop accepts them
+FD_RESERVE = 1024  # descriptors kept for the agent's own work (state DB, images, runtimes) beside connections
+
+
+def fit_connections(api):
+    """Raise the soft open-files limit as far as the hard one allows and keep
+    ``api.max_connections`` below it by FD_RESERVE: clients holding every descriptor would
+    otherwise make the agent's own file opens fail (EMFILE), not just new connections."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = api.max_connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < want:
+        fit = max(16, soft - FD_RESERVE)
+        log.warning("open-files limit too low for api.max_connections: connections capped",
+                    extra={"nofile": soft, "max_connections": api.max_connections, "capped_to": fit})
+        api = api.model_copy(update={"max_connections": fit,
+                                     "max_connections_per_client": min(api.max_connections_per_client, fit)})
+    return api
 
 
 def listen(address: str) -> socket.socket:
@@ -84,7 +104,7 @@ class AgentServer:
         from agent.api import ROUTES
         from agent.httpserver import HttpServer
 
-        api = self._config.api
+        api = fit_connections(self._config.api)
         tls = ssl_context(api)
         sock = listen(api.listen)
         app = self._factory(self._config)

@@ -125,7 +125,9 @@ def parse(model: type[BaseModel]) -> BaseModel:
         raise InvalidInput(f"request body nests deeper than {MAX_JSON_DEPTH} levels: "
                            "no API body needs that")
     try:
-        data = json.loads(raw or b"null")
+        data = json.loads(raw or b"null", object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _Ambiguous as e:
+        raise InvalidInput(f"request body refused: {e}") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidInput("request body is not valid JSON: send a JSON object "
                            "with Content-Type: application/json") from None
@@ -139,6 +141,25 @@ def parse(model: type[BaseModel]) -> BaseModel:
                     for err in e.errors(include_url=False, include_input=False)]
         msg = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:10])
         raise Unprocessable(f"invalid request: {msg}", fields=problems) from None
+
+
+class _Ambiguous(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are unique: parsers disagree on which of two equal keys wins
+    (a proxy may check one value and the agent act on the other), so neither does."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Ambiguous(f"key {_printable(dup)!r} appears twice in one object")
+    return out
+
+
+def _no_constant(name: str):
+    raise _Ambiguous(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
 
 
 def _printable(text: str) -> str:

@@ -20,6 +20,22 @@ def test_deeply_nested_bodies_are_400_on_every_endpoint(admin, body):
         assert "nests deeper" in err["message"], err
 
 
+@pytest.mark.parametrize("body, says", [
+    (b'{"name": "a", "name": "b", "kind": "container", "image": "busybox"}', "'name' appears twice"),
+    (b'{"name": "a", "kind": "container", "image": "busybox", "env": {"A": "1", "A": "2"}}', "'A' appears twice"),
+    (b'{"name": "a", "kind": "container", "image": "busybox", "memory_mib": NaN}', "NaN is not JSON"),
+    (b'{"name": "a", "kind": "container", "image": "busybox", "cpus": -Infinity}', "-Infinity is not JSON"),
+])
+def test_ambiguous_json_is_refused_not_guessed(admin, body, says):
+    """Parsers disagree on duplicate keys (first or last wins): a proxy could check one value
+    while the agent acts on the other, so the agent takes neither; NaN/Infinity are not JSON."""
+    before = _unchanged(admin)
+    err = assert_error(admin.post("/v1/instances", data=body, headers={"Content-Type": "application/json"}),
+                       400, "invalid")
+    assert says in err["message"], err
+    assert _unchanged(admin) == before
+
+
 def test_brackets_inside_strings_do_not_count_as_nesting(admin, images):
     r = admin.post("/v1/instances", json={"name": "deepstr", "kind": "container", "image": "busybox",
                                           "command": ["/bin/echo", "[" * 5000 + '\\"{' * 100]})

@@ -236,7 +236,7 @@ class _Registry:
             token = answer.get("token") or answer.get("access_token")
         except (ValueError, AttributeError):
             token = None
-        if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
+        if not isinstance(token, str) or not token or not (token.isascii() and token.isprintable()):
             raise InvalidInput(f"the token service of the registry of {self.reference} sent no "
                                "usable token")
         self.token = token

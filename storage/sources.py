@@ -22,10 +22,12 @@ all. This module holds the checks every import path shares:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -125,21 +127,44 @@ class AddressPolicy:
             raise refused
         return ok
 
-    def connect(self, host: str, port: int, what: str, timeout: float | None) -> socket.socket:
+    def connect(self, host: str, port: int, what: str, timeout: float,
+                check: Callable[[], None] | None = None) -> socket.socket:
         """A TCP connection to an allowed address of ``host``: resolved, checked, and
-        connected to that very address."""
+        connected to that very address. ``check`` is called every WATCH_INTERVAL while a
+        connect waits (a blackholed address) and may raise to abort it (a cancel)."""
         last: OSError | None = None
         for family, kind, proto, _, addr in self.resolve(host, port, what):
             s = socket.socket(family, kind, proto)
             try:
-                s.settimeout(timeout)
-                s.connect(addr)
+                _connect(s, addr, timeout, check)
                 return s
             except OSError as e:
                 s.close()
                 last = e
+            except BaseException:
+                s.close()
+                raise
         raise Unavailable(f"{what}: cannot connect to {host}:{port}: "
                           f"{getattr(last, 'strerror', None) or last}; check the URL and the network")
+
+
+def _connect(s: socket.socket, addr, timeout: float, check: Callable[[], None] | None) -> None:
+    """``s.connect(addr)`` within ``timeout`` seconds, calling ``check`` as it waits."""
+    deadline = time.monotonic() + timeout
+    s.setblocking(False)
+    err = s.connect_ex(addr)
+    while err in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+        if check is not None:
+            check()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(errno.ETIMEDOUT, "connection timed out")
+        if select.select([], [s], [], min(left, WATCH_INTERVAL))[1]:
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            break
+    if err:
+        raise OSError(err, os.strerror(err))
+    s.setblocking(True)
 
 
 def host_addresses() -> set[str]:
@@ -464,7 +489,7 @@ def _pool(scheme: str, host: str, port: int, policy: AddressPolicy, wd: Watchdog
     class Guarded(base):
         def _new_conn(self) -> socket.socket:
             sock = policy.connect(self._dns_host, self.port, f"GET {scheme}://{host}:{port}",
-                                  CONNECT_TIMEOUT)
+                                  CONNECT_TIMEOUT, check=wd.check)
             sock.settimeout(read_timeout)
             # TLS wraps (and detaches) ``sock``, and http.client closes it when the
             # response takes the connection over: the watchdog shuts the connection down

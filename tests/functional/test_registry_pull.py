@@ -439,3 +439,33 @@ def test_tls_verify_refuses_a_plain_http_registry(fake, tmp_path):
     with pytest.raises(Unavailable, match="tls_verify=False"):
         pull_to_layout(reg.ref, str(tmp_path / "l"), policy=HOSTILE_POLICY)
     assert reg.hits == []  # nothing went over plain http
+
+
+def test_cancel_ends_a_pull_still_waiting_to_connect(tmp_path):
+    """A registry whose SYNs go unanswered (here: a listener with a full backlog) keeps
+    connect() waiting: a cancel still ends the pull within a second."""
+    import socket
+    import threading
+    import time
+    lst = socket.socket()
+    lst.bind((HOSTILE, 0))
+    lst.listen(0)
+    fillers = []
+    for _ in range(4):  # fill the accept queue: further SYNs are dropped
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(lst.getsockname())
+        fillers.append(c)
+    time.sleep(0.2)
+    try:
+        cancel = threading.Event()
+        threading.Timer(1.0, cancel.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(Cancelled):
+            _pull(f"{HOSTILE}:{lst.getsockname()[1]}/x:y", tmp_path / "l", cancel=cancel)
+        assert time.monotonic() - t0 < 2.5
+        assert not (tmp_path / "l").exists()
+    finally:
+        for c in fillers:
+            c.close()
+        lst.close()

@@ -234,9 +234,7 @@ class ImageStore:
             sha256 = sha256.lower().removeprefix("sha256:")
             if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
                 raise InvalidInput(f"sha256 {sha256!r} must be 64 hex digits")
-        cap = sources.Cap(self.max_image_bytes, [
-            (_available(backend), f"pool {pool}"),
-            (_fs_available(self.tmp_dir), f"the agent's temp dir {self.tmp_dir}")])
+        cap = self.source_cap(pool)
         with self._tmp_file("url-") as tmp:
             with open(tmp, "wb") as out:
                 digest, _ = sources.download(url, out, policy=self.address_policy, cap=cap,
@@ -246,6 +244,15 @@ class ImageStore:
                 raise InvalidInput(f"{url}: content sha256 {digest} does not match the "
                                    f"expected {sha256}; nothing was stored")
             return self.import_file(tmp, name=name, pool=pool, format=format)
+
+    def source_cap(self, pool: str | None = None, tmp_dir: str | None = None) -> sources.Cap:
+        """What a download into ``pool`` (via ``tmp_dir``, default the store's temp dir)
+        may write: max_image_bytes and the free space of both."""
+        pool, backend = self._backend(pool)
+        tmp_dir = tmp_dir or self.tmp_dir
+        return sources.Cap(self.max_image_bytes, [
+            (_available(backend), f"pool {pool}"),
+            (_fs_available(tmp_dir), f"the agent's temp dir {tmp_dir}")])
 
     def import_object(self, source_pool: str, key: str, *, name: str, pool: str | None = None,
                       format: str | None = None, sha256: str | None = None,

@@ -12,8 +12,12 @@ make carries a prefix and we never touch anything else):
   standalone image. Volumes are always raw; ``Volume.format`` says so.
   A volume asked for as qcow2 holds a qcow2 inside the RBD image (QEMU opens it as
   driver qcow2 over protocol rbd; QEMU's rbd driver grows the image as the qcow2 grows).
-- ``natmp.<uuid>``  work in progress: renamed into place only when complete, removed on
-  failure, so no half-made blob or volume is ever visible.
+- ``natmp.<host tag>.<uuid>``  work in progress: renamed into place only when complete,
+  removed on failure, so no half-made blob or volume is ever visible. A killed agent
+  leaves its temps behind: ``sweep_temp`` (storage.backend.SweepsTemp, run by the image
+  store's gc at start) removes those of its own host tag (``default_host_tag``: this machine and
+  this agent's state dir) made before the agent started; other hosts' temps sharing the
+  pool, and untagged ``natmp.<uuid>`` ones of older agents, are left alone.
 
 Deletion policy: ``delete_blob`` refuses with Conflict while volumes are cloned from the
 blob (the image store keeps references; flattening would silently copy whole disks).
@@ -30,11 +34,13 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import uuid
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
+from datetime import timezone
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 from agent.errors import (AgentError, CommandFailed, Conflict, InsufficientResources,
@@ -63,6 +69,19 @@ VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 
+def default_host_tag(state_dir: str | None = None) -> str:
+    """12 hex digits naming this host's temp images in a shared pool: a hash of the
+    machine id (else the hostname) and the agent's state dir, stable across restarts and
+    distinct for several agents on one machine."""
+    try:
+        with open("/etc/machine-id") as f:
+            machine = f.read().strip()
+    except OSError:
+        machine = ""
+    key = f"{machine or socket.gethostname()}:{os.path.realpath(state_dir or '/')}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def _check_volume_name(name: str) -> None:
     if not VOLUME_NAME.match(name or ""):
         raise InvalidInput(f"bad volume name {name!r}: use letters, digits, '.', '_', '-' "
@@ -82,13 +101,15 @@ class RbdBackend:
         """agent.registry's uniform construction from ``[pools.<name>]``: ``name`` and the pool's
         options (``pool``, ``conf``, ``user``, ``keyring``, timeouts). Pools keep no rows and touch
         no host network: ``db`` and ``network`` are ignored."""
-        return cls(**settings)
+        return cls(**{"host_tag": default_host_tag(state_dir), **settings})
 
     def __init__(self, name: str, pool: str, conf: str = "/etc/ceph/ceph.conf",
                  user: str = "admin", keyring: str | None = None,
                  op_timeout: int = OP_TIMEOUT, connect_timeout: int = CONNECT_TIMEOUT,
-                 **_ignored):
+                 host_tag: str | None = None, **_ignored):
         self.name = name
+        self.tmp_prefix = f"{TMP_PREFIX}{host_tag or default_host_tag()}."
+        self._writing: set[str] = set()  # temp images this process is writing
         self.pool = pool
         self.conf = conf
         self.user = user
@@ -243,7 +264,7 @@ class RbdBackend:
             return found
         ioctx = self._io()
         self._check_room("store a blob", size)
-        tmp = TMP_PREFIX + uuid.uuid4().hex
+        tmp = made = self._new_temp()
         h = hashlib.sha256()
         done = 0
         try:
@@ -284,6 +305,8 @@ class RbdBackend:
             if tmp:
                 self._remove_quietly(tmp)
             raise
+        finally:
+            self._writing.discard(made)
         return BlobInfo(digest=f"sha256:{got}", size=done)
 
     def _snapshot_base(self, image: str) -> None:
@@ -432,7 +455,7 @@ class RbdBackend:
         if self.find_volume(spec.name) is not None:
             raise Conflict(f"pool {self.name}: volume {spec.name} already exists")
         self._check_room(f"create volume {spec.name}", None)
-        tmp = TMP_PREFIX + uuid.uuid4().hex
+        tmp = made = self._new_temp()
         try:
             with self._errors(f"create volume {spec.name}"):
                 vsize = spec.size
@@ -464,6 +487,7 @@ class RbdBackend:
                     raise Conflict(f"pool {self.name}: volume {spec.name} already exists") from None
                 tmp = None
         finally:
+            self._writing.discard(made)
             if tmp:
                 self._remove_quietly(tmp)
         return self.get_volume(spec.name)
@@ -487,7 +511,7 @@ class RbdBackend:
         if blob not in names:
             raise NotFound(f"pool {self.name}: blob {digest} not found")
         self._check_room(f"convert blob {digest} to raw", None)
-        tmp = TMP_PREFIX + uuid.uuid4().hex
+        tmp = made = self._new_temp()
         try:
             _qemu_img(["convert", "-f", "qcow2", "-O", "raw", self._rbd_spec(blob, BASE_SNAP),
                        self._rbd_spec(tmp)], self.name)
@@ -498,6 +522,7 @@ class RbdBackend:
             tmp = None
             self._snapshot_base(raw)
         finally:
+            self._writing.discard(made)
             if tmp:
                 self._remove_quietly(tmp)
         return raw
@@ -640,6 +665,36 @@ class RbdBackend:
             return Usage(capacity=quota, used=used,
                          available=max(0, min(quota - used, cluster_avail)))
         return Usage(capacity=cluster_cap, used=used, available=cluster_avail)
+
+    def _new_temp(self) -> str:
+        """A temp image name of this host; the caller discards it from _writing when done."""
+        name = self.tmp_prefix + uuid.uuid4().hex
+        self._writing.add(name)
+        return name
+
+    def sweep_temp(self, before: float) -> tuple[int, int]:
+        """Remove the temp images a killed agent of this host left: ``natmp.<our host
+        tag>.*`` created before ``before`` (this agent's start) that no write of this
+        process is using. Returns (images removed, their provisioned bytes)."""
+        import rbd
+
+        n = freed = 0
+        with self._errors("sweep temp images"):
+            ioctx = self._io()
+            for name in self._names():
+                if not name.startswith(self.tmp_prefix) or name in self._writing:
+                    continue
+                try:
+                    with rbd.Image(ioctx, name, read_only=True) as img:
+                        created = img.create_timestamp().replace(tzinfo=timezone.utc).timestamp()
+                        size = img.size()
+                except rbd.ImageNotFound:  # finished or removed meanwhile
+                    continue
+                if created >= before:
+                    continue
+                self._remove_quietly(name)
+                n, freed = n + 1, freed + size
+        return n, freed
 
     def close(self) -> None:
         """Close open blob streams, then the connection (an rbd.Image outliving its

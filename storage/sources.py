@@ -15,14 +15,19 @@ all. This module holds the checks every import path shares:
 - ``Watchdog``: a transfer that waits on the outside is aborted within a second of a
   cancel, and after ``stall_timeout`` seconds without progress, by a callback that
   unblocks it (shut a socket down, kill a subprocess by PID).
+- ``open_url``: one request through all of the above, redirects followed hop by hop;
+  the registry client (storage.registry) makes all its requests with it.
 - ``download``: an http(s) GET to an open file under all of the above, with a byte cap.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import ipaddress
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -122,34 +127,44 @@ class AddressPolicy:
             raise refused
         return ok
 
-    def check_host(self, host: str, port: int, what: str) -> None:
-        """Refuse ``host`` if any of its addresses is refused (for a client that resolves
-        by itself, as skopeo does: it may pick any of them)."""
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror:
-            return  # the client fails to resolve it too, and says so
-        own = self._own()
-        for info in infos:
-            why = self.refusal(info[4][0], own)
-            if why is not None:
-                raise self._refused(what, host, info[4][0], why)
-
-    def connect(self, host: str, port: int, what: str, timeout: float | None) -> socket.socket:
+    def connect(self, host: str, port: int, what: str, timeout: float,
+                check: Callable[[], None] | None = None) -> socket.socket:
         """A TCP connection to an allowed address of ``host``: resolved, checked, and
-        connected to that very address."""
+        connected to that very address. ``check`` is called every WATCH_INTERVAL while a
+        connect waits (a blackholed address) and may raise to abort it (a cancel)."""
         last: OSError | None = None
         for family, kind, proto, _, addr in self.resolve(host, port, what):
             s = socket.socket(family, kind, proto)
             try:
-                s.settimeout(timeout)
-                s.connect(addr)
+                _connect(s, addr, timeout, check)
                 return s
             except OSError as e:
                 s.close()
                 last = e
+            except BaseException:
+                s.close()
+                raise
         raise Unavailable(f"{what}: cannot connect to {host}:{port}: "
                           f"{getattr(last, 'strerror', None) or last}; check the URL and the network")
+
+
+def _connect(s: socket.socket, addr, timeout: float, check: Callable[[], None] | None) -> None:
+    """``s.connect(addr)`` within ``timeout`` seconds, calling ``check`` as it waits."""
+    deadline = time.monotonic() + timeout
+    s.setblocking(False)
+    err = s.connect_ex(addr)
+    while err in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+        if check is not None:
+            check()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(errno.ETIMEDOUT, "connection timed out")
+        if select.select([], [s], [], min(left, WATCH_INTERVAL))[1]:
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            break
+    if err:
+        raise OSError(err, os.strerror(err))
+    s.setblocking(True)
 
 
 def host_addresses() -> set[str]:
@@ -301,6 +316,11 @@ def tree_bytes(path: str) -> int:
 
 # ---------------------------------------------------------------------- downloads
 
+class TLSFailed(Unavailable):
+    """Raised when the TLS handshake with a source fails (no TLS there, or a certificate
+    that does not verify)."""
+
+
 class Cap:
     """The most bytes a download may write: ``max_bytes`` (configured: Unprocessable past
     it) and the free space where it goes (``space``: [(bytes free, what)], the smallest
@@ -331,67 +351,118 @@ def download(url: str, out, *, policy: AddressPolicy, cap: Cap, stall_timeout: f
     """GET the http(s) ``url`` into the open binary file ``out``; return (sha256 hex,
     bytes). Every hop (up to MAX_REDIRECTS) is checked against ``policy``; writing stops
     before ``cap`` is passed; a cancel or a stall aborts it (see Watchdog)."""
+    h, done = hashlib.sha256(), 0
+    with Watchdog(f"GET {url}", cancel=cancel, stall_timeout=stall_timeout) as wd:
+        with open_url(url, policy=policy, wd=wd, read_timeout=stall_timeout) as (final, r):
+            what = f"GET {final}" + (" (redirected)" if final != url else "")
+            if r.status != 200:
+                raise InvalidInput(f"{what} returned HTTP {r.status}; check the URL")
+            length = content_length(r)
+            if length is not None and length > cap.limit:
+                raise cap.error(f"the image at {final}", length)
+            for chunk in read_chunks(r, wd, what):
+                if done + len(chunk) > cap.limit:
+                    raise cap.error(f"the image at {final}", length)
+                h.update(chunk)
+                _write_all(out, chunk)
+                done += len(chunk)
+                wd.alive(done)
+                if progress:
+                    progress(done)
+            if length is not None and done != length:
+                raise Unavailable(f"{what}: got {done} of {length} bytes; retry")
+            return h.hexdigest(), done
+
+
+@contextlib.contextmanager
+def open_url(url: str, *, policy: AddressPolicy, wd: Watchdog, read_timeout: float,
+             method: str = "GET", headers: dict[str, str] | None = None,
+             schemes: tuple[str, ...] = ("http", "https"), tls_verify: bool = True):
+    """Send ``method`` to ``url`` and follow redirects (up to MAX_REDIRECTS, each hop's
+    address checked against ``policy`` and connected to as checked, its scheme one of
+    ``schemes``); yield (final url, urllib3 response) of the first answer that is not a
+    redirect, whatever its status, its body unread. ``headers`` go to the first origin
+    only: an Authorization never follows a redirect to another host or port. The
+    response's socket is shut down by ``wd`` on a cancel or a stall; on exit it is closed."""
     import urllib3
 
-    what = f"GET {url}"
-    h, done = hashlib.sha256(), 0
-    with Watchdog(what, cancel=cancel, stall_timeout=stall_timeout) as wd:
-        for _ in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise InvalidInput(f"URL {url!r} must be http:// or https:// with a host")
-            try:
-                port = parts.port or (443 if parts.scheme == "https" else 80)
-            except ValueError:
-                raise InvalidInput(f"URL {url!r} has an invalid port") from None
-            pool = _pool(parts.scheme, parts.hostname, port, policy, wd, stall_timeout)
-            path = parts.path or "/"
-            if parts.query:
-                path += "?" + parts.query
-            try:
-                r = pool.urlopen("GET", path, redirect=False, retries=False,
-                                 preload_content=False, assert_same_host=False,
-                                 headers={"Accept-Encoding": "identity",
-                                          "User-Agent": "nodeagent"})
-            except urllib3.exceptions.HTTPError as e:
-                wd.check()
-                raise Unavailable(f"{what} failed: {e}; check the URL and the network") from None
-            try:
-                if r.status in (301, 302, 303, 307, 308) and r.headers.get("Location"):
-                    url = urljoin(url, r.headers["Location"])
-                    what = f"GET {url} (redirected)"
-                    continue
-                if r.status != 200:
-                    raise InvalidInput(f"{what} returned HTTP {r.status}; check the URL")
-                length = r.headers.get("Content-Length")
-                length = int(length) if length and length.isdigit() else None
-                if length is not None and length > cap.limit:
-                    raise cap.error(f"the image at {url}", length)
-                while True:
-                    try:
-                        chunk = r.read1(READ_CHUNK)
-                    except (urllib3.exceptions.HTTPError, OSError) as e:
-                        wd.check()
-                        raise Unavailable(f"{what}: the download broke off after {done} bytes: "
-                                          f"{e}; retry") from None
-                    wd.check()  # a shut-down socket reads as a clean end
-                    if not chunk:
-                        break
-                    if done + len(chunk) > cap.limit:
-                        raise cap.error(f"the image at {url}", length)
-                    h.update(chunk)
-                    _write_all(out, chunk)
-                    done += len(chunk)
-                    wd.alive(done)
-                    if progress:
-                        progress(done)
-                if length is not None and done != length:
-                    raise Unavailable(f"{what}: got {done} of {length} bytes; retry")
-                return h.hexdigest(), done
-            finally:
-                r.release_conn()
-                pool.close()
-        raise InvalidInput(f"{url}: more than {MAX_REDIRECTS} redirects; give the final URL")
+    first = _origin(url)
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidInput(f"URL {url!r} must be http:// or https:// with a host")
+        if parts.scheme not in schemes:
+            raise Forbidden(f"{method} {url}: a {parts.scheme}:// URL where only "
+                            f"{'/'.join(schemes)} may be used (no downgrade from https)")
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise InvalidInput(f"URL {url!r} has an invalid port") from None
+        pool = _pool(parts.scheme, parts.hostname, port, policy, wd, read_timeout, tls_verify)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        send = {"Accept-Encoding": "identity", "User-Agent": "nodeagent"}
+        if _origin(url) == first:
+            send.update(headers or {})
+        try:
+            r = pool.urlopen(method, path, redirect=False, retries=False, preload_content=False,
+                             assert_same_host=False, headers=send)
+        except urllib3.exceptions.HTTPError as e:
+            _close_pool(pool)
+            wd.check()
+            if isinstance(e, urllib3.exceptions.SSLError) or isinstance(
+                    getattr(e, "reason", None), urllib3.exceptions.SSLError):
+                raise TLSFailed(f"{method} {url}: TLS failed: {e}") from None
+            raise Unavailable(f"{method} {url} failed: {e}; check the URL and the network") from None
+        except BaseException:  # refused by the policy, unreachable
+            _close_pool(pool)
+            raise
+        try:
+            if r.status in (301, 302, 303, 307, 308) and r.headers.get("Location"):
+                url = urljoin(url, r.headers["Location"])
+                continue
+            yield url, r
+            return
+        finally:
+            r.release_conn()
+            _close_pool(pool)
+    raise InvalidInput(f"{url}: more than {MAX_REDIRECTS} redirects; give the final URL")
+
+
+def _origin(url: str) -> tuple:
+    p = urlsplit(url)
+    try:
+        return p.scheme, (p.hostname or "").lower(), p.port
+    except ValueError:
+        return p.scheme, (p.hostname or "").lower(), None
+
+
+def content_length(r) -> int | None:
+    """A response's Content-Length, None if absent or not a number."""
+    length = r.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def read_chunks(r, wd: Watchdog, what: str):
+    """The body of the urllib3 response ``r`` in chunks of at most READ_CHUNK bytes;
+    Cancelled/Unavailable when ``wd`` aborted it (a shut-down socket reads as a clean end),
+    Unavailable when the connection breaks."""
+    import urllib3
+
+    done = 0
+    while True:
+        try:
+            chunk = r.read1(READ_CHUNK)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            wd.check()
+            raise Unavailable(f"{what}: the transfer broke off after {done} bytes: {e}; "
+                              "retry") from None
+        wd.check()
+        if not chunk:
+            return
+        done += len(chunk)
+        yield chunk
 
 
 def _write_all(out, chunk: bytes) -> None:
@@ -406,30 +477,46 @@ def _write_all(out, chunk: bytes) -> None:
 
 
 def _pool(scheme: str, host: str, port: int, policy: AddressPolicy, wd: Watchdog,
-          read_timeout: float):
+          read_timeout: float, tls_verify: bool = True):
     """A one-connection urllib3 pool whose connections go through ``policy.connect`` and
     whose sockets the watchdog can shut down."""
     import urllib3
     from urllib3.connection import HTTPConnection, HTTPSConnection
 
     base = HTTPSConnection if scheme == "https" else HTTPConnection
+    ctls: list[socket.socket] = []
 
     class Guarded(base):
         def _new_conn(self) -> socket.socket:
             sock = policy.connect(self._dns_host, self.port, f"GET {scheme}://{host}:{port}",
-                                  CONNECT_TIMEOUT)
+                                  CONNECT_TIMEOUT, check=wd.check)
             sock.settimeout(read_timeout)
+            # TLS wraps (and detaches) ``sock``, and http.client closes it when the
+            # response takes the connection over: the watchdog shuts the connection down
+            # through a dup of it, closed by close_pool
+            ctl = sock.dup()
+            ctls.append(ctl)
 
             def shut() -> None:
                 try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
+                    ctl.shutdown(socket.SHUT_RDWR)
+                except OSError:  # closed already
                     pass
             wd.abort_with(shut)
             return sock
 
     cls = urllib3.HTTPSConnectionPool if scheme == "https" else urllib3.HTTPConnectionPool
     timeout = urllib3.Timeout(connect=CONNECT_TIMEOUT, read=read_timeout + 1)
-    pool = cls(host, port, maxsize=1, timeout=timeout, retries=False)
+    extra = {} if scheme == "http" or tls_verify else {"cert_reqs": "CERT_NONE",
+                                                       "assert_hostname": False}
+    pool = cls(host, port, maxsize=1, timeout=timeout, retries=False, **extra)
     pool.ConnectionCls = Guarded
+    pool.nodeagent_ctls = ctls
     return pool
+
+
+def _close_pool(pool) -> None:
+    """Close ``pool`` (from _pool) and the watchdog's handles on its connections."""
+    pool.close()
+    for ctl in pool.nodeagent_ctls:
+        ctl.close()

@@ -101,7 +101,8 @@ class ImageService:
                 try:
                     pull_to_layout(src.reference, os.path.join(tmp, "layout"), tls_verify=src.tls_verify,
                                    policy=self.root.address_policy, cancel=op.cancelled,
-                                   stall_timeout=cfg.stall_timeout)
+                                   stall_timeout=cfg.stall_timeout,
+                                   cap=store.source_cap(pool, tmp))
                     op.phase("import")
                     image = store.import_oci(os.path.join(tmp, "layout"), name=req.name, pool=pool,
                                              progress=progress)

@@ -246,7 +246,7 @@ def test_resize_grows_only(backend):
 # and that a backend claiming one really does it.
 
 CAPABILITIES = {"local": {AdoptsBlobs, SweepsTemp}, "object": {FetchesBlobs, FetchesObjects},
-                "block": set(), "fake": set()}
+                "block": {SweepsTemp}, "fake": set()}
 
 
 def _claiming(capability) -> list[str]:

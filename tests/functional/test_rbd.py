@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -195,3 +196,103 @@ def test_bad_source_leaves_nothing(backend, raw_image, tmp_path, ceph):
     with pytest.raises(Unprocessable, match="backing file"):
         backend.create_volume(VolumeSpec("bad", MiB, "raw"), source=str(backed))
     assert rbd_ls(ceph) == before
+
+
+_KILLED_WRITER = """
+import io, sys, threading
+from storage.rbd import RbdBackend
+
+class Endless(io.RawIOBase):  # 8 MiB, then nothing ever again: the writer hangs mid-blob
+    sent = 0
+    def readable(self):
+        return True
+    def readinto(self, b):
+        if self.sent >= 8 << 20:
+            threading.Event().wait()
+        n = min(len(b), 4 << 20)
+        b[:n] = bytes(n)
+        self.sent += n
+        return n
+
+conf, user, keyring, pool, tag = sys.argv[1:6]
+RbdBackend("blk", pool=pool, conf=conf, user=user, keyring=keyring or None,
+           host_tag=tag).put_blob(Endless())
+"""
+
+
+def test_sweep_removes_this_hosts_temps_of_a_killed_agent_only(ceph, tmp_path):
+    """A writer killed mid-blob leaves natmp.<tag>.*: the next agent's sweep (same host tag)
+    removes it, but not another host's temp, an untagged one, nor a write in flight."""
+    import threading
+    import time
+    from storage.rbd import RbdBackend, TMP_PREFIX
+
+    tag = "t" + os.urandom(4).hex()
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, ceph.conf, ceph.user,
+                              ceph.keyring or "", ceph.rbd_pool, tag],
+                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        deadline = time.monotonic() + 60
+        while not any(n.startswith(f"{TMP_PREFIX}{tag}.") for n in rbd_ls(ceph)):
+            assert child.poll() is None and time.monotonic() < deadline, "the writer never started"
+            time.sleep(0.2)
+        time.sleep(1)  # a few MiB written
+    finally:
+        child.kill()
+        child.wait()
+    leftover = [n for n in rbd_ls(ceph) if n.startswith(f"{TMP_PREFIX}{tag}.")]
+    assert len(leftover) == 1
+    others = [f"{TMP_PREFIX}otherhost.{os.urandom(8).hex()}", f"{TMP_PREFIX}{os.urandom(16).hex()}"]
+    for n in others:
+        ceph.run("rbd", "create", "--size", "1M", f"{ceph.rbd_pool}/{n}")
+    time.sleep(1.1)  # the timestamps have one-second resolution
+    started = time.time()  # "the agent restarts"
+    b = RbdBackend("blk", pool=ceph.rbd_pool, conf=ceph.conf, user=ceph.user,
+                   keyring=ceph.keyring, host_tag=tag)
+    gate, data = threading.Event(), os.urandom(3 * MiB)
+
+    class Held(io.RawIOBase):  # an import of this agent, in flight during the sweep
+        pos = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buf):
+            if self.pos == MiB:
+                gate.wait(60)
+            n = min(len(buf), MiB, len(data) - self.pos)
+            buf[:n] = data[self.pos:self.pos + n]
+            self.pos += n
+            return n
+
+    box = {}
+    writer = threading.Thread(target=lambda: box.update(info=b.put_blob(Held())))
+    writer.start()
+    try:
+        while len([n for n in rbd_ls(ceph) if n.startswith(f"{TMP_PREFIX}{tag}.")]) < 2:
+            time.sleep(0.1)
+        removed, freed = b.sweep_temp(started)
+        assert removed == 1 and freed >= 8 * MiB
+        names = rbd_ls(ceph)
+        assert leftover[0] not in names and all(n in names for n in others)
+        assert b.sweep_temp(time.time() + 60) == (0, 0)  # the one in flight is spared
+    finally:
+        gate.set()
+        writer.join()
+    assert box["info"].digest == digest_of(data)
+    assert b.open_blob(box["info"].digest).read() == data
+    b.delete_blob(box["info"].digest)
+    for n in others:
+        ceph.run("rbd", "rm", f"{ceph.rbd_pool}/{n}")
+    assert not [n for n in rbd_ls(ceph) if n.startswith(TMP_PREFIX)]
+    b.close()
+
+
+def test_pools_from_config_tag_their_temps_by_host_and_state_dir(tmp_path):
+    from storage.rbd import RbdBackend, default_host_tag
+    a = RbdBackend.from_config({"name": "p", "pool": "x"}, state_dir=str(tmp_path / "a"),
+                               db=None, network=None)
+    b = RbdBackend.from_config({"name": "p", "pool": "x"}, state_dir=str(tmp_path / "b"),
+                               db=None, network=None)
+    assert a.tmp_prefix == f"natmp.{default_host_tag(str(tmp_path / 'a'))}."
+    assert a.tmp_prefix != b.tmp_prefix  # two agents on one machine sweep only their own

@@ -159,3 +159,313 @@ def test_hung_registry_stalls_out_and_cancels_within_a_second(tmp_path):
         assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     finally:
         srv.close()
+
+
+# ---------------------------------------------------------------- hostile registries
+# A registry is a remote end like any URL: these ones (http.server on 127.0.0.2, the one
+# address the policy allows) redirect, demand tokens, stall, lie and send too much. The
+# "internal service" they aim at is a listening socket on 127.0.0.1 that records whether
+# anything ever connected to it.
+
+HOSTILE = "127.0.0.2"
+BLOBSTORE = "127.0.0.3"  # a second allowed host (a CDN that blobs redirect to)
+HOSTILE_POLICY = AddressPolicy([f"{HOSTILE}/32", f"{BLOBSTORE}/32"])
+TOKEN = "t0ken-for-pull"
+
+
+class Target:
+    """A TCP listener on 127.0.0.1 that never accepts: ``connected()`` says whether any
+    connection reached it (it would wait in the backlog)."""
+
+    def __init__(self):
+        import socket
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+
+    def connected(self) -> bool:
+        import select
+        return bool(select.select([self.sock], [], [], 0.2)[0])
+
+    def close(self):
+        self.sock.close()
+
+
+class FakeRegistry:
+    """A distribution-API registry serving one busybox image as ``busybox:test``, with
+    faults switched on by attributes: ``bearer`` (demand a token from ``realm``, default
+    its own /token; "basic" demands Basic auth), ``redirect`` ({"blob"|"manifest": URL}),
+    ``stall_blob`` (send half the layer, then nothing), ``huge_manifest`` ("length" | "endless"),
+    ``wrong_manifest`` / ``wrong_layer`` (other bytes than the digests say)."""
+
+    def __init__(self, host=HOSTILE):
+        import http.server
+        import socket
+        import threading
+
+        from testbed import ocibuild
+        from testbed.registry_server import IMAGE_CONFIG, busybox_layer
+
+        layer = busybox_layer()
+        self.manifest, self.blobs = ocibuild.image_blobs([layer], cmd=IMAGE_CONFIG["cmd"],
+                                                         env=IMAGE_CONFIG["env"])
+        self.digest = ocibuild.sha(self.manifest)
+        self.layer_digest = ocibuild.sha(layer)
+        self.bearer = self.realm = self.stall_blob = self.huge_manifest = None
+        self.wrong_manifest = self.wrong_layer = False
+        self.redirect = {}
+        self.hits = []  # (path, Authorization header)
+        self.sent = 0
+        self.stop = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def handle(self):
+                # the client tries TLS first (tls_verify=False): hang up on a ClientHello
+                if self.connection.recv(1, socket.MSG_PEEK) == b"\x16":
+                    return
+                super().handle()
+
+            def send(self, status, body=b"", headers=()):
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                auth = self.headers.get("Authorization")
+                outer.hits.append((self.path, auth))
+                if self.path.startswith("/token"):
+                    from urllib.parse import parse_qs, urlsplit
+                    q = parse_qs(urlsplit(self.path).query)
+                    ok = q.get("scope") == ["repository:busybox:pull"] and q.get("service") == ["fake"]
+                    return self.send(200 if ok else 400, json.dumps({"token": TOKEN}).encode())
+                if self.path.startswith("/store/"):  # the blob store: no auth there
+                    return self.send(200, outer.blobs[self.path[len("/store/"):]])
+                if outer.bearer == "basic" and auth is None:
+                    return self.send(401, headers=[("WWW-Authenticate", 'Basic realm="x"')])
+                if outer.bearer and auth != f"Bearer {TOKEN}":
+                    realm = outer.realm or f"http://{outer.address}/token"
+                    return self.send(401, headers=[("WWW-Authenticate",
+                                                    f'Bearer realm="{realm}",service="fake"')])
+                if self.path == "/v2/":
+                    return self.send(200, b"{}")
+                if self.path.startswith("/v2/busybox/manifests/"):
+                    if "manifest" in outer.redirect:
+                        return self.send(307, headers=[("Location", outer.redirect["manifest"])])
+                    if outer.huge_manifest == "length":
+                        return self.send_big(5 << 20, length=True)
+                    if outer.huge_manifest == "endless":
+                        return self.send_big(1 << 30, length=False)
+                    body = outer.manifest
+                    if outer.wrong_manifest:
+                        body = body.replace(b'"schemaVersion":2', b'"schemaVersion": 2', 1)
+                        body = body if body != outer.manifest else body + b" "
+                    return self.send(200, body, [("Content-Type", json.loads(outer.manifest)["mediaType"])])
+                if self.path.startswith("/v2/busybox/blobs/"):
+                    digest = self.path.rsplit("/", 1)[1]
+                    if digest not in outer.blobs:
+                        return self.send(404, b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
+                    if "blob" in outer.redirect and digest == outer.layer_digest:
+                        return self.send(307, headers=[("Location", outer.redirect["blob"] + digest)])
+                    body = outer.blobs[digest]
+                    if digest == outer.layer_digest and outer.wrong_layer:
+                        body = bytes([body[0] ^ 1]) + body[1:]
+                    if digest == outer.layer_digest and outer.stall_blob:
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body[:len(body) // 2])
+                        self.wfile.flush()
+                        outer.stop.wait(60)  # then nothing (bounded: the fixture ends it)
+                        return
+                    return self.send(200, body)
+                self.send(404, b'{"errors":[{"code":"NAME_UNKNOWN"}]}')
+
+            def send_big(self, size, length):
+                self.send_response(200)
+                self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+                if length:
+                    self.send_header("Content-Length", str(size))
+                self.end_headers()
+                chunk = b" " * (1 << 20)
+                try:
+                    while outer.sent < size and not outer.stop.is_set():
+                        self.wfile.write(chunk)
+                        outer.sent += len(chunk)
+                except OSError:  # the client hung up
+                    pass
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.address = f"{host}:{self.server.server_address[1]}"
+        self.ref = f"{self.address}/busybox:test"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake():
+    servers = []
+
+    def make(host=HOSTILE):
+        servers.append(FakeRegistry(host))
+        return servers[-1]
+    yield make
+    for s in servers:
+        s.close()
+
+
+@pytest.fixture
+def target():
+    t = Target()
+    yield t
+    t.close()
+
+
+def _pull(ref, dest, **kw):
+    kw.setdefault("policy", HOSTILE_POLICY)
+    return pull_to_layout(ref, str(dest), tls_verify=False, **kw)
+
+
+def test_bearer_token_flow_and_a_blob_redirect_within_the_policy(fake, tmp_path):
+    reg, store = fake(), fake(BLOBSTORE)
+    reg.bearer = True
+    reg.redirect["blob"] = f"http://{store.address}/store/"
+    tag = _pull(reg.ref, tmp_path / "layout")
+    m = layout_manifest(str(tmp_path / "layout"), tag)
+    assert config_of(str(tmp_path / "layout"), m)["config"]["Cmd"] == ["sh"]
+    assert any(p.startswith("/token?") for p, _ in reg.hits)  # the anonymous token was fetched
+    for path, auth in reg.hits:
+        if path.startswith("/v2/busybox/"):  # every repository request but the first carries it
+            assert auth in (None, f"Bearer {TOKEN}")
+    assert store.hits == [(f"/store/{reg.layer_digest}", None)]  # the token stayed home
+
+
+@pytest.mark.parametrize("what", ["blob", "manifest"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_redirect_to_a_refused_address_is_not_followed(fake, target, tmp_path, what, host):
+    reg = fake()
+    reg.redirect[what] = f"http://{host}:{target.port}/internal/"
+    with pytest.raises(Forbidden, match="loopback.*allow_url_hosts"):
+        _pull(reg.ref, tmp_path / "layout")
+    assert not target.connected()  # no request, not even a TCP handshake, reached it
+    assert not (tmp_path / "layout").exists()
+
+
+def test_token_realm_at_a_refused_address_is_not_fetched(fake, target, tmp_path):
+    reg = fake()
+    reg.bearer, reg.realm = True, f"http://127.0.0.1:{target.port}/token"
+    with pytest.raises(Forbidden, match="loopback"):
+        _pull(reg.ref, tmp_path / "layout")
+    assert not target.connected()
+    assert not (tmp_path / "layout").exists()
+
+
+def test_credentials_are_never_sent_and_basic_auth_is_refused(fake, tmp_path):
+    reg = fake()
+    reg.bearer = "basic"
+    with pytest.raises(Forbidden, match="anonymously"):
+        _pull(reg.ref, tmp_path / "layout")
+    assert all(auth is None for _, auth in reg.hits)
+
+
+def test_stall_mid_blob_times_out_and_cancel_ends_it_leaving_no_temp_files(fake, tmp_path):
+    import threading
+    import time
+    reg = fake()
+    reg.stall_blob = True
+    with pytest.raises(Unavailable, match="stalled.*stall_timeout"):
+        _pull(reg.ref, tmp_path / "new", stall_timeout=2)
+    assert not (tmp_path / "new").exists()
+    # into a layout that holds an image already: it stays as it was
+    old = tmp_path / "old"
+    _pull(fake().ref, old)
+    before = sorted(str(p.relative_to(old)) for p in old.rglob("*"))
+    cancel = threading.Event()
+    threading.Timer(1.0, cancel.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(Cancelled):
+        _pull(reg.ref.replace(":test", ":other"), old, cancel=cancel, stall_timeout=600)
+    assert time.monotonic() - t0 < 2.5  # the cancel at 1 s took effect within a second
+    assert sorted(str(p.relative_to(old)) for p in old.rglob("*")) == before
+
+
+@pytest.mark.parametrize("how", ["length", "endless"])
+def test_oversized_manifest_is_refused(fake, tmp_path, how):
+    from agent.errors import Unprocessable
+    reg = fake()
+    reg.huge_manifest = how
+    with pytest.raises(Unprocessable, match="4194304 byte limit"):
+        _pull(reg.ref, tmp_path / "layout")
+    assert not (tmp_path / "layout").exists()
+    assert reg.sent < 64 << 20  # reading stopped at the limit (plus socket buffers)
+
+
+def test_content_that_does_not_match_its_digests_is_refused(fake, tmp_path):
+    reg = fake()
+    reg.wrong_manifest = True  # the manifest pinned by digest comes back different
+    with pytest.raises(InvalidInput, match="digest"):
+        _pull(f"{reg.address}/busybox@{reg.digest}", tmp_path / "a")
+    reg.wrong_manifest, reg.wrong_layer = False, True
+    with pytest.raises(InvalidInput, match="does not match its digest"):
+        _pull(reg.ref, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_wrong_digest_at_a_real_registry_is_not_found(oci_registry, busybox_ref, tmp_path):
+    name = busybox_ref.rsplit(":", 1)[0]
+    with pytest.raises(NotFound):
+        pull_to_layout(f"{name}@sha256:{'0' * 64}", str(tmp_path / "l"), tls_verify=False,
+                       policy=LOCAL)
+    assert not (tmp_path / "l").exists()
+
+
+def test_tls_verify_refuses_a_plain_http_registry(fake, tmp_path):
+    reg = fake()
+    with pytest.raises(Unavailable, match="tls_verify=False"):
+        pull_to_layout(reg.ref, str(tmp_path / "l"), policy=HOSTILE_POLICY)
+    assert reg.hits == []  # nothing went over plain http
+
+
+def test_cancel_ends_a_pull_still_waiting_to_connect(tmp_path):
+    """A registry whose SYNs go unanswered (here: a listener with a full backlog) keeps
+    connect() waiting: a cancel still ends the pull within a second."""
+    import socket
+    import threading
+    import time
+    lst = socket.socket()
+    lst.bind((HOSTILE, 0))
+    lst.listen(0)
+    fillers = []
+    for _ in range(4):  # fill the accept queue: further SYNs are dropped
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(lst.getsockname())
+        fillers.append(c)
+    time.sleep(0.2)
+    try:
+        cancel = threading.Event()
+        threading.Timer(1.0, cancel.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(Cancelled):
+            _pull(f"{HOSTILE}:{lst.getsockname()[1]}/x:y", tmp_path / "l", cancel=cancel)
+        assert time.monotonic() - t0 < 2.5
+        assert not (tmp_path / "l").exists()
+    finally:
+        for c in fillers:
+            c.close()
+        lst.close()

@@ -434,8 +434,9 @@ class Stats(Model):
     cpu_ns: int | None = None
     memory_bytes: int | None = None
     pids: int | None = None
-    io: dict[str, int] = Field(default_factory=dict)
-    net: dict[str, int] = Field(default_factory=dict)
+    oom_kills: int | None = None  # containers: OOM kills in the instance's memory cgroup
+    io: dict[str, int] = Field(default_factory=dict)  # containers: read_bytes, write_bytes; VMs: rd_bytes, wr_bytes
+    net: dict[str, int] = Field(default_factory=dict)  # rx_bytes, tx_bytes, rx_packets, tx_packets
 
 
 # -- migrations --

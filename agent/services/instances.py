@@ -309,7 +309,7 @@ class InstanceService:
         else:
             s = self.root.runtime.stats(inst.name)
             out = {"cpu_ns": s.get("cpu_ns"), "memory_bytes": s.get("memory_bytes"), "pids": s.get("pids"),
-                   "io": s.get("io") or {}, "net": s.get("net") or {}}
+                   "oom_kills": s.get("oom_kills"), "io": s.get("io") or {}, "net": s.get("net") or {}}
         out["io"] = {k: int(v) for k, v in out["io"].items() if isinstance(v, (int, float))}
         out["net"] = {k: int(v) for k, v in out["net"].items() if isinstance(v, (int, float))}
         return out

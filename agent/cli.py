@@ -38,7 +38,8 @@ def serve(ctx):
     from agent.server import AgentServer
 
     cfg = _load(ctx)
-    log.setup(cfg.log_level, cfg.log_format)
+    log.setup(cfg.log_level, cfg.log_format, target=cfg.log_target, file=cfg.log_file,
+              max_bytes=cfg.log_max_bytes, backups=cfg.log_backups)
     cfg.state_path.mkdir(parents=True, exist_ok=True)
     try:
         AgentServer(cfg, create_app).run()

@@ -147,6 +147,7 @@ class Operation(Model):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    request_id: str | None = None  # the X-Request-Id of the request that made it
 
 
 class OperationList(Model):

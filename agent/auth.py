@@ -59,12 +59,16 @@ class Tokens:
         self._used: dict[str, float] = {}  # token id -> last use (every request)
         self._written: dict[str, float] = {}  # token id -> last use written to the DB
 
-    def create(self, name: str, role: str, expires_at: float | None = None) -> str:
+    def create(self, name: str, role: str, expires_at: float | None = None, ttl_s: float | None = None) -> str:
+        """``expires_at`` (unix seconds) or ``ttl_s`` (seconds from now): when it stops working;
+        neither: never."""
         if not NAME_RE.match(name or ""):
             raise InvalidInput(f"token name {name!r} is invalid: use 1-64 letters, digits, '_', '.', '-'")
         if role not in ROLES:
             raise InvalidInput(f"role {role!r} is invalid: use admin, reader or peer")
         now = time.time()
+        if ttl_s is not None:
+            expires_at = now + ttl_s
         if expires_at is not None and not now < expires_at <= now + MAX_TOKEN_LIFETIME:
             raise InvalidInput(f"expires_at {expires_at!r} must lie in the future, at most 10 years "
                                "from now (unix seconds)")

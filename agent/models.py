@@ -572,11 +572,43 @@ class InstanceResult(Model):
     instance: Instance
 
 
-# -- tokens (CLI only, listed for completeness) --
+# -- tokens (admin only: POST/GET /v1/tokens, GET/DELETE /v1/tokens/{name}) --
+
+TOKEN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # agent.auth.NAME_PATTERN
+MAX_TOKEN_TTL = 10 * 365 * 86400  # seconds (10 years): agent.auth.MAX_TOKEN_LIFETIME
+
+
+class TokenCreate(Model):
+    """A new token. Expiry: ``ttl_s`` (seconds from now) or ``expires_at`` (unix seconds), not
+    both; neither: it never expires."""
+
+    name: str = Field(pattern=TOKEN_NAME_PATTERN, max_length=64)
+    role: Literal["admin", "reader", "peer"]
+    expires_at: float | None = Field(None, gt=0)
+    ttl_s: int | None = Field(None, ge=60, le=MAX_TOKEN_TTL)
+
+    @model_validator(mode="after")
+    def _one_expiry(self):
+        if self.expires_at is not None and self.ttl_s is not None:
+            raise ValueError("give ttl_s or expires_at, not both")
+        if self.expires_at is not None and not math.isfinite(self.expires_at):
+            raise ValueError("expires_at must be a finite number of unix seconds")
+        return self
+
 
 class TokenInfo(Model):
     name: str
-    role: Literal["admin", "reader"]
-    id: str
+    role: Literal["admin", "reader", "peer"]
+    id: str  # the token's public half (na_<id>_...): names it in logs, is no secret
     created_at: float
-    last_used_at: float | None = None
+    expires_at: float | None = None
+    last_used_at: float | None = None  # kept within a minute (written at most once a minute)
+    expired: bool = False
+
+
+class TokenCreated(TokenInfo):
+    token: str  # the secret token, shown only in this answer
+
+
+class TokenList(Model):
+    tokens: list[TokenInfo]

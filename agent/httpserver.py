@@ -534,6 +534,8 @@ class _Connection:
 
     def _access(self, environ: dict, t0: float) -> None:
         """The access log line of a request that ended (status 0: cut before an answer)."""
+        if not self.api.access_log:
+            return
         caller = environ.get("nodeagent.caller") or {}
         access_log.info("request", extra={
             "method": environ.get("REQUEST_METHOD", "-"), "path": logged_path(environ),

@@ -38,7 +38,8 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}$")  # a clie
 PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 LOG_FILE_MODE = 0o600  # error details name host paths, argv, stderr: root's only
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_BARE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, '"', '=', '\\': a text value left unquoted
 _context: contextvars.ContextVar[dict] = contextvars.ContextVar("nodeagent_log_context", default={})
 
 
@@ -122,9 +123,14 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)
         fields = []
         for key, value in _extras(record).items():
-            text = value if isinstance(value, str) else json.dumps(value, default=str)
-            if not text or not text.isprintable() or any(c in text for c in ' "='):
-                text = json.dumps(text)
+            if value is None:
+                text = "null"
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                text = str(value)
+            else:
+                text = value if isinstance(value, str) else json.dumps(value, default=str)
+                if not _BARE.fullmatch(text):
+                    text = json.dumps(text)
             fields.append(f"{key}={text}")
         if not fields:
             return line

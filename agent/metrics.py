@@ -156,7 +156,7 @@ class _StateCollector:
             if i.state != "running":
                 continue
             try:
-                s = self.root.instances.stats(i.id)
+                s = self.root.instances.stats_of(i)
             except Exception as e:
                 log.debug("no stats for instance", extra={"instance": i.name, "error": str(e)})
                 continue

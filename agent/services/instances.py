@@ -299,7 +299,10 @@ class InstanceService:
         return self.root.runtime.logs(inst.name, tail=tail)
 
     def stats(self, ref: str) -> dict:
-        inst = self.get(ref)
+        return self.stats_of(self.get(ref))
+
+    def stats_of(self, inst) -> dict:
+        """``stats`` of a record already in hand (a /metrics scrape lists them all first)."""
         if inst.state == "creating":
             raise Conflict(f"instance {inst.name!r} is being created: no stats yet")
         if inst.kind == "vm":

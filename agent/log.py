@@ -37,6 +37,9 @@ SYSLOG_IDENTIFIER = "nodeagent"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}$")  # a client's X-Request-Id we keep
 PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 LOG_FILE_MODE = 0o600  # error details name host paths, argv, stderr: root's only
+# seconds a line may wait for a backed-up journald before it goes to stderr instead: the event
+# loop writes access lines, and must not stall behind the journal
+JOURNAL_SEND_TIMEOUT = 0.5
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 _BARE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, '"', '=', '\\': a text value left unquoted
@@ -164,6 +167,7 @@ class JournalHandler(logging.Handler):
         self.path = path
         self.fallback = fallback or sys.stderr
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.settimeout(JOURNAL_SEND_TIMEOUT)
         self._text = TextFormatter()
 
     def payload(self, record: logging.LogRecord) -> bytes:

@@ -82,11 +82,16 @@ def token():
 @click.pass_context
 def token_create(ctx, name, role, ttl_s, expires_at, remote):
     """Create a token and print ONLY the secret (shown once)."""
+    import time
     if ttl_s is not None and expires_at is not None:
         raise click.UsageError("give --ttl or --expires-at, not both")
+    if expires_at is not None and expires_at <= time.time() + 60:
+        raise click.UsageError(f"--expires-at {expires_at:.0f} is not at least a minute from now "
+                               f"({time.time():.0f}): give a later time (unix seconds)")
     if remote:
-        body = {"name": name, "role": role, **({"ttl_s": ttl_s} if ttl_s is not None else {}),
-                **({"expires_at": expires_at} if expires_at is not None else {})}
+        if expires_at is not None:
+            ttl_s = int(expires_at - time.time())  # the API takes a relative expiry
+        body = {"name": name, "role": role, **({"ttl_s": ttl_s} if ttl_s is not None else {})}
         click.echo(_call(_client().post, "/v1/tokens", body)["token"])
         return
     try:

@@ -11,7 +11,8 @@ counts and per-instance figures are read from state when /metrics is scraped. Po
 is not: listing an object pool walks its whole bucket, so usage is cached per pool and
 refreshed in the background at most every ``[metrics] pool_usage_interval`` seconds; a
 scrape never waits for it (except up to FIRST_USAGE_WAIT for a pool never read yet), and
-``nodeagent_pool_usage_age_seconds`` says how old the figures are.
+``nodeagent_pool_usage_age_seconds`` says how old the figures are. Scrapes that arrive while
+one renders share its result: however many clients scrape at once, one render runs.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import logging
 import platform
 import threading
 import time
+from concurrent.futures import Future
 from importlib import metadata
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, GCCollector, Histogram,
@@ -191,10 +193,27 @@ class Metrics:
         GCCollector(registry=self.registry)
         self.pool_usage = PoolUsageCache(root, root.config.metrics.pool_usage_interval)
         self.registry.register(_StateCollector(root, self.pool_usage))
+        self._lock = threading.Lock()
+        self._rendering: Future | None = None  # the render in progress, shared by scrapes meanwhile
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, method, str(status)).inc()
         self.latency.labels(endpoint, method).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        with self._lock:
+            shared, mine = self._rendering, self._rendering is None
+            if mine:
+                shared = self._rendering = Future()
+        if not mine:
+            return shared.result()
+        try:
+            out = generate_latest(self.registry), CONTENT_TYPE_LATEST
+            shared.set_result(out)
+            return out
+        except BaseException as e:
+            shared.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._rendering = None

@@ -579,21 +579,14 @@ MAX_TOKEN_TTL = 10 * 365 * 86400  # seconds (10 years): agent.auth.MAX_TOKEN_LIF
 
 
 class TokenCreate(Model):
-    """A new token. Expiry: ``ttl_s`` (seconds from now) or ``expires_at`` (unix seconds), not
-    both; neither: it never expires."""
+    """A new token. Expiry: ``ttl_s``, seconds from now (the answer's ``expires_at`` says
+    when); none: it never expires. A relative expiry keeps every constraint in the schema (an
+    absolute time in the past would be valid JSON and still refused); the CLI's
+    ``--expires-at`` converts."""
 
     name: str = Field(pattern=TOKEN_NAME_PATTERN, max_length=64)
     role: Literal["admin", "reader", "peer"]
-    expires_at: float | None = Field(None, gt=0)
-    ttl_s: int | None = Field(None, ge=60, le=MAX_TOKEN_TTL)
-
-    @model_validator(mode="after")
-    def _one_expiry(self):
-        if self.expires_at is not None and self.ttl_s is not None:
-            raise ValueError("give ttl_s or expires_at, not both")
-        if self.expires_at is not None and not math.isfinite(self.expires_at):
-            raise ValueError("expires_at must be a finite number of unix seconds")
-        return self
+    ttl_s: float | None = Field(None, ge=60, le=MAX_TOKEN_TTL)
 
 
 class TokenInfo(Model):

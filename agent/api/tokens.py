@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 def create_token():
     req = parse(models.TokenCreate)
     tokens = services().tokens
-    secret = tokens.create(req.name, req.role, req.expires_at, req.ttl_s)
+    secret = tokens.create(req.name, req.role, ttl_s=req.ttl_s)
     info = tokens.get(req.name)
     log.info("token created", extra={"token": req.name, "role": req.role, "expires_at": info["expires_at"],
                                      "by": g.caller["name"]})

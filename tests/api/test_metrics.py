@@ -159,3 +159,38 @@ def test_stale_pool_usage_is_refreshed_in_the_background(tmp_path):
         assert max(ages) >= 1 and ages[-1] < max(ages), ages  # it went stale, then a new reading came
     finally:
         root.stop()
+
+
+def test_concurrent_scrapes_share_one_render(tmp_path):
+    """Many clients scraping at once cost one render (a slow collector stands in for a host
+    with many instances: the fault injected)."""
+    import threading
+
+    app, client, root = inprocess_app(tmp_path)
+    try:
+        calls, gate = [], threading.Event()
+
+        class Slow:
+            def collect(self):
+                calls.append(1)
+                gate.wait(10)
+                return []
+        root.metrics.registry.register(Slow())
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(root.metrics.render()[0])) for _ in range(8)]
+        threads[0].start()
+        while not calls:
+            time.sleep(0.01)
+        for t in threads[1:]:
+            t.start()
+        shared = root.metrics._rendering
+        deadline = time.monotonic() + 10
+        while len(shared._condition._waiters) < 7 and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the seven others wait on the first render
+        gate.set()
+        for t in threads:
+            t.join(10)
+        assert len(results) == 8 and len(set(results)) == 1 and len(calls) == 1
+        assert b"nodeagent_build_info" in root.metrics.render()[0] and len(calls) == 2  # the next one renders
+    finally:
+        root.stop()

@@ -98,11 +98,14 @@ def test_client_certificates_map_to_roles(tmp_path, pki):
         inst = "0" * 32
         assert call("DELETE", f"/v1/peer/migrations/{inst}", peer).json() == {"deleted": False}
         assert_error(call("DELETE", f"/v1/peer/migrations/{inst}", rogue), 403)
-        # what a source agent uses: its [peers.<dest>] ca, cert, key
-        client = PeerClient("dest", agent.url, None, ca=ca, cert=peer[0], key=peer[1])
+        # what a source agent uses: its [peers.<dest>] ca, cert, key; its calls carry the request id
+        # of the migration's request, so both hosts' logs name it
+        from agent import log as agent_log
+        with agent_log.bind(request_id="migration-req-1"):
+            client = PeerClient("dest", agent.url, None, ca=ca, cert=peer[0], key=peer[1])
         assert client.alive() and client.abort(inst) is False
         log = agent.log.read_text()
         assert "caller=cp.example role=admin auth=certificate" in log
-        assert "caller=host2 role=peer auth=certificate" in log
+        assert "caller=host2 role=peer auth=certificate request_id=migration-req-1" in log
     finally:
         assert agent.stop() == 0

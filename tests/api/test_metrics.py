@@ -194,3 +194,28 @@ def test_concurrent_scrapes_share_one_render(tmp_path):
         assert b"nodeagent_build_info" in root.metrics.render()[0] and len(calls) == 2  # the next one renders
     finally:
         root.stop()
+
+
+def test_a_hung_pool_never_holds_up_a_scrape(tmp_path):
+    """A pool whose usage call hangs (an S3 endpoint that stopped answering: the fault
+    injected) leaves scrapes answering with the last reading, its age growing."""
+    import threading
+
+    app, client, root = inprocess_app(tmp_path, metrics={"pool_usage_interval": 1})
+    pool = root.pools["default"]
+    hung, real = threading.Event(), type(pool).usage
+    try:
+        assert _age(client) < 1
+        pool.usage = lambda: hung.wait(60) and real(pool)  # this pool object only
+        time.sleep(1.2)  # the reading goes stale; the next scrape starts a refresh that hangs
+        answers = []
+        scraper = threading.Thread(target=lambda: answers.extend(_age(client) for _ in range(3)))
+        scraper.start()
+        scraper.join(30)
+        assert len(answers) == 3 and min(answers) >= 1  # three scrapes answered, with the stale reading
+        fam = _families(client.get("/metrics").get_data(as_text=True))
+        assert [s.value for s in fam["nodeagent_pool_up"].samples] == [1]
+    finally:
+        hung.set()
+        del pool.usage
+        root.stop()

@@ -13,6 +13,7 @@ from flask import Flask, g, request
 from werkzeug.exceptions import HTTPException
 
 from agent import auth
+from agent import log as agent_log
 from agent.api import ROUTES, render
 from agent.config import Config
 from agent.errors import AgentError, public_error
@@ -23,9 +24,10 @@ HTTP_CODES = {400: "invalid", 404: "not_found", 405: "method_not_allowed", 413: 
 
 
 def _blueprints():
-    from agent.api import docs, events, host, images, instances, metrics, migrations, operations
+    from agent.api import docs, events, host, images, instances, metrics, migrations, operations, tokens
     # pools are served by the host blueprint: host facts and pools are one resource module
-    return [host.bp, images.bp, instances.bp, operations.bp, migrations.bp, events.bp, metrics.bp, docs.bp]
+    return [host.bp, images.bp, instances.bp, operations.bp, migrations.bp, events.bp, metrics.bp, docs.bp,
+            tokens.bp]
 
 
 def create_app(config: Config, services=None) -> Flask:
@@ -46,10 +48,18 @@ def create_app(config: Config, services=None) -> Flask:
     @app.before_request
     def _authenticate():
         g.t0 = time.perf_counter()
+        # the server made it from the client's X-Request-Id (or anew); a test client did not
+        rid = request.environ.get("nodeagent.request_id") or agent_log.request_id_from(
+            request.headers.get("X-Request-Id"))
+        request.environ["nodeagent.request_id"] = g.request_id = rid
+        g.log_context = agent_log.set_context(request_id=rid)
         if request.endpoint in public or request.endpoint is None:
             return None  # unknown URLs fall through to a 404
         g.caller = auth.authorize(root.tokens, request.headers.get("Authorization"), request.method,
-                                  route_auth.get(request.endpoint, "reader"))
+                                  route_auth.get(request.endpoint, "reader"),
+                                  cert=request.environ.get("nodeagent.client_cert"),
+                                  cert_roles=config.api.cert_roles)
+        request.environ["nodeagent.caller"] = g.caller  # for the server's access log line
         return None
 
     @app.after_request
@@ -57,7 +67,15 @@ def create_app(config: Config, services=None) -> Flask:
         rule = request.url_rule.rule if request.url_rule else "unmatched"
         root.metrics.observe(rule, request.method, resp.status_code,
                              time.perf_counter() - g.get("t0", time.perf_counter()))
+        if g.get("request_id"):
+            resp.headers["X-Request-Id"] = g.request_id
         return resp
+
+    @app.teardown_request
+    def _forget_request(_exc):
+        token = g.pop("log_context", None)
+        if token is not None:
+            agent_log.reset_context(token)
 
     @app.errorhandler(AgentError)
     def _agent_error(e: AgentError):

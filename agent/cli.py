@@ -1,5 +1,5 @@
 """The ``nodeagent`` command: ``serve`` runs the daemon, ``token`` edits the state DB
-directly (no server needed); the other verbs talk to the API (NODEAGENT_URL,
+directly (no server needed; with ``--remote`` it goes through the API); the other verbs talk to the API (NODEAGENT_URL,
 NODEAGENT_TOKEN or the client config file). Read verbs take ``--json``.
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ def serve(ctx):
     from agent.server import AgentServer
 
     cfg = _load(ctx)
-    log.setup(cfg.log_level, cfg.log_format)
+    log.setup(cfg.log_level, cfg.log_format, target=cfg.log_target, file=cfg.log_file,
+              max_bytes=cfg.log_max_bytes, backups=cfg.log_backups)
     cfg.state_path.mkdir(parents=True, exist_ok=True)
     try:
         AgentServer(cfg, create_app).run()
@@ -53,7 +54,7 @@ def show_config(ctx):
     click.echo(_load(ctx).model_dump_json(indent=2))
 
 
-# -- tokens: straight to the state DB --
+# -- tokens: straight to the state DB on the host, or through the API with --remote --
 
 def _tokens(ctx):
     from agent.auth import Tokens
@@ -61,42 +62,81 @@ def _tokens(ctx):
     return Tokens(Database(_load(ctx).db_path))
 
 
+_REMOTE_HELP = ("through the API (NODEAGENT_URL and an admin NODEAGENT_TOKEN, or the client config) "
+                "instead of this host's state DB")
+
+
 @main.group()
 def token():
-    """Bearer tokens (work without a running server)."""
+    """Bearer tokens: on the agent's host they work without a running server (the state DB);
+    with --remote they go through the API (/v1/tokens, admin only)."""
 
 
 @token.command("create")
 @click.argument("name")
 @click.option("--role", type=click.Choice(["admin", "reader", "peer"]), required=True,
               help="admin: everything; reader: GET only; peer: another host's, the peer routes only")
+@click.option("--ttl", "ttl_s", type=click.IntRange(60, None), help="expire SECONDS from now")
+@click.option("--expires-at", type=float, help="expire at this time (unix seconds)")
+@click.option("--remote", is_flag=True, help=_REMOTE_HELP)
 @click.pass_context
-def token_create(ctx, name, role):
+def token_create(ctx, name, role, ttl_s, expires_at, remote):
     """Create a token and print ONLY the secret (shown once)."""
+    import time
+    if ttl_s is not None and expires_at is not None:
+        raise click.UsageError("give --ttl or --expires-at, not both")
+    if expires_at is not None and expires_at <= time.time() + 60:
+        raise click.UsageError(f"--expires-at {expires_at:.0f} is not at least a minute from now "
+                               f"({time.time():.0f}): give a later time (unix seconds)")
+    if remote:
+        if expires_at is not None:
+            ttl_s = int(expires_at - time.time())  # the API takes a relative expiry
+        body = {"name": name, "role": role, **({"ttl_s": ttl_s} if ttl_s is not None else {})}
+        click.echo(_call(_client().post, "/v1/tokens", body)["token"])
+        return
     try:
-        click.echo(_tokens(ctx).create(name, role))
+        click.echo(_tokens(ctx).create(name, role, expires_at, ttl_s))
     except AgentError as e:
         raise click.ClickException(e.message) from None
 
 
+def _when(ts) -> str | None:
+    import time
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 @token.command("list")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--remote", is_flag=True, help=_REMOTE_HELP)
 @click.pass_context
-def token_list(ctx, as_json):
-    """List tokens (names and roles; secrets are never stored)."""
-    rows = _tokens(ctx).list()
+def token_list(ctx, as_json, remote):
+    """List tokens (names, roles, expiry, last use; secrets are never stored)."""
+    rows = _call(_client().get, "/v1/tokens")["tokens"] if remote else _tokens(ctx).list()
     if as_json:
         click.echo(jsonlib.dumps(rows, indent=2))
         return
-    _table(["name", "role", "id", "created_at"], rows)
+    shown = [{**r, **{k: _when(r.get(k)) for k in ("created_at", "expires_at", "last_used_at")},
+              "expired": "yes" if r.get("expired") else ""} for r in rows]
+    _table(["name", "role", "id", "created_at", "expires_at", "last_used_at", "expired"], shown)
 
 
 @token.command("revoke")
 @click.argument("name")
+@click.option("--remote", is_flag=True, help=_REMOTE_HELP)
 @click.pass_context
-def token_revoke(ctx, name):
+def token_revoke(ctx, name, remote):
     """Revoke a token by name (exit 0 even if it is already gone)."""
-    gone = _tokens(ctx).revoke(name)
+    if remote:
+        from agent.client import ApiError
+        try:
+            from urllib.parse import quote
+            gone = _client().delete(f"/v1/tokens/{quote(name, safe='')}")["deleted"]
+        except ApiError as e:
+            if e.status != 404:
+                raise click.ClickException(str(e)) from None
+            gone = False
+    else:
+        gone = _tokens(ctx).revoke(name)
     click.echo(f"revoked {name}" if gone else f"no token named {name} (nothing to do)", err=True)
 
 

@@ -30,6 +30,9 @@ class ApiConfig(_Strict):
     tls_cert: str | None = None
     tls_key: str | None = None
     client_ca: str | None = None  # when set, clients must present a cert signed by it
+    # a client certificate's identity (its subject CN or a DNS name of its SAN) -> role, used
+    # when a request carries no bearer token: {"cp.example" = "admin", "host2" = "peer"}
+    cert_roles: dict[str, str] = Field(default_factory=dict)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)  # 1 MiB: API bodies are small JSON
     # what one client may hold (see agent/httpserver.py): nothing it holds is a request thread
     header_timeout: float = Field(10.0, gt=0, le=300)  # seconds for a request's head (and a TLS handshake)
@@ -41,6 +44,7 @@ class ApiConfig(_Strict):
     max_streams: int = Field(1024, ge=1, le=4096)  # long requests (event streams, waits, peer transfers) in all
     max_streams_per_client: int = Field(128, ge=1, le=4096)  # from one address; more get 503
     event_replay: int = Field(10_000, ge=0, le=1_000_000)  # events kept (state DB) for Last-Event-ID replay
+    access_log: bool = True  # one INFO line per request (logger agent.access); about 60 us of the loop each
 
     @field_validator("listen")
     @classmethod
@@ -54,6 +58,16 @@ class ApiConfig(_Strict):
     def _tls_pair(self):
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together")
+        if self.cert_roles and not self.client_ca:
+            raise ValueError("cert_roles needs client_ca (and tls_cert, tls_key): without it no client "
+                             "certificate is asked for")
+        if self.client_ca and not self.tls_cert:
+            raise ValueError("client_ca needs tls_cert and tls_key: client certificates come with TLS")
+        for ident, role in self.cert_roles.items():
+            if role not in ("admin", "reader", "peer"):
+                raise ValueError(f"cert_roles[{ident!r}] = {role!r}: a role is admin, reader or peer")
+            if not ident or len(ident) > 253 or not ident.isprintable():
+                raise ValueError(f"cert_roles key {ident[:80]!r}: a certificate's CN or DNS name")
         return self
 
 
@@ -134,12 +148,33 @@ class NetworkConfig(_Strict):
 class PeerConfig(_Strict):
     url: str
     token: str | None = None
+    # TLS towards the peer: a CA bundle to verify its certificate, and our client certificate
+    # when it requires one (its [api] client_ca; its [api.cert_roles] may map us to "peer")
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+class MetricsConfig(_Strict):
+    # seconds between pool usage readings for /metrics (an object pool's usage lists its bucket)
+    pool_usage_interval: float = Field(60, ge=1, le=86400)
+
+
+LOG_TARGETS = ("auto", "stderr", "journal", "file")
 
 
 class Config(_Strict):
     state_dir: str = DEFAULT_STATE_DIR
     log_level: str = "info"
     log_format: str = "json"  # json | text
+    # auto: journald under systemd ($JOURNAL_STREAM set and its socket present), else log_file if
+    # set, else stderr
+    log_target: str = "auto"
+    log_file: str | None = None  # the daemon's log file (absolute path)
+    # rotate log_file past this size, keeping log_backups old files; 0: never rotate here (an external
+    # logrotate moves the file and the agent reopens it: WatchedFileHandler)
+    log_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    log_backups: int = Field(5, ge=0, le=100)
     workers: int = Field(8, ge=1, le=128)  # operation worker pool size
     default_pool: str | None = None  # None: "default" if defined, else the first pool
     api: ApiConfig = ApiConfig()
@@ -149,6 +184,21 @@ class Config(_Strict):
     containers: ContainersConfig = ContainersConfig()
     network: NetworkConfig = NetworkConfig()
     peers: dict[str, PeerConfig] = Field(default_factory=dict)
+    metrics: MetricsConfig = MetricsConfig()
+
+    @field_validator("log_target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        if v not in LOG_TARGETS:
+            raise ValueError(f"log_target must be one of {', '.join(LOG_TARGETS)}")
+        return v
+
+    @field_validator("log_file")
+    @classmethod
+    def _log_file(cls, v):
+        if v is not None and not os.path.isabs(v):
+            raise ValueError(f"log_file must be an absolute path, got {v!r}")
+        return v
 
     @field_validator("log_level")
     @classmethod
@@ -163,6 +213,8 @@ class Config(_Strict):
             raise ValueError("at least one pool must be configured")
         if self.default_pool is None:
             self.default_pool = "default" if "default" in self.pools else next(iter(self.pools))
+        if self.log_target == "file" and not self.log_file:
+            raise ValueError("log_target \"file\" needs log_file (an absolute path)")
         if self.default_pool not in self.pools:
             raise ValueError(f"default_pool {self.default_pool!r} is not one of the pools "
                              f"{sorted(self.pools)}")

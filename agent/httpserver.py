@@ -18,6 +18,15 @@ for write_timeout is dropped. A connection beyond max_connections, or beyond
 max_connections_per_client from one address, is closed at once: it never waits in front of
 the others. A head over MAX_HEAD_BYTES gets 431, a body over max_body_bytes 413.
 
+Every request gets a request id (a client's valid ``X-Request-Id``, else a new one), handed
+to the app as ``environ["nodeagent.request_id"]`` and returned as ``X-Request-Id`` on every
+answer, the server's own errors included; when it ends, one access log line (logger
+``agent.access``, INFO) gives its method, path (query values redacted but for
+LOGGED_QUERY_KEYS), status, duration, bytes sent, client address, caller (token or
+certificate name and role, as the app authenticated it) and request id. With client
+certificates (``api.client_ca``) the certificate's subject CN and SAN DNS names are handed
+to the app as ``environ["nodeagent.client_cert"]``.
+
 Lifecycle: ``HttpServer(app, api, long_endpoints)``; ``await serve(sock, stop)`` until
 ``stop`` is set; then it takes no connection, closes idle ones, ends long requests (their
 ``gone`` is set), lets short ones finish for up to GRACE_SECONDS and returns.
@@ -41,9 +50,11 @@ from urllib.parse import unquote_to_bytes
 
 import h11
 
+from agent import log as agent_log
 from agent.config import ApiConfig
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("agent.access")
 
 READ_CHUNK = 64 * 1024  # bytes asked of a socket per read
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; larger gets 431
@@ -54,6 +65,9 @@ REFUSED_LOG_INTERVAL = 10  # seconds between warnings about refused connections
 # unsent bytes the kernel holds per connection (in flight is not limited): without it a client
 # that never reads has the agent render answers until 4 MiB of socket buffer are full
 NOTSENT_LOWAT = 128 * 1024
+LOGGED_PATH_CHARS = 512  # a longer path is cut in the access log
+_ACCESS_LINE = 0  # the access line's CODE_LINE (it has no caller worth naming)
+LOGGED_QUERY_KEYS = frozenset({"timeout", "tail", "type", "status", "limit"})  # values shown; others redacted
 
 
 class _Gone(Exception):
@@ -324,13 +338,41 @@ def _error_body(status: int, code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
 
 
-def _error_bytes(status: int, code: str, message: str) -> bytes:
+def _error_bytes(status: int, code: str, message: str, request_id: str | None = None) -> bytes:
     """A whole raw response, for when h11 can no longer frame one (before or after a bad head)."""
     body = _error_body(status, code, message)
     reason = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
               431: "Request Header Fields Too Large", 503: "Service Unavailable"}.get(status, "Error")
+    rid = f"X-Request-Id: {request_id}\r\n" if request_id else ""
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + body
+            f"{rid}Connection: close\r\n\r\n").encode() + body
+
+
+def logged_path(environ: dict) -> str:
+    """The path for the access log: cut at LOGGED_PATH_CHARS, query values redacted unless
+    their key is in LOGGED_QUERY_KEYS (a query may carry what should not be logged)."""
+    path = environ.get("PATH_INFO", "")[:LOGGED_PATH_CHARS]
+    query = environ.get("QUERY_STRING", "")
+    if not query:
+        return path
+    parts = []
+    for item in query.split("&")[:20]:
+        key, eq, _ = item.partition("=")
+        parts.append(item[:64] if key in LOGGED_QUERY_KEYS else f"{key[:64]}{eq and '=<redacted>'}")
+    return f"{path}?{'&'.join(parts)}"
+
+
+def _peer_identity(tls) -> dict | None:
+    """The verified client certificate's subject CN and SAN DNS names (None without one)."""
+    try:
+        cert = tls.peer_cert() if tls is not None else None
+    except (ValueError, ssl.SSLError):
+        cert = None
+    if not cert:
+        return None
+    cn = next((v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"), None)
+    dns = [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
+    return {"cn": cn, "dns": dns}
 
 
 def _send_now(sock: socket.socket, chunks: list) -> list:
@@ -365,6 +407,7 @@ class _Connection:
         self.closed = False
         self.writer: asyncio.StreamWriter | None = None
         self.tls: _Tls | None = None
+        self.client_cert: dict | None = None  # the verified client certificate's names
 
     def stop(self) -> None:
         """The server stops: an idle connection closes now, a long request ends, a short one finishes."""
@@ -381,6 +424,7 @@ class _Connection:
             if self.server.ssl is not None:
                 self.tls = _Tls(self, self.server.ssl)
                 await self.tls.handshake(self.loop.time() + self.api.header_timeout)
+                self.client_cert = _peer_identity(self.tls)
             await self._serve()
         except (OSError, EOFError, TimeoutError, ssl.SSLError, _Gone, asyncio.CancelledError):
             pass  # the client left, timed out or was cut: nothing to answer
@@ -446,19 +490,26 @@ class _Connection:
                 status = e.error_status_hint
                 message = ("request head too large: at most 64 KiB" if status == 431
                            else f"malformed request: {e}")
-                self._write(_error_bytes(status, "too_large" if status == 431 else "invalid", message))
+                rid = agent_log.new_request_id()
+                self._write(_error_bytes(status, "too_large" if status == 431 else "invalid", message, rid))
                 await self._drain()
+                self._access({"REQUEST_METHOD": "-", "REMOTE_ADDR": self.client, "nodeagent.request_id": rid,
+                              "nodeagent.status": status}, self.loop.time())
                 return
             if isinstance(req, h11.ConnectionClosed):
                 return
             self.state = "busy"
+            t0 = self.loop.time()
             environ = self._environ(req)
             endpoint = self.server.endpoint(environ["PATH_INFO"], environ["REQUEST_METHOD"])
-            if endpoint in self.server.long_endpoints:
-                self.state = "long"
-                await self._long(conn, req, environ)
-            else:
-                await self._short(conn, req, environ)
+            try:
+                if endpoint in self.server.long_endpoints:
+                    self.state = "long"
+                    await self._long(conn, req, environ)
+                else:
+                    await self._short(conn, req, environ)
+            finally:  # also when the client left mid-answer
+                self._access(environ, t0)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
@@ -483,7 +534,9 @@ class _Connection:
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
             "wsgi.input_terminated": True,  # wsgi.input ends with the body (chunked bodies included)
+            "nodeagent.client_cert": self.client_cert,
         }
+        request_id = None
         for name, value in req.headers:  # h11 gives lower-case names
             if name == b"content-type":
                 env["CONTENT_TYPE"] = value.decode("latin-1")
@@ -491,15 +544,39 @@ class _Connection:
                 env["CONTENT_LENGTH"] = value.decode("latin-1")
             elif name == b"transfer-encoding":
                 continue  # the server decodes the chunks: the app reads a plain body
+            elif name == b"x-request-id":
+                request_id = value.decode("latin-1")
+                continue
             elif b"_" not in name:  # X_Token would pose as X-Token: dropped, as gunicorn does
                 key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
                 env[key] = env[key] + "," + value.decode("latin-1") if key in env else value.decode("latin-1")
+        env["nodeagent.request_id"] = env["HTTP_X_REQUEST_ID"] = agent_log.request_id_from(request_id)
         return env
+
+    def _access(self, environ: dict, t0: float) -> None:
+        """The access log line of a request that ended (status 0: cut before an answer)."""
+        if not self.api.access_log:
+            return
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        caller = environ.get("nodeagent.caller") or {}
+        # the record is made here, not by access_log.info(): that walks the stack for the
+        # caller's file and line on the loop, a fifth of the line's cost, to find this line
+        record = access_log.makeRecord(access_log.name, logging.INFO, __file__, _ACCESS_LINE, "request", (), None,
+                                       "_access", {
+            "method": environ.get("REQUEST_METHOD", "-"), "path": logged_path(environ),
+            "status": environ.get("nodeagent.status", 0),
+            "duration_ms": round((self.loop.time() - t0) * 1000, 1), "bytes": environ.get("nodeagent.sent", 0),
+            "client": environ.get("REMOTE_ADDR", self.client), "caller": caller.get("name"),
+            "role": caller.get("role"), "auth": caller.get("via"),
+            "request_id": environ.get("nodeagent.request_id")})
+        access_log.handle(record)
 
     # -- short requests: whole body in, app in the pool, whole answer out --
     async def _short(self, conn: h11.Connection, req: h11.Request, environ: dict) -> None:
         body = await self._body(conn, environ)
         if body is None:
+            environ["nodeagent.status"] = 408
             return
         environ["wsgi.input"] = io.BytesIO(body)
         if body:
@@ -523,9 +600,11 @@ class _Connection:
             data = _error_body(500, "internal", "internal error: the agent log has the details")
         if not any(k.lower() == "content-length" for k, _ in headers):
             headers = [*headers, ("Content-Length", str(len(data)))]
-        chunks = [self._head(conn, status, headers)]
+        chunks = [self._head(conn, status, headers, environ)]
+        environ["nodeagent.status"] = int(status[:3])
         if data and req.method != b"HEAD":
             chunks += conn.send_with_data_passthrough(h11.Data(data=data))
+            environ["nodeagent.sent"] = len(data)
         chunks.append(conn.send(h11.EndOfMessage()))
         return _send_now(self.sock, chunks) if direct else chunks
 
@@ -545,7 +624,8 @@ class _Connection:
                 ev = await self._event(conn, deadline)
             except TimeoutError:
                 self._write(_error_bytes(408, "invalid", f"the request body took longer than "
-                                                               f"{self.api.body_timeout:g} s (api.body_timeout)"))
+                                                               f"{self.api.body_timeout:g} s (api.body_timeout)",
+                                         environ.get("nodeagent.request_id")))
                 await self._drain()
                 return None
             if isinstance(ev, h11.Data):
@@ -559,9 +639,12 @@ class _Connection:
             else:
                 raise _Gone()
 
-    def _head(self, conn: h11.Connection, status: str, headers: list) -> bytes:
+    def _head(self, conn: h11.Connection, status: str, headers: list, environ: dict) -> bytes:
         h = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         h.append((b"date", self.server.date()))
+        rid = environ.get("nodeagent.request_id")
+        if rid and not any(k.lower() == b"x-request-id" for k, _ in h):  # the app sets it; not a crash's 500
+            h.append((b"x-request-id", rid.encode("latin-1")))
         if self.server.stopping or conn.their_state is not h11.DONE:
             h.append((b"connection", b"close"))  # an unread body (or a stop) ends the connection
         return conn.send(h11.Response(status_code=int(status[:3]), headers=h, reason=status[4:].encode("latin-1")))
@@ -570,7 +653,8 @@ class _Connection:
     async def _long(self, conn: h11.Connection, req: h11.Request, environ: dict) -> None:
         why = self.server.take_stream(self.client)
         if why is not None:
-            self._refuse_long(conn, why)
+            environ["nodeagent.status"] = 503
+            self._refuse_long(conn, why, environ)
             await self._drain()
             return
         has_body = any(n == b"transfer-encoding" or (n == b"content-length" and v != b"0") for n, v in req.headers)
@@ -587,10 +671,12 @@ class _Connection:
             while True:
                 kind, value = await out.get()
                 if kind == "head":
-                    self._write(self._head(conn, value[0], value[1]))
+                    environ["nodeagent.status"] = int(value[0][:3])
+                    self._write(self._head(conn, value[0], value[1], environ))
                 elif kind == "data":
                     if req.method != b"HEAD":
                         self._write(conn.send(h11.Data(data=value)))
+                        environ["nodeagent.sent"] = environ.get("nodeagent.sent", 0) + len(value)
                         await self._drain()
                 elif kind == "end":
                     self._write(conn.send(h11.EndOfMessage()))
@@ -625,10 +711,10 @@ class _Connection:
         self.gone.set()
         out.close()
 
-    def _refuse_long(self, conn: h11.Connection, why: str) -> None:
+    def _refuse_long(self, conn: h11.Connection, why: str, environ: dict) -> None:
         body = _error_body(503, "unavailable", why)
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), ("Retry-After", "5")]
-        self._write(self._head(conn, "503 Service Unavailable", headers) + conn.send(h11.Data(data=body))
+        self._write(self._head(conn, "503 Service Unavailable", headers, environ) + conn.send(h11.Data(data=body))
                           + conn.send(h11.EndOfMessage()))
 
     async def pull_body(self, want: int) -> bytes:
@@ -708,6 +794,10 @@ class _Tls:
     def write(self, data: bytes) -> None:
         self._obj.write(data)
         self._flush()
+
+    def peer_cert(self) -> dict | None:
+        """The client's certificate, verified against api.client_ca (None if it sent none)."""
+        return self._obj.getpeercert()
 
     def close_notify(self) -> None:
         try:

@@ -147,6 +147,7 @@ class Operation(Model):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    request_id: str | None = None  # the X-Request-Id of the request that made it
 
 
 class OperationList(Model):
@@ -434,8 +435,9 @@ class Stats(Model):
     cpu_ns: int | None = None
     memory_bytes: int | None = None
     pids: int | None = None
-    io: dict[str, int] = Field(default_factory=dict)
-    net: dict[str, int] = Field(default_factory=dict)
+    oom_kills: int | None = None  # containers: OOM kills in the instance's memory cgroup
+    io: dict[str, int] = Field(default_factory=dict)  # containers: read_bytes, write_bytes; VMs: rd_bytes, wr_bytes
+    net: dict[str, int] = Field(default_factory=dict)  # rx_bytes, tx_bytes, rx_packets, tx_packets
 
 
 # -- migrations --
@@ -570,11 +572,36 @@ class InstanceResult(Model):
     instance: Instance
 
 
-# -- tokens (CLI only, listed for completeness) --
+# -- tokens (admin only: POST/GET /v1/tokens, GET/DELETE /v1/tokens/{name}) --
+
+TOKEN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # agent.auth.NAME_PATTERN
+MAX_TOKEN_TTL = 10 * 365 * 86400  # seconds (10 years): agent.auth.MAX_TOKEN_LIFETIME
+
+
+class TokenCreate(Model):
+    """A new token. Expiry: ``ttl_s``, seconds from now (the answer's ``expires_at`` says
+    when); none: it never expires. A relative expiry keeps every constraint in the schema (an
+    absolute time in the past would be valid JSON and still refused); the CLI's
+    ``--expires-at`` converts."""
+
+    name: str = Field(pattern=TOKEN_NAME_PATTERN, max_length=64)
+    role: Literal["admin", "reader", "peer"]
+    ttl_s: float | None = Field(None, ge=60, le=MAX_TOKEN_TTL)
+
 
 class TokenInfo(Model):
     name: str
-    role: Literal["admin", "reader"]
-    id: str
+    role: Literal["admin", "reader", "peer"]
+    id: str  # the token's public half (na_<id>_...): names it in logs, is no secret
     created_at: float
-    last_used_at: float | None = None
+    expires_at: float | None = None
+    last_used_at: float | None = None  # kept within a minute (written at most once a minute)
+    expired: bool = False
+
+
+class TokenCreated(TokenInfo):
+    token: str  # the secret token, shown only in this answer
+
+
+class TokenList(Model):
+    tokens: list[TokenInfo]

@@ -46,7 +46,7 @@ def build(version: str = "0.1.0") -> dict:
             errors |= {404}
         for status in sorted(errors):
             op["responses"].setdefault(str(status), _response(status, None, ref, error_ref))
-        op["security"] = [] if r.auth == "none" else [{"bearer": []}]
+        op["security"] = [] if r.auth == "none" else [{"bearer": []}, {"clientCertificate": []}]
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",
@@ -55,8 +55,12 @@ def build(version: str = "0.1.0") -> dict:
                                 "202 with an operation; poll /v1/operations/{id} or /wait on it."},
         "paths": paths,
         "components": {"schemas": schemas,
-                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
+                       "securitySchemes": {
+                           "bearer": {"type": "http", "scheme": "bearer"},
+                           # with [api] client_ca: a certificate [api] cert_roles maps to a role, when no
+                           # bearer token is sent
+                           "clientCertificate": {"type": "mutualTLS"}}},
+        "security": [{"bearer": []}, {"clientCertificate": []}],
     }
 
 

@@ -5,6 +5,9 @@ callable ``fn(op: OperationContext) -> dict`` that reports progress with
 ``op.phase(...)``/``op.bytes(...)``; ``op.phase()`` is also the cancel point: a cancelled
 operation raises ``Cancelled`` there and the work cleans up its partial artefacts.
 On agent start, ``recover()`` marks operations left pending/running by a crash as failed.
+An operation keeps the request id of the request that made it (``request_id``), and every
+line its work logs carries that id and the operation's; a failed operation is logged (a
+WARNING with its id, kind, target and error; an ERROR with the trace for an agent bug).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from agent import log as agent_log
 from agent import schema
 from agent.errors import AgentError, Cancelled, Conflict, NotFound, Unavailable, public_error
 from agent.events import EventBus
@@ -44,8 +48,10 @@ def _slow_phases() -> dict[tuple[str, str], float]:
 class OperationContext:
     """What the work sees: progress reporting and the cancel flag."""
 
-    def __init__(self, manager: "Operations", op_id: str, kind: str):
+    def __init__(self, manager: "Operations", op_id: str, kind: str, target: str | None = None,
+                 request_id: str | None = None):
         self._m, self.id, self.kind = manager, op_id, kind
+        self.target, self.request_id = target, request_id
         self.cancelled = threading.Event()
         self.committed = False  # past its point of no return: not cancellable
         self.progress = {"phase": None, "bytes_done": None, "bytes_total": None}
@@ -97,6 +103,7 @@ def _row(r) -> dict:
         "result": json.loads(r["result"]) if r["result"] else None,
         "error": json.loads(r["error"]) if r["error"] else None,
         "created_at": r["created_at"], "started_at": r["started_at"], "finished_at": r["finished_at"],
+        "request_id": r["request_id"],
     }
 
 
@@ -130,6 +137,10 @@ class Operations:
         for op in rows:
             self.db.execute("UPDATE operations SET status='failed', error=?, finished_at=? WHERE id=?",
                             (err, time.time(), op["id"]))
+            log.warning("operation failed", extra={"operation": op["id"], "kind": op["kind"],
+                                                   "target": op["target"], "code": "agent_restarted",
+                                                   "error": "the agent restarted while it ran",
+                                                   "request_id": op["request_id"]})
         return rows
 
     # -- submit and run --
@@ -139,9 +150,10 @@ class Operations:
             raise Unavailable("the agent is shutting down (or not started): retry against the restarted agent")
         op_id = uuid.uuid4().hex
         now = time.time()
-        self.db.execute("INSERT INTO operations(id, kind, target, status, progress, created_at) "
-                        "VALUES(?,?,?,?,?,?)", (op_id, kind, target, "pending", "{}", now))
-        ctx = OperationContext(self, op_id, kind)
+        request_id = agent_log.current("request_id")  # of the request that asks for it, if any
+        self.db.execute("INSERT INTO operations(id, kind, target, status, progress, created_at, request_id) "
+                        "VALUES(?,?,?,?,?,?,?)", (op_id, kind, target, "pending", "{}", now, request_id))
+        ctx = OperationContext(self, op_id, kind, target, request_id)
         with self._cond:
             self._active[op_id] = ctx
         self._publish(op_id)
@@ -149,6 +161,10 @@ class Operations:
         return self.get(op_id)
 
     def _run(self, ctx: OperationContext, fn, on_final) -> None:
+        with agent_log.bind(request_id=ctx.request_id, operation=ctx.id):
+            self._run_bound(ctx, fn, on_final)
+
+    def _run_bound(self, ctx: OperationContext, fn, on_final) -> None:
         status, result, error = "failed", None, None
         try:
             if ctx.cancelled.is_set():
@@ -159,13 +175,16 @@ class Operations:
             status = "succeeded"
         except Cancelled as e:
             status, error = "cancelled", e.to_dict()
+            log.info("operation cancelled", extra={"operation": ctx.id, "kind": ctx.kind, "target": ctx.target})
         except AgentError as e:
             error = e.to_dict()
             # the full error (host paths, argv, stderr) for admins and this log; readers get it redacted
-            log.warning("operation failed", extra={"operation": ctx.id, "kind": ctx.kind, "code": e.code,
-                                                   "error": e.message, "details": e.details or None})
-        except Exception:  # an agent bug: log it, do not leak the trace
-            log.exception("operation failed", extra={"operation": ctx.id, "kind": ctx.kind})
+            log.warning("operation failed", extra={"operation": ctx.id, "kind": ctx.kind, "target": ctx.target,
+                                                   "code": e.code, "error": e.message,
+                                                   "details": e.details or None})
+        except Exception as e:  # an agent bug: log it, do not leak the trace
+            log.exception("operation failed", extra={"operation": ctx.id, "kind": ctx.kind, "target": ctx.target,
+                                                     "code": "internal", "error": f"{type(e).__name__}: {e}"})
             error = {"code": "internal", "message": f"internal error in {ctx.kind}; see the agent log"}
         self._set(ctx.id, status=status, result=json.dumps(result) if result is not None else None,
                   error=json.dumps(error) if error else None, progress=json.dumps(ctx.progress),

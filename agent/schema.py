@@ -46,6 +46,11 @@ SCHEMA_STEPS = [
     DROP TABLE tokens;
     ALTER TABLE tokens_new RENAME TO tokens;
     """,
+    # tokens may expire (NULL: never); an operation keeps the id of the request that made it
+    """
+    ALTER TABLE tokens ADD COLUMN expires_at REAL;
+    ALTER TABLE operations ADD COLUMN request_id TEXT;
+    """,
 ]
 
 

@@ -230,7 +230,7 @@ class FakeRuntime:
             return {"cpu_ns": 0, "memory_bytes": 0, "pids": 1 if running else 0, "oom_kills": 0,
                     "unsupported": [],
                     "io": {"read_bytes": 0, "write_bytes": 0},
-                    "net": {"rx_bytes": 0, "tx_bytes": 0},
+                    "net": {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0},
                     "limits": dataclasses.asdict(box.limits)}
 
     def update_limits(self, name: str, limits: Limits) -> None:

@@ -343,14 +343,15 @@ class Network:
         return self.release(name) or found
 
     def counters(self, name: str) -> dict:
-        """rx/tx bytes as the container sees them (the host veth's reversed)."""
+        """rx/tx bytes and packets as the container sees them (the host veth's reversed)."""
         from pyroute2 import IPRoute
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=self.veth_name(name))
             if not idx:
-                return {"rx_bytes": 0, "tx_bytes": 0}
+                return {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0}
             st = ipr.get_links(idx[0])[0].get_attr("IFLA_STATS64") or {}
-        return {"rx_bytes": st.get("tx_bytes", 0), "tx_bytes": st.get("rx_bytes", 0)}
+        return {"rx_bytes": st.get("tx_bytes", 0), "tx_bytes": st.get("rx_bytes", 0),
+                "rx_packets": st.get("tx_packets", 0), "tx_packets": st.get("rx_packets", 0)}
 
     # -- leftovers --------------------------------------------------------------------------
     def leftover_names(self) -> set[str]:

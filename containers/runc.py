@@ -577,7 +577,7 @@ class RuncRuntime:
         st = cgroups.read_stats(self.cgroup_parent, name)
         spec = spec_from_json(row["spec"])
         st["net"] = self.net.counters(name) if spec.network.mode == "bridge" else \
-            {"rx_bytes": 0, "tx_bytes": 0}
+            {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0}
         st["limits"] = dataclasses.asdict(limits)
         st["unsupported"] = cgroups.unsupported(limits)
         return st

@@ -104,7 +104,8 @@ class Runtime(Protocol):
     def logs(self, name: str, tail: int | None = None) -> str: ...
 
     def stats(self, name: str) -> dict:
-        """{cpu_ns, memory_bytes, pids, io: {read_bytes, write_bytes}, net: {rx_bytes, tx_bytes}}"""
+        """{cpu_ns, memory_bytes, pids, oom_kills, io: {read_bytes, write_bytes}, net: {rx_bytes,
+        tx_bytes, rx_packets, tx_packets}}: counters since the container started"""
 
     def update_limits(self, name: str, limits: Limits) -> None: ...
 

@@ -84,7 +84,8 @@ class Driver(Protocol):
     def list(self) -> list[VmInfo]: ...
 
     def stats(self, name: str) -> dict:
-        """{cpu_time_ns, memory_bytes, disk: {rd_bytes, wr_bytes}, net: {rx_bytes, tx_bytes}}"""
+        """{cpu_time_ns, memory_bytes, disk: {rd_bytes, wr_bytes}, net: {rx_bytes, tx_bytes,
+        rx_packets, tx_packets}}: counters since the VM started"""
 
     def console_log(self, name: str, tail: int | None = None) -> str: ...
 

@@ -181,7 +181,7 @@ class FakeDriver:
                 "cpu_time_ns": vm.cpu_time_ns,
                 "memory_bytes": vm.spec.memory_mib * MiB if up else 0,
                 "disk": {"rd_bytes": 0, "wr_bytes": 0},
-                "net": {"rx_bytes": 0, "tx_bytes": 0},
+                "net": {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0},
             }
 
     def console_log(self, name: str, tail: int | None = None) -> str:

@@ -516,12 +516,12 @@ class LibvirtDriver:
 
     def stats(self, name: str) -> dict:
         """{state, cpu_time_ns, memory_bytes (QEMU's RSS), disk: {rd_bytes, wr_bytes},
-        net: {rx_bytes, tx_bytes}} from libvirt; zeros while stopped."""
+        net: {rx_bytes, tx_bytes, rx_packets, tx_packets}} from libvirt; zeros while stopped."""
         dom = self._dom(name)
         state, _max, _mem, _vcpus, cpu_ns = self._call(dom.info, name)
         out = {"state": _STATE_NAMES.get(state, "unknown"), "cpu_time_ns": int(cpu_ns),
                "memory_bytes": 0, "disk": {"rd_bytes": 0, "wr_bytes": 0},
-               "net": {"rx_bytes": 0, "tx_bytes": 0}}
+               "net": {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0}}
         if not dom.isActive():
             return out
         try:
@@ -543,7 +543,9 @@ class LibvirtDriver:
             except libvirt.libvirtError:
                 continue
             out["net"]["rx_bytes"] += st[0]
+            out["net"]["rx_packets"] += st[1]
             out["net"]["tx_bytes"] += st[4]
+            out["net"]["tx_packets"] += st[5]
         return out
 
     def _console_path(self, dom: libvirt.virDomain) -> str | None:

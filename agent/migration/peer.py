@@ -33,7 +33,7 @@ class Peers:
             known = ", ".join(sorted(self.config.peers)) or "none"
             raise Unprocessable(f"destination {name!r} is not a configured peer (configured: {known}): "
                                 f"add [peers.{name}] with its url and token to this agent's config")
-        return PeerClient(name, pc.url, pc.token)
+        return PeerClient(name, pc.url, pc.token, ca=pc.ca, cert=pc.cert, key=pc.key)
 
     def require(self, caller: dict | None) -> str:
         """The calling peer's name; Forbidden unless the caller's token is named after a
@@ -47,12 +47,20 @@ class Peers:
 
 
 class PeerClient:
-    """The API of one peer agent, with the token its config gives us."""
+    """The API of one peer agent, with the token its config gives us, or our client certificate
+    (``cert``/``key``; the peer's [api] cert_roles maps it to "peer"), and ``ca`` to verify it.
+    Calls carry the request id of the work at hand (X-Request-Id), so both hosts' logs and
+    operations name the same request."""
 
-    def __init__(self, name: str, url: str, token: str | None):
+    def __init__(self, name: str, url: str, token: str | None, *, ca: str | None = None,
+                 cert: str | None = None, key: str | None = None):
+        from agent import log as agent_log
         from agent.client import Client
         self.name, self.url = name, url.rstrip("/")
-        self.client = Client(self.url, token, timeout=PEER_TIMEOUT_S)
+        self.client = Client(self.url, token, ca=ca, cert=cert, key=key, timeout=PEER_TIMEOUT_S)
+        request_id = agent_log.current("request_id")
+        if request_id:
+            self.client.s.headers["X-Request-Id"] = request_id
 
     def _call(self, method: str, path: str, **kw):
         from agent.client import ApiError

@@ -299,7 +299,10 @@ class InstanceService:
         return self.root.runtime.logs(inst.name, tail=tail)
 
     def stats(self, ref: str) -> dict:
-        inst = self.get(ref)
+        return self.stats_of(self.get(ref))
+
+    def stats_of(self, inst) -> dict:
+        """``stats`` of a record already in hand (a /metrics scrape lists them all first)."""
         if inst.state == "creating":
             raise Conflict(f"instance {inst.name!r} is being created: no stats yet")
         if inst.kind == "vm":
@@ -309,7 +312,7 @@ class InstanceService:
         else:
             s = self.root.runtime.stats(inst.name)
             out = {"cpu_ns": s.get("cpu_ns"), "memory_bytes": s.get("memory_bytes"), "pids": s.get("pids"),
-                   "io": s.get("io") or {}, "net": s.get("net") or {}}
+                   "oom_kills": s.get("oom_kills"), "io": s.get("io") or {}, "net": s.get("net") or {}}
         out["io"] = {k: int(v) for k, v in out["io"].items() if isinstance(v, (int, float))}
         out["net"] = {k: int(v) for k, v in out["net"].items() if isinstance(v, (int, float))}
         return out

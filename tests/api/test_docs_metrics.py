@@ -43,4 +43,4 @@ def test_metrics_need_a_token_and_count_requests(reader, anon):
     text = reader.get("/metrics").text
     assert 'nodeagent_http_requests_total{endpoint="/v1/host",method="GET",status="200"}' in text
     assert "nodeagent_http_request_duration_seconds_bucket" in text
-    assert "nodeagent_pool_bytes" in text and "nodeagent_instances" in text
+    assert "nodeagent_pool_used_bytes" in text and "nodeagent_instances" in text

@@ -168,7 +168,8 @@ def test_metrics_count_operations_and_instances(admin, reader, images):
     text = reader.get("/metrics").text
     assert 'nodeagent_operations{kind="instance.create",status="succeeded"}' in text
     assert 'nodeagent_instances{kind="container",state="running"}' in text
-    assert 'nodeagent_instance_memory_bytes{instance="m1",kind="container"}' in text
+    assert 'nodeagent_instance_memory_bytes{kind="container",name="m1"}' in text
+    assert 'nodeagent_instance_oom_kills_total{kind="container",name="m1"}' in text
     admin.delete("/v1/instances/m1")
 
 

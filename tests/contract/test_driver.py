@@ -163,7 +163,7 @@ def test_stats(driver, spec):
     assert isinstance(st["cpu_time_ns"], int) and st["cpu_time_ns"] >= 0
     assert st["memory_bytes"] > 0
     assert set(st["disk"]) >= {"rd_bytes", "wr_bytes"}
-    assert set(st["net"]) >= {"rx_bytes", "tx_bytes"}
+    assert set(st["net"]) >= {"rx_bytes", "tx_bytes", "rx_packets", "tx_packets"}
 
 
 def test_console_log(driver, spec):

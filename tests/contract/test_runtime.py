@@ -159,6 +159,7 @@ def test_limits_kept_and_updated(rt, spec):
     assert st["limits"] == {"cpus": 0.5, "memory_mib": 64, "pids_max": 50, "io_weight": 200}
     assert st["pids"] >= 1
     assert set(st) >= {"cpu_ns", "memory_bytes", "pids", "io", "net", "oom_kills", "unsupported"}
+    assert set(st["net"]) >= {"rx_bytes", "tx_bytes", "rx_packets", "tx_packets"}  # /metrics counters
     rt.update_limits("lim", Limits(cpus=1.0, memory_mib=96, pids_max=60, io_weight=200))
     st = rt.stats("lim")
     assert st["limits"]["memory_mib"] == 96 and st["limits"]["pids_max"] == 60

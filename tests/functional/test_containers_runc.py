@@ -151,7 +151,8 @@ def test_two_containers_reach_each_other_over_the_bridge(rt, tmp_path):
     res = wait_for(lambda: (r := rt.exec("a", ["sh", "-c", get])).exit_code == 0
                    and "hello from busybox" in r.stdout and r)
     assert res, rt.exec("a", ["sh", "-c", get])
-    assert rt.stats("a")["net"]["tx_bytes"] > 0
+    net = rt.stats("a")["net"]
+    assert net["tx_bytes"] > 0 and net["tx_packets"] > 0 and net["rx_packets"] > 0
     gw = rt.exec("b", ["ip", "route"]).stdout
     assert f"default via {rt.net.gateway}" in gw
     assert a.ip in rt.exec("a", ["ip", "addr"]).stdout

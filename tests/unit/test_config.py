@@ -46,3 +46,28 @@ def test_bad_config_names_the_key(tmp_path, text, key):
     with pytest.raises(InvalidInput) as e:
         config.load(str(f), env={})
     assert key in e.value.message
+
+
+@pytest.mark.parametrize("data,problem", [
+    ({"api": {"cert_roles": {"cp": "admin"}}}, "cert_roles needs client_ca"),
+    ({"api": {"tls_cert": "/c", "tls_key": "/k", "client_ca": "/ca", "cert_roles": {"cp": "root"}}},
+     "a role is admin, reader or peer"),
+    ({"api": {"client_ca": "/ca"}}, "client_ca needs tls_cert"),
+    ({"log_target": "file"}, "needs log_file"),
+    ({"log_file": "relative.log"}, "absolute path"),
+    ({"log_target": "syslog"}, "log_target must be one of"),
+    ({"metrics": {"pool_usage_interval": 0}}, "metrics.pool_usage_interval"),
+])
+def test_operations_data_keys_are_checked(data, problem):
+    with pytest.raises(InvalidInput, match=problem):
+        config.parse(data)
+
+
+def test_operations_data_keys_parse():
+    cfg = config.parse({"log_target": "file", "log_file": "/var/log/nodeagent/agent.log", "log_max_bytes": 0,
+                        "api": {"tls_cert": "/c", "tls_key": "/k", "client_ca": "/ca",
+                                "cert_roles": {"cp.example": "admin", "host2": "peer"}},
+                        "peers": {"host2": {"url": "https://h2:8470", "ca": "/ca", "cert": "/c", "key": "/k"}},
+                        "metrics": {"pool_usage_interval": 300}})
+    assert cfg.api.cert_roles["host2"] == "peer" and cfg.peers["host2"].cert == "/c"
+    assert cfg.metrics.pool_usage_interval == 300 and cfg.log_max_bytes == 0

@@ -2,7 +2,7 @@
 import pytest
 
 from agent import schema
-from agent.auth import Tokens, authorize
+from agent.auth import Tokens, _digest, authorize
 from agent.errors import Forbidden, InvalidInput
 from agent.state import Database
 
@@ -10,13 +10,15 @@ from agent.state import Database
 def test_a_db_from_before_the_peer_role_keeps_its_tokens(tmp_path):
     db = Database(tmp_path / "state.db")
     db.apply_schema("agent", schema.SCHEMA_STEPS[:1])  # the table as the first agents made it
-    old = Tokens.__new__(Tokens)
-    old.db = db
-    secret = old.create("ops", "admin")
+    secret = "x" * 43  # a token as the first agents made it, written as they wrote it
+    db.execute("INSERT INTO tokens(id, name, role, secret_hash, created_at) VALUES(?,?,?,?,?)",
+               ("0123456789ab", "ops", "admin", _digest(secret), 1.0))
     tokens = Tokens(db)  # applies the remaining steps
-    assert authorize(tokens, f"Bearer {secret}", "POST")["role"] == "admin"
+    assert authorize(tokens, f"Bearer na_0123456789ab_{secret}", "POST")["role"] == "admin"
+    assert tokens.get("ops")["expires_at"] is None
     peer = tokens.create("host2", "peer")
-    assert authorize(tokens, f"Bearer {peer}", "POST", "peer") == {"name": "host2", "role": "peer"}
+    caller = authorize(tokens, f"Bearer {peer}", "POST", "peer")
+    assert (caller["name"], caller["role"], caller["via"]) == ("host2", "peer", "token")
     db.close()
 
 

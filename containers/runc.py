@@ -37,6 +37,7 @@ from containers import bundle, cgroups, validate
 from containers.network import Network, short_hash
 from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits, NetworkSpec,
                                 PortMap, Rootfs)
+from containers.security import Security
 from storage import mounts
 
 BUNDLES_MODE = 0o711  # not listable; traversable by a user namespace's root (config.json itself is 0600)
@@ -93,10 +94,12 @@ class RuncRuntime:
                  subnet: str = "10.88.0.0/24", nat: bool = True,
                  cgroup_parent: str = bundle.CGROUP_PARENT, runc: str = "runc",
                  conmon: str = "conmon", exec_output_bytes: int = EXEC_OUTPUT_BYTES,
-                 network: Network | None = None):
+                 network: Network | None = None, security: Security | None = None):
         """``network``: the host's bridge network, shared with the agent's VM addresses (one
         lease table, one bridge); without it the runtime makes its own from ``bridge``,
-        ``subnet`` and ``nat`` (tests, benches)."""
+        ``subnet`` and ``nat`` (tests, benches). ``security``: capabilities, seccomp profile
+        and no_new_privileges of every container (None: Docker's defaults,
+        containers/security.py)."""
         self.runc = shutil.which(runc)
         self.conmon = shutil.which(conmon)
         for tool, path in (("runc", self.runc), ("conmon", self.conmon)):
@@ -106,6 +109,7 @@ class RuncRuntime:
         self.state_dir = os.path.abspath(state_dir)
         self.db = db
         self.exec_output_bytes = exec_output_bytes
+        self.security = security or Security()
         self.rtag = network.rtag if network is not None else short_hash(self.state_dir, 4)
         self.cgroup_parent = cgroup_parent
         self.runc_root = os.path.join(self.state_dir, "runc")
@@ -123,10 +127,14 @@ class RuncRuntime:
     def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
                     network: Network | None) -> RuncRuntime:
         """agent.registry's uniform construction from ``[containers]`` (``cgroup_parent``,
-        ``exec_output_bytes``): containers' state under ``state_dir``, records in ``db``,
-        addresses from the host's ``network`` (None: one of the defaults, see __init__)."""
+        ``exec_output_bytes``, ``seccomp_profile``, ``no_new_privileges``): containers' state
+        under ``state_dir``, records in ``db``, addresses from the host's ``network`` (None:
+        one of the defaults, see __init__). InvalidInput for a bad seccomp profile file."""
         extra = {"cgroup_parent": settings["cgroup_parent"]} if settings.get("cgroup_parent") else {}
-        return cls(state_dir, db, network=network, exec_output_bytes=settings["exec_output_bytes"], **extra)
+        security = Security.from_settings(settings.get("seccomp_profile") or "default",
+                                          bool(settings.get("no_new_privileges")))
+        return cls(state_dir, db, network=network, exec_output_bytes=settings["exec_output_bytes"],
+                   security=security, **extra)
 
     def _name_lock(self, name: str) -> threading.RLock:
         """Operations on one container are serialised; different containers run in parallel
@@ -305,7 +313,8 @@ class RuncRuntime:
         cfg = bundle.build_config(
             spec, rootfs=self._rootfs(name), uid=uid, gid=gid, netns=netns,
             cgroups_path=cgroups.cgroups_path(self.cgroup_parent, name),
-            resources=cgroups.oci_resources(limits), hostname=hostname, etc_files=etc)
+            resources=cgroups.oci_resources(limits), hostname=hostname, etc_files=etc,
+            security=self.security)
         bundle.write_bundle(self._bundle(name), cfg)
 
     # -- start / stop -----------------------------------------------------------------------

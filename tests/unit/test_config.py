@@ -46,3 +46,14 @@ def test_bad_config_names_the_key(tmp_path, text, key):
     with pytest.raises(InvalidInput) as e:
         config.load(str(f), env={})
     assert key in e.value.message
+
+
+def test_seccomp_profile_setting_is_checked_at_start(tmp_path):
+    assert config.parse({}).containers.seccomp_profile == "default"
+    assert config.parse({}).containers.no_new_privileges is False
+    assert config.parse({"containers": {"seccomp_profile": "unconfined"}}).containers.seccomp_profile == "unconfined"
+    for bad, says in (("relative.json", "absolute path"), (str(tmp_path / "none.json"), "readable")):
+        with pytest.raises(InvalidInput, match=f"containers.seccomp_profile: .*{says}"):
+            config.parse({"containers": {"seccomp_profile": bad}})
+    (tmp_path / "p.json").write_text('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []}')
+    assert config.parse({"containers": {"seccomp_profile": str(tmp_path / "p.json")}})

@@ -1,0 +1,63 @@
+"""What a container's process may do: its capabilities, its seccomp profile and whether it
+may gain privileges on exec. Docker's defaults, so images made for Docker run unchanged:
+
+- capabilities: ``DEFAULT_CAPABILITIES`` (Docker's 14) in the bounding, effective and
+  permitted sets of a root process; a process of another uid gets them in its bounding set
+  only (effective and permitted empty: what a non-root user has on any host, so an
+  image's ``USER nobody`` is not root in all but name). Inheritable and ambient are always
+  empty (CVE-2022-24769: inheritable caps reached programs that did not ask for them).
+  Everything else, CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_MODULE, CAP_SYS_PTRACE,
+  CAP_SYS_TIME, ..., is never granted.
+- seccomp: containers/seccomp.py (default deny, Docker's allow-list), evaluated against
+  the bounding set.
+- no new privileges: off, as Docker and Podman (setuid and file-capability programs work,
+  within the bounding set); ``[containers] no_new_privileges = true`` turns it on for
+  every container of the host.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from containers import seccomp
+
+# Docker's default set (moby's oci/caps/defaults.go): file ownership and modes, setuid/setgid,
+# mknod (the devices cgroup still limits which nodes open), raw sockets (ping), low ports,
+# chroot, signals, audit writes
+DEFAULT_CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
+                        "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
+                        "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
+
+
+@functools.lru_cache(maxsize=1)
+def _default_profile() -> dict:
+    return seccomp.profile_for(seccomp.DEFAULT)
+
+
+@dataclass(frozen=True)
+class Security:
+    """A host's container security settings (``[containers]`` seccomp_profile and
+    no_new_privileges). ``profile``: the seccomp profile as loaded (Docker's format), None
+    for unconfined."""
+    capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
+    profile: dict | None = field(default_factory=_default_profile, hash=False, compare=False)
+    no_new_privileges: bool = False
+
+    @classmethod
+    def from_settings(cls, seccomp_profile: str = seccomp.DEFAULT,
+                      no_new_privileges: bool = False) -> Security:
+        """InvalidInput if the profile file is missing or malformed."""
+        profile = _default_profile() if seccomp_profile == seccomp.DEFAULT else \
+            seccomp.profile_for(seccomp_profile)
+        return cls(profile=profile, no_new_privileges=no_new_privileges)
+
+    def process_capabilities(self, uid: int) -> dict:
+        """The OCI ``process.capabilities`` of a process running as ``uid``."""
+        caps = list(self.capabilities)
+        held = caps if uid == 0 else []
+        return {"bounding": caps, "effective": list(held), "permitted": list(held),
+                "inheritable": [], "ambient": []}
+
+    def oci_seccomp(self) -> dict | None:
+        """The OCI ``linux.seccomp`` for these capabilities on this host; None: unconfined."""
+        return None if self.profile is None else seccomp.oci_profile(self.profile, self.capabilities)

@@ -33,7 +33,7 @@ from typing import Any
 from agent.errors import (CommandFailed, Conflict, InvalidInput, NotFound, Unavailable,
                           Unsupported)
 from agent.state import Database
-from containers import bundle, cgroups, validate
+from containers import bandwidth, bundle, cgroups, validate
 from containers.network import Network, short_hash
 from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits, NetworkSpec,
                                 PortMap, Rootfs)
@@ -67,7 +67,8 @@ def spec_from_json(text: str) -> ContainerSpec:
         command=tuple(d["command"]), env=d["env"], workdir=d["workdir"], user=d["user"],
         hostname=d["hostname"], limits=Limits(**d["limits"]),
         network=NetworkSpec(net["mode"], tuple(PortMap(**p) for p in net["ports"])),
-        userns=d["userns"], image_config=d.get("image_config") or {})
+        userns=d["userns"], image_config=d.get("image_config") or {},
+        bandwidth=bandwidth.Bandwidth.from_dict(d.get("bandwidth")))
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -287,6 +288,7 @@ class RuncRuntime:
             ip = self.net.reserve(name, spec.network.ports)
         elif spec.network.mode == "bridge":
             netns, ip = self.net.attach(name, spec.network.ports)
+            self._shape(spec)
         self._write_config(spec, spec.limits, netns=netns, ip=ip, uid=uid, gid=gid)
         return ip
 
@@ -338,6 +340,7 @@ class RuncRuntime:
                 spec = spec_from_json(row["spec"])
                 if spec.userns and spec.network.mode == "bridge":
                     self.net.attach(name, spec.network.ports, pid=pid)
+                    self._shape(spec)
                 self._runc("start", name)
             except BaseException:
                 self._runc("delete", "--force", name, check=False)
@@ -354,6 +357,7 @@ class RuncRuntime:
         if spec.network.mode == "bridge" and not spec.userns and \
                 not os.path.exists(self.net.netns_path(spec.name)):
             netns, ip = self.net.attach(spec.name, spec.network.ports)
+            self._shape(spec)
             proc = bundle.resolve_process(spec)
             uid, gid = bundle.resolve_user(proc["user"], self._rootfs(spec.name))
             self._write_config(spec, Limits(**json.loads(row["limits"])), netns=netns, ip=ip,
@@ -489,6 +493,8 @@ class RuncRuntime:
         if mounts.is_mounted(rootfs):
             mounts.unmount(rootfs, lazy=True)
         cgroups.remove(self.cgroup_parent, name)
+        if bandwidth.port_exists(bandwidth.ifb_name(self.net.veth_name(name))):
+            bandwidth.clear(self.net.veth_name(name))
         self.net.detach(name)
         try:
             os.unlink(os.path.join(self._sock_dir(), name))  # conmon's attach link, never its target
@@ -524,6 +530,7 @@ class RuncRuntime:
         veths = self.net.leftover_veths(live)
         for v in veths:
             self.net.delete_veth(v)
+        bandwidth.sweep()  # ifbs of ports gone with a crash
         return {"released": gone, "veths_removed": veths}
 
     # -- exec / logs / stats / limits ---------------------------------------------------------
@@ -610,6 +617,27 @@ class RuncRuntime:
                 bundle.write_bundle(self._bundle(name), cfg)
             except OSError:
                 pass
+
+    # -- bandwidth ---------------------------------------------------------------------------
+    def _shape(self, spec: ContainerSpec) -> None:
+        """Apply the spec's limits to its host veth (just made or made again)."""
+        if spec.bandwidth.limited:
+            bandwidth.apply(self.net.veth_name(spec.name), spec.bandwidth)
+
+    def set_bandwidth(self, name: str, bw: bandwidth.Bandwidth) -> None:
+        """containers.runtime.SupportsBandwidth: kept in the container's spec (every later
+        attach applies it) and applied now to its host veth if it has one."""
+        with self._name_lock(name):
+            spec = spec_from_json(self._row(name)["spec"])
+            validate.check_bandwidth(spec.network.mode, bw)
+            spec = dataclasses.replace(spec, bandwidth=bw)
+            port = self.net.veth_name(name)
+            if bandwidth.port_exists(port):
+                if bw.limited:
+                    bandwidth.apply(port, bw)
+                else:
+                    bandwidth.clear(port)
+            self.db.execute("UPDATE containers SET spec=? WHERE name=?", (spec_to_json(spec), name))
 
     def get(self, name: str) -> ContainerInfo:
         return self._info(self._row(name))

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, \
     model_validator
 
+from containers import bandwidth as net_limits
 from containers import validate as container_limits
 from hypervisor import validate as vm_limits
 
@@ -280,6 +281,32 @@ class PortSpec(Model):
     host_ip: IPv4 = "127.0.0.1"
 
 
+class BandwidthSpec(Model):
+    """Network rate limits of an instance's bridge port (a container's veth, a VM's tap), in
+    kbit/s (1000 bits per second); null or absent: unlimited in that direction."""
+
+    ingress_kbit: IntRange(net_limits.MIN_RATE_KBIT, net_limits.MAX_RATE_KBIT) | None = Field(
+        None, description="traffic to the instance")
+    egress_kbit: IntRange(net_limits.MIN_RATE_KBIT, net_limits.MAX_RATE_KBIT) | None = Field(
+        None, description="traffic from the instance")
+    burst_kbit: IntRange(net_limits.MIN_BURST_KBIT, net_limits.MAX_BURST_KBIT) | None = Field(
+        None, description="what may pass at line rate after a quiet spell (default: 50 ms at the "
+                          f"rate, at least {net_limits.DEFAULT_BURST_MIN_KBIT}); at most "
+                          f"{net_limits.BURST_SECONDS_MAX} s of traffic at each rate given")
+
+    @model_validator(mode="after")
+    def _burst_fits(self):
+        from agent.errors import InvalidInput
+        try:
+            self.limits().check()
+        except InvalidInput as e:
+            raise ValueError(e.message) from None
+        return self
+
+    def limits(self) -> net_limits.Bandwidth:
+        return net_limits.Bandwidth(self.ingress_kbit, self.egress_kbit, self.burst_kbit)
+
+
 def _keys_by_pattern(schema: dict) -> None:
     """pydantic writes a dict's key pattern as patternProperties, which lets keys that do not
     match through with any value: say it as propertyNames, so the spec is what is accepted."""
@@ -314,6 +341,8 @@ class InstanceCreate(Model):
                                       json_schema_extra={"prefixItems": [{"type": "string", "minLength": 1}]})
     user_data: Annotated[str, Field(max_length=MAX_USER_DATA, pattern=NO_NUL)] | None = Field(
         None, description="VMs: cloud-init user-data")
+    bandwidth: BandwidthSpec | None = Field(None, description="network rate limits (network bridge only); "
+                                                            "changeable later with PATCH")
     start: bool = True
 
     # the kind-dependent rules of _fits_kind, for the spec (a schema-valid body is accepted)
@@ -330,7 +359,7 @@ class InstanceCreate(Model):
              "memory_mib": {"minimum": container_limits.MIN_MEMORY_MIB},
              "user_data": {"type": "null"}, "disk_gib": {"type": "null"}}}},
         {"if": {"properties": {"network": {"enum": ["none", "host"]}}, "required": ["network"]},
-         "then": {"properties": {"ports": {"maxItems": 0}}}},
+         "then": {"properties": {"ports": {"maxItems": 0}, "bandwidth": {"type": "null"}}}},
     ]})
 
     @model_validator(mode="after")
@@ -349,6 +378,8 @@ class InstanceCreate(Model):
             raise ValueError(f"{', '.join(unused)} are for containers: a VM takes user_data")
         if self.network == "host":
             raise ValueError("network 'host' is for containers: a VM takes 'bridge' or 'none'")
+        if self.bandwidth is not None and self.network != "bridge":
+            raise ValueError("bandwidth limits apply to the bridge port: network 'none' has none")
         if self.cpus != int(self.cpus) or not 1 <= self.cpus <= vm_limits.MAX_VCPUS:
             raise ValueError(f"cpus of a VM are whole vCPUs 1..{vm_limits.MAX_VCPUS}, got {self.cpus}")
         if self.memory_mib < vm_limits.MIN_MEMORY_MIB:
@@ -368,6 +399,8 @@ class InstanceCreate(Model):
             raise ValueError("command[0] is empty: give the program to run")
         if self.ports and self.network != "bridge":
             raise ValueError(f"ports are published on the bridge: network {self.network!r} has none")
+        if self.bandwidth is not None and self.network != "bridge":
+            raise ValueError(f"bandwidth limits apply to the bridge port: network {self.network!r} has none")
         seen = set()
         for p in self.ports:
             key = (p.host_ip, p.host_port, p.protocol)
@@ -390,8 +423,25 @@ class Instance(Model):
     mac: str | None = None
     node: str | None = None
     error: str | None = None
+    bandwidth: BandwidthSpec | None = None
     created_at: float
     updated_at: float
+
+
+class InstanceUpdate(Model):
+    """A partial update of an instance: only the fields given change, live where the
+    instance runs. Accepted now: ``bandwidth`` (the whole object is replaced: fields left
+    out or null become unlimited; ``{}`` or null removes every limit)."""
+
+    bandwidth: BandwidthSpec | None = Field(None, description="network rate limits (network bridge only)")
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.model_fields_set:
+            raise ValueError("nothing to change: give at least one of " + ", ".join(type(self).model_fields))
+        return self
 
 
 class InstanceList(Model):

@@ -87,8 +87,10 @@ def bandwidth_element(bw: Bandwidth) -> ET.Element:
 
 
 def bandwidth_xml(bw: Bandwidth) -> str:
-    """The metadata element alone, for virDomainSetMetadata."""
-    return ET.tostring(bandwidth_element(bw), encoding="unicode")
+    """The metadata element alone, without its namespace, for virDomainSetMetadata (which
+    puts it in BANDWIDTH_NS itself)."""
+    return ET.tostring(ET.Element("bandwidth", {k: str(v) for k, v in bw.to_dict().items() if v is not None}),
+                       encoding="unicode")
 
 
 def bandwidth_from(root: ET.Element) -> Bandwidth:

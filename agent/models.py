@@ -291,8 +291,15 @@ class BandwidthSpec(Model):
         None, description="traffic from the instance")
     burst_kbit: IntRange(net_limits.MIN_BURST_KBIT, net_limits.MAX_BURST_KBIT) | None = Field(
         None, description="what may pass at line rate after a quiet spell (default: 50 ms at the "
-                          f"rate, at least {net_limits.DEFAULT_BURST_MIN_KBIT}); at most "
-                          f"{net_limits.BURST_SECONDS_MAX} s of traffic at each rate given")
+                          f"rate, at least {net_limits.DEFAULT_BURST_MIN_KBIT}); a bucket holds at most "
+                          f"{net_limits.BURST_SECONDS_MAX} s of traffic at its rate (more is cut to that); "
+                          "needs ingress_kbit or egress_kbit")
+
+    # burst_kbit needs a rate: said in the spec too, so a schema-valid body is accepted
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"burst_kbit": {"type": "integer"}}, "required": ["burst_kbit"]},
+        "then": {"anyOf": [{"properties": {"ingress_kbit": {"type": "integer"}}, "required": ["ingress_kbit"]},
+                           {"properties": {"egress_kbit": {"type": "integer"}}, "required": ["egress_kbit"]}]}})
 
     @model_validator(mode="after")
     def _burst_fits(self):

@@ -31,7 +31,7 @@ MIN_RATE_KBIT = 64  # below this a single full-size packet takes ~0.2 s
 MAX_RATE_KBIT = 100_000_000  # 100 Gbit/s
 MIN_BURST_KBIT = 16  # two full-size Ethernet frames: a smaller bucket never passes one
 MAX_BURST_KBIT = 4_000_000  # 500 MB: tbf's burst is a 32-bit byte count
-BURST_SECONDS_MAX = 10  # a burst holds at most 10 s of traffic at the rate (tbf's buffer time fits)
+BURST_SECONDS_MAX = 10  # a bucket holds at most 10 s of traffic at its rate (tbf's 32-bit buffer time fits)
 DEFAULT_BURST_SECONDS = 0.05  # 50 ms of traffic at the rate ...
 DEFAULT_BURST_MIN_KBIT = 128  # ... but at least 16 KB
 TBF_LATENCY = "50ms"  # how long a packet may wait in the bucket's queue before it is dropped
@@ -64,15 +64,14 @@ class Bandwidth:
                 raise InvalidInput(f"bandwidth.burst_kbit must be {MIN_BURST_KBIT}..{MAX_BURST_KBIT} kbit")
             if not self.limited:
                 raise InvalidInput("bandwidth.burst_kbit goes with ingress_kbit or egress_kbit")
-            for rate in (self.ingress_kbit, self.egress_kbit):
-                if rate is not None and b > rate * BURST_SECONDS_MAX:
-                    raise InvalidInput(f"bandwidth.burst_kbit {b} holds more than {BURST_SECONDS_MAX} s "
-                                       f"of traffic at {rate} kbit/s: give a smaller burst")
         return self
 
     def burst_for(self, rate_kbit: int) -> int:
+        """The bucket tc gets for ``rate_kbit``: the burst asked for, cut to BURST_SECONDS_MAX
+        of traffic at the rate (tbf keeps the bucket as a 32-bit time and silently wraps a
+        larger one); by default 50 ms at the rate, at least 128 kbit."""
         if self.burst_kbit is not None:
-            return self.burst_kbit
+            return max(min(self.burst_kbit, rate_kbit * BURST_SECONDS_MAX), MIN_BURST_KBIT)
         return max(int(rate_kbit * DEFAULT_BURST_SECONDS), DEFAULT_BURST_MIN_KBIT)
 
     def to_dict(self) -> dict:
@@ -90,21 +89,29 @@ def ifb_name(port: str) -> str:
 
 
 # -- privileged helpers ----------------------------------------------------------------
-def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+def _run(*argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True)
+        proc = subprocess.run(list(argv), capture_output=True, text=True, input=input)
     except FileNotFoundError:
         raise Unavailable(f"{argv[0]} is not installed: apt-get install iproute2 "
                           "(or run scripts/setup-host)") from None
     if check and proc.returncode != 0:
-        raise CommandFailed(f"{' '.join(argv[:4])}: {proc.stderr.strip()}", argv=list(argv),
+        what = " ".join(argv[:4]) if input is None else f"tc -batch: {input.strip()}"
+        raise CommandFailed(f"{what}: {proc.stderr.strip()}", argv=list(argv),
                             returncode=proc.returncode, stderr=proc.stderr)
     return proc
 
 
-def _tbf(dev: str, rate_kbit: int, burst_kbit: int) -> None:
-    _run("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_kbit}kbit",
-         "burst", str(burst_kbit * 1000 // 8), "latency", TBF_LATENCY)
+def _tc(commands: list[str], *, check: bool = True) -> None:
+    """Run tc ``commands`` in one process (``tc -batch``); without ``check`` every command
+    runs whatever the others did (deletes of what may be absent)."""
+    if commands:
+        _run("tc", *(() if check else ("-force",)), "-batch", "-", check=check, input="\n".join(commands) + "\n")
+
+
+def _tbf(dev: str, rate_kbit: int, burst_kbit: int) -> str:
+    return (f"qdisc replace dev {dev} root tbf rate {rate_kbit}kbit burst {burst_kbit * 1000 // 8} "
+            f"latency {TBF_LATENCY}")
 
 
 def port_exists(dev: str) -> bool:
@@ -114,64 +121,74 @@ def port_exists(dev: str) -> bool:
         return bool(ipr.link_lookup(ifname=dev))
 
 
+def _ensure_ifb(ifb: str, port: str) -> None:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        if not ipr.link_lookup(ifname=ifb):
+            ipr.link("add", ifname=ifb, kind="ifb")
+        ipr.link("set", index=ipr.link_lookup(ifname=ifb)[0], ifalias=port, state="up")
+
+
+def _delete_link(dev: str) -> bool:
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=dev)
+        if idx:
+            ipr.link("del", index=idx[0])
+    return bool(idx)
+
+
 def apply(port: str, bw: Bandwidth) -> None:
     """Make ``port``'s limits ``bw`` (replacing any it had; an unlimited direction has no
     qdisc). On failure the port is left unlimited, never half-shaped."""
     bw.check()
+    strict, loose = [], []
     try:
         if bw.ingress_kbit is not None:
-            _tbf(port, bw.ingress_kbit, bw.burst_for(bw.ingress_kbit))
+            strict.append(_tbf(port, bw.ingress_kbit, bw.burst_for(bw.ingress_kbit)))
         else:
-            _run("tc", "qdisc", "del", "dev", port, "root", check=False)
+            loose.append(f"qdisc del dev {port} root")
+        ifb = ifb_name(port)
         if bw.egress_kbit is not None:
-            ifb = ifb_name(port)
-            if not port_exists(ifb):
-                _run("ip", "link", "add", ifb, "type", "ifb")
-            _run("ip", "link", "set", "dev", ifb, "alias", port, "up")
-            _tbf(ifb, bw.egress_kbit, bw.burst_for(bw.egress_kbit))
-            _run("tc", "qdisc", "replace", "dev", port, "handle", "ffff:", "ingress")
-            _run("tc", "filter", "replace", "dev", port, "parent", "ffff:", "protocol", "all",
-                 "prio", "1", "handle", "800::800", "u32", "match", "u32", "0", "0",
-                 "action", "mirred", "egress", "redirect", "dev", ifb)
+            _ensure_ifb(ifb, port)
+            strict += [_tbf(ifb, bw.egress_kbit, bw.burst_for(bw.egress_kbit)),
+                       f"qdisc replace dev {port} handle ffff: ingress",
+                       f"filter replace dev {port} parent ffff: protocol all prio 1 handle 800::800 u32 "
+                       f"match u32 0 0 action mirred egress redirect dev {ifb}"]
         else:
-            _clear_egress(port)
+            loose.append(f"qdisc del dev {port} handle ffff: ingress")
+        _tc(loose, check=False)
+        if bw.egress_kbit is None:
+            _delete_link(ifb)
+        _tc(strict)
     except BaseException:
         clear(port)
         raise
 
 
-def _clear_egress(port: str) -> None:
-    _run("tc", "qdisc", "del", "dev", port, "handle", "ffff:", "ingress", check=False)
-    ifb = ifb_name(port)
-    if port_exists(ifb):
-        _run("ip", "link", "del", ifb, check=False)
-
-
 def clear(port: str) -> None:
     """Remove ``port``'s limits and its ifb (each step tolerates absence; the port may be gone)."""
     if port_exists(port):
-        _run("tc", "qdisc", "del", "dev", port, "root", check=False)
-        _clear_egress(port)
-    elif port_exists(ifb_name(port)):
-        _run("ip", "link", "del", ifb_name(port), check=False)
+        _tc([f"qdisc del dev {port} root", f"qdisc del dev {port} handle ffff: ingress"], check=False)
+    _delete_link(ifb_name(port))
 
 
 def sweep() -> list[str]:
     """Remove the ifb devices whose port is gone; their names."""
-    out = _run("ip", "-o", "link", "show", "type", "ifb", check=False).stdout
+    from pyroute2 import IPRoute
     gone = []
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) < 2:
-            continue
-        name = parts[1].rstrip(":").split("@")[0]
-        if not name.startswith(IFB_PREFIX):
-            continue
-        alias = line.split(" alias ", 1)[1].split()[0] if " alias " in line else None
-        if alias is None or ifb_name(alias) != name or port_exists(alias):
-            continue  # not one of ours, or its port is still there
-        _run("ip", "link", "del", name, check=False)
-        gone.append(name)
+    with IPRoute() as ipr:
+        links = [(l.get_attr("IFLA_IFNAME"), l.get_attr("IFLA_IFALIAS")) for l in ipr.get_links()]
+        names = {n for n, _ in links}
+        for name, alias in links:
+            if not name or not name.startswith(IFB_PREFIX) or not alias:
+                continue
+            if ifb_name(alias) != name or alias in names:
+                continue  # not one of ours, or its port is still there
+            idx = ipr.link_lookup(ifname=name)
+            if idx:
+                ipr.link("del", index=idx[0])
+                gone.append(name)
     return gone
 
 

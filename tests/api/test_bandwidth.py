@@ -25,7 +25,8 @@ def _create(api, **body):
     ({"bandwidth": {"ingress_kbit": 10}}, "bandwidth.ingress_kbit"),  # below 64
     ({"bandwidth": {"egress_kbit": 10**12}}, "bandwidth.egress_kbit"),
     ({"bandwidth": {"egress_kbit": "8000"}}, "bandwidth.egress_kbit"),  # strict: no strings
-    ({"bandwidth": {"egress_kbit": 1000, "burst_kbit": 1000 * 11}}, "10 s"),
+    ({"bandwidth": {"egress_kbit": 1000, "burst_kbit": 5 * 10**6}}, "bandwidth.burst_kbit"),
+    ({"bandwidth": {"egress_kbit": None, "burst_kbit": 1000}}, "goes with"),
     ({"bandwidth": {"burst_kbit": 1000}}, "goes with"),
     ({"bandwidth": {"ingress_kbit": 1000, "extra": 1}}, "bandwidth.extra"),
     ({"network": "none", "bandwidth": {"ingress_kbit": 1000}}, "bridge port"),

@@ -21,6 +21,7 @@ All of it is privileged (``tc``, ``ip``), in the functions of this module only.
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ MAX_BURST_KBIT = 4_000_000  # 500 MB: tbf's burst is a 32-bit byte count
 BURST_SECONDS_MAX = 10  # a bucket holds at most 10 s of traffic at its rate (tbf's 32-bit buffer time fits)
 DEFAULT_BURST_SECONDS = 0.05  # 50 ms of traffic at the rate ...
 DEFAULT_BURST_MIN_KBIT = 128  # ... but at least 16 KB
+DEV_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # a device name as the kernel takes it, nothing tc -batch could split
 TBF_LATENCY = "50ms"  # how long a packet may wait in the bucket's queue before it is dropped
 
 
@@ -82,6 +84,13 @@ class Bandwidth:
     def from_dict(cls, d) -> Bandwidth:
         d = d or {}
         return cls(d.get("ingress_kbit"), d.get("egress_kbit"), d.get("burst_kbit"))
+
+
+def _dev(name: str) -> str:
+    """``name`` if it is a plain device name (it goes into tc's batch input), else InvalidInput."""
+    if not isinstance(name, str) or not DEV_RE.fullmatch(name):
+        raise InvalidInput(f"network device name {str(name)[:40]!r} is not a plain interface name")
+    return name
 
 
 def ifb_name(port: str) -> str:
@@ -142,6 +151,7 @@ def apply(port: str, bw: Bandwidth) -> None:
     """Make ``port``'s limits ``bw`` (replacing any it had; an unlimited direction has no
     qdisc). On failure the port is left unlimited, never half-shaped."""
     bw.check()
+    _dev(port)
     strict, loose = [], []
     try:
         if bw.ingress_kbit is not None:
@@ -168,6 +178,7 @@ def apply(port: str, bw: Bandwidth) -> None:
 
 def clear(port: str) -> None:
     """Remove ``port``'s limits and its ifb (each step tolerates absence; the port may be gone)."""
+    _dev(port)
     if port_exists(port):
         _tc([f"qdisc del dev {port} root", f"qdisc del dev {port} handle ffff: ingress"], check=False)
     _delete_link(ifb_name(port))

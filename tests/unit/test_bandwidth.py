@@ -2,7 +2,7 @@
 import pytest
 
 from agent.errors import InvalidInput
-from containers.bandwidth import MAX_BURST_KBIT, Bandwidth, _kbit, ifb_name
+from containers.bandwidth import MAX_BURST_KBIT, Bandwidth, _kbit, apply, clear, ifb_name
 
 
 def test_bounds_and_burst_rules():
@@ -26,3 +26,11 @@ def test_burst_defaults_to_50ms_and_is_cut_to_10s_of_traffic():
 def test_ifb_names_fit_the_kernels_limit_and_tc_rates_parse():
     assert len(ifb_name("x" * 15)) <= 15 and ifb_name("a") != ifb_name("b") and ifb_name("a").startswith("nbw")
     assert [_kbit(t) for t in ("8Mbit", "640Kbit", "1Gbit", "999bit", "2500kbit")] == [8000, 640, 1000000, 1, 2500]
+
+
+def test_a_device_name_that_could_smuggle_tc_commands_is_refused_before_tc_runs():
+    for bad in ("vnet0\nqdisc del dev eth0 root", "a b", "", "x" * 16, "../x"):
+        with pytest.raises(InvalidInput, match="device name"):
+            apply(bad, Bandwidth(8000))
+        with pytest.raises(InvalidInput, match="device name"):
+            clear(bad)

@@ -200,3 +200,6 @@ class SupportsBandwidth(Protocol):
     def set_bandwidth(self, name: str, bandwidth: Bandwidth) -> None:
         """Keep ``bandwidth`` with the VM (every later start, and a migration, carries it) and
         apply it now if it runs. InvalidInput out of bounds; NotFound for an unknown VM."""
+
+    def bandwidth(self, name: str) -> Bandwidth:
+        """The limits the VM keeps (unlimited: ``Bandwidth()``); NotFound for an unknown VM."""

@@ -258,11 +258,13 @@ def instance():
 @click.option("--ingress-kbit", type=int, help="limit traffic to the instance, kbit/s")
 @click.option("--egress-kbit", type=int, help="limit traffic from the instance, kbit/s")
 @click.option("--burst-kbit", type=int, help="the limits' burst, kbit (default: 50 ms at the rate)")
+@click.option("--cap-add", multiple=True, help="containers: a capability to grant (CAP_NET_ADMIN, ALL)")
+@click.option("--cap-drop", multiple=True, help="containers: a default capability to take away (ALL)")
 @click.option("--no-start", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("command", nargs=-1)
 def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, network,
-                    ingress_kbit, egress_kbit, burst_kbit, no_start, as_json, command):
+                    ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, no_start, as_json, command):
     """Create NAME from an image; for containers, COMMAND after `--` overrides the image's."""
     body = {"name": name, "kind": kind, "image": image_ref, "cpus": cpus, "memory_mib": memory_mib,
             "start": not no_start}
@@ -281,6 +283,10 @@ def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env
     bw = _bandwidth(ingress_kbit, egress_kbit, burst_kbit)
     if bw:
         body["bandwidth"] = bw
+    if cap_add:
+        body["cap_add"] = list(cap_add)
+    if cap_drop:
+        body["cap_drop"] = list(cap_drop)
     c = _client()
     op = _call(c.post, "/v1/instances", body)
     op = _finish(_wait_with_progress(c, op, f"creating {name}", as_json), as_json)

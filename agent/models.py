@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from containers import bandwidth as net_limits
 from containers import validate as container_limits
+from containers.security import ALL_CAPABILITIES
 from hypervisor import validate as vm_limits
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: instance names
@@ -80,6 +81,7 @@ def _ipv4(v: str) -> str:
 # these types, in the public models and in the peer models alike: a field cannot be added
 # without its pattern (tests/unit/test_peer_models.py checks every peer-facing string).
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="an instance name: a hostname label")]
+Capability = Literal[tuple([*ALL_CAPABILITIES, "ALL"])]
 InstanceId = Annotated[str, Field(pattern=INSTANCE_ID_PATTERN)]
 ImageId = Annotated[str, Field(pattern=SHA256_PATTERN, description="an image id: its sha256 digest, hex")]
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
@@ -350,6 +352,15 @@ class InstanceCreate(Model):
         None, description="VMs: cloud-init user-data")
     bandwidth: BandwidthSpec | None = Field(None, description="network rate limits (network bridge only); "
                                                             "changeable later with PATCH")
+    cap_add: list[Capability] = Field(
+        default_factory=list, max_length=len(ALL_CAPABILITIES) + 1, json_schema_extra={"uniqueItems": True},
+        description="containers: capabilities on top of the default set (Docker's 14), e.g. CAP_NET_ADMIN; "
+                    "ALL for every one. Without a user namespace CAP_SYS_ADMIN and friends make the "
+                    "container's root nearly the host's: grant them only to trusted workloads")
+    cap_drop: list[Capability] = Field(
+        default_factory=list, max_length=len(ALL_CAPABILITIES) + 1, json_schema_extra={"uniqueItems": True},
+        description="containers: capabilities taken from the default set (ALL: every one; cap_add then "
+                    "adds back)")
     start: bool = True
 
     # the kind-dependent rules of _fits_kind, for the spec (a schema-valid body is accepted)
@@ -359,7 +370,8 @@ class InstanceCreate(Model):
              "cpus": {"multipleOf": 1, "minimum": 1, "maximum": vm_limits.MAX_VCPUS},
              "memory_mib": {"minimum": vm_limits.MIN_MEMORY_MIB},
              "network": {"enum": ["bridge", "none"]}, "ports": {"maxItems": 0},
-             "env": {"maxProperties": 0}, "command": {"type": "null"}, "pids_max": {"type": "null"}}}},
+             "env": {"maxProperties": 0}, "command": {"type": "null"}, "pids_max": {"type": "null"},
+             "cap_add": {"maxItems": 0}, "cap_drop": {"maxItems": 0}}}},
         {"if": {"properties": {"kind": {"const": "container"}}, "required": ["kind"]},
          "then": {"properties": {
              "cpus": {"minimum": container_limits.MIN_CPUS, "maximum": container_limits.MAX_CPUS},
@@ -380,7 +392,7 @@ class InstanceCreate(Model):
         return self
 
     def _vm_checks(self) -> None:
-        unused = [f for f in ("ports", "env", "command", "pids_max") if getattr(self, f)]
+        unused = [f for f in ("ports", "env", "command", "pids_max", "cap_add", "cap_drop") if getattr(self, f)]
         if unused:
             raise ValueError(f"{', '.join(unused)} are for containers: a VM takes user_data")
         if self.network == "host":
@@ -408,6 +420,10 @@ class InstanceCreate(Model):
             raise ValueError(f"ports are published on the bridge: network {self.network!r} has none")
         if self.bandwidth is not None and self.network != "bridge":
             raise ValueError(f"bandwidth limits apply to the bridge port: network {self.network!r} has none")
+        for what in ("cap_add", "cap_drop"):
+            caps = getattr(self, what)
+            if len(set(caps)) != len(caps):
+                raise ValueError(f"{what} names a capability twice")
         seen = set()
         for p in self.ports:
             key = (p.host_ip, p.host_port, p.protocol)

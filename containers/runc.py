@@ -68,7 +68,8 @@ def spec_from_json(text: str) -> ContainerSpec:
         hostname=d["hostname"], limits=Limits(**d["limits"]),
         network=NetworkSpec(net["mode"], tuple(PortMap(**p) for p in net["ports"])),
         userns=d["userns"], image_config=d.get("image_config") or {},
-        bandwidth=bandwidth.Bandwidth.from_dict(d.get("bandwidth")))
+        bandwidth=bandwidth.Bandwidth.from_dict(d.get("bandwidth")),
+        cap_add=tuple(d.get("cap_add") or ()), cap_drop=tuple(d.get("cap_drop") or ()))
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -316,7 +317,7 @@ class RuncRuntime:
             spec, rootfs=self._rootfs(name), uid=uid, gid=gid, netns=netns,
             cgroups_path=cgroups.cgroups_path(self.cgroup_parent, name),
             resources=cgroups.oci_resources(limits), hostname=hostname, etc_files=etc,
-            security=self.security)
+            security=self.security.with_caps(spec.cap_add, spec.cap_drop))
         bundle.write_bundle(self._bundle(name), cfg)
 
     # -- start / stop -----------------------------------------------------------------------

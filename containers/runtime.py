@@ -58,6 +58,9 @@ class ContainerSpec:
     network: NetworkSpec = NetworkSpec()
     userns: bool = False
     bandwidth: Bandwidth = Bandwidth()  # rate limits of its bridge port (containers/bandwidth.py)
+    # capabilities on top of / taken from the host's default set (containers/security.py); "ALL" allowed
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()
     # the image's OCI config (Cmd, Entrypoint, Env, WorkingDir, User); the spec's own
     # command/env/workdir/user win over it, Docker-style (Entrypoint + command)
     image_config: dict = field(default_factory=dict)

@@ -29,6 +29,26 @@ DEFAULT_CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWN
                         "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
 
 
+# every capability of Linux 6.x (capability.h), the names cap_add/cap_drop may use
+ALL_CAPABILITIES = tuple("CAP_" + n for n in (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE"))
+
+
+def adjusted(base: tuple[str, ...], add: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """``base`` minus ``drop`` ("ALL": everything) plus ``add`` ("ALL": every capability),
+    Docker's order of application; names as in ALL_CAPABILITIES."""
+    caps = [] if "ALL" in drop else [c for c in base if c not in drop]
+    for c in (ALL_CAPABILITIES if "ALL" in add else add):
+        if c not in caps:
+            caps.append(c)
+    return tuple(caps)
+
+
 @functools.lru_cache(maxsize=1)
 def _default_profile() -> dict:
     return seccomp.profile_for(seccomp.DEFAULT)
@@ -50,6 +70,14 @@ class Security:
         profile = _default_profile() if seccomp_profile == seccomp.DEFAULT else \
             seccomp.profile_for(seccomp_profile)
         return cls(profile=profile, no_new_privileges=no_new_privileges)
+
+    def with_caps(self, add: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> Security:
+        """These settings for a container with ``cap_add``/``cap_drop`` (its seccomp profile is
+        evaluated against the capabilities it ends up with, as Docker does)."""
+        if not add and not drop:
+            return self
+        return Security(capabilities=adjusted(self.capabilities, add, drop), profile=self.profile,
+                        no_new_privileges=self.no_new_privileges)
 
     def process_capabilities(self, uid: int) -> dict:
         """The OCI ``process.capabilities`` of a process running as ``uid``."""

@@ -96,6 +96,19 @@ def check_spec(spec: ContainerSpec) -> None:
                            "'.', '-' (at most 63)")
     check_limits(spec.limits)
     check_network(spec.network)
+    check_capabilities(spec.cap_add, spec.cap_drop)
+
+
+def check_capabilities(add, drop) -> None:
+    """cap_add/cap_drop name capabilities (CAP_...) or "ALL", each at most once."""
+    from containers.security import ALL_CAPABILITIES
+    for what, caps in (("cap_add", add), ("cap_drop", drop)):
+        if not isinstance(caps, tuple) or len(set(caps)) != len(caps):
+            raise InvalidInput(f"{what} must list each capability once")
+        bad = [c for c in caps if c != "ALL" and c not in ALL_CAPABILITIES]
+        if bad:
+            raise InvalidInput(f"{what}: {', '.join(map(repr, bad[:3]))} is not a capability: use names "
+                               "like CAP_NET_ADMIN (or ALL)")
 
 
 def check_bandwidth(mode: str, bw: Bandwidth) -> None:

@@ -183,6 +183,7 @@ class Assembly:
             network=NetworkSpec(mode=req.network, ports=tuple(
                 PortMap(p.host_port, p.container_port, p.protocol, p.host_ip) for p in req.ports)),
             bandwidth=bandwidth_of(req),
+            cap_add=tuple(getattr(req, "cap_add", None) or ()), cap_drop=tuple(getattr(req, "cap_drop", None) or ()),
             image_config=dict(image.config or {}))
         try:
             return apply_image_config(spec, *layers.lowerdirs)

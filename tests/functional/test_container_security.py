@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from agent.errors import InvalidInput
 from containers import NetworkSpec, seccomp
 from containers.security import DEFAULT_CAPABILITIES, Security
 from testbed import syscall_probe
@@ -135,3 +136,22 @@ def test_unconfined_and_custom_profiles(runtime, tmp_path):
     assert rt2.exec("custom", ["/bin/add_key"]).exit_code == EPERM
     assert "NoNewPrivs:\t1" in rt2.exec("custom", ["cat", "/proc/self/status"]).stdout
     assert set(DEFAULT_CAPABILITIES) <= set(rt2.security.capabilities)
+
+
+def test_cap_add_and_cap_drop_change_caps_and_the_filter_with_them(runtime, tmp_path):
+    rt = runtime()
+    # CAP_SYS_PTRACE added: Docker's profile then allows pidfd_getfd/ptrace (the kernel answers EBADF)
+    start_with_probes(rt, tmp_path, "added", cap_add=("CAP_SYS_PTRACE", "CAP_NET_ADMIN"))
+    assert caps(rt, "added", "CapEff") == DOCKER_CAPS_MASK | (1 << 19) | (1 << 12)
+    assert rt.exec("added", ["/bin/pidfd_getfd"]).exit_code == EBADF
+    assert rt.exec("added", ["ip", "link", "set", "lo", "down"]).exit_code == 0  # its own netns only
+    assert rt.exec("added", ["/bin/keyctl"]).exit_code == EPERM  # never in the allow-list
+    # CAP_NET_RAW dropped: no ping; everything dropped: root cannot even chown
+    start_with_probes(rt, tmp_path, "dropped", cap_drop=("CAP_NET_RAW",), network=NetworkSpec(mode="bridge"))
+    res = rt.exec("dropped", ["ping", "-c", "1", "-W", "2", rt.net.gateway], timeout=20)
+    assert res.exit_code != 0 and "permission denied" in res.stderr, res
+    start_with_probes(rt, tmp_path, "none", cap_drop=("ALL",))
+    assert caps(rt, "none", "CapBnd") == 0
+    assert rt.exec("none", ["sh", "-c", "touch /f && chown 1:1 /f"]).exit_code != 0
+    with pytest.raises(InvalidInput, match="not a capability"):
+        rt.create(make_spec(rt, tmp_path, "bad", ("sleep", "1"), cap_add=("CAP_EVERYTHING",)))

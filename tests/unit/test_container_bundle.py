@@ -20,7 +20,8 @@ def spec(**kw):
 
 def config(s, **kw):
     args = dict(rootfs="/r", uid=0, gid=0, netns="/run/netns/x", cgroups_path="/nodeagent/c1",
-                resources=cgroups.oci_resources(s.limits, root="/nonexistent"), hostname="h")
+                resources=cgroups.oci_resources(s.limits, root="/nonexistent"), hostname="h",
+                security=Security().with_caps(s.cap_add, s.cap_drop))  # as RuncRuntime does
     args.update(kw)
     return bundle.build_config(s, **args)
 
@@ -223,3 +224,19 @@ def test_resolve_in_root_never_leaves_the_rootfs(tmp_path):
     assert bundle.resolve_in_root(str(tmp_path), "/loop") is None
     assert bundle.resolve_in_root(str(tmp_path), "/../../usr/bin/sh") == \
         str(tmp_path / "usr/bin/sh")
+
+
+def test_cap_add_and_drop_follow_dockers_order_and_the_filter_follows_them():
+    from containers.security import ALL_CAPABILITIES, adjusted
+    assert adjusted(DEFAULT_CAPABILITIES, ("CAP_NET_ADMIN",), ("CAP_NET_RAW",)) == \
+        tuple(c for c in DEFAULT_CAPABILITIES if c != "CAP_NET_RAW") + ("CAP_NET_ADMIN",)
+    assert adjusted(DEFAULT_CAPABILITIES, ("CAP_CHOWN",), ("ALL",)) == ("CAP_CHOWN",)
+    assert adjusted(DEFAULT_CAPABILITIES, ("ALL",))[:14] == DEFAULT_CAPABILITIES
+    assert set(adjusted((), ("ALL",))) == set(ALL_CAPABILITIES) and len(ALL_CAPABILITIES) == 41
+    c = config(spec(cap_add=("CAP_SYS_ADMIN",)))
+    allowed = {n for r in c["linux"]["seccomp"]["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" for n in r["names"]}
+    assert {"mount", "unshare"} <= allowed  # Docker's profile follows the caps granted
+    assert "CAP_SYS_ADMIN" in c["process"]["capabilities"]["bounding"]
+    with pytest.raises(InvalidInput, match="not a capability"):
+        from containers import validate
+        validate.check_spec(spec(cap_drop=("CAP_NOPE",)))

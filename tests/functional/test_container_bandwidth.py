@@ -86,3 +86,44 @@ def test_limits_survive_a_restart_and_a_reboot_and_go_with_the_container(rt, tmp
     assert bandwidth.read(port) == {"ingress_kbit": 2000, "egress_kbit": 1000}
     rt.delete("keep")
     assert not bandwidth.port_exists(ifb)
+
+
+def test_a_container_with_net_admin_cannot_lift_its_own_limit(rt, tmp_path):
+    # the shaping sits on the host's side of the veth: whatever root in the container does to
+    # its own interface (even granted CAP_NET_ADMIN), it is still held
+    rt.create(make_spec(rt, tmp_path, "escaper", ("sleep", "1000"), network=NetworkSpec(mode="bridge"),
+                        bandwidth=Bandwidth(egress_kbit=LIMIT_KBIT), cap_add=("CAP_NET_ADMIN",)))
+    rt.start("escaper")
+    start(rt, tmp_path, "peer")
+    tries = ["busybox tc qdisc del dev eth0 root", "busybox tc qdisc del dev eth0 ingress",
+             "ip link set eth0 txqueuelen 100000", "ip link set eth0 mtu 9000"]
+    for cmd in tries:
+        rt.exec("escaper", ["sh", "-c", cmd])
+    assert rt.exec("escaper", ["ip", "link", "show", "nv" + rt.rtag]).exit_code != 0  # the host side is not in reach
+    held = transfer_kbit(rt, "escaper", "peer")
+    assert 0 < held < 4 * LIMIT_KBIT, held
+    assert bandwidth.read(rt.net.veth_name("escaper"))["egress_kbit"] == LIMIT_KBIT
+
+
+def test_a_user_namespaced_container_is_shaped_on_each_new_veth():
+    import os
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="nodeagent-userns-bw-", dir="/tmp")
+    os.chmod(d, 0o711)  # container root (an unprivileged host uid) must traverse it
+    from pathlib import Path
+    rt, cleanup = make_runc(Path(d))
+    try:
+        rt.create(make_spec(rt, Path(d), "u", ("sleep", "1000"), userns=True, network=NetworkSpec(mode="bridge"),
+                            bandwidth=Bandwidth(ingress_kbit=3000, egress_kbit=2000)))
+        rt.start("u")
+        port = rt.net.veth_name("u")
+        assert bandwidth.read(port) == {"ingress_kbit": 3000, "egress_kbit": 2000}
+        rt.restart("u", timeout=0.5)  # runc makes a new netns, so a new veth: shaped again
+        assert bandwidth.read(port) == {"ingress_kbit": 3000, "egress_kbit": 2000}
+        rt.set_bandwidth("u", Bandwidth(ingress_kbit=1000))
+        assert bandwidth.read(port) == {"ingress_kbit": 1000, "egress_kbit": None}
+    finally:
+        cleanup()
+        shutil.rmtree(d, ignore_errors=True)
+    assert bandwidth.sweep() == []

@@ -294,11 +294,17 @@ def instance():
 @click.option("--pool")
 @click.option("--env", multiple=True, help="KEY=VALUE (containers)")
 @click.option("--user-data", type=click.File("r"), help="cloud-init user-data file (VMs)")
+@click.option("--network", type=click.Choice(["bridge", "none", "host"]), help="default: bridge")
+@click.option("--ingress-kbit", type=int, help="limit traffic to the instance, kbit/s")
+@click.option("--egress-kbit", type=int, help="limit traffic from the instance, kbit/s")
+@click.option("--burst-kbit", type=int, help="the limits' burst, kbit (default: 50 ms at the rate)")
+@click.option("--cap-add", multiple=True, help="containers: a capability to grant (CAP_NET_ADMIN, ALL)")
+@click.option("--cap-drop", multiple=True, help="containers: a default capability to take away (ALL)")
 @click.option("--no-start", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("command", nargs=-1)
-def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, no_start,
-                    as_json, command):
+def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, network,
+                    ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, no_start, as_json, command):
     """Create NAME from an image; for containers, COMMAND after `--` overrides the image's."""
     body = {"name": name, "kind": kind, "image": image_ref, "cpus": cpus, "memory_mib": memory_mib,
             "start": not no_start}
@@ -312,12 +318,48 @@ def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env
         body["command"] = list(command)
     if user_data:
         body["user_data"] = user_data.read()
+    if network:
+        body["network"] = network
+    bw = _bandwidth(ingress_kbit, egress_kbit, burst_kbit)
+    if bw:
+        body["bandwidth"] = bw
+    if cap_add:
+        body["cap_add"] = list(cap_add)
+    if cap_drop:
+        body["cap_drop"] = list(cap_drop)
     c = _client()
     op = _call(c.post, "/v1/instances", body)
     op = _finish(_wait_with_progress(c, op, f"creating {name}", as_json), as_json)
     if not as_json:
         i = op["result"]["instance"]
         click.echo(f"{i['name']} {i['id'][:12]} {i['state']}" + (f" ip {i['ip']}" if i.get("ip") else ""))
+
+
+def _bandwidth(ingress_kbit, egress_kbit, burst_kbit) -> dict:
+    return {k: v for k, v in (("ingress_kbit", ingress_kbit), ("egress_kbit", egress_kbit),
+                              ("burst_kbit", burst_kbit)) if v is not None}
+
+
+@instance.command("set-bandwidth")
+@click.argument("ref")
+@click.option("--ingress-kbit", type=int, help="traffic to the instance, kbit/s")
+@click.option("--egress-kbit", type=int, help="traffic from the instance, kbit/s")
+@click.option("--burst-kbit", type=int, help="kbit (default: 50 ms at the rate)")
+@click.option("--unlimited", is_flag=True, help="remove every limit")
+@click.option("--json", "as_json", is_flag=True)
+def instance_set_bandwidth(ref, ingress_kbit, egress_kbit, burst_kbit, unlimited, as_json):
+    """Replace REF's network rate limits, live (a direction not given becomes unlimited)."""
+    bw = _bandwidth(ingress_kbit, egress_kbit, burst_kbit)
+    if bool(bw) == unlimited:
+        raise click.UsageError("give --ingress-kbit and/or --egress-kbit (and --burst-kbit), or --unlimited")
+    inst = _call(_client().patch, f"/v1/instances/{ref}", {"bandwidth": bw or None})
+    if as_json:
+        click.echo(jsonlib.dumps(inst, indent=2))
+    else:
+        b = inst.get("bandwidth") or {}
+        burst = f" burst {b['burst_kbit']}" if b.get("burst_kbit") else ""
+        click.echo(f"{inst['name']} ingress {b.get('ingress_kbit') or 'unlimited'} egress "
+                   f"{b.get('egress_kbit') or 'unlimited'}{burst}")
 
 
 @instance.command("list")

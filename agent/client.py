@@ -79,6 +79,9 @@ class Client:
     def post(self, path, body, **kw):
         return self.request("POST", path, json=body, **kw)
 
+    def patch(self, path, body, **kw):
+        return self.request("PATCH", path, json=body, **kw)
+
     def delete(self, path, **kw):
         return self.request("DELETE", path, **kw)
 

@@ -137,6 +137,24 @@ class ContainersConfig(_Strict):
     cgroup_parent: str | None = None  # None: the runtime's default ("nodeagent"); one per agent on a shared cgroupfs
     # bytes of stdout and of stderr an exec answer carries (the rest is read and dropped: truncated)
     exec_output_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # "default" (Docker's default-deny allow-list, containers/seccomp_default.json), "unconfined"
+    # (no filter), or an absolute path to a profile in Docker's or OCI's format
+    seccomp_profile: str = "default"
+    no_new_privileges: bool = False  # Docker's default; true: setuid/file caps never raise privileges
+
+    @field_validator("seccomp_profile")
+    @classmethod
+    def _profile(cls, v: str) -> str:
+        if v not in ("default", "unconfined") and not os.path.isabs(v):
+            raise ValueError('seccomp_profile must be "default", "unconfined" or an absolute path '
+                             f"to a profile file, got {v!r}")
+        if v != "unconfined":
+            from containers import seccomp
+            try:
+                seccomp.profile_for(v)  # a missing or malformed file is refused at start
+            except InvalidInput as e:
+                raise ValueError(e.message) from None
+        return v
 
 
 class NetworkConfig(_Strict):

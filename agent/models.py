@@ -12,7 +12,9 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, \
     model_validator
 
+from containers import bandwidth as net_limits
 from containers import validate as container_limits
+from containers.security import ALL_CAPABILITIES
 from hypervisor import validate as vm_limits
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"  # a hostname label: instance names
@@ -79,6 +81,7 @@ def _ipv4(v: str) -> str:
 # these types, in the public models and in the peer models alike: a field cannot be added
 # without its pattern (tests/unit/test_peer_models.py checks every peer-facing string).
 Name = Annotated[str, Field(pattern=NAME_PATTERN, description="an instance name: a hostname label")]
+Capability = Literal[tuple([*ALL_CAPABILITIES, "ALL"])]
 InstanceId = Annotated[str, Field(pattern=INSTANCE_ID_PATTERN)]
 ImageId = Annotated[str, Field(pattern=SHA256_PATTERN, description="an image id: its sha256 digest, hex")]
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
@@ -281,6 +284,39 @@ class PortSpec(Model):
     host_ip: IPv4 = "127.0.0.1"
 
 
+class BandwidthSpec(Model):
+    """Network rate limits of an instance's bridge port (a container's veth, a VM's tap), in
+    kbit/s (1000 bits per second); null or absent: unlimited in that direction."""
+
+    ingress_kbit: IntRange(net_limits.MIN_RATE_KBIT, net_limits.MAX_RATE_KBIT) | None = Field(
+        None, description="traffic to the instance")
+    egress_kbit: IntRange(net_limits.MIN_RATE_KBIT, net_limits.MAX_RATE_KBIT) | None = Field(
+        None, description="traffic from the instance")
+    burst_kbit: IntRange(net_limits.MIN_BURST_KBIT, net_limits.MAX_BURST_KBIT) | None = Field(
+        None, description="what may pass at line rate after a quiet spell (default: 50 ms at the "
+                          f"rate, at least {net_limits.DEFAULT_BURST_MIN_KBIT}); a bucket holds at most "
+                          f"{net_limits.BURST_SECONDS_MAX} s of traffic at its rate (more is cut to that); "
+                          "needs ingress_kbit or egress_kbit")
+
+    # burst_kbit needs a rate: said in the spec too, so a schema-valid body is accepted
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"burst_kbit": {"type": "integer"}}, "required": ["burst_kbit"]},
+        "then": {"anyOf": [{"properties": {"ingress_kbit": {"type": "integer"}}, "required": ["ingress_kbit"]},
+                           {"properties": {"egress_kbit": {"type": "integer"}}, "required": ["egress_kbit"]}]}})
+
+    @model_validator(mode="after")
+    def _burst_fits(self):
+        from agent.errors import InvalidInput
+        try:
+            self.limits().check()
+        except InvalidInput as e:
+            raise ValueError(e.message) from None
+        return self
+
+    def limits(self) -> net_limits.Bandwidth:
+        return net_limits.Bandwidth(self.ingress_kbit, self.egress_kbit, self.burst_kbit)
+
+
 def _keys_by_pattern(schema: dict) -> None:
     """pydantic writes a dict's key pattern as patternProperties, which lets keys that do not
     match through with any value: say it as propertyNames, so the spec is what is accepted."""
@@ -315,6 +351,17 @@ class InstanceCreate(Model):
                                       json_schema_extra={"prefixItems": [{"type": "string", "minLength": 1}]})
     user_data: Annotated[str, Field(max_length=MAX_USER_DATA, pattern=NO_NUL)] | None = Field(
         None, description="VMs: cloud-init user-data")
+    bandwidth: BandwidthSpec | None = Field(None, description="network rate limits (network bridge only); "
+                                                            "changeable later with PATCH")
+    cap_add: list[Capability] = Field(
+        default_factory=list, max_length=len(ALL_CAPABILITIES) + 1, json_schema_extra={"uniqueItems": True},
+        description="containers: capabilities on top of the default set (Docker's 14), e.g. CAP_NET_ADMIN; "
+                    "ALL for every one. Without a user namespace CAP_SYS_ADMIN and friends make the "
+                    "container's root nearly the host's: grant them only to trusted workloads")
+    cap_drop: list[Capability] = Field(
+        default_factory=list, max_length=len(ALL_CAPABILITIES) + 1, json_schema_extra={"uniqueItems": True},
+        description="containers: capabilities taken from the default set (ALL: every one; cap_add then "
+                    "adds back)")
     start: bool = True
 
     # the kind-dependent rules of _fits_kind, for the spec (a schema-valid body is accepted)
@@ -324,14 +371,15 @@ class InstanceCreate(Model):
              "cpus": {"multipleOf": 1, "minimum": 1, "maximum": vm_limits.MAX_VCPUS},
              "memory_mib": {"minimum": vm_limits.MIN_MEMORY_MIB},
              "network": {"enum": ["bridge", "none"]}, "ports": {"maxItems": 0},
-             "env": {"maxProperties": 0}, "command": {"type": "null"}, "pids_max": {"type": "null"}}}},
+             "env": {"maxProperties": 0}, "command": {"type": "null"}, "pids_max": {"type": "null"},
+             "cap_add": {"maxItems": 0}, "cap_drop": {"maxItems": 0}}}},
         {"if": {"properties": {"kind": {"const": "container"}}, "required": ["kind"]},
          "then": {"properties": {
              "cpus": {"minimum": container_limits.MIN_CPUS, "maximum": container_limits.MAX_CPUS},
              "memory_mib": {"minimum": container_limits.MIN_MEMORY_MIB},
              "user_data": {"type": "null"}, "disk_gib": {"type": "null"}}}},
         {"if": {"properties": {"network": {"enum": ["none", "host"]}}, "required": ["network"]},
-         "then": {"properties": {"ports": {"maxItems": 0}}}},
+         "then": {"properties": {"ports": {"maxItems": 0}, "bandwidth": {"type": "null"}}}},
     ]})
 
     @model_validator(mode="after")
@@ -345,11 +393,13 @@ class InstanceCreate(Model):
         return self
 
     def _vm_checks(self) -> None:
-        unused = [f for f in ("ports", "env", "command", "pids_max") if getattr(self, f)]
+        unused = [f for f in ("ports", "env", "command", "pids_max", "cap_add", "cap_drop") if getattr(self, f)]
         if unused:
             raise ValueError(f"{', '.join(unused)} are for containers: a VM takes user_data")
         if self.network == "host":
             raise ValueError("network 'host' is for containers: a VM takes 'bridge' or 'none'")
+        if self.bandwidth is not None and self.network != "bridge":
+            raise ValueError("bandwidth limits apply to the bridge port: network 'none' has none")
         if self.cpus != int(self.cpus) or not 1 <= self.cpus <= vm_limits.MAX_VCPUS:
             raise ValueError(f"cpus of a VM are whole vCPUs 1..{vm_limits.MAX_VCPUS}, got {self.cpus}")
         if self.memory_mib < vm_limits.MIN_MEMORY_MIB:
@@ -369,6 +419,12 @@ class InstanceCreate(Model):
             raise ValueError("command[0] is empty: give the program to run")
         if self.ports and self.network != "bridge":
             raise ValueError(f"ports are published on the bridge: network {self.network!r} has none")
+        if self.bandwidth is not None and self.network != "bridge":
+            raise ValueError(f"bandwidth limits apply to the bridge port: network {self.network!r} has none")
+        for what in ("cap_add", "cap_drop"):
+            caps = getattr(self, what)
+            if len(set(caps)) != len(caps):
+                raise ValueError(f"{what} names a capability twice")
         seen = set()
         for p in self.ports:
             key = (p.host_ip, p.host_port, p.protocol)
@@ -391,8 +447,25 @@ class Instance(Model):
     mac: str | None = None
     node: str | None = None
     error: str | None = None
+    bandwidth: BandwidthSpec | None = None
     created_at: float
     updated_at: float
+
+
+class InstanceUpdate(Model):
+    """A partial update of an instance: only the fields given change, live where the
+    instance runs. Accepted now: ``bandwidth`` (the whole object is replaced: fields left
+    out or null become unlimited; ``{}`` or null removes every limit)."""
+
+    bandwidth: BandwidthSpec | None = Field(None, description="network rate limits (network bridge only)")
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.model_fields_set:
+            raise ValueError("nothing to change: give at least one of " + ", ".join(type(self).model_fields))
+        return self
 
 
 class InstanceList(Model):

@@ -2,8 +2,8 @@
 image's config.
 
 Isolation by default: namespaces pid, mnt, uts, ipc, net (+ user with an id map when
-``spec.userns``); runc's default capability set; the default seccomp profile
-(containers/seccomp.py); read-only and masked /proc and /sys paths; no new privileges;
+``spec.userns``); Docker's default capabilities and seccomp profile, no_new_privileges
+off unless the host says so (containers/security.py); read-only and masked /proc and /sys paths;
 rlimits no higher than the agent's own (an OCI spec above the hard limit fails to start).
 Pure functions, except ``write_bundle`` which writes files into the bundle dir.
 """
@@ -15,13 +15,11 @@ import os
 import resource
 
 from agent.errors import InvalidInput
-from containers import seccomp
+from containers.security import Security
 from containers.runtime import ContainerSpec
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# runc's own default (`runc spec`): enough to signal own processes and bind low ports
-DEFAULT_CAPABILITIES = ("CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE")
 MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
                 "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap")
@@ -157,15 +155,17 @@ def agent_rlimits() -> list[dict]:
 
 def build_config(spec: ContainerSpec, *, rootfs: str, uid: int, gid: int,
                  netns: str | None, cgroups_path: str, resources: dict,
-                 hostname: str, etc_files: dict[str, str] | None = None) -> dict:
+                 hostname: str, etc_files: dict[str, str] | None = None,
+                 security: Security | None = None) -> dict:
     """The OCI config for ``spec``. ``netns``: path of a prepared network namespace to join,
     None for a fresh one (mode none) — host mode shares the host's. ``resources``: the OCI
     linux.resources from containers.cgroups.oci_resources. ``etc_files``: container path ->
-    host file bind-mounted read-only (e.g. /etc/hosts)."""
+    host file bind-mounted read-only (e.g. /etc/hosts). ``security``: capabilities, seccomp
+    and no_new_privileges (None: the defaults, containers/security.py)."""
     proc = resolve_process(spec)
     if not proc["args"]:
         raise InvalidInput("no command: give one or use an image with a Cmd or Entrypoint")
-    caps = list(DEFAULT_CAPABILITIES)
+    security = security or Security()
     namespaces = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
     mode = spec.network.mode
     if mode == "bridge":
@@ -202,8 +202,10 @@ def build_config(spec: ContainerSpec, *, rootfs: str, uid: int, gid: int,
         "resources": resources,
         "maskedPaths": list(MASKED_PATHS),
         "readonlyPaths": list(READONLY_PATHS),
-        "seccomp": seccomp.default_profile(),
     }
+    profile = security.oci_seccomp()
+    if profile is not None:
+        linux["seccomp"] = profile
     if spec.userns:
         namespaces.append({"type": "user"})
         idmap = [{"containerID": 0, "hostID": USERNS_BASE_ID, "size": USERNS_SIZE}]
@@ -219,9 +221,9 @@ def build_config(spec: ContainerSpec, *, rootfs: str, uid: int, gid: int,
             "args": proc["args"],
             "env": [f"{k}={v}" for k, v in proc["env"].items()],
             "cwd": proc["cwd"],
-            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "capabilities": security.process_capabilities(uid),
             "rlimits": agent_rlimits(),
-            "noNewPrivileges": True,
+            "noNewPrivileges": security.no_new_privileges,
         },
         "root": {"path": rootfs, "readonly": False},
         "hostname": hostname,

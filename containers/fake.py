@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from agent.errors import Conflict, InvalidInput, NotFound
 from containers import validate
 from containers.bundle import resolve_process
+from containers.bandwidth import Bandwidth
 from containers.runtime import ContainerInfo, ContainerSpec, ExecResult, Limits
 
 if TYPE_CHECKING:
@@ -232,6 +233,18 @@ class FakeRuntime:
                     "io": {"read_bytes": 0, "write_bytes": 0},
                     "net": {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0},
                     "limits": dataclasses.asdict(box.limits)}
+
+    def set_bandwidth(self, name: str, bandwidth: Bandwidth) -> None:
+        """containers.runtime.SupportsBandwidth: kept in the container's spec (nothing to shape)."""
+        with self._lock:
+            box = self._box(name)
+            validate.check_bandwidth(box.spec.network.mode, bandwidth)
+            box.spec = dataclasses.replace(box.spec, bandwidth=bandwidth)
+
+    def bandwidth(self, name: str) -> Bandwidth:
+        """What set_bandwidth (or create) gave ``name`` (the fake's record of it, for tests)."""
+        with self._lock:
+            return self._box(name).spec.bandwidth
 
     def update_limits(self, name: str, limits: Limits) -> None:
         validate.check_limits(limits)

@@ -33,10 +33,11 @@ from typing import Any
 from agent.errors import (CommandFailed, Conflict, InvalidInput, NotFound, Unavailable,
                           Unsupported)
 from agent.state import Database
-from containers import bundle, cgroups, validate
+from containers import bandwidth, bundle, cgroups, validate
 from containers.network import Network, short_hash
 from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits, NetworkSpec,
                                 PortMap, Rootfs)
+from containers.security import Security
 from storage import mounts
 
 BUNDLES_MODE = 0o711  # not listable; traversable by a user namespace's root (config.json itself is 0600)
@@ -66,7 +67,9 @@ def spec_from_json(text: str) -> ContainerSpec:
         command=tuple(d["command"]), env=d["env"], workdir=d["workdir"], user=d["user"],
         hostname=d["hostname"], limits=Limits(**d["limits"]),
         network=NetworkSpec(net["mode"], tuple(PortMap(**p) for p in net["ports"])),
-        userns=d["userns"], image_config=d.get("image_config") or {})
+        userns=d["userns"], image_config=d.get("image_config") or {},
+        bandwidth=bandwidth.Bandwidth.from_dict(d.get("bandwidth")),
+        cap_add=tuple(d.get("cap_add") or ()), cap_drop=tuple(d.get("cap_drop") or ()))
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -93,10 +96,12 @@ class RuncRuntime:
                  subnet: str = "10.88.0.0/24", nat: bool = True,
                  cgroup_parent: str = bundle.CGROUP_PARENT, runc: str = "runc",
                  conmon: str = "conmon", exec_output_bytes: int = EXEC_OUTPUT_BYTES,
-                 network: Network | None = None):
+                 network: Network | None = None, security: Security | None = None):
         """``network``: the host's bridge network, shared with the agent's VM addresses (one
         lease table, one bridge); without it the runtime makes its own from ``bridge``,
-        ``subnet`` and ``nat`` (tests, benches)."""
+        ``subnet`` and ``nat`` (tests, benches). ``security``: capabilities, seccomp profile
+        and no_new_privileges of every container (None: Docker's defaults,
+        containers/security.py)."""
         self.runc = shutil.which(runc)
         self.conmon = shutil.which(conmon)
         for tool, path in (("runc", self.runc), ("conmon", self.conmon)):
@@ -106,6 +111,7 @@ class RuncRuntime:
         self.state_dir = os.path.abspath(state_dir)
         self.db = db
         self.exec_output_bytes = exec_output_bytes
+        self.security = security or Security()
         self.rtag = network.rtag if network is not None else short_hash(self.state_dir, 4)
         self.cgroup_parent = cgroup_parent
         self.runc_root = os.path.join(self.state_dir, "runc")
@@ -123,10 +129,14 @@ class RuncRuntime:
     def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
                     network: Network | None) -> RuncRuntime:
         """agent.registry's uniform construction from ``[containers]`` (``cgroup_parent``,
-        ``exec_output_bytes``): containers' state under ``state_dir``, records in ``db``,
-        addresses from the host's ``network`` (None: one of the defaults, see __init__)."""
+        ``exec_output_bytes``, ``seccomp_profile``, ``no_new_privileges``): containers' state
+        under ``state_dir``, records in ``db``, addresses from the host's ``network`` (None:
+        one of the defaults, see __init__). InvalidInput for a bad seccomp profile file."""
         extra = {"cgroup_parent": settings["cgroup_parent"]} if settings.get("cgroup_parent") else {}
-        return cls(state_dir, db, network=network, exec_output_bytes=settings["exec_output_bytes"], **extra)
+        security = Security.from_settings(settings.get("seccomp_profile") or "default",
+                                          bool(settings.get("no_new_privileges")))
+        return cls(state_dir, db, network=network, exec_output_bytes=settings["exec_output_bytes"],
+                   security=security, **extra)
 
     def _name_lock(self, name: str) -> threading.RLock:
         """Operations on one container are serialised; different containers run in parallel
@@ -279,6 +289,7 @@ class RuncRuntime:
             ip = self.net.reserve(name, spec.network.ports)
         elif spec.network.mode == "bridge":
             netns, ip = self.net.attach(name, spec.network.ports)
+            self._shape(spec)
         self._write_config(spec, spec.limits, netns=netns, ip=ip, uid=uid, gid=gid)
         return ip
 
@@ -305,7 +316,8 @@ class RuncRuntime:
         cfg = bundle.build_config(
             spec, rootfs=self._rootfs(name), uid=uid, gid=gid, netns=netns,
             cgroups_path=cgroups.cgroups_path(self.cgroup_parent, name),
-            resources=cgroups.oci_resources(limits), hostname=hostname, etc_files=etc)
+            resources=cgroups.oci_resources(limits), hostname=hostname, etc_files=etc,
+            security=self.security.with_caps(spec.cap_add, spec.cap_drop))
         bundle.write_bundle(self._bundle(name), cfg)
 
     # -- start / stop -----------------------------------------------------------------------
@@ -329,6 +341,7 @@ class RuncRuntime:
                 spec = spec_from_json(row["spec"])
                 if spec.userns and spec.network.mode == "bridge":
                     self.net.attach(name, spec.network.ports, pid=pid)
+                    self._shape(spec)
                 self._runc("start", name)
             except BaseException:
                 self._runc("delete", "--force", name, check=False)
@@ -345,6 +358,7 @@ class RuncRuntime:
         if spec.network.mode == "bridge" and not spec.userns and \
                 not os.path.exists(self.net.netns_path(spec.name)):
             netns, ip = self.net.attach(spec.name, spec.network.ports)
+            self._shape(spec)
             proc = bundle.resolve_process(spec)
             uid, gid = bundle.resolve_user(proc["user"], self._rootfs(spec.name))
             self._write_config(spec, Limits(**json.loads(row["limits"])), netns=netns, ip=ip,
@@ -480,6 +494,8 @@ class RuncRuntime:
         if mounts.is_mounted(rootfs):
             mounts.unmount(rootfs, lazy=True)
         cgroups.remove(self.cgroup_parent, name)
+        if bandwidth.port_exists(bandwidth.ifb_name(self.net.veth_name(name))):
+            bandwidth.clear(self.net.veth_name(name))
         self.net.detach(name)
         try:
             os.unlink(os.path.join(self._sock_dir(), name))  # conmon's attach link, never its target
@@ -515,6 +531,7 @@ class RuncRuntime:
         veths = self.net.leftover_veths(live)
         for v in veths:
             self.net.delete_veth(v)
+        bandwidth.sweep()  # ifbs of ports gone with a crash
         return {"released": gone, "veths_removed": veths}
 
     # -- exec / logs / stats / limits ---------------------------------------------------------
@@ -601,6 +618,27 @@ class RuncRuntime:
                 bundle.write_bundle(self._bundle(name), cfg)
             except OSError:
                 pass
+
+    # -- bandwidth ---------------------------------------------------------------------------
+    def _shape(self, spec: ContainerSpec) -> None:
+        """Apply the spec's limits to its host veth (just made or made again)."""
+        if spec.bandwidth.limited:
+            bandwidth.apply(self.net.veth_name(spec.name), spec.bandwidth)
+
+    def set_bandwidth(self, name: str, bw: bandwidth.Bandwidth) -> None:
+        """containers.runtime.SupportsBandwidth: kept in the container's spec (every later
+        attach applies it) and applied now to its host veth if it has one."""
+        with self._name_lock(name):
+            spec = spec_from_json(self._row(name)["spec"])
+            validate.check_bandwidth(spec.network.mode, bw)
+            spec = dataclasses.replace(spec, bandwidth=bw)
+            port = self.net.veth_name(name)
+            if bandwidth.port_exists(port):
+                if bw.limited:
+                    bandwidth.apply(port, bw)
+                else:
+                    bandwidth.clear(port)
+            self.db.execute("UPDATE containers SET spec=? WHERE name=?", (spec_to_json(spec), name))
 
     def get(self, name: str) -> ContainerInfo:
         return self._info(self._row(name))

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from containers.bandwidth import Bandwidth
+
 STATES = ("created", "running", "paused", "stopped", "unknown")
 
 
@@ -55,6 +57,10 @@ class ContainerSpec:
     limits: Limits = Limits()
     network: NetworkSpec = NetworkSpec()
     userns: bool = False
+    bandwidth: Bandwidth = Bandwidth()  # rate limits of its bridge port (containers/bandwidth.py)
+    # capabilities on top of / taken from the host's default set (containers/security.py); "ALL" allowed
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()
     # the image's OCI config (Cmd, Entrypoint, Env, WorkingDir, User); the spec's own
     # command/env/workdir/user win over it, Docker-style (Entrypoint + command)
     image_config: dict = field(default_factory=dict)
@@ -137,3 +143,13 @@ class SupportsReconcile(Protocol):
     "veths_removed": [names]}``."""
 
     def reconcile(self) -> dict: ...
+
+
+@runtime_checkable
+class SupportsBandwidth(Protocol):
+    """Runtimes that rate-limit a container's network port (network mode ``bridge``)."""
+
+    def set_bandwidth(self, name: str, bandwidth: Bandwidth) -> None:
+        """Keep ``bandwidth`` for the container (every later start applies it) and apply it
+        now if its port exists. InvalidInput out of bounds or for a container without a
+        bridge port; NotFound for an unknown one."""

@@ -8,6 +8,7 @@ import ipaddress
 import re
 
 from agent.errors import InvalidInput
+from containers.bandwidth import Bandwidth
 from containers.bundle import resolve_process
 from containers.runtime import ContainerSpec, Limits, NetworkSpec
 
@@ -74,6 +75,7 @@ def check_network(net: NetworkSpec) -> None:
 def check_spec(spec: ContainerSpec) -> None:
     """Everything about a spec that can be judged without touching the host."""
     check_name(spec.name)
+    check_bandwidth(spec.network.mode, spec.bandwidth)
     args = resolve_process(spec)["args"]
     if not args or not all(isinstance(a, str) and "\0" not in a for a in args) or not args[0]:
         raise InvalidInput("command is empty: give the program and its arguments, "
@@ -94,3 +96,26 @@ def check_spec(spec: ContainerSpec) -> None:
                            "'.', '-' (at most 63)")
     check_limits(spec.limits)
     check_network(spec.network)
+    check_capabilities(spec.cap_add, spec.cap_drop)
+
+
+def check_capabilities(add, drop) -> None:
+    """cap_add/cap_drop name capabilities (CAP_...) or "ALL", each at most once."""
+    from containers.security import ALL_CAPABILITIES
+    for what, caps in (("cap_add", add), ("cap_drop", drop)):
+        if not isinstance(caps, tuple) or len(set(caps)) != len(caps):
+            raise InvalidInput(f"{what} must list each capability once")
+        bad = [c for c in caps if c != "ALL" and c not in ALL_CAPABILITIES]
+        if bad:
+            raise InvalidInput(f"{what}: {', '.join(map(repr, bad[:3]))} is not a capability: use names "
+                               "like CAP_NET_ADMIN (or ALL)")
+
+
+def check_bandwidth(mode: str, bw: Bandwidth) -> None:
+    """Rates and burst within bounds, and a port to apply them to (network ``bridge``)."""
+    if not isinstance(bw, Bandwidth):
+        raise InvalidInput("bandwidth must be a Bandwidth")
+    bw.check()
+    if bw.limited and mode != "bridge":
+        raise InvalidInput(f"bandwidth limits apply to a container's bridge port: network "
+                           f"{mode!r} has none")

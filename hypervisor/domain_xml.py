@@ -10,10 +10,15 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from urllib.parse import urlsplit
 
+from containers.bandwidth import Bandwidth
 from hypervisor.driver import DiskSpec, NicSpec, VmSpec
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 NODEAGENT_NS = "urn:nodeagent:vm:1"
+# the VM's rate limits, in a metadata element of its own (libvirt replaces metadata by namespace):
+# <nodeagent-bw:bandwidth ingress_kbit="..." egress_kbit="..." burst_kbit="..."/>. Not libvirt's
+# <bandwidth>: see containers/bandwidth.py for why the agent shapes taps itself
+BANDWIDTH_NS = "urn:nodeagent:bandwidth:1"
 QMP_CHARDEV_ID = "nodeagent-qmp"
 MACHINES = ("q35", "pc")
 SPARE_ROOT_PORTS = 4  # q35 hot-plugs one virtio disk per free pcie-root-port
@@ -21,6 +26,7 @@ RBD_DEFAULT_PORT = "6789"
 
 ET.register_namespace("qemu", QEMU_NS)
 ET.register_namespace("nodeagent", NODEAGENT_NS)
+ET.register_namespace("nodeagent-bw", BANDWIDTH_NS)
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs) -> ET.Element:
@@ -76,6 +82,32 @@ def nic_element(nic: NicSpec) -> ET.Element:
     return el
 
 
+def bandwidth_element(bw: Bandwidth) -> ET.Element:
+    return ET.Element(f"{{{BANDWIDTH_NS}}}bandwidth", {k: str(v) for k, v in bw.to_dict().items() if v is not None})
+
+
+def bandwidth_xml(bw: Bandwidth) -> str:
+    """The metadata element alone, without its namespace, for virDomainSetMetadata (which
+    puts it in BANDWIDTH_NS itself)."""
+    return ET.tostring(ET.Element("bandwidth", {k: str(v) for k, v in bw.to_dict().items() if v is not None}),
+                       encoding="unicode")
+
+
+def bandwidth_from(root: ET.Element) -> Bandwidth:
+    """The limits kept in a domain's XML (none: unlimited)."""
+    el = root.find(f"metadata/{{{BANDWIDTH_NS}}}bandwidth")
+    if el is None:
+        return Bandwidth()
+    vals = {k: int(el.get(k)) for k in ("ingress_kbit", "egress_kbit", "burst_kbit")
+            if (el.get(k) or "").isdigit()}
+    return Bandwidth(**vals)
+
+
+def taps(root: ET.Element) -> list[str]:
+    """The host-side tap names of a running domain's bridged NICs (live XML)."""
+    return [t.get("dev") for t in root.findall("devices/interface[@type='bridge']/target") if t.get("dev")]
+
+
 def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None = None) -> str:
     """The full <domain> document. ``virt_type`` is "kvm" or "qemu" (TCG)."""
     if spec.machine not in MACHINES:
@@ -85,6 +117,8 @@ def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None 
     _sub(dom, "uuid", spec.uuid)
     meta = _sub(dom, "metadata")
     _sub(meta, f"{{{NODEAGENT_NS}}}vm", version="1")
+    if spec.bandwidth.limited:
+        meta.append(bandwidth_element(spec.bandwidth))
     _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
     _sub(dom, "vcpu", str(spec.cpus))
     os_ = _sub(dom, "os")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from containers.bandwidth import Bandwidth  # one vocabulary for VM taps and container veths
+
 STATES = ("stopped", "running", "paused", "crashed", "unknown")
 
 
@@ -42,6 +44,7 @@ class VmSpec:
     initrd: str | None = None
     cmdline: str | None = None
     machine: str = "q35"  # q35 | pc
+    bandwidth: Bandwidth = Bandwidth()  # rate limits of every bridged NIC's tap (containers/bandwidth.py)
 
 
 @dataclass(frozen=True)
@@ -189,3 +192,15 @@ class ReportsVirtType(Protocol):
 
     @property
     def virt_type(self) -> str: ...
+
+
+@runtime_checkable
+class SupportsBandwidth(Protocol):
+    """Drivers that rate-limit a VM's bridged NICs (on the host's side of each tap)."""
+
+    def set_bandwidth(self, name: str, bandwidth: Bandwidth) -> None:
+        """Keep ``bandwidth`` with the VM (every later start, and a migration, carries it) and
+        apply it now if it runs. InvalidInput out of bounds; NotFound for an unknown VM."""
+
+    def bandwidth(self, name: str) -> Bandwidth:
+        """The limits the VM keeps (unlimited: ``Bandwidth()``); NotFound for an unknown VM."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFound
 from hypervisor.driver import (TIMEOUT_ACTIONS, DiskSpec, MigrationOptions, MigrationProgress,
                                MigrationResult, VmInfo, VmSpec)
+from containers.bandwidth import Bandwidth
 from hypervisor.validate import check_disk_file, check_spec
 from storage.units import MiB
 
@@ -111,6 +112,17 @@ class FakeDriver:
             if vm.state != "running":
                 self._boot(vm)
             return vm.info()
+
+    def set_bandwidth(self, name: str, bandwidth: Bandwidth) -> None:
+        """hypervisor.driver.SupportsBandwidth: kept in the VM's spec (its VMs have no taps)."""
+        bandwidth.check()
+        with self._lock:
+            vm = self._get(name)
+            vm.spec = replace(vm.spec, bandwidth=bandwidth)
+
+    def bandwidth(self, name: str) -> Bandwidth:
+        with self._lock:
+            return self._get(name).spec.bandwidth
 
     def stop(self, name: str, *, force: bool = False, timeout: float = 60) -> VmInfo:
         with self._lock:

@@ -25,7 +25,9 @@ import libvirt
 from agent.errors import (AgentError, CommandFailed, Conflict, InsufficientResources, InvalidInput,
                           NotFound, Unavailable, Unprocessable)
 from hypervisor import qmp, secrets
-from hypervisor.domain_xml import NODEAGENT_NS, disk_xml, domain_xml
+from containers import bandwidth
+from hypervisor.domain_xml import (BANDWIDTH_NS, NODEAGENT_NS, bandwidth_from, bandwidth_xml, disk_xml,
+                                   domain_xml, taps)
 from hypervisor.driver import DiskSpec, VmInfo, VmSpec
 from hypervisor.host import VIRT_TYPES, detect_virt_type
 from hypervisor.validate import check_disk_file, check_name, check_spec
@@ -371,7 +373,38 @@ class LibvirtDriver:
                 dom.create()
             except libvirt.libvirtError as e:
                 raise self._error(e, name) from None
+            try:
+                self._shape(dom, bandwidth_from(self._xml(dom)))  # the taps are new
+            except BaseException:
+                self._destroy(dom, name)
+                raise
         return self._info(dom)
+
+    # -- bandwidth --
+    def _shape(self, dom: libvirt.virDomain, bw: bandwidth.Bandwidth) -> None:
+        """Apply ``bw`` to the running domain's taps (clear them when unlimited)."""
+        for tap in taps(self._xml(dom)):
+            if bw.limited:
+                bandwidth.apply(tap, bw)
+            else:
+                bandwidth.clear(tap)
+
+    def set_bandwidth(self, name: str, bw: bandwidth.Bandwidth) -> None:
+        """hypervisor.driver.SupportsBandwidth: kept in the domain's metadata (persistent and
+        live: a migration carries it) and applied to its taps now if it runs."""
+        bw.check()
+        dom = self._dom(name)
+        active = dom.isActive()
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if active else 0)
+        self._call(dom.setMetadata, name, libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                   bandwidth_xml(bw) if bw.limited else None, "nodeagent-bw" if bw.limited else None,
+                   BANDWIDTH_NS, flags)
+        if active:
+            self._shape(dom, bw)
+
+    def bandwidth(self, name: str) -> bandwidth.Bandwidth:
+        """The limits the VM keeps (its persistent definition)."""
+        return bandwidth_from(self._xml(self._dom(name), inactive=True))
 
     def stop(self, name: str, *, force: bool = False, timeout: float = 60) -> VmInfo:
         """ACPI power button unless ``force``; destroy if still up after ``timeout`` seconds."""
@@ -391,6 +424,7 @@ class LibvirtDriver:
                 time.sleep(STOP_POLL_S)
         if self._state(dom) != "stopped":
             self._destroy(dom, name)
+        bandwidth.sweep()  # the ifbs of its taps
         return self._info(dom)
 
     def _destroy(self, dom: libvirt.virDomain, name: str) -> None:
@@ -399,6 +433,7 @@ class LibvirtDriver:
         except libvirt.libvirtError as e:
             if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # already off
                 raise self._error(e, name) from None
+        bandwidth.sweep()  # the ifbs of the taps that went with it
 
     def _call(self, fn, name: str, *args):
         try:
@@ -512,7 +547,8 @@ class LibvirtDriver:
         return VmSpec(name=info.name, uuid=info.uuid, cpus=info.cpus, memory_mib=info.memory_mib,
                       disks=tuple(disks_from_xml(root)), nics=tuple(nics),
                       console_log=self._console_path(dom), kernel=text("kernel"), initrd=text("initrd"),
-                      cmdline=text("cmdline"), machine="pc" if "i440fx" in machine or machine == "pc" else "q35")
+                      cmdline=text("cmdline"), machine="pc" if "i440fx" in machine or machine == "pc" else "q35",
+                      bandwidth=bandwidth_from(root))
 
     def stats(self, name: str) -> dict:
         """{state, cpu_time_ns, memory_bytes (QEMU's RSS), disk: {rd_bytes, wr_bytes},
@@ -676,8 +712,10 @@ class LibvirtDriver:
         """Peer-to-peer live migration to the libvirtd at ``dest_uri``; see
         hypervisor.libvirt_migration. On failure the VM keeps running here."""
         from hypervisor import libvirt_migration
-        return libvirt_migration.migrate(self, name, dest_uri, options, progress=progress,
-                                         cancelled=cancelled)
+        result = libvirt_migration.migrate(self, name, dest_uri, options, progress=progress,
+                                           cancelled=cancelled)
+        bandwidth.sweep()  # its taps left with it: so do their ifbs
+        return result
 
     def prepare_incoming_disks(self, disks) -> tuple[DiskSpec, ...]:
         """Destination of a migration: what an incoming domain's RBD disks need on this host

@@ -37,6 +37,7 @@ def check_name(name: str) -> None:
 def check_spec(spec: VmSpec, *, host_memory_mib: int) -> None:
     """Raise InvalidInput/Unprocessable for a spec no driver should define."""
     check_name(spec.name)
+    spec.bandwidth.check()
     try:
         uuidlib.UUID(str(spec.uuid))
     except ValueError:

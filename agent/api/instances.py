@@ -1,4 +1,4 @@
-"""/v1/instances: create (202), list, get, delete, actions (202), exec, logs, stats."""
+"""/v1/instances: create (202), list, get, update (PATCH), delete, actions (202), exec, logs, stats."""
 from flask import Blueprint, Response
 
 from agent import models
@@ -27,6 +27,12 @@ def list_instances():
 def get_instance(id):
     inst = services().instances.get(path_id(id)).to_dict()
     return render(inst if caller_is_admin() else {**inst, "error": redact(inst["error"])})
+
+
+@route(bp, "PATCH", "/v1/instances/{id}", summary="Change an instance in place (now: bandwidth), live",
+       body=models.InstanceUpdate, responses={200: models.Instance, 404: None, 409: None, 422: None})
+def update_instance(id):
+    return render(services().instances.update(path_id(id), parse(models.InstanceUpdate)))
 
 
 @route(bp, "DELETE", "/v1/instances/{id}", summary="Delete an instance and release its volumes",

@@ -330,6 +330,7 @@ class MigrationDestination:
             if info.state not in ("running", "paused"):
                 raise Conflict(f"VM {inst.name!r} is {info.state} here: the migration did not complete")
             self._own_shared(inst_id)
+            self.root.instances.reapply_bandwidth(inst)  # its taps here are new
             return {"instance": self.root.records.update(inst_id, state=info.state, error=None).to_dict()}
 
     def _own_shared(self, inst_id: str) -> None:

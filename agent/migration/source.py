@@ -87,6 +87,11 @@ class MigrationSource:
     def config(self):
         return self.root.config
 
+    def busy(self, inst_id: str) -> bool:
+        """True while the instance is being migrated away (its spec was sent: leave it be)."""
+        with self._lock:
+            return inst_id in self._busy
+
     def sending_to(self, peer: str) -> list[str]:
         """The ids of the instances this host is migrating to ``peer`` right now."""
         with self._lock:

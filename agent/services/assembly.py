@@ -48,6 +48,13 @@ def seed_disk(path: str):
     return DiskSpec(target=SEED_TARGET, source=path, format="raw", readonly=True)
 
 
+def bandwidth_of(req):
+    """The driver's Bandwidth of a request (models.InstanceCreate; unlimited without one)."""
+    from containers.bandwidth import Bandwidth
+    spec = getattr(req, "bandwidth", None)
+    return spec.limits() if spec is not None else Bandwidth()
+
+
 @dataclass(frozen=True)
 class DirectBoot:
     """A kernel booted directly instead of the disk's boot loader (the test guest of
@@ -124,7 +131,7 @@ class Assembly:
         nics = (NicSpec(bridge=self.bridge, mac=mac_for(inst_id)),) if req.network == "bridge" else ()
         kernel, initrd, cmdline = (boot.kernel, boot.initrd, boot.cmdline) if boot else (None, None, None)
         return VmSpec(name=req.name, uuid=str(uuid.UUID(inst_id)), cpus=max(1, math.ceil(req.cpus)),
-                      memory_mib=req.memory_mib,
+                      memory_mib=req.memory_mib, bandwidth=bandwidth_of(req),
                       disks=(disk_for_volume(vol, ROOT_TARGET), seed_disk(seed)),
                       nics=nics, console_log=str(self.instance_dir(inst_id) / "console.log"),
                       kernel=kernel, initrd=initrd, cmdline=cmdline)
@@ -175,6 +182,8 @@ class Assembly:
             limits=Limits(cpus=req.cpus, memory_mib=req.memory_mib, pids_max=req.pids_max),
             network=NetworkSpec(mode=req.network, ports=tuple(
                 PortMap(p.host_port, p.container_port, p.protocol, p.host_ip) for p in req.ports)),
+            bandwidth=bandwidth_of(req),
+            cap_add=tuple(getattr(req, "cap_add", None) or ()), cap_drop=tuple(getattr(req, "cap_drop", None) or ()),
             image_config=dict(image.config or {}))
         try:
             return apply_image_config(spec, *layers.lowerdirs)

@@ -281,6 +281,55 @@ class InstanceService:
             return rt.start(name)
         return rt.pause(name) if req.action == "pause" else rt.resume(name)  # checked: SupportsPause
 
+    # -- partial update (PATCH) --
+    def update(self, ref: str, req: models.InstanceUpdate) -> dict:
+        """Change what ``req`` gives (models.InstanceUpdate names what may change), live where
+        the instance runs, and keep it in the record's spec (re-applied at every start, after
+        an agent restart, and carried by a migration). Validated before anything changes; the
+        record changes only once the driver applied it. Returns the instance."""
+        inst = self.get(ref)
+        given = req.model_fields_set
+        self._check_changeable(inst)
+        with self.lock(inst.id):
+            inst = self.records.find_id(inst.id) or self.get(ref)
+            self._check_changeable(inst)
+            changes = {}
+            if "bandwidth" in given:
+                bw = req.bandwidth.limits() if req.bandwidth is not None else None
+                if bw is not None and bw.limited and inst.spec.get("network", "bridge") != "bridge":
+                    raise Unprocessable(f"instance {inst.name!r} has network {inst.spec.get('network')!r}: "
+                                        "bandwidth limits apply to the bridge port")
+                self._apply_bandwidth(inst, bw)
+                changes["bandwidth"] = bw.to_dict() if bw is not None and bw.limited else None
+            return self.records.update_spec(inst.id, **changes).to_dict()
+
+    def _check_changeable(self, inst: Instance) -> None:
+        if inst.state in ("creating", "incoming", "migrating") or self._being_removed(inst):
+            raise Conflict(f"instance {inst.name!r} is {inst.state}: change it once that is over")
+        if self.root.migrations.source.busy(inst.id):
+            raise Conflict(f"instance {inst.name!r} is being migrated: change it once that is over")
+
+    def _apply_bandwidth(self, inst: Instance, bw) -> None:
+        """Hand ``bw`` (None: unlimited) to the instance's driver (it keeps and applies it)."""
+        from containers.bandwidth import Bandwidth
+        from containers.runtime import SupportsBandwidth as RuntimeBandwidth
+        from hypervisor.driver import SupportsBandwidth as DriverBandwidth
+        bw = bw or Bandwidth()
+        if inst.kind == "vm":
+            target, kind = self.root.driver, DriverBandwidth
+        else:
+            target, kind = self.root.runtime, RuntimeBandwidth
+        if not isinstance(target, kind):
+            raise Unsupported(f"this host's {inst.kind} driver cannot limit bandwidth")
+        target.set_bandwidth(inst.name, bw)
+
+    def reapply_bandwidth(self, inst: Instance) -> None:
+        """Hand the record's limits to the driver again (after a restart or a migration: the
+        driver applies them to the ports that exist now)."""
+        from containers.bandwidth import Bandwidth
+        if inst.spec.get("bandwidth"):
+            self._apply_bandwidth(inst, Bandwidth.from_dict(inst.spec["bandwidth"]))
+
     # -- exec, logs, stats --
     def exec(self, ref: str, req: models.ExecRequest) -> dict:
         inst = self.get(ref)
@@ -353,6 +402,12 @@ class InstanceService:
                 continue
             for inst in mine:
                 info = seen.get(inst.name)
+                if info is not None and inst.spec.get("bandwidth"):
+                    try:
+                        self.reapply_bandwidth(inst)
+                    except Exception as e:  # noqa: BLE001 - logged; the instance keeps running
+                        log.warning("cannot re-apply bandwidth limits", extra={"instance": inst.name,
+                                                                               "error": str(e)})
                 if info is None:
                     if inst.state != "lost":
                         self.records.update(inst.id, state="lost",

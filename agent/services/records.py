@@ -30,6 +30,7 @@ CLEANUP_KEY = "cleanup_pending"  # in a record's spec: its removal failed part-w
 COLUMNS = ("id", "name", "kind", "image", "spec", "state", "pool", "volumes", "ip", "mac", "node", "error",
            "created_at", "updated_at")
 UPDATABLE = frozenset({"state", "ip", "error", "volumes"})  # what update() may change; the rest is fixed
+SPEC_UPDATABLE = frozenset({"bandwidth"})  # what update_spec() may change in the request kept as spec
 
 # Schema steps of component "instances"; only ever appended. The table was first made by the
 # "agent" component's step 1 (agent/schema.py, before this module owned it): IF NOT EXISTS
@@ -135,7 +136,8 @@ class Instance:
         return {"id": self.id, "name": self.name, "kind": self.kind, "image": self.image, "state": self.state,
                 "pool": self.pool, "cpus": self.cpus, "memory_mib": self.memory_mib,
                 "volumes": list(self.volumes), "ip": self.ip, "mac": self.mac, "node": self.node,
-                "error": self.error, "created_at": self.created_at, "updated_at": self.updated_at}
+                "error": self.error, "bandwidth": _thawed(self.spec.get("bandwidth")),
+                "created_at": self.created_at, "updated_at": self.updated_at}
 
 
 def _record(r: sqlite3.Row) -> Instance:
@@ -223,6 +225,27 @@ class InstanceRecords:
         self._changed(inst.id, inst.name, inst.state)
         return inst
 
+    def update_spec(self, inst_id: str, **fields) -> Instance:
+        """Set ``fields`` (of SPEC_UPDATABLE) in the record's spec, the request it is kept
+        to (a restart, a re-apply at start and a migration read them there); the new record.
+        Announced as a lifecycle event naming what ``changed``. NotFound if it is gone."""
+        bad = set(fields) - SPEC_UPDATABLE
+        if bad:
+            raise ValueError(f"instance specs cannot update {sorted(bad)}")
+        with self.db.tx() as c:
+            r = c.execute("SELECT spec FROM instances WHERE id=?", (inst_id,)).fetchone()
+            if r is None:
+                raise NotFound(f"instance {inst_id!r} not found")
+            spec = json.loads(r["spec"])
+            spec.update(fields)
+            c.execute("UPDATE instances SET spec=?, updated_at=? WHERE id=?",
+                      (json.dumps(spec), time.time(), inst_id))
+        inst = self.find_id(inst_id)
+        if inst is None:
+            raise NotFound(f"instance {inst_id!r} not found")
+        self._changed(inst.id, inst.name, inst.state, changed=sorted(fields))
+        return inst
+
     def mark_cleanup(self, inst_id: str) -> bool:
         """Note in the record's spec that its removal is pending (retried at start). Not a
         state change: no event. False if it was marked already (or the record is gone)."""
@@ -249,8 +272,12 @@ class InstanceRecords:
         self._changed(inst.id, inst.name, state)
         return True
 
-    def _changed(self, inst_id: str, name: str, state: str) -> None:
-        """After every write of a record's visible fields: the one place lifecycle events come from."""
+    def _changed(self, inst_id: str, name: str, state: str, changed: list[str] | None = None) -> None:
+        """After every write of a record's visible fields: the one place lifecycle events come
+        from (``changed``: the spec fields an update changed, e.g. ["bandwidth"])."""
         self.generation = next(self._generations)
-        self.events.publish("lifecycle", {"instance": inst_id, "name": name, "state": state})
+        data = {"instance": inst_id, "name": name, "state": state}
+        if changed:
+            data["changed"] = changed
+        self.events.publish("lifecycle", data)
 

@@ -243,3 +243,22 @@ def test_incoming_disks_get_a_secret_that_goes_when_unused(driver, vm_dir):
     assert sid in secrets.list_ceph_secrets(driver.conn())
     driver.delete_unused_secrets()  # no domain refers to it
     assert sid not in secrets.list_ceph_secrets(driver.conn())
+
+
+def test_bandwidth_is_kept_checked_and_defined_with_the_vm(driver, spec):
+    from containers.bandwidth import Bandwidth
+    from hypervisor.driver import SupportsBandwidth
+    assert isinstance(driver, SupportsBandwidth)
+    with pytest.raises(InvalidInput, match="ingress_kbit"):
+        driver.define(spec(bandwidth=Bandwidth(ingress_kbit=1)))
+    s = spec(bandwidth=Bandwidth(8000, 4000))
+    driver.define(s)
+    assert driver.bandwidth(s.name) == Bandwidth(8000, 4000)
+    driver.set_bandwidth(s.name, Bandwidth(egress_kbit=640, burst_kbit=256))  # stopped: kept
+    assert driver.bandwidth(s.name) == Bandwidth(None, 640, 256)
+    with pytest.raises(InvalidInput):
+        driver.set_bandwidth(s.name, Bandwidth(egress_kbit=-1))
+    with pytest.raises(NotFound):
+        driver.set_bandwidth("ct-nope", Bandwidth(1000))
+    driver.set_bandwidth(s.name, Bandwidth())
+    assert driver.bandwidth(s.name) == Bandwidth()

@@ -227,3 +227,26 @@ def test_reconcile_keeps_recorded_containers_and_releases_leftovers(rt, spec):
         assert out["released"] == ["ghost"] and not os.path.exists(leftover)
     assert rt.reconcile()["released"] == []
     assert rt.delete("rk") is True
+
+
+def test_bandwidth_is_checked_kept_and_changeable(rt, spec):
+    from containers.bandwidth import Bandwidth
+    from containers.runtime import SupportsBandwidth
+    assert isinstance(rt, SupportsBandwidth)
+    with pytest.raises(InvalidInput, match="bridge port"):
+        rt.create(spec("bwnone", network=NetworkSpec(mode="none"), bandwidth=Bandwidth(1000)))
+    with pytest.raises(InvalidInput, match="ingress_kbit"):
+        rt.create(spec("bwbad", network=NetworkSpec(mode="bridge"), bandwidth=Bandwidth(1)))
+    with pytest.raises(InvalidInput, match="burst_kbit"):
+        rt.create(spec("bwbad", network=NetworkSpec(mode="bridge"), bandwidth=Bandwidth(burst_kbit=1000)))
+    assert rt.list() == []  # refused before anything was made
+    rt.create(spec("bw", network=NetworkSpec(mode="bridge"), bandwidth=Bandwidth(8000, 4000)))
+    rt.start("bw")
+    rt.set_bandwidth("bw", Bandwidth(16000, None, 256))
+    with pytest.raises(InvalidInput):
+        rt.set_bandwidth("bw", Bandwidth(egress_kbit=-5))
+    with pytest.raises(NotFound):
+        rt.set_bandwidth("nope", Bandwidth(1000))
+    rt.stop("bw", timeout=1)
+    rt.set_bandwidth("bw", Bandwidth())  # stopped: kept for the next start
+    assert rt.start("bw").state == "running"

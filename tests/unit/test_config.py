@@ -71,3 +71,14 @@ def test_operations_data_keys_parse():
                         "metrics": {"pool_usage_interval": 300}})
     assert cfg.api.cert_roles["host2"] == "peer" and cfg.peers["host2"].cert == "/c"
     assert cfg.metrics.pool_usage_interval == 300 and cfg.log_max_bytes == 0
+
+
+def test_seccomp_profile_setting_is_checked_at_start(tmp_path):
+    assert config.parse({}).containers.seccomp_profile == "default"
+    assert config.parse({}).containers.no_new_privileges is False
+    assert config.parse({"containers": {"seccomp_profile": "unconfined"}}).containers.seccomp_profile == "unconfined"
+    for bad, says in (("relative.json", "absolute path"), (str(tmp_path / "none.json"), "readable")):
+        with pytest.raises(InvalidInput, match=f"containers.seccomp_profile: .*{says}"):
+            config.parse({"containers": {"seccomp_profile": bad}})
+    (tmp_path / "p.json").write_text('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []}')
+    assert config.parse({"containers": {"seccomp_profile": str(tmp_path / "p.json")}})

@@ -1,12 +1,14 @@
 """containers.bundle and containers.cgroups: config.json and resources from specs."""
 from __future__ import annotations
 
+import json
 import resource
 
 import pytest
 
 from agent.errors import InvalidInput
 from containers import ContainerSpec, Limits, NetworkSpec, Rootfs, bundle, cgroups, seccomp
+from containers.security import DEFAULT_CAPABILITIES, Security
 
 ROOTFS = Rootfs(("/l",), "/u", "/w")
 
@@ -18,7 +20,8 @@ def spec(**kw):
 
 def config(s, **kw):
     args = dict(rootfs="/r", uid=0, gid=0, netns="/run/netns/x", cgroups_path="/nodeagent/c1",
-                resources=cgroups.oci_resources(s.limits, root="/nonexistent"), hostname="h")
+                resources=cgroups.oci_resources(s.limits, root="/nonexistent"), hostname="h",
+                security=Security().with_caps(s.cap_add, s.cap_drop))  # as RuncRuntime does
     args.update(kw)
     return bundle.build_config(s, **args)
 
@@ -29,18 +32,21 @@ def test_isolation_defaults():
                                                               "network"]
     assert c["linux"]["namespaces"][-1]["path"] == "/run/netns/x"
     p = c["process"]
-    assert p["noNewPrivileges"] is True and p["terminal"] is False
+    assert p["noNewPrivileges"] is False and p["terminal"] is False  # Docker's default
     for kind in ("bounding", "effective", "permitted"):
-        assert p["capabilities"][kind] == ["CAP_AUDIT_WRITE", "CAP_KILL",
-                                           "CAP_NET_BIND_SERVICE"]
+        assert p["capabilities"][kind] == list(DEFAULT_CAPABILITIES)
+    assert p["capabilities"]["inheritable"] == p["capabilities"]["ambient"] == []
+    assert "CAP_SYS_ADMIN" not in DEFAULT_CAPABILITIES and len(DEFAULT_CAPABILITIES) == 14
     assert "/proc/sys" in c["linux"]["readonlyPaths"]
     assert "/proc/kcore" in c["linux"]["maskedPaths"]
     sc = c["linux"]["seccomp"]
-    assert sc["defaultAction"] == "SCMP_ACT_ALLOW"
-    denied = sc["syscalls"][0]["names"]
-    for call in ("mount", "kexec_load", "init_module", "ptrace", "bpf", "unshare", "setns"):
-        assert call in denied
-    assert sc["syscalls"][0]["action"] == "SCMP_ACT_ERRNO"
+    assert sc["defaultAction"] == "SCMP_ACT_ERRNO" and sc["defaultErrnoRet"] == 1  # EPERM
+    allowed = {n for r in sc["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" and "args" not in r
+               for n in r["names"]}
+    assert {"read", "write", "execve", "openat", "ptrace"} <= allowed  # ptrace: kernel >= 4.8
+    for call in ("mount", "kexec_load", "init_module", "bpf", "unshare", "setns", "keyctl",
+                 "add_key", "userfaultfd", "open_by_handle_at", "io_uring_setup"):
+        assert call not in allowed
     assert c["linux"]["cgroupsPath"] == "/nodeagent/c1" and c["hostname"] == "h"
     assert "uidMappings" not in c["linux"]
 
@@ -132,9 +138,79 @@ def test_resources_v1_and_v2(tmp_path):
                   "io": {"read_bytes": 100, "write_bytes": 200}}
 
 
-def test_default_seccomp_profile_is_data():
-    p = seccomp.default_profile()
-    assert len(set(p["syscalls"][0]["names"])) == len(seccomp.DENIED_SYSCALLS)
+def test_default_seccomp_profile_is_dockers_data():
+    raw = json.load(open(seccomp.DEFAULT_PROFILE_PATH))
+    assert raw["defaultAction"] == "SCMP_ACT_ERRNO" and raw["archMap"]
+    notice = open(seccomp.DEFAULT_PROFILE_PATH.replace(".json", ".NOTICE")).read()
+    assert "Apache License" in notice and "moby/profiles" in notice
+
+
+def names_of(p, action="SCMP_ACT_ALLOW", plain=True):
+    return {n for r in p["syscalls"] if r["action"] == action and (not plain or "args" not in r)
+            for n in r["names"]}
+
+
+def test_profile_conditions_follow_caps_arch_and_kernel():
+    raw = seccomp.load(seccomp.DEFAULT_PROFILE_PATH)
+    base = seccomp.oci_profile(raw, DEFAULT_CAPABILITIES, machine="x86_64", kernel="6.1.0-18-amd64")
+    assert base["architectures"] == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"]  # x32 left out: seccomp.SKIPPED_SUBARCHES
+    assert "chroot" in names_of(base) and "arch_prctl" in names_of(base)  # CAP_SYS_CHROOT; amd64
+    assert "s390_runtime_instr" not in names_of(base) and "mount" not in names_of(base)
+    assert "clone3" in names_of(base, "SCMP_ACT_ERRNO")  # ENOSYS without CAP_SYS_ADMIN: glibc falls back
+    clone = [r for r in base["syscalls"] if r["names"] == ["clone"]]
+    assert clone == [{"names": ["clone"], "action": "SCMP_ACT_ALLOW",  # no namespace flags
+                      "args": [{"index": 0, "value": 2114060288, "op": "SCMP_CMP_MASKED_EQ"}]}]
+    admin = seccomp.oci_profile(raw, (*DEFAULT_CAPABILITIES, "CAP_SYS_ADMIN"), machine="x86_64",
+                                kernel="6.1.0")
+    assert {"mount", "unshare", "setns", "clone"} <= names_of(admin)
+    assert "clone3" not in names_of(admin, "SCMP_ACT_ERRNO")
+    old = seccomp.oci_profile(raw, DEFAULT_CAPABILITIES, machine="x86_64", kernel="4.4.0")
+    assert "ptrace" not in names_of(old) and "ptrace" in names_of(base)
+    arm = seccomp.oci_profile(raw, (), machine="aarch64", kernel="6.1")
+    assert arm["architectures"] == ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"] and "chroot" not in names_of(arm)
+    for p in (base, admin, old, arm):  # only the keys runc 1.1 reads
+        for r in p["syscalls"]:
+            assert set(r) <= {"names", "action", "errnoRet", "args"}
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ({"defaultAction": "SCMP_ACT_NOTIFY"}, "action"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": -1}, "errnoRet"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "BOOM"}]}, "action"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read;rm"], "action": "SCMP_ACT_ALLOW"}]},
+     "names"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW",
+                                                        "args": [{"index": 9, "value": 1, "op": "SCMP_CMP_EQ"}]}]},
+     "index"),
+    ({"defaultAction": "SCMP_ACT_ERRNO", "flags": ["SECCOMP_FILTER_FLAG_NEW_LISTENER"]}, "flag"),
+])
+def test_a_bad_custom_profile_is_refused_with_its_fault(tmp_path, bad, problem):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(InvalidInput, match=problem):
+        seccomp.profile_for(str(path))
+
+
+def test_profile_settings_unconfined_missing_and_oci_format(tmp_path):
+    assert seccomp.profile_for("unconfined") is None
+    with pytest.raises(InvalidInput, match="readable"):
+        seccomp.profile_for(str(tmp_path / "missing.json"))
+    (tmp_path / "junk.json").write_text("{nope")
+    with pytest.raises(InvalidInput, match="not valid JSON"):
+        seccomp.profile_for(str(tmp_path / "junk.json"))
+    oci = {"defaultAction": "SCMP_ACT_ERRNO", "architectures": ["SCMP_ARCH_X86_64"],
+           "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}
+    (tmp_path / "oci.json").write_text(json.dumps(oci))
+    assert seccomp.oci_profile(seccomp.profile_for(str(tmp_path / "oci.json")), ()) == oci
+    c = config(spec(), security=Security(profile=None))
+    assert "seccomp" not in c["linux"]
+
+
+def test_a_non_root_process_gets_no_capabilities():
+    p = config(spec(), uid=1000, gid=1000)["process"]
+    assert p["capabilities"]["bounding"] == list(DEFAULT_CAPABILITIES)
+    assert p["capabilities"]["effective"] == p["capabilities"]["permitted"] == []
+    assert config(spec(), security=Security(no_new_privileges=True))["process"]["noNewPrivileges"] is True
 
 
 def test_resolve_in_root_never_leaves_the_rootfs(tmp_path):
@@ -148,3 +224,19 @@ def test_resolve_in_root_never_leaves_the_rootfs(tmp_path):
     assert bundle.resolve_in_root(str(tmp_path), "/loop") is None
     assert bundle.resolve_in_root(str(tmp_path), "/../../usr/bin/sh") == \
         str(tmp_path / "usr/bin/sh")
+
+
+def test_cap_add_and_drop_follow_dockers_order_and_the_filter_follows_them():
+    from containers.security import ALL_CAPABILITIES, adjusted
+    assert adjusted(DEFAULT_CAPABILITIES, ("CAP_NET_ADMIN",), ("CAP_NET_RAW",)) == \
+        tuple(c for c in DEFAULT_CAPABILITIES if c != "CAP_NET_RAW") + ("CAP_NET_ADMIN",)
+    assert adjusted(DEFAULT_CAPABILITIES, ("CAP_CHOWN",), ("ALL",)) == ("CAP_CHOWN",)
+    assert adjusted(DEFAULT_CAPABILITIES, ("ALL",))[:14] == DEFAULT_CAPABILITIES
+    assert set(adjusted((), ("ALL",))) == set(ALL_CAPABILITIES) and len(ALL_CAPABILITIES) == 41
+    c = config(spec(cap_add=("CAP_SYS_ADMIN",)))
+    allowed = {n for r in c["linux"]["seccomp"]["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" for n in r["names"]}
+    assert {"mount", "unshare"} <= allowed  # Docker's profile follows the caps granted
+    assert "CAP_SYS_ADMIN" in c["process"]["capabilities"]["bounding"]
+    with pytest.raises(InvalidInput, match="not a capability"):
+        from containers import validate
+        validate.check_spec(spec(cap_drop=("CAP_NOPE",)))

@@ -81,3 +81,21 @@ def test_a_cephx_key_never_reaches_the_xml():
                                           "key": "AQDKTgVr/8wAMhAA8B4PL9b8eQp+cXB6qksXMg=="}),))
     xml = domain_xml(spec)
     assert "AQDKTgVr" not in xml and "<auth" not in xml
+
+
+def test_bandwidth_is_kept_in_metadata_and_read_back():
+    from containers.bandwidth import Bandwidth
+    from hypervisor.domain_xml import BANDWIDTH_NS, bandwidth_from, bandwidth_xml, taps
+    spec = VmSpec(name="bw", uuid="6f1c2c4e-1d4f-4a35-9a55-3c8f1c1b2a10", cpus=1, memory_mib=128,
+                  nics=(NicSpec(bridge="br0", mac="52:54:00:00:00:01"),), bandwidth=Bandwidth(8000, None, 512))
+    root = ET.fromstring(domain_xml(spec))
+    el = root.find(f"metadata/{{{BANDWIDTH_NS}}}bandwidth")
+    assert el is not None and dict(el.attrib) == {"ingress_kbit": "8000", "burst_kbit": "512"}
+    assert bandwidth_from(root) == Bandwidth(8000, None, 512)
+    assert root.find("devices/interface/bandwidth") is None  # not libvirt's own (needs sfq, act_police)
+    plain = ET.fromstring(domain_xml(VmSpec(name="bw", uuid=spec.uuid, cpus=1, memory_mib=128)))
+    assert plain.find(f"metadata/{{{BANDWIDTH_NS}}}bandwidth") is None and bandwidth_from(plain) == Bandwidth()
+    assert bandwidth_xml(Bandwidth(None, 640)) == '<bandwidth egress_kbit="640" />'
+    live = ET.fromstring("<domain><devices><interface type='bridge'><target dev='vnet7'/></interface>"
+                         "<interface type='network'><target dev='vnet8'/></interface></devices></domain>")
+    assert taps(live) == ["vnet7"]

@@ -112,6 +112,22 @@ def test_update_refuses_fixed_fields_and_missing_records(records):
     assert records.find_id(inst.id) == inst
 
 
+def test_update_spec_changes_only_what_it_may_and_says_what_changed(records, events):
+    inst = _inst()
+    records.insert(inst)
+    events()
+    bw = {"ingress_kbit": 8000, "egress_kbit": None, "burst_kbit": None}
+    new = records.update_spec(inst.id, bandwidth=bw)
+    assert new.spec["bandwidth"]["ingress_kbit"] == 8000 and new.to_dict()["bandwidth"] == bw
+    assert {k: v for k, v in new.spec_dict().items() if k != "bandwidth"} == inst.spec_dict()
+    assert events() == [{"instance": inst.id, "name": "web1", "state": "creating", "changed": ["bandwidth"]}]
+    assert records.update_spec(inst.id, bandwidth=None).to_dict()["bandwidth"] is None
+    with pytest.raises(ValueError, match="image"):
+        records.update_spec(inst.id, image="other")
+    with pytest.raises(NotFound):
+        records.update_spec("0" * 32, bandwidth=None)
+
+
 def test_mark_cleanup_is_noted_in_the_spec_once_without_an_event(records, events):
     inst = _inst()
     records.insert(inst)
@@ -174,7 +190,8 @@ def test_the_api_form_is_what_the_row_rendered_to_before(records, db):
     before = {"id": r["id"], "name": r["name"], "kind": r["kind"], "image": r["image"], "state": r["state"],
               "pool": r["pool"], "cpus": spec.get("cpus", 1), "memory_mib": spec.get("memory_mib", 0),
               "volumes": json.loads(r["volumes"]), "ip": r["ip"], "mac": r["mac"], "node": r["node"],
-              "error": r["error"], "created_at": r["created_at"], "updated_at": r["updated_at"]}
+              "error": r["error"], "bandwidth": spec.get("bandwidth"),
+              "created_at": r["created_at"], "updated_at": r["updated_at"]}
     got = records.find_id(inst.id).to_dict()
     assert json.dumps(got) == json.dumps(before)  # same keys, same order, same values
     bare = _inst(2, spec={"name": "web2"})  # defaults for a spec without cpus/memory

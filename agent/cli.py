@@ -254,16 +254,20 @@ def instance():
 @click.option("--pool")
 @click.option("--env", multiple=True, help="KEY=VALUE (containers)")
 @click.option("--user-data", type=click.File("r"), help="cloud-init user-data file (VMs)")
+@click.option("--privileged", is_flag=True,
+              help="containers: no user namespace, container root = host root (admin tokens only)")
 @click.option("--no-start", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("command", nargs=-1)
-def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, no_start,
-                    as_json, command):
+def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, privileged,
+                    no_start, as_json, command):
     """Create NAME from an image; for containers, COMMAND after `--` overrides the image's."""
     body = {"name": name, "kind": kind, "image": image_ref, "cpus": cpus, "memory_mib": memory_mib,
             "start": not no_start}
     if disk_gib:
         body["disk_gib"] = disk_gib
+    if privileged:
+        body["privileged"] = True
     if pool:
         body["pool"] = pool
     if env:

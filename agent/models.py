@@ -314,6 +314,8 @@ class InstanceCreate(Model):
                                       json_schema_extra={"prefixItems": [{"type": "string", "minLength": 1}]})
     user_data: Annotated[str, Field(max_length=MAX_USER_DATA, pattern=NO_NUL)] | None = Field(
         None, description="VMs: cloud-init user-data")
+    privileged: bool = Field(False, description="containers, admin tokens only: run without a user "
+                                                "namespace (container root is host root)")
     start: bool = True
 
     # the kind-dependent rules of _fits_kind, for the spec (a schema-valid body is accepted)
@@ -323,7 +325,8 @@ class InstanceCreate(Model):
              "cpus": {"multipleOf": 1, "minimum": 1, "maximum": vm_limits.MAX_VCPUS},
              "memory_mib": {"minimum": vm_limits.MIN_MEMORY_MIB},
              "network": {"enum": ["bridge", "none"]}, "ports": {"maxItems": 0},
-             "env": {"maxProperties": 0}, "command": {"type": "null"}, "pids_max": {"type": "null"}}}},
+             "env": {"maxProperties": 0}, "command": {"type": "null"}, "pids_max": {"type": "null"},
+             "privileged": {"const": False}}}},
         {"if": {"properties": {"kind": {"const": "container"}}, "required": ["kind"]},
          "then": {"properties": {
              "cpus": {"minimum": container_limits.MIN_CPUS, "maximum": container_limits.MAX_CPUS},
@@ -344,7 +347,7 @@ class InstanceCreate(Model):
         return self
 
     def _vm_checks(self) -> None:
-        unused = [f for f in ("ports", "env", "command", "pids_max") if getattr(self, f)]
+        unused = [f for f in ("ports", "env", "command", "pids_max", "privileged") if getattr(self, f)]
         if unused:
             raise ValueError(f"{', '.join(unused)} are for containers: a VM takes user_data")
         if self.network == "host":
@@ -514,6 +517,12 @@ class InstanceSpec(InstanceCreate):
     image_id: ImageId | None = None
 
 
+class IdRange(Model):
+    """A user namespace's map: container ids 0..size-1 are host ids host_id.."""
+    host_id: IntRange(0, 2**32 - 2)
+    size: IntRange(1, 2**32 - 1)
+
+
 class IncomingMigration(Model):
     instance: IncomingInstance
     spec: InstanceSpec
@@ -524,6 +533,9 @@ class IncomingMigration(Model):
     # shared storage (block pools): volume name -> its uri on the source; the destination
     # adopts these volumes (the same images) instead of making new ones
     shared_volumes: dict[VolumeName, Uri] | None = Field(None, max_length=8)
+    # a container's user namespace map on the source (its upper dir's owners are host ids of
+    # that map); None: no user namespace there. The destination shifts owners to its own map.
+    idmap: IdRange | None = None
 
     @model_validator(mode="after")
     def _consistent(self):

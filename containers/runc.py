@@ -33,10 +33,10 @@ from typing import Any
 from agent.errors import (CommandFailed, Conflict, InvalidInput, NotFound, Unavailable,
                           Unsupported)
 from agent.state import Database
-from containers import bundle, cgroups, validate
+from containers import bundle, cgroups, idmap as idmaps, validate
 from containers.network import Network, short_hash
-from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits, NetworkSpec,
-                                PortMap, Rootfs)
+from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, IdMap, Limits,
+                                NetworkSpec, PortMap, Rootfs)
 from storage import mounts
 
 BUNDLES_MODE = 0o711  # not listable; traversable by a user namespace's root (config.json itself is 0600)
@@ -66,7 +66,8 @@ def spec_from_json(text: str) -> ContainerSpec:
         command=tuple(d["command"]), env=d["env"], workdir=d["workdir"], user=d["user"],
         hostname=d["hostname"], limits=Limits(**d["limits"]),
         network=NetworkSpec(net["mode"], tuple(PortMap(**p) for p in net["ports"])),
-        userns=d["userns"], image_config=d.get("image_config") or {})
+        userns=d["userns"], idmap=IdMap(**d["idmap"]) if d.get("idmap") else None,
+        image_config=d.get("image_config") or {})
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -93,10 +94,11 @@ class RuncRuntime:
                  subnet: str = "10.88.0.0/24", nat: bool = True,
                  cgroup_parent: str = bundle.CGROUP_PARENT, runc: str = "runc",
                  conmon: str = "conmon", exec_output_bytes: int = EXEC_OUTPUT_BYTES,
-                 network: Network | None = None):
+                 network: Network | None = None, idmap: IdMap | None = None):
         """``network``: the host's bridge network, shared with the agent's VM addresses (one
         lease table, one bridge); without it the runtime makes its own from ``bridge``,
-        ``subnet`` and ``nat`` (tests, benches)."""
+        ``subnet`` and ``nat`` (tests, benches). ``idmap``: the host range user-namespaced
+        containers map to (None: /etc/subuid's ``nodeagent`` entry, see containers.idmap)."""
         self.runc = shutil.which(runc)
         self.conmon = shutil.which(conmon)
         for tool, path in (("runc", self.runc), ("conmon", self.conmon)):
@@ -118,6 +120,8 @@ class RuncRuntime:
         self.net = network or Network(db, bridge=bridge, subnet=subnet, nat=nat, rtag=self.rtag)
         self._lock = threading.Lock()  # guards _locks only
         self._locks: dict[str, threading.RLock] = {}  # one per container name
+        self.idmap = idmap or idmaps.host_idmap()
+        self._userns_fds: dict[IdMap, int] = {}  # one user namespace per map, for id-mapped layers
 
     @classmethod
     def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
@@ -126,7 +130,8 @@ class RuncRuntime:
         ``exec_output_bytes``): containers' state under ``state_dir``, records in ``db``,
         addresses from the host's ``network`` (None: one of the defaults, see __init__)."""
         extra = {"cgroup_parent": settings["cgroup_parent"]} if settings.get("cgroup_parent") else {}
-        return cls(state_dir, db, network=network, exec_output_bytes=settings["exec_output_bytes"], **extra)
+        return cls(state_dir, db, network=network, exec_output_bytes=settings["exec_output_bytes"],
+                   idmap=idmaps.host_idmap(settings.get("idmap")), **extra)
 
     def _name_lock(self, name: str) -> threading.RLock:
         """Operations on one container are serialised; different containers run in parallel
@@ -227,13 +232,17 @@ class RuncRuntime:
 
     def _info(self, row) -> ContainerInfo:
         state, pid, code = self._status(row["name"])
-        return ContainerInfo(row["name"], state, pid, code, row["ip"])
+        spec = json.loads(row["spec"])
+        m = IdMap(**spec["idmap"]) if spec.get("idmap") else bundle.LEGACY_IDMAP
+        return ContainerInfo(row["name"], state, pid, code, row["ip"], m if spec["userns"] else None)
 
     # -- create ---------------------------------------------------------------------------
     def create(self, spec: ContainerSpec) -> ContainerInfo:
         """Mount the rootfs, set up networking and write the bundle. Conflict on a name
         clash or a taken port; on any failure everything made here is removed."""
         validate.check_spec(spec)
+        if spec.userns:
+            spec = dataclasses.replace(spec, idmap=self.idmap)
         for d in spec.rootfs.lowerdirs:
             if not os.path.isdir(d):
                 raise InvalidInput(f"image layer {d} does not exist: import the image "
@@ -268,7 +277,7 @@ class RuncRuntime:
             os.makedirs(d, exist_ok=True)
         if spec.userns:
             self._prepare_userns(spec)
-        mounts.mount_overlay(list(r.lowerdirs), r.upperdir, r.workdir, rootfs)
+        self._mount_rootfs(spec)
         proc = bundle.resolve_process(spec)
         uid, gid = bundle.resolve_user(proc["user"], rootfs)
         _check_command(proc["args"][0], proc["env"].get("PATH", ""), proc["cwd"], rootfs)
@@ -283,17 +292,37 @@ class RuncRuntime:
         return ip
 
     def _prepare_userns(self, spec: ContainerSpec) -> None:
-        """Container root is host uid USERNS_BASE_ID: it must reach the rootfs and bundle
-        and own the top of the upper dir (so it can write to /)."""
+        """Container root is host uid ``spec.idmap.host_id``: it must reach the rootfs and
+        bundle and own the top of the upper dir (so it can write to /). The layers are read
+        through the overlay with the mounter's (host root's) credentials: they need no access."""
+        m = spec.idmap or bundle.LEGACY_IDMAP
         for d in (self._dir(spec.name), self._rootfs(spec.name)):
             os.chmod(d, 0o711)
-        for d in (*spec.rootfs.lowerdirs, self._rootfs(spec.name), self._bundle(spec.name)):
+        for d in (self._rootfs(spec.name), self._bundle(spec.name)):
             blocked = _untraversable(d)
             if blocked:
                 raise Unsupported(f"user namespaces need {blocked} to be traversable by "
-                                  f"uid {bundle.USERNS_BASE_ID}: chmod o+x {blocked} (or put "
-                                  "state_dir and the image cache under such a dir)")
-        os.chown(spec.rootfs.upperdir, bundle.USERNS_BASE_ID, bundle.USERNS_BASE_ID)
+                                  f"uid {m.host_id}: chmod o+x {blocked} (or put "
+                                  "state_dir under such a dir)")
+        os.chown(spec.rootfs.upperdir, m.host_id, m.host_id)
+
+    def _mount_rootfs(self, spec: ContainerSpec) -> None:
+        """The overlay at rootfs/: under a user namespace, the layers through id-mapped mounts
+        of the container's map (root's files are container root's, without a copy)."""
+        r = spec.rootfs
+        if not spec.userns:
+            mounts.mount_overlay(list(r.lowerdirs), r.upperdir, r.workdir, self._rootfs(spec.name))
+            return
+        mounts.mount_overlay_idmapped(list(r.lowerdirs), r.upperdir, r.workdir,
+                                      self._rootfs(spec.name), self._userns_fd(spec.idmap or bundle.LEGACY_IDMAP))
+
+    def _userns_fd(self, m: IdMap) -> int:
+        """A user namespace of map ``m`` (made once per runtime and map, kept open)."""
+        with self._lock:
+            fd = self._userns_fds.get(m)
+            if fd is None:
+                fd = self._userns_fds[m] = mounts.open_userns(m.host_id, m.size)
+            return fd
 
     def _write_config(self, spec: ContainerSpec, limits: Limits, *, netns, ip, uid, gid):
         name = spec.name
@@ -339,9 +368,7 @@ class RuncRuntime:
         """After a host reboot the mount and netns are gone: make them again."""
         spec = spec_from_json(row["spec"])
         if not mounts.is_mounted(self._rootfs(spec.name)):
-            r = spec.rootfs
-            mounts.mount_overlay(list(r.lowerdirs), r.upperdir, r.workdir,
-                                 self._rootfs(spec.name))
+            self._mount_rootfs(spec)
         if spec.network.mode == "bridge" and not spec.userns and \
                 not os.path.exists(self.net.netns_path(spec.name)):
             netns, ip = self.net.attach(spec.name, spec.network.ports)
@@ -613,7 +640,12 @@ class RuncRuntime:
         return [self._info(r) for r in self.db.query("SELECT * FROM containers ORDER BY name")]
 
     def close(self) -> None:
-        """Remove the bridge, its rules and the parent cgroups if no container is left."""
+        """Remove the bridge, its rules and the parent cgroups if no container is left;
+        drop the user namespaces kept for id-mapped layers."""
+        with self._lock:
+            for fd in self._userns_fds.values():
+                os.close(fd)
+            self._userns_fds.clear()
         if not self.db.query("SELECT name FROM containers"):
             self.net.delete_bridge()
             cgroups.remove_parent(self.cgroup_parent)

@@ -37,6 +37,21 @@ class NetworkSpec:
 
 
 @dataclass(frozen=True)
+class IdMap:
+    """A user namespace's map: ids 0..size-1 inside are host_id.. on the host (uids and gids)."""
+    host_id: int
+    size: int
+
+    def to_host(self, cid: int) -> int | None:
+        """The host id of container id ``cid``; None if it is not mapped."""
+        return self.host_id + cid if 0 <= cid < self.size else None
+
+    def to_container(self, hid: int) -> int | None:
+        """The container id of host id ``hid``; None if it is not in the range."""
+        return hid - self.host_id if self.host_id <= hid < self.host_id + self.size else None
+
+
+@dataclass(frozen=True)
 class Rootfs:
     lowerdirs: tuple[str, ...]  # image layers, top first (overlayfs order)
     upperdir: str
@@ -54,7 +69,10 @@ class ContainerSpec:
     hostname: str | None = None
     limits: Limits = Limits()
     network: NetworkSpec = NetworkSpec()
+    # a user namespace: container root is an unprivileged host id (the runtime's host range,
+    # recorded in ``idmap`` at create); False only for a privileged container (admin's choice)
     userns: bool = False
+    idmap: IdMap | None = None
     # the image's OCI config (Cmd, Entrypoint, Env, WorkingDir, User); the spec's own
     # command/env/workdir/user win over it, Docker-style (Entrypoint + command)
     image_config: dict = field(default_factory=dict)
@@ -67,6 +85,7 @@ class ContainerInfo:
     pid: int | None = None
     exit_code: int | None = None
     ip: str | None = None
+    idmap: IdMap | None = None  # its user namespace's map; None: no user namespace (privileged)
 
 
 @dataclass(frozen=True)
@@ -80,6 +99,8 @@ class ExecResult:
 
 @runtime_checkable
 class Runtime(Protocol):
+    idmap: IdMap  # the host range user-namespaced containers map to (one per host)
+
     def create(self, spec: ContainerSpec) -> ContainerInfo:
         """Conflict on a name clash; on failure nothing (mount, cgroup, veth, lease) is left."""
 

@@ -175,7 +175,7 @@ class Assembly:
             limits=Limits(cpus=req.cpus, memory_mib=req.memory_mib, pids_max=req.pids_max),
             network=NetworkSpec(mode=req.network, ports=tuple(
                 PortMap(p.host_port, p.container_port, p.protocol, p.host_ip) for p in req.ports)),
-            image_config=dict(image.config or {}))
+            userns=not getattr(req, "privileged", False), image_config=dict(image.config or {}))
         try:
             return apply_image_config(spec, *layers.lowerdirs)
         except InvalidInput as e:

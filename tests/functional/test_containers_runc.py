@@ -337,27 +337,16 @@ def test_egress_is_masqueraded(rt, tmp_path, upstream):
     assert res.stdout.strip() == upstream["host_ip"] != info.ip
 
 
-@pytest.fixture
-def open_tmp():
-    """A dir under /tmp others may traverse (0711): user-namespaced roots must reach it."""
-    import tempfile
-    d = tempfile.mkdtemp(prefix="nodeagent-userns-", dir="/tmp")
-    os.chmod(d, 0o711)
-    yield __import__("pathlib").Path(d)
-    import shutil
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def test_user_namespace_maps_root_and_keeps_networking(open_tmp):
     rt, cleanup = make_runc(open_tmp)
     try:
         run_spec(rt, open_tmp, "u", ("sleep", "1000"), userns=True, network=NetworkSpec())
         assert rt.exec("u", ["cat", "/proc/self/uid_map"]).stdout.split() == \
-            ["0", "100000", "65536"]
+            ["0", str(rt.idmap.host_id), str(rt.idmap.size)]
         assert rt.exec("u", ["id", "-u"]).stdout == "0\n"
         assert rt.exec("u", ["touch", "/made-inside"]).exit_code == 0
         # container root is an unprivileged uid on the host
-        assert os.stat(open_tmp / "rootfs" / "u" / "upper" / "made-inside").st_uid == 100000
+        assert os.stat(open_tmp / "rootfs" / "u" / "upper" / "made-inside").st_uid == rt.idmap.host_id
         ip = rt.get("u").ip
         assert ip in rt.exec("u", ["ip", "addr"]).stdout
         rt.restart("u", timeout=0.5)  # a new netns each run: wired up again

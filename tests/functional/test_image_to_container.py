@@ -218,3 +218,36 @@ def test_a_privileged_container_is_for_admins_only(agent):
     _wait(client, client.post("/v1/instances", json=body))
     assert _run(client, "priv", "cat", "/proc/self/uid_map")["stdout"].split() == ["0", "0", "4294967295"]
     assert root.runtime.get("priv").idmap is None
+
+
+NET_BIND_SERVICE = 1 << 10  # in every default capability set (runc's, Docker's)
+
+
+@pytest.mark.parametrize("privileged", [False, True])
+def test_file_capabilities_of_an_image_work_for_a_non_root_user(agent, privileged):
+    """A binary with cap_net_bind_service+ep in the image's layer (security.capability, v2)
+    gives that capability to a process of USER nginx started from it, in a user-namespaced
+    container (read through the id-mapped layer as container root's) and a privileged one;
+    the same program without the xattr has none."""
+    from testbed.ocibuild import BUSYBOX, busybox_layers, layer, users_layer
+
+    client, _, tmp = agent
+    with open(BUSYBOX, "rb") as f:
+        bb = f.read()
+    caps = (0x02000000 | 1).to_bytes(4, "little") + NET_BIND_SERVICE.to_bytes(4, "little") + bytes(12)
+    capped = layer([("usr/", "dir", None), ("usr/bin/", "dir", None),
+                    ("usr/bin/busybox", "file", bb, 0o755, 0, 0, {"security.capability": caps})])
+    name = f"caps-{int(privileged)}"
+    _import(client, tmp, name, busybox_layers() + [users_layer(*USERS), capped], user="nginx")
+    _create(client, name, name, command=["/bin/busybox", "sleep", "1000"], privileged=privileged)
+    assert _run(client, name, "id", "-u")["stdout"] == "101\n"
+
+    def cap_eff(prog):
+        out = _run(client, name, prog, "grep", "CapEff", "/proc/self/status")
+        assert out["exit_code"] == 0, out
+        return int(out["stdout"].split()[1], 16)
+    assert cap_eff("/usr/bin/busybox") == NET_BIND_SERVICE
+    assert cap_eff("/bin/busybox") == 0
+    # and it does what the capability is for: a port below 1024 as nginx
+    assert _run(client, name, "/usr/bin/busybox", "httpd", "-p", "80")["exit_code"] == 0
+    assert _run(client, name, "/bin/busybox", "httpd", "-p", "81")["exit_code"] != 0

@@ -250,7 +250,7 @@ def instance():
 @click.option("--image", "image_ref", required=True)
 @click.option("--cpus", type=float, default=1)
 @click.option("--memory", "memory_mib", type=int, default=256, help="MiB")
-@click.option("--disk", "disk_gib", type=int, help="GiB (VMs)")
+@click.option("--disk", "disk_gib", type=int, help="GiB: a VM's root disk, a container's rootfs limit")
 @click.option("--pool")
 @click.option("--env", multiple=True, help="KEY=VALUE (containers)")
 @click.option("--user-data", type=click.File("r"), help="cloud-init user-data file (VMs)")

@@ -302,7 +302,9 @@ class InstanceCreate(Model):
                                     "(a CFS quota, e.g. 0.5 for half a core)")
     memory_mib: Int = Field(256, ge=min(vm_limits.MIN_MEMORY_MIB, container_limits.MIN_MEMORY_MIB),
                             le=MAX_MEMORY_MIB)
-    disk_gib: IntRange(1, 65536) | None = Field(None, description="VMs: grow the root disk to this")
+    disk_gib: IntRange(1, 65536) | None = Field(
+        None, description="VMs: grow the root disk to this; containers: the most their writes to the rootfs "
+                          "may take (ENOSPC beyond)")
     pids_max: IntRange(1, container_limits.MAX_PIDS) | None = Field(None, description="containers")
     pool: PoolName | None = None
     network: Literal["bridge", "none", "host"] = Field("bridge", description="host: containers only")
@@ -331,7 +333,7 @@ class InstanceCreate(Model):
          "then": {"properties": {
              "cpus": {"minimum": container_limits.MIN_CPUS, "maximum": container_limits.MAX_CPUS},
              "memory_mib": {"minimum": container_limits.MIN_MEMORY_MIB},
-             "user_data": {"type": "null"}, "disk_gib": {"type": "null"}}}},
+             "user_data": {"type": "null"}}}},
         {"if": {"properties": {"network": {"enum": ["none", "host"]}}, "required": ["network"]},
          "then": {"properties": {"ports": {"maxItems": 0}}}},
     ]})
@@ -358,9 +360,9 @@ class InstanceCreate(Model):
             raise ValueError(f"memory_mib of a VM must be at least {vm_limits.MIN_MEMORY_MIB}")
 
     def _container_checks(self) -> None:
-        unused = [f for f in ("user_data", "disk_gib") if getattr(self, f) is not None]
+        unused = [f for f in ("user_data",) if getattr(self, f) is not None]
         if unused:
-            raise ValueError(f"{', '.join(unused)} are for VMs: a container takes env and command")
+            raise ValueError(f"{', '.join(unused)} is for VMs: a container takes env and command")
         lo, hi = container_limits.MIN_CPUS, container_limits.MAX_CPUS
         if not lo <= self.cpus <= hi:
             raise ValueError(f"cpus of a container must be {lo}..{hi} (the kernel's smallest CFS "
@@ -548,6 +550,11 @@ class IncomingMigration(Model):
             raise ValueError("spec.image_id must be the image sent")
         if self.shared_volumes is not None and set(self.shared_volumes) != set(inst.volumes):
             raise ValueError("shared_volumes must name exactly the instance's volumes")
+        if self.spec.privileged:
+            raise ValueError("spec.privileged: a privileged container (root = host root) does not migrate; a "
+                             "peer cannot make one: recreate it on the destination with an admin token")
+        if self.idmap is not None and self.idmap.host_id < 65536:
+            raise ValueError("idmap: a user namespace map starts at host id 65536 or above")
         return self
 
 

@@ -62,7 +62,7 @@ def spec_from_json(text: str) -> ContainerSpec:
     net = d["network"]
     return ContainerSpec(
         name=d["name"], rootfs=Rootfs(tuple(d["rootfs"]["lowerdirs"]), d["rootfs"]["upperdir"],
-                                      d["rootfs"]["workdir"]),
+                                      d["rootfs"]["workdir"], d["rootfs"].get("quota_bytes")),
         command=tuple(d["command"]), env=d["env"], workdir=d["workdir"], user=d["user"],
         hostname=d["hostname"], limits=Limits(**d["limits"]),
         network=NetworkSpec(net["mode"], tuple(PortMap(**p) for p in net["ports"])),
@@ -275,6 +275,8 @@ class RuncRuntime:
         r = spec.rootfs
         for d in (r.upperdir, r.workdir):
             os.makedirs(d, exist_ok=True)
+        if r.quota_bytes:
+            self._mount_disk(spec)
         if spec.userns:
             self._prepare_userns(spec)
         self._mount_rootfs(spec)
@@ -305,6 +307,45 @@ class RuncRuntime:
                                   f"uid {m.host_id}: chmod o+x {blocked} (or put "
                                   "state_dir under such a dir)")
         os.chown(spec.rootfs.upperdir, m.host_id, m.host_id)
+
+    def _disk_image(self, name: str) -> str:
+        return os.path.join(self._dir(name), "disk.img")
+
+    def _mount_disk(self, spec: ContainerSpec) -> None:
+        """Put the upper and work dirs on a filesystem of ``rootfs.quota_bytes`` (a sparse ext4
+        image in the container's dir, loop-mounted at their parent): the container's writes
+        end in ENOSPC there, the host's filesystem keeps the rest. Made at create (with what
+        the upper dir already holds: a migration's), mounted again after a reboot."""
+        r = spec.rootfs
+        top = os.path.dirname(r.upperdir)
+        if mounts.is_mounted(top):
+            return
+        img = self._disk_image(spec.name)
+        if not os.path.exists(img):
+            mounts.make_fs_image(img, r.quota_bytes)
+            if os.listdir(r.upperdir):
+                self._copy_in(img, r.upperdir)
+        mounts.mount_fs_image(img, top)
+        os.chmod(top, 0o700)
+        os.makedirs(r.upperdir, mode=0o755, exist_ok=True)
+        os.makedirs(r.workdir, mode=0o700, exist_ok=True)
+
+    def _copy_in(self, img: str, upper: str) -> None:
+        """Move what ``upper`` holds (a migration's stream, received before the create) onto the
+        new filesystem: owners, modes, xattrs (overlay whiteouts and opaque dirs) kept."""
+        tmp = os.path.join(os.path.dirname(img), "disk-in")
+        os.makedirs(tmp, exist_ok=True)
+        mounts.mount_fs_image(img, tmp)
+        try:
+            r = subprocess.run(["cp", "-a", "--sparse=always", upper, tmp + "/"],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise InvalidInput(f"the rootfs does not fit its size limit: {r.stderr.strip()[-300:]}")
+        finally:
+            mounts.unmount(tmp)
+            os.rmdir(tmp)
+        shutil.rmtree(upper)
+        os.mkdir(upper, 0o755)
 
     def _mount_rootfs(self, spec: ContainerSpec) -> None:
         """The overlay at rootfs/: under a user namespace, the layers through id-mapped mounts
@@ -368,6 +409,8 @@ class RuncRuntime:
         """After a host reboot the mount and netns are gone: make them again."""
         spec = spec_from_json(row["spec"])
         if not mounts.is_mounted(self._rootfs(spec.name)):
+            if spec.rootfs.quota_bytes:
+                self._mount_disk(spec)
             self._mount_rootfs(spec)
         if spec.network.mode == "bridge" and not spec.userns and \
                 not os.path.exists(self.net.netns_path(spec.name)):
@@ -506,6 +549,7 @@ class RuncRuntime:
         rootfs = self._rootfs(name)
         if mounts.is_mounted(rootfs):
             mounts.unmount(rootfs, lazy=True)
+        mounts.release_fs_image(self._disk_image(name))  # a rootfs size limit's filesystem
         cgroups.remove(self.cgroup_parent, name)
         self.net.detach(name)
         try:

@@ -56,6 +56,9 @@ class Rootfs:
     lowerdirs: tuple[str, ...]  # image layers, top first (overlayfs order)
     upperdir: str
     workdir: str
+    # the container's writes are limited to this many bytes (ENOSPC beyond): upper and work
+    # live on a filesystem of this size mounted at their parent dir; None: no limit
+    quota_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -94,3 +94,23 @@ def check_spec(spec: ContainerSpec) -> None:
                            "'.', '-' (at most 63)")
     check_limits(spec.limits)
     check_network(spec.network)
+    check_rootfs_quota(spec)
+
+
+MIN_ROOTFS_BYTES = 64 * 1024 * 1024  # 64 MiB: ext4's metadata and journal leave room for writes
+MAX_ROOTFS_BYTES = 64 * 1024**4  # 64 TiB (the API's disk_gib is at most 65536)
+
+
+def check_rootfs_quota(spec: ContainerSpec) -> None:
+    """A size limit needs upper and work side by side (their parent becomes the filesystem)."""
+    q = spec.rootfs.quota_bytes
+    if q is None:
+        return
+    if not isinstance(q, int) or not MIN_ROOTFS_BYTES <= q <= MAX_ROOTFS_BYTES:
+        raise InvalidInput(f"rootfs size limit {q!r} is invalid: give {MIN_ROOTFS_BYTES} bytes (64 MiB) "
+                           f"to {MAX_ROOTFS_BYTES} bytes")
+    import os
+    up, wk = spec.rootfs.upperdir, spec.rootfs.workdir
+    if os.path.dirname(up) != os.path.dirname(wk) or os.path.dirname(up) in ("", "/"):
+        raise InvalidInput("a rootfs size limit needs the upper and work dirs in one dir of their own "
+                           f"(got {up} and {wk})")

@@ -135,3 +135,53 @@ def mount_overlay_idmapped(lowerdirs: Sequence[str], upperdir: str, workdir: str
     finally:
         for fd in fds:
             os.close(fd)
+
+
+# -- size-limited filesystems (container rootfs limits) ----------------------------------
+def make_fs_image(path: str, size_bytes: int) -> None:
+    """A sparse file of ``size_bytes`` at ``path`` holding an empty ext4 filesystem (lazy
+    inode-table and journal init, no root reserve: the whole size is usable). It takes the
+    host's space only as it is written. On failure the file is removed."""
+    import subprocess
+    try:
+        with open(path, "xb") as f:
+            f.truncate(size_bytes)
+        r = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+                            "lazy_itable_init=1,lazy_journal_init=1,nodiscard", path],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise CommandFailed(f"mkfs.ext4 {path} failed: {r.stderr.strip()[-300:]}",
+                                argv=r.args, returncode=r.returncode, stderr=r.stderr)
+    except BaseException:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def mount_fs_image(path: str, target: str) -> None:
+    """Loop-mount the filesystem image ``path`` at ``target`` (nodev, nosuid). The loop device
+    is set up with autoclear (mount(8)'s `-o loop`): it goes away with the unmount."""
+    import subprocess
+    r = subprocess.run(["mount", "-t", "ext4", "-o", "loop,nodev,nosuid", path, target],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CommandFailed(f"mount of {path} on {target} failed: {r.stderr.strip()[-300:]} (loop devices: "
+                            "is the loop module loaded? `modprobe loop`)",
+                            argv=r.args, returncode=r.returncode, stderr=r.stderr)
+
+
+def release_fs_image(path: str) -> bool:
+    """Unmount every mount of the image ``path`` (found by its loop devices) and detach those
+    devices; False if it had none. Tolerates a missing file."""
+    import subprocess
+    r = subprocess.run(["losetup", "-j", path, "-O", "NAME", "-n"], capture_output=True, text=True)
+    devs = [d.strip() for d in r.stdout.splitlines() if d.strip()]
+    for dev in devs:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f if line.split(" - ", 1)[1].split()[1] == dev]
+        for p in sorted(points, key=len, reverse=True):
+            unmount(p, lazy=True)  # an overlay just detached lazily may still hold it
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+    return bool(devs)

@@ -53,8 +53,9 @@ def shift_owners(source, here):
     was ``source`` to one where it is ``here`` (containers.IdMap; None: no user namespace, host
     ids are container ids): host id there -> container id -> host id here. An id outside
     ``source``'s range (unmapped there: the container saw it as nobody) or beyond ``here``'s
-    becomes nobody (65534) of ``here``. None when nothing changes."""
-    if source == here:
+    becomes nobody (65534) of ``here``: a peer's stream never makes a file of a host user
+    outside the container's range. None between two privileged containers (nothing to map)."""
+    if source is None and here is None:
         return None
 
     def shift(hid: int) -> int:

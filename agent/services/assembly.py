@@ -170,7 +170,8 @@ class Assembly:
 
         spec = ContainerSpec(
             name=req.name,
-            rootfs=Rootfs(lowerdirs=tuple(layers.lowerdirs), upperdir=layers.upperdir, workdir=layers.workdir),
+            rootfs=Rootfs(lowerdirs=tuple(layers.lowerdirs), upperdir=layers.upperdir, workdir=layers.workdir,
+                          quota_bytes=req.disk_gib * GiB if req.disk_gib else None),
             command=tuple(req.command or ()), env=dict(req.env), hostname=req.name,
             limits=Limits(cpus=req.cpus, memory_mib=req.memory_mib, pids_max=req.pids_max),
             network=NetworkSpec(mode=req.network, ports=tuple(

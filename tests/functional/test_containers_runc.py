@@ -389,3 +389,91 @@ def test_start_after_a_host_reboot_remakes_mount_and_network(rt, tmp_path):
     again = rt.start("boot")
     assert again.state == "running" and again.ip == info.ip
     assert info.ip in rt.exec("boot", ["ip", "addr"]).stdout
+
+
+def _loops_of(img: str) -> list[str]:
+    out = subprocess.run(["losetup", "-j", img, "-O", "NAME", "-n"], capture_output=True, text=True).stdout
+    return out.split()
+
+
+@pytest.mark.parametrize("userns", [True, False])
+def test_rootfs_size_limit_ends_in_enospc_and_leaves_nothing(open_tmp, userns):
+    """Writes past the limit fail with ENOSPC inside; the host keeps its space (the image is
+    sparse: it takes what was written, at most the limit); after a reboot (mounts gone) the
+    files are there again; delete leaves no loop device, mount or file."""
+    from containers import Rootfs
+    import dataclasses
+    rt, cleanup = make_runc(open_tmp)
+    try:
+        spec = make_spec(rt, open_tmp, "q", ("sleep", "1000"), userns=userns)
+        spec = dataclasses.replace(spec, rootfs=Rootfs(spec.rootfs.lowerdirs, spec.rootfs.upperdir,
+                                                       spec.rootfs.workdir, quota_bytes=64 * 1024 * 1024))
+        rt.create(spec)
+        rt.start("q")
+        img = os.path.join(rt.state_dir, "containers", "q", "disk.img")
+        assert len(_loops_of(img)) == 1
+        free_before = os.statvfs(rt.state_dir).f_bavail * os.statvfs(rt.state_dir).f_frsize
+        r = rt.exec("q", ["dd", "if=/dev/zero", "of=/big", "bs=1M", "count=200"])
+        assert r.exit_code != 0 and "No space left on device" in r.stderr, r
+        used = os.stat(img).st_blocks * 512
+        assert used <= 66 * 1024 * 1024  # the limit (+ the filesystem's metadata), not 200 MiB
+        free_after = os.statvfs(rt.state_dir).f_bavail * os.statvfs(rt.state_dir).f_frsize
+        assert free_before - free_after <= 70 * 1024 * 1024
+        assert rt.exec("q", ["rm", "/big"]).exit_code == 0
+        assert rt.exec("q", ["sh", "-c", "echo kept > /kept"]).exit_code == 0
+        # a host reboot: every mount gone, the state dir kept
+        rt.stop("q", timeout=0.2)
+        mounts.unmount(os.path.join(rt.state_dir, "containers", "q", "rootfs"))
+        mounts.release_fs_image(img)
+        assert _loops_of(img) == []
+        rt.start("q")
+        assert rt.exec("q", ["cat", "/kept"]).stdout == "kept\n"
+        assert rt.exec("q", ["dd", "if=/dev/zero", "of=/big", "bs=1M", "count=200"]).exit_code != 0
+        assert rt.delete("q")
+        assert _loops_of(img) == [] and not os.path.exists(img)
+        assert mounts.mounts_under(str(open_tmp)) == []
+    finally:
+        cleanup()
+    assert_nothing_left(rt)
+
+
+def test_rootfs_size_limit_failed_create_leaves_nothing(rt, tmp_path):
+    """A create that fails after the filesystem was made (an unknown command) removes it all."""
+    from containers import Rootfs
+    import dataclasses
+    spec = make_spec(rt, tmp_path, "qbad", ("no-such-program",))
+    spec = dataclasses.replace(spec, rootfs=Rootfs(spec.rootfs.lowerdirs, spec.rootfs.upperdir,
+                                                   spec.rootfs.workdir, quota_bytes=64 * 1024 * 1024))
+    with pytest.raises(InvalidInput):
+        rt.create(spec)
+    img = os.path.join(rt.state_dir, "containers", "qbad", "disk.img")
+    assert _loops_of(img) == [] and not os.path.exists(img)
+    assert mounts.mounts_under(str(tmp_path)) == []
+    assert_nothing_left(rt, ["qbad"])
+
+
+def test_rootfs_size_limit_takes_in_what_the_upper_dir_held(open_tmp):
+    """A migration's destination receives the upper dir before the create: the new filesystem
+    starts with it (owners and overlay xattrs kept)."""
+    from containers import Rootfs
+    import dataclasses
+    rt, cleanup = make_runc(open_tmp)
+    try:
+        spec = make_spec(rt, open_tmp, "qin", ("sleep", "1000"), userns=True)
+        up = spec.rootfs.upperdir
+        os.makedirs(os.path.join(up, "srv"))
+        with open(os.path.join(up, "srv", "moved"), "w") as f:
+            f.write("moved\n")
+        os.chown(os.path.join(up, "srv", "moved"), rt.idmap.host_id + 7, rt.idmap.host_id + 7)
+        os.setxattr(os.path.join(up, "srv"), "trusted.overlay.opaque", b"y")
+        spec = dataclasses.replace(spec, rootfs=Rootfs(spec.rootfs.lowerdirs, up, spec.rootfs.workdir,
+                                                       quota_bytes=64 * 1024 * 1024))
+        rt.create(spec)
+        rt.start("qin")
+        assert rt.exec("qin", ["cat", "/srv/moved"]).stdout == "moved\n"
+        assert rt.exec("qin", ["ls", "-n", "/srv/moved"]).stdout.split()[2:4] == ["7", "7"]
+        assert os.getxattr(os.path.join(up, "srv"), "trusted.overlay.opaque") == b"y"
+        assert mounts.is_mounted(os.path.dirname(up))
+    finally:
+        cleanup()
+    assert_nothing_left(rt)

@@ -251,3 +251,15 @@ def test_file_capabilities_of_an_image_work_for_a_non_root_user(agent, privilege
     # and it does what the capability is for: a port below 1024 as nginx
     assert _run(client, name, "/usr/bin/busybox", "httpd", "-p", "80")["exit_code"] == 0
     assert _run(client, name, "/bin/busybox", "httpd", "-p", "81")["exit_code"] != 0
+
+
+def test_disk_gib_limits_a_containers_rootfs(agent):
+    """disk_gib of a container is the size of the filesystem its writes go to (df of / inside)."""
+    from testbed.ocibuild import busybox_layers
+
+    client, _, tmp = agent
+    _import(client, tmp, "sized", busybox_layers())
+    _create(client, "sized", "sized", command=["/bin/busybox", "sleep", "1000"], disk_gib=1)
+    out = _run(client, "sized", "df", "-k", "/")
+    size_kib = int(out["stdout"].splitlines()[1].split()[1])
+    assert 900 * 1024 < size_kib <= 1024 * 1024, out

@@ -477,3 +477,21 @@ def test_rootfs_size_limit_takes_in_what_the_upper_dir_held(open_tmp):
     finally:
         cleanup()
     assert_nothing_left(rt)
+
+
+def test_a_container_recorded_before_user_namespaces_is_adopted_as_it_was(rt, tmp_path):
+    """A record of an earlier agent (no idmap, no rootfs quota in its spec; no user namespace)
+    is re-adopted running, restarts, and keeps running as host root (unchanged)."""
+    import json
+    run_spec(rt, tmp_path, "old", ("sleep", "1000"))
+    row = rt.db.one("SELECT spec FROM containers WHERE name='old'")
+    spec = json.loads(row["spec"])
+    del spec["idmap"], spec["rootfs"]["quota_bytes"]
+    rt.db.execute("UPDATE containers SET spec=? WHERE name='old'", (json.dumps(spec),))
+    again = RuncRuntime(rt.state_dir, Database(rt.db.path), bridge=rt.net.bridge,
+                        subnet=str(rt.net.subnet), cgroup_parent=rt.cgroup_parent)
+    info = again.get("old")
+    assert info.state == "running" and info.idmap is None and info.pid == rt.get("old").pid
+    again.restart("old", timeout=0.2)
+    assert again.exec("old", ["cat", "/proc/self/uid_map"]).stdout.split() == ["0", "0", "4294967295"]
+    again.close()

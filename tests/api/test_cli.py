@@ -74,3 +74,12 @@ def test_image_import_shows_a_progress_bar_on_a_terminal(agent, tmp_path, images
     assert r.returncode == 0, r.stdout[-2000:]
     assert "importing bar" in r.stdout and "/8.4 MB" in r.stdout and "imported bar" in r.stdout
     agent.cli("image", "rm", "bar", env={"NODEAGENT_URL": agent.url, "NODEAGENT_TOKEN": agent.admin_token})
+
+
+def test_a_privileged_container_from_the_cli_needs_an_admin_token(agent, cli, images):
+    args = ("instance", "create", "privbox", "--kind", "container", "--image", "busybox", "--memory", "64",
+            "--privileged", "--", "/bin/sh", "-c", "sleep 100")
+    r = agent.cli(*args, env={"NODEAGENT_URL": agent.url, "NODEAGENT_TOKEN": agent.reader_token}, check=False)
+    assert r.returncode == 1 and "admin token" in r.stderr and "Traceback" not in r.stderr
+    assert "running" in cli(*args).stdout
+    cli("instance", "rm", "privbox")

@@ -371,7 +371,8 @@ class RuncRuntime:
         etc = bundle.etc_files_for(self._bundle(name), hostname=hostname, ip=ip,
                                    nameservers=bundle.host_nameservers()) \
             if spec.network.mode != "host" else {}
-        _make_mountpoints(self._rootfs(name), etc)
+        m = (spec.idmap or bundle.LEGACY_IDMAP) if spec.userns else None
+        _make_mountpoints(self._rootfs(name), etc, owner=m.host_id if m else None)
         cfg = bundle.build_config(
             spec, rootfs=self._rootfs(name), uid=uid, gid=gid, netns=netns,
             cgroups_path=cgroups.cgroups_path(self.cgroup_parent, name),
@@ -695,9 +696,10 @@ class RuncRuntime:
             cgroups.remove_parent(self.cgroup_parent)
 
 
-def _make_mountpoints(rootfs: str, files: dict[str, str]) -> None:
+def _make_mountpoints(rootfs: str, files: dict[str, str], owner: int | None = None) -> None:
     """Create empty files for bind mounts (as host root: a user-namespaced runc could not),
-    resolving symlinks inside the rootfs only."""
+    resolving symlinks inside the rootfs only; what is made belongs to host id ``owner``
+    (container root under a user namespace), else to host root."""
     root = os.path.realpath(rootfs)
     for dest in files:
         dirname = os.path.dirname(dest)
@@ -707,12 +709,16 @@ def _make_mountpoints(rootfs: str, files: dict[str, str]) -> None:
             if os.path.lexists(plain):
                 continue  # a dangling or looping link: let runc refuse it
             os.makedirs(plain)
+            if owner is not None:
+                os.chown(plain, owner, owner, follow_symlinks=False)
             parent = plain
         if not os.path.isdir(parent):
             continue
         final = os.path.join(parent, os.path.basename(dest))
         if not os.path.lexists(final):
             fd = os.open(final, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+            if owner is not None:
+                os.fchown(fd, owner, owner)
             os.close(fd)
 
 

@@ -495,3 +495,23 @@ def test_a_container_recorded_before_user_namespaces_is_adopted_as_it_was(rt, tm
     again.restart("old", timeout=0.2)
     assert again.exec("old", ["cat", "/proc/self/uid_map"]).stdout.split() == ["0", "0", "4294967295"]
     again.close()
+
+
+def test_an_image_without_etc_gets_one_its_root_owns(open_tmp):
+    """The mount points the agent makes for /etc/hosts & co. belong to container root."""
+    import shutil
+    from containers import Rootfs
+    from testbed.runtimes import build_busybox_rootfs
+    import dataclasses
+    lower = build_busybox_rootfs(str(open_tmp / "noetc"))
+    shutil.rmtree(os.path.join(lower, "etc"))
+    rt, cleanup = make_runc(open_tmp)
+    try:
+        spec = make_spec(rt, open_tmp, "noetc", ("sleep", "1000"), userns=True)
+        rt.create(dataclasses.replace(spec, rootfs=Rootfs((lower,), spec.rootfs.upperdir, spec.rootfs.workdir)))
+        rt.start("noetc")
+        assert rt.exec("noetc", ["ls", "-nd", "/etc"]).stdout.split()[2:4] == ["0", "0"]
+        assert rt.exec("noetc", ["touch", "/etc/mine"]).exit_code == 0
+    finally:
+        cleanup()
+    assert_nothing_left(rt)

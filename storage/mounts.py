@@ -176,6 +176,8 @@ def release_fs_image(path: str) -> bool:
     """Unmount every mount of the image ``path`` (found by its loop devices) and detach those
     devices; False if it had none. Tolerates a missing file."""
     import subprocess
+    if not os.path.exists(path):
+        return False  # the runtime removes an image only after releasing it here
     r = subprocess.run(["losetup", "-j", path, "-O", "NAME", "-n"], capture_output=True, text=True)
     devs = [d.strip() for d in r.stdout.splitlines() if d.strip()]
     for dev in devs:

@@ -122,6 +122,7 @@ class RuncRuntime:
         self._locks: dict[str, threading.RLock] = {}  # one per container name
         self.idmap = idmap or idmaps.host_idmap()
         self._userns_fds: dict[IdMap, int] = {}  # one user namespace per map, for id-mapped layers
+        self.detached_layers = True  # False: the pre-6.15 kernels' way (storage.mounts.mount_overlay_idmapped)
 
     @classmethod
     def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
@@ -354,8 +355,9 @@ class RuncRuntime:
         if not spec.userns:
             mounts.mount_overlay(list(r.lowerdirs), r.upperdir, r.workdir, self._rootfs(spec.name))
             return
-        mounts.mount_overlay_idmapped(list(r.lowerdirs), r.upperdir, r.workdir,
-                                      self._rootfs(spec.name), self._userns_fd(spec.idmap or bundle.LEGACY_IDMAP))
+        mounts.mount_overlay_idmapped(list(r.lowerdirs), r.upperdir, r.workdir, self._rootfs(spec.name),
+                                      self._userns_fd(spec.idmap or bundle.LEGACY_IDMAP),
+                                      os.path.join(self._dir(spec.name), "layers"), detached=self.detached_layers)
 
     def _userns_fd(self, m: IdMap) -> int:
         """A user namespace of map ``m`` (made once per runtime and map, kept open)."""
@@ -550,6 +552,8 @@ class RuncRuntime:
         rootfs = self._rootfs(name)
         if mounts.is_mounted(rootfs):
             mounts.unmount(rootfs, lazy=True)
+        for p in sorted(mounts.mounts_under(self._dir(name)), key=len, reverse=True):
+            mounts.unmount(p, lazy=True)  # a crash's leftovers (layers staged for the overlay)
         mounts.release_fs_image(self._disk_image(name))  # a rootfs size limit's filesystem
         cgroups.remove(self.cgroup_parent, name)
         self.net.detach(name)

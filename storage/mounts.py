@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from typing import Sequence
 
@@ -120,21 +121,54 @@ def idmapped_tree(path: str, userns_fd: int) -> int:
 
 
 def mount_overlay_idmapped(lowerdirs: Sequence[str], upperdir: str, workdir: str, target: str,
-                           userns_fd: int) -> None:
+                           userns_fd: int, stage_dir: str, *, detached: bool = True) -> None:
     """mount_overlay with every lower dir seen through an id-mapped mount (``idmapped_tree``):
     a user namespace's root owns what host root owns in the layers, without a copy. The upper
-    dir is not shifted: it holds host ids as the container's processes write them. Lower
-    layers on detached mounts need Linux 6.x's overlayfs; on failure nothing is mounted."""
+    dir is not shifted: it holds host ids as the container's processes write them.
+
+    Overlayfs takes the layers as detached mounts (``/proc/self/fd/N``) since Linux 6.15;
+    older kernels (5.19+) refuse them (EINVAL): then each is attached under ``stage_dir``
+    (an empty dir of the caller's) for the overlay mount and detached again right after (the
+    overlay keeps private clones). ``detached=False`` takes that path at once. On failure
+    nothing is mounted and ``stage_dir`` holds no mount."""
     fds = []
     try:
         for d in lowerdirs:
             if "," in d or ":" in d:
                 raise InvalidInput(f"overlay path {d!r} contains ',' or ':'")
             fds.append(idmapped_tree(d, userns_fd))
-        mount_overlay([f"/proc/self/fd/{fd}" for fd in fds], upperdir, workdir, target)
+        if detached:
+            try:
+                mount_overlay([f"/proc/self/fd/{fd}" for fd in fds], upperdir, workdir, target)
+                return
+            except CommandFailed as e:
+                if e.returncode != errno.EINVAL:
+                    raise
+        _mount_overlay_staged(fds, upperdir, workdir, target, stage_dir)
     finally:
         for fd in fds:
             os.close(fd)
+
+
+SYS_MOVE_MOUNT = 429
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+
+def _mount_overlay_staged(fds: list[int], upperdir: str, workdir: str, target: str, stage_dir: str) -> None:
+    points = []
+    try:
+        for i, fd in enumerate(fds):
+            p = os.path.join(stage_dir, str(i))
+            os.makedirs(p, exist_ok=True)
+            if _libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, p.encode(), MOVE_MOUNT_F_EMPTY_PATH) < 0:
+                err = ctypes.get_errno()
+                raise CommandFailed(f"move_mount to {p}: {os.strerror(err)}", argv=["move_mount", p],
+                                    returncode=err)
+            points.append(p)
+        mount_overlay(points, upperdir, workdir, target)
+    finally:
+        for p in points:
+            unmount(p, lazy=True)
 
 
 # -- size-limited filesystems (container rootfs limits) ----------------------------------

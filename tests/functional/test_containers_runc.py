@@ -515,3 +515,19 @@ def test_an_image_without_etc_gets_one_its_root_owns(open_tmp):
     finally:
         cleanup()
     assert_nothing_left(rt)
+
+
+def test_id_mapped_layers_the_way_older_kernels_take_them(open_tmp):
+    """Kernels before 6.15 refuse detached layers: attached under the container's dir for the
+    overlay mount, detached right after. Same view inside, no mount left behind."""
+    rt, cleanup = make_runc(open_tmp)
+    rt.detached_layers = False
+    try:
+        run_spec(rt, open_tmp, "staged", ("sleep", "1000"), userns=True)
+        assert rt.exec("staged", ["ls", "-nd", "/bin/busybox", "/"]).stdout.split()[2:4] == ["0", "0"]
+        assert rt.exec("staged", ["touch", "/x"]).exit_code == 0
+        cdir = os.path.join(rt.state_dir, "containers", "staged")
+        assert mounts.mounts_under(cdir) == [os.path.join(cdir, "rootfs")]
+    finally:
+        cleanup()
+    assert_nothing_left(rt)

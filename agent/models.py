@@ -179,6 +179,8 @@ class Host(Model):
     hypervisor: Literal["kvm", "qemu", "none"]
     hypervisor_driver: str
     container_runtime: str
+    container_idmap: dict[str, int] | None = Field(
+        None, description="{host_id, size}: the host ids containers' user namespaces map 0.. to")
     cpus: int
     memory_bytes: int
     pools: list[Pool]

@@ -148,6 +148,7 @@ def test_containers_run_unprivileged_by_default(agent):
     client, root, tmp = agent
     m = root.runtime.idmap
     assert m.host_id >= 65536
+    assert client.get("/v1/host").json["container_idmap"] == {"host_id": m.host_id, "size": m.size}
     owned = layer([("srv/", "dir", None, 0o755), ("srv/root-file", "file", b"r\n", 0o600, 0, 0),
                    ("srv/nginx/", "dir", None, 0o755, 101, 102),
                    ("srv/nginx/own", "file", b"n\n", 0o640, 101, 102)])

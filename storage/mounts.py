@@ -219,5 +219,23 @@ def release_fs_image(path: str) -> bool:
             points = [line.split()[4] for line in f if line.split(" - ", 1)[1].split()[1] == dev]
         for p in sorted(points, key=len, reverse=True):
             unmount(p, lazy=True)  # an overlay just detached lazily may still hold it
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
+        _detach_loop(dev)
     return bool(devs)
+
+
+LOOP_RELEASE_WAIT = 5.0  # seconds for the last reference of a lazily unmounted filesystem to go
+
+
+def _detach_loop(dev: str) -> bool:
+    """Detach loop device ``dev`` once nothing holds it (an overlay's clones of its filesystem
+    are released a moment after the unmount); False if it is still attached after the wait."""
+    import subprocess
+    import time
+    bound = f"/sys/block/{os.path.basename(dev)}/loop/backing_file"
+    deadline = time.monotonic() + LOOP_RELEASE_WAIT
+    while os.path.exists(bound):
+        subprocess.run(["losetup", "-d", dev], capture_output=True)  # autoclear may beat us to it
+        if not os.path.exists(bound) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return not os.path.exists(bound)

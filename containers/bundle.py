@@ -206,8 +206,8 @@ def build_config(spec: ContainerSpec, *, rootfs: str, uid: int, gid: int,
     }
     if spec.userns:
         namespaces.append({"type": "user"})
-        m = spec.idmap or LEGACY_IDMAP
-        idmap = [{"containerID": 0, "hostID": m.host_id, "size": m.size}]
+        ids = spec.idmap or LEGACY_IDMAP
+        idmap = [{"containerID": 0, "hostID": ids.host_id, "size": ids.size}]
         linux["uidMappings"] = idmap
         linux["gidMappings"] = [dict(m) for m in idmap]
         # cgroupfs is not mountable from a user namespace without cgroupns on v1

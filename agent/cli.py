@@ -290,7 +290,7 @@ def instance():
 @click.option("--image", "image_ref", required=True)
 @click.option("--cpus", type=float, default=1)
 @click.option("--memory", "memory_mib", type=int, default=256, help="MiB")
-@click.option("--disk", "disk_gib", type=int, help="GiB (VMs)")
+@click.option("--disk", "disk_gib", type=int, help="GiB: a VM's root disk, a container's rootfs limit")
 @click.option("--pool")
 @click.option("--env", multiple=True, help="KEY=VALUE (containers)")
 @click.option("--user-data", type=click.File("r"), help="cloud-init user-data file (VMs)")
@@ -300,16 +300,21 @@ def instance():
 @click.option("--burst-kbit", type=int, help="the limits' burst, kbit (default: 50 ms at the rate)")
 @click.option("--cap-add", multiple=True, help="containers: a capability to grant (CAP_NET_ADMIN, ALL)")
 @click.option("--cap-drop", multiple=True, help="containers: a default capability to take away (ALL)")
+@click.option("--privileged", is_flag=True,
+              help="containers: no user namespace, container root = host root (admin tokens only)")
 @click.option("--no-start", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("command", nargs=-1)
 def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, network,
-                    ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, no_start, as_json, command):
+                    ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, privileged, no_start, as_json,
+                    command):
     """Create NAME from an image; for containers, COMMAND after `--` overrides the image's."""
     body = {"name": name, "kind": kind, "image": image_ref, "cpus": cpus, "memory_mib": memory_mib,
             "start": not no_start}
     if disk_gib:
         body["disk_gib"] = disk_gib
+    if privileged:
+        body["privileged"] = True
     if pool:
         body["pool"] = pool
     if env:

@@ -137,6 +137,9 @@ class ContainersConfig(_Strict):
     cgroup_parent: str | None = None  # None: the runtime's default ("nodeagent"); one per agent on a shared cgroupfs
     # bytes of stdout and of stderr an exec answer carries (the rest is read and dropped: truncated)
     exec_output_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # "HOST_ID:SIZE": the host ids user-namespaced containers map to (container root = HOST_ID);
+    # None: the `nodeagent` entry of /etc/subuid and /etc/subgid, allocated if missing
+    idmap: str | None = Field(None, pattern=r"^[0-9]{1,10}:[0-9]{1,10}$")
     # "default" (Docker's default-deny allow-list, containers/seccomp_default.json), "unconfined"
     # (no filter), or an absolute path to a profile in Docker's or OCI's format
     seccomp_profile: str = "default"

@@ -183,6 +183,8 @@ class Host(Model):
     hypervisor: Literal["kvm", "qemu", "none"]
     hypervisor_driver: str
     container_runtime: str
+    container_idmap: dict[str, int] | None = Field(
+        None, description="{host_id, size}: the host ids containers' user namespaces map 0.. to")
     cpus: int
     memory_bytes: int
     pools: list[Pool]
@@ -339,7 +341,9 @@ class InstanceCreate(Model):
                                     "(a CFS quota, e.g. 0.5 for half a core)")
     memory_mib: Int = Field(256, ge=min(vm_limits.MIN_MEMORY_MIB, container_limits.MIN_MEMORY_MIB),
                             le=MAX_MEMORY_MIB)
-    disk_gib: IntRange(1, 65536) | None = Field(None, description="VMs: grow the root disk to this")
+    disk_gib: IntRange(1, 65536) | None = Field(
+        None, description="VMs: grow the root disk to this; containers: the most their writes to the rootfs "
+                          "may take (ENOSPC beyond)")
     pids_max: IntRange(1, container_limits.MAX_PIDS) | None = Field(None, description="containers")
     pool: PoolName | None = None
     network: Literal["bridge", "none", "host"] = Field("bridge", description="host: containers only")
@@ -362,6 +366,8 @@ class InstanceCreate(Model):
         default_factory=list, max_length=len(ALL_CAPABILITIES) + 1, json_schema_extra={"uniqueItems": True},
         description="containers: capabilities taken from the default set (ALL: every one; cap_add then "
                     "adds back)")
+    privileged: bool = Field(False, description="containers, admin tokens only: run without a user "
+                                                "namespace (container root is host root)")
     start: bool = True
 
     # the kind-dependent rules of _fits_kind, for the spec (a schema-valid body is accepted)
@@ -372,12 +378,13 @@ class InstanceCreate(Model):
              "memory_mib": {"minimum": vm_limits.MIN_MEMORY_MIB},
              "network": {"enum": ["bridge", "none"]}, "ports": {"maxItems": 0},
              "env": {"maxProperties": 0}, "command": {"type": "null"}, "pids_max": {"type": "null"},
-             "cap_add": {"maxItems": 0}, "cap_drop": {"maxItems": 0}}}},
+             "cap_add": {"maxItems": 0}, "cap_drop": {"maxItems": 0},
+             "privileged": {"const": False}}}},
         {"if": {"properties": {"kind": {"const": "container"}}, "required": ["kind"]},
          "then": {"properties": {
              "cpus": {"minimum": container_limits.MIN_CPUS, "maximum": container_limits.MAX_CPUS},
              "memory_mib": {"minimum": container_limits.MIN_MEMORY_MIB},
-             "user_data": {"type": "null"}, "disk_gib": {"type": "null"}}}},
+             "user_data": {"type": "null"}}}},
         {"if": {"properties": {"network": {"enum": ["none", "host"]}}, "required": ["network"]},
          "then": {"properties": {"ports": {"maxItems": 0}, "bandwidth": {"type": "null"}}}},
     ]})
@@ -393,7 +400,8 @@ class InstanceCreate(Model):
         return self
 
     def _vm_checks(self) -> None:
-        unused = [f for f in ("ports", "env", "command", "pids_max", "cap_add", "cap_drop") if getattr(self, f)]
+        unused = [f for f in ("ports", "env", "command", "pids_max", "cap_add", "cap_drop", "privileged")
+                  if getattr(self, f)]
         if unused:
             raise ValueError(f"{', '.join(unused)} are for containers: a VM takes user_data")
         if self.network == "host":
@@ -406,9 +414,9 @@ class InstanceCreate(Model):
             raise ValueError(f"memory_mib of a VM must be at least {vm_limits.MIN_MEMORY_MIB}")
 
     def _container_checks(self) -> None:
-        unused = [f for f in ("user_data", "disk_gib") if getattr(self, f) is not None]
+        unused = [f for f in ("user_data",) if getattr(self, f) is not None]
         if unused:
-            raise ValueError(f"{', '.join(unused)} are for VMs: a container takes env and command")
+            raise ValueError(f"{', '.join(unused)} is for VMs: a container takes env and command")
         lo, hi = container_limits.MIN_CPUS, container_limits.MAX_CPUS
         if not lo <= self.cpus <= hi:
             raise ValueError(f"cpus of a container must be {lo}..{hi} (the kernel's smallest CFS "
@@ -589,6 +597,12 @@ class InstanceSpec(InstanceCreate):
     image_id: ImageId | None = None
 
 
+class IdRange(Model):
+    """A user namespace's map: container ids 0..size-1 are host ids host_id.."""
+    host_id: IntRange(0, 2**32 - 2)
+    size: IntRange(1, 2**32 - 1)
+
+
 class IncomingMigration(Model):
     instance: IncomingInstance
     spec: InstanceSpec
@@ -599,6 +613,9 @@ class IncomingMigration(Model):
     # shared storage (block pools): volume name -> its uri on the source; the destination
     # adopts these volumes (the same images) instead of making new ones
     shared_volumes: dict[VolumeName, Uri] | None = Field(None, max_length=8)
+    # a container's user namespace map on the source (its upper dir's owners are host ids of
+    # that map); None: no user namespace there. The destination shifts owners to its own map.
+    idmap: IdRange | None = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -611,6 +628,11 @@ class IncomingMigration(Model):
             raise ValueError("spec.image_id must be the image sent")
         if self.shared_volumes is not None and set(self.shared_volumes) != set(inst.volumes):
             raise ValueError("shared_volumes must name exactly the instance's volumes")
+        if self.spec.privileged:
+            raise ValueError("spec.privileged: a privileged container (root = host root) does not migrate; a "
+                             "peer cannot make one: recreate it on the destination with an admin token")
+        if self.idmap is not None and self.idmap.host_id < 65536:
+            raise ValueError("idmap: a user namespace map starts at host id 65536 or above")
         return self
 
 

@@ -143,7 +143,7 @@ def bench_create(tmp):
                                                              str(base / "work")),
                                  command=("/bin/busybox", "sleep", "600"), env={"PATH": "/bin"},
                                  hostname=f"r{i}", limits=Limits(cpus=1, memory_mib=64),
-                                 network=NetworkSpec(mode="none"))
+                                 network=NetworkSpec(mode="none"), userns=True)  # as the API's
             time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             rt.create(spec)
@@ -173,6 +173,7 @@ def bench_create(tmp):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="bench-api-")
+    os.chmod(tmp, 0o711)  # user-namespaced containers' roots traverse it to their rootfs
     try:
         if os.environ.get("BENCH_ONLY") != "create":
             bench_list(tmp)

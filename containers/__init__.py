@@ -1,6 +1,6 @@
 """Container runtimes: runc + conmon, and a stateful fake."""
-from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits, NetworkSpec,
+from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, IdMap, Limits, NetworkSpec,
                                 PortMap, Rootfs, Runtime)
 
-__all__ = ["ContainerInfo", "ContainerSpec", "ExecResult", "Limits", "NetworkSpec", "PortMap",
+__all__ = ["ContainerInfo", "ContainerSpec", "ExecResult", "IdMap", "Limits", "NetworkSpec", "PortMap",
            "Rootfs", "Runtime"]

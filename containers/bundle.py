@@ -15,8 +15,8 @@ import os
 import resource
 
 from agent.errors import InvalidInput
+from containers.runtime import ContainerSpec, IdMap
 from containers.security import Security
-from containers.runtime import ContainerSpec
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -24,8 +24,8 @@ MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
                 "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap")
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
-USERNS_BASE_ID = 100000  # host uid/gid that container root maps to under a user namespace
-USERNS_SIZE = 65536
+# the map of a user-namespaced spec recorded without one (before containers.idmap's host range)
+LEGACY_IDMAP = IdMap(100000, 65536)
 SHM_SIZE = "size=65536k"  # 64 MiB /dev/shm, runc's and Docker's default
 CGROUP_PARENT = "nodeagent"  # containers' cgroups live under <controller>/nodeagent/<name>
 
@@ -208,7 +208,8 @@ def build_config(spec: ContainerSpec, *, rootfs: str, uid: int, gid: int,
         linux["seccomp"] = profile
     if spec.userns:
         namespaces.append({"type": "user"})
-        idmap = [{"containerID": 0, "hostID": USERNS_BASE_ID, "size": USERNS_SIZE}]
+        ids = spec.idmap or LEGACY_IDMAP
+        idmap = [{"containerID": 0, "hostID": ids.host_id, "size": ids.size}]
         linux["uidMappings"] = idmap
         linux["gidMappings"] = [dict(m) for m in idmap]
         # cgroupfs is not mountable from a user namespace without cgroupns on v1

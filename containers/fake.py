@@ -35,7 +35,7 @@ from agent.errors import Conflict, InvalidInput, NotFound
 from containers import validate
 from containers.bundle import resolve_process
 from containers.bandwidth import Bandwidth
-from containers.runtime import ContainerInfo, ContainerSpec, ExecResult, Limits
+from containers.runtime import ContainerInfo, ContainerSpec, ExecResult, IdMap, Limits
 
 if TYPE_CHECKING:
     from agent.state import Database
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 SIGTERM_EXIT = 128 + 15
 DEFAULT_SUBNET = "10.88.0.0/24"
+FAKE_IDMAP = IdMap(1000000, 65536)  # the default /etc/subuid allocation (containers.idmap)
 
 
 def _interpret(command: list[str] | tuple[str, ...], hostname: str,
@@ -81,13 +82,15 @@ class _Box:
     log: list[str] = dataclasses.field(default_factory=list)
 
     def info(self) -> ContainerInfo:
-        return ContainerInfo(self.spec.name, self.state, self.pid, self.exit_code, self.ip)
+        return ContainerInfo(self.spec.name, self.state, self.pid, self.exit_code, self.ip,
+                             self.spec.idmap if self.spec.userns else None)
 
 
 class FakeRuntime:
     """In-memory runtime. Thread-safe. Lifecycle and errors as in ``containers.runtime``."""
 
-    def __init__(self, *, subnet: str = DEFAULT_SUBNET):
+    def __init__(self, *, subnet: str = DEFAULT_SUBNET, idmap: IdMap = FAKE_IDMAP):
+        self.idmap = idmap  # the host range user-namespaced containers map to (as RuncRuntime's)
         self._boxes: dict[str, _Box] = {}
         self._lock = threading.RLock()
         self._net = ipaddress.ip_network(subnet)
@@ -124,6 +127,8 @@ class FakeRuntime:
     # -- the Runtime interface ------------------------------------------------------------
     def create(self, spec: ContainerSpec) -> ContainerInfo:
         validate.check_spec(spec)
+        if spec.userns:
+            spec = dataclasses.replace(spec, idmap=self.idmap)
         with self._lock:
             if spec.name in self._boxes:
                 raise Conflict(f"container {spec.name!r} already exists: pick another name "

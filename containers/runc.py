@@ -33,10 +33,10 @@ from typing import Any
 from agent.errors import (CommandFailed, Conflict, InvalidInput, NotFound, Unavailable,
                           Unsupported)
 from agent.state import Database
-from containers import bandwidth, bundle, cgroups, validate
+from containers import bandwidth, bundle, cgroups, idmap as idmaps, validate
 from containers.network import Network, short_hash
-from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, Limits, NetworkSpec,
-                                PortMap, Rootfs)
+from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, IdMap, Limits,
+                                NetworkSpec, PortMap, Rootfs)
 from containers.security import Security
 from storage import mounts
 
@@ -63,11 +63,12 @@ def spec_from_json(text: str) -> ContainerSpec:
     net = d["network"]
     return ContainerSpec(
         name=d["name"], rootfs=Rootfs(tuple(d["rootfs"]["lowerdirs"]), d["rootfs"]["upperdir"],
-                                      d["rootfs"]["workdir"]),
+                                      d["rootfs"]["workdir"], d["rootfs"].get("quota_bytes")),
         command=tuple(d["command"]), env=d["env"], workdir=d["workdir"], user=d["user"],
         hostname=d["hostname"], limits=Limits(**d["limits"]),
         network=NetworkSpec(net["mode"], tuple(PortMap(**p) for p in net["ports"])),
-        userns=d["userns"], image_config=d.get("image_config") or {},
+        userns=d["userns"], idmap=IdMap(**d["idmap"]) if d.get("idmap") else None,
+        image_config=d.get("image_config") or {},
         bandwidth=bandwidth.Bandwidth.from_dict(d.get("bandwidth")),
         cap_add=tuple(d.get("cap_add") or ()), cap_drop=tuple(d.get("cap_drop") or ()))
 
@@ -96,12 +97,14 @@ class RuncRuntime:
                  subnet: str = "10.88.0.0/24", nat: bool = True,
                  cgroup_parent: str = bundle.CGROUP_PARENT, runc: str = "runc",
                  conmon: str = "conmon", exec_output_bytes: int = EXEC_OUTPUT_BYTES,
-                 network: Network | None = None, security: Security | None = None):
+                 network: Network | None = None, security: Security | None = None,
+                 idmap: IdMap | None = None):
         """``network``: the host's bridge network, shared with the agent's VM addresses (one
         lease table, one bridge); without it the runtime makes its own from ``bridge``,
         ``subnet`` and ``nat`` (tests, benches). ``security``: capabilities, seccomp profile
         and no_new_privileges of every container (None: Docker's defaults,
-        containers/security.py)."""
+        containers/security.py). ``idmap``: the host range user-namespaced containers map to
+        (None: /etc/subuid's ``nodeagent`` entry, see containers.idmap)."""
         self.runc = shutil.which(runc)
         self.conmon = shutil.which(conmon)
         for tool, path in (("runc", self.runc), ("conmon", self.conmon)):
@@ -124,6 +127,9 @@ class RuncRuntime:
         self.net = network or Network(db, bridge=bridge, subnet=subnet, nat=nat, rtag=self.rtag)
         self._lock = threading.Lock()  # guards _locks only
         self._locks: dict[str, threading.RLock] = {}  # one per container name
+        self.idmap = idmap or idmaps.host_idmap()
+        self._userns_fds: dict[IdMap, int] = {}  # one user namespace per map, for id-mapped layers
+        self.detached_layers = True  # False: the pre-6.15 kernels' way (storage.mounts.mount_overlay_idmapped)
 
     @classmethod
     def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
@@ -136,7 +142,7 @@ class RuncRuntime:
         security = Security.from_settings(settings.get("seccomp_profile") or "default",
                                           bool(settings.get("no_new_privileges")))
         return cls(state_dir, db, network=network, exec_output_bytes=settings["exec_output_bytes"],
-                   security=security, **extra)
+                   security=security, idmap=idmaps.host_idmap(settings.get("idmap")), **extra)
 
     def _name_lock(self, name: str) -> threading.RLock:
         """Operations on one container are serialised; different containers run in parallel
@@ -237,13 +243,17 @@ class RuncRuntime:
 
     def _info(self, row) -> ContainerInfo:
         state, pid, code = self._status(row["name"])
-        return ContainerInfo(row["name"], state, pid, code, row["ip"])
+        spec = json.loads(row["spec"])
+        m = IdMap(**spec["idmap"]) if spec.get("idmap") else bundle.LEGACY_IDMAP
+        return ContainerInfo(row["name"], state, pid, code, row["ip"], m if spec["userns"] else None)
 
     # -- create ---------------------------------------------------------------------------
     def create(self, spec: ContainerSpec) -> ContainerInfo:
         """Mount the rootfs, set up networking and write the bundle. Conflict on a name
         clash or a taken port; on any failure everything made here is removed."""
         validate.check_spec(spec)
+        if spec.userns:
+            spec = dataclasses.replace(spec, idmap=self.idmap)
         for d in spec.rootfs.lowerdirs:
             if not os.path.isdir(d):
                 raise InvalidInput(f"image layer {d} does not exist: import the image "
@@ -276,9 +286,11 @@ class RuncRuntime:
         r = spec.rootfs
         for d in (r.upperdir, r.workdir):
             os.makedirs(d, exist_ok=True)
+        if r.quota_bytes:
+            self._mount_disk(spec)
         if spec.userns:
             self._prepare_userns(spec)
-        mounts.mount_overlay(list(r.lowerdirs), r.upperdir, r.workdir, rootfs)
+        self._mount_rootfs(spec)
         proc = bundle.resolve_process(spec)
         uid, gid = bundle.resolve_user(proc["user"], rootfs)
         _check_command(proc["args"][0], proc["env"].get("PATH", ""), proc["cwd"], rootfs)
@@ -294,17 +306,77 @@ class RuncRuntime:
         return ip
 
     def _prepare_userns(self, spec: ContainerSpec) -> None:
-        """Container root is host uid USERNS_BASE_ID: it must reach the rootfs and bundle
-        and own the top of the upper dir (so it can write to /)."""
+        """Container root is host uid ``spec.idmap.host_id``: it must reach the rootfs and
+        bundle and own the top of the upper dir (so it can write to /). The layers are read
+        through the overlay with the mounter's (host root's) credentials: they need no access."""
+        m = spec.idmap or bundle.LEGACY_IDMAP
         for d in (self._dir(spec.name), self._rootfs(spec.name)):
             os.chmod(d, 0o711)
-        for d in (*spec.rootfs.lowerdirs, self._rootfs(spec.name), self._bundle(spec.name)):
+        for d in (self._rootfs(spec.name), self._bundle(spec.name)):
             blocked = _untraversable(d)
             if blocked:
                 raise Unsupported(f"user namespaces need {blocked} to be traversable by "
-                                  f"uid {bundle.USERNS_BASE_ID}: chmod o+x {blocked} (or put "
-                                  "state_dir and the image cache under such a dir)")
-        os.chown(spec.rootfs.upperdir, bundle.USERNS_BASE_ID, bundle.USERNS_BASE_ID)
+                                  f"uid {m.host_id}: chmod o+x {blocked} (or put "
+                                  "state_dir under such a dir)")
+        os.chown(spec.rootfs.upperdir, m.host_id, m.host_id)
+
+    def _disk_image(self, name: str) -> str:
+        return os.path.join(self._dir(name), "disk.img")
+
+    def _mount_disk(self, spec: ContainerSpec) -> None:
+        """Put the upper and work dirs on a filesystem of ``rootfs.quota_bytes`` (a sparse ext4
+        image in the container's dir, loop-mounted at their parent): the container's writes
+        end in ENOSPC there, the host's filesystem keeps the rest. Made at create (with what
+        the upper dir already holds: a migration's), mounted again after a reboot."""
+        r = spec.rootfs
+        top = os.path.dirname(r.upperdir)
+        if mounts.is_mounted(top):
+            return
+        img = self._disk_image(spec.name)
+        if not os.path.exists(img):
+            mounts.make_fs_image(img, r.quota_bytes)
+            if os.listdir(r.upperdir):
+                self._copy_in(img, r.upperdir)
+        mounts.mount_fs_image(img, top)
+        os.chmod(top, 0o700)
+        os.makedirs(r.upperdir, mode=0o755, exist_ok=True)
+        os.makedirs(r.workdir, mode=0o700, exist_ok=True)
+
+    def _copy_in(self, img: str, upper: str) -> None:
+        """Move what ``upper`` holds (a migration's stream, received before the create) onto the
+        new filesystem: owners, modes, xattrs (overlay whiteouts and opaque dirs) kept."""
+        tmp = os.path.join(os.path.dirname(img), "disk-in")
+        os.makedirs(tmp, exist_ok=True)
+        mounts.mount_fs_image(img, tmp)
+        try:
+            r = subprocess.run(["cp", "-a", "--sparse=always", upper, tmp + "/"],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise InvalidInput(f"the rootfs does not fit its size limit: {r.stderr.strip()[-300:]}")
+        finally:
+            mounts.unmount(tmp)
+            os.rmdir(tmp)
+        shutil.rmtree(upper)
+        os.mkdir(upper, 0o755)
+
+    def _mount_rootfs(self, spec: ContainerSpec) -> None:
+        """The overlay at rootfs/: under a user namespace, the layers through id-mapped mounts
+        of the container's map (root's files are container root's, without a copy)."""
+        r = spec.rootfs
+        if not spec.userns:
+            mounts.mount_overlay(list(r.lowerdirs), r.upperdir, r.workdir, self._rootfs(spec.name))
+            return
+        mounts.mount_overlay_idmapped(list(r.lowerdirs), r.upperdir, r.workdir, self._rootfs(spec.name),
+                                      self._userns_fd(spec.idmap or bundle.LEGACY_IDMAP),
+                                      os.path.join(self._dir(spec.name), "layers"), detached=self.detached_layers)
+
+    def _userns_fd(self, m: IdMap) -> int:
+        """A user namespace of map ``m`` (made once per runtime and map, kept open)."""
+        with self._lock:
+            fd = self._userns_fds.get(m)
+            if fd is None:
+                fd = self._userns_fds[m] = mounts.open_userns(m.host_id, m.size)
+            return fd
 
     def _write_config(self, spec: ContainerSpec, limits: Limits, *, netns, ip, uid, gid):
         name = spec.name
@@ -312,7 +384,8 @@ class RuncRuntime:
         etc = bundle.etc_files_for(self._bundle(name), hostname=hostname, ip=ip,
                                    nameservers=bundle.host_nameservers()) \
             if spec.network.mode != "host" else {}
-        _make_mountpoints(self._rootfs(name), etc)
+        m = (spec.idmap or bundle.LEGACY_IDMAP) if spec.userns else None
+        _make_mountpoints(self._rootfs(name), etc, owner=m.host_id if m else None)
         cfg = bundle.build_config(
             spec, rootfs=self._rootfs(name), uid=uid, gid=gid, netns=netns,
             cgroups_path=cgroups.cgroups_path(self.cgroup_parent, name),
@@ -352,9 +425,9 @@ class RuncRuntime:
         """After a host reboot the mount and netns are gone: make them again."""
         spec = spec_from_json(row["spec"])
         if not mounts.is_mounted(self._rootfs(spec.name)):
-            r = spec.rootfs
-            mounts.mount_overlay(list(r.lowerdirs), r.upperdir, r.workdir,
-                                 self._rootfs(spec.name))
+            if spec.rootfs.quota_bytes:
+                self._mount_disk(spec)
+            self._mount_rootfs(spec)
         if spec.network.mode == "bridge" and not spec.userns and \
                 not os.path.exists(self.net.netns_path(spec.name)):
             netns, ip = self.net.attach(spec.name, spec.network.ports)
@@ -493,6 +566,9 @@ class RuncRuntime:
         rootfs = self._rootfs(name)
         if mounts.is_mounted(rootfs):
             mounts.unmount(rootfs, lazy=True)
+        for p in sorted(mounts.mounts_under(self._dir(name)), key=len, reverse=True):
+            mounts.unmount(p, lazy=True)  # a crash's leftovers (layers staged for the overlay)
+        mounts.release_fs_image(self._disk_image(name))  # a rootfs size limit's filesystem
         cgroups.remove(self.cgroup_parent, name)
         if bandwidth.port_exists(bandwidth.ifb_name(self.net.veth_name(name))):
             bandwidth.clear(self.net.veth_name(name))
@@ -651,15 +727,21 @@ class RuncRuntime:
         return [self._info(r) for r in self.db.query("SELECT * FROM containers ORDER BY name")]
 
     def close(self) -> None:
-        """Remove the bridge, its rules and the parent cgroups if no container is left."""
+        """Remove the bridge, its rules and the parent cgroups if no container is left;
+        drop the user namespaces kept for id-mapped layers."""
+        with self._lock:
+            for fd in self._userns_fds.values():
+                os.close(fd)
+            self._userns_fds.clear()
         if not self.db.query("SELECT name FROM containers"):
             self.net.delete_bridge()
             cgroups.remove_parent(self.cgroup_parent)
 
 
-def _make_mountpoints(rootfs: str, files: dict[str, str]) -> None:
+def _make_mountpoints(rootfs: str, files: dict[str, str], owner: int | None = None) -> None:
     """Create empty files for bind mounts (as host root: a user-namespaced runc could not),
-    resolving symlinks inside the rootfs only."""
+    resolving symlinks inside the rootfs only; what is made belongs to host id ``owner``
+    (container root under a user namespace), else to host root."""
     root = os.path.realpath(rootfs)
     for dest in files:
         dirname = os.path.dirname(dest)
@@ -669,12 +751,16 @@ def _make_mountpoints(rootfs: str, files: dict[str, str]) -> None:
             if os.path.lexists(plain):
                 continue  # a dangling or looping link: let runc refuse it
             os.makedirs(plain)
+            if owner is not None:
+                os.chown(plain, owner, owner, follow_symlinks=False)
             parent = plain
         if not os.path.isdir(parent):
             continue
         final = os.path.join(parent, os.path.basename(dest))
         if not os.path.lexists(final):
             fd = os.open(final, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644)
+            if owner is not None:
+                os.fchown(fd, owner, owner)
             os.close(fd)
 
 

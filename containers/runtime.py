@@ -39,10 +39,28 @@ class NetworkSpec:
 
 
 @dataclass(frozen=True)
+class IdMap:
+    """A user namespace's map: ids 0..size-1 inside are host_id.. on the host (uids and gids)."""
+    host_id: int
+    size: int
+
+    def to_host(self, cid: int) -> int | None:
+        """The host id of container id ``cid``; None if it is not mapped."""
+        return self.host_id + cid if 0 <= cid < self.size else None
+
+    def to_container(self, hid: int) -> int | None:
+        """The container id of host id ``hid``; None if it is not in the range."""
+        return hid - self.host_id if self.host_id <= hid < self.host_id + self.size else None
+
+
+@dataclass(frozen=True)
 class Rootfs:
     lowerdirs: tuple[str, ...]  # image layers, top first (overlayfs order)
     upperdir: str
     workdir: str
+    # the container's writes are limited to this many bytes (ENOSPC beyond): upper and work
+    # live on a filesystem of this size mounted at their parent dir; None: no limit
+    quota_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,11 +74,14 @@ class ContainerSpec:
     hostname: str | None = None
     limits: Limits = Limits()
     network: NetworkSpec = NetworkSpec()
+    # a user namespace: container root is an unprivileged host id (the runtime's host range,
+    # recorded in ``idmap`` at create); False only for a privileged container (admin's choice)
     userns: bool = False
     bandwidth: Bandwidth = Bandwidth()  # rate limits of its bridge port (containers/bandwidth.py)
     # capabilities on top of / taken from the host's default set (containers/security.py); "ALL" allowed
     cap_add: tuple[str, ...] = ()
     cap_drop: tuple[str, ...] = ()
+    idmap: IdMap | None = None
     # the image's OCI config (Cmd, Entrypoint, Env, WorkingDir, User); the spec's own
     # command/env/workdir/user win over it, Docker-style (Entrypoint + command)
     image_config: dict = field(default_factory=dict)
@@ -73,6 +94,7 @@ class ContainerInfo:
     pid: int | None = None
     exit_code: int | None = None
     ip: str | None = None
+    idmap: IdMap | None = None  # its user namespace's map; None: no user namespace (privileged)
 
 
 @dataclass(frozen=True)
@@ -86,6 +108,8 @@ class ExecResult:
 
 @runtime_checkable
 class Runtime(Protocol):
+    idmap: IdMap  # the host range user-namespaced containers map to (one per host)
+
     def create(self, spec: ContainerSpec) -> ContainerInfo:
         """Conflict on a name clash; on failure nothing (mount, cgroup, veth, lease) is left."""
 

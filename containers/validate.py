@@ -97,6 +97,7 @@ def check_spec(spec: ContainerSpec) -> None:
     check_limits(spec.limits)
     check_network(spec.network)
     check_capabilities(spec.cap_add, spec.cap_drop)
+    check_rootfs_quota(spec)
 
 
 def check_capabilities(add, drop) -> None:
@@ -119,3 +120,22 @@ def check_bandwidth(mode: str, bw: Bandwidth) -> None:
     if bw.limited and mode != "bridge":
         raise InvalidInput(f"bandwidth limits apply to a container's bridge port: network "
                            f"{mode!r} has none")
+
+
+MIN_ROOTFS_BYTES = 64 * 1024 * 1024  # 64 MiB: ext4's metadata and journal leave room for writes
+MAX_ROOTFS_BYTES = 64 * 1024**4  # 64 TiB (the API's disk_gib is at most 65536)
+
+
+def check_rootfs_quota(spec: ContainerSpec) -> None:
+    """A size limit needs upper and work side by side (their parent becomes the filesystem)."""
+    q = spec.rootfs.quota_bytes
+    if q is None:
+        return
+    if not isinstance(q, int) or not MIN_ROOTFS_BYTES <= q <= MAX_ROOTFS_BYTES:
+        raise InvalidInput(f"rootfs size limit {q!r} is invalid: give {MIN_ROOTFS_BYTES} bytes (64 MiB) "
+                           f"to {MAX_ROOTFS_BYTES} bytes")
+    import os
+    up, wk = spec.rootfs.upperdir, spec.rootfs.workdir
+    if os.path.dirname(up) != os.path.dirname(wk) or os.path.dirname(up) in ("", "/"):
+        raise InvalidInput("a rootfs size limit needs the upper and work dirs in one dir of their own "
+                           f"(got {up} and {wk})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from typing import Sequence
 
@@ -53,3 +54,188 @@ def mounts_under(prefix: str) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f]
     return [p for p in points if p == prefix or p.startswith(prefix.rstrip("/") + "/")]
+
+
+# -- idmapped mounts (user-namespaced containers) ----------------------------------------
+# x86_64 and aarch64 share these numbers (the "new" mount API, Linux 5.2+; mount_setattr 5.12+)
+SYS_OPEN_TREE, SYS_MOUNT_SETATTR = 428, 442
+OPEN_TREE_CLONE = 1  # a detached copy of the mount, ours to change
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_EMPTY_PATH = 0x1000
+AT_FDCWD = -100
+MOUNT_ATTR_IDMAP = 0x100000
+CLONE_NEWUSER = 0x10000000
+_libc.syscall.restype = ctypes.c_long
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def open_userns(host_id: int, size: int) -> int:
+    """A user namespace mapping ids 0..size-1 to host ids host_id.. (uids and gids alike):
+    an fd of it, the caller's to close. The namespace lives as long as the fd; no process
+    stays in it (a short `unshare --user cat` holds it while the maps are written)."""
+    import subprocess
+    import time
+    proc = subprocess.Popen(["unshare", "--user", "cat"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        mine = os.readlink("/proc/self/ns/user")
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{proc.pid}/ns/user") == mine:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise CommandFailed("unshare --user failed: "
+                                    f"{proc.stderr.read().decode(errors='replace').strip() or 'timed out'}",
+                                    argv=["unshare", "--user", "cat"])
+            time.sleep(0.0005)
+        for f in ("uid_map", "gid_map"):
+            with open(f"/proc/{proc.pid}/{f}", "w") as fh:
+                fh.write(f"0 {host_id} {size}\n")
+        return os.open(f"/proc/{proc.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        proc.stdin.close()
+        proc.wait()
+        proc.stderr.close()
+
+
+def idmapped_tree(path: str, userns_fd: int) -> int:
+    """A detached mount of ``path`` whose owners are shifted by the map of ``userns_fd``
+    (an id-mapped mount, Linux 5.12+): its fd, the caller's to close. Nothing on disk changes;
+    the mount vanishes with the last reference (the fd, or an overlay using it)."""
+    fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise CommandFailed(f"open_tree {path}: {os.strerror(err)}", argv=["open_tree", path],
+                            returncode=err)
+    attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+    if _libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr),
+                     ctypes.sizeof(attr)) < 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise CommandFailed(f"id-mapped mount of {path}: {os.strerror(err)} (needs Linux 5.12+ and a "
+                            "filesystem that supports id-mapped mounts: ext4, xfs, btrfs, tmpfs 6.3+)",
+                            argv=["mount_setattr", path], returncode=err)
+    return fd
+
+
+def mount_overlay_idmapped(lowerdirs: Sequence[str], upperdir: str, workdir: str, target: str,
+                           userns_fd: int, stage_dir: str, *, detached: bool = True) -> None:
+    """mount_overlay with every lower dir seen through an id-mapped mount (``idmapped_tree``):
+    a user namespace's root owns what host root owns in the layers, without a copy. The upper
+    dir is not shifted: it holds host ids as the container's processes write them.
+
+    Overlayfs takes the layers as detached mounts (``/proc/self/fd/N``) since Linux 6.15;
+    older kernels (5.19+) refuse them (EINVAL): then each is attached under ``stage_dir``
+    (an empty dir of the caller's) for the overlay mount and detached again right after (the
+    overlay keeps private clones). ``detached=False`` takes that path at once. On failure
+    nothing is mounted and ``stage_dir`` holds no mount."""
+    fds = []
+    try:
+        for d in lowerdirs:
+            if "," in d or ":" in d:
+                raise InvalidInput(f"overlay path {d!r} contains ',' or ':'")
+            fds.append(idmapped_tree(d, userns_fd))
+        if detached:
+            try:
+                mount_overlay([f"/proc/self/fd/{fd}" for fd in fds], upperdir, workdir, target)
+                return
+            except CommandFailed as e:
+                if e.returncode != errno.EINVAL:
+                    raise
+        _mount_overlay_staged(fds, upperdir, workdir, target, stage_dir)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+SYS_MOVE_MOUNT = 429
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
+
+def _mount_overlay_staged(fds: list[int], upperdir: str, workdir: str, target: str, stage_dir: str) -> None:
+    points = []
+    try:
+        for i, fd in enumerate(fds):
+            p = os.path.join(stage_dir, str(i))
+            os.makedirs(p, exist_ok=True)
+            if _libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, p.encode(), MOVE_MOUNT_F_EMPTY_PATH) < 0:
+                err = ctypes.get_errno()
+                raise CommandFailed(f"move_mount to {p}: {os.strerror(err)}", argv=["move_mount", p],
+                                    returncode=err)
+            points.append(p)
+        mount_overlay(points, upperdir, workdir, target)
+    finally:
+        for p in points:
+            unmount(p, lazy=True)
+
+
+# -- size-limited filesystems (container rootfs limits) ----------------------------------
+def make_fs_image(path: str, size_bytes: int) -> None:
+    """A sparse file of ``size_bytes`` at ``path`` holding an empty ext4 filesystem (lazy
+    inode-table and journal init, no root reserve: the whole size is usable). It takes the
+    host's space only as it is written. On failure the file is removed."""
+    import subprocess
+    try:
+        with open(path, "xb") as f:
+            f.truncate(size_bytes)
+        r = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+                            "lazy_itable_init=1,lazy_journal_init=1,nodiscard", path],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise CommandFailed(f"mkfs.ext4 {path} failed: {r.stderr.strip()[-300:]}",
+                                argv=r.args, returncode=r.returncode, stderr=r.stderr)
+    except BaseException:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def mount_fs_image(path: str, target: str) -> None:
+    """Loop-mount the filesystem image ``path`` at ``target`` (nodev, nosuid). The loop device
+    is set up with autoclear (mount(8)'s `-o loop`): it goes away with the unmount."""
+    import subprocess
+    r = subprocess.run(["mount", "-t", "ext4", "-o", "loop,nodev,nosuid", path, target],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CommandFailed(f"mount of {path} on {target} failed: {r.stderr.strip()[-300:]} (loop devices: "
+                            "is the loop module loaded? `modprobe loop`)",
+                            argv=r.args, returncode=r.returncode, stderr=r.stderr)
+
+
+def release_fs_image(path: str) -> bool:
+    """Unmount every mount of the image ``path`` (found by its loop devices) and detach those
+    devices; False if it had none. Tolerates a missing file."""
+    import subprocess
+    if not os.path.exists(path):
+        return False  # the runtime removes an image only after releasing it here
+    r = subprocess.run(["losetup", "-j", path, "-O", "NAME", "-n"], capture_output=True, text=True)
+    devs = [d.strip() for d in r.stdout.splitlines() if d.strip()]
+    for dev in devs:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f if line.split(" - ", 1)[1].split()[1] == dev]
+        for p in sorted(points, key=len, reverse=True):
+            unmount(p, lazy=True)  # an overlay just detached lazily may still hold it
+        _detach_loop(dev)
+    return bool(devs)
+
+
+LOOP_RELEASE_WAIT = 5.0  # seconds for the last reference of a lazily unmounted filesystem to go
+
+
+def _detach_loop(dev: str) -> bool:
+    """Detach loop device ``dev`` once nothing holds it (an overlay's clones of its filesystem
+    are released a moment after the unmount); False if it is still attached after the wait."""
+    import subprocess
+    import time
+    bound = f"/sys/block/{os.path.basename(dev)}/loop/backing_file"
+    deadline = time.monotonic() + LOOP_RELEASE_WAIT
+    while os.path.exists(bound):
+        subprocess.run(["losetup", "-d", dev], capture_output=True)  # autoclear may beat us to it
+        if not os.path.exists(bound) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return not os.path.exists(bound)

@@ -40,8 +40,15 @@ anywhere else; tests/unit/test_unpack.py crafts a tar for each):
 Decided, not refused: setuid and setgid bits are STRIPPED from every non-directory,
 so no image file can grant privilege (no setuid-root binary exists on the host's disk
 whatever the image holds; inside containers, ``su``/``sudo``/``ping`` lose their setuid
-bit: run the process as the user it needs). File-capability and other xattrs are not
-restored (no PAX xattrs are applied). Directories keep ALL their mode bits, as Docker
+bit: run the process as the user it needs). File capabilities (``security.capability``,
+as GNU tar --xattrs and BuildKit write them) are KEPT on regular files, in the v2 form
+(no root id: v3's root id names a user of the namespace the image was built in, meaningless
+here), so ``ping``-style binaries work as a non-root USER. They grant nothing on the host:
+the layer store is 0700 (no host user reaches the file), and in a container they are capped
+by its bounding set; under a user namespace the kernel reads them through the id-mapped layer
+mount as belonging to the container's root, so they are honoured in the container's namespace
+only. Malformed capability data is refused. Other xattrs are not applied.
+Directories keep ALL their mode bits, as Docker
 and containerd do: the sticky bit (``/tmp`` is 1777) and setgid (a shared group dir)
 grant no privilege by themselves (a directory's setgid only sets the group of new
 files to the directory's group). Ownership and modes are applied with
@@ -72,6 +79,12 @@ TAR_BUFFER = 64 * 1024  # tarfile's stream buffer: it re-slices the buffer on ev
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 OPAQUE_XATTR = "trusted.overlay.opaque"
+CAP_XATTR = "security.capability"
+CAP_PAX = "SCHILY.xattr." + CAP_XATTR  # GNU tar's (and BuildKit's) PAX key for it
+VFS_CAP_REVISION_MASK = 0xFF000000
+VFS_CAP_REVISION_2, VFS_CAP_REVISION_3 = 0x02000000, 0x03000000
+VFS_CAP_FLAGS_EFFECTIVE = 0x000001
+VFS_CAP_V2_SIZE, VFS_CAP_V3_SIZE = 20, 24  # magic + 2 x (permitted, inheritable) [+ rootid]
 DEFAULT_MAX_BYTES = 8 * 1024**3
 DEFAULT_MAX_RATIO = 200
 DEFAULT_MAX_ENTRIES = 1_000_000  # members per layer (inode bomb); a big distro layer has ~50k
@@ -121,7 +134,7 @@ def unpack_layer(src: str, dest: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_entries: int = DEFAULT_MAX_ENTRIES) -> dict:
     """Unpack the layer file ``src`` into the existing empty dir ``dest``.
 
-    Returns {"files", "bytes", "stripped_setid"}. On InvalidInput ``dest`` holds a partial
+    Returns {"files", "bytes", "stripped_setid", "entries", "file_caps"}. On InvalidInput ``dest`` holds a partial
     tree the caller removes (``unpack_layer_once`` does); nothing outside it is touched.
     """
     compressed = os.stat(src).st_size
@@ -173,7 +186,7 @@ def unpack_layer(src: str, dest: str, *, max_bytes: int = DEFAULT_MAX_BYTES,
             proc.wait()
             proc.stderr.close()
     return {"files": x.files, "bytes": x.total, "stripped_setid": x.stripped,
-            "entries": x.entries}
+            "entries": x.entries, "file_caps": x.file_caps}
 
 
 def _decompressor(argv: list[str], src: str) -> subprocess.Popen:
@@ -250,7 +263,7 @@ def _clean_name(name: str, what: str, src: str) -> list[str]:
 class _Extractor:
     def __init__(self, root: int, cap: int, src: str, max_entries: int = DEFAULT_MAX_ENTRIES):
         self.root, self.cap, self.src, self.max_entries = root, cap, src, max_entries
-        self.total = self.files = self.stripped = self.entries = 0
+        self.total = self.files = self.stripped = self.entries = self.file_caps = 0
         self._last: tuple[tuple, int] | None = None  # (parent parts, fd): members come grouped
         self.owners = os.geteuid() == 0  # only root can give files their image owners
 
@@ -364,7 +377,7 @@ class _Extractor:
                 return
             self._remove(pfd, leaf)
             if m.isreg():
-                self._write(tar, m, pfd, leaf, mode)
+                self._write(tar, m, pfd, leaf, mode, file_caps(m, self.src))
             elif m.issym():
                 os.symlink(m.linkname, leaf, dir_fd=pfd)
                 if self.owners:
@@ -377,7 +390,7 @@ class _Extractor:
         finally:
             os.close(pfd)
 
-    def _write(self, tar, m, pfd: int, leaf: str, mode: int) -> None:
+    def _write(self, tar, m, pfd: int, leaf: str, mode: int, caps: bytes | None = None) -> None:
         fd = os.open(leaf, _CREATE_FILE, 0o600, dir_fd=pfd)
         try:
             src = tar.extractfile(m)
@@ -393,6 +406,9 @@ class _Extractor:
             if self.owners:
                 os.fchown(fd, m.uid, m.gid)
             os.fchmod(fd, mode)
+            if caps is not None and self.owners:  # after fchown, which clears them
+                os.setxattr(fd, CAP_XATTR, caps)
+                self.file_caps += 1
         finally:
             os.close(fd)
 
@@ -445,6 +461,24 @@ class _Extractor:
                 os.mknod(hidden, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
         finally:
             os.close(pfd)
+
+
+def file_caps(m: tarfile.TarInfo, src: str) -> bytes | None:
+    """The member's ``security.capability`` as v2 vfs_cap_data (the root id of a v3 one
+    dropped), None if it has none. InvalidInput if it is not v2 or v3 capability data."""
+    text = m.pax_headers.get(CAP_PAX)
+    if text is None:
+        return None
+    raw = text.encode("utf-8", "surrogateescape")
+    magic = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else 0
+    rev = magic & VFS_CAP_REVISION_MASK
+    if not ((rev == VFS_CAP_REVISION_2 and len(raw) == VFS_CAP_V2_SIZE)
+            or (rev == VFS_CAP_REVISION_3 and len(raw) == VFS_CAP_V3_SIZE)) \
+            or magic & ~(VFS_CAP_REVISION_MASK | VFS_CAP_FLAGS_EFFECTIVE):
+        raise InvalidInput(f"{src}: {m.name!r} has a {CAP_XATTR} xattr that is not v2 or v3 capability "
+                           f"data ({len(raw)} bytes)")
+    flags = magic & VFS_CAP_FLAGS_EFFECTIVE
+    return (VFS_CAP_REVISION_2 | flags).to_bytes(4, "little") + raw[4:VFS_CAP_V2_SIZE]
 
 
 def _kind(m: tarfile.TarInfo) -> str:

@@ -34,15 +34,20 @@ XATTR_PREFIX = "SCHILY.xattr."  # how GNU tar --xattrs names them in PAX headers
 OVERLAY_XATTRS = ("trusted.overlay.opaque", "trusted.overlay.whiteout", "trusted.overlay.whiteouts")
 
 
-def unpack_upper(stream, dest: str, *, max_bytes: int, label: str = "rootfs stream") -> dict:
+def unpack_upper(stream, dest: str, *, max_bytes: int, label: str = "rootfs stream",
+                 owners=None) -> dict:
     """Unpack the uncompressed tar ``stream`` (anything with ``read``) over the existing dir
-    ``dest``. Returns {"files", "bytes"}. InvalidInput for a member the policy refuses (what
-    came before it stays: the caller removes the whole instance); OSError (ENOSPC) as raised."""
+    ``dest``. ``owners``: None, or a function giving the owner id here of each uid and gid sent
+    (a user namespace map that differs between the hosts). Returns {"files", "bytes"}.
+    InvalidInput for a member the policy refuses (what came before it stays: the caller
+    removes the whole instance); OSError (ENOSPC) as raised."""
     root = os.open(dest, _OPEN_DIR)
     x = _UpperExtractor(root, max_bytes, label)
     try:
         with tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BUFFER) as tar:
             for member in tar:
+                if owners is not None:
+                    member.uid, member.gid = owners(member.uid), owners(member.gid)
                 x.add(tar, member)
     except tarfile.TarError as e:
         raise InvalidInput(f"{label}: not a valid tar stream ({e})") from None

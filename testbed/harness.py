@@ -206,6 +206,8 @@ class SimHost:
                  "[hypervisor]", 'uri = "qemu:///system"', 'virt_type = "qemu"',
                  f'migration_uri = "{self.libvirt_uri}"',
                  "[containers]", f'cgroup_parent = "{self.netns}"',  # the hosts share one cgroupfs
+                 # a user namespace range of its own, as real hosts may have: migrations shift owners
+                 f'idmap = "{1000000 + 65536 * (int(self.name[1:]) if self.name[1:].isdigit() else 0)}:65536"',
                  "[network]", 'bridge = "nabr0"', f'subnet = "{subnet}"']
         for name, (url, token) in sorted(peers.items()):
             lines += [f"[peers.{name}]", f'url = "{url}"', f'token = "{token}"']

@@ -16,12 +16,17 @@ def sha(data: bytes) -> str:
 
 
 def layer(members, compress=True) -> bytes:
-    """members: (name, kind, data_or_target, mode) with kind file|dir|sym."""
+    """members: (name, kind, data_or_target[, mode[, uid, gid[, xattrs]]]) with kind
+    file|dir|sym; ``xattrs``: {name: bytes} (as GNU tar --xattrs writes them, PAX headers)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, kind, val, *mode in members:
+        for name, kind, val, *rest in members:
             ti = tarfile.TarInfo(name)
-            ti.mode = mode[0] if mode else (0o755 if kind == "dir" else 0o644)
+            ti.mode = rest[0] if rest else (0o755 if kind == "dir" else 0o644)
+            if len(rest) >= 3:
+                ti.uid, ti.gid = rest[1], rest[2]
+            if len(rest) >= 4:
+                ti.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in rest[3].items()}
             if kind == "file":
                 ti.size = len(val)
                 t.addfile(ti, io.BytesIO(val))

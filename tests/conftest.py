@@ -15,6 +15,19 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def open_tmp():
+    """A dir under /tmp others may traverse (0711; pytest's tmp_path is under a 0700 dir):
+    user-namespaced containers' roots must reach their rootfs and bundle in a state dir here."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+    d = Path(tempfile.mkdtemp(prefix="nodeagent-userns-", dir="/tmp"))
+    d.chmod(0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def db(tmp_path):
     d = Database(tmp_path / "state.db")
     yield d

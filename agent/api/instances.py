@@ -2,7 +2,7 @@
 from flask import Blueprint, Response
 
 from agent import models
-from agent.errors import redact
+from agent.errors import Forbidden, redact
 from agent.api import caller_is_admin, parse, path_id, query_number, render, route, services
 
 bp = Blueprint("instances", __name__)
@@ -12,9 +12,12 @@ TAIL = {"name": "tail", "schema": {"type": "integer", "minimum": 1, "maximum": 1
 
 
 @route(bp, "POST", "/v1/instances", summary="Create a VM or container (202 + operation)",
-       body=models.InstanceCreate, responses={202: models.Operation, 404: None, 409: None, 422: None})
+       body=models.InstanceCreate, responses={202: models.Operation, 403: None, 404: None, 409: None, 422: None})
 def create_instance():
-    return render(services().instances.create(parse(models.InstanceCreate)), 202)
+    req = parse(models.InstanceCreate)
+    if req.privileged and not caller_is_admin():
+        raise Forbidden("privileged containers (container root = host root) need an admin token")
+    return render(services().instances.create(req), 202)
 
 
 @route(bp, "GET", "/v1/instances", summary="List instances", responses={200: models.InstanceList})

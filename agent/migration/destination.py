@@ -14,7 +14,7 @@ from agent import models
 from agent.errors import Conflict, InsufficientResources, NotFound, Unprocessable, Unsupported
 from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets
 from agent.migration.peer import Peers
-from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, untar_into
+from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, shift_owners, untar_into
 from agent.services.records import Instance
 from hypervisor.driver import SupportsIncomingDisks
 from storage.units import MiB
@@ -67,7 +67,7 @@ class MigrationDestination:
         try:
             (self.root.instances.instance_dir(inst.id) / SOURCE_FILE).write_text(source)
             if inst.kind == "container":
-                return self._prepare_container(inst, image, pool)
+                return self._prepare_container(inst, image, pool, req.idmap)
             if req.shared_volumes:
                 return self._prepare_shared_vm(inst, spec, image, pool, req.shared_volumes)
             return self._prepare_vm(inst, spec, image, pool, req.disk_size)
@@ -173,11 +173,12 @@ class MigrationDestination:
             drop_unused_secrets(self.root, inst_id)
         return gone
 
-    def _prepare_container(self, inst, image, pool) -> models.IncomingPrepared:
+    def _prepare_container(self, inst, image, pool, idmap) -> models.IncomingPrepared:
         layers = self.root.store.prepare_rootfs(image.id, inst.volumes[0], pool=pool)
         d = self.root.instances.instance_dir(inst.id)
         (d / LAYERS_FILE).write_text(json.dumps({"lowerdirs": list(layers.lowerdirs),
-                                                 "upperdir": layers.upperdir, "workdir": layers.workdir}))
+                                                 "upperdir": layers.upperdir, "workdir": layers.workdir,
+                                                 "source_idmap": idmap.model_dump() if idmap else None}))
         return models.IncomingPrepared(disk_sources={}, migration_uri="")
 
     def receive_rootfs(self, caller: dict, inst_id: str, stream) -> models.Received:
@@ -187,8 +188,12 @@ class MigrationDestination:
         if inst.kind != "container":
             raise Unprocessable("only containers take a rootfs stream")
         layers = json.loads((self.config.state_path / "instances" / inst_id / LAYERS_FILE).read_text())
+        from containers.runtime import IdMap
+        src = layers.get("source_idmap")
+        here = None if inst.spec_dict().get("privileged") else self.root.runtime.idmap
         try:
-            return models.Received(bytes=untar_into(layers["upperdir"], stream))
+            return models.Received(bytes=untar_into(layers["upperdir"], stream,
+                                                   owners=shift_owners(IdMap(**src) if src else None, here)))
         except InsufficientResources as e:
             raise InsufficientResources(f"pool {inst.pool!r} on {self.root.host.hostname()} "
                                         f"({self.config.api.listen}) is full: {e.message}") from None

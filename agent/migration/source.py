@@ -46,10 +46,12 @@ def criu_works() -> tuple[bool, str]:
 
 
 def incoming_request(inst: Instance, image, *, data_bytes: int, disk_size: int | None = None,
-                     shared_volumes: dict[str, str] | None = None) -> models.IncomingMigration:
+                     shared_volumes: dict[str, str] | None = None, idmap=None) -> models.IncomingMigration:
     """What the destination is asked to prepare (``POST /v1/peer/migrations``) for ``inst``:
-    checked here with the model the destination parses it with."""
-    fields = {"disk_size": disk_size, "shared_volumes": shared_volumes}
+    checked here with the model the destination parses it with. ``idmap``: a container's user
+    namespace map here (containers.IdMap), None without one."""
+    fields = {"disk_size": disk_size, "shared_volumes": shared_volumes,
+              "idmap": {"host_id": idmap.host_id, "size": idmap.size} if idmap else None}
     return _request(models.IncomingMigration, {
         "instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
         "spec": inst.spec_dict(), "data_bytes": data_bytes, "image_bytes": image.size,
@@ -308,8 +310,9 @@ class MigrationSource:
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(upper)))
-        was_running = self.root.runtime.get(name).state == "running"
+        info = self.root.runtime.get(name)
+        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(upper), idmap=info.idmap))
+        was_running = info.state == "running"
         stopped_at = None
         sent = 0
         try:

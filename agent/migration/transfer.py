@@ -12,6 +12,7 @@ from storage.units import MiB
 IMAGE_CHUNK = 1024 * 1024
 NO_SPACE = "No space left on device"  # strerror(ENOSPC), as tar, QEMU and libvirt report it
 ROOTFS_MAX_BYTES = 1024**4  # 1 TiB: what one rootfs stream may unpack to (the API caps the stream the same)
+NOBODY = 65534  # the overflow id: what a container sees for an id its map lacks
 
 
 def allocated_bytes(path: str | None) -> int:
@@ -47,15 +48,36 @@ class _Counted:
             pass
 
 
-def untar_into(dest: str, stream) -> int:
+def shift_owners(source, here):
+    """The owner map of an upper dir sent from a host where the container's user namespace map
+    was ``source`` to one where it is ``here`` (containers.IdMap; None: no user namespace, host
+    ids are container ids): host id there -> container id -> host id here. An id outside
+    ``source``'s range (unmapped there: the container saw it as nobody) or beyond ``here``'s
+    becomes nobody (65534) of ``here``: a peer's stream never makes a file of a host user
+    outside the container's range. None between two privileged containers (nothing to map)."""
+    if source is None and here is None:
+        return None
+
+    def shift(hid: int) -> int:
+        cid = source.to_container(hid) if source is not None else hid
+        if cid is None:
+            cid = NOBODY
+        if here is None:
+            return cid
+        return here.to_host(cid) if here.to_host(cid) is not None else here.to_host(NOBODY)
+    return shift
+
+
+def untar_into(dest: str, stream, *, owners=None) -> int:
     """Unpack a peer's tar stream of a container's upper dir into ``dest`` with the hardened
     extractor (storage/upper.py: nothing an earlier stream left there is followed; owners,
-    modes, whiteouts and overlay xattrs kept); bytes read. A refused or failed stream is
-    drained, then raised: InvalidInput, or InsufficientResources when the pool fills up."""
+    modes, whiteouts and overlay xattrs kept; ``owners``: a map of owner ids, see shift_owners);
+    bytes read. A refused or failed stream is drained, then raised: InvalidInput, or
+    InsufficientResources when the pool fills up."""
     from storage.upper import unpack_upper
     counted = _Counted(stream)
     try:
-        unpack_upper(counted, dest, max_bytes=ROOTFS_MAX_BYTES, label="the rootfs stream")
+        unpack_upper(counted, dest, max_bytes=ROOTFS_MAX_BYTES, label="the rootfs stream", owners=owners)
     except OSError as e:
         counted.drain()
         if e.errno == errno.ENOSPC:

@@ -177,14 +177,15 @@ class Assembly:
 
         spec = ContainerSpec(
             name=req.name,
-            rootfs=Rootfs(lowerdirs=tuple(layers.lowerdirs), upperdir=layers.upperdir, workdir=layers.workdir),
+            rootfs=Rootfs(lowerdirs=tuple(layers.lowerdirs), upperdir=layers.upperdir, workdir=layers.workdir,
+                          quota_bytes=req.disk_gib * GiB if req.disk_gib else None),
             command=tuple(req.command or ()), env=dict(req.env), hostname=req.name,
             limits=Limits(cpus=req.cpus, memory_mib=req.memory_mib, pids_max=req.pids_max),
             network=NetworkSpec(mode=req.network, ports=tuple(
                 PortMap(p.host_port, p.container_port, p.protocol, p.host_ip) for p in req.ports)),
             bandwidth=bandwidth_of(req),
             cap_add=tuple(getattr(req, "cap_add", None) or ()), cap_drop=tuple(getattr(req, "cap_drop", None) or ()),
-            image_config=dict(image.config or {}))
+            userns=not getattr(req, "privileged", False), image_config=dict(image.config or {}))
         try:
             return apply_image_config(spec, *layers.lowerdirs)
         except InvalidInput as e:

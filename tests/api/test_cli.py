@@ -89,3 +89,12 @@ def test_events_replay_what_came_after_an_id(cli, images):
     assert any(e["data"].get("name") == "evbox" and e["data"].get("state") == "deleted" for e in later), later
     r = cli("events", "--last-event-id", "x", check=False)
     assert r.returncode == 2
+
+
+def test_a_privileged_container_from_the_cli_needs_an_admin_token(agent, cli, images):
+    args = ("instance", "create", "privbox", "--kind", "container", "--image", "busybox", "--memory", "64",
+            "--privileged", "--", "/bin/sh", "-c", "sleep 100")
+    r = agent.cli(*args, env={"NODEAGENT_URL": agent.url, "NODEAGENT_TOKEN": agent.reader_token}, check=False)
+    assert r.returncode == 1 and "admin token" in r.stderr and "Traceback" not in r.stderr
+    assert "running" in cli(*args).stdout
+    cli("instance", "rm", "privbox")

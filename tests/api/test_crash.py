@@ -98,7 +98,8 @@ def test_kill9_during_image_import_and_instance_create(tmp_path):
 
 
 @pytest.mark.real
-def test_kill9_during_real_runc_container_start(tmp_path):
+def test_kill9_during_real_runc_container_start(open_tmp):
+    tmp_path = open_tmp  # containers run in user namespaces: their state dir must be traversable
     for tool in ("runc", "conmon"):
         assert shutil.which(tool), f"{tool} is not installed: run scripts/setup-host"
     from testbed.runtimes import test_network

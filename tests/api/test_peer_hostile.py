@@ -126,8 +126,10 @@ def prepare_body(images, kind="container", **instance):
             "image": {"id": image["id"], "name": image["name"], "format": image["format"], "kind": kind}}
 
 
-def prepare(peer, images, kind="container", **instance) -> dict:
+def prepare(peer, images, kind="container", idmap=None, **instance) -> dict:
     body = prepare_body(images, kind, **instance)
+    if idmap is not None:
+        body["idmap"] = idmap
     r = peer.post("/v1/peer/migrations", json=body)
     assert r.status_code == 200, r.text
     return body["instance"]
@@ -209,12 +211,13 @@ def test_rootfs_stream_members_that_leave_the_upper_dir_or_are_devices_are_refus
 
 
 def test_rootfs_stream_keeps_what_an_upper_dir_legitimately_holds(host, evil, images):
-    inst = prepare(evil, images)
+    # the source's user namespace map is this host's (one /etc/subuid allocation): owners as sent
+    inst = prepare(evil, images, idmap={"host_id": 1000000, "size": 65536})
     upper = os.path.join(volume_path(host, inst), "upper")
     first = tar_of({"name": "./etc", "type": tarfile.DIRTYPE, "pax": {"SCHILY.xattr.trusted.overlay.opaque": "y"}},
                    {"name": "./etc/hello", "type": tarfile.CHRTYPE, "mode": 0},  # a whiteout
                    {"name": "./bin", "type": tarfile.DIRTYPE},
-                   {"name": "./bin/su", "data": b"#!", "mode": 0o4755, "uid": 1234, "gid": 5678},
+                   {"name": "./bin/su", "data": b"#!", "mode": 0o4755, "uid": 1001234, "gid": 1005678},
                    {"name": "./bin/sh", "type": tarfile.SYMTYPE, "linkname": "/bin/busybox"},
                    {"name": "./bin/su2", "type": tarfile.LNKTYPE, "linkname": "./bin/su"},
                    {"name": "./run.fifo", "type": tarfile.FIFOTYPE, "mode": 0o600},
@@ -224,7 +227,7 @@ def test_rootfs_stream_keeps_what_an_upper_dir_legitimately_holds(host, evil, im
     assert (st.st_mode & 0o170000, st.st_rdev) == (0o020000, 0)  # char 0/0
     assert os.getxattr(os.path.join(upper, "etc"), "trusted.overlay.opaque") == b"y"
     st = os.lstat(os.path.join(upper, "bin", "su"))
-    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777, st.st_nlink) == (1234, 5678, 0o4755, 2)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777, st.st_nlink) == (1001234, 1005678, 0o4755, 2)
     assert os.readlink(os.path.join(upper, "bin", "sh")) == "/bin/busybox"
     assert os.path.exists(os.path.join(upper, "run.fifo"))
     # the refresh's second stream replaces entries: a file by a link, a link by a dir
@@ -249,7 +252,9 @@ BAD_FIELDS = {
     "ip-not-an-address": ("instance", "ip", "999.1.1.1"),
     "id-not-hex": ("instance", "id", "../../../../etc/x"),
     "spec-other-name": ("spec", "name", "someone-else"),
-    "spec-extra-field": ("spec", "privileged", True),
+    "spec-extra-field": ("spec", "hypervisor_args", ["-S"]),
+    "spec-privileged": ("spec", "privileged", True),  # a peer cannot make a container host root here
+    "idmap-of-host-root": (None, "idmap", {"host_id": 0, "size": 65536}),
     "image-name-traversal": ("image", "name", "../x"),
     "image-format": ("image", "format", "vmdk"),
     "data-bytes-negative": (None, "data_bytes", -1),
@@ -425,3 +430,22 @@ def test_a_peer_token_reaches_the_peer_routes_and_nothing_else(host, evil):
     stranger = Api(host.url, host.token("stranger", "peer"))
     assert_error(stranger.post("/v1/peer/migrations", json={"spec": {}}), 403)
     assert_error(stranger.get("/v1/instances"), 403)
+
+
+@pytest.mark.parametrize("idmap, sent, landed", [
+    (None, (0, 0), (1000000, 1000000)),  # a source without a user namespace: its ids are the container's
+    (None, (99999, 70000), (1065534, 1065534)),  # beyond the range: nobody
+    ({"host_id": 2000000, "size": 65536}, (2000101, 2000102), (1000101, 1000102)),  # another host's map
+    ({"host_id": 2000000, "size": 65536}, (0, 1000000), (1065534, 1065534)),  # not the source's: nobody
+    ({"host_id": 1000000, "size": 65536}, (0, 4242), (1065534, 1065534)),  # host root / users: never
+])
+def test_rootfs_stream_owners_land_in_this_hosts_range(host, evil, images, idmap, sent, landed):
+    """The owners a peer's stream names are container ids shifted into this host's range:
+    whatever it sends, no file of the upper dir belongs to a host user outside the range."""
+    inst = prepare(evil, images, idmap=idmap)
+    upper = os.path.join(volume_path(host, inst), "upper")
+    assert put_rootfs(evil, inst["id"], tar_of({"name": "./f", "data": b"x", "uid": sent[0],
+                                                 "gid": sent[1]})).status_code == 200
+    st = os.lstat(os.path.join(upper, "f"))
+    assert (st.st_uid, st.st_gid) == landed
+    assert evil.delete(f"/v1/peer/migrations/{inst['id']}").json() == {"deleted": True}

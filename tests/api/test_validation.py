@@ -55,7 +55,6 @@ def test_brackets_inside_strings_do_not_count_as_nesting(admin, images):
     ({"command": []}, "command", "at least 1"),               # was: silently the image's default
     ({"command": [""]}, "(body)", "command[0] is empty"),
     ({"user_data": "#cloud-config\n"}, "(body)", "for VMs"),
-    ({"disk_gib": 2}, "(body)", "for VMs"),                  # was: silently ignored
     ({"image": "../busybox"}, "image", "letters"),
     ({"pool": "a\nb"}, "pool", "letters"),
     ({"ports": [{"host_port": 8080, "container_port": 80, "host_ip": "999.1.1.1"}]}, "ports.0.host_ip", "IPv4"),

@@ -338,27 +338,16 @@ def test_egress_is_masqueraded(rt, tmp_path, upstream):
     assert res.stdout.strip() == upstream["host_ip"] != info.ip
 
 
-@pytest.fixture
-def open_tmp():
-    """A dir under /tmp others may traverse (0711): user-namespaced roots must reach it."""
-    import tempfile
-    d = tempfile.mkdtemp(prefix="nodeagent-userns-", dir="/tmp")
-    os.chmod(d, 0o711)
-    yield __import__("pathlib").Path(d)
-    import shutil
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def test_user_namespace_maps_root_and_keeps_networking(open_tmp):
     rt, cleanup = make_runc(open_tmp)
     try:
         run_spec(rt, open_tmp, "u", ("sleep", "1000"), userns=True, network=NetworkSpec())
         assert rt.exec("u", ["cat", "/proc/self/uid_map"]).stdout.split() == \
-            ["0", "100000", "65536"]
+            ["0", str(rt.idmap.host_id), str(rt.idmap.size)]
         assert rt.exec("u", ["id", "-u"]).stdout == "0\n"
         assert rt.exec("u", ["touch", "/made-inside"]).exit_code == 0
         # container root is an unprivileged uid on the host
-        assert os.stat(open_tmp / "rootfs" / "u" / "upper" / "made-inside").st_uid == 100000
+        assert os.stat(open_tmp / "rootfs" / "u" / "upper" / "made-inside").st_uid == rt.idmap.host_id
         ip = rt.get("u").ip
         assert ip in rt.exec("u", ["ip", "addr"]).stdout
         rt.restart("u", timeout=0.5)  # a new netns each run: wired up again
@@ -401,3 +390,145 @@ def test_start_after_a_host_reboot_remakes_mount_and_network(rt, tmp_path):
     again = rt.start("boot")
     assert again.state == "running" and again.ip == info.ip
     assert info.ip in rt.exec("boot", ["ip", "addr"]).stdout
+
+
+def _loops_of(img: str) -> list[str]:
+    out = subprocess.run(["losetup", "-j", img, "-O", "NAME", "-n"], capture_output=True, text=True).stdout
+    return out.split()
+
+
+@pytest.mark.parametrize("userns", [True, False])
+def test_rootfs_size_limit_ends_in_enospc_and_leaves_nothing(open_tmp, userns):
+    """Writes past the limit fail with ENOSPC inside; the host keeps its space (the image is
+    sparse: it takes what was written, at most the limit); after a reboot (mounts gone) the
+    files are there again; delete leaves no loop device, mount or file."""
+    from containers import Rootfs
+    import dataclasses
+    rt, cleanup = make_runc(open_tmp)
+    try:
+        spec = make_spec(rt, open_tmp, "q", ("sleep", "1000"), userns=userns)
+        spec = dataclasses.replace(spec, rootfs=Rootfs(spec.rootfs.lowerdirs, spec.rootfs.upperdir,
+                                                       spec.rootfs.workdir, quota_bytes=64 * 1024 * 1024))
+        rt.create(spec)
+        rt.start("q")
+        img = os.path.join(rt.state_dir, "containers", "q", "disk.img")
+        assert len(_loops_of(img)) == 1
+        free_before = os.statvfs(rt.state_dir).f_bavail * os.statvfs(rt.state_dir).f_frsize
+        r = rt.exec("q", ["dd", "if=/dev/zero", "of=/big", "bs=1M", "count=200"])
+        assert r.exit_code != 0 and "No space left on device" in r.stderr, r
+        used = os.stat(img).st_blocks * 512
+        assert used <= 66 * 1024 * 1024  # the limit (+ the filesystem's metadata), not 200 MiB
+        free_after = os.statvfs(rt.state_dir).f_bavail * os.statvfs(rt.state_dir).f_frsize
+        assert free_before - free_after <= 70 * 1024 * 1024
+        assert rt.exec("q", ["rm", "/big"]).exit_code == 0
+        assert rt.exec("q", ["sh", "-c", "echo kept > /kept"]).exit_code == 0
+        # a host reboot: every mount gone, the state dir kept
+        rt.stop("q", timeout=0.2)
+        mounts.unmount(os.path.join(rt.state_dir, "containers", "q", "rootfs"))
+        mounts.release_fs_image(img)
+        assert _loops_of(img) == []
+        rt.start("q")
+        assert rt.exec("q", ["cat", "/kept"]).stdout == "kept\n"
+        assert rt.exec("q", ["dd", "if=/dev/zero", "of=/big", "bs=1M", "count=200"]).exit_code != 0
+        assert rt.delete("q")
+        assert _loops_of(img) == [] and not os.path.exists(img)
+        assert mounts.mounts_under(str(open_tmp)) == []
+    finally:
+        cleanup()
+    assert_nothing_left(rt)
+
+
+def test_rootfs_size_limit_failed_create_leaves_nothing(rt, tmp_path):
+    """A create that fails after the filesystem was made (an unknown command) removes it all."""
+    from containers import Rootfs
+    import dataclasses
+    spec = make_spec(rt, tmp_path, "qbad", ("no-such-program",))
+    spec = dataclasses.replace(spec, rootfs=Rootfs(spec.rootfs.lowerdirs, spec.rootfs.upperdir,
+                                                   spec.rootfs.workdir, quota_bytes=64 * 1024 * 1024))
+    with pytest.raises(InvalidInput):
+        rt.create(spec)
+    img = os.path.join(rt.state_dir, "containers", "qbad", "disk.img")
+    assert _loops_of(img) == [] and not os.path.exists(img)
+    assert mounts.mounts_under(str(tmp_path)) == []
+    assert_nothing_left(rt, ["qbad"])
+
+
+def test_rootfs_size_limit_takes_in_what_the_upper_dir_held(open_tmp):
+    """A migration's destination receives the upper dir before the create: the new filesystem
+    starts with it (owners and overlay xattrs kept)."""
+    from containers import Rootfs
+    import dataclasses
+    rt, cleanup = make_runc(open_tmp)
+    try:
+        spec = make_spec(rt, open_tmp, "qin", ("sleep", "1000"), userns=True)
+        up = spec.rootfs.upperdir
+        os.makedirs(os.path.join(up, "srv"))
+        with open(os.path.join(up, "srv", "moved"), "w") as f:
+            f.write("moved\n")
+        os.chown(os.path.join(up, "srv", "moved"), rt.idmap.host_id + 7, rt.idmap.host_id + 7)
+        os.setxattr(os.path.join(up, "srv"), "trusted.overlay.opaque", b"y")
+        spec = dataclasses.replace(spec, rootfs=Rootfs(spec.rootfs.lowerdirs, up, spec.rootfs.workdir,
+                                                       quota_bytes=64 * 1024 * 1024))
+        rt.create(spec)
+        rt.start("qin")
+        assert rt.exec("qin", ["cat", "/srv/moved"]).stdout == "moved\n"
+        assert rt.exec("qin", ["ls", "-n", "/srv/moved"]).stdout.split()[2:4] == ["7", "7"]
+        assert os.getxattr(os.path.join(up, "srv"), "trusted.overlay.opaque") == b"y"
+        assert mounts.is_mounted(os.path.dirname(up))
+    finally:
+        cleanup()
+    assert_nothing_left(rt)
+
+
+def test_a_container_recorded_before_user_namespaces_is_adopted_as_it_was(rt, tmp_path):
+    """A record of an earlier agent (no idmap, no rootfs quota in its spec; no user namespace)
+    is re-adopted running, restarts, and keeps running as host root (unchanged)."""
+    import json
+    run_spec(rt, tmp_path, "old", ("sleep", "1000"))
+    row = rt.db.one("SELECT spec FROM containers WHERE name='old'")
+    spec = json.loads(row["spec"])
+    del spec["idmap"], spec["rootfs"]["quota_bytes"]
+    rt.db.execute("UPDATE containers SET spec=? WHERE name='old'", (json.dumps(spec),))
+    again = RuncRuntime(rt.state_dir, Database(rt.db.path), bridge=rt.net.bridge,
+                        subnet=str(rt.net.subnet), cgroup_parent=rt.cgroup_parent)
+    info = again.get("old")
+    assert info.state == "running" and info.idmap is None and info.pid == rt.get("old").pid
+    again.restart("old", timeout=0.2)
+    assert again.exec("old", ["cat", "/proc/self/uid_map"]).stdout.split() == ["0", "0", "4294967295"]
+    again.close()
+
+
+def test_an_image_without_etc_gets_one_its_root_owns(open_tmp):
+    """The mount points the agent makes for /etc/hosts & co. belong to container root."""
+    import shutil
+    from containers import Rootfs
+    from testbed.runtimes import build_busybox_rootfs
+    import dataclasses
+    lower = build_busybox_rootfs(str(open_tmp / "noetc"))
+    shutil.rmtree(os.path.join(lower, "etc"))
+    rt, cleanup = make_runc(open_tmp)
+    try:
+        spec = make_spec(rt, open_tmp, "noetc", ("sleep", "1000"), userns=True)
+        rt.create(dataclasses.replace(spec, rootfs=Rootfs((lower,), spec.rootfs.upperdir, spec.rootfs.workdir)))
+        rt.start("noetc")
+        assert rt.exec("noetc", ["ls", "-nd", "/etc"]).stdout.split()[2:4] == ["0", "0"]
+        assert rt.exec("noetc", ["touch", "/etc/mine"]).exit_code == 0
+    finally:
+        cleanup()
+    assert_nothing_left(rt)
+
+
+def test_id_mapped_layers_the_way_older_kernels_take_them(open_tmp):
+    """Kernels before 6.15 refuse detached layers: attached under the container's dir for the
+    overlay mount, detached right after. Same view inside, no mount left behind."""
+    rt, cleanup = make_runc(open_tmp)
+    rt.detached_layers = False
+    try:
+        run_spec(rt, open_tmp, "staged", ("sleep", "1000"), userns=True)
+        assert rt.exec("staged", ["ls", "-nd", "/bin/busybox", "/"]).stdout.split()[2:4] == ["0", "0"]
+        assert rt.exec("staged", ["touch", "/x"]).exit_code == 0
+        cdir = os.path.join(rt.state_dir, "containers", "staged")
+        assert mounts.mounts_under(cdir) == [os.path.join(cdir, "rootfs")]
+    finally:
+        cleanup()
+    assert_nothing_left(rt)

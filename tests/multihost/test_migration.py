@@ -211,8 +211,9 @@ def test_link_cut_then_retry(cluster, apis, image):
 
 @pytest.fixture(scope="module")
 def busybox(apis, cluster):
-    from testbed.ocibuild import busybox_layers, write_layout
-    layout = write_layout(str(cluster.hosts[0].root / "busybox-layout"), {"latest": busybox_layers()})
+    from testbed.ocibuild import busybox_layers, layer, write_layout
+    owned = layer([("srv/", "dir", None, 0o755), ("srv/u", "file", b"u\n", 0o666, 101, 102)])  # a USER's file
+    layout = write_layout(str(cluster.hosts[0].root / "busybox-layout"), {"latest": busybox_layers() + [owned]})
     op = apis["h1"].wait(apis["h1"].post("/v1/images", json={
         "name": "busybox", "format": "oci", "source": {"type": "file", "path": layout}}).json(),
         timeout=OP_TIMEOUT_S)
@@ -241,7 +242,7 @@ def sh_in(api, name, script) -> str:
 def test_container_migration_keeps_its_files(cluster, apis, busybox, mode):
     h1, h2 = cluster.hosts
     name = create_container(apis["h1"], busybox)
-    sh_in(apis["h1"], name, "echo data > /made; rm /etc/keep; mkdir -p /d; echo x > /d/f")
+    sh_in(apis["h1"], name, "echo data > /made; rm /etc/keep; mkdir -p /d; echo x > /d/f; echo more >> /srv/u")
     r = apis["h1"].post("/v1/migrations", json={"instance": name, "destination": "h2", "mode": "live"})
     assert r.status_code == 422 and "mode=refresh" in r.json()["error"]["message"]  # criu check fails here
     op = migrate(apis["h1"], name, "h2", mode=mode)
@@ -250,6 +251,11 @@ def test_container_migration_keeps_its_files(cluster, apis, busybox, mode):
     inst = apis["h2"].get(f"/v1/instances/{name}").json()
     assert inst["state"] == "running"
     assert sh_in(apis["h2"], name, "cat /made /d/f").split() == ["data", "x"]
+    # owners as the container saw them (a USER's file copied up, root's), though the hosts'
+    # user namespace ranges differ (testbed.harness gives each its own)
+    assert sh_in(apis["h2"], name, "cat /srv/u").split() == ["u", "more"]
+    assert sh_in(apis["h2"], name, "ls -n /srv/u").split()[2:4] == ["101", "102"]
+    assert sh_in(apis["h2"], name, "ls -n /made").split()[2:4] == ["0", "0"]
     etc = sh_in(apis["h2"], name, "ls /etc").split()
     assert "new" in etc and "keep" not in etc  # the deletion (an overlay whiteout) moved too
     assert sh_in(apis["h2"], name, "cat /log").split() == ["started", "started"]  # started again there

@@ -61,8 +61,8 @@ def test_rlimits_never_exceed_the_agents_hard_limit():
 def test_userns_adds_an_id_map():
     c = config(spec(userns=True))
     assert {"type": "user"} in c["linux"]["namespaces"]
-    assert c["linux"]["uidMappings"] == [{"containerID": 0, "hostID": bundle.USERNS_BASE_ID,
-                                          "size": bundle.USERNS_SIZE}]
+    assert c["linux"]["uidMappings"] == [{"containerID": 0, "hostID": bundle.LEGACY_IDMAP.host_id,
+                                          "size": bundle.LEGACY_IDMAP.size}]
     assert c["linux"]["gidMappings"] == c["linux"]["uidMappings"]
 
 

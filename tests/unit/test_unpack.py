@@ -374,3 +374,43 @@ def test_directory_replaced_by_a_symlink_then_written_in_a_later_layer(env):
         mounts.unmount(root)
     assert sorted(os.listdir(host)) == ["secret"]
     assert os.listdir(tmp / "upper" / "d") == ["y"]
+
+
+def _cap_layer(path, caps: bytes):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        ti = tarfile.TarInfo("bin/ping")
+        ti.size, ti.mode = 4, 0o755
+        ti.pax_headers = {"SCHILY.xattr.security.capability": caps.decode("utf-8", "surrogateescape")}
+        t.addfile(ti, io.BytesIO(b"\x7fELF"))
+    path.write_bytes(buf.getvalue())
+    return str(path)
+
+
+NET_RAW = 1 << 13
+
+
+def _vfs_cap(rev: int, permitted: int, rootid: int | None = None, effective=True) -> bytes:
+    raw = (rev | int(effective)).to_bytes(4, "little") + permitted.to_bytes(4, "little") + bytes(12)
+    return raw + rootid.to_bytes(4, "little") if rootid is not None else raw
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root sets security.capability")
+@pytest.mark.parametrize("caps", [_vfs_cap(0x02000000, NET_RAW), _vfs_cap(0x03000000, NET_RAW, rootid=0),
+                                  _vfs_cap(0x03000000, NET_RAW, rootid=100000)])
+def test_file_capabilities_are_kept_as_v2(tmp_path, caps):
+    """cap_net_raw+ep survives unpacking in the v2 form (a v3 root id of the build namespace dropped)."""
+    src = _cap_layer(tmp_path / "l.tar", caps)
+    (tmp_path / "out").mkdir()
+    r = unpack_layer(src, str(tmp_path / "out"))
+    assert r["file_caps"] == 1
+    assert os.getxattr(tmp_path / "out" / "bin" / "ping", "security.capability") == _vfs_cap(0x02000000, NET_RAW)
+
+
+@pytest.mark.parametrize("caps", [b"", b"\x01\x00\x00\x01" + bytes(8), _vfs_cap(0x02000000, NET_RAW) + b"x",
+                                  (0x02000000 | 0x10).to_bytes(4, "little") + bytes(16)])
+def test_malformed_file_capabilities_are_refused(tmp_path, caps):
+    src = _cap_layer(tmp_path / "l.tar", caps)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InvalidInput, match="security.capability"):
+        unpack_layer(src, str(tmp_path / "out"))

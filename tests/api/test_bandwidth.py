@@ -88,7 +88,8 @@ def test_vm_bandwidth_and_the_event_of_a_change(tmp_path):
 
 
 @pytest.mark.real
-def test_real_runc_agent_applies_keeps_and_reapplies_limits(tmp_path):
+def test_real_runc_agent_applies_keeps_and_reapplies_limits(open_tmp):
+    tmp_path = open_tmp  # user-namespaced containers' roots reach their rootfs by path
     for tool in ("runc", "conmon", "tc"):
         assert shutil.which(tool), f"{tool} is not installed: run scripts/setup-host"
     from containers import bandwidth

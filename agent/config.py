@@ -8,6 +8,7 @@ a missing file that was named explicitly is an error. ``$NODEAGENT_STATE_DIR`` a
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 
@@ -137,7 +138,7 @@ class MigrationConfig(_Strict):
     @field_validator("pki_path")
     @classmethod
     def _abs(cls, v):
-        if v is not None and (not os.path.isabs(v) or any(c in v for c in "?&#\n\"'")):
+        if v is not None and not re.fullmatch(r"/[A-Za-z0-9._/-]*", v):  # it goes into a libvirt URI
             raise ValueError(f"pki_path must be an absolute directory path, got {v!r}")
         return v
 

@@ -5,8 +5,9 @@ Live migration of a running 256 MiB TCG guest between two simulated hosts
 namespace, Cluster(ceph=True)): total time (POST /v1/migrations until the operation
 succeeded, as a client sees it) and downtime (QEMU's, from the destination's completed job
 stats), medians over ROUNDS migrations each way, for a guest on a local pool (its qcow2
-overlay copied live; peer = bare `virsh migrate --live --p2p --copy-storage-inc`) and on the
-shared block pool (memory only; peer = bare `virsh migrate --live --p2p`). The peer migrates
+overlay copied live; peer = bare `virsh migrate --live --p2p --tls --copy-storage-inc`) and on
+the shared block pool (memory only; peer = bare `virsh migrate --live --p2p --tls`). Both
+sides go over TLS, as the hosts are configured (README "Migration transport security"). The peer migrates
 the same guest (the agent's own domain XML, renamed onto copies of its disks or an RBD image
 of the same content with its own cephx secret on both libvirtds) between the same two
 libvirtds, interleaved with ours. Then the downtime of a refresh migration of a container
@@ -108,7 +109,7 @@ def peer_xml(agent_xml: str, name: str, uid: str, disk: str, seed: str, work: Pa
 
 class PeerVm:
     """The same guest run by bare libvirt: `virsh create` on h1, then `virsh migrate --live
-    --p2p [copy_flags]` between the same two libvirtds (``xmls[i]``: the domain as host i
+    --p2p --tls [copy_flags]` between the same two libvirtds (``xmls[i]``: the domain as host i
     sees it); ``cleanup`` undoes what was made for it."""
 
     def __init__(self, hosts, name: str, xmls: list[str], copy_flags: tuple[str, ...], cleanup=None):
@@ -119,7 +120,8 @@ class PeerVm:
     def migrate(self) -> tuple[float, float | None]:
         there = 1 - self.here
         t0 = time.perf_counter()
-        self.hosts[self.here].run("virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p", *self.copy_flags,
+        self.hosts[self.here].run("virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p", "--tls",
+                                  *self.copy_flags,
                                   "--xml", self.xmls[there], self.name, self.hosts[there].libvirt_uri,
                                   timeout=OP_TIMEOUT_S)
         total = (time.perf_counter() - t0) * 1000
@@ -260,8 +262,8 @@ def main() -> None:
             shared = vm_rounds(cluster, dirs["shared"], pool=harness.SHARED_POOL)
             c_refresh, c_cold = container_rounds(cluster, dirs["containers"])
         med = statistics.median
-        for label, times, peer in (("local_disk", local, "virsh migrate --live --p2p --copy-storage-inc"),
-                                   ("shared_rbd", shared, "virsh migrate --live --p2p")):
+        for label, times, peer in (("local_disk", local, "virsh migrate --live --p2p --tls --copy-storage-inc"),
+                                   ("shared_rbd", shared, "virsh migrate --live --p2p --tls")):
             (o_total, o_down), (p_total, p_down) = times["ours"], times["peer"]
             line(f"vm_live_{label}_total_p50", med(o_total), peer, med(p_total))
             line(f"vm_live_{label}_downtime_p50", med(o_down) if o_down else float("nan"), peer,

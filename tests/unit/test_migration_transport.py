@@ -52,7 +52,7 @@ def test_without_tls_a_plain_answer_is_used_as_is(tmp_path):
     assert transport.scheme(cfg) == "qemu+tcp"
 
 
-@pytest.mark.parametrize("path", ["relative/pki", "/etc/pki?x=1", "/etc/pki&no_verify=1"])
+@pytest.mark.parametrize("path", ["relative/pki", "/etc/pki?x=1", "/etc/pki&no_verify=1", "/etc/my pki"])
 def test_pki_path_must_be_a_plain_absolute_path(path):
     with pytest.raises(ValueError, match="pki_path"):
         MigrationConfig(pki_path=path)

@@ -179,6 +179,8 @@ class Host(Model):
     hypervisor: Literal["kvm", "qemu", "none"]
     hypervisor_driver: str
     container_runtime: str
+    migration_tls: bool = Field(False, description="VM migrations to and from peers over TLS ([migration] tls; "
+                                "README \"Migration transport security\")")
     cpus: int
     memory_bytes: int
     pools: list[Pool]

@@ -222,7 +222,8 @@ def container_rounds(cluster, work: Path) -> tuple[float, float]:
     apis = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
     for a in apis.values():
         a.s.headers["Connection"] = "close"
-    layout = write_layout(str(work / "busybox"), {"latest": busybox_layers()})
+    # under h1's dir: the agents import files only from their import_dirs
+    layout = write_layout(str(cluster.hosts[0].root / "busybox"), {"latest": busybox_layers()})
     op = apis["h1"].wait(apis["h1"].post("/v1/images", json={
         "name": "busybox", "format": "oci", "source": {"type": "file", "path": layout}}).json(), OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
@@ -260,14 +261,14 @@ def main() -> None:
                 os.chmod(dirs[d], 0o755)
             local = vm_rounds(cluster, dirs["local"])
             shared = vm_rounds(cluster, dirs["shared"], pool=harness.SHARED_POOL)
+            med = statistics.median
+            for label, times, peer in (("local_disk", local, "virsh migrate --live --p2p --tls --copy-storage-inc"),
+                                       ("shared_rbd", shared, "virsh migrate --live --p2p --tls")):
+                (o_total, o_down), (p_total, p_down) = times["ours"], times["peer"]
+                line(f"vm_live_{label}_total_p50", med(o_total), peer, med(p_total))
+                line(f"vm_live_{label}_downtime_p50", med(o_down) if o_down else float("nan"), peer,
+                     med(p_down) if p_down else None)
             c_refresh, c_cold = container_rounds(cluster, dirs["containers"])
-        med = statistics.median
-        for label, times, peer in (("local_disk", local, "virsh migrate --live --p2p --tls --copy-storage-inc"),
-                                   ("shared_rbd", shared, "virsh migrate --live --p2p --tls")):
-            (o_total, o_down), (p_total, p_down) = times["ours"], times["peer"]
-            line(f"vm_live_{label}_total_p50", med(o_total), peer, med(p_total))
-            line(f"vm_live_{label}_downtime_p50", med(o_down) if o_down else float("nan"), peer,
-                 med(p_down) if p_down else None)
         line("container_refresh_500mib_downtime", c_refresh,
              "nodeagent cold container migration (stop, full copy, start)", c_cold)
     finally:

@@ -8,6 +8,7 @@ API) cannot downgrade the copy to cleartext.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from agent.errors import Unavailable, Unprocessable
 
 TLS_SCHEME = "qemu+tls"
 PLAIN_SCHEME = "qemu+tcp"
+
+log = logging.getLogger(__name__)
 
 
 def scheme(cfg: MigrationConfig) -> str:
@@ -35,7 +38,11 @@ def route(answered: str, cfg: MigrationConfig, peer: str) -> Route:
     if not answered.startswith("qemu+"):
         return Route(answered, False)  # another driver's URI (fake://): no libvirt transport
     if not cfg.tls_enabled:
-        return Route(answered, answered.startswith(TLS_SCHEME + "://"))
+        tls = answered.startswith(TLS_SCHEME + "://")
+        if not tls:
+            log.warning("migrating to %s over plain TCP: memory and disks cross the network in cleartext "
+                        "(provision the migration certificates and set [migration] tls)", peer)
+        return Route(answered, tls)
     if not answered.startswith(TLS_SCHEME + "://"):
         raise Unprocessable(f"peer {peer!r} answered the migration URI {answered!r}, but this host migrates "
                             f"only over TLS ([migration] tls): configure {peer!r} for qemu+tls (its libvirtd "

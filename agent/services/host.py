@@ -85,6 +85,7 @@ class HostService:
             "hostname": self.hostname(), "hypervisor": self.hypervisor(),
             "hypervisor_driver": self.root.config.hypervisor.driver,
             "container_runtime": self.root.config.containers.runtime,
+            "migration_tls": self.root.config.migration.tls_enabled,
             "cpus": cpus, "memory_bytes": mem, "pools": pools,
             "capacity": {"cpus": cpus, "memory_bytes": mem,
                          "instances": self.root.records.count(),

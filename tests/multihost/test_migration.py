@@ -122,6 +122,7 @@ def test_live_migration_crosses_the_wire_encrypted(cluster, apis, image, tmp_pat
     """The hosts migrate over TLS ([migration] tls): libvirtd to libvirtd, QEMU's memory
     stream and the disk copy; a marker on the guest's disk never shows on h1's link."""
     h1, h2 = cluster.hosts
+    assert all(apis[h].get("/v1/host").json()["migration_tls"] is True for h in apis)
     name = create_vm(apis["h1"], image, start=False)
     inst_id = apis["h1"].get(f"/v1/instances/{name}").json()["id"]
     disk = f"volumes/i-{inst_id[:12]}-disk.qcow2"

@@ -8,6 +8,7 @@ a missing file that was named explicitly is an error. ``$NODEAGENT_STATE_DIR`` a
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 
@@ -121,7 +122,8 @@ class HypervisorConfig(_Strict):
     driver: str = "libvirt"
     uri: str = "qemu:///system"
     virt_type: str = "auto"  # auto | kvm | qemu (TCG)
-    # how peers' libvirtds reach this host's for incoming migrations; None: qemu+tcp://<api.listen host>/system
+    # how peers' libvirtds reach this host's for incoming migrations; None: qemu+tls://<api.listen host>/system
+    # (qemu+tcp:// with [migration] tls off)
     migration_uri: str | None = None
 
     @field_validator("virt_type")
@@ -130,6 +132,43 @@ class HypervisorConfig(_Strict):
         if v not in ("auto", "kvm", "qemu"):
             raise ValueError("virt_type must be auto, kvm or qemu")
         return v
+
+
+LIBVIRT_PKI = "/etc/pki"  # libvirt's default client files: CA/cacert.pem, libvirt/clientcert.pem, ...
+
+
+class MigrationConfig(_Strict):
+    """Transport security of VM migration between peers (README "Migration transport
+    security"). With ``tls`` on, this host's libvirtd connects to a peer's over TLS
+    (``qemu+tls``, each side checks the other's certificate) and QEMU's migration stream
+    and the disk copy (NBD) are TLS too; a peer that answers anything but qemu+tls is
+    refused. ``tls`` unset: on when this host's client files exist. ``pki_path``: a
+    directory with cacert.pem, clientcert.pem and clientkey.pem (libvirt's ``pkipath``);
+    unset: libvirt's defaults /etc/pki/CA/cacert.pem, /etc/pki/libvirt/clientcert.pem,
+    /etc/pki/libvirt/private/clientkey.pem."""
+
+    tls: bool | None = None
+    pki_path: str | None = None
+
+    @field_validator("pki_path")
+    @classmethod
+    def _abs(cls, v):
+        if v is not None and not re.fullmatch(r"/[A-Za-z0-9._/-]*", v):  # it goes into a libvirt URI
+            raise ValueError(f"pki_path must be an absolute directory path, got {v!r}")
+        return v
+
+    def client_files(self) -> list[str]:
+        """The files libvirt presents to a peer as this host's client identity."""
+        if self.pki_path:
+            return [os.path.join(self.pki_path, n) for n in ("cacert.pem", "clientcert.pem", "clientkey.pem")]
+        return [f"{LIBVIRT_PKI}/CA/cacert.pem", f"{LIBVIRT_PKI}/libvirt/clientcert.pem",
+                f"{LIBVIRT_PKI}/libvirt/private/clientkey.pem"]
+
+    @property
+    def tls_enabled(self) -> bool:
+        if self.tls is not None:
+            return self.tls
+        return all(os.path.isfile(f) for f in self.client_files())
 
 
 class ContainersConfig(_Strict):
@@ -202,6 +241,7 @@ class Config(_Strict):
     pools: dict[str, PoolConfig] = Field(default_factory=lambda: {"default": PoolConfig(kind="local")})
     images: ImagesConfig = ImagesConfig()
     hypervisor: HypervisorConfig = HypervisorConfig()
+    migration: MigrationConfig = MigrationConfig()
     containers: ContainersConfig = ContainersConfig()
     network: NetworkConfig = NetworkConfig()
     peers: dict[str, PeerConfig] = Field(default_factory=dict)
@@ -227,6 +267,14 @@ class Config(_Strict):
         if v.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("log_level must be debug, info, warning or error")
         return v.lower()
+
+    @model_validator(mode="after")
+    def _migration_transport(self):
+        uri = self.hypervisor.migration_uri or ""
+        if self.migration.tls and uri and not uri.startswith("qemu+tls://") and uri.startswith("qemu+"):
+            raise ValueError(f"hypervisor.migration_uri {uri!r} is not qemu+tls:// but [migration] tls is on: "
+                             "peers would refuse it (use qemu+tls://HOST/system)")
+        return self
 
     @model_validator(mode="after")
     def _default_pool_exists(self):

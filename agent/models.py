@@ -185,6 +185,8 @@ class Host(Model):
     container_runtime: str
     container_idmap: dict[str, int] | None = Field(
         None, description="{host_id, size}: the host ids containers' user namespaces map 0.. to")
+    migration_tls: bool = Field(False, description="VM migrations to and from peers over TLS ([migration] tls; "
+                                "README \"Migration transport security\")")
     cpus: int
     memory_bytes: int
     pools: list[Pool]

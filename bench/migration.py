@@ -5,8 +5,10 @@ Live migration of a running 256 MiB TCG guest between two simulated hosts
 namespace, Cluster(ceph=True)): total time (POST /v1/migrations until the operation
 succeeded, as a client sees it) and downtime (QEMU's, from the destination's completed job
 stats), medians over ROUNDS migrations each way, for a guest on a local pool (its qcow2
-overlay copied live; peer = bare `virsh migrate --live --p2p --copy-storage-inc`) and on the
-shared block pool (memory only; peer = bare `virsh migrate --live --p2p`). The peer migrates
+overlay copied live; peer = bare `virsh migrate --live --p2p --tls --copy-storage-inc`) and on
+the shared block pool (memory only; peer = bare `virsh migrate --live --p2p --tls`). Both
+sides go over TLS, as the hosts are configured (README "Migration transport security");
+``vm_live_local_disk_tls_cost_*`` compares `virsh migrate --tls` with the same without it. The peer migrates
 the same guest (the agent's own domain XML, renamed onto copies of its disks or an RBD image
 of the same content with its own cephx secret on both libvirtds) between the same two
 libvirtds, interleaved with ours. Then the downtime of a refresh migration of a container
@@ -108,18 +110,21 @@ def peer_xml(agent_xml: str, name: str, uid: str, disk: str, seed: str, work: Pa
 
 class PeerVm:
     """The same guest run by bare libvirt: `virsh create` on h1, then `virsh migrate --live
-    --p2p [copy_flags]` between the same two libvirtds (``xmls[i]``: the domain as host i
+    --p2p --tls [copy_flags]` between the same two libvirtds (``xmls[i]``: the domain as host i
     sees it); ``cleanup`` undoes what was made for it."""
 
-    def __init__(self, hosts, name: str, xmls: list[str], copy_flags: tuple[str, ...], cleanup=None):
+    def __init__(self, hosts, name: str, xmls: list[str], copy_flags: tuple[str, ...], cleanup=None,
+                 tls: bool = True):
         self.hosts, self.name, self.xmls, self.copy_flags, self.cleanup = hosts, name, xmls, copy_flags, cleanup
+        self.tls = tls  # False: QEMU's stream in cleartext (the libvirtds still talk TLS)
         self.hosts[0].run("virsh", "-c", "qemu:///system", "create", self.xmls[0], timeout=120)
         self.here = 0
 
     def migrate(self) -> tuple[float, float | None]:
         there = 1 - self.here
         t0 = time.perf_counter()
-        self.hosts[self.here].run("virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p", *self.copy_flags,
+        self.hosts[self.here].run("virsh", "-c", "qemu:///system", "migrate", "--live", "--p2p",
+                                  *(("--tls",) if self.tls else ()), *self.copy_flags,
                                   "--xml", self.xmls[there], self.name, self.hosts[there].libvirt_uri,
                                   timeout=OP_TIMEOUT_S)
         total = (time.perf_counter() - t0) * 1000
@@ -135,7 +140,7 @@ class PeerVm:
             self.cleanup()
 
 
-def local_peer(cluster, work: Path, agent_xml: str) -> PeerVm:
+def local_peer(cluster, work: Path, agent_xml: str, tls: bool = True) -> PeerVm:
     """On each host a qcow2 overlay on its own copy of the base (as the agents' pools have)."""
     name, uid = f"bench-peer-{uuid.uuid4().hex[:6]}", str(uuid.uuid4())
     seed = make_seed(str(work / "seed.iso"), instance_id=uid, hostname=name)
@@ -151,7 +156,7 @@ def local_peer(cluster, work: Path, agent_xml: str) -> PeerVm:
         xmls.append(str(x))
     for p in work.iterdir():
         os.chmod(p, 0o666)
-    return PeerVm(cluster.hosts, name, xmls, ("--copy-storage-inc",))
+    return PeerVm(cluster.hosts, name, xmls, ("--copy-storage-inc",), tls=tls)
 
 
 SECRET_XML = """<secret ephemeral='no' private='yes'><uuid>{uuid}</uuid>
@@ -190,23 +195,28 @@ def shared_peer(cluster, work: Path, agent_xml: str) -> PeerVm:
         raise
 
 
-def vm_rounds(cluster, work: Path, pool: str | None = None) -> dict:
+def vm_rounds(cluster, work: Path, pool: str | None = None, plain: bool = False) -> dict:
     """ROUNDS migrations each way of the agent's guest (its disk on ``pool``, default local)
     and of the peer's, interleaved (which side goes first alternates), so a slow moment of
-    the machine hits both."""
+    the machine hits all; ``plain``: also the peer's guest without --tls (what TLS costs)."""
     ours = AgentVm(cluster, pool)
-    peer = (shared_peer if pool else local_peer)(cluster, work, ours.domain_xml())
-    times = {"ours": ([], []), "peer": ([], [])}
+    sides = {"ours": ours}
     try:
+        sides["peer"] = (shared_peer if pool else local_peer)(cluster, work, ours.domain_xml())
+        if plain:
+            (work / "plain").mkdir()
+            os.chmod(work / "plain", 0o755)
+            sides["plain"] = local_peer(cluster, work / "plain", ours.domain_xml(), tls=False)
+        times = {side: ([], []) for side in sides}
         for r in range(2 * ROUNDS):
-            for side, vm in (("ours", ours), ("peer", peer))[::1 if r % 2 == 0 else -1]:
+            for side, vm in list(sides.items())[::1 if r % 2 == 0 else -1]:
                 total, down = vm.migrate()
                 times[side][0].append(total)
                 if down is not None:
                     times[side][1].append(down)
     finally:
-        peer.delete()
-        ours.delete()
+        for vm in reversed(sides.values()):
+            vm.delete()
     return times
 
 
@@ -220,7 +230,8 @@ def container_rounds(cluster, work: Path) -> tuple[float, float]:
     apis = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
     for a in apis.values():
         a.s.headers["Connection"] = "close"
-    layout = write_layout(str(work / "busybox"), {"latest": busybox_layers()})
+    # under h1's dir: the agents import files only from their import_dirs
+    layout = write_layout(str(cluster.hosts[0].root / "busybox"), {"latest": busybox_layers()})
     op = apis["h1"].wait(apis["h1"].post("/v1/images", json={
         "name": "busybox", "format": "oci", "source": {"type": "file", "path": layout}}).json(), OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
@@ -256,16 +267,21 @@ def main() -> None:
                 dirs[d] = work / d
                 dirs[d].mkdir()
                 os.chmod(dirs[d], 0o755)
-            local = vm_rounds(cluster, dirs["local"])
+            local = vm_rounds(cluster, dirs["local"], plain=True)
             shared = vm_rounds(cluster, dirs["shared"], pool=harness.SHARED_POOL)
-            c_refresh, c_cold = container_rounds(cluster, dirs["containers"])
-        med = statistics.median
-        for label, times, peer in (("local_disk", local, "virsh migrate --live --p2p --copy-storage-inc"),
-                                   ("shared_rbd", shared, "virsh migrate --live --p2p")):
-            (o_total, o_down), (p_total, p_down) = times["ours"], times["peer"]
-            line(f"vm_live_{label}_total_p50", med(o_total), peer, med(p_total))
-            line(f"vm_live_{label}_downtime_p50", med(o_down) if o_down else float("nan"), peer,
+            med = statistics.median
+            for label, times, peer in (("local_disk", local, "virsh migrate --live --p2p --tls --copy-storage-inc"),
+                                       ("shared_rbd", shared, "virsh migrate --live --p2p --tls")):
+                (o_total, o_down), (p_total, p_down) = times["ours"], times["peer"]
+                line(f"vm_live_{label}_total_p50", med(o_total), peer, med(p_total))
+                line(f"vm_live_{label}_downtime_p50", med(o_down) if o_down else float("nan"), peer,
+                     med(p_down) if p_down else None)
+            (t_total, t_down), (p_total, p_down) = local["peer"], local["plain"]
+            plain = "virsh migrate --live --p2p --copy-storage-inc without --tls (QEMU's stream in cleartext)"
+            line("vm_live_local_disk_tls_cost_total_p50", med(t_total), plain, med(p_total))
+            line("vm_live_local_disk_tls_cost_downtime_p50", med(t_down) if t_down else float("nan"), plain,
                  med(p_down) if p_down else None)
+            c_refresh, c_cold = container_rounds(cluster, dirs["containers"])
         line("container_refresh_500mib_downtime", c_refresh,
              "nodeagent cold container migration (stop, full copy, start)", c_cold)
     finally:

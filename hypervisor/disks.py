@@ -23,6 +23,11 @@ def disk_for_volume(volume: Volume, target: str, *, readonly: bool = False) -> D
         return DiskSpec(target=target, source=uri[len("rbd:"):], type="rbd", format=volume.format,
                         readonly=readonly, attach=attach)
     if uri.startswith("nbd://"):
-        return DiskSpec(target=target, source=uri, type="nbd", format=volume.format, readonly=readonly)
+        tls = volume.attach.get("tls", "none")  # an export's storage.nbd tls mode
+        if tls not in ("none", "x509"):
+            raise InvalidInput(f"volume {volume.name} is an NBD export with tls={tls!r}: libvirt attaches NBD "
+                               "over x509 TLS only (export it with tls='x509')")
+        return DiskSpec(target=target, source=uri, type="nbd", format=volume.format, readonly=readonly,
+                        attach={"tls": True} if tls == "x509" else {})
     raise InvalidInput(f"volume {volume.name} has no attachable uri ({volume.uri!r}): "
                        "expected file://, rbd: or nbd://")

@@ -57,6 +57,8 @@ def disk_element(disk: DiskSpec, *, machine: str = "q35") -> ET.Element:
     elif disk.type == "nbd":
         url = urlsplit(disk.source)
         src = _sub(el, "source", protocol="nbd", name=url.path.lstrip("/"))
+        if disk.attach.get("tls"):  # x509, with qemu.conf's nbd_tls_x509_cert_dir (the hosts' CA)
+            src.set("tls", "yes")
         _sub(src, "host", name=url.hostname, port=url.port)
     else:
         raise ValueError(f"unknown disk type {disk.type!r}")

@@ -130,6 +130,7 @@ class MigrationOptions:
     bandwidth_mib_s: int | None = None  # None: unlimited
     completion_timeout_s: float | None = None  # None: wait for convergence forever (cancel still works)
     timeout_action: str = "abort"  # abort | pause (suspend the guest so the copy converges)
+    tls: bool = False  # QEMU's migration stream and disk copy (NBD) over TLS with the hosts' certificates
 
 
 @dataclass(frozen=True)

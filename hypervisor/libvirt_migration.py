@@ -121,6 +121,8 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
         flags |= libvirt.VIR_MIGRATE_LIVE
     if o.auto_converge:
         flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+    if o.tls:  # memory AND the NBD disk copy, with qemu.conf's migrate (default) TLS x509 dir
+        flags |= libvirt.VIR_MIGRATE_TLS
     if o.max_downtime_ms:
         try:
             dom.migrateSetMaxDowntime(int(o.max_downtime_ms), 0)

@@ -8,11 +8,22 @@ so ``reconcile()`` after an agent restart drops records of dead daemons and stop
 daemons that are no longer wanted (only PIDs we recorded whose command line is still
 our qemu-storage-daemon for that export).
 
+Transport security (README "Migration transport security"): an export is served over TLS
+and only to a client holding its credentials. ``tls="psk"`` (the default): a random key
+per export in ``<run_dir>/nbd-<name>.tls/keys.psk`` (0600, identity = the export name),
+handed to the one consumer (``Export.psk_dir``); ``tls="x509"``: the host's QEMU
+certificate directory (ca-cert.pem, server-cert.pem, server-key.pem; the migration CA),
+``verify-peer=on``: only a client with a certificate of that CA; ``tls="none"`` only on a
+loopback address. ``client_options()`` gives qemu-img/qemu-io what a client needs.
+
 Lifecycle: absent -> create() -> serving -> delete() -> absent.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +39,9 @@ DAEMON = "qemu-storage-daemon"
 READY_TIMEOUT = 15  # seconds for the daemon to listen
 STOP_TIMEOUT = 5  # seconds between SIGTERM and SIGKILL
 EXPORT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+TLS_MODES = ("psk", "x509", "none")
+PSK_BYTES = 32  # 256-bit key per export
+TLS_ID = "nbdtls"  # the tls-creds object's id on both ends
 
 SCHEMA_STEPS = [
     """CREATE TABLE nbd_exports (
@@ -40,6 +54,7 @@ SCHEMA_STEPS = [
         pid INTEGER NOT NULL,
         created_at REAL NOT NULL
     )""",
+    "ALTER TABLE nbd_exports ADD COLUMN tls TEXT NOT NULL DEFAULT 'none'",  # exports made before TLS
 ]
 
 
@@ -53,21 +68,33 @@ class Export:
     readonly: bool
     pid: int
     uri: str  # nbd://host:port/name
+    tls: str = "none"  # psk | x509 | none
+    psk_dir: str | None = None  # tls="psk": the directory with keys.psk a client needs (0700, root)
+    x509_dir: str | None = None  # tls="x509": the certificate directory the server uses
 
 
 class NbdExports:
     """The host's NBD exports. ``run_dir`` holds each daemon's log and pid file."""
 
-    def __init__(self, db: Database, run_dir: str, *, host: str = "127.0.0.1"):
+    def __init__(self, db: Database, run_dir: str, *, host: str = "127.0.0.1", tls: str = "psk",
+                 x509_dir: str | None = None):
+        if tls not in TLS_MODES:
+            raise InvalidInput(f"NBD tls must be one of {', '.join(TLS_MODES)}, got {tls!r}")
+        if tls == "x509" and not x509_dir:
+            raise InvalidInput("NBD tls=x509 needs x509_dir (the host's QEMU certificate directory)")
+        if tls == "none" and not ipaddress.ip_address(host).is_loopback:
+            raise InvalidInput(f"an NBD export on {host} must use TLS (psk or x509): plain NBD only on loopback")
         self.db = db
         self.run_dir = Path(run_dir)
         self.host = host
+        self.tls = tls
+        self.x509_dir = x509_dir
         db.apply_schema("nbd", SCHEMA_STEPS)
 
     def create(self, name: str, volume: Volume, *, readonly: bool = False,
                port: int | None = None) -> Export:
         """Export ``volume`` as ``name``. Conflict if the name is taken; on failure the
-        daemon is stopped and nothing is recorded."""
+        daemon is stopped and nothing (no record, no key) is left."""
         if not name or len(name) > 64 or not set(name) <= EXPORT_NAME_CHARS:
             raise InvalidInput(f"bad export name {name!r}: use letters, digits, '.', '_', '-'")
         if self.find(name) is not None:
@@ -76,8 +103,9 @@ class NbdExports:
         blockdevs = _blockdevs(volume, readonly, self.run_dir / f"nbd-{name}.key")
         port = port or _free_port(self.host)
         log_path = self.run_dir / f"nbd-{name}.log"
-        argv = [DAEMON, *blockdevs,
-                "--nbd-server", f"addr.type=inet,addr.host={self.host},addr.port={port}",
+        tls_args, tls_opt = self._server_tls(name)
+        argv = [DAEMON, *blockdevs, *tls_args,
+                "--nbd-server", f"addr.type=inet,addr.host={self.host},addr.port={port}{tls_opt}",
                 "--export", f"type=nbd,id=exp-{name},node-name=disk,name={name},"
                             f"writable={'off' if readonly else 'on'}"]
         try:
@@ -85,20 +113,40 @@ class NbdExports:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         start_new_session=True, close_fds=True)
         except FileNotFoundError:
+            self._forget_files(name)
             raise Unavailable(f"{DAEMON} is missing: apt-get install -y qemu-system-x86 "
                               "(and qemu-block-extra for RBD volumes)") from None
         try:
             _wait_listening(proc, self.host, port, log_path)
             with self.db.tx() as c:
                 c.execute("INSERT INTO nbd_exports(name, pool, volume, host, port, readonly, pid,"
-                          " created_at) VALUES(?,?,?,?,?,?,?,?)",
+                          " created_at, tls) VALUES(?,?,?,?,?,?,?,?,?)",
                           (name, volume.pool, volume.name, self.host, port, int(readonly),
-                           proc.pid, time.time()))
+                           proc.pid, time.time(), self.tls))
         except BaseException:
             _stop(proc.pid, name)
             self._forget_files(name)
             raise
         return self.get(name)
+
+    def _psk_dir(self, name: str) -> Path:
+        return self.run_dir / f"nbd-{name}.tls"
+
+    def _server_tls(self, name: str) -> tuple[list[str], str]:
+        """The daemon's tls-creds object and the --nbd-server option naming it."""
+        if self.tls == "none":
+            return [], ""
+        if self.tls == "x509":
+            return (["--object", f"tls-creds-x509,id={TLS_ID},dir={_escape(self.x509_dir)},endpoint=server,"
+                                 "verify-peer=on"], f",tls-creds={TLS_ID}")
+        d = self._psk_dir(name)
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(mode=0o700)
+        fd = os.open(d / "keys.psk", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{name}:{secrets.token_hex(PSK_BYTES)}\n")
+        return (["--object", f"tls-creds-psk,id={TLS_ID},dir={_escape(str(d))},endpoint=server"],
+                f",tls-creds={TLS_ID}")
 
     def get(self, name: str) -> Export:
         e = self.find(name)
@@ -108,10 +156,17 @@ class NbdExports:
 
     def find(self, name: str) -> Export | None:
         row = self.db.one("SELECT * FROM nbd_exports WHERE name=?", (name,))
-        return _export(row) if row else None
+        return self._export(row) if row else None
 
     def list(self) -> list[Export]:
-        return [_export(r) for r in self.db.query("SELECT * FROM nbd_exports ORDER BY name")]
+        return [self._export(r) for r in self.db.query("SELECT * FROM nbd_exports ORDER BY name")]
+
+    def _export(self, row) -> Export:
+        return Export(name=row["name"], pool=row["pool"], volume=row["volume"], host=row["host"],
+                      port=row["port"], readonly=bool(row["readonly"]), pid=row["pid"],
+                      uri=f"nbd://{row['host']}:{row['port']}/{row['name']}", tls=row["tls"],
+                      psk_dir=str(self._psk_dir(row["name"])) if row["tls"] == "psk" else None,
+                      x509_dir=self.x509_dir if row["tls"] == "x509" else None)
 
     def delete(self, name: str) -> bool:
         """Stop the daemon and forget the export; False if there was none."""
@@ -129,6 +184,7 @@ class NbdExports:
                 os.unlink(self.run_dir / f"nbd-{name}{suffix}")
             except FileNotFoundError:
                 pass
+        shutil.rmtree(self._psk_dir(name), ignore_errors=True)
 
     def reconcile(self, wanted: set[str] | None = None) -> dict:
         """After a restart: forget exports whose daemon is gone; stop (by recorded PID, after
@@ -145,10 +201,21 @@ class NbdExports:
         return {"removed": removed, "stopped": stopped}
 
 
-def _export(row) -> Export:
-    return Export(name=row["name"], pool=row["pool"], volume=row["volume"], host=row["host"],
-                  port=row["port"], readonly=bool(row["readonly"]), pid=row["pid"],
-                  uri=f"nbd://{row['host']}:{row['port']}/{row['name']}")
+def client_options(e: Export, fmt: str = "raw", *, psk_dir: str | None = None,
+                   x509_dir: str | None = None) -> list[str]:
+    """qemu-img / qemu-io arguments that open export ``e`` as a client with its TLS
+    credentials: ``--object`` (if TLS) then ``--image-opts`` and the image options. A
+    PSK client needs the export's key directory (``psk_dir``, default the export's own);
+    an x509 client a directory with ca-cert.pem, client-cert.pem and client-key.pem."""
+    opts = (f"driver={fmt},file.driver=nbd,file.server.type=inet,file.server.host={e.host},"
+            f"file.server.port={e.port},file.export={e.name}")
+    if e.tls == "none":
+        return ["--image-opts", opts]
+    if e.tls == "psk":
+        obj = f"tls-creds-psk,id={TLS_ID},dir={_escape(psk_dir or e.psk_dir)},endpoint=client,username={e.name}"
+    else:
+        obj = f"tls-creds-x509,id={TLS_ID},dir={_escape(x509_dir or e.x509_dir)},endpoint=client"
+    return ["--object", obj, "--image-opts", f"{opts},file.tls-creds={TLS_ID}"]
 
 
 def _blockdevs(volume: Volume, readonly: bool, key_path: Path) -> list[str]:

@@ -3,12 +3,14 @@
 A *host* is a network namespace with its own address on a shared test bridge plus a
 persistent mount namespace with private /run, /var/lib/libvirt, /etc/libvirt,
 /var/log/libvirt, /var/cache/libvirt and state dir; it runs its own virtlogd and
-libvirtd (TCP, listening on its own address, its own host_uuid and migration_host).
-Live migration between two hosts therefore crosses a real TCP connection between two
-libvirtds. With ``Cluster(..., ceph=True)`` a *storage host* (a network namespace on the
-same bridge, no libvirt, no agent) runs a throw-away Ceph (scripts/ceph-dev-cluster
---addr) that every host and the test process reach; each agent gets a ``block`` pool
-``shared`` on it (shared storage for memory-only live migration). Everything is named
+libvirtd (TLS only, listening on its own address, its own host_uuid and migration_host;
+a certificate of the run's test CA, testbed/pki.py, required of every client). Live
+migration between two hosts therefore crosses a real TLS connection between two
+libvirtds, and QEMU's migration stream is TLS too when asked (VIR_MIGRATE_TLS). With
+``Cluster(..., ceph=True)`` a *storage host* (a network namespace on the same bridge, no
+libvirt, no agent) runs a throw-away Ceph (scripts/ceph-dev-cluster --addr) that every
+host and the test process reach; each agent gets a ``block`` pool ``shared`` on it
+(shared storage for memory-only live migration). Everything is named
 with PREFIX so a crashed run's leftovers can be found and removed by name; daemons are
 stopped by the PIDs we recorded.
 """
@@ -29,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from storage import mounts
+from testbed import pki
 from testbed.libvirt_daemon import terminate
 
 TEST_IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
@@ -36,6 +39,7 @@ PREFIX = "nasim"  # every netns, link, bridge and mount this harness makes start
 NS_DIR = Path("/run/nodeagent-sim")  # holds the persistent mount-namespace files + run owners
 TEST_SUPERNET = ipaddress.ip_network("198.18.0.0/16")  # benchmark range: no route off the machine
 LIBVIRT_DIRS = ("/var/lib/libvirt", "/etc/libvirt", "/var/log/libvirt", "/var/cache/libvirt")
+PKI_DIR = "/etc/libvirt/pki"  # a host's TLS files as it sees them (libvirt's layout; QEMU's in qemu/)
 CONTAINER_SUPERNET = ipaddress.ip_network("198.19.0.0/16")  # container bridges: a /27 per host
 AGENT_PORT = 8470  # every host has its own netns, so all agents use the well-known port
 AGENT_START_TIMEOUT_S = 60
@@ -134,8 +138,12 @@ def stop_ceph(d: Path) -> None:
 
 class SimHost:
     def __init__(self, name: str, address: str, workdir: Path, network: TestNetwork, tag: str,
-                 pool_size: str | None = None):
+                 pool_size: str | None = None, *, ca: pki.TestCA | None = None,
+                 client_pki: Path | None = None):
         self.name = name
+        self.tag = tag
+        self.ca = ca  # None: the host makes its own at start()
+        self.client_pki = client_pki  # the test process's client identity (a pkipath)
         self.pool_size = pool_size  # e.g. "256M": the default pool is a tmpfs this big (a disk that fills up)
         self.address = address
         self.root = Path(workdir) / name
@@ -159,8 +167,18 @@ class SimHost:
 
     @property
     def libvirt_uri(self) -> str:
-        """How another host (or the test) reaches this host's libvirtd."""
-        return f"qemu+tcp://{self.address}/system"
+        """How the test process (or another host, as the test) reaches this host's libvirtd:
+        TLS with the test client's certificate."""
+        return f"qemu+tls://{self.address}/system?pkipath={self.client_pki}"
+
+    @property
+    def migration_uri(self) -> str:
+        """What this host's agent answers a peer: the peer's own certificate authenticates it."""
+        return f"qemu+tls://{self.address}/system"
+
+    @property
+    def cert_cn(self) -> str:
+        return peer_cn(self.tag, self.name)
 
     @property
     def state_dir(self) -> Path:
@@ -178,6 +196,10 @@ class SimHost:
     # -- lifecycle --
     def start(self) -> "SimHost":
         _private_ns_dir()
+        if self.ca is None:
+            self.ca = pki.TestCA(self.root / "ca")
+        if self.client_pki is None:
+            self.client_pki = self.ca.client_files(self.root / "pki-client", test_client_cn(self.tag))
         self._net_up()
         self._mounts_up()
         self._libvirt_up()
@@ -204,7 +226,8 @@ class SimHost:
                  # image files the tests import: the host's dir and the built test guest
                  "[images]", f"import_dirs = {json.dumps([str(self.root), TEST_IMAGES])}",
                  "[hypervisor]", 'uri = "qemu:///system"', 'virt_type = "qemu"',
-                 f'migration_uri = "{self.libvirt_uri}"',
+                 f'migration_uri = "{self.migration_uri}"',
+                 "[migration]", "tls = true", f'pki_path = "{PKI_DIR}"',
                  "[containers]", f'cgroup_parent = "{self.netns}"',  # the hosts share one cgroupfs
                  # a user namespace range of its own, as real hosts may have: migrations shift owners
                  f'idmap = "{1000000 + 65536 * (int(self.name[1:]) if self.name[1:].isdigit() else 0)}:65536"',
@@ -295,11 +318,13 @@ class SimHost:
             (self.root / d).mkdir(parents=True, exist_ok=True)
         etc = self.root / "etc-libvirt"
         shutil.copytree("/etc/libvirt", etc, dirs_exist_ok=True, ignore=_libvirt_state)
+        self.ca.host_files(etc / "pki", self.cert_cn, self.address)
         with open(etc / "libvirtd.conf", "a") as f:
-            f.write(f'\nlisten_tls = 0\nlisten_tcp = 1\nlisten_addr = "{self.address}"\n'
-                    f'auth_tcp = "none"\nhost_uuid = "{uuid.uuid4()}"\n')
+            f.write(libvirtd_tls_conf(self.address, PKI_DIR, allowed_dns(self.tag))
+                    + f'host_uuid = "{uuid.uuid4()}"\n')
         with open(etc / "qemu.conf", "a") as f:
-            f.write(f'\nmigration_host = "{self.address}"\n')
+            f.write(f'\nmigration_host = "{self.address}"\n'
+                    f'default_tls_x509_cert_dir = "{PKI_DIR}/qemu"\ndefault_tls_x509_verify = 1\n')
         self.mntns.touch()
         sh("unshare", f"--mount={self.mntns}", "--propagation", "private", "true")
         binds = "".join(
@@ -325,6 +350,30 @@ class SimHost:
                 raise RuntimeError(f"libvirtd of simulated host {self.name} did not answer on "
                                    f"{self.libvirt_uri}; see {self.root}/var-log-libvirt")
             time.sleep(0.2)
+
+
+def peer_cn(tag: str, name: str) -> str:
+    """The certificate name of simulated host ``name`` of run ``tag``."""
+    return f"nodeagent-peer-{tag}-{name}"
+
+
+def test_client_cn(tag: str) -> str:
+    return f"nodeagent-test-{tag}"
+
+
+def allowed_dns(tag: str) -> list[str]:
+    """Who a run's libvirtds let in: its hosts and its test process (not just any holder
+    of a certificate of the CA)."""
+    return [pki.subject(peer_cn(tag, "*")), pki.subject(test_client_cn(tag))]
+
+
+def libvirtd_tls_conf(address: str, pki_dir: str, dns: list[str]) -> str:
+    """libvirtd.conf lines: TLS only on ``address``, a client certificate of the CA in
+    ``pki_dir`` with a DN in ``dns`` required; nothing listens on plain TCP."""
+    return (f'\nlisten_tls = 1\nlisten_tcp = 0\nlisten_addr = "{address}"\nauth_tls = "none"\n'
+            f'ca_file = "{pki_dir}/cacert.pem"\ncert_file = "{pki_dir}/servercert.pem"\n'
+            f'key_file = "{pki_dir}/serverkey.pem"\ntls_no_verify_certificate = 0\n'
+            f'tls_allowed_dn_list = {json.dumps(dns)}\n')
 
 
 def _libvirt_state(d: str, names: list[str]) -> set[str]:
@@ -486,8 +535,10 @@ class Cluster:
             except FileExistsError:
                 continue
         self.network = TestNetwork(self.tag)
+        self.ca = pki.TestCA(Path(workdir) / "pki-ca")
+        self.client_pki = self.ca.client_files(Path(workdir) / "pki-client", test_client_cn(self.tag))
         self.hosts = [SimHost(n, self.network.address(i + 1), Path(workdir), self.network,
-                              self.tag) for i, n in enumerate(names)]
+                              self.tag, ca=self.ca, client_pki=self.client_pki) for i, n in enumerate(names)]
         self.storage = StorageHost(self.network.address(0), Path(workdir), self.network,
                                    self.tag) if ceph else None
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from agent import models
 from agent.errors import Conflict, InsufficientResources, NotFound, Unprocessable, Unsupported
 from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets
+from agent.migration import transport
 from agent.migration.peer import Peers
 from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, shift_owners, untar_into
 from agent.services.records import Instance
@@ -247,8 +248,8 @@ class MigrationDestination:
         hc = self.config.hypervisor
         if hc.migration_uri:
             return hc.migration_uri
-        host = self.config.api.listen.rpartition(":")[0].strip("[]")
-        return f"qemu+tcp://{host}/system"
+        host = self.config.api.listen.rpartition(":")[0]
+        return f"{transport.scheme(self.config.migration)}://{host}/system"
 
     def _ensure_image(self, source: str, want: models.IncomingImage, declared: int | None):
         """This host's copy of image ``want``, pulled from ``source`` if missing: at most the

@@ -15,6 +15,7 @@ from agent import models
 from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, InsufficientResources, NotFound,
                           Unavailable, Unprocessable, Unsupported)
 from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets, problems
+from agent.migration import transport
 from agent.migration.peer import PeerClient, Peers
 from agent.migration.transfer import NO_SPACE, allocated_bytes, rootfs_paths
 from agent.services.records import Instance
@@ -226,8 +227,13 @@ class MigrationSource:
                 down["failures"] = 0 if peer.alive() else down["failures"] + 1
             return down["failures"] >= HEALTH_FAILURES
 
+        try:
+            to = transport.route(prepared.migration_uri, self.root.config.migration, peer.name)
+        except BaseException as e:
+            self._abort_remote(peer, inst_id, e)
+            raise
         options = MigrationOptions(
-            live=(mode == "live"), copy_storage="none" if shared else "incremental",
+            live=(mode == "live"), copy_storage="none" if shared else "incremental", tls=to.tls,
             disk_sources=dict(prepared.disk_sources),
             disk_attach={k: v.model_dump(exclude_none=True) for k, v in (prepared.disk_attach or {}).items()},
             console_log=prepared.console_log)
@@ -237,7 +243,7 @@ class MigrationSource:
                 raise Unavailable(f"peer {peer.name!r} ({peer.url}) stopped answering before the copy: "
                                   f"{name!r} keeps running here; retry when it is back")
             try:
-                result = self.root.driver.migrate(name, prepared.migration_uri, options,
+                result = self.root.driver.migrate(name, to.uri, options,
                                                   progress=progress, cancelled=cancelled)
             except Cancelled:
                 if op.cancelled.is_set():

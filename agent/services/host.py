@@ -86,6 +86,7 @@ class HostService:
             "hypervisor_driver": self.root.config.hypervisor.driver,
             "container_runtime": self.root.config.containers.runtime,
             "container_idmap": {"host_id": self.root.runtime.idmap.host_id, "size": self.root.runtime.idmap.size},
+            "migration_tls": self.root.config.migration.tls_enabled,
             "cpus": cpus, "memory_bytes": mem, "pools": pools,
             "capacity": {"cpus": cpus, "memory_bytes": mem,
                          "instances": self.root.records.count(),

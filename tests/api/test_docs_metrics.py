@@ -32,6 +32,7 @@ def test_host_and_pools(reader):
     h = reader.get("/v1/host").json()
     assert h["cpus"] >= 1 and h["memory_bytes"] > 0 and h["hypervisor"] in ("kvm", "qemu")
     assert h["hypervisor_driver"] == "fake" and h["versions"]["nodeagent"]
+    assert isinstance(h["migration_tls"], bool)  # on when this host has the migration certificates
     pools = reader.get("/v1/pools").json()["pools"]
     assert [p["name"] for p in pools] == ["default"] and pools[0]["usage"]["capacity"] > 0
     assert reader.get("/v1/pools/default").json()["default"] is True

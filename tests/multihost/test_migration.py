@@ -18,6 +18,7 @@ import pytest
 
 from testbed.agentproc import Api
 from testbed import harness
+from testbed.capture import Capture
 from tests.multihost.checks import OP_TIMEOUT_S, assert_runs, domains, migrate
 
 pytestmark = pytest.mark.real
@@ -111,6 +112,37 @@ def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, 
     assert apis["h2"].get(f"/v1/instances/{name}").status_code == 404
     assert name not in domains(h2)
     assert apis["h1"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+
+
+MARKER = b"NODEAGENT-CLEARTEXT-MARKER."
+MARKED = 2 * 1024 * 1024  # marker bytes on the guest's own disk, above the image's data
+
+
+def test_live_migration_crosses_the_wire_encrypted(cluster, apis, image, tmp_path):
+    """The hosts migrate over TLS ([migration] tls): libvirtd to libvirtd, QEMU's memory
+    stream and the disk copy; a marker on the guest's disk never shows on h1's link."""
+    h1, h2 = cluster.hosts
+    assert all(apis[h].get("/v1/host").json()["migration_tls"] is True for h in apis)
+    name = create_vm(apis["h1"], image, start=False)
+    inst_id = apis["h1"].get(f"/v1/instances/{name}").json()["id"]
+    disk = f"volumes/i-{inst_id[:12]}-disk.qcow2"
+    marker = tmp_path / "marker"
+    marker.write_bytes((MARKER * (MARKED // len(MARKER) + 1))[:MARKED])
+    h1.run("qemu-io", "-f", "qcow2", "-c", f"write -q -s {marker} 28M {MARKED}", str(h1.pool_dir / disk))
+    op = apis["h1"].wait(apis["h1"].post(f"/v1/instances/{name}/actions", json={"action": "start"}).json(),
+                         timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    with Capture(h1.uplink) as cap:
+        op = migrate(apis["h1"], name, "h2")
+    assert op["status"] == "succeeded", op["error"]
+    assert cap.bytes > MARKED, f"the capture saw only {cap.bytes} bytes"
+    assert not cap.seen(MARKER), "the guest's disk crossed the wire in cleartext"
+    assert_runs(apis["h2"], name)
+    h2.run("qemu-img", "convert", "-U", "-O", "raw", str(h2.pool_dir / disk), str(tmp_path / "moved.raw"))
+    with open(tmp_path / "moved.raw", "rb") as f:  # and it did arrive
+        f.seek(28 * 1024 * 1024)
+        assert f.read(MARKED) == marker.read_bytes()
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
 
 
 def test_only_configured_peers_may_send_work(cluster, apis):

@@ -36,6 +36,17 @@ def test_disk_for_nbd_volume():
         target="vdb", source="nbd://198.18.0.9:10809/d", type="nbd", format="raw", readonly=True)
 
 
+def test_an_nbd_export_over_x509_is_attached_with_tls_and_a_psk_one_refused():
+    from hypervisor.domain_xml import disk_xml
+
+    v = Volume("d", "remote", "raw", 1 << 20, uri="nbd://198.18.0.9:10809/d", attach={"tls": "x509"})
+    d = disk_for_volume(v, "vdb")
+    assert d.attach == {"tls": True} and "tls=\"yes\"" in disk_xml(d)
+    assert "tls=" not in disk_xml(disk_for_volume(Volume("d", "r", "raw", 1, uri="nbd://h:1/d"), "vdb"))
+    with pytest.raises(InvalidInput, match="x509 TLS only"):
+        disk_for_volume(Volume("d", "remote", "raw", 1, uri="nbd://h:1/d", attach={"tls": "psk"}), "vdb")
+
+
 def test_dir_volume_is_not_a_disk():
     with pytest.raises(InvalidInput, match="not a disk"):
         disk_for_volume(Volume("c", "local", "dir", 0, path="/p/c", uri="file:///p/c"), "vda")

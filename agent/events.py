@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 
-TYPES = ("lifecycle", "operation", "migration")
+TYPES = ("lifecycle", "operation", "migration", "security_group")
 SUBSCRIBER_QUEUE = 1000  # events buffered per slow subscriber before dropping
 
 

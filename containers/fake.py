@@ -86,6 +86,8 @@ class _Box:
 class FakeRuntime:
     """In-memory runtime. Thread-safe. Lifecycle and errors as in ``containers.runtime``."""
 
+    uses_host_network = False  # its addresses are its own: no host bridge, no host filter
+
     def __init__(self, *, subnet: str = DEFAULT_SUBNET):
         self._boxes: dict[str, _Box] = {}
         self._lock = threading.RLock()

@@ -80,6 +80,8 @@ class ExecResult:
 
 @runtime_checkable
 class Runtime(Protocol):
+    uses_host_network: bool  # its containers sit on the host bridge (the agent keeps its filter)
+
     def create(self, spec: ContainerSpec) -> ContainerInfo:
         """Conflict on a name clash; on failure nothing (mount, cgroup, veth, lease) is left."""
 

@@ -78,6 +78,9 @@ class Client:
     def post(self, path, body, **kw):
         return self.request("POST", path, json=body, **kw)
 
+    def put(self, path, body, **kw):
+        return self.request("PUT", path, json=body, **kw)
+
     def delete(self, path, **kw):
         return self.request("DELETE", path, **kw)
 

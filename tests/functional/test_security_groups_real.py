@@ -26,7 +26,8 @@ def agent(tmp_path):
     bridge, subnet = runtimes.test_network()
     parent = f"nodeagent-test-{secrets.token_hex(3)}"
     a = AgentProcess(tmp_path / "sg", pool_kind="local")
-    a.config.write_text(a.config.read_text().replace('runtime = "fake"', f'runtime = "runc"\ncgroup_parent = "{parent}"')
+    runc = f'runtime = "runc"\ncgroup_parent = "{parent}"'
+    a.config.write_text(a.config.read_text().replace('runtime = "fake"', runc)
                         + f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\nnat = false\n'
                           'default_policy = "same-group"\n')
     a.admin_token = a.token("admin", "admin")

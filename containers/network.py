@@ -242,7 +242,8 @@ class Network:
         ip = self._lease(name, want, mac, ifname)
         if ip is None:
             return self.find_lease(name)
-        self.apply_firewall()
+        if mac is not None:  # a port: its rules
+            self.apply_firewall()
         return ip
 
     def _lease(self, name, want, mac, ifname) -> str | None:
@@ -275,10 +276,12 @@ class Network:
 
     def release(self, name: str) -> bool:
         with self.db.tx() as c:
+            port = c.execute("SELECT 1 FROM containers_leases WHERE network=? AND name=? AND mac IS NOT NULL",
+                             (self.bridge, name)).fetchone()
             n = c.execute("DELETE FROM containers_leases WHERE network=? AND name=?",
                           (self.bridge, name)).rowcount
             n += c.execute("DELETE FROM containers_ports WHERE name=?", (name,)).rowcount
-        if n:
+        if port:  # its rules go with it
             self.apply_firewall()
         return n > 0
 

@@ -66,7 +66,7 @@ class _Libnftables:
             getattr(lib, fn).restype = ctypes.c_char_p
             getattr(lib, fn).argtypes = [ctypes.c_void_p]
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        self.lib, self.lock = lib, threading.Lock()
+        self.lib, self.lock, self.pid = lib, threading.Lock(), os.getpid()
         self.ctx = lib.nft_ctx_new(0)
         lib.nft_ctx_buffer_output(self.ctx)
         lib.nft_ctx_buffer_error(self.ctx)
@@ -88,7 +88,7 @@ def _nft_run(script: str) -> tuple[int, str, str]:
     """Through libnftables when it loads, else `nft -f -` (the same batch semantics)."""
     global _lib
     with _lib_lock:
-        if _lib is None:
+        if _lib is None or (_lib and _lib.pid != os.getpid()):  # a context (its netlink socket) per process
             try:
                 _lib = _Libnftables()
             except OSError:

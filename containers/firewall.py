@@ -23,7 +23,8 @@ runtimes or test runs on one host never collide):
   DNAT to an instance, so they are forwarded, never delivered to the host. The security
   groups filter forwarded traffic, keyed by the (anti-spoofed) instance addresses: an
   egress chain per instance (its groups' egress rules; none: everything may leave), then an
-  ingress chain (published ports, the default policy, its groups' ingress rules; else drop).
+  ingress chain (published ports, the default policy, its groups' ingress rules; else drop);
+  IPv4 broadcast and multicast between tenants is dropped (unless the policy is ``allow``).
   Between two instances on the bridge this needs bridged IPv4 to pass the inet hooks
   (``net.bridge.bridge-nf-call-iptables=1``, br_netfilter), as Docker and Kubernetes require:
   ``ensure_bridge_netfilter`` sets it. The host itself (its own sockets) may reach every
@@ -239,6 +240,8 @@ class Firewall:
             ing = ", ".join(f"{p.ip} : jump in_{p.ifname}" for p in filtered)
             lines += [f"    iifname {br} ip saddr vmap {{ {eg} }}",
                       f"    oifname {br} ip daddr vmap {{ {ing} }}"]
+            if policy.default != "allow":  # no group's rule can admit a broadcast: none between tenants
+                lines.append(f"    iifname {br} oifname {br} meta pkttype {{ broadcast, multicast }} drop")
         lines += ["  }", "}"]
         return lines
 

@@ -153,3 +153,23 @@ def test_rules_follow_the_ports_and_go_with_them(rt, tmp_path):
     rt.delete("a")
     assert veth not in rt.net.firewall.listing()
     assert "127.0.0.0/8" in rt.net.firewall.listing()  # host protection stays with the bridge
+
+
+def test_groups_keep_another_groups_unicast_and_everyones_broadcast_out(rt, tmp_path):
+    """With groups in force (as the agent sets them): a tenant of another group neither
+    reaches a port of a group it is not in nor broadcasts to it; a member does reach it."""
+    from containers.firewall import Policy
+    members = {"srv": ("web",), "peer": ("web",), "out": ("other",)}
+    rt.net.policy_source = lambda: Policy("same-group", {"web": (), "other": ()}, members)
+    srv = run(rt, tmp_path, "srv", ("nc", "-ll", "-p", "7000", "-e", "echo", "hi"))
+    run(rt, tmp_path, "peer")
+    run(rt, tmp_path, "out")
+    assert wait_until(lambda: tcp_ok(rt, "peer", srv.ip, 7000))
+    assert not tcp_ok(rt, "out", srv.ip, 7000)
+    bcast = str(ipaddress.ip_network(rt.net.subnet).broadcast_address)
+    for sender, src_ip in (("out", rt.get("out").ip), ("peer", rt.get("peer").ip)):
+        needle = f"bcast-{sender}-{secrets.token_hex(4)}"
+        sniff = Sniffer(ns(rt, "srv"), "eth0", needle.encode())
+        send_udp(ns(rt, sender), src_mac=mac_of(ns(rt, sender), "eth0"), dst_mac="ff:ff:ff:ff:ff:ff",
+                 src_ip=src_ip, dst_ip=bcast, dport=9, payload=needle)
+        assert not sniff.seen(), sender

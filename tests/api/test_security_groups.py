@@ -86,3 +86,18 @@ def test_without_groups_an_instance_is_in_default(admin, images):
     assert admin.get(f"/v1/instances/{inst}/security-groups").json() == {"security_groups": ["default"]}
     assert inst in admin.get("/v1/security-groups/default").json()["instances"]
     admin.delete(f"/v1/instances/{inst}")
+
+
+def test_changes_are_events(tmp_path):
+    from tests.api.conftest import inprocess_app
+    _, client, root = inprocess_app(tmp_path)
+    try:
+        with root.events.subscribe(["security_group"]) as sub:
+            assert client.post("/v1/security-groups", json={"name": "ev", "rules": []}).status_code == 201
+            assert client.put("/v1/security-groups/ev", json={"rules": [{"direction": "egress"}]}).status_code == 200
+            assert client.delete("/v1/security-groups/ev").status_code == 200
+            seen = [sub.get(5) for _ in range(3)]
+        assert [(e["type"], e["data"]["name"], e["data"]["change"]) for e in seen] == \
+            [("security_group", "ev", c) for c in ("created", "updated", "deleted")]
+    finally:
+        root.stop()

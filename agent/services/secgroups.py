@@ -165,6 +165,9 @@ class SecurityGroups:
 
     def set_instance_groups(self, ref: str, req: models.InstanceSecurityGroups) -> dict:
         inst = self.root.instances.get(ref)
+        network = inst.spec_dict().get("network", "bridge")
+        if network != "bridge":
+            raise Unprocessable(f"instance {inst.name!r} has network {network!r}: security groups filter the bridge")
         names = self.check(req.security_groups)
         self.join(inst.id, names)
         self.root.events.publish("security_group", {"instance": inst.id, "name": inst.name,

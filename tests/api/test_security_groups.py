@@ -101,3 +101,14 @@ def test_changes_are_events(tmp_path):
             [("security_group", "ev", c) for c in ("created", "updated", "deleted")]
     finally:
         root.stop()
+
+
+def test_groups_are_for_bridged_instances(admin, images):
+    inst = name("c")
+    body = {"name": inst, "kind": "container", "image": "busybox", "command": ["sleep", "1"], "network": "none"}
+    r = admin.post("/v1/instances", json={**body, "security_groups": ["default"]})
+    assert "filter the bridge" in assert_error(r, 422)["message"]
+    assert admin.wait(admin.post("/v1/instances", json=body).json())["status"] == "succeeded"
+    r = admin.put(f"/v1/instances/{inst}/security-groups", json={"security_groups": ["default"]})
+    assert "filter the bridge" in assert_error(r, 422)["message"]
+    admin.delete(f"/v1/instances/{inst}")

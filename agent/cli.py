@@ -302,12 +302,13 @@ def instance():
 @click.option("--cap-drop", multiple=True, help="containers: a default capability to take away (ALL)")
 @click.option("--privileged", is_flag=True,
               help="containers: no user namespace, container root = host root (admin tokens only)")
+@click.option("--security-group", "groups", multiple=True, help="a security group (repeat; default: default)")
 @click.option("--no-start", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("command", nargs=-1)
 def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, network,
-                    ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, privileged, no_start, as_json,
-                    command):
+                    ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, privileged, groups, no_start,
+                    as_json, command):
     """Create NAME from an image; for containers, COMMAND after `--` overrides the image's."""
     body = {"name": name, "kind": kind, "image": image_ref, "cpus": cpus, "memory_mib": memory_mib,
             "start": not no_start}
@@ -332,6 +333,8 @@ def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env
         body["cap_add"] = list(cap_add)
     if cap_drop:
         body["cap_drop"] = list(cap_drop)
+    if groups:
+        body["security_groups"] = list(groups)
     c = _client()
     op = _call(c.post, "/v1/instances", body)
     op = _finish(_wait_with_progress(c, op, f"creating {name}", as_json), as_json)
@@ -372,6 +375,18 @@ def instance_set_bandwidth(ref, ingress_kbit, egress_kbit, burst_kbit, unlimited
 def instance_list(as_json):
     _out(_call(_client().get, "/v1/instances"), as_json,
          ["name", "kind", "state", "cpus", "memory_mib", "ip", "pool"], "instances")
+
+
+@instance.command("security-groups")
+@click.argument("ref")
+@click.argument("groups", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+def instance_security_groups(ref, groups, as_json):
+    """Show REF's security groups, or make GROUPS its groups (live)."""
+    c = _client()
+    data = _call(c.put, f"/v1/instances/{ref}/security-groups", {"security_groups": list(groups)}) \
+        if groups else _call(c.get, f"/v1/instances/{ref}/security-groups")
+    click.echo(jsonlib.dumps(data, indent=2) if as_json else " ".join(data["security_groups"]))
 
 
 @instance.command("show")
@@ -484,3 +499,95 @@ def migrate(ref, destination, to, mode, as_json):
         else:
             click.echo(f"{ref} now runs on {destination} (total {res.get('total_ms')} ms, "
                        f"downtime {res.get('downtime_ms')} ms)")
+
+
+# -- security groups --
+
+def parse_rule(text: str) -> dict:
+    """``DIRECTION[:PROTOCOL[:PORTS[:REMOTE]]]`` as a rule: PORTS ``80`` or ``8000-8080`` (empty:
+    all), REMOTE a CIDR or ``@group`` (empty: anywhere). E.g. ``ingress:tcp:22:10.0.0.0/8``,
+    ``ingress:any::@web``, ``egress:udp:53``."""
+    parts = text.split(":")
+    if not 1 <= len(parts) <= 4 or parts[0] not in ("ingress", "egress"):
+        raise click.BadParameter(f"{text!r}: use DIRECTION[:PROTOCOL[:PORTS[:REMOTE]]], "
+                                 "e.g. ingress:tcp:80 or ingress:any::@web")
+    parts += [""] * (4 - len(parts))
+    rule: dict = {"direction": parts[0], "protocol": parts[1] or "any"}
+    if parts[2]:
+        lo, _, hi = parts[2].partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise click.BadParameter(f"{text!r}: PORTS is 80 or 8000-8080")
+        rule["port_min"] = int(lo)
+        if hi:
+            rule["port_max"] = int(hi)
+    if parts[3].startswith("@"):
+        rule["remote_group"] = parts[3][1:]
+    elif parts[3]:
+        rule["remote_cidr"] = parts[3]
+    return rule
+
+
+def _rules(rules) -> list[dict]:
+    return [parse_rule(r) for r in rules]
+
+
+def _show_group(g: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(jsonlib.dumps(g, indent=2))
+        return
+    click.echo(f"{g['name']}: {len(g['rules'])} rules; instances: {', '.join(g['instances']) or '-'}")
+    for r in g["rules"]:
+        remote = r.get("remote_cidr") or ("@" + r["remote_group"] if r.get("remote_group") else "anywhere")
+        ports = "" if r.get("port_min") is None else f" {r['port_min']}" + (
+            f"-{r['port_max']}" if r.get("port_max") not in (None, r["port_min"]) else "")
+        click.echo(f"  {r['direction']} {r.get('protocol', 'any')}{ports} {remote}")
+
+
+@main.group()
+def secgroup():
+    """Security groups: which traffic reaches and leaves instances on the bridge."""
+
+
+RULE_HELP = "DIRECTION[:PROTOCOL[:PORTS[:REMOTE]]], e.g. ingress:tcp:80 or ingress:any::@web (repeat)"
+
+
+@secgroup.command("create")
+@click.argument("name")
+@click.option("--rule", "rules", multiple=True, help=RULE_HELP)
+@click.option("--description", default="")
+@click.option("--json", "as_json", is_flag=True)
+def secgroup_create(name, rules, description, as_json):
+    body = {"name": name, "description": description, "rules": _rules(rules)}
+    _show_group(_call(_client().post, "/v1/security-groups", body), as_json)
+
+
+@secgroup.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def secgroup_list(as_json):
+    data = _call(_client().get, "/v1/security-groups")
+    for g in data["security_groups"]:
+        g["rules_n"], g["members"] = len(g["rules"]), ",".join(g["instances"])
+    _out(data, as_json, ["name", "rules_n", "members", "description"], "security_groups")
+
+
+@secgroup.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def secgroup_show(name, as_json):
+    _show_group(_call(_client().get, f"/v1/security-groups/{name}"), as_json)
+
+
+@secgroup.command("set")
+@click.argument("name")
+@click.option("--rule", "rules", multiple=True, help=RULE_HELP + "; none: no rules")
+@click.option("--json", "as_json", is_flag=True)
+def secgroup_set(name, rules, as_json):
+    """Replace NAME's rules (live on its members)."""
+    _show_group(_call(_client().put, f"/v1/security-groups/{name}", {"rules": _rules(rules)}), as_json)
+
+
+@secgroup.command("delete")
+@click.argument("name")
+def secgroup_delete(name):
+    _call(_client().delete, f"/v1/security-groups/{name}")
+    click.echo(f"deleted {name}")

@@ -82,6 +82,9 @@ class Client:
     def patch(self, path, body, **kw):
         return self.request("PATCH", path, json=body, **kw)
 
+    def put(self, path, body, **kw):
+        return self.request("PUT", path, json=body, **kw)
+
     def delete(self, path, **kw):
         return self.request("DELETE", path, **kw)
 

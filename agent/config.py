@@ -11,6 +11,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -203,6 +204,9 @@ class NetworkConfig(_Strict):
     bridge: str = "nabr0"
     subnet: str = "10.88.0.0/24"
     nat: bool = True
+    # what reaches an instance that no security-group rule allows (containers/firewall.py):
+    # same-group (from members of a group it is in), deny (nothing), allow (everything)
+    default_policy: Literal["same-group", "deny", "allow"] = "same-group"
 
 
 class PeerConfig(_Strict):

@@ -279,6 +279,91 @@ class ImageList(Model):
     images: list[Image]
 
 
+# -- security groups --
+
+SecurityGroupName = Annotated[str, Field(pattern=NAME_PATTERN, description="a security group's name: a hostname label")]
+MAX_GROUPS_PER_INSTANCE = 16
+MAX_RULES = 256  # per group; a rule is one nft rule in each member's chain
+
+
+def _cidr4(v: str) -> str:
+    net = ipaddress.IPv4Network(v, strict=False)  # ValueError: not an IPv4 network
+    return str(net)
+
+
+CIDR4_PATTERN = rf"^({IPV4_OCTET}\.){{3}}{IPV4_OCTET}(/([0-9]|[12][0-9]|3[0-2]))?$"
+Cidr4 = Annotated[str, Field(max_length=18, pattern=CIDR4_PATTERN,
+                             description="an IPv4 network (10.0.0.0/8) or address"), AfterValidator(_cidr4)]
+
+
+class SecurityGroupRule(Model):
+    """Allows traffic: ``ingress`` to a member, ``egress`` from it. The other end is
+    ``remote_cidr``, the members of ``remote_group``, or (neither) anywhere. A member's egress
+    is open until one of its groups has an egress rule; then only what the rules allow leaves."""
+    direction: Literal["ingress", "egress"]
+    protocol: Literal["tcp", "udp", "icmp", "any"] = "any"
+    port_min: IntRange(1, 65535) | None = Field(None, description="tcp/udp: first destination port")
+    port_max: IntRange(1, 65535) | None = Field(None, description="tcp/udp: the other end of the destination "
+                                                                 "port range (default port_min)")
+    remote_cidr: Cidr4 | None = None
+    remote_group: SecurityGroupName | None = None
+
+    # the rules of _consistent, for the spec (a schema-valid body is accepted)
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"not": {"properties": {"protocol": {"enum": ["tcp", "udp"]}}, "required": ["protocol"]}},
+         "then": {"properties": {"port_min": {"type": "null"}, "port_max": {"type": "null"}}}},
+        {"if": {"properties": {"port_max": {"type": "integer"}}, "required": ["port_max"]},
+         "then": {"properties": {"port_min": {"type": "integer"}}, "required": ["port_min"]}},
+        {"not": {"properties": {"remote_cidr": {"type": "string"}, "remote_group": {"type": "string"}},
+                 "required": ["remote_cidr", "remote_group"]}},
+    ]})
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if (self.port_min is not None or self.port_max is not None) and self.protocol not in ("tcp", "udp"):
+            raise ValueError("port_min/port_max are for protocol tcp or udp")
+        if self.port_max is not None and self.port_min is None:
+            raise ValueError("port_max needs port_min")
+        if self.port_max is not None and self.port_max < self.port_min:  # the range between them
+            self.port_min, self.port_max = self.port_max, self.port_min
+        if self.remote_cidr is not None and self.remote_group is not None:
+            raise ValueError("give remote_cidr or remote_group, not both")
+        return self
+
+
+class SecurityGroupRules(Model):
+    rules: list[SecurityGroupRule] = Field(default_factory=list, max_length=MAX_RULES)
+
+
+class SecurityGroupCreate(SecurityGroupRules):
+    name: SecurityGroupName
+    description: Line(256, 0) = ""
+
+
+class SecurityGroup(Model):
+    name: str
+    description: str
+    rules: list[SecurityGroupRule]
+    instances: list[str] = Field(description="names of the instances in the group")
+    created_at: float
+    updated_at: float
+
+
+class SecurityGroupList(Model):
+    security_groups: list[SecurityGroup]
+
+
+class InstanceSecurityGroups(Model):
+    security_groups: list[SecurityGroupName] = Field(
+        min_length=1, max_length=MAX_GROUPS_PER_INSTANCE, json_schema_extra={"uniqueItems": True})
+
+    @model_validator(mode="after")
+    def _unique(self):
+        if len(set(self.security_groups)) != len(self.security_groups):
+            raise ValueError("security_groups lists a group twice")
+        return self
+
+
 # -- instances --
 
 class PortSpec(Model):
@@ -371,6 +456,9 @@ class InstanceCreate(Model):
     privileged: bool = Field(False, description="containers, admin tokens only: run without a user "
                                                 "namespace (container root is host root)")
     start: bool = True
+    security_groups: list[SecurityGroupName] | None = Field(
+        None, min_length=1, max_length=MAX_GROUPS_PER_INSTANCE, json_schema_extra={"uniqueItems": True},
+        description='network "bridge": the groups filtering its traffic (default ["default"])')
 
     # the kind-dependent rules of _fits_kind, for the spec (a schema-valid body is accepted)
     model_config = ConfigDict(json_schema_extra={"allOf": [
@@ -395,6 +483,10 @@ class InstanceCreate(Model):
     def _fits_kind(self):
         if not math.isfinite(self.cpus):
             raise ValueError("cpus must be a finite number")
+        if self.security_groups is not None and len(set(self.security_groups)) != len(self.security_groups):
+            raise ValueError("security_groups lists a group twice")
+        if self.security_groups is not None and self.network != "bridge":
+            raise ValueError(f"security_groups filter the bridge: network {self.network!r} has none")
         if self.kind == "vm":
             self._vm_checks()
         else:
@@ -618,6 +710,9 @@ class IncomingMigration(Model):
     # a container's user namespace map on the source (its upper dir's owners are host ids of
     # that map); None: no user namespace there. The destination shifts owners to its own map.
     idmap: IdRange | None = None
+    # the instance's security groups as defined on the source: the destination makes the
+    # missing ones and refuses a group of the same name defined otherwise
+    security_groups: list[SecurityGroupCreate] | None = Field(None, max_length=MAX_GROUPS_PER_INSTANCE)
 
     @model_validator(mode="after")
     def _consistent(self):

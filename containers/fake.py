@@ -89,6 +89,8 @@ class _Box:
 class FakeRuntime:
     """In-memory runtime. Thread-safe. Lifecycle and errors as in ``containers.runtime``."""
 
+    uses_host_network = False  # its addresses are its own: no host bridge, no host filter
+
     def __init__(self, *, subnet: str = DEFAULT_SUBNET, idmap: IdMap = FAKE_IDMAP):
         self.idmap = idmap  # the host range user-namespaced containers map to (as RuncRuntime's)
         self._boxes: dict[str, _Box] = {}

@@ -6,8 +6,12 @@ and published ports (DNAT), all in chains of our own.
 Names (all derived, so leftovers can be found after a crash):
   netns      nact-<rtag>-<container>         (/run/netns)
   host veth  nv<rtag><8 hex of the name>      (<= 15 chars, the kernel's limit)
+  VM tap     nt<12 hex of the instance id> (agent.services.assembly names it in the domain XML)
+  MAC        a container's eth0: 02:<5 bytes of a hash of rtag and name> (locally administered)
   iptables   nat chains NODEAGENT-NAT (from POSTROUTING) and NODEAGENT-DNAT (from
              PREROUTING and OUTPUT); every rule carries ``-m comment nodeagent:<rtag>:<x>``
+  nftables   tables ``bridge nodeagent_<rtag>`` and ``inet nodeagent_<rtag>``: the tenant
+             filter (containers/firewall.py), rebuilt whole from the leases on every change
 <rtag> is 4 hex of the runtime's state dir, so two runtimes on one host never collide.
 """
 from __future__ import annotations
@@ -20,9 +24,11 @@ import shlex
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 
 from agent.errors import CommandFailed, Conflict, InsufficientResources, Unavailable
 from agent.state import Database
+from containers.firewall import Firewall, Policy, Port, ensure_bridge_netfilter
 from containers.runtime import PortMap
 
 NETNS_DIR = "/run/netns"
@@ -39,6 +45,9 @@ SCHEMA_STEPS = [
          host_ip TEXT NOT NULL, host_port INTEGER NOT NULL, protocol TEXT NOT NULL,
          name TEXT NOT NULL, container_port INTEGER NOT NULL,
          PRIMARY KEY (host_ip, host_port, protocol));""",
+    # the port a lease sends from (anti-spoofing): a container's veth or a VM's tap, its MAC
+    """ALTER TABLE containers_leases ADD COLUMN mac TEXT;
+       ALTER TABLE containers_leases ADD COLUMN ifname TEXT;""",
 ]
 
 
@@ -140,6 +149,10 @@ class Network:
         self.gateway = str(next(self.subnet.hosts()))
         self._bridge_ready = False  # ensure_bridge() ran in this process
         self._bridge_lock = threading.Lock()
+        self.firewall = Firewall(rtag=rtag, bridge=bridge, gateway=self.gateway)
+        # the security groups (agent/services/secgroups.py sets it): None, no group filtering
+        self.policy_source: Callable[[], Policy | None] | None = None
+        self._fw_lock = threading.Lock()
         db.apply_schema("containers_net", SCHEMA_STEPS)
 
     # -- names ------------------------------------------------------------------------
@@ -151,6 +164,10 @@ class Network:
 
     def veth_name(self, name: str) -> str:
         return f"nv{self.rtag}{short_hash(name, 8)}"
+
+    def container_mac(self, name: str) -> str:
+        h = short_hash(f"{self.rtag}:{name}", 10)
+        return "02:" + ":".join(h[i:i + 2] for i in range(0, 10, 2))
 
     def comment(self, name: str) -> str:
         return f"nodeagent:{self.rtag}:{name}"
@@ -185,7 +202,10 @@ class Network:
                          prefixlen=self.subnet.prefixlen)
             ipr.link("set", index=idx, state="up")
         # published ports on 127.0.0.1: let DNATed loopback packets route to the bridge
+        # (containers/firewall.py drops what tenants send to 127.0.0.0/8 before NAT sees it)
         write_sysctl(f"net.ipv4.conf.{self.bridge}.route_localnet", "1")
+        ensure_bridge_netfilter()
+        self.apply_firewall()
         ensure_chain("nat", NAT_CHAIN, ("POSTROUTING",))
         ensure_chain("nat", DNAT_CHAIN, ("PREROUTING", "-m", "addrtype", "--dst-type", "LOCAL"),
                      ("OUTPUT", "-m", "addrtype", "--dst-type", "LOCAL"))
@@ -204,6 +224,7 @@ class Network:
         from pyroute2 import IPRoute
         self._bridge_ready = False
         delete_rules("nat", NAT_CHAIN, f"nodeagent:{self.rtag}:net:{self.bridge}", exact=True)
+        self.firewall.remove()
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=self.bridge)
             if idx:
@@ -212,13 +233,29 @@ class Network:
         return False
 
     # -- leases and ports ----------------------------------------------------------------
-    def lease(self, name: str, want: str | None = None) -> str:
+    def lease(self, name: str, want: str | None = None, *, mac: str | None = None,
+              ifname: str | None = None) -> str:
         """``name``'s address (kept across calls): ``want`` if it is in the subnet and free
-        (a VM arriving from another host keeps its address), else the first free one."""
+        (a VM arriving from another host keeps its address), else the first free one. With
+        ``mac`` and ``ifname`` (the port it sends from), its anti-spoofing rules are in place
+        when this returns (before the device exists)."""
+        ip = self._lease(name, want, mac, ifname)
+        if ip is None:
+            return self.find_lease(name)
+        if mac is not None:  # a port: its rules
+            self.apply_firewall()
+        return ip
+
+    def _lease(self, name, want, mac, ifname) -> str | None:
+        """The new or changed lease's ip; None if it was there already as asked."""
         with self.db.tx() as c:
-            row = c.execute("SELECT ip FROM containers_leases WHERE network=? AND name=?",
+            row = c.execute("SELECT ip, mac, ifname FROM containers_leases WHERE network=? AND name=?",
                             (self.bridge, name)).fetchone()
             if row:
+                if mac is None or (row["mac"], row["ifname"]) == (mac, ifname):
+                    return None
+                c.execute("UPDATE containers_leases SET mac=?, ifname=? WHERE network=? AND name=?",
+                          (mac, ifname, self.bridge, name))
                 return row["ip"]
             taken = {r["ip"] for r in c.execute(
                 "SELECT ip FROM containers_leases WHERE network=?", (self.bridge,))}
@@ -226,8 +263,8 @@ class Network:
             for ip in (*wanted, *self.subnet.hosts()):
                 s = str(ip)
                 if s != self.gateway and s not in taken:
-                    c.execute("INSERT INTO containers_leases(network, ip, name) VALUES(?,?,?)",
-                              (self.bridge, s, name))
+                    c.execute("INSERT INTO containers_leases(network, ip, name, mac, ifname) "
+                              "VALUES(?,?,?,?,?)", (self.bridge, s, name, mac, ifname))
                     return s
         raise InsufficientResources(f"network {self.bridge} ({self.subnet}) has no free "
                                     "address: delete a container or use a larger subnet")
@@ -239,10 +276,28 @@ class Network:
 
     def release(self, name: str) -> bool:
         with self.db.tx() as c:
+            port = c.execute("SELECT 1 FROM containers_leases WHERE network=? AND name=? AND mac IS NOT NULL",
+                             (self.bridge, name)).fetchone()
             n = c.execute("DELETE FROM containers_leases WHERE network=? AND name=?",
                           (self.bridge, name)).rowcount
             n += c.execute("DELETE FROM containers_ports WHERE name=?", (name,)).rowcount
+        if port:  # its rules go with it
+            self.apply_firewall()
         return n > 0
+
+    # -- the filter --
+    def ports(self) -> list[Port]:
+        """Every lease with a known port (containers' and VMs')."""
+        return [Port(r["name"], r["ifname"], r["mac"], r["ip"]) for r in self.db.query(
+            "SELECT name, ip, mac, ifname FROM containers_leases WHERE network=? AND mac IS NOT NULL "
+            "AND ifname IS NOT NULL ORDER BY ip", (self.bridge,))]
+
+    def apply_firewall(self) -> None:
+        """Render and apply this network's whole filter (containers/firewall.py) from the
+        leases and the security groups: one atomic nft batch; idempotent."""
+        with self._fw_lock:
+            policy = self.policy_source() if self.policy_source is not None else None
+            self.firewall.apply(self.ports(), policy)
 
     def claim_ports(self, name: str, ports: tuple[PortMap, ...]) -> None:
         """Record the ports for ``name``; Conflict if ours or anybody's already."""
@@ -270,7 +325,7 @@ class Network:
         netns only exists once it runs: attach(pid=...) then). Returns the ip."""
         try:
             self.claim_ports(name, ports)
-            return self.lease(name)
+            return self.lease(name, mac=self.container_mac(name), ifname=self.veth_name(name))
         except BaseException:
             self.release(name)
             raise
@@ -288,8 +343,8 @@ class Network:
             self.detach(name, keep_lease=True)
         try:
             self.claim_ports(name, ports)
-            ip = self.lease(name)
             nsname, host_if = self.netns_name(name), self.veth_name(name)
+            ip = self.lease(name, mac=self.container_mac(name), ifname=host_if)
             peer = "nq" + host_if[2:]
             if pid is None:
                 netns.create(nsname)
@@ -297,7 +352,8 @@ class Network:
                 bind_netns(f"/proc/{pid}/ns/net", self.netns_path(name))
             with IPRoute() as ipr:
                 ipr.link("add", ifname=host_if, kind="veth",
-                         peer={"ifname": peer, "net_ns_fd": nsname})
+                         peer={"ifname": peer, "net_ns_fd": nsname,
+                               "address": self.container_mac(name)})
                 hidx = ipr.link_lookup(ifname=host_if)[0]
                 bidx = ipr.link_lookup(ifname=self.bridge)
                 if not bidx:  # removed behind our back: make it (and its rules) again

@@ -93,6 +93,8 @@ def _proc_start_time(pid: int) -> int | None:
 class RuncRuntime:
     """Containers run by runc under conmon. Thread-safe (one lock per container name)."""
 
+    uses_host_network = True  # veths on the host bridge, filtered by its nft tables
+
     def __init__(self, state_dir: str, db: Database, *, bridge: str = "nabr0",
                  subnet: str = "10.88.0.0/24", nat: bool = True,
                  cgroup_parent: str = bundle.CGROUP_PARENT, runc: str = "runc",

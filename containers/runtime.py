@@ -109,6 +109,7 @@ class ExecResult:
 @runtime_checkable
 class Runtime(Protocol):
     idmap: IdMap  # the host range user-namespaced containers map to (one per host)
+    uses_host_network: bool  # its containers sit on the host bridge (the agent keeps its filter)
 
     def create(self, spec: ContainerSpec) -> ContainerInfo:
         """Conflict on a name clash; on failure nothing (mount, cgroup, veth, lease) is left."""

@@ -80,6 +80,8 @@ def nic_element(nic: NicSpec) -> ET.Element:
     el = ET.Element("interface", {"type": "bridge"})
     _sub(el, "mac", address=nic.mac)
     _sub(el, "source", bridge=nic.bridge)
+    if nic.target:
+        _sub(el, "target", dev=nic.target)
     _sub(el, "model", type="virtio")
     return el
 

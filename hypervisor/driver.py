@@ -29,6 +29,7 @@ class DiskSpec:
 class NicSpec:
     bridge: str
     mac: str
+    target: str | None = None  # the tap's name (filter rules are keyed by it); None: libvirt's vnetN
 
 
 @dataclass(frozen=True)

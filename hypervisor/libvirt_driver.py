@@ -538,9 +538,10 @@ class LibvirtDriver:
         nics = []
         from hypervisor.driver import NicSpec
         for el in root.findall("devices/interface"):
-            src, mac = el.find("source"), el.find("mac")
+            src, mac, tap = el.find("source"), el.find("mac"), el.find("target")
             if src is not None and src.get("bridge") and mac is not None:
-                nics.append(NicSpec(bridge=src.get("bridge"), mac=mac.get("address")))
+                nics.append(NicSpec(bridge=src.get("bridge"), mac=mac.get("address"),
+                                    target=tap.get("dev") if tap is not None else None))
         os_ = root.find("os")
         text = lambda tag: os_.findtext(tag) if os_ is not None else None  # noqa: E731
         machine = os_.find("type").get("machine", "q35") if os_ is not None else "q35"

@@ -60,6 +60,9 @@ def check_spec(spec: VmSpec, *, host_memory_mib: int) -> None:
             raise InvalidInput(f"bad MAC {nic.mac!r}: give a unicast lower-case aa:bb:cc:dd:ee:ff")
         if not BRIDGE_RE.match(nic.bridge or ""):
             raise InvalidInput(f"bad bridge name {nic.bridge!r}")
+        if nic.target is not None and (not BRIDGE_RE.match(nic.target) or nic.target.startswith("vnet")):
+            raise InvalidInput(f"bad tap name {nic.target!r}: at most 15 letters, digits, '-' or '_', "
+                               "not vnet* (libvirt's own)")
     for label, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
         if path is not None and not os.path.isfile(path):
             raise NotFound(f"{label} {path} does not exist: run scripts/build-test-images", path=path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,7 +102,18 @@ class AgentProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._log.close()
+        self.drop_host_filter()
         return self.proc.returncode
+
+    def drop_host_filter(self) -> None:
+        """Remove this agent's nft tables (containers/firewall.py). A stopped agent keeps them
+        for the workloads that keep running and rebuilds them at start; a test leaves none."""
+        from containers.network import short_hash
+        if not shutil.which("nft"):
+            return
+        table = "nodeagent_" + short_hash(os.path.abspath(self.state_dir / "containers"), 4)
+        subprocess.run(["nft", "-f", "-"], input=f"table bridge {table} {{}}\ndelete table bridge {table}\n"
+                       f"table inet {table} {{}}\ndelete table inet {table}\n", text=True, capture_output=True)
 
 
 class Api:

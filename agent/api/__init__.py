@@ -40,6 +40,7 @@ PATTERN_PROBLEMS = {
     models.SHA256_PATTERN: "a sha256: 64 lower-case hex digits",
     models.DIGEST_PATTERN: "a digest: 'sha256:' and 64 lower-case hex digits",
     models.MAC_PATTERN: "a MAC address: six lower-case hex pairs joined by ':'",
+    models.CIDR4_PATTERN: "not an IPv4 network (e.g. 10.0.0.0/8) or address",
 }
 
 

@@ -57,6 +57,7 @@ class MigrationDestination:
         self._check_volumes_free(pool, inst.volumes, shared=bool(req.shared_volumes))
         self._check_space(pool, req)
         image = self._ensure_image(source, req.image, req.image_bytes)
+        groups = self.root.secgroups.adopt(req.security_groups)  # Conflict before anything is made
         now = time.time()
         spec = dict(req.spec.model_dump(), image_id=image.id)
         if not self.root.records.insert(Instance(
@@ -66,6 +67,8 @@ class MigrationDestination:
             raise Conflict(f"an instance named {inst.name!r} exists here: delete it or rename before "
                            "migrating")
         try:
+            if groups:  # before its address is leased: the filter is rendered with them
+                self.root.secgroups.join(inst.id, groups, apply=False)
             (self.root.instances.instance_dir(inst.id) / SOURCE_FILE).write_text(source)
             if inst.kind == "container":
                 return self._prepare_container(inst, image, pool, req.idmap)

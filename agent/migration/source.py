@@ -47,11 +47,13 @@ def criu_works() -> tuple[bool, str]:
 
 
 def incoming_request(inst: Instance, image, *, data_bytes: int, disk_size: int | None = None,
-                     shared_volumes: dict[str, str] | None = None, idmap=None) -> models.IncomingMigration:
+                     shared_volumes: dict[str, str] | None = None, idmap=None,
+                     security_groups: list[dict] | None = None) -> models.IncomingMigration:
     """What the destination is asked to prepare (``POST /v1/peer/migrations``) for ``inst``:
     checked here with the model the destination parses it with. ``idmap``: a container's user
-    namespace map here (containers.IdMap), None without one."""
-    fields = {"disk_size": disk_size, "shared_volumes": shared_volumes,
+    namespace map here (containers.IdMap), None without one. ``security_groups``: the
+    definitions of the instance's groups (they travel with it)."""
+    fields = {"disk_size": disk_size, "shared_volumes": shared_volumes, "security_groups": security_groups,
               "idmap": {"host_id": idmap.host_id, "size": idmap.size} if idmap else None}
     return _request(models.IncomingMigration, {
         "instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
@@ -94,6 +96,12 @@ class MigrationSource:
         """True while the instance is being migrated away (its spec was sent: leave it be)."""
         with self._lock:
             return inst_id in self._busy
+
+    def _groups(self, inst: Instance) -> list[dict] | None:
+        """The definitions of a bridged instance's security groups (None: no bridge)."""
+        if inst.spec_dict().get("network", "bridge") != "bridge":
+            return None
+        return self.root.secgroups.definitions(self.root.secgroups.of_instance(inst.id))
 
     def sending_to(self, peer: str) -> list[str]:
         """The ids of the instances this host is migrating to ``peer`` right now."""
@@ -210,7 +218,8 @@ class MigrationSource:
         shared = pool.kind not in LOCAL_POOL_KINDS
         prepared = peer.prepare(incoming_request(
             inst, image, data_bytes=allocated_bytes(vol.path) if pool.kind == "local" else 0, disk_size=vol.size,
-            shared_volumes={v: pool.get_volume(v).uri for v in inst.volumes} if shared else None))
+            shared_volumes={v: pool.get_volume(v).uri for v in inst.volumes} if shared else None,
+            security_groups=self._groups(inst)))
         live = self._track(op.id, {})
         down = {"failures": 0, "last": time.monotonic()}
 
@@ -284,7 +293,8 @@ class MigrationSource:
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(vol.path), disk_size=vol.size))
+        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(vol.path), disk_size=vol.size,
+                                      security_groups=self._groups(inst)))
         try:
             op.phase("copy", bytes_total=os.path.getsize(vol.path))
             sent = peer.push_disk(inst_id, vol.path, progress=op.bytes)
@@ -317,7 +327,8 @@ class MigrationSource:
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
         info = self.root.runtime.get(name)
-        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(upper), idmap=info.idmap))
+        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(upper), idmap=info.idmap,
+                                      security_groups=self._groups(inst)))
         was_running = info.state == "running"
         stopped_at = None
         sent = 0

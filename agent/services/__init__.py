@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from agent.services.images import ImageService
     from agent.services.instances import InstanceService
     from agent.services.records import InstanceRecords
+    from agent.services.secgroups import SecurityGroups
     from containers.network import Network
     from containers.runtime import Runtime
     from hypervisor.driver import Driver
@@ -53,6 +54,7 @@ class Services:
     instances: InstanceService
     host: HostService
     migrations: MigrationService
+    secgroups: SecurityGroups
     metrics: Metrics
     started: bool
 
@@ -62,6 +64,7 @@ class Services:
         from agent.services.images import ImageService
         from agent.services.instances import InstanceService
         from agent.services.records import InstanceRecords
+        from agent.services.secgroups import SecurityGroups
 
         self.config = config
         config.state_path.mkdir(parents=True, exist_ok=True)
@@ -84,6 +87,7 @@ class Services:
         self.instances = InstanceService(self)
         self.host = HostService(self)
         self.migrations = MigrationService(self)
+        self.secgroups = SecurityGroups(self)  # the only reader/writer of security_group*
         self.metrics = Metrics(self)
         self.started = False
 
@@ -133,7 +137,17 @@ class Services:
                 # the tag the runtime's names carry (veths, netns, rule comments): one per state dir
                 rtag = short_hash(os.path.abspath(self.config.state_path / "containers"), 4)
                 self._network = Network(self.db, bridge=net.bridge, subnet=net.subnet, nat=net.nat, rtag=rtag)
+                self._network.policy_source = self.secgroups.policy
             return self._network
+
+    def network_if_used(self) -> Network | None:
+        """The host network if its filter is to be kept here: a runtime or driver that puts
+        instances on the host bridge (the fakes do not: no host tables for them)."""
+        try:
+            bridged = registry.load("runtime", self.config.containers.runtime).uses_host_network
+        except (InvalidInput, ImportError):
+            bridged = True
+        return self.network if bridged or self.vm_network is not None else None
 
     @property
     def driver(self) -> Driver:
@@ -195,11 +209,20 @@ class Services:
         failed = self.operations.recover()
         self.instances.recover()
         self.migrations.recover()
+        self.secgroups.ensure_default()
+        self._rebuild_filter()
         self.instances.reconcile()
         self.operations.start()
         self.images.start_periodic_gc()  # its first run sweeps what a killed agent left
         self.started = True
         log.info("agent services started", extra={"recovered_operations": len(failed)})
+
+    def _rebuild_filter(self) -> None:
+        """The tenant filter from the state DB (after an agent restart or a host reboot)."""
+        try:
+            self.secgroups.apply()
+        except AgentError as e:
+            log.warning("cannot rebuild the tenant network filter", extra={"error": e.message})
 
     def stop(self) -> None:
         """Stop taking work; VMs and containers keep running."""

@@ -37,6 +37,13 @@ def mac_for(inst_id: str) -> str:
     return "52:54:00:" + ":".join(h[i:i + 2] for i in range(0, 6, 2))
 
 
+def tap_for(inst_id: str) -> str:
+    """The VM's tap on the host bridge (``<target dev>``, at most 15 characters): derived from
+    its id alone, so a migrated VM keeps it and its filter rules (keyed by it) exist before
+    the VM starts."""
+    return "nt" + inst_id[:12]
+
+
 def root_volume(kind: str, inst_id: str) -> str:
     """The name of an instance's root volume (VM disk or container rootfs) in its pool."""
     return f"i-{inst_id[:12]}-disk" if kind == "vm" else f"i-{inst_id[:12]}-rootfs"
@@ -98,7 +105,8 @@ class Assembly:
         if self.network is None:
             return None
         self.network.ready_bridge()  # once per process (iptables checks), not per VM
-        return self.network.lease(VM_LEASE_PREFIX + inst_id, want)
+        return self.network.lease(VM_LEASE_PREFIX + inst_id, want, mac=mac_for(inst_id),
+                                  ifname=tap_for(inst_id))
 
     def release_address(self, inst_id: str) -> bool:
         """Give the VM's address back; False if it had none."""
@@ -128,7 +136,8 @@ class Assembly:
         from hypervisor.disks import disk_for_volume
         from hypervisor.driver import NicSpec, VmSpec
 
-        nics = (NicSpec(bridge=self.bridge, mac=mac_for(inst_id)),) if req.network == "bridge" else ()
+        nics = (NicSpec(bridge=self.bridge, mac=mac_for(inst_id), target=tap_for(inst_id)),) \
+            if req.network == "bridge" else ()
         kernel, initrd, cmdline = (boot.kernel, boot.initrd, boot.cmdline) if boot else (None, None, None)
         return VmSpec(name=req.name, uuid=str(uuid.UUID(inst_id)), cpus=max(1, math.ceil(req.cpus)),
                       memory_mib=req.memory_mib, bandwidth=bandwidth_of(req),

@@ -102,6 +102,7 @@ class InstanceService:
             raise Unprocessable("user_data is for VMs: containers take env and command")
         if req.kind == "vm" and (req.ports or req.command):
             raise Unprocessable("ports and command are for containers: VMs take user_data")
+        groups = self.root.secgroups.check(req.security_groups) if req.network == "bridge" else []
         inst_id = uuid.uuid4().hex
         volumes = [root_volume(req.kind, inst_id)]
         spec = req.model_dump()
@@ -112,6 +113,8 @@ class InstanceService:
                 volumes=tuple(volumes), mac=mac_for(inst_id) if req.kind == "vm" else None,
                 node=self.root.host.hostname(), created_at=now, updated_at=now)):
             raise Conflict(f"an instance named {req.name!r} exists: pick another name or delete it")
+        if groups:  # before the operation: its attach renders the filter with them
+            self.root.secgroups.join(inst_id, groups, apply=False)
 
         def work(op):
             with self.lock(inst_id):

@@ -98,3 +98,24 @@ def test_a_privileged_container_from_the_cli_needs_an_admin_token(agent, cli, im
     assert r.returncode == 1 and "admin token" in r.stderr and "Traceback" not in r.stderr
     assert "running" in cli(*args).stdout
     cli("instance", "rm", "privbox")
+
+
+def test_secgroup_verbs(cli, images):
+    out = cli("secgroup", "create", "cli-web", "--rule", "ingress:tcp:80-81:10.0.0.0/8", "--rule", "egress:udp:53")
+    assert "cli-web: 2 rules" in out.stdout
+    shown = json.loads(cli("secgroup", "show", "cli-web", "--json").stdout)
+    assert shown["rules"][0] == {"direction": "ingress", "protocol": "tcp", "port_min": 80, "port_max": 81,
+                                 "remote_cidr": "10.0.0.0/8"}
+    cli("secgroup", "set", "cli-web", "--rule", "ingress:any::@cli-web")
+    assert "ingress any @cli-web" in cli("secgroup", "show", "cli-web").stdout
+    assert "cli-web" in cli("secgroup", "list").stdout
+    r = cli("secgroup", "create", "cli-bad", "--rule", "sideways", check=False)
+    assert r.returncode == 2 and "DIRECTION" in r.stderr
+    cli("instance", "create", "sgbox", "--kind", "container", "--image", "busybox", "--memory", "64",
+        "--security-group", "cli-web", "--", "/bin/sh", "-c", "sleep 100")
+    assert cli("instance", "security-groups", "sgbox").stdout.split() == ["cli-web"]
+    r = cli("secgroup", "delete", "cli-web", check=False)
+    assert r.returncode == 1 and "used by sgbox" in r.stderr
+    assert cli("instance", "security-groups", "sgbox", "default").stdout.split() == ["default"]
+    cli("secgroup", "delete", "cli-web")
+    cli("instance", "rm", "sgbox")

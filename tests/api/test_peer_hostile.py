@@ -449,3 +449,26 @@ def test_rootfs_stream_owners_land_in_this_hosts_range(host, evil, images, idmap
     st = os.lstat(os.path.join(upper, "f"))
     assert (st.st_uid, st.st_gid) == landed
     assert evil.delete(f"/v1/peer/migrations/{inst['id']}").json() == {"deleted": True}
+
+
+def test_an_incoming_instance_brings_its_security_groups_and_a_conflicting_one_is_refused(host, evil, admin,
+                                                                                           images):
+    rules = [{"direction": "ingress", "protocol": "tcp", "port_min": 22}]
+    body = prepare_body(images)
+    body["spec"]["network"] = "bridge"
+    body["security_groups"] = [{"name": "moved-web", "rules": rules}]
+    r = evil.post("/v1/peer/migrations", json=body)
+    assert r.status_code == 200, r.text
+    inst = body["instance"]
+    assert admin.get("/v1/security-groups/moved-web").json()["rules"] == rules
+    assert admin.get(f"/v1/instances/{inst['id']}/security-groups").json() == {"security_groups": ["moved-web"]}
+    assert evil.delete(f"/v1/peer/migrations/{inst['id']}").json() == {"deleted": True}
+    # the same name defined otherwise here: refused before anything is made
+    other = prepare_body(images)
+    other["spec"]["network"] = "bridge"
+    other["security_groups"] = [{"name": "moved-web", "rules": []}]
+    err = assert_error(evil.post("/v1/peer/migrations", json=other), 409)
+    assert "moved-web" in err["message"] and "defined differently" in err["message"]
+    assert_error(admin.get(f"/v1/instances/{other['instance']['id']}"), 404)
+    assert admin.get("/v1/security-groups/moved-web").json()["rules"] == rules  # untouched
+    admin.delete("/v1/security-groups/moved-web")

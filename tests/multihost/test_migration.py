@@ -79,9 +79,13 @@ def cancels(api, op) -> None:
 
 def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, image):
     h1, h2 = cluster.hosts
+    group = f"mig-{uuid.uuid4().hex[:6]}"
+    rules = [{"direction": "ingress", "protocol": "tcp", "port_min": 22}]
+    assert apis["h1"].post("/v1/security-groups", json={"name": group, "rules": rules}).status_code == 201
     name = create_vm(apis["h1"], image, network="bridge")
     first = apis["h1"].get(f"/v1/instances/{name}").json()
     inst_id = first["id"]
+    assert apis["h1"].put(f"/v1/instances/{name}/security-groups", json={"security_groups": [group]}).ok
     assert ipaddress.ip_address(first["ip"]) in ipaddress.ip_network(cluster.container_subnet(0))
     op = migrate(apis["h1"], name, "h2")
     assert op["status"] == "succeeded", op["error"]
@@ -95,6 +99,11 @@ def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, 
     assert ipaddress.ip_address(moved["ip"]) in ipaddress.ip_network(cluster.container_subnet(1))
     assert_runs(apis["h2"], name)
     assert name in domains(h2)
+    # its security group came along (made on h2 with the same rules), its tap's rules are there
+    assert apis["h2"].get(f"/v1/instances/{name}/security-groups").json() == {"security_groups": [group]}
+    assert apis["h2"].get(f"/v1/security-groups/{group}").json()["rules"] == rules
+    tables = h2.run("nft", "list", "ruleset").stdout
+    assert f"chain p_nt{inst_id[:12]}" in tables and f"chain in_nt{inst_id[:12]}" in tables
     # the source is clean: no record, no domain, no volume, no instance dir
     assert apis["h1"].get(f"/v1/instances/{name}").status_code == 404
     assert name not in domains(h1)
@@ -111,7 +120,10 @@ def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, 
     assert apis["h1"].get(f"/v1/instances/{name}").json()["ip"] == first["ip"], "h1 released it, then leased it again"
     assert apis["h2"].get(f"/v1/instances/{name}").status_code == 404
     assert name not in domains(h2)
+    assert apis["h1"].get(f"/v1/instances/{name}/security-groups").json() == {"security_groups": [group]}
     assert apis["h1"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+    for api in apis.values():
+        assert api.delete(f"/v1/security-groups/{group}").status_code == 200
 
 
 MARKER = b"NODEAGENT-CLEARTEXT-MARKER."

@@ -80,6 +80,8 @@ def resolve_user(user: str, *roots: str) -> tuple[int, int]:
                     return int(parts[field])
         return None
 
+    uid: int | None
+    gid: int | None
     if name.isdigit():
         uid, default_gid = int(name), None
     else:

@@ -193,7 +193,7 @@ def list_names(parent: str, root: str = CGROUP_ROOT) -> set[str]:
     """Names of containers with a cgroup dir under ``parent`` (any controller)."""
     bases = [os.path.join(root, parent)] if is_v2(root) else \
         [os.path.join(root, c, parent) for c in V1_CONTROLLERS]
-    names = set()
+    names: set[str] = set()
     for b in bases:
         try:
             names.update(e.name for e in os.scandir(b) if e.is_dir())

@@ -81,7 +81,7 @@ class _Libnftables:
         return rc, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-_lib: _Libnftables | None = None
+_lib: _Libnftables | bool | None = None  # False: no library here, exec nft
 _lib_lock = threading.Lock()
 
 
@@ -89,12 +89,13 @@ def _nft_run(script: str) -> tuple[int, str, str]:
     """Through libnftables when it loads, else `nft -f -` (the same batch semantics)."""
     global _lib
     with _lib_lock:
-        if _lib is None or (_lib and _lib.pid != os.getpid()):  # a context (its netlink socket) per process
+        # a context (its netlink socket) per process
+        if _lib is None or (isinstance(_lib, _Libnftables) and _lib.pid != os.getpid()):
             try:
                 _lib = _Libnftables()
             except OSError:
-                _lib = False  # type: ignore[assignment] - not installed as a library: exec nft
-    if _lib:
+                _lib = False  # not installed as a library: exec nft
+    if isinstance(_lib, _Libnftables):
         return _lib.run(script)
     try:
         proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
@@ -228,14 +229,14 @@ class Firewall:
                  f"    iifname {br} ct state established,related accept",
                  f"    iifname {br} drop",
                  "  }"]
-        filtered = [p for p in ports if policy is not None and p.owner in policy.members]
-        if filtered:
+        filtered = [p for p in ports if p.owner in policy.members] if policy is not None else []
+        if policy is not None and filtered:
             lines += self._groups(filtered, policy)
         lines += ["  chain forward { type filter hook forward priority filter; policy accept;",
                   f"    iifname {br} ct state established,related accept",
                   f"    oifname {br} ct state established,related accept",
                   f"    oifname {br} ct state invalid drop"]
-        if filtered:
+        if policy is not None and filtered:
             eg = ", ".join(f"{p.ip} : jump eg_{p.ifname}" for p in filtered)
             ing = ", ".join(f"{p.ip} : jump in_{p.ifname}" for p in filtered)
             lines += [f"    iifname {br} ip saddr vmap {{ {eg} }}",
@@ -251,8 +252,8 @@ class Firewall:
             for g in policy.members[p.owner]:
                 members.setdefault(g, []).append(p.ip)
         used = set(members)
-        for rules in policy.groups.values():
-            used.update(r.remote_group for r in rules if r.remote_group)
+        for group_rules in policy.groups.values():
+            used.update(r.remote_group for r in group_rules if r.remote_group)
         lines = []
         for g in sorted(used):
             ips = members.get(g, [])

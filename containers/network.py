@@ -240,8 +240,10 @@ class Network:
         ``mac`` and ``ifname`` (the port it sends from), its anti-spoofing rules are in place
         when this returns (before the device exists)."""
         ip = self._lease(name, want, mac, ifname)
-        if ip is None:
-            return self.find_lease(name)
+        if ip is None:  # it was in place as asked
+            held = self.find_lease(name)
+            assert held is not None
+            return held
         if mac is not None:  # a port: its rules
             self.apply_firewall()
         return ip
@@ -412,7 +414,7 @@ class Network:
     # -- leftovers --------------------------------------------------------------------------
     def leftover_names(self) -> set[str]:
         """Container names with a netns, lease or port rule of ours (for reconcile)."""
-        names = set()
+        names: set[str] = set()
         prefix = f"nact-{self.rtag}-"
         try:
             names.update(n[len(prefix):] for n in os.listdir(NETNS_DIR) if n.startswith(prefix))

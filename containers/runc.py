@@ -107,12 +107,13 @@ class RuncRuntime:
         and no_new_privileges of every container (None: Docker's defaults,
         containers/security.py). ``idmap``: the host range user-namespaced containers map to
         (None: /etc/subuid's ``nodeagent`` entry, see containers.idmap)."""
-        self.runc = shutil.which(runc)
-        self.conmon = shutil.which(conmon)
-        for tool, path in (("runc", self.runc), ("conmon", self.conmon)):
+        found = {tool: shutil.which(path) for tool, path in (("runc", runc), ("conmon", conmon))}
+        for tool, path in found.items():
             if path is None:
                 raise Unavailable(f"{tool} is not installed: apt-get install {tool} "
                                   "(or run scripts/setup-host)")
+        self.runc: str = found["runc"] or ""
+        self.conmon: str = found["conmon"] or ""
         self.state_dir = os.path.abspath(state_dir)
         self.db = db
         self.exec_output_bytes = exec_output_bytes
@@ -332,7 +333,7 @@ class RuncRuntime:
         the upper dir already holds: a migration's), mounted again after a reboot."""
         r = spec.rootfs
         top = os.path.dirname(r.upperdir)
-        if mounts.is_mounted(top):
+        if not r.quota_bytes or mounts.is_mounted(top):
             return
         img = self._disk_image(spec.name)
         if not os.path.exists(img):
@@ -639,8 +640,9 @@ class RuncRuntime:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            proc.stdout.close()
-            proc.stderr.close()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
             try:
                 os.unlink(pid_file)
             except FileNotFoundError:
@@ -796,7 +798,9 @@ def _check_command(prog: str, path: str, cwd: str, rootfs: str) -> None:
 def _capture(proc: subprocess.Popen, limit: int, timeout: float) -> tuple[tuple[bytes, bytes], bool, bool]:
     """Read ``proc``'s stdout and stderr until both close or ``timeout`` seconds pass:
     ((stdout, stderr) with at most ``limit`` bytes each, truncated, timed_out)."""
-    bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    assert proc.stdout is not None and proc.stderr is not None  # both piped
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    bufs = {out_fd: bytearray(), err_fd: bytearray()}
     truncated = False
     deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as sel:
@@ -805,7 +809,7 @@ def _capture(proc: subprocess.Popen, limit: int, timeout: float) -> tuple[tuple[
         while sel.get_map():
             left = deadline - time.monotonic()
             if left <= 0:
-                return (bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()])), truncated, True
+                return (bytes(bufs[out_fd]), bytes(bufs[err_fd])), truncated, True
             for key, _ in sel.select(left):
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
@@ -817,7 +821,7 @@ def _capture(proc: subprocess.Popen, limit: int, timeout: float) -> tuple[tuple[
                     truncated = True
                     chunk = chunk[:max(room, 0)]
                 buf += chunk
-    return (bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()])), truncated, False
+    return (bytes(bufs[out_fd]), bytes(bufs[err_fd])), truncated, False
 
 
 def _read_pid(path: str) -> int | None:

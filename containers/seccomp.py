@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 from collections.abc import Iterable
 
 from agent.errors import InvalidInput
@@ -167,7 +168,7 @@ def oci_profile(profile: dict, caps: Iterable[str], *, machine: str | None = Non
             raise InvalidInput(f"seccomp profile: {where} needs names: syscall names")
         if not _applies(entry, held, goarch, kern):
             continue
-        rule = {"names": list(names), "action": _action(entry.get("action"), where)}
+        rule: dict[str, Any] = {"names": list(names), "action": _action(entry.get("action"), where)}
         if "errnoRet" in entry:
             rule["errnoRet"] = _errno(entry["errnoRet"], where)
         if entry.get("args"):

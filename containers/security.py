@@ -50,7 +50,7 @@ def adjusted(base: tuple[str, ...], add: tuple[str, ...] = (), drop: tuple[str, 
 
 
 @functools.lru_cache(maxsize=1)
-def _default_profile() -> dict:
+def _default_profile() -> dict | None:
     return seccomp.profile_for(seccomp.DEFAULT)
 
 

@@ -1,5 +1,6 @@
 """`ruff check` (configured in pyproject.toml) finds nothing in the code base: the packages,
-the test bed, the benches, the tests and the Python scripts."""
+the test bed, the benches, the tests and the Python scripts; mypy finds nothing in the
+packages whose types are complete ([tool.mypy] files)."""
 from __future__ import annotations
 
 import os
@@ -30,3 +31,12 @@ def test_the_python_scripts_are_linted():
     r = subprocess.run([*ruff(), "check", "--show-files", "scripts"], cwd=REPO, capture_output=True,
                        text=True, timeout=60)
     assert "ceph-dev-cluster" in r.stdout, r.stdout + r.stderr
+
+
+def test_mypy_finds_nothing_where_types_are_complete():
+    here = os.path.join(os.path.dirname(sys.executable), "mypy")
+    found = here if os.access(here, os.X_OK) else shutil.which("mypy")
+    assert found, "mypy is not installed: .venv/bin/pip install -e '.[test]' (it pins mypy)"
+    r = subprocess.run([found, "--cache-dir", os.path.join(REPO, ".mypy_cache")], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, f"mypy found:\n{r.stdout}{r.stderr}"

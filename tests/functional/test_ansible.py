@@ -135,6 +135,7 @@ def host(tmp_path_factory):
         "nodeagent_run_dir": str(base / "run"),
         "nodeagent_log_dir": str(base / "log"),
         "nodeagent_service_mode": "daemon",  # what auto picks here (no systemd); said explicitly
+        "nodeagent_install_method": "checkout",  # the package is proven in tests/functional/test_systemd_host.py
         "nodeagent_tls": "self_signed",
         "nodeagent_admin_token_name": "ansible-test",
     }
@@ -249,7 +250,8 @@ def test_ansible_lint_passes(tmp_path):
 def test_bad_variables_fail_early_and_change_nothing(tmp_path, drop, bad, expected):
     extra = {"nodeagent_listen": f"127.0.0.1:{_free_port()}", "nodeagent_prefix": str(tmp_path / "opt"),
              "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
-             "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log")}
+             "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log"),
+             "nodeagent_install_method": "checkout"}
     extra.pop(drop, None)
     extra.update(bad)
     run = _playbook(_env(tmp_path / "ansible-home"), extra)
@@ -297,6 +299,7 @@ def test_check_mode_on_a_fresh_host_writes_nothing(tmp_path):
              "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
              "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log"),
              "nodeagent_tls": "self_signed", "nodeagent_service_mode": "daemon",
+             "nodeagent_install_method": "checkout",
              "nodeagent_images": [{"name": "x", "source": {"type": "file", "path": "/x.qcow2"}}]}
     run = _playbook(_env(tmp_path / "ansible-home"), extra, "--check")
     assert run.returncode == 0, _explain(run)
@@ -348,23 +351,42 @@ def test_config_template_renders_every_pool_kind_tls_and_peers(tmp_path):
     assert cfg.peers["node2"].url == "https://10.0.0.12:8470" and cfg.peers["node2"].token == "na_x_y"
 
 
-def test_source_copied_from_the_controller(tmp_path):
-    """nodeagent_source_copy: the controller packs the source, the host unpacks and installs
-    it; a second run copies and installs nothing."""
-    extra = {"nodeagent_listen": f"127.0.0.1:{_free_port()}", "nodeagent_prefix": str(tmp_path / "opt"),
-             "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
-             "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log"),
-             "nodeagent_source_copy": True}
-    env = _env(tmp_path / "ansible-home")
-    run = _playbook(env, extra, "--tags", "nodeagent_install")
+def _role_packages(tmp_path, pools: dict) -> list[str]:
+    """The packages the role would install on a host with ``pools`` (its package tasks in
+    --check mode: nothing is installed)."""
+    playbook = tmp_path / "packages.yml"
+    playbook.write_text(json.dumps([{
+        "name": "Packages", "hosts": "localhost", "gather_facts": False,
+        "tasks": [{"name": "Package tasks", "ansible.builtin.include_role": {
+                       "name": "nodeagent", "tasks_from": "packages.yml"}},
+                  {"name": "Keep", "check_mode": False, "ansible.builtin.copy": {
+                       "dest": str(tmp_path / "packages.json"), "mode": "0600",
+                       "content": "{{ _nodeagent_packages | to_json }}"}}],
+    }]))
+    run = subprocess.run([_tool("ansible-playbook"), "-i", "localhost,", "-c", "local", "--check", str(playbook),
+                          "-e", json.dumps({"nodeagent_listen": "127.0.0.1:1", "nodeagent_pools": pools,
+                                            "nodeagent_manage_kvm": False})],
+                         cwd=ANSIBLE_DIR, env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, _explain(run)
-    assert {"Copy the agent's source to the host", "Unpack the agent's source",
-            "Install the agent into its venv"} <= set(_changed_tasks(run))
-    src = tmp_path / "opt" / "src"
-    assert (src / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()
-    assert not list(src.rglob("__pycache__"))
-    assert subprocess.run([str(tmp_path / "opt" / "venv" / "bin" / "nodeagent"), "--help"],
-                          capture_output=True).returncode == 0
-    run = _playbook(env, extra, "--tags", "nodeagent_install")
-    assert run.returncode == 0, _explain(run)
-    assert _recap(run)["changed"] == 0, f"changed: {_changed_tasks(run)}"
+    return json.loads((tmp_path / "packages.json").read_text())
+
+
+def _section(name: str) -> list[str]:
+    names, current = [], None
+    for line in (ROOT / "scripts" / "packages.txt").read_text().splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry.startswith("["):
+            current = entry.strip("[]")
+        elif entry and current == name:
+            names.append(entry)
+    return names
+
+
+def test_the_role_installs_runtime_packages_only(tmp_path):
+    """A hypervisor gets [runtime]; [ceph-client] only with a Ceph RBD pool; never [dev]
+    (Ceph servers, registry, test images, compilers)."""
+    runtime, ceph, dev = _section("runtime"), _section("ceph-client"), _section("dev")
+    assert runtime and ceph and {"ceph-mon", "docker-registry", "gcc", "libvirt-dev", "criu"} <= set(dev)
+    assert _role_packages(tmp_path, {"default": {"kind": "local"}}) == runtime
+    with_rbd = {"default": {"kind": "local"}, "ceph": {"kind": "block", "pool": "rbd"}}
+    assert _role_packages(tmp_path, with_rbd) == runtime + ceph

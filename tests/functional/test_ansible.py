@@ -390,3 +390,66 @@ def test_the_role_installs_runtime_packages_only(tmp_path):
     assert _role_packages(tmp_path, {"default": {"kind": "local"}}) == runtime
     with_rbd = {"default": {"kind": "local"}, "ceph": {"kind": "block", "pool": "rbd"}}
     assert _role_packages(tmp_path, with_rbd) == runtime + ceph
+
+
+def test_peers_from_the_inventory(tmp_path):
+    """nodeagent_peer_group: each host of the group makes a peer token for every other one and
+    gets a [peers] entry per other host carrying the token that host made for it; a second
+    run changes nothing; a lost token file is replaced. Two hosts of a local inventory, the
+    role's peer tasks and agent.toml.j2 only (the agent from this venv)."""
+    role = ANSIBLE_DIR / "roles" / "nodeagent"
+    hosts = {}
+    for name in ("peer-a", "peer-b"):
+        d = tmp_path / name
+        hosts[name] = {"ansible_connection": "local", "nodeagent_listen": f"127.0.0.1:{_free_port()}",
+                       "nodeagent_config_dir": str(d / "etc"), "nodeagent_state_dir": str(d / "state"),
+                       "nodeagent_prefix": str(d / "opt"), "nodeagent_venv": str(BIN.parent),
+                       "nodeagent_import_dirs": [str(d / "import")], "nodeagent_peer_group": "fleet"}
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(json.dumps({"fleet": {"hosts": hosts}}))
+    playbook = tmp_path / "peers.yml"
+    # include_role: the role's defaults stay below the inventory's variables (vars_files would not)
+    playbook.write_text(json.dumps([{
+        "name": "Peers", "hosts": "fleet", "gather_facts": False,
+        "tasks": [{"name": f"Role tasks {t}", "ansible.builtin.include_role": {"name": "nodeagent", "tasks_from": t}}
+                  for t in ("peers.yml", "config.yml")],
+    }]))
+
+    def play():
+        run = subprocess.run([_tool("ansible-playbook"), "-i", str(inventory), str(playbook)], cwd=ROOT,
+                             env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, _explain(run)
+        return run
+
+    from agent import config
+
+    def listed(host: str) -> list[dict]:
+        out = subprocess.run([str(BIN / "nodeagent"), "--config", "/dev/null", "token", "list", "--json"],
+                             env=dict(os.environ, NODEAGENT_STATE_DIR=str(tmp_path / host / "state")),
+                             capture_output=True, text=True, check=True).stdout
+        data = json.loads(out)
+        return data["tokens"] if isinstance(data, dict) else data
+
+    def check():
+        for name, other in (("peer-a", "peer-b"), ("peer-b", "peer-a")):
+            cfg = config.load(str(tmp_path / name / "etc" / "agent.toml"), env={})
+            assert list(cfg.peers) == [other]
+            assert cfg.peers[other].url == f"http://{hosts[other]['nodeagent_listen']}"
+            # the token is the one the other host's database holds as a peer token named after this host
+            token_id = cfg.peers[other].token.split("_")[1]
+            assert [(t["name"], t["role"]) for t in listed(other) if t["id"] == token_id] == [(name, "peer")]
+            assert stat.S_IMODE((tmp_path / other / "etc" / "peer-tokens" / f"{name}.token").stat().st_mode) == 0o600
+        return {n: config.load(str(tmp_path / n / "etc" / "agent.toml"), env={}).peers for n in hosts}
+
+    first = play()
+    assert "na_" not in first.stdout  # no secret in the log
+    assert str(tmp_path) in (tmp_path / "peer-a" / "etc" / "agent.toml").read_text()
+    before = check()
+    again = play()
+    assert _changed_tasks(again) == [], _changed_tasks(again)
+    assert check() == before
+    (tmp_path / "peer-b" / "etc" / "peer-tokens" / "peer-a.token").unlink()
+    play()
+    after = check()
+    assert after["peer-a"]["peer-b"].token != before["peer-a"]["peer-b"].token
+    assert after["peer-b"] == before["peer-b"]

@@ -229,3 +229,31 @@ def test_restart_stop_and_upgrade_keep_the_container_and_the_vm_running(sd, gues
     _adopted(sd, name)
     _vm_adopted(sd, vm)
     assert _process(sd, name) == first and _qemu(sd) == qemu
+
+
+def test_the_role_readies_libvirtd_for_migration(sd, tmp_path):
+    """nodeagent_libvirt_migration: libvirtd gets a host UUID from the machine id and listens
+    for TLS with a certificate from the role's CA (a client with the host's certificate
+    connects), the agent's migration_uri names it, guests keep running, a second run
+    changes nothing."""
+    assert sd.api is not None, "the role's run failed"
+    extra = {"nodeagent_libvirt_migration": True, "nodeagent_libvirt_ca_dir": str(tmp_path / "pki"),
+             "nodeagent_deb": str(sd.v2)}
+    qemu_before = _qemu(sd) if sd.host.run("pgrep", "-f", "qemu-system", check=False).stdout.strip() else None
+    run = _playbook(sd, **extra)
+    assert run.returncode == 0, _explain(run)
+    assert (tmp_path / "pki" / "ca.key").exists() and (tmp_path / "pki" / "nspawn.crt").exists()
+    out = sd.host.run("virsh", "-c", "qemu+tls://127.0.0.1/system", "hostname", check=False)
+    assert out.returncode == 0, out.stderr
+    machine_id = sd.host.run("cat", "/etc/machine-id").stdout.strip()
+    import uuid
+    expected = str(uuid.uuid5(uuid.UUID("361E6D51-FAEC-444A-9079-341386DA8E2E"), machine_id))  # Ansible's to_uuid
+    caps = sd.host.run("virsh", "-c", "qemu:///system", "capabilities").stdout
+    assert f"<uuid>{expected}</uuid>" in caps
+    toml = sd.host.run("cat", "/etc/nodeagent/agent.toml").stdout
+    assert 'migration_uri = "qemu+tls://127.0.0.1/system"' in toml
+    if qemu_before is not None:
+        assert _qemu(sd) == qemu_before  # restarting libvirtd left the guest running
+    run = _playbook(sd, **extra)
+    assert run.returncode == 0, _explain(run)
+    assert _recap(run)["changed"] == 0, _explain(run)

@@ -397,7 +397,6 @@ def test_peers_from_the_inventory(tmp_path):
     gets a [peers] entry per other host carrying the token that host made for it; a second
     run changes nothing; a lost token file is replaced. Two hosts of a local inventory, the
     role's peer tasks and agent.toml.j2 only (the agent from this venv)."""
-    role = ANSIBLE_DIR / "roles" / "nodeagent"
     hosts = {}
     for name in ("peer-a", "peer-b"):
         d = tmp_path / name

@@ -103,6 +103,9 @@ class SystemdHost:
         """Halt (SIGTERM makes nspawn ask systemd to power off), then SIGKILL if it hangs;
         unmount the overlay and remove its dirs."""
         if self.proc is not None and self.proc.poll() is None:
+            # the agent's (empty) parent cgroups of its containers, made inside the container's
+            # cgroup namespace, i.e. under this test's own cgroup on the host
+            self.run("sh", "-c", "rmdir /sys/fs/cgroup/*/nodeagent 2>/dev/null", check=False)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(HALT_TIMEOUT_S)
@@ -114,4 +117,24 @@ class SystemdHost:
         if self._mounted:
             subprocess.run(["umount", str(self.merged)], check=False)
             self._mounted = False
+        # nspawn without a host systemd puts the container under <its own cgroup>/payload and
+        # leaves the empty dirs behind (busy ones, another boot's, stay)
+        for hierarchy in ("systemd", "unified"):
+            own = _own_cgroup(hierarchy)
+            if own is not None:
+                for d in (f"{own}/payload/init.scope", f"{own}/payload"):
+                    try:
+                        os.rmdir(f"/sys/fs/cgroup/{hierarchy}{d}")
+                    except OSError:
+                        pass
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _own_cgroup(hierarchy: str) -> str | None:
+    """This process's cgroup path in a v1 named hierarchy ("systemd") or v2 ("unified")."""
+    want = "name=systemd" if hierarchy == "systemd" else ""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == want:
+            return path.rstrip("/")
+    return None

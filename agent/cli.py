@@ -41,10 +41,27 @@ def serve(ctx):
     log.setup(cfg.log_level, cfg.log_format, target=cfg.log_target, file=cfg.log_file,
               max_bytes=cfg.log_max_bytes, backups=cfg.log_backups)
     cfg.state_path.mkdir(parents=True, exist_ok=True)
+    _host_daemons(cfg)
     try:
         AgentServer(cfg, create_app).run()
     except AgentError as e:
         raise click.ClickException(e.message) from None
+
+
+def _host_daemons(cfg) -> None:
+    """On a host without systemd, start virtlogd and libvirtd if VMs need them and they are
+    down (agent.hostdaemons). A failure is logged and serving goes on: containers work
+    without them, and VM requests answer 503 naming the fix."""
+    import logging
+
+    from agent import hostdaemons
+    hc = cfg.hypervisor
+    if not hostdaemons.wanted(hc.driver, hc.uri, systemd=hostdaemons.systemd_booted()):
+        return
+    try:
+        hostdaemons.ensure(str(cfg.state_path))
+    except AgentError as e:
+        logging.getLogger("agent.hostdaemons").warning("libvirt's daemons could not be started: %s", e.message)
 
 
 @main.command("config")

@@ -16,6 +16,7 @@ import signal
 import socket
 import ssl
 
+from agent import sdnotify
 from agent.config import Config
 from agent.errors import InvalidInput, Unavailable
 
@@ -104,6 +105,7 @@ class AgentServer:
         from agent.api import ROUTES
         from agent.httpserver import HttpServer
 
+        notify_socket = sdnotify.take_socket()  # before any child (runc) could inherit it
         api = fit_connections(self._config.api)
         tls = ssl_context(api)
         sock = listen(api.listen)
@@ -120,7 +122,9 @@ class AgentServer:
                 loop.add_signal_handler(sig, stop.set)
             log.info("nodeagent serving", extra={"listen": api.listen, "tls": bool(api.tls_cert)})
             task = loop.create_task(server.serve(sock, stop))
+            sdnotify.notify(notify_socket, f"READY=1\nMAINPID={os.getpid()}")  # the socket listens, recovery ran
             await stop.wait()
+            sdnotify.notify(notify_socket, "STOPPING=1")
             log.info("nodeagent stopping: workloads keep running")
             services.stop()  # cancels queued work; running work stops at its next phase boundary
             await task

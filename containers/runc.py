@@ -13,6 +13,11 @@ The agent keeps no process per container: conmon (detached, own session) runs
 then calls ``runc start``. All state is read back from the DB, runc's state.json and the
 exit file, so a new RuncRuntime over the same state_dir and DB re-adopts everything.
 create() prepares (mount, network, bundle); start() creates the runc container.
+
+Where systemd is PID 1, each conmon starts in a transient scope of its own
+(``systemd-run --scope``, unit ``nodeagent-conmon-<name>-<random>.scope``): the monitor and
+the container it runs are then outside the agent's service cgroup, and stopping, restarting
+or upgrading the agent's unit never kills them (``monitor_scope_argv``).
 """
 from __future__ import annotations
 
@@ -73,6 +78,27 @@ def spec_from_json(text: str) -> ContainerSpec:
         cap_add=tuple(d.get("cap_add") or ()), cap_drop=tuple(d.get("cap_drop") or ()))
 
 
+SCOPE_PREFIX = "nodeagent-conmon-"  # transient scope units of the monitors (systemd hosts)
+
+
+def systemd_booted(run_dir: str = "/run/systemd/system") -> bool:
+    """True when systemd is the init system (sd_booted(3)'s test)."""
+    return os.path.isdir(run_dir)
+
+
+def monitor_scope_argv(name: str, systemd_run: str | None) -> list[str]:
+    """The argv prefix that starts a container's monitor in its own transient scope:
+    ``systemd-run --scope`` registers the scope and then execs the monitor in place (its
+    fds and environment, the sync pipe, go through unchanged). Empty without systemd.
+    The random suffix keeps a restarted container clear of its previous, not yet collected
+    scope."""
+    if not systemd_run:
+        return []
+    unit = f"{SCOPE_PREFIX}{name}-{os.urandom(4).hex()}"
+    return [systemd_run, "--scope", "--quiet", "--collect", f"--unit={unit}",
+            f"--description=nodeagent container {name} (conmon)"]
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     """/proc/PID/stat after the command name (fields[0] is the state), None if it is gone."""
     try:
@@ -108,6 +134,7 @@ class RuncRuntime:
         containers/security.py). ``idmap``: the host range user-namespaced containers map to
         (None: /etc/subuid's ``nodeagent`` entry, see containers.idmap)."""
         found = {tool: shutil.which(path) for tool, path in (("runc", runc), ("conmon", conmon))}
+        self.systemd_run = shutil.which("systemd-run") if systemd_booted() else None
         for tool, path in found.items():
             if path is None:
                 raise Unavailable(f"{tool} is not installed: apt-get install {tool} "
@@ -445,7 +472,8 @@ class RuncRuntime:
         """conmon runs `runc create` and stays as the container's monitor; we wait on its
         sync pipe for the container's pid (or runc's error)."""
         rfd, wfd = os.pipe()
-        argv = [self.conmon, "--api-version", "1", "-c", name, "-u", name, "-n", name,
+        argv = [*monitor_scope_argv(name, self.systemd_run),
+                self.conmon, "--api-version", "1", "-c", name, "-u", name, "-n", name,
                 "-r", self.runc, "-b", self._bundle(name),
                 "-p", os.path.join(self._dir(name), "container.pid"),
                 "-P", os.path.join(self._dir(name), "conmon.pid"),

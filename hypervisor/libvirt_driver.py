@@ -41,7 +41,8 @@ DEFAULT_QMP_DIR = "/var/lib/libvirt/qemu"  # writable by the user QEMU runs as (
 STOP_POLL_S = 0.1
 DETACH_TIMEOUT_S = 15  # the guest must release a hot-unplugged virtio disk
 QEMU_IMG_TIMEOUT_S = 30
-UNAVAILABLE_HINT = "start it with `libvirtd -d` or run scripts/setup-host"
+UNAVAILABLE_HINT = ("start it as root: `virtlogd -d && libvirtd -d` (`nodeagent serve` does it by itself on a host "
+                    "without systemd), or under systemd `systemctl start libvirtd`")
 CEPH_CLIENT_CONF = "nodeagent-ceph-client.conf"  # in qmp_dir: QEMU (libvirt-qemu) must read it
 CEPH_MOUNT_TIMEOUT_S = 20  # QEMU gives up on unreachable monitors or a refused key after this
 # (librados' default is 300 s, so a start with a wrong key would hang for five minutes)

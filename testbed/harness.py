@@ -194,7 +194,9 @@ class SimHost:
         return Path(f"/proc/{self.pids['libvirtd']}/root") / Path(p).relative_to("/")
 
     # -- lifecycle --
-    def start(self) -> "SimHost":
+    def start(self, libvirt: bool = True) -> "SimHost":
+        """``libvirt=False``: a bare host, no virtlogd or libvirtd running (its agent starts
+        them: agent.hostdaemons; ``adopt_host_daemons`` then makes them ours to stop)."""
         _private_ns_dir()
         if self.ca is None:
             self.ca = pki.TestCA(self.root / "ca")
@@ -202,8 +204,17 @@ class SimHost:
             self.client_pki = self.ca.client_files(self.root / "pki-client", test_client_cn(self.tag))
         self._net_up()
         self._mounts_up()
-        self._libvirt_up()
+        if libvirt:
+            self._libvirt_up()
         return self
+
+    def adopt_host_daemons(self) -> dict[str, int]:
+        """The PIDs of the daemons this host's agent started (its host-daemons.json), taken
+        as this host's: stop() ends them."""
+        record = self.state_dir / "host-daemons.json"
+        started = json.loads(record.read_text())["started"] if record.exists() else {}
+        self.pids.update({name: pid for name, pid in started.items() if pid})
+        return started
 
     # -- the agent --
     @property
@@ -522,7 +533,7 @@ class Cluster:
     """N simulated hosts on one test bridge; a context manager that removes all of it.
     Each run has its own tag (in every name) and /24, so concurrent runs do not collide."""
 
-    def __init__(self, workdir: Path, names=("h1", "h2"), *, ceph: bool = False):
+    def __init__(self, workdir: Path, names=("h1", "h2"), *, ceph: bool = False, libvirt: bool = True):
         _private_ns_dir()
         clean_leftovers()
         while True:
@@ -541,6 +552,7 @@ class Cluster:
                               self.tag, ca=self.ca, client_pki=self.client_pki) for i, n in enumerate(names)]
         self.storage = StorageHost(self.network.address(0), Path(workdir), self.network,
                                    self.tag) if ceph else None
+        self.libvirt = libvirt  # False: bare hosts, no libvirt daemons running (SimHost.start)
 
     @property
     def ceph(self):
@@ -553,7 +565,7 @@ class Cluster:
             if self.storage:
                 self.storage.begin_start()  # about 18 s: the hosts start meanwhile
             for h in self.hosts:
-                h.start()
+                h.start(libvirt=self.libvirt)
             if self.storage:
                 self.storage.wait_started()
                 for h in self.hosts:

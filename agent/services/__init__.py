@@ -161,8 +161,9 @@ class Services:
                 except AgentError:
                     raise
                 except Exception as e:
-                    raise Unavailable(f"VM driver {hc.driver!r} could not start: {e}; "
-                                      "start libvirtd (`libvirtd -d`) or run scripts/setup-host") from None
+                    raise Unavailable(f"VM driver {hc.driver!r} could not start: {e}; start libvirt's daemons "
+                                      "as root: `virtlogd -d && libvirtd -d` (`nodeagent serve` does it by itself "
+                                      "without systemd), or `systemctl start libvirtd`") from None
             return self._driver
 
     @property

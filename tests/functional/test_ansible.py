@@ -135,6 +135,7 @@ def host(tmp_path_factory):
         "nodeagent_run_dir": str(base / "run"),
         "nodeagent_log_dir": str(base / "log"),
         "nodeagent_service_mode": "daemon",  # what auto picks here (no systemd); said explicitly
+        "nodeagent_install_method": "checkout",  # the package is proven in tests/functional/test_systemd_host.py
         "nodeagent_tls": "self_signed",
         "nodeagent_admin_token_name": "ansible-test",
     }
@@ -249,7 +250,8 @@ def test_ansible_lint_passes(tmp_path):
 def test_bad_variables_fail_early_and_change_nothing(tmp_path, drop, bad, expected):
     extra = {"nodeagent_listen": f"127.0.0.1:{_free_port()}", "nodeagent_prefix": str(tmp_path / "opt"),
              "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
-             "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log")}
+             "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log"),
+             "nodeagent_install_method": "checkout"}
     extra.pop(drop, None)
     extra.update(bad)
     run = _playbook(_env(tmp_path / "ansible-home"), extra)
@@ -297,6 +299,7 @@ def test_check_mode_on_a_fresh_host_writes_nothing(tmp_path):
              "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
              "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log"),
              "nodeagent_tls": "self_signed", "nodeagent_service_mode": "daemon",
+             "nodeagent_install_method": "checkout",
              "nodeagent_images": [{"name": "x", "source": {"type": "file", "path": "/x.qcow2"}}]}
     run = _playbook(_env(tmp_path / "ansible-home"), extra, "--check")
     assert run.returncode == 0, _explain(run)
@@ -348,23 +351,104 @@ def test_config_template_renders_every_pool_kind_tls_and_peers(tmp_path):
     assert cfg.peers["node2"].url == "https://10.0.0.12:8470" and cfg.peers["node2"].token == "na_x_y"
 
 
-def test_source_copied_from_the_controller(tmp_path):
-    """nodeagent_source_copy: the controller packs the source, the host unpacks and installs
-    it; a second run copies and installs nothing."""
-    extra = {"nodeagent_listen": f"127.0.0.1:{_free_port()}", "nodeagent_prefix": str(tmp_path / "opt"),
-             "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
-             "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log"),
-             "nodeagent_source_copy": True}
-    env = _env(tmp_path / "ansible-home")
-    run = _playbook(env, extra, "--tags", "nodeagent_install")
+def _role_packages(tmp_path, pools: dict) -> list[str]:
+    """The packages the role would install on a host with ``pools`` (its package tasks in
+    --check mode: nothing is installed)."""
+    playbook = tmp_path / "packages.yml"
+    playbook.write_text(json.dumps([{
+        "name": "Packages", "hosts": "localhost", "gather_facts": False,
+        "tasks": [{"name": "Package tasks", "ansible.builtin.include_role": {
+                       "name": "nodeagent", "tasks_from": "packages.yml"}},
+                  {"name": "Keep", "check_mode": False, "ansible.builtin.copy": {
+                       "dest": str(tmp_path / "packages.json"), "mode": "0600",
+                       "content": "{{ _nodeagent_packages | to_json }}"}}],
+    }]))
+    run = subprocess.run([_tool("ansible-playbook"), "-i", "localhost,", "-c", "local", "--check", str(playbook),
+                          "-e", json.dumps({"nodeagent_listen": "127.0.0.1:1", "nodeagent_pools": pools,
+                                            "nodeagent_manage_kvm": False})],
+                         cwd=ANSIBLE_DIR, env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, _explain(run)
-    assert {"Copy the agent's source to the host", "Unpack the agent's source",
-            "Install the agent into its venv"} <= set(_changed_tasks(run))
-    src = tmp_path / "opt" / "src"
-    assert (src / "pyproject.toml").read_bytes() == (ROOT / "pyproject.toml").read_bytes()
-    assert not list(src.rglob("__pycache__"))
-    assert subprocess.run([str(tmp_path / "opt" / "venv" / "bin" / "nodeagent"), "--help"],
-                          capture_output=True).returncode == 0
-    run = _playbook(env, extra, "--tags", "nodeagent_install")
-    assert run.returncode == 0, _explain(run)
-    assert _recap(run)["changed"] == 0, f"changed: {_changed_tasks(run)}"
+    return json.loads((tmp_path / "packages.json").read_text())
+
+
+def _section(name: str) -> list[str]:
+    names, current = [], None
+    for line in (ROOT / "scripts" / "packages.txt").read_text().splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry.startswith("["):
+            current = entry.strip("[]")
+        elif entry and current == name:
+            names.append(entry)
+    return names
+
+
+def test_the_role_installs_runtime_packages_only(tmp_path):
+    """A hypervisor gets [runtime]; [ceph-client] only with a Ceph RBD pool; never [dev]
+    (Ceph servers, registry, test images, compilers)."""
+    runtime, ceph, dev = _section("runtime"), _section("ceph-client"), _section("dev")
+    assert runtime and ceph and {"ceph-mon", "docker-registry", "gcc", "libvirt-dev", "criu"} <= set(dev)
+    assert _role_packages(tmp_path, {"default": {"kind": "local"}}) == runtime
+    with_rbd = {"default": {"kind": "local"}, "ceph": {"kind": "block", "pool": "rbd"}}
+    assert _role_packages(tmp_path, with_rbd) == runtime + ceph
+
+
+def test_peers_from_the_inventory(tmp_path):
+    """nodeagent_peer_group: each host of the group makes a peer token for every other one and
+    gets a [peers] entry per other host carrying the token that host made for it; a second
+    run changes nothing; a lost token file is replaced. Two hosts of a local inventory, the
+    role's peer tasks and agent.toml.j2 only (the agent from this venv)."""
+    hosts = {}
+    for name in ("peer-a", "peer-b"):
+        d = tmp_path / name
+        hosts[name] = {"ansible_connection": "local", "nodeagent_listen": f"127.0.0.1:{_free_port()}",
+                       "nodeagent_config_dir": str(d / "etc"), "nodeagent_state_dir": str(d / "state"),
+                       "nodeagent_prefix": str(d / "opt"), "nodeagent_venv": str(BIN.parent),
+                       "nodeagent_import_dirs": [str(d / "import")], "nodeagent_peer_group": "fleet"}
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(json.dumps({"fleet": {"hosts": hosts}}))
+    playbook = tmp_path / "peers.yml"
+    # include_role: the role's defaults stay below the inventory's variables (vars_files would not)
+    playbook.write_text(json.dumps([{
+        "name": "Peers", "hosts": "fleet", "gather_facts": False,
+        "tasks": [{"name": f"Role tasks {t}", "ansible.builtin.include_role": {"name": "nodeagent", "tasks_from": t}}
+                  for t in ("peers.yml", "config.yml")],
+    }]))
+
+    def play():
+        run = subprocess.run([_tool("ansible-playbook"), "-i", str(inventory), str(playbook)], cwd=ROOT,
+                             env=_env(tmp_path / "home"), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, _explain(run)
+        return run
+
+    from agent import config
+
+    def listed(host: str) -> list[dict]:
+        out = subprocess.run([str(BIN / "nodeagent"), "--config", "/dev/null", "token", "list", "--json"],
+                             env=dict(os.environ, NODEAGENT_STATE_DIR=str(tmp_path / host / "state")),
+                             capture_output=True, text=True, check=True).stdout
+        data = json.loads(out)
+        return data["tokens"] if isinstance(data, dict) else data
+
+    def check():
+        for name, other in (("peer-a", "peer-b"), ("peer-b", "peer-a")):
+            cfg = config.load(str(tmp_path / name / "etc" / "agent.toml"), env={})
+            assert list(cfg.peers) == [other]
+            assert cfg.peers[other].url == f"http://{hosts[other]['nodeagent_listen']}"
+            # the token is the one the other host's database holds as a peer token named after this host
+            token_id = cfg.peers[other].token.split("_")[1]
+            assert [(t["name"], t["role"]) for t in listed(other) if t["id"] == token_id] == [(name, "peer")]
+            assert stat.S_IMODE((tmp_path / other / "etc" / "peer-tokens" / f"{name}.token").stat().st_mode) == 0o600
+        return {n: config.load(str(tmp_path / n / "etc" / "agent.toml"), env={}).peers for n in hosts}
+
+    first = play()
+    assert "na_" not in first.stdout  # no secret in the log
+    assert str(tmp_path) in (tmp_path / "peer-a" / "etc" / "agent.toml").read_text()
+    before = check()
+    again = play()
+    assert _changed_tasks(again) == [], _changed_tasks(again)
+    assert check() == before
+    (tmp_path / "peer-b" / "etc" / "peer-tokens" / "peer-a.token").unlink()
+    play()
+    after = check()
+    assert after["peer-a"]["peer-b"].token != before["peer-a"]["peer-b"].token
+    assert after["peer-b"] == before["peer-b"]

@@ -298,7 +298,7 @@ def test_bad_input_leaves_nothing(case, lv, store, pool, seed_dir, guest_images,
     elif case == "libvirtd_down":
         driver = LibvirtDriver(uri="qemu+unix:///system?socket=/nonexistent/libvirt-sock",
                                virt_type="qemu", state_dir=f"{vm_dir}/state")
-        error, match = Unavailable, r"libvirtd is not running: start it with `libvirtd -d`"
+        error, match = Unavailable, r"libvirtd is not running: start it as root: `virtlogd -d && libvirtd -d`"
     with pytest.raises(error, match=match):
         if case == "disk_qemu_cannot_open":
             store.import_file(junk, name="junk")

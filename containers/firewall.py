@@ -49,6 +49,7 @@ from agent.errors import CommandFailed, Unavailable
 POLICIES = ("same-group", "deny", "allow")  # see Policy.default
 PROTOCOLS = ("tcp", "udp", "icmp", "any")
 BRIDGE_PRIORITY = -300  # before anything else on the bridge sees a frame
+PING_RATE = "50/second burst 100 packets"  # echo requests the gateway answers from all tenants
 
 
 class _Libnftables:
@@ -227,6 +228,8 @@ class Firewall:
                  "  }",
                  "  chain input { type filter hook input priority filter; policy accept;",
                  f"    iifname {br} ct state established,related accept",
+                 # a ping of the gateway (a guest's first network check), bounded for all tenants together
+                 f"    iifname {br} ip daddr {self.gateway} icmp type echo-request limit rate {PING_RATE} accept",
                  f"    iifname {br} drop",
                  "  }"]
         filtered = [p for p in ports if p.owner in policy.members] if policy is not None else []

@@ -21,7 +21,10 @@ def test_the_batch_replaces_both_tables_atomically():
     assert text.splitlines()[:4] == ["table bridge nodeagent_ab12 {}", "delete table bridge nodeagent_ab12",
                                      "table inet nodeagent_ab12 {}", "delete table inet nodeagent_ab12"]
     assert 'iifname "natstx" ip daddr 127.0.0.0/8 drop' in text
-    assert chain(text, "input") == ['iifname "natstx" ct state established,related accept', 'iifname "natstx" drop']
+    assert chain(text, "input") == [
+        'iifname "natstx" ct state established,related accept',
+        'iifname "natstx" ip daddr 10.0.0.1 icmp type echo-request limit rate 50/second burst 100 packets accept',
+        'iifname "natstx" drop']  # the host answers replies and (bounded) pings of the gateway, nothing else
     assert 'iifname "nvab12*" drop' in text  # a veth of ours without rules sends nothing
 
 

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.real
 
 
 @pytest.fixture
-def agent(tmp_path):
+def agent(open_tmp):
+    tmp_path = open_tmp  # user-namespaced containers' roots reach their rootfs by path
     for tool in ("runc", "conmon", "nft"):
         assert shutil.which(tool), f"{tool} is not installed: run scripts/setup-host"
     bridge, subnet = runtimes.test_network()

@@ -9,7 +9,7 @@ GROUP = {"name": models.SecurityGroupName}
 
 
 @route(bp, "POST", "/v1/security-groups", summary="Create a security group {name, rules[]}",
-       body=models.SecurityGroupCreate, responses={201: models.SecurityGroup, 409: None, 422: None})
+       body=models.SecurityGroupCreate, responses={201: models.SecurityGroup, 404: None, 409: None, 422: None})
 def create_group():
     return render(services().secgroups.create(parse(models.SecurityGroupCreate)), 201)
 

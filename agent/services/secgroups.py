@@ -97,8 +97,8 @@ class SecurityGroups:
     def _check_remote_groups(self, name: str, rules: list[models.SecurityGroupRule]) -> None:
         for r in rules:
             if r.remote_group and r.remote_group != name and not self._rows(r.remote_group):
-                raise Unprocessable(f"rule names remote_group {r.remote_group!r}, which does not exist: "
-                                    "create it first")
+                raise NotFound(f"security group {r.remote_group!r} (a rule's remote_group) not found: "
+                               "create it first (POST /v1/security-groups)")
 
     def create(self, req: models.SecurityGroupCreate) -> dict:
         self._check_remote_groups(req.name, req.rules)

@@ -36,12 +36,20 @@ def test_create_show_replace_delete(admin):
     ({"direction": "ingress", "remote_cidr": "300.0.0.0/8"}, "remote_cidr"),
     ({"direction": "sideways"}, "direction"),
     ({"direction": "ingress", "protocol": "tcp", "port_min": 0}, "port_min"),
-    ({"direction": "ingress", "remote_group": "no-such-group"}, "does not exist"),
 ])
 def test_bad_rules_are_422_and_leave_nothing(admin, rule, problem):
     n = name()
     r = admin.post("/v1/security-groups", json={"name": n, "rules": [rule]})
     assert problem in assert_error(r, 422)["message"]
+    assert_error(admin.get(f"/v1/security-groups/{n}"), 404)
+
+
+def test_a_rule_naming_a_missing_group_is_404_and_leaves_nothing(admin):
+    """Like an instance naming a missing group: the body is valid, what it names is not there."""
+    n = name()
+    r = admin.post("/v1/security-groups", json={"name": n, "rules": [{"direction": "ingress",
+                                                                       "remote_group": "no-such-group"}]})
+    assert "'no-such-group'" in assert_error(r, 404)["message"]
     assert_error(admin.get(f"/v1/security-groups/{n}"), 404)
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.functional.test_ansible import _section  # the one reader of packages.txt's sections in the tests
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -17,17 +19,6 @@ def _build(out: Path) -> Path:
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return Path(run.stdout.strip().splitlines()[-1])
-
-
-def _section(name: str) -> list[str]:
-    names, current = [], None
-    for line in (ROOT / "scripts" / "packages.txt").read_text().splitlines():
-        entry = line.split("#", 1)[0].strip()
-        if entry.startswith("["):
-            current = entry.strip("[]")
-        elif entry and current == name:
-            names.append(entry)
-    return names
 
 
 def test_the_package_is_reproducible_and_lean(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 import urllib.request
 
 import pytest
@@ -15,6 +14,7 @@ from containers import cgroups
 from containers import Limits, NetworkSpec, PortMap
 from containers.runc import RuncRuntime
 from storage import mounts
+from testbed.netattack import wait_until as wait_for
 from testbed.runtimes import find_free_port, make_runc, make_spec
 
 pytestmark = pytest.mark.real
@@ -62,16 +62,6 @@ def assert_nothing_left(rt: RuncRuntime, names=None):
 def run_spec(rt, tmp_path, name, command, **kw):
     rt.create(make_spec(rt, tmp_path, name, command, **kw))
     return rt.start(name)
-
-
-def wait_for(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    return pred()
 
 
 def test_pid_mount_and_uts_isolation(rt, tmp_path):

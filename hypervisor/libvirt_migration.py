@@ -22,6 +22,7 @@ from hypervisor.driver import TIMEOUT_ACTIONS, MigrationOptions, MigrationProgre
 
 POLL_S = 0.2  # jobStats sampling interval
 ABANDON_WAIT_S = 30  # how long a caller that goes away waits for its aborted job
+ABORT_GRACE_S = 15  # an abort not honoured by then: the destination's incoming domain is destroyed
 COPY_FLAGS = {"none": 0, "incremental": libvirt.VIR_MIGRATE_NON_SHARED_INC,
               "full": libvirt.VIR_MIGRATE_NON_SHARED_DISK}
 BASE_FLAGS = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
@@ -143,7 +144,8 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
     worker = threading.Thread(target=job, name=f"migrate-{name}", daemon=True)
     worker.start()
     try:
-        last, reason, paused = _watch(dom, worker, o, t0, progress, cancelled)
+        last, reason, paused = _watch(dom, worker, o, t0, progress, cancelled,
+                                      lambda: _destroy_incoming(dest_uri, name))
     except BaseException:
         # the caller is going away (a progress callback raised, the agent is stopping):
         # the job must not outlive it unwatched
@@ -169,12 +171,20 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
                            paused_by_timeout=bool(paused))
 
 
-def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled):
+def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, hard_stop):
     """Sample progress until the job thread ends; abort on cancel or on the completion
     timeout (or suspend the guest, timeout_action="pause"). Returns (last sample, reason
-    for an abort or None, whether the guest was paused)."""
+    for an abort or None, whether the guest was paused).
+
+    An abort is sent from its own thread: libvirtd holds ``abortJob`` while the migration
+    job is inside a monitor call (30 s at a time), and a watcher blocked there would let the
+    copy run to its end. An abort still not honoured after ABORT_GRACE_S ends the job from
+    the other side: ``hard_stop`` destroys the destination's incoming domain, which fails
+    the job here while the guest keeps running (libvirt's guarantee)."""
     last: MigrationProgress | None = None
     reason = paused = None
+    aborter: threading.Thread | None = None
+    abort_since = None
     while worker.is_alive():
         worker.join(POLL_S)
         if not worker.is_alive():
@@ -202,7 +212,15 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled):
         if reason is not None:
             # every poll until the job ends: an abort that lands before libvirt has begun
             # the job (or between its phases) is refused or lost, and the copy would go on
-            _abort(dom)
+            if abort_since is None:
+                abort_since = time.monotonic()
+            if aborter is None or not aborter.is_alive():
+                aborter = threading.Thread(target=_abort, args=(dom,), name="migrate-abort",
+                                           daemon=True)
+                aborter.start()
+            if hard_stop is not None and time.monotonic() - abort_since > ABORT_GRACE_S:
+                hard_stop()
+                hard_stop = None
     return last, reason, paused
 
 
@@ -211,6 +229,22 @@ def _abort(dom) -> None:
         dom.abortJob()
     except libvirt.libvirtError:
         pass  # finished or failed meanwhile
+
+
+def _destroy_incoming(dest_uri: str, name: str) -> None:
+    """End a migration from the destination: its incoming (paused, never run) domain goes."""
+    try:
+        conn = libvirt.open(dest_uri)
+    except libvirt.libvirtError:
+        return
+    try:
+        dom = conn.lookupByName(name)
+        if dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+            dom.destroy()
+    except libvirt.libvirtError:
+        pass  # not there (yet, or any more)
+    finally:
+        conn.close()
 
 
 def _resume_quietly(dom) -> None:

@@ -167,6 +167,19 @@ def test_lost_abort_is_repeated(libvirt_pair, vm_dir, guest_images, monkeypatch)
     assert len(calls) > 1
 
 
+def test_unanswered_abort_ends_the_job_from_the_destination(libvirt_pair, vm_dir, guest_images,
+                                                           monkeypatch):
+    """libvirtd can hold an abort while the job sits in a monitor call: when no abort is
+    honoured within the grace, the destination's incoming domain is destroyed, which ends
+    the job with the guest still running here. Here every abort is lost."""
+    from hypervisor import libvirt_migration
+    lost = []
+    monkeypatch.setattr(libvirt_migration, "_abort", lost.append)
+    monkeypatch.setattr(libvirt_migration, "ABORT_GRACE_S", 1)
+    _cancel_keeps_the_vm(*libvirt_pair, vm_dir, guest_images)
+    assert lost
+
+
 def test_stopped_vm_is_not_live_migrated(pair, vm_dir, guest_images):
     src, _dst, uri = pair
     spec, dest_disks = guest(vm_dir, guest_images)

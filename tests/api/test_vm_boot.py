@@ -5,7 +5,7 @@ The image is scripts/build-test-images' boot.qcow2 (MBR + syslinux on FAT + an e
 imported through POST /v1/images. The guest's serial console, read through
 GET /v1/instances/{id}/logs, proves what it got: SeaBIOS ran the bootloader, the kernel
 reached init, init read the NoCloud seed the agent wrote (instance-id, hostname, and the
-exact user_data by its sha256), saw its NIC with the MAC from the agent's state and its root
+exact user_data by its sha256, and ran it when it is a script), saw its NIC with the MAC from the agent's state and its root
 filesystem on the image's second partition. Stop (ACPI), start and restart boot it again;
 DELETE leaves no domain, volume, seed or tap.
 """
@@ -104,6 +104,16 @@ def wait_console(api: Api, name: str, boots: int, timeout: float = BOOT_TIMEOUT_
         time.sleep(0.5)
 
 
+def wait_for_line(api: Api, name: str, prefix: str, timeout: float = BOOT_TIMEOUT_S) -> str:
+    deadline = time.monotonic() + timeout
+    while not any(ln.startswith(prefix) for ln in console(api, name).splitlines()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {prefix} line on {name}'s console within {timeout}s:\n"
+                        f"{console(api, name)[-3000:]}")
+        time.sleep(0.5)
+    return console(api, name)
+
+
 def line(text: str, prefix: str) -> str:
     found = [ln for ln in text.splitlines() if ln.startswith(prefix)]
     assert found, f"no {prefix} line on the console:\n{text[-3000:]}"
@@ -117,9 +127,13 @@ def act(api: Api, name: str, action: str, **kw) -> dict:
     return op["result"]["instance"]
 
 
-def boot_and_check(api: Api, libvirtd: str, bridge: tuple[str, str], image: dict, pool: str | None, name: str) -> dict:
-    """Create a VM from ``image`` with unique user_data, and check its first boot on the console."""
-    user_data = f"#cloud-config\n# nodeagent boot test {secrets.token_hex(8)}\nhostname: {name}\n"
+def boot_and_check(api: Api, libvirtd: str, bridge: tuple[str, str], image: dict, pool: str | None, name: str,
+                   script: bool = False) -> dict:
+    """Create a VM from ``image`` with unique user_data, and check its first boot on the console.
+    With ``script``, the user_data is a shell script the guest runs once it is up."""
+    mark = secrets.token_hex(8)
+    user_data = (f"#!/bin/sh\n# nodeagent boot test {mark}\necho NODEAGENT-UD-RAN {mark} $(hostname)\nexit 3\n"
+                 if script else f"#cloud-config\n# nodeagent boot test {mark}\nhostname: {name}\n")
     body = {"name": name, "kind": "vm", "image": image["id"], "cpus": 1, "memory_mib": 192,
             "network": "bridge", "user_data": user_data, **({"pool": pool} if pool else {})}
     op = api.wait(api.post("/v1/instances", json=body).json(), timeout=OP_TIMEOUT_S)
@@ -136,8 +150,14 @@ def boot_and_check(api: Api, libvirtd: str, bridge: tuple[str, str], image: dict
     assert re.fullmatch(f"NODEAGENT-SEED device=/dev/vd[a-z] instance-id={inst['id']} hostname={name}",
                         line(text, "NODEAGENT-SEED ")), "the seed the agent wrote for this VM"
     digest = hashlib.sha256(user_data.encode()).hexdigest()[:16]
-    assert line(text, "NODEAGENT-USERDATA ") == f"NODEAGENT-USERDATA #cloud-config sha256={digest}", \
-        "the guest read exactly this VM's user_data"
+    assert line(text, "NODEAGENT-USERDATA ") == \
+        f"NODEAGENT-USERDATA {user_data.splitlines()[0]} sha256={digest}", "the guest read exactly this VM's user_data"
+    if script:
+        text = wait_for_line(api, name, "NODEAGENT-USERDATA-EXIT ")
+        assert line(text, "NODEAGENT-UD-RAN ") == f"NODEAGENT-UD-RAN {mark} {name}", "the script ran in the guest"
+        assert line(text, "NODEAGENT-USERDATA-EXIT ") == "NODEAGENT-USERDATA-EXIT 3"
+    else:
+        assert "NODEAGENT-USERDATA-EXIT" not in text, "cloud-config is not run as a script"
     # the seed's network-config gave the NIC the address the agent leased: reachable from the host
     assert ipaddress.ip_address(inst["ip"]) in ipaddress.ip_network(bridge[1])
     assert line(text, "NODEAGENT-NET ") == f"NODEAGENT-NET eth0 mac={inst['mac']} ip={inst['ip']}/24"
@@ -170,7 +190,7 @@ def test_vm_boots_from_a_bootable_image_on_a_local_pool(libvirtd, guest_images, 
     name = f"apiboot-{secrets.token_hex(3)}"
     try:
         image = import_boot_image(api, guest_images["boot"])
-        inst = boot_and_check(api, libvirtd, bridge, image, None, name)
+        inst = boot_and_check(api, libvirtd, bridge, image, None, name, script=True)
         stop_start(api, name)
         assert act(api, name, "restart")["state"] == "running"
         wait_console(api, name, boots=3)

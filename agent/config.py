@@ -240,6 +240,9 @@ class Config(_Strict):
     log_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
     log_backups: int = Field(5, ge=0, le=100)
     workers: int = Field(8, ge=1, le=128)  # operation worker pool size
+    # where the kernel's id of this boot is read: a new id at start means the host rebooted
+    # (instances with autostart that were running are started again); tests point it at a file
+    boot_id_path: str = "/proc/sys/kernel/random/boot_id"
     default_pool: str | None = None  # None: "default" if defined, else the first pool
     api: ApiConfig = ApiConfig()
     pools: dict[str, PoolConfig] = Field(default_factory=lambda: {"default": PoolConfig(kind="local")})

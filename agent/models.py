@@ -456,6 +456,14 @@ class InstanceCreate(Model):
     privileged: bool = Field(False, description="containers, admin tokens only: run without a user "
                                                 "namespace (container root is host root)")
     start: bool = True
+    max_cpus: IntRange(1, vm_limits.MAX_VCPUS) | None = Field(
+        None, description="VMs: the most vCPUs a live resize (PATCH cpus) may give it (default: cpus)")
+    max_memory_mib: Int | None = Field(
+        None, ge=vm_limits.MIN_MEMORY_MIB, le=MAX_MEMORY_MIB,
+        description="VMs: the most memory a live resize (PATCH memory_mib) may give it, through the "
+                    "balloon (default: memory_mib)")
+    autostart: bool = Field(True, description="start it again when the agent starts after a host reboot, "
+                                              "if it was running when the host went down")
     security_groups: list[SecurityGroupName] | None = Field(
         None, min_length=1, max_length=MAX_GROUPS_PER_INSTANCE, json_schema_extra={"uniqueItems": True},
         description='network "bridge": the groups filtering its traffic (default ["default"])')
@@ -474,7 +482,8 @@ class InstanceCreate(Model):
          "then": {"properties": {
              "cpus": {"minimum": container_limits.MIN_CPUS, "maximum": container_limits.MAX_CPUS},
              "memory_mib": {"minimum": container_limits.MIN_MEMORY_MIB},
-             "user_data": {"type": "null"}}}},
+             "user_data": {"type": "null"}, "max_cpus": {"type": "null"},
+             "max_memory_mib": {"type": "null"}}}},
         {"if": {"properties": {"network": {"enum": ["none", "host"]}}, "required": ["network"]},
          "then": {"properties": {"ports": {"maxItems": 0}, "bandwidth": {"type": "null"}}}},
     ]})
@@ -506,11 +515,16 @@ class InstanceCreate(Model):
             raise ValueError(f"cpus of a VM are whole vCPUs 1..{vm_limits.MAX_VCPUS}, got {self.cpus}")
         if self.memory_mib < vm_limits.MIN_MEMORY_MIB:
             raise ValueError(f"memory_mib of a VM must be at least {vm_limits.MIN_MEMORY_MIB}")
+        if self.max_cpus is not None and self.max_cpus < self.cpus:
+            raise ValueError(f"max_cpus ({self.max_cpus}) is below cpus ({int(self.cpus)})")
+        if self.max_memory_mib is not None and self.max_memory_mib < self.memory_mib:
+            raise ValueError(f"max_memory_mib ({self.max_memory_mib}) is below memory_mib ({self.memory_mib})")
 
     def _container_checks(self) -> None:
-        unused = [f for f in ("user_data",) if getattr(self, f) is not None]
+        unused = [f for f in ("user_data", "max_cpus", "max_memory_mib") if getattr(self, f) is not None]
         if unused:
-            raise ValueError(f"{', '.join(unused)} is for VMs: a container takes env and command")
+            raise ValueError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for VMs: a container "
+                             "takes env and command, and resizes up to the host's capacity")
         lo, hi = container_limits.MIN_CPUS, container_limits.MAX_CPUS
         if not lo <= self.cpus <= hi:
             raise ValueError(f"cpus of a container must be {lo}..{hi} (the kernel's smallest CFS "
@@ -550,16 +564,29 @@ class Instance(Model):
     node: str | None = None
     error: str | None = None
     bandwidth: BandwidthSpec | None = None
+    max_cpus: int | None = Field(None, description="VMs: the most vCPUs a resize may give it")
+    max_memory_mib: int | None = Field(None, description="VMs: the most memory a resize may give it")
+    autostart: bool = True
     created_at: float
     updated_at: float
 
 
 class InstanceUpdate(Model):
     """A partial update of an instance: only the fields given change, live where the
-    instance runs. Accepted now: ``bandwidth`` (the whole object is replaced: fields left
-    out or null become unlimited; ``{}`` or null removes every limit)."""
+    instance runs. ``bandwidth``: the whole object is replaced (fields left out or null
+    become unlimited; ``{}`` or null removes every limit). ``cpus`` and ``memory_mib``: a
+    resize, live if it runs (containers: cgroups, up to the host's capacity; VMs: vCPU
+    hot-plug and the balloon, up to the max_cpus/max_memory_mib set at create), else kept
+    for its next start. ``autostart``: see InstanceCreate."""
 
     bandwidth: BandwidthSpec | None = Field(None, description="network rate limits (network bridge only)")
+    cpus: float = Field(None, gt=0, le=MAX_CPUS,
+                        description="VMs: whole vCPUs up to max_cpus; containers: a CFS quota "
+                                    f"{container_limits.MIN_CPUS}.. the host's cpus")
+    memory_mib: Int = Field(None, ge=min(vm_limits.MIN_MEMORY_MIB, container_limits.MIN_MEMORY_MIB),
+                            le=MAX_MEMORY_MIB,
+                            description="VMs: up to max_memory_mib; containers: up to the host's memory")
+    autostart: bool = Field(None, description="start it again after a host reboot if it was running")
 
     model_config = ConfigDict(json_schema_extra={"minProperties": 1})
 
@@ -567,6 +594,8 @@ class InstanceUpdate(Model):
     def _something(self):
         if not self.model_fields_set:
             raise ValueError("nothing to change: give at least one of " + ", ".join(type(self).model_fields))
+        if self.cpus is not None and not math.isfinite(self.cpus):
+            raise ValueError("cpus must be a finite number")
         return self
 
 

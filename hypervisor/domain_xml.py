@@ -21,7 +21,7 @@ NODEAGENT_NS = "urn:nodeagent:vm:1"
 BANDWIDTH_NS = "urn:nodeagent:bandwidth:1"
 QMP_CHARDEV_ID = "nodeagent-qmp"
 MACHINES = ("q35", "pc")
-SPARE_ROOT_PORTS = 4  # q35 hot-plugs one virtio disk per free pcie-root-port
+SPARE_ROOT_PORTS = 5  # q35 hot-plugs one virtio disk per free pcie-root-port (one is the balloon's)
 RBD_DEFAULT_PORT = "6789"
 
 ET.register_namespace("qemu", QEMU_NS)
@@ -123,8 +123,12 @@ def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None 
     _sub(meta, f"{{{NODEAGENT_NS}}}vm", version="1")
     if spec.bandwidth.limited:
         meta.append(bandwidth_element(spec.bandwidth))
-    _sub(dom, "memory", str(spec.memory_mib), unit="MiB")
-    _sub(dom, "vcpu", str(spec.cpus))
+    # <memory> is the most the guest may have, <currentMemory> what the balloon leaves it;
+    # <vcpu> the most vCPUs, ``current`` those plugged (SupportsResize changes both in place)
+    _sub(dom, "memory", str(spec.memory_max), unit="MiB")
+    _sub(dom, "currentMemory", str(spec.memory_mib), unit="MiB")
+    _sub(dom, "vcpu", str(spec.cpus_max), placement="static",
+         current=str(spec.cpus) if spec.cpus_max != spec.cpus else None)
     os_ = _sub(dom, "os")
     _sub(os_, "type", "hvm", arch="x86_64", machine=spec.machine)
     if spec.kernel:
@@ -160,7 +164,7 @@ def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None 
         _sub(dev, "controller", type="pci", index="0", model="pcie-root")
         for _ in range(SPARE_ROOT_PORTS):
             _sub(dev, "controller", type="pci", model="pcie-root-port")
-    _sub(dev, "memballoon", model="none")
+    _sub(dev, "memballoon", model="virtio")  # memory resize: the guest gives back what is taken
     if qmp_socket:
         cmd = _sub(dom, f"{{{QEMU_NS}}}commandline")
         for arg in ("-chardev", f"socket,id={QMP_CHARDEV_ID},path={qmp_socket},server=on,wait=off",

@@ -46,6 +46,17 @@ class VmSpec:
     cmdline: str | None = None
     machine: str = "q35"  # q35 | pc
     bandwidth: Bandwidth = Bandwidth()  # rate limits of every bridged NIC's tap (containers/bandwidth.py)
+    # the most a live resize may give it (SupportsResize); None: what it starts with
+    max_cpus: int | None = None
+    max_memory_mib: int | None = None
+
+    @property
+    def cpus_max(self) -> int:
+        return self.max_cpus or self.cpus
+
+    @property
+    def memory_max(self) -> int:
+        return self.max_memory_mib or self.memory_mib
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,10 @@ class VmInfo:
     name: str
     uuid: str
     state: str  # one of STATES
-    cpus: int
-    memory_mib: int
+    cpus: int  # vCPUs it has now (its definition's while stopped)
+    memory_mib: int  # memory it may use now (the balloon's target)
+    max_cpus: int | None = None  # the most a live resize may give it; None: cpus
+    max_memory_mib: int | None = None
 
 
 @runtime_checkable
@@ -194,6 +207,19 @@ class ReportsVirtType(Protocol):
 
     @property
     def virt_type(self) -> str: ...
+
+
+@runtime_checkable
+class SupportsResize(Protocol):
+    """Drivers that change a VM's vCPUs and memory in place, up to the maximum it was defined
+    with (VmSpec.max_cpus, max_memory_mib): vCPUs are hot-plugged, memory goes through the
+    virtio balloon. A running (or paused) VM changes live and in its definition, a stopped one
+    in its definition only (its next start has it)."""
+
+    def resize(self, name: str, *, cpus: int | None = None, memory_mib: int | None = None) -> VmInfo:
+        """Set what is given. Unprocessable (naming the maximum) past the VM's maximum,
+        InvalidInput below the minimum; nothing changes then. NotFound for an unknown VM.
+        If the second change fails after the first was made, the first is undone."""
 
 
 @runtime_checkable

@@ -20,7 +20,7 @@ from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFo
 from hypervisor.driver import (TIMEOUT_ACTIONS, DiskSpec, MigrationOptions, MigrationProgress,
                                MigrationResult, VmInfo, VmSpec)
 from containers.bandwidth import Bandwidth
-from hypervisor.validate import check_disk_file, check_spec
+from hypervisor.validate import check_disk_file, check_resize, check_spec
 from storage.units import MiB
 
 if TYPE_CHECKING:
@@ -48,7 +48,8 @@ class _Vm:
 
     def info(self) -> VmInfo:
         return VmInfo(name=self.spec.name, uuid=self.spec.uuid, state=self.state,
-                      cpus=self.spec.cpus, memory_mib=self.spec.memory_mib)
+                      cpus=self.spec.cpus, memory_mib=self.spec.memory_mib,
+                      max_cpus=self.spec.cpus_max, max_memory_mib=self.spec.memory_max)
 
 
 class FakeDriver:
@@ -111,6 +112,18 @@ class FakeDriver:
                 raise Conflict(f"VM {name!r} is paused: resume it instead", vm=name)
             if vm.state != "running":
                 self._boot(vm)
+            return vm.info()
+
+    def resize(self, name: str, *, cpus: int | None = None, memory_mib: int | None = None) -> VmInfo:
+        """hypervisor.driver.SupportsResize: kept in the VM's spec (running or not), within the
+        maximum it was defined with."""
+        with self._lock:
+            vm = self._get(name)
+            check_resize(name, cpus=cpus, memory_mib=memory_mib, max_cpus=vm.spec.cpus_max,
+                         max_memory_mib=vm.spec.memory_max)
+            vm.spec = replace(vm.spec, max_cpus=vm.spec.cpus_max, max_memory_mib=vm.spec.memory_max,
+                              cpus=vm.spec.cpus if cpus is None else cpus,
+                              memory_mib=vm.spec.memory_mib if memory_mib is None else memory_mib)
             return vm.info()
 
     def set_bandwidth(self, name: str, bandwidth: Bandwidth) -> None:

@@ -30,7 +30,7 @@ from hypervisor.domain_xml import (BANDWIDTH_NS, NODEAGENT_NS, bandwidth_from, b
                                    domain_xml, taps)
 from hypervisor.driver import DiskSpec, VmInfo, VmSpec
 from hypervisor.host import VIRT_TYPES, detect_virt_type
-from hypervisor.validate import check_disk_file, check_name, check_spec
+from hypervisor.validate import check_disk_file, check_name, check_resize, check_spec
 
 if TYPE_CHECKING:
     from agent.state import Database
@@ -118,6 +118,15 @@ def qemu_img_snapshot_create(path: str, snapshot: str) -> None:
 def qemu_img_snapshot_delete(path: str, snapshot: str) -> None:
     subprocess.run(["qemu-img", "snapshot", "-d", snapshot, path], capture_output=True,
                    timeout=QEMU_IMG_TIMEOUT_S)
+
+
+def _mib(el: ET.Element | None) -> int:
+    """A libvirt memory element (<memory unit="KiB">...) in MiB; 0 if absent."""
+    if el is None or not (el.text or "").strip().isdigit():
+        return 0
+    scale = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "m": 1024, "mib": 1024,
+             "g": 1024 ** 2, "gib": 1024 ** 2}.get((el.get("unit") or "KiB").lower(), 1)
+    return int(int(el.text) * scale) // 1024
 
 
 def disks_from_xml(root: ET.Element) -> list[DiskSpec]:
@@ -257,9 +266,17 @@ class LibvirtDriver:
         return CommandFailed(f"VM {name!r}: libvirt failed: {msg}", stderr=msg)
 
     def _info(self, dom: libvirt.virDomain) -> VmInfo:
+        """What the VM has now: plugged vCPUs and the balloon's target (its definition's while
+        stopped), and its maximum (``<vcpu>``, ``<memory>``)."""
         state, max_kib, _mem, vcpus, _cpu = dom.info()
+        root = self._xml(dom)
+        try:
+            max_cpus = int(root.findtext("vcpu") or vcpus)
+        except ValueError:
+            max_cpus = vcpus
         return VmInfo(name=dom.name(), uuid=dom.UUIDString(), state=_STATE_NAMES.get(state, "unknown"),
-                      cpus=vcpus, memory_mib=max_kib // 1024)
+                      cpus=vcpus, memory_mib=_mib(root.find("currentMemory")) or max_kib // 1024,
+                      max_cpus=max_cpus, max_memory_mib=max_kib // 1024)
 
     def _state(self, dom: libvirt.virDomain) -> str:
         return _STATE_NAMES.get(dom.state()[0], "unknown")
@@ -378,6 +395,34 @@ class LibvirtDriver:
                 self._shape(dom, bandwidth_from(self._xml(dom)))  # the taps are new
             except BaseException:
                 self._destroy(dom, name)
+                raise
+        return self._info(dom)
+
+    # -- resize --
+    def resize(self, name: str, *, cpus: int | None = None, memory_mib: int | None = None) -> VmInfo:
+        """hypervisor.driver.SupportsResize: vCPUs hot-plugged (setVcpusFlags), memory through
+        the balloon (setMemoryFlags), live and in the definition if the VM runs or is paused,
+        in the definition only if it is stopped. Up to the maximum it was defined with."""
+        dom = self._dom(name)
+        info = self._info(dom)
+        check_resize(name, cpus=cpus, memory_mib=memory_mib, max_cpus=info.max_cpus or info.cpus,
+                     max_memory_mib=info.max_memory_mib or info.memory_mib)
+        live = bool(self._call(dom.isActive, name))
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
+        old_cpus = self._call(dom.vcpusFlags, name, libvirt.VIR_DOMAIN_AFFECT_LIVE if live
+                              else libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        if cpus is not None and cpus != old_cpus:
+            self._call(dom.setVcpusFlags, name, cpus, flags)
+        if memory_mib is not None:
+            try:
+                self._call(dom.setMemoryFlags, name, memory_mib * 1024, flags)
+            except BaseException:
+                if cpus is not None and cpus != old_cpus:  # nothing half-changed
+                    try:
+                        dom.setVcpusFlags(old_cpus, flags)
+                    except libvirt.libvirtError as e:
+                        log.warning("cannot undo a vCPU change", extra={"vm": name,
+                                                                        "error": e.get_error_message()})
                 raise
         return self._info(dom)
 
@@ -547,6 +592,7 @@ class LibvirtDriver:
         text = lambda tag: os_.findtext(tag) if os_ is not None else None  # noqa: E731
         machine = os_.find("type").get("machine", "q35") if os_ is not None else "q35"
         return VmSpec(name=info.name, uuid=info.uuid, cpus=info.cpus, memory_mib=info.memory_mib,
+                      max_cpus=info.max_cpus, max_memory_mib=info.max_memory_mib,
                       disks=tuple(disks_from_xml(root)), nics=tuple(nics),
                       console_log=self._console_path(dom), kernel=text("kernel"), initrd=text("initrd"),
                       cmdline=text("cmdline"), machine="pc" if "i440fx" in machine or machine == "pc" else "q35",

@@ -46,6 +46,17 @@ def check_spec(spec: VmSpec, *, host_memory_mib: int) -> None:
         raise InvalidInput(f"cpus must be 1..{MAX_VCPUS}, got {spec.cpus!r}")
     if not isinstance(spec.memory_mib, int) or spec.memory_mib < MIN_MEMORY_MIB:
         raise InvalidInput(f"memory_mib must be at least {MIN_MEMORY_MIB}, got {spec.memory_mib!r}")
+    if spec.max_cpus is not None and (not isinstance(spec.max_cpus, int)
+                                      or not spec.cpus <= spec.max_cpus <= MAX_VCPUS):
+        raise InvalidInput(f"max_cpus must be {spec.cpus}..{MAX_VCPUS} (at least cpus), got {spec.max_cpus!r}")
+    if spec.max_memory_mib is not None and (not isinstance(spec.max_memory_mib, int)
+                                            or spec.max_memory_mib < spec.memory_mib):
+        raise InvalidInput(f"max_memory_mib must be at least memory_mib ({spec.memory_mib}), "
+                           f"got {spec.max_memory_mib!r}")
+    if spec.memory_max > host_memory_mib:
+        raise Unprocessable(f"VM {spec.name!r} may grow to {spec.memory_max} MiB but this host has "
+                            f"{host_memory_mib} MiB: ask for less (max_memory_mib)",
+                            memory_mib=spec.memory_max, host_memory_mib=host_memory_mib)
     if spec.memory_mib > host_memory_mib:
         raise Unprocessable(f"VM {spec.name!r} asks for {spec.memory_mib} MiB but this host has "
                             f"{host_memory_mib} MiB: ask for less memory", memory_mib=spec.memory_mib,
@@ -70,6 +81,24 @@ def check_spec(spec: VmSpec, *, host_memory_mib: int) -> None:
         raise InvalidInput("an initrd needs a kernel")
     if spec.console_log is not None and not os.path.isabs(spec.console_log):
         raise InvalidInput(f"console_log must be an absolute path, got {spec.console_log!r}")
+
+
+def check_resize(name: str, *, cpus: int | None, memory_mib: int | None, max_cpus: int,
+                 max_memory_mib: int) -> None:
+    """A resize of VM ``name`` to ``cpus``/``memory_mib`` (None: unchanged) within its maximum:
+    InvalidInput for a malformed value, Unprocessable (naming the maximum) past it."""
+    if cpus is not None:
+        if not isinstance(cpus, int) or isinstance(cpus, bool) or cpus < 1:
+            raise InvalidInput(f"cpus of a VM are whole vCPUs, at least 1, got {cpus!r}")
+        if cpus > max_cpus:
+            raise Unprocessable(f"VM {name!r} can have at most {max_cpus} vCPUs (its max_cpus, set at "
+                                f"create), asked for {cpus}", max_cpus=max_cpus)
+    if memory_mib is not None:
+        if not isinstance(memory_mib, int) or isinstance(memory_mib, bool) or memory_mib < MIN_MEMORY_MIB:
+            raise InvalidInput(f"memory_mib of a VM must be at least {MIN_MEMORY_MIB}, got {memory_mib!r}")
+        if memory_mib > max_memory_mib:
+            raise Unprocessable(f"VM {name!r} can have at most {max_memory_mib} MiB (its max_memory_mib, "
+                                f"set at create), asked for {memory_mib}", max_memory_mib=max_memory_mib)
 
 
 def check_disk(disk: DiskSpec) -> None:

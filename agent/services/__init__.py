@@ -89,6 +89,8 @@ class Services:
         self.migrations = MigrationService(self)
         self.secgroups = SecurityGroups(self)  # the only reader/writer of security_group*
         self.metrics = Metrics(self)
+        from agent.services.boot import BootState
+        self.boot = BootState(self.db, config.boot_id_path)  # the only reader/writer of host_boot
         self.started = False
 
     # -- components, built lazily --
@@ -212,8 +214,10 @@ class Services:
         self.migrations.recover()
         self.secgroups.ensure_default()
         self._rebuild_filter()
+        to_start = self.boot.check(self.records)  # before reconcile turns what a reboot stopped to stopped
         self.instances.reconcile()
         self.operations.start()
+        self.instances.autostart(to_start)
         self.images.start_periodic_gc()  # its first run sweeps what a killed agent left
         self.started = True
         log.info("agent services started", extra={"recovered_operations": len(failed)})

@@ -141,6 +141,7 @@ class Assembly:
         kernel, initrd, cmdline = (boot.kernel, boot.initrd, boot.cmdline) if boot else (None, None, None)
         return VmSpec(name=req.name, uuid=str(uuid.UUID(inst_id)), cpus=max(1, math.ceil(req.cpus)),
                       memory_mib=req.memory_mib, bandwidth=bandwidth_of(req),
+                      max_cpus=getattr(req, "max_cpus", None), max_memory_mib=getattr(req, "max_memory_mib", None),
                       disks=(disk_for_volume(vol, ROOT_TARGET), seed_disk(seed)),
                       nics=nics, console_log=str(self.instance_dir(inst_id) / "console.log"),
                       kernel=kernel, initrd=initrd, cmdline=cmdline)

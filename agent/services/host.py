@@ -75,6 +75,10 @@ class HostService:
             d["error"] = str(e) or type(e).__name__
         return d
 
+    def capacity(self) -> tuple[int, int]:
+        """(cpus, memory in MiB) of this host: what one instance may be given at most."""
+        return os.cpu_count() or 1, _meminfo_bytes() // (1024 * 1024)
+
     def info(self) -> dict:
         pools = self.pools()
         cpus = os.cpu_count() or 1

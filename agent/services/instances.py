@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import threading
 import time
@@ -107,6 +108,9 @@ class InstanceService:
         volumes = [root_volume(req.kind, inst_id)]
         spec = req.model_dump()
         spec["image_id"] = image.id
+        if req.kind == "vm":  # the maxima are fixed at create: kept explicitly, a resize never moves them
+            spec["max_cpus"] = req.max_cpus or max(1, math.ceil(req.cpus))
+            spec["max_memory_mib"] = req.max_memory_mib or req.memory_mib
         now = time.time()
         if not self.records.insert(Instance(
                 id=inst_id, name=req.name, kind=req.kind, image=image.id, state="creating", pool=pool, spec=spec,
@@ -297,6 +301,8 @@ class InstanceService:
             inst = self.records.find_id(inst.id) or self.get(ref)
             self._check_changeable(inst)
             changes = {}
+            size = self._check_resize(inst, req.cpus if "cpus" in given else None,
+                                      req.memory_mib if "memory_mib" in given else None)
             if "bandwidth" in given:
                 bw = req.bandwidth.limits() if req.bandwidth is not None else None
                 if bw is not None and bw.limited and inst.spec.get("network", "bridge") != "bridge":
@@ -304,7 +310,73 @@ class InstanceService:
                                         "bandwidth limits apply to the bridge port")
                 self._apply_bandwidth(inst, bw)
                 changes["bandwidth"] = bw.to_dict() if bw is not None and bw.limited else None
+            if size:
+                try:
+                    self._resize(inst, **size)
+                except BaseException:
+                    if "bandwidth" in given:  # nothing half-changed: the limits the record keeps
+                        self._undo(lambda: self._apply_bandwidth(inst, _bandwidth_of(inst)), inst)
+                    raise
+                changes.update(size)
+            if "autostart" in given:
+                changes["autostart"] = req.autostart
             return self.records.update_spec(inst.id, **changes).to_dict()
+
+    # -- resize --
+    def _check_resize(self, inst: Instance, cpus: float | None, memory_mib: int | None) -> dict:
+        """The spec changes of a resize to ``cpus``/``memory_mib`` (None: unchanged), checked
+        against the kind's limits, the VM's maximum or the host's capacity (422 naming it);
+        {} if nothing is asked. Changes nothing."""
+        from containers import validate as ct_limits
+        from hypervisor import validate as vm_limits
+        if cpus is None and memory_mib is None:
+            return {}
+        if inst.kind == "vm":
+            if cpus is not None and (cpus != int(cpus) or cpus < 1):
+                raise Unprocessable(f"cpus of a VM are whole vCPUs, at least 1: got {cpus}")
+            if memory_mib is not None and memory_mib < vm_limits.MIN_MEMORY_MIB:
+                raise Unprocessable(f"memory_mib of a VM must be at least {vm_limits.MIN_MEMORY_MIB}")
+            cpus = int(cpus) if cpus is not None else None
+            vm_limits.check_resize(inst.name, cpus=cpus, memory_mib=memory_mib,
+                                   max_cpus=inst.max_cpus, max_memory_mib=inst.max_memory_mib)
+        else:
+            host_cpus, host_mib = self.root.host.capacity()
+            if cpus is not None and not ct_limits.MIN_CPUS <= cpus <= min(ct_limits.MAX_CPUS, host_cpus):
+                raise Unprocessable(f"cpus of a container must be {ct_limits.MIN_CPUS}..{host_cpus} "
+                                    f"(this host has {host_cpus} cpus): got {cpus}", host_cpus=host_cpus)
+            if memory_mib is not None and memory_mib < ct_limits.MIN_MEMORY_MIB:
+                raise Unprocessable(f"memory_mib of a container must be at least {ct_limits.MIN_MEMORY_MIB}")
+            if memory_mib is not None and memory_mib > host_mib:
+                raise Unprocessable(f"instance {inst.name!r} asks for {memory_mib} MiB but this host has "
+                                    f"{host_mib} MiB: ask for less", host_memory_mib=host_mib)
+        return {k: v for k, v in (("cpus", cpus), ("memory_mib", memory_mib)) if v is not None}
+
+    def _resize(self, inst: Instance, cpus: float | None = None, memory_mib: int | None = None) -> None:
+        """Hand a checked resize to the instance's driver: live if it runs, else kept for its
+        next start. If the driver fails, what it changed is undone and the error raised."""
+        from containers.runtime import Limits
+        from hypervisor.driver import SupportsResize
+        if inst.kind == "vm":
+            if not isinstance(self.root.driver, SupportsResize):
+                raise Unsupported(f"the {self.root.config.hypervisor.driver} VM driver cannot resize VMs")
+            self.root.driver.resize(inst.name, cpus=cpus, memory_mib=memory_mib)
+            return
+        pids = inst.spec.get("pids_max")
+        old = Limits(cpus=inst.cpus, memory_mib=inst.memory_mib, pids_max=pids)
+        new = Limits(cpus=inst.cpus if cpus is None else cpus,
+                     memory_mib=inst.memory_mib if memory_mib is None else memory_mib, pids_max=pids)
+        try:
+            self.root.runtime.update_limits(inst.name, new)
+        except BaseException:  # runc may have set some controllers before one refused
+            self._undo(lambda: self.root.runtime.update_limits(inst.name, old), inst)
+            raise
+
+    @staticmethod
+    def _undo(fn, inst: Instance) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - logged; the first failure is what the caller reports
+            log.warning("cannot undo a partial change", extra={"instance": inst.name, "error": str(e)})
 
     def _check_changeable(self, inst: Instance) -> None:
         if inst.state in ("creating", "incoming", "migrating") or self._being_removed(inst):
@@ -388,6 +460,24 @@ class InstanceService:
                                                                                   "error": str(e)})
         return n
 
+    def autostart(self, inst_ids: list[str]) -> int:
+        """Start each of ``inst_ids`` (after a host reboot: agent.services.boot) that is stopped
+        now, each in an operation; how many were started. One that cannot start is logged and
+        left as it is (its operation says why)."""
+        n = 0
+        for inst_id in inst_ids:
+            inst = self.records.find_id(inst_id)
+            try:
+                if inst is not None and inst.state in ("stopped", "created") and inst.autostart:
+                    self.action(inst_id, models.InstanceAction(action="start"))
+                    n += 1
+                    log.info("starting an instance after a host reboot", extra={"instance": inst.name})
+            except Exception as e:  # noqa: BLE001 - logged; the others still start
+                log.warning("cannot start an instance after a host reboot",
+                            extra={"instance": inst.name if inst else inst_id, "error": str(e)})
+            self.root.boot.done(inst_id)
+        return n
+
     def reconcile(self) -> None:
         """Re-adopt running workloads: align each record's state with what the driver/runtime reports."""
         rows = self.list()
@@ -418,6 +508,13 @@ class InstanceService:
                 elif info.state != inst.state or inst.state == "lost":
                     self.records.update(inst.id, state=info.state, error=None,
                                         **_ip(info))
+
+
+def _bandwidth_of(inst: Instance):
+    """The Bandwidth the record keeps (None: unlimited)."""
+    from containers.bandwidth import Bandwidth
+    bw = inst.spec.get("bandwidth")
+    return Bandwidth.from_dict(bw) if bw else None
 
 
 def _ip(info) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ CLEANUP_KEY = "cleanup_pending"  # in a record's spec: its removal failed part-w
 COLUMNS = ("id", "name", "kind", "image", "spec", "state", "pool", "volumes", "ip", "mac", "node", "error",
            "created_at", "updated_at")
 UPDATABLE = frozenset({"state", "ip", "error", "volumes"})  # what update() may change; the rest is fixed
-SPEC_UPDATABLE = frozenset({"bandwidth"})  # what update_spec() may change in the request kept as spec
+# what update_spec() may change in the request kept as spec
+SPEC_UPDATABLE = frozenset({"bandwidth", "cpus", "memory_mib", "autostart"})
 
 # Schema steps of component "instances"; only ever appended. The table was first made by the
 # "agent" component's step 1 (agent/schema.py, before this module owned it): IF NOT EXISTS
@@ -123,6 +125,25 @@ class Instance:
         return self.spec.get("memory_mib", 0)
 
     @property
+    def max_cpus(self) -> int | None:
+        """VMs: the most vCPUs a resize may give it (None for containers)."""
+        if self.kind != "vm":
+            return None
+        return self.spec.get("max_cpus") or max(1, math.ceil(self.cpus))
+
+    @property
+    def max_memory_mib(self) -> int | None:
+        """VMs: the most memory a resize may give it (None for containers)."""
+        if self.kind != "vm":
+            return None
+        return self.spec.get("max_memory_mib") or self.memory_mib
+
+    @property
+    def autostart(self) -> bool:
+        """Start it again after a host reboot if it was running (default: yes)."""
+        return bool(self.spec.get("autostart", True))
+
+    @property
     def cleanup_pending(self) -> bool:
         """Its removal failed part-way (state ``error``): the agent retries it at start."""
         return bool(self.spec.get(CLEANUP_KEY))
@@ -137,6 +158,7 @@ class Instance:
                 "pool": self.pool, "cpus": self.cpus, "memory_mib": self.memory_mib,
                 "volumes": list(self.volumes), "ip": self.ip, "mac": self.mac, "node": self.node,
                 "error": self.error, "bandwidth": _thawed(self.spec.get("bandwidth")),
+                "max_cpus": self.max_cpus, "max_memory_mib": self.max_memory_mib, "autostart": self.autostart,
                 "created_at": self.created_at, "updated_at": self.updated_at}
 
 

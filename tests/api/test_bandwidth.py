@@ -46,7 +46,7 @@ def test_create_then_patch_live_admin_only(admin, reader, images):
     assert inst["bandwidth"] == {"ingress_kbit": 8000, "egress_kbit": 4000, "burst_kbit": None}
     assert_error(reader.patch("/v1/instances/bwc", json={"bandwidth": {"ingress_kbit": 100}}), 403)
     assert_error(admin.patch("/v1/instances/bwc", json={}), 422)  # nothing to change
-    assert_error(admin.patch("/v1/instances/bwc", json={"cpus": 2}), 422)  # not (yet) changeable here
+    assert_error(admin.patch("/v1/instances/bwc", json={"max_cpus": 2}), 422)  # not changeable
     assert_error(admin.patch("/v1/instances/bwc", json={"bandwidth": {"ingress_kbit": 1}}), 422)
     assert_error(admin.patch("/v1/instances/nosuch", json={"bandwidth": None}), 404)
     r = admin.patch("/v1/instances/bwc", json={"bandwidth": {"egress_kbit": 2000, "burst_kbit": 500}})

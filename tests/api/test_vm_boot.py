@@ -5,8 +5,8 @@ The image is scripts/build-test-images' boot.qcow2 (MBR + syslinux on FAT + an e
 imported through POST /v1/images. The guest's serial console, read through
 GET /v1/instances/{id}/logs, proves what it got: SeaBIOS ran the bootloader, the kernel
 reached init, init read the NoCloud seed the agent wrote (instance-id, hostname, and the
-exact user_data by its sha256, and ran it when it is a script), saw its NIC with the MAC from the agent's state and its root
-filesystem on the image's second partition. Stop (ACPI), start and restart boot it again;
+exact user_data by its sha256, and ran it when it is a script), saw its NIC with the MAC from
+the agent's state and its root filesystem on the image's second partition. Stop (ACPI), start and restart boot it again;
 DELETE leaves no domain, volume, seed or tap.
 """
 import hashlib

@@ -72,7 +72,8 @@ def test_implements_protocol(driver):
 def test_define_get_find_list(driver, spec):
     s = spec()
     info = driver.define(s)
-    assert info == VmInfo(name=s.name, uuid=s.uuid, state="stopped", cpus=1, memory_mib=128)
+    assert info == VmInfo(name=s.name, uuid=s.uuid, state="stopped", cpus=1, memory_mib=128,
+                          max_cpus=1, max_memory_mib=128)
     assert driver.get(s.name) == info
     assert driver.find(s.name) == info
     assert s.name in [i.name for i in driver.list()]

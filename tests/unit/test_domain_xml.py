@@ -15,7 +15,7 @@ UUID = "6f1c2a64-0d3b-4a53-9b7e-1f3f2d6c9a10"
 
 SPECS = {
     "local_q35_kvm": (VmSpec(
-        name="web-1", uuid=UUID, cpus=2, memory_mib=2048,
+        name="web-1", uuid=UUID, cpus=2, memory_mib=2048, max_cpus=4, max_memory_mib=4096,
         disks=(DiskSpec(target="vda", source="/var/lib/nodeagent/pools/local/web-1.qcow2"),
                DiskSpec(target="vdz", source="/var/lib/nodeagent/seeds/web-1.iso", format="raw",
                         readonly=True)),

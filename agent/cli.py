@@ -320,12 +320,16 @@ def instance():
 @click.option("--privileged", is_flag=True,
               help="containers: no user namespace, container root = host root (admin tokens only)")
 @click.option("--security-group", "groups", multiple=True, help="a security group (repeat; default: default)")
+@click.option("--max-cpus", type=int, help="VMs: the most vCPUs a later resize may give it (default: --cpus)")
+@click.option("--max-memory", "max_memory_mib", type=int,
+              help="VMs: MiB, the most memory a later resize may give it (default: --memory)")
+@click.option("--no-autostart", is_flag=True, help="stay stopped after a host reboot even if it was running")
 @click.option("--no-start", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("command", nargs=-1)
 def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, network,
-                    ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, privileged, groups, no_start,
-                    as_json, command):
+                    ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, privileged, groups, max_cpus,
+                    max_memory_mib, no_autostart, no_start, as_json, command):
     """Create NAME from an image; for containers, COMMAND after `--` overrides the image's."""
     body = {"name": name, "kind": kind, "image": image_ref, "cpus": cpus, "memory_mib": memory_mib,
             "start": not no_start}
@@ -352,6 +356,12 @@ def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env
         body["cap_drop"] = list(cap_drop)
     if groups:
         body["security_groups"] = list(groups)
+    if max_cpus:
+        body["max_cpus"] = max_cpus
+    if max_memory_mib:
+        body["max_memory_mib"] = max_memory_mib
+    if no_autostart:
+        body["autostart"] = False
     c = _client()
     op = _call(c.post, "/v1/instances", body)
     op = _finish(_wait_with_progress(c, op, f"creating {name}", as_json), as_json)
@@ -465,6 +475,137 @@ def instance_exec(ref, command, as_json):
 def instance_logs(ref, tail, as_json):
     res = _call(_client().get, f"/v1/instances/{ref}/logs", params={"tail": tail} if tail else None)
     click.echo(jsonlib.dumps(res, indent=2) if as_json else res["logs"], nl=False)
+
+
+@instance.command("restart")
+@click.argument("ref")
+@click.option("--timeout", type=float, default=60, help="containers: seconds to stop gracefully before SIGKILL")
+@click.option("--json", "as_json", is_flag=True)
+def instance_restart(ref, timeout, as_json):
+    """Restart REF (a VM is reset; a container is stopped and started again)."""
+    _action(ref, "restart", as_json, timeout=timeout)
+
+
+@instance.command("pause")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+def instance_pause(ref, as_json):
+    """Freeze REF (a VM's vCPUs stop; a container's processes are frozen)."""
+    _action(ref, "pause", as_json)
+
+
+@instance.command("resume")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+def instance_resume(ref, as_json):
+    """Let a paused REF run again."""
+    _action(ref, "resume", as_json)
+
+
+@instance.command("kill")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+def instance_kill(ref, as_json):
+    """Stop REF at once (SIGKILL / power off), no graceful shutdown."""
+    _action(ref, "kill", as_json)
+
+
+@instance.command("stats")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+def instance_stats(ref, as_json):
+    """REF's counters: cpu time, memory, pids, disk and network I/O."""
+    st = _call(_client().get, f"/v1/instances/{ref}/stats")
+    if as_json:
+        click.echo(jsonlib.dumps(st, indent=2))
+        return
+    rows = [{"counter": k, "value": v} for k, v in st.items() if not isinstance(v, dict)]
+    rows += [{"counter": f"{k}.{sub}", "value": v} for k in ("io", "net") for sub, v in (st.get(k) or {}).items()]
+    _table(["counter", "value"], rows)
+
+
+@instance.command("set")
+@click.argument("ref")
+@click.option("--cpus", type=float, help="VMs: whole vCPUs up to its max_cpus; containers: a CFS quota (0.5)")
+@click.option("--memory", "memory_mib", type=int, help="MiB: VMs up to their max_memory_mib")
+@click.option("--autostart/--no-autostart", default=None,
+              help="start it again after a host reboot if it was running")
+@click.option("--json", "as_json", is_flag=True)
+def instance_set(ref, cpus, memory_mib, autostart, as_json):
+    """Resize REF (live if it runs, else for its next start) or change its autostart."""
+    body = {k: v for k, v in (("cpus", cpus), ("memory_mib", memory_mib), ("autostart", autostart))
+            if v is not None}
+    if not body:
+        raise click.UsageError("give --cpus, --memory and/or --autostart/--no-autostart")
+    inst = _call(_client().patch, f"/v1/instances/{ref}", body)
+    if as_json:
+        click.echo(jsonlib.dumps(inst, indent=2))
+        return
+    top = f" (max {inst['max_cpus']} cpus, {inst['max_memory_mib']} MiB)" if inst.get("max_cpus") else ""
+    click.echo(f"{inst['name']} cpus {inst['cpus']:g} memory {inst['memory_mib']} MiB{top} "
+               f"autostart {'on' if inst.get('autostart', True) else 'off'}")
+
+
+# -- operations and migrations --
+
+@main.group()
+def operation():
+    """Operations (the agent's long work: creates, imports, migrations): list, show, wait, cancel."""
+
+
+@operation.command("list")
+@click.option("--status", type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled"]))
+@click.option("--json", "as_json", is_flag=True)
+def operation_list(status, as_json):
+    data = _call(_client().get, "/v1/operations", params={"status": status} if status else None)
+    for o in data["operations"]:
+        o["phase"] = (o.get("progress") or {}).get("phase")
+        o["when"] = _when(o.get("created_at"))
+    _out(data, as_json, ["id", "kind", "target", "status", "phase", "when"], "operations")
+
+
+@operation.command("show")
+@click.argument("op_id")
+@click.option("--json", "as_json", is_flag=True)
+def operation_show(op_id, as_json):
+    _out(_call(_client().get, f"/v1/operations/{op_id}"), as_json)
+
+
+@operation.command("wait")
+@click.argument("op_id")
+@click.option("--json", "as_json", is_flag=True)
+def operation_wait(op_id, as_json):
+    """Wait for OP_ID to end; exit 1 unless it succeeded."""
+    c = _client()
+    op = _finish(_call(c.wait, op_id), as_json)
+    if not as_json:
+        click.echo(f"{op['id']} {op['status']}")
+
+
+@operation.command("cancel")
+@click.argument("op_id")
+@click.option("--json", "as_json", is_flag=True)
+def operation_cancel(op_id, as_json):
+    """Cancel a pending or running operation (what it made is removed)."""
+    op = _call(_client().delete, f"/v1/operations/{op_id}")
+    click.echo(jsonlib.dumps(op, indent=2) if as_json else f"{op['id']} {op['status']}")
+
+
+# `nodeagent operations ...` works too
+main.add_command(click.Group("operations", commands=operation.commands, hidden=True, help=operation.help))
+
+
+@main.group()
+def migration():
+    """Migrations: `nodeagent migrate` starts one; show reports it."""
+
+
+@migration.command("show")
+@click.argument("migration_id")
+@click.option("--json", "as_json", is_flag=True)
+def migration_show(migration_id, as_json):
+    """A migration's phase, bytes, downtime and error."""
+    _out(_call(_client().get, f"/v1/migrations/{migration_id}"), as_json)
 
 
 @main.command()

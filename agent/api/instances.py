@@ -32,7 +32,8 @@ def get_instance(id):
     return render(inst if caller_is_admin() else {**inst, "error": redact(inst["error"])})
 
 
-@route(bp, "PATCH", "/v1/instances/{id}", summary="Change an instance in place, live: bandwidth, resize (cpus, memory_mib), autostart",
+@route(bp, "PATCH", "/v1/instances/{id}",
+       summary="Change an instance in place, live: bandwidth, resize (cpus, memory_mib), autostart",
        body=models.InstanceUpdate, responses={200: models.Instance, 404: None, 409: None, 422: None})
 def update_instance(id):
     return render(services().instances.update(path_id(id), parse(models.InstanceUpdate)))

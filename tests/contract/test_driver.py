@@ -10,7 +10,7 @@ import pytest
 
 from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
 from hypervisor.driver import (STATES, DiskSpec, Driver, ReportsVirtType, SupportsIncomingDisks, SupportsMigration,
-                               VmInfo, VmSpec)
+                               SupportsResize, VmInfo, VmSpec)
 
 DRIVERS = ["fake", "libvirt"]
 CONSOLE_TIMEOUT_S = 60  # TCG boot takes ~3 s; generous for a loaded CI host
@@ -67,6 +67,25 @@ def spec(driver, vm_dir, guest_images):
 
 def test_implements_protocol(driver):
     assert isinstance(driver, Driver)
+
+
+def test_a_stopped_vm_resizes_within_its_maximum_only(driver, spec):
+    assert isinstance(driver, SupportsResize)
+    s = spec(cpus=1, memory_mib=128, max_cpus=2, max_memory_mib=192)
+    driver.define(s)
+    info = driver.resize(s.name, cpus=2, memory_mib=160)
+    assert (info.state, info.cpus, info.memory_mib, info.max_cpus, info.max_memory_mib) == ("stopped", 2, 160, 2, 192)
+    with pytest.raises(Unprocessable, match="at most 2 vCPUs"):
+        driver.resize(s.name, cpus=3)
+    with pytest.raises(Unprocessable, match="at most 192 MiB"):
+        driver.resize(s.name, cpus=1, memory_mib=256)
+    with pytest.raises(InvalidInput):
+        driver.resize(s.name, memory_mib=8)
+    assert driver.get(s.name) == info, "a refused resize changes nothing"
+    with pytest.raises(NotFound):
+        driver.resize("ct-nosuch", cpus=1)
+    with pytest.raises(InvalidInput, match="max_cpus"):
+        driver.define(spec(cpus=2, max_cpus=1))
 
 
 def test_define_get_find_list(driver, spec):

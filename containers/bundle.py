@@ -273,6 +273,6 @@ def write_bundle(bundle_dir: str, config: dict) -> str:
     path = os.path.join(bundle_dir, "config.json")
     tmp = path + ".tmp"
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
-        json.dump(config, f, indent=1)
+        f.write(json.dumps(config))  # one shot: C's encoder (indent or json.dump take the Python one: ~10 ms)
     os.replace(tmp, path)
     return path

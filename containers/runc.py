@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import select
 import selectors
 import shutil
@@ -57,6 +58,8 @@ EXIT_GRACE = 5.0  # seconds to wait for the exit file after SIGKILL
 EXEC_OUTPUT_BYTES = 1024 * 1024  # 1 MiB of stdout and of stderr kept per exec; the rest is read and dropped
 EXEC_TIMEOUT_EXIT = 124  # the exit code of an exec killed at its timeout (as coreutils' timeout(1))
 POLL = 0.01
+# runc update's error when the memory cgroup cannot shrink below what the container uses (v1: EBUSY)
+MEMORY_BUSY_RE = re.compile(r"unable to set memory limit to \d+ \(current usage: (\d+)")
 
 
 def spec_to_json(spec: ContainerSpec) -> str:
@@ -708,14 +711,23 @@ class RuncRuntime:
         return st
 
     def update_limits(self, name: str, limits: Limits) -> None:
-        """Apply to the running container (runc update) and keep for later starts."""
+        """Apply to the running container (runc update) and keep for later starts. Conflict
+        if it uses more memory than ``limits`` allow (the kernel cannot reclaim it)."""
         validate.check_limits(limits)
         with self._name_lock(name):
             self._row(name)  # NotFound for an unknown container
             if self._status(name)[0] in ("running", "paused", "created") and \
                     self._runc_state(name):
-                self._runc("update", "--resources", "-",
-                           name, input=json.dumps(cgroups.update_resources(limits)))
+                try:
+                    self._runc("update", "--resources", "-",
+                               name, input=json.dumps(cgroups.update_resources(limits)))
+                except CommandFailed as e:
+                    used = MEMORY_BUSY_RE.search(e.message)
+                    if used is None:
+                        raise
+                    raise Conflict(f"container {name!r} uses {int(used.group(1)) >> 20} MiB of memory now, more "
+                                   f"than {limits.memory_mib} MiB: free memory in it first (files in its "
+                                   "tmpfs count), or ask for more", container=name) from None
             self.db.execute("UPDATE containers SET limits=? WHERE name=?",
                             (json.dumps(dataclasses.asdict(limits)), name))
             cfg_path = os.path.join(self._bundle(name), "config.json")

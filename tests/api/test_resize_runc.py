@@ -74,6 +74,15 @@ def test_runc_live_resize_and_start_after_a_reboot(open_tmp):
         r = api.patch(f"/v1/instances/{name}", json={"cpus": os.cpu_count() + 1})
         assert r.status_code == 422 and "this host has" in r.json()["error"]["message"], r.text
         assert _limits(name) == ("150000", 128 << 20)
+        # memory it holds (tmpfs pages: no swap to push them to) cannot be taken away: 409, nothing changed
+        ex = api.post(f"/v1/instances/{name}/exec", json={"command": [
+            "/bin/sh", "-c", "dd if=/dev/zero of=/dev/shm/held bs=1M count=40 2>/dev/null"]}).json()
+        assert ex["exit_code"] == 0, ex
+        r = api.patch(f"/v1/instances/{name}", json={"cpus": 0.25, "memory_mib": 16})
+        assert r.status_code == 409 and "MiB of memory now, more than 16 MiB" in r.json()["error"]["message"], r.text
+        assert _limits(name) == ("150000", 128 << 20), "the cpu quota runc set first was put back"
+        assert api.get(f"/v1/instances/{name}").json()["memory_mib"] == 128
+        api.post(f"/v1/instances/{name}/exec", json={"command": ["rm", "/dev/shm/held"]})
         # a crash of the agent alone (same boot): the running container is re-adopted as it is
         agent.kill9()
         agent.start()

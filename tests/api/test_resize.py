@@ -202,6 +202,23 @@ def test_each_change_is_an_event(app):
     assert client.get("/v1/instances/rs-ev").json["autostart"] is False
 
 
+def test_image_gc_is_admin_only_and_keeps_what_instances_use(app):
+    _, client, root, _ = app
+    reader = root.tokens.create("gc-reader", "reader")
+    _err(client.post("/v1/images/gc", json={}, headers={"Authorization": f"Bearer {reader}"}), 403)
+    r = client.post("/v1/images/gc", json={})
+    assert r.status_code == 202, r.json
+    op = _wait(client, r.json)
+    assert op["status"] == "succeeded" and {"bytes_freed", "blobs_removed", "layers_removed"} <= set(op["result"])
+    used = _create(client, **VM, name="gc-vm", start=False)
+    op = _wait(client, client.post("/v1/images/gc", json={}).json)
+    assert op["status"] == "succeeded", op
+    assert client.get("/v1/images/tiny-vm").status_code == 200
+    _err(client.delete("/v1/images/tiny-vm"), 409)
+    assert root.store.references(used["image"]), "the instance's disk still refers to its image"
+    assert client.delete("/v1/instances/gc-vm").status_code == 200
+
+
 def _restart(app, tmp, boot_id):
     """Stop the agent's services and start new ones on the same state dir and the same (fake)
     driver and runtime, with ``boot_id`` as the kernel's; the new root."""

@@ -128,6 +128,9 @@ def listener_ns(agent):
         sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
         sh("ip", "-n", ns, "link", "set", "eth0", "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
+        # it knows the gateway's MAC (the entry an ARP poisoner would overwrite)
+        gw = str(ipaddress.ip_network(agent.subnet)[1])
+        sh("ip", "netns", "exec", ns, "busybox", "ping", "-c", "1", "-W", "5", gw)
         return ns, ip, link_local(ns, "eth0")
     yield make
     if "ns" in state:
@@ -174,6 +177,9 @@ ip addr add {spoof_ip}/32 dev eth0
 t spoof_ip_ping ping -c 2 -W 1 -I {spoof_ip} {neighbour}
 t spoof_arp arping -c 2 -U -I eth0 -s {spoof_ip} {spoof_ip}
 ip addr del {spoof_ip}/32 dev eth0
+# ARP poisoning: the gateway's address is at my MAC (bound to an address not its own)
+sysctl -qw net.ipv4.ip_nonlocal_bind=1
+t poison_gw arping -c 3 -U -I eth0 -s {gw} {gw}
 # a forged MAC
 mac=$(cat /sys/class/net/eth0/address)
 if ip link set dev eth0 address {spoof_mac}; then echo NODEAGENT-T mac_changed ok; else
@@ -264,6 +270,8 @@ def test_a_vm_guest_cannot_reach_the_host_spoof_or_pass_security_groups(libvirtd
         for what, s in sniffers.items():
             s.proc.terminate()
             assert not s.seen(), f"the listener saw a frame with the {what}"
+        gw_mac = json.loads(sh("ip", "-j", "link", "show", agent.bridge))[0]["address"]
+        assert gw_mac in sh("ip", "-n", ns, "neigh", "show", gw).lower(), "the neighbour's entry of the gateway stands"
         neigh = sh("ip", "neigh", "show", "dev", agent.bridge)
         assert spoof_ip not in neigh and spoof_mac not in neigh.lower(), neigh
     finally:

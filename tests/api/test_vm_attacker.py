@@ -282,3 +282,66 @@ def test_a_vm_guest_cannot_reach_the_host_spoof_or_pass_security_groups(libvirtd
         for srv in (lo_srv, gw_srv, other_srv):
             srv.shutdown()
             srv.server_close()
+
+
+def live_taps(libvirtd: str, name: str) -> list[str]:
+    """The running domain's tap names (`virsh domiflist`)."""
+    out = subprocess.run(["virsh", "-c", libvirtd, "domiflist", name], capture_output=True, text=True,
+                         check=True).stdout
+    return [ln.split()[0] for ln in out.splitlines()[2:] if ln.split()]
+
+
+def test_a_vm_made_before_the_filter_is_filtered_on_its_vnet_tap_after_an_agent_restart(libvirtd, guest_images,
+                                                                                      agent):
+    """Re-adoption keys the anti-spoofing and security-group rules to the tap a VM runs on
+    (from its live definition), whatever libvirt named it; a start through the API, which
+    gives a vnetN tap a new name, moves them again."""
+    import sqlite3
+    configure(agent, libvirtd)
+    api = Api(agent.url, agent.admin_token)
+    op = api.wait(api.post("/v1/images", json={"name": "guest", "source": {"type": "file",
+                                                                          "path": guest_images["boot"]}}).json(),
+                  timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    name = f"old-{secrets.token_hex(3)}"
+    op = api.wait(api.post("/v1/instances", json={"name": name, "kind": "vm", "image": op["result"]["image"]["id"],
+                                                  "cpus": 1, "memory_mib": 192, "network": "bridge"}).json(),
+                  timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    inst = op["result"]["instance"]
+    own_tap = "nt" + inst["id"][:12]
+    assert live_taps(libvirtd, name) == [own_tap]
+
+    # make it a VM of before the filter: its NIC without <target dev> (libvirt names the tap
+    # vnetN at each start), its lease without MAC or port; the host's tables gone (a reboot)
+    agent.stop()
+    xml = subprocess.run(["virsh", "-c", libvirtd, "dumpxml", "--inactive", name], capture_output=True, text=True,
+                         check=True).stdout
+    old = re.sub(r"<target dev='nt[0-9a-f]+'/>\s*", "", xml)
+    assert old != xml
+    path = agent.base / "old.xml"
+    path.write_text(old)
+    sh("virsh", "-c", libvirtd, "define", str(path))
+    sh("virsh", "-c", libvirtd, "destroy", name)
+    sh("virsh", "-c", libvirtd, "start", name)
+    (vnet,) = live_taps(libvirtd, name)
+    assert vnet.startswith("vnet"), vnet
+    with sqlite3.connect(agent.state_dir / "state.db") as c:
+        c.execute("UPDATE containers_leases SET mac=NULL, ifname=NULL WHERE name=?", ("vm:" + inst["id"],))
+
+    def bridge_table() -> str:
+        return subprocess.run(["nft", "list", "table", "bridge", f"nodeagent_{agent.rtag}"], capture_output=True,
+                              text=True).stdout
+    agent.start()
+    listing = bridge_table()
+    assert f"chain p_{vnet} " in listing and f"ether saddr != {inst['mac']} drop" in listing, listing
+    assert f"ip saddr {inst['ip']} accept" in listing and f"p_{own_tap}" not in listing, listing
+
+    # a stop and a start through the API: a new tap (libvirt may hand out the same name)
+    for action in ("stop", "start"):
+        op = api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": action, "force": True}).json(),
+                      timeout=OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op
+    (vnet2,) = live_taps(libvirtd, name)
+    listing = bridge_table()
+    assert f"chain p_{vnet2} " in listing and (vnet2 == vnet or f"p_{vnet} " not in listing), listing

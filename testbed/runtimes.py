@@ -83,6 +83,13 @@ def test_network(prefix: str = "natst") -> tuple[str, str]:
     return name, f"198.19.{n}.0/24"
 
 
+def test_rtag() -> str:
+    """A fresh rtag for a test's own Network (recorded for the leftover check)."""
+    rtag = secrets.token_hex(2)
+    MADE_RTAGS.add(rtag)
+    return rtag
+
+
 def agent_rtag(state_dir) -> str:
     """The tag an agent (or runtime) on ``state_dir`` gives its network's rules and tables
     (containers.network: 4 hex of its containers state dir); recorded for the leftover check."""

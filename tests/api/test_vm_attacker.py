@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,7 @@ def host_address():
 
 
 @pytest.fixture
-def agent():
+def vm_agent():
     """A real agent: libvirt (TCG) VMs and runc containers on a test bridge, default policy
     same-group; its dir under /var/tmp (0755: QEMU and user-namespaced containers reach it)."""
     for tool in ("runc", "conmon", "nft", "virsh"):
@@ -112,11 +113,11 @@ def configure(a: AgentProcess, libvirtd: str) -> None:
 
 
 @pytest.fixture
-def listener_ns(agent):
+def listener_ns(vm_agent):
     """A network namespace of the test on the bridge (not an instance: no filter of its own),
     eth0 with the subnet's .250; yields (netns, ip, its link-local address). Made after the
     bridge exists (the peer container's create makes it)."""
-    state = {}
+    agent, state = vm_agent, {}
 
     def make():
         ns, host_if = f"navmat-{secrets.token_hex(3)}", f"nx{secrets.token_hex(4)}"
@@ -165,13 +166,15 @@ hi() {{ nc -w 3 "$1" "$2" </dev/null | grep -q hi; }}
 t gw_ping ping -c 1 -W 3 {gw}
 t neighbour_ping ping -c 1 -W 3 {neighbour}
 t peer_allowed_port hi {peer} 7001
-t peer_denied_port hi {peer} 7000
-t gw_service get {gw} {gw_port} / {SECRET}
-t other_host_address get {other} {other_port} / {SECRET}
-t agent_api_on_gw get {gw} {agent_port} /v1/health HTTP/1
+# the attacks that only wait for their timeout run side by side
+t peer_denied_port hi {peer} 7000 &
+t gw_service get {gw} {gw_port} / {SECRET} &
+t other_host_address get {other} {other_port} / {SECRET} &
+t agent_api_on_gw get {gw} {agent_port} /v1/health HTTP/1 &
 # IPv6 link-local: the host's bridge and a neighbour
-t v6_host ping -6 -c 2 -W 2 -I eth0 {host_v6}
-t v6_neighbour ping -6 -c 2 -W 2 -I eth0 {neighbour_v6}
+t v6_host ping -6 -c 2 -W 2 -I eth0 {host_v6} &
+t v6_neighbour ping -6 -c 2 -W 2 -I eth0 {neighbour_v6} &
+wait
 # a forged source address (the neighbour's ARP entry is cached by now), a gratuitous ARP for it
 ip addr add {spoof_ip}/32 dev eth0
 t spoof_ip_ping ping -c 2 -W 1 -I {spoof_ip} {neighbour}
@@ -194,8 +197,9 @@ sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.eth0.route_localnet=
 ip route del local 127.0.0.0/8 dev lo table local 2>/dev/null  # (the guest's lo is down: none)
 ip route add 127.0.0.0/8 via {gw} dev eth0
 ip route get 127.0.0.1 | head -n1 | sed 's/^/NODEAGENT-LO-ROUTE /'
-t loopback_service get 127.0.0.1 {lo_port} / {SECRET}
-t agent_api_loopback get 127.0.0.1 {agent_port} /v1/health HTTP/1
+t loopback_service get 127.0.0.1 {lo_port} / {SECRET} &
+t agent_api_loopback get 127.0.0.1 {agent_port} /v1/health HTTP/1 &
+wait
 # the allowed paths still work after all this
 t gw_ping_after ping -c 1 -W 3 {gw}
 t peer_allowed_after hi {peer} 7001
@@ -206,8 +210,9 @@ def results(console: str) -> dict[str, str]:
     return dict(m.groups() for m in re.finditer(r"^NODEAGENT-T (\S+) (\S+)$", console, re.M))
 
 
-def test_a_vm_guest_cannot_reach_the_host_spoof_or_pass_security_groups(libvirtd, guest_images, agent,
+def test_a_vm_guest_cannot_reach_the_host_spoof_or_pass_security_groups(libvirtd, guest_images, vm_agent,
                                                                          listener_ns, host_address):
+    agent = vm_agent
     configure(agent, libvirtd)
     api = Api(agent.url, agent.admin_token)
     layout = write_layout(str(agent.base / "layout"), {"latest": busybox_layers()})
@@ -249,11 +254,11 @@ def test_a_vm_guest_cannot_reach_the_host_spoof_or_pass_security_groups(libvirtd
             "user_data": script}).json(), timeout=OP_TIMEOUT_S)
         assert op["status"] == "succeeded", op
 
-        def finished():
-            text = api.get(f"/v1/instances/{vm}/logs").json()["logs"].replace("\r", "")
-            return text if "NODEAGENT-USERDATA-EXIT" in text else None
-        console = wait_until(finished, timeout=SCRIPT_TIMEOUT_S)
-        assert console, "the guest's script did not finish: " + api.get(f"/v1/instances/{vm}/logs").text[-3000:]
+        deadline = time.monotonic() + SCRIPT_TIMEOUT_S
+        while "NODEAGENT-USERDATA-EXIT" not in (console := api.get(f"/v1/instances/{vm}/logs").json()["logs"]):
+            assert time.monotonic() < deadline, f"the guest's script did not finish:\n{console[-3000:]}"
+            time.sleep(0.5)
+        console = console.replace("\r", "")
         got = results(console)
         # the allowed paths
         want = {"gw_ping": "ok", "neighbour_ping": "ok", "peer_allowed_port": "ok",
@@ -292,11 +297,12 @@ def live_taps(libvirtd: str, name: str) -> list[str]:
 
 
 def test_a_vm_made_before_the_filter_is_filtered_on_its_vnet_tap_after_an_agent_restart(libvirtd, guest_images,
-                                                                                      agent):
+                                                                                      vm_agent):
     """Re-adoption keys the anti-spoofing and security-group rules to the tap a VM runs on
     (from its live definition), whatever libvirt named it; a start through the API, which
     gives a vnetN tap a new name, moves them again."""
     import sqlite3
+    agent = vm_agent
     configure(agent, libvirtd)
     api = Api(agent.url, agent.admin_token)
     op = api.wait(api.post("/v1/images", json={"name": "guest", "source": {"type": "file",

@@ -107,7 +107,7 @@ def bench_create(tmp):
     """API and runtime-layer creates are interleaved, so machine noise hits both sides alike."""
     from containers.runtime import ContainerSpec, Limits, NetworkSpec, Rootfs
     from storage.unpack import layer_dir
-    from testbed.runtimes import make_runtime
+    from testbed.runtimes import drop_test_network, make_runtime
 
     real = bool(shutil.which("runc") and shutil.which("conmon")) and os.geteuid() == 0
     kind = "runc" if real else "fake"
@@ -164,7 +164,7 @@ def bench_create(tmp):
     finally:
         cleanup()
         agent.stop()
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        drop_test_network(bridge, agent.rtag)
     if os.environ.get("BENCH_DEBUG"):
         print(f"server-side operation run p50 {statistics.median(op_ms):.1f} ms", file=sys.stderr)
     line(f"container_create_start_p50_{kind}", statistics.median(api_ms),

@@ -271,6 +271,18 @@ class Network:
         raise InsufficientResources(f"network {self.bridge} ({self.subnet}) has no free "
                                     "address: delete a container or use a larger subnet")
 
+    def move_port(self, name: str, *, mac: str, ifname: str) -> bool:
+        """Key ``name``'s lease to the port it sends from now (a VM's tap, whose name the
+        hypervisor may pick at each start) and apply the filter; False if it holds no lease
+        or is keyed so already."""
+        with self.db.tx() as c:
+            n = c.execute("UPDATE containers_leases SET mac=?, ifname=? WHERE network=? AND name=? "
+                          "AND (mac IS NOT ? OR ifname IS NOT ?)",
+                          (mac, ifname, self.bridge, name, mac, ifname)).rowcount
+        if n:
+            self.apply_firewall()
+        return n > 0
+
     def find_lease(self, name: str) -> str | None:
         row = self.db.one("SELECT ip FROM containers_leases WHERE network=? AND name=?",
                           (self.bridge, name))

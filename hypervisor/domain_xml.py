@@ -112,6 +112,16 @@ def taps(root: ET.Element) -> list[str]:
     return [t.get("dev") for t in root.findall("devices/interface[@type='bridge']/target") if t.get("dev")]
 
 
+def taps_by_mac(root: ET.Element) -> dict[str, str]:
+    """MAC (lower case) -> host-side tap of a running domain's bridged NICs (live XML)."""
+    out = {}
+    for nic in root.findall("devices/interface[@type='bridge']"):
+        mac, tap = nic.find("mac"), nic.find("target")
+        if mac is not None and mac.get("address") and tap is not None and tap.get("dev"):
+            out[mac.get("address").lower()] = tap.get("dev")
+    return out
+
+
 def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None = None) -> str:
     """The full <domain> document. ``virt_type`` is "kvm" or "qemu" (TCG)."""
     if spec.machine not in MACHINES:

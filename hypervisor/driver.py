@@ -223,6 +223,17 @@ class SupportsResize(Protocol):
 
 
 @runtime_checkable
+class ReportsNicTaps(Protocol):
+    """Drivers whose running VMs' bridged NICs have host-side taps they can name (the tenant
+    filter is keyed by the tap: a VM defined without ``NicSpec.target`` gets whatever name the
+    hypervisor picks at each start, libvirt's ``vnetN``)."""
+
+    def nic_taps(self, name: str) -> dict[str, str]:
+        """The running VM's bridged NICs as MAC (lower case) -> tap name, read from its live
+        definition; {} while it is not running. NotFound for an unknown VM."""
+
+
+@runtime_checkable
 class SupportsBandwidth(Protocol):
     """Drivers that rate-limit a VM's bridged NICs (on the host's side of each tap)."""
 

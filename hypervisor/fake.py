@@ -126,6 +126,15 @@ class FakeDriver:
                               memory_mib=vm.spec.memory_mib if memory_mib is None else memory_mib)
             return vm.info()
 
+    def nic_taps(self, name: str) -> dict[str, str]:
+        """hypervisor.driver.ReportsNicTaps: as libvirt names them (a NIC's ``target``, else
+        ``vnet<index>``); the fake's taps exist nowhere on the host."""
+        with self._lock:
+            vm = self._get(name)
+            if vm.state not in ("running", "paused"):
+                return {}
+            return {nic.mac.lower(): nic.target or f"vnet{i}" for i, nic in enumerate(vm.spec.nics)}
+
     def set_bandwidth(self, name: str, bandwidth: Bandwidth) -> None:
         """hypervisor.driver.SupportsBandwidth: kept in the VM's spec (its VMs have no taps)."""
         bandwidth.check()

@@ -27,7 +27,7 @@ from agent.errors import (AgentError, CommandFailed, Conflict, InsufficientResou
 from hypervisor import qmp, secrets
 from containers import bandwidth
 from hypervisor.domain_xml import (BANDWIDTH_NS, NODEAGENT_NS, bandwidth_from, bandwidth_xml, disk_xml,
-                                   domain_xml, taps)
+                                   domain_xml, taps, taps_by_mac)
 from hypervisor.driver import DiskSpec, VmInfo, VmSpec
 from hypervisor.host import VIRT_TYPES, detect_virt_type
 from hypervisor.validate import check_disk_file, check_name, check_resize, check_spec
@@ -434,6 +434,14 @@ class LibvirtDriver:
                 bandwidth.apply(tap, bw)
             else:
                 bandwidth.clear(tap)
+
+    def nic_taps(self, name: str) -> dict[str, str]:
+        """hypervisor.driver.ReportsNicTaps: from the live XML (libvirt names a tap its NIC's
+        ``<target dev>``, or ``vnetN`` at each start where the definition has none)."""
+        dom = self._dom(name)
+        if self._state(dom) not in ("running", "paused"):
+            return {}
+        return taps_by_mac(self._xml(dom))
 
     def set_bandwidth(self, name: str, bw: bandwidth.Bandwidth) -> None:
         """hypervisor.driver.SupportsBandwidth: kept in the domain's metadata (persistent and

@@ -46,7 +46,9 @@ class AgentProcess:
     def __init__(self, state_dir: Path, *, pool_kind="fake", extra_config: str = "", env: dict | None = None,
                  scheme="http", tls_extra: str = "", import_dirs=None, allow_url_hosts=("127.0.0.1/32",),
                  images_extra: str = ""):
+        from testbed.runtimes import agent_rtag
         self.state_dir = Path(state_dir)
+        self.rtag = agent_rtag(self.state_dir)  # its network's rules and tables carry it
         self.port = free_port()
         self.config = write_config(self.state_dir, self.port, pool_kind=pool_kind, extra=extra_config,
                                    import_dirs=import_dirs, allow_url_hosts=allow_url_hosts)

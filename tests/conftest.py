@@ -7,6 +7,24 @@ import pytest
 from agent.state import Database
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_network_leftovers():
+    """Fail the run loudly (an error at its last teardown) if a test left on the host a bridge,
+    an agent's NAT rule or nft table whose name this run made (testbed.runtimes records them:
+    test_network, agent_rtag, test_rtag; other runs' are never looked at), then remove them.
+    A test drops its network with testbed.runtimes.drop_test_network."""
+    yield
+    from testbed import runtimes
+    left = runtimes.leftovers()
+    if left:
+        for bridge in runtimes.MADE_BRIDGES:
+            runtimes.drop_test_network(bridge)
+        for rtag in runtimes.MADE_RTAGS:
+            runtimes.drop_test_network(None, rtag)
+        pytest.fail("tests left these on the host (drop a test network with "
+                    "testbed.runtimes.drop_test_network):\n  " + "\n  ".join(left), pytrace=False)
+
+
 @pytest.fixture
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 when asked."""

@@ -340,6 +340,7 @@ class MigrationDestination:
                 raise Conflict(f"VM {inst.name!r} is {info.state} here: the migration did not complete")
             self._own_shared(inst_id)
             self.root.instances.reapply_bandwidth(inst)  # its taps here are new
+            self.root.instances.sync_port(inst)  # and so are libvirt's names of them (vnetN)
             return {"instance": self.root.records.update(inst_id, state=info.state, error=None).to_dict()}
 
     def _own_shared(self, inst_id: str) -> None:

@@ -108,6 +108,27 @@ class Assembly:
         return self.network.lease(VM_LEASE_PREFIX + inst_id, want, mac=mac_for(inst_id),
                                   ifname=tap_for(inst_id))
 
+    def sync_vm_port(self, driver, inst_id: str, name: str) -> bool:
+        """Key the running VM's filter rules (anti-spoofing, security groups) to the tap it
+        runs on, read from the driver's live definition (hypervisor.driver.ReportsNicTaps): a
+        VM defined before the filter existed keeps libvirt's ``vnetN``, a new name at each
+        start, and a lease without MAC or port. True if the rules moved; a no-op without a
+        host network, a lease, a NIC, or a driver that names its taps."""
+        from containers.network import VM_LEASE_PREFIX
+        from hypervisor.driver import ReportsNicTaps
+        if self.network is None or not isinstance(driver, ReportsNicTaps):
+            return False
+        lease = VM_LEASE_PREFIX + inst_id
+        if self.network.find_lease(lease) is None:
+            return False
+        taps = driver.nic_taps(name)
+        mac = mac_for(inst_id)
+        if mac not in taps:
+            if len(taps) != 1:  # stopped, or NICs that are not the agent's: nothing to key
+                return False
+            mac = next(iter(taps))  # its one NIC, with a MAC of its own
+        return self.network.move_port(lease, mac=mac, ifname=taps[mac])
+
     def release_address(self, inst_id: str) -> bool:
         """Give the VM's address back; False if it had none."""
         from containers.network import VM_LEASE_PREFIX

@@ -255,6 +255,8 @@ class InstanceService:
                 op.phase(req.action)
                 if inst.kind == "vm":
                     info = self._vm_action(name, req)
+                    if req.action in ("start", "restart"):
+                        self.sync_port(inst)  # a vnetN tap has a new name each start
                 else:
                     info = self._container_action(name, req)
                 return {"instance": self.records.update(
@@ -398,6 +400,17 @@ class InstanceService:
             raise Unsupported(f"this host's {inst.kind} driver cannot limit bandwidth")
         target.set_bandwidth(inst.name, bw)
 
+    def sync_port(self, inst: Instance) -> None:
+        """Key a running VM's filter rules to the tap it runs on now (Assembly.sync_vm_port:
+        a VM defined before the filter existed has libvirt's vnetN). Logged, never raised:
+        the VM keeps running either way."""
+        try:
+            if self.root.assembly.sync_vm_port(self.root.driver, inst.id, inst.name):
+                log.info("the VM's filter rules follow its tap", extra={"instance": inst.name})
+        except Exception as e:  # noqa: BLE001 - logged; the instance keeps running
+            log.warning("cannot key the VM's filter rules to its tap", extra={"instance": inst.name,
+                                                                               "error": str(e)})
+
     def reapply_bandwidth(self, inst: Instance) -> None:
         """Hand the record's limits to the driver again (after a restart or a migration: the
         driver applies them to the ports that exist now)."""
@@ -495,6 +508,8 @@ class InstanceService:
                 continue
             for inst in mine:
                 info = seen.get(inst.name)
+                if info is not None and kind == "vm" and info.state in ("running", "paused"):
+                    self.sync_port(inst)
                 if info is not None and inst.spec.get("bandwidth"):
                     try:
                         self.reapply_bandwidth(inst)

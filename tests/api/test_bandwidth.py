@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import subprocess
 
 import pytest
 
@@ -95,7 +94,7 @@ def test_real_runc_agent_applies_keeps_and_reapplies_limits(open_tmp):
     from containers import bandwidth
     from containers.network import short_hash
     from testbed.agentproc import AgentProcess, Api
-    from testbed.runtimes import test_network
+    from testbed.runtimes import drop_test_network, test_network
     from tests.api.test_crash import _import_busybox
     bridge, subnet = test_network()
     agent = AgentProcess(tmp_path / "r", pool_kind="local")
@@ -143,4 +142,4 @@ def test_real_runc_agent_applies_keeps_and_reapplies_limits(open_tmp):
             agent.start()
         Api(agent.url, agent.admin_token).delete(f"/v1/instances/{name}")
         assert agent.stop() == 0
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        drop_test_network(bridge, agent.rtag)

@@ -6,12 +6,12 @@ leftovers removed, finished work kept, and running containers re-adopted.
 """
 import secrets
 import shutil
-import subprocess
 import time
 
 import pytest
 
 from testbed.agentproc import AgentProcess, Api
+from testbed.runtimes import drop_test_network
 from testbed.ocibuild import busybox_layers, write_layout
 
 SLOW = "image.import:bytes=60,instance.create:create=60,instance.start:start=60"
@@ -155,4 +155,4 @@ def test_kill9_during_real_runc_container_start(open_tmp):
             except Exception:  # noqa: BLE001 - the test's own failure is the one to report
                 pass
         assert agent.stop() == 0
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        drop_test_network(bridge, agent.rtag)

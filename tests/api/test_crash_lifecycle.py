@@ -13,6 +13,7 @@ import pytest
 
 from testbed import libvirt_daemon
 from testbed.agentproc import AgentProcess, Api
+from testbed.runtimes import drop_test_network
 from tests.api.test_crash import _import_busybox
 
 pytestmark = pytest.mark.real
@@ -128,4 +129,4 @@ def test_kill9_during_a_container_delete_is_finished_at_start(open_tmp):
             agent.start()
         Api(agent.url, agent.admin_token).delete(f"/v1/instances/{name}")
         assert agent.stop() == 0
-        subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        drop_test_network(bridge, agent.rtag)

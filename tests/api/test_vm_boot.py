@@ -5,9 +5,9 @@ The image is scripts/build-test-images' boot.qcow2 (MBR + syslinux on FAT + an e
 imported through POST /v1/images. The guest's serial console, read through
 GET /v1/instances/{id}/logs, proves what it got: SeaBIOS ran the bootloader, the kernel
 reached init, init read the NoCloud seed the agent wrote (instance-id, hostname, and the
-exact user_data by its sha256, and ran it when it is a script), saw its NIC with the MAC from
-the agent's state and its root filesystem on the image's second partition. Stop (ACPI), start and restart boot it again;
-DELETE leaves no domain, volume, seed or tap.
+exact user_data by its sha256, and ran it when it is a script), saw its NIC with the MAC
+from the agent's state and its root filesystem on the image's second partition. Stop
+(ACPI), start and restart boot it again; DELETE leaves no domain, volume, seed or tap.
 """
 import hashlib
 import ipaddress
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed import runtimes
 from testbed.agentproc import AgentProcess, Api
 
 pytestmark = pytest.mark.real
@@ -51,9 +52,9 @@ def vmtmp():
 def bridge():
     """A test bridge name and subnet: the agent makes the bridge, gives it the subnet's first
     address and leases the VMs theirs (no NAT: no traffic leaves the host)."""
-    name = f"naboot{secrets.token_hex(3)}"
-    yield name, f"198.19.{secrets.randbelow(50) + 200}.0/24"
-    subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
+    name, subnet = runtimes.test_network("naboot")
+    yield name, subnet
+    runtimes.drop_test_network(name)
 
 
 def start_agent(state_dir: Path, libvirtd: str, bridge: tuple[str, str], extra: str = "") -> AgentProcess:
@@ -72,11 +73,9 @@ def start_agent(state_dir: Path, libvirtd: str, bridge: tuple[str, str], extra: 
 
 
 def stop_agent(agent: AgentProcess, bridge: tuple[str, str]) -> None:
-    """Stop the agent and drop the NAT rule its bridge got (comment names this agent's network)."""
-    from containers.network import NAT_CHAIN, delete_rules, short_hash
+    """Stop the agent and drop its rules and tables (the bridge goes with the module)."""
     agent.stop()
-    rtag = short_hash(str(agent.state_dir / "containers"), 4)
-    delete_rules("nat", NAT_CHAIN, f"nodeagent:{rtag}:net:{bridge[0]}", exact=True)
+    runtimes.drop_test_network(None, agent.rtag)
 
 
 def import_boot_image(api: Api, path: str) -> dict:

@@ -282,3 +282,31 @@ def test_bandwidth_is_kept_checked_and_defined_with_the_vm(driver, spec):
         driver.set_bandwidth("ct-nope", Bandwidth(1000))
     driver.set_bandwidth(s.name, Bandwidth())
     assert driver.bandwidth(s.name) == Bandwidth()
+
+
+def test_nic_taps_name_each_running_nic(driver, spec):
+    """ReportsNicTaps: a NIC's tap is its ``target``, or the hypervisor's own name (libvirt's
+    vnetN) where the definition has none (VMs defined before the tenant filter existed)."""
+    from hypervisor.driver import NicSpec, ReportsNicTaps
+    from testbed import runtimes
+    assert isinstance(driver, ReportsNicTaps)
+    bridge, _ = runtimes.test_network("nactap")
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    try:
+        tap = "ntc" + uuid.uuid4().hex[:8]
+        s = spec(nics=(NicSpec(bridge=bridge, mac="52:54:00:aa:00:01", target=tap),
+                       NicSpec(bridge=bridge, mac="52:54:00:aa:00:02")))
+        driver.define(s)
+        assert driver.nic_taps(s.name) == {}  # defined, not running: no taps
+        driver.start(s.name)
+        got = driver.nic_taps(s.name)
+        assert got["52:54:00:aa:00:01"] == tap and set(got) == {"52:54:00:aa:00:01", "52:54:00:aa:00:02"}
+        assert got["52:54:00:aa:00:02"].startswith("vnet")
+        driver.stop(s.name, force=True)
+        assert driver.nic_taps(s.name) == {}
+        with pytest.raises(NotFound):
+            driver.nic_taps("ct-nope")
+    finally:
+        for name in list(driver._contract_mine):  # the VM goes before its bridge
+            driver.delete(name)
+        runtimes.drop_test_network(bridge)

@@ -78,6 +78,8 @@ def agent(open_tmp):
             client.delete(f"/v1/instances/{inst['id']}")
         root.runtime.close()
         root.stop()
+        from testbed.runtimes import agent_rtag, drop_test_network
+        drop_test_network(bridge, agent_rtag(open_tmp / "state"))
 
 
 def _wait(client, r):

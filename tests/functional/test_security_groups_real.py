@@ -4,7 +4,6 @@ the filter comes back after an agent restart with the host's tables gone (a rebo
 deleted instance leaves nothing in them."""
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
 import subprocess
@@ -33,7 +32,6 @@ def agent(open_tmp):
                           'default_policy = "same-group"\n')
     a.admin_token = a.token("admin", "admin")
     a.start()
-    a.rtag = short_hash(os.path.abspath(a.state_dir / "containers"), 4)
     a.bridge = bridge
     api = Api(a.url, a.admin_token)
     layout = write_layout(str(tmp_path / "layout"), {"latest": busybox_layers()})
@@ -47,10 +45,7 @@ def agent(open_tmp):
     for inst in api.get("/v1/instances").json()["instances"]:
         api.delete(f"/v1/instances/{inst['id']}")
     a.stop()
-    table = f"nodeagent_{a.rtag}"
-    subprocess.run(["nft", "-f", "-"], input=f"table bridge {table} {{}}\ndelete table bridge {table}\n"
-                   f"table inet {table} {{}}\ndelete table inet {table}\n", text=True, check=True)
-    subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    runtimes.drop_test_network(bridge, a.rtag)
 
 
 def nft_tables(a) -> str:

@@ -88,6 +88,11 @@ def sd(tmp_path_factory):
                 except Exception:  # noqa: BLE001 - the container's halt ends what is left
                     pass
         host.stop()
+        # the host's network is the machine's: the agent inside left its bridge and NAT rule
+        # here (its nft tables carry the fixed rtag of /var/lib/nodeagent: not dropped, as a
+        # real agent on this machine would have the same)
+        from testbed.runtimes import drop_test_network
+        drop_test_network(bridge)
         shutil.rmtree(base, ignore_errors=True)
 
 

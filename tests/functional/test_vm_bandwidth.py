@@ -18,8 +18,8 @@ pytestmark = pytest.mark.real
 
 
 def test_limits_follow_the_vm_through_its_life(lv, vms, bridge, db, request):  # noqa: F811
-    from testbed.runtimes import test_network
-    net = Network(db, bridge=bridge, subnet=test_network()[1], nat=False, rtag="fbw")
+    from testbed.runtimes import test_network, test_rtag
+    net = Network(db, bridge=bridge, subnet=test_network()[1], nat=False, rtag=test_rtag())
     request.addfinalizer(net.delete_bridge)
     vm = vms(network=net)
     dom = libvirt.open(lv.uri).lookupByName(vm.name)

@@ -69,11 +69,12 @@ def seed_dir(vm_root):
 @pytest.fixture
 def bridge():
     """A bridge with no address and no route: a place for the guest's tap device."""
-    name = f"natest{uuid.uuid4().hex[:6]}"
+    from testbed import runtimes
+    name, _ = runtimes.test_network("natest")
     subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
     subprocess.run(["ip", "link", "set", name, "up"], check=True)
     yield name
-    subprocess.run(["ip", "link", "del", name], check=False)
+    runtimes.drop_test_network(name)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ def test_virt_type_is_detected_by_behaviour_and_cached(lv, vm_root):
 
 
 def test_boot_from_local_pool_with_cloud_init(lv, vms, pool, bridge, db, request):
-    net = Network(db, bridge=bridge, subnet="198.18.77.0/24", nat=False, rtag="fvm")
+    from testbed.runtimes import test_rtag
+    net = Network(db, bridge=bridge, subnet="198.18.77.0/24", nat=False, rtag=test_rtag())
     request.addfinalizer(net.delete_bridge)
     req = vms(name="guest-one", network=net, user_data="#cloud-config\nruncmd: [echo hi]\n")
     mac = mac_for(req.id)

@@ -1,9 +1,9 @@
 """/v1/instances: create (202), list, get, update (PATCH), delete, actions (202), exec, logs, stats."""
-from flask import Blueprint, Response
+from flask import Blueprint, Response, g, request
 
 from agent import models
 from agent.errors import Forbidden, redact
-from agent.api import caller_is_admin, parse, path_id, query_number, render, route, services
+from agent.api import caller_is_admin, parse, path_id, query_number, render, route, services, websocket
 
 bp = Blueprint("instances", __name__)
 
@@ -56,6 +56,13 @@ def instance_action(id):
 def instance_exec(id):
     iid = path_id(id)
     return render(services().instances.exec(iid, parse(models.ExecRequest)))
+
+
+@route(bp, "GET", "/v1/instances/{id}/console",
+       summary="Websocket: a VM's serial console, shared by its watchers (admins type, readers watch)",
+       responses={101: None, 400: None, 404: None, 409: None}, long=True)
+def instance_console(id):
+    return websocket(services().instances.console(path_id(id), g.caller, request.environ.get("nodeagent.request_id")))
 
 
 @route(bp, "GET", "/v1/instances/{id}/logs", summary="Container stdout/stderr or VM serial console",

@@ -89,6 +89,8 @@ class Services:
         self.migrations = MigrationService(self)
         self.secgroups = SecurityGroups(self)  # the only reader/writer of security_group*
         self.metrics = Metrics(self)
+        from agent.services.console import Consoles
+        self.consoles = Consoles(lambda: self.driver)  # VM serial consoles shared by their watchers
         self.started = False
 
     # -- components, built lazily --

@@ -333,6 +333,21 @@ class InstanceService:
         if inst.spec.get("bandwidth"):
             self._apply_bandwidth(inst, Bandwidth.from_dict(inst.spec["bandwidth"]))
 
+    # -- consoles, interactive exec --
+    def console(self, ref: str, caller: dict, request_id: str | None = None):
+        """The websocket session (agent.services.console) of a watcher of ``ref``'s console;
+        admins type, readers watch. Conflict for a VM that does not run, and for containers
+        (none has a TTY yet)."""
+        from agent.services.console import console_session, not_a_tty
+        inst = self.get(ref)
+        if inst.kind != "vm":
+            raise not_a_tty(inst.name)
+        if inst.state != "running":
+            raise Conflict(f"instance {inst.name!r} is {inst.state}: its console opens when it runs")
+        who = f"{caller.get('via', 'token')} {caller.get('name')!r} ({caller.get('role')})"
+        return console_session(self.root.consoles, inst.name, can_type=caller.get("role") == "admin", who=who,
+                               request_id=request_id)
+
     # -- exec, logs, stats --
     def exec(self, ref: str, req: models.ExecRequest) -> dict:
         inst = self.get(ref)

@@ -51,11 +51,23 @@ def instance_action(id):
     return render(services().instances.action(iid, parse(models.InstanceAction)), 202)
 
 
-@route(bp, "POST", "/v1/instances/{id}/exec", summary="Run a command in a container",
-       body=models.ExecRequest, responses={200: models.ExecResult, 404: None, 409: None, 422: None})
+@route(bp, "POST", "/v1/instances/{id}/exec",
+       summary="Run a command in a container: buffered (200), or interactive (201: a websocket session)",
+       body=models.ExecRequest, responses={200: models.ExecResult, 201: models.ExecSession, 404: None, 409: None,
+                                           422: None})
 def instance_exec(id):
     iid = path_id(id)
-    return render(services().instances.exec(iid, parse(models.ExecRequest)))
+    req = parse(models.ExecRequest)
+    res = services().instances.exec(iid, req, g.caller)
+    return render(res, 201 if req.interactive else 200)
+
+
+@route(bp, "GET", "/v1/instances/{id}/exec/{session}",
+       summary="Websocket: an interactive exec reserved by POST .../exec (its terminal or its streams)",
+       responses={101: None, 400: None, 404: None}, auth="admin", long=True)
+def instance_exec_session(id, session):
+    return websocket(services().instances.exec_attach(path_id(id), path_id(session, "session"), g.caller,
+                                                      request.environ.get("nodeagent.request_id")))
 
 
 @route(bp, "GET", "/v1/instances/{id}/console",

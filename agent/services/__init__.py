@@ -91,6 +91,8 @@ class Services:
         self.metrics = Metrics(self)
         from agent.services.console import Consoles
         self.consoles = Consoles(lambda: self.driver)  # VM serial consoles shared by their watchers
+        from agent.services.execs import ExecSessions
+        self.execs = ExecSessions()  # interactive exec sessions waiting for their websocket
         self.started = False
 
     # -- components, built lazily --

@@ -348,11 +348,35 @@ class InstanceService:
         return console_session(self.root.consoles, inst.name, can_type=caller.get("role") == "admin", who=who,
                                request_id=request_id)
 
+    def exec_interactive(self, inst, req: models.ExecRequest, caller: dict) -> dict:
+        """Reserve an interactive exec session (agent.services.execs) for ``caller``."""
+        from containers.runtime import ExecOptions, SupportsInteractiveExec
+        if not isinstance(self.root.runtime, SupportsInteractiveExec):
+            raise Unsupported("this host's container runtime has no interactive exec")
+        if inst.state != "running":
+            raise Conflict(f"container {inst.name!r} is {inst.state}: exec needs it running")
+        opts = ExecOptions(command=tuple(req.command), tty=req.tty, env=tuple(sorted(req.env.items())),
+                           cwd=req.cwd, user=req.user, cols=req.cols, rows=req.rows)
+        from agent.services.execs import SESSION_TTL
+        sid = self.root.execs.reserve(inst.id, opts, caller["name"])
+        return {"session": sid, "websocket": f"/v1/instances/{inst.id}/exec/{sid}", "expires_in": SESSION_TTL}
+
+    def exec_attach(self, ref: str, session: str, caller: dict, request_id: str | None = None):
+        """The websocket session of a reserved interactive exec (NotFound if none)."""
+        from agent.services.execs import exec_session
+        inst = self.get(ref)
+        opts = self.root.execs.take(session, inst.id, caller["name"])
+        who = f"{caller.get('via', 'token')} {caller.get('name')!r} ({caller.get('role')})"
+        return exec_session(self.root.runtime, inst.name, opts, who=who, request_id=request_id)
+
     # -- exec, logs, stats --
-    def exec(self, ref: str, req: models.ExecRequest) -> dict:
+    def exec(self, ref: str, req: models.ExecRequest, caller: dict | None = None) -> dict:
         inst = self.get(ref)
         if inst.kind != "container":
-            raise Unprocessable("exec works on containers only: use the VM's console or ssh")
+            raise Unprocessable("exec works on containers only: use the VM's console (GET "
+                                "/v1/instances/{id}/console, `nodeagent console`); VMs have no guest agent here")
+        if req.interactive:
+            return self.exec_interactive(inst, req, caller or {"name": "-"})
         res = self.root.runtime.exec(inst.name, list(req.command), timeout=req.timeout)
         return {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr,
                 "truncated": res.truncated, "timed_out": res.timed_out}

@@ -1,0 +1,144 @@
+"""Interactive exec on a real runc container through a real agent and a real websocket client:
+a TTY running sh (resize seen by stty, ^C, `exit 3`), separate stdout/stderr with stdin EOF,
+env/cwd/user, a client that leaves (its process is killed), and what a reader or another
+caller cannot do."""
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import time
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
+
+from testbed.agentproc import AgentProcess, Api
+from tests.api.conftest import assert_error
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    import tempfile
+    from pathlib import Path
+    for tool in ("runc", "conmon"):
+        assert shutil.which(tool), f"{tool} is not installed: run scripts/setup-host"
+    from tests.api.test_crash import _import_busybox
+    tmp = Path(tempfile.mkdtemp(prefix="nodeagent-iexec-", dir="/tmp"))
+    tmp.chmod(0o711)  # user-namespaced containers' roots reach their rootfs by path (as open_tmp)
+    agent = AgentProcess(tmp / "a", pool_kind="local")
+    agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"'))
+    agent.admin_token = agent.token("admin", "admin")
+    agent.reader_token = agent.token("reader", "reader")
+    agent.start()
+    api = Api(agent.url, agent.admin_token)
+    name = f"ix-{secrets.token_hex(3)}"  # runc cgroups are host-wide: unique per run
+    try:
+        _import_busybox(api, tmp)
+        op = api.wait(api.post("/v1/instances", json={"name": name, "kind": "container", "image": "busybox",
+                                                      "network": "none", "memory_mib": 64,
+                                                      "command": ["/bin/sh", "-c", "sleep 3600"]}).json())
+        assert op["status"] == "succeeded", op
+        agent.name, agent.tmp = name, tmp
+        yield agent
+    finally:
+        api.delete(f"/v1/instances/{name}")
+        agent.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _session(agent, body, token=None):
+    r = Api(agent.url, token or agent.admin_token).post(f"/v1/instances/{agent.name}/exec",
+                                                        json={"interactive": True, **body})
+    assert r.status_code == 201, r.text
+    url = agent.url.replace("http://", "ws://") + r.json()["websocket"]
+    return ws_connect(url, additional_headers={"Authorization": f"Bearer {token or agent.admin_token}"},
+                      open_timeout=10)
+
+
+def _collect(c, until: bytes | None = None, seconds: float = 20) -> tuple[dict, int | None]:
+    """Output per channel until ``until`` shows on channel 1 (or the exit); (outputs, exit code)."""
+    out, code = {1: b"", 2: b""}, None
+    deadline = time.monotonic() + seconds
+    while True:
+        msg = c.recv(max(0.01, deadline - time.monotonic()))
+        if isinstance(msg, str):
+            ctl = json.loads(msg)
+            if ctl["type"] == "exit":
+                return out, ctl["exit_code"]
+            continue
+        out[msg[0]] += msg[1:]
+        if until is not None and until in out[1]:
+            return out, code
+
+
+def test_tty_sh_resize_ctrl_c_and_exit_code(real):
+    with _session(real, {"command": ["/bin/sh"], "tty": True, "cols": 100, "rows": 30}) as c:
+        c.send(b"stty size; echo MARK-$((6*7))\r")
+        out, _ = _collect(c, b"MARK-42")
+        assert b"30 100" in out[1]
+        c.send(json.dumps({"type": "resize", "cols": 132, "rows": 43}))
+        c.send(b"stty size; echo MARK-$((7*7))\r")
+        out, _ = _collect(c, b"MARK-49")
+        assert b"43 132" in out[1]
+        c.send(b"sleep 100\r")
+        time.sleep(0.5)
+        c.send(b"\x03")  # ^C through the terminal: the sleep ends, the shell stays
+        c.send(b"echo MARK-$((8*8))\r")
+        _collect(c, b"MARK-64")
+        c.send(b"exit 3\r")
+        _, code = _collect(c)
+        assert code == 3
+
+
+def test_streams_env_cwd_user_and_stdin_eof(real):
+    body = {"command": ["/bin/sh", "-c", "echo out-$FOO-$(pwd)-$(id -u); echo err >&2; cat; exit 5"],
+            "env": {"FOO": "bar"}, "cwd": "/bin", "user": "1000:1000"}
+    with _session(real, body) as c:
+        c.send(b"from-stdin\n")
+        c.send(json.dumps({"type": "eof"}))
+        out, code = _collect(c)
+    assert (out, code) == ({1: b"out-bar-/bin-1000\nfrom-stdin\n", 2: b"err\n"}, 5)
+
+
+def test_a_client_that_leaves_kills_its_process(real):
+    cmd = f"sleep {secrets.randbelow(10**6) + 10**6}"  # a command line no other test runs
+
+    def running() -> bool:
+        return subprocess.run(["pgrep", "-f", f"^{cmd}$"], capture_output=True).returncode == 0
+
+    with _session(real, {"command": ["/bin/sh", "-c", f"exec {cmd}"], "tty": True}):
+        deadline = time.monotonic() + 10
+        while not running():
+            assert time.monotonic() < deadline, "the exec'd process never ran"
+            time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while running():
+        assert time.monotonic() < deadline, "the exec'd process outlived its session"
+        time.sleep(0.2)
+
+
+def test_readers_other_callers_and_bad_requests(real):
+    admin, reader = Api(real.url, real.admin_token), Api(real.url, real.reader_token)
+    assert_error(reader.post(f"/v1/instances/{real.name}/exec", json={"command": ["sh"], "interactive": True}),
+                 403)
+    r = admin.post(f"/v1/instances/{real.name}/exec", json={"command": ["sh"], "interactive": True})
+    url = real.url.replace("http://", "ws://") + r.json()["websocket"]
+    with pytest.raises(InvalidStatus) as e:  # a reader cannot take an admin's session
+        ws_connect(url, additional_headers={"Authorization": f"Bearer {real.reader_token}"}, open_timeout=10)
+    assert e.value.response.status_code == 403
+    with ws_connect(url, additional_headers={"Authorization": f"Bearer {real.admin_token}"}, open_timeout=10) as c:
+        c.send(json.dumps({"type": "eof"}))
+        assert _collect(c)[1] == 0
+    with pytest.raises(InvalidStatus) as e:  # used once
+        ws_connect(url, additional_headers={"Authorization": f"Bearer {real.admin_token}"}, open_timeout=10)
+    assert e.value.response.status_code == 404
+    assert_error(admin.post(f"/v1/instances/{real.name}/exec", json={"command": ["sh"], "tty": True}), 422)
+    assert_error(admin.post(f"/v1/instances/{real.name}/exec",
+                            json={"command": ["sh"], "interactive": True, "user": "root"}), 422)
+    with _session(real, {"command": ["/nonexistent"], "tty": True}) as c:
+        _, code = _collect(c)
+    assert code != 0

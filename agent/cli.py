@@ -458,6 +458,53 @@ def instance_exec(ref, command, as_json):
     sys.exit(res["exit_code"])
 
 
+@main.command("console")
+@click.argument("ref")
+def console_cmd(ref):
+    """Attach this terminal to a VM's serial console (GET /v1/instances/{id}/console). Detach
+    with Ctrl-]. Admins type; a reader token only watches. Several may watch at once."""
+    from agent import terminal
+    conn = _call(_client().websocket, f"/v1/instances/{ref}/console")
+    sys.exit(terminal.console(conn, ref))
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True})
+@click.option("-i", "--interactive", is_flag=True, help="keep stdin open (a websocket session)")
+@click.option("-t", "--tty", "use_tty", is_flag=True, help="run on a terminal (with -i)")
+@click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VALUE")
+@click.option("-w", "--cwd", help="working directory in the container")
+@click.option("-u", "--user", help="UID or UID:GID in the container")
+@click.argument("ref")
+@click.argument("command", nargs=-1, required=True)
+def exec_cmd(interactive, use_tty, envs, cwd, user, ref, command):
+    """Run COMMAND in container REF; exits with its exit code. `nodeagent exec -it NAME -- sh`
+    gives a shell on a terminal; without -i the output comes back at the end."""
+    from agent import terminal
+    env = {}
+    for e in envs:
+        k, sep, v = e.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{e!r} is not KEY=VALUE", param_hint="--env")
+        env[k] = v
+    if use_tty and not interactive:
+        raise click.UsageError("-t needs -i: a terminal is interactive")
+    body = {"command": list(command)}
+    if not interactive:
+        if env or cwd or user:
+            raise click.UsageError("--env, --cwd and --user need -i")
+        res = _call(_client().post, f"/v1/instances/{ref}/exec", body)
+        sys.stdout.write(res["stdout"])
+        sys.stderr.write(res["stderr"])
+        sys.exit(res["exit_code"])
+    cols, rows = terminal.terminal_size()
+    body.update(interactive=True, tty=use_tty, env=env, cols=cols, rows=rows)
+    body.update({k: v for k, v in (("cwd", cwd), ("user", user)) if v})
+    c = _client()
+    session = _call(c.post, f"/v1/instances/{ref}/exec", body)
+    conn = _call(c.websocket, session["websocket"])
+    sys.exit(terminal.exec_session(conn, use_tty))
+
+
 @instance.command("logs")
 @click.argument("ref")
 @click.option("--tail", type=int)

@@ -41,6 +41,7 @@ class Client:
     def __init__(self, url: str, token: str | None = None, *, ca: str | None = None,
                  cert: str | None = None, key: str | None = None, timeout: float = 60):
         self.url = url.rstrip("/")
+        self._token, self._ca, self._cert, self._key = token, ca, cert, key
         self.s = requests.Session()
         if token:
             self.s.headers["Authorization"] = f"Bearer {token}"
@@ -106,6 +107,34 @@ class Client:
         except requests.ConnectionError as e:
             raise ApiError(0, "unreachable", f"the event stream from {self.url} ended: {e.__class__.__name__}") \
                 from None
+
+    def websocket(self, path: str):
+        """A websocket to ``path`` (a websockets.sync.client connection), with this client's
+        token and TLS settings; ApiError for a refused upgrade (the agent's JSON error)."""
+        import ssl
+
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+        from websockets.sync.client import connect
+        url = ("wss://" + self.url[len("https://"):] if self.url.startswith("https://")
+               else "ws://" + self.url.removeprefix("http://")) + path
+        context = None
+        if url.startswith("wss://"):
+            context = ssl.create_default_context(cafile=self._ca)
+            if self._cert:
+                context.load_cert_chain(self._cert, self._key)
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
+        try:
+            return connect(url, additional_headers=headers, subprotocols=["nodeagent.v1"], ssl=context,
+                           open_timeout=self.timeout, max_size=None, ping_interval=20, ping_timeout=60)
+        except InvalidStatus as e:
+            try:
+                err = json.loads(e.response.body)["error"]
+                raise ApiError(e.response.status_code, err["code"], err["message"]) from None
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(e.response.status_code, "http", (e.response.body or b"")[:500].decode(
+                    errors="replace")) from None
+        except (OSError, InvalidHandshake, TimeoutError) as e:
+            raise ApiError(0, "unreachable", f"cannot open a websocket to {url}: {e}") from None
 
     def wait(self, op_id: str, timeout: float = 600, on_progress=None) -> dict:
         """Poll the operation until it ends (1 s long-polls, so progress can be shown)."""

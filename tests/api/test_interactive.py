@@ -94,3 +94,14 @@ def test_console_ends_when_the_vm_stops(agent, admin, vm):
     with _ws(agent, f"/v1/instances/{vm['name']}/console", agent.admin_token) as c:  # a new hub
         c.send(b"again\r")
         _read_until(c, b"again")
+
+
+def test_cli_console_types_reads_and_detaches_with_ctrl_bracket(agent, vm):
+    import sys
+
+    from testbed.ptyrun import run_in_pty
+    env = {**agent.env, "NODEAGENT_URL": agent.url, "NODEAGENT_TOKEN": agent.admin_token}
+    code, out = run_in_pty([sys.executable, "-m", "agent", "console", vm["name"]],
+                           [(b"detach with Ctrl-]", b"cli-typed\r"), (b"cli-typed", b"\x1d")], env=env,
+                           cwd=str(agent.config.parent))
+    assert code == 0 and b"detached from" in out, out

@@ -142,3 +142,17 @@ def test_readers_other_callers_and_bad_requests(real):
     with _session(real, {"command": ["/nonexistent"], "tty": True}) as c:
         _, code = _collect(c)
     assert code != 0
+
+
+def test_cli_exec_it_sh_gives_the_remote_exit_code(real):
+    import sys
+
+    from testbed.ptyrun import run_in_pty
+    env = {**real.env, "NODEAGENT_URL": real.url, "NODEAGENT_TOKEN": real.admin_token}
+    code, out = run_in_pty([sys.executable, "-m", "agent", "exec", "-it", real.name, "--", "/bin/sh"],
+                           [(b"", b"echo CLI-$((6*7))\r"), (b"CLI-42", b"exit 3\r")], env=env,
+                           cwd=str(real.tmp))
+    assert code == 3, out
+    r = subprocess.run([sys.executable, "-m", "agent", "exec", "-i", real.name, "--", "/bin/sh", "-c",
+                        "tr a-z A-Z; exit 4"], input=b"piped\n", capture_output=True, env=env, timeout=60)
+    assert (r.returncode, r.stdout) == (4, b"PIPED\n"), r

@@ -505,6 +505,58 @@ def exec_cmd(interactive, use_tty, envs, cwd, user, ref, command):
     sys.exit(terminal.exec_session(conn, use_tty))
 
 
+@main.group("file")
+def file_group():
+    """Push files into containers and pull them out (streamed; paths stay inside the container)."""
+
+
+def _remote(spec: str) -> tuple[str, str]:
+    ref, sep, path = spec.partition(":")
+    if not sep or not ref or not path.startswith("/"):
+        raise click.BadParameter(f"{spec!r} is not NAME:/absolute/path")
+    return ref, path
+
+
+@file_group.command("push")
+@click.argument("local", type=click.File("rb"))
+@click.argument("remote")
+@click.option("--uid", type=int, help="owner in the container (default 0)")
+@click.option("--gid", type=int, help="group in the container (default 0)")
+@click.option("--mode", help="octal permission bits (default 0644)")
+def file_push(local, remote, uid, gid, mode):
+    """Copy LOCAL (a file, or - for stdin) to REMOTE (NAME:/path) in a container."""
+    ref, path = _remote(remote)
+    try:
+        m = int(mode, 8) if mode else None
+    except ValueError:
+        raise click.BadParameter(f"{mode!r} is not octal", param_hint="--mode") from None
+    res = _call(_client().push_file, ref, path, local, uid=uid, gid=gid, mode=m)
+    click.echo(f"pushed {res['bytes']} bytes to {ref}:{res['path']} (mode {res['mode']}, owner "
+               f"{res['uid']}:{res['gid']})", err=True)
+
+
+@file_group.command("pull")
+@click.argument("remote")
+@click.argument("local", type=click.Path(dir_okay=False, allow_dash=True))
+def file_pull(remote, local):
+    """Copy REMOTE (NAME:/path) from a container to LOCAL (a file, or - for stdout)."""
+    import os
+    ref, path = _remote(remote)
+    if local == "-":
+        res = _call(_client().pull_file, ref, path, sys.stdout.buffer)
+    else:
+        tmp = f"{local}.nodeagent-pull"
+        try:
+            with open(tmp, "wb") as f:
+                res = _call(_client().pull_file, ref, path, f)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    click.echo(f"pulled {res['bytes']} bytes from {ref}:{path} (mode {res['mode']}, owner "
+               f"{res['uid']}:{res['gid']})", err=True)
+
+
 @instance.command("logs")
 @click.argument("ref")
 @click.option("--tail", type=int)

@@ -108,6 +108,41 @@ class Client:
             raise ApiError(0, "unreachable", f"the event stream from {self.url} ended: {e.__class__.__name__}") \
                 from None
 
+    def push_file(self, ref: str, path: str, src, *, uid: int | None = None, gid: int | None = None,
+                  mode: int | None = None) -> dict:
+        """Stream the file object ``src`` to ``path`` in container ``ref``."""
+        headers = {k: v for k, v in (("X-Nodeagent-Uid", uid), ("X-Nodeagent-Gid", gid),
+                                     ("X-Nodeagent-Mode", None if mode is None else f"{mode:04o}"))
+                   if v is not None}
+        return self._stream("PUT", f"/v1/instances/{ref}/files", path, data=src, headers={
+            k: str(v) for k, v in headers.items()}).json()
+
+    def pull_file(self, ref: str, path: str, dst) -> dict:
+        """Stream ``path`` of container ``ref`` into the file object ``dst``; its size, mode and owners."""
+        with self._stream("GET", f"/v1/instances/{ref}/files", path, stream=True) as r:
+            n = 0
+            for chunk in r.iter_content(1024 * 1024):
+                dst.write(chunk)
+                n += len(chunk)
+            h = r.headers
+            return {"bytes": n, "mode": h.get("X-Nodeagent-Mode"), "uid": h.get("X-Nodeagent-Uid"),
+                    "gid": h.get("X-Nodeagent-Gid")}
+
+    def _stream(self, method: str, route: str, path: str, **kw):
+        try:
+            r = self.s.request(method, self.url + route, params={"path": path}, timeout=(self.timeout, 600),
+                               verify=self.verify, **kw)
+        except requests.ConnectionError as e:
+            raise ApiError(0, "unreachable", f"cannot reach the agent at {self.url}: {e.__class__.__name__}") \
+                from None
+        if r.status_code >= 400:
+            try:
+                err = r.json()["error"]
+                raise ApiError(r.status_code, err["code"], err["message"])
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(r.status_code, "http", r.text[:500]) from None
+        return r
+
     def websocket(self, path: str):
         """A websocket to ``path`` (a websockets.sync.client connection), with this client's
         token and TLS settings; ApiError for a refused upgrade (the agent's JSON error)."""

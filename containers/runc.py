@@ -39,7 +39,7 @@ from typing import Any
 from agent.errors import (CommandFailed, Conflict, InvalidInput, NotFound, Unavailable,
                           Unsupported)
 from agent.state import Database
-from containers import bandwidth, bundle, cgroups, idmap as idmaps, validate
+from containers import bandwidth, bundle, cgroups, files, idmap as idmaps, validate
 from containers.network import Network, short_hash
 from containers.runtime import (ContainerInfo, ContainerSpec, ExecOptions, ExecResult, IdMap, Limits,
                                 NetworkSpec, PortMap, Rootfs)
@@ -695,6 +695,23 @@ class RuncRuntime:
         if state != "running":
             raise Conflict(f"container {name!r} is {state}: exec needs it running")
         return RuncExec.start([self.runc, "--root", self.runc_root], name, options, self._dir(name), init_pid)
+
+    def _files_root(self, name: str):
+        info = self._info(self._row(name))
+        rootfs = self._rootfs(name)
+        if not mounts.is_mounted(rootfs):
+            raise Conflict(f"container {name!r} has no root filesystem mounted (state {info.state}): "
+                           "start it, or recreate it")
+        return rootfs, info.idmap
+
+    def open_file(self, name: str, path: str):
+        """containers.runtime.SupportsFiles (containers/files.py)."""
+        rootfs, m = self._files_root(name)
+        return files.open_for_read(rootfs, path, m)
+
+    def put_file(self, name: str, path: str, read, *, uid: int = 0, gid: int = 0, mode: int = 0o644) -> int:
+        rootfs, m = self._files_root(name)
+        return files.write_file(rootfs, path, read, uid=uid, gid=gid, mode=mode, idmap=m)
 
     def logs(self, name: str, tail: int | None = None) -> str:
         self._row(name)

@@ -199,6 +199,20 @@ class SupportsInteractiveExec(Protocol):
 
 
 @runtime_checkable
+class SupportsFiles(Protocol):
+    """Runtimes whose containers' files the host reaches (containers/files.py: paths resolve
+    inside the container's root, never out of it; owners are the container's ids)."""
+
+    def open_file(self, name: str, path: str):
+        """(a readable file descriptor the caller closes, containers.files.FileInfo) of regular
+        file ``path``; NotFound, Conflict (a directory), Unprocessable (a device, a way out)."""
+
+    def put_file(self, name: str, path: str, read, *, uid: int = 0, gid: int = 0, mode: int = 0o644) -> int:
+        """Write what ``read(n)`` gives (until b"") as ``path``, replacing a file or symlink
+        there; the bytes written. On failure nothing new is left."""
+
+
+@runtime_checkable
 class SupportsPause(Protocol):
     """Runtimes that can freeze a container's processes (the cgroup freezer) and thaw them."""
 

@@ -2,7 +2,7 @@
 from flask import Blueprint, Response, g, request
 
 from agent import models
-from agent.errors import Forbidden, redact
+from agent.errors import Forbidden, InvalidInput, redact
 from agent.api import caller_is_admin, parse, path_id, query_number, render, route, services, websocket
 
 bp = Blueprint("instances", __name__)
@@ -75,6 +75,57 @@ def instance_exec_session(id, session):
        responses={101: None, 400: None, 404: None, 409: None}, long=True)
 def instance_console(id):
     return websocket(services().instances.console(path_id(id), g.caller, request.environ.get("nodeagent.request_id")))
+
+
+FILE_PATH = {"name": "path", "required": True, "schema": {"type": "string", "maxLength": 4096},
+             "description": "absolute path in the container (symlinks resolve inside it)"}
+MAX_ID = 2**32 - 2  # the largest uid/gid a user namespace maps
+MAX_PUSH_BYTES = 1 << 50  # no cap of our own: the container's disk (and its quota) is the limit
+
+
+def _file_path() -> str:
+    path = request.args.get("path")
+    if not path:
+        raise InvalidInput("query parameter path is required: an absolute path in the container")
+    return path
+
+
+def _header_int(name: str, default: int, base: int = 10, hi: int = MAX_ID) -> int:
+    raw = request.headers.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw, base)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= hi or not raw.isdigit():
+        raise InvalidInput(f"header {name}: {raw[:40]!r} is not " + ("octal permission bits (e.g. 0644)"
+                                                                       if base == 8 else f"an id from 0 to {hi}"))
+    return value
+
+
+@route(bp, "GET", "/v1/instances/{id}/files", summary="Pull a container's file (streamed; owner and mode "
+       "in X-Nodeagent-Uid, -Gid, -Mode)", responses={200: "application/octet-stream", 400: None, 404: None,
+                                                      409: None, 422: None},
+       query=[FILE_PATH], auth="admin", long=True)
+def instance_file_get(id):
+    body = services().instances.file_open(path_id(id), _file_path())
+    info = body.info
+    headers = {"Content-Length": str(info.size), "X-Nodeagent-Mode": f"{info.mode:04o}",
+               "X-Nodeagent-Uid": "" if info.uid is None else str(info.uid),
+               "X-Nodeagent-Gid": "" if info.gid is None else str(info.gid)}
+    return Response(body, mimetype="application/octet-stream", headers=headers, direct_passthrough=True)
+
+
+@route(bp, "PUT", "/v1/instances/{id}/files", summary="Push a file into a container (the body, streamed; "
+       "owner and mode from X-Nodeagent-Uid, -Gid, -Mode; default 0, 0, 0644)",
+       responses={200: dict, 400: None, 404: None, 409: None, 422: None}, query=[FILE_PATH], long=True)
+def instance_file_put(id):
+    request.max_content_length = MAX_PUSH_BYTES  # streamed to the container's disk, never held here
+    iid, path = path_id(id), _file_path()
+    uid, gid = _header_int("X-Nodeagent-Uid", 0), _header_int("X-Nodeagent-Gid", 0)
+    mode = _header_int("X-Nodeagent-Mode", 0o644, base=8, hi=0o7777)
+    return render(services().instances.file_put(iid, path, request.stream.read, uid=uid, gid=gid, mode=mode))
 
 
 @route(bp, "GET", "/v1/instances/{id}/logs", summary="Container stdout/stderr or VM serial console",

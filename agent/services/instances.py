@@ -369,6 +369,31 @@ class InstanceService:
         who = f"{caller.get('via', 'token')} {caller.get('name')!r} ({caller.get('role')})"
         return exec_session(self.root.runtime, inst.name, opts, who=who, request_id=request_id)
 
+    # -- files (containers) --
+    def _files_runtime(self, ref: str):
+        from containers.runtime import SupportsFiles
+        inst = self.get(ref)
+        if inst.kind != "container":
+            raise Unprocessable("file push and pull work on containers only: a VM's files need a guest "
+                                "agent, which the agent does not use yet")
+        if inst.state in ("creating", "incoming", "deleting"):
+            raise Conflict(f"instance {inst.name!r} is {inst.state}: its files are not there yet")
+        if not isinstance(self.root.runtime, SupportsFiles):
+            raise Unsupported("this host's container runtime cannot reach containers' files")
+        return inst, self.root.runtime
+
+    def file_open(self, ref: str, path: str) -> FileBody:
+        """Regular file ``path`` of container ``ref``, to stream out (a FileBody the server closes)."""
+        inst, rt = self._files_runtime(ref)
+        fd, info = rt.open_file(inst.name, path)
+        return FileBody(fd, info)
+
+    def file_put(self, ref: str, path: str, read, *, uid: int, gid: int, mode: int) -> dict:
+        inst, rt = self._files_runtime(ref)
+        n = rt.put_file(inst.name, path, read, uid=uid, gid=gid, mode=mode)
+        log.info("file pushed", extra={"instance": inst.name, "path": path[:200], "bytes": n})
+        return {"path": path, "bytes": n, "uid": uid, "gid": gid, "mode": f"{mode:04o}"}
+
     # -- exec, logs, stats --
     def exec(self, ref: str, req: models.ExecRequest, caller: dict | None = None) -> dict:
         inst = self.get(ref)
@@ -463,3 +488,30 @@ def _ip(info) -> dict:
     """The record's ``ip`` update for what a driver reported: a container's leased address;
     VMs' addresses are the agent's own (assembly), never reported back."""
     return {"ip": info.ip} if isinstance(info, ContainerInfo) and info.ip else {}
+
+
+class FileBody:
+    """A pulled file as a WSGI body: at most ``info.size`` bytes (what the Content-Length said,
+    even if the file grows meanwhile), in FILE_CHUNK pieces; ``close`` (the server calls it,
+    HEAD included) closes the descriptor."""
+
+    FILE_CHUNK = 1024 * 1024
+
+    def __init__(self, fd: int, info):
+        self.fd, self.info, self._left = fd, info, info.size
+
+    def __iter__(self):
+        import os
+        while self._left > 0:
+            data = os.read(self.fd, min(self.FILE_CHUNK, self._left))
+            if not data:
+                return
+            self._left -= len(data)
+            yield data
+
+    def close(self) -> None:
+        import os
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+

@@ -156,3 +156,75 @@ def test_cli_exec_it_sh_gives_the_remote_exit_code(real):
     r = subprocess.run([sys.executable, "-m", "agent", "exec", "-i", real.name, "--", "/bin/sh", "-c",
                         "tr a-z A-Z; exit 4"], input=b"piped\n", capture_output=True, env=env, timeout=60)
     assert (r.returncode, r.stdout) == (4, b"PIPED\n"), r
+
+
+def _exec(real, *argv) -> dict:
+    r = Api(real.url, real.admin_token).post(f"/v1/instances/{real.name}/exec", json={"command": list(argv)})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_push_and_pull_a_large_file_by_the_cli_byte_identical(real):
+    import hashlib
+    import os
+    import sys
+    src, back = real.tmp / "big.bin", real.tmp / "big.back"
+    h = hashlib.sha256()
+    with open(src, "wb") as f:  # 200 MiB, written in pieces
+        for i in range(200):
+            block = hashlib.sha256(str(i).encode()).digest() * 32768  # 1 MiB
+            h.update(block)
+            f.write(block)
+    env = {**real.env, "NODEAGENT_URL": real.url, "NODEAGENT_TOKEN": real.admin_token}
+    cli = [sys.executable, "-m", "agent", "file"]
+    r = subprocess.run([*cli, "push", str(src), f"{real.name}:/big.bin", "--uid", "1000", "--gid", "100",
+                        "--mode", "0640"], capture_output=True, text=True, env=env, cwd=real.tmp, timeout=300)
+    assert r.returncode == 0 and "209715200 bytes" in r.stderr, r
+    os.unlink(src)
+    seen = _exec(real, "/bin/sh", "-c", "stat -c '%u %g %a %s' /big.bin")
+    assert seen["stdout"].split() == ["1000", "100", "640", "209715200"], seen  # the container's own ids
+    r = subprocess.run([*cli, "pull", f"{real.name}:/big.bin", str(back)], capture_output=True, text=True,
+                       env=env, cwd=real.tmp, timeout=300)
+    assert r.returncode == 0 and "mode 0640, owner 1000:100" in r.stderr, r
+    h2 = hashlib.sha256()
+    with open(back, "rb") as f:
+        while data := f.read(1 << 20):
+            h2.update(data)
+    assert h2.hexdigest() == h.hexdigest()
+    os.unlink(back)
+    _exec(real, "/bin/rm", "/big.bin")
+
+
+def test_files_never_leave_the_rootfs(real):
+    import secrets as s
+    admin, reader = Api(real.url, real.admin_token), Api(real.url, real.reader_token)
+    mark = s.token_hex(8)
+    host_file = real.tmp / f"host-{mark}"
+    host_file.write_text("host secret")
+    _exec(real, "/bin/sh", "-c", f"ln -s {host_file} /abs-link; ln -s ../../../../../../../{real.tmp} /rel-dir; "
+          "ln -s /proc/1/root /magic; mkdir -p /d; echo inside > /d/f")
+    # an absolute and a climbing symlink resolve inside the container: nothing of the host is read
+    assert_error(admin.get(f"/v1/instances/{real.name}/files", params={"path": "/abs-link"}), 404)
+    assert_error(admin.get(f"/v1/instances/{real.name}/files",
+                           params={"path": f"/rel-dir/host-{mark}"}), 404)
+    assert_error(admin.get(f"/v1/instances/{real.name}/files", params={"path": "/magic/etc/passwd"}), 404)
+    # a push through them lands inside, never on the host
+    r = admin.put(f"/v1/instances/{real.name}/files", params={"path": f"/rel-dir/host-{mark}"}, data=b"x")
+    assert r.status_code in (404, 422) and host_file.read_text() == "host secret"
+    r = admin.put(f"/v1/instances/{real.name}/files", params={"path": "/abs-link"}, data=b"replaced")
+    assert r.status_code == 200 and host_file.read_text() == "host secret"  # the link is replaced, not followed
+    seen = _exec(real, "/bin/sh", "-c", "ls -l /abs-link; cat /abs-link")
+    assert seen["stdout"].endswith("replaced"), seen
+    got = admin.get(f"/v1/instances/{real.name}/files", params={"path": "/d/../d/f"})
+    assert got.content == b"inside\n" and got.headers["X-Nodeagent-Mode"] == "0644"
+    assert_error(admin.get(f"/v1/instances/{real.name}/files", params={"path": "/d"}), 409)
+    assert_error(admin.get(f"/v1/instances/{real.name}/files", params={"path": "relative"}), 400)
+    assert_error(admin.put(f"/v1/instances/{real.name}/files", params={"path": "/nodir/f"}, data=b"x"), 404)
+    assert_error(admin.put(f"/v1/instances/{real.name}/files", params={"path": "/f"}, data=b"x",
+                           headers={"X-Nodeagent-Mode": "99999"}), 400)
+    assert_error(admin.put(f"/v1/instances/{real.name}/files", params={"path": "/f"}, data=b"x",
+                           headers={"X-Nodeagent-Uid": "4294967295"}), 400)
+    assert_error(reader.get(f"/v1/instances/{real.name}/files", params={"path": "/d/f"}), 403)
+    assert_error(reader.put(f"/v1/instances/{real.name}/files", params={"path": "/d/g"}, data=b"x"), 403)
+    left = _exec(real, "/bin/sh", "-c", "ls -a / /d | grep nodeagent-push || true")["stdout"]
+    assert left == ""  # failed pushes leave no temporary file

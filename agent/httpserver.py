@@ -77,7 +77,7 @@ access_log = logging.getLogger("agent.access")
 
 READ_CHUNK = 64 * 1024  # bytes asked of a socket per read
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; larger gets 431
-BODY_PULL_BYTES = 256 * 1024  # most bytes of a streamed body handed to the app per trip to the loop
+BODY_PULL_BYTES = 1024 * 1024  # most bytes of a streamed body handed to the app per trip to the loop
 STREAM_QUEUE = 8  # response chunks a long request may have queued for the loop before it waits
 GRACE_SECONDS = 10  # after stop, how long requests in flight may take to finish
 REFUSED_LOG_INTERVAL = 10  # seconds between warnings about refused connections
@@ -581,12 +581,12 @@ class _Connection:
         else:
             self.writer.write(data)
 
-    async def _read(self, deadline: float) -> bytes:
-        """Up to READ_CHUNK bytes of the request stream (b"" at its end); TimeoutError at ``deadline``."""
+    async def _read(self, deadline: float, size: int = READ_CHUNK) -> bytes:
+        """Up to ``size`` bytes of the request stream (b"" at its end); TimeoutError at ``deadline``."""
         async with asyncio.timeout_at(deadline):
             if self.tls is not None:
                 return await self.tls.read()
-            return await self.reader.read(READ_CHUNK)
+            return await self.reader.read(size)
 
     async def _event(self, conn: h11.Connection, deadline: float):
         while True:
@@ -951,7 +951,7 @@ class _Connection:
             if ev is h11.NEED_DATA:
                 if n:
                     break  # hand over what is here
-                conn.receive_data(await self._read(deadline))
+                conn.receive_data(await self._read(deadline, max(READ_CHUNK, want - n)))
             elif isinstance(ev, h11.Data):
                 parts.append(ev.data)
                 n += len(ev.data)

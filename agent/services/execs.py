@@ -65,15 +65,15 @@ def exec_session(runtime, name: str, options, *, who: str, request_id: str | Non
     """The websocket session running ``options`` (containers.runtime.ExecOptions) in container
     ``name`` (agent.api.websocket runs it)."""
 
-    def pump(ws, fd: int, channel: int, stop: threading.Event) -> None:
+    def pump(ws, fd: int, channel: int, stop_fd: int) -> None:
+        """Output to the client until its end, or (once the process exited: ``stop_fd`` is
+        readable) until nothing more is there."""
         prefix = bytes([channel])
         try:
             while True:
-                r, _, _ = select.select([fd], [], [], 0.2)
-                if not r:
-                    if stop.is_set():
-                        return
-                    continue
+                r, _, _ = select.select([fd, stop_fd], [], [])
+                if fd not in r:  # the process exited and its output is drained
+                    return
                 try:
                     data = os.read(fd, READ_BYTES)
                 except OSError:  # EIO: the terminal's last user left
@@ -81,11 +81,11 @@ def exec_session(runtime, name: str, options, *, who: str, request_id: str | Non
                 if not data:
                     return
                 ws.send(prefix + data)
-        except Exception:  # the client left: the main loop kills the process
+        except Exception:  # the client left (the process is killed), or the descriptors closed
             return
 
-    def feed(ws, proc, alive: threading.Event) -> None:
-        """Client messages to the process; returns when the client leaves (then alive is cleared)."""
+    def feed(ws, proc, left: threading.Event) -> None:
+        """Client messages to the process; returns when the client leaves (then ``left`` is set)."""
         try:
             while (msg := ws.recv()) is not None:
                 if isinstance(msg, bytes):
@@ -109,7 +109,7 @@ def exec_session(runtime, name: str, options, *, who: str, request_id: str | Non
                     ws.send(json.dumps({"type": "notice", "message": f"control message refused: {msg[:80]!r}"}))
         except Exception:
             pass
-        alive.clear()
+        left.set()
 
     def run(ws) -> None:
         try:
@@ -119,31 +119,40 @@ def exec_session(runtime, name: str, options, *, who: str, request_id: str | Non
             return
         log.info("exec session started", extra={"container": name, "caller": who, "tty": options.tty,
                                                 "command": options.command[0][:200], "request_id": request_id})
-        stop, alive = threading.Event(), threading.Event()
-        alive.set()
+        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+        ended = threading.Event()  # the process exited, or the client left
+        box: dict = {}
+
+        def waiter():
+            box["code"] = proc.wait()
+            ended.set()
+
         outs = [(proc.pty, STDOUT)] if proc.pty is not None else [(proc.stdout, STDOUT), (proc.stderr, STDERR)]
-        pumps = [threading.Thread(target=pump, args=(ws, fd, ch, stop), daemon=True) for fd, ch in outs]
+        pumps = [threading.Thread(target=pump, args=(ws, fd, ch, stop_r), daemon=True) for fd, ch in outs]
         for t in pumps:
             t.start()
-        threading.Thread(target=feed, args=(ws, proc, alive), daemon=True).start()
+        threading.Thread(target=waiter, daemon=True).start()
+        threading.Thread(target=feed, args=(ws, proc, ended), daemon=True).start()
         code = None
         try:
-            while code is None and alive.is_set():
-                code = proc.wait(0.2)
+            ended.wait()
+            code = box.get("code")
             if code is None:  # the client left: end what it started
                 proc.kill()
                 code = proc.wait()
                 return
-            stop.set()
+            os.write(stop_w, b"x")
             for t in pumps:
                 t.join(DRAIN_SECONDS)
             ws.send(json.dumps({"type": "exit", "exit_code": code}))
             ws.close(1000, f"exit {code}")
         finally:
-            stop.set()
+            os.write(stop_w, b"x")
             for t in pumps:
                 t.join(DRAIN_SECONDS)
             proc.release()
+            os.close(stop_r)
+            os.close(stop_w)
             log.info("exec session ended", extra={"container": name, "caller": who, "exit_code": code,
                                                   "request_id": request_id})
     return run

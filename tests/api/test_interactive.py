@@ -105,3 +105,14 @@ def test_cli_console_types_reads_and_detaches_with_ctrl_bracket(agent, vm):
                            [(b"detach with Ctrl-]", b"cli-typed\r"), (b"cli-typed", b"\x1d")], env=env,
                            cwd=str(agent.config.parent))
     assert code == 0 and b"detached from" in out, out
+
+
+def test_a_browser_offers_its_token_as_a_subprotocol(agent, vm):
+    url = agent.url.replace("http://", "ws://") + f"/v1/instances/{vm['name']}/console"
+    with ws_connect(url, subprotocols=["nodeagent.v1", f"bearer.{agent.admin_token}"], open_timeout=10) as c:
+        assert c.subprotocol == "nodeagent.v1"
+        c.send(b"from-a-browser\r")
+        _read_until(c, b"from-a-browser")
+    with pytest.raises(InvalidStatus) as e:
+        ws_connect(url, subprotocols=["nodeagent.v1", "bearer.na_000000000000_" + "x" * 43], open_timeout=10)
+    assert e.value.response.status_code == 401

@@ -23,6 +23,7 @@ from agent.errors import AgentError
 from agent.httpserver import WS_MAX_MESSAGE, HttpServer, WebSocketClosed
 from agent.server import listen
 from tests.api.serving import closed_within, connect, recv_until
+from tests.api.test_tls import pki  # noqa: F401 (a fixture)
 
 
 def _app(events: dict) -> Flask:
@@ -170,3 +171,34 @@ def test_a_message_over_the_limit_closes_with_1009(served):
         with pytest.raises(ConnectionClosed) as e:
             c.recv(10)
         assert e.value.rcvd is not None and e.value.rcvd.code == 1009
+
+
+def test_wss_with_a_client_certificate(pki):  # noqa: F811 (the fixture from test_tls)
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+    ctx.load_verify_locations(str(pki / "ca.crt"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    server = HttpServer(_app({}), ApiConfig(), frozenset({"echo"}), ctx)
+    sock = listen("127.0.0.1:0")
+    loop = asyncio.new_event_loop()
+    box, ready = {}, threading.Event()
+
+    async def main():
+        box["stop"] = asyncio.Event()
+        ready.set()
+        await server.serve(sock, box["stop"])
+
+    t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    t.start()
+    ready.wait(5)
+    try:
+        client = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        client.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+        with ws_connect(f"wss://127.0.0.1:{sock.getsockname()[1]}/echo", ssl=client, open_timeout=5,
+                        additional_headers={"Authorization": "Bearer good"}) as c:
+            c.send("over tls" * 10000)  # several TLS records each way
+            assert c.recv(5) == "over tls" * 10000
+    finally:
+        loop.call_soon_threadsafe(box["stop"].set)
+        t.join(15)

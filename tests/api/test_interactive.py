@@ -116,3 +116,39 @@ def test_a_browser_offers_its_token_as_a_subprotocol(agent, vm):
     with pytest.raises(InvalidStatus) as e:
         ws_connect(url, subprotocols=["nodeagent.v1", "bearer.na_000000000000_" + "x" * 43], open_timeout=10)
     assert e.value.response.status_code == 401
+
+
+def test_vms_have_no_exec_or_files_and_containers_no_console(admin, vm):
+    e = assert_error(admin.post(f"/v1/instances/{vm['name']}/exec", json={"command": ["sh"], "interactive": True}),
+                     422)
+    assert "guest agent" in e["message"]
+    assert_error(admin.get(f"/v1/instances/{vm['name']}/files", params={"path": "/etc/hostname"}), 422)
+    assert_error(admin.put(f"/v1/instances/{vm['name']}/files", params={"path": "/x"}, data=b"x"), 422)
+    assert_error(admin.get(f"/v1/instances/{vm['name']}/exec/{'0' * 32}"), 404)
+
+
+def test_exec_sessions_on_the_fake_runtime(agent, admin, images):
+    r = admin.post("/v1/instances", json={"name": "exec-ct", "kind": "container", "image": "busybox"})
+    ct = admin.wait(r.json())["result"]["instance"]
+    try:
+        sess = admin.post(f"/v1/instances/{ct['id']}/exec", json={"command": ["cat"], "interactive": True})
+        assert sess.status_code == 201 and sess.json()["expires_in"] == 30
+        with _ws(agent, sess.json()["websocket"], agent.admin_token) as c:
+            c.send(b"typed\n")
+            c.send(json.dumps({"type": "eof"}))
+            got, code = b"", None
+            for msg in c:
+                if isinstance(msg, bytes):
+                    got += msg[1:] if msg[0] == 1 else b""
+                elif json.loads(msg)["type"] == "exit":
+                    code = json.loads(msg)["exit_code"]
+        assert (got, code) == (b"typed\n", 0)
+        assert_error(admin.post(f"/v1/instances/{ct['id']}/exec", json={"command": ["sh"], "cwd": "/tmp"}), 422)
+        r = admin.put(f"/v1/instances/{ct['id']}/files", params={"path": "/etc/motd"}, data=b"hi",
+                      headers={"X-Nodeagent-Mode": "0600", "X-Nodeagent-Uid": "7"})
+        assert r.status_code == 200 and r.json()["bytes"] == 2
+        got = admin.get(f"/v1/instances/{ct['id']}/files", params={"path": "/etc/motd"})
+        assert got.content == b"hi" and got.headers["X-Nodeagent-Mode"] == "0600"
+        assert got.headers["X-Nodeagent-Uid"] == "7"
+    finally:
+        admin.delete(f"/v1/instances/{ct['id']}")

@@ -344,8 +344,15 @@ class _FakeExec:
     """containers.runtime.ExecProcess of the fake interpreter: its output written, ``cat``
     copying its input, anything that keeps running waiting for its input to end."""
 
+    pty: int | None
+    stdin: int | None
+    stdout: int | None
+    stderr: int | None
+
     def __init__(self, command: list[str], hostname: str, user: str, o: ExecOptions):
         self.code: int | None = None
+        self._peer: int | None
+        self._err_w: int | None = None
         self._done = threading.Event()
         if o.tty:
             self.pty, self._peer = os.openpty()  # the pair's termios: cooked, echo on (a shell's terminal)

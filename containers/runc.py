@@ -985,13 +985,13 @@ class RuncExec:
         if o.user:
             argv += ["--user", o.user]
         if not o.tty:
-            proc = subprocess.Popen([*argv, name, *o.command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
-            return cls(proc, pid_file, init_pid, None, None)
+            piped = subprocess.Popen([*argv, name, *o.command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+            return cls(piped, pid_file, init_pid, None, None)
         sockdir = tempfile.mkdtemp(prefix="nodeagent-exec-")  # 0700; a short path for sun_path
         path = os.path.join(sockdir, "console.sock")
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        proc = None
+        proc: subprocess.Popen | None = None
         try:
             lsock.bind(path)
             lsock.listen(1)
@@ -1008,7 +1008,9 @@ class RuncExec:
                     break
                 except TimeoutError:
                     if proc.poll() is not None or time.monotonic() > deadline:
-                        err = proc.stderr.read().decode(errors="replace").strip() if proc.poll() is not None else ""
+                        err = ""
+                        if proc.poll() is not None and proc.stderr is not None:
+                            err = proc.stderr.read().decode(errors="replace").strip()
                         raise CommandFailed(f"runc exec in {name!r} did not start: "
                                             f"{_runc_message(err) if err else 'no terminal handed over'}",
                                             stderr=err)

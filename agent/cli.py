@@ -9,9 +9,8 @@ import sys
 
 import click
 
-from agent import config as config_mod
-from agent import log
-from agent.errors import AgentError
+from agent.errors import AgentError  # agent.config and agent.log are imported where used: the API
+# verbs (file push, exec, console) start without pydantic's models (~0.13 s)
 
 
 @click.group()
@@ -24,6 +23,7 @@ def main(ctx, config_path):
 
 
 def _load(ctx):
+    from agent import config as config_mod
     try:
         return config_mod.load(ctx.obj["config_path"])
     except AgentError as e:
@@ -37,6 +37,7 @@ def serve(ctx):
     from agent.app import create_app
     from agent.server import AgentServer
 
+    from agent import log
     cfg = _load(ctx)
     log.setup(cfg.log_level, cfg.log_format, target=cfg.log_target, file=cfg.log_file,
               max_bytes=cfg.log_max_bytes, backups=cfg.log_backups)

@@ -358,14 +358,14 @@ class InstanceService:
         opts = ExecOptions(command=tuple(req.command), tty=req.tty, env=tuple(sorted(req.env.items())),
                            cwd=req.cwd, user=req.user, cols=req.cols, rows=req.rows)
         from agent.services.execs import SESSION_TTL
-        sid = self.root.execs.reserve(inst.id, opts, caller["name"])
+        sid = self.root.execs.reserve(inst.id, opts, _identity(caller))
         return {"session": sid, "websocket": f"/v1/instances/{inst.id}/exec/{sid}", "expires_in": SESSION_TTL}
 
     def exec_attach(self, ref: str, session: str, caller: dict, request_id: str | None = None):
         """The websocket session of a reserved interactive exec (NotFound if none)."""
         from agent.services.execs import exec_session
         inst = self.get(ref)
-        opts = self.root.execs.take(session, inst.id, caller["name"])
+        opts = self.root.execs.take(session, inst.id, _identity(caller))
         who = f"{caller.get('via', 'token')} {caller.get('name')!r} ({caller.get('role')})"
         return exec_session(self.root.runtime, inst.name, opts, who=who, request_id=request_id)
 
@@ -401,7 +401,7 @@ class InstanceService:
             raise Unprocessable("exec works on containers only: use the VM's console (GET "
                                 "/v1/instances/{id}/console, `nodeagent console`); VMs have no guest agent here")
         if req.interactive:
-            return self.exec_interactive(inst, req, caller or {"name": "-"})
+            return self.exec_interactive(inst, req, caller or {"name": "-", "via": "-"})
         res = self.root.runtime.exec(inst.name, list(req.command), timeout=req.timeout)
         return {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr,
                 "truncated": res.truncated, "timed_out": res.timed_out}
@@ -488,6 +488,11 @@ def _ip(info) -> dict:
     """The record's ``ip`` update for what a driver reported: a container's leased address;
     VMs' addresses are the agent's own (assembly), never reported back."""
     return {"ip": info.ip} if isinstance(info, ContainerInfo) and info.ip else {}
+
+
+def _identity(caller: dict) -> str:
+    """Who a session is bound to: a token and a certificate of the same name are not one caller."""
+    return f"{caller.get('via', 'token')}:{caller.get('name')}"
 
 
 class FileBody:

@@ -152,3 +152,30 @@ def test_exec_sessions_on_the_fake_runtime(agent, admin, images):
         assert got.headers["X-Nodeagent-Uid"] == "7"
     finally:
         admin.delete(f"/v1/instances/{ct['id']}")
+
+
+def test_no_request_is_refused_under_many_streams_and_consoles(agent, admin, vm):
+    import contextlib
+    import socket
+
+    held = []
+    with contextlib.ExitStack() as consoles:
+        try:
+            for i in range(150):  # from 3 addresses: under api.max_streams_per_client (128)
+                s = socket.socket()
+                s.bind((f"127.0.0.{2 + i % 3}", 0))
+                s.connect(("127.0.0.1", agent.port))
+                s.sendall(f"GET /v1/events HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {agent.admin_token}"
+                          "\r\n\r\n".encode())
+                held.append(s)
+            for s in held:
+                s.settimeout(30)
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            for _ in range(20):
+                consoles.enter_context(_ws(agent, f"/v1/instances/{vm['name']}/console", agent.admin_token))
+            for _ in range(20):
+                assert admin.get("/v1/instances").status_code == 200
+                assert admin.get("/v1/health").status_code == 200
+        finally:
+            for s in held:
+                s.close()

@@ -527,13 +527,43 @@ def _remote(spec: str) -> tuple[str, str]:
 def file_push(local, remote, uid, gid, mode):
     """Copy LOCAL (a file, or - for stdin) to REMOTE (NAME:/path) in a container."""
     ref, path = _remote(remote)
-    try:
-        m = int(mode, 8) if mode else None
-    except ValueError:
-        raise click.BadParameter(f"{mode!r} is not octal", param_hint="--mode") from None
-    res = _call(_client().push_file, ref, path, local, uid=uid, gid=gid, mode=m)
+    res = _call(_client().push_file, ref, path, local, uid=uid, gid=gid, mode=_octal(mode))
     click.echo(f"pushed {res['bytes']} bytes to {ref}:{res['path']} (mode {res['mode']}, owner "
                f"{res['uid']}:{res['gid']})", err=True)
+
+
+def _octal(mode: str | None) -> int | None:
+    try:
+        return int(mode, 8) if mode else None
+    except ValueError:
+        raise click.BadParameter(f"{mode!r} is not octal", param_hint="--mode") from None
+
+
+@file_group.command("list")
+@click.argument("remote")
+@click.option("--json", "as_json", is_flag=True)
+def file_list(remote, as_json):
+    """List directory REMOTE (NAME:/path) of a container (symlinks listed, not followed)."""
+    ref, path = _remote(remote)
+    res = _call(_client().list_dir, ref, path)
+    if as_json:
+        click.echo(jsonlib.dumps(res, indent=2))
+        return
+    _table(["type", "mode", "uid", "gid", "size", "name"], res["entries"])
+    if res.get("truncated"):
+        click.echo("(more entries left out)", err=True)
+
+
+@file_group.command("mkdir")
+@click.argument("remote")
+@click.option("--uid", type=int, help="owner in the container (default 0)")
+@click.option("--gid", type=int, help="group in the container (default 0)")
+@click.option("--mode", help="octal permission bits (default 0755)")
+def file_mkdir(remote, uid, gid, mode):
+    """Make directory REMOTE (NAME:/path) in a container (its parent must exist)."""
+    ref, path = _remote(remote)
+    _call(_client().make_dir, ref, path, uid=uid, gid=gid, mode=_octal(mode))
+    click.echo(f"made {ref}:{path}", err=True)
 
 
 @file_group.command("pull")

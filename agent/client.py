@@ -163,6 +163,8 @@ class Client:
     def pull_file(self, ref: str, path: str, dst) -> dict:
         """Stream ``path`` of container ``ref`` into the file object ``dst``; its size, mode and owners."""
         with self._stream("GET", f"/v1/instances/{ref}/files", path, stream=True) as r:
+            if r.headers.get("X-Nodeagent-Type") == "directory":
+                raise ApiError(409, "conflict", f"{path} is a directory: list it with `nodeagent file list`")
             n = 0
             for chunk in r.iter_content(1024 * 1024):
                 dst.write(chunk)
@@ -170,6 +172,20 @@ class Client:
             h = r.headers
             return {"bytes": n, "mode": h.get("X-Nodeagent-Mode"), "uid": h.get("X-Nodeagent-Uid"),
                     "gid": h.get("X-Nodeagent-Gid")}
+
+    def list_dir(self, ref: str, path: str) -> dict:
+        r = self._stream("GET", f"/v1/instances/{ref}/files", path)
+        if r.headers.get("X-Nodeagent-Type") != "directory":
+            raise ApiError(409, "conflict", f"{path} is not a directory: pull it with `nodeagent file pull`")
+        return r.json()
+
+    def make_dir(self, ref: str, path: str, *, uid: int | None = None, gid: int | None = None,
+                 mode: int | None = None) -> dict:
+        headers = {"X-Nodeagent-Type": "directory"}
+        headers.update({k: str(v) for k, v in (("X-Nodeagent-Uid", uid), ("X-Nodeagent-Gid", gid),
+                                               ("X-Nodeagent-Mode", None if mode is None else f"{mode:04o}"))
+                        if v is not None})
+        return self._stream("PUT", f"/v1/instances/{ref}/files", path, data=b"", headers=headers).json()
 
     def _stream(self, method: str, route: str, path: str, **kw):
         try:

@@ -92,6 +92,7 @@ class _Box:
     log: list[str] = dataclasses.field(default_factory=list)
     # path -> (data, mode, uid, gid): SupportsFiles in memory
     files: dict[str, tuple[bytes, int, int, int]] = dataclasses.field(default_factory=dict)
+    dirs: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)  # made ones: mode, uid, gid
 
     def info(self) -> ContainerInfo:
         return ContainerInfo(self.spec.name, self.state, self.pid, self.exit_code, self.ip,
@@ -252,8 +253,9 @@ class FakeRuntime:
         check_path(path)
         with self._lock:
             box = self._box(name)
-            if _norm(path) in FAKE_DIRS or self._is_dir(box, _norm(path)):
-                raise Conflict(f"{path[:200]!r} is a directory: pull files one by one")
+            if self._is_dir(box, _norm(path)):
+                mode, uid, gid = box.dirs.get(_norm(path), (0o755, 0, 0))
+                return -1, FileInfo(0, mode, uid, gid, "directory")
             if _norm(path) not in box.files:
                 raise NotFound(f"{path[:200]!r} does not exist in the container (pull)")
             data, mode, uid, gid = box.files[_norm(path)]
@@ -276,16 +278,52 @@ class FakeRuntime:
             chunks.append(data)
         with self._lock:
             box = self._box(name)
-            if parent not in FAKE_DIRS and not self._is_dir(box, parent):
+            if not self._is_dir(box, parent):
                 raise NotFound(f"{parent[:200]!r} does not exist in the container (push: the parent directory)")
+            if p in box.dirs:
+                raise Conflict(f"{path[:200]!r} is a directory (push)")
             body = b"".join(chunks)
             box.files[p] = (body, mode, uid, gid)
             return len(body)
 
+    def list_dir(self, name: str, path: str) -> tuple[list[dict], bool]:
+        from containers.files import check_path
+        check_path(path)
+        p = _norm(path)
+        with self._lock:
+            box = self._box(name)
+            if not self._is_dir(box, p):
+                raise NotFound(f"{path[:200]!r} is not a directory in the container (list)")
+            prefix = p.rstrip("/") + "/"
+            out = {}
+            for d in set(FAKE_DIRS) | set(box.dirs):
+                if d.startswith(prefix) and d != p and "/" not in d[len(prefix):]:
+                    mode, uid, gid = box.dirs.get(d, (0o755, 0, 0))
+                    out[d[len(prefix):]] = {"type": "directory", "size": 0, "mode": f"{mode:04o}", "uid": uid,
+                                            "gid": gid}
+            for f, (data, mode, uid, gid) in box.files.items():
+                if f.startswith(prefix) and "/" not in f[len(prefix):]:
+                    out[f[len(prefix):]] = {"type": "file", "size": len(data), "mode": f"{mode:04o}", "uid": uid,
+                                            "gid": gid}
+        return [{"name": n, **out[n]} for n in sorted(out)], False
+
+    def make_dir(self, name: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
+        from containers.files import check_path
+        check_path(path)
+        p = _norm(path)
+        if not 0 <= mode <= 0o7777:
+            raise InvalidInput(f"mode {mode:o} must be permission bits (at most 7777 octal)")
+        with self._lock:
+            box = self._box(name)
+            if not self._is_dir(box, p.rsplit("/", 1)[0] or "/"):
+                raise NotFound(f"the parent of {path[:200]!r} does not exist in the container (mkdir)")
+            if self._is_dir(box, p) or p in box.files:
+                raise Conflict(f"{path[:200]!r} exists in the container")
+            box.dirs[p] = (mode, uid, gid)
+
     @staticmethod
     def _is_dir(box: _Box, path: str) -> bool:
-        prefix = path.rstrip("/") + "/"
-        return any(f.startswith(prefix) for f in box.files)
+        return path in FAKE_DIRS or path in box.dirs
 
     def logs(self, name: str, tail: int | None = None) -> str:
         with self._lock:

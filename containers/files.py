@@ -10,7 +10,10 @@ beside its target (O_EXCL, never through an existing name) and renames it over t
 so a symlink already at that name is replaced, not followed. Owners are the container's ids:
 for a user-namespaced container they are mapped to and from the host range (``idmap``).
 
-Privileged work: ``open_for_read`` and ``write_file``.
+Directories: ``list_dir`` names a directory's entries (their own type, size, mode and owners:
+a symlink is listed, not followed), ``make_dir`` creates one.
+
+Privileged work: ``open_for_read``, ``write_file``, ``list_dir`` and ``make_dir``.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ SYS_OPENAT2 = 437  # the same number on x86_64 and the generic syscall table (ar
 RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x01, 0x02, 0x10
 RESOLVE = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
 MAX_PATH = 4096
+MAX_ENTRIES = 10_000  # entries one listing returns (``truncated`` beyond)
 CHUNK = 1024 * 1024  # bytes per read and write: a file never sits in memory whole
 
 
@@ -44,6 +48,7 @@ class FileInfo:
     mode: int  # permission bits (0o7777)
     uid: int | None  # as the container sees them (None: not mapped into it)
     gid: int | None
+    kind: str = "file"  # file | directory
 
 
 def check_path(path: str) -> str:
@@ -86,7 +91,8 @@ def _container_id(host_id: int, idmap) -> int | None:
 
 def open_for_read(rootfs: str, path: str, idmap=None) -> tuple[int, FileInfo]:
     """Privileged: a readable descriptor of regular file ``path`` in the container whose root
-    is ``rootfs`` (the caller closes it), and its size, mode and owners."""
+    is ``rootfs`` (the caller closes it), and its size, mode and owners; for a directory -1 and
+    its FileInfo (kind "directory": list it with list_dir)."""
     check_path(path)
     root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -97,7 +103,8 @@ def open_for_read(rootfs: str, path: str, idmap=None) -> tuple[int, FileInfo]:
         try:
             st = os.fstat(pfd)
             if stat.S_ISDIR(st.st_mode):
-                raise Conflict(f"{path[:200]!r} is a directory: pull files one by one")
+                return -1, FileInfo(0, stat.S_IMODE(st.st_mode), _container_id(st.st_uid, idmap),
+                                    _container_id(st.st_gid, idmap), "directory")
             if not stat.S_ISREG(st.st_mode):
                 raise Unprocessable(f"{path[:200]!r} is not a regular file (a device, fifo or socket): refused")
             fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
@@ -156,6 +163,78 @@ def write_file(rootfs: str, path: str, read, *, uid: int = 0, gid: int = 0, mode
     finally:
         os.close(pfd)
     return written
+
+
+_KINDS = ((stat.S_ISDIR, "directory"), (stat.S_ISREG, "file"), (stat.S_ISLNK, "symlink"))
+
+
+def list_dir(rootfs: str, path: str, idmap=None) -> tuple[list[dict], bool]:
+    """Privileged: the entries of directory ``path`` ({name, type, size, mode, uid, gid}, sorted
+    by name, at most MAX_ENTRIES) and whether there were more."""
+    check_path(path)
+    root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = openat2(root, path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise _error(e, path, "list") from None
+    finally:
+        os.close(root)
+    out, truncated = [], False
+    try:
+        with os.scandir(fd) as it:
+            for entry in it:
+                if len(out) >= MAX_ENTRIES:
+                    truncated = True
+                    break
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # gone meanwhile
+                kind = next((k for test, k in _KINDS if test(st.st_mode)), "other")
+                out.append({"name": entry.name, "type": kind, "size": st.st_size if kind == "file" else 0,
+                            "mode": f"{stat.S_IMODE(st.st_mode):04o}", "uid": _container_id(st.st_uid, idmap),
+                            "gid": _container_id(st.st_gid, idmap)})
+    finally:
+        os.close(fd)
+    return sorted(out, key=lambda e: e["name"]), truncated
+
+
+def make_dir(rootfs: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755, idmap=None) -> None:
+    """Privileged: create directory ``path`` (its parent must exist; Conflict if the name is
+    taken) owned by container ids ``uid``/``gid`` with ``mode``."""
+    check_path(path)
+    parent, _, leaf = path.rstrip("/").rpartition("/")
+    if leaf in ("", ".", ".."):
+        raise InvalidInput(f"path {path[:80]!r} must name a directory to create")
+    if not 0 <= mode <= 0o7777:
+        raise InvalidInput(f"mode {mode:o} must be permission bits (at most 7777 octal)")
+    host_uid, host_gid = (idmap.to_host(uid), idmap.to_host(gid)) if idmap is not None else (uid, gid)
+    if host_uid is None or host_gid is None:
+        raise InvalidInput(f"owner {uid}:{gid} is not mapped in this container (ids 0..{idmap.size - 1})")
+    root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            pfd = openat2(root, parent or "/", os.O_PATH | os.O_DIRECTORY)
+        except OSError as e:
+            raise _error(e, parent or "/", "mkdir: the parent directory") from None
+    finally:
+        os.close(root)
+    try:
+        try:
+            os.mkdir(leaf, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            raise Conflict(f"{path[:200]!r} exists in the container") from None
+        except OSError as e:
+            raise _error(e, path, "mkdir") from None
+        fd = os.open(leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            os.fchown(fd, host_uid, host_gid)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(pfd)
 
 
 def _unlink(dir_fd: int, name: str) -> None:

@@ -713,6 +713,14 @@ class RuncRuntime:
         rootfs, m = self._files_root(name)
         return files.write_file(rootfs, path, read, uid=uid, gid=gid, mode=mode, idmap=m)
 
+    def list_dir(self, name: str, path: str) -> tuple[list[dict], bool]:
+        rootfs, m = self._files_root(name)
+        return files.list_dir(rootfs, path, m)
+
+    def make_dir(self, name: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
+        rootfs, m = self._files_root(name)
+        files.make_dir(rootfs, path, uid=uid, gid=gid, mode=mode, idmap=m)
+
     def logs(self, name: str, tail: int | None = None) -> str:
         self._row(name)
         try:

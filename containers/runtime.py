@@ -205,7 +205,15 @@ class SupportsFiles(Protocol):
 
     def open_file(self, name: str, path: str):
         """(a readable file descriptor the caller closes, containers.files.FileInfo) of regular
-        file ``path``; NotFound, Conflict (a directory), Unprocessable (a device, a way out)."""
+        file ``path``; for a directory (-1, its FileInfo with kind "directory"); NotFound,
+        Unprocessable (a device, a fifo, a way out)."""
+
+    def list_dir(self, name: str, path: str) -> tuple[list[dict], bool]:
+        """Directory ``path``'s entries ({name, type, size, mode, uid, gid}) and whether more
+        than containers.files.MAX_ENTRIES were left out."""
+
+    def make_dir(self, name: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
+        """Create directory ``path`` (its parent must exist; Conflict if the name is taken)."""
 
     def put_file(self, name: str, path: str, read, *, uid: int = 0, gid: int = 0, mode: int = 0o644) -> int:
         """Write what ``read(n)`` gives (until b"") as ``path``, replacing a file or symlink

@@ -105,26 +105,40 @@ def _header_int(name: str, default: int, base: int = 10, hi: int = MAX_ID) -> in
 
 
 @route(bp, "GET", "/v1/instances/{id}/files", summary="Pull a container's file (streamed; owner and mode "
-       "in X-Nodeagent-Uid, -Gid, -Mode)", responses={200: "application/octet-stream", 400: None, 404: None,
-                                                      409: None, 422: None},
+       "in X-Nodeagent-Uid, -Gid, -Mode; X-Nodeagent-Type: file), or list a directory (JSON; X-Nodeagent-Type: "
+       "directory)", responses={200: "application/octet-stream", 400: None, 404: None, 409: None, 422: None},
        query=[FILE_PATH], auth="admin", long=True)
 def instance_file_get(id):
     body = services().instances.file_open(path_id(id), _file_path())
+    if isinstance(body, dict):
+        resp = render(body)
+        resp.headers.update({"X-Nodeagent-Type": "directory", "X-Nodeagent-Mode": body["mode"],
+                             "X-Nodeagent-Uid": _id_header(body["uid"]), "X-Nodeagent-Gid": _id_header(body["gid"])})
+        return resp
     info = body.info
-    headers = {"Content-Length": str(info.size), "X-Nodeagent-Mode": f"{info.mode:04o}",
-               "X-Nodeagent-Uid": "" if info.uid is None else str(info.uid),
-               "X-Nodeagent-Gid": "" if info.gid is None else str(info.gid)}
+    headers = {"Content-Length": str(info.size), "X-Nodeagent-Type": "file", "X-Nodeagent-Mode": f"{info.mode:04o}",
+               "X-Nodeagent-Uid": _id_header(info.uid), "X-Nodeagent-Gid": _id_header(info.gid)}
     return Response(body, mimetype="application/octet-stream", headers=headers, direct_passthrough=True)
 
 
-@route(bp, "PUT", "/v1/instances/{id}/files", summary="Push a file into a container (the body, streamed; "
-       "owner and mode from X-Nodeagent-Uid, -Gid, -Mode; default 0, 0, 0644)",
-       responses={200: dict, 400: None, 404: None, 409: None, 422: None}, query=[FILE_PATH], long=True)
+def _id_header(v: int | None) -> str:
+    return "" if v is None else str(v)  # empty: an owner not mapped into the container
+
+
+@route(bp, "PUT", "/v1/instances/{id}/files", summary="Push a file into a container (the body, streamed), or "
+       "with X-Nodeagent-Type: directory make a directory; owner and mode from X-Nodeagent-Uid, -Gid, -Mode "
+       "(default 0, 0, 0644 or 0755)", responses={200: dict, 400: None, 404: None, 409: None, 422: None},
+       query=[FILE_PATH], long=True)
 def instance_file_put(id):
     request.max_content_length = MAX_PUSH_BYTES  # streamed to the container's disk, never held here
     iid, path = path_id(id), _file_path()
+    kind = request.headers.get("X-Nodeagent-Type", "file")
+    if kind not in ("file", "directory"):
+        raise InvalidInput(f"header X-Nodeagent-Type: {kind[:40]!r} is not file or directory")
     uid, gid = _header_int("X-Nodeagent-Uid", 0), _header_int("X-Nodeagent-Gid", 0)
-    mode = _header_int("X-Nodeagent-Mode", 0o644, base=8, hi=0o7777)
+    mode = _header_int("X-Nodeagent-Mode", 0o755 if kind == "directory" else 0o644, base=8, hi=0o7777)
+    if kind == "directory":
+        return render(services().instances.make_dir(iid, path, uid=uid, gid=gid, mode=mode))
     return render(services().instances.file_put(iid, path, request.stream.read, uid=uid, gid=gid, mode=mode))
 
 

@@ -382,17 +382,28 @@ class InstanceService:
             raise Unsupported("this host's container runtime cannot reach containers' files")
         return inst, self.root.runtime
 
-    def file_open(self, ref: str, path: str) -> FileBody:
-        """Regular file ``path`` of container ``ref``, to stream out (a FileBody the server closes)."""
+    def file_open(self, ref: str, path: str) -> FileBody | dict:
+        """Regular file ``path`` of container ``ref``, to stream out (a FileBody the server
+        closes); for a directory its listing {path, type, mode, uid, gid, entries, truncated}."""
         inst, rt = self._files_runtime(ref)
         fd, info = rt.open_file(inst.name, path)
+        if info.kind == "directory":
+            entries, truncated = rt.list_dir(inst.name, path)
+            return {"path": path, "type": "directory", "mode": f"{info.mode:04o}", "uid": info.uid, "gid": info.gid,
+                    "entries": entries, "truncated": truncated}
         return FileBody(fd, info)
+
+    def make_dir(self, ref: str, path: str, *, uid: int, gid: int, mode: int) -> dict:
+        inst, rt = self._files_runtime(ref)
+        rt.make_dir(inst.name, path, uid=uid, gid=gid, mode=mode)
+        log.info("directory made", extra={"instance": inst.name, "path": path[:200]})
+        return {"path": path, "type": "directory", "uid": uid, "gid": gid, "mode": f"{mode:04o}"}
 
     def file_put(self, ref: str, path: str, read, *, uid: int, gid: int, mode: int) -> dict:
         inst, rt = self._files_runtime(ref)
         n = rt.put_file(inst.name, path, read, uid=uid, gid=gid, mode=mode)
         log.info("file pushed", extra={"instance": inst.name, "path": path[:200], "bytes": n})
-        return {"path": path, "bytes": n, "uid": uid, "gid": gid, "mode": f"{mode:04o}"}
+        return {"path": path, "type": "file", "bytes": n, "uid": uid, "gid": gid, "mode": f"{mode:04o}"}
 
     # -- exec, logs, stats --
     def exec(self, ref: str, req: models.ExecRequest, caller: dict | None = None) -> dict:

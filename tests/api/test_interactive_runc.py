@@ -181,6 +181,16 @@ def test_push_and_pull_a_large_file_by_the_cli_byte_identical(real):
                         "--mode", "0640"], capture_output=True, text=True, env=env, cwd=real.tmp, timeout=300)
     assert r.returncode == 0 and "209715200 bytes" in r.stderr, r
     os.unlink(src)
+    r = subprocess.run([*cli, "list", f"{real.name}:/", "--json"], capture_output=True, text=True, env=env,
+                       cwd=real.tmp, timeout=60)
+    big = next(e for e in json.loads(r.stdout)["entries"] if e["name"] == "big.bin")
+    assert (big["size"], big["mode"], big["uid"], big["gid"]) == (209715200, "0640", 1000, 100)
+    r = subprocess.run([*cli, "mkdir", f"{real.name}:/made-by-cli", "--mode", "0711"], capture_output=True,
+                       text=True, env=env, cwd=real.tmp, timeout=60)
+    assert r.returncode == 0, r
+    r = subprocess.run([*cli, "pull", f"{real.name}:/made-by-cli", "-"], capture_output=True, text=True, env=env,
+                       cwd=real.tmp, timeout=60)
+    assert r.returncode != 0 and "is a directory" in r.stderr
     seen = _exec(real, "/bin/sh", "-c", "stat -c '%u %g %a %s' /big.bin")
     assert seen["stdout"].split() == ["1000", "100", "640", "209715200"], seen  # the container's own ids
     r = subprocess.run([*cli, "pull", f"{real.name}:/big.bin", str(back)], capture_output=True, text=True,
@@ -217,7 +227,21 @@ def test_files_never_leave_the_rootfs(real):
     assert seen["stdout"].endswith("replaced"), seen
     got = admin.get(f"/v1/instances/{real.name}/files", params={"path": "/d/../d/f"})
     assert got.content == b"inside\n" and got.headers["X-Nodeagent-Mode"] == "0644"
-    assert_error(admin.get(f"/v1/instances/{real.name}/files", params={"path": "/d"}), 409)
+    listing = admin.get(f"/v1/instances/{real.name}/files", params={"path": "/d"})
+    assert listing.headers["X-Nodeagent-Type"] == "directory"
+    assert [(e["name"], e["type"], e["size"]) for e in listing.json()["entries"]] == [("f", "file", 7)]
+    root = {e["name"]: e for e in admin.get(f"/v1/instances/{real.name}/files", params={"path": "/"}).json()["entries"]}
+    assert root["abs-link"]["type"] == "file" and root["magic"]["type"] == "symlink"  # listed, never followed
+    r = admin.put(f"/v1/instances/{real.name}/files", params={"path": "/rel-dir/made"},
+                  headers={"X-Nodeagent-Type": "directory", "X-Nodeagent-Uid": "1000", "X-Nodeagent-Mode": "0700"})
+    assert r.status_code in (404, 422), r.text  # through a climbing symlink: not on the host
+    assert not (real.tmp / "made").exists()
+    r = admin.put(f"/v1/instances/{real.name}/files", params={"path": "/d/sub"},
+                  headers={"X-Nodeagent-Type": "directory", "X-Nodeagent-Uid": "1000", "X-Nodeagent-Mode": "0700"})
+    assert r.status_code == 200, r.text
+    assert _exec(real, "/bin/sh", "-c", "stat -c '%u %a %F' /d/sub")["stdout"].strip() == "1000 700 directory"
+    assert_error(admin.put(f"/v1/instances/{real.name}/files", params={"path": "/d/sub"},
+                           headers={"X-Nodeagent-Type": "directory"}), 409)
     assert_error(admin.get(f"/v1/instances/{real.name}/files", params={"path": "relative"}), 400)
     assert_error(admin.put(f"/v1/instances/{real.name}/files", params={"path": "/nodir/f"}, data=b"x"), 404)
     assert_error(admin.put(f"/v1/instances/{real.name}/files", params={"path": "/f"}, data=b"x",

@@ -298,8 +298,19 @@ def test_files_round_trip_with_owner_and_mode(rt, spec):
         rt.put_file("fl", "/no-such-dir/f", io.BytesIO(b"x").read)
     with pytest.raises(NotFound):
         rt.open_file("fl", "/no-such-file")
+    fd, info = rt.open_file("fl", "/")
+    assert fd == -1 and info.kind == "directory"
+    rt.make_dir("fl", "/made", uid=5, gid=6, mode=0o700)
     with pytest.raises(Conflict):
-        rt.open_file("fl", "/")
+        rt.make_dir("fl", "/made")
+    with pytest.raises(NotFound):
+        rt.make_dir("fl", "/no-such-dir/sub")
+    rt.put_file("fl", "/made/inner", io.BytesIO(b"abc").read)
+    entries, truncated = rt.list_dir("fl", "/made")
+    assert not truncated and [(e["name"], e["type"], e["size"]) for e in entries] == [("inner", "file", 3)]
+    listed = {e["name"]: e for e in rt.list_dir("fl", "/")[0]}
+    assert listed["made"]["type"] == "directory" and (listed["made"]["uid"], listed["made"]["mode"]) == (5, "0700")
+    assert listed["pushed.txt"]["size"] == 3_000_000
     with pytest.raises(InvalidInput):
         rt.open_file("fl", "relative/path")
     assert rt.delete("fl") is True

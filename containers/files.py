@@ -180,7 +180,8 @@ def list_dir(rootfs: str, path: str, idmap=None) -> tuple[list[dict], bool]:
             raise _error(e, path, "list") from None
     finally:
         os.close(root)
-    out, truncated = [], False
+    out: list[dict] = []
+    truncated = False
     try:
         with os.scandir(fd) as it:
             for entry in it:

@@ -534,10 +534,15 @@ class _Connection:
         self.writer: asyncio.StreamWriter | None = None
         self.tls: _Tls | None = None
         self.client_cert: dict | None = None  # the verified client certificate's names
+        self.ws: WebSocket | None = None  # the websocket this connection carries, once accepted
 
     def stop(self) -> None:
-        """The server stops: an idle connection closes now, a long request ends, a short one finishes."""
+        """The server stops: an idle connection closes now, a long request ends (a websocket's
+        session ends and its client hears 1001), a short one finishes."""
         self.gone.set()
+        if self.ws is not None:
+            self.ws.close(1001, "the agent is stopping")
+            self.ws._end()
         if self.state == "idle" and self.task:
             self.task.cancel()
 
@@ -842,6 +847,7 @@ class _Connection:
         self._write(conn.send(h11.InformationalResponse(status_code=101, headers=headers)))
         await self._drain()
         wsc = WsConnection(ConnectionType.SERVER, trailing_data=conn.trailing_data[0])
+        self.ws = ws
         ws._loop, ws._room = self.loop, asyncio.Event()
         ws._room.set()
         reader = self.loop.create_task(self._ws_read(wsc, ws, out))
@@ -863,6 +869,7 @@ class _Connection:
                     raise _Gone()
         finally:
             ws._end()
+            self.ws = None
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
 

@@ -202,3 +202,29 @@ def test_wss_with_a_client_certificate(pki):  # noqa: F811 (the fixture from tes
     finally:
         loop.call_soon_threadsafe(box["stop"].set)
         t.join(15)
+
+
+def test_a_stopping_server_closes_sessions_with_1001():
+    server = HttpServer(_app({}), ApiConfig(), frozenset({"echo"}))
+    sock = listen("127.0.0.1:0")
+    loop = asyncio.new_event_loop()
+    box, ready = {}, threading.Event()
+
+    async def main():
+        box["stop"] = asyncio.Event()
+        ready.set()
+        await server.serve(sock, box["stop"])
+
+    t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    t.start()
+    ready.wait(5)
+    with _ws(sock.getsockname()[1]) as c:
+        c.send("before")
+        assert c.recv(5) == "before"
+        loop.call_soon_threadsafe(box["stop"].set)
+        with pytest.raises(ConnectionClosed) as e:
+            c.recv(15)
+        # a close frame, not the cut at the end of the grace period
+        assert e.value.rcvd is not None and e.value.rcvd.code == 1001
+    t.join(15)
+    assert not t.is_alive()

@@ -591,8 +591,14 @@ class ExecRequest(Model):
     cwd: str | None = Field(None, max_length=4096, pattern=r"^/[^\x00]*$", description="interactive")
     user: str | None = Field(None, pattern=r"^[0-9]{1,10}(:[0-9]{1,10})?$",
                              description="interactive: UID or UID:GID in the container")
-    cols: int = Field(80, ge=1, le=1000)
-    rows: int = Field(24, ge=1, le=1000)
+    cols: Int = Field(80, ge=1, le=1000)
+    rows: Int = Field(24, ge=1, le=1000)
+
+    # _program's rule, for the spec (a schema-valid body is accepted)
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"not": {"properties": {"interactive": {"const": True}}, "required": ["interactive"]}},
+         "then": {"properties": {"tty": {"const": False}, "env": {"maxProperties": 0}, "cwd": {"type": "null"},
+                                 "user": {"type": "null"}}}}]})
 
     @model_validator(mode="after")
     def _program(self):

@@ -77,7 +77,8 @@ def instance_console(id):
     return websocket(services().instances.console(path_id(id), g.caller, request.environ.get("nodeagent.request_id")))
 
 
-FILE_PATH = {"name": "path", "required": True, "schema": {"type": "string", "maxLength": 4096},
+FILE_PATH = {"name": "path", "required": True,
+             "schema": {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": "^/[^\\x00]*$"},
              "description": "absolute path in the container (symlinks resolve inside it)"}
 MAX_ID = 2**32 - 2  # the largest uid/gid a user namespace maps
 MAX_PUSH_BYTES = 1 << 50  # no cap of our own: the container's disk (and its quota) is the limit

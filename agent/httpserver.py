@@ -175,6 +175,16 @@ class WebSocket:
         """The close code and reason (at most 120 bytes) sent when the session returns."""
         self.close_code, self.close_reason = code, reason.encode()[:120].decode(errors="ignore")
 
+    def abort(self) -> None:
+        """From any thread: drop the connection now; a ``send`` blocked on a client that does
+        not read raises WebSocketClosed."""
+        self._end()
+        if self._out is not None and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._out.close)
+            except RuntimeError:  # the loop is gone
+                pass
+
     # -- the loop --
     def _deliver(self, msg) -> bool:
         """Hand a client message to the session; False if the inbox is now full."""

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 SESSION_TTL = 30  # seconds a reserved session waits for its websocket
 MAX_PENDING = 256  # reserved sessions at a time (the oldest expire first)
 READ_BYTES = 64 * 1024
-DRAIN_SECONDS = 1.0  # after the process exits: how long its output may still arrive
+DRAIN_SECONDS = 1.0  # after the process exits: how long its output may take to reach the client
+DRAIN_READS = 64  # after the process exits: reads of what is left (64 x 64 KiB), then the session ends
 STDOUT, STDERR = 1, 2
 
 
@@ -66,14 +67,24 @@ def exec_session(runtime, name: str, options, *, who: str, request_id: str | Non
     ``name`` (agent.api.websocket runs it)."""
 
     def pump(ws, fd: int, channel: int, stop_fd: int) -> None:
-        """Output to the client until its end, or (once the process exited: ``stop_fd`` is
-        readable) until nothing more is there."""
+        """Output to the client until its end or, once the process exited (``stop_fd`` is
+        readable), until nothing more is there (at most DRAIN_READS more reads: a background
+        process holding the terminal does not keep the session)."""
         prefix = bytes([channel])
+        stopping, budget = False, DRAIN_READS
         try:
             while True:
-                r, _, _ = select.select([fd, stop_fd], [], [])
-                if fd not in r:  # the process exited and its output is drained
-                    return
+                r, _, _ = select.select([fd] if stopping else [fd, stop_fd], [], [], 0 if stopping else None)
+                if stop_fd in r:
+                    stopping = True
+                if fd not in r:
+                    if stopping:
+                        return
+                    continue
+                if stopping:
+                    budget -= 1
+                    if budget < 0:
+                        return
                 try:
                     data = os.read(fd, READ_BYTES)
                 except OSError:  # EIO: the terminal's last user left
@@ -81,7 +92,7 @@ def exec_session(runtime, name: str, options, *, who: str, request_id: str | Non
                 if not data:
                     return
                 ws.send(prefix + data)
-        except Exception:  # the client left (the process is killed), or the descriptors closed
+        except Exception:  # the client left (the process is killed)
             return
 
     def feed(ws, proc, left: threading.Event) -> None:
@@ -150,9 +161,19 @@ def exec_session(runtime, name: str, options, *, who: str, request_id: str | Non
             os.write(stop_w, b"x")
             for t in pumps:
                 t.join(DRAIN_SECONDS)
-            proc.release()
-            os.close(stop_r)
-            os.close(stop_w)
+            if any(t.is_alive() for t in pumps):  # stuck sending to a client that does not read
+                ws.abort()
+                for t in pumps:
+                    t.join(DRAIN_SECONDS)
+            if any(t.is_alive() for t in pumps):
+                # never close a descriptor a pump may still read: its number could be reused
+                log.warning("exec session left a pump running; its descriptors stay open",
+                            extra={"container": name, "request_id": request_id})
+                proc.kill()
+            else:
+                proc.release()
+                os.close(stop_r)
+                os.close(stop_w)
             log.info("exec session ended", extra={"container": name, "caller": who, "exit_code": code,
                                                   "request_id": request_id})
     return run

@@ -252,3 +252,11 @@ def test_files_never_leave_the_rootfs(real):
     assert_error(reader.put(f"/v1/instances/{real.name}/files", params={"path": "/d/g"}, data=b"x"), 403)
     left = _exec(real, "/bin/sh", "-c", "ls -a / /d | grep nodeagent-push || true")["stdout"]
     assert left == ""  # failed pushes leave no temporary file
+
+
+def test_a_background_process_holding_the_terminal_does_not_keep_the_session(real):
+    with _session(real, {"command": ["/bin/sh", "-c", "(while :; do echo bg; sleep 0.1; done) & exit 4"],
+                         "tty": True}) as c:
+        _, code = _collect(c, seconds=30)
+    assert code == 4
+    _exec(real, "/bin/sh", "-c", "pkill -f 'sleep 0.1' ; kill $(pgrep -f 'while :') 2>/dev/null; true")

@@ -55,12 +55,23 @@ def create_app(config: Config, services=None) -> Flask:
         g.log_context = agent_log.set_context(request_id=rid)
         if request.endpoint in public or request.endpoint is None:
             return None  # unknown URLs fall through to a 404
-        g.caller = auth.authorize(root.tokens, request.headers.get("Authorization"), request.method,
+        g.caller = auth.authorize(root.tokens, _authorization(), request.method,
                                   route_auth.get(request.endpoint, "reader"),
                                   cert=request.environ.get("nodeagent.client_cert"),
                                   cert_roles=config.api.cert_roles)
         request.environ["nodeagent.caller"] = g.caller  # for the server's access log line
         return None
+
+    def _authorization() -> str | None:
+        """The Authorization header; for a websocket without one (a browser cannot set it) a
+        token offered as the subprotocol ``bearer.<token>`` (as Kubernetes does), beside
+        ``nodeagent.v1``: it stays out of URLs and so out of proxies' logs."""
+        header = request.headers.get("Authorization")
+        ws = request.environ.get("nodeagent.websocket")
+        if header or ws is None:
+            return header
+        offered = next((p for p in ws.protocols if p.startswith("bearer.")), None)
+        return f"Bearer {offered[len('bearer.'):]}" if offered else None
 
     @app.after_request
     def _observe(resp):

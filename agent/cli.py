@@ -9,9 +9,8 @@ import sys
 
 import click
 
-from agent import config as config_mod
-from agent import log
-from agent.errors import AgentError
+from agent.errors import AgentError  # agent.config and agent.log are imported where used: the API
+# verbs (file push, exec, console) start without pydantic's models (~0.13 s)
 
 
 @click.group()
@@ -24,6 +23,7 @@ def main(ctx, config_path):
 
 
 def _load(ctx):
+    from agent import config as config_mod
     try:
         return config_mod.load(ctx.obj["config_path"])
     except AgentError as e:
@@ -37,6 +37,7 @@ def serve(ctx):
     from agent.app import create_app
     from agent.server import AgentServer
 
+    from agent import log
     cfg = _load(ctx)
     log.setup(cfg.log_level, cfg.log_format, target=cfg.log_target, file=cfg.log_file,
               max_bytes=cfg.log_max_bytes, backups=cfg.log_backups)
@@ -466,6 +467,135 @@ def instance_exec(ref, command, as_json):
     sys.stdout.write(res["stdout"])
     sys.stderr.write(res["stderr"])
     sys.exit(res["exit_code"])
+
+
+@main.command("console")
+@click.argument("ref")
+def console_cmd(ref):
+    """Attach this terminal to a VM's serial console (GET /v1/instances/{id}/console). Detach
+    with Ctrl-]. Admins type; a reader token only watches. Several may watch at once."""
+    from agent import terminal
+    conn = _call(_client().websocket, f"/v1/instances/{ref}/console")
+    sys.exit(terminal.console(conn, ref))
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True})
+@click.option("-i", "--interactive", is_flag=True, help="keep stdin open (a websocket session)")
+@click.option("-t", "--tty", "use_tty", is_flag=True, help="run on a terminal (with -i)")
+@click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VALUE")
+@click.option("-w", "--cwd", help="working directory in the container")
+@click.option("-u", "--user", help="UID or UID:GID in the container")
+@click.argument("ref")
+@click.argument("command", nargs=-1, required=True)
+def exec_cmd(interactive, use_tty, envs, cwd, user, ref, command):
+    """Run COMMAND in container REF; exits with its exit code. `nodeagent exec -it NAME -- sh`
+    gives a shell on a terminal; without -i the output comes back at the end."""
+    from agent import terminal
+    env = {}
+    for e in envs:
+        k, sep, v = e.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{e!r} is not KEY=VALUE", param_hint="--env")
+        env[k] = v
+    if use_tty and not interactive:
+        raise click.UsageError("-t needs -i: a terminal is interactive")
+    body = {"command": list(command)}
+    if not interactive:
+        if env or cwd or user:
+            raise click.UsageError("--env, --cwd and --user need -i")
+        res = _call(_client().post, f"/v1/instances/{ref}/exec", body)
+        sys.stdout.write(res["stdout"])
+        sys.stderr.write(res["stderr"])
+        sys.exit(res["exit_code"])
+    cols, rows = terminal.terminal_size()
+    body.update(interactive=True, tty=use_tty, env=env, cols=cols, rows=rows)
+    body.update({k: v for k, v in (("cwd", cwd), ("user", user)) if v})
+    c = _client()
+    session = _call(c.post, f"/v1/instances/{ref}/exec", body)
+    conn = _call(c.websocket, session["websocket"])
+    sys.exit(terminal.exec_session(conn, use_tty))
+
+
+@main.group("file")
+def file_group():
+    """Push files into containers and pull them out (streamed; paths stay inside the container)."""
+
+
+def _remote(spec: str) -> tuple[str, str]:
+    ref, sep, path = spec.partition(":")
+    if not sep or not ref or not path.startswith("/"):
+        raise click.BadParameter(f"{spec!r} is not NAME:/absolute/path")
+    return ref, path
+
+
+@file_group.command("push")
+@click.argument("local", type=click.File("rb"))
+@click.argument("remote")
+@click.option("--uid", type=int, help="owner in the container (default 0)")
+@click.option("--gid", type=int, help="group in the container (default 0)")
+@click.option("--mode", help="octal permission bits (default 0644)")
+def file_push(local, remote, uid, gid, mode):
+    """Copy LOCAL (a file, or - for stdin) to REMOTE (NAME:/path) in a container."""
+    ref, path = _remote(remote)
+    res = _call(_client().push_file, ref, path, local, uid=uid, gid=gid, mode=_octal(mode))
+    click.echo(f"pushed {res['bytes']} bytes to {ref}:{res['path']} (mode {res['mode']}, owner "
+               f"{res['uid']}:{res['gid']})", err=True)
+
+
+def _octal(mode: str | None) -> int | None:
+    try:
+        return int(mode, 8) if mode else None
+    except ValueError:
+        raise click.BadParameter(f"{mode!r} is not octal", param_hint="--mode") from None
+
+
+@file_group.command("list")
+@click.argument("remote")
+@click.option("--json", "as_json", is_flag=True)
+def file_list(remote, as_json):
+    """List directory REMOTE (NAME:/path) of a container (symlinks listed, not followed)."""
+    ref, path = _remote(remote)
+    res = _call(_client().list_dir, ref, path)
+    if as_json:
+        click.echo(jsonlib.dumps(res, indent=2))
+        return
+    _table(["type", "mode", "uid", "gid", "size", "name"], res["entries"])
+    if res.get("truncated"):
+        click.echo("(more entries left out)", err=True)
+
+
+@file_group.command("mkdir")
+@click.argument("remote")
+@click.option("--uid", type=int, help="owner in the container (default 0)")
+@click.option("--gid", type=int, help="group in the container (default 0)")
+@click.option("--mode", help="octal permission bits (default 0755)")
+def file_mkdir(remote, uid, gid, mode):
+    """Make directory REMOTE (NAME:/path) in a container (its parent must exist)."""
+    ref, path = _remote(remote)
+    _call(_client().make_dir, ref, path, uid=uid, gid=gid, mode=_octal(mode))
+    click.echo(f"made {ref}:{path}", err=True)
+
+
+@file_group.command("pull")
+@click.argument("remote")
+@click.argument("local", type=click.Path(dir_okay=False, allow_dash=True))
+def file_pull(remote, local):
+    """Copy REMOTE (NAME:/path) from a container to LOCAL (a file, or - for stdout)."""
+    import os
+    ref, path = _remote(remote)
+    if local == "-":
+        res = _call(_client().pull_file, ref, path, sys.stdout.buffer)
+    else:
+        tmp = f"{local}.nodeagent-pull"
+        try:
+            with open(tmp, "wb") as f:
+                res = _call(_client().pull_file, ref, path, f)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    click.echo(f"pulled {res['bytes']} bytes from {ref}:{path} (mode {res['mode']}, owner "
+               f"{res['uid']}:{res['gid']})", err=True)
 
 
 @instance.command("logs")

@@ -17,6 +17,7 @@ import requests
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 DEFAULT_CLIENT_CONFIG = "~/.config/nodeagent/client.toml"
+PUSH_CHUNK = 1024 * 1024  # bytes per piece of a pushed file
 
 
 class ApiError(Exception):
@@ -41,6 +42,7 @@ class Client:
     def __init__(self, url: str, token: str | None = None, *, ca: str | None = None,
                  cert: str | None = None, key: str | None = None, timeout: float = 60):
         self.url = url.rstrip("/")
+        self._token, self._ca, self._cert, self._key = token, ca, cert, key
         self.s = requests.Session()
         if token:
             self.s.headers["Authorization"] = f"Bearer {token}"
@@ -106,6 +108,129 @@ class Client:
         except requests.ConnectionError as e:
             raise ApiError(0, "unreachable", f"the event stream from {self.url} ended: {e.__class__.__name__}") \
                 from None
+
+    def push_file(self, ref: str, path: str, src, *, uid: int | None = None, gid: int | None = None,
+                  mode: int | None = None) -> dict:
+        """Stream the file object ``src`` to ``path`` in container ``ref``. Sent with http.client
+        in PUSH_CHUNK pieces (requests would send a file in 8 KiB blocks): with Content-Length
+        when ``src`` is a regular file, chunked otherwise (a pipe)."""
+        import http.client
+        import ssl
+        import stat
+        from urllib.parse import quote, urlsplit
+        u = urlsplit(self.url)
+        headers = {k: str(v) for k, v in (("X-Nodeagent-Uid", uid), ("X-Nodeagent-Gid", gid),
+                                          ("X-Nodeagent-Mode", None if mode is None else f"{mode:04o}"))
+                   if v is not None}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        try:
+            st = os.fstat(src.fileno())
+            size = st.st_size - src.tell() if stat.S_ISREG(st.st_mode) else None
+        except (OSError, AttributeError, ValueError):
+            size = None
+        if size is not None:
+            headers["Content-Length"] = str(size)
+            body = src
+        else:
+            body = iter(lambda: src.read(PUSH_CHUNK), b"")
+        if u.scheme == "https":
+            ctx = ssl.create_default_context(cafile=self._ca)
+            if self._cert:
+                ctx.load_cert_chain(self._cert, self._key)
+            conn = http.client.HTTPSConnection(u.hostname, u.port or 443, context=ctx, timeout=600,
+                                               blocksize=PUSH_CHUNK)
+        else:
+            conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=600, blocksize=PUSH_CHUNK)
+        target = f"{u.path}/v1/instances/{quote(ref, safe='')}/files?path={quote(path, safe='')}"
+        try:
+            conn.request("PUT", target, body=body, headers=headers, encode_chunked=size is None)
+            r = conn.getresponse()
+            data = r.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise ApiError(0, "unreachable", f"pushing to the agent at {self.url} failed: {e}") from None
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            raise ApiError(r.status, "http", data[:500].decode(errors="replace")) from None
+        if r.status >= 400:
+            err = doc.get("error", {}) if isinstance(doc, dict) else {}
+            raise ApiError(r.status, err.get("code", "http"), err.get("message", str(doc)[:500]))
+        return doc
+
+    def pull_file(self, ref: str, path: str, dst) -> dict:
+        """Stream ``path`` of container ``ref`` into the file object ``dst``; its size, mode and owners."""
+        with self._stream("GET", f"/v1/instances/{ref}/files", path, stream=True) as r:
+            if r.headers.get("X-Nodeagent-Type") == "directory":
+                raise ApiError(409, "conflict", f"{path} is a directory: list it with `nodeagent file list`")
+            n = 0
+            for chunk in r.iter_content(1024 * 1024):
+                dst.write(chunk)
+                n += len(chunk)
+            h = r.headers
+            return {"bytes": n, "mode": h.get("X-Nodeagent-Mode"), "uid": h.get("X-Nodeagent-Uid"),
+                    "gid": h.get("X-Nodeagent-Gid")}
+
+    def list_dir(self, ref: str, path: str) -> dict:
+        r = self._stream("GET", f"/v1/instances/{ref}/files", path)
+        if r.headers.get("X-Nodeagent-Type") != "directory":
+            raise ApiError(409, "conflict", f"{path} is not a directory: pull it with `nodeagent file pull`")
+        return r.json()
+
+    def make_dir(self, ref: str, path: str, *, uid: int | None = None, gid: int | None = None,
+                 mode: int | None = None) -> dict:
+        headers = {"X-Nodeagent-Type": "directory"}
+        headers.update({k: str(v) for k, v in (("X-Nodeagent-Uid", uid), ("X-Nodeagent-Gid", gid),
+                                               ("X-Nodeagent-Mode", None if mode is None else f"{mode:04o}"))
+                        if v is not None})
+        return self._stream("PUT", f"/v1/instances/{ref}/files", path, data=b"", headers=headers).json()
+
+    def _stream(self, method: str, route: str, path: str, **kw):
+        try:
+            r = self.s.request(method, self.url + route, params={"path": path}, timeout=(self.timeout, 600),
+                               verify=self.verify, **kw)
+        except requests.exceptions.SSLError as e:
+            raise ApiError(0, "tls", f"TLS with the agent at {self.url} failed: {e}") from None
+        except requests.ConnectionError as e:
+            raise ApiError(0, "unreachable", f"cannot reach the agent at {self.url}: {e.__class__.__name__}") \
+                from None
+        if r.status_code >= 400:
+            try:
+                err = r.json()["error"]
+                raise ApiError(r.status_code, err["code"], err["message"])
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(r.status_code, "http", r.text[:500]) from None
+        return r
+
+    def websocket(self, path: str):
+        """A websocket to ``path`` (a websockets.sync.client connection), with this client's
+        token and TLS settings; ApiError for a refused upgrade (the agent's JSON error)."""
+        import ssl
+
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+        from websockets.sync.client import connect
+        url = ("wss://" + self.url[len("https://"):] if self.url.startswith("https://")
+               else "ws://" + self.url.removeprefix("http://")) + path
+        context = None
+        if url.startswith("wss://"):
+            context = ssl.create_default_context(cafile=self._ca)
+            if self._cert:
+                context.load_cert_chain(self._cert, self._key)
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
+        try:
+            return connect(url, additional_headers=headers, subprotocols=["nodeagent.v1"], ssl=context,
+                           open_timeout=self.timeout, max_size=None, ping_interval=20, ping_timeout=60)
+        except InvalidStatus as e:
+            try:
+                err = json.loads(e.response.body)["error"]
+                raise ApiError(e.response.status_code, err["code"], err["message"]) from None
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(e.response.status_code, "http", (e.response.body or b"")[:500].decode(
+                    errors="replace")) from None
+        except (OSError, InvalidHandshake, TimeoutError) as e:
+            raise ApiError(0, "unreachable", f"cannot open a websocket to {url}: {e}") from None
 
     def wait(self, op_id: str, timeout: float = 600, on_progress=None) -> dict:
         """Poll the operation until it ends (1 s long-polls, so progress can be shown)."""

@@ -45,6 +45,8 @@ class ApiConfig(_Strict):
     max_connections_per_client: int = Field(256, ge=1, le=16384)  # from one address
     max_streams: int = Field(1024, ge=1, le=4096)  # long requests (event streams, waits, peer transfers) in all
     max_streams_per_client: int = Field(128, ge=1, le=4096)  # from one address; more get 503
+    # a websocket (console, exec) silent this long gets a ping; silent as long again, it is dropped
+    ws_ping_interval: float = Field(30.0, gt=0, le=3600)
     event_replay: int = Field(10_000, ge=0, le=1_000_000)  # events kept (state DB) for Last-Event-ID replay
     access_log: bool = True  # one INFO line per request (logger agent.access); about 60 us of the loop each
 

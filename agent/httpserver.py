@@ -27,6 +27,20 @@ certificate name and role, as the app authenticated it) and request id. With cli
 certificates (``api.client_ca``) the certificate's subject CN and SAN DNS names are handed
 to the app as ``environ["nodeagent.client_cert"]``.
 
+Websockets (RFC 6455) are long requests too: a GET to a long route with ``Upgrade: websocket``
+finds a ``WebSocket`` in ``environ["nodeagent.websocket"]``; the app authenticates and checks
+the request as any other and, to accept, sets ``ws.session`` (a function of the WebSocket) and
+answers 101 (agent.api.websocket does both); any other answer is sent as a plain HTTP answer
+(a 401, 403, 404 ...). After the 101 the loop frames messages (wsproto): ``session(ws)`` runs
+on the request's thread and calls ``ws.recv()`` / ``ws.send()``; its messages go out through
+the same bounded queue as a stream's chunks (a client that stops reading stalls its own
+session, and is dropped after write_timeout), and what the client sends waits in a bounded
+inbox (WS_INBOX messages of at most WS_MAX_MESSAGE bytes; while it is full the loop reads no
+more from that client). Client pings are answered; a client silent for ws_ping_interval gets
+a ping and, silent as long again, is dropped. When the session returns the loop sends its
+close code (1011 if it raised) and ends the connection; a session counts against the
+stream caps like any long request.
+
 Lifecycle: ``HttpServer(app, api, long_endpoints)``; ``await serve(sock, stop)`` until
 ``stop`` is set; then it takes no connection, closes idle ones, ends long requests (their
 ``gone`` is set), lets short ones finish for up to GRACE_SECONDS and returns.
@@ -49,6 +63,11 @@ from concurrent.futures import Executor, Future
 from urllib.parse import unquote_to_bytes
 
 import h11
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.utilities import ProtocolError as WsProtocolError
+from wsproto.utilities import generate_accept_token
 
 from agent import log as agent_log
 from agent.config import ApiConfig
@@ -58,7 +77,7 @@ access_log = logging.getLogger("agent.access")
 
 READ_CHUNK = 64 * 1024  # bytes asked of a socket per read
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; larger gets 431
-BODY_PULL_BYTES = 256 * 1024  # most bytes of a streamed body handed to the app per trip to the loop
+BODY_PULL_BYTES = 1024 * 1024  # most bytes of a streamed body handed to the app per trip to the loop
 STREAM_QUEUE = 8  # response chunks a long request may have queued for the loop before it waits
 GRACE_SECONDS = 10  # after stop, how long requests in flight may take to finish
 REFUSED_LOG_INTERVAL = 10  # seconds between warnings about refused connections
@@ -67,6 +86,9 @@ REFUSED_LOG_INTERVAL = 10  # seconds between warnings about refused connections
 NOTSENT_LOWAT = 128 * 1024
 LOGGED_PATH_CHARS = 512  # a longer path is cut in the access log
 _ACCESS_LINE = 0  # the access line's CODE_LINE (it has no caller worth naming)
+WS_INBOX = 16  # client messages a websocket session may leave unread before the loop stops reading
+WS_MAX_MESSAGE = 1024 * 1024  # bytes of one client message (terminal input, a control message); more: close 1009
+WS_CLOSE_WAIT = 2.0  # seconds to wait for the client's answer to our close frame
 LOGGED_QUERY_KEYS = frozenset({"timeout", "tail", "type", "status", "limit"})  # values shown; others redacted
 
 
@@ -97,6 +119,100 @@ class DaemonPool(Executor):
                 f.set_result(fn(*args, **kwargs))
             except BaseException as e:  # handed to the awaiting connection
                 f.set_exception(e)
+
+
+class WebSocketClosed(_Gone):
+    """The websocket is closed (by the client, a timeout or the server stopping): stop sending."""
+
+
+class WebSocket:
+    """A websocket as its session's thread sees it. The app accepts the upgrade by setting
+    ``session`` (and ``subprotocol``, one of ``protocols``, if the client offered any) and
+    answering 101; ``session(ws)`` then runs on the request's thread. ``recv`` returns the
+    client's next message (str for a text message, bytes for a binary one) or None once the
+    connection is closed; ``send`` raises WebSocketClosed then; ``close`` sets the code the
+    server sends when the session returns."""
+
+    def __init__(self, key: str, protocols: list[str]):
+        self.key, self.protocols = key, protocols
+        self.session = None
+        self.subprotocol: str | None = None
+        self.close_code, self.close_reason = 1000, ""
+        self.closed = threading.Event()  # the connection is closed (client, timeout, server stop)
+        self._inbox: queue.Queue = queue.Queue()
+        self._out: _Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._room: asyncio.Event | None = None
+
+    # -- the session's thread --
+    def recv(self, timeout: float | None = None) -> str | bytes | None:
+        """The next message; None once closed; TimeoutError after ``timeout`` seconds."""
+        if self.closed.is_set() and self._inbox.empty():
+            return None
+        try:
+            msg = self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError("no websocket message") from None
+        if msg is None:
+            self._inbox.put(None)  # every later recv sees the end too
+            return None
+        if self._room is not None and not self._room.is_set():
+            try:
+                self._loop.call_soon_threadsafe(self._room.set)
+            except RuntimeError:
+                pass
+        return msg
+
+    def send(self, data: str | bytes) -> None:
+        if self._out is None or self.closed.is_set():
+            raise WebSocketClosed()
+        try:
+            self._out.put(("ws", data))
+        except _Gone:
+            raise WebSocketClosed() from None
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """The close code and reason (at most 120 bytes) sent when the session returns."""
+        self.close_code, self.close_reason = code, reason.encode()[:120].decode(errors="ignore")
+
+    def abort(self) -> None:
+        """From any thread: drop the connection now; a ``send`` blocked on a client that does
+        not read raises WebSocketClosed."""
+        self._end()
+        if self._out is not None and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._out.close)
+            except RuntimeError:  # the loop is gone
+                pass
+
+    # -- the loop --
+    def _deliver(self, msg) -> bool:
+        """Hand a client message to the session; False if the inbox is now full."""
+        self._inbox.put(msg)
+        if self._inbox.qsize() >= WS_INBOX:
+            self._room.clear()
+            return False
+        return True
+
+    def _end(self) -> None:
+        if not self.closed.is_set():
+            self.closed.set()
+            self._inbox.put(None)
+
+
+def websocket_request(req: h11.Request) -> WebSocket | None:
+    """A WebSocket for a GET asking to upgrade (RFC 6455 4.2.1); None for any other request."""
+    if req.method != b"GET":
+        return None
+    h = {}
+    for name, value in req.headers:
+        h[name] = h[name] + b"," + value if name in h else value
+    if (h.get(b"upgrade", b"").lower() != b"websocket"
+            or b"upgrade" not in [t.strip() for t in h.get(b"connection", b"").lower().split(b",")]
+            or h.get(b"sec-websocket-version") != b"13" or not h.get(b"sec-websocket-key")):
+        return None
+    protocols = [p.strip().decode("latin-1") for p in h.get(b"sec-websocket-protocol", b"").split(b",") if p.strip()]
+    return WebSocket(h[b"sec-websocket-key"].decode("latin-1"), protocols)
 
 
 class _Channel:
@@ -301,6 +417,13 @@ class HttpServer:
         box = []
         try:
             result = self.app(environ, lambda status, headers, exc_info=None: box.extend((status, headers)))
+            ws = environ.get("nodeagent.websocket")
+            if ws is not None and ws.session is not None and box[0].startswith("101"):
+                close = getattr(result, "close", None)
+                if close:
+                    close()
+                self._run_session(ws, out, environ)
+                return
             try:
                 started = False
                 for chunk in result:
@@ -326,6 +449,19 @@ class HttpServer:
                 pass
         finally:
             self._release_stream(client)
+
+    def _run_session(self, ws: WebSocket, out: _Channel, environ: dict) -> None:
+        """A websocket session, on its request's thread, after the app accepted it."""
+        ws._out = out
+        out.put(("upgrade", None))
+        try:
+            ws.session(ws)
+        except _Gone:
+            raise
+        except Exception:
+            log.exception("websocket session failed", extra={"path": environ.get("PATH_INFO")})
+            ws.close(1011, "internal error: the agent log has the details")
+        out.put(("wsend", (ws.close_code, ws.close_reason)))
 
     def date(self) -> bytes:
         now = int(time.time())
@@ -408,10 +544,15 @@ class _Connection:
         self.writer: asyncio.StreamWriter | None = None
         self.tls: _Tls | None = None
         self.client_cert: dict | None = None  # the verified client certificate's names
+        self.ws: WebSocket | None = None  # the websocket this connection carries, once accepted
 
     def stop(self) -> None:
-        """The server stops: an idle connection closes now, a long request ends, a short one finishes."""
+        """The server stops: an idle connection closes now, a long request ends (a websocket's
+        session ends and its client hears 1001), a short one finishes."""
         self.gone.set()
+        if self.ws is not None:
+            self.ws.close(1001, "the agent is stopping")
+            self.ws._end()
         if self.state == "idle" and self.task:
             self.task.cancel()
 
@@ -455,12 +596,12 @@ class _Connection:
         else:
             self.writer.write(data)
 
-    async def _read(self, deadline: float) -> bytes:
-        """Up to READ_CHUNK bytes of the request stream (b"" at its end); TimeoutError at ``deadline``."""
+    async def _read(self, deadline: float, size: int = READ_CHUNK) -> bytes:
+        """Up to ``size`` bytes of the request stream (b"" at its end); TimeoutError at ``deadline``."""
         async with asyncio.timeout_at(deadline):
             if self.tls is not None:
                 return await self.tls.read()
-            return await self.reader.read(READ_CHUNK)
+            return await self.reader.read(size)
 
     async def _event(self, conn: h11.Connection, deadline: float):
         while True:
@@ -663,10 +804,14 @@ class _Connection:
         self._conn = conn
         environ["wsgi.input"] = _BodyReader(self) if has_body else io.BytesIO(b"")
         environ["nodeagent.gone"] = self.gone
+        ws = environ["nodeagent.websocket"] = websocket_request(req)
+        if ws is not None:  # werkzeug routes an upgrade only to rules marked websocket: ours are plain
+            environ.pop("HTTP_UPGRADE", None)
         out = _Channel(self.loop)
         threading.Thread(target=self.server.run_long, args=(environ, out, self.client), daemon=True,
                          name=f"api-long-{environ['PATH_INFO'][:40]}").start()
-        watch = None if has_body else self.loop.create_task(self._watch(conn, out))
+        # a websocket's client is watched by the session's reader once it is accepted
+        watch = None if has_body or ws is not None else self.loop.create_task(self._watch(conn, out))
         try:
             while True:
                 kind, value = await out.get()
@@ -682,6 +827,10 @@ class _Connection:
                     self._write(conn.send(h11.EndOfMessage()))
                     await self._drain()
                     return
+                elif kind == "upgrade":
+                    environ["nodeagent.status"] = 101
+                    await self._websocket(conn, ws, out, environ)
+                    return
                 else:
                     raise _Gone()  # the app failed mid-response: cut it, the client sees a short stream
         finally:
@@ -689,10 +838,96 @@ class _Connection:
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
             out.close()
+            if ws is not None:
+                ws._end()
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE or self.server.stopping:
                 self.gone.set()
             else:
                 self.gone = threading.Event()  # the next long request on this connection gets its own
+
+    # -- websockets: after the 101 the connection carries frames until the session ends --
+    async def _websocket(self, conn: h11.Connection, ws: WebSocket, out: _Channel, environ: dict) -> None:
+        headers = [(b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
+                   (b"sec-websocket-accept", generate_accept_token(ws.key.encode("latin-1"))),
+                   (b"date", self.server.date())]
+        if ws.subprotocol:
+            headers.append((b"sec-websocket-protocol", ws.subprotocol.encode("latin-1")))
+        if environ.get("nodeagent.request_id"):
+            headers.append((b"x-request-id", environ["nodeagent.request_id"].encode("latin-1")))
+        self._write(conn.send(h11.InformationalResponse(status_code=101, headers=headers)))
+        await self._drain()
+        wsc = WsConnection(ConnectionType.SERVER, trailing_data=conn.trailing_data[0])
+        self.ws = ws
+        ws._loop, ws._room = self.loop, asyncio.Event()
+        ws._room.set()
+        reader = self.loop.create_task(self._ws_read(wsc, ws, out))
+        try:
+            while True:
+                kind, value = await out.get()
+                if kind == "ws":
+                    msg = TextMessage(data=value) if isinstance(value, str) else BytesMessage(data=value)
+                    self._write(wsc.send(msg))
+                    environ["nodeagent.sent"] = environ.get("nodeagent.sent", 0) + len(value)
+                    await self._drain()
+                elif kind == "wsend":
+                    if wsc.state is ConnectionState.OPEN:
+                        self._write(wsc.send(CloseConnection(code=value[0], reason=value[1] or None)))
+                        await self._drain()
+                        await asyncio.wait([reader], timeout=WS_CLOSE_WAIT)  # the client's close answer
+                    return
+                else:
+                    raise _Gone()
+        finally:
+            ws._end()
+            self.ws = None
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def _ws_read(self, wsc: WsConnection, ws: WebSocket, out: _Channel) -> None:
+        """Client frames into the session's inbox (pausing while it is full), pings answered,
+        a silent client pinged and then dropped, a close answered."""
+        parts, size, pinged = [], 0, False
+        interval = self.api.ws_ping_interval
+        try:
+            while True:
+                await ws._room.wait()
+                try:
+                    data = await self._read(self.loop.time() + interval)
+                except TimeoutError:
+                    if pinged or wsc.state is not ConnectionState.OPEN:
+                        return  # silent through a ping interval and its answer's: gone
+                    self._write(wsc.send(Ping(payload=b"nodeagent")))
+                    pinged = True
+                    continue
+                if not data:
+                    return
+                pinged = False
+                wsc.receive_data(data)
+                for ev in wsc.events():
+                    if isinstance(ev, Message):
+                        parts.append(ev.data)
+                        size += len(ev.data)
+                        if size > WS_MAX_MESSAGE:
+                            self._write(wsc.send(CloseConnection(
+                                code=1009, reason=f"message too large: at most {WS_MAX_MESSAGE} bytes")))
+                            return
+                        if ev.message_finished:
+                            ws._deliver("".join(parts) if isinstance(ev, TextMessage) else b"".join(parts))
+                            parts, size = [], 0
+                    elif isinstance(ev, Ping):
+                        self._write(wsc.send(ev.response()))
+                    elif isinstance(ev, CloseConnection):
+                        if wsc.state is ConnectionState.REMOTE_CLOSING:
+                            self._write(wsc.send(ev.response()))
+                        return
+        except WsProtocolError as e:
+            if wsc.state is ConnectionState.OPEN:
+                self._write(wsc.send(CloseConnection(code=1002, reason=str(e)[:100])))
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            ws._end()
+            out.close()
 
     async def _watch(self, conn: h11.Connection, out: _Channel) -> None:
         """While a long request without a body runs: notice its client leaving, so that its
@@ -733,7 +968,7 @@ class _Connection:
             if ev is h11.NEED_DATA:
                 if n:
                     break  # hand over what is here
-                conn.receive_data(await self._read(deadline))
+                conn.receive_data(await self._read(deadline, max(READ_CHUNK, want - n)))
             elif isinstance(ev, h11.Data):
                 parts.append(ev.data)
                 n += len(ev.data)

@@ -612,13 +612,37 @@ class InstanceAction(Model):
 class ExecRequest(Model):
     command: list[Arg] = Field(min_length=1, max_length=256,
                                json_schema_extra={"prefixItems": [{"type": "string", "minLength": 1}]})
-    timeout: float = Field(60, gt=0, le=3600)
+    timeout: float = Field(60, gt=0, le=3600, description="buffered exec only")
+    interactive: bool = Field(False, description="a websocket session (201 with its URL) instead of a "
+                                                 "buffered run")
+    tty: bool = Field(False, description="interactive: run it on a terminal")
+    env: dict[EnvKey, Arg] = Field(default_factory=dict, max_length=256, description="interactive")
+    cwd: str | None = Field(None, max_length=4096, pattern=r"^/[^\x00]*$", description="interactive")
+    user: str | None = Field(None, pattern=r"^[0-9]{1,10}(:[0-9]{1,10})?$",
+                             description="interactive: UID or UID:GID in the container")
+    cols: Int = Field(80, ge=1, le=1000)
+    rows: Int = Field(24, ge=1, le=1000)
+
+    # _program's rule, for the spec (a schema-valid body is accepted)
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"not": {"properties": {"interactive": {"const": True}}, "required": ["interactive"]}},
+         "then": {"properties": {"tty": {"const": False}, "env": {"maxProperties": 0}, "cwd": {"type": "null"},
+                                 "user": {"type": "null"}}}}]})
 
     @model_validator(mode="after")
     def _program(self):
         if not self.command[0]:
             raise ValueError("command[0] is empty: give the program to run")
+        given = [f for f in ("tty", "env", "cwd", "user") if getattr(self, f)]
+        if given and not self.interactive:
+            raise ValueError(f"{', '.join(given)} needs interactive: true (a websocket session)")
         return self
+
+
+class ExecSession(Model):
+    session: str = Field(description="one use, by the same caller, within expires_in seconds")
+    websocket: str = Field(description="GET this path as a websocket to start the process")
+    expires_in: int
 
 
 class ExecResult(Model):

@@ -29,7 +29,7 @@ def build(version: str = "0.1.0") -> dict:
                    "schema": TypeAdapter(r.path_types[p]).json_schema() if p in r.path_types else
                    {"type": "string", "pattern": PATH_ID_RE.pattern, "maxLength": 128}}
                   for p in _path_params(r.path)]
-        params += [{"name": q["name"], "in": "query", "required": False, "schema": q["schema"],
+        params += [{"name": q["name"], "in": "query", "required": q.get("required", False), "schema": q["schema"],
                     "description": q.get("description", "")} for q in r.query]
         if params:
             op["parameters"] = params

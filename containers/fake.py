@@ -15,8 +15,15 @@ command                    behaviour on start() (and on exec())
 ``id -u`` / ``id -g``      writes the uid / gid the process runs as (its spec's user)
 ``sh -c "exit N"``         exits N at once
 ``sh -c "echo ARGS"``      same as ``echo ARGS``
-anything else              runs until stop()/kill() (exec: exits 0, no output)
+``cat``                    (interactive exec only) copies stdin to stdout until EOF, exits 0
+anything else              runs until stop()/kill() (exec: exits 0, no output; an
+                           interactive exec runs until its stdin ends or it is killed)
 =========================  ===================================================
+
+Interactive execs (containers.runtime.SupportsInteractiveExec) run that interpreter on a
+thread, behind real pipes or a real pty. Files (containers.runtime.SupportsFiles) live in
+memory per container (a directory exists if it is FAKE_DIRS' or holds a file); a read
+hands back a memfd.
 
 stop() sends a simulated SIGTERM: the process exits 143 (128 + SIGTERM). kill(sig)
 exits 128 + sig. stats() returns zero usage but reports the limits in ``"limits"``.
@@ -26,6 +33,8 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import itertools
+import os
+import posixpath
 import shlex
 import threading
 from collections.abc import Mapping
@@ -35,7 +44,7 @@ from agent.errors import Conflict, InvalidInput, NotFound
 from containers import validate
 from containers.bundle import resolve_process
 from containers.bandwidth import Bandwidth
-from containers.runtime import ContainerInfo, ContainerSpec, ExecResult, IdMap, Limits
+from containers.runtime import ContainerInfo, ContainerSpec, ExecOptions, ExecResult, IdMap, Limits
 
 if TYPE_CHECKING:
     from agent.state import Database
@@ -44,6 +53,7 @@ if TYPE_CHECKING:
 SIGTERM_EXIT = 128 + 15
 DEFAULT_SUBNET = "10.88.0.0/24"
 FAKE_IDMAP = IdMap(1000000, 65536)  # the default /etc/subuid allocation (containers.idmap)
+FAKE_DIRS = frozenset({"/", "/bin", "/etc", "/root", "/tmp", "/var"})  # the directories every fake rootfs has
 
 
 def _interpret(command: list[str] | tuple[str, ...], hostname: str,
@@ -80,6 +90,9 @@ class _Box:
     ip: str | None = None
     limits: Limits = Limits()
     log: list[str] = dataclasses.field(default_factory=list)
+    # path -> (data, mode, uid, gid): SupportsFiles in memory
+    files: dict[str, tuple[bytes, int, int, int]] = dataclasses.field(default_factory=dict)
+    dirs: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)  # made ones: mode, uid, gid
 
     def info(self) -> ContainerInfo:
         return ContainerInfo(self.spec.name, self.state, self.pid, self.exit_code, self.ip,
@@ -223,6 +236,95 @@ class FakeRuntime:
             code, out = _interpret(command, box.spec.hostname or name, resolve_process(box.spec)["user"])
             return ExecResult(0 if code is None else code, out, "")
 
+    def exec_interactive(self, name: str, options: ExecOptions) -> "_FakeExec":
+        """containers.runtime.SupportsInteractiveExec: the interpreter on a thread."""
+        if not options.command or not all(isinstance(a, str) and "\0" not in a for a in options.command):
+            raise InvalidInput("exec needs a command: a non-empty list of strings without NUL")
+        with self._lock:
+            box = self._box(name)
+            if box.state != "running":
+                raise Conflict(f"container {name!r} is {box.state}: exec needs it running")
+            user = options.user or resolve_process(box.spec)["user"]
+            return _FakeExec(list(options.command), box.spec.hostname or name, user, options)
+
+    def open_file(self, name: str, path: str):
+        """containers.runtime.SupportsFiles."""
+        from containers.files import FileInfo, check_path
+        check_path(path)
+        with self._lock:
+            box = self._box(name)
+            if self._is_dir(box, _norm(path)):
+                mode, uid, gid = box.dirs.get(_norm(path), (0o755, 0, 0))
+                return -1, FileInfo(0, mode, uid, gid, "directory")
+            if _norm(path) not in box.files:
+                raise NotFound(f"{path[:200]!r} does not exist in the container (pull)")
+            data, mode, uid, gid = box.files[_norm(path)]
+        fd = os.memfd_create("fake-file", os.MFD_CLOEXEC)
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd, FileInfo(len(data), mode, uid, gid)
+
+    def put_file(self, name: str, path: str, read, *, uid: int = 0, gid: int = 0, mode: int = 0o644) -> int:
+        from containers.files import check_path
+        check_path(path)
+        p = _norm(path)
+        parent = p.rsplit("/", 1)[0] or "/"
+        if p in FAKE_DIRS or p == "/":
+            raise Conflict(f"{path[:200]!r} is a directory (push)")
+        if not 0 <= mode <= 0o7777:
+            raise InvalidInput(f"mode {mode:o} must be permission bits (at most 7777 octal)")
+        chunks = []
+        while data := read(1 << 20):
+            chunks.append(data)
+        with self._lock:
+            box = self._box(name)
+            if not self._is_dir(box, parent):
+                raise NotFound(f"{parent[:200]!r} does not exist in the container (push: the parent directory)")
+            if p in box.dirs:
+                raise Conflict(f"{path[:200]!r} is a directory (push)")
+            body = b"".join(chunks)
+            box.files[p] = (body, mode, uid, gid)
+            return len(body)
+
+    def list_dir(self, name: str, path: str) -> tuple[list[dict], bool]:
+        from containers.files import check_path
+        check_path(path)
+        p = _norm(path)
+        with self._lock:
+            box = self._box(name)
+            if not self._is_dir(box, p):
+                raise NotFound(f"{path[:200]!r} is not a directory in the container (list)")
+            prefix = p.rstrip("/") + "/"
+            out = {}
+            for d in set(FAKE_DIRS) | set(box.dirs):
+                if d.startswith(prefix) and d != p and "/" not in d[len(prefix):]:
+                    mode, uid, gid = box.dirs.get(d, (0o755, 0, 0))
+                    out[d[len(prefix):]] = {"type": "directory", "size": 0, "mode": f"{mode:04o}", "uid": uid,
+                                            "gid": gid}
+            for f, (data, mode, uid, gid) in box.files.items():
+                if f.startswith(prefix) and "/" not in f[len(prefix):]:
+                    out[f[len(prefix):]] = {"type": "file", "size": len(data), "mode": f"{mode:04o}", "uid": uid,
+                                            "gid": gid}
+        return [{"name": n, **out[n]} for n in sorted(out)], False
+
+    def make_dir(self, name: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
+        from containers.files import check_path
+        check_path(path)
+        p = _norm(path)
+        if not 0 <= mode <= 0o7777:
+            raise InvalidInput(f"mode {mode:o} must be permission bits (at most 7777 octal)")
+        with self._lock:
+            box = self._box(name)
+            if not self._is_dir(box, p.rsplit("/", 1)[0] or "/"):
+                raise NotFound(f"the parent of {path[:200]!r} does not exist in the container (mkdir)")
+            if self._is_dir(box, p) or p in box.files:
+                raise Conflict(f"{path[:200]!r} exists in the container")
+            box.dirs[p] = (mode, uid, gid)
+
+    @staticmethod
+    def _is_dir(box: _Box, path: str) -> bool:
+        return path in FAKE_DIRS or path in box.dirs
+
     def logs(self, name: str, tail: int | None = None) -> str:
         with self._lock:
             text = "".join(self._box(name).log)
@@ -270,3 +372,104 @@ class FakeRuntime:
     def list(self) -> list[ContainerInfo]:
         with self._lock:
             return [b.info() for b in sorted(self._boxes.values(), key=lambda b: b.spec.name)]
+
+
+def _norm(path: str) -> str:
+    return posixpath.normpath("/" + path.lstrip("/")).replace("//", "/")
+
+
+class _FakeExec:
+    """containers.runtime.ExecProcess of the fake interpreter: its output written, ``cat``
+    copying its input, anything that keeps running waiting for its input to end."""
+
+    pty: int | None
+    stdin: int | None
+    stdout: int | None
+    stderr: int | None
+
+    def __init__(self, command: list[str], hostname: str, user: str, o: ExecOptions):
+        self.code: int | None = None
+        self._peer: int | None
+        self._err_w: int | None = None
+        self._done = threading.Event()
+        if o.tty:
+            self.pty, self._peer = os.openpty()  # the pair's termios: cooked, echo on (a shell's terminal)
+            self.stdin = self.stdout = self.stderr = None
+            self._in, self._out = self._peer, self._peer
+            self.resize(o.cols, o.rows)
+        else:
+            self.pty = self._peer = None
+            in_r, self.stdin = os.pipe2(os.O_CLOEXEC)
+            self.stdout, out_w = os.pipe2(os.O_CLOEXEC)
+            self.stderr, err_w = os.pipe2(os.O_CLOEXEC)
+            self._in, self._out, self._err_w = in_r, out_w, err_w
+        threading.Thread(target=self._run, args=(command, hostname, user), daemon=True).start()
+
+    def _run(self, command, hostname, user) -> None:
+        argv = list(command)
+        if argv[:2] == ["sh", "-c"] or argv[:2] == ["/bin/sh", "-c"]:
+            argv = shlex.split(argv[2]) if len(argv) > 2 else ["true"]
+        code, out = _interpret(["sh", "-c", shlex.join(argv)] if argv else ["true"], hostname, user)
+        try:
+            if out:
+                os.write(self._out, out.encode())
+            if code is None:  # cat copies; anything else waits for its input to end
+                copy = argv and argv[0].rsplit("/", 1)[-1] == "cat"
+                while data := os.read(self._in, 65536):
+                    if self.pty is not None and b"\x04" in data:
+                        break
+                    if copy:
+                        os.write(self._out, data)
+                code = 0
+        except OSError:
+            code = 137 if self.code is None else self.code
+        finally:
+            self.code = code if self.code is None else self.code
+            self._close_process_side()
+            self._done.set()
+
+    def _close_process_side(self) -> None:
+        for attr in ("_peer", "_in", "_out", "_err_w"):
+            fd = getattr(self, attr, None)
+            if fd is not None:
+                setattr(self, attr, None)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def resize(self, cols: int, rows: int) -> None:
+        import fcntl
+        import struct
+        import termios
+        if self.pty is not None:
+            fcntl.ioctl(self.pty, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def signal(self, sig: int) -> None:
+        self.code = 128 + sig
+        self.close_stdin()
+
+    def close_stdin(self) -> None:
+        if self.stdin is not None:
+            os.close(self.stdin)
+            self.stdin = None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.code if self._done.wait(timeout) else None
+
+    def kill(self) -> None:
+        self.signal(9)
+        if self.pty is not None and not self._done.is_set():
+            os.write(self.pty, b"\x04")
+
+    def release(self) -> None:
+        if not self._done.is_set():
+            self.kill()
+            self._done.wait(5)
+        for attr in ("pty", "stdout", "stderr"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                os.close(fd)
+        self.close_stdin()
+

@@ -31,6 +31,7 @@ import shutil
 import signal as signals
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -39,9 +40,9 @@ from typing import Any
 from agent.errors import (CommandFailed, Conflict, InvalidInput, NotFound, Unavailable,
                           Unsupported)
 from agent.state import Database
-from containers import bandwidth, bundle, cgroups, idmap as idmaps, validate
+from containers import bandwidth, bundle, cgroups, files, idmap as idmaps, validate
 from containers.network import Network, short_hash
-from containers.runtime import (ContainerInfo, ContainerSpec, ExecResult, IdMap, Limits,
+from containers.runtime import (ContainerInfo, ContainerSpec, ExecOptions, ExecResult, IdMap, Limits,
                                 NetworkSpec, PortMap, Rootfs)
 from containers.security import Security
 from storage import mounts
@@ -686,6 +687,43 @@ class RuncRuntime:
         return ExecResult(code, out.decode(errors="replace"), stderr, truncated=truncated,
                           timed_out=timed_out)
 
+    def exec_interactive(self, name: str, options: ExecOptions) -> "RuncExec":
+        """containers.runtime.SupportsInteractiveExec: ``runc exec`` in the foreground, with a
+        TTY (runc hands the terminal's master over --console-socket) or with our pipes as its
+        stdin, stdout and stderr. Its exit status is runc's."""
+        if not options.command or not all(isinstance(a, str) and "\0" not in a for a in options.command):
+            raise InvalidInput("exec needs a command: a non-empty list of strings without NUL")
+        self._row(name)
+        state, init_pid, _ = self._status(name)
+        if state != "running":
+            raise Conflict(f"container {name!r} is {state}: exec needs it running")
+        return RuncExec.start([self.runc, "--root", self.runc_root], name, options, self._dir(name), init_pid)
+
+    def _files_root(self, name: str):
+        info = self._info(self._row(name))
+        rootfs = self._rootfs(name)
+        if not mounts.is_mounted(rootfs):
+            raise Conflict(f"container {name!r} has no root filesystem mounted (state {info.state}): "
+                           "start it, or recreate it")
+        return rootfs, info.idmap
+
+    def open_file(self, name: str, path: str):
+        """containers.runtime.SupportsFiles (containers/files.py)."""
+        rootfs, m = self._files_root(name)
+        return files.open_for_read(rootfs, path, m)
+
+    def put_file(self, name: str, path: str, read, *, uid: int = 0, gid: int = 0, mode: int = 0o644) -> int:
+        rootfs, m = self._files_root(name)
+        return files.write_file(rootfs, path, read, uid=uid, gid=gid, mode=mode, idmap=m)
+
+    def list_dir(self, name: str, path: str) -> tuple[list[dict], bool]:
+        rootfs, m = self._files_root(name)
+        return files.list_dir(rootfs, path, m)
+
+    def make_dir(self, name: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
+        rootfs, m = self._files_root(name)
+        files.make_dir(rootfs, path, uid=uid, gid=gid, mode=mode, idmap=m)
+
     def logs(self, name: str, tail: int | None = None) -> str:
         self._row(name)
         try:
@@ -936,3 +974,141 @@ def _parse_k8s_log(raw: str) -> str:
         text = parts[3] if len(parts) == 4 else ""
         out.append(text if parts[2] == "P" else text + "\n")
     return "".join(out)
+
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `-m containers...` imports from
+EXEC_CONSOLE_WAIT = 10.0  # seconds runc may take to hand over an exec's terminal
+
+
+class RuncExec:
+    """containers.runtime.ExecProcess of a foreground ``runc exec`` (see exec_interactive)."""
+
+    def __init__(self, proc: subprocess.Popen, pid_file: str, init_pid: int | None, sockdir: str | None,
+                 pty: int | None):
+        self.proc, self.pid_file, self.init_pid, self._sockdir = proc, pid_file, init_pid, sockdir
+        self.pty = pty
+        self.stdin = proc.stdin.fileno() if proc.stdin else None
+        self.stdout = proc.stdout.fileno() if proc.stdout else None
+        self.stderr = proc.stderr.fileno() if proc.stderr and pty is None else None
+        self._released = False
+
+    @classmethod
+    def start(cls, runc: list[str], name: str, o: ExecOptions, work_dir: str, init_pid: int | None) -> "RuncExec":
+        import socket
+        import tempfile
+        pid_file = os.path.join(work_dir, f"iexec-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.pid")
+        argv = [*runc, "exec", "--pid-file", pid_file]
+        if o.cwd:
+            argv += ["--cwd", o.cwd]
+        for k, v in o.env:
+            argv += ["--env", f"{k}={v}"]
+        if o.user:
+            argv += ["--user", o.user]
+        if not o.tty:
+            piped = subprocess.Popen([*argv, name, *o.command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+            return cls(piped, pid_file, init_pid, None, None)
+        sockdir = tempfile.mkdtemp(prefix="nodeagent-exec-")  # 0700; a short path for sun_path
+        path = os.path.join(sockdir, "console.sock")
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        proc: subprocess.Popen | None = None
+        try:
+            lsock.bind(path)
+            lsock.listen(1)
+            lsock.settimeout(0.2)
+            # runc hands a terminal over only when it detaches: containers.exec_reaper waits in its place
+            proc = subprocess.Popen([sys.executable, "-m", "containers.exec_reaper", pid_file, "--",
+                                     *argv, "--detach", "--tty", "--console-socket", path, name, *o.command],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    start_new_session=True, cwd=_REPO_ROOT)
+            deadline = time.monotonic() + EXEC_CONSOLE_WAIT
+            while True:
+                try:
+                    conn, _ = lsock.accept()
+                    break
+                except TimeoutError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        err = ""
+                        if proc.poll() is not None and proc.stderr is not None:
+                            err = proc.stderr.read().decode(errors="replace").strip()
+                        raise CommandFailed(f"runc exec in {name!r} did not start: "
+                                            f"{_runc_message(err) if err else 'no terminal handed over'}",
+                                            stderr=err)
+            with conn:
+                conn.settimeout(EXEC_CONSOLE_WAIT)
+                _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+            if not fds:
+                raise CommandFailed(f"runc exec in {name!r} handed over no terminal")
+            ex = cls(proc, pid_file, init_pid, sockdir, fds[0])
+            ex.resize(o.cols, o.rows)
+            return ex
+        except BaseException:
+            if proc is not None and proc.poll() is None:
+                _kill_exec(_read_pid(pid_file), init_pid)
+                os.killpg(proc.pid, signals.SIGKILL)
+                proc.wait()
+            shutil.rmtree(sockdir, ignore_errors=True)
+            raise
+        finally:
+            lsock.close()
+
+    def resize(self, cols: int, rows: int) -> None:
+        import fcntl
+        import struct
+        import termios
+        if self.pty is not None:
+            fcntl.ioctl(self.pty, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def _pid(self) -> int | None:
+        """The exec'd process, if it still runs in the container's pid namespace."""
+        pid = _read_pid(self.pid_file)
+        if not pid or not self.init_pid or _pid_ns(pid) is None or _pid_ns(pid) != _pid_ns(self.init_pid):
+            return None
+        return pid
+
+    def signal(self, sig: int) -> None:
+        pid = self._pid()
+        if pid:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def close_stdin(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+            self.stdin = None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return 128 - code if code < 0 else code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            _kill_exec(_read_pid(self.pid_file), self.init_pid)
+            try:
+                os.killpg(self.proc.pid, signals.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        if self.proc.poll() is None:
+            self.kill()
+            self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f is not None and not f.closed:
+                f.close()
+        if self.pty is not None:
+            os.close(self.pty)
+        try:
+            os.unlink(self.pid_file)
+        except FileNotFoundError:
+            pass
+        if self._sockdir:
+            shutil.rmtree(self._sockdir, ignore_errors=True)

@@ -148,6 +148,78 @@ class Runtime(Protocol):
     def list(self) -> list[ContainerInfo]: ...
 
 
+@dataclass(frozen=True)
+class ExecOptions:
+    """An interactive process in a running container. ``user``: "UID" or "UID:GID" (numeric,
+    as the container's namespace sees them; default the container's own user)."""
+    command: tuple[str, ...]
+    tty: bool = False
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    user: str | None = None
+    cols: int = 80
+    rows: int = 24
+
+
+class ExecProcess(Protocol):
+    """A running interactive exec. With a TTY ``pty`` is the terminal's host side (read: its
+    output, write: its input) and the three pipes are None; without, ``stdin`` is writable and
+    ``stdout``/``stderr`` readable raw file descriptors and ``pty`` is None. The caller closes
+    nothing but calls ``release`` once, after ``wait``."""
+    pty: int | None
+    stdin: int | None
+    stdout: int | None
+    stderr: int | None
+
+    def resize(self, cols: int, rows: int) -> None: ...
+
+    def signal(self, sig: int) -> None:
+        """Signal the exec'd process (only it: a TTY's ^C goes through the terminal)."""
+
+    def close_stdin(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit code (128+N after signal N); None if still running after ``timeout``."""
+
+    def kill(self) -> None:
+        """SIGKILL it and every process it started in the container."""
+
+    def release(self) -> None:
+        """Close its descriptors and remove its files (kills it first if it still runs)."""
+
+
+@runtime_checkable
+class SupportsInteractiveExec(Protocol):
+    """Runtimes that run an interactive process (a TTY, or stdin/stdout/stderr streams) in a
+    running container."""
+
+    def exec_interactive(self, name: str, options: ExecOptions) -> ExecProcess:
+        """Start it; Conflict if the container does not run, InvalidInput for a bad option.
+        On failure nothing is left running."""
+
+
+@runtime_checkable
+class SupportsFiles(Protocol):
+    """Runtimes whose containers' files the host reaches (containers/files.py: paths resolve
+    inside the container's root, never out of it; owners are the container's ids)."""
+
+    def open_file(self, name: str, path: str):
+        """(a readable file descriptor the caller closes, containers.files.FileInfo) of regular
+        file ``path``; for a directory (-1, its FileInfo with kind "directory"); NotFound,
+        Unprocessable (a device, a fifo, a way out)."""
+
+    def list_dir(self, name: str, path: str) -> tuple[list[dict], bool]:
+        """Directory ``path``'s entries ({name, type, size, mode, uid, gid}) and whether more
+        than containers.files.MAX_ENTRIES were left out."""
+
+    def make_dir(self, name: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
+        """Create directory ``path`` (its parent must exist; Conflict if the name is taken)."""
+
+    def put_file(self, name: str, path: str, read, *, uid: int = 0, gid: int = 0, mode: int = 0o644) -> int:
+        """Write what ``read(n)`` gives (until b"") as ``path``, replacing a file or symlink
+        there; the bytes written. On failure nothing new is left."""
+
+
 @runtime_checkable
 class SupportsPause(Protocol):
     """Runtimes that can freeze a container's processes (the cgroup freezer) and thaw them."""

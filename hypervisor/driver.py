@@ -201,6 +201,16 @@ class SupportsIncomingDisks(Protocol):
 
 
 @runtime_checkable
+class SupportsConsole(Protocol):
+    """Drivers that give the host's side of a running VM's serial console."""
+
+    def open_console(self, name: str) -> int:
+        """A new non-blocking, raw file descriptor of VM ``name``'s serial console: what the
+        guest writes can be read from it, what is written reaches the guest. The caller
+        closes it. Conflict if the VM is not running, NotFound if there is none."""
+
+
+@runtime_checkable
 class ReportsVirtType(Protocol):
     """Drivers that know how their VMs are accelerated: ``virt_type`` is "kvm" or "qemu"
     (TCG), probed on first read where configured "auto"."""

@@ -9,6 +9,7 @@ fixed step per stats() call while running.
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Mapping
@@ -45,6 +46,13 @@ class _Vm:
     snapshots: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> disk targets
     boots: int = 0
     cpu_time_ns: int = 0
+    ttys: list[int] = field(default_factory=list)  # the guest's ends of open consoles (they echo)
+
+    def hang_up(self) -> None:
+        """Powered off: open consoles read their end."""
+        for fd in self.ttys:
+            os.close(fd)
+        self.ttys.clear()
 
     def info(self) -> VmInfo:
         return VmInfo(name=self.spec.name, uuid=self.spec.uuid, state=self.state,
@@ -152,6 +160,7 @@ class FakeDriver:
             if vm.state != "stopped":
                 vm.console.append("fake-guest: power off" if not force else "fake-bios: destroyed")
                 vm.state = "stopped"
+                vm.hang_up()
             return vm.info()
 
     def reboot(self, name: str) -> VmInfo:
@@ -182,7 +191,22 @@ class FakeDriver:
     def delete(self, name: str) -> bool:
         """Forget the VM (its disks' files are the caller's); False if it was already gone."""
         with self._lock:
-            return self._vms.pop(name, None) is not None
+            vm = self._vms.pop(name, None)
+            if vm is not None:
+                vm.hang_up()
+            return vm is not None
+
+    def open_console(self, name: str) -> int:
+        """hypervisor.driver.SupportsConsole: a pty whose guest end echoes what is typed (the
+        tty's own echo, as a guest's shell prompt would) until the VM stops."""
+        with self._lock:
+            vm = self._get(name)
+            if vm.state != "running":
+                raise Conflict(f"VM {name!r} is {vm.state}: its console opens when it runs", vm=name)
+            master, guest = os.openpty()  # the pair's one termios: cooked, echo on
+            os.set_blocking(master, False)
+            vm.ttys.append(guest)
+            return master
 
     # -- queries --
     def get(self, name: str) -> VmInfo:

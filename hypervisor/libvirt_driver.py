@@ -161,6 +161,21 @@ def disks_from_xml(root: ET.Element) -> list[DiskSpec]:
     return sorted(out, key=lambda d: d.target)
 
 
+def open_serial_pty(path: str) -> int:
+    """Privileged: open a VM's serial pty (a /dev/pts device libvirt named) raw and non-blocking."""
+    import termios
+    import tty
+    if not path.startswith("/dev/pts/") or not path[len("/dev/pts/"):].isdigit():
+        raise Unavailable(f"serial console {path!r} is not a /dev/pts device")
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+    except Exception:
+        os.close(fd)
+        raise
+    return fd
+
+
 class LibvirtDriver:
     """``hypervisor.Driver`` on libvirt. ``virt_type``: "auto" (probe, see hypervisor.host),
     "kvm" or "qemu". The connection opens lazily; if libvirtd is down every call raises
@@ -660,6 +675,20 @@ class LibvirtDriver:
             return ""
         lines = text.splitlines(keepends=True)
         return "".join(lines[-tail:])
+
+    def open_console(self, name: str) -> int:
+        """hypervisor.driver.SupportsConsole: the serial port's pty, as libvirt reports it for
+        the running domain, opened raw (what virDomainOpenConsole does for a local client;
+        libvirt's console lock is not taken, so a `virsh console` beside it would share the
+        output)."""
+        dom = self._dom(name)
+        if not dom.isActive():
+            raise Conflict(f"VM {name!r} is not running: its console opens when it runs", vm=name)
+        src = self._xml(dom).find("devices/serial[@type='pty']/source")
+        path = src.get("path") if src is not None else None
+        if not path:
+            raise Unavailable(f"VM {name!r} has no serial pty (libvirt reported none)", vm=name)
+        return open_serial_pty(path)
 
     def qmp_status(self, name: str) -> dict:
         """QEMU's own run state through the agent's QMP socket (Unavailable when stopped)."""

@@ -81,6 +81,23 @@ def route(bp: Blueprint, method: str, path: str, *, summary: str, responses: dic
     return deco
 
 
+WS_PROTOCOL = "nodeagent.v1"  # the subprotocol our websockets speak (README "Consoles, exec and files")
+
+
+def websocket(session) -> Response:
+    """Accept this request's websocket upgrade: ``session(ws)`` (agent.httpserver.WebSocket)
+    runs on the request's thread once the 101 is out; it must capture what it needs (the
+    request context is over by then). 400 for a request that is not a websocket upgrade."""
+    ws = request.environ.get("nodeagent.websocket")
+    if ws is None:
+        raise InvalidInput(f"{request.path[:200]} is a websocket: connect with GET, 'Connection: Upgrade', "
+                           "'Upgrade: websocket' and 'Sec-WebSocket-Version: 13' (e.g. `nodeagent console`)")
+    ws.session = session
+    if WS_PROTOCOL in ws.protocols:
+        ws.subprotocol = WS_PROTOCOL
+    return Response(status=101)
+
+
 def services():
     return current_app.config["SERVICES"]
 

@@ -418,11 +418,86 @@ class InstanceService:
         if inst.spec.get("bandwidth"):
             self._apply_bandwidth(inst, Bandwidth.from_dict(inst.spec["bandwidth"]))
 
-    # -- exec, logs, stats --
-    def exec(self, ref: str, req: models.ExecRequest) -> dict:
+    # -- consoles, interactive exec --
+    def console(self, ref: str, caller: dict, request_id: str | None = None):
+        """The websocket session (agent.services.console) of a watcher of ``ref``'s console;
+        admins type, readers watch. Conflict for a VM that does not run, and for containers
+        (none has a TTY yet)."""
+        from agent.services.console import console_session, not_a_tty
+        inst = self.get(ref)
+        if inst.kind != "vm":
+            raise not_a_tty(inst.name)
+        if inst.state != "running":
+            raise Conflict(f"instance {inst.name!r} is {inst.state}: its console opens when it runs")
+        who = f"{caller.get('via', 'token')} {caller.get('name')!r} ({caller.get('role')})"
+        return console_session(self.root.consoles, inst.name, can_type=caller.get("role") == "admin", who=who,
+                               request_id=request_id)
+
+    def exec_interactive(self, inst, req: models.ExecRequest, caller: dict) -> dict:
+        """Reserve an interactive exec session (agent.services.execs) for ``caller``."""
+        from containers.runtime import ExecOptions, SupportsInteractiveExec
+        if not isinstance(self.root.runtime, SupportsInteractiveExec):
+            raise Unsupported("this host's container runtime has no interactive exec")
+        if inst.state != "running":
+            raise Conflict(f"container {inst.name!r} is {inst.state}: exec needs it running")
+        opts = ExecOptions(command=tuple(req.command), tty=req.tty, env=tuple(sorted(req.env.items())),
+                           cwd=req.cwd, user=req.user, cols=req.cols, rows=req.rows)
+        from agent.services.execs import SESSION_TTL
+        sid = self.root.execs.reserve(inst.id, opts, _identity(caller))
+        return {"session": sid, "websocket": f"/v1/instances/{inst.id}/exec/{sid}", "expires_in": SESSION_TTL}
+
+    def exec_attach(self, ref: str, session: str, caller: dict, request_id: str | None = None):
+        """The websocket session of a reserved interactive exec (NotFound if none)."""
+        from agent.services.execs import exec_session
+        inst = self.get(ref)
+        opts = self.root.execs.take(session, inst.id, _identity(caller))
+        who = f"{caller.get('via', 'token')} {caller.get('name')!r} ({caller.get('role')})"
+        return exec_session(self.root.runtime, inst.name, opts, who=who, request_id=request_id)
+
+    # -- files (containers) --
+    def _files_runtime(self, ref: str):
+        from containers.runtime import SupportsFiles
         inst = self.get(ref)
         if inst.kind != "container":
-            raise Unprocessable("exec works on containers only: use the VM's console or ssh")
+            raise Unprocessable("file push and pull work on containers only: a VM's files need a guest "
+                                "agent, which the agent does not use yet")
+        if inst.state in ("creating", "incoming", "deleting"):
+            raise Conflict(f"instance {inst.name!r} is {inst.state}: its files are not there yet")
+        if not isinstance(self.root.runtime, SupportsFiles):
+            raise Unsupported("this host's container runtime cannot reach containers' files")
+        return inst, self.root.runtime
+
+    def file_open(self, ref: str, path: str) -> FileBody | dict:
+        """Regular file ``path`` of container ``ref``, to stream out (a FileBody the server
+        closes); for a directory its listing {path, type, mode, uid, gid, entries, truncated}."""
+        inst, rt = self._files_runtime(ref)
+        fd, info = rt.open_file(inst.name, path)
+        if info.kind == "directory":
+            entries, truncated = rt.list_dir(inst.name, path)
+            return {"path": path, "type": "directory", "mode": f"{info.mode:04o}", "uid": info.uid, "gid": info.gid,
+                    "entries": entries, "truncated": truncated}
+        return FileBody(fd, info)
+
+    def make_dir(self, ref: str, path: str, *, uid: int, gid: int, mode: int) -> dict:
+        inst, rt = self._files_runtime(ref)
+        rt.make_dir(inst.name, path, uid=uid, gid=gid, mode=mode)
+        log.info("directory made", extra={"instance": inst.name, "path": path[:200]})
+        return {"path": path, "type": "directory", "uid": uid, "gid": gid, "mode": f"{mode:04o}"}
+
+    def file_put(self, ref: str, path: str, read, *, uid: int, gid: int, mode: int) -> dict:
+        inst, rt = self._files_runtime(ref)
+        n = rt.put_file(inst.name, path, read, uid=uid, gid=gid, mode=mode)
+        log.info("file pushed", extra={"instance": inst.name, "path": path[:200], "bytes": n})
+        return {"path": path, "type": "file", "bytes": n, "uid": uid, "gid": gid, "mode": f"{mode:04o}"}
+
+    # -- exec, logs, stats --
+    def exec(self, ref: str, req: models.ExecRequest, caller: dict | None = None) -> dict:
+        inst = self.get(ref)
+        if inst.kind != "container":
+            raise Unprocessable("exec works on containers only: use the VM's console (GET "
+                                "/v1/instances/{id}/console, `nodeagent console`); VMs have no guest agent here")
+        if req.interactive:
+            return self.exec_interactive(inst, req, caller or {"name": "-", "via": "-"})
         res = self.root.runtime.exec(inst.name, list(req.command), timeout=req.timeout)
         return {"exit_code": res.exit_code, "stdout": res.stdout, "stderr": res.stderr,
                 "truncated": res.truncated, "timed_out": res.timed_out}
@@ -536,3 +611,35 @@ def _ip(info) -> dict:
     """The record's ``ip`` update for what a driver reported: a container's leased address;
     VMs' addresses are the agent's own (assembly), never reported back."""
     return {"ip": info.ip} if isinstance(info, ContainerInfo) and info.ip else {}
+
+
+def _identity(caller: dict) -> str:
+    """Who a session is bound to: a token and a certificate of the same name are not one caller."""
+    return f"{caller.get('via', 'token')}:{caller.get('name')}"
+
+
+class FileBody:
+    """A pulled file as a WSGI body: at most ``info.size`` bytes (what the Content-Length said,
+    even if the file grows meanwhile), in FILE_CHUNK pieces; ``close`` (the server calls it,
+    HEAD included) closes the descriptor."""
+
+    FILE_CHUNK = 1024 * 1024
+
+    def __init__(self, fd: int, info):
+        self.fd, self.info, self._left = fd, info, info.size
+
+    def __iter__(self):
+        import os
+        while self._left > 0:
+            data = os.read(self.fd, min(self.FILE_CHUNK, self._left))
+            if not data:
+                return
+            self._left -= len(data)
+            yield data
+
+    def close(self) -> None:
+        import os
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+

@@ -9,8 +9,8 @@ import uuid
 import pytest
 
 from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
-from hypervisor.driver import (STATES, DiskSpec, Driver, ReportsVirtType, SupportsIncomingDisks, SupportsMigration,
-                               SupportsResize, VmInfo, VmSpec)
+from hypervisor.driver import (STATES, DiskSpec, Driver, ReportsVirtType, SupportsConsole, SupportsIncomingDisks,
+                               SupportsMigration, SupportsResize, VmInfo, VmSpec)
 
 DRIVERS = ["fake", "libvirt"]
 CONSOLE_TIMEOUT_S = 60  # TCG boot takes ~3 s; generous for a loaded CI host
@@ -228,7 +228,8 @@ def test_snapshot_only_when_stopped(driver, spec):
 
 # -- optional capabilities (hypervisor.driver) --
 
-CAPABILITIES = {"fake": {SupportsMigration}, "libvirt": {SupportsMigration, SupportsIncomingDisks, ReportsVirtType}}
+CAPABILITIES = {"fake": {SupportsMigration, SupportsConsole},
+                "libvirt": {SupportsMigration, SupportsIncomingDisks, ReportsVirtType, SupportsConsole}}
 
 
 def _claiming(capability) -> list[str]:
@@ -237,9 +238,45 @@ def _claiming(capability) -> list[str]:
 
 
 def test_claims_its_optional_capabilities(driver):
-    claimed = {p for p in (SupportsMigration, SupportsIncomingDisks, ReportsVirtType) if isinstance(driver, p)}
+    claimed = {p for p in (SupportsMigration, SupportsIncomingDisks, ReportsVirtType, SupportsConsole)
+               if isinstance(driver, p)}
     kind = "fake" if type(driver).__name__ == "FakeDriver" else "libvirt"
     assert claimed == CAPABILITIES[kind]
+
+
+@pytest.mark.parametrize("driver", _claiming(SupportsConsole), indirect=True)
+def test_console_reads_and_writes_the_serial_line(driver, spec):
+    import os
+    import select
+    s = spec()
+    driver.define(s)
+    with pytest.raises(Conflict):
+        driver.open_console(s.name)  # not running
+    with pytest.raises(NotFound):
+        driver.open_console("no-such-vm")
+    driver.start(s.name)
+    wait_console(driver, s.name, "NODEAGENT-READY")
+    fd = driver.open_console(s.name)
+    try:
+        word, seen = f"echo-{uuid.uuid4().hex[:8]}".encode(), b""
+        os.write(fd, word + b"\r")  # the guest's tty echoes it (the fake's pty does the same)
+        deadline = time.monotonic() + CONSOLE_TIMEOUT_S
+        while word not in seen:
+            assert time.monotonic() < deadline, f"no echo of {word!r}: {seen[-500:]!r}"
+            if select.select([fd], [], [], 0.5)[0]:
+                seen += os.read(fd, 4096)
+        driver.stop(s.name, force=True)
+        deadline = time.monotonic() + CONSOLE_TIMEOUT_S
+        while True:  # the line hangs up when the VM stops
+            assert time.monotonic() < deadline, "the console did not end with the VM"
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    if not os.read(fd, 4096):
+                        break
+                except OSError:  # EIO
+                    break
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("driver", _claiming(ReportsVirtType), indirect=True)

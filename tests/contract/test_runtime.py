@@ -250,3 +250,67 @@ def test_bandwidth_is_checked_kept_and_changeable(rt, spec):
     rt.stop("bw", timeout=1)
     rt.set_bandwidth("bw", Bandwidth())  # stopped: kept for the next start
     assert rt.start("bw").state == "running"
+
+
+def test_interactive_exec_pipes_a_terminal_and_exit_codes(rt, spec):
+    from containers.runtime import ExecOptions, SupportsInteractiveExec
+    assert isinstance(rt, SupportsInteractiveExec)
+    rt.create(spec("ie", network=NetworkSpec(mode="none")))
+    rt.start("ie")
+    p = rt.exec_interactive("ie", ExecOptions(command=("/bin/sh", "-c", "cat")))
+    try:
+        os.write(p.stdin, b"through stdin\n")
+        p.close_stdin()
+        out = b""
+        while data := os.read(p.stdout, 65536):
+            out += data
+        assert out == b"through stdin\n" and p.wait(10) == 0
+    finally:
+        p.release()
+    p = rt.exec_interactive("ie", ExecOptions(command=("/bin/sh", "-c", "exit 3"), tty=True, cols=100, rows=30))
+    try:
+        assert p.pty is not None and p.stdin is None
+        assert p.wait(10) == 3
+    finally:
+        p.release()
+    rt.stop("ie", timeout=1)
+    with pytest.raises(Conflict):
+        rt.exec_interactive("ie", ExecOptions(command=("/bin/sh",)))
+    assert rt.delete("ie") is True
+
+
+def test_files_round_trip_with_owner_and_mode(rt, spec):
+    import io
+
+    from containers.runtime import SupportsFiles
+    assert isinstance(rt, SupportsFiles)
+    rt.create(spec("fl", network=NetworkSpec(mode="none")))
+    assert rt.put_file("fl", "/pushed.txt", io.BytesIO(b"x" * 3_000_000).read, uid=5, gid=6, mode=0o600) == 3_000_000
+    fd, info = rt.open_file("fl", "/pushed.txt")
+    try:
+        got = b""
+        while data := os.read(fd, 1 << 20):
+            got += data
+    finally:
+        os.close(fd)
+    assert got == b"x" * 3_000_000 and (info.size, info.mode, info.uid, info.gid) == (3_000_000, 0o600, 5, 6)
+    with pytest.raises(NotFound):
+        rt.put_file("fl", "/no-such-dir/f", io.BytesIO(b"x").read)
+    with pytest.raises(NotFound):
+        rt.open_file("fl", "/no-such-file")
+    fd, info = rt.open_file("fl", "/")
+    assert fd == -1 and info.kind == "directory"
+    rt.make_dir("fl", "/made", uid=5, gid=6, mode=0o700)
+    with pytest.raises(Conflict):
+        rt.make_dir("fl", "/made")
+    with pytest.raises(NotFound):
+        rt.make_dir("fl", "/no-such-dir/sub")
+    rt.put_file("fl", "/made/inner", io.BytesIO(b"abc").read)
+    entries, truncated = rt.list_dir("fl", "/made")
+    assert not truncated and [(e["name"], e["type"], e["size"]) for e in entries] == [("inner", "file", 3)]
+    listed = {e["name"]: e for e in rt.list_dir("fl", "/")[0]}
+    assert listed["made"]["type"] == "directory" and (listed["made"]["uid"], listed["made"]["mode"]) == (5, "0700")
+    assert listed["pushed.txt"]["size"] == 3_000_000
+    with pytest.raises(InvalidInput):
+        rt.open_file("fl", "relative/path")
+    assert rt.delete("fl") is True

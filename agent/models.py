@@ -414,6 +414,118 @@ def _keys_by_pattern(schema: dict) -> None:
         schema["additionalProperties"] = value
 
 
+# -- volumes (POST/GET /v1/volumes, GET/PATCH/DELETE /v1/volumes/{id}, /v1/instances/{id}/volumes) --
+
+VolumeRef = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63,
+                                 description="a volume's name (a hostname label) or id")]
+MAX_VOLUMES_PER_INSTANCE = 16
+MAX_VOLUME_MIB = 64 * 1024 * 1024  # 64 TiB
+MIN_VOLUME_MIB = 8  # room for an ext4 filesystem and its journal
+VDISK_TARGET_PATTERN = r"^vd[b-y]$"  # vda is the root disk, vdz the NoCloud seed
+MountPath = Annotated[str, Field(min_length=2, max_length=4096, pattern=r"^/[^\x00-\x1f\x7f]*$",
+                                 description="an absolute, normalised path inside the container")]
+
+
+def _mount_path(v: str) -> str:
+    try:
+        container_limits.check_volume_path(v)
+    except Exception as e:  # agent.errors.InvalidInput: its message says why
+        raise ValueError(getattr(e, "message", str(e))) from None
+    return v
+
+
+class VolumeMountSpec(Model):
+    volume: VolumeRef
+    path: Annotated[MountPath, AfterValidator(_mount_path)]
+    readonly: bool = False
+
+
+class VolumeCreate(Model):
+    """A new, empty volume: exactly one of size_gib and size_mib. On a local pool it is a
+    sparse raw file holding an empty ext4 filesystem (a VM sees a disk with it; a container
+    mounts it); on a block (Ceph RBD) pool, an empty raw RBD image (VMs only here)."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63, description="a hostname label")]
+    size_gib: IntRange(1, MAX_VOLUME_MIB // 1024) | None = None
+    size_mib: IntRange(MIN_VOLUME_MIB, MAX_VOLUME_MIB) | None = None
+    pool: PoolName | None = Field(None, description="a local or block pool (default: the default pool)")
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["size_gib"]},
+                                                           {"required": ["size_mib"]}]})
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if (self.size_gib is None) == (self.size_mib is None):
+            raise ValueError("give exactly one of size_gib and size_mib")
+        return self
+
+    @property
+    def size_bytes(self) -> int:
+        return (self.size_gib * 1024 if self.size_gib is not None else self.size_mib) * 1024 * 1024
+
+
+class VolumeUpdate(Model):
+    """Grow a volume (never shrink): exactly one of size_gib and size_mib, at least its size
+    now. Online for a running VM's disk (the guest sees the new size at once); a container's
+    mounted filesystem grows with it."""
+
+    size_gib: IntRange(1, MAX_VOLUME_MIB // 1024) | None = None
+    size_mib: IntRange(MIN_VOLUME_MIB, MAX_VOLUME_MIB) | None = None
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["size_gib"]},
+                                                           {"required": ["size_mib"]}]})
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if (self.size_gib is None) == (self.size_mib is None):
+            raise ValueError("give exactly one of size_gib and size_mib")
+        return self
+
+    @property
+    def size_bytes(self) -> int:
+        return (self.size_gib * 1024 if self.size_gib is not None else self.size_mib) * 1024 * 1024
+
+
+class VolumeAttachment(Model):
+    instance: str = Field(description="the instance's id")
+    instance_name: str
+    target: str | None = Field(None, description="VMs: the disk's name in the guest (vdb..vdy)")
+    path: str | None = Field(None, description="containers: where it is mounted")
+    readonly: bool = False
+
+
+class Volume(Model):
+    id: str
+    name: str
+    pool: str
+    size_bytes: int
+    format: str
+    state: Literal["available", "attached"]
+    attachment: VolumeAttachment | None = None
+    created_at: float
+    updated_at: float
+
+
+class VolumeList(Model):
+    volumes: list[Volume]
+
+
+class VolumeAttach(Model):
+    """Attach a volume: to a VM (running: hot-plugged, the guest sees a new disk; stopped: in
+    its definition), or to a stopped container (mounted at ``path`` from its next start)."""
+
+    volume: VolumeRef
+    target: Annotated[str, Field(pattern=VDISK_TARGET_PATTERN)] | None = Field(
+        None, description="VMs: vdb..vdy (default: the first free one)")
+    path: Annotated[MountPath, AfterValidator(_mount_path)] | None = Field(
+        None, description="containers: where to mount it (required for them)")
+    readonly: bool = False
+
+
+class InstanceVolumes(Model):
+    volumes: list[Volume]
+
+
 class InstanceCreate(Model):
     """Fields a kind does not use are refused, never ignored; cpus and memory_mib are checked
     against the kind's driver limits here, so a create is refused at once (422) instead of
@@ -459,6 +571,10 @@ class InstanceCreate(Model):
     security_groups: list[SecurityGroupName] | None = Field(
         None, min_length=1, max_length=MAX_GROUPS_PER_INSTANCE, json_schema_extra={"uniqueItems": True},
         description='network "bridge": the groups filtering its traffic (default ["default"])')
+    volumes: list[VolumeMountSpec] = Field(
+        default_factory=list, max_length=MAX_VOLUMES_PER_INSTANCE,
+        description="containers: volumes (POST /v1/volumes, on a local pool) mounted at a path; "
+                    "VMs attach theirs with POST /v1/instances/{id}/volumes")
 
     # the kind-dependent rules of _fits_kind, for the spec (a schema-valid body is accepted)
     model_config = ConfigDict(json_schema_extra={"allOf": [
@@ -494,7 +610,7 @@ class InstanceCreate(Model):
         return self
 
     def _vm_checks(self) -> None:
-        unused = [f for f in ("ports", "env", "command", "pids_max", "cap_add", "cap_drop", "privileged")
+        unused = [f for f in ("ports", "env", "command", "pids_max", "cap_add", "cap_drop", "privileged", "volumes")
                   if getattr(self, f)]
         if unused:
             raise ValueError(f"{', '.join(unused)} are for containers: a VM takes user_data")
@@ -523,6 +639,10 @@ class InstanceCreate(Model):
             raise ValueError(f"ports are published on the bridge: network {self.network!r} has none")
         if self.bandwidth is not None and self.network != "bridge":
             raise ValueError(f"bandwidth limits apply to the bridge port: network {self.network!r} has none")
+        for what, key in (("volume", "volume"), ("path", "path")):
+            given = [getattr(v, key) for v in self.volumes]
+            if len(set(given)) != len(given):
+                raise ValueError(f"volumes: a {what} is given twice")
         for what in ("cap_add", "cap_drop"):
             caps = getattr(self, what)
             if len(set(caps)) != len(caps):

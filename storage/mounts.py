@@ -176,22 +176,54 @@ def make_fs_image(path: str, size_bytes: int) -> None:
     """A sparse file of ``size_bytes`` at ``path`` holding an empty ext4 filesystem (lazy
     inode-table and journal init, no root reserve: the whole size is usable). It takes the
     host's space only as it is written. On failure the file is removed."""
-    import subprocess
     try:
         with open(path, "xb") as f:
             f.truncate(size_bytes)
-        r = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
-                            "lazy_itable_init=1,lazy_journal_init=1,nodiscard", path],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise CommandFailed(f"mkfs.ext4 {path} failed: {r.stderr.strip()[-300:]}",
-                                argv=r.args, returncode=r.returncode, stderr=r.stderr)
+        format_ext4(path)
     except BaseException:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         raise
+
+
+def format_ext4(path: str) -> None:
+    """Write an empty ext4 filesystem over the whole of the file ``path`` (lazy inode-table
+    and journal init, no root reserve). Sparse files stay sparse."""
+    import subprocess
+    r = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+                        "lazy_itable_init=1,lazy_journal_init=1,nodiscard", path],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CommandFailed(f"mkfs.ext4 {path} failed: {r.stderr.strip()[-300:]}",
+                            argv=r.args, returncode=r.returncode, stderr=r.stderr)
+
+
+def grow_fs_image(path: str) -> bool:
+    """After the file ``path`` grew: let every loop device of it see the new size and grow the
+    mounted ext4 filesystem on it online (resize2fs); False if it is not attached anywhere."""
+    import subprocess
+    r = subprocess.run(["losetup", "-j", path, "-O", "NAME", "-n"], capture_output=True, text=True)
+    devs = [d.strip() for d in r.stdout.splitlines() if d.strip()]
+    for dev in devs:
+        for argv in (["losetup", "-c", dev], ["resize2fs", dev]):
+            r = subprocess.run(argv, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise CommandFailed(f"{argv[0]} of {path} failed: {r.stderr.strip()[-300:]}",
+                                    argv=argv, returncode=r.returncode, stderr=r.stderr)
+    return bool(devs)
+
+
+def grow_fs_offline(path: str) -> None:
+    """Grow the unmounted ext4 filesystem in the file ``path`` to the file's size (a forced
+    check first, as resize2fs asks)."""
+    import subprocess
+    for argv in (["e2fsck", "-f", "-p", path], ["resize2fs", path]):
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode not in (0, 1):  # e2fsck: 1 = errors corrected
+            raise CommandFailed(f"{argv[0]} of {path} failed: {(r.stderr or r.stdout).strip()[-300:]}",
+                                argv=argv, returncode=r.returncode, stderr=r.stderr)
 
 
 def mount_fs_image(path: str, target: str) -> None:

@@ -176,7 +176,7 @@ class Assembly:
         shutil.rmtree(self.instances_dir / inst_id, ignore_errors=True)
 
     # -- containers --
-    def container_spec(self, req, image, layers):
+    def container_spec(self, req, image, layers, volumes=()):
         """The runtime's ContainerSpec for ``req`` (a models.InstanceCreate) on ``image``'s
         prepared rootfs ``layers``, with the image's process rules applied and its user
         resolved in the image's layers. Unprocessable (422) if the image names a user it
@@ -194,20 +194,22 @@ class Assembly:
                 PortMap(p.host_port, p.container_port, p.protocol, p.host_ip) for p in req.ports)),
             bandwidth=bandwidth_of(req),
             cap_add=tuple(getattr(req, "cap_add", None) or ()), cap_drop=tuple(getattr(req, "cap_drop", None) or ()),
-            userns=not getattr(req, "privileged", False), image_config=dict(image.config or {}))
+            userns=not getattr(req, "privileged", False), image_config=dict(image.config or {}),
+            volumes=tuple(volumes))
         try:
             return apply_image_config(spec, *layers.lowerdirs)
         except InvalidInput as e:
             raise Unprocessable(f"image {image.name!r}: {e.message}") from None
 
     def create_container(self, runtime, req, image, pool: str, inst_id: str, *,
-                         phase: Callable[[str], None] = _nothing):
-        """Prepare the rootfs, create the container and, with ``req.start``, start it;
-        returns its ContainerInfo. On failure what was made stays: the caller removes it."""
+                         phase: Callable[[str], None] = _nothing, volumes=()):
+        """Prepare the rootfs, create the container (with ``volumes``, runtime VolumeMounts)
+        and, with ``req.start``, start it; returns its ContainerInfo. On failure what was
+        made stays: the caller removes it."""
         phase("rootfs")
         layers = self.store.prepare_rootfs(image.id, root_volume("container", inst_id), pool=pool)
         phase("create")
-        info = runtime.create(self.container_spec(req, image, layers))
+        info = runtime.create(self.container_spec(req, image, layers, volumes))
         if req.start:
             phase("start")
             info = runtime.start(req.name)

@@ -103,9 +103,12 @@ class InstanceService:
         if req.kind == "vm" and (req.ports or req.command):
             raise Unprocessable("ports and command are for containers: VMs take user_data")
         groups = self.root.secgroups.check(req.security_groups) if req.network == "bridge" else []
+        vol_rows = self.root.volumes.resolve_for_create(req.volumes) if req.volumes else []
         inst_id = uuid.uuid4().hex
         volumes = [root_volume(req.kind, inst_id)]
         spec = req.model_dump()
+        if not spec.get("volumes"):  # a spec a peer without volumes still reads
+            spec.pop("volumes", None)
         spec["image_id"] = image.id
         now = time.time()
         if not self.records.insert(Instance(
@@ -115,6 +118,11 @@ class InstanceService:
             raise Conflict(f"an instance named {req.name!r} exists: pick another name or delete it")
         if groups:  # before the operation: its attach renders the filter with them
             self.root.secgroups.join(inst_id, groups, apply=False)
+        try:  # the volumes are this record's from now on (free again when it is gone)
+            mounts = self.root.volumes.reserve_for_create(inst_id, req.volumes, vol_rows) if vol_rows else ()
+        except BaseException:
+            self.records.delete(inst_id)
+            raise
 
         def work(op):
             with self.lock(inst_id):
@@ -125,7 +133,7 @@ class InstanceService:
                         state = info.state
                     else:
                         info = self.root.assembly.create_container(self.root.runtime, req, image, pool, inst_id,
-                                                                   phase=op.phase)
+                                                                   phase=op.phase, volumes=mounts)
                         state, ip = info.state, info.ip
                 except BaseException as e:
                     try:

@@ -321,11 +321,12 @@ def instance():
               help="containers: no user namespace, container root = host root (admin tokens only)")
 @click.option("--security-group", "groups", multiple=True, help="a security group (repeat; default: default)")
 @click.option("--no-start", is_flag=True)
+@click.option("--volume", "volumes", multiple=True, help="containers: VOLUME:PATH[:ro] mounts a volume (repeat)")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("command", nargs=-1)
 def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, network,
                     ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, privileged, groups, no_start,
-                    as_json, command):
+                    volumes, as_json, command):
     """Create NAME from an image; for containers, COMMAND after `--` overrides the image's."""
     body = {"name": name, "kind": kind, "image": image_ref, "cpus": cpus, "memory_mib": memory_mib,
             "start": not no_start}
@@ -352,6 +353,8 @@ def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env
         body["cap_drop"] = list(cap_drop)
     if groups:
         body["security_groups"] = list(groups)
+    if volumes:
+        body["volumes"] = [_volume_mount(v) for v in volumes]
     c = _client()
     op = _call(c.post, "/v1/instances", body)
     op = _finish(_wait_with_progress(c, op, f"creating {name}", as_json), as_json)
@@ -608,3 +611,108 @@ def secgroup_set(name, rules, as_json):
 def secgroup_delete(name):
     _call(_client().delete, f"/v1/security-groups/{name}")
     click.echo(f"deleted {name}")
+
+
+# -- volumes --
+
+def _volume_mount(text: str) -> dict:
+    """VOLUME:PATH[:ro] -> {volume, path, readonly}."""
+    name, _, rest = text.partition(":")
+    path, ro = (rest[:-3], True) if rest.endswith(":ro") else (rest, False)
+    if not name or not path:
+        raise click.BadParameter(f"{text!r}: use VOLUME:PATH or VOLUME:PATH:ro (e.g. data:/data)")
+    return {"volume": name, "path": path, "readonly": ro}
+
+
+def _size(text: str) -> dict:
+    """10G, 512M or a bare number of GiB -> {size_gib} or {size_mib}."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if t.endswith("M"):
+            return {"size_mib": int(t[:-1])}
+        return {"size_gib": int(t[:-1] if t.endswith("G") else t)}
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give a size like 10G or 512M") from None
+
+
+def _show_volume(v: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(jsonlib.dumps(v, indent=2))
+        return
+    att = v.get("attachment") or {}
+    where = att.get("target") or att.get("path") or ""
+    click.echo(f"{v['name']} {v['id'][:12]} {v['size_bytes'] // (1024 * 1024)} MiB pool {v['pool']} {v['state']}"
+               + (f" to {att['instance_name']} at {where}" if att else ""))
+
+
+@main.group()
+def volume():
+    """Volumes: disks made on their own, attached to VMs (hot-plug) and containers (a mount path)."""
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option("--size", required=True, help="10G, 512M (a bare number: GiB)")
+@click.option("--pool", help="a local or block pool (default: the default pool)")
+@click.option("--json", "as_json", is_flag=True)
+def volume_create(name, size, pool, as_json):
+    body = {"name": name, **_size(size), **({"pool": pool} if pool else {})}
+    _show_volume(_call(_client().post, "/v1/volumes", body), as_json)
+
+
+@volume.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def volume_list(as_json):
+    data = _call(_client().get, "/v1/volumes")
+    for v in data["volumes"]:
+        att = v.get("attachment") or {}
+        v["size_mib"] = v["size_bytes"] // (1024 * 1024)
+        v["instance"] = att.get("instance_name")
+        v["at"] = att.get("target") or att.get("path")
+    _out(data, as_json, ["name", "id", "pool", "size_mib", "state", "instance", "at"], "volumes")
+
+
+@volume.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+def volume_show(ref, as_json):
+    _show_volume(_call(_client().get, f"/v1/volumes/{ref}"), as_json)
+
+
+@volume.command("resize")
+@click.argument("ref")
+@click.option("--size", required=True, help="the new size (grow only): 20G, 1024M")
+@click.option("--json", "as_json", is_flag=True)
+def volume_resize(ref, size, as_json):
+    """Grow REF (online for a running VM: the guest sees it at once)."""
+    _show_volume(_call(_client().patch, f"/v1/volumes/{ref}", _size(size)), as_json)
+
+
+@volume.command("delete")
+@click.argument("ref")
+def volume_delete(ref):
+    _call(_client().delete, f"/v1/volumes/{ref}")
+    click.echo(f"deleted {ref}")
+
+
+@volume.command("attach")
+@click.argument("ref")
+@click.argument("instance_ref")
+@click.option("--target", help="VMs: vdb..vdy (default: the first free)")
+@click.option("--path", help="containers (stopped): where to mount it")
+@click.option("--readonly", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def volume_attach(ref, instance_ref, target, path, readonly, as_json):
+    """Attach volume REF to INSTANCE_REF (a running VM: hot-plug)."""
+    body = {"volume": ref, **({"target": target} if target else {}), **({"path": path} if path else {}),
+            **({"readonly": True} if readonly else {})}
+    _show_volume(_call(_client().post, f"/v1/instances/{instance_ref}/volumes", body), as_json)
+
+
+@volume.command("detach")
+@click.argument("ref")
+@click.argument("instance_ref")
+@click.option("--json", "as_json", is_flag=True)
+def volume_detach(ref, instance_ref, as_json):
+    """Detach volume REF from INSTANCE_REF."""
+    _show_volume(_call(_client().delete, f"/v1/instances/{instance_ref}/volumes/{ref}"), as_json)

@@ -389,6 +389,7 @@ class RuncRuntime:
                 continue
             os.makedirs(point, mode=0o711, exist_ok=True)
             os.chmod(os.path.dirname(point), 0o711)
+            mounts.grow_fs_if_short(v.source)  # a grow the kernel could not do while it was mounted
             mounts.mount_fs_image(v.source, point)
             st = os.stat(point)
             if m is not None and st.st_uid == 0:

@@ -200,19 +200,59 @@ def format_ext4(path: str) -> None:
                             argv=r.args, returncode=r.returncode, stderr=r.stderr)
 
 
-def grow_fs_image(path: str) -> bool:
-    """After the file ``path`` grew: let every loop device of it see the new size and grow the
-    mounted ext4 filesystem on it online (resize2fs); False if it is not attached anywhere."""
+def grow_fs_image(path: str) -> str:
+    """After the file ``path`` grew: if it is loop-mounted, let its loop devices see the new
+    size and grow the ext4 filesystem on them online. Returns "grown", "unmounted" (grow it
+    with grow_fs_offline) or "deferred": mounted, but the kernel refused the online resize
+    (it needs CAP_SYS_RESOURCE, which some hosts' root lacks); ``grow_fs_if_short`` grows it
+    at its next mount."""
     import subprocess
     r = subprocess.run(["losetup", "-j", path, "-O", "NAME", "-n"], capture_output=True, text=True)
     devs = [d.strip() for d in r.stdout.splitlines() if d.strip()]
+    if not devs:
+        return "unmounted"
     for dev in devs:
-        for argv in (["losetup", "-c", dev], ["resize2fs", dev]):
-            r = subprocess.run(argv, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise CommandFailed(f"{argv[0]} of {path} failed: {r.stderr.strip()[-300:]}",
-                                    argv=argv, returncode=r.returncode, stderr=r.stderr)
-    return bool(devs)
+        subprocess.run(["losetup", "-c", dev], capture_output=True)
+        r = subprocess.run(["resize2fs", dev], capture_output=True, text=True)
+        if r.returncode != 0:
+            if "Permission denied" in r.stderr or "Operation not permitted" in r.stderr:
+                return "deferred"
+            raise CommandFailed(f"resize2fs of {path} failed: {r.stderr.strip()[-300:]}",
+                                argv=r.args, returncode=r.returncode, stderr=r.stderr)
+    return "grown"
+
+
+EXT4_SUPERBLOCK = 1024
+GROW_SLACK = 4 * 1024 * 1024  # an ext4 smaller than its file by less than this is left as it is
+
+
+def ext4_bytes(path: str) -> int | None:
+    """The size of the ext4 filesystem at the start of the file ``path`` (its superblock's
+    block count times its block size); None if there is no ext4 there."""
+    import struct
+    try:
+        with open(path, "rb") as f:
+            f.seek(EXT4_SUPERBLOCK)
+            sb = f.read(1024)
+    except OSError:
+        return None
+    if len(sb) < 0x154 or sb[0x38:0x3a] != b"\x53\xef":
+        return None
+    lo, = struct.unpack_from("<I", sb, 0x4)
+    log_bs, = struct.unpack_from("<I", sb, 0x18)
+    incompat, = struct.unpack_from("<I", sb, 0x60)
+    hi = struct.unpack_from("<I", sb, 0x150)[0] if incompat & 0x80 else 0  # INCOMPAT_64BIT
+    return (lo | hi << 32) * (1024 << log_bs)
+
+
+def grow_fs_if_short(path: str) -> bool:
+    """Grow the unmounted ext4 in ``path`` to the file's size if the file grew meanwhile (a
+    resize the kernel deferred); False if there was nothing to do."""
+    size = ext4_bytes(path)
+    if size is None or os.path.getsize(path) - size < GROW_SLACK:
+        return False
+    grow_fs_offline(path)
+    return True
 
 
 def grow_fs_offline(path: str) -> None:

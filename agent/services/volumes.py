@@ -12,7 +12,9 @@ image, attached to VMs through QEMU's librbd (containers would need the kernel's
 Lifecycle: absent -> create() (row ``creating`` -> the pool's volume -> ``ready``) ->
 attach()/detach() any number of times -> delete() (row ``deleting`` -> the pool's volume
 removed -> no row). A crash between two steps is finished by recover() at the agent's start.
-An *attachment* (instance, target or path) is a volume's, kept in its row: it holds only while
+A volume a VM had writable is *guest-written* from then on: its bytes are the guest's, and
+the host kernel never mounts a filesystem a guest could have crafted (containers refuse it, and
+the agent no longer grows its filesystem). An *attachment* (instance, target or path) is a volume's, kept in its row: it holds only while
 that instance has a record, so removal paths of instances need not know about volumes (a
 deleted instance's volumes are available again; VMs lose their disks with their domain,
 containers their mounts with their dir). A VM keeps its disks in its persistent libvirt
@@ -53,6 +55,7 @@ SCHEMA_STEPS = [
         target TEXT,                    -- VMs: vdb..vdy
         path TEXT,                      -- containers: the mount point inside
         readonly INTEGER NOT NULL DEFAULT 0,
+        guest_written INTEGER NOT NULL DEFAULT 0,  -- a VM had it writable: its bytes are the guest's
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL
     );
@@ -133,6 +136,15 @@ class VolumeService:
         """The pool's Volume of ``row``."""
         return self._backend(row["pool"]).get_volume(row["backend_name"])
 
+    @staticmethod
+    def _check_room(backend, pool: str, size: int) -> None:
+        """Volumes are thin (sparse files, RBD images): one may be as large as its pool, never
+        larger (a tenant's writes would fill the pool before the volume)."""
+        cap = backend.usage().capacity
+        if cap and size > cap:
+            raise Unprocessable(f"{size // (1024 * 1024)} MiB is more than pool {pool!r} holds "
+                                f"({cap // (1024 * 1024)} MiB): pick a smaller size or another pool")
+
     # -- create, resize, delete --
     def create(self, req: models.VolumeCreate) -> dict:
         """Make an empty volume (local: with an ext4 filesystem). Conflict if the name is
@@ -144,6 +156,7 @@ class VolumeService:
         if not backend.supports_volumes:
             raise Unprocessable(f"pool {pool!r} is a {backend.kind} pool: it holds images only; make "
                                 "volumes on a local or block pool")
+        self._check_room(backend, pool, req.size_bytes)
         vol_id = uuid.uuid4().hex
         bname = BACKEND_PREFIX + vol_id[:12]
         now = time.time()
@@ -190,6 +203,7 @@ class VolumeService:
                                     f"(asked for {size})")
             if size == row["size"]:
                 return self._render(row)
+            self._check_room(self._backend(row["pool"]), row["pool"], size)
             vol = self._backend(row["pool"]).resize_volume(row["backend_name"], size)
             self.db.execute("UPDATE volumes SET size=?, updated_at=? WHERE id=?",
                             (vol.size, time.time(), row["id"]))
@@ -209,9 +223,13 @@ class VolumeService:
                     raise Unsupported(f"the {self.root.config.hypervisor.driver} driver cannot grow a running "
                                       "VM's disk: the guest sees the new size after a stop and start")
                 self.root.driver.resize_disk(inst.name, row["target"], vol.size)
-        if vol.path and not running_vm and has_ext4(vol.path):
-            if not mounts.grow_fs_image(vol.path):  # mounted: grown online; else offline here
+        if vol.path and not running_vm and not row["guest_written"] and has_ext4(vol.path):
+            how = mounts.grow_fs_image(vol.path)  # mounted: online (or at its next mount)
+            if how == "unmounted":
                 mounts.grow_fs_offline(vol.path)
+            elif how == "deferred":
+                log.info("the kernel refused to grow a mounted volume's filesystem online: it grows at the "
+                         "container's next start", extra={"volume": row["name"]})
 
     def delete(self, ref: str) -> bool:
         """Conflict while attached; the pool's volume goes first, then the row."""
@@ -244,9 +262,13 @@ class VolumeService:
             raise Unprocessable(f"volume {row['name']!r} is on {backend.kind} pool {row['pool']!r}: a container "
                                 "mounts a volume's filesystem from a host file, and this host maps no RBD "
                                 "images (no kernel rbd module); use a volume on a local pool")
+        if row["guest_written"]:
+            raise Unprocessable(f"volume {row['name']!r} was attached writable to a VM: its filesystem is the "
+                                "guest's, and the host does not mount filesystems a guest could have crafted; "
+                                "give the container a volume no VM has written")
         if not has_ext4(vol.path):
-            raise Unprocessable(f"volume {row['name']!r} holds no ext4 filesystem (a VM reformatted it?): "
-                                "containers mount ext4 volumes only")
+            raise Unprocessable(f"volume {row['name']!r} holds no ext4 filesystem: containers mount ext4 "
+                                "volumes only")
         return vol.path
 
     def resolve_for_create(self, specs: list[models.VolumeMountSpec]) -> list:
@@ -342,6 +364,8 @@ class VolumeService:
             raise Conflict(f"VM {inst.name!r} has no free disk target left (vdb..vdy): detach a volume first")
         disk = disk_for_volume(self._volume(row), target, readonly=req.readonly)
         self._reserve(row, inst.id, target=target, path=None, readonly=req.readonly)
+        if not req.readonly:  # before the guest can write: a crash from here on leaves it marked
+            self.db.execute("UPDATE volumes SET guest_written=1 WHERE id=?", (row["id"],))
         try:
             driver.attach_disk(inst.name, disk)
         except BaseException:

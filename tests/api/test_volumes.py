@@ -86,6 +86,7 @@ BAD_CREATES = [
     ({"name": "x", "size_mib": 64, "pool": "nope"}, 404, "pool"),
     ({"name": "x", "size_mib": 64, "format": "qcow2"}, 422, "format"),
     ({"name": "x", "size_mib": "64"}, 422, "size_mib"),
+    ({"name": "x", "size_gib": 65536}, 422, "more than pool"),
 ]
 
 
@@ -159,6 +160,10 @@ def test_vm_attach_detach_resize_and_the_refusals(app):
     assert r.status_code == 200 and r.json["state"] == "available" and r.json["attachment"] is None
     assert "vdb" not in [d.target for d in root.driver.disks("vm1")]
     assert "fake-guest: disk vdb detached" in client.get("/v1/instances/vm1/logs").json["logs"]
+    # a volume a VM had writable is the guest's: the host mounts it into no container
+    _err(client.post("/v1/instances", json={"name": "c9", "kind": "container", "image": "busybox",
+                                            "command": ["sleep", "1"], "volumes": [{"volume": "disk1", "path": "/d"}]}),
+         422, "guest")
     # deleting the instance frees its volumes (the volume itself stays)
     assert client.delete("/v1/instances/vm2").json == {"deleted": True}
     assert client.get("/v1/volumes/disk2").json["state"] == "available"

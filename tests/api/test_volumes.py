@@ -233,3 +233,18 @@ def test_a_crash_mid_create_is_finished_at_start(app, tmp_path):
     assert backend.find_volume("v-000000000000") is None
     assert root.db.one("SELECT 1 FROM volumes WHERE name='halfmade'") is None
     assert [v["name"] for v in client.get("/v1/volumes").json["volumes"]] == ["keep"]
+
+
+def test_recovery_drops_attachments_that_did_not_hold(app):
+    """A crash between reserving a volume for a VM and attaching its disk: at the next start the
+    attachment is dropped (the VM's definition lacks the disk); a real one is kept."""
+    _, client, root = app
+    vm = _instance(client, name="rvm", kind="vm", image="tiny-vm", memory_mib=128)
+    _volume(client, "held")
+    _volume(client, "cut")
+    assert client.post("/v1/instances/rvm/volumes", json={"volume": "held"}).status_code == 200
+    root.db.execute("UPDATE volumes SET instance_id=?, target='vdq' WHERE name='cut'", (vm["id"],))
+    assert client.get("/v1/volumes/cut").json["state"] == "attached"
+    assert root.volumes.recover() == 1
+    assert client.get("/v1/volumes/cut").json["state"] == "available"
+    assert client.get("/v1/volumes/held").json["attachment"]["target"] == "vdb"

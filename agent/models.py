@@ -457,6 +457,8 @@ class VolumeCreate(Model):
     def _one_size(self):
         if (self.size_gib is None) == (self.size_mib is None):
             raise ValueError("give exactly one of size_gib and size_mib")
+        if len(self.name) == 32 and all(c in "0123456789abcdef" for c in self.name):
+            raise ValueError("name: 32 hex digits look like a volume id: pick another name")
         return self
 
     @property

@@ -389,10 +389,13 @@ class RuncRuntime:
                 continue
             os.makedirs(point, mode=0o711, exist_ok=True)
             os.chmod(os.path.dirname(point), 0o711)
-            mounts.grow_fs_if_short(v.source)  # a grow the kernel could not do while it was mounted
-            mounts.mount_fs_image(v.source, point)
+            if not v.readonly:
+                mounts.grow_fs_if_short(v.source)  # a grow the kernel could not do while it was mounted
+            # read-only on the host: a bind mount's "ro" alone is undone by the container's root,
+            # who owns the mount namespace it is made in
+            mounts.mount_fs_image(v.source, point, readonly=v.readonly)
             st = os.stat(point)
-            if m is not None and st.st_uid == 0:
+            if m is not None and st.st_uid == 0 and not v.readonly:
                 os.chown(point, m.host_id, m.host_id)
 
     def _copy_in(self, img: str, upper: str) -> None:

@@ -266,11 +266,13 @@ def grow_fs_offline(path: str) -> None:
                                 argv=argv, returncode=r.returncode, stderr=r.stderr)
 
 
-def mount_fs_image(path: str, target: str) -> None:
-    """Loop-mount the filesystem image ``path`` at ``target`` (nodev, nosuid). The loop device
-    is set up with autoclear (mount(8)'s `-o loop`): it goes away with the unmount."""
+def mount_fs_image(path: str, target: str, *, readonly: bool = False) -> None:
+    """Loop-mount the filesystem image ``path`` at ``target`` (nodev, nosuid; ``readonly``: the
+    loop device and the filesystem read-only, which no bind mount of it can undo). The loop
+    device is set up with autoclear (mount(8)'s `-o loop`): it goes away with the unmount."""
     import subprocess
-    r = subprocess.run(["mount", "-t", "ext4", "-o", "loop,nodev,nosuid", path, target],
+    opts = "loop,nodev,nosuid" + (",ro" if readonly else "")
+    r = subprocess.run(["mount", "-t", "ext4", "-o", opts, path, target],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise CommandFailed(f"mount of {path} on {target} failed: {r.stderr.strip()[-300:]} (loop devices: "

@@ -13,11 +13,14 @@ Lifecycle: absent -> create() (row ``creating`` -> the pool's volume -> ``ready`
 attach()/detach() any number of times -> delete() (row ``deleting`` -> the pool's volume
 removed -> no row). A crash between two steps is finished by recover() at the agent's start.
 A volume a VM had writable is *guest-written* from then on: its bytes are the guest's, and
-the host kernel never mounts a filesystem a guest could have crafted (containers refuse it, and
-the agent no longer grows its filesystem). An *attachment* (instance, target or path) is a volume's, kept in its row: it holds only while
-that instance has a record, so removal paths of instances need not know about volumes (a
-deleted instance's volumes are available again; VMs lose their disks with their domain,
-containers their mounts with their dir). A VM keeps its disks in its persistent libvirt
+the host kernel never mounts a filesystem a guest could have crafted (containers refuse it,
+and the agent no longer grows its filesystem).
+
+An *attachment* (instance, target or path) is a volume's, kept in its row: it holds only
+while that instance has a record, so removal paths of instances need not know about volumes
+(a deleted instance's volumes are available again; VMs lose their disks with their domain,
+containers their mounts with their dir). A read-only volume is mounted read-only on the host
+for a container (a bind mount's "ro" alone its root could undo). A VM keeps its disks in its persistent libvirt
 definition (across stop/start and agent restarts); a container in the runtime's spec.
 
 Every change publishes a ``volume`` event: {id, name, change: created|resized|deleted|

@@ -222,6 +222,18 @@ def test_runc_container_mounts_a_volume_given_at_create(open_tmp):
         res = sh(names[1], "cat /srv/d/f && df -k /srv/d | tail -1")
         assert res["stdout"].startswith("kept\n"), res
         assert int(res["stdout"].splitlines()[1].split()[1]) > size1 * 1.8, "the filesystem grew with the volume"
+        # read-only: the container's root can neither write nor remount it writable
+        def act(action):
+            op = api.wait(api.post(f"/v1/instances/{names[1]}/actions", json={"action": action, "timeout": 2}).json())
+            assert op["status"] == "succeeded", op
+        act("stop")
+        assert api.delete(f"/v1/instances/{names[1]}/volumes/cvol").status_code == 200
+        assert api.post(f"/v1/instances/{names[1]}/volumes", json={"volume": "cvol", "path": "/ro", "readonly": True}
+                        ).status_code == 200
+        act("start")
+        res = sh(names[1], "cat /ro/f; touch /ro/g; echo touch=$?; mount -o remount,rw /ro; echo remount=$?; "
+                           "touch /ro/g; echo touch=$?")
+        assert res["stdout"].startswith("kept\n") and "touch=0" not in res["stdout"], res
         assert api.delete(f"/v1/instances/{names[1]}").status_code == 200
         assert api.delete("/v1/volumes/cvol").status_code == 200
         assert not [p for p in mounts.mounts_under(str(open_tmp / "r")) if "/volumes/" in p]

@@ -249,3 +249,20 @@ def test_recovery_drops_attachments_that_did_not_hold(app):
     assert root.volumes.recover() == 1
     assert client.get("/v1/volumes/cut").json["state"] == "available"
     assert client.get("/v1/volumes/held").json["attachment"]["target"] == "vdb"
+
+
+def test_cli_volume_verbs(agent):
+    import json
+    env = {"NODEAGENT_URL": agent.url, "NODEAGENT_TOKEN": agent.admin_token}
+    out = agent.cli("volume", "create", "clivol", "--size", "16M", env=env).stdout
+    assert out.startswith("clivol ") and "16 MiB" in out and "available" in out, out
+    assert "clivol" in agent.cli("volume", "list", env=env).stdout
+    assert json.loads(agent.cli("volume", "resize", "clivol", "--size", "1G", "--json", env=env).stdout
+                      )["size_bytes"] == 1024 * MiB
+    assert json.loads(agent.cli("volume", "show", "clivol", "--json", env=env).stdout)["state"] == "available"
+    bad = agent.cli("volume", "create", "x", "--size", "lots", env=env, check=False)
+    assert bad.returncode != 0 and "10G or 512M" in bad.stderr and "Traceback" not in bad.stderr
+    bad = agent.cli("volume", "resize", "clivol", "--size", "16M", env=env, check=False)
+    assert bad.returncode != 0 and "only grow" in bad.stderr
+    assert agent.cli("volume", "delete", "clivol", env=env).stdout.strip() == "deleted clivol"
+    assert json.loads(agent.cli("volume", "list", "--json", env=env).stdout) == {"volumes": []}

@@ -434,6 +434,10 @@ def _mount_path(v: str) -> str:
     return v
 
 
+# exactly one of the two sizes, given as a number (null is not a size)
+ONE_SIZE = {"oneOf": [{"required": [k], "properties": {k: {"type": "integer"}}} for k in ("size_gib", "size_mib")]}
+
+
 class VolumeMountSpec(Model):
     volume: VolumeRef
     path: Annotated[MountPath, AfterValidator(_mount_path)]
@@ -450,8 +454,7 @@ class VolumeCreate(Model):
     size_mib: IntRange(MIN_VOLUME_MIB, MAX_VOLUME_MIB) | None = None
     pool: PoolName | None = Field(None, description="a local or block pool (default: the default pool)")
 
-    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["size_gib"]},
-                                                           {"required": ["size_mib"]}]})
+    model_config = ConfigDict(json_schema_extra=ONE_SIZE)
 
     @model_validator(mode="after")
     def _one_size(self):
@@ -474,8 +477,7 @@ class VolumeUpdate(Model):
     size_gib: IntRange(1, MAX_VOLUME_MIB // 1024) | None = None
     size_mib: IntRange(MIN_VOLUME_MIB, MAX_VOLUME_MIB) | None = None
 
-    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["size_gib"]},
-                                                           {"required": ["size_mib"]}]})
+    model_config = ConfigDict(json_schema_extra=ONE_SIZE)
 
     @model_validator(mode="after")
     def _one_size(self):

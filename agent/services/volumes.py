@@ -142,10 +142,11 @@ class VolumeService:
     @staticmethod
     def _check_room(backend, pool: str, size: int) -> None:
         """Volumes are thin (sparse files, RBD images): one may be as large as its pool, never
-        larger (a tenant's writes would fill the pool before the volume)."""
+        larger (a tenant's writes would fill the pool before the volume). Conflict (409): the
+        request is fine, this pool is too small for it."""
         cap = backend.usage().capacity
         if cap and size > cap:
-            raise Unprocessable(f"{size // (1024 * 1024)} MiB is more than pool {pool!r} holds "
+            raise Conflict(f"{size // (1024 * 1024)} MiB is more than pool {pool!r} holds "
                                 f"({cap // (1024 * 1024)} MiB): pick a smaller size or another pool")
 
     # -- create, resize, delete --

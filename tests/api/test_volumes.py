@@ -86,7 +86,7 @@ BAD_CREATES = [
     ({"name": "x", "size_mib": 64, "pool": "nope"}, 404, "pool"),
     ({"name": "x", "size_mib": 64, "format": "qcow2"}, 422, "format"),
     ({"name": "x", "size_mib": "64"}, 422, "size_mib"),
-    ({"name": "x", "size_gib": 65536}, 422, "more than pool"),
+    ({"name": "x", "size_gib": 65536}, 409, "more than pool"),
     ({"name": "0123456789abcdef0123456789abcdef", "size_mib": 64}, 422, "volume id"),
 ]
 

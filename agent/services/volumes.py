@@ -35,6 +35,7 @@ import uuid
 
 from agent import models
 from agent.errors import Conflict, NotFound, Unprocessable, Unsupported
+from hypervisor.driver import SupportsDiskResize
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,11 @@ class VolumeService:
             if size == row["size"]:
                 return self._render(row)
             self._check_room(self._backend(row["pool"]), row["pool"], size)
+            if inst is not None and inst.kind == "vm" and not isinstance(self.root.driver, SupportsDiskResize):
+                info = self.root.driver.find(inst.name)
+                if info is not None and info.state in ("running", "paused"):
+                    raise Unsupported(f"the {self.root.config.hypervisor.driver} driver cannot grow a running "
+                                      "VM's disk: stop the VM, grow the volume, start it")
             vol = self._backend(row["pool"]).resize_volume(row["backend_name"], size)
             self.db.execute("UPDATE volumes SET size=?, updated_at=? WHERE id=?",
                             (vol.size, time.time(), row["id"]))
@@ -216,16 +222,12 @@ class VolumeService:
         return self.get(row["id"])
 
     def _grow_in_use(self, row, inst, vol) -> None:
-        from hypervisor.driver import SupportsDiskResize
         from storage import mounts
         running_vm = False
         if inst is not None and inst.kind == "vm":
             info = self.root.driver.find(inst.name)
             running_vm = info is not None and info.state in ("running", "paused")
-            if running_vm:
-                if not isinstance(self.root.driver, SupportsDiskResize):
-                    raise Unsupported(f"the {self.root.config.hypervisor.driver} driver cannot grow a running "
-                                      "VM's disk: the guest sees the new size after a stop and start")
+            if running_vm:  # checked: SupportsDiskResize
                 self.root.driver.resize_disk(inst.name, row["target"], vol.size)
         if vol.path and not running_vm and not row["guest_written"] and has_ext4(vol.path):
             how = mounts.grow_fs_image(vol.path)  # mounted: online (or at its next mount)

@@ -266,3 +266,25 @@ def test_cli_volume_verbs(agent):
     assert bad.returncode != 0 and "only grow" in bad.stderr
     assert agent.cli("volume", "delete", "clivol", env=env).stdout.strip() == "deleted clivol"
     assert json.loads(agent.cli("volume", "list", "--json", env=env).stdout) == {"volumes": []}
+
+
+def test_a_failed_attach_or_grow_changes_nothing(app):
+    """The driver fails (one fault injected): the volume stays available (attach) or keeps its
+    size (a driver that cannot grow a running VM's disk is refused before the pool grows)."""
+    from unittest import mock
+
+    from agent.errors import Unavailable
+    _, client, root = app
+    _instance(client, name="fvm", kind="vm", image="tiny-vm", memory_mib=128)
+    _volume(client, "fv")
+    with mock.patch.object(root.driver, "attach_disk", side_effect=Unavailable("libvirtd went away")):
+        _err(client.post("/v1/instances/fvm/volumes", json={"volume": "fv"}), 503, "libvirtd")
+    v = client.get("/v1/volumes/fv").json
+    assert v["state"] == "available" and v["attachment"] is None
+    assert [d.target for d in root.driver.disks("fvm")] == ["vda", "vdz"]
+    assert client.post("/v1/instances/fvm/volumes", json={"volume": "fv"}).status_code == 200
+    with mock.patch("agent.services.volumes.SupportsDiskResize", type("NoResize", (), {})):  # a driver without it
+        _err(client.patch("/v1/volumes/fv", json={"size_mib": 64}), 422, "cannot grow a running")
+    assert client.get("/v1/volumes/fv").json["size_bytes"] == 32 * MiB
+    path = root.pools["default"].get_volume("v-" + v["id"][:12]).path
+    assert os.path.getsize(path) == 32 * MiB

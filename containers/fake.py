@@ -147,6 +147,10 @@ class FakeRuntime:
             self._boxes[spec.name] = box
             return box.info()
 
+    def volumes(self, name: str) -> tuple:
+        with self._lock:
+            return tuple(self._box(name).spec.volumes)
+
     def set_volumes(self, name: str, volumes) -> ContainerInfo:
         """containers.runtime.SupportsVolumes: only while not running or paused."""
         with self._lock:

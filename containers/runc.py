@@ -450,6 +450,10 @@ class RuncRuntime:
             volume_dirs=[self._volume_dir(name, i) for i in range(len(spec.volumes))])
         bundle.write_bundle(self._bundle(name), cfg)
 
+    def volumes(self, name: str) -> tuple[VolumeMount, ...]:
+        """containers.runtime.SupportsVolumes."""
+        return spec_from_json(self._row(name)["spec"]).volumes
+
     def set_volumes(self, name: str, volumes) -> ContainerInfo:
         """containers.runtime.SupportsVolumes: replace the container's volumes while it is
         stopped (the old ones are unmounted, the new ones mounted and its config rewritten).

@@ -198,3 +198,6 @@ class SupportsVolumes(Protocol):
     def set_volumes(self, name: str, volumes: tuple[VolumeMount, ...]) -> ContainerInfo:
         """Make ``volumes`` the container's (mounted from its next start on). Conflict while it
         runs or is paused; InvalidInput for a bad mount; NotFound for an unknown container."""
+
+    def volumes(self, name: str) -> tuple[VolumeMount, ...]:
+        """The container's volumes; NotFound for an unknown container."""

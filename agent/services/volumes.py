@@ -457,17 +457,29 @@ class VolumeService:
         for row in self.db.query("SELECT * FROM volumes WHERE instance_id IS NOT NULL"):
             inst = self._attached_to(row)
             stale = inst is None
-            if inst is not None and inst.kind == "vm" and inst.state not in BUSY_STATES:
+            if inst is not None and inst.state not in BUSY_STATES:
                 try:
-                    stale = row["target"] not in {d.target for d in self.root.driver.disks(inst.name)}
+                    stale = not self._in_use_by(inst, row)
                 except NotFound:
                     stale = False  # the instance's own reconcile says it is lost
                 except Exception as e:  # noqa: BLE001 - the driver is down: keep the row
-                    log.warning("cannot check a VM's volumes", extra={"instance": inst.name, "error": str(e)})
+                    log.warning("cannot check an instance's volumes", extra={"instance": inst.name,
+                                                                             "error": str(e)})
             if stale:
                 self._release(row["id"], row["instance_id"])
                 n += 1
         return n
+
+    def _in_use_by(self, inst, row) -> bool:
+        """True if the instance's driver has the volume as the row says (a VM's disk at its
+        target; a container's mount at its path)."""
+        from containers.runtime import SupportsVolumes
+        if inst.kind == "vm":
+            return row["target"] in {d.target for d in self.root.driver.disks(inst.name)}
+        rt = self.root.runtime
+        if not isinstance(rt, SupportsVolumes):
+            return True  # given at create: the runtime keeps them with the container
+        return row["path"] in {m.destination for m in rt.volumes(inst.name)}
 
     def _event(self, vol_id: str, name: str, change: str, **extra) -> None:
         self.root.events.publish("volume", {"id": vol_id, "name": name, "change": change, **extra})

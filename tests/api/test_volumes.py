@@ -249,6 +249,14 @@ def test_recovery_drops_attachments_that_did_not_hold(app):
     assert root.volumes.recover() == 1
     assert client.get("/v1/volumes/cut").json["state"] == "available"
     assert client.get("/v1/volumes/held").json["attachment"]["target"] == "vdb"
+    # the same for a container: reserved, but the runtime's spec never got it
+    c = _instance(client, name="rc", kind="container", image="busybox", command=["sleep", "60"],
+                  volumes=[{"volume": "cut", "path": "/kept"}])
+    _volume(client, "cut2")
+    root.db.execute("UPDATE volumes SET instance_id=?, path='/lost' WHERE name='cut2'", (c["id"],))
+    assert root.volumes.recover() == 1
+    assert client.get("/v1/volumes/cut2").json["state"] == "available"
+    assert client.get("/v1/volumes/cut").json["attachment"]["path"] == "/kept"
 
 
 def test_cli_volume_verbs(agent):

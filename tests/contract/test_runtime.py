@@ -223,11 +223,13 @@ def test_volumes_change_only_while_stopped(rt, spec, tmp_path):
     with pytest.raises(NotFound):
         rt.set_volumes("nope", (VolumeMount(img, "/data"),))
     rt.set_volumes("vc", (VolumeMount(img, "/data"),))
+    assert rt.volumes("vc") == (VolumeMount(img, "/data"),)
     rt.start("vc")
     with pytest.raises(Conflict, match="stop it first"):
         rt.set_volumes("vc", ())
     rt.stop("vc", timeout=1)
     rt.set_volumes("vc", ())
+    assert rt.volumes("vc") == ()
     assert rt.delete("vc") is True
     assert not mounts.release_fs_image(img), "no loop device of the volume is left"
 

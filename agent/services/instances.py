@@ -107,8 +107,7 @@ class InstanceService:
         inst_id = uuid.uuid4().hex
         volumes = [root_volume(req.kind, inst_id)]
         spec = req.model_dump()
-        if not spec.get("volumes"):  # a spec a peer without volumes still reads
-            spec.pop("volumes", None)
+        spec.pop("volumes", None)  # attachments are the volumes table's (agent/services/volumes.py)
         spec["image_id"] = image.id
         now = time.time()
         if not self.records.insert(Instance(

@@ -478,8 +478,9 @@ class RuncRuntime:
         """Unmount every volume of the container, mount ``spec.volumes`` and write its config."""
         top = os.path.join(self._dir(spec.name), "volumes")
         for p in sorted(mounts.mounts_under(top), key=len, reverse=True):
-            mounts.unmount(p, lazy=True)
-        shutil.rmtree(top, ignore_errors=True)
+            mounts.unmount(p, lazy=True)  # detached from the tree at once
+        for d in os.listdir(top) if os.path.isdir(top) else ():
+            os.rmdir(os.path.join(top, d))  # empty mount points only: never a tenant's files
         self._mount_volumes(spec)
         netns = None
         if spec.network.mode == "bridge" and not spec.userns and os.path.exists(self.net.netns_path(spec.name)):

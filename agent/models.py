@@ -439,8 +439,12 @@ ONE_SIZE = {"oneOf": [{"required": [k], "properties": {k: {"type": "integer"}}} 
 
 
 class VolumeMountSpec(Model):
+    """A volume an instance is created with: a container mounts it at ``path`` (required); a VM
+    gets it as a disk at ``target`` (default: the first free of vdb..vdy)."""
+
     volume: VolumeRef
-    path: Annotated[MountPath, AfterValidator(_mount_path)]
+    path: Annotated[MountPath, AfterValidator(_mount_path)] | None = Field(None, description="containers")
+    target: Annotated[str, Field(pattern=VDISK_TARGET_PATTERN)] | None = Field(None, description="VMs")
     readonly: bool = False
 
 
@@ -577,8 +581,8 @@ class InstanceCreate(Model):
         description='network "bridge": the groups filtering its traffic (default ["default"])')
     volumes: list[VolumeMountSpec] = Field(
         default_factory=list, max_length=MAX_VOLUMES_PER_INSTANCE,
-        description="containers: volumes (POST /v1/volumes, on a local pool) mounted at a path; "
-                    "VMs attach theirs with POST /v1/instances/{id}/volumes")
+        description="volumes (POST /v1/volumes) the instance is made with: a container mounts each at its "
+                    "path (local pools); a VM gets each as a disk (target, default the first free)")
 
     # the kind-dependent rules of _fits_kind, for the spec (a schema-valid body is accepted)
     model_config = ConfigDict(json_schema_extra={"allOf": [
@@ -589,12 +593,15 @@ class InstanceCreate(Model):
              "network": {"enum": ["bridge", "none"]}, "ports": {"maxItems": 0},
              "env": {"maxProperties": 0}, "command": {"type": "null"}, "pids_max": {"type": "null"},
              "cap_add": {"maxItems": 0}, "cap_drop": {"maxItems": 0},
-             "privileged": {"const": False}}}},
+             "privileged": {"const": False},
+             "volumes": {"items": {"properties": {"path": {"type": "null"}}}}}}},
         {"if": {"properties": {"kind": {"const": "container"}}, "required": ["kind"]},
          "then": {"properties": {
              "cpus": {"minimum": container_limits.MIN_CPUS, "maximum": container_limits.MAX_CPUS},
              "memory_mib": {"minimum": container_limits.MIN_MEMORY_MIB},
-             "user_data": {"type": "null"}}}},
+             "user_data": {"type": "null"},
+             "volumes": {"items": {"required": ["path"], "properties": {
+                 "path": {"type": "string"}, "target": {"type": "null"}}}}}}},
         {"if": {"properties": {"network": {"enum": ["none", "host"]}}, "required": ["network"]},
          "then": {"properties": {"ports": {"maxItems": 0}, "bandwidth": {"type": "null"}}}},
     ]})
@@ -614,7 +621,7 @@ class InstanceCreate(Model):
         return self
 
     def _vm_checks(self) -> None:
-        unused = [f for f in ("ports", "env", "command", "pids_max", "cap_add", "cap_drop", "privileged", "volumes")
+        unused = [f for f in ("ports", "env", "command", "pids_max", "cap_add", "cap_drop", "privileged")
                   if getattr(self, f)]
         if unused:
             raise ValueError(f"{', '.join(unused)} are for containers: a VM takes user_data")
@@ -622,6 +629,8 @@ class InstanceCreate(Model):
             raise ValueError("network 'host' is for containers: a VM takes 'bridge' or 'none'")
         if self.bandwidth is not None and self.network != "bridge":
             raise ValueError("bandwidth limits apply to the bridge port: network 'none' has none")
+        if any(v.path is not None for v in self.volumes):
+            raise ValueError("volumes: path is for containers: a VM gets each volume as a disk (target)")
         if self.cpus != int(self.cpus) or not 1 <= self.cpus <= vm_limits.MAX_VCPUS:
             raise ValueError(f"cpus of a VM are whole vCPUs 1..{vm_limits.MAX_VCPUS}, got {self.cpus}")
         if self.memory_mib < vm_limits.MIN_MEMORY_MIB:
@@ -643,10 +652,10 @@ class InstanceCreate(Model):
             raise ValueError(f"ports are published on the bridge: network {self.network!r} has none")
         if self.bandwidth is not None and self.network != "bridge":
             raise ValueError(f"bandwidth limits apply to the bridge port: network {self.network!r} has none")
-        for what, key in (("volume", "volume"), ("path", "path")):
-            given = [getattr(v, key) for v in self.volumes]
-            if len(set(given)) != len(given):
-                raise ValueError(f"volumes: a {what} is given twice")
+        if any(v.target is not None for v in self.volumes):
+            raise ValueError("volumes: target is for VMs: a container mounts each volume at its path")
+        if any(v.path is None for v in self.volumes):
+            raise ValueError("volumes: a container's volume needs a path to be mounted at (e.g. /data)")
         for what in ("cap_add", "cap_drop"):
             caps = getattr(self, what)
             if len(set(caps)) != len(caps):

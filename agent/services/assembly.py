@@ -131,8 +131,9 @@ class Assembly:
         vol = self.store.clone_disk(image_id, volume, pool=pool, size=size)
         return vol, self.vm_seed(inst_id, name, user_data=user_data, ip=ip)
 
-    def vm_spec(self, inst_id: str, req, vol, seed: str, *, boot: DirectBoot | None = None):
-        """The driver's VmSpec of ``req`` (a models.InstanceCreate) on its root volume and seed."""
+    def vm_spec(self, inst_id: str, req, vol, seed: str, *, boot: DirectBoot | None = None, volumes=()):
+        """The driver's VmSpec of ``req`` (a models.InstanceCreate) on its root volume and seed,
+        with ``volumes`` (DiskSpecs of attached volumes) after them."""
         from hypervisor.disks import disk_for_volume
         from hypervisor.driver import NicSpec, VmSpec
 
@@ -141,22 +142,23 @@ class Assembly:
         kernel, initrd, cmdline = (boot.kernel, boot.initrd, boot.cmdline) if boot else (None, None, None)
         return VmSpec(name=req.name, uuid=str(uuid.UUID(inst_id)), cpus=max(1, math.ceil(req.cpus)),
                       memory_mib=req.memory_mib, bandwidth=bandwidth_of(req),
-                      disks=(disk_for_volume(vol, ROOT_TARGET), seed_disk(seed)),
+                      disks=(disk_for_volume(vol, ROOT_TARGET), seed_disk(seed), *volumes),
                       nics=nics, console_log=str(self.instance_dir(inst_id) / "console.log"),
                       kernel=kernel, initrd=initrd, cmdline=cmdline)
 
     def create_vm(self, driver, inst_id: str, req, image_id: str, pool: str, *,
-                  phase: Callable[[str], None] = _nothing, boot: DirectBoot | None = None):
+                  phase: Callable[[str], None] = _nothing, boot: DirectBoot | None = None, volumes=()):
         """Lease the address (network ``bridge``), clone the disk, write the seed, define the
-        domain and, with ``req.start``, start it; returns (VmInfo, ip). On failure what was
-        made stays: the caller removes it (by its record, or with ``remove_vm``)."""
+        domain (with ``volumes``: DiskSpecs of attached volumes) and, with ``req.start``, start
+        it; returns (VmInfo, ip). On failure what was made stays: the caller removes it (by its
+        record, or with ``remove_vm``)."""
         phase("clone")
         ip = self.vm_address(inst_id) if req.network == "bridge" else None
         vol, seed = self.vm_disks(inst_id, req.name, image_id, pool, root_volume("vm", inst_id),
                                   size=req.disk_gib * GiB if req.disk_gib else None,
                                   user_data=req.user_data, ip=ip)
         phase("define")
-        info = driver.define(self.vm_spec(inst_id, req, vol, seed, boot=boot))
+        info = driver.define(self.vm_spec(inst_id, req, vol, seed, boot=boot, volumes=volumes))
         if req.start:
             phase("start")
             info = driver.start(req.name)

@@ -103,7 +103,7 @@ class InstanceService:
         if req.kind == "vm" and (req.ports or req.command):
             raise Unprocessable("ports and command are for containers: VMs take user_data")
         groups = self.root.secgroups.check(req.security_groups) if req.network == "bridge" else []
-        vol_rows = self.root.volumes.resolve_for_create(req.volumes) if req.volumes else []
+        vol_rows = self.root.volumes.resolve_for_create(req.volumes, req.kind) if req.volumes else []
         inst_id = uuid.uuid4().hex
         volumes = [root_volume(req.kind, inst_id)]
         spec = req.model_dump()
@@ -118,7 +118,7 @@ class InstanceService:
         if groups:  # before the operation: its attach renders the filter with them
             self.root.secgroups.join(inst_id, groups, apply=False)
         try:  # the volumes are this record's from now on (free again when it is gone)
-            mounts = self.root.volumes.reserve_for_create(inst_id, req.volumes, vol_rows) if vol_rows else ()
+            extra = self.root.volumes.reserve_for_create(inst_id, req.volumes, vol_rows, req.kind) if vol_rows else ()
         except BaseException:
             self.records.delete(inst_id)
             raise
@@ -128,11 +128,11 @@ class InstanceService:
                 try:
                     if req.kind == "vm":
                         info, ip = self.root.assembly.create_vm(self.root.driver, inst_id, req, image.id, pool,
-                                                                phase=op.phase)
+                                                                phase=op.phase, volumes=extra)
                         state = info.state
                     else:
                         info = self.root.assembly.create_container(self.root.runtime, req, image, pool, inst_id,
-                                                                   phase=op.phase, volumes=mounts)
+                                                                   phase=op.phase, volumes=extra)
                         state, ip = info.state, info.ip
                 except BaseException as e:
                     try:

@@ -8,6 +8,7 @@ sparse raw file holding an empty ext4 filesystem, so either kind of instance can
 sees a disk (vdb..vdy) carrying that filesystem, a container gets the filesystem loop-mounted
 on the host and bind-mounted at a path. On a block (Ceph RBD) pool it is an empty raw RBD
 image, attached to VMs through QEMU's librbd (containers would need the kernel's rbd module).
+Instances of both kinds may be given volumes at create (resolve_for_create, reserve_for_create).
 
 Lifecycle: absent -> create() (row ``creating`` -> the pool's volume -> ``ready``) ->
 attach()/detach() any number of times -> delete() (row ``deleting`` -> the pool's volume
@@ -277,36 +278,58 @@ class VolumeService:
                                 "volumes only")
         return vol.path
 
-    def resolve_for_create(self, specs: list[models.VolumeMountSpec]) -> list:
-        """A container create's volumes, checked before anything is made: each exists, is
-        available and mountable. Returns their rows, in order."""
+    def resolve_for_create(self, specs: list[models.VolumeMountSpec], kind: str = "container") -> list:
+        """A create's volumes, checked before anything is made: each exists and is available
+        (and, for a container, mountable). Conflict (as an attach of an attached volume, or to a
+        taken target or path) if a volume, target or path is given twice. Returns their rows."""
+        for key in ("volume", "target", "path"):
+            given = [getattr(s, key) for s in specs if getattr(s, key) is not None]
+            twice = next((g for i, g in enumerate(given) if g in given[:i]), None)
+            if twice is not None:
+                raise Conflict(f"volumes: {key} {twice!r} is given twice: each volume is attached once, "
+                               f"at a {key} of its own")
         rows = []
         for spec in specs:
             row = self._get_row(spec.volume)
             inst = self._attached_to(row)
             if inst is not None:
                 raise Conflict(f"volume {row['name']!r} is attached to instance {inst.name!r}: detach it first")
-            self._check_for_container(row)
+            if kind == "container":
+                self._check_for_container(row)
             rows.append(row)
         return rows
 
-    def reserve_for_create(self, inst_id: str, specs: list[models.VolumeMountSpec], rows: list) -> list:
+    def reserve_for_create(self, inst_id: str, specs: list[models.VolumeMountSpec], rows: list,
+                           kind: str = "container") -> list:
         """Attach ``rows`` (resolve_for_create's) to the new record ``inst_id``; Conflict if
-        one was taken meanwhile (none is kept then). Returns the runtime's VolumeMounts."""
+        one was taken meanwhile (none is kept then). Returns what the instance is made with:
+        the runtime's VolumeMounts (containers) or the driver's DiskSpecs (VMs, at their
+        targets: given, else the first free)."""
         from containers.runtime import VolumeMount
+        from hypervisor.disks import disk_for_volume
+        given = {s.target for s in specs if s.target}
+        free = (t for t in VM_TARGETS if t not in given)
         out, done = [], []
         try:
             for spec, row in zip(specs, rows):
-                self._reserve(row, inst_id, target=None, path=spec.path, readonly=spec.readonly)
+                if kind == "vm":
+                    target = spec.target or next(free)
+                    made = disk_for_volume(self._volume(row), target, readonly=spec.readonly)
+                    self._reserve(row, inst_id, target=target, path=None, readonly=spec.readonly)
+                    if not spec.readonly:
+                        self.db.execute("UPDATE volumes SET guest_written=1 WHERE id=?", (row["id"],))
+                else:
+                    made = VolumeMount(source=self._volume(row).path, destination=spec.path,
+                                       readonly=spec.readonly)
+                    self._reserve(row, inst_id, target=None, path=spec.path, readonly=spec.readonly)
                 done.append(row["id"])
-                out.append(VolumeMount(source=self._volume(row).path, destination=spec.path,
-                                       readonly=spec.readonly))
+                out.append(made)
         except BaseException:
             for vid in done:
                 self._release(vid, inst_id)
             raise
         for spec, row in zip(specs, rows):
-            self._event(row["id"], row["name"], "attached", instance=inst_id, path=spec.path)
+            self._event(row["id"], row["name"], "attached", instance=inst_id)
         return out
 
     def _reserve(self, row, inst_id: str, *, target, path, readonly: bool) -> None:

@@ -180,9 +180,9 @@ def test_container_volumes_at_create_and_while_stopped(app):
                                ([{"volume": "cdata", "path": "/proc/x"}], 422, "runtime"),
                                ([{"volume": "cdata", "path": "/a/../b"}], 422, "normalised"),
                                ([{"volume": "cdata", "path": "data"}], 422, "path"),
-                               ([{"volume": "cdata", "path": "/d"}, {"volume": "cdata", "path": "/e"}], 422,
+                               ([{"volume": "cdata", "path": "/d"}, {"volume": "cdata", "path": "/e"}], 409,
                                 "twice"),
-                               ([{"volume": "cdata", "path": "/d"}, {"volume": "clogs", "path": "/d"}], 422,
+                               ([{"volume": "cdata", "path": "/d"}, {"volume": "clogs", "path": "/d"}], 409,
                                 "twice")):
         _err(client.post("/v1/instances", json={"name": "c1", "kind": "container", "image": "busybox",
                                                 "command": ["sleep", "60"], "volumes": vols}), status, word)
@@ -296,3 +296,33 @@ def test_a_failed_attach_or_grow_changes_nothing(app):
     assert client.get("/v1/volumes/fv").json["size_bytes"] == 32 * MiB
     path = root.pools["default"].get_volume("v-" + v["id"][:12]).path
     assert os.path.getsize(path) == 32 * MiB
+
+
+def test_vm_created_with_volumes(app):
+    """A VM's create may name volumes: they are disks of its first definition (targets given,
+    else the first free); a taken one refuses the create (409), which leaves nothing."""
+    _, client, root = app
+    for n in ("a1", "a2", "a3"):
+        _volume(client, n)
+    vm = _instance(client, name="cvm", kind="vm", image="tiny-vm", memory_mib=128,
+                   volumes=[{"volume": "a1", "target": "vdc"}, {"volume": "a2", "readonly": True}])
+    disks = {d.target: d for d in root.driver.disks("cvm")}
+    assert set(disks) == {"vda", "vdb", "vdc", "vdz"} and disks["vdb"].readonly and not disks["vdc"].readonly
+    assert client.get("/v1/volumes/a1").json["attachment"]["target"] == "vdc"
+    assert client.get("/v1/volumes/a2").json["attachment"] == {
+        "instance": vm["id"], "instance_name": "cvm", "target": "vdb", "path": None, "readonly": True}
+    for vols, status, word in (([{"volume": "a1"}], 409, "cvm"),
+                               ([{"volume": "a3", "target": "vda"}], 422, "target"),
+                               ([{"volume": "a3", "target": "vdb"}, {"volume": "a1", "target": "vdb"}], 409, "twice"),
+                               ([{"volume": "a3"}, {"volume": "a3"}], 409, "twice")):
+        _err(client.post("/v1/instances", json={"name": "cvm2", "kind": "vm", "image": "tiny-vm",
+                                                "volumes": vols}), status, word)
+        assert client.get("/v1/instances/cvm2").status_code == 404
+        assert client.get("/v1/volumes/a3").json["state"] == "available"
+    # a2 was read-only: a container may still mount it once the VM is gone; a1 was the guest's
+    assert client.delete("/v1/instances/cvm").json == {"deleted": True}
+    _instance(client, name="cc", kind="container", image="busybox", command=["sleep", "1"],
+              volumes=[{"volume": "a2", "path": "/d"}])
+    _err(client.post("/v1/instances", json={"name": "cc2", "kind": "container", "image": "busybox",
+                                            "command": ["sleep", "1"], "volumes": [{"volume": "a1", "path": "/d"}]}),
+         422, "guest")

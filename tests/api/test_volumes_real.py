@@ -62,18 +62,22 @@ def test_vm_hot_attach_grow_keep_and_detach_a_local_volume(libvirtd, guest_image
     name = f"volvm-{secrets.token_hex(3)}"
     try:
         image = import_boot_image(api, guest_images["boot"])
+        assert api.post("/v1/volumes", json={"name": "vol0", "size_mib": 16}).status_code == 201
         op = api.wait(api.post("/v1/instances", json={
             "name": name, "kind": "vm", "image": image["id"], "memory_mib": 192, "network": "none",
-            "user_data": SIZES_SCRIPT}).json(), timeout=120)
+            "user_data": SIZES_SCRIPT, "volumes": [{"volume": "vol0"}]}).json(), timeout=120)
         assert op["status"] == "succeeded", op
-        wait_console(api, name, boots=1)
+        text = wait_console(api, name, boots=1)
+        disks = [ln for ln in text.splitlines() if ln.startswith("NODEAGENT-DISKS ")][0]
+        assert len(disks.split()) == 4, f"root, seed and the volume it was created with: {disks}"
+        assert api.get("/v1/volumes/vol0").json()["attachment"]["target"] == "vdb"
         out = agent.cli("volume", "create", "vol1", "--size", "64M", "--json", env=env)
         vol = json.loads(out.stdout)
         assert vol["size_bytes"] == 64 * MiB and vol["state"] == "available"
 
         # hot-plug: the running guest sees a new disk
         out = agent.cli("volume", "attach", "vol1", name, "--json", env=env)
-        assert json.loads(out.stdout)["attachment"]["target"] == "vdb"
+        assert json.loads(out.stdout)["attachment"]["target"] == "vdc"
         added = wait_line(api, name, lambda ln: ln.startswith("NODEAGENT-DISK-ADDED "), "NODEAGENT-DISK-ADDED")
         dev = added.split()[1]
         wait_line(api, name, lambda ln: ln.startswith("NODEAGENT-SIZES") and f" {dev}={64 * MiB // 512}" in ln,
@@ -93,23 +97,23 @@ def test_vm_hot_attach_grow_keep_and_detach_a_local_volume(libvirtd, guest_image
         # kept across an agent restart and a stop/start (in the VM's persistent definition)
         agent.stop()
         agent.start()
-        assert api.get("/v1/volumes/vol1").json()["attachment"]["target"] == "vdb"
+        assert api.get("/v1/volumes/vol1").json()["attachment"]["target"] == "vdc"
         assert act(api, name, "stop", timeout=60)["state"] == "stopped"
         assert act(api, name, "start")["state"] == "running"
         text = wait_console(api, name, boots=2)
         boot2 = text[text.index("NODEAGENT-READY") + 1:]
         disks = [ln for ln in boot2.splitlines() if ln.startswith("NODEAGENT-DISKS ")][0]
-        assert len(disks.split()) == 4, f"root, seed and the volume: {disks}"
+        assert len(disks.split()) == 5, f"root, seed and the two volumes: {disks}"
 
         # hot-unplug: the guest lets it go
         before = console(api, name).count("NODEAGENT-DISK-REMOVED")
         out = agent.cli("volume", "detach", "vol1", name, "--json", env=env)
         assert json.loads(out.stdout)["state"] == "available"
         wait_removed(api, name, before)
-        assert "vdb" not in subprocess.run(["virsh", "-c", libvirtd, "domblklist", name], capture_output=True,
+        assert "vdc" not in subprocess.run(["virsh", "-c", libvirtd, "domblklist", name], capture_output=True,
                                            text=True).stdout
         agent.cli("volume", "delete", "vol1", env=env)
-        assert api.get("/v1/volumes").json() == {"volumes": []}
+        assert [v["name"] for v in api.get("/v1/volumes").json()["volumes"]] == ["vol0"]
         assert not list((vmtmp / "vol").rglob(f"v-{vol['id'][:12]}*")), "the volume's file is gone"
     finally:
         api.delete(f"/v1/instances/{name}")

@@ -5,6 +5,7 @@ NODEAGENT_TOKEN or the client config file). Read verbs take ``--json``.
 from __future__ import annotations
 
 import json as jsonlib
+import re
 import sys
 
 import click
@@ -321,7 +322,8 @@ def instance():
               help="containers: no user namespace, container root = host root (admin tokens only)")
 @click.option("--security-group", "groups", multiple=True, help="a security group (repeat; default: default)")
 @click.option("--no-start", is_flag=True)
-@click.option("--volume", "volumes", multiple=True, help="containers: VOLUME:PATH[:ro] mounts a volume (repeat)")
+@click.option("--volume", "volumes", multiple=True,
+              help="a volume (repeat): containers VOLUME:PATH[:ro], VMs VOLUME[:TARGET][:ro]")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("command", nargs=-1)
 def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, network,
@@ -616,12 +618,16 @@ def secgroup_delete(name):
 # -- volumes --
 
 def _volume_mount(text: str) -> dict:
-    """VOLUME:PATH[:ro] -> {volume, path, readonly}."""
-    name, _, rest = text.partition(":")
-    path, ro = (rest[:-3], True) if rest.endswith(":ro") else (rest, False)
-    if not name or not path:
-        raise click.BadParameter(f"{text!r}: use VOLUME:PATH or VOLUME:PATH:ro (e.g. data:/data)")
-    return {"volume": name, "path": path, "readonly": ro}
+    """VOLUME[:PATH|:TARGET][:ro] -> {volume, path (containers) | target (VMs), readonly}."""
+    ro = text.endswith(":ro")
+    name, _, where = (text[:-3] if ro else text).partition(":")
+    if not name or (where and not where.startswith("/") and not re.fullmatch(r"vd[b-y]", where)):
+        raise click.BadParameter(f"{text!r}: use VOLUME:PATH[:ro] for a container (e.g. data:/data), "
+                                 "VOLUME[:TARGET][:ro] for a VM (e.g. data or data:vdc)")
+    out: dict = {"volume": name, "readonly": ro}
+    if where:
+        out["path" if where.startswith("/") else "target"] = where
+    return out
 
 
 def _size(text: str) -> dict:

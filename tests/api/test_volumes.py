@@ -259,11 +259,17 @@ def test_recovery_drops_attachments_that_did_not_hold(app):
     assert client.get("/v1/volumes/cut").json["attachment"]["path"] == "/kept"
 
 
-def test_cli_volume_verbs(agent):
+def test_cli_volume_verbs(agent, images):
     import json
     env = {"NODEAGENT_URL": agent.url, "NODEAGENT_TOKEN": agent.admin_token}
     out = agent.cli("volume", "create", "clivol", "--size", "16M", env=env).stdout
     assert out.startswith("clivol ") and "16 MiB" in out and "available" in out, out
+    agent.cli("instance", "create", "clivm", "--kind", "vm", "--image", images["vm"]["id"], "--memory", "128",
+              "--volume", "clivol:vdc:ro", env=env)
+    att = json.loads(agent.cli("volume", "show", "clivol", "--json", env=env).stdout)["attachment"]
+    assert (att["instance_name"], att["target"], att["readonly"]) == ("clivm", "vdc", True)
+    assert "available" in agent.cli("volume", "detach", "clivol", "clivm", env=env).stdout
+    agent.cli("instance", "rm", "clivm", env=env)
     assert "clivol" in agent.cli("volume", "list", env=env).stdout
     assert json.loads(agent.cli("volume", "resize", "clivol", "--size", "1G", "--json", env=env).stdout
                       )["size_bytes"] == 1024 * MiB

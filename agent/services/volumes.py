@@ -149,7 +149,7 @@ class VolumeService:
         cap = backend.usage().capacity
         if cap and size > cap:
             raise Conflict(f"{size // (1024 * 1024)} MiB is more than pool {pool!r} holds "
-                                f"({cap // (1024 * 1024)} MiB): pick a smaller size or another pool")
+                           f"({cap // (1024 * 1024)} MiB): pick a smaller size or another pool")
 
     # -- create, resize, delete --
     def create(self, req: models.VolumeCreate) -> dict:

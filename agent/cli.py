@@ -5,6 +5,7 @@ NODEAGENT_TOKEN or the client config file). Read verbs take ``--json``.
 from __future__ import annotations
 
 import json as jsonlib
+import re
 import sys
 
 import click
@@ -326,11 +327,13 @@ def instance():
               help="VMs: MiB, the most memory a later resize may give it (default: --memory)")
 @click.option("--no-autostart", is_flag=True, help="stay stopped after a host reboot even if it was running")
 @click.option("--no-start", is_flag=True)
+@click.option("--volume", "volumes", multiple=True,
+              help="a volume (repeat): containers VOLUME:PATH[:ro], VMs VOLUME[:TARGET][:ro]")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("command", nargs=-1)
 def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, network,
                     ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, privileged, groups, max_cpus,
-                    max_memory_mib, no_autostart, no_start, as_json, command):
+                    max_memory_mib, no_autostart, no_start, volumes, as_json, command):
     """Create NAME from an image; for containers, COMMAND after `--` overrides the image's."""
     body = {"name": name, "kind": kind, "image": image_ref, "cpus": cpus, "memory_mib": memory_mib,
             "start": not no_start}
@@ -363,6 +366,8 @@ def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env
         body["max_memory_mib"] = max_memory_mib
     if no_autostart:
         body["autostart"] = False
+    if volumes:
+        body["volumes"] = [_volume_mount(v) for v in volumes]
     c = _client()
     op = _call(c.post, "/v1/instances", body)
     op = _finish(_wait_with_progress(c, op, f"creating {name}", as_json), as_json)
@@ -879,3 +884,112 @@ def secgroup_set(name, rules, as_json):
 def secgroup_delete(name):
     _call(_client().delete, f"/v1/security-groups/{name}")
     click.echo(f"deleted {name}")
+
+
+# -- volumes --
+
+def _volume_mount(text: str) -> dict:
+    """VOLUME[:PATH|:TARGET][:ro] -> {volume, path (containers) | target (VMs), readonly}."""
+    ro = text.endswith(":ro")
+    name, _, where = (text[:-3] if ro else text).partition(":")
+    if not name or (where and not where.startswith("/") and not re.fullmatch(r"vd[b-y]", where)):
+        raise click.BadParameter(f"{text!r}: use VOLUME:PATH[:ro] for a container (e.g. data:/data), "
+                                 "VOLUME[:TARGET][:ro] for a VM (e.g. data or data:vdc)")
+    out: dict = {"volume": name, "readonly": ro}
+    if where:
+        out["path" if where.startswith("/") else "target"] = where
+    return out
+
+
+def _size(text: str) -> dict:
+    """10G, 512M or a bare number of GiB -> {size_gib} or {size_mib}."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if t.endswith("M"):
+            return {"size_mib": int(t[:-1])}
+        return {"size_gib": int(t[:-1] if t.endswith("G") else t)}
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give a size like 10G or 512M") from None
+
+
+def _show_volume(v: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(jsonlib.dumps(v, indent=2))
+        return
+    att = v.get("attachment") or {}
+    where = att.get("target") or att.get("path") or ""
+    click.echo(f"{v['name']} {v['id'][:12]} {v['size_bytes'] // (1024 * 1024)} MiB pool {v['pool']} {v['state']}"
+               + (f" to {att['instance_name']} at {where}" if att else ""))
+
+
+@main.group()
+def volume():
+    """Volumes: disks made on their own, attached to VMs (hot-plug) and containers (a mount path)."""
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option("--size", required=True, help="10G, 512M (a bare number: GiB)")
+@click.option("--pool", help="a local or block pool (default: the default pool)")
+@click.option("--json", "as_json", is_flag=True)
+def volume_create(name, size, pool, as_json):
+    body = {"name": name, **_size(size), **({"pool": pool} if pool else {})}
+    _show_volume(_call(_client().post, "/v1/volumes", body), as_json)
+
+
+@volume.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def volume_list(as_json):
+    data = _call(_client().get, "/v1/volumes")
+    for v in data["volumes"]:
+        att = v.get("attachment") or {}
+        v["size_mib"] = v["size_bytes"] // (1024 * 1024)
+        v["instance"] = att.get("instance_name")
+        v["at"] = att.get("target") or att.get("path")
+    _out(data, as_json, ["name", "id", "pool", "size_mib", "state", "instance", "at"], "volumes")
+
+
+@volume.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+def volume_show(ref, as_json):
+    _show_volume(_call(_client().get, f"/v1/volumes/{ref}"), as_json)
+
+
+@volume.command("resize")
+@click.argument("ref")
+@click.option("--size", required=True, help="the new size (grow only): 20G, 1024M")
+@click.option("--json", "as_json", is_flag=True)
+def volume_resize(ref, size, as_json):
+    """Grow REF (online for a running VM: the guest sees it at once)."""
+    _show_volume(_call(_client().patch, f"/v1/volumes/{ref}", _size(size)), as_json)
+
+
+@volume.command("delete")
+@click.argument("ref")
+def volume_delete(ref):
+    _call(_client().delete, f"/v1/volumes/{ref}")
+    click.echo(f"deleted {ref}")
+
+
+@volume.command("attach")
+@click.argument("ref")
+@click.argument("instance_ref")
+@click.option("--target", help="VMs: vdb..vdy (default: the first free)")
+@click.option("--path", help="containers (stopped): where to mount it")
+@click.option("--readonly", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def volume_attach(ref, instance_ref, target, path, readonly, as_json):
+    """Attach volume REF to INSTANCE_REF (a running VM: hot-plug)."""
+    body = {"volume": ref, **({"target": target} if target else {}), **({"path": path} if path else {}),
+            **({"readonly": True} if readonly else {})}
+    _show_volume(_call(_client().post, f"/v1/instances/{instance_ref}/volumes", body), as_json)
+
+
+@volume.command("detach")
+@click.argument("ref")
+@click.argument("instance_ref")
+@click.option("--json", "as_json", is_flag=True)
+def volume_detach(ref, instance_ref, as_json):
+    """Detach volume REF from INSTANCE_REF."""
+    _show_volume(_call(_client().delete, f"/v1/instances/{instance_ref}/volumes/{ref}"), as_json)

@@ -414,6 +414,126 @@ def _keys_by_pattern(schema: dict) -> None:
         schema["additionalProperties"] = value
 
 
+# -- volumes (POST/GET /v1/volumes, GET/PATCH/DELETE /v1/volumes/{id}, /v1/instances/{id}/volumes) --
+
+VolumeRef = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63,
+                                 description="a volume's name (a hostname label) or id")]
+MAX_VOLUMES_PER_INSTANCE = 16
+MAX_VOLUME_MIB = 64 * 1024 * 1024  # 64 TiB
+MIN_VOLUME_MIB = 8  # room for an ext4 filesystem and its journal
+VDISK_TARGET_PATTERN = r"^vd[b-y]$"  # vda is the root disk, vdz the NoCloud seed
+MountPath = Annotated[str, Field(min_length=2, max_length=4096, pattern=r"^/[^\x00-\x1f\x7f]*$",
+                                 description="an absolute, normalised path inside the container")]
+
+
+def _mount_path(v: str) -> str:
+    try:
+        container_limits.check_volume_path(v)
+    except Exception as e:  # agent.errors.InvalidInput: its message says why
+        raise ValueError(getattr(e, "message", str(e))) from None
+    return v
+
+
+# exactly one of the two sizes, given as a number (null is not a size)
+ONE_SIZE = {"oneOf": [{"required": [k], "properties": {k: {"type": "integer"}}} for k in ("size_gib", "size_mib")]}
+
+
+class VolumeMountSpec(Model):
+    """A volume an instance is created with: a container mounts it at ``path`` (required); a VM
+    gets it as a disk at ``target`` (default: the first free of vdb..vdy)."""
+
+    volume: VolumeRef
+    path: Annotated[MountPath, AfterValidator(_mount_path)] | None = Field(None, description="containers")
+    target: Annotated[str, Field(pattern=VDISK_TARGET_PATTERN)] | None = Field(None, description="VMs")
+    readonly: bool = False
+
+
+class VolumeCreate(Model):
+    """A new, empty volume: exactly one of size_gib and size_mib. On a local pool it is a
+    sparse raw file holding an empty ext4 filesystem (a VM sees a disk with it; a container
+    mounts it); on a block (Ceph RBD) pool, an empty raw RBD image (VMs only here)."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63, description="a hostname label")]
+    size_gib: IntRange(1, MAX_VOLUME_MIB // 1024) | None = None
+    size_mib: IntRange(MIN_VOLUME_MIB, MAX_VOLUME_MIB) | None = None
+    pool: PoolName | None = Field(None, description="a local or block pool (default: the default pool)")
+
+    model_config = ConfigDict(json_schema_extra=ONE_SIZE)
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if (self.size_gib is None) == (self.size_mib is None):
+            raise ValueError("give exactly one of size_gib and size_mib")
+        if len(self.name) == 32 and all(c in "0123456789abcdef" for c in self.name):
+            raise ValueError("name: 32 hex digits look like a volume id: pick another name")
+        return self
+
+    @property
+    def size_bytes(self) -> int:
+        return (self.size_gib * 1024 if self.size_gib is not None else self.size_mib) * 1024 * 1024
+
+
+class VolumeUpdate(Model):
+    """Grow a volume (never shrink): exactly one of size_gib and size_mib, at least its size
+    now. Online for a running VM's disk (the guest sees the new size at once); a container's
+    mounted filesystem grows with it."""
+
+    size_gib: IntRange(1, MAX_VOLUME_MIB // 1024) | None = None
+    size_mib: IntRange(MIN_VOLUME_MIB, MAX_VOLUME_MIB) | None = None
+
+    model_config = ConfigDict(json_schema_extra=ONE_SIZE)
+
+    @model_validator(mode="after")
+    def _one_size(self):
+        if (self.size_gib is None) == (self.size_mib is None):
+            raise ValueError("give exactly one of size_gib and size_mib")
+        return self
+
+    @property
+    def size_bytes(self) -> int:
+        return (self.size_gib * 1024 if self.size_gib is not None else self.size_mib) * 1024 * 1024
+
+
+class VolumeAttachment(Model):
+    instance: str = Field(description="the instance's id")
+    instance_name: str
+    target: str | None = Field(None, description="VMs: the disk's name in the guest (vdb..vdy)")
+    path: str | None = Field(None, description="containers: where it is mounted")
+    readonly: bool = False
+
+
+class Volume(Model):
+    id: str
+    name: str
+    pool: str
+    size_bytes: int
+    format: str
+    state: Literal["available", "attached"]
+    attachment: VolumeAttachment | None = None
+    created_at: float
+    updated_at: float
+
+
+class VolumeList(Model):
+    volumes: list[Volume]
+
+
+class VolumeAttach(Model):
+    """Attach a volume: to a VM (running: hot-plugged, the guest sees a new disk; stopped: in
+    its definition), or to a stopped container (mounted at ``path`` from its next start)."""
+
+    volume: VolumeRef
+    target: Annotated[str, Field(pattern=VDISK_TARGET_PATTERN)] | None = Field(
+        None, description="VMs: vdb..vdy (default: the first free one)")
+    path: Annotated[MountPath, AfterValidator(_mount_path)] | None = Field(
+        None, description="containers: where to mount it (required for them)")
+    readonly: bool = False
+
+
+class InstanceVolumes(Model):
+    volumes: list[Volume]
+
+
 class InstanceCreate(Model):
     """Fields a kind does not use are refused, never ignored; cpus and memory_mib are checked
     against the kind's driver limits here, so a create is refused at once (422) instead of
@@ -467,6 +587,10 @@ class InstanceCreate(Model):
     security_groups: list[SecurityGroupName] | None = Field(
         None, min_length=1, max_length=MAX_GROUPS_PER_INSTANCE, json_schema_extra={"uniqueItems": True},
         description='network "bridge": the groups filtering its traffic (default ["default"])')
+    volumes: list[VolumeMountSpec] = Field(
+        default_factory=list, max_length=MAX_VOLUMES_PER_INSTANCE,
+        description="volumes (POST /v1/volumes) the instance is made with: a container mounts each at its "
+                    "path (local pools); a VM gets each as a disk (target, default the first free)")
 
     # the kind-dependent rules of _fits_kind, for the spec (a schema-valid body is accepted)
     model_config = ConfigDict(json_schema_extra={"allOf": [
@@ -477,13 +601,16 @@ class InstanceCreate(Model):
              "network": {"enum": ["bridge", "none"]}, "ports": {"maxItems": 0},
              "env": {"maxProperties": 0}, "command": {"type": "null"}, "pids_max": {"type": "null"},
              "cap_add": {"maxItems": 0}, "cap_drop": {"maxItems": 0},
-             "privileged": {"const": False}}}},
+             "privileged": {"const": False},
+             "volumes": {"items": {"properties": {"path": {"type": "null"}}}}}}},
         {"if": {"properties": {"kind": {"const": "container"}}, "required": ["kind"]},
          "then": {"properties": {
              "cpus": {"minimum": container_limits.MIN_CPUS, "maximum": container_limits.MAX_CPUS},
              "memory_mib": {"minimum": container_limits.MIN_MEMORY_MIB},
              "user_data": {"type": "null"}, "max_cpus": {"type": "null"},
-             "max_memory_mib": {"type": "null"}}}},
+             "max_memory_mib": {"type": "null"},
+             "volumes": {"items": {"required": ["path"], "properties": {
+                 "path": {"type": "string"}, "target": {"type": "null"}}}}}}},
         {"if": {"properties": {"network": {"enum": ["none", "host"]}}, "required": ["network"]},
          "then": {"properties": {"ports": {"maxItems": 0}, "bandwidth": {"type": "null"}}}},
     ]})
@@ -511,6 +638,8 @@ class InstanceCreate(Model):
             raise ValueError("network 'host' is for containers: a VM takes 'bridge' or 'none'")
         if self.bandwidth is not None and self.network != "bridge":
             raise ValueError("bandwidth limits apply to the bridge port: network 'none' has none")
+        if any(v.path is not None for v in self.volumes):
+            raise ValueError("volumes: path is for containers: a VM gets each volume as a disk (target)")
         if self.cpus != int(self.cpus) or not 1 <= self.cpus <= vm_limits.MAX_VCPUS:
             raise ValueError(f"cpus of a VM are whole vCPUs 1..{vm_limits.MAX_VCPUS}, got {self.cpus}")
         if self.memory_mib < vm_limits.MIN_MEMORY_MIB:
@@ -537,6 +666,10 @@ class InstanceCreate(Model):
             raise ValueError(f"ports are published on the bridge: network {self.network!r} has none")
         if self.bandwidth is not None and self.network != "bridge":
             raise ValueError(f"bandwidth limits apply to the bridge port: network {self.network!r} has none")
+        if any(v.target is not None for v in self.volumes):
+            raise ValueError("volumes: target is for VMs: a container mounts each volume at its path")
+        if any(v.path is None for v in self.volumes):
+            raise ValueError("volumes: a container's volume needs a path to be mounted at (e.g. /data)")
         for what in ("cap_add", "cap_drop"):
             caps = getattr(self, what)
             if len(set(caps)) != len(caps):

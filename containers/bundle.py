@@ -158,12 +158,13 @@ def agent_rlimits() -> list[dict]:
 def build_config(spec: ContainerSpec, *, rootfs: str, uid: int, gid: int,
                  netns: str | None, cgroups_path: str, resources: dict,
                  hostname: str, etc_files: dict[str, str] | None = None,
-                 security: Security | None = None) -> dict:
+                 security: Security | None = None, volume_dirs: list[str] | None = None) -> dict:
     """The OCI config for ``spec``. ``netns``: path of a prepared network namespace to join,
     None for a fresh one (mode none) — host mode shares the host's. ``resources``: the OCI
     linux.resources from containers.cgroups.oci_resources. ``etc_files``: container path ->
     host file bind-mounted read-only (e.g. /etc/hosts). ``security``: capabilities, seccomp
-    and no_new_privileges (None: the defaults, containers/security.py)."""
+    and no_new_privileges (None: the defaults, containers/security.py). ``volume_dirs``: the
+    host dirs where ``spec.volumes`` are mounted, in order (bind-mounted at their destinations)."""
     proc = resolve_process(spec)
     if not proc["args"]:
         raise InvalidInput("no command: give one or use an image with a Cmd or Entrypoint")
@@ -195,6 +196,9 @@ def build_config(spec: ContainerSpec, *, rootfs: str, uid: int, gid: int,
     if mode == "host" or (spec.userns and netns):
         mounts[5] = {"destination": "/sys", "type": "bind", "source": "/sys",
                      "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
+    for vol, src in zip(spec.volumes, volume_dirs or ()):  # each volume's mounted filesystem
+        mounts.append({"destination": vol.destination, "type": "bind", "source": src,
+                       "options": ["rbind", "nosuid", "nodev", "ro" if vol.readonly else "rw"]})
     for dest, src in sorted((etc_files or {}).items()):
         mounts.append({"destination": dest, "type": "bind", "source": src,
                        "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]})

@@ -160,6 +160,21 @@ class FakeRuntime:
             self._boxes[spec.name] = box
             return box.info()
 
+    def volumes(self, name: str) -> tuple:
+        with self._lock:
+            return tuple(self._box(name).spec.volumes)
+
+    def set_volumes(self, name: str, volumes) -> ContainerInfo:
+        """containers.runtime.SupportsVolumes: only while not running or paused."""
+        with self._lock:
+            box = self._box(name)
+            if box.state in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {box.state}: stop it first")
+            spec = dataclasses.replace(box.spec, volumes=tuple(volumes))
+            validate.check_volumes(spec)
+            box.spec = spec
+            return box.info()
+
     def start(self, name: str) -> ContainerInfo:
         """Idempotent on a running container."""
         with self._lock:

@@ -43,7 +43,7 @@ from agent.state import Database
 from containers import bandwidth, bundle, cgroups, files, idmap as idmaps, validate
 from containers.network import Network, short_hash
 from containers.runtime import (ContainerInfo, ContainerSpec, ExecOptions, ExecResult, IdMap, Limits,
-                                NetworkSpec, PortMap, Rootfs)
+                                NetworkSpec, PortMap, Rootfs, VolumeMount)
 from containers.security import Security
 from storage import mounts
 
@@ -79,7 +79,8 @@ def spec_from_json(text: str) -> ContainerSpec:
         userns=d["userns"], idmap=IdMap(**d["idmap"]) if d.get("idmap") else None,
         image_config=d.get("image_config") or {},
         bandwidth=bandwidth.Bandwidth.from_dict(d.get("bandwidth")),
-        cap_add=tuple(d.get("cap_add") or ()), cap_drop=tuple(d.get("cap_drop") or ()))
+        cap_add=tuple(d.get("cap_add") or ()), cap_drop=tuple(d.get("cap_drop") or ()),
+        volumes=tuple(VolumeMount(**v) for v in d.get("volumes") or ()))
 
 
 SCOPE_PREFIX = "nodeagent-conmon-"  # transient scope units of the monitors (systemd hosts)
@@ -324,6 +325,7 @@ class RuncRuntime:
             self._mount_disk(spec)
         if spec.userns:
             self._prepare_userns(spec)
+        self._mount_volumes(spec)
         self._mount_rootfs(spec)
         proc = bundle.resolve_process(spec)
         uid, gid = bundle.resolve_user(proc["user"], rootfs)
@@ -376,6 +378,30 @@ class RuncRuntime:
         os.makedirs(r.upperdir, mode=0o755, exist_ok=True)
         os.makedirs(r.workdir, mode=0o700, exist_ok=True)
 
+    def _volume_dir(self, name: str, i: int) -> str:
+        return os.path.join(self._dir(name), "volumes", str(i))
+
+    def _mount_volumes(self, spec: ContainerSpec) -> None:
+        """Loop-mount each volume's filesystem under the container's dir (bind-mounted into
+        the container by its config); under a user namespace its top dir is given to the
+        container's root when host root owns it (a fresh volume). Made at create, again after
+        a reboot; released with the container's dir."""
+        m = (spec.idmap or bundle.LEGACY_IDMAP) if spec.userns else None
+        for i, v in enumerate(spec.volumes):
+            point = self._volume_dir(spec.name, i)
+            if mounts.is_mounted(point):
+                continue
+            os.makedirs(point, mode=0o711, exist_ok=True)
+            os.chmod(os.path.dirname(point), 0o711)
+            if not v.readonly:
+                mounts.grow_fs_if_short(v.source)  # a grow the kernel could not do while it was mounted
+            # read-only on the host: a bind mount's "ro" alone is undone by the container's root,
+            # who owns the mount namespace it is made in
+            mounts.mount_fs_image(v.source, point, readonly=v.readonly)
+            st = os.stat(point)
+            if m is not None and st.st_uid == 0 and not v.readonly:
+                os.chown(point, m.host_id, m.host_id)
+
     def _copy_in(self, img: str, upper: str) -> None:
         """Move what ``upper`` holds (a migration's stream, received before the create) onto the
         new filesystem: owners, modes, xattrs (overlay whiteouts and opaque dirs) kept."""
@@ -424,8 +450,49 @@ class RuncRuntime:
             spec, rootfs=self._rootfs(name), uid=uid, gid=gid, netns=netns,
             cgroups_path=cgroups.cgroups_path(self.cgroup_parent, name),
             resources=cgroups.oci_resources(limits), hostname=hostname, etc_files=etc,
-            security=self.security.with_caps(spec.cap_add, spec.cap_drop))
+            security=self.security.with_caps(spec.cap_add, spec.cap_drop),
+            volume_dirs=[self._volume_dir(name, i) for i in range(len(spec.volumes))])
         bundle.write_bundle(self._bundle(name), cfg)
+
+    def volumes(self, name: str) -> tuple[VolumeMount, ...]:
+        """containers.runtime.SupportsVolumes."""
+        return spec_from_json(self._row(name)["spec"]).volumes
+
+    def set_volumes(self, name: str, volumes) -> ContainerInfo:
+        """containers.runtime.SupportsVolumes: replace the container's volumes while it is
+        stopped (the old ones are unmounted, the new ones mounted and its config rewritten).
+        On failure its volumes are as before."""
+        with self._name_lock(name):
+            row = self._row(name)
+            state, _, _ = self._status(name)
+            if state in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {state}: stop it first")
+            old = spec_from_json(row["spec"])
+            spec = dataclasses.replace(old, volumes=tuple(volumes))
+            validate.check_volumes(spec)
+            try:
+                self._configure_volumes(spec, row)
+            except BaseException:
+                self._configure_volumes(old, row)
+                raise
+            self.db.execute("UPDATE containers SET spec=? WHERE name=?", (spec_to_json(spec), name))
+            return self._info(self._row(name))
+
+    def _configure_volumes(self, spec: ContainerSpec, row) -> None:
+        """Unmount every volume of the container, mount ``spec.volumes`` and write its config."""
+        top = os.path.join(self._dir(spec.name), "volumes")
+        for p in sorted(mounts.mounts_under(top), key=len, reverse=True):
+            mounts.unmount(p, lazy=True)  # detached from the tree at once
+        for d in os.listdir(top) if os.path.isdir(top) else ():
+            os.rmdir(os.path.join(top, d))  # empty mount points only: never a tenant's files
+        self._mount_volumes(spec)
+        netns = None
+        if spec.network.mode == "bridge" and not spec.userns and os.path.exists(self.net.netns_path(spec.name)):
+            netns = self.net.netns_path(spec.name)
+        proc = bundle.resolve_process(spec)
+        uid, gid = bundle.resolve_user(proc["user"], self._rootfs(spec.name))
+        self._write_config(spec, Limits(**json.loads(row["limits"])), netns=netns, ip=row["ip"],
+                           uid=uid, gid=gid)
 
     # -- start / stop -----------------------------------------------------------------------
     def start(self, name: str) -> ContainerInfo:
@@ -462,6 +529,7 @@ class RuncRuntime:
             if spec.rootfs.quota_bytes:
                 self._mount_disk(spec)
             self._mount_rootfs(spec)
+        self._mount_volumes(spec)
         if spec.network.mode == "bridge" and not spec.userns and \
                 not os.path.exists(self.net.netns_path(spec.name)):
             netns, ip = self.net.attach(spec.name, spec.network.ports)

@@ -64,6 +64,16 @@ class Rootfs:
 
 
 @dataclass(frozen=True)
+class VolumeMount:
+    """A volume in the container: ``source`` is a host file holding an ext4 filesystem (a
+    local pool's volume), loop-mounted by the runtime on the host and bind-mounted at
+    ``destination`` (an absolute path inside the container)."""
+    source: str
+    destination: str
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     name: str
     rootfs: Rootfs
@@ -85,6 +95,7 @@ class ContainerSpec:
     # the image's OCI config (Cmd, Entrypoint, Env, WorkingDir, User); the spec's own
     # command/env/workdir/user win over it, Docker-style (Entrypoint + command)
     image_config: dict = field(default_factory=dict)
+    volumes: tuple[VolumeMount, ...] = ()  # volumes mounted at create, kept across stop/start
 
 
 @dataclass(frozen=True)
@@ -250,3 +261,15 @@ class SupportsBandwidth(Protocol):
         """Keep ``bandwidth`` for the container (every later start applies it) and apply it
         now if its port exists. InvalidInput out of bounds or for a container without a
         bridge port; NotFound for an unknown one."""
+
+
+@runtime_checkable
+class SupportsVolumes(Protocol):
+    """Runtimes that change an existing container's volumes while it is stopped."""
+
+    def set_volumes(self, name: str, volumes: tuple[VolumeMount, ...]) -> ContainerInfo:
+        """Make ``volumes`` the container's (mounted from its next start on). Conflict while it
+        runs or is paused; InvalidInput for a bad mount; NotFound for an unknown container."""
+
+    def volumes(self, name: str) -> tuple[VolumeMount, ...]:
+        """The container's volumes; NotFound for an unknown container."""

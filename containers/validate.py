@@ -98,6 +98,7 @@ def check_spec(spec: ContainerSpec) -> None:
     check_network(spec.network)
     check_capabilities(spec.cap_add, spec.cap_drop)
     check_rootfs_quota(spec)
+    check_volumes(spec)
 
 
 def check_capabilities(add, drop) -> None:
@@ -139,3 +140,31 @@ def check_rootfs_quota(spec: ContainerSpec) -> None:
     if os.path.dirname(up) != os.path.dirname(wk) or os.path.dirname(up) in ("", "/"):
         raise InvalidInput("a rootfs size limit needs the upper and work dirs in one dir of their own "
                            f"(got {up} and {wk})")
+
+
+# where a volume may not be mounted: the runtime's own mounts and the root itself
+VOLUME_FORBIDDEN = ("/", "/proc", "/sys", "/dev", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf")
+
+
+def check_volume_path(path: str) -> None:
+    """A volume's mount point inside a container: absolute, normalised (no '.', '..', '//'),
+    no control characters, not the root nor under /proc, /sys or /dev."""
+    if not isinstance(path, str) or not path.startswith("/") or len(path) > 4096 \
+            or any(c < " " or c == "\x7f" for c in path):
+        raise InvalidInput(f"volume path {str(path)[:80]!r} must be an absolute path without control characters")
+    parts = path.split("/")[1:]
+    if path != "/" and (any(p in ("", ".", "..") for p in parts)):
+        raise InvalidInput(f"volume path {path[:80]!r} must be normalised: no '.', '..', '//' or trailing '/'")
+    if path in VOLUME_FORBIDDEN or any(path.startswith(p + "/") for p in ("/proc", "/sys", "/dev")):
+        raise InvalidInput(f"volume path {path[:80]!r} is the runtime's: mount volumes elsewhere (e.g. /data)")
+
+
+def check_volumes(spec: ContainerSpec) -> None:
+    seen = set()
+    for v in spec.volumes:
+        check_volume_path(v.destination)
+        if v.destination in seen:
+            raise InvalidInput(f"two volumes are mounted at {v.destination!r}")
+        seen.add(v.destination)
+        if not isinstance(v.source, str) or not v.source.startswith("/"):
+            raise InvalidInput(f"volume source {str(v.source)[:80]!r} must be a host file path")

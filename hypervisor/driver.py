@@ -253,3 +253,14 @@ class SupportsBandwidth(Protocol):
 
     def bandwidth(self, name: str) -> Bandwidth:
         """The limits the VM keeps (unlimited: ``Bandwidth()``); NotFound for an unknown VM."""
+
+
+@runtime_checkable
+class SupportsDiskResize(Protocol):
+    """Drivers that tell a running VM one of its disks grew (QEMU's block_resize): the guest
+    sees the new size at once, without a reboot."""
+
+    def resize_disk(self, name: str, target: str, size: int) -> None:
+        """Grow disk ``target`` of VM ``name`` to ``size`` bytes as the guest sees it (the
+        volume under it is grown first by its pool). Only while the VM runs or is paused;
+        NotFound for an unknown VM or disk."""

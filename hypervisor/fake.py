@@ -271,6 +271,14 @@ class FakeDriver:
             if vm.state != "stopped":
                 vm.console.append(f"fake-guest: disk {target} detached")
 
+    def resize_disk(self, name: str, target: str, size: int) -> None:
+        """hypervisor.driver.SupportsDiskResize: the guest is told (a console line)."""
+        with self._lock:
+            vm = self._get(name)
+            if vm.state == "stopped" or target not in vm.disks:
+                raise NotFound(f"VM {name!r} has no disk {target} in use", vm=name, target=target)
+            vm.console.append(f"fake-guest: disk {target} resized to {size} bytes")
+
     def snapshot(self, name: str, snapshot: str) -> None:
         """Only valid while stopped: records a snapshot of every writable disk."""
         if not snapshot or "/" in snapshot or snapshot.startswith("-"):

@@ -743,6 +743,13 @@ class LibvirtDriver:
         if el.get("type") == "network":
             self._delete_unused_secrets()
 
+    def resize_disk(self, name: str, target: str, size: int) -> None:
+        """hypervisor.driver.SupportsDiskResize: QEMU's block_resize of a running VM's disk."""
+        dom = self._dom(name)
+        if not dom.isActive() or not self._live_has(dom, target):
+            raise NotFound(f"VM {name!r} has no disk {target} in use", vm=name, target=target)
+        self._call(dom.blockResize, name, target, int(size), libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+
     def _live_has(self, dom: libvirt.virDomain, target: str) -> bool:
         return any(t.get("dev") == target for t in self._xml(dom).findall("devices/disk/target"))
 

@@ -339,7 +339,9 @@ class LocalBackend:
             if size == vol.size:
                 return vol
             try:
-                if vol.format != "dir":
+                if vol.format == "raw":  # a plain grow: no image lock, so also while QEMU has it open
+                    os.truncate(vol.path, size)
+                elif vol.format != "dir":
                     qemu_img.resize(vol.path, size, format=vol.format)
                 return self._commit(self._volume(name, vol.format, size, vol.base))
             except BaseException as e:

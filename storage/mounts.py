@@ -176,16 +176,10 @@ def make_fs_image(path: str, size_bytes: int) -> None:
     """A sparse file of ``size_bytes`` at ``path`` holding an empty ext4 filesystem (lazy
     inode-table and journal init, no root reserve: the whole size is usable). It takes the
     host's space only as it is written. On failure the file is removed."""
-    import subprocess
     try:
         with open(path, "xb") as f:
             f.truncate(size_bytes)
-        r = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
-                            "lazy_itable_init=1,lazy_journal_init=1,nodiscard", path],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise CommandFailed(f"mkfs.ext4 {path} failed: {r.stderr.strip()[-300:]}",
-                                argv=r.args, returncode=r.returncode, stderr=r.stderr)
+        format_ext4(path)
     except BaseException:
         try:
             os.unlink(path)
@@ -194,11 +188,91 @@ def make_fs_image(path: str, size_bytes: int) -> None:
         raise
 
 
-def mount_fs_image(path: str, target: str) -> None:
-    """Loop-mount the filesystem image ``path`` at ``target`` (nodev, nosuid). The loop device
-    is set up with autoclear (mount(8)'s `-o loop`): it goes away with the unmount."""
+def format_ext4(path: str) -> None:
+    """Write an empty ext4 filesystem over the whole of the file ``path`` (lazy inode-table
+    and journal init, no root reserve). Sparse files stay sparse."""
     import subprocess
-    r = subprocess.run(["mount", "-t", "ext4", "-o", "loop,nodev,nosuid", path, target],
+    r = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+                        "lazy_itable_init=1,lazy_journal_init=1,nodiscard", path],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CommandFailed(f"mkfs.ext4 {path} failed: {r.stderr.strip()[-300:]}",
+                            argv=r.args, returncode=r.returncode, stderr=r.stderr)
+
+
+def grow_fs_image(path: str) -> str:
+    """After the file ``path`` grew: if it is loop-mounted, let its loop devices see the new
+    size and grow the ext4 filesystem on them online. Returns "grown", "unmounted" (grow it
+    with grow_fs_offline) or "deferred": mounted, but the kernel refused the online resize
+    (it needs CAP_SYS_RESOURCE, which some hosts' root lacks); ``grow_fs_if_short`` grows it
+    at its next mount."""
+    import subprocess
+    r = subprocess.run(["losetup", "-j", path, "-O", "NAME", "-n"], capture_output=True, text=True)
+    devs = [d.strip() for d in r.stdout.splitlines() if d.strip()]
+    if not devs:
+        return "unmounted"
+    for dev in devs:
+        subprocess.run(["losetup", "-c", dev], capture_output=True)
+        r = subprocess.run(["resize2fs", dev], capture_output=True, text=True)
+        if r.returncode != 0:
+            if "Permission denied" in r.stderr or "Operation not permitted" in r.stderr:
+                return "deferred"
+            raise CommandFailed(f"resize2fs of {path} failed: {r.stderr.strip()[-300:]}",
+                                argv=r.args, returncode=r.returncode, stderr=r.stderr)
+    return "grown"
+
+
+EXT4_SUPERBLOCK = 1024
+GROW_SLACK = 4 * 1024 * 1024  # an ext4 smaller than its file by less than this is left as it is
+
+
+def ext4_bytes(path: str) -> int | None:
+    """The size of the ext4 filesystem at the start of the file ``path`` (its superblock's
+    block count times its block size); None if there is no ext4 there."""
+    import struct
+    try:
+        with open(path, "rb") as f:
+            f.seek(EXT4_SUPERBLOCK)
+            sb = f.read(1024)
+    except OSError:
+        return None
+    if len(sb) < 0x154 or sb[0x38:0x3a] != b"\x53\xef":
+        return None
+    lo, = struct.unpack_from("<I", sb, 0x4)
+    log_bs, = struct.unpack_from("<I", sb, 0x18)
+    incompat, = struct.unpack_from("<I", sb, 0x60)
+    hi = struct.unpack_from("<I", sb, 0x150)[0] if incompat & 0x80 else 0  # INCOMPAT_64BIT
+    return (lo | hi << 32) * (1024 << log_bs)
+
+
+def grow_fs_if_short(path: str) -> bool:
+    """Grow the unmounted ext4 in ``path`` to the file's size if the file grew meanwhile (a
+    resize the kernel deferred); False if there was nothing to do."""
+    size = ext4_bytes(path)
+    if size is None or os.path.getsize(path) - size < GROW_SLACK:
+        return False
+    grow_fs_offline(path)
+    return True
+
+
+def grow_fs_offline(path: str) -> None:
+    """Grow the unmounted ext4 filesystem in the file ``path`` to the file's size (a forced
+    check first, as resize2fs asks)."""
+    import subprocess
+    for argv in (["e2fsck", "-f", "-p", path], ["resize2fs", path]):
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode not in (0, 1):  # e2fsck: 1 = errors corrected
+            raise CommandFailed(f"{argv[0]} of {path} failed: {(r.stderr or r.stdout).strip()[-300:]}",
+                                argv=argv, returncode=r.returncode, stderr=r.stderr)
+
+
+def mount_fs_image(path: str, target: str, *, readonly: bool = False) -> None:
+    """Loop-mount the filesystem image ``path`` at ``target`` (nodev, nosuid; ``readonly``: the
+    loop device and the filesystem read-only, which no bind mount of it can undo). The loop
+    device is set up with autoclear (mount(8)'s `-o loop`): it goes away with the unmount."""
+    import subprocess
+    opts = "loop,nodev,nosuid" + (",ro" if readonly else "")
+    r = subprocess.run(["mount", "-t", "ext4", "-o", opts, path, target],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise CommandFailed(f"mount of {path} on {target} failed: {r.stderr.strip()[-300:]} (loop devices: "

@@ -111,6 +111,11 @@ class MigrationSource:
     def create(self, req: models.MigrationCreate) -> dict:
         inst = self.root.instances.get(req.instance)
         peer = self.peers.get(req.destination)
+        attached = self.root.volumes.of_instance(inst.id)
+        if attached:
+            raise Unprocessable(f"instance {inst.name!r} has volumes attached "
+                                f"({', '.join(v['name'] for v in attached)}): a migration does not carry "
+                                "volumes yet; detach them first (DELETE /v1/instances/{id}/volumes/{volume})")
         if inst.state in ("creating", INCOMING):
             raise Conflict(f"instance {inst.name!r} is {inst.state}: wait for its operation")
         if inst.kind == "vm" and inst.state == "stopped":

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from agent.services.instances import InstanceService
     from agent.services.records import InstanceRecords
     from agent.services.secgroups import SecurityGroups
+    from agent.services.volumes import VolumeService
     from containers.network import Network
     from containers.runtime import Runtime
     from hypervisor.driver import Driver
@@ -55,6 +56,7 @@ class Services:
     host: HostService
     migrations: MigrationService
     secgroups: SecurityGroups
+    volumes: VolumeService
     metrics: Metrics
     started: bool
 
@@ -65,6 +67,7 @@ class Services:
         from agent.services.instances import InstanceService
         from agent.services.records import InstanceRecords
         from agent.services.secgroups import SecurityGroups
+        from agent.services.volumes import VolumeService
 
         self.config = config
         config.state_path.mkdir(parents=True, exist_ok=True)
@@ -88,6 +91,7 @@ class Services:
         self.host = HostService(self)
         self.migrations = MigrationService(self)
         self.secgroups = SecurityGroups(self)  # the only reader/writer of security_group*
+        self.volumes = VolumeService(self)  # the only reader/writer of volumes
         self.metrics = Metrics(self)
         from agent.services.boot import BootState
         self.boot = BootState(self.db, config.boot_id_path)  # the only reader/writer of host_boot
@@ -220,6 +224,7 @@ class Services:
         self._rebuild_filter()
         to_start = self.boot.check(self.records)  # before reconcile turns what a reboot stopped to stopped
         self.instances.reconcile()
+        self._recover_volumes()
         self.operations.start()
         self.instances.autostart(to_start)
         self.images.start_periodic_gc()  # its first run sweeps what a killed agent left
@@ -232,6 +237,13 @@ class Services:
             self.secgroups.apply()
         except AgentError as e:
             log.warning("cannot rebuild the tenant network filter", extra={"error": e.message})
+
+    def _recover_volumes(self) -> None:
+        """Finish volume creates and deletes a crash cut; drop attachments that did not hold."""
+        try:
+            self.volumes.recover()
+        except AgentError as e:
+            log.warning("cannot recover volumes", extra={"error": e.message})
 
     def stop(self) -> None:
         """Stop taking work; VMs and containers keep running."""

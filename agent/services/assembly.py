@@ -152,8 +152,9 @@ class Assembly:
         vol = self.store.clone_disk(image_id, volume, pool=pool, size=size)
         return vol, self.vm_seed(inst_id, name, user_data=user_data, ip=ip)
 
-    def vm_spec(self, inst_id: str, req, vol, seed: str, *, boot: DirectBoot | None = None):
-        """The driver's VmSpec of ``req`` (a models.InstanceCreate) on its root volume and seed."""
+    def vm_spec(self, inst_id: str, req, vol, seed: str, *, boot: DirectBoot | None = None, volumes=()):
+        """The driver's VmSpec of ``req`` (a models.InstanceCreate) on its root volume and seed,
+        with ``volumes`` (DiskSpecs of attached volumes) after them."""
         from hypervisor.disks import disk_for_volume
         from hypervisor.driver import NicSpec, VmSpec
 
@@ -163,22 +164,23 @@ class Assembly:
         return VmSpec(name=req.name, uuid=str(uuid.UUID(inst_id)), cpus=max(1, math.ceil(req.cpus)),
                       memory_mib=req.memory_mib, bandwidth=bandwidth_of(req),
                       max_cpus=getattr(req, "max_cpus", None), max_memory_mib=getattr(req, "max_memory_mib", None),
-                      disks=(disk_for_volume(vol, ROOT_TARGET), seed_disk(seed)),
+                      disks=(disk_for_volume(vol, ROOT_TARGET), seed_disk(seed), *volumes),
                       nics=nics, console_log=str(self.instance_dir(inst_id) / "console.log"),
                       kernel=kernel, initrd=initrd, cmdline=cmdline)
 
     def create_vm(self, driver, inst_id: str, req, image_id: str, pool: str, *,
-                  phase: Callable[[str], None] = _nothing, boot: DirectBoot | None = None):
+                  phase: Callable[[str], None] = _nothing, boot: DirectBoot | None = None, volumes=()):
         """Lease the address (network ``bridge``), clone the disk, write the seed, define the
-        domain and, with ``req.start``, start it; returns (VmInfo, ip). On failure what was
-        made stays: the caller removes it (by its record, or with ``remove_vm``)."""
+        domain (with ``volumes``: DiskSpecs of attached volumes) and, with ``req.start``, start
+        it; returns (VmInfo, ip). On failure what was made stays: the caller removes it (by its
+        record, or with ``remove_vm``)."""
         phase("clone")
         ip = self.vm_address(inst_id) if req.network == "bridge" else None
         vol, seed = self.vm_disks(inst_id, req.name, image_id, pool, root_volume("vm", inst_id),
                                   size=req.disk_gib * GiB if req.disk_gib else None,
                                   user_data=req.user_data, ip=ip)
         phase("define")
-        info = driver.define(self.vm_spec(inst_id, req, vol, seed, boot=boot))
+        info = driver.define(self.vm_spec(inst_id, req, vol, seed, boot=boot, volumes=volumes))
         if req.start:
             phase("start")
             info = driver.start(req.name)
@@ -198,7 +200,7 @@ class Assembly:
         shutil.rmtree(self.instances_dir / inst_id, ignore_errors=True)
 
     # -- containers --
-    def container_spec(self, req, image, layers):
+    def container_spec(self, req, image, layers, volumes=()):
         """The runtime's ContainerSpec for ``req`` (a models.InstanceCreate) on ``image``'s
         prepared rootfs ``layers``, with the image's process rules applied and its user
         resolved in the image's layers. Unprocessable (422) if the image names a user it
@@ -216,20 +218,22 @@ class Assembly:
                 PortMap(p.host_port, p.container_port, p.protocol, p.host_ip) for p in req.ports)),
             bandwidth=bandwidth_of(req),
             cap_add=tuple(getattr(req, "cap_add", None) or ()), cap_drop=tuple(getattr(req, "cap_drop", None) or ()),
-            userns=not getattr(req, "privileged", False), image_config=dict(image.config or {}))
+            userns=not getattr(req, "privileged", False), image_config=dict(image.config or {}),
+            volumes=tuple(volumes))
         try:
             return apply_image_config(spec, *layers.lowerdirs)
         except InvalidInput as e:
             raise Unprocessable(f"image {image.name!r}: {e.message}") from None
 
     def create_container(self, runtime, req, image, pool: str, inst_id: str, *,
-                         phase: Callable[[str], None] = _nothing):
-        """Prepare the rootfs, create the container and, with ``req.start``, start it;
-        returns its ContainerInfo. On failure what was made stays: the caller removes it."""
+                         phase: Callable[[str], None] = _nothing, volumes=()):
+        """Prepare the rootfs, create the container (with ``volumes``, runtime VolumeMounts)
+        and, with ``req.start``, start it; returns its ContainerInfo. On failure what was
+        made stays: the caller removes it."""
         phase("rootfs")
         layers = self.store.prepare_rootfs(image.id, root_volume("container", inst_id), pool=pool)
         phase("create")
-        info = runtime.create(self.container_spec(req, image, layers))
+        info = runtime.create(self.container_spec(req, image, layers, volumes))
         if req.start:
             phase("start")
             info = runtime.start(req.name)

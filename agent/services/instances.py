@@ -104,9 +104,11 @@ class InstanceService:
         if req.kind == "vm" and (req.ports or req.command):
             raise Unprocessable("ports and command are for containers: VMs take user_data")
         groups = self.root.secgroups.check(req.security_groups) if req.network == "bridge" else []
+        vol_rows = self.root.volumes.resolve_for_create(req.volumes, req.kind) if req.volumes else []
         inst_id = uuid.uuid4().hex
         volumes = [root_volume(req.kind, inst_id)]
         spec = req.model_dump()
+        spec.pop("volumes", None)  # attachments are the volumes table's (agent/services/volumes.py)
         spec["image_id"] = image.id
         if req.kind == "vm":  # the maxima are fixed at create: kept explicitly, a resize never moves them
             spec["max_cpus"] = req.max_cpus or max(1, math.ceil(req.cpus))
@@ -119,17 +121,22 @@ class InstanceService:
             raise Conflict(f"an instance named {req.name!r} exists: pick another name or delete it")
         if groups:  # before the operation: its attach renders the filter with them
             self.root.secgroups.join(inst_id, groups, apply=False)
+        try:  # the volumes are this record's from now on (free again when it is gone)
+            extra = self.root.volumes.reserve_for_create(inst_id, req.volumes, vol_rows, req.kind) if vol_rows else ()
+        except BaseException:
+            self.records.delete(inst_id)
+            raise
 
         def work(op):
             with self.lock(inst_id):
                 try:
                     if req.kind == "vm":
                         info, ip = self.root.assembly.create_vm(self.root.driver, inst_id, req, image.id, pool,
-                                                                phase=op.phase)
+                                                                phase=op.phase, volumes=extra)
                         state = info.state
                     else:
                         info = self.root.assembly.create_container(self.root.runtime, req, image, pool, inst_id,
-                                                                   phase=op.phase)
+                                                                   phase=op.phase, volumes=extra)
                         state, ip = info.state, info.ip
                 except BaseException as e:
                     try:

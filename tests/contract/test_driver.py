@@ -9,8 +9,8 @@ import uuid
 import pytest
 
 from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
-from hypervisor.driver import (STATES, DiskSpec, Driver, ReportsVirtType, SupportsConsole, SupportsIncomingDisks,
-                               SupportsMigration, SupportsResize, VmInfo, VmSpec)
+from hypervisor.driver import (STATES, DiskSpec, Driver, ReportsVirtType, SupportsConsole, SupportsDiskResize,
+                               SupportsIncomingDisks, SupportsMigration, SupportsResize, VmInfo, VmSpec)
 
 DRIVERS = ["fake", "libvirt"]
 CONSOLE_TIMEOUT_S = 60  # TCG boot takes ~3 s; generous for a loaded CI host
@@ -207,6 +207,9 @@ def test_attach_detach(driver, spec, vm_dir):
     assert [d.target for d in driver.disks(s.name)] == ["vda", "vdb"]
     with pytest.raises(Conflict, match="vdb"):
         driver.attach_disk(s.name, data)
+    driver.resize_disk(s.name, "vdb", 96 * 1024 * 1024)  # SupportsDiskResize: online, the guest is told
+    with pytest.raises(NotFound, match="vdc"):
+        driver.resize_disk(s.name, "vdc", 96 * 1024 * 1024)
     driver.detach_disk(s.name, "vdb")
     assert [d.target for d in driver.disks(s.name)] == ["vda"]
     with pytest.raises(NotFound, match="vdb"):
@@ -228,8 +231,9 @@ def test_snapshot_only_when_stopped(driver, spec):
 
 # -- optional capabilities (hypervisor.driver) --
 
-CAPABILITIES = {"fake": {SupportsMigration, SupportsConsole},
-                "libvirt": {SupportsMigration, SupportsIncomingDisks, ReportsVirtType, SupportsConsole}}
+CAPABILITIES = {"fake": {SupportsMigration, SupportsConsole, SupportsDiskResize},
+                "libvirt": {SupportsMigration, SupportsIncomingDisks, ReportsVirtType, SupportsConsole,
+                            SupportsDiskResize}}
 
 
 def _claiming(capability) -> list[str]:
@@ -238,7 +242,8 @@ def _claiming(capability) -> list[str]:
 
 
 def test_claims_its_optional_capabilities(driver):
-    claimed = {p for p in (SupportsMigration, SupportsIncomingDisks, ReportsVirtType, SupportsConsole)
+    claimed = {p for p in (SupportsMigration, SupportsIncomingDisks, ReportsVirtType, SupportsConsole,
+                           SupportsDiskResize)
                if isinstance(driver, p)}
     kind = "fake" if type(driver).__name__ == "FakeDriver" else "libvirt"
     assert claimed == CAPABILITIES[kind]

@@ -13,7 +13,7 @@ import pytest
 
 from agent.errors import Conflict, InvalidInput, NotFound
 from containers import ContainerSpec, Limits, NetworkSpec, PortMap, Runtime
-from containers.runtime import SupportsPause, SupportsReconcile
+from containers.runtime import SupportsPause, SupportsReconcile, SupportsVolumes, VolumeMount
 from testbed.runtimes import RUNTIMES, make_runtime, make_spec
 
 LONG = ("sleep", "1000")
@@ -210,7 +210,28 @@ def test_limits_updated_while_stopped_apply_on_next_start(rt, spec):
 # -- optional capabilities (containers.runtime): the fake claims what runc claims --
 
 def test_claims_its_optional_capabilities(rt):
-    assert isinstance(rt, SupportsPause) and isinstance(rt, SupportsReconcile)
+    assert isinstance(rt, SupportsPause) and isinstance(rt, SupportsReconcile) and isinstance(rt, SupportsVolumes)
+
+
+def test_volumes_change_only_while_stopped(rt, spec, tmp_path):
+    from storage import mounts
+    img = str(tmp_path / "vol.img")
+    mounts.make_fs_image(img, 16 * 1024 * 1024)
+    rt.create(spec("vc", network=NetworkSpec(mode="none")))
+    with pytest.raises(InvalidInput, match="runtime"):
+        rt.set_volumes("vc", (VolumeMount(img, "/proc/x"),))
+    with pytest.raises(NotFound):
+        rt.set_volumes("nope", (VolumeMount(img, "/data"),))
+    rt.set_volumes("vc", (VolumeMount(img, "/data"),))
+    assert rt.volumes("vc") == (VolumeMount(img, "/data"),)
+    rt.start("vc")
+    with pytest.raises(Conflict, match="stop it first"):
+        rt.set_volumes("vc", ())
+    rt.stop("vc", timeout=1)
+    rt.set_volumes("vc", ())
+    assert rt.volumes("vc") == ()
+    assert rt.delete("vc") is True
+    assert not mounts.release_fs_image(img), "no loop device of the volume is left"
 
 
 def test_reconcile_keeps_recorded_containers_and_releases_leftovers(rt, spec):

@@ -175,6 +175,9 @@ class MigrationConfig(_Strict):
 class ContainersConfig(_Strict):
     runtime: str = "runc"
     cgroup_parent: str | None = None  # None: the runtime's default ("nodeagent"); one per agent on a shared cgroupfs
+    # runc's cgroup manager: auto (systemd where systemd is PID 1: each container a scope
+    # <cgroup_parent>-<name>.scope in <cgroup_parent>.slice), systemd, or cgroupfs
+    cgroup_driver: Literal["auto", "systemd", "cgroupfs"] = "auto"
     # bytes of stdout and of stderr an exec answer carries (the rest is read and dropped: truncated)
     exec_output_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     # "HOST_ID:SIZE": the host ids user-namespaced containers map to (container root = HOST_ID);

@@ -177,6 +177,9 @@ class MigrationConfig(_Strict):
 class ContainersConfig(_Strict):
     runtime: str = "runc"
     cgroup_parent: str | None = None  # None: the runtime's default ("nodeagent"); one per agent on a shared cgroupfs
+    # runc's cgroup manager: auto (systemd where systemd is PID 1: each container a scope
+    # <cgroup_parent>-<name>.scope in <cgroup_parent>.slice), systemd, or cgroupfs
+    cgroup_driver: Literal["auto", "systemd", "cgroupfs"] = "auto"
     # bytes of stdout and of stderr an exec answer carries (the rest is read and dropped: truncated)
     exec_output_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     # "HOST_ID:SIZE": the host ids user-namespaced containers map to (container root = HOST_ID);
@@ -226,6 +229,16 @@ class MetricsConfig(_Strict):
     pool_usage_interval: float = Field(60, ge=1, le=86400)
 
 
+class OperationsConfig(_Strict):
+    """Finished operations kept for GET /v1/operations (agent/operations.py): those older than
+    ``retention`` seconds and those beyond the ``max_finished`` newest are removed at start and
+    every ``prune_interval`` seconds; unfinished ones never are."""
+
+    retention: float = Field(7 * 86400, ge=60, le=10 * 365 * 86400)  # seconds after an operation finished
+    max_finished: int = Field(10_000, ge=100, le=10_000_000)  # finished operations kept at most (newest)
+    prune_interval: float = Field(600, ge=1, le=86400)  # seconds between two prunes
+
+
 LOG_TARGETS = ("auto", "stderr", "journal", "file")
 
 
@@ -255,6 +268,7 @@ class Config(_Strict):
     network: NetworkConfig = NetworkConfig()
     peers: dict[str, PeerConfig] = Field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
+    operations: OperationsConfig = OperationsConfig()
 
     @field_validator("log_target")
     @classmethod

@@ -89,9 +89,12 @@ class EventBus:
         self._db = db if replay else None
         self._replay = replay
         last = 0
-        if self._db is not None:
-            self._db.apply_schema("events", SCHEMA_STEPS)
-            last = self._db.one("SELECT COALESCE(MAX(id), 0) AS n FROM events")["n"]
+        if db is not None:
+            db.apply_schema("events", SCHEMA_STEPS)
+            last = db.one("SELECT COALESCE(MAX(id), 0) AS n FROM events")["n"]
+            # bounded from the start: a replay lowered (or set to 0) since the last run applies now;
+            # the last event stays (ids keep counting up from it across restarts)
+            db.execute("DELETE FROM events WHERE id <= ?", (last - max(replay, 1),))
         self._last = last
         self._since_prune = 0
         self._prune_every = min(PRUNE_EVERY, max(1, replay // 10))  # at most 10% more kept than asked

@@ -5,6 +5,10 @@ callable ``fn(op: OperationContext) -> dict`` that reports progress with
 ``op.phase(...)``/``op.bytes(...)``; ``op.phase()`` is also the cancel point: a cancelled
 operation raises ``Cancelled`` there and the work cleans up its partial artefacts.
 On agent start, ``recover()`` marks operations left pending/running by a crash as failed.
+Finished operations stay readable for ``retention`` seconds, and at most the ``max_finished``
+newest of them are kept: ``prune()`` removes the rest at start and every ``prune_interval``
+seconds (a pruned id is 404 like one never made). An operation that has not finished is never
+pruned, nor one that finished less than PRUNE_GRACE seconds ago (its waiter reads it).
 An operation keeps the request id of the request that made it (``request_id``), and every
 line its work logs carries that id and the operation's; a failed operation is logged (a
 WARNING with its id, kind, target and error; an ERROR with the trace for an agent bug).
@@ -31,6 +35,10 @@ log = logging.getLogger(__name__)
 FINAL = ("succeeded", "failed", "cancelled")
 PROGRESS_WRITE_INTERVAL = 0.5  # seconds between progress writes to SQLite per operation
 MAX_WAIT = 3600  # seconds a client may block in /wait
+DEFAULT_RETENTION = 7 * 86400  # seconds a finished operation stays readable ([operations] retention)
+DEFAULT_MAX_FINISHED = 10_000  # finished operations kept at most ([operations] max_finished)
+DEFAULT_PRUNE_INTERVAL = 600  # seconds between two prunes ([operations] prune_interval)
+PRUNE_GRACE = 60  # seconds: an operation finished since then is kept whatever the row cap says
 # Test hook to inject a slow phase: NODEAGENT_SLOW_PHASE="instance.create:clone=5,image.import:bytes=5"
 # (phase "bytes": sleep once at the first byte progress report, i.e. mid-copy)
 SLOW_PHASE_ENV = "NODEAGENT_SLOW_PHASE"
@@ -108,9 +116,16 @@ def _row(r) -> dict:
 
 
 class Operations:
-    def __init__(self, db: Database, events: EventBus, workers: int = 8):
+    """The one writer of the ``operations`` table."""
+
+    def __init__(self, db: Database, events: EventBus, workers: int = 8, *,
+                 retention: float = DEFAULT_RETENTION, max_finished: int = DEFAULT_MAX_FINISHED,
+                 prune_interval: float = DEFAULT_PRUNE_INTERVAL):
         self.db, self.events, self.workers = db, events, workers
+        self.retention, self.max_finished, self.prune_interval = retention, max_finished, prune_interval
         schema.apply(db)
+        self._prune_stop = threading.Event()
+        self._prune_thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._active: dict[str, OperationContext] = {}
         self._cond = threading.Condition()
@@ -118,10 +133,19 @@ class Operations:
 
     # -- lifecycle --
     def start(self) -> None:
+        """Start the worker pool, prune what is past retention now and every prune_interval."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="op")
+        if self._prune_thread is None:
+            self._safe_prune()
+            self._prune_stop = threading.Event()  # a fresh one: a stopped loop never resumes
+            self._prune_thread = threading.Thread(target=self._prune_loop, args=(self._prune_stop,),
+                                                  name="op-prune", daemon=True)
+            self._prune_thread.start()
 
     def shutdown(self, wait: bool = False) -> None:
+        self._prune_stop.set()
+        self._prune_thread = None
         if self._pool is not None:
             for ctx in list(self._active.values()):
                 ctx.cancelled.set()
@@ -142,6 +166,37 @@ class Operations:
                                                    "error": "the agent restarted while it ran",
                                                    "request_id": op["request_id"]})
         return rows
+
+    # -- retention --
+    def prune(self, now: float | None = None) -> int:
+        """Remove the finished operations past ``retention`` or beyond the ``max_finished``
+        newest, except those finished in the last PRUNE_GRACE seconds; return how many went.
+        Pending and running operations are never removed."""
+        now = time.time() if now is None else now
+        final = ",".join("?" * len(FINAL))
+        grace = now - PRUNE_GRACE
+        with self.db.tx() as c:
+            old = c.execute(f"DELETE FROM operations WHERE status IN ({final}) AND finished_at < ?",
+                            (*FINAL, min(now - self.retention, grace))).rowcount
+            over = c.execute(
+                f"DELETE FROM operations WHERE finished_at < ? AND id IN (SELECT id FROM operations "
+                f"WHERE status IN ({final}) ORDER BY finished_at DESC LIMIT -1 OFFSET ?)",
+                (grace, *FINAL, self.max_finished)).rowcount
+        if old or over:
+            log.info("finished operations pruned", extra={"expired": old, "over_cap": over,
+                                                          "retention": self.retention,
+                                                          "max_finished": self.max_finished})
+        return old + over
+
+    def _safe_prune(self) -> None:
+        try:
+            self.prune()
+        except Exception as e:  # a busy or broken state DB must not stop the agent: next round
+            log.warning("operations not pruned", extra={"error": str(e)})
+
+    def _prune_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.prune_interval):
+            self._safe_prune()
 
     # -- submit and run --
     def submit(self, kind: str, target: str | None, fn: Callable[[OperationContext], dict | None],

@@ -51,6 +51,10 @@ SCHEMA_STEPS = [
     ALTER TABLE tokens ADD COLUMN expires_at REAL;
     ALTER TABLE operations ADD COLUMN request_id TEXT;
     """,
+    # finished operations are pruned by age and by count (agent/operations.py prune)
+    """
+    CREATE INDEX operations_finished ON operations(finished_at);
+    """,
 ]
 
 

@@ -1,5 +1,7 @@
 """Container cgroups on v1 (per-controller hierarchies) and v2 (unified): limits as OCI
-resources for runc, live reads of usage, and removal of leftovers.
+resources for runc, live reads of usage, and removal of leftovers. A container's cgroups are
+``<parent>/<name>`` under runc's cgroupfs driver and ``<parent>.slice/<parent>-<name>.scope``
+under its systemd driver; the functions below take that pair (parent dir, leaf).
 
 runc creates a container's cgroups from ``linux.resources`` at create time and updates them
 with ``runc update``; this module computes those resources, reads stats straight from the
@@ -26,6 +28,33 @@ def is_v2(root: str = CGROUP_ROOT) -> bool:
 def cgroups_path(parent: str, name: str) -> str:
     """runc's cgroupsPath (cgroupfs driver) for a container."""
     return f"/{parent}/{name}"
+
+
+# runc's systemd cgroup driver (``runc --systemd-cgroup``, hosts where systemd is PID 1):
+# systemd makes each container a transient scope ``<parent>-<name>.scope`` in the slice
+# ``<parent>.slice``; on disk that is <controller>/<expanded slice>/<scope>, as below.
+def systemd_cgroups_path(parent: str, name: str) -> str:
+    """runc's cgroupsPath for the systemd driver: ``slice:prefix:name``."""
+    return f"{parent}.slice:{parent}:{name}"
+
+
+def slice_dir(parent: str) -> str:
+    """The slice's cgroup dir relative to a hierarchy's root: systemd nests a slice named
+    with dashes in its prefixes ("a-b.slice" is a.slice/a-b.slice)."""
+    parts = parent.split("-")
+    return "/".join("-".join(parts[:i + 1]) + ".slice" for i in range(len(parts)))
+
+
+def scope_unit(parent: str, name: str) -> str:
+    """The container's scope unit (and its cgroup dir's name) under the systemd driver."""
+    return f"{parent}-{name}.scope"
+
+
+def scope_names(parent: str, root: str = CGROUP_ROOT) -> set[str]:
+    """Names of containers with a scope under the systemd driver (any controller)."""
+    head, tail = f"{parent}-", ".scope"
+    return {d[len(head):-len(tail)] for d in list_names(slice_dir(parent), root)
+            if d.startswith(head) and d.endswith(tail) and len(d) > len(head) + len(tail)}
 
 
 def has_memsw(root: str = CGROUP_ROOT) -> bool:

@@ -17,7 +17,13 @@ create() prepares (mount, network, bundle); start() creates the runc container.
 Where systemd is PID 1, each conmon starts in a transient scope of its own
 (``systemd-run --scope``, unit ``nodeagent-conmon-<name>-<random>.scope``): the monitor and
 the container it runs are then outside the agent's service cgroup, and stopping, restarting
-or upgrading the agent's unit never kills them (``monitor_scope_argv``).
+or upgrading the agent's unit never kills them (``monitor_scope_argv``). There runc also uses
+its systemd cgroup driver (``cgroup_driver`` "auto"): each container is a transient scope of
+its own, ``<cgroup_parent>-<name>.scope`` in ``<cgroup_parent>.slice`` (cgroupsPath
+``nodeagent.slice:nodeagent:<name>``), which systemd accounts and keeps across agent restarts;
+elsewhere (or with "cgroupfs") runc writes ``<controller>/<cgroup_parent>/<name>`` itself. A
+container keeps the placement its bundle names until it is started again, so containers made
+under the other driver (an agent upgrade) are still read, stopped and removed.
 """
 from __future__ import annotations
 
@@ -84,6 +90,7 @@ def spec_from_json(text: str) -> ContainerSpec:
 
 
 SCOPE_PREFIX = "nodeagent-conmon-"  # transient scope units of the monitors (systemd hosts)
+CGROUP_DRIVERS = ("auto", "systemd", "cgroupfs")  # runc's cgroup manager: see the module's docstring
 
 
 def systemd_booted(run_dir: str = "/run/systemd/system") -> bool:
@@ -131,15 +138,25 @@ class RuncRuntime:
                  cgroup_parent: str = bundle.CGROUP_PARENT, runc: str = "runc",
                  conmon: str = "conmon", exec_output_bytes: int = EXEC_OUTPUT_BYTES,
                  network: Network | None = None, security: Security | None = None,
-                 idmap: IdMap | None = None):
+                 idmap: IdMap | None = None, cgroup_driver: str = "auto"):
         """``network``: the host's bridge network, shared with the agent's VM addresses (one
         lease table, one bridge); without it the runtime makes its own from ``bridge``,
         ``subnet`` and ``nat`` (tests, benches). ``security``: capabilities, seccomp profile
         and no_new_privileges of every container (None: Docker's defaults,
         containers/security.py). ``idmap``: the host range user-namespaced containers map to
-        (None: /etc/subuid's ``nodeagent`` entry, see containers.idmap)."""
+        (None: /etc/subuid's ``nodeagent`` entry, see containers.idmap). ``cgroup_driver``:
+        auto (systemd where systemd is PID 1, else cgroupfs), systemd or cgroupfs."""
         found = {tool: shutil.which(path) for tool, path in (("runc", runc), ("conmon", conmon))}
         self.systemd_run = shutil.which("systemd-run") if systemd_booted() else None
+        if cgroup_driver not in CGROUP_DRIVERS:
+            raise InvalidInput(f"cgroup_driver must be one of {', '.join(CGROUP_DRIVERS)}, got {cgroup_driver!r}")
+        if cgroup_driver == "systemd" and not self.systemd_run:
+            raise Unavailable("cgroup_driver \"systemd\" needs systemd as PID 1 (and systemd-run): use \"auto\" "
+                              "or \"cgroupfs\" on this host")
+        self.systemd_cgroups = cgroup_driver == "systemd" or (cgroup_driver == "auto" and bool(self.systemd_run))
+        if self.systemd_cgroups and not validate.NAME_RE.fullmatch(cgroup_parent):
+            raise InvalidInput(f"cgroup_parent {cgroup_parent!r} cannot name a systemd slice (letters, digits, "
+                               "_ . - only): change it or set [containers] cgroup_driver = \"cgroupfs\"")
         for tool, path in found.items():
             if path is None:
                 raise Unavailable(f"{tool} is not installed: apt-get install {tool} "
@@ -174,6 +191,8 @@ class RuncRuntime:
         under ``state_dir``, records in ``db``, addresses from the host's ``network`` (None:
         one of the defaults, see __init__). InvalidInput for a bad seccomp profile file."""
         extra = {"cgroup_parent": settings["cgroup_parent"]} if settings.get("cgroup_parent") else {}
+        if settings.get("cgroup_driver"):
+            extra["cgroup_driver"] = settings["cgroup_driver"]
         security = Security.from_settings(settings.get("seccomp_profile") or "default",
                                           bool(settings.get("no_new_privileges")))
         return cls(state_dir, db, network=network, exec_output_bytes=settings["exec_output_bytes"],
@@ -205,6 +224,30 @@ class RuncRuntime:
         """conmon's --socket-dir-path: it links ``<dir>/<name>`` to the bundle (whose
         ``attach`` socket would be too long a path for a socket address)."""
         return os.path.join(self.state_dir, "sock")
+
+    # -- cgroups ----------------------------------------------------------------------------
+    def _cgroup(self, name: str) -> tuple[str, str]:
+        """Where the container's cgroups are, as (parent dir, leaf) for containers.cgroups:
+        its scope under the systemd driver, unless only a cgroupfs dir exists (made before)."""
+        fs = (self.cgroup_parent, name)
+        if not self.systemd_cgroups:
+            return fs
+        sd = (cgroups.slice_dir(self.cgroup_parent), cgroups.scope_unit(self.cgroup_parent, name))
+        return fs if cgroups.cgroup_dirs(*fs) and not cgroups.cgroup_dirs(*sd) else sd
+
+    def _cgroups_path(self, name: str) -> str:
+        """runc's cgroupsPath of a container (re)created now."""
+        if self.systemd_cgroups:
+            return cgroups.systemd_cgroups_path(self.cgroup_parent, name)
+        return cgroups.cgroups_path(self.cgroup_parent, name)
+
+    def _systemd_bundle(self, name: str) -> bool:
+        """Whether the container's bundle asks for runc's systemd driver (slice:prefix:name)."""
+        try:
+            with open(os.path.join(self._bundle(name), "config.json")) as f:
+                return ":" in (json.load(f).get("linux", {}).get("cgroupsPath") or "")
+        except (OSError, ValueError, AttributeError):
+            return False
 
     # -- runc -----------------------------------------------------------------------------
     def _runc(self, *args: str, check: bool = True, input: str | None = None,
@@ -263,7 +306,7 @@ class RuncRuntime:
         return "stopped", None, None
 
     def _frozen(self, name: str) -> bool:
-        rel = os.path.join(self.cgroup_parent, name)
+        rel = os.path.join(*self._cgroup(name))
         if cgroups.is_v2():
             path = os.path.join(cgroups.CGROUP_ROOT, rel, "cgroup.freeze")
             want = "1"
@@ -448,7 +491,7 @@ class RuncRuntime:
         _make_mountpoints(self._rootfs(name), etc, owner=m.host_id if m else None)
         cfg = bundle.build_config(
             spec, rootfs=self._rootfs(name), uid=uid, gid=gid, netns=netns,
-            cgroups_path=cgroups.cgroups_path(self.cgroup_parent, name),
+            cgroups_path=self._cgroups_path(name),
             resources=cgroups.oci_resources(limits), hostname=hostname, etc_files=etc,
             security=self.security.with_caps(spec.cap_add, spec.cap_drop),
             volume_dirs=[self._volume_dir(name, i) for i in range(len(spec.volumes))])
@@ -553,6 +596,7 @@ class RuncRuntime:
                 "--exit-dir", os.path.dirname(self._exit_file(name)),
                 "--socket-dir-path", self._sock_dir(),
                 "--runtime-arg", "--root", "--runtime-arg", self.runc_root,
+                *(("--runtime-arg", "--systemd-cgroup") if self._systemd_bundle(name) else ()),
                 "--log-level", "error", "--syslog"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "_OCI_SYNCPIPE": str(wfd)}
@@ -673,6 +717,8 @@ class RuncRuntime:
             mounts.unmount(p, lazy=True)  # a crash's leftovers (layers staged for the overlay)
         mounts.release_fs_image(self._disk_image(name))  # a rootfs size limit's filesystem
         cgroups.remove(self.cgroup_parent, name)
+        if self.systemd_cgroups:  # runc delete stopped the scope; what a crash left of it
+            cgroups.remove(cgroups.slice_dir(self.cgroup_parent), cgroups.scope_unit(self.cgroup_parent, name))
         if bandwidth.port_exists(bandwidth.ifb_name(self.net.veth_name(name))):
             bandwidth.clear(self.net.veth_name(name))
         self.net.detach(name)
@@ -698,6 +744,9 @@ class RuncRuntime:
         except FileNotFoundError:
             pass
         found.update(cgroups.list_names(self.cgroup_parent))  # the parent is ours alone
+        if self.systemd_cgroups:
+            found.update(n for n in cgroups.scope_names(self.cgroup_parent)  # and so is the slice
+                         if validate.NAME_RE.fullmatch(n))
         found.update(self.net.leftover_names())
         gone = []
         for name in sorted(found - known):
@@ -808,7 +857,7 @@ class RuncRuntime:
     def stats(self, name: str) -> dict:
         row = self._row(name)
         limits = Limits(**json.loads(row["limits"]))
-        st = cgroups.read_stats(self.cgroup_parent, name)
+        st = cgroups.read_stats(*self._cgroup(name))
         spec = spec_from_json(row["spec"])
         st["net"] = self.net.counters(name) if spec.network.mode == "bridge" else \
             {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0}

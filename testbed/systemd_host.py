@@ -104,8 +104,11 @@ class SystemdHost:
         unmount the overlay and remove its dirs."""
         if self.proc is not None and self.proc.poll() is None:
             # the agent's (empty) parent cgroups of its containers, made inside the container's
-            # cgroup namespace, i.e. under this test's own cgroup on the host
-            self.run("sh", "-c", "rmdir /sys/fs/cgroup/*/nodeagent 2>/dev/null", check=False)
+            # cgroup namespace, i.e. under this test's own cgroup on the host: cgroupfs's
+            # nodeagent, and the systemd driver's slice (the controllers systemd does not
+            # manage in v1 keep runc's dirs of it)
+            self.run("sh", "-c", "systemctl stop nodeagent.slice 2>/dev/null; "
+                     "rmdir /sys/fs/cgroup/*/nodeagent /sys/fs/cgroup/*/nodeagent.slice 2>/dev/null", check=False)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(HALT_TIMEOUT_S)

@@ -77,7 +77,9 @@ class Services:
         self.db = db or Database(config.db_path)
         self.events = EventBus(self.db, replay=config.api.event_replay)
         self.tokens = Tokens(self.db)
-        self.operations = Operations(self.db, self.events, workers=config.workers)
+        oc = config.operations
+        self.operations = Operations(self.db, self.events, workers=config.workers, retention=oc.retention,
+                                     max_finished=oc.max_finished, prune_interval=oc.prune_interval)
         self.records = InstanceRecords(self.db, self.events)  # the only reader/writer of `instances`
         self._lock = threading.RLock()  # reentrant: the runtime is built with the network
         self._pools: dict[str, Backend] | None = None

@@ -232,6 +232,45 @@ def test_a_lost_admin_token_is_replaced(host):
     assert _get(f"{host.url}/v1/pools", host.cert, old)[0] == 401
 
 
+def test_the_roles_ca_issues_the_api_certificate(host):
+    """nodeagent_tls=ca: the role's CA on the controller signs the host's API certificate (the key
+    stays on the host) for its names; a client trusting that CA (as a peer's [peers] ca does)
+    verifies the agent, one without it does not; a new name signs the certificate again, the
+    agent restarted onto it. (That a further run changes nothing on this host is checked by
+    test_images_imported_and_removed_through_the_module, which runs after this one.)"""
+    from agent.client import ApiError, Client
+    assert host.first.returncode == 0, _explain(host.first)
+    pki = host.base / "pki"  # the controller's side
+    extra = {**host.extra, "nodeagent_tls": "ca", "nodeagent_ca_dir": str(pki)}
+    run = _playbook(host.env, extra)
+    assert run.returncode == 0, _explain(run)
+    changed = _changed_tasks(run)
+    assert {"Make the CA on the controller", "Sign this host's API certificate on the controller",
+            "Copy the API certificate and the CA"} <= set(changed), changed
+    assert any("Restart nodeagent" in t for t in changed), changed
+    host.extra, host.cert = extra, host.cert.parent / "ca.crt"  # the host's state for the tests after this one
+    assert host.cert.read_bytes() == (pki / "ca.crt").read_bytes()
+    assert sorted(p.name for p in host.cert.parent.iterdir()) == ["agent.crt", "agent.csr", "agent.key", "ca.crt"]
+    assert stat.S_IMODE((host.cert.parent / "agent.key").stat().st_mode) == 0o600
+    assert not (pki / "localhost.api.key").exists() and stat.S_IMODE((pki / "ca.key").stat().st_mode) == 0o600
+    token = host.token_file.read_text().strip()
+    assert "default" in json.dumps(Client(host.url, token, ca=str(host.cert)).get("/v1/pools"))
+    with pytest.raises(ApiError) as e:
+        Client(host.url, token).get("/v1/pools")  # the system's trust store does not know the role's CA
+    assert e.value.code == "tls"
+    text = subprocess.run(["openssl", "x509", "-noout", "-text", "-in", str(host.cert.parent / "agent.crt")],
+                          capture_output=True, text=True, check=True).stdout
+    assert "IP Address:127.0.0.1" in text and "DNS:localhost" in text and "TLS Web Client Authentication" in text
+    renamed = {**extra, "nodeagent_tls_subject_alt_names": ["DNS:api.example.net"]}
+    run = _playbook(host.env, renamed)
+    assert run.returncode == 0, _explain(run)
+    assert "Sign this host's API certificate on the controller" in _changed_tasks(run)
+    host.extra = renamed
+    served = ssl.get_server_certificate(("127.0.0.1", int(host.url.rsplit(":", 1)[1])))
+    assert "api.example.net" in subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName"], input=served,
+                                               capture_output=True, text=True, check=True).stdout
+
+
 def test_ansible_lint_passes(tmp_path):
     run = subprocess.run([_tool("ansible-lint")], cwd=ANSIBLE_DIR, env=_env(tmp_path),
                          capture_output=True, text=True, timeout=300)
@@ -295,15 +334,17 @@ def test_images_imported_and_removed_through_the_module(host, tmp_path):
 
 
 def test_check_mode_on_a_fresh_host_writes_nothing(tmp_path):
+    """Nor on the controller: the role's CA (nodeagent_tls=ca) is not made in --check."""
     extra = {"nodeagent_listen": f"127.0.0.1:{_free_port()}", "nodeagent_prefix": str(tmp_path / "opt"),
              "nodeagent_config_dir": str(tmp_path / "etc"), "nodeagent_state_dir": str(tmp_path / "state"),
              "nodeagent_run_dir": str(tmp_path / "run"), "nodeagent_log_dir": str(tmp_path / "log"),
-             "nodeagent_tls": "self_signed", "nodeagent_service_mode": "daemon",
+             "nodeagent_tls": "ca", "nodeagent_ca_dir": str(tmp_path / "pki"), "nodeagent_service_mode": "daemon",
              "nodeagent_install_method": "checkout",
              "nodeagent_images": [{"name": "x", "source": {"type": "file", "path": "/x.qcow2"}}]}
     run = _playbook(_env(tmp_path / "ansible-home"), extra, "--check")
     assert run.returncode == 0, _explain(run)
-    assert {"Create the agent's venv", "Render agent.toml", "Make a self-signed certificate and key",
+    assert {"Create the agent's venv", "Render agent.toml", "Make the CA on the controller",
+            "Make this host's API key and certificate request", "Write the API certificate's names on the controller",
             "Install the daemon control script"} <= set(_changed_tasks(run))
     left = sorted(p.name for p in tmp_path.iterdir() if p.name != "ansible-home")
     assert left == [], left
@@ -396,7 +437,8 @@ def test_peers_from_the_inventory(tmp_path):
     """nodeagent_peer_group: each host of the group makes a peer token for every other one and
     gets a [peers] entry per other host carrying the token that host made for it; a second
     run changes nothing; a lost token file is replaced. Two hosts of a local inventory, the
-    role's peer tasks and agent.toml.j2 only (the agent from this venv)."""
+    role's peer tasks and agent.toml.j2 only (the agent from this venv). A peer whose API
+    certificate comes from the role's CA (nodeagent_tls=ca) is called over https with that CA."""
     hosts = {}
     for name in ("peer-a", "peer-b"):
         d = tmp_path / name
@@ -404,6 +446,7 @@ def test_peers_from_the_inventory(tmp_path):
                        "nodeagent_config_dir": str(d / "etc"), "nodeagent_state_dir": str(d / "state"),
                        "nodeagent_prefix": str(d / "opt"), "nodeagent_venv": str(BIN.parent),
                        "nodeagent_import_dirs": [str(d / "import")], "nodeagent_peer_group": "fleet"}
+    hosts["peer-a"]["nodeagent_tls"] = "ca"  # its API certificate from the role's CA: peer-b verifies it with that CA
     inventory = tmp_path / "inventory.json"
     inventory.write_text(json.dumps({"fleet": {"hosts": hosts}}))
     playbook = tmp_path / "peers.yml"
@@ -433,7 +476,9 @@ def test_peers_from_the_inventory(tmp_path):
         for name, other in (("peer-a", "peer-b"), ("peer-b", "peer-a")):
             cfg = config.load(str(tmp_path / name / "etc" / "agent.toml"), env={})
             assert list(cfg.peers) == [other]
-            assert cfg.peers[other].url == f"http://{hosts[other]['nodeagent_listen']}"
+            tls = other == "peer-a"
+            assert cfg.peers[other].url == f"{'https' if tls else 'http'}://{hosts[other]['nodeagent_listen']}"
+            assert cfg.peers[other].ca == (str(tmp_path / name / "etc" / "tls" / "ca.crt") if tls else None)
             # the token is the one the other host's database holds as a peer token named after this host
             token_id = cfg.peers[other].token.split("_")[1]
             assert [(t["name"], t["role"]) for t in listed(other) if t["id"] == token_id] == [(name, "peer")]

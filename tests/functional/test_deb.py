@@ -3,7 +3,10 @@ host needs and nothing a host should not (no compiler, no Ceph server, no test t
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,8 +24,15 @@ def _build(out: Path) -> Path:
     return Path(run.stdout.strip().splitlines()[-1])
 
 
-def test_the_package_is_reproducible_and_lean(tmp_path):
-    first, second = _build(tmp_path / "a"), _build(tmp_path / "b")
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """Two builds of this checkout."""
+    base = tmp_path_factory.mktemp("debs")
+    return _build(base / "a"), _build(base / "b")
+
+
+def test_the_package_is_reproducible_and_lean(builds):
+    first, second = builds
     digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (first, second)]
     assert digest[0] == digest[1], "two builds of one checkout differ"
 
@@ -42,3 +52,34 @@ def test_the_package_is_reproducible_and_lean(tmp_path):
     assert not any("libvirt" in w.lower() for w in wheels), "libvirt comes from Debian's python3-libvirt"
     for path in ("./lib/systemd/system/nodeagent.service", "./usr/bin/nodeagent", "./usr/share/nodeagent/agent.toml"):
         assert path in files, path
+
+
+def test_the_package_installs_where_systemd_does_not_run(builds):
+    """dpkg -i in a Debian 12 root without a running systemd (a chroot: systemd-nspawn, not
+    booted; the root of scripts/build-systemd-image, which holds the [runtime] packages): the
+    postinst makes the venv, installs the config, enables the unit for a later boot and
+    starts nothing."""
+    from testbed import systemd_host
+    if not shutil.which("systemd-nspawn"):
+        pytest.fail("systemd-nspawn missing: run scripts/setup-host ([dev] of scripts/packages.txt)")
+    deb = builds[0]
+    base = Path(tempfile.mkdtemp(prefix="nodeagent-chroot-"))
+    merged = base / "merged"
+    for d in ("upper", "work", "merged"):
+        (base / d).mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={systemd_host.image()},"
+                    f"upperdir={base / 'upper'},workdir={base / 'work'}", str(merged)], check=True)
+    try:
+        script = (f"test ! -d /run/systemd/system && dpkg -i /debs/{deb.name} && "
+                  "/opt/nodeagent/venv/bin/nodeagent --config /etc/nodeagent/agent.toml config >/dev/null && "
+                  "stat -c %a /etc/nodeagent/agent.toml && readlink /etc/systemd/system/multi-user.target.wants/"
+                  "nodeagent.service && ! pgrep -f '^/opt/nodeagent/venv/bin/python'")
+        run = subprocess.run(["systemd-nspawn", "-q", "-D", str(merged), "--register=no", "--keep-unit",
+                              f"--machine=nodeagent-deb-{os.urandom(4).hex()}", f"--bind-ro={deb.parent}:/debs",
+                              "sh", "-c", script], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        lines = run.stdout.split()
+        assert "600" in lines and "/lib/systemd/system/nodeagent.service" in lines, run.stdout
+    finally:
+        subprocess.run(["umount", str(merged)], check=False)
+        shutil.rmtree(base, ignore_errors=True)

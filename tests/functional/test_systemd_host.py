@@ -6,7 +6,8 @@ this host's network). The role, through an nsenter connection, installs the agen
 (built here by scripts/build-deb) and runs it under its systemd unit on a free 127.0.0.1
 port. Then a container and a VM (libvirtd from the distribution, started by systemd; TCG)
 are made through the API and the agent is restarted, stopped and upgraded to a newer .deb:
-both keep running (same processes) and the agent re-adopts them each time.
+both keep running (same processes) and the agent re-adopts them each time. The container is
+a systemd scope of its own (runc's systemd cgroup driver) throughout.
 """
 from __future__ import annotations
 
@@ -132,6 +133,16 @@ def _adopted(sd, name: str) -> None:
     assert r.status_code == 200 and r.json()["stdout"].strip() == "yes", r.text
 
 
+def _in_its_scope(sd, name: str) -> None:
+    """runc's systemd cgroup driver: the container is a scope of its own in nodeagent.slice,
+    active in systemd, and its usage is read from there."""
+    cgroup = sd.host.run("cat", f"/proc/{_process(sd, name)[0]}/cgroup").stdout
+    assert f"/nodeagent.slice/nodeagent-{name}.scope" in cgroup and "nodeagent.service" not in cgroup, cgroup
+    assert sd.host.run("systemctl", "is-active", f"nodeagent-{name}.scope", check=False).stdout.strip() == "active"
+    r = sd.api.get(f"/v1/instances/{name}/stats")
+    assert r.status_code == 200 and r.json()["memory_bytes"] > 0 and r.json()["pids"] >= 1, r.text
+
+
 def test_the_role_installs_the_package_and_runs_the_unit(sd):
     run = _playbook(sd)
     assert run.returncode == 0, _explain(run)
@@ -211,6 +222,7 @@ def test_restart_stop_and_upgrade_keep_the_container_and_the_vm_running(sd, gues
     cgroup = sd.host.run("cat", f"/proc/{conmon}/cgroup").stdout
     assert re.search(rf"nodeagent-conmon-{name}-[0-9a-f]+\.scope", cgroup), cgroup
     assert "nodeagent.service" not in cgroup, cgroup
+    _in_its_scope(sd, name)
     vm = "sdvm-" + os.urandom(3).hex()
     _make_vm(sd, guest_images, vm)
     qemu = _qemu(sd)
@@ -219,6 +231,7 @@ def test_restart_stop_and_upgrade_keep_the_container_and_the_vm_running(sd, gues
     _adopted(sd, name)
     _vm_adopted(sd, vm)
     assert _process(sd, name) == first and _qemu(sd) == qemu
+    _in_its_scope(sd, name)
 
     sd.host.run("systemctl", "stop", "nodeagent")
     assert _show(sd, "ActiveState")["ActiveState"] == "inactive"
@@ -234,6 +247,14 @@ def test_restart_stop_and_upgrade_keep_the_container_and_the_vm_running(sd, gues
     _adopted(sd, name)
     _vm_adopted(sd, vm)
     assert _process(sd, name) == first and _qemu(sd) == qemu
+    _in_its_scope(sd, name)
+    # stopped and started again through the API: a fresh runc create, in a scope again
+    for action in ("stop", "start"):
+        op = sd.api.wait(sd.api.post(f"/v1/instances/{name}/actions", json={"action": action, "force": True}).json(),
+                                 timeout=120)
+        assert op["status"] == "succeeded", json.dumps(op.get("error"))
+    _adopted(sd, name)
+    _in_its_scope(sd, name)
 
 
 def test_the_role_readies_libvirtd_for_migration(sd, tmp_path):

@@ -57,6 +57,9 @@ def test_bad_config_names_the_key(tmp_path, text, key):
     ({"log_file": "relative.log"}, "absolute path"),
     ({"log_target": "syslog"}, "log_target must be one of"),
     ({"metrics": {"pool_usage_interval": 0}}, "metrics.pool_usage_interval"),
+    ({"operations": {"retention": 10}}, "operations.retention"),
+    ({"operations": {"max_finished": 0}}, "operations.max_finished"),
+    ({"operations": {"keep": 1}}, "operations.keep"),
 ])
 def test_operations_data_keys_are_checked(data, problem):
     with pytest.raises(InvalidInput, match=problem):
@@ -68,8 +71,10 @@ def test_operations_data_keys_parse():
                         "api": {"tls_cert": "/c", "tls_key": "/k", "client_ca": "/ca",
                                 "cert_roles": {"cp.example": "admin", "host2": "peer"}},
                         "peers": {"host2": {"url": "https://h2:8470", "ca": "/ca", "cert": "/c", "key": "/k"}},
-                        "metrics": {"pool_usage_interval": 300}})
+                        "metrics": {"pool_usage_interval": 300},
+                        "operations": {"retention": 86400, "max_finished": 500, "prune_interval": 60}})
     assert cfg.api.cert_roles["host2"] == "peer" and cfg.peers["host2"].cert == "/c"
+    assert (cfg.operations.retention, cfg.operations.max_finished) == (86400, 500)
     assert cfg.metrics.pool_usage_interval == 300 and cfg.log_max_bytes == 0
 
 

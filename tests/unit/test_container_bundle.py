@@ -240,3 +240,22 @@ def test_cap_add_and_drop_follow_dockers_order_and_the_filter_follows_them():
     with pytest.raises(InvalidInput, match="not a capability"):
         from containers import validate
         validate.check_spec(spec(cap_drop=("CAP_NOPE",)))
+
+
+def test_the_systemd_driver_places_each_container_in_a_scope_of_the_slice(tmp_path):
+    """runc --systemd-cgroup: cgroupsPath slice:prefix:name; systemd nests a dashed slice in
+    its prefixes; the scopes under it name the containers (nothing else there is one)."""
+    assert cgroups.systemd_cgroups_path("nodeagent", "web-1") == "nodeagent.slice:nodeagent:web-1"
+    assert cgroups.slice_dir("nodeagent") == "nodeagent.slice"
+    assert cgroups.slice_dir("na-test-3") == "na.slice/na-test.slice/na-test-3.slice"
+    assert cgroups.scope_unit("nodeagent", "web-1") == "nodeagent-web-1.scope"
+    v1 = tmp_path / "v1"
+    for ctrl in ("memory", "pids", "cpuacct"):
+        for leaf in ("nodeagent-web-1.scope", "nodeagent-db.x.scope", "other.scope", "nodeagent-.scope"):
+            (v1 / ctrl / "nodeagent.slice" / leaf).mkdir(parents=True)
+    assert cgroups.scope_names("nodeagent", root=str(v1)) == {"web-1", "db.x"}
+    scope = v1 / "memory" / "nodeagent.slice" / "nodeagent-web-1.scope"
+    (scope / "memory.usage_in_bytes").write_text("4096\n")
+    (v1 / "pids" / "nodeagent.slice" / "nodeagent-web-1.scope" / "pids.current").write_text("2\n")
+    st = cgroups.read_stats(cgroups.slice_dir("nodeagent"), cgroups.scope_unit("nodeagent", "web-1"), root=str(v1))
+    assert (st["memory_bytes"], st["pids"]) == (4096, 2)

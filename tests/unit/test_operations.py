@@ -1,5 +1,6 @@
 """agent.operations: the worker pool, persistence, wait, cancel and crash recovery."""
 import threading
+import time
 
 import pytest
 
@@ -105,3 +106,65 @@ def test_recover_marks_leftovers_failed(db):
     assert [o["id"] for o in ops.recover()] == ["x"]
     op = ops.get("x")
     assert op["status"] == "failed" and op["error"]["code"] == "agent_restarted"
+
+
+def _finished(db, op_id, finished_at, status="succeeded"):
+    db.execute("INSERT INTO operations(id, kind, status, created_at, finished_at) VALUES(?, 'demo', ?, ?, ?)",
+               (op_id, status, finished_at - 1, finished_at))
+
+
+def test_prune_keeps_unfinished_and_recent_operations_within_the_cap(db):
+    now = time.time()
+    ops = Operations(db, EventBus(), retention=3600, max_finished=3)
+    _finished(db, "expired", now - 7200)
+    _finished(db, "expired-failed", now - 7200, "failed")
+    for i in range(4):  # within retention, but one more than the cap: the oldest goes
+        _finished(db, f"kept{i}", now - 1000 + i, "cancelled" if i == 3 else "succeeded")
+    db.execute("INSERT INTO operations(id, kind, status, created_at) VALUES('old-pending', 'demo', 'pending', 0)")
+    assert ops.prune(now) == 3
+    assert {o["id"] for o in ops.list()} == {"old-pending", "kept1", "kept2", "kept3"}
+    with pytest.raises(NotFound):
+        ops.get("expired")
+    for i in range(5):  # just finished: over the cap, yet kept for their waiters (PRUNE_GRACE)
+        _finished(db, f"fresh{i}", now - i)
+    assert ops.prune(now) == 3  # kept1..3 make room; the fresh ones stay
+    assert {o["id"] for o in ops.list()} == {"old-pending", *(f"fresh{i}" for i in range(5))}
+
+
+def test_a_running_operation_is_never_pruned(db):
+    ops = Operations(db, EventBus(), workers=2, retention=60, max_finished=100)
+    ops.start()
+    try:
+        gate = threading.Event()
+        running = ops.submit("demo", None, lambda o: (o.phase("busy"), gate.wait(10)) and {})
+        done = ops.wait(ops.submit("demo", None, lambda o: {})["id"], 10)
+        assert ops.prune(time.time() + 10 * 86400) == 1  # ten days on: only the finished one goes
+        assert ops.get(running["id"])["status"] in ("pending", "running")
+        with pytest.raises(NotFound):
+            ops.get(done["id"])
+        gate.set()
+        assert ops.wait(running["id"], 10)["status"] == "succeeded"
+    finally:
+        ops.shutdown(wait=True)
+
+
+def test_start_prunes_what_a_previous_run_left(db):
+    ops = Operations(db, EventBus(), workers=1)
+    _finished(db, "last-month", time.time() - 30 * 86400)
+    ops.start()
+    try:
+        with pytest.raises(NotFound):
+            ops.get("last-month")
+    finally:
+        ops.shutdown(wait=True)
+
+
+def test_the_events_table_is_bounded_at_start_too(db):
+    bus = EventBus(db, replay=1000)
+    for i in range(50):
+        bus.publish("operation", {"n": i})
+    assert db.one("SELECT count(*) AS n FROM events")["n"] == 50
+    bus = EventBus(db, replay=10)  # the replay lowered between two runs
+    assert db.one("SELECT count(*) AS n FROM events")["n"] == 10 and bus.last_id == 50
+    bus = EventBus(db, replay=0)  # none kept: only the last id stays, so ids keep counting up
+    assert db.one("SELECT count(*) AS n FROM events")["n"] == 1 and bus.last_id == 50

@@ -20,6 +20,19 @@ KVM_PROBE_TIMEOUT_S = 10  # a KVM guest reaches its root-mount panic in ~1 s; TC
 KVM_PROBE_MARKER = "Kernel panic"
 CACHE_FILE = "virt_type.json"
 VIRT_TYPES = ("kvm", "qemu")
+# present exactly when the kernel was built with userfaultfd (CONFIG_USERFAULTFD), which the
+# destination of a post-copy migration needs (QEMU registers the guest's RAM with it)
+USERFAULTFD_SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
+USERFAULTFD_DEVICE = "/dev/userfaultfd"  # Linux 6.1+: the same faculty as a device node
+
+
+def userfaultfd_missing() -> str | None:
+    """None when this kernel has userfaultfd (post-copy can run here); else why not."""
+    if os.path.exists(USERFAULTFD_SYSCTL) or os.path.exists(USERFAULTFD_DEVICE):
+        return None
+    return (f"this host's kernel has no userfaultfd (neither {USERFAULTFD_SYSCTL} nor {USERFAULTFD_DEVICE} "
+            "exists): post-copy cannot run here; migrate without postcopy, or use a kernel built with "
+            "CONFIG_USERFAULTFD")
 
 
 def probe_kernel() -> str | None:

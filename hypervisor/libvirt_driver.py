@@ -732,6 +732,10 @@ class LibvirtDriver:
         """Drop the Ceph secrets no domain refers to (after a domain left this host)."""
         self._delete_unused_secrets()
 
+    def postcopy_unavailable(self) -> str | None:
+        from hypervisor.host import userfaultfd_missing
+        return userfaultfd_missing()
+
     def abort_migration(self, name: str) -> bool:
         from hypervisor import libvirt_migration
         return libvirt_migration.abort(self, name)

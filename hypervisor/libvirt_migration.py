@@ -150,12 +150,22 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
     outcome: dict = {}
 
     def job():
+        # on a connection of its own: a call in flight on a remote connection holds the others
+        # back (the watcher's jobStats, abortJob, migrateStartPostCopy would wait for its end)
+        conn = None
         try:
-            dom.migrateToURI3(dest_uri, params, flags)
+            conn = libvirt.open(driver.uri)
+            conn.lookupByUUIDString(dom.UUIDString()).migrateToURI3(dest_uri, params, flags)
         except libvirt.libvirtError as e:
             outcome["error"] = e.get_error_message() or str(e)
         except Exception as e:  # noqa: BLE001 - reported to the caller below
             outcome["error"] = str(e)
+        finally:
+            if conn is not None:
+                try:
+                    conn.close()
+                except libvirt.libvirtError:
+                    pass
 
     t0 = time.monotonic()
     worker = threading.Thread(target=job, name=f"migrate-{name}", daemon=True)
@@ -225,14 +235,16 @@ def _postcopy_due(o: MigrationOptions, elapsed: float, last: MigrationProgress |
                 and last.memory_iteration >= o.postcopy_after_iterations)
 
 
-def _start_postcopy(dom) -> bool:
-    """Ask QEMU to switch to post-copy; False if libvirt refused (the job has not begun its
-    memory copy yet, or it is just ending): the caller asks again at the next poll."""
+def _start_postcopy(dom, started: threading.Event) -> None:
+    """Ask QEMU to switch to post-copy (from its own thread: libvirtd may hold the call while
+    the job sits in a monitor call); ``started`` is set when it did. A refusal (the job is
+    just ending) leaves it unset: the watcher asks again at a later poll."""
     try:
         dom.migrateStartPostCopy(0)
-        return True
+        started.set()
     except libvirt.libvirtError:
-        return _in_postcopy(dom)
+        if _in_postcopy(dom):
+            started.set()
 
 
 def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, hard_stop,
@@ -254,6 +266,8 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
     last: MigrationProgress | None = None
     reason = paused = None
     aborter: threading.Thread | None = None
+    switcher: threading.Thread | None = None
+    switched = threading.Event()
     abort_since = None
     while worker.is_alive():
         worker.join(POLL_S)
@@ -263,8 +277,8 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
             stats = dom.jobStats()
         except libvirt.libvirtError:
             stats = {}
-        if o.postcopy and not watch.postcopy and _in_postcopy(dom):
-            watch.postcopy = True
+        if o.postcopy and not watch.postcopy and (switched.is_set() or _in_postcopy(dom)):
+            watch.postcopy = True  # the caller hears it with this very sample: it commits first
         phase = "postcopy" if watch.postcopy else "precopy"
         if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE:
             last = _sample(stats, t0, phase)
@@ -276,13 +290,16 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
         timed_out = o.completion_timeout_s is not None and elapsed > o.completion_timeout_s
         if reason is None and cancelled is not None and cancelled():
             reason = "cancelled"
-        elif reason is None and _postcopy_due(o, elapsed, last, timed_out):
-            if _start_postcopy(dom):
-                watch.postcopy = True
-                if progress:  # at once: the caller commits before anything else happens
-                    progress(replace(last, phase="postcopy") if last else MigrationProgress(
-                        elapsed_ms=int(elapsed * 1000), data_total=0, data_processed=0,
-                        data_remaining=0, dirty_rate=0, memory_iteration=0, phase="postcopy"))
+        elif reason is None and switcher is None and last is not None and last.memory_iteration >= 1 \
+                and _postcopy_due(o, elapsed, last, timed_out):
+            # only once memory is being copied (QEMU refuses it during the disk copy before)
+            switcher = threading.Thread(target=_start_postcopy, args=(dom, switched),
+                                        name="migrate-postcopy", daemon=True)
+            switcher.start()
+            continue
+        elif switcher is not None and not switched.is_set():
+            if not switcher.is_alive():
+                switcher = None  # refused: asked again at the next poll
             continue
         elif reason is None and not paused and timed_out:
             if o.timeout_action == "pause":

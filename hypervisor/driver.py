@@ -55,6 +55,10 @@ class VmInfo:
     state: str  # one of STATES
     cpus: int
     memory_mib: int
+    # why it is in that state, where it matters: "postcopy" (a post-copy migration runs: the
+    # guest's memory is split between two hosts), "postcopy-failed" (that migration broke: the
+    # guest is paused, or stalls on its missing pages, and must not be called running)
+    reason: str | None = None
 
 
 @runtime_checkable

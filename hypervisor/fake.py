@@ -16,7 +16,7 @@ from dataclasses import replace
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFound
+from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFound, PostCopyFailed
 from hypervisor.driver import (TIMEOUT_ACTIONS, DiskSpec, MigrationOptions, MigrationProgress,
                                MigrationResult, VmInfo, VmSpec)
 from containers.bandwidth import Bandwidth
@@ -47,10 +47,11 @@ class _Vm:
     snapshots: dict[str, list[str]] = field(default_factory=dict)  # snapshot -> disk targets
     boots: int = 0
     cpu_time_ns: int = 0
+    reason: str | None = None  # VmInfo.reason: "postcopy-failed" after a broken post-copy
 
     def info(self) -> VmInfo:
         return VmInfo(name=self.spec.name, uuid=self.spec.uuid, state=self.state,
-                      cpus=self.spec.cpus, memory_mib=self.spec.memory_mib)
+                      cpus=self.spec.cpus, memory_mib=self.spec.memory_mib, reason=self.reason)
 
 
 class FakeDriver:
@@ -69,6 +70,7 @@ class FakeDriver:
         self.userfaultfd = True
         self.converges = True
         self.postcopy_s = 0.0  # how long a fake post-copy takes (the guest already runs there)
+        self.postcopy_link_cut = False  # the link breaks during post-copy (PostCopyFailed)
         self.migrations: list[dict] = []  # every migrate() call: name, destination, options, outcome
         if uri:  # reachable by migrate() of other fakes in this process
             _FAKE_HOSTS[uri] = self
@@ -308,6 +310,8 @@ class FakeDriver:
                                 "it keeps running here") from None
         spec = replace(vm.spec, disks=tuple(disks[t] for t in sorted(disks)),
                        console_log=options.console_log or vm.spec.console_log)
+        if phase == "postcopy" and self.postcopy_link_cut:
+            return self._split(name, vm, spec, disks, dest, dest_uri)
         with dest._lock:
             if name in dest._vms or any(v.spec.uuid == spec.uuid for v in dest._vms.values()):
                 raise CommandFailed(f"migration of VM {name!r} to {dest_uri} failed: the destination "
@@ -321,6 +325,18 @@ class FakeDriver:
             self._vms.pop(name, None)
         return MigrationResult(total_ms=1.0, downtime_ms=0.0, data_bytes=sent,
                                paused_by_timeout=phase == "paused", postcopy=phase == "postcopy")
+
+    def _split(self, name, vm: _Vm, spec: VmSpec, disks, dest: FakeDriver, dest_uri: str):
+        """The link broke during post-copy, as libvirt leaves it: paused here, stalled there
+        (running, reason postcopy-failed), both halves kept."""
+        with dest._lock:
+            dest._vms[name] = _Vm(spec=spec, state="running", disks=disks, console=list(vm.console),
+                                  boots=vm.boots, cpu_time_ns=vm.cpu_time_ns, reason="postcopy-failed")
+        with self._lock:
+            vm.state, vm.reason = "paused", "postcopy-failed"
+        raise PostCopyFailed(f"migration of VM {name!r} to {dest_uri} failed during post-copy: the link broke; "
+                             "the guest's memory is split between this host and the destination, so it is "
+                             "paused here and stalls there; both halves are kept")
 
     def _precopy(self, name, o: MigrationOptions, sent: int, progress, cancelled) -> str:
         """The rounds of pre-copy: "precopy" when it converged, "paused" when the timeout

@@ -66,6 +66,14 @@ _STATE_NAMES = {
 }
 
 
+_REASONS = {  # (state, reason) -> VmInfo.reason: the states a post-copy migration leaves
+    (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY): "postcopy",  # its source
+    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY): "postcopy",  # its destination
+    (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED): "postcopy-failed",
+    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED): "postcopy-failed",
+}
+
+
 def _ignore_libvirt_errors(_ctx, _err) -> None:
     """libvirt prints every error to stderr by default; we raise them instead."""
 
@@ -257,9 +265,10 @@ class LibvirtDriver:
         return CommandFailed(f"VM {name!r}: libvirt failed: {msg}", stderr=msg)
 
     def _info(self, dom: libvirt.virDomain) -> VmInfo:
-        state, max_kib, _mem, vcpus, _cpu = dom.info()
+        _state, max_kib, _mem, vcpus, _cpu = dom.info()
+        state, why = dom.state()
         return VmInfo(name=dom.name(), uuid=dom.UUIDString(), state=_STATE_NAMES.get(state, "unknown"),
-                      cpus=vcpus, memory_mib=max_kib // 1024)
+                      cpus=vcpus, memory_mib=max_kib // 1024, reason=_REASONS.get((state, why)))
 
     def _state(self, dom: libvirt.virDomain) -> str:
         return _STATE_NAMES.get(dom.state()[0], "unknown")

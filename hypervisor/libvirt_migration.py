@@ -20,7 +20,6 @@ from __future__ import annotations
 import threading
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import replace
 
 import libvirt
 

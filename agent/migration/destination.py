@@ -16,6 +16,7 @@ from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secre
 from agent.migration import transport
 from agent.migration.peer import Peers
 from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, shift_owners, untar_into
+from agent.services.instances import POSTCOPY_FAILED
 from agent.services.records import Instance
 from hypervisor.driver import SupportsIncomingDisks
 from storage.units import MiB
@@ -389,7 +390,10 @@ class MigrationDestination:
         for r in self.root.records.list(states=(INCOMING,)):
             try:
                 info = self.root.driver.find(r.name)
-                if info is not None and info.state == "running":
+                if info is not None and info.reason == "postcopy-failed":
+                    # it holds the newest half of a guest split by a broken post-copy: keep it
+                    self.root.records.update(r.id, state="error", error=POSTCOPY_FAILED)
+                elif info is not None and info.state == "running":
                     self._own_shared(r.id)
                     self.root.records.update(r.id, state="running", error=None)
                 else:

@@ -55,7 +55,8 @@ def hosts(tmp_path_factory):
 def src(hosts):
     s, d = hosts
     for h in (s, d):
-        h.root.driver.userfaultfd, h.root.driver.converges, h.root.driver.postcopy_s = True, True, 0.0
+        d = h.root.driver
+        d.userfaultfd, d.converges, d.postcopy_s, d.postcopy_link_cut = True, True, 0.0, False
     return s
 
 
@@ -190,3 +191,26 @@ def test_a_busy_guest_with_postcopy_off_is_aborted_at_the_timeout_and_stays(src,
     assert op["status"] == "failed" and "did not converge" in op["error"]["message"], op
     assert src.client.get(f"/v1/instances/{name}").json["state"] == "running"
     assert hosts[1].client.get(f"/v1/instances/{name}").status_code == 404
+
+
+def test_a_link_cut_during_postcopy_leaves_both_halves_and_says_so(src, hosts):
+    """Post-copy failure semantics: the guest is split, so nothing is destroyed or rolled back;
+    the operation fails with postcopy_failed, the source's record is in state error (not
+    running), the destination keeps its half, and neither agent's restart calls it running."""
+    dst = hosts[1]
+    name = _vm(src)
+    src.root.driver.converges, src.root.driver.postcopy_link_cut = False, True
+    op = _wait(src.client, _migrate(src, name, postcopy=True).json)
+    assert op["status"] == "failed" and op["error"]["code"] == "postcopy_failed", op
+    inst = src.client.get(f"/v1/instances/{name}").json
+    assert inst["state"] == "error" and "split" in inst["error"], inst
+    assert src.root.driver.get(name).state == "paused"
+    half = dst.root.driver.get(name)
+    assert half.reason == "postcopy-failed"  # not destroyed: it holds the guest's newest state
+    incoming = [r for r in dst.root.records.list() if r.name == name]
+    assert incoming and incoming[0].state == "incoming"
+    src.root.instances.reconcile()  # as after a restart of either agent
+    dst.root.migrations.recover()
+    assert src.client.get(f"/v1/instances/{name}").json["state"] == "error"
+    assert dst.client.get(f"/v1/instances/{name}").json["state"] == "error"
+    assert dst.root.driver.find(name) is not None

@@ -795,6 +795,8 @@ class IncomingPrepared(Model):
     disk_attach: dict[DiskTarget, RbdAttach] | None = Field(None, max_length=8)  # shared RBD disks
     console_log: HostPath | None = None
     migration_uri: MigrationUri
+    # VMs: whether post-copy can run here (QEMU may use userfaultfd); None: not said (older agent)
+    postcopy: bool | None = None
 
 
 class IncomingFinish(Model):

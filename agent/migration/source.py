@@ -68,7 +68,8 @@ def live_options(req: models.MigrationCreate, policy, postcopy_unavailable: str 
     if action == "postcopy" and not postcopy:
         action = "abort"  # the policy's post-copy action, where post-copy is off (asked, or impossible)
     by_policy = postcopy and req.timeout_action != "postcopy"
-    return {"max_downtime_ms": asked.get("max_downtime_ms", policy.max_downtime_ms),
+    return {"postcopy_required": wants_postcopy,
+            "max_downtime_ms": asked.get("max_downtime_ms", policy.max_downtime_ms),
             "bandwidth_mib_s": asked.get("bandwidth_mib_s", policy.bandwidth_mib_s),
             "auto_converge": asked.get("auto_converge", policy.auto_converge),
             "completion_timeout_s": timeout, "timeout_action": action, "postcopy": postcopy,
@@ -174,6 +175,7 @@ class MigrationSource:
         options = None
         if inst.kind == "vm" and inst.state != "stopped":
             options = live_options(req, self.config.migration, self.root.driver.postcopy_unavailable())
+            postcopy_required = options.pop("postcopy_required")
         with self._lock:
             if inst.id in self._busy:
                 raise Conflict(f"instance {inst.name!r} is already being migrated")
@@ -190,7 +192,7 @@ class MigrationSource:
                     if inst.kind == "vm" and self.root.driver.get(inst.name).state == "stopped":
                         return self._move_stopped_vm(op, inst.id, peer)
                     if inst.kind == "vm":
-                        return self._migrate_vm(op, inst.id, peer, req.mode, options)
+                        return self._migrate_vm(op, inst.id, peer, req.mode, options, postcopy_required)
                     return self._migrate_container(op, inst.id, peer, req.mode)
             finally:
                 with self._lock:
@@ -248,12 +250,15 @@ class MigrationSource:
                 "downtime_ms": res.get("downtime_ms"), "total_ms": res.get("total_ms"),
                 "error": op["error"]}
 
-    def _migrate_vm(self, op, inst_id: str, peer: PeerClient, mode: str, controls: dict) -> dict:
+    def _migrate_vm(self, op, inst_id: str, peer: PeerClient, mode: str, controls: dict,
+                    postcopy_required: bool = False) -> dict:
         """Live (or, mode=cold, suspended) migration of a running VM with ``controls``
-        (live_options). Until post-copy starts, any failure leaves it running here and the
-        destination removes what it prepared; once it starts, the operation can no longer be
-        cancelled, and a failure leaves the guest split between the hosts (PostCopyFailed: this
-        host's record goes to state error, the destination keeps its half; README)."""
+        (live_options); a destination that cannot run post-copy fails it when the caller asked
+        for post-copy (``postcopy_required``), else the policy goes without. Until post-copy
+        starts, any failure leaves it running here and the destination removes what it
+        prepared; once it starts, the operation can no longer be cancelled, and a failure leaves
+        the guest split between the hosts (PostCopyFailed: this host's record goes to state
+        error, the destination keeps its half; README)."""
         from hypervisor.driver import MigrationOptions
         inst = self.root.instances.get(inst_id)
         name = inst.name
@@ -291,6 +296,15 @@ class MigrationSource:
 
         try:
             to = transport.route(prepared.migration_uri, self.root.config.migration, peer.name)
+            if controls["postcopy"] and prepared.postcopy is False:
+                if postcopy_required:
+                    raise Unprocessable(f"post-copy was requested but destination {peer.name!r} cannot run it (its "
+                                        "QEMU may not use userfaultfd: README \"Migration controls\"); nothing "
+                                        f"moved: {name!r} keeps running here")
+                controls = {**controls, "postcopy": False, "postcopy_after_s": None, "postcopy_after_iterations": None,
+                            "timeout_action": "abort" if controls["timeout_action"] == "postcopy"
+                            else controls["timeout_action"]}
+                live["options"] = controls
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             raise

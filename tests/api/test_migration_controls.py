@@ -214,3 +214,20 @@ def test_a_link_cut_during_postcopy_leaves_both_halves_and_says_so(src, hosts):
     assert src.client.get(f"/v1/instances/{name}").json["state"] == "error"
     assert dst.client.get(f"/v1/instances/{name}").json["state"] == "error"
     assert dst.root.driver.find(name) is not None
+
+
+def test_a_destination_that_cannot_run_postcopy(src, hosts):
+    """Asked for: the migration fails (422) with nothing moved and nothing left there; the
+    policy's own post-copy is dropped instead."""
+    dst = hosts[1]
+    dst.root.driver.userfaultfd = False
+    name = _vm(src)
+    op = _wait(src.client, _migrate(src, name, postcopy=True).json)
+    assert op["status"] == "failed" and op["error"]["code"] == "unprocessable", op
+    assert "destination 'dst' cannot run it" in op["error"]["message"]
+    assert src.client.get(f"/v1/instances/{name}").json["state"] == "running"
+    assert not [r for r in dst.root.records.list() if r.name == name]
+    op = _wait(src.client, _migrate(src, name).json)
+    assert op["status"] == "succeeded", op
+    assert src.root.driver.migrations[-1]["options"].postcopy is False
+    assert src.client.get(f"/v1/migrations/{op['id']}").json["options"]["postcopy"] is False

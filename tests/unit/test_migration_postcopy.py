@@ -91,13 +91,15 @@ def _req(**kw):
 def test_live_options_follow_the_policy_where_the_request_is_silent():
     from agent.migration.source import live_options
     opts = live_options(_req(), MigrationConfig(), None)
+    assert opts.pop("postcopy_required") is False
     assert opts == {"max_downtime_ms": 300, "bandwidth_mib_s": None, "auto_converge": True,
                     "completion_timeout_s": None, "timeout_action": "abort", "postcopy": True,
                     "postcopy_after_s": 10.0, "postcopy_after_iterations": 5}
     MigrationOptions(**opts)  # what the driver gets
     # the caller's own switch replaces the policy's bounds
     opts = live_options(_req(completion_timeout_s=5, timeout_action="postcopy"), MigrationConfig(), None)
-    assert (opts["postcopy"], opts["timeout_action"], opts["postcopy_after_s"]) == (True, "postcopy", None)
+    assert (opts["postcopy_required"], opts["postcopy"], opts["timeout_action"], opts["postcopy_after_s"]) == \
+        (True, True, "postcopy", None)
 
 
 def test_live_options_without_userfaultfd():

@@ -27,6 +27,7 @@ class _Host:
         self.app, self.client, self.root = inprocess_app(
             tmp_path / name, hypervisor={"driver": "fake", "uri": uri, "migration_uri": uri},
             peers={peer: {"url": f"http://127.0.0.1:{peer_port}"}})
+        self.url = f"http://127.0.0.1:{port}"
         self.server = make_server("127.0.0.1", port, self.app, threaded=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -231,3 +232,24 @@ def test_a_destination_that_cannot_run_postcopy(src, hosts):
     assert op["status"] == "succeeded", op
     assert src.root.driver.migrations[-1]["options"].postcopy is False
     assert src.client.get(f"/v1/migrations/{op['id']}").json["options"]["postcopy"] is False
+
+
+def test_the_cli_sends_the_controls(src, hosts, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from agent.cli import main
+    monkeypatch.setenv("NODEAGENT_URL", src.url)
+    monkeypatch.setenv("NODEAGENT_TOKEN", src.client.environ_base["HTTP_AUTHORIZATION"].split()[1])
+    name = _vm(src)
+    bad = CliRunner().invoke(main, ["migrate", name, "--to", "dst", "--timeout", "0"])
+    assert bad.exit_code == 1 and "completion_timeout_s" in bad.output, bad.output
+    ok = CliRunner().invoke(main, ["migrate", name, "--to", "dst", "--max-downtime-ms", "150", "--bandwidth", "10",
+                                   "--timeout", "5", "--timeout-action", "postcopy", "--postcopy",
+                                   "--no-auto-converge", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["status"] == "succeeded"
+    o = src.root.driver.migrations[-1]["options"]
+    assert (o.max_downtime_ms, o.bandwidth_mib_s, o.completion_timeout_s, o.timeout_action, o.postcopy,
+            o.auto_converge) == (150, 10, 5, "postcopy", True, False)

@@ -776,14 +776,27 @@ def events(types, last_event_id, timeout):
 @click.option("--mode", type=click.Choice(["live", "cold", "refresh"]), default="live",
               help="live: VMs (running); cold: stop, copy, start there; refresh: containers, copy while "
                    "running, then a short stop (a stopped VM always moves offline)")
+@click.option("--max-downtime-ms", type=int, help="VMs: the longest switchover pause (default: the host's policy)")
+@click.option("--bandwidth", "bandwidth_mib_s", type=int, help="VMs: cap on the pre-copy stream, MiB/s")
+@click.option("--timeout", "completion_timeout_s", type=float,
+              help="VMs: seconds the copy may take before --timeout-action applies")
+@click.option("--timeout-action", type=click.Choice(["abort", "pause", "postcopy"]),
+              help="VMs: at --timeout abort (it keeps running here), pause the guest, or switch to post-copy")
+@click.option("--auto-converge/--no-auto-converge", default=None,
+              help="VMs: throttle a guest that dirties memory faster than it is copied")
+@click.option("--postcopy/--no-postcopy", default=None,
+              help="VMs: allow post-copy (needs userfaultfd; once it starts it cannot be cancelled)")
 @click.option("--json", "as_json", is_flag=True)
-def migrate(ref, destination, to, mode, as_json):
-    """Move instance REF to a configured peer: `nodeagent migrate REF --to PEER`."""
+def migrate(ref, destination, to, mode, as_json, **controls):
+    """Move instance REF to a configured peer: `nodeagent migrate REF --to PEER`. Controls left
+    out follow the host's policy ([migration]: pre-copy, auto-converge, then post-copy)."""
     destination = to or destination
     if not destination:
         raise click.UsageError("name the destination peer with --to PEER")
     c = _client()
-    op = _call(c.post, "/v1/migrations", {"instance": ref, "destination": destination, "mode": mode})
+    body = {"instance": ref, "destination": destination, "mode": mode,
+            **{k: v for k, v in controls.items() if v is not None}}
+    op = _call(c.post, "/v1/migrations", body)
     op = _finish(_wait_with_progress(c, op, f"migrating {ref} to {destination}", as_json), as_json)
     if not as_json:
         res = op.get("result") or {}
@@ -791,7 +804,7 @@ def migrate(ref, destination, to, mode, as_json):
             click.echo(f"{ref} now lives on {destination}, stopped (moved offline in {res.get('total_ms')} ms)")
         else:
             click.echo(f"{ref} now runs on {destination} (total {res.get('total_ms')} ms, "
-                       f"downtime {res.get('downtime_ms')} ms)")
+                       f"downtime {res.get('downtime_ms')} ms{', post-copy' if res.get('postcopy') else ''})")
 
 
 # -- security groups --

@@ -152,6 +152,26 @@ class MigrationConfig(_Strict):
 
     tls: bool | None = None
     pki_path: str | None = None
+    # The default policy of live VM migrations (README "Migration controls"); a request's own
+    # controls override each. Pre-copy first; auto-converge throttles a guest that dirties memory
+    # faster than it is copied; where post-copy is allowed (and the kernel has userfaultfd) a copy
+    # still running after postcopy_after_s seconds or postcopy_after_iterations memory passes
+    # switches to post-copy, so a busy guest always finishes.
+    max_downtime_ms: int = Field(300, ge=1, le=60_000)  # libvirt's default too
+    bandwidth_mib_s: int | None = Field(None, ge=1)  # None: unlimited
+    auto_converge: bool = True
+    postcopy: bool = True
+    postcopy_after_s: float | None = Field(10.0, gt=0)  # None: the time bound is off
+    postcopy_after_iterations: int | None = Field(5, ge=1)  # None: the iteration bound is off
+    completion_timeout_s: float | None = Field(None, gt=0)  # None: no timeout (cancel still works)
+    timeout_action: str = "abort"  # abort | pause | postcopy
+
+    @field_validator("timeout_action")
+    @classmethod
+    def _action(cls, v: str) -> str:
+        if v not in ("abort", "pause", "postcopy"):
+            raise ValueError(f"timeout_action must be abort, pause or postcopy, got {v!r}")
+        return v
 
     @field_validator("pki_path")
     @classmethod

@@ -104,6 +104,14 @@ class CommandFailed(AgentError):
                          stderr=stderr[-2000:])
 
 
+class PostCopyFailed(CommandFailed):
+    """Raised when a live migration fails after it switched to post-copy: the guest's memory
+    is split between the two hosts, it is paused (or stalls) on both, and neither half may be
+    destroyed until an operator recovers it (libvirt's post-copy resume) or gives it up."""
+
+    code = "postcopy_failed"
+
+
 class Cancelled(AgentError):
     """Raised inside an operation when a user cancelled it."""
 

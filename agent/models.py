@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, \
     model_validator
@@ -137,6 +137,11 @@ class Progress(Model):
     phase: str | None = None
     bytes_done: int | None = None
     bytes_total: int | None = None
+    # live VM migrations (phase precopy | postcopy): the last sample of the copy
+    remaining_bytes: int | None = None
+    dirty_rate: int | None = None  # pages/s the guest dirties
+    iterations: int | None = None  # memory passes so far
+    throttle_pct: int | None = None  # auto-converge's vCPU throttle
 
 
 class Operation(Model):
@@ -803,10 +808,49 @@ class Stats(Model):
 
 # -- migrations --
 
+MAX_DOWNTIME_MS = 60_000  # a minute of switchover is no longer "live"
+MAX_MIGRATION_BANDWIDTH = 1024 * 1024  # MiB/s (1 TiB/s): any real link is below
+MAX_COMPLETION_TIMEOUT_S = 7 * 86400
+
+
 class MigrationCreate(Model):
+    """What to move where, and (live VM migrations only) how: each control left out takes the
+    host's default policy ([migration] of the agent's config: pre-copy, auto-converge, then
+    post-copy after a bound)."""
+
     instance: Ref = Field(description="instance name or id")
     destination: Ref = Field(description="a configured peer's name ([peers.NAME])")
     mode: Literal["live", "cold", "refresh"] = "live"  # refresh: containers, sync while running, then stop
+    max_downtime_ms: IntRange(1, MAX_DOWNTIME_MS) | None = Field(
+        None, description="VMs: the longest pause the switchover may take (default [migration] max_downtime_ms)")
+    bandwidth_mib_s: IntRange(1, MAX_MIGRATION_BANDWIDTH) | None = Field(
+        None, description="VMs: cap on the pre-copy stream, MiB/s (default: unlimited; post-copy is never capped)")
+    completion_timeout_s: Annotated[float, Field(gt=0, le=MAX_COMPLETION_TIMEOUT_S, allow_inf_nan=False)] \
+        | None = Field(None, description="VMs: seconds the copy may take before timeout_action applies")
+    timeout_action: Literal["abort", "pause", "postcopy"] | None = Field(
+        None, description="VMs: at completion_timeout_s abort (the guest keeps running here), pause the guest "
+                          "(the copy then converges), or switch to post-copy")
+    auto_converge: bool | None = Field(
+        None, description="VMs: throttle the guest's vCPUs when it dirties memory faster than it is copied")
+    postcopy: bool | None = Field(
+        None, description="VMs: allow post-copy (the guest runs on the destination and pulls the pages it "
+                          "lacks; needs userfaultfd; once it starts the migration can no longer be cancelled). "
+                          "Default: the policy's ([migration] postcopy, where the kernel allows it)")
+
+    VM_ONLY: ClassVar[tuple[str, ...]] = ("max_downtime_ms", "bandwidth_mib_s", "completion_timeout_s",
+                                          "timeout_action", "auto_converge", "postcopy")
+
+    def controls(self) -> dict:
+        """The live-migration controls the caller set (the rest follow the policy)."""
+        return {k: getattr(self, k) for k in self.VM_ONLY if getattr(self, k) is not None}
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.timeout_action == "postcopy" and self.postcopy is False:
+            raise ValueError("timeout_action=postcopy switches to post-copy: it cannot go with postcopy=false")
+        if self.mode != "live" and (self.postcopy or self.timeout_action == "postcopy"):
+            raise ValueError("post-copy moves a running guest: it needs mode=live")
+        return self
 
 
 class MigrationBytes(Model):
@@ -823,9 +867,13 @@ class Migration(Model):
     destination: str | None = None
     mode: str | None = None
     status: str
-    phase: str | None = None
+    phase: str | None = None  # prepare, migrate, precopy, postcopy, confirm, cleanup (VMs); see README
     bytes: MigrationBytes
     dirty_rate: int | None = None  # pages/s the guest dirtied at the last sample
+    iterations: int | None = None  # memory passes so far (1: the first full copy)
+    throttle_pct: int | None = None  # auto-converge's vCPU throttle at the last sample
+    postcopy: bool | None = None  # it switched to post-copy (the guest runs on the destination)
+    options: dict[str, Any] | None = None  # the live-migration controls in effect (request + policy)
     downtime_ms: float | None = None
     total_ms: float | None = None
     error: ErrorDetail | None = None
@@ -933,6 +981,8 @@ class IncomingPrepared(Model):
     disk_attach: dict[DiskTarget, RbdAttach] | None = Field(None, max_length=8)  # shared RBD disks
     console_log: HostPath | None = None
     migration_uri: MigrationUri
+    # VMs: whether post-copy can run here (QEMU may use userfaultfd); None: not said (older agent)
+    postcopy: bool | None = None
 
 
 class IncomingFinish(Model):

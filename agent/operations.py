@@ -89,6 +89,12 @@ class OperationContext:
                 self.cancelled.wait(delay)  # a cancel ends the injected pause at once
                 self.check_cancel()
 
+    def report(self, **figures) -> None:
+        """Set progress figures (a live migration's phase, remaining bytes, dirty rate...)
+        without a cancel point: for work that reports from where it cannot stop."""
+        self.progress.update(figures)
+        self._m._write_progress(self)
+
     def bytes(self, done: int, total: int | None = None) -> None:
         """Byte progress inside a phase; also a cancel point (storage cleans up on the raise)."""
         self.check_cancel()

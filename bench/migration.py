@@ -13,8 +13,13 @@ the same guest (the agent's own domain XML, renamed onto copies of its disks or 
 of the same content with its own cephx secret on both libvirtds) between the same two
 libvirtds, interleaved with ours. Then the downtime of a refresh migration of a container
 with 500 MiB in its rootfs; peer = a cold migration of the same container (no bare tool
-moves a container between hosts). Needs root, libvirtd, Ceph and the test guest
-(scripts/build-test-images). Run as: .venv/bin/python bench/migration.py
+moves a container between hosts). ``vm_live_busy_{postcopy,autoconverge}_*``: a 512 MiB
+guest booted from the bootable test disk whose user-data rewrites 128 MiB of its RAM in a
+loop, ours (post-copy switched on at the first pass; auto-converge, paused to finish after
+60 s) against `virsh migrate` with the matching flags (`--postcopy --postcopy-after-precopy`;
+`--auto-converge --timeout 60 --timeout-suspend`). Needs root, libvirtd, Ceph and the test
+guest (scripts/build-test-images). Run as: .venv/bin/python bench/migration.py (only the busy
+rounds, without Ceph: .venv/bin/python bench/migration.py busy)
 """
 from __future__ import annotations
 
@@ -46,24 +51,33 @@ line = emitter("migration", digits=1)
 
 
 class AgentVm:
-    """The benchmarked guest, created and moved through the agents' API."""
+    """The benchmarked guest, created and moved through the agents' API (``image``: a file
+    of the test guest's; ``user_data``: its boot script)."""
 
-    def __init__(self, cluster, pool: str | None = None):
+    def __init__(self, cluster, pool: str | None = None, image: str = "rootfs.qcow2",
+                 memory_mib: int = MEMORY_MIB, user_data: str | None = None):
         self.hosts = {h.name: h for h in cluster.hosts}
         self.apis = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
         for a in self.apis.values():
             a.s.headers["Connection"] = "close"
-        if self.apis["h1"].get("/v1/images/guest").status_code == 404:
+        image_name = "guest-" + image.split(".")[0]
+        if self.apis["h1"].get(f"/v1/images/{image_name}").status_code == 404:
             op = self.apis["h1"].wait(self.apis["h1"].post("/v1/images", json={
-                "name": "guest", "source": {"type": "file", "path": f"{IMAGES}/rootfs.qcow2"}}).json(),
+                "name": image_name, "source": {"type": "file", "path": f"{IMAGES}/{image}"}}).json(),
                 OP_TIMEOUT_S)
             assert op["status"] == "succeeded", op
         self.name = f"bench-{uuid.uuid4().hex[:6]}"
         op = self.apis["h1"].wait(self.apis["h1"].post("/v1/instances", json={
-            "name": self.name, "kind": "vm", "image": "guest", "cpus": 1, "memory_mib": MEMORY_MIB,
-            "network": "none", **({"pool": pool} if pool else {})}).json(), OP_TIMEOUT_S)
+            "name": self.name, "kind": "vm", "image": image_name, "cpus": 1, "memory_mib": memory_mib,
+            "network": "none", **({"pool": pool} if pool else {}),
+            **({"user_data": user_data} if user_data else {})}).json(), OP_TIMEOUT_S)
         assert op["status"] == "succeeded", op
         self.here = "h1"
+        self.controls: dict = {}  # the live-migration controls of the next migrate()
+        self.last: dict = {}  # the last migration's result
+
+    def console(self) -> str:
+        return self.apis[self.here].get(f"/v1/instances/{self.name}/logs").json().get("logs", "")
 
     def domain_xml(self) -> str:
         return self.hosts[self.here].run("virsh", "-c", "qemu:///system", "dumpxml", "--migratable",
@@ -73,11 +87,12 @@ class AgentVm:
         """Move it to the other host: (total ms as a client sees it, downtime ms)."""
         there = "h2" if self.here == "h1" else "h1"
         t0 = time.perf_counter()
-        op = self.apis[self.here].post("/v1/migrations", json={"instance": self.name, "destination": there}).json()
+        op = self.apis[self.here].post("/v1/migrations", json={"instance": self.name, "destination": there,
+                                                                **self.controls}).json()
         op = self.apis[self.here].wait(op, OP_TIMEOUT_S)
         total = (time.perf_counter() - t0) * 1000
         assert op["status"] == "succeeded", op
-        self.here = there
+        self.here, self.last = there, op["result"]
         return total, op["result"]["downtime_ms"]
 
     def delete(self) -> None:
@@ -119,6 +134,13 @@ class PeerVm:
         self.tls = tls  # False: QEMU's stream in cleartext (the libvirtds still talk TLS)
         self.hosts[0].run("virsh", "-c", "qemu:///system", "create", self.xmls[0], timeout=120)
         self.here = 0
+        self.log: Path | None = None  # its serial console log
+
+    def console(self) -> str:
+        try:
+            return self.log.read_text(errors="replace") if self.log else ""
+        except FileNotFoundError:
+            return ""
 
     def migrate(self) -> tuple[float, float | None]:
         there = 1 - self.here
@@ -129,6 +151,8 @@ class PeerVm:
                                   timeout=OP_TIMEOUT_S)
         total = (time.perf_counter() - t0) * 1000
         self.here = there
+        # a guest --timeout-suspend paused arrives paused: it runs on, as the agent's does
+        self.hosts[there].run("virsh", "-c", "qemu:///system", "resume", self.name, check=False, timeout=60)
         info = self.hosts[there].run("virsh", "-c", "qemu:///system", "domjobinfo", self.name, "--completed",
                                      timeout=60).stdout
         m = re.search(r"Total downtime:\s+([0-9.]+)\s+ms", info)
@@ -140,14 +164,15 @@ class PeerVm:
             self.cleanup()
 
 
-def local_peer(cluster, work: Path, agent_xml: str, tls: bool = True) -> PeerVm:
+def local_peer(cluster, work: Path, agent_xml: str, tls: bool = True, image: str = "rootfs.qcow2",
+               user_data: str | None = None) -> PeerVm:
     """On each host a qcow2 overlay on its own copy of the base (as the agents' pools have)."""
     name, uid = f"bench-peer-{uuid.uuid4().hex[:6]}", str(uuid.uuid4())
-    seed = make_seed(str(work / "seed.iso"), instance_id=uid, hostname=name)
+    seed = make_seed(str(work / "seed.iso"), instance_id=uid, hostname=name, user_data=user_data)
     xmls = []
     for h in cluster.hosts:
         base = work / f"{h.name}-base.qcow2"
-        shutil.copyfile(f"{IMAGES}/rootfs.qcow2", base)
+        shutil.copyfile(f"{IMAGES}/{image}", base)
         disk = work / f"{h.name}-{name}.qcow2"
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(disk)],
                        check=True)
@@ -156,7 +181,9 @@ def local_peer(cluster, work: Path, agent_xml: str, tls: bool = True) -> PeerVm:
         xmls.append(str(x))
     for p in work.iterdir():
         os.chmod(p, 0o666)
-    return PeerVm(cluster.hosts, name, xmls, ("--copy-storage-inc",), tls=tls)
+    vm = PeerVm(cluster.hosts, name, xmls, ("--copy-storage-inc",), tls=tls)
+    vm.log = work / f"{name}.log"
+    return vm
 
 
 SECRET_XML = """<secret ephemeral='no' private='yes'><uuid>{uuid}</uuid>
@@ -220,6 +247,74 @@ def vm_rounds(cluster, work: Path, pool: str | None = None, plain: bool = False)
     return times
 
 
+# A busy guest (issue 21): 512 MiB, booted from the bootable test disk, its user-data
+# rewriting BUSY_SET_MIB of its RAM in a loop (a file in the initramfs, copied over and over)
+BUSY_MEMORY_MIB = 512
+BUSY_SET_MIB = 128
+BUSY_LIMIT_S = 60  # auto-converge rounds: the copy is paused to finish after this (both sides)
+BUSY_SCRIPT = f"""#!/bin/sh
+dd if=/dev/urandom of=/src bs=1M count={BUSY_SET_MIB} 2>/dev/null
+i=0
+while :; do cp /src /dst; i=$((i+1)); echo "DIRTY $i"; done
+"""
+BUSY_VARIANTS = {  # metric -> (our request's controls, the peer's virsh flags)
+    "postcopy": ({"postcopy": True, "completion_timeout_s": 1, "timeout_action": "postcopy"},
+                 ("--postcopy", "--postcopy-after-precopy")),
+    "autoconverge": ({"postcopy": False, "auto_converge": True, "completion_timeout_s": BUSY_LIMIT_S,
+                      "timeout_action": "pause"},
+                     ("--auto-converge", "--timeout", str(BUSY_LIMIT_S), "--timeout-suspend")),
+}
+
+
+def _wait_dirtying(vm, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while "DIRTY 2" not in vm.console():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the busy guest {vm.name} does not dirty memory: {vm.console()[-500:]}")
+        time.sleep(1)
+
+
+def busy_rounds(cluster, work: Path) -> dict:
+    """One migration each way per variant of BUSY_VARIANTS, ours and the peer's interleaved:
+    {variant: {"ours": ([totals], [downtimes]), "peer": (...)}}, plus whether ours switched
+    to post-copy."""
+    ours = AgentVm(cluster, image="boot.qcow2", memory_mib=BUSY_MEMORY_MIB, user_data=BUSY_SCRIPT)
+    sides = {"ours": ours}
+    out: dict = {}
+    try:
+        peer = local_peer(cluster, work, ours.domain_xml(), image="boot.qcow2", user_data=BUSY_SCRIPT)
+        sides["peer"] = peer
+        for vm in sides.values():
+            _wait_dirtying(vm)
+        for variant, (controls, flags) in BUSY_VARIANTS.items():
+            ours.controls, peer.copy_flags = controls, ("--copy-storage-inc", *flags)
+            times = out[variant] = {side: ([], []) for side in sides}
+            times["postcopy"] = []
+            for r in range(2):
+                for side, vm in list(sides.items())[::1 if r % 2 == 0 else -1]:
+                    total, down = vm.migrate()
+                    times[side][0].append(total)
+                    if down is not None:
+                        times[side][1].append(down)
+                times["postcopy"].append(bool(ours.last.get("postcopy")))
+    finally:
+        for vm in reversed(sides.values()):
+            vm.delete()
+    return out
+
+
+def busy_lines(busy: dict) -> None:
+    med = statistics.median
+    for variant, (_controls, flags) in BUSY_VARIANTS.items():
+        (o_total, o_down), (p_total, p_down) = busy[variant]["ours"], busy[variant]["peer"]
+        peer = "virsh migrate --live --p2p --tls --copy-storage-inc " + " ".join(flags)
+        line(f"vm_live_busy_{variant}_total_p50", med(o_total), peer, med(p_total))
+        line(f"vm_live_busy_{variant}_downtime_p50", med(o_down) if o_down else float("nan"), peer,
+             med(p_down) if p_down else None)
+        # how many of our rounds switched to post-copy (libvirt reports no downtime for those)
+        line(f"vm_live_busy_{variant}_rounds_in_postcopy", sum(busy[variant]["postcopy"]), unit="count")
+
+
 CONTAINER_ROOTFS_MIB = 500
 
 
@@ -254,11 +349,27 @@ def container_rounds(cluster, work: Path) -> tuple[float, float]:
     return downs["refresh"], downs["cold"]
 
 
+def main_busy(work: Path) -> None:
+    """Only the busy-guest rounds (no Ceph): `bench/migration.py busy`."""
+    with harness.Cluster(work / "sim") as cluster:
+        cluster.start_agents()
+        (work / "busy").mkdir()
+        os.chmod(work / "busy", 0o755)
+        busy_lines(busy_rounds(cluster, work / "busy"))
+
+
 def main() -> None:
+    import sys
     if not os.path.exists(f"{IMAGES}/rootfs.qcow2"):
         subprocess.run([os.path.join(ROOT, "scripts", "build-test-images"), IMAGES], check=True)
     work = Path(tempfile.mkdtemp(prefix="nodeagent-benchmig-", dir="/var/tmp"))
     os.chmod(work, 0o755)
+    if sys.argv[1:] == ["busy"]:
+        try:
+            main_busy(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         with harness.Cluster(work / "sim", ceph=True) as cluster:
             cluster.start_agents()
@@ -281,7 +392,11 @@ def main() -> None:
             line("vm_live_local_disk_tls_cost_total_p50", med(t_total), plain, med(p_total))
             line("vm_live_local_disk_tls_cost_downtime_p50", med(t_down) if t_down else float("nan"), plain,
                  med(p_down) if p_down else None)
+            (work / "busy").mkdir()
+            os.chmod(work / "busy", 0o755)
+            busy = busy_rounds(cluster, work / "busy")
             c_refresh, c_cold = container_rounds(cluster, dirs["containers"])
+            busy_lines(busy)
         line("container_refresh_500mib_downtime", c_refresh,
              "nodeagent cold container migration (stop, full copy, start)", c_cold)
     finally:

@@ -68,6 +68,10 @@ class VmInfo:
     memory_mib: int  # memory it may use now (the balloon's target)
     max_cpus: int | None = None  # the most a live resize may give it; None: cpus
     max_memory_mib: int | None = None
+    # why it is in that state, where it matters: "postcopy" (a post-copy migration runs: the
+    # guest's memory is split between two hosts), "postcopy-failed" (that migration broke: the
+    # guest is paused, or stalls on its missing pages, and must not be called running)
+    reason: str | None = None
 
 
 @runtime_checkable
@@ -122,7 +126,11 @@ class Driver(Protocol):
 
 # -- live migration (optional capability) --
 
-TIMEOUT_ACTIONS = ("abort", "pause")  # what to do when a migration has not converged in time
+# what to do when a migration has not converged in time: abort it (the guest keeps running
+# here), pause the guest (the copy then converges; the destination resumes it), or switch to
+# post-copy (the guest runs there at once and pulls the pages it still lacks)
+TIMEOUT_ACTIONS = ("abort", "pause", "postcopy")
+MIGRATION_PHASES = ("precopy", "postcopy")  # where a live migration is: see MigrationProgress.phase
 
 
 @dataclass(frozen=True)
@@ -143,8 +151,17 @@ class MigrationOptions:
     auto_converge: bool = True  # throttle the vCPUs when the guest dirties memory faster than we copy
     bandwidth_mib_s: int | None = None  # None: unlimited
     completion_timeout_s: float | None = None  # None: wait for convergence forever (cancel still works)
-    timeout_action: str = "abort"  # abort | pause (suspend the guest so the copy converges)
+    timeout_action: str = "abort"  # abort | pause (suspend the guest so the copy converges) | postcopy
     tls: bool = False  # QEMU's migration stream and disk copy (NBD) over TLS with the hosts' certificates
+    # post-copy allowed (the destination needs userfaultfd). Once it starts, the guest runs on the
+    # destination and its memory is split between the hosts until the copy ends: the job can no
+    # longer be aborted, and a broken link leaves the guest paused (see SupportsMigration).
+    postcopy: bool = False
+    # the policy's switch to post-copy (only with ``postcopy``): after this many seconds of
+    # pre-copy, or after this many memory iterations (pre-copy, then auto-converge's throttled
+    # rounds), whichever comes first; None: never on its own (timeout_action="postcopy" still does)
+    postcopy_after_s: float | None = None
+    postcopy_after_iterations: int | None = None
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,8 @@ class MigrationProgress:
     data_remaining: int
     dirty_rate: int  # pages per second the guest dirties
     memory_iteration: int
+    phase: str = "precopy"  # one of MIGRATION_PHASES: "postcopy" once the guest runs on the destination
+    throttle_pct: int = 0  # auto-converge's vCPU throttle (0: none)
 
 
 @dataclass(frozen=True)
@@ -165,6 +184,7 @@ class MigrationResult:
     downtime_ms: float | None  # guest paused time at the switchover, as QEMU measured it
     data_bytes: int  # bytes sent (memory + disks)
     paused_by_timeout: bool = False  # the completion timeout suspended the guest to converge
+    postcopy: bool = False  # it switched to post-copy (the guest ran on the destination before the end)
 
 
 @runtime_checkable
@@ -173,7 +193,11 @@ class SupportsMigration(Protocol):
     source's hypervisor talks to the destination's (``dest_uri``); the destination needs no
     separate "incoming" call because it adopts the domain itself. On any failure the VM keeps
     running here and nothing is left on the destination's hypervisor (the disks the caller
-    prepared there are the caller's to remove)."""
+    prepared there are the caller's to remove) -- until post-copy starts (``progress`` then
+    reports phase "postcopy"): from there the guest runs on the destination, the job cannot be
+    aborted (``cancelled`` is no longer consulted), and a failure raises ``PostCopyFailed``:
+    the guest is paused with its memory split between both hosts, both halves are kept (never
+    destroyed by the driver) for an operator to recover or delete."""
 
     def migrate(self, name: str, dest_uri: str, options: MigrationOptions, *,
                 progress=None, cancelled=None) -> MigrationResult:
@@ -182,7 +206,11 @@ class SupportsMigration(Protocol):
         defined and running (or paused if it was) on the destination and undefined here."""
 
     def abort_migration(self, name: str) -> bool:
-        """Abort the running migration job of ``name``; False if none ran."""
+        """Abort the running migration job of ``name``; False if none ran (or it is in
+        post-copy, which cannot be aborted)."""
+
+    def postcopy_unavailable(self) -> str | None:
+        """None when this host can run post-copy (the kernel has userfaultfd); else why not."""
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ from dataclasses import replace
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFound
+from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFound, PostCopyFailed
 from hypervisor.driver import (TIMEOUT_ACTIONS, DiskSpec, MigrationOptions, MigrationProgress,
                                MigrationResult, VmInfo, VmSpec)
 from containers.bandwidth import Bandwidth
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 FAKE_HOST_MEMORY_MIB = 64 * 1024  # what the fake pretends the host has
 FAKE_CPU_STEP_NS = 10_000_000  # cpu time a running fake VM "uses" between two stats() calls
 FAKE_MIGRATION_BYTES_PER_MIB = MiB  # a fake migration "sends" the guest's memory once
+FAKE_PRECOPY_ROUNDS = 50  # a fake guest that never converges: rounds of pre-copy before it gives up
+FAKE_ROUND_S = 0.01  # one such round (the cancel point between rounds)
 
 # uri -> FakeDriver: the fakes of one process that migrate() can reach (filled only by
 # FakeDriver(uri=...), never at import time)
@@ -47,6 +49,7 @@ class _Vm:
     boots: int = 0
     cpu_time_ns: int = 0
     ttys: list[int] = field(default_factory=list)  # the guest's ends of open consoles (they echo)
+    reason: str | None = None  # VmInfo.reason: "postcopy-failed" after a broken post-copy
 
     def hang_up(self) -> None:
         """Powered off: open consoles read their end."""
@@ -57,7 +60,7 @@ class _Vm:
     def info(self) -> VmInfo:
         return VmInfo(name=self.spec.name, uuid=self.spec.uuid, state=self.state,
                       cpus=self.spec.cpus, memory_mib=self.spec.memory_mib,
-                      max_cpus=self.spec.cpus_max, max_memory_mib=self.spec.memory_max)
+                      max_cpus=self.spec.cpus_max, max_memory_mib=self.spec.memory_max, reason=self.reason)
 
 
 class FakeDriver:
@@ -71,6 +74,13 @@ class FakeDriver:
         self._vms: dict[str, _Vm] = {}
         self._lock = threading.Lock()
         self.uri = uri
+        # the host's faculties and the guests' behaviour, set by tests: a host without
+        # userfaultfd refuses post-copy; a busy guest (converges=False) never finishes pre-copy
+        self.userfaultfd = True
+        self.converges = True
+        self.postcopy_s = 0.0  # how long a fake post-copy takes (the guest already runs there)
+        self.postcopy_link_cut = False  # the link breaks during post-copy (PostCopyFailed)
+        self.migrations: list[dict] = []  # every migrate() call: name, destination, options, outcome
         if uri:  # reachable by migrate() of other fakes in this process
             _FAKE_HOSTS[uri] = self
 
@@ -78,8 +88,10 @@ class FakeDriver:
     def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
                     network: Network | None) -> FakeDriver:
         """agent.registry's uniform construction. The fake keeps everything in memory: it
-        ignores the settings, state dir, database and network."""
-        return cls()
+        ignores the state dir, database, network and the settings but ``uri``: a fake:// one
+        makes it reachable by other fakes' migrate() in this process."""
+        uri = settings.get("uri")
+        return cls(uri=uri if isinstance(uri, str) and uri.startswith("fake://") else None)
 
     # -- helpers --
     def _get(self, name: str) -> _Vm:
@@ -298,14 +310,38 @@ class FakeDriver:
 
 
     # -- migration (SupportsMigration) --
+    def postcopy_unavailable(self) -> str | None:
+        return None if self.userfaultfd else "the kernel has no userfaultfd (the fake host was made without it)"
+
     def migrate(self, name: str, dest_uri: str, options: MigrationOptions, *, progress=None,
                 cancelled=None) -> MigrationResult:
         """Move a running or paused VM to the FakeDriver registered as ``dest_uri``. The
         destination's disks must exist (check_disk_file) when storage is copied. On failure
-        the VM stays here, untouched."""
+        the VM stays here, untouched. The call and its outcome are kept in ``migrations``.
+
+        A guest that converges moves in one pre-copy round. One that does not (``converges``
+        False) follows the options as libvirt does: post-copy when allowed and due (the
+        policy's bound or timeout_action=postcopy), paused by timeout_action=pause, aborted by
+        the completion timeout (abort) or cancel; after FAKE_PRECOPY_ROUNDS it fails."""
+        record = {"name": name, "destination": dest_uri, "options": options, "outcome": None}
+        self.migrations.append(record)
+        try:
+            result = self._migrate(name, dest_uri, options, progress, cancelled)
+        except Exception as e:
+            record["outcome"] = type(e).__name__
+            raise
+        record["outcome"] = "postcopy" if result.postcopy else "precopy"
+        return result
+
+    def _migrate(self, name, dest_uri, options, progress, cancelled) -> MigrationResult:
         if options.copy_storage not in ("none", "incremental", "full") \
                 or options.timeout_action not in TIMEOUT_ACTIONS:
-            raise InvalidInput("copy_storage must be none|incremental|full and timeout_action abort|pause")
+            raise InvalidInput("copy_storage must be none|incremental|full and timeout_action "
+                               + "|".join(TIMEOUT_ACTIONS))
+        if options.timeout_action == "postcopy" and not options.postcopy:
+            raise InvalidInput("timeout_action=postcopy needs post-copy allowed (postcopy=True)")
+        if options.postcopy and (not options.live or self.postcopy_unavailable()):
+            raise InvalidInput(f"post-copy cannot run: {self.postcopy_unavailable() or 'it needs a live migration'}")
         dest = _FAKE_HOSTS.get(dest_uri)
         if dest is None or dest is self:
             raise CommandFailed(f"migration of VM {name!r} to {dest_uri} failed: no such fake host; "
@@ -318,11 +354,7 @@ class FakeDriver:
             disks = {t: replace(d, source=options.disk_sources.get(t, d.source))
                      for t, d in vm.disks.items()}
         sent = vm.spec.memory_mib * FAKE_MIGRATION_BYTES_PER_MIB
-        if progress:
-            progress(MigrationProgress(elapsed_ms=0, data_total=sent, data_processed=sent // 2,
-                                       data_remaining=sent - sent // 2, dirty_rate=0, memory_iteration=1))
-        if cancelled is not None and cancelled():
-            raise Cancelled(f"migration of VM {name!r} cancelled; it keeps running here")
+        phase = self._precopy(name, options, sent, progress, cancelled)
         try:
             for d in disks.values():
                 if options.copy_storage != "none" or d.readonly:
@@ -332,17 +364,70 @@ class FakeDriver:
                                 "it keeps running here") from None
         spec = replace(vm.spec, disks=tuple(disks[t] for t in sorted(disks)),
                        console_log=options.console_log or vm.spec.console_log)
+        if phase == "postcopy" and self.postcopy_link_cut:
+            return self._split(name, vm, spec, disks, dest, dest_uri)
         with dest._lock:
             if name in dest._vms or any(v.spec.uuid == spec.uuid for v in dest._vms.values()):
                 raise CommandFailed(f"migration of VM {name!r} to {dest_uri} failed: the destination "
                                     "already has a domain of that name or uuid; it keeps running here")
-            moved = _Vm(spec=spec, state=vm.state, disks=disks, console=list(vm.console),
+            state = "running" if phase == "postcopy" else vm.state
+            moved = _Vm(spec=spec, state=state, disks=disks, console=list(vm.console),
                         snapshots=dict(vm.snapshots), boots=vm.boots, cpu_time_ns=vm.cpu_time_ns)
             moved.console.append(f"fake-hypervisor: migrated in from {self.uri}")
             dest._vms[name] = moved
         with self._lock:
             self._vms.pop(name, None)
-        return MigrationResult(total_ms=1.0, downtime_ms=0.0, data_bytes=sent)
+        return MigrationResult(total_ms=1.0, downtime_ms=0.0, data_bytes=sent,
+                               paused_by_timeout=phase == "paused", postcopy=phase == "postcopy")
+
+    def _split(self, name, vm: _Vm, spec: VmSpec, disks, dest: FakeDriver, dest_uri: str):
+        """The link broke during post-copy, as libvirt leaves it: paused here, stalled there
+        (running, reason postcopy-failed), both halves kept."""
+        with dest._lock:
+            dest._vms[name] = _Vm(spec=spec, state="running", disks=disks, console=list(vm.console),
+                                  boots=vm.boots, cpu_time_ns=vm.cpu_time_ns, reason="postcopy-failed")
+        with self._lock:
+            vm.state, vm.reason = "paused", "postcopy-failed"
+        raise PostCopyFailed(f"migration of VM {name!r} to {dest_uri} failed during post-copy: the link broke; "
+                             "the guest's memory is split between this host and the destination, so it is "
+                             "paused here and stalls there; both halves are kept")
+
+    def _precopy(self, name, o: MigrationOptions, sent: int, progress, cancelled) -> str:
+        """The rounds of pre-copy: "precopy" when it converged, "paused" when the timeout
+        paused the guest (it then converges), "postcopy" once it switched; raises Cancelled or
+        CommandFailed (timeout, never converged) with the VM left running here."""
+        import time
+        t0 = time.monotonic()
+        for rnd in range(1, FAKE_PRECOPY_ROUNDS + 1):
+            left = sent // (rnd + 1)
+            if progress:
+                progress(MigrationProgress(elapsed_ms=int((time.monotonic() - t0) * 1000), data_total=sent,
+                                           data_processed=sent * rnd, data_remaining=left,
+                                           dirty_rate=0 if self.converges else 25600, memory_iteration=rnd))
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"migration of VM {name!r} cancelled; it keeps running here")
+            if self.converges:
+                return "precopy"
+            elapsed = time.monotonic() - t0
+            timed_out = o.completion_timeout_s is not None and elapsed > o.completion_timeout_s
+            due = o.postcopy and ((timed_out and o.timeout_action == "postcopy")
+                                  or (o.postcopy_after_s is not None and elapsed >= o.postcopy_after_s)
+                                  or (o.postcopy_after_iterations and rnd >= o.postcopy_after_iterations))
+            if due:
+                if progress:
+                    progress(MigrationProgress(elapsed_ms=int(elapsed * 1000), data_total=sent,
+                                               data_processed=sent * rnd, data_remaining=left, dirty_rate=25600,
+                                               memory_iteration=rnd, phase="postcopy"))
+                time.sleep(self.postcopy_s)  # cancelled is no longer consulted: the guest runs there
+                return "postcopy"
+            if timed_out and o.timeout_action == "pause":
+                return "paused"
+            if timed_out and o.timeout_action == "abort":
+                raise CommandFailed(f"migration of VM {name!r} did not converge within "
+                                    f"{o.completion_timeout_s}s and was aborted; it keeps running here")
+            time.sleep(FAKE_ROUND_S)
+        raise CommandFailed(f"migration of VM {name!r} did not converge after {FAKE_PRECOPY_ROUNDS} rounds "
+                            "(the fake guest dirties memory faster than it is copied); it keeps running here")
 
     def abort_migration(self, name: str) -> bool:
         """A fake migration is instantaneous: there is never a job to abort."""

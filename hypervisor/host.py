@@ -20,6 +20,29 @@ KVM_PROBE_TIMEOUT_S = 10  # a KVM guest reaches its root-mount panic in ~1 s; TC
 KVM_PROBE_MARKER = "Kernel panic"
 CACHE_FILE = "virt_type.json"
 VIRT_TYPES = ("kvm", "qemu")
+# present exactly when the kernel was built with userfaultfd (CONFIG_USERFAULTFD), which the
+# destination of a post-copy migration needs (QEMU registers the guest's RAM with it). libvirt
+# runs QEMU unprivileged (its own user, capabilities cleared) and QEMU before 8.1 opens it with
+# the syscall, which such a process may use only with the sysctl at 1 (scripts/setup-host and the
+# Ansible role set it; containers' seccomp profile still refuses the syscall to tenants).
+USERFAULTFD_SYSCTL = "/proc/sys/vm/unprivileged_userfaultfd"
+
+
+def userfaultfd_missing() -> str | None:
+    """None when QEMU may use userfaultfd here (post-copy can run); else why not, and the fix."""
+    try:
+        with open(USERFAULTFD_SYSCTL) as f:
+            allowed = f.read().strip() == "1"
+    except FileNotFoundError:
+        return (f"this host's kernel has no userfaultfd ({USERFAULTFD_SYSCTL} is missing): post-copy cannot "
+                "run here; migrate without postcopy, or use a kernel built with CONFIG_USERFAULTFD")
+    except OSError as e:
+        return f"cannot read {USERFAULTFD_SYSCTL} ({e.strerror}): post-copy is off"
+    if not allowed:
+        return ("QEMU may not use userfaultfd on this host (vm.unprivileged_userfaultfd = 0; QEMU runs "
+                "unprivileged): post-copy cannot run; set `sysctl -w vm.unprivileged_userfaultfd=1` "
+                "(scripts/setup-host and the Ansible role do), or migrate without postcopy")
+    return None
 
 
 def probe_kernel() -> str | None:

@@ -66,6 +66,14 @@ _STATE_NAMES = {
 }
 
 
+_REASONS = {  # (state, reason) -> VmInfo.reason: the states a post-copy migration leaves
+    (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY): "postcopy",  # its source
+    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY): "postcopy",  # its destination
+    (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED): "postcopy-failed",
+    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED): "postcopy-failed",
+}
+
+
 def _ignore_libvirt_errors(_ctx, _err) -> None:
     """libvirt prints every error to stderr by default; we raise them instead."""
 
@@ -282,8 +290,10 @@ class LibvirtDriver:
 
     def _info(self, dom: libvirt.virDomain) -> VmInfo:
         """What the VM has now: plugged vCPUs and the balloon's target (its definition's while
-        stopped), and its maximum (``<vcpu>``, ``<memory>``)."""
-        state, max_kib, _mem, vcpus, _cpu = dom.info()
+        stopped), its maximum (``<vcpu>``, ``<memory>``), and why it is in its state where it
+        matters (VmInfo.reason)."""
+        _state, max_kib, _mem, vcpus, _cpu = dom.info()
+        state, why = dom.state()
         root = self._xml(dom)
         try:
             max_cpus = int(root.findtext("vcpu") or vcpus)
@@ -291,7 +301,7 @@ class LibvirtDriver:
             max_cpus = vcpus
         return VmInfo(name=dom.name(), uuid=dom.UUIDString(), state=_STATE_NAMES.get(state, "unknown"),
                       cpus=vcpus, memory_mib=_mib(root.find("currentMemory")) or max_kib // 1024,
-                      max_cpus=max_cpus, max_memory_mib=max_kib // 1024)
+                      max_cpus=max_cpus, max_memory_mib=max_kib // 1024, reason=_REASONS.get((state, why)))
 
     def _state(self, dom: libvirt.virDomain) -> str:
         return _STATE_NAMES.get(dom.state()[0], "unknown")
@@ -821,6 +831,10 @@ class LibvirtDriver:
     def delete_unused_secrets(self) -> None:
         """Drop the Ceph secrets no domain refers to (after a domain left this host)."""
         self._delete_unused_secrets()
+
+    def postcopy_unavailable(self) -> str | None:
+        from hypervisor.host import userfaultfd_missing
+        return userfaultfd_missing()
 
     def abort_migration(self, name: str) -> bool:
         from hypervisor import libvirt_migration

@@ -7,6 +7,13 @@ The job runs in a helper thread (``migrateToURI3`` blocks); the calling thread s
 (or, with ``timeout_action="pause"``, suspends the guest so the copy converges and the
 destination resumes it). libvirt guarantees the source domain keeps running when the job
 fails; the destination's half-made domain is removed by libvirt itself.
+
+Post-copy (``options.postcopy``: ``VIR_MIGRATE_POSTCOPY``): the watcher calls
+``migrateStartPostCopy`` when the completion timeout's action is "postcopy" or the policy's
+bound passes (``postcopy_after_s`` / ``postcopy_after_iterations``). From then on the guest
+runs on the destination, which pulls missing pages from here (userfaultfd): the job is
+never aborted, never hard-stopped, and a failure (the link cut) leaves the source paused
+(``postcopy-failed``) and the destination stalled: ``PostCopyFailed``, both halves kept.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from agent.errors import Cancelled, CommandFailed, InvalidInput, NotFound
+from agent.errors import Cancelled, CommandFailed, InvalidInput, NotFound, PostCopyFailed
 from hypervisor.domain_xml import NODEAGENT_NS, QEMU_NS, RBD_DEFAULT_PORT
 from hypervisor.driver import TIMEOUT_ACTIONS, MigrationOptions, MigrationProgress, MigrationResult
 
@@ -29,11 +36,18 @@ BASE_FLAGS = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
               | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE | libvirt.VIR_MIGRATE_ABORT_ON_ERROR)
 
 
+POSTCOPY_REASONS = (libvirt.VIR_DOMAIN_PAUSED_POSTCOPY, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED)
+
+
 def check_options(o: MigrationOptions) -> None:
     if o.copy_storage not in COPY_FLAGS:
         raise InvalidInput(f"copy_storage must be one of {sorted(COPY_FLAGS)}, got {o.copy_storage!r}")
     if o.timeout_action not in TIMEOUT_ACTIONS:
-        raise InvalidInput(f"timeout_action must be abort or pause, got {o.timeout_action!r}")
+        raise InvalidInput(f"timeout_action must be one of {', '.join(TIMEOUT_ACTIONS)}, got {o.timeout_action!r}")
+    if o.timeout_action == "postcopy" and not o.postcopy:
+        raise InvalidInput("timeout_action=postcopy needs post-copy allowed (postcopy=True)")
+    if o.postcopy and not o.live:
+        raise InvalidInput("post-copy moves a running guest: it needs a live migration")
 
 
 def rewrite_xml(xml: str, o: MigrationOptions) -> str:
@@ -88,8 +102,8 @@ def _rewrite_rbd(disk: ET.Element, src: ET.Element, dest: str, attach: dict) -> 
             auth.set("username", attach["user"])
 
 
-def _sample(stats: dict, t0: float) -> MigrationProgress:
-    return MigrationProgress(
+def _sample(stats: dict, t0: float, phase: str) -> MigrationProgress:
+    return MigrationProgress(phase=phase, throttle_pct=int(stats.get("auto_converge_throttle", 0)),
         elapsed_ms=int(stats.get("time_elapsed", (time.monotonic() - t0) * 1000)),
         data_total=int(stats.get("data_total", 0)), data_processed=int(stats.get("data_processed", 0)),
         data_remaining=int(stats.get("data_remaining", 0)),
@@ -124,6 +138,8 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
         flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
     if o.tls:  # memory AND the NBD disk copy, with qemu.conf's migrate (default) TLS x509 dir
         flags |= libvirt.VIR_MIGRATE_TLS
+    if o.postcopy:  # allowed only: it starts when the watcher calls migrateStartPostCopy
+        flags |= libvirt.VIR_MIGRATE_POSTCOPY
     if o.max_downtime_ms:
         try:
             dom.migrateSetMaxDowntime(int(o.max_downtime_ms), 0)
@@ -133,26 +149,45 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
     outcome: dict = {}
 
     def job():
+        # on a connection of its own: a call in flight on a remote connection holds the others
+        # back (the watcher's jobStats, abortJob, migrateStartPostCopy would wait for its end)
+        conn = None
         try:
-            dom.migrateToURI3(dest_uri, params, flags)
+            conn = libvirt.open(driver.uri)
+            conn.lookupByUUIDString(dom.UUIDString()).migrateToURI3(dest_uri, params, flags)
         except libvirt.libvirtError as e:
             outcome["error"] = e.get_error_message() or str(e)
         except Exception as e:  # noqa: BLE001 - reported to the caller below
             outcome["error"] = str(e)
+        finally:
+            if conn is not None:
+                try:
+                    conn.close()
+                except libvirt.libvirtError:
+                    pass
 
     t0 = time.monotonic()
     worker = threading.Thread(target=job, name=f"migrate-{name}", daemon=True)
     worker.start()
+    watch = _Watch()
     try:
         last, reason, paused = _watch(dom, worker, o, t0, progress, cancelled,
-                                      lambda: _destroy_incoming(dest_uri, name))
+                                      lambda: _destroy_incoming(dest_uri, name), watch)
     except BaseException:
         # the caller is going away (a progress callback raised, the agent is stopping):
-        # the job must not outlive it unwatched
+        # the job must not outlive it unwatched (in post-copy libvirt refuses the abort: the
+        # copy goes on, which is the only way the guest stays whole)
         _abort(dom)
         worker.join(ABANDON_WAIT_S)
         raise
     total_ms = (time.monotonic() - t0) * 1000
+    if "error" in outcome and (watch.postcopy or _in_postcopy(dom)):
+        raise PostCopyFailed(
+            f"migration of VM {name!r} to {dest_uri} failed during post-copy: {outcome['error']}; the "
+            "guest's memory is split between this host and the destination, so it is paused here and "
+            "stalls there; both halves are kept. Recover it once the link is back (`virsh migrate "
+            f"--live --p2p --postcopy --postcopy-resume {name} {dest_uri}` on this host), or give it up "
+            "(delete it on both hosts: its unsaved state is lost)", stderr=outcome["error"])
     if "error" in outcome:
         if paused:
             _resume_quietly(dom)
@@ -168,22 +203,70 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
     if data is None:
         data = last.data_processed if last else 0
     return MigrationResult(total_ms=total_ms, downtime_ms=downtime, data_bytes=int(data),
-                           paused_by_timeout=bool(paused))
+                           paused_by_timeout=bool(paused), postcopy=watch.postcopy)
 
 
-def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, hard_stop):
+class _Watch:
+    """What the watcher learnt that the caller needs after the job: whether post-copy started."""
+
+    postcopy = False
+
+
+def _in_postcopy(dom) -> bool:
+    """Whether the source domain is in post-copy (running there) or failed in it."""
+    try:
+        state, why = dom.state()
+    except libvirt.libvirtError:
+        return False
+    return state == libvirt.VIR_DOMAIN_PAUSED and why in POSTCOPY_REASONS
+
+
+def _postcopy_due(o: MigrationOptions, elapsed: float, last: MigrationProgress | None,
+                  timed_out: bool) -> bool:
+    """Whether the policy (or the completion timeout's action) says: switch to post-copy now."""
+    if not o.postcopy:
+        return False
+    if timed_out and o.timeout_action == "postcopy":
+        return True
+    if o.postcopy_after_s is not None and elapsed >= o.postcopy_after_s:
+        return True
+    return bool(o.postcopy_after_iterations and last is not None
+                and last.memory_iteration >= o.postcopy_after_iterations)
+
+
+def _start_postcopy(dom, started: threading.Event) -> None:
+    """Ask QEMU to switch to post-copy (from its own thread: libvirtd may hold the call while
+    the job sits in a monitor call); ``started`` is set when it did. A refusal (the job is
+    just ending) leaves it unset: the watcher asks again at a later poll."""
+    try:
+        dom.migrateStartPostCopy(0)
+        started.set()
+    except libvirt.libvirtError:
+        if _in_postcopy(dom):
+            started.set()
+
+
+def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, hard_stop,
+           watch: _Watch | None = None):
     """Sample progress until the job thread ends; abort on cancel or on the completion
-    timeout (or suspend the guest, timeout_action="pause"). Returns (last sample, reason
-    for an abort or None, whether the guest was paused).
+    timeout (or suspend the guest, timeout_action="pause"; or switch to post-copy,
+    "postcopy", as the policy's bound does). Returns (last sample, reason for an abort or
+    None, whether the guest was paused); ``watch.postcopy`` says whether post-copy began.
 
     An abort is sent from its own thread: libvirtd holds ``abortJob`` while the migration
     job is inside a monitor call (30 s at a time), and a watcher blocked there would let the
     copy run to its end. An abort still not honoured after ABORT_GRACE_S ends the job from
     the other side: ``hard_stop`` destroys the destination's incoming domain, which fails
-    the job here while the guest keeps running (libvirt's guarantee)."""
+    the job here while the guest keeps running (libvirt's guarantee) -- but never once
+    post-copy has begun: the destination then holds the running guest, and destroying it
+    would lose it. Post-copy is never started after an abort was sent, and once it runs,
+    cancel and timeout are ignored (the copy must finish for the guest to be whole)."""
+    watch = watch or _Watch()
     last: MigrationProgress | None = None
     reason = paused = None
     aborter: threading.Thread | None = None
+    switcher: threading.Thread | None = None
+    switched = threading.Event()
     abort_since = None
     while worker.is_alive():
         worker.join(POLL_S)
@@ -193,21 +276,38 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
             stats = dom.jobStats()
         except libvirt.libvirtError:
             stats = {}
+        if o.postcopy and not watch.postcopy and (switched.is_set() or _in_postcopy(dom)):
+            watch.postcopy = True  # the caller hears it with this very sample: it commits first
+        phase = "postcopy" if watch.postcopy else "precopy"
         if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE:
-            last = _sample(stats, t0)
+            last = _sample(stats, t0, phase)
             if progress:
                 progress(last)
+        if watch.postcopy:
+            continue  # nothing may stop it now
+        elapsed = time.monotonic() - t0
+        timed_out = o.completion_timeout_s is not None and elapsed > o.completion_timeout_s
         if reason is None and cancelled is not None and cancelled():
             reason = "cancelled"
-        elif (reason is None and not paused and o.completion_timeout_s is not None
-              and time.monotonic() - t0 > o.completion_timeout_s):
+        elif reason is None and switcher is None and last is not None and last.memory_iteration >= 1 \
+                and _postcopy_due(o, elapsed, last, timed_out):
+            # only once memory is being copied (QEMU refuses it during the disk copy before)
+            switcher = threading.Thread(target=_start_postcopy, args=(dom, switched),
+                                        name="migrate-postcopy", daemon=True)
+            switcher.start()
+            continue
+        elif switcher is not None and not switched.is_set():
+            if not switcher.is_alive():
+                switcher = None  # refused: asked again at the next poll
+            continue
+        elif reason is None and not paused and timed_out:
             if o.timeout_action == "pause":
                 paused = True
                 try:
                     dom.suspend()
                 except libvirt.libvirtError:
                     pass
-            else:
+            elif o.timeout_action == "abort":
                 reason = "timeout"
         if reason is not None:
             # every poll until the job ends: an abort that lands before libvirt has begun
@@ -218,7 +318,8 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
                 aborter = threading.Thread(target=_abort, args=(dom,), name="migrate-abort",
                                            daemon=True)
                 aborter.start()
-            if hard_stop is not None and time.monotonic() - abort_since > ABORT_GRACE_S:
+            if hard_stop is not None and time.monotonic() - abort_since > ABORT_GRACE_S \
+                    and not _in_postcopy(dom):
                 hard_stop()
                 hard_stop = None
     return last, reason, paused
@@ -277,8 +378,8 @@ def abort(driver, name: str) -> bool:
     except NotFound:
         return False
     try:
-        if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
-            return False
+        if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE or _in_postcopy(dom):
+            return False  # no job, or one in post-copy: it must finish for the guest to be whole
         dom.abortJob()
         return True
     except libvirt.libvirtError:

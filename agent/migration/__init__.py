@@ -41,6 +41,10 @@ URI reaches libvirt), and exports only the image of an instance it is sending to
 
 Cancel (``DELETE /v1/operations/{id}``) fails a migration the same way until the guest
 runs on the destination: that is the operation's point of no return (a later cancel gets 409).
+A live VM migration that switched to post-copy (source.live_options: the request's controls
+over the [migration] policy) passed it at the switch; if it then fails, the guest is split
+between the hosts: the source's record goes to error and nothing is aborted on the
+destination (README "Post-copy failures").
 
 Space: the source sends how much the copy writes (its disk's own allocated bytes, or the
 container's upper dir) and the image's size; a destination whose local pool cannot take

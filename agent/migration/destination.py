@@ -16,8 +16,9 @@ from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secre
 from agent.migration import transport
 from agent.migration.peer import Peers
 from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, shift_owners, untar_into
+from agent.services.instances import POSTCOPY_FAILED
 from agent.services.records import Instance
-from hypervisor.driver import SupportsIncomingDisks
+from hypervisor.driver import SupportsIncomingDisks, SupportsMigration
 from storage.units import MiB
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ class MigrationDestination:
                               "storage needs a local pool")
         d = self.root.instances.instance_dir(inst.id)
         return models.IncomingPrepared(disk_sources={ROOT_TARGET: vol.path, SEED_TARGET: seed},
-                                       console_log=str(d / "console.log"), migration_uri=self.migration_uri())
+                                       console_log=str(d / "console.log"), migration_uri=self.migration_uri(),
+                                       postcopy=self._postcopy_possible())
 
     def _incoming_address(self, inst, spec) -> str | None:
         """A bridged VM's address here: the one it had there if this host's network has it
@@ -156,7 +158,8 @@ class MigrationDestination:
         attach = {k: v for k, v in root.attach.items() if k in ("monitors", "config", "user", "secret_uuid")}
         return models.IncomingPrepared(disk_sources={ROOT_TARGET: vol.uri, SEED_TARGET: seed},
                                        disk_attach={ROOT_TARGET: models.RbdAttach.model_validate(attach, strict=False)},
-                                       console_log=str(d / "console.log"), migration_uri=self.migration_uri())
+                                       console_log=str(d / "console.log"), migration_uri=self.migration_uri(),
+                                       postcopy=self._postcopy_possible())
 
     def _destroy_incoming(self, inst_id: str) -> bool:
         """Remove a prepared incoming instance; adopted shared volumes are only forgotten
@@ -246,6 +249,10 @@ class MigrationDestination:
             rt.delete(inst.name)
             raise
         return {"instance": self.root.records.update(inst.id, state=info.state, ip=info.ip, error=None).to_dict()}
+
+    def _postcopy_possible(self) -> bool:
+        """Whether an incoming VM may arrive by post-copy (this host's QEMU needs userfaultfd)."""
+        return isinstance(self.root.driver, SupportsMigration) and self.root.driver.postcopy_unavailable() is None
 
     def migration_uri(self) -> str:
         hc = self.config.hypervisor
@@ -390,7 +397,10 @@ class MigrationDestination:
         for r in self.root.records.list(states=(INCOMING,)):
             try:
                 info = self.root.driver.find(r.name)
-                if info is not None and info.state == "running":
+                if info is not None and info.reason == "postcopy-failed":
+                    # it holds the newest half of a guest split by a broken post-copy: keep it
+                    self.root.records.update(r.id, state="error", error=POSTCOPY_FAILED)
+                elif info is not None and info.state == "running":
                     self._own_shared(r.id)
                     self.root.records.update(r.id, state="running", error=None)
                 else:

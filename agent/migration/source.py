@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 from agent import models
 from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, InsufficientResources, NotFound,
-                          Unavailable, Unprocessable, Unsupported)
+                          PostCopyFailed, Unavailable, Unprocessable, Unsupported)
 from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets, problems
 from agent.migration import transport
 from agent.migration.peer import PeerClient, Peers
@@ -44,6 +44,37 @@ def criu_works() -> tuple[bool, str]:
         lines = (r.stderr or r.stdout).strip().splitlines()
         return False, f"`criu check` fails: {lines[-1] if lines else 'exit ' + str(r.returncode)}"
     return True, ""
+
+
+def live_options(req: models.MigrationCreate, policy, postcopy_unavailable: str | None) -> dict:
+    """The controls of a live VM migration: the request's, the rest from the host's policy
+    (``policy``: [migration] of the config). Unprocessable, before anything moves, for what
+    cannot run: post-copy asked for where the kernel lacks userfaultfd (``postcopy_unavailable``
+    says why), a timeout action without a timeout. Post-copy the caller did not ask for is
+    the policy's only where it can run; the policy's own bounds switch to it unless the caller
+    set the switch itself (timeout_action=postcopy)."""
+    asked = req.controls()
+    wants_postcopy = req.postcopy is True or req.timeout_action == "postcopy"
+    if wants_postcopy and postcopy_unavailable:
+        raise Unprocessable(f"post-copy was requested but {postcopy_unavailable}")
+    live = req.mode == "live"
+    postcopy = live and (wants_postcopy if req.postcopy is not None or wants_postcopy
+                         else policy.postcopy and not postcopy_unavailable)
+    timeout = asked.get("completion_timeout_s", policy.completion_timeout_s)
+    action = asked.get("timeout_action", policy.timeout_action)
+    if "timeout_action" in asked and timeout is None:
+        raise Unprocessable(f"timeout_action={action} needs completion_timeout_s (this host's policy sets no "
+                            "completion timeout)")
+    if action == "postcopy" and not postcopy:
+        action = "abort"  # the policy's post-copy action, where post-copy is off (asked, or impossible)
+    by_policy = postcopy and req.timeout_action != "postcopy"
+    return {"postcopy_required": wants_postcopy,
+            "max_downtime_ms": asked.get("max_downtime_ms", policy.max_downtime_ms),
+            "bandwidth_mib_s": asked.get("bandwidth_mib_s", policy.bandwidth_mib_s),
+            "auto_converge": asked.get("auto_converge", policy.auto_converge),
+            "completion_timeout_s": timeout, "timeout_action": action, "postcopy": postcopy,
+            "postcopy_after_s": policy.postcopy_after_s if by_policy else None,
+            "postcopy_after_iterations": policy.postcopy_after_iterations if by_policy else None}
 
 
 def incoming_request(inst: Instance, image, *, data_bytes: int, disk_size: int | None = None,
@@ -139,13 +170,25 @@ class MigrationSource:
                                   "there; about a second of downtime) or mode=cold")
         if inst.kind == "vm" and req.mode == "refresh":
             raise Unprocessable("mode=refresh is for containers: migrate VMs with mode=live or mode=cold")
+        controls = req.controls()
+        if controls and inst.kind != "vm":
+            raise Unprocessable(f"{', '.join(controls)} control live VM migrations; container {inst.name!r} "
+                                "moves with mode=refresh or mode=cold: leave them out")
+        if controls and inst.state == "stopped":
+            raise Unprocessable(f"VM {inst.name!r} is stopped: it moves offline (its disk is copied), so "
+                                f"{', '.join(controls)} do not apply: leave them out, or start it first")
+        options = None
+        if inst.kind == "vm" and inst.state != "stopped":
+            options = live_options(req, self.config.migration, self.root.driver.postcopy_unavailable())
+            postcopy_required = options.pop("postcopy_required")
         with self._lock:
             if inst.id in self._busy:
                 raise Conflict(f"instance {inst.name!r} is already being migrated")
             self._busy.add(inst.id)
             self._sending[inst.id] = peer.name
 
-        about = {"instance": inst.id, "name": inst.name, "destination": peer.name, "mode": req.mode}
+        about = {"instance": inst.id, "name": inst.name, "destination": peer.name, "mode": req.mode,
+                 "options": options}
 
         def work(op):
             self._track(op.id, about)
@@ -154,7 +197,7 @@ class MigrationSource:
                     if inst.kind == "vm" and self.root.driver.get(inst.name).state == "stopped":
                         return self._move_stopped_vm(op, inst.id, peer)
                     if inst.kind == "vm":
-                        return self._migrate_vm(op, inst.id, peer, req.mode)
+                        return self._migrate_vm(op, inst.id, peer, req.mode, options, postcopy_required)
                     return self._migrate_container(op, inst.id, peer, req.mode)
             finally:
                 with self._lock:
@@ -206,11 +249,21 @@ class MigrationSource:
                 "phase": prog.get("phase"),
                 "bytes": {"processed": res.get("bytes", live.get("processed")),
                           "total": live.get("total"), "remaining": live.get("remaining")},
-                "dirty_rate": live.get("dirty_rate"),
+                "dirty_rate": live.get("dirty_rate"), "iterations": live.get("iterations"),
+                "throttle_pct": live.get("throttle_pct"),
+                "postcopy": res.get("postcopy", live.get("postcopy")), "options": live.get("options"),
                 "downtime_ms": res.get("downtime_ms"), "total_ms": res.get("total_ms"),
                 "error": op["error"]}
 
-    def _migrate_vm(self, op, inst_id: str, peer: PeerClient, mode: str) -> dict:
+    def _migrate_vm(self, op, inst_id: str, peer: PeerClient, mode: str, controls: dict,
+                    postcopy_required: bool = False) -> dict:
+        """Live (or, mode=cold, suspended) migration of a running VM with ``controls``
+        (live_options); a destination that cannot run post-copy fails it when the caller asked
+        for post-copy (``postcopy_required``), else the policy goes without. Until post-copy
+        starts, any failure leaves it running here and the destination removes what it
+        prepared; once it starts, the operation can no longer be cancelled, and a failure leaves
+        the guest split between the hosts (PostCopyFailed: this host's record goes to state
+        error, the destination keeps its half; README)."""
         from hypervisor.driver import MigrationOptions
         inst = self.root.instances.get(inst_id)
         name = inst.name
@@ -230,7 +283,12 @@ class MigrationSource:
 
         def progress(p):
             live.update(processed=p.data_processed, total=p.data_total, remaining=p.data_remaining,
-                        dirty_rate=p.dirty_rate)
+                        dirty_rate=p.dirty_rate, iterations=p.memory_iteration, throttle_pct=p.throttle_pct)
+            if p.phase == "postcopy" and not live.get("postcopy"):
+                op.point_of_no_return()  # the guest runs there now: a cancel gets 409
+                live["postcopy"] = True
+            op.report(phase=p.phase, remaining_bytes=p.data_remaining, dirty_rate=p.dirty_rate,
+                      iterations=p.memory_iteration, throttle_pct=p.throttle_pct)
             op.bytes(p.data_processed, p.data_total or None)
 
         def cancelled() -> bool:
@@ -243,6 +301,15 @@ class MigrationSource:
 
         try:
             to = transport.route(prepared.migration_uri, self.root.config.migration, peer.name)
+            if controls["postcopy"] and prepared.postcopy is False:
+                if postcopy_required:
+                    raise Unprocessable(f"post-copy was requested but destination {peer.name!r} cannot run it (its "
+                                        "QEMU may not use userfaultfd: README \"Migration controls\"); nothing "
+                                        f"moved: {name!r} keeps running here")
+                controls = {**controls, "postcopy": False, "postcopy_after_s": None, "postcopy_after_iterations": None,
+                            "timeout_action": "abort" if controls["timeout_action"] == "postcopy"
+                            else controls["timeout_action"]}
+                live["options"] = controls
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             raise
@@ -250,7 +317,7 @@ class MigrationSource:
             live=(mode == "live"), copy_storage="none" if shared else "incremental", tls=to.tls,
             disk_sources=dict(prepared.disk_sources),
             disk_attach={k: v.model_dump(exclude_none=True) for k, v in (prepared.disk_attach or {}).items()},
-            console_log=prepared.console_log)
+            console_log=prepared.console_log, **controls)
         try:
             op.phase("migrate")
             if not peer.alive():
@@ -264,6 +331,12 @@ class MigrationSource:
                     raise
                 raise Unavailable(f"peer {peer.name!r} stopped answering during the migration: it was "
                                   f"aborted and {name!r} keeps running here") from None
+            except PostCopyFailed as e:
+                self.root.records.update(inst_id, state="error", error=(
+                    f"post-copy migration to {peer.name} failed: the guest's memory is split between this host "
+                    f"and {peer.name}; it is paused here and stalls there (README \"Post-copy failures\")"))
+                live["postcopy_failed"] = True
+                raise e
             except CommandFailed as e:
                 if NO_SPACE not in e.message:
                     raise
@@ -272,7 +345,8 @@ class MigrationSource:
                     f"the disk copy ({NO_SPACE}); {name!r} keeps running here: free space on {peer.name} "
                     "or migrate it to another host", stderr=e.message[-2000:]) from None
         except BaseException as e:
-            self._abort_remote(peer, inst_id, e)
+            if not live.get("postcopy"):  # after post-copy began the destination holds the guest
+                self._abort_remote(peer, inst_id, e)
             raise
         op.point_of_no_return()
         # the guest runs there now; only the records are left to move
@@ -284,7 +358,7 @@ class MigrationSource:
                                              "downtime_ms": result.downtime_ms, "total_ms": result.total_ms})
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
                 "downtime_ms": result.downtime_ms, "total_ms": round(result.total_ms, 1),
-                "bytes": result.data_bytes}
+                "bytes": result.data_bytes, "postcopy": result.postcopy}
 
     def _move_stopped_vm(self, op, inst_id: str, peer: PeerClient) -> dict:
         """Offline: the destination prepares (overlay on the same base, seed, row), takes the

@@ -29,6 +29,7 @@ from agent.errors import AgentError, Conflict, NotFound, Unavailable, Unprocessa
 from agent.services.assembly import mac_for, root_volume
 from agent.services.records import Instance
 from containers.runtime import ContainerInfo, SupportsPause, SupportsReconcile
+from hypervisor.driver import VmInfo
 
 log = logging.getLogger(__name__)
 
@@ -602,6 +603,9 @@ class InstanceService:
                     if inst.state != "lost":
                         self.records.update(inst.id, state="lost",
                                             error=f"the {kind} was not found on this host after the agent restarted")
+                elif isinstance(info, VmInfo) and info.reason == "postcopy-failed":
+                    if inst.state != "error":  # paused or stalled, its memory split: not running
+                        self.records.update(inst.id, state="error", error=POSTCOPY_FAILED)
                 elif info.state != inst.state or inst.state == "lost":
                     self.records.update(inst.id, state=info.state, error=None,
                                         **_ip(info))
@@ -612,6 +616,10 @@ def _bandwidth_of(inst: Instance):
     from containers.bandwidth import Bandwidth
     bw = inst.spec.get("bandwidth")
     return Bandwidth.from_dict(bw) if bw else None
+
+
+POSTCOPY_FAILED = ("a post-copy migration of this VM failed: its memory is split between this host and the other "
+                   "one, so it is paused (or stalls) on both; recover it (README \"Post-copy failures\") or delete it")
 
 
 def _ip(info) -> dict:

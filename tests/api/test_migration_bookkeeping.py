@@ -25,7 +25,7 @@ def test_figures_the_worker_writes_before_create_returns_are_kept_and_pruned_at_
     assert _wait(client, _create_vm(client, "mover"))["status"] == "succeeded"
     written, go_on = threading.Event(), threading.Event()
 
-    def migrate(self, op, inst_id, peer, mode):
+    def migrate(self, op, inst_id, peer, mode, *_controls):
         self._track(op.id, {}).update(total=1000, remaining=10, dirty_rate=5)
         written.set()
         assert go_on.wait(30)

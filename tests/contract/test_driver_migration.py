@@ -187,3 +187,52 @@ def test_stopped_vm_is_not_live_migrated(pair, vm_dir, guest_images):
     with pytest.raises(InvalidInput, match="not running"):
         src.migrate(spec.name, uri, MigrationOptions(disk_sources=dest_disks))
     assert src.get(spec.name).state == "stopped"
+
+
+DIRTIER = """#!/bin/sh
+dd if=/dev/urandom of=/src bs=1M count=64 2>/dev/null
+i=0
+while :; do cp /src /dst; i=$((i+1)); echo "DIRTY $i"; done
+"""
+
+
+def _dirty_count(log: str) -> int:
+    import re
+    counts = [int(n) for n in re.findall(r"DIRTY (\d+)", log)]
+    return max(counts) if counts else 0
+
+
+def test_busy_guest_switches_to_postcopy_and_keeps_running_there(libvirt_pair, vm_dir, guest_images):
+    """A guest rewriting 64 MiB of its RAM in a loop (its user-data script), migrated with
+    post-copy allowed and a 1 s completion timeout whose action is post-copy (the pre-copy is
+    capped at 16 MiB/s, so it is still copying then): the job switches to post-copy, the
+    progress says so, it completes, and the dirtier goes on on the destination."""
+    from dataclasses import replace
+
+    from hypervisor.seed import make_seed
+    src, dst, uri = libvirt_pair
+    spec, dest_disks = guest(vm_dir, guest_images)
+    seed = make_seed(f"{vm_dir}/{spec.name}-seed.iso", instance_id=spec.uuid, hostname=spec.name,
+                     user_data=DIRTIER)
+    os_seed = DiskSpec(target="vdz", source=seed, format="raw", readonly=True)
+    spec = replace(spec, memory_mib=256, disks=spec.disks + (os_seed,))
+    src.define(spec)
+    src.start(spec.name)
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    while _dirty_count(src.console_log(spec.name)) < 2:  # the dirtier runs
+        assert time.monotonic() < deadline, src.console_log(spec.name)[-2000:]
+        time.sleep(0.5)
+    before = _dirty_count(src.console_log(spec.name))
+    seen = []
+    res = src.migrate(spec.name, uri, MigrationOptions(
+        copy_storage="full", disk_sources=dest_disks, console_log=f"{vm_dir}/{spec.name}-dst.log",
+        completion_timeout_s=1, timeout_action="postcopy", postcopy=True),
+        progress=seen.append)
+    assert res.postcopy, seen[-3:]
+    assert [p.phase for p in seen][-1] == "postcopy" and "precopy" in [p.phase for p in seen]
+    assert src.find(spec.name) is None
+    assert dst.get(spec.name).state == "running"
+    deadline = time.monotonic() + 60
+    while _dirty_count(dst.console_log(spec.name)) <= before:  # the dirtier goes on there
+        assert time.monotonic() < deadline, dst.console_log(spec.name)[-2000:]
+        time.sleep(0.5)

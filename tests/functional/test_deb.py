@@ -11,24 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.functional.conftest import build_deb
 from tests.functional.test_ansible import _section  # the one reader of packages.txt's sections in the tests
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 
-def _build(out: Path) -> Path:
-    run = subprocess.run([str(ROOT / "scripts" / "build-deb"), "--out", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return Path(run.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
+def builds(built_deb, tmp_path_factory):
     """Two builds of this checkout."""
-    base = tmp_path_factory.mktemp("debs")
-    return _build(base / "a"), _build(base / "b")
+    return built_deb, build_deb(tmp_path_factory.mktemp("debs"))
 
 
 def test_the_package_is_reproducible_and_lean(builds):

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 from testbed import systemd_host
+from tests.functional.conftest import field, with_version
 from testbed.agentproc import Api, free_port
 from testbed.ocibuild import busybox_layers, write_layout
 
@@ -50,23 +51,14 @@ def _recap(run) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
 
 
-def _build_deb(out: Path, version: str | None = None) -> Path:
-    argv = [str(ROOT / "scripts" / "build-deb"), "--out", str(out)] + (["--version", version] if version else [])
-    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, _explain(run)
-    return Path(run.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
+def sd(tmp_path_factory, built_deb):
     """A booted systemd host, the .debs (v1 and a newer v2) and the role's variables."""
     _need_tools()
     base = tmp_path_factory.mktemp("systemd-host")
-    debs = base / "debs"
-    v1 = _build_deb(debs)
-    version = subprocess.run(["dpkg-deb", "--field", str(v1), "Version"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    v2 = _build_deb(debs, version + UPGRADE_VERSION_SUFFIX)
+    v1 = built_deb
+    version = field(v1, "Version")
+    v2 = with_version(v1, version + UPGRADE_VERSION_SUFFIX, base)
     state = base / "state"  # the agent's state dir, bound from here: overlay mounts cannot nest in the root's
     state.mkdir(mode=0o711)
     from testbed.runtimes import test_network

@@ -1,0 +1,114 @@
+"""The live-migration watcher's post-copy rules (hypervisor.libvirt_migration._watch) and the
+source's controls (agent.migration.source.live_options). The watcher runs against a stand-in
+for a libvirt domain whose job never ends by itself and whose aborts are never honoured (the
+fault: libvirtd refuses abortJob once post-copy runs): a cancel after post-copy began must
+not abort it, and the hard stop (destroying the destination's half) must never run."""
+from __future__ import annotations
+
+import threading
+import time
+
+import libvirt
+import pytest
+
+from agent import models
+from agent.config import MigrationConfig
+from agent.errors import Unprocessable
+from hypervisor import libvirt_migration as lm
+from hypervisor.driver import MigrationOptions
+
+
+class _Domain:
+    """A migrating domain as libvirt shows it: jobStats while its job runs; post-copy once
+    migrateStartPostCopy was called (state paused, reason postcopy); aborts are recorded, never
+    honoured."""
+
+    def __init__(self):
+        self.postcopy = False
+        self.aborts = 0
+        self.iteration = 1
+
+    def jobStats(self):  # noqa: N802 - libvirt's name
+        self.iteration += 1
+        return {"type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED, "data_total": 100, "data_processed": 50,
+                "data_remaining": 50, "memory_dirty_rate": 9000, "memory_iteration": self.iteration}
+
+    def state(self):
+        return ((libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY) if self.postcopy
+                else (libvirt.VIR_DOMAIN_RUNNING, 1))
+
+    def migrateStartPostCopy(self, flags):  # noqa: N802
+        self.postcopy = True
+
+    def abortJob(self):  # noqa: N802
+        self.aborts += 1
+        raise libvirt.libvirtError("cannot abort migration in post-copy mode")
+
+    def suspend(self):
+        pass
+
+
+def _run(o: MigrationOptions, *, cancel_after_postcopy: bool, seconds: float = 1.0):
+    dom, stops, seen = _Domain(), [], []
+    job = threading.Thread(target=time.sleep, args=(seconds,))
+    job.start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lm, "ABORT_GRACE_S", 0)
+        mp.setattr(lm, "POLL_S", 0.02)
+        last, reason, _ = lm._watch(dom, job, o, time.monotonic(), seen.append,
+                                    lambda: cancel_after_postcopy and dom.postcopy,
+                                    lambda: stops.append(1), watch := lm._Watch())
+    return dom, stops, seen, reason, watch
+
+
+def test_once_postcopy_runs_cancel_is_ignored_and_the_destination_never_hard_stopped():
+    o = MigrationOptions(postcopy=True, postcopy_after_iterations=3)
+    dom, stops, seen, reason, watch = _run(o, cancel_after_postcopy=True)
+    assert watch.postcopy and dom.postcopy
+    assert reason is None and dom.aborts == 0 and stops == []
+    phases = [p.phase for p in seen]
+    assert phases[0] == "precopy" and phases[-1] == "postcopy"
+    assert phases.index("postcopy") > 0 and set(phases[phases.index("postcopy"):]) == {"postcopy"}
+
+
+def test_the_completion_timeout_switches_to_postcopy_when_its_action_says_so():
+    o = MigrationOptions(postcopy=True, completion_timeout_s=0.1, timeout_action="postcopy")
+    dom, stops, seen, reason, watch = _run(o, cancel_after_postcopy=False)
+    assert watch.postcopy and reason is None and stops == []
+
+
+def test_without_postcopy_allowed_a_timeout_aborts_and_hard_stops_an_unanswered_abort():
+    o = MigrationOptions(completion_timeout_s=0.1, timeout_action="abort")
+    dom, stops, seen, reason, watch = _run(o, cancel_after_postcopy=False)
+    assert not dom.postcopy and reason == "timeout" and dom.aborts >= 1 and stops == [1]
+    assert {p.phase for p in seen} == {"precopy"}
+
+
+def _req(**kw):
+    return models.MigrationCreate.model_validate({"instance": "v", "destination": "d", **kw})
+
+
+def test_live_options_follow_the_policy_where_the_request_is_silent():
+    from agent.migration.source import live_options
+    opts = live_options(_req(), MigrationConfig(), None)
+    assert opts.pop("postcopy_required") is False
+    assert opts == {"max_downtime_ms": 300, "bandwidth_mib_s": None, "auto_converge": True,
+                    "completion_timeout_s": None, "timeout_action": "abort", "postcopy": True,
+                    "postcopy_after_s": 10.0, "postcopy_after_iterations": 5}
+    MigrationOptions(**opts)  # what the driver gets
+    # the caller's own switch replaces the policy's bounds
+    opts = live_options(_req(completion_timeout_s=5, timeout_action="postcopy"), MigrationConfig(), None)
+    assert (opts["postcopy_required"], opts["postcopy"], opts["timeout_action"], opts["postcopy_after_s"]) == \
+        (True, True, "postcopy", None)
+
+
+def test_live_options_without_userfaultfd():
+    from agent.migration.source import live_options
+    why = "no userfaultfd here"
+    assert live_options(_req(), MigrationConfig(), why)["postcopy"] is False  # the policy falls back
+    policy = MigrationConfig(completion_timeout_s=60, timeout_action="postcopy")
+    assert live_options(_req(), policy, why)["timeout_action"] == "abort"
+    for asked in ({"postcopy": True}, {"completion_timeout_s": 5, "timeout_action": "postcopy"}):
+        with pytest.raises(Unprocessable, match="userfaultfd"):
+            live_options(_req(**asked), MigrationConfig(), why)
+    assert live_options(_req(mode="cold"), MigrationConfig(), None)["postcopy"] is False

@@ -631,6 +631,36 @@ class ExecResult(Model):
                                                "(with every process it started)")
 
 
+# -- snapshots (agent/services/snapshots.py) --
+
+SNAPSHOT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"  # reaches qemu-img, QMP and file names
+SnapshotName = Annotated[str, Field(pattern=SNAPSHOT_NAME_PATTERN,
+                                    description="1-63 letters, digits, '-', '_', starting with a letter or digit")]
+
+
+class SnapshotCreate(Model):
+    name: SnapshotName
+
+
+class Snapshot(Model):
+    id: str
+    name: SnapshotName
+    instance: str
+    instance_id: str
+    kind: Literal["vm", "container"]
+    image: str = Field(description="the image under it (kept while the instance exists)")
+    instance_state: str = Field(description="what the instance was doing when it was taken")
+    consistency: Literal["stopped", "crash-consistent", "frozen"] = Field(
+        description="stopped: exact; crash-consistent: a running VM's disks at one instant, as a power cut "
+                    "would leave them (no guest agent freezes its filesystems); frozen: a running "
+                    "container's files, its processes frozen during the copy")
+    created_at: float
+
+
+class SnapshotList(Model):
+    snapshots: list[Snapshot]
+
+
 class Logs(Model):
     logs: str
 

@@ -80,6 +80,7 @@ class _Box:
     ip: str | None = None
     limits: Limits = Limits()
     log: list[str] = dataclasses.field(default_factory=list)
+    snapshots: list[str] = dataclasses.field(default_factory=list)
 
     def info(self) -> ContainerInfo:
         return ContainerInfo(self.spec.name, self.state, self.pid, self.exit_code, self.ip,
@@ -207,6 +208,35 @@ class FakeRuntime:
     def delete(self, name: str) -> bool:
         with self._lock:
             return self._boxes.pop(name, None) is not None
+
+    # SupportsRootfsSnapshots: the fake has no files; it keeps the names and the rules
+    def snapshot_rootfs(self, name: str, snapshot: str) -> None:
+        validate.check_snapshot_name(snapshot)
+        with self._lock:
+            box = self._box(name)
+            if snapshot in box.snapshots:
+                raise Conflict(f"container {name!r} already has a snapshot {snapshot!r}")
+            box.snapshots.append(snapshot)
+
+    def revert_rootfs(self, name: str, snapshot: str) -> None:
+        with self._lock:
+            box = self._box(name)
+            if box.state in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {box.state}: stop it before restoring a snapshot")
+            if snapshot not in box.snapshots:
+                raise NotFound(f"container {name!r} has no snapshot {snapshot!r}")
+
+    def delete_rootfs_snapshot(self, name: str, snapshot: str) -> bool:
+        with self._lock:
+            box = self._box(name)
+            if snapshot not in box.snapshots:
+                return False
+            box.snapshots.remove(snapshot)
+            return True
+
+    def rootfs_snapshots(self, name: str) -> list[str]:
+        with self._lock:
+            return sorted(self._box(name).snapshots)
 
     def reconcile(self) -> dict:
         """containers.runtime.SupportsReconcile: the fake keeps nothing outside its records

@@ -139,3 +139,14 @@ def check_rootfs_quota(spec: ContainerSpec) -> None:
     if os.path.dirname(up) != os.path.dirname(wk) or os.path.dirname(up) in ("", "/"):
         raise InvalidInput("a rootfs size limit needs the upper and work dirs in one dir of their own "
                            f"(got {up} and {wk})")
+
+
+SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # a file name: no '/', '.', leading '-'
+
+
+def check_snapshot_name(snapshot: str) -> None:
+    """InvalidInput unless ``snapshot`` is 1-63 letters, digits, '-', '_' (a file name in the
+    container's state dir)."""
+    if not isinstance(snapshot, str) or not SNAPSHOT_NAME_RE.fullmatch(snapshot):
+        raise InvalidInput(f"bad snapshot name {str(snapshot)[:80]!r}: 1-63 letters, digits, '-', '_', "
+                           "starting with a letter or digit")

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from agent.services.instances import InstanceService
     from agent.services.records import InstanceRecords
     from agent.services.secgroups import SecurityGroups
+    from agent.services.snapshots import SnapshotService
     from containers.network import Network
     from containers.runtime import Runtime
     from hypervisor.driver import Driver
@@ -55,6 +56,7 @@ class Services:
     host: HostService
     migrations: MigrationService
     secgroups: SecurityGroups
+    snapshots: SnapshotService
     metrics: Metrics
     started: bool
 
@@ -89,6 +91,8 @@ class Services:
         self.migrations = MigrationService(self)
         self.secgroups = SecurityGroups(self)  # the only reader/writer of security_group*
         self.metrics = Metrics(self)
+        from agent.services.snapshots import SnapshotService
+        self.snapshots = SnapshotService(self)  # the only reader/writer of `snapshots`
         from agent.services.boot import BootState
         self.boot = BootState(self.db, config.boot_id_path)  # the only reader/writer of host_boot
         self.started = False
@@ -211,6 +215,7 @@ class Services:
             return
         failed = self.operations.recover()
         self.instances.recover()
+        self.snapshots.sweep()  # after recover: the rows of instances it removed go too
         self.migrations.recover()
         self.secgroups.ensure_default()
         self._rebuild_filter()

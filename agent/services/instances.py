@@ -199,6 +199,7 @@ class InstanceService:
                 raise first
             raise Unavailable(f"instance {inst.name!r} could not be fully removed: {left}") from first
         self.records.delete(inst_id)
+        self.root.snapshots.forget_instance(inst_id)  # their data went with the disks/rootfs
         return True
 
     def _release_volume(self, inst: Instance, vol: str) -> None:

@@ -17,8 +17,8 @@ the disk's backing image (the instance's image) is the same for every snapshot.
 - delete: ``blockdev-snapshot-delete-internal-sync`` while QEMU holds the disks, else
   ``qemu-img snapshot -d``.
 
-RBD disks are refused (Unprocessable) here: QEMU's librbd would need the image's own
-snapshot calls; the storage layer's RBD backend owns those.
+RBD disks are refused (Unprocessable) here: the agent snapshots a VM on an RBD pool through
+the pool itself (storage.backend.SnapshotsVolumes: RBD snapshots of its root volume).
 """
 from __future__ import annotations
 

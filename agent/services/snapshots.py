@@ -2,8 +2,9 @@
 (component "snapshots" in the state DB).
 
 Terms: a *snapshot* is a named, point-in-time copy of an instance's own data, kept with the
-instance: a VM's writable disks (internal qcow2 snapshots, hypervisor.driver.SupportsSnapshots)
-or a container's writes on its image (its overlay upper dir, containers.runtime.
+instance: a VM's writable disks (internal qcow2 snapshots, hypervisor.driver.SupportsSnapshots;
+on a pool that snapshots its volumes itself, storage.backend.SnapshotsVolumes, an RBD snapshot
+of its root volume) or a container's writes on its image (its overlay upper dir, containers.runtime.
 SupportsRootfsSnapshots). The image under them is the instance's: its root volume holds the
 image's reference in the store, so no image gc or image delete removes it while the instance
 exists, and a rebuild onto another image is refused while snapshots exist.
@@ -28,8 +29,10 @@ import uuid
 
 from agent import models
 from agent.errors import AgentError, Conflict, NotFound, Unsupported
+from agent.services.assembly import root_volume
 from containers.runtime import SupportsRootfsSnapshots
 from hypervisor.driver import SupportsSnapshots
+from storage.backend import SnapshotsVolumes
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,20 @@ SCHEMA_STEPS = [
 ]
 TAKES = ("running", "paused", "stopped", "created")  # instance states a snapshot may be taken in
 RESTORES = ("stopped", "created")  # a restore rewrites the disks under the guest: never while it runs
+
+
+def _volume_ops(pool, volume: str):
+    """A VM's snapshots as its pool's snapshots of its root volume (RBD: taken by librbd while
+    QEMU writes, crash-consistent; rolled back only with no client on the image)."""
+    def take(_name, snapshot):
+        pool.snapshot_volume(volume, snapshot)
+
+    def revert(_name, snapshot):
+        pool.rollback_volume(volume, snapshot)
+
+    def drop(_name, snapshot):
+        return pool.delete_volume_snapshot(volume, snapshot)
+    return take, revert, drop
 
 
 def _consistency(kind: str, state: str) -> str:
@@ -93,7 +110,12 @@ class SnapshotService:
 
     # -- the driver or runtime of an instance --
     def _backend(self, inst):
+        """(take, revert, drop) for ``inst``: its pool's own snapshots where the pool has them
+        (RBD), else its driver's or runtime's."""
         if inst.kind == "vm":
+            pool = self.root.pools.get(inst.pool)
+            if isinstance(pool, SnapshotsVolumes):
+                return _volume_ops(pool, root_volume(inst.kind, inst.id))
             d = self.root.driver
             if not isinstance(d, SupportsSnapshots):
                 raise Unsupported(f"the {self.root.config.hypervisor.driver} driver takes no VM snapshots")

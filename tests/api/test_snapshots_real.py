@@ -64,6 +64,43 @@ def _internal_snapshots(path: str) -> list[str]:
     return [ln.split()[1] for ln in out.splitlines()[2:] if len(ln.split()) > 1]
 
 
+def _vm_marker_scenario(api: Api, libvirtd: str, image: dict, vm: str, pool: str | None, on_disk) -> None:
+    """Boot 1 writes marker 1; a snapshot while it runs; boot 2 finds 1 and writes 2; a live
+    take+delete; stop, restore, start: boot 3 finds 1 again. ``on_disk()``: the snapshots the
+    VM's disk holds (as its pool sees them)."""
+    op = api.wait(api.post("/v1/instances", json={
+        "name": vm, "kind": "vm", "image": image["id"], "cpus": 1, "memory_mib": 192, "network": "none",
+        "user_data": MARKER_SCRIPT, **({"pool": pool} if pool else {})}).json(), timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op["error"]
+    inst = op["result"]["instance"]
+    assert _marks(_exits(api, vm, 1)) == ["0"], "boot 1 found no marker (and wrote 1)"
+    r = api.post(f"/v1/instances/{vm}/snapshots", json={"name": "after-boot1"})
+    assert r.status_code == 201, r.text
+    assert (r.json()["consistency"], r.json()["instance_state"]) == ("crash-consistent", "running")
+    assert virsh(libvirtd, "domstate", vm).strip() == "running", "taken without stopping the VM"
+    assert on_disk() == ["after-boot1"], "kept with the VM's own disk"
+    r = api.post(f"/v1/instances/{vm}/snapshots/after-boot1/restore")
+    assert r.status_code == 409 and "stop it first" in r.json()["error"]["message"], r.text
+
+    assert act(api, vm, "restart")["state"] == "running"
+    assert _marks(_exits(api, vm, 2)) == ["0", "1"], "boot 2 found marker 1 (and wrote 2)"
+    # taken and deleted while it runs
+    assert api.post(f"/v1/instances/{vm}/snapshots", json={"name": "live-tmp"}).status_code == 201
+    assert api.delete(f"/v1/instances/{vm}/snapshots/live-tmp").json() == {"deleted": True}
+    assert on_disk() == ["after-boot1"]
+
+    assert act(api, vm, "stop", force=True)["state"] == "stopped"
+    r = api.post(f"/v1/instances/{vm}/snapshots/after-boot1/restore")
+    assert r.status_code == 200, r.text
+    assert act(api, vm, "start")["state"] == "running"
+    assert _marks(_exits(api, vm, 3)) == ["0", "1", "1"], "boot 3 found marker 1 again: marker 2 is gone"
+    assert [s["name"] for s in api.get(f"/v1/instances/{vm}/snapshots").json()["snapshots"]] == ["after-boot1"]
+    after = api.get(f"/v1/instances/{vm}").json()
+    assert (after["id"], after["mac"]) == (inst["id"], inst["mac"]), "restored in place"
+    assert api.delete(f"/v1/instances/{vm}").json() == {"deleted": True}
+    assert vm not in virsh(libvirtd, "list", "--all", "--name").split()
+
+
 def test_vm_and_container_snapshots_restore_in_place(libvirtd, guest_images, vmtmp, bridge):  # noqa: F811
     for tool in ("runc", "conmon"):
         assert subprocess.run(["which", tool], capture_output=True).returncode == 0, \
@@ -75,38 +112,8 @@ def test_vm_and_container_snapshots_restore_in_place(libvirtd, guest_images, vmt
     api = Api(agent.url, agent.token_value)
     vm, ct = f"snapvm-{secrets.token_hex(3)}", f"snapct-{secrets.token_hex(3)}"
     try:
-        image = import_boot_image(api, guest_images["boot"])
-        op = api.wait(api.post("/v1/instances", json={
-            "name": vm, "kind": "vm", "image": image["id"], "cpus": 1, "memory_mib": 192, "network": "none",
-            "user_data": MARKER_SCRIPT}).json(), timeout=OP_TIMEOUT_S)
-        assert op["status"] == "succeeded", op["error"]
-        inst = op["result"]["instance"]
-        assert _marks(_exits(api, vm, 1)) == ["0"], "boot 1 found no marker (and wrote 1)"
-        r = api.post(f"/v1/instances/{vm}/snapshots", json={"name": "after-boot1"})
-        assert r.status_code == 201, r.text
-        assert (r.json()["consistency"], r.json()["instance_state"]) == ("crash-consistent", "running")
-        assert virsh(libvirtd, "domstate", vm).strip() == "running", "taken without stopping the VM"
-        assert _internal_snapshots(_disk(libvirtd, vm)) == ["after-boot1"], "inside the VM's own overlay"
-        r = api.post(f"/v1/instances/{vm}/snapshots/after-boot1/restore")
-        assert r.status_code == 409 and "stop it first" in r.json()["error"]["message"], r.text
-
-        assert act(api, vm, "restart")["state"] == "running"
-        assert _marks(_exits(api, vm, 2)) == ["0", "1"], "boot 2 found marker 1 (and wrote 2)"
-        # taken and deleted while it runs (QMP on the live disk)
-        assert api.post(f"/v1/instances/{vm}/snapshots", json={"name": "live-tmp"}).status_code == 201
-        assert api.delete(f"/v1/instances/{vm}/snapshots/live-tmp").json() == {"deleted": True}
-        assert _internal_snapshots(_disk(libvirtd, vm)) == ["after-boot1"]
-
-        assert act(api, vm, "stop", force=True)["state"] == "stopped"
-        r = api.post(f"/v1/instances/{vm}/snapshots/after-boot1/restore")
-        assert r.status_code == 200, r.text
-        assert act(api, vm, "start")["state"] == "running"
-        assert _marks(_exits(api, vm, 3)) == ["0", "1", "1"], "boot 3 found marker 1 again: marker 2 is gone"
-        assert [s["name"] for s in api.get(f"/v1/instances/{vm}/snapshots").json()["snapshots"]] == ["after-boot1"]
-        after = api.get(f"/v1/instances/{vm}").json()
-        assert (after["id"], after["mac"]) == (inst["id"], inst["mac"]), "restored in place"
-        assert api.delete(f"/v1/instances/{vm}").json() == {"deleted": True}
-        assert vm not in virsh(libvirtd, "list", "--all", "--name").split()
+        _vm_marker_scenario(api, libvirtd, import_boot_image(api, guest_images["boot"]), vm, None,
+                            lambda: _internal_snapshots(_disk(libvirtd, vm)))
 
         # -- a runc container --
         _import_busybox(api, vmtmp)
@@ -139,3 +146,30 @@ def test_vm_and_container_snapshots_restore_in_place(libvirtd, guest_images, vmt
         api.delete(f"/v1/instances/{vm}")
         api.delete(f"/v1/instances/{ct}")
         stop_agent(agent, bridge)
+
+
+def test_vm_snapshots_on_an_rbd_pool(ceph, libvirtd, guest_images, vmtmp, bridge):  # noqa: F811
+    """The same on a block (Ceph RBD) pool: RBD snapshots of the VM's root volume, taken by
+    librbd while QEMU writes to it; a rollback only with no client on the image."""
+    pool = "t" + secrets.token_hex(5)
+    ceph.run("ceph", "osd", "pool", "create", pool, "8", "8")
+    ceph.run("ceph", "osd", "pool", "application", "enable", pool, "rbd")
+    block = (f'[pools.blk]\nkind = "block"\npool = "{pool}"\nconf = "{ceph.conf}"\n'
+             f'user = "{ceph.user}"\nkeyring = "{ceph.keyring}"\n')
+    agent = start_agent(vmtmp / "snaprbd", libvirtd, bridge, extra=block)
+    api = Api(agent.url, agent.token_value)
+    vm = f"snaprbd-{secrets.token_hex(3)}"
+
+    def on_disk() -> list[str]:
+        inst = api.get(f"/v1/instances/{vm}").json()
+        out = ceph.run("rbd", "snap", "ls", f"{pool}/navol.{inst['volumes'][0]}").stdout
+        return [ln.split()[1] for ln in out.splitlines()[1:] if len(ln.split()) > 1]
+
+    try:
+        _vm_marker_scenario(api, libvirtd, import_boot_image(api, guest_images["boot"]), vm, "blk", on_disk)
+        assert not [n for n in ceph.run("rbd", "ls", pool).stdout.split() if n.startswith("navol.")], \
+            "the volume and its snapshots went with the VM"
+    finally:
+        api.delete(f"/v1/instances/{vm}")
+        stop_agent(agent, bridge)
+        ceph.run("ceph", "osd", "pool", "delete", pool, pool, "--yes-i-really-really-mean-it", check=False)

@@ -604,9 +604,17 @@ class InstanceList(Model):
 
 
 class InstanceAction(Model):
-    action: Literal["start", "stop", "restart", "pause", "resume", "kill"]
+    action: Literal["start", "stop", "restart", "pause", "resume", "kill", "rebuild"]
     force: bool = False
     timeout: float = Field(60, gt=0, le=3600)
+    image: Ref | None = Field(None, description="rebuild only: the image (name or id) to rebuild from; "
+                                                "default: the instance's own")
+
+    @model_validator(mode="after")
+    def _image_for_rebuild(self):
+        if self.image is not None and self.action != "rebuild":
+            raise ValueError("image is for action rebuild only")
+        return self
 
 
 class ExecRequest(Model):

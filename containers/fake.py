@@ -234,6 +234,13 @@ class FakeRuntime:
             box.snapshots.remove(snapshot)
             return True
 
+    def reset_rootfs(self, name: str) -> None:
+        with self._lock:
+            box = self._box(name)
+            if box.state in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {box.state}: stop it before rebuilding its rootfs")
+            box.log.append("fake: rootfs reset to its image\n")
+
     def rootfs_snapshots(self, name: str) -> list[str]:
         with self._lock:
             return sorted(self._box(name).snapshots)

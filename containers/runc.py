@@ -638,25 +638,56 @@ class RuncRuntime:
             src = self._snapshot_dir(name, snapshot)
             if not os.path.isdir(src):
                 raise NotFound(f"container {name!r} has no snapshot {snapshot!r}")
-            root = self._rootfs(name)
-            if mounts.is_mounted(root):
-                mounts.unmount(root)
-            if spec.rootfs.quota_bytes:
-                self._mount_disk(spec)
-            upper, work = spec.rootfs.upperdir, spec.rootfs.workdir
-            new, old = upper + ".restore", upper + ".old"
-            for d in (new, old):
-                shutil.rmtree(d, ignore_errors=True)
-            try:
-                _copy_tree(src, new)
-            except BaseException:
-                shutil.rmtree(new, ignore_errors=True)
-                raise
-            os.rename(upper, old)
-            os.rename(new, upper)
-            shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(work, ignore_errors=True)  # overlayfs's scratch space: empty for a fresh mount
-            os.makedirs(work, mode=0o700, exist_ok=True)
+            self._replace_upper(spec, lambda new: _copy_tree(src, new))
+
+    def _replace_upper(self, spec: ContainerSpec, fill) -> None:
+        """Unmount the overlay and swap in a new upper dir that ``fill(path)`` makes (absent
+        before), by rename: a failure before the swap leaves the rootfs as it was. The
+        container is stopped (the caller checked, under its lock)."""
+        root = self._rootfs(spec.name)
+        if mounts.is_mounted(root):
+            mounts.unmount(root)
+        if spec.rootfs.quota_bytes:
+            self._mount_disk(spec)
+        upper, work = spec.rootfs.upperdir, spec.rootfs.workdir
+        new, old = upper + ".restore", upper + ".old"
+        for d in (new, old):
+            shutil.rmtree(d, ignore_errors=True)
+        try:
+            fill(new)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        os.rename(upper, old)
+        os.rename(new, upper)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # overlayfs's scratch space: empty for a fresh mount
+        os.makedirs(work, mode=0o700, exist_ok=True)
+
+    def reset_rootfs(self, name: str) -> None:
+        """containers.runtime.SupportsRootfsReset: only while stopped, the container's writes
+        are dropped (a fresh, empty upper dir owned as the old one), the overlay mounted again
+        with the mount points of its /etc files; its name, address, limits and process stay."""
+        with self._name_lock(name):
+            row = self._row(name)
+            spec = spec_from_json(row["spec"])
+            state = self._status(name)[0]
+            if state in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {state}: stop it before rebuilding its rootfs")
+            st = os.stat(spec.rootfs.upperdir)
+
+            def empty(path: str) -> None:
+                os.mkdir(path, 0o700)
+                os.chown(path, st.st_uid, st.st_gid)
+                os.chmod(path, st.st_mode & 0o7777)
+
+            self._replace_upper(spec, empty)
+            self._mount_rootfs(spec)
+            etc = bundle.etc_files_for(self._bundle(name), hostname=spec.hostname or name, ip=row["ip"],
+                                       nameservers=bundle.host_nameservers()) \
+                if spec.network.mode != "host" else {}
+            m = (spec.idmap or bundle.LEGACY_IDMAP) if spec.userns else None
+            _make_mountpoints(self._rootfs(name), etc, owner=m.host_id if m else None)
 
     def delete_rootfs_snapshot(self, name: str, snapshot: str) -> bool:
         validate.check_snapshot_name(snapshot)

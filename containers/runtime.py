@@ -182,6 +182,15 @@ class SupportsRootfsSnapshots(Protocol):
 
 
 @runtime_checkable
+class SupportsRootfsReset(Protocol):
+    """Runtimes that drop a stopped container's writes, its rootfs back to its image's
+    layers (a rebuild from the same image); name, address, limits and process stay."""
+
+    def reset_rootfs(self, name: str) -> None:
+        """Only valid while stopped (Conflict otherwise); NotFound for an unknown container."""
+
+
+@runtime_checkable
 class SupportsReconcile(Protocol):
     """Runtimes whose host-side state (mounts, cgroups, veths, leases, dirs) can outlive a
     container when the agent is killed mid-create or mid-delete. ``reconcile`` releases the

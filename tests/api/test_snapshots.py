@@ -179,3 +179,71 @@ def test_deleting_an_instance_deletes_its_snapshots_and_the_image_stays_referenc
     assert client.get("/v1/images/tiny-vm").status_code == 200, "gc left the image under the snapshot"
     assert client.delete("/v1/instances/sn-del").json == {"deleted": True}
     assert _rows(root, inst["id"]) == []
+
+
+# -- rebuild (agent/services/rebuild.py) --
+
+def _rebuild(client, name, **kw):
+    r = client.post(f"/v1/instances/{name}/actions", json={"action": "rebuild", **kw})
+    return r
+
+
+def test_rebuild_a_vm_from_its_own_and_another_image(app):
+    import os
+    import subprocess
+    from pathlib import Path
+    _, client, root = app
+    disk = Path(root.config.images.import_dirs[0]) / "other.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "32M"], check=True)
+    op = _wait(client, client.post("/v1/images", json={"name": "other-vm", "source": {
+        "type": "file", "path": str(disk)}}).json)
+    assert op["status"] == "succeeded", op
+    other = op["result"]["image"]
+    inst = _create(client, **VM, name="rb-vm")
+    vol = root.store.pools[inst["pool"]].get_volume(inst["volumes"][0])
+    with open(vol.path, "ab") as f:  # the VM "wrote" to its disk
+        f.write(b"x" * 65536)
+    grown = os.path.getsize(vol.path)
+    r = _rebuild(client, "rb-vm")
+    assert r.status_code == 202, r.json
+    op = _wait(client, r.json)
+    assert op["status"] == "succeeded", op
+    after = op["result"]["instance"]
+    assert (after["id"], after["mac"], after["state"], after["image"]) == (inst["id"], inst["mac"], "running",
+                                                                          inst["image"])
+    assert os.path.getsize(vol.path) < grown, "a fresh overlay"
+    _act(client, "rb-vm", "stop")
+    op = _wait(client, _rebuild(client, "rb-vm", image="other-vm").json)
+    assert op["status"] == "succeeded", op
+    after = op["result"]["instance"]
+    assert (after["id"], after["state"], after["image"]) == (inst["id"], "stopped", other["id"]), "stays stopped"
+    assert client.get("/v1/instances/rb-vm").json["image"] == other["id"]
+    # the old image is free now, the new one is held
+    assert client.delete("/v1/images/other-vm").status_code == 409
+
+
+def test_rebuild_refusals_change_nothing(app):
+    _, client, root = app
+    inst = _create(client, **VM, name="rb-bad")
+    _err(_rebuild(client, "rb-bad", image="nosuch"), 404)
+    assert "cannot rebuild a vm" in _err(_rebuild(client, "rb-bad", image="busybox"), 422)
+    assert "rebuild only" in _err(client.post("/v1/instances/rb-bad/actions",
+                                              json={"action": "start", "image": "tiny-vm"}), 422)
+    assert client.post("/v1/instances/rb-bad/snapshots", json={"name": "s"}).status_code == 201
+    assert "delete them" in _err(_rebuild(client, "rb-bad"), 409)
+    now = client.get("/v1/instances/rb-bad").json
+    assert (now["state"], now["image"]) == ("running", inst["image"])
+    ct = _create(client, kind="container", image="busybox", name="rb-ctbad", cpus=0.5, memory_mib=64,
+                 network="none", command=["sleep", "600"])
+    assert "cannot rebuild a container" in _err(_rebuild(client, "rb-ctbad", image="tiny-vm"), 422)
+    assert client.get("/v1/instances/rb-ctbad").json["state"] == ct["state"] == "running"
+
+
+def test_rebuild_a_container(app):
+    _, client, root = app
+    inst = _create(client, kind="container", image="busybox", name="rb-ct", cpus=0.5, memory_mib=64,
+                   network="none", command=["sleep", "600"])
+    op = _wait(client, _rebuild(client, "rb-ct").json)
+    assert op["status"] == "succeeded", op
+    assert (op["result"]["instance"]["id"], op["result"]["instance"]["state"]) == (inst["id"], "running")
+    assert "fake: rootfs reset to its image\n" in root.runtime.logs("rb-ct")

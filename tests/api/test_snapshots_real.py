@@ -6,8 +6,9 @@
   marker 2: boot 3 finds marker 1 again. A second snapshot is taken and deleted while it runs
   (QMP), restore of a running VM is a 409, and deleting the VM leaves no snapshot row.
 - a runc container: a file written before a snapshot taken while it runs (frozen for the copy)
-  is back after a restore, one written after it is gone; deleting the container removes the
-  snapshot's copy with it.
+  is back after a restore, one written after it is gone; a rebuild drops every write (the
+  image's files are back) and runs it again; deleting the container removes the snapshot's
+  copy with it.
 """
 from __future__ import annotations
 
@@ -140,6 +141,18 @@ def test_vm_and_container_snapshots_restore_in_place(libvirtd, guest_images, vmt
             "what was written after the snapshot is gone; its whiteout (rm /etc/keep) is back"
         snap_dir = agent.state_dir / "containers" / "containers" / ct / "snapshots" / "c1"
         assert snap_dir.is_dir(), "the copy lives in the container's state"
+        # a rebuild (from its own image) drops every write, the running container runs again
+        assert "delete them" in api.post(f"/v1/instances/{ct}/actions", json={"action": "rebuild"}).json()[
+            "error"]["message"], "refused while it has snapshots"
+        assert api.delete(f"/v1/instances/{ct}/snapshots/c1").json() == {"deleted": True}
+        assert not snap_dir.exists()
+        ct_id = api.get(f"/v1/instances/{ct}").json()["id"]
+        rebuilt = act(api, ct, "rebuild", force=True)
+        assert (rebuilt["id"], rebuilt["state"]) == (ct_id, "running"), rebuilt
+        ex = sh("$b ls /before 2>&1; $b cat /etc/keep")
+        assert "/before: No such file" in ex["stdout"] and ex["stdout"].endswith("keep\n"), ex
+        assert sh("echo again > /x && $b cat /x")["stdout"] == "again\n", "its rootfs is writable again"
+        assert api.post(f"/v1/instances/{ct}/snapshots", json={"name": "c1"}).status_code == 201
         assert api.delete(f"/v1/instances/{ct}").json() == {"deleted": True}
         assert not snap_dir.exists(), "and goes with it"
     finally:

@@ -486,6 +486,19 @@ def instance_restart(ref, timeout, as_json):
     _action(ref, "restart", as_json, timeout=timeout)
 
 
+@instance.command("rebuild")
+@click.argument("ref")
+@click.option("--image", "image_ref", help="rebuild from this image (VMs; default: its own)")
+@click.option("--force", is_flag=True, help="kill a running instance instead of stopping it gracefully")
+@click.option("--timeout", type=float, default=60, help="seconds to stop gracefully before a kill")
+@click.option("--json", "as_json", is_flag=True)
+def instance_rebuild(ref, image_ref, force, timeout, as_json):
+    """Recreate REF's root disk or rootfs from its image (its writes are lost); name, address and
+    security groups stay; a running instance is stopped and started again."""
+    kw = {"timeout": timeout, **({"image": image_ref} if image_ref else {}), **({"force": True} if force else {})}
+    _action(ref, "rebuild", as_json, **kw)
+
+
 @instance.command("pause")
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True)

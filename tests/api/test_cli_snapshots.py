@@ -1,4 +1,5 @@
-"""`nodeagent snapshot create|list|show|restore|delete` against a real server on the fake drivers."""
+"""`nodeagent snapshot create|list|show|restore|delete` and `instance rebuild` against a real
+server on the fake drivers."""
 import json
 
 import pytest
@@ -29,5 +30,8 @@ def test_snapshot_verbs(cli, admin, images):
         assert r.returncode == 1 and "no snapshot" in r.stderr
         assert cli("snapshot", "delete", "clisnap", "s1").stdout.strip() == "deleted snapshot s1 of clisnap"
         assert json.loads(cli("snapshot", "list", "clisnap", "--json").stdout) == {"snapshots": []}
+        assert cli("instance", "rebuild", "clisnap").stdout.strip() == "clisnap stopped"
+        r = cli("instance", "rebuild", "clisnap", "--image", "busybox", check=False)
+        assert r.returncode == 1 and "cannot rebuild a vm" in r.stderr
     finally:
         admin.delete("/v1/instances/clisnap")

@@ -110,6 +110,9 @@ class MigrationSource:
 
     def create(self, req: models.MigrationCreate) -> dict:
         inst = self.root.instances.get(req.instance)
+        if self.root.snapshots.count(inst.id):  # they live in this host's disks (or state): not carried
+            raise Unprocessable(f"instance {inst.name!r} has snapshots, which a migration does not carry: "
+                                "delete them first")
         peer = self.peers.get(req.destination)
         if inst.state in ("creating", INCOMING):
             raise Conflict(f"instance {inst.name!r} is {inst.state}: wait for its operation")

@@ -247,3 +247,12 @@ def test_rebuild_a_container(app):
     assert op["status"] == "succeeded", op
     assert (op["result"]["instance"]["id"], op["result"]["instance"]["state"]) == (inst["id"], "running")
     assert "fake: rootfs reset to its image\n" in root.runtime.logs("rb-ct")
+
+
+def test_an_instance_with_snapshots_is_not_migrated(app):
+    _, client, _ = app
+    _create(client, **VM, name="sn-mig")
+    assert client.post("/v1/instances/sn-mig/snapshots", json={"name": "s"}).status_code == 201
+    r = client.post("/v1/migrations", json={"instance": "sn-mig", "destination": "peer1", "mode": "live"})
+    assert "has snapshots" in _err(r, 422)
+    assert client.get("/v1/instances/sn-mig").json["state"] == "running"

@@ -204,6 +204,16 @@ class SnapshotService:
         """Drop the rows of a removed instance (their data went with its disks or rootfs)."""
         return self.db.execute("DELETE FROM snapshots WHERE instance_id=?", (inst_id,)).rowcount
 
+    def _thaw(self, inst, row) -> None:
+        """A container frozen for a copy when the agent was killed stays frozen: thaw it if it
+        was running when the snapshot began (a VM's snapshot never pauses it)."""
+        from containers.runtime import SupportsPause
+        rt = self.root.runtime if inst.kind == "container" else None
+        if row["instance_state"] == "running" and isinstance(rt, SupportsPause) \
+                and rt.get(inst.name).state == "paused":
+            rt.resume(inst.name)
+            log.info("thawed a container a killed agent left frozen for a snapshot", extra={"instance": inst.name})
+
     def sweep(self) -> int:
         """At start: drop rows of instances that are gone, and snapshots a killed agent left
         half-made (rows still ``creating``: their data, if any, is removed first). One whose
@@ -220,6 +230,7 @@ class SnapshotService:
             try:
                 _, _, drop = self._backend(inst)
                 drop(inst.name, r["name"])
+                self._thaw(inst, r)
             except NotFound:
                 pass  # the workload is gone: nothing of the snapshot is left
             except AgentError as e:

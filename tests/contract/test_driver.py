@@ -282,3 +282,35 @@ def test_bandwidth_is_kept_checked_and_defined_with_the_vm(driver, spec):
         driver.set_bandwidth("ct-nope", Bandwidth(1000))
     driver.set_bandwidth(s.name, Bandwidth())
     assert driver.bandwidth(s.name) == Bandwidth()
+
+
+def test_snapshots_of_a_running_and_a_stopped_vm(driver, spec):
+    """hypervisor.driver.SupportsSnapshots (both drivers): taken and deleted while it runs,
+    reverted only while stopped; names checked; a missing one is NotFound, a second one
+    of a name Conflict."""
+    from hypervisor.driver import SupportsSnapshots
+    assert isinstance(driver, SupportsSnapshots)
+    s = spec()
+    driver.define(s)
+    driver.start(s.name)
+    driver.create_snapshot(s.name, "live")
+    assert driver.list_snapshots(s.name) == ["live"]
+    assert driver.get(s.name).state == "running"
+    with pytest.raises(Conflict, match="live"):
+        driver.create_snapshot(s.name, "live")
+    for bad in ("", "a,b", "-x", "a/b", "a.b"):
+        with pytest.raises(InvalidInput):
+            driver.create_snapshot(s.name, bad)
+    with pytest.raises(Conflict, match="stop it"):
+        driver.revert_snapshot(s.name, "live")
+    assert driver.delete_snapshot(s.name, "live") is True
+    assert driver.delete_snapshot(s.name, "live") is False
+    driver.create_snapshot(s.name, "s2")
+    driver.stop(s.name, force=True)
+    with pytest.raises(NotFound):
+        driver.revert_snapshot(s.name, "nope")
+    driver.revert_snapshot(s.name, "s2")
+    driver.create_snapshot(s.name, "s3")  # stopped: qemu-img
+    assert driver.list_snapshots(s.name) == ["s2", "s3"]
+    assert driver.delete_snapshot(s.name, "s3") is True
+    assert driver.list_snapshots(s.name) == ["s2"]

@@ -610,6 +610,12 @@ class InstanceAction(Model):
     image: Ref | None = Field(None, description="rebuild only: the image (name or id) to rebuild from; "
                                                 "default: the instance's own")
 
+    # the rule of _image_for_rebuild, for the spec (a schema-valid body is accepted)
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"image": {"type": "string"}}, "required": ["image"]},
+         "then": {"properties": {"action": {"const": "rebuild"}}}},
+    ]})
+
     @model_validator(mode="after")
     def _image_for_rebuild(self):
         if self.image is not None and self.action != "rebuild":

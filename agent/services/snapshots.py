@@ -53,6 +53,7 @@ SCHEMA_STEPS = [
 ]
 TAKES = ("running", "paused", "stopped", "created")  # instance states a snapshot may be taken in
 RESTORES = ("stopped", "created")  # a restore rewrites the disks under the guest: never while it runs
+MAX_PER_INSTANCE = 32  # each holds disk space (qcow2 clusters, a rootfs copy) and slows qcow2 metadata
 
 
 def _volume_ops(pool, volume: str):
@@ -145,6 +146,9 @@ class SnapshotService:
         with self.root.instances.lock(inst.id):
             inst = self.root.instances.get(inst.id)
             self._check(inst, TAKES, "take")
+            if self.count(inst.id) >= MAX_PER_INSTANCE:
+                raise Conflict(f"instance {inst.name!r} has {MAX_PER_INSTANCE} snapshots, the most it may "
+                               "keep: delete one first")
             snap_id = uuid.uuid4().hex
             try:
                 self.db.execute("INSERT INTO snapshots (id, instance_id, name, kind, image_id, instance_state, "

@@ -121,6 +121,8 @@ def test_bad_input_is_refused_and_leaves_nothing(app):
     _err(client.post("/v1/instances/nope/snapshots", json={"name": "x"}), 404)
     assert client.post("/v1/instances/sn-bad/snapshots", json={"name": "one"}).status_code == 201
     assert "already has" in _err(client.post("/v1/instances/sn-bad/snapshots", json={"name": "one"}), 409)
+    with mock.patch("agent.services.snapshots.MAX_PER_INSTANCE", 1):
+        assert "delete one first" in _err(client.post("/v1/instances/sn-bad/snapshots", json={"name": "two"}), 409)
     # another instance's snapshot is not found through this one: show, restore, delete
     _act(client, "sn-bad", "stop")
     _err(client.get("/v1/instances/sn-bad/snapshots/theirs"), 404)

@@ -4,7 +4,8 @@
   root partition (vda2) read-write, prints the marker it finds there and writes the next one.
   A snapshot taken while it runs (after boot 1 wrote marker 1) is restored after boot 2 wrote
   marker 2: boot 3 finds marker 1 again. A second snapshot is taken and deleted while it runs
-  (QMP), restore of a running VM is a 409, and deleting the VM leaves no snapshot row.
+  (QMP), restore of a running VM is a 409; a rebuild gives it a fresh disk (boot 4 finds no
+  marker) with the same id and MAC; deleting the VM leaves no snapshot row.
 - a runc container: a file written before a snapshot taken while it runs (frozen for the copy)
   is back after a restore, one written after it is gone; a rebuild drops every write (the
   image's files are back) and runs it again; deleting the container removes the snapshot's
@@ -65,7 +66,8 @@ def _internal_snapshots(path: str) -> list[str]:
     return [ln.split()[1] for ln in out.splitlines()[2:] if len(ln.split()) > 1]
 
 
-def _vm_marker_scenario(api: Api, libvirtd: str, image: dict, vm: str, pool: str | None, on_disk) -> None:
+def _vm_marker_scenario(api: Api, libvirtd: str, image: dict, vm: str, pool: str | None, on_disk,
+                        rebuild: bool = False) -> None:
     """Boot 1 writes marker 1; a snapshot while it runs; boot 2 finds 1 and writes 2; a live
     take+delete; stop, restore, start: boot 3 finds 1 again. ``on_disk()``: the snapshots the
     VM's disk holds (as its pool sees them)."""
@@ -98,6 +100,11 @@ def _vm_marker_scenario(api: Api, libvirtd: str, image: dict, vm: str, pool: str
     assert [s["name"] for s in api.get(f"/v1/instances/{vm}/snapshots").json()["snapshots"]] == ["after-boot1"]
     after = api.get(f"/v1/instances/{vm}").json()
     assert (after["id"], after["mac"]) == (inst["id"], inst["mac"]), "restored in place"
+    if rebuild:  # a fresh root disk from the image: boot 4 finds no marker; the seed (user-data) stays
+        assert api.delete(f"/v1/instances/{vm}/snapshots/after-boot1").json() == {"deleted": True}
+        rebuilt = act(api, vm, "rebuild", force=True)
+        assert (rebuilt["id"], rebuilt["mac"], rebuilt["state"]) == (inst["id"], inst["mac"], "running")
+        assert _marks(_exits(api, vm, 4)) == ["0", "1", "1", "0"], "boot 4 found a fresh disk"
     assert api.delete(f"/v1/instances/{vm}").json() == {"deleted": True}
     assert vm not in virsh(libvirtd, "list", "--all", "--name").split()
 
@@ -114,7 +121,7 @@ def test_vm_and_container_snapshots_restore_in_place(libvirtd, guest_images, vmt
     vm, ct = f"snapvm-{secrets.token_hex(3)}", f"snapct-{secrets.token_hex(3)}"
     try:
         _vm_marker_scenario(api, libvirtd, import_boot_image(api, guest_images["boot"]), vm, None,
-                            lambda: _internal_snapshots(_disk(libvirtd, vm)))
+                            lambda: _internal_snapshots(_disk(libvirtd, vm)), rebuild=True)
 
         # -- a runc container --
         _import_busybox(api, vmtmp)

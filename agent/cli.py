@@ -621,6 +621,19 @@ def instance_restart(ref, timeout, as_json):
     _action(ref, "restart", as_json, timeout=timeout)
 
 
+@instance.command("rebuild")
+@click.argument("ref")
+@click.option("--image", "image_ref", help="rebuild from this image (VMs; default: its own)")
+@click.option("--force", is_flag=True, help="kill a running instance instead of stopping it gracefully")
+@click.option("--timeout", type=float, default=60, help="seconds to stop gracefully before a kill")
+@click.option("--json", "as_json", is_flag=True)
+def instance_rebuild(ref, image_ref, force, timeout, as_json):
+    """Recreate REF's root disk or rootfs from its image (its writes are lost); name, address and
+    security groups stay; a running instance is stopped and started again."""
+    kw = {"timeout": timeout, **({"image": image_ref} if image_ref else {}), **({"force": True} if force else {})}
+    _action(ref, "rebuild", as_json, **kw)
+
+
 @instance.command("pause")
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True)
@@ -730,6 +743,61 @@ def operation_cancel(op_id, as_json):
 main.add_command(click.Group("operations", commands=operation.commands, hidden=True, help=operation.help))
 
 
+# -- snapshots --
+
+@main.group()
+def snapshot():
+    """Snapshots of an instance (VM disks or container rootfs): create, list, show, restore, delete."""
+
+
+@snapshot.command("create")
+@click.argument("instance")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def snapshot_create(instance, name, as_json):
+    """Take snapshot NAME of INSTANCE, running (crash-consistent for a VM, frozen for a container) or stopped."""
+    s = _call(_client().post, f"/v1/instances/{instance}/snapshots", {"name": name})
+    if as_json:
+        click.echo(jsonlib.dumps(s, indent=2))
+    else:
+        click.echo(f"snapshot {s['name']} of {s['instance']} taken ({s['consistency']})")
+
+
+@snapshot.command("list")
+@click.argument("instance")
+@click.option("--json", "as_json", is_flag=True)
+def snapshot_list(instance, as_json):
+    data = _call(_client().get, f"/v1/instances/{instance}/snapshots")
+    for s in data["snapshots"]:
+        s["when"] = _when(s.get("created_at"))
+    _out(data, as_json, ["name", "kind", "instance_state", "consistency", "when"], "snapshots")
+
+
+@snapshot.command("show")
+@click.argument("instance")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def snapshot_show(instance, name, as_json):
+    _out(_call(_client().get, f"/v1/instances/{instance}/snapshots/{name}"), as_json)
+
+
+@snapshot.command("restore")
+@click.argument("instance")
+@click.argument("name")
+def snapshot_restore(instance, name):
+    """Revert INSTANCE in place to snapshot NAME (stop it first)."""
+    _call(_client().post, f"/v1/instances/{instance}/snapshots/{name}/restore", None)
+    click.echo(f"{instance} restored to snapshot {name}")
+
+
+@snapshot.command("delete")
+@click.argument("instance")
+@click.argument("name")
+def snapshot_delete(instance, name):
+    r = _call(_client().delete, f"/v1/instances/{instance}/snapshots/{name}")
+    click.echo(f"deleted snapshot {name} of {instance}" if r.get("deleted") else f"no snapshot {name} (nothing to do)")
+
+
 @main.group()
 def migration():
     """Migrations: `nodeagent migrate` starts one; show reports it."""
@@ -744,7 +812,8 @@ def migration_show(migration_id, as_json):
 
 
 @main.command()
-@click.option("--type", "types", help="comma-separated: lifecycle, operation, migration (default: all)")
+@click.option("--type", "types", help="comma-separated: lifecycle, operation, migration, security_group, "
+                                      "snapshot (default: all)")
 @click.option("--last-event-id", type=int, help="first replay what came after this event id")
 @click.option("--timeout", type=float, help="stop after this many seconds (default: never)")
 def events(types, last_event_id, timeout):

@@ -742,9 +742,23 @@ class InstanceList(Model):
 
 
 class InstanceAction(Model):
-    action: Literal["start", "stop", "restart", "pause", "resume", "kill"]
+    action: Literal["start", "stop", "restart", "pause", "resume", "kill", "rebuild"]
     force: bool = False
     timeout: float = Field(60, gt=0, le=3600)
+    image: Ref | None = Field(None, description="rebuild only: the image (name or id) to rebuild from; "
+                                                "default: the instance's own")
+
+    # the rule of _image_for_rebuild, for the spec (a schema-valid body is accepted)
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"image": {"type": "string"}}, "required": ["image"]},
+         "then": {"properties": {"action": {"const": "rebuild"}}}},
+    ]})
+
+    @model_validator(mode="after")
+    def _image_for_rebuild(self):
+        if self.image is not None and self.action != "rebuild":
+            raise ValueError("image is for action rebuild only")
+        return self
 
 
 class ExecRequest(Model):
@@ -791,6 +805,36 @@ class ExecResult(Model):
                                                "([containers] exec_output_bytes each); the rest was dropped")
     timed_out: bool = Field(False, description="the command ran past timeout and was killed "
                                                "(with every process it started)")
+
+
+# -- snapshots (agent/services/snapshots.py) --
+
+SNAPSHOT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"  # reaches qemu-img, QMP and file names
+SnapshotName = Annotated[str, Field(pattern=SNAPSHOT_NAME_PATTERN,
+                                    description="1-63 letters, digits, '-', '_', starting with a letter or digit")]
+
+
+class SnapshotCreate(Model):
+    name: SnapshotName
+
+
+class Snapshot(Model):
+    id: str
+    name: SnapshotName
+    instance: str
+    instance_id: str
+    kind: Literal["vm", "container"]
+    image: str = Field(description="the image under it (kept while the instance exists)")
+    instance_state: str = Field(description="what the instance was doing when it was taken")
+    consistency: Literal["stopped", "crash-consistent", "frozen"] = Field(
+        description="stopped: exact; crash-consistent: a running VM's disks at one instant, as a power cut "
+                    "would leave them (no guest agent freezes its filesystems); frozen: a running "
+                    "container's files, its processes frozen during the copy")
+    created_at: float
+
+
+class SnapshotList(Model):
+    snapshots: list[Snapshot]
 
 
 class Logs(Model):

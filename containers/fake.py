@@ -93,6 +93,7 @@ class _Box:
     # path -> (data, mode, uid, gid): SupportsFiles in memory
     files: dict[str, tuple[bytes, int, int, int]] = dataclasses.field(default_factory=dict)
     dirs: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)  # made ones: mode, uid, gid
+    snapshots: list[str] = dataclasses.field(default_factory=list)
 
     def info(self) -> ContainerInfo:
         return ContainerInfo(self.spec.name, self.state, self.pid, self.exit_code, self.ip,
@@ -235,6 +236,42 @@ class FakeRuntime:
     def delete(self, name: str) -> bool:
         with self._lock:
             return self._boxes.pop(name, None) is not None
+
+    # SupportsRootfsSnapshots: the fake has no files; it keeps the names and the rules
+    def snapshot_rootfs(self, name: str, snapshot: str) -> None:
+        validate.check_snapshot_name(snapshot)
+        with self._lock:
+            box = self._box(name)
+            if snapshot in box.snapshots:
+                raise Conflict(f"container {name!r} already has a snapshot {snapshot!r}")
+            box.snapshots.append(snapshot)
+
+    def revert_rootfs(self, name: str, snapshot: str) -> None:
+        with self._lock:
+            box = self._box(name)
+            if box.state in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {box.state}: stop it before restoring a snapshot")
+            if snapshot not in box.snapshots:
+                raise NotFound(f"container {name!r} has no snapshot {snapshot!r}")
+
+    def delete_rootfs_snapshot(self, name: str, snapshot: str) -> bool:
+        with self._lock:
+            box = self._box(name)
+            if snapshot not in box.snapshots:
+                return False
+            box.snapshots.remove(snapshot)
+            return True
+
+    def reset_rootfs(self, name: str) -> None:
+        with self._lock:
+            box = self._box(name)
+            if box.state in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {box.state}: stop it before rebuilding its rootfs")
+            box.log.append("fake: rootfs reset to its image\n")
+
+    def rootfs_snapshots(self, name: str) -> list[str]:
+        with self._lock:
+            return sorted(self._box(name).snapshots)
 
     def reconcile(self) -> dict:
         """containers.runtime.SupportsReconcile: the fake keeps nothing outside its records

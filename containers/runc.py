@@ -703,6 +703,123 @@ class RuncRuntime:
             self._release(name)
             return True
 
+    # -- rootfs snapshots (containers.runtime.SupportsRootfsSnapshots) ------------------------
+    def _snapshot_dir(self, name: str, snapshot: str = "") -> str:
+        """<container dir>/snapshots/<snapshot>: a copy of the upper dir (0700 above it: the
+        tenant's files, setuid bits included, reachable by root only). Goes with _release."""
+        return os.path.join(self._dir(name), "snapshots", snapshot)
+
+    def snapshot_rootfs(self, name: str, snapshot: str) -> None:
+        """Copy the container's writes (its upper dir) to a snapshot: a running container is
+        frozen for the copy and thawed after, whatever happens. The copy is made under a
+        temporary name and renamed when complete (a kill leaves no snapshot, only a temp dir
+        that delete_rootfs_snapshot or the container's delete removes)."""
+        validate.check_snapshot_name(snapshot)
+        with self._name_lock(name):
+            spec = spec_from_json(self._row(name)["spec"])
+            final = self._snapshot_dir(name, snapshot)
+            if os.path.exists(final):
+                raise Conflict(f"container {name!r} already has a snapshot {snapshot!r}")
+            os.makedirs(self._snapshot_dir(name), mode=0o700, exist_ok=True)
+            tmp = self._snapshot_dir(name, f".tmp-{snapshot}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            if spec.rootfs.quota_bytes:
+                self._mount_disk(spec)  # stopped since a host reboot: its filesystem is not mounted yet
+            frozen = self._status(name)[0] == "running"
+            if frozen:
+                self._runc("pause", name)
+            try:
+                _copy_tree(spec.rootfs.upperdir, tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            finally:
+                if frozen:
+                    self._runc("resume", name, check=False)
+            os.rename(tmp, final)
+
+    def revert_rootfs(self, name: str, snapshot: str) -> None:
+        """Only while stopped: the overlay is unmounted (start() mounts it again), a copy of the
+        snapshot is made next to the upper dir and swapped in by rename, the old writes removed.
+        A failure before the swap leaves the rootfs as it was."""
+        validate.check_snapshot_name(snapshot)
+        with self._name_lock(name):
+            spec = spec_from_json(self._row(name)["spec"])
+            state = self._status(name)[0]
+            if state in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {state}: stop it before restoring a snapshot")
+            src = self._snapshot_dir(name, snapshot)
+            if not os.path.isdir(src):
+                raise NotFound(f"container {name!r} has no snapshot {snapshot!r}")
+            self._replace_upper(spec, lambda new: _copy_tree(src, new))
+
+    def _replace_upper(self, spec: ContainerSpec, fill) -> None:
+        """Unmount the overlay and swap in a new upper dir that ``fill(path)`` makes (absent
+        before), by rename: a failure before the swap leaves the rootfs as it was. The
+        container is stopped (the caller checked, under its lock)."""
+        root = self._rootfs(spec.name)
+        if mounts.is_mounted(root):
+            mounts.unmount(root)
+        if spec.rootfs.quota_bytes:
+            self._mount_disk(spec)
+        upper, work = spec.rootfs.upperdir, spec.rootfs.workdir
+        new, old = upper + ".restore", upper + ".old"
+        for d in (new, old):
+            shutil.rmtree(d, ignore_errors=True)
+        try:
+            fill(new)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        os.rename(upper, old)
+        os.rename(new, upper)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # overlayfs's scratch space: empty for a fresh mount
+        os.makedirs(work, mode=0o700, exist_ok=True)
+
+    def reset_rootfs(self, name: str) -> None:
+        """containers.runtime.SupportsRootfsReset: only while stopped, the container's writes
+        are dropped (a fresh, empty upper dir owned as the old one), the overlay mounted again
+        with the mount points of its /etc files; its name, address, limits and process stay."""
+        with self._name_lock(name):
+            row = self._row(name)
+            spec = spec_from_json(row["spec"])
+            state = self._status(name)[0]
+            if state in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {state}: stop it before rebuilding its rootfs")
+            st = os.stat(spec.rootfs.upperdir)
+
+            def empty(path: str) -> None:
+                os.mkdir(path, 0o700)
+                os.chown(path, st.st_uid, st.st_gid)
+                os.chmod(path, st.st_mode & 0o7777)
+
+            self._replace_upper(spec, empty)
+            self._mount_rootfs(spec)
+            etc = bundle.etc_files_for(self._bundle(name), hostname=spec.hostname or name, ip=row["ip"],
+                                       nameservers=bundle.host_nameservers()) \
+                if spec.network.mode != "host" else {}
+            m = (spec.idmap or bundle.LEGACY_IDMAP) if spec.userns else None
+            _make_mountpoints(self._rootfs(name), etc, owner=m.host_id if m else None)
+
+    def delete_rootfs_snapshot(self, name: str, snapshot: str) -> bool:
+        validate.check_snapshot_name(snapshot)
+        with self._name_lock(name):
+            self._row(name)
+            shutil.rmtree(self._snapshot_dir(name, f".tmp-{snapshot}"), ignore_errors=True)
+            path = self._snapshot_dir(name, snapshot)
+            if not os.path.isdir(path):
+                return False
+            shutil.rmtree(path)
+            return True
+
+    def rootfs_snapshots(self, name: str) -> list[str]:
+        self._row(name)
+        try:
+            return sorted(e for e in os.listdir(self._snapshot_dir(name)) if not e.startswith("."))
+        except FileNotFoundError:
+            return []
+
     def _release(self, name: str) -> None:
         if self._runc_state(name) is not None:
             if self._frozen(name):
@@ -1229,3 +1346,13 @@ class RuncExec:
             pass
         if self._sockdir:
             shutil.rmtree(self._sockdir, ignore_errors=True)
+
+
+def _copy_tree(src: str, dest: str) -> None:
+    """``dest`` (absent) becomes a copy of ``src``: owners, modes, xattrs (overlayfs's opaque
+    dirs), whiteouts (0/0 devices), hard links and holes kept."""
+    r = subprocess.run(["cp", "-a", "--sparse=always", "--no-target-directory", src, dest],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise CommandFailed(f"copying {src} failed: {r.stderr.strip()[-300:]}",
+                            argv=["cp", "-a", src, dest], returncode=r.returncode, stderr=r.stderr)

@@ -243,6 +243,37 @@ class SupportsPause(Protocol):
 
 
 @runtime_checkable
+class SupportsRootfsSnapshots(Protocol):
+    """Runtimes that keep named copies of a container's own writes (the overlay's upper dir,
+    on the host or in its size-limited ext4 image) and put one back. A running container is
+    frozen (the cgroup freezer) while its copy is taken, so the copy is one instant of its
+    files; the image's layers are not copied (they never change). Snapshots live in the
+    container's state and go with delete()."""
+
+    def snapshot_rootfs(self, name: str, snapshot: str) -> None:
+        """Conflict if it exists; on failure nothing of it is left; a running container runs
+        on (thawed) whatever happens."""
+
+    def revert_rootfs(self, name: str, snapshot: str) -> None:
+        """Only valid while stopped (Conflict otherwise): the rootfs's writes become the
+        snapshot's (which stays). NotFound if there is no such snapshot."""
+
+    def delete_rootfs_snapshot(self, name: str, snapshot: str) -> bool:
+        """False if there was no such snapshot."""
+
+    def rootfs_snapshots(self, name: str) -> list[str]: ...
+
+
+@runtime_checkable
+class SupportsRootfsReset(Protocol):
+    """Runtimes that drop a stopped container's writes, its rootfs back to its image's
+    layers (a rebuild from the same image); name, address, limits and process stay."""
+
+    def reset_rootfs(self, name: str) -> None:
+        """Only valid while stopped (Conflict otherwise); NotFound for an unknown container."""
+
+
+@runtime_checkable
 class SupportsReconcile(Protocol):
     """Runtimes whose host-side state (mounts, cgroups, veths, leases, dirs) can outlive a
     container when the agent is killed mid-create or mid-delete. ``reconcile`` releases the

@@ -168,3 +168,14 @@ def check_volumes(spec: ContainerSpec) -> None:
         seen.add(v.destination)
         if not isinstance(v.source, str) or not v.source.startswith("/"):
             raise InvalidInput(f"volume source {str(v.source)[:80]!r} must be a host file path")
+
+
+SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # a file name: no '/', '.', leading '-'
+
+
+def check_snapshot_name(snapshot: str) -> None:
+    """InvalidInput unless ``snapshot`` is 1-63 letters, digits, '-', '_' (a file name in the
+    container's state dir)."""
+    if not isinstance(snapshot, str) or not SNAPSHOT_NAME_RE.fullmatch(snapshot):
+        raise InvalidInput(f"bad snapshot name {str(snapshot)[:80]!r}: 1-63 letters, digits, '-', '_', "
+                           "starting with a letter or digit")

@@ -272,6 +272,27 @@ class ReportsNicTaps(Protocol):
 
 
 @runtime_checkable
+class SupportsSnapshots(Protocol):
+    """Drivers that take named snapshots of a VM's writable disks (the read-only seed is left
+    out) while it runs, is paused or is stopped, revert it to one and delete one. Terms: a
+    *snapshot* lives with the disks themselves (an internal qcow2 snapshot), so removing the
+    disks removes it. One of a running VM is crash-consistent (what a power cut would leave:
+    no guest agent freezes its filesystems), taken over every disk at one instant without
+    stopping the vCPUs."""
+
+    def create_snapshot(self, name: str, snapshot: str) -> None:
+        """Conflict if ``snapshot`` exists on one of the disks; Unprocessable for a disk the
+        driver cannot snapshot. On failure no disk keeps a part of it."""
+
+    def revert_snapshot(self, name: str, snapshot: str) -> None:
+        """Only valid while stopped (Conflict otherwise): every writable disk back to
+        ``snapshot`` (which stays). NotFound if a disk lacks it; nothing changes then."""
+
+    def delete_snapshot(self, name: str, snapshot: str) -> bool:
+        """Remove ``snapshot`` from every disk (running or not); False if no disk had it."""
+
+
+@runtime_checkable
 class SupportsBandwidth(Protocol):
     """Drivers that rate-limit a VM's bridged NICs (on the host's side of each tap)."""
 

@@ -21,7 +21,7 @@ from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFo
 from hypervisor.driver import (TIMEOUT_ACTIONS, DiskSpec, MigrationOptions, MigrationProgress,
                                MigrationResult, VmInfo, VmSpec)
 from containers.bandwidth import Bandwidth
-from hypervisor.validate import check_disk_file, check_resize, check_spec
+from hypervisor.validate import check_disk_file, check_resize, check_snapshot_name, check_spec
 from storage.units import MiB
 
 if TYPE_CHECKING:
@@ -307,6 +307,28 @@ class FakeDriver:
     def list_snapshots(self, name: str) -> list[str]:
         with self._lock:
             return sorted(self._get(name).snapshots)
+
+    # SupportsSnapshots: running, paused or stopped (as the libvirt driver's internal snapshots)
+    def create_snapshot(self, name: str, snapshot: str) -> None:
+        check_snapshot_name(snapshot)
+        with self._lock:
+            vm = self._get(name)
+            if snapshot in vm.snapshots:
+                raise Conflict(f"VM {name!r} already has a snapshot {snapshot!r}", vm=name)
+            vm.snapshots[snapshot] = [t for t, d in sorted(vm.disks.items()) if not d.readonly]
+
+    def revert_snapshot(self, name: str, snapshot: str) -> None:
+        with self._lock:
+            vm = self._get(name)
+            if vm.state != "stopped":
+                raise Conflict(f"VM {name!r} is {vm.state}: stop it before restoring a snapshot", vm=name)
+            if snapshot not in vm.snapshots:
+                raise NotFound(f"VM {name!r} has no snapshot {snapshot!r}", vm=name)
+            vm.console.append(f"fake-guest: disks reverted to {snapshot}")
+
+    def delete_snapshot(self, name: str, snapshot: str) -> bool:
+        with self._lock:
+            return self._get(name).snapshots.pop(snapshot, None) is not None
 
 
     # -- migration (SupportsMigration) --

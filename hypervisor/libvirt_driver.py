@@ -808,6 +808,18 @@ class LibvirtDriver:
             common &= set(qemu_img_snapshots(p))
         return sorted(common)
 
+    # hypervisor.driver.SupportsSnapshots: running or stopped (the work is in libvirt_snapshots)
+    def create_snapshot(self, name: str, snapshot: str) -> None:
+        from hypervisor import libvirt_snapshots
+        libvirt_snapshots.create(self, name, snapshot)
+
+    def revert_snapshot(self, name: str, snapshot: str) -> None:
+        from hypervisor import libvirt_snapshots
+        libvirt_snapshots.revert(self, name, snapshot)
+
+    def delete_snapshot(self, name: str, snapshot: str) -> bool:
+        from hypervisor import libvirt_snapshots
+        return libvirt_snapshots.delete(self, name, snapshot)
 
     # -- migration (hypervisor.driver.SupportsMigration; the work is in libvirt_migration) --
     def migrate(self, name: str, dest_uri: str, options, *, progress=None, cancelled=None):

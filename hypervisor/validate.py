@@ -26,6 +26,8 @@ DISK_TYPES = ("file", "rbd", "nbd")
 DISK_FORMATS = ("qcow2", "raw")
 DISK_DEVICES = ("disk", "cdrom")
 CEPHX_KEY_BYTES = (16, 28)  # a cephx key decodes to its 16 secret bytes (28 with its header)
+# a snapshot's name reaches qemu-img's argv, QMP and file names: no ',', '/', '.', leading '-'
+SNAPSHOT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 
 def check_name(name: str) -> None:
@@ -156,3 +158,10 @@ def check_disk_file(disk: DiskSpec) -> None:
     if disk.format == "raw" and head == QCOW2_MAGIC and not disk.readonly:
         raise Unprocessable(f"disk {disk.target}: {disk.source} is a qcow2 image declared raw: "
                             "declare format qcow2", path=disk.source)
+
+
+def check_snapshot_name(snapshot: str) -> None:
+    """InvalidInput unless ``snapshot`` matches SNAPSHOT_NAME_RE (VM disks and container rootfs alike)."""
+    if not isinstance(snapshot, str) or not SNAPSHOT_NAME_RE.fullmatch(snapshot):
+        raise InvalidInput(f"bad snapshot name {str(snapshot)[:80]!r}: 1-63 letters, digits, '-', '_', "
+                           "starting with a letter or digit")

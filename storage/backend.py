@@ -114,6 +114,26 @@ class Backend(Protocol):
 
 
 @runtime_checkable
+class SnapshotsVolumes(Protocol):
+    """Pools whose volumes take named point-in-time snapshots of their own (RBD snapshots),
+    also while a client (a running VM's QEMU) writes to them: crash-consistent then. A
+    volume's snapshots go with delete_volume. ``snapshot`` names: 1-63 letters, digits,
+    '-', '_' (InvalidInput otherwise)."""
+
+    def snapshot_volume(self, name: str, snapshot: str) -> None:
+        """Conflict if it exists; NotFound for an unknown volume."""
+
+    def rollback_volume(self, name: str, snapshot: str) -> None:
+        """The volume's data becomes the snapshot's (which stays). Conflict while a client has
+        it open; NotFound if there is no such snapshot."""
+
+    def delete_volume_snapshot(self, name: str, snapshot: str) -> bool:
+        """False if there was no such snapshot."""
+
+    def volume_snapshots(self, name: str) -> list[str]: ...
+
+
+@runtime_checkable
 class SweepsTemp(Protocol):
     """A backend whose in-flight writes leave temp files behind when the agent is killed
     mid-write; ``sweep_temp`` removes those that no write of this process is using and

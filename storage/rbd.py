@@ -57,6 +57,7 @@ RAW_PREFIX = "naraw."
 VOLUME_PREFIX = "navol."
 TMP_PREFIX = "natmp."
 BASE_SNAP = "base"
+SNAPSHOT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # a volume snapshot's name (ours: never BASE_SNAP)
 META_BASE = "nodeagent.base"  # image metadata: the blob digest a volume was cloned from
 META_FORMAT = "nodeagent.format"  # "qcow2" when the image holds a qcow2 (QEMU layers it on rbd)
 META_SIZE = "nodeagent.size"  # a qcow2 volume's virtual size (the RBD image is a bit larger)
@@ -591,6 +592,56 @@ class RbdBackend:
                 raise Conflict(f"pool {self.name}: volume {name} is open by a client (a running "
                                "VM or an NBD export): stop it first") from None
             return True
+
+    # -- volume snapshots (storage.backend.SnapshotsVolumes) --
+    def _snap_args(self, name: str, snapshot: str) -> str:
+        _check_volume_name(name)
+        if not isinstance(snapshot, str) or not SNAPSHOT_RE.fullmatch(snapshot) or snapshot == BASE_SNAP:
+            raise InvalidInput(f"bad snapshot name {str(snapshot)[:80]!r}: 1-63 letters, digits, '-', '_' "
+                               f"(not {BASE_SNAP!r})")
+        return VOLUME_PREFIX + name
+
+    def snapshot_volume(self, name: str, snapshot: str) -> None:
+        """An RBD snapshot of the volume; librbd asks a client holding the image's exclusive
+        lock (a running VM's QEMU) to take it, so writes in flight land before or after it."""
+        import rbd
+        image = self._snap_args(name, snapshot)
+        self._check_room(f"snapshot volume {name}", None)
+        with self._errors(f"snapshot {snapshot} of volume {name}"):
+            with rbd.Image(self._io(), image) as img:
+                if any(s["name"] == snapshot for s in img.list_snaps()):
+                    raise Conflict(f"pool {self.name}: volume {name} already has a snapshot {snapshot!r}")
+                img.create_snap(snapshot)
+
+    def rollback_volume(self, name: str, snapshot: str) -> None:
+        import rbd
+        image = self._snap_args(name, snapshot)
+        with self._errors(f"roll volume {name} back to {snapshot}"):
+            with rbd.Image(self._io(), image) as img:
+                if not any(s["name"] == snapshot for s in img.list_snaps()):
+                    raise NotFound(f"pool {self.name}: volume {name} has no snapshot {snapshot!r}")
+                if len(list(img.watchers_list())) > 1:  # this handle is one watcher; another is a client
+                    raise Conflict(f"pool {self.name}: volume {name} is open by a client (a running VM): "
+                                   "stop it first")
+                img.rollback_to_snap(snapshot)
+
+    def delete_volume_snapshot(self, name: str, snapshot: str) -> bool:
+        import rbd
+        image = self._snap_args(name, snapshot)
+        with self._errors(f"delete snapshot {snapshot} of volume {name}"):
+            with rbd.Image(self._delete_io(), image) as img:
+                if not any(s["name"] == snapshot for s in img.list_snaps()):
+                    return False
+                img.remove_snap(snapshot)
+                return True
+
+    def volume_snapshots(self, name: str) -> list[str]:
+        import rbd
+        image = VOLUME_PREFIX + name
+        _check_volume_name(name)
+        with self._errors(f"snapshots of volume {name}"):
+            with rbd.Image(self._io(), image, read_only=True) as img:
+                return sorted(s["name"] for s in img.list_snaps() if s["name"] != BASE_SNAP)
 
     def _delete_io(self):
         """An ioctx whose ops go through even when the pool is full (FULL_TRY)."""

@@ -41,6 +41,7 @@ PATTERN_PROBLEMS = {
     models.DIGEST_PATTERN: "a digest: 'sha256:' and 64 lower-case hex digits",
     models.MAC_PATTERN: "a MAC address: six lower-case hex pairs joined by ':'",
     models.CIDR4_PATTERN: "not an IPv4 network (e.g. 10.0.0.0/8) or address",
+    models.SNAPSHOT_NAME_PATTERN: "use 1-63 letters, digits, '-' and '_', starting with a letter or digit",
 }
 
 

@@ -141,6 +141,9 @@ class MigrationSource:
 
     def create(self, req: models.MigrationCreate) -> dict:
         inst = self.root.instances.get(req.instance)
+        if self.root.snapshots.count(inst.id):  # they live in this host's disks (or state): not carried
+            raise Unprocessable(f"instance {inst.name!r} has snapshots, which a migration does not carry: "
+                                "delete them first")
         peer = self.peers.get(req.destination)
         attached = self.root.volumes.of_instance(inst.id)
         if attached:

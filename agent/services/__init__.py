@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from agent.services.records import InstanceRecords
     from agent.services.secgroups import SecurityGroups
     from agent.services.volumes import VolumeService
+    from agent.services.snapshots import SnapshotService
     from containers.network import Network
     from containers.runtime import Runtime
     from hypervisor.driver import Driver
@@ -57,6 +58,7 @@ class Services:
     migrations: MigrationService
     secgroups: SecurityGroups
     volumes: VolumeService
+    snapshots: SnapshotService
     metrics: Metrics
     started: bool
 
@@ -95,6 +97,8 @@ class Services:
         self.secgroups = SecurityGroups(self)  # the only reader/writer of security_group*
         self.volumes = VolumeService(self)  # the only reader/writer of volumes
         self.metrics = Metrics(self)
+        from agent.services.snapshots import SnapshotService
+        self.snapshots = SnapshotService(self)  # the only reader/writer of `snapshots`
         from agent.services.boot import BootState
         self.boot = BootState(self.db, config.boot_id_path)  # the only reader/writer of host_boot
         from agent.services.console import Consoles
@@ -221,6 +225,7 @@ class Services:
             return
         failed = self.operations.recover()
         self.instances.recover()
+        self.snapshots.sweep()  # after recover: the rows of instances it removed go too
         self.migrations.recover()
         self.secgroups.ensure_default()
         self._rebuild_filter()

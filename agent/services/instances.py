@@ -207,6 +207,7 @@ class InstanceService:
                 raise first
             raise Unavailable(f"instance {inst.name!r} could not be fully removed: {left}") from first
         self.records.delete(inst_id)
+        self.root.snapshots.forget_instance(inst_id)  # their data went with the disks/rootfs
         return True
 
     def _release_volume(self, inst: Instance, vol: str) -> None:
@@ -257,11 +258,17 @@ class InstanceService:
                 and not isinstance(self.root.runtime, SupportsPause):
             raise Unsupported(f"the {self.root.config.containers.runtime} runtime cannot {req.action} containers")
         inst_id, name = inst.id, inst.name
+        if req.action == "rebuild":  # agent/services/rebuild.py: checked before the operation
+            from agent.services import rebuild
+            rebuild.check(self.root, inst, req)
 
         def work(op):
             with self.lock(inst_id):
                 op.phase(req.action)
-                if inst.kind == "vm":
+                if req.action == "rebuild":
+                    now = self.get(inst_id)  # checked again under the lock: a snapshot may have come
+                    info = rebuild.rebuild(self.root, now, rebuild.check(self.root, now, req), req, op.phase)
+                elif inst.kind == "vm":
                     info = self._vm_action(name, req)
                     if req.action in ("start", "restart"):
                         self.sync_port(inst)  # a vnetN tap has a new name each start

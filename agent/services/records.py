@@ -30,9 +30,9 @@ from agent.state import Database
 CLEANUP_KEY = "cleanup_pending"  # in a record's spec: its removal failed part-way; retried at start
 COLUMNS = ("id", "name", "kind", "image", "spec", "state", "pool", "volumes", "ip", "mac", "node", "error",
            "created_at", "updated_at")
-UPDATABLE = frozenset({"state", "ip", "error", "volumes"})  # what update() may change; the rest is fixed
+UPDATABLE = frozenset({"state", "ip", "error", "volumes", "image"})  # what update() may change (image: a rebuild)
 # what update_spec() may change in the request kept as spec
-SPEC_UPDATABLE = frozenset({"bandwidth", "cpus", "memory_mib", "autostart"})
+SPEC_UPDATABLE = frozenset({"bandwidth", "cpus", "memory_mib", "autostart", "image_id"})  # image_id: a rebuild
 
 # Schema steps of component "instances"; only ever appended. The table was first made by the
 # "agent" component's step 1 (agent/schema.py, before this module owned it): IF NOT EXISTS
@@ -230,7 +230,7 @@ class InstanceRecords:
         return True
 
     def update(self, inst_id: str, **fields) -> Instance:
-        """Set ``fields`` (of UPDATABLE: state, ip, error, volumes) and ``updated_at``; the
+        """Set ``fields`` (of UPDATABLE: state, ip, error, volumes, image) and ``updated_at``; the
         new record. Announced as a lifecycle event with the record's state, changed or not.
         Raises NotFound if the record is gone (the caller holds the instance's lock)."""
         bad = set(fields) - UPDATABLE

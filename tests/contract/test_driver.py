@@ -352,3 +352,35 @@ def test_nic_taps_name_each_running_nic(driver, spec):
         for name in list(driver._contract_mine):  # the VM goes before its bridge
             driver.delete(name)
         runtimes.drop_test_network(bridge)
+
+
+def test_snapshots_of_a_running_and_a_stopped_vm(driver, spec):
+    """hypervisor.driver.SupportsSnapshots (both drivers): taken and deleted while it runs,
+    reverted only while stopped; names checked; a missing one is NotFound, a second one
+    of a name Conflict."""
+    from hypervisor.driver import SupportsSnapshots
+    assert isinstance(driver, SupportsSnapshots)
+    s = spec()
+    driver.define(s)
+    driver.start(s.name)
+    driver.create_snapshot(s.name, "live")
+    assert driver.list_snapshots(s.name) == ["live"]
+    assert driver.get(s.name).state == "running"
+    with pytest.raises(Conflict, match="live"):
+        driver.create_snapshot(s.name, "live")
+    for bad in ("", "a,b", "-x", "a/b", "a.b"):
+        with pytest.raises(InvalidInput):
+            driver.create_snapshot(s.name, bad)
+    with pytest.raises(Conflict, match="stop it"):
+        driver.revert_snapshot(s.name, "live")
+    assert driver.delete_snapshot(s.name, "live") is True
+    assert driver.delete_snapshot(s.name, "live") is False
+    driver.create_snapshot(s.name, "s2")
+    driver.stop(s.name, force=True)
+    with pytest.raises(NotFound):
+        driver.revert_snapshot(s.name, "nope")
+    driver.revert_snapshot(s.name, "s2")
+    driver.create_snapshot(s.name, "s3")  # stopped: qemu-img
+    assert driver.list_snapshots(s.name) == ["s2", "s3"]
+    assert driver.delete_snapshot(s.name, "s3") is True
+    assert driver.list_snapshots(s.name) == ["s2"]

@@ -335,3 +335,37 @@ def test_files_round_trip_with_owner_and_mode(rt, spec):
     with pytest.raises(InvalidInput):
         rt.open_file("fl", "relative/path")
     assert rt.delete("fl") is True
+
+
+def test_rootfs_snapshots_and_reset(rt, spec):
+    """containers.runtime.SupportsRootfsSnapshots and SupportsRootfsReset (both runtimes):
+    taken running (thawed after) or stopped, reverted and reset only while stopped."""
+    from containers.runtime import SupportsRootfsReset, SupportsRootfsSnapshots
+    assert isinstance(rt, SupportsRootfsSnapshots) and isinstance(rt, SupportsRootfsReset)
+    rt.create(spec("sn", network=NetworkSpec(mode="none")))
+    rt.start("sn")
+    rt.snapshot_rootfs("sn", "one")
+    assert rt.get("sn").state == "running", "thawed after the copy"
+    assert rt.rootfs_snapshots("sn") == ["one"]
+    with pytest.raises(Conflict):
+        rt.snapshot_rootfs("sn", "one")
+    for bad in ("", "-x", "a/b", "..", ".tmp-one"):
+        with pytest.raises(InvalidInput):
+            rt.snapshot_rootfs("sn", bad)
+    with pytest.raises(Conflict, match="stop it"):
+        rt.revert_rootfs("sn", "one")
+    with pytest.raises(Conflict, match="stop it"):
+        rt.reset_rootfs("sn")
+    rt.kill("sn", 9)
+    wait_state(rt, "sn", "stopped")
+    with pytest.raises(NotFound):
+        rt.revert_rootfs("sn", "nope")
+    rt.revert_rootfs("sn", "one")
+    rt.reset_rootfs("sn")
+    assert rt.start("sn").state == "running"
+    assert rt.delete_rootfs_snapshot("sn", "one") is True
+    assert rt.delete_rootfs_snapshot("sn", "one") is False
+    assert rt.rootfs_snapshots("sn") == []
+    with pytest.raises(NotFound):
+        rt.snapshot_rootfs("nosuch", "x")
+    assert rt.delete("sn") is True

@@ -1,0 +1,165 @@
+"""Snapshots of a libvirt VM's disks (hypervisor.driver.SupportsSnapshots for LibvirtDriver).
+
+A snapshot is an *internal* qcow2 snapshot of every writable file disk (the read-only seed is
+left out), named as asked: it lives inside the disk file, so removing the disk removes it, and
+the disk's backing image (the instance's image) is the same for every snapshot.
+
+- running or paused VM: one QMP ``transaction`` of ``blockdev-snapshot-internal-sync`` on each
+  disk's format node, through the agent's own monitor (hypervisor/qmp.py). QEMU drains the
+  disks' in-flight I/O and writes the snapshot's tables while the vCPUs keep running (no
+  STOP/RESUME event): the guest is not paused, only its disk requests wait for the drain
+  and the metadata write (tens of ms; bench/snapshots.py measures both). Crash-consistent:
+  the disks as a power cut would leave them (no guest agent here freezes the filesystems).
+  All disks or none: the transaction is atomic.
+- stopped VM: ``qemu-img snapshot -c`` on each disk, undone on failure.
+- revert: only while stopped (``qemu-img snapshot -a``): reverting a running guest's disk
+  under its page cache would corrupt its filesystems.
+- delete: ``blockdev-snapshot-delete-internal-sync`` while QEMU holds the disks, else
+  ``qemu-img snapshot -d``.
+
+RBD disks are refused (Unprocessable) here: the agent snapshots a VM on an RBD pool through
+the pool itself (storage.backend.SnapshotsVolumes: RBD snapshots of its root volume).
+"""
+from __future__ import annotations
+
+import subprocess
+from typing import TYPE_CHECKING
+
+from agent.errors import CommandFailed, Conflict, NotFound, Unavailable, Unprocessable
+from hypervisor import qmp
+from hypervisor.validate import check_snapshot_name
+
+if TYPE_CHECKING:
+    from hypervisor.libvirt_driver import LibvirtDriver
+
+QEMU_IMG_TIMEOUT_S = 120  # a revert of a large disk rewrites its refcounts
+QMP_SNAPSHOT_TIMEOUT_S = 60  # the drain waits for the guest's in-flight I/O
+
+
+def _qemu_img(*args: str) -> subprocess.CompletedProcess:
+    argv = ["qemu-img", *args]
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S)
+    except FileNotFoundError:
+        raise Unavailable("qemu-img is missing: apt-get install qemu-utils (or run scripts/setup-host)") from None
+
+
+def _checked(*args: str) -> None:
+    r = _qemu_img(*args)
+    if r.returncode != 0:
+        raise CommandFailed(f"qemu-img {args[0]} {args[1]} failed: {r.stderr.strip()}",
+                            argv=["qemu-img", *args], returncode=r.returncode, stderr=r.stderr)
+
+
+def _disks(drv: LibvirtDriver, name: str) -> list:
+    """The writable disks a snapshot covers (qcow2 files); Unprocessable for any other."""
+    out = []
+    for d in drv.disks(name):
+        if d.readonly or d.device == "cdrom":
+            continue
+        if d.type != "file" or d.format != "qcow2":
+            raise Unprocessable(f"VM {name!r}: disk {d.target} is {d.type}/{d.format}; snapshots of a VM "
+                                "cover qcow2 file disks only (local pools)", vm=name)
+        out.append(d)
+    return out
+
+
+def _nodes(drv: LibvirtDriver, name: str, dom, targets: list[str]) -> dict[str, str]:
+    """target -> the QEMU block node (format layer) of each of ``targets`` in the running VM."""
+    alias = {}
+    for el in drv._xml(dom).findall("devices/disk"):
+        t, a = el.find("target"), el.find("alias")
+        if t is not None and a is not None:
+            alias[t.get("dev")] = a.get("name")
+    found = {}
+    for b in qmp.execute(drv.qmp_socket(name), "query-block"):
+        node = (b.get("inserted") or {}).get("node-name")
+        for t in targets:
+            if node and alias.get(t) and f"/{alias[t]}/" in (b.get("qdev") or "") + "/":
+                found[t] = node
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise Unavailable(f"VM {name!r}: QEMU shows no block node for disk(s) {', '.join(missing)}", vm=name)
+    return found
+
+
+def _on_disk(path: str) -> set[str]:
+    r = _qemu_img("snapshot", "-U", "-l", path)
+    if r.returncode != 0:
+        raise CommandFailed(f"qemu-img snapshot -l {path} failed: {r.stderr.strip()}",
+                            argv=["qemu-img", "snapshot", "-l", path], returncode=r.returncode, stderr=r.stderr)
+    names = set()
+    for ln in r.stdout.splitlines()[2:]:  # "Snapshot list:" and the column header
+        parts = ln.split()
+        if len(parts) >= 2:
+            names.add(parts[1])
+    return names
+
+
+def create(drv: LibvirtDriver, name: str, snapshot: str) -> None:
+    check_snapshot_name(snapshot)
+    dom = drv._dom(name)
+    disks = _disks(drv, name)
+    if not disks:
+        raise Unprocessable(f"VM {name!r} has no writable disk to snapshot", vm=name)
+    for d in disks:
+        if snapshot in _on_disk(d.source):
+            raise Conflict(f"VM {name!r} already has a snapshot {snapshot!r} (disk {d.target})", vm=name)
+    if drv._state(dom) in ("running", "paused"):
+        nodes = _nodes(drv, name, dom, [d.target for d in disks])
+        actions = [{"type": "blockdev-snapshot-internal-sync", "data": {"device": nodes[d.target], "name": snapshot}}
+                   for d in disks]
+        qmp.execute(drv.qmp_socket(name), "transaction", {"actions": actions}, timeout=QMP_SNAPSHOT_TIMEOUT_S)
+        return
+    done = []
+    try:
+        for d in disks:
+            _checked("snapshot", "-c", snapshot, d.source)
+            done.append(d.source)
+    except BaseException:
+        for p in done:
+            _qemu_img("snapshot", "-d", snapshot, p)
+        raise
+
+
+def revert(drv: LibvirtDriver, name: str, snapshot: str) -> None:
+    check_snapshot_name(snapshot)
+    dom = drv._dom(name)
+    state = drv._state(dom)
+    if state != "stopped":
+        raise Conflict(f"VM {name!r} is {state}: stop it before restoring a snapshot", vm=name)
+    disks = _disks(drv, name)
+    for d in disks:
+        if snapshot not in _on_disk(d.source):
+            raise NotFound(f"VM {name!r}: disk {d.target} has no snapshot {snapshot!r}", vm=name)
+    for d in disks:
+        _checked("snapshot", "-a", snapshot, d.source)
+
+
+def delete(drv: LibvirtDriver, name: str, snapshot: str) -> bool:
+    check_snapshot_name(snapshot)
+    dom = drv._dom(name)
+    disks = [d for d in _disks(drv, name) if snapshot in _on_disk(d.source)]
+    if not disks:
+        return False
+    if drv._state(dom) in ("running", "paused"):
+        nodes = _nodes(drv, name, dom, [d.target for d in disks])
+        for d in disks:
+            qmp.execute(drv.qmp_socket(name), "blockdev-snapshot-delete-internal-sync",
+                        {"device": nodes[d.target], "name": snapshot}, timeout=QMP_SNAPSHOT_TIMEOUT_S)
+        return True
+    for d in disks:
+        _checked("snapshot", "-d", snapshot, d.source)
+    return True
+
+
+def listed(drv: LibvirtDriver, name: str) -> list[str]:
+    """Snapshots present on every writable disk."""
+    disks = _disks(drv, name)
+    if not disks:
+        return []
+    common = _on_disk(disks[0].source)
+    for d in disks[1:]:
+        common &= _on_disk(d.source)
+    return sorted(common)
+

@@ -28,7 +28,8 @@ M_ARENA_MAX = -8  # glibc's mallopt() parameter number (malloc.h)
 
 
 def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas before the worker threads start. By default glibc gives
+    """Cap glibc's malloc arenas before any thread starts (glibc fixes the cap when a thread
+    first contends: `agent serve` calls this first). By default glibc gives
     threads that contend for the heap arenas of their own, up to 8 per core, and each keeps
     its freed memory: under a create storm (20 operation threads, the HTTP pool) the agent's
     RSS tripled (348 MB with 100 containers, 139 MB with 2 arenas; bench/scale.py) for no
@@ -122,7 +123,6 @@ class AgentServer:
         from agent.api import ROUTES
         from agent.httpserver import HttpServer
 
-        limit_malloc_arenas()  # before the operation and HTTP threads exist
         notify_socket = sdnotify.take_socket()  # before any child (runc) could inherit it
         api = fit_connections(self._config.api)
         tls = ssl_context(api)

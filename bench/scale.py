@@ -39,8 +39,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from jsonline import emitter
-from testbed.agentproc import AgentProcess, Api
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's agent, not the venv's install
+from jsonline import emitter  # noqa: E402
+from testbed.agentproc import AgentProcess, Api  # noqa: E402
 
 STORM = 100
 INFLIGHT = 20

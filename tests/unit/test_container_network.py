@@ -162,3 +162,18 @@ def test_veth_counters_are_read_from_sysfs_reversed(db, tmp_path, monkeypatch):
         (st / key).write_text(f"{v}\n")
     assert n.counters("c0") == {"rx_bytes": 20, "tx_bytes": 10, "rx_packets": 2, "tx_packets": 1}
     assert n.counters("c1") == {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0}
+
+
+def test_the_key_quota_is_raised_never_lowered(tmp_path):
+    """runc gives each container a session keyring charged to the uid its root maps to: the
+    kernel's default quota for a non-root uid (200 keys) would stop creates at ~200."""
+    from containers.runc import KEY_QUOTA, ensure_key_quota
+    (tmp_path / "maxkeys").write_text("200\n")
+    (tmp_path / "maxbytes").write_text("99999999\n")
+    assert ensure_key_quota(str(tmp_path)) == {"maxkeys": KEY_QUOTA["maxkeys"]}
+    assert int((tmp_path / "maxkeys").read_text()) == KEY_QUOTA["maxkeys"]
+    assert (tmp_path / "maxbytes").read_text() == "99999999\n"
+    assert ensure_key_quota(str(tmp_path)) == {}
+    (tmp_path / "maxbytes").unlink()  # unreadable: logged, the rest still done
+    (tmp_path / "maxkeys").write_text("10\n")
+    assert ensure_key_quota(str(tmp_path)) == {"maxkeys": KEY_QUOTA["maxkeys"]}

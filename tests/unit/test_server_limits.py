@@ -1,8 +1,8 @@
 """The agent keeps descriptors for its own work: the open-files limit is raised to fit
 api.max_connections, or the connections are capped below it (run in a child: rlimits are
 per process)."""
-import os
 import json
+import os
 import subprocess
 import sys
 

@@ -32,7 +32,7 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     first contends: `agent serve` calls this first). By default glibc gives
     threads that contend for the heap arenas of their own, up to 8 per core, and each keeps
     its freed memory: under a create storm (20 operation threads, the HTTP pool) the agent's
-    RSS tripled (bench/scale.py, 250 containers: 425 MB by default, 151 MB with 2 arenas,
+    RSS tripled (bench/scale.py, 200-250 containers: 425 MB by default, 151 MB with 2 arenas,
     125 MB with 1) for no speed it could measure. $MALLOC_ARENA_MAX, when set, wins. False where this is not glibc."""
     import ctypes
     if os.environ.get("MALLOC_ARENA_MAX"):

@@ -177,3 +177,12 @@ def test_the_key_quota_is_raised_never_lowered(tmp_path):
     (tmp_path / "maxbytes").unlink()  # unreadable: logged, the rest still done
     (tmp_path / "maxkeys").write_text("10\n")
     assert ensure_key_quota(str(tmp_path)) == {"maxkeys": KEY_QUOTA["maxkeys"]}
+
+
+def test_leftover_veths_are_ours_without_a_container(db, tmp_path, monkeypatch):
+    import containers.network as network
+    monkeypatch.setattr(network, "SYS_NET", str(tmp_path))
+    n = net(db)
+    for name in (n.veth_name("live"), n.veth_name("gone"), "nvffff0000000", "eth0"):
+        (tmp_path / name).mkdir()
+    assert n.leftover_veths({"live"}) == [n.veth_name("gone")]

@@ -35,8 +35,10 @@ def _load(ctx):
 @click.pass_context
 def serve(ctx):
     """Run the agent in the foreground (one process; asyncio HTTP/1.1 in front of the app)."""
+    from agent.server import AgentServer, limit_malloc_arenas
+    limit_malloc_arenas()  # before any thread exists
+
     from agent.app import create_app
-    from agent.server import AgentServer
 
     from agent import log
     cfg = _load(ctx)

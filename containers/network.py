@@ -32,6 +32,7 @@ from containers.firewall import Firewall, Policy, Port, ensure_bridge_netfilter
 from containers.runtime import PortMap
 
 NETNS_DIR = "/run/netns"
+SYS_NET = "/sys/class/net"  # the host veths' counters (statistics/rx_bytes, ...)
 NAT_CHAIN = "NODEAGENT-NAT"
 DNAT_CHAIN = "NODEAGENT-DNAT"
 VM_LEASE_PREFIX = "vm:"  # leases of VMs on the same bridge: "vm:<instance id>" (not containers)
@@ -152,7 +153,11 @@ class Network:
         self.firewall = Firewall(rtag=rtag, bridge=bridge, gateway=self.gateway)
         # the security groups (agent/services/secgroups.py sets it): None, no group filtering
         self.policy_source: Callable[[], Policy | None] | None = None
-        self._fw_lock = threading.Lock()
+        # apply_firewall() callers at the same time share one rebuild (see there)
+        self._fw_cond = threading.Condition()
+        self._fw_asked = 0  # rebuilds asked for so far, numbered 1, 2, ...
+        self._fw_done = 0  # every ask up to this number is covered by an applied rebuild
+        self._fw_busy = False  # a rebuild is running (at most one)
         db.apply_schema("containers_net", SCHEMA_STEPS)
 
     # -- names ------------------------------------------------------------------------
@@ -308,10 +313,33 @@ class Network:
 
     def apply_firewall(self) -> None:
         """Render and apply this network's whole filter (containers/firewall.py) from the
-        leases and the security groups: one atomic nft batch; idempotent."""
-        with self._fw_lock:
+        leases and the security groups: one atomic nft batch; idempotent.
+
+        A rebuild reads everything, so callers at the same time share one: a caller returns
+        once a rebuild that read the state after its call began has been applied. Under a
+        storm of N creates the whole filter is rebuilt about twice per batch of callers
+        instead of N times. If that rebuild fails, each caller it covered retries on its own
+        (and gets its own error)."""
+        with self._fw_cond:
+            self._fw_asked += 1
+            mine = self._fw_asked
+            while self._fw_busy and self._fw_done < mine:
+                self._fw_cond.wait()
+            if self._fw_done >= mine:
+                return  # a rebuild that started after this call was applied
+            self._fw_busy = True
+            covers = self._fw_asked  # the rebuild below reads the state after each of these calls
+        try:
             policy = self.policy_source() if self.policy_source is not None else None
             self.firewall.apply(self.ports(), policy)
+        except BaseException:
+            with self._fw_cond:
+                self._fw_busy = False
+                self._fw_cond.notify_all()
+            raise
+        with self._fw_cond:
+            self._fw_done, self._fw_busy = max(self._fw_done, covers), False
+            self._fw_cond.notify_all()
 
     def claim_ports(self, name: str, ports: tuple[PortMap, ...]) -> None:
         """Record the ports for ``name``; Conflict if ours or anybody's already."""
@@ -414,14 +442,17 @@ class Network:
 
     def counters(self, name: str) -> dict:
         """rx/tx bytes and packets as the container sees them (the host veth's reversed)."""
-        from pyroute2 import IPRoute
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=self.veth_name(name))
-            if not idx:
+        # sysfs, not a netlink socket per call: a /metrics scrape reads this for every container
+        d = os.path.join(SYS_NET, self.veth_name(name), "statistics")
+        st = {}
+        for key in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
+            try:
+                with open(os.path.join(d, key)) as f:
+                    st[key] = int(f.read())
+            except (OSError, ValueError):  # no veth (not running): nothing counted
                 return {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0}
-            st = ipr.get_links(idx[0])[0].get_attr("IFLA_STATS64") or {}
-        return {"rx_bytes": st.get("tx_bytes", 0), "tx_bytes": st.get("rx_bytes", 0),
-                "rx_packets": st.get("tx_packets", 0), "tx_packets": st.get("rx_packets", 0)}
+        return {"rx_bytes": st["tx_bytes"], "tx_bytes": st["rx_bytes"],
+                "rx_packets": st["tx_packets"], "tx_packets": st["rx_packets"]}
 
     # -- leftovers --------------------------------------------------------------------------
     def leftover_names(self) -> set[str]:
@@ -443,11 +474,11 @@ class Network:
         return names
 
     def leftover_veths(self, live: set[str]) -> list[str]:
-        from pyroute2 import IPRoute
+        """Our host veths (``nv<rtag>*``) of no container in ``live``. The names come from
+        sysfs: a netlink dump decodes every link of the host (seconds at agent start with
+        a thousand containers)."""
         want = {self.veth_name(n) for n in live}
-        with IPRoute() as ipr:
-            names = [l.get_attr("IFLA_IFNAME") for l in ipr.get_links()]
-        return [n for n in names if n.startswith(f"nv{self.rtag}") and n not in want]
+        return sorted(n for n in os.listdir(SYS_NET) if n.startswith(f"nv{self.rtag}") and n not in want)
 
     def delete_veth(self, ifname: str) -> None:
         from pyroute2 import IPRoute

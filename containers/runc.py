@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import select
@@ -65,6 +66,7 @@ EXIT_GRACE = 5.0  # seconds to wait for the exit file after SIGKILL
 EXEC_OUTPUT_BYTES = 1024 * 1024  # 1 MiB of stdout and of stderr kept per exec; the rest is read and dropped
 EXEC_TIMEOUT_EXIT = 124  # the exit code of an exec killed at its timeout (as coreutils' timeout(1))
 POLL = 0.01
+log = logging.getLogger(__name__)
 # runc update's error when the memory cgroup cannot shrink below what the container uses (v1: EBUSY)
 MEMORY_BUSY_RE = re.compile(r"unable to set memory limit to \d+ \(current usage: (\d+)")
 
@@ -91,6 +93,34 @@ def spec_from_json(text: str) -> ContainerSpec:
 
 SCOPE_PREFIX = "nodeagent-conmon-"  # transient scope units of the monitors (systemd hosts)
 CGROUP_DRIVERS = ("auto", "systemd", "cgroupfs")  # runc's cgroup manager: see the module's docstring
+# Every container's init gets a session keyring of its own (runc), charged to the host uid
+# its root maps to: one uid for all user-namespaced containers of an id map. The kernel's
+# default quota for a non-root uid (200 keys, 20000 bytes) stops container creation at about
+# 200 containers ("unable to create session key: disk quota exceeded"); these floors fit a
+# few thousand (LXD's production settings are 2000 keys and 2 MB).
+KEYS_DIR = "/proc/sys/kernel/keys"
+KEY_QUOTA = {"maxkeys": 20000, "maxbytes": 2_000_000}
+
+
+def ensure_key_quota(keys_dir: str = KEYS_DIR) -> dict[str, int]:
+    """Raise the kernel's per-uid key quota (kernel.keys.maxkeys, maxbytes) to KEY_QUOTA
+    where it is lower, never lowering it; what was raised. Privileged (sysctl); a host
+    where it cannot be written keeps its quota (logged): containers past it fail to start
+    with the kernel's message."""
+    raised = {}
+    for key, floor in KEY_QUOTA.items():
+        path = os.path.join(keys_dir, key)
+        try:
+            with open(path) as f:
+                if int(f.read()) >= floor:
+                    continue
+            with open(path, "w") as f:
+                f.write(str(floor))
+            raised[key] = floor
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the kernel's key quota: containers past it fail to start",
+                        extra={"key": f"kernel.keys.{key}", "error": str(e)})
+    return raised
 
 
 def systemd_booted(run_dir: str = "/run/systemd/system") -> bool:
@@ -162,6 +192,7 @@ class RuncRuntime:
                 raise Unavailable(f"{tool} is not installed: apt-get install {tool} "
                                   "(or run scripts/setup-host)")
         self.runc: str = found["runc"] or ""
+        ensure_key_quota()
         self.conmon: str = found["conmon"] or ""
         self.state_dir = os.path.abspath(state_dir)
         self.db = db

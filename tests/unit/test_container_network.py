@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import pytest
 
@@ -74,3 +76,113 @@ def test_k8s_log_lines_and_partial_lines():
            "2026-01-01T00:00:00.3+00:00 stderr F tial\n"
            "2026-01-01T00:00:00.4+00:00 stdout F \n")
     assert _parse_k8s_log(raw) == "hello\npartial\n\n"
+
+
+class _RecordingFirewall:
+    """Records the ports of each rebuild; the first one blocks until ``gate`` (and fails with ``fail``)."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.calls: list[list[str]] = []
+        self.gate, self.fail = threading.Event(), fail
+
+    def apply(self, ports, policy):
+        first = not self.calls
+        self.calls.append(sorted(p.owner for p in ports))
+        if first:
+            assert self.gate.wait(10)
+            if self.fail:
+                raise self.fail
+
+
+def _lease_in_threads(n, names, errors):
+    def one(name):
+        try:
+            n.lease(name, mac=n.container_mac(name), ifname=n.veth_name(name))
+            assert name in fw.calls[-1], "returned before a rebuild with its lease was applied"
+        except Exception as e:  # noqa: BLE001 - the test reads them
+            errors[name] = e
+    fw = n.firewall
+    threads = [threading.Thread(target=one, args=(name,)) for name in names]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _wait_asked(n, count):
+    for _ in range(500):
+        if n._fw_asked >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the callers never asked for a rebuild")
+
+
+def test_concurrent_firewall_rebuilds_are_shared(db):
+    """A create storm: the callers waiting during one rebuild share the next one, and each
+    returns only once a rebuild that includes its own lease is applied."""
+    n = net(db, subnet="198.19.77.0/28")
+    n.firewall = fw = _RecordingFirewall()
+    errors: dict = {}
+    first = _lease_in_threads(n, ["c0"], errors)
+    _wait_asked(n, 1)
+    rest = _lease_in_threads(n, [f"c{i}" for i in range(1, 8)], errors)
+    _wait_asked(n, 8)
+    fw.gate.set()
+    for t in first + rest:
+        t.join(10)
+    assert not errors
+    assert len(fw.calls) == 2, fw.calls  # not 8
+    assert fw.calls[-1] == sorted(f"c{i}" for i in range(8))
+    n.apply_firewall()  # a lone call after them still rebuilds
+    assert len(fw.calls) == 3
+
+
+def test_a_failed_shared_rebuild_is_retried_by_each_waiting_caller(db):
+    n = net(db, subnet="198.19.77.0/28")
+    n.firewall = fw = _RecordingFirewall(fail=RuntimeError("nft refused"))
+    errors: dict = {}
+    first = _lease_in_threads(n, ["c0"], errors)
+    _wait_asked(n, 1)
+    second = _lease_in_threads(n, ["c1"], errors)
+    _wait_asked(n, 2)
+    fw.gate.set()
+    for t in first + second:
+        t.join(10)
+    assert set(errors) == {"c0"} and "nft refused" in str(errors["c0"])  # reserve() would release it
+    assert len(fw.calls) == 2 and "c1" in fw.calls[-1]
+
+
+def test_veth_counters_are_read_from_sysfs_reversed(db, tmp_path, monkeypatch):
+    """The container's rx is its host veth's tx; no veth (not running): zeros."""
+    import containers.network as network
+    monkeypatch.setattr(network, "SYS_NET", str(tmp_path))
+    n = net(db)
+    st = tmp_path / n.veth_name("c0") / "statistics"
+    st.mkdir(parents=True)
+    for key, v in {"rx_bytes": 10, "tx_bytes": 20, "rx_packets": 1, "tx_packets": 2}.items():
+        (st / key).write_text(f"{v}\n")
+    assert n.counters("c0") == {"rx_bytes": 20, "tx_bytes": 10, "rx_packets": 2, "tx_packets": 1}
+    assert n.counters("c1") == {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0}
+
+
+def test_the_key_quota_is_raised_never_lowered(tmp_path):
+    """runc gives each container a session keyring charged to the uid its root maps to: the
+    kernel's default quota for a non-root uid (200 keys) would stop creates at ~200."""
+    from containers.runc import KEY_QUOTA, ensure_key_quota
+    (tmp_path / "maxkeys").write_text("200\n")
+    (tmp_path / "maxbytes").write_text("99999999\n")
+    assert ensure_key_quota(str(tmp_path)) == {"maxkeys": KEY_QUOTA["maxkeys"]}
+    assert int((tmp_path / "maxkeys").read_text()) == KEY_QUOTA["maxkeys"]
+    assert (tmp_path / "maxbytes").read_text() == "99999999\n"
+    assert ensure_key_quota(str(tmp_path)) == {}
+    (tmp_path / "maxbytes").unlink()  # unreadable: logged, the rest still done
+    (tmp_path / "maxkeys").write_text("10\n")
+    assert ensure_key_quota(str(tmp_path)) == {"maxkeys": KEY_QUOTA["maxkeys"]}
+
+
+def test_leftover_veths_are_ours_without_a_container(db, tmp_path, monkeypatch):
+    import containers.network as network
+    monkeypatch.setattr(network, "SYS_NET", str(tmp_path))
+    n = net(db)
+    for name in (n.veth_name("live"), n.veth_name("gone"), "nvffff0000000", "eth0"):
+        (tmp_path / name).mkdir()
+    assert n.leftover_veths({"live"}) == [n.veth_name("gone")]

@@ -52,3 +52,38 @@ def test_concurrent_writers_all_land(db):
     for t in threads:
         t.join()
     assert db.one("SELECT count(*) AS c FROM things")["c"] == 160
+
+
+def test_writers_of_one_file_queue_in_process_and_time_out_as_sqlite(tmp_path, monkeypatch):
+    """Two handles on one file (two components) share the in-process writer queue: a writer
+    waits for the transaction in progress, nested transactions join theirs, and a writer
+    still waiting after the busy timeout fails with SQLite's own error."""
+    import sqlite3
+
+    import agent.state as state
+    a, b = Database(tmp_path / "s.db"), Database(str(tmp_path / "." / "s.db"))
+    a.apply_schema("demo", STEPS)
+    holding, release, order = threading.Event(), threading.Event(), []
+
+    def first():
+        with a.tx() as c:
+            with a.tx():  # nested: joins, does not wait for itself
+                c.execute("INSERT INTO things(id, n) VALUES('a', 1)")
+            holding.set()
+            release.wait(10)
+            order.append("a")
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert holding.wait(10)
+    monkeypatch.setattr(state, "BUSY_TIMEOUT_MS", 50)
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        b.execute("INSERT INTO things(id, n) VALUES('b', 2)")
+    monkeypatch.setattr(state, "BUSY_TIMEOUT_MS", 10_000)
+    w = threading.Thread(target=lambda: (b.execute("INSERT INTO things(id, n) VALUES('b', 2)"), order.append("b")))
+    w.start()
+    release.set()
+    t.join(10)
+    w.join(10)
+    assert order == ["a", "b"]
+    assert [r["id"] for r in b.query("SELECT id FROM things ORDER BY id")] == ["a", "b"]

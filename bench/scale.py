@@ -1,0 +1,355 @@
+"""Density and storm benchmarks (issue #20): JSON lines as described in DESIGN.md section 7,
+peers measured in the same run.
+
+(a) container storm: STORM creates with INFLIGHT in flight through the API (POST + wait
+    for the operation) vs `podman run -d` with INFLIGHT in flight (its own --root, so no
+    other podman state is touched) and vs the runtime layer (RuncRuntime.create + start in
+    this process, INFLIGHT threads). All three run busybox `sleep` with network none: the
+    same work on every side (podman's bridge is netavark's, not comparable). creates/s and
+    the p50/p99 of one create; the p99 is also compared with the quiet p50 (one at a time).
+(b) density: --n containers (bridge networking, one lease and veth each) created INFLIGHT
+    at a time; then the agent's RSS, conmon RSS and cgroup memory per container, GET
+    /v1/instances p50/p99 (peer: GET /v1/health on the same server), /metrics scrape time,
+    and create p50 with --n running vs on the empty host (measured at the start).
+(c) restart: kill -9 the agent (ours, by PID) and start it again: ms until it answers,
+    ms until every instance is re-adopted (listed running and its stats readable).
+(d) delete storm: the --n deletes with INFLIGHT in flight, then a count of what is left:
+    mounts under the agent's state dir, cgroups under its parent, its veths and netns,
+    leases and rows.
+Not measured yet: the VM storm and 50 running VMs (issue #20 asks for them).
+
+Run as root (the machine is shared: N=100..200 while developing):
+    .venv/bin/python bench/scale.py --n 200
+The full run: .venv/bin/python bench/scale.py --n 1000
+Everything it makes (agent state dir, bridge and rules, cgroups, podman root) is removed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import glob
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's agent, not the venv's install
+from jsonline import emitter  # noqa: E402
+from testbed.agentproc import AgentProcess, Api  # noqa: E402
+
+STORM = 100
+INFLIGHT = 20
+QUIET = 10
+LIST_REQUESTS = 200
+METRICS_REQUESTS = 10
+SETTLE_S = 0.1  # as bench/api.py: every quiet create pays the cgroup v1 RCU wait
+
+line = emitter("scale")
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def rss_mb(pid) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for ln in f:
+            if ln.startswith("VmRSS:"):
+                return int(ln.split()[1]) / 1024
+    return 0.0
+
+
+def free_block() -> str:
+    """A /21 of 198.19.0.0/16 (test-only) below the /24s test_network() hands out (100..249)
+    that no interface uses now: 1000 leases do not fit a /24."""
+    used = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    for base in range(8, 96, 8):
+        if not any(f" 198.19.{n}." in used for n in range(base, base + 8)):
+            return f"198.19.{base}.0/21"
+    raise RuntimeError("no free /21 in 198.19.8.0-198.19.95.255")
+
+
+def storm(fn, n, inflight=INFLIGHT):
+    """Run fn(i) for i < n with ``inflight`` at once: (creates/s, latencies ms)."""
+    lat = []
+
+    def one(i):
+        t0 = time.perf_counter()
+        fn(i)
+        lat.append((time.perf_counter() - t0) * 1000)
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(inflight) as ex:
+        for f in [ex.submit(one, i) for i in range(n)]:
+            f.result()
+    return n / (time.perf_counter() - t0), lat
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+        os.chmod(self.tmp, 0o711)  # user-namespaced containers' roots traverse it to their rootfs
+        self.bridge, self.subnet = f"nascale{secrets.token_hex(2)}", free_block()
+        self.cgparent = f"nodeagent-scale-{secrets.token_hex(3)}"
+        self.agent = AgentProcess(self.tmp / "agent", pool_kind="local")
+        self.agent.config.write_text(
+            self.agent.config.read_text()
+            .replace("workers = 8", f"workers = {INFLIGHT}")
+            .replace('runtime = "fake"', f'runtime = "runc"\ncgroup_parent = "{self.cgparent}"')
+            + f'[network]\nbridge = "{self.bridge}"\nsubnet = "{self.subnet}"\nnat = false\n')
+        self.token = self.agent.token("bench", "admin")
+        self.api: Api | None = None
+        self.podman_root = self.tmp / "podman"
+
+    # -- agent helpers --
+    def start(self):
+        self.agent.start()
+        self.api = Api(self.agent.url, self.token)
+
+    def create(self, name, network="bridge"):
+        api = Api(self.agent.url, self.token)  # a session per thread
+        r = api.post("/v1/instances", json={"name": name, "kind": "container", "image": "busybox",
+                                            "network": network, "memory_mib": 32,
+                                            "command": ["/bin/busybox", "sleep", "100000"]})
+        assert r.status_code == 202, r.text
+        op = api.wait(r.json(), timeout=600)
+        assert op["status"] == "succeeded", op
+
+    def delete(self, name):
+        r = Api(self.agent.url, self.token).delete(f"/v1/instances/{name}", timeout=600)
+        assert r.status_code in (200, 204), r.text
+
+    def import_busybox(self):
+        from testbed.ocibuild import busybox_layers, write_layout
+        layout = write_layout(str(self.tmp / "layout"), {"latest": busybox_layers()})
+        op = self.api.wait(self.api.post("/v1/images", json={"name": "busybox", "format": "oci",
+                                                             "source": {"type": "file", "path": layout}}).json())
+        assert op["status"] == "succeeded", op
+
+    def timed_gets(self, path, n):
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            r = self.api.get(path)
+            r.content  # noqa: B018 - the whole body
+            lat.append((time.perf_counter() - t0) * 1000)
+            assert r.status_code == 200, r.text
+        return lat
+
+    def quiet_creates(self, prefix):
+        lat = []
+        for i in range(QUIET):
+            time.sleep(SETTLE_S)
+            t0 = time.perf_counter()
+            self.create(f"{prefix}{i}")
+            lat.append((time.perf_counter() - t0) * 1000)
+        for i in range(QUIET):
+            self.delete(f"{prefix}{i}")
+        return lat
+
+    # -- (a) storm --
+    def container_storm(self):
+        n = self.args.storm
+        rate, lat = storm(lambda i: self.create(f"s{i}", network="none"), n)
+        storm(lambda i: self.delete(f"s{i}"), n)
+        rt_rate, rt_lat = self.runtime_storm(n)
+        pm = self.podman_storm(n)
+        peer = f"podman run -d, {INFLIGHT} in flight" if pm else None
+        line(f"container_storm_creates_per_s_{n}", rate, peer, pm[0] if pm else None, unit="creates/s")
+        line(f"container_storm_creates_per_s_{n}_vs_runtime", rate,
+             f"runtime layer create+start, {INFLIGHT} in flight", rt_rate, unit="creates/s")
+        line(f"container_storm_p50_{n}", statistics.median(lat), peer, statistics.median(pm[1]) if pm else None)
+        line(f"container_storm_p99_{n}", pct(lat, 99), peer, pct(pm[1], 99) if pm else None)
+        line(f"container_storm_p99_{n}_vs_quiet_p50", pct(lat, 99), "API create p50, one at a time",
+             statistics.median(self.quiet))
+        line(f"container_storm_runtime_p99_{n}", pct(rt_lat, 99))
+
+    def runtime_storm(self, n):
+        from containers.runtime import ContainerSpec, Limits, NetworkSpec, Rootfs
+        from storage.unpack import layer_dir
+        from testbed.runtimes import make_runc
+        layers = self.api.get("/v1/images/busybox").json()["layers"]
+        lowerdirs = tuple(layer_dir(str(self.agent.state_dir / "cache"), d) for d in reversed(layers))
+        rt, cleanup = make_runc(self.tmp / "rt")
+        try:
+            def one(i):
+                base = self.tmp / "rt-rootfs" / f"r{i}"
+                (base / "upper").mkdir(parents=True)
+                (base / "work").mkdir(parents=True)
+                spec = ContainerSpec(name=f"r{i}", rootfs=Rootfs(lowerdirs, str(base / "upper"), str(base / "work")),
+                                     command=("/bin/busybox", "sleep", "100000"), env={"PATH": "/bin"},
+                                     hostname=f"r{i}", limits=Limits(cpus=1, memory_mib=32),
+                                     network=NetworkSpec(mode="none"), userns=True)
+                rt.create(spec)
+                rt.start(spec.name)
+            out = storm(one, n)
+            storm(lambda i: rt.delete(f"r{i}"), n)
+            return out
+        finally:
+            cleanup()
+
+    def podman(self, *args, **kw):
+        return subprocess.run(["podman", "--root", str(self.podman_root / "root"),
+                               "--runroot", str(self.podman_root / "run"), "--cgroup-manager", "cgroupfs",
+                               "--events-backend", "file", *args], capture_output=True, text=True, **kw)
+
+    def podman_storm(self, n):
+        if not shutil.which("podman"):
+            print("podman not installed: no podman peer", file=sys.stderr)
+            return None
+        from testbed.runtimes import build_busybox_rootfs
+        rootfs = build_busybox_rootfs(str(self.tmp / "pm-rootfs"))
+        tar = self.tmp / "busybox.tar"
+        subprocess.run(["tar", "-C", rootfs, "-cf", str(tar), "."], check=True)
+        self.podman("import", str(tar), "localhost/nascale-busybox", check=True)
+
+        def one(i):
+            r = self.podman("run", "-d", "--network", "none", "--memory", "32m",
+                            "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",  # runc may not raise them
+                            "--cgroup-parent", f"/{self.cgparent}-pm", "--name", f"p{i}",
+                            "localhost/nascale-busybox", "/bin/busybox", "sleep", "100000")
+            assert r.returncode == 0, r.stderr
+        try:
+            return storm(one, n)
+        finally:
+            self.podman("rm", "-af", "-t", "0")
+
+    # -- (b) density, (c) restart, (d) delete storm --
+    def density(self):
+        n = self.args.n
+        _, lat = storm(lambda i: self.create(f"d{i}"), n)
+        if os.environ.get("BENCH_DEBUG"):
+            print(f"density create p50 {statistics.median(lat):.0f} ms p99 {pct(lat, 99):.0f} ms", file=sys.stderr)
+        rows = self.api.get("/v1/instances").json()["instances"]
+        assert sum(1 for i in rows if i["state"] == "running") == n, "not all running"
+        line(f"agent_rss_{n}", rss_mb(self.agent.proc.pid), unit="MB")
+        conmons, mem = [], []
+        for pidfile in glob.glob(str(self.agent.state_dir / "containers" / "containers" / "d*" / "conmon.pid")):
+            try:
+                conmons.append(rss_mb(int(Path(pidfile).read_text().strip())))
+            except (OSError, ValueError):
+                pass
+        for i in range(0, n, max(1, n // 50)):
+            mem.append(self.api.get(f"/v1/instances/d{i}/stats").json().get("memory_bytes") or 0)
+        line("conmon_rss_per_container", statistics.median(conmons) if conmons else 0, unit="MB")
+        line("container_cgroup_memory_per_container", statistics.median(mem) / 2**20, unit="MB")
+        lst, health = self.timed_gets("/v1/instances", LIST_REQUESTS), self.timed_gets("/v1/health", LIST_REQUESTS)
+        line(f"list_{n}_p50", statistics.median(lst), "GET /v1/health, same server", statistics.median(health))
+        line(f"list_{n}_p99", pct(lst, 99), "GET /v1/health, same server", pct(health, 99))
+        met = self.timed_gets("/metrics", METRICS_REQUESTS)
+        line(f"metrics_scrape_{n}", statistics.median(met))
+        at = self.quiet_creates("q")
+        line(f"create_p50_at_{n}", statistics.median(at), "create p50 on the empty host", statistics.median(self.quiet))
+
+    def restart(self):
+        n = self.args.n
+        self.agent.kill9()
+        t0 = time.perf_counter()
+        self.agent.start()
+        answer = (time.perf_counter() - t0) * 1000
+        while True:
+            rows = self.api.get("/v1/instances").json()["instances"]
+            if sum(1 for i in rows if i["state"] == "running") == n and \
+                    self.api.get(f"/v1/instances/d{n - 1}/stats").status_code == 200:
+                break
+            if time.perf_counter() - t0 > 300:
+                raise RuntimeError("not re-adopted in 300 s")
+            time.sleep(0.05)
+        readopt = (time.perf_counter() - t0) * 1000
+        line(f"restart_answer_ms_{n}", answer)
+        line(f"restart_readopt_ms_{n}", readopt)
+
+    def delete_storm(self):
+        from containers import cgroups
+        n = self.args.n
+        storm(lambda i: self.delete(f"d{i}"), n)
+        state = str(self.agent.state_dir)
+        with open("/proc/self/mountinfo") as f:
+            mounts = [ln for ln in f if state in ln]
+        cg = cgroups.list_names(self.cgparent)
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        veths = [ln for ln in links.splitlines() if f": nv{self.agent.rtag}" in ln]
+        netns = [x for x in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else [])
+                 if x.startswith(f"nact-{self.agent.rtag}-")]
+        from agent.state import Database
+        db = Database(str(self.agent.state_dir / "state.db"))
+        leases = db.query("SELECT name FROM containers_leases")
+        crows = db.query("SELECT name FROM containers")
+        irows = self.api.get("/v1/instances").json()["instances"]
+        left = len(mounts) + len(cg) + len(veths) + len(netns) + len(leases) + len(crows) + len(irows)
+        if left:
+            print(f"left: mounts {len(mounts)} cgroups {len(cg)} veths {len(veths)} netns {len(netns)} "
+                  f"leases {len(leases)} container rows {len(crows)} instances {len(irows)}", file=sys.stderr)
+        line(f"delete_storm_leaks_{n}", left, unit="count")
+
+    def run(self):
+        self.start()
+        self.import_busybox()
+        self.create("warm")  # the agent unpacks the layers on first use
+        self.delete("warm")
+        self.quiet = self.quiet_creates("e")
+        if self.args.storm:
+            self.container_storm()
+        if self.args.n:
+            self.density()
+            self.restart()
+            self.delete_storm()
+
+    def cleanup(self):
+        from testbed.runtimes import drop_test_network
+        try:
+            if self.api is not None and self.agent.proc and self.agent.proc.poll() is None:
+                for i in self.api.get("/v1/instances").json()["instances"]:
+                    self.api.delete(f"/v1/instances/{i['id']}", timeout=120)
+        finally:
+            self.agent.stop()
+            drop_test_network(self.bridge, self.agent.rtag)
+            from containers import cgroups
+            cgroups.remove_parent(self.cgparent)
+            if shutil.which("podman") and self.podman_root.exists():
+                self.podman("rm", "-af", "-t", "0")
+                self.podman("rmi", "-af")
+                with open("/proc/self/mountinfo") as f:
+                    mine = [ln.split()[4] for ln in f if ln.split()[4].startswith(str(self.podman_root) + "/")]
+                for m in reversed(mine):
+                    subprocess.run(["umount", m], capture_output=True)
+                drop_cgroup_tree(f"{self.cgparent}-pm")
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def drop_cgroup_tree(parent: str) -> None:
+    """rmdir ``parent`` (podman's --cgroup-parent, ours) and what podman made under it in every
+    hierarchy, deepest first; its conmons exit a moment after `podman rm`."""
+    for _ in range(50):
+        dirs = [d for base in glob.glob(f"/sys/fs/cgroup/*/{parent}") for d, _, _ in os.walk(base)]
+        for d in sorted(dirs, key=len, reverse=True):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        if not glob.glob(f"/sys/fs/cgroup/*/{parent}"):
+            return
+        time.sleep(0.1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=1000, help="containers for density, restart, delete storm (0: skip)")
+    ap.add_argument("--storm", type=int, default=STORM, help="creates in the container storm (0: skip)")
+    args = ap.parse_args()
+    b = Bench(args)
+    try:
+        b.run()
+    finally:
+        b.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -49,6 +49,7 @@ class MigrationDestination:
         On failure nothing is left."""
         source = self.peers.require(caller)
         inst = req.instance
+        self.root.host.refuse_if_draining(f"incoming {inst.kind} {inst.name!r} from {source}")
         self._clear_stale(source, inst.id, inst.name)
         cfg = self.config
         if req.shared_volumes and inst.pool not in cfg.pools:

@@ -77,6 +77,19 @@ def live_options(req: models.MigrationCreate, policy, postcopy_unavailable: str 
             "postcopy_after_iterations": policy.postcopy_after_iterations if by_policy else None}
 
 
+def _refuse_draining(peer: PeerClient) -> None:
+    """Conflict, before anything moves, when the destination says it is draining (host
+    maintenance). A peer that does not answer is left to the migration (it reports it); the
+    destination also refuses at prepare."""
+    try:
+        draining = peer.host().draining
+    except AgentError:
+        return
+    if draining:
+        raise Conflict(f"destination {peer.name!r} is draining (host maintenance): it takes no instances; "
+                       f"migrate to another peer, or end its maintenance (`nodeagent host restore` there)")
+
+
 def incoming_request(inst: Instance, image, *, data_bytes: int, disk_size: int | None = None,
                      shared_volumes: dict[str, str] | None = None, idmap=None,
                      security_groups: list[dict] | None = None) -> models.IncomingMigration:
@@ -184,6 +197,7 @@ class MigrationSource:
         if inst.kind == "vm" and inst.state != "stopped":
             options = live_options(req, self.config.migration, self.root.driver.postcopy_unavailable())
             postcopy_required = options.pop("postcopy_required")
+        _refuse_draining(peer)
         with self._lock:
             if inst.id in self._busy:
                 raise Conflict(f"instance {inst.name!r} is already being migrated")

@@ -1,0 +1,152 @@
+"""Host maintenance (POST /v1/host/evacuate, /v1/host/restore) on two in-process agents with fake
+drivers that reach each other over real HTTP (the harness of test_migration_controls): a draining
+host refuses creates and incoming migrations (409), an evacuation moves VMs (running: live,
+stopped: offline) and containers and reports each, one that fails stays and is listed with its
+reason while the others move, restore accepts work again, the flag survives a restart."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from agent.errors import CommandFailed
+from tests.api.test_migration_controls import _ct_image, _free_port, _Host, _vm, _wait
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evacuate")
+    tag = uuid.uuid4().hex[:6]
+    p1, p2 = _free_port(), _free_port()
+    src = _Host(tmp, "src", p1, "dst", p2, f"fake://{tag}-src")
+    dst = _Host(tmp, "dst", p2, "src", p1, f"fake://{tag}-dst")
+    src.root.config.peers["dst"].token = dst.root.tokens.create("src", "peer")
+    dst.root.config.peers["src"].token = src.root.tokens.create("dst", "peer")
+    img = src.client.post("/v1/images", json={"name": "tiny-ct", "format": "oci",
+                                              "source": {"type": "file", "path": str(_ct_image(src))}})
+    assert _wait(src.client, img.json)["status"] == "succeeded"
+    yield src, dst
+    src.stop()
+    dst.stop()
+
+
+@pytest.fixture
+def src(hosts):
+    s, d = hosts
+    for h in (s, d):
+        h.root.host.set_draining(False)
+    yield s
+    for h in (s, d):
+        h.root.host.set_draining(False)
+
+
+def _create(host, name=None):
+    return host.client.post("/v1/instances", json={"name": name or f"n-{uuid.uuid4().hex[:8]}", "kind": "vm",
+                                                   "image": "tiny-vm", "memory_mib": 64, "network": "none"})
+
+
+@pytest.mark.parametrize("body, status, says", [
+    ({"peers": ["nowhere"]}, 422, "not a configured peer"),
+    ({"parallel": 0}, 422, "parallel"),
+    ({"parallel": 2, "speed": 1}, 422, "speed"),
+    ({"instances": ["no-such-instance"]}, 404, "no-such-instance"),
+    ({"peers": []}, 422, "peers"),
+])
+def test_bad_evacuations_change_nothing(src, body, status, says):
+    r = src.client.post("/v1/host/evacuate", json=body)
+    assert r.status_code == status and says in r.json["error"]["message"], r.json
+    assert src.client.get("/v1/host").json["draining"] is False
+    assert not [o for o in src.client.get("/v1/operations").json["operations"] if o["kind"] == "evacuation"]
+
+
+def test_evacuation_moves_every_instance_reports_each_and_keeps_the_one_that_fails(src, hosts, monkeypatch):
+    dst = hosts[1]
+    running = [_vm(src), _vm(src)]
+    stopped = _vm(src, start=False)
+    ct = _vm(src, kind="container")
+    bad = _vm(src)
+    migrate = src.root.driver.migrate
+
+    def faulty(name, *a, **kw):  # the injected fault: this VM's migration fails
+        if name == bad:
+            raise CommandFailed(f"migration of VM {name!r} failed: injected fault")
+        return migrate(name, *a, **kw)
+    monkeypatch.setattr(src.root.driver, "migrate", faulty)
+
+    r = src.client.post("/v1/host/evacuate", json={"parallel": 2})
+    assert r.status_code == 202, r.json
+    host = src.client.get("/v1/host").json
+    assert host["draining"] is True and host["draining_since"], host
+    refused = _create(src)
+    assert refused.status_code == 409 and "draining" in refused.json["error"]["message"], refused.json
+    op = _wait(src.client, r.json, timeout=60)
+    assert op["status"] == "succeeded", op
+    items = {i["name"]: i for i in op["result"]["instances"]}
+    assert items == {i["name"]: i for i in op["progress"]["instances"]}
+    assert set(items) == {*running, stopped, ct, bad}
+    for name in (*running, stopped, ct):
+        assert items[name]["status"] == "done" and items[name]["destination"] == "dst", items[name]
+        assert src.client.get(f"/v1/instances/{name}").status_code == 404
+    assert {items[n]["mode"] for n in running} == {"live"}
+    assert items[stopped]["mode"] == "cold" and items[ct]["mode"] == "refresh"
+    assert dst.client.get(f"/v1/instances/{running[0]}").json["state"] == "running"
+    assert dst.client.get(f"/v1/instances/{stopped}").json["state"] == "stopped"
+    assert dst.client.get(f"/v1/instances/{ct}").json["state"] == "running"
+    assert items[bad]["status"] == "failed" and "injected fault" in items[bad]["error"], items[bad]
+    assert src.client.get(f"/v1/instances/{bad}").json["state"] == "running"
+    assert (op["result"]["moved"], op["result"]["stayed"]) == (4, 1)
+    assert src.client.get("/v1/host").json["draining"] is True  # until restore
+
+    r = src.client.post("/v1/host/restore")
+    assert r.status_code == 200 and r.json == {"draining": False}, r.json
+    assert src.client.get("/v1/host").json["draining"] is False
+    made = _create(src)
+    assert made.status_code == 202, made.json
+    assert _wait(src.client, made.json)["status"] == "succeeded"
+
+
+def test_a_draining_destination_refuses_incoming(src, hosts):
+    dst = hosts[1]
+    name = _vm(src)
+    dst.root.host.set_draining(True)
+    r = src.client.post("/v1/migrations", json={"instance": name, "destination": "dst"})
+    assert r.status_code == 409 and "draining" in r.json["error"]["message"], r.json
+    # an evacuation finds no peer: the instance stays, and says why
+    op = _wait(src.client, src.client.post("/v1/host/evacuate", json={"instances": [name]}).json)
+    item = op["result"]["instances"][0]
+    assert item["status"] == "failed" and "draining" in item["error"], item
+    # the destination's own check, behind the source's (a peer that skipped it, or a race)
+    from agent import models
+    from agent.errors import Conflict
+    inst = src.root.instances.get(name)
+    req = models.IncomingMigration.model_validate({
+        "instance": {k: v for k, v in inst.to_dict().items() if k in ("id", "name", "kind", "pool", "volumes", "mac")},
+        "spec": inst.spec_dict(), "data_bytes": 0, "image_bytes": 0,
+        "image": {"id": inst.image, "name": "tiny-vm", "format": "qcow2", "kind": "vm"}})
+    with pytest.raises(Conflict, match="draining"):
+        dst.root.migrations.prepare_incoming({"name": "src", "role": "peer"}, req)
+    assert dst.client.get(f"/v1/instances/{name}").status_code == 404
+    assert dst.client.post("/v1/host/restore").json == {"draining": False}
+    op = _wait(src.client, src.client.post("/v1/migrations", json={"instance": name, "destination": "dst"}).json)
+    assert op["status"] == "succeeded", op
+
+
+def test_peer_host_is_for_peers_only(src, hosts):
+    from agent.migration.peer import PeerClient
+    dst = hosts[1]
+    facts = src.root.migrations.peer("dst").host()
+    assert facts.draining is False and facts.capacity["memory_available_bytes"] > 0
+    reader = src.root.tokens.create(f"r-{uuid.uuid4().hex[:6]}", "reader")
+    with pytest.raises(Exception, match="refused"):
+        PeerClient("src", src.url, reader).host()
+    assert dst.client.get("/v1/peer/host").status_code == 403  # an admin that is not a configured peer
+
+
+def test_the_draining_flag_survives_a_restart(src):
+    from agent.services import Services
+    r = src.client.post("/v1/host/evacuate", json={"instances": [_vm(src, start=False)]})
+    assert r.status_code == 202, r.json
+    assert _wait(src.client, r.json)["status"] == "succeeded"
+    again = Services(src.root.config)  # what a restarted agent reads from the same state dir
+    assert again.host.draining() is True
+    assert again.host.info()["draining"] is True

@@ -150,3 +150,26 @@ def test_the_draining_flag_survives_a_restart(src):
     again = Services(src.root.config)  # what a restarted agent reads from the same state dir
     assert again.host.draining() is True
     assert again.host.info()["draining"] is True
+
+
+def test_the_cli_evacuates_and_restores(src, hosts, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from agent.cli import main
+    monkeypatch.setenv("NODEAGENT_URL", src.url)
+    monkeypatch.setenv("NODEAGENT_TOKEN", src.client.environ_base["HTTP_AUTHORIZATION"].split()[1])
+    name = _vm(src)
+    bad = CliRunner().invoke(main, ["host", "evacuate", "--peer", "nowhere"])
+    assert bad.exit_code == 1 and "not a configured peer" in bad.output, bad.output
+    ok = CliRunner().invoke(main, ["host", "evacuate", "--peer", "dst", "--parallel", "1", "--instance", name,
+                                   "--json"])
+    assert ok.exit_code == 0, ok.output
+    op = json.loads(ok.output)
+    assert op["result"]["instances"][0]["status"] == "done", op
+    shown = CliRunner().invoke(main, ["host", "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.output)["draining"] is True, shown.output
+    back = CliRunner().invoke(main, ["host", "restore"])
+    assert back.exit_code == 0 and "restored" in back.output, back.output
+    assert src.client.get("/v1/host").json["draining"] is False

@@ -215,6 +215,9 @@ class Host(Model):
     draining_since: float | None = None
 
 
+MAX_CPU_XML = 64 * 1024  # a <cpu> element with every feature libvirt knows is a few KiB
+
+
 class EvacuateRequest(Model):
     """Drain this host: every instance (or those named) moves to peers, ``parallel`` at a time."""
     peers: list[Ref] | None = Field(None, min_length=1, max_length=64, description=(
@@ -234,6 +237,9 @@ class PeerHost(Model):
     hostname: str = Field(max_length=255)
     draining: bool
     capacity: dict[Annotated[str, Field(max_length=64)], Annotated[int, Field(ge=0)]] = Field(max_length=32)
+    host_cpu: Annotated[str, Field(min_length=5, max_length=MAX_CPU_XML)] | None = Field(
+        None, description="its host CPU (<cpu> of libvirt's capabilities) under KVM: a source checks a live "
+                          "migration's guest CPU against it; None under TCG")
 
 
 # -- images --
@@ -1028,6 +1034,9 @@ class IncomingMigration(Model):
     # the instance's security groups as defined on the source: the destination makes the
     # missing ones and refuses a group of the same name defined otherwise
     security_groups: list[SecurityGroupCreate] | None = Field(None, max_length=MAX_GROUPS_PER_INSTANCE)
+    # a running KVM guest's CPU (<cpu> XML, host-model expanded): the destination refuses (422)
+    # before anything is made if its CPU cannot run it; None under TCG (no check applies)
+    guest_cpu: Annotated[str, Field(min_length=5, max_length=MAX_CPU_XML)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -9,7 +9,7 @@ import time
 
 from importlib import metadata
 
-from hypervisor.driver import ReportsVirtType
+from hypervisor.driver import ReportsVirtType, SupportsCpuCheck
 
 
 SCHEMA_STEPS = [
@@ -67,12 +67,20 @@ class HostService:
             raise Conflict(f"host is draining (maintenance): {what} refused; its instances are being moved "
                            "to peers; `nodeagent host restore` (POST /v1/host/restore) accepts work again")
 
+    def _host_cpu(self) -> str | None:
+        from agent.errors import AgentError
+        try:
+            driver = self.root.driver
+            return driver.host_cpu() if isinstance(driver, SupportsCpuCheck) else None
+        except AgentError:  # no hypervisor here: peers then skip the check (the destination's prepare does it)
+            return None
+
     def peer_facts(self) -> dict:
         """What a peer sees of this host (GET /v1/peer/host): whether it takes instances, and
         its free capacity (the evacuating peer chooses destinations by it)."""
         pools = self.pools()
         default = next((p for p in pools if p["default"]), None)
-        return {"hostname": self.hostname(), "draining": self.draining(),
+        return {"hostname": self.hostname(), "draining": self.draining(), "host_cpu": self._host_cpu(),
                 "capacity": {"cpus": os.cpu_count() or 1, "memory_bytes": _meminfo_bytes(),
                              "memory_available_bytes": _meminfo_bytes("MemAvailable"),
                              "instances": self.root.records.count(),

@@ -173,3 +173,34 @@ def test_the_cli_evacuates_and_restores(src, hosts, monkeypatch):
     back = CliRunner().invoke(main, ["host", "restore"])
     assert back.exit_code == 0 and "restored" in back.output, back.output
     assert src.client.get("/v1/host").json["draining"] is False
+
+
+GUEST_CPU = "<cpu mode='custom' match='exact'><model fallback='forbid'>EPYC-Milan</model><vendor>AMD</vendor></cpu>"
+DEST_CPU = "<cpu><arch>x86_64</arch><model>Haswell</model><vendor>Intel</vendor></cpu>"
+
+
+def test_a_destination_whose_cpu_cannot_run_the_guest_is_refused_before_anything_moves(src, hosts):
+    """KVM hosts (faked: this machine runs TCG): the source reads the destination's host CPU
+    (GET /v1/peer/host) and refuses with 422 at once; a destination that did not say (or a
+    race) refuses at prepare, so the migration fails before anything moves. Under TCG (no
+    guest CPU model) nothing is checked."""
+    dst = hosts[1]
+    name = _vm(src)
+    s, d = src.root.driver, dst.root.driver
+    try:
+        s.guest_cpu_xml, d.host_cpu_xml, d.cpu_refused = GUEST_CPU, DEST_CPU, "the host CPU lacks avx2"
+        r = src.client.post("/v1/migrations", json={"instance": name, "destination": "dst"})
+        assert r.status_code == 422 and "cannot run VM" in r.json["error"]["message"], r.json
+        assert "lacks avx2" in r.json["error"]["message"]
+        d.host_cpu_xml = None  # the destination's own compareCPU at prepare
+        op = _wait(src.client, src.client.post("/v1/migrations", json={"instance": name, "destination": "dst"}).json)
+        assert op["status"] == "failed" and op["error"]["code"] == "unprocessable", op
+        assert "cannot run VM" in op["error"]["message"] and "nothing moved" in op["error"]["message"]
+        assert src.client.get(f"/v1/instances/{name}").json["state"] == "running"
+        assert dst.client.get(f"/v1/instances/{name}").status_code == 404
+        assert not [m for m in s.migrations if m["name"] == name]
+        s.guest_cpu_xml = None  # TCG: QEMU emulates the CPU, no check
+        op = _wait(src.client, src.client.post("/v1/migrations", json={"instance": name, "destination": "dst"}).json)
+        assert op["status"] == "succeeded", op
+    finally:
+        s.guest_cpu_xml = d.host_cpu_xml = d.cpu_refused = None

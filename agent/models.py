@@ -216,6 +216,8 @@ class Host(Model):
 
 
 MAX_CPU_XML = 64 * 1024  # a <cpu> element with every feature libvirt knows is a few KiB
+# libvirt <cpu> XML from a peer: one element, no DOCTYPE, entity, CDATA or comment ("!" never occurs in it)
+CpuXml = Annotated[str, Field(min_length=5, max_length=MAX_CPU_XML, pattern=r"^<cpu[\s/>][^!\x00]*$")]
 
 
 class EvacuateRequest(Model):
@@ -234,10 +236,11 @@ class Draining(Model):
 
 class PeerHost(Model):
     """What a peer agent answers at GET /v1/peer/host: whether it takes instances, its free capacity."""
-    hostname: str = Field(max_length=255)
+    hostname: str = Field(max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     draining: bool
-    capacity: dict[Annotated[str, Field(max_length=64)], Annotated[int, Field(ge=0)]] = Field(max_length=32)
-    host_cpu: Annotated[str, Field(min_length=5, max_length=MAX_CPU_XML)] | None = Field(
+    capacity: dict[Annotated[str, Field(pattern=r"^[a-z_]{1,64}$")], Annotated[int, Field(ge=0)]] = \
+        Field(max_length=32)
+    host_cpu: CpuXml | None = Field(
         None, description="its host CPU (<cpu> of libvirt's capabilities) under KVM: a source checks a live "
                           "migration's guest CPU against it; None under TCG")
 
@@ -1036,7 +1039,7 @@ class IncomingMigration(Model):
     security_groups: list[SecurityGroupCreate] | None = Field(None, max_length=MAX_GROUPS_PER_INSTANCE)
     # a running KVM guest's CPU (<cpu> XML, host-model expanded): the destination refuses (422)
     # before anything is made if its CPU cannot run it; None under TCG (no check applies)
-    guest_cpu: Annotated[str, Field(min_length=5, max_length=MAX_CPU_XML)] | None = None
+    guest_cpu: CpuXml | None = None
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -204,3 +204,35 @@ def test_a_destination_whose_cpu_cannot_run_the_guest_is_refused_before_anything
         assert op["status"] == "succeeded", op
     finally:
         s.guest_cpu_xml = d.host_cpu_xml = d.cpu_refused = None
+
+
+def test_an_unreachable_peer_is_passed_over_and_named(src, hosts):
+    """A peer that is down (its agent killed) takes nothing: the instance stays, the reason names it."""
+    from agent.config import PeerConfig
+    src.root.config.peers["gone"] = PeerConfig(url=f"http://127.0.0.1:{_free_port()}", token="na_x")
+    try:
+        name = _vm(src)
+        op = _wait(src.client, src.client.post("/v1/host/evacuate", json={"peers": ["gone"]}).json)
+        items = {i["name"]: i for i in op["result"]["instances"]}
+        assert items[name]["status"] == "failed" and "gone" in items[name]["error"], items[name]
+        assert "unreachable" in items[name]["error"] or "did not answer" in items[name]["error"]
+        assert src.client.get(f"/v1/instances/{name}").json["state"] == "running"
+        assert op["result"]["moved"] == 0
+    finally:
+        del src.root.config.peers["gone"]
+
+
+def test_each_instance_goes_to_the_peer_with_the_most_free_memory():
+    from types import SimpleNamespace
+
+    from agent.errors import Unprocessable
+    from agent.migration.evacuation import Evacuation
+    ev = Evacuation(None, None, None)
+    room = {"a": {"memory_available_bytes": 1000 << 20, "instances": 0},
+            "b": {"memory_available_bytes": 700 << 20, "instances": 0}}
+
+    def inst(mib):
+        return SimpleNamespace(spec_dict=lambda: {"memory_mib": mib})
+    assert [ev._choose(inst(256), room, {}) for _ in range(4)] == ["a", "a", "b", "a"]
+    with pytest.raises(Unprocessable, match="peer 'c' is down.*peer 'b' has 444 MiB memory free, it needs 512 MiB"):
+        ev._choose(inst(512), room, {"c": "peer 'c' is down"})

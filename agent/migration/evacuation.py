@@ -9,7 +9,8 @@ configured) with the most free memory left after what this evacuation already se
 GET /v1/peer/host reports; a peer that is draining, unreachable or without room for it is passed
 over. Nothing stops the evacuation but a cancel: an instance that cannot move stays, and the
 operation's progress (and result) lists each instance's status: pending, migrating, done, or
-failed with the reason it stayed. A cancel cancels the migrations still cancellable and leaves
+failed with the reason it stayed (without host paths: readers see operations too; the
+migration's own operation has the full error for admins). A cancel cancels the migrations still cancellable and leaves
 the rest pending; the host stays draining either way."""
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import threading
 from collections import deque
 
 from agent import models
-from agent.errors import AgentError, Conflict, Unprocessable
+from agent.errors import AgentError, Conflict, Unprocessable, redact
 from agent.migration.common import INCOMING
 from agent.operations import FINAL
 from storage.units import MiB
@@ -125,7 +126,7 @@ class Evacuation:
                         it["status"] = "done"
                     else:
                         it["status"] = "failed"
-                        it["error"] = (mig["error"] or {}).get("message") or f"migration {mig['status']}"
+                        it["error"] = redact((mig["error"] or {}).get("message") or f"migration {mig['status']}")
             op.report(instances=items)
         moved = [i for i in items if i["status"] == "done"]
         stayed = [i for i in items if i["status"] != "done"]
@@ -179,7 +180,7 @@ class Evacuation:
             dest = self._choose(inst, room, why_not)
             mig = self.source.create(models.MigrationCreate(instance=inst.id, destination=dest, mode=mode))
         except AgentError as e:
-            it.update(status="failed", error=e.message)
+            it.update(status="failed", error=redact(e.message))
             return
         it.update(status="migrating", destination=dest, mode=mode, migration=mig["id"])
 

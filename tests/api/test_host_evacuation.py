@@ -236,3 +236,36 @@ def test_each_instance_goes_to_the_peer_with_the_most_free_memory():
     assert [ev._choose(inst(256), room, {}) for _ in range(4)] == ["a", "a", "b", "a"]
     with pytest.raises(Unprocessable, match="peer 'c' is down.*peer 'b' has 444 MiB memory free, it needs 512 MiB"):
         ev._choose(inst(512), room, {"c": "peer 'c' is down"})
+
+
+def test_a_cancelled_evacuation_leaves_the_rest_here_and_restore_waits_for_it(src, hosts, monkeypatch):
+    import threading
+
+    from hypervisor import fake
+    monkeypatch.setattr(fake, "FAKE_ROUND_S", 0.2)  # a guest that never converges: 10 s of pre-copy
+    s = src.root.driver
+    names = [_vm(src), _vm(src)]
+    s.converges, s.userfaultfd = False, False  # no post-copy: the migration stays cancellable
+    try:
+        op = src.client.post("/v1/host/evacuate", json={"instances": names, "parallel": 1}).json
+        seen, tick = None, threading.Event()
+        for _ in range(300):
+            seen = src.client.get(f"/v1/operations/{op['id']}").json
+            if any(i["status"] == "migrating" for i in seen["progress"].get("instances") or []):
+                break
+            tick.wait(0.02)
+        assert [i["status"] for i in seen["progress"]["instances"]] == ["migrating", "pending"], seen
+        r = src.client.post("/v1/host/restore")
+        assert r.status_code == 409 and "evacuation is running" in r.json["error"]["message"], r.json
+        assert src.client.delete(f"/v1/operations/{op['id']}").status_code == 200
+        done = _wait(src.client, op)
+        assert done["status"] == "cancelled", done
+        items = done["progress"]["instances"]
+        assert items[0]["status"] == "failed" and "cancel" in items[0]["error"], items
+        assert items[1]["status"] == "pending", items
+        for name in names:
+            assert src.client.get(f"/v1/instances/{name}").json["state"] == "running"
+        assert src.client.get("/v1/host").json["draining"] is True
+        assert src.client.post("/v1/host/restore").status_code == 200
+    finally:
+        s.converges, s.userfaultfd = True, True

@@ -19,7 +19,7 @@ import threading
 from collections import deque
 
 from agent import models
-from agent.errors import AgentError, Conflict, Unprocessable, redact
+from agent.errors import AgentError, Conflict, NotFound, Unprocessable, redact
 from agent.migration.common import INCOMING
 from agent.operations import FINAL
 from storage.units import MiB
@@ -38,8 +38,22 @@ class Evacuation:
         self._running: str | None = None  # the evacuation's operation id
 
     def running(self) -> str | None:
+        """The running evacuation's operation id (or "starting"), None if none runs. An operation
+        that ended counts as ended even before its on_final hook ran (a waiter may see it first)."""
         with self._lock:
-            return self._running
+            op_id = self._running
+        if op_id in (None, "starting"):
+            return op_id
+        try:
+            ended = self.root.operations.get(op_id)["status"] in FINAL
+        except NotFound:
+            ended = True
+        if not ended:
+            return op_id
+        with self._lock:
+            if self._running == op_id:
+                self._running = None
+        return None
 
     def start(self, req: models.EvacuateRequest) -> dict:
         """Mark the host draining and start moving its instances (202 + operation). 422 before
@@ -63,9 +77,11 @@ class Evacuation:
         items = [{"instance": i.id, "name": i.name, "kind": i.kind, "status": "pending", "destination": None,
                   "mode": None, "migration": None, "error": None} for i in insts]
         parallel = min(req.parallel, cfg.workers - 1)
+        running = self.running()
         with self._lock:
-            if self._running:
-                raise Conflict(f"an evacuation is running (operation {self._running}): wait for it or cancel it")
+            if running or self._running:
+                raise Conflict(f"an evacuation is running (operation {running or self._running}): wait for it or "
+                               "cancel it")
             self._running = "starting"
         try:
             self.root.host.set_draining(True)

@@ -221,11 +221,67 @@ def _wait_with_progress(c, op, label: str, as_json: bool):
         return _call(c.wait, op["id"], on_progress=show)
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True)
-def host(as_json):
-    """Host facts: hypervisor, cpus, memory, pools, versions."""
-    _out(_call(_client().get, "/v1/host"), as_json)
+@click.pass_context
+def host(ctx, as_json):
+    """Host facts: hypervisor, cpus, memory, pools, versions, draining; `evacuate` and `restore`
+    for host maintenance."""
+    if ctx.invoked_subcommand is None:
+        _out(_call(_client().get, "/v1/host"), as_json)
+
+
+EVACUATION_WAIT_S = 7 * 24 * 3600  # an evacuation ends when its last migration does
+
+
+@host.command("evacuate")
+@click.option("--peer", "peers", multiple=True, help="a configured peer to move instances to (repeatable; "
+              "default: all, each instance to the one with the most free memory)")
+@click.option("--parallel", type=click.IntRange(1, 16), default=2, show_default=True, help="migrations at a time")
+@click.option("--instance", "instances", multiple=True, help="only these instances (repeatable; default: all)")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--no-wait", is_flag=True, help="print the operation and return")
+def host_evacuate(peers, parallel, instances, as_json, no_wait):
+    """Drain this host: refuse new work and move its instances to peers; list what moved and
+    what stayed (and why). The host stays draining until `nodeagent host restore`."""
+    body = {"parallel": parallel}
+    if peers:
+        body["peers"] = list(peers)
+    if instances:
+        body["instances"] = list(instances)
+    c = _client()
+    op = _call(c.post, "/v1/host/evacuate", body)
+    if no_wait:
+        _out(op, as_json)
+        return
+
+    def show(o):
+        items = (o.get("progress") or {}).get("instances") or []
+        done = sum(i["status"] in ("done", "failed") for i in items)
+        if not as_json and sys.stderr.isatty():
+            click.echo(f"\revacuating: {done}/{len(items)} settled", nl=False, err=True)
+    op = _call(c.wait, op["id"], timeout=EVACUATION_WAIT_S, on_progress=show)
+    items = (op.get("result") or {}).get("instances") or (op.get("progress") or {}).get("instances") or []
+    if as_json:
+        click.echo(jsonlib.dumps(op, indent=2))
+    else:
+        _table(["name", "kind", "status", "destination", "mode", "error"], items)
+    stayed = [i for i in items if i["status"] != "done"]
+    if op["status"] != "succeeded":
+        err = (op.get("error") or {}).get("message", "")
+        raise click.ClickException(f"evacuation {op['id']} {op['status']}: {err}")
+    if stayed:
+        raise click.ClickException(f"{len(stayed)} of {len(items)} instances stayed on this host (see above); "
+                                   "it is still draining")
+    if not as_json:
+        click.echo(f"host evacuated: {len(items)} instances moved; it is draining until `nodeagent host restore`")
+
+
+@host.command("restore")
+def host_restore():
+    """End host maintenance: accept creates and incoming migrations again."""
+    _call(_client().post, "/v1/host/restore", None)
+    click.echo("host restored: it accepts new instances and incoming migrations")
 
 
 @main.group()

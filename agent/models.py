@@ -133,6 +133,17 @@ class Deleted(Model):
 
 # -- operations --
 
+class EvacuationItem(Model):
+    instance: str
+    name: str
+    kind: str
+    status: Literal["pending", "migrating", "done", "failed"]
+    destination: str | None = None
+    mode: str | None = None
+    migration: str | None = Field(None, description="the migration's operation id")
+    error: str | None = Field(None, description="why it stayed here")
+
+
 class Progress(Model):
     phase: str | None = None
     bytes_done: int | None = None
@@ -142,6 +153,8 @@ class Progress(Model):
     dirty_rate: int | None = None  # pages/s the guest dirties
     iterations: int | None = None  # memory passes so far
     throttle_pct: int | None = None  # auto-converge's vCPU throttle
+    # host evacuations: each instance's status (EvacuationItem)
+    instances: list[EvacuationItem] | None = None
 
 
 class Operation(Model):
@@ -197,6 +210,39 @@ class Host(Model):
     pools: list[Pool]
     capacity: dict[str, int]
     versions: dict[str, str]
+    draining: bool = Field(False, description="host maintenance: it takes no new instances or incoming migrations "
+                           "(POST /v1/host/evacuate; POST /v1/host/restore ends it)")
+    draining_since: float | None = None
+
+
+MAX_CPU_XML = 64 * 1024  # a <cpu> element with every feature libvirt knows is a few KiB
+# libvirt <cpu> XML from a peer: one element, no DOCTYPE, entity, CDATA or comment ("!" never occurs in it)
+CpuXml = Annotated[str, Field(min_length=5, max_length=MAX_CPU_XML, pattern=r"^<cpu[\s/>][^!\x00]*$")]
+
+
+class EvacuateRequest(Model):
+    """Drain this host: every instance (or those named) moves to peers, ``parallel`` at a time."""
+    peers: list[Ref] | None = Field(None, min_length=1, max_length=64, description=(
+        "configured peers to move instances to (default: all); each instance goes to the one with the most "
+        "free memory that can take it"))
+    parallel: IntRange(1, 16) = Field(2, description="migrations at a time")
+    instances: list[Ref] | None = Field(None, min_length=1, max_length=4096,
+                                        description="names or ids (default: every instance of this host)")
+
+
+class Draining(Model):
+    draining: bool
+
+
+class PeerHost(Model):
+    """What a peer agent answers at GET /v1/peer/host: whether it takes instances, its free capacity."""
+    hostname: str = Field(max_length=255, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    draining: bool
+    capacity: dict[Annotated[str, Field(pattern=r"^[a-z_]{1,64}$")], Annotated[int, Field(ge=0)]] = \
+        Field(max_length=32)
+    host_cpu: CpuXml | None = Field(
+        None, description="its host CPU (<cpu> of libvirt's capabilities) under KVM: a source checks a live "
+                          "migration's guest CPU against it; None under TCG")
 
 
 # -- images --
@@ -991,6 +1037,9 @@ class IncomingMigration(Model):
     # the instance's security groups as defined on the source: the destination makes the
     # missing ones and refuses a group of the same name defined otherwise
     security_groups: list[SecurityGroupCreate] | None = Field(None, max_length=MAX_GROUPS_PER_INSTANCE)
+    # a running KVM guest's CPU (<cpu> XML, host-model expanded): the destination refuses (422)
+    # before anything is made if its CPU cannot run it; None under TCG (no check applies)
+    guest_cpu: CpuXml | None = None
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -152,8 +152,9 @@ def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None 
     features = _sub(dom, "features")
     _sub(features, "acpi")  # always: QEMU 7.2 rejects libvirt 9's -no-acpi
     _sub(features, "apic")
-    if virt_type == "kvm":
-        _sub(dom, "cpu", mode="host-passthrough")
+    if virt_type == "kvm":  # migratable: libvirt expands it to a named model + features at start, which a
+        # destination checks against its own CPU before a live migration (SupportsCpuCheck); TCG: QEMU's default
+        _sub(dom, "cpu", mode="host-model", check="partial")
     _sub(dom, "clock", offset="utc")
     _sub(dom, "on_poweroff", "destroy")
     _sub(dom, "on_reboot", "restart")

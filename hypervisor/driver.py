@@ -239,6 +239,31 @@ class SupportsConsole(Protocol):
 
 
 @runtime_checkable
+class SupportsCpuCheck(Protocol):
+    """Drivers that can tell whether this host's CPU runs a guest's CPU model (live migration
+    between hosts of different CPUs). Both are None where no check applies (TCG: QEMU emulates
+    the CPU, so any host runs it)."""
+
+    def guest_cpu(self, name: str) -> str | None:
+        """The running guest's CPU as ``<cpu>`` XML (host-model expanded to its model and
+        features), None under TCG."""
+        ...
+
+    def cpu_unsupported(self, cpu_xml: str) -> str | None:
+        """Why this host cannot run a guest CPU ``cpu_xml`` (None: it can, or no check applies
+        here). InvalidInput for XML that is not a CPU."""
+        ...
+
+    def host_cpu(self) -> str | None:
+        """This host's CPU (<cpu> of its capabilities) for a peer's check; None under TCG."""
+        ...
+
+    def cpu_missing(self, guest_cpu: str, host_cpu: str) -> str | None:
+        """Why another host whose CPU is ``host_cpu`` cannot run ``guest_cpu`` (None: it can)."""
+        ...
+
+
+@runtime_checkable
 class ReportsVirtType(Protocol):
     """Drivers that know how their VMs are accelerated: ``virt_type`` is "kvm" or "qemu"
     (TCG), probed on first read where configured "auto"."""

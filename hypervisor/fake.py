@@ -80,6 +80,11 @@ class FakeDriver:
         self.converges = True
         self.postcopy_s = 0.0  # how long a fake post-copy takes (the guest already runs there)
         self.postcopy_link_cut = False  # the link breaks during post-copy (PostCopyFailed)
+        # CPU model (SupportsCpuCheck): the <cpu> its running guests report (None: as under TCG,
+        # no check), and why this host cannot run a guest's CPU (None: it can)
+        self.guest_cpu_xml: str | None = None
+        self.host_cpu_xml: str | None = None  # what it tells peers of its CPU (None: as under TCG)
+        self.cpu_refused: str | None = None
         self.migrations: list[dict] = []  # every migrate() call: name, destination, options, outcome
         if uri:  # reachable by migrate() of other fakes in this process
             _FAKE_HOSTS[uri] = self
@@ -330,6 +335,22 @@ class FakeDriver:
         with self._lock:
             return self._get(name).snapshots.pop(snapshot, None) is not None
 
+
+    # -- CPU model (SupportsCpuCheck) --
+    def guest_cpu(self, name: str) -> str | None:
+        with self._lock:
+            self._get(name)
+        return self.guest_cpu_xml
+
+    def cpu_unsupported(self, cpu_xml: str) -> str | None:
+        return self.cpu_refused
+
+    def host_cpu(self) -> str | None:
+        return self.host_cpu_xml
+
+    def cpu_missing(self, guest_cpu: str, host_cpu: str) -> str | None:
+        """What the fake host that reports ``host_cpu`` refuses (its cpu_refused)."""
+        return next((h.cpu_refused for h in list(_FAKE_HOSTS.values()) if h.host_cpu_xml == host_cpu), None)
 
     # -- migration (SupportsMigration) --
     def postcopy_unavailable(self) -> str | None:

@@ -184,6 +184,87 @@ def open_serial_pty(path: str) -> int:
     return fd
 
 
+def cpu_unsupported(conn: libvirt.virConnect, cpu_xml: str) -> str | None:
+    """Why the host of ``conn`` cannot run a guest CPU ``cpu_xml`` (libvirt's compareCPU against
+    the host CPU of its capabilities), None if it can. ``cpu_xml`` comes from a peer: it must be
+    one ``<cpu>`` element with no DOCTYPE (InvalidInput otherwise)."""
+    _cpu_element(cpu_xml, "the guest CPU")
+    try:
+        conn.compareCPU(cpu_xml, libvirt.VIR_CONNECT_COMPARE_CPU_FAIL_INCOMPATIBLE)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_CPU_INCOMPATIBLE:
+            return e.get_error_message()
+        raise InvalidInput(f"libvirt cannot compare the guest CPU: {e.get_error_message()}") from None
+    return None
+
+
+def _cpu_element(cpu_xml: str, what: str) -> ET.Element:
+    if "<!" in cpu_xml:
+        raise InvalidInput(f"{what} may not hold a DOCTYPE, entity or CDATA")
+    try:
+        root = ET.fromstring(cpu_xml)
+    except ET.ParseError as e:
+        raise InvalidInput(f"{what} is not XML: {e}") from None
+    if root.tag != "cpu":
+        raise InvalidInput(f"{what} must be a <cpu> element, not <{root.tag[:40]}>")
+    return root
+
+
+def _model_features(conn: libvirt.virConnect, model: str | None, vendor: str | None) -> set[str]:
+    """Every feature CPU model ``model`` has (libvirt's CPU map, through baselineCPU: no KVM needed)."""
+    if not model:
+        return set()
+    doc = ET.Element("cpu")
+    ET.SubElement(doc, "arch").text = "x86_64"
+    ET.SubElement(doc, "model").text = model
+    if vendor:
+        ET.SubElement(doc, "vendor").text = vendor
+    try:
+        out = conn.baselineCPU([ET.tostring(doc, encoding="unicode")],
+                               libvirt.VIR_CONNECT_BASELINE_CPU_EXPAND_FEATURES)
+    except libvirt.libvirtError as e:
+        raise InvalidInput(f"libvirt does not know CPU model {model[:64]!r}: {e.get_error_message()}") from None
+    return {f.get("name") for f in ET.fromstring(out).iter("feature") if f.get("policy") in (None, "require")}
+
+
+def cpu_missing(conn: libvirt.virConnect, guest_cpu: str, host_cpu: str) -> str | None:
+    """Why a host whose CPU is ``host_cpu`` (the <cpu> of its libvirt capabilities) cannot run a
+    guest CPU ``guest_cpu`` (a running guest's <cpu>: model, vendor, required and disabled
+    features), None if it can: its vendor differs, or it lacks features the guest's model or
+    the guest requires. Both are expanded through libvirt's CPU map on ``conn`` (any host's
+    libvirtd will do: no KVM needed), so the source can check a destination's CPU it only read."""
+    guest = _cpu_element(guest_cpu, "the guest CPU")
+    host = _cpu_element(host_cpu, "the destination's host CPU")
+    g_vendor, h_vendor = guest.findtext("vendor"), host.findtext("vendor")
+    if g_vendor and h_vendor and g_vendor != h_vendor:
+        return f"the guest's CPU is {g_vendor}'s ({guest.findtext('model')}), the host's {h_vendor}'s"
+    want = _model_features(conn, guest.findtext("model"), g_vendor or h_vendor)
+    for f in guest.iter("feature"):
+        if f.get("policy") in ("require", "force", None):
+            want.add(f.get("name"))
+        elif f.get("policy") in ("disable", "forbid"):
+            want.discard(f.get("name"))
+    have = _model_features(conn, host.findtext("model"), h_vendor)
+    have |= {f.get("name") for f in host.iter("feature") if f.get("policy") in (None, "require")}
+    lacks = sorted(n for n in want - have if n)
+    if lacks:
+        return f"the host CPU ({host.findtext('model')}) lacks {', '.join(lacks[:20])}" + \
+            (f" and {len(lacks) - 20} more" if len(lacks) > 20 else "") + \
+            f" of the guest's CPU ({guest.findtext('model')})"
+    return None
+
+
+def host_cpu(conn: libvirt.virConnect) -> str | None:
+    """The host CPU of ``conn``'s capabilities (<cpu> with model, vendor, features)."""
+    cpu = ET.fromstring(conn.getCapabilities()).find("host/cpu")
+    if cpu is None:
+        return None
+    for extra in ("microcode", "signature", "counter", "topology", "maxphysaddr", "pages"):
+        for e in cpu.findall(extra):
+            cpu.remove(e)
+    return ET.tostring(cpu, encoding="unicode").strip()
+
+
 class LibvirtDriver:
     """``hypervisor.Driver`` on libvirt. ``virt_type``: "auto" (probe, see hypervisor.host),
     "kvm" or "qemu". The connection opens lazily; if libvirtd is down every call raises
@@ -843,6 +924,33 @@ class LibvirtDriver:
     def delete_unused_secrets(self) -> None:
         """Drop the Ceph secrets no domain refers to (after a domain left this host)."""
         self._delete_unused_secrets()
+
+    # -- CPU model (SupportsCpuCheck) --
+    def guest_cpu(self, name: str) -> str | None:
+        """The running guest's CPU (its live migratable XML: host-model expanded to a model and
+        features); None under TCG or without a CPU model."""
+        if self.virt_type != "kvm":
+            return None
+        dom = self._dom(name)
+        try:
+            xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
+        except libvirt.libvirtError as e:
+            raise self._error(e, name) from None
+        cpu = ET.fromstring(xml).find("cpu")
+        if cpu is None or cpu.find("model") is None:
+            return None
+        return ET.tostring(cpu, encoding="unicode")
+
+    def cpu_unsupported(self, cpu_xml: str) -> str | None:
+        if self.virt_type != "kvm":
+            return None  # TCG: QEMU emulates whatever model the guest has
+        return cpu_unsupported(self.conn(), cpu_xml)
+
+    def host_cpu(self) -> str | None:
+        return host_cpu(self.conn()) if self.virt_type == "kvm" else None
+
+    def cpu_missing(self, guest_cpu: str, host_cpu: str) -> str | None:
+        return cpu_missing(self.conn(), guest_cpu, host_cpu)
 
     def postcopy_unavailable(self) -> str | None:
         from hypervisor.host import userfaultfd_missing

@@ -2,7 +2,8 @@
 
 The package: ``peer`` (the HTTP client of a peer agent), ``source`` (the flows of the host that
 sends), ``destination`` (the handlers of the host that receives), ``transfer`` (tar, filesystem and
-stream helpers); ``MigrationService`` here is what the API calls.
+stream helpers), ``evacuation`` (host maintenance: drain the host to its peers);
+``MigrationService`` here is what the API calls.
 
 Terms: the *source* agent owns the instance and orchestrates; the *destination* agent
 is a configured peer (``[peers.NAME] url, token`` in the source's config). Protocol:
@@ -69,6 +70,7 @@ from __future__ import annotations
 
 from agent import models
 from agent.migration.destination import MigrationDestination
+from agent.migration.evacuation import Evacuation
 from agent.migration.peer import PeerClient, Peers
 from agent.migration.source import MigrationSource
 
@@ -85,6 +87,7 @@ class MigrationService:
         self.peers = Peers(root)
         self.source = MigrationSource(root, self.peers)
         self.destination = MigrationDestination(root, self.peers, self.source.sending_to)
+        self.evacuation = Evacuation(root, self.peers, self.source)
 
     def peer(self, name: str) -> PeerClient:
         return self.peers.get(name)
@@ -98,6 +101,13 @@ class MigrationService:
 
     def get(self, mig_id: str) -> dict:
         return self.source.get(mig_id)
+
+    # -- host maintenance (agent.migration.evacuation) --
+    def evacuate(self, req: models.EvacuateRequest) -> dict:
+        return self.evacuation.start(req)
+
+    def restore(self) -> dict:
+        return self.evacuation.restore()
 
     # -- destination side --
     def prepare_incoming(self, caller: dict, req: models.IncomingMigration) -> models.IncomingPrepared:

@@ -18,7 +18,7 @@ from agent.migration.peer import Peers
 from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, shift_owners, untar_into
 from agent.services.instances import POSTCOPY_FAILED
 from agent.services.records import Instance
-from hypervisor.driver import SupportsIncomingDisks, SupportsMigration
+from hypervisor.driver import SupportsCpuCheck, SupportsIncomingDisks, SupportsMigration
 from storage.units import MiB
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,9 @@ class MigrationDestination:
         On failure nothing is left."""
         source = self.peers.require(caller)
         inst = req.instance
+        self.root.host.refuse_if_draining(f"incoming {inst.kind} {inst.name!r} from {source}")
+        if req.guest_cpu and inst.kind == "vm":
+            self._check_cpu(inst.name, req.guest_cpu)
         self._clear_stale(source, inst.id, inst.name)
         cfg = self.config
         if req.shared_volumes and inst.pool not in cfg.pools:
@@ -79,6 +82,16 @@ class MigrationDestination:
         except BaseException:
             self._destroy_incoming(inst.id)
             raise
+
+    def _check_cpu(self, name: str, guest_cpu: str) -> None:
+        """Unprocessable, before anything is made, when this host's CPU cannot run the guest's
+        CPU model (libvirt's compareCPU; skipped under TCG: the driver answers None)."""
+        driver = self.root.driver
+        why = driver.cpu_unsupported(guest_cpu) if isinstance(driver, SupportsCpuCheck) else None
+        if why:
+            raise Unprocessable(f"{self.root.host.hostname()} cannot run VM {name!r}'s CPU: {why}; nothing moved: "
+                                "migrate it to a host with a CPU at least as new, or restart it with a baseline "
+                                "CPU model both hosts share")
 
     def _check_volumes_free(self, pool: str, volumes, shared: bool) -> None:
         """Conflict if an instance here has a volume of these names (a peer names the volumes it

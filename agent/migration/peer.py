@@ -13,6 +13,7 @@ from agent.migration.transfer import IMAGE_CHUNK
 PEER_TIMEOUT_S = 30  # one control call to a peer agent
 PREPARE_TIMEOUT_S = 900  # the destination may first pull the image from us
 ABORT_TIMEOUT_S = 10  # cleanup on the destination is best effort: it also cleans up on restart or retry
+HOST_TIMEOUT_S = 5  # GET /v1/peer/host: is it draining, how much room has it
 HEALTH_TIMEOUT_S = 2  # a destination agent that does not answer /v1/health this fast is "down"
 
 
@@ -82,6 +83,16 @@ class PeerClient:
                                      verify=self.client.verify).ok
         except requests.RequestException:
             return False
+
+    def host(self) -> models.PeerHost:
+        """Whether the peer takes instances (not draining) and its free capacity."""
+        import requests
+        try:
+            answer = self._call("GET", "/v1/peer/host", timeout=HOST_TIMEOUT_S)
+        except requests.RequestException as e:  # a read timeout: the client maps only connection errors
+            raise Unavailable(f"peer {self.name!r} ({self.url}) did not answer in {HOST_TIMEOUT_S} s: "
+                              f"{e.__class__.__name__}") from None
+        return self.parse_answer(models.PeerHost, answer, "host")
 
     def prepare(self, req: models.IncomingMigration) -> models.IncomingPrepared:
         """The destination's answer, parsed as strictly as a request: its paths and migration URI

@@ -12,14 +12,14 @@ import time
 from collections import OrderedDict
 
 from agent import models
-from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, InsufficientResources, NotFound,
-                          PostCopyFailed, Unavailable, Unprocessable, Unsupported)
+from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, InsufficientResources, InvalidInput,
+                          NotFound, PostCopyFailed, Unavailable, Unprocessable, Unsupported)
 from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets, problems
 from agent.migration import transport
 from agent.migration.peer import PeerClient, Peers
 from agent.migration.transfer import NO_SPACE, allocated_bytes, rootfs_paths
 from agent.services.records import Instance
-from hypervisor.driver import SupportsMigration
+from hypervisor.driver import SupportsCpuCheck, SupportsMigration
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,44 @@ def live_options(req: models.MigrationCreate, policy, postcopy_unavailable: str 
             "postcopy_after_iterations": policy.postcopy_after_iterations if by_policy else None}
 
 
+def _check_destination(peer: PeerClient, driver, inst: Instance) -> None:
+    """Before anything moves: Conflict when the destination says it is draining (host
+    maintenance); Unprocessable when it runs KVM and its CPU lacks what the running guest's
+    CPU needs (libvirt's CPU map, here: SupportsCpuCheck). A peer that does not answer (or an
+    older one) is left to the migration, which reports it; the destination checks both again
+    at prepare (draining; its own compareCPU)."""
+    try:
+        facts = peer.host()
+    except AgentError:
+        return
+    if facts.draining:
+        raise Conflict(f"destination {peer.name!r} is draining (host maintenance): it takes no instances; "
+                       f"migrate to another peer, or end its maintenance (`nodeagent host restore` there)")
+    if inst.kind != "vm" or inst.state not in ("running", "paused") or not facts.host_cpu \
+            or not isinstance(driver, SupportsCpuCheck):
+        return  # TCG on either side: QEMU emulates the CPU, any host runs it
+    guest = driver.guest_cpu(inst.name)
+    try:
+        why = driver.cpu_missing(guest, facts.host_cpu) if guest else None
+    except InvalidInput as e:  # a model this host's libvirt does not know: the destination's prepare checks
+        log.info("destination CPU not checked here", extra={"peer": peer.name, "instance": inst.name,
+                                                            "error": e.message})
+        return
+    if why:
+        raise Unprocessable(f"destination {peer.name!r} cannot run VM {inst.name!r}'s CPU: {why}; nothing moved: "
+                            "migrate it to a host with a CPU at least as capable")
+
+
 def incoming_request(inst: Instance, image, *, data_bytes: int, disk_size: int | None = None,
                      shared_volumes: dict[str, str] | None = None, idmap=None,
-                     security_groups: list[dict] | None = None) -> models.IncomingMigration:
+                     security_groups: list[dict] | None = None,
+                     guest_cpu: str | None = None) -> models.IncomingMigration:
     """What the destination is asked to prepare (``POST /v1/peer/migrations``) for ``inst``:
     checked here with the model the destination parses it with. ``idmap``: a container's user
     namespace map here (containers.IdMap), None without one. ``security_groups``: the
     definitions of the instance's groups (they travel with it)."""
     fields = {"disk_size": disk_size, "shared_volumes": shared_volumes, "security_groups": security_groups,
+              "guest_cpu": guest_cpu,
               "idmap": {"host_id": idmap.host_id, "size": idmap.size} if idmap else None}
     return _request(models.IncomingMigration, {
         "instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
@@ -133,6 +163,12 @@ class MigrationSource:
         if inst.spec_dict().get("network", "bridge") != "bridge":
             return None
         return self.root.secgroups.definitions(self.root.secgroups.of_instance(inst.id))
+
+    def _guest_cpu(self, name: str) -> str | None:
+        """The running guest's CPU for the destination's check (SupportsCpuCheck); None where
+        no check applies (TCG) or the driver cannot say."""
+        driver = self.root.driver
+        return driver.guest_cpu(name) if isinstance(driver, SupportsCpuCheck) else None
 
     def sending_to(self, peer: str) -> list[str]:
         """The ids of the instances this host is migrating to ``peer`` right now."""
@@ -184,6 +220,7 @@ class MigrationSource:
         if inst.kind == "vm" and inst.state != "stopped":
             options = live_options(req, self.config.migration, self.root.driver.postcopy_unavailable())
             postcopy_required = options.pop("postcopy_required")
+        _check_destination(peer, self.root.driver, inst)
         with self._lock:
             if inst.id in self._busy:
                 raise Conflict(f"instance {inst.name!r} is already being migrated")
@@ -280,7 +317,7 @@ class MigrationSource:
         prepared = peer.prepare(incoming_request(
             inst, image, data_bytes=allocated_bytes(vol.path) if pool.kind == "local" else 0, disk_size=vol.size,
             shared_volumes={v: pool.get_volume(v).uri for v in inst.volumes} if shared else None,
-            security_groups=self._groups(inst)))
+            security_groups=self._groups(inst), guest_cpu=self._guest_cpu(name)))
         live = self._track(op.id, {})
         down = {"failures": 0, "last": time.monotonic()}
 

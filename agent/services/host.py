@@ -1,20 +1,32 @@
-"""Host facts: hostname, hypervisor kind, cpus, memory, pools and their usage, versions."""
+"""Host facts: hostname, hypervisor kind, cpus, memory, pools and their usage, versions; and
+whether the host is draining (host maintenance: kept in the state DB, so it outlives a restart)."""
 from __future__ import annotations
 
 import os
 import platform
 import socket
+import time
 
 from importlib import metadata
 
-from hypervisor.driver import ReportsVirtType
+from hypervisor.driver import ReportsVirtType, SupportsCpuCheck
 
 
-def _meminfo_bytes() -> int:
+SCHEMA_STEPS = [
+    """
+    CREATE TABLE host_draining (
+        id INTEGER PRIMARY KEY CHECK (id = 1),  -- one row while the host is draining
+        since REAL NOT NULL
+    );
+    """,
+]
+
+
+def _meminfo_bytes(field: str = "MemTotal") -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -31,6 +43,48 @@ def _version(dist: str) -> str | None:
 class HostService:
     def __init__(self, root):
         self.root = root
+        root.db.apply_schema("host", SCHEMA_STEPS)
+
+    # -- draining (host maintenance): the only reader/writer of host_draining --
+    def draining_since(self) -> float | None:
+        """When the host started draining (unix seconds), None if it is not."""
+        row = self.root.db.one("SELECT since FROM host_draining WHERE id=1")
+        return row["since"] if row else None
+
+    def draining(self) -> bool:
+        return self.draining_since() is not None
+
+    def set_draining(self, on: bool) -> None:
+        if on:
+            self.root.db.execute("INSERT OR IGNORE INTO host_draining(id, since) VALUES(1, ?)", (time.time(),))
+        else:
+            self.root.db.execute("DELETE FROM host_draining")
+
+    def refuse_if_draining(self, what: str) -> None:
+        """Conflict while the host is draining: it takes no new work (``what``) until restored."""
+        if self.draining():
+            from agent.errors import Conflict
+            raise Conflict(f"host is draining (maintenance): {what} refused; its instances are being moved "
+                           "to peers; `nodeagent host restore` (POST /v1/host/restore) accepts work again")
+
+    def _host_cpu(self) -> str | None:
+        from agent.errors import AgentError
+        try:
+            driver = self.root.driver
+            return driver.host_cpu() if isinstance(driver, SupportsCpuCheck) else None
+        except AgentError:  # no hypervisor here: peers then skip the check (the destination's prepare does it)
+            return None
+
+    def peer_facts(self) -> dict:
+        """What a peer sees of this host (GET /v1/peer/host): whether it takes instances, and
+        its free capacity (the evacuating peer chooses destinations by it)."""
+        pools = self.pools()
+        default = next((p for p in pools if p["default"]), None)
+        return {"hostname": self.hostname(), "draining": self.draining(), "host_cpu": self._host_cpu(),
+                "capacity": {"cpus": os.cpu_count() or 1, "memory_bytes": _meminfo_bytes(),
+                             "memory_available_bytes": _meminfo_bytes("MemAvailable"),
+                             "instances": self.root.records.count(),
+                             "storage_available_bytes": ((default or {}).get("usage") or {}).get("available", 0)}}
 
     def hostname(self) -> str:
         return socket.gethostname()
@@ -85,14 +139,16 @@ class HostService:
         mem = _meminfo_bytes()
         versions = {"nodeagent": _version("nodeagent") or "0.1.0", "python": platform.python_version(),
                     "flask": _version("flask") or "", "kernel": platform.release()}
+        since = self.draining_since()
         return {
             "hostname": self.hostname(), "hypervisor": self.hypervisor(),
+            "draining": since is not None, "draining_since": since,
             "hypervisor_driver": self.root.config.hypervisor.driver,
             "container_runtime": self.root.config.containers.runtime,
             "container_idmap": {"host_id": self.root.runtime.idmap.host_id, "size": self.root.runtime.idmap.size},
             "migration_tls": self.root.config.migration.tls_enabled,
             "cpus": cpus, "memory_bytes": mem, "pools": pools,
-            "capacity": {"cpus": cpus, "memory_bytes": mem,
+            "capacity": {"cpus": cpus, "memory_bytes": mem, "memory_available_bytes": _meminfo_bytes("MemAvailable"),
                          "instances": self.root.records.count(),
                          "storage_available_bytes": sum((p["usage"] or {}).get("available", 0) for p in pools)},
             "versions": {k: v for k, v in versions.items() if v},

@@ -94,6 +94,7 @@ class InstanceService:
     def create(self, req: models.InstanceCreate) -> dict:
         """Validate and reserve the name now (409 at once), build in an operation (202)."""
         cfg = self.root.config
+        self.root.host.refuse_if_draining(f"new instance {req.name!r}")
         pool = req.pool or cfg.default_pool
         if pool not in cfg.pools:
             raise NotFound(f"pool {pool!r} not found; configured pools: {', '.join(sorted(cfg.pools))}")

@@ -506,3 +506,30 @@ def test_destination_down_when_asked_to_confirm_the_vm_is_not_lost(cluster, apis
         _restart_source_normal(cluster)
     for name in (a, b):
         assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+
+
+def test_host_evacuation_moves_a_running_and_a_stopped_vm_then_restore(cluster, apis, image):
+    """The real path of host maintenance: h1 drains to h2 (a running VM live, a stopped one
+    offline), refuses creates meanwhile (409), and accepts them again after restore."""
+    h1, h2 = cluster.hosts
+    running, stopped = create_vm(apis["h1"], image), create_vm(apis["h1"], image, start=False)
+    others = [i["name"] for i in apis["h1"].get("/v1/instances").json()["instances"] if i["name"] not in
+              (running, stopped)]
+    try:
+        op = apis["h1"].post("/v1/host/evacuate", json={"instances": [running, stopped], "parallel": 2}).json()
+        refused = apis["h1"].post("/v1/instances", json={"name": "drained", "kind": "vm", "image": image,
+                                                         "memory_mib": 128, "network": "none"})
+        assert refused.status_code == 409 and "draining" in refused.json()["error"]["message"]
+        op = apis["h1"].wait(op, timeout=OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op
+        items = {i["name"]: i for i in op["result"]["instances"]}
+        assert {n: (i["status"], i["mode"], i["destination"]) for n, i in items.items()} == {
+            running: ("done", "live", "h2"), stopped: ("done", "cold", "h2")}, items
+        assert_runs(apis["h2"], running)
+        assert apis["h2"].get(f"/v1/instances/{stopped}").json()["state"] == "stopped"
+        assert running not in domains(h1) and stopped not in domains(h1)
+        assert not others or apis["h1"].get(f"/v1/instances/{others[0]}").status_code == 200  # not named: stays
+    finally:
+        assert apis["h1"].post("/v1/host/restore").json() == {"draining": False}
+    for name in (running, stopped):
+        assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}

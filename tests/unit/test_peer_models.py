@@ -34,7 +34,7 @@ def _strings(schema: dict, defs: dict, path: str):
 
 
 @pytest.mark.parametrize("model", [models.IncomingMigration, models.IncomingFinish, models.IncomingPrepared,
-                                   models.Deleted, models.Received])
+                                   models.Deleted, models.Received, models.PeerHost])
 def test_every_string_a_peer_sends_has_a_pattern(model):
     schema = model.model_json_schema()
     unchecked = [p for p, node in _strings(schema, schema.get("$defs", {}), "")
@@ -90,3 +90,12 @@ def test_the_public_api_uses_the_same_types():
         models.InstanceCreate.model_validate({"name": "a", "kind": "vm", "image": "i", "pool": "../x"})
     with pytest.raises(ValidationError):
         models.PortSpec.model_validate({"host_port": 1, "container_port": 1, "host_ip": "999.0.0.1"})
+
+
+@pytest.mark.parametrize("cpu", ["<!DOCTYPE x><cpu/>", "<cpu><!ENTITY a 'b'></cpu>", "<domain/>", "<cpux/>",
+                                 "<cpu>" + "x" * 70000 + "</cpu>"])
+def test_a_peers_cpu_xml_is_one_cpu_element_without_markup_declarations(cpu):
+    with pytest.raises(ValidationError):
+        models.PeerHost.model_validate({"hostname": "h2", "draining": False, "capacity": {}, "host_cpu": cpu})
+    assert models.PeerHost.model_validate({"hostname": "h2", "draining": False, "capacity": {"cpus": 2},
+                                           "host_cpu": "<cpu><model>EPYC</model></cpu>"}).host_cpu

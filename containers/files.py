@@ -122,23 +122,7 @@ def write_file(rootfs: str, path: str, read, *, uid: int = 0, gid: int = 0, mode
     container, owned by container ids ``uid``/``gid`` with ``mode``, replacing what is there
     (a file or a symlink; not a directory). The parent directory must exist. Returns the
     bytes written; on failure nothing new is left."""
-    check_path(path)
-    parent, _, leaf = path.rstrip("/").rpartition("/")
-    if leaf in ("", ".", ".."):
-        raise InvalidInput(f"path {path[:80]!r} must name a file")
-    if not 0 <= mode <= 0o7777:
-        raise InvalidInput(f"mode {mode:o} must be permission bits (at most 7777 octal)")
-    host_uid, host_gid = (idmap.to_host(uid), idmap.to_host(gid)) if idmap is not None else (uid, gid)
-    if host_uid is None or host_gid is None:
-        raise InvalidInput(f"owner {uid}:{gid} is not mapped in this container (ids 0..{idmap.size - 1})")
-    root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            pfd = openat2(root, parent or "/", os.O_PATH | os.O_DIRECTORY)
-        except OSError as e:
-            raise _error(e, parent or "/", "push: the parent directory") from None
-    finally:
-        os.close(root)
+    pfd, leaf, host_uid, host_gid = _new_entry(rootfs, path, "file", "push", uid, gid, mode, idmap)
     tmp = f".nodeagent-push-{secrets.token_hex(8)}"
     written = 0
     try:
@@ -201,13 +185,14 @@ def list_dir(rootfs: str, path: str, idmap=None) -> tuple[list[dict], bool]:
     return sorted(out, key=lambda e: e["name"]), truncated
 
 
-def make_dir(rootfs: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755, idmap=None) -> None:
-    """Privileged: create directory ``path`` (its parent must exist; Conflict if the name is
-    taken) owned by container ids ``uid``/``gid`` with ``mode``."""
+def _new_entry(rootfs: str, path: str, what: str, verb: str, uid: int, gid: int, mode: int,
+               idmap) -> tuple[int, str, int, int]:
+    """For a new entry at ``path``: its parent directory opened (O_PATH, resolved inside the
+    root), its name, and its owner's host ids; InvalidInput for a bad name, mode or owner."""
     check_path(path)
     parent, _, leaf = path.rstrip("/").rpartition("/")
     if leaf in ("", ".", ".."):
-        raise InvalidInput(f"path {path[:80]!r} must name a directory to create")
+        raise InvalidInput(f"path {path[:80]!r} must name a {what}")
     if not 0 <= mode <= 0o7777:
         raise InvalidInput(f"mode {mode:o} must be permission bits (at most 7777 octal)")
     host_uid, host_gid = (idmap.to_host(uid), idmap.to_host(gid)) if idmap is not None else (uid, gid)
@@ -216,11 +201,17 @@ def make_dir(rootfs: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 
     root = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
-            pfd = openat2(root, parent or "/", os.O_PATH | os.O_DIRECTORY)
+            return openat2(root, parent or "/", os.O_PATH | os.O_DIRECTORY), leaf, host_uid, host_gid
         except OSError as e:
-            raise _error(e, parent or "/", "mkdir: the parent directory") from None
+            raise _error(e, parent or "/", f"{verb}: the parent directory") from None
     finally:
         os.close(root)
+
+
+def make_dir(rootfs: str, path: str, *, uid: int = 0, gid: int = 0, mode: int = 0o755, idmap=None) -> None:
+    """Privileged: create directory ``path`` (its parent must exist; Conflict if the name is
+    taken) owned by container ids ``uid``/``gid`` with ``mode``."""
+    pfd, leaf, host_uid, host_gid = _new_entry(rootfs, path, "directory to create", "mkdir", uid, gid, mode, idmap)
     try:
         try:
             os.mkdir(leaf, 0o700, dir_fd=pfd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import time
@@ -63,6 +64,13 @@ def served():
     app = _app(closed)
     server = HttpServer(app, ApiConfig(body_timeout=1, write_timeout=1, max_body_bytes=4096),
                         frozenset({"upload", "firehose", "poll"}))
+    with running(server) as port:
+        yield port, closed
+
+
+@contextlib.contextmanager
+def running(server: HttpServer):
+    """``server`` on 127.0.0.1 on a loop and thread of its own; yields its port, then stops it."""
     sock = listen("127.0.0.1:0")
     loop = asyncio.new_event_loop()
     ready, box = threading.Event(), {}
@@ -75,7 +83,7 @@ def served():
     t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     t.start()
     ready.wait(5)
-    yield sock.getsockname()[1], closed
+    yield sock.getsockname()[1]
     loop.call_soon_threadsafe(box["stop"].set)
     t.join(15)
     assert not t.is_alive()

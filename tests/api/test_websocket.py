@@ -23,6 +23,7 @@ from agent.errors import AgentError
 from agent.httpserver import WS_MAX_MESSAGE, HttpServer, WebSocketClosed
 from agent.server import listen
 from tests.api.serving import closed_within, connect, recv_until
+from tests.api.test_httpserver import running
 from tests.api.test_tls import pki  # noqa: F401 (a fixture)
 
 
@@ -66,22 +67,8 @@ def served():
     server = HttpServer(_app(events), ApiConfig(write_timeout=1, ws_ping_interval=0.5,
                                                 max_streams_per_client=3),
                         frozenset({"echo", "flood"}))
-    sock = listen("127.0.0.1:0")
-    loop = asyncio.new_event_loop()
-    ready, box = threading.Event(), {}
-
-    async def main():
-        box["stop"] = asyncio.Event()
-        ready.set()
-        await server.serve(sock, box["stop"])
-
-    t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    t.start()
-    ready.wait(5)
-    yield sock.getsockname()[1], events
-    loop.call_soon_threadsafe(box["stop"].set)
-    t.join(15)
-    assert not t.is_alive()
+    with running(server) as port:
+        yield port, events
 
 
 def _ws(port, path="/echo", **kw):

@@ -10,24 +10,16 @@ import uuid
 import pytest
 
 from agent.errors import CommandFailed
-from tests.api.test_migration_controls import _ct_image, _free_port, _Host, _vm, _wait
+from tests.api.test_migration_controls import _ct_image, _free_port, _vm, _wait, peered_hosts
 
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("evacuate")
-    tag = uuid.uuid4().hex[:6]
-    p1, p2 = _free_port(), _free_port()
-    src = _Host(tmp, "src", p1, "dst", p2, f"fake://{tag}-src")
-    dst = _Host(tmp, "dst", p2, "src", p1, f"fake://{tag}-dst")
-    src.root.config.peers["dst"].token = dst.root.tokens.create("src", "peer")
-    dst.root.config.peers["src"].token = src.root.tokens.create("dst", "peer")
-    img = src.client.post("/v1/images", json={"name": "tiny-ct", "format": "oci",
-                                              "source": {"type": "file", "path": str(_ct_image(src))}})
-    assert _wait(src.client, img.json)["status"] == "succeeded"
-    yield src, dst
-    src.stop()
-    dst.stop()
+    for src, dst in peered_hosts(tmp_path_factory.mktemp("evacuate")):
+        img = src.client.post("/v1/images", json={"name": "tiny-ct", "format": "oci",
+                                                  "source": {"type": "file", "path": str(_ct_image(src))}})
+        assert _wait(src.client, img.json)["status"] == "succeeded"
+        yield src, dst
 
 
 @pytest.fixture

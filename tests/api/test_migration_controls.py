@@ -39,8 +39,11 @@ class _Host:
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
+    yield from peered_hosts(tmp_path_factory.mktemp("migctl"))
+
+
+def peered_hosts(tmp):
     """(source, destination): each the other's configured peer, with peer tokens both ways."""
-    tmp = tmp_path_factory.mktemp("migctl")
     tag = uuid.uuid4().hex[:6]
     p1, p2 = _free_port(), _free_port()
     src = _Host(tmp, "src", p1, "dst", p2, f"fake://{tag}-src")

@@ -12,6 +12,7 @@ import pytest
 
 from agent.errors import CommandFailed
 from tests.api.conftest import inprocess_app
+from tests.api.test_resize import _create, _wait
 
 VM = {"kind": "vm", "image": "tiny-vm", "memory_mib": 192, "cpus": 1}
 
@@ -27,18 +28,6 @@ def app(tmp_path_factory):
     assert _wait(client, op)["status"] == "succeeded"
     yield app, client, root
     root.stop()
-
-
-def _wait(client, op):
-    return client.get(f"/v1/operations/{op['id']}/wait?timeout=30").json
-
-
-def _create(client, **body):
-    r = client.post("/v1/instances", json=body)
-    assert r.status_code == 202, r.json
-    op = _wait(client, r.json)
-    assert op["status"] == "succeeded", op
-    return op["result"]["instance"]
 
 
 def _act(client, name, action):

@@ -95,17 +95,21 @@ def exec_session(runtime, name: str, options, *, who: str, request_id: str | Non
         except Exception:  # the client left (the process is killed)
             return
 
-    def feed(ws, proc, left: threading.Event) -> None:
-        """Client messages to the process; returns when the client leaves (then ``left`` is set)."""
+    def feed(ws, proc, left: threading.Event, io: threading.Lock, released: list) -> None:
+        """Client messages to the process; returns when the client leaves (then ``left`` is set).
+        Its writes and its closing of stdin hold ``io`` and stop once ``released[0]``: the
+        process's descriptors are closed only after that, so input never goes to a closed
+        (or reused) descriptor."""
         try:
             while (msg := ws.recv()) is not None:
                 if isinstance(msg, bytes):
-                    fd = proc.pty if proc.pty is not None else proc.stdin
-                    if fd is not None:
-                        try:
-                            os.write(fd, msg)
-                        except OSError:
-                            pass  # the process closed its input
+                    with io:
+                        fd = None if released[0] else (proc.pty if proc.pty is not None else proc.stdin)
+                        if fd is not None:
+                            try:
+                                os.write(fd, msg)
+                            except OSError:
+                                pass  # the process closed its input
                     continue
                 try:
                     ctl = json.loads(msg)
@@ -115,7 +119,9 @@ def exec_session(runtime, name: str, options, *, who: str, request_id: str | Non
                     elif kind == "signal" and isinstance(ctl.get("signal"), int) and 0 < ctl["signal"] < 65:
                         proc.signal(ctl["signal"])
                     elif kind == "eof":
-                        proc.close_stdin()
+                        with io:
+                            if not released[0]:
+                                proc.close_stdin()
                 except (ValueError, AttributeError, TypeError, OSError):
                     ws.send(json.dumps({"type": "notice", "message": f"control message refused: {msg[:80]!r}"}))
         except Exception:
@@ -143,7 +149,8 @@ def exec_session(runtime, name: str, options, *, who: str, request_id: str | Non
         for t in pumps:
             t.start()
         threading.Thread(target=waiter, daemon=True).start()
-        threading.Thread(target=feed, args=(ws, proc, ended), daemon=True).start()
+        io, released = threading.Lock(), [False]
+        threading.Thread(target=feed, args=(ws, proc, ended, io, released), daemon=True).start()
         code = None
         try:
             ended.wait()
@@ -171,6 +178,8 @@ def exec_session(runtime, name: str, options, *, who: str, request_id: str | Non
                             extra={"container": name, "request_id": request_id})
                 proc.kill()
             else:
+                with io:  # no input is being written, and none will be
+                    released[0] = True
                 proc.release()
                 os.close(stop_r)
                 os.close(stop_w)

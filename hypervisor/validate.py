@@ -55,14 +55,14 @@ def check_spec(spec: VmSpec, *, host_memory_mib: int) -> None:
                                             or spec.max_memory_mib < spec.memory_mib):
         raise InvalidInput(f"max_memory_mib must be at least memory_mib ({spec.memory_mib}), "
                            f"got {spec.max_memory_mib!r}")
-    if spec.memory_max > host_memory_mib:
-        raise Unprocessable(f"VM {spec.name!r} may grow to {spec.memory_max} MiB but this host has "
-                            f"{host_memory_mib} MiB: ask for less (max_memory_mib)",
-                            memory_mib=spec.memory_max, host_memory_mib=host_memory_mib)
     if spec.memory_mib > host_memory_mib:
         raise Unprocessable(f"VM {spec.name!r} asks for {spec.memory_mib} MiB but this host has "
                             f"{host_memory_mib} MiB: ask for less memory", memory_mib=spec.memory_mib,
                             host_memory_mib=host_memory_mib)
+    if spec.memory_max > host_memory_mib:
+        raise Unprocessable(f"VM {spec.name!r} may grow to {spec.memory_max} MiB but this host has "
+                            f"{host_memory_mib} MiB: ask for less (max_memory_mib)",
+                            memory_mib=spec.memory_max, host_memory_mib=host_memory_mib)
     targets = [d.target for d in spec.disks]
     if len(set(targets)) != len(targets):
         raise InvalidInput(f"disk targets must be unique, got {targets}")

@@ -21,7 +21,6 @@ All of it is privileged (``tc``, ``ip``), in the functions of this module only.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from dataclasses import dataclass
 from agent.errors import CommandFailed, InvalidInput, Unavailable
 
 IFB_PREFIX = "nbw"
-SYS_NET = "/sys/class/net"
 MIN_RATE_KBIT = 64  # below this a single full-size packet takes ~0.2 s
 MAX_RATE_KBIT = 100_000_000  # 100 Gbit/s
 MIN_BURST_KBIT = 16  # two full-size Ethernet frames: a smaller bucket never passes one
@@ -187,24 +185,28 @@ def clear(port: str) -> None:
 
 
 def sweep() -> list[str]:
-    """Remove the ifb devices whose port is gone; their names. Links and aliases are read
-    from sysfs (a netlink dump decodes every link of the host: slow with a thousand veths)."""
+    """Remove the ifb devices whose port is gone; their names. The host's link names come
+    from libc's if_nameindex (a pyroute2 dump decodes every attribute of every link: slow
+    with a thousand veths; sysfs may show another network namespace's links), the aliases of
+    our ifbs from netlink, one link each."""
+    import socket
+
     from pyroute2 import IPRoute
-    names = set(os.listdir(SYS_NET))
+    links = {name: idx for idx, name in socket.if_nameindex()}
     gone = []
-    for name in sorted(n for n in names if n.startswith(IFB_PREFIX)):
-        try:
-            with open(os.path.join(SYS_NET, name, "ifalias")) as f:
-                alias = f.read().strip()
-        except OSError:  # gone meanwhile
-            continue
-        if not alias or ifb_name(alias) != name or alias in names:
-            continue  # not one of ours, or its port is still there
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=name)
-            if idx:
-                ipr.link("del", index=idx[0])
-                gone.append(name)
+    candidates = sorted(n for n in links if n.startswith(IFB_PREFIX))
+    if not candidates:
+        return gone
+    with IPRoute() as ipr:
+        for name in candidates:
+            try:
+                alias = ipr.get_links(links[name])[0].get_attr("IFLA_IFALIAS")
+            except Exception:  # noqa: BLE001 - gone meanwhile
+                continue
+            if not alias or ifb_name(alias) != name or alias in links:
+                continue  # not one of ours, or its port is still there
+            ipr.link("del", index=links[name])
+            gone.append(name)
     return gone
 
 

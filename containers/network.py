@@ -475,10 +475,11 @@ class Network:
 
     def leftover_veths(self, live: set[str]) -> list[str]:
         """Our host veths (``nv<rtag>*``) of no container in ``live``. The names come from
-        sysfs: a netlink dump decodes every link of the host (seconds at agent start with
-        a thousand containers)."""
+        libc's if_nameindex (pyroute2's dump decodes every attribute of every link: seconds
+        at agent start with a thousand containers); not from sysfs, which shows the links of
+        the network namespace it was mounted in, not necessarily the agent's."""
         want = {self.veth_name(n) for n in live}
-        return sorted(n for n in os.listdir(SYS_NET) if n.startswith(f"nv{self.rtag}") and n not in want)
+        return sorted(n for _, n in socket.if_nameindex() if n.startswith(f"nv{self.rtag}") and n not in want)
 
     def delete_veth(self, ifname: str) -> None:
         from pyroute2 import IPRoute

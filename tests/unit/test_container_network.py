@@ -179,10 +179,10 @@ def test_the_key_quota_is_raised_never_lowered(tmp_path):
     assert ensure_key_quota(str(tmp_path)) == {"maxkeys": KEY_QUOTA["maxkeys"]}
 
 
-def test_leftover_veths_are_ours_without_a_container(db, tmp_path, monkeypatch):
-    import containers.network as network
-    monkeypatch.setattr(network, "SYS_NET", str(tmp_path))
+def test_leftover_veths_are_ours_without_a_container(db, monkeypatch):
+    """The names come from the agent's own network namespace (if_nameindex), whatever sysfs shows."""
+    import socket
     n = net(db)
-    for name in (n.veth_name("live"), n.veth_name("gone"), "nvffff0000000", "eth0"):
-        (tmp_path / name).mkdir()
+    links = [(1, "lo"), (2, n.veth_name("live")), (3, n.veth_name("gone")), (4, "nvffff0000000"), (5, "eth0")]
+    monkeypatch.setattr(socket, "if_nameindex", lambda: links)
     assert n.leftover_veths({"live"}) == [n.veth_name("gone")]

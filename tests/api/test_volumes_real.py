@@ -176,7 +176,7 @@ def test_runc_container_mounts_a_volume_given_at_create(open_tmp):
     for tool in ("runc", "conmon", "mkfs.ext4", "resize2fs"):
         assert shutil.which(tool), f"{tool} is not installed: run scripts/setup-host"
     from storage import mounts
-    from testbed.runtimes import test_network
+    from testbed.runtimes import drop_test_network, test_network
     from tests.api.test_crash import _import_busybox
     bridge_name, subnet = test_network()
     agent = AgentProcess(open_tmp / "r", pool_kind="local")
@@ -245,5 +245,5 @@ def test_runc_container_mounts_a_volume_given_at_create(open_tmp):
         for n in names:
             api.delete(f"/v1/instances/{n}")
         assert agent.stop() == 0
-        subprocess.run(["ip", "link", "del", bridge_name], capture_output=True)
+        drop_test_network(bridge_name, agent.rtag)
         assert not os.path.exists(f"/sys/class/net/{bridge_name}")

@@ -226,7 +226,7 @@ def test_busy_guest_switches_to_postcopy_and_keeps_running_there(libvirt_pair, v
     seen = []
     res = src.migrate(spec.name, uri, MigrationOptions(
         copy_storage="full", disk_sources=dest_disks, console_log=f"{vm_dir}/{spec.name}-dst.log",
-        completion_timeout_s=1, timeout_action="postcopy", postcopy=True),
+        completion_timeout_s=1, timeout_action="postcopy", postcopy=True, bandwidth_mib_s=16),
         progress=seen.append)
     assert res.postcopy, seen[-3:]
     assert [p.phase for p in seen][-1] == "postcopy" and "precopy" in [p.phase for p in seen]

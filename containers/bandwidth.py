@@ -193,7 +193,7 @@ def sweep() -> list[str]:
 
     from pyroute2 import IPRoute
     links = {name: idx for idx, name in socket.if_nameindex()}
-    gone = []
+    gone: list[str] = []
     candidates = sorted(n for n in links if n.startswith(IFB_PREFIX))
     if not candidates:
         return gone

@@ -229,7 +229,10 @@ def test_busy_guest_switches_to_postcopy_and_keeps_running_there(libvirt_pair, v
         completion_timeout_s=1, timeout_action="postcopy", postcopy=True, bandwidth_mib_s=16),
         progress=seen.append)
     assert res.postcopy, seen[-3:]
-    assert [p.phase for p in seen][-1] == "postcopy" and "precopy" in [p.phase for p in seen]
+    phases = [p.phase for p in seen]
+    # the post-copy phase may end before the watcher's next sample: the result says it ran
+    order = ["precopy", "postcopy"]
+    assert "precopy" in phases and phases == sorted(phases, key=order.index), phases
     assert src.find(spec.name) is None
     assert dst.get(spec.name).state == "running"
     deadline = time.monotonic() + 60

@@ -57,21 +57,7 @@ class Client:
         return cls(st["url"], st.get("token"), ca=st.get("ca"), cert=st.get("cert"), key=st.get("key"))
 
     def request(self, method: str, path: str, *, json=None, params=None, timeout=None):
-        try:
-            r = self.s.request(method, self.url + path, json=json, params=params,
-                               timeout=timeout or self.timeout, verify=self.verify)
-        except requests.exceptions.SSLError as e:
-            raise ApiError(0, "tls", f"TLS with the agent at {self.url} failed: {e}; set `ca` (and `cert`/`key` "
-                           "if the agent requires client certificates) in the client config") from None
-        except requests.ConnectionError as e:
-            raise ApiError(0, "unreachable", f"cannot reach the agent at {self.url}: {e.__class__.__name__}; "
-                           "is `nodeagent serve` running? set NODEAGENT_URL") from None
-        if r.status_code >= 400:
-            try:
-                err = r.json()["error"]
-                raise ApiError(r.status_code, err["code"], err["message"])
-            except (ValueError, KeyError, TypeError):
-                raise ApiError(r.status_code, "http", r.text[:500]) from None
+        r = self._send(method, path, json=json, params=params, timeout=timeout or self.timeout)
         ctype = r.headers.get("Content-Type", "")
         return r.json() if ctype.startswith("application/json") else r.text
 
@@ -188,14 +174,19 @@ class Client:
         return self._stream("PUT", f"/v1/instances/{ref}/files", path, data=b"", headers=headers).json()
 
     def _stream(self, method: str, route: str, path: str, **kw):
+        return self._send(method, route, params={"path": path}, timeout=(self.timeout, 600), **kw)
+
+    def _send(self, method: str, path: str, **kw):
+        """The response to one request; ApiError for TLS, connection and HTTP errors (the
+        agent's JSON error where it sent one)."""
         try:
-            r = self.s.request(method, self.url + route, params={"path": path}, timeout=(self.timeout, 600),
-                               verify=self.verify, **kw)
+            r = self.s.request(method, self.url + path, verify=self.verify, **kw)
         except requests.exceptions.SSLError as e:
-            raise ApiError(0, "tls", f"TLS with the agent at {self.url} failed: {e}") from None
+            raise ApiError(0, "tls", f"TLS with the agent at {self.url} failed: {e}; set `ca` (and `cert`/`key` "
+                           "if the agent requires client certificates) in the client config") from None
         except requests.ConnectionError as e:
-            raise ApiError(0, "unreachable", f"cannot reach the agent at {self.url}: {e.__class__.__name__}") \
-                from None
+            raise ApiError(0, "unreachable", f"cannot reach the agent at {self.url}: {e.__class__.__name__}; "
+                           "is `nodeagent serve` running? set NODEAGENT_URL") from None
         if r.status_code >= 400:
             try:
                 err = r.json()["error"]

@@ -81,7 +81,7 @@ def test_watchdog_cancel_and_stall_unblock_a_blocked_call():
                 wd.abort_with(lambda: a.shutdown(socket.SHUT_RDWR))
                 a.recv(1)  # blocks until the watchdog shuts the socket down
                 wd.check()
-        assert time.monotonic() - t0 < 1.3
+        assert time.monotonic() - t0 < 10  # not the 60 s stall timeout: the cancel unblocked it
     finally:
         a.close()
         b.close()

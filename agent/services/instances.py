@@ -436,18 +436,18 @@ class InstanceService:
 
     # -- consoles, interactive exec --
     def console(self, ref: str, caller: dict, request_id: str | None = None):
-        """The websocket session (agent.services.console) of a watcher of ``ref``'s console;
-        admins type, readers watch. Conflict for a VM that does not run, and for containers
-        (none has a TTY yet)."""
+        """The websocket session (agent.services.console) of a watcher of ``ref``'s console: a
+        VM's serial console or a container's terminal; admins type, readers watch. Conflict for
+        an instance that does not run, and for a container created without a TTY."""
         from agent.services.console import console_session, not_a_tty
         inst = self.get(ref)
-        if inst.kind != "vm":
+        if inst.kind == "container" and not inst.spec.get("tty"):
             raise not_a_tty(inst.name)
         if inst.state != "running":
             raise Conflict(f"instance {inst.name!r} is {inst.state}: its console opens when it runs")
         who = f"{caller.get('via', 'token')} {caller.get('name')!r} ({caller.get('role')})"
         return console_session(self.root.consoles, inst.name, can_type=caller.get("role") == "admin", who=who,
-                               request_id=request_id)
+                               request_id=request_id, kind=inst.kind)
 
     def exec_interactive(self, inst, req: models.ExecRequest, caller: dict) -> dict:
         """Reserve an interactive exec session (agent.services.execs) for ``caller``."""

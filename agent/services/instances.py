@@ -32,6 +32,11 @@ from containers.runtime import ContainerInfo, SupportsPause, SupportsReconcile
 from hypervisor.driver import VmInfo
 
 log = logging.getLogger(__name__)
+# why a VM gets 422 for exec and files (README "Consoles, interactive exec and files")
+NO_GUEST_AGENT = ("a VM's commands and files would go through the QEMU guest agent, and no VM here has one: the "
+                  "agent gives its domains no guest agent channel (virtio-serial org.qemu.guest_agent.0) and the "
+                  "test guest runs no qemu-ga. Use the VM's console (GET /v1/instances/{id}/console, `nodeagent "
+                  "console NAME`) or its user_data")
 
 
 def _msg(e: Exception) -> str:
@@ -475,8 +480,7 @@ class InstanceService:
         from containers.runtime import SupportsFiles
         inst = self.get(ref)
         if inst.kind != "container":
-            raise Unprocessable("file push and pull work on containers only: a VM's files need a guest "
-                                "agent, which the agent does not use yet")
+            raise Unprocessable(f"file push and pull work on containers only: {NO_GUEST_AGENT}")
         if inst.state in ("creating", "incoming", "deleting"):
             raise Conflict(f"instance {inst.name!r} is {inst.state}: its files are not there yet")
         if not isinstance(self.root.runtime, SupportsFiles):
@@ -510,8 +514,7 @@ class InstanceService:
     def exec(self, ref: str, req: models.ExecRequest, caller: dict | None = None) -> dict:
         inst = self.get(ref)
         if inst.kind != "container":
-            raise Unprocessable("exec works on containers only: use the VM's console (GET "
-                                "/v1/instances/{id}/console, `nodeagent console`); VMs have no guest agent here")
+            raise Unprocessable(f"exec works on containers only: {NO_GUEST_AGENT}")
         if req.interactive:
             return self.exec_interactive(inst, req, caller or {"name": "-", "via": "-"})
         res = self.root.runtime.exec(inst.name, list(req.command), timeout=req.timeout)

@@ -4,6 +4,7 @@ env/cwd/user, a client that leaves (its process is killed), and what a reader or
 caller cannot do."""
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -11,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from testbed.agentproc import AgentProcess, Api
@@ -316,9 +317,17 @@ def test_a_tty_containers_console_typed_resized_watched_detached_and_readopted(r
         # both detached: the container runs on, its log kept the terminal's output
         assert admin.get(f"/v1/instances/{name}").json()["state"] == "running"
         assert "hi-42" in admin.get(f"/v1/instances/{name}/logs").text
-        # a killed agent restarts and attaches to the terminal conmon kept
-        real.kill9()
+        # the agent killed while attached: conmon and the shell run on (output meanwhile is logged); the
+        # restarted agent attaches to the terminal conmon kept
+        with contextlib.suppress(ConnectionClosed, OSError), _console(real, name, real.admin_token) as held:
+            held.send(b"(sleep 1; echo while-away-$((6*7))) &\r")
+            _screen(held, b"while-away-$((6*7))")  # the terminal's echo: the shell has the line
+            real.kill9()
         real.start()
+        deadline = time.monotonic() + 20
+        while "while-away-42" not in admin.get(f"/v1/instances/{name}/logs").text:
+            assert time.monotonic() < deadline, "the terminal's output stopped with the agent"
+            time.sleep(0.2)
         with _console(real, name, real.admin_token) as a:
             a.send(b"echo again-$((6*7))\r")
             _screen(a, b"again-42")

@@ -379,6 +379,8 @@ def instance():
 @click.option("--cap-drop", multiple=True, help="containers: a default capability to take away (ALL)")
 @click.option("--privileged", is_flag=True,
               help="containers: no user namespace, container root = host root (admin tokens only)")
+@click.option("-t", "--tty", "use_tty", is_flag=True,
+              help="containers: run the process on a terminal; `nodeagent console NAME` attaches to it")
 @click.option("--security-group", "groups", multiple=True, help="a security group (repeat; default: default)")
 @click.option("--max-cpus", type=int, help="VMs: the most vCPUs a later resize may give it (default: --cpus)")
 @click.option("--max-memory", "max_memory_mib", type=int,
@@ -390,7 +392,7 @@ def instance():
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("command", nargs=-1)
 def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env, user_data, network,
-                    ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, privileged, groups, max_cpus,
+                    ingress_kbit, egress_kbit, burst_kbit, cap_add, cap_drop, privileged, use_tty, groups, max_cpus,
                     max_memory_mib, no_autostart, no_start, volumes, as_json, command):
     """Create NAME from an image; for containers, COMMAND after `--` overrides the image's."""
     body = {"name": name, "kind": kind, "image": image_ref, "cpus": cpus, "memory_mib": memory_mib,
@@ -399,6 +401,8 @@ def instance_create(name, kind, image_ref, cpus, memory_mib, disk_gib, pool, env
         body["disk_gib"] = disk_gib
     if privileged:
         body["privileged"] = True
+    if use_tty:
+        body["tty"] = True
     if pool:
         body["pool"] = pool
     if env:
@@ -535,8 +539,10 @@ def instance_exec(ref, command, as_json):
 @main.command("console")
 @click.argument("ref")
 def console_cmd(ref):
-    """Attach this terminal to a VM's serial console (GET /v1/instances/{id}/console). Detach
-    with Ctrl-]. Admins type; a reader token only watches. Several may watch at once."""
+    """Attach this terminal to a VM's serial console or to the terminal of a container created
+    with --tty (GET /v1/instances/{id}/console). Detach with Ctrl-]: the instance runs on.
+    Admins type (and size a container's terminal to this one); a reader token only watches.
+    Several may watch at once."""
     from agent import terminal
     conn = _call(_client().websocket, f"/v1/instances/{ref}/console")
     sys.exit(terminal.console(conn, ref))

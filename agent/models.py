@@ -626,6 +626,10 @@ class InstanceCreate(Model):
                     "adds back)")
     privileged: bool = Field(False, description="containers, admin tokens only: run without a user "
                                                 "namespace (container root is host root)")
+    tty: bool = Field(False, description="containers: run the process on a terminal (Docker's and Podman's "
+                                         "`-it`): GET /v1/instances/{id}/console attaches to it (admins "
+                                         "type, readers watch); its input is that console's, its output "
+                                         "also goes to the logs. A VM's console is its serial line")
     start: bool = True
     max_cpus: IntRange(1, vm_limits.MAX_VCPUS) | None = Field(
         None, description="VMs: the most vCPUs a live resize (PATCH cpus) may give it (default: cpus)")
@@ -652,7 +656,7 @@ class InstanceCreate(Model):
              "network": {"enum": ["bridge", "none"]}, "ports": {"maxItems": 0},
              "env": {"maxProperties": 0}, "command": {"type": "null"}, "pids_max": {"type": "null"},
              "cap_add": {"maxItems": 0}, "cap_drop": {"maxItems": 0},
-             "privileged": {"const": False},
+             "privileged": {"const": False}, "tty": {"const": False},
              "volumes": {"items": {"properties": {"path": {"type": "null"}}}}}}},
         {"if": {"properties": {"kind": {"const": "container"}}, "required": ["kind"]},
          "then": {"properties": {
@@ -681,10 +685,11 @@ class InstanceCreate(Model):
         return self
 
     def _vm_checks(self) -> None:
-        unused = [f for f in ("ports", "env", "command", "pids_max", "cap_add", "cap_drop", "privileged")
+        unused = [f for f in ("ports", "env", "command", "pids_max", "cap_add", "cap_drop", "privileged", "tty")
                   if getattr(self, f)]
         if unused:
-            raise ValueError(f"{', '.join(unused)} are for containers: a VM takes user_data")
+            raise ValueError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} for containers: a VM "
+                             "takes user_data (and its console is its serial line)")
         if self.network == "host":
             raise ValueError("network 'host' is for containers: a VM takes 'bridge' or 'none'")
         if self.bandwidth is not None and self.network != "bridge":
@@ -751,6 +756,7 @@ class Instance(Model):
     max_cpus: int | None = Field(None, description="VMs: the most vCPUs a resize may give it")
     max_memory_mib: int | None = Field(None, description="VMs: the most memory a resize may give it")
     autostart: bool = True
+    tty: bool = Field(False, description="containers: created with a terminal (GET .../console attaches to it)")
     created_at: float
     updated_at: float
 

@@ -50,9 +50,17 @@ def terminal_size() -> tuple[int, int]:
 
 
 def console(conn, name: str) -> int:
-    """Attach to a console until Ctrl-] or until the agent closes it; 0."""
+    """Attach to a console until Ctrl-] or until the agent closes it; 0. The console (a
+    container's terminal) takes this terminal's size, now and when it changes."""
     done = threading.Event()
     out = sys.stdout.buffer
+
+    def resized(*_):
+        cols, rows = terminal_size()
+        try:
+            conn.send(json.dumps({"type": "resize", "cols": cols, "rows": rows}))
+        except Exception:
+            pass
 
     def reader():
         try:
@@ -66,9 +74,13 @@ def console(conn, name: str) -> int:
             pass
         done.set()
 
+    sized = os.isatty(sys.stdout.fileno())
+    old = signal.signal(signal.SIGWINCH, resized) if sized else None
     with _Raw(True):
         _say(f"connected to the console of {name}; detach with Ctrl-]")
         threading.Thread(target=reader, daemon=True).start()
+        if sized:
+            resized()
         try:
             while not done.is_set():
                 if not select.select([sys.stdin], [], [], 0.2)[0]:
@@ -85,6 +97,8 @@ def console(conn, name: str) -> int:
         except Exception:
             pass
         finally:
+            if old is not None:
+                signal.signal(signal.SIGWINCH, old)
             conn.close()
     reason = getattr(conn, "close_reason", None)
     _say(f"detached from {name}" + (f" ({reason})" if reason else ""))

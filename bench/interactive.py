@@ -8,12 +8,16 @@
 (c) console echo on a real VM (the test guest, TCG; its user-data answers each line on its
     serial port): a line typed through GET .../console until its answer is back, vs the same
     through `virsh console` on a pty (one at a time: both read the same serial line).
+(c') console echo on a TTY container (real runc + conmon, /bin/sh on its terminal): a line
+    typed through GET .../console until the shell's answer is back, vs the same through conmon's
+    attach socket directly (what `podman attach` speaks: SOCK_SEQPACKET, a stream byte before
+    each output message), one client at a time.
 (d) GET /v1/instances p99 (a fake-driver agent with 50 running fake VMs) with nothing open vs
     with 300 event streams and 50 console websockets open (one per VM), from a separate load
     process (4 keep-alive connections).
 
 Run: NODEAGENT_TEST_IMAGES=/var/cache/nodeagent-test-images-ud .venv/bin/python bench/interactive.py
-(BENCH_ONLY=exec|push|console|list runs one part.)
+(BENCH_ONLY=exec|push|ctconsole|console|list runs one part.)
 """
 from __future__ import annotations
 
@@ -126,9 +130,63 @@ def bench_runc(tmp: Path, parts: set[str]) -> None:
                  statistics.median(peer), unit="s")  # the CLI: its start (~0.4 s of imports) included
             line(f"push_{PUSH_MIB}mib_api_curl", statistics.median(raw), "tar c | runc exec NAME tar x",
                  statistics.median(peer), unit="s")
+        if "ctconsole" in parts:
+            bench_container_console(agent, token, tmp)
     finally:
         Api(agent.url, token).delete(f"/v1/instances/{name}")
         agent.stop()
+
+
+def bench_container_console(agent, token, tmp: Path) -> None:
+    api = Api(agent.url, token)
+    name = f"bt-{secrets.token_hex(3)}"
+    op = api.wait(api.post("/v1/instances", json={"name": name, "kind": "container", "image": "busybox",
+                                                  "network": "none", "memory_mib": 64, "tty": True,
+                                                  "command": ["/bin/sh"]}).json())
+    assert op["status"] == "succeeded", op
+    try:
+        ours = []
+        with _ws(agent, token, f"/v1/instances/{name}/console") as c:
+            def ws_echo(i):
+                c.send(f"echo ab$(({i}))z\r".encode())  # the terminal's echo shows the $((..)), the answer ab<i>z
+                seen = b""
+                while f"ab{i}z".encode() not in seen:
+                    msg = c.recv(30)
+                    seen += msg if isinstance(msg, bytes) else b""
+            ws_echo(10**6)
+            for i in range(ECHOES):
+                t0 = time.perf_counter()
+                ws_echo(i)
+                ours.append((time.perf_counter() - t0) * 1000)
+        bundle = next(p.parent for p in agent.state_dir.rglob(f"containers/{name}/bundle/config.json"))
+        peer = _conmon_echoes(bundle)
+        line("container_console_echo_p50", statistics.median(ours), "conmon attach socket (direct)",
+             statistics.median(peer))
+    finally:
+        api.delete(f"/v1/instances/{name}")
+
+
+def _conmon_echoes(bundle: Path) -> list[float]:
+    dfd = os.open(bundle, os.O_PATH)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(f"/proc/self/fd/{dfd}/attach")  # the bundle's path may be too long for an address
+    s.settimeout(30)
+    out = []
+    try:
+        def echo(i):
+            s.send(f"echo ab$(({i}))z\r".encode())
+            seen = b""
+            while f"ab{i}z".encode() not in seen:
+                seen += s.recv(8193)[1:]  # the first byte names the stream
+        echo(10**6 + 1)
+        for i in range(ECHOES):
+            t0 = time.perf_counter()
+            echo(i)
+            out.append((time.perf_counter() - t0) * 1000)
+    finally:
+        s.close()
+        os.close(dfd)
+    return out
 
 
 USER_DATA = ("#!/bin/sh\nwhile read -r l < /dev/ttyS0; do echo \"NODEAGENT-ECHO $l\" > /dev/ttyS0; done\n")
@@ -279,11 +337,12 @@ def bench_list(tmp: Path) -> None:
 
 
 def main():
-    parts = {os.environ["BENCH_ONLY"]} if os.environ.get("BENCH_ONLY") else {"exec", "push", "console", "list"}
+    parts = {os.environ["BENCH_ONLY"]} if os.environ.get("BENCH_ONLY") else {"exec", "push", "ctconsole", "console",
+                                                                             "list"}
     tmp = Path(tempfile.mkdtemp(prefix="bench-interactive-"))
     os.chmod(tmp, 0o711)  # user-namespaced containers' roots traverse it to their rootfs
     try:
-        if parts & {"exec", "push"}:
+        if parts & {"exec", "push", "ctconsole"}:
             bench_runc(tmp, parts)
         if "console" in parts:
             bench_console(tmp)

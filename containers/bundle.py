@@ -220,18 +220,24 @@ def build_config(spec: ContainerSpec, *, rootfs: str, uid: int, gid: int,
         linux["gidMappings"] = [dict(m) for m in idmap]
         # cgroupfs is not mountable from a user namespace without cgroupns on v1
         mounts = [m for m in mounts if m["destination"] != "/sys/fs/cgroup"]
+    env = dict(proc["env"])
+    if spec.tty:
+        env.setdefault("TERM", "xterm")  # as Docker and Podman give a container run with a TTY
+    process: dict = {
+        "terminal": spec.tty,
+        "user": {"uid": uid, "gid": gid},
+        "args": proc["args"],
+        "env": [f"{k}={v}" for k, v in env.items()],
+        "cwd": proc["cwd"],
+        "capabilities": security.process_capabilities(uid),
+        "rlimits": agent_rlimits(),
+        "noNewPrivileges": security.no_new_privileges,
+    }
+    if spec.tty:
+        process["consoleSize"] = {"height": 24, "width": 80}  # until an attached client resizes it
     return {
         "ociVersion": OCI_VERSION,
-        "process": {
-            "terminal": False,
-            "user": {"uid": uid, "gid": gid},
-            "args": proc["args"],
-            "env": [f"{k}={v}" for k, v in proc["env"].items()],
-            "cwd": proc["cwd"],
-            "capabilities": security.process_capabilities(uid),
-            "rlimits": agent_rlimits(),
-            "noNewPrivileges": security.no_new_privileges,
-        },
+        "process": process,
         "root": {"path": rootfs, "readonly": False},
         "hostname": hostname,
         "mounts": mounts,

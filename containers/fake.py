@@ -94,6 +94,9 @@ class _Box:
     files: dict[str, tuple[bytes, int, int, int]] = dataclasses.field(default_factory=dict)
     dirs: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict)  # made ones: mode, uid, gid
     snapshots: list[str] = dataclasses.field(default_factory=list)
+    # a TTY container's terminal while it runs: (host side, the process's side), a pty whose
+    # own echo stands for the process (as the fake VM console)
+    tty: tuple[int, int] | None = None
 
     def info(self) -> ContainerInfo:
         return ContainerInfo(self.spec.name, self.state, self.pid, self.exit_code, self.ip,
@@ -139,6 +142,10 @@ class FakeRuntime:
 
     def _exit(self, box: _Box, code: int) -> None:
         box.state, box.pid, box.exit_code = "stopped", None, code
+        if box.tty is not None:  # the terminal hangs up: attached readers get their end
+            for fd in box.tty:
+                os.close(fd)
+            box.tty = None
 
     # -- the Runtime interface ------------------------------------------------------------
     def create(self, spec: ContainerSpec) -> ContainerInfo:
@@ -186,6 +193,8 @@ class FakeRuntime:
                 raise Conflict(f"container {name!r} is paused: resume it instead")
             box.exit_code = None
             box.state, box.pid = "running", next(self._pids)
+            if box.spec.tty:
+                box.tty = os.openpty()  # the pair's one termios: cooked, echo on
             proc = resolve_process(box.spec)
             code, out = _interpret(proc["args"], box.spec.hostname or name, proc["user"])
             if out:
@@ -235,7 +244,20 @@ class FakeRuntime:
 
     def delete(self, name: str) -> bool:
         with self._lock:
-            return self._boxes.pop(name, None) is not None
+            box = self._boxes.pop(name, None)
+            if box is not None and box.state in ("running", "paused"):
+                self._exit(box, SIGTERM_EXIT)
+            return box is not None
+
+    def open_terminal(self, name: str) -> "_FakeTerminal":
+        """containers.runtime.SupportsTerminal: the host side of the container's pty."""
+        with self._lock:
+            box = self._box(name)
+            if not box.spec.tty:
+                raise Conflict(f"container {name!r} was created without a TTY: it has no terminal to attach to")
+            if box.tty is None:
+                raise Conflict(f"container {name!r} is {box.state}: its terminal opens when it runs")
+            return _FakeTerminal(os.dup(box.tty[0]))
 
     # SupportsRootfsSnapshots: the fake has no files; it keeps the names and the rules
     def snapshot_rootfs(self, name: str, snapshot: str) -> None:
@@ -428,6 +450,37 @@ class FakeRuntime:
 
 def _norm(path: str) -> str:
     return posixpath.normpath("/" + path.lstrip("/")).replace("//", "/")
+
+
+class _FakeTerminal:
+    """containers.runtime.Terminal on a descriptor of a pty's host side."""
+
+    def __init__(self, fd: int):
+        os.set_blocking(fd, False)
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self) -> bytes:
+        try:
+            return os.read(self.fd, 65536)
+        except BlockingIOError:
+            raise
+        except OSError:  # EIO: the process's side closed (the container stopped)
+            return b""
+
+    def write(self, data: bytes) -> int:
+        return os.write(self.fd, data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        import fcntl
+        import struct
+        import termios
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class _FakeExec:

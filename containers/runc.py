@@ -88,7 +88,7 @@ def spec_from_json(text: str) -> ContainerSpec:
         image_config=d.get("image_config") or {},
         bandwidth=bandwidth.Bandwidth.from_dict(d.get("bandwidth")),
         cap_add=tuple(d.get("cap_add") or ()), cap_drop=tuple(d.get("cap_drop") or ()),
-        volumes=tuple(VolumeMount(**v) for v in d.get("volumes") or ()))
+        volumes=tuple(VolumeMount(**v) for v in d.get("volumes") or ()), tty=bool(d.get("tty")))
 
 
 SCOPE_PREFIX = "nodeagent-conmon-"  # transient scope units of the monitors (systemd hosts)
@@ -584,9 +584,9 @@ class RuncRuntime:
             for path in (self._exit_file(name),):
                 if os.path.exists(path):
                     os.unlink(path)
-            pid = self._spawn_conmon(name)
+            spec = spec_from_json(row["spec"])
+            pid = self._spawn_conmon(name, tty=spec.tty)
             try:
-                spec = spec_from_json(row["spec"])
                 if spec.userns and spec.network.mode == "bridge":
                     self.net.attach(name, spec.network.ports, pid=pid)
                     self._shape(spec)
@@ -614,9 +614,11 @@ class RuncRuntime:
                                uid=uid, gid=gid)
             self.db.execute("UPDATE containers SET ip=? WHERE name=?", (ip, spec.name))
 
-    def _spawn_conmon(self, name: str) -> int:
+    def _spawn_conmon(self, name: str, *, tty: bool = False) -> int:
         """conmon runs `runc create` and stays as the container's monitor; we wait on its
-        sync pipe for the container's pid (or runc's error)."""
+        sync pipe for the container's pid (or runc's error). With ``tty`` conmon hands runc a
+        console socket and keeps the terminal's master (``-t``): it logs what the terminal
+        writes and relays it to the clients of its attach socket (open_terminal)."""
         rfd, wfd = os.pipe()
         argv = [*monitor_scope_argv(name, self.systemd_run),
                 self.conmon, "--api-version", "1", "-c", name, "-u", name, "-n", name,
@@ -628,6 +630,7 @@ class RuncRuntime:
                 "--socket-dir-path", self._sock_dir(),
                 "--runtime-arg", "--root", "--runtime-arg", self.runc_root,
                 *(("--runtime-arg", "--systemd-cgroup") if self._systemd_bundle(name) else ()),
+                *(("--terminal",) if tty else ()),
                 "--log-level", "error", "--syslog"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
                "_OCI_SYNCPIPE": str(wfd)}
@@ -964,6 +967,19 @@ class RuncRuntime:
             raise Conflict(f"container {name!r} is {state}: exec needs it running")
         return RuncExec.start([self.runc, "--root", self.runc_root], name, options, self._dir(name), init_pid)
 
+    def open_terminal(self, name: str) -> "ConmonTerminal":
+        """containers.runtime.SupportsTerminal: a client of conmon's attach socket (the
+        ``attach`` socket in the container's bundle dir, which conmon made when it started
+        the container; so a later agent process attaches to a container an earlier one
+        started). Its ``ctl`` fifo there takes resizes."""
+        spec = spec_from_json(self._row(name)["spec"])
+        if not spec.tty:
+            raise Conflict(f"container {name!r} was created without a TTY: it has no terminal to attach to")
+        state, _, _ = self._status(name)
+        if state not in ("running", "paused"):
+            raise Conflict(f"container {name!r} is {state}: its terminal opens when it runs")
+        return ConmonTerminal.connect(self._bundle(name))
+
     def _files_root(self, name: str):
         info = self._info(self._row(name))
         rootfs = self._rootfs(name)
@@ -1239,6 +1255,64 @@ def _parse_k8s_log(raw: str) -> str:
         text = parts[3] if len(parts) == 4 else ""
         out.append(text if parts[2] == "P" else text + "\n")
     return "".join(out)
+
+
+ATTACH_WRITE_MAX = 32768  # conmon's CONN_SOCK_BUF_SIZE: one attach-socket message is read whole up to this
+ATTACH_READ_MAX = 8192 + 1  # conmon's STDIO_BUF_SIZE + the stream byte it puts first
+CTL_RESIZE = 1  # conmon's ctl fifo: "1 ROWS COLS\n" resizes the terminal (WIN_RESIZE_EVENT)
+
+
+class ConmonTerminal:
+    """containers.runtime.Terminal through conmon's attach socket (SOCK_SEQPACKET): each
+    message conmon sends is a stream byte (2 stdout, 3 stderr: a terminal has only stdout)
+    then the terminal's output; each message sent to it is input for the terminal. Closing
+    it detaches: conmon (run without --stdin) keeps the terminal open for the next client."""
+
+    def __init__(self, sock, ctl_path: str):
+        self._sock, self._ctl = sock, ctl_path
+
+    @classmethod
+    def connect(cls, bundle_dir: str) -> "ConmonTerminal":
+        import socket
+        dfd = os.open(bundle_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            # through the dir's descriptor: the socket's own path may be too long for sun_path
+            sock.connect(f"/proc/self/fd/{dfd}/attach")
+        except OSError as e:
+            sock.close()
+            raise Conflict(f"the container's monitor has no attach socket ({e.strerror}): it is not "
+                           "running under conmon any more; restart the container") from None
+        finally:
+            os.close(dfd)
+        sock.setblocking(False)
+        return cls(sock, os.path.join(bundle_dir, "ctl"))
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read(self) -> bytes:
+        while True:
+            msg = self._sock.recv(ATTACH_READ_MAX)  # BlockingIOError when nothing is there
+            if not msg:
+                return b""
+            if len(msg) > 1:
+                return msg[1:]
+
+    def write(self, data: bytes) -> int:
+        return self._sock.send(data[:ATTACH_WRITE_MAX])
+
+    def resize(self, cols: int, rows: int) -> None:
+        if not (1 <= cols <= 1000 and 1 <= rows <= 1000):
+            raise InvalidInput("cols and rows are integers from 1 to 1000")
+        fd = os.open(self._ctl, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.write(fd, f"{CTL_RESIZE} {rows} {cols}\n".encode())
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `-m containers...` imports from

@@ -96,6 +96,9 @@ class ContainerSpec:
     # command/env/workdir/user win over it, Docker-style (Entrypoint + command)
     image_config: dict = field(default_factory=dict)
     volumes: tuple[VolumeMount, ...] = ()  # volumes mounted at create, kept across stop/start
+    # its process runs on a terminal (OCI process.terminal): the monitor holds the terminal's
+    # host side, its input comes from whoever attaches (SupportsTerminal), its output is logged
+    tty: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,36 @@ class SupportsInteractiveExec(Protocol):
     def exec_interactive(self, name: str, options: ExecOptions) -> ExecProcess:
         """Start it; Conflict if the container does not run, InvalidInput for a bad option.
         On failure nothing is left running."""
+
+
+class Terminal(Protocol):
+    """The host's side of a TTY container's terminal, attached for one reader (the agent's
+    console hub). ``fileno`` is readable when output (or the end) is there. Never blocks."""
+
+    def fileno(self) -> int: ...
+
+    def read(self) -> bytes:
+        """The terminal's next output; b"" at its end (the container stopped, or its monitor
+        went away); BlockingIOError if nothing is there yet."""
+
+    def write(self, data: bytes) -> int:
+        """Type ``data`` (a prefix of it: the bytes taken); BlockingIOError while the terminal
+        takes nothing (poll ``fileno`` for writing)."""
+
+    def resize(self, cols: int, rows: int) -> None: ...
+
+    def close(self) -> None:
+        """Detach: the container and its terminal run on."""
+
+
+@runtime_checkable
+class SupportsTerminal(Protocol):
+    """Runtimes that run a container's process on a terminal (ContainerSpec.tty) and attach
+    to it while it runs, as often as wanted, from this or a later agent process."""
+
+    def open_terminal(self, name: str) -> Terminal:
+        """Attach to the terminal of running container ``name``. Conflict if it does not run
+        or was created without a TTY; NotFound for an unknown container."""
 
 
 @runtime_checkable

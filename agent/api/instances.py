@@ -72,7 +72,8 @@ def instance_exec_session(id, session):
 
 
 @route(bp, "GET", "/v1/instances/{id}/console",
-       summary="Websocket: a VM's serial console, shared by its watchers (admins type, readers watch)",
+       summary="Websocket: a VM's serial console or a TTY container's terminal, shared by its watchers "
+               "(admins type and resize, readers watch; 409 for a container created without tty)",
        responses={101: None, 400: None, 404: None, 409: None}, long=True)
 def instance_console(id):
     return websocket(services().instances.console(path_id(id), g.caller, request.environ.get("nodeagent.request_id")))

@@ -102,7 +102,8 @@ class Services:
         from agent.services.boot import BootState
         self.boot = BootState(self.db, config.boot_id_path)  # the only reader/writer of host_boot
         from agent.services.console import Consoles
-        self.consoles = Consoles(lambda: self.driver)  # VM serial consoles shared by their watchers
+        # VM serial consoles and TTY containers' terminals, shared by their watchers
+        self.consoles = Consoles(lambda: self.driver, lambda: self.runtime)
         from agent.services.execs import ExecSessions
         self.execs = ExecSessions()  # interactive exec sessions waiting for their websocket
         self.started = False

@@ -219,7 +219,7 @@ class Assembly:
             bandwidth=bandwidth_of(req),
             cap_add=tuple(getattr(req, "cap_add", None) or ()), cap_drop=tuple(getattr(req, "cap_drop", None) or ()),
             userns=not getattr(req, "privileged", False), image_config=dict(image.config or {}),
-            volumes=tuple(volumes))
+            volumes=tuple(volumes), tty=bool(getattr(req, "tty", False)))
         try:
             return apply_image_config(spec, *layers.lowerdirs)
         except InvalidInput as e:

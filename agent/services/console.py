@@ -1,8 +1,12 @@
-"""Interactive consoles: one open serial console per VM, shared by every watcher.
+"""Interactive consoles: one open console per instance, shared by every watcher: a VM's
+serial console, or the terminal of a container created with a TTY.
 
-Terms: a *hub* holds one VM's console file descriptor (hypervisor.driver.SupportsConsole)
-and one reader thread that hands what the guest writes to every *watcher* attached to it;
-any watcher allowed to type writes to the same descriptor. A watcher's queue holds at most
+Terms: a *channel* is the host's side of one console (a VM's console file descriptor from
+hypervisor.driver.SupportsConsole, or a containers.runtime.Terminal from the runtime's
+SupportsTerminal: conmon's attach socket); a *hub* holds one channel and one reader thread
+that hands what the guest writes to every *watcher* attached to it; any watcher allowed to
+type writes to the same channel, and may resize it (a container's terminal; a serial line has
+no size). A watcher's queue holds at most
 WATCHER_QUEUE chunks: a watcher that reads slower than the guest writes loses its oldest
 chunks (and is told so) instead of stalling the others. New watchers first get the last
 REPLAY_BYTES the hub saw. Lifecycle: the first ``attach`` opens the console, the last
@@ -63,9 +67,32 @@ class Watcher:
         return self.hub.write(data)
 
 
+class _FdChannel:
+    """A VM's console descriptor as a channel (the shape of containers.runtime.Terminal)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read(self) -> bytes:
+        return os.read(self.fd, READ_BYTES)
+
+    def write(self, data) -> int:
+        return os.write(self.fd, data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        """A serial line has no size: nothing to do."""
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class _Hub:
-    def __init__(self, name: str, fd: int, on_close):
-        self.name, self.fd, self._on_close = name, fd, on_close
+    def __init__(self, name: str, chan, on_close):
+        self.name, self.chan, self._on_close = name, chan, on_close
+        self.fd = chan.fileno()
         self.watchers: list[Watcher] = []
         self._recent = bytearray()
         self._lock = threading.Lock()
@@ -82,7 +109,7 @@ class _Hub:
                 if self._wake_r in r:
                     return
                 try:
-                    data = os.read(self.fd, READ_BYTES)
+                    data = self.chan.read()
                 except BlockingIOError:
                     continue
                 except OSError:  # EIO: the other end hung up (the VM stopped)
@@ -104,13 +131,18 @@ class _Hub:
                 if self.closed:
                     return False
                 try:
-                    view = view[os.write(self.fd, view):]
+                    view = view[self.chan.write(view):]
                 except BlockingIOError:
                     if not select.select([], [self.fd], [], WRITE_WAIT_SECONDS)[1]:
                         return False
                 except OSError:
                     return False
         return True
+
+    def resize(self, cols: int, rows: int) -> None:
+        with self._write_lock:
+            if not self.closed:
+                self.chan.resize(cols, rows)
 
     def attach(self) -> Watcher | None:
         """None if the hub is closing (its last watcher left)."""
@@ -144,30 +176,46 @@ class _Hub:
         for w in watchers:
             w.end()
         with self._write_lock:
-            for fd in (self.fd, self._wake_r, self._wake_w):
+            self.chan.close()
+            for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
 
 
 class Consoles:
-    """The VMs' console hubs (one per running VM with a watcher)."""
+    """The console hubs (one per running instance with a watcher), keyed by kind and name."""
 
-    def __init__(self, driver_fn):
+    def __init__(self, driver_fn, runtime_fn=lambda: None):
         self._driver_fn = driver_fn  # the VM driver, built on first use
+        self._runtime_fn = runtime_fn  # the container runtime, built on first use
         self._hubs: dict[str, _Hub] = {}
         self._lock = threading.Lock()
 
-    def attach(self, vm_name: str) -> Watcher:
-        """A new watcher of VM ``vm_name``'s serial console (opened on first attach). Conflict
-        if the VM does not run; Unsupported if the driver has no consoles."""
-        from hypervisor.driver import SupportsConsole
-        driver = self._driver_fn()
-        if not isinstance(driver, SupportsConsole):
-            raise Unsupported("this host's VM driver has no interactive consoles")
+    def attach(self, name: str, kind: str = "vm") -> Watcher:
+        """A new watcher of VM ``name``'s serial console or of container ``name``'s terminal
+        (opened on first attach). Conflict if it does not run (or a container has no TTY);
+        Unsupported if the driver or runtime has no consoles."""
+        if kind == "vm":
+            from hypervisor.driver import SupportsConsole
+            driver = self._driver_fn()
+            if not isinstance(driver, SupportsConsole):
+                raise Unsupported("this host's VM driver has no interactive consoles")
+
+            def opener():
+                return _FdChannel(driver.open_console(name))
+        else:
+            from containers.runtime import SupportsTerminal
+            runtime = self._runtime_fn()
+            if not isinstance(runtime, SupportsTerminal):
+                raise Unsupported("this host's container runtime has no terminals to attach to")
+
+            def opener():
+                return runtime.open_terminal(name)
+        key = f"{kind}/{name}"
         with self._lock:
-            hub = self._hubs.get(vm_name)
+            hub = self._hubs.get(key)
             w = hub.attach() if hub is not None else None
             if w is None:
-                hub = self._hubs[vm_name] = _Hub(vm_name, driver.open_console(vm_name), self._forget)
+                hub = self._hubs[key] = _Hub(key, opener(), self._forget)
                 w = hub.attach()
             return w
 
@@ -184,13 +232,18 @@ class Consoles:
             return len(self._hubs)
 
 
-def console_session(consoles: Consoles, vm_name: str, *, can_type: bool, who: str, request_id: str | None):
+def console_session(consoles: Consoles, vm_name: str, *, can_type: bool, who: str, request_id: str | None,
+                    kind: str = "vm"):
     """The websocket session of one console watcher (agent.api.websocket runs it): binary
     messages both ways are the console's bytes; text messages from the server are JSON notices
-    ({"type": "notice", "message"}); a client's text messages are JSON controls (``resize`` is
-    accepted and ignored: a serial line has no size). A watcher without ``can_type`` (a reader)
-    sees the output and is told once that its input is dropped."""
+    ({"type": "notice", "message"}); a client's text messages are JSON controls, as in exec
+    sessions (agent.services.execs): ``{"type": "resize", "cols", "rows"}`` sizes a container's
+    terminal (a serial line has none: ignored), any other is refused with a notice. Leaving
+    (closing the websocket) detaches: the instance runs on. A watcher without ``can_type`` (a
+    reader) sees the output and is told once that its typing is dropped (its resizes are ignored)."""
     import json
+
+    from agent.services.execs import _bounded
 
     def notice(ws, message: str) -> None:
         ws.send(json.dumps({"type": "notice", "message": message}))
@@ -200,7 +253,16 @@ def console_session(consoles: Consoles, vm_name: str, *, can_type: bool, who: st
         try:
             while (msg := ws.recv()) is not None:
                 if isinstance(msg, str):
-                    continue  # controls: nothing applies to a serial line
+                    if not can_type:
+                        continue  # a reader's resize: the terminal is the typists' (never told: harmless)
+                    try:
+                        ctl = json.loads(msg)
+                        if ctl.get("type") != "resize":
+                            raise ValueError("a console takes resize controls only")
+                        w.hub.resize(_bounded(ctl.get("cols")), _bounded(ctl.get("rows")))
+                    except (ValueError, AttributeError, TypeError, OSError):
+                        notice(ws, f"control message refused: {msg[:80]!r}")
+                    continue
                 if not can_type:
                     if not told:
                         notice(ws, f"read-only: {who} may watch this console, not type into it "
@@ -216,12 +278,12 @@ def console_session(consoles: Consoles, vm_name: str, *, can_type: bool, who: st
 
     def run(ws) -> None:
         try:
-            w = consoles.attach(vm_name)
+            w = consoles.attach(vm_name, kind)
         except Exception as e:
             ws.close(1011, str(getattr(e, "message", e))[:100])
             return
-        log.info("console session opened", extra={"vm": vm_name, "caller": who, "can_type": can_type,
-                                                   "request_id": request_id})
+        log.info("console session opened", extra={"instance": vm_name, "kind": kind, "caller": who,
+                                                   "can_type": can_type, "request_id": request_id})
         threading.Thread(target=pump_input, args=(ws, w), daemon=True, name=f"console-in-{vm_name[:16]}").start()
         try:
             while (chunk := w.get()) is not None:
@@ -230,15 +292,17 @@ def console_session(consoles: Consoles, vm_name: str, *, can_type: bool, who: st
                 else:
                     ws.send(chunk)
             if w.hub.closed and not ws.closed.is_set():
-                ws.close(1000, "the console closed: the VM stopped")
+                ws.close(1000, "the console closed: the VM stopped" if kind == "vm" else
+                         "the terminal closed: the container stopped")
         finally:
             consoles.detach(w)
-            log.info("console session closed", extra={"vm": vm_name, "caller": who, "request_id": request_id})
+            log.info("console session closed", extra={"instance": vm_name, "kind": kind, "caller": who,
+                                                      "request_id": request_id})
     return run
 
 
 def not_a_tty(name: str) -> Conflict:
-    return Conflict(f"container {name!r} has no terminal: containers run without a TTY (no container "
-                    "is created with one yet), so there is no console to attach to; use "
-                    "`nodeagent exec -it NAME -- sh` (POST /v1/instances/{id}/exec with interactive) "
+    return Conflict(f"container {name!r} has no terminal: it was created without a TTY, so there is no "
+                    "console to attach to; create it with \"tty\": true (`nodeagent instance create --tty`), "
+                    "or use `nodeagent exec -it NAME -- sh` (POST /v1/instances/{id}/exec with interactive) "
                     "or the logs")

@@ -32,6 +32,11 @@ from containers.runtime import ContainerInfo, SupportsPause, SupportsReconcile
 from hypervisor.driver import VmInfo
 
 log = logging.getLogger(__name__)
+# why a VM gets 422 for exec and files (README "Consoles, interactive exec and files")
+NO_GUEST_AGENT = ("a VM's commands and files would go through the QEMU guest agent, and no VM here has one: the "
+                  "agent gives its domains no guest agent channel (virtio-serial org.qemu.guest_agent.0) and the "
+                  "test guest runs no qemu-ga. Use the VM's console (GET /v1/instances/{id}/console, `nodeagent "
+                  "console NAME`) or its user_data")
 
 
 def _msg(e: Exception) -> str:
@@ -436,18 +441,18 @@ class InstanceService:
 
     # -- consoles, interactive exec --
     def console(self, ref: str, caller: dict, request_id: str | None = None):
-        """The websocket session (agent.services.console) of a watcher of ``ref``'s console;
-        admins type, readers watch. Conflict for a VM that does not run, and for containers
-        (none has a TTY yet)."""
+        """The websocket session (agent.services.console) of a watcher of ``ref``'s console: a
+        VM's serial console or a container's terminal; admins type, readers watch. Conflict for
+        an instance that does not run, and for a container created without a TTY."""
         from agent.services.console import console_session, not_a_tty
         inst = self.get(ref)
-        if inst.kind != "vm":
+        if inst.kind == "container" and not inst.spec.get("tty"):
             raise not_a_tty(inst.name)
         if inst.state != "running":
             raise Conflict(f"instance {inst.name!r} is {inst.state}: its console opens when it runs")
         who = f"{caller.get('via', 'token')} {caller.get('name')!r} ({caller.get('role')})"
         return console_session(self.root.consoles, inst.name, can_type=caller.get("role") == "admin", who=who,
-                               request_id=request_id)
+                               request_id=request_id, kind=inst.kind)
 
     def exec_interactive(self, inst, req: models.ExecRequest, caller: dict) -> dict:
         """Reserve an interactive exec session (agent.services.execs) for ``caller``."""
@@ -475,8 +480,7 @@ class InstanceService:
         from containers.runtime import SupportsFiles
         inst = self.get(ref)
         if inst.kind != "container":
-            raise Unprocessable("file push and pull work on containers only: a VM's files need a guest "
-                                "agent, which the agent does not use yet")
+            raise Unprocessable(f"file push and pull work on containers only: {NO_GUEST_AGENT}")
         if inst.state in ("creating", "incoming", "deleting"):
             raise Conflict(f"instance {inst.name!r} is {inst.state}: its files are not there yet")
         if not isinstance(self.root.runtime, SupportsFiles):
@@ -510,8 +514,7 @@ class InstanceService:
     def exec(self, ref: str, req: models.ExecRequest, caller: dict | None = None) -> dict:
         inst = self.get(ref)
         if inst.kind != "container":
-            raise Unprocessable("exec works on containers only: use the VM's console (GET "
-                                "/v1/instances/{id}/console, `nodeagent console`); VMs have no guest agent here")
+            raise Unprocessable(f"exec works on containers only: {NO_GUEST_AGENT}")
         if req.interactive:
             return self.exec_interactive(inst, req, caller or {"name": "-", "via": "-"})
         res = self.root.runtime.exec(inst.name, list(req.command), timeout=req.timeout)

@@ -159,7 +159,7 @@ class Instance:
                 "volumes": list(self.volumes), "ip": self.ip, "mac": self.mac, "node": self.node,
                 "error": self.error, "bandwidth": _thawed(self.spec.get("bandwidth")),
                 "max_cpus": self.max_cpus, "max_memory_mib": self.max_memory_mib, "autostart": self.autostart,
-                "created_at": self.created_at, "updated_at": self.updated_at}
+                "tty": bool(self.spec.get("tty")), "created_at": self.created_at, "updated_at": self.updated_at}
 
 
 def _record(r: sqlite3.Row) -> Instance:

@@ -121,9 +121,10 @@ def test_a_browser_offers_its_token_as_a_subprotocol(agent, vm):
 def test_vms_have_no_exec_or_files_and_containers_no_console(admin, vm):
     e = assert_error(admin.post(f"/v1/instances/{vm['name']}/exec", json={"command": ["sh"], "interactive": True}),
                      422)
-    assert "guest agent" in e["message"]
-    assert_error(admin.get(f"/v1/instances/{vm['name']}/files", params={"path": "/etc/hostname"}), 422)
-    assert_error(admin.put(f"/v1/instances/{vm['name']}/files", params={"path": "/x"}, data=b"x"), 422)
+    assert "guest agent" in e["message"] and "org.qemu.guest_agent.0" in e["message"]  # names the cause
+    for r in (admin.get(f"/v1/instances/{vm['name']}/files", params={"path": "/etc/hostname"}),
+              admin.put(f"/v1/instances/{vm['name']}/files", params={"path": "/x"}, data=b"x")):
+        assert "no qemu-ga" in assert_error(r, 422)["message"]
     assert_error(admin.get(f"/v1/instances/{vm['name']}/exec/{'0' * 32}"), 404)
 
 
@@ -179,3 +180,49 @@ def test_no_request_is_refused_under_many_streams_and_consoles(agent, admin, vm)
         finally:
             for s in held:
                 s.close()
+
+
+def test_a_tty_containers_console_on_the_fake_runtime(agent, admin, images):
+    e = assert_error(admin.post("/v1/instances", json={"name": "tty-vm", "kind": "vm", "image": "tiny-vm",
+                                                       "tty": True}), 422)
+    assert "tty" in e["message"]
+    assert_error(admin.post("/v1/instances", json={"name": "tty-ct", "kind": "container", "image": "busybox",
+                                                   "tty": "yes"}), 422)
+    assert admin.get("/v1/instances/tty-ct").status_code == 404  # nothing left of the refused ones
+    r = admin.post("/v1/instances", json={"name": "tty-ct", "kind": "container", "image": "busybox", "tty": True,
+                                          "command": ["sh"]})
+    ct = admin.wait(r.json())["result"]["instance"]
+    try:
+        assert ct["tty"] is True
+        path = f"/v1/instances/{ct['id']}/console"
+        with _ws(agent, path, agent.admin_token) as a, _ws(agent, path, agent.reader_token) as r:
+            a.send(json.dumps({"type": "resize", "cols": 120, "rows": 40}))
+            a.send(json.dumps({"type": "signal", "signal": 2}))  # not a console's control: refused
+            a.send(b"fake-tty\r")
+            _, notices = _read_until(a, b"fake-tty")
+            _read_until(r, b"fake-tty")
+            r.send(b"from-a-reader\r")
+            deadline = time.monotonic() + 5
+            while not any("read-only" in n.get("message", "") for n in notices):
+                msg = r.recv(max(0.01, deadline - time.monotonic()))
+                if isinstance(msg, str):
+                    notices.append(json.loads(msg))
+            a.send(b"after\r")
+            got, more = _read_until(a, b"after")
+            assert b"from-a-reader" not in got
+            assert [n["message"] for n in notices + more if "refused" in n["message"]] == [
+                "control message refused: '{\"type\": \"signal\", \"signal\": 2}'"]
+            admin.wait(admin.post(f"/v1/instances/{ct['id']}/actions", json={"action": "stop"}).json())
+            with pytest.raises(ConnectionClosed) as e:  # the terminal hangs up: every watcher's session ends
+                while True:
+                    a.recv(10)
+            assert e.value.rcvd.code == 1000 and "container stopped" in e.value.rcvd.reason
+        with pytest.raises(InvalidStatus) as e:
+            _ws(agent, path, agent.admin_token)
+        assert e.value.response.status_code == 409
+        admin.wait(admin.post(f"/v1/instances/{ct['id']}/actions", json={"action": "start"}).json())
+        with _ws(agent, path, agent.admin_token) as a:  # stop and start keep the TTY
+            a.send(b"again\r")
+            _read_until(a, b"again")
+    finally:
+        admin.delete(f"/v1/instances/{ct['id']}")

@@ -4,6 +4,7 @@ env/cwd/user, a client that leaves (its process is killed), and what a reader or
 caller cannot do."""
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -11,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from testbed.agentproc import AgentProcess, Api
@@ -260,3 +261,92 @@ def test_a_background_process_holding_the_terminal_does_not_keep_the_session(rea
         _, code = _collect(c, seconds=30)
     assert code == 4
     _exec(real, "/bin/sh", "-c", "pkill -f 'sleep 0.1' ; kill $(pgrep -f 'while :') 2>/dev/null; true")
+
+
+def _console(real, name, token):
+    url = real.url.replace("http://", "ws://") + f"/v1/instances/{name}/console"
+    return ws_connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10)
+
+
+def _screen(c, until: bytes, seconds: float = 20) -> tuple[bytes, list]:
+    """A console's bytes until ``until`` shows, and the notices that came meanwhile."""
+    got, notices = b"", []
+    deadline = time.monotonic() + seconds
+    while until not in got:
+        msg = c.recv(max(0.01, deadline - time.monotonic()))
+        if isinstance(msg, str):
+            notices.append(json.loads(msg))
+        else:
+            got += msg
+    return got, notices
+
+
+def test_a_tty_containers_console_typed_resized_watched_detached_and_readopted(real):
+    """The last test of this module: it kills and restarts the module's agent."""
+    import sys
+
+    from testbed.ptyrun import run_in_pty
+    admin = Api(real.url, real.admin_token)
+    name = f"tty-{secrets.token_hex(3)}"
+    op = admin.wait(admin.post("/v1/instances", json={"name": name, "kind": "container", "image": "busybox",
+                                                      "network": "none", "memory_mib": 64, "tty": True,
+                                                      "command": ["/bin/sh"]}).json())
+    assert op["status"] == "succeeded", op
+    try:
+        assert admin.get(f"/v1/instances/{name}").json()["tty"] is True
+        with _console(real, name, real.admin_token) as a, _console(real, name, real.reader_token) as r:
+            a.send(json.dumps({"type": "resize", "cols": 100, "rows": 30}))
+            a.send(b"stty size; echo hi-$((6*7))\r")
+            out, _ = _screen(a, b"hi-42")
+            assert b"30 100" in out
+            _screen(r, b"hi-42")  # every watcher sees the output
+            r.send(b"echo typed-by-a-reader-$((1+1))\r")  # a reader's input is refused, and it is told
+            deadline = time.monotonic() + 10
+            while True:
+                msg = r.recv(max(0.01, deadline - time.monotonic()))
+                if isinstance(msg, str) and "read-only" in json.loads(msg)["message"]:
+                    break
+            a.send(json.dumps({"type": "resize", "cols": 132, "rows": 43}))
+            a.send(b"stty size; echo hi-$((7*7))\r")
+            out, _ = _screen(a, b"hi-49")
+            assert b"43 132" in out and b"typed-by-a-reader-2" not in out
+            a.send(json.dumps({"type": "resize", "cols": 0, "rows": 5}))
+            a.send(b"echo hi-$((8*8))\r")
+            _, notices = _screen(a, b"hi-64")
+            assert any("refused" in n["message"] for n in notices)
+        # both detached: the container runs on, its log kept the terminal's output
+        assert admin.get(f"/v1/instances/{name}").json()["state"] == "running"
+        assert "hi-42" in admin.get(f"/v1/instances/{name}/logs").text
+        # the agent killed while attached: conmon and the shell run on (output meanwhile is logged); the
+        # restarted agent attaches to the terminal conmon kept
+        with contextlib.suppress(ConnectionClosed, OSError), _console(real, name, real.admin_token) as held:
+            held.send(b"(sleep 1; echo while-away-$((6*7))) &\r")
+            _screen(held, b"while-away-$((6*7))")  # the terminal's echo: the shell has the line
+            real.kill9()
+        real.start()
+        deadline = time.monotonic() + 20
+        while "while-away-42" not in admin.get(f"/v1/instances/{name}/logs").text:
+            assert time.monotonic() < deadline, "the terminal's output stopped with the agent"
+            time.sleep(0.2)
+        with _console(real, name, real.admin_token) as a:
+            a.send(b"echo again-$((6*7))\r")
+            _screen(a, b"again-42")
+        # the CLI on a terminal of its own: types, reads, detaches with Ctrl-]
+        env = {**real.env, "NODEAGENT_URL": real.url, "NODEAGENT_TOKEN": real.admin_token}
+        code, out = run_in_pty([sys.executable, "-m", "agent", "console", name],
+                               [(b"detach with Ctrl-]", b"echo cli-$((6*7))\r"), (b"cli-42", b"\x1d")],
+                               env=env, cwd=str(real.tmp))
+        assert code == 0 and b"detached from" in out, out
+        # stop and start keep the terminal
+        op = admin.wait(admin.post(f"/v1/instances/{name}/actions", json={"action": "stop", "force": True}).json())
+        assert op["status"] == "succeeded", op
+        with pytest.raises(InvalidStatus) as e:
+            _console(real, name, real.admin_token)
+        assert e.value.response.status_code == 409
+        op = admin.wait(admin.post(f"/v1/instances/{name}/actions", json={"action": "start"}).json())
+        assert op["status"] == "succeeded", op
+        with _console(real, name, real.admin_token) as a:
+            a.send(b"echo restarted-$((6*7))\r")
+            _screen(a, b"restarted-42")
+    finally:
+        admin.delete(f"/v1/instances/{name}")

@@ -369,3 +369,53 @@ def test_rootfs_snapshots_and_reset(rt, spec):
     with pytest.raises(NotFound):
         rt.snapshot_rootfs("nosuch", "x")
     assert rt.delete("sn") is True
+
+
+def _read_terminal(term, until: bytes, seconds: float = 10) -> bytes:
+    import select
+    got = b""
+    deadline = time.monotonic() + seconds
+    while until not in got:
+        assert time.monotonic() < deadline, f"{until!r} never came: {got!r}"
+        if not select.select([term], [], [], 0.2)[0]:
+            continue
+        try:
+            data = term.read()
+        except BlockingIOError:
+            continue
+        if not data:
+            break
+        got += data
+    return got
+
+
+def test_a_tty_containers_terminal_attaches_detaches_and_ends_with_it(rt, spec):
+    from containers.runtime import SupportsTerminal
+    assert isinstance(rt, SupportsTerminal)
+    rt.create(spec("tt", command=("/bin/sh",), tty=True))
+    rt.create(spec("nt"))
+    with pytest.raises(Conflict):  # not started yet
+        rt.open_terminal("tt")
+    rt.start("tt")
+    rt.start("nt")
+    with pytest.raises(Conflict):  # created without a TTY
+        rt.open_terminal("nt")
+    with pytest.raises(NotFound):
+        rt.open_terminal("nosuch")
+    term = rt.open_terminal("tt")
+    try:
+        term.resize(100, 30)
+        assert term.write(b"contract-typed\r") > 0
+        _read_terminal(term, b"contract-typed")  # the terminal's echo, at least
+    finally:
+        term.close()  # detached: the container runs on, its terminal too
+    assert rt.get("tt").state == "running"
+    term = rt.open_terminal("tt")
+    try:
+        term.write(b"again\r")
+        _read_terminal(term, b"again")
+        rt.kill("tt", 9)
+        assert _read_terminal(term, b"\0never") is not None  # ends (b"") once the container is gone
+    finally:
+        term.close()
+    assert rt.delete("tt") is True and rt.delete("nt") is True

@@ -265,11 +265,11 @@ def busybox(apis, cluster):
     return "busybox"
 
 
-def create_container(api, image) -> str:
+def create_container(api, image, **extra) -> str:
     name = f"ctr-{uuid.uuid4().hex[:6]}"
     op = api.wait(api.post("/v1/instances", json={
         "name": name, "kind": "container", "image": image, "cpus": 0.5, "memory_mib": 64,
-        "network": "none",
+        "network": "none", **extra,
         "command": ["/bin/sh", "-c", "echo started >> /log; trap 'exit 0' TERM; sleep 3600 & wait"]}).json(),
         timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
@@ -285,7 +285,7 @@ def sh_in(api, name, script) -> str:
 @pytest.mark.parametrize("mode", ["cold", "refresh"])
 def test_container_migration_keeps_its_files(cluster, apis, busybox, mode):
     h1, h2 = cluster.hosts
-    name = create_container(apis["h1"], busybox)
+    name = create_container(apis["h1"], busybox, tty=(mode == "cold"))  # a TTY container keeps its terminal
     sh_in(apis["h1"], name, "echo data > /made; rm /etc/keep; mkdir -p /d; echo x > /d/f; echo more >> /srv/u")
     r = apis["h1"].post("/v1/migrations", json={"instance": name, "destination": "h2", "mode": "live"})
     assert r.status_code == 422 and "mode=refresh" in r.json()["error"]["message"]  # criu check fails here
@@ -303,9 +303,25 @@ def test_container_migration_keeps_its_files(cluster, apis, busybox, mode):
     etc = sh_in(apis["h2"], name, "ls /etc").split()
     assert "new" in etc and "keep" not in etc  # the deletion (an overlay whiteout) moved too
     assert sh_in(apis["h2"], name, "cat /log").split() == ["started", "started"]  # started again there
+    assert inst["tty"] is (mode == "cold")
+    if mode == "cold":
+        assert_console_echoes(apis["h2"], name)
     assert apis["h1"].get(f"/v1/instances/{name}").status_code == 404
     assert not [v for v in volumes(h1) if inst["id"][:12] in v]
     assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+
+
+def assert_console_echoes(api, name) -> None:
+    """A TTY container's console on ``api``'s host takes typing (its terminal echoes it)."""
+    from websockets.sync.client import connect as ws_connect
+    url = api.url.replace("http://", "ws://").replace("https://", "wss://") + f"/v1/instances/{name}/console"
+    with ws_connect(url, additional_headers={"Authorization": api.s.headers["Authorization"]},
+                    open_timeout=10) as c:
+        c.send(b"typed-after-migration\r")
+        got, deadline = b"", time.monotonic() + 20
+        while b"typed-after-migration" not in got:
+            msg = c.recv(max(0.01, deadline - time.monotonic()))
+            got += msg if isinstance(msg, bytes) else b""
 
 
 def as_peer(source, dest) -> Api:

@@ -192,7 +192,7 @@ def test_the_api_form_is_what_the_row_rendered_to_before(records, db):
               "volumes": json.loads(r["volumes"]), "ip": r["ip"], "mac": r["mac"], "node": r["node"],
               "error": r["error"], "bandwidth": spec.get("bandwidth"),
               # a VM's maxima default to what it was made with; autostart to true (legacy specs)
-              "max_cpus": 2, "max_memory_mib": 512, "autostart": True,
+              "max_cpus": 2, "max_memory_mib": 512, "autostart": True, "tty": False,  # no terminal by default
               "created_at": r["created_at"], "updated_at": r["updated_at"]}
     got = records.find_id(inst.id).to_dict()
     assert json.dumps(got) == json.dumps(before)  # same keys, same order, same values

@@ -32,6 +32,7 @@ from containers.runtime import ContainerInfo, SupportsPause, SupportsReconcile
 from hypervisor.driver import VmInfo
 
 log = logging.getLogger(__name__)
+STARTS = ("start", "restart")  # actions refused while a volume of the instance has a read-write NBD export
 
 
 def _msg(e: Exception) -> str:
@@ -262,10 +263,14 @@ class InstanceService:
         if req.action == "rebuild":  # agent/services/rebuild.py: checked before the operation
             from agent.services import rebuild
             rebuild.check(self.root, inst, req)
+        if req.action in STARTS:
+            self.root.exports.check_startable(inst)
 
         def work(op):
             with self.lock(inst_id):
                 op.phase(req.action)
+                if req.action in STARTS:  # again under the lock: exports take it too
+                    self.root.exports.check_startable(inst)
                 if req.action == "rebuild":
                     now = self.get(inst_id)  # checked again under the lock: a snapshot may have come
                     info = rebuild.rebuild(self.root, now, rebuild.check(self.root, now, req), req, op.phase)

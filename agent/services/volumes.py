@@ -33,6 +33,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from agent import models
 from agent.errors import Conflict, NotFound, Unprocessable, Unsupported
@@ -78,6 +79,14 @@ def has_ext4(path: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class ExportSource:
+    id: str
+    name: str
+    volume: object  # storage.backend.Volume
+    instance: object | None  # the records' Instance it is attached to
+
+
 class VolumeService:
     def __init__(self, root):
         self.root = root
@@ -89,6 +98,14 @@ class VolumeService:
     def _lock(self, vol_id: str) -> threading.Lock:
         with self._locks_lock:
             return self._locks.setdefault(vol_id, threading.Lock())
+
+    lock = _lock  # agent.services.exports holds it while it exports the volume
+
+    def export_source(self, ref: str) -> ExportSource:
+        """What an NBD export of volume ``ref`` serves: its id, name, the pool's Volume and
+        the instance it is attached to (None). NotFound for an unknown volume."""
+        row = self._get_row(ref)
+        return ExportSource(row["id"], row["name"], self._volume(row), self._attached_to(row))
 
     # -- reads --
     def _row(self, ref: str):
@@ -209,6 +226,7 @@ class VolumeService:
                                     f"(asked for {size})")
             if size == row["size"]:
                 return self._render(row)
+            self.root.exports.check_unused("volume", row["id"], row["name"])  # clients see a fixed size
             self._check_room(self._backend(row["pool"]), row["pool"], size)
             if inst is not None and inst.kind == "vm" and not isinstance(self.root.driver, SupportsDiskResize):
                 info = self.root.driver.find(inst.name)
@@ -247,6 +265,7 @@ class VolumeService:
             if inst is not None:
                 raise Conflict(f"volume {row['name']!r} is attached to instance {inst.name!r}: detach it "
                                f"first (DELETE /v1/instances/{inst.name}/volumes/{row['name']})")
+            self.root.exports.check_unused("volume", row["id"], row["name"])
             self.db.execute("UPDATE volumes SET state='deleting', instance_id=NULL, updated_at=? WHERE id=?",
                             (time.time(), row["id"]))
             self._backend(row["pool"]).delete_volume(row["backend_name"])
@@ -312,6 +331,7 @@ class VolumeService:
         out, done = [], []
         try:
             for spec, row in zip(specs, rows):
+                self.root.exports.check_attachable(row["id"], row["name"])
                 if kind == "vm":
                     target = spec.target or next(free)
                     made = disk_for_volume(self._volume(row), target, readonly=spec.readonly)
@@ -373,6 +393,7 @@ class VolumeService:
             inst = self.root.instances.get(inst.id)
             self._check_instance(inst)
             row = self._get_row(row["id"])
+            self.root.exports.check_attachable(row["id"], row["name"])
             if inst.kind == "vm":
                 self._attach_vm(inst, row, req)
             else:

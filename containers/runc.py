@@ -579,6 +579,7 @@ class RuncRuntime:
             if state == "paused":
                 raise Conflict(f"container {name!r} is paused: resume it instead")
             self._ensure_prepared(row)
+            self._sync_bundle_limits(self._row(name))
             if self._runc_state(name) is not None:
                 self._runc("delete", "--force", name, check=False)
             for path in (self._exit_file(name),):
@@ -1047,33 +1048,42 @@ class RuncRuntime:
         return st
 
     def update_limits(self, name: str, limits: Limits) -> None:
-        """Apply to the running container (runc update) and keep for later starts. Conflict
-        if it uses more memory than ``limits`` allow (the kernel cannot reclaim it)."""
+        """Apply to the running container (runc update) and keep for later starts (in the
+        state DB: start() renders them into the bundle). Conflict if it uses more memory than
+        ``limits`` allow (the kernel cannot reclaim it)."""
         validate.check_limits(limits)
         with self._name_lock(name):
             self._row(name)  # NotFound for an unknown container
-            if self._status(name)[0] in ("running", "paused", "created") and \
-                    self._runc_state(name):
+            # runc knows it and it has not exited: update it (without reading runc's state.json,
+            # tens of KiB of JSON that `runc update` reads and writes again anyway)
+            if self._read_exit(name) is None and os.path.exists(os.path.join(self.runc_root, name, "state.json")):
                 try:
                     self._runc("update", "--resources", "-",
                                name, input=json.dumps(cgroups.update_resources(limits)))
                 except CommandFailed as e:
                     used = MEMORY_BUSY_RE.search(e.message)
-                    if used is None:
+                    if used is not None:
+                        raise Conflict(f"container {name!r} uses {int(used.group(1)) >> 20} MiB of memory now, "
+                                       f"more than {limits.memory_mib} MiB: free memory in it first (files in its "
+                                       "tmpfs count), or ask for more", container=name) from None
+                    if self._status(name)[0] in ("running", "paused", "created"):
                         raise
-                    raise Conflict(f"container {name!r} uses {int(used.group(1)) >> 20} MiB of memory now, more "
-                                   f"than {limits.memory_mib} MiB: free memory in it first (files in its "
-                                   "tmpfs count), or ask for more", container=name) from None
+                    # it stopped meanwhile: the limits apply from its next start
             self.db.execute("UPDATE containers SET limits=? WHERE name=?",
                             (json.dumps(dataclasses.asdict(limits)), name))
-            cfg_path = os.path.join(self._bundle(name), "config.json")
-            try:
-                with open(cfg_path) as f:
-                    cfg = json.load(f)
-                cfg["linux"]["resources"] = cgroups.oci_resources(limits)
-                bundle.write_bundle(self._bundle(name), cfg)
-            except OSError:
-                pass
+
+    def _sync_bundle_limits(self, row) -> None:
+        """Before a start: the bundle's cgroup resources as the state DB keeps them (a live
+        resize only runs `runc update` and writes the DB; the bundle is rendered here, once)."""
+        want = cgroups.oci_resources(Limits(**json.loads(row["limits"])))
+        try:
+            with open(os.path.join(self._bundle(row["name"]), "config.json")) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):
+            return  # no bundle yet: _prepare writes it from the same limits
+        if cfg.get("linux", {}).get("resources") != want:
+            cfg.setdefault("linux", {})["resources"] = want
+            bundle.write_bundle(self._bundle(row["name"]), cfg)
 
     # -- bandwidth ---------------------------------------------------------------------------
     def _shape(self, spec: ContainerSpec) -> None:

@@ -872,7 +872,7 @@ def migration_show(migration_id, as_json):
 
 @main.command()
 @click.option("--type", "types", help="comma-separated: lifecycle, operation, migration, security_group, "
-                                      "snapshot (default: all)")
+                                      "volume, snapshot, export (default: all)")
 @click.option("--last-event-id", type=int, help="first replay what came after this event id")
 @click.option("--timeout", type=float, help="stop after this many seconds (default: never)")
 def events(types, last_event_id, timeout):

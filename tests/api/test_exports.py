@@ -60,6 +60,15 @@ def _client_args(export: dict, key_dir) -> list[str]:
                             f"file.export={export['name']},file.tls-creds=tls0"]
 
 
+def _listening(host: str, port: int) -> bool:
+    import socket
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def _volume_file(root, vol: dict) -> str:
     return root.pools["default"].get_volume("v-" + vol["id"][:12]).path
 
@@ -171,6 +180,7 @@ def test_volumes_in_use_images_and_exports_that_outlive_the_agent(app, tmp_path)
     assert img["name"].startswith("image-") and img["format"] == "raw" and img["readonly"]
     _err(client.delete("/v1/images/tiny-vm"), 409, "exported")
     # the agent goes away and comes back: the exports are adopted, their daemons untouched
+    from agent import config as agent_config
     from agent.services import Services
     before = {e.name: e.pid for e in root.exports.nbd.list()}
     assert Services(root.config).exports.recover()["adopted"] == sorted(before)
@@ -191,6 +201,15 @@ def test_volumes_in_use_images_and_exports_that_outlive_the_agent(app, tmp_path)
     info = subprocess.run(["qemu-img", "info", *_client_args(img, _key_dir(tmp_path, img))],
                           capture_output=True, text=True, timeout=60)
     assert info.returncode == 0 and "16 MiB" in info.stdout, info
+    # [nbd] host changed while the agent was down: the export moves there, with its key
+    moved = Services(agent_config.parse({**root.config.model_dump(), "nbd": {"host": "127.0.0.2"}}))
+    assert moved.exports.recover()["restarted"] == sorted(before)
+    e = moved.exports.get(img["name"])
+    assert e["host"] == "127.0.0.2" and e["uri"].startswith("nbd://127.0.0.2:")
+    info = subprocess.run(["qemu-img", "info", *_client_args({**img, **e}, _key_dir(tmp_path, img))],
+                          capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0 and "16 MiB" in info.stdout, info
+    assert _listening("127.0.0.2", e["port"]) and not _listening("127.0.0.1", img["port"]), "moved, not doubled"
     # deleted exports free the image and the volume
     for name in (img["name"], "cvol"):
         assert client.delete(f"/v1/exports/{name}").status_code == 200

@@ -1076,6 +1076,18 @@ class IdRange(Model):
     size: IntRange(1, 2**32 - 1)
 
 
+class IncomingVolume(Model):
+    """A volume attached to a migrating container (an ext4 file of a local pool): made on the
+    destination with its id, name and size as a fresh filesystem, filled from the file tree
+    the source sends (PUT /v1/peer/migrations/{id}/volumes/{volume}), attached at ``path``."""
+
+    id: InstanceId = Field(description="the volume's id (32 hex digits, as this agent makes them)")
+    name: VolumeRef
+    size_bytes: IntRange(MIN_VOLUME_MIB * 1024 * 1024, MAX_VOLUME_MIB * 1024 * 1024)
+    path: Annotated[MountPath, AfterValidator(_mount_path)]
+    readonly: bool = False
+
+
 class IncomingMigration(Model):
     instance: IncomingInstance
     spec: InstanceSpec
@@ -1095,10 +1107,19 @@ class IncomingMigration(Model):
     # a running KVM guest's CPU (<cpu> XML, host-model expanded): the destination refuses (422)
     # before anything is made if its CPU cannot run it; None under TCG (no check applies)
     guest_cpu: CpuXml | None = None
+    # a container's attached volumes (local ext4 files): they move with it
+    attached_volumes: list[IncomingVolume] | None = Field(None, max_length=MAX_VOLUMES_PER_INSTANCE)
 
     @model_validator(mode="after")
     def _consistent(self):
         inst = self.instance
+        if self.attached_volumes:
+            if inst.kind != "container":
+                raise ValueError("attached_volumes move with containers only")
+            for key in ("id", "name", "path"):
+                values = [getattr(v, key) for v in self.attached_volumes]
+                if len(set(values)) != len(values):
+                    raise ValueError(f"attached_volumes: a volume {key} is given twice")
         if (self.spec.name, self.spec.kind) != (inst.name, inst.kind):
             raise ValueError("spec.name and spec.kind must be the instance's")
         if self.image.kind != inst.kind:

@@ -5,6 +5,7 @@ NODEAGENT_TOKEN or the client config file). Read verbs take ``--json``.
 from __future__ import annotations
 
 import json as jsonlib
+import os
 import re
 import sys
 
@@ -877,7 +878,7 @@ def migration_show(migration_id, as_json):
 
 @main.command()
 @click.option("--type", "types", help="comma-separated: lifecycle, operation, migration, security_group, "
-                                      "snapshot (default: all)")
+                                      "volume, snapshot, export (default: all)")
 @click.option("--last-event-id", type=int, help="first replay what came after this event id")
 @click.option("--timeout", type=float, help="stop after this many seconds (default: never)")
 def events(types, last_event_id, timeout):
@@ -1139,3 +1140,66 @@ def volume_attach(ref, instance_ref, target, path, readonly, as_json):
 def volume_detach(ref, instance_ref, as_json):
     """Detach volume REF from INSTANCE_REF."""
     _show_volume(_call(_client().delete, f"/v1/instances/{instance_ref}/volumes/{ref}"), as_json)
+
+
+# -- NBD exports --
+
+def _show_export(e: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(jsonlib.dumps(e, indent=2))
+        return
+    what = f"volume {e['volume']}" if e.get("volume") else f"image {e.get('image')}"
+    click.echo(f"{e['name']} {e['uri']} {'read-only' if e['readonly'] else 'read-write'} tls {e['tls']} ({what})")
+
+
+@main.group()
+def export():
+    """NBD exports of volumes and VM images (TLS; admin only): read them with qemu-img or QEMU."""
+
+
+@export.command("create")
+@click.option("--volume", help="the volume to export (name or id)")
+@click.option("--image", help="a VM image to export (read-only)")
+@click.option("--readonly", is_flag=True)
+@click.option("--name", help="the export's name (default: the volume's name, or image-<id12>)")
+@click.option("--psk-dir", type=click.Path(file_okay=False),
+              help="write the export's key here as keys.psk (0600), for QEMU's tls-creds-psk")
+@click.option("--json", "as_json", is_flag=True)
+def export_create(volume, image, readonly, name, psk_dir, as_json):
+    """Export a volume or image. The PSK is shown once (with --json) or written to --psk-dir."""
+    if (volume is None) == (image is None):
+        raise click.BadParameter("give exactly one of --volume and --image")
+    body = {**({"volume": volume} if volume else {"image": image}), "readonly": bool(readonly or image),
+            **({"name": name} if name else {})}
+    e = _call(_client().post, "/v1/exports", body)
+    psk = e.get("psk")
+    if psk_dir and psk:
+        os.makedirs(psk_dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(psk_dir, "keys.psk"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{psk['identity']}:{psk['key']}\n")
+    _show_export(e, as_json)
+    if psk and not as_json:
+        click.echo(f"psk identity {psk['identity']}" + (f", key in {psk_dir}/keys.psk" if psk_dir else
+                                                         f" key {psk['key']} (shown only now)"))
+
+
+@export.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def export_list(as_json):
+    _out(_call(_client().get, "/v1/exports"), as_json,
+         ["name", "uri", "readonly", "tls", "volume", "image"], "exports")
+
+
+@export.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def export_show(name, as_json):
+    _show_export(_call(_client().get, f"/v1/exports/{name}"), as_json)
+
+
+@export.command("delete")
+@click.argument("name")
+def export_delete(name):
+    _call(_client().delete, f"/v1/exports/{name}")
+    click.echo(f"deleted {name}")

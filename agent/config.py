@@ -7,6 +7,7 @@ a missing file that was named explicitly is an error. ``$NODEAGENT_STATE_DIR`` a
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -259,6 +260,37 @@ class OperationsConfig(_Strict):
     prune_interval: float = Field(600, ge=1, le=86400)  # seconds between two prunes
 
 
+class NbdConfig(_Strict):
+    """NBD exports (POST /v1/exports; README "NBD exports"): each is a qemu-storage-daemon
+    listening on ``host`` only (an address of this host; 127.0.0.1 by default: reachable from
+    this host alone), over TLS: ``psk`` (a random key per export, handed out once at create),
+    ``x509`` (the certificates in ``x509_dir``: ca-cert.pem, server-cert.pem, server-key.pem;
+    a client needs one of that CA) or ``none`` (plain NBD: only on a loopback address)."""
+
+    host: str = "127.0.0.1"
+    tls: Literal["psk", "x509", "none"] = "psk"
+    x509_dir: str | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"nbd.host must be an IP address of this host, got {v!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _transport(self):
+        if self.tls == "x509" and not (self.x509_dir and os.path.isabs(self.x509_dir)):
+            raise ValueError("nbd.tls = \"x509\" needs nbd.x509_dir (an absolute directory with ca-cert.pem, "
+                             "server-cert.pem, server-key.pem)")
+        if self.tls == "none" and not ipaddress.ip_address(self.host).is_loopback:
+            raise ValueError(f"nbd.tls = \"none\" only on a loopback address (nbd.host is {self.host}): "
+                             "use psk or x509")
+        return self
+
+
 LOG_TARGETS = ("auto", "stderr", "journal", "file")
 
 
@@ -289,6 +321,7 @@ class Config(_Strict):
     peers: dict[str, PeerConfig] = Field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
     operations: OperationsConfig = OperationsConfig()
+    nbd: NbdConfig = NbdConfig()
 
     @field_validator("log_target")
     @classmethod

@@ -585,6 +585,61 @@ class InstanceVolumes(Model):
     volumes: list[Volume]
 
 
+# -- NBD exports (POST/GET /v1/exports, GET/DELETE /v1/exports/{name}) --
+
+EXPORT_NAME_PATTERN = POOL_NAME_PATTERN  # it becomes a file name and the NBD export's name
+ExportName = Annotated[str, Field(pattern=EXPORT_NAME_PATTERN, max_length=63,
+                                  description="letters and digits joined by single '_', '.' or '-'")]
+
+
+class ExportCreate(Model):
+    """Export a volume (read-write or read-only) or a VM image (read-only) over NBD."""
+
+    volume: VolumeRef | None = Field(None, description="a volume's name or id")
+    image: Ref | None = Field(None, description="a VM image's name or id (read-only exports only)")
+    readonly: bool = False
+    name: ExportName | None = Field(None, description="the export's name (default: the volume's name, "
+                                                      "or image-<id12>)")
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["volume"]}, {"required": ["image"]}]})
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.volume is None) == (self.image is None):
+            raise ValueError("give exactly one of volume and image")
+        if self.image is not None and not self.readonly:
+            raise ValueError("an image is exported read-only only: send \"readonly\": true")
+        return self
+
+
+class ExportPsk(Model):
+    identity: str = Field(description="the PSK username (the export's name)")
+    key: str = Field(description="the key, hex: written as IDENTITY:KEY in a keys.psk file for QEMU's "
+                                 "tls-creds-psk; shown only in the answer to the create")
+
+
+class Export(Model):
+    name: str
+    uri: str = Field(description="nbd://host:port/name")
+    host: str
+    port: int
+    readonly: bool
+    tls: Literal["psk", "x509", "none"]
+    volume: str | None = Field(None, description="the exported volume's id")
+    image: str | None = Field(None, description="the exported image's id")
+    format: Literal["raw"] = Field(description="what a client opens the export as: the disk's contents (a qcow2 "
+                                               "volume or image is served decoded)")
+    created_at: float
+
+
+class ExportCreated(Export):
+    psk: ExportPsk | None = Field(None, description="tls psk: the export's key, handed out once")
+
+
+class ExportList(Model):
+    exports: list[Export]
+
+
 class InstanceCreate(Model):
     """Fields a kind does not use are refused, never ignored; cpus and memory_mib are checked
     against the kind's driver limits here, so a create is refused at once (422) instead of
@@ -1027,6 +1082,18 @@ class IdRange(Model):
     size: IntRange(1, 2**32 - 1)
 
 
+class IncomingVolume(Model):
+    """A volume attached to a migrating container (an ext4 file of a local pool): made on the
+    destination with its id, name and size as a fresh filesystem, filled from the file tree
+    the source sends (PUT /v1/peer/migrations/{id}/volumes/{volume}), attached at ``path``."""
+
+    id: InstanceId = Field(description="the volume's id (32 hex digits, as this agent makes them)")
+    name: VolumeRef
+    size_bytes: IntRange(MIN_VOLUME_MIB * 1024 * 1024, MAX_VOLUME_MIB * 1024 * 1024)
+    path: Annotated[MountPath, AfterValidator(_mount_path)]
+    readonly: bool = False
+
+
 class IncomingMigration(Model):
     instance: IncomingInstance
     spec: InstanceSpec
@@ -1046,10 +1113,19 @@ class IncomingMigration(Model):
     # a running KVM guest's CPU (<cpu> XML, host-model expanded): the destination refuses (422)
     # before anything is made if its CPU cannot run it; None under TCG (no check applies)
     guest_cpu: CpuXml | None = None
+    # a container's attached volumes (local ext4 files): they move with it
+    attached_volumes: list[IncomingVolume] | None = Field(None, max_length=MAX_VOLUMES_PER_INSTANCE)
 
     @model_validator(mode="after")
     def _consistent(self):
         inst = self.instance
+        if self.attached_volumes:
+            if inst.kind != "container":
+                raise ValueError("attached_volumes move with containers only")
+            for key in ("id", "name", "path"):
+                values = [getattr(v, key) for v in self.attached_volumes]
+                if len(set(values)) != len(values):
+                    raise ValueError(f"attached_volumes: a volume {key} is given twice")
         if (self.spec.name, self.spec.kind) != (inst.name, inst.kind):
             raise ValueError("spec.name and spec.kind must be the instance's")
         if self.image.kind != inst.kind:

@@ -44,7 +44,7 @@ from agent.errors import Conflict, InvalidInput, NotFound
 from containers import validate
 from containers.bundle import resolve_process
 from containers.bandwidth import Bandwidth
-from containers.runtime import ContainerInfo, ContainerSpec, ExecOptions, ExecResult, IdMap, Limits
+from containers.runtime import ContainerInfo, ContainerSpec, ExecOptions, ExecResult, IdMap, Limits, RootfsImage
 
 if TYPE_CHECKING:
     from agent.state import Database
@@ -284,11 +284,18 @@ class FakeRuntime:
             box.snapshots.remove(snapshot)
             return True
 
-    def reset_rootfs(self, name: str) -> None:
+    def reset_rootfs(self, name: str, image: RootfsImage | None = None) -> None:
         with self._lock:
             box = self._box(name)
             if box.state in ("running", "paused"):
                 raise Conflict(f"container {name!r} is {box.state}: stop it before rebuilding its rootfs")
+            if image is not None:
+                if not image.command:
+                    raise InvalidInput("no command: give one or use an image with a Cmd or Entrypoint")
+                box.spec = dataclasses.replace(
+                    box.spec, rootfs=dataclasses.replace(box.spec.rootfs, lowerdirs=tuple(image.lowerdirs)),
+                    command=tuple(image.command), env=dict(image.env), workdir=image.workdir, user=image.user,
+                    image_config={})
             box.log.append("fake: rootfs reset to its image\n")
 
     def rootfs_snapshots(self, name: str) -> list[str]:

@@ -50,7 +50,7 @@ from agent.state import Database
 from containers import bandwidth, bundle, cgroups, files, idmap as idmaps, validate
 from containers.network import Network, short_hash
 from containers.runtime import (ContainerInfo, ContainerSpec, ExecOptions, ExecResult, IdMap, Limits,
-                                NetworkSpec, PortMap, Rootfs, VolumeMount)
+                                NetworkSpec, PortMap, Rootfs, RootfsImage, VolumeMount)
 from containers.security import Security
 from storage import mounts
 
@@ -579,6 +579,7 @@ class RuncRuntime:
             if state == "paused":
                 raise Conflict(f"container {name!r} is paused: resume it instead")
             self._ensure_prepared(row)
+            self._sync_bundle_limits(self._row(name))
             if self._runc_state(name) is not None:
                 self._runc("delete", "--force", name, check=False)
             for path in (self._exit_file(name),):
@@ -811,16 +812,19 @@ class RuncRuntime:
         shutil.rmtree(work, ignore_errors=True)  # overlayfs's scratch space: empty for a fresh mount
         os.makedirs(work, mode=0o700, exist_ok=True)
 
-    def reset_rootfs(self, name: str) -> None:
+    def reset_rootfs(self, name: str, image: RootfsImage | None = None) -> None:
         """containers.runtime.SupportsRootfsReset: only while stopped, the container's writes
         are dropped (a fresh, empty upper dir owned as the old one), the overlay mounted again
-        with the mount points of its /etc files; its name, address, limits and process stay."""
+        with the mount points of its /etc files; its name, address, volumes and limits stay.
+        With ``image`` the overlay is made of its layers and the config runs its process
+        (checked before the upper dir goes: its layers exist, its command is in them)."""
         with self._name_lock(name):
             row = self._row(name)
             spec = spec_from_json(row["spec"])
             state = self._status(name)[0]
             if state in ("running", "paused"):
                 raise Conflict(f"container {name!r} is {state}: stop it before rebuilding its rootfs")
+            new = spec if image is None else self._rebased(spec, image)
             st = os.stat(spec.rootfs.upperdir)
 
             def empty(path: str) -> None:
@@ -829,12 +833,42 @@ class RuncRuntime:
                 os.chmod(path, st.st_mode & 0o7777)
 
             self._replace_upper(spec, empty)
-            self._mount_rootfs(spec)
+            self._mount_rootfs(new)
             etc = bundle.etc_files_for(self._bundle(name), hostname=spec.hostname or name, ip=row["ip"],
                                        nameservers=bundle.host_nameservers()) \
                 if spec.network.mode != "host" else {}
             m = (spec.idmap or bundle.LEGACY_IDMAP) if spec.userns else None
             _make_mountpoints(self._rootfs(name), etc, owner=m.host_id if m else None)
+            if new is not spec:
+                uid, gid = (int(x) for x in new.user.split(":"))
+                self._write_config(new, Limits(**json.loads(row["limits"])), netns=self._netns_of(new),
+                                   ip=row["ip"], uid=uid, gid=gid)
+                self.db.execute("UPDATE containers SET spec=? WHERE name=?", (spec_to_json(new), name))
+
+    def _rebased(self, spec: ContainerSpec, image: RootfsImage) -> ContainerSpec:
+        """``spec`` on ``image``'s layers running its process; InvalidInput (nothing changed)
+        if a layer is missing or the command is not an executable of the layers."""
+        for d in image.lowerdirs:
+            if not os.path.isdir(d):
+                raise InvalidInput(f"image layer {d} does not exist: import the image first")
+        uid, _, gid = image.user.partition(":")
+        if not (uid.isdigit() and gid.isdigit()):
+            raise InvalidInput(f"user {image.user!r} must be resolved to a numeric uid:gid")
+        new = dataclasses.replace(spec, rootfs=dataclasses.replace(spec.rootfs, lowerdirs=tuple(image.lowerdirs)),
+                                  command=tuple(image.command), env=dict(image.env), workdir=image.workdir,
+                                  user=image.user, image_config={})
+        validate.check_spec(new)
+        if not new.command:
+            raise InvalidInput("no command: give one or use an image with a Cmd or Entrypoint")
+        _check_command(new.command[0], new.env.get("PATH", ""), new.workdir, *image.lowerdirs)
+        return new
+
+    def _netns_of(self, spec: ContainerSpec) -> str | None:
+        """The netns a stopped container's config names: its own (made by the host, a
+        container without a user namespace), else None (runc makes one at start)."""
+        if spec.network.mode == "bridge" and not spec.userns and os.path.exists(self.net.netns_path(spec.name)):
+            return self.net.netns_path(spec.name)
+        return None
 
     def delete_rootfs_snapshot(self, name: str, snapshot: str) -> bool:
         validate.check_snapshot_name(snapshot)
@@ -1030,33 +1064,42 @@ class RuncRuntime:
         return st
 
     def update_limits(self, name: str, limits: Limits) -> None:
-        """Apply to the running container (runc update) and keep for later starts. Conflict
-        if it uses more memory than ``limits`` allow (the kernel cannot reclaim it)."""
+        """Apply to the running container (runc update) and keep for later starts (in the
+        state DB: start() renders them into the bundle). Conflict if it uses more memory than
+        ``limits`` allow (the kernel cannot reclaim it)."""
         validate.check_limits(limits)
         with self._name_lock(name):
             self._row(name)  # NotFound for an unknown container
-            if self._status(name)[0] in ("running", "paused", "created") and \
-                    self._runc_state(name):
+            # runc knows it and it has not exited: update it (without reading runc's state.json,
+            # tens of KiB of JSON that `runc update` reads and writes again anyway)
+            if self._read_exit(name) is None and os.path.exists(os.path.join(self.runc_root, name, "state.json")):
                 try:
                     self._runc("update", "--resources", "-",
                                name, input=json.dumps(cgroups.update_resources(limits)))
                 except CommandFailed as e:
                     used = MEMORY_BUSY_RE.search(e.message)
-                    if used is None:
+                    if used is not None:
+                        raise Conflict(f"container {name!r} uses {int(used.group(1)) >> 20} MiB of memory now, "
+                                       f"more than {limits.memory_mib} MiB: free memory in it first (files in its "
+                                       "tmpfs count), or ask for more", container=name) from None
+                    if self._status(name)[0] in ("running", "paused", "created"):
                         raise
-                    raise Conflict(f"container {name!r} uses {int(used.group(1)) >> 20} MiB of memory now, more "
-                                   f"than {limits.memory_mib} MiB: free memory in it first (files in its "
-                                   "tmpfs count), or ask for more", container=name) from None
+                    # it stopped meanwhile: the limits apply from its next start
             self.db.execute("UPDATE containers SET limits=? WHERE name=?",
                             (json.dumps(dataclasses.asdict(limits)), name))
-            cfg_path = os.path.join(self._bundle(name), "config.json")
-            try:
-                with open(cfg_path) as f:
-                    cfg = json.load(f)
-                cfg["linux"]["resources"] = cgroups.oci_resources(limits)
-                bundle.write_bundle(self._bundle(name), cfg)
-            except OSError:
-                pass
+
+    def _sync_bundle_limits(self, row) -> None:
+        """Before a start: the bundle's cgroup resources as the state DB keeps them (a live
+        resize only runs `runc update` and writes the DB; the bundle is rendered here, once)."""
+        want = cgroups.oci_resources(Limits(**json.loads(row["limits"])))
+        try:
+            with open(os.path.join(self._bundle(row["name"]), "config.json")) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError):
+            return  # no bundle yet: _prepare writes it from the same limits
+        if cfg.get("linux", {}).get("resources") != want:
+            cfg.setdefault("linux", {})["resources"] = want
+            bundle.write_bundle(self._bundle(row["name"]), cfg)
 
     # -- bandwidth ---------------------------------------------------------------------------
     def _shape(self, spec: ContainerSpec) -> None:
@@ -1141,14 +1184,15 @@ def _untraversable(path: str) -> str | None:
     return None
 
 
-def _check_command(prog: str, path: str, cwd: str, rootfs: str) -> None:
-    """InvalidInput unless ``prog`` exists in the rootfs (absolute, relative or on PATH)."""
+def _check_command(prog: str, path: str, cwd: str, *roots: str) -> None:
+    """InvalidInput unless ``prog`` exists in the rootfs (absolute, relative or on PATH), or
+    in one of an image's layer dirs (``roots``, top first)."""
     if "/" in prog:
         cands = [prog if prog.startswith("/") else os.path.join(cwd, prog)]
     else:
         cands = [os.path.join(d, prog) for d in path.split(":") if d.startswith("/")]
     for c in cands:
-        if bundle.resolve_in_root(rootfs, c):
+        if any(bundle.resolve_in_root(root, c) for root in roots):
             return
     raise InvalidInput(f"command {prog!r} is not in the image (searched "
                        f"{', '.join(cands) or 'nothing'}): fix the command or the image")

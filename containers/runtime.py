@@ -297,13 +297,28 @@ class SupportsRootfsSnapshots(Protocol):
     def rootfs_snapshots(self, name: str) -> list[str]: ...
 
 
+@dataclass(frozen=True)
+class RootfsImage:
+    """Another image for a container's rootfs (a rebuild from it): its layers (top first)
+    and the process resolved from its config as at create (containers.bundle.
+    apply_image_config: the whole argv, merged env, workdir, numeric uid:gid)."""
+    lowerdirs: tuple[str, ...]
+    command: tuple[str, ...]
+    env: dict
+    workdir: str
+    user: str
+
+
 @runtime_checkable
 class SupportsRootfsReset(Protocol):
     """Runtimes that drop a stopped container's writes, its rootfs back to its image's
-    layers (a rebuild from the same image); name, address, limits and process stay."""
+    layers (a rebuild); name, address, volumes, limits (and, from its own image, process)
+    stay."""
 
-    def reset_rootfs(self, name: str) -> None:
-        """Only valid while stopped (Conflict otherwise); NotFound for an unknown container."""
+    def reset_rootfs(self, name: str, image: RootfsImage | None = None) -> None:
+        """Only valid while stopped (Conflict otherwise); NotFound for an unknown container.
+        With ``image``: its layers and process replace the old ones (InvalidInput, with
+        nothing changed, if a layer is missing or its command is not in its layers)."""
 
 
 @runtime_checkable

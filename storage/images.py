@@ -690,6 +690,28 @@ class ImageStore:
         return RootfsLayers(lowers, os.path.join(vol.path, "upper"),
                             os.path.join(vol.path, "work"), vol)
 
+    def rebase_rootfs(self, ref: str, pool: str, volume_name: str) -> tuple[str, tuple[str, ...]]:
+        """Point the container rootfs volume ``volume_name`` (made by prepare_rootfs) at image
+        ``ref`` instead: its layers are unpacked and the volume's reference moves to it (the
+        old image is free of it; its upper dir is the runtime's to empty). Returns (the image
+        id it referenced before, the new layer dirs top first). NotFound if the volume has no
+        reference in ``pool``; Unprocessable for an image that is not a container image. Undo
+        with another rebase_rootfs to the old id."""
+        img = self.get(ref)
+        if img.kind != "container":
+            raise Unprocessable(f"image {img.id[:12]} is a VM image: a container's rootfs is made of "
+                                "a container image's layers")
+        if not img.layers:
+            raise Unprocessable(f"image {img.id[:12]} has no layers to make a rootfs from")
+        row = self.db.one("SELECT image_id FROM storage_references WHERE pool = ? AND volume = ?",
+                          (pool, volume_name))
+        if row is None:
+            raise NotFound(f"pool {pool!r} holds no rootfs volume {volume_name!r} made from an image")
+        lowers = tuple(self._unpack(img.pool, self.pools[img.pool], d) for d in reversed(img.layers))
+        self.db.execute("UPDATE storage_references SET image_id = ? WHERE pool = ? AND volume = ?",
+                        (img.id, pool, volume_name))
+        return row["image_id"], lowers
+
     def release(self, pool: str, volume_name: str) -> bool:
         """Delete the volume and its reference; False if neither existed."""
         _, backend = self._backend(pool)

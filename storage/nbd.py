@@ -55,6 +55,8 @@ SCHEMA_STEPS = [
         created_at REAL NOT NULL
     )""",
     "ALTER TABLE nbd_exports ADD COLUMN tls TEXT NOT NULL DEFAULT 'none'",  # exports made before TLS
+    # what the caller exported ("volume:<id>", "image:<id>"); '' for exports made without one
+    "ALTER TABLE nbd_exports ADD COLUMN source TEXT NOT NULL DEFAULT ''",
 ]
 
 
@@ -71,6 +73,8 @@ class Export:
     tls: str = "none"  # psk | x509 | none
     psk_dir: str | None = None  # tls="psk": the directory with keys.psk a client needs (0700, root)
     x509_dir: str | None = None  # tls="x509": the certificate directory the server uses
+    source: str = ""  # the caller's name for what is exported (e.g. "volume:<id>")
+    created_at: float = 0.0
 
 
 class NbdExports:
@@ -92,18 +96,39 @@ class NbdExports:
         db.apply_schema("nbd", SCHEMA_STEPS)
 
     def create(self, name: str, volume: Volume, *, readonly: bool = False,
-               port: int | None = None) -> Export:
+               port: int | None = None, source: str = "") -> Export:
         """Export ``volume`` as ``name``. Conflict if the name is taken; on failure the
-        daemon is stopped and nothing (no record, no key) is left."""
+        daemon is stopped and nothing (no record, no key) is left. A read-only export of a
+        raw volume shares it (``force-share``): it may be read while another process (a
+        running VM's QEMU) writes it, as a crash-consistent view; a qcow2 one may not."""
         if not name or len(name) > 64 or not set(name) <= EXPORT_NAME_CHARS:
             raise InvalidInput(f"bad export name {name!r}: use letters, digits, '.', '_', '-'")
         if self.find(name) is not None:
             raise Conflict(f"NBD export {name} already exists")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pid, port = self._spawn(name, volume, readonly, port, new_key=True)
+        try:
+            with self.db.tx() as c:
+                c.execute("INSERT INTO nbd_exports(name, pool, volume, host, port, readonly, pid,"
+                          " created_at, tls, source) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                          (name, volume.pool, volume.name, self.host, port, int(readonly),
+                           pid, time.time(), self.tls, source))
+        except BaseException:
+            _stop(pid, name)
+            self._forget_files(name)
+            raise
+        return self.get(name)
+
+    def _spawn(self, name: str, volume: Volume, readonly: bool, port: int | None, *,
+               new_key: bool) -> tuple[int, int]:
+        """Start the daemon serving ``volume`` as ``name`` on ``port`` (None: a free one) and
+        wait until it listens; (pid, port). ``new_key``: a fresh PSK, else the export's
+        existing one (kept by revive(): its clients hold it). On failure the daemon is
+        stopped and, with ``new_key``, its files removed."""
         blockdevs = _blockdevs(volume, readonly, self.run_dir / f"nbd-{name}.key")
         port = port or _free_port(self.host)
         log_path = self.run_dir / f"nbd-{name}.log"
-        tls_args, tls_opt = self._server_tls(name)
+        tls_args, tls_opt = self._server_tls(name, new_key=new_key)
         argv = [DAEMON, *blockdevs, *tls_args,
                 "--nbd-server", f"addr.type=inet,addr.host={self.host},addr.port={port}{tls_opt}",
                 "--export", f"type=nbd,id=exp-{name},node-name=disk,name={name},"
@@ -113,26 +138,54 @@ class NbdExports:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                         start_new_session=True, close_fds=True)
         except FileNotFoundError:
-            self._forget_files(name)
+            if new_key:
+                self._forget_files(name)
             raise Unavailable(f"{DAEMON} is missing: apt-get install -y qemu-system-x86 "
                               "(and qemu-block-extra for RBD volumes)") from None
         try:
             _wait_listening(proc, self.host, port, log_path)
-            with self.db.tx() as c:
-                c.execute("INSERT INTO nbd_exports(name, pool, volume, host, port, readonly, pid,"
-                          " created_at, tls) VALUES(?,?,?,?,?,?,?,?,?)",
-                          (name, volume.pool, volume.name, self.host, port, int(readonly),
-                           proc.pid, time.time(), self.tls))
         except BaseException:
             _stop(proc.pid, name)
-            self._forget_files(name)
+            if new_key:
+                self._forget_files(name)
             raise
-        return self.get(name)
+        return proc.pid, port
+
+    def revive(self, name: str, volume: Volume) -> tuple[Export, bool]:
+        """After an agent restart or a host reboot: the export ``name`` served again as
+        recorded, with the key its clients hold. A live daemon of ours on the configured
+        address is kept (adopted); one on another address is stopped and the export made
+        again on the configured one (its recorded port if it is free there). (export,
+        True if a daemon was started). NotFound if there is no such export; on failure
+        the record stays (the next start tries again)."""
+        e = self.get(name)
+        live = _is_ours(e.pid, name)
+        if live and e.host == self.host and e.tls == self.tls:
+            return e, False
+        if live:
+            _stop(e.pid, name)
+        if e.tls != self.tls or (e.tls == "psk" and not (self._psk_dir(name) / "keys.psk").is_file()):
+            new_key = True  # the transport changed (or the key is lost): clients need new credentials
+        else:
+            new_key = False
+        port = e.port if _port_free(self.host, e.port) else None
+        pid, port = self._spawn(name, volume, e.readonly, port, new_key=new_key)
+        self.db.execute("UPDATE nbd_exports SET pid=?, port=?, host=?, tls=? WHERE name=?",
+                        (pid, port, self.host, self.tls, name))
+        return self.get(name), True
+
+    def psk(self, name: str) -> str | None:
+        """The export's pre-shared key (hex), for its one consumer; None if it has none."""
+        try:
+            line = (self._psk_dir(name) / "keys.psk").read_text().strip()
+        except FileNotFoundError:
+            return None
+        return line.partition(":")[2] or None
 
     def _psk_dir(self, name: str) -> Path:
         return self.run_dir / f"nbd-{name}.tls"
 
-    def _server_tls(self, name: str) -> tuple[list[str], str]:
+    def _server_tls(self, name: str, *, new_key: bool = True) -> tuple[list[str], str]:
         """The daemon's tls-creds object and the --nbd-server option naming it."""
         if self.tls == "none":
             return [], ""
@@ -140,11 +193,12 @@ class NbdExports:
             return (["--object", f"tls-creds-x509,id={TLS_ID},dir={_escape(self.x509_dir)},endpoint=server,"
                                  "verify-peer=on"], f",tls-creds={TLS_ID}")
         d = self._psk_dir(name)
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(mode=0o700)
-        fd = os.open(d / "keys.psk", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{name}:{secrets.token_hex(PSK_BYTES)}\n")
+        if new_key:
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(mode=0o700)
+            fd = os.open(d / "keys.psk", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{name}:{secrets.token_hex(PSK_BYTES)}\n")
         return (["--object", f"tls-creds-psk,id={TLS_ID},dir={_escape(str(d))},endpoint=server"],
                 f",tls-creds={TLS_ID}")
 
@@ -166,7 +220,8 @@ class NbdExports:
                       port=row["port"], readonly=bool(row["readonly"]), pid=row["pid"],
                       uri=f"nbd://{row['host']}:{row['port']}/{row['name']}", tls=row["tls"],
                       psk_dir=str(self._psk_dir(row["name"])) if row["tls"] == "psk" else None,
-                      x509_dir=self.x509_dir if row["tls"] == "x509" else None)
+                      x509_dir=self.x509_dir if row["tls"] == "x509" else None, source=row["source"],
+                      created_at=row["created_at"])
 
     def delete(self, name: str) -> bool:
         """Stop the daemon and forget the export; False if there was none."""
@@ -222,6 +277,8 @@ def _blockdevs(volume: Volume, readonly: bool, key_path: Path) -> list[str]:
     """--object/--blockdev arguments: a protocol node (file or rbd) and, for qcow2, a format
     node on top; the top node is named "disk". An RBD key goes in a 0600 file (not argv)."""
     ro = ",read-only=on" if readonly else ""
+    if readonly and volume.format == "raw":  # readable while a writer holds it (see create())
+        ro += ",force-share=on"
     args: list[str] = []
     if volume.path and volume.format in ("qcow2", "raw"):
         if not os.path.isfile(volume.path):
@@ -257,6 +314,15 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _wait_listening(proc: subprocess.Popen, host: str, port: int, log_path: Path) -> None:

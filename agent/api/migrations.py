@@ -57,6 +57,17 @@ def receive_rootfs(id):
     return render(services().migrations.receive_rootfs(g.caller, incoming_id(id), request.stream))
 
 
+@route(bp, "PUT", "/v1/peer/migrations/{id}/volumes/{volume}",
+       summary="Peers only: a tar stream of the file tree of a migrating container's volume",
+       path_types={**INCOMING_ID, "volume": models.InstanceId},
+       responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None},
+       long=True, auth="peer")
+def receive_volume(id, volume):
+    request.max_content_length = ROOTFS_STREAM_LIMIT  # the API's small-body cap is for JSON
+    vol = models.check(models.InstanceId, volume, "volume id")
+    return render(services().migrations.receive_volume(g.caller, incoming_id(id), vol, request.stream))
+
+
 @route(bp, "PUT", "/v1/peer/migrations/{id}/disk", summary="Peers only: a stopped VM's disk layer (qcow2)",
        path_types=INCOMING_ID,
        responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None},

@@ -25,6 +25,14 @@ is a configured peer (``[peers.NAME] url, token`` in the source's config). Proto
 4. the source deletes its record and releases its volumes (shared volumes are only
    forgotten: the destination owns them now).
 
+A container's attached volumes (ext4 files of a local pool) move with it: step 1 names them
+(``attached_volumes``) and the destination makes each as a fresh filesystem of its size, with
+its id and name, in state ``incoming``; once the container is stopped the source unmounts
+them from it, mounts each read-only and streams its file tree (``PUT /v1/peer/migrations/
+{id}/volumes/{volume}``, unpacked by the hardened extractor, owners shifted as the rootfs's:
+the destination never mounts a filesystem image a peer made); at 3 they become the
+container's there, at 4 the source deletes its own. A VM's volumes do not move (422).
+
 On any failure before 3 the guest keeps running on the source, the source calls
 ``DELETE /v1/peer/migrations/{id}`` so the destination removes what it prepared
 (a destination that was down cleans up on restart, or when the migration is retried;
@@ -123,6 +131,9 @@ class MigrationService:
 
     def receive_disk(self, caller: dict, inst_id: str, stream) -> models.Received:
         return self.destination.receive_disk(caller, inst_id, stream)
+
+    def receive_volume(self, caller: dict, inst_id: str, vol_id: str, stream) -> models.Received:
+        return self.destination.receive_volume(caller, inst_id, vol_id, stream)
 
     def abort_incoming(self, caller: dict, inst_id: str) -> bool:
         return self.destination.abort_incoming(caller, inst_id)

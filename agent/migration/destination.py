@@ -75,6 +75,8 @@ class MigrationDestination:
                 self.root.secgroups.join(inst.id, groups, apply=False)
             (self.root.instances.instance_dir(inst.id) / SOURCE_FILE).write_text(source)
             if inst.kind == "container":
+                if req.attached_volumes:
+                    self.root.volumes.incoming(inst.id, pool, req.attached_volumes)
                 return self._prepare_container(inst, image, pool, req.idmap)
             if req.shared_volumes:
                 return self._prepare_shared_vm(inst, spec, image, pool, req.shared_volumes)
@@ -188,6 +190,7 @@ class MigrationDestination:
                 for vol in shared:
                     self.root.store.forget_volume(inst.pool, vol)
                 self.root.records.update(inst_id, volumes=())
+        self.root.volumes.drop_incoming(inst_id)
         gone = self.root.instances.destroy(inst_id)
         if shared is not None:
             drop_unused_secrets(self.root, inst_id)
@@ -217,6 +220,36 @@ class MigrationDestination:
         except InsufficientResources as e:
             raise InsufficientResources(f"pool {inst.pool!r} on {self.root.host.hostname()} "
                                         f"({self.config.api.listen}) is full: {e.message}") from None
+
+    def receive_volume(self, caller: dict, inst_id: str, vol_id: str, stream) -> models.Received:
+        """Unpack a tar stream of the file tree of one of the container's volumes into the
+        fresh filesystem made for it at prepare (mounted here for the copy: the host mounts
+        filesystems it made, never a peer's image; owners shifted as the rootfs's)."""
+        from containers.runtime import IdMap
+        from storage import mounts
+        inst = self._incoming(inst_id, self.peers.require(caller))
+        if inst.kind != "container":
+            raise Unprocessable("only containers bring volumes")
+        path = self.root.volumes.incoming_file(inst_id, vol_id)
+        d = self.root.instances.instance_dir(inst.id)
+        layers = json.loads((d / LAYERS_FILE).read_text())
+        src = layers.get("source_idmap")
+        here = None if inst.spec_dict().get("privileged") else self.root.runtime.idmap
+        point = d / f"volume-{vol_id[:12]}"
+        point.mkdir(mode=0o700, exist_ok=True)
+        if mounts.is_mounted(str(point)):
+            raise Conflict(f"volume {vol_id[:12]} of {inst.name!r} is being received already")
+        try:
+            mounts.mount_fs_image(path, str(point))
+            try:
+                n = untar_into(str(point), stream, owners=shift_owners(IdMap(**src) if src else None, here))
+            finally:
+                mounts.unmount(str(point))
+        except InsufficientResources as e:
+            raise InsufficientResources(f"volume {vol_id[:12]} of {inst.name!r} is full here: {e.message}") from None
+        finally:
+            point.rmdir()
+        return models.Received(bytes=n)
 
     def receive_disk(self, caller: dict, inst_id: str, stream) -> models.Received:
         """A stopped VM's root disk (its qcow2 layer, as the source holds it) replaces the
@@ -255,12 +288,14 @@ class MigrationDestination:
         rl = RootfsLayers(tuple(layers["lowerdirs"]), layers["upperdir"], layers["workdir"], None)
         rt = self.root.runtime
         try:
-            info = rt.create(self.root.assembly.container_spec(req, image, rl))
+            info = rt.create(self.root.assembly.container_spec(req, image, rl,
+                                                               volumes=self.root.volumes.incoming_mounts(inst.id)))
             if start:
                 info = rt.start(inst.name)
         except BaseException:
             rt.delete(inst.name)
             raise
+        self.root.volumes.finish_incoming(inst.id)
         return {"instance": self.root.records.update(inst.id, state=info.state, ip=info.ip, error=None).to_dict()}
 
     def _postcopy_possible(self) -> bool:

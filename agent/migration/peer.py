@@ -151,6 +151,14 @@ class PeerClient:
 
     def push_rootfs(self, inst_id: str, upper: str, newer: float | None = None) -> int:
         """Stream ``upper`` (or what changed in it since ``newer``) as a tar; bytes sent."""
+        return self._push_tree(inst_id, "rootfs", upper, newer)
+
+    def push_volume(self, inst_id: str, vol_id: str, tree: str) -> int:
+        """Stream the file tree of a container's volume (its filesystem, mounted at ``tree``)
+        as a tar; bytes sent."""
+        return self._push_tree(inst_id, f"volumes/{vol_id}", tree, None)
+
+    def _push_tree(self, inst_id: str, what: str, upper: str, newer: float | None) -> int:
         argv = ["tar", "-c", "--xattrs", "--xattrs-include=trusted.*", "--numeric-owner", "-f", "-", "-C", upper]
         if newer is not None:
             argv.insert(1, f"--newer=@{newer:.0f}")
@@ -162,7 +170,7 @@ class PeerClient:
                 counted["n"] += len(chunk)
                 yield chunk
         try:
-            r = self._send(inst_id, "rootfs", body(), "application/x-tar")
+            r = self._send(inst_id, what, body(), "application/x-tar")
         except Unavailable:
             proc.kill()
             raise
@@ -171,7 +179,7 @@ class PeerClient:
             proc.wait()
         if proc.returncode not in (0, 1):  # 1: a file changed while read (refresh pre-sync)
             raise CommandFailed(f"tar of {upper} failed: {err[-500:]}", stderr=err)
-        self._taken(r, "rootfs")
+        self._taken(r, what)
         return counted["n"]
 
     def push_disk(self, inst_id: str, path: str, progress=None) -> int:

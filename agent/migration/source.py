@@ -108,13 +108,14 @@ def _check_destination(peer: PeerClient, driver, inst: Instance) -> None:
 def incoming_request(inst: Instance, image, *, data_bytes: int, disk_size: int | None = None,
                      shared_volumes: dict[str, str] | None = None, idmap=None,
                      security_groups: list[dict] | None = None,
-                     guest_cpu: str | None = None) -> models.IncomingMigration:
+                     guest_cpu: str | None = None, attached_volumes: list[dict] | None = None
+                     ) -> models.IncomingMigration:
     """What the destination is asked to prepare (``POST /v1/peer/migrations``) for ``inst``:
     checked here with the model the destination parses it with. ``idmap``: a container's user
     namespace map here (containers.IdMap), None without one. ``security_groups``: the
     definitions of the instance's groups (they travel with it)."""
     fields = {"disk_size": disk_size, "shared_volumes": shared_volumes, "security_groups": security_groups,
-              "guest_cpu": guest_cpu,
+              "guest_cpu": guest_cpu, "attached_volumes": attached_volumes or None,
               "idmap": {"host_id": idmap.host_id, "size": idmap.size} if idmap else None}
     return _request(models.IncomingMigration, {
         "instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
@@ -182,10 +183,17 @@ class MigrationSource:
                                 "delete them first")
         peer = self.peers.get(req.destination)
         attached = self.root.volumes.of_instance(inst.id)
+        if attached and inst.kind == "vm":
+            raise Unprocessable(f"VM {inst.name!r} has volumes attached ({', '.join(v['name'] for v in attached)}): "
+                                "volumes move only with containers (cold or refresh); detach them from the VM "
+                                "first (DELETE /v1/instances/{id}/volumes/{volume})")
         if attached:
-            raise Unprocessable(f"instance {inst.name!r} has volumes attached "
-                                f"({', '.join(v['name'] for v in attached)}): a migration does not carry "
-                                "volumes yet; detach them first (DELETE /v1/instances/{id}/volumes/{volume})")
+            from containers.runtime import SupportsVolumes
+            if not isinstance(self.root.runtime, SupportsVolumes):
+                raise Unsupported(f"the {self.config.containers.runtime} runtime cannot move container volumes")
+            self.root.volumes.outgoing(inst.id)  # Unprocessable naming those that cannot move
+            for v in attached:
+                self.root.exports.check_unused("volume", v["id"], v["name"])
         if inst.state in ("creating", INCOMING):
             raise Conflict(f"instance {inst.name!r} is {inst.state}: wait for its operation")
         if inst.kind == "vm" and inst.state == "stopped":
@@ -435,21 +443,28 @@ class MigrationSource:
 
     def _migrate_container(self, op, inst_id: str, peer: PeerClient, mode: str) -> dict:
         """cold: stop, copy the upper dir, start there. refresh: copy the upper dir while it
-        runs, stop, copy what changed since (and prune what went), start there. On failure
-        the container runs here again and the destination removes what it made."""
+        runs, stop, copy what changed since (and prune what went), start there. Volumes
+        attached to it move too, once it is stopped: each is unmounted from the container,
+        mounted read-only here and its file tree sent into a fresh filesystem there; here they
+        go only once it runs there. On failure the container runs here again with its
+        volumes and the destination removes what it made."""
         inst = self.root.instances.get(inst_id)
         name = inst.name
         image = self.root.store.get(inst.image)
         vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
         upper = os.path.join(vol.path, "upper")
+        volumes = self.root.volumes.outgoing(inst_id)
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
         info = self.root.runtime.get(name)
-        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(upper), idmap=info.idmap,
-                                      security_groups=self._groups(inst)))
+        data = allocated_bytes(upper) + sum(allocated_bytes(path) for _, path in volumes)
+        peer.prepare(incoming_request(inst, image, data_bytes=data, idmap=info.idmap,
+                                      security_groups=self._groups(inst),
+                                      attached_volumes=[v for v, _ in volumes]))
         was_running = info.state == "running"
         stopped_at = None
+        mounted = None
         sent = 0
         try:
             since = None
@@ -464,10 +479,18 @@ class MigrationSource:
             op.phase("sync")
             sent += peer.push_rootfs(inst_id, upper, newer=since)
             keep = rootfs_paths(upper) if since is not None else None
+            if volumes:
+                op.phase("volumes")
+                mounted = self.root.runtime.volumes(name)
+                self.root.runtime.set_volumes(name, ())  # unmounted: its filesystems are quiet and whole
+                for v, path in volumes:
+                    sent += self._push_volume(peer, inst_id, v["id"], path)
             op.phase("confirm")
             moved = self._confirm(peer, inst_id, finish_request(start=was_running, keep=keep))
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
+            if mounted is not None:
+                self.root.runtime.set_volumes(name, mounted)
             if stopped_at is not None:
                 self.root.runtime.start(name)
             if isinstance(e, InsufficientResources):
@@ -478,10 +501,24 @@ class MigrationSource:
         downtime = (time.monotonic() - stopped_at) * 1000 if stopped_at is not None else None
         op.phase("cleanup")
         self.root.runtime.delete(name)
+        self.root.volumes.forget_migrated(inst_id)
         self._forget_local(inst_id)
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
                 "downtime_ms": round(downtime, 1) if downtime is not None else None,
                 "total_ms": None, "bytes": sent}
+
+    def _push_volume(self, peer: PeerClient, inst_id: str, vol_id: str, path: str) -> int:
+        """Send the file tree of the (unmounted) volume file ``path``, mounted read-only here."""
+        from storage import mounts
+        point = self.config.state_path / "instances" / inst_id / f"volume-out-{vol_id[:12]}"
+        point.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not mounts.is_mounted(str(point)):
+            mounts.mount_fs_image(path, str(point), readonly=True)
+        try:
+            return peer.push_volume(inst_id, vol_id, str(point))
+        finally:
+            mounts.unmount(str(point))
+            point.rmdir()
 
     def _abort_remote(self, peer: PeerClient, inst_id: str, cause: BaseException) -> None:
         try:

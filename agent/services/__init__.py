@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from agent.services.records import InstanceRecords
     from agent.services.secgroups import SecurityGroups
     from agent.services.volumes import VolumeService
+    from agent.services.exports import ExportService
     from agent.services.snapshots import SnapshotService
     from containers.network import Network
     from containers.runtime import Runtime
@@ -58,6 +59,7 @@ class Services:
     migrations: MigrationService
     secgroups: SecurityGroups
     volumes: VolumeService
+    exports: ExportService
     snapshots: SnapshotService
     metrics: Metrics
     started: bool
@@ -96,6 +98,8 @@ class Services:
         self.migrations = MigrationService(self)
         self.secgroups = SecurityGroups(self)  # the only reader/writer of security_group*
         self.volumes = VolumeService(self)  # the only reader/writer of volumes
+        from agent.services.exports import ExportService
+        self.exports = ExportService(self)  # NBD exports (storage.nbd owns their table)
         self.metrics = Metrics(self)
         from agent.services.snapshots import SnapshotService
         self.snapshots = SnapshotService(self)  # the only reader/writer of `snapshots`
@@ -233,6 +237,7 @@ class Services:
         to_start = self.boot.check(self.records)  # before reconcile turns what a reboot stopped to stopped
         self.instances.reconcile()
         self._recover_volumes()
+        self._recover_exports()
         self.operations.start()
         self.instances.autostart(to_start)
         self.images.start_periodic_gc()  # its first run sweeps what a killed agent left
@@ -252,6 +257,16 @@ class Services:
             self.volumes.recover()
         except AgentError as e:
             log.warning("cannot recover volumes", extra={"error": e.message})
+
+    def _recover_exports(self) -> None:
+        """Adopt the NBD exports whose daemons outlived the agent; serve again those that did not."""
+        try:
+            out = self.exports.recover()
+        except AgentError as e:
+            log.warning("cannot recover NBD exports", extra={"error": e.message})
+            return
+        if any(out.values()):
+            log.info("NBD exports recovered", extra=out)
 
     def stop(self) -> None:
         """Stop taking work; VMs and containers keep running."""

@@ -40,8 +40,10 @@ class ImageService:
         return image_dict(self.root.store.get(ref))
 
     def delete(self, ref: str) -> bool:
-        self.root.store.get(ref)  # NotFound first: a DELETE of an unknown image is a 404
-        return self.root.store.delete(ref)
+        img = self.root.store.get(ref)  # NotFound first: a DELETE of an unknown image is a 404
+        with self.root.exports.lock:  # no export of it is made meanwhile
+            self.root.exports.check_unused("image", img.id, img.id[:12])
+            return self.root.store.delete(ref)
 
     def create(self, req: models.ImageImport) -> dict:
         """Validate what can be checked now (pool, source path), then import in an operation."""

@@ -37,6 +37,7 @@ NO_GUEST_AGENT = ("a VM's commands and files would go through the QEMU guest age
                   "agent gives its domains no guest agent channel (virtio-serial org.qemu.guest_agent.0) and the "
                   "test guest runs no qemu-ga. Use the VM's console (GET /v1/instances/{id}/console, `nodeagent "
                   "console NAME`) or its user_data")
+STARTS = ("start", "restart")  # actions refused while a volume of the instance has a read-write NBD export
 
 
 def _msg(e: Exception) -> str:
@@ -267,10 +268,14 @@ class InstanceService:
         if req.action == "rebuild":  # agent/services/rebuild.py: checked before the operation
             from agent.services import rebuild
             rebuild.check(self.root, inst, req)
+        if req.action in STARTS:
+            self.root.exports.check_startable(inst)
 
         def work(op):
             with self.lock(inst_id):
                 op.phase(req.action)
+                if req.action in STARTS:  # again under the lock: exports take it too
+                    self.root.exports.check_startable(inst)
                 if req.action == "rebuild":
                     now = self.get(inst_id)  # checked again under the lock: a snapshot may have come
                     info = rebuild.rebuild(self.root, now, rebuild.check(self.root, now, req), req, op.phase)

@@ -12,8 +12,13 @@ stopped.
   same path or RBD image; the domain's disk is re-pointed only if the new volume differs in
   type or format). The size is the create's ``disk_gib`` (or the image's).
 - container: its writes (the overlay's upper dir) are dropped (containers.runtime.
-  SupportsRootfsReset); the image's layers are its rootfs again. Only from its own image:
-  another image would bring another process config and layers (422).
+  SupportsRootfsReset); the image's layers are its rootfs again. From another container
+  image: that image's layers, and its process config resolved as at create (containers.
+  bundle.apply_image_config: its Entrypoint + (the create's command or its Cmd), its Env
+  under the create's env, its WorkingDir and User looked up in its layers) replace the old
+  ones; the rootfs volume's image reference moves to it. Name, address, volumes, security
+  groups and limits stay. A new image whose process cannot be resolved (no command, an
+  unknown user, a command not in its layers) is refused (422) with the instance unchanged.
 
 Refused before anything changes: an unknown image (404), one of the other kind (422), an
 instance with snapshots (409: a VM's live in the disk the rebuild replaces, and a snapshot
@@ -40,9 +45,8 @@ def check(root, inst, req):
     if image.kind != inst.kind:
         raise Unprocessable(f"image {req.image!r} is a {image.kind} image: it cannot rebuild a {inst.kind}")
     if inst.kind == "container":
-        if image.id != inst.image:
-            raise Unprocessable(f"container {inst.name!r} rebuilds from its own image only "
-                                f"({inst.image[:12]}): create a new container for another image")
+        if not image.layers:
+            raise Unprocessable(f"image {image.id[:12]} has no layers to make a rootfs from")
         if not isinstance(root.runtime, SupportsRootfsReset):
             raise Unsupported(f"the {root.config.containers.runtime} runtime cannot rebuild containers")
     if root.snapshots.count(inst.id):
@@ -55,25 +59,55 @@ def rebuild(root, inst, image, req, phase) -> object:
     """Do it (the caller holds the instance's lock and checked with ``check``); returns the
     driver's or runtime's info of the instance afterwards."""
     if inst.kind == "container":
-        return _container(root, inst, req, phase)
+        return _container(root, inst, image, req, phase)
     return _vm(root, inst, image, req, phase)
 
 
-def _container(root, inst, req, phase):
+def _container(root, inst, image, req, phase):
     rt = root.runtime
+    rimg, old_image = None, None
+    volume = root_volume("container", inst.id)
+    if image.id != inst.image:  # its layers and process, resolved before anything stops
+        phase("layers")
+        old_image, lowers = root.store.rebase_rootfs(image.id, inst.pool, volume)
+        try:
+            rimg = _rootfs_image(root, inst, image, lowers)
+        except BaseException:
+            root.store.rebase_rootfs(old_image, inst.pool, volume)
+            raise
     was = rt.get(inst.name).state
-    if was in ("running", "paused"):
-        phase("stop")
-        if was == "paused" or req.force:
-            rt.kill(inst.name, 9)
-        else:
-            rt.stop(inst.name, timeout=req.timeout)
-    phase("rootfs")
-    rt.reset_rootfs(inst.name)
+    try:
+        if was in ("running", "paused"):
+            phase("stop")
+            if was == "paused" or req.force:
+                rt.kill(inst.name, 9)
+            else:
+                rt.stop(inst.name, timeout=req.timeout)
+        phase("rootfs")
+        rt.reset_rootfs(inst.name, rimg)
+    except BaseException:
+        if old_image is not None:
+            root.store.rebase_rootfs(old_image, inst.pool, volume)
+        raise
+    if rimg is not None:
+        root.records.update(inst.id, image=image.id)
+        root.records.update_spec(inst.id, image_id=image.id)
     if was in ("running", "paused"):
         phase("start")
         return rt.start(inst.name)
     return rt.get(inst.name)
+
+
+def _rootfs_image(root, inst, image, lowers):
+    """The runtime's RootfsImage of ``image`` (layers ``lowers``) for ``inst``: its process
+    resolved from the image's config and the instance's create request, as at create."""
+    from agent import models
+    from containers.runtime import RootfsImage
+    from storage.images import RootfsLayers
+    req = models.InstanceCreate.model_validate({k: v for k, v in inst.spec_dict().items() if k != "image_id"})
+    spec = root.assembly.container_spec(req, image, RootfsLayers(tuple(lowers), "", "", None))
+    return RootfsImage(lowerdirs=spec.rootfs.lowerdirs, command=spec.command, env=dict(spec.env),
+                       workdir=spec.workdir, user=spec.user)
 
 
 def _vm(root, inst, image, req, phase):

@@ -24,8 +24,14 @@ containers their mounts with their dir). A read-only volume is mounted read-only
 for a container (a bind mount's "ro" alone its root could undo). A VM keeps its disks in its persistent libvirt
 definition (across stop/start and agent restarts); a container in the runtime's spec.
 
+A container's volumes move with its migration (agent.migration): on the destination they
+are made by incoming() (rows ``incoming``, fresh filesystems the source's file trees are
+unpacked into) and become ``ready`` with the container (finish_incoming), or go with a
+migration that did not finish (drop_incoming, and recover() at start); on the source they
+go once it runs there (forget_migrated).
+
 Every change publishes a ``volume`` event: {id, name, change: created|resized|deleted|
-attached|detached, instance?}.
+attached|detached|arrived|migrated, instance?}.
 """
 from __future__ import annotations
 
@@ -33,9 +39,10 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from agent import models
-from agent.errors import Conflict, NotFound, Unprocessable, Unsupported
+from agent.errors import AgentError, Conflict, NotFound, Unprocessable, Unsupported
 from hypervisor.driver import SupportsDiskResize
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,7 @@ BACKEND_PREFIX = "v-"  # + the volume id's first 12 hex digits: its name in the 
 VM_TARGETS = tuple(f"vd{c}" for c in "bcdefghijklmnopqrstuvwxy")  # vda: root, vdz: NoCloud seed
 EXT4_MAGIC_OFFSET = 1024 + 0x38  # the superblock's s_magic
 EXT4_MAGIC = b"\x53\xef"
-BUSY_STATES = ("creating", "incoming", "migrating", "deleting")
+BUSY_STATES = ("creating", "incoming", "migrating", "deleting")  # of instances
 
 SCHEMA_STEPS = [
     """
@@ -78,6 +85,14 @@ def has_ext4(path: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class ExportSource:
+    id: str
+    name: str
+    volume: object  # storage.backend.Volume
+    instance: object | None  # the records' Instance it is attached to
+
+
 class VolumeService:
     def __init__(self, root):
         self.root = root
@@ -89,6 +104,14 @@ class VolumeService:
     def _lock(self, vol_id: str) -> threading.Lock:
         with self._locks_lock:
             return self._locks.setdefault(vol_id, threading.Lock())
+
+    lock = _lock  # agent.services.exports holds it while it exports the volume
+
+    def export_source(self, ref: str) -> ExportSource:
+        """What an NBD export of volume ``ref`` serves: its id, name, the pool's Volume and
+        the instance it is attached to (None). NotFound for an unknown volume."""
+        row = self._get_row(ref)
+        return ExportSource(row["id"], row["name"], self._volume(row), self._attached_to(row))
 
     # -- reads --
     def _row(self, ref: str):
@@ -209,6 +232,7 @@ class VolumeService:
                                     f"(asked for {size})")
             if size == row["size"]:
                 return self._render(row)
+            self.root.exports.check_unused("volume", row["id"], row["name"])  # clients see a fixed size
             self._check_room(self._backend(row["pool"]), row["pool"], size)
             if inst is not None and inst.kind == "vm" and not isinstance(self.root.driver, SupportsDiskResize):
                 info = self.root.driver.find(inst.name)
@@ -247,6 +271,7 @@ class VolumeService:
             if inst is not None:
                 raise Conflict(f"volume {row['name']!r} is attached to instance {inst.name!r}: detach it "
                                f"first (DELETE /v1/instances/{inst.name}/volumes/{row['name']})")
+            self.root.exports.check_unused("volume", row["id"], row["name"])
             self.db.execute("UPDATE volumes SET state='deleting', instance_id=NULL, updated_at=? WHERE id=?",
                             (time.time(), row["id"]))
             self._backend(row["pool"]).delete_volume(row["backend_name"])
@@ -312,6 +337,7 @@ class VolumeService:
         out, done = [], []
         try:
             for spec, row in zip(specs, rows):
+                self.root.exports.check_attachable(row["id"], row["name"])
                 if kind == "vm":
                     target = spec.target or next(free)
                     made = disk_for_volume(self._volume(row), target, readonly=spec.readonly)
@@ -373,6 +399,7 @@ class VolumeService:
             inst = self.root.instances.get(inst.id)
             self._check_instance(inst)
             row = self._get_row(row["id"])
+            self.root.exports.check_attachable(row["id"], row["name"])
             if inst.kind == "vm":
                 self._attach_vm(inst, row, req)
             else:
@@ -461,6 +488,113 @@ class VolumeService:
         self._event(row["id"], row["name"], "detached", instance=inst.id)
         return self.get(row["id"])
 
+    # -- migration: a container's volumes move with it --
+    def outgoing(self, inst_id: str) -> list[tuple[dict, str]]:
+        """The volumes attached to container ``inst_id`` as a migration sends them: (the
+        peer's IncomingVolume fields, the host file). Unprocessable naming those that cannot
+        move (no host file: a block pool's; no ext4 filesystem; written by a VM)."""
+        out, bad = [], []
+        for row in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='ready' ORDER BY path",
+                                 (inst_id,)):
+            vol = self._volume(row)
+            if not vol.path or row["guest_written"] or not has_ext4(vol.path) or not row["path"]:
+                bad.append(row["name"])
+                continue
+            out.append(({"id": row["id"], "name": row["name"], "size_bytes": row["size"], "path": row["path"],
+                         "readonly": bool(row["readonly"])}, vol.path))
+        if bad:
+            raise Unprocessable(f"volume(s) {', '.join(bad)} cannot move with the container: only ext4 volumes of "
+                                "a local pool do (a block pool's or a VM-written one does not); detach them first")
+        return out
+
+    def incoming(self, inst_id: str, pool: str, vols: list[models.IncomingVolume]) -> None:
+        """Make the volumes of incoming container ``inst_id`` here: fresh ext4 files of their
+        sizes in ``pool`` (the source's file trees are unpacked into them, never its
+        filesystem images), rows in state ``incoming`` attached to it at their paths. Conflict
+        if an id or name is taken here. On failure none is left."""
+        from storage.backend import VolumeSpec
+        from storage import mounts
+        backend = self._backend(pool)
+        if not backend.supports_volumes:
+            raise Unprocessable(f"pool {pool!r} holds no volumes: the container's volumes need a local pool")
+        made: list[tuple[str, str]] = []
+        try:
+            for v in vols:
+                bname = BACKEND_PREFIX + v.id[:12]
+                now = time.time()
+                with self.db.tx() as c:
+                    taken = c.execute("SELECT name FROM volumes WHERE id=? OR name=? OR backend_name=?",
+                                      (v.id, v.name, bname)).fetchone()
+                    if taken is not None:
+                        raise Conflict(f"a volume {taken['name']!r} exists here: the incoming container's volume "
+                                       f"{v.name!r} cannot take its name or id; delete or rename it first")
+                    c.execute("INSERT INTO volumes(id, name, pool, backend_name, format, size, state, instance_id, "
+                              "path, readonly, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                              (v.id, v.name, pool, bname, "raw", v.size_bytes, "incoming", inst_id, v.path,
+                               int(v.readonly), now, now))
+                made.append((v.id, bname))
+                self._check_room(backend, pool, v.size_bytes)
+                vol = backend.create_volume(VolumeSpec(bname, v.size_bytes, "raw"))
+                mounts.format_ext4(vol.path)
+        except BaseException:
+            for vol_id, bname in made:
+                try:
+                    backend.delete_volume(bname)
+                finally:
+                    self.db.execute("DELETE FROM volumes WHERE id=?", (vol_id,))
+            raise
+
+    def incoming_file(self, inst_id: str, vol_id: str) -> str:
+        """The host file of incoming volume ``vol_id`` of ``inst_id``; NotFound otherwise."""
+        row = self.db.one("SELECT * FROM volumes WHERE id=? AND instance_id=? AND state='incoming'",
+                          (vol_id, inst_id))
+        if row is None:
+            raise NotFound(f"instance {inst_id} brings no volume {vol_id}")
+        return self._volume(row).path
+
+    def incoming_mounts(self, inst_id: str) -> tuple:
+        """The runtime's VolumeMounts of the incoming container's volumes."""
+        from containers.runtime import VolumeMount
+        rows = self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming' ORDER BY path",
+                             (inst_id,))
+        return tuple(VolumeMount(source=self._volume(r).path, destination=r["path"], readonly=bool(r["readonly"]))
+                     for r in rows)
+
+    def finish_incoming(self, inst_id: str) -> int:
+        """The container runs here: its volumes are ours (state ``ready``, attached to it)."""
+        rows = self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming'", (inst_id,))
+        self.db.execute("UPDATE volumes SET state='ready', updated_at=? WHERE instance_id=? AND state='incoming'",
+                        (time.time(), inst_id))
+        for r in rows:
+            self._event(r["id"], r["name"], "arrived", instance=inst_id)
+        return len(rows)
+
+    def drop_incoming(self, inst_id: str) -> int:
+        """Remove the volumes an incoming container brought (a migration that did not finish)."""
+        n = 0
+        for r in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming'", (inst_id,)):
+            try:
+                self._backend(r["pool"]).delete_volume(r["backend_name"])
+            except AgentError as e:  # kept: recover() tries again
+                log.warning("cannot remove an incoming volume", extra={"volume": r["name"], "error": e.message})
+                continue
+            self.db.execute("DELETE FROM volumes WHERE id=?", (r["id"],))
+            n += 1
+        return n
+
+    def forget_migrated(self, inst_id: str) -> int:
+        """The container runs on another host now, with its volumes: remove them here."""
+        n = 0
+        for r in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='ready'", (inst_id,)):
+            with self._lock(r["id"]):
+                self.db.execute("UPDATE volumes SET state='deleting', updated_at=? WHERE id=?",
+                                (time.time(), r["id"]))
+                self._backend(r["pool"]).delete_volume(r["backend_name"])
+                self.db.execute("DELETE FROM volumes WHERE id=?", (r["id"],))
+            self._event(r["id"], r["name"], "migrated", instance=inst_id)
+            n += 1
+        return n
+
     # -- recovery --
     def recover(self) -> int:
         """At the agent's start: finish creates and deletes a crash cut (their pool volume is
@@ -468,6 +602,10 @@ class VolumeService:
         definition lacks the disk (a crash between reserving and attaching). Returns how many
         rows changed."""
         n = 0
+        for row in self.db.query("SELECT * FROM volumes WHERE state='incoming'"):
+            inst = self._attached_to(row)
+            if inst is None or inst.state != "incoming":  # its migration ended without it
+                n += self.drop_incoming(row["instance_id"])
         for row in self.db.query("SELECT * FROM volumes WHERE state IN ('creating', 'deleting')"):
             try:
                 self._backend(row["pool"]).delete_volume(row["backend_name"])

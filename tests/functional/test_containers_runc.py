@@ -128,6 +128,15 @@ def test_cpu_and_memory_limits_reach_the_cgroup(rt, tmp_path):
         assert int(open(f"{base}/memory/{rel}/memory.limit_in_bytes").read()) == 128 << 20
     st = rt.stats("lim")
     assert st["memory_bytes"] > 0 and st["pids"] >= 1
+    # a resize while stopped (kept in the state DB) reaches the cgroup at the next start
+    rt.kill("lim", 9)
+    rt.update_limits("lim", Limits(cpus=0.25, memory_mib=80, pids_max=30))
+    rt.start("lim")
+    if cgroups.is_v2():
+        assert open(f"{base}/{rel}/cpu.max").read().split()[0] == "25000"
+    else:
+        assert open(f"{base}/cpu/{rel}/cpu.cfs_quota_us").read().strip() == "25000"
+        assert int(open(f"{base}/memory/{rel}/memory.limit_in_bytes").read()) == 80 << 20
 
 
 def test_two_containers_reach_each_other_over_the_bridge(rt, tmp_path):

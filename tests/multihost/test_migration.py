@@ -324,6 +324,31 @@ def assert_console_echoes(api, name) -> None:
             got += msg if isinstance(msg, bytes) else b""
 
 
+def test_a_containers_volume_moves_with_it(cluster, apis, busybox):
+    """runc on both hosts: a volume mounted in a running container moves with a refresh
+    migration (unmounted at the stop, its file tree sent into a fresh filesystem there): the
+    container finds its files there, owned as it saw them; the source's volume is gone."""
+    h1, h2 = cluster.hosts
+    vol = apis["h1"].post("/v1/volumes", json={"name": f"mv-{uuid.uuid4().hex[:6]}", "size_mib": 32}).json()
+    name = f"ctr-{uuid.uuid4().hex[:6]}"
+    op = apis["h1"].wait(apis["h1"].post("/v1/instances", json={
+        "name": name, "kind": "container", "image": busybox, "cpus": 0.5, "memory_mib": 64, "network": "none",
+        "volumes": [{"volume": vol["name"], "path": "/vol"}],
+        "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]}).json(), timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    sh_in(apis["h1"], name, "echo kept > /vol/f; mkdir /vol/d; echo deep > /vol/d/g")
+    op = migrate(apis["h1"], name, "h2", mode="refresh")
+    assert op["status"] == "succeeded", op["error"]
+    assert sh_in(apis["h2"], name, "cat /vol/f /vol/d/g").split() == ["kept", "deep"]
+    assert sh_in(apis["h2"], name, "ls -n /vol/f").split()[2:4] == ["0", "0"]
+    sh_in(apis["h2"], name, "echo there >> /vol/f")  # writable there
+    moved = apis["h2"].get(f"/v1/volumes/{vol['id']}").json()
+    assert (moved["name"], moved["attachment"]["instance_name"]) == (vol["name"], name)
+    assert apis["h1"].get(f"/v1/volumes/{vol['id']}").status_code == 404
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+    assert apis["h2"].delete(f"/v1/volumes/{vol['id']}").json() == {"deleted": True}
+
+
 def as_peer(source, dest) -> Api:
     """``dest``'s API with the token ``source`` uses as its peer (from its config)."""
     import tomllib

@@ -87,3 +87,20 @@ def test_seccomp_profile_setting_is_checked_at_start(tmp_path):
             config.parse({"containers": {"seccomp_profile": bad}})
     (tmp_path / "p.json").write_text('{"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []}')
     assert config.parse({"containers": {"seccomp_profile": str(tmp_path / "p.json")}})
+
+
+@pytest.mark.parametrize("data,problem", [
+    ({"nbd": {"host": "localhost"}}, "must be an IP address"),
+    ({"nbd": {"host": "0.0.0.0; rm"}}, "must be an IP address"),
+    ({"nbd": {"tls": "x509"}}, "needs nbd.x509_dir"),
+    ({"nbd": {"tls": "none", "host": "198.18.0.1"}}, "only on a loopback address"),
+    ({"nbd": {"tls": "tls13"}}, "nbd.tls"),
+])
+def test_nbd_keys_are_checked(data, problem):
+    with pytest.raises(InvalidInput, match=problem):
+        config.parse(data)
+
+
+def test_nbd_exports_listen_on_loopback_over_psk_by_default():
+    nc = config.parse({}).nbd
+    assert (nc.host, nc.tls, nc.x509_dir) == ("127.0.0.1", "psk", None)

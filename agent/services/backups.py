@@ -157,6 +157,7 @@ class BackupService:
             except BaseException:
                 self._discard(backup_id)
                 raise
+            self.db.execute("DELETE FROM backups WHERE id=?", (backup_id,))
             self._event(meta, "created")
             return {"backup": meta}
 

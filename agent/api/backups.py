@@ -67,7 +67,8 @@ def backup_content(id):
 
 @route(bp, "POST", "/v1/backups", summary="Upload a backup's artifact (the body, streamed) into a pool: every "
        "checksum is checked first (422 and nothing kept if one fails)",
-       responses={201: models.Backup, 400: None, 404: None, 422: None}, query=[POOL_QUERY], long=True)
+       body="application/octet-stream", responses={201: models.Backup, 400: None, 404: None, 422: None},
+       query=[POOL_QUERY], long=True)
 def upload_backup():
     request.max_content_length = MAX_UPLOAD_BYTES
     return render(services().backups.upload(request.stream, _pool()), 201)

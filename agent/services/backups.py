@@ -9,8 +9,11 @@ only writes in progress, so that a killed agent's leftovers are found again (``s
 
 What is in one: a VM's root disk as a qcow2 layer over its image (hypervisor.driver.
 SupportsDiskExport: a running VM's copy is crash-consistent, taken from an internal snapshot
-without stopping its vCPUs; a stopped VM's is exact), and the image itself. Attached volumes are
-not part of it (they outlive instances on their own).
+without stopping its vCPUs; a stopped VM's is exact) or a container's writes (a tar of its
+overlay upper dir, made as a migration sends it, the container frozen for the copy; restored
+with the migration's hardened extractor, storage/upper.py, owners mapped to this host's user
+namespace range), and the image itself. Attached volumes are not part of it (they outlive
+instances on their own).
 
 Lifecycle: create (row ``creating`` -> members in a staging dir -> artifact streamed to the
 pool, invisible until complete -> marker -> row gone) -> listed -> restore any number of times
@@ -26,12 +29,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
 
 from agent import models
-from agent.errors import AgentError, Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
+from agent.errors import AgentError, CommandFailed, Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
 from agent.services.assembly import ROOT_TARGET, root_volume
 from hypervisor.driver import SupportsDiskExport
 from storage import backups as artifacts
@@ -53,6 +57,8 @@ SCHEMA_STEPS = [
 TAKES = ("running", "paused", "stopped", "created")  # instance states a backup may be taken in
 MAX_BACKUP_BYTES = 4 << 40  # 4 TiB: an upload beyond this is refused; the pool's space limits first
 STAGING_PREFIX = "backup-"
+# a container's writes as a migration sends them (agent/migration/peer.py push_rootfs)
+ROOTFS_TAR = ["tar", "-c", "--xattrs", "--xattrs-include=trusted.*", "--numeric-owner"]
 SPEC_DROPPED = ("image_id", "cleanup_pending", "volumes", "name", "image", "pool")
 
 
@@ -145,7 +151,10 @@ class BackupService:
                 raise Unsupported(f"instance {inst.name!r}: its disk in pool {inst.pool!r} is not a host "
                                   "file: backups cover VMs on local pools")
         else:
-            raise Unsupported("backups of containers are not available yet: back up VMs")
+            vol = self.root.pools[inst.pool].find_volume(inst.volumes[0]) if inst.volumes else None
+            if vol is None or not vol.path:
+                raise Unsupported(f"instance {inst.name!r}: its rootfs in pool {inst.pool!r} is not a host "
+                                  "directory: backups cover containers on local pools")
         backup_id = uuid.uuid4().hex
         snap = f"backup-{backup_id[:12]}" if inst.kind == "vm" else None
         self.db.execute("INSERT INTO backups (id, pool, instance_id, state, snapshot, created_at) "
@@ -177,22 +186,20 @@ class BackupService:
             op.phase("image")
             image_file = os.path.join(staging, "image." + ("tar" if img.kind == "container" else img.format))
             self.root.store.export(img.id, image_file)
-            op.phase("disk")
+            op.phase("disk" if img.kind == "vm" else "rootfs")
+            extra: dict = {}
             with self.root.instances.lock(inst_id):  # no start, stop or delete under the copy
                 inst = self.root.records.find_id(inst_id)
                 if inst is None or inst.state not in TAKES:
                     raise Conflict(f"instance {inst_id} changed while its backup began: retry")
-                pool = self.root.pools[inst.pool]
-                vol = pool.get_volume(root_volume("vm", inst.id))
-                base = pool.blob_path(vol.base) if vol.base else None
-                disk_file = os.path.join(staging, "disk.qcow2")
-                self.root.driver.export_disk(inst.name, ROOT_TARGET, disk_file, snapshot=snap, backing=base,
-                                             backing_format=img.format if base else None)
                 state = inst.state
+                if inst.kind == "vm":
+                    data = self._copy_disk(inst, img, snap, staging)
+                else:
+                    data, idmap = self._copy_rootfs(inst, staging)
+                    extra["idmap"] = idmap
             op.phase("checksum")
-            members = [artifacts.member_entry(os.path.basename(image_file), "image", image_file),
-                       artifacts.member_entry("disk.qcow2", "disk", disk_file, target=ROOT_TARGET,
-                                              layer=base is not None)]
+            members = [artifacts.member_entry(os.path.basename(image_file), "image", image_file), data()]
             spec = {k: v for k, v in inst.spec_dict().items() if k not in SPEC_DROPPED}
             now = time.time()
             manifest = {"format": artifacts.FORMAT, "version": artifacts.VERSION, "id": backup_id,
@@ -201,7 +208,7 @@ class BackupService:
                         "consistency": _consistency(inst.kind, state), "spec": spec,
                         "image": {"id": img.id, "name": img.name, "kind": img.kind, "format": img.format,
                                   "digest": img.digest, "size": img.size},
-                        "members": members}
+                        "members": members, **extra}
             total = sum(m["size"] for m in members)
             op.phase("upload", bytes_total=total)
             files = {m["name"]: os.path.join(staging, m["name"]) for m in members}
@@ -212,6 +219,41 @@ class BackupService:
                                        progress=lambda n: op.bytes(min(n, total))))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _copy_disk(self, inst, img, snap: str | None, staging: str):
+        """The VM's root disk as a qcow2 layer over its image (SupportsDiskExport); a function
+        giving its manifest entry."""
+        pool = self.root.pools[inst.pool]
+        vol = pool.get_volume(root_volume("vm", inst.id))
+        base = pool.blob_path(vol.base) if vol.base else None
+        path = os.path.join(staging, "disk.qcow2")
+        self.root.driver.export_disk(inst.name, ROOT_TARGET, path, snapshot=snap, backing=base,
+                                     backing_format=img.format if base else None)
+        return lambda: artifacts.member_entry("disk.qcow2", "disk", path, target=ROOT_TARGET, layer=base is not None)
+
+    def _copy_rootfs(self, inst, staging: str):
+        """The container's writes (its overlay upper dir) as a tar, made as a migration sends it
+        (numeric owners, overlayfs's xattrs and whiteouts kept) while a running container is
+        frozen (SupportsPause; thawed whatever happens); (a function giving its manifest
+        entry, the container's user namespace map)."""
+        from containers.runtime import SupportsPause
+        rt = self.root.runtime
+        upper = os.path.join(self.root.pools[inst.pool].get_volume(inst.volumes[0]).path, "upper")
+        info = rt.get(inst.name)
+        path = os.path.join(staging, "rootfs.tar")
+        frozen = info.state == "running" and isinstance(rt, SupportsPause)
+        if frozen:
+            rt.pause(inst.name)
+        try:
+            r = subprocess.run([*ROOTFS_TAR, "-f", path, "-C", upper, "."], capture_output=True, text=True)
+        finally:
+            if frozen:
+                rt.resume(inst.name)
+        if r.returncode != 0:
+            raise CommandFailed(f"tar of {inst.name!r}'s rootfs failed: {r.stderr.strip()[-500:]}",
+                                argv=ROOTFS_TAR, returncode=r.returncode, stderr=r.stderr)
+        idmap = {"host_id": info.idmap.host_id, "size": info.idmap.size} if info.idmap is not None else None
+        return (lambda: artifacts.member_entry("rootfs.tar", "rootfs", path)), idmap
 
     def _discard(self, backup_id: str) -> None:
         """Remove what an unfinished backup or upload left (its partial artifact, its VM snapshot)
@@ -293,8 +335,10 @@ class BackupService:
         with f:
             manifest = artifacts.unpack(f, staging, limit=MAX_BACKUP_BYTES, sha256=meta.get("sha256"))
         files = {m["role"]: os.path.join(staging, m["name"]) for m in manifest["members"]}
-        if manifest["kind"] != "vm" or set(files) != {"image", "disk"}:
-            raise Unprocessable("this agent restores VM backups (an image and a disk member)")
+        data = "disk" if manifest["kind"] == "vm" else "rootfs"
+        if set(files) != {"image", data} or len(manifest["members"]) != 2:
+            raise Unprocessable(f"a {manifest['kind']} backup holds an image and a {data} member, "
+                                f"not {', '.join(sorted(files))}")
         spec = {k: v for k, v in manifest["spec"].items() if k not in SPEC_DROPPED and k != "security_groups"}
         known = {g["name"] for g in self.root.secgroups.list()}  # another host's groups may not exist here
         groups = [g for g in manifest["spec"].get("security_groups") or [] if isinstance(g, str) and g in known]
@@ -309,13 +353,23 @@ class BackupService:
             create = models.InstanceCreate.model_validate(body)
         except Exception as e:  # pydantic.ValidationError: the backed-up request is not one this agent takes
             raise Unprocessable(f"the backup's instance spec is not valid here: {str(e)[:400]}") from None
-        self._check_layer(files["disk"], img)
+        if data == "disk":
+            self._check_layer(files["disk"], img)
         image, pool = self.root.instances.check_create(create)
+        owners = self._owners(manifest, create) if data == "rootfs" else None
         inst_id, extra = self.root.instances.reserve(create, image, pool)
 
-        def fill(volume: str) -> None:
-            with open(files["disk"], "rb") as layer:
-                self.root.store.receive_disk_layer(pool, volume, layer, image_ref=image.id)
+        def fill(target) -> None:
+            if data == "disk":  # target: the new VM's root volume
+                with open(files["disk"], "rb") as layer:
+                    self.root.store.receive_disk_layer(pool, target, layer, image_ref=image.id)
+                return
+            from agent.migration.transfer import untar_into  # target: the new container's layers
+            try:
+                with open(files["rootfs"], "rb") as tar:
+                    untar_into(target.upperdir, tar, owners=owners)
+            except InvalidInput as e:
+                raise Unprocessable(f"the backup's rootfs is refused: {e.message}") from None
 
         result = self.root.instances.build(op, inst_id, create, image, pool, extra, fill=fill)
         self._event({**_public(meta)}, "restored", restored_as=result["instance"]["name"],
@@ -342,6 +396,22 @@ class BackupService:
             store.delete(img.id)
             raise Unprocessable(f"the backup's image is {img.id[:12]}, its manifest says {str(img_id)[:12]}")
         return img
+
+    def _owners(self, manifest: dict, create: models.InstanceCreate):
+        """The owner map of the backed-up upper dir's ids to this host's (as a migration's:
+        agent.migration.transfer.shift_owners): from the map the container had there to the one
+        it gets here (none for a privileged container)."""
+        from agent.migration.transfer import shift_owners
+        from containers.runtime import IdMap
+        src = manifest.get("idmap")
+        source = None
+        if src is not None:
+            if not (isinstance(src, dict) and set(src) == {"host_id", "size"}
+                    and all(type(v) is int and 0 <= v < 2**32 for v in src.values())):
+                raise Unprocessable("the backup's idmap is not {host_id, size} (ids below 2^32)")
+            source = IdMap(src["host_id"], src["size"])
+        here = None if getattr(create, "privileged", False) else self.root.runtime.idmap
+        return shift_owners(source, here)
 
     @staticmethod
     def _check_layer(path: str, img) -> None:

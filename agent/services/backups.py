@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import time
 import uuid
+from types import SimpleNamespace
 
 from agent import models
 from agent.errors import AgentError, CommandFailed, Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
@@ -342,9 +344,11 @@ class BackupService:
         spec = {k: v for k, v in manifest["spec"].items() if k not in SPEC_DROPPED and k != "security_groups"}
         known = {g["name"] for g in self.root.secgroups.list()}  # another host's groups may not exist here
         groups = [g for g in manifest["spec"].get("security_groups") or [] if isinstance(g, str) and g in known]
-        op.phase("image")
-        img = self._image(manifest["image"], files["image"])
-        body = {**spec, "name": req.name, "kind": manifest["kind"], "image": img.id, "start": req.start}
+        want = manifest["image"]
+        if not isinstance(want.get("id"), str) or not re.fullmatch(r"[0-9a-f]{64}", want["id"]) \
+                or want.get("format") not in ("qcow2", "raw", "oci"):
+            raise Unprocessable("the backup's image needs an id (64 hex digits) and a format")
+        body = {**spec, "name": req.name, "kind": manifest["kind"], "image": want["id"], "start": req.start}
         if req.pool:
             body["pool"] = req.pool
         if groups:
@@ -353,11 +357,18 @@ class BackupService:
             create = models.InstanceCreate.model_validate(body)
         except Exception as e:  # pydantic.ValidationError: the backed-up request is not one this agent takes
             raise Unprocessable(f"the backup's instance spec is not valid here: {str(e)[:400]}") from None
-        if data == "disk":
-            self._check_layer(files["disk"], img)
-        image, pool = self.root.instances.check_create(create)
+        if data == "disk":  # before anything is made: the layer names no file but the image
+            self._check_layer(files["disk"], SimpleNamespace(id=want["id"], format=want["format"]))
         owners = self._owners(manifest, create) if data == "rootfs" else None
-        inst_id, extra = self.root.instances.reserve(create, image, pool)
+        op.phase("image")
+        img, imported = self._image(want, files["image"])
+        try:
+            image, pool = self.root.instances.check_create(create)
+            inst_id, extra = self.root.instances.reserve(create, image, pool)
+        except BaseException:
+            if imported:  # nothing refers to it yet
+                self.root.store.delete(img.id)
+            raise
 
         def fill(target) -> None:
             if data == "disk":  # target: the new VM's root volume
@@ -377,25 +388,27 @@ class BackupService:
         return {**result, "backup": _public(meta)}
 
     def _image(self, want: dict, path: str):
-        """The backup's image on this host: the one it has, else imported from the backup's
-        copy (which must be that image: Unprocessable otherwise, and the import is undone)."""
+        """The backup's image on this host: (the one it has, False), else (imported from the
+        backup's copy, True), which must be that image (Unprocessable otherwise, the import
+        undone; an image this host had already keeps it)."""
         store = self.root.store
-        img_id = want.get("id")
-        if isinstance(img_id, str) and len(img_id) == 64:
-            found = store.find(img_id)
-            if found is not None and found.id == img_id:
-                return found
+        found = store.find(want["id"])
+        if found is not None and found.id == want["id"]:
+            return found, False
         name = want.get("name") if isinstance(want.get("name"), str) else None
         if not name or store.find(name) is not None:
-            name = f"restored-{str(img_id)[:12]}"
+            name = f"restored-{want['id'][:12]}"
+        had = {i.id for i in store.list()}
         try:
             img = store.import_file(path, name=name)
         except InvalidInput as e:
             raise Unprocessable(f"the backup's image cannot be imported: {e.message}") from None
-        if img.id != img_id:
-            store.delete(img.id)
-            raise Unprocessable(f"the backup's image is {img.id[:12]}, its manifest says {str(img_id)[:12]}")
-        return img
+        if img.id != want["id"] or img.kind != want.get("kind", img.kind):
+            if img.id not in had:
+                store.delete(img.id)
+            raise Unprocessable(f"the backup's image is {img.kind} {img.id[:12]}, its manifest says "
+                                f"{want.get('kind')} {want['id'][:12]}")
+        return img, True
 
     def _owners(self, manifest: dict, create: models.InstanceCreate):
         """The owner map of the backed-up upper dir's ids to this host's (as a migration's:

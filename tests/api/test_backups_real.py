@@ -3,7 +3,8 @@ pools, sharing one radosgw bucket as their object pool "backups".
 
 A VM on A (the test guest's rootfs.qcow2, with a pattern written into its disk before it runs)
 is backed up while it runs: the copy comes from an internal snapshot taken for it (and removed
-after it), the VM keeps running. A is then treated as lost: B lists the backup from the bucket,
+after it), the VM keeps running. A killed (kill -9) during a second backup's multipart upload
+aborts that upload and drops its snapshot at its restart. A is then treated as lost: B lists the backup from the bucket,
 restores it as a new VM (B lacks the image: it comes out of the backup), and B's new disk holds
 A's pattern over B's own copy of the image. A backup whose bytes were changed in the bucket is
 refused (422) with nothing made on B; deleting the backup on B removes it for A too.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -22,7 +24,7 @@ from tests.api.test_vm_boot import OP_TIMEOUT_S, act, bridge, start_agent, stop_
 
 pytestmark = pytest.mark.real
 IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
-PATTERN, AT, LEN = "0x5a", "1M", "192k"  # what A's guest disk holds before it runs
+PATTERN, AT, LEN = "0x5a", "1M", "24M"  # what A's guest disk holds before it runs: past one S3 part (16 MiB)
 
 
 def _pool(ceph, name: str) -> str:
@@ -80,6 +82,26 @@ def test_a_running_vm_backed_up_to_s3_is_restored_on_another_host(hosts, ceph, b
     keys = sorted(o["Key"] for o in s3_client(ceph).list_objects_v2(Bucket=bucket).get("Contents", []))
     assert keys == [f"backups/{backup['id']}.json", f"backups/{backup['id']}.tar"], keys
 
+    # A is killed while a second backup's multipart upload is under way: its restart aborts the
+    # upload and drops the snapshot the copy read; the first backup is untouched
+    agents[0].stop()
+    agents[0].env["NODEAGENT_SLOW_PHASE"] = "backup.create:bytes=60"
+    agents[0].start()
+    op2 = a.post("/v1/instances/bk-src/backups", json={"pool": "backups"}).json()
+    s3 = s3_client(ceph)
+    deadline = time.monotonic() + 60
+    while not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"):
+        assert time.monotonic() < deadline, a.get(f"/v1/operations/{op2['id']}").json()
+        time.sleep(0.1)
+    agents[0].kill9()
+    agents[0].env.pop("NODEAGENT_SLOW_PHASE")
+    agents[0].start()
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == [], "the upload was aborted"
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])) == keys
+    assert [x["id"] for x in a.get("/v1/backups").json()["backups"]] == [backup["id"]]
+    assert _internal_snapshots(src_disk) == [], "the snapshot the killed copy read is gone"
+    assert a.get("/v1/instances/bk-src").json()["state"] == "running", "re-adopted"
+
     # host A is lost: host B sees the backup in the shared bucket and restores it
     assert [x["id"] for x in b.get("/v1/backups").json()["backups"]] == [backup["id"]]
     assert b.get(f"/v1/backups/{backup['id']}").json()["sha256"] == backup["sha256"]
@@ -100,7 +122,6 @@ def test_a_running_vm_backed_up_to_s3_is_restored_on_another_host(hosts, ceph, b
     act(b, "bk-dst", "start")
 
     # the artifact changed in the bucket: its checksum fails, nothing is made on B
-    s3 = s3_client(ceph)
     key = f"backups/{backup['id']}.tar"
     data = bytearray(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     data[len(data) // 2] ^= 0xFF

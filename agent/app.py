@@ -25,10 +25,10 @@ HTTP_CODES = {400: "invalid", 404: "not_found", 405: "method_not_allowed", 413: 
 
 def _blueprints():
     from agent.api import docs, events, host, images, instances, metrics, migrations, operations, secgroups, tokens
-    from agent.api import exports, snapshots, volumes
+    from agent.api import backups, exports, snapshots, volumes
     # pools are served by the host blueprint: host facts and pools are one resource module
     return [host.bp, images.bp, instances.bp, operations.bp, migrations.bp, events.bp, metrics.bp, docs.bp,
-            secgroups.bp, tokens.bp, volumes.bp, snapshots.bp, exports.bp]
+            secgroups.bp, tokens.bp, volumes.bp, snapshots.bp, exports.bp, backups.bp]
 
 
 def create_app(config: Config, services=None) -> Flask:

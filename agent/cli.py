@@ -863,6 +863,105 @@ def snapshot_delete(instance, name):
     click.echo(f"deleted snapshot {name} of {instance}" if r.get("deleted") else f"no snapshot {name} (nothing to do)")
 
 
+# -- backups --
+
+@main.group()
+def backup():
+    """Backups of instances (a VM's disk and its image, one checksummed artifact in an object or
+    local pool): create, list, show, delete, download, upload, restore (as a new instance)."""
+
+
+def _show_backup(b, as_json):
+    if as_json:
+        click.echo(jsonlib.dumps(b, indent=2))
+    else:
+        click.echo(f"backup {b['id']} of {b.get('instance')} in pool {b.get('pool')} ({b.get('consistency')}, "
+                   f"{b.get('size')} bytes, sha256 {b.get('sha256')})")
+
+
+@backup.command("create")
+@click.argument("instance")
+@click.option("--pool", help="an object (S3) or local pool (default: the first object pool, else the default pool)")
+@click.option("--json", "as_json", is_flag=True)
+def backup_create(instance, pool, as_json):
+    """Back INSTANCE up (running: crash-consistent, without stopping it)."""
+    c = _client()
+    op = _call(c.post, f"/v1/instances/{instance}/backups", {"pool": pool} if pool else {})
+    op = _finish(_wait_with_progress(c, op, f"backing up {instance}", as_json), as_json)
+    if not as_json:
+        _show_backup(op["result"]["backup"], False)
+
+
+@backup.command("list")
+@click.option("--pool", help="only this pool's backups")
+@click.option("--json", "as_json", is_flag=True)
+def backup_list(pool, as_json):
+    data = _call(_client().get, "/v1/backups", params={"pool": pool} if pool else None)
+    for b in data["backups"]:
+        b["when"] = _when(b.get("created_at"))
+    _out(data, as_json, ["id", "instance", "pool", "when"], "backups")
+
+
+@backup.command("show")
+@click.argument("backup_id")
+@click.option("--json", "as_json", is_flag=True)
+def backup_show(backup_id, as_json):
+    _out(_call(_client().get, f"/v1/backups/{backup_id}"), as_json)
+
+
+@backup.command("delete")
+@click.argument("backup_id")
+def backup_delete(backup_id):
+    r = _call(_client().delete, f"/v1/backups/{backup_id}")
+    click.echo(f"deleted backup {backup_id}" if r.get("deleted") else f"no backup {backup_id} (nothing to do)")
+
+
+@backup.command("download")
+@click.argument("backup_id")
+@click.argument("local", type=click.Path(dir_okay=False, allow_dash=True))
+def backup_download(backup_id, local):
+    """Save backup BACKUP_ID's artifact to LOCAL (a file, or - for stdout), its sha256 checked."""
+    import os
+    if local == "-":
+        res = _call(_client().download_backup, backup_id, sys.stdout.buffer)
+    else:
+        tmp = f"{local}.nodeagent-download"
+        try:
+            with open(tmp, "wb") as f:
+                res = _call(_client().download_backup, backup_id, f)
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    click.echo(f"downloaded {res['bytes']} bytes (sha256 {res['sha256']})", err=True)
+
+
+@backup.command("upload")
+@click.argument("local", type=click.File("rb"))
+@click.option("--pool", help="an object (S3) or local pool (default: the first object pool, else the default pool)")
+@click.option("--json", "as_json", is_flag=True)
+def backup_upload(local, pool, as_json):
+    """Upload a backup artifact LOCAL (a file, or - for stdin); every checksum is checked first."""
+    _show_backup(_call(_client().upload_backup, local, pool), as_json)
+
+
+@backup.command("restore")
+@click.argument("backup_id")
+@click.argument("name")
+@click.option("--pool", help="where the new instance's disk goes (default: the default pool)")
+@click.option("--no-start", is_flag=True, help="leave it stopped")
+@click.option("--json", "as_json", is_flag=True)
+def backup_restore(backup_id, name, pool, no_start, as_json):
+    """Restore backup BACKUP_ID as a new instance NAME (a new id and address)."""
+    body = {"name": name, "start": not no_start, **({"pool": pool} if pool else {})}
+    c = _client()
+    op = _call(c.post, f"/v1/backups/{backup_id}/restore", body)
+    op = _finish(_wait_with_progress(c, op, f"restoring {name}", as_json), as_json)
+    if not as_json:
+        i = op["result"]["instance"]
+        click.echo(f"{i['name']} {i['id'][:12]} {i['state']}" + (f" ip {i['ip']}" if i.get("ip") else ""))
+
+
 @main.group()
 def migration():
     """Migrations: `nodeagent migrate` starts one; show reports it."""
@@ -878,7 +977,7 @@ def migration_show(migration_id, as_json):
 
 @main.command()
 @click.option("--type", "types", help="comma-separated: lifecycle, operation, migration, security_group, "
-                                      "volume, snapshot, export (default: all)")
+                                      "volume, snapshot, export, backup (default: all)")
 @click.option("--last-event-id", type=int, help="first replay what came after this event id")
 @click.option("--timeout", type=float, help="stop after this many seconds (default: never)")
 def events(types, last_event_id, timeout):

@@ -100,14 +100,42 @@ class Client:
         """Stream the file object ``src`` to ``path`` in container ``ref``. Sent with http.client
         in PUSH_CHUNK pieces (requests would send a file in 8 KiB blocks): with Content-Length
         when ``src`` is a regular file, chunked otherwise (a pipe)."""
-        import http.client
-        import ssl
-        import stat
-        from urllib.parse import quote, urlsplit
-        u = urlsplit(self.url)
+        from urllib.parse import quote
         headers = {k: str(v) for k, v in (("X-Nodeagent-Uid", uid), ("X-Nodeagent-Gid", gid),
                                           ("X-Nodeagent-Mode", None if mode is None else f"{mode:04o}"))
                    if v is not None}
+        return self._push("PUT", f"/v1/instances/{quote(ref, safe='')}/files?path={quote(path, safe='')}", src,
+                          headers)
+
+    def upload_backup(self, src, pool: str | None = None) -> dict:
+        """Stream the backup artifact in the file object ``src`` to the agent (into ``pool``)."""
+        from urllib.parse import quote
+        return self._push("POST", "/v1/backups" + (f"?pool={quote(pool, safe='')}" if pool else ""), src,
+                          {"Content-Type": "application/x-tar"})
+
+    def download_backup(self, backup_id: str, dst) -> dict:
+        """Stream backup ``backup_id``'s artifact into the file object ``dst``, checking its
+        sha256 against the agent's record; its bytes and sha256."""
+        import hashlib
+        h, n = hashlib.sha256(), 0
+        with self._send("GET", f"/v1/backups/{backup_id}/content", stream=True, timeout=(self.timeout, 600)) as r:
+            want = r.headers.get("X-Nodeagent-Sha256")
+            for chunk in r.iter_content(1024 * 1024):
+                dst.write(chunk)
+                h.update(chunk)
+                n += len(chunk)
+        if want and h.hexdigest() != want:
+            raise ApiError(0, "checksum", f"the download's sha256 is {h.hexdigest()}, the agent's record says "
+                           f"{want}: download it again")
+        return {"bytes": n, "sha256": h.hexdigest()}
+
+    def _push(self, method: str, target: str, src, headers: dict) -> dict:
+        """Send the file object ``src`` as the body of ``method target``; the JSON answer."""
+        import http.client
+        import ssl
+        import stat
+        from urllib.parse import urlsplit
+        u = urlsplit(self.url)
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
         try:
@@ -128,9 +156,8 @@ class Client:
                                                blocksize=PUSH_CHUNK)
         else:
             conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=600, blocksize=PUSH_CHUNK)
-        target = f"{u.path}/v1/instances/{quote(ref, safe='')}/files?path={quote(path, safe='')}"
         try:
-            conn.request("PUT", target, body=body, headers=headers, encode_chunked=size is None)
+            conn.request(method, u.path + target, body=body, headers=headers, encode_chunked=size is None)
             r = conn.getresponse()
             data = r.read()
         except (OSError, http.client.HTTPException) as e:

@@ -20,7 +20,7 @@ import time
 from agent.state import Database
 
 log = logging.getLogger(__name__)
-TYPES = ("lifecycle", "operation", "migration", "security_group", "volume", "snapshot", "export")
+TYPES = ("lifecycle", "operation", "migration", "security_group", "volume", "snapshot", "export", "backup")
 GAP = "gap"  # not a type one subscribes to: told to every subscriber that missed events
 SUBSCRIBER_QUEUE = 1000  # events buffered per slow subscriber before dropping
 DEFAULT_REPLAY = 10_000  # events kept for replay

@@ -944,6 +944,46 @@ class SnapshotList(Model):
     snapshots: list[Snapshot]
 
 
+# -- backups --
+
+BACKUP_ID_PATTERN = INSTANCE_ID_PATTERN  # uuid4().hex
+BackupId = Annotated[str, Field(pattern=BACKUP_ID_PATTERN)]
+
+
+class BackupCreate(Model):
+    pool: PoolName | None = Field(None, description="an object (S3) or local pool that keeps backups (default: "
+                                                    "the first object pool, else the default pool)")
+
+
+class BackupRestore(Model):
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63, description="the new instance's name")]
+    pool: PoolName | None = Field(None, description="where its disk goes (default: the default pool)")
+    start: bool = True
+
+
+class Backup(Model):
+    id: str
+    pool: str | None = None
+    kind: Literal["vm", "container"]
+    instance: str | None = Field(None, description="the instance backed up (it may be gone, or on another host)")
+    instance_id: str | None = None
+    instance_state: str | None = None
+    consistency: str | None = Field(None, description="stopped: exact; crash-consistent: a running VM's disk at "
+                                                      "one instant, as a power cut would leave it")
+    image: str | None = None
+    image_name: str | None = None
+    host: str | None = Field(None, description="the host that took it")
+    created_at: float | None = None
+    uploaded_at: float | None = None
+    size: int | None = Field(None, description="the artifact's bytes (GET .../content)")
+    sha256: str | None = Field(None, description="the artifact's sha256 (checked on every restore)")
+    data_bytes: int | None = None
+
+
+class BackupList(Model):
+    backups: list[Backup]
+
+
 class Logs(Model):
     logs: str
 

@@ -33,7 +33,10 @@ def build(version: str = "0.1.0") -> dict:
                     "description": q.get("description", "")} for q in r.query]
         if params:
             op["parameters"] = params
-        if r.body is not None:
+        if isinstance(r.body, str):  # a streamed body of that media type (an upload)
+            op["requestBody"] = {"required": True, "content": {r.body: {"schema": {"type": "string",
+                                                                                 "format": "binary"}}}}
+        elif r.body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(r.body)}}}
         for status, what in r.responses.items():
             op["responses"][str(status)] = _response(status, what, ref, error_ref)

@@ -318,6 +318,21 @@ class SupportsSnapshots(Protocol):
 
 
 @runtime_checkable
+class SupportsDiskExport(Protocol):
+    """Drivers that copy one of a VM's disks out, at one instant, while it runs, is paused or is
+    stopped (backups). A running VM's copy is crash-consistent and taken without stopping its
+    vCPUs: an internal snapshot named ``snapshot`` is taken, read and removed (a killed agent
+    leaves it: delete_snapshot(name, snapshot) removes it)."""
+
+    def export_disk(self, name: str, target: str, dest: str, *, snapshot: str, backing: str | None = None,
+                    backing_format: str | None = None) -> None:
+        """Write disk ``target`` of VM ``name`` to the new qcow2 file ``dest``: with ``backing``
+        (the disk's own base, a host path), only what differs from it, as a layer naming it;
+        else the whole disk. NotFound for an unknown VM or disk; Unprocessable for a disk the
+        driver cannot copy (not a qcow2 file). On failure ``dest`` and the snapshot are removed."""
+
+
+@runtime_checkable
 class SupportsBandwidth(Protocol):
     """Drivers that rate-limit a VM's bridged NICs (on the host's side of each tap)."""
 

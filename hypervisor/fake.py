@@ -336,6 +336,28 @@ class FakeDriver:
             return self._get(name).snapshots.pop(snapshot, None) is not None
 
 
+    # SupportsDiskExport: the disk file as it is (a fake guest writes nothing)
+    def export_disk(self, name: str, target: str, dest: str, *, snapshot: str, backing: str | None = None,
+                    backing_format: str | None = None) -> None:
+        import subprocess
+        check_snapshot_name(snapshot)
+        with self._lock:
+            vm = self._get(name)
+            disk = vm.disks.get(target)
+            if disk is None or disk.readonly:
+                raise NotFound(f"VM {name!r} has no writable disk {target}", vm=name)
+            if snapshot in vm.snapshots:
+                raise Conflict(f"VM {name!r} already has a snapshot {snapshot!r}", vm=name)
+        args = ["qemu-img", "convert", "-U", "-f", disk.format or "qcow2", "-O", "qcow2"]
+        if backing:
+            args += ["-B", backing, "-F", backing_format or "qcow2"]
+        r = subprocess.run([*args, disk.source, dest], capture_output=True, text=True)
+        if r.returncode != 0:
+            if os.path.exists(dest):
+                os.unlink(dest)
+            raise CommandFailed(f"qemu-img convert of {name!r} disk {target} failed: {r.stderr.strip()}",
+                                argv=args, returncode=r.returncode, stderr=r.stderr)
+
     # -- CPU model (SupportsCpuCheck) --
     def guest_cpu(self, name: str) -> str | None:
         with self._lock:

@@ -902,6 +902,13 @@ class LibvirtDriver:
         from hypervisor import libvirt_snapshots
         return libvirt_snapshots.delete(self, name, snapshot)
 
+    def export_disk(self, name: str, target: str, dest: str, *, snapshot: str, backing: str | None = None,
+                    backing_format: str | None = None) -> None:
+        """hypervisor.driver.SupportsDiskExport (the work is in libvirt_snapshots)."""
+        from hypervisor import libvirt_snapshots
+        libvirt_snapshots.export_disk(self, name, target, dest, snapshot=snapshot, backing=backing,
+                                      backing_format=backing_format)
+
     # -- migration (hypervisor.driver.SupportsMigration; the work is in libvirt_migration) --
     def migrate(self, name: str, dest_uri: str, options, *, progress=None, cancelled=None):
         """Peer-to-peer live migration to the libvirtd at ``dest_uri``; see

@@ -477,6 +477,75 @@ class S3Backend:
     def blob_path(self, digest: str) -> str | None:
         return None
 
+    # -- objects by key (storage.backups keeps backup artifacts under backups/) --
+    def put_object(self, key: str, src: BinaryIO, *, progress: Progress | None = None) -> tuple[str, int]:
+        """Upload ``src`` to ``key`` (multipart past one part: visible only once complete, aborted
+        on failure); its (sha256 hex, size)."""
+        try:
+            return self._upload(src, key, None, None, progress)
+        except Exception as e:
+            raise self._error(e, f"upload object {key!r}") from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        except Exception as e:
+            raise self._error(e, f"write object {key!r}") from None
+
+    def get_bytes(self, key: str, limit: int) -> bytes | None:
+        """The object ``key`` (at most ``limit`` bytes read), None if there is none."""
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            with body:
+                return body.read(limit)
+        except Exception as e:
+            err = self._error(e, f"read object {key!r}")
+            if isinstance(err, NotFound):
+                return None
+            raise err from None
+
+    def open_object(self, key: str) -> tuple[BinaryIO, int]:
+        """A stream of the object ``key`` and its size; NotFound."""
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=key)
+        except Exception as e:
+            raise self._error(e, f"object {key!r}") from None
+        return io.BufferedReader(_BodyReader(r["Body"], None, key), READ_CHUNK), int(r["ContentLength"])
+
+    def list_keys(self, prefix: str) -> list[str]:
+        try:
+            return [o["Key"] for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix) for o in page.get("Contents", [])]
+        except Exception as e:
+            raise self._error(e, f"list {prefix!r}") from None
+
+    def delete_key(self, key: str) -> bool:
+        """Delete object ``key``; False if there was none."""
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as e:
+            if isinstance(self._error(e, key), NotFound):
+                return False
+            raise self._error(e, f"object {key!r}") from None
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as e:
+            raise self._error(e, f"delete object {key!r}") from None
+        return True
+
+    def abort_uploads(self, key: str) -> int:
+        """Abort the unfinished multipart uploads to ``key`` (a killed agent's); how many."""
+        n = 0
+        try:
+            r = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key)
+            for u in r.get("Uploads", []):
+                if u["Key"] == key:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=u["UploadId"])
+                    n += 1
+        except Exception as e:
+            raise self._error(e, f"abort uploads to {key!r}") from None
+        return n
+
     # -- volumes: not on an object pool --
     def _no_volumes(self, *_a, **_k):
         raise Unsupported(f"pool {self.name} is an object pool (S3): it holds images only; "

@@ -51,7 +51,7 @@ class Route:
     path: str  # OpenAPI style: /v1/instances/{id}
     summary: str
     tag: str
-    body: type[BaseModel] | None
+    body: type[BaseModel] | str | None  # a model (JSON), or the media type of a streamed body
     responses: dict[int, Any]  # status -> model | None | "text/event-stream" | "text/plain"
     query: list[dict] = field(default_factory=list)  # {name, schema, description}
     auth: str = "reader"  # none | reader | admin (every non-GET route) | peer (peer hosts and admins)
@@ -64,7 +64,7 @@ ROUTES: list[Route] = []
 
 
 def route(bp: Blueprint, method: str, path: str, *, summary: str, responses: dict,
-          body: type[BaseModel] | None = None, query: list[dict] | None = None, auth: str | None = None,
+          body: type[BaseModel] | str | None = None, query: list[dict] | None = None, auth: str | None = None,
           path_types: dict[str, Any] | None = None, long: bool = False):
     """Declare a view: its Flask rule and its OpenAPI operation in one place. ``path_types``:
     a path parameter's type from agent.models when it is narrower than PATH_ID_RE (the view

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from agent.services.volumes import VolumeService
     from agent.services.exports import ExportService
     from agent.services.snapshots import SnapshotService
+    from agent.services.backups import BackupService
     from containers.network import Network
     from containers.runtime import Runtime
     from hypervisor.driver import Driver
@@ -61,6 +62,7 @@ class Services:
     volumes: VolumeService
     exports: ExportService
     snapshots: SnapshotService
+    backups: BackupService
     metrics: Metrics
     started: bool
 
@@ -103,6 +105,8 @@ class Services:
         self.metrics = Metrics(self)
         from agent.services.snapshots import SnapshotService
         self.snapshots = SnapshotService(self)  # the only reader/writer of `snapshots`
+        from agent.services.backups import BackupService
+        self.backups = BackupService(self)  # the only reader/writer of `backups`
         from agent.services.boot import BootState
         self.boot = BootState(self.db, config.boot_id_path)  # the only reader/writer of host_boot
         from agent.services.console import Consoles
@@ -231,6 +235,7 @@ class Services:
         failed = self.operations.recover()
         self.instances.recover()
         self.snapshots.sweep()  # after recover: the rows of instances it removed go too
+        self._sweep_backups()
         self.migrations.recover()
         self.secgroups.ensure_default()
         self._rebuild_filter()
@@ -250,6 +255,13 @@ class Services:
             self.secgroups.apply()
         except AgentError as e:
             log.warning("cannot rebuild the tenant network filter", extra={"error": e.message})
+
+    def _sweep_backups(self) -> None:
+        """Remove what backups and uploads a killed agent left unfinished."""
+        try:
+            self.backups.sweep()
+        except AgentError as e:
+            log.warning("cannot sweep unfinished backups", extra={"error": e.message})
 
     def _recover_volumes(self) -> None:
         """Finish volume creates and deletes a crash cut; drop attachments that did not hold."""

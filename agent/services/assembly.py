@@ -169,16 +169,21 @@ class Assembly:
                       kernel=kernel, initrd=initrd, cmdline=cmdline)
 
     def create_vm(self, driver, inst_id: str, req, image_id: str, pool: str, *,
-                  phase: Callable[[str], None] = _nothing, boot: DirectBoot | None = None, volumes=()):
+                  phase: Callable[[str], None] = _nothing, boot: DirectBoot | None = None, volumes=(),
+                  fill: Callable[[str], None] | None = None):
         """Lease the address (network ``bridge``), clone the disk, write the seed, define the
         domain (with ``volumes``: DiskSpecs of attached volumes) and, with ``req.start``, start
-        it; returns (VmInfo, ip). On failure what was made stays: the caller removes it (by its
-        record, or with ``remove_vm``)."""
+        it; returns (VmInfo, ip). ``fill(volume name)`` runs between the clone and the define (a
+        backup's restore puts its data into the disk). On failure what was made stays: the
+        caller removes it (by its record, or with ``remove_vm``)."""
         phase("clone")
         ip = self.vm_address(inst_id) if req.network == "bridge" else None
         vol, seed = self.vm_disks(inst_id, req.name, image_id, pool, root_volume("vm", inst_id),
                                   size=req.disk_gib * GiB if req.disk_gib else None,
                                   user_data=req.user_data, ip=ip)
+        if fill is not None:
+            phase("fill")
+            fill(root_volume("vm", inst_id))
         phase("define")
         info = driver.define(self.vm_spec(inst_id, req, vol, seed, boot=boot, volumes=volumes))
         if req.start:
@@ -226,12 +231,16 @@ class Assembly:
             raise Unprocessable(f"image {image.name!r}: {e.message}") from None
 
     def create_container(self, runtime, req, image, pool: str, inst_id: str, *,
-                         phase: Callable[[str], None] = _nothing, volumes=()):
+                         phase: Callable[[str], None] = _nothing, volumes=(), fill=None):
         """Prepare the rootfs, create the container (with ``volumes``, runtime VolumeMounts)
-        and, with ``req.start``, start it; returns its ContainerInfo. On failure what was
-        made stays: the caller removes it."""
+        and, with ``req.start``, start it; returns its ContainerInfo. ``fill(layers)`` runs
+        before the create (a backup's restore puts its writes into the upper dir). On failure
+        what was made stays: the caller removes it."""
         phase("rootfs")
         layers = self.store.prepare_rootfs(image.id, root_volume("container", inst_id), pool=pool)
+        if fill is not None:
+            phase("fill")
+            fill(layers)
         phase("create")
         info = runtime.create(self.container_spec(req, image, layers, volumes))
         if req.start:

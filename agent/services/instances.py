@@ -99,6 +99,21 @@ class InstanceService:
     # -- create --
     def create(self, req: models.InstanceCreate) -> dict:
         """Validate and reserve the name now (409 at once), build in an operation (202)."""
+        image, pool = self.check_create(req)
+        inst_id, extra = self.reserve(req, image, pool)
+
+        def work(op):
+            return self.build(op, inst_id, req, image, pool, extra)
+
+        try:
+            return self.root.operations.submit("instance.create", inst_id, work)
+        except BaseException:
+            self.records.delete(inst_id)
+            raise
+
+    def check_create(self, req: models.InstanceCreate):
+        """What a create request needs here (the host accepts work, the pool, an image of its
+        kind); (the image, the pool)."""
         cfg = self.root.config
         self.root.host.refuse_if_draining(f"new instance {req.name!r}")
         pool = req.pool or cfg.default_pool
@@ -111,6 +126,11 @@ class InstanceService:
             raise Unprocessable("user_data is for VMs: containers take env and command")
         if req.kind == "vm" and (req.ports or req.command):
             raise Unprocessable("ports and command are for containers: VMs take user_data")
+        return image, pool
+
+    def reserve(self, req: models.InstanceCreate, image, pool: str) -> tuple[str, tuple]:
+        """Record the instance ``creating`` (Conflict if the name is taken; a crash from here on
+        is undone by recover()) and reserve its volumes; (its id, the volumes' mounts)."""
         groups = self.root.secgroups.check(req.security_groups) if req.network == "bridge" else []
         vol_rows = self.root.volumes.resolve_for_create(req.volumes, req.kind) if req.volumes else []
         inst_id = uuid.uuid4().hex
@@ -134,35 +154,33 @@ class InstanceService:
         except BaseException:
             self.records.delete(inst_id)
             raise
+        return inst_id, extra
 
-        def work(op):
-            with self.lock(inst_id):
+    def build(self, op, inst_id: str, req: models.InstanceCreate, image, pool: str, extra=(), fill=None) -> dict:
+        """Make the instance ``reserve`` recorded (in operation ``op``); ``fill`` puts data into its
+        fresh disk or rootfs before it is defined (agent.services.assembly). On failure everything
+        is removed, its record too."""
+        with self.lock(inst_id):
+            try:
+                if req.kind == "vm":
+                    info, ip = self.root.assembly.create_vm(self.root.driver, inst_id, req, image.id, pool,
+                                                            phase=op.phase, volumes=extra, fill=fill)
+                    state = info.state
+                else:
+                    info = self.root.assembly.create_container(self.root.runtime, req, image, pool, inst_id,
+                                                               phase=op.phase, volumes=extra, fill=fill)
+                    state, ip = info.state, info.ip
+            except BaseException as e:
                 try:
-                    if req.kind == "vm":
-                        info, ip = self.root.assembly.create_vm(self.root.driver, inst_id, req, image.id, pool,
-                                                                phase=op.phase, volumes=extra)
-                        state = info.state
-                    else:
-                        info = self.root.assembly.create_container(self.root.runtime, req, image, pool, inst_id,
-                                                                   phase=op.phase, volumes=extra)
-                        state, ip = info.state, info.ip
-                except BaseException as e:
-                    try:
-                        self.destroy(inst_id)
-                    except Exception as cleanup:  # the record is in state error now; report the cause
-                        log.warning("a failed create could not remove everything it made",
-                                    extra={"instance": req.name, "error": str(cleanup)})
-                        if isinstance(e, AgentError):
-                            e.message += f" (cleanup incomplete, instance left in state error: {_msg(cleanup)})"
-                            e.args = (e.message,)
-                    raise
-                return {"instance": self.records.update(inst_id, state=state, ip=ip).to_dict()}
-
-        try:
-            return self.root.operations.submit("instance.create", inst_id, work)
-        except BaseException:
-            self.records.delete(inst_id)
-            raise
+                    self.destroy(inst_id)
+                except Exception as cleanup:  # the record is in state error now; report the cause
+                    log.warning("a failed create could not remove everything it made",
+                                extra={"instance": req.name, "error": str(cleanup)})
+                    if isinstance(e, AgentError):
+                        e.message += f" (cleanup incomplete, instance left in state error: {_msg(cleanup)})"
+                        e.args = (e.message,)
+                raise
+            return {"instance": self.records.update(inst_id, state=state, ip=ip).to_dict()}
 
     def instance_dir(self, inst_id: str):
         """The instance's own dir (agent.services.assembly)."""

@@ -1,0 +1,469 @@
+"""Backups of instances: export one as a self-contained artifact into a pool, list, download,
+upload, delete, and restore one as a new instance (here or on any host that reaches the pool).
+
+Terms: a *backup* is an artifact (storage.backups: manifest + the image's own export + the
+instance's data) kept by a pool that keeps backups: an object pool (S3 bucket: every host using
+the bucket sees it, which is how a host's instances outlive the host) or a local pool (a
+directory). The pool's listing is the truth; the ``backups`` table (component "backups") holds
+only writes in progress, so that a killed agent's leftovers are found again (``sweep``).
+
+What is in one: a VM's root disk as a qcow2 layer over its image (hypervisor.driver.
+SupportsDiskExport: a running VM's copy is crash-consistent, taken from an internal snapshot
+without stopping its vCPUs; a stopped VM's is exact) or a container's writes (a tar of its
+overlay upper dir, made as a migration sends it, the container frozen for the copy; restored
+with the migration's hardened extractor, storage/upper.py, owners mapped to this host's user
+namespace range), and the image itself. Attached volumes are not part of it (they outlive
+instances on their own).
+
+Lifecycle: create (row ``creating`` -> members in a staging dir -> artifact streamed to the
+pool, invisible until complete -> marker -> row gone) -> listed -> restore any number of times
+-> delete. Restore reads the whole artifact into a staging dir, checking every member's size and
+sha256 and the artifact's own sha256, BEFORE it creates anything (422 and nothing left on a
+mismatch); then it imports the image if this host lacks it and creates the instance through the
+instance service's own path (agent.services.instances: reserve + build), its disk filled from
+the backup before it is defined: a new id, MAC and address, the backed-up request otherwise.
+Every change publishes a ``backup`` event {id, pool, instance, instance_id, action}.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from types import SimpleNamespace
+
+from agent import models
+from agent.errors import AgentError, CommandFailed, Conflict, InvalidInput, NotFound, Unprocessable, Unsupported
+from agent.services.assembly import ROOT_TARGET, root_volume
+from hypervisor.driver import SupportsDiskExport
+from storage import backups as artifacts
+
+log = logging.getLogger(__name__)
+
+SCHEMA_STEPS = [
+    """
+    CREATE TABLE backups (
+        id TEXT PRIMARY KEY,
+        pool TEXT NOT NULL,
+        instance_id TEXT,               -- the instance backed up (NULL for an upload)
+        state TEXT NOT NULL,            -- creating | uploading
+        snapshot TEXT,                  -- the temporary VM snapshot the copy reads, if any
+        created_at REAL NOT NULL
+    );
+    """,
+]
+TAKES = ("running", "paused", "stopped", "created")  # instance states a backup may be taken in
+MAX_BACKUP_BYTES = 4 << 40  # 4 TiB: an upload beyond this is refused; the pool's space limits first
+STAGING_PREFIX = "backup-"
+# a container's writes as a migration sends them (agent/migration/peer.py push_rootfs)
+ROOTFS_TAR = ["tar", "-c", "--xattrs", "--xattrs-include=trusted.*", "--numeric-owner"]
+SPEC_DROPPED = ("image_id", "cleanup_pending", "volumes", "name", "image", "pool")
+
+
+def _consistency(kind: str, state: str) -> str:
+    if state in ("stopped", "created"):
+        return "stopped"
+    return "crash-consistent" if kind == "vm" else "frozen"
+
+
+class BackupService:
+    def __init__(self, root):
+        self.root = root
+        self.db = root.db
+        self.db.apply_schema("backups", SCHEMA_STEPS)
+
+    # -- pools --
+    def stores(self) -> dict[str, artifacts.BackupStore]:
+        out = {}
+        for name, backend in self.root.pools.items():
+            s = artifacts.store_for(name, backend)
+            if s is not None:
+                out[name] = s
+        return out
+
+    def _store(self, pool: str | None) -> artifacts.BackupStore:
+        stores = self.stores()
+        if pool is None:
+            pool = next((n for n, s in stores.items() if isinstance(s, artifacts.ObjectBackupStore)),
+                        self.root.config.default_pool)
+        if pool not in self.root.pools:
+            raise NotFound(f"pool {pool!r} not found; pools: {', '.join(sorted(self.root.pools))}")
+        if pool not in stores:
+            raise Unprocessable(f"pool {pool!r} keeps no backups: use an object (S3) or a local pool "
+                                f"({', '.join(sorted(stores)) or 'none configured'})")
+        return stores[pool]
+
+    def _staging(self) -> str:
+        return tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root.store.tmp_dir)
+
+    def _event(self, meta: dict, action: str, **extra) -> None:
+        self.root.events.publish("backup", {"id": meta["id"], "pool": meta.get("pool"),
+                                            "instance": meta.get("instance"),
+                                            "instance_id": meta.get("instance_id"), "action": action, **extra})
+
+    # -- reads --
+    def list(self, pool: str | None = None) -> list[dict]:
+        stores = [self._store(pool)] if pool else self.stores().values()
+        out = [_public(m) for s in stores for m in s.list()]
+        return sorted(out, key=lambda m: (m.get("created_at") or 0, m["id"]))
+
+    def _find(self, backup_id: str) -> tuple[artifacts.BackupStore, dict]:
+        artifacts.check_id(backup_id)
+        for s in self.stores().values():
+            m = s.find(backup_id)
+            if m is not None:
+                return s, m
+        raise NotFound(f"backup {backup_id} not found in any pool; `GET /v1/backups` lists them")
+
+    def get(self, backup_id: str) -> dict:
+        return _public(self._find(backup_id)[1])
+
+    def open(self, backup_id: str):
+        """(stream, size, metadata) of the artifact, for a download."""
+        store, meta = self._find(backup_id)
+        f, size = store.open(backup_id)
+        return f, size, _public(meta)
+
+    def delete(self, backup_id: str) -> bool:
+        try:
+            store, meta = self._find(backup_id)
+        except NotFound:
+            return False
+        gone = store.delete(backup_id)
+        self._event(meta, "deleted")
+        return gone
+
+    # -- create --
+    def create(self, ref: str, req: models.BackupCreate) -> dict:
+        """Back ``ref`` up into ``req.pool`` in an operation (202). Conflict unless the instance
+        is running, paused or stopped; Unsupported where its driver or pool cannot copy it."""
+        inst = self.root.instances.get(ref)
+        if inst.state not in TAKES:
+            raise Conflict(f"instance {inst.name!r} is {inst.state}: wait until it is running or stopped")
+        store = self._store(req.pool)
+        if inst.kind == "vm":
+            if not isinstance(self.root.driver, SupportsDiskExport):
+                raise Unsupported(f"the {self.root.config.hypervisor.driver} driver cannot copy VM disks")
+            vol = self.root.pools[inst.pool].find_volume(root_volume("vm", inst.id))
+            if vol is None or not vol.path:
+                raise Unsupported(f"instance {inst.name!r}: its disk in pool {inst.pool!r} is not a host "
+                                  "file: backups cover VMs on local pools")
+        else:
+            vol = self.root.pools[inst.pool].find_volume(inst.volumes[0]) if inst.volumes else None
+            if vol is None or not vol.path:
+                raise Unsupported(f"instance {inst.name!r}: its rootfs in pool {inst.pool!r} is not a host "
+                                  "directory: backups cover containers on local pools")
+        backup_id = uuid.uuid4().hex
+        snap = f"backup-{backup_id[:12]}" if inst.kind == "vm" else None
+        self.db.execute("INSERT INTO backups (id, pool, instance_id, state, snapshot, created_at) "
+                        "VALUES (?, ?, ?, 'creating', ?, ?)", (backup_id, store.pool, inst.id, snap, time.time()))
+
+        def work(op):
+            try:
+                meta = self._export(op, backup_id, store, inst.id, snap)
+            except BaseException:
+                self._discard(backup_id)
+                raise
+            self.db.execute("DELETE FROM backups WHERE id=?", (backup_id,))
+            self._event(meta, "created")
+            return {"backup": meta}
+
+        try:
+            return self.root.operations.submit("backup.create", inst.id, work)
+        except BaseException:
+            self.db.execute("DELETE FROM backups WHERE id=?", (backup_id,))
+            raise
+
+    def _export(self, op, backup_id: str, store, inst_id: str, snap: str | None) -> dict:
+        staging = self._staging()
+        try:
+            inst = self.root.records.find_id(inst_id)
+            if inst is None:
+                raise NotFound(f"instance {inst_id} is gone")
+            img = self.root.store.get(inst.image)
+            op.phase("image")
+            image_file = os.path.join(staging, "image." + ("tar" if img.kind == "container" else img.format))
+            self.root.store.export(img.id, image_file)
+            op.phase("disk" if img.kind == "vm" else "rootfs")
+            extra: dict = {}
+            with self.root.instances.lock(inst_id):  # no start, stop or delete under the copy
+                inst = self.root.records.find_id(inst_id)
+                if inst is None or inst.state not in TAKES:
+                    raise Conflict(f"instance {inst_id} changed while its backup began: retry")
+                state = inst.state
+                if inst.kind == "vm":
+                    data = self._copy_disk(inst, img, snap, staging)
+                else:
+                    data, idmap = self._copy_rootfs(inst, staging)
+                    extra["idmap"] = idmap
+            op.phase("checksum")
+            members = [artifacts.member_entry(os.path.basename(image_file), "image", image_file), data()]
+            spec = {k: v for k, v in inst.spec_dict().items() if k not in SPEC_DROPPED}
+            now = time.time()
+            manifest = {"format": artifacts.FORMAT, "version": artifacts.VERSION, "id": backup_id,
+                        "kind": inst.kind, "created_at": now, "host": self.root.host.hostname(),
+                        "instance": {"id": inst.id, "name": inst.name, "state": state},
+                        "consistency": _consistency(inst.kind, state), "spec": spec,
+                        "image": {"id": img.id, "name": img.name, "kind": img.kind, "format": img.format,
+                                  "digest": img.digest, "size": img.size},
+                        "members": members, **extra}
+            total = sum(m["size"] for m in members)
+            op.phase("upload", bytes_total=total)
+            files = {m["name"]: os.path.join(staging, m["name"]) for m in members}
+            meta = {"id": backup_id, "kind": inst.kind, "instance": inst.name, "instance_id": inst.id,
+                    "instance_state": state, "consistency": manifest["consistency"], "image": img.id,
+                    "image_name": img.name, "host": manifest["host"], "created_at": now, "data_bytes": total}
+            return _public(store.write(backup_id, artifacts.ArtifactStream(manifest, files), meta,
+                                       progress=lambda n: op.bytes(min(n, total))))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _copy_disk(self, inst, img, snap: str | None, staging: str):
+        """The VM's root disk as a qcow2 layer over its image (SupportsDiskExport); a function
+        giving its manifest entry."""
+        pool = self.root.pools[inst.pool]
+        vol = pool.get_volume(root_volume("vm", inst.id))
+        base = pool.blob_path(vol.base) if vol.base else None
+        path = os.path.join(staging, "disk.qcow2")
+        self.root.driver.export_disk(inst.name, ROOT_TARGET, path, snapshot=snap, backing=base,
+                                     backing_format=img.format if base else None)
+        return lambda: artifacts.member_entry("disk.qcow2", "disk", path, target=ROOT_TARGET, layer=base is not None)
+
+    def _copy_rootfs(self, inst, staging: str):
+        """The container's writes (its overlay upper dir) as a tar, made as a migration sends it
+        (numeric owners, overlayfs's xattrs and whiteouts kept) while a running container is
+        frozen (SupportsPause; thawed whatever happens); (a function giving its manifest
+        entry, the container's user namespace map)."""
+        from containers.runtime import SupportsPause
+        rt = self.root.runtime
+        upper = os.path.join(self.root.pools[inst.pool].get_volume(inst.volumes[0]).path, "upper")
+        info = rt.get(inst.name)
+        path = os.path.join(staging, "rootfs.tar")
+        frozen = info.state == "running" and isinstance(rt, SupportsPause)
+        if frozen:
+            rt.pause(inst.name)
+        try:
+            r = subprocess.run([*ROOTFS_TAR, "-f", path, "-C", upper, "."], capture_output=True, text=True)
+        finally:
+            if frozen:
+                rt.resume(inst.name)
+        if r.returncode != 0:
+            raise CommandFailed(f"tar of {inst.name!r}'s rootfs failed: {r.stderr.strip()[-500:]}",
+                                argv=ROOTFS_TAR, returncode=r.returncode, stderr=r.stderr)
+        idmap = {"host_id": info.idmap.host_id, "size": info.idmap.size} if info.idmap is not None else None
+        return (lambda: artifacts.member_entry("rootfs.tar", "rootfs", path)), idmap
+
+    def _discard(self, backup_id: str) -> None:
+        """Remove what an unfinished backup or upload left (its partial artifact, its VM snapshot)
+        and its row; what cannot be removed yet stays for the next start."""
+        row = self.db.one("SELECT * FROM backups WHERE id=?", (backup_id,))
+        if row is None:
+            return
+        try:
+            store = self.stores().get(row["pool"])
+            if store is not None:
+                store.discard(backup_id)
+            inst = self.root.records.find_id(row["instance_id"]) if row["instance_id"] else None
+            if row["snapshot"] and inst is not None and inst.kind == "vm":
+                self.root.driver.delete_snapshot(inst.name, row["snapshot"])
+        except NotFound:
+            pass
+        except AgentError as e:
+            log.warning("cannot remove an unfinished backup yet", extra={"backup": backup_id, "error": e.message})
+            return
+        self.db.execute("DELETE FROM backups WHERE id=?", (backup_id,))
+
+    # -- upload --
+    def upload(self, src, pool: str | None) -> dict:
+        """Store the artifact read from ``src`` (a client's file) in ``pool`` as a new backup:
+        read whole and checked first (Unprocessable: not a backup, or a checksum fails), then
+        written to the pool as a fresh artifact. On failure nothing is left."""
+        store = self._store(pool)
+        backup_id = uuid.uuid4().hex
+        self.db.execute("INSERT INTO backups (id, pool, instance_id, state, snapshot, created_at) "
+                        "VALUES (?, ?, NULL, 'uploading', NULL, ?)", (backup_id, store.pool, time.time()))
+        staging = self._staging()
+        try:
+            manifest = artifacts.unpack(src, staging, limit=MAX_BACKUP_BYTES)
+            files = {m["name"]: os.path.join(staging, m["name"]) for m in manifest["members"]}
+            manifest = {**manifest, "id": backup_id}
+            inst = manifest.get("instance") if isinstance(manifest.get("instance"), dict) else {}
+            img = manifest["image"]
+            meta = {"id": backup_id, "kind": manifest["kind"], "instance": _s(inst.get("name")),
+                    "instance_id": _s(inst.get("id")), "instance_state": _s(inst.get("state")),
+                    "consistency": _s(manifest.get("consistency")), "image": _s(img.get("id")),
+                    "image_name": _s(img.get("name")), "host": _s(manifest.get("host")),
+                    "created_at": manifest.get("created_at") if isinstance(manifest.get("created_at"), (int, float))
+                    else time.time(), "uploaded_at": time.time(),
+                    "data_bytes": sum(m["size"] for m in manifest["members"])}
+            meta = _public(store.write(backup_id, artifacts.ArtifactStream(manifest, files), meta))
+        except BaseException:
+            self._discard(backup_id)
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.db.execute("DELETE FROM backups WHERE id=?", (backup_id,))
+        self._event(meta, "uploaded")
+        return meta
+
+    # -- restore --
+    def restore(self, backup_id: str, req: models.BackupRestore) -> dict:
+        """Create instance ``req.name`` from a backup in an operation (202): 404 for an unknown
+        backup, 409 for a name in use now; in the operation, 422 for an artifact that fails its
+        checks (before anything is made)."""
+        store, meta = self._find(backup_id)
+        if self.root.records.find_name(req.name) is not None:
+            raise Conflict(f"an instance named {req.name!r} exists: pick another name or delete it")
+        if req.pool is not None and req.pool not in self.root.config.pools:
+            raise NotFound(f"pool {req.pool!r} not found; pools: {', '.join(sorted(self.root.config.pools))}")
+        self.root.host.refuse_if_draining(f"new instance {req.name!r}")
+
+        def work(op):
+            staging = self._staging()
+            try:
+                return self._restore(op, store, meta, req, staging)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        return self.root.operations.submit("backup.restore", None, work)
+
+    def _restore(self, op, store, meta: dict, req: models.BackupRestore, staging: str) -> dict:
+        op.phase("download", bytes_total=meta.get("size"))
+        f, _ = store.open(meta["id"])
+        with f:
+            manifest = artifacts.unpack(f, staging, limit=MAX_BACKUP_BYTES, sha256=meta.get("sha256"))
+        files = {m["role"]: os.path.join(staging, m["name"]) for m in manifest["members"]}
+        data = "disk" if manifest["kind"] == "vm" else "rootfs"
+        if set(files) != {"image", data} or len(manifest["members"]) != 2:
+            raise Unprocessable(f"a {manifest['kind']} backup holds an image and a {data} member, "
+                                f"not {', '.join(sorted(files))}")
+        spec = {k: v for k, v in manifest["spec"].items() if k not in SPEC_DROPPED and k != "security_groups"}
+        known = {g["name"] for g in self.root.secgroups.list()}  # another host's groups may not exist here
+        groups = [g for g in manifest["spec"].get("security_groups") or [] if isinstance(g, str) and g in known]
+        want = manifest["image"]
+        if not isinstance(want.get("id"), str) or not re.fullmatch(r"[0-9a-f]{64}", want["id"]) \
+                or want.get("format") not in ("qcow2", "raw", "oci"):
+            raise Unprocessable("the backup's image needs an id (64 hex digits) and a format")
+        body = {**spec, "name": req.name, "kind": manifest["kind"], "image": want["id"], "start": req.start}
+        if req.pool:
+            body["pool"] = req.pool
+        if groups:
+            body["security_groups"] = groups
+        try:
+            create = models.InstanceCreate.model_validate(body)
+        except Exception as e:  # pydantic.ValidationError: the backed-up request is not one this agent takes
+            raise Unprocessable(f"the backup's instance spec is not valid here: {str(e)[:400]}") from None
+        if data == "disk":  # before anything is made: the layer names no file but the image
+            self._check_layer(files["disk"], SimpleNamespace(id=want["id"], format=want["format"]))
+        owners = self._owners(manifest, create) if data == "rootfs" else None
+        op.phase("image")
+        img, imported = self._image(want, files["image"])
+        try:
+            image, pool = self.root.instances.check_create(create)
+            inst_id, extra = self.root.instances.reserve(create, image, pool)
+        except BaseException:
+            if imported:  # nothing refers to it yet
+                self.root.store.delete(img.id)
+            raise
+
+        def fill(target) -> None:
+            if data == "disk":  # target: the new VM's root volume
+                with open(files["disk"], "rb") as layer:
+                    self.root.store.receive_disk_layer(pool, target, layer, image_ref=image.id)
+                return
+            from agent.migration.transfer import untar_into  # target: the new container's layers
+            try:
+                with open(files["rootfs"], "rb") as tar:
+                    untar_into(target.upperdir, tar, owners=owners)
+            except InvalidInput as e:
+                raise Unprocessable(f"the backup's rootfs is refused: {e.message}") from None
+
+        result = self.root.instances.build(op, inst_id, create, image, pool, extra, fill=fill)
+        self._event({**_public(meta)}, "restored", restored_as=result["instance"]["name"],
+                    restored_id=result["instance"]["id"])
+        return {**result, "backup": _public(meta)}
+
+    def _image(self, want: dict, path: str):
+        """The backup's image on this host: (the one it has, False), else (imported from the
+        backup's copy, True), which must be that image (Unprocessable otherwise, the import
+        undone; an image this host had already keeps it)."""
+        store = self.root.store
+        found = store.find(want["id"])
+        if found is not None and found.id == want["id"]:
+            return found, False
+        name = want.get("name") if isinstance(want.get("name"), str) else None
+        if not name or store.find(name) is not None:
+            name = f"restored-{want['id'][:12]}"
+        had = {i.id for i in store.list()}
+        try:
+            img = store.import_file(path, name=name)
+        except InvalidInput as e:
+            raise Unprocessable(f"the backup's image cannot be imported: {e.message}") from None
+        if img.id != want["id"] or img.kind != want.get("kind", img.kind):
+            if img.id not in had:
+                store.delete(img.id)
+            raise Unprocessable(f"the backup's image is {img.kind} {img.id[:12]}, its manifest says "
+                                f"{want.get('kind')} {want['id'][:12]}")
+        return img, True
+
+    def _owners(self, manifest: dict, create: models.InstanceCreate):
+        """The owner map of the backed-up upper dir's ids to this host's (as a migration's:
+        agent.migration.transfer.shift_owners): from the map the container had there to the one
+        it gets here (none for a privileged container)."""
+        from agent.migration.transfer import shift_owners
+        from containers.runtime import IdMap
+        src = manifest.get("idmap")
+        source = None
+        if src is not None:
+            if not (isinstance(src, dict) and set(src) == {"host_id", "size"}
+                    and all(type(v) is int and 0 <= v < 2**32 for v in src.values())):
+                raise Unprocessable("the backup's idmap is not {host_id, size} (ids below 2^32)")
+            source = IdMap(src["host_id"], src["size"])
+        here = None if getattr(create, "privileged", False) else self.root.runtime.idmap
+        return shift_owners(source, here)
+
+    @staticmethod
+    def _check_layer(path: str, img) -> None:
+        """Unprocessable unless the disk member is a plain qcow2 layer over ``img`` (no data
+        file, no encryption, no other backing file): checked before anything is created."""
+        from storage import qemu_img
+        from storage.images import check_disk_layer
+        try:
+            info = qemu_img.info(path, format="qcow2")
+            check_disk_layer(info, img, base="(this pool's copy)")  # only its presence matters here
+        except InvalidInput as e:
+            raise Unprocessable(f"the backup's disk is refused: {e.message}") from None
+
+    # -- recovery --
+    def sweep(self) -> int:
+        """At start: remove what backups and uploads a killed agent left unfinished (partial
+        artifacts, multipart uploads, temporary VM snapshots, staging dirs)."""
+        n = 0
+        for r in self.db.query("SELECT id FROM backups ORDER BY created_at"):
+            self._discard(r["id"])
+            n += 1
+        try:
+            tmp = self.root.store.tmp_dir
+            for name in os.listdir(tmp):
+                if name.startswith(STAGING_PREFIX):
+                    shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+        except (OSError, AgentError) as e:
+            log.warning("cannot sweep backup staging dirs", extra={"error": str(e)})
+        return n
+
+
+def _s(v) -> str | None:
+    return v[:256] if isinstance(v, str) else None
+
+
+PUBLIC_KEYS = ("id", "pool", "kind", "instance", "instance_id", "instance_state", "consistency", "image",
+               "image_name", "host", "created_at", "uploaded_at", "size", "sha256", "data_bytes")
+
+
+def _public(meta: dict) -> dict:
+    """A marker as the API shows it: known keys only (a marker in a shared bucket is input)."""
+    return {k: meta.get(k) for k in PUBLIC_KEYS if k in meta}

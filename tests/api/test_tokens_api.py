@@ -21,7 +21,7 @@ def test_an_admin_creates_lists_and_revokes_tokens(agent, admin, reader, anon):
     assert new.get("/v1/host").status_code == 200
     assert_error(new.post("/v1/tokens", json={"name": "x", "role": "admin"}), 403)  # a reader: no
     listed = admin.get("/v1/tokens")
-    assert listed.status_code == 200 and secret not in listed.text and secret.split("_")[2] not in listed.text
+    assert listed.status_code == 200 and secret not in listed.text and secret.split("_", 2)[2] not in listed.text
     mine = {t["name"]: t for t in listed.json()["tokens"]}["api-reader-1"]
     assert set(mine) == {"name", "role", "id", "created_at", "expires_at", "last_used_at", "expired"}
     assert mine["last_used_at"] >= mine["created_at"] and mine["expired"] is False

@@ -601,7 +601,11 @@ class ExportCreate(Model):
     name: ExportName | None = Field(None, description="the export's name (default: the volume's name, "
                                                       "or image-<id12>)")
 
-    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["volume"]}, {"required": ["image"]}]})
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["volume"], "properties": {"volume": {"type": "string"}, "image": {"type": "null"}}},
+        {"required": ["image", "readonly"], "properties": {"image": {"type": "string"}, "readonly": {"const": True},
+                                                           "volume": {"type": "null"}}},
+    ]})
 
     @model_validator(mode="after")
     def _one_source(self):

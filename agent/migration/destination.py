@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from agent import models
 from agent.errors import Conflict, InsufficientResources, NotFound, Unprocessable, Unsupported
-from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets
+from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets, other_group_model
 from agent.migration import transport
 from agent.migration.peer import Peers
 from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, shift_owners, untar_into
@@ -87,6 +87,10 @@ class MigrationDestination:
         """Unprocessable, before anything is made, when this host's CPU cannot run the guest's
         CPU model (libvirt's compareCPU; skipped under TCG: the driver answers None)."""
         driver = self.root.driver
+        hc = self.config.hypervisor
+        why = other_group_model(guest_cpu, hc.cpu_model, hc.cpu_group)
+        if why:
+            raise Unprocessable(f"{self.root.host.hostname()} does not take VM {name!r}: {why}; nothing moved")
         why = driver.cpu_unsupported(guest_cpu) if isinstance(driver, SupportsCpuCheck) else None
         if why:
             raise Unprocessable(f"{self.root.host.hostname()} cannot run VM {name!r}'s CPU: {why}; nothing moved: "

@@ -417,6 +417,11 @@ class MigrationDestination:
                 if info is not None and info.reason == "postcopy-failed":
                     # it holds the newest half of a guest split by a broken post-copy: keep it
                     self.root.records.update(r.id, state="error", error=POSTCOPY_FAILED)
+                elif info is not None and info.reason == "postcopy":
+                    # still pulling its pages from the source (or stalled on a break its QEMU has
+                    # not seen yet): neither adopted as running nor removed; the source's confirm
+                    # adopts it, a later restart records what it became
+                    log.warning("incoming VM still in post-copy: kept as incoming", extra={"instance": r.name})
                 elif info is not None and info.state == "running":
                     self._own_shared(r.id)
                     self.root.records.update(r.id, state="running", error=None)

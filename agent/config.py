@@ -129,6 +129,13 @@ class HypervisorConfig(_Strict):
     # how peers' libvirtds reach this host's for incoming migrations; None: qemu+tls://<api.listen host>/system
     # (qemu+tcp:// with [migration] tls off)
     migration_uri: str | None = None
+    # the guests' CPU (README "CPU model"): "host-model" (under KVM libvirt expands the host's
+    # CPU to a migratable model; under TCG QEMU's default) or a named model every host of a
+    # group runs (e.g. "Haswell-noTSX" under KVM, "qemu64" under TCG): hosts of one cpu_group
+    # set the same cpu_model, so their VMs move between them freely; a guest of another model
+    # is refused before anything moves
+    cpu_model: str = Field("host-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    cpu_group: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
     @field_validator("virt_type")
     @classmethod

@@ -205,6 +205,10 @@ class Host(Model):
         None, description="{host_id, size}: the host ids containers' user namespaces map 0.. to")
     migration_tls: bool = Field(False, description="VM migrations to and from peers over TLS ([migration] tls; "
                                 "README \"Migration transport security\")")
+    cpu_model: str = Field("host-model", description="the guests' CPU model here ([hypervisor] cpu_model): "
+                           "host-model or the named baseline of its host group (README \"CPU model\")")
+    cpu_group: str | None = Field(None, description="its host group ([hypervisor] cpu_group): hosts of one group "
+                                  "define VMs with the same named CPU model")
     cpus: int
     memory_bytes: int
     pools: list[Pool]
@@ -243,6 +247,9 @@ class PeerHost(Model):
     host_cpu: CpuXml | None = Field(
         None, description="its host CPU (<cpu> of libvirt's capabilities) under KVM: a source checks a live "
                           "migration's guest CPU against it; None under TCG")
+    cpu_model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                                  description="the CPU model its guests get (host-model or its group's named one)")
+    cpu_group: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 # -- images --

@@ -17,9 +17,14 @@ moves a container between hosts). ``vm_live_busy_{postcopy,autoconverge}_*``: a 
 guest booted from the bootable test disk whose user-data rewrites 128 MiB of its RAM in a
 loop, ours (post-copy switched on at the first pass; auto-converge, paused to finish after
 60 s) against `virsh migrate` with the matching flags (`--postcopy --postcopy-after-precopy`;
-`--auto-converge --timeout 60 --timeout-suspend`). Needs root, libvirtd, Ceph and the test
-guest (scripts/build-test-images). Run as: .venv/bin/python bench/migration.py (only the busy
-rounds, without Ceph: .venv/bin/python bench/migration.py busy)
+`--auto-converge --timeout 60 --timeout-suspend`); ``vm_live_moderate_*``: the same guest with
+no controls (our default policy) against plain `virsh migrate` (bounded by --timeout 120
+--timeout-suspend, reported). ``vm_live_ping_loss``: packets lost by a 10 ms ping of an idle
+booted guest during its migration, from an observer on an L2 segment joining both hosts'
+VM bridges (both agents on one subnet; see L2Fabric), against the same guest moved by
+`virsh migrate`. Needs root, libvirtd, Ceph and the test guest (scripts/build-test-images).
+Run as: .venv/bin/python bench/migration.py (only the busy, moderate and ping rounds, without
+Ceph: .venv/bin/python bench/migration.py busy; only the ping rounds: ... migration.py ping)
 """
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ class AgentVm:
     of the test guest's; ``user_data``: its boot script)."""
 
     def __init__(self, cluster, pool: str | None = None, image: str = "rootfs.qcow2",
-                 memory_mib: int = MEMORY_MIB, user_data: str | None = None):
+                 memory_mib: int = MEMORY_MIB, user_data: str | None = None, network: str = "none"):
         self.hosts = {h.name: h for h in cluster.hosts}
         self.apis = {h.name: Api(h.agent_url, h.admin_token) for h in cluster.hosts}
         for a in self.apis.values():
@@ -69,7 +74,7 @@ class AgentVm:
         self.name = f"bench-{uuid.uuid4().hex[:6]}"
         op = self.apis["h1"].wait(self.apis["h1"].post("/v1/instances", json={
             "name": self.name, "kind": "vm", "image": image_name, "cpus": 1, "memory_mib": memory_mib,
-            "network": "none", **({"pool": pool} if pool else {}),
+            "network": network, **({"pool": pool} if pool else {}),
             **({"user_data": user_data} if user_data else {})}).json(), OP_TIMEOUT_S)
         assert op["status"] == "succeeded", op
         self.here = "h1"
@@ -100,7 +105,7 @@ class AgentVm:
 
 
 def peer_xml(agent_xml: str, name: str, uid: str, disk: str, seed: str, work: Path,
-             secret: str | None = None) -> str:
+             secret: str | None = None, mac: str | None = None) -> str:
     """The agent's own domain of the benchmarked guest, renamed onto the peer's files (``disk``:
     a file, or for an RBD disk ``pool/image`` with the peer's cephx ``secret``): both sides
     migrate the very same devices (seed disk, serial log, QMP socket included)."""
@@ -118,6 +123,10 @@ def peer_xml(agent_xml: str, name: str, uid: str, disk: str, seed: str, work: Pa
             d.find("source").set("file", disk)
     for log in dom.iter("log"):
         log.set("file", str(work / f"{name}.log"))
+    for nic in dom.findall("devices/interface"):  # a NIC of its own: its MAC, a tap libvirt names
+        nic.find("mac").set("address", mac or "52:54:00:00:00:fe")
+        if nic.find("target") is not None:
+            nic.remove(nic.find("target"))
     for arg in dom.iter(f"{{{QEMU_NS}}}arg"):
         arg.set("value", re.sub(r"[^=/,]+\.qmp,", f"{name}.qmp,", arg.get("value")))
     return ET.tostring(dom, encoding="unicode")
@@ -165,10 +174,14 @@ class PeerVm:
 
 
 def local_peer(cluster, work: Path, agent_xml: str, tls: bool = True, image: str = "rootfs.qcow2",
-               user_data: str | None = None) -> PeerVm:
-    """On each host a qcow2 overlay on its own copy of the base (as the agents' pools have)."""
+               user_data: str | None = None, address: str | None = None, gateway: str | None = None) -> PeerVm:
+    """On each host a qcow2 overlay on its own copy of the base (as the agents' pools have);
+    ``address`` ("ip/prefix"): its NIC's, in its seed (a MAC of its own)."""
+    from hypervisor.seed import network_config
     name, uid = f"bench-peer-{uuid.uuid4().hex[:6]}", str(uuid.uuid4())
-    seed = make_seed(str(work / "seed.iso"), instance_id=uid, hostname=name, user_data=user_data)
+    mac = "52:54:00:%02x:%02x:%02x" % tuple(uuid.uuid4().bytes[:3])
+    seed = make_seed(str(work / "seed.iso"), instance_id=uid, hostname=name, user_data=user_data,
+                     network_config=network_config(mac, address, gateway) if address else None)
     xmls = []
     for h in cluster.hosts:
         base = work / f"{h.name}-base.qcow2"
@@ -177,7 +190,7 @@ def local_peer(cluster, work: Path, agent_xml: str, tls: bool = True, image: str
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(disk)],
                        check=True)
         x = work / f"{h.name}-{name}.xml"
-        x.write_text(peer_xml(agent_xml, name, uid, str(disk), seed, work))
+        x.write_text(peer_xml(agent_xml, name, uid, str(disk), seed, work, mac=mac))
         xmls.append(str(x))
     for p in work.iterdir():
         os.chmod(p, 0o666)
@@ -257,12 +270,16 @@ dd if=/dev/urandom of=/src bs=1M count={BUSY_SET_MIB} 2>/dev/null
 i=0
 while :; do cp /src /dst; i=$((i+1)); echo "DIRTY $i"; done
 """
+PLAIN_LIMIT_S = 120  # plain `virsh migrate` of the moderate guest: suspended to finish after this
 BUSY_VARIANTS = {  # metric -> (our request's controls, the peer's virsh flags)
     "postcopy": ({"postcopy": True, "completion_timeout_s": 1, "timeout_action": "postcopy"},
                  ("--postcopy", "--postcopy-after-precopy")),
     "autoconverge": ({"postcopy": False, "auto_converge": True, "completion_timeout_s": BUSY_LIMIT_S,
                       "timeout_action": "pause"},
                      ("--auto-converge", "--timeout", str(BUSY_LIMIT_S), "--timeout-suspend")),
+    # the same guest with no controls at all: our default policy ([migration]: pre-copy,
+    # auto-converge, post-copy after 10 s) against plain virsh (only a timeout, so it ends)
+    "moderate": ({}, ("--timeout", str(PLAIN_LIMIT_S), "--timeout-suspend")),
 }
 
 
@@ -308,11 +325,16 @@ def busy_lines(busy: dict) -> None:
     for variant, (_controls, flags) in BUSY_VARIANTS.items():
         (o_total, o_down), (p_total, p_down) = busy[variant]["ours"], busy[variant]["peer"]
         peer = "virsh migrate --live --p2p --tls --copy-storage-inc " + " ".join(flags)
-        line(f"vm_live_busy_{variant}_total_p50", med(o_total), peer, med(p_total))
-        line(f"vm_live_busy_{variant}_downtime_p50", med(o_down) if o_down else float("nan"), peer,
+        metric = "vm_live_moderate" if variant == "moderate" else f"vm_live_busy_{variant}"
+        line(f"{metric}_total_p50", med(o_total), peer, med(p_total))
+        line(f"{metric}_downtime_p50", med(o_down) if o_down else float("nan"), peer,
              med(p_down) if p_down else None)
         # how many of our rounds switched to post-copy (libvirt reports no downtime for those)
-        line(f"vm_live_busy_{variant}_rounds_in_postcopy", sum(busy[variant]["postcopy"]), unit="count")
+        line(f"{metric}_rounds_in_postcopy", sum(busy[variant]["postcopy"]), unit="count")
+        if variant == "moderate":  # plain virsh's bound, and how many of its rounds reached it
+            line("vm_live_moderate_peer_timeout", PLAIN_LIMIT_S, unit="s")
+            line("vm_live_moderate_peer_rounds_over_timeout",
+                 sum(t > PLAIN_LIMIT_S * 1000 for t in p_total), unit="count")
 
 
 CONTAINER_ROOTFS_MIB = 500
@@ -349,13 +371,144 @@ def container_rounds(cluster, work: Path) -> tuple[float, float]:
     return downs["refresh"], downs["cold"]
 
 
-def main_busy(work: Path) -> None:
-    """Only the busy-guest rounds (no Ceph): `bench/migration.py busy`."""
+# Network continuity (issue 21): an idle booted guest on a bridged NIC is pinged every
+# PING_INTERVAL_S from an observer on the same L2 segment while it migrates; the packets lost
+# are those the ping sent from 1 s before the migration until 1 s after it.
+PING_INTERVAL_S = 0.01
+PING_ROUNDS = 2  # migrations per direction
+
+
+class L2Fabric:
+    """The two simulated hosts' VM bridges (``nabr0``, one subnet on both: a provider network
+    that spans hosts) joined on one L2 segment: a bridge in an observer netns of this run, a
+    veth into each host's bridge, and the observer's own address on it (the subnet's last).
+    The observer is a client on that segment: it reaches a guest on either host by L2 alone,
+    through whichever host the segment's forwarding table says (so a missing announcement
+    after a migration shows as loss)."""
+
+    BRIDGE = "nabr0"
+
+    def __init__(self, cluster, subnet: str):
+        import ipaddress
+        self.ns = f"{harness.PREFIX}{cluster.tag}-ob"[:15]
+        net = ipaddress.ip_network(subnet)
+        self.address = str(list(net.hosts())[-1])
+        self.peer_address = f"{list(net.hosts())[-2]}/{net.prefixlen}"  # the bare-virsh guest's
+        self.gateway = str(next(net.hosts()))
+        sh = harness.sh
+        sh("ip", "netns", "add", self.ns)
+        sh("ip", "-n", self.ns, "link", "add", "fab", "type", "bridge")
+        for i, h in enumerate(cluster.hosts):
+            if not h.run("ip", "link", "show", self.BRIDGE, check=False, timeout=30).returncode == 0:
+                h.run("ip", "link", "add", self.BRIDGE, "type", "bridge", timeout=30)  # the agent adopts it
+            sh("ip", "-n", self.ns, "link", "add", f"fa{i}", "type", "veth", "peer", "name", "l2up", "netns", h.netns)
+            sh("ip", "-n", self.ns, "link", "set", f"fa{i}", "master", "fab", "up")
+            sh("ip", "-n", h.netns, "link", "set", "l2up", "master", self.BRIDGE, "up")
+            sh("ip", "-n", h.netns, "link", "set", self.BRIDGE, "up")
+        sh("ip", "-n", self.ns, "addr", "add", f"{self.address}/{net.prefixlen}", "dev", "fab")
+        sh("ip", "-n", self.ns, "link", "set", "fab", "up")
+
+    def reachable(self, ip: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while harness.sh("ip", "netns", "exec", self.ns, "ping", "-c", "1", "-W", "1", ip,
+                         check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"guest {ip} does not answer on the L2 segment")
+            time.sleep(1)
+
+    def lost_during(self, ip: str, action) -> int:
+        """Run ``action`` while pinging ``ip`` every PING_INTERVAL_S: packets lost."""
+        import signal
+        ping = subprocess.Popen(["ip", "netns", "exec", self.ns, "ping", "-q", "-i", str(PING_INTERVAL_S), ip],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            time.sleep(1)
+            action()
+            time.sleep(1)
+        finally:
+            ping.send_signal(signal.SIGINT)
+            out = ping.communicate(timeout=30)[0]
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        if not m:
+            raise RuntimeError(f"ping said: {out}")
+        return int(m.group(1)) - int(m.group(2))
+
+    def remove(self) -> None:
+        harness.sh("ip", "netns", "del", self.ns, check=False)
+
+
+def one_subnet(cluster) -> str:
+    """Both agents on h1's subnet (restarted with it): the guest keeps its address there."""
+    subnet = cluster.container_subnet(0)
+    for h in cluster.hosts[1:]:
+        text = h.agent_config.read_text()
+        h.agent_config.write_text(re.sub(r'(?m)^subnet = ".*"$', f'subnet = "{subnet}"', text))
+        h.stop_agent()
+        h.start_agent()
+    return subnet
+
+
+def ping_rounds(cluster, work: Path) -> dict:
+    """PING_ROUNDS migrations each way of an idle booted guest, ours and the peer's
+    interleaved: {side: [packets lost]}."""
+    subnet = one_subnet(cluster)
+    fabric = L2Fabric(cluster, subnet)
+    sides: dict = {}
+    try:
+        ours = AgentVm(cluster, image="boot.qcow2", network="bridge")
+        sides["ours"] = ours
+        # tenant isolation admits nothing from outside its group: a group that lets pings in
+        # (it moves with the guest; the destination renders its rules before the guest runs there)
+        group = {"name": f"ping-{uuid.uuid4().hex[:6]}", "rules": [{"direction": "ingress", "protocol": "icmp"}]}
+        assert ours.apis["h1"].post("/v1/security-groups", json=group).status_code == 201
+        assert ours.apis["h1"].put(f"/v1/instances/{ours.name}/security-groups",
+                                   json={"security_groups": [group["name"]]}).ok
+        ip = ours.apis["h1"].get(f"/v1/instances/{ours.name}").json()["ip"]
+        peer = local_peer(cluster, work, ours.domain_xml(), image="boot.qcow2", address=fabric.peer_address,
+                          gateway=fabric.gateway)
+        sides["peer"] = peer
+        ips = {"ours": ip, "peer": fabric.peer_address.split("/")[0]}
+        for side in sides:
+            fabric.reachable(ips[side])
+        lost: dict = {side: [] for side in sides}
+        for r in range(2 * PING_ROUNDS):
+            for side, vm in list(sides.items())[::1 if r % 2 == 0 else -1]:
+                lost[side].append(fabric.lost_during(ips[side], vm.migrate))
+        moved = ours.apis[ours.here].get(f"/v1/instances/{ours.name}").json()["ip"]
+        assert moved == ip, f"the guest's address changed: {ip} -> {moved}"
+    finally:
+        for vm in reversed(sides.values()):
+            vm.delete()
+        fabric.remove()
+    return lost
+
+
+def ping_lines(lost: dict) -> None:
+    med = statistics.median
+    line("vm_live_ping_loss", med(lost["ours"]), "virsh migrate --live --p2p --tls --copy-storage-inc",
+         med(lost["peer"]), unit="packets")
+    line("vm_live_ping_loss_max", max(lost["ours"]), "virsh migrate --live --p2p --tls --copy-storage-inc",
+         max(lost["peer"]), unit="packets")
+
+
+def main_ping(work: Path) -> None:
+    """Only the ping rounds (no Ceph): `bench/migration.py ping`."""
     with harness.Cluster(work / "sim") as cluster:
         cluster.start_agents()
-        (work / "busy").mkdir()
-        os.chmod(work / "busy", 0o755)
+        (work / "ping").mkdir()
+        os.chmod(work / "ping", 0o755)
+        ping_lines(ping_rounds(cluster, work / "ping"))
+
+
+def main_busy(work: Path) -> None:
+    """Only the busy-guest rounds (no Ceph), then the ping rounds: `bench/migration.py busy`."""
+    with harness.Cluster(work / "sim") as cluster:
+        cluster.start_agents()
+        for d in ("busy", "ping"):
+            (work / d).mkdir()
+            os.chmod(work / d, 0o755)
         busy_lines(busy_rounds(cluster, work / "busy"))
+        ping_lines(ping_rounds(cluster, work / "ping"))
 
 
 def main() -> None:
@@ -364,9 +517,9 @@ def main() -> None:
         subprocess.run([os.path.join(ROOT, "scripts", "build-test-images"), IMAGES], check=True)
     work = Path(tempfile.mkdtemp(prefix="nodeagent-benchmig-", dir="/var/tmp"))
     os.chmod(work, 0o755)
-    if sys.argv[1:] == ["busy"]:
+    if sys.argv[1:] in (["busy"], ["ping"]):
         try:
-            main_busy(work)
+            (main_busy if sys.argv[1:] == ["busy"] else main_ping)(work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return
@@ -397,6 +550,9 @@ def main() -> None:
             busy = busy_rounds(cluster, work / "busy")
             c_refresh, c_cold = container_rounds(cluster, dirs["containers"])
             busy_lines(busy)
+            (work / "ping").mkdir()
+            os.chmod(work / "ping", 0o755)
+            ping_lines(ping_rounds(cluster, work / "ping"))  # last: it puts h2 on h1's subnet
         line("container_refresh_500mib_downtime", c_refresh,
              "nodeagent cold container migration (stop, full copy, start)", c_cold)
     finally:

@@ -49,6 +49,7 @@ from agent.errors import CommandFailed, Unavailable
 POLICIES = ("same-group", "deny", "allow")  # see Policy.default
 PROTOCOLS = ("tcp", "udp", "icmp", "any")
 BRIDGE_PRIORITY = -300  # before anything else on the bridge sees a frame
+RARP_ETHERTYPE = 0x8035  # reverse ARP: what QEMU's self-announce sends after a migration
 PING_RATE = "50/second burst 100 packets"  # echo requests the gateway answers from all tenants
 
 
@@ -210,6 +211,9 @@ class Firewall:
                       f"    ether type arp arp htype 1 arp ptype ip arp hlen 6 arp plen 4 "
                       f"arp saddr ether {p.mac} arp saddr ip {{ {p.ip}, 0.0.0.0 }} accept",
                       f"    ether type ip ip saddr {p.ip} accept",
+                      # RARP from its own MAC (checked above): QEMU's announcement of a guest
+                      # that just migrated here, so the L2 network learns its new port
+                      f"    ether type {RARP_ETHERTYPE:#06x} accept",
                       "    drop", "  }"]
         lines += [f"  chain prerouting {{ type filter hook prerouting priority {BRIDGE_PRIORITY}; policy accept;"]
         if ports:

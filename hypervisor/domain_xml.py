@@ -122,8 +122,27 @@ def taps_by_mac(root: ET.Element) -> dict[str, str]:
     return out
 
 
-def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None = None) -> str:
-    """The full <domain> document. ``virt_type`` is "kvm" or "qemu" (TCG)."""
+HOST_MODEL = "host-model"
+
+
+def cpu_element(cpu_model: str, virt_type: str) -> ET.Element | None:
+    """The guest's <cpu>: a named model (a host group's baseline) exactly, on KVM and TCG
+    alike (``fallback="forbid"``: QEMU runs that model or refuses to start); "host-model"
+    only under KVM (libvirt expands it at start to a named model plus features another host
+    can reproduce; host-passthrough could not move); under TCG none: QEMU's default model."""
+    if cpu_model != HOST_MODEL:
+        cpu = ET.Element("cpu", mode="custom", match="exact", check="partial")
+        _sub(cpu, "model", cpu_model, fallback="forbid")
+        return cpu
+    if virt_type == "kvm":
+        return ET.Element("cpu", mode="host-model", check="partial")
+    return None
+
+
+def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None = None,
+               cpu_model: str = HOST_MODEL) -> str:
+    """The full <domain> document. ``virt_type`` is "kvm" or "qemu" (TCG); ``cpu_model``:
+    "host-model" or a named model (cpu_element)."""
     if spec.machine not in MACHINES:
         raise ValueError(f"machine must be one of {MACHINES}")
     dom = ET.Element("domain", {"type": virt_type})
@@ -152,9 +171,9 @@ def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None 
     features = _sub(dom, "features")
     _sub(features, "acpi")  # always: QEMU 7.2 rejects libvirt 9's -no-acpi
     _sub(features, "apic")
-    if virt_type == "kvm":  # migratable: libvirt expands it to a named model + features at start, which a
-        # destination checks against its own CPU before a live migration (SupportsCpuCheck); TCG: QEMU's default
-        _sub(dom, "cpu", mode="host-model", check="partial")
+    cpu = cpu_element(cpu_model, virt_type)  # migratable; a destination checks it before a live migration
+    if cpu is not None:
+        dom.append(cpu)
     _sub(dom, "clock", offset="utc")
     _sub(dom, "on_poweroff", "destroy")
     _sub(dom, "on_reboot", "restart")

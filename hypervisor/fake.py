@@ -50,6 +50,7 @@ class _Vm:
     cpu_time_ns: int = 0
     ttys: list[int] = field(default_factory=list)  # the guest's ends of open consoles (they echo)
     reason: str | None = None  # VmInfo.reason: "postcopy-failed" after a broken post-copy
+    cpu_model: str = "host-model"  # as defined (its host's cpu_model then); it moves with the guest
 
     def hang_up(self) -> None:
         """Powered off: open consoles read their end."""
@@ -63,14 +64,18 @@ class _Vm:
                       max_cpus=self.spec.cpus_max, max_memory_mib=self.spec.memory_max, reason=self.reason)
 
 
+FAKE_CPU_MODELS = ("qemu64", "kvm64", "Haswell-noTSX", "Skylake-Client")  # named models a fake host runs
+
+
 class FakeDriver:
     """In-memory ``hypervisor.Driver``. Thread-safe; state lives as long as the object."""
 
     uses_host_network = False  # its VMs have no NICs anywhere: the agent leases them no address
 
     def __init__(self, *, host_memory_mib: int = FAKE_HOST_MEMORY_MIB, uri: str | None = None,
-                 **_ignored):
+                 cpu_model: str = "host-model", **_ignored):
         self.host_memory_mib = host_memory_mib
+        self.cpu_model = cpu_model  # "host-model" or a named model its VMs are defined with
         self._vms: dict[str, _Vm] = {}
         self._lock = threading.Lock()
         self.uri = uri
@@ -96,7 +101,8 @@ class FakeDriver:
         ignores the state dir, database, network and the settings but ``uri``: a fake:// one
         makes it reachable by other fakes' migrate() in this process."""
         uri = settings.get("uri")
-        return cls(uri=uri if isinstance(uri, str) and uri.startswith("fake://") else None)
+        return cls(uri=uri if isinstance(uri, str) and uri.startswith("fake://") else None,
+                   cpu_model=settings.get("cpu_model") or "host-model")
 
     # -- helpers --
     def _get(self, name: str) -> _Vm:
@@ -126,7 +132,7 @@ class FakeDriver:
                                vm=spec.name)
             if any(v.spec.uuid == spec.uuid for v in self._vms.values()):
                 raise Conflict(f"a VM with uuid {spec.uuid} already exists", uuid=spec.uuid)
-            vm = _Vm(spec=spec, disks={d.target: d for d in spec.disks})
+            vm = _Vm(spec=spec, disks={d.target: d for d in spec.disks}, cpu_model=self.cpu_model)
             self._vms[spec.name] = vm
             return vm.info()
 
@@ -361,10 +367,16 @@ class FakeDriver:
     # -- CPU model (SupportsCpuCheck) --
     def guest_cpu(self, name: str) -> str | None:
         with self._lock:
-            self._get(name)
+            model = self._get(name).cpu_model
+        if self.guest_cpu_xml is None and model != "host-model":  # a named model, as libvirt reports it
+            return f'<cpu mode="custom" match="exact" check="partial"><model fallback="forbid">{model}</model></cpu>'
         return self.guest_cpu_xml
 
     def cpu_unsupported(self, cpu_xml: str) -> str | None:
+        import xml.etree.ElementTree as ET
+        model = ET.fromstring(cpu_xml).findtext("model")
+        if self.cpu_refused is None and model and model not in FAKE_CPU_MODELS:
+            return f"its QEMU cannot emulate CPU model {model!r} (TCG)"
         return self.cpu_refused
 
     def host_cpu(self) -> str | None:
@@ -437,7 +449,8 @@ class FakeDriver:
                                     "already has a domain of that name or uuid; it keeps running here")
             state = "running" if phase == "postcopy" else vm.state
             moved = _Vm(spec=spec, state=state, disks=disks, console=list(vm.console),
-                        snapshots=dict(vm.snapshots), boots=vm.boots, cpu_time_ns=vm.cpu_time_ns)
+                        snapshots=dict(vm.snapshots), boots=vm.boots, cpu_time_ns=vm.cpu_time_ns,
+                        cpu_model=vm.cpu_model)
             moved.console.append(f"fake-hypervisor: migrated in from {self.uri}")
             dest._vms[name] = moved
         with self._lock:
@@ -450,7 +463,8 @@ class FakeDriver:
         (running, reason postcopy-failed), both halves kept."""
         with dest._lock:
             dest._vms[name] = _Vm(spec=spec, state="running", disks=disks, console=list(vm.console),
-                                  boots=vm.boots, cpu_time_ns=vm.cpu_time_ns, reason="postcopy-failed")
+                                  boots=vm.boots, cpu_time_ns=vm.cpu_time_ns, reason="postcopy-failed",
+                                  cpu_model=vm.cpu_model)
         with self._lock:
             vm.state, vm.reason = "paused", "postcopy-failed"
         raise PostCopyFailed(f"migration of VM {name!r} to {dest_uri} failed during post-copy: the link broke; "

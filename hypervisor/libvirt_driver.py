@@ -26,7 +26,7 @@ from agent.errors import (AgentError, CommandFailed, Conflict, InsufficientResou
                           NotFound, Unavailable, Unprocessable)
 from hypervisor import qmp, secrets
 from containers import bandwidth
-from hypervisor.domain_xml import (BANDWIDTH_NS, NODEAGENT_NS, bandwidth_from, bandwidth_xml, disk_xml,
+from hypervisor.domain_xml import (BANDWIDTH_NS, HOST_MODEL, NODEAGENT_NS, bandwidth_from, bandwidth_xml, disk_xml,
                                    domain_xml, taps, taps_by_mac)
 from hypervisor.driver import DiskSpec, VmInfo, VmSpec
 from hypervisor.host import VIRT_TYPES, detect_virt_type
@@ -198,6 +198,20 @@ def cpu_unsupported(conn: libvirt.virConnect, cpu_xml: str) -> str | None:
     return None
 
 
+def tcg_model_unusable(conn: libvirt.virConnect, cpu_xml: str) -> str | None:
+    """Why this host's QEMU cannot emulate (TCG) the named model of guest CPU ``cpu_xml``
+    (libvirt's domain capabilities for virt type qemu list the models it can), None if it
+    can or the CPU names no model."""
+    model = _cpu_element(cpu_xml, "the guest CPU").findtext("model")
+    if not model:
+        return None
+    caps = ET.fromstring(conn.getDomainCapabilities(None, "x86_64", None, "qemu", 0))
+    usable = {m.text for m in caps.findall("cpu/mode[@name='custom']/model") if m.get("usable") != "no"}
+    if model not in usable:
+        return f"its QEMU cannot emulate CPU model {model!r} (TCG)"
+    return None
+
+
 def _cpu_element(cpu_xml: str, what: str) -> ET.Element:
     if "<!" in cpu_xml:
         raise InvalidInput(f"{what} may not hold a DOCTYPE, entity or CDATA")
@@ -273,10 +287,12 @@ class LibvirtDriver:
     uses_host_network = True  # NICs on the host bridge: the agent leases the VMs' addresses
 
     def __init__(self, uri: str = "qemu:///system", virt_type: str = "auto",
-                 state_dir: str = DEFAULT_STATE_DIR, *, qmp_dir: str = DEFAULT_QMP_DIR):
+                 state_dir: str = DEFAULT_STATE_DIR, *, qmp_dir: str = DEFAULT_QMP_DIR,
+                 cpu_model: str = HOST_MODEL):
         if virt_type not in ("auto", *VIRT_TYPES):
             raise InvalidInput(f"virt_type must be auto, kvm or qemu, got {virt_type!r}")
         self.uri = uri
+        self.cpu_model = cpu_model  # "host-model" or a host group's named model (domain_xml.cpu_element)
         self.state_dir = state_dir
         self.qmp_dir = qmp_dir
         self._virt_type = None if virt_type == "auto" else virt_type
@@ -290,7 +306,8 @@ class LibvirtDriver:
         """agent.registry's uniform construction from ``[hypervisor]`` (``uri``, ``virt_type``);
         VM state (QMP sockets aside) under ``state_dir``. The database and the network are
         the agent's: VMs' addresses are leased by the agent, not by the driver."""
-        return cls(uri=settings["uri"], virt_type=settings["virt_type"], state_dir=state_dir)
+        return cls(uri=settings["uri"], virt_type=settings["virt_type"], state_dir=state_dir,
+                   cpu_model=settings.get("cpu_model") or HOST_MODEL)
 
     # -- connection and lookups --
     @property
@@ -413,7 +430,7 @@ class LibvirtDriver:
         with self._secrets_lock:
             disks, made = self._with_ceph_secrets(spec.disks)
             xml = domain_xml(replace(spec, disks=disks), virt_type=self.virt_type,
-                             qmp_socket=self.qmp_socket(spec.name))
+                             qmp_socket=self.qmp_socket(spec.name), cpu_model=self.cpu_model)
             try:
                 dom = self.conn().defineXML(xml)
             except libvirt.libvirtError as e:
@@ -935,9 +952,8 @@ class LibvirtDriver:
     # -- CPU model (SupportsCpuCheck) --
     def guest_cpu(self, name: str) -> str | None:
         """The running guest's CPU (its live migratable XML: host-model expanded to a model and
-        features); None under TCG or without a CPU model."""
-        if self.virt_type != "kvm":
-            return None
+        features; a named model as defined, under TCG too); None without a CPU model (TCG's
+        default)."""
         dom = self._dom(name)
         try:
             xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)
@@ -949,8 +965,8 @@ class LibvirtDriver:
         return ET.tostring(cpu, encoding="unicode")
 
     def cpu_unsupported(self, cpu_xml: str) -> str | None:
-        if self.virt_type != "kvm":
-            return None  # TCG: QEMU emulates whatever model the guest has
+        if self.virt_type != "kvm":  # TCG emulates the CPU: only whether its QEMU knows the model
+            return tcg_model_unusable(self.conn(), cpu_xml)
         return cpu_unsupported(self.conn(), cpu_xml)
 
     def host_cpu(self) -> str | None:

@@ -14,6 +14,9 @@ bound passes (``postcopy_after_s`` / ``postcopy_after_iterations``). From then o
 runs on the destination, which pulls missing pages from here (userfaultfd): the job is
 never aborted, never hard-stopped, and a failure (the link cut) leaves the source paused
 (``postcopy-failed``) and the destination stalled: ``PostCopyFailed``, both halves kept.
+A cut link does not fail the job by itself (TCP retransmits for many minutes): a post-copy
+that sent no byte for POSTCOPY_STALL_S is paused (``abortJobFlags(ABORT_JOB_POSTCOPY)``,
+QEMU's ``migrate-pause``), which fails it in that resumable state.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from hypervisor.driver import TIMEOUT_ACTIONS, MigrationOptions, MigrationProgre
 POLL_S = 0.2  # jobStats sampling interval
 ABANDON_WAIT_S = 30  # how long a caller that goes away waits for its aborted job
 ABORT_GRACE_S = 15  # an abort not honoured by then: the destination's incoming domain is destroyed
+POSTCOPY_STALL_S = 10  # a post-copy that sent nothing for this long has lost its link: it is paused
 COPY_FLAGS = {"none": 0, "incremental": libvirt.VIR_MIGRATE_NON_SHARED_INC,
               "full": libvirt.VIR_MIGRATE_NON_SHARED_DISK}
 BASE_FLAGS = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
@@ -268,6 +272,8 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
     switcher: threading.Thread | None = None
     switched = threading.Event()
     abort_since = None
+    stall: dict = {}  # post-copy: the bytes last sent and since when
+    pauser: threading.Thread | None = None
     while worker.is_alive():
         worker.join(POLL_S)
         if not worker.is_alive():
@@ -283,8 +289,9 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
             last = _sample(stats, t0, phase)
             if progress:
                 progress(last)
-        if watch.postcopy:
-            continue  # nothing may stop it now
+        if watch.postcopy:  # nothing may stop it now; a dead link pauses it (resumable)
+            pauser = _pause_stalled_postcopy(dom, stats, stall, pauser)
+            continue
         elapsed = time.monotonic() - t0
         timed_out = o.completion_timeout_s is not None and elapsed > o.completion_timeout_s
         if reason is None and cancelled is not None and cancelled():
@@ -323,6 +330,30 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
                 hard_stop()
                 hard_stop = None
     return last, reason, paused
+
+
+def _pause_stalled_postcopy(dom, stats: dict, stall: dict, pauser: threading.Thread | None):
+    """Post-copy with a cut link sends nothing and never fails by itself: once no byte went
+    out for POSTCOPY_STALL_S, pause it (from its own thread, again after as long if the job
+    still runs). The job then fails, the guest paused here (``postcopy-failed``), resumable
+    with ``--postcopy-resume`` once the link is back. Returns the pausing thread."""
+    now = time.monotonic()
+    if "data_processed" in stats and stats["data_processed"] != stall.get("bytes"):
+        stall.update(bytes=stats["data_processed"], since=now)
+    stall.setdefault("since", now)
+    if now - stall["since"] < POSTCOPY_STALL_S or (pauser is not None and pauser.is_alive()):
+        return pauser
+    stall["since"] = now
+    pauser = threading.Thread(target=_pause_postcopy, args=(dom,), name="migrate-pause", daemon=True)
+    pauser.start()
+    return pauser
+
+
+def _pause_postcopy(dom) -> None:
+    try:
+        dom.abortJobFlags(libvirt.VIR_DOMAIN_ABORT_JOB_POSTCOPY)
+    except libvirt.libvirtError:
+        pass  # finished or failed meanwhile
 
 
 def _abort(dom) -> None:

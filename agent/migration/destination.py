@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from agent import models
 from agent.errors import Conflict, InsufficientResources, NotFound, Unprocessable, Unsupported
-from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets
+from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets, other_group_model
 from agent.migration import transport
 from agent.migration.peer import Peers
 from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, shift_owners, untar_into
@@ -89,6 +89,10 @@ class MigrationDestination:
         """Unprocessable, before anything is made, when this host's CPU cannot run the guest's
         CPU model (libvirt's compareCPU; skipped under TCG: the driver answers None)."""
         driver = self.root.driver
+        hc = self.config.hypervisor
+        why = other_group_model(guest_cpu, hc.cpu_model, hc.cpu_group)
+        if why:
+            raise Unprocessable(f"{self.root.host.hostname()} does not take VM {name!r}: {why}; nothing moved")
         why = driver.cpu_unsupported(guest_cpu) if isinstance(driver, SupportsCpuCheck) else None
         if why:
             raise Unprocessable(f"{self.root.host.hostname()} cannot run VM {name!r}'s CPU: {why}; nothing moved: "
@@ -448,6 +452,11 @@ class MigrationDestination:
                 if info is not None and info.reason == "postcopy-failed":
                     # it holds the newest half of a guest split by a broken post-copy: keep it
                     self.root.records.update(r.id, state="error", error=POSTCOPY_FAILED)
+                elif info is not None and info.reason == "postcopy":
+                    # still pulling its pages from the source (or stalled on a break its QEMU has
+                    # not seen yet): neither adopted as running nor removed; the source's confirm
+                    # adopts it, a later restart records what it became
+                    log.warning("incoming VM still in post-copy: kept as incoming", extra={"instance": r.name})
                 elif info is not None and info.state == "running":
                     self._own_shared(r.id)
                     self.root.records.update(r.id, state="running", error=None)

@@ -14,7 +14,8 @@ from collections import OrderedDict
 from agent import models
 from agent.errors import (AgentError, Cancelled, CommandFailed, Conflict, InsufficientResources, InvalidInput,
                           NotFound, PostCopyFailed, Unavailable, Unprocessable, Unsupported)
-from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets, problems
+from agent.migration.common import (INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets, other_group_model,
+                                    problems)
 from agent.migration import transport
 from agent.migration.peer import PeerClient, Peers
 from agent.migration.transfer import NO_SPACE, allocated_bytes, rootfs_paths
@@ -90,10 +91,14 @@ def _check_destination(peer: PeerClient, driver, inst: Instance) -> None:
     if facts.draining:
         raise Conflict(f"destination {peer.name!r} is draining (host maintenance): it takes no instances; "
                        f"migrate to another peer, or end its maintenance (`nodeagent host restore` there)")
-    if inst.kind != "vm" or inst.state not in ("running", "paused") or not facts.host_cpu \
-            or not isinstance(driver, SupportsCpuCheck):
-        return  # TCG on either side: QEMU emulates the CPU, any host runs it
+    if inst.kind != "vm" or inst.state not in ("running", "paused") or not isinstance(driver, SupportsCpuCheck):
+        return
     guest = driver.guest_cpu(inst.name)
+    why = other_group_model(guest, facts.cpu_model, facts.cpu_group)
+    if why:
+        raise Unprocessable(f"destination {peer.name!r} cannot take VM {inst.name!r}: {why}; nothing moved")
+    if not facts.host_cpu:
+        return  # TCG there: QEMU emulates the CPU (its prepare checks it knows a named model)
     try:
         why = driver.cpu_missing(guest, facts.host_cpu) if guest else None
     except InvalidInput as e:  # a model this host's libvirt does not know: the destination's prepare checks

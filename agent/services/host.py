@@ -80,7 +80,9 @@ class HostService:
         its free capacity (the evacuating peer chooses destinations by it)."""
         pools = self.pools()
         default = next((p for p in pools if p["default"]), None)
+        hc = self.root.config.hypervisor
         return {"hostname": self.hostname(), "draining": self.draining(), "host_cpu": self._host_cpu(),
+                "cpu_model": hc.cpu_model, "cpu_group": hc.cpu_group,
                 "capacity": {"cpus": os.cpu_count() or 1, "memory_bytes": _meminfo_bytes(),
                              "memory_available_bytes": _meminfo_bytes("MemAvailable"),
                              "instances": self.root.records.count(),
@@ -147,6 +149,7 @@ class HostService:
             "container_runtime": self.root.config.containers.runtime,
             "container_idmap": {"host_id": self.root.runtime.idmap.host_id, "size": self.root.runtime.idmap.size},
             "migration_tls": self.root.config.migration.tls_enabled,
+            "cpu_model": self.root.config.hypervisor.cpu_model, "cpu_group": self.root.config.hypervisor.cpu_group,
             "cpus": cpus, "memory_bytes": mem, "pools": pools,
             "capacity": {"cpus": cpus, "memory_bytes": mem, "memory_available_bytes": _meminfo_bytes("MemAvailable"),
                          "instances": self.root.records.count(),

@@ -213,6 +213,12 @@ def test_a_link_cut_during_postcopy_leaves_both_halves_and_says_so(src, hosts):
     assert half.reason == "postcopy-failed"  # not destroyed: it holds the guest's newest state
     incoming = [r for r in dst.root.records.list() if r.name == name]
     assert incoming and incoming[0].state == "incoming"
+    # a restart before the destination's QEMU saw the break (still "post-copy"):
+    dst.root.driver._vms[name].reason = "postcopy"
+    dst.root.migrations.recover()
+    assert dst.client.get(f"/v1/instances/{name}").json["state"] == "incoming"  # not running, not removed
+    assert dst.root.driver.find(name) is not None
+    dst.root.driver._vms[name].reason = "postcopy-failed"
     src.root.instances.reconcile()  # as after a restart of either agent
     dst.root.migrations.recover()
     assert src.client.get(f"/v1/instances/{name}").json["state"] == "error"

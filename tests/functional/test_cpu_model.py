@@ -100,3 +100,44 @@ def test_kvm_domains_get_host_model_and_tcg_ones_qemus_default():
                   disks=(DiskSpec(target="vda", source="/tmp/x.qcow2"),))
     assert "<cpu mode=\"host-model\" check=\"partial\"" in domain_xml(spec, virt_type="kvm")
     assert "<cpu" not in domain_xml(spec, virt_type="qemu")
+
+
+def test_a_named_model_is_exact_on_kvm_and_tcg_alike():
+    """[hypervisor] cpu_model = a host group's baseline: the same <cpu> whatever the accelerator."""
+    from hypervisor.domain_xml import domain_xml
+    from hypervisor.driver import DiskSpec, VmSpec
+    spec = VmSpec(name="cpu-t", uuid="0" * 8 + "-0000-4000-8000-" + "0" * 12, cpus=1, memory_mib=64,
+                  disks=(DiskSpec(target="vda", source="/tmp/x.qcow2"),))
+    for virt in ("kvm", "qemu"):
+        xml = domain_xml(spec, virt_type=virt, cpu_model="Haswell-noTSX")
+        assert '<cpu mode="custom" match="exact" check="partial">' in xml
+        assert '<model fallback="forbid">Haswell-noTSX</model>' in xml and "host-model" not in xml
+
+
+def test_a_tcg_guest_runs_its_groups_named_model_and_the_check_knows_qemus_models(libvirtd, guest_images,
+                                                                                   tmp_path):
+    """Under TCG (these machines) a driver configured with cpu_model = "qemu64" starts its
+    guest with that model, reports it for a migration's check, and a destination's check
+    refuses a model this QEMU cannot emulate."""
+    import os
+    import uuid
+
+    from hypervisor.driver import VmSpec
+    from hypervisor.libvirt_driver import LibvirtDriver
+    d = LibvirtDriver(uri=libvirtd, virt_type="qemu", state_dir=str(tmp_path / "state"), cpu_model="qemu64")
+    name = f"cpu-{uuid.uuid4().hex[:6]}"
+    os.chmod(tmp_path, 0o755)
+    spec = VmSpec(name=name, uuid=str(uuid.uuid4()), cpus=1, memory_mib=64, kernel=guest_images["vmlinuz"],
+                  initrd=guest_images["initrd"], cmdline=guest_images["cmdline"],
+                  console_log=str(tmp_path / "console.log"))
+    try:
+        d.define(spec)
+        d.start(name)
+        cpu = d.guest_cpu(name)
+        assert cpu and ">qemu64</model>" in cpu, cpu
+        assert d.cpu_unsupported(cpu) is None
+        why = d.cpu_unsupported("<cpu mode='custom' match='exact'><model>NoSuchModel</model></cpu>")
+        assert why and "'NoSuchModel'" in why, why
+    finally:
+        d.delete(name)
+        d.close()

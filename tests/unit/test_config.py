@@ -39,6 +39,9 @@ def test_explicit_missing_file_is_an_error(tmp_path):
     ('default_pool = "missing"', "default_pool"),
     ('log_level = "loud"', "log_level"),
     ("workers = [", "TOML"),
+    ('[hypervisor]\ncpu_model = "../x"', "hypervisor.cpu_model"),
+    ('[hypervisor]\ncpu_model = ""', "hypervisor.cpu_model"),
+    ('[hypervisor]\ncpu_group = "a b"', "hypervisor.cpu_group"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, key):
     f = tmp_path / "agent.toml"

@@ -5,6 +5,7 @@ fault: libvirtd refuses abortJob once post-copy runs): a cancel after post-copy 
 not abort it, and the hard stop (destroying the destination's half) must never run."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -44,6 +45,10 @@ class _Domain:
         self.aborts += 1
         raise libvirt.libvirtError("cannot abort migration in post-copy mode")
 
+    def abortJobFlags(self, flags):  # noqa: N802
+        assert flags == libvirt.VIR_DOMAIN_ABORT_JOB_POSTCOPY
+        self.pauses = getattr(self, "pauses", 0) + 1
+
     def suspend(self):
         pass
 
@@ -69,6 +74,23 @@ def test_once_postcopy_runs_cancel_is_ignored_and_the_destination_never_hard_sto
     phases = [p.phase for p in seen]
     assert phases[0] == "precopy" and phases[-1] == "postcopy"
     assert phases.index("postcopy") > 0 and set(phases[phases.index("postcopy"):]) == {"postcopy"}
+
+
+def test_a_postcopy_that_sends_nothing_is_paused_and_one_that_progresses_is_not(monkeypatch):
+    """A cut link never fails post-copy by itself: the watcher pauses it (resumable) once no
+    byte went out for POSTCOPY_STALL_S; a slow one that still sends is left alone."""
+    monkeypatch.setattr(lm, "POSTCOPY_STALL_S", 0.2)
+    o = MigrationOptions(postcopy=True, postcopy_after_iterations=2)
+    dom, stops, _seen, reason, watch = _run(o, cancel_after_postcopy=False)  # data_processed stays 50
+    assert watch.postcopy and getattr(dom, "pauses", 0) >= 1 and dom.aborts == 0 and stops == []
+
+    class _Sending(_Domain):
+        def jobStats(self):  # noqa: N802
+            st = super().jobStats()
+            return {**st, "data_processed": self.iteration}
+    monkeypatch.setattr(sys.modules[__name__], "_Domain", _Sending)
+    dom, stops, _seen, reason, watch = _run(o, cancel_after_postcopy=False)
+    assert watch.postcopy and getattr(dom, "pauses", 0) == 0 and stops == []
 
 
 def test_the_completion_timeout_switches_to_postcopy_when_its_action_says_so():

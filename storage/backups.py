@@ -272,6 +272,12 @@ def _meta(raw: bytes, backup_id: str) -> dict | None:
     return doc if isinstance(doc, dict) and doc.get("id") == backup_id else None
 
 
+def _listed(store: BackupStore, names: list[str]) -> list[dict]:
+    """The backups whose ``<id>.json`` marker is among ``names``, as ``store.find`` reads them."""
+    found = (store.find(n[:-5]) for n in names if n.endswith(".json") and BACKUP_ID.fullmatch(n[:-5]))
+    return [m for m in found if m is not None]
+
+
 class LocalBackupStore:
     """Artifacts as files under a local pool's ``backups/`` (0700: root only)."""
 
@@ -319,13 +325,7 @@ class LocalBackupStore:
             return None
 
     def list(self):
-        out = []
-        for name in sorted(os.listdir(self.dir)):
-            if name.endswith(".json") and BACKUP_ID.fullmatch(name[:-5]):
-                m = self.find(name[:-5])
-                if m is not None:
-                    out.append(m)
-        return out
+        return _listed(self, sorted(os.listdir(self.dir)))
 
     def open(self, backup_id):
         if self.find(backup_id) is None:
@@ -377,14 +377,7 @@ class ObjectBackupStore:
         return None if raw is None else _meta(raw, backup_id)
 
     def list(self):
-        out = []
-        for key in self.s3.list_keys(PREFIX):
-            name = key[len(PREFIX):]
-            if name.endswith(".json") and BACKUP_ID.fullmatch(name[:-5]):
-                m = self.find(name[:-5])
-                if m is not None:
-                    out.append(m)
-        return out
+        return _listed(self, [key[len(PREFIX):] for key in self.s3.list_keys(PREFIX)])
 
     def open(self, backup_id):
         if self.find(backup_id) is None:

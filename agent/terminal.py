@@ -49,6 +49,15 @@ def terminal_size() -> tuple[int, int]:
         return 80, 24
 
 
+def _send_size(conn) -> None:
+    """Tell the remote terminal this one's size (a resize message); a closed session ignores it."""
+    cols, rows = terminal_size()
+    try:
+        conn.send(json.dumps({"type": "resize", "cols": cols, "rows": rows}))
+    except Exception:
+        pass
+
+
 def console(conn, name: str) -> int:
     """Attach to a console until Ctrl-] or until the agent closes it; 0. The console (a
     container's terminal) takes this terminal's size, now and when it changes."""
@@ -56,11 +65,7 @@ def console(conn, name: str) -> int:
     out = sys.stdout.buffer
 
     def resized(*_):
-        cols, rows = terminal_size()
-        try:
-            conn.send(json.dumps({"type": "resize", "cols": cols, "rows": rows}))
-        except Exception:
-            pass
+        _send_size(conn)
 
     def reader():
         try:
@@ -129,11 +134,7 @@ def exec_session(conn, tty_mode: bool) -> int:
         done.set()
 
     def resized(*_):
-        cols, rows = terminal_size()
-        try:
-            conn.send(json.dumps({"type": "resize", "cols": cols, "rows": rows}))
-        except Exception:
-            pass
+        _send_size(conn)
 
     old = signal.signal(signal.SIGWINCH, resized) if tty_mode else None
     with _Raw(tty_mode):

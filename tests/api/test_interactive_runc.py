@@ -17,6 +17,7 @@ from websockets.sync.client import connect as ws_connect
 
 from testbed.agentproc import AgentProcess, Api
 from tests.api.conftest import assert_error
+from tests.api.test_interactive import _read_until
 
 pytestmark = pytest.mark.real
 
@@ -268,17 +269,8 @@ def _console(real, name, token):
     return ws_connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10)
 
 
-def _screen(c, until: bytes, seconds: float = 20) -> tuple[bytes, list]:
-    """A console's bytes until ``until`` shows, and the notices that came meanwhile."""
-    got, notices = b"", []
-    deadline = time.monotonic() + seconds
-    while until not in got:
-        msg = c.recv(max(0.01, deadline - time.monotonic()))
-        if isinstance(msg, str):
-            notices.append(json.loads(msg))
-        else:
-            got += msg
-    return got, notices
+def _screen(c, until: bytes) -> tuple[bytes, list]:
+    return _read_until(c, until, seconds=20)
 
 
 def test_a_tty_containers_console_typed_resized_watched_detached_and_readopted(real):

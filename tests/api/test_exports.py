@@ -12,6 +12,7 @@ import pytest
 
 from tests.api.conftest import inprocess_app
 from tests.api.test_services_inprocess import _import
+from tests.api.test_volumes import _err
 from testbed.ocibuild import busybox_layers, write_layout
 
 pytestmark = pytest.mark.real
@@ -28,14 +29,6 @@ def app(tmp_path):
     for e in root.exports.nbd.list():  # the daemons are ours: stop them
         root.exports.nbd.delete(e.name)
     root.stop()
-
-
-def _err(r, status, word=None):
-    assert r.status_code == status, (r.status_code, r.json)
-    msg = r.json["error"]["message"]
-    if word:
-        assert word in msg, msg
-    return msg
 
 
 def _wait(client, r):

@@ -154,6 +154,7 @@ class Services:
                 rtag = short_hash(os.path.abspath(self.config.state_path / "containers"), 4)
                 self._network = Network(self.db, bridge=net.bridge, subnet=net.subnet, nat=net.nat, rtag=rtag)
                 self._network.policy_source = self.secgroups.policy
+                self._network.port_policy_source = self.secgroups.port_policy
             return self._network
 
     def network_if_used(self) -> Network | None:

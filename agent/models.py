@@ -125,6 +125,9 @@ class Error(Model):
 
 class Health(Model):
     status: Literal["ok"]
+    # present (true) after a restart until every instance is re-adopted: reads show the last
+    # known state meanwhile and changes wait for it
+    adopting: bool | None = None
 
 
 class Deleted(Model):

@@ -129,7 +129,12 @@ class AgentServer:
         sock = listen(api.listen)
         app = self._factory(self._config)
         services = app.config["SERVICES"]
-        services.start()
+        # the socket listens: the API answers reads while the workloads are re-adopted
+        def adopted():
+            sdnotify.notify(notify_socket, f"READY=1\nMAINPID={os.getpid()}")
+            from agent.api import docs
+            docs.spec()  # built now rather than by the first client that asks
+        services.start(readopt_in_background=True, on_adopted=adopted)
         server = HttpServer(app, api, frozenset(r.endpoint for r in ROUTES if r.long), tls)
 
         async def main():
@@ -140,7 +145,6 @@ class AgentServer:
                 loop.add_signal_handler(sig, stop.set)
             log.info("nodeagent serving", extra={"listen": api.listen, "tls": bool(api.tls_cert)})
             task = loop.create_task(server.serve(sock, stop))
-            sdnotify.notify(notify_socket, f"READY=1\nMAINPID={os.getpid()}")  # the socket listens, recovery ran
             await stop.wait()
             sdnotify.notify(notify_socket, "STOPPING=1")
             log.info("nodeagent stopping: workloads keep running")

@@ -11,8 +11,9 @@ peers measured in the same run.
     at a time; then the agent's RSS, conmon RSS and cgroup memory per container, GET
     /v1/instances p50/p99 (peer: GET /v1/health on the same server), /metrics scrape time,
     and create p50 with --n running vs on the empty host (measured at the start).
-(c) restart: kill -9 the agent (ours, by PID) and start it again: ms until it answers,
-    ms until every instance is re-adopted (listed running and its stats readable).
+(c) restart: kill -9 the agent (ours, by PID) and start it again: ms until it answers
+    (health; then a list of every instance), ms until every instance is re-adopted (health
+    no longer says ``adopting``, every instance listed running and its stats readable).
 (d) delete storm: the --n deletes with INFLIGHT in flight, then a count of what is left:
     mounts under the agent's state dir, cgroups under its parent, its veths and netns,
     leases and rows.
@@ -252,9 +253,15 @@ class Bench:
         n = self.args.n
         self.agent.kill9()
         t0 = time.perf_counter()
-        self.agent.start()
+        self.agent.start(wait_adopted=False)
         answer = (time.perf_counter() - t0) * 1000
+        lst = self.api.get("/v1/instances")  # a list answers too while re-adopting
+        assert lst.status_code == 200 and len(lst.json()["instances"]) == n, lst.text[:500]
+        answer_list = (time.perf_counter() - t0) * 1000
         while True:
+            if self.api.get("/v1/health").json().get("adopting"):
+                time.sleep(0.05)
+                continue
             rows = self.api.get("/v1/instances").json()["instances"]
             if sum(1 for i in rows if i["state"] == "running") == n and \
                     self.api.get(f"/v1/instances/d{n - 1}/stats").status_code == 200:
@@ -263,7 +270,11 @@ class Bench:
                 raise RuntimeError("not re-adopted in 300 s")
             time.sleep(0.05)
         readopt = (time.perf_counter() - t0) * 1000
+        if os.environ.get("BENCH_DEBUG"):
+            started = [ln for ln in self.agent.log.read_text().splitlines() if "agent services started" in ln]
+            print(f"restart: {started[-1] if started else '?'}", file=sys.stderr)
         line(f"restart_answer_ms_{n}", answer)
+        line(f"restart_answer_list_ms_{n}", answer_list)
         line(f"restart_readopt_ms_{n}", readopt)
 
     def delete_storm(self):

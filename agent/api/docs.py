@@ -1,7 +1,9 @@
 """GET /v1/openapi.json (reader token) and /v1/docs (a local page; its assets come from this agent)."""
+import functools
+import threading
 from pathlib import Path
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
 from agent.api import render, route
 from agent.errors import NotFound
@@ -13,7 +15,23 @@ ASSETS = {"docs.js": "text/javascript", "docs.css": "text/css"}
 
 @route(bp, "GET", "/v1/openapi.json", summary="This API's OpenAPI 3 spec", responses={200: dict})
 def openapi_json():
-    return render(current_app.config["OPENAPI"])
+    return render(spec())
+
+
+_spec_lock = threading.Lock()
+
+
+@functools.cache
+def _built() -> dict:
+    from agent import openapi
+    return openapi.build()
+
+
+def spec() -> dict:
+    """The spec, built once (by the first caller; the others wait for it), not at start:
+    the server builds it once the workloads are re-adopted, so the agent answers sooner."""
+    with _spec_lock:
+        return _built()
 
 
 @route(bp, "GET", "/v1/docs", summary="API docs page (no auth; it asks for a token to load the spec)",

@@ -108,7 +108,8 @@ def check(type_, value, what: str):
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # no "1" -> 1 or 0 -> False coercion
+    model_config = ConfigDict(extra="forbid", strict=True,  # no "1" -> 1 or 0 -> False coercion
+                              defer_build=True)  # validators built at first use: the agent starts sooner
 
 
 # -- common --

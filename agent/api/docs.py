@@ -1,11 +1,12 @@
 """GET /v1/openapi.json (reader token) and /v1/docs (a local page; its assets come from this agent)."""
 import functools
+import json
 import threading
 from pathlib import Path
 
 from flask import Blueprint, Response
 
-from agent.api import render, route
+from agent.api import route
 from agent.errors import NotFound
 
 bp = Blueprint("docs", __name__)
@@ -15,21 +16,22 @@ ASSETS = {"docs.js": "text/javascript", "docs.css": "text/css"}
 
 @route(bp, "GET", "/v1/openapi.json", summary="This API's OpenAPI 3 spec", responses={200: dict})
 def openapi_json():
-    return render(spec())
+    return Response(spec_json(), mimetype="application/json")
 
 
 _spec_lock = threading.Lock()
 
 
 @functools.cache
-def _built() -> dict:
+def _built() -> bytes:
     from agent import openapi
-    return openapi.build()
+    return json.dumps(openapi.build(), separators=(",", ":")).encode()
 
 
-def spec() -> dict:
-    """The spec, built once (by the first caller; the others wait for it), not at start:
-    the server builds it once the workloads are re-adopted, so the agent answers sooner."""
+def spec_json() -> bytes:
+    """The spec as JSON, built at its first request (by the first caller; the others wait
+    for it) and kept as bytes: not at start (the agent answers sooner) and not as objects
+    (its schemas cost the agent 10-25 MB of memory for a page few clients ask for)."""
     with _spec_lock:
         return _built()
 

@@ -386,6 +386,9 @@ class Firewall:
                 out += [f"delete element inet {t} egress_of {{ {o.ip} }}",
                         f"delete element inet {t} ingress_of {{ {o.ip} }}"]
                 out += [f"delete element inet {t} {set_name(g)} {{ {o.ip} }}" for g in dict.fromkeys(og)]
+                if self._last_of_combo(owner, og, groups):  # its chains go with the last member
+                    c = combo_name(og)
+                    out += [f"delete chain inet {t} eg_{c}", f"delete chain inet {t} in_{c}"]
         if port is not None:
             if groups is not None:
                 assert pp is not None
@@ -411,6 +414,10 @@ class Firewall:
                 out.append(f"add element bridge {t} {name} {{ {', '.join(elems)} }}")
         return "\n".join(out) + "\n"
 
+    def _last_of_combo(self, owner: str, groups: tuple[str, ...], new: tuple[str, ...] | None) -> bool:
+        """No port but ``owner``'s (which moves to ``new``) is in exactly ``groups``."""
+        return new != groups and not any(g == groups for o, (_, g) in self._ports.items() if o != owner)
+
     def put(self, owner: str, port: Port | None, pp: PortPolicy | None, *, filtered: bool) -> bool:
         """Make ``owner``'s elements those of ``port`` (None: remove them) in one atomic
         batch; False if that takes a full ``apply``. On an nft error the record is no longer
@@ -423,6 +430,9 @@ class Firewall:
         self.synced = False
         nft(batch)
         groups = pp.groups if (pp is not None and port is not None) else None
+        old = self._ports.get(owner)
+        if old is not None and old[1] is not None and self._last_of_combo(owner, old[1], groups):
+            self._chains.discard(combo_name(old[1]))
         if port is None:
             self._ports.pop(owner, None)
         else:

@@ -79,10 +79,16 @@ def test_element_changes_end_where_a_full_render_does(firewalls):
     assert inc.put("s", stranger, None, filtered=True)  # no record: anti-spoofing only
     now = [p for p in ports.values() if p.owner not in ("c1", "c4", "vm:x")] + [moved, stranger]
     full.apply(now, Policy("same-group", GROUPS, members))
+    assert _contents(inc) == _contents(full)
+    for owner in [o for o in members if o not in ("c1", "c4")]:  # the rest goes: so do their chains
+        assert inc.put(owner, None, None, filtered=True)
+    assert inc.put("s", None, None, filtered=True)
+    full.apply([], Policy("same-group", GROUPS, members))
     got, want = _contents(inc), _contents(full)
-    # chains of a combination nobody uses any more may stay until the next full render
-    assert {k: v for k, v in got.items() if k in want} == want
-    assert set(got) - set(want) <= {k for k in got if k[1] == "chain"}
+    fwd = ("inet", "chain", "forward")
+    assert got[fwd][:-1] == want[fwd] and "pkttype" in got[fwd][-1]  # the broadcast drop stays (stricter)
+    assert {k: v for k, v in got.items() if k in want and k != fwd} == {k: v for k, v in want.items() if k != fwd}
+    assert all(k[1] == "set" and k[2].startswith("g_") and not got[k] for k in set(got) - set(want))  # empty groups
 
 
 def test_a_change_the_elements_cannot_carry_asks_for_a_full_render(firewalls):

@@ -87,7 +87,8 @@ def test_a_port_change_is_a_batch_of_its_own_elements():
                         f'add element bridge nodeagent_ab12 p_ip {{ "{VM.ifname}" . {VM.ip} }}']
     gone = fw.change_batch("a", None, None, filtered=True).splitlines()
     assert f"delete element inet nodeagent_ab12 {set_name('web')} {{ {A.ip} }}" in gone
-    assert all(ln.startswith("delete element") for ln in gone) and len(gone) == 7
+    assert all(ln.startswith("delete element") for ln in gone[:7]) and len(gone) == 9
+    assert gone[7:] == [f"delete chain inet nodeagent_ab12 eg_{WEB}", f"delete chain inet nodeagent_ab12 in_{WEB}"]
     assert fw.change_batch("a", A, PortPolicy("same-group", ("web",)), filtered=True) == ""  # as it is
     assert fw.change_batch("vm:x", VM, PortPolicy("deny", ("db",)), filtered=True) is None  # other default
     fw.synced = False

@@ -19,6 +19,7 @@ from agent.config import Config
 from agent.errors import AgentError, public_error
 
 log = logging.getLogger(__name__)
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 HTTP_CODES = {400: "invalid", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
               415: "unsupported_media_type"}
 
@@ -32,7 +33,6 @@ def _blueprints():
 
 
 def create_app(config: Config, services=None) -> Flask:
-    from agent import openapi
     from agent.services import Services
 
     app = Flask("nodeagent")
@@ -42,7 +42,6 @@ def create_app(config: Config, services=None) -> Flask:
     app.config["SERVICES"] = root
     for bp in _blueprints():
         app.register_blueprint(bp)
-    app.config["OPENAPI"] = openapi.build()
     public = {r.endpoint for r in ROUTES if r.auth == "none"}
     route_auth = {r.endpoint: r.auth for r in ROUTES}
 
@@ -61,6 +60,8 @@ def create_app(config: Config, services=None) -> Flask:
                                   cert=request.environ.get("nodeagent.client_cert"),
                                   cert_roles=config.api.cert_roles)
         request.environ["nodeagent.caller"] = g.caller  # for the server's access log line
+        if request.method not in READ_METHODS and not root.adopted.is_set():
+            root.wait_adopted()  # after an agent restart: reads are served at once, changes once re-adopted
         return None
 
     def _authorization() -> str | None:

@@ -108,7 +108,8 @@ def check(type_, value, what: str):
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # no "1" -> 1 or 0 -> False coercion
+    model_config = ConfigDict(extra="forbid", strict=True,  # no "1" -> 1 or 0 -> False coercion
+                              defer_build=True)  # validators built at first use: the agent starts sooner
 
 
 # -- common --
@@ -125,6 +126,9 @@ class Error(Model):
 
 class Health(Model):
     status: Literal["ok"]
+    # present (true) after a restart until every instance is re-adopted: reads show the last
+    # known state meanwhile and changes wait for it
+    adopting: bool | None = None
 
 
 class Deleted(Model):

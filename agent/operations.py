@@ -133,6 +133,7 @@ class Operations:
         self._prune_stop = threading.Event()
         self._prune_thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self.on_idle: Callable[[], None] | None = None  # called when the last operation in flight ends
         self._active: dict[str, OperationContext] = {}
         self._cond = threading.Condition()
         self._slow = _slow_phases()
@@ -252,6 +253,7 @@ class Operations:
                   started_at=ctx.started_at, finished_at=time.time())
         with self._cond:
             self._active.pop(ctx.id, None)
+            idle = not self._active
             self._cond.notify_all()
         op = self._publish(ctx.id)
         if on_final:
@@ -259,6 +261,11 @@ class Operations:
                 on_final(op)
             except Exception:
                 log.exception("operation final hook failed", extra={"operation": ctx.id})
+        if idle and self.on_idle is not None:
+            try:
+                self.on_idle()
+            except Exception:
+                log.exception("operation idle hook failed")
 
     def _set(self, op_id: str, **cols) -> None:
         sets = ", ".join(f"{k}=?" for k in cols)

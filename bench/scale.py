@@ -11,12 +11,15 @@ peers measured in the same run.
     at a time; then the agent's RSS, conmon RSS and cgroup memory per container, GET
     /v1/instances p50/p99 (peer: GET /v1/health on the same server), /metrics scrape time,
     and create p50 with --n running vs on the empty host (measured at the start).
-(c) restart: kill -9 the agent (ours, by PID) and start it again: ms until it answers,
-    ms until every instance is re-adopted (listed running and its stats readable).
+(c) restart: kill -9 the agent (ours, by PID) and start it again: ms until it answers
+    (health; then a list of every instance), ms until every instance is re-adopted (health
+    no longer says ``adopting``, every instance listed running and its stats readable).
 (d) delete storm: the --n deletes with INFLIGHT in flight, then a count of what is left:
     mounts under the agent's state dir, cgroups under its parent, its veths and netns,
     leases and rows.
-Not measured yet: the VM storm and 50 running VMs (issue #20 asks for them).
+(e) VM storm: --vms VMs at once through the API (an agent of its own on libvirt) to each
+    guest's marker, vs as many `virsh create` at once of the same disk; total seconds and
+    the p50/p99 of one VM. Not measured yet: 50 running VMs (issue #20 asks for them).
 
 Run as root (the machine is shared: N=100..200 while developing):
     .venv/bin/python bench/scale.py --n 200
@@ -47,6 +50,12 @@ INFLIGHT = 20
 QUIET = 10
 LIST_REQUESTS = 200
 METRICS_REQUESTS = 10
+VM_STORM = 20
+VM_MEMORY_MIB = 128  # the disk-boot test guest reboots in a loop with 64 MiB (SYSLINUX again and again)
+VM_MARKER = "NODEAGENT-GUEST-BOOTED"
+VM_BOOT_TIMEOUT_S = 600  # 20 TCG guests share this host's cores
+VM_POLL_S = 0.2  # both sides look for the marker at this pace
+VM_IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
 SETTLE_S = 0.1  # as bench/api.py: every quiet create pays the cgroup v1 RCU wait
 
 line = emitter("scale")
@@ -252,9 +261,15 @@ class Bench:
         n = self.args.n
         self.agent.kill9()
         t0 = time.perf_counter()
-        self.agent.start()
+        self.agent.start(wait_adopted=False)
         answer = (time.perf_counter() - t0) * 1000
+        lst = self.api.get("/v1/instances")  # a list answers too while re-adopting
+        assert lst.status_code == 200 and len(lst.json()["instances"]) == n, lst.text[:500]
+        answer_list = (time.perf_counter() - t0) * 1000
         while True:
+            if self.api.get("/v1/health").json().get("adopting"):
+                time.sleep(0.05)
+                continue
             rows = self.api.get("/v1/instances").json()["instances"]
             if sum(1 for i in rows if i["state"] == "running") == n and \
                     self.api.get(f"/v1/instances/d{n - 1}/stats").status_code == 200:
@@ -263,7 +278,11 @@ class Bench:
                 raise RuntimeError("not re-adopted in 300 s")
             time.sleep(0.05)
         readopt = (time.perf_counter() - t0) * 1000
+        if os.environ.get("BENCH_DEBUG"):
+            started = [ln for ln in self.agent.log.read_text().splitlines() if "agent services started" in ln]
+            print(f"restart: {started[-1] if started else '?'}", file=sys.stderr)
         line(f"restart_answer_ms_{n}", answer)
+        line(f"restart_answer_list_ms_{n}", answer_list)
         line(f"restart_readopt_ms_{n}", readopt)
 
     def delete_storm(self):
@@ -289,7 +308,98 @@ class Bench:
                   f"leases {len(leases)} container rows {len(crows)} instances {len(irows)}", file=sys.stderr)
         line(f"delete_storm_leaks_{n}", left, unit="count")
 
+    # -- (e) VM storm --
+    def vm_storm(self):
+        """--vms VMs of the test guest's boot.qcow2 (disk boot, 64 MiB, TCG here) created at
+        once through the API (an agent of its own on libvirt, network none) until each
+        guest's marker is on its console, vs as many `virsh create` at once of the same disk
+        (a pre-made overlay and seed each) until the marker in each console log."""
+        import uuid
+
+        from hypervisor.domain_xml import domain_xml
+        from hypervisor.driver import DiskSpec, VmSpec
+        from hypervisor.libvirt_driver import LibvirtDriver
+        from hypervisor.seed import make_seed
+        from testbed import libvirt_daemon
+        k = self.args.vms
+        daemons = libvirt_daemon.ensure()
+        work = self.tmp / "vms"
+        work.mkdir()
+        os.chmod(work, 0o755)
+        virt_type = LibvirtDriver(uri=daemons.uri, virt_type="auto", state_dir=str(work / "probe")).virt_type
+        agent = AgentProcess(work / "agent", pool_kind="local", import_dirs=[VM_IMAGES])
+        agent.config.write_text(agent.config.read_text().replace(
+            '[hypervisor]\ndriver = "fake"\n', f'[hypervisor]\ndriver = "libvirt"\nuri = "{daemons.uri}"\n'))
+        token = agent.token("bench", "admin")
+        agent.start()
+        peers = [f"nascale-virsh-{secrets.token_hex(3)}-{i}" for i in range(k)]
+        try:
+            api = Api(agent.url, token)
+            op = api.wait(api.post("/v1/images", json={"name": "boot", "source": {
+                "type": "file", "path": f"{VM_IMAGES}/boot.qcow2"}}).json(), timeout=300)
+            assert op["status"] == "succeeded", op
+
+            def ours(i):
+                c = Api(agent.url, token)
+                r = c.post("/v1/instances", json={"name": f"v{i}", "kind": "vm", "image": "boot", "cpus": 1,
+                                                  "memory_mib": VM_MEMORY_MIB, "network": "none"})
+                assert r.status_code == 202, r.text
+                t0 = time.monotonic()
+                while VM_MARKER not in c.get(f"/v1/instances/v{i}/logs").json().get("logs", ""):
+                    if time.monotonic() - t0 > VM_BOOT_TIMEOUT_S:
+                        raise RuntimeError(f"{VM_MARKER} not on v{i}'s console after {VM_BOOT_TIMEOUT_S}s")
+                    time.sleep(VM_POLL_S)
+            ours("warm")  # one boot first: the image's pages are in the page cache for both sides
+            Api(agent.url, token).delete("/v1/instances/vwarm", timeout=300)
+            rate, lat = storm(ours, k, inflight=k)
+            for i in range(k):
+                Api(agent.url, token).delete(f"/v1/instances/v{i}", timeout=300)
+            xmls = []
+            for name in peers:
+                disk = work / f"{name}.qcow2"
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{VM_IMAGES}/boot.qcow2",
+                                "-F", "qcow2", str(disk)], check=True)
+                seed = make_seed(str(work / f"{name}-seed.iso"), instance_id=name, hostname=name)
+                spec = VmSpec(name=name, uuid=str(uuid.uuid4()), cpus=1, memory_mib=VM_MEMORY_MIB,
+                              disks=(DiskSpec("vda", str(disk)), DiskSpec("vdz", seed, format="raw", readonly=True)),
+                              console_log=str(work / f"{name}.log"))
+                (work / f"{name}.xml").write_text(domain_xml(spec, virt_type=virt_type))
+                xmls.append((name, spec.console_log))
+
+            def peer(i):
+                name, log_path = xmls[i]
+                subprocess.run(["virsh", "-q", "-c", daemons.uri, "create", str(work / f"{name}.xml")], check=True,
+                               stdout=subprocess.DEVNULL)
+                t0 = time.monotonic()
+                while True:
+                    try:
+                        if VM_MARKER in Path(log_path).read_text(errors="replace"):
+                            return
+                    except FileNotFoundError:
+                        pass
+                    if time.monotonic() - t0 > VM_BOOT_TIMEOUT_S:
+                        raise RuntimeError(f"{VM_MARKER} not in {log_path} after {VM_BOOT_TIMEOUT_S}s")
+                    time.sleep(VM_POLL_S)
+            peer_rate, peer_lat = storm(peer, k, inflight=k)
+            vpeer = f"virsh create x{k} at once (pre-made overlay + seed), to the marker"
+            line(f"vm_storm_{k}_total_s", k / rate, vpeer, k / peer_rate, unit="s")
+            line(f"vm_storm_{k}_p50", statistics.median(lat), vpeer, statistics.median(peer_lat))
+            line(f"vm_storm_{k}_p99", pct(lat, 99), vpeer, pct(peer_lat, 99))
+        finally:
+            for name in peers:
+                subprocess.run(["virsh", "-q", "-c", daemons.uri, "destroy", name], capture_output=True)
+            try:
+                for i in range(k):
+                    Api(agent.url, token).delete(f"/v1/instances/v{i}", timeout=300)
+            finally:
+                agent.stop()
+                daemons.stop()  # only what ensure() started (none if libvirtd ran)
+
     def run(self):
+        if self.args.vms:
+            self.vm_storm()
+        if not (self.args.n or self.args.storm):
+            return
         self.start()
         self.import_busybox()
         self.create("warm")  # the agent unpacks the layers on first use
@@ -343,6 +453,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1000, help="containers for density, restart, delete storm (0: skip)")
     ap.add_argument("--storm", type=int, default=STORM, help="creates in the container storm (0: skip)")
+    ap.add_argument("--vms", type=int, default=VM_STORM, help="VMs in the VM storm (0: skip)")
     args = ap.parse_args()
     b = Bench(args)
     try:

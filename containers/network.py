@@ -11,7 +11,8 @@ Names (all derived, so leftovers can be found after a crash):
   iptables   nat chains NODEAGENT-NAT (from POSTROUTING) and NODEAGENT-DNAT (from
              PREROUTING and OUTPUT); every rule carries ``-m comment nodeagent:<rtag>:<x>``
   nftables   tables ``bridge nodeagent_<rtag>`` and ``inet nodeagent_<rtag>``: the tenant
-             filter (containers/firewall.py), rebuilt whole from the leases on every change
+             filter (containers/firewall.py): a port's elements added or removed on each
+             lease change, rebuilt whole at start and on a security-group change
 <rtag> is 4 hex of the runtime's state dir, so two runtimes on one host never collide.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable
 
 from agent.errors import CommandFailed, Conflict, InsufficientResources, Unavailable
 from agent.state import Database
-from containers.firewall import Firewall, Policy, Port, ensure_bridge_netfilter
+from containers.firewall import Firewall, Policy, Port, PortPolicy, ensure_bridge_netfilter
 from containers.runtime import PortMap
 
 NETNS_DIR = "/run/netns"
@@ -153,6 +154,9 @@ class Network:
         self.firewall = Firewall(rtag=rtag, bridge=bridge, gateway=self.gateway)
         # the security groups (agent/services/secgroups.py sets it): None, no group filtering
         self.policy_source: Callable[[], Policy | None] | None = None
+        # one port owner's part of it (a lease change touches only that port's elements)
+        self.port_policy_source: Callable[[str], PortPolicy | None] | None = None
+        self._fw_mutex = threading.Lock()  # a rebuild or one port's change at a time
         # apply_firewall() callers at the same time share one rebuild (see there)
         self._fw_cond = threading.Condition()
         self._fw_asked = 0  # rebuilds asked for so far, numbered 1, 2, ...
@@ -249,8 +253,8 @@ class Network:
             held = self.find_lease(name)
             assert held is not None
             return held
-        if mac is not None:  # a port: its rules
-            self.apply_firewall()
+        if mac is not None and ifname is not None:  # a port: its rules
+            self._port_changed(name, Port(name, ifname, mac, ip))
         return ip
 
     def _lease(self, name, want, mac, ifname) -> str | None:
@@ -284,8 +288,10 @@ class Network:
             n = c.execute("UPDATE containers_leases SET mac=?, ifname=? WHERE network=? AND name=? "
                           "AND (mac IS NOT ? OR ifname IS NOT ?)",
                           (mac, ifname, self.bridge, name, mac, ifname)).rowcount
+            row = c.execute("SELECT ip FROM containers_leases WHERE network=? AND name=?",
+                            (self.bridge, name)).fetchone()
         if n:
-            self.apply_firewall()
+            self._port_changed(name, Port(name, ifname, mac, row["ip"]))
         return n > 0
 
     def find_lease(self, name: str) -> str | None:
@@ -301,7 +307,7 @@ class Network:
                           (self.bridge, name)).rowcount
             n += c.execute("DELETE FROM containers_ports WHERE name=?", (name,)).rowcount
         if port:  # its rules go with it
-            self.apply_firewall()
+            self._port_changed(name, None)
         return n > 0
 
     # -- the filter --
@@ -310,6 +316,24 @@ class Network:
         return [Port(r["name"], r["ifname"], r["mac"], r["ip"]) for r in self.db.query(
             "SELECT name, ip, mac, ifname FROM containers_leases WHERE network=? AND mac IS NOT NULL "
             "AND ifname IS NOT NULL ORDER BY ip", (self.bridge,))]
+
+    def _port_changed(self, owner: str, port: Port | None) -> None:
+        """Make ``owner``'s port (None: gone) filtered as the lease table says, in one small
+        batch when the filter allows (containers/firewall.py Firewall.put), else by a full
+        rebuild. Returns once the rules are in place (a new port's before its device joins
+        the bridge)."""
+        filtered = self.policy_source is not None
+        if not filtered or self.port_policy_source is not None:
+            with self._fw_mutex:  # a rebuild reads the leases under it: never a stale one after this
+                if self.firewall.synced:
+                    pp = self.port_policy_source(owner) if (filtered and port is not None
+                                                            and self.port_policy_source is not None) else None
+                    try:
+                        if self.firewall.put(owner, port, pp, filtered=filtered):
+                            return
+                    except CommandFailed:
+                        pass  # e.g. the tables went behind our back: rebuild them
+        self.apply_firewall()
 
     def apply_firewall(self) -> None:
         """Render and apply this network's whole filter (containers/firewall.py) from the
@@ -330,8 +354,9 @@ class Network:
             self._fw_busy = True
             covers = self._fw_asked  # the rebuild below reads the state after each of these calls
         try:
-            policy = self.policy_source() if self.policy_source is not None else None
-            self.firewall.apply(self.ports(), policy)
+            with self._fw_mutex:
+                policy = self.policy_source() if self.policy_source is not None else None
+                self.firewall.apply(self.ports(), policy)
         except BaseException:
             with self._fw_cond:
                 self._fw_busy = False

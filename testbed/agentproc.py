@@ -69,7 +69,9 @@ class AgentProcess:
     def token(self, name: str, role: str) -> str:
         return self.cli("token", "create", name, "--role", role).stdout.strip()
 
-    def start(self, verify=None, cert=None) -> "AgentProcess":
+    def start(self, verify=None, cert=None, *, wait_adopted: bool = True) -> "AgentProcess":
+        """Start the agent and return once it answers and (``wait_adopted``) has re-adopted
+        its workloads (its health no longer says ``adopting``)."""
         self._log = open(self.log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "--config", str(self.config), "serve"],
                                      cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -80,7 +82,7 @@ class AgentProcess:
             try:
                 r = requests.get(self.url + "/v1/health", timeout=1, verify=verify if verify is not None else True,
                                  cert=cert)
-                if r.ok:
+                if r.ok and not (wait_adopted and r.json().get("adopting")):
                     return self
             except requests.RequestException:
                 pass

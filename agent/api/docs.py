@@ -1,9 +1,12 @@
 """GET /v1/openapi.json (reader token) and /v1/docs (a local page; its assets come from this agent)."""
+import functools
+import json
+import threading
 from pathlib import Path
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
-from agent.api import render, route
+from agent.api import route
 from agent.errors import NotFound
 
 bp = Blueprint("docs", __name__)
@@ -13,7 +16,24 @@ ASSETS = {"docs.js": "text/javascript", "docs.css": "text/css"}
 
 @route(bp, "GET", "/v1/openapi.json", summary="This API's OpenAPI 3 spec", responses={200: dict})
 def openapi_json():
-    return render(current_app.config["OPENAPI"])
+    return Response(spec_json(), mimetype="application/json")
+
+
+_spec_lock = threading.Lock()
+
+
+@functools.cache
+def _built() -> bytes:
+    from agent import openapi
+    return json.dumps(openapi.build(), separators=(",", ":")).encode()
+
+
+def spec_json() -> bytes:
+    """The spec as JSON, built at its first request (by the first caller; the others wait
+    for it) and kept as bytes: not at start (the agent answers sooner) and not as objects
+    (its schemas cost the agent 10-25 MB of memory for a page few clients ask for)."""
+    with _spec_lock:
+        return _built()
 
 
 @route(bp, "GET", "/v1/docs", summary="API docs page (no auth; it asks for a token to load the spec)",

@@ -10,6 +10,8 @@ bp = Blueprint("host", __name__)
 
 @route(bp, "GET", "/v1/health", summary="Liveness (no auth)", responses={200: models.Health}, auth="none")
 def health():
+    if not services().adopted.is_set():  # after a restart, until its workloads are re-adopted
+        return render({"status": "ok", "adopting": True})
     return render({"status": "ok"})
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from agent import registry
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from storage.sources import AddressPolicy
 
 log = logging.getLogger(__name__)
+ADOPT_WAIT_S = 30  # a change asked for while the agent re-adopts its workloads waits at most this long
 STATE_DIR_MODE = 0o711  # nobody else lists it; QEMU (another user) reaches its disks and seeds by path
 
 
@@ -115,6 +117,8 @@ class Services:
         from agent.services.execs import ExecSessions
         self.execs = ExecSessions()  # interactive exec sessions waiting for their websocket
         self.started = False
+        # set once the workloads are re-adopted (start): until then only reads are served
+        self.adopted = threading.Event()
 
     # -- components, built lazily --
     @property
@@ -163,6 +167,7 @@ class Services:
                 rtag = short_hash(os.path.abspath(self.config.state_path / "containers"), 4)
                 self._network = Network(self.db, bridge=net.bridge, subnet=net.subnet, nat=net.nat, rtag=rtag)
                 self._network.policy_source = self.secgroups.policy
+                self._network.port_policy_source = self.secgroups.port_policy
             return self._network
 
     def network_if_used(self) -> Network | None:
@@ -228,26 +233,72 @@ class Services:
             return self._runtime
 
     # -- lifecycle --
-    def start(self) -> None:
-        """Start the worker pool, clean up after a crash, re-adopt running workloads."""
+    def start(self, *, readopt_in_background: bool = False, on_adopted=None) -> None:
+        """Start the worker pool, clean up after a crash, re-adopt running workloads.
+
+        With ``readopt_in_background`` (the server, once its socket listens), only the
+        operations a crash cut are failed here and the rest runs in a thread: the API answers
+        reads at once (records show their last known state until re-adopted) and every
+        request that changes something waits for ``adopted`` (at most ADOPT_WAIT_S, then
+        503). ``on_adopted`` is called when re-adoption has finished."""
         if self.started:
             return
-        failed = self.operations.recover()
-        self.instances.recover()
-        self.snapshots.sweep()  # after recover: the rows of instances it removed go too
-        self._sweep_backups()
-        self.migrations.recover()
-        self.secgroups.ensure_default()
-        self._rebuild_filter()
-        to_start = self.boot.check(self.records)  # before reconcile turns what a reboot stopped to stopped
-        self.instances.reconcile()
-        self._recover_volumes()
-        self._recover_exports()
-        self.operations.start()
-        self.instances.autostart(to_start)
-        self.images.start_periodic_gc()  # its first run sweeps what a killed agent left
         self.started = True
-        log.info("agent services started", extra={"recovered_operations": len(failed)})
+        self._phases = {}
+        self._t = time.monotonic()
+        failed = self.operations.recover()
+        self._phase("operations")
+        if not readopt_in_background:
+            self._readopt(len(failed), on_adopted)
+            return
+        threading.Thread(target=self._readopt, args=(len(failed), on_adopted), name="readopt", daemon=True).start()
+
+    def _phase(self, name: str) -> None:
+        now = time.monotonic()
+        self._phases[name] = int((now - self._t) * 1000)
+        self._t = now
+
+    def _readopt(self, recovered: int, on_adopted) -> None:
+        """The re-adoption part of ``start``: everything that reads or changes workloads."""
+        try:
+            self.instances.recover()
+            self.snapshots.sweep()  # after recover: the rows of instances it removed go too
+            self._sweep_backups()
+            self.migrations.recover()
+            self.secgroups.ensure_default()
+            self._phase("recover")
+            self._rebuild_filter()
+            self._phase("filter")
+            to_start = self.boot.check(self.records)  # before reconcile turns what a reboot stopped to stopped
+            self.instances.reconcile()
+            self._phase("reconcile")
+            self._recover_volumes()
+            self._recover_exports()
+            self._phase("volumes")
+            if not self.started:
+                return  # stopped meanwhile: take no work
+            self.operations.start()
+            self.instances.autostart(to_start)
+            self.images.start_periodic_gc()  # its first run sweeps what a killed agent left
+            self._phase("autostart")
+            log.info("agent services started", extra={"recovered_operations": recovered, "phases_ms": self._phases})
+        except Exception:
+            if threading.current_thread().name != "readopt":
+                self.started = False
+                raise
+            # as a failed start before serving: the process ends and its supervisor restarts it
+            log.exception("re-adopting the workloads failed: the agent exits")
+            logging.shutdown()
+            os._exit(1)
+        if self.started:
+            self.adopted.set()
+        if on_adopted is not None:
+            on_adopted()
+
+    def wait_adopted(self) -> None:
+        """Return once the workloads are re-adopted; Unavailable if that takes over ADOPT_WAIT_S."""
+        if not self.adopted.wait(ADOPT_WAIT_S):
+            raise Unavailable("the agent is re-adopting its instances after a restart: retry in a few seconds")
 
     def _rebuild_filter(self) -> None:
         """The tenant filter from the state DB (after an agent restart or a host reboot)."""

@@ -6,7 +6,8 @@ a *member* of one or more groups (``["default"]`` unless its create said otherwi
 group ``default`` is made, without rules, when first needed). What reaches a member and
 what may leave it is the host's ``[network] default_policy`` plus its groups' rules,
 enforced by the host network's nft tables (containers/firewall.py): every change here
-re-renders the whole filter in one atomic batch, so a change is live when the call returns.
+re-renders the whole filter in one atomic batch, so a change is live when the call returns
+(an instance's create or delete changes only its own elements: ``port_policy``).
 
 The filter asks ``policy()`` (set as the network's policy source by the composition root)
 on every rebuild: at the agent's start, at each instance's attach, on each change here.
@@ -20,7 +21,7 @@ import time
 
 from agent import models
 from agent.errors import Conflict, NotFound, Unprocessable
-from containers.firewall import Policy, Rule
+from containers.firewall import Policy, PortPolicy, Rule
 
 DEFAULT_GROUP = "default"
 VM_LEASE_PREFIX = "vm:"  # containers.network's name for a VM's lease
@@ -201,6 +202,28 @@ class SecurityGroups:
             key = VM_LEASE_PREFIX + inst.id if inst.kind == "vm" else inst.name
             by_lease[key] = tuple(members.get(inst.id) or (DEFAULT_GROUP,))
         return Policy(default=self.root.config.network.default_policy, groups=groups, members=by_lease)
+
+    def port_policy(self, lease: str) -> PortPolicy | None:
+        """The part of ``policy()`` the port of lease ``lease`` needs (a create or a delete
+        changes only that port's elements): None if no record owns the lease (not filtered)."""
+        records = self.root.records
+        if lease.startswith(VM_LEASE_PREFIX):
+            inst = records.find_id(lease[len(VM_LEASE_PREFIX):])
+            if inst is None or inst.kind != "vm":
+                return None
+        else:
+            inst = records.find_name(lease)
+            if inst is None or inst.kind == "vm":
+                return None
+        groups = tuple(r["grp"] for r in self.db.query(
+            "SELECT grp FROM security_group_members WHERE instance_id=? ORDER BY rowid", (inst.id,)))
+        groups = groups or (DEFAULT_GROUP,)
+        rules = {}
+        for g in dict.fromkeys(groups):
+            rows = self._rows(g)
+            if rows:
+                rules[g] = tuple(Rule(**x) for x in json.loads(rows[0]["rules"]))
+        return PortPolicy(default=self.root.config.network.default_policy, groups=groups, rules=rules)
 
     def apply(self) -> None:
         """Re-render the host network's filter if the host network is in use here."""

@@ -102,7 +102,7 @@ def test_groups_open_and_close_ports_live_and_survive_a_restart(agent):
     agent.start()
     listing = nft_tables(agent)
     veth = "nv" + agent.rtag + short_hash(f"srv-{sfx}", 8)
-    assert f"chain p_{veth}" in listing and f"chain in_{veth}" in listing
+    assert f'"{veth}" . {ip}' in listing and f"{ip} : jump in_" in listing
     assert reaches(api, f"peer-{sfx}", ip)
     assert not reaches(api, f"cli-{sfx}", ip)
 

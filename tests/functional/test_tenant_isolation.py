@@ -149,7 +149,7 @@ def test_gratuitous_arp_for_the_gateway_is_not_seen(rt, tmp_path):
 def test_rules_follow_the_ports_and_go_with_them(rt, tmp_path):
     run(rt, tmp_path, "a")
     veth = rt.net.veth_name("a")
-    assert f"chain p_{veth}" in rt.net.firewall.listing()
+    assert f'"{veth}"' in rt.net.firewall.listing()  # its elements in the port sets
     rt.delete("a")
     assert veth not in rt.net.firewall.listing()
     assert "127.0.0.0/8" in rt.net.firewall.listing()  # host protection stays with the bridge

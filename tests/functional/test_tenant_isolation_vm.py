@@ -41,7 +41,7 @@ def test_a_vm_behind_its_tap_rules_and_groups(lv, vms, db, request):  # noqa: F8
     net.apply_firewall()
     tap = tap_for(vm.id)
     listing = net.firewall.listing()
-    assert f"chain p_{tap}" in listing and vm.ip in listing
+    assert f'"{tap}" . ' in listing and f"{vm.ip} : jump in_" in listing
     assert lv.start(vm.name).state == "running"
     assert tap in os.listdir(f"/sys/class/net/{bridge}/brif")  # the tap has the name its rules use
     wait_console(lv, vm.name, "NODEAGENT-READY")

@@ -103,7 +103,7 @@ def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, 
     assert apis["h2"].get(f"/v1/instances/{name}/security-groups").json() == {"security_groups": [group]}
     assert apis["h2"].get(f"/v1/security-groups/{group}").json()["rules"] == rules
     tables = h2.run("nft", "list", "ruleset").stdout
-    assert f"chain p_nt{inst_id[:12]}" in tables and f"chain in_nt{inst_id[:12]}" in tables
+    assert f'"nt{inst_id[:12]}" . {moved["ip"]}' in tables and f'{moved["ip"]} : jump in_' in tables
     # the source is clean: no record, no domain, no volume, no instance dir
     assert apis["h1"].get(f"/v1/instances/{name}").status_code == 404
     assert name not in domains(h1)

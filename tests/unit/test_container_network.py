@@ -97,7 +97,8 @@ class _RecordingFirewall:
 def _lease_in_threads(n, names, errors):
     def one(name):
         try:
-            n.lease(name, mac=n.container_mac(name), ifname=n.veth_name(name))
+            n._lease(name, None, n.container_mac(name), n.veth_name(name))
+            n.apply_firewall()
             assert name in fw.calls[-1], "returned before a rebuild with its lease was applied"
         except Exception as e:  # noqa: BLE001 - the test reads them
             errors[name] = e

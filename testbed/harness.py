@@ -270,7 +270,8 @@ class SimHost:
                 raise RuntimeError(f"agent of {self.name} exited with {proc.returncode}: "
                                    f"{(self.root / 'agent.log').read_text()[-3000:]}")
             try:
-                if requests.get(self.agent_url + "/v1/health", timeout=1).ok:
+                r = requests.get(self.agent_url + "/v1/health", timeout=1)
+                if r.ok and not r.json().get("adopting"):  # answering, and its workloads re-adopted
                     break
             except requests.RequestException:
                 pass

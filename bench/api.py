@@ -112,10 +112,8 @@ def bench_create(tmp):
     real = bool(shutil.which("runc") and shutil.which("conmon")) and os.geteuid() == 0
     kind = "runc" if real else "fake"
     bridge, subnet = f"nabench{secrets.token_hex(2)}", "198.19.250.0/24"
-    agent = AgentProcess(Path(tmp) / "create", pool_kind="local")
-    if real:
-        agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"')
-                                + f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\nnat = false\n')
+    agent = AgentProcess(Path(tmp) / "create", pool_kind="local", runtime=kind,
+                         network=(bridge, subnet) if real else None)
     token = agent.token("bench", "admin")
     agent.start()
     rt, cleanup = make_runtime(kind, Path(tmp) / "rt")

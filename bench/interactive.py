@@ -67,8 +67,7 @@ def _exec_ws(agent, token, name, argv) -> int:
 
 def bench_runc(tmp: Path, parts: set[str]) -> None:
     from api import import_busybox  # bench/api.py
-    agent = AgentProcess(tmp / "runc", pool_kind="local")
-    agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"'))
+    agent = AgentProcess(tmp / "runc", pool_kind="local", runtime="runc")
     token = agent.token("bench", "admin")
     agent.start()
     name = f"bi-{secrets.token_hex(3)}"

@@ -54,8 +54,7 @@ def resize_metrics(runs: int = RUNS) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="nodeagent-bench-resize-", dir="/tmp"))
     tmp.chmod(0o711)  # user-namespaced containers reach their rootfs by path
-    agent = AgentProcess(tmp / "a", pool_kind="local")
-    agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"'))
+    agent = AgentProcess(tmp / "a", pool_kind="local", runtime="runc")
     agent.admin_token = agent.token("admin", "admin")
     agent.start()
     api = Api(agent.url, agent.admin_token)

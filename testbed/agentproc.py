@@ -24,10 +24,13 @@ def free_port() -> int:
 
 
 def write_config(state_dir: Path, port: int, *, pool_kind="fake", extra: str = "",
-                 import_dirs=None, allow_url_hosts=("127.0.0.1/32",)) -> Path:
+                 import_dirs=None, allow_url_hosts=("127.0.0.1/32",), runtime: str = "fake",
+                 network: tuple[str, str] | None = None) -> Path:
     """The agent's config. Image sources: host files under ``import_dirs`` (default: the
     state dir's parent, where tests keep their images) and URLs/registries on
-    ``allow_url_hosts`` (default: loopback 127.0.0.1, where tests run their servers)."""
+    ``allow_url_hosts`` (default: loopback 127.0.0.1, where tests run their servers).
+    ``runtime``: the container runtime (fake or runc); ``network``: (bridge, subnet) of a
+    test network (testbed.runtimes.test_network), without NAT."""
     state_dir.mkdir(parents=True, exist_ok=True)
     cfg = state_dir / "agent.toml"
     pool = f'[pools.default]\nkind = "{pool_kind}"\n'
@@ -38,20 +41,22 @@ def write_config(state_dir: Path, port: int, *, pool_kind="fake", extra: str = "
               f'allow_url_hosts = {json.dumps(list(allow_url_hosts))}\n')
     cfg.write_text(f'state_dir = "{state_dir}"\nlog_format = "text"\nworkers = 8\n{extra}\n'
                    f'[api]\nlisten = "127.0.0.1:{port}"\n'
-                   '[hypervisor]\ndriver = "fake"\n[containers]\nruntime = "fake"\n' + images + pool)
+                   f'[hypervisor]\ndriver = "fake"\n[containers]\nruntime = "{runtime}"\n' + images + pool
+                   + (f'[network]\nbridge = "{network[0]}"\nsubnet = "{network[1]}"\nnat = false\n' if network else ""))
     return cfg
 
 
 class AgentProcess:
     def __init__(self, state_dir: Path, *, pool_kind="fake", extra_config: str = "", env: dict | None = None,
                  scheme="http", tls_extra: str = "", import_dirs=None, allow_url_hosts=("127.0.0.1/32",),
-                 images_extra: str = ""):
+                 images_extra: str = "", runtime: str = "fake", network: tuple[str, str] | None = None):
         from testbed.runtimes import agent_rtag
         self.state_dir = Path(state_dir)
         self.rtag = agent_rtag(self.state_dir)  # its network's rules and tables carry it
         self.port = free_port()
         self.config = write_config(self.state_dir, self.port, pool_kind=pool_kind, extra=extra_config,
-                                   import_dirs=import_dirs, allow_url_hosts=allow_url_hosts)
+                                   import_dirs=import_dirs, allow_url_hosts=allow_url_hosts, runtime=runtime,
+                                   network=network)
         if images_extra:  # more [images] keys
             self.config.write_text(self.config.read_text().replace("[images]\n", "[images]\n" + images_extra))
         if tls_extra:

@@ -97,9 +97,7 @@ def test_real_runc_agent_applies_keeps_and_reapplies_limits(open_tmp):
     from testbed.runtimes import drop_test_network, test_network
     from tests.api.test_crash import _import_busybox
     bridge, subnet = test_network()
-    agent = AgentProcess(tmp_path / "r", pool_kind="local")
-    agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"')
-                            + f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\nnat = false\n')
+    agent = AgentProcess(tmp_path / "r", pool_kind="local", runtime="runc", network=(bridge, subnet))
     agent.admin_token = agent.token("admin", "admin")
     agent.start()
     api = Api(agent.url, agent.admin_token)

@@ -104,9 +104,8 @@ def test_kill9_during_real_runc_container_start(open_tmp):
         assert shutil.which(tool), f"{tool} is not installed: run scripts/setup-host"
     from testbed.runtimes import test_network
     bridge, subnet = test_network()
-    net = f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\nnat = false\n'
-    agent = AgentProcess(tmp_path / "r", pool_kind="local", env={"NODEAGENT_SLOW_PHASE": "instance.start:start=60"})
-    agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"') + net)
+    agent = AgentProcess(tmp_path / "r", pool_kind="local", env={"NODEAGENT_SLOW_PHASE": "instance.start:start=60"},
+                         runtime="runc", network=(bridge, subnet))
     agent.admin_token = agent.token("admin", "admin")
     agent.start()
     api = Api(agent.url, agent.admin_token)

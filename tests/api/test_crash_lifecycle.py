@@ -92,9 +92,8 @@ def test_kill9_during_a_container_delete_is_finished_at_start(open_tmp):
     wrap.mkdir()
     (wrap / "runc").write_text(RUNC_GATE.format(d=tmp_path, runc=shutil.which("runc")))
     (wrap / "runc").chmod(0o755)
-    agent = AgentProcess(tmp_path / "r", pool_kind="local", env={"PATH": f"{wrap}:{os.environ['PATH']}"})
-    agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"')
-                            + f'[network]\nbridge = "{bridge}"\nsubnet = "{subnet}"\nnat = false\n')
+    agent = AgentProcess(tmp_path / "r", pool_kind="local", env={"PATH": f"{wrap}:{os.environ['PATH']}"},
+                         runtime="runc", network=(bridge, subnet))
     agent.admin_token = agent.token("admin", "admin")
     agent.start()
     api = Api(agent.url, agent.admin_token)

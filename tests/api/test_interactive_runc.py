@@ -31,8 +31,7 @@ def real(tmp_path_factory):
     from tests.api.test_crash import _import_busybox
     tmp = Path(tempfile.mkdtemp(prefix="nodeagent-iexec-", dir="/tmp"))
     tmp.chmod(0o711)  # user-namespaced containers' roots reach their rootfs by path (as open_tmp)
-    agent = AgentProcess(tmp / "a", pool_kind="local")
-    agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"'))
+    agent = AgentProcess(tmp / "a", pool_kind="local", runtime="runc")
     agent.admin_token = agent.token("admin", "admin")
     agent.reader_token = agent.token("reader", "reader")
     agent.start()

@@ -78,8 +78,7 @@ def test_rebuild_a_runc_container_from_another_image(open_tmp):
     from testbed.agentproc import AgentProcess, Api
     from testbed.ocibuild import busybox_layers, layer, users_layer, write_layout
     from tests.api.test_services_inprocess import GROUP, PASSWD
-    agent = AgentProcess(open_tmp / "r", pool_kind="local")
-    agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"'))
+    agent = AgentProcess(open_tmp / "r", pool_kind="local", runtime="runc")
     agent.admin_token = agent.token("admin", "admin")
     agent.start()
     api = Api(agent.url, agent.admin_token)

@@ -54,9 +54,7 @@ def test_runc_live_resize_and_start_after_a_reboot(open_tmp):
     from tests.api.test_crash import _import_busybox
     boot_id = open_tmp / "boot_id"
     boot_id.write_text("boot-a\n")
-    agent = AgentProcess(open_tmp / "r", pool_kind="local")
-    agent.config.write_text(f'boot_id_path = "{boot_id}"\n'
-                            + agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"'))
+    agent = AgentProcess(open_tmp / "r", pool_kind="local", runtime="runc", extra_config=f'boot_id_path = "{boot_id}"')
     agent.admin_token = agent.token("admin", "admin")
     agent.start()
     api = Api(agent.url, agent.admin_token)

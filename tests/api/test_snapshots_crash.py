@@ -19,8 +19,7 @@ def test_kill9_during_a_container_snapshot(open_tmp):
         assert shutil.which(tool), f"{tool} is not installed: run scripts/setup-host"
     from testbed.agentproc import AgentProcess, Api
     from tests.api.test_crash import _import_busybox
-    agent = AgentProcess(open_tmp / "k", pool_kind="local")
-    agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"'))
+    agent = AgentProcess(open_tmp / "k", pool_kind="local", runtime="runc")
     agent.admin_token = agent.token("admin", "admin")
     agent.start()
     api = Api(agent.url, agent.admin_token)

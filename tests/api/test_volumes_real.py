@@ -179,9 +179,7 @@ def test_runc_container_mounts_a_volume_given_at_create(open_tmp):
     from testbed.runtimes import drop_test_network, test_network
     from tests.api.test_crash import _import_busybox
     bridge_name, subnet = test_network()
-    agent = AgentProcess(open_tmp / "r", pool_kind="local")
-    agent.config.write_text(agent.config.read_text().replace('runtime = "fake"', 'runtime = "runc"')
-                            + f'[network]\nbridge = "{bridge_name}"\nsubnet = "{subnet}"\nnat = false\n')
+    agent = AgentProcess(open_tmp / "r", pool_kind="local", runtime="runc", network=(bridge_name, subnet))
     agent.admin_token = agent.token("admin", "admin")
     agent.start()
     api = Api(agent.url, agent.admin_token)

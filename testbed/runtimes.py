@@ -1,6 +1,8 @@
 """Container test beds: runtimes by kind, specs on a busybox rootfs, free ports."""
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import random
 import secrets
@@ -172,6 +174,9 @@ def make_runc(tmp_path, **kw):
         rt.reconcile()
         rt.close()  # the bridge, its rules and tables: what it leaves, the run's end reports
         db.close()
+        for d in glob.glob(f"/sys/fs/cgroup/*/{kw['cgroup_parent']}"):  # the test's own parent, empty now
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
     return rt, cleanup
 
 

@@ -3,9 +3,10 @@ resources for runc, live reads of usage, and removal of leftovers. A container's
 ``<parent>/<name>`` under runc's cgroupfs driver and ``<parent>.slice/<parent>-<name>.scope``
 under its systemd driver; the functions below take that pair (parent dir, leaf).
 
-runc creates a container's cgroups from ``linux.resources`` at create time and updates them
-with ``runc update``; this module computes those resources, reads stats straight from the
-cgroup files, and removes the dirs runc leaves after a crash. Knobs the kernel lacks are
+runc creates a container's cgroups from ``linux.resources`` at create time; this module
+computes those resources, changes a live container's limits as ``runc update`` would
+(set_limits, the privileged writes), reads stats straight from the cgroup files, and removes
+the dirs runc leaves after a crash. Knobs the kernel lacks are
 skipped (``unsupported()`` says which), never half-applied.
 """
 from __future__ import annotations

@@ -89,9 +89,11 @@ def test_runc_live_resize_and_start_after_a_reboot(open_tmp):
         assert (cg["memory"], cg["cpu_quota"], cg["cpu_period"]) == (128 << 20, 150000, 100000), cg
         subprocess.run(["runc", "--root", runc_root, "update", "--pids-limit", "77", name], check=True)
         assert _limits(name) == ("150000", 128 << 20) and _pids_max(name) == "77"
-        for action in ("pause", "resume"):
+        for action, mib in (("pause", 112), ("resume", 128)):  # a paused (frozen) one resizes too
             assert api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": action}).json())["status"] \
                 == "succeeded"
+            assert api.patch(f"/v1/instances/{name}", json={"memory_mib": mib}).status_code == 200
+            assert _limits(name) == ("150000", mib << 20)
         ex = api.post(f"/v1/instances/{name}/exec", json={"command": ["/bin/sh", "-c", "echo in"]}).json()
         assert (ex["exit_code"], ex["stdout"]) == (0, "in\n"), ex
         # stopped and started again: the bundle is rendered with the resized limits

@@ -153,7 +153,10 @@ def set_limits(paths: Mapping[str, str], resources: Mapping, root: str = CGROUP_
     back (in reverse) and the error raised: MemoryBusy for a limit below the memory held,
     FileNotFoundError once the cgroup is gone (the container stopped), any other OSError.
     v2 (memory.max, memory.swap.max, cpu.max, pids.max) writes what runc's fs2 driver writes;
-    there the kernel reclaims, then OOM-kills, instead of refusing."""
+    there the kernel would reclaim and then OOM-kill instead of refusing, so a memory limit
+    below what it cannot reclaim (memory.current less its page cache; tmpfs and anonymous
+    pages stay, swap is off) is refused first, as MemoryBusy (runc 1.2's checkBeforeUpdate,
+    counting the cache as reclaimable)."""
     writes = _v2_writes(paths, resources, root) if "" in paths and is_v2(root) else \
         _v1_writes(paths, resources, root)
     done: list[tuple[str, str]] = []
@@ -249,6 +252,9 @@ def _v2_writes(paths: Mapping[str, str], res: Mapping, root: str) -> list[tuple[
             v2 = "max" if swap < 0 else "0" if swap == mem["limit"] else str(swap - mem["limit"])
             files.append((os.path.join(d, "memory.swap.max"), v2))
         files.append((os.path.join(d, "memory.max"), num(mem["limit"])))
+        held = _unreclaimable_v2(d)
+        if 0 < mem["limit"] < held:
+            raise MemoryBusy(mem["limit"], held)
     cpu = res.get("cpu")
     if cpu and (cpu.get("quota") or cpu.get("period")):
         value = num(cpu.get("quota") or -1) + (f" {cpu['period']}" if cpu.get("period") else "")
@@ -257,6 +263,13 @@ def _v2_writes(paths: Mapping[str, str], res: Mapping, root: str) -> list[tuple[
     if pids and pids.get("limit"):
         files.append((os.path.join(d, "pids.max"), num(pids["limit"])))
     return _changes(files)
+
+
+def _unreclaimable_v2(d: str) -> int:
+    """Bytes of a v2 cgroup's memory the kernel cannot reclaim without swap: memory.current
+    less its page cache (memory.stat ``file``), tmpfs/shm (``shmem``, part of it) kept."""
+    st = _kv(_read(os.path.join(d, "memory.stat")))
+    return max(0, _int(os.path.join(d, "memory.current")) - st.get("file", 0) + st.get("shmem", 0))
 
 
 def _write(path: str, value: str) -> None:

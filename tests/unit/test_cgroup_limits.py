@@ -125,7 +125,9 @@ def test_v2_files(tmp_path):
     (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
     d = tmp_path / "nodeagent" / "c"
     d.mkdir(parents=True)
-    for f, v in (("memory.max", "max"), ("memory.swap.max", "max"), ("cpu.max", "max 100000"), ("pids.max", "max")):
+    for f, v in (("memory.max", "max"), ("memory.swap.max", "max"), ("cpu.max", "max 100000"), ("pids.max", "max"),
+                 ("memory.current", str(64 * MiB)),
+                 ("memory.stat", f"anon {8 * MiB}\nfile {56 * MiB}\nshmem {4 * MiB}")):
         (d / f).write_text(v + "\n")
     paths, root = {"": str(d)}, str(tmp_path)
     cgroups.set_limits(paths, cgroups.update_resources(Limits(cpus=1.5, memory_mib=128, pids_max=9), root), root)
@@ -134,3 +136,10 @@ def test_v2_files(tmp_path):
                    "pids.max": "9"}
     cgroups.set_limits(paths, cgroups.update_resources(Limits(), root), root)
     assert (d / "memory.max").read_text() == "max" and (d / "cpu.max").read_text() == "max 100000"
+    # 64 MiB held, 52 of them page cache the kernel can drop: 12 MiB it cannot (anon + tmpfs)
+    cgroups.set_limits(paths, cgroups.update_resources(Limits(memory_mib=16), root), root)
+    assert (d / "memory.max").read_text() == str(16 * MiB)
+    with pytest.raises(cgroups.MemoryBusy) as e:  # the kernel would OOM-kill: refused, nothing written
+        cgroups.set_limits(paths, cgroups.update_resources(Limits(cpus=0.5, memory_mib=8), root), root)
+    assert e.value.usage == 12 * MiB
+    assert (d / "memory.max").read_text() == str(16 * MiB) and (d / "cpu.max").read_text() == "max 100000"

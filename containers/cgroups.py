@@ -3,14 +3,17 @@ resources for runc, live reads of usage, and removal of leftovers. A container's
 ``<parent>/<name>`` under runc's cgroupfs driver and ``<parent>.slice/<parent>-<name>.scope``
 under its systemd driver; the functions below take that pair (parent dir, leaf).
 
-runc creates a container's cgroups from ``linux.resources`` at create time and updates them
-with ``runc update``; this module computes those resources, reads stats straight from the
-cgroup files, and removes the dirs runc leaves after a crash. Knobs the kernel lacks are
+runc creates a container's cgroups from ``linux.resources`` at create time; this module
+computes those resources, changes a live container's limits as ``runc update`` would
+(set_limits, the privileged writes), reads stats straight from the cgroup files, and removes
+the dirs runc leaves after a crash. Knobs the kernel lacks are
 skipped (``unsupported()`` says which), never half-applied.
 """
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Mapping
 
 from containers.runtime import Limits
 from storage.units import MiB
@@ -126,6 +129,155 @@ def update_resources(limits: Limits, root: str = CGROUP_ROOT) -> dict:
     if limits.pids_max is None:
         res["pids"] = {"limit": -1}
     return res
+
+
+class MemoryBusy(OSError):
+    """Raised by set_limits when the kernel refuses a memory limit below what the cgroup holds
+    (EBUSY on v1, after it tried to reclaim); nothing was changed. ``usage``: bytes held."""
+
+    def __init__(self, limit: int, usage: int):
+        super().__init__(errno.EBUSY, f"unable to set memory limit to {limit} (current usage: {usage})")
+        self.limit, self.usage = limit, usage
+
+
+def set_limits(paths: Mapping[str, str], resources: Mapping, root: str = CGROUP_ROOT) -> None:
+    """Privileged: write ``resources`` (update_resources' memory, cpu and pids; not blockIO) into
+    a live container's cgroups, as `runc update` does with its cgroupfs driver, without spawning
+    runc. ``paths``: runc's ``cgroup_paths`` of the container (controller -> dir; "" is the
+    unified dir), each under ``root``.
+
+    The order is runc's: v1 memory before cpu before pids; the memory+swap limit before the
+    memory limit when growing, after it when shrinking (the kernel keeps memory <= memsw); a
+    CFS period the kernel refuses before the quota is written again after it. Files already
+    holding the value are not written. All or nothing: on a failure, what was written is put
+    back (in reverse) and the error raised: MemoryBusy for a limit below the memory held,
+    FileNotFoundError once the cgroup is gone (the container stopped), any other OSError.
+    v2 (memory.max, memory.swap.max, cpu.max, pids.max) writes what runc's fs2 driver writes;
+    there the kernel would reclaim and then OOM-kill instead of refusing, so a memory limit
+    below what it cannot reclaim (memory.current less its page cache; tmpfs and anonymous
+    pages stay, swap is off) is refused first, as MemoryBusy (runc 1.2's checkBeforeUpdate,
+    counting the cache as reclaimable)."""
+    writes = _v2_writes(paths, resources, root) if "" in paths and is_v2(root) else \
+        _v1_writes(paths, resources, root)
+    done: list[tuple[str, str]] = []
+    try:
+        deferred = None  # a CFS period refused before its quota is written (runc's retry)
+        for path, old, new in writes:
+            try:
+                _write(path, new)
+            except OSError as e:
+                if e.errno == errno.EINVAL and path.endswith("cpu.cfs_period_us") and deferred is None:
+                    deferred = (path, old, new)
+                    continue
+                if e.errno == errno.EBUSY and os.path.basename(path).startswith("memory."):
+                    usage = path.replace("limit_in_bytes", "usage_in_bytes")
+                    raise MemoryBusy(int(new), _int(usage)) from None
+                raise
+            done.append((path, old))
+        if deferred is not None:
+            _write(deferred[0], deferred[2])
+            done.append((deferred[0], deferred[1]))
+    except BaseException:
+        for path, old in reversed(done):
+            try:
+                _write(path, old)
+            except OSError:
+                pass  # the first failure is what the caller reports
+        raise
+
+
+def _under(paths: Mapping[str, str], key: str, root: str) -> str:
+    """runc's dir of controller ``key``, refused unless it lies under ``root``."""
+    d = paths[key]
+    if not d.startswith(root.rstrip("/") + "/") or "/../" in d + "/":
+        raise ValueError(f"cgroup dir {d!r} is not under {root}")
+    return d
+
+
+def _changes(files: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(path, value now, new value) of the files whose value differs; FileNotFoundError for a
+    cgroup that is gone."""
+    out = []
+    for path, new in files:
+        old = (_read(path) or "").strip()
+        if not old and not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "cgroup file is gone", path)
+        if old != new and not (new == "-1" and old.isdigit() and int(old) >= UNLIMITED_V1):
+            out.append((path, old, new))
+    return out
+
+
+UNLIMITED_V1 = 1 << 62  # v1 memory files read an unlimited limit back as ~2^63 (page-aligned)
+
+
+def _v1_writes(paths: Mapping[str, str], res: Mapping, root: str) -> list[tuple[str, str, str]]:
+    files: list[tuple[str, str]] = []
+    mem = res.get("memory")
+    if mem and mem.get("limit"):
+        d = _under(paths, "memory", root)
+        limit = os.path.join(d, "memory.limit_in_bytes")
+        memsw = os.path.join(d, "memory.memsw.limit_in_bytes")
+        swap = mem.get("swap")
+        if swap and os.path.exists(memsw):
+            grow = swap == -1 or _int(limit) < swap  # runc's setMemoryAndSwap
+            pair = [(memsw, str(swap)), (limit, str(mem["limit"]))]
+            files += pair if grow else pair[::-1]
+        else:
+            files.append((limit, str(mem["limit"])))
+    cpu = res.get("cpu")
+    if cpu and (cpu.get("quota") or cpu.get("period")):
+        d = _under(paths, "cpu", root)
+        if cpu.get("period"):
+            files.append((os.path.join(d, "cpu.cfs_period_us"), str(cpu["period"])))
+        if cpu.get("quota"):
+            files.append((os.path.join(d, "cpu.cfs_quota_us"), str(cpu["quota"])))
+    pids = res.get("pids")
+    if pids and pids.get("limit"):
+        files.append((os.path.join(_under(paths, "pids", root), "pids.max"),
+                      "max" if pids["limit"] < 0 else str(pids["limit"])))
+    return _changes(files)
+
+
+def _v2_writes(paths: Mapping[str, str], res: Mapping, root: str) -> list[tuple[str, str, str]]:
+    d = _under(paths, "", root)
+    files: list[tuple[str, str]] = []
+
+    def num(v: int) -> str:
+        return "max" if v < 0 else str(v)
+    mem = res.get("memory")
+    if mem and mem.get("limit"):
+        swap = mem.get("swap")
+        if swap and os.path.exists(os.path.join(d, "memory.swap.max")):
+            # OCI's swap is memory+swap; v2's memory.swap.max is the swap alone (runc's conversion)
+            v2 = "max" if swap < 0 else "0" if swap == mem["limit"] else str(swap - mem["limit"])
+            files.append((os.path.join(d, "memory.swap.max"), v2))
+        files.append((os.path.join(d, "memory.max"), num(mem["limit"])))
+        held = _unreclaimable_v2(d)
+        if 0 < mem["limit"] < held:
+            raise MemoryBusy(mem["limit"], held)
+    cpu = res.get("cpu")
+    if cpu and (cpu.get("quota") or cpu.get("period")):
+        value = num(cpu.get("quota") or -1) + (f" {cpu['period']}" if cpu.get("period") else "")
+        files.append((os.path.join(d, "cpu.max"), value))
+    pids = res.get("pids")
+    if pids and pids.get("limit"):
+        files.append((os.path.join(d, "pids.max"), num(pids["limit"])))
+    return _changes(files)
+
+
+def _unreclaimable_v2(d: str) -> int:
+    """Bytes of a v2 cgroup's memory the kernel cannot reclaim without swap: memory.current
+    less its page cache (memory.stat ``file``), tmpfs/shm (``shmem``, part of it) kept."""
+    st = _kv(_read(os.path.join(d, "memory.stat")))
+    return max(0, _int(os.path.join(d, "memory.current")) - st.get("file", 0) + st.get("shmem", 0))
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)  # as runc opens them
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
 
 
 def _default_devices() -> list[dict]:

@@ -1064,29 +1064,67 @@ class RuncRuntime:
         return st
 
     def update_limits(self, name: str, limits: Limits) -> None:
-        """Apply to the running container (runc update) and keep for later starts (in the
-        state DB: start() renders them into the bundle). Conflict if it uses more memory than
-        ``limits`` allow (the kernel cannot reclaim it)."""
+        """Apply to the running container and keep for later starts (in the state DB: start()
+        renders them into the bundle). Live, the container's cgroup files get what `runc update`
+        would write, in its order (containers.cgroups.set_limits, no runc spawned), and runc's
+        state.json records them as `runc update` does, so runc's later commands (a later
+        `runc update` of one knob) keep them; `runc update` itself runs under the systemd driver
+        (systemd owns a scope's properties) and for an io weight. Conflict if it uses more
+        memory than ``limits`` allow (the kernel cannot reclaim it): then nothing changed."""
         validate.check_limits(limits)
         with self._name_lock(name):
             self._row(name)  # NotFound for an unknown container
-            # runc knows it and it has not exited: update it (without reading runc's state.json,
-            # tens of KiB of JSON that `runc update` reads and writes again anyway)
-            if self._read_exit(name) is None and os.path.exists(os.path.join(self.runc_root, name, "state.json")):
+            # runc knows it and it has not exited: update it
+            st = self._runc_state(name) if self._read_exit(name) is None else None
+            if st is not None:
                 try:
-                    self._runc("update", "--resources", "-",
-                               name, input=json.dumps(cgroups.update_resources(limits)))
-                except CommandFailed as e:
-                    used = MEMORY_BUSY_RE.search(e.message)
-                    if used is not None:
-                        raise Conflict(f"container {name!r} uses {int(used.group(1)) >> 20} MiB of memory now, "
-                                       f"more than {limits.memory_mib} MiB: free memory in it first (files in its "
-                                       "tmpfs count), or ask for more", container=name) from None
+                    self._update_live(name, st, limits)
+                except CommandFailed:
                     if self._status(name)[0] in ("running", "paused", "created"):
                         raise
                     # it stopped meanwhile: the limits apply from its next start
             self.db.execute("UPDATE containers SET limits=? WHERE name=?",
                             (json.dumps(dataclasses.asdict(limits)), name))
+
+    def _update_live(self, name: str, st: dict, limits: Limits) -> None:
+        """The live half of update_limits on runc's state ``st`` of the container."""
+        res = cgroups.update_resources(limits)
+        paths = st.get("cgroup_paths") or {}
+        if (st.get("config", {}).get("cgroups") or {}).get("Systemd") or "blockIO" in res or not paths:
+            try:
+                self._runc("update", "--resources", "-", name, input=json.dumps(res))
+            except CommandFailed as e:
+                used = MEMORY_BUSY_RE.search(e.message)
+                if used is None:
+                    raise
+                raise self._memory_busy(name, limits, int(used.group(1))) from None
+            return
+        try:
+            cgroups.set_limits(paths, res)
+        except cgroups.MemoryBusy as e:
+            raise self._memory_busy(name, limits, e.usage) from None
+        except (OSError, ValueError) as e:  # FileNotFoundError: its cgroup is gone (it stopped)
+            raise CommandFailed(f"cannot set the cgroup limits of container {name!r}: {e}") from None
+        self._record_runc_resources(name, st, res)
+
+    @staticmethod
+    def _memory_busy(name: str, limits: Limits, used: int) -> Conflict:
+        return Conflict(f"container {name!r} uses {used >> 20} MiB of memory now, more than {limits.memory_mib} "
+                        "MiB: free memory in it first (files in its tmpfs count), or ask for more", container=name)
+
+    def _record_runc_resources(self, name: str, st: dict, res: dict) -> None:
+        """Write ``res`` into runc's state.json of the container as `runc update --resources`
+        leaves it (its config's cgroup resources), replacing the file atomically as runc does."""
+        cg = st["config"]["cgroups"]
+        cg.update(memory=res["memory"]["limit"], memory_swap=res["memory"].get("swap", 0),
+                  cpu_quota=res["cpu"]["quota"], cpu_period=res["cpu"]["period"],
+                  pids_limit=res["pids"]["limit"], blkio_weight=0)
+        path = os.path.join(self.runc_root, name, "state.json")
+        tmp = path + ".nodeagent"  # runc's dir: root's alone, and this container's lock is held
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps(st, separators=(",", ":")).encode())
+        os.replace(tmp, path)
 
     def _sync_bundle_limits(self, row) -> None:
         """Before a start: the bundle's cgroup resources as the state DB keeps them (a live

@@ -151,7 +151,8 @@ class FakeDriver:
         with self._lock:
             vm = self._get(name)
             check_resize(name, cpus=cpus, memory_mib=memory_mib, max_cpus=vm.spec.cpus_max,
-                         max_memory_mib=vm.spec.memory_max)
+                         max_memory_mib=vm.spec.memory_max,
+                         live_cpus=vm.spec.cpus if vm.state in ("running", "paused") else None)
             vm.spec = replace(vm.spec, max_cpus=vm.spec.cpus_max, max_memory_mib=vm.spec.memory_max,
                               cpus=vm.spec.cpus if cpus is None else cpus,
                               memory_mib=vm.spec.memory_mib if memory_mib is None else memory_mib)

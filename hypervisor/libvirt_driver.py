@@ -528,12 +528,12 @@ class LibvirtDriver:
         in the definition only if it is stopped. Up to the maximum it was defined with."""
         dom = self._dom(name)
         info = self._info(dom)
-        check_resize(name, cpus=cpus, memory_mib=memory_mib, max_cpus=info.max_cpus or info.cpus,
-                     max_memory_mib=info.max_memory_mib or info.memory_mib)
         live = bool(self._call(dom.isActive, name))
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
         old_cpus = self._call(dom.vcpusFlags, name, libvirt.VIR_DOMAIN_AFFECT_LIVE if live
                               else libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        check_resize(name, cpus=cpus, memory_mib=memory_mib, max_cpus=info.max_cpus or info.cpus,
+                     max_memory_mib=info.max_memory_mib or info.memory_mib, live_cpus=old_cpus if live else None)
         if cpus is not None and cpus != old_cpus:
             self._call(dom.setVcpusFlags, name, cpus, flags)
         if memory_mib is not None:

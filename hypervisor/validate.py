@@ -10,7 +10,7 @@ import os
 import re
 import uuid as uuidlib
 
-from agent.errors import InvalidInput, NotFound, Unprocessable
+from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
 from hypervisor.driver import DiskSpec, VmSpec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # fits libvirt, file names and hostnames
@@ -86,12 +86,17 @@ def check_spec(spec: VmSpec, *, host_memory_mib: int) -> None:
 
 
 def check_resize(name: str, *, cpus: int | None, memory_mib: int | None, max_cpus: int,
-                 max_memory_mib: int) -> None:
+                 max_memory_mib: int, live_cpus: int | None = None) -> None:
     """A resize of VM ``name`` to ``cpus``/``memory_mib`` (None: unchanged) within its maximum:
-    InvalidInput for a malformed value, Unprocessable (naming the maximum) past it."""
+    InvalidInput for a malformed value, Unprocessable (naming the maximum) past it. ``live_cpus``:
+    the vCPUs of a running (or paused) VM, which can only grow: Conflict for fewer (an unplug
+    needs the guest's consent, which QEMU may refuse or grant long after libvirt gave up)."""
     if cpus is not None:
         if not isinstance(cpus, int) or isinstance(cpus, bool) or cpus < 1:
             raise InvalidInput(f"cpus of a VM are whole vCPUs, at least 1, got {cpus!r}")
+        if live_cpus is not None and cpus < live_cpus:
+            raise Conflict(f"VM {name!r} runs with {live_cpus} vCPUs: a running VM's vCPUs are only added "
+                           f"(hot-plug); stop it to go down to {cpus}", cpus=live_cpus)
         if cpus > max_cpus:
             raise Unprocessable(f"VM {name!r} can have at most {max_cpus} vCPUs (its max_cpus, set at "
                                 f"create), asked for {cpus}", max_cpus=max_cpus)

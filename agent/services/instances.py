@@ -384,7 +384,9 @@ class InstanceService:
                 raise Unprocessable(f"memory_mib of a VM must be at least {vm_limits.MIN_MEMORY_MIB}")
             cpus = int(cpus) if cpus is not None else None
             vm_limits.check_resize(inst.name, cpus=cpus, memory_mib=memory_mib,
-                                   max_cpus=inst.max_cpus, max_memory_mib=inst.max_memory_mib)
+                                   max_cpus=inst.max_cpus, max_memory_mib=inst.max_memory_mib,
+                                   live_cpus=int(inst.spec["cpus"]) if inst.state in ("running", "paused")
+                                   else None)
         else:
             host_cpus, host_mib = self.root.host.capacity()
             if cpus is not None and not ct_limits.MIN_CPUS <= cpus <= min(ct_limits.MAX_CPUS, host_cpus):

@@ -62,6 +62,12 @@ def test_a_vm_resizes_live_up_to_its_maximum(app):
     r = client.patch("/v1/instances/rs-vm", json={"memory_mib": 256})
     assert r.status_code == 200 and (r.json["cpus"], r.json["memory_mib"]) == (3, 256), r.json
     assert root.driver.get("rs-vm").memory_mib == 256
+    # fewer vCPUs only while stopped, kept for the next start
+    r = client.post("/v1/instances/rs-vm/actions", json={"action": "stop", "force": True})
+    assert r.status_code == 202 and _wait(client, r.json)["status"] == "succeeded", r.json
+    r = client.patch("/v1/instances/rs-vm", json={"cpus": 1})
+    assert r.status_code == 200 and r.json["cpus"] == 1, r.json
+    assert root.driver.get("rs-vm").cpus == 1
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -75,6 +81,8 @@ def test_a_vm_resizes_live_up_to_its_maximum(app):
     ({"cpus": None}, 422, "cpus"),
     ({"memory_mib": 2**40}, 422, "memory_mib"),
     ({"max_cpus": 8}, 422, "max_cpus"),  # fixed at create
+    ({"cpus": 1}, 409, "only added (hot-plug); stop it"),  # no live unplug
+    ({"cpus": 1, "memory_mib": 256}, 409, "only added"),  # the valid half is not applied either
     ({}, 422, "nothing to change"),
     ({"autostart": "yes"}, 422, "autostart"),
 ])

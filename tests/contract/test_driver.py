@@ -82,6 +82,11 @@ def test_a_stopped_vm_resizes_within_its_maximum_only(driver, spec):
     with pytest.raises(InvalidInput):
         driver.resize(s.name, memory_mib=8)
     assert driver.get(s.name) == info, "a refused resize changes nothing"
+    running = driver.start(s.name)  # running: vCPUs are only plugged, never unplugged
+    with pytest.raises(Conflict, match="only added"):
+        driver.resize(s.name, cpus=1, memory_mib=128)
+    assert driver.get(s.name) == running and running.cpus == 2
+    driver.stop(s.name, force=True)
     with pytest.raises(NotFound):
         driver.resize("ct-nosuch", cpus=1)
     with pytest.raises(InvalidInput, match="max_cpus"):

@@ -841,7 +841,8 @@ class InstanceUpdate(Model):
 
     bandwidth: BandwidthSpec | None = Field(None, description="network rate limits (network bridge only)")
     cpus: float = Field(None, gt=0, le=MAX_CPUS,
-                        description="VMs: whole vCPUs up to max_cpus; containers: a CFS quota "
+                        description="VMs: whole vCPUs up to max_cpus (a running VM only gains "
+                                    "vCPUs: fewer is 409 until it is stopped); containers: a CFS quota "
                                     f"{container_limits.MIN_CPUS}.. the host's cpus")
     memory_mib: Int = Field(None, ge=min(vm_limits.MIN_MEMORY_MIB, container_limits.MIN_MEMORY_MIB),
                             le=MAX_MEMORY_MIB,

@@ -455,7 +455,7 @@ class BackupService:
             if vols:
                 op.phase("volumes")
                 mounts = self._make_volumes(restore_id, vols, req.name, req.pool or self.root.config.default_pool,
-                                            manifest["kind"], owners, staging)
+                                            manifest["kind"], owners, staging, op.phase)
                 create = create.model_copy(update={"volumes": mounts})
             image, pool = self.root.instances.check_create(create)
             inst_id, extra = self.root.instances.reserve(create, image, pool)
@@ -547,7 +547,7 @@ class BackupService:
             n += 1
 
     def _make_volumes(self, restore_id: str, vols: list[dict], inst_name: str, pool: str, kind: str, owners,
-                      staging: str) -> list:
+                      staging: str, phase) -> list:
         """Make the restore's volumes afresh and fill them (each id recorded in row ``restore_id``
         before it is made); the VolumeMountSpecs the instance is created with. On failure the
         caller discards the row, which removes them."""
@@ -561,6 +561,7 @@ class BackupService:
             size_mib = -(-v["size_bytes"] // (1 << 20))
             req = models.VolumeCreate(name=self._volume_name(v["name"], inst_name), size_mib=size_mib, pool=pool)
             self.root.volumes.create(req, vol_id=vol_id)
+            phase("volume-data")
             path = self.root.volumes.export_source(vol_id).volume.path
             if not path:
                 raise Unsupported(f"pool {pool!r} gives volumes no host file: restore the backup's volumes onto "

@@ -1,12 +1,14 @@
 """Backups on the real components: two agents (hosts A and B) on libvirt (TCG) with local disk
 pools, sharing one radosgw bucket as their object pool "backups".
 
-A VM on A (the test guest's rootfs.qcow2, with a pattern written into its disk before it runs)
-is backed up while it runs: the copy comes from an internal snapshot taken for it (and removed
-after it), the VM keeps running. A killed (kill -9) during a second backup's multipart upload
+A VM on A (the test guest's rootfs.qcow2, with a pattern written into its disk before it runs,
+and a raw volume attached holding another) is backed up while it runs: the copy comes from an
+internal snapshot of its root disk taken for it (and removed after it) and its volume is copied
+in the same short pause, the VM runs on. A killed (kill -9) during a second backup's multipart upload
 aborts that upload and drops its snapshot at its restart. A is then treated as lost: B lists the backup from the bucket,
 restores it as a new VM (B lacks the image: it comes out of the backup), and B's new disk holds
-A's pattern over B's own copy of the image. A backup whose bytes were changed in the bucket is
+A's pattern over B's own copy of the image, its new volume (same name: free on B) the volume's.
+A backup whose bytes were changed in the bucket is
 refused (422) with nothing made on B; deleting the backup on B removes it for A too.
 """
 from __future__ import annotations
@@ -39,9 +41,9 @@ def hosts(ceph, bucket, libvirtd, vmtmp, bridge):  # noqa: F811
         stop_agent(a, bridge)
 
 
-def _disk(libvirtd: str, name: str) -> str:
+def _disk(libvirtd: str, name: str, target: str = "vda") -> str:
     vda = next(d for d in ET.fromstring(virsh(libvirtd, "dumpxml", name)).findall("devices/disk")
-               if d.find("target").get("dev") == "vda")
+               if d.find("target").get("dev") == target)
     return vda.find("source").get("file")
 
 
@@ -61,12 +63,18 @@ def test_a_running_vm_backed_up_to_s3_is_restored_on_another_host(hosts, ceph, b
         "type": "file", "path": f"{IMAGES}/rootfs.qcow2"}}).json(), timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
     image = op["result"]["image"]
+    vol = a.post("/v1/volumes", json={"name": "bk-vol", "size_mib": 32})
+    assert vol.status_code == 201, vol.text
     op = a.wait(a.post("/v1/instances", json={"name": "bk-src", "kind": "vm", "image": image["id"], "cpus": 1,
-                                              "memory_mib": 192, "network": "none", "start": False}).json(),
+                                              "memory_mib": 192, "network": "none", "start": False,
+                                              "volumes": [{"volume": "bk-vol"}]}).json(),
                 timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op["error"]
     src_disk = _disk(libvirtd, "bk-src")
     w = _qemu_io(src_disk, f"write -P {PATTERN} {AT} {LEN}")
+    assert w.returncode == 0, w.stderr
+    src_vol = _disk(libvirtd, "bk-src", "vdb")
+    w = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 4M 1M", src_vol], capture_output=True, text=True)
     assert w.returncode == 0, w.stderr
     act(a, "bk-src", "start")
 
@@ -119,6 +127,13 @@ def test_a_running_vm_backed_up_to_s3_is_restored_on_another_host(hosts, ceph, b
     assert rd.returncode == 0 and "Pattern verification failed" not in rd.stdout, rd.stdout + rd.stderr
     info = subprocess.run(["qemu-img", "info", "-U", "--output=json", dst_disk], capture_output=True, text=True)
     assert str(agents[1].state_dir) in info.stdout, "its base is B's copy of the image, not A's"
+    (v,) = b.get("/v1/volumes").json()["volumes"]
+    assert (v["name"], v["attachment"]["instance_name"], v["attachment"]["target"]) == ("bk-vol", "bk-dst", "vdb")
+    dst_vol = _disk(libvirtd, "bk-dst", "vdb")
+    assert dst_vol != src_vol and dst_vol.startswith(str(agents[1].state_dir)), dst_vol
+    rd = subprocess.run(["qemu-io", "-r", "-U", "-f", "raw", "-c", "read -P 0x3c 4M 1M", dst_vol],
+                        capture_output=True, text=True)
+    assert rd.returncode == 0 and "Pattern verification failed" not in rd.stdout, rd.stdout + rd.stderr
     act(b, "bk-dst", "start")
 
     # the artifact changed in the bucket: its checksum fails, nothing is made on B
@@ -140,3 +155,4 @@ def test_a_running_vm_backed_up_to_s3_is_restored_on_another_host(hosts, ceph, b
     assert a.get("/v1/backups").json()["backups"] == [] and a.get(f"/v1/backups/{backup['id']}").status_code == 404
     for api, name in ((a, "bk-src"), (b, "bk-dst")):
         assert api.delete(f"/v1/instances/{name}").status_code == 200
+        assert api.delete("/v1/volumes/bk-vol").status_code == 200

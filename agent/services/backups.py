@@ -53,6 +53,7 @@ from agent.errors import AgentError, CommandFailed, Conflict, InvalidInput, NotF
 from agent.services.assembly import ROOT_TARGET, root_volume
 from hypervisor.driver import SupportsDiskExport
 from storage import backups as artifacts
+from storage.backend import CopiesVolumeData, SnapshotsVolumes
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +167,13 @@ class BackupService:
         if inst.kind == "vm":
             if not isinstance(self.root.driver, SupportsDiskExport):
                 raise Unsupported(f"the {self.root.config.hypervisor.driver} driver cannot copy VM disks")
-            vol = self.root.pools[inst.pool].find_volume(root_volume("vm", inst.id))
-            if vol is None or not vol.path:
-                raise Unsupported(f"instance {inst.name!r}: its disk in pool {inst.pool!r} is not a host "
-                                  "file: backups cover VMs on local pools")
+            backend = self.root.pools[inst.pool]
+            vol = backend.find_volume(root_volume("vm", inst.id))
+            if vol is None or not vol.path and not (isinstance(backend, CopiesVolumeData)
+                                                    and isinstance(backend, SnapshotsVolumes)):
+                raise Unsupported(f"instance {inst.name!r}: its disk in pool {inst.pool!r} is neither a host "
+                                  "file nor a volume the pool snapshots and copies out: backups cover VMs on "
+                                  "local and RBD pools")
         else:
             vol = self.root.pools[inst.pool].find_volume(inst.volumes[0]) if inst.volumes else None
             if vol is None or not vol.path:
@@ -177,7 +181,7 @@ class BackupService:
                                   "directory: backups cover containers on local pools")
         self._backed_volumes(inst)  # Unsupported/Unprocessable for one a backup cannot read
         backup_id = uuid.uuid4().hex
-        snap = f"backup-{backup_id[:12]}" if inst.kind == "vm" else None
+        snap = f"backup-{backup_id[:12]}" if inst.kind == "vm" else None  # libvirt's or the pools' snapshot
         self.db.execute("INSERT INTO backups (id, pool, instance_id, state, snapshot, created_at) "
                         "VALUES (?, ?, ?, 'creating', ?, ?)", (backup_id, store.pool, inst.id, snap, time.time()))
 
@@ -242,39 +246,45 @@ class BackupService:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _backed_volumes(self, inst) -> list[tuple[dict, str]]:
+    def _backed_volumes(self, inst) -> list[tuple]:
         """The instance's attached volumes as a backup copies them: (what the manifest keeps of
-        each, its host file). Unsupported for a VM volume that is no host file (a block pool's);
-        Unprocessable for a container volume a migration could not move either."""
+        each, the pool's Volume, its pool). Unsupported for a VM volume whose pool neither gives
+        host files nor copies data out of a snapshot (CopiesVolumeData); Unprocessable for a
+        container volume a migration could not move either."""
         if inst.kind == "vm":
             out = []
             for v, vol in self.root.volumes.attached_to_vm(inst.id):
-                if not vol.path:
-                    raise Unsupported(f"instance {inst.name!r}: volume {v['name']!r} is not a host file (a block "
-                                      "pool's): backups cover volumes on local pools; detach it first")
-                out.append(({k: v[k] for k in ("name", "size_bytes", "format", "target", "readonly")}, vol.path))
+                backend = self.root.pools[vol.pool]
+                if not vol.path and not (isinstance(backend, CopiesVolumeData)
+                                         and isinstance(backend, SnapshotsVolumes)):
+                    raise Unsupported(f"instance {inst.name!r}: volume {v['name']!r} is in pool {vol.pool!r}, "
+                                      "whose volumes a backup cannot read (no host file, no snapshots); detach it")
+                out.append(({k: v[k] for k in ("name", "size_bytes", "format", "target", "readonly")}, vol, backend))
             return out
         try:
             vols = self.root.volumes.outgoing(inst.id)
         except Unprocessable as e:
             raise Unprocessable(f"instance {inst.name!r} cannot be backed up: {e.message}") from None
-        return [({k: v[k] for k in ("name", "size_bytes", "path", "readonly")}, path) for v, path in vols]
+        return [({k: v[k] for k in ("name", "size_bytes", "path", "readonly")}, path, None) for v, path in vols]
 
-    def _copy_vm(self, inst, img, snap: str | None, staging: str, backup_id: str):
-        """The VM's root disk as a qcow2 layer over its image (SupportsDiskExport) and each
-        attached volume as a standalone qcow2, all at one instant: a running VM with volumes is
-        paused (its I/O drained), its root disk's snapshot taken, its volumes copied, and it
-        resumes before the root disk is read (a killed agent's sweep resumes it). (A function
-        giving the disk's manifest entry, those of the volumes.)"""
+    def _copy_vm(self, inst, img, snap: str, staging: str, backup_id: str):
+        """The VM's root disk (a host file: a qcow2 layer over its image, SupportsDiskExport; an
+        RBD volume: the whole disk as a standalone qcow2, read from an RBD snapshot) and each
+        attached volume (a standalone qcow2 of its data: a host file copied, an RBD volume read
+        from a snapshot), all at one instant: a running VM with volumes is paused (its I/O
+        drained) while its root disk's snapshot is taken, its RBD volumes are snapshotted and
+        its local volumes copied; it resumes before anything else is read (a killed agent's
+        sweep resumes it and removes the snapshots). (A function giving the disk's manifest
+        entry, those of the volumes.)"""
         from storage import qemu_img
         pool = self.root.pools[inst.pool]
         vol = pool.get_volume(root_volume("vm", inst.id))
-        base = pool.blob_path(vol.base) if vol.base else None
+        base = pool.blob_path(vol.base) if vol.base and vol.path else None
         path = os.path.join(staging, "disk.qcow2")
         vols = self._backed_volumes(inst)
         drv = self.root.driver
         paused = bool(vols) and drv.get(inst.name).state == "running"
-        entries = []
+        entries, later, snaps = [], [], []
 
         def resume() -> None:
             nonlocal paused
@@ -283,12 +293,17 @@ class BackupService:
                 paused = False
                 self.db.execute("UPDATE backups SET paused=0 WHERE id=?", (backup_id,))
 
-        def held() -> None:  # the root disk's snapshot is taken: the volumes at the same instant
+        def held() -> None:  # the root disk's content is fixed: the volumes at the same instant
             try:
-                for i, (v, src) in enumerate(vols):
+                for i, (v, vvol, backend) in enumerate(vols):
                     name = f"volume-{i}.qcow2"
                     dest = os.path.join(staging, name)
-                    qemu_img.run(["convert", "-q", "-U", "-f", v["format"], "-O", "qcow2", src, dest])
+                    if vvol.path:
+                        qemu_img.run(["convert", "-q", "-U", "-f", v["format"], "-O", "qcow2", vvol.path, dest])
+                    else:
+                        backend.snapshot_volume(vvol.name, snap)
+                        snaps.append((backend, vvol.name))
+                        later.append((backend, vvol.name, dest))
                     entries.append(lambda name=name, dest=dest, v=v: artifacts.member_entry(
                         name, "volume", dest, volume=v))
             finally:
@@ -298,10 +313,21 @@ class BackupService:
             self.db.execute("UPDATE backups SET paused=1 WHERE id=?", (backup_id,))
             drv.pause(inst.name)
         try:
-            drv.export_disk(inst.name, ROOT_TARGET, path, snapshot=snap, backing=base,
-                            backing_format=img.format if base else None, held=held)
+            if vol.path:
+                drv.export_disk(inst.name, ROOT_TARGET, path, snapshot=snap, backing=base,
+                                backing_format=img.format if base else None, held=held)
+            else:  # checked at create: CopiesVolumeData and SnapshotsVolumes
+                pool.snapshot_volume(vol.name, snap)
+                snaps.append((pool, vol.name))
+                held()
+                pool.export_volume_snapshot(vol.name, snap, path)
+            for backend, name, dest in later:
+                backend.export_volume_snapshot(name, snap, dest)
         finally:
             resume()
+            for backend, name in snaps:
+                backend.delete_volume_snapshot(name, snap)
+
         def disk() -> dict:
             return artifacts.member_entry("disk.qcow2", "disk", path, target=ROOT_TARGET, layer=base is not None)
         return disk, entries
@@ -325,7 +351,7 @@ class BackupService:
             rt.pause(inst.name)
         try:
             _tar(upper, path, f"{inst.name!r}'s rootfs")
-            for i, (v, src) in enumerate(vols):
+            for i, (v, src, _) in enumerate(vols):
                 name = f"volume-{i}.tar"
                 dest = os.path.join(staging, name)
                 _tar_volume(src, dest, os.path.join(staging, f"mnt-{i}"), f"volume {v['name']!r}")
@@ -335,6 +361,20 @@ class BackupService:
                 rt.resume(inst.name)
         idmap = {"host_id": info.idmap.host_id, "size": info.idmap.size} if info.idmap is not None else None
         return (lambda: artifacts.member_entry("rootfs.tar", "rootfs", path)), idmap, entries
+
+    def _pool_disks(self, inst) -> list[tuple]:
+        """(pool, volume name) of each disk of VM ``inst`` its pool snapshots (RBD)."""
+        out = []
+        root = self.root.pools.get(inst.pool)
+        if isinstance(root, SnapshotsVolumes) and inst.volumes:
+            vol = root.find_volume(inst.volumes[0])
+            if vol is not None and not vol.path:
+                out.append((root, vol.name))
+        for _, vol in self.root.volumes.attached_to_vm(inst.id):
+            backend = self.root.pools.get(vol.pool)
+            if isinstance(backend, SnapshotsVolumes) and not vol.path:
+                out.append((backend, vol.name))
+        return out
 
     def _discard(self, backup_id: str) -> None:
         """Remove what an unfinished backup or upload left (its partial artifact, its VM snapshot)
@@ -349,6 +389,8 @@ class BackupService:
             inst = self.root.records.find_id(row["instance_id"]) if row["instance_id"] else None
             if row["snapshot"] and inst is not None and inst.kind == "vm":
                 self.root.driver.delete_snapshot(inst.name, row["snapshot"])
+                for backend, name in self._pool_disks(inst):
+                    backend.delete_volume_snapshot(name, row["snapshot"])
             if row["paused"] and inst is not None and inst.kind == "vm" and \
                     self.root.driver.get(inst.name).state == "paused":  # paused for its volumes' copy
                 self.root.driver.resume(inst.name)
@@ -443,8 +485,9 @@ class BackupService:
             create = models.InstanceCreate.model_validate(body)
         except Exception as e:  # pydantic.ValidationError: the backed-up request is not one this agent takes
             raise Unprocessable(f"the backup's instance spec is not valid here: {str(e)[:400]}") from None
+        layer = True
         if data == "disk":  # before anything is made: the layer names no file but the image
-            self._check_layer(files["disk"], SimpleNamespace(id=want["id"], format=want["format"]))
+            layer = self._check_layer(files["disk"], SimpleNamespace(id=want["id"], format=want["format"]))
         owners = self._owners(manifest, create) if data == "rootfs" else None
         op.phase("image")
         img, imported = self._image(want, files["image"])
@@ -467,8 +510,7 @@ class BackupService:
 
         def fill(target) -> None:
             if data == "disk":  # target: the new VM's root volume
-                with open(files["disk"], "rb") as layer:
-                    self.root.store.receive_disk_layer(pool, target, layer, image_ref=image.id)
+                self._fill_disk(pool, target, files["disk"], layer, image, files["image"])
                 return
             from agent.migration.transfer import untar_into  # target: the new container's layers
             try:
@@ -562,11 +604,16 @@ class BackupService:
             req = models.VolumeCreate(name=self._volume_name(v["name"], inst_name), size_mib=size_mib, pool=pool)
             self.root.volumes.create(req, vol_id=vol_id)
             phase("volume-data")
-            path = self.root.volumes.export_source(vol_id).volume.path
-            if not path:
-                raise Unsupported(f"pool {pool!r} gives volumes no host file: restore the backup's volumes onto "
-                                  "a local pool")
-            if kind == "vm":
+            made_vol = self.root.volumes.export_source(vol_id).volume
+            path = made_vol.path
+            backend = self.root.pools[pool]
+            if kind == "vm" and not path and isinstance(backend, CopiesVolumeData):
+                self.root.volumes.mark_guest_written(vol_id)
+                backend.write_volume(made_vol.name, v["file"], src_format="qcow2")
+            elif not path:
+                raise Unsupported(f"pool {pool!r} gives volumes no host file: restore the backup onto a local "
+                                  "pool")
+            elif kind == "vm":
                 from storage import qemu_img
                 self.root.volumes.mark_guest_written(vol_id)
                 qemu_img.run(["convert", "-q", "-n", "-f", "qcow2", "-O", "raw", v["file"], path])
@@ -644,9 +691,10 @@ class BackupService:
         return shift_owners(source, here)
 
     @staticmethod
-    def _check_layer(path: str, img) -> None:
-        """Unprocessable unless the disk member is a plain qcow2 layer over ``img`` (no data
-        file, no encryption, no other backing file): checked before anything is created."""
+    def _check_layer(path: str, img) -> bool:
+        """Unprocessable unless the disk member is a plain qcow2, standalone (a whole disk, as an
+        RBD-backed VM's is copied) or a layer over ``img`` (no data file, no encryption, no other
+        backing file): checked before anything is created. True for a layer."""
         from storage import qemu_img
         from storage.images import check_disk_layer
         try:
@@ -654,6 +702,27 @@ class BackupService:
             check_disk_layer(info, img, base="(this pool's copy)")  # only its presence matters here
         except InvalidInput as e:
             raise Unprocessable(f"the backup's disk is refused: {e.message}") from None
+        return info.get("backing-filename") is not None
+
+    def _fill_disk(self, pool: str, target: str, path: str, layer: bool, image, image_file: str) -> None:
+        """Put the backed-up root disk ``path`` (checked: _check_layer) into the new VM's root
+        volume ``target``: a layer onto a host file's overlay as a migration's (pointed at this
+        pool's copy of the image); a whole disk written over it; into an RBD volume (a clone of
+        the image) the whole disk, a layer read over the backup's own copy of the image."""
+        from storage import qemu_img
+        backend = self.root.pools[pool]
+        vol = backend.get_volume(target)
+        if vol.path and layer:
+            with open(path, "rb") as f:
+                self.root.store.receive_disk_layer(pool, target, f, image_ref=image.id)
+        elif vol.path:
+            qemu_img.run(["convert", "-q", "-n", "-f", "qcow2", "-O", vol.format, path, vol.path])
+        elif isinstance(backend, CopiesVolumeData):
+            if layer:  # unsafe: only the header's name changes, to the backup's copy (checked: its digest)
+                qemu_img.rebase(path, image_file, backing_format=image.format, unsafe=True)
+            backend.write_volume(target, path, src_format="qcow2")
+        else:
+            raise Unsupported(f"pool {pool!r} takes no disk data from a backup: restore onto a local or RBD pool")
 
     # -- recovery --
     def sweep(self) -> int:

@@ -156,3 +156,83 @@ def test_a_running_vm_backed_up_to_s3_is_restored_on_another_host(hosts, ceph, b
     for api, name in ((a, "bk-src"), (b, "bk-dst")):
         assert api.delete(f"/v1/instances/{name}").status_code == 200
         assert api.delete("/v1/volumes/bk-vol").status_code == 200
+
+
+def test_an_rbd_backed_vm_is_backed_up_from_rbd_snapshots_and_restored_onto_rbd_and_local(
+        ceph, libvirtd, vmtmp, bridge):  # noqa: F811
+    """A running VM whose root disk and attached volume are RBD images of a block pool, each
+    with a pattern written before it ran: its backup (into the local pool) reads both from RBD
+    snapshots taken in one short pause (removed after), the VM runs on. Restored onto the
+    block pool (its disk and volume new RBD images) and onto the local pool (a qcow2 overlay
+    and a raw file), each holds the patterns."""
+    import secrets
+    pool = "t" + secrets.token_hex(5)
+    ceph.run("ceph", "osd", "pool", "create", pool, "8", "8")
+    ceph.run("ceph", "osd", "pool", "application", "enable", pool, "rbd")
+    block = (f'[pools.blk]\nkind = "block"\npool = "{pool}"\nconf = "{ceph.conf}"\n'
+             f'user = "{ceph.user}"\nkeyring = "{ceph.keyring}"\n')
+    agent = start_agent(vmtmp / "bkrbd", libvirtd, bridge, extra=block)
+    api = Api(agent.url, agent.token_value)
+
+    def spec(image: str) -> str:
+        return f"rbd:{pool}/{image}:id={ceph.user}:conf={ceph.conf}:keyring={ceph.keyring}"
+
+    def io(image: str, cmd: str, ro: bool = False) -> None:
+        r = subprocess.run(["qemu-io", *(["-r"] if ro else []), "-f", "raw", "-c", cmd, spec(image)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+
+    def snaps(image: str) -> list[str]:
+        return [ln.split()[1] for ln in ceph.run("rbd", "snap", "ls", f"{pool}/{image}").stdout.splitlines()[1:]]
+
+    try:
+        op = api.wait(api.post("/v1/images", json={"name": "guest", "source": {
+            "type": "file", "path": f"{IMAGES}/rootfs.qcow2"}}).json(), timeout=OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op
+        image = op["result"]["image"]
+        vol = api.post("/v1/volumes", json={"name": "bkr-vol", "size_mib": 32, "pool": "blk"})
+        assert vol.status_code == 201, vol.text
+        vimg = f"navol.v-{vol.json()['id'][:12]}"
+        op = api.wait(api.post("/v1/instances", json={
+            "name": "bkr-src", "kind": "vm", "image": image["id"], "cpus": 1, "memory_mib": 192, "pool": "blk",
+            "network": "none", "start": False, "volumes": [{"volume": "bkr-vol"}]}).json(), timeout=OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op["error"]
+        root = f"navol.{op['result']['instance']['volumes'][0]}"
+        io(root, f"write -P {PATTERN} {AT} 4M")
+        io(vimg, "write -P 0x3c 4M 1M")
+        act(api, "bkr-src", "start")
+
+        op = api.wait(api.post("/v1/instances/bkr-src/backups", json={"pool": "default"}).json(),
+                      timeout=OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op["error"]
+        backup = op["result"]["backup"]
+        assert (backup["instance_state"], backup["consistency"]) == ("running", "crash-consistent"), backup
+        assert api.get("/v1/instances/bkr-src").json()["state"] == "running"
+        assert snaps(root) == [] and snaps(vimg) == [], "the RBD snapshots the copy read are gone"
+
+        for name, target in (("bkr-rbd", "blk"), ("bkr-loc", "default")):
+            op = api.wait(api.post(f"/v1/backups/{backup['id']}/restore", json={
+                "name": name, "pool": target, "start": False}).json(), timeout=OP_TIMEOUT_S)
+            assert op["status"] == "succeeded", op["error"]
+            inst = op["result"]["instance"]
+            assert inst["pool"] == target
+            (v,) = [v for v in api.get("/v1/volumes").json()["volumes"]
+                    if (v["attachment"] or {}).get("instance_name") == name]
+            assert (v["name"], v["pool"], v["attachment"]["target"]) == (f"{name}-bkr-vol", target, "vdb"), v
+            if target == "blk":
+                io(f"navol.{inst['volumes'][0]}", f"read -P {PATTERN} {AT} 4M", ro=True)
+                io(f"navol.v-{v['id'][:12]}", "read -P 0x3c 4M 1M", ro=True)
+            else:
+                rd = _qemu_io(_disk(libvirtd, name), f"read -P {PATTERN} {AT} 4M")
+                assert rd.returncode == 0 and "verification failed" not in rd.stdout, rd.stdout + rd.stderr
+                rd = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x3c 4M 1M",
+                                     _disk(libvirtd, name, "vdb")], capture_output=True, text=True)
+                assert rd.returncode == 0 and "verification failed" not in rd.stdout, rd.stdout + rd.stderr
+        act(api, "bkr-rbd", "start")
+    finally:
+        for name in ("bkr-src", "bkr-rbd", "bkr-loc"):
+            api.delete(f"/v1/instances/{name}")
+        for v in api.get("/v1/volumes").json()["volumes"]:
+            api.delete(f"/v1/volumes/{v['id']}")
+        stop_agent(agent, bridge)
+        ceph.run("ceph", "osd", "pool", "delete", pool, pool, "--yes-i-really-really-mean-it", check=False)

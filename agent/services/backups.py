@@ -566,8 +566,10 @@ class BackupService:
                 if not isinstance(info.get("virtual-size"), int) or info["virtual-size"] > size:
                     raise Unprocessable(f"the backup's volume {m['name']} holds {info.get('virtual-size')} bytes, "
                                         f"more than its volume's {size}")
-            name = v.get("name") if isinstance(v.get("name"), str) and re.fullmatch(models.NAME_PATTERN, v["name"]) \
-                else f"vol{len(out)}"
+            name = v.get("name")
+            if not isinstance(name, str) or not re.fullmatch(models.NAME_PATTERN, name) \
+                    or re.fullmatch(r"[0-9a-f]{32}", name):  # a name POST /v1/volumes would refuse
+                name = f"vol{len(out)}"
             out.append({"name": name, "size_bytes": size, "mount": spec, "file": file})
         for key in ("target", "path"):
             given = [getattr(v["mount"], key) for v in out if getattr(v["mount"], key) is not None]

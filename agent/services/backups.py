@@ -561,6 +561,7 @@ class BackupService:
                 try:
                     info = qemu_img.info(file, format="qcow2")
                     check_disk_layer(info, SimpleNamespace(id="-", format="qcow2"), None)
+                    qemu_img.check(file, format="qcow2")  # only now: no backing file it could open
                 except InvalidInput as e:
                     raise Unprocessable(f"the backup's volume {m['name']} is refused: {e.message}") from None
                 if not isinstance(info.get("virtual-size"), int) or info["virtual-size"] > size:

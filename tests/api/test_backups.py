@@ -475,3 +475,14 @@ def test_a_container_with_a_volume_is_restored_with_its_file_tree(app, ctr_artif
     assert client.delete(f"/v1/volumes/{v['id']}").status_code == 200
     client.delete(f"/v1/backups/{up.json['id']}")
     assert _leftovers(root) == CLEAN
+
+
+def test_a_container_volume_a_vm_wrote_is_refused_before_anything_is_made(app, ctr_artifact):
+    _, client, root = app
+    vol = client.get("/v1/volumes/bkcv").json
+    root.volumes.mark_guest_written(vol["id"])  # as if a VM had had it writable
+    before = client.get("/v1/backups").json
+    msg = _err(client.post("/v1/instances/bk-c/backups", json={}), 422, "unprocessable")
+    assert "bkcv" in msg and "cannot be backed up" in msg, msg
+    assert client.get("/v1/backups").json == before
+    assert _leftovers(root) == CLEAN

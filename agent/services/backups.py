@@ -9,15 +9,16 @@ only writes in progress, so that a killed agent's leftovers are found again (``s
 
 What is in one: a VM's root disk as a qcow2 layer over its image (hypervisor.driver.
 SupportsDiskExport: a running VM's copy is crash-consistent, taken from an internal snapshot
-without stopping its vCPUs; a stopped VM's is exact) or a container's writes (a tar of its
+without stopping its vCPUs; a stopped VM's is exact; a VM on an RBD pool: the whole disk as a
+standalone qcow2 read from an RBD snapshot, storage.backend.CopiesVolumeData) or a container's writes (a tar of its
 overlay upper dir, made as a migration sends it, the container frozen for the copy; restored
 with the migration's hardened extractor, storage/upper.py, owners mapped to this host's user
-namespace range), the image itself, and each attached volume (local pools): a VM's as a
+namespace range), the image itself, and each attached volume: a VM's (local or RBD pool) as a
 standalone qcow2 of its data, read at the same instant as the root disk (a running VM is paused
-while its volumes are copied: its root disk's snapshot is taken in that pause, and it resumes
-before the root disk is read); a container's as a tar of its file tree, made as a volume
-migration sends it (from its host mount, the container frozen; a volume mounted nowhere is
-mounted read-only for the copy).
+while its local volumes are copied and its RBD disks snapshotted: its root disk's snapshot is
+taken in that pause, and it resumes before anything else is read); a container's as a tar of
+its file tree, made as a volume migration sends it (from its host mount, the container frozen;
+a volume mounted nowhere is mounted read-only for the copy).
 
 Lifecycle: create (row ``creating`` -> members in a staging dir -> artifact streamed to the
 pool, invisible until complete -> marker -> row gone) -> listed -> restore any number of times

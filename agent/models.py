@@ -973,7 +973,8 @@ class BackupCreate(Model):
 
 class BackupRestore(Model):
     name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=63, description="the new instance's name")]
-    pool: PoolName | None = Field(None, description="where its disk goes (default: the default pool)")
+    pool: PoolName | None = Field(None, description="where its disk and volumes go: a local pool, or an RBD "
+                                                    "pool for a VM (default: the default pool)")
     start: bool = True
 
 

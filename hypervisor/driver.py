@@ -6,6 +6,7 @@ delete() -> absent (the driver never deletes volumes: the caller owns them).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -325,11 +326,15 @@ class SupportsDiskExport(Protocol):
     leaves it: delete_snapshot(name, snapshot) removes it)."""
 
     def export_disk(self, name: str, target: str, dest: str, *, snapshot: str, backing: str | None = None,
-                    backing_format: str | None = None) -> None:
+                    backing_format: str | None = None, held: Callable[[], None] | None = None) -> None:
         """Write disk ``target`` of VM ``name`` to the new qcow2 file ``dest``: with ``backing``
         (the disk's own base, a host path), only what differs from it, as a layer naming it;
-        else the whole disk. NotFound for an unknown VM or disk; Unprocessable for a disk the
-        driver cannot copy (not a qcow2 file). On failure ``dest`` and the snapshot are removed."""
+        else the whole disk. ``held`` is called once the copy's content is fixed (a running or
+        paused VM's snapshot taken; a stopped VM's: at once) and before it is read: a caller
+        that paused the VM copies its other disks there, at the same instant, and resumes it.
+        Only disk ``target`` is snapshotted (the VM's other disks may be raw or RBD). NotFound
+        for an unknown VM or disk; Unprocessable for a disk the driver cannot copy (not a qcow2
+        file). On failure ``dest`` and the snapshot are removed."""
 
 
 @runtime_checkable

@@ -345,7 +345,7 @@ class FakeDriver:
 
     # SupportsDiskExport: the disk file as it is (a fake guest writes nothing)
     def export_disk(self, name: str, target: str, dest: str, *, snapshot: str, backing: str | None = None,
-                    backing_format: str | None = None) -> None:
+                    backing_format: str | None = None, held=None) -> None:
         import subprocess
         check_snapshot_name(snapshot)
         with self._lock:
@@ -358,6 +358,8 @@ class FakeDriver:
         args = ["qemu-img", "convert", "-U", "-f", disk.format or "qcow2", "-O", "qcow2"]
         if backing:
             args += ["-B", backing, "-F", backing_format or "qcow2"]
+        if held is not None:
+            held()
         r = subprocess.run([*args, disk.source, dest], capture_output=True, text=True)
         if r.returncode != 0:
             if os.path.exists(dest):

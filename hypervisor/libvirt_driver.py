@@ -920,11 +920,11 @@ class LibvirtDriver:
         return libvirt_snapshots.delete(self, name, snapshot)
 
     def export_disk(self, name: str, target: str, dest: str, *, snapshot: str, backing: str | None = None,
-                    backing_format: str | None = None) -> None:
+                    backing_format: str | None = None, held=None) -> None:
         """hypervisor.driver.SupportsDiskExport (the work is in libvirt_snapshots)."""
         from hypervisor import libvirt_snapshots
         libvirt_snapshots.export_disk(self, name, target, dest, snapshot=snapshot, backing=backing,
-                                      backing_format=backing_format)
+                                      backing_format=backing_format, held=held)
 
     # -- migration (hypervisor.driver.SupportsMigration; the work is in libvirt_migration) --
     def migrate(self, name: str, dest_uri: str, options, *, progress=None, cancelled=None):

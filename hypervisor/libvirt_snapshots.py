@@ -141,7 +141,8 @@ def revert(drv: LibvirtDriver, name: str, snapshot: str) -> None:
 def delete(drv: LibvirtDriver, name: str, snapshot: str) -> bool:
     check_snapshot_name(snapshot)
     dom = drv._dom(name)
-    disks = [d for d in _disks(drv, name) if snapshot in _on_disk(d.source)]
+    disks = [d for d in drv.disks(name) if not d.readonly and d.device != "cdrom" and d.type == "file"
+             and d.format == "qcow2" and snapshot in _on_disk(d.source)]  # raw or RBD disks hold none
     if not disks:
         return False
     if drv._state(dom) in ("running", "paused"):
@@ -168,23 +169,36 @@ def listed(drv: LibvirtDriver, name: str) -> list[str]:
 
 
 def export_disk(drv: LibvirtDriver, name: str, target: str, dest: str, *, snapshot: str,
-                backing: str | None = None, backing_format: str | None = None) -> None:
+                backing: str | None = None, backing_format: str | None = None, held=None) -> None:
     """hypervisor.driver.SupportsDiskExport: a running or paused VM's disk is read from an
-    internal snapshot taken for the copy (crash-consistent, no pause; removed afterwards), a
-    stopped VM's disk directly. ``qemu-img convert`` writes a fresh qcow2 (with ``backing``:
-    only the clusters the VM wrote over its image)."""
+    internal snapshot of that disk alone taken for the copy (crash-consistent, no pause; removed
+    afterwards), a stopped VM's disk directly. ``qemu-img convert`` writes a fresh qcow2 (with
+    ``backing``: only the clusters the VM wrote over its image). ``held()`` runs once the
+    snapshot is taken, before the copy."""
     check_snapshot_name(snapshot)
-    disk = next((d for d in _disks(drv, name) if d.target == target), None)
+    disk = next((d for d in drv.disks(name) if d.target == target and not d.readonly and d.device != "cdrom"),
+                None)
     if disk is None:
         raise NotFound(f"VM {name!r} has no writable disk {target}", vm=name)
-    live = drv._state(drv._dom(name)) in ("running", "paused")
+    if disk.type != "file" or disk.format != "qcow2":
+        raise Unprocessable(f"VM {name!r}: disk {target} is {disk.type}/{disk.format}, not a qcow2 file", vm=name)
+    dom = drv._dom(name)
+    live = drv._state(dom) in ("running", "paused")
     args = ["convert", "-U", "-f", "qcow2", "-O", "qcow2"]
     if backing:
         args += ["-B", backing, "-F", backing_format or "qcow2"]
+    node = None
     if live:
-        create(drv, name, snapshot)
+        if snapshot in _on_disk(disk.source):
+            raise Conflict(f"VM {name!r} already has a snapshot {snapshot!r} (disk {target})", vm=name)
+        node = _nodes(drv, name, dom, [target])[target]
+        qmp.execute(drv.qmp_socket(name), "transaction", {"actions": [
+            {"type": "blockdev-snapshot-internal-sync", "data": {"device": node, "name": snapshot}}]},
+            timeout=QMP_SNAPSHOT_TIMEOUT_S)
         args += ["-l", f"snapshot.name={snapshot}"]
     try:
+        if held is not None:
+            held()
         r = subprocess.run(["qemu-img", *args, disk.source, dest], capture_output=True, text=True,
                            timeout=EXPORT_TIMEOUT_S)
         if r.returncode != 0:
@@ -197,5 +211,6 @@ def export_disk(drv: LibvirtDriver, name: str, target: str, dest: str, *, snapsh
             pass
         raise
     finally:
-        if live:
-            delete(drv, name, snapshot)
+        if node is not None:
+            qmp.execute(drv.qmp_socket(name), "blockdev-snapshot-delete-internal-sync",
+                        {"device": node, "name": snapshot}, timeout=QMP_SNAPSHOT_TIMEOUT_S)

@@ -134,6 +134,22 @@ class SnapshotsVolumes(Protocol):
 
 
 @runtime_checkable
+class CopiesVolumeData(Protocol):
+    """Pools whose volumes are no host files but whose data qemu-img reads and writes through
+    the pool's own URIs (RBD): a backup copies a volume's snapshot (SnapshotsVolumes) out, a
+    restore writes a volume's data in."""
+
+    def export_volume_snapshot(self, name: str, snapshot: str, dest: str) -> None:
+        """Write the data of ``snapshot`` of volume ``name`` to the new standalone qcow2 file
+        ``dest`` (unallocated and zero ranges stay holes). NotFound without that snapshot; on
+        failure ``dest`` is removed."""
+
+    def write_volume(self, name: str, src: str, *, src_format: str) -> None:
+        """Overwrite volume ``name``'s data with that of the host image ``src`` (the caller
+        checked it: no backing or data file but its own), at most the volume's size."""
+
+
+@runtime_checkable
 class SweepsTemp(Protocol):
     """A backend whose in-flight writes leave temp files behind when the agent is killed
     mid-write; ``sweep_temp`` removes those that no write of this process is using and

@@ -5,7 +5,9 @@ instance's create request as ``spec``, its kind, the image's identity, and every
 member's name, role, size and sha256), then the members in the manifest's order: the image's
 own export (``image``: a VM's disk file, a container image's OCI layout tar), so a backup is
 self-contained, and the instance's data (``disk``: a VM's root disk as a qcow2 layer over that
-image; ``rootfs``: a tar of a container's writes). Members are written to files first (the
+image; ``rootfs``: a tar of a container's writes), then one ``volume`` member per attached volume
+(a VM's: its data as a standalone qcow2; a container's: a tar of its file tree; the manifest
+entry's ``volume`` names it, its size and where it was attached). Members are written to files first (the
 manifest carries their digests), then streamed out as one tar without a further copy.
 
 A *backup store* keeps artifacts of one pool under ``backups/``: ``<id>.tar`` and, written
@@ -37,9 +39,9 @@ FORMAT = "nodeagent-backup"
 VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # a spec with user_data and a few members: far below this
-MAX_MEMBERS = 8
+MAX_MEMBERS = 32  # the image, the disk or rootfs, and up to 24 volumes (vdb..vdy)
 MEMBER_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-ROLES = ("image", "disk", "rootfs")
+ROLES = ("image", "disk", "rootfs", "volume")
 BACKUP_ID = re.compile(r"^[0-9a-f]{32}$")
 PREFIX = "backups/"
 CHUNK = 1 << 20

@@ -305,6 +305,20 @@ def mount_fs_image(path: str, target: str, *, readonly: bool = False) -> None:
                             argv=r.args, returncode=r.returncode, stderr=r.stderr)
 
 
+def fs_image_mounts(path: str) -> list[str]:
+    """Where the filesystem image ``path`` is mounted now (through its loop devices): [] if
+    nowhere (then the caller may mount it itself without a second writer)."""
+    import subprocess
+    if not os.path.exists(path):
+        return []
+    r = subprocess.run(["losetup", "-j", path, "-O", "NAME", "-n"], capture_output=True, text=True)
+    devs = {d.strip() for d in r.stdout.splitlines() if d.strip()}
+    if not devs:
+        return []
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split(" - ", 1)[1].split()[1] in devs]
+
+
 def release_fs_image(path: str) -> bool:
     """Unmount every mount of the image ``path`` (found by its loop devices) and detach those
     devices; False if it had none. Tolerates a missing file."""

@@ -643,6 +643,25 @@ class RbdBackend:
             with rbd.Image(self._io(), image, read_only=True) as img:
                 return sorted(s["name"] for s in img.list_snaps() if s["name"] != BASE_SNAP)
 
+    # -- data in and out through qemu-img (storage.backend.CopiesVolumeData) --
+    def export_volume_snapshot(self, name: str, snapshot: str, dest: str) -> None:
+        image = self._snap_args(name, snapshot)
+        if snapshot not in self.volume_snapshots(name):
+            raise NotFound(f"pool {self.name}: volume {name} has no snapshot {snapshot!r}")
+        fmt = self.get_volume(name).format
+        try:
+            _qemu_img(["convert", "-f", fmt, "-O", "qcow2", self._rbd_spec(image, snapshot), dest], self.name)
+        except BaseException:
+            if os.path.exists(dest):
+                os.unlink(dest)
+            raise
+
+    def write_volume(self, name: str, src: str, *, src_format: str) -> None:
+        _check_volume_name(name)
+        vol = self.get_volume(name)
+        _qemu_img(["convert", "-n", "-f", src_format, "-O", vol.format, src,
+                   self._rbd_spec(VOLUME_PREFIX + name)], self.name)
+
     def _delete_io(self):
         """An ioctx whose ops go through even when the pool is full (FULL_TRY)."""
         if self._del_ioctx is None:

@@ -25,7 +25,9 @@ def _pool() -> str | None:
 
 @route(bp, "POST", "/v1/instances/{id}/backups",
        summary="Back an instance up {pool?} into an object or local pool: its disk (a running VM: "
-               "crash-consistent, no pause) and its image, as one checksummed artifact",
+               "crash-consistent; on an RBD pool, from an RBD snapshot), its attached volumes (read at the "
+               "same instant: a running VM with volumes is paused for their snapshot or copy) and its image, "
+               "as one checksummed artifact",
        body=models.BackupCreate, responses={202: models.Operation, 404: None, 409: None, 422: None})
 def create_backup(id):
     return render(services().backups.create(path_id(id), parse(models.BackupCreate)), 202)
@@ -75,8 +77,9 @@ def upload_backup():
 
 
 @route(bp, "POST", "/v1/backups/{id}/restore",
-       summary="Restore a backup as a new instance {name, pool?, start?} (its own id and address); every "
-               "checksum is checked before anything is made",
+       summary="Restore a backup as a new instance {name, pool?, start?} (its own id and address) with "
+               "fresh volumes attached where the backed-up ones were (named as they were if free here, else "
+               "<name>-<volume>); every checksum and every volume member is checked before anything is made",
        body=models.BackupRestore, responses={202: models.Operation, 400: None, 404: None, 409: None, 422: None},
        path_types=BACKUP)
 def restore_backup(id):

@@ -153,6 +153,26 @@ class VolumeService:
                              "ORDER BY target, path", (inst_id,))
         return [self._render(r) for r in rows]
 
+    def attached_to_vm(self, inst_id: str) -> list[tuple[dict, object]]:
+        """The volumes attached to VM ``inst_id`` as a backup reads them: ({id, name, size_bytes,
+        format, target, readonly}, the pool's Volume), by target."""
+        rows = self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='ready' AND target IS NOT NULL "
+                             "ORDER BY target", (inst_id,))
+        return [({"id": r["id"], "name": r["name"], "size_bytes": r["size"], "format": r["format"],
+                  "target": r["target"], "readonly": bool(r["readonly"])}, self._volume(r)) for r in rows]
+
+    def name_free(self, name: str) -> bool:
+        return self.db.one("SELECT 1 FROM volumes WHERE name=?", (name,)) is None
+
+    def mark_guest_written(self, vol_id: str) -> None:
+        """Its bytes are a guest's (a VM's disk restored from a backup): no container mounts it."""
+        self.db.execute("UPDATE volumes SET guest_written=1 WHERE id=?", (vol_id,))
+
+    def find_row_state(self, vol_id: str) -> tuple[str, str | None] | None:
+        """(state, attached instance id) of volume ``vol_id``; None if it has no row."""
+        row = self.db.one("SELECT state, instance_id FROM volumes WHERE id=?", (vol_id,))
+        return None if row is None else (row["state"], row["instance_id"])
+
     def _backend(self, pool: str):
         try:
             return self.root.pools[pool]
@@ -175,9 +195,10 @@ class VolumeService:
                            f"({cap // (1024 * 1024)} MiB): pick a smaller size or another pool")
 
     # -- create, resize, delete --
-    def create(self, req: models.VolumeCreate) -> dict:
+    def create(self, req: models.VolumeCreate, *, vol_id: str | None = None) -> dict:
         """Make an empty volume (local: with an ext4 filesystem). Conflict if the name is
         taken; NotFound for an unknown pool; Unprocessable for a pool that holds no volumes.
+        ``vol_id``: its id, chosen by a caller that records it first (a backup's restore).
         On failure nothing is left."""
         from storage.backend import VolumeSpec
         pool = req.pool or self.root.config.default_pool
@@ -186,7 +207,7 @@ class VolumeService:
             raise Unprocessable(f"pool {pool!r} is a {backend.kind} pool: it holds images only; make "
                                 "volumes on a local or block pool")
         self._check_room(backend, pool, req.size_bytes)
-        vol_id = uuid.uuid4().hex
+        vol_id = vol_id or uuid.uuid4().hex
         bname = BACKEND_PREFIX + vol_id[:12]
         now = time.time()
         with self.db.tx() as c:

@@ -279,3 +279,210 @@ def test_cli_backup_verbs(agent, admin, images, tmp_path):
             admin.delete(f"/v1/instances/{name}")
         for i in made:
             admin.delete(f"/v1/backups/{i}")
+
+
+# -- attached volumes --
+
+def _volume(client, name, size_mib=32):
+    r = client.post("/v1/volumes", json={"name": name, "size_mib": size_mib})
+    assert r.status_code == 201, r.json
+    return r.json
+
+
+def _vol_path(root, ref):
+    return root.volumes.export_source(ref).volume.path
+
+
+def _volumes_clean(client, root, before):
+    """No volume but those in ``before`` (names), and no pool file of another."""
+    names = {v["name"] for v in client.get("/v1/volumes").json["volumes"]}
+    assert names == before, names
+    rows = [tuple(r) for r in root.db.query("SELECT name, state FROM volumes")]
+    assert {r[0] for r in rows} == before, rows
+
+
+def test_a_vm_with_a_volume_is_backed_up_and_restored_with_fresh_volumes(app):
+    _, client, root = app
+    vol = _volume(client, "bkv")
+    _create(client, **VM, name="bk-v", volumes=[{"volume": "bkv", "target": "vdc"}])
+    w = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 64k", _vol_path(root, "bkv")],
+                       capture_output=True)
+    assert w.returncode == 0, w.stderr
+    b = _backup(client, "bk-v")
+    assert client.get("/v1/instances/bk-v").json["state"] == "running", "resumed after its volumes' copy"
+    manifest, files = _members(client.get(f"/v1/backups/{b['id']}/content").data)
+    (m,) = [m for m in manifest["members"] if m["role"] == "volume"]
+    assert m["name"] == "volume-0.qcow2" and m["volume"] == {"name": "bkv", "size_bytes": vol["size_bytes"],
+                                                             "format": "raw", "target": "vdc", "readonly": False}
+
+    def restored(name):
+        op = _wait(client, client.post(f"/v1/backups/{b['id']}/restore", json={"name": name}).json)
+        assert op["status"] == "succeeded", op
+        (v,) = [v for v in client.get("/v1/volumes").json["volumes"]
+                if (v["attachment"] or {}).get("instance_name") == name]
+        assert v["id"] != vol["id"] and v["size_bytes"] == vol["size_bytes"] and v["attachment"]["target"] == "vdc"
+        rd = subprocess.run(["qemu-io", "-r", "-U", "-f", "raw", "-c", "read -P 0x5a 1M 64k",
+                             _vol_path(root, v["id"])], capture_output=True, text=True)
+        assert rd.returncode == 0 and "verification failed" not in rd.stdout, rd.stdout
+        return v
+
+    v2 = restored("bk-v2")
+    assert v2["name"] == "bk-v2-bkv", "the backed-up name is taken here: <instance>-<name>"
+    assert client.delete("/v1/instances/bk-v").status_code == 200
+    assert client.delete("/v1/volumes/bkv").status_code == 200
+    v3 = restored("bk-v3")
+    assert v3["name"] == "bkv", "the backed-up name is free again"
+    for inst, v in (("bk-v2", v2), ("bk-v3", v3)):
+        assert client.delete(f"/v1/instances/{inst}").status_code == 200
+        assert client.delete(f"/v1/volumes/{v['id']}").status_code == 200
+    client.delete(f"/v1/backups/{b['id']}")
+    _volumes_clean(client, root, set())
+    assert _leftovers(root) == CLEAN
+
+
+def _restore_fails(client, root, manifest, members, why):
+    """Upload an artifact of ``members`` ({name: bytes}), restore it: 422, nothing left."""
+    body = _tar(("manifest.json", json.dumps(manifest).encode()), *members.items())
+    up = client.post("/v1/backups", data=body)
+    assert up.status_code == 201, (why, up.json)
+    instances, volumes = client.get("/v1/instances").json, client.get("/v1/volumes").json
+    op = _wait(client, client.post(f"/v1/backups/{up.json['id']}/restore", json={"name": "bk-evil"}).json)
+    assert op["status"] == "failed" and op["error"]["code"] == "unprocessable", (why, op)
+    assert client.get("/v1/instances").json == instances, why
+    assert client.get("/v1/volumes").json == volumes, why
+    assert [tuple(r) for r in root.db.query("SELECT name FROM volumes")] == \
+        [(v["name"],) for v in volumes["volumes"]], why
+    client.delete(f"/v1/backups/{up.json['id']}")
+    assert _leftovers(root) == CLEAN, why
+    return op["error"]["message"]
+
+
+def _tree(*entries) -> bytes:
+    """A tar of TarInfo-making (name, type, data|linkname) entries, as a volume's file tree."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, kind, data in entries:
+            ti = tarfile.TarInfo(name)
+            ti.type = kind
+            if kind == tarfile.REGTYPE:
+                ti.size = len(data)
+                t.addfile(ti, io.BytesIO(data))
+                continue
+            if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                ti.linkname = data
+            if kind == tarfile.BLKTYPE:
+                ti.devmajor, ti.devminor = 8, 0
+            t.addfile(ti)
+    return buf.getvalue()
+
+
+def test_hostile_volume_members_are_refused_and_leave_nothing(app, artifact, tmp_path):
+    _, client, root = app
+    _, _, data = artifact
+    manifest, files = _members(data)
+    evil = tmp_path / "vol-evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow", "-u",
+                    str(evil), "16M"], check=True)
+    big = tmp_path / "vol-big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(big), "64M"], check=True)
+    vm_cases = {
+        "a volume with a backing file": (evil.read_bytes(), {"target": "vdb"}, "backing file"),
+        "a volume larger than it says": (big.read_bytes(), {"target": "vdb"}, "more than"),
+        "a volume at the root disk's target": (big.read_bytes(), {"target": "vda"}, "attachment"),
+    }
+    for why, (blob, where, word) in vm_cases.items():
+        entry = {**_entry("volume-0.qcow2", "volume", blob),
+                 "volume": {"name": "evil", "size_bytes": 32 << 20, "readonly": False, **where}}
+        msg = _restore_fails(client, root, {**manifest, "members": manifest["members"] + [entry]},
+                             {**files, "volume-0.qcow2": blob}, why)
+        assert word in msg, (why, msg)
+
+
+def test_hostile_container_volume_trees_are_refused_and_leave_nothing(app, ctr_artifact):
+    _, client, root = app
+    manifest, files = ctr_artifact
+    cases = {
+        "a path out": _tree(("./../../../../tmp/bk-out", tarfile.REGTYPE, b"x")),
+        "an absolute path": _tree(("/tmp/bk-out", tarfile.REGTYPE, b"x")),
+        "a device": _tree(("./disk", tarfile.BLKTYPE, "")),
+        "a hardlink out": _tree(("./pw", tarfile.LNKTYPE, "../../../../etc/passwd")),
+    }
+    for why, blob in cases.items():
+        entry = {**_entry("volume-0.tar", "volume", blob),
+                 "volume": {"name": "evil", "size_bytes": 32 << 20, "readonly": False, "path": "/data"}}
+        msg = _restore_fails(client, root, {**manifest, "members": [m for m in manifest["members"]
+                                                                       if m["role"] != "volume"] + [entry]},
+                             {**{k: v for k, v in files.items() if not k.startswith("volume-")}, "volume-0.tar": blob},
+                             why)
+        assert "volume 'evil' is refused" in msg, (why, msg)
+        assert not os.path.exists("/tmp/bk-out"), why
+
+
+@pytest.fixture(scope="module")
+def ctr_artifact(app, tmp_path_factory):
+    """A backup of a (fake) container with a volume at /data holding a file; (manifest, members)."""
+    from testbed.ocibuild import busybox_layers, write_layout
+    from tests.api.test_services_inprocess import _import
+    from storage import mounts
+    _, client, root = app
+    layout = write_layout(os.path.join(root.config.images.import_dirs[0], "busybox"), {"latest": busybox_layers()})
+    _import(client, {"name": "busybox", "source": {"type": "file", "path": layout}, "format": "oci"})
+    _volume(client, "bkcv")
+    point = tmp_path_factory.mktemp("mnt")
+    mounts.mount_fs_image(_vol_path(root, "bkcv"), str(point))
+    try:
+        os.makedirs(point / "sub")
+        (point / "sub" / "mark").write_text("kept")
+        shift = root.runtime.idmap.host_id if root.runtime.idmap else 0  # owned by the container's 1234:99
+        os.chown(point / "sub" / "mark", 1234 + shift, 99 + shift)
+    finally:
+        mounts.unmount(str(point))
+    _create(client, kind="container", image="busybox", memory_mib=64, name="bk-c", network="none",
+            volumes=[{"volume": "bkcv", "path": "/data", "readonly": True}])
+    b = _backup(client, "bk-c")
+    data = client.get(f"/v1/backups/{b['id']}/content").data
+    client.delete(f"/v1/backups/{b['id']}")
+    return _members(data)
+
+
+def test_a_container_with_a_volume_is_restored_with_its_file_tree(app, ctr_artifact):
+    from storage import mounts
+    _, client, root = app
+    manifest, files = ctr_artifact
+    (m,) = [m for m in manifest["members"] if m["role"] == "volume"]
+    assert m["volume"] == {"name": "bkcv", "size_bytes": 32 << 20, "path": "/data", "readonly": True}, m
+    with tarfile.open(fileobj=io.BytesIO(files[m["name"]])) as t:
+        assert "./sub/mark" in t.getnames()
+    up = client.post("/v1/backups", data=_tar(("manifest.json", json.dumps(manifest).encode()), *files.items()))
+    assert up.status_code == 201, up.json
+    op = _wait(client, client.post(f"/v1/backups/{up.json['id']}/restore", json={"name": "bk-c2"}).json)
+    assert op["status"] == "succeeded", op
+    (v,) = [v for v in client.get("/v1/volumes").json["volumes"]
+            if (v["attachment"] or {}).get("instance_name") == "bk-c2"]
+    assert v["name"] == "bk-c2-bkcv" and (v["attachment"]["path"], v["attachment"]["readonly"]) == ("/data", True)
+    point = os.path.join(root.store.tmp_dir, "check-mnt")
+    os.mkdir(point)
+    mounts.mount_fs_image(_vol_path(root, v["id"]), point, readonly=True)
+    try:
+        st = os.stat(os.path.join(point, "sub", "mark"))
+        assert open(os.path.join(point, "sub", "mark")).read() == "kept"
+        shift = root.runtime.idmap.host_id if root.runtime.idmap else 0
+        assert (st.st_uid, st.st_gid) == (1234 + shift, 99 + shift)
+    finally:
+        mounts.unmount(point)
+        os.rmdir(point)
+    assert client.delete("/v1/instances/bk-c2").status_code == 200
+    assert client.delete(f"/v1/volumes/{v['id']}").status_code == 200
+    client.delete(f"/v1/backups/{up.json['id']}")
+    assert _leftovers(root) == CLEAN
+
+
+def test_a_container_volume_a_vm_wrote_is_refused_before_anything_is_made(app, ctr_artifact):
+    _, client, root = app
+    vol = client.get("/v1/volumes/bkcv").json
+    root.volumes.mark_guest_written(vol["id"])  # as if a VM had had it writable
+    before = client.get("/v1/backups").json
+    msg = _err(client.post("/v1/instances/bk-c/backups", json={}), 422, "unprocessable")
+    assert "bkcv" in msg and "cannot be backed up" in msg, msg
+    assert client.get("/v1/backups").json == before
+    assert _leftovers(root) == CLEAN

@@ -1,5 +1,6 @@
 """kill -9 of a real agent (fake driver, real local pool) in the middle of a backup's export (its
-artifact half-written into the pool) and of a restore (the new VM's disk cloned, not yet filled):
+artifact half-written into the pool) and of a restore (its volume made, not yet filled; the new VM's
+disk cloned, not yet filled, its volume attached):
 the restarted agent lists no half-made backup and no half-made instance, and leaves no partial
 artifact, staging dir or disk behind. A slow phase is injected with NODEAGENT_SLOW_PHASE
 (agent/operations.py) so the kill lands where it should."""
@@ -10,7 +11,7 @@ import time
 
 from testbed.agentproc import AgentProcess, Api
 
-SLOW = "backup.create:bytes=60,backup.restore:fill=60"
+SLOW = "backup.create:bytes=60,backup.restore:volume-data=60"
 
 
 def _until(api: Api, op_id: str, phase: str) -> None:
@@ -30,12 +31,17 @@ def _artifact(tmp_path, image) -> bytes:
     layer = tmp_path / "layer.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", f"/elsewhere/{image_id}", "-u",
                     str(layer), "16M"], check=True)
+    vol = tmp_path / "volume.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(vol), "16M"], check=True)
     members = [artifacts.member_entry("image.qcow2", "image", str(image)),
-               artifacts.member_entry("disk.qcow2", "disk", str(layer), target="vda", layer=True)]
+               artifacts.member_entry("disk.qcow2", "disk", str(layer), target="vda", layer=True),
+               artifacts.member_entry("volume-0.qcow2", "volume", str(vol), volume={
+                   "name": "crash-vol", "size_bytes": 16 << 20, "target": "vdb", "readonly": False})]
     manifest = {"format": artifacts.FORMAT, "version": artifacts.VERSION, "id": "0" * 32, "kind": "vm",
                 "created_at": time.time(), "spec": {"cpus": 1, "memory_mib": 128},
                 "image": {"id": image_id, "name": "tiny", "kind": "vm", "format": "qcow2"}, "members": members}
-    return artifacts.ArtifactStream(manifest, {"image.qcow2": str(image), "disk.qcow2": str(layer)}).read()
+    return artifacts.ArtifactStream(manifest, {"image.qcow2": str(image), "disk.qcow2": str(layer),
+                                               "volume-0.qcow2": str(vol)}).read()
 
 
 def test_kill9_during_a_backup_and_a_restore(tmp_path):
@@ -70,22 +76,27 @@ def test_kill9_during_a_backup_and_a_restore(tmp_path):
         assert os.listdir(backups) == [], "no partial artifact left"
         assert not [n for n in os.listdir(staging) if n.startswith("backup-")], "no staging dir left"
 
-        # 2. killed while a restore fills its new disk (of a backup uploaded: the VM is lost with the
-        # fake driver's state)
+        # 2. killed while a restore fills its first volume, and then while it fills its new disk (the
+        # volume made and attached): of a backup uploaded (the VM is lost with the fake driver's state)
         r = api.post("/v1/backups", data=_artifact(tmp_path, disk))
         assert r.status_code == 201, r.text
         backup = r.json()
         vols = set(os.listdir(volumes))
-        op = api.post(f"/v1/backups/{backup['id']}/restore", json={"name": "crash-dst"}).json()
-        _until(api, op["id"], "fill")
-        assert len(set(os.listdir(volumes)) - vols) >= 1, "the new disk was cloned"
-        agent.kill9()
-        agent.env.pop("NODEAGENT_SLOW_PHASE")
-        agent.start()
-        assert api.get("/v1/instances/crash-dst").status_code == 404
-        assert "crash-dst" not in [i["name"] for i in api.get("/v1/instances").json()["instances"]]
-        assert set(os.listdir(volumes)) == vols, "no half-made disk left"
-        assert not [n for n in os.listdir(staging) if n.startswith("backup-")], "no staging dir left"
+        for phase, slow in (("volume-data", "backup.restore:fill=60"), ("fill", None)):
+            op = api.post(f"/v1/backups/{backup['id']}/restore", json={"name": "crash-dst"}).json()
+            _until(api, op["id"], phase)
+            assert len(set(os.listdir(volumes)) - vols) >= 1, "the new volume or disk was made"
+            assert [v["name"] for v in api.get("/v1/volumes").json()["volumes"]] == ["crash-vol"], phase
+            agent.kill9()
+            agent.env["NODEAGENT_SLOW_PHASE"] = slow
+            if slow is None:
+                agent.env.pop("NODEAGENT_SLOW_PHASE")
+            agent.start()
+            assert api.get("/v1/instances/crash-dst").status_code == 404, phase
+            assert "crash-dst" not in [i["name"] for i in api.get("/v1/instances").json()["instances"]]
+            assert api.get("/v1/volumes").json()["volumes"] == [], f"no volume left ({phase})"
+            assert set(os.listdir(volumes)) == vols, f"no half-made disk or volume left ({phase})"
+            assert not [n for n in os.listdir(staging) if n.startswith("backup-")], "no staging dir left"
         op = api.wait(api.post(f"/v1/backups/{backup['id']}/restore", json={"name": "crash-dst"}).json())
         assert op["status"] == "succeeded", op
     finally:

@@ -1,12 +1,14 @@
 """Backups on the real components: two agents (hosts A and B) on libvirt (TCG) with local disk
 pools, sharing one radosgw bucket as their object pool "backups".
 
-A VM on A (the test guest's rootfs.qcow2, with a pattern written into its disk before it runs)
-is backed up while it runs: the copy comes from an internal snapshot taken for it (and removed
-after it), the VM keeps running. A killed (kill -9) during a second backup's multipart upload
+A VM on A (the test guest's rootfs.qcow2, with a pattern written into its disk before it runs,
+and a raw volume attached holding another) is backed up while it runs: the copy comes from an
+internal snapshot of its root disk taken for it (and removed after it) and its volume is copied
+in the same short pause, the VM runs on. A killed (kill -9) during a second backup's multipart upload
 aborts that upload and drops its snapshot at its restart. A is then treated as lost: B lists the backup from the bucket,
 restores it as a new VM (B lacks the image: it comes out of the backup), and B's new disk holds
-A's pattern over B's own copy of the image. A backup whose bytes were changed in the bucket is
+A's pattern over B's own copy of the image, its new volume (same name: free on B) the volume's.
+A backup whose bytes were changed in the bucket is
 refused (422) with nothing made on B; deleting the backup on B removes it for A too.
 """
 from __future__ import annotations
@@ -39,9 +41,9 @@ def hosts(ceph, bucket, libvirtd, vmtmp, bridge):  # noqa: F811
         stop_agent(a, bridge)
 
 
-def _disk(libvirtd: str, name: str) -> str:
+def _disk(libvirtd: str, name: str, target: str = "vda") -> str:
     vda = next(d for d in ET.fromstring(virsh(libvirtd, "dumpxml", name)).findall("devices/disk")
-               if d.find("target").get("dev") == "vda")
+               if d.find("target").get("dev") == target)
     return vda.find("source").get("file")
 
 
@@ -61,12 +63,18 @@ def test_a_running_vm_backed_up_to_s3_is_restored_on_another_host(hosts, ceph, b
         "type": "file", "path": f"{IMAGES}/rootfs.qcow2"}}).json(), timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
     image = op["result"]["image"]
+    vol = a.post("/v1/volumes", json={"name": "bk-vol", "size_mib": 32})
+    assert vol.status_code == 201, vol.text
     op = a.wait(a.post("/v1/instances", json={"name": "bk-src", "kind": "vm", "image": image["id"], "cpus": 1,
-                                              "memory_mib": 192, "network": "none", "start": False}).json(),
+                                              "memory_mib": 192, "network": "none", "start": False,
+                                              "volumes": [{"volume": "bk-vol"}]}).json(),
                 timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op["error"]
     src_disk = _disk(libvirtd, "bk-src")
     w = _qemu_io(src_disk, f"write -P {PATTERN} {AT} {LEN}")
+    assert w.returncode == 0, w.stderr
+    src_vol = _disk(libvirtd, "bk-src", "vdb")
+    w = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x3c 4M 1M", src_vol], capture_output=True, text=True)
     assert w.returncode == 0, w.stderr
     act(a, "bk-src", "start")
 
@@ -119,6 +127,13 @@ def test_a_running_vm_backed_up_to_s3_is_restored_on_another_host(hosts, ceph, b
     assert rd.returncode == 0 and "Pattern verification failed" not in rd.stdout, rd.stdout + rd.stderr
     info = subprocess.run(["qemu-img", "info", "-U", "--output=json", dst_disk], capture_output=True, text=True)
     assert str(agents[1].state_dir) in info.stdout, "its base is B's copy of the image, not A's"
+    (v,) = b.get("/v1/volumes").json()["volumes"]
+    assert (v["name"], v["attachment"]["instance_name"], v["attachment"]["target"]) == ("bk-vol", "bk-dst", "vdb")
+    dst_vol = _disk(libvirtd, "bk-dst", "vdb")
+    assert dst_vol != src_vol and dst_vol.startswith(str(agents[1].state_dir)), dst_vol
+    rd = subprocess.run(["qemu-io", "-r", "-U", "-f", "raw", "-c", "read -P 0x3c 4M 1M", dst_vol],
+                        capture_output=True, text=True)
+    assert rd.returncode == 0 and "Pattern verification failed" not in rd.stdout, rd.stdout + rd.stderr
     act(b, "bk-dst", "start")
 
     # the artifact changed in the bucket: its checksum fails, nothing is made on B
@@ -140,3 +155,84 @@ def test_a_running_vm_backed_up_to_s3_is_restored_on_another_host(hosts, ceph, b
     assert a.get("/v1/backups").json()["backups"] == [] and a.get(f"/v1/backups/{backup['id']}").status_code == 404
     for api, name in ((a, "bk-src"), (b, "bk-dst")):
         assert api.delete(f"/v1/instances/{name}").status_code == 200
+        assert api.delete("/v1/volumes/bk-vol").status_code == 200
+
+
+def test_an_rbd_backed_vm_is_backed_up_from_rbd_snapshots_and_restored_onto_rbd_and_local(
+        ceph, libvirtd, vmtmp, bridge):  # noqa: F811
+    """A running VM whose root disk and attached volume are RBD images of a block pool, each
+    with a pattern written before it ran: its backup (into the local pool) reads both from RBD
+    snapshots taken in one short pause (removed after), the VM runs on. Restored onto the
+    block pool (its disk and volume new RBD images) and onto the local pool (a qcow2 overlay
+    and a raw file), each holds the patterns."""
+    import secrets
+    pool = "t" + secrets.token_hex(5)
+    ceph.run("ceph", "osd", "pool", "create", pool, "8", "8")
+    ceph.run("ceph", "osd", "pool", "application", "enable", pool, "rbd")
+    block = (f'[pools.blk]\nkind = "block"\npool = "{pool}"\nconf = "{ceph.conf}"\n'
+             f'user = "{ceph.user}"\nkeyring = "{ceph.keyring}"\n')
+    agent = start_agent(vmtmp / "bkrbd", libvirtd, bridge, extra=block)
+    api = Api(agent.url, agent.token_value)
+
+    def spec(image: str) -> str:
+        return f"rbd:{pool}/{image}:id={ceph.user}:conf={ceph.conf}:keyring={ceph.keyring}"
+
+    def io(image: str, cmd: str, ro: bool = False) -> None:
+        r = subprocess.run(["qemu-io", *(["-r"] if ro else []), "-f", "raw", "-c", cmd, spec(image)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "verification failed" not in r.stdout, r.stdout + r.stderr
+
+    def snaps(image: str) -> list[str]:
+        return [ln.split()[1] for ln in ceph.run("rbd", "snap", "ls", f"{pool}/{image}").stdout.splitlines()[1:]]
+
+    try:
+        op = api.wait(api.post("/v1/images", json={"name": "guest", "source": {
+            "type": "file", "path": f"{IMAGES}/rootfs.qcow2"}}).json(), timeout=OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op
+        image = op["result"]["image"]
+        vol = api.post("/v1/volumes", json={"name": "bkr-vol", "size_mib": 32, "pool": "blk"})
+        assert vol.status_code == 201, vol.text
+        vimg = f"navol.v-{vol.json()['id'][:12]}"
+        op = api.wait(api.post("/v1/instances", json={
+            "name": "bkr-src", "kind": "vm", "image": image["id"], "cpus": 1, "memory_mib": 192, "pool": "blk",
+            "network": "none", "start": False, "volumes": [{"volume": "bkr-vol"}]}).json(), timeout=OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op["error"]
+        root = f"navol.{op['result']['instance']['volumes'][0]}"
+        io(root, f"write -P {PATTERN} {AT} 4M")
+        io(vimg, "write -P 0x3c 4M 1M")
+        act(api, "bkr-src", "start")
+
+        op = api.wait(api.post("/v1/instances/bkr-src/backups", json={"pool": "default"}).json(),
+                      timeout=OP_TIMEOUT_S)
+        assert op["status"] == "succeeded", op["error"]
+        backup = op["result"]["backup"]
+        assert (backup["instance_state"], backup["consistency"]) == ("running", "crash-consistent"), backup
+        assert api.get("/v1/instances/bkr-src").json()["state"] == "running"
+        assert snaps(root) == [] and snaps(vimg) == [], "the RBD snapshots the copy read are gone"
+
+        for name, target in (("bkr-rbd", "blk"), ("bkr-loc", "default")):
+            op = api.wait(api.post(f"/v1/backups/{backup['id']}/restore", json={
+                "name": name, "pool": target, "start": False}).json(), timeout=OP_TIMEOUT_S)
+            assert op["status"] == "succeeded", op["error"]
+            inst = op["result"]["instance"]
+            assert inst["pool"] == target
+            (v,) = [v for v in api.get("/v1/volumes").json()["volumes"]
+                    if (v["attachment"] or {}).get("instance_name") == name]
+            assert (v["name"], v["pool"], v["attachment"]["target"]) == (f"{name}-bkr-vol", target, "vdb"), v
+            if target == "blk":
+                io(f"navol.{inst['volumes'][0]}", f"read -P {PATTERN} {AT} 4M", ro=True)
+                io(f"navol.v-{v['id'][:12]}", "read -P 0x3c 4M 1M", ro=True)
+            else:
+                rd = _qemu_io(_disk(libvirtd, name), f"read -P {PATTERN} {AT} 4M")
+                assert rd.returncode == 0 and "verification failed" not in rd.stdout, rd.stdout + rd.stderr
+                rd = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x3c 4M 1M",
+                                     _disk(libvirtd, name, "vdb")], capture_output=True, text=True)
+                assert rd.returncode == 0 and "verification failed" not in rd.stdout, rd.stdout + rd.stderr
+        act(api, "bkr-rbd", "start")
+    finally:
+        for name in ("bkr-src", "bkr-rbd", "bkr-loc"):
+            api.delete(f"/v1/instances/{name}")
+        for v in api.get("/v1/volumes").json()["volumes"]:
+            api.delete(f"/v1/volumes/{v['id']}")
+        stop_agent(agent, bridge)
+        ceph.run("ceph", "osd", "pool", "delete", pool, pool, "--yes-i-really-really-mean-it", check=False)

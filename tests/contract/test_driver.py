@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import subprocess
 import time
 import uuid
@@ -404,7 +405,10 @@ def test_exports_a_disk_of_a_running_and_a_stopped_vm(driver, spec, vm_dir):
     driver.start(s.name)
     for state in ("running", "stopped"):
         out = f"{vm_dir}/{s.name}-{state}.qcow2"
-        driver.export_disk(s.name, "vda", out, snapshot="backup-ct")
+        held = []
+        driver.export_disk(s.name, "vda", out, snapshot="backup-ct",
+                           held=lambda: held.append((driver.get(s.name).state, os.path.exists(out))))
+        assert held == [(state, False)], "held() runs once, before the copy is written"
         assert driver.get(s.name).state == state
         assert "backup-ct" not in driver.list_snapshots(s.name)
         r = subprocess.run(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x77 1M 64k", out],
@@ -413,5 +417,4 @@ def test_exports_a_disk_of_a_running_and_a_stopped_vm(driver, spec, vm_dir):
         driver.stop(s.name, force=True)
     with pytest.raises(NotFound):
         driver.export_disk(s.name, "vdq", f"{vm_dir}/none.qcow2", snapshot="backup-ct")
-    import os
     assert not os.path.exists(f"{vm_dir}/none.qcow2")

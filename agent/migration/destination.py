@@ -15,7 +15,7 @@ from agent.errors import Conflict, InsufficientResources, NotFound, Unprocessabl
 from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets, other_group_model
 from agent.migration import transport
 from agent.migration.peer import Peers
-from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, shift_owners, untar_into
+from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, shift_owners, untar_into, write_raw
 from agent.services.instances import POSTCOPY_FAILED
 from agent.services.records import Instance
 from hypervisor.driver import SupportsCpuCheck, SupportsIncomingDisks, SupportsMigration
@@ -74,13 +74,17 @@ class MigrationDestination:
             if groups:  # before its address is leased: the filter is rendered with them
                 self.root.secgroups.join(inst.id, groups, apply=False)
             (self.root.instances.instance_dir(inst.id) / SOURCE_FILE).write_text(source)
+            if req.attached_volumes:  # first: a taken name or a missing pool refuses before the disk is made
+                self.root.volumes.incoming(inst.id, pool, req.attached_volumes, kind=inst.kind)
             if inst.kind == "container":
-                if req.attached_volumes:
-                    self.root.volumes.incoming(inst.id, pool, req.attached_volumes)
                 return self._prepare_container(inst, image, pool, req.idmap)
             if req.shared_volumes:
-                return self._prepare_shared_vm(inst, spec, image, pool, req.shared_volumes)
-            return self._prepare_vm(inst, spec, image, pool, req.disk_size)
+                prepared = self._prepare_shared_vm(inst, spec, image, pool, req.shared_volumes)
+            else:
+                prepared = self._prepare_vm(inst, spec, image, pool, req.disk_size)
+            # the volumes' files here: the source's domain XML is pointed at them, never at its own paths
+            prepared.disk_sources.update(self.root.volumes.incoming_disks(inst.id))
+            return prepared
         except BaseException:
             self._destroy_incoming(inst.id)
             raise
@@ -226,14 +230,21 @@ class MigrationDestination:
                                         f"({self.config.api.listen}) is full: {e.message}") from None
 
     def receive_volume(self, caller: dict, inst_id: str, vol_id: str, stream) -> models.Received:
-        """Unpack a tar stream of the file tree of one of the container's volumes into the
-        fresh filesystem made for it at prepare (mounted here for the copy: the host mounts
-        filesystems it made, never a peer's image; owners shifted as the rootfs's)."""
+        """A container's volume: unpack a tar stream of its file tree into the fresh
+        filesystem made for it at prepare (mounted here for the copy: the host mounts
+        filesystems it made, never a peer's image; owners shifted as the rootfs's). A VM's
+        volume (a stopped VM moved offline, or a read-only one the live copy skips): its raw
+        bytes, exactly its size, written into the file made for it (never mounted here)."""
         from containers.runtime import IdMap
         from storage import mounts
         inst = self._incoming(inst_id, self.peers.require(caller))
-        if inst.kind != "container":
-            raise Unprocessable("only containers bring volumes")
+        if inst.kind == "vm":
+            path = self.root.volumes.incoming_file(inst_id, vol_id)
+            try:
+                return models.Received(bytes=write_raw(path, stream, self.root.volumes.incoming_size(inst_id, vol_id)))
+            except InsufficientResources as e:
+                raise InsufficientResources(f"volume {vol_id[:12]} of {inst.name!r} does not fit here: "
+                                            f"{e.message}") from None
         path = self.root.volumes.incoming_file(inst_id, vol_id)
         d = self.root.instances.instance_dir(inst.id)
         layers = json.loads((d / LAYERS_FILE).read_text())
@@ -275,10 +286,12 @@ class MigrationDestination:
         vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
         seed = str(self.root.instances.instance_dir(inst.id) / "seed.iso")
         try:
-            info = self.root.driver.define(self.root.assembly.vm_spec(inst.id, req, vol, seed))
+            info = self.root.driver.define(self.root.assembly.vm_spec(
+                inst.id, req, vol, seed, volumes=self.root.volumes.incoming_disk_specs(inst.id)))
         except BaseException:
             self.root.driver.delete(inst.name)
             raise
+        self.root.volumes.finish_incoming(inst.id)
         return {"instance": self.root.records.update(inst.id, state=info.state, error=None).to_dict()}
 
     def _finish_container(self, inst: Instance, start: bool, keep) -> dict:
@@ -398,6 +411,7 @@ class MigrationDestination:
             if info.state not in ("running", "paused"):
                 raise Conflict(f"VM {inst.name!r} is {info.state} here: the migration did not complete")
             self._own_shared(inst_id)
+            self.root.volumes.finish_incoming(inst_id)
             self.root.instances.reapply_bandwidth(inst)  # its taps here are new
             self.root.instances.sync_port(inst)  # and so are libvirt's names of them (vnetN)
             return {"instance": self.root.records.update(inst_id, state=info.state, error=None).to_dict()}
@@ -459,6 +473,7 @@ class MigrationDestination:
                     log.warning("incoming VM still in post-copy: kept as incoming", extra={"instance": r.name})
                 elif info is not None and info.state == "running":
                     self._own_shared(r.id)
+                    self.root.volumes.finish_incoming(r.id)
                     self.root.records.update(r.id, state="running", error=None)
                 else:
                     self._destroy_incoming(r.id)

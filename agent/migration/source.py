@@ -188,13 +188,9 @@ class MigrationSource:
                                 "delete them first")
         peer = self.peers.get(req.destination)
         attached = self.root.volumes.of_instance(inst.id)
-        if attached and inst.kind == "vm":
-            raise Unprocessable(f"VM {inst.name!r} has volumes attached ({', '.join(v['name'] for v in attached)}): "
-                                "volumes move only with containers (cold or refresh); detach them from the VM "
-                                "first (DELETE /v1/instances/{id}/volumes/{volume})")
         if attached:
             from containers.runtime import SupportsVolumes
-            if not isinstance(self.root.runtime, SupportsVolumes):
+            if inst.kind == "container" and not isinstance(self.root.runtime, SupportsVolumes):
                 raise Unsupported(f"the {self.config.containers.runtime} runtime cannot move container volumes")
             self.root.volumes.outgoing(inst.id)  # Unprocessable naming those that cannot move
             for v in attached:
@@ -323,14 +319,18 @@ class MigrationSource:
         image = self.root.store.get(inst.image)
         pool = self.root.pools[inst.pool]
         vol = pool.get_volume(inst.volumes[0])
+        volumes = self.root.volumes.outgoing(inst_id)
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
         shared = pool.kind not in LOCAL_POOL_KINDS
+        data = (allocated_bytes(vol.path) if pool.kind == "local" else 0) + \
+            sum(allocated_bytes(path) for _, path in volumes)
         prepared = peer.prepare(incoming_request(
-            inst, image, data_bytes=allocated_bytes(vol.path) if pool.kind == "local" else 0, disk_size=vol.size,
+            inst, image, data_bytes=data, disk_size=vol.size,
             shared_volumes={v: pool.get_volume(v).uri for v in inst.volumes} if shared else None,
-            security_groups=self._groups(inst), guest_cpu=self._guest_cpu(name)))
+            security_groups=self._groups(inst), guest_cpu=self._guest_cpu(name),
+            attached_volumes=[v for v, _ in volumes]))
         live = self._track(op.id, {})
         down = {"failures": 0, "last": time.monotonic()}
 
@@ -353,6 +353,7 @@ class MigrationSource:
             return down["failures"] >= HEALTH_FAILURES
 
         try:
+            self._check_volume_sources(peer, name, prepared, volumes)
             to = transport.route(prepared.migration_uri, self.root.config.migration, peer.name)
             if controls["postcopy"] and prepared.postcopy is False:
                 if postcopy_required:
@@ -366,12 +367,18 @@ class MigrationSource:
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             raise
+        copied = not shared or any(not v["readonly"] for v, _ in volumes)  # local disks the hypervisor copies
         options = MigrationOptions(
-            live=(mode == "live"), copy_storage="none" if shared else "incremental", tls=to.tls,
+            live=(mode == "live"), copy_storage="incremental" if copied else "none", tls=to.tls,
             disk_sources=dict(prepared.disk_sources),
             disk_attach={k: v.model_dump(exclude_none=True) for k, v in (prepared.disk_attach or {}).items()},
             console_log=prepared.console_log, **controls)
         try:
+            if any(v["readonly"] for v, _ in volumes):  # the hypervisor copies writable disks only
+                op.phase("volumes")
+                for v, path in volumes:
+                    if v["readonly"]:
+                        peer.push_volume_file(inst_id, v["id"], path)
             op.phase("migrate")
             if not peer.alive():
                 raise Unavailable(f"peer {peer.name!r} ({peer.url}) stopped answering before the copy: "
@@ -406,6 +413,7 @@ class MigrationSource:
         op.phase("confirm")
         moved = self._finish_remote(peer, inst_id, name)
         op.phase("cleanup")
+        self.root.volumes.forget_migrated(inst_id)
         self._forget_local(inst_id, shared=shared)
         log.info("instance migrated", extra={"instance": name, "destination": peer.name,
                                              "downtime_ms": result.downtime_ms, "total_ms": result.total_ms})
@@ -421,15 +429,22 @@ class MigrationSource:
         name = inst.name
         image = self.root.store.get(inst.image)
         vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
+        volumes = self.root.volumes.outgoing(inst_id)
         t0 = time.monotonic()
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(vol.path), disk_size=vol.size,
-                                      security_groups=self._groups(inst)))
+        data = allocated_bytes(vol.path) + sum(allocated_bytes(path) for _, path in volumes)
+        prepared = peer.prepare(incoming_request(inst, image, data_bytes=data, disk_size=vol.size,
+                                                 security_groups=self._groups(inst),
+                                                 attached_volumes=[v for v, _ in volumes]))
         try:
-            op.phase("copy", bytes_total=os.path.getsize(vol.path))
+            self._check_volume_sources(peer, name, prepared, volumes)
+            total = os.path.getsize(vol.path) + sum(v["size_bytes"] for v, _ in volumes)
+            op.phase("copy", bytes_total=total)
             sent = peer.push_disk(inst_id, vol.path, progress=op.bytes)
+            for v, path in volumes:
+                sent += peer.push_volume_file(inst_id, v["id"], path, progress=lambda n, done=sent: op.bytes(done + n))
             op.phase("define")
             moved = self._confirm(peer, inst_id, finish_request(define=True))
         except BaseException as e:
@@ -441,6 +456,7 @@ class MigrationSource:
         op.point_of_no_return()
         op.phase("cleanup")
         self.root.driver.delete(name)
+        self.root.volumes.forget_migrated(inst_id)
         self._forget_local(inst_id)
         log.info("stopped VM moved", extra={"instance": name, "destination": peer.name, "bytes": sent})
         return {"instance": moved, "name": name, "destination": peer.name, "mode": "cold",
@@ -524,6 +540,15 @@ class MigrationSource:
         finally:
             mounts.unmount(str(point))
             point.rmdir()
+
+    @staticmethod
+    def _check_volume_sources(peer: PeerClient, name: str, prepared: models.IncomingPrepared, volumes) -> None:
+        """The destination answered a file of its own for every volume (the domain there must
+        use its copies, never reach for this host's paths); CommandFailed if not."""
+        missing = [v["name"] for v, _ in volumes if not prepared.disk_sources.get(v["target"], "").startswith("/")]
+        if missing:
+            raise CommandFailed(f"peer {peer.name!r} prepared no file of its own for volume(s) {', '.join(missing)} "
+                                f"of VM {name!r}: nothing moved; it stays here")
 
     def _abort_remote(self, peer: PeerClient, inst_id: str, cause: BaseException) -> None:
         try:

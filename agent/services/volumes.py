@@ -24,11 +24,12 @@ containers their mounts with their dir). A read-only volume is mounted read-only
 for a container (a bind mount's "ro" alone its root could undo). A VM keeps its disks in its persistent libvirt
 definition (across stop/start and agent restarts); a container in the runtime's spec.
 
-A container's volumes move with its migration (agent.migration): on the destination they
-are made by incoming() (rows ``incoming``, fresh filesystems the source's file trees are
-unpacked into) and become ``ready`` with the container (finish_incoming), or go with a
-migration that did not finish (drop_incoming, and recover() at start); on the source they
-go once it runs there (forget_migrated).
+An instance's local volumes move with its migration (agent.migration): on the destination
+they are made by incoming() (rows ``incoming``; a container's as fresh filesystems the
+source's file trees are unpacked into, a VM's as empty raw files of the same size that the
+hypervisor's storage copy or the stopped VM's byte stream fills) and become ``ready`` with the
+instance (finish_incoming), or go with a migration that did not finish (drop_incoming, and
+recover() at start); on the source they go once it runs there (forget_migrated).
 
 Every change publishes a ``volume`` event: {id, name, change: created|resized|deleted|
 attached|detached|arrived|migrated, instance?}.
@@ -488,61 +489,110 @@ class VolumeService:
         self._event(row["id"], row["name"], "detached", instance=inst.id)
         return self.get(row["id"])
 
-    # -- migration: a container's volumes move with it --
+    # -- migration: an instance's volumes move with it --
     def outgoing(self, inst_id: str) -> list[tuple[dict, str]]:
-        """The volumes attached to container ``inst_id`` as a migration sends them: (the
+        """The volumes attached to instance ``inst_id`` as a migration sends them: (the
         peer's IncomingVolume fields, the host file). Unprocessable naming those that cannot
-        move (no host file: a block pool's; no ext4 filesystem; written by a VM)."""
+        move: those without a host file (a block pool's: see below), and for a container
+        those without an ext4 filesystem or written by a VM. A VM's volume goes with its
+        target, pool and whether the guest wrote it (its bytes are copied as they are)."""
+        inst = self.root.records.find_id(inst_id)
+        vm = inst is not None and inst.kind == "vm"
         out, bad = [], []
-        for row in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='ready' ORDER BY path",
-                                 (inst_id,)):
+        for row in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='ready' "
+                                 "ORDER BY target, path", (inst_id,)):
             vol = self._volume(row)
-            if not vol.path or row["guest_written"] or not has_ext4(vol.path) or not row["path"]:
+            if not vol.path or (not vm and (row["guest_written"] or not has_ext4(vol.path) or not row["path"])):
                 bad.append(row["name"])
                 continue
-            out.append(({"id": row["id"], "name": row["name"], "size_bytes": row["size"], "path": row["path"],
-                         "readonly": bool(row["readonly"])}, vol.path))
+            fields = {"id": row["id"], "name": row["name"], "size_bytes": row["size"],
+                      "readonly": bool(row["readonly"])}
+            if vm:
+                fields.update(target=row["target"], pool=row["pool"], guest_written=bool(row["guest_written"]))
+            else:
+                fields.update(path=row["path"])
+            out.append((fields, vol.path))
+        if bad and vm:
+            raise Unprocessable(f"volume(s) {', '.join(bad)} of VM {inst.name!r} cannot move with it: only volumes "
+                                "of a local pool (raw files) do; a block (RBD) pool's volume would need the "
+                                "destination to adopt the shared image, which is not supported yet: detach them "
+                                "first (DELETE /v1/instances/{id}/volumes/{volume})")
         if bad:
             raise Unprocessable(f"volume(s) {', '.join(bad)} cannot move with the container: only ext4 volumes of "
                                 "a local pool do (a block pool's or a VM-written one does not); detach them first")
         return out
 
-    def incoming(self, inst_id: str, pool: str, vols: list[models.IncomingVolume]) -> None:
-        """Make the volumes of incoming container ``inst_id`` here: fresh ext4 files of their
-        sizes in ``pool`` (the source's file trees are unpacked into them, never its
-        filesystem images), rows in state ``incoming`` attached to it at their paths. Conflict
-        if an id or name is taken here. On failure none is left."""
+    def incoming(self, inst_id: str, pool: str, vols: list[models.IncomingVolume], kind: str = "container") -> None:
+        """Make the volumes of incoming instance ``inst_id`` here, in this host's pools and
+        paths (a peer names a pool, never a path), rows in state ``incoming`` attached to it:
+        a container's as fresh ext4 files of their sizes in ``pool`` (the source's file trees
+        are unpacked into them, never its filesystem images) at their paths; a VM's as empty
+        raw files of their sizes in the pool of the name the source gives (its storage copy
+        or byte stream fills them) at their targets. Conflict if an id or name is taken here;
+        Unprocessable for a pool this host lacks or that holds no volume files. On failure
+        none is left."""
         from storage.backend import VolumeSpec
         from storage import mounts
-        backend = self._backend(pool)
-        if not backend.supports_volumes:
-            raise Unprocessable(f"pool {pool!r} holds no volumes: the container's volumes need a local pool")
-        made: list[tuple[str, str]] = []
+        made: list[tuple[str, str, object]] = []
         try:
             for v in vols:
+                vpool = v.pool if kind == "vm" else pool
+                if vpool not in self.root.config.pools:
+                    raise Unprocessable(f"pool {vpool!r} of volume {v.name!r} is not configured here: the incoming "
+                                        f"{kind}'s volume needs a local pool of that name (add [pools.{vpool}] "
+                                        "here, or move the volume to a pool both hosts have)")
+                backend = self._backend(vpool)
+                if not backend.supports_volumes or backend.kind not in ("local", "fake"):
+                    raise Unprocessable(f"pool {vpool!r} here is a {backend.kind} pool: the incoming {kind}'s "
+                                        f"volume {v.name!r} is a file and needs a local pool")
                 bname = BACKEND_PREFIX + v.id[:12]
                 now = time.time()
                 with self.db.tx() as c:
                     taken = c.execute("SELECT name FROM volumes WHERE id=? OR name=? OR backend_name=?",
                                       (v.id, v.name, bname)).fetchone()
                     if taken is not None:
-                        raise Conflict(f"a volume {taken['name']!r} exists here: the incoming container's volume "
+                        raise Conflict(f"a volume {taken['name']!r} exists here: the incoming {kind}'s volume "
                                        f"{v.name!r} cannot take its name or id; delete or rename it first")
                     c.execute("INSERT INTO volumes(id, name, pool, backend_name, format, size, state, instance_id, "
-                              "path, readonly, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                              (v.id, v.name, pool, bname, "raw", v.size_bytes, "incoming", inst_id, v.path,
-                               int(v.readonly), now, now))
-                made.append((v.id, bname))
-                self._check_room(backend, pool, v.size_bytes)
+                              "target, path, readonly, guest_written, created_at, updated_at) "
+                              "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                              (v.id, v.name, vpool, bname, "raw", v.size_bytes, "incoming", inst_id, v.target,
+                               v.path, int(v.readonly), int(v.guest_written and kind == "vm"), now, now))
+                made.append((v.id, bname, backend))
+                self._check_room(backend, vpool, v.size_bytes)
                 vol = backend.create_volume(VolumeSpec(bname, v.size_bytes, "raw"))
-                mounts.format_ext4(vol.path)
+                if vol.size != v.size_bytes:  # a storage copy needs the very size
+                    raise Unprocessable(f"pool {vpool!r} cannot make volume {v.name!r} of exactly "
+                                        f"{v.size_bytes} bytes (it made {vol.size})")
+                if kind == "container":
+                    mounts.format_ext4(vol.path)
         except BaseException:
-            for vol_id, bname in made:
+            for vol_id, bname, backend in made:
                 try:
                     backend.delete_volume(bname)
                 finally:
                     self.db.execute("DELETE FROM volumes WHERE id=?", (vol_id,))
             raise
+
+    def incoming_disks(self, inst_id: str) -> dict[str, str]:
+        """The incoming VM's volumes: target -> this host's file (where the copy lands)."""
+        rows = self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming' AND target IS NOT NULL",
+                             (inst_id,))
+        return {r["target"]: self._volume(r).path for r in rows}
+
+    def incoming_disk_specs(self, inst_id: str) -> tuple:
+        """The driver's DiskSpecs of the incoming VM's volumes (a stopped VM defined here)."""
+        from hypervisor.disks import disk_for_volume
+        rows = self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming' AND target IS NOT NULL "
+                             "ORDER BY target", (inst_id,))
+        return tuple(disk_for_volume(self._volume(r), r["target"], readonly=bool(r["readonly"])) for r in rows)
+
+    def incoming_size(self, inst_id: str, vol_id: str) -> int:
+        row = self.db.one("SELECT size FROM volumes WHERE id=? AND instance_id=? AND state='incoming'",
+                          (vol_id, inst_id))
+        if row is None:
+            raise NotFound(f"instance {inst_id} brings no volume {vol_id}")
+        return row["size"]
 
     def incoming_file(self, inst_id: str, vol_id: str) -> str:
         """The host file of incoming volume ``vol_id`` of ``inst_id``; NotFound otherwise."""
@@ -561,7 +611,8 @@ class VolumeService:
                      for r in rows)
 
     def finish_incoming(self, inst_id: str) -> int:
-        """The container runs here: its volumes are ours (state ``ready``, attached to it)."""
+        """The instance runs (or, a stopped VM, is defined) here: its volumes are ours (state
+        ``ready``, attached to it)."""
         rows = self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming'", (inst_id,))
         self.db.execute("UPDATE volumes SET state='ready', updated_at=? WHERE instance_id=? AND state='incoming'",
                         (time.time(), inst_id))
@@ -570,7 +621,7 @@ class VolumeService:
         return len(rows)
 
     def drop_incoming(self, inst_id: str) -> int:
-        """Remove the volumes an incoming container brought (a migration that did not finish)."""
+        """Remove the volumes an incoming instance brought (a migration that did not finish)."""
         n = 0
         for r in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming'", (inst_id,)):
             try:
@@ -583,7 +634,7 @@ class VolumeService:
         return n
 
     def forget_migrated(self, inst_id: str) -> int:
-        """The container runs on another host now, with its volumes: remove them here."""
+        """The instance runs on another host now, with its volumes: remove them here."""
         n = 0
         for r in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='ready'", (inst_id,)):
             with self._lock(r["id"]):

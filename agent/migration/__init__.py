@@ -31,7 +31,21 @@ its id and name, in state ``incoming``; once the container is stopped the source
 them from it, mounts each read-only and streams its file tree (``PUT /v1/peer/migrations/
 {id}/volumes/{volume}``, unpacked by the hardened extractor, owners shifted as the rootfs's:
 the destination never mounts a filesystem image a peer made); at 3 they become the
-container's there, at 4 the source deletes its own. A VM's volumes do not move (422).
+container's there, at 4 the source deletes its own.
+
+A VM's attached volumes (raw files of a local pool) move with it the same way: step 1 names
+them (``attached_volumes``: id, name, size, target, pool) and the destination makes each as an
+empty raw file of exactly that size in its own pool of that name (422 if it has none; 409 if
+a volume of that name or id exists there), state ``incoming``, and answers its own path per
+target in ``disk_sources`` (the domain XML there is rewritten to those paths: a path never
+comes from the source). Live: the hypervisor's storage copy (libvirt's NBD mirror) copies each
+writable one with the root disk; a read-only one (libvirt copies no read-only disk) is streamed
+first. Stopped: each is streamed as raw bytes (``PUT .../volumes/{volume}``, exactly its size,
+zeros kept as holes, never mounted there) after the disk, and defined with the domain. At 3
+they become the VM's there, at 4 the source deletes its own; on a failure before 3 the
+destination removes the files it made and the VM keeps its volumes here. A network (RBD) disk
+is never copied; volumes on a block (RBD) pool do not move yet (422 before anything starts:
+detach them first).
 
 On any failure before 3 the guest keeps running on the source, the source calls
 ``DELETE /v1/peer/migrations/{id}`` so the destination removes what it prepared

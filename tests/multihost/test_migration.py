@@ -3,7 +3,7 @@ real agent (testbed/harness.py); POST /v1/migrations on the source moves a
 running VM with its local disk copied; the destination adopts it; the source is clean.
 Faults: the destination agent down, the link to the destination cut, the destination's
 pool full (h2's pool is a small tmpfs in its mount namespace), cancel; and a stopped VM
-moved offline."""
+moved offline; a VM's and a container's volumes move with them."""
 from __future__ import annotations
 
 import ipaddress
@@ -345,6 +345,52 @@ def test_a_containers_volume_moves_with_it(cluster, apis, busybox):
     moved = apis["h2"].get(f"/v1/volumes/{vol['id']}").json()
     assert (moved["name"], moved["attachment"]["instance_name"]) == (vol["name"], name)
     assert apis["h1"].get(f"/v1/volumes/{vol['id']}").status_code == 404
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+    assert apis["h2"].delete(f"/v1/volumes/{vol['id']}").json() == {"deleted": True}
+
+
+VOLUME_MARK_SECTOR = 20480  # 10 MiB into the volume: where the guest writes its marker
+VOLUME_MARK_SCRIPT = f"""#!/bin/sh
+echo nodeagent-vm-volume-mark | dd of=/dev/vdb bs=512 seek={VOLUME_MARK_SECTOR} conv=notrunc,fsync 2>/dev/null
+"""
+
+
+def test_a_vms_volume_moves_with_it_live(cluster, apis, guest_images):
+    """A VM booted from the test guest with a local volume at vdb, its user-data writes a
+    marker to /dev/vdb; live migration copies the volume with the root disk: on h2 the
+    volume is attached to the VM (same id, name, target), its file (h2's own) holds the
+    marker, the domain there uses that file; h1 keeps no volume."""
+    h1, h2 = cluster.hosts
+    api = apis["h1"]
+    op = api.wait(api.post("/v1/images", json={"name": "guest-boot", "source": {
+        "type": "file", "path": guest_images["boot"]}}).json(), timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    vol = api.post("/v1/volumes", json={"name": f"vmv-{uuid.uuid4().hex[:6]}", "size_mib": 32}).json()
+    name = f"vmv-{uuid.uuid4().hex[:6]}"
+    op = api.wait(api.post("/v1/instances", json={
+        "name": name, "kind": "vm", "image": "guest-boot", "cpus": 1, "memory_mib": 192, "network": "none",
+        "user_data": VOLUME_MARK_SCRIPT, "volumes": [{"volume": vol["name"]}]}).json(), timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op["error"]
+    deadline = time.monotonic() + 180
+    while "NODEAGENT-USERDATA-EXIT" not in (log := api.get(f"/v1/instances/{name}/logs").json()["logs"]):
+        assert time.monotonic() < deadline, f"the guest's user-data did not finish:\n{log[-2000:]}"
+        time.sleep(0.5)
+    assert "NODEAGENT-USERDATA-EXIT 0" in log, log[-2000:]
+    file = f"volumes/v-{vol['id'][:12]}.raw"
+    op = migrate(api, name, "h2")
+    assert op["status"] == "succeeded", op["error"]
+    there = apis["h2"].get(f"/v1/volumes/{vol['id']}").json()
+    assert (there["name"], there["size_bytes"], there["attachment"]["instance_name"],
+            there["attachment"]["target"]) == (vol["name"], vol["size_bytes"], name, "vdb"), there
+    assert [v["name"] for v in apis["h2"].get(f"/v1/instances/{name}/volumes").json()["volumes"]] == [vol["name"]]
+    with open(h2.path(h2.pool_dir / file), "rb") as f:
+        f.seek(VOLUME_MARK_SECTOR * 512)
+        assert f.read(24) == b"nodeagent-vm-volume-mark", "the guest's write arrived"
+    xml = h2.run("virsh", "-c", "qemu:///system", "dumpxml", name).stdout
+    assert f"{h2.pool_dir / file}" in xml, "the domain there uses h2's copy"
+    assert_runs(apis["h2"], name)
+    assert api.get(f"/v1/volumes/{vol['id']}").status_code == 404
+    assert not h1.path(h1.pool_dir / file).exists()
     assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
     assert apis["h2"].delete(f"/v1/volumes/{vol['id']}").json() == {"deleted": True}
 

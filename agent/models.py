@@ -936,6 +936,9 @@ SnapshotName = Annotated[str, Field(pattern=SNAPSHOT_NAME_PATTERN,
                                     description="1-63 letters, digits, '-', '_', starting with a letter or digit")]
 
 
+MAX_SNAPSHOTS_PER_INSTANCE = 32  # agent.services.snapshots.MAX_PER_INSTANCE
+
+
 class SnapshotCreate(Model):
     name: SnapshotName
 
@@ -1156,6 +1159,15 @@ class IncomingVolume(Model):
     guest_written: bool = False  # a VM had it writable (a container on the destination must not mount it)
 
 
+class IncomingSnapshot(Model):
+    """A snapshot a stopped VM's offline move carries (an internal snapshot inside its disk
+    layer, which the destination checks the layer it receives holds)."""
+
+    name: SnapshotName
+    instance_state: Literal["running", "paused", "stopped", "created"]
+    created_at: Annotated[float, Field(ge=0, le=2**40)]
+
+
 class IncomingMigration(Model):
     instance: IncomingInstance
     spec: InstanceSpec
@@ -1177,6 +1189,8 @@ class IncomingMigration(Model):
     guest_cpu: CpuXml | None = None
     # the instance's attached volumes (local raw files; a container's hold ext4): they move with it
     attached_volumes: list[IncomingVolume] | None = Field(None, max_length=MAX_VOLUMES_PER_INSTANCE)
+    # a stopped VM's snapshots (internal snapshots of its disk layer): they move with it offline
+    snapshots: list[IncomingSnapshot] | None = Field(None, max_length=MAX_SNAPSHOTS_PER_INSTANCE)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -1192,6 +1206,12 @@ class IncomingMigration(Model):
                 values = [getattr(v, key) for v in self.attached_volumes]
                 if len(set(values)) != len(values):
                     raise ValueError(f"attached_volumes: a volume {key} is given twice")
+        if self.snapshots:
+            if inst.kind != "vm" or self.shared_volumes is not None:
+                raise ValueError("snapshots move with a stopped VM on a local pool only")
+            names = [s.name for s in self.snapshots]
+            if len(set(names)) != len(names):
+                raise ValueError("snapshots: a name is given twice")
         if (self.spec.name, self.spec.kind) != (inst.name, inst.kind):
             raise ValueError("spec.name and spec.kind must be the instance's")
         if self.image.kind != inst.kind:

@@ -77,7 +77,10 @@ or pick another host.
 
 Stopped VMs move offline: after 1, the source streams the disk's own qcow2 layer
 (``PUT /v1/peer/migrations/{id}/disk``; the destination rebases it onto its copy of the
-same base image) and 3 (``define: true``) defines the domain there, stopped.
+same base image) and 3 (``define: true``) defines the domain there, stopped. Its snapshots
+(internal ones, inside that layer) go along: 1 names them (``snapshots``), 3 checks the
+layer holds each (else 422, nothing defined) and records them there; the source forgets its
+rows at 4. Every other migration of an instance with snapshots is refused (422) at the start.
 
 Finish is idempotent and retried while the destination is unreachable: a retry gets the
 record adopted by an earlier finish (whose answer was lost) or, for a running VM, by the

@@ -31,6 +31,7 @@ IMAGE_DOWNLOAD_MAX = 1024**4  # what a source that declares no image size may se
 LAYERS_FILE = "rootfs-layers.json"  # where a prepared container's layers are
 SOURCE_FILE = "migration-source"  # the peer that prepared the instance (only it may go on)
 SHARED_FILE = "shared-volumes.json"  # the adopted shared volumes (never deleted on abort)
+SNAPSHOTS_FILE = "incoming-snapshots.json"  # the snapshots a stopped VM's disk layer brings
 
 
 class MigrationDestination:
@@ -74,6 +75,9 @@ class MigrationDestination:
             if groups:  # before its address is leased: the filter is rendered with them
                 self.root.secgroups.join(inst.id, groups, apply=False)
             (self.root.instances.instance_dir(inst.id) / SOURCE_FILE).write_text(source)
+            if req.snapshots:  # recorded at the define, once the disk that holds them is here
+                (self.root.instances.instance_dir(inst.id) / SNAPSHOTS_FILE).write_text(
+                    json.dumps([snap.model_dump() for snap in req.snapshots]))
             if req.attached_volumes:  # first: a taken name or a missing pool refuses before the disk is made
                 self.root.volumes.incoming(inst.id, pool, req.attached_volumes, kind=inst.kind)
             if inst.kind == "container":
@@ -280,10 +284,26 @@ class MigrationDestination:
             raise InsufficientResources(f"pool {inst.pool!r} on {self.root.host.hostname()} "
                                         f"({self.config.api.listen}) is full: {e.message}") from None
 
+    def _incoming_snapshots(self, inst: Instance, disk: str) -> list[dict]:
+        """The snapshots the source declared for the stopped VM; Unprocessable unless the disk
+        layer it sent holds each of them (a peer's word is checked against its data)."""
+        from storage import qemu_img
+        try:
+            snaps = json.loads((self.root.instances.instance_dir(inst.id) / SNAPSHOTS_FILE).read_text())
+        except FileNotFoundError:
+            return []
+        held = {s.get("name") for s in qemu_img.info(disk, format="qcow2").get("snapshots") or ()}
+        missing = [s["name"] for s in snaps if s["name"] not in held]
+        if missing:
+            raise Unprocessable(f"VM {inst.name!r}'s disk arrived without its snapshot(s) {', '.join(missing)}: "
+                                "refused; nothing was defined")
+        return snaps
+
     def _define_stopped_vm(self, inst: Instance) -> dict:
         spec = {k: v for k, v in inst.spec_dict().items() if k != "image_id"}
         req = models.InstanceCreate.model_validate(spec)
         vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
+        snaps = self._incoming_snapshots(inst, vol.path)
         seed = str(self.root.instances.instance_dir(inst.id) / "seed.iso")
         try:
             info = self.root.driver.define(self.root.assembly.vm_spec(
@@ -292,6 +312,7 @@ class MigrationDestination:
             self.root.driver.delete(inst.name)
             raise
         self.root.volumes.finish_incoming(inst.id)
+        self.root.snapshots.adopt(inst, snaps)
         return {"instance": self.root.records.update(inst.id, state=info.state, error=None).to_dict()}
 
     def _finish_container(self, inst: Instance, start: bool, keep) -> dict:

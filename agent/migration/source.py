@@ -113,14 +113,14 @@ def _check_destination(peer: PeerClient, driver, inst: Instance) -> None:
 def incoming_request(inst: Instance, image, *, data_bytes: int, disk_size: int | None = None,
                      shared_volumes: dict[str, str] | None = None, idmap=None,
                      security_groups: list[dict] | None = None,
-                     guest_cpu: str | None = None, attached_volumes: list[dict] | None = None
-                     ) -> models.IncomingMigration:
+                     guest_cpu: str | None = None, attached_volumes: list[dict] | None = None,
+                     snapshots: list[dict] | None = None) -> models.IncomingMigration:
     """What the destination is asked to prepare (``POST /v1/peer/migrations``) for ``inst``:
     checked here with the model the destination parses it with. ``idmap``: a container's user
     namespace map here (containers.IdMap), None without one. ``security_groups``: the
     definitions of the instance's groups (they travel with it)."""
     fields = {"disk_size": disk_size, "shared_volumes": shared_volumes, "security_groups": security_groups,
-              "guest_cpu": guest_cpu, "attached_volumes": attached_volumes or None,
+              "guest_cpu": guest_cpu, "attached_volumes": attached_volumes or None, "snapshots": snapshots or None,
               "idmap": {"host_id": idmap.host_id, "size": idmap.size} if idmap else None}
     return _request(models.IncomingMigration, {
         "instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
@@ -176,6 +176,11 @@ class MigrationSource:
         driver = self.root.driver
         return driver.guest_cpu(name) if isinstance(driver, SupportsCpuCheck) else None
 
+    def _carries_snapshots(self, inst: Instance) -> bool:
+        """Whether the migration of ``inst`` carries its snapshots: a stopped VM's offline move
+        does (internal snapshots inside the disk layer it streams)."""
+        return inst.kind == "vm" and inst.state == "stopped" and self.root.pools[inst.pool].kind == "local"
+
     def sending_to(self, peer: str) -> list[str]:
         """The ids of the instances this host is migrating to ``peer`` right now."""
         with self._lock:
@@ -183,9 +188,11 @@ class MigrationSource:
 
     def create(self, req: models.MigrationCreate) -> dict:
         inst = self.root.instances.get(req.instance)
-        if self.root.snapshots.count(inst.id):  # they live in this host's disks (or state): not carried
-            raise Unprocessable(f"instance {inst.name!r} has snapshots, which a migration does not carry: "
-                                "delete them first")
+        if self.root.snapshots.count(inst.id) and not self._carries_snapshots(inst):
+            raise Unprocessable(f"instance {inst.name!r} has snapshots, which only a stopped VM's offline move "
+                                "carries (inside its disk, on a local pool): " + (
+                                    "stop the VM first, or delete them" if inst.kind == "vm" else
+                                    "a container's snapshots (copies of its rootfs) do not move: delete them first"))
         peer = self.peers.get(req.destination)
         attached = self.root.volumes.of_instance(inst.id)
         if attached:
@@ -316,6 +323,9 @@ class MigrationSource:
         from hypervisor.driver import MigrationOptions
         inst = self.root.instances.get(inst_id)
         name = inst.name
+        if self.root.snapshots.count(inst_id):  # started since the request: its snapshots would stay here
+            raise Unprocessable(f"VM {name!r} has snapshots, which a live migration does not carry: stop it "
+                                "(its offline move carries them) or delete them")
         image = self.root.store.get(inst.image)
         pool = self.root.pools[inst.pool]
         vol = pool.get_volume(inst.volumes[0])
@@ -437,7 +447,8 @@ class MigrationSource:
         data = allocated_bytes(vol.path) + sum(allocated_bytes(path) for _, path in volumes)
         prepared = peer.prepare(incoming_request(inst, image, data_bytes=data, disk_size=vol.size,
                                                  security_groups=self._groups(inst),
-                                                 attached_volumes=[v for v, _ in volumes]))
+                                                 attached_volumes=[v for v, _ in volumes],
+                                                 snapshots=self.root.snapshots.outgoing(inst_id)))
         try:
             self._check_volume_sources(peer, name, prepared, volumes)
             total = os.path.getsize(vol.path) + sum(v["size_bytes"] for v, _ in volumes)
@@ -601,5 +612,6 @@ class MigrationSource:
             drop_unused_secrets(self.root, inst_id)  # libvirt undefined the domain, not its secret
         if inst.kind == "vm":
             self.root.instances.release_address(inst_id)
+        self.root.snapshots.forget_instance(inst_id)  # their data left with the disk
         shutil.rmtree(self.config.state_path / "instances" / inst_id, ignore_errors=True)
         self.root.records.delete(inst_id, state="migrated")

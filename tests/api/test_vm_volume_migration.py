@@ -254,3 +254,49 @@ def test_a_peers_volume_stream_must_be_exactly_its_size(src, hosts):
     assert peer.delete(f"/v1/peer/migrations/{inst_id}").json == {"deleted": True}
     assert not os.path.exists(path)
     assert not dst.root.volumes.db.query("SELECT * FROM volumes WHERE id=?", (vid,))
+
+
+# -- snapshots: a stopped VM's (internal snapshots of its disk layer) move with its offline move --
+
+def _disk(host, name: str) -> str:
+    from agent.services.assembly import root_volume
+    inst = host.client.get(f"/v1/instances/{name}").json
+    return host.root.pools[inst["pool"]].get_volume(root_volume("vm", inst["id"])).path
+
+
+def _qemu_snapshots(path: str) -> list[str]:
+    import subprocess
+    out = subprocess.run(["qemu-img", "snapshot", "-U", "-l", path], capture_output=True, text=True).stdout
+    return [ln.split()[1] for ln in out.splitlines()[2:] if len(ln.split()) > 1]
+
+
+def test_a_stopped_vms_snapshots_move_with_it_and_a_running_ones_are_refused(src, hosts):
+    import subprocess
+    dst = hosts[1]
+    running = _vm(src)
+    assert src.client.post(f"/v1/instances/{running}/snapshots", json={"name": "s1"}).status_code == 201
+    r = _migrate(src, running)
+    assert r.status_code == 422 and "stop the VM first" in r.json["error"]["message"], r.json
+    name = _vm(src, start=False)
+    snap = src.client.post(f"/v1/instances/{name}/snapshots", json={"name": "s1"}).json
+    # the fake driver keeps its snapshots in memory: put the real one in the disk layer, as libvirt's does
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", _disk(src, name)], check=True)
+    op = _wait(src.client, _migrate(src, name, mode="cold").json)
+    assert op["status"] == "succeeded", op
+    (there,) = dst.client.get(f"/v1/instances/{name}/snapshots").json["snapshots"]
+    assert (there["name"], there["instance_state"], there["created_at"]) == \
+        ("s1", snap["instance_state"], snap["created_at"])
+    assert _qemu_snapshots(_disk(dst, name)) == ["s1"]
+    assert not src.root.snapshots.db.query("SELECT * FROM snapshots WHERE instance_id=?", (there["instance_id"],))
+
+
+def test_a_peers_snapshot_its_disk_lacks_is_refused_and_the_vm_stays(src, hosts):
+    dst = hosts[1]
+    name = _vm(src, start=False)
+    assert src.client.post(f"/v1/instances/{name}/snapshots", json={"name": "gone"}).status_code == 201
+    op = _wait(src.client, _migrate(src, name, mode="cold").json)  # the fake's snapshot is not in the disk
+    assert op["status"] == "failed" and "without its snapshot(s) gone" in op["error"]["message"], op
+    assert src.client.get(f"/v1/instances/{name}").json["state"] == "stopped"
+    assert [s["name"] for s in src.client.get(f"/v1/instances/{name}/snapshots").json["snapshots"]] == ["gone"]
+    assert dst.client.get(f"/v1/instances/{name}").status_code == 404
+    assert name not in [d.name for d in dst.root.driver.list()]

@@ -528,8 +528,11 @@ def test_stopped_vm_moves_offline_and_stays_stopped(cluster, apis, image):
                                          json={"action": "stop", "force": True}).json(), timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
     disk = f"volumes/i-{inst_id[:12]}-disk.qcow2"
-    # data of its own on its disk (above the image's), as a guest leaves it: it must arrive
+    # data of its own on its disk (above the image's), as a guest leaves it: it must arrive, with
+    # a snapshot of it (inside the disk layer) taken before it was overwritten
     h1.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 30M 1M", str(h1.pool_dir / disk))
+    assert apis["h1"].post(f"/v1/instances/{name}/snapshots", json={"name": "before"}).status_code == 201
+    h1.run("qemu-io", "-f", "qcow2", "-c", "write -P 0xa5 30M 1M", str(h1.pool_dir / disk))
     env = {**os.environ, "NODEAGENT_URL": h1.agent_url, "NODEAGENT_TOKEN": h1.admin_token,
            "PYTHONPATH": str(harness.REPO)}
     r = subprocess.run([sys.executable, "-m", "agent", "migrate", name, "--to", "h2"], cwd=harness.REPO,
@@ -539,8 +542,11 @@ def test_stopped_vm_moves_offline_and_stays_stopped(cluster, apis, image):
     moved = apis["h2"].get(f"/v1/instances/{name}").json()
     assert moved["id"] == inst_id and moved["state"] == "stopped"
     assert name in domains(h2)
-    h2.run("qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 30M 1M", str(h2.pool_dir / disk))
+    h2.run("qemu-io", "-f", "qcow2", "-c", "read -P 0xa5 30M 1M", str(h2.pool_dir / disk))
     assert h2.run("qemu-img", "check", str(h2.pool_dir / disk), check=False).returncode == 0
+    assert [s["name"] for s in apis["h2"].get(f"/v1/instances/{name}/snapshots").json()["snapshots"]] == ["before"]
+    assert apis["h2"].post(f"/v1/instances/{name}/snapshots/before/restore").status_code == 200
+    h2.run("qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 30M 1M", str(h2.pool_dir / disk))
     assert apis["h1"].get(f"/v1/instances/{name}").status_code == 404
     assert name not in domains(h1)
     assert not [v for v in volumes(h1) if inst_id[:12] in v]

@@ -1157,6 +1157,9 @@ class IncomingVolume(Model):
     pool: PoolName | None = None
     readonly: bool = False
     guest_written: bool = False  # a VM had it writable (a container on the destination must not mount it)
+    # a VM's volume on shared storage (a block pool: "rbd:<pool>/<image>" on the source): not
+    # copied; the destination's pool of that name must see the very image, which it adopts
+    shared_uri: Annotated[str, Field(pattern=r"^rbd:[^\x00-\x1f]{1,4095}$")] | None = None
 
 
 class IncomingSnapshot(Model):
@@ -1202,6 +1205,8 @@ class IncomingMigration(Model):
                     raise ValueError(f"attached_volumes: a {inst.kind}'s volume has a {where} and only that")
                 if inst.kind == "vm" and v.pool is None:
                     raise ValueError("attached_volumes: a VM's volume names its pool")
+                if v.shared_uri is not None and inst.kind != "vm":
+                    raise ValueError("attached_volumes: shared_uri is for a VM's volumes")
             for key in ("id", "name", where):
                 values = [getattr(v, key) for v in self.attached_volumes]
                 if len(set(values)) != len(values):
@@ -1240,7 +1245,7 @@ class IncomingPrepared(Model):
     source parses it as strictly as any request (a destination is untrusted too)."""
     # root, seed and the attached volumes' disks
     disk_sources: dict[DiskTarget, DiskSource] = Field(max_length=2 + MAX_VOLUMES_PER_INSTANCE)
-    disk_attach: dict[DiskTarget, RbdAttach] | None = Field(None, max_length=8)  # shared RBD disks
+    disk_attach: dict[DiskTarget, RbdAttach] | None = Field(None, max_length=2 + MAX_VOLUMES_PER_INSTANCE)  # RBD
     console_log: HostPath | None = None
     migration_uri: MigrationUri
     # VMs: whether post-copy can run here (QEMU may use userfaultfd); None: not said (older agent)

@@ -43,9 +43,11 @@ writable one with the root disk; a read-only one (libvirt copies no read-only di
 first. Stopped: each is streamed as raw bytes (``PUT .../volumes/{volume}``, exactly its size,
 zeros kept as holes, never mounted there) after the disk, and defined with the domain. At 3
 they become the VM's there, at 4 the source deletes its own; on a failure before 3 the
-destination removes the files it made and the VM keeps its volumes here. A network (RBD) disk
-is never copied; volumes on a block (RBD) pool do not move yet (422 before anything starts:
-detach them first).
+destination removes the files it made and the VM keeps its volumes here. A volume on a block
+(RBD) pool is shared storage: never copied (libvirt's copy skips network disks); step 1 names
+its image (``shared_uri``), the destination's pool of that name must see that very image (else
+422), adopts it (a row, no image made) and defines its cephx secret, answering its own attach
+facts; an abort only forgets it there, and at 4 the source only forgets it.
 
 On any failure before 3 the guest keeps running on the source, the source calls
 ``DELETE /v1/peer/migrations/{id}`` so the destination removes what it prepared

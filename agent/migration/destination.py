@@ -88,6 +88,9 @@ class MigrationDestination:
                 prepared = self._prepare_vm(inst, spec, image, pool, req.disk_size)
             # the volumes' files here: the source's domain XML is pointed at them, never at its own paths
             prepared.disk_sources.update(self.root.volumes.incoming_disks(inst.id))
+            shared = self._shared_volume_attach(inst.id)
+            if shared:
+                prepared.disk_attach = {**(prepared.disk_attach or {}), **shared}
             return prepared
         except BaseException:
             self._destroy_incoming(inst.id)
@@ -188,6 +191,18 @@ class MigrationDestination:
                                        console_log=str(d / "console.log"), migration_uri=self.migration_uri(),
                                        postcopy=self._postcopy_possible())
 
+    def _shared_volume_attach(self, inst_id: str) -> dict:
+        """The incoming VM's adopted RBD volumes as this host attaches them (their cephx key a
+        libvirt secret here): target -> RbdAttach, for the source's rewrite of its domain XML."""
+        disks = self.root.volumes.incoming_shared(inst_id)
+        if not disks:
+            return {}
+        if isinstance(self.root.driver, SupportsIncomingDisks):
+            disks = self.root.driver.prepare_incoming_disks(disks)
+        return {d.target: models.RbdAttach.model_validate(
+                    {k: v for k, v in d.attach.items() if k in ("monitors", "config", "user", "secret_uuid")},
+                    strict=False) for d in disks}
+
     def _destroy_incoming(self, inst_id: str) -> bool:
         """Remove a prepared incoming instance; adopted shared volumes are only forgotten
         (the source's guest still uses them), never deleted."""
@@ -202,9 +217,10 @@ class MigrationDestination:
                 for vol in shared:
                     self.root.store.forget_volume(inst.pool, vol)
                 self.root.records.update(inst_id, volumes=())
+        shared_volumes = self.root.volumes.has_incoming_shared(inst_id)
         self.root.volumes.drop_incoming(inst_id)
         gone = self.root.instances.destroy(inst_id)
-        if shared is not None:
+        if shared is not None or shared_volumes:
             drop_unused_secrets(self.root, inst_id)
         return gone
 

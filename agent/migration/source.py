@@ -377,17 +377,17 @@ class MigrationSource:
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             raise
-        copied = not shared or any(not v["readonly"] for v, _ in volumes)  # local disks the hypervisor copies
+        copied = not shared or any(path and not v["readonly"] for v, path in volumes)  # local disks it copies
         options = MigrationOptions(
             live=(mode == "live"), copy_storage="incremental" if copied else "none", tls=to.tls,
             disk_sources=dict(prepared.disk_sources),
             disk_attach={k: v.model_dump(exclude_none=True) for k, v in (prepared.disk_attach or {}).items()},
             console_log=prepared.console_log, **controls)
         try:
-            if any(v["readonly"] for v, _ in volumes):  # the hypervisor copies writable disks only
+            if any(path and v["readonly"] for v, path in volumes):  # the hypervisor copies writable disks only
                 op.phase("volumes")
                 for v, path in volumes:
-                    if v["readonly"]:
+                    if path and v["readonly"]:
                         peer.push_volume_file(inst_id, v["id"], path)
             op.phase("migrate")
             if not peer.alive():
@@ -425,6 +425,8 @@ class MigrationSource:
         op.phase("cleanup")
         self.root.volumes.forget_migrated(inst_id)
         self._forget_local(inst_id, shared=shared)
+        if not shared and any(v.get("shared_uri") for v, _ in volumes):
+            drop_unused_secrets(self.root, inst_id)  # libvirt undefined the domain, not its volumes' secret
         log.info("instance migrated", extra={"instance": name, "destination": peer.name,
                                              "downtime_ms": result.downtime_ms, "total_ms": result.total_ms})
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
@@ -451,10 +453,12 @@ class MigrationSource:
                                                  snapshots=self.root.snapshots.outgoing(inst_id)))
         try:
             self._check_volume_sources(peer, name, prepared, volumes)
-            total = os.path.getsize(vol.path) + sum(v["size_bytes"] for v, _ in volumes)
+            total = os.path.getsize(vol.path) + sum(v["size_bytes"] for v, path in volumes if path)
             op.phase("copy", bytes_total=total)
             sent = peer.push_disk(inst_id, vol.path, progress=op.bytes)
             for v, path in volumes:
+                if not path:
+                    continue  # a shared (RBD) image: the destination adopted it
                 sent += peer.push_volume_file(inst_id, v["id"], path, progress=lambda n, done=sent: op.bytes(done + n))
             op.phase("define")
             moved = self._confirm(peer, inst_id, finish_request(define=True))
@@ -469,6 +473,8 @@ class MigrationSource:
         self.root.driver.delete(name)
         self.root.volumes.forget_migrated(inst_id)
         self._forget_local(inst_id)
+        if any(v.get("shared_uri") for v, _ in volumes):
+            drop_unused_secrets(self.root, inst_id)
         log.info("stopped VM moved", extra={"instance": name, "destination": peer.name, "bytes": sent})
         return {"instance": moved, "name": name, "destination": peer.name, "mode": "cold",
                 "downtime_ms": None, "total_ms": round((time.monotonic() - t0) * 1000, 1), "bytes": sent}
@@ -556,7 +562,9 @@ class MigrationSource:
     def _check_volume_sources(peer: PeerClient, name: str, prepared: models.IncomingPrepared, volumes) -> None:
         """The destination answered a file of its own for every volume (the domain there must
         use its copies, never reach for this host's paths); CommandFailed if not."""
-        missing = [v["name"] for v, _ in volumes if not prepared.disk_sources.get(v["target"], "").startswith("/")]
+        missing = [v["name"] for v, _ in volumes
+                   if not (prepared.disk_sources.get(v["target"]) == v["shared_uri"] if v.get("shared_uri")
+                           else prepared.disk_sources.get(v["target"], "").startswith("/"))]
         if missing:
             raise CommandFailed(f"peer {peer.name!r} prepared no file of its own for volume(s) {', '.join(missing)} "
                                 f"of VM {name!r}: nothing moved; it stays here")

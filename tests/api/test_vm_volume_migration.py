@@ -223,6 +223,8 @@ def _prepare_body(src, inst_name, **vol):
     ({"id": "../../x"}, "id"),
     ({"size_bytes": 1}, "size_bytes"),
     ({"name": "a/b"}, "name"),
+    ({"shared_uri": "rbd:pool/navol.v-0123456789ab"}, "not shared storage"),  # its pool here is local
+    ({"shared_uri": "/etc/passwd"}, "shared_uri"),
 ])
 def test_a_peers_bad_volume_fields_are_422_and_leave_nothing(src, hosts, vol, says):
     dst = hosts[1]

@@ -260,6 +260,9 @@ class MigrationDestination:
         inst = self._incoming(inst_id, self.peers.require(caller))
         if inst.kind == "vm":
             path = self.root.volumes.incoming_file(inst_id, vol_id)
+            if not path:
+                raise Unprocessable(f"volume {vol_id[:12]} of {inst.name!r} is shared storage here (adopted): it "
+                                    "takes no stream")
             try:
                 return models.Received(bytes=write_raw(path, stream, self.root.volumes.incoming_size(inst_id, vol_id)))
             except InsufficientResources as e:

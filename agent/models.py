@@ -937,6 +937,9 @@ SnapshotName = Annotated[str, Field(pattern=SNAPSHOT_NAME_PATTERN,
                                     description="1-63 letters, digits, '-', '_', starting with a letter or digit")]
 
 
+MAX_SNAPSHOTS_PER_INSTANCE = 32  # agent.services.snapshots.MAX_PER_INSTANCE
+
+
 class SnapshotCreate(Model):
     name: SnapshotName
 
@@ -1140,15 +1143,34 @@ class IdRange(Model):
 
 
 class IncomingVolume(Model):
-    """A volume attached to a migrating container (an ext4 file of a local pool): made on the
-    destination with its id, name and size as a fresh filesystem, filled from the file tree
-    the source sends (PUT /v1/peer/migrations/{id}/volumes/{volume}), attached at ``path``."""
+    """A volume attached to a migrating instance (a raw file of a local pool), made on the
+    destination with its id, name and size, in the destination's own pool and path. A
+    container's (``path``: where it is mounted) is a fresh ext4 filesystem filled from the
+    file tree the source sends (PUT /v1/peer/migrations/{id}/volumes/{volume}). A VM's
+    (``target``: its disk, vdb..vdy) is an empty raw file of the same size that the
+    hypervisor's storage copy (live) or the raw byte stream (stopped VM) fills; ``pool``
+    names the pool it lives in (the destination's pool of that name takes it)."""
 
     id: InstanceId = Field(description="the volume's id (32 hex digits, as this agent makes them)")
     name: VolumeRef
     size_bytes: IntRange(MIN_VOLUME_MIB * 1024 * 1024, MAX_VOLUME_MIB * 1024 * 1024)
-    path: Annotated[MountPath, AfterValidator(_mount_path)]
+    path: Annotated[MountPath, AfterValidator(_mount_path)] | None = None
+    target: Annotated[str, Field(pattern=VDISK_TARGET_PATTERN)] | None = None
+    pool: PoolName | None = None
     readonly: bool = False
+    guest_written: bool = False  # a VM had it writable (a container on the destination must not mount it)
+    # a VM's volume on shared storage (a block pool: "rbd:<pool>/<image>" on the source): not
+    # copied; the destination's pool of that name must see the very image, which it adopts
+    shared_uri: Annotated[str, Field(pattern=r"^rbd:[^\x00-\x1f]{1,4095}$")] | None = None
+
+
+class IncomingSnapshot(Model):
+    """A snapshot a stopped VM's offline move carries (an internal snapshot inside its disk
+    layer, which the destination checks the layer it receives holds)."""
+
+    name: SnapshotName
+    instance_state: Literal["running", "paused", "stopped", "created"]
+    created_at: Annotated[float, Field(ge=0, le=2**40)]
 
 
 class IncomingMigration(Model):
@@ -1170,19 +1192,33 @@ class IncomingMigration(Model):
     # a running KVM guest's CPU (<cpu> XML, host-model expanded): the destination refuses (422)
     # before anything is made if its CPU cannot run it; None under TCG (no check applies)
     guest_cpu: CpuXml | None = None
-    # a container's attached volumes (local ext4 files): they move with it
+    # the instance's attached volumes (local raw files; a container's hold ext4): they move with it
     attached_volumes: list[IncomingVolume] | None = Field(None, max_length=MAX_VOLUMES_PER_INSTANCE)
+    # a stopped VM's snapshots (internal snapshots of its disk layer): they move with it offline
+    snapshots: list[IncomingSnapshot] | None = Field(None, max_length=MAX_SNAPSHOTS_PER_INSTANCE)
 
     @model_validator(mode="after")
     def _consistent(self):
         inst = self.instance
         if self.attached_volumes:
-            if inst.kind != "container":
-                raise ValueError("attached_volumes move with containers only")
-            for key in ("id", "name", "path"):
+            where = "path" if inst.kind == "container" else "target"
+            for v in self.attached_volumes:
+                if getattr(v, where) is None or (v.path if inst.kind == "vm" else v.target) is not None:
+                    raise ValueError(f"attached_volumes: a {inst.kind}'s volume has a {where} and only that")
+                if inst.kind == "vm" and v.pool is None:
+                    raise ValueError("attached_volumes: a VM's volume names its pool")
+                if v.shared_uri is not None and inst.kind != "vm":
+                    raise ValueError("attached_volumes: shared_uri is for a VM's volumes")
+            for key in ("id", "name", where):
                 values = [getattr(v, key) for v in self.attached_volumes]
                 if len(set(values)) != len(values):
                     raise ValueError(f"attached_volumes: a volume {key} is given twice")
+        if self.snapshots:
+            if inst.kind != "vm" or self.shared_volumes is not None:
+                raise ValueError("snapshots move with a stopped VM on a local pool only")
+            names = [s.name for s in self.snapshots]
+            if len(set(names)) != len(names):
+                raise ValueError("snapshots: a name is given twice")
         if (self.spec.name, self.spec.kind) != (inst.name, inst.kind):
             raise ValueError("spec.name and spec.kind must be the instance's")
         if self.image.kind != inst.kind:
@@ -1209,8 +1245,9 @@ class RbdAttach(Model):
 class IncomingPrepared(Model):
     """The destination's answer: where its disks are and how its hypervisor is reached. The
     source parses it as strictly as any request (a destination is untrusted too)."""
-    disk_sources: dict[DiskTarget, DiskSource] = Field(max_length=8)
-    disk_attach: dict[DiskTarget, RbdAttach] | None = Field(None, max_length=8)  # shared RBD disks
+    # root, seed and the attached volumes' disks
+    disk_sources: dict[DiskTarget, DiskSource] = Field(max_length=2 + MAX_VOLUMES_PER_INSTANCE)
+    disk_attach: dict[DiskTarget, RbdAttach] | None = Field(None, max_length=2 + MAX_VOLUMES_PER_INSTANCE)  # RBD
     console_log: HostPath | None = None
     migration_uri: MigrationUri
     # VMs: whether post-copy can run here (QEMU may use userfaultfd); None: not said (older agent)

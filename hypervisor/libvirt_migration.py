@@ -123,9 +123,10 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
         raise InvalidInput(f"VM {name!r} is not running: live migration needs a running VM "
                            "(start it, or migrate it cold)")
     live = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+    # the writable local disks: a network disk (RBD) is shared storage, the same image there
     writable = [d.find("target").get("dev") for d in live.findall("devices/disk")
                 if d.find("readonly") is None and d.get("device", "disk") == "disk"
-                and d.find("target") is not None]
+                and d.find("target") is not None and d.get("type") != "network"]
     params = {
         libvirt.VIR_MIGRATE_PARAM_DEST_XML: rewrite_xml(ET.tostring(live, encoding="unicode"), o),
         libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: rewrite_xml(

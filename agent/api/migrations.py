@@ -58,7 +58,7 @@ def receive_rootfs(id):
 
 
 @route(bp, "PUT", "/v1/peer/migrations/{id}/volumes/{volume}",
-       summary="Peers only: a tar stream of the file tree of a migrating container's volume",
+       summary="Peers only: a migrating container's volume (a tar of its file tree) or VM's (its raw bytes)",
        path_types={**INCOMING_ID, "volume": models.InstanceId},
        responses={200: models.Received, 400: None, 403: None, 404: None, 409: None, 422: None, 507: None},
        long=True, auth="peer")

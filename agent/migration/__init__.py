@@ -31,7 +31,23 @@ its id and name, in state ``incoming``; once the container is stopped the source
 them from it, mounts each read-only and streams its file tree (``PUT /v1/peer/migrations/
 {id}/volumes/{volume}``, unpacked by the hardened extractor, owners shifted as the rootfs's:
 the destination never mounts a filesystem image a peer made); at 3 they become the
-container's there, at 4 the source deletes its own. A VM's volumes do not move (422).
+container's there, at 4 the source deletes its own.
+
+A VM's attached volumes (raw files of a local pool) move with it the same way: step 1 names
+them (``attached_volumes``: id, name, size, target, pool) and the destination makes each as an
+empty raw file of exactly that size in its own pool of that name (422 if it has none; 409 if
+a volume of that name or id exists there), state ``incoming``, and answers its own path per
+target in ``disk_sources`` (the domain XML there is rewritten to those paths: a path never
+comes from the source). Live: the hypervisor's storage copy (libvirt's NBD mirror) copies each
+writable one with the root disk; a read-only one (libvirt copies no read-only disk) is streamed
+first. Stopped: each is streamed as raw bytes (``PUT .../volumes/{volume}``, exactly its size,
+zeros kept as holes, never mounted there) after the disk, and defined with the domain. At 3
+they become the VM's there, at 4 the source deletes its own; on a failure before 3 the
+destination removes the files it made and the VM keeps its volumes here. A volume on a block
+(RBD) pool is shared storage: never copied (libvirt's copy skips network disks); step 1 names
+its image (``shared_uri``), the destination's pool of that name must see that very image (else
+422), adopts it (a row, no image made) and defines its cephx secret, answering its own attach
+facts; an abort only forgets it there, and at 4 the source only forgets it.
 
 On any failure before 3 the guest keeps running on the source, the source calls
 ``DELETE /v1/peer/migrations/{id}`` so the destination removes what it prepared
@@ -63,7 +79,10 @@ or pick another host.
 
 Stopped VMs move offline: after 1, the source streams the disk's own qcow2 layer
 (``PUT /v1/peer/migrations/{id}/disk``; the destination rebases it onto its copy of the
-same base image) and 3 (``define: true``) defines the domain there, stopped.
+same base image) and 3 (``define: true``) defines the domain there, stopped. Its snapshots
+(internal ones, inside that layer) go along: 1 names them (``snapshots``), 3 checks the
+layer holds each (else 422, nothing defined) and records them there; the source forgets its
+rows at 4. Every other migration of an instance with snapshots is refused (422) at the start.
 
 Finish is idempotent and retried while the destination is unreachable: a retry gets the
 record adopted by an earlier finish (whose answer was lost) or, for a running VM, by the

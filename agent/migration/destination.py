@@ -15,7 +15,7 @@ from agent.errors import Conflict, InsufficientResources, NotFound, Unprocessabl
 from agent.migration.common import INCOMING, LOCAL_POOL_KINDS, drop_unused_secrets, other_group_model
 from agent.migration import transport
 from agent.migration.peer import Peers
-from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, shift_owners, untar_into
+from agent.migration.transfer import IMAGE_CHUNK, prune_rootfs, shift_owners, untar_into, write_raw
 from agent.services.instances import POSTCOPY_FAILED
 from agent.services.records import Instance
 from hypervisor.driver import SupportsCpuCheck, SupportsIncomingDisks, SupportsMigration
@@ -31,6 +31,7 @@ IMAGE_DOWNLOAD_MAX = 1024**4  # what a source that declares no image size may se
 LAYERS_FILE = "rootfs-layers.json"  # where a prepared container's layers are
 SOURCE_FILE = "migration-source"  # the peer that prepared the instance (only it may go on)
 SHARED_FILE = "shared-volumes.json"  # the adopted shared volumes (never deleted on abort)
+SNAPSHOTS_FILE = "incoming-snapshots.json"  # the snapshots a stopped VM's disk layer brings
 
 
 class MigrationDestination:
@@ -74,13 +75,23 @@ class MigrationDestination:
             if groups:  # before its address is leased: the filter is rendered with them
                 self.root.secgroups.join(inst.id, groups, apply=False)
             (self.root.instances.instance_dir(inst.id) / SOURCE_FILE).write_text(source)
+            if req.snapshots:  # recorded at the define, once the disk that holds them is here
+                (self.root.instances.instance_dir(inst.id) / SNAPSHOTS_FILE).write_text(
+                    json.dumps([snap.model_dump() for snap in req.snapshots]))
+            if req.attached_volumes:  # first: a taken name or a missing pool refuses before the disk is made
+                self.root.volumes.incoming(inst.id, pool, req.attached_volumes, kind=inst.kind)
             if inst.kind == "container":
-                if req.attached_volumes:
-                    self.root.volumes.incoming(inst.id, pool, req.attached_volumes)
                 return self._prepare_container(inst, image, pool, req.idmap)
             if req.shared_volumes:
-                return self._prepare_shared_vm(inst, spec, image, pool, req.shared_volumes)
-            return self._prepare_vm(inst, spec, image, pool, req.disk_size)
+                prepared = self._prepare_shared_vm(inst, spec, image, pool, req.shared_volumes)
+            else:
+                prepared = self._prepare_vm(inst, spec, image, pool, req.disk_size)
+            # the volumes' files here: the source's domain XML is pointed at them, never at its own paths
+            prepared.disk_sources.update(self.root.volumes.incoming_disks(inst.id))
+            shared = self._shared_volume_attach(inst.id)
+            if shared:
+                prepared.disk_attach = {**(prepared.disk_attach or {}), **shared}
+            return prepared
         except BaseException:
             self._destroy_incoming(inst.id)
             raise
@@ -180,6 +191,18 @@ class MigrationDestination:
                                        console_log=str(d / "console.log"), migration_uri=self.migration_uri(),
                                        postcopy=self._postcopy_possible())
 
+    def _shared_volume_attach(self, inst_id: str) -> dict:
+        """The incoming VM's adopted RBD volumes as this host attaches them (their cephx key a
+        libvirt secret here): target -> RbdAttach, for the source's rewrite of its domain XML."""
+        disks = self.root.volumes.incoming_shared(inst_id)
+        if not disks:
+            return {}
+        if isinstance(self.root.driver, SupportsIncomingDisks):
+            disks = self.root.driver.prepare_incoming_disks(disks)
+        return {d.target: models.RbdAttach.model_validate(
+                    {k: v for k, v in d.attach.items() if k in ("monitors", "config", "user", "secret_uuid")},
+                    strict=False) for d in disks}
+
     def _destroy_incoming(self, inst_id: str) -> bool:
         """Remove a prepared incoming instance; adopted shared volumes are only forgotten
         (the source's guest still uses them), never deleted."""
@@ -194,9 +217,10 @@ class MigrationDestination:
                 for vol in shared:
                     self.root.store.forget_volume(inst.pool, vol)
                 self.root.records.update(inst_id, volumes=())
+        shared_volumes = self.root.volumes.has_incoming_shared(inst_id)
         self.root.volumes.drop_incoming(inst_id)
         gone = self.root.instances.destroy(inst_id)
-        if shared is not None:
+        if shared is not None or shared_volumes:
             drop_unused_secrets(self.root, inst_id)
         return gone
 
@@ -226,14 +250,24 @@ class MigrationDestination:
                                         f"({self.config.api.listen}) is full: {e.message}") from None
 
     def receive_volume(self, caller: dict, inst_id: str, vol_id: str, stream) -> models.Received:
-        """Unpack a tar stream of the file tree of one of the container's volumes into the
-        fresh filesystem made for it at prepare (mounted here for the copy: the host mounts
-        filesystems it made, never a peer's image; owners shifted as the rootfs's)."""
+        """A container's volume: unpack a tar stream of its file tree into the fresh
+        filesystem made for it at prepare (mounted here for the copy: the host mounts
+        filesystems it made, never a peer's image; owners shifted as the rootfs's). A VM's
+        volume (a stopped VM moved offline, or a read-only one the live copy skips): its raw
+        bytes, exactly its size, written into the file made for it (never mounted here)."""
         from containers.runtime import IdMap
         from storage import mounts
         inst = self._incoming(inst_id, self.peers.require(caller))
-        if inst.kind != "container":
-            raise Unprocessable("only containers bring volumes")
+        if inst.kind == "vm":
+            path = self.root.volumes.incoming_file(inst_id, vol_id)
+            if not path:
+                raise Unprocessable(f"volume {vol_id[:12]} of {inst.name!r} is shared storage here (adopted): it "
+                                    "takes no stream")
+            try:
+                return models.Received(bytes=write_raw(path, stream, self.root.volumes.incoming_size(inst_id, vol_id)))
+            except InsufficientResources as e:
+                raise InsufficientResources(f"volume {vol_id[:12]} of {inst.name!r} does not fit here: "
+                                            f"{e.message}") from None
         path = self.root.volumes.incoming_file(inst_id, vol_id)
         d = self.root.instances.instance_dir(inst.id)
         layers = json.loads((d / LAYERS_FILE).read_text())
@@ -269,16 +303,35 @@ class MigrationDestination:
             raise InsufficientResources(f"pool {inst.pool!r} on {self.root.host.hostname()} "
                                         f"({self.config.api.listen}) is full: {e.message}") from None
 
+    def _incoming_snapshots(self, inst: Instance, disk: str) -> list[dict]:
+        """The snapshots the source declared for the stopped VM; Unprocessable unless the disk
+        layer it sent holds each of them (a peer's word is checked against its data)."""
+        from storage import qemu_img
+        try:
+            snaps = json.loads((self.root.instances.instance_dir(inst.id) / SNAPSHOTS_FILE).read_text())
+        except FileNotFoundError:
+            return []
+        held = {s.get("name") for s in qemu_img.info(disk, format="qcow2").get("snapshots") or ()}
+        missing = [s["name"] for s in snaps if s["name"] not in held]
+        if missing:
+            raise Unprocessable(f"VM {inst.name!r}'s disk arrived without its snapshot(s) {', '.join(missing)}: "
+                                "refused; nothing was defined")
+        return snaps
+
     def _define_stopped_vm(self, inst: Instance) -> dict:
         spec = {k: v for k, v in inst.spec_dict().items() if k != "image_id"}
         req = models.InstanceCreate.model_validate(spec)
         vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
+        snaps = self._incoming_snapshots(inst, vol.path)
         seed = str(self.root.instances.instance_dir(inst.id) / "seed.iso")
         try:
-            info = self.root.driver.define(self.root.assembly.vm_spec(inst.id, req, vol, seed))
+            info = self.root.driver.define(self.root.assembly.vm_spec(
+                inst.id, req, vol, seed, volumes=self.root.volumes.incoming_disk_specs(inst.id)))
         except BaseException:
             self.root.driver.delete(inst.name)
             raise
+        self.root.volumes.finish_incoming(inst.id)
+        self.root.snapshots.adopt(inst, snaps)
         return {"instance": self.root.records.update(inst.id, state=info.state, error=None).to_dict()}
 
     def _finish_container(self, inst: Instance, start: bool, keep) -> dict:
@@ -398,6 +451,7 @@ class MigrationDestination:
             if info.state not in ("running", "paused"):
                 raise Conflict(f"VM {inst.name!r} is {info.state} here: the migration did not complete")
             self._own_shared(inst_id)
+            self.root.volumes.finish_incoming(inst_id)
             self.root.instances.reapply_bandwidth(inst)  # its taps here are new
             self.root.instances.sync_port(inst)  # and so are libvirt's names of them (vnetN)
             return {"instance": self.root.records.update(inst_id, state=info.state, error=None).to_dict()}
@@ -459,6 +513,7 @@ class MigrationDestination:
                     log.warning("incoming VM still in post-copy: kept as incoming", extra={"instance": r.name})
                 elif info is not None and info.state == "running":
                     self._own_shared(r.id)
+                    self.root.volumes.finish_incoming(r.id)
                     self.root.records.update(r.id, state="running", error=None)
                 else:
                     self._destroy_incoming(r.id)

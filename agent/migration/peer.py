@@ -185,6 +185,14 @@ class PeerClient:
     def push_disk(self, inst_id: str, path: str, progress=None) -> int:
         """Stream a stopped VM's disk file (its own qcow2 layer); bytes sent. ``progress(done)``
         after each chunk (a cancel point: it may raise)."""
+        return self._push_file(inst_id, "disk", path, progress)
+
+    def push_volume_file(self, inst_id: str, vol_id: str, path: str, progress=None) -> int:
+        """Stream a VM's volume (its raw file, all of it: the destination writes exactly its
+        size, holes where zeros come); bytes sent."""
+        return self._push_file(inst_id, f"volumes/{vol_id}", path, progress)
+
+    def _push_file(self, inst_id: str, what: str, path: str, progress) -> int:
         counted = {"n": 0}
 
         def body():
@@ -194,7 +202,7 @@ class PeerClient:
                     if progress:
                         progress(counted["n"])
                     yield chunk
-        self._taken(self._send(inst_id, "disk", body(), "application/octet-stream"), "disk")
+        self._taken(self._send(inst_id, what, body(), "application/octet-stream"), what)
         return counted["n"]
 
     def download_image(self, image_id: str, dest: str, limit: int) -> str:

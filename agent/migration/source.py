@@ -113,14 +113,14 @@ def _check_destination(peer: PeerClient, driver, inst: Instance) -> None:
 def incoming_request(inst: Instance, image, *, data_bytes: int, disk_size: int | None = None,
                      shared_volumes: dict[str, str] | None = None, idmap=None,
                      security_groups: list[dict] | None = None,
-                     guest_cpu: str | None = None, attached_volumes: list[dict] | None = None
-                     ) -> models.IncomingMigration:
+                     guest_cpu: str | None = None, attached_volumes: list[dict] | None = None,
+                     snapshots: list[dict] | None = None) -> models.IncomingMigration:
     """What the destination is asked to prepare (``POST /v1/peer/migrations``) for ``inst``:
     checked here with the model the destination parses it with. ``idmap``: a container's user
     namespace map here (containers.IdMap), None without one. ``security_groups``: the
     definitions of the instance's groups (they travel with it)."""
     fields = {"disk_size": disk_size, "shared_volumes": shared_volumes, "security_groups": security_groups,
-              "guest_cpu": guest_cpu, "attached_volumes": attached_volumes or None,
+              "guest_cpu": guest_cpu, "attached_volumes": attached_volumes or None, "snapshots": snapshots or None,
               "idmap": {"host_id": idmap.host_id, "size": idmap.size} if idmap else None}
     return _request(models.IncomingMigration, {
         "instance": {k: v for k, v in inst.to_dict().items() if k in INSTANCE_FIELDS},
@@ -176,6 +176,11 @@ class MigrationSource:
         driver = self.root.driver
         return driver.guest_cpu(name) if isinstance(driver, SupportsCpuCheck) else None
 
+    def _carries_snapshots(self, inst: Instance) -> bool:
+        """Whether the migration of ``inst`` carries its snapshots: a stopped VM's offline move
+        does (internal snapshots inside the disk layer it streams)."""
+        return inst.kind == "vm" and inst.state == "stopped" and self.root.pools[inst.pool].kind == "local"
+
     def sending_to(self, peer: str) -> list[str]:
         """The ids of the instances this host is migrating to ``peer`` right now."""
         with self._lock:
@@ -183,18 +188,16 @@ class MigrationSource:
 
     def create(self, req: models.MigrationCreate) -> dict:
         inst = self.root.instances.get(req.instance)
-        if self.root.snapshots.count(inst.id):  # they live in this host's disks (or state): not carried
-            raise Unprocessable(f"instance {inst.name!r} has snapshots, which a migration does not carry: "
-                                "delete them first")
+        if self.root.snapshots.count(inst.id) and not self._carries_snapshots(inst):
+            raise Unprocessable(f"instance {inst.name!r} has snapshots, which only a stopped VM's offline move "
+                                "carries (inside its disk, on a local pool): " + (
+                                    "stop the VM first, or delete them" if inst.kind == "vm" else
+                                    "a container's snapshots (copies of its rootfs) do not move: delete them first"))
         peer = self.peers.get(req.destination)
         attached = self.root.volumes.of_instance(inst.id)
-        if attached and inst.kind == "vm":
-            raise Unprocessable(f"VM {inst.name!r} has volumes attached ({', '.join(v['name'] for v in attached)}): "
-                                "volumes move only with containers (cold or refresh); detach them from the VM "
-                                "first (DELETE /v1/instances/{id}/volumes/{volume})")
         if attached:
             from containers.runtime import SupportsVolumes
-            if not isinstance(self.root.runtime, SupportsVolumes):
+            if inst.kind == "container" and not isinstance(self.root.runtime, SupportsVolumes):
                 raise Unsupported(f"the {self.config.containers.runtime} runtime cannot move container volumes")
             self.root.volumes.outgoing(inst.id)  # Unprocessable naming those that cannot move
             for v in attached:
@@ -320,17 +323,24 @@ class MigrationSource:
         from hypervisor.driver import MigrationOptions
         inst = self.root.instances.get(inst_id)
         name = inst.name
+        if self.root.snapshots.count(inst_id):  # started since the request: its snapshots would stay here
+            raise Unprocessable(f"VM {name!r} has snapshots, which a live migration does not carry: stop it "
+                                "(its offline move carries them) or delete them")
         image = self.root.store.get(inst.image)
         pool = self.root.pools[inst.pool]
         vol = pool.get_volume(inst.volumes[0])
+        volumes = self.root.volumes.outgoing(inst_id)
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
         shared = pool.kind not in LOCAL_POOL_KINDS
+        data = (allocated_bytes(vol.path) if pool.kind == "local" else 0) + \
+            sum(allocated_bytes(path) for _, path in volumes)
         prepared = peer.prepare(incoming_request(
-            inst, image, data_bytes=allocated_bytes(vol.path) if pool.kind == "local" else 0, disk_size=vol.size,
+            inst, image, data_bytes=data, disk_size=vol.size,
             shared_volumes={v: pool.get_volume(v).uri for v in inst.volumes} if shared else None,
-            security_groups=self._groups(inst), guest_cpu=self._guest_cpu(name)))
+            security_groups=self._groups(inst), guest_cpu=self._guest_cpu(name),
+            attached_volumes=[v for v, _ in volumes]))
         live = self._track(op.id, {})
         down = {"failures": 0, "last": time.monotonic()}
 
@@ -353,6 +363,7 @@ class MigrationSource:
             return down["failures"] >= HEALTH_FAILURES
 
         try:
+            self._check_volume_sources(peer, name, prepared, volumes)
             to = transport.route(prepared.migration_uri, self.root.config.migration, peer.name)
             if controls["postcopy"] and prepared.postcopy is False:
                 if postcopy_required:
@@ -366,12 +377,18 @@ class MigrationSource:
         except BaseException as e:
             self._abort_remote(peer, inst_id, e)
             raise
+        copied = not shared or any(path and not v["readonly"] for v, path in volumes)  # local disks it copies
         options = MigrationOptions(
-            live=(mode == "live"), copy_storage="none" if shared else "incremental", tls=to.tls,
+            live=(mode == "live"), copy_storage="incremental" if copied else "none", tls=to.tls,
             disk_sources=dict(prepared.disk_sources),
             disk_attach={k: v.model_dump(exclude_none=True) for k, v in (prepared.disk_attach or {}).items()},
             console_log=prepared.console_log, **controls)
         try:
+            if any(path and v["readonly"] for v, path in volumes):  # the hypervisor copies writable disks only
+                op.phase("volumes")
+                for v, path in volumes:
+                    if path and v["readonly"]:
+                        peer.push_volume_file(inst_id, v["id"], path)
             op.phase("migrate")
             if not peer.alive():
                 raise Unavailable(f"peer {peer.name!r} ({peer.url}) stopped answering before the copy: "
@@ -406,7 +423,10 @@ class MigrationSource:
         op.phase("confirm")
         moved = self._finish_remote(peer, inst_id, name)
         op.phase("cleanup")
+        self.root.volumes.forget_migrated(inst_id)
         self._forget_local(inst_id, shared=shared)
+        if not shared and any(v.get("shared_uri") for v, _ in volumes):
+            drop_unused_secrets(self.root, inst_id)  # libvirt undefined the domain, not its volumes' secret
         log.info("instance migrated", extra={"instance": name, "destination": peer.name,
                                              "downtime_ms": result.downtime_ms, "total_ms": result.total_ms})
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
@@ -421,15 +441,25 @@ class MigrationSource:
         name = inst.name
         image = self.root.store.get(inst.image)
         vol = self.root.pools[inst.pool].get_volume(inst.volumes[0])
+        volumes = self.root.volumes.outgoing(inst_id)
         t0 = time.monotonic()
         op.phase("prepare")
         if not peer.alive():
             raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: the instance stays here")
-        peer.prepare(incoming_request(inst, image, data_bytes=allocated_bytes(vol.path), disk_size=vol.size,
-                                      security_groups=self._groups(inst)))
+        data = allocated_bytes(vol.path) + sum(allocated_bytes(path) for _, path in volumes)
+        prepared = peer.prepare(incoming_request(inst, image, data_bytes=data, disk_size=vol.size,
+                                                 security_groups=self._groups(inst),
+                                                 attached_volumes=[v for v, _ in volumes],
+                                                 snapshots=self.root.snapshots.outgoing(inst_id)))
         try:
-            op.phase("copy", bytes_total=os.path.getsize(vol.path))
+            self._check_volume_sources(peer, name, prepared, volumes)
+            total = os.path.getsize(vol.path) + sum(v["size_bytes"] for v, path in volumes if path)
+            op.phase("copy", bytes_total=total)
             sent = peer.push_disk(inst_id, vol.path, progress=op.bytes)
+            for v, path in volumes:
+                if not path:
+                    continue  # a shared (RBD) image: the destination adopted it
+                sent += peer.push_volume_file(inst_id, v["id"], path, progress=lambda n, done=sent: op.bytes(done + n))
             op.phase("define")
             moved = self._confirm(peer, inst_id, finish_request(define=True))
         except BaseException as e:
@@ -441,7 +471,10 @@ class MigrationSource:
         op.point_of_no_return()
         op.phase("cleanup")
         self.root.driver.delete(name)
+        self.root.volumes.forget_migrated(inst_id)
         self._forget_local(inst_id)
+        if any(v.get("shared_uri") for v, _ in volumes):
+            drop_unused_secrets(self.root, inst_id)
         log.info("stopped VM moved", extra={"instance": name, "destination": peer.name, "bytes": sent})
         return {"instance": moved, "name": name, "destination": peer.name, "mode": "cold",
                 "downtime_ms": None, "total_ms": round((time.monotonic() - t0) * 1000, 1), "bytes": sent}
@@ -525,6 +558,17 @@ class MigrationSource:
             mounts.unmount(str(point))
             point.rmdir()
 
+    @staticmethod
+    def _check_volume_sources(peer: PeerClient, name: str, prepared: models.IncomingPrepared, volumes) -> None:
+        """The destination answered a file of its own for every volume (the domain there must
+        use its copies, never reach for this host's paths); CommandFailed if not."""
+        missing = [v["name"] for v, _ in volumes
+                   if not (prepared.disk_sources.get(v["target"]) == v["shared_uri"] if v.get("shared_uri")
+                           else prepared.disk_sources.get(v["target"], "").startswith("/"))]
+        if missing:
+            raise CommandFailed(f"peer {peer.name!r} prepared no file of its own for volume(s) {', '.join(missing)} "
+                                f"of VM {name!r}: nothing moved; it stays here")
+
     def _abort_remote(self, peer: PeerClient, inst_id: str, cause: BaseException) -> None:
         try:
             peer.abort(inst_id)
@@ -576,5 +620,6 @@ class MigrationSource:
             drop_unused_secrets(self.root, inst_id)  # libvirt undefined the domain, not its secret
         if inst.kind == "vm":
             self.root.instances.release_address(inst_id)
+        self.root.snapshots.forget_instance(inst_id)  # their data left with the disk
         shutil.rmtree(self.config.state_path / "instances" / inst_id, ignore_errors=True)
         self.root.records.delete(inst_id, state="migrated")

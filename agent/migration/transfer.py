@@ -48,6 +48,39 @@ class _Counted:
             pass
 
 
+def write_raw(path: str, stream, size: int) -> int:
+    """Fill the raw file ``path`` (``size`` bytes, made here) with exactly ``size`` bytes read
+    from ``stream`` (a VM's volume as another host holds it: guest data, never opened by the
+    host as anything but bytes); runs of zeros stay holes. Whatever it held before is
+    dropped. Unprocessable for a stream longer or shorter than ``size`` (read to its end);
+    InsufficientResources when the pool fills up. The bytes read."""
+    from agent.errors import Unprocessable
+    src = _Counted(stream)
+    try:
+        with open(path, "r+b") as f:
+            f.truncate(0)  # a retried stream: no stale block survives under a hole
+            f.truncate(size)
+            done = 0
+            while chunk := src.read(IMAGE_CHUNK):
+                if done + len(chunk) > size:
+                    src.drain()
+                    raise Unprocessable(f"the volume stream is longer than the volume's {size} bytes: refused")
+                if chunk.count(0) == len(chunk):
+                    f.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    f.write(chunk)
+                done += len(chunk)
+            if done != size:
+                raise Unprocessable(f"the volume stream ended after {done} of the volume's {size} bytes: refused")
+            os.fsync(f.fileno())
+    except OSError as e:
+        src.drain()
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientResources(f"{NO_SPACE} after {src.n // MiB} MiB of the volume") from None
+        raise
+    return src.n
+
+
 def shift_owners(source, here):
     """The owner map of an upper dir sent from a host where the container's user namespace map
     was ``source`` to one where it is ``here`` (containers.IdMap; None: no user namespace, host

@@ -18,8 +18,10 @@ Lifecycle: absent -> create (row ``creating`` -> the data -> row ``ready``) -> r
 number of times (only while the instance is stopped: 409 otherwise) -> delete. A row is
 written before its data and marked ready after it: an agent killed in between leaves a
 ``creating`` row, never listed, whose data (if any) is removed at the next start (``sweep``).
-Deleting an instance deletes its snapshots (their data goes with its disks or rootfs). Every
-change publishes a ``snapshot`` event {instance, instance_id, snapshot, action}.
+Deleting an instance deletes its snapshots (their data goes with its disks or rootfs). A
+stopped VM's snapshots move with its offline migration (inside its disk layer: outgoing here,
+adopt there); other migrations refuse an instance with snapshots. Every change publishes a
+``snapshot`` event {instance, instance_id, snapshot, action}.
 """
 from __future__ import annotations
 
@@ -203,6 +205,24 @@ class SnapshotService:
             self.db.execute("DELETE FROM snapshots WHERE instance_id=? AND name=?", (inst.id, name))
         self._event(inst, name, "deleted")
         return True
+
+    # -- migration: a stopped VM's snapshots move with it, inside its disk layer --
+    def outgoing(self, inst_id: str) -> list[dict]:
+        """The instance's snapshots as a migration sends them (IncomingSnapshot fields)."""
+        return [{"name": r["name"], "instance_state": r["instance_state"], "created_at": r["created_at"]}
+                for r in self.db.query("SELECT * FROM snapshots WHERE instance_id=? AND state='ready' "
+                                       "ORDER BY created_at, name", (inst_id,))]
+
+    def adopt(self, inst, snaps: list[dict]) -> int:
+        """Record the snapshots a migrated instance ``inst`` (its record here) brought in its
+        data (the caller checked they are there), on its image here."""
+        for snap in snaps:
+            self.db.execute("INSERT INTO snapshots (id, instance_id, name, kind, image_id, instance_state, "
+                            "state, created_at) VALUES (?, ?, ?, ?, ?, ?, 'ready', ?)",
+                            (uuid.uuid4().hex, inst.id, snap["name"], inst.kind, inst.image,
+                             snap["instance_state"], snap["created_at"]))
+            self._event(inst, snap["name"], "arrived")
+        return len(snaps)
 
     def forget_instance(self, inst_id: str) -> int:
         """Drop the rows of a removed instance (their data went with its disks or rootfs)."""

@@ -24,11 +24,14 @@ containers their mounts with their dir). A read-only volume is mounted read-only
 for a container (a bind mount's "ro" alone its root could undo). A VM keeps its disks in its persistent libvirt
 definition (across stop/start and agent restarts); a container in the runtime's spec.
 
-A container's volumes move with its migration (agent.migration): on the destination they
-are made by incoming() (rows ``incoming``, fresh filesystems the source's file trees are
-unpacked into) and become ``ready`` with the container (finish_incoming), or go with a
-migration that did not finish (drop_incoming, and recover() at start); on the source they
-go once it runs there (forget_migrated).
+An instance's volumes move with its migration (agent.migration): on the destination they
+are made by incoming() (rows ``incoming``; a container's as fresh filesystems the source's
+file trees are unpacked into, a VM's as empty raw files of the same size that the
+hypervisor's storage copy or the stopped VM's byte stream fills; a VM's RBD volume is the
+same shared image, adopted: never made, copied or deleted there) and become ``ready`` with
+the instance (finish_incoming), or go with a migration that did not finish (drop_incoming,
+and recover() at start); on the source they go once it runs there (forget_migrated: a shared
+image only forgotten).
 
 Every change publishes a ``volume`` event: {id, name, change: created|resized|deleted|
 attached|detached|arrived|migrated, instance?}.
@@ -52,6 +55,7 @@ VM_TARGETS = tuple(f"vd{c}" for c in "bcdefghijklmnopqrstuvwxy")  # vda: root, v
 EXT4_MAGIC_OFFSET = 1024 + 0x38  # the superblock's s_magic
 EXT4_MAGIC = b"\x53\xef"
 BUSY_STATES = ("creating", "incoming", "migrating", "deleting")  # of instances
+LOCAL_KINDS = ("local", "fake")  # pools whose volumes are host files: a migration copies them
 
 SCHEMA_STEPS = [
     """
@@ -509,61 +513,161 @@ class VolumeService:
         self._event(row["id"], row["name"], "detached", instance=inst.id)
         return self.get(row["id"])
 
-    # -- migration: a container's volumes move with it --
+    # -- migration: an instance's volumes move with it --
     def outgoing(self, inst_id: str) -> list[tuple[dict, str]]:
-        """The volumes attached to container ``inst_id`` as a migration sends them: (the
+        """The volumes attached to instance ``inst_id`` as a migration sends them: (the
         peer's IncomingVolume fields, the host file). Unprocessable naming those that cannot
-        move (no host file: a block pool's; no ext4 filesystem; written by a VM)."""
+        move: those without a host file (a block pool's: see below), and for a container
+        those without an ext4 filesystem or written by a VM. A VM's volume goes with its
+        target, pool and whether the guest wrote it (its bytes are copied as they are)."""
+        inst = self.root.records.find_id(inst_id)
+        vm = inst is not None and inst.kind == "vm"
         out, bad = [], []
-        for row in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='ready' ORDER BY path",
-                                 (inst_id,)):
+        for row in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='ready' "
+                                 "ORDER BY target, path", (inst_id,)):
             vol = self._volume(row)
-            if not vol.path or row["guest_written"] or not has_ext4(vol.path) or not row["path"]:
+            shared = vm and not vol.path and (vol.uri or "").startswith("rbd:")
+            if (not vol.path and not shared) or \
+                    (not vm and (row["guest_written"] or not has_ext4(vol.path) or not row["path"])):
                 bad.append(row["name"])
                 continue
-            out.append(({"id": row["id"], "name": row["name"], "size_bytes": row["size"], "path": row["path"],
-                         "readonly": bool(row["readonly"])}, vol.path))
+            fields = {"id": row["id"], "name": row["name"], "size_bytes": row["size"],
+                      "readonly": bool(row["readonly"])}
+            if vm:
+                fields.update(target=row["target"], pool=row["pool"], guest_written=bool(row["guest_written"]))
+                if shared:
+                    fields.update(shared_uri=vol.uri)
+            else:
+                fields.update(path=row["path"])
+            out.append((fields, vol.path or None))
+        if bad and vm:
+            raise Unprocessable(f"volume(s) {', '.join(bad)} of VM {inst.name!r} cannot move with it: only volumes "
+                                "of a local pool (raw files) or of a block (RBD) pool do; detach them first "
+                                "(DELETE /v1/instances/{id}/volumes/{volume})")
         if bad:
             raise Unprocessable(f"volume(s) {', '.join(bad)} cannot move with the container: only ext4 volumes of "
                                 "a local pool do (a block pool's or a VM-written one does not); detach them first")
         return out
 
-    def incoming(self, inst_id: str, pool: str, vols: list[models.IncomingVolume]) -> None:
-        """Make the volumes of incoming container ``inst_id`` here: fresh ext4 files of their
-        sizes in ``pool`` (the source's file trees are unpacked into them, never its
-        filesystem images), rows in state ``incoming`` attached to it at their paths. Conflict
-        if an id or name is taken here. On failure none is left."""
+    def incoming(self, inst_id: str, pool: str, vols: list[models.IncomingVolume], kind: str = "container") -> None:
+        """Make the volumes of incoming instance ``inst_id`` here, in this host's pools and
+        paths (a peer names a pool, never a path), rows in state ``incoming`` attached to it:
+        a container's as fresh ext4 files of their sizes in ``pool`` (the source's file trees
+        are unpacked into them, never its filesystem images) at their paths; a VM's as empty
+        raw files of their sizes in the pool of the name the source gives (its storage copy
+        or byte stream fills them) at their targets. Conflict if an id or name is taken here;
+        Unprocessable for a pool this host lacks or that holds no volume files. On failure
+        none is left."""
         from storage.backend import VolumeSpec
         from storage import mounts
-        backend = self._backend(pool)
-        if not backend.supports_volumes:
-            raise Unprocessable(f"pool {pool!r} holds no volumes: the container's volumes need a local pool")
-        made: list[tuple[str, str]] = []
+        made: list[tuple[str, str, object]] = []
         try:
             for v in vols:
+                vpool = v.pool if kind == "vm" else pool
+                if vpool not in self.root.config.pools:
+                    raise Unprocessable(f"pool {vpool!r} of volume {v.name!r} is not configured here: the incoming "
+                                        f"{kind}'s volume needs a pool of that name (add [pools.{vpool}] "
+                                        "here, or move the volume to a pool both hosts have)")
+                backend = self._backend(vpool)
+                if v.shared_uri is not None:
+                    self._adopt_incoming(inst_id, vpool, backend, v)
+                    made.append((v.id, "", None))
+                    continue
+                if not backend.supports_volumes or backend.kind not in LOCAL_KINDS:
+                    raise Unprocessable(f"pool {vpool!r} here is a {backend.kind} pool: the incoming {kind}'s "
+                                        f"volume {v.name!r} is a file and needs a local pool")
                 bname = BACKEND_PREFIX + v.id[:12]
                 now = time.time()
                 with self.db.tx() as c:
                     taken = c.execute("SELECT name FROM volumes WHERE id=? OR name=? OR backend_name=?",
                                       (v.id, v.name, bname)).fetchone()
                     if taken is not None:
-                        raise Conflict(f"a volume {taken['name']!r} exists here: the incoming container's volume "
+                        raise Conflict(f"a volume {taken['name']!r} exists here: the incoming {kind}'s volume "
                                        f"{v.name!r} cannot take its name or id; delete or rename it first")
                     c.execute("INSERT INTO volumes(id, name, pool, backend_name, format, size, state, instance_id, "
-                              "path, readonly, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                              (v.id, v.name, pool, bname, "raw", v.size_bytes, "incoming", inst_id, v.path,
-                               int(v.readonly), now, now))
-                made.append((v.id, bname))
-                self._check_room(backend, pool, v.size_bytes)
+                              "target, path, readonly, guest_written, created_at, updated_at) "
+                              "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                              (v.id, v.name, vpool, bname, "raw", v.size_bytes, "incoming", inst_id, v.target,
+                               v.path, int(v.readonly), int(v.guest_written and kind == "vm"), now, now))
+                made.append((v.id, bname, backend))
+                self._check_room(backend, vpool, v.size_bytes)
                 vol = backend.create_volume(VolumeSpec(bname, v.size_bytes, "raw"))
-                mounts.format_ext4(vol.path)
+                if vol.size != v.size_bytes:  # a storage copy needs the very size
+                    raise Unprocessable(f"pool {vpool!r} cannot make volume {v.name!r} of exactly "
+                                        f"{v.size_bytes} bytes (it made {vol.size})")
+                if kind == "container":
+                    mounts.format_ext4(vol.path)
         except BaseException:
-            for vol_id, bname in made:
+            for vol_id, bname, backend in made:
                 try:
-                    backend.delete_volume(bname)
+                    if backend is not None:  # an adopted shared image is the source's: never deleted
+                        backend.delete_volume(bname)
                 finally:
                     self.db.execute("DELETE FROM volumes WHERE id=?", (vol_id,))
             raise
+
+    def _adopt_incoming(self, inst_id: str, pool: str, backend, v: models.IncomingVolume) -> None:
+        """A VM's volume on shared storage: this host's pool ``pool`` must see the very image
+        the source names (nothing is made or copied); its row here, state ``incoming``."""
+        if backend.kind in LOCAL_KINDS:
+            raise Unprocessable(f"pool {pool!r} here is a {backend.kind} pool, not shared storage: volume "
+                                f"{v.name!r} is an RBD image there; [pools.{pool}] must name the same Ceph pool on "
+                                "both hosts")
+        bname = BACKEND_PREFIX + v.id[:12]
+        vol = backend.find_volume(bname)
+        if vol is None or vol.uri != v.shared_uri:
+            raise Unprocessable(f"volume {v.name!r} is {v.shared_uri} on the source but pool {pool!r} here "
+                                f"{'has no such image' if vol is None else 'holds ' + str(vol.uri)}: "
+                                f"[pools.{pool}] must name the same Ceph pool on both hosts")
+        now = time.time()
+        with self.db.tx() as c:
+            taken = c.execute("SELECT name FROM volumes WHERE id=? OR name=? OR backend_name=?",
+                              (v.id, v.name, bname)).fetchone()
+            if taken is not None:
+                raise Conflict(f"a volume {taken['name']!r} exists here: the incoming VM's volume {v.name!r} cannot "
+                               "take its name or id; delete or rename it first")
+            c.execute("INSERT INTO volumes(id, name, pool, backend_name, format, size, state, instance_id, "
+                      "target, readonly, guest_written, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                      (v.id, v.name, pool, bname, "raw", vol.size, "incoming", inst_id, v.target, int(v.readonly),
+                       int(v.guest_written), now, now))
+
+    def incoming_disks(self, inst_id: str) -> dict[str, str]:
+        """The incoming VM's volumes: target -> this host's file (where the copy lands), or
+        the shared image's ``rbd:`` uri."""
+        rows = self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming' AND target IS NOT NULL",
+                             (inst_id,))
+        return {r["target"]: self._volume(r).path or self._volume(r).uri for r in rows}
+
+    def has_incoming_shared(self, inst_id: str) -> bool:
+        """Whether the incoming instance adopted a shared (RBD) volume here."""
+        return any(not self._local(r) for r in self.db.query(
+            "SELECT * FROM volumes WHERE instance_id=? AND state='incoming'", (inst_id,)))
+
+    def incoming_shared(self, inst_id: str) -> tuple:
+        """The driver's DiskSpecs of the incoming VM's shared (RBD) volumes, as this host
+        attaches them (the caller readies their cephx secrets)."""
+        from hypervisor.disks import disk_for_volume
+        out = []
+        for r in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming' AND target IS NOT NULL "
+                               "ORDER BY target", (inst_id,)):
+            vol = self._volume(r)
+            if not vol.path:
+                out.append(disk_for_volume(vol, r["target"], readonly=bool(r["readonly"])))
+        return tuple(out)
+
+    def incoming_disk_specs(self, inst_id: str) -> tuple:
+        """The driver's DiskSpecs of the incoming VM's volumes (a stopped VM defined here)."""
+        from hypervisor.disks import disk_for_volume
+        rows = self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming' AND target IS NOT NULL "
+                             "ORDER BY target", (inst_id,))
+        return tuple(disk_for_volume(self._volume(r), r["target"], readonly=bool(r["readonly"])) for r in rows)
+
+    def incoming_size(self, inst_id: str, vol_id: str) -> int:
+        row = self.db.one("SELECT size FROM volumes WHERE id=? AND instance_id=? AND state='incoming'",
+                          (vol_id, inst_id))
+        if row is None:
+            raise NotFound(f"instance {inst_id} brings no volume {vol_id}")
+        return row["size"]
 
     def incoming_file(self, inst_id: str, vol_id: str) -> str:
         """The host file of incoming volume ``vol_id`` of ``inst_id``; NotFound otherwise."""
@@ -582,7 +686,8 @@ class VolumeService:
                      for r in rows)
 
     def finish_incoming(self, inst_id: str) -> int:
-        """The container runs here: its volumes are ours (state ``ready``, attached to it)."""
+        """The instance runs (or, a stopped VM, is defined) here: its volumes are ours (state
+        ``ready``, attached to it)."""
         rows = self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming'", (inst_id,))
         self.db.execute("UPDATE volumes SET state='ready', updated_at=? WHERE instance_id=? AND state='incoming'",
                         (time.time(), inst_id))
@@ -591,11 +696,12 @@ class VolumeService:
         return len(rows)
 
     def drop_incoming(self, inst_id: str) -> int:
-        """Remove the volumes an incoming container brought (a migration that did not finish)."""
+        """Remove the volumes an incoming instance brought (a migration that did not finish)."""
         n = 0
         for r in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming'", (inst_id,)):
             try:
-                self._backend(r["pool"]).delete_volume(r["backend_name"])
+                if self._local(r):  # a shared (RBD) image was adopted, not made: the source's guest uses it
+                    self._backend(r["pool"]).delete_volume(r["backend_name"])
             except AgentError as e:  # kept: recover() tries again
                 log.warning("cannot remove an incoming volume", extra={"volume": r["name"], "error": e.message})
                 continue
@@ -603,14 +709,19 @@ class VolumeService:
             n += 1
         return n
 
+    def _local(self, row) -> bool:
+        """Whether ``row``'s volume is host-local (a migration copies it; else shared storage)."""
+        return self._backend(row["pool"]).kind in LOCAL_KINDS
+
     def forget_migrated(self, inst_id: str) -> int:
-        """The container runs on another host now, with its volumes: remove them here."""
+        """The instance runs on another host now, with its volumes: remove them here."""
         n = 0
         for r in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='ready'", (inst_id,)):
             with self._lock(r["id"]):
-                self.db.execute("UPDATE volumes SET state='deleting', updated_at=? WHERE id=?",
-                                (time.time(), r["id"]))
-                self._backend(r["pool"]).delete_volume(r["backend_name"])
+                if self._local(r):  # a shared (RBD) image is the destination's now: only forgotten
+                    self.db.execute("UPDATE volumes SET state='deleting', updated_at=? WHERE id=?",
+                                    (time.time(), r["id"]))
+                    self._backend(r["pool"]).delete_volume(r["backend_name"])
                 self.db.execute("DELETE FROM volumes WHERE id=?", (r["id"],))
             self._event(r["id"], r["name"], "migrated", instance=inst_id)
             n += 1

@@ -3,7 +3,7 @@ real agent (testbed/harness.py); POST /v1/migrations on the source moves a
 running VM with its local disk copied; the destination adopts it; the source is clean.
 Faults: the destination agent down, the link to the destination cut, the destination's
 pool full (h2's pool is a small tmpfs in its mount namespace), cancel; and a stopped VM
-moved offline."""
+moved offline; a VM's and a container's volumes move with them."""
 from __future__ import annotations
 
 import ipaddress
@@ -349,6 +349,52 @@ def test_a_containers_volume_moves_with_it(cluster, apis, busybox):
     assert apis["h2"].delete(f"/v1/volumes/{vol['id']}").json() == {"deleted": True}
 
 
+VOLUME_MARK_SECTOR = 20480  # 10 MiB into the volume: where the guest writes its marker
+VOLUME_MARK_SCRIPT = f"""#!/bin/sh
+echo nodeagent-vm-volume-mark | dd of=/dev/vdb bs=512 seek={VOLUME_MARK_SECTOR} conv=notrunc,fsync 2>/dev/null
+"""
+
+
+def test_a_vms_volume_moves_with_it_live(cluster, apis, guest_images):
+    """A VM booted from the test guest with a local volume at vdb, its user-data writes a
+    marker to /dev/vdb; live migration copies the volume with the root disk: on h2 the
+    volume is attached to the VM (same id, name, target), its file (h2's own) holds the
+    marker, the domain there uses that file; h1 keeps no volume."""
+    h1, h2 = cluster.hosts
+    api = apis["h1"]
+    op = api.wait(api.post("/v1/images", json={"name": "guest-boot", "source": {
+        "type": "file", "path": guest_images["boot"]}}).json(), timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    vol = api.post("/v1/volumes", json={"name": f"vmv-{uuid.uuid4().hex[:6]}", "size_mib": 32}).json()
+    name = f"vmv-{uuid.uuid4().hex[:6]}"
+    op = api.wait(api.post("/v1/instances", json={
+        "name": name, "kind": "vm", "image": "guest-boot", "cpus": 1, "memory_mib": 192, "network": "none",
+        "user_data": VOLUME_MARK_SCRIPT, "volumes": [{"volume": vol["name"]}]}).json(), timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op["error"]
+    deadline = time.monotonic() + 180
+    while "NODEAGENT-USERDATA-EXIT" not in (log := api.get(f"/v1/instances/{name}/logs").json()["logs"]):
+        assert time.monotonic() < deadline, f"the guest's user-data did not finish:\n{log[-2000:]}"
+        time.sleep(0.5)
+    assert "NODEAGENT-USERDATA-EXIT 0" in log, log[-2000:]
+    file = f"volumes/v-{vol['id'][:12]}.raw"
+    op = migrate(api, name, "h2")
+    assert op["status"] == "succeeded", op["error"]
+    there = apis["h2"].get(f"/v1/volumes/{vol['id']}").json()
+    assert (there["name"], there["size_bytes"], there["attachment"]["instance_name"],
+            there["attachment"]["target"]) == (vol["name"], vol["size_bytes"], name, "vdb"), there
+    assert [v["name"] for v in apis["h2"].get(f"/v1/instances/{name}/volumes").json()["volumes"]] == [vol["name"]]
+    with open(h2.path(h2.pool_dir / file), "rb") as f:
+        f.seek(VOLUME_MARK_SECTOR * 512)
+        assert f.read(24) == b"nodeagent-vm-volume-mark", "the guest's write arrived"
+    xml = h2.run("virsh", "-c", "qemu:///system", "dumpxml", name).stdout
+    assert f"{h2.pool_dir / file}" in xml, "the domain there uses h2's copy"
+    assert_runs(apis["h2"], name)
+    assert api.get(f"/v1/volumes/{vol['id']}").status_code == 404
+    assert not h1.path(h1.pool_dir / file).exists()
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+    assert apis["h2"].delete(f"/v1/volumes/{vol['id']}").json() == {"deleted": True}
+
+
 def as_peer(source, dest) -> Api:
     """``dest``'s API with the token ``source`` uses as its peer (from its config)."""
     import tomllib
@@ -482,8 +528,11 @@ def test_stopped_vm_moves_offline_and_stays_stopped(cluster, apis, image):
                                          json={"action": "stop", "force": True}).json(), timeout=OP_TIMEOUT_S)
     assert op["status"] == "succeeded", op
     disk = f"volumes/i-{inst_id[:12]}-disk.qcow2"
-    # data of its own on its disk (above the image's), as a guest leaves it: it must arrive
+    # data of its own on its disk (above the image's), as a guest leaves it: it must arrive, with
+    # a snapshot of it (inside the disk layer) taken before it was overwritten
     h1.run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 30M 1M", str(h1.pool_dir / disk))
+    assert apis["h1"].post(f"/v1/instances/{name}/snapshots", json={"name": "before"}).status_code == 201
+    h1.run("qemu-io", "-f", "qcow2", "-c", "write -P 0xa5 30M 1M", str(h1.pool_dir / disk))
     env = {**os.environ, "NODEAGENT_URL": h1.agent_url, "NODEAGENT_TOKEN": h1.admin_token,
            "PYTHONPATH": str(harness.REPO)}
     r = subprocess.run([sys.executable, "-m", "agent", "migrate", name, "--to", "h2"], cwd=harness.REPO,
@@ -493,8 +542,11 @@ def test_stopped_vm_moves_offline_and_stays_stopped(cluster, apis, image):
     moved = apis["h2"].get(f"/v1/instances/{name}").json()
     assert moved["id"] == inst_id and moved["state"] == "stopped"
     assert name in domains(h2)
-    h2.run("qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 30M 1M", str(h2.pool_dir / disk))
+    h2.run("qemu-io", "-f", "qcow2", "-c", "read -P 0xa5 30M 1M", str(h2.pool_dir / disk))
     assert h2.run("qemu-img", "check", str(h2.pool_dir / disk), check=False).returncode == 0
+    assert [s["name"] for s in apis["h2"].get(f"/v1/instances/{name}/snapshots").json()["snapshots"]] == ["before"]
+    assert apis["h2"].post(f"/v1/instances/{name}/snapshots/before/restore").status_code == 200
+    h2.run("qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 30M 1M", str(h2.pool_dir / disk))
     assert apis["h1"].get(f"/v1/instances/{name}").status_code == 404
     assert name not in domains(h1)
     assert not [v for v in volumes(h1) if inst_id[:12] in v]

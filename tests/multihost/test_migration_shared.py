@@ -6,7 +6,8 @@ POST /v1/migrations moves the running guest: its RBD image is neither copied nor
 (same RBD image id before and after), the destination adopts it and defines the cephx
 secret, the source forgets it. A migration that fails after the destination prepared
 leaves the guest running on the source, the image intact and the destination clean; a
-destination whose pool does not see the image refuses and keeps nothing."""
+destination whose pool does not see the image refuses and keeps nothing. A VM's volume on the
+shared pool is adopted the same way while its local root disk is copied."""
 from __future__ import annotations
 
 import json
@@ -106,6 +107,38 @@ def test_shared_storage_live_migration_moves_memory_only_and_back(cluster, apis,
     assert apis["h1"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
     assert rbd_id(ceph, vol) is None
     assert ceph_secrets(h1) == []
+
+
+def test_a_vms_rbd_volume_is_adopted_while_its_local_disk_is_copied(cluster, apis, image):
+    """A VM on the local pool with a volume on the shared pool: live migration copies the
+    local root disk only; h2 adopts the very RBD image of the volume (same image id, its cephx
+    secret defined there) and lists it attached to the VM; h1 forgets it without deleting it."""
+    h1, h2 = cluster.hosts
+    ceph = cluster.ceph
+    name = f"shv-{uuid.uuid4().hex[:6]}"
+    op = apis["h1"].wait(apis["h1"].post("/v1/instances", json={
+        "name": name, "kind": "vm", "image": image, "cpus": 1, "memory_mib": 128, "network": "none"}).json(),
+        timeout=OP_TIMEOUT_S)
+    assert op["status"] == "succeeded", op
+    vol = apis["h1"].post("/v1/volumes", json={"name": name + "-v", "size_mib": 16, "pool": POOL}).json()
+    assert apis["h1"].post(f"/v1/instances/{name}/volumes", json={"volume": vol["name"]}).status_code == 200
+    backend = "v-" + vol["id"][:12]
+    before = rbd_id(ceph, backend)
+    assert before
+    op = migrate(apis["h1"], name, "h2")
+    assert op["status"] == "succeeded", op["error"]
+    there = apis["h2"].get(f"/v1/volumes/{vol['id']}").json()
+    assert (there["name"], there["pool"], there["attachment"]["instance_name"], there["attachment"]["target"]) == \
+        (vol["name"], POOL, name, "vdb"), there
+    assert rbd_id(ceph, backend) == before, "adopted, not copied"
+    xml = h2.run("virsh", "-c", "qemu:///system", "dumpxml", name, timeout=30).stdout
+    assert f"name='{ceph.rbd_pool}/navol.{backend}'" in xml and ceph_secrets(h2)
+    assert_runs(apis["h2"], name)
+    assert apis["h1"].get(f"/v1/volumes/{vol['id']}").status_code == 404
+    assert name not in domains(h1) and ceph_secrets(h1) == []
+    assert apis["h2"].delete(f"/v1/instances/{name}").json() == {"deleted": True}
+    assert apis["h2"].delete(f"/v1/volumes/{vol['id']}").json() == {"deleted": True}
+    assert rbd_id(ceph, backend) is None
 
 
 def _restart_agent(host, env=None):

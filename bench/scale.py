@@ -21,7 +21,7 @@ peers measured in the same run.
     guest's marker, vs as many `virsh create` at once of the same disk; total seconds and
     the p50/p99 of one VM.
 (f) with --running-vms V (and --n): the density agent also runs VMs (libvirt, TCG, the
-    test guest's boot.qcow2 on the same bridge), booted VM_INFLIGHT at a time to their
+    test guest's boot.qcow2, --vm-network: on the same bridge or none), booted VM_INFLIGHT at a time to their
     marker after the containers; (b) is measured again with them (metric names end in
     ``_vms<V>``, with QEMU's RSS per VM), (c) restarts with them (every VM re-adopted too,
     its stats readable, and a lifecycle event flows for a VM and a container after it), and
@@ -306,11 +306,14 @@ class Bench:
         return api.get(f"/v1/instances/{name}/logs").json().get("logs", "").count(VM_MARKER) >= count
 
     def boot_vms(self):
-        """--running-vms VMs on the bridge, VM_INFLIGHT at a time, each to its guest's marker."""
+        """--running-vms VMs (on the bridge with --vm-network bridge), VM_INFLIGHT at a time, each
+        to its guest's marker. A Linux bridge holds at most 1024 ports (BR_MAX_PORTS): the
+        containers' veths and the VMs' taps together must stay below it."""
         def one(i):
             api, name = Api(self.agent.url, self.token), self.vm_names[i]
             r = api.post("/v1/instances", json={"name": name, "kind": "vm", "image": "boot", "cpus": 1,
-                                                "memory_mib": VM_DENSITY_MEMORY_MIB, "network": "bridge"})
+                                                "memory_mib": VM_DENSITY_MEMORY_MIB,
+                                                "network": self.args.vm_network})
             assert r.status_code == 202, r.text
             op = api.wait(r.json(), timeout=600)
             assert op["status"] == "succeeded", op
@@ -644,6 +647,8 @@ def main():
     ap.add_argument("--vms", type=int, default=VM_STORM, help="VMs in the VM storm (0: skip)")
     ap.add_argument("--running-vms", type=int, default=0,
                     help="VMs running next to the --n containers for density, restart and host reboot (0: none)")
+    ap.add_argument("--vm-network", choices=("bridge", "none"), default="bridge",
+                    help="the running VMs' network: bridge (a tap each on the containers' bridge) or none")
     args = ap.parse_args()
     b = Bench(args)
     try:

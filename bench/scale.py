@@ -19,11 +19,21 @@ peers measured in the same run.
     leases and rows.
 (e) VM storm: --vms VMs at once through the API (an agent of its own on libvirt) to each
     guest's marker, vs as many `virsh create` at once of the same disk; total seconds and
-    the p50/p99 of one VM. Not measured yet: 50 running VMs (issue #20 asks for them).
+    the p50/p99 of one VM.
+(f) with --running-vms V (and --n): the density agent also runs VMs (libvirt, TCG, the
+    test guest's boot.qcow2, --vm-network: on the same bridge or none), booted VM_INFLIGHT at a time to their
+    marker after the containers; (b) is measured again with them (metric names end in
+    ``_vms<V>``, with QEMU's RSS per VM), (c) restarts with them (every VM re-adopted too,
+    its stats readable, and a lifecycle event flows for a VM and a container after it), and
+(g) host reboot (simulated): the agent killed, then every workload by PID (conmons, the
+    containers' processes, QEMUs), a new boot id in the file the agent reads it from, the
+    agent started: ms from its start until every instance marked autostart runs again.
+    One container stopped by the operator and one container and one VM with autostart
+    false must stay stopped (the bench fails otherwise).
 
 Run as root (the machine is shared: N=100..200 while developing):
     .venv/bin/python bench/scale.py --n 200
-The full run: .venv/bin/python bench/scale.py --n 1000
+The full run: .venv/bin/python bench/scale.py --n 1000 --running-vms 50
 Everything it makes (agent state dir, bridge and rules, cgroups, podman root) is removed at the end.
 """
 from __future__ import annotations
@@ -55,6 +65,10 @@ VM_MEMORY_MIB = 128  # the disk-boot test guest reboots in a loop with 64 MiB (S
 VM_MARKER = "NODEAGENT-GUEST-BOOTED"
 VM_BOOT_TIMEOUT_S = 600  # 20 TCG guests share this host's cores
 VM_POLL_S = 0.2  # both sides look for the marker at this pace
+VM_DENSITY_MEMORY_MIB = 96  # the least that boots boot.qcow2 here: at 64 MiB SYSLINUX restarts again and again
+VM_INFLIGHT = 3  # VMs booting at once next to the containers: the 2 cores keep serving the API
+VM_BOOT_TIMEOUT_DENSITY_S = 300
+REBOOT_TIMEOUT_S = 900
 VM_IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
 SETTLE_S = 0.1  # as bench/api.py: every quiet create pays the cgroup v1 RCU wait
 
@@ -107,15 +121,27 @@ class Bench:
         os.chmod(self.tmp, 0o711)  # user-namespaced containers' roots traverse it to their rootfs
         self.bridge, self.subnet = f"nascale{secrets.token_hex(2)}", free_block()
         self.cgparent = f"nodeagent-scale-{secrets.token_hex(3)}"
-        self.agent = AgentProcess(self.tmp / "agent", pool_kind="local")
+        self.agent = AgentProcess(self.tmp / "agent", pool_kind="local", import_dirs=[self.tmp, VM_IMAGES])
         self.agent.config.write_text(
             self.agent.config.read_text()
             .replace("workers = 8", f"workers = {INFLIGHT}")
             .replace('runtime = "fake"', f'runtime = "runc"\ncgroup_parent = "{self.cgparent}"')
             + f'[network]\nbridge = "{self.bridge}"\nsubnet = "{self.subnet}"\nnat = false\n')
+        self.vms = args.running_vms if args.n else 0
+        self.vm_names = [f"dv{secrets.token_hex(2)}-{i}" for i in range(self.vms)]  # domains are host-wide
+        self.boot_id = self.tmp / "boot_id"
+        self.boot_id.write_text("bench-boot-1\n")
+        self.agent.config.write_text(f'boot_id_path = "{self.boot_id}"\n' + self.agent.config.read_text())
+        self.daemons = None
+        if self.vms:
+            from testbed import libvirt_daemon
+            self.daemons = libvirt_daemon.ensure()
+            self.agent.config.write_text(self.agent.config.read_text().replace(
+                '[hypervisor]\ndriver = "fake"\n', f'[hypervisor]\ndriver = "libvirt"\nuri = "{self.daemons.uri}"\n'))
         self.token = self.agent.token("bench", "admin")
         self.api: Api | None = None
         self.podman_root = self.tmp / "podman"
+        self.tag = f"_vms{self.vms}" if self.vms else ""  # metric suffix of the figures taken with VMs
 
     # -- agent helpers --
     def start(self):
@@ -230,15 +256,24 @@ class Bench:
         finally:
             self.podman("rm", "-af", "-t", "0")
 
-    # -- (b) density, (c) restart, (d) delete storm --
+    # -- (b) density, (c) restart, (d) delete storm, (f) VMs next to them, (g) host reboot --
     def density(self):
         n = self.args.n
         _, lat = storm(lambda i: self.create(f"d{i}"), n)
         if os.environ.get("BENCH_DEBUG"):
             print(f"density create p50 {statistics.median(lat):.0f} ms p99 {pct(lat, 99):.0f} ms", file=sys.stderr)
+        self.measure("")
+        if self.vms:
+            self.boot_vms()
+            self.measure(self.tag)
+
+    def measure(self, tag):
+        """The density figures with what runs now; ``tag`` ends every metric's name."""
+        n = self.args.n
         rows = self.api.get("/v1/instances").json()["instances"]
-        assert sum(1 for i in rows if i["state"] == "running") == n, "not all running"
-        line(f"agent_rss_{n}", rss_mb(self.agent.proc.pid), unit="MB")
+        want = n + (self.vms if tag else 0)
+        assert sum(1 for i in rows if i["state"] == "running") == want, "not all running"
+        line(f"agent_rss_{n}{tag}", rss_mb(self.agent.proc.pid), unit="MB")
         conmons, mem = [], []
         for pidfile in glob.glob(str(self.agent.state_dir / "containers" / "containers" / "d*" / "conmon.pid")):
             try:
@@ -247,47 +282,190 @@ class Bench:
                 pass
         for i in range(0, n, max(1, n // 50)):
             mem.append(self.api.get(f"/v1/instances/d{i}/stats").json().get("memory_bytes") or 0)
-        line("conmon_rss_per_container", statistics.median(conmons) if conmons else 0, unit="MB")
-        line("container_cgroup_memory_per_container", statistics.median(mem) / 2**20, unit="MB")
+        if tag:
+            qemus = [rss_mb(p) for p in self.qemu_pids().values()]
+            line(f"qemu_rss_per_vm{tag}", statistics.median(qemus), unit="MB")
+        else:
+            line("conmon_rss_per_container", statistics.median(conmons) if conmons else 0, unit="MB")
+            line("container_cgroup_memory_per_container", statistics.median(mem) / 2**20, unit="MB")
         lst, health = self.timed_gets("/v1/instances", LIST_REQUESTS), self.timed_gets("/v1/health", LIST_REQUESTS)
-        line(f"list_{n}_p50", statistics.median(lst), "GET /v1/health, same server", statistics.median(health))
-        line(f"list_{n}_p99", pct(lst, 99), "GET /v1/health, same server", pct(health, 99))
+        line(f"list_{n}_p50{tag}", statistics.median(lst), "GET /v1/health, same server", statistics.median(health))
+        line(f"list_{n}_p99{tag}", pct(lst, 99), "GET /v1/health, same server", pct(health, 99))
         met = self.timed_gets("/metrics", METRICS_REQUESTS)
-        line(f"metrics_scrape_{n}", statistics.median(met))
+        line(f"metrics_scrape_{n}{tag}", statistics.median(met))
         at = self.quiet_creates("q")
-        line(f"create_p50_at_{n}", statistics.median(at), "create p50 on the empty host", statistics.median(self.quiet))
+        line(f"create_p50_at_{n}{tag}", statistics.median(at), "create p50 on the empty host",
+             statistics.median(self.quiet))
+
+    def import_boot(self):
+        op = self.api.wait(self.api.post("/v1/images", json={"name": "boot", "source": {
+            "type": "file", "path": f"{VM_IMAGES}/boot.qcow2"}}).json(), timeout=300)
+        assert op["status"] == "succeeded", op
+
+    def console_has(self, api, name, count=1):
+        return api.get(f"/v1/instances/{name}/logs").json().get("logs", "").count(VM_MARKER) >= count
+
+    def boot_vms(self):
+        """--running-vms VMs (on the bridge with --vm-network bridge), VM_INFLIGHT at a time, each
+        to its guest's marker. A Linux bridge holds at most 1024 ports (BR_MAX_PORTS): the
+        containers' veths and the VMs' taps together must stay below it."""
+        def one(i):
+            api, name = Api(self.agent.url, self.token), self.vm_names[i]
+            r = api.post("/v1/instances", json={"name": name, "kind": "vm", "image": "boot", "cpus": 1,
+                                                "memory_mib": VM_DENSITY_MEMORY_MIB,
+                                                "network": self.args.vm_network})
+            assert r.status_code == 202, r.text
+            op = api.wait(r.json(), timeout=600)
+            assert op["status"] == "succeeded", op
+            t0 = time.monotonic()
+            while not self.console_has(api, name):
+                if time.monotonic() - t0 > VM_BOOT_TIMEOUT_DENSITY_S:
+                    raise RuntimeError(f"{VM_MARKER} not on {name}'s console after {VM_BOOT_TIMEOUT_DENSITY_S}s")
+                time.sleep(1)
+        _, lat = storm(one, self.vms, inflight=VM_INFLIGHT)
+        if os.environ.get("BENCH_DEBUG"):
+            print(f"VMs booted: p50 {statistics.median(lat):.0f} ms", file=sys.stderr)
+
+    def qemu_pids(self) -> dict[str, int]:
+        """Our VMs' QEMU PIDs by domain name (libvirt's pid files)."""
+        out = {}
+        for name in self.vm_names:
+            try:
+                out[name] = int(Path(f"/var/run/libvirt/qemu/{name}.pid").read_text().strip())
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def readopted(self, t0, want_running: int, names, poll=0.05) -> float:
+        """ms from ``t0`` until health no longer says adopting, ``want_running`` instances are
+        listed running and the stats of each of ``names`` read (asked every ``poll`` s)."""
+        while True:
+            if time.perf_counter() - t0 > REBOOT_TIMEOUT_S:
+                raise RuntimeError(f"not re-adopted in {REBOOT_TIMEOUT_S} s")
+            if self.api.get("/v1/health").json().get("adopting"):
+                time.sleep(poll)
+                continue
+            rows = self.api.get("/v1/instances").json()["instances"]
+            if sum(1 for i in rows if i["state"] == "running") >= want_running and \
+                    all(self.api.get(f"/v1/instances/{x}/stats").status_code == 200 for x in names):
+                return (time.perf_counter() - t0) * 1000
+            time.sleep(poll)
 
     def restart(self):
-        n = self.args.n
+        n, total = self.args.n, self.args.n + self.vms
         self.agent.kill9()
         t0 = time.perf_counter()
         self.agent.start(wait_adopted=False)
         answer = (time.perf_counter() - t0) * 1000
         lst = self.api.get("/v1/instances")  # a list answers too while re-adopting
-        assert lst.status_code == 200 and len(lst.json()["instances"]) == n, lst.text[:500]
+        assert lst.status_code == 200 and len(lst.json()["instances"]) == total, lst.text[:500]
         answer_list = (time.perf_counter() - t0) * 1000
-        while True:
-            if self.api.get("/v1/health").json().get("adopting"):
-                time.sleep(0.05)
-                continue
-            rows = self.api.get("/v1/instances").json()["instances"]
-            if sum(1 for i in rows if i["state"] == "running") == n and \
-                    self.api.get(f"/v1/instances/d{n - 1}/stats").status_code == 200:
-                break
-            if time.perf_counter() - t0 > 300:
-                raise RuntimeError("not re-adopted in 300 s")
-            time.sleep(0.05)
-        readopt = (time.perf_counter() - t0) * 1000
+        readopt = self.readopted(t0, total, [f"d{n - 1}", *self.vm_names[-1:]])
         if os.environ.get("BENCH_DEBUG"):
             started = [ln for ln in self.agent.log.read_text().splitlines() if "agent services started" in ln]
             print(f"restart: {started[-1] if started else '?'}", file=sys.stderr)
-        line(f"restart_answer_ms_{n}", answer)
-        line(f"restart_answer_list_ms_{n}", answer_list)
-        line(f"restart_readopt_ms_{n}", readopt)
+        line(f"restart_answer_ms_{n}{self.tag}", answer)
+        line(f"restart_answer_list_ms_{n}{self.tag}", answer_list)
+        line(f"restart_readopt_ms_{n}{self.tag}", readopt)
+        self.events_flow(["d0", *self.vm_names[:1]])
+
+    def events_flow(self, names):
+        """Pause and resume each of ``names`` and see both lifecycle events on /v1/events."""
+        import json
+        import threading
+        seen, ready = [], threading.Event()
+
+        def listen():
+            r = Api(self.agent.url, self.token).get("/v1/events", params={"type": "lifecycle", "timeout": 60,
+                                                                          "heartbeat": 0.5}, stream=True,
+                                                    timeout=90)
+            for raw in r.iter_lines(decode_unicode=True):
+                ready.set()
+                if raw and raw.startswith("data:"):
+                    d = json.loads(raw[5:]).get("data") or {}
+                    seen.append((d.get("name"), d.get("state")))
+                    if all((x, "running") in seen and (x, "paused") in seen for x in names):
+                        return
+        t = threading.Thread(target=listen, daemon=True)
+        t.start()
+        assert ready.wait(30), "no event stream"
+        for name in names:
+            for action in ("pause", "resume"):
+                op = self.api.wait(self.api.post(f"/v1/instances/{name}/actions", json={"action": action}).json())
+                assert op["status"] == "succeeded", op
+        t.join(60)
+        missing = [x for x in names if (x, "paused") not in seen or (x, "running") not in seen]
+        assert not missing, f"no lifecycle events after the restart for {missing}: {seen[-10:]}"
+
+    def host_reboot(self):
+        """(g): kill the agent, then every workload by PID; a new boot id; start the agent and
+        time until every instance with autostart runs. The others must stay stopped."""
+        from containers import cgroups
+        n, api = self.args.n, self.api
+        held = ["d0", "d1", *self.vm_names[:1]]  # d0 stopped by the operator, d1 and a VM: autostart false
+        op = api.wait(api.post("/v1/instances/d0/actions", json={"action": "stop", "timeout": 5}).json())
+        assert op["status"] == "succeeded", op
+        for name in held[1:]:
+            r = api.patch(f"/v1/instances/{name}", json={"autostart": False})
+            assert r.status_code == 200, r.text
+        self.agent.kill9()
+        pids = []
+        for pidfile in glob.glob(str(self.agent.state_dir / "containers" / "containers" / "*" / "conmon.pid")):
+            try:
+                pids.append(int(Path(pidfile).read_text().strip()))
+            except (OSError, ValueError):
+                pass
+        ctl = "unified" if cgroups.is_v2() else "pids"
+        for procs in glob.glob(f"/sys/fs/cgroup/{ctl}/{self.cgparent}/**/cgroup.procs", recursive=True):
+            pids += [int(x) for x in Path(procs).read_text().split()]
+        pids += list(self.qemu_pids().values())
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 60
+        while any(os.path.exists(f"/proc/{p}") and "zombie" not in Path(f"/proc/{p}/status").read_text()
+                  for p in pids if os.path.exists(f"/proc/{p}")):
+            if time.monotonic() > deadline:
+                raise RuntimeError("workloads still alive 60 s after SIGKILL")
+            time.sleep(0.1)
+        # libvirt sees its QEMUs gone: wait until none of ours is active
+        from testbed.libvirt_daemon import URI
+        uri = self.daemons.uri if self.daemons else URI
+        while set(subprocess.run(["virsh", "-c", uri, "list", "--name"], capture_output=True,
+                                 text=True).stdout.split()) & set(self.vm_names):
+            if time.monotonic() > deadline:
+                raise RuntimeError("libvirt still lists our VMs running 60 s after their QEMUs were killed")
+            time.sleep(0.1)
+        self.boot_id.write_text("bench-boot-2\n")
+        want = n + self.vms - len(held)
+        t0 = time.perf_counter()
+        self.agent.start(wait_adopted=False)
+        ms = self.readopted(t0, want, [f"d{n - 1}", *self.vm_names[-1:]], poll=0.25)  # lists of n+V: less load
+        rows = {i["name"]: i for i in self.api.get("/v1/instances").json()["instances"]}
+        others = {x: rows[x]["state"] for x in held}
+        if os.environ.get("BENCH_DEBUG"):
+            started = [ln for ln in self.agent.log.read_text().splitlines() if "agent services started" in ln]
+            print(f"reboot: {started[-1] if started else '?'}; not autostarted: {others}", file=sys.stderr)
+        assert all(s == "stopped" for s in others.values()), others
+        running = sum(1 for i in rows.values() if i["state"] == "running")
+        assert running == want, f"{running} running of {want}"
+        line(f"host_reboot_autostart_ms_{n}{self.tag}", ms)
+        if self.vms:  # the guests boot again too (not part of the figure: "running" is QEMU's)
+            t1 = time.perf_counter()
+            for name in self.vm_names[1:]:
+                while not self.console_has(self.api, name, 2):
+                    if time.perf_counter() - t1 > VM_BOOT_TIMEOUT_DENSITY_S * 2:
+                        raise RuntimeError(f"{name} did not boot again")
+                    time.sleep(1)
+            line(f"host_reboot_guests_booted_ms_{n}{self.tag}", ms + (time.perf_counter() - t1) * 1000)
 
     def delete_storm(self):
         from containers import cgroups
         n = self.args.n
+        if self.vms:
+            storm(lambda i: self.delete(self.vm_names[i]), self.vms, inflight=VM_INFLIGHT)
         storm(lambda i: self.delete(f"d{i}"), n)
         state = str(self.agent.state_dir)
         with open("/proc/self/mountinfo") as f:
@@ -302,10 +480,15 @@ class Bench:
         leases = db.query("SELECT name FROM containers_leases")
         crows = db.query("SELECT name FROM containers")
         irows = self.api.get("/v1/instances").json()["instances"]
-        left = len(mounts) + len(cg) + len(veths) + len(netns) + len(leases) + len(crows) + len(irows)
+        doms = []
+        if self.vms:
+            doms = [x for x in subprocess.run(["virsh", "-c", self.daemons.uri, "list", "--all", "--name"],
+                                              capture_output=True, text=True).stdout.split() if x in self.vm_names]
+        left = len(mounts) + len(cg) + len(veths) + len(netns) + len(leases) + len(crows) + len(irows) + len(doms)
         if left:
             print(f"left: mounts {len(mounts)} cgroups {len(cg)} veths {len(veths)} netns {len(netns)} "
-                  f"leases {len(leases)} container rows {len(crows)} instances {len(irows)}", file=sys.stderr)
+                  f"leases {len(leases)} container rows {len(crows)} instances {len(irows)} domains {len(doms)}",
+                  file=sys.stderr)
         line(f"delete_storm_leaks_{n}", left, unit="count")
 
     # -- (e) VM storm --
@@ -402,6 +585,8 @@ class Bench:
             return
         self.start()
         self.import_busybox()
+        if self.vms:
+            self.import_boot()
         self.create("warm")  # the agent unpacks the layers on first use
         self.delete("warm")
         self.quiet = self.quiet_creates("e")
@@ -410,6 +595,7 @@ class Bench:
         if self.args.n:
             self.density()
             self.restart()
+            self.host_reboot()
             self.delete_storm()
 
     def cleanup(self):
@@ -420,6 +606,11 @@ class Bench:
                     self.api.delete(f"/v1/instances/{i['id']}", timeout=120)
         finally:
             self.agent.stop()
+            if self.daemons is not None:
+                for name in self.vm_names:  # what a failed run left: destroy and undefine ours only
+                    for verb in ("destroy", "undefine"):
+                        subprocess.run(["virsh", "-c", self.daemons.uri, verb, name], capture_output=True)
+                self.daemons.stop()  # only what ensure() started (none if libvirtd ran)
             drop_test_network(self.bridge, self.agent.rtag)
             from containers import cgroups
             cgroups.remove_parent(self.cgparent)
@@ -454,6 +645,10 @@ def main():
     ap.add_argument("--n", type=int, default=1000, help="containers for density, restart, delete storm (0: skip)")
     ap.add_argument("--storm", type=int, default=STORM, help="creates in the container storm (0: skip)")
     ap.add_argument("--vms", type=int, default=VM_STORM, help="VMs in the VM storm (0: skip)")
+    ap.add_argument("--running-vms", type=int, default=0,
+                    help="VMs running next to the --n containers for density, restart and host reboot (0: none)")
+    ap.add_argument("--vm-network", choices=("bridge", "none"), default="bridge",
+                    help="the running VMs' network: bridge (a tap each on the containers' bridge) or none")
     args = ap.parse_args()
     b = Bench(args)
     try:

@@ -141,6 +141,17 @@ def check_bindable(host_ip: str, port: int, protocol: str) -> bool:
     return True
 
 
+BRIDGE_MAX_PORTS = 1024  # the kernel's BR_MAX_PORTS: a Linux bridge refuses more (EXFULL)
+
+
+def bridge_full(bridge: str) -> InsufficientResources:
+    """The error when ``bridge`` has no free port: containers' veths and VMs' taps share it."""
+    return InsufficientResources(f"bridge {bridge!r} has no free port: a Linux bridge holds at most "
+                                 f"{BRIDGE_MAX_PORTS} ports (this host's containers' veths and VMs' taps "
+                                 "together); delete instances or create this one with network none",
+                                 bridge=bridge)
+
+
 class Network:
     """A bridge network and its containers' attachments. Not thread-safe on its own:
     the runtime serialises calls."""
@@ -403,7 +414,7 @@ class Network:
         With ``pid``, the netns is that process's (bind-mounted to the usual name), e.g. one
         runc made inside a user namespace; devices and rules of an earlier run are replaced.
         On failure everything made here is undone."""
-        from pyroute2 import IPRoute, NetNS, netns
+        from pyroute2 import IPRoute, NetlinkError, NetNS, netns
         if not self._bridge_ready:
             self.ensure_bridge()
         if pid is not None:
@@ -427,7 +438,12 @@ class Network:
                     self.ensure_bridge()
                     bidx = ipr.link_lookup(ifname=self.bridge)
                 bidx = bidx[0]
-                ipr.link("set", index=hidx, master=bidx, state="up")
+                try:
+                    ipr.link("set", index=hidx, master=bidx, state="up")
+                except NetlinkError as e:
+                    if e.code == errno.EXFULL:
+                        raise bridge_full(self.bridge) from None
+                    raise
             with NetNS(nsname) as ns:
                 i = ns.link_lookup(ifname=peer)[0]
                 ns.link("set", index=i, ifname=CONTAINER_IFNAME)

@@ -327,7 +327,11 @@ class RuncRuntime:
             if self._frozen(name):
                 return "paused", pid, None
             return "running", pid, None
-        # the process is gone; conmon writes the exit file a moment later
+        # the process is gone; conmon writes the exit file a moment later, unless it died too
+        # (a host reboot, or its kill): then no exit file comes and nothing is worth a wait
+        if not self._conmon_alive(name):
+            code = self._read_exit(name)  # it may have written it just before it exited
+            return "stopped", None, code
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             code = self._read_exit(name)
@@ -335,6 +339,23 @@ class RuncRuntime:
                 return "stopped", None, code
             time.sleep(POLL)
         return "stopped", None, None
+
+    def _conmon_alive(self, name: str) -> bool:
+        """Whether the container's conmon (its pid file's) still runs; True when unknown (no
+        pid file yet): the caller then waits for the exit file as it would for a live one."""
+        try:
+            with open(os.path.join(self._dir(name), "conmon.pid")) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return True
+        fields = _stat_fields(pid)
+        if fields is None or fields[0] == "Z":
+            return False
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                return f.read().strip() == "conmon"  # a reused pid is not our conmon
+        except OSError:
+            return False
 
     def _frozen(self, name: str) -> bool:
         rel = os.path.join(*self._cgroup(name))

@@ -380,6 +380,10 @@ class LibvirtDriver:
             return NotFound(f"VM {name!r} not found", vm=name)
         if code == libvirt.VIR_ERR_OPERATION_INVALID:
             return Conflict(f"VM {name!r}: {msg}", vm=name)
+        if "Exchange full" in msg and "bridge" in msg:  # EXFULL: the bridge has BR_MAX_PORTS (1024) ports
+            return InsufficientResources(f"VM {name!r}: its NIC's bridge has no free port: a Linux bridge holds at "
+                                         "most 1024 ports (containers' veths and VMs' taps together); delete "
+                                         f"instances or create it with network none ({msg})", vm=name)
         if "Cannot allocate memory" in msg or "cannot set up guest memory" in msg:
             return InsufficientResources(f"VM {name!r}: not enough host memory: {msg}", vm=name)
         if "Could not open" in msg or "Image is not in" in msg or "cannot open" in msg.lower():

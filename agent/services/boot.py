@@ -77,11 +77,13 @@ class BootState:
                       "SET boot_id=excluded.boot_id, pending=excluded.pending", (now, json.dumps(pending)))
         return pending
 
-    def done(self, inst_id: str) -> None:
-        """``inst_id``'s start was handed to an operation (or it is gone): no longer pending."""
+    def done(self, *inst_ids: str) -> None:
+        """``inst_ids``' starts were handed to operations (or they are gone): no longer pending.
+        One write for many: the list is rewritten whole (O(pending) each)."""
+        gone = set(inst_ids)
         with self.db.tx() as c:
             row = c.execute("SELECT pending FROM host_boot WHERE id=1").fetchone()
             if row is None:
                 return
-            pending = [i for i in json.loads(row["pending"]) if i != inst_id]
+            pending = [i for i in json.loads(row["pending"]) if i not in gone]
             c.execute("UPDATE host_boot SET pending=? WHERE id=1", (json.dumps(pending),))

@@ -595,7 +595,9 @@ class InstanceService:
     def autostart(self, inst_ids: list[str]) -> int:
         """Start each of ``inst_ids`` (after a host reboot: agent.services.boot) that is stopped
         now, each in an operation; how many were started. One that cannot start is logged and
-        left as it is (its operation says why)."""
+        left as it is (its operation says why). The pending list is cleared once, at the end
+        (an agent killed before that hands them out again at its next start: a start of a
+        running instance is skipped here, so nothing starts twice)."""
         n = 0
         for inst_id in inst_ids:
             inst = self.records.find_id(inst_id)
@@ -607,7 +609,7 @@ class InstanceService:
             except Exception as e:  # noqa: BLE001 - logged; the others still start
                 log.warning("cannot start an instance after a host reboot",
                             extra={"instance": inst.name if inst else inst_id, "error": str(e)})
-            self.root.boot.done(inst_id)
+        self.root.boot.done(*inst_ids)
         return n
 
     def reconcile(self) -> None:

@@ -907,9 +907,20 @@ class LibvirtDriver:
         return sorted(common)
 
     # hypervisor.driver.SupportsSnapshots: running or stopped (the work is in libvirt_snapshots)
-    def create_snapshot(self, name: str, snapshot: str) -> None:
+    def create_snapshot(self, name: str, snapshot: str) -> str:
         from hypervisor import libvirt_snapshots
-        libvirt_snapshots.create(self, name, snapshot)
+        return libvirt_snapshots.create(self, name, snapshot)
+
+    def frozen(self, name: str):
+        """hypervisor.driver.SupportsFilesystemFreeze (the work is in hypervisor.guest_agent):
+        a VM that is not running is not asked."""
+        from contextlib import nullcontext
+
+        from hypervisor import guest_agent
+        dom = self._dom(name)
+        if self._state(dom) != "running":
+            return nullcontext(False)
+        return guest_agent.frozen(dom, self._xml(dom), name)
 
     def revert_snapshot(self, name: str, snapshot: str) -> None:
         from hypervisor import libvirt_snapshots

@@ -338,6 +338,11 @@ class SupportsFilesystemFreeze(Protocol):
         agent failed or did not answer in time), the block runs anyway. On leaving, a thaw is
         always asked of an agent that was asked to freeze, also when the block raised."""
 
+    def thaw(self, name: str) -> bool:
+        """Ask running VM ``name``'s connected agent to thaw its filesystems (bounded as above):
+        what a restarted caller does when it was killed inside ``frozen``. False if there was
+        no agent to ask or it did not confirm."""
+
 
 @runtime_checkable
 class SupportsDiskExport(Protocol):

@@ -337,6 +337,11 @@ class FakeDriver:
             self._get(name)
         yield False
 
+    def thaw(self, name: str) -> bool:
+        with self._lock:
+            self._get(name)
+        return False
+
     def revert_snapshot(self, name: str, snapshot: str) -> None:
         with self._lock:
             vm = self._get(name)

@@ -63,14 +63,7 @@ def _message(e: Exception) -> str:
 def frozen(dom: libvirt.virDomain, root: ET.Element, name: str) -> Iterator[bool]:
     """Freeze running domain ``dom``'s filesystems (``root``: its live XML) for the with-block;
     yields whether they are frozen. Never raises for the guest's behaviour (see the module)."""
-    if not connected(root):
-        yield False
-        return
-    try:
-        dom.agentSetResponseTimeout(AGENT_TIMEOUT_S, 0)
-    except AGENT_ERRORS as e:  # the freeze would wait without bound: do not ask
-        log.warning("cannot bound the guest agent's answers: snapshot is crash-consistent",
-                    extra={"vm": name, "error": _message(e)})
+    if not connected(root) or not bounded(dom, name):
         yield False
         return
     t0 = time.monotonic()
@@ -78,17 +71,30 @@ def frozen(dom: libvirt.virDomain, root: ET.Element, name: str) -> Iterator[bool
     try:
         try:
             n = dom.fsFreeze(None, 0)
-            ok = True
-            log.info("guest agent froze filesystems", extra={"vm": name, "filesystems": n})
+            ok, t1 = True, time.monotonic()
+            log.info("guest agent froze filesystems", extra={"vm": name, "filesystems": n,
+                                                              "freeze_ms": round((t1 - t0) * 1000, 1)})
         except AGENT_ERRORS as e:
             log.warning("guest agent did not freeze its filesystems: snapshot is crash-consistent",
                         extra={"vm": name, "error": _message(e)})
         yield ok
     finally:
         thaw(dom, name)
-        if ok:
+        if ok:  # frozen_ms: from the freeze's answer to the thaw's (the guest's frozen window, about)
             log.info("guest filesystems thawed", extra={"vm": name,
-                                                         "frozen_ms": round((time.monotonic() - t0) * 1000, 1)})
+                                                         "frozen_ms": round((time.monotonic() - t1) * 1000, 1)})
+
+
+def bounded(dom: libvirt.virDomain, name: str) -> bool:
+    """Set the domain's agent response timeout to AGENT_TIMEOUT_S; False if libvirt refused
+    (then the agent must not be asked: libvirt's default is to wait for it forever)."""
+    try:
+        dom.agentSetResponseTimeout(AGENT_TIMEOUT_S, 0)
+        return True
+    except AGENT_ERRORS as e:
+        log.warning("cannot bound the guest agent's answers: it is not asked", extra={"vm": name,
+                                                                                     "error": _message(e)})
+        return False
 
 
 def thaw(dom: libvirt.virDomain, name: str) -> bool:

@@ -922,6 +922,14 @@ class LibvirtDriver:
             return nullcontext(False)
         return guest_agent.frozen(dom, self._xml(dom), name)
 
+    def thaw(self, name: str) -> bool:
+        """hypervisor.driver.SupportsFilesystemFreeze.thaw."""
+        from hypervisor import guest_agent
+        dom = self._dom(name)
+        if self._state(dom) != "running" or not guest_agent.connected(self._xml(dom)):
+            return False
+        return guest_agent.bounded(dom, name) and guest_agent.thaw(dom, name)
+
     def revert_snapshot(self, name: str, snapshot: str) -> None:
         from hypervisor import libvirt_snapshots
         libvirt_snapshots.revert(self, name, snapshot)

@@ -224,8 +224,16 @@ class SnapshotService:
 
     def _thaw(self, inst, row) -> None:
         """A container frozen for a copy when the agent was killed stays frozen: thaw it if it
-        was running when the snapshot began (a VM's snapshot never pauses it)."""
+        was running when the snapshot began. A VM's snapshot never pauses it, but its guest
+        agent may have frozen its filesystems (a Linux guest stays frozen until told): ask it
+        to thaw (bounded; harmless if nothing is frozen)."""
         from containers.runtime import SupportsPause
+        if inst.kind == "vm":
+            d = self.root.driver
+            if row["instance_state"] == "running" and isinstance(d, SupportsFilesystemFreeze) and d.thaw(inst.name):
+                log.info("asked the guest agent of a VM a killed agent may have left frozen to thaw",
+                         extra={"instance": inst.name})
+            return
         rt = self.root.runtime if inst.kind == "container" else None
         if row["instance_state"] == "running" and isinstance(rt, SupportsPause) \
                 and rt.get(inst.name).state == "paused":

@@ -369,6 +369,7 @@ def test_snapshots_of_a_running_and_a_stopped_vm(driver, spec):
     driver.start(s.name)
     with driver.frozen(s.name) as fs:
         assert fs is False, "no agent holds the port open"
+    assert driver.thaw(s.name) is False, "no agent to ask"
     with pytest.raises(NotFound):
         driver.frozen("ct-nope").__enter__()
     assert driver.create_snapshot(s.name, "live") == "crash-consistent"

@@ -63,8 +63,9 @@ MAX_PER_INSTANCE = 32  # each holds disk space (qcow2 clusters, a rootfs copy) a
 
 def _volume_ops(pool, volume: str, driver):
     """A VM's snapshots as its pool's snapshots of its root volume (RBD: taken by librbd while
-    QEMU writes; filesystem-consistent if the driver's guest agent froze the guest for it, else
-    crash-consistent; rolled back only with no client on the image)."""
+    QEMU writes; filesystem-consistent if ``driver``'s guest agent froze the guest for it, else
+    crash-consistent; rolled back only with no client on the image). ``driver``: None unless
+    the VM runs."""
     def take(name, snapshot):
         if not isinstance(driver, SupportsFilesystemFreeze):
             pool.snapshot_volume(volume, snapshot)
@@ -129,7 +130,9 @@ class SnapshotService:
         if inst.kind == "vm":
             pool = self.root.pools.get(inst.pool)
             if isinstance(pool, SnapshotsVolumes):
-                return _volume_ops(pool, root_volume(inst.kind, inst.id), self.root.driver)
+                # only a running guest's agent can freeze it
+                return _volume_ops(pool, root_volume(inst.kind, inst.id),
+                                   self.root.driver if inst.state == "running" else None)
             d = self.root.driver
             if not isinstance(d, SupportsSnapshots):
                 raise Unsupported(f"the {self.root.config.hypervisor.driver} driver takes no VM snapshots")

@@ -55,8 +55,10 @@ AGENT_ERRORS = (libvirt.libvirtError, SystemError, UnicodeError)
 
 
 def _message(e: Exception) -> str:
-    msg = e.get_error_message() if isinstance(e, libvirt.libvirtError) else None
-    return (msg or f"{type(e).__name__}: {e}")[:300]  # the guest may have chosen part of it
+    """The error for the log: the guest may have chosen part of it (libvirt quotes the agent's
+    error "desc"), so it is cut short and stripped of newlines and control characters."""
+    msg = (e.get_error_message() if isinstance(e, libvirt.libvirtError) else None) or f"{type(e).__name__}: {e}"
+    return "".join(c if c.isprintable() else "?" for c in msg[:300])
 
 
 @contextmanager

@@ -91,3 +91,13 @@ def test_without_a_bounded_timeout_the_agent_is_not_asked():
     with guest_agent.frozen(dom, _root("connected"), "vm") as fs:
         assert fs is False
     assert "freeze" not in dom.calls
+
+
+def test_what_the_guest_says_reaches_the_log_defanged(caplog):
+    forged = _error("unable to execute QEMU agent command 'guest-fsfreeze-freeze': x\n2026 INFO forged line\x1b[2J"
+                    + "y" * 1000)
+    dom = StubDom(freeze=forged)
+    with guest_agent.frozen(dom, _root("connected"), "vm") as fs:
+        assert fs is False
+    err = next(r.error for r in caplog.records if hasattr(r, "error"))
+    assert "\n" not in err and "\x1b" not in err and len(err) <= 300

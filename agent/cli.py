@@ -820,7 +820,8 @@ def snapshot():
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True)
 def snapshot_create(instance, name, as_json):
-    """Take snapshot NAME of INSTANCE, running (crash-consistent for a VM, frozen for a container) or stopped."""
+    """Take snapshot NAME of INSTANCE, running (a VM: filesystem-consistent if its guest agent answers, else
+    crash-consistent; a container: frozen) or stopped."""
     s = _call(_client().post, f"/v1/instances/{instance}/snapshots", {"name": name})
     if as_json:
         click.echo(jsonlib.dumps(s, indent=2))

@@ -952,10 +952,12 @@ class Snapshot(Model):
     kind: Literal["vm", "container"]
     image: str = Field(description="the image under it (kept while the instance exists)")
     instance_state: str = Field(description="what the instance was doing when it was taken")
-    consistency: Literal["stopped", "crash-consistent", "frozen"] = Field(
-        description="stopped: exact; crash-consistent: a running VM's disks at one instant, as a power cut "
-                    "would leave them (no guest agent freezes its filesystems); frozen: a running "
-                    "container's files, its processes frozen during the copy")
+    consistency: Literal["stopped", "crash-consistent", "filesystem-consistent", "frozen"] = Field(
+        description="stopped: exact; filesystem-consistent: a running VM's disks at one instant, its "
+                    "filesystems frozen by its guest agent (QEMU guest agent protocol on the "
+                    "org.qemu.guest_agent.0 port) for that instant; crash-consistent: the same without "
+                    "a freeze (no agent, or it failed or did not answer in time), as a power cut would "
+                    "leave them; frozen: a running container's files, its processes frozen during the copy")
     created_at: float
 
 

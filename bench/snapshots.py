@@ -16,6 +16,15 @@ largest run; the peer's from the same events during its runs.
 snapshot_io_stall: the QMP transaction alone (the window in which the guest's disk requests
 wait for the drain and the snapshot tables; its vCPUs run on), median; no peer.
 
+snapshot_frozen_local: then both VMs restart and, at their second boot, run a guest agent
+(testbed.guest_agent: answers libvirt and really fsfreezes the guest's mounted root partition);
+our snapshot is now filesystem-consistent (freeze, the QMP transaction, thaw), against
+`virsh snapshot-create-as --disk-only --atomic --quiesce` of the twin (libvirt's own freeze
+around its external snapshot), median of RUNS each, interleaved. snapshot_frozen_guest_pause:
+the guest's pause (ms) during ours, and the peer's. snapshot_frozen_window: how long the
+guest's filesystems stayed frozen (ms, from the agent's log: the freeze's answer -> the thaw's
+answer, which includes libvirt's guest-sync round trip before the thaw), median; no peer.
+
 snapshot_vm_running_rbd (with --rbd: a Ceph dev cluster is started unless one runs): the same
 on a block (RBD) pool against `rbd snap create` of the twin's volume; snapshot_guest_pause_rbd.
 
@@ -37,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: testbed, tests
 
 from jsonline import emitter  # noqa: E402
+from testbed.guest_agent import QGA_FUNCTION  # noqa: E402
 
 RUNS = 7
 URI = "qemu:///system"
@@ -87,14 +97,27 @@ class PauseClock:
         return clock
 
 
-def _two_vms(api, image: dict, names, pool: str | None, write_argv) -> None:
+# the bench VMs' user-data: nothing at the first boot; from the second on, a guest agent that
+# freezes the root partition (vda2, mounted for it), so the frozen lines need no third VM
+QGA_FROM_BOOT2 = "#!/bin/sh\n" + QGA_FUNCTION + """
+mkdir -p /mnt/b && mount -t ext4 /dev/vda2 /mnt/b || exit 9
+n=$(cat /mnt/b/bench-boots 2>/dev/null || echo 0)
+echo $((n + 1)) > /mnt/b/bench-boots
+sync
+if [ "$n" = 0 ]; then umount /mnt/b; exit 0; fi
+qga ok /mnt/b &
+"""
+
+
+def _two_vms(api, image: dict, names, pool: str | None, write_argv, user_data: str | None = None) -> None:
     """Create ``names`` stopped from ``image`` (2 GiB root disks), write 1 GiB into each
     (``write_argv(name)``: past the guest's partitions), start them and wait for their init."""
     from tests.api.test_vm_boot import wait_console
     for name in names:
         op = api.wait(api.post("/v1/instances", json={
             "name": name, "kind": "vm", "image": image["id"], "cpus": 1, "memory_mib": 192, "disk_gib": 2,
-            "network": "none", "start": False, **({"pool": pool} if pool else {})}).json(), timeout=300)
+            "network": "none", "start": False, **({"pool": pool} if pool else {}),
+            **({"user_data": user_data} if user_data else {})}).json(), timeout=300)
         assert op["status"] == "succeeded", op
         subprocess.run(write_argv(name), check=True, capture_output=True)
         op = api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": "start"}).json(), timeout=300)
@@ -131,7 +154,8 @@ def snapshot_metrics(runs: int = RUNS) -> None:
     try:
         image = import_boot_image(api, f"{images}/boot.qcow2")
         _two_vms(api, image, (ours_vm, peer_vm), None,
-                 lambda name: ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1G 1G", _disk(virsh, name)])
+                 lambda name: ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1G 1G", _disk(virsh, name)],
+                 user_data=QGA_FROM_BOOT2)
         clock = PauseClock.checked(peer_vm)
         ours, worst_pause, peer, peer_pause = [], 0.0, [], 0.0
         for i in range(runs):  # interleaved: one of ours, one of the peer's
@@ -158,6 +182,7 @@ def snapshot_metrics(runs: int = RUNS) -> None:
             stall.append((time.perf_counter() - t) * 1000)
             qmp.execute(sock, "blockdev-snapshot-delete-internal-sync", {"device": node, "name": f"q{i}"})
         line("snapshot_io_stall", statistics.median(stall))
+        _frozen_metrics(api, agent, clock, ours_vm, peer_vm, tmp, runs)
     finally:
         for name in (ours_vm, peer_vm):
             api.delete(f"/v1/instances/{name}")
@@ -166,9 +191,63 @@ def snapshot_metrics(runs: int = RUNS) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _api_snapshot(api, vm: str, name: str) -> None:
+def _api_snapshot(api, vm: str, name: str, consistency: str = "crash-consistent") -> None:
     r = api.post(f"/v1/instances/{vm}/snapshots", json={"name": name})
-    assert r.status_code == 201, r.text
+    assert r.status_code == 201 and r.json()["consistency"] == consistency, r.text
+
+
+def _agent_connected(vm: str, timeout: float = 120) -> None:
+    import xml.etree.ElementTree as ET
+
+    from tests.api.test_vm_boot import virsh
+    deadline = time.monotonic() + timeout
+    while True:
+        if any(t.get("name") == "org.qemu.guest_agent.0" and t.get("state") == "connected"
+               for t in ET.fromstring(virsh(URI, "dumpxml", vm)).findall("devices/channel/target")):
+            return
+        assert time.monotonic() < deadline, f"{vm}'s guest agent never connected"
+        time.sleep(0.2)
+
+
+def _frozen_metrics(api, agent, clock: PauseClock, ours_vm: str, peer_vm: str, tmp: Path, runs: int) -> None:
+    """The second boot of both VMs runs a guest agent (QGA_FROM_BOOT2): ours through the API
+    (filesystem-consistent) against `virsh snapshot-create-as --quiesce` of the twin."""
+
+    from tests.api.test_vm_boot import wait_console
+    for name in (ours_vm, peer_vm):
+        op = api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": "restart", "force": True}).json(),
+                      timeout=300)
+        assert op["status"] == "succeeded", op
+    for name in (ours_vm, peer_vm):
+        wait_console(api, name, boots=2, timeout=300)
+        _agent_connected(name)
+    log_from = agent.log.stat().st_size
+    ours, worst_pause, peer, peer_pause = [], 0.0, [], 0.0
+    for i in range(runs):
+        t, w = _timed(api, ours_vm, clock, 1,
+                      lambda _: _api_snapshot(api, ours_vm, f"f{i}", "filesystem-consistent"))
+        ours, worst_pause = ours + t, max(worst_pause, w)
+        t, w = _timed(api, peer_vm, clock, 1, lambda _: subprocess.run(
+            ["virsh", "-c", URI, "snapshot-create-as", "--domain", peer_vm, "--name", f"fp{i}", "--disk-only",
+             "--atomic", "--quiesce", "--no-metadata", "--diskspec", f"vda,file={tmp}/fp{i}.qcow2",
+             "--diskspec", "vdz,snapshot=no"], check=True, capture_output=True))
+        peer, peer_pause = peer + t, max(peer_pause, w)
+    line("snapshot_frozen_local", statistics.median(ours),
+         "virsh snapshot-create-as --disk-only --atomic --quiesce", statistics.median(peer))
+    line("snapshot_frozen_guest_pause", worst_pause, "virsh snapshot-create-as --disk-only --atomic --quiesce",
+         peer_pause)
+    with open(agent.log, "rb") as f:
+        f.seek(log_from)
+        text = f.read().decode(errors="replace")
+    windows = [float(w) for w in _field(text, "frozen_ms")]
+    assert len(windows) == runs, f"the agent logged {len(windows)} freeze windows for {runs} snapshots"
+    line("snapshot_frozen_window", statistics.median(windows))
+
+
+def _field(text: str, key: str) -> list[str]:
+    """Values of ``key=...`` in the agent's text log lines."""
+    import re
+    return re.findall(rf"\b{key}=([0-9.]+)", text)
 
 
 def rbd_snapshot_metrics(runs: int = RUNS) -> None:

@@ -3,7 +3,10 @@
 Choices: virtio disks and NICs; the serial console is a pty whose output virtlogd also
 writes to ``console_log``; the agent's own QMP monitor is a second, unix-socket monitor
 added with ``qemu:commandline`` (libvirt's monitor cannot be shared); the domain carries
-a ``nodeagent`` metadata tag so the driver only lists domains it made.
+a ``nodeagent`` metadata tag so the driver only lists domains it made. Every domain has a
+guest-agent channel (a virtio-serial port named ``org.qemu.guest_agent.0``, its host socket
+chosen by libvirt): a guest that runs an agent on it gets filesystem-consistent snapshots
+(hypervisor/guest_agent.py). The guest is the tenant's: libvirt parses what it says there.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ NODEAGENT_NS = "urn:nodeagent:vm:1"
 # <bandwidth>: see containers/bandwidth.py for why the agent shapes taps itself
 BANDWIDTH_NS = "urn:nodeagent:bandwidth:1"
 QMP_CHARDEV_ID = "nodeagent-qmp"
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"  # the port name qemu-ga and libvirt look for
 MACHINES = ("q35", "pc")
-SPARE_ROOT_PORTS = 5  # q35 hot-plugs one virtio disk per free pcie-root-port (one is the balloon's)
+SPARE_ROOT_PORTS = 6  # q35 hot-plugs one virtio disk per free pcie-root-port (the balloon and the
+# guest agent's virtio-serial controller take one each)
 RBD_DEFAULT_PORT = "6789"
 
 ET.register_namespace("qemu", QEMU_NS)
@@ -194,6 +199,10 @@ def domain_xml(spec: VmSpec, *, virt_type: str = "qemu", qmp_socket: str | None 
         _sub(dev, "controller", type="pci", index="0", model="pcie-root")
         for _ in range(SPARE_ROOT_PORTS):
             _sub(dev, "controller", type="pci", model="pcie-root-port")
+    # the guest agent's port: libvirt connects its own agent client to the unix socket it
+    # creates (no source path: libvirt picks one under its own state directory)
+    channel = _sub(dev, "channel", type="unix")
+    _sub(channel, "target", type="virtio", name=GUEST_AGENT_CHANNEL)
     _sub(dev, "memballoon", model="virtio")  # memory resize: the guest gives back what is taken
     if qmp_socket:
         cmd = _sub(dom, f"{{{QEMU_NS}}}commandline")

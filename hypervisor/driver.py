@@ -7,12 +7,17 @@ delete() -> absent (the driver never deletes volumes: the caller owns them).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from containers.bandwidth import Bandwidth  # one vocabulary for VM taps and container veths
 
 STATES = ("stopped", "running", "paused", "crashed", "unknown")
+# what a snapshot of a VM holds (SupportsSnapshots.create_snapshot says which it took)
+STOPPED = "stopped"  # a stopped VM's disks: exact
+CRASH_CONSISTENT = "crash-consistent"  # a running VM's disks at one instant, as a power cut leaves them
+FILESYSTEM_CONSISTENT = "filesystem-consistent"  # the same, its guest agent having frozen its filesystems
 
 
 @dataclass(frozen=True)
@@ -302,13 +307,15 @@ class SupportsSnapshots(Protocol):
     """Drivers that take named snapshots of a VM's writable disks (the read-only seed is left
     out) while it runs, is paused or is stopped, revert it to one and delete one. Terms: a
     *snapshot* lives with the disks themselves (an internal qcow2 snapshot), so removing the
-    disks removes it. One of a running VM is crash-consistent (what a power cut would leave:
-    no guest agent freezes its filesystems), taken over every disk at one instant without
-    stopping the vCPUs."""
+    disks removes it. One of a running VM is taken over every disk at one instant without
+    stopping the vCPUs: filesystem-consistent when the guest's agent froze its filesystems for
+    that instant (SupportsFilesystemFreeze), else crash-consistent (what a power cut would
+    leave); a guest whose agent is absent, silent or wrong never fails or stalls the snapshot."""
 
-    def create_snapshot(self, name: str, snapshot: str) -> None:
+    def create_snapshot(self, name: str, snapshot: str) -> str:
         """Conflict if ``snapshot`` exists on one of the disks; Unprocessable for a disk the
-        driver cannot snapshot. On failure no disk keeps a part of it."""
+        driver cannot snapshot. On failure no disk keeps a part of it. Returns what it holds:
+        STOPPED, CRASH_CONSISTENT or FILESYSTEM_CONSISTENT."""
 
     def revert_snapshot(self, name: str, snapshot: str) -> None:
         """Only valid while stopped (Conflict otherwise): every writable disk back to
@@ -316,6 +323,26 @@ class SupportsSnapshots(Protocol):
 
     def delete_snapshot(self, name: str, snapshot: str) -> bool:
         """Remove ``snapshot`` from every disk (running or not); False if no disk had it."""
+
+
+@runtime_checkable
+class SupportsFilesystemFreeze(Protocol):
+    """Drivers that can ask a running VM's guest agent (the QEMU guest agent protocol on the
+    VM's agent channel) to freeze its filesystems for a moment, so that a copy taken of its
+    disks in that moment is filesystem-consistent (the pool's snapshot of an RBD disk, say).
+    The guest is the tenant's: what its agent answers is untrusted, each request is bounded
+    by a timeout, and a VM with no agent connected is not asked at all (no wait)."""
+
+    def frozen(self, name: str) -> AbstractContextManager[bool]:
+        """``with driver.frozen(name) as fs:`` runs its block with VM ``name``'s filesystems
+        frozen if ``fs`` is True; False: not frozen (not running, no agent connected, or the
+        agent failed or did not answer in time), the block runs anyway. On leaving, a thaw is
+        always asked of an agent that was asked to freeze, also when the block raised."""
+
+    def thaw(self, name: str) -> bool:
+        """Ask running VM ``name``'s connected agent to thaw its filesystems (bounded as above):
+        what a restarted caller does when it was killed inside ``frozen``. False if there was
+        no agent to ask or it did not confirm."""
 
 
 @runtime_checkable

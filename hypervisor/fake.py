@@ -12,14 +12,15 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFound, PostCopyFailed
-from hypervisor.driver import (TIMEOUT_ACTIONS, DiskSpec, MigrationOptions, MigrationProgress,
-                               MigrationResult, VmInfo, VmSpec)
+from hypervisor.driver import (CRASH_CONSISTENT, STOPPED, TIMEOUT_ACTIONS, DiskSpec, MigrationOptions,
+                               MigrationProgress, MigrationResult, VmInfo, VmSpec)
 from containers.bandwidth import Bandwidth
 from hypervisor.validate import check_disk_file, check_resize, check_snapshot_name, check_spec
 from storage.units import MiB
@@ -321,13 +322,26 @@ class FakeDriver:
             return sorted(self._get(name).snapshots)
 
     # SupportsSnapshots: running, paused or stopped (as the libvirt driver's internal snapshots)
-    def create_snapshot(self, name: str, snapshot: str) -> None:
+    def create_snapshot(self, name: str, snapshot: str) -> str:
         check_snapshot_name(snapshot)
         with self._lock:
             vm = self._get(name)
             if snapshot in vm.snapshots:
                 raise Conflict(f"VM {name!r} already has a snapshot {snapshot!r}", vm=name)
             vm.snapshots[snapshot] = [t for t, d in sorted(vm.disks.items()) if not d.readonly]
+            return STOPPED if vm.state == "stopped" else CRASH_CONSISTENT  # a fake guest runs no agent
+
+    @contextmanager
+    def frozen(self, name: str) -> Iterator[bool]:
+        """SupportsFilesystemFreeze: a fake guest has no guest agent, so nothing is frozen."""
+        with self._lock:
+            self._get(name)
+        yield False
+
+    def thaw(self, name: str) -> bool:
+        with self._lock:
+            self._get(name)
+        return False
 
     def revert_snapshot(self, name: str, snapshot: str) -> None:
         with self._lock:

@@ -911,9 +911,28 @@ class LibvirtDriver:
         return sorted(common)
 
     # hypervisor.driver.SupportsSnapshots: running or stopped (the work is in libvirt_snapshots)
-    def create_snapshot(self, name: str, snapshot: str) -> None:
+    def create_snapshot(self, name: str, snapshot: str) -> str:
         from hypervisor import libvirt_snapshots
-        libvirt_snapshots.create(self, name, snapshot)
+        return libvirt_snapshots.create(self, name, snapshot)
+
+    def frozen(self, name: str):
+        """hypervisor.driver.SupportsFilesystemFreeze (the work is in hypervisor.guest_agent):
+        a VM that is not running is not asked."""
+        from contextlib import nullcontext
+
+        from hypervisor import guest_agent
+        dom = self._dom(name)
+        if self._state(dom) != "running":
+            return nullcontext(False)
+        return guest_agent.frozen(dom, self._xml(dom), name)
+
+    def thaw(self, name: str) -> bool:
+        """hypervisor.driver.SupportsFilesystemFreeze.thaw."""
+        from hypervisor import guest_agent
+        dom = self._dom(name)
+        if self._state(dom) != "running" or not guest_agent.connected(self._xml(dom)):
+            return False
+        return guest_agent.bounded(dom, name) and guest_agent.thaw(dom, name)
 
     def revert_snapshot(self, name: str, snapshot: str) -> None:
         from hypervisor import libvirt_snapshots

@@ -8,9 +8,12 @@ the disk's backing image (the instance's image) is the same for every snapshot.
   disk's format node, through the agent's own monitor (hypervisor/qmp.py). QEMU drains the
   disks' in-flight I/O and writes the snapshot's tables while the vCPUs keep running (no
   STOP/RESUME event): the guest is not paused, only its disk requests wait for the drain
-  and the metadata write (tens of ms; bench/snapshots.py measures both). Crash-consistent:
-  the disks as a power cut would leave them (no guest agent here freezes the filesystems).
-  All disks or none: the transaction is atomic.
+  and the metadata write (tens of ms; bench/snapshots.py measures both). All disks or none:
+  the transaction is atomic. A running guest whose agent holds its port open
+  (hypervisor/guest_agent.py) is asked to freeze its filesystems just before the
+  transaction and to thaw right after it: filesystem-consistent. Otherwise (no agent, or
+  one that fails or does not answer in time) crash-consistent: the disks as a power cut
+  would leave them. A paused guest is not asked (its agent cannot answer).
 - stopped VM: ``qemu-img snapshot -c`` on each disk, undone on failure.
 - revert: only while stopped (``qemu-img snapshot -a``): reverting a running guest's disk
   under its page cache would corrupt its filesystems.
@@ -24,10 +27,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from agent.errors import CommandFailed, Conflict, NotFound, Unavailable, Unprocessable
-from hypervisor import qmp
+from hypervisor import guest_agent, qmp
+from hypervisor.driver import CRASH_CONSISTENT, FILESYSTEM_CONSISTENT, STOPPED
 from hypervisor.validate import check_snapshot_name
 
 if TYPE_CHECKING:
@@ -66,10 +71,11 @@ def _disks(drv: LibvirtDriver, name: str) -> list:
     return out
 
 
-def _nodes(drv: LibvirtDriver, name: str, dom, targets: list[str]) -> dict[str, str]:
-    """target -> the QEMU block node (format layer) of each of ``targets`` in the running VM."""
+def _nodes(drv: LibvirtDriver, name: str, dom, targets: list[str], root=None) -> dict[str, str]:
+    """target -> the QEMU block node (format layer) of each of ``targets`` in the running VM
+    (``root``: its live XML, if the caller has it)."""
     alias = {}
-    for el in drv._xml(dom).findall("devices/disk"):
+    for el in (drv._xml(dom) if root is None else root).findall("devices/disk"):
         t, a = el.find("target"), el.find("alias")
         if t is not None and a is not None:
             alias[t.get("dev")] = a.get("name")
@@ -98,7 +104,8 @@ def _on_disk(path: str) -> set[str]:
     return names
 
 
-def create(drv: LibvirtDriver, name: str, snapshot: str) -> None:
+def create(drv: LibvirtDriver, name: str, snapshot: str) -> str:
+    """SupportsSnapshots.create_snapshot: returns STOPPED, CRASH_CONSISTENT or FILESYSTEM_CONSISTENT."""
     check_snapshot_name(snapshot)
     dom = drv._dom(name)
     disks = _disks(drv, name)
@@ -107,12 +114,17 @@ def create(drv: LibvirtDriver, name: str, snapshot: str) -> None:
     for d in disks:
         if snapshot in _on_disk(d.source):
             raise Conflict(f"VM {name!r} already has a snapshot {snapshot!r} (disk {d.target})", vm=name)
-    if drv._state(dom) in ("running", "paused"):
-        nodes = _nodes(drv, name, dom, [d.target for d in disks])
+    state = drv._state(dom)
+    if state in ("running", "paused"):
+        root = drv._xml(dom)
+        nodes = _nodes(drv, name, dom, [d.target for d in disks], root)
         actions = [{"type": "blockdev-snapshot-internal-sync", "data": {"device": nodes[d.target], "name": snapshot}}
                    for d in disks]
-        qmp.execute(drv.qmp_socket(name), "transaction", {"actions": actions}, timeout=QMP_SNAPSHOT_TIMEOUT_S)
-        return
+        # frozen only for the transaction: everything it needs was looked up above
+        quiesce = guest_agent.frozen(dom, root, name) if state == "running" else nullcontext(False)
+        with quiesce as fs:
+            qmp.execute(drv.qmp_socket(name), "transaction", {"actions": actions}, timeout=QMP_SNAPSHOT_TIMEOUT_S)
+        return FILESYSTEM_CONSISTENT if fs else CRASH_CONSISTENT
     done = []
     try:
         for d in disks:
@@ -122,6 +134,7 @@ def create(drv: LibvirtDriver, name: str, snapshot: str) -> None:
         for p in done:
             _qemu_img("snapshot", "-d", snapshot, p)
         raise
+    return STOPPED
 
 
 def revert(drv: LibvirtDriver, name: str, snapshot: str) -> None:

@@ -13,7 +13,8 @@ def _snap(value: str) -> str:
 
 
 @route(bp, "POST", "/v1/instances/{id}/snapshots",
-       summary="Take a snapshot {name} of a running (crash-consistent, no pause) or stopped instance",
+       summary="Take a snapshot {name} of a running (no pause; filesystem-consistent with a guest agent, "
+               "else crash-consistent) or stopped instance",
        body=models.SnapshotCreate, responses={201: models.Snapshot, 404: None, 409: None, 422: None})
 def create_snapshot(id):
     return render(services().snapshots.create(path_id(id), parse(models.SnapshotCreate)), 201)

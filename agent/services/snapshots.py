@@ -9,10 +9,12 @@ SupportsRootfsSnapshots). The image under them is the instance's: its root volum
 image's reference in the store, so no image gc or image delete removes it while the instance
 exists, and a rebuild onto another image is refused while snapshots exist.
 
-Consistency: a running VM's snapshot is *crash-consistent* (taken without stopping the vCPUs,
-all disks at one instant; no guest agent freezes the guest's filesystems, so it is what a power
-cut would leave); a running container is frozen (cgroup freezer) for its copy; a stopped
-instance's is exact.
+Consistency (kept in the row, as the driver reported it): a running VM's snapshot is taken
+without stopping the vCPUs, all disks at one instant, and is *filesystem-consistent* when the
+guest's agent (QEMU guest agent protocol on its agent channel) froze its filesystems for that
+instant, else *crash-consistent* (what a power cut would leave: no agent, or one that failed or
+did not answer in time; hypervisor.driver.SupportsFilesystemFreeze); a running container is
+frozen (cgroup freezer) for its copy; a stopped instance's is exact.
 
 Lifecycle: absent -> create (row ``creating`` -> the data -> row ``ready``) -> restore any
 number of times (only while the instance is stopped: 409 otherwise) -> delete. A row is
@@ -33,7 +35,7 @@ from agent import models
 from agent.errors import AgentError, Conflict, NotFound, Unsupported
 from agent.services.assembly import root_volume
 from containers.runtime import SupportsRootfsSnapshots
-from hypervisor.driver import SupportsSnapshots
+from hypervisor.driver import FILESYSTEM_CONSISTENT, SupportsFilesystemFreeze, SupportsSnapshots
 from storage.backend import SnapshotsVolumes
 
 log = logging.getLogger(__name__)
@@ -52,17 +54,27 @@ SCHEMA_STEPS = [
         UNIQUE (instance_id, name)
     );
     """,
+    # what the driver says it holds (hypervisor.driver's STOPPED, CRASH_CONSISTENT,
+    # FILESYSTEM_CONSISTENT); NULL in rows of older agents: derived from kind and state
+    "ALTER TABLE snapshots ADD COLUMN consistency TEXT;",
 ]
 TAKES = ("running", "paused", "stopped", "created")  # instance states a snapshot may be taken in
 RESTORES = ("stopped", "created")  # a restore rewrites the disks under the guest: never while it runs
 MAX_PER_INSTANCE = 32  # each holds disk space (qcow2 clusters, a rootfs copy) and slows qcow2 metadata
 
 
-def _volume_ops(pool, volume: str):
+def _volume_ops(pool, volume: str, driver):
     """A VM's snapshots as its pool's snapshots of its root volume (RBD: taken by librbd while
-    QEMU writes, crash-consistent; rolled back only with no client on the image)."""
-    def take(_name, snapshot):
-        pool.snapshot_volume(volume, snapshot)
+    QEMU writes; filesystem-consistent if ``driver``'s guest agent froze the guest for it, else
+    crash-consistent; rolled back only with no client on the image). ``driver``: None unless
+    the VM runs."""
+    def take(name, snapshot):
+        if not isinstance(driver, SupportsFilesystemFreeze):
+            pool.snapshot_volume(volume, snapshot)
+            return None
+        with driver.frozen(name) as fs:
+            pool.snapshot_volume(volume, snapshot)
+        return FILESYSTEM_CONSISTENT if fs else None
 
     def revert(_name, snapshot):
         pool.rollback_volume(volume, snapshot)
@@ -73,6 +85,7 @@ def _volume_ops(pool, volume: str):
 
 
 def _consistency(kind: str, state: str) -> str:
+    """What a snapshot holds when its driver did not say (rows of older agents, containers)."""
     if state in RESTORES:
         return "stopped"
     return "crash-consistent" if kind == "vm" else "frozen"
@@ -93,7 +106,8 @@ class SnapshotService:
     def _dict(r, inst) -> dict:
         return {"id": r["id"], "name": r["name"], "instance": inst.name, "instance_id": inst.id,
                 "kind": r["kind"], "image": r["image_id"], "instance_state": r["instance_state"],
-                "consistency": _consistency(r["kind"], r["instance_state"]), "created_at": r["created_at"]}
+                "consistency": r["consistency"] or _consistency(r["kind"], r["instance_state"]),
+                "created_at": r["created_at"]}
 
     def list(self, ref: str) -> list[dict]:
         inst = self.root.instances.get(ref)
@@ -118,7 +132,9 @@ class SnapshotService:
         if inst.kind == "vm":
             pool = self.root.pools.get(inst.pool)
             if isinstance(pool, SnapshotsVolumes):
-                return _volume_ops(pool, root_volume(inst.kind, inst.id))
+                # only a running guest's agent can freeze it
+                return _volume_ops(pool, root_volume(inst.kind, inst.id),
+                                   self.root.driver if inst.state == "running" else None)
             d = self.root.driver
             if not isinstance(d, SupportsSnapshots):
                 raise Unsupported(f"the {self.root.config.hypervisor.driver} driver takes no VM snapshots")
@@ -161,13 +177,14 @@ class SnapshotService:
                     raise Conflict(f"instance {inst.name!r} already has a snapshot {req.name!r}") from None
                 raise
             try:
-                take(inst.name, req.name)
+                got = take(inst.name, req.name)
             except BaseException as e:
                 if not (isinstance(e, Conflict) and "already has" in e.message):  # never another's data
                     self._undo(drop, inst, req.name)
                 self.db.execute("DELETE FROM snapshots WHERE id=?", (snap_id,))
                 raise
-            self.db.execute("UPDATE snapshots SET state='ready' WHERE id=?", (snap_id,))
+            consistency = got if isinstance(got, str) else _consistency(inst.kind, inst.state)
+            self.db.execute("UPDATE snapshots SET state='ready', consistency=? WHERE id=?", (consistency, snap_id))
         self._event(inst, req.name, "created")
         return self.get(inst.id, req.name)
 
@@ -230,8 +247,16 @@ class SnapshotService:
 
     def _thaw(self, inst, row) -> None:
         """A container frozen for a copy when the agent was killed stays frozen: thaw it if it
-        was running when the snapshot began (a VM's snapshot never pauses it)."""
+        was running when the snapshot began. A VM's snapshot never pauses it, but its guest
+        agent may have frozen its filesystems (a Linux guest stays frozen until told): ask it
+        to thaw (bounded; harmless if nothing is frozen)."""
         from containers.runtime import SupportsPause
+        if inst.kind == "vm":
+            d = self.root.driver
+            if row["instance_state"] == "running" and isinstance(d, SupportsFilesystemFreeze) and d.thaw(inst.name):
+                log.info("asked the guest agent of a VM a killed agent may have left frozen to thaw",
+                         extra={"instance": inst.name})
+            return
         rt = self.root.runtime if inst.kind == "container" else None
         if row["instance_state"] == "running" and isinstance(rt, SupportsPause) \
                 and rt.get(inst.name).state == "paused":

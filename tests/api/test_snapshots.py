@@ -155,8 +155,12 @@ def test_a_half_made_snapshot_is_swept_at_start(app):
     assert root.driver.list_snapshots("sn-crash") == ["half"], "and its data"
     assert _names(client, "sn-crash") == [], "never listed"
     _err(client.get("/v1/instances/sn-crash/snapshots/half"), 404)
-    assert root.snapshots.sweep() == 1
+    thawed = []
+    with mock.patch.object(type(root.driver), "thaw", autospec=True,
+                           side_effect=lambda _self, name: thawed.append(name) or True):
+        assert root.snapshots.sweep() == 1
     assert _rows(root, inst["id"]) == [] and root.driver.list_snapshots("sn-crash") == []
+    assert thawed == ["sn-crash"], "its guest agent may have frozen it for the snapshot: asked to thaw"
 
 
 def test_deleting_an_instance_deletes_its_snapshots_and_the_image_stays_referenced(app):

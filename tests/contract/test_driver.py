@@ -363,13 +363,22 @@ def test_nic_taps_name_each_running_nic(driver, spec):
 def test_snapshots_of_a_running_and_a_stopped_vm(driver, spec):
     """hypervisor.driver.SupportsSnapshots (both drivers): taken and deleted while it runs,
     reverted only while stopped; names checked; a missing one is NotFound, a second one
-    of a name Conflict."""
-    from hypervisor.driver import SupportsSnapshots
-    assert isinstance(driver, SupportsSnapshots)
+    of a name Conflict. Each says what it holds: this guest runs no guest agent, so one taken
+    while it runs is crash-consistent (SupportsFilesystemFreeze: nothing frozen, nothing waited
+    for), one taken while stopped exact."""
+    from hypervisor.driver import SupportsFilesystemFreeze, SupportsSnapshots
+    assert isinstance(driver, SupportsSnapshots) and isinstance(driver, SupportsFilesystemFreeze)
     s = spec()
     driver.define(s)
+    with driver.frozen(s.name) as fs:
+        assert fs is False, "a stopped VM is not asked"
     driver.start(s.name)
-    driver.create_snapshot(s.name, "live")
+    with driver.frozen(s.name) as fs:
+        assert fs is False, "no agent holds the port open"
+    assert driver.thaw(s.name) is False, "no agent to ask"
+    with pytest.raises(NotFound):
+        driver.frozen("ct-nope").__enter__()
+    assert driver.create_snapshot(s.name, "live") == "crash-consistent"
     assert driver.list_snapshots(s.name) == ["live"]
     assert driver.get(s.name).state == "running"
     with pytest.raises(Conflict, match="live"):
@@ -386,7 +395,7 @@ def test_snapshots_of_a_running_and_a_stopped_vm(driver, spec):
     with pytest.raises(NotFound):
         driver.revert_snapshot(s.name, "nope")
     driver.revert_snapshot(s.name, "s2")
-    driver.create_snapshot(s.name, "s3")  # stopped: qemu-img
+    assert driver.create_snapshot(s.name, "s3") == "stopped"  # qemu-img
     assert driver.list_snapshots(s.name) == ["s2", "s3"]
     assert driver.delete_snapshot(s.name, "s3") is True
     assert driver.list_snapshots(s.name) == ["s2"]

@@ -170,12 +170,6 @@ class MigrationConfig(_Strict):
     max_downtime_ms: int = Field(300, ge=1, le=60_000)  # libvirt's default too
     bandwidth_mib_s: int | None = Field(None, ge=1)  # None: unlimited
     auto_converge: bool = True
-    # auto-converge's first throttle of the vCPUs and each step up (QEMU raises it at most every
-    # other pass of a second or more). QEMU's own 20/10 took 8 s to reach 50% here, by when a
-    # guest dirtying about as fast as the link copies had been switched to post-copy, whose
-    # switchover paused it 0.3-1.3 s: a throttled guest runs on, a paused one does not.
-    auto_converge_initial_pct: int = Field(50, ge=1, le=99)
-    auto_converge_increment_pct: int = Field(20, ge=1, le=99)
     postcopy: bool = True
     postcopy_after_stalled: int | None = Field(3, ge=1)  # None: the convergence rule is off
     postcopy_after_s: float | None = Field(60.0, gt=0)  # None: the time bound is off

@@ -149,8 +149,6 @@ class MigrationOptions:
     console_log: str | None = None
     max_downtime_ms: int | None = 300  # the target; libvirt's default is 300 ms too
     auto_converge: bool = True  # throttle the vCPUs when the guest dirties memory faster than we copy
-    auto_converge_initial_pct: int | None = None  # its first throttle and each step up (None: QEMU's 20/10)
-    auto_converge_increment_pct: int | None = None
     bandwidth_mib_s: int | None = None  # None: unlimited
     completion_timeout_s: float | None = None  # None: wait for convergence forever (cancel still works)
     timeout_action: str = "abort"  # abort | pause (suspend the guest so the copy converges) | postcopy

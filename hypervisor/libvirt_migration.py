@@ -155,10 +155,6 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
         flags |= libvirt.VIR_MIGRATE_LIVE
     if o.auto_converge:
         flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
-        if o.auto_converge_initial_pct:
-            params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = int(o.auto_converge_initial_pct)
-        if o.auto_converge_increment_pct:
-            params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = int(o.auto_converge_increment_pct)
     if o.tls:  # memory AND the NBD disk copy, with qemu.conf's migrate (default) TLS x509 dir
         flags |= libvirt.VIR_MIGRATE_TLS
     if o.postcopy:  # allowed only: it starts when the watcher calls migrateStartPostCopy

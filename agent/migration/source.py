@@ -73,8 +73,6 @@ def live_options(req: models.MigrationCreate, policy, postcopy_unavailable: str 
             "max_downtime_ms": asked.get("max_downtime_ms", policy.max_downtime_ms),
             "bandwidth_mib_s": asked.get("bandwidth_mib_s", policy.bandwidth_mib_s),
             "auto_converge": asked.get("auto_converge", policy.auto_converge),
-            "auto_converge_initial_pct": policy.auto_converge_initial_pct,
-            "auto_converge_increment_pct": policy.auto_converge_increment_pct,
             "completion_timeout_s": timeout, "timeout_action": action, "postcopy": postcopy,
             "postcopy_after_stalled": policy.postcopy_after_stalled if by_policy else None,
             "postcopy_after_s": policy.postcopy_after_s if by_policy else None,

@@ -160,7 +160,6 @@ def test_live_options_follow_the_policy_where_the_request_is_silent():
     opts = live_options(_req(), MigrationConfig(), None)
     assert opts.pop("postcopy_required") is False
     assert opts == {"max_downtime_ms": 300, "bandwidth_mib_s": None, "auto_converge": True,
-                    "auto_converge_initial_pct": 50, "auto_converge_increment_pct": 20,
                     "completion_timeout_s": None, "timeout_action": "abort", "postcopy": True,
                     "postcopy_after_stalled": 3, "postcopy_after_s": 60.0, "postcopy_after_iterations": None}
     MigrationOptions(**opts)  # what the driver gets

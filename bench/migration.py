@@ -552,16 +552,15 @@ while True:
 
 
 def breakdown(events: list[tuple[float, str, str]], source_link: str) -> dict | None:
-    """Where a ping's lost window went (ms). The switch is the guest's first announcement
-    (RARP or ARP from its MAC) after the ping began; ``gap``: the time without a reply around
+    """Where a ping's lost window went (ms). The switch is QEMU's first self-announcement
+    (a RARP from the guest's MAC: the guest itself sends only ARP); ``gap``: the time without a reply around
     it; ``to_announce``: from that gap's start to the announcement; ``to_reply``: from the
     announcement to the first reply after it; ``old_after_announce``: how long requests still
     left towards the source alone after the announcement (the segment's forwarding table; a
     request flooded to both links is not counted); ``late_lost``: requests sent more than 50 ms
     after the gap that got no reply (losses after the path was back)."""
-    first = min(t for t, _, _ in events) if events else 0
     replies = sorted(t for t, _, k in events if k == "reply")
-    announced = sorted(t for t, _, k in events if k in ("rarp", "arp") and t > first + 0.5)
+    announced = sorted(t for t, _, k in events if k == "rarp")
     if len(replies) < 2 or not announced:
         return None
     ann = announced[0]
@@ -572,7 +571,8 @@ def breakdown(events: list[tuple[float, str, str]], source_link: str) -> dict | 
         if k == "request":
             requests.setdefault(round(t, 3), set()).add(link)
     old_only = [t for t, links in requests.items() if links == {source_link} and t >= ann]
-    late = [t for t in requests if t > end + 0.05]
+    stop = max(t for t, _, _ in events) - 0.1  # the last requests' replies may fall after the capture
+    late = [t for t in requests if end + 0.05 < t < stop]
     answered = 0
     ri = 0
     for t in sorted(late):  # a reply within 50 ms of a request answers it
@@ -666,7 +666,11 @@ def ping_lines(lost: dict) -> None:
                 for side in ("ours", "peer")}
         if vals["ours"] and vals["peer"]:
             line(f"vm_live_ping_{part}_p50", med(vals["ours"]), "virsh migrate --live --p2p --tls --copy-storage-inc",
-                 med(vals["peer"]))
+                 med(vals["peer"]), unit="packets" if part == "late_lost" else "ms")
+    # migrations after which the segment saw no self-announcement from the guest at all
+    line("vm_live_ping_no_announcement", sum("gap" not in b for b in lost["breakdown"]["ours"]),
+         "virsh migrate --live --p2p --tls --copy-storage-inc",
+         sum("gap" not in b for b in lost["breakdown"]["peer"]), unit="count")
 
 
 def main_ping(work: Path) -> None:

@@ -139,8 +139,23 @@ class _Shrinking(_Domain):
         return {**st, "memory_remaining": 2 ** 40 >> self.iteration}
 
 
+class _StuckThrottled(_Stuck):
+    def jobStats(self):  # noqa: N802
+        return {**super().jobStats(), "auto_converge_throttle": 60}
+
+
+def test_with_auto_converge_stalled_passes_count_once_the_throttle_is_high(monkeypatch):
+    o = MigrationOptions(postcopy=True, postcopy_after_stalled=2, auto_converge=True)
+    monkeypatch.setattr(sys.modules[__name__], "_Domain", _Stuck)  # throttle 0: let it work first
+    dom, stops, seen, reason, watch = _run(o, cancel_after_postcopy=False, seconds=0.6)
+    assert not watch.postcopy and not dom.postcopy and seen[-1].memory_iteration >= 6
+    monkeypatch.setattr(sys.modules[__name__], "_Domain", _StuckThrottled)
+    dom, stops, seen, reason, watch = _run(o, cancel_after_postcopy=False)
+    assert watch.postcopy and dom.postcopy
+
+
 def test_the_policy_switches_to_postcopy_only_when_precopy_stops_converging(monkeypatch):
-    o = MigrationOptions(postcopy=True, postcopy_after_stalled=2)
+    o = MigrationOptions(postcopy=True, postcopy_after_stalled=2, auto_converge=False)
     monkeypatch.setattr(sys.modules[__name__], "_Domain", _Shrinking)
     dom, stops, seen, reason, watch = _run(o, cancel_after_postcopy=False, seconds=0.5)
     assert not watch.postcopy and not dom.postcopy and len(seen) > 5

@@ -25,7 +25,7 @@ VM bridges (both agents on one subnet; see L2Fabric), against the same guest mov
 `virsh migrate`. Needs root, libvirtd, Ceph and the test guest (scripts/build-test-images).
 Run as: .venv/bin/python bench/migration.py (only the busy, moderate and ping rounds, without
 Ceph: .venv/bin/python bench/migration.py busy; only the ping rounds: ... migration.py ping;
-only the moderate guest, 3 rounds each way: ... migration.py moderate)
+only the moderate guest, 3 rounds each way: ... migration.py moderate [ROUNDS])
 """
 from __future__ import annotations
 
@@ -712,6 +712,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="nodeagent-benchmig-", dir="/var/tmp"))
     os.chmod(work, 0o755)
     modes = {"busy": main_busy, "ping": main_ping, "moderate": main_moderate}
+    if len(sys.argv) == 3 and sys.argv[1] == "moderate":  # moderate ROUNDS (each way)
+        global MODERATE_ROUNDS
+        MODERATE_ROUNDS = int(sys.argv.pop())
     if len(sys.argv) == 2 and sys.argv[1] in modes:
         try:
             modes[sys.argv[1]](work)

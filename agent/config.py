@@ -163,14 +163,17 @@ class MigrationConfig(_Strict):
     # The default policy of live VM migrations (README "Migration controls"); a request's own
     # controls override each. Pre-copy first; auto-converge throttles a guest that dirties memory
     # faster than it is copied; where post-copy is allowed (and the kernel has userfaultfd) a copy
-    # still running after postcopy_after_s seconds or postcopy_after_iterations memory passes
-    # switches to post-copy, so a busy guest always finishes.
+    # that stopped converging (postcopy_after_stalled memory passes in a row that did not shrink
+    # the dirty set) switches to post-copy, so a busy guest always finishes, while one that
+    # converges ends in pre-copy, its downtime within max_downtime_ms. postcopy_after_s and
+    # postcopy_after_iterations are backstops (a dirty set that keeps shrinking, slowly).
     max_downtime_ms: int = Field(300, ge=1, le=60_000)  # libvirt's default too
     bandwidth_mib_s: int | None = Field(None, ge=1)  # None: unlimited
     auto_converge: bool = True
     postcopy: bool = True
-    postcopy_after_s: float | None = Field(10.0, gt=0)  # None: the time bound is off
-    postcopy_after_iterations: int | None = Field(5, ge=1)  # None: the iteration bound is off
+    postcopy_after_stalled: int | None = Field(3, ge=1)  # None: the convergence rule is off
+    postcopy_after_s: float | None = Field(60.0, gt=0)  # None: the time bound is off
+    postcopy_after_iterations: int | None = Field(None, ge=1)  # None: the pass-count bound is off
     completion_timeout_s: float | None = Field(None, gt=0)  # None: no timeout (cancel still works)
     timeout_action: str = "abort"  # abort | pause | postcopy
 

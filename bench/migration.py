@@ -24,7 +24,8 @@ booted guest during its migration, from an observer on an L2 segment joining bot
 VM bridges (both agents on one subnet; see L2Fabric), against the same guest moved by
 `virsh migrate`. Needs root, libvirtd, Ceph and the test guest (scripts/build-test-images).
 Run as: .venv/bin/python bench/migration.py (only the busy, moderate and ping rounds, without
-Ceph: .venv/bin/python bench/migration.py busy; only the ping rounds: ... migration.py ping)
+Ceph: .venv/bin/python bench/migration.py busy; only the ping rounds: ... migration.py ping;
+only the moderate guest, 3 rounds each way: ... migration.py moderate [ROUNDS])
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ ROUNDS = 3  # migrations per direction
 MEMORY_MIB = 256
 IMAGES = os.environ.get("NODEAGENT_TEST_IMAGES", "/var/cache/nodeagent-test-images")
 OP_TIMEOUT_S = 300
+TRACE_S = 0.25  # progress sampling of a traced migration (the busy guests': on stderr)
 
 line = emitter("migration", digits=1)
 
@@ -79,6 +81,7 @@ class AgentVm:
         assert op["status"] == "succeeded", op
         self.here = "h1"
         self.controls: dict = {}  # the live-migration controls of the next migrate()
+        self.trace: list | None = None  # a list: the last migration's progress samples go there
         self.last: dict = {}  # the last migration's result
 
     def console(self) -> str:
@@ -94,6 +97,16 @@ class AgentVm:
         t0 = time.perf_counter()
         op = self.apis[self.here].post("/v1/migrations", json={"instance": self.name, "destination": there,
                                                                 **self.controls}).json()
+        if self.trace is not None:  # the copy's progress, sampled as a client sees it
+            self.trace.clear()
+            while op["status"] in ("pending", "running"):
+                time.sleep(TRACE_S)
+                op = self.apis[self.here].get(f"/v1/operations/{op['id']}").json()
+                p = op.get("progress") or {}
+                if p.get("iterations") is not None:
+                    self.trace.append((round(time.perf_counter() - t0, 2), p.get("phase"), p.get("iterations"),
+                                       (p.get("remaining_bytes") or 0) >> 20, p.get("dirty_rate"),
+                                       p.get("throttle_pct")))
         op = self.apis[self.here].wait(op, OP_TIMEOUT_S)
         total = (time.perf_counter() - t0) * 1000
         assert op["status"] == "succeeded", op
@@ -278,7 +291,8 @@ BUSY_VARIANTS = {  # metric -> (our request's controls, the peer's virsh flags)
                       "timeout_action": "pause"},
                      ("--auto-converge", "--timeout", str(BUSY_LIMIT_S), "--timeout-suspend")),
     # the same guest with no controls at all: our default policy ([migration]: pre-copy,
-    # auto-converge, post-copy after 10 s) against plain virsh (only a timeout, so it ends)
+    # auto-converge, post-copy once pre-copy stops converging) against plain virsh (only a timeout,
+    # so it ends)
     "moderate": ({}, ("--timeout", str(PLAIN_LIMIT_S), "--timeout-suspend")),
 }
 
@@ -291,10 +305,53 @@ def _wait_dirtying(vm, timeout: float = 180) -> None:
         time.sleep(1)
 
 
-def busy_rounds(cluster, work: Path) -> dict:
-    """One migration each way per variant of BUSY_VARIANTS, ours and the peer's interleaved:
-    {variant: {"ours": ([totals], [downtimes]), "peer": (...)}}, plus whether ours switched
-    to post-copy."""
+class PauseClock:
+    """The guest's pause during a migration as libvirt's lifecycle events show it, the same
+    for ours and the peer's: from the source's "Suspended" (Migrated, Post-copy) to the
+    destination's "Resumed" (Migrated, Post-copy) or "Started" (Migrated), both seen by a
+    `virsh event --timestamp` client on each host (one machine, one clock). It does not
+    depend on what the job stats report (libvirt gives no downtime for some post-copy jobs)."""
+
+    EVENT = re.compile(r"^(\S+ \S+?)(?:[+-]\d{4})?: event 'lifecycle' for domain '?([^':]+)'?: (\w+) (\S+)")
+
+    def __init__(self, hosts):
+        self.hosts = hosts
+
+    def measure(self, name: str, action):
+        """Run ``action`` (a migration of domain ``name``); returns (its result, pause ms or None)."""
+        import datetime
+        procs = [h.popen("virsh", "-c", "qemu:///system", "event", "--all", "--loop", "--timestamp",
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for h in self.hosts]
+        time.sleep(0.5)  # registered
+        try:
+            result = action()
+            time.sleep(1)
+        finally:
+            for p in procs:
+                p.terminate()
+        stops, starts = [], []
+        for p in procs:
+            for ev in p.communicate(timeout=30)[0].splitlines():
+                m = self.EVENT.match(ev.strip())
+                if not m or m.group(2) != name:
+                    continue
+                t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+                if m.group(3) == "Suspended" and m.group(4) in ("Migrated", "Post-copy"):
+                    stops.append(t)
+                elif (m.group(3), m.group(4)) in (("Resumed", "Migrated"), ("Resumed", "Post-copy"),
+                                                  ("Started", "Migrated")):
+                    starts.append(t)
+        if not stops or not starts:
+            return result, None
+        after = [t for t in starts if t >= min(stops)]
+        return result, (max(after) - min(stops)) * 1000 if after else None
+
+
+def busy_rounds(cluster, work: Path, variants=tuple(BUSY_VARIANTS), rounds: int = 1) -> dict:
+    """``rounds`` migrations each way per variant of BUSY_VARIANTS, ours and the peer's
+    interleaved: {variant: {"ours": ([totals], [downtimes]), "peer": (...)}}, plus whether
+    ours switched to post-copy (each round also on stderr)."""
+    import sys
     ours = AgentVm(cluster, image="boot.qcow2", memory_mib=BUSY_MEMORY_MIB, user_data=BUSY_SCRIPT)
     sides = {"ours": ours}
     out: dict = {}
@@ -303,16 +360,29 @@ def busy_rounds(cluster, work: Path) -> dict:
         sides["peer"] = peer
         for vm in sides.values():
             _wait_dirtying(vm)
-        for variant, (controls, flags) in BUSY_VARIANTS.items():
+        ours.trace = []
+        clock = PauseClock(cluster.hosts)
+        for variant in variants:
+            controls, flags = BUSY_VARIANTS[variant]
             ours.controls, peer.copy_flags = controls, ("--copy-storage-inc", *flags)
             times = out[variant] = {side: ([], []) for side in sides}
             times["postcopy"] = []
-            for r in range(2):
+            times["pause"] = {side: [] for side in sides}
+            for r in range(2 * rounds):
                 for side, vm in list(sides.items())[::1 if r % 2 == 0 else -1]:
-                    total, down = vm.migrate()
+                    (total, down), pause = clock.measure(vm.name, vm.migrate)
                     times[side][0].append(total)
                     if down is not None:
                         times[side][1].append(down)
+                    if pause is not None:
+                        times["pause"][side].append(pause)
+                    print(f"# {variant} round {r} {side}: total {total:.0f} ms, downtime {down} ms, "
+                          f"paused (events) {pause if pause is None else round(pause)} ms"
+                          + (f", postcopy {ours.last.get('postcopy')}" if side == "ours" else ""),
+                          file=sys.stderr, flush=True)
+                    if side == "ours":  # (s, phase, pass, remaining MiB, dirty pages/s, throttle %)
+                        print("#   " + " ".join("%s:%s/%s/%s/%s/%s" % (t, ph[:4] if ph else "-", i, rem, dr, th)
+                                              for t, ph, i, rem, dr, th in ours.trace), file=sys.stderr, flush=True)
                 times["postcopy"].append(bool(ours.last.get("postcopy")))
     finally:
         for vm in reversed(sides.values()):
@@ -323,13 +393,18 @@ def busy_rounds(cluster, work: Path) -> dict:
 def busy_lines(busy: dict) -> None:
     med = statistics.median
     for variant, (_controls, flags) in BUSY_VARIANTS.items():
+        if variant not in busy:
+            continue
         (o_total, o_down), (p_total, p_down) = busy[variant]["ours"], busy[variant]["peer"]
         peer = "virsh migrate --live --p2p --tls --copy-storage-inc " + " ".join(flags)
         metric = "vm_live_moderate" if variant == "moderate" else f"vm_live_busy_{variant}"
         line(f"{metric}_total_p50", med(o_total), peer, med(p_total))
         line(f"{metric}_downtime_p50", med(o_down) if o_down else float("nan"), peer,
              med(p_down) if p_down else None)
-        # how many of our rounds switched to post-copy (libvirt reports no downtime for those)
+        pauses = busy[variant]["pause"]
+        if pauses["ours"] and pauses["peer"]:  # libvirt's events: post-copy rounds included
+            line(f"{metric}_paused_events_p50", med(pauses["ours"]), peer, med(pauses["peer"]))
+        # how many of our rounds switched to post-copy (libvirt reports no downtime for some)
         line(f"{metric}_rounds_in_postcopy", sum(busy[variant]["postcopy"]), unit="count")
         if variant == "moderate":  # plain virsh's bound, and how many of its rounds reached it
             line("vm_live_moderate_peer_timeout", PLAIN_LIMIT_S, unit="s")
@@ -416,9 +491,13 @@ class L2Fabric:
                 raise RuntimeError(f"guest {ip} does not answer on the L2 segment")
             time.sleep(1)
 
-    def lost_during(self, ip: str, action) -> int:
-        """Run ``action`` while pinging ``ip`` every PING_INTERVAL_S: packets lost."""
+    def lost_during(self, ip: str, action, mac: str | None = None) -> tuple[int, list]:
+        """Run ``action`` while pinging ``ip`` every PING_INTERVAL_S: (packets lost, what the
+        segment saw: (time, link, kind) from SNIFFER, given the guest's ``mac``)."""
         import signal
+        import sys
+        sniff = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-c", SNIFFER, mac, ip],
+                                 stdout=subprocess.PIPE, text=True) if mac else None
         ping = subprocess.Popen(["ip", "netns", "exec", self.ns, "ping", "-q", "-i", str(PING_INTERVAL_S), ip],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
@@ -428,13 +507,83 @@ class L2Fabric:
         finally:
             ping.send_signal(signal.SIGINT)
             out = ping.communicate(timeout=30)[0]
+            seen = []
+            if sniff is not None:
+                sniff.terminate()
+                for ev in sniff.communicate(timeout=30)[0].splitlines():
+                    t, link, kind = ev.split()
+                    seen.append((float(t), link, kind))
         m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
         if not m:
             raise RuntimeError(f"ping said: {out}")
-        return int(m.group(1)) - int(m.group(2))
+        return int(m.group(1)) - int(m.group(2)), seen
 
     def remove(self) -> None:
         harness.sh("ip", "netns", "del", self.ns, check=False)
+
+
+# What the observer's segment sees around a migration (run in its netns, all its links): each
+# echo request to the guest (the link it left by: fa0 to h1, fa1 to h2), each echo reply from
+# it, each RARP or ARP the guest's MAC sends (the announcements), with a timestamp.
+SNIFFER = r"""
+import signal, socket, struct, sys, time
+mac, ip = bytes.fromhex(sys.argv[1].replace(":", "")), socket.inet_aton(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+while True:
+    data, addr = s.recvfrom(2048)
+    t, ifname = time.time(), addr[0]
+    if ifname == "fab" or len(data) < 14:
+        continue
+    etype = struct.unpack("!H", data[12:14])[0]
+    kind = None
+    if etype == 0x8035 and data[6:12] == mac:
+        kind = "rarp"
+    elif etype == 0x0806 and data[6:12] == mac:
+        kind = "arp"
+    elif etype == 0x0800 and len(data) >= 35 and data[23] == 1:
+        if data[34] == 0 and data[26:30] == ip:
+            kind = "reply"
+        elif data[34] == 8 and data[30:34] == ip:
+            kind = "request"
+    if kind:
+        print(f"{t:.4f} {ifname} {kind}", flush=True)
+"""
+
+
+def breakdown(events: list[tuple[float, str, str]], source_link: str) -> dict | None:
+    """Where a ping's lost window went (ms). The switch is QEMU's first self-announcement
+    (a RARP from the guest's MAC: the guest itself sends only ARP); ``gap``: the time without a reply around
+    it; ``to_announce``: from that gap's start to the announcement; ``to_reply``: from the
+    announcement to the first reply after it; ``old_after_announce``: how long requests still
+    left towards the source alone after the announcement (the segment's forwarding table; a
+    request flooded to both links is not counted); ``late_lost``: requests sent more than 50 ms
+    after the gap that got no reply (losses after the path was back)."""
+    replies = sorted(t for t, _, k in events if k == "reply")
+    announced = sorted(t for t, _, k in events if k == "rarp")
+    if len(replies) < 2 or not announced:
+        return None
+    ann = announced[0]
+    start = max((t for t in replies if t <= ann), default=replies[0])
+    end = min((t for t in replies if t > ann), default=replies[-1])
+    requests: dict[float, set] = {}
+    for t, link, k in events:
+        if k == "request":
+            requests.setdefault(round(t, 3), set()).add(link)
+    old_only = [t for t, links in requests.items() if links == {source_link} and t >= ann]
+    stop = max(t for t, _, _ in events) - 0.1  # the last requests' replies may fall after the capture
+    late = [t for t in requests if end + 0.05 < t < stop]
+    answered = 0
+    ri = 0
+    for t in sorted(late):  # a reply within 50 ms of a request answers it
+        while ri < len(replies) and replies[ri] < t:
+            ri += 1
+        if ri < len(replies) and replies[ri] - t < 0.05:
+            answered += 1
+            ri += 1
+    return {"gap": (end - start) * 1000, "to_announce": (ann - start) * 1000, "to_reply": (end - ann) * 1000,
+            "old_after_announce": ((max(old_only) - ann) * 1000) if old_only else 0.0,
+            "late_lost": float(len(late) - answered)}
 
 
 def one_subnet(cluster) -> str:
@@ -450,7 +599,8 @@ def one_subnet(cluster) -> str:
 
 def ping_rounds(cluster, work: Path) -> dict:
     """PING_ROUNDS migrations each way of an idle booted guest, ours and the peer's
-    interleaved: {side: [packets lost]}."""
+    interleaved: {side: [packets lost], "breakdown": {side: [breakdown() + paused]}}."""
+    import sys
     subnet = one_subnet(cluster)
     fabric = L2Fabric(cluster, subnet)
     sides: dict = {}
@@ -470,10 +620,29 @@ def ping_rounds(cluster, work: Path) -> dict:
         ips = {"ours": ip, "peer": fabric.peer_address.split("/")[0]}
         for side in sides:
             fabric.reachable(ips[side])
+        macs = {"ours": ET.fromstring(ours.domain_xml()).find("devices/interface/mac").get("address"),
+                "peer": ET.fromstring(Path(peer.xmls[0]).read_text()).find("devices/interface/mac").get("address")}
         lost: dict = {side: [] for side in sides}
+        lost["breakdown"] = {side: [] for side in sides}
+        clock = PauseClock(cluster.hosts)
         for r in range(2 * PING_ROUNDS):
             for side, vm in list(sides.items())[::1 if r % 2 == 0 else -1]:
-                lost[side].append(fabric.lost_during(ips[side], vm.migrate))
+                source_link = "fa0" if vm.here in ("h1", 0) else "fa1"
+                (n, seen), pause = clock.measure(vm.name, lambda: fabric.lost_during(ips[side], vm.migrate,
+                                                                                        macs[side]))
+                lost[side].append(n)
+                if os.environ.get("MIGBENCH_DUMP"):  # every frame the segment saw, for a closer look
+                    with open(os.environ["MIGBENCH_DUMP"], "a") as f:
+                        f.write(f"== round {r} {side} from {source_link}\n")
+                        f.writelines(f"{t:.4f} {link} {k}\n" for t, link, k in seen)
+                parts = breakdown(seen, source_link) or {}
+                parts["paused"] = pause
+                lost["breakdown"][side].append(parts)
+                print(f"# ping round {r} {side}: lost {n}, "
+                      + ", ".join(f"{k} {v if v is None else round(v)}" for k, v in parts.items())
+                      + " ms; announcements " + " ".join(f"{t - min(x[0] for x in seen):.3f}/{link}/{k}"
+                                                         for t, link, k in seen if k in ("rarp", "arp")),
+                      file=sys.stderr, flush=True)
         moved = ours.apis[ours.here].get(f"/v1/instances/{ours.name}").json()["ip"]
         assert moved == ip, f"the guest's address changed: {ip} -> {moved}"
     finally:
@@ -489,6 +658,19 @@ def ping_lines(lost: dict) -> None:
          med(lost["peer"]), unit="packets")
     line("vm_live_ping_loss_max", max(lost["ours"]), "virsh migrate --live --p2p --tls --copy-storage-inc",
          max(lost["peer"]), unit="packets")
+    # where the lost window went (ms, medians): the guest's pause (libvirt's events), the time
+    # from the last reply until the guest's first announcement from the destination's side,
+    # and from that until the first reply
+    for part in ("gap", "paused", "to_announce", "to_reply", "old_after_announce", "late_lost"):
+        vals = {side: [b[part] for b in lost["breakdown"][side] if b.get(part) is not None]
+                for side in ("ours", "peer")}
+        if vals["ours"] and vals["peer"]:
+            line(f"vm_live_ping_{part}_p50", med(vals["ours"]), "virsh migrate --live --p2p --tls --copy-storage-inc",
+                 med(vals["peer"]), unit="packets" if part == "late_lost" else "ms")
+    # migrations after which the segment saw no self-announcement from the guest at all
+    line("vm_live_ping_no_announcement", sum("gap" not in b for b in lost["breakdown"]["ours"]),
+         "virsh migrate --live --p2p --tls --copy-storage-inc",
+         sum("gap" not in b for b in lost["breakdown"]["peer"]), unit="count")
 
 
 def main_ping(work: Path) -> None:
@@ -500,6 +682,18 @@ def main_ping(work: Path) -> None:
         ping_lines(ping_rounds(cluster, work / "ping"))
 
 
+MODERATE_ROUNDS = 3  # `migration.py moderate`: migrations per direction
+
+
+def main_moderate(work: Path) -> None:
+    """Only the moderate guest, MODERATE_ROUNDS each way: `bench/migration.py moderate`."""
+    with harness.Cluster(work / "sim") as cluster:
+        cluster.start_agents()
+        (work / "busy").mkdir()
+        os.chmod(work / "busy", 0o755)
+        busy_lines(busy_rounds(cluster, work / "busy", ("moderate",), MODERATE_ROUNDS))
+
+
 def main_busy(work: Path) -> None:
     """Only the busy-guest rounds (no Ceph), then the ping rounds: `bench/migration.py busy`."""
     with harness.Cluster(work / "sim") as cluster:
@@ -507,7 +701,7 @@ def main_busy(work: Path) -> None:
         for d in ("busy", "ping"):
             (work / d).mkdir()
             os.chmod(work / d, 0o755)
-        busy_lines(busy_rounds(cluster, work / "busy"))
+        busy_lines(busy_rounds(cluster, work / "busy", rounds=1))
         ping_lines(ping_rounds(cluster, work / "ping"))
 
 
@@ -517,9 +711,13 @@ def main() -> None:
         subprocess.run([os.path.join(ROOT, "scripts", "build-test-images"), IMAGES], check=True)
     work = Path(tempfile.mkdtemp(prefix="nodeagent-benchmig-", dir="/var/tmp"))
     os.chmod(work, 0o755)
-    if sys.argv[1:] in (["busy"], ["ping"]):
+    modes = {"busy": main_busy, "ping": main_ping, "moderate": main_moderate}
+    if len(sys.argv) == 3 and sys.argv[1] == "moderate":  # moderate ROUNDS (each way)
+        global MODERATE_ROUNDS
+        MODERATE_ROUNDS = int(sys.argv.pop())
+    if len(sys.argv) == 2 and sys.argv[1] in modes:
         try:
-            (main_busy if sys.argv[1:] == ["busy"] else main_ping)(work)
+            modes[sys.argv[1]](work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return
@@ -547,7 +745,7 @@ def main() -> None:
                  med(p_down) if p_down else None)
             (work / "busy").mkdir()
             os.chmod(work / "busy", 0o755)
-            busy = busy_rounds(cluster, work / "busy")
+            busy = busy_rounds(cluster, work / "busy", rounds=1)
             c_refresh, c_cold = container_rounds(cluster, dirs["containers"])
             busy_lines(busy)
             (work / "ping").mkdir()

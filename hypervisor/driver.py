@@ -163,9 +163,12 @@ class MigrationOptions:
     # destination and its memory is split between the hosts until the copy ends: the job can no
     # longer be aborted, and a broken link leaves the guest paused (see SupportsMigration).
     postcopy: bool = False
-    # the policy's switch to post-copy (only with ``postcopy``): after this many seconds of
-    # pre-copy, or after this many memory iterations (pre-copy, then auto-converge's throttled
-    # rounds), whichever comes first; None: never on its own (timeout_action="postcopy" still does)
+    # the policy's switch to post-copy (only with ``postcopy``): once pre-copy stops converging
+    # (this many memory passes in a row that did not shrink the dirty set: neither the link nor
+    # auto-converge's throttle keeps up), or as a backstop after this many seconds of pre-copy
+    # or this many memory passes, whichever comes first; None: that rule is off (all None: never
+    # on its own; timeout_action="postcopy" still switches)
+    postcopy_after_stalled: int | None = None
     postcopy_after_s: float | None = None
     postcopy_after_iterations: int | None = None
 

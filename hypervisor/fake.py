@@ -495,7 +495,7 @@ class FakeDriver:
         import time
         t0 = time.monotonic()
         for rnd in range(1, FAKE_PRECOPY_ROUNDS + 1):
-            left = sent // (rnd + 1)
+            left = sent // (rnd + 1) if self.converges else sent // 2  # a busy guest's dirty set stays
             if progress:
                 progress(MigrationProgress(elapsed_ms=int((time.monotonic() - t0) * 1000), data_total=sent,
                                            data_processed=sent * rnd, data_remaining=left,
@@ -508,7 +508,9 @@ class FakeDriver:
             timed_out = o.completion_timeout_s is not None and elapsed > o.completion_timeout_s
             due = o.postcopy and ((timed_out and o.timeout_action == "postcopy")
                                   or (o.postcopy_after_s is not None and elapsed >= o.postcopy_after_s)
-                                  or (o.postcopy_after_iterations and rnd >= o.postcopy_after_iterations))
+                                  or (o.postcopy_after_iterations and rnd >= o.postcopy_after_iterations)
+                                  # passes from the third that did not shrink the dirty set (_Convergence)
+                                  or (o.postcopy_after_stalled and rnd - 2 >= o.postcopy_after_stalled))
             if due:
                 if progress:
                     progress(MigrationProgress(elapsed_ms=int(elapsed * 1000), data_total=sent,

@@ -9,8 +9,11 @@ destination resumes it). libvirt guarantees the source domain keeps running when
 fails; the destination's half-made domain is removed by libvirt itself.
 
 Post-copy (``options.postcopy``: ``VIR_MIGRATE_POSTCOPY``): the watcher calls
-``migrateStartPostCopy`` when the completion timeout's action is "postcopy" or the policy's
-bound passes (``postcopy_after_s`` / ``postcopy_after_iterations``). From then on the guest
+``migrateStartPostCopy`` when the completion timeout's action is "postcopy", when pre-copy
+stopped converging (``postcopy_after_stalled``: that many memory passes in a row that did not
+shrink the dirty set, see _Convergence) or when a backstop bound passes (``postcopy_after_s``
+/ ``postcopy_after_iterations``). A guest whose pre-copy converges never switches: its
+switchover is the short one of pre-copy, within ``max_downtime_ms``. From then on the guest
 runs on the destination, which pulls missing pages from here (userfaultfd): the job is
 never aborted, never hard-stopped, and a failure (the link cut) leaves the source paused
 (``postcopy-failed``) and the destination stalled: ``PostCopyFailed``, both halves kept.
@@ -34,6 +37,18 @@ POLL_S = 0.2  # jobStats sampling interval
 ABANDON_WAIT_S = 30  # how long a caller that goes away waits for its aborted job
 ABORT_GRACE_S = 15  # an abort not honoured by then: the destination's incoming domain is destroyed
 POSTCOPY_STALL_S = 10  # a post-copy that sent nothing for this long has lost its link: it is paused
+# QEMU stops the guest once the memory left fits its downtime-limit at the measured bandwidth,
+# but the guest stays paused longer: the disk mirror's end, the device state, libvirt's Finish
+# on the destination and its resume (100-200 ms measured here, TCG on loaded hosts; see
+# bench/migration.py vm_live_moderate). QEMU gets the max minus this reserve (at least half the
+# max), so the pause the guest sees stays within the max asked for.
+SWITCHOVER_RESERVE_MS = 150
+# With auto-converge on, stalled passes count only once its throttle reached this: QEMU
+# raises it (20%, then +10%) at most every other pass of a second or more, and a guest it
+# slows down converges in pre-copy, paused 0.1-0.5 s, where post-copy's switchover paused
+# the moderate guest 0.7-2.5 s here (bench/migration.py vm_live_moderate).
+THROTTLE_BEFORE_POSTCOPY_PCT = 50
+PROGRESS_RATIO = 0.9  # a memory pass made progress when its dirty set is below 90% of the smallest before
 COPY_FLAGS = {"none": 0, "incremental": libvirt.VIR_MIGRATE_NON_SHARED_INC,
               "full": libvirt.VIR_MIGRATE_NON_SHARED_DISK}
 BASE_FLAGS = (libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
@@ -52,6 +67,11 @@ def check_options(o: MigrationOptions) -> None:
         raise InvalidInput("timeout_action=postcopy needs post-copy allowed (postcopy=True)")
     if o.postcopy and not o.live:
         raise InvalidInput("post-copy moves a running guest: it needs a live migration")
+
+
+def qemu_downtime_limit(max_downtime_ms: int) -> int:
+    """QEMU's downtime-limit for a pause of at most ``max_downtime_ms`` (SWITCHOVER_RESERVE_MS)."""
+    return max(-(-max_downtime_ms // 2), max_downtime_ms - SWITCHOVER_RESERVE_MS)
 
 
 def rewrite_xml(xml: str, o: MigrationOptions) -> str:
@@ -147,7 +167,7 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
         flags |= libvirt.VIR_MIGRATE_POSTCOPY
     if o.max_downtime_ms:
         try:
-            dom.migrateSetMaxDowntime(int(o.max_downtime_ms), 0)
+            dom.migrateSetMaxDowntime(qemu_downtime_limit(int(o.max_downtime_ms)), 0)
         except libvirt.libvirtError:
             pass  # older QEMU: libvirt's default (300 ms) applies
 
@@ -226,12 +246,47 @@ def _in_postcopy(dom) -> bool:
     return state == libvirt.VIR_DOMAIN_PAUSED and why in POSTCOPY_REASONS
 
 
+class _Convergence:
+    """Whether pre-copy gets anywhere. Each memory pass starts with the pages dirtied during
+    the one before (QEMU's ``memory_remaining`` right after its bitmap sync; here the largest
+    sample of the pass): a pass whose dirty set is not below PROGRESS_RATIO of the smallest one
+    before is *stalled*, one that is resets the count. The first pass (all of memory) is not
+    compared. Auto-converge's throttle shrinks the sets of a guest it can slow down, so the
+    count rises only once neither the link nor the throttle keeps up."""
+
+    def __init__(self):
+        self.iteration = 0  # the pass being sampled
+        self.peak = 0  # its largest remaining so far
+        self.best: int | None = None  # the smallest dirty set of a finished pass (from the second)
+        self.stalled = 0  # finished passes in a row that did not beat ``best``
+
+    def sample(self, iteration: int, remaining: int) -> int:
+        """One jobStats sample: returns the stalled passes in a row so far."""
+        if iteration == self.iteration:
+            self.peak = max(self.peak, remaining)
+            return self.stalled
+        if self.iteration >= 2:  # the pass just finished
+            if self.best is not None and self.peak >= self.best * PROGRESS_RATIO:
+                self.stalled += 1
+            else:
+                self.stalled = 0
+            self.best = self.peak if self.best is None else min(self.best, self.peak)
+        self.iteration, self.peak = iteration, remaining
+        return self.stalled
+
+
 def _postcopy_due(o: MigrationOptions, elapsed: float, last: MigrationProgress | None,
-                  timed_out: bool) -> bool:
-    """Whether the policy (or the completion timeout's action) says: switch to post-copy now."""
+                  timed_out: bool, stalled: int = 0) -> bool:
+    """Whether the policy (or the completion timeout's action) says: switch to post-copy now:
+    pre-copy stopped converging (``stalled`` passes in a row, see _Convergence; with
+    auto-converge, once its throttle is at THROTTLE_BEFORE_POSTCOPY_PCT or more), or a
+    backstop bound passed."""
     if not o.postcopy:
         return False
     if timed_out and o.timeout_action == "postcopy":
+        return True
+    if o.postcopy_after_stalled and stalled >= o.postcopy_after_stalled and (
+            not o.auto_converge or (last is not None and last.throttle_pct >= THROTTLE_BEFORE_POSTCOPY_PCT)):
         return True
     if o.postcopy_after_s is not None and elapsed >= o.postcopy_after_s:
         return True
@@ -275,6 +330,8 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
     abort_since = None
     stall: dict = {}  # post-copy: the bytes last sent and since when
     pauser: threading.Thread | None = None
+    converging = _Convergence()
+    stalled = 0
     while worker.is_alive():
         worker.join(POLL_S)
         if not worker.is_alive():
@@ -288,6 +345,9 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
         phase = "postcopy" if watch.postcopy else "precopy"
         if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE:
             last = _sample(stats, t0, phase)
+            if not watch.postcopy:
+                stalled = converging.sample(last.memory_iteration,
+                                            int(stats.get("memory_remaining", last.data_remaining)))
             if progress:
                 progress(last)
         if watch.postcopy:  # nothing may stop it now; a dead link pauses it (resumable)
@@ -298,7 +358,7 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
         if reason is None and cancelled is not None and cancelled():
             reason = "cancelled"
         elif reason is None and switcher is None and last is not None and last.memory_iteration >= 1 \
-                and _postcopy_due(o, elapsed, last, timed_out):
+                and _postcopy_due(o, elapsed, last, timed_out, stalled):
             # only once memory is being copied (QEMU refuses it during the disk copy before)
             switcher = threading.Thread(target=_start_postcopy, args=(dom, switched),
                                         name="migrate-postcopy", daemon=True)

@@ -74,6 +74,7 @@ def live_options(req: models.MigrationCreate, policy, postcopy_unavailable: str 
             "bandwidth_mib_s": asked.get("bandwidth_mib_s", policy.bandwidth_mib_s),
             "auto_converge": asked.get("auto_converge", policy.auto_converge),
             "completion_timeout_s": timeout, "timeout_action": action, "postcopy": postcopy,
+            "postcopy_after_stalled": policy.postcopy_after_stalled if by_policy else None,
             "postcopy_after_s": policy.postcopy_after_s if by_policy else None,
             "postcopy_after_iterations": policy.postcopy_after_iterations if by_policy else None}
 
@@ -370,7 +371,8 @@ class MigrationSource:
                     raise Unprocessable(f"post-copy was requested but destination {peer.name!r} cannot run it (its "
                                         "QEMU may not use userfaultfd: README \"Migration controls\"); nothing "
                                         f"moved: {name!r} keeps running here")
-                controls = {**controls, "postcopy": False, "postcopy_after_s": None, "postcopy_after_iterations": None,
+                controls = {**controls, "postcopy": False, "postcopy_after_stalled": None, "postcopy_after_s": None,
+                            "postcopy_after_iterations": None,
                             "timeout_action": "abort" if controls["timeout_action"] == "postcopy"
                             else controls["timeout_action"]}
                 live["options"] = controls

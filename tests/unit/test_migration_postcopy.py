@@ -106,6 +106,66 @@ def test_without_postcopy_allowed_a_timeout_aborts_and_hard_stops_an_unanswered_
     assert {p.phase for p in seen} == {"precopy"}
 
 
+def _passes(peaks, per_pass=3):
+    """The stalled count _Convergence reports after memory passes whose dirty sets are ``peaks``
+    (the first pass, all of memory, first), sampled ``per_pass`` times each as they drain."""
+    c = lm._Convergence()
+    for it, peak in enumerate(peaks, start=1):
+        for k in range(per_pass):
+            c.sample(it, peak * (per_pass - k) // per_pass)
+    return c.sample(len(peaks) + 1, 0)
+
+
+def test_convergence_counts_only_passes_that_do_not_shrink_the_dirty_set():
+    assert _passes([512, 128, 64, 30, 10]) == 0  # converging: every pass beats the one before
+    assert _passes([512, 128, 125, 130, 127]) == 3  # stuck at the working set
+    assert _passes([512, 128, 125, 60, 61]) == 1  # a new low (the throttle bit) resets the count
+    assert _passes([512, 128]) == 0  # the first pass (all of memory) is never compared
+
+
+class _Stuck(_Domain):
+    """A guest whose dirty set never shrinks (two samples per pass)."""
+
+    def jobStats(self):  # noqa: N802
+        st = super().jobStats()
+        return {**st, "memory_iteration": self.iteration // 2, "memory_remaining": 40}
+
+
+class _Shrinking(_Domain):
+    """A guest whose dirty set halves every pass (it converges)."""
+
+    def jobStats(self):  # noqa: N802
+        st = super().jobStats()
+        return {**st, "memory_remaining": 2 ** 40 >> self.iteration}
+
+
+class _StuckThrottled(_Stuck):
+    def jobStats(self):  # noqa: N802
+        return {**super().jobStats(), "auto_converge_throttle": 60}
+
+
+def test_with_auto_converge_stalled_passes_count_once_the_throttle_is_high(monkeypatch):
+    o = MigrationOptions(postcopy=True, postcopy_after_stalled=2, auto_converge=True)
+    monkeypatch.setattr(sys.modules[__name__], "_Domain", _Stuck)  # throttle 0: let it work first
+    dom, stops, seen, reason, watch = _run(o, cancel_after_postcopy=False, seconds=0.6)
+    assert not watch.postcopy and not dom.postcopy and seen[-1].memory_iteration >= 6
+    monkeypatch.setattr(sys.modules[__name__], "_Domain", _StuckThrottled)
+    dom, stops, seen, reason, watch = _run(o, cancel_after_postcopy=False)
+    assert watch.postcopy and dom.postcopy
+
+
+def test_the_policy_switches_to_postcopy_only_when_precopy_stops_converging(monkeypatch):
+    o = MigrationOptions(postcopy=True, postcopy_after_stalled=2, auto_converge=False)
+    monkeypatch.setattr(sys.modules[__name__], "_Domain", _Shrinking)
+    dom, stops, seen, reason, watch = _run(o, cancel_after_postcopy=False, seconds=0.5)
+    assert not watch.postcopy and not dom.postcopy and len(seen) > 5
+    monkeypatch.setattr(sys.modules[__name__], "_Domain", _Stuck)
+    dom, stops, seen, reason, watch = _run(o, cancel_after_postcopy=False)
+    assert watch.postcopy and dom.postcopy and reason is None
+    switched = [p.phase for p in seen].index("postcopy")
+    assert seen[switched - 1].memory_iteration >= 4  # pass 2 sets the mark, 3 and 4 stall
+
+
 def _req(**kw):
     return models.MigrationCreate.model_validate({"instance": "v", "destination": "d", **kw})
 
@@ -116,7 +176,7 @@ def test_live_options_follow_the_policy_where_the_request_is_silent():
     assert opts.pop("postcopy_required") is False
     assert opts == {"max_downtime_ms": 300, "bandwidth_mib_s": None, "auto_converge": True,
                     "completion_timeout_s": None, "timeout_action": "abort", "postcopy": True,
-                    "postcopy_after_s": 10.0, "postcopy_after_iterations": 5}
+                    "postcopy_after_stalled": 3, "postcopy_after_s": 60.0, "postcopy_after_iterations": None}
     MigrationOptions(**opts)  # what the driver gets
     # the caller's own switch replaces the policy's bounds
     opts = live_options(_req(completion_timeout_s=5, timeout_action="postcopy"), MigrationConfig(), None)
@@ -134,3 +194,9 @@ def test_live_options_without_userfaultfd():
         with pytest.raises(Unprocessable, match="userfaultfd"):
             live_options(_req(**asked), MigrationConfig(), why)
     assert live_options(_req(mode="cold"), MigrationConfig(), None)["postcopy"] is False
+
+
+def test_qemu_plans_for_less_than_the_max_downtime_leaving_room_for_the_switchover():
+    assert lm.qemu_downtime_limit(300) == 300 - lm.SWITCHOVER_RESERVE_MS
+    assert lm.qemu_downtime_limit(2000) == 2000 - lm.SWITCHOVER_RESERVE_MS
+    assert lm.qemu_downtime_limit(101) == 51 and lm.qemu_downtime_limit(1) == 1  # never below half

@@ -245,24 +245,44 @@ class RuncRuntime:
             return False
         return True
 
+    def _hidden(self, name: str) -> list[tuple[str, list[str]]]:
+        """What a view of ``name`` leaves out: every container's tree but its own, every netns
+        file but its own (storage.mounts.enter_private_view's ``hidden``)."""
+        hidden = [(os.path.join(self.state_dir, "containers"), [self._dir(name)])]
+        if mounts.is_mounted(NETNS_DIR):  # every bridged container's netns file is a mount there
+            netns = self.net.netns_path(name)
+            hidden.append((NETNS_DIR, [netns] if os.path.exists(netns) else []))
+        return hidden
+
+    def _view_runc(self, name: str) -> str:
+        """The runtime path conmon gets: runc itself, or (views on) a wrapper in the
+        container's dir that runs each `runc create` in a view of its own
+        (storage.mounts.write_view_wrapper). conmon itself stays in the agent's namespace: it
+        lives as long as the container, and a view it lived in would keep a copy of every
+        mount the host had when it started (another container's disk, a migration's volume)."""
+        if not self.private_views:
+            return self.runc
+        path = os.path.join(self._dir(name), "runc-view")
+        mounts.write_view_wrapper(path, self.runc, self._hidden(name), os.path.join(self.state_dir, "view"))
+        return path
+
     @contextlib.contextmanager
     def _private_view(self, name: str):
         """A runner (``run(fn, *args)`` -> fn's result) on a thread of its own whose mount
         namespace holds the host's mounts minus every container's but ``name``'s
-        (storage.mounts.enter_private_view): the processes ``fn`` starts (conmon, runc) read
-        and copy a mount table that does not grow with the containers on the host. Where
-        views are off (``private_views``) or this one cannot be made, ``fn`` runs here, in
-        the agent's namespace. The thread ends on leaving the block."""
+        (storage.mounts.enter_private_view): the processes ``fn`` starts read and copy a
+        mount table that does not grow with the containers on the host. Only for processes
+        that end before the block does (`runc start`): one that outlived it would keep a copy
+        of the host's mounts of that moment alive. Where views are off (``private_views``)
+        or this one cannot be made, ``fn`` runs here, in the agent's namespace. The thread
+        ends on leaving the block."""
         def here(fn, *args):
             return fn(*args)
 
         if not self.private_views:
             yield here
             return
-        hidden = [(os.path.join(self.state_dir, "containers"), [self._dir(name)])]
-        if mounts.is_mounted(NETNS_DIR):  # every bridged container's netns file is a mount there
-            netns = self.net.netns_path(name)
-            hidden.append((NETNS_DIR, [netns] if os.path.exists(netns) else []))
+        hidden = self._hidden(name)
         with cf.ThreadPoolExecutor(1, thread_name_prefix=f"view-{name}") as view:
             try:
                 view.submit(mounts.enter_private_view, hidden).result()
@@ -644,8 +664,8 @@ class RuncRuntime:
                 if os.path.exists(path):
                     os.unlink(path)
             spec = spec_from_json(row["spec"])
+            pid = self._spawn_conmon(name, tty=spec.tty)
             with self._private_view(name) as run:
-                pid = run(lambda: self._spawn_conmon(name, tty=spec.tty))
                 try:
                     if spec.userns and spec.network.mode == "bridge":
                         self.net.attach(name, spec.network.ports, pid=pid)  # here: it mounts the netns file
@@ -682,7 +702,7 @@ class RuncRuntime:
         rfd, wfd = os.pipe()
         argv = [*monitor_scope_argv(name, self.systemd_run),
                 self.conmon, "--api-version", "1", "-c", name, "-u", name, "-n", name,
-                "-r", self.runc, "-b", self._bundle(name),
+                "-r", self._view_runc(name), "-b", self._bundle(name),
                 "-p", os.path.join(self._dir(name), "container.pid"),
                 "-P", os.path.join(self._dir(name), "conmon.pid"),
                 "-l", f"k8s-file:{self._log(name)}", "--log-size-max", str(LOG_SIZE_MAX),

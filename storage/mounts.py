@@ -416,3 +416,50 @@ def enter_private_view(hidden: Sequence[tuple[str, Sequence[str]]]) -> None:
         finally:
             for fd, _ in fds:
                 os.close(fd)
+
+
+VIEW_MARK = "NODEAGENT_IN_VIEW"
+
+
+def write_view_wrapper(path: str, program: str, hidden: Sequence[tuple[str, Sequence[str]]],
+                       stage_dir: str) -> None:
+    """Write at ``path`` an executable that runs ``program`` (with its arguments) in a
+    mount namespace of its own made as ``enter_private_view`` makes one: for each ``(hide,
+    keep)``, everything mounted at and below ``hide`` detached but the ``keep`` paths. It is
+    for processes that outlive the caller's thread (conmon's `runc create`): each run makes
+    its namespace anew, and it ends with the program, so no copy of the host's mounts stays
+    behind. ``stage_dir``: a dir outside every ``hide`` where each kept tree waits while its
+    ``hide`` is detached (private to each run's namespace: runs never see each other's).
+    A failing step fails the program's run (exit status of mount or umount)."""
+    import shlex
+    q = shlex.quote
+    os.makedirs(stage_dir, mode=0o700, exist_ok=True)
+    steps = []
+    for i, (hide, keep) in enumerate(hidden):
+        stages = []
+        for j, k in enumerate(keep):
+            stage = os.path.join(stage_dir, f"{i}-{j}" + ("" if os.path.isdir(k) else ".f"))
+            if os.path.isdir(k):
+                os.makedirs(stage, exist_ok=True)
+            else:
+                open(stage, "a").close()
+            steps.append(f"mount --rbind {q(k)} {q(stage)}")
+            stages.append((stage, k))
+        steps.append(f"umount -l {q(hide)}")
+        steps += [f"mount --move {q(stage)} {q(k)}" for stage, k in stages]
+    script = "\n".join([
+        "#!/bin/sh",
+        "# written by storage.mounts.write_view_wrapper: runs the program below in a mount",
+        "# namespace of its own, without the mounts of the other containers (issue #20)",
+        "set -e",
+        f'if [ "${{{VIEW_MARK}:-}}" != 1 ]; then',
+        f'    {VIEW_MARK}=1 exec unshare --mount --propagation private "$0" "$@"',
+        "fi",
+        f"unset {VIEW_MARK}",
+        *steps,
+        f'exec {q(program)} "$@"', ""])
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(script)
+    os.chmod(tmp, 0o700)
+    os.replace(tmp, path)

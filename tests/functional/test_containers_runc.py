@@ -80,6 +80,12 @@ def test_pid_mount_and_uts_isolation(rt, tmp_path):
     # only the container's own mounts (+ masked/read-only /proc and /sys paths, cgroups)
     assert {p for p in points if not p.startswith(("/proc/", "/sys/"))} <= allowed, points
     assert rt.exec("iso", ["ls", "/work"]).exit_code != 0
+    # runc created it in a view of its own (issue #20); its monitor lives in the host's mount
+    # namespace, so no copy of another container's (or any host) mount outlives a create
+    cdir = os.path.join(rt.state_dir, "containers", "iso")
+    with open(os.path.join(cdir, "conmon.pid")) as f:
+        assert os.readlink(f"/proc/{int(f.read())}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    assert rt.private_views and os.path.exists(os.path.join(cdir, "runc-view"))
     # the seccomp profile and the capability set hold
     assert rt.exec("iso", ["mount", "-t", "tmpfs", "x", "/tmp"]).exit_code != 0
     assert rt.exec("iso", ["sh", "-c", "echo 1 > /proc/sys/kernel/panic"]).exit_code != 0

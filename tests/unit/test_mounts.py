@@ -60,6 +60,12 @@ def test_a_private_view_keeps_one_tree_and_never_touches_the_host(tmp_path):
         t = threading.Thread(target=view)
         t.start()
         t.join()
+        wrapper = str(tmp_path / "wrapper")  # the same view, made by a process of its own
+        mounts.write_view_wrapper(wrapper, "cat", [(str(hide), [str(hide / "a")])], str(tmp_path / "stage"))
+        table = subprocess.run([wrapper, "/proc/self/mountinfo", str(hide / "a" / "root" / "mine")],
+                               capture_output=True, text=True, check=True).stdout
+        assert str(hide / "a" / "root") in table and str(hide / "b" / "root") not in table
+        assert table.endswith("\na")
         points = [p.split()[4] for p in seen["points"]]
         assert str(hide / "a" / "root") in points and str(hide / "b" / "root") not in points
         assert seen["file"] == "a"

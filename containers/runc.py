@@ -263,7 +263,8 @@ class RuncRuntime:
         if not self.private_views:
             return self.runc
         path = os.path.join(self._dir(name), "runc-view")
-        mounts.write_view_wrapper(path, self.runc, self._hidden(name), os.path.join(self.state_dir, "view"))
+        mounts.write_view_wrapper(path, self.runc, self._hidden(name), os.path.join(self.state_dir, "view"),
+                                  busybox=shutil.which("busybox"))
         return path
 
     @contextlib.contextmanager

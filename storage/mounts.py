@@ -422,7 +422,7 @@ VIEW_MARK = "NODEAGENT_IN_VIEW"
 
 
 def write_view_wrapper(path: str, program: str, hidden: Sequence[tuple[str, Sequence[str]]],
-                       stage_dir: str) -> None:
+                       stage_dir: str, *, busybox: str | None = None) -> None:
     """Write at ``path`` an executable that runs ``program`` (with its arguments) in a
     mount namespace of its own made as ``enter_private_view`` makes one: for each ``(hide,
     keep)``, everything mounted at and below ``hide`` detached but the ``keep`` paths. It is
@@ -430,9 +430,13 @@ def write_view_wrapper(path: str, program: str, hidden: Sequence[tuple[str, Sequ
     its namespace anew, and it ends with the program, so no copy of the host's mounts stays
     behind. ``stage_dir``: a dir outside every ``hide`` where each kept tree waits while its
     ``hide`` is detached (private to each run's namespace: runs never see each other's).
-    A failing step fails the program's run (exit status of mount or umount)."""
+    A failing step fails the program's run (exit status of mount or umount). ``busybox``:
+    its mount and umount instead of util-linux's, which parse /proc/self/mountinfo (the
+    whole host's table) at every call: 43 instead of 50 ms of CPU for a wrapped `runc run`
+    with 1000 overlays on the host, 79 ms unwrapped (bench notes in README "Density")."""
     import shlex
     q = shlex.quote
+    tool = f"{q(busybox)} " if busybox else ""
     os.makedirs(stage_dir, mode=0o700, exist_ok=True)
     steps = []
     for i, (hide, keep) in enumerate(hidden):
@@ -443,10 +447,10 @@ def write_view_wrapper(path: str, program: str, hidden: Sequence[tuple[str, Sequ
                 os.makedirs(stage, exist_ok=True)
             else:
                 open(stage, "a").close()
-            steps.append(f"mount --rbind {q(k)} {q(stage)}")
+            steps.append(f"{tool}mount --rbind {q(k)} {q(stage)}")
             stages.append((stage, k))
-        steps.append(f"umount -l {q(hide)}")
-        steps += [f"mount --move {q(stage)} {q(k)}" for stage, k in stages]
+        steps.append(f"{tool}umount -l {q(hide)}")
+        steps += [f"{tool}mount --move {q(stage)} {q(k)}" for stage, k in stages]
     script = "\n".join([
         "#!/bin/sh",
         "# written by storage.mounts.write_view_wrapper: runs the program below in a mount",

@@ -341,12 +341,12 @@ def _detach_loop(dev: str) -> bool:
 
 
 # -- a runtime's private view (per-create cost that would grow with the host's mounts) ---
-# runc reads /proc/self/mountinfo four times per container start (cgroup v1 mount discovery in
+# runc reads /proc/self/mountinfo five times per container start (cgroup v1 mount discovery in
 # `runc create` and `runc start`, the rootfs parent checks in `runc init`), and `runc init`
 # copies then detaches every mount of the namespace it starts in: with every container's
-# overlay on the host that is O(containers) per create (bench/scale.py: 35 ms -> 87 ms for a
-# `runc run` with 1000 overlays on the host). A container's monitor therefore starts in a
-# mount namespace of its own in which the other containers' mounts are detached.
+# overlay on the host that is O(containers) per create (35 ms -> 87 ms for a `runc run` with
+# 1000 overlays on the host, README "Density and storms"). runc therefore runs in a mount
+# namespace of its own in which the other containers' mounts are detached.
 CLONE_NEWNS = 0x20000
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
 AT_RECURSIVE = 0x8000

@@ -218,6 +218,7 @@ class RuncRuntime:
                             "still sees every netns file", NETNS_DIR, e)
         db.apply_schema("containers", SCHEMA_STEPS)
         self.net = network or Network(db, bridge=bridge, subnet=subnet, nat=nat, rtag=self.rtag)
+        self.view_runc = self._write_view_runc()  # after self.net: it names the netns files
         self._lock = threading.Lock()  # guards _locks only
         self._locks: dict[str, threading.RLock] = {}  # one per container name
         self.idmap = idmap or idmaps.host_idmap()
@@ -254,17 +255,19 @@ class RuncRuntime:
             hidden.append((NETNS_DIR, [netns] if os.path.exists(netns) else []))
         return hidden
 
-    def _view_runc(self, name: str) -> str:
-        """The runtime path conmon gets: runc itself, or (views on) a wrapper in the
-        container's dir that runs each `runc create` in a view of its own
-        (storage.mounts.write_view_wrapper). conmon itself stays in the agent's namespace: it
-        lives as long as the container, and a view it lived in would keep a copy of every
-        mount the host had when it started (another container's disk, a migration's volume)."""
+    def _write_view_runc(self) -> str:
+        """The runtime path conmon gets: runc itself, or (views on) a wrapper that runs each
+        `runc create` in a view of its own (storage.mounts.write_view_wrapper), written once
+        here. conmon itself stays in the agent's namespace: it lives as long as the container,
+        and a view it lived in would keep a copy of every mount the host had when it started
+        (another container's disk, a migration's volume)."""
         if not self.private_views:
             return self.runc
-        path = os.path.join(self._dir(name), "runc-view")
-        mounts.write_view_wrapper(path, self.runc, self._hidden(name), os.path.join(self.state_dir, "view"),
-                                  busybox=shutil.which("busybox"))
+        path = os.path.join(self.state_dir, "runc-view")
+        mounts.write_view_wrapper(path, self.runc, os.path.join(self.state_dir, "containers"),
+                                  os.path.join(self.state_dir, "view"),
+                                  netns_dir=NETNS_DIR if mounts.is_mounted(NETNS_DIR) else None,
+                                  netns_prefix=self.net.netns_name(""), busybox=shutil.which("busybox"))
         return path
 
     @contextlib.contextmanager
@@ -703,7 +706,7 @@ class RuncRuntime:
         rfd, wfd = os.pipe()
         argv = [*monitor_scope_argv(name, self.systemd_run),
                 self.conmon, "--api-version", "1", "-c", name, "-u", name, "-n", name,
-                "-r", self._view_runc(name), "-b", self._bundle(name),
+                "-r", self.view_runc, "-b", self._bundle(name),
                 "-p", os.path.join(self._dir(name), "container.pid"),
                 "-P", os.path.join(self._dir(name), "conmon.pid"),
                 "-l", f"k8s-file:{self._log(name)}", "--log-size-max", str(LOG_SIZE_MAX),

@@ -421,46 +421,65 @@ def enter_private_view(hidden: Sequence[tuple[str, Sequence[str]]]) -> None:
 VIEW_MARK = "NODEAGENT_IN_VIEW"
 
 
-def write_view_wrapper(path: str, program: str, hidden: Sequence[tuple[str, Sequence[str]]],
-                       stage_dir: str, *, busybox: str | None = None) -> None:
-    """Write at ``path`` an executable that runs ``program`` (with its arguments) in a
-    mount namespace of its own made as ``enter_private_view`` makes one: for each ``(hide,
-    keep)``, everything mounted at and below ``hide`` detached but the ``keep`` paths. It is
-    for processes that outlive the caller's thread (conmon's `runc create`): each run makes
-    its namespace anew, and it ends with the program, so no copy of the host's mounts stays
-    behind. ``stage_dir``: a dir outside every ``hide`` where each kept tree waits while its
-    ``hide`` is detached (private to each run's namespace: runs never see each other's).
-    A failing step fails the program's run (exit status of mount or umount). ``busybox``:
-    its mount and umount instead of util-linux's, which parse /proc/self/mountinfo (the
-    whole host's table) at every call: 43 instead of 50 ms of CPU for a wrapped `runc run`
-    with 1000 overlays on the host, 79 ms unwrapped (bench notes in README "Density")."""
+def write_view_wrapper(path: str, program: str, containers: str, stage_dir: str, *,
+                       netns_dir: str | None = None, netns_prefix: str = "",
+                       busybox: str | None = None) -> None:
+    """Write at ``path`` an executable that runs ``program`` (runc, with its arguments) in a
+    mount namespace of its own made as ``enter_private_view`` makes one: everything mounted
+    at and below ``containers`` (a ``bind_self`` mount point) detached but the dir of the
+    bundle its ``--bundle`` argument names; with ``netns_dir`` (a mount point too),
+    everything there detached but ``<netns_prefix><that dir's name>``. It is for processes
+    that outlive the agent's thread (conmon's `runc create`): each run makes its namespace
+    anew and it ends with the program, so no copy of the host's mounts stays behind.
+    ``stage_dir``: a dir outside both where the kept trees wait while their parent is
+    detached (private to each run's namespace: runs never see each other's). A failing step
+    fails the run (mount's or umount's exit status). Without ``--bundle`` the program runs
+    with nothing detached.
+
+    One script for every container, written once (when the runtime starts): a file written
+    while other threads fork can be held open for writing by a child not yet exec'd, and
+    executing it then fails (ETXTBSY). ``busybox``: its mount and umount instead of
+    util-linux's, which parse /proc/self/mountinfo (the whole host's table) at every call: 43
+    instead of 50 ms of CPU for a wrapped `runc run` with 1000 overlays on the host, 79 ms
+    unwrapped (README "Density and storms")."""
     import shlex
     q = shlex.quote
     tool = f"{q(busybox)} " if busybox else ""
-    os.makedirs(stage_dir, mode=0o700, exist_ok=True)
-    steps = []
-    for i, (hide, keep) in enumerate(hidden):
-        stages = []
-        for j, k in enumerate(keep):
-            stage = os.path.join(stage_dir, f"{i}-{j}" + ("" if os.path.isdir(k) else ".f"))
-            if os.path.isdir(k):
-                os.makedirs(stage, exist_ok=True)
-            else:
-                open(stage, "a").close()
-            steps.append(f"{tool}mount --rbind {q(k)} {q(stage)}")
-            stages.append((stage, k))
-        steps.append(f"{tool}umount -l {q(hide)}")
-        steps += [f"{tool}mount --move {q(stage)} {q(k)}" for stage, k in stages]
+    os.makedirs(os.path.join(stage_dir, "tree"), mode=0o700, exist_ok=True)
+    open(os.path.join(stage_dir, "netns"), "a").close()
+    tree, ns_stage = q(os.path.join(stage_dir, "tree")), q(os.path.join(stage_dir, "netns"))
+    netns = [] if netns_dir is None else [
+        f"    ns={q(os.path.join(netns_dir, netns_prefix))}\"${{keep##*/}}\"",
+        '    if [ -e "$ns" ]; then',
+        f'        {tool}mount --rbind "$ns" {ns_stage}',
+        f"        {tool}umount -l {q(netns_dir)}",
+        f'        {tool}mount --move {ns_stage} "$ns"',
+        "    else",
+        f"        {tool}umount -l {q(netns_dir)}",
+        "    fi"]
     script = "\n".join([
         "#!/bin/sh",
-        "# written by storage.mounts.write_view_wrapper: runs the program below in a mount",
-        "# namespace of its own, without the mounts of the other containers (issue #20)",
+        "# written by storage.mounts.write_view_wrapper: runs runc in a mount namespace of its",
+        "# own, without the mounts of the other containers (issue #20)",
         "set -e",
         f'if [ "${{{VIEW_MARK}:-}}" != 1 ]; then',
         f'    {VIEW_MARK}=1 exec unshare --mount --propagation private "$0" "$@"',
         "fi",
         f"unset {VIEW_MARK}",
-        *steps,
+        "bundle= prev=",
+        'for a in "$@"; do',
+        '    if [ "$prev" = --bundle ]; then bundle=$a; fi',
+        "    prev=$a",
+        "done",
+        'if [ -n "$bundle" ]; then',
+        '    keep=${bundle%/*}',
+        f'    case "$keep" in {q(containers.rstrip("/") + "/")}*) ;; *) echo "bundle $bundle is not under '
+        f'{containers}" >&2; exit 125;; esac',
+        f'    {tool}mount --rbind "$keep" {tree}',
+        f"    {tool}umount -l {q(containers)}",
+        f'    {tool}mount --move {tree} "$keep"',
+        *netns,
+        "fi",
         f'exec {q(program)} "$@"', ""])
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -85,7 +85,7 @@ def test_pid_mount_and_uts_isolation(rt, tmp_path):
     cdir = os.path.join(rt.state_dir, "containers", "iso")
     with open(os.path.join(cdir, "conmon.pid")) as f:
         assert os.readlink(f"/proc/{int(f.read())}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
-    assert rt.private_views and os.path.exists(os.path.join(cdir, "runc-view"))
+    assert rt.private_views and rt.view_runc == os.path.join(rt.state_dir, "runc-view")
     # the seccomp profile and the capability set hold
     assert rt.exec("iso", ["mount", "-t", "tmpfs", "x", "/tmp"]).exit_code != 0
     assert rt.exec("iso", ["sh", "-c", "echo 1 > /proc/sys/kernel/panic"]).exit_code != 0

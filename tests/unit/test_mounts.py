@@ -61,9 +61,9 @@ def test_a_private_view_keeps_one_tree_and_never_touches_the_host(tmp_path):
         t.start()
         t.join()
         wrapper = str(tmp_path / "wrapper")  # the same view, made by a process of its own
-        mounts.write_view_wrapper(wrapper, "cat", [(str(hide), [str(hide / "a")])], str(tmp_path / "stage"))
-        table = subprocess.run([wrapper, "/proc/self/mountinfo", str(hide / "a" / "root" / "mine")],
-                               capture_output=True, text=True, check=True).stdout
+        mounts.write_view_wrapper(wrapper, "/bin/sh", str(hide), str(tmp_path / "stage"))
+        table = subprocess.run([wrapper, "-c", f"cat /proc/self/mountinfo {hide / 'a' / 'root' / 'mine'}",
+                                "--bundle", str(hide / "a" / "bundle")], capture_output=True, text=True).stdout
         assert str(hide / "a" / "root") in table and str(hide / "b" / "root") not in table
         assert table.endswith("\na")
         points = [p.split()[4] for p in seen["points"]]

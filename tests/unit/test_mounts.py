@@ -74,4 +74,5 @@ def test_a_private_view_keeps_one_tree_and_never_touches_the_host(tmp_path):
     finally:
         for n in ("a", "b"):
             mounts.unmount(str(hide / n / "root"))
-    assert mounts.unbind_self(str(hide)) and mounts.mounts_under(str(tmp_path)) == []
+        unbound = mounts.unbind_self(str(hide))
+    assert unbound and mounts.mounts_under(str(tmp_path)) == []

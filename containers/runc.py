@@ -27,6 +27,8 @@ under the other driver (an agent upgrade) are still read, stopped and removed.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import dataclasses
 import json
 import logging
@@ -48,7 +50,7 @@ from agent.errors import (CommandFailed, Conflict, InvalidInput, NotFound, Unava
                           Unsupported)
 from agent.state import Database
 from containers import bandwidth, bundle, cgroups, files, idmap as idmaps, validate
-from containers.network import Network, short_hash
+from containers.network import NETNS_DIR, Network, short_hash
 from containers.runtime import (ContainerInfo, ContainerSpec, ExecOptions, ExecResult, IdMap, Limits,
                                 NetworkSpec, PortMap, Rootfs, RootfsImage, VolumeMount)
 from containers.security import Security
@@ -206,13 +208,93 @@ class RuncRuntime:
         os.chmod(bundles, BUNDLES_MODE)
         os.makedirs(self.runc_root, exist_ok=True)
         os.makedirs(self._sock_dir(), exist_ok=True)  # conmon needs it
+        self.private_views = self._bind_bundles(bundles)
+        if self.private_views and not mounts.mounts_under(NETNS_DIR):
+            try:  # as `ip netns add` does: then the views can leave the other netns files out
+                os.makedirs(NETNS_DIR, exist_ok=True)
+                mounts.bind_self(NETNS_DIR, shared=True)
+            except CommandFailed as e:
+                log.warning("cannot make %s a mount of its own (%s): each container's monitor "
+                            "still sees every netns file", NETNS_DIR, e)
         db.apply_schema("containers", SCHEMA_STEPS)
         self.net = network or Network(db, bridge=bridge, subnet=subnet, nat=nat, rtag=self.rtag)
+        self.view_runc = self._write_view_runc()  # after self.net: it names the netns files
         self._lock = threading.Lock()  # guards _locks only
         self._locks: dict[str, threading.RLock] = {}  # one per container name
         self.idmap = idmap or idmaps.host_idmap()
         self._userns_fds: dict[IdMap, int] = {}  # one user namespace per map, for id-mapped layers
         self.detached_layers = True  # False: the pre-6.15 kernels' way (storage.mounts.mount_overlay_idmapped)
+
+    @staticmethod
+    def _bind_bundles(bundles: str) -> bool:
+        """Make ``containers/`` a mount of its own so that each monitor can start in a view
+        without the other containers' mounts (``_in_private_view``). Not where mounts already
+        sit right below it (containers of an agent before this one, until the host reboots):
+        binding over them would hide them. Whether views are used."""
+        if mounts.is_mounted(bundles):
+            return True  # an earlier agent's, with the running containers' mounts below it
+        if mounts.mounts_under(bundles):
+            log.warning("containers under %s were mounted before it was a mount of its own: new "
+                        "containers start in the host's mount namespace (a create then costs more "
+                        "with every container) until the host reboots", bundles)
+            return False
+        try:
+            mounts.bind_self(bundles)
+        except CommandFailed as e:
+            log.warning("cannot make %s a mount of its own (%s): containers start in the host's "
+                        "mount namespace", bundles, e)
+            return False
+        return True
+
+    def _hidden(self, name: str) -> list[tuple[str, list[str]]]:
+        """What a view of ``name`` leaves out: every container's tree but its own, every netns
+        file but its own (storage.mounts.enter_private_view's ``hidden``)."""
+        hidden = [(os.path.join(self.state_dir, "containers"), [self._dir(name)])]
+        if mounts.is_mounted(NETNS_DIR):  # every bridged container's netns file is a mount there
+            netns = self.net.netns_path(name)
+            hidden.append((NETNS_DIR, [netns] if os.path.exists(netns) else []))
+        return hidden
+
+    def _write_view_runc(self) -> str:
+        """The runtime path conmon gets: runc itself, or (views on) a wrapper that runs each
+        `runc create` in a view of its own (storage.mounts.write_view_wrapper), written once
+        here. conmon itself stays in the agent's namespace: it lives as long as the container,
+        and a view it lived in would keep a copy of every mount the host had when it started
+        (another container's disk, a migration's volume)."""
+        if not self.private_views:
+            return self.runc
+        path = os.path.join(self.state_dir, "runc-view")
+        mounts.write_view_wrapper(path, self.runc, os.path.join(self.state_dir, "containers"),
+                                  os.path.join(self.state_dir, "view"),
+                                  netns_dir=NETNS_DIR if mounts.is_mounted(NETNS_DIR) else None,
+                                  netns_prefix=self.net.netns_name(""), busybox=shutil.which("busybox"))
+        return path
+
+    @contextlib.contextmanager
+    def _private_view(self, name: str):
+        """A runner (``run(fn, *args)`` -> fn's result) on a thread of its own whose mount
+        namespace holds the host's mounts minus every container's but ``name``'s
+        (storage.mounts.enter_private_view): the processes ``fn`` starts read and copy a
+        mount table that does not grow with the containers on the host. Only for processes
+        that end before the block does (`runc start`): one that outlived it would keep a copy
+        of the host's mounts of that moment alive. Where views are off (``private_views``)
+        or this one cannot be made, ``fn`` runs here, in the agent's namespace. The thread
+        ends on leaving the block."""
+        def here(fn, *args):
+            return fn(*args)
+
+        if not self.private_views:
+            yield here
+            return
+        hidden = self._hidden(name)
+        with cf.ThreadPoolExecutor(1, thread_name_prefix=f"view-{name}") as view:
+            try:
+                view.submit(mounts.enter_private_view, hidden).result()
+            except CommandFailed as e:  # that thread's namespace is unusable: it ends unused
+                log.warning("no private mount view for %s (%s): it starts in the agent's namespace", name, e)
+                yield here
+                return
+            yield lambda fn, *args: view.submit(fn, *args).result()
 
     @classmethod
     def from_config(cls, settings: Mapping[str, Any], *, state_dir: str, db: Database,
@@ -608,14 +690,15 @@ class RuncRuntime:
                     os.unlink(path)
             spec = spec_from_json(row["spec"])
             pid = self._spawn_conmon(name, tty=spec.tty)
-            try:
-                if spec.userns and spec.network.mode == "bridge":
-                    self.net.attach(name, spec.network.ports, pid=pid)
-                    self._shape(spec)
-                self._runc("start", name)
-            except BaseException:
-                self._runc("delete", "--force", name, check=False)
-                raise
+            with self._private_view(name) as run:
+                try:
+                    if spec.userns and spec.network.mode == "bridge":
+                        self.net.attach(name, spec.network.ports, pid=pid)  # here: it mounts the netns file
+                        self._shape(spec)
+                    run(self._runc, "start", name)
+                except BaseException:
+                    self._runc("delete", "--force", name, check=False)
+                    raise
             return self._info(self._row(name))  # re-read: _ensure_prepared may set the ip
 
     def _ensure_prepared(self, row) -> None:
@@ -644,7 +727,7 @@ class RuncRuntime:
         rfd, wfd = os.pipe()
         argv = [*monitor_scope_argv(name, self.systemd_run),
                 self.conmon, "--api-version", "1", "-c", name, "-u", name, "-n", name,
-                "-r", self.runc, "-b", self._bundle(name),
+                "-r", self.view_runc, "-b", self._bundle(name),
                 "-p", os.path.join(self._dir(name), "container.pid"),
                 "-P", os.path.join(self._dir(name), "conmon.pid"),
                 "-l", f"k8s-file:{self._log(name)}", "--log-size-max", str(LOG_SIZE_MAX),
@@ -1201,6 +1284,7 @@ class RuncRuntime:
         if not self.db.query("SELECT name FROM containers"):
             self.net.delete_bridge()
             cgroups.remove_parent(self.cgroup_parent)
+            mounts.unbind_self(os.path.join(self.state_dir, "containers"))  # if nothing is below it
 
 
 def _make_mountpoints(rootfs: str, files: dict[str, str], owner: int | None = None) -> None:

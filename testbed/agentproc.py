@@ -114,7 +114,15 @@ class AgentProcess:
                 self.proc.wait(10)
         self._log.close()
         self.drop_host_filter()
+        self.drop_containers_mount()
         return self.proc.returncode
+
+    def drop_containers_mount(self) -> None:
+        """Undo the runc runtime's bind of its containers/ dir on itself (RuncRuntime._bind_bundles),
+        which a stopped agent keeps as a host keeps it across agent restarts; only once nothing
+        is mounted below it (storage.mounts.unbind_self)."""
+        from storage import mounts
+        mounts.unbind_self(str(self.state_dir / "containers" / "containers"))
 
     def drop_host_filter(self) -> None:
         """Remove this agent's nft tables (containers/firewall.py). A stopped agent keeps them

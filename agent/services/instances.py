@@ -58,6 +58,9 @@ class InstanceService:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()  # guards the dict only, never held during work
         self._list_cache: tuple[tuple[int, bool], bytes] | None = None
+        # redact -> id -> (the record's generation, its JSON): see _fragments
+        self._fragment_cache: dict[bool, dict[str, tuple[int, bytes]]] = {False: {}, True: {}}
+        self._fragments_lock = threading.Lock()
 
     @property
     def records(self):
@@ -79,12 +82,29 @@ class InstanceService:
         cached = self._list_cache
         if cached is not None and cached[0] == (gen, redact):
             return cached[1]
-        rows = [i.to_dict() for i in self.list()]
-        if redact:
-            rows = [{**i, "error": redact_text(i["error"])} for i in rows]
-        body = json.dumps({"instances": rows}, separators=(",", ":")).encode()
-        self._list_cache = ((gen, redact), body)
-        return body
+        with self._fragments_lock:  # one render at a time: the others then find it cached
+            cached = self._list_cache
+            if cached is not None and cached[0] == (gen, redact):
+                return cached[1]
+            body = b'{"instances":[' + b",".join(self._fragments(redact)) + b"]}"
+            self._list_cache = ((gen, redact), body)
+            return body
+
+    def _fragments(self, redact: bool) -> list[bytes]:
+        """Each record's JSON in list order, re-rendered only for the records written since
+        the last render (a write with 1000 instances costs one row, not 1000: issue #20)."""
+        frags = self._fragment_cache[redact]
+        order = self.records.ids()
+        seen = {i: self.records.row_generation(i) for i in order}  # read before the rows: a
+        stale = [i for i in order if frags.get(i, (-1,))[0] != seen[i]]  # later write re-renders
+        for inst in self.records.list_ids(stale):
+            row = inst.to_dict()
+            if redact:
+                row["error"] = redact_text(row["error"])
+            frags[inst.id] = (seen[inst.id], json.dumps(row, separators=(",", ":")).encode())
+        for gone in frags.keys() - seen.keys():
+            del frags[gone]
+        return [frags[i][1] for i in order if i in frags]
 
     def get(self, ref: str) -> Instance:
         """The record of the instance whose id or name is ``ref``; NotFound if none."""

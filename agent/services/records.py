@@ -179,6 +179,7 @@ class InstanceRecords:
         db.apply_schema("instances", SCHEMA_STEPS)
         self._generations = itertools.count(1)  # next() is atomic: no lost bumps between threads
         self.generation = 0  # bumped after every write; keys the rendered-list cache
+        self.row_generations: dict[str, int] = {}  # id -> the generation of its last write (since start)
 
     # -- reads --
     def find(self, ref: str) -> Instance | None:
@@ -205,6 +206,23 @@ class InstanceRecords:
             marks = ",".join("?" * len(states))
             rows = self.db.query(f"SELECT * FROM instances WHERE state IN ({marks}) ORDER BY created_at", states)
         return [_record(r) for r in rows]
+
+    def ids(self) -> list[str]:
+        """Every record's id, oldest first (the order of ``list``)."""
+        return [r["id"] for r in self.db.query("SELECT id FROM instances ORDER BY created_at")]
+
+    def list_ids(self, ids: Iterable[str]) -> list[Instance]:
+        """The records of ``ids`` that exist, in no particular order."""
+        ids, found = list(ids), []
+        for i in range(0, len(ids), 500):  # SQLite's bound-parameter limit is 999 on old builds
+            chunk = ids[i:i + 500]
+            found += [_record(r) for r in self.db.query(
+                f"SELECT * FROM instances WHERE id IN ({','.join('?' * len(chunk))})", tuple(chunk))]
+        return found
+
+    def row_generation(self, inst_id: str) -> int:
+        """The generation of the last write of ``inst_id`` since this process started (0: none)."""
+        return self.row_generations.get(inst_id, 0)
 
     def counts(self) -> list[tuple[str, str, int]]:
         """(kind, state, how many) for every kind and state that has records."""
@@ -280,7 +298,7 @@ class InstanceRecords:
                 return False
             spec[CLEANUP_KEY] = True
             c.execute("UPDATE instances SET spec=? WHERE id=?", (json.dumps(spec), inst_id))
-        self.generation = next(self._generations)
+        self.generation = self.row_generations[inst_id] = next(self._generations)
         return True
 
     def delete(self, inst_id: str, *, state: str = "deleted") -> bool:
@@ -292,12 +310,13 @@ class InstanceRecords:
         if self.db.execute("DELETE FROM instances WHERE id=?", (inst_id,)).rowcount == 0:
             return False
         self._changed(inst.id, inst.name, state)
+        self.row_generations.pop(inst_id, None)
         return True
 
     def _changed(self, inst_id: str, name: str, state: str, changed: list[str] | None = None) -> None:
         """After every write of a record's visible fields: the one place lifecycle events come
         from (``changed``: the spec fields an update changed, e.g. ["bandwidth"])."""
-        self.generation = next(self._generations)
+        self.generation = self.row_generations[inst_id] = next(self._generations)
         data = {"instance": inst_id, "name": name, "state": state}
         if changed:
             data["changed"] = changed

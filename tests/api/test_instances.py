@@ -230,3 +230,32 @@ def test_registry_import_of_unknown_image_fails_cleanly(admin, oci_registry):
     op = admin.wait(r.json())
     assert op["status"] == "failed" and op["error"]["message"], op
     assert admin.get("/v1/images").json() == before
+
+
+def test_the_list_follows_every_write_as_each_instance_reads(admin, reader, images):
+    """GET /v1/instances is re-rendered per written record (issue #20): after a create, an
+    update, a failed start and a delete it shows exactly what each record's own GET shows,
+    for an admin and (errors redacted) for a reader, in creation order."""
+    names = ["lst-a", "lst-b", "lst-c"]
+    for n in names:
+        assert _create(admin, name=n, kind="container", image="busybox", network="none",
+                       command=["sleep", "1000"])["status"] == "succeeded"
+
+    def check():
+        for api in (admin, reader):
+            listed = [i for i in api.get("/v1/instances").json()["instances"] if i["name"].startswith("lst-")]
+            assert listed == [api.get(f"/v1/instances/{i['name']}").json() for i in listed]
+            assert [i["created_at"] for i in listed] == sorted(i["created_at"] for i in listed)
+        return {i["name"]: i for i in admin.get("/v1/instances").json()["instances"]}
+
+    first = check()
+    flipped = not first["lst-b"]["autostart"]
+    assert admin.patch("/v1/instances/lst-b", json={"autostart": flipped}).status_code == 200
+    after = check()
+    assert after["lst-b"]["autostart"] is flipped
+    assert after["lst-a"] == first["lst-a"]
+    assert admin.delete("/v1/instances/lst-a").status_code == 200
+    assert "lst-a" not in check()
+    for n in ("lst-b", "lst-c"):
+        admin.delete(f"/v1/instances/{n}")
+    assert not {"lst-b", "lst-c"} & set(check())

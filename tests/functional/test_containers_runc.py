@@ -80,6 +80,12 @@ def test_pid_mount_and_uts_isolation(rt, tmp_path):
     # only the container's own mounts (+ masked/read-only /proc and /sys paths, cgroups)
     assert {p for p in points if not p.startswith(("/proc/", "/sys/"))} <= allowed, points
     assert rt.exec("iso", ["ls", "/work"]).exit_code != 0
+    # runc created it in a view of its own (issue #20); its monitor lives in the host's mount
+    # namespace, so no copy of another container's (or any host) mount outlives a create
+    cdir = os.path.join(rt.state_dir, "containers", "iso")
+    with open(os.path.join(cdir, "conmon.pid")) as f:
+        assert os.readlink(f"/proc/{int(f.read())}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    assert rt.private_views and rt.view_runc == os.path.join(rt.state_dir, "runc-view")
     # the seccomp profile and the capability set hold
     assert rt.exec("iso", ["mount", "-t", "tmpfs", "x", "/tmp"]).exit_code != 0
     assert rt.exec("iso", ["sh", "-c", "echo 1 > /proc/sys/kernel/panic"]).exit_code != 0
@@ -431,7 +437,8 @@ def test_rootfs_size_limit_ends_in_enospc_and_leaves_nothing(open_tmp, userns):
         assert rt.exec("q", ["dd", "if=/dev/zero", "of=/big", "bs=1M", "count=200"]).exit_code != 0
         assert rt.delete("q")
         assert _loops_of(img) == [] and not os.path.exists(img)
-        assert mounts.mounts_under(str(open_tmp)) == []
+        # the runtime's own containers/ mount (RuncRuntime._bind_bundles) stays while it lives
+        assert mounts.mounts_under(str(open_tmp)) in ([], [os.path.join(rt.state_dir, "containers")])
     finally:
         cleanup()
     assert_nothing_left(rt)
@@ -448,7 +455,7 @@ def test_rootfs_size_limit_failed_create_leaves_nothing(rt, tmp_path):
         rt.create(spec)
     img = os.path.join(rt.state_dir, "containers", "qbad", "disk.img")
     assert _loops_of(img) == [] and not os.path.exists(img)
-    assert mounts.mounts_under(str(tmp_path)) == []
+    assert mounts.mounts_under(str(tmp_path)) == [os.path.join(rt.state_dir, "containers")]  # the runtime's own
     assert_nothing_left(rt, ["qbad"])
 
 

@@ -577,18 +577,7 @@ class VolumeService:
                     raise Unprocessable(f"pool {vpool!r} here is a {backend.kind} pool: the incoming {kind}'s "
                                         f"volume {v.name!r} is a file and needs a local pool")
                 bname = BACKEND_PREFIX + v.id[:12]
-                now = time.time()
-                with self.db.tx() as c:
-                    taken = c.execute("SELECT name FROM volumes WHERE id=? OR name=? OR backend_name=?",
-                                      (v.id, v.name, bname)).fetchone()
-                    if taken is not None:
-                        raise Conflict(f"a volume {taken['name']!r} exists here: the incoming {kind}'s volume "
-                                       f"{v.name!r} cannot take its name or id; delete or rename it first")
-                    c.execute("INSERT INTO volumes(id, name, pool, backend_name, format, size, state, instance_id, "
-                              "target, path, readonly, guest_written, created_at, updated_at) "
-                              "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                              (v.id, v.name, vpool, bname, "raw", v.size_bytes, "incoming", inst_id, v.target,
-                               v.path, int(v.readonly), int(v.guest_written and kind == "vm"), now, now))
+                self._insert_incoming(inst_id, kind, vpool, bname, v, v.size_bytes)
                 made.append((v.id, bname, backend))
                 self._check_room(backend, vpool, v.size_bytes)
                 vol = backend.create_volume(VolumeSpec(bname, v.size_bytes, "raw"))
@@ -619,17 +608,24 @@ class VolumeService:
             raise Unprocessable(f"volume {v.name!r} is {v.shared_uri} on the source but pool {pool!r} here "
                                 f"{'has no such image' if vol is None else 'holds ' + str(vol.uri)}: "
                                 f"[pools.{pool}] must name the same Ceph pool on both hosts")
+        self._insert_incoming(inst_id, "vm", pool, bname, v, vol.size)
+
+    def _insert_incoming(self, inst_id: str, kind: str, pool: str, bname: str, v: models.IncomingVolume,
+                         size: int) -> None:
+        """The row of an incoming ``kind``'s volume ``v`` (state ``incoming``, attached to
+        ``inst_id``); Conflict if its id, name or backend name is taken here."""
         now = time.time()
         with self.db.tx() as c:
             taken = c.execute("SELECT name FROM volumes WHERE id=? OR name=? OR backend_name=?",
                               (v.id, v.name, bname)).fetchone()
             if taken is not None:
-                raise Conflict(f"a volume {taken['name']!r} exists here: the incoming VM's volume {v.name!r} cannot "
-                               "take its name or id; delete or rename it first")
+                raise Conflict(f"a volume {taken['name']!r} exists here: the incoming {kind}'s volume "
+                               f"{v.name!r} cannot take its name or id; delete or rename it first")
             c.execute("INSERT INTO volumes(id, name, pool, backend_name, format, size, state, instance_id, "
-                      "target, readonly, guest_written, created_at, updated_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                      (v.id, v.name, pool, bname, "raw", vol.size, "incoming", inst_id, v.target, int(v.readonly),
-                       int(v.guest_written), now, now))
+                      "target, path, readonly, guest_written, created_at, updated_at) "
+                      "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                      (v.id, v.name, pool, bname, "raw", size, "incoming", inst_id, v.target,
+                       v.path, int(v.readonly), int(v.guest_written and kind == "vm"), now, now))
 
     def incoming_disks(self, inst_id: str) -> dict[str, str]:
         """The incoming VM's volumes: target -> this host's file (where the copy lands), or

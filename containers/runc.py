@@ -709,7 +709,7 @@ class RuncRuntime:
             if points:
                 dev = os.stat(points[0]).st_dev
                 if not mounts.unmount_in_ns(pid, destination, dev):
-                    raise Conflict(f"container {name!r} still holds the volume (mounted elsewhere in it): "
+                    raise Conflict(f"the container {name!r} still holds the volume (mounted elsewhere in it); "
                                    "stop it first")
             for p in points:
                 mounts.unmount(p, lazy=True)

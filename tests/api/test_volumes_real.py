@@ -7,7 +7,8 @@ across an agent restart and a stop/start, and is hot-detached (NODEAGENT-DISK-RE
 
 Container (runc, user namespace): a volume given at create is mounted at its path, writable
 by the container's root, grows online (its ext4 filesystem with it), outlives the container
-and carries its data to the next one.
+and carries its data to the next one; another is attached to and detached from the running
+container live.
 """
 import json
 import os
@@ -249,8 +250,8 @@ def test_runc_container_mounts_a_volume_given_at_create(open_tmp):
 
 
 def _live_attach_and_detach(api, agent, name, sh, open_tmp):
-    """A volume attached to the running (user-namespaced) container is mounted at once, writable
-    by its root, kept across a stop/start, detached live with its data kept; a path through a
+    """A volume attached to the running (user-namespaced) or paused container is mounted at once,
+    writable by its root, kept across a stop/start, detached live with its data kept; a path through a
     symlink is 422 with nothing left mounted; a tenant's second mount of it makes a detach 409."""
     from storage import mounts
 
@@ -291,7 +292,12 @@ def _live_attach_and_detach(api, agent, name, sh, open_tmp):
     assert api.delete(f"/v1/instances/{name}/volumes/lvol").status_code == 200
     assert sh(name, "grep -c ' /live/d ' /proc/self/mountinfo")["stdout"].strip() == "0"
     assert len(vol_mounts()) == len(before) - 1
+    # a paused (frozen) container takes it too
+    assert api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": "pause"}).json()
+                    )["status"] == "succeeded"
     assert api.post(f"/v1/instances/{name}/volumes", json={"volume": "lvol", "path": "/again"}).status_code == 200
+    assert api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": "resume"}).json()
+                    )["status"] == "succeeded"
     assert sh(name, "cat /again/f")["stdout"] == "live\n"
     assert api.delete(f"/v1/instances/{name}/volumes/lvol").status_code == 200
     for v in ("lvol", "svol"):

@@ -680,15 +680,18 @@ class RuncRuntime:
                 mounts.grow_fs_if_short(volume.source)
             mounts.mount_fs_image(volume.source, point, readonly=volume.readonly)
             m = (spec.idmap or bundle.LEGACY_IDMAP) if spec.userns else None
+            # the spec first: an agent killed from here on leaves it with the volume, which the
+            # next start mounts (and the service's record stays attached)
+            self.db.execute("UPDATE containers SET spec=? WHERE name=?", (spec_to_json(spec), name))
             try:
                 if m is not None and os.stat(point).st_uid == 0 and not volume.readonly:
                     os.chown(point, m.host_id, m.host_id)  # as _mount_volumes: the container's root's
                 mounts.mount_into_ns(pid, point, volume.destination, owner=m.host_id if m else None)
             except BaseException:
+                self.db.execute("UPDATE containers SET spec=? WHERE name=?", (row["spec"], name))
                 mounts.unmount(point, lazy=True)
                 mounts.release_fs_image(volume.source)
                 raise
-            self.db.execute("UPDATE containers SET spec=? WHERE name=?", (spec_to_json(spec), name))
             self._rewrite_config(spec, self._row(name))
             return self._info(self._row(name))
 

@@ -736,12 +736,14 @@ class RuncRuntime:
         """True if each volume's filesystem is mounted at its slot (or not yet) and no other
         slot is mounted: after a live detach or attach they may not be."""
         top = os.path.join(self._dir(spec.name), "volumes")
-        want = {self._volume_dir(spec.name, i) for i in range(len(spec.volumes))}
-        if any(p not in want for p in mounts.mounts_under(top)):
+        want = {str(i) for i in range(len(spec.volumes))}
+        if not os.path.isdir(top):
+            return True
+        if any(d not in want and mounts.is_mounted(os.path.join(top, d)) for d in os.listdir(top)):
             return False
-        for i, v in enumerate(spec.volumes):
-            at = mounts.fs_image_mounts(v.source)
-            if at and self._volume_dir(spec.name, i) not in at:
+        for i, v in enumerate(spec.volumes):  # stat and sysfs only: no mountinfo read per start
+            point = self._volume_dir(spec.name, i)
+            if mounts.is_mounted(point) and not mounts.mount_backed_by(point, v.source):
                 return False
         return True
 

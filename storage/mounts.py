@@ -608,6 +608,16 @@ def unmount_in_ns(pid: int, dest: str, dev: int) -> bool:
     return not ns_holds_dev(pid, dev)
 
 
+def mount_backed_by(point: str, image: str) -> bool:
+    """True if the filesystem mounted at ``point`` is on a loop device of the file ``image``."""
+    st = os.stat(point)
+    try:
+        with open(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/loop/backing_file") as f:
+            return os.path.realpath(f.read().strip()) == os.path.realpath(image)
+    except OSError:
+        return False
+
+
 def ns_holds_dev(pid: int, dev: int) -> bool:
     """True if the mount namespace of process ``pid`` has a mount of device ``dev``."""
     want = f"{os.major(dev)}:{os.minor(dev)}"

@@ -299,6 +299,17 @@ def _live_attach_and_detach(api, agent, name, sh, open_tmp):
     assert api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": "resume"}).json()
                     )["status"] == "succeeded"
     assert sh(name, "cat /again/f")["stdout"] == "live\n"
+    # the first volume out and in again live: its host slot is out of order until the next
+    # start puts the slots in order (stopped: remounted), both kept
+    assert api.delete(f"/v1/instances/{name}/volumes/cvol").status_code == 200
+    assert api.post(f"/v1/instances/{name}/volumes", json={"volume": "cvol", "path": "/data"}).status_code == 200
+    assert [p.rsplit("/", 1)[1] for p in vol_mounts()] == ["1", "2"]
+    assert sh(name, "cat /data/f")["stdout"] == "kept\n"
+    for action in ("stop", "start"):
+        op = api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": action, "timeout": 2}).json())
+        assert op["status"] == "succeeded", op
+    assert sh(name, "cat /again/f /data/f")["stdout"] == "live\nkept\n"
+    assert [p.rsplit("/", 1)[1] for p in vol_mounts()] == ["0", "1"]
     assert api.delete(f"/v1/instances/{name}/volumes/lvol").status_code == 200
     for v in ("lvol", "svol"):
         assert api.delete(f"/v1/volumes/{v}").status_code == 200

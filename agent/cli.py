@@ -1223,11 +1223,11 @@ def volume_delete(ref):
 @click.argument("ref")
 @click.argument("instance_ref")
 @click.option("--target", help="VMs: vdb..vdy (default: the first free)")
-@click.option("--path", help="containers (stopped): where to mount it")
+@click.option("--path", help="containers: where to mount it (running: at once)")
 @click.option("--readonly", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 def volume_attach(ref, instance_ref, target, path, readonly, as_json):
-    """Attach volume REF to INSTANCE_REF (a running VM: hot-plug)."""
+    """Attach volume REF to INSTANCE_REF (a running VM: hot-plug; a running container: mounted live at --path)."""
     body = {"volume": ref, **({"target": target} if target else {}), **({"path": path} if path else {}),
             **({"readonly": True} if readonly else {})}
     _show_volume(_call(_client().post, f"/v1/instances/{instance_ref}/volumes", body), as_json)

@@ -40,7 +40,7 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import Conflict, InvalidInput, NotFound
+from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
 from containers import validate
 from containers.bundle import resolve_process
 from containers.bandwidth import Bandwidth
@@ -181,6 +181,31 @@ class FakeRuntime:
             spec = dataclasses.replace(box.spec, volumes=tuple(volumes))
             validate.check_volumes(spec)
             box.spec = spec
+            return box.info()
+
+    def add_volume_live(self, name: str, volume) -> ContainerInfo:
+        """containers.runtime.SupportsLiveVolumes: only while running or paused."""
+        with self._lock:
+            box = self._box(name)
+            if box.state not in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {box.state}: it takes the volume at its next start")
+            if any(c in (".", "..") for c in volume.destination.split("/")):
+                raise Unprocessable(f"mount path {volume.destination!r}: no '.' or '..' components")
+            spec = dataclasses.replace(box.spec, volumes=tuple(box.spec.volumes) + (volume,))
+            validate.check_volumes(spec)
+            box.spec = spec
+            return box.info()
+
+    def remove_volume_live(self, name: str, destination: str) -> ContainerInfo:
+        """containers.runtime.SupportsLiveVolumes."""
+        with self._lock:
+            box = self._box(name)
+            if box.state not in ("running", "paused"):
+                raise Conflict(f"container {name!r} is {box.state}: detach it as a stopped container's")
+            if not any(v.destination == destination for v in box.spec.volumes):
+                raise NotFound(f"container {name!r} has no volume at {destination!r}")
+            box.spec = dataclasses.replace(box.spec, volumes=tuple(
+                v for v in box.spec.volumes if v.destination != destination))
             return box.info()
 
     def start(self, name: str) -> ContainerInfo:

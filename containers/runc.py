@@ -655,6 +655,98 @@ class RuncRuntime:
             self.db.execute("UPDATE containers SET spec=? WHERE name=?", (spec_to_json(spec), name))
             return self._info(self._row(name))
 
+    def add_volume_live(self, name: str, volume: VolumeMount) -> ContainerInfo:
+        """containers.runtime.SupportsLiveVolumes: the volume's filesystem is mounted on the
+        host (a free slot under the container's dir; the others are left alone: a second mount
+        of an image in use would corrupt it), a clone of that mount moved into the container's
+        mount namespace at its path, then kept in the spec and config for the next start."""
+        with self._name_lock(name):
+            row = self._row(name)
+            state, pid, _ = self._status(name)
+            if state not in ("running", "paused") or not pid:
+                raise Conflict(f"container {name!r} is {state}: it takes the volume at its next start")
+            old = spec_from_json(row["spec"])
+            spec = dataclasses.replace(old, volumes=old.volumes + (volume,))
+            validate.check_volumes(spec)
+            if mounts.fs_image_mounts(volume.source):
+                raise Conflict(f"the volume's filesystem {volume.source} is mounted already")
+            i = len(old.volumes)
+            while mounts.is_mounted(self._volume_dir(name, i)):
+                i += 1  # a slot a live detach left out of order: the next start puts them in order
+            point = self._volume_dir(name, i)
+            os.makedirs(point, mode=0o711, exist_ok=True)
+            os.chmod(os.path.dirname(point), 0o711)
+            if not volume.readonly:
+                mounts.grow_fs_if_short(volume.source)
+            mounts.mount_fs_image(volume.source, point, readonly=volume.readonly)
+            m = (spec.idmap or bundle.LEGACY_IDMAP) if spec.userns else None
+            # the spec first: an agent killed from here on leaves it with the volume, which the
+            # next start mounts (and the service's record stays attached)
+            self.db.execute("UPDATE containers SET spec=? WHERE name=?", (spec_to_json(spec), name))
+            try:
+                if m is not None and os.stat(point).st_uid == 0 and not volume.readonly:
+                    os.chown(point, m.host_id, m.host_id)  # as _mount_volumes: the container's root's
+                mounts.mount_into_ns(pid, point, volume.destination, owner=m.host_id if m else None)
+            except BaseException:
+                self.db.execute("UPDATE containers SET spec=? WHERE name=?", (row["spec"], name))
+                mounts.unmount(point, lazy=True)
+                mounts.release_fs_image(volume.source)
+                raise
+            self._rewrite_config(spec, self._row(name))
+            return self._info(self._row(name))
+
+    def remove_volume_live(self, name: str, destination: str) -> ContainerInfo:
+        """containers.runtime.SupportsLiveVolumes: unmounted in the container's namespace, then
+        (if none of its filesystem's mounts is left there) on the host and from the spec."""
+        with self._name_lock(name):
+            row = self._row(name)
+            state, pid, _ = self._status(name)
+            if state not in ("running", "paused") or not pid:
+                raise Conflict(f"container {name!r} is {state}: detach it as a stopped container's")
+            old = spec_from_json(row["spec"])
+            vol = next((v for v in old.volumes if v.destination == destination), None)
+            if vol is None:
+                raise NotFound(f"container {name!r} has no volume at {destination!r}")
+            top = os.path.join(self._dir(name), "volumes")
+            points = [p for p in mounts.fs_image_mounts(vol.source) if p.startswith(top + "/")]
+            if points:
+                dev = os.stat(points[0]).st_dev
+                if not mounts.unmount_in_ns(pid, destination, dev):
+                    raise Conflict(f"the container {name!r} still holds the volume (mounted elsewhere in it); "
+                                   "stop it first")
+            for p in points:
+                mounts.unmount(p, lazy=True)
+            mounts.release_fs_image(vol.source)
+            spec = dataclasses.replace(old, volumes=tuple(v for v in old.volumes if v is not vol))
+            self.db.execute("UPDATE containers SET spec=? WHERE name=?", (spec_to_json(spec), name))
+            self._rewrite_config(spec, self._row(name))
+            return self._info(self._row(name))
+
+    def _rewrite_config(self, spec: ContainerSpec, row) -> None:
+        """The config for the next start; its volume slots are put in order then (_ensure_prepared)."""
+        netns = None
+        if spec.network.mode == "bridge" and not spec.userns and os.path.exists(self.net.netns_path(spec.name)):
+            netns = self.net.netns_path(spec.name)
+        proc = bundle.resolve_process(spec)
+        uid, gid = bundle.resolve_user(proc["user"], self._rootfs(spec.name))
+        self._write_config(spec, Limits(**json.loads(row["limits"])), netns=netns, ip=row["ip"],
+                           uid=uid, gid=gid)
+
+    def _volumes_in_order(self, spec: ContainerSpec) -> bool:
+        """True if each volume's filesystem is mounted at its slot (or not yet) and no other
+        slot is mounted: after a live detach or attach they may not be."""
+        top = os.path.join(self._dir(spec.name), "volumes")
+        want = {str(i) for i in range(len(spec.volumes))}
+        if not os.path.isdir(top):
+            return True
+        if any(d not in want and mounts.is_mounted(os.path.join(top, d)) for d in os.listdir(top)):
+            return False
+        for i, v in enumerate(spec.volumes):  # stat and sysfs only: no mountinfo read per start
+            point = self._volume_dir(spec.name, i)
+            if mounts.is_mounted(point) and not mounts.mount_backed_by(point, v.source):
+                return False
+        return True
+
     def _configure_volumes(self, spec: ContainerSpec, row) -> None:
         """Unmount every volume of the container, mount ``spec.volumes`` and write its config."""
         top = os.path.join(self._dir(spec.name), "volumes")
@@ -663,13 +755,7 @@ class RuncRuntime:
         for d in os.listdir(top) if os.path.isdir(top) else ():
             os.rmdir(os.path.join(top, d))  # empty mount points only: never a tenant's files
         self._mount_volumes(spec)
-        netns = None
-        if spec.network.mode == "bridge" and not spec.userns and os.path.exists(self.net.netns_path(spec.name)):
-            netns = self.net.netns_path(spec.name)
-        proc = bundle.resolve_process(spec)
-        uid, gid = bundle.resolve_user(proc["user"], self._rootfs(spec.name))
-        self._write_config(spec, Limits(**json.loads(row["limits"])), netns=netns, ip=row["ip"],
-                           uid=uid, gid=gid)
+        self._rewrite_config(spec, row)
 
     # -- start / stop -----------------------------------------------------------------------
     def start(self, name: str) -> ContainerInfo:
@@ -708,6 +794,8 @@ class RuncRuntime:
             if spec.rootfs.quota_bytes:
                 self._mount_disk(spec)
             self._mount_rootfs(spec)
+        if not self._volumes_in_order(spec):
+            self._configure_volumes(spec, row)  # stopped: its volumes may be mounted again
         self._mount_volumes(spec)
         if spec.network.mode == "bridge" and not spec.userns and \
                 not os.path.exists(self.net.netns_path(spec.name)):

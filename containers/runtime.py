@@ -352,3 +352,18 @@ class SupportsVolumes(Protocol):
 
     def volumes(self, name: str) -> tuple[VolumeMount, ...]:
         """The container's volumes; NotFound for an unknown container."""
+
+
+@runtime_checkable
+class SupportsLiveVolumes(Protocol):
+    """Runtimes that mount and unmount a volume in a running (or paused) container."""
+
+    def add_volume_live(self, name: str, volume: VolumeMount) -> ContainerInfo:
+        """Mount ``volume`` in the running or paused container now and keep it for its next
+        starts. InvalidInput for a path through a symlink or a non-dir (nothing left mounted);
+        Conflict if the container is not running or paused; NotFound for an unknown one."""
+
+    def remove_volume_live(self, name: str, destination: str) -> ContainerInfo:
+        """Unmount the volume at ``destination`` from the running or paused container and drop
+        it from its next starts. Conflict (the volume kept as it was) if the container still
+        holds its filesystem elsewhere (a tenant's bind mount) or does not run."""

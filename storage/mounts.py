@@ -6,7 +6,7 @@ import errno
 import os
 from typing import Sequence
 
-from agent.errors import CommandFailed, InvalidInput
+from agent.errors import CommandFailed, InvalidInput, Unprocessable
 
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 MNT_DETACH = 2  # lazy unmount: detach now, clean up when no longer busy
@@ -500,3 +500,126 @@ def write_view_wrapper(path: str, program: str, containers: str, stage_dir: str,
         f.write(script)
     os.chmod(tmp, 0o700)
     os.replace(tmp, path)
+
+
+# -- live volumes: a mount moved into (or taken out of) a running container's namespace ----
+# The work runs on a thread of its own that joins the container's mount namespace (its root
+# is then the container's root) and ends after: its namespaces are not the agent's.
+CLONE_FS = 0x200
+SYS_SETNS = 308
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+UMOUNT_NOFOLLOW = 8
+
+
+def _in_mount_ns(pid: int, fn):
+    """Run ``fn()`` on a new thread in the mount namespace of process ``pid``; its result or
+    its exception."""
+    import threading
+    ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    out: dict = {}
+
+    def run():
+        try:
+            # setns to a mount namespace refuses a thread that shares its fs struct
+            if _libc.unshare(CLONE_FS) != 0:
+                raise _fail("unshare(CLONE_FS)", "")
+            if _libc.syscall(SYS_SETNS, ns, CLONE_NEWNS) != 0:
+                raise _fail("setns(mnt) of", str(pid))
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out["error"] = e
+
+    try:
+        t = threading.Thread(target=run, name=f"mntns-{pid}", daemon=True)
+        t.start()
+        t.join()
+    finally:
+        os.close(ns)
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def _open_dir_path(path: str, owner: int | None) -> int:
+    """An O_PATH fd of the dir ``path`` (absolute, from the calling thread's root), made step by
+    step as host id ``owner``'s (else root's) where missing; no component is followed as a
+    symlink and each must be a dir: Unprocessable otherwise."""
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for comp in [c for c in path.split("/") if c]:
+            if comp in (".", ".."):
+                raise Unprocessable(f"mount path {path!r}: no '.' or '..' components")
+            flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                nxt = os.open(comp, flags, dir_fd=fd)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                    if owner is not None:
+                        os.chown(comp, owner, owner, dir_fd=fd, follow_symlinks=False)
+                except FileExistsError:
+                    pass
+                try:
+                    nxt = os.open(comp, flags, dir_fd=fd)
+                except OSError as e:
+                    raise Unprocessable(f"mount path {path!r}: {comp!r} is not a dir ({e.strerror})") from None
+            except OSError as e:  # ENOTDIR (a file or, with O_NOFOLLOW, a symlink) or ELOOP
+                raise Unprocessable(f"mount path {path!r}: {comp!r} is a symlink or not a dir ({e.strerror}): "
+                                   "pick another path") from None
+            os.close(fd)
+            fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def mount_into_ns(pid: int, source: str, dest: str, *, owner: int | None = None) -> None:
+    """Mount a detached clone of the mount at ``source`` (the host's) at ``dest`` in the mount
+    namespace of process ``pid`` (a container's init: ``dest`` is in its root), making the
+    missing dirs of ``dest`` (as ``owner``'s) without following a symlink; Unprocessable for a
+    path through a symlink or a non-dir (nothing mounted then)."""
+    clone = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
+    if clone < 0:
+        raise _fail("open_tree", source)
+
+    def move():
+        fd = _open_dir_path(dest, owner)
+        try:
+            if _libc.syscall(SYS_MOVE_MOUNT, clone, b"", fd, b"",
+                             MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) < 0:
+                raise _fail("move_mount to", dest)
+        finally:
+            os.close(fd)
+
+    try:
+        _in_mount_ns(pid, move)
+    finally:
+        os.close(clone)
+
+
+def unmount_in_ns(pid: int, dest: str, dev: int) -> bool:
+    """Detach the mount at ``dest`` in the mount namespace of process ``pid`` (lazily, the
+    last component not followed); True if then no mount of device ``dev`` (a st_dev) is left
+    in that namespace (one a tenant bound elsewhere keeps the filesystem in use)."""
+    def umount():
+        _libc.umount2(dest.encode(), MNT_DETACH | UMOUNT_NOFOLLOW)  # already gone: the check below says
+    _in_mount_ns(pid, umount)
+    return not ns_holds_dev(pid, dev)
+
+
+def mount_backed_by(point: str, image: str) -> bool:
+    """True if the filesystem mounted at ``point`` is on a loop device of the file ``image``."""
+    st = os.stat(point)
+    try:
+        with open(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/loop/backing_file") as f:
+            return os.path.realpath(f.read().strip()) == os.path.realpath(image)
+    except OSError:
+        return False
+
+
+def ns_holds_dev(pid: int, dev: int) -> bool:
+    """True if the mount namespace of process ``pid`` has a mount of device ``dev``."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    with open(f"/proc/{pid}/mountinfo") as f:
+        return any(line.split()[2] == want for line in f)

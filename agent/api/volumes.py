@@ -45,14 +45,16 @@ def instance_volumes(id):
 
 
 @route(bp, "POST", "/v1/instances/{id}/volumes",
-       summary="Attach a volume: to a VM (running: hot-plug) or a stopped container (at a path)",
+       summary="Attach a volume: to a VM (running: hot-plug) or a container at a path (running: mounted live)",
        body=models.VolumeAttach, responses={200: models.Volume, 404: None, 409: None, 422: None})
 def attach_volume(id):
     iid = path_id(id)
     return render(services().volumes.attach(iid, parse(models.VolumeAttach)))
 
 
-@route(bp, "DELETE", "/v1/instances/{id}/volumes/{volume}", summary="Detach a volume from an instance",
+@route(bp, "DELETE", "/v1/instances/{id}/volumes/{volume}",
+       summary="Detach a volume (a running VM: hot-unplug; a running container: unmounted live, 409 while it "
+               "still holds the volume elsewhere)",
        responses={200: models.Volume, 404: None, 409: None}, path_types=VOLUME)
 def detach_volume(id, volume):
     iid = path_id(id)

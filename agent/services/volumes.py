@@ -405,8 +405,9 @@ class VolumeService:
 
     def attach(self, inst_ref: str, req: models.VolumeAttach) -> dict:
         """Attach a volume to a VM (running: hot-plugged; stopped: in its definition) or to a
-        stopped container (mounted at ``req.path`` from its next start). Conflict if the
-        volume is attached (here or elsewhere), the target is taken, or a container runs.
+        container (running or paused: mounted at ``req.path`` now, where the runtime can; stopped:
+        from its next start). Conflict if the volume is attached (here or elsewhere) or the
+        target is taken; Unprocessable for a path through a symlink in the container.
         On failure the volume stays available and the instance unchanged."""
         inst = self.root.instances.get(inst_ref)
         row = self._get_row(req.volume)
@@ -461,21 +462,24 @@ class VolumeService:
                for r in rows if r["id"] != without]
         return tuple(out + ([extra] if extra is not None else []))
 
-    def _stopped_container(self, inst, what: str):
-        from containers.runtime import SupportsVolumes
+    def _container_runtime(self, inst, what: str):
+        """The runtime and whether the container runs (or is paused): then its volume is
+        mounted or unmounted live (SupportsLiveVolumes), else Conflict."""
+        from containers.runtime import SupportsLiveVolumes, SupportsVolumes
         rt = self.root.runtime
         if not isinstance(rt, SupportsVolumes):
             raise Unsupported(f"the {self.root.config.containers.runtime} runtime cannot {what} volumes of an "
                               "existing container: give them at create (volumes: [{volume, path}])")
         info = rt.find(inst.name)
-        if info is not None and info.state in ("running", "paused"):
+        live = info is not None and info.state in ("running", "paused")
+        if live and not isinstance(rt, SupportsLiveVolumes):
             raise Conflict(f"container {inst.name!r} is {info.state}: stop it first, then {what} the volume "
-                           "(containers take volumes while stopped)")
-        return rt
+                           f"(the {self.root.config.containers.runtime} runtime changes volumes while stopped)")
+        return rt, live
 
     def _attach_container(self, inst, row, req) -> None:
         from containers.runtime import VolumeMount
-        rt = self._stopped_container(inst, "attach")
+        rt, live = self._container_runtime(inst, "attach")
         taken = {r["path"] for r in self.db.query(
             "SELECT path FROM volumes WHERE instance_id=? AND path IS NOT NULL", (inst.id,))}
         if req.path in taken:
@@ -484,14 +488,18 @@ class VolumeService:
         mounts = self._container_mounts(inst.id, extra=mount)
         self._reserve(row, inst.id, target=None, path=req.path, readonly=req.readonly)
         try:
-            rt.set_volumes(inst.name, mounts)
+            if live:  # only the new one is mounted: the others stay as they are
+                rt.add_volume_live(inst.name, mount)
+            else:
+                rt.set_volumes(inst.name, mounts)
         except BaseException:
             self._release(row["id"], inst.id)
             raise
 
     def detach(self, inst_ref: str, vol_ref: str) -> dict:
         """Detach a volume: from a VM (running: hot-unplugged, the guest releases it first) or
-        a stopped container (Conflict while it runs). NotFound if it is not attached there."""
+        a container (running: unmounted live; Conflict, kept attached, while the container
+        still holds its filesystem elsewhere). NotFound if it is not attached there."""
         inst = self.root.instances.get(inst_ref)
         row = self._get_row(vol_ref)
         if row["instance_id"] != inst.id:
@@ -507,8 +515,11 @@ class VolumeService:
                 except NotFound:
                     pass  # its disk is gone already (a crash between the two steps)
             else:
-                rt = self._stopped_container(inst, "detach")
-                rt.set_volumes(inst.name, self._container_mounts(inst.id, without=row["id"]))
+                rt, live = self._container_runtime(inst, "detach")
+                if live:  # Conflict (kept attached) while the container holds it elsewhere
+                    rt.remove_volume_live(inst.name, row["path"])
+                else:
+                    rt.set_volumes(inst.name, self._container_mounts(inst.id, without=row["id"]))
             self._release(row["id"], inst.id)
         self._event(row["id"], row["name"], "detached", instance=inst.id)
         return self.get(row["id"])

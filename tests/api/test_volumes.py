@@ -198,11 +198,25 @@ def test_container_volumes_at_create_and_while_stopped(app):
                                             "command": ["sleep", "60"],
                                             "volumes": [{"volume": "cdata", "path": "/data"}]}), 409, "c1")
     assert [i["name"] for i in client.get("/v1/instances").json["instances"]] == ["c1"]
-    _err(client.post("/v1/instances/c1/volumes", json={"volume": "clogs", "path": "/logs"}), 409, "stop it first")
     _err(client.post("/v1/instances/c1/volumes", json={"volume": "clogs"}), 422, "path")
     _err(client.post("/v1/instances/c1/volumes", json={"volume": "clogs", "path": "/l", "target": "vdb"}),
          422, "target is for VMs")
-    _err(client.delete("/v1/instances/c1/volumes/cdata"), 409, "stop it first")
+    _err(client.post("/v1/instances/c1/volumes", json={"volume": "clogs", "path": "/data"}), 409, "/data")
+    assert client.get("/v1/volumes/clogs").json["state"] == "available"
+    # running (or paused): attached and detached live (SupportsLiveVolumes)
+    for action in ("pause", None):
+        if action:
+            _wait(client, client.post("/v1/instances/c1/actions", json={"action": action}).json)
+        r = client.post("/v1/instances/c1/volumes", json={"volume": "clogs", "path": "/logs"})
+        assert r.status_code == 200 and r.json["attachment"]["path"] == "/logs", r.json
+        assert [m.destination for m in root.runtime._box("c1").spec.volumes] == ["/data", "/logs"]
+        assert client.delete("/v1/instances/c1/volumes/clogs").status_code == 200
+        assert [m.destination for m in root.runtime._box("c1").spec.volumes] == ["/data"]
+        assert client.get("/v1/volumes/clogs").json["state"] == "available"
+        if action:
+            _wait(client, client.post("/v1/instances/c1/actions", json={"action": "resume"}).json)
+    # the runtime refuses the path: the volume stays available
+    _err(client.post("/v1/instances/c1/volumes", json={"volume": "clogs", "path": "/a/./b"}), 422)
     assert client.get("/v1/volumes/clogs").json["state"] == "available"
     # stopped: attach and detach change its spec for the next start
     _wait(client, client.post("/v1/instances/c1/actions", json={"action": "stop"}).json)

@@ -7,7 +7,8 @@ across an agent restart and a stop/start, and is hot-detached (NODEAGENT-DISK-RE
 
 Container (runc, user namespace): a volume given at create is mounted at its path, writable
 by the container's root, grows online (its ext4 filesystem with it), outlives the container
-and carries its data to the next one.
+and carries its data to the next one; another is attached to and detached from the running
+container live.
 """
 import json
 import os
@@ -204,10 +205,11 @@ def test_runc_container_mounts_a_volume_given_at_create(open_tmp):
         # (CAP_SYS_RESOURCE), else at its next mount (below)
         r = api.patch("/v1/volumes/cvol", json={"size_mib": 128})
         assert r.status_code == 200 and r.json()["size_bytes"] == 128 * MiB, r.text
-        # a running container takes no new volume; the volume is held
+        # an attached volume is held
         r = api.post(f"/v1/instances/{names[0]}/volumes", json={"volume": "cvol", "path": "/x"})
         assert r.status_code == 409
         assert api.delete("/v1/volumes/cvol").status_code == 409
+        _live_attach_and_detach(api, agent, names[0], sh, open_tmp)
         # the container goes, the volume and its data stay: the next container sees them
         assert api.delete(f"/v1/instances/{names[0]}").status_code == 200
         assert not [p for p in mounts.mounts_under(str(open_tmp / "r")) if "/volumes/" in p], "unmounted"
@@ -245,3 +247,69 @@ def test_runc_container_mounts_a_volume_given_at_create(open_tmp):
         assert agent.stop() == 0
         drop_test_network(bridge_name, agent.rtag)
         assert not os.path.exists(f"/sys/class/net/{bridge_name}")
+
+
+def _live_attach_and_detach(api, agent, name, sh, open_tmp):
+    """A volume attached to the running (user-namespaced) or paused container is mounted at once,
+    writable by its root, kept across a stop/start, detached live with its data kept; a path through a
+    symlink is 422 with nothing left mounted; a tenant's second mount of it makes a detach 409."""
+    from storage import mounts
+
+    def vol_mounts():
+        return sorted(p for p in mounts.mounts_under(str(open_tmp / "r")) if "/volumes/" in p)
+
+    for v in ("lvol", "svol"):
+        assert api.post("/v1/volumes", json={"name": v, "size_mib": 32}).status_code == 201
+    old_mounts = vol_mounts()
+    r = api.post(f"/v1/instances/{name}/volumes", json={"volume": "lvol", "path": "/live/d"})
+    assert r.status_code == 200 and r.json()["attachment"]["path"] == "/live/d", r.text
+    res = sh(name, "echo live > /live/d/f && cat /live/d/f && stat -c %u /live/d")
+    assert res["exit_code"] == 0 and res["stdout"] == "live\n0\n", res
+    before = vol_mounts()
+    # a symlinked component: refused, nothing mounted, the volume free
+    sh(name, "ln -s /tmp /lnk")
+    r = api.post(f"/v1/instances/{name}/volumes", json={"volume": "svol", "path": "/lnk/x"})
+    assert r.status_code == 422, r.text
+    assert vol_mounts() == before and api.get("/v1/volumes/svol").json()["state"] == "available"
+    assert sh(name, "test -e /tmp/x; echo $?")["stdout"] == "1\n", "nothing made through the link"
+    # a second mount of it in the container (as a tenant with CAP_SYS_ADMIN would bind it; made
+    # from the host here: the container's root lacks the capability): the detach is refused and
+    # the volume stays attached until that mount goes
+    point = (set(before) - set(old_mounts)).pop()
+    state_dir = point.rsplit("/containers/", 1)[0]
+    pid = json.loads(subprocess.run(["runc", "--root", os.path.join(state_dir, "runc"), "state", name],
+                                    capture_output=True, text=True, check=True).stdout)["pid"]
+    mounts.mount_into_ns(pid, point, "/b")
+    assert api.delete(f"/v1/instances/{name}/volumes/lvol").status_code == 409
+    assert api.get("/v1/volumes/lvol").json()["state"] == "attached"
+    assert sh(name, "cat /b/f")["stdout"] == "live\n"  # the stop below ends that mount
+    # kept across a stop/start
+    for action in ("stop", "start"):
+        op = api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": action, "timeout": 2}).json())
+        assert op["status"] == "succeeded", op
+    assert sh(name, "cat /live/d/f /data/f")["stdout"] == "live\nkept\n"
+    # detached live: gone from the container and the host; its data kept (attached again elsewhere)
+    assert api.delete(f"/v1/instances/{name}/volumes/lvol").status_code == 200
+    assert sh(name, "grep -c ' /live/d ' /proc/self/mountinfo")["stdout"].strip() == "0"
+    assert len(vol_mounts()) == len(before) - 1
+    # a paused (frozen) container takes it too
+    assert api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": "pause"}).json()
+                    )["status"] == "succeeded"
+    assert api.post(f"/v1/instances/{name}/volumes", json={"volume": "lvol", "path": "/again"}).status_code == 200
+    assert api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": "resume"}).json()
+                    )["status"] == "succeeded"
+    assert sh(name, "cat /again/f")["stdout"] == "live\n"
+    # the first volume out and in again live: its host slot is out of order until the next
+    # start puts the slots in order (stopped: remounted), both kept
+    assert api.delete(f"/v1/instances/{name}/volumes/cvol").status_code == 200
+    assert api.post(f"/v1/instances/{name}/volumes", json={"volume": "cvol", "path": "/data"}).status_code == 200
+    assert [p.rsplit("/", 1)[1] for p in vol_mounts()] == ["1", "2"]
+    assert sh(name, "cat /data/f")["stdout"] == "kept\n"
+    for action in ("stop", "start"):
+        op = api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": action, "timeout": 2}).json())
+        assert op["status"] == "succeeded", op
+    assert sh(name, "cat /again/f /data/f")["stdout"] == "live\nkept\n"
+    assert [p.rsplit("/", 1)[1] for p in vol_mounts()] == ["0", "1"]
+    assert api.delete(f"/v1/instances/{name}/volumes/lvol").status_code == 200
+    for v in ("lvol", "svol"):
+        assert api.delete(f"/v1/volumes/{v}").status_code == 200

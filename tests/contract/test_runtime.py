@@ -13,7 +13,7 @@ import pytest
 
 from agent.errors import Conflict, InvalidInput, NotFound
 from containers import ContainerSpec, Limits, NetworkSpec, PortMap, Runtime
-from containers.runtime import SupportsPause, SupportsReconcile, SupportsVolumes, VolumeMount
+from containers.runtime import SupportsLiveVolumes, SupportsPause, SupportsReconcile, SupportsVolumes, VolumeMount
 from testbed.runtimes import RUNTIMES, make_runtime, make_spec
 
 LONG = ("sleep", "1000")
@@ -211,6 +211,7 @@ def test_limits_updated_while_stopped_apply_on_next_start(rt, spec):
 
 def test_claims_its_optional_capabilities(rt):
     assert isinstance(rt, SupportsPause) and isinstance(rt, SupportsReconcile) and isinstance(rt, SupportsVolumes)
+    assert isinstance(rt, SupportsLiveVolumes)
 
 
 def test_volumes_change_only_while_stopped(rt, spec, tmp_path):
@@ -231,6 +232,27 @@ def test_volumes_change_only_while_stopped(rt, spec, tmp_path):
     rt.set_volumes("vc", ())
     assert rt.volumes("vc") == ()
     assert rt.delete("vc") is True
+    assert not mounts.release_fs_image(img), "no loop device of the volume is left"
+
+
+def test_volumes_change_live_while_running(rt, spec, tmp_path):
+    from storage import mounts
+    img = str(tmp_path / "live.img")
+    mounts.make_fs_image(img, 16 * 1024 * 1024)
+    rt.create(spec("vl", network=NetworkSpec(mode="none")))
+    with pytest.raises(Conflict):
+        rt.add_volume_live("vl", VolumeMount(img, "/data"))  # stopped: set_volumes
+    rt.start("vl")
+    with pytest.raises(InvalidInput, match="runtime"):
+        rt.add_volume_live("vl", VolumeMount(img, "/proc/x"))
+    rt.add_volume_live("vl", VolumeMount(img, "/data"))
+    assert rt.volumes("vl") == (VolumeMount(img, "/data"),)
+    with pytest.raises(NotFound):
+        rt.remove_volume_live("vl", "/other")
+    rt.remove_volume_live("vl", "/data")
+    assert rt.volumes("vl") == ()
+    rt.stop("vl", timeout=1)
+    assert rt.delete("vl") is True
     assert not mounts.release_fs_image(img), "no loop device of the volume is left"
 
 

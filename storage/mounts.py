@@ -513,9 +513,12 @@ UMOUNT_NOFOLLOW = 8
 
 def _in_mount_ns(pid: int, fn):
     """Run ``fn()`` on a new thread in the mount namespace of process ``pid``; its result or
-    its exception."""
+    its exception. Unprocessable if that is the agent's own namespace (a pid reused since)."""
     import threading
     ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    if os.fstat(ns).st_ino == os.stat("/proc/self/ns/mnt").st_ino:  # e.g. the pid was reused
+        os.close(ns)
+        raise Unprocessable(f"process {pid} is in the agent's own mount namespace, not a container's")
     out: dict = {}
 
     def run():

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -48,6 +49,9 @@ class FakeBackend:
         self._volumes: dict[str, Volume] = {}
         self._dirs: dict[str, str] = {}
         self._lock = threading.Lock()
+        # its dir volumes live in the host's temp dir: gone with the backend (or the process)
+        # even where a test never deletes them or closes the pool
+        weakref.finalize(self, _remove_dirs, self._dirs)
 
     # -- blobs --
     def put_blob(self, src: BinaryIO, *, digest: str | None = None, size: int | None = None,
@@ -184,5 +188,9 @@ class FakeBackend:
         return Usage(FAKE_CAPACITY, used, FAKE_CAPACITY - used)
 
     def close(self) -> None:
-        for name in list(self._dirs):
-            shutil.rmtree(self._dirs.pop(name), ignore_errors=True)
+        _remove_dirs(self._dirs)
+
+
+def _remove_dirs(dirs: dict[str, str]) -> None:
+    for name in list(dirs):
+        shutil.rmtree(dirs.pop(name), ignore_errors=True)

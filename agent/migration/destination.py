@@ -259,16 +259,16 @@ class MigrationDestination:
         from storage import mounts
         inst = self._incoming(inst_id, self.peers.require(caller))
         if inst.kind == "vm":
-            path = self.root.volumes.incoming_file(inst_id, vol_id)
+            path, size = self.root.volumes.incoming_file(inst_id, vol_id)
             if not path:
                 raise Unprocessable(f"volume {vol_id[:12]} of {inst.name!r} is shared storage here (adopted): it "
                                     "takes no stream")
             try:
-                return models.Received(bytes=write_raw(path, stream, self.root.volumes.incoming_size(inst_id, vol_id)))
+                return models.Received(bytes=write_raw(path, stream, size))
             except InsufficientResources as e:
                 raise InsufficientResources(f"volume {vol_id[:12]} of {inst.name!r} does not fit here: "
                                             f"{e.message}") from None
-        path = self.root.volumes.incoming_file(inst_id, vol_id)
+        path, _ = self.root.volumes.incoming_file(inst_id, vol_id)
         d = self.root.instances.instance_dir(inst.id)
         layers = json.loads((d / LAYERS_FILE).read_text())
         src = layers.get("source_idmap")

@@ -653,14 +653,7 @@ class VolumeService:
     def incoming_shared(self, inst_id: str) -> tuple:
         """The driver's DiskSpecs of the incoming VM's shared (RBD) volumes, as this host
         attaches them (the caller readies their cephx secrets)."""
-        from hypervisor.disks import disk_for_volume
-        out = []
-        for r in self.db.query("SELECT * FROM volumes WHERE instance_id=? AND state='incoming' AND target IS NOT NULL "
-                               "ORDER BY target", (inst_id,)):
-            vol = self._volume(r)
-            if not vol.path:
-                out.append(disk_for_volume(vol, r["target"], readonly=bool(r["readonly"])))
-        return tuple(out)
+        return tuple(d for d in self.incoming_disk_specs(inst_id) if d.type == "rbd")
 
     def incoming_disk_specs(self, inst_id: str) -> tuple:
         """The driver's DiskSpecs of the incoming VM's volumes (a stopped VM defined here)."""
@@ -669,20 +662,14 @@ class VolumeService:
                              "ORDER BY target", (inst_id,))
         return tuple(disk_for_volume(self._volume(r), r["target"], readonly=bool(r["readonly"])) for r in rows)
 
-    def incoming_size(self, inst_id: str, vol_id: str) -> int:
-        row = self.db.one("SELECT size FROM volumes WHERE id=? AND instance_id=? AND state='incoming'",
-                          (vol_id, inst_id))
-        if row is None:
-            raise NotFound(f"instance {inst_id} brings no volume {vol_id}")
-        return row["size"]
-
-    def incoming_file(self, inst_id: str, vol_id: str) -> str:
-        """The host file of incoming volume ``vol_id`` of ``inst_id``; NotFound otherwise."""
+    def incoming_file(self, inst_id: str, vol_id: str) -> tuple[str, int]:
+        """The host file ("" for an adopted shared image) and size of incoming volume
+        ``vol_id`` of ``inst_id``; NotFound otherwise."""
         row = self.db.one("SELECT * FROM volumes WHERE id=? AND instance_id=? AND state='incoming'",
                           (vol_id, inst_id))
         if row is None:
             raise NotFound(f"instance {inst_id} brings no volume {vol_id}")
-        return self._volume(row).path
+        return self._volume(row).path, row["size"]
 
     def incoming_mounts(self, inst_id: str) -> tuple:
         """The runtime's VolumeMounts of the incoming container's volumes."""

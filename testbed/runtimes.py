@@ -164,7 +164,7 @@ def make_runc(tmp_path, **kw):
     db = Database(str(tmp_path / "rt-state.db"))
     kw.setdefault("bridge", bridge)
     kw.setdefault("subnet", subnet)
-    kw.setdefault("cgroup_parent", f"nodeagent-test-{secrets.token_hex(3)}")
+    kw.setdefault("cgroup_parent", test_cgroup_parent())
     rt = RuncRuntime(str(tmp_path / "rt-state"), db, **kw)
     MADE_RTAGS.add(rt.rtag)
 
@@ -174,10 +174,20 @@ def make_runc(tmp_path, **kw):
         rt.reconcile()
         rt.close()  # the bridge, its rules and tables: what it leaves, the run's end reports
         db.close()
-        for d in glob.glob(f"/sys/fs/cgroup/*/{kw['cgroup_parent']}"):  # the test's own parent, empty now
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
+        drop_cgroup_parent(kw["cgroup_parent"])
     return rt, cleanup
+
+
+def test_cgroup_parent() -> str:
+    """A cgroup parent of the test's own (``cgroup_parent`` of the runtime)."""
+    return f"nodeagent-test-{secrets.token_hex(3)}"
+
+
+def drop_cgroup_parent(parent: str) -> None:
+    """Remove the test's own cgroup parent in every hierarchy, once its containers are gone."""
+    for d in glob.glob(f"/sys/fs/cgroup/*/{parent}"):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
 
 
 def make_spec(rt, tmp_path, name, command, **kw) -> ContainerSpec:

@@ -99,11 +99,14 @@ def vm_agent():
         a.stop()
     finally:
         runtimes.drop_test_network(bridge, a.rtag)
+        if getattr(a, "cgroup_parent", None):
+            runtimes.drop_cgroup_parent(a.cgroup_parent)
         shutil.rmtree(base, ignore_errors=True)
 
 
 def configure(a: AgentProcess, libvirtd: str) -> None:
-    runc = f'runtime = "runc"\ncgroup_parent = "nodeagent-test-{secrets.token_hex(3)}"'
+    a.cgroup_parent = runtimes.test_cgroup_parent()
+    runc = f'runtime = "runc"\ncgroup_parent = "{a.cgroup_parent}"'
     a.config.write_text(a.config.read_text()
                         .replace('[hypervisor]\ndriver = "fake"\n',
                                  f'[hypervisor]\ndriver = "libvirt"\nuri = "{libvirtd}"\nvirt_type = "qemu"\n')

@@ -53,16 +53,14 @@ def test_pull_import_prepare_run_delete(busybox_ref, tmp_path, db):
 def agent(open_tmp):
     """An in-process agent (real runc) with its state under a traversable dir; yields
     (client with an admin token, services root, the dir), deletes its instances after."""
-    import secrets
-
     from agent import config as agent_config
     from agent.app import create_app
-    from testbed.runtimes import test_network
+    from testbed.runtimes import test_cgroup_parent, test_network
 
-    bridge, subnet = test_network()
+    bridge, subnet, parent = *test_network(), test_cgroup_parent()
     cfg = agent_config.parse({
         "state_dir": str(open_tmp / "state"), "workers": 2, "hypervisor": {"driver": "fake"},
-        "containers": {"runtime": "runc", "cgroup_parent": f"nodeagent-test-{secrets.token_hex(3)}"},
+        "containers": {"runtime": "runc", "cgroup_parent": parent},
         "network": {"bridge": bridge, "subnet": subnet},
         "images": {"import_dirs": [str(open_tmp)]},
         "pools": {"default": {"kind": "local", "path": str(open_tmp / "pool")}}})
@@ -78,8 +76,9 @@ def agent(open_tmp):
             client.delete(f"/v1/instances/{inst['id']}")
         root.runtime.close()
         root.stop()
-        from testbed.runtimes import agent_rtag, drop_test_network
+        from testbed.runtimes import agent_rtag, drop_cgroup_parent, drop_test_network
         drop_test_network(bridge, agent_rtag(open_tmp / "state"))
+        drop_cgroup_parent(parent)
 
 
 def _wait(client, r):

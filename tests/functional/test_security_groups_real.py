@@ -24,7 +24,7 @@ def agent(open_tmp):
     for tool in ("runc", "conmon", "nft"):
         assert shutil.which(tool), f"{tool} is not installed: run scripts/setup-host"
     bridge, subnet = runtimes.test_network()
-    parent = f"nodeagent-test-{secrets.token_hex(3)}"
+    parent = runtimes.test_cgroup_parent()
     a = AgentProcess(tmp_path / "sg", pool_kind="local")
     runc = f'runtime = "runc"\ncgroup_parent = "{parent}"'
     a.config.write_text(a.config.read_text().replace('runtime = "fake"', runc)
@@ -46,6 +46,7 @@ def agent(open_tmp):
         api.delete(f"/v1/instances/{inst['id']}")
     a.stop()
     runtimes.drop_test_network(bridge, a.rtag)
+    runtimes.drop_cgroup_parent(parent)
 
 
 def nft_tables(a) -> str:

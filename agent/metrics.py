@@ -154,13 +154,11 @@ class _StateCollector:
                                 labels=labels)
         counters = [(CounterMetricFamily(f"nodeagent_instance_{suffix}", text, labels=labels), section, key)
                     for suffix, text, section, key in INSTANCE_COUNTERS]
-        for i in self.root.instances.list():
-            if i.state != "running":
-                continue
-            try:
-                s = self.root.instances.stats_of(i)
-            except Exception as e:
-                log.debug("no stats for instance", extra={"instance": i.name, "error": str(e)})
+        running = [i for i in self.root.instances.list() if i.state == "running"]
+        stats = self.root.instances.stats_of_many(running)  # one driver call per kind where it can
+        for i in running:
+            s = stats.get(i.id)
+            if s is None:
                 continue
             lv = [i.name, i.kind]
             if s.get("cpu_ns") is not None:

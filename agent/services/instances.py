@@ -134,6 +134,10 @@ class InstanceService:
     def counts(self) -> list[tuple[str, str, int]]:
         return self.records.counts()
 
+    def running(self) -> list:
+        """services.records.InstanceRef of every running instance (for stats_of_many)."""
+        return self.records.refs(("running",))
+
     # -- create --
     def create(self, req: models.InstanceCreate) -> dict:
         """Validate and reserve the name now (409 at once), build in an operation (202)."""
@@ -604,7 +608,8 @@ class InstanceService:
         return _container_stats(self.root.runtime.stats(inst.name))
 
     def stats_of_many(self, insts) -> dict[str, dict]:
-        """stats_of() of each of ``insts`` (records in hand: a /metrics scrape), by instance id:
+        """stats_of() of each of ``insts`` (records or InstanceRefs in hand: a /metrics scrape), by
+        instance id:
         the VMs' from one call where the driver has hypervisor.driver.SupportsBulkStats, the
         containers' read together where the runtime has containers.runtime.SupportsBulkStats,
         else one at a time. One that has none now (being created, gone meanwhile, its driver

@@ -449,6 +449,16 @@ class FakeRuntime:
                     "net": {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0},
                     "limits": dataclasses.asdict(box.limits)}
 
+    def bulk_stats(self, names) -> dict[str, dict]:
+        """containers.runtime.SupportsBulkStats: stats() of each of ``names`` it knows."""
+        out = {}
+        for name in names:
+            try:
+                out[name] = self.stats(name)
+            except NotFound:
+                continue
+        return out
+
     def set_bandwidth(self, name: str, bandwidth: Bandwidth) -> None:
         """containers.runtime.SupportsBandwidth: kept in the container's spec (nothing to shape)."""
         with self._lock:

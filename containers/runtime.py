@@ -8,6 +8,7 @@ the container had: mounts, cgroups, network devices, IP lease, ports.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -330,6 +331,16 @@ class SupportsReconcile(Protocol):
     "veths_removed": [names]}``."""
 
     def reconcile(self) -> dict: ...
+
+
+@runtime_checkable
+class SupportsBulkStats(Protocol):
+    """Runtimes that read many containers' counters together, cheaper than one stats() each
+    (a /metrics scrape of a host with a thousand containers)."""
+
+    def bulk_stats(self, names: Iterable[str]) -> dict[str, dict]:
+        """stats() of each of ``names`` the runtime knows (same keys, same units), by name; the
+        others are left out."""
 
 
 @runtime_checkable

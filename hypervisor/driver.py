@@ -388,3 +388,15 @@ class SupportsDiskResize(Protocol):
         """Grow disk ``target`` of VM ``name`` to ``size`` bytes as the guest sees it (the
         volume under it is grown first by its pool). Only while the VM runs or is paused;
         NotFound for an unknown VM or disk."""
+
+
+@runtime_checkable
+class SupportsBulkStats(Protocol):
+    """Drivers that read every VM's counters in one call to the hypervisor (a /metrics scrape
+    with many VMs: libvirt's getAllDomainStats, one RPC, instead of a few per VM)."""
+
+    def bulk_stats(self) -> dict[str, dict]:
+        """Every VM of this driver by name -> what ``stats(name)`` returns for it (same keys,
+        same units; zeros while stopped). Domains that are not the driver's are left out. A
+        figure the hypervisor cannot give at once (a running job holds the VM's monitor: a
+        migration) is left out of its section instead of waited for."""

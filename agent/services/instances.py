@@ -29,9 +29,27 @@ from agent.errors import AgentError, Conflict, NotFound, Unavailable, Unprocessa
 from agent.services.assembly import mac_for, root_volume
 from agent.services.records import Instance
 from containers.runtime import ContainerInfo, SupportsPause, SupportsReconcile
+from containers.runtime import SupportsBulkStats as SupportsBulkContainerStats
+from hypervisor.driver import SupportsBulkStats as SupportsBulkVmStats
 from hypervisor.driver import VmInfo
 
 log = logging.getLogger(__name__)
+
+
+def _counters(section) -> dict:
+    return {k: int(v) for k, v in (section or {}).items() if isinstance(v, (int, float))}
+
+
+def _vm_stats(s: dict) -> dict:
+    """The API's stats of a VM from the driver's (hypervisor.Driver.stats)."""
+    return {"cpu_ns": s.get("cpu_time_ns"), "memory_bytes": s.get("memory_bytes"),
+            "io": _counters(s.get("disk")), "net": _counters(s.get("net"))}
+
+
+def _container_stats(s: dict) -> dict:
+    """The API's stats of a container from the runtime's (containers.Runtime.stats)."""
+    return {"cpu_ns": s.get("cpu_ns"), "memory_bytes": s.get("memory_bytes"), "pids": s.get("pids"),
+            "oom_kills": s.get("oom_kills"), "io": _counters(s.get("io")), "net": _counters(s.get("net"))}
 # why a VM gets 422 for exec and files (README "Consoles, interactive exec and files")
 NO_GUEST_AGENT = ("a VM's commands and files would go through the QEMU guest agent, and no VM here has one: the "
                   "agent gives its domains no guest agent channel (virtio-serial org.qemu.guest_agent.0) and the "
@@ -115,6 +133,10 @@ class InstanceService:
 
     def counts(self) -> list[tuple[str, str, int]]:
         return self.records.counts()
+
+    def running(self) -> list:
+        """services.records.InstanceRef of every running instance (for stats_of_many)."""
+        return self.records.refs(("running",))
 
     # -- create --
     def create(self, req: models.InstanceCreate) -> dict:
@@ -578,20 +600,45 @@ class InstanceService:
         return self.stats_of(self.get(ref))
 
     def stats_of(self, inst) -> dict:
-        """``stats`` of a record already in hand (a /metrics scrape lists them all first)."""
+        """``stats`` of a record already in hand."""
         if inst.state == "creating":
             raise Conflict(f"instance {inst.name!r} is being created: no stats yet")
         if inst.kind == "vm":
-            s = self.root.driver.stats(inst.name)
-            out = {"cpu_ns": s.get("cpu_time_ns"), "memory_bytes": s.get("memory_bytes"),
-                   "io": s.get("disk") or {}, "net": s.get("net") or {}}
-        else:
-            s = self.root.runtime.stats(inst.name)
-            out = {"cpu_ns": s.get("cpu_ns"), "memory_bytes": s.get("memory_bytes"), "pids": s.get("pids"),
-                   "oom_kills": s.get("oom_kills"), "io": s.get("io") or {}, "net": s.get("net") or {}}
-        out["io"] = {k: int(v) for k, v in out["io"].items() if isinstance(v, (int, float))}
-        out["net"] = {k: int(v) for k, v in out["net"].items() if isinstance(v, (int, float))}
+            return _vm_stats(self.root.driver.stats(inst.name))
+        return _container_stats(self.root.runtime.stats(inst.name))
+
+    def stats_of_many(self, insts) -> dict[str, dict]:
+        """stats_of() of each of ``insts`` (records or InstanceRefs in hand: a /metrics scrape), by
+        instance id:
+        the VMs' from one call where the driver has hypervisor.driver.SupportsBulkStats, the
+        containers' read together where the runtime has containers.runtime.SupportsBulkStats,
+        else one at a time. One that has none now (being created, gone meanwhile, its driver
+        down) is left out, logged at debug."""
+        vms = [i for i in insts if i.kind == "vm" and i.state != "creating"]
+        cts = [i for i in insts if i.kind != "vm" and i.state != "creating"]
+        driver, runtime = self.root.driver, self.root.runtime
+        out: dict[str, dict] = {}
+        if vms and isinstance(driver, SupportsBulkVmStats):
+            out.update(self._from_bulk(vms, driver.bulk_stats, _vm_stats))
+        if cts and isinstance(runtime, SupportsBulkContainerStats):
+            out.update(self._from_bulk(cts, lambda: runtime.bulk_stats([i.name for i in cts]), _container_stats))
+        for i in (*([] if isinstance(driver, SupportsBulkVmStats) else vms),
+                  *([] if isinstance(runtime, SupportsBulkContainerStats) else cts)):
+            try:
+                out[i.id] = self.stats_of(i)
+            except Exception as e:  # noqa: BLE001 - one instance's stats never fail the others'
+                log.debug("no stats for instance", extra={"instance": i.name, "error": str(e)})
         return out
+
+    @staticmethod
+    def _from_bulk(group, read, shape) -> dict[str, dict]:
+        """{id: shape(stats)} of the records in ``group`` that ``read()`` (name -> stats) has."""
+        try:
+            got = read()
+        except Exception as e:  # noqa: BLE001 - e.g. libvirtd down: these have none this time
+            log.debug("no bulk stats", extra={"kind": group[0].kind, "error": str(e)})
+            return {}
+        return {i.id: shape(got[i.name]) for i in group if i.name in got}
 
     # -- recovery --
     def recover(self) -> int:

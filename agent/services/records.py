@@ -162,6 +162,16 @@ class Instance:
                 "tty": bool(self.spec.get("tty")), "created_at": self.created_at, "updated_at": self.updated_at}
 
 
+@dataclass(frozen=True)
+class InstanceRef:
+    """Who an instance is and its state, without the rest of its record (no JSON column
+    decoded): what a /metrics scrape needs of every instance."""
+    id: str
+    name: str
+    kind: str
+    state: str
+
+
 def _record(r: sqlite3.Row) -> Instance:
     return Instance(id=r["id"], name=r["name"], kind=r["kind"], image=r["image"], state=r["state"],
                     pool=r["pool"], spec=_load_frozen(r["spec"]), volumes=tuple(json.loads(r["volumes"])),
@@ -206,6 +216,13 @@ class InstanceRecords:
             marks = ",".join("?" * len(states))
             rows = self.db.query(f"SELECT * FROM instances WHERE state IN ({marks}) ORDER BY created_at", states)
         return [_record(r) for r in rows]
+
+    def refs(self, states: Iterable[str]) -> list[InstanceRef]:
+        """InstanceRef of each record in one of ``states``, oldest first."""
+        states = tuple(states)
+        return [InstanceRef(r["id"], r["name"], r["kind"], r["state"]) for r in self.db.query(
+            f"SELECT id, name, kind, state FROM instances WHERE state IN ({','.join('?' * len(states))}) "
+            "ORDER BY created_at", states)]
 
     def ids(self) -> list[str]:
         """Every record's id, oldest first (the order of ``list``)."""

@@ -76,6 +76,15 @@ def _collect(c, until: bytes | None = None, seconds: float = 20) -> tuple[dict, 
             return out, code
 
 
+def test_metrics_report_what_the_stats_route_reports(real):
+    """/metrics reads the containers' counters together (RuncRuntime.bulk_stats): the same
+    figures as GET /v1/instances/{id}/stats reads one at a time."""
+    from tests.api.test_metrics import assert_metrics_match_stats
+    api = Api(real.url, real.reader_token)
+    assert_metrics_match_stats(lambda: api.get(f"/v1/instances/{real.name}/stats").json(),
+                               lambda: api.get("/metrics").text, real.name, "container")
+
+
 def test_tty_sh_resize_ctrl_c_and_exit_code(real):
     with _session(real, {"command": ["/bin/sh"], "tty": True, "cols": 100, "rows": 30}) as c:
         c.send(b"stty size; echo MARK-$((6*7))\r")

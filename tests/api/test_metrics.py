@@ -130,6 +130,70 @@ def test_metrics_pass_the_lint_and_name_what_operators_need(tmp_path):
         root.stop()
 
 
+# what /metrics says of an instance -> where GET /v1/instances/{id}/stats says it (section, keys)
+STATS_OF_SERIES = {
+    "nodeagent_instance_network_receive_bytes": ("net", ("rx_bytes",)),
+    "nodeagent_instance_network_transmit_bytes": ("net", ("tx_bytes",)),
+    "nodeagent_instance_network_receive_packets": ("net", ("rx_packets",)),
+    "nodeagent_instance_network_transmit_packets": ("net", ("tx_packets",)),
+    "nodeagent_instance_disk_read_bytes": ("io", ("read_bytes", "rd_bytes")),
+    "nodeagent_instance_disk_written_bytes": ("io", ("write_bytes", "wr_bytes")),
+    "nodeagent_instance_oom_kills": (None, ("oom_kills",)),
+}
+MEMORY_SLACK = 4 << 20  # bytes a running instance's memory may move past both reads around the scrape
+MEMORY_TRIES = 5  # a booting guest's QEMU grows and shrinks by more: the memory must match once in so many
+
+
+def assert_metrics_match_stats(stats, scrape, name: str, kind: str) -> None:
+    """/metrics reports instance ``name`` as its stats route does: each counter between a
+    ``stats()`` before the ``scrape()`` and one after (they only grow), every time; the memory
+    (a gauge) between them give or take MEMORY_SLACK, at least once in MEMORY_TRIES; every
+    counter the stats give has its series."""
+    for attempt in range(MEMORY_TRIES):
+        before, text, after = stats(), scrape(), stats()
+        fam = _families(text)
+
+        def value(metric):
+            got = [s.value for s in fam[metric].samples if s.labels == {"name": name, "kind": kind}]
+            assert len(got) == 1, (metric, name, got)
+            return got[0]
+        cpu = value("nodeagent_instance_cpu_seconds")
+        assert before["cpu_ns"] / 1e9 - 1e-6 <= cpu <= after["cpu_ns"] / 1e9 + 1e-6, (cpu, before, after)
+        for metric, (section, keys) in STATS_OF_SERIES.items():
+            lo, hi = ((before.get(section) or {}), (after.get(section) or {})) if section else (before, after)
+            key = next((k for k in keys if lo.get(k) is not None), None)
+            if key is None:
+                continue  # e.g. a VM has no oom_kills
+            assert lo[key] <= value(metric) <= hi[key], (metric, lo[key], hi[key])
+        mem = value("nodeagent_instance_memory_bytes")
+        low, high = sorted((before["memory_bytes"], after["memory_bytes"]))
+        if low - MEMORY_SLACK <= mem <= high + MEMORY_SLACK:
+            return
+        assert attempt < MEMORY_TRIES - 1, ("memory", mem, before, after)
+        time.sleep(0.5)
+
+
+def test_metrics_report_what_the_stats_route_reports(tmp_path):
+    """The scrape reads every instance's counters together (the drivers' bulk_stats), the
+    stats route one at a time: the same figures (fake driver and runtime; the real ones in
+    test_real_vm.py and test_interactive_runc.py)."""
+    app, client, root = inprocess_app(tmp_path)
+    try:
+        from containers.runtime import SupportsBulkStats as BulkContainers
+        from hypervisor.driver import SupportsBulkStats as BulkVms
+        assert isinstance(root.driver, BulkVms) and isinstance(root.runtime, BulkContainers)
+        op = client.post("/v1/instances", json={"name": "mv", "kind": "vm", "image": "tiny-vm", "cpus": 1,
+                                                "memory_mib": 64}).json
+        assert client.get(f"/v1/operations/{op['id']}/wait?timeout=30").json["status"] == "succeeded"
+        assert_metrics_match_stats(lambda: client.get("/v1/instances/mv/stats").json,
+                                   lambda: client.get("/metrics").get_data(as_text=True), "mv", "vm")
+        op = client.post("/v1/instances/mv/actions", json={"action": "stop"}).json
+        assert client.get(f"/v1/operations/{op['id']}/wait?timeout=30").json["status"] == "succeeded"
+        assert 'name="mv"' not in client.get("/metrics").get_data(as_text=True)  # stopped: no series
+    finally:
+        root.stop()
+
+
 def _age(client) -> float:
     fam = _families(client.get("/metrics").get_data(as_text=True))
     (sample,) = [s for s in fam["nodeagent_pool_usage_age_seconds"].samples if s.labels["pool"] == "default"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from testbed.agentproc import AgentProcess, Api
+from tests.api.test_metrics import assert_metrics_match_stats
 
 
 @pytest.mark.real
@@ -38,6 +39,9 @@ def test_vm_on_real_libvirt(libvirtd):
         assert name in subprocess.run(["virsh", "-c", libvirtd, "list", "--name"], capture_output=True,
                                       text=True).stdout
         assert api.get(f"/v1/instances/{name}/stats").json()["cpu_ns"] is not None
+        # /metrics reads every VM in one libvirt call (bulk_stats): the same figures as the stats route
+        assert_metrics_match_stats(lambda: api.get(f"/v1/instances/{name}/stats").json(),
+                                   lambda: api.get("/metrics").text, name, "vm")
         assert api.get(f"/v1/instances/{name}/logs").status_code == 200
         op = api.wait(api.post(f"/v1/instances/{name}/actions", json={"action": "stop", "force": True}).json())
         assert op["status"] == "succeeded" and op["result"]["instance"]["state"] == "stopped", op

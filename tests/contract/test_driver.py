@@ -10,8 +10,9 @@ import uuid
 import pytest
 
 from agent.errors import Conflict, InvalidInput, NotFound, Unprocessable
-from hypervisor.driver import (STATES, DiskSpec, Driver, ReportsVirtType, SupportsConsole, SupportsDiskResize,
-                               SupportsIncomingDisks, SupportsMigration, SupportsResize, VmInfo, VmSpec)
+from hypervisor.driver import (STATES, DiskSpec, Driver, ReportsVirtType, SupportsBulkStats, SupportsConsole,
+                               SupportsDiskResize, SupportsIncomingDisks, SupportsMigration, SupportsResize, VmInfo,
+                               VmSpec)
 
 DRIVERS = ["fake", "libvirt"]
 CONSOLE_TIMEOUT_S = 60  # TCG boot takes ~3 s; generous for a loaded CI host
@@ -237,9 +238,9 @@ def test_snapshot_only_when_stopped(driver, spec):
 
 # -- optional capabilities (hypervisor.driver) --
 
-CAPABILITIES = {"fake": {SupportsMigration, SupportsConsole, SupportsDiskResize},
+CAPABILITIES = {"fake": {SupportsMigration, SupportsConsole, SupportsDiskResize, SupportsBulkStats},
                 "libvirt": {SupportsMigration, SupportsIncomingDisks, ReportsVirtType, SupportsConsole,
-                            SupportsDiskResize}}
+                            SupportsDiskResize, SupportsBulkStats}}
 
 
 def _claiming(capability) -> list[str]:
@@ -249,7 +250,7 @@ def _claiming(capability) -> list[str]:
 
 def test_claims_its_optional_capabilities(driver):
     claimed = {p for p in (SupportsMigration, SupportsIncomingDisks, ReportsVirtType, SupportsConsole,
-                           SupportsDiskResize)
+                           SupportsDiskResize, SupportsBulkStats)
                if isinstance(driver, p)}
     kind = "fake" if type(driver).__name__ == "FakeDriver" else "libvirt"
     assert claimed == CAPABILITIES[kind]
@@ -288,6 +289,41 @@ def test_console_reads_and_writes_the_serial_line(driver, spec):
                     break
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("driver", _claiming(SupportsBulkStats), indirect=True)
+def test_bulk_stats_are_every_vms_stats_in_one_call(driver, spec):
+    """bulk_stats() gives each of the driver's VMs what stats() gives (same keys, same units,
+    counters between a stats() before and one after), stopped ones included, and nothing of
+    a domain that is not the driver's."""
+    up, down = spec(), spec()
+    for s in (up, down):
+        driver.define(s)
+    driver.start(up.name)
+    wait_console(driver, up.name, "NODEAGENT-GUEST-BOOTED")
+    foreign = None
+    if type(driver).__name__ == "LibvirtDriver":  # a domain of someone else's on the same libvirtd
+        foreign = driver.conn().defineXML(
+            f"<domain type='qemu'><name>{up.name}-foreign</name><memory unit='MiB'>32</memory>"
+            "<os><type arch='x86_64'>hvm</type></os><features><acpi/></features></domain>")
+    try:
+        before = driver.stats(up.name)
+        bulk = driver.bulk_stats()
+        after = driver.stats(up.name)
+    finally:
+        if foreign is not None:
+            foreign.undefine()
+    assert {up.name, down.name} <= set(bulk) and f"{up.name}-foreign" not in bulk
+    assert bulk[down.name] == driver.stats(down.name)  # stopped: zeros, as stats() says
+    got = bulk[up.name]
+    assert set(got) == set(before) and got["state"] == "running"
+    assert before["cpu_time_ns"] <= got["cpu_time_ns"] <= after["cpu_time_ns"]
+    assert got["memory_bytes"] > 0 and isinstance(got["memory_bytes"], int)
+    for section in ("disk", "net"):
+        assert set(got[section]) == set(before[section])
+        for key, value in got[section].items():
+            assert before[section][key] <= value <= after[section][key], (section, key)
+    assert set(driver.bulk_stats()) == set(bulk)  # asked again: the same VMs (the ownership kept)
 
 
 @pytest.mark.parametrize("driver", _claiming(ReportsVirtType), indirect=True)

@@ -167,6 +167,36 @@ def test_limits_kept_and_updated(rt, spec):
         rt.update_limits("lim", Limits(memory_mib=0))
 
 
+def test_bulk_stats_are_each_containers_stats(rt, spec):
+    """bulk_stats(names) gives each known name what stats() gives (same keys, counters between a
+    stats() before and one after), stopped ones included, unknown names left out."""
+    from containers.runtime import SupportsBulkStats
+    assert isinstance(rt, SupportsBulkStats)
+    rt.create(spec("bb", network=NetworkSpec(mode="bridge")))
+    rt.create(spec("bn", network=NetworkSpec(mode="none")))
+    rt.create(spec("bs", network=NetworkSpec(mode="bridge")))
+    for name in ("bb", "bn"):
+        rt.start(name)
+    rt.exec("bb", ["true"])
+    names = ("bb", "bn", "bs")
+    before = {n: rt.stats(n) for n in names}
+    bulk = rt.bulk_stats([*names, "nope"])
+    after = {n: rt.stats(n) for n in names}
+    assert set(bulk) == set(names)
+    for n in names:
+        got = bulk[n]
+        assert set(got) == set(before[n]) and got["limits"] == before[n]["limits"], n
+        assert got["unsupported"] == before[n]["unsupported"]
+        for key in ("cpu_ns", "oom_kills"):
+            assert before[n][key] <= got[key] <= after[n][key], (n, key)
+        assert got["pids"] >= 1 if n != "bs" else got["pids"] == 0
+        for section in ("io", "net"):
+            assert set(got[section]) == set(before[n][section]), (n, section)
+            for key, value in got[section].items():
+                assert before[n][section][key] <= value <= after[n][section][key], (n, section, key)
+    assert rt.bulk_stats([]) == {}
+
+
 def test_bridge_network_gets_distinct_ips(rt, spec):
     a = rt.create(spec("n1", network=NetworkSpec(mode="bridge")))
     b = rt.create(spec("n2", network=NetworkSpec(mode="bridge")))

@@ -187,3 +187,23 @@ def test_leftover_veths_are_ours_without_a_container(db, monkeypatch):
     links = [(1, "lo"), (2, n.veth_name("live")), (3, n.veth_name("gone")), (4, "nvffff0000000"), (5, "eth0")]
     monkeypatch.setattr(socket, "if_nameindex", lambda: links)
     assert n.leftover_veths({"live"}) == [n.veth_name("gone")]
+
+
+def test_counters_of_reads_every_veth_from_one_file(db, tmp_path, monkeypatch):
+    """counters_of: /proc/self/net/dev's host-veth figures turned to the container's view (the
+    veth's receive is the container's transmit); a name without a veth gets zeros."""
+    import containers.network as network
+    n = net(db)
+    dev = tmp_path / "dev"
+    dev.write_text(
+        "Inter-|   Receive                                                |  Transmit\n"
+        " face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls"
+        " carrier compressed\n"
+        "    lo:     100       2    0    0    0     0          0         0      100       2    0    0    0     0"
+        "       0          0\n"
+        f"{n.veth_name('web')}:    1500      12    0    0    0     0          0         0      900       7    0"
+        "    0    0     0       0          0\n")
+    monkeypatch.setattr(network, "PROC_NET_DEV", str(dev))
+    assert n.counters_of(["web", "gone"]) == {
+        "web": {"rx_bytes": 900, "tx_bytes": 1500, "rx_packets": 7, "tx_packets": 12},
+        "gone": {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0}}

@@ -94,3 +94,27 @@ def test_qcow2_declared_raw_is_refused(tmp_path):
     p.write_bytes(b"QFI\xfb" + bytes(100))
     with pytest.raises(Unprocessable, match="declare format qcow2"):
         check_disk_file(DiskSpec("vda", str(p), format="raw"))
+
+
+def test_bulk_stats_record_reads_as_stats_does():
+    """LibvirtDriver.bulk_stats' reading of one getAllDomainStats record: sums over disks and
+    NICs, QEMU's RSS in KiB; a busy domain's missing figures (NOWAIT) are unknown, not 0; a
+    shut-off domain is all zeros whatever cpu.time libvirt reports for it."""
+    libvirt = pytest.importorskip("libvirt")
+    from hypervisor.libvirt_driver import stats_from_record
+    running = {"state.state": libvirt.VIR_DOMAIN_RUNNING, "cpu.time": 5_000, "balloon.current": 131072,
+               "balloon.rss": 2048, "block.count": 2, "block.0.rd.bytes": 10, "block.0.wr.bytes": 1,
+               "block.1.rd.bytes": 5, "block.1.wr.bytes": 2, "net.count": 1, "net.0.rx.bytes": 7,
+               "net.0.rx.pkts": 1, "net.0.tx.bytes": 3, "net.0.tx.pkts": 2}
+    assert stats_from_record(running) == {
+        "state": "running", "cpu_time_ns": 5_000, "memory_bytes": 2048 * 1024,
+        "disk": {"rd_bytes": 15, "wr_bytes": 3},
+        "net": {"rx_bytes": 7, "tx_bytes": 3, "rx_packets": 1, "tx_packets": 2}}
+    busy = {k: v for k, v in running.items() if not k.startswith("block.") or k == "block.count"}
+    busy.pop("balloon.rss")
+    got = stats_from_record(busy)
+    assert got["disk"] == {} and got["memory_bytes"] == 131072 * 1024 and got["net"]["rx_bytes"] == 7
+    off = stats_from_record({"state.state": libvirt.VIR_DOMAIN_SHUTOFF, "cpu.time": 600_000_000,
+                             "block.count": 1, "balloon.current": 131072})
+    assert off == {"state": "stopped", "cpu_time_ns": 0, "memory_bytes": 0, "disk": {"rd_bytes": 0, "wr_bytes": 0},
+                   "net": {"rx_bytes": 0, "tx_bytes": 0, "rx_packets": 0, "tx_packets": 0}}

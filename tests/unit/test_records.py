@@ -10,7 +10,7 @@ import pytest
 
 from agent.errors import NotFound
 from agent.events import EventBus
-from agent.services.records import CLEANUP_KEY, Instance, InstanceRecords
+from agent.services.records import CLEANUP_KEY, Instance, InstanceRecords, InstanceRef
 
 SPEC = {"name": "web", "kind": "container", "image": "busybox", "cpus": 0.5, "memory_mib": 64,
         "env": {"A": "1"}, "command": ["sleep", "60"], "ports": [], "image_id": "f" * 64}
@@ -162,6 +162,10 @@ def test_list_filters_by_state_oldest_first_and_counts_group(records):
     assert [i.name for i in records.list(states=("running",))] == ["web2", "web3"]
     assert [i.name for i in records.list(states=("incoming", "error"))] == ["web1"]
     assert records.list(states=()) == []
+    # refs: who and in which state, no JSON column decoded (a /metrics scrape's list)
+    assert records.refs(("running",)) == [InstanceRef(f"{2:032x}", "web2", "vm", "running"),
+                                          InstanceRef(f"{3:032x}", "web3", "container", "running")]
+    assert records.refs(()) == []
     assert sorted(records.counts()) == [("container", "incoming", 1), ("container", "running", 1),
                                         ("vm", "running", 1)]
     assert records.count() == 3

@@ -93,7 +93,7 @@ def instrument_classes(R, N, D) -> None:
     from containers import network as cnet
     from storage import mounts
     for a in ("_prepare", "_mount_rootfs", "_write_config", "_ensure_prepared", "_sync_bundle_limits",
-              "_spawn_conmon", "_status", "_info", "_shape", "_row"):
+              "_spawn_conmon", "_status", "_info", "_shape", "_row", "_release_init"):
         timed(R, a)
     timed(R, "_runc", "runc_", key=lambda args: args[1])
     timed_cm(R, "_private_view", "view_enter")

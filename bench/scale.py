@@ -34,6 +34,9 @@ peers measured in the same run.
 Run as root (the machine is shared: N=100..200 while developing):
     .venv/bin/python bench/scale.py --n 200
 The full run: .venv/bin/python bench/scale.py --n 1000 --running-vms 50
+Each quiet create's phases (the agent's `operation finished` log lines) are printed beside
+create_p50_at_<n> with the load average of both series; --phases adds the runtime's own
+(bench/create_phases.py's hook in the agent).
 Everything it makes (agent state dir, bridge and rules, cgroups, podman root) is removed at the end.
 """
 from __future__ import annotations

@@ -66,6 +66,15 @@ class OperationContext:
         self.status = "pending"  # live status; SQLite gets it at the end (a crash fails it anyway)
         self.started_at: float | None = None
         self._last_write = time.monotonic()
+        self.submitted = time.perf_counter()
+        self.phases_ms: dict[str, float] = {}  # wall time per phase, logged when it ends
+        self._phase_t = self.submitted
+
+    def _close_phase(self) -> None:
+        now = time.perf_counter()
+        key = self.progress.get("phase") or "-"
+        self.phases_ms[key] = round(self.phases_ms.get(key, 0.0) + (now - self._phase_t) * 1000, 1)
+        self._phase_t = now
 
     def check_cancel(self) -> None:
         if self.cancelled.is_set() and not self.committed:
@@ -79,6 +88,7 @@ class OperationContext:
     def phase(self, name: str, *, bytes_total: int | None = None) -> None:
         """Enter phase ``name``: a cancel point; progress is written through at once."""
         self.check_cancel()
+        self._close_phase()
         self.progress.update(phase=name, bytes_done=0 if bytes_total else None, bytes_total=bytes_total)
         self._m._write_progress(self)
         delay = self._m._slow.get((self.kind, name))
@@ -232,6 +242,8 @@ class Operations:
             if ctx.cancelled.is_set():
                 raise Cancelled("operation cancelled before it started")
             ctx.started_at, ctx.status = time.time(), "running"
+            ctx.phases_ms["queued"] = round((time.perf_counter() - ctx.submitted) * 1000, 1)
+            ctx._phase_t = time.perf_counter()
             self._publish(ctx.id)
             result = fn(ctx) or {}
             status = "succeeded"
@@ -248,9 +260,13 @@ class Operations:
             log.exception("operation failed", extra={"operation": ctx.id, "kind": ctx.kind, "target": ctx.target,
                                                      "code": "internal", "error": f"{type(e).__name__}: {e}"})
             error = {"code": "internal", "message": f"internal error in {ctx.kind}; see the agent log"}
+        ctx._close_phase()
         self._set(ctx.id, status=status, result=json.dumps(result) if result is not None else None,
                   error=json.dumps(error) if error else None, progress=json.dumps(ctx.progress),
                   started_at=ctx.started_at, finished_at=time.time())
+        # where its time went ("queued": waiting for a worker; "-": before its first phase)
+        log.info("operation finished", extra={"operation": ctx.id, "kind": ctx.kind, "target": ctx.target,
+                                              "status": status, "phases_ms": ctx.phases_ms})
         with self._cond:
             self._active.pop(ctx.id, None)
             idle = not self._active

@@ -34,6 +34,9 @@ peers measured in the same run.
 Run as root (the machine is shared: N=100..200 while developing):
     .venv/bin/python bench/scale.py --n 200
 The full run: .venv/bin/python bench/scale.py --n 1000 --running-vms 50
+Each quiet create's phases (the agent's `operation finished` log lines) are printed beside
+create_p50_at_<n> with the load average of both series; --phases adds the runtime's own
+(bench/create_phases.py's hook in the agent).
 Everything it makes (agent state dir, bridge and rules, cgroups, podman root) is removed at the end.
 """
 from __future__ import annotations
@@ -142,6 +145,16 @@ class Bench:
         self.api: Api | None = None
         self.podman_root = self.tmp / "podman"
         self.tag = f"_vms{self.vms}" if self.vms else ""  # metric suffix of the figures taken with VMs
+        self.phases: dict[str, tuple[list[dict], float]] = {}
+        self.rt_phases = None
+        if args.phases:  # the runtime's phases too (bench/create_phases.py's hook in the agent)
+            from create_phases import HOOK
+            hook = self.tmp / "hook"
+            hook.mkdir()
+            (hook / "sitecustomize.py").write_text(HOOK.format(bench=str(Path(__file__).resolve().parent)))
+            self.rt_phases = self.tmp / "rt-phases.jsonl"
+            self.agent.env.update(PYTHONPATH=f"{hook}:{self.agent.env['PYTHONPATH']}",
+                                  CREATE_PHASES_OUT=str(self.rt_phases))
 
     # -- agent helpers --
     def start(self):
@@ -179,15 +192,41 @@ class Bench:
         return lat
 
     def quiet_creates(self, prefix):
+        """QUIET creates one at a time: their latencies (ms). Each one's phases (the agent's
+        log: operation phases; with --phases the runtime's too) go to ``self.phases[prefix]``."""
         lat = []
+        off = self.agent.log.stat().st_size
+        if self.rt_phases:
+            self.rt_phases.write_text("")
+        load = os.getloadavg()[0]
         for i in range(QUIET):
             time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             self.create(f"{prefix}{i}")
             lat.append((time.perf_counter() - t0) * 1000)
+        import json
+
+        from create_phases import op_phases
+        phases = op_phases(self.agent.log, off)[-QUIET:]
+        if self.rt_phases:
+            rts = [json.loads(ln) for ln in self.rt_phases.read_text().splitlines()][-QUIET:]
+            for d, r in zip(phases, rts):
+                d.update(r)
+        for d, ms in zip(phases, lat):
+            d["client_total"] = ms
+        self.phases[prefix] = (phases, (load + os.getloadavg()[0]) / 2)
         for i in range(QUIET):
             self.delete(f"{prefix}{i}")
         return lat
+
+    def phase_lines(self, prefix, n, tag=""):
+        """One line per phase of the quiet creates ``prefix`` against the empty host's ("e"),
+        and the load average while each series ran."""
+        (at, load), (empty, load0) = self.phases[prefix], self.phases["e"]
+        line(f"create_load_avg_at_{n}{tag}", load, "on the empty host", load0, unit="load")
+        for k in sorted({k for d in at + empty for k in d}):
+            line(f"create_phase_{k}_at_{n}{tag}", statistics.median([d.get(k, 0) for d in at]),
+                 "on the empty host", statistics.median([d.get(k, 0) for d in empty]))
 
     # -- (a) storm --
     def container_storm(self):
@@ -293,9 +332,11 @@ class Bench:
         line(f"list_{n}_p99{tag}", pct(lst, 99), "GET /v1/health, same server", pct(health, 99))
         met = self.timed_gets("/metrics", METRICS_REQUESTS)
         line(f"metrics_scrape_{n}{tag}", statistics.median(met))
-        at = self.quiet_creates("q")
+        prefix = "qv" if tag else "q"
+        at = self.quiet_creates(prefix)
         line(f"create_p50_at_{n}{tag}", statistics.median(at), "create p50 on the empty host",
              statistics.median(self.quiet))
+        self.phase_lines(prefix, n, tag)
 
     def import_boot(self):
         op = self.api.wait(self.api.post("/v1/images", json={"name": "boot", "source": {
@@ -651,6 +692,8 @@ def main():
                     help="VMs running next to the --n containers for density, restart and host reboot (0: none)")
     ap.add_argument("--vm-network", choices=("bridge", "none"), default="bridge",
                     help="the running VMs' network: bridge (a tap each on the containers' bridge) or none")
+    ap.add_argument("--phases", action="store_true",
+                    help="also time the runtime's phases of each quiet create (a hook in the agent)")
     args = ap.parse_args()
     b = Bench(args)
     try:

@@ -70,11 +70,15 @@ def test_a_failed_operation_is_logged_with_its_request_id(agent, admin):
     op = admin.wait(r.json())
     assert op["status"] == "failed" and op["request_id"] == rid
     assert admin.get(f"/v1/operations/{op['id']}").json()["request_id"] == rid
-    (line,) = _log_lines(agent, f"operation={op['id']}")
+    lines = _log_lines(agent, f"operation={op['id']}")
+    (line,) = [ln for ln in lines if "operation failed" in ln]
     assert "WARNING agent.operations: operation failed" in line
     for field in ("kind=image.import", "target=nowhere", f"request_id={rid}", "code="):
         assert field in line, (field, line)
     assert "error=" in line
+    # and where its time went, as for every operation that ends
+    (done,) = [ln for ln in lines if "operation finished" in ln]
+    assert "status=failed" in done and "phases_ms=" in done and f"request_id={rid}" in done
 
 
 # -- where lines go --

@@ -91,6 +91,30 @@ def test_pid_mount_and_uts_isolation(rt, tmp_path):
     assert rt.exec("iso", ["sh", "-c", "echo 1 > /proc/sys/kernel/panic"]).exit_code != 0
 
 
+def test_start_releases_the_init_without_runc_and_falls_back_to_runc_start(rt, tmp_path, monkeypatch):
+    """A start opens the exec fifo the created init waits on (no `runc start`, no mount view:
+    issue #20); runc reads the container as running after. Where the fifo is not where this
+    runc keeps it, `runc start` does it (in a private view)."""
+    import containers.runc as runc_mod
+    calls = []
+    real = RuncRuntime._runc
+
+    def spy(self, *args, **kw):
+        calls.append(args[0])
+        return real(self, *args, **kw)
+    monkeypatch.setattr(RuncRuntime, "_runc", spy)
+    assert run_spec(rt, tmp_path, "fifo", ("sleep", "1000")).state == "running"
+    assert "start" not in calls
+    assert not os.path.exists(os.path.join(rt.runc_root, "fifo", runc_mod.EXEC_FIFO))
+    assert rt._runc("state", "fifo").stdout.count('"running"') == 1
+    assert rt.exec("fifo", ["true"]).exit_code == 0
+    monkeypatch.setattr(runc_mod, "EXEC_FIFO", "no-such-fifo")  # another runc's layout
+    assert run_spec(rt, tmp_path, "viarunc", ("sleep", "1000")).state == "running"
+    assert "start" in calls
+    for name in ("fifo", "viarunc"):
+        rt.delete(name)
+
+
 def test_memory_hog_is_oom_killed_inside_its_limit(rt, tmp_path):
     # the shell (pid 1) itself holds 100 MB in a variable inside a 32 MiB container
     cwd_oom = os.path.join(os.getcwd(), "oom")  # conmon's OOM marker, written into its cwd

@@ -29,6 +29,17 @@ def test_leases_are_stable_reused_and_bounded(db):
     assert n.find_lease("c5") == "198.19.77.4" and n.find_lease("c2") is None
 
 
+def test_an_address_another_network_object_released_is_leased_again(db):
+    """The free-address search starts where it last found one (no read of every lease per
+    create); an address freed behind its back is found when the search wraps around."""
+    n, other = net(db), net(db)
+    assert [n.lease(f"c{i}") for i in range(5)][-1] == "198.19.77.6"
+    assert other.release("c1")
+    assert n.lease("c5") == "198.19.77.3"
+    with pytest.raises(InsufficientResources):
+        n.lease("c6")
+
+
 def test_a_wanted_address_is_kept_when_free_and_in_the_subnet(db):
     """A VM arriving from another host asks for the address it had there."""
     n = net(db)

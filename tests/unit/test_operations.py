@@ -28,6 +28,20 @@ def test_success_with_progress_and_result(ops):
     assert op["started_at"] and op["finished_at"] >= op["started_at"]
 
 
+def test_the_log_says_where_an_operations_time_went(ops, caplog):
+    """One line per finished operation: its wall time per phase, and how long it queued."""
+    def work(op):
+        op.phase("rootfs")
+        op.phase("start")
+        time.sleep(0.05)
+    with caplog.at_level("INFO", logger="agent.operations"):
+        op = ops.wait(ops.submit("demo", "t1", work)["id"], 10)
+    rec = next(r for r in caplog.records if r.getMessage() == "operation finished")
+    assert rec.operation == op["id"] and rec.status == "succeeded"
+    assert set(rec.phases_ms) == {"queued", "-", "rootfs", "start"}
+    assert rec.phases_ms["start"] >= 50 > rec.phases_ms["rootfs"]
+
+
 def test_failure_keeps_the_agent_error_and_hides_bugs(ops):
     def agent_error(op):
         raise NotFound("image x not found")

@@ -20,6 +20,12 @@ never aborted, never hard-stopped, and a failure (the link cut) leaves the sourc
 A cut link does not fail the job by itself (TCP retransmits for many minutes): a post-copy
 that sent no byte for POSTCOPY_STALL_S is paused (``abortJobFlags(ABORT_JOB_POSTCOPY)``,
 QEMU's ``migrate-pause``), which fails it in that resumable state.
+
+Resume (``resume_postcopy``, libvirt 8.5+: ``VIR_MIGRATE_POSTCOPY_RESUME``): once the link is
+back, the same peer-to-peer call with the resume flag restarts the copy from where it stopped.
+libvirt refuses it ("QEMU reports migration is still running") while either end's QEMU is still
+``postcopy-active``: a destination whose TCP connection has not failed yet never notices a
+cut link by itself, so its end is paused first (``abortJobFlags(ABORT_JOB_POSTCOPY)`` there).
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from agent.errors import Cancelled, CommandFailed, InvalidInput, NotFound, PostCopyFailed
+from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFound, PostCopyFailed
 from hypervisor.domain_xml import NODEAGENT_NS, QEMU_NS, RBD_DEFAULT_PORT
 from hypervisor.driver import TIMEOUT_ACTIONS, MigrationOptions, MigrationProgress, MigrationResult
 
@@ -37,6 +43,9 @@ POLL_S = 0.2  # jobStats sampling interval
 ABANDON_WAIT_S = 30  # how long a caller that goes away waits for its aborted job
 ABORT_GRACE_S = 15  # an abort not honoured by then: the destination's incoming domain is destroyed
 POSTCOPY_STALL_S = 10  # a post-copy that sent nothing for this long has lost its link: it is paused
+# a resume first pauses the destination's end if it has not seen the break yet (QEMU's
+# migrate-pause there); it reaches the failed state within this, or the resume is not tried
+INCOMING_PAUSE_WAIT_S = 30
 # QEMU stops the guest once the memory left fits its downtime-limit at the measured bandwidth,
 # but the guest stays paused longer: the disk mirror's end, the device state, libvirt's Finish
 # on the destination and its resume (100-200 ms measured here, TCG on loaded hosts; see
@@ -391,6 +400,113 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
                 hard_stop()
                 hard_stop = None
     return last, reason, paused
+
+
+def postcopy_split(driver, name: str) -> bool:
+    """Whether ``name`` here is the paused source half of a broken post-copy (resumable)."""
+    dom = driver._dom(name)
+    try:
+        state, why = dom.state()
+    except libvirt.libvirtError as e:
+        raise driver._error(e, name) from None
+    return state == libvirt.VIR_DOMAIN_PAUSED and why == libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED
+
+
+def resume_postcopy(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=None) -> MigrationResult:
+    """Restart the broken post-copy of ``name`` to ``dest_uri`` (hypervisor.driver.
+    SupportsPostcopyResume): the destination's end paused first if it has not seen the break,
+    then the peer-to-peer resume, watched as a post-copy (a link that dies again is paused
+    again after POSTCOPY_STALL_S). On success the guest runs there, undefined here."""
+    if not postcopy_split(driver, name):
+        raise Conflict(f"VM {name!r} is not the paused half of a broken post-copy here: nothing to resume")
+    dom = driver._dom(name)
+    _pause_incoming_postcopy(dest_uri, name)
+    flags = (BASE_FLAGS | libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_POSTCOPY
+             | libvirt.VIR_MIGRATE_POSTCOPY_RESUME)
+    if o.tls:
+        flags |= libvirt.VIR_MIGRATE_TLS
+    outcome: dict = {}
+
+    def job():
+        conn = None
+        try:
+            conn = libvirt.open(driver.uri)
+            conn.lookupByUUIDString(dom.UUIDString()).migrateToURI3(dest_uri, {}, flags)
+        except libvirt.libvirtError as e:
+            outcome["error"] = e.get_error_message() or str(e)
+        except Exception as e:  # noqa: BLE001 - reported to the caller below
+            outcome["error"] = str(e)
+        finally:
+            if conn is not None:
+                try:
+                    conn.close()
+                except libvirt.libvirtError:
+                    pass
+
+    t0 = time.monotonic()
+    worker = threading.Thread(target=job, name=f"migrate-resume-{name}", daemon=True)
+    worker.start()
+    watch = _Watch()
+    watch.postcopy = True  # from the first sample: nothing may stop it, a dead link pauses it
+    try:
+        last, _, _ = _watch(dom, worker, o, t0, progress, None, None, watch)
+    except BaseException:
+        worker.join(ABANDON_WAIT_S)  # never aborted: in post-copy only the copy's end makes it whole
+        raise
+    total_ms = (time.monotonic() - t0) * 1000
+    if "error" in outcome:
+        raise PostCopyFailed(
+            f"resuming the post-copy migration of VM {name!r} to {dest_uri} failed: {outcome['error']}; "
+            "the guest is still split between this host and the destination (paused here, stalled there); "
+            "both halves are kept: resume it again once the link works", stderr=outcome["error"])
+    downtime, data = _completed_stats(dest_uri, name)
+    if data is None:
+        data = last.data_processed if last else 0
+    return MigrationResult(total_ms=total_ms, downtime_ms=downtime, data_bytes=int(data), postcopy=True)
+
+
+def _pause_incoming_postcopy(dest_uri: str, name: str) -> None:
+    """Make the destination's end of a broken post-copy resumable: a QEMU there still in
+    ``postcopy-active`` (its TCP connection has not failed yet) is paused; waits until libvirt
+    there says post-copy failed. CommandFailed if the destination cannot be reached or its
+    end does not get there within INCOMING_PAUSE_WAIT_S (the guest stays split)."""
+    try:
+        conn = libvirt.open(dest_uri)
+    except libvirt.libvirtError as e:
+        raise CommandFailed(f"cannot reach the destination's hypervisor at {dest_uri} to resume the post-copy "
+                            f"of VM {name!r}: {e.get_error_message()}; the guest stays split: retry when the "
+                            "link is back") from None
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            raise CommandFailed(f"the destination at {dest_uri} has no domain {name!r}: its half of the guest "
+                                "is gone, so the post-copy cannot be resumed (the guest is lost: delete it "
+                                "here)") from None
+        deadline = time.monotonic() + INCOMING_PAUSE_WAIT_S
+        asked = False
+        while True:
+            state, why = dom.state()
+            if (state, why) in ((libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED),
+                                (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED)):
+                return
+            if not asked and (state, why) in ((libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY),
+                                              (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY)):
+                try:
+                    dom.abortJobFlags(libvirt.VIR_DOMAIN_ABORT_JOB_POSTCOPY)
+                    asked = True
+                except libvirt.libvirtError as e:
+                    log_why = e.get_error_message()
+                    if time.monotonic() > deadline:
+                        raise CommandFailed(f"the destination's end of VM {name!r} cannot be paused for the "
+                                            f"resume: {log_why}") from None
+            if time.monotonic() > deadline:
+                raise CommandFailed(f"the destination's end of VM {name!r} did not reach the failed post-copy "
+                                    f"state within {INCOMING_PAUSE_WAIT_S}s (state {state}, reason {why}): the "
+                                    "guest stays split; retry the resume")
+            time.sleep(POLL_S)
+    finally:
+        conn.close()
 
 
 def _pause_stalled_postcopy(dom, stats: dict, stall: dict, pauser: threading.Thread | None):

@@ -677,7 +677,8 @@ def _bandwidth_of(inst: Instance):
 
 
 POSTCOPY_FAILED = ("a post-copy migration of this VM failed: its memory is split between this host and the other "
-                   "one, so it is paused (or stalls) on both; recover it (README \"Post-copy failures\") or delete it")
+                   "one, so it is paused (or stalls) on both; resume it on its source host (POST "
+                   "/v1/migrations/{id}/resume there: README \"Post-copy failures\") or delete it on both")
 
 
 def _ip(info) -> dict:

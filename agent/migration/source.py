@@ -396,7 +396,9 @@ class MigrationSource:
         progress = self._vm_progress(op, live)
         try:
             result = self.root.driver.resume_postcopy(name, to.uri, options, progress=progress)
-        except (PostCopyFailed, CommandFailed) as e:
+        except Conflict:
+            raise
+        except AgentError as e:
             self._split(inst_id, peer.name, op.id)
             raise PostCopyFailed(f"{e.message}; resume it again with POST /v1/migrations/{op.id}/resume "
                                  f"(`nodeagent migrate resume {op.id}`) once the link is back", **e.details) from None
@@ -574,10 +576,12 @@ class MigrationSource:
                 op.phase("resume")
                 try:
                     return driver.resume_postcopy(name, to.uri, options, progress=progress)
-                except (PostCopyFailed, CommandFailed) as e:
+                except AgentError as e:  # still split (or not resumable at all: Conflict)
                     last = e
                     log.warning("resuming the broken post-copy failed", extra={
                         "instance": name, "destination": peer.name, "attempt": tried, "error": e.message})
+                    if isinstance(e, Conflict):
+                        break
                     op.phase("postcopy-paused")
                     op.cancelled.wait(RESUME_POLL_S)
         self._split(inst_id, peer.name, op.id)

@@ -664,6 +664,9 @@ class InstanceService:
                 elif isinstance(info, VmInfo) and info.reason == "postcopy-failed":
                     if inst.state != "error":  # paused or stalled, its memory split: not running
                         self.records.update(inst.id, state="error", error=POSTCOPY_FAILED)
+                elif isinstance(info, VmInfo) and info.reason == "postcopy" and inst.state in ("incoming", "error"):
+                    pass  # a destination's half still pulling its pages (or stalled on a break it has
+                    # not seen yet): not running until its migration ends (agent.migration.destination)
                 elif info.state != inst.state or inst.state == "lost":
                     self.records.update(inst.id, state=info.state, error=None,
                                         **_ip(info))

@@ -87,9 +87,16 @@ def test_resume_after_the_window_and_restarts_then_bad_input(src, hosts, monkeyp
     assert inst["state"] == "error" and f"/v1/migrations/{first['id']}/resume" in inst["error"], inst
     assert src.client.get(f"/v1/migrations/{first['id']}").json["status"] == "failed"
 
+    # the destination's agent restarts before its QEMU saw the break (still "post-copy"): kept incoming
+    dst.root.driver._vms[name].reason = "postcopy"
+    dst.root.migrations.recover()
+    dst.root.instances.reconcile()
+    assert dst.client.get(f"/v1/instances/{name}").json["state"] == "incoming"
+    dst.root.driver._vms[name].reason = "postcopy-failed"
     # both agents restart (what they do at start): neither calls it running nor destroys a half
     src.root.instances.reconcile()
     dst.root.migrations.recover()
+    dst.root.instances.reconcile()
     assert src.client.get(f"/v1/instances/{name}").json["state"] == "error"
     assert dst.client.get(f"/v1/instances/{name}").json["state"] == "error"
     assert src.root.driver.postcopy_split(name) and dst.root.driver.find(name) is not None

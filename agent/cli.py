@@ -963,6 +963,9 @@ def backup_restore(backup_id, name, pool, no_start, as_json):
         click.echo(f"{i['name']} {i['id'][:12]} {i['state']}" + (f" ip {i['ip']}" if i.get("ip") else ""))
 
 
+MIGRATION_ID_RE = re.compile(r"[0-9a-f]{32}")  # an operation id: `migrate resume ID` is not a move
+
+
 @main.group()
 def migration():
     """Migrations: `nodeagent migrate` starts one; show reports it."""
@@ -974,6 +977,25 @@ def migration():
 def migration_show(migration_id, as_json):
     """A migration's phase, bytes, downtime and error."""
     _out(_call(_client().get, f"/v1/migrations/{migration_id}"), as_json)
+
+
+@migration.command("resume")
+@click.argument("migration_id")
+@click.option("--json", "as_json", is_flag=True)
+def migration_resume(migration_id, as_json):
+    """Resume a post-copy migration whose link broke (the guest split between the hosts,
+    paused) from where it stopped; also `nodeagent migrate resume ID`."""
+    _resume_migration(migration_id, as_json)
+
+
+def _resume_migration(migration_id: str, as_json: bool) -> None:
+    c = _client()
+    op = _call(c.post, f"/v1/migrations/{migration_id}/resume", {})
+    op = _finish(_wait_with_progress(c, op, f"resuming migration {migration_id}", as_json), as_json)
+    if not as_json:
+        res = op.get("result") or {}
+        click.echo(f"{res.get('name')} now runs on {res.get('destination')} (post-copy resumed, "
+                   f"total {res.get('total_ms')} ms)")
 
 
 @main.command()
@@ -1023,7 +1045,10 @@ def events(types, last_event_id, timeout):
 @click.option("--json", "as_json", is_flag=True)
 def migrate(ref, destination, to, mode, as_json, **controls):
     """Move instance REF to a configured peer: `nodeagent migrate REF --to PEER`. Controls left
-    out follow the host's policy ([migration]: pre-copy, auto-converge, then post-copy)."""
+    out follow the host's policy ([migration]: pre-copy, auto-converge, then post-copy).
+    `nodeagent migrate resume MIGRATION_ID`: resume a broken post-copy (`migration resume`)."""
+    if ref == "resume" and not to and destination and MIGRATION_ID_RE.fullmatch(destination):
+        return _resume_migration(destination, as_json)
     destination = to or destination
     if not destination:
         raise click.UsageError("name the destination peer with --to PEER")

@@ -176,6 +176,12 @@ class MigrationConfig(_Strict):
     postcopy_after_iterations: int | None = Field(None, ge=1)  # None: the pass-count bound is off
     completion_timeout_s: float | None = Field(None, gt=0)  # None: no timeout (cancel still works)
     timeout_action: str = "abort"  # abort | pause | postcopy
+    # A post-copy whose link broke (the guest split between the hosts, README "Post-copy
+    # failures") is resumed by the migration itself when the destination answers again within
+    # this window, at most this many resume attempts; then the guest stays paused, split, in
+    # state error, until POST /v1/migrations/{id}/resume. 0 attempts: never on its own.
+    postcopy_resume_window_s: float = Field(60.0, ge=0, le=86_400)
+    postcopy_resume_attempts: int = Field(3, ge=0, le=100)
 
     @field_validator("timeout_action")
     @classmethod

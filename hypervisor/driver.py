@@ -223,6 +223,28 @@ class SupportsMigration(Protocol):
 
 
 @runtime_checkable
+class SupportsPostcopyResume(Protocol):
+    """Drivers that can finish a post-copy migration that broke (``PostCopyFailed``) once
+    the link is back. Terms: a VM is *split* while its domain here is the paused source half
+    of a broken post-copy (the destination runs its CPUs and holds the pages already sent;
+    the rest are only here). Lifecycle: split -> resume_postcopy() -> gone here, running on
+    the destination; or split again if the copy breaks again (both halves kept)."""
+
+    def postcopy_split(self, name: str) -> bool:
+        """Whether VM ``name`` here is the source half of a broken post-copy (resumable);
+        NotFound if there is no such VM."""
+
+    def resume_postcopy(self, name: str, dest_uri: str, options: MigrationOptions, *,
+                        progress=None) -> MigrationResult:
+        """Restart the broken post-copy of split VM ``name`` to ``dest_uri`` (the URI of the
+        first attempt) from where it stopped; ``options`` as in ``migrate`` (only ``tls`` and
+        ``copy_storage`` matter: the same as the first attempt). First makes the destination's
+        end resumable too (a half that has not seen the break yet is paused there). On success
+        the VM runs on the destination and is undefined here. Raises Conflict if ``name`` is
+        not split, PostCopyFailed if the copy breaks again (still split: both halves kept)."""
+
+
+@runtime_checkable
 class SupportsIncomingDisks(Protocol):
     """Drivers whose VMs attach disks that need host-side setup before a migrating domain
     arrives (RBD: the cephx key as a libvirt secret, the client ceph.conf). The destination

@@ -86,6 +86,7 @@ class FakeDriver:
         self.converges = True
         self.postcopy_s = 0.0  # how long a fake post-copy takes (the guest already runs there)
         self.postcopy_link_cut = False  # the link breaks during post-copy (PostCopyFailed)
+        self.resume_calls = 0  # resume_postcopy() calls (the automatic retries count here)
         # CPU model (SupportsCpuCheck): the <cpu> its running guests report (None: as under TCG,
         # no check), and why this host cannot run a guest's CPU (None: it can)
         self.guest_cpu_xml: str | None = None
@@ -541,3 +542,38 @@ class FakeDriver:
         with self._lock:
             self._get(name)
         return False
+
+    # -- post-copy recovery (SupportsPostcopyResume) --
+    def postcopy_split(self, name: str) -> bool:
+        with self._lock:
+            vm = self._get(name)
+            return vm.state == "paused" and vm.reason == "postcopy-failed"
+
+    def resume_postcopy(self, name: str, dest_uri: str, options: MigrationOptions, *,
+                        progress=None) -> MigrationResult:
+        """Finish the broken post-copy of split VM ``name``: while ``postcopy_link_cut`` is
+        still set the copy breaks again (PostCopyFailed, both halves kept); else the
+        destination's half runs whole and the VM is gone here."""
+        self.resume_calls += 1
+        if not self.postcopy_split(name):
+            raise Conflict(f"VM {name!r} is not the paused half of a broken post-copy here: nothing to resume")
+        dest = _FAKE_HOSTS.get(dest_uri)
+        moved = dest._vms.get(name) if dest is not None and dest is not self else None
+        if moved is None or moved.reason != "postcopy-failed":
+            raise CommandFailed(f"the destination at {dest_uri} has no half of VM {name!r}: the post-copy "
+                                "cannot be resumed")
+        with self._lock:
+            vm = self._get(name)
+        sent = vm.spec.memory_mib * FAKE_MIGRATION_BYTES_PER_MIB
+        if progress:
+            progress(MigrationProgress(elapsed_ms=0, data_total=sent, data_processed=sent // 2,
+                                       data_remaining=sent // 2, dirty_rate=0, memory_iteration=1, phase="postcopy"))
+        if self.postcopy_link_cut:
+            raise PostCopyFailed(f"resuming the post-copy migration of VM {name!r} to {dest_uri} failed: the link "
+                                 "is still down; the guest is still split; both halves are kept")
+        with dest._lock:
+            moved.reason = None
+            moved.console.append(f"fake-hypervisor: post-copy from {self.uri} resumed and finished")
+        with self._lock:
+            self._vms.pop(name, None)
+        return MigrationResult(total_ms=1.0, downtime_ms=None, data_bytes=sent, postcopy=True)

@@ -1071,3 +1071,15 @@ class LibvirtDriver:
     def abort_migration(self, name: str) -> bool:
         from hypervisor import libvirt_migration
         return libvirt_migration.abort(self, name)
+
+    # -- post-copy recovery (hypervisor.driver.SupportsPostcopyResume) --
+    def postcopy_split(self, name: str) -> bool:
+        from hypervisor import libvirt_migration
+        return libvirt_migration.postcopy_split(self, name)
+
+    def resume_postcopy(self, name: str, dest_uri: str, options, *, progress=None):
+        """See hypervisor.libvirt_migration.resume_postcopy."""
+        from hypervisor import libvirt_migration
+        result = libvirt_migration.resume_postcopy(self, name, dest_uri, options, progress=progress)
+        bandwidth.sweep()  # its taps left with it: so do their ifbs
+        return result

@@ -20,6 +20,16 @@ never aborted, never hard-stopped, and a failure (the link cut) leaves the sourc
 A cut link does not fail the job by itself (TCP retransmits for many minutes): a post-copy
 that sent no byte for POSTCOPY_STALL_S is paused (``abortJobFlags(ABORT_JOB_POSTCOPY)``,
 QEMU's ``migrate-pause``), which fails it in that resumable state.
+
+Resume (``resume_postcopy``, libvirt 8.5+: ``VIR_MIGRATE_POSTCOPY_RESUME``): once the link is
+back, the same peer-to-peer call with the resume flag restarts the copy from where it stopped.
+libvirt refuses it ("QEMU reports migration is still running") while either end's QEMU is still
+``postcopy-active``: a destination whose TCP connection has not failed yet never notices a
+cut link by itself, so its end is paused first (``abortJobFlags(ABORT_JOB_POSTCOPY)`` there).
+And the destination's QEMU must answer its monitor (libvirt's ``migrate-recover`` goes through
+its main loop): under TCG a vCPU that faults on a missing page while holding QEMU's global lock
+blocks that loop for good, and a resume started then would hang on both hosts; it is checked
+first and the resume refused (``_pause_incoming_postcopy``; README "Post-copy failures").
 """
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from agent.errors import Cancelled, CommandFailed, InvalidInput, NotFound, PostCopyFailed
+from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFound, PostCopyFailed
 from hypervisor.domain_xml import NODEAGENT_NS, QEMU_NS, RBD_DEFAULT_PORT
 from hypervisor.driver import TIMEOUT_ACTIONS, MigrationOptions, MigrationProgress, MigrationResult
 
@@ -37,6 +47,11 @@ POLL_S = 0.2  # jobStats sampling interval
 ABANDON_WAIT_S = 30  # how long a caller that goes away waits for its aborted job
 ABORT_GRACE_S = 15  # an abort not honoured by then: the destination's incoming domain is destroyed
 POSTCOPY_STALL_S = 10  # a post-copy that sent nothing for this long has lost its link: it is paused
+# a resume first pauses the destination's end if it has not seen the break yet (QEMU's
+# migrate-pause there); it reaches the failed state within this, or the resume is not tried
+INCOMING_PAUSE_WAIT_S = 30
+MONITOR_PROBE_S = 45  # the destination's QEMU answers query-migrate within this (libvirt waits 30 s for a job)
+RESUME_STALL_S = 120  # a resume that moved no byte for this long is given up (the guest stays split)
 # QEMU stops the guest once the memory left fits its downtime-limit at the measured bandwidth,
 # but the guest stays paused longer: the disk mirror's end, the device state, libvirt's Finish
 # on the destination and its resume (100-200 ms measured here, TCG on loaded hosts; see
@@ -210,8 +225,7 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
         raise PostCopyFailed(
             f"migration of VM {name!r} to {dest_uri} failed during post-copy: {outcome['error']}; the "
             "guest's memory is split between this host and the destination, so it is paused here and "
-            "stalls there; both halves are kept. Recover it once the link is back (`virsh migrate "
-            f"--live --p2p --postcopy --postcopy-resume {name} {dest_uri}` on this host), or give it up "
+            "stalls there; both halves are kept: resume it once the link is back, or give it up "
             "(delete it on both hosts: its unsaved state is lost)", stderr=outcome["error"])
     if "error" in outcome:
         if paused:
@@ -235,6 +249,7 @@ class _Watch:
     """What the watcher learnt that the caller needs after the job: whether post-copy started."""
 
     postcopy = False
+    gave_up = False  # stall_limit_s passed with no byte moved
 
 
 def _in_postcopy(dom) -> bool:
@@ -307,7 +322,7 @@ def _start_postcopy(dom, started: threading.Event) -> None:
 
 
 def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, hard_stop,
-           watch: _Watch | None = None):
+           watch: _Watch | None = None, stall_limit_s: float | None = None):
     """Sample progress until the job thread ends; abort on cancel or on the completion
     timeout (or suspend the guest, timeout_action="pause"; or switch to post-copy,
     "postcopy", as the policy's bound does). Returns (last sample, reason for an abort or
@@ -320,7 +335,9 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
     the job here while the guest keeps running (libvirt's guarantee) -- but never once
     post-copy has begun: the destination then holds the running guest, and destroying it
     would lose it. Post-copy is never started after an abort was sent, and once it runs,
-    cancel and timeout are ignored (the copy must finish for the guest to be whole)."""
+    cancel and timeout are ignored (the copy must finish for the guest to be whole).
+    ``stall_limit_s`` (a resume): in post-copy, stop watching once no byte moved for that
+    long (``watch.gave_up``; the job thread is left to libvirt)."""
     watch = watch or _Watch()
     last: MigrationProgress | None = None
     reason = paused = None
@@ -329,6 +346,7 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
     switched = threading.Event()
     abort_since = None
     stall: dict = {}  # post-copy: the bytes last sent and since when
+    moved: dict = {}  # the same for stall_limit_s (not reset by a pause)
     pauser: threading.Thread | None = None
     converging = _Convergence()
     stalled = 0
@@ -352,6 +370,13 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
                 progress(last)
         if watch.postcopy:  # nothing may stop it now; a dead link pauses it (resumable)
             pauser = _pause_stalled_postcopy(dom, stats, stall, pauser)
+            if stall_limit_s is not None:
+                now = time.monotonic()
+                if stats.get("data_processed") not in (None, moved.get("bytes")):
+                    moved.update(bytes=stats["data_processed"], at=now)
+                if now - moved.setdefault("at", now) > stall_limit_s:
+                    watch.gave_up = True
+                    break
             continue
         elapsed = time.monotonic() - t0
         timed_out = o.completion_timeout_s is not None and elapsed > o.completion_timeout_s
@@ -391,6 +416,153 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
                 hard_stop()
                 hard_stop = None
     return last, reason, paused
+
+
+def postcopy_split(driver, name: str) -> bool:
+    """Whether ``name`` here is the paused source half of a broken post-copy (resumable)."""
+    dom = driver._dom(name)
+    try:
+        state, why = dom.state()
+    except libvirt.libvirtError as e:
+        raise driver._error(e, name) from None
+    return state == libvirt.VIR_DOMAIN_PAUSED and why == libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED
+
+
+def resume_postcopy(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=None) -> MigrationResult:
+    """Restart the broken post-copy of ``name`` to ``dest_uri`` (hypervisor.driver.
+    SupportsPostcopyResume): the destination's end paused first if it has not seen the break,
+    then the peer-to-peer resume, watched as a post-copy (a link that dies again is paused
+    again after POSTCOPY_STALL_S). On success the guest runs there, undefined here."""
+    if not postcopy_split(driver, name):
+        raise Conflict(f"VM {name!r} is not the paused half of a broken post-copy here: nothing to resume")
+    dom = driver._dom(name)
+    _pause_incoming_postcopy(dest_uri, name)
+    flags = (BASE_FLAGS | libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_POSTCOPY
+             | libvirt.VIR_MIGRATE_POSTCOPY_RESUME)
+    if o.tls:
+        flags |= libvirt.VIR_MIGRATE_TLS
+    outcome: dict = {}
+
+    def job():
+        conn = None
+        try:
+            conn = libvirt.open(driver.uri)
+            conn.lookupByUUIDString(dom.UUIDString()).migrateToURI3(dest_uri, {}, flags)
+        except libvirt.libvirtError as e:
+            outcome["error"] = e.get_error_message() or str(e)
+        except Exception as e:  # noqa: BLE001 - reported to the caller below
+            outcome["error"] = str(e)
+        finally:
+            if conn is not None:
+                try:
+                    conn.close()
+                except libvirt.libvirtError:
+                    pass
+
+    t0 = time.monotonic()
+    worker = threading.Thread(target=job, name=f"migrate-resume-{name}", daemon=True)
+    worker.start()
+    watch = _Watch()
+    watch.postcopy = True  # from the first sample: nothing may stop it, a dead link pauses it
+    try:
+        last, _, _ = _watch(dom, worker, o, t0, progress, None, None, watch, stall_limit_s=RESUME_STALL_S)
+    except BaseException:
+        worker.join(ABANDON_WAIT_S)  # never aborted: in post-copy only the copy's end makes it whole
+        raise
+    total_ms = (time.monotonic() - t0) * 1000
+    if watch.gave_up:
+        raise PostCopyFailed(
+            f"resuming the post-copy migration of VM {name!r} to {dest_uri} moved no byte in {RESUME_STALL_S}s; "
+            "the guest is still split between this host and the destination (paused here, stalled there); "
+            "libvirt may still hold the resume's job on both hosts: give the guest up (delete it on both "
+            "hosts) or restart libvirtd on both and resume it again")
+    if "error" in outcome:
+        raise PostCopyFailed(
+            f"resuming the post-copy migration of VM {name!r} to {dest_uri} failed: {outcome['error']}; "
+            "the guest is still split between this host and the destination (paused here, stalled there); "
+            "both halves are kept: resume it again once the link works", stderr=outcome["error"])
+    downtime, data = _completed_stats(dest_uri, name)
+    if data is None:
+        data = last.data_processed if last else 0
+    return MigrationResult(total_ms=total_ms, downtime_ms=downtime, data_bytes=int(data), postcopy=True)
+
+
+def _pause_incoming_postcopy(dest_uri: str, name: str) -> None:
+    """Make the destination's end of a broken post-copy resumable, or say why it cannot be.
+    Its QEMU must answer its monitor: libvirt's resume runs ``migrate-recover`` there, and a
+    QEMU whose main loop is blocked would hang the resume on both hosts (libvirt holds both
+    domains' jobs, with no timeout), so it is asked first (``query-migrate``, bounded by
+    libvirt's own 30 s job wait). A QEMU still in ``postcopy-active`` (its TCP connection has
+    not failed yet) is paused (``abortJobFlags(ABORT_JOB_POSTCOPY)``, QEMU's migrate-pause);
+    then it must say ``postcopy-paused``. CommandFailed otherwise (the guest stays split)."""
+    import json
+
+    import libvirt_qemu
+    try:
+        conn = libvirt.open(dest_uri)
+    except libvirt.libvirtError as e:
+        raise CommandFailed(f"cannot reach the destination's hypervisor at {dest_uri} to resume the post-copy "
+                            f"of VM {name!r}: {e.get_error_message()}; the guest stays split: retry when the "
+                            "link is back") from None
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            raise CommandFailed(f"the destination at {dest_uri} has no domain {name!r}: its half of the guest "
+                                "is gone, so the post-copy cannot be resumed (the guest is lost: delete it "
+                                "here)") from None
+        deadline = time.monotonic() + INCOMING_PAUSE_WAIT_S
+        asked = False
+        while True:
+            try:
+                answer = _bounded(lambda: libvirt_qemu.qemuMonitorCommand(
+                    dom, json.dumps({"execute": "query-migrate"}), 0), MONITOR_PROBE_S)
+                status = json.loads(answer).get("return", {}).get("status")
+            except (libvirt.libvirtError, ValueError, TimeoutError) as e:
+                why = e.get_error_message() if isinstance(e, libvirt.libvirtError) else str(e)
+                raise CommandFailed(
+                    f"the destination's QEMU of VM {name!r} does not answer its monitor ({why}): its main loop "
+                    "is blocked, most likely by a vCPU waiting for a page that is still on this host while it "
+                    "holds QEMU's global lock (TCG does that; libvirt sends the resume's migrate-recover through "
+                    "that loop, not out of band), so the post-copy cannot be resumed: the guest stays split; "
+                    "give it up (delete it on both hosts) or retry (README \"Post-copy failures\")",
+                    stderr=why) from None
+            if status == "postcopy-paused":
+                return
+            if status == "postcopy-active" and not asked:
+                try:
+                    dom.abortJobFlags(libvirt.VIR_DOMAIN_ABORT_JOB_POSTCOPY)
+                except libvirt.libvirtError:
+                    pass  # it saw the break meanwhile: the next query says so
+                asked = True
+            if time.monotonic() > deadline:
+                raise CommandFailed(f"the destination's end of VM {name!r} did not reach the failed post-copy "
+                                    f"state within {INCOMING_PAUSE_WAIT_S}s (QEMU says {status!r}): the guest "
+                                    "stays split; retry the resume")
+            time.sleep(POLL_S)
+    finally:
+        conn.close()
+
+
+def _bounded(call, timeout: float):
+    """``call()`` on a thread of its own; TimeoutError if it has not returned within ``timeout``
+    (a libvirt call into a QEMU whose monitor hangs never returns: the thread is left to it)."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = call()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="libvirt-bounded", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"no answer within {timeout:g}s")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def _pause_stalled_postcopy(dom, stats: dict, stall: dict, pauser: threading.Thread | None):

@@ -30,6 +30,14 @@ def get_migration(id):
     return render(mig)
 
 
+@route(bp, "POST", "/v1/migrations/{id}/resume",
+       summary="Resume a post-copy migration whose link broke (the guest split, paused) from where it stopped "
+               "(202 + a new migration operation)",
+       responses={202: models.Operation, 404: None, 409: None})
+def resume_migration(id):
+    return render(services().migrations.resume(path_id(id)), 202)
+
+
 @route(bp, "POST", "/v1/peer/migrations", summary="Peers only: prepare to receive an instance",
        body=models.IncomingMigration, responses={200: models.IncomingPrepared, 403: None, 409: None, 422: None},
        auth="peer")

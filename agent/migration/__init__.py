@@ -68,8 +68,10 @@ Cancel (``DELETE /v1/operations/{id}``) fails a migration the same way until the
 runs on the destination: that is the operation's point of no return (a later cancel gets 409).
 A live VM migration that switched to post-copy (source.live_options: the request's controls
 over the [migration] policy) passed it at the switch; if it then fails, the guest is split
-between the hosts: the source's record goes to error and nothing is aborted on the
-destination (README "Post-copy failures").
+between the hosts: nothing is aborted on the destination; the source resumes the copy from where
+it stopped as soon as the destination answers again ([migration] postcopy_resume_window_s,
+postcopy_resume_attempts), else its record goes to error and ``POST /v1/migrations/{id}/resume``
+resumes it later (README "Post-copy failures"). A resumed copy ends as the migration would have.
 
 Space: the source sends how much the copy writes (its disk's own allocated bytes, or the
 container's upper dir) and the image's size; a destination whose local pool cannot take
@@ -128,6 +130,9 @@ class MigrationService:
 
     def get(self, mig_id: str) -> dict:
         return self.source.get(mig_id)
+
+    def resume(self, mig_id: str) -> dict:
+        return self.source.resume(mig_id)
 
     # -- host maintenance (agent.migration.evacuation) --
     def evacuate(self, req: models.EvacuateRequest) -> dict:

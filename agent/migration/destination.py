@@ -439,7 +439,8 @@ class MigrationDestination:
         inst = self._from(inst_id, source)
         if inst.state in ADOPTED_STATES:
             return {"instance": inst.to_dict()}
-        inst = self._incoming(inst_id, source)
+        if not self._healed(inst):
+            inst = self._incoming(inst_id, source)
         with self.root.instances.lock(inst_id):
             if inst.kind == "container":
                 return self._finish_container(inst, start, keep)
@@ -455,6 +456,14 @@ class MigrationDestination:
             self.root.instances.reapply_bandwidth(inst)  # its taps here are new
             self.root.instances.sync_port(inst)  # and so are libvirt's names of them (vnetN)
             return {"instance": self.root.records.update(inst_id, state=info.state, error=None).to_dict()}
+
+    def _healed(self, inst: Instance) -> bool:
+        """Whether ``inst`` is the half of a VM split by a broken post-copy (state error since
+        this agent's restart) whose copy was resumed and ended: it runs here whole now."""
+        if inst.kind != "vm" or inst.state != "error":
+            return False
+        info = self.root.driver.find(inst.name)
+        return info is not None and info.state == "running" and info.reason is None
 
     def _own_shared(self, inst_id: str) -> None:
         """The guest runs here: adopted shared volumes are ours like any other now."""

@@ -20,7 +20,7 @@ from agent.migration import transport
 from agent.migration.peer import PeerClient, Peers
 from agent.migration.transfer import NO_SPACE, allocated_bytes, rootfs_paths
 from agent.services.records import Instance
-from hypervisor.driver import SupportsCpuCheck, SupportsMigration
+from hypervisor.driver import SupportsCpuCheck, SupportsMigration, SupportsPostcopyResume
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ FINISH_RETRY_S = 2
 CRIU_CHECK_TIMEOUT_S = 30
 INSTANCE_FIELDS = ("id", "name", "kind", "pool", "volumes", "mac", "ip")  # what the destination's record keeps
 RECENT_MIGRATIONS = 256  # ended migrations whose last figures GET still shows (until a restart)
+RESUME_POLL_S = 2.0  # how often a broken post-copy's source asks whether the destination answers again
+SPLIT_KEY = "postcopy_split"  # in a split VM's spec: {peer, uri, migration}, what a resume needs
 
 
 def criu_works() -> tuple[bool, str]:
@@ -312,6 +314,96 @@ class MigrationSource:
                 "downtime_ms": res.get("downtime_ms"), "total_ms": res.get("total_ms"),
                 "error": op["error"]}
 
+    def resume(self, mig_id: str) -> dict:
+        """Resume the broken post-copy of migration ``mig_id`` (any migration of the split VM
+        that failed: the first attempt or a resume of it) from where it stopped: 202 + a new
+        migration operation that ends as the migration would have (the destination adopts the
+        guest, this host forgets it). NotFound for an unknown id; Conflict unless the VM is
+        the paused half of a broken post-copy here (README "Post-copy failures")."""
+        try:
+            failed = self.root.operations.get(mig_id)
+        except NotFound:
+            failed = None
+        if failed is None or failed["kind"] != "migration":
+            raise NotFound(f"migration {mig_id} not found")
+        if failed["status"] != "failed":
+            raise Conflict(f"migration {mig_id} is {failed['status']}: only a post-copy migration that failed "
+                           "(the guest split between the hosts, paused) can be resumed")
+        inst = self.root.records.find_id(failed["target"] or "")
+        split = dict(inst.spec.get(SPLIT_KEY) or {}) if inst is not None else {}
+        if inst is None or inst.kind != "vm" or not split:
+            raise Conflict(f"migration {mig_id} left no guest split in post-copy here: nothing to resume "
+                           "(it failed before post-copy, or the instance moved or was deleted since)")
+        driver = self.root.driver
+        if not isinstance(driver, SupportsPostcopyResume):
+            raise Unsupported(f"the {self.config.hypervisor.driver} driver cannot resume a post-copy migration")
+        if not driver.postcopy_split(inst.name):
+            raise Conflict(f"VM {inst.name!r} is not paused in a broken post-copy here (its state: "
+                           f"{driver.get(inst.name).state}): nothing to resume")
+        peer = self.peers.get(split.get("peer", ""))
+        with self._lock:
+            if inst.id in self._busy:
+                raise Conflict(f"instance {inst.name!r} is already being migrated (or resumed)")
+            self._busy.add(inst.id)
+            self._sending[inst.id] = peer.name
+        about = {"instance": inst.id, "name": inst.name, "destination": peer.name, "mode": "live",
+                 "options": None, "resumes": mig_id}
+
+        def work(op):
+            self._track(op.id, about)
+            try:
+                with self.root.instances.lock(inst.id):
+                    return self._resume_vm(op, inst.id, peer, split)
+            finally:
+                with self._lock:
+                    self._busy.discard(inst.id)
+                    self._sending.pop(inst.id, None)
+
+        try:
+            op = self.root.operations.submit("migration", inst.id, work,
+                                             on_final=lambda final: self._ended(final["id"], about))
+        except BaseException:
+            with self._lock:
+                self._busy.discard(inst.id)
+                self._sending.pop(inst.id, None)
+            raise
+        with self._lock:
+            if op["id"] not in self._recent:
+                self._live.setdefault(op["id"], dict(about))
+        return op
+
+    def _resume_vm(self, op, inst_id: str, peer: PeerClient, split: dict) -> dict:
+        """The work of ``resume``: past the point of no return from the start (the copy may only
+        end); the guest stays split (record error, PostCopyFailed) if it breaks again or the
+        destination does not answer."""
+        from hypervisor.driver import MigrationOptions
+        op.point_of_no_return()
+        inst = self.root.instances.get(inst_id)
+        name = inst.name
+        op.phase("resume")
+        if not peer.alive():
+            raise Unavailable(f"peer {peer.name!r} ({peer.url}) does not answer: VM {name!r} stays split, paused "
+                              "here; resume it again once the link is back")
+        pool = self.root.pools[inst.pool]
+        shared = pool.kind not in LOCAL_POOL_KINDS
+        volumes = self.root.volumes.outgoing(inst_id)
+        to = transport.route(split["uri"], self.root.config.migration, peer.name)
+        copied = not shared or any(path and not v["readonly"] for v, path in volumes)
+        options = MigrationOptions(live=True, copy_storage="incremental" if copied else "none", tls=to.tls,
+                                   postcopy=True)
+        live = self._track(op.id, {})
+        live["postcopy"] = True
+        progress = self._vm_progress(op, live)
+        try:
+            result = self.root.driver.resume_postcopy(name, to.uri, options, progress=progress)
+        except Conflict:
+            raise
+        except AgentError as e:
+            self._split(inst_id, peer.name, op.id)
+            raise PostCopyFailed(f"{e.message}; resume it again with POST /v1/migrations/{op.id}/resume "
+                                 f"(`nodeagent migrate resume {op.id}`) once the link is back", **e.details) from None
+        return self._vm_moved(op, inst_id, peer, name, "live", result, shared, volumes)
+
     def _migrate_vm(self, op, inst_id: str, peer: PeerClient, mode: str, controls: dict,
                     postcopy_required: bool = False) -> dict:
         """Live (or, mode=cold, suspended) migration of a running VM with ``controls``
@@ -344,16 +436,11 @@ class MigrationSource:
             attached_volumes=[v for v, _ in volumes]))
         live = self._track(op.id, {})
         down = {"failures": 0, "last": time.monotonic()}
-
-        def progress(p):
-            live.update(processed=p.data_processed, total=p.data_total, remaining=p.data_remaining,
-                        dirty_rate=p.dirty_rate, iterations=p.memory_iteration, throttle_pct=p.throttle_pct)
-            if p.phase == "postcopy" and not live.get("postcopy"):
-                op.point_of_no_return()  # the guest runs there now: a cancel gets 409
-                live["postcopy"] = True
-            op.report(phase=p.phase, remaining_bytes=p.data_remaining, dirty_rate=p.dirty_rate,
-                      iterations=p.memory_iteration, throttle_pct=p.throttle_pct)
-            op.bytes(p.data_processed, p.data_total or None)
+        # what a resume of this copy needs if it breaks in post-copy, kept with the record
+        # (a restarted agent resumes it too): the peer, its migration URI, this migration
+        split = {"peer": peer.name, "uri": prepared.migration_uri, "migration": op.id}
+        progress = self._vm_progress(op, live, on_postcopy=lambda: self.root.records.update_spec(
+            inst_id, **{SPLIT_KEY: split}))
 
         def cancelled() -> bool:
             if op.cancelled.is_set():
@@ -404,11 +491,7 @@ class MigrationSource:
                 raise Unavailable(f"peer {peer.name!r} stopped answering during the migration: it was "
                                   f"aborted and {name!r} keeps running here") from None
             except PostCopyFailed as e:
-                self.root.records.update(inst_id, state="error", error=(
-                    f"post-copy migration to {peer.name} failed: the guest's memory is split between this host "
-                    f"and {peer.name}; it is paused here and stalls there (README \"Post-copy failures\")"))
-                live["postcopy_failed"] = True
-                raise e
+                result = self._resume_in_window(op, inst_id, peer, name, to, options, progress, e)
             except CommandFailed as e:
                 if NO_SPACE not in e.message:
                     raise
@@ -420,6 +503,12 @@ class MigrationSource:
             if not live.get("postcopy"):  # after post-copy began the destination holds the guest
                 self._abort_remote(peer, inst_id, e)
             raise
+        return self._vm_moved(op, inst_id, peer, name, mode, result, shared, volumes)
+
+    def _vm_moved(self, op, inst_id: str, peer: PeerClient, name: str, mode: str, result, shared: bool,
+                  volumes) -> dict:
+        """The guest runs on ``peer`` now (its copy ended, or its broken post-copy was resumed):
+        the destination adopts the record, this host forgets the instance; the operation's result."""
         op.point_of_no_return()
         # the guest runs there now; only the records are left to move
         op.phase("confirm")
@@ -434,6 +523,74 @@ class MigrationSource:
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
                 "downtime_ms": result.downtime_ms, "total_ms": round(result.total_ms, 1),
                 "bytes": result.data_bytes, "postcopy": result.postcopy}
+
+    def _vm_progress(self, op, live: dict, on_postcopy=None):
+        """The progress callback of a live VM copy: figures into ``live`` (GET) and the
+        operation; at the first post-copy sample the operation passes its point of no return
+        (the guest runs there now: a cancel gets 409) and ``on_postcopy()`` runs."""
+        def progress(p):
+            live.update(processed=p.data_processed, total=p.data_total, remaining=p.data_remaining,
+                        dirty_rate=p.dirty_rate, iterations=p.memory_iteration, throttle_pct=p.throttle_pct)
+            if p.phase == "postcopy" and not live.get("postcopy"):
+                op.point_of_no_return()
+                live["postcopy"] = True
+                if on_postcopy is not None:
+                    on_postcopy()
+            op.report(phase=p.phase, remaining_bytes=p.data_remaining, dirty_rate=p.dirty_rate,
+                      iterations=p.memory_iteration, throttle_pct=p.throttle_pct)
+            op.bytes(p.data_processed, p.data_total or None)
+        return progress
+
+    def _split(self, inst_id: str, peer: str, migration: str) -> None:
+        """Record that the guest is split (its post-copy to ``peer`` broke): state error, and
+        how to resume it. The error names the migration to resume."""
+        self.root.records.update(inst_id, state="error", error=(
+            f"post-copy migration to {peer} failed: the guest's memory is split between this host and {peer}; "
+            f"it is paused here and stalls there: resume it (POST /v1/migrations/{migration}/resume, "
+            f"`nodeagent migrate resume {migration}`) once the link is back, or delete it on both hosts "
+            "(README \"Post-copy failures\")"))
+
+    def _resume_in_window(self, op, inst_id: str, peer: PeerClient, name: str, to, options, progress,
+                          failed: PostCopyFailed):
+        """The post-copy broke (``failed``): the guest is split. Resume it as soon as the
+        destination answers again, within [migration] postcopy_resume_window_s and at most
+        postcopy_resume_attempts times; the MigrationResult of the resume that finished it.
+        Else (or when the agent stops) the record goes to state error and PostCopyFailed
+        says how to resume it later; nothing is destroyed on either host."""
+        cfg = self.config.migration
+        driver = self.root.driver
+        deadline = time.monotonic() + cfg.postcopy_resume_window_s
+        tried = 0
+        last: AgentError = failed
+        if cfg.postcopy_resume_attempts and isinstance(driver, SupportsPostcopyResume):
+            op.phase("postcopy-paused")
+            log.warning("post-copy migration broke: resuming it once the destination answers",
+                        extra={"instance": name, "destination": peer.name, "error": failed.message,
+                               "window_s": cfg.postcopy_resume_window_s})
+            while tried < cfg.postcopy_resume_attempts and time.monotonic() < deadline \
+                    and not op.cancelled.is_set():  # set when the agent stops: it is left paused
+                if not peer.alive():
+                    op.cancelled.wait(RESUME_POLL_S)
+                    continue
+                tried += 1
+                op.phase("resume")
+                try:
+                    return driver.resume_postcopy(name, to.uri, options, progress=progress)
+                except AgentError as e:  # still split (or not resumable at all: Conflict)
+                    last = e
+                    log.warning("resuming the broken post-copy failed", extra={
+                        "instance": name, "destination": peer.name, "attempt": tried, "error": e.message})
+                    if isinstance(e, Conflict):
+                        break
+                    op.phase("postcopy-paused")
+                    op.cancelled.wait(RESUME_POLL_S)
+        self._split(inst_id, peer.name, op.id)
+        how = (f"resumed {tried} time(s) within {cfg.postcopy_resume_window_s:g}s without success: {last.message}; "
+               if tried else f"the destination did not answer within {cfg.postcopy_resume_window_s:g}s; "
+               if cfg.postcopy_resume_attempts else "")
+        raise PostCopyFailed(f"{failed.message}; {how}resume it with POST /v1/migrations/{op.id}/resume "
+                             f"(`nodeagent migrate resume {op.id}`) once the link is back",
+                             **failed.details) from None
 
     def _move_stopped_vm(self, op, inst_id: str, peer: PeerClient) -> dict:
         """Offline: the destination prepares (overlay on the same base, seed, row), takes the

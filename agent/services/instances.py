@@ -711,6 +711,9 @@ class InstanceService:
                 elif isinstance(info, VmInfo) and info.reason == "postcopy-failed":
                     if inst.state != "error":  # paused or stalled, its memory split: not running
                         self.records.update(inst.id, state="error", error=POSTCOPY_FAILED)
+                elif isinstance(info, VmInfo) and info.reason == "postcopy" and inst.state in ("incoming", "error"):
+                    pass  # a destination's half still pulling its pages (or stalled on a break it has
+                    # not seen yet): not running until its migration ends (agent.migration.destination)
                 elif info.state != inst.state or inst.state == "lost":
                     self.records.update(inst.id, state=info.state, error=None,
                                         **_ip(info))
@@ -724,7 +727,8 @@ def _bandwidth_of(inst: Instance):
 
 
 POSTCOPY_FAILED = ("a post-copy migration of this VM failed: its memory is split between this host and the other "
-                   "one, so it is paused (or stalls) on both; recover it (README \"Post-copy failures\") or delete it")
+                   "one, so it is paused (or stalls) on both; resume it on its source host (POST "
+                   "/v1/migrations/{id}/resume there: README \"Post-copy failures\") or delete it on both")
 
 
 def _ip(info) -> dict:

@@ -32,7 +32,8 @@ COLUMNS = ("id", "name", "kind", "image", "spec", "state", "pool", "volumes", "i
            "created_at", "updated_at")
 UPDATABLE = frozenset({"state", "ip", "error", "volumes", "image"})  # what update() may change (image: a rebuild)
 # what update_spec() may change in the request kept as spec
-SPEC_UPDATABLE = frozenset({"bandwidth", "cpus", "memory_mib", "autostart", "image_id"})  # image_id: a rebuild
+SPEC_UPDATABLE = frozenset({"bandwidth", "cpus", "memory_mib", "autostart", "image_id",  # image_id: a rebuild
+                            "postcopy_split"})  # a split VM: how to resume its broken post-copy (migration)
 
 # Schema steps of component "instances"; only ever appended. The table was first made by the
 # "agent" component's step 1 (agent/schema.py, before this module owned it): IF NOT EXISTS

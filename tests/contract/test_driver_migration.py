@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from agent.errors import Cancelled, CommandFailed, InvalidInput
-from hypervisor.driver import DiskSpec, MigrationOptions, SupportsMigration, VmSpec
+from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput
+from hypervisor.driver import DiskSpec, MigrationOptions, SupportsMigration, SupportsPostcopyResume, VmSpec
 
 BOOT_TIMEOUT_S = 90
 
@@ -85,6 +85,23 @@ def wait_booted(driver, name):
 def test_implements_protocol(pair):
     src, dst, _ = pair
     assert isinstance(src, SupportsMigration) and isinstance(dst, SupportsMigration)
+    assert isinstance(src, SupportsPostcopyResume)
+
+
+def test_a_vm_that_is_not_split_has_nothing_to_resume(pair, vm_dir, guest_images):
+    """SupportsPostcopyResume: a running VM (no broken post-copy) is not split; its resume is a
+    Conflict and changes nothing (the split case: tests/api/test_postcopy_resume.py with the
+    fakes, tests/multihost/test_migration.py with a cut link between two libvirtds)."""
+    src, dst, uri = pair
+    spec, dest_disks = guest(vm_dir, guest_images)
+    src.define(spec)
+    src.start(spec.name)
+    assert src.postcopy_split(spec.name) is False
+    with pytest.raises(Conflict, match="nothing to resume"):
+        src.resume_postcopy(spec.name, uri, MigrationOptions(copy_storage="full", disk_sources=dest_disks,
+                                                             postcopy=True))
+    assert src.get(spec.name).state == "running"
+    assert dst.find(spec.name) is None
 
 
 def test_live_migration_with_copied_disk(pair, vm_dir, guest_images):

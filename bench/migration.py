@@ -758,6 +758,19 @@ def ping_lines(lost: dict) -> None:
             line(f"vm_live_ping_{part}_p50", med(vals["ours"]), "virsh migrate --live --p2p --tls --copy-storage-inc",
                  med(vals["peer"]), unit="packets" if part == "late_lost" else "ms")
     parts_lines("vm_live_ping", lost.get("parts", {}), "virsh migrate --live --p2p --tls --copy-storage-inc")
+    # what the ping would lose with no RAM part at all (issue 21's target: at most 3): the pause's
+    # fixed part (QEMU events: all but the last memory pass and the device state) plus the first
+    # round trip after the announcement, in pings
+    floor = {}
+    for side in ("ours", "peer"):
+        fixed = [p["qemu_pause"] - p["ram_and_devices"] for p in lost.get("parts", {}).get(side, [])
+                 if p and p.get("qemu_pause") is not None and p.get("ram_and_devices") is not None]
+        reply = [b["to_reply"] for b in lost["breakdown"][side] if b.get("to_reply") is not None]
+        if fixed and reply:
+            floor[side] = (med(fixed) + med(reply)) / (PING_INTERVAL_S * 1000)
+    if "ours" in floor:
+        line("vm_live_ping_loss_floor_breakdown", floor["ours"], "virsh migrate --live --p2p --tls --copy-storage-inc",
+             floor.get("peer"), unit="packets")
     # migrations after which the segment saw no self-announcement from the guest at all
     line("vm_live_ping_no_announcement", sum("gap" not in b for b in lost["breakdown"]["ours"]),
          "virsh migrate --live --p2p --tls --copy-storage-inc",

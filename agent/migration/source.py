@@ -310,7 +310,7 @@ class MigrationSource:
                 "throttle_pct": live.get("throttle_pct"),
                 "postcopy": res.get("postcopy", live.get("postcopy")), "options": live.get("options"),
                 "downtime_ms": res.get("downtime_ms"), "total_ms": res.get("total_ms"),
-                "error": op["error"]}
+                "switchover": res.get("switchover"), "error": op["error"]}
 
     def _migrate_vm(self, op, inst_id: str, peer: PeerClient, mode: str, controls: dict,
                     postcopy_required: bool = False) -> dict:
@@ -433,7 +433,7 @@ class MigrationSource:
                                              "downtime_ms": result.downtime_ms, "total_ms": result.total_ms})
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
                 "downtime_ms": result.downtime_ms, "total_ms": round(result.total_ms, 1),
-                "bytes": result.data_bytes, "postcopy": result.postcopy}
+                "bytes": result.data_bytes, "postcopy": result.postcopy, "switchover": result.switchover}
 
     def _move_stopped_vm(self, op, inst_id: str, peer: PeerClient) -> dict:
         """Offline: the destination prepares (overlay on the same base, seed, row), takes the

@@ -719,6 +719,9 @@ def ping_rounds(cluster, work: Path) -> dict:
                 (n, seen), pause = clock.measure(vm.name, lambda: fabric.lost_during(ips[side], vm.migrate,
                                                                                         macs[side]))
                 lost[side].append(n)
+                if n > 50:  # the guest stopped answering: what its console says
+                    print(f"# ping round {r} {side}: console tail: {vm.console()[-1500:]!r}", file=sys.stderr,
+                          flush=True)
                 if os.environ.get("MIGBENCH_DUMP"):  # every frame the segment saw, for a closer look
                     with open(os.environ["MIGBENCH_DUMP"], "a") as f:
                         f.write(f"== round {r} {side} from {source_link}\n")

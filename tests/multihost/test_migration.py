@@ -122,6 +122,7 @@ def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, 
                        env=env, capture_output=True, text=True, timeout=OP_TIMEOUT_S)
     assert r.returncode == 0, r.stderr
     assert "now runs on h1" in r.stdout
+    assert "RAM and devices" in r.stdout  # the CLI shows the pause taken apart
     assert_runs(apis["h1"], name)
     assert apis["h1"].get(f"/v1/instances/{name}").json()["ip"] == first["ip"], "h1 released it, then leased it again"
     assert apis["h2"].get(f"/v1/instances/{name}").status_code == 404

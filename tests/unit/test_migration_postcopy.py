@@ -204,31 +204,34 @@ def test_qemu_plans_for_less_than_the_max_downtime_leaving_room_for_the_switchov
     assert lm.qemu_downtime_limit(101) == lm.DOWNTIME_FLOOR_MS and lm.qemu_downtime_limit(1) == lm.DOWNTIME_FLOOR_MS
 
 
-def test_the_reserve_is_the_largest_fixed_part_measured_per_destination():
+def test_the_reserve_grows_with_the_largest_fixed_part_measured_per_destination():
     r = lm.Reserves()
-    assert r.reserve_ms("qemu+tls://h2/system") == lm.SWITCHOVER_RESERVE_MS  # nothing measured yet
-    r.record("qemu+tls://h2/system", 40)
-    r.record("qemu+tls://h2/system", 80)
-    r.record("qemu+tls://h2/system", 20)
-    assert r.reserve_ms("qemu+tls://h2/system") == 80 * lm.RESERVE_MARGIN
+    dest = "qemu+tls://h2/system"
+    assert r.reserve_ms(dest) == lm.SWITCHOVER_RESERVE_MS  # nothing measured yet
+    r.record(dest, 40)
+    assert r.reserve_ms(dest) == lm.SWITCHOVER_RESERVE_MS  # never below the default
+    r.record(dest, 160)
+    r.record(dest, 20)
+    assert r.reserve_ms(dest) == 160 * lm.RESERVE_MARGIN
     assert r.reserve_ms("qemu+tls://h3/system") == lm.SWITCHOVER_RESERVE_MS  # per destination
     for _ in range(lm.RESERVE_HISTORY):  # only the recent ones count
-        r.record("qemu+tls://h2/system", 30)
-    assert r.reserve_ms("qemu+tls://h2/system") == 30 * lm.RESERVE_MARGIN
-    r.record("qemu+tls://h2/system", 30, ram_ms=204, limit_ms=150)  # the RAM part overshot QEMU's limit
-    assert r.reserve_ms("qemu+tls://h2/system") == (30 + 54) * lm.RESERVE_MARGIN
-    r.record("qemu+tls://h2/system", 30, ram_ms=100, limit_ms=150)  # under it: the fixed part alone
-    assert r.reserve_ms("qemu+tls://h2/system") == (30 + 54) * lm.RESERVE_MARGIN
+        r.record(dest, 30)
+    assert r.reserve_ms(dest) == lm.SWITCHOVER_RESERVE_MS
+    r.record(dest, 100, ram_ms=204, limit_ms=150)  # the RAM part overshot QEMU's limit
+    assert r.reserve_ms(dest) == (100 + 54) * lm.RESERVE_MARGIN
+    r.record(dest, 30, ram_ms=100, limit_ms=150)  # under it: the fixed part alone
+    assert r.reserve_ms(dest) == (100 + 54) * lm.RESERVE_MARGIN
 
 
-def test_the_downtime_limit_starts_low_and_doubles_per_pass_up_to_its_cap():
-    d = lm._Downtime(cap=150)
-    assert d.limit == lm.DOWNTIME_START_MS
+def test_the_downtime_limit_starts_at_its_cap_or_low_and_doubles_per_pass():
+    d = lm._Downtime(cap=150)  # the default (DOWNTIME_START_MS off): the cap throughout
+    assert d.limit == 150 and [d.step(i) for i in range(1, 8)] == [None] * 7
+    d = lm._Downtime(cap=150, start=20)
     assert [d.step(i) for i in (0, 1, 1, 2)] == [None, None, None, None]  # the first passes at the start
-    assert d.step(3) == 2 * lm.DOWNTIME_START_MS and d.step(3) is None  # once per pass
-    assert d.step(4) == 4 * lm.DOWNTIME_START_MS
+    assert d.step(3) == 40 and d.step(3) is None  # once per pass
+    assert d.step(4) == 80
     assert d.step(6) == 150 and d.step(7) is None and d.limit == 150  # never above the cap
-    assert lm._Downtime(cap=10).limit == 10
+    assert lm._Downtime(cap=10, start=20).limit == 10
 
 
 # QMP events of one migration as hypervisor/switchover.py sees them (from bench/migration.py pause)

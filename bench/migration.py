@@ -319,13 +319,13 @@ SWITCHOVER_PARTS = (
 
 
 def switchover_parts(qmp: list, lifecycle_resume: float | None) -> dict | None:
-    """``qmp``: (t, host index, event, details) of one domain on all hosts. The source is the
-    host whose MIGRATION completed follows a STOP; parts in ms (None: no such event), plus
+    """``qmp``: (t, host index, event, details) of one domain on all hosts (None for post-copy).
+    The source is the host whose MIGRATION completed follows a STOP; parts in ms (None: no such event), plus
     ``qemu_pause`` (source STOP to destination RESUME) and ``libvirt_pause`` (to the event)."""
     done = [(t, h) for t, h, ev, d in qmp if ev == "MIGRATION" and '"completed"' in d]
     stops = [(t, h) for t, h, ev, _ in qmp if ev == "STOP"]
-    if not done or not stops:
-        return None
+    if not done or not stops or any(ev == "MIGRATION" and "postcopy-active" in d for _, _, ev, d in qmp):
+        return None  # post-copy: the destination resumes before the copy ends (its pause: the events')
     src = next((h for t, h in done if any(sh == h and st <= t for st, sh in stops)), None)
     if src is None:
         return None
@@ -768,7 +768,7 @@ def ping_lines(lost: dict) -> None:
     for side in ("ours", "peer"):
         fixed = [p["qemu_pause"] - p["ram_and_devices"] for p in lost.get("parts", {}).get(side, [])
                  if p and p.get("qemu_pause") is not None and p.get("ram_and_devices") is not None]
-        reply = [b["to_reply"] for b in lost["breakdown"][side] if b.get("to_reply") is not None]
+        reply = [b["to_reply"] for b in lost["breakdown"][side] if (b.get("to_reply") or 0) > 0]  # answered
         if fixed and reply:
             floor[side] = (med(fixed) + med(reply)) / (PING_INTERVAL_S * 1000)
     if "ours" in floor:

@@ -143,7 +143,8 @@ class Tracer:
                 self.events.append((side, seconds + micros / 1e6, event, details or ""))
 
     def stop(self, wait: bool = True) -> None:
-        """Stop listening; ``wait``: first give the destination's RESUME EVENT_WAIT_S to arrive."""
+        """Stop listening (never blocks on a libvirtd: at most 2 x EVENT_WAIT_S); ``wait``: first
+        give the destination's RESUME EVENT_WAIT_S to arrive."""
         if self._starter is not None:
             self._starter.join(EVENT_WAIT_S)  # a destination that does not answer is not waited for
         deadline = time.monotonic() + (EVENT_WAIT_S if wait else 0)
@@ -152,8 +153,10 @@ class Tracer:
         with self._lock:
             self._stopped = True
             conns, self._conns = self._conns, []
-        for conn, cid in conns:
-            _deregister(conn, cid)
+        # from a thread of its own: over a cut link (a failed post-copy) the destination's
+        # libvirtd does not answer, and the migration's outcome must not wait for it
+        threading.Thread(target=lambda: [_deregister(c, i) for c, i in conns], name="switchover-untrace",
+                         daemon=True).start()
 
     def _resumed(self) -> bool:
         with self._lock:

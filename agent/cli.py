@@ -1064,6 +1064,11 @@ def migrate(ref, destination, to, mode, as_json, **controls):
         else:
             click.echo(f"{ref} now runs on {destination} (total {res.get('total_ms')} ms, "
                        f"downtime {res.get('downtime_ms')} ms{', post-copy' if res.get('postcopy') else ''})")
+            sw = res.get("switchover")
+            if sw:  # the pause taken apart (README "Where the pause goes")
+                click.echo(f"  paused {sw.get('pause_ms')} ms: RAM and devices {sw.get('ram_ms')}, disk flush "
+                           f"{sw.get('flush_ms')}, mirror's end {sw.get('mirror_ms')}, Finish {sw.get('finish_ms')} "
+                           f"(QEMU's limit {sw.get('downtime_limit_ms')} ms, reserve {sw.get('reserve_ms')} ms)")
 
 
 # -- security groups --

@@ -1089,6 +1089,8 @@ class Migration(Model):
     options: dict[str, Any] | None = None  # the live-migration controls in effect (request + policy)
     downtime_ms: float | None = None
     total_ms: float | None = None
+    # live VMs: the switchover's pause taken apart (ms; README "Migration controls")
+    switchover: dict[str, float | None] | None = None
     error: ErrorDetail | None = None
 
 

@@ -305,29 +305,81 @@ def _wait_dirtying(vm, timeout: float = 180) -> None:
         time.sleep(1)
 
 
+# The parts of the guest's pause (issue 21), from QEMU's own event timestamps on both hosts
+# (`virsh qemu-monitor-event`: QMP's STOP, MIGRATION status, BLOCK_JOB_*, RESUME), in order:
+SWITCHOVER_PARTS = (
+    "stop_to_preswitchover",  # source STOP -> MIGRATION pre-switchover (libvirt's pause-before-switchover)
+    "mirror_end",             # -> the last BLOCK_JOB_COMPLETED: libvirt ends the NBD disk mirrors (final flush)
+    "to_continue",            # -> MIGRATION device: libvirt's cleanup of the mirror, then migrate-continue
+    "ram_and_devices",        # -> source MIGRATION completed: the RAM remainder and the device state
+    "stream_tail",            # -> destination MIGRATION completed: the stream's end loaded there
+    "finish_and_resume",      # -> destination RESUME: p2p Finish round trip, NBD server stop, `cont`
+    "libvirt_resumed_event",  # -> libvirt's "Resumed Migrated" event on the destination
+)
+
+
+def switchover_parts(qmp: list, lifecycle_resume: float | None) -> dict | None:
+    """``qmp``: (t, host index, event, details) of one domain on all hosts (None for post-copy).
+    The source is the host whose MIGRATION completed follows a STOP; parts in ms (None: no such event), plus
+    ``qemu_pause`` (source STOP to destination RESUME) and ``libvirt_pause`` (to the event)."""
+    done = [(t, h) for t, h, ev, d in qmp if ev == "MIGRATION" and '"completed"' in d]
+    stops = [(t, h) for t, h, ev, _ in qmp if ev == "STOP"]
+    if not done or not stops or any(ev == "MIGRATION" and "postcopy-active" in d for _, _, ev, d in qmp):
+        return None  # post-copy: the destination resumes before the copy ends (its pause: the events')
+    src = next((h for t, h in done if any(sh == h and st <= t for st, sh in stops)), None)
+    if src is None:
+        return None
+    src_done = min(t for t, h in done if h == src)
+    stop = max(t for t, h in stops if h == src and t <= src_done)
+
+    def first(host_is_src: bool, pred, after: float):
+        ts = [t for t, h, ev, d in qmp if (h == src) == host_is_src and t >= after and pred(ev, d)]
+        return min(ts) if ts else None
+    presw = first(True, lambda ev, d: ev == "MIGRATION" and "pre-switchover" in d, stop)
+    device = first(True, lambda ev, d: ev == "MIGRATION" and '"device"' in d, stop)
+    jobs = [t for t, h, ev, _ in qmp if h == src and stop <= t <= (device or src_done)
+            and ev in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")]
+    mirror = max(jobs) if jobs else None
+    dst_done = first(False, lambda ev, d: ev == "MIGRATION" and '"completed"' in d, stop)
+    resume = first(False, lambda ev, d: ev == "RESUME", stop)
+    marks = [stop, presw, mirror, device, src_done, dst_done, resume, lifecycle_resume]
+    parts = {}
+    for i, part in enumerate(SWITCHOVER_PARTS):
+        a, b = marks[i], marks[i + 1]
+        parts[part] = (b - a) * 1000 if a is not None and b is not None else None
+    parts["qemu_pause"] = (resume - stop) * 1000 if resume else None
+    parts["libvirt_pause"] = (lifecycle_resume - stop) * 1000 if lifecycle_resume else None
+    return parts
+
+
 class PauseClock:
     """The guest's pause during a migration as libvirt's lifecycle events show it, the same
     for ours and the peer's: from the source's "Suspended" (Migrated, Post-copy) to the
     destination's "Resumed" (Migrated, Post-copy) or "Started" (Migrated), both seen by a
     `virsh event --timestamp` client on each host (one machine, one clock). It does not
-    depend on what the job stats report (libvirt gives no downtime for some post-copy jobs)."""
+    depend on what the job stats report (libvirt gives no downtime for some post-copy jobs).
+    ``parts``: the last migration's switchover_parts() from QEMU's events on both hosts."""
 
     EVENT = re.compile(r"^(\S+ \S+?)(?:[+-]\d{4})?: event 'lifecycle' for domain '?([^':]+)'?: (\w+) (\S+)")
+    QMP = re.compile(r"event (\S+) at (\d+)\.(\d+) for domain '?([^':]+)'?: (.*)$")
 
     def __init__(self, hosts):
         self.hosts = hosts
+        self.parts: dict | None = None
 
     def measure(self, name: str, action):
         """Run ``action`` (a migration of domain ``name``); returns (its result, pause ms or None)."""
         import datetime
         procs = [h.popen("virsh", "-c", "qemu:///system", "event", "--all", "--loop", "--timestamp",
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for h in self.hosts]
+        qmps = [h.popen("virsh", "-c", "qemu:///system", "qemu-monitor-event", "--loop",
+                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for h in self.hosts]
         time.sleep(0.5)  # registered
         try:
             result = action()
             time.sleep(1)
         finally:
-            for p in procs:
+            for p in procs + qmps:
                 p.terminate()
         stops, starts = [], []
         for p in procs:
@@ -341,10 +393,39 @@ class PauseClock:
                 elif (m.group(3), m.group(4)) in (("Resumed", "Migrated"), ("Resumed", "Post-copy"),
                                                   ("Started", "Migrated")):
                     starts.append(t)
-        if not stops or not starts:
+        qmp = []
+        for i, p in enumerate(qmps):
+            for ev in p.communicate(timeout=30)[0].splitlines():
+                m = self.QMP.search(ev.strip())
+                if m and m.group(4) == name:
+                    qmp.append((int(m.group(2)) + int(m.group(3)) / 1e6, i, m.group(1), m.group(5)))
+        if os.environ.get("MIGBENCH_QMP"):  # every event, for a closer look
+            with open(os.environ["MIGBENCH_QMP"], "a") as f:
+                f.write(f"== {name}\n")
+                f.writelines(f"{t:.6f} h{i + 1} {ev} {d}\n" for t, i, ev, d in sorted(qmp))
+        after = [t for t in starts if stops and t >= min(stops)]
+        self.parts = switchover_parts(qmp, max(after) if after else None)
+        if not stops or not after:
             return result, None
-        after = [t for t in starts if t >= min(stops)]
-        return result, (max(after) - min(stops)) * 1000 if after else None
+        return result, (max(after) - min(stops)) * 1000
+
+
+def parts_note(parts: dict | None) -> str:
+    """One migration's switchover parts for the stderr log."""
+    if not parts:
+        return "no QMP events"
+    return " ".join(f"{k}={'-' if v is None else round(v)}" for k, v in parts.items())
+
+
+def parts_lines(metric: str, parts: dict, peer: str) -> None:
+    """``{metric}_pause_{part}_p50`` for each part of the pause, ours against the peer's."""
+    med = statistics.median
+    for part in (*SWITCHOVER_PARTS, "qemu_pause", "libvirt_pause"):
+        vals = {side: [p[part] for p in parts.get(side, []) if p and p.get(part) is not None]
+                for side in ("ours", "peer")}
+        if vals["ours"]:
+            line(f"{metric}_pause_{part}_p50", med(vals["ours"]), peer,
+                 med(vals["peer"]) if vals["peer"] else None)
 
 
 def busy_rounds(cluster, work: Path, variants=tuple(BUSY_VARIANTS), rounds: int = 1) -> dict:
@@ -368,6 +449,7 @@ def busy_rounds(cluster, work: Path, variants=tuple(BUSY_VARIANTS), rounds: int 
             times = out[variant] = {side: ([], []) for side in sides}
             times["postcopy"] = []
             times["pause"] = {side: [] for side in sides}
+            times["parts"] = {side: [] for side in sides}
             for r in range(2 * rounds):
                 for side, vm in list(sides.items())[::1 if r % 2 == 0 else -1]:
                     (total, down), pause = clock.measure(vm.name, vm.migrate)
@@ -376,9 +458,12 @@ def busy_rounds(cluster, work: Path, variants=tuple(BUSY_VARIANTS), rounds: int 
                         times[side][1].append(down)
                     if pause is not None:
                         times["pause"][side].append(pause)
+                    times["parts"][side].append(clock.parts)
                     print(f"# {variant} round {r} {side}: total {total:.0f} ms, downtime {down} ms, "
                           f"paused (events) {pause if pause is None else round(pause)} ms"
-                          + (f", postcopy {ours.last.get('postcopy')}" if side == "ours" else ""),
+                          + (f", postcopy {ours.last.get('postcopy')}" if side == "ours" else "")
+                          + f"; parts: {parts_note(clock.parts)}"
+                          + (f"; agent: {ours.last.get('switchover')}" if side == "ours" else ""),
                           file=sys.stderr, flush=True)
                     if side == "ours":  # (s, phase, pass, remaining MiB, dirty pages/s, throttle %)
                         print("#   " + " ".join("%s:%s/%s/%s/%s/%s" % (t, ph[:4] if ph else "-", i, rem, dr, th)
@@ -404,6 +489,8 @@ def busy_lines(busy: dict) -> None:
         pauses = busy[variant]["pause"]
         if pauses["ours"] and pauses["peer"]:  # libvirt's events: post-copy rounds included
             line(f"{metric}_paused_events_p50", med(pauses["ours"]), peer, med(pauses["peer"]))
+            line(f"{metric}_paused_events_max", max(pauses["ours"]), peer, max(pauses["peer"]))
+        parts_lines(metric, busy[variant].get("parts", {}), peer)
         # how many of our rounds switched to post-copy (libvirt reports no downtime for some)
         line(f"{metric}_rounds_in_postcopy", sum(busy[variant]["postcopy"]), unit="count")
         if variant == "moderate":  # plain virsh's bound, and how many of its rounds reached it
@@ -624,6 +711,7 @@ def ping_rounds(cluster, work: Path) -> dict:
                 "peer": ET.fromstring(Path(peer.xmls[0]).read_text()).find("devices/interface/mac").get("address")}
         lost: dict = {side: [] for side in sides}
         lost["breakdown"] = {side: [] for side in sides}
+        lost["parts"] = {side: [] for side in sides}
         clock = PauseClock(cluster.hosts)
         for r in range(2 * PING_ROUNDS):
             for side, vm in list(sides.items())[::1 if r % 2 == 0 else -1]:
@@ -631,6 +719,9 @@ def ping_rounds(cluster, work: Path) -> dict:
                 (n, seen), pause = clock.measure(vm.name, lambda: fabric.lost_during(ips[side], vm.migrate,
                                                                                         macs[side]))
                 lost[side].append(n)
+                if n > 50:  # the guest stopped answering: what its console says
+                    print(f"# ping round {r} {side}: console tail: {vm.console()[-1500:]!r}", file=sys.stderr,
+                          flush=True)
                 if os.environ.get("MIGBENCH_DUMP"):  # every frame the segment saw, for a closer look
                     with open(os.environ["MIGBENCH_DUMP"], "a") as f:
                         f.write(f"== round {r} {side} from {source_link}\n")
@@ -638,6 +729,8 @@ def ping_rounds(cluster, work: Path) -> dict:
                 parts = breakdown(seen, source_link) or {}
                 parts["paused"] = pause
                 lost["breakdown"][side].append(parts)
+                lost["parts"][side].append(clock.parts)
+                print(f"# ping round {r} {side}: parts: {parts_note(clock.parts)}", file=sys.stderr, flush=True)
                 print(f"# ping round {r} {side}: lost {n}, "
                       + ", ".join(f"{k} {v if v is None else round(v)}" for k, v in parts.items())
                       + " ms; announcements " + " ".join(f"{t - min(x[0] for x in seen):.3f}/{link}/{k}"
@@ -667,6 +760,20 @@ def ping_lines(lost: dict) -> None:
         if vals["ours"] and vals["peer"]:
             line(f"vm_live_ping_{part}_p50", med(vals["ours"]), "virsh migrate --live --p2p --tls --copy-storage-inc",
                  med(vals["peer"]), unit="packets" if part == "late_lost" else "ms")
+    parts_lines("vm_live_ping", lost.get("parts", {}), "virsh migrate --live --p2p --tls --copy-storage-inc")
+    # what the ping would lose with no RAM part at all (issue 21's target: at most 3): the pause's
+    # fixed part (QEMU events: all but the last memory pass and the device state) plus the first
+    # round trip after the announcement, in pings
+    floor = {}
+    for side in ("ours", "peer"):
+        fixed = [p["qemu_pause"] - p["ram_and_devices"] for p in lost.get("parts", {}).get(side, [])
+                 if p and p.get("qemu_pause") is not None and p.get("ram_and_devices") is not None]
+        reply = [b["to_reply"] for b in lost["breakdown"][side] if (b.get("to_reply") or 0) > 0]  # answered
+        if fixed and reply:
+            floor[side] = (med(fixed) + med(reply)) / (PING_INTERVAL_S * 1000)
+    if "ours" in floor:
+        line("vm_live_ping_loss_floor_breakdown", floor["ours"], "virsh migrate --live --p2p --tls --copy-storage-inc",
+             floor.get("peer"), unit="packets")
     # migrations after which the segment saw no self-announcement from the guest at all
     line("vm_live_ping_no_announcement", sum("gap" not in b for b in lost["breakdown"]["ours"]),
          "virsh migrate --live --p2p --tls --copy-storage-inc",
@@ -694,6 +801,73 @@ def main_moderate(work: Path) -> None:
         busy_lines(busy_rounds(cluster, work / "busy", ("moderate",), MODERATE_ROUNDS))
 
 
+IDLE_MEMORY_MIB = 256
+PAUSE_ROUNDS = 2  # `migration.py pause`: migrations per direction
+
+
+def idle_rounds(cluster, work: Path, rounds: int) -> dict:
+    """``rounds`` migrations each way of an idle booted guest (no NIC), ours, plain virsh's and
+    virsh's with ``--copy-storage-synchronous-writes`` (the NBD mirror in write-blocking mode),
+    interleaved: {side: {"pause": [...], "down": [...], "parts": [...]}}."""
+    import sys
+    ours = AgentVm(cluster, image="boot.qcow2", memory_mib=IDLE_MEMORY_MIB)
+    sides = {"ours": ours}
+    out: dict = {}
+    try:
+        for side, flags in (("peer", ()), ("peer_sync", ("--copy-storage-synchronous-writes",))):
+            (work / side).mkdir()
+            os.chmod(work / side, 0o755)
+            sides[side] = local_peer(cluster, work / side, ours.domain_xml(), image="boot.qcow2")
+            sides[side].copy_flags += flags
+        time.sleep(20)  # booted (the pause does not depend on it, the guest's state does)
+        clock = PauseClock(cluster.hosts)
+        out = {side: {"pause": [], "down": [], "parts": []} for side in sides}
+        for r in range(2 * rounds):
+            for side, vm in list(sides.items())[::1 if r % 2 == 0 else -1]:
+                (total, down), pause = clock.measure(vm.name, vm.migrate)
+                out[side]["down"].append(down)
+                out[side]["pause"].append(pause)
+                out[side]["parts"].append(clock.parts)
+                print(f"# idle round {r} {side}: total {total:.0f} ms, downtime {down} ms, paused (events) "
+                      f"{pause if pause is None else round(pause)} ms; parts: {parts_note(clock.parts)}"
+                      + (f"; agent: {ours.last.get('switchover')}" if side == "ours" else ""),
+                      file=sys.stderr, flush=True)
+    finally:
+        for vm in reversed(sides.values()):
+            vm.delete()
+    return out
+
+
+def idle_lines(idle: dict) -> None:
+    med = statistics.median
+    peer = "virsh migrate --live --p2p --tls --copy-storage-inc"
+    sync = peer + " --copy-storage-synchronous-writes"
+    for side, metric, against in (("ours", "vm_live_idle", "peer"), ("peer_sync", "vm_live_idle_sync_writes", "peer")):
+        vals = [v for v in idle[side]["pause"] if v is not None]
+        pvals = [v for v in idle[against]["pause"] if v is not None]
+        if vals and pvals:
+            line(f"{metric}_paused_events_p50", med(vals), peer, med(pvals))
+            line(f"{metric}_paused_events_max", max(vals), peer, max(pvals))
+        parts_lines(metric, {"ours": idle[side]["parts"], "peer": idle[against]["parts"]},
+                    sync if side == "peer_sync" else peer)
+
+
+def main_pause(work: Path) -> None:
+    """The pause's parts of an idle and of the moderate guest, PAUSE_ROUNDS each way, then the
+    ping rounds (MIGBENCH_PING=0: without): `bench/migration.py pause [ROUNDS]`."""
+    with harness.Cluster(work / "sim") as cluster:
+        cluster.start_agents()
+        for d in ("idle", "busy"):
+            (work / d).mkdir()
+            os.chmod(work / d, 0o755)
+        idle_lines(idle_rounds(cluster, work / "idle", PAUSE_ROUNDS))
+        busy_lines(busy_rounds(cluster, work / "busy", ("moderate",), PAUSE_ROUNDS))
+        if os.environ.get("MIGBENCH_PING", "1") == "1":
+            (work / "ping").mkdir()
+            os.chmod(work / "ping", 0o755)
+            ping_lines(ping_rounds(cluster, work / "ping"))  # last: it puts h2 on h1's subnet
+
+
 def main_busy(work: Path) -> None:
     """Only the busy-guest rounds (no Ceph), then the ping rounds: `bench/migration.py busy`."""
     with harness.Cluster(work / "sim") as cluster:
@@ -711,10 +885,13 @@ def main() -> None:
         subprocess.run([os.path.join(ROOT, "scripts", "build-test-images"), IMAGES], check=True)
     work = Path(tempfile.mkdtemp(prefix="nodeagent-benchmig-", dir="/var/tmp"))
     os.chmod(work, 0o755)
-    modes = {"busy": main_busy, "ping": main_ping, "moderate": main_moderate}
-    if len(sys.argv) == 3 and sys.argv[1] == "moderate":  # moderate ROUNDS (each way)
-        global MODERATE_ROUNDS
-        MODERATE_ROUNDS = int(sys.argv.pop())
+    modes = {"busy": main_busy, "ping": main_ping, "moderate": main_moderate, "pause": main_pause}
+    if len(sys.argv) == 3 and sys.argv[1] in ("moderate", "pause"):  # moderate|pause ROUNDS (each way)
+        global MODERATE_ROUNDS, PAUSE_ROUNDS
+        if sys.argv[1] == "moderate":
+            MODERATE_ROUNDS = int(sys.argv.pop())
+        else:
+            PAUSE_ROUNDS = int(sys.argv.pop())
     if len(sys.argv) == 2 and sys.argv[1] in modes:
         try:
             modes[sys.argv[1]](work)

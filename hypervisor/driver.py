@@ -194,6 +194,9 @@ class MigrationResult:
     data_bytes: int  # bytes sent (memory + disks)
     paused_by_timeout: bool = False  # the completion timeout suspended the guest to converge
     postcopy: bool = False  # it switched to post-copy (the guest ran on the destination before the end)
+    # the pre-copy switchover's pause taken apart (ms: pause, ram, fixed, flush, mirror, finish, and the
+    # reserve and QEMU downtime-limit used; hypervisor/switchover.py); None where not measured
+    switchover: dict | None = None
 
 
 @runtime_checkable

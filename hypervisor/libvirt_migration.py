@@ -40,6 +40,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from agent.errors import Cancelled, CommandFailed, Conflict, InvalidInput, NotFound, PostCopyFailed
+from hypervisor import switchover
 from hypervisor.domain_xml import NODEAGENT_NS, QEMU_NS, RBD_DEFAULT_PORT
 from hypervisor.driver import TIMEOUT_ACTIONS, MigrationOptions, MigrationProgress, MigrationResult
 
@@ -52,12 +53,26 @@ POSTCOPY_STALL_S = 10  # a post-copy that sent nothing for this long has lost it
 INCOMING_PAUSE_WAIT_S = 30
 MONITOR_PROBE_S = 45  # the destination's QEMU answers query-migrate within this (libvirt waits 30 s for a job)
 RESUME_STALL_S = 120  # a resume that moved no byte for this long is given up (the guest stays split)
-# QEMU stops the guest once the memory left fits its downtime-limit at the measured bandwidth,
-# but the guest stays paused longer: the disk mirror's end, the device state, libvirt's Finish
-# on the destination and its resume (100-200 ms measured here, TCG on loaded hosts; see
-# bench/migration.py vm_live_moderate). QEMU gets the max minus this reserve (at least half the
-# max), so the pause the guest sees stays within the max asked for.
+# The guest's pause at the switchover (hypervisor/switchover.py, measured by bench/migration.py
+# pause): the RAM part (last memory pass + device state) is what QEMU's downtime-limit bounds,
+# from its estimate of the bandwidth: a busy guest's came out up to 1.4x the limit here. The
+# fixed part (the stop's disk flush, libvirt ending the NBD mirrors, its Finish and `cont` on the
+# destination) comes on top: 25-150 ms here (TCG, loaded hosts), most of it the flush. So QEMU's
+# limit is the max minus a reserve: SWITCHOVER_RESERVE_MS, or more when the pauses of the last
+# RESERVE_HISTORY migrations to that destination went further over their limits (the fixed part
+# plus the RAM part's overshoot), times RESERVE_MARGIN. The reserve never shrinks below
+# SWITCHOVER_RESERVE_MS: a larger limit lengthens an idle guest's pause (QEMU stops as soon as
+# the remainder fits it), which the ping of "Network continuity" pays.
 SWITCHOVER_RESERVE_MS = 150
+RESERVE_HISTORY = 8
+RESERVE_MARGIN = 1.25
+DOWNTIME_FLOOR_MS = 10  # QEMU's limit never goes below this (a max the fixed part eats up)
+# A limit that starts low (20 ms) and doubles per pass from the third up to its cap halved an
+# idle guest's RAM part (17-25 ms instead of 41-72), but its extra memory passes came with a
+# migrated guest that stopped answering (the ping guest: 2 of 3 migrations, lost 170 and 388
+# pings; see README "Where the pause goes"), as a steeper auto-converge did before: off (None:
+# the limit is the cap from the start) until that is understood.
+DOWNTIME_START_MS: int | None = None
 # With auto-converge on, stalled passes count only once its throttle reached this: QEMU
 # raises it (20%, then +10%) at most every other pass of a second or more, and a guest it
 # slows down converges in pre-copy, paused 0.1-0.5 s, where post-copy's switchover paused
@@ -84,9 +99,50 @@ def check_options(o: MigrationOptions) -> None:
         raise InvalidInput("post-copy moves a running guest: it needs a live migration")
 
 
-def qemu_downtime_limit(max_downtime_ms: int) -> int:
-    """QEMU's downtime-limit for a pause of at most ``max_downtime_ms`` (SWITCHOVER_RESERVE_MS)."""
-    return max(-(-max_downtime_ms // 2), max_downtime_ms - SWITCHOVER_RESERVE_MS)
+def qemu_downtime_limit(max_downtime_ms: int, reserve_ms: float = SWITCHOVER_RESERVE_MS) -> int:
+    """The cap of QEMU's downtime-limit for a pause of at most ``max_downtime_ms`` when the
+    switchover's fixed part takes up to ``reserve_ms``."""
+    return max(DOWNTIME_FLOOR_MS, int(max_downtime_ms - reserve_ms))
+
+
+class Reserves:
+    """The fixed parts of the switchovers measured per destination (a driver keeps one; in
+    memory: a restarted agent starts from SWITCHOVER_RESERVE_MS again)."""
+
+    def __init__(self):
+        self._seen: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def reserve_ms(self, dest_uri: str) -> float:
+        with self._lock:
+            seen = self._seen.get(dest_uri)
+            return max(SWITCHOVER_RESERVE_MS, max(seen) * RESERVE_MARGIN) if seen else SWITCHOVER_RESERVE_MS
+
+    def record(self, dest_uri: str, fixed_ms: float, ram_ms: float = 0.0, limit_ms: float | None = None) -> None:
+        """One switchover's fixed part, plus what its RAM part took over QEMU's limit then."""
+        over = max(0.0, ram_ms - limit_ms) if limit_ms is not None else 0.0
+        with self._lock:
+            self._seen[dest_uri] = (self._seen.get(dest_uri, []) + [max(0.0, fixed_ms) + over])[-RESERVE_HISTORY:]
+
+
+class _Downtime:
+    """QEMU's downtime-limit during one migration: ``start`` (at most the cap; None: the cap),
+    doubled on each memory pass from the third that did not end the copy, up to ``cap``.
+    ``step(pass)`` returns the new limit when it changes, else None."""
+
+    def __init__(self, cap: int, start: int | None = None):
+        self.cap = cap
+        self.limit = cap if start is None else min(cap, start)
+        self.iteration = 0
+
+    def step(self, iteration: int) -> int | None:
+        if iteration <= self.iteration:
+            return None
+        self.iteration = iteration
+        if iteration < 3 or self.limit >= self.cap:
+            return None
+        self.limit = min(self.cap, self.limit * 2)
+        return self.limit
 
 
 def rewrite_xml(xml: str, o: MigrationOptions) -> str:
@@ -154,7 +210,8 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
             cancelled=None) -> MigrationResult:
     check_options(o)
     dom = driver._dom(name)
-    if driver._state(dom) not in ("running", "paused"):
+    state = driver._state(dom)
+    if state not in ("running", "paused"):
         raise InvalidInput(f"VM {name!r} is not running: live migration needs a running VM "
                            "(start it, or migrate it cold)")
     live = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
@@ -180,11 +237,17 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
         flags |= libvirt.VIR_MIGRATE_TLS
     if o.postcopy:  # allowed only: it starts when the watcher calls migrateStartPostCopy
         flags |= libvirt.VIR_MIGRATE_POSTCOPY
-    if o.max_downtime_ms:
-        try:
-            dom.migrateSetMaxDowntime(qemu_downtime_limit(int(o.max_downtime_ms)), 0)
-        except libvirt.libvirtError:
-            pass  # older QEMU: libvirt's default (300 ms) applies
+    reserves = _reserves(driver)
+    reserve = reserves.reserve_ms(dest_uri)
+    downtime = (_Downtime(qemu_downtime_limit(int(o.max_downtime_ms), reserve), DOWNTIME_START_MS)
+                if o.max_downtime_ms else None)
+    if downtime is not None and not _set_downtime(dom, downtime.limit):
+        downtime = None  # older QEMU: libvirt's default (300 ms) applies
+    tracer = switchover.Tracer(driver.uri, dest_uri, name)
+    try:
+        tracer.start()
+    except Exception:  # noqa: BLE001 - the breakdown is a measurement, never a reason to fail
+        pass
 
     outcome: dict = {}
 
@@ -212,8 +275,9 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
     watch = _Watch()
     try:
         last, reason, paused = _watch(dom, worker, o, t0, progress, cancelled,
-                                      lambda: _destroy_incoming(dest_uri, name), watch)
+                                      lambda: _destroy_incoming(dest_uri, name), watch, downtime=downtime)
     except BaseException:
+        tracer.stop(wait=False)
         # the caller is going away (a progress callback raised, the agent is stopping):
         # the job must not outlive it unwatched (in post-copy libvirt refuses the abort: the
         # copy goes on, which is the only way the guest stays whole)
@@ -221,6 +285,8 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
         worker.join(ABANDON_WAIT_S)
         raise
     total_ms = (time.monotonic() - t0) * 1000
+    # a guest paused here (or by the timeout) arrives paused: no RESUME to wait for
+    tracer.stop(wait="error" not in outcome and state == "running" and not paused)
     if "error" in outcome and (watch.postcopy or _in_postcopy(dom)):
         raise PostCopyFailed(
             f"migration of VM {name!r} to {dest_uri} failed during post-copy: {outcome['error']}; the "
@@ -238,11 +304,34 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
                                 "(raise the timeout, allow more downtime, or use timeout_action=pause)")
         raise CommandFailed(f"migration of VM {name!r} to {dest_uri} failed: {outcome['error']}; "
                             "it keeps running here", stderr=outcome["error"])
-    downtime, data = _completed_stats(dest_uri, name)
+    pause, data = _completed_stats(dest_uri, name)
     if data is None:
         data = last.data_processed if last else 0
-    return MigrationResult(total_ms=total_ms, downtime_ms=downtime, data_bytes=int(data),
-                           paused_by_timeout=bool(paused), postcopy=watch.postcopy)
+    parts = tracer.result()
+    breakdown = None
+    if parts is not None:
+        if not paused:  # a pause-to-finish's parts say nothing about the switchover's
+            reserves.record(dest_uri, parts.fixed_ms, parts.ram_ms, downtime.limit if downtime else None)
+        breakdown = {**parts.as_dict(), "reserve_ms": round(reserve, 1),
+                     "downtime_limit_ms": downtime.limit if downtime else None}
+    return MigrationResult(total_ms=total_ms, downtime_ms=pause, data_bytes=int(data),
+                           paused_by_timeout=bool(paused), postcopy=watch.postcopy, switchover=breakdown)
+
+
+def _reserves(driver) -> Reserves:
+    """The driver's Reserves (made at its first migration)."""
+    reserves = getattr(driver, "_switchover_reserves", None)
+    if reserves is None:
+        reserves = driver._switchover_reserves = Reserves()
+    return reserves
+
+
+def _set_downtime(dom, limit_ms: int) -> bool:
+    try:
+        dom.migrateSetMaxDowntime(limit_ms, 0)
+        return True
+    except libvirt.libvirtError:
+        return False
 
 
 class _Watch:
@@ -322,11 +411,13 @@ def _start_postcopy(dom, started: threading.Event) -> None:
 
 
 def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, hard_stop,
-           watch: _Watch | None = None, stall_limit_s: float | None = None):
+           watch: _Watch | None = None, stall_limit_s: float | None = None, downtime: _Downtime | None = None):
     """Sample progress until the job thread ends; abort on cancel or on the completion
     timeout (or suspend the guest, timeout_action="pause"; or switch to post-copy,
     "postcopy", as the policy's bound does). Returns (last sample, reason for an abort or
     None, whether the guest was paused); ``watch.postcopy`` says whether post-copy began.
+    ``downtime``: QEMU's downtime-limit, raised as its passes go (_Downtime; from a thread of
+    its own: libvirtd may hold the call while the job sits in a monitor call).
 
     An abort is sent from its own thread: libvirtd holds ``abortJob`` while the migration
     job is inside a monitor call (30 s at a time), and a watcher blocked there would let the
@@ -366,6 +457,10 @@ def _watch(dom, worker, o: MigrationOptions, t0: float, progress, cancelled, har
             if not watch.postcopy:
                 stalled = converging.sample(last.memory_iteration,
                                             int(stats.get("memory_remaining", last.data_remaining)))
+                raised = downtime.step(last.memory_iteration) if downtime is not None else None
+                if raised is not None:
+                    threading.Thread(target=_set_downtime, args=(dom, raised), name="migrate-downtime",
+                                     daemon=True).start()
             if progress:
                 progress(last)
         if watch.postcopy:  # nothing may stop it now; a dead link pauses it (resumable)

@@ -312,7 +312,7 @@ class MigrationSource:
                 "throttle_pct": live.get("throttle_pct"),
                 "postcopy": res.get("postcopy", live.get("postcopy")), "options": live.get("options"),
                 "downtime_ms": res.get("downtime_ms"), "total_ms": res.get("total_ms"),
-                "error": op["error"]}
+                "switchover": res.get("switchover"), "error": op["error"]}
 
     def resume(self, mig_id: str) -> dict:
         """Resume the broken post-copy of migration ``mig_id`` (any migration of the split VM
@@ -522,7 +522,7 @@ class MigrationSource:
                                              "downtime_ms": result.downtime_ms, "total_ms": result.total_ms})
         return {"instance": moved, "name": name, "destination": peer.name, "mode": mode,
                 "downtime_ms": result.downtime_ms, "total_ms": round(result.total_ms, 1),
-                "bytes": result.data_bytes, "postcopy": result.postcopy}
+                "bytes": result.data_bytes, "postcopy": result.postcopy, "switchover": result.switchover}
 
     def _vm_progress(self, op, live: dict, on_postcopy=None):
         """The progress callback of a live VM copy: figures into ``live`` (GET) and the

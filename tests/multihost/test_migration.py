@@ -92,6 +92,12 @@ def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, 
     mig = apis["h1"].get(f"/v1/migrations/{op['id']}").json()
     assert mig["status"] == "succeeded" and mig["destination"] == "h2" and mig["instance"] == inst_id
     assert mig["bytes"]["processed"] > 0 and mig["total_ms"] > 0
+    # its pause taken apart from QEMU's events: the RAM part and the fixed part make it up, and
+    # QEMU's limit stayed below the max (300 ms) by the reserve (150 ms before any was measured)
+    sw = mig["switchover"]
+    assert sw is not None and sw["pause_ms"] > 0 and sw["ram_ms"] >= 0
+    assert abs(sw["ram_ms"] + sw["fixed_ms"] - sw["pause_ms"]) < 1
+    assert sw["reserve_ms"] > 0 and sw["downtime_limit_ms"] <= max(10, 300 - sw["reserve_ms"])
     # the destination owns it now and the guest keeps running there
     moved = apis["h2"].get(f"/v1/instances/{name}").json()
     assert moved["id"] == inst_id and moved["state"] == "running"
@@ -116,6 +122,7 @@ def test_live_migration_moves_a_running_vm_and_back_with_the_cli(cluster, apis, 
                        env=env, capture_output=True, text=True, timeout=OP_TIMEOUT_S)
     assert r.returncode == 0, r.stderr
     assert "now runs on h1" in r.stdout
+    assert "RAM and devices" in r.stdout  # the CLI shows the pause taken apart
     assert_runs(apis["h1"], name)
     assert apis["h1"].get(f"/v1/instances/{name}").json()["ip"] == first["ip"], "h1 released it, then leased it again"
     assert apis["h2"].get(f"/v1/instances/{name}").status_code == 404

@@ -199,4 +199,60 @@ def test_live_options_without_userfaultfd():
 def test_qemu_plans_for_less_than_the_max_downtime_leaving_room_for_the_switchover():
     assert lm.qemu_downtime_limit(300) == 300 - lm.SWITCHOVER_RESERVE_MS
     assert lm.qemu_downtime_limit(2000) == 2000 - lm.SWITCHOVER_RESERVE_MS
-    assert lm.qemu_downtime_limit(101) == 51 and lm.qemu_downtime_limit(1) == 1  # never below half
+    assert lm.qemu_downtime_limit(300, 62.5) == 237
+    # a max the fixed part eats up: QEMU still gets the floor (the guest may then need the policy)
+    assert lm.qemu_downtime_limit(101) == lm.DOWNTIME_FLOOR_MS and lm.qemu_downtime_limit(1) == lm.DOWNTIME_FLOOR_MS
+
+
+def test_the_reserve_grows_with_the_largest_fixed_part_measured_per_destination():
+    r = lm.Reserves()
+    dest = "qemu+tls://h2/system"
+    assert r.reserve_ms(dest) == lm.SWITCHOVER_RESERVE_MS  # nothing measured yet
+    r.record(dest, 40)
+    assert r.reserve_ms(dest) == lm.SWITCHOVER_RESERVE_MS  # never below the default
+    r.record(dest, 160)
+    r.record(dest, 20)
+    assert r.reserve_ms(dest) == 160 * lm.RESERVE_MARGIN
+    assert r.reserve_ms("qemu+tls://h3/system") == lm.SWITCHOVER_RESERVE_MS  # per destination
+    for _ in range(lm.RESERVE_HISTORY):  # only the recent ones count
+        r.record(dest, 30)
+    assert r.reserve_ms(dest) == lm.SWITCHOVER_RESERVE_MS
+    r.record(dest, 100, ram_ms=204, limit_ms=150)  # the RAM part overshot QEMU's limit
+    assert r.reserve_ms(dest) == (100 + 54) * lm.RESERVE_MARGIN
+    r.record(dest, 30, ram_ms=100, limit_ms=150)  # under it: the fixed part alone
+    assert r.reserve_ms(dest) == (100 + 54) * lm.RESERVE_MARGIN
+
+
+def test_the_downtime_limit_starts_at_its_cap_or_low_and_doubles_per_pass():
+    d = lm._Downtime(cap=150)  # the default (DOWNTIME_START_MS off): the cap throughout
+    assert d.limit == 150 and [d.step(i) for i in range(1, 8)] == [None] * 7
+    d = lm._Downtime(cap=150, start=20)
+    assert [d.step(i) for i in (0, 1, 1, 2)] == [None, None, None, None]  # the first passes at the start
+    assert d.step(3) == 40 and d.step(3) is None  # once per pass
+    assert d.step(4) == 80
+    assert d.step(6) == 150 and d.step(7) is None and d.limit == 150  # never above the cap
+    assert lm._Downtime(cap=10, start=20).limit == 10
+
+
+# QMP events of one migration as hypervisor/switchover.py sees them (from bench/migration.py pause)
+EVENTS = [("src", 205.478373, "MIGRATION", '{"status":"setup"}'),
+          ("dst", 205.481383, "MIGRATION", '{"status":"active"}'),
+          ("src", 206.021781, "STOP", ""),
+          ("src", 206.056957, "MIGRATION", '{"status":"pre-switchover"}'),
+          ("src", 206.069372, "MIGRATION", '{"status":"device"}'),
+          ("dst", 206.127019, "MIGRATION", '{"status":"completed"}'),
+          ("src", 206.127427, "MIGRATION", '{"status":"completed"}'),
+          ("dst", 206.144089, "RESUME", "")]
+
+
+def test_switchover_parts_from_qemu_events():
+    from hypervisor import switchover
+    sw = switchover.parse(EVENTS)
+    assert round(sw.flush_ms, 1) == 35.2 and round(sw.mirror_ms, 1) == 12.4
+    assert round(sw.ram_ms, 1) == 58.1 and round(sw.finish_ms, 1) == 17.1
+    assert abs(sw.pause_ms - (35.2 + 12.4 + 58.1 + 17.1)) < 0.2
+    assert abs(sw.fixed_ms - (35.2 + 12.4 + 17.1)) < 0.2
+    assert switchover.parse(EVENTS[:-1]) is None  # not resumed there: no whole switchover
+    assert switchover.parse([e for e in EVENTS if e[2] != "STOP"]) is None
+    postcopy = EVENTS + [("src", 206.0, "MIGRATION", '{"status":"postcopy-active"}')]
+    assert switchover.parse(postcopy) is None  # post-copy's switchover is another story

@@ -249,29 +249,8 @@ def migrate(driver, name: str, dest_uri: str, o: MigrationOptions, *, progress=N
     except Exception:  # noqa: BLE001 - the breakdown is a measurement, never a reason to fail
         pass
 
-    outcome: dict = {}
-
-    def job():
-        # on a connection of its own: a call in flight on a remote connection holds the others
-        # back (the watcher's jobStats, abortJob, migrateStartPostCopy would wait for its end)
-        conn = None
-        try:
-            conn = libvirt.open(driver.uri)
-            conn.lookupByUUIDString(dom.UUIDString()).migrateToURI3(dest_uri, params, flags)
-        except libvirt.libvirtError as e:
-            outcome["error"] = e.get_error_message() or str(e)
-        except Exception as e:  # noqa: BLE001 - reported to the caller below
-            outcome["error"] = str(e)
-        finally:
-            if conn is not None:
-                try:
-                    conn.close()
-                except libvirt.libvirtError:
-                    pass
-
     t0 = time.monotonic()
-    worker = threading.Thread(target=job, name=f"migrate-{name}", daemon=True)
-    worker.start()
+    worker, outcome = _start_migrate(driver, dom, dest_uri, params, flags, f"migrate-{name}")
     watch = _Watch()
     try:
         last, reason, paused = _watch(dom, worker, o, t0, progress, cancelled,
@@ -324,6 +303,34 @@ def _reserves(driver) -> Reserves:
     if reserves is None:
         reserves = driver._switchover_reserves = Reserves()
     return reserves
+
+
+def _start_migrate(driver, dom, dest_uri: str, params: dict, flags: int, thread: str):
+    """libvirt's migrateToURI3 of ``dom`` on a thread of its own (started): (the thread, a dict
+    that holds "error" once it failed). On a connection of its own: a call in flight on a
+    remote connection holds the others back (the watcher's jobStats, abortJob,
+    migrateStartPostCopy would wait for its end)."""
+    outcome: dict = {}
+
+    def job():
+        conn = None
+        try:
+            conn = libvirt.open(driver.uri)
+            conn.lookupByUUIDString(dom.UUIDString()).migrateToURI3(dest_uri, params, flags)
+        except libvirt.libvirtError as e:
+            outcome["error"] = e.get_error_message() or str(e)
+        except Exception as e:  # noqa: BLE001 - reported to the caller
+            outcome["error"] = str(e)
+        finally:
+            if conn is not None:
+                try:
+                    conn.close()
+                except libvirt.libvirtError:
+                    pass
+
+    worker = threading.Thread(target=job, name=thread, daemon=True)
+    worker.start()
+    return worker, outcome
 
 
 def _set_downtime(dom, limit_ms: int) -> bool:
@@ -536,27 +543,8 @@ def resume_postcopy(driver, name: str, dest_uri: str, o: MigrationOptions, *, pr
              | libvirt.VIR_MIGRATE_POSTCOPY_RESUME)
     if o.tls:
         flags |= libvirt.VIR_MIGRATE_TLS
-    outcome: dict = {}
-
-    def job():
-        conn = None
-        try:
-            conn = libvirt.open(driver.uri)
-            conn.lookupByUUIDString(dom.UUIDString()).migrateToURI3(dest_uri, {}, flags)
-        except libvirt.libvirtError as e:
-            outcome["error"] = e.get_error_message() or str(e)
-        except Exception as e:  # noqa: BLE001 - reported to the caller below
-            outcome["error"] = str(e)
-        finally:
-            if conn is not None:
-                try:
-                    conn.close()
-                except libvirt.libvirtError:
-                    pass
-
     t0 = time.monotonic()
-    worker = threading.Thread(target=job, name=f"migrate-resume-{name}", daemon=True)
-    worker.start()
+    worker, outcome = _start_migrate(driver, dom, dest_uri, {}, flags, f"migrate-resume-{name}")
     watch = _Watch()
     watch.postcopy = True  # from the first sample: nothing may stop it, a dead link pauses it
     try:

@@ -240,31 +240,38 @@ class MigrationSource:
             options = live_options(req, self.config.migration, self.root.driver.postcopy_unavailable())
             postcopy_required = options.pop("postcopy_required")
         _check_destination(peer, self.root.driver, inst)
-        with self._lock:
-            if inst.id in self._busy:
-                raise Conflict(f"instance {inst.name!r} is already being migrated")
-            self._busy.add(inst.id)
-            self._sending[inst.id] = peer.name
-
-        about = {"instance": inst.id, "name": inst.name, "destination": peer.name, "mode": req.mode,
-                 "options": options}
 
         def work(op):
+            if inst.kind == "vm" and self.root.driver.get(inst.name).state == "stopped":
+                return self._move_stopped_vm(op, inst.id, peer)
+            if inst.kind == "vm":
+                return self._migrate_vm(op, inst.id, peer, req.mode, options, postcopy_required)
+            return self._migrate_container(op, inst.id, peer, req.mode)
+        return self._submit(inst, peer, {"mode": req.mode, "options": options}, work, "is already being migrated")
+
+    def _submit(self, inst, peer: PeerClient, about: dict, work, busy: str) -> dict:
+        """Submit migration operation ``work(op)`` of ``inst`` to ``peer``, run under the
+        instance's lock, the instance marked busy (Conflict ``busy`` if it is already) until
+        it ends; ``about``: what GET shows of it besides instance, name and destination."""
+        with self._lock:
+            if inst.id in self._busy:
+                raise Conflict(f"instance {inst.name!r} {busy}")
+            self._busy.add(inst.id)
+            self._sending[inst.id] = peer.name
+        about = {"instance": inst.id, "name": inst.name, "destination": peer.name, **about}
+
+        def run(op):
             self._track(op.id, about)
             try:
                 with self.root.instances.lock(inst.id):
-                    if inst.kind == "vm" and self.root.driver.get(inst.name).state == "stopped":
-                        return self._move_stopped_vm(op, inst.id, peer)
-                    if inst.kind == "vm":
-                        return self._migrate_vm(op, inst.id, peer, req.mode, options, postcopy_required)
-                    return self._migrate_container(op, inst.id, peer, req.mode)
+                    return work(op)
             finally:
                 with self._lock:
                     self._busy.discard(inst.id)
                     self._sending.pop(inst.id, None)
 
         try:
-            op = self.root.operations.submit("migration", inst.id, work,
+            op = self.root.operations.submit("migration", inst.id, run,
                                              on_final=lambda final: self._ended(final["id"], about))
         except BaseException:
             with self._lock:
@@ -341,36 +348,9 @@ class MigrationSource:
             raise Conflict(f"VM {inst.name!r} is not paused in a broken post-copy here (its state: "
                            f"{driver.get(inst.name).state}): nothing to resume")
         peer = self.peers.get(split.get("peer", ""))
-        with self._lock:
-            if inst.id in self._busy:
-                raise Conflict(f"instance {inst.name!r} is already being migrated (or resumed)")
-            self._busy.add(inst.id)
-            self._sending[inst.id] = peer.name
-        about = {"instance": inst.id, "name": inst.name, "destination": peer.name, "mode": "live",
-                 "options": None, "resumes": mig_id}
-
-        def work(op):
-            self._track(op.id, about)
-            try:
-                with self.root.instances.lock(inst.id):
-                    return self._resume_vm(op, inst.id, peer, split)
-            finally:
-                with self._lock:
-                    self._busy.discard(inst.id)
-                    self._sending.pop(inst.id, None)
-
-        try:
-            op = self.root.operations.submit("migration", inst.id, work,
-                                             on_final=lambda final: self._ended(final["id"], about))
-        except BaseException:
-            with self._lock:
-                self._busy.discard(inst.id)
-                self._sending.pop(inst.id, None)
-            raise
-        with self._lock:
-            if op["id"] not in self._recent:
-                self._live.setdefault(op["id"], dict(about))
-        return op
+        return self._submit(inst, peer, {"mode": "live", "options": None, "resumes": mig_id},
+                            lambda op: self._resume_vm(op, inst.id, peer, split),
+                            "is already being migrated (or resumed)")
 
     def _resume_vm(self, op, inst_id: str, peer: PeerClient, split: dict) -> dict:
         """The work of ``resume``: past the point of no return from the start (the copy may only

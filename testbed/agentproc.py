@@ -125,14 +125,19 @@ class AgentProcess:
         mounts.unbind_self(str(self.state_dir / "containers" / "containers"))
 
     def drop_host_filter(self) -> None:
-        """Remove this agent's nft tables (containers/firewall.py). A stopped agent keeps them
-        for the workloads that keep running and rebuilds them at start; a test leaves none."""
-        from containers.network import short_hash
-        if not shutil.which("nft"):
-            return
-        table = "nodeagent_" + short_hash(os.path.abspath(self.state_dir / "containers"), 4)
-        subprocess.run(["nft", "-f", "-"], input=f"table bridge {table} {{}}\ndelete table bridge {table}\n"
-                       f"table inet {table} {{}}\ndelete table inet {table}\n", text=True, capture_output=True)
+        drop_host_filter(self.state_dir)
+
+
+def drop_host_filter(state_dir) -> None:
+    """Remove the nft tables (containers/firewall.py) of the agent on ``state_dir``. A stopped
+    agent keeps them for the workloads that keep running and rebuilds them at start; a test
+    leaves none."""
+    from containers.network import short_hash
+    if not shutil.which("nft"):
+        return
+    table = "nodeagent_" + short_hash(os.path.abspath(os.path.join(str(state_dir), "containers")), 4)
+    subprocess.run(["nft", "-f", "-"], input=f"table bridge {table} {{}}\ndelete table bridge {table}\n"
+                   f"table inet {table} {{}}\ndelete table inet {table}\n", text=True, capture_output=True)
 
 
 class Api:

@@ -63,10 +63,16 @@ class SystemdHost:
         while self.leader is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"systemd-nspawn did not boot: {self.log()}")
-            kids = subprocess.run(["ps", "--ppid", str(self.proc.pid), "-o", "pid="], capture_output=True, text=True)
-            if kids.stdout.split():
-                self.leader = int(kids.stdout.split()[0])
-            else:
+            # nspawn's first child only sets the container up and exits; the container's PID 1,
+            # a child of nspawn too, is the one that became systemd (a loaded host showed the
+            # first child here, and every nsenter into it failed until the boot timed out)
+            kids = subprocess.run(["ps", "--ppid", str(self.proc.pid), "-o", "pid=,comm="],
+                                  capture_output=True, text=True)
+            for line in kids.stdout.splitlines():
+                pid, _, comm = line.strip().partition(" ")
+                if comm.strip() == "systemd":
+                    self.leader = int(pid)
+            if self.leader is None:
                 time.sleep(0.1)
         state = ""
         while state not in ("running", "degraded"):

@@ -26,6 +26,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from testbed.agentproc import drop_host_filter
+
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = ROOT / "ansible"
 BIN = Path(sys.executable).parent
@@ -150,6 +152,7 @@ def host(tmp_path_factory):
         yield h
     finally:
         _stop_agent(h.pidfile, h.config)
+        drop_host_filter(base / "state")  # the stopped agent's nft tables: a test leaves none
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -30,14 +30,14 @@ line = emitter("create_density")
 RUNS = 9
 
 
-def spec(work, lower, name):
+def spec(work, lower, name, network="none"):
     from containers import ContainerSpec, NetworkSpec, Rootfs
     base = os.path.join(work, "vol", name)
     up, wk = os.path.join(base, "upper"), os.path.join(base, "work")
     os.makedirs(up)
     os.makedirs(wk)
     return ContainerSpec(name=name, rootfs=Rootfs((lower,), up, wk), command=("sleep", "100000"),
-                         network=NetworkSpec(mode="none"))
+                         network=NetworkSpec(mode=network))
 
 
 def create_start(rt, work, lower, name) -> float:

@@ -182,7 +182,8 @@ def sample(rt, work, lower, name, tracelog) -> dict[str, float]:
 def main(n: int, runs: int) -> None:
     from agent.state import Database
     from containers.runc import RuncRuntime
-    from testbed.runtimes import busybox_lower, drop_test_network
+    from create_density import spec
+    from testbed.runtimes import busybox_lower, drop_cgroup_parent, drop_test_network
     work = tempfile.mkdtemp(prefix="bench-create-phases-")
     os.chmod(work, 0o711)
     lower = busybox_lower()
@@ -206,7 +207,7 @@ def main(n: int, runs: int) -> None:
             rt.delete(f"e{i}")
         t0 = time.perf_counter()
         for i in range(n):
-            rt.create(sample_spec(work, lower, f"c{i}"))
+            rt.create(spec(work, lower, f"c{i}", network="bridge"))
             rt.start(f"c{i}")
             names.append(f"c{i}")
         print(f"{n} made in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -228,20 +229,8 @@ def main(n: int, runs: int) -> None:
         rt.close()
         db.close()
         drop_test_network(bridge, rt.rtag)
-        for d in Path("/sys/fs/cgroup").glob(f"*/{cgparent}"):
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        drop_cgroup_parent(cgparent)
         shutil.rmtree(work, ignore_errors=True)
-
-
-def sample_spec(work, lower, name):
-    from containers import ContainerSpec, NetworkSpec, Rootfs
-    base = os.path.join(work, "vol", name)
-    up, wk = os.path.join(base, "upper"), os.path.join(base, "work")
-    os.makedirs(up)
-    os.makedirs(wk)
-    return ContainerSpec(name=name, rootfs=Rootfs((lower,), up, wk), command=("sleep", "100000"),
-                         network=NetworkSpec(mode="bridge"))
 
 
 def op_phases(log_path: Path, offset: int) -> list[dict[str, float]]:
